@@ -73,7 +73,7 @@ class Issue:
 
     def line(self) -> str:
         """One readable line: ``OBX[3]-5 'abc' is not a number ...``."""
-        return f"{self.location}: {self.message}" if self.location else self.message
+        return f"{self.location} {self.message}" if self.location else self.message
 
 
 class GatewayError(Exception):

@@ -1,0 +1,171 @@
+"""Adapter records: the neutral, FHIR-free facts every adapter yields.
+
+An adapter knows one source syntax (HL7 v2, CDA, a CSV layout) and nothing of
+FHIR or HTTP. It turns one *unit* of input (an HL7 message, a CDA document, the
+rows of one exam) into a :class:`SourceMessage` holding patients, reports and
+results as plain strings and parsed primitives, plus every :class:`Issue` found
+on the way, each located in source terms (``OBX[3]-5``, an XPath, a column).
+
+The mapping stage (``gateway.mapping``) turns local codes, units and flags into
+standard ones; the FHIR builders (``gateway.fhir``) turn the result into a Bundle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from gateway.errors import Issue
+
+__all__ = [
+    "Coded",
+    "Quantity",
+    "PatientFacts",
+    "SpecimenFacts",
+    "ResultFacts",
+    "ReportFacts",
+    "SourceMessage",
+    "RawUnit",
+    "Adapter",
+]
+
+
+@dataclass
+class Coded:
+    """A code as the source sent it. ``system`` is a source-side name (HL7 coding system, OID) or empty."""
+
+    code: str = ""
+    display: str = ""
+    system: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.code or self.display)
+
+
+@dataclass
+class Quantity:
+    """A parsed number with an optional comparator (``<``, ``<=``, ``>=``, ``>``)."""
+
+    value: Decimal
+    comparator: str = ""
+
+
+@dataclass
+class PatientFacts:
+    """Who the results are about."""
+
+    id_card: str = ""  # 身份证号, already GB 11643 checked
+    other_ids: list[tuple[str, str]] = field(default_factory=list)  # (v2-0203 type code, value)
+    name: str = ""
+    family: str = ""
+    given: str = ""
+    birth_date: str = ""  # FHIR date
+    sex: str = ""  # FHIR administrative gender
+    location: str = ""
+
+
+@dataclass
+class SpecimenFacts:
+    """The sample the results were measured on."""
+
+    number: str = ""
+    type: Coded = field(default_factory=Coded)
+    collected_at: str = ""  # FHIR dateTime
+    received_at: str = ""
+
+
+@dataclass
+class ResultFacts:
+    """One measured or observed item (an OBX, a CDA entry, a CSV row)."""
+
+    location: str  # where it came from, e.g. "OBX[3]"
+    code: Coded
+    value_kind: str = ""  # quantity | string | coded | range | ratio | datetime | "" (absent)
+    value: Any = None  # Quantity | str | Coded | (Quantity, Quantity) | str (dateTime)
+    unit: str = ""  # unit as sent
+    reference_range: str = ""  # as sent, e.g. "3.5-5.5"
+    flags: list[str] = field(default_factory=list)  # abnormal flags as sent
+    status: str = ""  # source status code as sent (OBX-11 F/C/P/...)
+    observed_at: str = ""  # FHIR dateTime, if the item has its own time
+    notes: list[str] = field(default_factory=list)
+    occurrence: int = 1  # nth result with this code in its report: keeps resource ids stable
+    std: dict[str, Any] = field(default_factory=dict)  # filled by the mapping stage
+
+
+@dataclass
+class ReportFacts:
+    """One report (an OBR group, a CDA document, one exam)."""
+
+    location: str
+    number: str = ""  # 检验报告单号 / filler order number / 体检编号
+    placer_number: str = ""
+    code: Coded = field(default_factory=Coded)
+    status: str = ""  # source status as sent
+    collected_at: str = ""
+    issued_at: str = ""  # FHIR instant
+    interpreter_id: str = ""  # 审核医师 / 主检医师
+    interpreter_name: str = ""
+    specimen: SpecimenFacts | None = None
+    results: list[ResultFacts] = field(default_factory=list)
+    kind: str = "lab"  # lab | occupational-health
+    replaces: str = ""  # number of the report this one corrects
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific facts (exam type, hazard factors, ...)
+    std: dict[str, Any] = field(default_factory=dict)  # filled by the mapping stage
+
+
+@dataclass
+class SourceMessage:
+    """Everything one unit of input said, plus the issues found reading it.
+
+    ``message_id`` and ``sender`` identify the unit for duplicate detection and
+    for error lines (``MSH-10 ORU0042: ...``). ``filtered`` holds the reason
+    when the unit is not patient data (QC, calibration) and must not be mapped.
+    """
+
+    format: str
+    message_id: str = ""
+    sender: str = ""
+    sent_at: str = ""
+    version: str = ""
+    charset: str = ""
+    message_type: str = ""
+    patient: PatientFacts | None = None
+    reports: list[ReportFacts] = field(default_factory=list)
+    filtered: str = ""
+    issues: list[Issue] = field(default_factory=list)
+    header: dict[str, str] = field(default_factory=dict)  # what an answer (ACK) needs to echo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Issue]:
+        """Issues that refuse the unit."""
+        return [i for i in self.issues if i.severity == "error"]
+
+    def label(self) -> str:
+        """How error lines name this unit, e.g. ``MSH-10 ORU0042``."""
+        return self.extra.get("label", self.message_id) or "(no id)"
+
+
+@dataclass
+class RawUnit:
+    """One unit of raw input cut from a file or stream, before decoding."""
+
+    data: bytes
+    index: int  # 1-based position in its file or stream
+    origin: str = ""  # file name, peer address
+
+
+class Adapter(Protocol):
+    """What every adapter offers the pipeline."""
+
+    format: str
+
+    def split(self, data: bytes, origin: str = "") -> Iterator[RawUnit]:
+        """Cut a file or request body into units (messages, documents, exams)."""
+
+    def identify(self, unit: RawUnit) -> tuple[str, str]:
+        """(sender, unit id) read cheaply, for storing the raw unit before parsing; empty if unknown."""
+
+    def read(self, unit: RawUnit) -> SourceMessage:
+        """Decode and parse one unit; never raises for bad input, records issues instead."""

@@ -1,0 +1,714 @@
+"""HL7 v2 adapter: ORU^R01 lab results in, neutral records out, ACKs back.
+
+Syntax only, driven by ``mappings/hl7v2/ORU_R01.yaml``: which versions and
+message types are taken, how MSH-18 names character sets, which messages are
+QC/calibration and filtered, and where each fact sits. Parsing uses
+python-hl7; components, repetitions and escapes are split from each field's
+text so that a field is read the same way in every version.
+
+Every problem becomes an :class:`~gateway.errors.Issue` located as the ACK
+needs it (``OBX[3]-5``: the third OBX segment of the message, field 5), and
+the message is never half-read: one error refuses the whole message.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import hl7
+
+from gateway.adapters.base import (
+    Coded,
+    PatientFacts,
+    Quantity,
+    RawUnit,
+    ReportFacts,
+    ResultFacts,
+    SourceMessage,
+    SpecimenFacts,
+)
+from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
+from gateway.errors import IdentifierError, Issue
+from gateway.identifiers import check_id_card
+
+__all__ = ["HL7v2Adapter", "split_messages", "ack_code_for", "build_ack"]
+
+SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
+_MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
+_NUMBER = re.compile(r"^(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))$")
+_ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
+_CJK = re.compile(r"[\u3400-\u9fff]")
+_COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """Cut a file or stream into single ER7 messages.
+
+    Takes MLLP-framed data (``0x0B ... 0x1C 0x0D``) as well as plain files with
+    ``\\r``, ``\\n`` or ``\\r\\n`` between segments and messages one after
+    another. Segment separators come back as ``\\r``. Neither GBK nor UTF-8
+    multi-byte characters contain the bytes 0x0A, 0x0B, 0x0D or 0x1C, so this
+    is safe before decoding.
+    """
+    if SB in data or EB in data:
+        chunks = [c.strip(SB + CR + b"\n\r \t") for c in data.split(EB)]
+    else:
+        chunks = [data]
+    messages: list[bytes] = []
+    for chunk in chunks:
+        if not chunk.strip():
+            continue
+        text = chunk.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+        parts = [p.strip(b"\r \t") for p in _MSG_START.split(text)]
+        messages.extend(p for p in parts if p)
+    return messages
+
+
+def ack_code_for(msg: SourceMessage) -> str:
+    """AA, AE or AR for a read (and mapped) message.
+
+    AR (reject) when the message could not be taken at all — unreadable,
+    unsupported type or version, too large; AE (error) when it was understood
+    but a field is wrong; AA otherwise (filtered QC messages included).
+    """
+    errors = msg.errors
+    if not errors:
+        return "AA"
+    if any(e.code in ("not-supported", "structure", "too-long") for e in errors):
+        return "AR"
+    return "AE"
+
+
+def _escape(text: str, seps: dict[str, str]) -> str:
+    esc = seps["escape"]
+    out = text.replace(esc, f"{esc}E{esc}")
+    for key, letter in (("field", "F"), ("component", "S"), ("repetition", "R"), ("subcomponent", "T")):
+        out = out.replace(seps[key], f"{esc}{letter}{esc}")
+    return out.replace("\r", " ").replace("\n", " ")
+
+
+_DEFAULT_SEPS = {"field": "|", "component": "^", "repetition": "~", "escape": "\\", "subcomponent": "&"}
+
+
+def build_ack(
+    msg: SourceMessage,
+    code: str,
+    *,
+    application: str,
+    facility: str,
+    now: _dt.datetime,
+    control_id: str | None = None,
+    max_errors: int = 50,
+) -> str:
+    """The ACK for ``msg`` as ER7 text (segments separated by ``\\r``).
+
+    ERR segments name each issue's segment, sequence and field in the form the
+    message's own version expects: ERR-1 (ELD) for v2.3.1/2.4, ERR-2/3/4/8 for
+    v2.5 and later. Warnings are sent as ERR segments with severity W in 2.5+.
+    """
+    h = msg.header
+    seps = _DEFAULT_SEPS
+    version = msg.version or h.get("version") or "2.5.1"
+    old = version.startswith("2.3") or version.startswith("2.4")
+    trigger = h.get("trigger") or "R01"
+    msg_type = f"ACK^{trigger}" if version.startswith("2.3") else f"ACK^{trigger}^ACK"
+    ts = now.strftime("%Y%m%d%H%M%S") + now.strftime("%z")
+    ctrl = control_id or uuid.uuid4().hex[:20]
+    msh = [
+        "MSH", "^~\\&", _escape(application, seps), _escape(facility, seps),
+        h.get("sending_application", ""), h.get("sending_facility", ""), ts, "", msg_type, ctrl,
+        h.get("processing_id") or "P", version,
+    ]
+    if h.get("charset_field"):
+        msh += ["", "", "", "", "", h["charset_field"]]
+    errors = [i for i in msg.issues if i.severity == "error"]
+    warnings = [i for i in msg.issues if i.severity == "warning"] if not old else []
+    if code == "AA":
+        text = f"filtered: {msg.filtered}" if msg.filtered else "accepted"
+    else:
+        text = errors[0].line() if errors else "rejected"
+    segments = ["|".join(msh), "|".join(["MSA", code, _escape(msg.message_id, seps), _escape(text[:80], seps)])]
+    for issue in (errors + warnings)[:max_errors]:
+        seg, seq, fld = _erl(issue)
+        hl7_code = issue.hl7_error or "207"
+        err_text = _TABLE_0357.get(hl7_code, "Application internal error")
+        if old:
+            eld = f"{seg}^{seq}^{fld}^{hl7_code}&{err_text}&HL70357"
+            segments.append(f"ERR|{eld}")
+        else:
+            erl = "^".join(x for x in (seg, seq, fld) if x) if seg else ""
+            severity = {"error": "E", "warning": "W"}.get(issue.severity, "I")
+            segments.append(
+                "|".join(["ERR", "", erl, f"{hl7_code}^{err_text}^HL70357", severity, "", "", "",
+                          _escape(issue.line(), seps)])
+            )
+    return "\r".join(segments) + "\r"
+
+
+_TABLE_0357 = {
+    "0": "Message accepted",
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "201": "Unsupported event code",
+    "202": "Unsupported processing id",
+    "203": "Unsupported version id",
+    "205": "Duplicate key identifier",
+    "207": "Application internal error",
+}
+_LOC = re.compile(r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<seq>\d+)\])?(?:-(?P<fld>\d+))?")
+
+
+def _erl(issue: Issue) -> tuple[str, str, str]:
+    m = _LOC.match(issue.location or "")
+    if not m:
+        return "", "", ""
+    return m.group("seg"), m.group("seq") or "1", m.group("fld") or ""
+
+
+class _Msg:
+    """Field access over one parsed message: locators, components, escapes."""
+
+    def __init__(self, parsed: hl7.Message) -> None:
+        self.parsed = parsed
+        seps = parsed.separators  # "\r|~^&": segment, field, repetition, component, subcomponent
+        self.seps = {"field": seps[1], "repetition": seps[2], "component": seps[3], "subcomponent": seps[4],
+                     "escape": parsed.esc}
+        self.segments: list[Any] = list(parsed)
+        self.counts: dict[int, int] = {}
+        seen: dict[str, int] = {}
+        for i, seg in enumerate(self.segments):
+            name = str(seg[0])
+            seen[name] = seen.get(name, 0) + 1
+            self.counts[i] = seen[name]
+
+    def name(self, i: int) -> str:
+        return str(self.segments[i][0])
+
+    def where(self, i: int, fld: int | None = None) -> str:
+        """``OBX[3]-5``: segment name, occurrence in the message, field."""
+        base = f"{self.name(i)}[{self.counts[i]}]"
+        return f"{base}-{fld}" if fld is not None else base
+
+    def raw(self, i: int, fld: int) -> str:
+        seg = self.segments[i]
+        if fld >= len(seg):
+            return ""
+        return str(seg[fld])
+
+    def unescape(self, text: str) -> str:
+        esc = self.seps["escape"]
+        if esc not in text:
+            return text
+        # python-hl7 drops formatting escapes; \.br\ is a line break in FT and TX values.
+        text = text.replace(f"{esc}.br{esc}", "\n")
+        return str(self.parsed.unescape(text))
+
+    def reps(self, i: int, fld: int) -> list[list[str]]:
+        """Repetitions of a field, each as its (still escaped) components."""
+        raw = self.raw(i, fld)
+        if not raw:
+            return []
+        return [rep.split(self.seps["component"]) for rep in raw.split(self.seps["repetition"])]
+
+    def comps(self, i: int, fld: int) -> list[str]:
+        """Components of the first repetition, unescaped (subcomponents kept raw)."""
+        reps = self.reps(i, fld)
+        return [self.unescape(c) for c in reps[0]] if reps else []
+
+    def value(self, i: int, fld: int, comp: int = 1) -> str:
+        comps = self.comps(i, fld)
+        if len(comps) < comp:
+            return ""
+        return comps[comp - 1].split(self.seps["subcomponent"])[0].strip()
+
+    def first_index(self, name: str) -> int | None:
+        for i, seg in enumerate(self.segments):
+            if str(seg[0]) == name:
+                return i
+        return None
+
+
+def _locator(text: str) -> tuple[str, int]:
+    seg, _, fld = text.partition("-")
+    return seg, int(fld)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class HL7v2Adapter:
+    """Reads HL7 v2 ORU^R01 messages as the structure table describes them."""
+
+    format = "hl7v2"
+
+    def __init__(self, structure: dict[str, Any], *, default_offset: str = "+08:00",
+                 max_message_bytes: int = 1_048_576) -> None:
+        self.table = structure
+        self.offset = default_offset
+        self.max_bytes = max_message_bytes
+        self.charsets: dict[str, str] = {k.upper(): v for k, v in structure.get("charsets", {}).items()}
+        self.fallbacks: list[str] = list(structure.get("fallback_charsets", ["utf-8", "gb18030"]))
+        self.lenient = {c.upper() for c in structure.get("lenient_charsets", [])}
+        self.types = set(structure.get("message_types", ["ORU^R01"]))
+        self.versions = set(structure.get("versions", []))
+        self.value_types: dict[str, str] = dict(structure.get("value_types", {}))
+
+    # -- cutting and identifying ---------------------------------------------------------
+
+    def split(self, data: bytes, origin: str = "") -> Iterator[RawUnit]:
+        """Messages of a file or request body, numbered from 1."""
+        for n, chunk in enumerate(split_messages(data), start=1):
+            yield RawUnit(chunk, n, origin)
+
+    def identify(self, unit: RawUnit) -> tuple[str, str]:
+        """(sender, MSH-10) read cheaply for duplicate detection; ``("", "")`` if unreadable."""
+        text, _, _ = self._decode(unit.data)
+        if text is None or not text.startswith("MSH"):
+            return "", ""
+        first = text.split("\r", 1)[0]
+        sep = first[3:4]
+        fields = ["MSH", sep] + first[4:].split(sep)
+        get = (lambda n: fields[n].strip() if n < len(fields) else "")
+        return f"{get(3)}|{get(4)}", get(10)
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def _declared(self, data: bytes) -> str:
+        """MSH-18 as declared, read from a byte view of the MSH segment."""
+        first = data.split(b"\r", 1)[0].split(b"\n", 1)[0]
+        if not first.startswith(b"MSH") or len(first) < 4:
+            return ""
+        sep = first[3:4]
+        fields = first.split(sep)
+        # fields[0] = "MSH", fields[1] = encoding characters = MSH-2, so MSH-n is fields[n-1]
+        if len(fields) > 17:
+            return fields[17].split(b"^")[0].strip().decode("latin-1")
+        return ""
+
+    def _decode(self, data: bytes) -> tuple[str | None, str, list[Issue]]:
+        declared = self._declared(data)
+        issues: list[Issue] = []
+        if declared:
+            codec = self.charsets.get(declared.upper())
+            if codec is None:
+                return None, declared, [Issue("error", "not-supported", "MSH-18",
+                                              f"character set {declared!r} is not supported "
+                                              f"(supported: {', '.join(sorted(self.charsets))})", "203")]
+            try:
+                return data.decode(codec), codec, issues
+            except UnicodeDecodeError as exc:
+                if declared.upper() not in self.lenient:
+                    return None, codec, [Issue("error", "structure", "MSH-18",
+                                               f"MSH-18 declares {declared!r} but byte {exc.start} is not valid "
+                                               f"{codec}", "102")]
+                issues.append(Issue("warning", "value", "MSH-18",
+                                    f"MSH-18 declares {declared!r} but the message is not {codec}; "
+                                    "decoded by fallback", "102"))
+        for codec in self.fallbacks:
+            try:
+                return data.decode(codec), codec, issues
+            except UnicodeDecodeError:
+                continue
+        return None, "", [Issue("error", "structure", "MSH-18",
+                                "message is neither UTF-8 nor GB18030/GBK and MSH-18 names no character set",
+                                "102")]
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self, unit: RawUnit) -> SourceMessage:
+        """Decode, parse and extract one message; problems become issues, never exceptions."""
+        msg = SourceMessage(format=self.format)
+        msg.extra["label"] = f"message {unit.index}"
+        if len(unit.data) > self.max_bytes:
+            msg.issues.append(Issue("error", "too-long", "MSH",
+                                    f"message is {len(unit.data)} bytes, the limit is {self.max_bytes}", "207"))
+            return msg
+        text, codec, issues = self._decode(unit.data)
+        msg.issues.extend(issues)
+        msg.charset = codec
+        if text is None:
+            return msg
+        text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+        if not text.startswith("MSH") or len(text) < 8:
+            msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment", "100"))
+            return msg
+        try:
+            parsed = hl7.parse(text)
+            m = _Msg(parsed)
+        except Exception as exc:  # python-hl7 raises assorted errors on broken input
+            msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
+            return msg
+        self._header(m, msg)
+        if msg.errors:
+            return msg
+        reason = self._filter(m)
+        if reason:
+            msg.filtered = reason
+            return msg
+        self._body(m, msg)
+        # A field read for two facts (OBR-7: report and specimen time) reports its problem once.
+        msg.issues = list(dict.fromkeys(msg.issues))
+        return msg
+
+    def _header(self, m: _Msg, msg: SourceMessage) -> None:
+        i = 0
+        h = msg.header
+        h["sending_application"] = m.raw(i, 3)
+        h["sending_facility"] = m.raw(i, 4)
+        h["receiving_application"] = m.raw(i, 5)
+        h["receiving_facility"] = m.raw(i, 6)
+        h["processing_id"] = m.value(i, 11)
+        h["charset_field"] = m.raw(i, 18)
+        msg.message_id = m.value(i, 10)
+        msg.sender = f"{m.value(i, 3)}|{m.value(i, 4)}"
+        msg.version = m.value(i, 12)
+        h["version"] = msg.version
+        msg.extra["label"] = f"MSH-10 {msg.message_id}" if msg.message_id else msg.extra["label"]
+        mtype = m.comps(i, 9)
+        msg.message_type = "^".join(c.split(m.seps["subcomponent"])[0] for c in mtype[:2])
+        h["trigger"] = mtype[1] if len(mtype) > 1 else ""
+        ts = m.value(i, 7)
+        if ts:
+            try:
+                msg.sent_at = to_fhir_datetime(ts, self.offset)
+            except DateTimeError as exc:
+                msg.issues.append(Issue("error", "value", "MSH[1]-7", str(exc), "102"))
+        if not msg.message_id:
+            msg.issues.append(Issue("error", "required", "MSH[1]-10",
+                                    "message control id is empty: the message cannot be acknowledged or "
+                                    "de-duplicated", "101"))
+        if msg.message_type not in self.types:
+            msg.issues.append(Issue("error", "not-supported", "MSH[1]-9",
+                                    f"message type {msg.message_type or '(empty)'} is not supported "
+                                    f"(supported: {', '.join(sorted(self.types))})", "200"))
+        if msg.version not in self.versions:
+            msg.issues.append(Issue("error", "not-supported", "MSH[1]-12",
+                                    f"HL7 version {msg.version or '(empty)'} is not supported "
+                                    f"(supported: {', '.join(sorted(self.versions))})", "203"))
+
+    def _filter(self, m: _Msg) -> str:
+        names = {m.name(i) for i in range(len(m.segments))}
+        for rule in self.table.get("filters", []):
+            when = rule.get("when", {})
+            if "segment_missing" in when and when["segment_missing"] not in names:
+                return str(rule["reason"])
+            if "field" in when:
+                seg, fld = _locator(when["field"])
+                for i in range(len(m.segments)):
+                    if m.name(i) == seg and m.value(i, fld) in when.get("in", []):
+                        return str(rule["reason"])
+        return ""
+
+    def _body(self, m: _Msg, msg: SourceMessage) -> None:
+        pid_rows = [i for i in range(len(m.segments)) if m.name(i) == "PID"]
+        if len(pid_rows) > 1:
+            msg.issues.append(Issue("error", "not-supported", m.where(pid_rows[1]),
+                                    "more than one patient (PID) in one message is not supported; "
+                                    "send one message per patient", "100"))
+            return
+        msg.patient = self._patient(m, pid_rows[0], msg.issues)
+        report: ReportFacts | None = None
+        spm_row: int | None = None
+        last_result: ResultFacts | None = None
+        code_seen: dict[tuple[str, str], int] = {}
+        for i in range(len(m.segments)):
+            name = m.name(i)
+            if name == "OBR":
+                if report is not None:
+                    self._finish_report(m, report, spm_row, msg.issues)
+                report = self._report(m, i, msg)
+                spm_row, last_result = None, None
+                msg.reports.append(report)
+            elif name == "OBX":
+                if report is None:
+                    msg.issues.append(Issue("error", "structure", m.where(i), "OBX before any OBR", "100"))
+                    continue
+                last_result = self._result(m, i, msg.issues)
+                if last_result is not None:
+                    key = (report.number, last_result.code.code)
+                    code_seen[key] = code_seen.get(key, 0) + 1
+                    last_result.occurrence = code_seen[key]
+                    report.results.append(last_result)
+            elif name == "SPM" and report is not None:
+                spm_row = i
+            elif name == "NTE":
+                note = m.unescape(m.raw(i, 3)).strip()
+                if note and last_result is not None:
+                    last_result.notes.append(note)
+        if report is not None:
+            self._finish_report(m, report, spm_row, msg.issues)
+        if not msg.reports:
+            msg.issues.append(Issue("error", "required", "OBR", "message has no OBR segment: no results to take",
+                                    "100"))
+
+    # -- patient -------------------------------------------------------------------------
+
+    def _patient(self, m: _Msg, i: int, issues: list[Issue]) -> PatientFacts:
+        spec = self.table.get("patient", {})
+        p = PatientFacts(location=m.where(i))
+        used: set[str] = set()
+        for rule in spec.get("id_card", []):
+            seg, fld = _locator(rule["field"])
+            if seg != "PID" or p.id_card:
+                continue
+            for rep_no, rep in enumerate(m.reps(i, fld), start=1):
+                value = m.unescape(rep[0]).split(m.seps["subcomponent"])[0].strip()
+                id_type = m.unescape(rep[4]).strip().upper() if len(rep) > 4 else ""
+                if not value:
+                    continue
+                if "id_types" in rule:
+                    if id_type not in rule["id_types"]:
+                        continue
+                elif rule.get("untyped") and id_type:
+                    continue
+                elif not _ID_LIKE.match(value):
+                    continue
+                where = f"PID[{m.counts[i]}]-{fld}"
+                try:
+                    p.id_card = check_id_card(value)
+                    used.add(value)
+                except IdentifierError as exc:
+                    typed = f" (type {id_type})" if id_type else ""
+                    rep_txt = f"repetition {rep_no}{typed}: " if fld == 3 else ""
+                    issues.append(Issue("error", "value", where, f"{rep_txt}{exc.message}", "102"))
+                    used.add(value)
+                break
+        if not p.id_card and not any(x.location.startswith("PID") and x.severity == "error" for x in issues):
+            issues.append(Issue("warning", "required", f"PID[{m.counts[i]}]-3",
+                                "no 身份证号 (PID-3 type NNCHN/ID, or PID-19): the patient cannot be matched "
+                                "across institutions", "101"))
+        _, other_fld = _locator(spec.get("other_ids", "PID-3"))
+        for rep in m.reps(i, other_fld):
+            value = m.unescape(rep[0]).split(m.seps["subcomponent"])[0].strip()
+            id_type = m.unescape(rep[4]).strip().upper() if len(rep) > 4 else ""
+            if value and value not in used:
+                p.other_ids.append((id_type or "MR", value))
+        _, name_fld = _locator(spec.get("name", "PID-5"))
+        name = m.comps(i, name_fld)
+        family = name[0].split(m.seps["subcomponent"])[0].strip() if name else ""
+        given = name[1].strip() if len(name) > 1 else ""
+        p.family, p.given = family, given
+        if family and given:
+            p.name = family + given if _CJK.search(family + given) else f"{given} {family}"
+        else:
+            p.name = family or given
+        _, dob_fld = _locator(spec.get("birth_date", "PID-7"))
+        dob = m.value(i, dob_fld)
+        if dob:
+            try:
+                p.birth_date = to_fhir_date(dob)
+            except DateTimeError as exc:
+                issues.append(Issue("error", "value", f"PID[{m.counts[i]}]-{dob_fld}", str(exc), "102"))
+        _, sex_fld = _locator(spec.get("sex", "PID-8"))
+        p.sex = m.value(i, sex_fld)
+        return p
+
+    # -- reports -------------------------------------------------------------------------
+
+    def _first(self, m: _Msg, rows: dict[str, int | None], locators: Any) -> tuple[str, int, int]:
+        """(value, segment row, field) of the first locator with a value; ``("", -1, 0)`` if none."""
+        for loc in _as_list(locators):
+            seg, fld = _locator(loc)
+            row = rows.get(seg)
+            if row is None:
+                continue
+            value = m.value(row, fld)
+            if value:
+                return value, row, fld
+        return "", -1, 0
+
+    def _time(self, m: _Msg, rows: dict[str, int | None], locators: Any, issues: list[Issue],
+              instant: bool = False) -> str:
+        value, row, fld = self._first(m, rows, locators)
+        if not value:
+            return ""
+        where = m.where(row, fld)
+        try:
+            return to_fhir_instant(value, self.offset) if instant else to_fhir_datetime(value, self.offset)
+        except DateTimeError as exc:
+            if instant and "no time of day" in str(exc):
+                issues.append(Issue("warning", "value", where, f"{exc}; report issue time left out", "102"))
+                return ""
+            issues.append(Issue("error", "value", where, str(exc), "102"))
+            return ""
+
+    def _report(self, m: _Msg, i: int, msg: SourceMessage) -> ReportFacts:
+        spec = self.table.get("report", {})
+        rows: dict[str, int | None] = {"OBR": i, "MSH": 0}
+        r = ReportFacts(location=m.where(i))
+        r.number = self._first(m, rows, spec.get("number", ["OBR-3", "OBR-2"]))[0]
+        r.placer_number = self._first(m, rows, spec.get("placer_number", "OBR-2"))[0]
+        if not r.number:
+            msg.issues.append(Issue("error", "required", m.where(i, 3),
+                                    "filler order number (检验报告单号) OBR-3 and placer number OBR-2 are both "
+                                    "empty: the report cannot be identified", "101"))
+        seg, fld = _locator(spec.get("code", "OBR-4"))
+        code = m.comps(i, fld)
+        r.code = Coded(code[0].strip() if code else "", code[1].strip() if len(code) > 1 else "",
+                       code[2].strip() if len(code) > 2 else "")
+        r.collected_at = self._time(m, rows, spec.get("collected_at", "OBR-7"), msg.issues)
+        if not self._first(m, rows, spec.get("collected_at", "OBR-7"))[0]:
+            msg.issues.append(Issue("warning", "required", m.where(i, 7),
+                                    "no collection time (OBR-7): validity windows cannot be counted", "101"))
+        r.issued_at = self._time(m, rows, spec.get("issued_at", ["OBR-22", "MSH-7"]), msg.issues, instant=True)
+        r.status = self._first(m, rows, spec.get("status", "OBR-25"))[0]
+        seg, fld = _locator(spec.get("interpreter", "OBR-32"))
+        interp = m.comps(i, fld)
+        if interp and interp[0]:
+            parts = [m.unescape(x).strip() for x in interp[0].split(m.seps["subcomponent"])]
+            r.interpreter_id = parts[0]
+            names = [x for x in parts[1:3] if x]
+            r.interpreter_name = "".join(names) if all(_CJK.search(x) for x in names) else " ".join(reversed(names))
+        return r
+
+    def _finish_report(self, m: _Msg, r: ReportFacts, spm_row: int | None, issues: list[Issue]) -> None:
+        spec = self.table.get("report", {})
+        obr_row = next(i for i in range(len(m.segments)) if m.where(i) == r.location)
+        rows: dict[str, int | None] = {"OBR": obr_row, "SPM": spm_row, "MSH": 0}
+        s = SpecimenFacts()
+        type_value, row, fld = self._first(m, rows, spec.get("specimen_type", ["SPM-4", "OBR-15"]))
+        if type_value:
+            comps = m.comps(row, fld)
+            sub = comps[0].split(m.seps["subcomponent"]) if comps else [""]
+            if m.name(row) == "OBR" and len(sub) > 1:  # SPS: code&text&system in component 1
+                s.type = Coded(sub[0].strip(), sub[1].strip())
+            else:
+                s.type = Coded(sub[0].strip(), comps[1].strip() if len(comps) > 1 else "")
+        s.number = self._first(m, rows, spec.get("specimen_number", ["SPM-2"]))[0]
+        s.collected_at = self._time(m, rows, spec.get("specimen_collected_at", ["SPM-17", "OBR-7"]), issues)
+        s.received_at = self._time(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]), issues)
+        if s.type or s.number or s.collected_at:
+            r.specimen = s
+
+    # -- results -------------------------------------------------------------------------
+
+    def _result(self, m: _Msg, i: int, issues: list[Issue]) -> ResultFacts | None:
+        spec = self.table.get("result", {})
+
+        def fld(key: str, default: str) -> int:
+            return _locator(spec.get(key, default))[1]
+
+        code = m.comps(i, fld("code", "OBX-3"))
+        coded = Coded(code[0].strip() if code else "", code[1].strip() if len(code) > 1 else "",
+                      code[2].strip() if len(code) > 2 else "")
+        if not coded.code:
+            issues.append(Issue("error", "required", m.where(i, 3),
+                                "observation identifier (local item code) is empty", "101"))
+            return None
+        res = ResultFacts(location=m.where(i), code=coded)
+        vt_fld = fld("value_type", "OBX-2")
+        value_type = m.value(i, vt_fld).upper()
+        val_fld = fld("value", "OBX-5")
+        reps = m.reps(i, val_fld)
+        res.status = m.value(i, fld("status", "OBX-11")).upper()
+        res.reference_range = m.unescape(m.raw(i, fld("reference_range", "OBX-7"))).strip()
+        res.flags = [m.unescape(r[0]).strip() for r in m.reps(i, fld("flags", "OBX-8")) if r and r[0].strip()]
+        res.unit = self._unit(m, i, fld("unit", "OBX-6"), issues)
+        obs_time = m.value(i, fld("observed_at", "OBX-14"))
+        if obs_time:
+            try:
+                res.observed_at = to_fhir_datetime(obs_time, self.offset)
+            except DateTimeError as exc:
+                issues.append(Issue("error", "value", m.where(i, 14), str(exc), "102"))
+        if not reps or not any(any(c.strip() for c in rep) for rep in reps):
+            return res  # no value: the mapping stage decides on dataAbsentReason
+        kind = self.value_types.get(value_type)
+        where = m.where(i, val_fld)
+        if kind is None:
+            issues.append(Issue("error", "not-supported", m.where(i, vt_fld),
+                                f"value type {value_type or '(empty)'} is not supported "
+                                f"(supported: {', '.join(sorted(self.value_types))})", "102"))
+            return None
+        if kind == "string":
+            res.value_kind = "string"
+            res.value = "\n".join(m.unescape(m.seps["component"].join(rep)) for rep in reps)
+        elif kind == "coded":
+            c = [m.unescape(x).strip() for x in reps[0]]
+            res.value_kind = "coded"
+            res.value = Coded(c[0], c[1] if len(c) > 1 else "", c[2] if len(c) > 2 else "")
+        elif kind == "datetime":
+            try:
+                res.value = to_fhir_datetime(m.unescape(reps[0][0]), self.offset)
+                res.value_kind = "datetime"
+            except DateTimeError as exc:
+                issues.append(Issue("error", "value", where, f"{exc} for value type {value_type}", "102"))
+        elif kind == "quantity":
+            if len(reps) > 1:
+                issues.append(Issue("error", "value", where,
+                                    f"value type {value_type} takes one number, {len(reps)} repetitions sent",
+                                    "102"))
+                return None
+            text = m.unescape(m.seps["component"].join(reps[0])).strip()
+            q = _number(text)
+            if q is None:
+                issues.append(Issue("error", "value", where, f"{text!r} is not a number for value type {value_type}",
+                                    "102"))
+                return None
+            res.value_kind, res.value = "quantity", q
+        elif kind == "structured-numeric":
+            self._structured_numeric(m, reps[0], where, res, issues)
+        return res
+
+    def _unit(self, m: _Msg, i: int, fld: int, issues: list[Issue]) -> str:
+        comps = m.comps(i, fld)
+        if not comps:
+            return ""
+        unit = comps[0].strip()
+        # "10^9/L" sent without escaping the ^ arrives as components "10" and "9/L".
+        if unit.isdigit() and len(comps) > 1 and comps[1][:1].isdigit():
+            joined = f"{unit}^{comps[1].strip()}"
+            issues.append(Issue("warning", "value", m.where(i, fld),
+                                f"unit {joined!r} contains an unescaped '^' (should be \\S\\); read as one unit",
+                                "102"))
+            return joined
+        return unit
+
+    def _structured_numeric(self, m: _Msg, comps: list[str], where: str, res: ResultFacts,
+                            issues: list[Issue]) -> None:
+        c = [m.unescape(x).strip() for x in comps] + ["", "", "", ""]
+        comparator, num1, sep, num2 = c[0], c[1], c[2], c[3]
+        first = _number(num1)
+        if first is None or first.comparator:
+            issues.append(Issue("error", "value", where, f"{num1!r} is not a number for value type SN", "102"))
+            return
+        if sep in ("-", "~") and num2:
+            second = _number(num2)
+            if second is None or comparator:
+                issues.append(Issue("error", "value", where, f"{'^'.join(c[:4])!r} is not a valid SN range", "102"))
+                return
+            res.value_kind, res.value = "range", (first, second)
+        elif sep in (":", "/") and num2:
+            second = _number(num2)
+            if second is None or comparator:
+                issues.append(Issue("error", "value", where, f"{'^'.join(c[:4])!r} is not a valid SN ratio", "102"))
+                return
+            res.value_kind, res.value = "ratio", (first, second)
+        elif sep or num2:
+            issues.append(Issue("error", "value", where, f"SN separator {sep!r} is not supported", "102"))
+        else:
+            if comparator and comparator not in _COMPARATORS and comparator != "=":
+                issues.append(Issue("error", "value", where, f"SN comparator {comparator!r} is not supported", "102"))
+                return
+            first.comparator = _COMPARATORS.get(comparator, "")
+            res.value_kind, res.value = "quantity", first
+
+
+def _number(text: str) -> Quantity | None:
+    m = _NUMBER.match(text.strip())
+    if not m:
+        return None
+    try:
+        value = Decimal(m.group(2).lstrip("+"))
+    except InvalidOperation:
+        return None
+    return Quantity(value, _COMPARATORS.get(m.group(1) or "", ""))

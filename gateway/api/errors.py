@@ -1,0 +1,71 @@
+"""API errors: every error on the wire is one FHIR OperationOutcome.
+
+One function builds the body for any list of issues and one shape is used
+everywhere (checked by a test): ``issue[].severity``, ``code``,
+``diagnostics`` (the readable line) and ``expression`` (the FHIRPath, HL7
+field or parameter the issue is about). Unexpected exceptions become a 500
+with a generic text; the stack trace goes to the server log, never to the client.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+from gateway import jsonutil
+from gateway.errors import GatewayError, Issue
+
+__all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON"]
+
+log = logging.getLogger(__name__)
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+_SEVERITIES = {"error", "warning", "information", "fatal"}
+
+
+def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
+    """An R4 OperationOutcome for ``issues`` (at least one issue is always present)."""
+    if not issues:
+        issues = [Issue("information", "informational", "", "all OK")]
+    out = []
+    for i in issues:
+        entry: dict[str, Any] = {
+            "severity": i.severity if i.severity in _SEVERITIES else "error",
+            "code": i.code or "processing",
+            "diagnostics": i.line(),
+        }
+        if i.location:
+            entry["expression"] = [i.location]
+        out.append(entry)
+    return {"resourceType": "OperationOutcome", "issue": out}
+
+
+def outcome_response(issues: list[Issue], status: int, headers: dict[str, str] | None = None) -> Response:
+    """An HTTP response carrying an OperationOutcome."""
+    return Response(jsonutil.dumps(operation_outcome(issues)), status=status, mimetype="application/fhir+json",
+                    headers=headers)
+
+
+_HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+               406: "not-supported", 413: "too-long", 415: "not-supported", 429: "throttled"}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Make every error of ``app`` an OperationOutcome."""
+
+    @app.errorhandler(GatewayError)
+    def _gateway_error(exc: GatewayError) -> Response:
+        return outcome_response(exc.issues(), exc.http_status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        text = exc.description or exc.name
+        return outcome_response([Issue("error", _HTTP_CODES.get(code, "exception"), "", text)], code)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error handling a request")
+        return outcome_response([Issue("fatal", "exception", "", "internal error; the administrator can find "
+                                                                  "details in the gateway log")], 500)

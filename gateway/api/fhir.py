@@ -1,0 +1,150 @@
+"""FHIR API: CapabilityStatement, read and search of the results a gateway holds.
+
+``GET /fhir/metadata``, ``GET /fhir/{type}/{id}``, ``GET /fhir/{type}?...``
+for DiagnosticReport, Observation, Patient, Organization and Specimen.
+Search supports the chained patient identifier (``patient.identifier``,
+``subject:Patient.identifier``), ``code``, ``date`` with prefixes and more
+(see ``gateway.fhir.search``), ``_count`` with next links. Unknown parameters
+are refused with 400 unless the client sends ``Prefer: handling=lenient``.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Blueprint, Response, current_app, request
+
+from gateway import __version__, jsonutil
+from gateway.api.app import pipeline_of
+from gateway.api.errors import FHIR_JSON
+from gateway.errors import InputError, NotFound
+from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
+from gateway.naming import sd_url
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+_MAX_COUNT = 200
+_CONTROL = {"_count", "_offset", "_format"}
+_PROFILES = {
+    "DiagnosticReport": [sd_url("cyhr-lab-report"), sd_url("cyhr-occupational-exam-report")],
+    "Observation": [sd_url("cyhr-lab-observation")],
+    "Patient": [sd_url("cyhr-patient")],
+    "Organization": [sd_url("cyhr-organization")],
+}
+
+
+def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(jsonutil.dumps(body), status=status, mimetype="application/fhir+json", headers=headers)
+
+
+def _check_format() -> None:
+    fmt = request.args.get("_format", "")
+    if fmt and "json" not in fmt:
+        raise InputError(f"_format {fmt!r} is not supported; this server speaks application/fhir+json", "_format",
+                         code="not-supported")
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    """The CapabilityStatement of this gateway."""
+    settings = current_app.extensions["gateway.settings"]
+    resources = []
+    for rtype, params in sorted(SEARCH_PARAMS.items()):
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [
+                {"name": name, "type": kind if kind != "reference" else "reference"}
+                for name, kind in sorted(params.items()) if name != "_id"
+            ],
+        }
+        if rtype in _PROFILES:
+            entry["supportedProfile"] = _PROFILES[rtype]
+        resources.append(entry)
+    cap = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-22",
+        "publisher": settings.issuer_name,
+        "kind": "instance",
+        "software": {"name": "cyhr-gateway", "version": __version__},
+        "implementation": {"description": f"川渝 result-recognition gateway of {settings.issuer_name}",
+                           "url": request.url_root.rstrip("/") + "/fhir"},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{"mode": "server", "resource": resources}],
+    }
+    return fhir_response(cap)
+
+
+def _known_type(rtype: str) -> None:
+    if rtype not in SEARCH_PARAMS:
+        raise NotFound(f"resource type {rtype!r} is not served here (served: {', '.join(sorted(SEARCH_PARAMS))})",
+                       rtype)
+
+
+@bp.get("/<rtype>/<rid>")
+def read(rtype: str, rid: str) -> Response:
+    """One resource, current version, with ETag.
+
+    :raises NotFound: unknown type or id.
+    """
+    _check_format()
+    _known_type(rtype)
+    res = pipeline_of(current_app).store.read(rtype, rid)
+    version = res.get("meta", {}).get("versionId", "1")
+    return fhir_response(res, headers={"ETag": f'W/"{version}"',
+                                       "Last-Modified": res.get("meta", {}).get("lastUpdated", "")})
+
+
+def _int_param(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{name} must be a whole number, not {raw!r}", name) from None
+    if not low <= value <= high:
+        raise InputError(f"{name} must be between {low} and {high}", name)
+    return value
+
+
+@bp.get("/<rtype>")
+def search(rtype: str) -> Response:
+    """A searchset Bundle of matching resources.
+
+    :raises NotFound: unknown type.
+    :raises InputError: unknown parameter (strict handling) or bad value.
+    """
+    _check_format()
+    _known_type(rtype)
+    count = _int_param("_count", 20, 0, _MAX_COUNT)
+    offset = _int_param("_offset", 0, 0, 10_000_000)
+    params = [(k, v) for k, vs in request.args.lists() for v in vs if k not in _CONTROL]
+    lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    result = pipeline_of(current_app).store.search(rtype, params, count=count, offset=offset, strict=not lenient)
+    base = request.url_root.rstrip("/") + "/fhir"
+    known = SEARCH_PARAMS[rtype]
+    kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known]
+
+    def link(off: int) -> str:
+        return f"{base}/{rtype}?" + urlencode(kept + [("_count", str(count)), ("_offset", str(off))])
+
+    links = [{"relation": "self", "url": link(offset)}]
+    if offset + count < result.total:
+        links.append({"relation": "next", "url": link(offset + count)})
+    if offset > 0:
+        links.append({"relation": "previous", "url": link(max(0, offset - count))})
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": result.total,
+        "link": links,
+        "entry": [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                  for r in result.resources],
+    }
+    return fhir_response(bundle)
+
+
+__all__ = ["bp", "fhir_response", "FHIR_JSON"]

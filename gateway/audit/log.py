@@ -1,0 +1,229 @@
+"""Audit log: the append-only, hash-chained record of what the gateway did.
+
+Entries live in the gateway's SQLite database (``audit_log``, see
+``schema.sql``). :func:`append` is called inside the transaction of the action
+it records (``gateway.store.db.transaction``), so both commit or neither does.
+SQLite triggers refuse every UPDATE and DELETE, and refuse an INSERT that does
+not follow the last entry.
+
+Each entry holds ``content``: the RFC 8785 (JCS) text of ::
+
+    {"facts": {...}, "k": [[param, system, value], ...], "kind": "decision",
+     "outcome": "0", "recorded": "2025-05-01T08:00:00.123+08:00",
+     "subtype": [system, code], "t": 1746057600123, "type": [system, code]}
+
+(``facts`` renders the AuditEvent; the rest is its search index, derived from
+the rendered event), and is chained by ::
+
+    hash = SHA-256( prev_hash || ASCII(seq) || "\\n" || content )
+
+with ``prev_hash`` the hash of entry ``seq - 1`` (32 zero bytes for entry 1).
+Changing, removing, inserting or reordering an entry therefore breaks the
+chain at that entry, and rewriting the whole tail is caught by the signed
+checkpoints (``gateway.audit.checkpoint``). ``gateway.audit.verify`` walks it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import sqlite_utils
+
+from gateway.audit.records import KINDS, Record
+from gateway.audit.render import index_values, render
+from gateway.errors import InputError, NotFound
+from gateway.signing.canonical import canonicalize
+from gateway.store.db import transaction
+
+__all__ = [
+    "GENESIS",
+    "Entry",
+    "ensure_schema",
+    "append",
+    "entry_hash",
+    "head",
+    "get",
+    "entries",
+    "instant",
+    "epoch_ms",
+    "schema_statements",
+]
+
+log = logging.getLogger(__name__)
+
+#: prev_hash of the first entry.
+GENESIS = bytes(32)
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_SCHEMA_FLAG = "_cyhr_audit_schema"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One log entry as stored: position, hashes and the content the hash covers."""
+
+    seq: int
+    content: dict[str, Any]
+    hash: bytes
+    prev_hash: bytes
+
+    @property
+    def id(self) -> str:
+        """The id of the entry's AuditEvent."""
+        return str(self.seq)
+
+    @property
+    def kind(self) -> str:
+        """Record kind (exchange, decision, ...)."""
+        return str(self.content["kind"])
+
+    @property
+    def recorded(self) -> str:
+        """When it happened: a FHIR instant with offset."""
+        return str(self.content["recorded"])
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The facts the AuditEvent renders from."""
+        return dict(self.content["facts"])
+
+    def event(self) -> dict[str, Any]:
+        """The entry as an R4 AuditEvent.
+
+        :raises ConfigError: an entry this gateway version cannot render.
+        """
+        return render(
+            self.kind, self.recorded, self.content["facts"], seq=self.seq, entry_hash=self.hash, prev_hash=self.prev_hash
+        )
+
+    @classmethod
+    def from_row(cls, seq: int, content: str, entry_hash: bytes, prev_hash: bytes) -> Entry:
+        """An entry from its database columns."""
+        return cls(seq, json.loads(content), bytes(entry_hash), bytes(prev_hash))
+
+
+def instant(at: _dt.datetime) -> str:
+    """A FHIR instant with milliseconds and the offset ``at`` carries.
+
+    :raises InputError: ``at`` has no offset.
+    """
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise InputError("an audit time must carry a UTC offset", "recorded")
+    return at.isoformat(timespec="milliseconds")
+
+
+def epoch_ms(at: _dt.datetime) -> int:
+    """Milliseconds since 1970-01-01T00:00Z, truncated like :func:`instant`."""
+    return (at - _EPOCH) // _dt.timedelta(milliseconds=1)
+
+
+def entry_hash(seq: int, prev_hash: bytes, content: bytes) -> bytes:
+    """SHA-256 over the previous hash, the position and the canonical content."""
+    return hashlib.sha256(prev_hash + b"%d\n" % seq + content).digest()
+
+
+def schema_statements() -> list[str]:
+    """The statements of ``schema.sql``, one by one (``executescript`` would commit the caller's transaction)."""
+    text = resources.files("gateway.audit").joinpath("schema.sql").read_text("utf-8")
+    statements: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        current.append(line)
+        candidate = "\n".join(current)
+        if sqlite3.complete_statement(candidate):
+            statements.append(candidate)
+            current = []
+    return statements
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the audit tables, indexes and guard triggers if missing (idempotent).
+
+    Safe inside a caller's transaction (it joins it).
+    """
+    if getattr(db, _SCHEMA_FLAG, False):
+        return
+    with transaction(db):
+        for statement in schema_statements():
+            db.execute(statement)
+    setattr(db, _SCHEMA_FLAG, True)
+
+
+def _content(record: Record) -> bytes:
+    if record.kind not in KINDS:
+        raise InputError(f"audit record kind {record.kind!r} is not one of {', '.join(KINDS)}", "kind")
+    recorded = instant(record.recorded)
+    facts = dict(record.facts)
+    try:
+        event = render(record.kind, recorded, facts)
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"audit facts of a {record.kind} record are incomplete ({exc})", "facts") from None
+    content = {"facts": facts, "kind": record.kind, "recorded": recorded, "t": epoch_ms(record.recorded)}
+    content.update(index_values(event))
+    return canonicalize(content)
+
+
+def append(db: sqlite_utils.Database, record: Record) -> Entry:
+    """Append one record to the log, inside the caller's transaction (or a new one).
+
+    :raises InputError: an unknown kind, facts that do not render, a naive time.
+    :raises sqlite3.IntegrityError: only if the chain guard was bypassed by a concurrent writer
+        (cannot happen under ``BEGIN IMMEDIATE``).
+    """
+    data = _content(record)
+    with transaction(db):
+        ensure_schema(db)
+        row = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, bytes(row[1])) if row else (1, GENESIS)
+        digest = entry_hash(seq, prev, data)
+        db.execute(
+            "INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)",
+            [seq, data.decode("utf-8"), prev, digest],
+        )
+    log.debug("audit entry %d appended (%s)", seq, record.kind)
+    return Entry(seq, json.loads(data), digest, prev)
+
+
+def head(db: sqlite_utils.Database) -> tuple[int, bytes]:
+    """``(count, hash of the last entry)``; ``(0, GENESIS)`` for an empty log."""
+    ensure_schema(db)
+    row = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    return (row[0], bytes(row[1])) if row else (0, GENESIS)
+
+
+def get(db: sqlite_utils.Database, seq: int | str) -> Entry:
+    """One entry by its sequence number (the AuditEvent id).
+
+    :raises NotFound: no such entry.
+    """
+    ensure_schema(db)
+    try:
+        number = int(str(seq))
+    except ValueError:
+        raise NotFound(f"AuditEvent/{seq} does not exist", "AuditEvent.id") from None
+    row = db.execute("SELECT seq, content, hash, prev_hash FROM audit_log WHERE seq = ?", [number]).fetchone()
+    if row is None:
+        raise NotFound(f"AuditEvent/{seq} does not exist", "AuditEvent.id")
+    return Entry.from_row(*row)
+
+
+def entries(db: sqlite_utils.Database, start: int = 1, stop: int | None = None) -> Iterator[Entry]:
+    """Entries ``start`` to ``stop`` (inclusive; to the end when None), in order, streamed."""
+    ensure_schema(db)
+    sql = "SELECT seq, content, hash, prev_hash FROM audit_log WHERE seq >= ?"
+    params: list[Any] = [start]
+    if stop is not None:
+        sql += " AND seq <= ?"
+        params.append(stop)
+    for row in db.execute(sql + " ORDER BY seq", params):
+        yield Entry.from_row(*row)
+

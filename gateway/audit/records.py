@@ -1,0 +1,543 @@
+"""Audit records: the typed facts of every event the gateway must log.
+
+Each helper below turns what one part of the gateway knows about an action
+into a :class:`Record` (kind, time, JSON facts). The caller appends it with
+:func:`gateway.audit.log.append` inside the transaction of the action itself,
+so the action and its audit entry commit together or not at all::
+
+    with transaction(db):
+        store_bundle(db, ...)
+        append(db, records.exchange("received", at=now, gateway=me, peer=sender, bundle_hash=h))
+
+Facts are plain JSON (strings, integers, booleans, lists, objects) and carry a
+``v`` (facts version): :mod:`gateway.audit.render` turns them into an R4
+AuditEvent the same way for ever, so an entry written today renders the same
+in ten years. Patient identifiers are kept as FHIR requires (the audit log is
+protected by access rules); they never go to application logs.
+
+Times are parameters (``at``), never read here: the caller's clock decides.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from gateway.errors import InputError
+from gateway.naming import IG_BASE, SYSTEM_ID_CARD, SYSTEM_LAB_REPORT_NO, SYSTEM_STAFF, SYSTEM_USCC
+
+__all__ = [
+    "FACTS_VERSION",
+    "KINDS",
+    "Outcome",
+    "Party",
+    "PatientRef",
+    "RuleResult",
+    "Record",
+    "DECISION_OUTCOMES",
+    "RETEST_REASONS",
+    "user_system",
+    "application_system",
+    "exchange",
+    "ingest",
+    "decision",
+    "override",
+    "patient_read",
+    "registry_applied",
+    "audit_query",
+    "user_admin",
+]
+
+#: Version of the facts layout written by this module; the renderer keeps every version it has seen.
+FACTS_VERSION = 1
+
+KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security")
+
+#: Outcome of a recognition decision (ANCHORS §2.5). ``needs-review``: the engine could not decide alone.
+DECISION_OUTCOMES = ("recognized", "not-recognized", "needs-review")
+
+#: The six national re-test reasons (国家卫健委 医政司, DOMAIN §1.1) a receiving physician may give.
+RETEST_REASONS: dict[str, str] = {
+    "condition-changed": "病情变化，原结果与临床表现或诊断不符",
+    "rapid-change": "结果随病情快速变化",
+    "critical-item": "对诊疗有关键影响（如术前、输血前）",
+    "emergency": "急诊、急救",
+    "appraisal": "司法、伤残、病退等鉴定",
+    "other": "其他确需复查的情形",
+}
+
+
+def user_system(member_uscc: str) -> str:
+    """Identifier system of one member gateway's user accounts (new URI, defined here)."""
+    return f"{IG_BASE}/sid/gateway-user/{member_uscc}"
+
+
+def application_system(member_uscc: str) -> str:
+    """Identifier system of one member's own applications (HIS, LIS) by name (new URI, defined here)."""
+    return f"{IG_BASE}/sid/application/{member_uscc}"
+
+
+class Outcome(str, Enum):
+    """AuditEvent.outcome (R4 audit-event-outcome)."""
+
+    SUCCESS = "0"
+    MINOR_FAILURE = "4"  # refused input, a 4xx
+    SERIOUS_FAILURE = "8"  # not done, e.g. not recognised
+    MAJOR_FAILURE = "12"  # the gateway itself failed
+
+
+@dataclass(frozen=True)
+class Party:
+    """Someone or something taking part: a member institution, a user, a physician, a system.
+
+    Rendered as an R4 Reference: ``reference`` when a resource exists, the
+    ``identifier`` (``system`` + ``value``) otherwise or as well, and ``display``.
+    """
+
+    value: str
+    system: str | None = None
+    display: str | None = None
+    reference: str | None = None
+
+    @classmethod
+    def member(cls, uscc: str, name: str | None = None) -> Party:
+        """A member institution (or its gateway) by 统一社会信用代码."""
+        return cls(uscc, SYSTEM_USCC, name)
+
+    @classmethod
+    def user(cls, member_uscc: str, username: str, display: str | None = None) -> Party:
+        """A user account of a member gateway."""
+        return cls(username, user_system(member_uscc), display)
+
+    @classmethod
+    def staff(cls, staff_id: str, name: str | None = None) -> Party:
+        """A physician or technician by 医务人员 ID (urn:oid:2.16.156.10011.1.4)."""
+        return cls(staff_id, SYSTEM_STAFF, name)
+
+    @classmethod
+    def application(cls, member_uscc: str, name: str, display: str | None = None) -> Party:
+        """One of a member's own systems (HIS, LIS), by the name it sends (MSH-3)."""
+        return cls(name, application_system(member_uscc), display)
+
+    def facts(self) -> dict[str, str]:
+        """The party as JSON facts."""
+        return _drop_none({"value": self.value, "system": self.system, "display": self.display, "reference": self.reference})
+
+
+@dataclass(frozen=True)
+class PatientRef:
+    """The patient an event concerns: an identifier (身份证号 or a hospital number) and/or a reference."""
+
+    value: str | None = None
+    system: str | None = None
+    reference: str | None = None
+
+    @classmethod
+    def id_card(cls, number: str, reference: str | None = None) -> PatientRef:
+        """A patient by 公民身份号码 (urn:oid:2.16.156.10011.1.3)."""
+        return cls(number, SYSTEM_ID_CARD, reference)
+
+    def facts(self) -> dict[str, str]:
+        """The patient reference as JSON facts.
+
+        :raises InputError: neither an identifier value nor a reference.
+        """
+        if not self.value and not self.reference:
+            raise InputError("a patient needs an identifier or a reference", "patient")
+        return _drop_none({"value": self.value, "system": self.system, "reference": self.reference})
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One recognition rule checked: its id (e.g. ``C2-eqa``), pass or fail, and why."""
+
+    rule: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event to append: its kind, when it happened (with offset), and its facts."""
+
+    kind: str
+    recorded: _dt.datetime
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}
+
+
+def _aware(at: _dt.datetime) -> _dt.datetime:
+    if not isinstance(at, _dt.datetime) or at.tzinfo is None or at.utcoffset() is None:
+        raise InputError("an audit time must be a datetime with a UTC offset", "recorded")
+    return at
+
+
+def _record(kind: str, at: _dt.datetime, facts: dict[str, Any]) -> Record:
+    return Record(kind, _aware(at), {"v": FACTS_VERSION, **_drop_none(facts)})
+
+
+def _parties(items: Iterable[Party] | None) -> list[dict[str, str]]:
+    return [p.facts() for p in items or ()]
+
+
+def _required(value: str | None, location: str) -> str:
+    if not value or not str(value).strip():
+        raise InputError(f"{location} must not be empty", location)
+    return str(value)
+
+
+def exchange(
+    direction: Literal["sent", "received", "refused"],
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    peer: Party | None,
+    bundle_hash: str,
+    bundle_id: str | None = None,
+    outcome: Outcome = Outcome.SUCCESS,
+    reason: str | None = None,
+    detail: str | None = None,
+    kid: str | None = None,
+    peer_address: str | None = None,
+    patient: PatientRef | None = None,
+    request_id: str | None = None,
+) -> Record:
+    """A signed Bundle sent to a peer, received from one, or refused on receipt.
+
+    ``bundle_hash`` names the Bundle (``sha256:<hex>`` of its signed bytes);
+    ``reason`` is a short code for a refusal or failure (``bad-signature``,
+    ``unknown-issuer``, ``invalid``, ``peer-unavailable``...), ``detail`` a
+    sentence. ``peer`` may be None when a refused sender cannot be identified.
+    A refusal defaults to outcome 4 (minor failure: bad input).
+
+    :raises InputError: unknown direction, missing hash, refusal without reason, naive time.
+    """
+    if direction not in ("sent", "received", "refused"):
+        raise InputError(f"exchange direction {direction!r} is not sent, received or refused", "direction")
+    if direction == "refused":
+        _required(reason, "reason")
+        if outcome == Outcome.SUCCESS:
+            outcome = Outcome.MINOR_FAILURE
+    return _record(
+        "exchange",
+        at,
+        {
+            "direction": direction,
+            "gateway": gateway.facts(),
+            "peer": peer.facts() if peer else None,
+            "peer_address": peer_address,
+            "bundle_hash": _required(bundle_hash, "bundle_hash"),
+            "bundle_id": bundle_id,
+            "outcome": Outcome(outcome).value,
+            "reason": reason,
+            "detail": detail,
+            "kid": kid,
+            "patient": patient.facts() if patient else None,
+            "request_id": request_id,
+        },
+    )
+
+
+def ingest(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    source: Party,
+    message_id: str,
+    fmt: str,
+    outcome: Outcome = Outcome.SUCCESS,
+    status: str | None = None,
+    reason: str | None = None,
+    channel: str | None = None,
+    source_address: str | None = None,
+    message_system: str | None = None,
+) -> Record:
+    """A message taken in from one of the member's own systems (never its payload).
+
+    ``message_id`` is the id the source gave it (MSH-10, document id, file
+    name), within ``message_system`` when given (``naming.message_system``);
+    ``fmt`` is ``hl7v2``, ``cda``, ``csv`` or ``fhir``; ``status`` the pipeline
+    status reached (``stored``, ``filtered``, ``invalid``...); ``reason`` why it
+    was refused, if it was.
+
+    :raises InputError: empty message id or format, naive time.
+    """
+    return _record(
+        "ingest",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "source": source.facts(),
+            "source_address": source_address,
+            "message_id": _required(message_id, "message_id"),
+            "message_system": message_system,
+            "format": _required(fmt, "format"),
+            "outcome": Outcome(outcome).value,
+            "status": status,
+            "reason": reason,
+            "channel": channel,
+        },
+    )
+
+
+def decision(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    receiver: Party,
+    issuer: Party,
+    report: str,
+    item: tuple[str, str] | tuple[str, str, str],
+    catalogue: str,
+    outcome: Literal["recognized", "not-recognized", "needs-review"],
+    rules: Sequence[RuleResult],
+    snapshot_version: str,
+    ruleset_version: str | None = None,
+    report_system: str = SYSTEM_LAB_REPORT_NO,
+    report_reference: str | None = None,
+    patient: PatientRef | None = None,
+    physician: Party | None = None,
+    client: Party | None = None,
+    client_address: str | None = None,
+    bundle_hash: str | None = None,
+    kid: str | None = None,
+    verification_results: Sequence[str] = (),
+    purpose: str = "TREAT",
+    request_id: str | None = None,
+) -> Record:
+    """A recognition (互认) decision for one item of one received report (ANCHORS §2.5).
+
+    ``report`` is the issuer's 检验报告单号 (``report_system``); ``item`` is the
+    catalogue item as ``(system, code[, display])``; ``catalogue`` the catalogue
+    id/version the item belongs to; ``rules`` every rule checked, so an auditor
+    can replay the decision against registry snapshot ``snapshot_version``.
+
+    :raises InputError: unknown outcome, no rules, a failed rule on a recognised
+        decision, empty report or snapshot version, naive time.
+    """
+    if outcome not in DECISION_OUTCOMES:
+        raise InputError(f"decision outcome {outcome!r} is not one of {', '.join(DECISION_OUTCOMES)}", "outcome")
+    if not rules:
+        raise InputError("a decision lists the rules it checked", "rules")
+    if outcome == "recognized" and not all(r.passed for r in rules):
+        raise InputError("a recognised decision cannot have a failed rule", "rules")
+    return _record(
+        "decision",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "receiver": receiver.facts(),
+            "issuer": issuer.facts(),
+            "report": {"system": report_system, "value": _required(report, "report"), "reference": report_reference},
+            "item": _item(item),
+            "catalogue": _required(catalogue, "catalogue"),
+            "outcome": outcome,
+            "rules": [_drop_none({"id": _required(r.rule, "rules.rule"), "passed": r.passed, "detail": r.detail}) for r in rules],
+            "snapshot": _required(snapshot_version, "snapshot_version"),
+            "ruleset": ruleset_version,
+            "patient": patient.facts() if patient else None,
+            "physician": physician.facts() if physician else None,
+            "client": client.facts() if client else None,
+            "client_address": client_address,
+            "bundle_hash": bundle_hash,
+            "kid": kid,
+            "verification_results": list(verification_results),
+            "purpose": purpose,
+            "request_id": request_id,
+        },
+    )
+
+
+def _item(item: Sequence[str]) -> dict[str, str]:
+    if len(item) not in (2, 3) or not item[1]:
+        raise InputError("item is (system, code) or (system, code, display)", "item")
+    return _drop_none({"system": item[0], "code": item[1], "display": item[2] if len(item) == 3 else None})
+
+
+def override(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    physician: Party,
+    reason: str,
+    receiver: Party,
+    issuer: Party,
+    report: str,
+    item: tuple[str, str] | tuple[str, str, str],
+    report_system: str = SYSTEM_LAB_REPORT_NO,
+    patient: PatientRef | None = None,
+    note: str | None = None,
+    decision_seq: int | None = None,
+) -> Record:
+    """A receiving physician orders a re-test although the result was recognised.
+
+    ``reason`` is one of :data:`RETEST_REASONS`; the report, item, issuer and
+    receiver name the decided result (as in :func:`decision`), and
+    ``decision_seq`` the decision entry, when known.
+
+    :raises InputError: unknown reason, naive time.
+    """
+    if reason not in RETEST_REASONS:
+        raise InputError(f"re-test reason {reason!r} is not one of {', '.join(RETEST_REASONS)}", "reason")
+    return _record(
+        "override",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "physician": physician.facts(),
+            "reason": reason,
+            "receiver": receiver.facts(),
+            "issuer": issuer.facts(),
+            "report": {"system": report_system, "value": _required(report, "report")},
+            "item": _item(item),
+            "patient": patient.facts() if patient else None,
+            "note": note,
+            "decision_seq": decision_seq,
+        },
+    )
+
+
+def patient_read(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    server_address: str,
+    client: Party,
+    client_address: str,
+    member: Party,
+    patient: PatientRef,
+    resources: Sequence[str],
+    query: str | None = None,
+    user: Party | None = None,
+    user_roles: Sequence[str] = (),
+    outcome: Outcome = Outcome.SUCCESS,
+    purpose: str | None = "TREAT",
+    request_id: str | None = None,
+) -> Record:
+    """A read (调阅) of one patient's results by a peer gateway or a user (IHE BALP PatientRead/PatientQuery).
+
+    ``client`` is the calling system and ``client_address`` its network address;
+    ``member`` the institution on whose behalf it read (counted in the lookup
+    statistics); ``resources`` the references returned (``DiagnosticReport/...``);
+    ``query`` the raw query string for a search (PatientQuery), None for a read.
+
+    :raises InputError: no resources on a read, empty addresses, naive time.
+    """
+    if query is None and not resources:
+        raise InputError("a read names the resources it returned", "resources")
+    return _record(
+        "read",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "server_address": _required(server_address, "server_address"),
+            "client": client.facts(),
+            "client_address": _required(client_address, "client_address"),
+            "member": member.facts(),
+            "patient": patient.facts(),
+            "resources": [_required(r, "resources") for r in resources],
+            "query": query,
+            "user": user.facts() if user else None,
+            "user_roles": list(user_roles),
+            "outcome": Outcome(outcome).value,
+            "purpose": purpose,
+            "request_id": request_id,
+        },
+    )
+
+
+def registry_applied(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    version: str,
+    snapshot_hash: str | None = None,
+    previous_version: str | None = None,
+    authority: Party | None = None,
+) -> Record:
+    """A registry snapshot (members, keys, qualifications, catalogue) this gateway now decides with.
+
+    :raises InputError: empty version, naive time.
+    """
+    return _record(
+        "registry",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "version": _required(version, "version"),
+            "snapshot_hash": snapshot_hash,
+            "previous_version": previous_version,
+            "authority": authority.facts() if authority else None,
+        },
+    )
+
+
+def audit_query(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    server_address: str,
+    client: Party,
+    client_address: str,
+    user: Party | None,
+    query: str,
+    interaction: Literal["search-type", "read", "operation"] = "search-type",
+    user_roles: Sequence[str] = (),
+    patient: PatientRef | None = None,
+    results: int | None = None,
+    resource: str | None = None,
+) -> Record:
+    """A look into the audit log itself (search, read of one event, statistics, export).
+
+    Every auditor query is audited (BALP Query, PatientQuery when the query
+    names a patient). ``query`` is the raw request (``GET /fhir/AuditEvent?...``
+    or the command line); ``resource`` the event read, for a read.
+
+    :raises InputError: unknown interaction, empty query, naive time.
+    """
+    if interaction not in ("search-type", "read", "operation"):
+        raise InputError(f"interaction {interaction!r} is not search-type, read or operation", "interaction")
+    return _record(
+        "query",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "server_address": _required(server_address, "server_address"),
+            "client": client.facts(),
+            "client_address": _required(client_address, "client_address"),
+            "user": user.facts() if user else None,
+            "user_roles": list(user_roles),
+            "query": _required(query, "query"),
+            "interaction": interaction,
+            "patient": patient.facts() if patient else None,
+            "results": results,
+            "resource": resource,
+        },
+    )
+
+
+def user_admin(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    admin: Party,
+    user: Party,
+    action: Literal["added", "disabled", "token-issued"],
+    roles: Sequence[str] = (),
+) -> Record:
+    """A change to who may use the gateway: a user added or disabled, a token issued.
+
+    :raises InputError: unknown action, naive time.
+    """
+    if action not in ("added", "disabled", "token-issued"):
+        raise InputError(f"user action {action!r} is not added, disabled or token-issued", "action")
+    return _record(
+        "security",
+        at,
+        {"gateway": gateway.facts(), "admin": admin.facts(), "user": user.facts(), "action": action, "roles": list(roles)},
+    )

@@ -1,0 +1,232 @@
+"""CLI: the ``gateway`` command.
+
+Global options set the layered settings (defaults < ``--config``/``GATEWAY_CONFIG``
+TOML < ``GATEWAY_*`` env < flags). Any :class:`~gateway.errors.GatewayError`
+reaches the user as one readable line and a non-zero exit (2 for
+configuration errors); never as a stack trace.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway import __version__, jsonutil
+from gateway.config import Settings, load_settings, settings_help
+from gateway.errors import ConfigError, GatewayError
+
+__all__ = ["cli", "main"]
+
+
+class _Group(click.Group):
+    """Turns gateway errors into one-line CLI errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            err = click.ClickException(f"configuration: {exc}")
+            err.exit_code = 2
+            raise err from None
+        except GatewayError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+_SETTING_FLAGS = ("data_dir", "database", "issuer_uscc", "issuer_name", "mappings_dir", "log_level")
+
+
+def get_settings(ctx: click.Context, **flags: Any) -> Settings:
+    """Settings for a command: the group's flags plus the command's own."""
+    root = ctx.find_root()
+    overrides = dict(root.obj.get("overrides", {}))
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    settings = load_settings(root.obj.get("config"), overrides)
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="gateway")
+@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="GATEWAY_CONFIG",
+              help="TOML settings file (also GATEWAY_CONFIG).")
+@click.option("--data-dir", help="Directory of the SQLite database (GATEWAY_DATA_DIR).")
+@click.option("--database", help="SQLite database file (GATEWAY_DATABASE).")
+@click.option("--issuer-uscc", help="统一社会信用代码 of this member (GATEWAY_ISSUER_USCC).")
+@click.option("--issuer-name", help="Name of this member institution (GATEWAY_ISSUER_NAME).")
+@click.option("--mappings-dir", type=click.Path(file_okay=False), help="Mapping tables directory.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Logging level (GATEWAY_LOG_LEVEL).")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, **flags: Any) -> None:
+    """川渝 result-recognition gateway: lab and exam results from hospital and CDC
+    systems into signed FHIR R4, recognised (互认) across member institutions.
+
+    Start with `gateway demo`. Settings come from defaults, a TOML file
+    (--config), GATEWAY_* environment variables and these flags, in that order.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+    ctx.obj["overrides"] = {k: (v.upper() if k == "log_level" and v else v) for k, v in flags.items()
+                            if v is not None}
+
+
+@cli.command()
+@click.option("--http-host", help="Address of the HTTP API.")
+@click.option("--http-port", type=int, help="Port of the HTTP API.")
+@click.option("--mllp-host", help="Address of the MLLP listener.")
+@click.option("--mllp-port", type=int, help="Port of the MLLP listener (0: no MLLP).")
+@click.option("--workers", type=int, help="HTTP worker processes.")
+@click.option("--threads", type=int, help="Threads per HTTP worker.")
+@click.pass_context
+def serve(ctx: click.Context, **flags: Any) -> None:
+    """Run this member gateway: HTTP API (gunicorn) and MLLP listener."""
+    from gateway.serve import serve as run
+
+    settings = get_settings(ctx, **flags)
+    click.echo(f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
+               f"HTTP {settings.http_host}:{settings.http_port}, "
+               + (f"MLLP {settings.mllp_host}:{settings.mllp_port}" if settings.mllp_port else "MLLP off")
+               + f", database {settings.database_path}", err=True)
+    run(settings)
+
+
+def _read_input(path: str) -> tuple[bytes, str]:
+    if path == "-":
+        return sys.stdin.buffer.read(), "<stdin>"
+    try:
+        return Path(path).read_bytes(), path
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read: {exc.strerror}") from None
+
+
+@cli.command()
+@click.option("--format", "fmt", default="hl7v2", show_default=True,
+              help="Input format (hl7v2; more as adapters are added).")
+@click.option("--pretty", is_flag=True, help="Indent the JSON (one Bundle then spans several lines).")
+@click.argument("files", nargs=-1, required=True)
+@click.pass_context
+def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) -> None:
+    """Convert FILES (or - for stdin) to FHIR R4 Bundles, one JSON line each. Stores nothing.
+
+    Problems go to stderr, one line each, naming the message and field; exit
+    status 1 if any message was refused. Good messages of the same file are
+    still converted. QC/calibration messages are reported as filtered.
+    """
+    from gateway.pipeline import Pipeline, Status
+
+    settings = get_settings(ctx)
+    pipeline = Pipeline(settings)
+    failed = converted = filtered = 0
+    for path in files:
+        data, origin = _read_input(path)
+        for outcome in pipeline.convert(data, fmt, origin):
+            prefix = f"{origin}: {outcome.label}" if len(files) > 1 else outcome.label
+            for issue in outcome.issues:
+                level = "" if issue.severity == "error" else f"{issue.severity}: "
+                click.echo(f"{level}{prefix}: {issue.line()}", err=True)
+            if outcome.status is Status.FILTERED:
+                filtered += 1
+                click.echo(f"filtered: {prefix}: {outcome.filtered_reason}", err=True)
+            elif outcome.bundle is not None:
+                converted += 1
+                text = jsonutil.dumps_pretty(outcome.bundle) if pretty else jsonutil.dumps(outcome.bundle)
+                click.echo(text)
+            else:
+                failed += 1
+    if sys.stderr.isatty():
+        click.echo(f"{converted} converted, {failed} refused, {filtered} filtered", err=True)
+    if failed:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--dir", "workdir", type=click.Path(file_okay=False),
+              help="Keep the demo's databases here (default: a temporary directory, removed afterwards).")
+@click.pass_context
+def demo(ctx: click.Context, workdir: str | None) -> None:
+    """Run the whole story on this machine, no services needed.
+
+    Member gateways of a Sichuan county hospital and a Chongqing tertiary
+    hospital take real-shaped HL7 v2 results over MLLP and HTTP on loopback,
+    store them as FHIR, refuse bad ones with reasons, and answer searches.
+    """
+    from gateway.demo import run_demo
+
+    settings = get_settings(ctx)
+    run_demo(workdir, mappings_dir=settings.mappings_dir)
+
+
+@cli.group()
+def mappings() -> None:
+    """Mapping tables (mappings/): check them."""
+
+
+@mappings.command("check")
+@click.pass_context
+def mappings_check(ctx: click.Context) -> None:
+    """Load and check every mapping table; list them. Exit 2 on any problem."""
+    from gateway.mapping.tables import load_mappings
+
+    settings = get_settings(ctx)
+    loaded = load_mappings(settings.mappings_dir)
+    for table_id, version, path, entries in loaded.summary():
+        click.echo(f"{table_id:24} {version:8} {entries:5} entries  {path}")
+    click.echo(f"{len(loaded.summary())} tables OK")
+
+
+@cli.group()
+def messages() -> None:
+    """Messages received: what was stored, filtered or refused, and why."""
+
+
+@messages.command("list")
+@click.option("--status", type=click.Choice(["received", "stored", "filtered", "refused", "failed"]),
+              help="Only messages with this status.")
+@click.option("--limit", type=int, default=50, show_default=True, help="How many, newest first.")
+@click.pass_context
+def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
+    """List received messages, newest first."""
+    from gateway.store.store import Store
+
+    store = Store.open(get_settings(ctx).database_path)
+    for rec in store.list_messages(status, limit):
+        reason = rec.issues[0]["message"] if rec.issues and rec.status != "stored" else ""
+        click.echo(f"{rec.id:6} {rec.received_at[:19]} {rec.channel:5} {rec.format:7} {rec.message_id:20} "
+                   f"{rec.status:9} {rec.ack_code or '':3} {reason}")
+
+
+@messages.command("show")
+@click.argument("record_id", type=int)
+@click.option("--raw", is_flag=True, help="Print the message exactly as received (may contain patient data).")
+@click.pass_context
+def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
+    """Show one message: stages, issues and answer."""
+    from gateway.store.store import Store
+
+    store = Store.open(get_settings(ctx).database_path)
+    if raw:
+        sys.stdout.buffer.write(store.raw_of(record_id))
+        return
+    rec = store.get_message(record_id)
+    click.echo(f"message {rec.id}: {rec.format} {rec.message_id} from {rec.sender} via {rec.channel} "
+               f"({rec.size} bytes, sha256 {rec.sha256[:16]}...)")
+    click.echo(f"status {rec.status}, answer {rec.ack_code}, bundle {rec.bundle_id or '-'}")
+    for stage in store.stages_of(record_id):
+        click.echo(f"  {stage['at'][:23]} {stage['stage']:8} {stage['status']} {stage['detail']}")
+    for issue in rec.issues:
+        click.echo(f"  {issue['severity']}: {issue['location']} {issue['message']}")
+
+
+@cli.command("settings")
+def settings_cmd() -> None:
+    """List every setting with its default and meaning."""
+    for name, default, text in settings_help():
+        click.echo(f"{name:20} GATEWAY_{name.upper():22} default {default}\n{'':20} {text}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    cli()

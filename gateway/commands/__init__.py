@@ -1,0 +1,1 @@
+"""Commands: click commands of each product area, registered by ``gateway.cli``."""

@@ -1,0 +1,114 @@
+"""Date and time: source timestamps to FHIR ``date``/``dateTime``/``instant``.
+
+Sources (HL7 v2 TS/DTM, CDA TS, CSV exports) write ``YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]``
+or ``YYYY-MM-DD[ HH:MM[:SS]]``. FHIR requires an offset whenever a time is
+given, so a time without one gets the gateway's configured offset (+08:00,
+China Standard Time) — never a bare local time.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+
+__all__ = ["to_fhir_datetime", "to_fhir_date", "to_fhir_instant", "parse_fhir_datetime", "DateTimeError"]
+
+_HL7_TS = re.compile(
+    r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
+    r"(?:\.(?P<f>\d{1,4}))?(?P<tz>[+-]\d{4})?$"
+)
+_ISO_LIKE = re.compile(
+    r"^(?P<y>\d{4})-(?P<mo>\d{1,2})-(?P<d>\d{1,2})"
+    r"(?:[ T](?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?)?"
+    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
+)
+_SLASHED = re.compile(r"^(?P<y>\d{4})/(?P<mo>\d{1,2})/(?P<d>\d{1,2})(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$")
+
+
+class DateTimeError(ValueError):
+    """A timestamp that is not a real date or time; the message says why."""
+
+
+def _offset(tz: str | None, default: str) -> str:
+    if not tz:
+        return default
+    if tz == "Z":
+        return "+00:00"
+    tz = tz.replace(":", "")
+    hours, minutes = int(tz[1:3]), int(tz[3:5])
+    if hours > 14 or minutes > 59:
+        raise DateTimeError(f"time zone offset {tz} is out of range")
+    return f"{tz[0]}{tz[1:3]}:{tz[3:5]}"
+
+
+def _parts(text: str) -> dict[str, str | None]:
+    value = text.strip()
+    for pattern in (_HL7_TS, _ISO_LIKE, _SLASHED):
+        m = pattern.match(value)
+        if m:
+            return m.groupdict()
+    raise DateTimeError(f"{text!r} is not a date/time (expected YYYYMMDDHHMMSS or YYYY-MM-DD HH:MM:SS)")
+
+
+def to_fhir_datetime(text: str, default_offset: str = "+08:00") -> str:
+    """A FHIR ``dateTime`` from a source timestamp, keeping its precision.
+
+    Date-only values stay dates (``2024-03-05``); a value with a time gets
+    seconds and an offset (``2024-03-05T08:30:00+08:00``).
+
+    :raises DateTimeError: not a timestamp, or not a real calendar date/time.
+    """
+    p = _parts(text)
+    year = int(p["y"] or 0)
+    if year < 1800:
+        raise DateTimeError(f"year {year} in {text!r} is implausible")
+    if not p["mo"]:
+        return f"{year:04d}"
+    month = int(p["mo"])
+    if not 1 <= month <= 12:
+        raise DateTimeError(f"month {month} in {text!r} does not exist")
+    if not p["d"]:
+        return f"{year:04d}-{month:02d}"
+    try:
+        day = _dt.date(year, month, int(p["d"]))
+    except ValueError:
+        raise DateTimeError(f"{text!r} is not a calendar date") from None
+    if p["h"] is None:
+        return day.isoformat()
+    hour, minute, second = int(p["h"]), int(p["mi"] or 0), int(p["s"] or 0)
+    if hour > 23 or minute > 59 or second > 59:
+        raise DateTimeError(f"time in {text!r} does not exist")
+    frac = f".{p['f']}" if p.get("f") else ""
+    return f"{day.isoformat()}T{hour:02d}:{minute:02d}:{second:02d}{frac}{_offset(p['tz'], default_offset)}"
+
+
+def to_fhir_date(text: str) -> str:
+    """A FHIR ``date`` (time part dropped).
+
+    :raises DateTimeError: not a date.
+    """
+    return to_fhir_datetime(text)[:10]
+
+
+def to_fhir_instant(text: str, default_offset: str = "+08:00") -> str:
+    """A FHIR ``instant``: needs at least seconds and an offset.
+
+    :raises DateTimeError: not a timestamp, or only a date (an instant needs a time).
+    """
+    value = to_fhir_datetime(text, default_offset)
+    if "T" not in value:
+        raise DateTimeError(f"{text!r} has no time of day, an instant needs one")
+    return value
+
+
+def parse_fhir_datetime(value: str) -> _dt.datetime:
+    """A timezone-aware datetime from a FHIR dateTime/instant (date-only: midnight +08:00).
+
+    :raises DateTimeError: not a FHIR dateTime.
+    """
+    try:
+        if "T" not in value:
+            parts = [int(x) for x in value.split("-")] + [1, 1]
+            return _dt.datetime(parts[0], parts[1], parts[2], tzinfo=_dt.timezone(_dt.timedelta(hours=8)))
+        return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, IndexError):
+        raise DateTimeError(f"{value!r} is not a FHIR dateTime") from None

@@ -1,0 +1,1062 @@
+"""Profiles: load our implementation guide (``profiles/``) and validate resources against it.
+
+The guide is a small FHIR R4 package: StructureDefinitions (profiles and
+extensions, as differentials), CodeSystems and ValueSets, one JSON file each,
+plus ``package.json``. :func:`load_guide` reads it once at start-up into
+``{canonical_url: resource}`` and compiles every profile into a tree of checks,
+so validating a resource never parses a profile or a FHIRPath expression again
+(the cost HAPI users complain about most).
+
+What :meth:`Guide.validate` checks, returning *every* issue with a FHIRPath-style
+location (``Observation.code.coding[0].system``) and a severity:
+
+- base shape, for every element: unknown elements, an object where a primitive
+  belongs (or the reverse), empty strings/arrays/objects, ``null``, primitive
+  formats (``dateTime`` without an offset, bad ``instant``, ``code`` with
+  spaces, ...), extension ``url`` present and ``ext-1``;
+- our extensions wherever they appear: known URL, allowed context, value type;
+- each profile named in ``meta.profile`` (``url`` or ``url|version``; an unknown
+  one is an error): cardinality, slices (value/pattern discriminators),
+  ``fixed[x]``/``pattern[x]``, required bindings to our ValueSets, allowed
+  choice types, and the profiles' FHIRPath invariants (fhirpathpy, compiled once);
+- a Bundle: itself, then each ``entry.resource`` against the profiles *it*
+  declares, located as ``Bundle.entry[3].resource...``.
+
+Cardinality the base specification sets and the profile does not restate, and
+which elements repeat, are left to a full R4 validator (CI runs three on the
+golden files). A few invariants also have a Python twin (:data:`NATIVE_CHECKS`)
+used instead of fhirpathpy on the hot path; a test keeps each twin equal to its
+published FHIRPath.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, Issue, ProfileViolation
+from gateway.identifiers import id_card_check_char, uscc_check_char
+from gateway.naming import IG_BASE, IG_VERSION
+
+__all__ = [
+    "FHIR_VERSION",
+    "CONFORMANCE_TYPES",
+    "Guide",
+    "load_guide",
+    "default_profiles_dir",
+    "validate",
+    "check",
+    "has_errors",
+    "operation_outcome",
+    "NATIVE_CHECKS",
+]
+
+log = logging.getLogger(__name__)
+
+FHIR_VERSION = "4.0.1"
+#: Resource types a guide file may hold.
+CONFORMANCE_TYPES = ("StructureDefinition", "CodeSystem", "ValueSet")
+_CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
+_MISSING: Any = object()
+_MAX_DEPTH = 64  # deeper JSON than this is refused rather than walked (hostile input)
+
+# ------------------------------------------------------------------ primitive types
+
+# R4 primitive formats (datatypes.html), anchored. A dateTime with a time part
+# must carry an offset: the gateway's own rule and the specification's.
+_YEAR = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
+_TZ = r"(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?"
+_FORMATS: dict[str, re.Pattern[str]] = {
+    "date": re.compile(rf"^{_YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$"),
+    "dateTime": re.compile(rf"^{_YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T{_TIME}{_TZ})?)?)?$"),
+    "instant": re.compile(rf"^{_YEAR}-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T{_TIME}{_TZ}$"),
+    "time": re.compile(rf"^{_TIME}$"),
+    "code": re.compile(r"^[^\s]+( [^\s]+)*$"),
+    "id": re.compile(r"^[A-Za-z0-9\-\.]{1,64}$"),
+    "oid": re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+$"),
+    "uuid": re.compile(r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+    "uri": re.compile(r"^\S*$"),
+    "url": re.compile(r"^\S*$"),
+    "canonical": re.compile(r"^\S*$"),
+    "base64Binary": re.compile(r"^(\s*([0-9a-zA-Z\+/=]){4}\s*)+$"),
+}
+_STRING_TYPES = frozenset(
+    {"string", "code", "id", "markdown", "uri", "url", "canonical", "oid", "uuid", "base64Binary", "xhtml",
+     "date", "dateTime", "instant", "time"}
+)
+_INTEGER_TYPES = {"integer": None, "positiveInt": 1, "unsignedInt": 0}
+PRIMITIVES = _STRING_TYPES | {"boolean", "decimal"} | set(_INTEGER_TYPES)
+
+_HL7_ERROR = {"required": "101", "code-invalid": "103"}  # HL7 table 0357, for ACK ERR segments
+
+
+def _primitive_problem(type_code: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid JSON form of primitive ``type_code`` (None when it is)."""
+    if type_code == "boolean":
+        return None if isinstance(value, bool) else "must be true or false"
+    if type_code == "decimal":
+        if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+            return "must be a JSON number"
+        return None
+    if type_code in _INTEGER_TYPES:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, Decimal) and value == value.to_integral_value() and "." not in str(value):
+                value = int(value)
+            else:
+                return "must be a whole JSON number"
+        low = _INTEGER_TYPES[type_code]
+        if not -2147483648 <= value <= 2147483647 or (low is not None and value < low):
+            return f"is out of range for {type_code}"
+        return None
+    if not isinstance(value, str):
+        return "must be a JSON string"
+    if not value.strip():
+        return "must not be empty or blank"
+    pattern = _FORMATS.get(type_code)
+    if pattern is not None and not pattern.match(value):
+        if type_code in ("dateTime", "instant") and "T" in value:
+            return f"{value!r} is not a valid {type_code} (a time needs seconds and a UTC offset such as +08:00)"
+        return f"{value!r} is not a valid {type_code}"
+    return None
+
+
+# ------------------------------------------------------------------ the R4 type model
+
+
+class _Model:
+    """Which type each R4 element has, from fhirpathpy's R4 model (no network, no snapshots)."""
+
+    def __init__(self) -> None:
+        from fhirpathpy.models import models  # deferred: only a loaded guide needs it
+
+        m = models["r4"]
+        self.fhirpath_model: dict[str, Any] = m
+        self._path2type: dict[str, str] = m["path2Type"]
+        self._parent: dict[str, str] = m["type2Parent"]
+        self._elsewhere: dict[str, str] = m["pathsDefinedElsewhere"]
+        self._choices: dict[str, list[str]] = m["choiceTypePaths"]
+        backbone: set[str] = set()
+        for key in self._path2type:
+            parts = key.split(".")
+            for i in range(2, len(parts)):
+                prefix = ".".join(parts[:i])
+                if prefix not in self._path2type:
+                    backbone.add(prefix)
+        self._backbone = frozenset(backbone)
+        self.resource_types = frozenset(
+            t for t in self._parent if self._is_a(t, "Resource") and t not in ("Resource", "DomainResource")
+        )
+        self._cache: dict[tuple[str, str], tuple[str, str] | None] = {}
+
+    def _is_a(self, type_name: str, ancestor: str) -> bool:
+        seen = 0
+        while type_name and seen < 10:
+            if type_name == ancestor:
+                return True
+            type_name = self._parent.get(type_name, "")
+            seen += 1
+        return False
+
+    def child(self, type_key: str, name: str) -> tuple[str, str] | None:
+        """``(type code, key of its own children)`` of element ``name`` under ``type_key``, or None if unknown."""
+        hit = self._cache.get((type_key, name), _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[no-any-return]
+        result = self._lookup(type_key, name)
+        self._cache[(type_key, name)] = result
+        return result
+
+    def _lookup(self, type_key: str, name: str) -> tuple[str, str] | None:
+        owner: str | None = type_key
+        while owner:
+            key = f"{owner}.{name}"
+            key = self._elsewhere.get(key, key)
+            found = self._path2type.get(key)
+            if found is not None:
+                if found.startswith("System."):
+                    found = "string"
+                return found, (key if found in ("BackboneElement", "Element") else found)
+            if key in self._backbone:
+                return "BackboneElement", key
+            owner = self._parent.get(owner)
+        return None
+
+    def choice_types(self, type_key: str, name: str) -> list[str]:
+        """FHIR type codes a choice element ``name[x]`` may take (``Quantity``, ``string``, ...)."""
+        owner: str | None = type_key
+        while owner:
+            types = self._choices.get(f"{owner}.{name}")
+            if types is not None:
+                return [t if t[0].isupper() and t not in _CAPITALISED_PRIMITIVES else t[0].lower() + t[1:]
+                        for t in types]
+            owner = self._parent.get(owner)
+        return []
+
+
+# fhirpathpy spells choice types capitalised; these are primitives all the same.
+_CAPITALISED_PRIMITIVES = {
+    "Base64Binary", "Boolean", "Canonical", "Code", "Date", "DateTime", "Decimal", "Id", "Instant", "Integer",
+    "Markdown", "Oid", "PositiveInt", "String", "Time", "UnsignedInt", "Uri", "Url", "Uuid",
+}
+
+
+# ------------------------------------------------------------------ compiled checks
+
+
+@dataclass(eq=False)
+class _Constraint:
+    key: str
+    severity: str
+    human: str
+    expression: str
+    type_key: str
+    compiled: Callable[..., list[Any]] | None = None
+    native: Callable[[Any], bool] | None = None
+
+
+@dataclass(eq=False)
+class _Binding:
+    value_set: str
+    codes: frozenset[tuple[str, str]]
+    any_code_systems: frozenset[str]  # systems whose codes the guide cannot list (content not-present)
+
+    def accepts(self, system: Any, code: Any) -> bool:
+        return (system, code) in self.codes or system in self.any_code_systems
+
+    def accepts_code(self, code: Any) -> bool:
+        return bool(self.any_code_systems) or any(c == code for _, c in self.codes)
+
+
+@dataclass(eq=False)
+class _Node:
+    """One element of a profile's differential, with everything checked on it."""
+
+    name: str  # JSON key; for a choice element the stem ("value" of "value[x]")
+    label: str  # e.g. "Patient.identifier:idCard", for messages
+    type_key: str  # where the model finds this element's children / FHIRPath type
+    types: tuple[str, ...] = ()  # type codes this element may have
+    choice: dict[str, str] | None = None  # for value[x]: JSON key -> type code, every base type
+    min: int = 0
+    max: int | None = None  # None: no limit stated
+    fixed: Any = _MISSING
+    pattern: Any = _MISSING
+    binding: _Binding | None = None
+    constraints: list[_Constraint] = field(default_factory=list)
+    children: dict[str, _Node] = field(default_factory=dict)
+    discriminators: list[tuple[str, str]] = field(default_factory=list)
+    closed: bool = False
+    slices: list[_Node] = field(default_factory=list)
+    ext_url: str | None = None  # an Extension slice typed with one of our extensions
+    matcher: Callable[[Any], bool] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a value of this element needs looking at (beyond counting)."""
+        return bool(
+            self.fixed is not _MISSING
+            or self.pattern is not _MISSING
+            or self.binding
+            or self.constraints
+            or (self.children and self.ext_url is None)
+            or self.slices
+        )
+
+
+@dataclass(eq=False)
+class _Profile:
+    url: str
+    version: str
+    type: str
+    root: _Node
+    contexts: tuple[str, ...] = ()  # for extensions: element paths or types they may sit on
+
+
+@dataclass
+class _Run:
+    """State of one validation: the resource being checked and where issues go."""
+
+    out: list[Issue]
+    root: dict[str, Any]
+    profile: str = ""
+
+
+def _issue(run: _Run, severity: str, code: str, location: str, message: str, rule: str) -> None:
+    extra: dict[str, Any] = {"rule": rule}
+    if run.profile:
+        extra["profile"] = run.profile
+    run.out.append(Issue(severity, code, location, message, _HL7_ERROR.get(code, "102"), extra))
+
+
+# ------------------------------------------------------------------ value matching
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality where 5 and 5.0 are equal but True and 1 are not."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _matches_pattern(value: Any, pattern: Any) -> bool:
+    """FHIR ``pattern[x]``: every property of the pattern is present in the value, recursively."""
+    if isinstance(pattern, dict):
+        return isinstance(value, dict) and all(
+            k in value and _matches_pattern(value[k], p) for k, p in pattern.items()
+        )
+    if isinstance(pattern, list):
+        if not isinstance(value, list):
+            return False
+        return all(any(_matches_pattern(v, p) for v in value) for p in pattern)
+    return _same(value, pattern)
+
+
+def _values_at(item: Any, steps: Sequence[str]) -> list[Any]:
+    values = [item]
+    for step in steps:
+        nxt: list[Any] = []
+        for v in values:
+            if isinstance(v, dict) and step in v:
+                got = v[step]
+                nxt.extend(got if isinstance(got, list) else [got])
+        values = nxt
+    return values
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ------------------------------------------------------------------ native twins of FHIRPath invariants
+
+_ID_CARD = re.compile(r"^[0-9]{17}[0-9X]$")
+_USCC = re.compile(r"^[0-9A-HJ-NPQRTUWXY]{2}[0-9]{6}[0-9A-HJ-NPQRTUWXY]{10}$")
+
+
+def _str_value(element: Any) -> str | None:
+    value = element.get("value") if isinstance(element, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _native_id_card_check_digit(identifier: Any) -> bool:
+    value = _str_value(identifier)
+    return bool(value and _ID_CARD.match(value) and id_card_check_char(value[:17]) == value[17])
+
+
+def _native_id_card_birth_date(identifier: Any) -> bool:
+    import datetime as _dt
+
+    value = _str_value(identifier)
+    if not value or not _ID_CARD.match(value) or int(value[6:10]) < 1880:
+        return False
+    try:
+        _dt.date(int(value[6:10]), int(value[10:12]), int(value[12:14]))
+    except ValueError:
+        return False
+    return True
+
+
+def _native_uscc(identifier: Any) -> bool:
+    value = _str_value(identifier)
+    return bool(value and _USCC.match(value) and uscc_check_char(value[:17]) == value[17])
+
+
+#: Python twins of published FHIRPath invariants, by constraint key. The
+#: checksum invariants cost 1-3 ms each in fhirpathpy and microseconds here;
+#: ``tests/test_profiles_invariants.py`` proves each twin agrees with its FHIRPath.
+NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "cyhr-pat-1": _native_id_card_check_digit,
+    "cyhr-pat-2": _native_id_card_birth_date,
+    "cyhr-org-1": _native_uscc,
+}
+
+
+# ------------------------------------------------------------------ the guide
+
+
+class Guide:
+    """Our implementation guide, loaded and compiled: look resources up, validate against it.
+
+    Build one with :func:`load_guide`; it is immutable and safe to share between threads.
+    """
+
+    def __init__(self, directory: Path, package: dict[str, Any], resources: dict[str, dict[str, Any]],
+                 files: dict[str, Path]) -> None:
+        self.directory = directory
+        self.package = package
+        self.version: str = package["version"]
+        self.canonical: str = package["canonical"]
+        #: ``{canonical_url: resource}`` for every StructureDefinition, CodeSystem and ValueSet.
+        self.resources: Mapping[str, dict[str, Any]] = resources
+        self._files = files
+        self._by_id = {(r["resourceType"], r["id"]): r for r in resources.values()}
+        self._model = _Model()
+        self._value_sets: dict[str, _Binding] = {}
+        self._profiles: dict[str, _Profile] = {}
+        self._extensions: dict[str, _Profile] = {}
+        self._ext_prefix = f"{IG_BASE}/StructureDefinition/"
+        for url, res in resources.items():
+            if res["resourceType"] == "StructureDefinition":
+                profile = self._compile_profile(res)
+                (self._extensions if res["type"] == "Extension" else self._profiles)[url] = profile
+
+    # -------------------------------------------------------------- look-up
+
+    def get(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """One of the guide's resources by type and id (``StructureDefinition``, ``cyhr-patient``)."""
+        return self._by_id.get((resource_type, resource_id))
+
+    def find(self, resource_type: str, url: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        """The guide's resources of one type, optionally those with this canonical ``url`` (and ``version``)."""
+        if url and "|" in url and version is None:
+            url, version = url.split("|", 1)
+        return [
+            r for r in self.resources.values()
+            if r["resourceType"] == resource_type
+            and (url is None or r["url"] == url)
+            and (version is None or r.get("version") == version)
+        ]
+
+    def supported_profiles(self) -> dict[str, list[str]]:
+        """Resource type -> canonical URLs of the profiles this guide defines for it (extensions excluded)."""
+        out: dict[str, list[str]] = {}
+        for url, profile in sorted(self._profiles.items()):
+            out.setdefault(profile.type, []).append(url)
+        return out
+
+    @property
+    def resource_types(self) -> frozenset[str]:
+        """Every R4 resource type name (for checking what a client sent)."""
+        return self._model.resource_types
+
+    # -------------------------------------------------------------- validation
+
+    def validate(self, resource: Any, profiles: Iterable[str] = ()) -> list[Issue]:
+        """Every issue ``resource`` has against the base shape and its profiles; never raises for bad input.
+
+        :param profiles: canonical URLs to check against in addition to the ones
+            the resource names in ``meta.profile``.
+        :raises: nothing for any input; a bug in a check surfaces as an error issue.
+        """
+        out: list[Issue] = []
+        if not isinstance(resource, dict):
+            run = _Run(out, {})
+            _issue(run, "error", "structure", "", "a FHIR resource must be a JSON object", "structure")
+            return out
+        rtype = resource.get("resourceType")
+        if not isinstance(rtype, str) or rtype not in self._model.resource_types:
+            run = _Run(out, resource)
+            what = f"{rtype!r} is not an R4 resource type" if rtype is not None else "resourceType is missing"
+            _issue(run, "error", "structure", "resourceType", what, "structure")
+            return out
+        self._validate_resource(resource, rtype, tuple(profiles), out, 0)
+        return out
+
+    def check(self, resource: Any, profiles: Iterable[str] = ()) -> list[Issue]:
+        """Validate and raise when there is any error; returns the warnings otherwise.
+
+        :raises ProfileViolation: carrying every issue, when at least one is an error.
+        """
+        issues = self.validate(resource, profiles)
+        if has_errors(issues):
+            raise ProfileViolation(issues)
+        return issues
+
+    def _validate_resource(self, res: dict[str, Any], loc: str, extra: tuple[str, ...], out: list[Issue],
+                           depth: int) -> None:
+        rtype: str = res["resourceType"]
+        run = _Run(out, res)
+        try:
+            self._walk(res, rtype, rtype, loc, run, depth, rtype == "Bundle")
+        except RecursionError:
+            _issue(run, "error", "too-costly", loc, "the resource is nested too deeply to check", "structure")
+        declared: list[tuple[str, str]] = []
+        meta = res.get("meta")
+        if isinstance(meta, dict) and isinstance(meta.get("profile"), list):
+            declared = [(p, f"{loc}.meta.profile[{i}]") for i, p in enumerate(meta["profile"]) if isinstance(p, str)]
+        declared += [(p, loc) for p in extra]
+        for ref, where in declared:
+            url, _, version = ref.partition("|")
+            profile = self._profiles.get(url)
+            if profile is None:
+                if url == _CORE_SD + rtype:
+                    continue  # the base definition itself: the base checks above cover it
+                what = "an extension, not a profile" if url in self._extensions else "not a profile of this guide"
+                _issue(run, "error", "not-supported", where, f"unknown profile {ref}: {what}", "unknown-profile")
+                continue
+            if version and version != profile.version:
+                _issue(run, "error", "not-supported", where,
+                       f"profile {url} version {version} is not loaded (this gateway has {profile.version})",
+                       "unknown-profile")
+                continue
+            if profile.type != rtype:
+                _issue(run, "error", "invalid", where, f"profile {url} is for {profile.type}, not {rtype}",
+                       "profile-type")
+                continue
+            prun = _Run(out, res, url)
+            self._check_value(profile.root, res, loc, prun)
+        if rtype == "Bundle" and isinstance(res.get("entry"), list):
+            for i, entry in enumerate(res["entry"]):
+                inner = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(inner, dict):
+                    itype = inner.get("resourceType")
+                    where = f"{loc}.entry[{i}].resource"
+                    if isinstance(itype, str) and itype in self._model.resource_types:
+                        if depth >= 4:
+                            _issue(run, "error", "too-costly", where, "Bundles nested more than 4 deep", "structure")
+                            continue
+                        self._validate_resource(inner, where, (), out, depth + 1)
+                    else:
+                        _issue(run, "error", "structure", f"{where}.resourceType",
+                               f"{itype!r} is not an R4 resource type", "structure")
+
+    # -------------------------------------------------------------- base walk
+
+    def _walk(self, obj: dict[str, Any], type_key: str, ctx_path: str, loc: str, run: _Run, depth: int,
+              skip_entry_resources: bool = False) -> None:
+        """Base shape of every element below ``obj`` and our extensions wherever they are."""
+        if depth > _MAX_DEPTH:
+            _issue(run, "error", "too-costly", loc, f"nested more than {_MAX_DEPTH} levels", "structure")
+            return
+        if not obj:
+            _issue(run, "error", "structure", loc, "an element must have a value or children (ele-1)", "structure")
+            return
+        is_resource = "resourceType" in obj and ctx_path == type_key
+        model = self._model
+        for key, val in obj.items():
+            if key == "resourceType" and is_resource:
+                continue
+            where = f"{loc}.{key}"
+            if key.startswith("_") and len(key) > 1:
+                # primitive extensions (``_birthDate``): only their extensions are of interest here
+                if not (isinstance(val, (dict, list))):
+                    _issue(run, "error", "structure", where, "must be an object (or array of objects)", "structure")
+                continue
+            info = model.child(type_key, key)
+            if info is None:
+                _issue(run, "error", "structure", where, f"{ctx_path} has no element {key!r}", "unknown-element")
+                continue
+            type_code, child_key = info
+            if isinstance(val, list):
+                if not val:
+                    _issue(run, "error", "structure", where, "an array must not be empty", "structure")
+                    continue
+                items = [(v, f"{where}[{i}]") for i, v in enumerate(val)]
+            else:
+                items = [(val, where)]
+            for item, iloc in items:
+                if item is None:
+                    _issue(run, "error", "structure", iloc, "null is not allowed in FHIR JSON", "structure")
+                elif type_code in PRIMITIVES:
+                    problem = _primitive_problem(type_code, item)
+                    if problem:
+                        _issue(run, "error", "value", iloc, f"{type_code} {problem}", "format")
+                elif not isinstance(item, dict):
+                    _issue(run, "error", "structure", iloc,
+                           f"must be a JSON object ({type_code}), not {type(item).__name__}", "type")
+                elif type_code == "Resource":
+                    if skip_entry_resources and key == "resource" and ctx_path == "Bundle.entry":
+                        continue  # each entry is validated as a resource of its own
+                    inner = item.get("resourceType")
+                    if not isinstance(inner, str) or inner not in model.resource_types:
+                        _issue(run, "error", "structure", f"{iloc}.resourceType",
+                               f"{inner!r} is not an R4 resource type", "structure")
+                    else:
+                        self._walk(item, inner, inner, iloc, run, depth + 1)
+                else:
+                    self._walk(item, child_key, f"{ctx_path}.{key}", iloc, run, depth + 1, skip_entry_resources)
+            if key in ("extension", "modifierExtension") and isinstance(val, list):
+                self._check_extensions(val, type_key, ctx_path, where, run)
+
+    def _check_extensions(self, exts: list[Any], type_key: str, ctx_path: str, where: str, run: _Run) -> None:
+        for i, ext in enumerate(exts):
+            if not isinstance(ext, dict):
+                continue  # reported by the walk
+            eloc = f"{where}[{i}]"
+            url = ext.get("url")
+            has_value = any(k.startswith("value") for k in ext)
+            if has_value == ("extension" in ext):
+                _issue(run, "error", "invariant", eloc,
+                       "an extension has either a value or extensions, not both or neither (ext-1)", "ext-1")
+            if not isinstance(url, str) or not url:
+                _issue(run, "error", "required", f"{eloc}.url", "an extension needs its url", "cardinality")
+                continue
+            if not url.startswith(self._ext_prefix):
+                continue  # someone else's extension, or a part of a complex one
+            profile = self._extensions.get(url)
+            if profile is None:
+                _issue(run, "error", "extension", f"{eloc}.url", f"unknown extension {url}", "unknown-extension")
+                continue
+            element_type = type_key if "." not in type_key else ""
+            if not any(c == ctx_path or c == element_type or c == "Element" for c in profile.contexts):
+                _issue(run, "error", "extension", eloc,
+                       f"extension {url} is not allowed on {ctx_path} (allowed: {', '.join(profile.contexts)})",
+                       "extension-context")
+            self._check_value(profile.root, ext, eloc, _Run(run.out, run.root, url))
+
+    # -------------------------------------------------------------- profile checks
+
+    def _check_value(self, node: _Node, item: Any, loc: str, run: _Run, type_code: str = "") -> None:
+        if node.fixed is not _MISSING and not _same(item, node.fixed):
+            _issue(run, "error", "value", loc, f"must be exactly {_short(node.fixed)}, found {_short(item)}", "fixed")
+        if node.pattern is not _MISSING and not _matches_pattern(item, node.pattern):
+            _issue(run, "error", "value", loc, f"must contain {_short(node.pattern)}, found {_short(item)}",
+                   "pattern")
+        if node.binding is not None:
+            self._check_binding(node, item, loc, run, type_code or (node.types[0] if len(node.types) == 1 else ""))
+        for constraint in node.constraints:
+            self._check_constraint(constraint, item, loc, run)
+        if node.children and node.ext_url is None and isinstance(item, dict):
+            for child in node.children.values():
+                self._check_child(child, item, loc, run)
+
+    def _check_child(self, node: _Node, obj: dict[str, Any], loc: str, run: _Run) -> None:
+        if node.choice is not None:
+            found = [(k, node.choice[k]) for k in obj if k in node.choice]
+            where = f"{loc}.{node.name}[x]"
+            if len(found) > 1:
+                _issue(run, "error", "structure", where,
+                       f"only one of {', '.join(k for k, _ in found)} may be present", "cardinality")
+            items: list[tuple[Any, str]] = []
+            for key, tcode in found:
+                if node.types and tcode not in node.types:
+                    _issue(run, "error", "structure", f"{loc}.{key}",
+                           f"{node.label} may be {' | '.join(node.types)}, not {tcode}", "type")
+                else:
+                    items.append((obj[key], f"{loc}.{key}"))
+            self._check_items(node, items, where, run, found[0][1] if len(found) == 1 else "")
+            return
+        val = obj.get(node.name, _MISSING)
+        where = f"{loc}.{node.name}"
+        if val is _MISSING:
+            items = []
+        elif isinstance(val, list):
+            items = [(v, f"{where}[{i}]") for i, v in enumerate(val)]
+        else:
+            items = [(val, where)]
+        self._check_items(node, items, where, run)
+
+    def _check_items(self, node: _Node, items: list[tuple[Any, str]], where: str, run: _Run,
+                     type_code: str = "") -> None:
+        count = len(items)
+        if count < node.min:
+            _issue(run, "error", "required", where,
+                   f"{node.label}: at least {node.min} required, found {count}", "cardinality")
+        elif node.max is not None and count > node.max:
+            _issue(run, "error", "structure", where,
+                   f"{node.label}: at most {node.max} allowed, found {count}", "cardinality")
+        if node.slices:
+            buckets: dict[int, list[tuple[Any, str]]] = {i: [] for i in range(len(node.slices))}
+            for item, iloc in items:
+                for i, piece in enumerate(node.slices):
+                    if piece.matcher is not None and piece.matcher(item):
+                        buckets[i].append((item, iloc))
+                        break
+                else:
+                    if node.closed:
+                        _issue(run, "error", "structure", iloc,
+                               f"matches none of the slices of {node.label} (closed slicing)", "slicing")
+            for i, piece in enumerate(node.slices):
+                self._check_items(piece, buckets[i], where, run, type_code)
+        if node.busy and (node.fixed is not _MISSING or node.pattern is not _MISSING or node.binding
+                          or node.constraints or (node.children and node.ext_url is None)):
+            for item, iloc in items:
+                self._check_value(node, item, iloc, run, type_code)
+
+    def _check_binding(self, node: _Node, item: Any, loc: str, run: _Run, type_code: str) -> None:
+        binding = node.binding
+        assert binding is not None
+        if type_code == "CodeableConcept" or (not type_code and isinstance(item, dict) and "coding" in item):
+            codings = item.get("coding") if isinstance(item, dict) else None
+            ok = isinstance(codings, list) and any(
+                isinstance(c, dict) and binding.accepts(c.get("system"), c.get("code")) for c in codings
+            )
+            what = "none of its codings is"
+        elif type_code == "Coding" or isinstance(item, dict):
+            ok = isinstance(item, dict) and binding.accepts(item.get("system"), item.get("code"))
+            what = f"{_short(item.get('system') if isinstance(item, dict) else item)}#" \
+                   f"{item.get('code') if isinstance(item, dict) else ''} is not"
+        else:
+            ok = binding.accepts_code(item)
+            what = f"code {_short(item)} is not"
+        if not ok:
+            _issue(run, "error", "code-invalid", loc, f"{what} in the required value set {binding.value_set}",
+                   "binding")
+
+    def _check_constraint(self, constraint: _Constraint, item: Any, loc: str, run: _Run) -> None:
+        try:
+            if constraint.native is not None:
+                ok = constraint.native(item)
+            else:
+                assert constraint.compiled is not None
+                from fhirpathpy.engine.nodes import ResourceNode
+
+                node = item if "resourceType" in item else ResourceNode.create_node(item, constraint.type_key)
+                result = constraint.compiled(node, {"resource": run.root, "rootResource": run.root})
+                # as in the HL7 validator: only a single true passes; empty is a failure
+                ok = result == [True]
+        except Exception as exc:  # noqa: BLE001 - a hostile value must not take the validator down
+            log.warning("invariant %s could not be evaluated: %s", constraint.key, type(exc).__name__)
+            _issue(run, "error", "invariant", loc,
+                   f"{constraint.key} could not be evaluated on this value ({type(exc).__name__}): "
+                   f"{constraint.human}", constraint.key)
+            return
+        if not ok:
+            _issue(run, constraint.severity, "invariant", loc, f"{constraint.key}: {constraint.human}",
+                   constraint.key)
+
+    # -------------------------------------------------------------- compiling
+
+    def _fail(self, url: str, message: str) -> ConfigError:
+        file = self._files.get(url)
+        return ConfigError(f"{file.name if file else url}: {message}", str(file or url))
+
+    def _compile_profile(self, sd: dict[str, Any]) -> _Profile:
+        url = sd["url"]
+        type_name = sd.get("type")
+        if not isinstance(type_name, str):
+            raise self._fail(url, "StructureDefinition.type is missing")
+        if sd.get("derivation") != "constraint" or sd.get("baseDefinition") != _CORE_SD + type_name:
+            raise self._fail(url, f"only constraints on the core {type_name} are supported "
+                                  f"(derivation constraint, baseDefinition {_CORE_SD}{type_name})")
+        elements = (sd.get("differential") or {}).get("element")
+        if not isinstance(elements, list) or not elements:
+            raise self._fail(url, "the profile has no differential elements")
+        root = _Node(name=type_name, label=type_name, type_key=type_name)
+        for element in elements:
+            self._apply(url, root, type_name, element)
+        self._finish_slices(url, root)
+        contexts: tuple[str, ...] = ()
+        if type_name == "Extension":
+            contexts = tuple(c.get("expression", "") for c in sd.get("context") or [] if isinstance(c, dict))
+            if not contexts:
+                raise self._fail(url, "an extension must say where it may be used (context)")
+        return _Profile(url, sd.get("version", ""), type_name, root, contexts)
+
+    def _apply(self, url: str, root: _Node, type_name: str, element: Any) -> None:
+        if not isinstance(element, dict) or not isinstance(element.get("path"), str):
+            raise self._fail(url, "a differential element has no path")
+        eid = element.get("id") or element["path"] + (f":{element['sliceName']}" if element.get("sliceName") else "")
+        segments = [seg.partition(":") for seg in eid.split(".")]
+        if segments[0][0] != type_name:
+            raise self._fail(url, f"element {eid} does not start with {type_name}")
+        node = root
+        for name, _, slice_name in segments[1:]:
+            node = self._child(url, node, name)
+            if slice_name:
+                found = next((s for s in node.slices if s.label.endswith(f":{slice_name}")), None)
+                if found is None:
+                    found = _Node(name=node.name, label=f"{node.label}:{slice_name}", type_key=node.type_key,
+                                  types=node.types, choice=node.choice)
+                    node.slices.append(found)
+                node = found
+        self._apply_properties(url, node, element, eid)
+
+    def _child(self, url: str, parent: _Node, name: str) -> _Node:
+        if name in parent.children:
+            return parent.children[name]
+        label = f"{parent.label}.{name}"
+        if name.endswith("[x]"):
+            stem = name[:-3]
+            types = self._model.choice_types(parent.type_key, stem)
+            if not types:
+                raise self._fail(url, f"{label} is not a choice element of R4")
+            choice = {stem + t[0].upper() + t[1:]: t for t in types}
+            child = _Node(name=stem, label=label, type_key=parent.type_key, types=tuple(types), choice=choice)
+        else:
+            info = self._model.child(parent.type_key, name)
+            if info is None:
+                raise self._fail(url, f"{label} is not an R4 element")
+            child = _Node(name=name, label=label, type_key=info[1], types=(info[0],))
+        parent.children[name] = child
+        return child
+
+    def _apply_properties(self, url: str, node: _Node, element: dict[str, Any], eid: str) -> None:
+        if "min" in element:
+            node.min = int(element["min"])
+        if "max" in element:
+            node.max = None if element["max"] == "*" else int(element["max"])
+        if element.get("type"):
+            codes = tuple(t["code"] for t in element["type"])
+            node.types = codes
+            if len(codes) == 1 and node.choice is None:
+                node.type_key = codes[0] if codes[0] not in ("BackboneElement", "Element") else node.type_key
+            for t in element["type"]:
+                if t["code"] == "Extension" and t.get("profile"):
+                    node.ext_url = t["profile"][0]
+                    if node.ext_url not in self.resources:
+                        raise self._fail(url, f"{eid} uses extension {node.ext_url}, which the guide does not define")
+                for ref in list(t.get("profile") or []) + list(t.get("targetProfile") or []):
+                    if ref.startswith(IG_BASE) and ref.split("|")[0] not in self.resources:
+                        raise self._fail(url, f"{eid} refers to {ref}, which the guide does not define")
+        for key, value in element.items():
+            if key.startswith("fixed"):
+                node.fixed = value
+            elif key.startswith("pattern"):
+                node.pattern = value
+        binding = element.get("binding")
+        if isinstance(binding, dict) and binding.get("valueSet"):
+            vs = binding["valueSet"].split("|")[0]
+            if vs.startswith(IG_BASE) and vs not in self.resources:
+                raise self._fail(url, f"{eid} is bound to {vs}, which the guide does not define")
+            if binding.get("strength") == "required" and vs.startswith(IG_BASE):
+                node.binding = self._value_set(vs)
+        for c in element.get("constraint") or []:
+            node.constraints.append(self._compile_constraint(url, node, c, eid))
+        slicing = element.get("slicing")
+        if isinstance(slicing, dict):
+            for d in slicing.get("discriminator") or []:
+                if d.get("type") not in ("value", "pattern"):
+                    raise self._fail(url, f"{eid}: discriminator type {d.get('type')!r} is not supported "
+                                          "(use value or pattern)")
+                node.discriminators.append((d["type"], d["path"]))
+            node.closed = slicing.get("rules") == "closed"
+
+    def _compile_constraint(self, url: str, node: _Node, c: dict[str, Any], eid: str) -> _Constraint:
+        key, expression = c.get("key"), c.get("expression")
+        if not key or c.get("severity") not in ("error", "warning") or not c.get("human"):
+            raise self._fail(url, f"{eid}: a constraint needs key, severity (error|warning) and human")
+        type_key = node.types[0] if len(node.types) == 1 and node.types[0][0].isupper() else node.type_key
+        constraint = _Constraint(key, c["severity"], c["human"], expression or "", type_key)
+        constraint.native = NATIVE_CHECKS.get(key)
+        if constraint.native is None:
+            if not expression:
+                raise self._fail(url, f"{eid}: constraint {key} has no FHIRPath expression and no native check")
+            from fhirpathpy import compile as fhirpath_compile
+
+            try:
+                constraint.compiled = fhirpath_compile(expression, self._model.fhirpath_model)
+            except Exception as exc:  # noqa: BLE001 - the parser raises assorted types
+                raise self._fail(url, f"{eid}: constraint {key} does not compile: {exc}") from None
+        return constraint
+
+    def _finish_slices(self, url: str, node: _Node) -> None:
+        for child in node.children.values():
+            self._finish_slices(url, child)
+        for piece in node.slices:
+            self._finish_slices(url, piece)
+            if not node.discriminators:
+                raise self._fail(url, f"{node.label} has slices but no slicing discriminator")
+            piece.matcher = self._matcher(url, node, piece)
+
+    def _matcher(self, url: str, base: _Node, piece: _Node) -> Callable[[Any], bool]:
+        tests: list[Callable[[Any], bool]] = []
+        for kind, path in base.discriminators:
+            if path == "url" and piece.ext_url:
+                ext = piece.ext_url
+                tests.append(lambda item, ext=ext: isinstance(item, dict) and item.get("url") == ext)
+                continue
+            target: _Node | None = piece
+            steps = [] if path == "$this" else path.split(".")
+            for step in steps:
+                target = target.children.get(step) if target else None
+            if target is None or (target.fixed is _MISSING and target.pattern is _MISSING):
+                raise self._fail(url, f"{piece.label}: no fixed or pattern value at discriminator path {path!r}")
+            if target.fixed is not _MISSING:
+                want = target.fixed
+                tests.append(lambda item, s=steps, w=want: any(_same(v, w) for v in _values_at(item, s)))
+            else:
+                want = target.pattern
+                tests.append(lambda item, s=steps, w=want: any(_matches_pattern(v, w) for v in _values_at(item, s)))
+        if len(tests) == 1:
+            return tests[0]
+        return lambda item: all(t(item) for t in tests)
+
+    def _value_set(self, url: str) -> _Binding:
+        if url in self._value_sets:
+            return self._value_sets[url]
+        vs = self.resources[url]
+        codes: set[tuple[str, str]] = set()
+        any_code: set[str] = set()
+        compose = vs.get("compose") or {}
+        for part, sign in (("include", 1), ("exclude", -1)):
+            for inc in compose.get(part) or []:
+                got, loose = self._include(url, inc)
+                if sign > 0:
+                    codes |= got
+                    any_code |= loose
+                else:
+                    codes -= got
+        binding = _Binding(url, frozenset(codes), frozenset(any_code))
+        self._value_sets[url] = binding
+        return binding
+
+    def _include(self, url: str, inc: dict[str, Any]) -> tuple[set[tuple[str, str]], set[str]]:
+        if inc.get("filter"):
+            raise self._fail(url, "value set filters are not supported; list the codes or include a whole system")
+        codes: set[tuple[str, str]] = set()
+        loose: set[str] = set()
+        for ref in inc.get("valueSet") or []:
+            ref = ref.split("|")[0]
+            if ref not in self.resources:
+                raise self._fail(url, f"includes value set {ref}, which the guide does not define")
+            nested = self._value_set(ref)
+            codes |= nested.codes
+            loose |= nested.any_code_systems
+        system = inc.get("system")
+        if system:
+            if inc.get("concept"):
+                codes |= {(system, c["code"]) for c in inc["concept"]}
+            elif system in self.resources:
+                cs = self.resources[system]
+                if cs.get("content") == "complete":
+                    codes |= {(system, code) for code in _all_codes(cs.get("concept") or [])}
+                else:
+                    loose.add(system)
+            elif system.startswith(IG_BASE):
+                raise self._fail(url, f"includes code system {system}, which the guide does not define")
+            else:
+                loose.add(system)  # an outside code system this gateway cannot enumerate
+        return codes, loose
+
+
+def _all_codes(concepts: list[dict[str, Any]]) -> Iterable[str]:
+    for c in concepts:
+        yield c["code"]
+        yield from _all_codes(c.get("concept") or [])
+
+
+# ------------------------------------------------------------------ loading
+
+
+def default_profiles_dir() -> Path:
+    """The ``profiles/`` directory shipped beside the package (``Settings.profiles_dir`` default)."""
+    from gateway.config import REPO_ROOT
+
+    return REPO_ROOT / "profiles"
+
+
+_EXPECTED_URL = {
+    "StructureDefinition": f"{IG_BASE}/StructureDefinition/",
+    "CodeSystem": f"{IG_BASE}/CodeSystem/",
+    "ValueSet": f"{IG_BASE}/ValueSet/",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _load(directory: Path) -> Guide:
+    manifest = directory / "package.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{manifest}: the implementation guide has no package.json", str(manifest))
+    package = _read_json(manifest)
+    if package.get("canonical") != IG_BASE or package.get("version") != IG_VERSION:
+        raise ConfigError(
+            f"{manifest}: canonical/version {package.get('canonical')}|{package.get('version')} "
+            f"do not match gateway.naming ({IG_BASE}|{IG_VERSION})", str(manifest))
+    if package.get("fhirVersions") != [FHIR_VERSION]:
+        raise ConfigError(f"{manifest}: fhirVersions must be [{FHIR_VERSION!r}]", str(manifest))
+    resources: dict[str, dict[str, Any]] = {}
+    files: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.json")):
+        if path.name == "package.json":
+            continue
+        res = _read_json(path)
+        rtype, rid, url = res.get("resourceType"), res.get("id"), res.get("url")
+        problem = None
+        if rtype not in CONFORMANCE_TYPES:
+            problem = f"resourceType {rtype!r} is not one of {', '.join(CONFORMANCE_TYPES)}"
+        elif not isinstance(rid, str) or path.name != f"{rtype}-{rid}.json":
+            problem = f"the file must be named {rtype}-<id>.json after its id ({rid!r})"
+        elif url != _EXPECTED_URL[rtype] + rid:
+            problem = f"url {url!r} must be {_EXPECTED_URL[rtype] + rid}"
+        elif res.get("version") != package["version"]:
+            problem = f"version {res.get('version')!r} differs from the package version {package['version']}"
+        elif res.get("fhirVersion", FHIR_VERSION) != FHIR_VERSION:
+            problem = f"fhirVersion must be {FHIR_VERSION}"
+        elif url in resources:
+            problem = f"url {url} is also defined by {files[url].name}"
+        if problem:
+            raise ConfigError(f"{path.name}: {problem}", str(path))
+        resources[url] = res
+        files[url] = path
+    for url, res in resources.items():
+        refs = [res.get("valueSet")] if res["resourceType"] == "CodeSystem" else []
+        for ref in refs:
+            if ref and ref not in resources:
+                raise ConfigError(f"{files[url].name}: valueSet {ref} is not defined by the guide", str(files[url]))
+    guide = Guide(directory, package, resources, files)
+    log.info("implementation guide %s|%s loaded: %d profiles, %d extensions, %d terminology resources",
+             guide.canonical, guide.version, len(guide._profiles), len(guide._extensions),
+             sum(1 for r in resources.values() if r["resourceType"] != "StructureDefinition"))
+    return guide
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name}: cannot be read: {exc}", str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path.name}: is not valid JSON: {exc}", str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: must hold one JSON object", str(path))
+    return data
+
+
+def load_guide(directory: str | Path | None = None) -> Guide:
+    """Load and compile the guide in ``directory`` (default: the shipped ``profiles/``), once per directory.
+
+    :raises ConfigError: a file is unreadable or inconsistent, naming the file.
+    """
+    path = Path(directory) if directory else default_profiles_dir()
+    if not path.is_dir():
+        raise ConfigError(f"profiles directory {path} does not exist", "profiles_dir")
+    return _load(path.resolve())
+
+
+# ------------------------------------------------------------------ conveniences
+
+
+def validate(resource: Any, profiles: Iterable[str] = ()) -> list[Issue]:
+    """Validate against the shipped guide (see :meth:`Guide.validate`).
+
+    :raises ConfigError: the shipped guide itself cannot be loaded.
+    """
+    return load_guide().validate(resource, profiles)
+
+
+def check(resource: Any, profiles: Iterable[str] = ()) -> list[Issue]:
+    """Validate against the shipped guide and raise on errors (see :meth:`Guide.check`).
+
+    :raises ProfileViolation: the resource has at least one error.
+    :raises ConfigError: the shipped guide itself cannot be loaded.
+    """
+    return load_guide().check(resource, profiles)
+
+
+def has_errors(issues: Iterable[Issue]) -> bool:
+    """Whether any issue refuses the input (severity error or fatal)."""
+    return any(i.severity in ("error", "fatal") for i in issues)
+
+
+def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
+    """An R4 OperationOutcome for ``issues``; with none, one ``information`` issue saying so.
+
+    Each issue has ``details.text`` (the message), ``expression`` (the FHIRPath
+    location) and, when a profile rule found it, ``diagnostics`` naming the rule
+    and profile (``cyhr-pat-1 @ https://.../cyhr-patient``).
+    """
+    out: list[dict[str, Any]] = []
+    for issue in issues:
+        entry: dict[str, Any] = {"severity": issue.severity, "code": issue.code, "details": {"text": issue.message}}
+        rule = issue.extra.get("rule")
+        if rule:
+            profile = issue.extra.get("profile")
+            entry["diagnostics"] = f"{rule} @ {profile}" if profile else str(rule)
+        if issue.location:
+            entry["expression"] = [issue.location]
+        out.append(entry)
+    if not out:
+        out.append({"severity": "information", "code": "informational", "details": {"text": "no issues found"}})
+    return {"resourceType": "OperationOutcome", "issue": out}

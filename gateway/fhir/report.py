@@ -1,0 +1,201 @@
+"""Report resources: Observation, Specimen and DiagnosticReport from mapped records.
+
+Pure functions over the neutral records (after the mapping stage filled their
+``std`` side). The shape is documented in ``docs/bundle-shapes.md``.
+"""
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from gateway.adapters.base import Quantity, ReportFacts, ResultFacts, SpecimenFacts
+from gateway.fhir.parties import Issuer, stable_id, uscc_identifier
+from gateway.naming import (
+    SYSTEM_DATA_ABSENT,
+    SYSTEM_LAB_REPORT_NO,
+    SYSTEM_LOINC,
+    SYSTEM_OBS_CATEGORY,
+    SYSTEM_SPECIMEN_NO,
+    SYSTEM_STAFF,
+    SYSTEM_V2_0074,
+    sd_url,
+)
+
+__all__ = ["observation", "specimen", "diagnostic_report", "parse_reference_range", "ref"]
+
+_NUM = r"([+-]?\d+(?:\.\d+)?)"
+_RANGE = re.compile(rf"^\s*{_NUM}\s*(?:-{{1,2}}|~|～|—|–)\s*{_NUM}\s*$")
+_UPPER = re.compile(rf"^\s*(?:<=?|≤|＜)\s*{_NUM}\s*$")
+_LOWER = re.compile(rf"^\s*(?:>=?|≥|＞)\s*{_NUM}\s*$")
+_CODED_SYSTEMS = {"LN": SYSTEM_LOINC, "SCT": "http://snomed.info/sct", "UCUM": "http://unitsofmeasure.org"}
+
+
+def ref(resource: dict[str, Any]) -> dict[str, str]:
+    """A reference to a resource inside the same Bundle (by its ``urn:uuid:`` fullUrl)."""
+    return {"reference": f"urn:uuid:{resource['id']}"}
+
+
+def _quantity(q: Quantity, unit: str, ucum: dict[str, str] | None, simple: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"value": q.value}
+    if q.comparator and not simple:
+        out["comparator"] = q.comparator
+    if unit:
+        out["unit"] = unit
+        if ucum:
+            out.update(ucum)
+    return out
+
+
+def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
+    """(low, high) from a range as labs write it: ``3.5-5.5``, ``3.5~5.5``, ``<5``, ``>10``."""
+    m = _RANGE.match(text)
+    if m:
+        return Decimal(m.group(1)), Decimal(m.group(2))
+    m = _UPPER.match(text)
+    if m:
+        return None, Decimal(m.group(1))
+    m = _LOWER.match(text)
+    if m:
+        return Decimal(m.group(1)), None
+    return None, None
+
+
+def _reference_range(res: ResultFacts) -> list[dict[str, Any]]:
+    text = res.reference_range
+    if not text:
+        return []
+    low, high = parse_reference_range(text)
+    rr: dict[str, Any] = {}
+    ucum = res.std.get("ucum")
+    if low is not None:
+        rr["low"] = _quantity(Quantity(low), res.unit, ucum, simple=True)
+    if high is not None:
+        rr["high"] = _quantity(Quantity(high), res.unit, ucum, simple=True)
+    rr["text"] = text
+    return [rr]
+
+
+def _value(res: ResultFacts) -> dict[str, Any]:
+    ucum = res.std.get("ucum")
+    kind, value = res.value_kind, res.value
+    if kind == "quantity":
+        return {"valueQuantity": _quantity(value, res.unit, ucum)}
+    if kind == "string":
+        return {"valueString": value}
+    if kind == "coded":
+        cc: dict[str, Any] = {}
+        if value.code:
+            coding = {"code": value.code}
+            system = _CODED_SYSTEMS.get(value.system.upper())
+            if system:
+                coding = {"system": system, **coding}
+            if value.display:
+                coding["display"] = value.display
+            cc["coding"] = [coding]
+        cc["text"] = value.display or value.code
+        return {"valueCodeableConcept": cc}
+    if kind == "range":
+        low, high = value
+        return {"valueRange": {"low": _quantity(low, res.unit, ucum, True), "high": _quantity(high, res.unit, ucum, True)}}
+    if kind == "ratio":
+        num, den = value
+        return {"valueRatio": {"numerator": {"value": num.value}, "denominator": {"value": den.value}}}
+    if kind == "datetime":
+        return {"valueDateTime": value}
+    reason = res.std.get("absent", "unknown")
+    return {"dataAbsentReason": {"coding": [{"system": SYSTEM_DATA_ABSENT, "code": reason}]}}
+
+
+def observation(res: ResultFacts, report: ReportFacts, *, issuer: Issuer, subject: dict[str, Any],
+                performer: dict[str, Any], specimen_res: dict[str, Any] | None) -> dict[str, Any]:
+    """One result as an Observation of our lab-result profile."""
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": stable_id("Observation", issuer.uscc, report.number, res.code.code, str(res.occurrence)),
+        "meta": {"profile": [sd_url("cyhr-lab-observation")]},
+        "status": res.std.get("status", "unknown"),
+        "category": [{"coding": [{"system": SYSTEM_OBS_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}],
+        "code": {"coding": res.std["codings"], "text": res.code.display or res.code.code},
+        "subject": ref(subject),
+    }
+    effective = res.observed_at or report.collected_at
+    if effective:
+        obs["effectiveDateTime"] = effective
+    if report.issued_at:
+        obs["issued"] = report.issued_at
+    obs["performer"] = [ref(performer)]
+    obs.update(_value(res))
+    if res.std.get("interpretation"):
+        obs["interpretation"] = res.std["interpretation"]
+    if res.notes:
+        obs["note"] = [{"text": n} for n in res.notes]
+    if specimen_res is not None:
+        obs["specimen"] = ref(specimen_res)
+    ranges = _reference_range(res)
+    if ranges:
+        obs["referenceRange"] = ranges
+    return obs
+
+
+def specimen(facts: SpecimenFacts, report: ReportFacts, *, issuer: Issuer, subject: dict[str, Any]) -> dict[str, Any]:
+    """The sample a report's results were measured on."""
+    res: dict[str, Any] = {
+        "resourceType": "Specimen",
+        "id": stable_id("Specimen", issuer.uscc, report.number),
+    }
+    if facts.number:
+        res["identifier"] = [{"system": SYSTEM_SPECIMEN_NO, "value": facts.number}]
+    if facts.type:
+        cc: dict[str, Any] = {}
+        coding = report.std.get("specimen_type")
+        if coding:
+            cc["coding"] = [coding]
+        cc["text"] = facts.type.display or facts.type.code
+        res["type"] = cc
+    res["subject"] = ref(subject)
+    if facts.received_at:
+        res["receivedTime"] = facts.received_at
+    if facts.collected_at:
+        res["collection"] = {"collectedDateTime": facts.collected_at}
+    return res
+
+
+def diagnostic_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str, Any], performer: dict[str, Any],
+                      specimen_res: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A lab report of our lab-report profile, pointing at its Observations."""
+    codings = report.std.get("codings") or []
+    code: dict[str, Any] = {"coding": codings} if codings else {
+        "coding": [{"system": SYSTEM_LOINC, "code": "11502-2", "display": "Laboratory report"}]}
+    code["text"] = report.code.display or report.code.code or "检验报告"
+    dr: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": stable_id("DiagnosticReport", issuer.uscc, report.number),
+        "meta": {"profile": [sd_url("cyhr-lab-report")]},
+        "identifier": [{
+            "system": SYSTEM_LAB_REPORT_NO,
+            "value": report.number,
+            "assigner": {"identifier": {"system": uscc_identifier(issuer.uscc)["system"], "value": issuer.uscc}},
+        }],
+        "status": report.std.get("status", "unknown"),
+        "category": [{"coding": [{"system": SYSTEM_V2_0074, "code": "LAB", "display": "Laboratory"}]}],
+        "code": code,
+        "subject": ref(subject),
+    }
+    if report.collected_at:
+        dr["effectiveDateTime"] = report.collected_at
+    if report.issued_at:
+        dr["issued"] = report.issued_at
+    dr["performer"] = [ref(performer)]
+    if report.interpreter_id or report.interpreter_name:
+        who: dict[str, Any] = {}
+        if report.interpreter_id:
+            who["identifier"] = {"system": SYSTEM_STAFF, "value": report.interpreter_id}
+        if report.interpreter_name:
+            who["display"] = report.interpreter_name
+        dr["resultsInterpreter"] = [who]
+    if specimen_res is not None:
+        dr["specimen"] = [ref(specimen_res)]
+    if results:
+        dr["result"] = [ref(o) for o in results]
+    return dr

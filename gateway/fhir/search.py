@@ -1,0 +1,223 @@
+"""FHIR search: parameter parsing and resource indexing, without I/O.
+
+Dates follow the FHIR search rules: a value stands for the range its precision
+implies (``2024-03`` is the whole of March 2024), resource dates likewise,
+and the prefixes ``eq ne lt gt le ge sa eb ap`` compare those ranges.
+Tokens take the forms ``code``, ``system|code``, ``|code`` and ``system|``.
+The store keeps the index; this module says what goes into it and what a
+query means.
+"""
+from __future__ import annotations
+
+import calendar
+import datetime as _dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InputError
+
+__all__ = [
+    "DateQuery",
+    "TokenQuery",
+    "date_range",
+    "parse_date_query",
+    "parse_token_query",
+    "SEARCH_PARAMS",
+    "PARAM_ALIASES",
+    "index_resource",
+    "date_matches_sql",
+]
+
+_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
+_DATE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+_CST = _dt.timezone(_dt.timedelta(hours=8))
+
+
+def date_range(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[float, float]:
+    """[lo, hi) in epoch seconds for a FHIR date/dateTime/instant, by its precision.
+
+    A value without a zone is read in China Standard Time.
+
+    :raises InputError: not a FHIR date.
+    """
+    m = _DATE.match(value.strip())
+    if not m:
+        raise InputError(f"{value!r} is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or a dateTime)", "date")
+    y, mo, d, h, mi, s, frac, tz = m.groups()
+    tzinfo: _dt.tzinfo = default_tz
+    if tz:
+        tzinfo = _dt.timezone.utc if tz == "Z" else _dt.timezone(
+            _dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * (1 if tz[0] == "+" else -1))
+    try:
+        year = int(y)
+        if mo is None:
+            lo = _dt.datetime(year, 1, 1, tzinfo=tzinfo)
+            hi = _dt.datetime(year + 1, 1, 1, tzinfo=tzinfo)
+        elif d is None:
+            month = int(mo)
+            lo = _dt.datetime(year, month, 1, tzinfo=tzinfo)
+            hi = lo + _dt.timedelta(days=calendar.monthrange(year, month)[1])
+        elif h is None:
+            lo = _dt.datetime(year, int(mo), int(d), tzinfo=tzinfo)
+            hi = lo + _dt.timedelta(days=1)
+        else:
+            lo = _dt.datetime(year, int(mo), int(d), int(h), int(mi), int(s or 0), tzinfo=tzinfo)
+            if frac:
+                lo += _dt.timedelta(microseconds=int((frac + "000000")[:6]))
+                hi = lo + _dt.timedelta(microseconds=1)
+            else:
+                hi = lo + (_dt.timedelta(seconds=1) if s is not None else _dt.timedelta(minutes=1))
+    except ValueError:
+        raise InputError(f"{value!r} is not a calendar date", "date") from None
+    return lo.timestamp(), hi.timestamp()
+
+
+@dataclass(frozen=True)
+class DateQuery:
+    """One ``date=`` value: prefix and the range of the value."""
+
+    prefix: str
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class TokenQuery:
+    """One token value: ``system`` None means any system, ``""`` means no system."""
+
+    system: str | None
+    code: str | None
+
+
+def parse_date_query(value: str, param: str = "date") -> DateQuery:
+    """``ge2024-01-01`` -> DateQuery("ge", ...).
+
+    :raises InputError: unknown prefix or not a date (location = the parameter).
+    """
+    prefix = value[:2] if value[:2] in _PREFIXES else "eq"
+    rest = value[2:] if value[:2] in _PREFIXES else value
+    try:
+        lo, hi = date_range(rest)
+    except InputError as exc:
+        raise InputError(f"search parameter {param}: {exc.message}", param) from None
+    return DateQuery(prefix, lo, hi)
+
+
+def date_matches_sql(q: DateQuery, lo_col: str = "lo", hi_col: str = "hi") -> tuple[str, list[float]]:
+    """SQL condition (and arguments) for a resource range [lo, hi) matching the query.
+
+    eq: the resource range lies within the value's range; ne: not eq;
+    gt/lt: the resource range extends above/below the value's range;
+    ge/le: gt or eq / lt or eq; sa/eb: starts after / ends before the value's
+    range; ap: the ranges overlap (the gateway's reading of "approximately").
+    """
+    eq = f"({lo_col} >= ? AND {hi_col} <= ?)"
+    conditions = {
+        "eq": (eq, [q.lo, q.hi]),
+        "ne": (f"NOT {eq}", [q.lo, q.hi]),
+        "gt": (f"{hi_col} > ?", [q.hi]),
+        "lt": (f"{lo_col} < ?", [q.lo]),
+        "ge": (f"({hi_col} > ? OR {eq})", [q.hi, q.lo, q.hi]),
+        "le": (f"({lo_col} < ? OR {eq})", [q.lo, q.lo, q.hi]),
+        "sa": (f"{lo_col} >= ?", [q.hi]),
+        "eb": (f"{hi_col} <= ?", [q.lo]),
+        "ap": (f"({lo_col} < ? AND {hi_col} > ?)", [q.hi, q.lo]),
+    }
+    return conditions[q.prefix]
+
+
+def parse_token_query(value: str) -> TokenQuery:
+    """``system|code``, ``code``, ``|code`` or ``system|``."""
+    if "|" not in value:
+        return TokenQuery(None, value)
+    system, _, code = value.partition("|")
+    return TokenQuery(system, code or None)
+
+
+#: Search parameters per resource type: name -> (kind, what it indexes).
+SEARCH_PARAMS: dict[str, dict[str, str]] = {
+    "DiagnosticReport": {
+        "_id": "token", "identifier": "token", "code": "token", "status": "token", "category": "token",
+        "date": "date", "issued": "date", "patient": "reference", "subject": "reference",
+        "patient.identifier": "token", "performer.identifier": "token",
+    },
+    "Observation": {
+        "_id": "token", "code": "token", "status": "token", "category": "token", "date": "date",
+        "patient": "reference", "subject": "reference", "patient.identifier": "token",
+        "performer.identifier": "token",
+    },
+    "Patient": {"_id": "token", "identifier": "token", "gender": "token", "birthdate": "date"},
+    "Organization": {"_id": "token", "identifier": "token"},
+    "Specimen": {"_id": "token", "identifier": "token", "patient": "reference", "patient.identifier": "token"},
+}
+
+#: Other spellings of the same parameter (chained search on the subject).
+PARAM_ALIASES = {
+    "subject:Patient.identifier": "patient.identifier",
+    "patient:Patient.identifier": "patient.identifier",
+    "subject.identifier": "patient.identifier",
+    "subject:Patient": "patient",
+    "performer:Organization.identifier": "performer.identifier",
+}
+
+
+def _codings(cc: Any) -> Iterable[tuple[str, str]]:
+    for coding in (cc or {}).get("coding", []):
+        if coding.get("code"):
+            yield coding.get("system", ""), coding["code"]
+
+
+def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple[str, str, str]],
+                                                                      list[tuple[str, float, float]]]:
+    """(tokens, dates) to index for one resource.
+
+    ``resolve(reference) -> resource | None`` finds referenced resources (the
+    subject Patient, the performer Organization) for chained parameters.
+    """
+    rtype = res.get("resourceType", "")
+    tokens: list[tuple[str, str, str]] = [("_id", "", res.get("id", ""))]
+    dates: list[tuple[str, float, float]] = []
+
+    def add_date(param: str, value: Any) -> None:
+        if isinstance(value, str) and value:
+            try:
+                lo, hi = date_range(value)
+            except InputError:
+                return
+            dates.append((param, lo, hi))
+
+    for ident in res.get("identifier", []) if isinstance(res.get("identifier"), list) else []:
+        if ident.get("value"):
+            tokens.append(("identifier", ident.get("system", ""), ident["value"]))
+    if rtype in ("DiagnosticReport", "Observation"):
+        tokens += [("code", s, c) for s, c in _codings(res.get("code"))]
+        for cat in res.get("category", []):
+            tokens += [("category", s, c) for s, c in _codings(cat)]
+        if res.get("status"):
+            tokens.append(("status", "", res["status"]))
+        add_date("date", res.get("effectiveDateTime"))
+        add_date("issued", res.get("issued"))
+    if rtype == "Patient":
+        if res.get("gender"):
+            tokens.append(("gender", "", res["gender"]))
+        add_date("birthdate", res.get("birthDate"))
+    subject = res.get("subject", {}).get("reference", "")
+    if subject:
+        tokens.append(("patient", "", subject))
+        tokens.append(("subject", "", subject))
+        target = resolve(subject) if resolve else None
+        if target is not None:
+            for ident in target.get("identifier", []):
+                if ident.get("value"):
+                    tokens.append(("patient.identifier", ident.get("system", ""), ident["value"]))
+    for perf in res.get("performer", []) if rtype in ("DiagnosticReport", "Observation") else []:
+        target = resolve(perf.get("reference", "")) if resolve else None
+        if target is not None:
+            for ident in target.get("identifier", []):
+                if ident.get("value"):
+                    tokens.append(("performer.identifier", ident.get("system", ""), ident["value"]))
+    return tokens, dates

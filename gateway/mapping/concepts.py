@@ -1,0 +1,174 @@
+"""Concept mapping: local codes, units and flags to standard ones.
+
+The mapping stage of the pipeline. It reads the neutral records an adapter
+produced and fills their ``std`` side from the concept tables named in the
+structure file (``concept_tables:``): LOINC and catalogue codings beside the
+issuer's own code (never instead of it), UCUM units, FHIR statuses,
+interpretation codes, gender and specimen types. Nothing is dropped: a code
+with no mapping is kept as sent and reported as a warning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage
+from gateway.errors import Issue, UnmappedCode
+from gateway.mapping.tables import ConceptTable, MappingSet
+from gateway.naming import SYSTEM_UCUM, local_item_system
+
+__all__ = ["Terminology", "map_message"]
+
+_MICRO = str.maketrans({"μ": "u", "µ": "u"})
+_FINAL = {"final", "corrected", "amended"}
+
+
+@dataclass
+class Terminology:
+    """The concept tables one source format uses, looked up by role."""
+
+    items: ConceptTable
+    units: ConceptTable
+    flags: ConceptTable
+    result_status: ConceptTable
+    report_status: ConceptTable
+    sex: ConceptTable
+    specimen_types: ConceptTable
+
+    @classmethod
+    def for_structure(cls, mappings: MappingSet, structure: dict[str, Any]) -> "Terminology":
+        """The tables a structure file names under ``concept_tables``.
+
+        :raises ConfigError: a named table does not exist.
+        """
+        names = structure.get("concept_tables", {})
+        return cls(**{role: mappings.concept(names.get(role, default)) for role, default in _DEFAULTS.items()})
+
+    def item_codings(self, issuer_uscc: str, code: Coded) -> tuple[list[dict[str, str]], str]:
+        """Codings for a local item code (local first) and "mapped" / "unmapped" / "deliberately-unmapped"."""
+        system = local_item_system(issuer_uscc)
+        local = {"system": system, "code": code.code}
+        if code.display:
+            local["display"] = code.display
+        try:
+            targets = self.items.lookup(system, code.code)
+        except UnmappedCode:
+            return [local], "deliberately-unmapped"
+        return [local] + [t.coding() for t in targets], ("mapped" if targets else "unmapped")
+
+    def ucum(self, unit: str) -> dict[str, str] | None:
+        """``{"system", "code"}`` for a unit as sent, trying μ/µ as u too; None if unknown."""
+        target = self.units.first("*", unit) or self.units.first("*", unit.translate(_MICRO))
+        if target is None:
+            return None
+        return {"system": SYSTEM_UCUM, "code": target.code}
+
+
+_DEFAULTS = {
+    "items": "lab-items",
+    "units": "units",
+    "flags": "interpretation",
+    "result_status": "result-status",
+    "report_status": "report-status",
+    "sex": "administrative-gender",
+    "specimen_types": "specimen-types",
+}
+
+
+def map_message(msg: SourceMessage, terms: Terminology, issuer_uscc: str) -> None:
+    """Fill the standard side of every record in ``msg``; append issues to ``msg.issues``."""
+    if msg.patient is not None:
+        sex = msg.patient.sex
+        if sex:
+            target = terms.sex.first("*", sex)
+            if target is None:
+                msg.issues.append(Issue("warning", "code-invalid", f"{msg.patient.location}-8",
+                                        f"sex {sex!r} is not a known code; gender left out", "103"))
+                msg.patient.sex = ""
+            else:
+                msg.patient.sex = target.code
+    for report in msg.reports:
+        for result in report.results:
+            _map_result(msg, result, terms, issuer_uscc)
+        _map_report(msg, report, terms, issuer_uscc)
+
+
+def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer: str) -> None:
+    std: dict[str, Any] = {}
+    codings, state = terms.item_codings(issuer, res.code)
+    std["codings"] = codings
+    if state == "unmapped":
+        label = f" ({res.code.display})" if res.code.display else ""
+        msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-3",
+                                f"local item code {res.code.code!r}{label} has no mapping in table "
+                                f"{terms.items.id}; kept as the issuer's own code", "103"))
+    if res.unit:
+        std["ucum"] = terms.ucum(res.unit)
+        if std["ucum"] is None and res.value_kind in ("quantity", "range", "ratio"):
+            msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-6",
+                                    f"unit {res.unit!r} is not in table {terms.units.id}; kept as text", "103"))
+    interpretations: list[dict[str, Any]] = []
+    for flag in res.flags:
+        target = terms.flags.first("*", flag)
+        if target is None:
+            interpretations.append({"text": flag})
+            msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-8",
+                                    f"abnormal flag {flag!r} is not in table {terms.flags.id}; kept as text", "103"))
+        else:
+            interpretations.append({"coding": [target.coding()], "text": flag})
+    std["interpretation"] = interpretations
+    if res.status:
+        target = terms.result_status.first("*", res.status)
+        if target is None:
+            msg.issues.append(Issue("error", "code-invalid", f"{res.location}-11",
+                                    f"result status {res.status!r} is not in HL7 table 0085", "103"))
+        else:
+            std["status"] = target.code
+    if not res.value_kind:
+        if std.get("status") == "cancelled":
+            std["absent"] = "not-performed"
+        else:
+            std["absent"] = "unknown"
+            msg.issues.append(Issue("warning", "required", f"{res.location}-5",
+                                    "result has no value; recorded with dataAbsentReason 'unknown'", "101"))
+    res.std = std
+
+
+def _map_report(msg: SourceMessage, report: ReportFacts, terms: Terminology, issuer: str) -> None:
+    std: dict[str, Any] = {}
+    if report.code:
+        codings, _ = terms.item_codings(issuer, report.code)
+        std["codings"] = codings if report.code.code else []
+    if report.status:
+        target = terms.report_status.first("*", report.status)
+        if target is None:
+            msg.issues.append(Issue("error", "code-invalid", f"{report.location}-25",
+                                    f"report status {report.status!r} is not in HL7 table 0123", "103"))
+        else:
+            std["status"] = target.code
+    result_statuses = [r.std.get("status") for r in report.results]
+    for res, status in zip(report.results, result_statuses):
+        if status is None and not res.status:
+            # OBX-11 empty: the report's own status stands for its results.
+            if "status" in std:
+                res.std["status"] = _obs_status_from_report(std["status"])
+            else:
+                msg.issues.append(Issue("error", "required", f"{res.location}-11",
+                                        "result status (OBX-11) is empty and OBR-25 gives none either", "101"))
+    if "status" not in std:
+        known = [r.std.get("status") for r in report.results]
+        if known and all(s in _FINAL for s in known):
+            std["status"] = "corrected" if "corrected" in known else "final"
+        elif any(s == "preliminary" for s in known):
+            std["status"] = "preliminary"
+        else:
+            std["status"] = "unknown"
+    if report.specimen is not None and report.specimen.type:
+        t = report.specimen.type
+        target = terms.specimen_types.first("*", t.code) or terms.specimen_types.first("*", t.display)
+        std["specimen_type"] = target.coding() if target else None
+    report.std = std
+
+
+def _obs_status_from_report(status: str) -> str:
+    return {"partial": "preliminary", "registered": "registered", "cancelled": "cancelled"}.get(status, status)

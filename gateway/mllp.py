@@ -1,0 +1,135 @@
+"""MLLP listener: HL7 v2 over TCP from LIS, HIS and analysers.
+
+Framing is python-hl7's (``hl7.mllp``: ``0x0B message 0x1C 0x0D``). Each
+message goes through the same pipeline as HTTP ingest; the ACK is written
+only after the raw message and its outcome are committed to SQLite, so an
+ACK always means "durably received". Messages are processed one at a time
+by a single worker thread (SQLite has one writer anyway), so the event loop
+keeps accepting and reading connections meanwhile. A message larger than
+``max_message_bytes`` is refused with an AR and the connection closed,
+because the rest of the oversized frame cannot be told apart from the next.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any
+
+from hl7.mllp.exceptions import InvalidBlockError
+from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, MLLPStreamReader
+
+from gateway.adapters.base import RawUnit, SourceMessage
+from gateway.errors import Issue
+from gateway.pipeline import Pipeline
+
+__all__ = ["MLLPServer"]
+
+log = logging.getLogger(__name__)
+
+
+def frame(data: bytes) -> bytes:
+    """Wrap bytes in an MLLP block."""
+    return START_BLOCK + data + END_BLOCK + CARRIAGE_RETURN
+
+
+class MLLPServer:
+    """An asyncio MLLP server feeding a :class:`~gateway.pipeline.Pipeline`."""
+
+    def __init__(self, pipeline: Pipeline, host: str, port: int, *, max_message_bytes: int | None = None) -> None:
+        self.pipeline = pipeline
+        self.host = host
+        self.port = port
+        self.max_bytes = max_message_bytes or pipeline.settings.max_message_bytes
+        # One worker: SQLite has a single writer, and one connection per thread.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mllp-worker")
+        self.server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ready = threading.Event()
+
+    def _process(self, block: bytes, peer: str) -> bytes:
+        channel = self.pipeline.channel("hl7v2")
+        outcome = self.pipeline.ingest_unit(channel, RawUnit(block, 1, f"mllp:{peer}"), channel="mllp")
+        return outcome.answer
+
+    def _reject(self, text: str) -> bytes:
+        msg = SourceMessage(format="hl7v2")
+        msg.issues.append(Issue("error", "too-long", "MSH", text, "207"))
+        return self.pipeline.channel("hl7v2").answer(msg, "AR")
+
+    async def _client(self, reader: MLLPStreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_info: Any = writer.get_extra_info("peername")
+        peer = f"{peer_info[0]}:{peer_info[1]}" if isinstance(peer_info, tuple) else str(peer_info)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    block = await reader.readblock()
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial.strip():
+                        log.warning("mllp connection %s closed in the middle of a message", peer)
+                    break
+                except ValueError:
+                    log.warning("mllp message from %s larger than %d bytes refused", peer, self.max_bytes)
+                    writer.write(frame(self._reject(f"message larger than {self.max_bytes} bytes refused")))
+                    await writer.drain()
+                    break
+                except InvalidBlockError:
+                    writer.write(frame(self._reject("MLLP block does not start with 0x0B")))
+                    await writer.drain()
+                    continue
+                answer = await loop.run_in_executor(self.executor, self._process, block, peer)
+                writer.write(frame(answer))
+                await writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            log.info("mllp connection %s reset", peer)
+        finally:
+            writer.close()
+
+    async def start(self) -> None:
+        """Start listening (on the running loop)."""
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+
+        def factory() -> asyncio.StreamReaderProtocol:
+            reader = MLLPStreamReader(limit=self.max_bytes)
+            return asyncio.StreamReaderProtocol(reader, self._client)  # type: ignore[arg-type]
+
+        self.server = await loop.create_server(factory, self.host, self.port)
+        sock = self.server.sockets[0]
+        self.port = sock.getsockname()[1]
+        log.info("mllp listening on %s:%d", self.host, self.port)
+        self.ready.set()
+
+    def serve_forever(self) -> None:
+        """Run until interrupted."""
+
+        async def main() -> None:
+            await self.start()
+            assert self.server is not None
+            try:
+                async with self.server:
+                    await self.server.serve_forever()
+            except asyncio.CancelledError:  # stop() closed the server
+                pass
+
+        try:
+            asyncio.run(main())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.executor.shutdown(wait=True)
+
+    def start_in_thread(self) -> threading.Thread:
+        """Serve from a daemon thread (demo and tests); returns once listening."""
+        thread = threading.Thread(target=self.serve_forever, name="mllp-listener", daemon=True)
+        thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("MLLP listener did not start")
+        return thread
+
+    def stop(self) -> None:
+        """Stop a server started with :meth:`start_in_thread`."""
+        if self.loop is not None and self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.close)

@@ -1,0 +1,661 @@
+"""Recognition engine: decides, for one result, whether the receiver may recognise it (互认), and why.
+
+:func:`decide` is a pure function of the result facts, the registry snapshot,
+the receiving member and the decision time: no clock, no I/O, so the same
+inputs always give the same decision and an auditor can replay it. Every rule
+that applies is listed with a stable id, its status and the facts it used:
+
+- ``passed``: the fact is there and satisfies the rule;
+- ``failed``: the fact is there and does not;
+- ``not-evaluable``: a fact is missing (or unreadable): the rule cannot say.
+
+Outcome: any failed rule gives ``not-recognized``; otherwise any rule that
+could not be evaluated gives ``needs-review`` (never a guess); otherwise
+``recognized``. When a result matches items of several catalogues (a 川渝 and a
+provincial one, say), each is evaluated and the best outcome is kept, ties
+going to the catalogue listed first in the snapshot; the others are listed as
+alternatives.
+
+The receiving physician always has the last word (以接诊医师判断为标准): see
+:mod:`gateway.recognition.overrides`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import InputError
+from gateway.identifiers import check_uscc
+from gateway.naming import IG_BASE
+from gateway.recognition.facts import ResultFacts
+from gateway.registry.models import (
+    CN_TZ,
+    CatalogueItem,
+    Coding,
+    EXPOSURE_CATEGORIES,
+    Member,
+    Snapshot,
+    china_date,
+)
+from gateway.registry.policy import (
+    catalogue_items_for,
+    diagnosis_categories_for,
+    eqa_passed,
+    eqa_results,
+    qualified,
+)
+
+__all__ = [
+    "RECOGNIZED",
+    "NOT_RECOGNIZED",
+    "NEEDS_REVIEW",
+    "PASSED",
+    "FAILED",
+    "NOT_EVALUABLE",
+    "RULES",
+    "RuleInfo",
+    "RuleResult",
+    "Decision",
+    "MarkGrant",
+    "decide",
+    "decide_all",
+    "marks_for",
+]
+
+RECOGNIZED = "recognized"
+NOT_RECOGNIZED = "not-recognized"
+NEEDS_REVIEW = "needs-review"
+
+PASSED = "passed"
+FAILED = "failed"
+NOT_EVALUABLE = "not-evaluable"
+
+_OUTCOME_RANK = {RECOGNIZED: 0, NEEDS_REVIEW: 1, NOT_RECOGNIZED: 2}
+# Namespace of decision ids: uuid5 over the inputs, so a replay gives the same id.
+_DECISION_NS = uuid.uuid5(uuid.NAMESPACE_URL, f"{IG_BASE}/recognition-decision")
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """A rule's stable id with what it checks, in Chinese and English."""
+
+    id: str
+    zh: str
+    en: str
+
+
+#: Every rule the engine knows, in the order decisions list them.
+RULES: dict[str, RuleInfo] = {
+    r.id: r
+    for r in (
+        RuleInfo("member-active", "发出机构在结果日期为有效成员", "The issuer is an active member on the result date"),
+        RuleInfo("catalogue-item", "项目属于在结果日期有效的互认目录", "The item is in a recognition catalogue valid on the result date"),
+        RuleInfo(
+            "catalogue-scope",
+            "目录范围覆盖发出机构和接收机构（川渝跨省、省内、医联体内）",
+            "The catalogue's scope covers issuer and receiver (川渝 across the border, provincial within one, alliance among members)",
+        ),
+        RuleInfo("eqa-pass", "发出机构该项目室间质评在覆盖结果日期的周期内合格", "The issuer passed EQA for the item in the cycle covering the result date"),
+        RuleInfo(
+            "validity-window",
+            "自采样（检验）或检查时间起至决定时间仍在有效时限内",
+            "The result is within the item's validity window, counted from collection (lab) or study time (imaging) to the decision time",
+        ),
+        RuleInfo("report-status", "报告为最终或更正状态，未被取代", "The report is final or corrected, not preliminary, not superseded"),
+        RuleInfo("mark", "结果带有目录规定的互认标识", "The result carries the catalogue's recognition mark"),
+        RuleInfo("direction", "符合目录按机构级别规定的互认方向", "The catalogue's direction rule by institution level holds"),
+        RuleInfo(
+            "occupational-filing",
+            "体检日发出机构职业健康检查备案类别覆盖每个危害因素（放射需放射类）",
+            "On the exam date the issuer's 职业健康检查 filing covers each hazard factor's category (放射 needs 放射)",
+        ),
+        RuleInfo(
+            "occupational-physician",
+            "主检医师在体检日具有相应类别的职业病诊断资格",
+            "The 主检医师 holds the matching 职业病诊断 qualification on the exam date",
+        ),
+        RuleInfo("diagnostic-conclusion", "医师出具的诊断结论不属于互认结果", "A physician's diagnostic conclusion is never recognised"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One rule checked: id, status, a readable line and the facts it used."""
+
+    rule: str
+    status: str
+    message: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"rule": self.rule, "status": self.status, "message": self.message, "facts": self.facts}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The decision about one result for one receiver at one time, with every rule checked."""
+
+    decision_id: str
+    outcome: str
+    rules: tuple[RuleResult, ...]
+    facts: ResultFacts
+    receiver: str
+    decided_at: _dt.datetime
+    snapshot_version: int
+    snapshot_digest: str
+    item: CatalogueItem | None = None
+    alternatives: tuple[dict[str, str], ...] = ()
+
+    def rule(self, rule_id: str) -> RuleResult | None:
+        """The result of one rule, or None when it did not apply."""
+        return next((r for r in self.rules if r.rule == rule_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: what the CLI prints with ``--json``, the store keeps and ``$recognize`` returns."""
+        f = self.facts
+        return {
+            "decision_id": self.decision_id,
+            "outcome": self.outcome,
+            "receiver": self.receiver,
+            "decided_at": self.decided_at.isoformat(),
+            "snapshot": {"version": self.snapshot_version, "digest": self.snapshot_digest},
+            "result": {
+                "kind": f.kind,
+                "bundle": f.bundle_id,
+                "entry": f.entry,
+                "location": f.location,
+                "report": f.report_id,
+                "issuer": f.issuer_uscc,
+                "item": f.item_label(),
+                "codings": [{"system": c.system, "code": c.code} for c in f.codings],
+            },
+            "catalogue_item": self.item.ref() if self.item else None,
+            "alternatives": list(self.alternatives),
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+
+@dataclass(frozen=True)
+class MarkGrant:
+    """A recognition mark an issuer may print on a result, and the catalogue item that grants it."""
+
+    mark: str
+    catalogue: str
+    code: str
+    display: str
+
+
+# -- time -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Moment:
+    """A FHIR date or dateTime as sent, parsed: a date-only value keeps day precision."""
+
+    text: str
+    moment: _dt.datetime | None
+    day: _dt.date
+
+
+def _moment(value: str | None) -> _Moment | None | str:
+    """The parsed value; None when absent; a reason string when unusable."""
+    if not value:
+        return None
+    text = str(value)
+    if "T" not in text:
+        if len(text) != 10:
+            return f"{text!r} is not precise to the day"
+        try:
+            return _Moment(text, None, _dt.date.fromisoformat(text))
+        except ValueError:
+            return f"{text!r} is not a date"
+    try:
+        moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return f"{text!r} is not a dateTime"
+    if moment.tzinfo is None:
+        return f"{text!r} has a time but no UTC offset"
+    return _Moment(text, moment, china_date(moment))
+
+
+_ANCHOR_SOURCES = {
+    # time anchor -> facts consulted, in order, with the FHIR path each comes from
+    "collection": (("collected", "Specimen.collection.collectedDateTime"), ("effective", "Observation.effectiveDateTime")),
+    "study": (("effective", "Observation.effectiveDateTime"), ("report_effective", "DiagnosticReport.effectiveDateTime")),
+    "exam": (("report_effective", "DiagnosticReport.effectiveDateTime"), ("effective", "Observation.effectiveDateTime")),
+}
+
+
+def _default_anchor(facts: ResultFacts) -> str:
+    return {"occupational": "exam", "imaging": "study"}.get(facts.report_class or "", "collection")
+
+
+def _anchor(facts: ResultFacts, kind: str) -> tuple[_Moment | str | None, str | None]:
+    for attr, path in _ANCHOR_SOURCES[kind]:
+        value = getattr(facts, attr)
+        if value:
+            return _moment(value), path
+    return None, None
+
+
+# -- the rules -------------------------------------------------------------------------------------
+
+
+def _r(rule: str, status: str, message: str, **facts: Any) -> RuleResult:
+    return RuleResult(rule, status, message, facts)
+
+
+class _Context:
+    """What every rule of one evaluation shares."""
+
+    def __init__(self, facts: ResultFacts, snapshot: Snapshot, receiver: str, at: _dt.datetime) -> None:
+        self.facts = facts
+        self.snapshot = snapshot
+        self.receiver = receiver
+        self.at = at
+        self.issuer: Member | None = snapshot.member(facts.issuer_uscc)
+        self.receiver_member: Member | None = snapshot.member(receiver)
+
+
+def _result_day(ctx: _Context, item: CatalogueItem | None) -> tuple[_dt.date | None, dict[str, Any]]:
+    kind = item.time_anchor if item else _default_anchor(ctx.facts)
+    parsed, path = _anchor(ctx.facts, kind)
+    if isinstance(parsed, _Moment):
+        return parsed.day, {"result_date": parsed.day.isoformat(), "result_date_from": path}
+    return None, {"result_date": None, "result_date_problem": parsed or f"no {kind} time in the result"}
+
+
+def _rule_member(ctx: _Context, day: _dt.date | None, day_facts: dict[str, Any]) -> RuleResult:
+    rid = "member-active"
+    issuer = ctx.facts.issuer_uscc
+    if issuer is None:
+        return _r(rid, NOT_EVALUABLE, "the result names no issuing organisation with a 统一社会信用代码", issuer=None)
+    member = ctx.issuer
+    if member is None:
+        return _r(rid, FAILED, f"{issuer} is not a member in registry snapshot {ctx.snapshot.version}", issuer=issuer)
+    info = {"issuer": issuer, "member_status": member.status, **member.period.as_dict(), **day_facts}
+    if member.status_date:
+        info["status_date"] = member.status_date.isoformat()
+    if day is None:
+        return _r(rid, NOT_EVALUABLE, "the result date is unknown", **info)
+    if member.active_on(day):
+        return _r(rid, PASSED, f"{member.name} is an active member on {day}", **info)
+    return _r(rid, FAILED, f"{member.name} is not an active member on {day}", **info)
+
+
+def _rule_item(ctx: _Context, item: CatalogueItem | None, day: _dt.date | None, day_facts: dict[str, Any]) -> RuleResult:
+    rid = "catalogue-item"
+    codes = [f"{c.system}|{c.code}" for c in ctx.facts.codings]
+    if item is None:
+        if not codes:
+            return _r(rid, NOT_EVALUABLE, "the result carries no coded item", codings=codes)
+        return _r(rid, FAILED, "no recognition catalogue lists this item", codings=codes)
+    info = {"codings": codes, **item.ref(), **item.period.as_dict(), **day_facts}
+    if day is None:
+        return _r(rid, NOT_EVALUABLE, "the result date is unknown", **info)
+    if item.period.covers(day):
+        return _r(rid, PASSED, f"{item.catalogue_id}:{item.code} {item.display} is in the catalogue on {day}", **info)
+    return _r(rid, FAILED, f"{item.catalogue_id}:{item.code} is not in the catalogue on {day}", **info)
+
+
+def _rule_scope(ctx: _Context, item: CatalogueItem) -> RuleResult:
+    rid = "catalogue-scope"
+    catalogue = ctx.snapshot.catalogue(item.catalogue_id)
+    assert catalogue is not None  # items come from the snapshot's catalogues
+    issuer, receiver = ctx.issuer, ctx.receiver_member
+    at_day = china_date(ctx.at)
+    info: dict[str, Any] = {
+        "catalogue": catalogue.id,
+        "scope": catalogue.scope_type,
+        "scope_label": catalogue.scope_label(),
+        "issuer": ctx.facts.issuer_uscc,
+        "issuer_province": issuer.province if issuer else None,
+        "receiver": ctx.receiver,
+        "receiver_province": receiver.province if receiver else None,
+    }
+    if issuer is None:
+        if ctx.facts.issuer_uscc is None:
+            return _r(rid, NOT_EVALUABLE, "the issuer is unknown", **info)
+        return _r(rid, FAILED, "the issuer is not a member, so no catalogue covers it", **info)
+    if receiver is None or not receiver.active_on(at_day):
+        return _r(rid, FAILED, f"the receiver {ctx.receiver} is not an active member on {at_day}", **info)
+    border = "across the border" if issuer.province != receiver.province else "within one province"
+    info["crosses_border"] = issuer.province != receiver.province
+    if catalogue.includes(issuer) and catalogue.includes(receiver):
+        return _r(rid, PASSED, f"{catalogue.scope_label()} scope covers issuer and receiver ({border})", **info)
+    outside = [who for who, m in (("issuer", issuer), ("receiver", receiver)) if not catalogue.includes(m)]
+    return _r(rid, FAILED, f"{catalogue.scope_label()} scope does not cover the {' and '.join(outside)} ({border})", **info)
+
+
+def _rule_eqa(ctx: _Context, item: CatalogueItem, day: _dt.date | None, day_facts: dict[str, Any]) -> RuleResult:
+    rid = "eqa-pass"
+    info: dict[str, Any] = {"issuer": ctx.facts.issuer_uscc, **item.ref(), **day_facts}
+    if ctx.facts.issuer_uscc is None:
+        return _r(rid, NOT_EVALUABLE, "the issuer is unknown", **info)
+    if day is None:
+        return _r(rid, NOT_EVALUABLE, "the result date is unknown, so the EQA cycle is too", **info)
+    results = eqa_results(ctx.snapshot, ctx.facts.issuer_uscc, item, day)
+    info["eqa"] = [e.facts() for e in results]
+    if not results:
+        return _r(rid, FAILED, f"no EQA result on record for {item.display} in the cycle covering {day}", **info)
+    if all(e.passed for e in results):
+        return _r(rid, PASSED, f"EQA passed for {item.display} ({', '.join(f'{e.provider} {e.year}' for e in results)})", **info)
+    failed = [e for e in results if not e.passed]
+    return _r(rid, FAILED, f"EQA failed for {item.display} ({', '.join(f'{e.provider} {e.year}' for e in failed)})", **info)
+
+
+def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
+    rid = "validity-window"
+    parsed, path = _anchor(ctx.facts, item.time_anchor)
+    info: dict[str, Any] = {
+        "time_anchor": item.time_anchor,
+        "anchor_from": path,
+        "window_days": item.window_days,
+        "decided_at": ctx.at.isoformat(),
+    }
+    if parsed is None:
+        return _r(rid, NOT_EVALUABLE, f"the result has no {item.time_anchor} time", **info)
+    if isinstance(parsed, str):
+        return _r(rid, NOT_EVALUABLE, f"the {item.time_anchor} time is unusable: {parsed}", **info)
+    info["anchor"] = parsed.text
+    if parsed.moment is not None:
+        valid_until = parsed.moment + _dt.timedelta(days=item.window_days)
+        info["valid_until"] = valid_until.isoformat()
+        if ctx.at < parsed.moment:
+            return _r(rid, FAILED, f"the {item.time_anchor} time is after the decision time", **info)
+        if ctx.at <= valid_until:
+            return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid until {valid_until.isoformat()})", **info)
+        return _r(rid, FAILED, f"more than {item.window_days} days since {item.time_anchor} (valid until {valid_until.isoformat()})", **info)
+    # Day precision only: the window runs to the end of the last day, China Standard Time.
+    last_day = parsed.day + _dt.timedelta(days=item.window_days)
+    today = ctx.at.astimezone(CN_TZ).date()
+    info["valid_until"] = last_day.isoformat()
+    if today < parsed.day:
+        return _r(rid, FAILED, f"the {item.time_anchor} date is after the decision date", **info)
+    if today <= last_day:
+        return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid through {last_day})", **info)
+    return _r(rid, FAILED, f"more than {item.window_days} days since {item.time_anchor} (valid through {last_day})", **info)
+
+
+_ACCEPTED = {"final", "corrected"}
+_UNDECIDED = {"amended", "appended", "unknown"}  # later changes or unknown state: a person should look
+
+
+def _rule_status(ctx: _Context) -> RuleResult:
+    rid = "report-status"
+    f = ctx.facts
+    info = {
+        "observation_status": f.observation_status,
+        "report": f.report_id,
+        "report_status": f.report_status,
+        "superseded_by": f.superseded_by,
+    }
+    if f.superseded_by:
+        return _r(rid, FAILED, "the report has been superseded by a later one in the same Bundle", **info)
+    failed = [
+        f"{what} is {status}"
+        for what, status in (("the result", f.observation_status), ("the report", f.report_status))
+        if status and status not in _ACCEPTED and status not in _UNDECIDED
+    ]
+    if failed:
+        return _r(rid, FAILED, "; ".join(failed), **info)
+    if f.report_entry is None:
+        return _r(rid, NOT_EVALUABLE, "the result belongs to no DiagnosticReport, so the report status is unknown", **info)
+    missing = [
+        f"{what} status is {status or 'missing'}"
+        for what, status in (("the result", f.observation_status), ("the report", f.report_status))
+        if status not in _ACCEPTED
+    ]
+    if missing:
+        return _r(rid, NOT_EVALUABLE, "; ".join(missing), **info)
+    return _r(rid, PASSED, f"result {f.observation_status}, report {f.report_status}", **info)
+
+
+def _rule_mark(ctx: _Context, item: CatalogueItem) -> RuleResult:
+    rid = "mark"
+    info = {"expected": item.mark, "marks": list(ctx.facts.marks)}
+    if not ctx.facts.marks:
+        return _r(rid, NOT_EVALUABLE, f"the result carries no recognition mark (expected {item.mark})", **info)
+    if item.mark in ctx.facts.marks:
+        return _r(rid, PASSED, f"marked {item.mark}", **info)
+    return _r(rid, FAILED, f"marked {', '.join(ctx.facts.marks)}, the catalogue needs {item.mark}", **info)
+
+
+def _rule_direction(ctx: _Context, item: CatalogueItem) -> RuleResult:
+    rid = "direction"
+    issuer, receiver = ctx.issuer, ctx.receiver_member
+    info: dict[str, Any] = {
+        "direction": item.direction,
+        "min_issuer_level": item.min_issuer_level,
+        "issuer_level": issuer.level if issuer else None,
+        "receiver_level": receiver.level if receiver else None,
+    }
+    needs_issuer = item.direction == "not-lower" or item.min_issuer_level is not None
+    if needs_issuer and (issuer is None or issuer.level_rank is None):
+        return _r(rid, NOT_EVALUABLE, "the issuer's hospital level is not on record", **info)
+    if item.min_issuer_level is not None and issuer is not None and (issuer.level_rank or 0) < item.min_issuer_level:
+        return _r(rid, FAILED, f"the issuer is {issuer.level}, the item needs level {item.min_issuer_level} or above", **info)
+    if item.direction == "not-lower":
+        if receiver is None or receiver.level_rank is None:
+            return _r(rid, NOT_EVALUABLE, "the receiver's hospital level is not on record", **info)
+        assert issuer is not None and issuer.level_rank is not None
+        if issuer.level_rank < receiver.level_rank:
+            return _r(rid, FAILED, f"a {receiver.level} receiver does not recognise a {issuer.level} issuer for this item", **info)
+        return _r(rid, PASSED, f"{issuer.level} issuer, {receiver.level} receiver: not a lower level", **info)
+    return _r(rid, PASSED, "any direction" + (f", issuer level {issuer.level}" if issuer and issuer.level else ""), **info)
+
+
+def _exam_day(ctx: _Context) -> tuple[_dt.date | None, str | None]:
+    parsed, _ = _anchor(ctx.facts, "exam")
+    if isinstance(parsed, _Moment):
+        return parsed.day, None
+    return None, parsed or "the exam date is missing"
+
+
+def _rule_filing(ctx: _Context) -> RuleResult:
+    rid = "occupational-filing"
+    day, problem = _exam_day(ctx)
+    factors = ctx.facts.hazard_factors
+    info: dict[str, Any] = {"issuer": ctx.facts.issuer_uscc, "exam_date": day.isoformat() if day else None}
+    if not factors:
+        return _r(rid, NOT_EVALUABLE, "the exam report names no hazard factor", **info)
+    if day is None or ctx.facts.issuer_uscc is None:
+        return _r(rid, NOT_EVALUABLE, problem or "the issuer is unknown", **info)
+    checked, uncovered, unknown = [], [], []
+    for factor in factors:
+        entry: dict[str, Any] = {"factor": factor.code, "name": factor.name, "category": factor.category}
+        if factor.category not in EXPOSURE_CATEGORIES:
+            unknown.append(factor.name or factor.code or "?")
+        else:
+            q = qualified(ctx.snapshot, ctx.facts.issuer_uscc, "occupational-health-exam-filing", factor.category, day)
+            entry["filing"] = q.id if q else None
+            if q is None:
+                uncovered.append(f"{factor.name or factor.code} ({EXPOSURE_CATEGORIES[factor.category]})")
+        checked.append(entry)
+    info["factors"] = checked
+    info["radiation_exam"] = any(f.category == "radiation" for f in factors)
+    if uncovered:
+        return _r(rid, FAILED, f"no 职业健康检查 filing on {day} covers {', '.join(uncovered)}", **info)
+    if unknown:
+        return _r(rid, NOT_EVALUABLE, f"exposure category missing or unknown for {', '.join(unknown)}", **info)
+    return _r(rid, PASSED, f"the issuer's filing covers every hazard factor on {day}", **info)
+
+
+def _rule_physician(ctx: _Context) -> RuleResult:
+    rid = "occupational-physician"
+    day, problem = _exam_day(ctx)
+    physician = ctx.facts.chief_physician
+    factors = ctx.facts.hazard_factors
+    info: dict[str, Any] = {"physician": physician, "exam_date": day.isoformat() if day else None}
+    if physician is None:
+        return _r(rid, NOT_EVALUABLE, "the report names no 主检医师", **info)
+    if not factors:
+        return _r(rid, NOT_EVALUABLE, "the exam report names no hazard factor", **info)
+    if day is None or ctx.facts.issuer_uscc is None:
+        return _r(rid, NOT_EVALUABLE, problem or "the issuer is unknown", **info)
+    checked, lacking, unmapped = [], [], []
+    for factor in factors:
+        categories = diagnosis_categories_for(ctx.snapshot, factor.code, factor.category)
+        entry: dict[str, Any] = {"factor": factor.code, "category": factor.category, "needs_any_of": list(categories)}
+        found = None
+        for category in categories:
+            found = qualified(
+                ctx.snapshot,
+                ctx.facts.issuer_uscc,
+                "occupational-disease-diagnosis-physician",
+                category,
+                day,
+                physician=physician,
+            )
+            if found:
+                break
+        entry["qualification"] = found.id if found else None
+        if not categories:
+            unmapped.append(factor.name or factor.code or "?")
+        elif found is None:
+            lacking.append(f"{factor.name or factor.code} ({'/'.join(categories)})")
+        checked.append(entry)
+    info["factors"] = checked
+    if lacking:
+        return _r(rid, FAILED, f"the 主检医师 holds no diagnosis qualification on {day} for {', '.join(lacking)}", **info)
+    if unmapped:
+        return _r(rid, NOT_EVALUABLE, f"no diagnosis category is known for {', '.join(unmapped)}", **info)
+    return _r(rid, PASSED, f"the 主检医师 is qualified for every hazard factor on {day}", **info)
+
+
+def _outcome(rules: Iterable[RuleResult]) -> str:
+    statuses = {r.status for r in rules}
+    if FAILED in statuses:
+        return NOT_RECOGNIZED
+    if NOT_EVALUABLE in statuses:
+        return NEEDS_REVIEW
+    return RECOGNIZED
+
+
+def _evaluate(ctx: _Context, item: CatalogueItem | None) -> list[RuleResult]:
+    day, day_facts = _result_day(ctx, item)
+    rules = [_rule_member(ctx, day, day_facts), _rule_item(ctx, item, day, day_facts)]
+    if item is None:
+        why = "no catalogue item to check against"
+        rules.append(_r("catalogue-scope", NOT_EVALUABLE, why))
+        rules.append(_r("eqa-pass", NOT_EVALUABLE, why))
+        rules.append(_r("validity-window", NOT_EVALUABLE, why))
+    else:
+        rules.append(_rule_scope(ctx, item))
+        if item.eqa_required:
+            rules.append(_rule_eqa(ctx, item, day, day_facts))
+        rules.append(_rule_window(ctx, item))
+    rules.append(_rule_status(ctx))
+    if item is None:
+        rules.append(_r("mark", NOT_EVALUABLE, "no catalogue item to check against"))
+        rules.append(_r("direction", NOT_EVALUABLE, "no catalogue item to check against"))
+    else:
+        rules.append(_rule_mark(ctx, item))
+        rules.append(_rule_direction(ctx, item))
+    if ctx.facts.report_class == "occupational":
+        rules.append(_rule_filing(ctx))
+        rules.append(_rule_physician(ctx))
+    return rules
+
+
+def _decision_id(facts: ResultFacts, receiver: str, at: _dt.datetime, snapshot: Snapshot) -> str:
+    key = "|".join([facts.bundle_id or "", facts.entry, receiver, at.isoformat(), str(snapshot.version)])
+    return str(uuid.uuid5(_DECISION_NS, key))
+
+
+def _check_at(at: _dt.datetime) -> None:
+    if not isinstance(at, _dt.datetime) or at.tzinfo is None or at.utcoffset() is None:
+        raise InputError("the decision time must be a date-time with a UTC offset", "at")
+
+
+def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.datetime) -> Decision:
+    """Decide whether ``receiver_uscc`` may recognise one result at time ``at``.
+
+    Pure: reads nothing but its arguments.
+
+    :raises IdentifierError: ``receiver_uscc`` fails the GB 32100 check.
+    :raises InputError: ``at`` has no UTC offset.
+    """
+    _check_at(at)
+    receiver = check_uscc(receiver_uscc)
+    decision_id = _decision_id(facts, receiver, at, snapshot)
+    if facts.kind == "conclusion":
+        rule = _r(
+            "diagnostic-conclusion",
+            FAILED,
+            "a diagnostic conclusion is the issuing physician's statement, not a recognisable result",
+            report=facts.report_id,
+            conclusion_codes=[f"{c.system}|{c.code}" for c in facts.codings],
+        )
+        return Decision(
+            decision_id, NOT_RECOGNIZED, (rule,), facts, receiver, at, snapshot.version, snapshot.digest()
+        )
+
+    ctx = _Context(facts, snapshot, receiver, at)
+    candidates: list[CatalogueItem | None] = list(catalogue_items_for(snapshot, facts.codings)) or [None]
+    evaluated = []
+    for position, item in enumerate(candidates):
+        rules = _evaluate(ctx, item)
+        outcome = _outcome(rules)
+        failed = sum(1 for r in rules if r.status == FAILED)
+        evaluated.append(((_OUTCOME_RANK[outcome], failed, position), item, rules, outcome))
+    evaluated.sort(key=lambda e: e[0])
+    _, item, rules, outcome = evaluated[0]
+    alternatives = tuple(
+        {**other.ref(), "outcome": other_outcome} for _, other, _, other_outcome in evaluated[1:] if other is not None
+    )
+    return Decision(
+        decision_id,
+        outcome,
+        tuple(rules),
+        facts,
+        receiver,
+        at,
+        snapshot.version,
+        snapshot.digest(),
+        item=item,
+        alternatives=alternatives,
+    )
+
+
+def decide_all(facts: Iterable[ResultFacts], snapshot: Snapshot, receiver_uscc: str, at: _dt.datetime) -> list[Decision]:
+    """:func:`decide` for every result of a Bundle, in order.
+
+    :raises IdentifierError: ``receiver_uscc`` fails the GB 32100 check.
+    :raises InputError: ``at`` has no UTC offset.
+    """
+    return [decide(f, snapshot, receiver_uscc, at) for f in facts]
+
+
+def marks_for(issuer_uscc: str, coding: Coding, on_date: _dt.date, snapshot: Snapshot) -> list[MarkGrant]:
+    """The recognition marks an issuer may print on a result with this coding on ``on_date``.
+
+    A mark is granted by each catalogue item the coding names that is valid that
+    day, whose catalogue's scope includes the issuer, whose minimum issuer level
+    the issuer meets and (where required) for which the issuer passed EQA in the
+    cycle covering the day. Direction rules depend on the receiver and are
+    checked when the result is received. Widest catalogue first (snapshot order);
+    each mark once.
+
+    :raises IdentifierError: ``issuer_uscc`` fails the GB 32100 check.
+    """
+    issuer = snapshot.member(check_uscc(issuer_uscc))
+    if issuer is None or not issuer.active_on(on_date):
+        return []
+    grants: list[MarkGrant] = []
+    for item in catalogue_items_for(snapshot, [coding], on_date):
+        catalogue = snapshot.catalogue(item.catalogue_id)
+        if catalogue is None or not catalogue.includes(issuer):
+            continue
+        if item.min_issuer_level is not None and (issuer.level_rank or 0) < item.min_issuer_level:
+            continue
+        if item.eqa_required and not eqa_passed(snapshot, issuer.uscc, item, on_date):
+            continue
+        if all(g.mark != item.mark for g in grants):
+            grants.append(MarkGrant(item.mark, item.catalogue_id, item.code, item.display))
+    return grants

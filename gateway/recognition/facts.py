@@ -1,0 +1,319 @@
+"""Result facts: what a decision needs to know about each result in a report Bundle.
+
+:func:`facts_from_bundle` reads the Bundle shape every adapter produces
+(``docs/bundle-shapes.md``): one :class:`ResultFacts` per Observation, plus one
+per report conclusion (a diagnostic statement, which is never recognised).
+Facts are taken as sent; a fact the Bundle does not carry stays ``None`` so
+that the rule needing it says "not evaluable" instead of guessing.
+
+Identifiers are checked where they enter: the issuer's 统一社会信用代码 (GB 32100)
+and the patient's 身份证号 (GB 11643). A bad one refuses the Bundle.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import IdentifierError, InputError, ParseError
+from gateway.identifiers import check_id_card, check_uscc
+from gateway.naming import (
+    SYSTEM_ID_CARD,
+    SYSTEM_STAFF,
+    SYSTEM_USCC,
+    SYSTEM_V2_0074,
+    cs_url,
+    ext_url,
+)
+from gateway.registry.models import Coding
+
+__all__ = [
+    "ResultFacts",
+    "HazardFactor",
+    "facts_from_bundle",
+    "EXT_RECOGNITION_MARK",
+    "EXT_REPLACES",
+    "EXT_HAZARD_FACTOR",
+    "EXT_EXAM_TYPE",
+    "CS_REPORT_CATEGORY",
+]
+
+# URIs of docs/bundle-shapes.md, built through gateway.naming.
+EXT_RECOGNITION_MARK = ext_url("recognition-mark")
+EXT_REPLACES = ext_url("replaces")
+EXT_HAZARD_FACTOR = ext_url("hazard-factor")
+EXT_EXAM_TYPE = ext_url("exam-type")
+CS_REPORT_CATEGORY = cs_url("report-category")
+
+# v2-0074 diagnostic service sections that are imaging (the rest of a report with a v2-0074 code is lab).
+_IMAGING_SECTIONS = {"RAD", "CT", "MR", "US", "NMR", "NMS", "RX", "VUS", "XRC", "CUS", "OUS", "IMG"}
+
+
+@dataclass(frozen=True)
+class HazardFactor:
+    """One 职业病危害因素 of an occupational exam, with its exposure category."""
+
+    code: str | None
+    name: str | None
+    category: str | None
+
+
+@dataclass(frozen=True)
+class ResultFacts:
+    """Everything the rules read about one result (or one report conclusion).
+
+    ``kind`` is ``observation`` or ``conclusion``. Date-times are kept as the
+    FHIR strings sent; the rules parse them.
+    """
+
+    kind: str
+    entry: str
+    location: str
+    bundle_id: str | None = None
+    issuer_uscc: str | None = None
+    patient: tuple[str, str] | None = None
+    codings: tuple[Coding, ...] = ()
+    text: str | None = None
+    observation_status: str | None = None
+    report_entry: str | None = None
+    report_id: str | None = None
+    report_status: str | None = None
+    report_class: str | None = None
+    superseded_by: str | None = None
+    collected: str | None = None
+    effective: str | None = None
+    report_effective: str | None = None
+    marks: tuple[str, ...] = ()
+    exam_type: str | None = None
+    hazard_factors: tuple[HazardFactor, ...] = ()
+    chief_physician: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def item_label(self) -> str:
+        """A short name of the item for tables: text, else the first code."""
+        if self.text:
+            return self.text
+        if self.codings:
+            first = self.codings[0]
+            return first.display or first.code
+        return "?"
+
+
+def _codings(concept: Any) -> tuple[Coding, ...]:
+    if not isinstance(concept, Mapping):
+        return ()
+    out = []
+    for c in concept.get("coding") or []:
+        if isinstance(c, Mapping) and c.get("system") and c.get("code"):
+            out.append(Coding(str(c["system"]), str(c["code"]), c.get("display")))
+    return tuple(out)
+
+
+def _ext(resource: Mapping[str, Any], url: str) -> list[Mapping[str, Any]]:
+    return [e for e in resource.get("extension") or [] if isinstance(e, Mapping) and e.get("url") == url]
+
+
+def _ident_key(identifier: Any) -> str | None:
+    if not isinstance(identifier, Mapping) or not identifier.get("value"):
+        return None
+    return f"{identifier.get('system', '')}|{identifier['value']}"
+
+
+class _Index:
+    """Resolves references inside one Bundle (``urn:uuid:`` full URLs or ``Type/id``)."""
+
+    def __init__(self, bundle: Mapping[str, Any]) -> None:
+        self.by_ref: dict[str, tuple[int, Mapping[str, Any]]] = {}
+        self.entries: list[tuple[int, str, Mapping[str, Any]]] = []
+        for i, entry in enumerate(bundle.get("entry") or []):
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("resource"), Mapping):
+                raise ParseError("every Bundle entry needs a resource", f"Bundle.entry[{i}]")
+            resource = entry["resource"]
+            full_url = str(entry.get("fullUrl") or f"{resource.get('resourceType')}/{resource.get('id')}")
+            self.entries.append((i, full_url, resource))
+            self.by_ref[full_url] = (i, resource)
+            if resource.get("id"):
+                self.by_ref[f"{resource.get('resourceType')}/{resource['id']}"] = (i, resource)
+
+    def resolve(self, reference: Any) -> tuple[int, Mapping[str, Any]] | None:
+        if isinstance(reference, Mapping):
+            reference = reference.get("reference")
+        if not isinstance(reference, str):
+            return None
+        return self.by_ref.get(reference)
+
+    def of_type(self, resource_type: str) -> list[tuple[int, str, Mapping[str, Any]]]:
+        return [e for e in self.entries if e[2].get("resourceType") == resource_type]
+
+
+def _issuer(index: _Index, *holders: Mapping[str, Any]) -> str | None:
+    """The USCC of the first performer Organization named by the holders, checked by GB 32100.
+
+    :raises IdentifierError: the Organization's USCC fails its check.
+    """
+    for holder in holders:
+        for performer in holder.get("performer") or []:
+            found = index.resolve(performer)
+            if found is None or found[1].get("resourceType") != "Organization":
+                continue
+            i, org = found
+            for k, ident in enumerate(org.get("identifier") or []):
+                if isinstance(ident, Mapping) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
+                    try:
+                        return check_uscc(str(ident["value"]))
+                    except IdentifierError as exc:
+                        raise IdentifierError(exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value") from None
+    return None
+
+
+def _patient(index: _Index, resource: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The patient's 身份证号 (checked), else the first identifier with a value.
+
+    :raises IdentifierError: a 身份证号 fails its check.
+    """
+    found = index.resolve(resource.get("subject"))
+    if found is None:
+        return None
+    i, patient = found
+    first: tuple[str, str] | None = None
+    for k, ident in enumerate(patient.get("identifier") or []):
+        if not isinstance(ident, Mapping) or not ident.get("value"):
+            continue
+        if ident.get("system") == SYSTEM_ID_CARD:
+            try:
+                return SYSTEM_ID_CARD, check_id_card(str(ident["value"]))
+            except IdentifierError as exc:
+                raise IdentifierError(exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value") from None
+        if first is None:
+            first = (str(ident.get("system", "")), str(ident["value"]))
+    return first
+
+
+def _report_class(report: Mapping[str, Any]) -> str | None:
+    for concept in report.get("category") or []:
+        for coding in _codings(concept):
+            if coding.system == CS_REPORT_CATEGORY and coding.code == "occupational-health":
+                return "occupational"
+            if coding.system == SYSTEM_V2_0074:
+                return "imaging" if coding.code in _IMAGING_SECTIONS else "lab"
+    return None
+
+
+def _hazard_factors(report: Mapping[str, Any]) -> tuple[HazardFactor, ...]:
+    factors = []
+    for ext in _ext(report, EXT_HAZARD_FACTOR):
+        factor: Mapping[str, Any] = {}
+        category: Mapping[str, Any] = {}
+        for part in ext.get("extension") or []:
+            if isinstance(part, Mapping) and part.get("url") == "factor":
+                factor = part.get("valueCoding") or {}
+            elif isinstance(part, Mapping) and part.get("url") == "category":
+                category = part.get("valueCoding") or {}
+        factors.append(
+            HazardFactor(
+                code=factor.get("code"),
+                name=factor.get("display"),
+                category=category.get("code"),
+            )
+        )
+    return tuple(factors)
+
+
+def _interpreter(report: Mapping[str, Any]) -> str | None:
+    for ref in report.get("resultsInterpreter") or []:
+        ident = ref.get("identifier") if isinstance(ref, Mapping) else None
+        if isinstance(ident, Mapping) and ident.get("value") and ident.get("system", SYSTEM_STAFF) == SYSTEM_STAFF:
+            return str(ident["value"])
+    return None
+
+
+def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
+    """One :class:`ResultFacts` per Observation (Bundle order), then one per report conclusion.
+
+    :raises ParseError: not a Bundle, or an entry without a resource.
+    :raises IdentifierError: an issuer USCC or a patient 身份证号 fails its check.
+    """
+    if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
+        raise ParseError("expected a FHIR Bundle", "Bundle")
+    index = _Index(bundle)
+    bundle_id = bundle.get("id")
+    ident = bundle.get("identifier")
+    if isinstance(ident, Mapping) and ident.get("value"):
+        bundle_id = ident["value"]
+
+    reports = index.of_type("DiagnosticReport")
+    # Which report each Observation belongs to, and which reports a later one replaces.
+    report_of: dict[int, tuple[int, str, Mapping[str, Any]]] = {}
+    replaced_by: dict[str, str] = {}
+    for i, url, report in reports:
+        for ref in report.get("result") or []:
+            found = index.resolve(ref)
+            if found is not None:
+                report_of.setdefault(found[0], (i, url, report))
+        for ext in _ext(report, EXT_REPLACES):
+            key = _ident_key(ext.get("valueIdentifier"))
+            if key:
+                replaced_by[key] = url
+
+    out: list[ResultFacts] = []
+    for i, url, obs in index.of_type("Observation"):
+        rep = report_of.get(i)
+        report = rep[2] if rep else {}
+        report_key = _ident_key((report.get("identifier") or [None])[0]) if report else None
+        specimen = index.resolve(obs.get("specimen"))
+        if specimen is None and report.get("specimen"):
+            specimen = index.resolve(report["specimen"][0])
+        collection = (specimen[1].get("collection") or {}) if specimen else {}
+        out.append(
+            ResultFacts(
+                kind="observation",
+                entry=url,
+                location=f"Bundle.entry[{i}]",
+                bundle_id=bundle_id,
+                issuer_uscc=_issuer(index, obs, report),
+                patient=_patient(index, obs) or (_patient(index, report) if report else None),
+                codings=_codings(obs.get("code")),
+                text=(obs.get("code") or {}).get("text"),
+                observation_status=obs.get("status"),
+                report_entry=rep[1] if rep else None,
+                report_id=report_key,
+                report_status=report.get("status") if report else None,
+                report_class=_report_class(report) if report else None,
+                superseded_by=replaced_by.get(report_key) if report_key else None,
+                collected=collection.get("collectedDateTime"),
+                effective=obs.get("effectiveDateTime"),
+                report_effective=report.get("effectiveDateTime") if report else None,
+                marks=tuple(str(e["valueString"]) for e in _ext(obs, EXT_RECOGNITION_MARK) if e.get("valueString")),
+                exam_type=next((e.get("valueCoding", {}).get("code") for e in _ext(report, EXT_EXAM_TYPE)), None)
+                if report
+                else None,
+                hazard_factors=_hazard_factors(report) if report else (),
+                chief_physician=_interpreter(report) if report else None,
+            )
+        )
+
+    for i, url, report in reports:
+        if not (report.get("conclusion") or report.get("conclusionCode")):
+            continue
+        codings = tuple(c for concept in report.get("conclusionCode") or [] for c in _codings(concept))
+        report_key = _ident_key((report.get("identifier") or [None])[0])
+        out.append(
+            ResultFacts(
+                kind="conclusion",
+                entry=url,
+                location=f"Bundle.entry[{i}].resource.conclusion",
+                bundle_id=bundle_id,
+                issuer_uscc=_issuer(index, report),
+                patient=_patient(index, report),
+                codings=codings,
+                text=report.get("conclusion"),
+                report_entry=url,
+                report_id=report_key,
+                report_status=report.get("status"),
+                report_class=_report_class(report),
+                report_effective=report.get("effectiveDateTime"),
+            )
+        )
+    if not out:
+        raise InputError("the Bundle holds no Observation and no report conclusion to decide on", "Bundle.entry")
+    return out

@@ -1,0 +1,382 @@
+"""Registry source: loading and checking the file the registry authority edits.
+
+The source is YAML (or JSON) described by ``source.schema.json`` beside this
+module (``gateway registry schema`` prints it). Loading checks the file against
+the schema, then everything a schema cannot say: every 统一社会信用代码 by its
+GB 32100 check character, that every reference names a member or catalogue
+item that exists, that dates are real and in order, that LOINC codes have the
+right check digit and that certificates parse. Every problem is reported at
+once, each with its path (``members[2].uscc``), so one run fixes a file.
+
+The result is the *normalised* snapshot body: defaults filled in (time anchors,
+marks, direction rules, EQA cycles, item periods) and certificates inlined as
+PEM, so that a snapshot never depends on anything outside itself.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from cryptography import x509
+
+from gateway.errors import ConfigError, IdentifierError, Issue
+from gateway.identifiers import check_uscc
+from gateway.mapping.tables import loinc_check_digit
+from gateway.registry.models import SNAPSHOT_FORMAT
+from gateway.signing.keys import is_authority, uscc_of
+
+__all__ = [
+    "SOURCE_FORMAT",
+    "RegistrySourceError",
+    "RegistrySource",
+    "source_schema",
+    "read_source_data",
+    "load_source",
+    "parse_source",
+]
+
+log = logging.getLogger(__name__)
+
+#: Format marker of a registry source file.
+SOURCE_FORMAT = "cyhr-registry-source/1"
+
+_DEFAULT_ANCHOR = {"lab": "collection", "imaging": "study", "occupational": "exam"}
+
+
+class RegistrySourceError(ConfigError):
+    """A registry source file has problems; carries every one of them with its path."""
+
+    def __init__(self, source: str, issues: list[Issue]) -> None:
+        lines = "; ".join(i.line() for i in issues[:20])
+        more = f" (and {len(issues) - 20} more)" if len(issues) > 20 else ""
+        super().__init__(f"registry source has {len(issues)} problem(s): {lines}{more}", source)
+        self._issues = list(issues)
+
+    def issues(self) -> list[Issue]:
+        return list(self._issues)
+
+
+@dataclass(frozen=True)
+class RegistrySource:
+    """A checked registry source: the normalised snapshot body, ready to be dated and signed."""
+
+    body: dict[str, Any]
+    origin: str
+
+    @property
+    def version(self) -> int:
+        """The snapshot version the source declares."""
+        return int(self.body["version"])
+
+
+class _NoDatesLoader(yaml.SafeLoader):
+    """YAML without implicit timestamps: dates stay strings, as the schema expects."""
+
+
+_NoDatesLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+@lru_cache(maxsize=1)
+def source_schema() -> dict[str, Any]:
+    """The JSON Schema of the registry source format."""
+    text = resources.files("gateway.registry").joinpath("source.schema.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def read_source_data(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a source file (YAML dates kept as text), before any check: for tools that
+    add to a source programmatically and then pass it to :func:`parse_source`.
+
+    :raises ConfigError: unreadable, or not a YAML/JSON mapping.
+    """
+    p = Path(path)
+    try:
+        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read registry source {p}: {exc}", str(p)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"registry source {p} must be a mapping of keys", str(p))
+    return data
+
+
+def load_source(path: str | Path) -> RegistrySource:
+    """Read and check a registry source file (``.yaml``, ``.yml`` or ``.json``).
+
+    :raises ConfigError: the file cannot be read.
+    :raises RegistrySourceError: the file has problems (all of them, with paths).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read registry source {p}: {exc.strerror or exc}", str(p)) from None
+    return parse_source(text, origin=str(p), base_dir=p.parent, is_json=p.suffix.lower() == ".json")
+
+
+def parse_source(text: str, *, origin: str = "<source>", base_dir: str | Path = ".", is_json: bool = False) -> RegistrySource:
+    """Check registry source text; certificate paths are relative to ``base_dir``.
+
+    :raises RegistrySourceError: the text has problems (all of them, with paths).
+    """
+    try:
+        data = json.loads(text) if is_json else yaml.load(text, Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise RegistrySourceError(origin, [Issue("error", "structure", "", f"not valid {'JSON' if is_json else 'YAML'}: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise RegistrySourceError(origin, [Issue("error", "structure", "", "the top level must be a mapping of keys")])
+
+    validator = jsonschema.Draft202012Validator(source_schema())
+    problems: list[Issue] = []
+    for error in sorted(validator.iter_errors(data), key=lambda e: [str(x) for x in e.absolute_path]):
+        best = jsonschema.exceptions.best_match(error.context) if error.context else error
+        location = _path(best.absolute_path) if best is not error else _path(error.absolute_path)
+        problems.append(Issue("error", "invalid", location, best.message))
+    if problems:
+        raise RegistrySourceError(origin, problems)
+
+    checker = _Checker(Path(base_dir))
+    body = checker.normalise(data)
+    if checker.problems:
+        raise RegistrySourceError(origin, checker.problems)
+    log.info("registry source checked: version=%s members=%d catalogues=%d", body["version"], len(body["members"]), len(body["catalogues"]))
+    return RegistrySource(body, origin)
+
+
+def _parse_date(value: Any) -> _dt.date | None:
+    if value is None:
+        return None
+    try:
+        return _dt.date.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+class _Checker:
+    """Semantic checks and normalisation; collects problems instead of stopping at the first."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[Issue] = []
+
+    def problem(self, location: str, message: str, code: str = "value") -> None:
+        self.problems.append(Issue("error", code, location, message))
+
+    def uscc(self, value: str, location: str) -> str:
+        try:
+            return check_uscc(value)
+        except IdentifierError as exc:
+            self.problem(location, exc.message)
+            return value
+
+    def dates(self, obj: dict[str, Any], location: str, keys: tuple[str, str] = ("valid_from", "valid_to")) -> None:
+        parsed = []
+        for key in (*keys, "status_date"):
+            if obj.get(key) is not None and _parse_date(obj[key]) is None:
+                self.problem(f"{location}.{key}", f"{obj[key]!r} is not a calendar date")
+        for key in keys:
+            parsed.append(_parse_date(obj.get(key)))
+        if parsed[0] and parsed[1] and parsed[1] < parsed[0]:
+            self.problem(f"{location}.{keys[1]}", f"{keys[1]} {parsed[1]} is before {keys[0]} {parsed[0]}")
+
+    def loinc(self, code: str, location: str) -> None:
+        number, _, check = code.partition("-")
+        if loinc_check_digit(number) != check:
+            self.problem(location, f"LOINC code {code!r} has a wrong check digit (expected {loinc_check_digit(number)})")
+
+    def certificate(self, cert: dict[str, Any], location: str, member: str) -> dict[str, Any] | None:
+        pem = cert.get("pem")
+        if pem is None:
+            path = self.base_dir / cert["path"]
+            try:
+                pem = path.read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                self.problem(f"{location}.path", f"cannot read certificate file {path}: {exc}")
+                return None
+        try:
+            parsed = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            self.problem(location, "not a PEM X.509 certificate")
+            return None
+        # A certificate naming another USCC (or none) could never verify a signature of this member.
+        named = uscc_of(parsed)
+        if named != member:
+            self.problem(location, f"the certificate names {named or 'no 统一社会信用代码'}, not the member {member}")
+        if is_authority(parsed):
+            self.problem(location, "an authority (CA) certificate cannot be a member signing certificate")
+        self.dates(cert, location)
+        out: dict[str, Any] = {"pem": pem.strip() + "\n"}
+        for key in ("valid_from", "valid_to"):
+            if cert.get(key) is not None:
+                out[key] = cert[key]
+        return out
+
+    def normalise(self, data: dict[str, Any]) -> dict[str, Any]:
+        authority = {"uscc": self.uscc(data["authority"]["uscc"], "authority.uscc"), "name": data["authority"]["name"]}
+
+        members: list[dict[str, Any]] = []
+        seen_members: dict[str, str] = {}
+        for i, m in enumerate(data["members"]):
+            loc = f"members[{i}]"
+            uscc = self.uscc(m["uscc"], f"{loc}.uscc")
+            if uscc in seen_members:
+                self.problem(f"{loc}.uscc", f"{uscc} is already listed at {seen_members[uscc]}", "duplicate")
+            seen_members[uscc] = loc
+            self.dates(m, loc)
+            out = {k: m[k] for k in ("name", "division", "kind", "valid_from") if k in m}
+            out["uscc"] = uscc
+            out["valid_to"] = m.get("valid_to")
+            out["status"] = m.get("status", "active")
+            for key in ("status_date", "level", "miplrn", "endpoint"):
+                if m.get(key) is not None:
+                    out[key] = m[key]
+            certs = []
+            for j, c in enumerate(m.get("certificates", [])):
+                cert = self.certificate(c, f"{loc}.certificates[{j}]", uscc)
+                if cert is not None:
+                    certs.append(cert)
+            out["certificates"] = certs
+            members.append(out)
+
+        def member_ref(value: str, location: str) -> str:
+            uscc = self.uscc(value, location)
+            if uscc not in seen_members:
+                self.problem(location, f"{uscc} is not a member of this registry", "not-found")
+            return uscc
+
+        catalogues: list[dict[str, Any]] = []
+        items_by_ref: set[tuple[str, str]] = set()
+        has_occupational = False
+        seen_catalogues: set[str] = set()
+        for i, c in enumerate(data["catalogues"]):
+            loc = f"catalogues[{i}]"
+            if c["id"] in seen_catalogues:
+                self.problem(f"{loc}.id", f"catalogue id {c['id']!r} is used twice", "duplicate")
+            seen_catalogues.add(c["id"])
+            self.dates(c, loc)
+            scope = dict(c["scope"])
+            if scope["type"] == "alliance":
+                scope["members"] = [member_ref(u, f"{loc}.scope.members[{k}]") for k, u in enumerate(scope["members"])]
+            cat_from, cat_to = _parse_date(c["valid_from"]), _parse_date(c.get("valid_to"))
+            items = []
+            seen_codes: set[str] = set()
+            for j, it in enumerate(c["items"]):
+                iloc = f"{loc}.items[{j}]"
+                if it["code"] in seen_codes:
+                    self.problem(f"{iloc}.code", f"item code {it['code']!r} is used twice in catalogue {c['id']!r}", "duplicate")
+                seen_codes.add(it["code"])
+                items_by_ref.add((c["id"], it["code"]))
+                self.dates(it, iloc)
+                for k, code in enumerate(it.get("loinc", [])):
+                    self.loinc(code, f"{iloc}.loinc[{k}]")
+                item_from = _parse_date(it.get("valid_from")) or cat_from
+                item_to = _parse_date(it.get("valid_to")) if it.get("valid_to") is not None else cat_to
+                if cat_from and item_from and item_from < cat_from:
+                    self.problem(f"{iloc}.valid_from", f"item starts before its catalogue ({cat_from})")
+                if cat_to and (item_to is None or item_to > cat_to):
+                    self.problem(f"{iloc}.valid_to", f"item ends after its catalogue ({cat_to})")
+                local_codes = [
+                    {"issuer": member_ref(lc["issuer"], f"{iloc}.local_codes[{k}].issuer"), "code": lc["code"]}
+                    for k, lc in enumerate(it.get("local_codes", []))
+                ]
+                has_occupational = has_occupational or it["class"] == "occupational"
+                out_item: dict[str, Any] = {
+                    "code": it["code"],
+                    "display": it["display"],
+                    "class": it["class"],
+                    "loinc": list(it.get("loinc", [])),
+                    "local_codes": local_codes,
+                    "window_days": it["window_days"],
+                    "time_anchor": it.get("time_anchor", _DEFAULT_ANCHOR[it["class"]]),
+                    "mark": it.get("mark", c["mark"]),
+                    "direction": it.get("direction", c.get("direction", "any")),
+                    "eqa_required": it.get("eqa_required", it["class"] != "occupational"),
+                    "valid_from": item_from.isoformat() if item_from else None,
+                    "valid_to": item_to.isoformat() if item_to else None,
+                }
+                min_level = it.get("min_issuer_level", c.get("min_issuer_level"))
+                if min_level is not None:
+                    out_item["min_issuer_level"] = min_level
+                items.append(out_item)
+            out_cat = {
+                "id": c["id"],
+                "name": c["name"],
+                "version": c["version"],
+                "scope": scope,
+                "mark": c["mark"],
+                "valid_from": c["valid_from"],
+                "valid_to": c.get("valid_to"),
+                "items": items,
+            }
+            if c.get("note"):
+                out_cat["note"] = c["note"]
+            catalogues.append(out_cat)
+
+        qualifications = []
+        seen_quals: set[str] = set()
+        for i, q in enumerate(data.get("qualifications", [])):
+            loc = f"qualifications[{i}]"
+            if q["id"] in seen_quals:
+                self.problem(f"{loc}.id", f"qualification id {q['id']!r} is used twice", "duplicate")
+            seen_quals.add(q["id"])
+            self.dates(q, loc)
+            out = dict(q)
+            out["member"] = member_ref(q["member"], f"{loc}.member")
+            out["status"] = q.get("status", "active")
+            out.setdefault("valid_to", None)
+            qualifications.append(out)
+
+        eqa = []
+        for i, e in enumerate(data.get("eqa", [])):
+            loc = f"eqa[{i}]"
+            self.dates(e, loc)
+            item = e["item"]
+            if "catalogue" in item and (item["catalogue"], item["code"]) not in items_by_ref:
+                self.problem(f"{loc}.item", f"catalogue item {item['catalogue']}:{item['code']} does not exist", "not-found")
+            if "loinc" in item:
+                self.loinc(item["loinc"], f"{loc}.item.loinc")
+            out = dict(e)
+            out["member"] = member_ref(e["member"], f"{loc}.member")
+            # The EQA cycle is the calendar year unless the record says otherwise.
+            out["valid_from"] = e.get("valid_from") or f"{e['year']:04d}-01-01"
+            out["valid_to"] = e.get("valid_to") or f"{e['year']:04d}-12-31"
+            eqa.append(out)
+
+        diagnosis = data.get("diagnosis_categories") or {}
+        if has_occupational:
+            missing = [c for c in ("dust", "chemical", "physical", "biological", "radiation", "other") if c not in diagnosis.get("by_exposure", {})]
+            if missing:
+                self.problem("diagnosis_categories.by_exposure", f"occupational items need a diagnosis category for {', '.join(missing)}", "required")
+
+        body: dict[str, Any] = {
+            "format": SNAPSHOT_FORMAT,
+            "version": data["version"],
+            "demo": bool(data.get("demo", False)),
+            "authority": authority,
+            "diagnosis_categories": {"by_exposure": diagnosis.get("by_exposure", {}), "by_factor": diagnosis.get("by_factor", {})},
+            "members": members,
+            "qualifications": qualifications,
+            "eqa": eqa,
+            "catalogues": catalogues,
+        }
+        if data.get("note"):
+            body["note"] = data["note"]
+        return body

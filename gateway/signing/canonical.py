@@ -1,0 +1,226 @@
+"""Canonical JSON: the exact bytes a Bundle signature covers.
+
+The gateway signs the RFC 8785 (JSON Canonicalization Scheme, JCS) form of a
+Bundle without its ``signature``, ``id`` and ``meta`` (FHIR ``#document``
+canonicalization). Sender and receiver must arrive at the same bytes from
+*different* texts (pretty-printed or compact, any key order), so three things
+matter:
+
+- numbers follow JCS, i.e. the IEEE 754 double the text denotes, written the way
+  ECMAScript ``JSON.stringify`` writes it: ``4.50`` -> ``4.5``, ``1E30`` ->
+  ``1e+30``, an integer beyond 2**53 -> its nearest double (``12345678901234567890``
+  -> ``12345678901234567000``), exactly as a JavaScript verifier would;
+- the received text is parsed with FHIR decimals kept as :class:`decimal.Decimal`
+  (so nothing is rounded twice and :func:`dumps` can write ``4.50`` back as sent),
+  and converted to the JCS double only when canonicalised;
+- input that different parsers read differently is refused: duplicate keys (the
+  classic way to make a signer and a verifier see different documents), ``NaN``
+  and ``Infinity``, and unpaired UTF-16 surrogates (I-JSON, RFC 7493).
+
+A consequence to keep in mind: JCS erases decimal precision, so ``4.50`` and
+``4.5`` canonicalise alike and a signature does not protect the number of
+significant digits of a FHIR decimal.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import rfc8785
+
+from gateway.errors import ParseError
+
+__all__ = ["canonicalize", "parse_json", "document_bytes", "dumps", "DOCUMENT_EXCLUDED"]
+
+#: Root Bundle members left out of the signed bytes (FHIR ``#document`` plus the signature itself).
+DOCUMENT_EXCLUDED = ("signature", "id", "meta")
+
+# The largest integer an IEEE 754 double holds exactly; beyond it JCS (and every
+# JavaScript verifier) sees the nearest double, and so must we.
+_SAFE_INTEGER = 2**53 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def canonicalize(obj: Any) -> bytes:
+    """The RFC 8785 canonical UTF-8 bytes of a JSON value.
+
+    ``obj`` is what :func:`parse_json` or :func:`json.loads` returns: dicts with
+    string keys, lists (or tuples), strings, booleans, ``None``, ints, floats and
+    :class:`~decimal.Decimal`.
+
+    :raises ParseError: the value is not representable in I-JSON (non-string key,
+        NaN or infinite number, unpaired surrogate, unsupported type).
+    """
+    try:
+        return rfc8785.dumps(_to_jcs_values(obj, "$"))
+    except rfc8785.CanonicalizationError as exc:
+        raise ParseError(f"cannot canonicalise JSON: {exc}", "$") from None
+    except RecursionError:
+        raise ParseError("JSON nested too deeply to canonicalise", "$") from None
+
+
+def _to_jcs_values(value: Any, path: str) -> Any:
+    """Copy ``value`` with every number turned into the double JCS serialises."""
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_SAFE_INTEGER <= value <= _SAFE_INTEGER else _finite(float(value), path)
+    if isinstance(value, float):
+        return _finite(value, path)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ParseError(f"number {value} is not allowed in JSON", path)
+        # float(Decimal) is correctly rounded, the same double JSON.parse yields.
+        return _finite(float(value), path)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ParseError(f"object key {key!r} is not a string", path)
+            out[key] = _to_jcs_values(item, f"{path}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_to_jcs_values(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    raise ParseError(f"a {type(value).__name__} is not a JSON value", path)
+
+
+def _finite(number: float, path: str) -> float:
+    if math.isnan(number) or math.isinf(number):
+        raise ParseError("number is not finite as an IEEE 754 double", path)
+    return number
+
+
+def _reject_constant(name: str) -> Any:
+    raise ParseError(f"{name} is not a JSON number", "$")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ParseError(f"duplicate key {key!r} in a JSON object", key)
+        obj[key] = value
+    return obj
+
+
+def parse_json(text: bytes | str) -> Any:
+    """Parse received JSON text strictly, keeping decimals as :class:`Decimal`.
+
+    Bytes must be UTF-8. Integers stay ``int`` and fractions/exponents become
+    ``Decimal``, so canonicalising the result gives the bytes the signer signed
+    whatever number spelling the text uses.
+
+    :raises ParseError: not UTF-8, not JSON, a duplicate key, ``NaN``/``Infinity``,
+        an unpaired surrogate, or nesting too deep.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"JSON text is not UTF-8 (byte {exc.start})", "$") from None
+    try:
+        value = json.loads(
+            text,
+            parse_float=Decimal,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_no_duplicates,
+        )
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"not valid JSON: {exc.msg}", f"line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise ParseError("JSON nested too deeply", "$") from None
+    if _SURROGATE.search(text) or ("\\u" in text and _has_surrogate(value)):
+        raise ParseError("JSON text contains an unpaired UTF-16 surrogate", "$")
+    return value
+
+
+def _has_surrogate(value: Any) -> bool:
+    """True when an escaped ``\\udXXX`` decoded to a lone surrogate somewhere in ``value``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def document_bytes(bundle: Mapping[str, Any]) -> bytes:
+    """The signed bytes of a Bundle: JCS of it without root ``signature``, ``id``, ``meta``.
+
+    :raises ParseError: ``bundle`` is not a JSON object or holds a value I-JSON
+        cannot represent.
+    """
+    if not isinstance(bundle, Mapping):
+        raise ParseError("a Bundle must be a JSON object", "Bundle")
+    return canonicalize({k: v for k, v in bundle.items() if k not in DOCUMENT_EXCLUDED})
+
+
+def dumps(obj: Any, *, indent: int | None = None) -> str:
+    """Serialise JSON for people and peers, writing decimals as parsed (``4.50`` stays ``4.50``).
+
+    Not canonical (use :func:`canonicalize` for signed bytes); keys keep their
+    order and non-ASCII text is written as is.
+
+    :raises ParseError: a value that is not JSON (see :func:`canonicalize`).
+    """
+    parts: list[str] = []
+    _write(obj, parts, indent, 0, "$")
+    return "".join(parts)
+
+
+def _write(value: Any, out: list[str], indent: int | None, level: int, path: str) -> None:
+    if isinstance(value, str):
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif value is None:
+        out.append("null")
+    elif isinstance(value, bool):
+        out.append("true" if value else "false")
+    elif isinstance(value, int):
+        out.append(int.__repr__(value))
+    elif isinstance(value, float):
+        out.append(float.__repr__(_finite(value, path)))
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ParseError(f"number {value} is not allowed in JSON", path)
+        out.append(str(value))
+    elif isinstance(value, Mapping):
+        items = list(value.items())
+        if not items:
+            out.append("{}")
+            return
+        inner, close = _breaks(indent, level)
+        out.append("{")
+        for i, (key, item) in enumerate(items):
+            if not isinstance(key, str):
+                raise ParseError(f"object key {key!r} is not a string", path)
+            out.append(("," if i else "") + inner + json.dumps(key, ensure_ascii=False) + (": " if indent else ":"))
+            _write(item, out, indent, level + 1, f"{path}.{key}")
+        out.append(close + "}")
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            out.append("[]")
+            return
+        inner, close = _breaks(indent, level)
+        out.append("[")
+        for i, item in enumerate(value):
+            out.append(("," if i else "") + inner)
+            _write(item, out, indent, level + 1, f"{path}[{i}]")
+        out.append(close + "]")
+    else:
+        raise ParseError(f"a {type(value).__name__} is not a JSON value", path)
+
+
+def _breaks(indent: int | None, level: int) -> tuple[str, str]:
+    if indent is None:
+        return "", ""
+    return "\n" + " " * (indent * (level + 1)), "\n" + " " * (indent * level)

@@ -1,0 +1,376 @@
+"""Keys: member key pairs, certificate requests and certificates.
+
+The trust model follows the EU DCC one (ANCHORS §2.2): the registry authority
+holds a self-signed certificate (CA, path length 0, keyCertSign) and issues
+each member a short-lived signing certificate (digitalSignature only, AKI = the
+authority's SKI). A member's 统一社会信用代码 (USCC) travels in the certificate
+subject as ``organizationIdentifier`` (OID 2.5.4.97), so a verifier learns whom a
+signature speaks for from the certificate, not from the signed document.
+
+Keys are NIST P-256 (ES256). The ``kid`` of a certificate is the first 8 bytes of
+the SHA-256 of its DER, base64url without padding, as in DCC: short, therefore
+not unique, so verifiers try every certificate with a matching kid.
+
+Nothing here touches the network, a database or the clock: validity times are
+parameters.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from typing import Union
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.errors import ConfigError, IdentifierError, InputError
+from gateway.identifiers import check_uscc
+
+__all__ = [
+    "PrivateKey",
+    "PathOrPem",
+    "generate_private_key",
+    "private_key_pem",
+    "load_private_key",
+    "load_certificate",
+    "load_certificates",
+    "cert_pem",
+    "kid_of",
+    "uscc_of",
+    "name_of",
+    "make_csr",
+    "make_authority",
+    "issue_certificate",
+    "is_authority",
+    "certificates_in",
+]
+
+log = logging.getLogger(__name__)
+
+PrivateKey = ec.EllipticCurvePrivateKey
+#: A file path, or the PEM (or, where noted, DER) content itself.
+PathOrPem = Union[str, bytes, "os.PathLike[str]"]
+
+_PEM_MARK = b"-----BEGIN"
+
+
+def generate_private_key() -> ec.EllipticCurvePrivateKey:
+    """A new NIST P-256 private key (the curve of ES256)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> bytes:
+    """PKCS#8 PEM of ``key``, encrypted with ``password`` when one is given.
+
+    :raises ConfigError: an empty password (it would silently mean "no password").
+    """
+    if password is not None and not password:
+        raise ConfigError("a private key password must not be empty", "password")
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def _read(source: PathOrPem) -> tuple[bytes, str]:
+    """The content of ``source`` and a label for error messages (the path, or ``<PEM>``)."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), "<PEM>" if _PEM_MARK in source else "<DER>"
+    if isinstance(source, str) and "-----BEGIN" in source:
+        return source.encode("ascii", "replace"), "<PEM>"
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(), path
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", path) from None
+
+
+def load_private_key(path_or_pem: PathOrPem, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    """Load a P-256 private key from a PEM/DER file or PEM text.
+
+    :raises ConfigError: unreadable, wrong password, not a key, or not P-256.
+    """
+    data, label = _read(path_or_pem)
+    try:
+        if _PEM_MARK in data:
+            key = serialization.load_pem_private_key(data, password=password)
+        else:
+            key = serialization.load_der_private_key(data, password=password)
+    except TypeError:
+        # cryptography says TypeError for "password given but key not encrypted" and the reverse.
+        raise ConfigError("private key password does not fit the key (missing or not needed)", label) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError("cannot read private key: not a key, or wrong password", label) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError("private key must be an EC P-256 key (ES256)", label)
+    return key
+
+
+def load_certificates(path_or_pem: PathOrPem) -> list[x509.Certificate]:
+    """All certificates in a PEM file or PEM text (a single DER certificate is accepted too).
+
+    :raises ConfigError: unreadable, or no certificate in it.
+    """
+    data, label = _read(path_or_pem)
+    try:
+        if _PEM_MARK in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise ConfigError("not a certificate (PEM or DER expected)", label) from None
+    if not certs:
+        raise ConfigError("no certificate found", label)
+    return certs
+
+
+def load_certificate(path_or_pem_or_der: PathOrPem) -> x509.Certificate:
+    """The first certificate of a PEM/DER file, PEM text or DER bytes.
+
+    :raises ConfigError: unreadable, or not a certificate.
+    """
+    return load_certificates(path_or_pem_or_der)[0]
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    """PEM of a certificate."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def kid_of(cert: x509.Certificate) -> str:
+    """Key id: base64url (no padding) of the first 8 bytes of SHA-256(DER certificate)."""
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()[:8]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _subject_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
+    attrs = name.get_attributes_for_oid(oid)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _uscc_in(name: x509.Name) -> str | None:
+    value = _subject_value(name, NameOID.ORGANIZATION_IDENTIFIER)
+    if value is None:
+        return None
+    # ETSI EN 319 412-1 writes legal-person identifiers as "NTR" + country + "-" + id;
+    # accept that spelling too, so certificates from a commercial CA also work.
+    if value.upper().startswith("NTRCN-"):
+        value = value[6:]
+    try:
+        return check_uscc(value)
+    except IdentifierError:
+        log.warning("certificate subject carries an organizationIdentifier that is not a valid USCC")
+        return None
+
+
+def uscc_of(cert: x509.Certificate) -> str | None:
+    """The member's 统一社会信用代码 from the subject ``organizationIdentifier`` (2.5.4.97).
+
+    None when the subject carries none, or one that fails the GB 32100 check.
+    """
+    return _uscc_in(cert.subject)
+
+
+def name_of(cert: x509.Certificate) -> str | None:
+    """The organisation name (O) in the certificate subject, if any."""
+    return _subject_value(cert.subject, NameOID.ORGANIZATION_NAME)
+
+
+def _member_name(uscc: str, name: str) -> x509.Name:
+    if not name or not name.strip():
+        raise InputError("the organisation name must not be empty", "name")
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, name.strip()),
+            x509.NameAttribute(NameOID.ORGANIZATION_IDENTIFIER, uscc),
+            x509.NameAttribute(NameOID.COMMON_NAME, name.strip()),
+        ]
+    )
+
+
+def _require_p256(public_key: object, location: str) -> ec.EllipticCurvePublicKey:
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+        raise InputError("key must be an EC P-256 key (ES256)", location)
+    return public_key
+
+
+def _require_window(not_before: _dt.datetime, not_after: _dt.datetime) -> None:
+    for label, value in (("not_before", not_before), ("not_after", not_after)):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InputError(f"{label} must carry a UTC offset", label)
+    if not not_before < not_after:
+        raise InputError("not_before must be earlier than not_after", "not_after")
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, uscc: str, name: str) -> x509.CertificateSigningRequest:
+    """A certificate signing request for a member, signed with its key.
+
+    :raises IdentifierError: ``uscc`` fails the GB 32100 check.
+    :raises InputError: empty name or a key that is not P-256.
+    """
+    uscc = check_uscc(uscc)
+    _require_p256(key.public_key(), "key")
+    builder = x509.CertificateSigningRequestBuilder().subject_name(_member_name(uscc, name))
+    return builder.sign(key, hashes.SHA256())
+
+
+def make_authority(
+    key: ec.EllipticCurvePrivateKey,
+    uscc: str,
+    name: str,
+    not_before: _dt.datetime,
+    not_after: _dt.datetime,
+) -> x509.Certificate:
+    """A self-signed registry-authority certificate: CA, path length 0, keyCertSign + cRLSign.
+
+    :raises IdentifierError: ``uscc`` fails the GB 32100 check.
+    :raises InputError: empty name, non-P-256 key, naive or reversed validity.
+    """
+    uscc = check_uscc(uscc)
+    public_key = _require_p256(key.public_key(), "key")
+    _require_window(not_before, not_after)
+    subject = _member_name(uscc, name)
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    )
+    return builder.sign(key, hashes.SHA256())
+
+
+def is_authority(cert: x509.Certificate) -> bool:
+    """True for a CA certificate that may sign certificates (basicConstraints CA, keyCertSign)."""
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    if not basic.ca:
+        return False
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return bool(usage.key_cert_sign)
+
+
+def issue_certificate(
+    csr_or_public_key: x509.CertificateSigningRequest | ec.EllipticCurvePublicKey,
+    uscc: str,
+    name: str,
+    authority_key: ec.EllipticCurvePrivateKey,
+    authority_cert: x509.Certificate,
+    not_before: _dt.datetime,
+    not_after: _dt.datetime,
+) -> x509.Certificate:
+    """The registry authority issues a member signing certificate (digitalSignature only).
+
+    The subject is built from ``uscc`` and ``name`` (the authority decides what a
+    certificate says, not the requester); a CSR must be self-consistent and, if it
+    names a USCC, name the same one. The validity must lie within the authority's.
+
+    :raises IdentifierError: ``uscc`` fails the GB 32100 check.
+    :raises InputError: bad CSR signature, CSR for another USCC, non-P-256 key,
+        validity outside the authority's, naive or reversed times.
+    :raises ConfigError: the authority key does not belong to the authority
+        certificate, or that certificate is not a CA.
+    """
+    uscc = check_uscc(uscc)
+    if isinstance(csr_or_public_key, x509.CertificateSigningRequest):
+        csr = csr_or_public_key
+        if not csr.is_signature_valid:
+            raise InputError("the certificate request's own signature does not verify", "CSR")
+        requested = _uscc_in(csr.subject)
+        if requested is not None and requested != uscc:
+            raise InputError(f"the certificate request is for {requested}, not {uscc}", "CSR.subject")
+        public_key = _require_p256(csr.public_key(), "CSR.publicKey")
+    else:
+        public_key = _require_p256(csr_or_public_key, "publicKey")
+    _require_window(not_before, not_after)
+    if authority_key.public_key() != authority_cert.public_key():
+        raise ConfigError("the authority key does not belong to the authority certificate", "authority_key")
+    if not is_authority(authority_cert):
+        raise ConfigError("the authority certificate is not a CA certificate", "authority_cert")
+    if not_before < authority_cert.not_valid_before_utc or not_after > authority_cert.not_valid_after_utc:
+        # Shell model: a certificate outliving its issuer would stop verifying early.
+        raise InputError(
+            "validity must lie within the authority's "
+            f"({authority_cert.not_valid_before_utc.isoformat()} to {authority_cert.not_valid_after_utc.isoformat()})",
+            "not_after",
+        )
+    try:
+        authority_ski = authority_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority_ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(authority_key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_member_name(uscc, name))
+        .issuer_name(authority_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    return builder.sign(authority_key, hashes.SHA256())
+
+
+def certificates_in(sources: Iterable[PathOrPem]) -> list[x509.Certificate]:
+    """Every certificate in several PEM files (helper for command-line trust lists).
+
+    :raises ConfigError: a file is unreadable or holds no certificate.
+    """
+    out: list[x509.Certificate] = []
+    for source in sources:
+        out.extend(load_certificates(source))
+    return out

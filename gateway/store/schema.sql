@@ -1,0 +1,78 @@
+-- Schema of a member gateway's SQLite database (messages, stages, FHIR resources, search index).
+-- Applied at start-up with CREATE ... IF NOT EXISTS; other parts (audit, recognition) add their own tables.
+
+-- Every unit of input exactly as received, stored before any processing.
+CREATE TABLE IF NOT EXISTS messages (
+    id          INTEGER PRIMARY KEY,
+    channel     TEXT NOT NULL,              -- mllp | http | file
+    format      TEXT NOT NULL,              -- hl7v2 | cda | cdc-csv | fhir
+    sender      TEXT NOT NULL DEFAULT '',   -- e.g. MSH-3|MSH-4
+    message_id  TEXT NOT NULL DEFAULT '',   -- e.g. MSH-10
+    origin      TEXT NOT NULL DEFAULT '',   -- file name or peer address
+    received_at TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    raw         BLOB NOT NULL,
+    status      TEXT NOT NULL,              -- received | filtered | refused | stored | failed
+    ack_code    TEXT,                       -- AA | AE | AR (or HTTP outcome for non-HL7 formats)
+    ack         BLOB,                       -- the answer sent, re-sent as is for a duplicate
+    issues      TEXT NOT NULL DEFAULT '[]', -- JSON list of issues found
+    bundle_id   TEXT,
+    updated_at  TEXT NOT NULL
+);
+-- A resent message (same format, sender and id) is recognised by this key, not by searching first.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages(format, sender, message_id) WHERE message_id <> '';
+CREATE INDEX IF NOT EXISTS messages_status ON messages(status, id);
+
+-- What happened to each message, stage by stage.
+CREATE TABLE IF NOT EXISTS message_stages (
+    message_ref INTEGER NOT NULL REFERENCES messages(id),
+    stage       TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    at          TEXT NOT NULL,
+    detail      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS message_stages_ref ON message_stages(message_ref);
+
+-- Current version of every FHIR resource held.
+CREATE TABLE IF NOT EXISTS resources (
+    type         TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    last_updated TEXT NOT NULL,
+    message_ref  INTEGER REFERENCES messages(id),
+    json         TEXT NOT NULL,
+    PRIMARY KEY (type, id)
+);
+-- Earlier versions: a correction never destroys what was there before.
+CREATE TABLE IF NOT EXISTS resource_history (
+    type         TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    last_updated TEXT NOT NULL,
+    message_ref  INTEGER,
+    json         TEXT NOT NULL,
+    PRIMARY KEY (type, id, version)
+);
+
+-- Search index: token parameters (identifier, code, status, patient.identifier, ...).
+CREATE TABLE IF NOT EXISTS search_token (
+    type   TEXT NOT NULL,
+    id     TEXT NOT NULL,
+    param  TEXT NOT NULL,
+    system TEXT NOT NULL DEFAULT '',
+    code   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS search_token_lookup ON search_token(type, param, code, system);
+CREATE INDEX IF NOT EXISTS search_token_owner ON search_token(type, id);
+
+-- Search index: date parameters as [lo, hi) in epoch seconds (precision of the value kept as a range).
+CREATE TABLE IF NOT EXISTS search_date (
+    type  TEXT NOT NULL,
+    id    TEXT NOT NULL,
+    param TEXT NOT NULL,
+    lo    REAL NOT NULL,
+    hi    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS search_date_lookup ON search_date(type, param, lo);
+CREATE INDEX IF NOT EXISTS search_date_owner ON search_date(type, id);

@@ -1,0 +1,337 @@
+"""Store: messages, stage status and FHIR resources in SQLite.
+
+The one place that knows the gateway's core schema (``schema.sql``). Raw
+input is written first, in its own transaction, so nothing a member sent is
+lost whatever happens next; a resent message hits the unique key
+``(format, sender, message_id)`` and is answered from what was stored.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources as _resources
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gateway import jsonutil
+from gateway.errors import InputError, Issue, NotFound
+from gateway.fhir.search import (
+    PARAM_ALIASES,
+    SEARCH_PARAMS,
+    date_matches_sql,
+    index_resource,
+    parse_date_query,
+    parse_token_query,
+)
+from gateway.store.db import connect, transaction
+
+__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT"]
+
+log = logging.getLogger(__name__)
+
+#: Statuses of a message whose processing has not finished.
+IN_FLIGHT = ("received",)
+
+
+@dataclass
+class MessageRecord:
+    """One stored unit of input and what became of it."""
+
+    id: int
+    channel: str
+    format: str
+    sender: str
+    message_id: str
+    origin: str
+    received_at: str
+    size: int
+    sha256: str
+    status: str
+    ack_code: str | None
+    ack: bytes | None
+    issues: list[dict[str, Any]]
+    bundle_id: str | None
+
+
+@dataclass
+class SearchResult:
+    """One page of a search."""
+
+    total: int
+    resources: list[dict[str, Any]]
+
+
+def _now(clock: Callable[[], _dt.datetime]) -> str:
+    return clock().isoformat(timespec="milliseconds")
+
+
+def _issue_dicts(issues: list[Issue]) -> list[dict[str, Any]]:
+    return [{"severity": i.severity, "code": i.code, "location": i.location, "message": i.message} for i in issues]
+
+
+class Store:
+    """A member gateway's database. One instance per thread."""
+
+    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], _dt.datetime] | None = None) -> None:
+        self.db = db
+        self.clock = clock or (lambda: _dt.datetime.now(_dt.timezone(_dt.timedelta(hours=8))))
+
+    @classmethod
+    def open(cls, path: str | Path, clock: Callable[[], _dt.datetime] | None = None) -> "Store":
+        """Open the database at ``path`` and make sure the schema exists."""
+        store = cls(connect(path), clock)
+        store.migrate()
+        return store
+
+    def migrate(self) -> None:
+        """Create missing tables and indexes (idempotent)."""
+        sql = _resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8")
+        self.db.conn.executescript(sql)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- messages ------------------------------------------------------------------------
+
+    def insert_raw(self, *, channel: str, fmt: str, sender: str, message_id: str, origin: str,
+                   raw: bytes) -> tuple[int, MessageRecord | None]:
+        """Store raw input before anything else. Returns (new id, None) or (existing id, existing record).
+
+        A second message with the same format, sender and id is not stored: the
+        unique index refuses it and the first one's record is returned.
+        """
+        now = _now(self.clock)
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            with transaction(self.db):
+                cur = self.db.execute(
+                    "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
+                    " raw, status, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'received',?)",
+                    [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, now],
+                )
+                new_id = int(cur.lastrowid or 0)
+                self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
+                                [new_id, "receive", "received", now, ""])
+            return new_id, None
+        except sqlite3.IntegrityError:
+            existing = self.find_message(fmt, sender, message_id)
+            if existing is None:  # pragma: no cover - the key was just seen
+                raise
+            return existing.id, existing
+
+    def find_message(self, fmt: str, sender: str, message_id: str) -> MessageRecord | None:
+        rows = list(self.db.query(
+            "SELECT * FROM messages WHERE format = ? AND sender = ? AND message_id = ?", [fmt, sender, message_id]))
+        return self._record(rows[0]) if rows else None
+
+    def get_message(self, record_id: int) -> MessageRecord:
+        """:raises NotFound: no such message."""
+        rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [record_id]))
+        if not rows:
+            raise NotFound(f"no message with id {record_id}", "messages.id")
+        return self._record(rows[0])
+
+    def raw_of(self, record_id: int) -> bytes:
+        """The bytes exactly as received.
+
+        :raises NotFound: no such message.
+        """
+        rows = list(self.db.query("SELECT raw FROM messages WHERE id = ?", [record_id]))
+        if not rows:
+            raise NotFound(f"no message with id {record_id}", "messages.id")
+        return bytes(rows[0]["raw"])
+
+    def stages_of(self, record_id: int) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT stage, status, at, detail FROM message_stages WHERE message_ref = ? ORDER BY rowid", [record_id]))
+
+    def list_messages(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
+        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        rows = self.db.query(f"SELECT * FROM messages {where} ORDER BY id DESC LIMIT ?", [*args, limit])
+        return [self._record(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self.db.query("SELECT status, count(*) AS n FROM messages GROUP BY 1")}
+
+    def record_stage(self, record_id: int, stage: str, status: str, detail: str = "") -> None:
+        self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
+                        [record_id, stage, status, _now(self.clock), detail])
+
+    def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
+               issues: list[Issue], bundle: dict[str, Any] | None = None,
+               after: Callable[[sqlite_utils.Database], None] | None = None) -> None:
+        """Record the outcome of a message, and its resources, in one transaction.
+
+        ``after`` runs inside the same transaction (e.g. to write an audit entry).
+        """
+        now = _now(self.clock)
+        with transaction(self.db):
+            if bundle is not None:
+                self._save_bundle(bundle, record_id, now)
+            self.db.execute(
+                "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?, updated_at = ?"
+                " WHERE id = ?",
+                [status, ack_code, ack, jsonutil.dumps(_issue_dicts(issues)),
+                 bundle.get("id") if bundle else None, now, record_id],
+            )
+            self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
+                            [record_id, "finish", status, now, ack_code or ""])
+            if after is not None:
+                after(self.db)
+
+    def fail_in_flight(self) -> int:
+        """Mark messages left half-processed by a crash as failed (run at start-up). Returns how many."""
+        now = _now(self.clock)
+        with transaction(self.db):
+            cur = self.db.execute(
+                "UPDATE messages SET status = 'failed', updated_at = ?, issues = ? WHERE status IN ('received')",
+                [now, jsonutil.dumps([{"severity": "error", "code": "exception", "location": "",
+                                       "message": "processing was interrupted (gateway stopped); raw input kept"}])],
+            )
+            changed = cur.rowcount
+        if changed:
+            log.warning("marked %d interrupted message(s) as failed", changed)
+        return changed
+
+    @staticmethod
+    def _record(row: dict[str, Any]) -> MessageRecord:
+        return MessageRecord(
+            id=row["id"], channel=row["channel"], format=row["format"], sender=row["sender"],
+            message_id=row["message_id"], origin=row["origin"], received_at=row["received_at"], size=row["size"],
+            sha256=row["sha256"], status=row["status"], ack_code=row["ack_code"],
+            ack=bytes(row["ack"]) if row["ack"] is not None else None,
+            issues=jsonutil.loads(row["issues"] or "[]"), bundle_id=row["bundle_id"],
+        )
+
+    # -- resources -----------------------------------------------------------------------
+
+    def _save_bundle(self, bundle: dict[str, Any], record_id: int, now: str) -> None:
+        by_url: dict[str, dict[str, Any]] = {}
+        for entry in bundle.get("entry", []):
+            res = entry["resource"]
+            by_url[entry.get("fullUrl", "")] = res
+        local = {url: f"{r['resourceType']}/{r['id']}" for url, r in by_url.items()}
+        by_ref = {local[url]: r for url, r in by_url.items()}
+        for res in by_url.values():
+            stored = _rewrite_refs(res, local)
+            self._put(stored, record_id, now, resolve=lambda ref: by_ref.get(ref))
+
+    def _put(self, res: dict[str, Any], record_id: int | None, now: str, resolve: Any) -> None:
+        rtype, rid = res["resourceType"], res["id"]
+        current = list(self.db.query("SELECT version, last_updated, message_ref, json FROM resources"
+                                     " WHERE type = ? AND id = ?", [rtype, rid]))
+        version = 1
+        if current:
+            old = current[0]
+            if _same_content(old["json"], res):
+                return  # a resent or re-converted identical resource is not a new version
+            version = old["version"] + 1
+            self.db.execute("INSERT OR IGNORE INTO resource_history VALUES (?,?,?,?,?,?)",
+                            [rtype, rid, old["version"], old["last_updated"], old["message_ref"], old["json"]])
+        body = dict(res)
+        body.pop("meta", None)
+        meta = dict(res.get("meta", {}))
+        meta.update({"versionId": str(version), "lastUpdated": now})
+        body = {"resourceType": rtype, "id": rid, "meta": meta, **{k: v for k, v in body.items()
+                                                                      if k not in ("resourceType", "id")}}
+        self.db.execute("INSERT OR REPLACE INTO resources VALUES (?,?,?,?,?,?)",
+                        [rtype, rid, version, now, record_id, jsonutil.dumps(body)])
+        self.db.execute("DELETE FROM search_token WHERE type = ? AND id = ?", [rtype, rid])
+        self.db.execute("DELETE FROM search_date WHERE type = ? AND id = ?", [rtype, rid])
+        tokens, dates = index_resource(body, resolve)
+        self.db.conn.executemany("INSERT INTO search_token VALUES (?,?,?,?,?)",
+                                 [(rtype, rid, p, s, c) for p, s, c in tokens])
+        self.db.conn.executemany("INSERT INTO search_date VALUES (?,?,?,?,?)",
+                                 [(rtype, rid, p, lo, hi) for p, lo, hi in dates])
+
+    def read(self, rtype: str, rid: str) -> dict[str, Any]:
+        """The current version of a resource.
+
+        :raises NotFound: no such resource.
+        """
+        rows = list(self.db.query("SELECT json FROM resources WHERE type = ? AND id = ?", [rtype, rid]))
+        if not rows:
+            raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
+        return dict(jsonutil.loads(rows[0]["json"]))
+
+    def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = 20, offset: int = 0,
+               strict: bool = True) -> SearchResult:
+        """Resources of ``rtype`` matching every parameter (values within one parameter are ORed).
+
+        :raises InputError: unknown parameter (when strict) or a malformed value, located at the parameter.
+        """
+        known = SEARCH_PARAMS.get(rtype, {})
+        clauses: list[str] = []
+        args: list[Any] = []
+        for raw_name, value in params:
+            name = PARAM_ALIASES.get(raw_name, raw_name)
+            kind = known.get(name)
+            if kind is None:
+                if strict:
+                    raise InputError(f"search parameter {raw_name!r} is not supported for {rtype} "
+                                     f"(supported: {', '.join(sorted(known))})", raw_name, code="not-supported")
+                continue
+            ors: list[str] = []
+            for part in value.split(","):
+                if kind == "date":
+                    q = parse_date_query(part, raw_name)
+                    cond, cargs = date_matches_sql(q)
+                    ors.append(f"id IN (SELECT id FROM search_date WHERE type = ? AND param = ? AND {cond})")
+                    args += [rtype, name, *cargs]
+                else:
+                    if kind == "reference" and "/" not in part:
+                        part = f"Patient/{part}"
+                    if kind == "reference":
+                        t_system, t_code = None, part
+                    else:
+                        tq = parse_token_query(part)
+                        t_system, t_code = tq.system, tq.code
+                    cond = "type = ? AND param = ?"
+                    cargs = [rtype, name]
+                    if t_code is not None:
+                        cond += " AND code = ?"
+                        cargs.append(t_code)
+                    if t_system is not None:
+                        cond += " AND system = ?"
+                        cargs.append(t_system)
+                    ors.append(f"id IN (SELECT id FROM search_token WHERE {cond})")
+                    args += cargs
+            clauses.append("(" + " OR ".join(ors) + ")")
+        where = " AND ".join(["type = ?"] + clauses)
+        total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]
+        rows = self.db.query(f"SELECT json FROM resources WHERE {where} ORDER BY last_updated DESC, id"
+                             " LIMIT ? OFFSET ?", [rtype, *args, count, offset])
+        return SearchResult(int(total), [dict(jsonutil.loads(r["json"])) for r in rows])
+
+    def iter_resources(self, rtype: str) -> Iterator[dict[str, Any]]:
+        for row in self.db.query("SELECT json FROM resources WHERE type = ? ORDER BY id", [rtype]):
+            yield dict(jsonutil.loads(row["json"]))
+
+
+def _same_content(old_json: str, new: dict[str, Any]) -> bool:
+    old = dict(jsonutil.loads(old_json))
+    old_meta = {k: v for k, v in old.pop("meta", {}).items() if k not in ("versionId", "lastUpdated")}
+    new_body = dict(new)
+    new_meta = new_body.pop("meta", {})
+    return bool(old == new_body and old_meta == new_meta)
+
+
+def _rewrite_refs(obj: Any, local: dict[str, str]) -> Any:
+    """Replace in-Bundle ``urn:uuid:`` references by ``Type/id`` for storage."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if key == "reference" and isinstance(value, str) and value in local:
+                out[key] = local[value]
+            else:
+                out[key] = _rewrite_refs(value, local)
+        return out
+    if isinstance(obj, list):
+        return [_rewrite_refs(v, local) for v in obj]
+    return obj
