@@ -38,14 +38,19 @@ class _Group(click.Group):
 _SETTING_FLAGS = ("data_dir", "database", "issuer_uscc", "issuer_name", "mappings_dir", "log_level")
 
 
-def get_settings(ctx: click.Context, **flags: Any) -> Settings:
-    """Settings for a command: the group's flags plus the command's own."""
+def get_settings(ctx: click.Context, *, service: bool = False, **flags: Any) -> Settings:
+    """Settings for a command: the group's flags plus the command's own.
+
+    Logging follows ``log_level`` for the long-running service; one-shot
+    commands log warnings only unless ``--log-level`` is given, so that their
+    stderr stays one line per problem.
+    """
     root = ctx.find_root()
     overrides = dict(root.obj.get("overrides", {}))
     overrides.update({k: v for k, v in flags.items() if v is not None})
     settings = load_settings(root.obj.get("config"), overrides)
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = settings.log_level if service or "log_level" in overrides else "WARNING"
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return settings
 
 
@@ -86,7 +91,7 @@ def serve(ctx: click.Context, **flags: Any) -> None:
     """Run this member gateway: HTTP API (gunicorn) and MLLP listener."""
     from gateway.serve import serve as run
 
-    settings = get_settings(ctx, **flags)
+    settings = get_settings(ctx, service=True, **flags)
     click.echo(f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
                f"HTTP {settings.http_host}:{settings.http_port}, "
                + (f"MLLP {settings.mllp_host}:{settings.mllp_port}" if settings.mllp_port else "MLLP off")
@@ -120,6 +125,7 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
 
     settings = get_settings(ctx)
     pipeline = Pipeline(settings)
+    pipeline.channel(fmt)  # an unknown format is an error before any file is read
     failed = converted = filtered = 0
     for path in files:
         data, origin = _read_input(path)

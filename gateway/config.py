@@ -72,7 +72,7 @@ class Settings:
         try:
             check_uscc(self.issuer_uscc)
         except IdentifierError as exc:
-            raise ConfigError(f"issuer_uscc: {exc.message}", "issuer_uscc") from None
+            raise ConfigError(exc.message, "issuer_uscc") from None
         if not _valid_offset(self.timezone):
             raise ConfigError(f"timezone {self.timezone!r} must look like +08:00", "timezone")
         for name in ("http_port", "mllp_port"):

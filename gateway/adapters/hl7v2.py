@@ -499,7 +499,7 @@ class HL7v2Adapter:
         given = name[1].strip() if len(name) > 1 else ""
         p.family, p.given = family, given
         if family and given:
-            p.name = family + given if _CJK.search(family + given) else f"{given} {family}"
+            p.name = family + given if _CJK.search(family + given) else f"{family} {given}"
         else:
             p.name = family or given
         _, dob_fld = _locator(spec.get("birth_date", "PID-7"))
@@ -568,7 +568,7 @@ class HL7v2Adapter:
             parts = [m.unescape(x).strip() for x in interp[0].split(m.seps["subcomponent"])]
             r.interpreter_id = parts[0]
             names = [x for x in parts[1:3] if x]
-            r.interpreter_name = "".join(names) if all(_CJK.search(x) for x in names) else " ".join(reversed(names))
+            r.interpreter_name = "".join(names) if all(_CJK.search(x) for x in names) else " ".join(names)
         return r
 
     def _finish_report(self, m: _Msg, r: ReportFacts, spm_row: int | None, issues: list[Issue]) -> None:

@@ -1,0 +1,95 @@
+"""Shared fixtures: settings, clock, pipeline, app, client, runner, keys, audit_db."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gateway.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+CST = _dt.timezone(_dt.timedelta(hours=8))
+#: Demo members (see gateway.demo.MEMBERS); the samples' local codes belong to them.
+TONGJIANG = "12511921MB0001003C"
+FULING = "12500102MB0002006J"
+#: Which member's LIS produced each sample file (their local item codes differ).
+SAMPLE_ISSUER = {"lis-v24-gbk": FULING}
+
+
+def issuer_for(stem: str) -> str:
+    return SAMPLE_ISSUER.get(stem, TONGJIANG)
+
+
+class Clock:
+    """A settable clock: tests decide what time it is."""
+
+    def __init__(self, now: _dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> _dt.datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += _dt.timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(_dt.datetime(2026, 11, 22, 9, 30, 0, tzinfo=CST))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "issuer_name": "通江县人民医院（演示）"})
+
+
+@pytest.fixture
+def pipeline(settings: Settings, clock: Clock) -> Iterator[object]:
+    from gateway.pipeline import Pipeline
+
+    p = Pipeline(settings, clock=clock)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def app(settings: Settings, pipeline: object) -> object:
+    from gateway.api.app import create_app
+
+    application = create_app(settings, pipeline)  # type: ignore[arg-type]
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture
+def client(app: object) -> object:
+    return app.test_client()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def validator_path() -> Path:
+    """The independent FHIR validator (../shared/tools/validate-fhir)."""
+    override = os.environ.get("GATEWAY_VALIDATE_FHIR")
+    return Path(override) if override else ROOT.parent / "shared" / "tools" / "validate-fhir" / "validate_fhir"
+
+
+def validate_fhir(paths: list[Path]) -> subprocess.CompletedProcess[str]:
+    """Run the independent validators on FHIR JSON files; fails the test if the tool is missing."""
+    tool = validator_path()
+    if not tool.exists():
+        pytest.fail(f"independent FHIR validator not found at {tool} (set GATEWAY_VALIDATE_FHIR)")
+    if shutil.which("node") is None:
+        pytest.fail("node is needed for the independent FHIR validator")
+    return subprocess.run([str(tool), "--quiet", *map(str, paths)], capture_output=True, text=True, timeout=300)
