@@ -234,5 +234,17 @@ def settings_cmd() -> None:
         click.echo(f"{name:20} GATEWAY_{name.upper():22} default {default}\n{'':20} {text}")
 
 
+def _register_areas() -> None:
+    """Commands of the product areas, each in gateway/commands/."""
+    from gateway.commands import signing
+
+    cli.add_command(signing.keys)
+    cli.add_command(signing.sign)
+    cli.add_command(signing.verify)
+
+
+_register_areas()
+
+
 def main() -> None:  # pragma: no cover - console entry
     cli()

@@ -15,6 +15,7 @@ as an ACK with ERR segments, and the CLI as one readable line.
         MappingError
           UnmappedCode
         IdentifierError
+        InvalidSearch       400
       ProfileViolation      422, carries issues[]
       TrustError            401/403
         BadSignature        (says nothing about why)
@@ -39,6 +40,7 @@ __all__ = [
     "MappingError",
     "UnmappedCode",
     "IdentifierError",
+    "InvalidSearch",
     "ProfileViolation",
     "TrustError",
     "BadSignature",
@@ -138,6 +140,13 @@ class IdentifierError(InputError):
 
     code = "value"
     hl7_error = "102"
+
+
+class InvalidSearch(InputError):
+    """A search or paging parameter is unknown or malformed."""
+
+    code = "invalid"
+    http_status = 400
 
 
 class ProfileViolation(InputError):

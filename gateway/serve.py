@@ -8,9 +8,13 @@ crash left half-processed are marked failed (their raw input is kept).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import multiprocessing
+import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 from gateway.config import Settings
@@ -46,11 +50,12 @@ def serve(settings: Settings) -> None:
         log.warning("%d message(s) interrupted by the last stop are marked failed", recovered)
     pipeline.close()
 
-    child: multiprocessing.process.BaseProcess | None = None
+    # A plain child process (not multiprocessing): gunicorn forks its workers from this process,
+    # and they must not inherit multiprocessing's bookkeeping of the MLLP child.
+    parent = os.getpid()
+    child: subprocess.Popen[bytes] | None = None
     if settings.mllp_port:
-        ctx = multiprocessing.get_context("spawn")
-        child = ctx.Process(target=run_mllp, args=(settings,), name="gateway-mllp", daemon=True)
-        child.start()
+        child = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))])
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -76,6 +81,13 @@ def serve(settings: Settings) -> None:
     try:
         _Gunicorn().run()
     finally:
-        if child is not None and child.is_alive():
+        if child is not None and os.getpid() == parent:  # not in a forked worker
             child.terminate()
-            child.join(10)
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+if __name__ == "__main__":  # the MLLP child: settings arrive as JSON
+    run_mllp(Settings(**json.loads(sys.argv[1])))

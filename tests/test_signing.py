@@ -272,7 +272,7 @@ def test_authority_certificate_is_a_self_signed_ca_with_path_length_0(pki: Pki) 
 def test_uscc_of_reads_etsi_spelling_and_ignores_absent_or_invalid() -> None:
     key = generate_private_key()
 
-    def cert_with(*attrs: x509.NameAttribute) -> x509.Certificate:
+    def cert_with(*attrs: x509.NameAttribute[str]) -> x509.Certificate:
         name = x509.Name(list(attrs))
         start = dt.datetime(2025, 1, 1, tzinfo=CST)
         return (
@@ -305,7 +305,8 @@ def test_issue_certificate_refuses_bad_requests(pki: Pki) -> None:
     with pytest.raises(InputError, match="is for"):
         issue_certificate(csr, CHONGQING, "x", pki.authority_key, pki.authority, start, end)
     with pytest.raises(InputError, match="within the authority"):
-        issue_certificate(csr, SICHUAN, "x", pki.authority_key, pki.authority, start, dt.datetime(2036, 1, 1, tzinfo=CST))
+        too_late = dt.datetime(2036, 1, 1, tzinfo=CST)
+        issue_certificate(csr, SICHUAN, "x", pki.authority_key, pki.authority, start, too_late)
     with pytest.raises(InputError, match="UTC offset"):
         issue_certificate(csr, SICHUAN, "x", pki.authority_key, pki.authority, dt.datetime(2025, 1, 1), end)
     with pytest.raises(InputError, match="earlier"):
@@ -580,8 +581,8 @@ def test_crit_and_b64_headers_are_refused(pki: Pki, bundle: dict[str, Any], extr
     [
         lambda j: j[:-4],  # truncated signature
         lambda j: j[:-1],
-        lambda j: j[: j.index(".") - 3] + j[j.index(".") :],  # truncated header
-        lambda j: j.split(".")[0] + ".." ,  # no signature
+        lambda j: j[:j.index(".") - 3] + j[j.index("."):],  # truncated header
+        lambda j: j.split(".")[0] + "..",  # no signature
         lambda j: j.replace("..", ".e30."),  # an attached payload that is not the document
         lambda j: j + ".",
         lambda j: j.replace("..", "."),
@@ -604,7 +605,7 @@ def test_malformed_jws_fails_without_a_reason(pki: Pki, bundle: dict[str, Any], 
         lambda s: s.update(data=s["data"][:-7]),  # truncated base64
         lambda s: s.update(data="not base64!"),
         lambda s: s.update(sigFormat="application/signature+xml"),
-        lambda s: s.update(targetFormat="application/fhir+json;canonicalization=http://hl7.org/fhir/canonicalization/json#static"),
+        lambda s: s.update(targetFormat=TARGET_FORMAT.replace("#document", "#static")),
         lambda s: s.clear(),
     ],
 )
@@ -814,3 +815,34 @@ def test_static_trust_is_a_trust_source(pki: Pki) -> None:
     with pytest.raises(InputError):
         trust.add_authority(pki.cert)
     assert [listing.uscc for listing in trust.listings()] == [SICHUAN, CHONGQING]
+
+
+def test_public_api_other_parts_build_on_stays_in_place() -> None:
+    # Other parts of the gateway (registry snapshot, exchange, audit) code against these names.
+    import inspect
+
+    import gateway.signing.canonical as canonical
+    import gateway.signing.jws as jws
+    import gateway.signing.keys as keys
+    import gateway.signing.trust as trust
+
+    promised = {
+        canonical: ["canonicalize", "parse_json", "document_bytes", "dumps"],
+        keys: ["generate_private_key", "private_key_pem", "load_private_key", "load_certificate",
+               "load_certificates", "cert_pem", "kid_of", "uscc_of", "make_csr", "make_authority",
+               "issue_certificate", "is_authority"],
+        jws: ["sign_detached", "verify_detached", "sign_bundle", "verify_bundle", "VerifiedBundle",
+              "check_signer_is_issuer", "format_instant", "CLOCK_SKEW"],
+        trust: ["TrustSource", "StaticTrust", "check_certificate"],
+    }
+    for module, names in promised.items():
+        assert set(names) <= set(module.__all__), module.__name__
+        for name in module.__all__:
+            assert hasattr(module, name), (module.__name__, name)
+    assert set(signing.__all__) <= set(dir(signing))
+    assert list(inspect.signature(verify_bundle).parameters) == ["text", "trust", "at"]
+    assert list(inspect.signature(sign_bundle).parameters) == ["bundle", "key", "chain", "who", "when"]
+    assert list(inspect.signature(sign_detached).parameters) == ["payload", "key", "chain", "sig_time", "extra_header"]
+    assert [f for f in jws.VerifiedBundle.__dataclass_fields__] == [
+        "bundle", "header", "certificate", "kid", "signer_uscc", "signed_at"
+    ]

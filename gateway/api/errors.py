@@ -33,7 +33,7 @@ def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "severity": i.severity if i.severity in _SEVERITIES else "error",
             "code": i.code or "processing",
-            "diagnostics": i.line(),
+            "diagnostics": f"{i.extra['label']}: {i.line()}" if "label" in i.extra else i.line(),
         }
         if i.location:
             entry["expression"] = [i.location]

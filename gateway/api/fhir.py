@@ -14,10 +14,12 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
 
+from werkzeug.exceptions import NotAcceptable
+
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.api.errors import FHIR_JSON
-from gateway.errors import InputError, NotFound
+from gateway.errors import InvalidSearch, NotFound
 from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
 from gateway.naming import sd_url
 
@@ -40,8 +42,7 @@ def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
 def _check_format() -> None:
     fmt = request.args.get("_format", "")
     if fmt and "json" not in fmt:
-        raise InputError(f"_format {fmt!r} is not supported; this server speaks application/fhir+json", "_format",
-                         code="not-supported")
+        raise NotAcceptable(f"_format {fmt!r} is not supported; this server speaks application/fhir+json")
 
 
 @bp.get("/metadata")
@@ -104,9 +105,9 @@ def _int_param(name: str, default: int, low: int, high: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise InputError(f"{name} must be a whole number, not {raw!r}", name) from None
+        raise InvalidSearch(f"{name} must be a whole number, not {raw!r}", name) from None
     if not low <= value <= high:
-        raise InputError(f"{name} must be between {low} and {high}", name)
+        raise InvalidSearch(f"{name} must be between {low} and {high}", name)
     return value
 
 

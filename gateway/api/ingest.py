@@ -42,7 +42,7 @@ def ingest(fmt: str) -> Response:
             if o.bundle is not None or o.status.value in ("filtered", "duplicate"):
                 detail = f"Bundle/{o.bundle['id']}" if o.bundle else o.status.value
                 issues.append(Issue("information", "informational", "", f"{o.label}: {o.status.value} ({detail})"))
-            issues += [Issue(i.severity, i.code, i.location, f"{o.label}: {i.message}") for i in o.issues]
+            issues += [Issue(i.severity, i.code, i.location, i.message, extra={"label": o.label}) for i in o.issues]
         return outcome_response(issues, status, headers={"X-Ack-Code": worst})
     body = b"".join(o.answer for o in outcomes)
     return Response(body, status=status, mimetype="x-application/hl7-v2+er7", headers={"X-Ack-Code": worst})

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import InputError
+from gateway.errors import InputError, InvalidSearch
 
 __all__ = [
     "DateQuery",
@@ -103,7 +103,7 @@ def parse_date_query(value: str, param: str = "date") -> DateQuery:
     try:
         lo, hi = date_range(rest)
     except InputError as exc:
-        raise InputError(f"search parameter {param}: {exc.message}", param) from None
+        raise InvalidSearch(f"search parameter {param}: {exc.message}", param) from None
     return DateQuery(prefix, lo, hi)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlite_utils
 
 from gateway import jsonutil
-from gateway.errors import InputError, Issue, NotFound
+from gateway.errors import InvalidSearch, Issue, NotFound
 from gateway.fhir.search import (
     PARAM_ALIASES,
     SEARCH_PARAMS,
@@ -264,7 +264,7 @@ class Store:
                strict: bool = True) -> SearchResult:
         """Resources of ``rtype`` matching every parameter (values within one parameter are ORed).
 
-        :raises InputError: unknown parameter (when strict) or a malformed value, located at the parameter.
+        :raises InvalidSearch: unknown parameter (when strict) or a malformed value, located at the parameter.
         """
         known = SEARCH_PARAMS.get(rtype, {})
         clauses: list[str] = []
@@ -274,7 +274,7 @@ class Store:
             kind = known.get(name)
             if kind is None:
                 if strict:
-                    raise InputError(f"search parameter {raw_name!r} is not supported for {rtype} "
+                    raise InvalidSearch(f"search parameter {raw_name!r} is not supported for {rtype} "
                                      f"(supported: {', '.join(sorted(known))})", raw_name, code="not-supported")
                 continue
             ors: list[str] = []

@@ -62,7 +62,8 @@ def main() -> None:
 
     authority_path = HERE / "authority.cert.pem"
     if not authority_path.exists():
-        authority_path.write_bytes(cert_pem(make_authority(authority_key, AUTHORITY_USCC, AUTHORITY_NAME, *AUTHORITY_VALIDITY)))
+        authority = make_authority(authority_key, AUTHORITY_USCC, AUTHORITY_NAME, *AUTHORITY_VALIDITY)
+        authority_path.write_bytes(cert_pem(authority))
         print("created", authority_path.relative_to(ROOT))
     authority = load_certificate(authority_path)
 

@@ -1,0 +1,178 @@
+"""Registry API: the registry snapshot served as FHIR, the signed snapshot itself, and ``$recognize``.
+
+- ``GET /registry/fhir/Organization[?identifier=[system|]value]``, ``/registry/fhir/Organization/<USCC>``;
+- ``GET /registry/fhir/VerificationResult[?target=Organization/<USCC>]``, ``.../VerificationResult/<id>``;
+- ``GET /registry/fhir/Endpoint[?organization=Organization/<USCC>]``, ``.../Endpoint/<id>``;
+- ``GET /registry/snapshot``: the signed snapshot document as received, for passing on to peers;
+- ``POST /fhir/$recognize``: Parameters in, Parameters out (see :mod:`gateway.recognition.fhir`).
+
+The registry view has its own FHIR base (``/registry/fhir``) so that it never
+shadows the results the gateway holds under ``/fhir``. Everything is read from
+the snapshot in force (:class:`~gateway.registry.snapshot.RegistryHolder`); an
+expired snapshot is refused, not served. :func:`install` attaches the holder,
+the clock and (optionally) the database that stores decisions.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+
+from gateway import jsonutil
+from gateway.errors import ConfigError, InputError, NotFound
+from gateway.recognition.engine import decide_all
+from gateway.recognition.facts import facts_from_bundle
+from gateway.recognition.fhir import decision_parameters, parse_recognize_parameters
+from gateway.recognition.store import save_decisions
+from gateway.registry.fhir import registry_resources
+from gateway.registry.models import Snapshot, china_date
+from gateway.registry.snapshot import RegistryHolder
+from gateway.signing.canonical import parse_json
+from gateway.store.db import connect
+
+__all__ = ["bp", "install", "RegistryState", "EXTENSION_KEY"]
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("registry", __name__)
+
+#: Where :func:`install` keeps the registry state in ``app.extensions``.
+EXTENSION_KEY = "gateway.registry"
+_TYPES = ("Organization", "VerificationResult", "Endpoint")
+_SEARCH = {"Organization": {"identifier", "_id"}, "VerificationResult": {"target", "_id"}, "Endpoint": {"organization", "_id"}}
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+@dataclass
+class RegistryState:
+    """What the registry endpoints need: the snapshot holder, a clock and where decisions are stored."""
+
+    holder: RegistryHolder
+    clock: Callable[[], _dt.datetime] = _utcnow
+    database: str | Path | None = None
+
+
+def install(
+    app: Flask,
+    holder: RegistryHolder,
+    *,
+    clock: Callable[[], _dt.datetime] | None = None,
+    database: str | Path | None = None,
+) -> None:
+    """Attach the registry state to ``app`` (register :data:`bp` separately).
+
+    With ``database``, every ``$recognize`` decision is stored there.
+    """
+    app.extensions[EXTENSION_KEY] = RegistryState(holder, clock or _utcnow, database)
+
+
+def _state() -> RegistryState:
+    state = current_app.extensions.get(EXTENSION_KEY)
+    if not isinstance(state, RegistryState):
+        raise ConfigError("this gateway has no registry snapshot configured", "registry")
+    return state
+
+
+def _fhir(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(jsonutil.dumps(body), status=status, mimetype="application/fhir+json")
+
+
+def _snapshot_now() -> tuple[Snapshot, _dt.datetime]:
+    state = _state()
+    now = state.clock()
+    return state.holder.snapshot_at(now), now
+
+
+def _resources(rtype: str) -> list[dict[str, Any]]:
+    if rtype not in _TYPES:
+        raise NotFound(f"the registry serves {', '.join(_TYPES)}, not {rtype}", "type")
+    snapshot, now = _snapshot_now()
+    return registry_resources(snapshot, china_date(now))[rtype]
+
+
+def _matches(rtype: str, resource: dict[str, Any], name: str, value: str) -> bool:
+    if name == "_id":
+        return bool(resource["id"] == value)
+    if name == "identifier":
+        system, _, code = value.rpartition("|")
+        return any(
+            i.get("value") == code and (not system or i.get("system") == system) for i in resource.get("identifier", [])
+        )
+    if name == "target":
+        return any(t.get("reference") == value for t in resource.get("target", []))
+    if name == "organization":
+        return bool(resource.get("managingOrganization", {}).get("reference") == value)
+    return False
+
+
+@bp.get("/registry/fhir/<rtype>")
+def search(rtype: str) -> Response:
+    """Search one resource type of the registry view (a searchset Bundle, all matches)."""
+    resources = _resources(rtype)
+    for name, value in request.args.items(multi=True):
+        if name not in _SEARCH[rtype]:
+            raise InputError(f"search parameter {name!r} is not supported on {rtype}", name, code="not-supported")
+        resources = [r for r in resources if _matches(rtype, r, name, value)]
+    base = request.url_root.rstrip("/") + "/registry/fhir"
+    return _fhir(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(resources),
+            "link": [{"relation": "self", "url": request.url}],
+            "entry": [
+                {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in resources
+            ],
+        }
+    )
+
+
+@bp.get("/registry/fhir/<rtype>/<rid>")
+def read(rtype: str, rid: str) -> Response:
+    """Read one resource of the registry view.
+
+    :raises NotFound: no such type or id in the current snapshot.
+    """
+    for resource in _resources(rtype):
+        if resource["id"] == rid:
+            return _fhir(resource)
+    raise NotFound(f"{rtype}/{rid} is not in the registry snapshot in force", f"{rtype}/{rid}")
+
+
+@bp.get("/registry/snapshot")
+def snapshot_document() -> Response:
+    """The signed registry snapshot in force, byte for byte as it was received."""
+    _snapshot_now()  # refuses an expired one
+    return Response(_state().holder.current_text, mimetype="application/json")
+
+
+@bp.post("/fhir/$recognize")
+def recognize() -> Response:
+    """Decide recognition for every result of a Bundle: Parameters in, Parameters out."""
+    state = _state()
+    bundle, receiver, at = parse_recognize_parameters(parse_json(request.get_data()))
+    at = at or state.clock()
+    snapshot = state.holder.snapshot_at(at)
+    decisions = decide_all(facts_from_bundle(bundle), snapshot, receiver, at)
+    if state.database is not None:
+        db = connect(state.database)
+        try:
+            save_decisions(db, decisions, state.clock())
+        finally:
+            db.conn.close()
+    log.info(
+        "recognize: snapshot=%s results=%d recognized=%d",
+        snapshot.version,
+        len(decisions),
+        sum(1 for d in decisions if d.outcome == "recognized"),
+    )
+    return _fhir(decision_parameters(decisions))
+

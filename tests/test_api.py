@@ -1,0 +1,137 @@
+"""HTTP API: ingest answers, FHIR read/search, and one OperationOutcome shape for every error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA
+
+UTF8 = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
+MALFORMED = (DATA / "hl7v2" / "malformed.hl7").read_bytes()
+GBK = (DATA / "hl7v2" / "lis-v24-gbk.hl7").read_bytes()
+
+
+def assert_outcome(resp, status: int) -> dict:
+    """Every error answers with the same OperationOutcome shape."""
+    assert resp.status_code == status
+    assert resp.mimetype == "application/fhir+json"
+    body = resp.get_json(force=True)
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"], "an OperationOutcome always has an issue"
+    for issue in body["issue"]:
+        assert set(issue) <= {"severity", "code", "diagnostics", "expression"}
+        assert issue["severity"] in {"fatal", "error", "warning", "information"}
+        assert isinstance(issue["diagnostics"], str) and "Traceback" not in issue["diagnostics"]
+    return body
+
+
+def test_ingest_answers_with_an_ack(client) -> None:
+    resp = client.post("/ingest/hl7v2", data=UTF8)
+    assert resp.status_code == 200 and resp.headers["X-Ack-Code"] == "AA"
+    assert resp.mimetype == "x-application/hl7-v2+er7"
+    assert b"MSA|AA|TJ2405200099" in resp.data
+    assert b"ERR||OBX^3^3|103^Table value not found^HL70357|W" in resp.data  # unmapped code: warning only
+
+
+def test_ingest_refusals_map_to_http_status(client) -> None:
+    bad = client.post("/ingest/hl7v2", data=b"MSH" + MALFORMED.split(b"MSH")[1])
+    assert bad.status_code == 422 and bad.headers["X-Ack-Code"] == "AE"
+    adt = b"MSH" + MALFORMED.split(b"MSH")[4]
+    rejected = client.post("/ingest/hl7v2", data=adt)
+    assert rejected.status_code == 400 and b"MSA|AR|ADT0045" in rejected.data
+
+
+def test_ingest_can_answer_with_an_operation_outcome(client) -> None:
+    resp = client.post("/ingest/hl7v2", data=MALFORMED, headers={"Accept": "application/fhir+json"})
+    body = assert_outcome(resp, 400)  # the worst answer (AR) sets the status
+    texts = [i["diagnostics"] for i in body["issue"]]
+    assert "MSH-10 ORU0042: OBX[3]-5 'abc' is not a number for value type NM" in texts
+    assert any(t.startswith("MSH-10 ORU0043: stored (Bundle/") for t in texts)
+    assert {"OBX[3]-5"} <= {e for i in body["issue"] for e in i.get("expression", [])}
+
+
+def test_ingest_gbk_answers_in_gbk(client) -> None:
+    resp = client.post("/ingest/hl7v2", data=GBK)
+    assert resp.status_code == 200
+    assert b"MSA|AA|LIS20240402000731" in resp.data
+
+
+def test_ingest_errors_are_operation_outcomes(client) -> None:
+    assert_outcome(client.post("/ingest/hl7v2", data=b"   "), 422)
+    body = assert_outcome(client.post("/ingest/nonsense", data=b"x"), 415)
+    assert "format 'nonsense' is not supported" in body["issue"][0]["diagnostics"]
+    assert_outcome(client.get("/ingest/hl7v2"), 405)
+
+
+def test_request_size_limit(app, client) -> None:
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    assert_outcome(client.post("/ingest/hl7v2", data=b"M" * 5000), 413)
+
+
+def test_capability_statement(client) -> None:
+    cap = client.get("/fhir/metadata").get_json()
+    assert cap["resourceType"] == "CapabilityStatement" and cap["fhirVersion"] == "4.0.1"
+    types = {r["type"]: r for r in cap["rest"][0]["resource"]}
+    assert {"DiagnosticReport", "Observation", "Patient"} <= set(types)
+    assert "patient.identifier" in {p["name"] for p in types["DiagnosticReport"]["searchParam"]}
+
+
+def test_read_and_search_over_http(client) -> None:
+    client.post("/ingest/hl7v2", data=UTF8)
+    found = client.get("/fhir/DiagnosticReport", query_string={
+        "subject:Patient.identifier": "urn:oid:2.16.156.10011.1.3|511921196612120011"}).get_json()
+    assert found["type"] == "searchset" and found["total"] == 2
+    report = found["entry"][0]["resource"]
+    assert found["entry"][0]["fullUrl"].endswith(f"/fhir/DiagnosticReport/{report['id']}")
+    resp = client.get(f"/fhir/DiagnosticReport/{report['id']}")
+    assert resp.status_code == 200 and resp.headers["ETag"] == 'W/"1"'
+    assert resp.get_json() == report
+    obs = client.get(f"/fhir/{report['result'][0]['reference']}").get_json()
+    assert obs["resourceType"] == "Observation"
+
+
+def test_search_paging_with_next_links(client) -> None:
+    client.post("/ingest/hl7v2", data=UTF8)
+    first = client.get("/fhir/Observation?code=http://loinc.org|&_count=3").get_json()
+    assert first["total"] == 4 and len(first["entry"]) == 3
+    nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    second = client.get(nxt.replace("http://localhost", "")).get_json()
+    assert len(second["entry"]) == 1
+    assert {e["resource"]["id"] for e in first["entry"]}.isdisjoint({e["resource"]["id"] for e in second["entry"]})
+    assert not any(link["relation"] == "next" for link in second["link"])
+
+
+def test_search_and_read_errors_are_operation_outcomes(client) -> None:
+    body = assert_outcome(client.get("/fhir/Observation?colour=red"), 400)
+    assert body["issue"][0]["expression"] == ["colour"]
+    ok = client.get("/fhir/Observation?colour=red", headers={"Prefer": "handling=lenient"})
+    assert ok.status_code == 200
+    assert_outcome(client.get("/fhir/Observation?date=2024-13-01"), 400)
+    assert_outcome(client.get("/fhir/Observation?_count=x"), 400)
+    assert_outcome(client.get("/fhir/Observation/does-not-exist"), 404)
+    assert_outcome(client.get("/fhir/Medication/1"), 404)
+    assert_outcome(client.get("/fhir/Observation?_format=xml"), 406)
+    assert_outcome(client.get("/nowhere"), 404)
+
+
+def test_unexpected_errors_never_show_a_stack_trace(app, client, monkeypatch) -> None:
+    from gateway.store.store import Store
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail 511921198001011237")
+
+    monkeypatch.setattr(Store, "read", broken)
+    body = assert_outcome(client.get("/fhir/Observation/x"), 500)
+    assert "511921" not in json.dumps(body) and "secret" not in json.dumps(body)
+
+
+def test_health(client) -> None:
+    client.post("/ingest/hl7v2", data=UTF8)
+    body = client.get("/health").get_json()
+    assert body["status"] == "ok" and body["messages"] == {"stored": 1}
+
+
+@pytest.mark.parametrize("path", ["/fhir/metadata", "/health"])
+def test_json_endpoints_answer_utf8(client, path: str) -> None:
+    assert client.get(path).status_code == 200

@@ -1,0 +1,155 @@
+"""CLI: help everywhere, convert's output and errors, settings layering, operator commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+
+from conftest import DATA, FULING, TONGJIANG
+from gateway.cli import cli
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+
+
+def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append(prefix + (name,))
+        if isinstance(cmd, click.Group):
+            out += all_commands(cmd, prefix + (name,))
+    return out
+
+
+def test_every_command_has_help(runner) -> None:
+    commands = all_commands(cli)
+    assert {("serve",), ("convert",), ("demo",), ("mappings", "check"), ("messages", "list")} <= set(commands)
+    for path in commands:
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, path
+        cmd = cli
+        for name in path:
+            cmd = cmd.commands[name]  # type: ignore[attr-defined]
+        assert cmd.help or cmd.short_help, f"{' '.join(path)} has no help text"
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name not in ("help",):
+                assert param.help, f"{' '.join(path)} {param.opts[0]} has no help text"
+
+
+def test_convert_prints_one_bundle_per_line_and_problems_on_stderr(runner) -> None:
+    result = runner.invoke(cli, ["--issuer-uscc", TONGJIANG, "convert", str(DATA / "hl7v2" / "malformed.hl7")])
+    assert result.exit_code == 1
+    bundles = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(bundles) == 1 and bundles[0]["resourceType"] == "Bundle"
+    assert result.stderr.splitlines() == [
+        "MSH-10 ORU0042: OBX[3]-5 'abc' is not a number for value type NM",
+        "MSH-10 ORU0044: PID[1]-3 repetition 1 (type NNCHN): 身份证号 check digit is '0', expected '7'",
+        "MSH-10 ADT0045: MSH[1]-9 message type ADT^A01 is not supported (supported: ORU^R01)",
+        "MSH-10 ORU0046: MSH[1]-12 HL7 version 2.2 is not supported (supported: 2.3.1, 2.4, 2.5, 2.5.1)",
+        "MSH-10 ORU0047: OBR[1]-7 month 13 in '20241345080000' does not exist",
+    ]
+
+
+def test_convert_good_files_exit_zero_and_name_files_when_several(runner) -> None:
+    files = [str(DATA / "hl7v2" / "analyser-v231-chemistry.hl7"), str(DATA / "hl7v2" / "lis-v24-crlf.hl7")]
+    result = runner.invoke(cli, ["--issuer-uscc", TONGJIANG, "convert", *files])
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr.splitlines() == [
+        f"filtered: {files[0]}: MSH-10 1002: no PID segment: analyser quality-control or calibration message"]
+
+
+def test_convert_reads_stdin_and_uses_the_issuers_code_system(runner) -> None:
+    data = (DATA / "hl7v2" / "lis-v24-gbk.hl7").read_bytes()
+    result = runner.invoke(cli, ["--issuer-uscc", FULING, "convert", "-"], input=data)
+    assert result.exit_code == 0
+    bundle = json.loads(result.stdout)
+    obs = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
+    assert obs["code"]["coding"][0]["system"].endswith(f"/local-item/{FULING}")
+
+
+def test_convert_errors_are_one_line(runner, tmp_path: Path) -> None:
+    missing = runner.invoke(cli, ["convert", str(tmp_path / "nope.hl7")])
+    assert missing.exit_code == 1 and missing.stderr.strip().startswith("Error:") and "nope.hl7" in missing.stderr
+    fmt = runner.invoke(cli, ["convert", "--format", "pdf", str(tmp_path / "x")])
+    assert fmt.exit_code == 1 and "format 'pdf' is not supported" in fmt.stderr
+    bad_uscc = runner.invoke(cli, ["--issuer-uscc", "12511921MB0001003X", "convert", "-"], input=b"")
+    assert bad_uscc.exit_code == 2
+    assert bad_uscc.stderr.strip().splitlines() == [
+        "Error: configuration: issuer_uscc: 统一社会信用代码 '12511921MB0001003X' check character is 'X', expected 'C'"]
+
+
+def test_mappings_check_lists_tables_and_fails_on_a_bad_one(runner, tmp_path: Path) -> None:
+    ok = runner.invoke(cli, ["mappings", "check"])
+    assert ok.exit_code == 0 and "lab-items" in ok.stdout and "tables OK" in ok.stdout
+    bad = tmp_path / "mappings" / "concepts"
+    bad.mkdir(parents=True)
+    (bad / "x.csv").write_text("# id: x\n# version: 1\n# target: http://loinc.org\n"
+                               "source_system,source_code,target_system,target_code,display\n"
+                               "*,GLU,http://loinc.org,2345-8,Glucose\n", encoding="utf-8")
+    result = runner.invoke(cli, ["--mappings-dir", str(tmp_path / "mappings"), "mappings", "check"])
+    assert result.exit_code == 2
+    assert "x.csv:2: LOINC code '2345-8' has a wrong check digit" in result.stderr
+
+
+def test_messages_list_and_show(runner, tmp_path: Path) -> None:
+    from gateway.pipeline import Pipeline
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": TONGJIANG})
+    Pipeline(settings).ingest((DATA / "hl7v2" / "malformed.hl7").read_bytes(), "hl7v2", channel="file")
+    listed = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "list", "--status", "refused"])
+    assert listed.exit_code == 0 and len(listed.stdout.splitlines()) == 5
+    assert "'abc' is not a number" in listed.stdout
+    shown = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "show", "1"])
+    assert "status refused, answer AE" in shown.stdout and "OBX[3]-5" in shown.stdout
+    raw = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "show", "1", "--raw"])
+    assert raw.stdout_bytes.startswith(b"MSH|^~\\&|LIS|TJXRMYY")
+    missing = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "show", "99"])
+    assert missing.exit_code == 1 and "no message with id 99" in missing.stderr
+
+
+def test_settings_layers_defaults_toml_env_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "gw.toml"
+    toml.write_text('[gateway]\nhttp_port = 9001\nmllp_port = 9002\nissuer_name = "来自文件"\n', encoding="utf-8")
+    env = {"GATEWAY_CONFIG": str(toml), "GATEWAY_MLLP_PORT": "9003"}
+    s = load_settings(environ=env, overrides={"issuer_name": "来自参数"})
+    assert (s.http_port, s.mllp_port, s.issuer_name, s.workers) == (9001, 9003, "来自参数", 2)
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("colour = 1\n", "unknown setting 'colour'"),
+    ("http_port = 'eighty'\n", "http_port must be a whole number"),
+    ("http_port = 70000\n", "http_port 70000 is not a TCP port"),
+    ("timezone = 'CST'\n", "timezone 'CST' must look like +08:00"),
+    ("not toml at all = = \n", "is not valid TOML"),
+])
+def test_bad_settings_are_config_errors(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(toml, encoding="utf-8")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path, environ={})
+    assert message in str(exc.value)
+
+
+def test_settings_command_documents_every_setting(runner) -> None:
+    from dataclasses import fields
+
+    from gateway.config import Settings
+
+    out = runner.invoke(cli, ["settings"]).stdout
+    for f in fields(Settings):
+        assert f"GATEWAY_{f.name.upper()}" in out
+
+
+def test_readme_documents_every_setting_and_command() -> None:
+    from dataclasses import fields
+
+    from gateway.config import REPO_ROOT, Settings
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for f in fields(Settings):
+        assert f"`{f.name}`" in readme, f"setting {f.name} is not in the README"
+    for path in all_commands(cli):
+        if len(path) == 1 or path[0] in ("mappings", "messages"):
+            assert f"gateway {' '.join(path)}" in readme, f"command {' '.join(path)} is not in the README"

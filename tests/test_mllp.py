@@ -1,0 +1,128 @@
+"""MLLP: ACKs over real TCP on loopback, with python-hl7's own client and its mllp_send tool."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from hl7.client import MLLPClient
+
+from conftest import DATA, TONGJIANG
+from gateway.adapters.hl7v2 import split_messages
+from gateway.demo import free_port
+from gateway.mllp import MLLPServer, frame
+
+FRAMED = DATA / "hl7v2" / "mllp-framed.hl7"
+
+
+@pytest.fixture
+def server(pipeline):
+    srv = MLLPServer(pipeline, "127.0.0.1", 0)
+    srv.start_in_thread()
+    yield srv
+    srv.stop()
+
+
+def msa(ack: bytes) -> list[str]:
+    seg = next(s for s in ack.decode("utf-8").split("\r") if s.startswith("MSA"))
+    return seg.split("|")
+
+
+def test_ack_per_message_over_one_connection(server, pipeline) -> None:
+    with MLLPClient("127.0.0.1", server.port) as client:
+        acks = [client.send_message(m) for m in split_messages(FRAMED.read_bytes())]
+    assert [msa(a)[1:3] for a in acks] == [["AA", "TJ2406100001"], ["AE", "TJ2406100002"]]
+    assert b"ERR||OBX^1^5|102^Data type error^HL70357|E" in acks[1]
+    # the ACK was sent after the message was durable: it is in the database now
+    assert pipeline.store.counts() == {"stored": 1, "refused": 1}
+
+
+def test_resent_message_is_acked_again_not_stored_twice(server, pipeline) -> None:
+    first = split_messages(FRAMED.read_bytes())[0]
+    with MLLPClient("127.0.0.1", server.port) as client:
+        a1 = client.send_message(first)
+        a2 = client.send_message(first)
+    assert a1 == a2 and msa(a1)[1] == "AA"
+    assert pipeline.store.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+
+
+def test_oversized_message_is_refused_and_the_connection_closed(pipeline) -> None:
+    srv = MLLPServer(pipeline, "127.0.0.1", 0, max_message_bytes=200)
+    srv.start_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(frame(split_messages(FRAMED.read_bytes())[0]))
+            data = b""
+            while not data.endswith(b"\x1c\x0d"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert msa(data.strip(b"\x0b\x1c\x0d"))[1] == "AR"
+            assert b"larger than 200 bytes" in data
+            sock.settimeout(5)
+            assert sock.recv(10) == b""  # closed by the server
+    finally:
+        srv.stop()
+
+
+def test_many_messages_in_a_row(server, pipeline) -> None:
+    base = split_messages(FRAMED.read_bytes())[0]
+    with MLLPClient("127.0.0.1", server.port) as client:
+        for n in range(30):
+            ack = client.send_message(base.replace(b"TJ2406100001", f"BULK{n:04d}".encode()))
+            assert msa(ack)[1:3] == ["AA", f"BULK{n:04d}"]
+    assert pipeline.store.counts() == {"stored": 30}
+
+
+def _wait_for(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+@pytest.mark.slow
+def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
+    """A real client nobody here wrote (python-hl7's mllp_send) against `gateway serve`."""
+    mllp_send = shutil.which("mllp_send") or str(Path(sys.executable).with_name("mllp_send"))
+    gateway = shutil.which("gateway") or str(Path(sys.executable).with_name("gateway"))
+    http_port, mllp_port = free_port(), free_port()
+    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "gw"), "GATEWAY_ISSUER_USCC": TONGJIANG,
+           "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([gateway, "serve", "--http-port", str(http_port), "--mllp-port", str(mllp_port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(mllp_port)
+        _wait_for(http_port)
+        sent = subprocess.run([mllp_send, "--port", str(mllp_port), "--file", str(FRAMED), "127.0.0.1"],
+                              capture_output=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        acks = [a for a in sent.stdout.split(b"\n") if a.strip()]
+        codes = [msa(a.strip(b"\x0b\x1c\r"))[1:3] for a in acks]
+        assert codes == [["AA", "TJ2406100001"], ["AE", "TJ2406100002"]]
+        found = requests.get(f"http://127.0.0.1:{http_port}/fhir/DiagnosticReport", timeout=30,
+                             params={"patient.identifier": "511921198001011237"}).json()
+        assert found["total"] == 1
+        health = requests.get(f"http://127.0.0.1:{http_port}/health", timeout=30).json()
+        assert health["messages"] == {"stored": 1, "refused": 1}
+    finally:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
+    # the access log never carries the query string (it may hold a 身份证号)
+    assert b"511921198001011237" not in err and b"511921198001011237" not in out

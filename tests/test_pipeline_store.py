@@ -1,0 +1,184 @@
+"""Pipeline and store: raw first, one status per message, duplicates by key, search, history."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from conftest import DATA
+from gateway.errors import InputError
+from gateway.pipeline import Pipeline, Status
+
+MALFORMED = (DATA / "hl7v2" / "malformed.hl7").read_bytes()
+UTF8 = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
+ANALYSER = (DATA / "hl7v2" / "analyser-v231-chemistry.hl7").read_bytes()
+
+
+def test_every_message_is_stored_raw_with_one_final_status(pipeline: Pipeline) -> None:
+    outcomes = pipeline.ingest(MALFORMED, "hl7v2", channel="file", origin="malformed.hl7")
+    assert [o.status for o in outcomes] == [Status.REFUSED, Status.STORED, Status.REFUSED, Status.REFUSED,
+                                            Status.REFUSED, Status.REFUSED]
+    assert [o.ack_code for o in outcomes] == ["AE", "AA", "AE", "AR", "AR", "AE"]
+    rows = list(pipeline.store.db.query("SELECT message_id, status, raw FROM messages ORDER BY id"))
+    assert [r["message_id"] for r in rows] == ["ORU0042", "ORU0043", "ORU0044", "ADT0045", "ORU0046", "ORU0047"]
+    # nothing lost: the raw bytes of each message, exactly as received
+    from gateway.adapters.hl7v2 import split_messages
+
+    assert [bytes(r["raw"]) for r in rows] == split_messages(MALFORMED)
+    stages = pipeline.store.stages_of(outcomes[0].record_id)
+    assert [(s["stage"], s["status"]) for s in stages] == [("receive", "received"), ("finish", "refused")]
+
+
+def test_refused_message_keeps_its_issues_and_ack(pipeline: Pipeline) -> None:
+    outcome = pipeline.ingest(MALFORMED, "hl7v2", channel="file")[0]
+    rec = pipeline.store.get_message(outcome.record_id)
+    assert rec.status == "refused" and rec.ack_code == "AE"
+    assert rec.issues == [{"severity": "error", "code": "value", "location": "OBX[3]-5",
+                           "message": "'abc' is not a number for value type NM"}]
+    assert rec.ack == outcome.answer and b"MSA|AE|ORU0042" in rec.ack
+
+
+def test_duplicate_is_answered_again_and_never_stored_twice(pipeline: Pipeline) -> None:
+    first = pipeline.ingest(UTF8, "hl7v2", channel="mllp")[0]
+    again = pipeline.ingest(UTF8, "hl7v2", channel="http")[0]
+    assert first.status is Status.STORED and again.status is Status.DUPLICATE
+    assert again.answer == first.answer and again.record_id == first.record_id
+    assert pipeline.store.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+
+
+def test_duplicate_key_is_enforced_by_the_database(pipeline: Pipeline) -> None:
+    pipeline.ingest(UTF8, "hl7v2", channel="mllp")
+    with pytest.raises(sqlite3.IntegrityError):
+        pipeline.store.db.execute(
+            "INSERT INTO messages (channel, format, sender, message_id, received_at, size, sha256, raw, status,"
+            " updated_at) SELECT channel, format, sender, message_id, received_at, size, sha256, raw, status,"
+            " updated_at FROM messages")
+
+
+def test_qc_message_is_filtered_not_failed(pipeline: Pipeline) -> None:
+    outcomes = pipeline.ingest(ANALYSER, "hl7v2", channel="mllp")
+    assert [o.status for o in outcomes] == [Status.STORED, Status.FILTERED]
+    assert outcomes[1].ack_code == "AA" and b"filtered" in outcomes[1].answer
+    assert pipeline.store.counts() == {"stored": 1, "filtered": 1}
+    assert pipeline.store.search("Observation", []).total == 5  # the QC result was not turned into FHIR
+
+
+def test_convert_stores_nothing(pipeline: Pipeline) -> None:
+    outcomes = list(pipeline.convert(UTF8, "hl7v2"))
+    assert outcomes[0].status is Status.CONVERTED and outcomes[0].bundle is not None
+    assert pipeline.store.counts() == {}
+
+
+def test_interrupted_messages_are_marked_failed_at_start_up(pipeline: Pipeline) -> None:
+    record_id, _ = pipeline.store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS|X", message_id="M9",
+                                             origin="", raw=b"MSH|...")
+    assert pipeline.recover() == 1
+    rec = pipeline.store.get_message(record_id)
+    assert rec.status == "failed" and "interrupted" in rec.issues[0]["message"]
+    assert pipeline.store.raw_of(record_id) == b"MSH|..."
+
+
+def test_a_bug_in_a_stage_fails_the_message_without_losing_it(pipeline: Pipeline, monkeypatch) -> None:
+    channel = pipeline.channel("hl7v2")
+
+    def broken(msg):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(channel, "build", broken)
+    outcome = pipeline.ingest(UTF8, "hl7v2", channel="http")[0]
+    assert outcome.status is Status.FAILED and outcome.ack_code == "AE"
+    assert b"boom" not in outcome.answer and b"internal error" in outcome.answer
+    assert pipeline.store.raw_of(outcome.record_id) == UTF8.rstrip(b"\r")
+
+
+def test_resent_correction_keeps_the_earlier_version(pipeline: Pipeline) -> None:
+    pipeline.ingest(UTF8, "hl7v2", channel="http")
+    corrected = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200199|").replace(b"OBX|1|NM|ALT^\xe4\xb8\x99", b"OBX|1|NM|ALT^\xe4\xb8\x99")
+    corrected = corrected.replace(b"||36|U/L|9-50|N|||F|", b"||38|U/L|9-50|N|||C|")
+    out = pipeline.ingest(corrected, "hl7v2", channel="http")[0]
+    assert out.status is Status.STORED
+    alt = pipeline.store.search("Observation", [("code", "http://loinc.org|1742-6")]).resources[0]
+    assert alt["status"] == "corrected" and str(alt["valueQuantity"]["value"]) == "38"
+    assert alt["meta"]["versionId"] == "2"
+    old = pipeline.store.db.execute("SELECT json FROM resource_history WHERE id = ?", [alt["id"]]).fetchone()[0]
+    assert '"value":36' in old
+
+
+# -- search -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loaded(pipeline: Pipeline) -> Pipeline:
+    for name in ("lis-v251-utf8.hl7", "analyser-v231-chemistry.hl7", "mllp-framed.hl7", "lis-v24-crlf.hl7"):
+        pipeline.ingest((DATA / "hl7v2" / name).read_bytes(), "hl7v2", channel="file")
+    return pipeline
+
+
+ID_ZHANG = "urn:oid:2.16.156.10011.1.3|511921198001011237"
+
+
+@pytest.mark.parametrize("param", ["patient.identifier", "subject:Patient.identifier", "subject.identifier",
+                                   "patient:Patient.identifier"])
+def test_search_reports_by_patient_id_card(loaded: Pipeline, param: str) -> None:
+    found = loaded.store.search("DiagnosticReport", [(param, ID_ZHANG)])
+    # 张三: analyser chemistry (2024-03-15), MLLP file blood count (2024-06-10), CRLF chemistry (2024-06-11)
+    assert sorted(r["identifier"][0]["value"] for r in found.resources) == ["240315001", "R2406100001",
+                                                                             "R2406110005"]
+
+
+def test_search_by_identifier_value_without_system(loaded: Pipeline) -> None:
+    assert loaded.store.search("DiagnosticReport", [("patient.identifier", "511921196612120011")]).total == 2
+
+
+@pytest.mark.parametrize("value, total", [
+    ("http://loinc.org|1742-6", 2),  # ALT in the v2.5.1 and analyser samples
+    ("1742-6", 2),
+    ("|1742-6", 0),  # only codes without a system
+    ("http://loinc.org|", 13),  # every LOINC-coded result: 4 + 5 + 2 + 2 (HBSAG, HBEAG, REMARK have none)
+    ("http://loinc.org|6690-2,http://loinc.org|718-7", 2),  # OR within one parameter
+])
+def test_search_observations_by_code(loaded: Pipeline, value: str, total: int) -> None:
+    assert loaded.store.search("Observation", [("code", value)]).total == total
+
+
+@pytest.mark.parametrize("value, total", [
+    ("2024-06", 4),  # WBC, HGB (06-10), UREA, NA (06-11)
+    ("2024-06-10", 2),
+    ("ge2024-06-11", 2),
+    ("lt2024-05-20", 5),  # the analyser's five results of 2024-03-15
+    ("gt2024-06-10", 2),
+    ("le2024-05-20", 12),  # 5 analyser + 7 of 2024-05-20
+    ("sa2024-05-20", 4),
+    ("eb2024-06-10", 12),
+    ("ne2024", 0),
+    ("2024-05-20T11:00:00+08:00", 4),
+    ("2024-05-20T03:00:00Z", 4),  # the same instant in UTC
+])
+def test_search_observations_by_date_prefixes(loaded: Pipeline, value: str, total: int) -> None:
+    assert loaded.store.search("Observation", [("date", value)]).total == total
+
+
+def test_search_combines_parameters_with_and(loaded: Pipeline) -> None:
+    found = loaded.store.search("Observation", [("patient.identifier", ID_ZHANG), ("code", "6690-2"),
+                                                ("date", "2024-06")])
+    assert found.total == 1 and str(found.resources[0]["valueQuantity"]["value"]) == "6.3"
+
+
+def test_search_refuses_unknown_parameters_and_bad_dates(loaded: Pipeline) -> None:
+    with pytest.raises(InputError) as exc:
+        loaded.store.search("Observation", [("colour", "red")])
+    assert exc.value.location == "colour"
+    assert loaded.store.search("Observation", [("colour", "red")], strict=False).total == 16  # 7 + 5 + 2 + 2
+    with pytest.raises(InputError) as exc:
+        loaded.store.search("Observation", [("date", "2024-13")])
+    assert exc.value.location == "date"
+
+
+def test_stored_references_point_to_stored_resources(loaded: Pipeline) -> None:
+    report = loaded.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources[0]
+    patient_ref = report["subject"]["reference"]
+    assert patient_ref.startswith("Patient/")
+    rtype, rid = patient_ref.split("/")
+    assert loaded.store.read(rtype, rid)["identifier"][0]["value"] == "511921196612120011"
+    for result in report["result"]:
+        assert loaded.store.read(*result["reference"].split("/"))["resourceType"] == "Observation"
