@@ -78,7 +78,7 @@ def to_fhir_datetime(text: str, default_offset: str = "+08:00") -> str:
     if hour > 23 or minute > 59 or second > 59:
         raise DateTimeError(f"time in {text!r} does not exist")
     frac = f".{p['f']}" if p.get("f") else ""
-    return f"{day.isoformat()}T{hour:02d}:{minute:02d}:{second:02d}{frac}{_offset(p['tz'], default_offset)}"
+    return f"{day.isoformat()}T{hour:02d}:{minute:02d}:{second:02d}{frac}{_offset(p.get('tz'), default_offset)}"
 
 
 def to_fhir_date(text: str) -> str:

@@ -1,0 +1,102 @@
+"""Identifier check algorithms (GB 32100, GB 11714, GB 11643) and source timestamps to FHIR."""
+from __future__ import annotations
+
+import pytest
+
+from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
+from gateway.errors import IdentifierError
+from gateway.identifiers import (
+    check_id_card,
+    check_uscc,
+    id_card_birth_date,
+    id_card_sex,
+    org_code_check_char,
+    province_of_division,
+    uscc_check_char,
+)
+
+
+@pytest.mark.parametrize("code", ["91350100M000100Y43", "11500000MB1670604W", "11500103MB1849823N",
+                                  "12330000470051726F"])
+def test_uscc_public_examples_pass(code: str) -> None:
+    assert check_uscc(code) == code
+    assert check_uscc(code.lower()) == code
+
+
+def test_uscc_worked_example_sum() -> None:
+    # DOMAIN.md §4.1: Σ = 1640, 1640 mod 31 = 28, 31 - 28 = 3
+    assert uscc_check_char("91350100M000100Y4") == "3"
+
+
+@pytest.mark.parametrize("code, message", [
+    ("91350100M000100Y44", "check character is '4', expected '3'"),
+    ("91350100M000100Y4", "has 17 characters"),
+    ("91350100M000100YI3", "character 17 .I. is not allowed"),
+    ("", "has 0 characters"),
+])
+def test_uscc_bad(code: str, message: str) -> None:
+    with pytest.raises(IdentifierError, match=message):
+        check_uscc(code)
+
+
+def test_org_code_check() -> None:
+    assert org_code_check_char("MB167060") == "4"  # DOMAIN.md §4.1: Σ 271 -> 4
+
+
+def test_id_card_standard_example() -> None:
+    assert check_id_card("11010519491231002X") == "11010519491231002X"
+    assert check_id_card("11010519491231002x") == "11010519491231002X"
+    assert id_card_sex("11010519491231002X") == "female"  # 17th digit 2 is even
+    assert id_card_birth_date("11010519491231002X") == "1949-12-31"
+
+
+def test_id_card_legacy_15_digits_is_widened() -> None:
+    assert check_id_card("110105491231002") == "11010519491231002X"
+
+
+@pytest.mark.parametrize("number, message", [
+    ("110105194912310021", "check digit is '1', expected 'X'"),
+    ("110105194913310020", "is not a calendar date"),
+    ("11010519491231002", "has 17 characters"),
+    ("1101051949123100AX", "17 digits followed by a digit or X"),
+])
+def test_id_card_bad(number: str, message: str) -> None:
+    with pytest.raises(IdentifierError, match=message):
+        check_id_card(number)
+
+
+def test_province_of_division() -> None:
+    assert province_of_division("511921") == "51"
+    assert province_of_division("500102") == "50"
+    assert province_of_division("110105") is None
+
+
+@pytest.mark.parametrize("source, fhir", [
+    ("2024", "2024"), ("202403", "2024-03"), ("20240315", "2024-03-15"),
+    ("2024031508", "2024-03-15T08:00:00+08:00"),
+    ("202403150830", "2024-03-15T08:30:00+08:00"),
+    ("20240315083012", "2024-03-15T08:30:12+08:00"),
+    ("20240315083012.123", "2024-03-15T08:30:12.123+08:00"),
+    ("20240315083012+0000", "2024-03-15T08:30:12+00:00"),
+    ("20240315083012-0500", "2024-03-15T08:30:12-05:00"),
+    ("2024-03-15 08:30", "2024-03-15T08:30:00+08:00"),
+    ("2024-3-5", "2024-03-05"),
+    ("2024/03/15 08:30:12", "2024-03-15T08:30:12+08:00"),
+])
+def test_source_times_get_an_offset(source: str, fhir: str) -> None:
+    assert to_fhir_datetime(source) == fhir
+
+
+@pytest.mark.parametrize("source", ["20241301", "20240230", "2024031525", "20240315086000", "abc", "17001231",
+                                    "20240315083012+1500"])
+def test_impossible_times_are_errors(source: str) -> None:
+    with pytest.raises(DateTimeError):
+        to_fhir_datetime(source)
+
+
+def test_instant_needs_a_time_and_date_drops_it() -> None:
+    assert to_fhir_instant("20240315083012") == "2024-03-15T08:30:12+08:00"
+    with pytest.raises(DateTimeError, match="no time of day"):
+        to_fhir_instant("20240315")
+    assert to_fhir_date("20240315083012") == "2024-03-15"
+    assert to_fhir_datetime("20240315083012", "+09:00").endswith("+09:00")
