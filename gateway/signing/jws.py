@@ -56,6 +56,7 @@ __all__ = [
     "sign_detached",
     "verify_detached",
     "unverified_header",
+    "x5c_leaf",
     "sign_bundle",
     "verify_bundle",
     "signer_reference",
@@ -318,7 +319,7 @@ def sign_bundle(
     return signed
 
 
-def _x5c_leaf(header: Mapping[str, Any], kid: str) -> list[x509.Certificate]:
+def x5c_leaf(header: Mapping[str, Any], kid: str) -> list[x509.Certificate]:
     """The first ``x5c`` certificate when its kid matches; unauthenticated until the checks after."""
     x5c = header.get("x5c")
     if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str) or not _B64.match(x5c[0]):
@@ -369,7 +370,7 @@ def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | N
         found = list(trust.certificates_for_kid(kid))
         known = {c.fingerprint(hashes.SHA256()) for c in found}
         try:
-            leaf = _x5c_leaf(unverified_header(jws), kid)
+            leaf = x5c_leaf(unverified_header(jws), kid)
         except BadSignature:
             leaf = []
         return found + [c for c in leaf if c.fingerprint(hashes.SHA256()) not in known]

@@ -1,0 +1,147 @@
+"""Peer authentication: who is calling, proven by a short-lived signed assertion.
+
+Every gateway-to-gateway request carries ``Authorization: Bearer <JWT>``, a
+client assertion in the style of SMART Backend Services / RFC 7523, signed
+(ES256) with the calling member's key whose certificate is in the registry
+snapshot:
+
+- header ``alg`` ES256, ``typ`` JWT, ``kid`` (as for Bundle signatures), ``x5c``;
+- claims ``iss`` = ``sub`` = the caller's 统一社会信用代码, ``aud`` = the
+  receiver's exchange URL, ``iat``, ``exp`` at most 5 minutes ahead, ``jti``.
+
+The receiver checks the signature against the snapshot (every key with the
+kid), that the certificate is listed for ``iss`` now, ``aud``, the time window,
+and that the ``jti`` was not seen before for that ``iss`` (a replay cache kept
+as long as an assertion can live). Unknown or revoked callers get 403, every
+other failure 401, and the answer never says which check failed beyond that.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import sqlite_utils
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.errors import BadSignature, TrustError, UnknownIssuer
+from gateway.signing.canonical import canonicalize
+from gateway.signing.jws import sign_detached, unverified_header, verify_detached, x5c_leaf
+from gateway.signing.trust import TrustSource, check_certificate
+from gateway.store.db import transaction
+
+__all__ = ["make_assertion", "verify_assertion", "ReplayCache", "PeerAuthError", "MAX_LIFETIME"]
+
+#: Longest accepted assertion lifetime (SMART Backend Services: exp at most 5 minutes ahead).
+MAX_LIFETIME = 300
+_SKEW = 60  # seconds of clock difference tolerated between member gateways
+
+
+class PeerAuthError(TrustError):
+    """The caller could not be authenticated (401)."""
+
+    http_status = 401
+
+    def __init__(self, message: str = "peer authentication failed") -> None:
+        super().__init__(message, "Authorization")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def make_assertion(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate], *, issuer_uscc: str,
+                   audience: str, now: _dt.datetime, lifetime: int = 240, jti: str | None = None) -> str:
+    """A signed client assertion for one request to ``audience``.
+
+    :raises ConfigError: the key does not belong to ``chain[0]``.
+    """
+    claims = {
+        "iss": issuer_uscc,
+        "sub": issuer_uscc,
+        "aud": audience,
+        "iat": int(now.timestamp()),
+        "exp": int(now.timestamp()) + min(lifetime, MAX_LIFETIME),
+        "jti": jti or uuid.uuid4().hex,
+    }
+    payload = canonicalize(claims)
+    detached = sign_detached(payload, key, chain, sig_time=now, extra_header={"typ": "JWT"})
+    header, _, signature = detached.split(".")
+    return f"{header}.{_b64url(payload)}.{signature}"
+
+
+class ReplayCache:
+    """``jti`` values seen per caller, kept until their assertion has expired."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        db.conn.executescript(
+            "CREATE TABLE IF NOT EXISTS peer_jti (iss TEXT NOT NULL, jti TEXT NOT NULL, exp REAL NOT NULL,"
+            " PRIMARY KEY (iss, jti));"
+            "CREATE INDEX IF NOT EXISTS peer_jti_exp ON peer_jti(exp);")
+
+    def remember(self, iss: str, jti: str, exp: float, now: float) -> None:
+        """Record a ``jti``.
+
+        :raises PeerAuthError: seen before for this caller (a replay).
+        """
+        with transaction(self.db):
+            self.db.execute("DELETE FROM peer_jti WHERE exp < ?", [now - _SKEW])
+            cur = self.db.execute("INSERT OR IGNORE INTO peer_jti VALUES (?,?,?)", [iss, jti, exp])
+            if cur.rowcount == 0:
+                raise PeerAuthError("assertion already used (jti replayed)")
+
+
+def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str], now: _dt.datetime,
+                     replay: ReplayCache) -> str:
+    """Authenticate a caller; returns its 统一社会信用代码.
+
+    :raises PeerAuthError: malformed, bad signature, wrong audience, outside its
+        time window, or replayed (401).
+    :raises UnknownIssuer: the signing certificate is not listed for a member now (403).
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise PeerAuthError()
+    try:
+        payload = _b64url_decode(parts[1])
+        header = unverified_header(f"{parts[0]}..{parts[2]}")
+        claims: dict[str, Any] = json.loads(payload)
+    except (ValueError, BadSignature):
+        raise PeerAuthError() from None
+    if header.get("typ") not in (None, "JWT") or not isinstance(claims, dict):
+        raise PeerAuthError()
+    def candidates(kid: str) -> list[x509.Certificate]:
+        # The caller's own x5c certificate is tried too, so that a removed (revoked) member is told
+        # so below (403) instead of failing as an unknown signature; it must still pass every trust check.
+        return trust.certificates_for_kid(kid) + x5c_leaf(header, kid)
+
+    try:
+        _, cert = verify_detached(f"{parts[0]}..{parts[2]}", payload, candidates)
+    except BadSignature:
+        raise PeerAuthError() from None
+    iss, sub, aud, jti = claims.get("iss"), claims.get("sub"), claims.get("aud"), claims.get("jti")
+    exp, iat = claims.get("exp"), claims.get("iat")
+    ts = now.timestamp()
+    if not isinstance(iss, str) or iss != sub or not isinstance(jti, str) or not jti:
+        raise PeerAuthError("assertion must carry iss = sub and a jti")
+    audience_ok = aud in set(audiences) if isinstance(aud, str) else False
+    if not audience_ok:
+        raise PeerAuthError("assertion is for another audience")
+    if not isinstance(exp, (int, float)) or exp <= ts - _SKEW or exp > ts + MAX_LIFETIME + _SKEW:
+        raise PeerAuthError("assertion expired or lives longer than 5 minutes")
+    if isinstance(iat, (int, float)) and iat > ts + _SKEW:
+        raise PeerAuthError("assertion issued in the future")
+    member = check_certificate(cert, trust, now, location="Authorization")
+    if member != iss:
+        raise UnknownIssuer("assertion signed with another member's certificate", "Authorization")
+    replay.remember(iss, jti, float(exp), ts)
+    return iss
