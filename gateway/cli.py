@@ -236,11 +236,16 @@ def settings_cmd() -> None:
 
 def _register_areas() -> None:
     """Commands of the product areas, each in gateway/commands/."""
-    from gateway.commands import signing
+    from gateway.commands import recognize, registry, signing
 
     cli.add_command(signing.keys)
     cli.add_command(signing.sign)
     cli.add_command(signing.verify)
+    registry.registry.add_command(signing.issue_cert)
+    registry.registry.add_command(signing.init_authority)
+    cli.add_command(registry.registry)
+    cli.add_command(recognize.recognize)
+    cli.add_command(recognize.decisions)
 
 
 _register_areas()

@@ -51,7 +51,20 @@ class Settings:
     max_message_bytes: int = _opt(1_048_576, "Largest single HL7 v2 message or document accepted, in bytes.")
     max_request_bytes: int = _opt(16_777_216, "Largest HTTP request body accepted, in bytes.")
     ack_application: str = _opt("CYHR-GATEWAY", "MSH-3 of the ACKs this gateway sends.")
+    public_url: str = _opt("", "URL other members reach this gateway at (as listed in the registry); "
+                           "empty means http://<http_host>:<http_port>.")
+    registry_snapshot: str = _opt("", "Signed registry snapshot file (from the registry authority).")
+    registry_authority: str = _opt(
+        str(REPO_ROOT / "certs" / "registry-authority.pem"),
+        "Certificate (PEM) of the registry authority that signs snapshots.")
+    signing_key: str = _opt("", "This member's private signing key (PEM file outside the repository; mode 0600).")
+    signing_cert: str = _opt("", "This member's signing certificate (PEM), issued by the registry authority.")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
+
+    @property
+    def base_url(self) -> str:
+        """Where other members reach this gateway."""
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
 
     @property
     def database_path(self) -> Path:
@@ -149,6 +162,19 @@ def load_settings(
     return settings
 
 
+def settings_table() -> str:
+    """The README's settings table (Markdown), generated so that the two never disagree."""
+    rows = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
+    for name, default, text in settings_help():
+        shown = default.replace(str(REPO_ROOT), "<checkout>")  # the same table on every machine
+        rows.append(f"| `{name}` | `GATEWAY_{name.upper()}` | `{shown}` | {text} |")
+    return "\n".join(rows) + "\n"
+
+
 def settings_help() -> list[tuple[str, str, str]]:
     """(name, default, help) for every setting, for ``gateway settings`` and the README."""
     return [(f.name, repr(f.default), f.metadata["help"]) for f in fields(Settings)]
+
+
+if __name__ == "__main__":  # print the README's settings table
+    print(settings_table(), end="")

@@ -147,7 +147,10 @@ def test_readme_documents_every_setting_and_command() -> None:
 
     from gateway.config import REPO_ROOT, Settings
 
+    from gateway.config import settings_table
+
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, "README settings table is stale: run python -m gateway.config"
     for f in fields(Settings):
         assert f"`{f.name}`" in readme, f"setting {f.name} is not in the README"
     for path in all_commands(cli):

@@ -31,10 +31,19 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     register_error_handlers(app)
 
     from gateway.api import fhir, health, ingest
+    from gateway.api import registry as registry_api
+    from gateway.registry.holder import holder_from_settings
 
+    pipe = app.extensions["gateway.pipeline"]
     app.register_blueprint(health.bp)
     app.register_blueprint(ingest.bp)
+    # Registry routes (/registry/..., /fhir/$recognize) before the generic /fhir/<type> routes.
+    app.register_blueprint(registry_api.bp)
     app.register_blueprint(fhir.bp)
+    holder = holder_from_settings(settings, pipe.clock)
+    if holder is not None:
+        registry_api.install(app, holder, clock=pipe.clock, database=settings.database_path)
+        app.extensions["gateway.registry"] = holder
     return app
 
 

@@ -12,6 +12,7 @@ the snapshot in force (:class:`~gateway.registry.snapshot.RegistryHolder`); an
 expired snapshot is refused, not served. :func:`install` attaches the holder,
 the clock and (optionally) the database that stores decisions.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -44,7 +45,11 @@ bp = Blueprint("registry", __name__)
 #: Where :func:`install` keeps the registry state in ``app.extensions``.
 EXTENSION_KEY = "gateway.registry"
 _TYPES = ("Organization", "VerificationResult", "Endpoint")
-_SEARCH = {"Organization": {"identifier", "_id"}, "VerificationResult": {"target", "_id"}, "Endpoint": {"organization", "_id"}}
+_SEARCH = {
+    "Organization": {"identifier", "_id"},
+    "VerificationResult": {"target", "_id"},
+    "Endpoint": {"organization", "_id"},
+}
 
 
 def _utcnow() -> _dt.datetime:
@@ -175,4 +180,3 @@ def recognize() -> Response:
         sum(1 for d in decisions if d.outcome == "recognized"),
     )
     return _fhir(decision_parameters(decisions))
-

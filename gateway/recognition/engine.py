@@ -11,14 +11,19 @@ that applies is listed with a stable id, its status and the facts it used:
 
 Outcome: any failed rule gives ``not-recognized``; otherwise any rule that
 could not be evaluated gives ``needs-review`` (never a guess); otherwise
-``recognized``. When a result matches items of several catalogues (a 川渝 and a
-provincial one, say), each is evaluated and the best outcome is kept, ties
-going to the catalogue listed first in the snapshot; the others are listed as
-alternatives.
+``recognized``. "Missing" means missing from the *result* (no collection time,
+no mark, no 主检医师). The registry is complete by construction (removal is
+revocation), so an issuer, EQA pass or qualification the snapshot does not list
+is a fact that fails, not one that is missing.
+
+When a result matches items of several catalogues (a 川渝 and a provincial
+one, say), each is evaluated and the best outcome is kept, ties going to the
+catalogue listed first in the snapshot; the others are listed as alternatives.
 
 The receiving physician always has the last word (以接诊医师判断为标准): see
 :mod:`gateway.recognition.overrides`.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -92,21 +97,37 @@ RULES: dict[str, RuleInfo] = {
     r.id: r
     for r in (
         RuleInfo("member-active", "发出机构在结果日期为有效成员", "The issuer is an active member on the result date"),
-        RuleInfo("catalogue-item", "项目属于在结果日期有效的互认目录", "The item is in a recognition catalogue valid on the result date"),
+        RuleInfo(
+            "catalogue-item",
+            "项目属于在结果日期有效的互认目录",
+            "The item is in a recognition catalogue valid on the result date",
+        ),
         RuleInfo(
             "catalogue-scope",
             "目录范围覆盖发出机构和接收机构（川渝跨省、省内、医联体内）",
-            "The catalogue's scope covers issuer and receiver (川渝 across the border, provincial within one, alliance among members)",
+            "The catalogue's scope covers issuer and receiver "
+            "(川渝 across the border, provincial within one, alliance among members)",
         ),
-        RuleInfo("eqa-pass", "发出机构该项目室间质评在覆盖结果日期的周期内合格", "The issuer passed EQA for the item in the cycle covering the result date"),
+        RuleInfo(
+            "eqa-pass",
+            "发出机构该项目室间质评在覆盖结果日期的周期内合格",
+            "The issuer passed EQA for the item in the cycle covering the result date",
+        ),
         RuleInfo(
             "validity-window",
             "自采样（检验）或检查时间起至决定时间仍在有效时限内",
-            "The result is within the item's validity window, counted from collection (lab) or study time (imaging) to the decision time",
+            "The result is within the item's validity window, counted from collection (lab) "
+            "or study time (imaging) to the decision time",
         ),
-        RuleInfo("report-status", "报告为最终或更正状态，未被取代", "The report is final or corrected, not preliminary, not superseded"),
+        RuleInfo(
+            "report-status",
+            "报告为最终或更正状态，未被取代",
+            "The report is final or corrected, not preliminary, not superseded",
+        ),
         RuleInfo("mark", "结果带有目录规定的互认标识", "The result carries the catalogue's recognition mark"),
-        RuleInfo("direction", "符合目录按机构级别规定的互认方向", "The catalogue's direction rule by institution level holds"),
+        RuleInfo(
+            "direction", "符合目录按机构级别规定的互认方向", "The catalogue's direction rule by institution level holds"
+        ),
         RuleInfo(
             "occupational-filing",
             "体检日发出机构职业健康检查备案类别覆盖每个危害因素（放射需放射类）",
@@ -117,7 +138,11 @@ RULES: dict[str, RuleInfo] = {
             "主检医师在体检日具有相应类别的职业病诊断资格",
             "The 主检医师 holds the matching 职业病诊断 qualification on the exam date",
         ),
-        RuleInfo("diagnostic-conclusion", "医师出具的诊断结论不属于互认结果", "A physician's diagnostic conclusion is never recognised"),
+        RuleInfo(
+            "diagnostic-conclusion",
+            "医师出具的诊断结论不属于互认结果",
+            "A physician's diagnostic conclusion is never recognised",
+        ),
     )
 }
 
@@ -225,9 +250,18 @@ def _moment(value: str | None) -> _Moment | None | str:
 
 _ANCHOR_SOURCES = {
     # time anchor -> facts consulted, in order, with the FHIR path each comes from
-    "collection": (("collected", "Specimen.collection.collectedDateTime"), ("effective", "Observation.effectiveDateTime")),
-    "study": (("effective", "Observation.effectiveDateTime"), ("report_effective", "DiagnosticReport.effectiveDateTime")),
-    "exam": (("report_effective", "DiagnosticReport.effectiveDateTime"), ("effective", "Observation.effectiveDateTime")),
+    "collection": (
+        ("collected", "Specimen.collection.collectedDateTime"),
+        ("effective", "Observation.effectiveDateTime"),
+    ),
+    "study": (
+        ("effective", "Observation.effectiveDateTime"),
+        ("report_effective", "DiagnosticReport.effectiveDateTime"),
+    ),
+    "exam": (
+        ("report_effective", "DiagnosticReport.effectiveDateTime"),
+        ("effective", "Observation.effectiveDateTime"),
+    ),
 }
 
 
@@ -288,7 +322,9 @@ def _rule_member(ctx: _Context, day: _dt.date | None, day_facts: dict[str, Any])
     return _r(rid, FAILED, f"{member.name} is not an active member on {day}", **info)
 
 
-def _rule_item(ctx: _Context, item: CatalogueItem | None, day: _dt.date | None, day_facts: dict[str, Any]) -> RuleResult:
+def _rule_item(
+    ctx: _Context, item: CatalogueItem | None, day: _dt.date | None, day_facts: dict[str, Any]
+) -> RuleResult:
     rid = "catalogue-item"
     codes = [f"{c.system}|{c.code}" for c in ctx.facts.codings]
     if item is None:
@@ -329,7 +365,9 @@ def _rule_scope(ctx: _Context, item: CatalogueItem) -> RuleResult:
     if catalogue.includes(issuer) and catalogue.includes(receiver):
         return _r(rid, PASSED, f"{catalogue.scope_label()} scope covers issuer and receiver ({border})", **info)
     outside = [who for who, m in (("issuer", issuer), ("receiver", receiver)) if not catalogue.includes(m)]
-    return _r(rid, FAILED, f"{catalogue.scope_label()} scope does not cover the {' and '.join(outside)} ({border})", **info)
+    return _r(
+        rid, FAILED, f"{catalogue.scope_label()} scope does not cover the {' and '.join(outside)} ({border})", **info
+    )
 
 
 def _rule_eqa(ctx: _Context, item: CatalogueItem, day: _dt.date | None, day_facts: dict[str, Any]) -> RuleResult:
@@ -344,9 +382,16 @@ def _rule_eqa(ctx: _Context, item: CatalogueItem, day: _dt.date | None, day_fact
     if not results:
         return _r(rid, FAILED, f"no EQA result on record for {item.display} in the cycle covering {day}", **info)
     if all(e.passed for e in results):
-        return _r(rid, PASSED, f"EQA passed for {item.display} ({', '.join(f'{e.provider} {e.year}' for e in results)})", **info)
+        return _r(
+            rid,
+            PASSED,
+            f"EQA passed for {item.display} ({', '.join(f'{e.provider} {e.year}' for e in results)})",
+            **info,
+        )
     failed = [e for e in results if not e.passed]
-    return _r(rid, FAILED, f"EQA failed for {item.display} ({', '.join(f'{e.provider} {e.year}' for e in failed)})", **info)
+    return _r(
+        rid, FAILED, f"EQA failed for {item.display} ({', '.join(f'{e.provider} {e.year}' for e in failed)})", **info
+    )
 
 
 def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
@@ -369,8 +414,18 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
         if ctx.at < parsed.moment:
             return _r(rid, FAILED, f"the {item.time_anchor} time is after the decision time", **info)
         if ctx.at <= valid_until:
-            return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid until {valid_until.isoformat()})", **info)
-        return _r(rid, FAILED, f"more than {item.window_days} days since {item.time_anchor} (valid until {valid_until.isoformat()})", **info)
+            return _r(
+                rid,
+                PASSED,
+                f"within {item.window_days} days of {item.time_anchor} (valid until {valid_until.isoformat()})",
+                **info,
+            )
+        return _r(
+            rid,
+            FAILED,
+            f"more than {item.window_days} days since {item.time_anchor} (valid until {valid_until.isoformat()})",
+            **info,
+        )
     # Day precision only: the window runs to the end of the last day, China Standard Time.
     last_day = parsed.day + _dt.timedelta(days=item.window_days)
     today = ctx.at.astimezone(CN_TZ).date()
@@ -378,8 +433,12 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
     if today < parsed.day:
         return _r(rid, FAILED, f"the {item.time_anchor} date is after the decision date", **info)
     if today <= last_day:
-        return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid through {last_day})", **info)
-    return _r(rid, FAILED, f"more than {item.window_days} days since {item.time_anchor} (valid through {last_day})", **info)
+        return _r(
+            rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid through {last_day})", **info
+        )
+    return _r(
+        rid, FAILED, f"more than {item.window_days} days since {item.time_anchor} (valid through {last_day})", **info
+    )
 
 
 _ACCEPTED = {"final", "corrected"}
@@ -405,7 +464,9 @@ def _rule_status(ctx: _Context) -> RuleResult:
     if failed:
         return _r(rid, FAILED, "; ".join(failed), **info)
     if f.report_entry is None:
-        return _r(rid, NOT_EVALUABLE, "the result belongs to no DiagnosticReport, so the report status is unknown", **info)
+        return _r(
+            rid, NOT_EVALUABLE, "the result belongs to no DiagnosticReport, so the report status is unknown", **info
+        )
     missing = [
         f"{what} status is {status or 'missing'}"
         for what, status in (("the result", f.observation_status), ("the report", f.report_status))
@@ -439,15 +500,24 @@ def _rule_direction(ctx: _Context, item: CatalogueItem) -> RuleResult:
     if needs_issuer and (issuer is None or issuer.level_rank is None):
         return _r(rid, NOT_EVALUABLE, "the issuer's hospital level is not on record", **info)
     if item.min_issuer_level is not None and issuer is not None and (issuer.level_rank or 0) < item.min_issuer_level:
-        return _r(rid, FAILED, f"the issuer is {issuer.level}, the item needs level {item.min_issuer_level} or above", **info)
+        return _r(
+            rid, FAILED, f"the issuer is {issuer.level}, the item needs level {item.min_issuer_level} or above", **info
+        )
     if item.direction == "not-lower":
         if receiver is None or receiver.level_rank is None:
             return _r(rid, NOT_EVALUABLE, "the receiver's hospital level is not on record", **info)
         assert issuer is not None and issuer.level_rank is not None
         if issuer.level_rank < receiver.level_rank:
-            return _r(rid, FAILED, f"a {receiver.level} receiver does not recognise a {issuer.level} issuer for this item", **info)
+            return _r(
+                rid,
+                FAILED,
+                f"a {receiver.level} receiver does not recognise a {issuer.level} issuer for this item",
+                **info,
+            )
         return _r(rid, PASSED, f"{issuer.level} issuer, {receiver.level} receiver: not a lower level", **info)
-    return _r(rid, PASSED, "any direction" + (f", issuer level {issuer.level}" if issuer and issuer.level else ""), **info)
+    return _r(
+        rid, PASSED, "any direction" + (f", issuer level {issuer.level}" if issuer and issuer.level else ""), **info
+    )
 
 
 def _exam_day(ctx: _Context) -> tuple[_dt.date | None, str | None]:
@@ -522,7 +592,9 @@ def _rule_physician(ctx: _Context) -> RuleResult:
         checked.append(entry)
     info["factors"] = checked
     if lacking:
-        return _r(rid, FAILED, f"the 主检医师 holds no diagnosis qualification on {day} for {', '.join(lacking)}", **info)
+        return _r(
+            rid, FAILED, f"the 主检医师 holds no diagnosis qualification on {day} for {', '.join(lacking)}", **info
+        )
     if unmapped:
         return _r(rid, NOT_EVALUABLE, f"no diagnosis category is known for {', '.join(unmapped)}", **info)
     return _r(rid, PASSED, f"the 主检医师 is qualified for every hazard factor on {day}", **info)
@@ -592,9 +664,7 @@ def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.d
             report=facts.report_id,
             conclusion_codes=[f"{c.system}|{c.code}" for c in facts.codings],
         )
-        return Decision(
-            decision_id, NOT_RECOGNIZED, (rule,), facts, receiver, at, snapshot.version, snapshot.digest()
-        )
+        return Decision(decision_id, NOT_RECOGNIZED, (rule,), facts, receiver, at, snapshot.version, snapshot.digest())
 
     ctx = _Context(facts, snapshot, receiver, at)
     candidates: list[CatalogueItem | None] = list(catalogue_items_for(snapshot, facts.codings)) or [None]
@@ -623,7 +693,9 @@ def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.d
     )
 
 
-def decide_all(facts: Iterable[ResultFacts], snapshot: Snapshot, receiver_uscc: str, at: _dt.datetime) -> list[Decision]:
+def decide_all(
+    facts: Iterable[ResultFacts], snapshot: Snapshot, receiver_uscc: str, at: _dt.datetime
+) -> list[Decision]:
     """:func:`decide` for every result of a Bundle, in order.
 
     :raises IdentifierError: ``receiver_uscc`` fails the GB 32100 check.

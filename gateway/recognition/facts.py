@@ -9,6 +9,7 @@ that the rule needing it says "not evaluable" instead of guessing.
 Identifiers are checked where they enter: the issuer's 统一社会信用代码 (GB 32100)
 and the patient's 身份证号 (GB 11643). A bad one refuses the Bundle.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -162,7 +163,9 @@ def _issuer(index: _Index, *holders: Mapping[str, Any]) -> str | None:
                     try:
                         return check_uscc(str(ident["value"]))
                     except IdentifierError as exc:
-                        raise IdentifierError(exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value") from None
+                        raise IdentifierError(
+                            exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value"
+                        ) from None
     return None
 
 
@@ -284,9 +287,11 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
                 effective=obs.get("effectiveDateTime"),
                 report_effective=report.get("effectiveDateTime") if report else None,
                 marks=tuple(str(e["valueString"]) for e in _ext(obs, EXT_RECOGNITION_MARK) if e.get("valueString")),
-                exam_type=next((e.get("valueCoding", {}).get("code") for e in _ext(report, EXT_EXAM_TYPE)), None)
-                if report
-                else None,
+                exam_type=(
+                    next((e.get("valueCoding", {}).get("code") for e in _ext(report, EXT_EXAM_TYPE)), None)
+                    if report
+                    else None
+                ),
                 hazard_factors=_hazard_factors(report) if report else (),
                 chief_physician=_interpreter(report) if report else None,
             )

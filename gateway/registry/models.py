@@ -11,6 +11,7 @@ snapshot revokes it.
 Dates in the registry are China Standard Time calendar dates, inclusive at
 both ends; ``None`` as an end date means open-ended.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -179,9 +180,8 @@ class MemberCertificate:
     def valid_at(self, moment: _dt.datetime) -> bool:
         """Within the certificate's own validity and the listed period at ``moment``."""
         cert = self.certificate
-        return (
-            cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc
-            and self.listed.covers(china_date(moment))
+        return cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc and self.listed.covers(
+            china_date(moment)
         )
 
 
@@ -581,7 +581,7 @@ class Snapshot:
         return [mc.certificate for _, mc in self._kids().get(kid, [])]
 
     def authorities(self) -> list[x509.Certificate]:
-        """The registry authority certificates this snapshot was verified against (member certificates chain to them)."""
+        """The registry authority certificates that verified this snapshot (member certificates chain to them)."""
         return list(self.authority_certificates)
 
     def is_listed(self, cert: x509.Certificate, at: _dt.datetime) -> bool:

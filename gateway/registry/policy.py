@@ -5,6 +5,7 @@ nothing here reads the clock. Queries return what they found, so that a
 decision can quote it; ``require_*`` variants raise instead, for callers that
 only need a yes.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -114,7 +115,9 @@ def eqa_passed(snapshot: Snapshot, uscc: str, item: CatalogueItem, on: _dt.date)
     return bool(results) and all(e.passed for e in results)
 
 
-def catalogue_items_for(snapshot: Snapshot, codings: Iterable[Coding], on: _dt.date | None = None) -> list[CatalogueItem]:
+def catalogue_items_for(
+    snapshot: Snapshot, codings: Iterable[Coding], on: _dt.date | None = None
+) -> list[CatalogueItem]:
     """Catalogue items a result's codings name (catalogue code, LOINC or the issuer's local code).
 
     With ``on``, only items valid on that date. Catalogue order, then item order;
@@ -139,7 +142,9 @@ def scope_covers(catalogue: Catalogue, issuer: Member, receiver: Member) -> bool
     return catalogue.includes(issuer) and catalogue.includes(receiver)
 
 
-def diagnosis_categories_for(snapshot: Snapshot, factor_code: str | None, exposure_category: str | None) -> tuple[str, ...]:
+def diagnosis_categories_for(
+    snapshot: Snapshot, factor_code: str | None, exposure_category: str | None
+) -> tuple[str, ...]:
     """The 职业病诊断类别 that cover a hazard factor: by factor code if the registry lists it, else by category."""
     if factor_code and factor_code in snapshot.diagnosis_by_factor:
         return snapshot.diagnosis_by_factor[factor_code]

@@ -15,6 +15,7 @@ holds (a version regress would let an attacker replay a revoked member back
 in). :class:`RegistryHolder` keeps the current snapshot and applies a new one
 only when all of that holds.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -158,7 +159,8 @@ def verify_snapshot(text: str | bytes, authorities: Iterable[x509.Certificate], 
     snapshot = Snapshot.from_document(body)
     if uscc_of(cert) != snapshot.authority_uscc:
         raise TrustError(
-            f"the snapshot names authority {snapshot.authority_uscc} but was signed by {uscc_of(cert)}", "snapshot.authority"
+            f"the snapshot names authority {snapshot.authority_uscc} but was signed by {uscc_of(cert)}",
+            "snapshot.authority",
         )
     for moment, label in ((snapshot.issued, "issued"), (at, "now")):
         if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
@@ -167,10 +169,14 @@ def verify_snapshot(text: str | bytes, authorities: Iterable[x509.Certificate], 
                 "snapshot.signature",
             )
     if snapshot.issued > at + CLOCK_SKEW:
-        raise TrustError(f"registry snapshot {snapshot.version} is issued in the future ({snapshot.issued.isoformat()})", "snapshot.issued")
+        raise TrustError(
+            f"registry snapshot {snapshot.version} is issued in the future ({snapshot.issued.isoformat()})",
+            "snapshot.issued",
+        )
     if at > snapshot.valid_until:
         raise TrustError(
-            f"registry snapshot {snapshot.version} expired at {snapshot.valid_until.isoformat()}", "snapshot.valid_until"
+            f"registry snapshot {snapshot.version} expired at {snapshot.valid_until.isoformat()}",
+            "snapshot.valid_until",
         )
     snapshot.authority_certificates = (cert,)
     log.info("registry snapshot verified: version=%s kid=%s", snapshot.version, header.get("kid"))
@@ -198,12 +204,18 @@ class RegistryHolder:
         self._clock = clock
         self._min_version = min_version
         self._current: Snapshot | None = None
+        self._current_text = b""
         self._lock = threading.Lock()
 
     @property
     def current(self) -> Snapshot | None:
         """The snapshot in force, or None before the first one is applied."""
         return self._current
+
+    @property
+    def current_text(self) -> bytes:
+        """The signed text of the current snapshot, exactly as received (for passing it on to others)."""
+        return self._current_text
 
     def snapshot_at(self, at: _dt.datetime | None = None) -> Snapshot:
         """The current snapshot, refusing it once it has expired (an expired snapshot decides nothing).
@@ -245,11 +257,12 @@ class RegistryHolder:
             if held is not None and snapshot.version == held.version:
                 if snapshot.digest() != held.digest():
                     raise TrustError(
-                        f"registry snapshot version {snapshot.version} differs from the one held under the same version",
+                        f"registry snapshot version {snapshot.version} differs from the one held under that version",
                         "snapshot.version",
                     )
                 return held
             self._current = snapshot
+            self._current_text = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         log.info("registry snapshot applied: version=%s", snapshot.version)
         return snapshot
 

@@ -12,6 +12,7 @@ The result is the *normalised* snapshot body: defaults filled in (time anchors,
 marks, direction rules, EQA cycles, item periods) and certificates inlined as
 PEM, so that a snapshot never depends on anything outside itself.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -55,7 +56,7 @@ class RegistrySourceError(ConfigError):
     """A registry source file has problems; carries every one of them with its path."""
 
     def __init__(self, source: str, issues: list[Issue]) -> None:
-        lines = "; ".join(i.line() for i in issues[:20])
+        lines = "; ".join(f"{i.location}: {i.message}" if i.location else i.message for i in issues[:20])
         more = f" (and {len(issues) - 20} more)" if len(issues) > 20 else ""
         super().__init__(f"registry source has {len(issues)} problem(s): {lines}{more}", source)
         self._issues = list(issues)
@@ -77,7 +78,7 @@ class RegistrySource:
         return int(self.body["version"])
 
 
-class _NoDatesLoader(yaml.SafeLoader):
+class _NoDatesLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """YAML without implicit timestamps: dates stay strings, as the schema expects."""
 
 
@@ -132,7 +133,9 @@ def load_source(path: str | Path) -> RegistrySource:
     return parse_source(text, origin=str(p), base_dir=p.parent, is_json=p.suffix.lower() == ".json")
 
 
-def parse_source(text: str, *, origin: str = "<source>", base_dir: str | Path = ".", is_json: bool = False) -> RegistrySource:
+def parse_source(
+    text: str, *, origin: str = "<source>", base_dir: str | Path = ".", is_json: bool = False
+) -> RegistrySource:
     """Check registry source text; certificate paths are relative to ``base_dir``.
 
     :raises RegistrySourceError: the text has problems (all of them, with paths).
@@ -140,7 +143,9 @@ def parse_source(text: str, *, origin: str = "<source>", base_dir: str | Path = 
     try:
         data = json.loads(text) if is_json else yaml.load(text, Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
     except (ValueError, yaml.YAMLError) as exc:
-        raise RegistrySourceError(origin, [Issue("error", "structure", "", f"not valid {'JSON' if is_json else 'YAML'}: {exc}")]) from None
+        raise RegistrySourceError(
+            origin, [Issue("error", "structure", "", f"not valid {'JSON' if is_json else 'YAML'}: {exc}")]
+        ) from None
     if not isinstance(data, dict):
         raise RegistrySourceError(origin, [Issue("error", "structure", "", "the top level must be a mapping of keys")])
 
@@ -157,7 +162,12 @@ def parse_source(text: str, *, origin: str = "<source>", base_dir: str | Path = 
     body = checker.normalise(data)
     if checker.problems:
         raise RegistrySourceError(origin, checker.problems)
-    log.info("registry source checked: version=%s members=%d catalogues=%d", body["version"], len(body["members"]), len(body["catalogues"]))
+    log.info(
+        "registry source checked: version=%s members=%d catalogues=%d",
+        body["version"],
+        len(body["members"]),
+        len(body["catalogues"]),
+    )
     return RegistrySource(body, origin)
 
 
@@ -180,12 +190,12 @@ class _Checker:
     def problem(self, location: str, message: str, code: str = "value") -> None:
         self.problems.append(Issue("error", code, location, message))
 
-    def uscc(self, value: str, location: str) -> str:
+    def uscc(self, value: str, location: str) -> str | None:
         try:
             return check_uscc(value)
         except IdentifierError as exc:
             self.problem(location, exc.message)
-            return value
+            return None
 
     def dates(self, obj: dict[str, Any], location: str, keys: tuple[str, str] = ("valid_from", "valid_to")) -> None:
         parsed = []
@@ -200,7 +210,9 @@ class _Checker:
     def loinc(self, code: str, location: str) -> None:
         number, _, check = code.partition("-")
         if loinc_check_digit(number) != check:
-            self.problem(location, f"LOINC code {code!r} has a wrong check digit (expected {loinc_check_digit(number)})")
+            self.problem(
+                location, f"LOINC code {code!r} has a wrong check digit (expected {loinc_check_digit(number)})"
+            )
 
     def certificate(self, cert: dict[str, Any], location: str, member: str) -> dict[str, Any] | None:
         pem = cert.get("pem")
@@ -230,13 +242,14 @@ class _Checker:
         return out
 
     def normalise(self, data: dict[str, Any]) -> dict[str, Any]:
-        authority = {"uscc": self.uscc(data["authority"]["uscc"], "authority.uscc"), "name": data["authority"]["name"]}
+        authority_uscc = self.uscc(data["authority"]["uscc"], "authority.uscc") or data["authority"]["uscc"]
+        authority = {"uscc": authority_uscc, "name": data["authority"]["name"]}
 
         members: list[dict[str, Any]] = []
         seen_members: dict[str, str] = {}
         for i, m in enumerate(data["members"]):
             loc = f"members[{i}]"
-            uscc = self.uscc(m["uscc"], f"{loc}.uscc")
+            uscc = self.uscc(m["uscc"], f"{loc}.uscc") or m["uscc"]
             if uscc in seen_members:
                 self.problem(f"{loc}.uscc", f"{uscc} is already listed at {seen_members[uscc]}", "duplicate")
             seen_members[uscc] = loc
@@ -258,6 +271,8 @@ class _Checker:
 
         def member_ref(value: str, location: str) -> str:
             uscc = self.uscc(value, location)
+            if uscc is None:
+                return value
             if uscc not in seen_members:
                 self.problem(location, f"{uscc} is not a member of this registry", "not-found")
             return uscc
@@ -281,7 +296,9 @@ class _Checker:
             for j, it in enumerate(c["items"]):
                 iloc = f"{loc}.items[{j}]"
                 if it["code"] in seen_codes:
-                    self.problem(f"{iloc}.code", f"item code {it['code']!r} is used twice in catalogue {c['id']!r}", "duplicate")
+                    self.problem(
+                        f"{iloc}.code", f"item code {it['code']!r} is used twice in catalogue {c['id']!r}", "duplicate"
+                    )
                 seen_codes.add(it["code"])
                 items_by_ref.add((c["id"], it["code"]))
                 self.dates(it, iloc)
@@ -350,7 +367,9 @@ class _Checker:
             self.dates(e, loc)
             item = e["item"]
             if "catalogue" in item and (item["catalogue"], item["code"]) not in items_by_ref:
-                self.problem(f"{loc}.item", f"catalogue item {item['catalogue']}:{item['code']} does not exist", "not-found")
+                self.problem(
+                    f"{loc}.item", f"catalogue item {item['catalogue']}:{item['code']} does not exist", "not-found"
+                )
             if "loinc" in item:
                 self.loinc(item["loinc"], f"{loc}.item.loinc")
             out = dict(e)
@@ -362,16 +381,27 @@ class _Checker:
 
         diagnosis = data.get("diagnosis_categories") or {}
         if has_occupational:
-            missing = [c for c in ("dust", "chemical", "physical", "biological", "radiation", "other") if c not in diagnosis.get("by_exposure", {})]
+            missing = [
+                c
+                for c in ("dust", "chemical", "physical", "biological", "radiation", "other")
+                if c not in diagnosis.get("by_exposure", {})
+            ]
             if missing:
-                self.problem("diagnosis_categories.by_exposure", f"occupational items need a diagnosis category for {', '.join(missing)}", "required")
+                self.problem(
+                    "diagnosis_categories.by_exposure",
+                    f"occupational items need a diagnosis category for {', '.join(missing)}",
+                    "required",
+                )
 
         body: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "version": data["version"],
             "demo": bool(data.get("demo", False)),
             "authority": authority,
-            "diagnosis_categories": {"by_exposure": diagnosis.get("by_exposure", {}), "by_factor": diagnosis.get("by_factor", {})},
+            "diagnosis_categories": {
+                "by_exposure": diagnosis.get("by_exposure", {}),
+                "by_factor": diagnosis.get("by_factor", {}),
+            },
             "members": members,
             "qualifications": qualifications,
             "eqa": eqa,

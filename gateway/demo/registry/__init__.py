@@ -7,6 +7,7 @@ the registry authority gets a self-signed CA certificate, every member a
 signing certificate issued by it, and the snapshot lists those certificates, so
 the demo members can sign Bundles that the other members verify against it.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -85,7 +86,13 @@ def build_demo_registry(
     for member in data["members"]:
         key = generate_private_key()
         cert = issue_certificate(
-            key.public_key(), member["uscc"], member["name"], authority_key, authority_cert, start, start + _dt.timedelta(days=180)
+            key.public_key(),
+            member["uscc"],
+            member["name"],
+            authority_key,
+            authority_cert,
+            start,
+            start + _dt.timedelta(days=180),
         )
         member_keys[member["uscc"]], member_certs[member["uscc"]] = key, cert
         member["certificates"] = [{"pem": cert_pem(cert).decode("ascii")}]

@@ -1,0 +1,236 @@
+"""Recognition commands: decide on a Bundle, list stored decisions, record physician overrides.
+
+- ``gateway recognize --registry SNAPSHOT --authority CERT --receiver USCC [--at T] [--db PATH] BUNDLE``
+  prints every decision with every rule checked (a table, or ``--json``); ``--at``
+  defaults to now and is printed and stored with the decision;
+- ``gateway decisions list|show|override|reasons``: decisions stored with ``--db``,
+  listed by patient, issuer, item or outcome; a physician's re-test override
+  (one of the six national reasons) recorded beside a decision.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import click
+import sqlite_utils
+
+from gateway.commands.registry import AwareDateTime, authority_certificates, now_cst, one_line_errors
+from gateway.naming import SYSTEM_ID_CARD
+from gateway.recognition.engine import (
+    FAILED,
+    NEEDS_REVIEW,
+    NOT_EVALUABLE,
+    NOT_RECOGNIZED,
+    PASSED,
+    RECOGNIZED,
+    Decision,
+    decide_all,
+)
+from gateway.recognition.facts import facts_from_bundle
+from gateway.recognition.overrides import RETEST_REASONS, make_override
+from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
+from gateway.registry.models import Snapshot
+from gateway.registry.snapshot import verify_snapshot
+from gateway.signing.canonical import dumps, parse_json
+from gateway.store.db import connect
+
+__all__ = ["recognize", "decisions", "format_decisions"]
+
+_AWARE = AwareDateTime()
+_STATUS_MARK = {PASSED: "✓", FAILED: "✗", NOT_EVALUABLE: "?"}
+_OUTCOME_LABEL = {RECOGNIZED: "RECOGNIZED", NOT_RECOGNIZED: "NOT RECOGNIZED", NEEDS_REVIEW: "NEEDS REVIEW"}
+_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE)."
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return click.get_binary_stream("stdin").read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def format_decisions(decisions: list[Decision], snapshot: Snapshot) -> str:
+    """The human-readable table of a Bundle's decisions, every rule on its own line."""
+    first = decisions[0]
+    receiver = snapshot.member(first.receiver)
+    counts = {o: sum(1 for d in decisions if d.outcome == o) for o in _OUTCOME_LABEL}
+    lines = [
+        f"Receiver {first.receiver} {receiver.name if receiver else '(not a member)'}, decided at "
+        f"{first.decided_at.isoformat()}, registry snapshot {snapshot.version}{' [DEMO]' if snapshot.demo else ''}",
+        f"Bundle {first.facts.bundle_id or '?'}: {len(decisions)} result(s): {counts[RECOGNIZED]} recognized, "
+        f"{counts[NEEDS_REVIEW]} need review, {counts[NOT_RECOGNIZED]} not recognized",
+    ]
+    for n, d in enumerate(decisions, start=1):
+        item = f"{d.item.catalogue_id}:{d.item.code} {d.item.mark}" if d.item else "-"
+        lines.append("")
+        lines.append(f"[{n}] {d.facts.item_label()}  {_OUTCOME_LABEL[d.outcome]}  ({item})  decision {d.decision_id}")
+        width = max(len(r.rule) for r in d.rules)
+        for r in d.rules:
+            lines.append(f"    {_STATUS_MARK[r.status]} {r.rule:<{width}}  {r.message}")
+        for alt in d.alternatives:
+            lines.append(f"    also considered {alt['catalogue']}:{alt['code']}: {alt['outcome']}")
+    lines.append("")
+    lines.append("✓ passed  ✗ failed  ? not evaluable (a fact is missing: a person decides)")
+    return "\n".join(lines)
+
+
+@click.command("recognize")
+@click.argument("bundle", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "--registry",
+    "registry_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="GATEWAY_REGISTRY_SNAPSHOT",
+    help="Signed registry snapshot (GATEWAY_REGISTRY_SNAPSHOT).",
+)
+@click.option(
+    "--authority",
+    "authority",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="GATEWAY_REGISTRY_AUTHORITY",
+    help="Trusted registry authority certificate(s), PEM (repeatable; GATEWAY_REGISTRY_AUTHORITY); "
+    "default certs/registry-authority.pem.",
+)
+@click.option("--receiver", required=True, help="统一社会信用代码 of the receiving member (GB 32100 checked).")
+@click.option("--at", "at", type=_AWARE, help="Decision time (ISO 8601 with offset); default now. Printed and stored.")
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    envvar="GATEWAY_DATABASE",
+    help="Store the decisions in this SQLite database (GATEWAY_DATABASE); not stored if absent.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON (one document) instead of a table.")
+def recognize(
+    bundle: str,
+    registry_path: str,
+    authority: tuple[str, ...],
+    receiver: str,
+    at: _dt.datetime | None,
+    db_path: str | None,
+    as_json: bool,
+) -> None:
+    """Decide, for every result in BUNDLE (a report Bundle file, or - for stdin), whether the receiver may
+    recognise it: recognized, not-recognized or needs-review, with every rule checked."""
+    moment = at or now_cst()
+    data = _read(bundle)
+    with one_line_errors():
+        snapshot = verify_snapshot(_read(registry_path), authority_certificates(authority), moment)
+        decisions = decide_all(facts_from_bundle(parse_json(data)), snapshot, receiver, moment)
+        stored = None
+        if db_path:
+            db = connect(db_path)
+            try:
+                stored = save_decisions(db, decisions, now_cst())
+            finally:
+                db.conn.close()
+    if as_json:
+        click.echo(dumps({"decisions": [d.to_dict() for d in decisions]}, indent=2))
+    else:
+        click.echo(format_decisions(decisions, snapshot))
+    if stored is not None:
+        click.echo(f"{stored} new decision(s) stored in {db_path}", err=True)
+
+
+@click.group("decisions")
+def decisions() -> None:
+    """Stored recognition decisions and physicians' re-test overrides."""
+
+
+def _open(db_path: str) -> sqlite_utils.Database:
+    if not Path(db_path).exists():
+        raise click.ClickException(f"{db_path}: no such database")
+    return connect(db_path, readonly=True)
+
+
+@decisions.command("list")
+@click.option(
+    "--db", "db_path", required=True, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP
+)
+@click.option("--patient", help="Patient identifier value (a 身份证号 unless --patient-system says otherwise).")
+@click.option("--patient-system", default=SYSTEM_ID_CARD, show_default=True, help="Identifier system of --patient.")
+@click.option("--issuer", help="Issuing member's 统一社会信用代码.")
+@click.option("--item", help="Catalogue item code (e.g. CY-L001), or the result's own code when no catalogue lists it.")
+@click.option("--outcome", type=click.Choice([RECOGNIZED, NOT_RECOGNIZED, NEEDS_REVIEW]), help="Only this outcome.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_cmd(
+    db_path: str,
+    patient: str | None,
+    patient_system: str,
+    issuer: str | None,
+    item: str | None,
+    outcome: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List stored decisions, newest first."""
+    with one_line_errors():
+        db = _open(db_path)
+        rows = list_decisions(
+            db, patient=patient, patient_system=patient_system, issuer=issuer, item=item, outcome=outcome, limit=limit
+        )
+    if as_json:
+        click.echo(dumps({"decisions": [r.to_dict() for r in rows]}, indent=2))
+        return
+    for r in rows:
+        d = r.decision
+        item_ref = d["catalogue_item"]["code"] if d.get("catalogue_item") else "-"
+        flag = f"  overridden ({', '.join(o['reason'] for o in r.overrides)})" if r.overrides else ""
+        click.echo(
+            f"{d['decided_at']}  {d['outcome']:<15}{item_ref:<10}{d['result']['issuer'] or '-':<20}"
+            f"{d['result']['item']}  {d['decision_id']}{flag}"
+        )
+    click.echo(f"{len(rows)} decision(s)", err=True)
+
+
+@decisions.command("show")
+@click.argument("decision_id")
+@click.option(
+    "--db", "db_path", required=True, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP
+)
+def show_cmd(decision_id: str, db_path: str) -> None:
+    """Print one stored decision with its rules and overrides (JSON)."""
+    with one_line_errors():
+        stored = get_decision(_open(db_path), decision_id)
+    click.echo(json.dumps(stored.to_dict(), ensure_ascii=False, indent=2))
+
+
+@decisions.command("override")
+@click.argument("decision_id")
+@click.option(
+    "--db", "db_path", required=True, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP
+)
+@click.option(
+    "--reason",
+    required=True,
+    type=click.Choice(list(RETEST_REASONS)),
+    help="National re-test reason (see `gateway decisions reasons`).",
+)
+@click.option("--physician", required=True, help="The receiving physician's identifier (医务人员 ID).")
+@click.option("--note", help="Free text for the medical record.")
+def override_cmd(decision_id: str, db_path: str, reason: str, physician: str, note: str | None) -> None:
+    """Record a physician's re-test decision beside DECISION_ID (the decision itself is kept unchanged)."""
+    if not Path(db_path).exists():
+        raise click.ClickException(f"{db_path}: no such database")
+    with one_line_errors():
+        db = connect(db_path)
+        try:
+            override_id = add_override(db, make_override(decision_id, reason, physician, now_cst(), note))
+        finally:
+            db.conn.close()
+    click.echo(f"override {override_id} recorded for decision {decision_id}: {reason} ({RETEST_REASONS[reason].zh})")
+
+
+@decisions.command("reasons")
+def reasons_cmd() -> None:
+    """List the six national re-test reasons a physician may give."""
+    for r in RETEST_REASONS.values():
+        click.echo(f"{r.code:<18}{r.zh}\n{'':<18}{r.en}")

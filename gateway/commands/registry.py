@@ -1,0 +1,342 @@
+"""Registry commands: check a registry source, build and sign a snapshot, verify it, show it.
+
+- ``gateway registry check SRC``: every problem of a source file, with its path;
+- ``gateway registry build SRC --out SNAPSHOT --key K --cert C``: the signed, versioned snapshot;
+- ``gateway registry verify SNAPSHOT --authority CERT [--current HELD]``: what a gateway checks
+  before it uses a snapshot (signature, authority, expiry, no version regress);
+- ``gateway registry show SNAPSHOT``: a readable summary;
+- ``gateway registry schema``: the JSON Schema of the source format;
+- ``gateway registry demo --out DIR``: the DEMO snapshot with run-time generated keys.
+
+Errors reach the user as one line and a non-zero exit (2 for configuration).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cryptography import x509
+
+from gateway.config import REPO_ROOT
+from gateway.errors import ConfigError, GatewayError
+from gateway.registry.models import QUALIFICATION_TYPES, Snapshot, china_date
+from gateway.registry.snapshot import RegistryHolder, build_snapshot, read_snapshot_unverified, verify_snapshot
+from gateway.registry.source import load_source, source_schema
+from gateway.signing.canonical import dumps
+from gateway.signing.keys import cert_pem, kid_of, load_certificates, load_private_key, private_key_pem
+
+__all__ = [
+    "registry",
+    "AwareDateTime",
+    "one_line_errors",
+    "write_atomic",
+    "authority_certificates",
+    "DEFAULT_AUTHORITY",
+]
+
+_CST = _dt.timezone(_dt.timedelta(hours=8))
+
+
+class AwareDateTime(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
+    """An ISO 8601 date-time with its UTC offset (``2026-11-22T10:00:00+08:00``)."""
+
+    name = "datetime"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> _dt.datetime:
+        if isinstance(value, _dt.datetime):
+            return value
+        try:
+            parsed = _dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date-time", param, ctx)
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            self.fail(f"{value!r} has no UTC offset (write e.g. 2026-11-22T10:00:00+08:00)", param, ctx)
+        return parsed
+
+
+_AWARE = AwareDateTime()
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Gateway errors as one readable line: exit 2 for configuration problems, 1 otherwise."""
+    try:
+        yield
+    except ConfigError as exc:
+        err = click.ClickException(str(exc))
+        err.exit_code = 2
+        raise err from None
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def now_cst() -> _dt.datetime:
+    """The current time in China Standard Time, to the second."""
+    return _dt.datetime.now(_CST).replace(microsecond=0)
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)  # before any byte is written: a key is never readable by others
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+#: Where a gateway keeps the registry authority's certificate unless told otherwise.
+DEFAULT_AUTHORITY = REPO_ROOT / "certs" / "registry-authority.pem"
+
+
+def authority_certificates(paths: tuple[str, ...]) -> list[x509.Certificate]:
+    """The trusted registry authority certificates: the given files, else ``certs/registry-authority.pem``.
+
+    :raises click.ClickException: none given and no default file.
+    :raises ConfigError: a file holds no certificate.
+    """
+    if not paths:
+        if not DEFAULT_AUTHORITY.exists():
+            raise click.ClickException(
+                "no registry authority certificate: give --authority (or GATEWAY_REGISTRY_AUTHORITY), "
+                f"or place it at {DEFAULT_AUTHORITY}"
+            )
+        paths = (str(DEFAULT_AUTHORITY),)
+    return [cert for path in paths for cert in load_certificates(path)]
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read: {exc.strerror}") from None
+
+
+@click.group()
+def registry() -> None:
+    """The recognition registry: members, qualifications, EQA results, catalogues; signed snapshots."""
+
+
+@registry.command("check")
+@click.argument("source", type=click.Path(dir_okay=False))
+def check(source: str) -> None:
+    """Check registry SOURCE (YAML or JSON) and list every problem with its path."""
+    with one_line_errors():
+        src = load_source(source)
+    body = src.body
+    click.echo(
+        f"OK: {source} version {src.version}: {len(body['members'])} members, {len(body['qualifications'])} "
+        f"qualifications, {len(body['eqa'])} EQA results, {len(body['catalogues'])} catalogues"
+    )
+
+
+@registry.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of the registry source format."""
+    click.echo(json.dumps(source_schema(), ensure_ascii=False, indent=2))
+
+
+@registry.command("build")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Snapshot file to write.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Registry authority private key (PEM).",
+)
+@click.option(
+    "--cert",
+    "cert_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Registry authority certificate (PEM, self-signed CA).",
+)
+@click.option(
+    "--key-password-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File holding the private key's password, if it is encrypted.",
+)
+@click.option(
+    "--valid-days",
+    type=click.IntRange(1, 366),
+    default=7,
+    show_default=True,
+    help="Days the snapshot stays valid; gateways refuse it afterwards.",
+)
+@click.option("--issued", type=_AWARE, help="Issue time (ISO 8601 with offset); default now.")
+def build(
+    source: str,
+    out: str,
+    key_path: str,
+    cert_path: str,
+    key_password_file: str | None,
+    valid_days: int,
+    issued: _dt.datetime | None,
+) -> None:
+    """Build the signed, versioned registry snapshot of SOURCE."""
+    with one_line_errors():
+        src = load_source(source)
+        password = Path(key_password_file).read_bytes().rstrip(b"\r\n") if key_password_file else None
+        key = load_private_key(key_path, password)
+        cert = load_certificates(cert_path)[0]
+        doc = build_snapshot(
+            src, key=key, cert=cert, issued=issued or now_cst(), valid_for=_dt.timedelta(days=valid_days)
+        )
+        write_atomic(Path(out), dumps(doc, indent=2) + "\n")
+    click.echo(f"registry snapshot version {doc['version']} written to {out}, valid until {doc['valid_until']}")
+
+
+@registry.command("verify")
+@click.argument("snapshot", type=click.Path(dir_okay=False))
+@click.option(
+    "--authority",
+    "authority",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="GATEWAY_REGISTRY_AUTHORITY",
+    help="Trusted registry authority certificate(s), PEM (repeatable; GATEWAY_REGISTRY_AUTHORITY); "
+    "default certs/registry-authority.pem.",
+)
+@click.option(
+    "--current",
+    "current",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The snapshot the gateway holds now: refuse SNAPSHOT if it is older.",
+)
+@click.option("--at", "at", type=_AWARE, help="Verification time (ISO 8601 with offset); default now.")
+def verify(snapshot: str, authority: tuple[str, ...], current: str | None, at: _dt.datetime | None) -> None:
+    """Verify SNAPSHOT: signed by a trusted registry authority, untampered, unexpired, not a version regress."""
+    moment = at or now_cst()
+    with one_line_errors():
+        holder = RegistryHolder(authority_certificates(authority), clock=lambda: moment)
+        if current:
+            holder.load_file(current)
+        snap = holder.load_file(snapshot)
+    signer = snap.authority_certificates[0]
+    click.echo(
+        f"OK: registry snapshot version {snap.version} of {snap.authority_name} ({snap.authority_uscc}), "
+        f"signed with key {kid_of(signer)}, issued {snap.issued.isoformat()}, "
+        f"valid until {snap.valid_until.isoformat()}" + (" [DEMO]" if snap.demo else "")
+    )
+
+
+def _summary(snap: Snapshot, verified: str, on: _dt.date) -> list[str]:
+    lines = [
+        f"Registry snapshot version {snap.version}{'  [DEMO 演示数据]' if snap.demo else ''}  ({verified})",
+        f"  authority    {snap.authority_uscc}  {snap.authority_name}",
+        f"  issued       {snap.issued.isoformat()}    valid until {snap.valid_until.isoformat()}",
+        f"  digest       sha256:{snap.digest()}",
+    ]
+    if snap.note:
+        lines.append(f"  note         {snap.note}")
+    lines.append(f"\nMembers ({len(snap.members)}), as of {on}:")
+    lines.append(f"  {'USCC':<20}{'PROV':<6}{'DIVISION':<10}{'KIND':<17}{'LEVEL':<10}{'ACTIVE':<8}{'CERTS':<6}NAME")
+    for m in snap.members.values():
+        lines.append(
+            f"  {m.uscc:<20}{m.province:<6}{m.division:<10}{m.kind:<17}{(m.level or '-'):<10}"
+            f"{('yes' if m.active_on(on) else 'no'):<8}{len(m.certificates):<6}{m.name}"
+        )
+    lines.append(f"\nCatalogues ({len(snap.catalogues)}):")
+    for c in snap.catalogues:
+        classes = Counter(it.item_class for it in c.items)
+        valid = f"{c.period.start or '…'} – {c.period.end or '…'}"
+        lines.append(
+            f"  {c.id:<28}{c.scope_label():<22}{c.mark:<10}{len(c.items):>3} items "
+            f"({', '.join(f'{n} {k}' for k, n in sorted(classes.items()))})  {valid}  {c.name} v{c.version}"
+        )
+    lines.append(f"\nQualifications ({len(snap.qualifications)}):")
+    by_type = Counter(q.type for q in snap.qualifications)
+    for q_type, n in sorted(by_type.items()):
+        held = sum(1 for q in snap.qualifications if q.type == q_type and q.valid_on(on))
+        lines.append(f"  {q_type:<44}{n:>3} ({held} valid today)  {QUALIFICATION_TYPES.get(q_type, '')}")
+    passed = sum(1 for e in snap.eqa if e.passed)
+    years = sorted({e.year for e in snap.eqa})
+    lines.append(
+        f"\nEQA results ({len(snap.eqa)}): {passed} pass, {len(snap.eqa) - passed} fail; "
+        f"years {', '.join(map(str, years))}"
+    )
+    return lines
+
+
+@registry.command("show")
+@click.argument("snapshot", type=click.Path(dir_okay=False))
+@click.option(
+    "--authority",
+    "authority",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="GATEWAY_REGISTRY_AUTHORITY",
+    help="Verify against these authority certificates first (otherwise shown unverified).",
+)
+@click.option("--at", "at", type=_AWARE, help="Date to show member status for (ISO 8601 with offset); default now.")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot document instead of a summary.")
+def show(snapshot: str, authority: tuple[str, ...], at: _dt.datetime | None, as_json: bool) -> None:
+    """Print a readable summary of SNAPSHOT."""
+    moment = at or now_cst()
+    data = _read(snapshot)
+    with one_line_errors():
+        if authority:
+            snap = verify_snapshot(data, authority_certificates(authority), moment)
+            verified = "verified"
+        else:
+            snap = read_snapshot_unverified(data)
+            verified = "NOT verified: give --authority to check the signature"
+    if as_json:
+        click.echo(dumps(snap.document, indent=2))
+        return
+    click.echo("\n".join(_summary(snap, verified, china_date(moment))))
+
+
+@registry.command("demo")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the DEMO snapshot, authority certificate and member keys.",
+)
+@click.option("--at", "at", type=_AWARE, help="Issue time (ISO 8601 with offset); default now.")
+def demo(out: str, at: _dt.datetime | None) -> None:
+    """Write the DEMO registry: snapshot, authority certificate, and member keys and certificates.
+
+    Keys are generated now and are demonstration material only; inside a git
+    checkout they may only go to a directory whose path names demo or test.
+    """
+    from gateway.commands.signing import key_dir_allowed
+    from gateway.demo.registry import build_demo_registry
+
+    allowed, checkout = key_dir_allowed(out)
+    if not allowed:
+        raise click.ClickException(
+            f"{out} is inside the checkout {checkout}: demo keys go outside it or under a directory named demo or test"
+        )
+    with one_line_errors():
+        demo_registry = build_demo_registry(at or now_cst())
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / "DEMO-snapshot.json", demo_registry.text() + "\n")
+    write_atomic(directory / "DEMO-authority.pem", cert_pem(demo_registry.authority_cert).decode("ascii"))
+    for uscc, cert in demo_registry.member_certs.items():
+        write_atomic(directory / f"DEMO-{uscc}.pem", cert_pem(cert).decode("ascii"))
+        key_path = directory / f"DEMO-{uscc}.key"
+        write_atomic(key_path, private_key_pem(demo_registry.member_keys[uscc]).decode("ascii"), mode=0o600)
+    click.echo(
+        f"DEMO registry written to {out}: DEMO-snapshot.json (version {demo_registry.document['version']}, valid until "
+        f"{demo_registry.document['valid_until']}), DEMO-authority.pem, member certificates and keys"
+    )

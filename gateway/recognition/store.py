@@ -1,0 +1,275 @@
+"""Recognition store: decisions and physician overrides in the gateway's SQLite database.
+
+Two append-only tables (triggers refuse UPDATE and DELETE): a decision is
+never rewritten, and an override sits beside the decision it concerns. Each
+decision row keeps the full decision JSON (every rule with its facts, the
+snapshot version and digest) so it can be replayed, plus the columns it is
+listed by: patient identifier, issuer, item and outcome.
+
+Writes go through :func:`gateway.store.db.transaction` with ``db.execute`` only,
+so that a caller can commit a decision together with its audit entry.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from gateway.errors import InputError, NotFound
+from gateway.identifiers import check_id_card, check_uscc
+from gateway.naming import SYSTEM_ID_CARD
+from gateway.recognition.engine import NEEDS_REVIEW, NOT_RECOGNIZED, RECOGNIZED, Decision
+from gateway.recognition.overrides import RETEST_REASONS, Override
+from gateway.store.db import transaction
+
+__all__ = [
+    "SCHEMA",
+    "StoredDecision",
+    "ensure_schema",
+    "save_decisions",
+    "add_override",
+    "get_decision",
+    "list_decisions",
+]
+
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS recognition_decisions (
+        decision_id      TEXT PRIMARY KEY,
+        bundle_id        TEXT,
+        entry            TEXT NOT NULL,
+        report_id        TEXT,
+        patient_system   TEXT,
+        patient_value    TEXT,
+        issuer_uscc      TEXT,
+        receiver_uscc    TEXT NOT NULL,
+        catalogue_id     TEXT,
+        item_code        TEXT,
+        item_label       TEXT,
+        outcome          TEXT NOT NULL CHECK (outcome IN ('recognized', 'not-recognized', 'needs-review')),
+        snapshot_version INTEGER NOT NULL,
+        snapshot_digest  TEXT NOT NULL,
+        decided_at       TEXT NOT NULL,  -- UTC, so that text order is time order
+        recorded_at      TEXT NOT NULL,
+        decision_json    TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS recognition_decisions_patient ON recognition_decisions (patient_value, patient_system)",
+    "CREATE INDEX IF NOT EXISTS recognition_decisions_issuer ON recognition_decisions (issuer_uscc, decided_at)",
+    "CREATE INDEX IF NOT EXISTS recognition_decisions_item ON recognition_decisions (item_code, decided_at)",
+    "CREATE INDEX IF NOT EXISTS recognition_decisions_outcome ON recognition_decisions (outcome, decided_at)",
+    """CREATE TABLE IF NOT EXISTS recognition_overrides (
+        override_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        decision_id      TEXT NOT NULL REFERENCES recognition_decisions (decision_id),
+        reason           TEXT NOT NULL,
+        physician_system TEXT NOT NULL,
+        physician_id     TEXT NOT NULL,
+        note             TEXT,
+        recorded_at      TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS recognition_overrides_decision ON recognition_overrides (decision_id)",
+    *(
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action} BEFORE {action.upper()} ON {table}"
+        f" BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+        for table in ("recognition_decisions", "recognition_overrides")
+        for action in ("update", "delete")
+    ),
+)
+
+_OUTCOMES = (RECOGNIZED, NOT_RECOGNIZED, NEEDS_REVIEW)
+
+
+@dataclass(frozen=True)
+class StoredDecision:
+    """A stored decision (its JSON form) with the overrides recorded beside it."""
+
+    decision: dict[str, Any]
+    recorded_at: str
+    overrides: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: the decision plus ``recorded_at`` and ``overrides``."""
+        return {**self.decision, "recorded_at": self.recorded_at, "overrides": list(self.overrides)}
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the recognition tables, indexes and triggers if they are missing.
+
+    Statement by statement (not ``executescript``, which would commit a caller's open transaction).
+    """
+    if _table_exists(db):
+        return
+    with transaction(db):
+        for statement in SCHEMA:
+            db.execute(statement)
+
+
+def _aware(moment: _dt.datetime, label: str) -> str:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise InputError(f"{label} must carry a UTC offset", label)
+    return moment.isoformat()
+
+
+def save_decisions(db: sqlite_utils.Database, decisions: Iterable[Decision], recorded_at: _dt.datetime) -> int:
+    """Store decisions in one transaction; return how many were new (a replayed decision is kept once).
+
+    :raises InputError: ``recorded_at`` has no UTC offset.
+    """
+    when = _aware(recorded_at, "recorded_at")
+    ensure_schema(db)
+    added = 0
+    with transaction(db):
+        for d in decisions:
+            f = d.facts
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO recognition_decisions (decision_id, bundle_id, entry, report_id, patient_system,"
+                " patient_value, issuer_uscc, receiver_uscc, catalogue_id, item_code, item_label, outcome,"
+                " snapshot_version, snapshot_digest, decided_at, recorded_at, decision_json)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    d.decision_id,
+                    f.bundle_id,
+                    f.entry,
+                    f.report_id,
+                    f.patient[0] if f.patient else None,
+                    f.patient[1] if f.patient else None,
+                    f.issuer_uscc,
+                    d.receiver,
+                    d.item.catalogue_id if d.item else None,
+                    d.item.code if d.item else (f.codings[0].code if f.codings else None),
+                    d.item.display if d.item else f.item_label(),
+                    d.outcome,
+                    d.snapshot_version,
+                    d.snapshot_digest,
+                    d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
+                    when,
+                    json.dumps(d.to_dict(), ensure_ascii=False),
+                ],
+            )
+            added += cursor.rowcount
+    return added
+
+
+def add_override(db: sqlite_utils.Database, override: Override) -> int:
+    """Record a physician override beside its decision; return the override's id.
+
+    :raises NotFound: no decision with that id.
+    """
+    ensure_schema(db)
+    with transaction(db):
+        exists = db.execute(
+            "SELECT 1 FROM recognition_decisions WHERE decision_id = ?", [override.decision_id]
+        ).fetchone()
+        if exists is None:
+            raise NotFound(f"no recognition decision {override.decision_id}", "decision_id")
+        cursor = db.execute(
+            "INSERT INTO recognition_overrides (decision_id, reason, physician_system, physician_id, note, recorded_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                override.decision_id,
+                override.reason,
+                override.physician_system,
+                override.physician,
+                override.note,
+                _aware(override.recorded_at, "recorded_at"),
+            ],
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def _overrides(db: sqlite_utils.Database, decision_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    if not decision_ids:
+        return out
+    marks = ",".join("?" * len(decision_ids))
+    rows = db.execute(
+        "SELECT override_id, decision_id, reason, physician_system, physician_id, note, recorded_at"
+        f" FROM recognition_overrides WHERE decision_id IN ({marks}) ORDER BY override_id",
+        decision_ids,
+    ).fetchall()
+    for override_id, decision_id, reason, system, physician, note, recorded_at in rows:
+        info = RETEST_REASONS.get(reason)
+        out.setdefault(decision_id, []).append(
+            {
+                "override_id": override_id,
+                "reason": reason,
+                "reason_zh": info.zh if info else None,
+                "reason_en": info.en if info else None,
+                "physician": {"system": system, "value": physician},
+                "note": note,
+                "recorded_at": recorded_at,
+            }
+        )
+    return out
+
+
+def _table_exists(db: sqlite_utils.Database) -> bool:
+    return (
+        db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recognition_decisions'").fetchone()
+        is not None
+    )
+
+
+def get_decision(db: sqlite_utils.Database, decision_id: str) -> StoredDecision:
+    """One stored decision with its overrides.
+
+    :raises NotFound: no decision with that id.
+    """
+    row = None
+    if _table_exists(db):
+        row = db.execute(
+            "SELECT decision_json, recorded_at FROM recognition_decisions WHERE decision_id = ?", [decision_id]
+        ).fetchone()
+    if row is None:
+        raise NotFound(f"no recognition decision {decision_id}", "decision_id")
+    return StoredDecision(json.loads(row[0]), row[1], tuple(_overrides(db, [decision_id]).get(decision_id, [])))
+
+
+def list_decisions(
+    db: sqlite_utils.Database,
+    *,
+    patient: str | None = None,
+    patient_system: str = SYSTEM_ID_CARD,
+    issuer: str | None = None,
+    item: str | None = None,
+    outcome: str | None = None,
+    limit: int = 100,
+) -> list[StoredDecision]:
+    """Stored decisions, newest decision time first, filtered by patient identifier, issuer, item and outcome.
+
+    ``item`` is a catalogue item code (``CY-L001``) or, for results no catalogue
+    lists, the first code the result carried.
+
+    :raises IdentifierError: ``issuer`` fails GB 32100, or a 身份证号 ``patient`` fails GB 11643.
+    :raises InputError: unknown ``outcome`` or a ``limit`` out of range.
+    """
+    if outcome is not None and outcome not in _OUTCOMES:
+        raise InputError(f"outcome must be one of {', '.join(_OUTCOMES)}", "outcome")
+    if not 1 <= limit <= 10_000:
+        raise InputError("limit must be between 1 and 10000", "limit")
+    if not _table_exists(db):
+        return []
+    where, params = [], []
+    if patient is not None:
+        value = check_id_card(patient) if patient_system == SYSTEM_ID_CARD else patient
+        where.append("patient_value = ? AND patient_system = ?")
+        params += [value, patient_system]
+    if issuer is not None:
+        where.append("issuer_uscc = ?")
+        params.append(check_uscc(issuer))
+    if item is not None:
+        where.append("item_code = ?")
+        params.append(item)
+    if outcome is not None:
+        where.append("outcome = ?")
+        params.append(outcome)
+    sql = "SELECT decision_id, decision_json, recorded_at FROM recognition_decisions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY decided_at DESC, decision_id LIMIT ?"
+    rows = db.execute(sql, [*params, limit]).fetchall()
+    overrides = _overrides(db, [r[0] for r in rows])
+    return [StoredDecision(json.loads(r[1]), r[2], tuple(overrides.get(r[0], []))) for r in rows]

@@ -1,0 +1,206 @@
+"""`gateway recognize` and `gateway decisions`: tables and JSON with every rule, --at recorded, decisions
+stored and listed, overrides recorded, and every error as one readable line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from gateway.commands.recognize import decisions, recognize
+from gateway.commands.registry import registry
+
+DATA = Path(__file__).parent / "data" / "registry"
+TONGJIANG, FULING = "12511921MB0001003C", "12500102MB0002006J"
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo-registry"
+    result = CliRunner().invoke(registry, ["demo", "--out", str(out), "--at", "2026-11-22T09:00:00+08:00"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _args(demo_dir: Path, *more: str) -> list[str]:
+    return [
+        "--registry",
+        str(demo_dir / "DEMO-snapshot.json"),
+        "--authority",
+        str(demo_dir / "DEMO-authority.pem"),
+        *more,
+    ]
+
+
+def test_table_lists_every_rule(demo_dir: Path) -> None:
+    result = CliRunner().invoke(
+        recognize,
+        [
+            str(DATA / "bundle-lab-tongjiang.json"),
+            *_args(demo_dir, "--receiver", FULING, "--at", "2026-11-22T10:00:00+08:00"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "decided at 2026-11-22T10:00:00+08:00, registry snapshot 1 [DEMO]" in out
+    assert "5 result(s): 3 recognized, 0 need review, 2 not recognized" in out
+    assert "[1] 白细胞计数  RECOGNIZED  (chuanyu:CY-L001 川渝HR)" in out
+    assert "✗ eqa-pass" in out and "EQA failed for 丙氨酸氨基转移酶" in out
+    assert out.count("✓ member-active") == 5
+
+
+def test_json_and_storage(demo_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    db = tmp_path / "gw.db"
+    result = runner.invoke(
+        recognize,
+        [
+            str(DATA / "bundle-occupational-cdc.json"),
+            *_args(demo_dir, "--receiver", FULING, "--at", "2026-11-22T10:00:00+08:00", "--db", str(db), "--json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output[: result.output.rindex("}") + 1])
+    outcomes = [d["outcome"] for d in doc["decisions"]]
+    assert outcomes == ["recognized", "recognized", "not-recognized"]
+    assert doc["decisions"][0]["decided_at"] == "2026-11-22T10:00:00+08:00"
+    assert {r["rule"] for r in doc["decisions"][0]["rules"]} >= {"occupational-filing", "occupational-physician"}
+
+    listed = runner.invoke(decisions, ["list", "--db", str(db), "--outcome", "recognized"])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.count("recognized") == 2 and "CY-O001" in listed.output
+    decision_id = doc["decisions"][0]["decision_id"]
+
+    over = runner.invoke(
+        decisions,
+        [
+            "override",
+            decision_id,
+            "--db",
+            str(db),
+            "--reason",
+            "appraisal",
+            "--physician",
+            "DEMO-500102-D077",
+            "--note",
+            "伤残鉴定",
+        ],
+    )
+    assert over.exit_code == 0, over.output
+    assert "涉及司法、伤残及病退等鉴定的" in over.output
+    shown = runner.invoke(decisions, ["show", decision_id, "--db", str(db)])
+    stored = json.loads(shown.output)
+    assert stored["outcome"] == "recognized" and stored["overrides"][0]["reason"] == "appraisal"
+    as_json = runner.invoke(decisions, ["list", "--db", str(db), "--item", "CY-O001", "--json"])
+    assert json.loads(as_json.output)["decisions"][0]["overrides"][0]["physician"]["value"] == "DEMO-500102-D077"
+
+
+def test_at_defaults_to_now_and_is_printed(demo_dir: Path) -> None:
+    result = CliRunner().invoke(
+        recognize, [str(DATA / "bundle-lab-tongjiang.json"), *_args(demo_dir, "--receiver", FULING)]
+    )
+    # The demo snapshot is dated 2026-11-22 and valid for 7 days: "now" decides only while it is valid.
+    now = dt.datetime.now(dt.timezone(dt.timedelta(hours=8)))
+    if dt.datetime(2026, 11, 22, 9, tzinfo=now.tzinfo) <= now <= dt.datetime(2026, 11, 29, 9, tzinfo=now.tzinfo):
+        assert result.exit_code == 0 and f"decided at {now.date().isoformat()}" in result.output
+    else:
+        assert result.exit_code == 1 and ("expired" in result.output or "future" in result.output)
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--receiver", "12500102MB0002006K", "--at", "2026-11-22T10:00:00+08:00"], "check character"),
+        (["--receiver", FULING, "--at", "2026-12-22T10:00:00+08:00"], "expired"),
+        (["--receiver", FULING, "--at", "2026-11-22T10:00:00"], "no UTC offset"),
+    ],
+)
+def test_errors_are_one_line(demo_dir: Path, extra: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(recognize, [str(DATA / "bundle-lab-tongjiang.json"), *_args(demo_dir, *extra)])
+    assert result.exit_code != 0
+    assert fragment in result.output and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    # Usage errors come with click's usage hint; the error itself is always one line.
+    assert len(lines) == 1 or (result.exit_code == 2 and lines[-1].startswith("Error:") and fragment in lines[-1])
+
+
+def test_bad_bundles_are_refused(demo_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"resourceType": "Bundle", "entry": [', encoding="utf-8")
+    result = runner.invoke(
+        recognize, [str(broken), *_args(demo_dir, "--receiver", FULING, "--at", "2026-11-22T10:00:00+08:00")]
+    )
+    assert result.exit_code == 1 and "not valid JSON" in result.output
+    bad_patient = json.loads((DATA / "bundle-lab-tongjiang.json").read_text(encoding="utf-8"))
+    bad_patient["entry"][1]["resource"]["identifier"][0]["value"] = "110105194912310021"
+    result = runner.invoke(
+        recognize,
+        ["-", *_args(demo_dir, "--receiver", FULING, "--at", "2026-11-22T10:00:00+08:00")],
+        input=json.dumps(bad_patient),
+    )
+    assert result.exit_code == 1 and "身份证号 check digit" in result.output
+    assert "110105194912310021" not in result.output  # the patient's number is not echoed
+    tampered = tmp_path / "snap.json"
+    tampered.write_text(
+        (demo_dir / "DEMO-snapshot.json").read_text(encoding="utf-8").replace("二级甲等", "三级甲等", 1),
+        encoding="utf-8",
+    )
+    result = runner.invoke(
+        recognize,
+        [
+            str(DATA / "bundle-lab-tongjiang.json"),
+            "--registry",
+            str(tampered),
+            "--authority",
+            str(demo_dir / "DEMO-authority.pem"),
+            "--receiver",
+            FULING,
+        ],
+    )
+    assert result.exit_code == 1 and "signature verification failed" in result.output
+
+
+def test_decisions_commands_need_a_database(tmp_path: Path) -> None:
+    result = CliRunner().invoke(decisions, ["list", "--db", str(tmp_path / "missing.db")])
+    assert result.exit_code == 1 and "no such database" in result.output
+    result = CliRunner().invoke(
+        decisions, ["override", "x", "--db", str(tmp_path / "missing.db"), "--reason", "other", "--physician", "D1"]
+    )
+    assert result.exit_code == 1
+    reasons = CliRunner().invoke(decisions, ["reasons"])
+    assert reasons.exit_code == 0 and reasons.output.count("\n") == 12
+
+
+def test_every_command_and_option_has_help() -> None:
+    commands: list[click.Command] = [recognize, *decisions.commands.values()]
+    for command in commands:
+        assert command.help, command.name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.name}"
+
+
+def test_authority_defaults_to_certs(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.commands.registry as commands
+
+    monkeypatch.delenv("GATEWAY_REGISTRY_AUTHORITY", raising=False)
+    monkeypatch.setattr(commands, "DEFAULT_AUTHORITY", tmp_path / "registry-authority.pem")
+    args = [
+        str(DATA / "bundle-lab-tongjiang.json"),
+        "--registry",
+        str(demo_dir / "DEMO-snapshot.json"),
+        "--receiver",
+        FULING,
+        "--at",
+        "2026-11-22T10:00:00+08:00",
+    ]
+    result = CliRunner().invoke(recognize, args)
+    assert result.exit_code == 1 and "registry-authority.pem" in result.output
+    (tmp_path / "registry-authority.pem").write_bytes((demo_dir / "DEMO-authority.pem").read_bytes())
+    result = CliRunner().invoke(recognize, args)
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,167 @@
+"""Stored decisions and physician overrides: listing by patient, issuer, item and outcome; overrides beside
+decisions, never replacing them; append-only tables; writes join the caller's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from gateway.demo.registry import DEMO_SOURCE
+from gateway.errors import IdentifierError, InputError, NotFound
+from gateway.recognition.engine import Decision, decide_all
+from gateway.recognition.facts import facts_from_bundle
+from gateway.recognition.overrides import RETEST_REASONS, make_override
+from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
+from gateway.registry.snapshot import unsigned_snapshot
+from gateway.registry.source import load_source
+from gateway.store.db import connect, transaction
+
+DATA = Path(__file__).parent / "data" / "registry"
+CST = dt.timezone(dt.timedelta(hours=8))
+AT = dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST)
+TONGJIANG, FULING, CDC = "12511921MB0001003C", "12500102MB0002006J", "12510000MB00030095"
+PATIENT = "11010519491231002X"
+SNAPSHOT = unsigned_snapshot(load_source(DEMO_SOURCE), dt.datetime(2026, 11, 1, tzinfo=CST), dt.timedelta(days=60))
+
+
+def decisions_for(name: str, receiver: str, at: dt.datetime = AT) -> list[Decision]:
+    bundle = json.loads((DATA / name).read_text(encoding="utf-8"))
+    return decide_all(facts_from_bundle(bundle), SNAPSHOT, receiver, at)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> sqlite_utils.Database:
+    database = connect(tmp_path / "gw.db")
+    yield database
+    database.conn.close()
+
+
+@pytest.fixture
+def stored(db: sqlite_utils.Database) -> sqlite_utils.Database:
+    save_decisions(db, decisions_for("bundle-lab-tongjiang.json", FULING), AT)
+    save_decisions(db, decisions_for("bundle-occupational-cdc.json", FULING, AT + dt.timedelta(hours=1)), AT)
+    return db
+
+
+def test_replayed_decisions_are_kept_once(db: sqlite_utils.Database) -> None:
+    decisions = decisions_for("bundle-lab-tongjiang.json", FULING)
+    assert save_decisions(db, decisions, AT) == 5
+    assert save_decisions(db, decisions_for("bundle-lab-tongjiang.json", FULING), AT + dt.timedelta(minutes=5)) == 0
+    assert save_decisions(db, decisions_for("bundle-lab-tongjiang.json", FULING, AT + dt.timedelta(days=1)), AT) == 5
+
+
+def test_listing_filters(stored: sqlite_utils.Database) -> None:
+    everything = list_decisions(stored)
+    assert len(everything) == 8
+    assert everything[0].decision["decided_at"] == "2026-11-22T11:00:00+08:00"  # newest first
+    assert len(list_decisions(stored, patient=PATIENT)) == 8
+    assert len(list_decisions(stored, patient=PATIENT.lower())) == 8  # normalised like everywhere else
+    assert list_decisions(stored, patient="511921198001011237") == []  # another patient
+    assert {r.decision["result"]["issuer"] for r in list_decisions(stored, issuer=CDC)} == {CDC}
+    assert [r.decision["catalogue_item"]["code"] for r in list_decisions(stored, item="CY-L005")] == ["CY-L005"]
+    assert [r.decision["result"]["item"] for r in list_decisions(stored, item="REMARK")] == ["备注"]
+    refused = list_decisions(stored, outcome="not-recognized")
+    assert refused and all(r.decision["outcome"] == "not-recognized" for r in refused)
+    assert len(list_decisions(stored, issuer=TONGJIANG, outcome="recognized")) == 3
+    assert len(list_decisions(stored, limit=2)) == 2
+    other = list_decisions(stored, patient="TJ000123", patient_system="https://fhir.cyhr.org.cn/sid/mrn/x")
+    assert other == []
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"outcome": "accepted"}, InputError),
+        ({"limit": 0}, InputError),
+        ({"issuer": "12511921MB0001003D"}, IdentifierError),
+        ({"patient": "110105194912310021"}, IdentifierError),
+    ],
+)
+def test_bad_filters_are_refused(
+    stored: sqlite_utils.Database, kwargs: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        list_decisions(stored, **kwargs)  # type: ignore[arg-type]
+
+
+def test_empty_database_lists_nothing(db: sqlite_utils.Database) -> None:
+    assert list_decisions(db) == []
+    with pytest.raises(NotFound):
+        get_decision(db, "no-such-decision")
+
+
+def test_override_is_stored_beside_the_decision(stored: sqlite_utils.Database) -> None:
+    decision = list_decisions(stored, item="CY-L001")[0]
+    decision_id = decision.decision["decision_id"]
+    override = make_override(decision_id, "critical-item", "DEMO-500102-D077", AT + dt.timedelta(minutes=3), "术前复查")
+    first = add_override(stored, override)
+    second = add_override(
+        stored, make_override(decision_id, "emergency", "DEMO-500102-D078", AT + dt.timedelta(hours=2))
+    )
+    assert second > first
+    kept = get_decision(stored, decision_id)
+    assert kept.decision == decision.decision  # the decision itself is unchanged
+    assert [o["reason"] for o in kept.overrides] == ["critical-item", "emergency"]
+    assert kept.overrides[0]["reason_zh"] == RETEST_REASONS["critical-item"].zh
+    assert kept.overrides[0]["physician"] == {"system": "urn:oid:2.16.156.10011.1.4", "value": "DEMO-500102-D077"}
+    assert kept.overrides[0]["note"] == "术前复查" and kept.to_dict()["overrides"][1]["note"] is None
+    listed = next(r for r in list_decisions(stored) if r.decision["decision_id"] == decision_id)
+    assert len(listed.overrides) == 2
+
+
+def test_override_input_is_checked(stored: sqlite_utils.Database) -> None:
+    with pytest.raises(InputError, match="re-test reason"):
+        make_override("x", "patient-asked", "D1", AT)
+    with pytest.raises(InputError, match="physician"):
+        make_override("x", "other", "  ", AT)
+    with pytest.raises(InputError, match="UTC offset"):
+        make_override("x", "other", "D1", AT.replace(tzinfo=None))
+    with pytest.raises(NotFound):
+        add_override(stored, make_override("no-such-decision", "other", "D1", AT))
+
+
+def test_six_national_reasons() -> None:
+    assert list(RETEST_REASONS) == [
+        "condition-changed",
+        "rapid-change",
+        "critical-item",
+        "emergency",
+        "appraisal",
+        "other",
+    ]
+    assert all(r.zh and r.en for r in RETEST_REASONS.values())
+
+
+def test_tables_are_append_only(stored: sqlite_utils.Database) -> None:
+    decision_id = list_decisions(stored)[0].decision["decision_id"]
+    add_override(stored, make_override(decision_id, "other", "D1", AT))
+    for sql in (
+        "UPDATE recognition_decisions SET outcome = 'recognized'",
+        "DELETE FROM recognition_decisions",
+        "UPDATE recognition_overrides SET reason = 'emergency'",
+        "DELETE FROM recognition_overrides",
+    ):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            stored.execute(sql)
+
+
+def test_saving_joins_the_callers_transaction(db: sqlite_utils.Database) -> None:
+    decisions = decisions_for("bundle-lab-tongjiang.json", FULING)
+    with pytest.raises(RuntimeError):
+        with transaction(db):
+            save_decisions(db, decisions, AT)
+            raise RuntimeError("the audit entry could not be written")
+    assert list_decisions(db) == []
+    with transaction(db):
+        assert save_decisions(db, decisions, AT) == 5
+    assert len(list_decisions(db)) == 5
+
+
+def test_naive_recorded_time_is_refused(db: sqlite_utils.Database) -> None:
+    with pytest.raises(InputError):
+        save_decisions(db, decisions_for("bundle-lab-tongjiang.json", FULING), AT.replace(tzinfo=None))

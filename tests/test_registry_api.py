@@ -1,0 +1,246 @@
+"""Registry API: the snapshot browsed as FHIR (Organization, VerificationResult, Endpoint), the signed snapshot
+passed on byte for byte, and POST /fhir/$recognize (Parameters in, Parameters out); errors as OperationOutcome.
+Everything served is checked by the independent FHIR validators."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from gateway.api.errors import register_error_handlers
+from gateway.api.registry import bp, install
+from gateway.demo.registry import DemoRegistry, build_demo_registry
+from gateway.recognition.store import list_decisions
+from gateway.registry.snapshot import RegistryHolder
+from gateway.store.db import connect
+
+DATA = Path(__file__).parent / "data" / "registry"
+CST = dt.timezone(dt.timedelta(hours=8))
+NOW = dt.datetime(2026, 11, 22, 9, 0, tzinfo=CST)
+TONGJIANG, FULING, CDC = "12511921MB0001003C", "12500102MB0002006J", "12510000MB00030095"
+
+
+class Clock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def demo() -> DemoRegistry:
+    return build_demo_registry(NOW)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(NOW + dt.timedelta(hours=1))
+
+
+@pytest.fixture
+def app(demo: DemoRegistry, clock: Clock, tmp_path: Path) -> Flask:
+    holder = RegistryHolder([demo.authority_cert], clock=clock)
+    holder.apply(demo.text())
+    application = Flask("test")
+    register_error_handlers(application)
+    application.register_blueprint(bp)
+    install(application, holder, clock=clock, database=tmp_path / "gw.db")
+    application.config["TESTING"] = True
+    return application
+
+
+def recognize_body(
+    bundle: dict[str, Any], receiver: Any = FULING, at: str | None = "2026-11-22T10:00:00+08:00"
+) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [{"name": "bundle", "resource": bundle}]
+    if receiver is not None:
+        params.append({"name": "receiver", **({"valueString": receiver} if isinstance(receiver, str) else receiver)})
+    if at is not None:
+        params.append({"name": "at", "valueDateTime": at})
+    return {"resourceType": "Parameters", "parameter": params}
+
+
+def bundle(name: str) -> dict[str, Any]:
+    return json.loads((DATA / name).read_text(encoding="utf-8"))
+
+
+def parts(param: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [p for p in param["part"] if p["name"] == name]
+
+
+def test_recognize_returns_parameters_and_stores(app: Flask, tmp_path: Path) -> None:
+    client = app.test_client()
+    response = client.post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json")))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "application/fhir+json"
+    out = response.get_json()
+    assert out["resourceType"] == "Parameters"
+    head = {p["name"]: p for p in out["parameter"] if p["name"] != "decision"}
+    assert head["snapshotVersion"]["valueInteger"] == 1
+    assert head["decidedAt"]["valueDateTime"] == "2026-11-22T10:00:00+08:00"
+    assert head["receiver"]["valueIdentifier"]["value"] == FULING
+    decisions = [p for p in out["parameter"] if p["name"] == "decision"]
+    outcomes = [parts(d, "outcome")[0]["valueCode"] for d in decisions]
+    assert outcomes == ["recognized", "recognized", "not-recognized", "recognized", "not-recognized"]
+    wbc_rules = {
+        parts(r, "id")[0]["valueCode"]: parts(r, "status")[0]["valueCode"] for r in parts(decisions[0], "rule")
+    }
+    assert wbc_rules == {
+        rule: "passed"
+        for rule in (
+            "member-active",
+            "catalogue-item",
+            "catalogue-scope",
+            "eqa-pass",
+            "validity-window",
+            "report-status",
+            "mark",
+            "direction",
+        )
+    }
+    facts = json.loads(parts(parts(decisions[0], "rule")[4], "facts")[0]["valueString"])
+    assert facts["valid_until"] == "2026-11-27T08:30:00+08:00"
+    assert parts(decisions[0], "item")[0]["valueCoding"]["code"] == "CY-L001"
+    (tmp_path / "recognize-out.json").write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
+    db = connect(tmp_path / "gw.db", readonly=True)
+    assert len(list_decisions(db)) == 5
+
+
+def test_recognize_uses_the_clock_without_at(app: Flask, clock: Clock) -> None:
+    response = app.test_client().post(
+        "/fhir/$recognize",
+        json=recognize_body(
+            bundle("bundle-occupational-cdc.json"), receiver={"valueIdentifier": {"value": FULING}}, at=None
+        ),
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    head = {p["name"]: p for p in response.get_json()["parameter"]}
+    assert head["decidedAt"]["valueDateTime"] == clock.now.isoformat()
+
+
+@pytest.mark.parametrize(
+    "body,status,fragment",
+    [
+        ({"resourceType": "Bundle"}, 422, "Parameters"),
+        (recognize_body(bundle("bundle-lab-tongjiang.json"), receiver=None), 422, "receiver"),
+        (recognize_body(bundle("bundle-lab-tongjiang.json"), receiver="12500102MB0002006K"), 422, "check character"),
+        (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-11-22T10:00:00"), 422, "UTC offset"),
+        (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-11-22"), 422, "time of day"),
+        (recognize_body({"resourceType": "Patient"}), 422, "Bundle"),
+        (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-12-22T10:00:00+08:00"), 403, "expired"),
+        (
+            {
+                "resourceType": "Parameters",
+                "parameter": [{"name": "receiver", "valueString": FULING}, {"name": "receiver", "valueString": FULING}],
+            },
+            422,
+            "twice",
+        ),
+        (
+            {"resourceType": "Parameters", "parameter": [{"name": "patient", "valueString": "x"}]},
+            422,
+            "unknown parameter",
+        ),
+    ],
+)
+def test_recognize_errors_are_operation_outcomes(app: Flask, body: dict[str, Any], status: int, fragment: str) -> None:
+    response = app.test_client().post("/fhir/$recognize", json=body)
+    assert response.status_code == status, response.get_data(as_text=True)
+    outcome = response.get_json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert fragment in outcome["issue"][0]["diagnostics"]
+
+
+def test_recognize_refuses_malformed_json_and_bad_identifiers(app: Flask) -> None:
+    client = app.test_client()
+    response = client.post(
+        "/fhir/$recognize", data=b'{"resourceType": "Parameters",', content_type="application/fhir+json"
+    )
+    assert response.status_code == 400 and response.get_json()["resourceType"] == "OperationOutcome"
+    bad = bundle("bundle-lab-tongjiang.json")
+    bad["entry"][1]["resource"]["identifier"][0]["value"] = "110105194912310021"
+    response = client.post("/fhir/$recognize", json=recognize_body(bad))
+    assert response.status_code == 422
+    issue = response.get_json()["issue"][0]
+    assert "身份证号" in issue["diagnostics"] and "110105194912310021" not in issue["diagnostics"]
+
+
+def test_expired_snapshot_is_not_served(app: Flask, clock: Clock) -> None:
+    clock.now = NOW + dt.timedelta(days=8)
+    response = app.test_client().get("/registry/fhir/Organization")
+    assert response.status_code == 403 and "expired" in response.get_json()["issue"][0]["diagnostics"]
+
+
+def test_browse_registry_as_fhir(app: Flask, demo: DemoRegistry, tmp_path: Path) -> None:
+    client = app.test_client()
+    orgs = client.get("/registry/fhir/Organization").get_json()
+    assert orgs["type"] == "searchset" and orgs["total"] == 3
+    assert orgs["entry"][0]["fullUrl"] == f"http://localhost/registry/fhir/Organization/{TONGJIANG}"
+    tj = client.get(f"/registry/fhir/Organization/{TONGJIANG}").get_json()
+    assert tj["name"] == "通江县人民医院（演示）" and tj["active"] is True
+    assert tj["meta"]["tag"][0]["code"] == "HTEST"  # demo data is marked as test data
+    assert any(e["url"].endswith("/hospital-level") and e["valueString"] == "二级甲等" for e in tj["extension"])
+    qualifications = [e for e in tj["extension"] if e["url"].endswith("extension-Organization.qualification")]
+    assert len(qualifications) == 2
+    by_id = client.get(f"/registry/fhir/Organization?identifier=https://fhir.cyhr.org.cn/sid/uscc|{FULING}").get_json()
+    assert [e["resource"]["id"] for e in by_id["entry"]] == [FULING]
+    results = client.get(f"/registry/fhir/VerificationResult?target=Organization/{CDC}").get_json()
+    assert results["total"] == 7 + 3  # 7 qualifications (2 of them physicians') and 3 EQA results
+    statuses = {e["resource"]["id"]: e["resource"]["status"] for e in results["entry"]}
+    assert statuses["q-cdc-rhs"] == "val-fail" and statuses["q-cdc-filing"] == "validated"
+    eqa = client.get("/registry/fhir/VerificationResult/eqa-16").get_json()
+    assert eqa["status"] == "val-fail"  # 通江 ALT 2026
+    endpoints = client.get(f"/registry/fhir/Endpoint?organization=Organization/{CDC}").get_json()
+    assert endpoints["entry"][0]["resource"]["address"] == "https://sccdc.demo.example/fhir"
+    for name, body in (("orgs", orgs), ("results", results), ("endpoints", endpoints)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
+
+    assert client.get("/registry/fhir/Organization/12330000470051726F").status_code == 404
+    assert client.get("/registry/fhir/Patient").status_code == 404
+    response = client.get("/registry/fhir/Organization?name=x")
+    assert response.status_code in (400, 422) and response.get_json()["resourceType"] == "OperationOutcome"
+    raw = client.get("/registry/snapshot")
+    assert raw.status_code == 200 and raw.get_data() == demo.text().encode()
+
+
+def test_served_fhir_is_valid_r4(app: Flask, tmp_path: Path) -> None:
+    from conftest import validate_fhir
+
+    client = app.test_client()
+    files = []
+    for name, response in (
+        ("organizations", client.get("/registry/fhir/Organization")),
+        ("verification-results", client.get("/registry/fhir/VerificationResult")),
+        ("endpoints", client.get("/registry/fhir/Endpoint")),
+        (
+            "recognize-lab",
+            client.post(
+                "/fhir/$recognize", json=recognize_body(bundle("bundle-lab-imaging-fuling.json"), receiver=TONGJIANG)
+            ),
+        ),
+        (
+            "recognize-occupational",
+            client.post("/fhir/$recognize", json=recognize_body(bundle("bundle-occupational-cdc.json"))),
+        ),
+    ):
+        assert response.status_code == 200, response.get_data(as_text=True)
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(response.get_data())
+        files.append(path)
+    result = validate_fhir(files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_without_a_registry_the_endpoints_say_so() -> None:
+    application = Flask("bare")
+    register_error_handlers(application)
+    application.register_blueprint(bp)
+    response = application.test_client().get("/registry/fhir/Organization")
+    assert response.status_code == 500
+    assert "no registry snapshot configured" in response.get_json()["issue"][0]["diagnostics"]
