@@ -7,10 +7,12 @@ configuration errors); never as a stack trace.
 """
 from __future__ import annotations
 
+import io
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -99,27 +101,52 @@ def serve(ctx: click.Context, **flags: Any) -> None:
     run(settings)
 
 
-def _read_input(path: str) -> tuple[bytes, str]:
+def _open_input(path: str) -> tuple[IO[bytes], str, int]:
+    """A binary stream of the input, its name and its size in bytes (0 when unknown)."""
     if path == "-":
-        return sys.stdin.buffer.read(), "<stdin>"
+        return sys.stdin.buffer, "<stdin>", 0
     try:
-        return Path(path).read_bytes(), path
+        return open(path, "rb"), path, Path(path).stat().st_size
     except OSError as exc:
         raise click.ClickException(f"{path}: cannot read: {exc.strerror}") from None
 
 
+class _Progress(io.RawIOBase):
+    """Counts the bytes read from a stream so that progress can be shown while a large file streams."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__()
+        self.raw, self.done = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[:len(data)] = data
+        self.done += len(data)
+        return len(data)
+
+
+#: Input formats of ``convert`` (one channel each in gateway.pipeline); an unknown one is refused by the pipeline
+#: with the list it supports, as one error line.
+FORMATS = ("hl7v2", "cda", "cdc-csv")
+
+
 @cli.command()
-@click.option("--format", "fmt", default="hl7v2", show_default=True,
-              help="Input format (hl7v2; more as adapters are added).")
+@click.option("--format", "fmt", metavar="[" + "|".join(FORMATS) + "]", default="hl7v2", show_default=True,
+              help="Input format: hl7v2 (ORU^R01), cda (WS/T 500.7 检验报告), cdc-csv (职业健康检查 export).")
 @click.option("--pretty", is_flag=True, help="Indent the JSON (one Bundle then spans several lines).")
 @click.argument("files", nargs=-1, required=True)
 @click.pass_context
 def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) -> None:
     """Convert FILES (or - for stdin) to FHIR R4 Bundles, one JSON line each. Stores nothing.
 
-    Problems go to stderr, one line each, naming the message and field; exit
-    status 1 if any message was refused. Good messages of the same file are
-    still converted. QC/calibration messages are reported as filtered.
+    Problems go to stderr, one line each, naming the message, document or
+    exam and the field, XPath or row and column; exit status 1 if any was
+    refused. Good units of the same file are still converted. QC/calibration
+    messages are reported as filtered. Files are read as streams (a large
+    CSV export converts in constant memory); on a terminal, progress is shown.
     """
     from gateway.pipeline import Pipeline, Status
 
@@ -127,23 +154,47 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
     pipeline = Pipeline(settings)
     pipeline.channel(fmt)  # an unknown format is an error before any file is read
     failed = converted = filtered = 0
+    tty = sys.stderr.isatty()
+    # HL7 v2 locations read "OBX[3]-5 msg"; XPaths and CSV columns read better with a colon before the message.
+    sep = " " if fmt == "hl7v2" else ": "
     for path in files:
-        data, origin = _read_input(path)
-        for outcome in pipeline.convert(data, fmt, origin):
-            prefix = f"{origin}: {outcome.label}" if len(files) > 1 else outcome.label
-            for issue in outcome.issues:
-                level = "" if issue.severity == "error" else f"{issue.severity}: "
-                click.echo(f"{level}{prefix}: {issue.line()}", err=True)
-            if outcome.status is Status.FILTERED:
-                filtered += 1
-                click.echo(f"filtered: {prefix}: {outcome.filtered_reason}", err=True)
-            elif outcome.bundle is not None:
-                converted += 1
-                text = jsonutil.dumps_pretty(outcome.bundle) if pretty else jsonutil.dumps(outcome.bundle)
-                click.echo(text)
-            else:
-                failed += 1
-    if sys.stderr.isatty():
+        raw, origin, size = _open_input(path)
+        counter = _Progress(raw)
+        stream = io.BufferedReader(counter, buffer_size=1 << 16)
+        shown = 0.0
+        try:
+            for outcome in pipeline.convert(stream, fmt, origin):
+                prefix = f"{origin}: {outcome.label}" if len(files) > 1 else outcome.label
+                lines = []
+                for issue in outcome.issues:
+                    level = "" if issue.severity == "error" else f"{issue.severity}: "
+                    where = f"{issue.location}{sep}" if issue.location else ""
+                    lines.append(f"{level}{prefix}: {where}{issue.message}")
+                if outcome.status is Status.FILTERED:
+                    lines.append(f"filtered: {prefix}: {outcome.filtered_reason}")
+                if tty and lines:
+                    click.echo("\r\x1b[K", nl=False, err=True)  # clear the progress line first
+                for line in lines:
+                    click.echo(line, err=True)
+                if outcome.status is Status.FILTERED:
+                    filtered += 1
+                elif outcome.bundle is not None:
+                    converted += 1
+                    text = jsonutil.dumps_pretty(outcome.bundle) if pretty else jsonutil.dumps(outcome.bundle)
+                    click.echo(text)
+                else:
+                    failed += 1
+                now = time.monotonic()
+                if tty and now - shown >= 0.2:
+                    shown = now
+                    pct = f"{100 * counter.done // size}% " if size else ""
+                    click.echo(f"\r{origin}: {pct}{converted} converted, {failed} refused", nl=False, err=True)
+        finally:
+            if raw is not sys.stdin.buffer:
+                raw.close()
+        if tty:
+            click.echo("\r\x1b[K", nl=False, err=True)
+    if tty:
         click.echo(f"{converted} converted, {failed} refused, {filtered} filtered", err=True)
     if failed:
         ctx.exit(1)
@@ -236,7 +287,7 @@ def settings_cmd() -> None:
 
 def _register_areas() -> None:
     """Commands of the product areas, each in gateway/commands/."""
-    from gateway.commands import recognize, registry, signing
+    from gateway.commands import recognize, registry, signing, validate
 
     cli.add_command(signing.keys)
     cli.add_command(signing.sign)
@@ -246,6 +297,7 @@ def _register_areas() -> None:
     cli.add_command(registry.registry)
     cli.add_command(recognize.recognize)
     cli.add_command(recognize.decisions)
+    cli.add_command(validate.validate)
 
 
 _register_areas()

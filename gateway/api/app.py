@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.extensions["gateway.pipeline"] = pipeline or Pipeline(settings)
     register_error_handlers(app)
 
-    from gateway.api import fhir, health, ingest
+    from gateway.api import conformance, fhir, health, ingest
     from gateway.api import registry as registry_api
     from gateway.registry.holder import holder_from_settings
 
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.register_blueprint(ingest.bp)
     # Registry routes (/registry/..., /fhir/$recognize) before the generic /fhir/<type> routes.
     app.register_blueprint(registry_api.bp)
+    app.register_blueprint(conformance.bp)
     app.register_blueprint(fhir.bp)
     holder = holder_from_settings(settings, pipe.clock)
     if holder is not None:

@@ -16,29 +16,12 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import jsonutil
 from gateway.errors import GatewayError, Issue
+from gateway.fhir.outcome import operation_outcome
 
 __all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON"]
 
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
-_SEVERITIES = {"error", "warning", "information", "fatal"}
-
-
-def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
-    """An R4 OperationOutcome for ``issues`` (at least one issue is always present)."""
-    if not issues:
-        issues = [Issue("information", "informational", "", "all OK")]
-    out = []
-    for i in issues:
-        entry: dict[str, Any] = {
-            "severity": i.severity if i.severity in _SEVERITIES else "error",
-            "code": i.code or "processing",
-            "diagnostics": f"{i.extra['label']}: {i.line()}" if "label" in i.extra else i.line(),
-        }
-        if i.location:
-            entry["expression"] = [i.location]
-        out.append(entry)
-    return {"resourceType": "OperationOutcome", "issue": out}
 
 
 def outcome_response(issues: list[Issue], status: int, headers: dict[str, str] | None = None) -> Response:

@@ -21,18 +21,11 @@ from gateway.api.app import pipeline_of
 from gateway.api.errors import FHIR_JSON
 from gateway.errors import InvalidSearch, NotFound
 from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
-from gateway.naming import sd_url
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 _MAX_COUNT = 200
 _CONTROL = {"_count", "_offset", "_format"}
-_PROFILES = {
-    "DiagnosticReport": [sd_url("cyhr-lab-report"), sd_url("cyhr-occupational-exam-report")],
-    "Observation": [sd_url("cyhr-lab-observation")],
-    "Patient": [sd_url("cyhr-patient")],
-    "Organization": [sd_url("cyhr-organization")],
-}
 
 
 def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -48,7 +41,10 @@ def _check_format() -> None:
 @bp.get("/metadata")
 def metadata() -> Response:
     """The CapabilityStatement of this gateway."""
+    from gateway.api.conformance import capability_resources, supported_profiles
+
     settings = current_app.extensions["gateway.settings"]
+    profiles = supported_profiles(current_app)
     resources = []
     for rtype, params in sorted(SEARCH_PARAMS.items()):
         entry: dict[str, Any] = {
@@ -59,9 +55,16 @@ def metadata() -> Response:
                 for name, kind in sorted(params.items()) if name != "_id"
             ],
         }
-        if rtype in _PROFILES:
-            entry["supportedProfile"] = _PROFILES[rtype]
+        if rtype in profiles:
+            entry["supportedProfile"] = profiles[rtype]
         resources.append(entry)
+    served = {r["type"] for r in resources}
+    for extra in capability_resources(current_app):
+        if extra["type"] in served:  # profiled result types: add $validate to the entry above
+            entry = next(r for r in resources if r["type"] == extra["type"])
+            entry.setdefault("operation", []).extend(extra.get("operation", []))
+        else:
+            resources.append(extra)
     cap = {
         "resourceType": "CapabilityStatement",
         "status": "active",

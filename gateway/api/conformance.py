@@ -1,0 +1,172 @@
+"""Conformance API: serve our implementation guide and validate against it over HTTP.
+
+- ``GET /fhir/StructureDefinition/{id}``, ``/fhir/CodeSystem/{id}``, ``/fhir/ValueSet/{id}``:
+  the guide's resources as published in ``profiles/``;
+- ``GET /fhir/StructureDefinition?url=...`` (and CodeSystem, ValueSet): search by
+  ``url`` (``url|version`` too), ``version``, ``_id`` or ``name``; a searchset Bundle;
+- ``POST /fhir/{type}/$validate``: the body is the resource, or a ``Parameters``
+  with ``resource`` (and optional ``profile``); a ``profile`` query parameter
+  works as well. The answer is 200 with an OperationOutcome listing every
+  issue, whether or not the resource is valid (FHIR ``$validate`` semantics).
+
+The guide is loaded once, when the blueprint is registered (start-up), from
+the settings' ``profiles_dir``; a broken guide stops the app with ConfigError.
+:func:`capability_resources` gives the lead's CapabilityStatement its entries.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Blueprint, Flask, Response, current_app, request
+from flask.blueprints import BlueprintSetupState
+
+from gateway import jsonutil
+from gateway.api.errors import outcome_response
+from gateway.errors import InputError, InvalidSearch, NotFound, ParseError
+from gateway.fhir.profiles import CONFORMANCE_TYPES, Guide, load_guide
+
+__all__ = ["bp", "guide_of", "capability_resources", "supported_profiles"]
+
+bp = Blueprint("conformance", __name__, url_prefix="/fhir")
+
+_EXTENSION_KEY = "gateway.guide"
+_SEARCH_PARAMS = ("url", "version", "_id", "name")
+_PARAM_TYPES = {"url": "uri", "version": "token", "_id": "token", "name": "string"}
+_VALIDATE_OPERATION = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+
+
+@bp.record_once
+def _load_guide(state: BlueprintSetupState) -> None:
+    """Load (and compile) the guide at registration, so a bad guide fails start-up, not a request."""
+    app = state.app
+    if _EXTENSION_KEY not in app.extensions:
+        settings = app.extensions.get("gateway.settings")
+        directory = state.options.get("profiles_dir") or getattr(settings, "profiles_dir", None)
+        app.extensions[_EXTENSION_KEY] = load_guide(directory)
+
+
+def guide_of(app: Flask) -> Guide:
+    """The guide an app serves (loaded when this blueprint was registered)."""
+    return app.extensions[_EXTENSION_KEY]  # type: ignore[no-any-return]
+
+
+def _fhir(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(jsonutil.dumps(body), status=status, mimetype="application/fhir+json")
+
+
+def _read(rtype: str, rid: str) -> Response:
+    resource = guide_of(current_app).get(rtype, rid)
+    if resource is None:
+        raise NotFound("is not part of the implementation guide", f"{rtype}/{rid}")
+    return _fhir(resource)
+
+
+def _search(rtype: str) -> Response:
+    lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k != "_format")
+    if unknown and not lenient:
+        raise InvalidSearch(f"is not a supported search parameter (supported: {', '.join(_SEARCH_PARAMS)})",
+                            unknown[0])
+    args = {k: request.args[k] for k in _SEARCH_PARAMS if k in request.args}
+    found = guide_of(current_app).find(rtype, args.get("url"), args.get("version"))
+    if "_id" in args:
+        found = [r for r in found if r["id"] == args["_id"]]
+    if "name" in args:
+        # FHIR string search: case-insensitive, matches the start of the name
+        found = [r for r in found if str(r.get("name", "")).lower().startswith(args["name"].lower())]
+    base = request.url_root.rstrip("/") + "/fhir"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(found),
+        "link": [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{urlencode(args)}" if args else "")}],
+        "entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                  for r in found],
+    }
+    return _fhir(bundle)
+
+
+# One static rule per type: more specific than the results API's /fhir/<type>/<id>, so these win.
+def _add_routes(rtype: str) -> None:
+    bp.add_url_rule(f"/{rtype}/<rid>", f"read_{rtype}", lambda rid: _read(rtype, rid), methods=["GET"])
+    bp.add_url_rule(f"/{rtype}", f"search_{rtype}", lambda: _search(rtype), methods=["GET"])
+
+
+for _type in CONFORMANCE_TYPES:
+    _add_routes(_type)
+
+
+def _parse_body() -> Any:
+    body = request.get_data(cache=False)
+    if not body.strip():
+        raise InputError("is empty: send the resource to validate, or a Parameters with a resource", "body")
+    try:
+        return jsonutil.loads(body.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ParseError("is not UTF-8 text", "body") from None
+    except ValueError as exc:
+        raise ParseError(f"is not JSON: {exc}", "body") from None
+
+
+@bp.post("/<rtype>/$validate")
+def validate(rtype: str) -> Response:
+    """``$validate``: every issue the posted resource has, as an OperationOutcome (200 even when invalid).
+
+    :raises NotFound: ``rtype`` is not an R4 resource type.
+    :raises InputError: no body, not JSON, no resource in the Parameters, or a resource of another type.
+    """
+    guide = guide_of(current_app)
+    if rtype not in guide.resource_types:
+        raise NotFound("is not an R4 resource type", rtype)
+    payload = _parse_body()
+    profiles = request.args.getlist("profile")
+    resource = payload
+    if isinstance(payload, dict) and payload.get("resourceType") == "Parameters" and rtype != "Parameters":
+        resource = None
+        for p in payload.get("parameter") or []:
+            if not isinstance(p, dict):
+                continue
+            if p.get("name") == "resource":
+                resource = p.get("resource")
+            elif p.get("name") == "profile":
+                value = p.get("valueUri") or p.get("valueCanonical")
+                if isinstance(value, str):
+                    profiles.append(value)
+        if resource is None:
+            raise InputError("has no parameter 'resource' holding the resource to validate", "Parameters.parameter")
+    posted = resource.get("resourceType") if isinstance(resource, dict) else None
+    if isinstance(posted, str) and posted != rtype:
+        raise InputError(f"is {posted!r}, but this is {rtype}/$validate", "resourceType")
+    return outcome_response(guide.validate(resource, profiles), 200)
+
+
+# ------------------------------------------------------------------ for the CapabilityStatement
+
+
+def supported_profiles(app: Flask) -> dict[str, list[str]]:
+    """Resource type -> canonical URLs of the guide's profiles for it (``supportedProfile``)."""
+    return guide_of(app).supported_profiles()
+
+
+def capability_resources(app: Flask) -> list[dict[str, Any]]:
+    """CapabilityStatement ``rest.resource`` entries for what this blueprint serves.
+
+    One entry per conformance resource type (read, search by url/version/_id/name),
+    and for every profiled type its ``supportedProfile`` list and the ``$validate``
+    operation; merge these into the entries the results API already lists.
+    """
+    out: list[dict[str, Any]] = []
+    for rtype in CONFORMANCE_TYPES:
+        out.append({
+            "type": rtype,
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [{"name": n, "type": _PARAM_TYPES[n]} for n in _SEARCH_PARAMS],
+        })
+    for rtype, urls in sorted(supported_profiles(app).items()):
+        out.append({
+            "type": rtype,
+            "supportedProfile": urls,
+            "operation": [{"name": "validate", "definition": _VALIDATE_OPERATION}],
+        })
+    return out

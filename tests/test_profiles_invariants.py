@@ -1,0 +1,219 @@
+"""Invariants: each Python twin in NATIVE_CHECKS gives fhirpathpy's answer to the published FHIRPath.
+
+The profiles carry FHIRPath (what other members' validators run); the gateway
+runs a Python twin for the hot ones. For every twin, a deterministic corpus
+of good, bad and odd inputs is evaluated both ways and must agree. The two
+identifier invariants are also held against gateway.identifiers.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+
+from conftest import ROOT
+from gateway.errors import IdentifierError
+from gateway.fhir.profiles import NATIVE_CHECKS, Guide, load_guide
+from gateway.identifiers import check_id_card, check_uscc, id_card_check_char, uscc_check_char
+from gateway.naming import SYSTEM_ID_CARD, SYSTEM_USCC, ext_url, local_item_system, sd_url
+
+EXAMPLES = ROOT / "profiles" / "examples"
+USCC_CHARS = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+
+
+@pytest.fixture(scope="module")
+def guide() -> Guide:
+    return load_guide(ROOT / "profiles")
+
+
+def example(name: str) -> dict:
+    return json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
+
+
+def id_cards() -> list[object]:
+    rnd = random.Random(11643)
+    out: list[object] = ["11010519491231002X", "510104198503071239", "500103199202290047", "11010519491231002x",
+                         "1101051949123100", "110105194912310021X", None, 11010519491231002, ""]
+    for date in ("19000229", "20000229", "19990229", "19991301", "19990431", "19990430", "18791231", "18800101",
+                 "20261122", "00000101"):
+        body = f"510104{date}123"
+        out += [body + id_card_check_char(body), body + "0"]
+    for _ in range(60):
+        body = "".join(rnd.choice("0123456789") for _ in range(6)) + f"{rnd.randint(1850, 2030)}" \
+               f"{rnd.randint(1, 13):02d}{rnd.randint(1, 31):02d}" + "".join(rnd.choice("0123456789") for _ in range(3))
+        out += [body + id_card_check_char(body), body + rnd.choice("0123456789X")]
+    return out
+
+
+def usccs() -> list[object]:
+    rnd = random.Random(32100)
+    out: list[object] = ["12510104MB1F02934G", "91350100M000100Y43", "11500000MB1670604W", "12330000470051726F",
+                         "12510104mb1f02934g", "12510104MB1F0293IG", "12510104MB1F02934", "12510104MB1F02934GG",
+                         None, 12, ""]
+    for _ in range(80):
+        body = "".join(rnd.choice(USCC_CHARS) for _ in range(2)) + "".join(rnd.choice("0123456789") for _ in range(6)) \
+               + "".join(rnd.choice(USCC_CHARS + "IOSVZ") for _ in range(9))
+        check = uscc_check_char(body) if all(c in USCC_CHARS for c in body) else "0"
+        out += [body + check, body + rnd.choice(USCC_CHARS)]
+    return out
+
+
+def identifiers(system: str, values: list[object]) -> list[dict]:
+    out = []
+    for v in values:
+        ident: dict = {"system": system}
+        if v is not None:
+            ident["value"] = v
+        out.append(ident)
+    return out
+
+
+def observations() -> list[dict]:
+    base = example("Observation-glucose.json")
+    out = [base]
+    local = base["code"]["coding"][0]
+
+    def variant(change) -> None:
+        obs = copy.deepcopy(base)
+        change(obs)
+        out.append(obs)
+
+    variant(lambda o: o["code"]["coding"].reverse())
+    variant(lambda o: o["code"].pop("coding"))
+    variant(lambda o: o.pop("code"))
+    variant(lambda o: o["code"]["coding"][0].pop("system"))
+    variant(lambda o: o["code"]["coding"][0].update(system=local_item_system("")))
+    variant(lambda o: o["code"]["coding"][0].update(system="https://fhir.cyhr.org.cn/sid/local-items/X"))
+    variant(lambda o: o["code"].update(coding=dict(local)))
+    for status in ("final", "cancelled", "entered-in-error", "preliminary", None):
+        for value in ("valueQuantity", "valueString", "valueBoolean", "valuePeriod", "dataAbsentReason", None):
+            obs = copy.deepcopy(base)
+            obs.pop("valueQuantity")
+            if value:
+                obs[value] = {"text": "x"} if value in ("dataAbsentReason",) else base["valueQuantity"]
+            if status:
+                obs["status"] = status
+            else:
+                obs.pop("status")
+            out.append(obs)
+    return out
+
+
+def extensions(url: str, kind: str, values: list[object]) -> list[dict]:
+    out = [{"url": url}]
+    for v in values:
+        out.append({"url": url, kind: v})
+    out.append({"url": url, "valueCode": "HR"})
+    return out
+
+
+def bundles() -> list[dict]:
+    lab = example("Bundle-lab-report.json")
+    occ = example("Bundle-occupational-signed.json")
+    out = [lab, occ, {"resourceType": "Bundle", "type": "collection"}]
+
+    def variant(source: dict, change) -> None:
+        b = copy.deepcopy(source)
+        change(b)
+        out.append(b)
+
+    variant(lab, lambda b: b["entry"][0].update(fullUrl="Organization/1"))
+    variant(lab, lambda b: b["entry"][0].pop("fullUrl"))
+    variant(lab, lambda b: b["entry"][1]["resource"].pop("meta"))
+    variant(lab, lambda b: b["entry"][3]["resource"]["meta"].update(profile=[sd_url("cyhr-lab-observation") + "|1"]))
+    variant(lab, lambda b: b["entry"][3]["resource"]["meta"].update(profile=[sd_url("cyhr-patient")]))
+    variant(lab, lambda b: b["entry"][-1]["resource"]["meta"].update(profile=[sd_url("cyhr-occupational-exam-report")]))
+    variant(lab, lambda b: b["entry"][-1]["resource"]["meta"].update(profile=[sd_url("cyhr-lab-observation")]))
+    variant(lab, lambda b: b["entry"][-1]["resource"]["result"].append({"reference": "urn:uuid:0000"}))
+    variant(lab, lambda b: b["entry"][-1]["resource"]["result"].append({"reference": "Observation/1"}))
+    variant(lab, lambda b: b["entry"][3]["resource"].update(
+        extension=[{"url": ext_url("employer"), "valueReference": {"reference": "urn:uuid:nowhere"}}]))
+    variant(lab, lambda b: b["entry"][3]["resource"].update(
+        contained=[{"resourceType": "Specimen", "subject": {"reference": "urn:uuid:nowhere"}}]))
+    variant(occ, lambda b: b["entry"][-1]["resource"]["extension"][-1]["valueReference"].update(
+        reference=b["entry"][0]["fullUrl"]))
+    variant(occ, lambda b: b["entry"][-1]["resource"]["extension"][-1]["valueReference"].update(
+        reference="urn:uuid:employer-missing"))
+    return out
+
+
+CORPUS = {
+    "cyhr-pat-1": lambda: identifiers(SYSTEM_ID_CARD, id_cards()),
+    "cyhr-pat-2": lambda: identifiers(SYSTEM_ID_CARD, id_cards()),
+    "cyhr-org-1": lambda: identifiers(SYSTEM_USCC, usccs()),
+    "cyhr-obs-1": observations,
+    "cyhr-obs-2": observations,
+    "cyhr-mark-1": lambda: extensions(ext_url("recognition-mark"), "valueString",
+                                      ["川渝HR", "HR", "四川HR", "川渝 HR", "川渝hr", "川渝HR ", "", "HRX", 5]),
+    "cyhr-cat-1": lambda: extensions(ext_url("catalogue-item"), "valueCoding",
+                                     [{"system": "s", "code": "c"}, {"code": "c"}, {"system": "s"}, {}, "c"]),
+    "cyhr-bdl-1": bundles,
+    "cyhr-bdl-4": bundles,
+    "cyhr-bdl-5": bundles,
+    "cyhr-bdl-6": bundles,
+}
+
+
+def test_every_twin_has_a_corpus_and_a_published_invariant(guide: Guide) -> None:
+    assert set(NATIVE_CHECKS) == set(CORPUS)
+    assert set(NATIVE_CHECKS) <= set(guide.invariant_keys())
+
+
+def fhirpath_verdict(guide: Guide, key: str, case: object) -> bool:
+    """fhirpathpy's answer; where it cannot evaluate (a number where a string belongs) the validator
+    reports the invariant as failed, so that counts as False."""
+    try:
+        return guide.evaluate_invariant(key, case, native=False)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.parametrize("key", sorted(CORPUS))
+def test_twin_agrees_with_fhirpath(guide: Guide, key: str) -> None:
+    cases = CORPUS[key]()
+    verdicts = set()
+    for case in cases:
+        by_fhirpath = fhirpath_verdict(guide, key, case)
+        by_twin = guide.evaluate_invariant(key, case, native=True)
+        assert by_twin == by_fhirpath, (key, case)
+        verdicts.add(by_twin)
+    assert verdicts == {True, False}, "the corpus exercises both outcomes"
+
+
+def test_identity_card_invariants_equal_the_gateway_check(guide: Guide) -> None:
+    for value in id_cards():
+        if not (isinstance(value, str) and len(value) == 18 and value == value.upper()):
+            continue  # check_id_card also widens 15-digit and upper-cases; the profile takes stored values
+        ident = {"system": SYSTEM_ID_CARD, "value": value}
+        both = guide.evaluate_invariant("cyhr-pat-1", ident, native=False) and \
+            guide.evaluate_invariant("cyhr-pat-2", ident, native=False)
+        try:
+            check_id_card(value)
+            accepted = True
+        except IdentifierError:
+            accepted = False
+        assert both == accepted, value
+
+
+def test_uscc_invariant_equals_the_gateway_check(guide: Guide) -> None:
+    for value in usccs():
+        if not (isinstance(value, str) and len(value) == 18 and value == value.upper()):
+            continue
+        try:
+            check_uscc(value)
+            accepted = True
+        except IdentifierError:
+            accepted = False
+        assert guide.evaluate_invariant("cyhr-org-1", {"system": SYSTEM_USCC, "value": value}, native=False) \
+            == accepted, value
+
+
+def test_invariants_without_twin_run_through_fhirpath(guide: Guide) -> None:
+    patient = example("Patient-example.json")
+    assert guide.evaluate_invariant("cyhr-pat-3", patient, native=False)
+    patient["birthDate"] = "1985-03-08"
+    assert not guide.evaluate_invariant("cyhr-pat-3", patient, native=False)
+    with pytest.raises(KeyError):
+        guide.evaluate_invariant("cyhr-pat-3", patient, native=True)
