@@ -69,8 +69,30 @@ def app(settings: Settings, pipeline: object) -> object:
     return application
 
 
+def make_token(app: object, name: str, roles: list[str], member: str | None = None) -> str:
+    """An API token for a new user of ``app``'s gateway."""
+    from gateway import auth
+    from gateway.audit.records import Party
+
+    pipe = app.extensions["gateway.pipeline"]  # type: ignore[attr-defined]
+    settings = app.extensions["gateway.settings"]  # type: ignore[attr-defined]
+    me = Party.member(settings.issuer_uscc)
+    _, token = auth.add_user(pipe.store.db, name, roles, at=pipe.clock(), gateway=me,
+                             by=Party.user(settings.issuer_uscc, "test-setup"), member=member)
+    return token
+
+
 @pytest.fixture
 def client(app: object) -> object:
+    """A test client authenticated as the hospital's LIS (role submitter)."""
+    c = app.test_client()  # type: ignore[attr-defined]
+    c.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(app, 'lis', ['submitter'])}"
+    return c
+
+
+@pytest.fixture
+def anon(app: object) -> object:
+    """A test client without credentials."""
     return app.test_client()  # type: ignore[attr-defined]
 
 

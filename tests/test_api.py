@@ -135,3 +135,32 @@ def test_health(client) -> None:
 @pytest.mark.parametrize("path", ["/fhir/metadata", "/health"])
 def test_json_endpoints_answer_utf8(client, path: str) -> None:
     assert client.get(path).status_code == 200
+
+
+def test_results_and_ingest_need_an_api_token(anon, client, app) -> None:
+    body = assert_outcome(anon.post("/ingest/hl7v2", data=UTF8), 401)
+    assert "authentication required" in body["issue"][0]["diagnostics"]
+    assert_outcome(anon.get("/fhir/Observation"), 401)
+    assert_outcome(anon.get("/fhir/Observation", headers={"Authorization": "Bearer gw_nonsense"}), 401)
+    from conftest import make_token
+
+    auditor = make_token(app, "inspector", ["auditor"])
+    body = assert_outcome(anon.get("/fhir/Observation", headers={"Authorization": f"Bearer {auditor}"}), 403)
+    assert "needs the role" in body["issue"][0]["diagnostics"]
+    # conformance and health stay open
+    assert anon.get("/fhir/metadata").status_code == 200
+    assert anon.get("/health").status_code == 200
+
+
+def test_every_read_of_patient_results_is_audited(client, app) -> None:
+    from gateway.audit.log import entries
+
+    client.post("/ingest/hl7v2", data=UTF8)
+    pipe = app.extensions["gateway.pipeline"]
+    before = len(list(entries(pipe.store.db)))
+    found = client.get("/fhir/Observation?code=http://loinc.org|").get_json()
+    client.get(f"/fhir/Observation/{found['entry'][0]['resource']['id']}")
+    reads = [e for e in entries(pipe.store.db)][before:]
+    kinds = [e.kind for e in reads]
+    assert kinds == ["read", "read"]  # one patient in the search, then one read
+    assert "511921196612120011" not in str(reads[0].__dict__)  # the index keeps no plain identifier

@@ -100,6 +100,11 @@ def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
     http_port, mllp_port = free_port(), free_port()
     env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "gw"), "GATEWAY_ISSUER_USCC": TONGJIANG,
            "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+    added = subprocess.run([gateway, "users", "add", "his", "--role", "submitter"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip().splitlines()[-1]
+    auth = {"Authorization": f"Bearer {token}"}
     proc = subprocess.Popen([gateway, "serve", "--http-port", str(http_port), "--mllp-port", str(mllp_port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -111,7 +116,7 @@ def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
         acks = [a for a in sent.stdout.split(b"\n") if a.strip()]
         codes = [msa(a.strip(b"\x0b\x1c\r"))[1:3] for a in acks]
         assert codes == [["AA", "TJ2406100001"], ["AE", "TJ2406100002"]]
-        found = requests.get(f"http://127.0.0.1:{http_port}/fhir/DiagnosticReport", timeout=30,
+        found = requests.get(f"http://127.0.0.1:{http_port}/fhir/DiagnosticReport", timeout=30, headers=auth,
                              params={"patient.identifier": "511921198001011237"}).json()
         assert found["total"] == 1
         health = requests.get(f"http://127.0.0.1:{http_port}/health", timeout=30).json()

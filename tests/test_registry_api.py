@@ -52,7 +52,25 @@ def app(demo: DemoRegistry, clock: Clock, tmp_path: Path) -> Flask:
     application.register_blueprint(bp)
     install(application, holder, clock=clock, database=tmp_path / "gw.db")
     application.config["TESTING"] = True
+    # $recognize needs an authenticated member system (role submitter).
+    from gateway import auth
+    from gateway.audit.records import Party
+    from gateway.config import load_settings
+    from gateway.store.db import connect
+
+    application.extensions["gateway.settings"] = load_settings(
+        environ={}, overrides={"data_dir": str(tmp_path), "database": str(tmp_path / "gw.db"), "issuer_uscc": FULING})
+    _, token = auth.add_user(connect(tmp_path / "gw.db"), "his", ["submitter"], at=clock(),
+                             gateway=Party.member(FULING), by=Party.user(FULING, "setup"))
+    application.config["TEST_TOKEN"] = token
     return application
+
+
+def authed(app: Flask) -> Any:
+    """A test client of the hospital's HIS, holding an API token."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {app.config['TEST_TOKEN']}"
+    return client
 
 
 def recognize_body(
@@ -75,7 +93,7 @@ def parts(param: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def test_recognize_returns_parameters_and_stores(app: Flask, tmp_path: Path) -> None:
-    client = app.test_client()
+    client = authed(app)
     response = client.post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json")))
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.mimetype == "application/fhir+json"
@@ -113,7 +131,7 @@ def test_recognize_returns_parameters_and_stores(app: Flask, tmp_path: Path) -> 
 
 
 def test_recognize_uses_the_clock_without_at(app: Flask, clock: Clock) -> None:
-    response = app.test_client().post(
+    response = authed(app).post(
         "/fhir/$recognize",
         json=recognize_body(
             bundle("bundle-occupational-cdc.json"), receiver={"valueIdentifier": {"value": FULING}}, at=None
@@ -150,7 +168,7 @@ def test_recognize_uses_the_clock_without_at(app: Flask, clock: Clock) -> None:
     ],
 )
 def test_recognize_errors_are_operation_outcomes(app: Flask, body: dict[str, Any], status: int, fragment: str) -> None:
-    response = app.test_client().post("/fhir/$recognize", json=body)
+    response = authed(app).post("/fhir/$recognize", json=body)
     assert response.status_code == status, response.get_data(as_text=True)
     outcome = response.get_json()
     assert outcome["resourceType"] == "OperationOutcome"
@@ -158,7 +176,7 @@ def test_recognize_errors_are_operation_outcomes(app: Flask, body: dict[str, Any
 
 
 def test_recognize_refuses_malformed_json_and_bad_identifiers(app: Flask) -> None:
-    client = app.test_client()
+    client = authed(app)
     response = client.post(
         "/fhir/$recognize", data=b'{"resourceType": "Parameters",', content_type="application/fhir+json"
     )
@@ -173,12 +191,12 @@ def test_recognize_refuses_malformed_json_and_bad_identifiers(app: Flask) -> Non
 
 def test_expired_snapshot_is_not_served(app: Flask, clock: Clock) -> None:
     clock.now = NOW + dt.timedelta(days=8)
-    response = app.test_client().get("/registry/fhir/Organization")
+    response = authed(app).get("/registry/fhir/Organization")
     assert response.status_code == 403 and "expired" in response.get_json()["issue"][0]["diagnostics"]
 
 
 def test_browse_registry_as_fhir(app: Flask, demo: DemoRegistry, tmp_path: Path) -> None:
-    client = app.test_client()
+    client = authed(app)
     orgs = client.get("/registry/fhir/Organization").get_json()
     assert orgs["type"] == "searchset" and orgs["total"] == 3
     assert orgs["entry"][0]["fullUrl"] == f"http://localhost/registry/fhir/Organization/{TONGJIANG}"
@@ -212,7 +230,7 @@ def test_browse_registry_as_fhir(app: Flask, demo: DemoRegistry, tmp_path: Path)
 def test_served_fhir_is_valid_r4(app: Flask, tmp_path: Path) -> None:
     from conftest import validate_fhir
 
-    client = app.test_client()
+    client = authed(app)
     files = []
     for name, response in (
         ("organizations", client.get("/registry/fhir/Organization")),

@@ -18,34 +18,66 @@ __all__ = ["create_app", "pipeline_of"]
 
 
 def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> Flask:
-    """A WSGI app serving ingest, the FHIR read/search API and health.
+    """A WSGI app serving ingest, the FHIR API, the registry, the exchange and the audit log.
 
-    :raises ConfigError: settings, mapping tables or profiles are invalid.
+    :raises ConfigError: settings, mapping tables, profiles, keys or the registry snapshot are invalid.
     """
     settings = settings or load_settings()
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["JSON_AS_ASCII"] = False
+    pipe = pipeline or Pipeline(settings)
     app.extensions["gateway.settings"] = settings
-    app.extensions["gateway.pipeline"] = pipeline or Pipeline(settings)
+    app.extensions["gateway.pipeline"] = pipe
+    app.extensions["gateway.clock"] = pipe.clock
     register_error_handlers(app)
 
-    from gateway.api import conformance, fhir, health, ingest
+    from gateway import auth
+    from gateway.api import audit as audit_api
+    from gateway.api import conformance, exchange, fhir, health, ingest
     from gateway.api import registry as registry_api
-    from gateway.registry.holder import holder_from_settings
+    from gateway.audit import checkpoint
+    from gateway.audit.log import ensure_schema as ensure_audit_schema
 
-    pipe = app.extensions["gateway.pipeline"]
+    # Tables the API needs exist before the first request (audit log, users).
+    ensure_audit_schema(pipe.store.db)
+    auth.ensure_schema(pipe.store.db)
+
     app.register_blueprint(health.bp)
     app.register_blueprint(ingest.bp)
-    # Registry routes (/registry/..., /fhir/$recognize) before the generic /fhir/<type> routes.
+    app.register_blueprint(exchange.bp)
+    app.register_blueprint(audit_api.bp)
+    # Registry and conformance routes (/fhir/$recognize, /fhir/StructureDefinition/...) before /fhir/<type>.
     app.register_blueprint(registry_api.bp)
     app.register_blueprint(conformance.bp)
     app.register_blueprint(fhir.bp)
-    holder = holder_from_settings(settings, pipe.clock)
-    if holder is not None:
-        registry_api.install(app, holder, clock=pipe.clock, database=settings.database_path)
-        app.extensions["gateway.registry"] = holder
+
+    ex = pipe.exchange
+    if ex is not None:
+        app.extensions["gateway.exchange"] = ex
+        if ex.identity is not None:
+            app.extensions["gateway.audit.signer"] = checkpoint.Signer(ex.identity.key, list(ex.identity.chain))
+        if ex.holder is not None:
+            registry_api.install(app, ex.holder, clock=pipe.clock, database=settings.database_path)
+            app.extensions["gateway.registry"] = ex.holder
+            app.extensions["gateway.trust"] = _CurrentSnapshot(ex.holder)
     return app
+
+
+class _CurrentSnapshot:
+    """The registry snapshot in force, as a trust source (it can change while the app runs)."""
+
+    def __init__(self, holder: Any) -> None:
+        self.holder = holder
+
+    def certificates_for_kid(self, kid: str) -> Any:
+        return self.holder.snapshot_at().certificates_for_kid(kid)
+
+    def authorities(self) -> Any:
+        return self.holder.snapshot_at().authorities()
+
+    def is_listed(self, cert: Any, at: Any) -> Any:
+        return self.holder.snapshot_at().is_listed(cert, at)
 
 
 def pipeline_of(app: Any) -> Pipeline:

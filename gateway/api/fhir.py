@@ -18,6 +18,7 @@ from werkzeug.exceptions import NotAcceptable
 
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
+from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON
 from gateway.errors import InvalidSearch, NotFound
 from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
@@ -87,7 +88,23 @@ def _known_type(rtype: str) -> None:
                        rtype)
 
 
+def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
+    """Every read of patient results is itself recorded (who, which patient, what, from where)."""
+    from gateway.audit.events import patient_reads
+    from gateway.store.db import transaction
+
+    settings = current_app.extensions["gateway.settings"]
+    pipe = pipeline_of(current_app)
+    db = pipe.store.db
+    with transaction(db):
+        patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
+                      client=principal_party(current_principal(), settings.issuer_uscc),
+                      client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
+                      resources=resources, query=query)
+
+
 @bp.get("/<rtype>/<rid>")
+@require_role("submitter", "admin")
 def read(rtype: str, rid: str) -> Response:
     """One resource, current version, with ETag.
 
@@ -96,6 +113,7 @@ def read(rtype: str, rid: str) -> Response:
     _check_format()
     _known_type(rtype)
     res = pipeline_of(current_app).store.read(rtype, rid)
+    _audit_reads([res], None)
     version = res.get("meta", {}).get("versionId", "1")
     return fhir_response(res, headers={"ETag": f'W/"{version}"',
                                        "Last-Modified": res.get("meta", {}).get("lastUpdated", "")})
@@ -115,6 +133,7 @@ def _int_param(name: str, default: int, low: int, high: int) -> int:
 
 
 @bp.get("/<rtype>")
+@require_role("submitter", "admin")
 def search(rtype: str) -> Response:
     """A searchset Bundle of matching resources.
 
@@ -128,6 +147,7 @@ def search(rtype: str) -> Response:
     params = [(k, v) for k, vs in request.args.lists() for v in vs if k not in _CONTROL]
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
     result = pipeline_of(current_app).store.search(rtype, params, count=count, offset=offset, strict=not lenient)
+    _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
     base = request.url_root.rstrip("/") + "/fhir"
     known = SEARCH_PARAMS[rtype]
     kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known]

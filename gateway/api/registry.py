@@ -29,6 +29,9 @@ from gateway.errors import ConfigError, InputError, NotFound
 from gateway.recognition.engine import decide_all
 from gateway.recognition.facts import facts_from_bundle
 from gateway.recognition.fhir import decision_parameters, parse_recognize_parameters
+from gateway.audit.events import decided
+from gateway.auth import require_role
+from gateway.store.db import transaction
 from gateway.recognition.store import save_decisions
 from gateway.registry.fhir import registry_resources
 from gateway.registry.models import Snapshot, china_date
@@ -160,6 +163,7 @@ def snapshot_document() -> Response:
 
 
 @bp.post("/fhir/$recognize")
+@require_role("submitter", "admin")
 def recognize() -> Response:
     """Decide recognition for every result of a Bundle: Parameters in, Parameters out."""
     state = _state()
@@ -170,7 +174,9 @@ def recognize() -> Response:
     if state.database is not None:
         db = connect(state.database)
         try:
-            save_decisions(db, decisions, state.clock())
+            with transaction(db):  # decisions and their audit entries commit together
+                save_decisions(db, decisions, state.clock())
+                decided(db, decisions, member=receiver)
         finally:
             db.conn.close()
     log.info(

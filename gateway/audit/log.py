@@ -22,6 +22,7 @@ Changing, removing, inserting or reordering an entry therefore breaks the
 chain at that entry, and rewriting the whole tail is caught by the signed
 checkpoints (``gateway.audit.checkpoint``). ``gateway.audit.verify`` walks it.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -34,18 +35,19 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import rfc8785
 import sqlite_utils
 
 from gateway.audit.records import KINDS, Record
 from gateway.audit.render import index_values, render
 from gateway.errors import InputError, NotFound
-from gateway.signing.canonical import canonicalize
 from gateway.store.db import transaction
 
 __all__ = [
     "GENESIS",
     "Entry",
     "ensure_schema",
+    "has_log",
     "append",
     "entry_hash",
     "head",
@@ -100,7 +102,12 @@ class Entry:
         :raises ConfigError: an entry this gateway version cannot render.
         """
         return render(
-            self.kind, self.recorded, self.content["facts"], seq=self.seq, entry_hash=self.hash, prev_hash=self.prev_hash
+            self.kind,
+            self.recorded,
+            self.content["facts"],
+            seq=self.seq,
+            entry_hash=self.hash,
+            prev_hash=self.prev_hash,
         )
 
     @classmethod
@@ -145,17 +152,28 @@ def schema_statements() -> list[str]:
     return statements
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create the audit tables, indexes and guard triggers if missing (idempotent).
+def has_log(db: sqlite_utils.Database) -> bool:
+    """True when the database holds an audit log (its table exists)."""
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone()
+    return row is not None
 
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the audit tables, indexes and guard triggers in a database that has no audit log yet.
+
+    A database that has one is left as it is: were its guard triggers dropped,
+    recreating them here would hide that from ``gateway audit verify``.
     Safe inside a caller's transaction (it joins it).
     """
     if getattr(db, _SCHEMA_FLAG, False):
         return
-    with transaction(db):
-        for statement in schema_statements():
-            db.execute(statement)
-    setattr(db, _SCHEMA_FLAG, True)
+    joined = db.conn.in_transaction
+    if not has_log(db):
+        with transaction(db):
+            for statement in schema_statements():
+                db.execute(statement)
+    if not joined:  # a caller's transaction may still roll the tables back: look again next time
+        setattr(db, _SCHEMA_FLAG, True)
 
 
 def _content(record: Record) -> bytes:
@@ -167,9 +185,15 @@ def _content(record: Record) -> bytes:
         event = render(record.kind, recorded, facts)
     except (KeyError, TypeError) as exc:
         raise InputError(f"audit facts of a {record.kind} record are incomplete ({exc})", "facts") from None
-    content = {"facts": facts, "kind": record.kind, "recorded": recorded, "t": epoch_ms(record.recorded)}
+    content: dict[str, Any] = {"facts": facts, "kind": record.kind, "recorded": recorded}
+    content["t"] = epoch_ms(record.recorded)
     content.update(index_values(event))
-    return canonicalize(content)
+    try:
+        return rfc8785.dumps(content)
+    except rfc8785.CanonicalizationError as exc:
+        # Facts are strings, integers, booleans and lists/objects of them; a float or a
+        # Decimal has no place in an audit record (its canonical form would lose precision).
+        raise InputError(f"audit facts are not canonical JSON: {exc}", "facts") from None
 
 
 def append(db: sqlite_utils.Database, record: Record) -> Entry:
@@ -226,4 +250,3 @@ def entries(db: sqlite_utils.Database, start: int = 1, stop: int | None = None) 
         params.append(stop)
     for row in db.execute(sql + " ORDER BY seq", params):
         yield Entry.from_row(*row)
-

@@ -26,6 +26,7 @@ Paging is by key set, not offset: the ``next`` link carries an opaque
 existed when the first page was read, so later pages neither skip nor repeat
 entries while new ones are appended.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,11 +42,11 @@ from urllib.parse import urlencode
 import sqlite_utils
 
 from gateway.audit.log import Entry, ensure_schema, epoch_ms
+from gateway.audit.records import PatientRef
 from gateway.audit.render import patient_key
-from gateway.errors import InputError
+from gateway.errors import InputError, InvalidSearch
 
 __all__ = [
-    "BadSearch",
     "DateRange",
     "Search",
     "Page",
@@ -82,7 +83,11 @@ PARAMETERS = (
     "_format",
 )
 _PREFIXES = ("eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap")
-_COLUMN_TOKENS = {"type": ("type_system", "type_code"), "subtype": ("subtype_system", "subtype_code"), "outcome": (None, "outcome")}
+_COLUMN_TOKENS = {
+    "type": ("type_system", "type_code"),
+    "subtype": ("subtype_system", "subtype_code"),
+    "outcome": (None, "outcome"),
+}
 _KEY_PARAMS = {
     "agent": "agent",
     "agent:identifier": "agent:identifier",
@@ -98,12 +103,6 @@ _DATE = re.compile(
     r"^(?P<y>\d{4})(?:-(?P<mo>\d{2})(?:-(?P<d>\d{2})"
     r"(?:T(?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,9}))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
-
-
-class BadSearch(InputError):
-    """A search the gateway cannot run as asked: unknown parameter, modifier or malformed value (HTTP 400)."""
-
-    http_status = 400
 
 
 @dataclass(frozen=True)
@@ -167,11 +166,14 @@ class Search:
             pairs.append(("_cursor", _encode_cursor(cursor)))
         return urlencode(pairs)
 
-    def names_patient(self) -> str | None:
-        """The patient named by ``patient``/``patient:identifier`` (the raw value), if any."""
+    def patient(self) -> PatientRef | None:
+        """The patient the search names (``patient`` or ``patient:identifier``), for the audit entry of the search."""
         for name, value in self.params:
-            if name in ("patient", "patient:identifier"):
-                return value
+            if name == "patient":
+                return PatientRef(reference=_reference(value, name).code)
+            if name == "patient:identifier":
+                system, sep, code = value.partition("|")
+                return PatientRef(code, system or None) if sep else PatientRef(value)
         return None
 
 
@@ -222,21 +224,23 @@ def _unescape(value: str) -> str:
 def parse_date(value: str, tz: _dt.tzinfo, *, name: str = "date") -> DateRange:
     """One ``date`` search value: optional prefix, then a partial date/time, as a range.
 
-    :raises BadSearch: unknown prefix, ``ap``, or not a (partial) date/time.
+    :raises InvalidSearch: unknown prefix, ``ap``, or not a (partial) date/time.
     """
     raw = value.strip()
     prefix = "eq"
     if raw[:2].isalpha():
         prefix, raw = raw[:2], raw[2:]
         if prefix not in _PREFIXES:
-            raise BadSearch(f"{name}: unknown prefix {prefix!r} (use eq, ne, lt, le, gt, ge, sa or eb)", name)
+            raise InvalidSearch(f"{name}: unknown prefix {prefix!r} (use eq, ne, lt, le, gt, ge, sa or eb)", name)
         if prefix == "ap":
-            raise BadSearch(f"{name}: prefix 'ap' (approximately) is not supported", name, code="not-supported")
+            raise InvalidSearch(f"{name}: prefix 'ap' (approximately) is not supported", name, code="not-supported")
     # An unencoded '+' in a query string arrives as a space: read "08:00:00 08:00" as "+08:00".
     raw = re.sub(r" (\d{2}:\d{2})$", r"+\1", raw)
     m = _DATE.match(raw)
     if not m:
-        raise BadSearch(f"{name}: {value!r} is not a date (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])", name)
+        raise InvalidSearch(
+            f"{name}: {value!r} is not a date (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])", name
+        )
     g = m.groupdict()
     zone = tz
     if g["tz"]:
@@ -265,7 +269,7 @@ def parse_date(value: str, tz: _dt.tzinfo, *, name: str = "date") -> DateRange:
                     low = low.replace(microsecond=int(digits.ljust(6, "0")))
                     high = low + _dt.timedelta(microseconds=10 ** (6 - len(digits)))
     except ValueError as exc:
-        raise BadSearch(f"{name}: {value!r} is not a calendar date/time ({exc})", name) from None
+        raise InvalidSearch(f"{name}: {value!r} is not a calendar date/time ({exc})", name) from None
     return DateRange(prefix, _ceil_ms(low), _ceil_ms(high))
 
 
@@ -280,13 +284,13 @@ def _token(value: str, name: str) -> Token:
     if len(parts) == 1:
         code = _unescape(parts[0])
         if not code:
-            raise BadSearch(f"{name}: empty value", name)
+            raise InvalidSearch(f"{name}: empty value", name)
         return Token(None, code)
     if len(parts) != 2:
-        raise BadSearch(f"{name}: {value!r} has more than one '|'", name)
+        raise InvalidSearch(f"{name}: {value!r} has more than one '|'", name)
     system, code = _unescape(parts[0]), _unescape(parts[1])
     if not system and not code:
-        raise BadSearch(f"{name}: empty value", name)
+        raise InvalidSearch(f"{name}: empty value", name)
     return Token(system, code or None)
 
 
@@ -299,16 +303,16 @@ def _reference(value: str, name: str) -> Token:
     elif name == "patient" and re.match(r"^[A-Za-z0-9\-.]{1,64}$", ref):
         ref = f"Patient/{ref}"
     else:
-        raise BadSearch(f"{name}: {value!r} is not a reference (Type/id)", name)
+        raise InvalidSearch(f"{name}: {value!r} is not a reference (Type/id)", name)
     if name == "patient" and not ref.startswith("Patient/"):
-        raise BadSearch(f"{name}: {value!r} is not a Patient reference", name)
+        raise InvalidSearch(f"{name}: {value!r} is not a Patient reference", name)
     return Token("", ref)
 
 
 def _ors(value: str, name: str) -> list[str]:
     values = [v for v in _split(value, ",")]
     if any(not v.strip() for v in values):
-        raise BadSearch(f"{name}: empty value", name)
+        raise InvalidSearch(f"{name}: empty value", name)
     return values
 
 
@@ -321,7 +325,7 @@ def parse_search(
 ) -> Search:
     """Parse search parameters (``(name, value)`` pairs, repeats allowed).
 
-    :raises BadSearch: an unknown parameter or modifier, or a malformed value;
+    :raises InvalidSearch: an unknown parameter or modifier, or a malformed value;
         ``location`` names the parameter.
     """
     pairs = list(params.items() if isinstance(params, Mapping) else params)
@@ -334,8 +338,8 @@ def parse_search(
         if name not in PARAMETERS:
             base = name.split(":", 1)[0]
             if base in PARAMETERS and base != name:
-                raise BadSearch(f"modifier of {name!r} is not supported", name, code="not-supported")
-            raise BadSearch(f"unknown search parameter {name!r} for AuditEvent", name, code="not-supported")
+                raise InvalidSearch(f"modifier of {name!r} is not supported", name, code="not-supported")
+            raise InvalidSearch(f"unknown search parameter {name!r} for AuditEvent", name, code="not-supported")
         if name == "date":
             dates.append(tuple(parse_date(v, tz) for v in _ors(value, name)))
         elif name in _COLUMN_TOKENS:
@@ -343,7 +347,7 @@ def parse_search(
             if name == "outcome":
                 for token in tokens:
                     if token.system not in (None, "", _OUTCOME_SYSTEM) or token.code not in ("0", "4", "8", "12"):
-                        raise BadSearch(f"outcome: {value!r} is not 0, 4, 8 or 12", name)
+                        raise InvalidSearch(f"outcome: {value!r} is not 0, 4, 8 or 12", name)
                 tokens = tuple(Token(None, t.code) for t in tokens)
             columns.append((name, tokens))
         elif name in _KEY_PARAMS:
@@ -359,22 +363,22 @@ def parse_search(
             try:
                 ids.append(tuple(int(v) for v in _ors(value, name)))
             except ValueError:
-                raise BadSearch(f"_id: {value!r} is not an AuditEvent id", name) from None
+                raise InvalidSearch(f"_id: {value!r} is not an AuditEvent id", name) from None
         elif name == "_count":
             if not value.isdigit():
-                raise BadSearch(f"_count: {value!r} is not a whole number", name)
+                raise InvalidSearch(f"_count: {value!r} is not a whole number", name)
             count = min(int(value), max_count)
         elif name == "_sort":
             if value not in ("date", "-date"):
-                raise BadSearch(f"_sort: {value!r} is not supported (use date or -date)", name, code="not-supported")
+                raise InvalidSearch(
+                    f"_sort: {value!r} is not supported (use date or -date)", name, code="not-supported"
+                )
             descending = value == "-date"
         elif name == "_cursor":
             cursor = _decode_cursor(value)
         elif name == "_format" and value not in _FORMATS:
-            raise BadSearch(f"_format: {value!r} is not supported (JSON only)", name, code="not-supported")
-    return Search(
-        tuple(dates), tuple(columns), tuple(keys), tuple(ids), count, descending, cursor, tuple(pairs)
-    )
+            raise InvalidSearch(f"_format: {value!r} is not supported (JSON only)", name, code="not-supported")
+    return Search(tuple(dates), tuple(columns), tuple(keys), tuple(ids), count, descending, cursor, tuple(pairs))
 
 
 def _encode_cursor(cursor: Cursor) -> str:
@@ -388,10 +392,33 @@ def _decode_cursor(value: str) -> Cursor:
         upto, t, seq = json.loads(raw)
         return Cursor(int(upto), int(t), int(seq))
     except (ValueError, TypeError):
-        raise BadSearch("_cursor: not a paging cursor of this server (follow the next link as given)", "_cursor") from None
+        raise InvalidSearch(
+            "_cursor: not a paging cursor of this server (follow the next link as given)", "_cursor"
+        ) from None
 
 
-def _where(search: Search, upto: int | None) -> tuple[str, list[Any]]:
+#: A key filter matching fewer entries than this drives the query (its entries are fetched, then
+#: sorted); one matching more is checked entry by entry while walking the date index.
+DRIVE_LIMIT = 2000
+
+
+def _key_alternatives(param: str, tokens: tuple[Token, ...], prefix: str = "") -> tuple[str, list[Any]]:
+    alts = []
+    params: list[Any] = [param]
+    for token in tokens:
+        conds = []
+        if token.code is not None:
+            conds.append(f"{prefix}v = ?")
+            params.append(token.code)
+        if token.system is not None:
+            conds.append(f"{prefix}s = ?")
+            params.append(token.system)
+        alts.append("(" + " AND ".join(conds) + ")")
+    return f"{prefix}p = ? AND ({' OR '.join(alts)})", params
+
+
+def _where(search: Search, upto: int | None, drive: frozenset[int] = frozenset()) -> tuple[str, list[Any]]:
+    """SQL condition on ``audit_log l``; key filters numbered in ``drive`` are written as ``IN`` (selective)."""
     clauses: list[str] = []
     params: list[Any] = []
     if upto is not None:
@@ -414,24 +441,31 @@ def _where(search: Search, upto: int | None) -> tuple[str, list[Any]]:
                 params.append(token.system)
             alts.append("(" + " AND ".join(conds) + ")")
         clauses.append("(" + " OR ".join(alts) + ")")
-    for param, tokens in search.keys:
-        alts = []
-        sub_params: list[Any] = [param]
-        for token in tokens:
-            conds = []
-            if token.code is not None:
-                conds.append("v = ?")
-                sub_params.append(token.code)
-            if token.system is not None:
-                conds.append("s = ?")
-                sub_params.append(token.system)
-            alts.append("(" + " AND ".join(conds) + ")")
-        clauses.append(f"l.seq IN (SELECT seq FROM audit_key WHERE p = ? AND ({' OR '.join(alts)}))")
-        params += sub_params
+    for i, (param, tokens) in enumerate(search.keys):
+        if i in drive:
+            cond, sub = _key_alternatives(param, tokens)
+            clauses.append(f"l.seq IN (SELECT seq FROM audit_key WHERE {cond})")
+        else:
+            cond, sub = _key_alternatives(param, tokens, "k.")
+            clauses.append(f"EXISTS (SELECT 1 FROM audit_key k WHERE k.seq = l.seq AND {cond})")
+        params += sub
     for ids in search.ids:
         clauses.append(f"l.seq IN ({', '.join('?' * len(ids))})")
         params += list(ids)
     return (" AND ".join(clauses) or "1"), params
+
+
+def _plan(db: sqlite_utils.Database, search: Search) -> frozenset[int]:
+    """Which key filter (if any) is selective enough to drive the query: the one matching fewest entries."""
+    best: tuple[int, int] | None = None
+    for i, (param, tokens) in enumerate(search.keys):
+        cond, params = _key_alternatives(param, tokens)
+        n = db.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM audit_key WHERE {cond} LIMIT ?)", params + [DRIVE_LIMIT]
+        ).fetchone()[0]
+        if n < DRIVE_LIMIT and (best is None or n < best[1]):
+            best = (i, n)
+    return frozenset() if best is None else frozenset([best[0]])
 
 
 def _last_seq(db: sqlite_utils.Database) -> int:
@@ -442,7 +476,7 @@ def _last_seq(db: sqlite_utils.Database) -> int:
 def count(db: sqlite_utils.Database, search: Search) -> int:
     """How many entries match (ignores paging)."""
     ensure_schema(db)
-    where, params = _where(search, None)
+    where, params = _where(search, None, frozenset(range(len(search.keys))))
     return int(db.execute(f"SELECT count(*) FROM audit_log l WHERE {where}", params).fetchone()[0])
 
 
@@ -452,7 +486,7 @@ def run(db: sqlite_utils.Database, search: Search) -> Page:
     if search.count == 0:
         return Page([], None, count(db, search))
     upto = search.cursor.upto if search.cursor else _last_seq(db)
-    where, params = _where(search, upto)
+    where, params = _where(search, upto, _plan(db, search))
     op, order = ("<", "DESC") if search.descending else (">", "ASC")
     if search.cursor:
         where += f" AND (l.t, l.seq) {op} (?, ?)"
@@ -480,7 +514,9 @@ def iter_matches(db: sqlite_utils.Database, search: Search, *, batch: int = 500)
         current = replace(current, cursor=page.next)
 
 
-def searchset(page: Page, search: Search, *, base_url: str, path: str, events: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+def searchset(
+    page: Page, search: Search, *, base_url: str, path: str, events: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The page as a FHIR searchset Bundle with ``self`` and ``next`` links.
 
     ``base_url`` is the FHIR base (``https://host/fhir``), ``path`` the search
@@ -498,7 +534,11 @@ def searchset(page: Page, search: Search, *, base_url: str, path: str, events: S
     bundle["link"] = links
     if rendered:
         bundle["entry"] = [
-            {"fullUrl": f"{base_url.rstrip('/')}/AuditEvent/{event['id']}", "resource": event, "search": {"mode": "match"}}
+            {
+                "fullUrl": f"{base_url.rstrip('/')}/AuditEvent/{event['id']}",
+                "resource": event,
+                "search": {"mode": "match"},
+            }
             for event in rendered
         ]
     return bundle

@@ -17,16 +17,19 @@ protected by access rules); they never go to application logs.
 
 Times are parameters (``at``), never read here: the caller's clock decides.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
+from gateway import __version__
 from gateway.errors import InputError
 from gateway.naming import IG_BASE, SYSTEM_ID_CARD, SYSTEM_LAB_REPORT_NO, SYSTEM_STAFF, SYSTEM_USCC
+from gateway.recognition.overrides import RETEST_REASONS
 
 __all__ = [
     "FACTS_VERSION",
@@ -44,6 +47,8 @@ __all__ = [
     "ingest",
     "decision",
     "override",
+    "from_decision",
+    "from_override",
     "patient_read",
     "registry_applied",
     "audit_query",
@@ -57,16 +62,6 @@ KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "quer
 
 #: Outcome of a recognition decision (ANCHORS §2.5). ``needs-review``: the engine could not decide alone.
 DECISION_OUTCOMES = ("recognized", "not-recognized", "needs-review")
-
-#: The six national re-test reasons (国家卫健委 医政司, DOMAIN §1.1) a receiving physician may give.
-RETEST_REASONS: dict[str, str] = {
-    "condition-changed": "病情变化，原结果与临床表现或诊断不符",
-    "rapid-change": "结果随病情快速变化",
-    "critical-item": "对诊疗有关键影响（如术前、输血前）",
-    "emergency": "急诊、急救",
-    "appraisal": "司法、伤残、病退等鉴定",
-    "other": "其他确需复查的情形",
-}
 
 
 def user_system(member_uscc: str) -> str:
@@ -123,7 +118,9 @@ class Party:
 
     def facts(self) -> dict[str, str]:
         """The party as JSON facts."""
-        return _drop_none({"value": self.value, "system": self.system, "display": self.display, "reference": self.reference})
+        return _drop_none(
+            {"value": self.value, "system": self.system, "display": self.display, "reference": self.reference}
+        )
 
 
 @dataclass(frozen=True)
@@ -151,10 +148,11 @@ class PatientRef:
 
 @dataclass(frozen=True)
 class RuleResult:
-    """One recognition rule checked: its id (e.g. ``C2-eqa``), pass or fail, and why."""
+    """One recognition rule checked: its id (e.g. ``eqa-pass``), passed (True), failed (False)
+    or not evaluable (None, a fact was missing), and why."""
 
     rule: str
-    passed: bool
+    passed: bool | None
     detail: str = ""
 
 
@@ -179,10 +177,6 @@ def _aware(at: _dt.datetime) -> _dt.datetime:
 
 def _record(kind: str, at: _dt.datetime, facts: dict[str, Any]) -> Record:
     return Record(kind, _aware(at), {"v": FACTS_VERSION, **_drop_none(facts)})
-
-
-def _parties(items: Iterable[Party] | None) -> list[dict[str, str]]:
-    return [p.facts() for p in items or ()]
 
 
 def _required(value: str | None, location: str) -> str:
@@ -296,8 +290,10 @@ def decision(
     catalogue: str,
     outcome: Literal["recognized", "not-recognized", "needs-review"],
     rules: Sequence[RuleResult],
-    snapshot_version: str,
+    snapshot_version: str | int,
+    snapshot_digest: str | None = None,
     ruleset_version: str | None = None,
+    decision_id: str | None = None,
     report_system: str = SYSTEM_LAB_REPORT_NO,
     report_reference: str | None = None,
     patient: PatientRef | None = None,
@@ -324,8 +320,8 @@ def decision(
         raise InputError(f"decision outcome {outcome!r} is not one of {', '.join(DECISION_OUTCOMES)}", "outcome")
     if not rules:
         raise InputError("a decision lists the rules it checked", "rules")
-    if outcome == "recognized" and not all(r.passed for r in rules):
-        raise InputError("a recognised decision cannot have a failed rule", "rules")
+    if outcome == "recognized" and not all(r.passed is True for r in rules):
+        raise InputError("a recognised decision cannot have a failed or unevaluated rule", "rules")
     return _record(
         "decision",
         at,
@@ -337,8 +333,13 @@ def decision(
             "item": _item(item),
             "catalogue": _required(catalogue, "catalogue"),
             "outcome": outcome,
-            "rules": [_drop_none({"id": _required(r.rule, "rules.rule"), "passed": r.passed, "detail": r.detail}) for r in rules],
-            "snapshot": _required(snapshot_version, "snapshot_version"),
+            "decision_id": decision_id,
+            "rules": [
+                _drop_none({"id": _required(r.rule, "rules.rule"), "passed": r.passed, "detail": r.detail})
+                for r in rules
+            ],
+            "snapshot": _required(str(snapshot_version), "snapshot_version"),
+            "snapshot_digest": snapshot_digest,
             "ruleset": ruleset_version,
             "patient": patient.facts() if patient else None,
             "physician": physician.facts() if physician else None,
@@ -365,22 +366,23 @@ def override(
     gateway: Party,
     physician: Party,
     reason: str,
-    receiver: Party,
-    issuer: Party,
-    report: str,
-    item: tuple[str, str] | tuple[str, str, str],
+    decision_id: str,
+    receiver: Party | None = None,
+    issuer: Party | None = None,
+    report: str | None = None,
+    item: tuple[str, str] | tuple[str, str, str] | None = None,
     report_system: str = SYSTEM_LAB_REPORT_NO,
     patient: PatientRef | None = None,
     note: str | None = None,
-    decision_seq: int | None = None,
 ) -> Record:
     """A receiving physician orders a re-test although the result was recognised.
 
-    ``reason`` is one of :data:`RETEST_REASONS`; the report, item, issuer and
-    receiver name the decided result (as in :func:`decision`), and
-    ``decision_seq`` the decision entry, when known.
+    ``reason`` is one of the six national re-test reasons
+    (:data:`gateway.recognition.overrides.RETEST_REASONS`); ``decision_id`` the
+    decision overridden (as in :func:`decision`); report, item, issuer and
+    receiver repeat what the decision was about, when the caller has them.
 
-    :raises InputError: unknown reason, naive time.
+    :raises InputError: unknown reason, no decision id, naive time.
     """
     if reason not in RETEST_REASONS:
         raise InputError(f"re-test reason {reason!r} is not one of {', '.join(RETEST_REASONS)}", "reason")
@@ -391,13 +393,13 @@ def override(
             "gateway": gateway.facts(),
             "physician": physician.facts(),
             "reason": reason,
-            "receiver": receiver.facts(),
-            "issuer": issuer.facts(),
-            "report": {"system": report_system, "value": _required(report, "report")},
-            "item": _item(item),
+            "decision_id": _required(decision_id, "decision_id"),
+            "receiver": receiver.facts() if receiver else None,
+            "issuer": issuer.facts() if issuer else None,
+            "report": {"system": report_system, "value": report} if report else None,
+            "item": _item(item) if item else None,
             "patient": patient.facts() if patient else None,
             "note": note,
-            "decision_seq": decision_seq,
         },
     )
 
@@ -539,5 +541,85 @@ def user_admin(
     return _record(
         "security",
         at,
-        {"gateway": gateway.facts(), "admin": admin.facts(), "user": user.facts(), "action": action, "roles": list(roles)},
+        {
+            "gateway": gateway.facts(),
+            "admin": admin.facts(),
+            "user": user.facts(),
+            "action": action,
+            "roles": list(roles),
+        },
+    )
+
+
+_STATUS = {"passed": True, "failed": False}
+
+
+def from_decision(
+    decided: Any,
+    *,
+    gateway: Party,
+    recorded: _dt.datetime | None = None,
+    physician: Party | None = None,
+    client: Party | None = None,
+    client_address: str | None = None,
+    bundle_hash: str | None = None,
+    kid: str | None = None,
+    request_id: str | None = None,
+) -> Record:
+    """The audit record of a :class:`gateway.recognition.engine.Decision`.
+
+    ``recorded`` defaults to the decision time; the rule set is the gateway
+    version that decided (replay with the same code). The report is named by the
+    issuer's report id; the item by the catalogue item decided against (or the
+    result's first coding when no catalogue has it).
+
+    :raises InputError: a decision without issuer or report id, naive time.
+    """
+    facts = decided.facts
+    item = decided.item
+    if item is not None:
+        item_code: tuple[str, str, str] = (item.system, item.code, item.display)
+        catalogue = item.catalogue_id
+    elif facts.codings:
+        first = facts.codings[0]
+        item_code, catalogue = (first.system, first.code, first.display or ""), "-"
+    else:
+        item_code, catalogue = ("", facts.item_label(), ""), "-"
+    patient = PatientRef(facts.patient[1], facts.patient[0]) if facts.patient else None
+    return decision(
+        at=recorded or decided.decided_at,
+        gateway=gateway,
+        receiver=Party.member(decided.receiver),
+        issuer=Party.member(_required(facts.issuer_uscc, "issuer")),
+        report=_required(facts.report_id or facts.bundle_id, "report"),
+        item=item_code,
+        catalogue=catalogue,
+        outcome=decided.outcome,
+        rules=[RuleResult(r.rule, _STATUS.get(r.status), r.message) for r in decided.rules],
+        snapshot_version=decided.snapshot_version,
+        snapshot_digest=decided.snapshot_digest,
+        ruleset_version=f"gateway {__version__}",
+        decision_id=decided.decision_id,
+        patient=patient,
+        physician=physician,
+        client=client,
+        client_address=client_address,
+        bundle_hash=bundle_hash,
+        kid=kid,
+        request_id=request_id,
+    )
+
+
+def from_override(ordered: Any, *, gateway: Party) -> Record:
+    """The audit record of a :class:`gateway.recognition.overrides.Override`.
+
+    :raises InputError: unknown reason, naive time.
+    """
+    return override(
+        at=ordered.recorded_at,
+        gateway=gateway,
+        physician=Party(ordered.physician, ordered.physician_system),
+        reason=ordered.reason,
+        decision_id=ordered.decision_id,
+        note=ordered.note,
     )

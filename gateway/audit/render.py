@@ -27,14 +27,16 @@ security   DCM 110113 Security Alert                DCM 110136 / 110137         
 outcome, agent, entity, patient) from the rendered resource itself, so a search finds an
 event exactly when the FHIR search parameter expressions would.
 """
+
 from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.audit.records import RETEST_REASONS
+from gateway.recognition.overrides import CS_RETEST_REASON, RETEST_REASONS
 from gateway.errors import ConfigError
 from gateway.naming import cs_url, sd_url
 
@@ -56,8 +58,8 @@ __all__ = [
 CS_EVENT_TYPE = cs_url("audit-event-type")
 CS_EVENT_SUBTYPE = cs_url("audit-event-subtype")
 CS_RECOGNITION_OUTCOME = cs_url("recognition-outcome")
-CS_RETEST_REASON = cs_url("retest-reason")
 CS_ENTITY_TYPE = cs_url("audit-entity-type")
+CS_GATEWAY_ROLE = cs_url("gateway-role")  # submitter, peer, auditor, admin (gateway.auth.ROLES)
 DECISION_PROFILE = sd_url("recognition-decision-audit")
 
 # Standard code systems.
@@ -83,6 +85,7 @@ _SUBTYPE_DISPLAY = {
     "registry-snapshot-applied": "Registry snapshot applied",
 }
 _OUTCOME_DISPLAY = {"recognized": "Recognized", "not-recognized": "Not recognized", "needs-review": "Needs review"}
+_RULE_STATUS = {True: "pass", False: "fail", None: "not evaluable"}
 _DECISION_OUTCOME = {"recognized": "0", "not-recognized": "8", "needs-review": "4"}
 
 
@@ -124,7 +127,7 @@ def _agent(
 ) -> dict[str, Any]:
     agent: dict[str, Any] = {"type": type_cc}
     if roles:
-        agent["role"] = [{"coding": [_coding(cs_url("gateway-role"), r)]} for r in roles]
+        agent["role"] = [{"coding": [_coding(CS_GATEWAY_ROLE, r)]} for r in roles]
     agent["who"] = _reference(party)
     if party.get("display"):
         agent["name"] = party["display"]
@@ -145,8 +148,8 @@ def _network_type(address: str) -> str:
     return "1"
 
 
-def _gateway_agent(facts: Mapping[str, Any], type_cc: dict[str, Any] | None = None) -> dict[str, Any]:
-    return _agent(type_cc or _cc(DCM, "110150", "Application"), facts["gateway"], requestor=False)
+def _gateway_agent(facts: Mapping[str, Any]) -> dict[str, Any]:
+    return _agent(_cc(DCM, "110150", "Application"), facts["gateway"], requestor=False)
 
 
 def _source(facts: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,11 +179,11 @@ def _transaction_entity(request_id: str | None) -> list[dict[str, Any]]:
     return [{"what": {"identifier": {"value": request_id}}, "type": _coding(_BALP_ENTITY, "XrequestId")}]
 
 
-def _bundle_entity(facts: Mapping[str, Any], role: str = "4") -> dict[str, Any]:
+def _bundle_entity(facts: Mapping[str, Any]) -> dict[str, Any]:
     entity: dict[str, Any] = {
         "what": {"type": "Bundle", "identifier": {"value": facts["bundle_hash"]}},
         "type": _coding(_ENTITY_TYPE, "2", "System Object"),
-        "role": _coding(_OBJECT_ROLE, role),
+        "role": _coding(_OBJECT_ROLE, "4", "Domain Resource"),
     }
     details = _detail("bundle-id", facts.get("bundle_id")) + _detail("jws-kid", facts.get("kid"))
     if details:
@@ -234,16 +237,19 @@ def _ingest(facts: Mapping[str, Any]) -> dict[str, Any]:
     desc = "; ".join(x for x in (facts.get("status"), facts.get("reason")) if x)
     if desc:
         event["outcomeDesc"] = desc
+    identifier = {"value": facts["message_id"]}
+    if facts.get("message_system"):
+        identifier = {"system": facts["message_system"], "value": facts["message_id"]}
     message = {
-        "what": {"identifier": {"value": facts["message_id"]}},
+        "what": {"identifier": identifier},
         "type": _coding(_ENTITY_TYPE, "2", "System Object"),
         "role": _coding(_OBJECT_ROLE, "3", "Report"),
         "detail": _detail("format", facts["format"]) + _detail("channel", facts.get("channel")),
     }
-    if facts.get("message_system"):
-        message["what"]["identifier"] = {"system": facts["message_system"], "value": facts["message_id"]}
     agents = [
-        _agent(_cc(DCM, "110153", "Source Role ID"), facts["source"], requestor=True, address=facts.get("source_address")),
+        _agent(
+            _cc(DCM, "110153", "Source Role ID"), facts["source"], requestor=True, address=facts.get("source_address")
+        ),
         _agent(_cc(DCM, "110152", "Destination Role ID"), facts["gateway"], requestor=False),
     ]
     return {**event, "agent": agents, "entity": [message]}
@@ -267,7 +273,7 @@ def _report_entity(facts: Mapping[str, Any]) -> dict[str, Any]:
 def _decision(facts: Mapping[str, Any]) -> dict[str, Any]:
     outcome = facts["outcome"]
     rules = facts["rules"]
-    failed = [r["id"] for r in rules if not r["passed"]]
+    failed = [r["id"] for r in rules if r.get("passed") is False]
     if outcome == "recognized":
         desc = f"recognized: all {len(rules)} rules passed"
     elif failed:
@@ -281,35 +287,45 @@ def _decision(facts: Mapping[str, Any]) -> dict[str, Any]:
     ]
     if facts.get("client"):
         agents.append(
-            _agent(_cc(DCM, "110150", "Application"), facts["client"], requestor=False, address=facts.get("client_address"))
+            _agent(
+                _cc(DCM, "110150", "Application"), facts["client"], requestor=False, address=facts.get("client_address")
+            )
         )
     if facts.get("physician"):
         agents.append(_agent(_cc(_PARTICIPATION, "IRCP", "information recipient"), facts["physician"], requestor=True))
     else:
         agents[0]["requestor"] = True  # the gateway decided on its own (push on referral)
-    decision: dict[str, Any] = {
-        "type": _coding(_ENTITY_TYPE, "2", "System Object"),
-        "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
-        "name": "recognition decision",
-    }
-    if facts.get("bundle_hash"):
-        decision = {"what": {"type": "Bundle", "identifier": {"value": facts["bundle_hash"]}}, **decision}
-        del decision["name"]
+    # The decision itself, named by the engine's id when there is one; its details let an auditor replay it.
+    decision: dict[str, Any] = (
+        {"what": _decision_ref(facts["decision_id"])} if facts.get("decision_id") else {"name": "recognition decision"}
+    )
+    decision["type"] = _coding(_ENTITY_TYPE, "2", "System Object")
+    decision["role"] = _coding(_OBJECT_ROLE, "13", "Security Resource")
     decision["detail"] = (
-        _detail("snapshot-version", facts["snapshot"])
+        _detail("decision-id", facts.get("decision_id"))
+        + _detail("snapshot-version", facts["snapshot"])
+        + _detail("snapshot-digest", facts.get("snapshot_digest"))
         + _detail("ruleset-version", facts.get("ruleset"))
-        + _detail("jws-kid", facts.get("kid"))
         + [
-            {"type": f"rule:{r['id']}", "valueString": ("pass" if r["passed"] else "fail") + (f": {r['detail']}" if r.get("detail") else "")}
+            {
+                "type": f"rule:{r['id']}",
+                "valueString": _RULE_STATUS[r.get("passed")] + (f": {r['detail']}" if r.get("detail") else ""),
+            }
             for r in rules
         ]
     )
     entities = [_report_entity(facts)]
     if facts.get("patient"):
         entities.append(_patient_entity(facts["patient"]))
+    if facts.get("bundle_hash"):
+        entities.append(_bundle_entity(facts))
     for ref in facts.get("verification_results", []):
         entities.append(
-            {"what": {"reference": ref}, "type": _coding(_ENTITY_TYPE, "2", "System Object"), "role": _coding(_OBJECT_ROLE, "13", "Security Resource")}
+            {
+                "what": {"reference": ref},
+                "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+                "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
+            }
         )
     entities.append(decision)
     entities += _transaction_entity(facts.get("request_id"))
@@ -326,29 +342,46 @@ def _decision(facts: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _decision_ref(decision_id: str) -> dict[str, Any]:
+    """The decision as an entity ``what``: its id (a UUID from the engine) as an identifier."""
+    if re.match(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", decision_id):
+        return {"identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{decision_id}"}}
+    return {"identifier": {"value": decision_id}}
+
+
 def _override(facts: Mapping[str, Any]) -> dict[str, Any]:
     reason = facts["reason"]
-    agents = [
-        _agent(_cc(_PARTICIPATION, "IRCP", "information recipient"), facts["physician"], requestor=True),
-        _agent(_cc(_PARTICIPATION, "RCV", "receiver"), facts["receiver"], requestor=False),
-        _agent(_cc(_PARTICIPATION, "PRF", "performer"), facts["issuer"], requestor=False),
-        _gateway_agent(facts),
-    ]
-    entities = [_report_entity(facts)]
+    info = RETEST_REASONS.get(reason)
+    agents = [_agent(_cc(_PARTICIPATION, "IRCP", "information recipient"), facts["physician"], requestor=True)]
+    if facts.get("receiver"):
+        agents.append(_agent(_cc(_PARTICIPATION, "RCV", "receiver"), facts["receiver"], requestor=False))
+    if facts.get("issuer"):
+        agents.append(_agent(_cc(_PARTICIPATION, "PRF", "performer"), facts["issuer"], requestor=False))
+    agents.append(_gateway_agent(facts))
+    entities: list[dict[str, Any]] = []
+    if facts.get("report"):
+        report: dict[str, Any] = {
+            "what": _reference(facts["report"], "DiagnosticReport"),
+            "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(_OBJECT_ROLE, "4", "Domain Resource"),
+        }
+        if facts.get("item"):
+            report["detail"] = _item_detail(facts["item"])
+        entities.append(report)
     if facts.get("patient"):
         entities.append(_patient_entity(facts["patient"]))
-    if facts.get("decision_seq") is not None:
-        entities.append(
-            {
-                "what": {"reference": f"AuditEvent/{facts['decision_seq']}"},
-                "type": _coding(_ENTITY_TYPE, "2", "System Object"),
-                "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
-            }
-        )
-    desc = RETEST_REASONS.get(reason, reason) + (f"; {facts['note']}" if facts.get("note") else "")
+    entities.append(
+        {
+            "what": _decision_ref(facts["decision_id"]),
+            "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
+            "detail": _detail("decision-id", facts["decision_id"]),
+        }
+    )
+    desc = (info.zh if info else reason) + (f"; {facts['note']}" if facts.get("note") else "")
     return {
         "type": _coding(CS_EVENT_TYPE, "recognition-override", "Re-test ordered despite recognition"),
-        "subtype": [_coding(CS_RETEST_REASON, reason, RETEST_REASONS.get(reason))],
+        "subtype": [_coding(CS_RETEST_REASON, reason, info.en if info else None)],
         "action": "E",
         "outcome": "0",
         "outcomeDesc": desc,
@@ -364,8 +397,18 @@ def _rest_agents(facts: Mapping[str, Any], *, read: bool) -> list[dict[str, Any]
     names = {"110152": "Destination Role ID", "110153": "Source Role ID"}
     user = facts.get("user")
     agents = [
-        _agent(_cc(DCM, client_code, names[client_code]), facts["client"], requestor=user is None, address=facts["client_address"]),
-        _agent(_cc(DCM, server_code, names[server_code]), facts["gateway"], requestor=False, address=facts["server_address"]),
+        _agent(
+            _cc(DCM, client_code, names[client_code]),
+            facts["client"],
+            requestor=user is None,
+            address=facts["client_address"],
+        ),
+        _agent(
+            _cc(DCM, server_code, names[server_code]),
+            facts["gateway"],
+            requestor=False,
+            address=facts["server_address"],
+        ),
     ]
     if user:
         agents.append(
@@ -378,7 +421,10 @@ def _rest_agents(facts: Mapping[str, Any], *, read: bool) -> list[dict[str, Any]
             )
         )
     member = facts.get("member")
-    if member and (member.get("system"), member.get("value")) != (facts["client"].get("system"), facts["client"].get("value")):
+    if member and (member.get("system"), member.get("value")) != (
+        facts["client"].get("system"),
+        facts["client"].get("value"),
+    ):
         agents.append(_agent(_cc(_ROLE_CLASS, "PROV", "healthcare provider"), member, requestor=False))
     return agents
 
@@ -445,7 +491,9 @@ def _registry(facts: Mapping[str, Any]) -> dict[str, Any]:
         snapshot["detail"] = details
     return {
         "type": _coding(CS_EVENT_TYPE, "registry-snapshot", "Registry snapshot change"),
-        "subtype": [_coding(CS_EVENT_SUBTYPE, "registry-snapshot-applied", _SUBTYPE_DISPLAY["registry-snapshot-applied"])],
+        "subtype": [
+            _coding(CS_EVENT_SUBTYPE, "registry-snapshot-applied", _SUBTYPE_DISPLAY["registry-snapshot-applied"])
+        ],
         "action": "U",
         "outcome": "0",
         "agent": agents,
@@ -468,7 +516,13 @@ def _query(facts: Mapping[str, Any]) -> dict[str, Any]:
     event: dict[str, Any] = {
         "meta": {"profile": [BALP_PROFILE[profile]]},
         "type": _coding(_HL7_EVENT_TYPE, "rest", "Restful Operation"),
-        "subtype": [_coding(_REST, interaction, {"search-type": "search type", "read": "read", "operation": "operation"}[interaction])],
+        "subtype": [
+            _coding(
+                _REST,
+                interaction,
+                {"search-type": "search type", "read": "read", "operation": "operation"}[interaction],
+            )
+        ],
         "action": "R" if read else "E",
         "outcome": "0",
         "agent": _rest_agents(facts, read=read),
@@ -483,8 +537,10 @@ def _query(facts: Mapping[str, Any]) -> dict[str, Any]:
 
 def _security(facts: Mapping[str, Any]) -> dict[str, Any]:
     action = facts["action"]
-    subtype = _coding(DCM, "110137", "User Security Attributes Changed") if action == "token-issued" else _coding(
-        DCM, "110136", "Security Roles Changed"
+    subtype = (
+        _coding(DCM, "110137", "User Security Attributes Changed")
+        if action == "token-issued"
+        else _coding(DCM, "110136", "Security Roles Changed")
     )
     user = {
         "what": _reference(facts["user"]),
@@ -550,7 +606,18 @@ def render(
         event["id"] = str(seq)
     if "meta" in body:
         event["meta"] = body.pop("meta")
-    order = ("type", "subtype", "action", "recorded", "outcome", "outcomeDesc", "purposeOfEvent", "agent", "source", "entity")
+    order = (
+        "type",
+        "subtype",
+        "action",
+        "recorded",
+        "outcome",
+        "outcomeDesc",
+        "purposeOfEvent",
+        "agent",
+        "source",
+        "entity",
+    )
     body["recorded"] = recorded
     body["source"] = _source(facts)
     if seq is not None and entry_hash is not None:
@@ -560,7 +627,9 @@ def render(
             "detail": [{"type": "seq", "valueString": str(seq)}],
         }
         if prev_hash is not None:
-            chain["detail"].append({"type": "prev-hash", "valueBase64Binary": base64.b64encode(prev_hash).decode("ascii")})
+            chain["detail"].append(
+                {"type": "prev-hash", "valueBase64Binary": base64.b64encode(prev_hash).decode("ascii")}
+            )
         body["entity"] = [*body.get("entity", []), chain]
     for key in order:
         if key in body:
@@ -569,6 +638,9 @@ def render(
 
 
 # --------------------------------------------------------------------------- search keys
+
+
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def patient_key(value: str) -> str:
@@ -604,7 +676,10 @@ def index_values(event: Mapping[str, Any]) -> dict[str, Any]:
     ``outcome``; the many-valued reference parameters of the R4 AuditEvent
     search (``agent`` = agent.who, ``entity`` = entity.what, ``patient`` = who
     or what that is a Patient, and their ``:identifier`` forms) as sorted
-    ``k`` rows ``[param, system, value]``.
+    ``k`` rows ``[param, value, system]`` (the order of the index table's key).
+    Values with control characters are left out: nobody types them into a
+    search, and the index check compares JSON texts that escape them
+    differently.
 
     :raises ConfigError: an event without exactly one subtype (the index holds one).
     """
@@ -622,5 +697,5 @@ def index_values(event: Mapping[str, Any]) -> dict[str, Any]:
         "type": [event["type"].get("system", ""), event["type"]["code"]],
         "subtype": [subtypes[0].get("system", ""), subtypes[0]["code"]],
         "outcome": event["outcome"],
-        "k": [list(k) for k in sorted(keys)],
+        "k": [[p, v, s] for p, v, s in sorted((p, v, s) for p, s, v in keys) if not _CONTROL.search(v + s)],
     }

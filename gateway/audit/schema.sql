@@ -6,8 +6,8 @@
 CREATE TABLE IF NOT EXISTS audit_log (
     seq            INTEGER PRIMARY KEY,      -- 1, 2, 3 ... without gaps
     content        TEXT NOT NULL,            -- JCS: {facts, k, kind, outcome, recorded, subtype, t, type}
-    prev_hash      BLOB NOT NULL UNIQUE,     -- hash of entry seq-1 (32 zero bytes for entry 1): no forks
-    hash           BLOB NOT NULL UNIQUE,     -- SHA-256(prev_hash || seq || "\n" || content)
+    prev_hash      BLOB NOT NULL,            -- hash of entry seq-1 (32 zero bytes for entry 1)
+    hash           BLOB NOT NULL,            -- SHA-256(prev_hash || seq || "\n" || content)
     kind           TEXT    GENERATED ALWAYS AS (json_extract(content, '$.kind')) VIRTUAL,
     t              INTEGER GENERATED ALWAYS AS (json_extract(content, '$.t')) VIRTUAL,      -- recorded, ms since 1970 UTC
     type_system    TEXT    GENERATED ALWAYS AS (json_extract(content, '$.type[0]')) VIRTUAL,
@@ -26,14 +26,17 @@ CREATE INDEX IF NOT EXISTS audit_log_outcome_t ON audit_log (outcome, t);
 
 -- Many-valued search keys (agent, entity, patient and their :identifier forms),
 -- filled from content.k by the trigger below, never by the application.
+-- Clustered by entry so verification can compare them entry by entry, in order.
 CREATE TABLE IF NOT EXISTS audit_key (
+    seq INTEGER NOT NULL,
     p   TEXT NOT NULL,      -- search parameter, e.g. agent:identifier
     v   TEXT NOT NULL,      -- value: reference, identifier value, or SHA-256 hex of a patient identifier
     s   TEXT NOT NULL,      -- identifier system ('' when none)
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (p, v, s, seq)
+    PRIMARY KEY (seq, p, v, s)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS audit_key_lookup ON audit_key (p, v, s);
 
+-- Appending is the only way in: the next number, following the last hash (so the chain cannot fork).
 CREATE TRIGGER IF NOT EXISTS audit_log_chain BEFORE INSERT ON audit_log
 BEGIN
     SELECT RAISE(ABORT, 'audit log: an entry must follow the last one (seq and prev_hash)')
@@ -44,7 +47,7 @@ END;
 CREATE TRIGGER IF NOT EXISTS audit_log_index AFTER INSERT ON audit_log
 BEGIN
     INSERT INTO audit_key (p, v, s, seq)
-    SELECT json_extract(value, '$[0]'), json_extract(value, '$[2]'), json_extract(value, '$[1]'), NEW.seq
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), NEW.seq
     FROM json_each(NEW.content, '$.k');
 END;
 

@@ -120,7 +120,8 @@ class Outbox:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.rand = rand
-        db.conn.executescript(SCHEMA)
+        if not db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone():
+            db.conn.executescript(SCHEMA)  # standalone use; a gateway database has it from store/schema.sql
 
     def _now(self) -> tuple[float, str]:
         now = self.clock()

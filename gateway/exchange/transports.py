@@ -48,14 +48,33 @@ class HTTPTransport:
             return SendResult(False, retryable=True, error=f"cannot reach the receiver: {type(exc).__name__}")
         return classify(resp.status_code, resp.content)
 
+    def get(self, url: str, headers: dict[str, str]) -> SendResult:
+        """GET (调阅 queries); network problems come back as retryable results."""
+        try:
+            resp = self.session.get(url, timeout=self.timeout, verify=self.verify, cert=self.cert,
+                                    headers={"Accept": "application/fhir+json", **headers})
+        except requests.Timeout:
+            return SendResult(False, retryable=True, error="timed out")
+        except requests.RequestException as exc:
+            return SendResult(False, retryable=True, error=f"cannot reach the peer: {type(exc).__name__}")
+        return classify(resp.status_code, resp.content)
+
 
 class MockTransport:
     """Answers with a function ``handler(url, payload, headers) -> SendResult``; records every call."""
 
-    def __init__(self, handler: Callable[[str, bytes, dict[str, str]], SendResult]) -> None:
+    def __init__(self, handler: Callable[[str, bytes, dict[str, str]], SendResult],
+                 get_handler: Callable[[str, dict[str, str]], SendResult] | None = None) -> None:
         self.handler = handler
+        self.get_handler = get_handler
         self.calls: list[tuple[str, bytes, dict[str, str]]] = []
 
     def send(self, url: str, payload: bytes, headers: dict[str, str]) -> SendResult:
         self.calls.append((url, payload, headers))
         return self.handler(url, payload, headers)
+
+    def get(self, url: str, headers: dict[str, str]) -> SendResult:
+        self.calls.append((url, b"", headers))
+        if self.get_handler is None:
+            return SendResult(False, retryable=False, status=405, error="GET not handled")
+        return self.get_handler(url, headers)

@@ -76,3 +76,41 @@ CREATE TABLE IF NOT EXISTS search_date (
 );
 CREATE INDEX IF NOT EXISTS search_date_lookup ON search_date(type, param, lo);
 CREATE INDEX IF NOT EXISTS search_date_owner ON search_date(type, id);
+
+-- Signed report Bundles: those this member issued (signed here) and those received (verified here).
+CREATE TABLE IF NOT EXISTS signed_bundles (
+    bundle_id     TEXT NOT NULL,
+    doc_sha256    TEXT NOT NULL,        -- SHA-256 of the signed document bytes (RFC 8785, no signature/id/meta)
+    issuer_uscc   TEXT NOT NULL,
+    patient_keys  TEXT NOT NULL,        -- JSON list of "system|value" of the subject's identifiers
+    direction     TEXT NOT NULL,        -- issued (signed here) | received (verified here)
+    text          BLOB NOT NULL,        -- exactly the signed JSON text
+    signed_at     TEXT NOT NULL,
+    message_ref   INTEGER,
+    PRIMARY KEY (doc_sha256)
+);
+CREATE INDEX IF NOT EXISTS signed_bundles_bundle ON signed_bundles(bundle_id);
+
+-- Deliveries to other member gateways (gateway.exchange.outbox).
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    destination     TEXT NOT NULL,              -- USCC of the receiving member
+    url             TEXT NOT NULL,              -- its exchange endpoint
+    kind            TEXT NOT NULL,              -- bundle
+    payload         BLOB NOT NULL,              -- exactly the bytes sent
+    payload_sha256  TEXT NOT NULL,
+    status          TEXT NOT NULL,              -- pending | delivering | delivered | dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,              -- epoch seconds
+    lease_until     REAL,
+    last_error      TEXT NOT NULL DEFAULT '',
+    receipt         TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    UNIQUE (destination, payload_sha256)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_at);
+
+-- Peer assertion ids seen, kept until the assertion expires (replay protection).
+CREATE TABLE IF NOT EXISTS peer_jti (iss TEXT NOT NULL, jti TEXT NOT NULL, exp REAL NOT NULL, PRIMARY KEY (iss, jti));
+CREATE INDEX IF NOT EXISTS peer_jti_exp ON peer_jti(exp);

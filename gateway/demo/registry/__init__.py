@@ -64,9 +64,19 @@ class DemoRegistry:
 
 
 def build_demo_registry(
-    now: _dt.datetime, *, version: int | None = None, valid_for: _dt.timedelta = DEFAULT_VALIDITY
+    now: _dt.datetime,
+    *,
+    version: int | None = None,
+    valid_for: _dt.timedelta = DEFAULT_VALIDITY,
+    endpoints: dict[str, str] | None = None,
+    drop_members: tuple[str, ...] = (),
+    reuse: "DemoRegistry | None" = None,
 ) -> DemoRegistry:
     """Generate the demo authority and member keys, and build the signed DEMO snapshot issued at ``now``.
+
+    ``endpoints`` replaces members' endpoint URLs (the demo's loopback gateways);
+    ``drop_members`` leaves those members' certificates out (revocation);
+    ``reuse`` keeps the keys of an earlier demo registry for a newer snapshot.
 
     The authority certificate runs from a day before ``now`` for a year; member
     certificates for 180 days (short-lived, as DCC signer certificates are).
@@ -76,26 +86,35 @@ def build_demo_registry(
     data = read_source_data(DEMO_SOURCE)
     if version is not None:
         data["version"] = version
-    authority_key = generate_private_key()
     start = now - _dt.timedelta(days=1)
-    authority_cert = make_authority(
-        authority_key, DEMO_AUTHORITY_USCC, data["authority"]["name"], start, start + _dt.timedelta(days=366)
-    )
+    if reuse is not None:  # a later snapshot of the same demo world: same keys
+        authority_key, authority_cert = reuse.authority_key, reuse.authority_cert
+    else:
+        authority_key = generate_private_key()
+        authority_cert = make_authority(
+            authority_key, DEMO_AUTHORITY_USCC, data["authority"]["name"], start, start + _dt.timedelta(days=366)
+        )
     member_keys: dict[str, ec.EllipticCurvePrivateKey] = {}
     member_certs: dict[str, x509.Certificate] = {}
     for member in data["members"]:
-        key = generate_private_key()
-        cert = issue_certificate(
-            key.public_key(),
-            member["uscc"],
-            member["name"],
-            authority_key,
-            authority_cert,
-            start,
-            start + _dt.timedelta(days=180),
-        )
+        if endpoints and member["uscc"] in endpoints:
+            member["endpoint"] = endpoints[member["uscc"]]
+        if reuse is not None and member["uscc"] in reuse.member_keys:
+            key, cert = reuse.member_keys[member["uscc"]], reuse.member_certs[member["uscc"]]
+        else:
+            key = generate_private_key()
+            cert = issue_certificate(
+                key.public_key(),
+                member["uscc"],
+                member["name"],
+                authority_key,
+                authority_cert,
+                start,
+                start + _dt.timedelta(days=180),
+            )
         member_keys[member["uscc"]], member_certs[member["uscc"]] = key, cert
-        member["certificates"] = [{"pem": cert_pem(cert).decode("ascii")}]
+        if member["uscc"] not in drop_members:  # removal from the snapshot is revocation
+            member["certificates"] = [{"pem": cert_pem(cert).decode("ascii")}]
     # Through the ordinary source checks, as if the authority had typed the certificates in.
     source = parse_source(json.dumps(data, ensure_ascii=False), origin=str(DEMO_SOURCE), is_json=True)
     document = build_snapshot(source, key=authority_key, cert=authority_cert, issued=now, valid_for=valid_for)

@@ -1,0 +1,207 @@
+"""Audit API: what auditors read (AuditEvent search, statistics) and checkpoint exchange.
+
+====================================  ===========================  =============================================
+``GET  /fhir/AuditEvent``             auditor, admin               FHIR search (``gateway.audit.query``), searchset
+``GET  /fhir/AuditEvent/<id>``        auditor, admin               one AuditEvent
+``GET  /audit/stats``                 auditor, admin               互认率 and other figures as JSON (``date`` filter)
+``GET  /audit/checkpoints``           auditor, admin, peer         this gateway's signed checkpoints (``?latest=1``;
+                                                                   ``?member=USCC``: a peer's we hold)
+``POST /audit/checkpoints``           admin (no body): make one    a peer's checkpoint document: verify and hold it
+                                      peer, admin (with body)
+====================================  ===========================  =============================================
+
+Every read of the log is itself written to the log (BALP Query / Read), after
+the read and before the answer: an answer the log does not record is not
+given. The app provides ``extensions["gateway.settings"]`` and may provide
+``"gateway.clock"`` (else the pipeline's clock), ``"gateway.audit.signer"`` (a
+:class:`gateway.audit.checkpoint.Signer`) and ``"gateway.trust"`` (a
+:class:`gateway.signing.trust.TrustSource` for peers' checkpoints).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from typing import Any, Literal
+
+import sqlite_utils
+from flask import Blueprint, Response, current_app, request
+
+from gateway import jsonutil
+from gateway.audit import checkpoint, query, records, stats
+from gateway.audit.log import append, get
+from gateway.auth import current_principal, principal_party, require_role
+from gateway.config import Settings
+from gateway.errors import ConfigError, InputError, InvalidSearch
+from gateway.store.db import connect, transaction
+
+__all__ = ["bp"]
+
+bp = Blueprint("audit", __name__)
+
+
+@bp.after_request
+def _challenge(response: Response) -> Response:
+    """RFC 6750: a 401 says which scheme to use."""
+    if response.status_code == 401:
+        response.headers.setdefault("WWW-Authenticate", 'Bearer realm="gateway"')
+    return response
+
+
+def _settings() -> Settings:
+    return current_app.extensions["gateway.settings"]  # type: ignore[no-any-return]
+
+
+def _clock() -> Callable[[], _dt.datetime]:
+    clock = current_app.extensions.get("gateway.clock")
+    if clock is None:
+        clock = getattr(current_app.extensions.get("gateway.pipeline"), "clock", None)
+    if clock is None:
+        tz = query.parse_offset(_settings().timezone)
+        return lambda: _dt.datetime.now(tz)
+    return clock  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _db() -> Iterator[sqlite_utils.Database]:
+    with closing(connect(_settings().database_path).conn) as conn:
+        yield sqlite_utils.Database(conn)
+
+
+def _json(body: Any, status: int = 200, mimetype: str = "application/fhir+json") -> Response:
+    return Response(jsonutil.dumps(body), status=status, mimetype=mimetype)
+
+
+def _gateway() -> records.Party:
+    s = _settings()
+    return records.Party.member(s.issuer_uscc, s.issuer_name)
+
+
+def _record_read(
+    db: sqlite_utils.Database,
+    *,
+    interaction: Literal["search-type", "read", "operation"],
+    results: int | None = None,
+    patient: records.PatientRef | None = None,
+    resource: str | None = None,
+) -> None:
+    """Write the audit entry of this request's look into the log (its own transaction)."""
+    principal = current_principal()
+    gateway = _gateway()
+    agent = request.user_agent.string[:200] or "unknown client"
+    record = records.audit_query(
+        at=_clock()(),
+        gateway=gateway,
+        server_address=request.url_root.rstrip("/"),
+        client=records.Party.member(principal.member) if principal.member else records.Party("", display=agent),
+        client_address=request.remote_addr or "unknown",
+        user=principal_party(principal, gateway.value),
+        user_roles=sorted(principal.roles),
+        query=f"{request.method} {request.full_path.rstrip('?')}",
+        interaction=interaction,
+        patient=patient,
+        results=results,
+        resource=resource,
+    )
+    with transaction(db):
+        append(db, record)
+
+
+@bp.get("/fhir/AuditEvent")
+@require_role("auditor", "admin")
+def search_events() -> Response:
+    """Search the audit log (FHIR search on AuditEvent); 400 names an unknown or malformed parameter."""
+    tz = query.parse_offset(_settings().timezone)
+    search = query.parse_search(list(request.args.items(multi=True)), tz=tz)
+    base = request.url_root.rstrip("/") + "/fhir"
+    with _db() as db:
+        page = query.run(db, search)
+        events = [e.event() for e in page.entries]
+        _record_read(
+            db,
+            interaction="search-type",
+            results=len(events) if page.total is None else page.total,
+            patient=search.patient(),
+        )
+    return _json(query.searchset(page, search, base_url=base, path=f"{base}/AuditEvent", events=events))
+
+
+@bp.get("/fhir/AuditEvent/<event_id>")
+@require_role("auditor", "admin")
+def read_event(event_id: str) -> Response:
+    """One AuditEvent by id; 404 when there is none."""
+    with _db() as db:
+        event = get(db, event_id).event()
+        _record_read(db, interaction="read", resource=f"AuditEvent/{event['id']}")
+    return _json(event)
+
+
+@bp.get("/audit/stats")
+@require_role("auditor", "admin")
+def statistics() -> Response:
+    """互认率 by issuer, receiver, item, catalogue and month; refusals, overrides, lookups (JSON).
+
+    ``date`` (repeatable, FHIR date prefixes and partial dates) limits the period.
+    """
+    tz = query.parse_offset(_settings().timezone)
+    dates = []
+    for name, value in request.args.items(multi=True):
+        if name != "date":
+            raise InvalidSearch(f"unknown parameter {name!r} for statistics (only date)", name, code="not-supported")
+        dates.append(tuple(query.parse_date(v, tz) for v in value.split(",")))
+    with _db() as db:
+        figures = stats.compute(db, dates)
+        _record_read(db, interaction="operation")
+    return _json(figures, mimetype="application/json")
+
+
+@bp.get("/audit/checkpoints")
+@require_role("auditor", "admin", "peer")
+def list_checkpoints() -> Response:
+    """This gateway's signed checkpoints, oldest first (``latest=1``: the newest only; ``member``: a peer's we hold)."""
+    member = request.args.get("member")
+    latest = request.args.get("latest") in ("1", "true")
+    for name in request.args:
+        if name not in ("member", "latest"):
+            raise InvalidSearch(f"unknown parameter {name!r} (member, latest)", name, code="not-supported")
+    with _db() as db:
+        if member:
+            held = checkpoint.checkpoints(db, own=False, member=member)
+        else:
+            held = checkpoint.checkpoints(db, own=True)
+    docs = [cp.as_json() for cp in held]
+    if latest:
+        docs = docs[-1:]
+    return _json(docs, mimetype="application/json")
+
+
+@bp.post("/audit/checkpoints")
+@require_role("admin", "peer")
+def post_checkpoint() -> Response:
+    """Without a body (admin): sign a checkpoint of this log now.
+
+    With a peer's checkpoint document (peer, admin): verify it and hold it.
+    """
+    principal = current_principal()
+    body = request.get_data()
+    now = _clock()()
+    with _db() as db:
+        if not body.strip():
+            if "admin" not in principal.roles:
+                raise InputError("send the checkpoint document to hold; only an admin makes this gateway's own", "body")
+            signer = current_app.extensions.get("gateway.audit.signer")
+            if signer is None:
+                raise ConfigError("no signing key is configured for audit checkpoints", "gateway.audit.signer")
+            made = checkpoint.make(db, signer, at=now)
+            return _json(made.as_json(), 201, "application/json")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise InputError("the body is not a JSON checkpoint document", "body") from None
+        trust = current_app.extensions.get("gateway.trust")
+        if trust is None:
+            raise ConfigError("no trust list is configured to verify peers' checkpoints", "gateway.trust")
+        held = checkpoint.import_peer(db, doc, trust, now=now, me=_settings().issuer_uscc)
+    return _json(held.as_json(), 201, "application/json")

@@ -1,0 +1,60 @@
+"""Exchange API: what other member gateways call.
+
+``POST /exchange/bundles``
+    a signed report Bundle pushed by an authenticated member; answered with a
+    signed receipt (the same receipt when the Bundle arrives again).
+``GET /exchange/DiagnosticReport?patient.identifier=...``
+    调阅: this member's own signed report Bundles for a patient, as a searchset
+    whose entries are the signed Bundles.
+
+Callers authenticate with a signed client assertion (``gateway.exchange.peer_auth``);
+unknown or revoked members get 403, anything else wrong 401, always as an
+OperationOutcome.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, request
+
+from gateway import jsonutil
+from gateway.errors import ConfigError, InputError
+from gateway.exchange.service import Exchange
+
+bp = Blueprint("exchange", __name__, url_prefix="/exchange")
+
+__all__ = ["bp", "exchange_of"]
+
+
+def exchange_of(app: object) -> Exchange:
+    ex = app.extensions.get("gateway.exchange")  # type: ignore[attr-defined]
+    if ex is None:
+        raise ConfigError("this gateway takes no exchange: no registry snapshot is configured", "registry_snapshot")
+    return ex  # type: ignore[no-any-return]
+
+
+@bp.post("/bundles")
+def receive() -> Response:
+    """Verify, store and recognise a pushed signed Bundle; answer with a signed receipt."""
+    ex = exchange_of(current_app)
+    peer = ex.authenticate(request.headers.get("Authorization", ""))
+    text = request.get_data(cache=False)
+    if not text.strip():
+        raise InputError("request body is empty: send the signed Bundle as the body", "body")
+    result = ex.receive(text, peer)
+    return Response(result.receipt, status=result.status, mimetype="application/json",
+                    headers={"X-Duplicate": "true" if result.duplicate else "false"})
+
+
+@bp.get("/DiagnosticReport")
+def pull() -> Response:
+    """调阅: this member's signed report Bundles for one patient."""
+    ex = exchange_of(current_app)
+    peer = ex.authenticate(request.headers.get("Authorization", ""))
+    identifier = request.args.get("patient.identifier") or request.args.get("subject:Patient.identifier")
+    if not identifier:
+        raise InputError("patient.identifier is required for 调阅", "patient.identifier")
+    texts = ex.signed_reports_for(identifier)
+    ex.record_lookup(peer, identifier, texts, server=request.host, client_address=request.remote_addr or "",
+                     query=request.query_string.decode("utf-8", "replace"))
+    body = {"resourceType": "Bundle", "type": "searchset", "total": len(texts),
+            "entry": [{"resource": jsonutil.loads(t), "search": {"mode": "match"}} for t in texts]}
+    return Response(jsonutil.dumps(body), mimetype="application/fhir+json")

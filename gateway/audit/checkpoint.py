@@ -1,0 +1,322 @@
+"""Audit checkpoints: signed statements of how long the log was and how it ended.
+
+A checkpoint says "the log of member M had ``count`` entries, the last with hash
+``head``, at ``time``", signed by M's registry-issued key (detached ES256 JWS
+over the RFC 8785 form of those four facts, ``gateway.signing.jws``). The
+gateway makes one on demand (``gateway audit checkpoint``, ``POST
+/audit/checkpoints``) and periodically (:func:`maybe_make`, every N entries or T
+minutes). :mod:`gateway.audit.verify` checks the chain against them: a log
+rewritten from entry k on, hashes and all, no longer ends in a signed head, and
+a log cut short has fewer entries than a checkpoint counted.
+
+Whoever can write the database can also delete its checkpoints, so members
+hold each other's: a checkpoint is exported as a small JSON document
+(:meth:`Checkpoint.as_json`), imported by a peer after verifying its signature
+(:func:`import_peer`), and handed back to an auditor, who verifies the member's
+log against it (``gateway audit verify --checkpoint FILE``). A member that signs
+two different heads for the same count is caught on import.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as _dt
+import functools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.audit.log import ensure_schema, head, instant
+from gateway.audit.verify import CheckpointClaim
+from gateway.errors import BadSignature, ConfigError, InputError, TrustError
+from gateway.identifiers import check_uscc
+from gateway.signing.canonical import canonicalize
+from gateway.signing.jws import sign_detached, verify_detached
+from gateway.signing.keys import uscc_of
+from gateway.signing.trust import TrustSource, check_certificate
+from gateway.store.db import transaction
+
+__all__ = [
+    "FORMAT",
+    "Checkpoint",
+    "Signer",
+    "make",
+    "due",
+    "maybe_make",
+    "checkpoints",
+    "latest",
+    "check_signature",
+    "import_peer",
+    "claims",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``format`` member of an exported checkpoint document.
+FORMAT = "cyhr-audit-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signed (count, head, time) of one member's audit log."""
+
+    member: str
+    count: int
+    head: bytes
+    time: str
+    jws: str
+    own: bool = True
+    id: int | None = None
+    received: str | None = None
+
+    def payload(self) -> bytes:
+        """The bytes the JWS signs: RFC 8785 of format, member, count, head (hex) and time."""
+        return canonicalize(
+            {"format": FORMAT, "member": self.member, "count": self.count, "head": self.head.hex(), "time": self.time}
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The exportable document (what peers hold)."""
+        return {
+            "format": FORMAT,
+            "member": self.member,
+            "count": self.count,
+            "head": self.head.hex(),
+            "time": self.time,
+            "jws": self.jws,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, *, own: bool = False) -> Checkpoint:
+        """A checkpoint from an exported document (signature not yet checked).
+
+        :raises InputError: not a checkpoint document of this format.
+        """
+        if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+            raise InputError(f"not an audit checkpoint document (format {FORMAT!r} expected)", "format")
+        try:
+            count = doc["count"]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise InputError("count must be a whole number", "count")
+            digest = bytes.fromhex(str(doc["head"]))
+            if len(digest) != 32:
+                raise InputError("head must be a SHA-256 hash in hex", "head")
+            time = str(doc["time"])
+            _dt.datetime.fromisoformat(time.replace("Z", "+00:00"))
+            member, jws = check_uscc(str(doc["member"])), str(doc["jws"])
+        except KeyError as exc:
+            raise InputError(f"checkpoint document lacks {exc.args[0]!r}", str(exc.args[0])) from None
+        except (ValueError, binascii.Error):
+            raise InputError("checkpoint head or time is malformed", "head") from None
+        return cls(member, count, digest, time, jws, own)
+
+    def label(self) -> str:
+        """How reports name it."""
+        return f"checkpoint {self.id}" if self.id is not None else f"checkpoint of {self.member} at entry {self.count}"
+
+
+@dataclass(frozen=True)
+class Signer:
+    """This member's signing key and certificate chain (first: the member certificate)."""
+
+    key: ec.EllipticCurvePrivateKey
+    chain: Sequence[x509.Certificate]
+
+    @property
+    def member(self) -> str:
+        """The member's 统一社会信用代码, from its certificate.
+
+        :raises ConfigError: the certificate names no member.
+        """
+        if not self.chain:
+            raise ConfigError("a signing certificate is needed", "chain")
+        uscc = uscc_of(self.chain[0])
+        if uscc is None:
+            raise ConfigError("the signing certificate names no member 统一社会信用代码", "chain[0]")
+        return uscc
+
+
+_COLUMNS = "id, own, member, count, head, time, jws, received"
+
+
+def _from_row(row: Sequence[Any]) -> Checkpoint:
+    cid, own, member, count, digest, time, jws, received = row
+    return Checkpoint(member, int(count), bytes(digest), time, jws, bool(own), int(cid), received)
+
+
+def _store(db: sqlite_utils.Database, cp: Checkpoint) -> Checkpoint:
+    cursor = db.execute(
+        "INSERT OR IGNORE INTO audit_checkpoint (own, member, count, head, time, jws, received)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [int(cp.own), cp.member, cp.count, cp.head, cp.time, cp.jws, cp.received],
+    )
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM audit_checkpoint WHERE member = ? AND count = ? AND head = ?",
+        [cp.member, cp.count, cp.head],
+    ).fetchone()
+    if cursor.rowcount == 0:
+        log.info("audit checkpoint at entry %d of %s was held already", cp.count, cp.member)
+    return _from_row(row)
+
+
+def make(db: sqlite_utils.Database, signer: Signer, *, at: _dt.datetime) -> Checkpoint:
+    """Sign and keep a checkpoint of this gateway's log as it is now.
+
+    :raises ConfigError: the key does not fit the certificate, or it names no member.
+    :raises InputError: ``at`` has no UTC offset.
+    """
+    with transaction(db):
+        ensure_schema(db)
+        count, digest = head(db)
+        unsigned = Checkpoint(signer.member, count, digest, instant(at), "")
+        jws = sign_detached(unsigned.payload(), signer.key, list(signer.chain), sig_time=at)
+        cp = _store(db, Checkpoint(unsigned.member, count, digest, unsigned.time, jws, True))
+    log.info("audit checkpoint %s made at entry %d", cp.id, count)
+    return cp
+
+
+def checkpoints(db: sqlite_utils.Database, *, own: bool | None = True, member: str | None = None) -> list[Checkpoint]:
+    """Checkpoints held, oldest first: this gateway's (``own=True``), peers' (False) or all (None)."""
+    ensure_schema(db)
+    sql, params = f"SELECT {_COLUMNS} FROM audit_checkpoint WHERE 1", list[Any]()
+    if own is not None:
+        sql += " AND own = ?"
+        params.append(int(own))
+    if member is not None:
+        sql += " AND member = ?"
+        params.append(member)
+    return [_from_row(r) for r in db.execute(sql + " ORDER BY count, id", params)]
+
+
+def latest(db: sqlite_utils.Database) -> Checkpoint | None:
+    """This gateway's newest checkpoint, if any."""
+    ensure_schema(db)
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM audit_checkpoint WHERE own = 1 ORDER BY count DESC, id DESC LIMIT 1"
+    ).fetchone()
+    return _from_row(row) if row else None
+
+
+def due(
+    db: sqlite_utils.Database,
+    *,
+    now: _dt.datetime,
+    every_entries: int = 1000,
+    every: _dt.timedelta = _dt.timedelta(minutes=5),
+) -> bool:
+    """True when a periodic checkpoint is due: ``every_entries`` new entries, or ``every`` passed with any new one."""
+    count, _ = head(db)
+    last = latest(db)
+    if last is None:
+        return count > 0
+    if count <= last.count:
+        return False
+    if count - last.count >= every_entries:
+        return True
+    made = _dt.datetime.fromisoformat(last.time.replace("Z", "+00:00"))
+    return now - made >= every
+
+
+def maybe_make(
+    db: sqlite_utils.Database,
+    signer: Signer,
+    *,
+    now: _dt.datetime,
+    every_entries: int = 1000,
+    every: _dt.timedelta = _dt.timedelta(minutes=5),
+) -> Checkpoint | None:
+    """Make a checkpoint when one is :func:`due` (call it from a timer or after appending)."""
+    if due(db, now=now, every_entries=every_entries, every=every):
+        return make(db, signer, at=now)
+    return None
+
+
+def check_signature(cp: Checkpoint, trust: TrustSource) -> str:
+    """Verify a checkpoint's signature and signer; return the member that signed.
+
+    The JWS must verify over the checkpoint's own facts with a certificate
+    listed in ``trust`` at the checkpoint time (shell model), and that
+    certificate must name the member the checkpoint is about.
+
+    :raises BadSignature: the signature does not verify (says nothing about why).
+    :raises UnknownIssuer: the certificate is not from a trusted authority, or not listed.
+    :raises TrustError: the signer is another member than the checkpoint names.
+    """
+    try:
+        header, cert = verify_detached(cp.jws, cp.payload(), trust.certificates_for_kid)
+    except BadSignature:
+        raise BadSignature(location="checkpoint") from None
+    try:
+        at = _dt.datetime.fromisoformat(cp.time.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadSignature(location="checkpoint") from None
+    if header.get("sigT") is None:
+        raise BadSignature(location="checkpoint")
+    signer = check_certificate(cert, trust, at, location="checkpoint")
+    if signer != cp.member:
+        raise TrustError(f"checkpoint about {cp.member} was signed by {signer}", "checkpoint")
+    return signer
+
+
+def import_peer(
+    db: sqlite_utils.Database, doc: Any, trust: TrustSource, *, now: _dt.datetime, me: str | None = None
+) -> Checkpoint:
+    """Verify a peer's checkpoint document and keep it as a witness of the peer's log.
+
+    :raises InputError: not a checkpoint document, or one of this gateway's own (``me``).
+    :raises BadSignature: its signature does not verify.
+    :raises UnknownIssuer: its signer is not trusted.
+    :raises TrustError: the peer signed a different head for the same entry before
+        (its log was rewritten), or the signer is not the member it names.
+    """
+    cp = Checkpoint.from_json(doc)
+    if me is not None and cp.member == me:
+        raise InputError("this is a checkpoint of this gateway's own log, not a peer's", "member")
+    check_signature(cp, trust)
+    with transaction(db):
+        ensure_schema(db)
+        clash = db.execute(
+            "SELECT time FROM audit_checkpoint WHERE member = ? AND count = ? AND head != ?",
+            [cp.member, cp.count, cp.head],
+        ).fetchone()
+        if clash:
+            raise TrustError(
+                f"{cp.member} signed two different heads for entry {cp.count} (held since {clash[0]}): "
+                "its audit log was rewritten",
+                "checkpoint",
+            )
+        stored = _store(db, Checkpoint(cp.member, cp.count, cp.head, cp.time, cp.jws, False, received=instant(now)))
+    log.info("peer audit checkpoint of %s at entry %d held", cp.member, cp.count)
+    return stored
+
+
+def _claim(cp: Checkpoint, label: str, trust: TrustSource | None) -> CheckpointClaim:
+    check = None if trust is None else functools.partial(check_signature, cp, trust)
+    return CheckpointClaim(cp.count, cp.head, cp.time, label, check)
+
+
+def claims(
+    db: sqlite_utils.Database, trust: TrustSource | None, *, extra: Iterable[Checkpoint] = ()
+) -> tuple[list[CheckpointClaim], list[str]]:
+    """What :func:`gateway.audit.verify.verify` checks the log against, and notes on what was skipped.
+
+    This gateway's own checkpoints, plus ``extra`` ones (copies held by peers)
+    about the same member. Without ``trust`` signatures are not checked.
+    """
+    own = checkpoints(db, own=True)
+    members = {cp.member for cp in own}
+    out = [_claim(cp, cp.label(), trust) for cp in own]
+    notes: list[str] = []
+    for cp in extra:
+        if members and cp.member not in members:
+            notes.append(f"{cp.label()} is about {cp.member}, not this log: skipped")
+            continue
+        out.append(_claim(cp, f"peer-held {cp.label()}", trust))
+    if len(members) > 1:
+        notes.append(f"this log's checkpoints name several members: {', '.join(sorted(members))}")
+    return out, notes

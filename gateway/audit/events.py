@@ -1,0 +1,89 @@
+"""Audit events of the gateway's own actions, written where the action commits.
+
+The pipeline, the FHIR API, the exchange and the registry call these with the
+database connection of the transaction that performs the action, so the entry
+and the action commit together (or neither does). Payloads and patient data
+never go to application logs; the entries carry what FHIR AuditEvents require.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable
+from typing import Any
+
+import sqlite_utils
+
+from gateway.audit import records
+from gateway.audit.log import append
+from gateway.audit.records import Outcome, Party, PatientRef
+
+__all__ = ["ingested", "patient_reads", "exchanged", "decided", "snapshot_applied"]
+
+
+def _me(uscc: str, name: str | None = None) -> Party:
+    return Party.member(uscc, name)
+
+
+def ingested(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, member_name: str, sender: str,
+             message_id: str, fmt: str, status: str, channel: str, reason: str | None) -> None:
+    """A unit of input from one of the member's own systems reached its final status."""
+    refused = status in ("refused", "failed")
+    append(db, records.ingest(
+        at=at, gateway=_me(member, member_name), source=Party.application(member, sender or "unknown"),
+        message_id=message_id or "(none)", fmt=fmt, status=status, channel=channel,
+        outcome=Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS, reason=reason if refused else None))
+
+
+def _patients(resources: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """Patient reference -> references of the returned resources about that patient."""
+    out: dict[str, list[str]] = {}
+    for res in resources:
+        rtype, rid = res.get("resourceType", ""), res.get("id", "")
+        if rtype == "Patient":
+            out.setdefault(f"Patient/{rid}", []).append(f"Patient/{rid}")
+            continue
+        subject = (res.get("subject") or {}).get("reference", "")
+        if subject.startswith("Patient/"):
+            out.setdefault(subject, []).append(f"{rtype}/{rid}")
+    return out
+
+
+def patient_reads(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, server_address: str,
+                  client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
+                  query: str | None) -> int:
+    """One BALP read/query entry per patient whose results were returned; returns how many."""
+    count = 0
+    for patient, refs in _patients(resources).items():
+        append(db, records.patient_read(
+            at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
+            client_address=client_address or "unknown", member=_me(on_behalf_of), patient=PatientRef(
+                reference=patient), resources=refs, query=query))
+        count += 1
+    return count
+
+
+def exchanged(db: sqlite_utils.Database, direction: str, *, at: _dt.datetime, member: str, peer: str | None,
+              bundle_hash: str, bundle_id: str | None = None, reason: str | None = None,
+              detail: str | None = None, kid: str | None = None) -> None:
+    """A signed Bundle sent, received or refused."""
+    append(db, records.exchange(
+        direction, at=at, gateway=_me(member), peer=_me(peer) if peer else None,  # type: ignore[arg-type]
+        bundle_hash=f"sha256:{bundle_hash}", bundle_id=bundle_id, reason=reason, detail=detail, kid=kid))
+
+
+def decided(db: sqlite_utils.Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
+            kid: str | None = None) -> int:
+    """Every recognition decision, with its rules and the snapshot version; returns how many."""
+    count = 0
+    for d in decisions:
+        append(db, records.from_decision(d, gateway=_me(member), bundle_hash=f"sha256:{bundle_hash}"
+                                         if bundle_hash else None, kid=kid))
+        count += 1
+    return count
+
+
+def snapshot_applied(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, version: int, digest: str,
+                     previous: int | None) -> None:
+    """A registry snapshot version was applied by this gateway."""
+    append(db, records.registry_applied(at=at, gateway=_me(member), version=str(version), snapshot_hash=digest,
+                                        previous_version=str(previous) if previous else None))

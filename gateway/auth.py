@@ -1,0 +1,376 @@
+"""Auth: who may use the gateway's HTTP API, and as what.
+
+Users have one or more roles:
+
+- ``submitter``: a member's own system that posts results;
+- ``peer``: another member gateway (its institution in ``member``);
+- ``auditor``: reads the audit log and its statistics, changes nothing;
+- ``admin``: manages the gateway (checkpoints, users).
+
+A user authenticates with a bearer API token (``Authorization: Bearer
+cyhr_...``). A token is shown once, when made, and stored only as its SHA-256
+(tokens are 256 random bits, so a fast hash is enough: there is nothing to
+guess). Disabling a user revokes its tokens. Adding and disabling users and
+issuing tokens are written to the audit log.
+
+Flask views declare who may call them with :func:`require_role`, which answers
+401 (no or unknown credentials) or 403 (wrong role) as an OperationOutcome.
+How a caller is recognised is pluggable: the app may list authenticators in
+``app.extensions["gateway.authenticators"]`` (each ``(request, db) ->
+Principal | None``; the first that recognises the request decides), so signed
+JWT client assertions for peer gateways can be added beside bearer tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
+
+import sqlite_utils
+from flask import current_app, g, request
+
+from gateway.audit import records
+from gateway.audit.log import append, instant
+from gateway.errors import InputError, NotFound, TrustError
+from gateway.identifiers import check_uscc
+from gateway.store.db import connect, transaction
+
+__all__ = [
+    "ROLES",
+    "TOKEN_PREFIX",
+    "Principal",
+    "User",
+    "NotAuthenticated",
+    "Forbidden",
+    "Authenticator",
+    "ensure_schema",
+    "add_user",
+    "issue_token",
+    "disable_user",
+    "list_users",
+    "get_user",
+    "authenticate_token",
+    "token_hash",
+    "bearer_token",
+    "require_role",
+    "current_principal",
+    "principal_party",
+]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("submitter", "peer", "auditor", "admin")
+TOKEN_PREFIX = "cyhr_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS gateway_user (
+        name     TEXT PRIMARY KEY,
+        roles    TEXT NOT NULL,        -- space-separated
+        member   TEXT,                 -- 统一社会信用代码 of the institution a peer account speaks for
+        created  TEXT NOT NULL,
+        disabled TEXT                  -- when it was disabled; NULL while active
+    )""",
+    """CREATE TABLE IF NOT EXISTS gateway_token (
+        hash    TEXT PRIMARY KEY,      -- SHA-256 hex of the token; the token itself is never stored
+        user    TEXT NOT NULL REFERENCES gateway_user (name),
+        hint    TEXT NOT NULL,         -- first characters, to tell tokens apart in listings
+        created TEXT NOT NULL,
+        revoked TEXT
+    )""",
+)
+
+
+class NotAuthenticated(TrustError):
+    """No credentials, or credentials the gateway does not know (HTTP 401)."""
+
+    code = "login"
+    http_status = 401
+
+
+class Forbidden(TrustError):
+    """Authenticated, but the caller's roles do not allow this (HTTP 403)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user account (or, later, a peer gateway by its signed assertion)."""
+
+    name: str
+    roles: frozenset[str]
+    member: str | None = None
+    via: str = "token"
+
+
+@dataclass(frozen=True)
+class User:
+    """A user account as listed (never with a token)."""
+
+    name: str
+    roles: tuple[str, ...]
+    member: str | None
+    created: str
+    disabled: str | None
+    tokens: int = 0
+
+    @property
+    def active(self) -> bool:
+        """True until disabled."""
+        return self.disabled is None
+
+
+Authenticator = Callable[[Any, sqlite_utils.Database], "Principal | None"]
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the user and token tables if missing (joins a caller's transaction)."""
+    with transaction(db):
+        for statement in _SCHEMA:
+            db.execute(statement)
+
+
+def token_hash(token: str) -> str:
+    """What is stored of a token: SHA-256 hex."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
+    chosen = tuple(sorted(set(roles)))
+    if not chosen:
+        raise InputError("a user needs at least one role", "roles")
+    unknown = [r for r in chosen if r not in ROLES]
+    if unknown:
+        raise InputError(f"unknown role {unknown[0]!r}: roles are {', '.join(ROLES)}", "roles")
+    return chosen
+
+
+def _new_token(db: sqlite_utils.Database, name: str, at: _dt.datetime) -> str:
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    db.execute(
+        "INSERT INTO gateway_token (hash, user, hint, created) VALUES (?, ?, ?, ?)",
+        [token_hash(token), name, token[: len(TOKEN_PREFIX) + 4], instant(at)],
+    )
+    return token
+
+
+def _audit(
+    db: sqlite_utils.Database,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    by: records.Party,
+    name: str,
+    action: Literal["added", "disabled", "token-issued"],
+    roles: Sequence[str],
+) -> None:
+    user = records.Party.user(gateway.value, name)
+    append(db, records.user_admin(at=at, gateway=gateway, admin=by, user=user, action=action, roles=roles))
+
+
+def add_user(
+    db: sqlite_utils.Database,
+    name: str,
+    roles: Iterable[str],
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    by: records.Party,
+    member: str | None = None,
+) -> tuple[User, str]:
+    """Add a user with its first API token; return the user and the token (shown once, never stored).
+
+    ``member`` (a peer's institution) is required for, and only for, the ``peer`` role.
+
+    :raises InputError: bad name, unknown role, name taken, missing or needless member.
+    :raises IdentifierError: ``member`` fails the GB 32100 check.
+    """
+    if not _NAME.match(name or ""):
+        raise InputError(f"user name {name!r} must be 1-64 letters, digits, . _ @ -", "name")
+    chosen = _check_roles(roles)
+    if member is not None:
+        member = check_uscc(member)
+    if ("peer" in chosen) != (member is not None):
+        raise InputError("a peer account names its member institution (--member), other accounts do not", "member")
+    with transaction(db):
+        ensure_schema(db)
+        if db.execute("SELECT 1 FROM gateway_user WHERE name = ?", [name]).fetchone():
+            raise InputError(f"user {name!r} exists already", "name")
+        db.execute(
+            "INSERT INTO gateway_user (name, roles, member, created) VALUES (?, ?, ?, ?)",
+            [name, " ".join(chosen), member, instant(at)],
+        )
+        token = _new_token(db, name, at)
+        _audit(db, at=at, gateway=gateway, by=by, name=name, action="added", roles=chosen)
+    log.info("user added with roles %s", ",".join(chosen))
+    return get_user(db, name), token
+
+
+def issue_token(
+    db: sqlite_utils.Database, name: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
+) -> str:
+    """A new API token for an active user (older tokens stay valid until the user is disabled).
+
+    :raises NotFound: no such user.
+    :raises InputError: the user is disabled.
+    """
+    with transaction(db):
+        user = get_user(db, name)
+        if not user.active:
+            raise InputError(f"user {name!r} is disabled", "name")
+        token = _new_token(db, name, at)
+        _audit(db, at=at, gateway=gateway, by=by, name=name, action="token-issued", roles=user.roles)
+    return token
+
+
+def disable_user(
+    db: sqlite_utils.Database, name: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
+) -> User:
+    """Disable a user and revoke its tokens (the account stays listed: the audit log names it).
+
+    :raises NotFound: no such user.
+    """
+    with transaction(db):
+        user = get_user(db, name)
+        if user.active:
+            when = instant(at)
+            db.execute("UPDATE gateway_user SET disabled = ? WHERE name = ?", [when, name])
+            db.execute("UPDATE gateway_token SET revoked = ? WHERE user = ? AND revoked IS NULL", [when, name])
+            _audit(db, at=at, gateway=gateway, by=by, name=name, action="disabled", roles=user.roles)
+    return get_user(db, name)
+
+
+def _user(row: Sequence[Any]) -> User:
+    name, roles, member, created, disabled, tokens = row
+    return User(name, tuple(roles.split()), member, created, disabled, int(tokens))
+
+
+_USER_SQL = (
+    "SELECT u.name, u.roles, u.member, u.created, u.disabled,"
+    " (SELECT count(*) FROM gateway_token t WHERE t.user = u.name AND t.revoked IS NULL) FROM gateway_user u"
+)
+
+
+def get_user(db: sqlite_utils.Database, name: str) -> User:
+    """One user.
+
+    :raises NotFound: no such user.
+    """
+    ensure_schema(db)
+    row = db.execute(f"{_USER_SQL} WHERE u.name = ?", [name]).fetchone()
+    if row is None:
+        raise NotFound(f"no user {name!r}", "name")
+    return _user(row)
+
+
+def list_users(db: sqlite_utils.Database) -> list[User]:
+    """Every user, by name."""
+    ensure_schema(db)
+    return [_user(r) for r in db.execute(f"{_USER_SQL} ORDER BY u.name")]
+
+
+def authenticate_token(db: sqlite_utils.Database, token: str) -> Principal:
+    """The active user a bearer token belongs to.
+
+    :raises NotAuthenticated: unknown or revoked token, or a disabled user (one message for all).
+    """
+    ensure_schema(db)
+    row = db.execute(
+        "SELECT u.name, u.roles, u.member FROM gateway_token t JOIN gateway_user u ON u.name = t.user"
+        " WHERE t.hash = ? AND t.revoked IS NULL AND u.disabled IS NULL",
+        [token_hash(token)],
+    ).fetchone()
+    if row is None:
+        raise NotAuthenticated(
+            "the API token is not valid (unknown, revoked, or its user is disabled)", "Authorization"
+        )
+    return Principal(row[0], frozenset(row[1].split()), row[2])
+
+
+def bearer_token(req: Any, db: sqlite_utils.Database) -> Principal | None:
+    """Authenticator for ``Authorization: Bearer <token>``; None when the request carries no bearer token.
+
+    :raises NotAuthenticated: a bearer token the gateway does not accept.
+    """
+    header = req.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    value = value.strip()
+    if not value.startswith(TOKEN_PREFIX):
+        raise NotAuthenticated(
+            "the API token is not valid (unknown, revoked, or its user is disabled)", "Authorization"
+        )
+    return authenticate_token(db, value)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _authenticate() -> Principal:
+    authenticators: Sequence[Authenticator] = current_app.extensions.get("gateway.authenticators") or (bearer_token,)
+    settings = current_app.extensions["gateway.settings"]
+    with closing(connect(settings.database_path).conn) as conn:
+        db = sqlite_utils.Database(conn)
+        for authenticate in authenticators:
+            principal = authenticate(request, db)
+            if principal is not None:
+                return principal
+    raise NotAuthenticated("authentication required: send Authorization: Bearer <API token>", "Authorization")
+
+
+def require_role(*roles: str) -> Callable[[F], F]:
+    """Decorator for Flask views: the caller must authenticate and hold one of ``roles``.
+
+    The principal is then available as :func:`current_principal`.
+
+    :raises NotAuthenticated: (401) no or unknown credentials.
+    :raises Forbidden: (403) none of the roles.
+    """
+    unknown = [r for r in roles if r not in ROLES]
+    if not roles or unknown:
+        raise ValueError(f"require_role needs roles among {ROLES}, got {roles}")
+    allowed = frozenset(roles)
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            principal = _authenticate()
+            if not principal.roles & allowed:
+                raise Forbidden(
+                    f"{principal.name} ({', '.join(sorted(principal.roles))}) may not do this; "
+                    f"it needs the role {' or '.join(sorted(allowed))}",
+                    request.path,
+                )
+            g.principal = principal
+            return view(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def current_principal() -> Principal:
+    """The principal :func:`require_role` admitted for this request.
+
+    :raises NotAuthenticated: the view is not protected by :func:`require_role`.
+    """
+    principal = g.get("principal")
+    if principal is None:
+        raise NotAuthenticated("authentication required", "Authorization")
+    return cast(Principal, principal)
+
+
+def principal_party(principal: Principal, member_uscc: str) -> records.Party:
+    """The audit-log party of a principal: a user account of the gateway of ``member_uscc``."""
+    return records.Party.user(member_uscc, principal.name)

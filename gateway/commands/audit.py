@@ -1,0 +1,453 @@
+"""Audit commands: ``gateway audit verify|query|export|stats|checkpoint|tail``.
+
+The auditor's workflow on the command line (the HTTP API offers the same reads):
+
+- ``gateway audit verify [--db PATH] [--trust PEM] [--checkpoint FILE]``: walk the
+  hash chain and the signed checkpoints; name the first entry changed, removed or
+  reordered; exit 1 if anything is wrong;
+- ``gateway audit query date=ge2026-01 type=lab-recognition``: FHIR search
+  parameters exactly as ``GET /fhir/AuditEvent`` takes them;
+- ``gateway audit export --format csv|ndjson [--out FILE] [PARAMS]``: streamed;
+- ``gateway audit stats [--json] [--date ge2026-01]``: 互认率 and the rest;
+- ``gateway audit checkpoint --key K --cert C``: sign one now (``--list``,
+  ``--export FILE``, ``--import FILE --trust PEM`` to hold a peer's);
+- ``gateway audit tail [-n 20] [--follow]``: the newest entries.
+
+Reads of the log (query, export, stats, tail) are written to the log too, as
+the operating-system user on this host; ``verify`` only reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import click
+import sqlite_utils
+
+from gateway.audit import checkpoint as checkpoints
+from gateway.audit import export as exporting
+from gateway.audit import query, records, stats
+from gateway.audit.log import append, entries, has_log, head
+from gateway.audit.verify import verify as verify_log
+from gateway.commands.registry import AwareDateTime, one_line_errors
+from gateway.config import Settings, load_settings
+from gateway.errors import InputError
+from gateway.signing.keys import certificates_in, load_certificate, load_certificates, load_private_key
+from gateway.signing.trust import StaticTrust
+from gateway.store.db import connect, transaction
+
+__all__ = ["audit", "settings_for", "open_db", "cli_party"]
+
+_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
+_PARAMS_HELP = (
+    "PARAMS are FHIR search parameters as name=value, exactly as GET /fhir/AuditEvent takes them: date (prefixes "
+    "eq ne lt le gt ge sa eb; partial dates 2026, 2026-05, 2026-05-01), type, subtype, outcome (0 4 8 12), agent, "
+    "agent:identifier, entity, entity:identifier, patient, patient:identifier, _id, _count, _sort (date or -date)."
+)
+#: Seconds between polls of ``tail --follow``; tests replace the sleeping function.
+_sleep = time.sleep
+
+
+def settings_for(ctx: click.Context) -> Settings:
+    """The settings of the ``gateway`` command (its global flags), or the configured defaults."""
+    root = ctx.find_root()
+    if isinstance(root.obj, dict):
+        from gateway.cli import get_settings  # imported late: gateway.cli imports this module
+
+        return get_settings(ctx)
+    return load_settings()
+
+
+@contextmanager
+def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True) -> Iterator[sqlite_utils.Database]:
+    """The database named by ``--db``, else the configured one; closed afterwards."""
+    path = Path(db_path) if db_path else settings_for(ctx).database_path
+    if must_exist and not path.exists():
+        raise click.ClickException(f"{path}: no such database")
+    with closing(connect(path).conn) as conn:
+        yield sqlite_utils.Database(conn)
+
+
+def cli_party() -> records.Party:
+    """Who runs this command: the operating-system user on this host."""
+    user, host = getpass.getuser(), socket.gethostname()
+    return records.Party(user, display=f"{user}@{host} (command line)")
+
+
+def _gateway(settings: Settings) -> records.Party:
+    return records.Party.member(settings.issuer_uscc, settings.issuer_name)
+
+
+def _now(settings: Settings) -> _dt.datetime:
+    return _dt.datetime.now(query.parse_offset(settings.timezone))
+
+
+def _record_read(
+    db: sqlite_utils.Database,
+    settings: Settings,
+    command: str,
+    *,
+    interaction: Literal["search-type", "read", "operation"] = "search-type",
+    results: int | None = None,
+    patient: records.PatientRef | None = None,
+) -> None:
+    """Write this command's look into the log to the log."""
+    record = records.audit_query(
+        at=_now(settings),
+        gateway=_gateway(settings),
+        server_address=f"file://{Path(db.conn.execute('PRAGMA database_list').fetchone()[2]).resolve()}",
+        client=records.Party("gateway-cli", display="gateway command line"),
+        client_address=socket.gethostname(),
+        user=cli_party(),
+        query=command,
+        interaction=interaction,
+        patient=patient,
+        results=results,
+    )
+    with transaction(db):
+        append(db, record)
+
+
+def _command_line(ctx: click.Context, *args: str) -> str:
+    """The command as the audit entry records it: its path and the arguments that choose what was read."""
+    return " ".join([ctx.command_path, *args])
+
+
+def _params(items: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"{item!r}: search parameters are written name=value", item)
+        out.append((name, value))
+    return out
+
+
+def _line(event: dict[str, Any]) -> str:
+    """One AuditEvent as one terminal line (no patient identifiers)."""
+    subtype = event.get("subtype", [{}])[0].get("code", "")
+    desc = event.get("outcomeDesc", "")
+    kind = event["type"]["code"]
+    return f"{event['id']:>8}  {event['recorded']}  {kind:<22} {subtype:<26} {event['outcome']:>2}  {desc}"
+
+
+@click.group()
+def audit() -> None:
+    """The audit log: verify it, query and export it, statistics, checkpoints."""
+
+
+@audit.command("verify", short_help="Check the hash chain and checkpoints; name the first bad entry.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option(
+    "--trust",
+    "trust_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM file of trusted certificates (registry authority and member certificates) to check the "
+    "checkpoint signatures with. Repeatable. Without it signatures are not checked.",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A checkpoint document of this log held by a peer (JSON, from `audit checkpoint --export`); "
+    "the log must still match it. Repeatable.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify_cmd(
+    ctx: click.Context,
+    db_path: str | None,
+    trust_files: tuple[str, ...],
+    checkpoint_files: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Walk the hash chain and the signed checkpoints; name the first entry changed, removed or reordered,
+    and a tail cut off after a checkpoint. Exit 1 if anything is wrong. Reads only."""
+    with one_line_errors():
+        trust = StaticTrust.from_certificates(certificates_in(trust_files)) if trust_files else None
+        extra = [checkpoints.Checkpoint.from_json(_read_json(path)) for path in checkpoint_files]
+        with open_db(ctx, db_path) as db:
+            claims, notes = checkpoints.claims(db, trust, extra=extra) if has_log(db) else ([], [])
+            report = verify_log(db, claims)
+        report.notes[:0] = notes
+    if as_json:
+        click.echo(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    if not report.ok:
+        ctx.exit(1)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{path}: not a readable JSON file ({exc})") from None
+
+
+@audit.command("query", epilog=_PARAMS_HELP)
+@click.argument("params", nargs=-1)
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the searchset Bundle (FHIR JSON) instead of one line per event."
+)
+@click.pass_context
+def query_cmd(ctx: click.Context, params: tuple[str, ...], db_path: str | None, as_json: bool) -> None:
+    """Search the audit log with FHIR search PARAMS (name=value); newest first unless _sort=date."""
+    with one_line_errors():
+        settings = settings_for(ctx)
+        search = query.parse_search(_params(params), tz=query.parse_offset(settings.timezone))
+        with open_db(ctx, db_path) as db:
+            page = query.run(db, search)
+            events = [e.event() for e in page.entries]
+            _record_read(db, settings, _command_line(ctx, *params), results=len(events), patient=search.patient())
+    if as_json:
+        bundle = query.searchset(page, search, base_url="urn:gateway:audit", path="AuditEvent", events=events)
+        click.echo(json.dumps(bundle, ensure_ascii=False, indent=2))
+        return
+    if page.total is not None:
+        click.echo(f"{page.total} entries match")
+    for event in events:
+        click.echo(_line(event))
+    if page.next is not None:
+        click.echo(f"more: add _cursor={search.query_string(cursor=page.next).rsplit('_cursor=', 1)[1]}", err=True)
+
+
+@audit.command("export", epilog=_PARAMS_HELP)
+@click.argument("params", nargs=-1)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(exporting.FORMATS),
+    default="ndjson",
+    show_default=True,
+    help="ndjson: one FHIR AuditEvent per line; csv: one row per event with the hash chain columns.",
+)
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write here instead of standard output.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.pass_context
+def export_cmd(ctx: click.Context, params: tuple[str, ...], fmt: str, out: str | None, db_path: str | None) -> None:
+    """Export every entry matching PARAMS (all when none), oldest first, streamed page by page."""
+    with one_line_errors():
+        settings = settings_for(ctx)
+        pairs = _params(params)
+        if not any(name == "_sort" for name, _ in pairs):
+            pairs.append(("_sort", "date"))
+        search = query.parse_search(pairs, tz=query.parse_offset(settings.timezone))
+        with open_db(ctx, db_path) as db:
+            counter = _Counter(query.iter_matches(db, search))
+            with open(out, "w", encoding="utf-8", newline="") if out else _stdout() as sink:
+                for text in exporting.lines(counter, fmt):
+                    sink.write(text)
+            _record_read(
+                db,
+                settings,
+                _command_line(ctx, f"--format={fmt}", *params),
+                interaction="operation",
+                results=counter.n,
+                patient=search.patient(),
+            )
+    if out:
+        click.echo(f"{counter.n} entries written to {out}", err=True)
+
+
+class _Counter:
+    """Passes entries through and counts them (the export streams; nothing is held)."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items = items
+        self.n = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            self.n += 1
+            yield item
+
+
+@contextmanager
+def _stdout() -> Iterator[IO[str]]:
+    yield click.get_text_stream("stdout")
+
+
+@audit.command("stats")
+@click.option(
+    "--date",
+    "dates",
+    multiple=True,
+    help="Period, as FHIR date search values: ge2026-01 (from January 2026), lt2026-07, 2026-05. Repeatable.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.pass_context
+def stats_cmd(ctx: click.Context, dates: tuple[str, ...], as_json: bool, db_path: str | None) -> None:
+    """互认率 by issuer, receiver, item, catalogue and month; refusals by failing rule; overrides by re-test
+    reason; lookups (调阅) by member.
+
+    互认率 = accepted / eligible. Eligible: results (one item of one report of one issuer for one receiver,
+    its latest decision only) decided recognized or not-recognized; needs-review is left out (not decided yet).
+    Accepted: eligible results decided recognized whose decision no physician overrode with a re-test.
+    """
+    with one_line_errors():
+        settings = settings_for(ctx)
+        tz = query.parse_offset(settings.timezone)
+        ranges = [tuple(query.parse_date(v, tz) for v in value.split(",")) for value in dates]
+        with open_db(ctx, db_path) as db:
+            figures = stats.compute(db, ranges)
+            _record_read(db, settings, _command_line(ctx, *(f"--date={d}" for d in dates)), interaction="operation")
+    if as_json:
+        click.echo(json.dumps(figures, ensure_ascii=False, indent=2))
+    else:
+        click.echo(stats.format_tables(figures), nl=False)
+
+
+@audit.command("checkpoint")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="GATEWAY_SIGNING_KEY",
+    help="This member's private key (PEM; GATEWAY_SIGNING_KEY) to sign a new checkpoint with.",
+)
+@click.option(
+    "--cert",
+    "cert_path",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="GATEWAY_SIGNING_CERT",
+    help="This member's signing certificate (PEM; GATEWAY_SIGNING_CERT).",
+)
+@click.option(
+    "--chain",
+    "chain_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="More certificates for the signature's x5c (PEM), e.g. the authority's.",
+)
+@click.option("--at", "at", type=AwareDateTime(), help="Checkpoint time (ISO 8601 with offset); default now.")
+@click.option("--list", "list_only", is_flag=True, help="List the checkpoints held (this log's, then peers') and stop.")
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False),
+    help="Write the newest checkpoint of this log (after making one, when --key is given) to this file, "
+    "for a peer to hold.",
+)
+@click.option(
+    "--import",
+    "import_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Hold a peer's checkpoint document (JSON) after verifying its signature against --trust.",
+)
+@click.option(
+    "--trust",
+    "trust_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM file of trusted certificates to verify an imported checkpoint with. Repeatable.",
+)
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.pass_context
+def checkpoint_cmd(
+    ctx: click.Context,
+    key_path: str | None,
+    cert_path: str | None,
+    chain_path: str | None,
+    at: _dt.datetime | None,
+    list_only: bool,
+    export_path: str | None,
+    import_path: str | None,
+    trust_files: tuple[str, ...],
+    db_path: str | None,
+) -> None:
+    """Sign a checkpoint (entry count, head hash, time) of this gateway's audit log with the member's key;
+    or list, export, or import (hold) a peer's."""
+    with one_line_errors():
+        settings = settings_for(ctx)
+        with open_db(ctx, db_path, must_exist=False) as db:
+            if list_only:
+                for cp in checkpoints.checkpoints(db, own=None):
+                    whose = "this log" if cp.own else f"peer {cp.member}"
+                    click.echo(
+                        f"{cp.id:>5}  {whose:<28} entries {cp.count:>9}  head {cp.head.hex()[:16]}...  {cp.time}"
+                    )
+                return
+            if import_path:
+                if not trust_files:
+                    raise click.ClickException("--import needs --trust to verify the checkpoint's signature")
+                trust = StaticTrust.from_certificates(certificates_in(trust_files))
+                held = checkpoints.import_peer(
+                    db, _read_json(import_path), trust, now=_now(settings), me=settings.issuer_uscc
+                )
+                click.echo(f"holding checkpoint of {held.member}: {held.count} entries, head {held.head.hex()}")
+                return
+            if key_path or cert_path:
+                if not (key_path and cert_path):
+                    raise click.ClickException("signing needs both --key and --cert")
+                cert = load_certificate(cert_path)
+                chain = [cert] + [c for c in (load_certificates(chain_path) if chain_path else []) if c != cert]
+                signer = checkpoints.Signer(load_private_key(key_path), chain)
+                made = checkpoints.make(db, signer, at=at or _now(settings))
+                click.echo(
+                    f"checkpoint {made.id}: {made.count} entries, head {made.head.hex()}, signed by "
+                    f"{made.member} at {made.time}"
+                )
+            elif not export_path:
+                raise click.ClickException("give --key and --cert to sign a checkpoint (or --list, --export, --import)")
+            if export_path:
+                newest = checkpoints.latest(db)
+                if newest is None:
+                    raise click.ClickException("this log has no checkpoint yet: sign one with --key and --cert")
+                Path(export_path).write_text(json.dumps(newest.as_json(), indent=2) + "\n", encoding="utf-8")
+                click.echo(f"wrote checkpoint {newest.id} ({newest.count} entries) to {export_path}")
+
+
+@audit.command("tail")
+@click.option(
+    "-n",
+    "--lines",
+    "count",
+    type=click.IntRange(1, 10000),
+    default=20,
+    show_default=True,
+    help="How many of the newest entries to show.",
+)
+@click.option("--follow", is_flag=True, help="Keep printing new entries as they are appended (Ctrl-C stops).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between looks for new entries with --follow.",
+)
+@click.option(
+    "--polls", type=click.IntRange(0), default=0, help="With --follow: stop after this many looks (0: never)."
+)
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.pass_context
+def tail_cmd(ctx: click.Context, count: int, follow: bool, interval: float, polls: int, db_path: str | None) -> None:
+    """Show the newest entries, one line each (entry, time, type, subtype, outcome, description)."""
+    with one_line_errors():
+        settings = settings_for(ctx)
+        with open_db(ctx, db_path) as db:
+            last, _ = head(db)
+            start = max(1, last - count + 1)
+            for entry in entries(db, start, last):
+                click.echo(_line(entry.event()))
+            _record_read(db, settings, _command_line(ctx, f"-n {count}"), results=last - start + 1 if last else 0)
+            shown = last + 1  # our own audit entry is the next one: show it too when following
+            looks = 0
+            while follow and (polls == 0 or looks < polls):
+                _sleep(interval)
+                looks += 1
+                for entry in entries(db, shown):
+                    click.echo(_line(entry.event()))
+                    shown = entry.seq + 1

@@ -1,0 +1,102 @@
+"""Demo world: a registry authority and member gateways, set up on one machine.
+
+DEMO MATERIAL ONLY. Keys are generated at run time into the demo's working
+directory (mode 0600), never into the repository. Each member gets a real
+gateway: its own SQLite database, settings, pipeline and WSGI app, configured
+exactly as an operator would configure one (key and certificate files, a
+signed registry snapshot, the authority certificate, its public URL).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings, load_settings
+from gateway.demo import MEMBERS, DemoMember
+from gateway.demo.registry import DemoRegistry, build_demo_registry
+from gateway.signing.keys import cert_pem, private_key_pem
+
+__all__ = ["DemoGateway", "DemoWorld", "build_world"]
+
+
+@dataclass
+class DemoGateway:
+    """One member's gateway in the demo."""
+
+    member: DemoMember
+    settings: Settings
+    pipeline: Any
+    app: Any
+    url: str
+    token: str = ""  # an admin API token of this gateway (for the demo's own queries)
+
+
+@dataclass
+class DemoWorld:
+    """The registry and every member gateway."""
+
+    base: Path
+    registry: DemoRegistry
+    gateways: dict[str, DemoGateway] = field(default_factory=dict)
+
+    def publish(self, registry: DemoRegistry) -> None:
+        """The authority publishes a new snapshot; every gateway applies it."""
+        self.registry = registry
+        text = registry.text()
+        (self.base / "registry" / "snapshot.json").write_text(text, encoding="utf-8")
+        for gw in self.gateways.values():
+            holder = gw.pipeline.exchange.holder
+            holder.apply(text)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[str, str], *,
+                mappings_dir: str | None = None, members: tuple[str, ...] = ("tongjiang", "fuling", "sccdc"),
+                log_level: str = "WARNING") -> DemoWorld:
+    """Keys, certificates and a signed snapshot for the demo members, and a gateway for each.
+
+    ``endpoints`` maps member keys (``tongjiang``...) to the URL each gateway is reached at.
+    """
+    from gateway import auth
+    from gateway.api.app import create_app
+    from gateway.audit.records import Party
+    from gateway.pipeline import Pipeline
+
+    uscc_endpoints = {MEMBERS[k].uscc: url for k, url in endpoints.items()}
+    registry = build_demo_registry(clock(), endpoints=uscc_endpoints)
+    reg_dir = base / "registry"
+    reg_dir.mkdir(parents=True, exist_ok=True)
+    (reg_dir / "authority.pem").write_bytes(cert_pem(registry.authority_cert))
+    (reg_dir / "snapshot.json").write_text(registry.text(), encoding="utf-8")
+    world = DemoWorld(base, registry)
+    for key in members:
+        member = MEMBERS[key]
+        home = base / key
+        _write_private(home / "keys" / "DEMO-signing.key.pem", private_key_pem(registry.member_keys[member.uscc]))
+        (home / "keys" / "DEMO-signing.cert.pem").write_bytes(cert_pem(registry.member_certs[member.uscc]))
+        overrides = {
+            "data_dir": str(home), "issuer_uscc": member.uscc, "issuer_name": member.name,
+            "registry_snapshot": str(reg_dir / "snapshot.json"), "registry_authority": str(reg_dir / "authority.pem"),
+            "signing_key": str(home / "keys" / "DEMO-signing.key.pem"),
+            "signing_cert": str(home / "keys" / "DEMO-signing.cert.pem"),
+            "public_url": endpoints[key], "log_level": log_level,
+        }
+        if mappings_dir:
+            overrides["mappings_dir"] = mappings_dir
+        settings = load_settings(environ={}, overrides=overrides)
+        pipeline = Pipeline(settings, clock=clock)
+        app = create_app(settings, pipeline)
+        _, token = auth.add_user(pipeline.store.db, "demo-admin", ["admin"], at=clock(),
+                                 gateway=Party.member(member.uscc), by=Party.user(member.uscc, "demo"))
+        world.gateways[key] = DemoGateway(member, settings, pipeline, app, endpoints[key], token)
+    return world

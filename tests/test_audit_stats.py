@@ -1,0 +1,226 @@
+"""Audit statistics on a small known data set (tests/data/audit/stats-sample.json), figures checked by hand.
+
+Hand calculation (all 20 records; d1..d8 decisions, o = overrides):
+
+- Results (issuer, report, item, receiver) and their latest decision: d1 (F RF1 GLU), d2 (F RF1 ALT),
+  d4 (F RF2 GLU; it replaces d3, the needs-review of the same result), d5 (C RC1 HBsAg), d6 (C RC1 GLU),
+  d7 (C RC2 ALT, for receiver F), d8 (F RF3 HBsAg): 7 results.
+- recognized d1 d4 d5 d7 = 4; not-recognized d2 d6 = 2; needs-review d8 = 1.
+- Overridden: d5 (critical-item), d7 (emergency) = 2. The override of d2 ("other") does not count: d2 was
+  not recognised, there was nothing to accept.
+- eligible = 4 + 2 = 6; accepted = 4 - 2 = 2; 互认率 = 2 / 6 = 0.3333.
+
+By issuer    F: d1 d4 rec, d2 not, d8 review -> eligible 3, accepted 2, rate 0.6667
+             C: d5 d7 rec (both overridden), d6 not -> eligible 3, accepted 0, rate 0.0
+By receiver  T: d1 d4 d5 rec (d5 overridden), d2 d6 not, d8 review -> eligible 5, accepted 2, rate 0.4
+             F: d7 rec, overridden -> eligible 1, accepted 0, rate 0.0
+By item      GLU: d1 d4 rec, d6 not -> 3, 2, 0.6667; ALT: d7 rec (ov), d2 not -> 2, 0, 0.0;
+             HBsAg: d5 rec (ov), d8 review -> 1, 0, 0.0
+By catalogue cy-2026 (GLU, ALT): d1 d4 d7 rec (d7 ov), d2 d6 not -> 5, 2, 0.4; sc-2026: d5 (ov), d8 -> 1, 0, 0.0
+By month     2026-01: d1 rec, d2 not -> 2, 1, 0.5 (d3 is replaced by d4, counted in February);
+             2026-02: d4 d5 d7 rec (d5 d7 ov), d6 not, d8 review -> 4, 1, 0.25
+Refusals     2 results: eqa-pass 1 (d2), catalogue-scope 1, validity-window 1 (d6)
+Overrides    3: critical-item 1, emergency 1, other 1
+Lookups      F: 3 (patients P1, P2 -> 2); C: 1 (P1 -> 1); total 4
+Exchanges    sent 1, received 2, refused 2 (bad-signature 1, unknown-issuer 1)
+
+With ``date=ge2026-02`` (from 2026-02-01T00:00+08:00): decisions d4..d8 -> rec d4 d5 d7 (d5 d7 ov), not d6,
+review d8 -> eligible 4, accepted 1, 0.25; overrides in the period: critical-item, emergency (2); lookups F 2, C 1.
+With ``date=le2026-02-05``: d1 d2 d4 (d3 replaced) d5 d6 -> rec 3, not 2; d5's override (02-06) lies after the period
+but still counts -> overridden 1, eligible 5, accepted 2, 0.4; overrides in the period: other (1).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import CST, DATA
+from test_audit_support import ROLES, serving
+
+from gateway.audit import query, records as r, stats
+from gateway.audit.log import append, entries
+from gateway.commands.audit import audit
+from gateway.registry.models import catalogue_system
+from gateway.store.db import connect
+
+SAMPLE = json.loads((DATA / "audit" / "stats-sample.json").read_text(encoding="utf-8"))
+ME = r.Party.member(*SAMPLE["members"]["T"])
+
+
+@pytest.fixture
+def audit_client(settings, clock):
+    with serving(settings, clock) as served:
+        yield served
+
+
+def sample_records() -> list[r.Record]:
+    members = {k: r.Party.member(*v) for k, v in SAMPLE["members"].items()}
+    out: list[r.Record] = []
+    for rec in SAMPLE["records"]:
+        at = _dt.datetime.fromisoformat(rec["at"])
+        if rec["kind"] == "decision":
+            catalogue, display = SAMPLE["items"][rec["item"]]
+            rules = [r.RuleResult("member-active", True)]
+            rules += [r.RuleResult(rule, False, "fails") for rule in rec.get("failed", [])]
+            rules += [r.RuleResult(rule, None, "no data") for rule in rec.get("unknown", [])]
+            out.append(
+                r.decision(
+                    at=at,
+                    gateway=ME,
+                    receiver=members[rec["receiver"]],
+                    issuer=members[rec["issuer"]],
+                    report=rec["report"],
+                    item=(catalogue_system(catalogue), rec["item"], display),
+                    catalogue=catalogue,
+                    outcome=rec["outcome"],
+                    rules=rules,
+                    snapshot_version=5,
+                    decision_id=rec["id"],
+                )
+            )
+        elif rec["kind"] == "override":
+            out.append(
+                r.override(
+                    at=at,
+                    gateway=ME,
+                    physician=r.Party.staff("D0042"),
+                    reason=rec["reason"],
+                    decision_id=rec["decision"],
+                )
+            )
+        elif rec["kind"] == "read":
+            out.append(
+                r.patient_read(
+                    at=at,
+                    gateway=ME,
+                    server_address="https://tj.example/fhir",
+                    client=members[rec["member"]],
+                    client_address="10.1.2.3",
+                    member=members[rec["member"]],
+                    patient=r.PatientRef.id_card(SAMPLE["patients"][rec["patient"]]),
+                    resources=["DiagnosticReport/1"],
+                )
+            )
+        else:
+            out.append(
+                r.exchange(
+                    rec["direction"],
+                    at=at,
+                    gateway=ME,
+                    peer=members[rec["peer"]],
+                    bundle_hash=f"sha256:{len(out):064x}",
+                    reason=rec.get("reason"),
+                )
+            )
+    return out
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    database = connect(tmp_path / "gw.db")
+    for record in sample_records():
+        append(database, record)
+    yield database
+    database.conn.close()
+
+
+def rate(groups: list[dict[str, Any]], key: str) -> tuple[int, int, float | None]:
+    g = next(g for g in groups if g["key"] == key)
+    return g["eligible"], g["accepted"], g["rate"]
+
+
+def test_known_figures(db) -> None:
+    s = stats.compute(db)
+    total = s["total"]
+    assert (total["decisions"], total["recognized"], total["not_recognized"], total["needs_review"]) == (7, 4, 2, 1)
+    assert (total["overridden"], total["eligible"], total["accepted"], total["rate"]) == (2, 6, 2, 0.3333)
+    f, c, t = (SAMPLE["members"][k][0] for k in "FCT")
+    assert rate(s["by_issuer"], f) == (3, 2, 0.6667)
+    assert rate(s["by_issuer"], c) == (3, 0, 0.0)
+    assert rate(s["by_receiver"], t) == (5, 2, 0.4)
+    assert rate(s["by_receiver"], f) == (1, 0, 0.0)
+    glu = f"{catalogue_system('cy-2026')}|GLU"
+    assert rate(s["by_item"], glu) == (3, 2, 0.6667)
+    assert rate(s["by_item"], f"{catalogue_system('cy-2026')}|ALT") == (2, 0, 0.0)
+    hbsag = next(g for g in s["by_item"] if g["key"].endswith("|HBsAg"))
+    assert (hbsag["eligible"], hbsag["accepted"], hbsag["needs_review"], hbsag["name"]) == (1, 0, 1, "乙肝表面抗原")
+    assert rate(s["by_catalogue"], "cy-2026") == (5, 2, 0.4)
+    assert rate(s["by_catalogue"], "sc-2026") == (1, 0, 0.0)
+    assert rate(s["by_month"], "2026-01") == (2, 1, 0.5)
+    assert rate(s["by_month"], "2026-02") == (4, 1, 0.25)
+    assert s["refusals"] == {
+        "results": 2,
+        "by_rule": [
+            {"rule": "catalogue-scope", "count": 1},
+            {"rule": "eqa-pass", "count": 1},
+            {"rule": "validity-window", "count": 1},
+        ],
+    }
+    assert s["overrides"]["total"] == 3
+    assert {o["reason"]: o["count"] for o in s["overrides"]["by_reason"]} == {
+        "critical-item": 1,
+        "emergency": 1,
+        "other": 1,
+    }
+    assert s["lookups"]["total"] == 4
+    assert [(m["key"], m["lookups"], m["patients"]) for m in s["lookups"]["by_member"]] == [(f, 3, 2), (c, 1, 1)]
+    assert s["exchanges"] == {
+        "sent": 1,
+        "received": 2,
+        "refused": 2,
+        "refused_by_reason": [{"reason": "bad-signature", "count": 1}, {"reason": "unknown-issuer", "count": 1}],
+    }
+    assert "needs-review excluded" in s["definition"]
+
+
+def test_period_filter(db) -> None:
+    feb = stats.compute(db, [(query.parse_date("ge2026-02", CST),)])
+    assert (feb["total"]["eligible"], feb["total"]["accepted"], feb["total"]["rate"]) == (4, 1, 0.25)
+    assert feb["overrides"]["total"] == 2
+    assert [(m["lookups"], m["patients"]) for m in feb["lookups"]["by_member"]] == [(2, 2), (1, 1)]
+    early = stats.compute(db, [(query.parse_date("le2026-02-05", CST),)])
+    assert (early["total"]["overridden"], early["total"]["eligible"], early["total"]["accepted"]) == (1, 5, 2)
+    assert early["total"]["rate"] == 0.4
+    assert [o["reason"] for o in early["overrides"]["by_reason"]] == ["other"]
+
+
+def test_empty_log(tmp_path: Path) -> None:
+    s = stats.compute(connect(tmp_path / "empty.db"))
+    assert s["total"]["rate"] is None and s["by_issuer"] == [] and s["lookups"]["total"] == 0
+    assert "(none)" in stats.format_tables(s)
+
+
+def test_cli_table_and_json(db, tmp_path: Path) -> None:
+    path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    runner = CliRunner()
+    table = runner.invoke(audit, ["stats", "--db", path])
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    total = lines[lines.index("Total") + 3].split()
+    assert total == ["all", "7", "4", "2", "1", "2", "6", "2", "33.33%"]
+    assert "Refusals by failing rule (2 results not recognized)" in table.output
+    assert "critical-item" in table.output and "调阅" in table.output
+    as_json = runner.invoke(audit, ["stats", "--db", path, "--json", "--date", "ge2026-02"])
+    assert json.loads(as_json.output)["total"]["rate"] == 0.25
+    bad = runner.invoke(audit, ["stats", "--db", path, "--date", "2026-13"])
+    assert bad.exit_code == 1 and "date: '2026-13' is not a calendar date" in bad.output
+    # Each look at the statistics is itself in the log.
+    assert [e.kind for e in entries(db, len(SAMPLE["records"]) + 1)] == ["query", "query"]
+
+
+def test_http_stats(audit_client) -> None:
+    client, tokens, db = audit_client
+    for record in sample_records():
+        append(db, record)
+    auth = {"Authorization": f"Bearer {tokens['auditor']}"}
+    res = client.get("/audit/stats?date=ge2026-01&date=lt2026-03", headers=auth)
+    assert res.status_code == 200
+    assert res.get_json()["total"]["rate"] == 0.3333
+    bad = client.get("/audit/stats?issuer=x", headers=auth)
+    assert bad.status_code == 400 and bad.get_json()["issue"][0]["expression"] == ["issuer"]
+    assert len(ROLES) + len(SAMPLE["records"]) + 1 == max(e.seq for e in entries(db))

@@ -1,0 +1,306 @@
+"""Tamper evidence: alter a COPY of the log in every way and `gateway audit verify` names the first bad entry."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import FULING, TONGJIANG
+from test_audit_support import T0, Pki
+
+from gateway.audit import checkpoint as cp
+from gateway.audit import records as r
+from gateway.audit.log import append, entry_hash, schema_statements
+from gateway.audit.verify import GUARD_TRIGGERS, verify
+from gateway.commands.audit import audit
+from gateway.store.db import connect
+
+ME = r.Party.member(TONGJIANG, "通江县人民医院")
+PEER = r.Party.member(FULING, "涪陵中心医院")
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki()
+
+
+def _record(i: int) -> r.Record:
+    at = T0 + _dt.timedelta(minutes=i)
+    patient = r.PatientRef.id_card("510104199001011232")
+    if i % 3 == 0:
+        return r.exchange("received", at=at, gateway=ME, peer=PEER, bundle_hash=f"sha256:{i:064x}", patient=patient)
+    if i % 3 == 1:
+        return r.decision(
+            at=at,
+            gateway=ME,
+            receiver=ME,
+            issuer=PEER,
+            report=f"FL-{i}",
+            item=("s", "GLU"),
+            catalogue="cy",
+            outcome="recognized",
+            rules=[r.RuleResult("eqa-pass", True)],
+            snapshot_version=3,
+            patient=patient,
+            decision_id=f"d{i}",
+        )
+    return r.patient_read(
+        at=at,
+        gateway=ME,
+        server_address="https://tj.example/fhir",
+        client=PEER,
+        client_address="10.1.2.3",
+        member=PEER,
+        patient=patient,
+        resources=[f"DiagnosticReport/{i}"],
+    )
+
+
+@pytest.fixture
+def original(tmp_path: Path, pki: Pki) -> Path:
+    """12 entries with signed checkpoints after entries 4, 8 and 12."""
+    path = tmp_path / "original.db"
+    db = connect(path)
+    for i in range(1, 13):
+        append(db, _record(i))
+        if i % 4 == 0:
+            cp.make(db, pki.signer, at=T0 + _dt.timedelta(minutes=i, seconds=30))
+    db.conn.close()
+    return path
+
+
+def copy_of(original: Path, tmp_path: Path, name: str = "copy.db") -> Path:
+    target = tmp_path / name
+    with sqlite3.connect(original) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    return target
+
+
+def tamper(path: Path, *statements: str, params: list[list[object]] | None = None, keep_guards: bool = True) -> None:
+    """Run SQL on a copy with the guard triggers dropped, then (like a careful forger) put them back."""
+    conn = sqlite3.connect(path)
+    for trigger in GUARD_TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    for i, sql in enumerate(statements):
+        conn.execute(sql, (params or [[]] * len(statements))[i])
+    conn.commit()
+    if keep_guards:
+        for statement in schema_statements():
+            if statement.lstrip().upper().startswith("CREATE TRIGGER"):
+                conn.execute(statement)
+        conn.commit()
+    conn.close()
+
+
+def rehash_from(path: Path, start: int) -> None:
+    """What a forger does after changing entry ``start``: recompute every hash from there on."""
+    conn = sqlite3.connect(path)
+    for trigger in GUARD_TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    prev = (
+        conn.execute("SELECT hash FROM audit_log WHERE seq = ?", [start - 1]).fetchone()[0] if start > 1 else bytes(32)
+    )
+    for seq, content in conn.execute(
+        "SELECT seq, content FROM audit_log WHERE seq >= ? ORDER BY seq", [start]
+    ).fetchall():
+        digest = entry_hash(seq, prev, content.encode("utf-8"))
+        conn.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?", [prev, digest, seq])
+        prev = digest
+    conn.commit()
+    for statement in schema_statements():
+        if statement.lstrip().upper().startswith("CREATE TRIGGER"):
+            conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def run_verify(path: Path, pki: Pki, tmp_path: Path, *extra: str) -> tuple[int, str, dict]:
+    trust = pki.pem(tmp_path / "trust.pem")
+    runner = CliRunner()
+    text = runner.invoke(audit, ["verify", "--db", str(path), "--trust", str(trust), *extra])
+    data = runner.invoke(audit, ["verify", "--db", str(path), "--trust", str(trust), "--json", *extra])
+    assert text.exit_code == data.exit_code, text.output
+    return text.exit_code, text.output, json.loads(data.output)
+
+
+def test_untouched_log_verifies(original: Path, pki: Pki, tmp_path: Path) -> None:
+    code, out, report = run_verify(copy_of(original, tmp_path), pki, tmp_path)
+    assert code == 0, out
+    assert out.startswith("OK: 12 entries") and "3 checkpoints match" in out
+    assert report["ok"] and report["first_bad"] is None
+
+
+def test_changed_field(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "UPDATE audit_log SET content = replace(content, 'FL-7', 'FL-9') WHERE seq = 7")
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1
+    assert out.splitlines()[0] == "FAILED: first bad entry: 7 (12 entries present)"
+    assert "entry 7 was changed: its content no longer matches its hash" in out
+    assert report["first_bad"] == 7
+
+
+def test_changed_field_and_hash_of_that_entry(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "UPDATE audit_log SET content = replace(content, 'FL-7', 'FL-9') WHERE seq = 7")
+    conn = sqlite3.connect(copy)
+    prev, content = conn.execute("SELECT prev_hash, content FROM audit_log WHERE seq = 7").fetchone()
+    conn.close()
+    tamper(copy, "UPDATE audit_log SET hash = ? WHERE seq = 7", params=[[entry_hash(7, prev, content.encode())]])
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] == 7
+    assert "entry 7 was changed and re-hashed" in out
+
+
+def test_rewritten_tail_is_caught_by_the_checkpoints(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "UPDATE audit_log SET content = replace(content, 'recognized', 'not-recognized') WHERE seq = 7")
+    rehash_from(copy, 7)
+    # The chain alone is consistent again: only the signed heads show what happened.
+    db = connect(copy)
+    assert not any(f.problem in ("changed", "removed", "reordered") for f in verify(db).findings)
+    db.conn.close()
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1
+    assert report["first_bad"] == 5  # checkpoint 1 (entry 4) still holds; checkpoint 2 (entry 8) does not
+    assert "entries 5 to 8 were rewritten since checkpoint 2" in out
+
+
+def test_removed_entry(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "DELETE FROM audit_log WHERE seq = 6")
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] == 6
+    assert "entry 6 is missing (removed)" in out
+
+
+def test_removed_entry_and_renumbered(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "DELETE FROM audit_log WHERE seq = 6", "DELETE FROM audit_key WHERE seq = 6")
+    for seq in range(7, 13):
+        tamper(
+            copy,
+            f"UPDATE audit_log SET seq = {seq - 1} WHERE seq = {seq}",
+            f"UPDATE audit_key SET seq = {seq - 1} WHERE seq = {seq}",
+        )
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] == 6
+    assert "entry 6 follows an entry that no longer exists" in out
+    assert "the log ends at entry 11 but checkpoint 3" in out
+
+
+def test_reordered_entries(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(
+        copy,
+        "UPDATE audit_log SET seq = 100 WHERE seq = 5",
+        "UPDATE audit_log SET seq = 5 WHERE seq = 6",
+        "UPDATE audit_log SET seq = 6 WHERE seq = 100",
+    )
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] == 5
+    assert "entry 5 is out of order: it was written after entry 6" in out
+
+
+def test_truncated_after_a_checkpoint(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "DELETE FROM audit_log WHERE seq > 9", "DELETE FROM audit_key WHERE seq > 9")
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] == 10
+    assert "the log ends at entry 9 but checkpoint 3" in out and "entries 10 to 12 were removed" in out
+
+
+def test_forged_checkpoint(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    # Rewrite from entry 7, delete the real checkpoints and sign a new one with a key of one's own.
+    tamper(
+        copy,
+        "UPDATE audit_log SET content = replace(content, 'FL-7', 'FL-9') WHERE seq = 7",
+        "UPDATE audit_key SET v = 'FL-9' WHERE seq = 7 AND v = 'FL-7'",
+        "DELETE FROM audit_checkpoint",
+    )
+    rehash_from(copy, 7)
+    forger = Pki()  # a look-alike authority and certificate for the same member
+    db = connect(copy)
+    cp.make(db, forger.signer, at=T0 + _dt.timedelta(hours=1))
+    db.conn.close()
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1
+    assert out.splitlines()[0] == "FAILED: the log's protection is damaged (12 entries present)"
+    assert "checkpoint 1 (count 12, made 2026-05-01T09:00:00.000+08:00) is forged: signature verification failed" in out
+
+
+def test_checkpoint_altered_after_signing(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "DELETE FROM audit_log WHERE seq > 10", "UPDATE audit_checkpoint SET count = 10 WHERE count = 12")
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1
+    assert "checkpoint 3 (count 10" in out and "signature verification failed" in out
+
+
+def test_peer_held_checkpoint_catches_a_rewrite_with_checkpoints_removed(
+    original: Path, pki: Pki, tmp_path: Path
+) -> None:
+    db = connect(original)
+    held = tmp_path / "held-by-peer.json"
+    held.write_text(json.dumps(cp.latest(db).as_json()), encoding="utf-8")  # type: ignore[union-attr]
+    db.conn.close()
+    copy = copy_of(original, tmp_path)
+    tamper(
+        copy,
+        "UPDATE audit_log SET content = replace(content, 'FL-10', 'FL-11') WHERE seq = 10",
+        "UPDATE audit_key SET v = 'FL-11' WHERE seq = 10 AND v = 'FL-10'",
+        "DELETE FROM audit_checkpoint",
+    )
+    rehash_from(copy, 10)
+    code, out, _ = run_verify(copy, pki, tmp_path)
+    assert code == 0 and "no checkpoint to verify against" in out  # nothing left in the copy to catch it
+    code, out, report = run_verify(copy, pki, tmp_path, "--checkpoint", str(held))
+    assert code == 1 and report["first_bad"] == 1
+    assert f"entries 1 to 12 were rewritten since peer-held checkpoint of {TONGJIANG} at entry 12" in out
+
+
+def test_index_rows_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, "DELETE FROM audit_key WHERE seq = 3 AND p = 'patient:identifier'")
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] == 3
+    assert "the search index of entry 3 does not hold the keys the entry lists" in out
+
+
+def test_guards_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
+    copy = copy_of(original, tmp_path)
+    tamper(copy, keep_guards=False)
+    code, out, report = run_verify(copy, pki, tmp_path)
+    assert code == 1 and report["first_bad"] is None
+    assert "the append-only guards were removed" in out
+
+
+def test_without_certificates_signatures_are_not_checked(original: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(audit, ["verify", "--db", str(copy_of(original, tmp_path))])
+    assert result.exit_code == 0
+    assert "signature not checked" in result.output
+
+
+def test_missing_database_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(audit, ["verify", "--db", str(tmp_path / "none.db")])
+    assert result.exit_code == 1
+    assert "no such database" in result.output
+
+
+def test_verify_speed_is_linear_and_small(tmp_path: Path) -> None:
+    """Not a benchmark: a few hundred entries verify in well under a second."""
+    import time
+
+    db = connect(tmp_path / "speed.db")
+    for i in range(300):
+        append(db, _record(i))
+    started = time.perf_counter()
+    report = verify(db)
+    assert report.ok and report.entries == 300
+    assert time.perf_counter() - started < 1.0
+    db.conn.close()

@@ -1,0 +1,238 @@
+"""Signed Bundles between member gateways: push, receipts, recognition, failure modes, 调阅.
+
+Three member gateways (通江 county hospital, 涪陵 tertiary hospital, 四川 CDC) each with
+its own database, keys and the signed demo registry snapshot. Requests between them go
+through the real Flask apps (a transport that routes by URL to each app's test client);
+tests/test_demo.py runs the same story over real HTTP on loopback.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import Clock
+from gateway.audit.log import entries
+from gateway.demo import MEMBERS
+from gateway.demo.registry import build_demo_registry
+from gateway.demo.world import build_world
+from gateway.exchange.outbox import SendResult
+from gateway.exchange.transports import classify
+from gateway.signing.canonical import parse_json
+
+CST = _dt.timezone(_dt.timedelta(hours=8))
+TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
+URLS = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
+LIS = (Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7")
+
+
+class Routed:
+    """A transport that hands each request to the member app its URL names (or fails like a down host)."""
+
+    def __init__(self, world) -> None:
+        self.world = world
+        self.down: set[str] = set()
+
+    def _client(self, url: str):
+        host = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+        for key, gw in self.world.gateways.items():
+            if gw.url == host:
+                return key, gw.app.test_client()
+        raise AssertionError(url)
+
+    def send(self, url, payload, headers) -> SendResult:
+        key, client = self._client(url)
+        if key in self.down:
+            return SendResult(False, retryable=True, error="cannot reach the receiver: ConnectionError")
+        resp = client.post(urlsplit(url).path, data=payload, headers=headers)
+        return classify(resp.status_code, resp.data)
+
+    def get(self, url, headers) -> SendResult:
+        key, client = self._client(url)
+        parts = urlsplit(url)
+        resp = client.get(f"{parts.path}?{parts.query}", headers=headers)
+        return classify(resp.status_code, resp.data)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
+
+
+@pytest.fixture
+def world(tmp_path, clock):
+    w = build_world(tmp_path, clock, URLS)
+    transport = Routed(w)
+    for gw in w.gateways.values():
+        gw.pipeline.exchange.transport = transport
+    w.transport = transport  # type: ignore[attr-defined]
+    return w
+
+
+def ingest_lis(world):
+    """通江's LIS sends its messages; returns the stored outcomes."""
+    tj = world.gateways["tongjiang"].pipeline
+    return [o for o in tj.ingest(LIS.read_bytes(), "hl7v2", channel="mllp") if o.bundle is not None]
+
+
+def observations(bundle):
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+
+
+def test_issued_bundles_are_signed_with_recognition_marks(world) -> None:
+    stored = ingest_lis(world)
+    assert len(stored) == 1 and stored[0].signed is not None
+    signed = parse_json(stored[0].signed)
+    assert signed["signature"]["sigFormat"] == "application/jose"
+    marks = {o["code"]["text"]: [x["valueString"] for x in o.get("extension", [])] for o in observations(signed)}
+    # EQA passed in 2026 for the blood count: the 川渝 catalogue grants 川渝HR, and the Sichuan
+    # provincial catalogue (which lists WBC) adds 四川HR for this Sichuan issuer
+    assert marks == {"白细胞计数": ["川渝HR", "四川HR"], "红细胞计数": ["川渝HR"], "血红蛋白": ["川渝HR"],
+                     "血小板计数": ["川渝HR"]}
+
+
+def test_push_across_the_border_is_verified_recognised_and_receipted(world) -> None:
+    bundle = ingest_lis(world)[0].bundle
+    tj = world.gateways["tongjiang"].pipeline.exchange
+    fl = world.gateways["fuling"].pipeline
+    row = tj.push(bundle["id"], FL)
+    assert tj.deliver() == {"delivered": 1, "retry": 0, "dead": 0}
+    receipt = tj.outbox.get(row).receipt
+    assert receipt["receiver"] == FL and receipt["issuer"] == TJ and receipt["outcome"] == "accepted"
+    # the blood count: WBC/RBC/HGB within 7 days, PLT has a 3-day window (collected 2026-11-20 07:30)
+    assert receipt["decisions"] == {"recognized": 4}
+    found = fl.store.search("DiagnosticReport", [("patient.identifier", "511921196612120011")])
+    assert found.total == 1
+    kinds = [e.kind for e in entries(fl.store.db)]
+    assert kinds.count("exchange") == 1 and kinds.count("decision") == 4
+
+
+def test_recognition_reasons_when_a_window_has_passed(world, clock) -> None:
+    bundle = ingest_lis(world)[0].bundle
+    tj = world.gateways["tongjiang"].pipeline.exchange
+    clock.advance(days=2)  # 2026-11-24 10:00: PLT (3 days from 11-20 07:30) is now out of its window
+    tj.push(bundle["id"], FL)
+    tj.deliver()
+    from gateway.recognition.store import list_decisions
+
+    decisions = list_decisions(world.gateways["fuling"].pipeline.store.db)
+    outcomes = {d["result"]["item"]: d["outcome"] for d in (x.to_dict() if hasattr(x, "to_dict") else x
+                                                            for x in decisions)}
+    assert sorted(outcomes.values()).count("not-recognized") == 1
+    plt = next(x for x in (d.to_dict() if hasattr(d, "to_dict") else d for d in decisions)
+               if x["outcome"] == "not-recognized")
+    failed = [r for r in plt["rules"] if r["status"] == "failed"]
+    assert [r["rule"] for r in failed] == ["validity-window"]
+
+
+def test_same_bundle_twice_is_stored_once_with_the_same_receipt(world) -> None:
+    bundle = ingest_lis(world)[0].bundle
+    tj = world.gateways["tongjiang"].pipeline.exchange
+    row = tj.push(bundle["id"], FL)
+    tj.deliver()
+    first = tj.outbox.get(row).receipt
+    tj.outbox.replay(row)
+    assert tj.deliver()["delivered"] == 1
+    assert tj.outbox.get(row).receipt == first
+    fl = world.gateways["fuling"].pipeline
+    assert fl.store.db.execute("SELECT count(*) FROM messages WHERE format = 'fhir-signed'").fetchone()[0] == 1
+
+
+def post_as(world, sender: str, receiver: str, payload: bytes, token: str | None = None):
+    ex = world.gateways[sender].pipeline.exchange
+    url = world.gateways[receiver].url + "/exchange/bundles"
+    headers = {"Authorization": f"Bearer {token}"} if token else ex.assertion_for(url)
+    return world.gateways[receiver].app.test_client().post("/exchange/bundles", data=payload, headers=headers)
+
+
+def test_tampered_bundle_is_refused_and_audited(world) -> None:
+    signed = ingest_lis(world)[0].signed
+    tampered = signed.replace(b'"value":6.8', b'"value":5.8')
+    assert tampered != signed
+    resp = post_as(world, "tongjiang", "fuling", tampered)
+    assert resp.status_code == 401
+    assert resp.get_json()["issue"][0]["diagnostics"].endswith("signature verification failed")
+    fl = world.gateways["fuling"].pipeline
+    assert fl.store.search("Observation", []).total == 0
+    refused = [e for e in entries(fl.store.db) if e.kind == "exchange"]
+    assert len(refused) == 1 and "bad-signature" in json.dumps(refused[0].__dict__, default=str)
+
+
+def test_wrong_kid_is_a_bad_signature(world) -> None:
+    signed = parse_json(ingest_lis(world)[0].signed)
+    jws = base64.b64decode(signed["signature"]["data"]).decode()
+    header, _, sig = jws.split(".")
+    h = json.loads(base64.urlsafe_b64decode(header + "=="))
+    h["kid"] = "AAAAAAAAAAA"
+    new_header = base64.urlsafe_b64encode(json.dumps(h).encode()).rstrip(b"=").decode()
+    signed["signature"]["data"] = base64.b64encode(f"{new_header}..{sig}".encode()).decode()
+    from gateway import jsonutil
+
+    assert post_as(world, "tongjiang", "fuling", jsonutil.dumps(signed).encode()).status_code == 401
+
+
+def test_revoked_signer_is_refused(world, clock) -> None:
+    signed = ingest_lis(world)[0].signed
+    newer = build_demo_registry(clock(), version=2, endpoints={MEMBERS[k].uscc: u for k, u in URLS.items()},
+                                drop_members=(TJ,), reuse=world.registry)
+    world.publish(newer)  # the authority removed 通江's certificate: revocation
+    # 通江 cannot even authenticate any more
+    resp = post_as(world, "tongjiang", "fuling", signed)
+    assert resp.status_code == 403
+    # and a Bundle it signed is refused even when another member forwards it
+    resp = post_as(world, "sccdc", "fuling", signed)
+    assert resp.status_code == 403
+    assert "not listed" in resp.get_json()["issue"][0]["diagnostics"]
+
+
+def test_signer_must_be_the_issuer(world) -> None:
+    bundle = ingest_lis(world)[0].bundle
+    cdc = world.gateways["sccdc"].pipeline.exchange
+    forged = cdc.sign(bundle)  # the CDC signs a report whose issuer is 通江
+    resp = post_as(world, "sccdc", "fuling", forged)
+    assert resp.status_code == 403
+
+
+def test_peer_authentication_failures(world) -> None:
+    signed = ingest_lis(world)[0].signed
+    assert post_as(world, "tongjiang", "fuling", signed, token="nonsense").status_code == 401
+    fl_app = world.gateways["fuling"].app
+    assert fl_app.test_client().post("/exchange/bundles", data=signed).status_code == 401
+    ex = world.gateways["tongjiang"].pipeline.exchange
+    headers = ex.assertion_for(world.gateways["fuling"].url + "/exchange/bundles")
+    assert fl_app.test_client().post("/exchange/bundles", data=signed, headers=headers).status_code == 200
+    replayed = fl_app.test_client().post("/exchange/bundles", data=signed, headers=headers)
+    assert replayed.status_code == 401 and "replayed" in replayed.get_json()["issue"][0]["diagnostics"]
+    # an assertion made for another gateway is not accepted here
+    other = ex.assertion_for(world.gateways["sccdc"].url + "/exchange/bundles")
+    assert fl_app.test_client().post("/exchange/bundles", data=signed, headers=other).status_code == 401
+
+
+def test_receiver_down_for_an_hour_loses_nothing(world, clock) -> None:
+    bundle = ingest_lis(world)[0].bundle
+    tj = world.gateways["tongjiang"].pipeline.exchange
+    world.transport.down.add("fuling")
+    row = tj.push(bundle["id"], FL)
+    for _ in range(6):
+        assert tj.deliver()["delivered"] == 0
+        clock.advance(minutes=10)
+    assert tj.outbox.get(row).status == "pending" and tj.outbox.get(row).attempts >= 2
+    world.transport.down.clear()
+    clock.advance(minutes=60)
+    assert tj.deliver()["delivered"] == 1
+    assert world.gateways["fuling"].pipeline.store.search("DiagnosticReport", []).total == 1
+
+
+def test_lookup_returns_verified_signed_reports(world) -> None:
+    ingest_lis(world)
+    fl = world.gateways["fuling"].pipeline.exchange
+    got = fl.pull(TJ, "urn:oid:2.16.156.10011.1.3|511921196612120011")
+    assert len(got) == 1 and got[0].signer_uscc == TJ
+    tj_db = world.gateways["tongjiang"].pipeline.store.db
+    reads = [e for e in entries(tj_db) if e.kind == "read"]
+    assert len(reads) == 1  # 通江 records that 涪陵 looked up this patient
+    assert fl.pull(TJ, "urn:oid:2.16.156.10011.1.3|110105194912310021") == []
