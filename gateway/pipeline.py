@@ -15,24 +15,31 @@ issue found, and gets an answer (an HL7 ACK for HL7 v2).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import sqlite_utils
 
+from gateway import jsonutil
 from gateway.adapters.base import RawUnit, SourceMessage
+from gateway.adapters.cda import CDAAdapter, answer_code
 from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack
+from gateway.adapters.labcsv import LabCSVAdapter
 from gateway.config import Settings
 from gateway.errors import Issue, UnsupportedFormat
-from gateway.fhir.bundle import build_bundle
+from gateway.fhir.bundle import build_bundle, entries_of
+from gateway.fhir.occupational import ExamTerminology, build_exam_bundle, map_exam
+from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.parties import Issuer
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet, load_mappings
+from gateway.naming import SYSTEM_INSTITUTION
 from gateway.store.store import Store
 
 __all__ = ["Stage", "Status", "Outcome", "Channel", "Pipeline"]
@@ -76,6 +83,7 @@ class Outcome:
     answer: bytes = b""
     message: SourceMessage | None = None
     filtered_reason: str = ""
+    signed: bytes | None = None  # the Bundle as signed by this member (when it has a signing key)
 
     @property
     def errors(self) -> list[Issue]:
@@ -92,6 +100,7 @@ class Channel:
     build: Callable[[SourceMessage], dict[str, Any]]
     answer: Callable[[SourceMessage, str], bytes]
     code_for: Callable[[SourceMessage], str]
+    answer_type: str = "x-application/hl7-v2+er7"  # media type of ``answer`` (CDA, CSV: application/fhir+json)
 
 
 Checker = Callable[[dict[str, Any]], list[Issue]]
@@ -109,13 +118,34 @@ class Pipeline:
         self.mappings = mappings if mappings is not None else load_mappings(settings.mappings_dir)
         self.clock = clock or (lambda: _dt.datetime.now(_dt.timezone(_dt.timedelta(hours=8))))
         self.issuer = Issuer(settings.issuer_uscc, settings.issuer_name, settings.issuer_miplrn)
+        if checker is None:
+            # Every Bundle we emit is checked against our implementation guide (profiles/).
+            from gateway.fhir.profiles import load_guide
+
+            checker = load_guide(settings.profiles_dir).validate
         self.checker = checker
         self.after_store: list[AfterStore] = []
         self.channels: dict[str, Channel] = {}
         self._local = threading.local()
+        self.exchange = self._exchange()
         self.add_channel(self._hl7v2_channel())
+        self.add_channel(self._cda_channel())
+        self.add_channel(self._cdc_csv_channel())
 
     # -- set-up --------------------------------------------------------------------------
+
+    def _exchange(self) -> Any:
+        """Signing, registry and exchange with other members, when keys or a snapshot are configured."""
+        from gateway.exchange.service import Exchange, MemberIdentity
+        from gateway.exchange.transports import HTTPTransport
+        from gateway.registry.holder import holder_from_settings
+
+        holder = holder_from_settings(self.settings, self.clock)
+        identity = MemberIdentity.from_settings(self.settings)
+        if holder is None and identity is None:
+            return None
+        return Exchange(self.settings, lambda: self.store, holder=holder, identity=identity, clock=self.clock,
+                        checker=self.checker, transport=HTTPTransport())
 
     def _hl7v2_channel(self) -> Channel:
         structure = self.mappings.structure("hl7v2-oru-r01")
@@ -138,6 +168,60 @@ class Pipeline:
             build=lambda msg: build_bundle(msg, self.issuer),
             answer=answer,
             code_for=ack_code_for,
+        )
+
+    def _cda_channel(self) -> Channel:
+        structure = self.mappings.structure("cda-wst500-7-lab-report")
+        adapter = CDAAdapter(structure, member_uscc=self.settings.issuer_uscc,
+                             member_miplrn=self.settings.issuer_miplrn, default_offset=self.settings.timezone,
+                             max_document_bytes=self.settings.max_message_bytes)
+        terms = Terminology.for_structure(self.mappings, structure)
+
+        def issuer_of(msg: SourceMessage) -> Issuer:
+            # The custodian issues a CDA report; this member's licence number only when it is this member.
+            uscc = msg.extra.get("issuer_uscc", self.issuer.uscc)
+            return Issuer(uscc, msg.extra.get("issuer_name") or self.issuer.name,
+                          self.issuer.miplrn if uscc == self.issuer.uscc else "")
+
+        def build(msg: SourceMessage) -> dict[str, Any]:
+            bundle = build_bundle(msg, issuer_of(msg))
+            institution = msg.extra.get("institution_id", "")
+            if institution and institution != issuer_of(msg).uscc:
+                org = entries_of(bundle, "Organization")[0]
+                org["identifier"].append({"system": SYSTEM_INSTITUTION, "value": institution})
+            return bundle
+
+        return Channel(
+            format="cda",
+            adapter=adapter,
+            map=lambda msg: _located(msg, lambda: map_message(msg, terms, issuer_of(msg).uscc)),
+            build=build,
+            answer=_outcome_answer,
+            code_for=answer_code,
+            answer_type="application/fhir+json",
+        )
+
+    def _cdc_csv_channel(self) -> Channel:
+        layouts = [s for s in self.mappings.structures.values() if s.get("format") == "cdc-csv"]
+        adapter = LabCSVAdapter(layouts, default_offset=self.settings.timezone)
+        terms = {str(layout["id"]): Terminology.for_structure(self.mappings, layout) for layout in layouts}
+        exam_terms = {str(layout["id"]): ExamTerminology.for_structure(self.mappings, layout) for layout in layouts}
+
+        def map_csv(msg: SourceMessage) -> None:
+            layout = msg.extra.get("layout", "")
+            if layout not in terms:
+                return  # refused while reading (no layout matched the header)
+            _located(msg, lambda: map_message(msg, terms[layout], self.issuer.uscc))
+            map_exam(msg, exam_terms[layout])
+
+        return Channel(
+            format="cdc-csv",
+            adapter=adapter,
+            map=map_csv,
+            build=lambda msg: build_exam_bundle(msg, self.issuer),
+            answer=_outcome_answer,
+            code_for=ack_code_for,
+            answer_type="application/fhir+json",
         )
 
     def add_channel(self, channel: Channel) -> None:
@@ -169,22 +253,25 @@ class Pipeline:
 
     # -- running -------------------------------------------------------------------------
 
-    def convert(self, data: bytes, fmt: str, origin: str = "") -> Iterator[Outcome]:
+    def convert(self, data: bytes | IO[bytes], fmt: str, origin: str = "") -> Iterator[Outcome]:
         """Dry run: read, map, build and check every unit of ``data``; store nothing.
 
+        ``data`` may be a binary file object: adapters that can stream (CDC CSV)
+        then read it unit by unit, so a large file converts in constant memory.
+
         :raises UnsupportedFormat: unknown format.
         """
         ch = self.channel(fmt)
-        for unit in ch.adapter.split(data, origin):
+        for unit in _units(ch, data, origin):
             yield self._process(ch, unit, record_id=None)
 
-    def ingest(self, data: bytes, fmt: str, *, channel: str, origin: str = "") -> list[Outcome]:
-        """Store and process every unit of ``data``; one outcome (with its answer) per unit.
+    def ingest(self, data: bytes | IO[bytes], fmt: str, *, channel: str, origin: str = "") -> list[Outcome]:
+        """Store and process every unit of ``data`` (bytes or a binary file object); one outcome per unit.
 
         :raises UnsupportedFormat: unknown format.
         """
         ch = self.channel(fmt)
-        return [self.ingest_unit(ch, unit, channel=channel) for unit in ch.adapter.split(data, origin)]
+        return [self.ingest_unit(ch, unit, channel=channel) for unit in _units(ch, data, origin)]
 
     def ingest_unit(self, ch: Channel, unit: RawUnit, *, channel: str) -> Outcome:
         """Store one unit raw, then process it (or answer it as a duplicate)."""
@@ -193,7 +280,7 @@ class Pipeline:
                                                     message_id=message_id, origin=unit.origin, raw=unit.data)
         if existing is not None:
             return self._duplicate(ch, unit, existing)
-        return self._process(ch, unit, record_id=record_id)
+        return self._process(ch, unit, record_id=record_id, channel=channel)
 
     def _duplicate(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome:
         label = f"{existing.message_id}" if existing.message_id else f"unit {unit.index}"
@@ -210,7 +297,7 @@ class Pipeline:
         return Outcome(Status.DUPLICATE, label, ack_code="AE", issues=[issue], record_id=existing.id,
                        answer=ch.answer(msg, "AE"))
 
-    def _process(self, ch: Channel, unit: RawUnit, record_id: int | None) -> Outcome:
+    def _process(self, ch: Channel, unit: RawUnit, record_id: int | None, channel: str = "") -> Outcome:
         msg: SourceMessage | None = None
         try:
             msg = ch.adapter.read(unit)
@@ -226,6 +313,10 @@ class Pipeline:
                     if not msg.errors:
                         outcome.bundle = bundle
                         outcome.status = Status.STORED if record_id is not None else Status.CONVERTED
+                        if record_id is not None and self.exchange is not None and self.exchange.identity:
+                            # sign stage: what this member issues leaves it signed, with its marks
+                            self.exchange.stamp_marks(bundle)
+                            outcome.signed = self.exchange.sign(bundle)
             outcome.issues = list(msg.issues)
             outcome.ack_code = ch.code_for(msg)
         except Exception:  # a bug must not lose the message or reach the sender as a stack trace
@@ -241,16 +332,69 @@ class Pipeline:
             self.store.finish(record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                               ack=outcome.answer, issues=outcome.issues,
                               bundle=outcome.bundle if outcome.status is Status.STORED else None,
-                              after=(lambda db: self._after(db, outcome)) if self.after_store else None)
+                              after=lambda db: self._after(db, outcome, ch, unit, channel))
         log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
                  ch.format, record_id, outcome.status.value, outcome.ack_code,
                  len(msg.reports) if msg else 0, len(outcome.issues))
         return outcome
 
-    def _after(self, db: sqlite_utils.Database, outcome: Outcome) -> None:
+    def _after(self, db: sqlite_utils.Database, outcome: Outcome, ch: Channel, unit: RawUnit, channel: str) -> None:
+        """Inside the transaction that records the outcome: signed copy, audit entry, extra hooks."""
+        from gateway.audit.events import ingested
+
+        if outcome.signed is not None and self.exchange is not None:
+            self.exchange.keep_signed(db, outcome.signed, "issued", outcome.record_id)
+        msg = outcome.message
+        ingested(db, at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name,
+                 sender=msg.sender if msg else "", message_id=(msg.message_id if msg else "") or unit.origin,
+                 fmt=ch.format, status=outcome.status.value, channel=channel or "file",
+                 reason=outcome.errors[0].line() if outcome.errors else None)
         for hook in self.after_store:
             hook(db, outcome)
 
     def recover(self) -> int:
         """At start-up: mark messages interrupted by a crash as failed. Returns how many."""
         return self.store.fail_in_flight()
+
+
+def _units(ch: Channel, data: bytes | IO[bytes], origin: str) -> Iterable[RawUnit]:
+    """The units of bytes or of a binary file object (streamed when the adapter can)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return ch.adapter.split(bytes(data), origin)  # type: ignore[no-any-return]
+    stream = getattr(ch.adapter, "split_stream", None)
+    if stream is not None:
+        return stream(data, origin)  # type: ignore[no-any-return]
+    return ch.adapter.split(data.read(), origin)  # type: ignore[no-any-return]
+
+
+# Issue locations the shared mapping stage writes as "<location>-<HL7 field>", and the fact each names.
+_FIELD_FACTS = {"3": "code", "5": "value", "6": "unit", "8": "flags", "11": "status"}
+
+
+def _located(msg: SourceMessage, run: Callable[[], None]) -> None:
+    """Run the shared mapping stage, then give its new issues the source's own locations.
+
+    ``gateway.mapping.concepts`` locates issues HL7-style (``OBX[3]-6``). For
+    CDA and CSV each record knows where its facts were (``where``: an XPath,
+    ``row 3 column 单位``); issues are relocated there, so no HL7 field number
+    reaches a CDA or CSV sender.
+    """
+    before = len(msg.issues)
+    run()
+    places: dict[str, str] = {}
+    if msg.patient is not None and "sex" in msg.patient.where:
+        places[f"{msg.patient.location}-8"] = msg.patient.where["sex"]
+    for report in msg.reports:
+        for res in report.results:
+            for fld, fact in _FIELD_FACTS.items():
+                places[f"{res.location}-{fld}"] = res.where.get(fact) or res.where.get("value") or res.location
+    msg.issues[before:] = [dataclasses.replace(i, location=places.get(i.location, i.location))
+                           for i in msg.issues[before:]]
+
+
+def _outcome_answer(msg: SourceMessage, code: str) -> bytes:
+    """The answer to a CDA or CSV unit: an OperationOutcome (UTF-8 JSON), each issue naming the unit."""
+    label = msg.label()
+    issues = [dataclasses.replace(i, extra={**i.extra, "label": label}) for i in msg.issues]
+    verdict = "accepted" if code == "AA" else "refused"
+    return jsonutil.dumps(operation_outcome(issues, empty_text=f"{label}: {verdict}")).encode("utf-8")

@@ -1,4 +1,4 @@
-"""Golden files: every sample in tests/data/hl7v2/ converts to the reviewed expected output.
+"""Golden files: every sample in tests/data/{hl7v2,cda,csv}/ converts to the reviewed expected output.
 
 A new sample file is a new test. Expected outputs live in tests/data/expected/:
 ``<stem>.<n>.json`` for the n-th message's Bundle and ``<stem>.problems`` for the
@@ -20,17 +20,33 @@ from gateway import jsonutil
 from gateway.config import load_settings
 from gateway.pipeline import Pipeline, Status
 
-SAMPLES = sorted((DATA / "hl7v2").glob("*.hl7"))
+# Input format of each sample folder.
+FORMATS = {"hl7v2": "hl7v2", "cda": "cda", "csv": "cdc-csv"}
+SAMPLES = sorted([*(DATA / "hl7v2").glob("*.hl7"), *(DATA / "cda").glob("*.xml"), *(DATA / "csv").glob("*.csv")])
 EXPECTED = DATA / "expected"
 REGEN = os.environ.get("GATEWAY_REGEN_GOLDEN") == "1"
+#: The member whose gateway converts each CSV export (the issuer of its Bundles); CDA documents name their
+#: issuer (the custodian), converted at 通江县人民医院's gateway.
+CSV_MEMBERS = {"cdc": ("12510000MB00030095", "四川省疾病预防控制中心（演示）"),
+               "hospital": ("12500102MB0002006J", "重庆市涪陵中心医院（演示）")}
+
+
+def member_for(path: Path) -> tuple[str, str]:
+    if path.parent.name == "csv":
+        return CSV_MEMBERS[path.stem.split("-")[0]]
+    if path.parent.name == "cda":
+        return "12511921MB0001003C", "通江县人民医院（演示）"
+    return issuer_for(path.stem), "demo issuer"
 
 
 def convert(path: Path, tmp_path: Path) -> tuple[dict[int, dict], list[str]]:
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": issuer_for(path.stem),
-                                                    "issuer_name": "demo issuer"})
+    uscc, name = member_for(path)
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": uscc,
+                                                    "issuer_name": name})
     bundles: dict[int, dict] = {}
     problems: list[str] = []
-    for n, outcome in enumerate(Pipeline(settings).convert(path.read_bytes(), "hl7v2", path.name), start=1):
+    fmt = FORMATS[path.parent.name]
+    for n, outcome in enumerate(Pipeline(settings).convert(path.read_bytes(), fmt, path.name), start=1):
         for issue in outcome.issues:
             problems.append(f"{outcome.label}: {issue.severity}: {issue.line()}")
         if outcome.status is Status.FILTERED:

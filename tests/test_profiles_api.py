@@ -76,11 +76,11 @@ def test_unknown_search_parameters_are_refused_unless_lenient(http) -> None:
     assert lenient.status_code == 200 and lenient.get_json()["total"] == 14
 
 
-def test_beside_the_results_api_neither_shadows_the_other(app: Flask) -> None:
+def test_beside_the_results_api_neither_shadows_the_other(app: Flask, client) -> None:
     """In the full gateway app (/fhir/<type>/<id> is the results API) both sets of routes answer."""
     if "conformance" not in app.blueprints:
         app.register_blueprint(conformance.bp)
-    http = app.test_client()
+    http = client  # authenticated: the results API needs a token, conformance does not
     assert http.get("/fhir/StructureDefinition/cyhr-patient").get_json()["id"] == "cyhr-patient"
     assert http.get("/fhir/ValueSet").get_json()["total"] == 10
     assert http.get("/fhir/Observation").get_json()["type"] == "searchset"

@@ -63,6 +63,7 @@ class PatientFacts:
     birth_date: str = ""  # FHIR date
     sex: str = ""  # FHIR administrative gender
     location: str = ""
+    where: dict[str, str] = field(default_factory=dict)  # locations of single facts ("sex": an XPath, a column)
 
 
 @dataclass
@@ -90,6 +91,9 @@ class ResultFacts:
     observed_at: str = ""  # FHIR dateTime, if the item has its own time
     notes: list[str] = field(default_factory=list)
     occurrence: int = 1  # nth result with this code in its report: keeps resource ids stable
+    # Locations of single facts ("code", "value", "unit", "flags", "status") for formats whose
+    # locations are not "<segment>-<field>" (an XPath, "row 3 column 结果"); empty for HL7 v2.
+    where: dict[str, str] = field(default_factory=dict)
     std: dict[str, Any] = field(default_factory=dict)  # filled by the mapping stage
 
 
@@ -110,6 +114,13 @@ class ReportFacts:
     results: list[ResultFacts] = field(default_factory=list)
     kind: str = "lab"  # lab | occupational-health
     replaces: str = ""  # number of the report this one corrects
+    replaces_system: str = ""  # OID of the identifier in ``replaces`` when it is not a 检验报告单号 (CDA: document id)
+    # Business key of this report version for resource ids when the number alone does not tell versions
+    # apart (a CDA correction keeps its 检验报告单号 but is a new document); empty: the number.
+    key: str = ""
+    other_ids: list[tuple[str, str]] = field(default_factory=list)  # (source OID, value), e.g. the CDA document id
+    conclusion: str = ""  # diagnostic conclusion as sent: kept apart from the results, never recognised
+    conclusion_codes: list[Coded] = field(default_factory=list)  # e.g. ICD-10 diagnoses of a CDA 诊断记录 section
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific facts (exam type, hazard factors, ...)
     std: dict[str, Any] = field(default_factory=dict)  # filled by the mapping stage
 
@@ -154,6 +165,7 @@ class RawUnit:
     data: bytes
     index: int  # 1-based position in its file or stream
     origin: str = ""  # file name, peer address
+    meta: dict[str, Any] = field(default_factory=dict)  # what the splitter learnt (CSV: first row, encoding)
 
 
 class Adapter(Protocol):

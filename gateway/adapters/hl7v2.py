@@ -13,6 +13,7 @@ the message is never half-read: one error refuses the whole message.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import hl7
+from hl7.util import unescape as _hl7_unescape
 
 from gateway.adapters.base import (
     Coded,
@@ -31,11 +33,12 @@ from gateway.adapters.base import (
     SourceMessage,
     SpecimenFacts,
 )
-from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
+from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
+from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
 from gateway.errors import IdentifierError, Issue
 from gateway.identifiers import check_id_card
 
-__all__ = ["HL7v2Adapter", "split_messages", "ack_code_for", "build_ack"]
+__all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build_ack"]
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
 _MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
@@ -43,6 +46,25 @@ _NUMBER = re.compile(r"^(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))$")
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
 _COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
+
+
+@functools.lru_cache(maxsize=4096)
+def _datetime_or_error(text: str, offset: str) -> tuple[str, str | None]:
+    try:
+        return _to_fhir_datetime(text, offset), None
+    except DateTimeError as exc:
+        return "", str(exc)
+
+
+def to_fhir_datetime(text: str, default_offset: str = "+08:00") -> str:
+    """:func:`gateway.datetimes.to_fhir_datetime`, remembered: a pure function of its arguments.
+
+    :raises DateTimeError: as the original does (a new exception each time).
+    """
+    value, error = _datetime_or_error(text, default_offset)
+    if error is not None:
+        raise DateTimeError(error)
+    return value
 
 
 def split_messages(data: bytes) -> list[bytes]:
@@ -172,72 +194,171 @@ def _erl(issue: Issue) -> tuple[str, str, str]:
     return m.group("seg"), m.group("seq") or "1", m.group("fld") or ""
 
 
+class _Escaping:
+    """What python-hl7's ``unescape`` reads from a message: its escape character and separators."""
+
+    __slots__ = ("esc", "separators")
+
+    def __init__(self, esc: str, separators: str) -> None:
+        self.esc = esc
+        self.separators = separators
+
+
+_SPECIAL_FIRST = ("MSH", "BHS", "FHS")
+
+
+def split_er7(text: str) -> tuple[list[list[str]], str, str]:
+    """Segments and fields of one ER7 message, exactly as python-hl7 reads them.
+
+    Returns ``(segments, separators, esc)``: each segment a list of field texts
+    with the segment name first (for MSH: name, MSH-1, MSH-2, MSH-3, ...), i.e.
+    ``str(seg[n])`` for every field of ``hl7.parse(text)``; ``separators`` and
+    ``esc`` as python-hl7 derives them from MSH-1/MSH-2 (``"\\r|~^&"``, ``"\\"``).
+    Components, repetitions and escapes are split later, field by field, and only
+    for the fields read, which is what makes this faster than building
+    python-hl7's containers for every field. python-hl7 stays the reference:
+    ``tests/test_fastpath_er7.py`` checks both agree on every sample and on
+    generated variants.
+
+    :raises ValueError: the text does not start with an MSH/BHS/FHS segment
+        (python-hl7 refuses it too); the adapter then reads it with python-hl7.
+    """
+    strmsg = text.strip()
+    if strmsg[:3] not in _SPECIAL_FIRST or len(strmsg) < 4:
+        raise ValueError("not an ER7 message")
+    # create_parse_plan: separators from MSH-1/MSH-2 (defaults for the ones not given)
+    sep0 = strmsg[3]
+    seps = strmsg[3:strmsg.find(sep0, 4)]
+    field_sep = seps[0]
+    rep = seps[2] if len(seps) > 2 else "~"
+    comp = seps[1] if len(seps) > 1 else "^"
+    sub = seps[4] if len(seps) > 4 else "&"
+    esc = seps[3] if len(seps) > 3 else "\\"
+    separators = "\r" + field_sep + rep + comp + sub
+    segments: list[list[str]] = []
+    for seg in strmsg.split("\r"):
+        if seg[:3] in _SPECIAL_FIRST and (field_sep in seg or rep in seg or comp in seg or sub in seg):
+            # python-hl7 takes MSH-1 and MSH-2 of any MSH/BHS/FHS segment from the segment itself
+            own = seg[3]
+            end = seg.find(own, 4)
+            fields = [seg[:3], own, seg[4:end]]
+            rest = seg[end + 1:]
+            if rest:
+                fields += rest.split(field_sep)
+            segments.append(fields)
+        else:
+            segments.append(seg.split(field_sep))
+    return segments, separators, esc
+
+
 class _Msg:
     """Field access over one parsed message: locators, components, escapes."""
 
-    def __init__(self, parsed: hl7.Message) -> None:
-        self.parsed = parsed
-        seps = parsed.separators  # "\r|~^&": segment, field, repetition, component, subcomponent
-        self.seps = {"field": seps[1], "repetition": seps[2], "component": seps[3], "subcomponent": seps[4],
-                     "escape": parsed.esc}
-        self.segments: list[Any] = list(parsed)
+    def __init__(self, segments: list[list[str]], separators: str, esc: str) -> None:
+        # separators: "\r|~^&": segment, field, repetition, component, subcomponent
+        self.seps = {"field": separators[1], "repetition": separators[2], "component": separators[3],
+                     "subcomponent": separators[4], "escape": esc}
+        self._esc = esc
+        self._rep, self._comp, self._sub = separators[2], separators[3], separators[4]
+        self._escaping = _Escaping(esc, separators)
+        self.segments = segments
+        self.names: list[str] = [seg[0] for seg in segments]
         self.counts: dict[int, int] = {}
+        self.bases: list[str] = []
         seen: dict[str, int] = {}
-        for i, seg in enumerate(self.segments):
-            name = str(seg[0])
+        for i, name in enumerate(self.names):
             seen[name] = seen.get(name, 0) + 1
             self.counts[i] = seen[name]
+            self.bases.append(f"{name}[{seen[name]}]")
+
+    @classmethod
+    def from_hl7(cls, parsed: hl7.Message) -> "_Msg":
+        """From python-hl7's parse (the reference reading): every field as python-hl7 prints it."""
+        return cls([[str(f) for f in seg] for seg in parsed], parsed.separators, parsed.esc)
+
+    @classmethod
+    def from_text(cls, text: str) -> "_Msg":
+        """From :func:`split_er7` (the fast reading, equal to the reference).
+
+        :raises ValueError: not an ER7 message.
+        """
+        return cls(*split_er7(text))
 
     def name(self, i: int) -> str:
-        return str(self.segments[i][0])
+        return self.names[i]
 
     def where(self, i: int, fld: int | None = None) -> str:
         """``OBX[3]-5``: segment name, occurrence in the message, field."""
-        base = f"{self.name(i)}[{self.counts[i]}]"
+        base = self.bases[i]
         return f"{base}-{fld}" if fld is not None else base
 
     def raw(self, i: int, fld: int) -> str:
         seg = self.segments[i]
         if fld >= len(seg):
             return ""
-        return str(seg[fld])
+        return seg[fld]
 
     def unescape(self, text: str) -> str:
-        esc = self.seps["escape"]
+        esc = self._esc
         if esc not in text:
             return text
         # python-hl7 drops formatting escapes; \.br\ is a line break in FT and TX values.
         text = text.replace(f"{esc}.br{esc}", "\n")
-        return str(self.parsed.unescape(text))
+        return str(_hl7_unescape(self._escaping, text))
 
     def reps(self, i: int, fld: int) -> list[list[str]]:
         """Repetitions of a field, each as its (still escaped) components."""
         raw = self.raw(i, fld)
         if not raw:
             return []
-        return [rep.split(self.seps["component"]) for rep in raw.split(self.seps["repetition"])]
+        comp = self._comp
+        return [rep.split(comp) for rep in raw.split(self._rep)]
 
     def comps(self, i: int, fld: int) -> list[str]:
         """Components of the first repetition, unescaped (subcomponents kept raw)."""
-        reps = self.reps(i, fld)
-        return [self.unescape(c) for c in reps[0]] if reps else []
+        raw = self.raw(i, fld)
+        if not raw:
+            return []
+        first = raw.split(self._rep, 1)[0].split(self._comp)
+        esc = self._esc
+        return [self.unescape(c) if esc in c else c for c in first]
 
     def value(self, i: int, fld: int, comp: int = 1) -> str:
-        comps = self.comps(i, fld)
+        """Component ``comp`` of the first repetition, unescaped, first subcomponent, stripped."""
+        seg = self.segments[i]
+        if fld >= len(seg) or not seg[fld]:
+            return ""
+        comps = seg[fld].split(self._rep, 1)[0].split(self._comp)
         if len(comps) < comp:
             return ""
-        return comps[comp - 1].split(self.seps["subcomponent"])[0].strip()
+        text = comps[comp - 1]
+        if self._esc in text:
+            text = self.unescape(text)
+        return text.split(self._sub)[0].strip()
 
     def first_index(self, name: str) -> int | None:
-        for i, seg in enumerate(self.segments):
-            if str(seg[0]) == name:
-                return i
-        return None
+        try:
+            return self.names.index(name)
+        except ValueError:
+            return None
 
 
+_RESULT_DEFAULTS = {"code": "OBX-3", "value_type": "OBX-2", "value": "OBX-5", "status": "OBX-11",
+                    "reference_range": "OBX-7", "flags": "OBX-8", "unit": "OBX-6", "observed_at": "OBX-14"}
+
+
+@functools.lru_cache(maxsize=256)
 def _locator(text: str) -> tuple[str, int]:
     seg, _, fld = text.partition("-")
     return seg, int(fld)
+
+
+def _fast_msg(text: str) -> _Msg | None:
+    """The fast reading, or None when python-hl7 must read it (and report its own error)."""
+    try:
+        return _Msg.from_text(text)
+    except (ValueError, IndexError):
+        return None
 
 
 def _as_list(value: Any) -> list[str]:
@@ -252,7 +373,10 @@ class HL7v2Adapter:
     format = "hl7v2"
 
     def __init__(self, structure: dict[str, Any], *, default_offset: str = "+08:00",
-                 max_message_bytes: int = 1_048_576) -> None:
+                 max_message_bytes: int = 1_048_576, reference_parser: bool = False) -> None:
+        """``reference_parser``: read with python-hl7's containers instead of :func:`split_er7`
+        (same result, slower; for differential tests)."""
+        self.reference_parser = reference_parser
         self.table = structure
         self.offset = default_offset
         self.max_bytes = max_message_bytes
@@ -262,6 +386,10 @@ class HL7v2Adapter:
         self.types = set(structure.get("message_types", ["ORU^R01"]))
         self.versions = set(structure.get("versions", []))
         self.value_types: dict[str, str] = dict(structure.get("value_types", {}))
+        result_spec = structure.get("result", {})
+        # Where each fact of an OBX sits, resolved once: the table does not change while running.
+        self._result_fields: dict[str, int] = {
+            key: _locator(result_spec.get(key, default))[1] for key, default in _RESULT_DEFAULTS.items()}
 
     # -- cutting and identifying ---------------------------------------------------------
 
@@ -343,8 +471,9 @@ class HL7v2Adapter:
             msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment", "100"))
             return msg
         try:
-            parsed = hl7.parse(text)
-            m = _Msg(parsed)
+            m = None if self.reference_parser else _fast_msg(text)
+            if m is None:
+                m = _Msg.from_hl7(hl7.parse(text))
         except Exception as exc:  # python-hl7 raises assorted errors on broken input
             msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
             return msg
@@ -593,10 +722,10 @@ class HL7v2Adapter:
     # -- results -------------------------------------------------------------------------
 
     def _result(self, m: _Msg, i: int, issues: list[Issue]) -> ResultFacts | None:
-        spec = self.table.get("result", {})
+        fields = self._result_fields
 
         def fld(key: str, default: str) -> int:
-            return _locator(spec.get(key, default))[1]
+            return fields[key]
 
         code = m.comps(i, fld("code", "OBX-3"))
         coded = Coded(code[0].strip() if code else "", code[1].strip() if len(code) > 1 else "",

@@ -9,7 +9,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
-from gateway.adapters.base import Quantity, ReportFacts, ResultFacts, SpecimenFacts
+from gateway.adapters.base import Coded, Quantity, ReportFacts, ResultFacts, SpecimenFacts
 from gateway.fhir.parties import Issuer, stable_id, uscc_identifier
 from gateway.naming import (
     SYSTEM_DATA_ABSENT,
@@ -19,10 +19,11 @@ from gateway.naming import (
     SYSTEM_SPECIMEN_NO,
     SYSTEM_STAFF,
     SYSTEM_V2_0074,
+    ext_url,
     sd_url,
 )
 
-__all__ = ["observation", "specimen", "diagnostic_report", "parse_reference_range", "ref"]
+__all__ = ["observation", "specimen", "diagnostic_report", "parse_reference_range", "ref", "report_key"]
 
 _NUM = r"([+-]?\d+(?:\.\d+)?)"
 _RANGE = re.compile(rf"^\s*{_NUM}\s*(?:-{{1,2}}|~|～|—|–)\s*{_NUM}\s*$")
@@ -112,7 +113,7 @@ def observation(res: ResultFacts, report: ReportFacts, *, issuer: Issuer, subjec
     """One result as an Observation of our lab-result profile."""
     obs: dict[str, Any] = {
         "resourceType": "Observation",
-        "id": stable_id("Observation", issuer.uscc, report.number, res.code.code, str(res.occurrence)),
+        "id": stable_id("Observation", issuer.uscc, report_key(report), res.code.code, str(res.occurrence)),
         "meta": {"profile": [sd_url("cyhr-lab-observation")]},
         "status": res.std.get("status", "unknown"),
         "category": [{"coding": [{"system": SYSTEM_OBS_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}],
@@ -142,7 +143,7 @@ def specimen(facts: SpecimenFacts, report: ReportFacts, *, issuer: Issuer, subje
     """The sample a report's results were measured on."""
     res: dict[str, Any] = {
         "resourceType": "Specimen",
-        "id": stable_id("Specimen", issuer.uscc, report.number),
+        "id": stable_id("Specimen", issuer.uscc, report_key(report)),
     }
     if facts.number:
         res["identifier"] = [{"system": SYSTEM_SPECIMEN_NO, "value": facts.number}]
@@ -170,13 +171,13 @@ def diagnostic_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str,
     code["text"] = report.code.display or report.code.code or "检验报告"
     dr: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "id": stable_id("DiagnosticReport", issuer.uscc, report.number),
+        "id": stable_id("DiagnosticReport", issuer.uscc, report_key(report)),
         "meta": {"profile": [sd_url("cyhr-lab-report")]},
         "identifier": [{
             "system": SYSTEM_LAB_REPORT_NO,
             "value": report.number,
             "assigner": {"identifier": {"system": uscc_identifier(issuer.uscc)["system"], "value": issuer.uscc}},
-        }],
+        }] + [{"system": _system_of(oid), "value": value} for oid, value in report.other_ids],
         "status": report.std.get("status", "unknown"),
         "category": [{"coding": [{"system": SYSTEM_V2_0074, "code": "LAB", "display": "Laboratory"}]}],
         "code": code,
@@ -198,4 +199,35 @@ def diagnostic_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str,
         dr["specimen"] = [ref(specimen_res)]
     if results:
         dr["result"] = [ref(o) for o in results]
+    # A diagnostic conclusion is never part of a recognised result: it stays on the report, apart from result[].
+    if report.conclusion:
+        dr["conclusion"] = report.conclusion
+    if report.conclusion_codes:
+        dr["conclusionCode"] = [_concept(c) for c in report.conclusion_codes]
+    if report.replaces:
+        system = _system_of(report.replaces_system) if report.replaces_system else SYSTEM_LAB_REPORT_NO
+        replaces = {"url": ext_url("replaces"), "valueIdentifier": {"system": system, "value": report.replaces}}
+        dr = {"resourceType": dr.pop("resourceType"), "id": dr.pop("id"), "meta": dr.pop("meta"),
+              "extension": [replaces], **dr}
     return dr
+
+
+def report_key(report: ReportFacts) -> str:
+    """The business key of a report version in resource ids: its ``key``, else its number."""
+    return report.key or report.number
+
+
+def _system_of(source_system: str) -> str:
+    """A FHIR system URI for a source-side system: an OID becomes ``urn:oid:``, a URI stays."""
+    if re.fullmatch(r"[0-2](\.\d+)+", source_system):
+        return f"urn:oid:{source_system}"
+    return source_system
+
+
+def _concept(code: Coded) -> dict[str, Any]:
+    coding: dict[str, Any] = {"code": code.code}
+    if code.system:
+        coding = {"system": _system_of(code.system), **coding}
+    if code.display:
+        coding["display"] = code.display
+    return {"coding": [coding], "text": code.display or code.code}

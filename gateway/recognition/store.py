@@ -165,6 +165,13 @@ def add_override(db: sqlite_utils.Database, override: Override) -> int:
         ).fetchone()
         if exists is None:
             raise NotFound(f"no recognition decision {override.decision_id}", "decision_id")
+        receiver = db.execute("SELECT receiver_uscc FROM recognition_decisions WHERE decision_id = ?",
+                              [override.decision_id]).fetchone()[0]
+        # The override and its audit entry commit together; the decision itself is never changed.
+        from gateway.audit.log import append
+        from gateway.audit.records import Party, from_override
+
+        append(db, from_override(override, gateway=Party.member(receiver)))
         cursor = db.execute(
             "INSERT INTO recognition_overrides (decision_id, reason, physician_system, physician_id, note, recorded_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",

@@ -17,6 +17,7 @@ from importlib import resources as _resources
 from pathlib import Path
 from typing import Any
 
+import simplejson
 import sqlite_utils
 
 from gateway import jsonutil
@@ -218,9 +219,65 @@ class Store:
             by_url[entry.get("fullUrl", "")] = res
         local = {url: f"{r['resourceType']}/{r['id']}" for url, r in by_url.items()}
         by_ref = {local[url]: r for url, r in by_url.items()}
-        for res in by_url.values():
-            stored = _rewrite_refs(res, local)
-            self._put(stored, record_id, now, resolve=lambda ref: by_ref.get(ref))
+        stored = [_rewrite_refs(res, local) for res in by_url.values()]
+        keys = [(r["resourceType"], r["id"]) for r in stored]
+        if len(set(keys)) != len(keys):
+            # The same resource twice in one Bundle: each copy may version the one before; keep that order.
+            for res in stored:
+                self._put(res, record_id, now, resolve=lambda ref: by_ref.get(ref))
+            return
+        self._put_all(stored, record_id, now, by_ref.get)
+
+    def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any) -> None:
+        """:meth:`_put` for several distinct resources with one statement of each kind (same rows, same order)."""
+        current = self._current([(r["resourceType"], r["id"]) for r in resources])
+        history: list[tuple[Any, ...]] = []
+        replaced: list[tuple[str, str]] = []
+        rows: list[tuple[Any, ...]] = []
+        tokens: list[tuple[str, str, str, str, str]] = []
+        dates: list[tuple[str, str, str, float, float]] = []
+        for res in resources:
+            rtype, rid = res["resourceType"], res["id"]
+            version = 1
+            old = current.get((rtype, rid))
+            if old is not None:
+                if _same_content(old[3], res):
+                    continue  # a resent or re-converted identical resource is not a new version
+                version = old[0] + 1
+                history.append((rtype, rid, old[0], old[1], old[2], old[3]))
+                replaced.append((rtype, rid))
+            body = _versioned(res, version, now)
+            rows.append((rtype, rid, version, now, record_id, _dumps(body)))
+            found_tokens, found_dates = index_resource(body, resolve)
+            tokens += [(rtype, rid, p, system, code) for p, system, code in found_tokens]
+            dates += [(rtype, rid, p, lo, hi) for p, lo, hi in found_dates]
+        conn = self.db.conn
+        if history:
+            conn.executemany("INSERT OR IGNORE INTO resource_history VALUES (?,?,?,?,?,?)", history)
+            conn.executemany("DELETE FROM search_token WHERE type = ? AND id = ?", replaced)
+            conn.executemany("DELETE FROM search_date WHERE type = ? AND id = ?", replaced)
+        if rows:
+            conn.executemany("INSERT OR REPLACE INTO resources VALUES (?,?,?,?,?,?)", rows)
+        if tokens:
+            conn.executemany("INSERT INTO search_token VALUES (?,?,?,?,?)", tokens)
+        if dates:
+            conn.executemany("INSERT INTO search_date VALUES (?,?,?,?,?)", dates)
+
+    def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, str, Any, str]]:
+        """(version, last_updated, message_ref, json) of the stored resources among ``keys``: one query per type."""
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in keys:
+            by_type.setdefault(rtype, []).append(rid)
+        found: dict[tuple[str, str], tuple[int, str, Any, str]] = {}
+        for rtype, ids in by_type.items():
+            for start in range(0, len(ids), 500):  # well under SQLite's limit of bound parameters
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for rid, version, last_updated, message_ref, text in self.db.conn.execute(
+                        "SELECT id, version, last_updated, message_ref, json FROM resources"
+                        f" WHERE type = ? AND id IN ({marks})", [rtype, *chunk]):
+                    found[(rtype, rid)] = (version, last_updated, message_ref, text)
+        return found
 
     def _put(self, res: dict[str, Any], record_id: int | None, now: str, resolve: Any) -> None:
         rtype, rid = res["resourceType"], res["id"]
@@ -234,14 +291,9 @@ class Store:
             version = old["version"] + 1
             self.db.execute("INSERT OR IGNORE INTO resource_history VALUES (?,?,?,?,?,?)",
                             [rtype, rid, old["version"], old["last_updated"], old["message_ref"], old["json"]])
-        body = dict(res)
-        body.pop("meta", None)
-        meta = dict(res.get("meta", {}))
-        meta.update({"versionId": str(version), "lastUpdated": now})
-        body = {"resourceType": rtype, "id": rid, "meta": meta, **{k: v for k, v in body.items()
-                                                                      if k not in ("resourceType", "id")}}
+        body = _versioned(res, version, now)
         self.db.execute("INSERT OR REPLACE INTO resources VALUES (?,?,?,?,?,?)",
-                        [rtype, rid, version, now, record_id, jsonutil.dumps(body)])
+                        [rtype, rid, version, now, record_id, _dumps(body)])
         self.db.execute("DELETE FROM search_token WHERE type = ? AND id = ?", [rtype, rid])
         self.db.execute("DELETE FROM search_date WHERE type = ? AND id = ?", [rtype, rid])
         tokens, dates = index_resource(body, resolve)
@@ -314,6 +366,19 @@ class Store:
             yield dict(jsonutil.loads(row["json"]))
 
 
+# One encoder for every resource: the same text as jsonutil.dumps (simplejson, decimals as
+# written, UTF-8 kept), without building an encoder per call.
+_dumps = simplejson.JSONEncoder(use_decimal=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
+    """The resource as stored: ``meta`` after ``resourceType`` and ``id``, with ``versionId`` and ``lastUpdated``."""
+    meta = dict(res.get("meta", {}))
+    meta.update({"versionId": str(version), "lastUpdated": now})
+    return {"resourceType": res["resourceType"], "id": res["id"], "meta": meta,
+            **{k: v for k, v in res.items() if k not in ("resourceType", "id", "meta")}}
+
+
 def _same_content(old_json: str, new: dict[str, Any]) -> bool:
     old = dict(jsonutil.loads(old_json))
     old_meta = {k: v for k, v in old.pop("meta", {}).items() if k not in ("versionId", "lastUpdated")}
@@ -323,15 +388,34 @@ def _same_content(old_json: str, new: dict[str, Any]) -> bool:
 
 
 def _rewrite_refs(obj: Any, local: dict[str, str]) -> Any:
-    """Replace in-Bundle ``urn:uuid:`` references by ``Type/id`` for storage."""
+    """Replace in-Bundle ``urn:uuid:`` references by ``Type/id`` for storage.
+
+    Copy on write: ``obj`` is never changed; parts without such a reference are
+    shared with it rather than copied (the stored form is serialised at once and
+    never modified).
+    """
     if isinstance(obj, dict):
-        out = {}
+        out: dict[str, Any] | None = None
         for key, value in obj.items():
-            if key == "reference" and isinstance(value, str) and value in local:
-                out[key] = local[value]
+            if isinstance(value, (dict, list)):
+                new = _rewrite_refs(value, local)
+            elif key == "reference" and isinstance(value, str) and value in local:
+                new = local[value]
             else:
-                out[key] = _rewrite_refs(value, local)
-        return out
+                continue
+            if new is not value:
+                if out is None:
+                    out = dict(obj)
+                out[key] = new
+        return obj if out is None else out
     if isinstance(obj, list):
-        return [_rewrite_refs(v, local) for v in obj]
+        items: list[Any] | None = None
+        for i, value in enumerate(obj):
+            if isinstance(value, (dict, list)):
+                new = _rewrite_refs(value, local)
+                if new is not value:
+                    if items is None:
+                        items = list(obj)
+                    items[i] = new
+        return obj if items is None else items
     return obj

@@ -1,0 +1,632 @@
+"""CDA adapter: WS/T 500.7 检验报告 documents in, neutral records out.
+
+Syntax only, driven by ``mappings/cda/WST500.7-lab-report.yaml``: which
+document type is taken (templateId 2.16.156.10011.2.1.1.27, code C0007) and
+the XPath of every fact — header (文档流水号, 检验报告单号, patient, custodian,
+审核医师, relatedDocument), the 实验室检查 section's items, the 诊断记录 section
+and the 检验报告 section.
+
+Safety first: documents come from other systems and may be hostile. Before
+anything is parsed the size is checked and a document declaring a DTD
+(``<!DOCTYPE``, ``<!ENTITY``: the vehicle of XXE and entity-expansion attacks)
+is refused; CDA never needs one. The parser itself (:func:`safe_parser`)
+resolves no entities, loads no DTD, never touches the network and keeps
+libxml2's size limits, and a DTD found after parsing refuses the document
+too. A refused document is answered and recorded; nothing else happens.
+
+Every problem becomes an :class:`~gateway.errors.Issue` located by an XPath of
+local names (``/ClinicalDocument/recordTarget/patientRole/patient/id/@extension``).
+The diagnosis section is read apart from the results: a diagnostic conclusion
+is never part of a recognised result.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
+from typing import IO, Any
+
+from lxml import etree
+
+from gateway.adapters.base import (
+    Coded,
+    PatientFacts,
+    Quantity,
+    RawUnit,
+    ReportFacts,
+    ResultFacts,
+    SourceMessage,
+    SpecimenFacts,
+)
+from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
+from gateway.errors import IdentifierError, Issue
+from gateway.identifiers import check_id_card, check_uscc
+
+__all__ = ["CDAAdapter", "safe_parser", "declares_dtd", "answer_code"]
+
+_DTD_MARKERS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY") for enc in ("ascii", "utf-16-le", "utf-16-be"))
+_NUMBER = re.compile(r"^\s*(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
+_COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
+_CODED_TYPES = {"CD", "CE", "CV", "CS", "CO"}
+_NUMERIC_TYPES = {"REAL", "INT", "PQ", "MO"}
+_XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+
+
+def safe_parser() -> etree.XMLParser:
+    """An lxml parser that cannot be made to read files, fetch URLs or expand entities."""
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+        collect_ids=False,
+    )
+
+
+def declares_dtd(data: bytes) -> bool:
+    """Whether raw bytes contain a DTD or entity declaration (in ASCII-compatible or UTF-16 encodings)."""
+    if any(marker in data for marker in _DTD_MARKERS):
+        return True
+    return b"<!doctype" in data[:4096].lower()
+
+
+def answer_code(msg: SourceMessage) -> str:
+    """AA accepted, AE an error in an understood document, AR refused outright (unreadable, hostile, wrong type)."""
+    errors = msg.errors
+    if not errors:
+        return "AA"
+    if any(e.code in ("not-supported", "structure", "too-long", "security") for e in errors):
+        return "AR"
+    return "AE"
+
+
+def _localname(el: Any) -> str:
+    return str(etree.QName(el).localname)
+
+
+def _path(el: Any) -> str:
+    """``/ClinicalDocument/component/structuredBody/component[2]/section``: local names, positions where needed."""
+    parts: list[str] = []
+    while el is not None:
+        name = _localname(el)
+        parent = el.getparent()
+        if parent is not None:
+            same = [c for c in parent if isinstance(c.tag, str) and _localname(c) == name]
+            if len(same) > 1:
+                name = f"{name}[{same.index(el) + 1}]"
+        parts.append(name)
+        el = parent
+    return "/" + "/".join(reversed(parts))
+
+
+def _plain_join(base: str, xpath: str) -> str:
+    """Where a configured XPath would point, for facts that are missing."""
+    plain = xpath.replace("hl7:", "")
+    if plain.startswith(".//"):
+        return base + plain[1:]
+    if plain.startswith("./"):
+        plain = plain[2:]
+    return f"{base}/{plain}" if plain not in ("", ".") else base
+
+
+def _text(el: Any) -> str:
+    return " ".join("".join(el.itertext()).split())
+
+
+class _Found:
+    """A value read from the document and where it was."""
+
+    __slots__ = ("value", "where", "node")
+
+    def __init__(self, value: str, where: str, node: Any = None) -> None:
+        self.value, self.where, self.node = value, where, node
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+class _Reader:
+    """XPath access with readable locations over one parsed document."""
+
+    def __init__(self, ns: dict[str, str]) -> None:
+        self.ns = ns
+
+    def nodes(self, ctx: Any, xpath: str) -> list[Any]:
+        result = ctx.xpath(xpath, namespaces=self.ns)
+        return list(result) if isinstance(result, list) else [result]
+
+    def value(self, ctx: Any, xpaths: Any) -> _Found:
+        """The first non-empty value of one XPath or a list of them; empty with the configured location if none."""
+        paths = xpaths if isinstance(xpaths, list) else [xpaths]
+        for xpath in paths:
+            for node in self.nodes(ctx, xpath):
+                found = self._found(node)
+                if found.value:
+                    return found
+        return _Found("", _plain_join(_path(ctx), paths[0]))
+
+    def element(self, ctx: Any, xpath: str) -> Any:
+        hits = [n for n in self.nodes(ctx, xpath) if isinstance(n, etree._Element)]
+        return hits[0] if hits else None
+
+    @staticmethod
+    def _found(node: Any) -> _Found:
+        if isinstance(node, etree._Element):
+            return _Found(_text(node), _path(node), node)
+        if isinstance(node, etree._ElementUnicodeResult):
+            parent = node.getparent()
+            if node.is_attribute:
+                return _Found(str(node).strip(), f"{_path(parent)}/@{node.attrname}", parent)
+            return _Found(" ".join(str(node).split()), f"{_path(parent)}/text()", parent)
+        return _Found(str(node).strip(), "", None)
+
+
+class CDAAdapter:
+    """Reads WS/T 500.7 检验报告 documents as the structure table describes them.
+
+    ``member_uscc`` / ``member_miplrn`` are this gateway's own member: a
+    custodian identified by its organisation code or licence number instead
+    of a 统一社会信用代码 is accepted only when it names this member.
+    """
+
+    format = "cda"
+
+    def __init__(self, structure: dict[str, Any], *, member_uscc: str, member_miplrn: str = "",
+                 default_offset: str = "+08:00", max_document_bytes: int = 1_048_576) -> None:
+        self.table = structure
+        self.ns: dict[str, str] = dict(structure.get("namespaces", {"hl7": "urn:hl7-org:v3"}))
+        self.doc = structure.get("document", {})
+        self.header: dict[str, Any] = structure.get("header", {})
+        self.member_uscc = member_uscc
+        self.member_miplrn = (member_miplrn or "").upper()
+        self.offset = default_offset
+        self.max_bytes = max_document_bytes
+        self.reader = _Reader(self.ns)
+
+    # -- cutting and identifying ---------------------------------------------------------
+
+    def split(self, data: bytes, origin: str = "") -> Iterator[RawUnit]:
+        """One document per file or request body."""
+        if data.strip():
+            yield RawUnit(data, 1, origin)
+
+    def split_stream(self, stream: IO[bytes], origin: str = "") -> Iterator[RawUnit]:
+        """One document from a binary stream, read no further than one byte past the size limit."""
+        data = stream.read(self.max_bytes + 1)
+        if data.strip():
+            yield RawUnit(data, 1, origin)
+
+    def identify(self, unit: RawUnit) -> tuple[str, str]:
+        """(custodian id, 文档流水号) for duplicate detection; ``("", "")`` if unreadable or refused."""
+        root, issues = self._parse(unit.data)
+        if root is None:
+            return "", ""
+        custodian = self.reader.value(root, self.header.get("custodian_id", "hl7:custodian//hl7:id/@extension"))
+        doc_id = self.reader.value(root, self.header.get("document_id", "hl7:id/@extension"))
+        return custodian.value, doc_id.value
+
+    # -- parsing -------------------------------------------------------------------------
+
+    def _parse(self, data: bytes) -> tuple[Any, list[Issue]]:
+        """The root element, or None and the issues that refuse the document."""
+        if len(data) > self.max_bytes:
+            return None, [Issue("error", "too-long", "/", f"document is larger than the limit of {self.max_bytes} "
+                                "bytes", "207")]
+        if declares_dtd(data):
+            return None, [Issue("error", "security", "/",
+                                "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
+                                "CDA documents never need them and they are the vehicle of XXE and "
+                                "entity-expansion attacks", "100")]
+        try:
+            tree = etree.fromstring(data, safe_parser()).getroottree()
+        except etree.XMLSyntaxError as exc:
+            line = f"line {exc.lineno}" if exc.lineno else "unknown line"
+            return None, [Issue("error", "structure", "/", f"not well-formed XML ({line}): {exc.msg}", "100")]
+        except ValueError as exc:  # e.g. an encoding lxml does not know
+            return None, [Issue("error", "structure", "/", f"document cannot be read as XML: {exc}", "100")]
+        if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
+            return None, [Issue("error", "security", "/", "document carries a DTD: refused", "100")]
+        return tree.getroot(), []
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self, unit: RawUnit) -> SourceMessage:
+        """Parse and extract one document; problems become issues, never exceptions."""
+        msg = SourceMessage(format=self.format)
+        msg.extra["label"] = f"document {unit.index}"
+        root, issues = self._parse(unit.data)
+        msg.issues.extend(issues)
+        if root is None:
+            return msg
+        doc_id = self.reader.value(root, self.header.get("document_id", "hl7:id/@extension"))
+        if doc_id:
+            msg.extra["label"] = f"文档流水号 {doc_id.value}"
+        if not self._document_type(root, msg):
+            return msg
+        report = self._header(root, msg)
+        if report is not None and not any(i.code in ("not-supported",) for i in msg.errors):
+            self._body(root, msg, report)
+        msg.issues = list(dict.fromkeys(msg.issues))
+        return msg
+
+    def _document_type(self, root: Any, msg: SourceMessage) -> bool:
+        ns_main = self.ns.get("hl7", "urn:hl7-org:v3")
+        expected = self.doc.get("root", "ClinicalDocument")
+        qname = etree.QName(root)
+        if qname.localname != expected or qname.namespace != ns_main:
+            msg.issues.append(Issue("error", "not-supported", _path(root),
+                                    f"root element is {qname.localname!r} in namespace {qname.namespace or '(none)'}; "
+                                    f"expected a CDA {expected} in namespace {ns_main}", "200"))
+            return False
+        template = str(self.doc.get("template_id"))
+        templates = [str(t) for t in self.reader.nodes(root, "hl7:templateId/@root")]
+        known: dict[str, str] = {str(k): str(v) for k, v in self.doc.get("known_templates", {}).items()}
+        if template not in templates:
+            sent = ", ".join(f"{t} = {known[t]}" if t in known else t for t in templates) or "none"
+            where = _path(self.reader.element(root, "hl7:templateId")) if templates else "/ClinicalDocument/templateId"
+            msg.issues.append(Issue("error", "not-supported", where,
+                                    f"document template {sent} is not taken here; this channel takes "
+                                    f"{known.get(template, template)}, templateId {template}", "200"))
+            return False
+        code = self.reader.value(root, "hl7:code/@code")
+        system = self.reader.value(root, "hl7:code/@codeSystem")
+        wrong_system = bool(system.value) and system.value != str(self.doc.get("code_system"))
+        if code.value != str(self.doc.get("code")) or wrong_system:
+            msg.issues.append(Issue("error", "not-supported", code.where or "/ClinicalDocument/code/@code",
+                                    f"document code {code.value or '(empty)'} does not match templateId {template}: "
+                                    f"expected {self.doc.get('code')} in {self.doc.get('code_system')}", "200"))
+            return False
+        return True
+
+    def _time(self, found: _Found, msg: SourceMessage, *, date_only: bool = False) -> str:
+        if not found:
+            return ""
+        try:
+            return to_fhir_date(found.value) if date_only else to_fhir_datetime(found.value, self.offset)
+        except DateTimeError as exc:
+            msg.issues.append(Issue("error", "value", found.where, str(exc), "102"))
+            return ""
+
+    def _header(self, root: Any, msg: SourceMessage) -> ReportFacts | None:
+        h = self.header
+        r = self.reader
+
+        def get(key: str) -> _Found:
+            return r.value(root, h[key]) if key in h else _Found("", "")
+
+        for key, name in self.table.get("required", {}).items():
+            found = get(key)
+            if not found and not (key in h and r.element(root, h[key]) is not None):
+                msg.issues.append(Issue("error", "required", found.where, f"{name} is missing", "101"))
+        doc_id = get("document_id")
+        msg.message_id = doc_id.value
+        msg.version = get("version_number").value
+        msg.message_type = f"{self.doc.get('code')}"
+        sent = get("effective_time")
+        msg.sent_at = self._time(sent, msg)
+
+        report = ReportFacts(location="/ClinicalDocument", number=get("report_number").value)
+        report.placer_number = get("order_number").value
+        report.key = f"cda|{doc_id.value}" if doc_id else ""
+        if doc_id:
+            report.other_ids.append((get("document_id_root").value or str(self.table.get("document_id_oid", "")),
+                                     doc_id.value))
+
+        self._custodian(root, msg)
+        self._patient(root, msg)
+        report.issued_at = self._issued(root, msg)
+        if msg.sent_at and "T" not in msg.sent_at:
+            msg.sent_at = report.issued_at  # the Bundle's time needs a time of day
+
+        interp_id, interp_name = get("interpreter_id"), get("interpreter_name")
+        report.interpreter_id, report.interpreter_name = interp_id.value, interp_name.value
+
+        related = get("related_type")
+        report.status = "original"
+        if related:
+            allowed = [str(t) for t in self.table.get("related_types", ["RPLC"])]
+            if related.value not in allowed:
+                msg.issues.append(Issue("error", "not-supported", related.where,
+                                        f"relatedDocument type {related.value!r} is not taken (taken: "
+                                        f"{', '.join(allowed)}); send the complete corrected report as RPLC", "200"))
+                return report
+            report.status = related.value
+            parent = get("replaced_document_id")
+            if related.value == "RPLC":
+                if not parent:
+                    msg.issues.append(Issue("error", "required", parent.where,
+                                            "relatedDocument RPLC names no parentDocument id: the replaced report "
+                                            "cannot be identified", "101"))
+                elif parent.value == doc_id.value:
+                    msg.issues.append(Issue("error", "value", parent.where,
+                                            "the document replaces itself (parentDocument id = document id)", "102"))
+                else:
+                    report.replaces = parent.value
+                    report.replaces_system = (get("replaced_document_root").value
+                                              or str(self.table.get("document_id_oid", "")))
+        return report
+
+    def _custodian(self, root: Any, msg: SourceMessage) -> None:
+        ident = self.reader.value(root, self.header["custodian_id"])
+        name = self.reader.value(root, self.header["custodian_name"])
+        msg.sender = ident.value
+        if not ident:
+            return  # reported as a missing required part
+        value = ident.value.strip().upper()
+        if len(value) == 18:
+            try:
+                uscc = check_uscc(value)
+            except IdentifierError as exc:
+                msg.issues.append(Issue("error", "value", ident.where, f"custodian id: {exc.message}", "102"))
+                return
+        elif value == self.member_miplrn or (len(value) >= 9 and value[:9] == self.member_uscc[8:17]):
+            uscc = self.member_uscc
+            msg.issues.append(Issue("information", "informational", ident.where,
+                                    f"custodian id {value!r} is not a 统一社会信用代码; it names this member, whose "
+                                    f"统一社会信用代码 {uscc} is used", "0"))
+        else:
+            msg.issues.append(Issue("error", "value", ident.where,
+                                    f"custodian id {value!r} is neither a 统一社会信用代码 nor this member's "
+                                    "organisation code or licence number: the issuing institution cannot be "
+                                    "identified", "102"))
+            return
+        msg.extra.update(issuer_uscc=uscc, issuer_name=name.value, institution_id=value)
+
+    def _patient(self, root: Any, msg: SourceMessage) -> None:
+        h, r = self.header, self.reader
+        node = r.element(root, h["patient"])
+        p = PatientFacts(location=_path(node) if node is not None else "/ClinicalDocument/recordTarget")
+        msg.patient = p
+        card = r.value(root, h["id_card"])
+        if card:
+            try:
+                p.id_card = check_id_card(card.value)
+            except IdentifierError as exc:
+                msg.issues.append(Issue("error", "value", card.where, exc.message, "102"))
+        else:
+            msg.issues.append(Issue("warning", "required", card.where,
+                                    "no 身份证号 (patient id @root 2.16.156.10011.1.3): the patient cannot be "
+                                    "matched across institutions", "101"))
+        for rule in self.table.get("patient_ids", []):
+            other = r.value(root, rule["path"])
+            if other:
+                p.other_ids.append((str(rule.get("type", "MR")), other.value))
+        p.name = r.value(root, h["name"]).value
+        sex = r.value(root, h["sex"])
+        p.sex, p.where["sex"] = sex.value, sex.where
+        system = r.value(root, h.get("sex_system", "hl7:none"))
+        expected = str(self.table.get("sex_code_system", ""))
+        if sex and system and expected and system.value != expected:
+            msg.issues.append(Issue("warning", "code-invalid", system.where,
+                                    f"sex code system {system.value} is not GB/T 2261.1 ({expected}); "
+                                    "the code is read as GB/T 2261.1", "103"))
+        p.birth_date = self._time(r.value(root, h["birth_time"]), msg, date_only=True)
+
+    def _issued(self, root: Any, msg: SourceMessage) -> str:
+        candidates = self.header.get("issued_at", [])
+        first_date_only: _Found | None = None
+        for xpath in candidates if isinstance(candidates, list) else [candidates]:
+            found = self.reader.value(root, xpath)
+            if not found:
+                continue
+            try:
+                return to_fhir_instant(found.value, self.offset)
+            except DateTimeError as exc:
+                if "no time of day" not in str(exc):
+                    msg.issues.append(Issue("error", "value", found.where, str(exc), "102"))
+                    return ""
+                first_date_only = first_date_only or found
+        if first_date_only is not None:
+            msg.issues.append(Issue("warning", "value", first_date_only.where,
+                                    "report time has no time of day; report issue time left out", "102"))
+        return ""
+
+    # -- body ----------------------------------------------------------------------------
+
+    def _body(self, root: Any, msg: SourceMessage, report: ReportFacts) -> None:
+        r = self.reader
+        sections = self.table.get("sections", {})
+        lab = r.element(root, sections["lab"])
+        if lab is None:
+            msg.issues.append(Issue("error", "required", _plain_join("/ClinicalDocument", sections["lab"]),
+                                    "no 实验室检查 section (LOINC 30954-2): the document carries no results", "101"))
+            return
+        spec = self.table.get("lab_section", {})
+        category = r.value(lab, spec["category"])
+        if category:
+            report.code = Coded("", category.value)
+        items = [n for n in r.nodes(lab, spec["items"]) if isinstance(n, etree._Element)]
+        item_spec = self.table.get("item", {})
+        if not items:
+            flat = [n for n in r.nodes(lab, item_spec["code"]) if isinstance(n, etree._Element)]
+            if len(flat) > 1:
+                msg.issues.append(Issue("error", "not-supported", _path(lab),
+                                        f"the 实验室检查 section lists {len(flat)} 检验项目代码 entries without an "
+                                        "organizer per item: values cannot be matched to items; send one "
+                                        "organizer per item", "100"))
+                return
+            items = [lab] if flat else []
+        if not items:
+            msg.issues.append(Issue("error", "required", _plain_join(_path(lab), spec["items"]),
+                                    "the 实验室检查 section has no 检验项目 (entry/organizer): no results", "101"))
+            return
+        seen: dict[str, int] = {}
+        specimen: SpecimenFacts | None = None
+        for item in items:
+            res, item_specimen = self._item(item, msg)
+            if res is None:
+                continue
+            seen[res.code.code] = seen.get(res.code.code, 0) + 1
+            res.occurrence = seen[res.code.code]
+            report.results.append(res)
+            if item_specimen is not None:
+                if specimen is None:
+                    specimen = item_specimen
+                elif item_specimen.type.display and item_specimen.type.display != specimen.type.display:
+                    msg.issues.append(Issue("warning", "value", res.where.get("specimen", res.location),
+                                            f"item specimen {item_specimen.type.display!r} differs from the first "
+                                            f"item's {specimen.type.display!r}; the report names the first", "102"))
+        number = self.reader.value(root, self.header.get("specimen_number", "hl7:none"))
+        if specimen is None and number:
+            specimen = SpecimenFacts()
+        if specimen is not None:
+            specimen.number = number.value
+            report.specimen = specimen
+            report.collected_at = specimen.collected_at
+        if not report.collected_at:
+            msg.issues.append(Issue("warning", "required", _path(lab),
+                                    "no specimen collection time (标本采样日期时间): validity windows cannot be "
+                                    "counted; the test time is used as the report time", "101"))
+            report.collected_at = next((res.observed_at for res in report.results if res.observed_at), "")
+        self._diagnoses(root, report)
+        self._report_section(root, report)
+        msg.reports.append(report)
+
+    def _item(self, item: Any, msg: SourceMessage) -> tuple[ResultFacts | None, SpecimenFacts | None]:
+        r = self.reader
+        spec = self.table.get("item", {})
+        where = _path(item)
+        code_obs = r.element(item, spec["code"])
+        if code_obs is None:
+            msg.issues.append(Issue("error", "required", _plain_join(where, spec["code"]),
+                                    "item has no 检验项目代码 (DE04.30.019.00) observation", "101"))
+            return None, None
+        code_value = r.element(code_obs, "hl7:value")
+        code = self._coded(code_value)
+        if not code.code:
+            loc = _path(code_value) if code_value is not None else f"{_path(code_obs)}/value"
+            msg.issues.append(Issue("error", "required", loc, "检验项目代码 (local item code) is empty", "101"))
+            return None, None
+        name = r.value(item, spec["name"]) if "name" in spec else _Found("", "")
+        if name and not code.display:
+            code.display = name.value
+        res = ResultFacts(location=where, code=code)
+        res.where["code"] = _path(code_value)
+        tested = self._time(r.value(code_obs, "hl7:effectiveTime/@value"), msg)
+        specimen = self._specimen(code_obs, msg, res)
+        res.observed_at = (specimen.collected_at if specimen is not None else "") or tested
+        state = r.value(code_obs, spec["specimen_state"]) if "specimen_state" in spec else _Found("", "")
+        if state:
+            res.notes.append(f"标本状态：{state.value}")
+        result_code = r.value(item, spec["result_code"])
+        if result_code:
+            # The display says what the code means (senders disagree on the codes); the code when there is none.
+            display = (result_code.node.get("displayName") or "").strip() if result_code.node is not None else ""
+            res.flags.append(display or result_code.value)
+            res.where["flags"] = result_code.where
+        quantity = r.element(item, spec["quantity"])
+        if quantity is not None:
+            self._value(quantity, msg, res)
+        return res, specimen
+
+    def _specimen(self, code_obs: Any, msg: SourceMessage, res: ResultFacts) -> SpecimenFacts | None:
+        r = self.reader
+        node = r.element(code_obs, self.table["item"]["specimen"])
+        if node is None:
+            return None
+        s = SpecimenFacts()
+        value = r.element(node, "hl7:value")
+        coded = self._coded(value)
+        s.type = Coded(coded.code if coded.display else "", coded.display or coded.code)
+        res.where["specimen"] = _path(node)
+        s.collected_at = self._time(r.value(node, "hl7:effectiveTime/hl7:low/@value"), msg)
+        s.received_at = self._time(r.value(node, "hl7:effectiveTime/hl7:high/@value"), msg)
+        return s if (s.type or s.collected_at or s.received_at) else None
+
+    @staticmethod
+    def _coded(value: Any) -> Coded:
+        """A CD/CE value as (code, displayName, codeSystem); an ST value as its text."""
+        if value is None:
+            return Coded()
+        xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
+        if xsi in _CODED_TYPES or (value.get("code") is not None and not _text(value)):
+            return Coded((value.get("code") or "").strip(), (value.get("displayName") or "").strip(),
+                         (value.get("codeSystem") or "").strip())
+        return Coded(_text(value))
+
+    def _value(self, obs: Any, msg: SourceMessage, res: ResultFacts) -> None:
+        r = self.reader
+        spec = self.table.get("item", {})
+        value = r.element(obs, "hl7:value")
+        unit = r.value(obs, spec["unit"]) if "unit" in spec else _Found("", "")
+        if value is not None:
+            xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
+            res.where["value"] = _path(value)
+            if xsi in _NUMERIC_TYPES or (not xsi and value.get("value") is not None):
+                raw = (value.get("value") or "").strip()
+                res.where["value"] = f"{_path(value)}/@value"
+                if raw:
+                    q = _number(raw)
+                    if q is None:
+                        msg.issues.append(Issue("error", "value", res.where["value"],
+                                                f"{raw!r} is not a number for 检验定量结果 ({xsi or 'REAL'})", "102"))
+                    else:
+                        res.value_kind, res.value = "quantity", q
+                if xsi == "PQ" and value.get("unit") and not unit:
+                    unit = _Found(value.get("unit").strip(), f"{_path(value)}/@unit")
+            elif xsi in _CODED_TYPES:
+                coded = self._coded(value)
+                if coded:
+                    res.value_kind, res.value = "coded", coded
+            else:
+                text = _text(value)
+                if text:
+                    res.value_kind, res.value = "string", text
+        if unit:
+            res.unit, res.where["unit"] = unit.value, unit.where
+        if "reference_range" in spec:
+            rng = r.element(obs, spec["reference_range"])
+            if rng is not None:
+                res.reference_range = self._range(rng)
+        if "interpretation" in spec:
+            flag = r.value(obs, spec["interpretation"])
+            if flag:
+                res.flags.append(flag.value)
+                res.where.setdefault("flags", flag.where)
+
+    def _range(self, rng: Any) -> str:
+        text = self.reader.value(rng, "hl7:text")
+        if text:
+            return text.value
+        low = self.reader.value(rng, "hl7:value/hl7:low/@value").value
+        high = self.reader.value(rng, "hl7:value/hl7:high/@value").value
+        if low and high:
+            return f"{low}-{high}"
+        if high:
+            return f"<{high}"
+        if low:
+            return f">{low}"
+        return ""
+
+    def _diagnoses(self, root: Any, report: ReportFacts) -> None:
+        section = self.reader.element(root, self.table["sections"]["diagnosis"]) if "diagnosis" in self.table.get(
+            "sections", {}) else None
+        if section is None:
+            return
+        for value in self.reader.nodes(section, self.table["diagnosis"]["entries"]):
+            coded = self._coded(value)
+            if coded:
+                report.conclusion_codes.append(coded)
+
+    def _report_section(self, root: Any, report: ReportFacts) -> None:
+        sections = self.table.get("sections", {})
+        section = self.reader.element(root, sections["report"]) if "report" in sections else None
+        if section is not None:
+            result = self.reader.value(section, self.table["report_section"]["result"])
+            report.conclusion = result.value
+        if not report.conclusion and report.conclusion_codes:
+            report.conclusion = "；".join(c.display or c.code for c in report.conclusion_codes)
+
+
+def _number(text: str) -> Quantity | None:
+    m = _NUMBER.match(text)
+    if not m:
+        return None
+    try:
+        value = Decimal(m.group(2).lstrip("+"))
+    except InvalidOperation:
+        return None
+    return Quantity(value, _COMPARATORS.get(m.group(1) or "", ""))

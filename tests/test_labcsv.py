@@ -1,0 +1,384 @@
+"""CDC CSV channel: occupational-health exam exports to exam Bundles; layouts as tables; errors per exam and column."""
+from __future__ import annotations
+
+import json
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, make_token
+from gateway import jsonutil
+from gateway.adapters.base import RawUnit
+from gateway.adapters.labcsv import LabCSVAdapter, parse_exposure_years
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+from gateway.fhir import profiles
+from gateway.fhir.bundle import entries_of
+from gateway.mapping.tables import load_mappings
+from gateway.pipeline import Pipeline, Status
+from gateway.recognition.facts import facts_from_bundle
+
+CSV = DATA / "csv"
+CDC = "12510000MB00030095"
+FULING = "12500102MB0002006J"
+HEADER = ("体检编号,姓名,身份证号,性别,出生日期,用人单位名称,用人单位统一社会信用代码,工种,接害因素代码,接害因素名称,接害工龄,"
+          "体检类型,体检日期,项目代码,项目名称,结果,单位,参考范围,异常标志,主检结论,主检医师,报告日期")
+EXAM = "TJ9,王演示,51132219800707331X,男,1980-07-07,通江演示建材有限公司,91511921MA62Q0A1XC,破碎工,1001,矽尘,6.5,在岗期间,2024-03-15"
+TAIL = "目前未见异常,吴主检,2024-03-22 16:30:00"
+
+
+def row(exam: str = EXAM, item: str = "XCG-WBC,白细胞计数,6.8,10^9/L,3.5-9.5,", tail: str = TAIL) -> str:
+    return f"{exam},{item},{tail}"
+
+
+def csv_bytes(*rows: str, header: str = HEADER, encoding: str = "utf-8") -> bytes:
+    return ("\n".join([header, *rows]) + "\n").encode(encoding)
+
+
+@pytest.fixture
+def cdc(tmp_path: Path, clock) -> Pipeline:
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+    p = Pipeline(settings, clock=clock)
+    yield p
+    p.close()
+
+
+def outcomes(p: Pipeline, data: bytes):
+    return list(p.convert(data, "cdc-csv", "test.csv"))
+
+
+def report_of(bundle: dict) -> dict:
+    return entries_of(bundle, "DiagnosticReport")[0]
+
+
+def ext(report: dict, name: str) -> list[dict]:
+    url = f"https://fhir.cyhr.org.cn/StructureDefinition/{name}"
+    return [e for e in report.get("extension", []) if e["url"] == url]
+
+
+# -- a good exam ----------------------------------------------------------------------------
+
+
+def test_rows_of_one_exam_become_one_occupational_report(cdc: Pipeline) -> None:
+    data = csv_bytes(row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,"), row(item="XP,胸部X射线摄片,未见异常,,,"))
+    [out] = outcomes(cdc, data)
+    assert out.status is Status.CONVERTED and out.label == "体检编号 TJ9"
+    bundle = out.bundle
+    assert profiles.validate(bundle) == []
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == \
+        ["Organization", "Patient", "Organization", "Observation", "Observation", "Observation", "DiagnosticReport"]
+    issuer, employer = entries_of(bundle, "Organization")
+    assert issuer["identifier"][0]["value"] == CDC  # the configured member issues the Bundle
+    assert employer["identifier"][0]["value"] == "91511921MA62Q0A1XC" and employer["name"] == "通江演示建材有限公司"
+    report = report_of(bundle)
+    assert report["meta"]["profile"] == ["https://fhir.cyhr.org.cn/StructureDefinition/cyhr-occupational-exam-report"]
+    assert report["category"][0]["coding"][0]["code"] == "occupational-health"
+    assert report["identifier"][0]["value"] == "TJ9"
+    assert ext(report, "exam-type")[0]["valueCoding"] == {"system": "https://fhir.cyhr.org.cn/CodeSystem/exam-type",
+                                                          "code": "periodic", "display": "在岗期间"}
+    [hazard] = ext(report, "hazard-factor")
+    assert [p["valueCoding"]["code"] for p in hazard["extension"]] == ["silica-dust", "dust"]
+    assert ext(report, "exposure-years")[0]["valueDecimal"] == Decimal("6.5")
+    assert ext(report, "occupation")[0]["valueString"] == "破碎工"
+    assert ext(report, "employer")[0]["valueReference"]["reference"] == f"urn:uuid:{employer['id']}"
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "no-abnormality"
+    assert report["resultsInterpreter"] == [{"display": "吴主检"}]
+    assert report["effectiveDateTime"] == "2024-03-15" and report["issued"] == "2024-03-22T16:30:00+08:00"
+    obs = entries_of(bundle, "Observation")
+    assert [o["code"]["coding"][0]["code"] for o in obs] == ["XCG-WBC", "XY-SBP", "XP"]
+    assert obs[0]["code"]["coding"][1]["code"] == "6690-2" and obs[2]["valueString"] == "未见异常"
+    assert all(o["status"] == "final" and o["effectiveDateTime"] == "2024-03-15" for o in obs)
+
+
+def test_recognition_reads_exam_type_hazards_and_conclusion_apart(cdc: Pipeline) -> None:
+    [out] = outcomes(cdc, csv_bytes(row()))
+    facts = facts_from_bundle(out.bundle)
+    observation = [f for f in facts if f.kind == "observation"][0]
+    assert observation.exam_type == "periodic" and observation.report_class == "occupational"
+    assert [(h.code, h.category) for h in observation.hazard_factors] == [("silica-dust", "dust")]
+    assert [f.kind for f in facts].count("conclusion") == 1  # the conclusion is never a recognised result
+
+
+def test_conclusion_text_is_kept_and_its_head_is_coded(cdc: Pipeline) -> None:
+    [out] = outcomes(cdc, csv_bytes(row(tail="职业禁忌证：中度贫血,吴主检,2024-03-22 16:30:00")))
+    report = report_of(out.bundle)
+    assert report["conclusion"] == "职业禁忌证：中度贫血"
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "contraindication"
+
+
+def test_several_hazard_factors_in_a_cell_and_across_rows(cdc: Pipeline) -> None:
+    exam = EXAM.replace(",1001,矽尘,", ",1001、3001,矽尘、噪声,")
+    other = EXAM.replace(",1001,矽尘,", ",2001,铅及其无机化合物,")
+    [out] = outcomes(cdc, csv_bytes(row(exam), row(other, item="XCG-HGB,血红蛋白,140,g/L,130-175,")))
+    factors = [[p["valueCoding"]["code"] for p in e["extension"]] for e in ext(report_of(out.bundle), "hazard-factor")]
+    assert factors == [["silica-dust", "dust"], ["noise", "physical"], ["lead", "chemical"]]
+
+
+def test_report_date_without_time_and_employer_without_uscc(cdc: Pipeline) -> None:
+    exam = EXAM.replace(",91511921MA62Q0A1XC,", ",,")
+    [out] = outcomes(cdc, csv_bytes(row(exam, tail="目前未见异常,吴主检,2024-03-22")))
+    assert out.status is Status.CONVERTED
+    assert [(i.severity, i.location) for i in out.issues] == [("warning", "row 2 column 用人单位统一社会信用代码")]
+    report = report_of(out.bundle)
+    assert report["issued"] == "2024-03-22T00:00:00+08:00" and out.bundle["timestamp"] == report["issued"]
+    assert ext(report, "employer")[0]["valueReference"] == {"display": "通江演示建材有限公司"}
+    assert len(entries_of(out.bundle, "Organization")) == 1
+    assert profiles.validate(out.bundle) == []
+
+
+# -- errors name the exam and the column; other exams still convert ----------------------------
+
+
+@pytest.mark.parametrize("change, location, words", [
+    (("51132219800707331X", "511322198007073310"), "row 2 column 身份证号", "check digit"),
+    ((",在岗期间,", ",入职体检,"), "row 2 column 体检类型", "unknown exam type '入职体检'"),
+    ((TAIL, "复查," + TAIL.split(",", 1)[1]), "row 2 column 主检结论", "复查 is not a final conclusion"),
+    ((TAIL, "基本正常," + TAIL.split(",", 1)[1]), "row 2 column 主检结论", "unknown conclusion '基本正常'"),
+    (("91511921MA62Q0A1XC", "91511921MA62Q0A1XD"), "row 2 column 用人单位统一社会信用代码", "check character"),
+    ((",1001,矽尘,", ",9999,月光,"), "row 2 column 接害因素代码", "unknown hazard factor '9999 月光'"),
+    ((",1001,矽尘,", ",,,"), "row 2 column 接害因素代码", "no hazard factor"),
+    ((",6.5,", ",六年,"), "row 2 column 接害工龄", "not a number of years"),
+    ((",2024-03-15", ",2024-02-30"), "row 2 column 体检日期", "not a calendar date"),
+    ((",1980-07-07,", ",1980-13-07,"), "row 2 column 出生日期", "does not exist"),
+])
+def test_bad_values_refuse_only_their_exam(cdc: Pipeline, change: tuple[str, str], location: str,
+                                           words: str) -> None:
+    bad = row().replace(*change)
+    good = row(EXAM.replace("TJ9", "TJ10"))
+    first, second = outcomes(cdc, csv_bytes(bad, good))
+    assert first.status is Status.REFUSED and first.ack_code == "AE" and first.label == "体检编号 TJ9"
+    assert any(i.location == location and words in i.message for i in first.errors), first.issues
+    assert second.status is Status.CONVERTED
+
+
+def test_an_exam_whose_rows_disagree_is_refused(cdc: Pipeline) -> None:
+    [out] = outcomes(cdc, csv_bytes(row(), row(tail=TAIL.replace("目前未见异常", "其他疾病或异常")),
+                                    row(EXAM.replace("王演示", "王另一"))))
+    located = {i.location: i.message for i in out.errors}
+    assert located["row 3 column 主检结论"] == "differs from row 2 of the same exam ('其他疾病或异常' here, '目前未见异常' there)"
+    assert located["row 4 column 姓名"] == "differs from row 2 of the same exam"  # names are not echoed
+
+
+def test_a_reappearing_exam_number_is_refused(cdc: Pipeline) -> None:
+    other = EXAM.replace("TJ9", "TJ10")
+    outs = outcomes(cdc, csv_bytes(row(), row(), row(other), row(), row()))
+    assert [o.status for o in outs] == [Status.CONVERTED, Status.CONVERTED, Status.REFUSED]
+    assert [(i.location, i.code) for i in outs[2].errors] == [("rows 5-6", "duplicate")]
+    assert "must be contiguous" in outs[2].errors[0].message
+
+
+def test_header_that_matches_no_layout(cdc: Pipeline) -> None:
+    [out] = outcomes(cdc, csv_bytes(row(), header=HEADER.replace("身份证号", "证件号")))
+    assert out.ack_code == "AR" and out.label == "header"
+    assert out.errors[0].location == "row 1"
+    assert "closest is csv-cdc-occupational-exam, which needs the columns 身份证号" in out.errors[0].message
+
+
+def test_rows_with_wrong_column_count_or_broken_bytes(cdc: Pipeline) -> None:
+    short = row().rsplit(",", 1)[0]
+    good = row(EXAM.replace("TJ9", "TJ10"))
+    data = csv_bytes(short, good) + b"TJ11," + "王演示".encode("utf-8")[:4] + b"\xff," + row()[5:].encode()
+    outs = outcomes(cdc, data)
+    assert [o.status for o in outs] == [Status.REFUSED, Status.CONVERTED, Status.REFUSED]
+    assert outs[0].errors[0].message == "row has 21 columns, the header has 22"
+    assert outs[2].errors[0].location == "row 4" and "not valid utf-8" in outs[2].errors[0].message
+
+
+def test_quoted_fields_with_commas_and_line_breaks(cdc: Pipeline) -> None:
+    text = row(item='XP,胸部X射线摄片,"双肺纹理清晰,\n心影不大",,,')
+    [out] = outcomes(cdc, csv_bytes(text, row(item="XCG-HGB,血红蛋白,140,g/L,130-175,")))
+    obs = entries_of(out.bundle, "Observation")
+    assert obs[0]["valueString"] == "双肺纹理清晰,\n心影不大"
+    assert out.issues == []
+
+
+# -- encodings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: text.encode("utf-8"),
+    lambda text: b"\xef\xbb\xbf" + text.encode("utf-8"),
+    lambda text: text.encode("gbk"),
+    lambda text: text.replace("\n", "\r\n").encode("gb18030"),
+])
+def test_utf8_with_or_without_bom_and_gbk_read_the_same(cdc: Pipeline, encode) -> None:
+    text = "\n".join([HEADER, row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,")]) + "\n"
+    [out] = outcomes(cdc, encode(text))
+    assert out.status is Status.CONVERTED
+    assert entries_of(out.bundle, "Patient")[0]["name"] == [{"text": "王演示"}]
+    assert ext(report_of(out.bundle), "occupation")[0]["valueString"] == "破碎工"
+
+
+# -- layouts are tables ---------------------------------------------------------------------
+
+
+def test_the_hospital_layout_is_chosen_by_its_headers(tmp_path: Path, clock) -> None:
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": FULING,
+                                                    "issuer_name": "重庆市涪陵中心医院（演示）"})
+    outs = list(Pipeline(settings, clock=clock).convert((CSV / "hospital-exams.csv").read_bytes(), "cdc-csv"))
+    assert [o.label for o in outs] == ["检查编号 FL-ZY-20240501", "检查编号 FL-ZY-20240502"]
+    report = report_of(outs[0].bundle)
+    assert ext(report, "exposure-years")[0]["valueDecimal"] == Decimal("3.5")  # 3年6个月
+    assert report["effectiveDateTime"] == "2024-05-06"  # 2024/5/6
+    assert report["resultsInterpreter"][0]["identifier"]["value"] == "FL0087"  # 主检医生工号
+    assert entries_of(outs[0].bundle, "Patient")[0]["gender"] == "female"  # GB/T 2261.1 code 2
+
+
+def test_a_new_layout_needs_a_table_not_code(tmp_path: Path, clock) -> None:
+    mappings = tmp_path / "mappings"
+    shutil.copytree(load_settings(environ={}).mappings_dir, mappings)
+    (mappings / "csv" / "district-cdc.yaml").write_text("""\
+id: csv-district-cdc
+version: 1.0.0
+target: https://fhir.cyhr.org.cn/StructureDefinition/cyhr-occupational-exam-report
+format: cdc-csv
+columns:
+  exam_number: 编号
+  name: 劳动者姓名
+  id_card: 公民身份号码
+  sex: 性别
+  employer_name: 企业名称
+  employer_uscc: 信用代码
+  hazard_name: 职业病危害因素
+  exam_type: 检查种类
+  exam_date: 检查时间
+  item_code: 指标代码
+  item_name: 指标名称
+  value: 指标结果
+  unit: 计量单位
+  conclusion: 检查结论
+  chief_physician: 主检
+  report_date: 出具日期
+report_code: {code: ZYJK, display: 职业健康检查}
+concept_tables: {items: cdc-items, exam_types: exam-types, conclusions: exam-conclusions,
+                 hazard_factors: hazard-factors, report_status: source-report-status}
+""", encoding="utf-8")
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "x", "mappings_dir": str(mappings)})
+    data = ("指标代码,指标名称,指标结果,计量单位,编号,劳动者姓名,公民身份号码,性别,企业名称,信用代码,职业病危害因素,"
+            "检查种类,检查时间,检查结论,主检,出具日期\n"
+            "XCG-WBC,白细胞计数,6.8,10^9/L,QX-1,王演示,51132219800707331X,男,通江演示建材有限公司,91511921MA62Q0A1XC,噪声,"
+            "上岗前,2024-06-01,目前未见异常,吴主检,2024-06-05 10:00\n").encode("utf-8")
+    [out] = list(Pipeline(settings, clock=clock).convert(data, "cdc-csv"))
+    assert out.status is Status.CONVERTED and out.label == "编号 QX-1", out.issues
+    report = report_of(out.bundle)
+    assert ext(report, "exam-type")[0]["valueCoding"]["code"] == "pre-employment"
+    assert [p["valueCoding"]["code"] for p in ext(report, "hazard-factor")[0]["extension"]] == ["noise", "physical"]
+
+
+def test_incomplete_layouts_and_hazard_tables_fail_at_start_up(tmp_path: Path) -> None:
+    mappings = tmp_path / "mappings"
+    shutil.copytree(load_settings(environ={}).mappings_dir, mappings)
+    layout = mappings / "csv" / "cdc-occupational-exam.yaml"
+    layout.write_text(layout.read_text(encoding="utf-8").replace("  id_card: 身份证号\n", ""), encoding="utf-8")
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "mappings_dir": str(mappings)})
+    with pytest.raises(ConfigError, match="names no column for: id_card"):
+        Pipeline(settings)
+    shutil.rmtree(mappings)
+    shutil.copytree(load_settings(environ={}).mappings_dir, mappings)
+    table = mappings / "concepts" / "hazard-factors.csv"
+    lines = table.read_text(encoding="utf-8").splitlines()
+    category_row = "*,噪声,https://fhir.cyhr.org.cn/CodeSystem/exposure-category"
+    table.write_text("\n".join(line for line in lines if not line.startswith(category_row)) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="'噪声' needs one"):
+        Pipeline(settings)
+
+
+@pytest.mark.parametrize("text, years", [("6.5", "6.5"), ("6", "6"), ("6年", "6"), ("3年6个月", "3.50"),
+                                         ("3年6月", "3.50"), ("8个月", "0.67"), ("0.5年", "0.5"), (" 2年 1个月 ", "2.08")])
+def test_exposure_years(text: str, years: str) -> None:
+    assert parse_exposure_years(text) == Decimal(years)
+
+
+@pytest.mark.parametrize("text", ["", "年", "六年", "3年12个月", "-1", "3.5.1"])
+def test_exposure_years_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_exposure_years(text)
+
+
+def test_a_unit_read_back_from_storage_is_read_the_same() -> None:
+    structures = load_mappings(load_settings(environ={}).mappings_dir).structures.values()
+    adapter = LabCSVAdapter([s for s in structures if s.get("format") == "cdc-csv"])
+    data = (CSV / "cdc-exams-gbk.csv").read_bytes()
+    units = list(adapter.split(data))
+    assert [u.meta["exam"] for u in units] == ["TJ2024101", "TJ2024102"]
+    again = adapter.read(RawUnit(units[1].data, 1))  # no meta: as reprocessed from the stored raw bytes
+    first = adapter.read(units[1])
+    assert again.message_id == first.message_id  # same exam, same duplicate key
+    assert (again.patient.id_card, again.patient.name) == (first.patient.id_card, first.patient.name)
+    assert again.reports[0].results[0].location == "row 2"  # rows are counted within the stored unit
+    assert len(again.reports[0].results) == 2
+
+
+# -- storage, HTTP, search, CLI -------------------------------------------------------------
+
+
+def test_ingest_is_idempotent_and_a_changed_export_is_a_new_version(cdc: Pipeline) -> None:
+    data = csv_bytes(row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,"))
+    first = cdc.ingest(data, "cdc-csv", channel="file")[0]
+    again = cdc.ingest(data, "cdc-csv", channel="file")[0]
+    assert first.status is Status.STORED and again.status is Status.DUPLICATE
+    changed = cdc.ingest(data.replace(b",128,", b",126,"), "cdc-csv", channel="file")[0]
+    assert changed.status is Status.STORED
+    found = cdc.store.search("DiagnosticReport", [("identifier", "urn:oid:2.16.156.10011.1.33|TJ9")])
+    assert found.total == 1 and found.resources[0]["meta"]["versionId"] == "1"  # report itself unchanged
+    sbp = cdc.store.search("Observation", [("code", "http://loinc.org|8480-6")]).resources[0]
+    assert str(sbp["valueQuantity"]["value"]) == "126" and sbp["meta"]["versionId"] == "2"
+
+
+def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_path: Path, clock) -> None:
+    from gateway.api.app import create_app
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+    pipeline = Pipeline(settings, clock=clock)
+    app = create_app(settings, pipeline)
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(app, 'cdc-system', ['submitter'])}"
+    resp = client.post("/ingest/cdc-csv", data=(CSV / "cdc-exams-utf8-bom.csv").read_bytes(), content_type="text/csv")
+    assert resp.status_code == 422 and resp.mimetype == "application/fhir+json"
+    texts = [i["diagnostics"] for i in resp.get_json()["issue"]]
+    assert any(t.startswith("体检编号 TJ2024001: stored (Bundle/") for t in texts)
+    assert "体检编号 TJ2024003: row 9 column 身份证号 身份证号 check digit is '5', expected '4'" in texts
+    found = client.get("/fhir/DiagnosticReport", query_string={
+        "patient.identifier": "urn:oid:2.16.156.10011.1.3|510302197904125617"}).get_json()
+    assert found["total"] == 1
+    report = found["entry"][0]["resource"]
+    assert report["identifier"][0]["value"] == "TJ2024004" and report["conclusion"] == "职业禁忌证：中度贫血"
+    pipeline.close()
+
+
+def test_cli_convert_names_exam_row_and_column(runner) -> None:
+    from gateway.cli import cli
+
+    path = str(CSV / "cdc-exams-utf8-bom.csv")
+    result = runner.invoke(cli, ["--issuer-uscc", CDC, "convert", "--format", "cdc-csv", path])
+    assert result.exit_code == 1
+    bundles = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [report_of(b)["identifier"][0]["value"] for b in bundles] == ["TJ2024001", "TJ2024004", "TJ2024007"]
+    lines = result.stderr.splitlines()
+    assert "体检编号 TJ2024003: row 9 column 身份证号: 身份证号 check digit is '5', expected '4'" in lines
+    assert ("体检编号 TJ2024002: row 7 column 主检结论: 复查 is not a final conclusion (GBZ 188): send the exam "
+            "when the recheck has given its final conclusion") in lines
+    assert "warning: 体检编号 TJ2024001: row 3 column 单位: unit 'dB HL' is not in table units; kept as text" in lines
+    assert not any("-6" in line.split(":")[1] for line in lines)  # no HL7 field numbers for a CSV
+
+
+def test_bundles_are_json_round_trippable(cdc: Pipeline) -> None:
+    from fhir.resources.R4B.bundle import Bundle
+
+    [out] = outcomes(cdc, csv_bytes(row()))
+    model = Bundle.model_validate(json.loads(jsonutil.dumps(out.bundle)))
+    assert model.id == out.bundle["id"]
+
+
+def test_mapping_warnings_name_row_and_column(cdc: Pipeline) -> None:
+    data = csv_bytes(row(EXAM.replace(",男,", ",未知性别,"), item="XCG-WBC,白细胞计数,6.8,10^9/L,3.5-9.5,?"))
+    [out] = outcomes(cdc, data)
+    assert out.status is Status.CONVERTED
+    located = {i.location: i.message for i in out.issues if i.location.startswith("row")}
+    assert located == {"row 2 column 性别": "sex '未知性别' is not a known code; gender left out",
+                       "row 2 column 异常标志": "abnormal flag '?' is not in table interpretation; kept as text"}
