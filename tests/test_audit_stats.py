@@ -129,6 +129,20 @@ def db(tmp_path: Path):
     database.conn.close()
 
 
+def test_results_outside_every_catalogue_do_not_count(db) -> None:
+    """A diagnostic conclusion (or an item in no catalogue) is decided, but is no 互认 candidate."""
+    before = stats.compute(db)
+    members = {k: r.Party.member(*v) for k, v in SAMPLE["members"].items()}
+    receiver, issuer = next(iter(members.values())), list(members.values())[-1]
+    append(db, r.decision(at=_dt.datetime(2026, 5, 2, 9, 0, tzinfo=CST), gateway=ME, receiver=receiver, issuer=issuer,
+                          report="DiagnosticReport/conclusion-1", item=("urn:conclusion", "目前未见异常"), catalogue="-",
+                          outcome="not-recognized", rules=[r.RuleResult("diagnostic-conclusion", False, "never")],
+                          snapshot_version=5, decision_id="conclusion-1"))
+    after = stats.compute(db)
+    assert after["total"] == before["total"]
+    assert after["outside_catalogue"] == before["outside_catalogue"] + 1
+
+
 def rate(groups: list[dict[str, Any]], key: str) -> tuple[int, int, float | None]:
     g = next(g for g in groups if g["key"] == key)
     return g["eligible"], g["accepted"], g["rate"]
@@ -175,7 +189,7 @@ def test_known_figures(db) -> None:
         "refused": 2,
         "refused_by_reason": [{"reason": "bad-signature", "count": 1}, {"reason": "unknown-issuer", "count": 1}],
     }
-    assert "needs-review excluded" in s["definition"]
+    assert "needs-review, results outside every catalogue and diagnostic conclusions excluded" in s["definition"]
 
 
 def test_period_filter(db) -> None:

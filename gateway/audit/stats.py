@@ -6,6 +6,9 @@
   receiver; when it was decided more than once (a ``needs-review`` followed by
   a final decision, a re-run after a registry update) only its **latest
   decision** counts, so every result is counted once;
+- only results that match an item of a recognition catalogue count: a result
+  outside every catalogue, and a report's diagnostic conclusion (never
+  recognisable), are reported separately as ``outside_catalogue``;
 - **eligible** results are those whose latest decision is ``recognized`` or
   ``not-recognized``. ``needs-review`` results are excluded: nothing has been
   decided for them yet, and counting them either way would move the rate
@@ -47,9 +50,9 @@ __all__ = ["DEFINITION", "compute", "format_tables", "Group"]
 
 #: One-line definition, repeated in the JSON output and the command help.
 DEFINITION = (
-    "互认率 = accepted / eligible; eligible = results (issuer, report, item, receiver; latest decision each) "
-    "decided recognized or not-recognized (needs-review excluded); accepted = eligible results recognized "
-    "and not re-tested on a physician's override"
+    "互认率 = accepted / eligible; eligible = catalogue results (issuer, report, item, receiver; latest decision "
+    "each) decided recognized or not-recognized (needs-review, results outside every catalogue and diagnostic "
+    "conclusions excluded); accepted = eligible results recognized and not re-tested on a physician's override"
 )
 
 
@@ -107,6 +110,7 @@ class _Totals:
     total: Group = field(default_factory=lambda: Group("all"))
     refusals: Counter[str] = field(default_factory=Counter)
     refused_results: int = 0
+    outside_catalogue: int = 0
     overrides: Counter[str] = field(default_factory=Counter)
     lookups: dict[str, dict[str, Any]] = field(default_factory=dict)
     exchanges: Counter[str] = field(default_factory=Counter)
@@ -211,6 +215,9 @@ def compute(db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]] = ()
         (decision_id, outcome, recorded, issuer_name, receiver_name, item_name, catalogue, rules),
     ) in latest.items():
         is_overridden = decision_id in overridden
+        if catalogue in ("", "-"):  # not a catalogue item (or a diagnostic conclusion): no 互认 to count
+            t.outside_catalogue += 1
+            continue
         _add(t.total, outcome, is_overridden)
         for dim, gkey, name in (
             ("issuer", key[1], issuer_name),
@@ -249,6 +256,7 @@ def compute(db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]] = ()
         "by_item": groups("item"),
         "by_catalogue": groups("catalogue"),
         "by_month": groups("month"),
+        "outside_catalogue": t.outside_catalogue,
         "refusals": {"results": t.refused_results, "by_rule": _ranked(t.refusals, "rule")},
         "overrides": {
             "total": sum(t.overrides.values()),

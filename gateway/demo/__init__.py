@@ -1,17 +1,30 @@
 """Demo: the whole story on one machine, no services to install.
 
-DEMO DATA ONLY: the members, patients and identifiers below are made up
-(identifiers carry valid check digits so that the gateway's checks pass).
-Each member gateway is a real :class:`~gateway.pipeline.Pipeline` with its own
-SQLite database; results travel over real MLLP and HTTP on loopback.
+DEMO DATA ONLY: the members, patients and identifiers are made up (identifiers
+carry valid check digits so that the gateway's checks pass). A registry
+authority and three member gateways run in this process, each a real gateway
+with its own SQLite database, keys and settings, talking real MLLP and HTTP on
+loopback:
+
+1. the registry authority publishes a signed snapshot (members, certificates,
+   qualifications, EQA results, catalogues);
+2. 通江县人民医院 (Sichuan) takes its LIS's HL7 v2 over MLLP, 涪陵中心医院
+   (Chongqing) takes GBK HL7 v2 over HTTP: stored, filtered or refused with reasons;
+3. 通江 refers a patient to 涪陵: the signed report Bundle crosses the provincial
+   border while 涪陵 is down, waits in the outbox, is delivered when 涪陵 is back,
+   verified and recognised item by item, with reasons;
+4. a tampered copy is refused; 涪陵 looks up (调阅) the patient's reports at 通江;
+5. the auditor verifies 涪陵's log and reads the recognition rate.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -19,14 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import requests
-from hl7.client import MLLPClient
-from werkzeug.serving import make_server
 
-from gateway.adapters.hl7v2 import split_messages
-from gateway.config import Settings, load_settings
-
-__all__ = ["DemoMember", "MEMBERS", "run_demo", "free_port"]
+__all__ = ["DemoMember", "MEMBERS", "run_demo", "free_port", "DemoClock"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,25 @@ MEMBERS = {
     "sccdc": DemoMember("sccdc", "四川省疾病预防控制中心（演示）", "12510000MB00030095", "510000"),
 }
 
+_CST = _dt.timezone(_dt.timedelta(hours=8))
+#: The demo's story time: the sample results were collected on 2026-11-20 and 21.
+DEMO_START = _dt.datetime(2026, 11, 22, 10, 0, tzinfo=_CST)
+
+
+class DemoClock:
+    """Story time: starts at :data:`DEMO_START`, runs with real time, and can jump ahead."""
+
+    def __init__(self, start: _dt.datetime = DEMO_START) -> None:
+        self.start = start
+        self.t0 = time.monotonic()
+        self.jumped = _dt.timedelta()
+
+    def __call__(self) -> _dt.datetime:
+        return self.start + self.jumped + _dt.timedelta(seconds=time.monotonic() - self.t0)
+
+    def jump(self, **delta: float) -> None:
+        self.jumped += _dt.timedelta(**delta)
+
 
 def free_port() -> int:
     """A TCP port free on loopback right now."""
@@ -58,82 +84,175 @@ def _data(name: str) -> bytes:
     return resources.files("gateway.demo").joinpath("data", name).read_bytes()
 
 
-def _member_settings(member: DemoMember, base: Path, mappings_dir: str) -> Settings:
-    return load_settings(environ={}, overrides={
-        "data_dir": str(base / member.key), "issuer_uscc": member.uscc, "issuer_name": member.name,
-        "mappings_dir": mappings_dir, "log_level": "WARNING",
-    })
+class _Server:
+    """A member gateway's HTTP server on loopback that can be stopped and started again on its port."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.app, self.port = app, port
+        self.server: Any = None
+
+    def start(self) -> None:
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
              echo: Callable[[str], Any] = click.echo) -> dict[str, Any]:
     """Run the demo, print what happens, and return the figures it printed."""
-    from gateway.api.app import create_app
+    import requests
+    from hl7.client import MLLPClient
+
+    from gateway.adapters.hl7v2 import split_messages
+    from gateway.audit.stats import compute
+    from gateway.audit.verify import verify
+    from gateway.demo.world import build_world
     from gateway.mllp import MLLPServer
-    from gateway.pipeline import Pipeline
+    from gateway.recognition.overrides import make_override
+    from gateway.recognition.store import add_override, list_decisions
+    from gateway.signing.canonical import parse_json
 
     for name in ("gateway", "werkzeug"):  # the demo prints its own story; keep operational logs quiet
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     base.mkdir(parents=True, exist_ok=True)
-    mappings = mappings_dir or load_settings(environ={}).mappings_dir
+    clock = DemoClock()
+    ports = {key: free_port() for key in MEMBERS}
+    urls = {key: f"http://127.0.0.1:{port}" for key, port in ports.items()}
     figures: dict[str, Any] = {"acks": {}, "stored": 0, "refused": 0, "filtered": 0}
-    servers: list[Any] = []
+    servers: dict[str, _Server] = {}
+    mllp: MLLPServer | None = None
     try:
-        echo("川渝 result-recognition gateway — demo (all members and patients are DEMO DATA)")
-        echo(f"working directory: {base}\n")
+        echo("川渝 result-recognition gateway — demo (all members, patients and keys are DEMO DATA)")
+        echo(f"working directory: {base}   story time: {clock().isoformat(timespec='minutes')}\n")
+        world = build_world(base, clock, urls, mappings_dir=mappings_dir)
+        snap = world.registry.snapshot(clock())
+        echo(f"[registry authority] 川渝卫生健康联合办公室（演示） publishes snapshot v{snap.version}: "
+             f"{len(snap.members)} members, {len(snap.catalogues)} catalogues, signed")
+        for key, gw in world.gateways.items():
+            servers[key] = _Server(gw.app, ports[key])
+            servers[key].start()
+        tj, fl = world.gateways["tongjiang"], world.gateways["fuling"]
 
-        # 1. 通江县人民医院: its LIS sends over MLLP, as most Chinese LIS do.
-        tj = MEMBERS["tongjiang"]
-        tj_pipe = Pipeline(_member_settings(tj, base, mappings))
-        mllp = MLLPServer(tj_pipe, "127.0.0.1", 0)
+        # -- 1. results in ---------------------------------------------------------------
+        mllp = MLLPServer(tj.pipeline, "127.0.0.1", 0)
         mllp.start_in_thread()
-        servers.append(mllp)
-        echo(f"[{tj.name} {tj.uscc}] LIS -> MLLP 127.0.0.1:{mllp.port}")
+        echo(f"\n[{tj.member.name} {tj.member.uscc}, Sichuan] LIS -> MLLP 127.0.0.1:{mllp.port}")
         with MLLPClient("127.0.0.1", mllp.port) as client:
             for raw in split_messages(_data("hl7v2/tongjiang-county-lis.hl7")):
-                ack = client.send_message(raw).decode("utf-8", "replace")
-                _print_ack(echo, ack, figures)
-
-        # 2. 重庆市涪陵中心医院: its LIS posts GBK-encoded HL7 v2.4 over HTTP.
-        fl = MEMBERS["fuling"]
-        fl_settings = _member_settings(fl, base, mappings)
-        app = create_app(fl_settings)
-        http = make_server("127.0.0.1", free_port(), app, threaded=True)
-        threading.Thread(target=http.serve_forever, daemon=True).start()
-        servers.append(http)
-        url = f"http://127.0.0.1:{http.server_port}"
-        echo(f"\n[{fl.name} {fl.uscc}] LIS -> HTTP POST {url}/ingest/hl7v2 (GBK, v2.4)")
+                _print_ack(echo, client.send_message(raw).decode("utf-8", "replace"), figures)
+        echo(f"\n[{fl.member.name} {fl.member.uscc}, Chongqing] LIS -> HTTP POST {fl.url}/ingest/hl7v2 (GBK, v2.4)")
         for raw in split_messages(_data("hl7v2/fuling-central-lis.hl7")):
-            resp = requests.post(f"{url}/ingest/hl7v2", data=raw, timeout=30)
+            resp = requests.post(f"{fl.url}/ingest/hl7v2", data=raw, timeout=30,
+                                 headers={"Authorization": f"Bearer {fl.token}"})
             _print_ack(echo, resp.content.decode("gb18030", "replace"), figures, http_status=resp.status_code)
 
-        # 3. A FHIR search by the patient's 身份证号 finds what was stored.
-        echo(f"\n[{fl.name}] FHIR search: DiagnosticReport?patient.identifier=urn:oid:2.16.156.10011.1.3|5001...")
-        found = requests.get(f"{url}/fhir/DiagnosticReport", timeout=30, params={
-            "patient.identifier": "urn:oid:2.16.156.10011.1.3|500102197506152342"}).json()
-        figures["search_total"] = found["total"]
-        for entry in found.get("entry", []):
-            report = entry["resource"]
-            echo(f"  DiagnosticReport/{report['id']} {report['code']['text']} status={report['status']} "
-                 f"issued={report.get('issued', '-')} results={len(report.get('result', []))}")
-            for ref in report.get("result", []):
-                obs = requests.get(f"{url}/fhir/{ref['reference']}", timeout=30).json()
-                codes = ", ".join(f"{c['code']}" for c in obs["code"]["coding"])
-                value = obs.get("valueQuantity", {})
-                flag = obs.get("interpretation", [{}])[0].get("coding", [{}])[0].get("code", "")
-                echo(f"    {obs['code']['text']:8} {value.get('value', '')!s:>6} {value.get('code', ''):9} "
-                     f"{flag:2} [{codes}]")
+        cdc = world.gateways["sccdc"]
+        echo(f"\n[{cdc.member.name} {cdc.member.uscc}, Sichuan] occupational-health exam export -> "
+             f"HTTP POST {cdc.url}/ingest/cdc-csv")
+        resp = requests.post(f"{cdc.url}/ingest/cdc-csv", data=_data("csv/sccdc-occupational-exams.csv"), timeout=30,
+                             headers={"Authorization": f"Bearer {cdc.token}"})
+        for issue in resp.json()["issue"]:
+            echo(f"  {issue['severity']}: {issue['diagnostics']}")
+        figures["cdc_status"] = resp.status_code
 
+        # -- 2. referral across the border, through an outage -------------------------------
+        issued = tj.pipeline.store.db.execute(
+            "SELECT bundle_id, text FROM signed_bundles WHERE direction = 'issued' ORDER BY signed_at").fetchall()
+        echo(f"\n[referral] patient 王建国 is referred from {tj.member.name} (Sichuan) to {fl.member.name} (Chongqing)")
+        for bundle_id, text in issued:
+            marks = [e["valueString"] for ent in parse_json(bytes(text))["entry"]
+                     for e in ent["resource"].get("extension", []) if ent["resource"]["resourceType"] == "Observation"]
+            echo(f"  report Bundle {bundle_id[:8]}… signed by 通江; recognition marks: "
+                 f"{', '.join(sorted(set(marks))) or 'none'} on {len(marks)} result(s)")
+        signed_text = bytes(issued[0][1])
+        servers["fuling"].stop()
+        echo(f"  {fl.member.name} is down (maintenance)")
+        rows = [tj.pipeline.exchange.push(bundle_id, fl.member.uscc) for bundle_id, _ in issued]
+        counts = tj.pipeline.exchange.deliver()
+        entry = tj.pipeline.exchange.outbox.get(rows[0])
+        echo(f"  outbox: {counts['retry']} deliveries waiting: attempt {entry.attempts}: {entry.last_error}; "
+             f"next try in {entry.next_attempt_at - clock().timestamp():.0f} s, nothing lost")
+        figures["outage_retry"] = counts["retry"]
+        clock.jump(hours=1)
+        servers["fuling"].start()
+        echo(f"  one hour later {fl.member.name} is back")
+        counts = tj.pipeline.exchange.deliver()
+        figures["delivered"] = counts["delivered"]
+        for row in rows:
+            entry = tj.pipeline.exchange.outbox.get(row)
+            receipt = entry.receipt or {}
+            echo(f"  outbox #{row}: {entry.status} after {entry.attempts} attempts; receipt signed by 涪陵: "
+                 f"{receipt.get('decisions')} (snapshot v{receipt.get('snapshot')})")
+        # The CDC's exam of the same worker goes to 涪陵 too (occupational-health reports are recognised
+        # across the border when the issuer's 备案 covers each hazard factor).
+        exam_id = cdc.pipeline.store.db.execute(
+            "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued'").fetchone()[0]
+        cdc.pipeline.exchange.push(exam_id, fl.member.uscc)
+        cdc.pipeline.exchange.deliver()
+        echo(f"  {cdc.member.name} sends its occupational-health exam of the same worker to {fl.member.name}: delivered")
+
+        # -- 3. the decisions, with their reasons -------------------------------------------
+        echo(f"\n[{fl.member.name}] recognition decisions (互认), each rule checked (✓ passed, ✗ failed, ? no fact):")
+        figures["decisions"] = {}
+        decisions = [d.to_dict() if hasattr(d, "to_dict") else d for d in list_decisions(fl.pipeline.store.db)]
+        for data in decisions:
+            issuer = next((k for k, m in MEMBERS.items() if m.uscc == data["result"]["issuer"]), "?")
+            figures["decisions"][f"{issuer}:{data['result']['item']}"] = data["outcome"]
+            item = data.get("catalogue_item") or {}
+            rules = " ".join(f"{r['rule']}{'✓' if r['status'] == 'passed' else ('✗' if r['status'] == 'failed' else '?')}"
+                             for r in data["rules"])
+            echo(f"  {data['result']['item']:<12} {item.get('code', '-'):<8} {data['outcome']:<15} {rules}")
+            for r in data["rules"]:
+                if r["status"] != "passed":
+                    echo(f"      {r['rule']}: {r['message']}")
+        plt = next(d for d in decisions if d["result"]["item"].startswith("血小板"))
+        override = make_override(plt["decision_id"], "critical-item", "FL-DR-0231", clock(),
+                                 "术前复查血小板 (re-test before surgery)")
+        add_override(fl.pipeline.store.db, override)
+        echo(f"  the receiving physician FL-DR-0231 orders a re-test of 血小板计数 anyway: reason critical-item "
+             f"(手术、输血等重大医疗措施前); recorded beside the decision, which stays as it was")
+
+        # -- 4. a tampered copy, and 调阅 ---------------------------------------------------
+        tampered = signed_text.replace(b'"value":6.8', b'"value":5.8', 1)
+        url = f"{fl.url}/exchange/bundles"
+        resp = requests.post(url, data=tampered, timeout=30, headers=tj.pipeline.exchange.assertion_for(url))
+        figures["tampered_status"] = resp.status_code
+        echo(f"\n[tampered] a copy with WBC changed from 6.8 to 5.8 sent to {fl.member.name}: HTTP {resp.status_code} "
+             f"{resp.json()['issue'][0]['diagnostics']}")
+        found = fl.pipeline.exchange.pull(tj.member.uscc, "urn:oid:2.16.156.10011.1.3|511921196612120011")
+        figures["lookup"] = len(found)
+        echo(f"[调阅] {fl.member.name} asks {tj.member.name} for patient 5119…0011: {len(found)} signed report(s), "
+             + ", ".join(f"verified (signer {v.signer_uscc}, kid {v.kid})" for v in found))
+
+        # -- 5. the auditor ---------------------------------------------------------------
+        report = verify(fl.pipeline.store.db)
+        stats = compute(fl.pipeline.store.db)
+        total = stats["total"]
+        figures["audit_ok"] = report.ok
+        figures["rate"] = total["rate"]
+        echo(f"\n[auditor at {fl.member.name}] audit log: {report.entries} entries, chain "
+             f"{'verified OK' if report.ok else 'BROKEN'}; 互认率 {total['accepted']}/{total['eligible']} = "
+             f"{total['rate']:.0%} (recognised and not re-tested ÷ eligible; {total['needs_review']} need review); "
+             f"exchanges received {stats['exchanges']['received']}, refused {stats['exchanges']['refused']}; "
+             f"overrides {stats['overrides']['total']}")
         echo(f"\nsummary: {figures['stored']} stored, {figures['refused']} refused with reasons, "
-             f"{figures['filtered']} filtered (QC)")
+             f"{figures['filtered']} filtered (QC); {figures['delivered'] + 1} signed reports crossed the border and were "
+             "decided item by item, with reasons")
+        echo("next: `gateway serve` runs one member for real; see README.md")
         return figures
     finally:
-        for server in servers:
-            if hasattr(server, "shutdown"):
-                server.shutdown()
-            else:
-                server.stop()
+        if mllp is not None:
+            mllp.stop()
+        for server in servers.values():
+            server.stop()
         if not workdir:
             shutil.rmtree(base, ignore_errors=True)
 
