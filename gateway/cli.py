@@ -287,7 +287,7 @@ def settings_cmd() -> None:
 
 def _register_areas() -> None:
     """Commands of the product areas, each in gateway/commands/."""
-    from gateway.commands import audit, recognize, registry, signing, users, validate
+    from gateway.commands import audit, exchange, recognize, registry, signing, users, validate
 
     cli.add_command(signing.keys)
     cli.add_command(signing.sign)
@@ -300,6 +300,8 @@ def _register_areas() -> None:
     cli.add_command(validate.validate)
     cli.add_command(audit.audit)
     cli.add_command(users.users)
+    cli.add_command(exchange.send)
+    cli.add_command(exchange.outbox)
 
 
 _register_areas()

@@ -59,6 +59,8 @@ class Settings:
         "Certificate (PEM) of the registry authority that signs snapshots.")
     signing_key: str = _opt("", "This member's private signing key (PEM file outside the repository; mode 0600).")
     signing_cert: str = _opt("", "This member's signing certificate (PEM), issued by the registry authority.")
+    delivery_interval: int = _opt(5, "Seconds between passes of the background loop (outbox delivery, audit "
+                                  "checkpoints) in `gateway serve`.")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
 
     @property
@@ -92,7 +94,7 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} {port} is not a TCP port", name)
-        for name in ("max_message_bytes", "max_request_bytes", "workers", "threads"):
+        for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive", name)
 

@@ -1,10 +1,11 @@
-"""Serve: one member gateway in production (HTTP on gunicorn, MLLP beside it).
+"""Serve: one member gateway in production (HTTP on gunicorn, MLLP and background work beside it).
 
 The HTTP API runs on gunicorn (pre-fork workers with threads; each worker
-builds its own app and database connections). The MLLP listener runs in a
-separate process, so a slow HTTP client never delays an ACK and gunicorn's
-forking never copies a running event loop. Before either starts, messages a
-crash left half-processed are marked failed (their raw input is kept).
+builds its own app and database connections). A second process runs the MLLP
+listener and the background loop — delivering the outbox to other members and
+making signed audit checkpoints — so a slow HTTP client never delays an ACK and
+gunicorn's forking never copies a running event loop. Before either starts,
+messages a crash left half-processed are marked failed (their raw input is kept).
 """
 from __future__ import annotations
 
@@ -15,23 +16,64 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from gateway.config import Settings
 
-__all__ = ["serve", "run_mllp"]
+__all__ = ["serve", "run_background", "background_pass"]
 
 log = logging.getLogger(__name__)
 
 
-def run_mllp(settings: Settings) -> None:
-    """Entry point of the MLLP listener process."""
+def background_pass(pipeline: Any) -> dict[str, int]:
+    """One round of background work: deliver what is due, make an audit checkpoint when one is due."""
+    done: dict[str, int] = {}
+    ex = pipeline.exchange
+    if ex is None:
+        return done
+    if ex.identity is not None and ex.holder is not None:
+        done.update(ex.deliver())
+    if ex.identity is not None:
+        from gateway.audit import checkpoint
+
+        signer = checkpoint.Signer(ex.identity.key, list(ex.identity.chain))
+        if checkpoint.maybe_make(pipeline.store.db, signer, now=pipeline.clock()) is not None:
+            done["checkpoint"] = 1
+    return done
+
+
+def _background_loop(settings: Settings, stop: threading.Event) -> None:
+    from gateway.pipeline import Pipeline
+
+    pipeline = Pipeline(settings)  # its own database connection, in this thread
+    while not stop.wait(settings.delivery_interval):
+        try:
+            background_pass(pipeline)
+        except Exception:  # keep delivering; the next pass retries
+            log.exception("background pass failed")
+
+
+def run_background(settings: Settings) -> None:
+    """Entry point of the second process: the MLLP listener (unless off) and the background loop."""
     from gateway.mllp import MLLPServer
     from gateway.pipeline import Pipeline
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port).serve_forever()
+    stop = threading.Event()
+    worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
+    worker.start()
+    try:
+        if settings.mllp_port:
+            MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port).serve_forever()
+        else:
+            while worker.is_alive():
+                worker.join(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
 
 
 def serve(settings: Settings) -> None:
@@ -53,9 +95,7 @@ def serve(settings: Settings) -> None:
     # A plain child process (not multiprocessing): gunicorn forks its workers from this process,
     # and they must not inherit multiprocessing's bookkeeping of the MLLP child.
     parent = os.getpid()
-    child: subprocess.Popen[bytes] | None = None
-    if settings.mllp_port:
-        child = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))])
+    child = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))])
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -89,5 +129,5 @@ def serve(settings: Settings) -> None:
                 child.kill()
 
 
-if __name__ == "__main__":  # the MLLP child: settings arrive as JSON
-    run_mllp(Settings(**json.loads(sys.argv[1])))
+if __name__ == "__main__":  # the second process: settings arrive as JSON
+    run_background(Settings(**json.loads(sys.argv[1])))

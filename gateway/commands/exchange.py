@@ -1,0 +1,114 @@
+"""Exchange commands: sending signed reports to other members, and the outbox operators watch.
+
+- ``gateway send BUNDLE_ID --to USCC``: queue a report this member issued for a
+  destination member (push on referral); ``--now`` also tries delivery at once;
+- ``gateway outbox list|show|retry|replay|deliver``: what waits, what was
+  delivered (with the receiver's signed receipt), what is dead and why; put a
+  dead delivery back, send a delivered one again, run one delivery pass.
+
+``gateway serve`` delivers in the background; these commands work on the same
+database while it runs (SQLite WAL).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import click
+
+from gateway import jsonutil
+
+__all__ = ["send", "outbox"]
+
+
+def _exchange(ctx: click.Context) -> Any:
+    from gateway.cli import get_settings
+    from gateway.errors import ConfigError
+    from gateway.pipeline import Pipeline
+
+    pipeline = Pipeline(get_settings(ctx))
+    if pipeline.exchange is None:
+        raise ConfigError("this gateway has no signing key and registry snapshot configured "
+                          "(signing_key, signing_cert, registry_snapshot)", "signing_key")
+    return pipeline.exchange
+
+
+@click.command()
+@click.argument("bundle_id")
+@click.option("--to", "destination", required=True, help="统一社会信用代码 of the receiving member (from the registry).")
+@click.option("--now", "deliver_now", is_flag=True, help="Also try to deliver at once (otherwise `gateway serve` does).")
+@click.pass_context
+def send(ctx: click.Context, bundle_id: str, destination: str, deliver_now: bool) -> None:
+    """Queue the signed report Bundle BUNDLE_ID for another member (push on referral)."""
+    ex = _exchange(ctx)
+    row = ex.push(bundle_id, destination)
+    click.echo(f"queued as outbox #{row} for {destination} ({ex.outbox.get(row).url})")
+    if deliver_now:
+        ex.deliver()
+        entry = ex.outbox.get(row)
+        click.echo(f"outbox #{row}: {entry.status}" + (f" ({entry.last_error})" if entry.last_error else ""))
+        if entry.status == "dead":
+            ctx.exit(1)
+
+
+@click.group()
+def outbox() -> None:
+    """Deliveries to other member gateways: list, show, retry, replay, deliver."""
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone(_dt.timedelta(hours=8))).isoformat(timespec="seconds")
+
+
+@outbox.command("list")
+@click.option("--status", type=click.Choice(["pending", "delivering", "delivered", "dead"]), help="Only this status.")
+@click.option("--limit", type=int, default=50, show_default=True, help="How many, newest first.")
+@click.pass_context
+def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
+    """List deliveries, newest first."""
+    ex = _exchange(ctx)
+    for row in ex.outbox.list(status, limit):
+        nxt = f" next {_when(row.next_attempt_at)}" if row.status == "pending" else ""
+        click.echo(f"#{row.id:<5} {row.status:10} to {row.destination} attempts {row.attempts}{nxt} "
+                   f"{row.last_error}")
+
+
+@outbox.command("show")
+@click.argument("row_id", type=int)
+@click.pass_context
+def outbox_show(ctx: click.Context, row_id: int) -> None:
+    """One delivery, with the receiver's signed receipt."""
+    row = _exchange(ctx).outbox.get(row_id)
+    click.echo(f"#{row.id} {row.status} to {row.destination} at {row.url}")
+    click.echo(f"payload sha256 {row.payload_sha256}, attempts {row.attempts}, created {row.created_at}, "
+               f"updated {row.updated_at}")
+    if row.last_error:
+        click.echo(f"last error: {row.last_error}")
+    if row.receipt:
+        click.echo("receipt: " + jsonutil.dumps(row.receipt))
+
+
+@outbox.command("retry")
+@click.argument("row_id", type=int)
+@click.pass_context
+def outbox_retry(ctx: click.Context, row_id: int) -> None:
+    """Put a dead delivery back, with a fresh attempt budget."""
+    _exchange(ctx).outbox.retry(row_id)
+    click.echo(f"outbox #{row_id} is pending again")
+
+
+@outbox.command("replay")
+@click.argument("row_id", type=int)
+@click.pass_context
+def outbox_replay(ctx: click.Context, row_id: int) -> None:
+    """Send a delivered payload again (the receiver answers with its first receipt)."""
+    _exchange(ctx).outbox.replay(row_id)
+    click.echo(f"outbox #{row_id} will be sent again")
+
+
+@outbox.command("deliver")
+@click.pass_context
+def outbox_deliver(ctx: click.Context) -> None:
+    """Try every due delivery once now."""
+    counts = _exchange(ctx).deliver()
+    click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
