@@ -131,6 +131,7 @@ class Pipeline:
         self.add_channel(self._hl7v2_channel())
         self.add_channel(self._cda_channel())
         self.add_channel(self._cdc_csv_channel())
+        self.add_channel(self._fhir_channel())
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -223,6 +224,37 @@ class Pipeline:
             code_for=ack_code_for,
             answer_type="application/fhir+json",
         )
+
+    def _fhir_channel(self) -> Channel:
+        from gateway.adapters.fhirjson import FHIRSubmissionAdapter
+        from gateway.naming import sd_url
+
+        adapter = FHIRSubmissionAdapter(max_bytes=self.settings.max_request_bytes)
+
+        def build(msg: SourceMessage) -> dict[str, Any]:
+            bundle = dict(msg.extra["bundle"])
+            bundle["type"] = "collection"  # stored like every report Bundle; the request parts are not kept
+            bundle["entry"] = [{"fullUrl": e.get("fullUrl") or f"urn:uuid:{e['resource']['id']}",
+                                "resource": e["resource"]} for e in bundle["entry"]]
+            # every submission is held to the report Bundle profile (checked next, like every Bundle we store)
+            meta = dict(bundle.get("meta") or {})
+            profiles = list(meta.get("profile") or [])
+            if not any(str(p).split("|")[0] == sd_url("cyhr-report-bundle") for p in profiles):
+                meta["profile"] = profiles + [sd_url("cyhr-report-bundle")]
+            bundle["meta"] = meta
+            return bundle
+
+        def answer(msg: SourceMessage, code: str) -> bytes:
+            if code != "AA":
+                return _outcome_answer(msg, code)
+            entries = [{"response": {"status": "201 Created",
+                                     "location": f"{e['resource']['resourceType']}/{e['resource']['id']}"}}
+                       for e in msg.extra["bundle"].get("entry", [])]
+            return jsonutil.dumps({"resourceType": "Bundle", "type": "transaction-response",
+                                   "entry": entries}).encode("utf-8")
+
+        return Channel(format="fhir", adapter=adapter, map=lambda msg: None, build=build, answer=answer,
+                       code_for=ack_code_for, answer_type="application/fhir+json")
 
     def add_channel(self, channel: Channel) -> None:
         """Take another input format (CDA, CDC CSV, ...)."""

@@ -39,6 +39,27 @@ def _check_format() -> None:
         raise NotAcceptable(f"_format {fmt!r} is not supported; this server speaks application/fhir+json")
 
 
+@bp.post("")
+@bp.post("/")
+@bp.post("/Bundle")
+@require_role("submitter", "admin")
+def submit() -> Response:
+    """A report Bundle in FHIR (transaction or collection): checked against our profiles, then stored.
+
+    Answers a transaction-response Bundle (201), or an OperationOutcome naming every problem (422/400).
+    """
+    from gateway.errors import InputError
+
+    body = request.get_data(cache=False)
+    if not body.strip():
+        raise InputError("request body is empty: send a Bundle", "Bundle")
+    outcome = pipeline_of(current_app).ingest(body, "fhir", channel="http", origin=request.remote_addr or "")[0]
+    status = {"AA": 201, "AE": 422, "AR": 400}.get(outcome.ack_code, 422)
+    if outcome.status.value == "duplicate":
+        status = 200 if outcome.ack_code == "AA" else status
+    return Response(outcome.answer, status=status, mimetype="application/fhir+json")
+
+
 @bp.get("/metadata")
 def metadata() -> Response:
     """The CapabilityStatement of this gateway."""
