@@ -80,6 +80,12 @@ def metadata() -> Response:
         if rtype in profiles:
             entry["supportedProfile"] = profiles[rtype]
         resources.append(entry)
+    from gateway.audit.query import PARAMETERS as AUDIT_PARAMETERS
+
+    resources.append({"type": "AuditEvent", "interaction": [{"code": "read"}, {"code": "search-type"}],
+                      "searchParam": [{"name": n, "type": {"date": "date", "agent": "reference",
+                                                            "entity": "reference", "patient": "reference"}.get(n, "token")}
+                                      for n in sorted(AUDIT_PARAMETERS) if not n.startswith("_") and ":" not in n]})
     served = {r["type"] for r in resources}
     for extra in capability_resources(current_app):
         if extra["type"] in served:  # profiled result types: add $validate to the entry above
@@ -98,7 +104,7 @@ def metadata() -> Response:
                            "url": request.url_root.rstrip("/") + "/fhir"},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{"mode": "server", "resource": resources}],
+        "rest": [{"mode": "server", "resource": resources, "interaction": [{"code": "transaction"}]}],
     }
     return fhir_response(cap)
 
