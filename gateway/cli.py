@@ -68,7 +68,7 @@ def get_settings(ctx: click.Context, *, service: bool = False, **flags: Any) -> 
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Logging level (GATEWAY_LOG_LEVEL).")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, **flags: Any) -> None:
+def cli(ctx: click.Context, /, config: str | None, **flags: Any) -> None:
     """川渝 result-recognition gateway: lab and exam results from hospital and CDC
     systems into signed FHIR R4, recognised (互认) across member institutions.
 
@@ -89,7 +89,7 @@ def cli(ctx: click.Context, config: str | None, **flags: Any) -> None:
 @click.option("--workers", type=int, help="HTTP worker processes.")
 @click.option("--threads", type=int, help="Threads per HTTP worker.")
 @click.pass_context
-def serve(ctx: click.Context, **flags: Any) -> None:
+def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run this member gateway: HTTP API (gunicorn) and MLLP listener."""
     from gateway.serve import serve as run
 

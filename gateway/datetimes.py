@@ -21,7 +21,9 @@ _ISO_LIKE = re.compile(
     r"(?:[ T](?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?)?"
     r"(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
 )
-_SLASHED = re.compile(r"^(?P<y>\d{4})/(?P<mo>\d{1,2})/(?P<d>\d{1,2})(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$")
+_SLASHED = re.compile(
+    r"^(?P<y>\d{4})/(?P<mo>\d{1,2})/(?P<d>\d{1,2})(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$"
+)
 
 
 class DateTimeError(ValueError):

@@ -16,12 +16,12 @@ __all__ = ["dumps", "loads", "dumps_pretty"]
 
 def dumps(obj: Any) -> str:
     """Compact JSON text, UTF-8 characters kept as they are (no ``\\uXXXX``)."""
-    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
+    return str(simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")))
 
 
 def dumps_pretty(obj: Any) -> str:
     """Indented JSON text for people and golden files."""
-    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, indent=2)
+    return str(simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, indent=2))
 
 
 def loads(text: str | bytes) -> Any:
@@ -30,4 +30,3 @@ def loads(text: str | bytes) -> Any:
     :raises ValueError: the text is not JSON.
     """
     return simplejson.loads(text, use_decimal=True)
-

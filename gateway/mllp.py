@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def frame(data: bytes) -> bytes:
     """Wrap bytes in an MLLP block."""
-    return START_BLOCK + data + END_BLOCK + CARRIAGE_RETURN
+    return bytes(START_BLOCK + data + END_BLOCK + CARRIAGE_RETURN)
 
 
 class MLLPServer:
@@ -94,7 +94,7 @@ class MLLPServer:
 
         def factory() -> asyncio.StreamReaderProtocol:
             reader = MLLPStreamReader(limit=self.max_bytes)
-            return asyncio.StreamReaderProtocol(reader, self._client)  # type: ignore[arg-type]
+            return asyncio.StreamReaderProtocol(reader, self._client)
 
         self.server = await loop.create_server(factory, self.host, self.port)
         sock = self.server.sockets[0]

@@ -406,7 +406,10 @@ class HL7v2Adapter:
         first = text.split("\r", 1)[0]
         sep = first[3:4]
         fields = ["MSH", sep] + first[4:].split(sep)
-        get = (lambda n: fields[n].strip() if n < len(fields) else "")
+
+        def get(n: int) -> str:
+            return fields[n].strip() if n < len(fields) else ""
+
         return f"{get(3)}|{get(4)}", get(10)
 
     # -- decoding ------------------------------------------------------------------------

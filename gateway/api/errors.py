@@ -9,8 +9,6 @@ with a generic text; the stack trace goes to the server log, never to the client
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
@@ -39,7 +37,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(GatewayError)
     def _gateway_error(exc: GatewayError) -> Response:
-        return outcome_response(exc.issues(), exc.http_status)
+        # RFC 6750: a 401 says how to authenticate
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        return outcome_response(exc.issues(), exc.http_status, headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
@@ -50,5 +50,5 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unexpected error handling a request")
-        return outcome_response([Issue("fatal", "exception", "", "internal error; the administrator can find "
-                                                                  "details in the gateway log")], 500)
+        text = "internal error; the administrator can find details in the gateway log"
+        return outcome_response([Issue("fatal", "exception", "", text)], 500)

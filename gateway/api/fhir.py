@@ -26,6 +26,7 @@ from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 _MAX_COUNT = 200
+_AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 _CONTROL = {"_count", "_offset", "_format"}
 
 
@@ -83,8 +84,7 @@ def metadata() -> Response:
     from gateway.audit.query import PARAMETERS as AUDIT_PARAMETERS
 
     resources.append({"type": "AuditEvent", "interaction": [{"code": "read"}, {"code": "search-type"}],
-                      "searchParam": [{"name": n, "type": {"date": "date", "agent": "reference",
-                                                            "entity": "reference", "patient": "reference"}.get(n, "token")}
+                      "searchParam": [{"name": n, "type": _AUDIT_PARAM_TYPES.get(n, "token")}
                                       for n in sorted(AUDIT_PARAMETERS) if not n.startswith("_") and ":" not in n]})
     served = {r["type"] for r in resources}
     for extra in capability_resources(current_app):

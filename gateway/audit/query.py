@@ -204,7 +204,7 @@ def _split(value: str, sep: str) -> list[str]:
     while i < len(value):
         char = value[i]
         if char == "\\" and i + 1 < len(value):
-            current.append(value[i : i + 2])
+            current.append(value[i:i + 2])
             i += 2
             continue
         if char == sep:

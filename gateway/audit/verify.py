@@ -154,7 +154,7 @@ def _listed_keys(content: bytes) -> bytes:
     so the last ``,"kind":`` is the top-level one and the ``,"k":`` before it too.
     """
     end = content.rindex(b',"kind":')
-    return content[content.rindex(b',"k":', 0, end) + 5 : end]
+    return content[content.rindex(b',"k":', 0, end) + 5:end]
 
 
 def _walk_chain(

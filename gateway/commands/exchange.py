@@ -36,7 +36,8 @@ def _exchange(ctx: click.Context) -> Any:
 @click.command()
 @click.argument("bundle_id")
 @click.option("--to", "destination", required=True, help="统一社会信用代码 of the receiving member (from the registry).")
-@click.option("--now", "deliver_now", is_flag=True, help="Also try to deliver at once (otherwise `gateway serve` does).")
+@click.option("--now", "deliver_now", is_flag=True,
+              help="Also try to deliver at once (otherwise `gateway serve` does).")
 @click.pass_context
 def send(ctx: click.Context, bundle_id: str, destination: str, deliver_now: bool) -> None:
     """Queue the signed report Bundle BUNDLE_ID for another member (push on referral)."""

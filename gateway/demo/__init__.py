@@ -54,6 +54,7 @@ MEMBERS = {
 }
 
 _CST = _dt.timezone(_dt.timedelta(hours=8))
+_SIGNS = {"passed": "✓", "failed": "✗"}  # anything else: "?" (a fact was missing)
 #: The demo's story time: the sample results were collected on 2026-11-20 and 21.
 DEMO_START = _dt.datetime(2026, 11, 22, 10, 0, tzinfo=_CST)
 
@@ -197,18 +198,18 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
             "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued'").fetchone()[0]
         cdc.pipeline.exchange.push(exam_id, fl.member.uscc)
         cdc.pipeline.exchange.deliver()
-        echo(f"  {cdc.member.name} sends its occupational-health exam of the same worker to {fl.member.name}: delivered")
+        echo(f"  {cdc.member.name} sends its occupational-health exam of the same worker to {fl.member.name}: "
+             "delivered")
 
         # -- 3. the decisions, with their reasons -------------------------------------------
         echo(f"\n[{fl.member.name}] recognition decisions (互认), each rule checked (✓ passed, ✗ failed, ? no fact):")
         figures["decisions"] = {}
-        decisions = [d.to_dict() if hasattr(d, "to_dict") else d for d in list_decisions(fl.pipeline.store.db)]
+        decisions = [d.to_dict() for d in list_decisions(fl.pipeline.store.db)]
         for data in decisions:
             issuer = next((k for k, m in MEMBERS.items() if m.uscc == data["result"]["issuer"]), "?")
             figures["decisions"][f"{issuer}:{data['result']['item']}"] = data["outcome"]
             item = data.get("catalogue_item") or {}
-            rules = " ".join(f"{r['rule']}{'✓' if r['status'] == 'passed' else ('✗' if r['status'] == 'failed' else '?')}"
-                             for r in data["rules"])
+            rules = " ".join(f"{r['rule']}{_SIGNS.get(r['status'], '?')}" for r in data["rules"])
             echo(f"  {data['result']['item']:<12} {item.get('code', '-'):<8} {data['outcome']:<15} {rules}")
             for r in data["rules"]:
                 if r["status"] != "passed":
@@ -217,8 +218,8 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         override = make_override(plt["decision_id"], "critical-item", "FL-DR-0231", clock(),
                                  "术前复查血小板 (re-test before surgery)")
         add_override(fl.pipeline.store.db, override)
-        echo(f"  the receiving physician FL-DR-0231 orders a re-test of 血小板计数 anyway: reason critical-item "
-             f"(手术、输血等重大医疗措施前); recorded beside the decision, which stays as it was")
+        echo("  the receiving physician FL-DR-0231 orders a re-test of 血小板计数 anyway: reason critical-item "
+             "(手术、输血等重大医疗措施前); recorded beside the decision, which stays as it was")
 
         # -- 4. a tampered copy, and 调阅 ---------------------------------------------------
         tampered = signed_text.replace(b'"value":6.8', b'"value":5.8', 1)
@@ -244,8 +245,8 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
              f"exchanges received {stats['exchanges']['received']}, refused {stats['exchanges']['refused']}; "
              f"overrides {stats['overrides']['total']}")
         echo(f"\nsummary: {figures['stored']} stored, {figures['refused']} refused with reasons, "
-             f"{figures['filtered']} filtered (QC); {figures['delivered'] + 1} signed reports crossed the border and were "
-             "decided item by item, with reasons")
+             f"{figures['filtered']} filtered (QC); {figures['delivered'] + 1} signed reports crossed the border "
+             "and were decided item by item, with reasons")
         echo("next: `gateway serve` runs one member for real; see README.md")
         return figures
     finally:

@@ -78,6 +78,9 @@ class Transport(Protocol):
     def send(self, url: str, payload: bytes, headers: dict[str, str]) -> SendResult:
         """Deliver; never raise for network problems (return a retryable result)."""
 
+    def get(self, url: str, headers: dict[str, str]) -> SendResult:
+        """Query (调阅); never raise for network problems."""
+
 
 @dataclass
 class OutboxRow:
@@ -106,7 +109,7 @@ def backoff_seconds(attempts: int, *, base: float = 5.0, cap: float = 3600.0,
     not all retry in the same second.
     """
     ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
-    return ceiling / 2 + rand() * ceiling / 2
+    return float(ceiling / 2 + rand() * ceiling / 2)
 
 
 class Outbox:

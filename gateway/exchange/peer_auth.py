@@ -120,6 +120,7 @@ def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str]
         raise PeerAuthError() from None
     if header.get("typ") not in (None, "JWT") or not isinstance(claims, dict):
         raise PeerAuthError()
+
     def candidates(kid: str) -> list[x509.Certificate]:
         # The caller's own x5c certificate is tried too, so that a removed (revoked) member is told
         # so below (403) instead of failing as an unknown signature; it must still pass every trust check.

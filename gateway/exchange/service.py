@@ -166,7 +166,7 @@ class Exchange:
         if tables is None or tables[0].db is not self.db:
             tables = (Outbox(self.db, clock=self.clock), ReplayCache(self.db))
             self._local.tables = tables
-        return tables  # type: ignore[no-any-return]
+        return tables
 
     @property
     def outbox(self) -> Outbox:
@@ -362,10 +362,11 @@ class Exchange:
         except GatewayError as exc:
             reason = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "invalid"}.get(
                 exc.http_status, "invalid")
+            detail = exc.message[:200]
 
             def audit(db: sqlite_utils.Database) -> None:
                 audit_events.exchanged(db, "refused", at=self.clock(), member=self.settings.issuer_uscc, peer=peer,
-                                       bundle_hash=digest_raw, reason=reason, detail=exc.message[:200])
+                                       bundle_hash=digest_raw, reason=reason, detail=detail)
 
             self.store.finish(record_id, status="refused", ack_code=str(exc.http_status), ack=None,
                               issues=exc.issues(), after=audit)
@@ -451,6 +452,8 @@ class Exchange:
         from gateway.errors import PeerRejected, PeerUnavailable
 
         used = transport or self.transport
+        if used is None:
+            raise ConfigError("no transport to query peers with", "transport")
         base = self.endpoint_of(destination).rsplit("/bundles", 1)[0]
         url = f"{base}/DiagnosticReport?patient.identifier={quote(identifier, safe='|:')}"
         result = used.get(url, self.assertion_for(url))
@@ -476,4 +479,3 @@ class Exchange:
             if identifier in keys_list or any(k.split("|", 1)[1] == identifier for k in keys_list):
                 out.append(bytes(text))
         return out
-

@@ -98,7 +98,8 @@ def _value(res: ResultFacts) -> dict[str, Any]:
         return {"valueCodeableConcept": cc}
     if kind == "range":
         low, high = value
-        return {"valueRange": {"low": _quantity(low, res.unit, ucum, True), "high": _quantity(high, res.unit, ucum, True)}}
+        return {"valueRange": {"low": _quantity(low, res.unit, ucum, True),
+                               "high": _quantity(high, res.unit, ucum, True)}}
     if kind == "ratio":
         num, den = value
         return {"valueRatio": {"numerator": {"value": num.value}, "denominator": {"value": den.value}}}

@@ -191,8 +191,7 @@ def _load_concepts(path: Path, problems: list[str]) -> ConceptTable | None:
             continue
         target_system = _expand_system(target_system)
         _check_target(target_system, target_code, where, problems)
-        key = (_expand_system(source_system), source_code)
-        targets = table.rows.setdefault(key, [])
+        targets = table.rows.setdefault((_expand_system(source_system), source_code), [])
         if any(t.system == target_system for t in targets):
             problems.append(f"{where}: {source_code!r} is mapped twice to {target_system}")
         if targets and (not target_code) != (not targets[0].code):

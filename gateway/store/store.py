@@ -327,7 +327,7 @@ class Store:
             if kind is None:
                 if strict:
                     raise InvalidSearch(f"search parameter {raw_name!r} is not supported for {rtype} "
-                                     f"(supported: {', '.join(sorted(known))})", raw_name, code="not-supported")
+                                        f"(supported: {', '.join(sorted(known))})", raw_name, code="not-supported")
                 continue
             ors: list[str] = []
             for part in value.split(","):
@@ -339,21 +339,23 @@ class Store:
                 else:
                     if kind == "reference" and "/" not in part:
                         part = f"Patient/{part}"
+                    t_system: str | None
+                    t_code: str | None
                     if kind == "reference":
                         t_system, t_code = None, part
                     else:
                         tq = parse_token_query(part)
                         t_system, t_code = tq.system, tq.code
                     cond = "type = ? AND param = ?"
-                    cargs = [rtype, name]
+                    targs: list[Any] = [rtype, name]
                     if t_code is not None:
                         cond += " AND code = ?"
-                        cargs.append(t_code)
+                        targs.append(t_code)
                     if t_system is not None:
                         cond += " AND system = ?"
-                        cargs.append(t_system)
+                        targs.append(t_system)
                     ors.append(f"id IN (SELECT id FROM search_token WHERE {cond})")
-                    args += cargs
+                    args += targs
             clauses.append("(" + " OR ".join(ors) + ")")
         where = " AND ".join(["type = ?"] + clauses)
         total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]

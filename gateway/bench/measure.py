@@ -1,0 +1,153 @@
+"""Bench measurement: timing, latency percentiles, memory, and what a stage reports.
+
+A stage is timed item by item (one message, one Bundle) with
+:func:`time.perf_counter_ns`, so that latency percentiles come from the same
+run as the throughput. CPU time (:func:`time.process_time`) is taken beside
+wall time: "per core" figures are items per second of one busy core, and the
+ratio of CPU to wall time shows how much of a stage waited on I/O.
+
+Memory is measured in a separate, short pass with :mod:`tracemalloc` (which
+slows Python code down several times, so it never runs while timing): the
+peak of memory allocated by the stage above what was held before it. The
+process's peak resident set size is reported once for the whole run.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["StageResult", "NotAvailable", "percentile", "time_items", "traced_peak", "peak_rss_kib"]
+
+
+class NotAvailable(Exception):
+    """A stage whose product code is not there yet (or cannot run here); the message says why."""
+
+
+@dataclass
+class StageResult:
+    """What one stage measured. Rates are per second of wall time on one core unless ``cores`` says otherwise."""
+
+    name: str
+    title: str
+    status: str = "ok"  # ok | not-available | failed
+    note: str = ""
+    items: int = 0  # messages, Bundles, rows or requests processed
+    unit: str = "msg"
+    observations: int = 0  # Observations carried by those items
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    cores: float = 1.0  # cores the measured code could use (1 for an in-process stage)
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    peak_kib: float | None = None  # tracemalloc peak above the starting point
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Items per second (wall time)."""
+        return self.items / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def rate_per_core(self) -> float:
+        """Items per second per core."""
+        return self.rate / self.cores if self.cores else 0.0
+
+    @property
+    def obs_rate_per_core(self) -> float:
+        """Observations per second per core."""
+        return self.observations / self.wall_s / self.cores if self.wall_s > 0 and self.cores else 0.0
+
+    @property
+    def median_ms(self) -> float | None:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99_ms(self) -> float | None:
+        return percentile(self.latencies_ms, 99)
+
+    def as_json(self) -> dict[str, Any]:
+        """The result as JSON-ready data (latencies summarised, not listed)."""
+        out = asdict(self)
+        out.pop("latencies_ms")
+        out.update({
+            "rate": round(self.rate, 2),
+            "rate_per_core": round(self.rate_per_core, 2),
+            "observations_per_core": round(self.obs_rate_per_core, 1),
+            "median_ms": _round(self.median_ms),
+            "p95_ms": _round(percentile(self.latencies_ms, 95)),
+            "p99_ms": _round(self.p99_ms),
+            "max_ms": _round(max(self.latencies_ms) if self.latencies_ms else None),
+            "wall_s": round(self.wall_s, 4),
+            "cpu_s": round(self.cpu_s, 4),
+        })
+        return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """The ``pct``-th percentile (nearest rank) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def time_items(result: StageResult, fn: Callable[[Any], Any], items: Sequence[Any],
+               observations: Callable[[Any, Any], int] | None = None) -> list[Any]:
+    """Run ``fn`` on every item, timing each; fill ``result`` and return ``fn``'s results.
+
+    Garbage collection is left on (the product runs with it) but collected
+    before starting, so that one stage does not pay for the previous one's garbage.
+    """
+    gc.collect()
+    outputs: list[Any] = []
+    lat: list[float] = []
+    obs = 0
+    clock = time.perf_counter_ns
+    cpu0, t0 = time.process_time(), clock()
+    for item in items:
+        s = clock()
+        out = fn(item)
+        lat.append((clock() - s) / 1e6)
+        outputs.append(out)
+    wall = (clock() - t0) / 1e9
+    cpu = time.process_time() - cpu0
+    if observations is not None:
+        obs = sum(observations(i, o) for i, o in zip(items, outputs))
+    result.items += len(items)
+    result.observations += obs
+    result.wall_s += wall
+    result.cpu_s += cpu
+    result.latencies_ms.extend(lat)
+    return outputs
+
+
+def traced_peak(fn: Callable[[Any], Any], items: Sequence[Any]) -> float:
+    """Peak KiB allocated (above the start) while ``fn`` runs over ``items``, traced by tracemalloc."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start, _ = tracemalloc.get_traced_memory()
+        for item in items:
+            fn(item)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return max(0.0, (peak - start) / 1024)
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set size so far, in KiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss / 1024) if sys.platform == "darwin" else int(rss)

@@ -1,0 +1,79 @@
+"""Bench command: ``gateway bench [--quick] [--json FILE] [--stages ...]``.
+
+Runs the benchmark of :mod:`gateway.bench` on this machine: every stage of the
+HL7 v2 path, the baseline, CDC CSV, inbound Bundles, MLLP and HTTP under load on
+loopback, and the audit log; prints the machine, versions and a table, and
+writes JSON for comparing commits. Servers it starts listen on 127.0.0.1 only
+and are stopped when it ends.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from gateway.bench import STAGES, BenchOptions, run_bench
+
+__all__ = ["bench"]
+
+
+def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    names: list[str] = []
+    for item in value:
+        names += [n.strip() for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise click.BadParameter(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    return tuple(names)
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="Smoke check: few messages per stage, under 30 s; no audit stages.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the results as JSON to this file (for comparing commits).")
+@click.option("--stages", "stages", multiple=True, callback=_stage_names, metavar="NAME[,NAME...]",
+              help=f"Run only these stages (repeatable or comma-separated): {', '.join(STAGES)}.")
+@click.option("--count", type=click.IntRange(min=1),
+              help="Messages per in-process stage (default 40 quick, 1000 full).")
+@click.option("--seconds", type=click.FloatRange(min=0.1),
+              help="Time cap per in-process stage (default 0.6 quick, 15 full).")
+@click.option("--mllp-rate", type=click.FloatRange(min=1), default=200.0, show_default=True,
+              help="MLLP messages per second offered, all clients together.")
+@click.option("--mllp-clients", type=click.IntRange(min=1, max=32), default=3, show_default=True,
+              help="MLLP client connections.")
+@click.option("--mllp-seconds", type=click.FloatRange(min=0.5), help="MLLP load duration (default 1.5 quick, 20 full).")
+@click.option("--http-clients", type=click.IntRange(min=1, max=64), default=4, show_default=True,
+              help="Concurrent HTTP clients.")
+@click.option("--http-requests", type=click.IntRange(min=1), help="HTTP requests in all (default 30 quick, 1000 full).")
+@click.option("--csv-rows", type=click.IntRange(min=8),
+              help="Rows of the generated CDC export (default 800 quick, 20,000 full).")
+@click.option("--audit-entries", type=click.IntRange(min=1), help="Audit log size for search/verify (default 100,000).")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Keep databases, generated files and server logs here (default: a temporary directory, removed).")
+@click.option("--seed", type=int, default=8, show_default=True, help="Seed of the generated inputs.")
+def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: int | None, seconds: float | None,
+          mllp_rate: float, mllp_clients: int, mllp_seconds: float | None, http_clients: int,
+          http_requests: int | None, csv_rows: int | None, audit_entries: int | None, workdir: str | None,
+          seed: int) -> None:
+    """Measure every stage and end to end on this machine, against a straightforward baseline.
+
+    Prints messages/s and Observations/s per core, median and p99 latency and
+    peak memory per stage, the ratio to the baseline, and the issue's targets
+    as met or not. Stages whose area is not built yet say so.
+    """
+    options = BenchOptions(quick=quick, stages=stages, count=count, seconds=seconds, seed=seed, workdir=workdir,
+                           mllp_rate=mllp_rate, mllp_clients=mllp_clients, mllp_seconds=mllp_seconds,
+                           http_clients=http_clients, http_requests=http_requests, csv_rows=csv_rows,
+                           audit_entries=audit_entries)
+    click.echo(f"gateway bench ({'quick' if quick else 'full'}): running...", err=True)
+    report = run_bench(options, echo=lambda line: click.echo(line, err=True))
+    for line in report.lines():
+        click.echo(line)
+    if json_path:
+        try:
+            Path(json_path).write_text(json.dumps(report.as_json(), ensure_ascii=False, indent=2) + "\n",
+                                       encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"{json_path}: cannot write: {exc.strerror}") from None
+        click.echo(f"results written to {json_path}", err=True)
