@@ -162,10 +162,10 @@ def test_sign_reproduces_the_shipped_signed_bundle(runner: CliRunner, tmp_path: 
 def test_sign_refuses_an_expired_certificate_and_a_foreign_key(runner: CliRunner) -> None:
     late = runner.invoke(cli, ["sign", str(DATA / "report-bundle.json"), "--key", MEMBER_KEY, "--cert", MEMBER_CERT,
                                "--at", "2031-01-01T00:00:00+08:00"])
-    assert late.exit_code == 1 and "not valid at" in one_line(late.output)
+    assert late.exit_code == 2 and "not valid at" in one_line(late.output)  # a configuration problem
     foreign = runner.invoke(cli, ["sign", str(DATA / "report-bundle.json"), "--key", AUTHORITY_KEY,
                                   "--cert", MEMBER_CERT])
-    assert foreign.exit_code == 1 and "does not belong" in one_line(foreign.output)
+    assert foreign.exit_code == 2 and "does not belong" in one_line(foreign.output)
     naive = runner.invoke(cli, ["sign", str(DATA / "report-bundle.json"), "--key", MEMBER_KEY, "--cert", MEMBER_CERT,
                                 "--at", "2025-06-01T10:30:00"])
     assert naive.exit_code == 2 and "UTC offset" in naive.output

@@ -37,7 +37,7 @@ from gateway.audit import export as exporting
 from gateway.audit import query, records, stats
 from gateway.audit.log import append, entries, has_log, head
 from gateway.audit.verify import verify as verify_log
-from gateway.commands.registry import AwareDateTime, one_line_errors
+from gateway.commands.common import AwareDateTime, one_line_errors
 from gateway.config import Settings, load_settings
 from gateway.errors import InputError
 from gateway.signing.keys import certificates_in, load_certificate, load_certificates, load_private_key

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 import sqlite_utils
 
-from gateway.commands.registry import AwareDateTime, authority_certificates, now_cst, one_line_errors
+from gateway.commands.common import AwareDateTime, now_cst, one_line_errors
+from gateway.commands.registry import authority_certificates
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.recognition.engine import (
     FAILED,

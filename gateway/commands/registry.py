@@ -18,17 +18,13 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
 import click
-
 from cryptography import x509
 
+from gateway.commands.common import AWARE, AwareDateTime, now_cst, one_line_errors
+
 from gateway.config import REPO_ROOT
-from gateway.errors import ConfigError, GatewayError
 from gateway.registry.models import QUALIFICATION_TYPES, Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder, build_snapshot, read_snapshot_unverified, verify_snapshot
 from gateway.registry.source import load_source, source_schema
@@ -47,42 +43,7 @@ __all__ = [
 _CST = _dt.timezone(_dt.timedelta(hours=8))
 
 
-class AwareDateTime(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
-    """An ISO 8601 date-time with its UTC offset (``2026-11-22T10:00:00+08:00``)."""
-
-    name = "datetime"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> _dt.datetime:
-        if isinstance(value, _dt.datetime):
-            return value
-        try:
-            parsed = _dt.datetime.fromisoformat(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 date-time", param, ctx)
-        if parsed.tzinfo is None or parsed.utcoffset() is None:
-            self.fail(f"{value!r} has no UTC offset (write e.g. 2026-11-22T10:00:00+08:00)", param, ctx)
-        return parsed
-
-
-_AWARE = AwareDateTime()
-
-
-@contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Gateway errors as one readable line: exit 2 for configuration problems, 1 otherwise."""
-    try:
-        yield
-    except ConfigError as exc:
-        err = click.ClickException(str(exc))
-        err.exit_code = 2
-        raise err from None
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def now_cst() -> _dt.datetime:
-    """The current time in China Standard Time, to the second."""
-    return _dt.datetime.now(_CST).replace(microsecond=0)
+_AWARE = AWARE
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:

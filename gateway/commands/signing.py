@@ -15,18 +15,16 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from gateway.commands.common import AWARE, now_cst, one_line_errors
 from gateway.config import REPO_ROOT
-from gateway.errors import GatewayError
 from gateway.identifiers import check_uscc
 from gateway.signing.canonical import dumps, parse_json
 from gateway.signing.jws import check_signer_is_issuer, format_instant, sign_bundle, signer_reference, verify_bundle
@@ -51,41 +49,9 @@ __all__ = ["keys", "sign", "verify", "issue_cert", "init_authority", "key_dir_al
 
 log = logging.getLogger(__name__)
 
-#: China Standard Time, the offset given to "now" when no time is passed.
-CST = _dt.timezone(_dt.timedelta(hours=8), "CST")
 
-
-class AwareDateTime(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
-    """An ISO 8601 date-time that carries its UTC offset (``2025-06-01T10:00:00+08:00``)."""
-
-    name = "datetime"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> _dt.datetime:
-        if isinstance(value, _dt.datetime):
-            return value
-        try:
-            parsed = _dt.datetime.fromisoformat(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 date-time", param, ctx)
-        if parsed.tzinfo is None or parsed.utcoffset() is None:
-            self.fail(f"{value!r} has no UTC offset (write e.g. +08:00)", param, ctx)
-        return parsed
-
-
-AWARE = AwareDateTime()
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Turn gateway errors into one readable line and exit status 1."""
-    try:
-        yield
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _now() -> _dt.datetime:
-    return _dt.datetime.now(CST).replace(microsecond=0)
+_one_line_errors = one_line_errors
+_now = now_cst
 
 
 def _read_password(path: str | None) -> bytes | None:
