@@ -1,12 +1,16 @@
-"""Bench areas: the baseline, the servers under load, and the areas still being built.
+"""Bench areas: the baseline, the servers under load, CDC CSV, inbound Bundles and the audit log.
 
 - ``baseline``: the straightforward pipeline (:mod:`gateway.bench.baseline`) on the same messages;
 - ``mllp``: ACK latency under a steady load of real TCP clients against the MLLP
   listener process that ``gateway serve`` starts (``python -m gateway.serve``);
 - ``http``: ``POST /ingest/hl7v2`` from concurrent clients against ``gateway serve``
-  (gunicorn, gthread workers) on loopback;
-- ``csv``, ``inbound``, ``audit-search``, ``audit-verify``: measured once their
-  product code exists; until then reported as not available, with what is missing.
+  (gunicorn, gthread workers) on loopback, as an authenticated ``submitter``;
+- ``csv``: a generated CDC export through ``Pipeline.convert`` as a stream;
+- ``inbound``: the receiving member's ``Exchange.receive`` on Bundles signed by the sender's pipeline;
+- ``audit-search``, ``audit-verify``: a log filled by the audit area's own bulk loader.
+
+Each raises :class:`~gateway.bench.measure.NotAvailable`, saying what is missing,
+when its product code is not there.
 """
 from __future__ import annotations
 
@@ -17,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bench.context import BenchContext
-from gateway.bench.inputs import OBX_PER_MESSAGE
 from gateway.bench.measure import NotAvailable, StageResult
 from gateway.bench.stages import STAGES, _timed, stage
 
-__all__ = ["baseline_stage", "mllp_stage", "http_stage"]
+__all__ = ["baseline_stage", "mllp_stage", "http_stage", "csv_stage", "inbound_stage", "audit_search_stage",
+           "audit_verify_stage"]
 
 
 def _require(module: str, *names: str) -> Any:
@@ -250,6 +254,3 @@ def audit_verify_stage(ctx: BenchContext) -> StageResult:
     if not report.ok:
         result.status = "failed"
     return result
-
-
-_ = OBX_PER_MESSAGE  # re-exported for stages defined elsewhere

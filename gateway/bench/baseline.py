@@ -21,6 +21,7 @@ no ACK); it is a floor for cost, not a product.
 """
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -34,13 +35,26 @@ import hl7
 import rfc8785
 from jwcrypto import jwk, jws
 
-from gateway.naming import SYSTEM_ID_CARD, SYSTEM_LOINC, SYSTEM_UCUM, local_item_system, sd_url
+from gateway.naming import (
+    SYSTEM_ID_CARD,
+    SYSTEM_INTERPRETATION,
+    SYSTEM_LAB_REPORT_NO,
+    SYSTEM_LOINC,
+    SYSTEM_OBS_CATEGORY,
+    SYSTEM_SPECIMEN_NO,
+    SYSTEM_UCUM,
+    SYSTEM_USCC,
+    SYSTEM_V2_0074,
+    local_item_system,
+    local_mrn_system,
+    sd_url,
+)
+from gateway.signing.jws import SIGNATURE_TYPE_SYSTEM, VERIFICATION_SIGNATURE
 
 __all__ = ["Baseline"]
 
 _NS = uuid.UUID("9d3c1f2e-8b7a-4c5d-9e0f-112233445566")
 _RANGE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*-\s*([+-]?\d+(?:\.\d+)?)\s*$")
-_INTERP = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _STATUS = {"F": "final", "C": "corrected", "P": "preliminary", "X": "cancelled"}
 
 
@@ -105,7 +119,11 @@ class Baseline:
         token.add_signature(self.key, alg="ES256", protected=json.dumps({"alg": "ES256", "kid": self.kid}))
         header, _, signature = token.serialize(compact=True).split(".")
         detached = f"{header}..{signature}"
-        data["signature"] = {"sigFormat": "application/jose", "data": detached}
+        data["signature"] = {
+            "type": [{"system": SIGNATURE_TYPE_SYSTEM, "code": VERIFICATION_SIGNATURE}],
+            "when": data["timestamp"], "who": {"identifier": {"system": SYSTEM_USCC, "value": self.uscc}},
+            "sigFormat": "application/jose", "data": base64.b64encode(detached.encode("ascii")).decode("ascii"),
+        }
         self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute("INSERT INTO bundles VALUES (?,?,?,?,?)",
                           [data["id"], control_id, raw, json.dumps(data, ensure_ascii=False),
@@ -118,7 +136,7 @@ class Baseline:
         control_id = _f(msh, 10)
         org = {"resourceType": "Organization", "id": _uid("Organization", self.uscc),
                "meta": {"profile": [sd_url("cyhr-organization")]},
-               "identifier": [{"system": "https://fhir.cyhr.org.cn/sid/uscc", "value": self.uscc}],
+               "identifier": [{"system": SYSTEM_USCC, "value": self.uscc}],
                "active": True, "name": self.name}
         patient: dict[str, Any] = {"resourceType": "Patient", "meta": {"profile": [sd_url("cyhr-patient")]},
                                    "identifier": []}
@@ -127,7 +145,7 @@ class Baseline:
             if id_type == "NNCHN":
                 patient["identifier"].append({"use": "official", "system": SYSTEM_ID_CARD, "value": value})
             elif value:
-                patient["identifier"].append({"system": f"https://fhir.cyhr.org.cn/sid/mrn/{self.uscc}",
+                patient["identifier"].append({"system": local_mrn_system(self.uscc),
                                               "value": value})
         patient["id"] = _uid("Patient", patient["identifier"][-1]["value"])
         family, given = _f(pid, 5, 1), _f(pid, 5, 2)
@@ -152,7 +170,7 @@ class Baseline:
         for obr, obxs, spm in groups:
             number = _f(obr, 3)
             spec = {"resourceType": "Specimen", "id": _uid("Specimen", number), "subject": subject,
-                    "identifier": [{"system": "urn:oid:2.16.156.10011.1.14", "value": _f(spm, 2)}],
+                    "identifier": [{"system": SYSTEM_SPECIMEN_NO, "value": _f(spm, 2)}],
                     "type": {"text": _f(spm, 4, 2)},
                     "collection": {"collectedDateTime": _ts(_f(spm, 17))}, "receivedTime": _ts(_f(spm, 18))}
             specimens.append(spec)
@@ -167,7 +185,7 @@ class Baseline:
                     "resourceType": "Observation", "id": _uid("Observation", number, code),
                     "meta": {"profile": [sd_url("cyhr-lab-observation")]},
                     "status": _STATUS.get(_f(obx, 11), "unknown"),
-                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                    "category": [{"coding": [{"system": SYSTEM_OBS_CATEGORY,
                                               "code": "laboratory"}]}],
                     "code": {"coding": codings, "text": text}, "subject": subject,
                     "effectiveDateTime": _ts(_f(obr, 7)), "issued": _ts(_f(obr, 22)), "performer": performer,
@@ -188,7 +206,8 @@ class Baseline:
                 flag = _f(obx, 8)
                 if flag in self.flags:
                     fcode, fdisplay = self.flags[flag]
-                    obs["interpretation"] = [{"coding": [{"system": _INTERP, "code": fcode, "display": fdisplay}]}]
+                    coding = {"system": SYSTEM_INTERPRETATION, "code": fcode, "display": fdisplay}
+                    obs["interpretation"] = [{"coding": [coding]}]
                 m = _RANGE.match(_f(obx, 7))
                 if m:
                     obs["referenceRange"] = [{"low": {"value": float(m.group(1))},
@@ -198,8 +217,8 @@ class Baseline:
             reports.append({
                 "resourceType": "DiagnosticReport", "id": _uid("DiagnosticReport", number),
                 "meta": {"profile": [sd_url("cyhr-lab-report")]},
-                "identifier": [{"system": "urn:oid:2.16.156.10011.1.33", "value": number}],
-                "status": "final", "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                "identifier": [{"system": SYSTEM_LAB_REPORT_NO, "value": number}],
+                "status": "final", "category": [{"coding": [{"system": SYSTEM_V2_0074,
                                                              "code": "LAB"}]}],
                 "code": {"text": _f(obr, 4, 2)}, "subject": subject, "effectiveDateTime": _ts(_f(obr, 7)),
                 "issued": _ts(_f(obr, 22)), "performer": performer,

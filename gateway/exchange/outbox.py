@@ -35,30 +35,9 @@ from gateway import jsonutil
 from gateway.errors import NotFound
 from gateway.store.db import transaction
 
-__all__ = ["Outbox", "OutboxRow", "Transport", "SendResult", "backoff_seconds", "SCHEMA"]
+__all__ = ["Outbox", "OutboxRow", "Transport", "SendResult", "backoff_seconds"]
 
 log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id              INTEGER PRIMARY KEY,
-    destination     TEXT NOT NULL,              -- USCC of the receiving member
-    url             TEXT NOT NULL,              -- its exchange endpoint
-    kind            TEXT NOT NULL,              -- bundle
-    payload         BLOB NOT NULL,              -- exactly the bytes sent
-    payload_sha256  TEXT NOT NULL,
-    status          TEXT NOT NULL,              -- pending | delivering | delivered | dead
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,              -- epoch seconds
-    lease_until     REAL,
-    last_error      TEXT NOT NULL DEFAULT '',
-    receipt         TEXT,
-    created_at      TEXT NOT NULL,
-    updated_at      TEXT NOT NULL,
-    UNIQUE (destination, payload_sha256)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_at);
-"""
 
 
 @dataclass(frozen=True)
@@ -124,7 +103,9 @@ class Outbox:
         self.lease_seconds = lease_seconds
         self.rand = rand
         if not db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone():
-            db.conn.executescript(SCHEMA)  # standalone use; a gateway database has it from store/schema.sql
+            from gateway.store.store import ensure_core_schema
+
+            ensure_core_schema(db)  # the outbox table is defined with the rest, in store/schema.sql
 
     def _now(self) -> tuple[float, str]:
         now = self.clock()

@@ -84,10 +84,9 @@ class ReplayCache:
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
         if not db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'peer_jti'").fetchone():
-            db.conn.executescript(
-                "CREATE TABLE IF NOT EXISTS peer_jti (iss TEXT NOT NULL, jti TEXT NOT NULL, exp REAL NOT NULL,"
-                " PRIMARY KEY (iss, jti));"
-                "CREATE INDEX IF NOT EXISTS peer_jti_exp ON peer_jti(exp);")
+            from gateway.store.store import ensure_core_schema
+
+            ensure_core_schema(db)  # the peer_jti table is defined with the rest, in store/schema.sql
 
     def remember(self, iss: str, jti: str, exp: float, now: float) -> None:
         """Record a ``jti``.

@@ -66,27 +66,12 @@ from gateway.signing.trust import check_certificate
 from gateway.store.db import transaction
 from gateway.store.store import Store
 
-__all__ = ["MemberIdentity", "Exchange", "ReceiveResult", "SIGNED_SCHEMA", "EXCHANGE_PATH"]
+__all__ = ["MemberIdentity", "Exchange", "ReceiveResult", "EXCHANGE_PATH"]
 
 log = logging.getLogger(__name__)
 
 EXCHANGE_PATH = "/exchange/bundles"
 EXT_MARK = ext_url("recognition-mark")
-
-SIGNED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS signed_bundles (
-    bundle_id     TEXT NOT NULL,
-    doc_sha256    TEXT NOT NULL,        -- SHA-256 of the signed document bytes (RFC 8785, no signature/id/meta)
-    issuer_uscc   TEXT NOT NULL,
-    patient_keys  TEXT NOT NULL,        -- JSON list of "system|value" of the subject's identifiers
-    direction     TEXT NOT NULL,        -- issued (signed here) | received (verified here)
-    text          BLOB NOT NULL,        -- exactly the signed JSON text
-    signed_at     TEXT NOT NULL,
-    message_ref   INTEGER,
-    PRIMARY KEY (doc_sha256)
-);
-CREATE INDEX IF NOT EXISTS signed_bundles_bundle ON signed_bundles(bundle_id);
-"""
 
 
 @dataclass(frozen=True)

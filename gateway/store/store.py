@@ -32,7 +32,7 @@ from gateway.fhir.search import (
 )
 from gateway.store.db import connect, transaction
 
-__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT"]
+__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "ensure_core_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class Store:
 
     def migrate(self) -> None:
         """Create missing tables and indexes (idempotent)."""
-        sql = _resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8")
-        self.db.conn.executescript(sql)
+        ensure_core_schema(self.db)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -379,6 +378,11 @@ def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
     meta.update({"versionId": str(version), "lastUpdated": now})
     return {"resourceType": res["resourceType"], "id": res["id"], "meta": meta,
             **{k: v for k, v in res.items() if k not in ("resourceType", "id", "meta")}}
+
+
+def ensure_core_schema(db: sqlite_utils.Database) -> None:
+    """Create the tables of ``schema.sql`` that are missing (idempotent; commits, so not inside a transaction)."""
+    db.conn.executescript(_resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8"))
 
 
 def _same_content(old_json: str, new: dict[str, Any]) -> bool:
