@@ -14,30 +14,18 @@ from gateway.fhir.parties import Issuer, organization, patient, stable_id
 from gateway.fhir.report import diagnostic_report, observation, specimen
 from gateway.naming import sd_url
 
-__all__ = ["build_bundle", "entries_of"]
+__all__ = ["build_bundle", "entries_of", "parties", "assemble"]
 
 
-def build_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str, Any]:
-    """The report Bundle for a read and mapped message (one without errors)."""
+def parties(msg: SourceMessage, issuer: Issuer) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The issuing Organization and the Patient (None when the source names none) of a message."""
     org = organization(issuer)
     pat = patient(msg.patient, issuer, f"{msg.sender}|{msg.message_id}") if msg.patient else None
-    resources: list[dict[str, Any]] = [org]
-    if pat is not None:
-        resources.append(pat)
-    specimens: list[dict[str, Any]] = []
-    observations: list[dict[str, Any]] = []
-    reports: list[dict[str, Any]] = []
-    subject = pat if pat is not None else org
-    for rep in msg.reports:
-        spec = specimen(rep.specimen, rep, issuer=issuer, subject=subject) if rep.specimen else None
-        if spec is not None:
-            specimens.append(spec)
-        obs = [observation(r, rep, issuer=issuer, subject=subject, performer=org, specimen_res=spec)
-               for r in rep.results]
-        observations.extend(obs)
-        reports.append(diagnostic_report(rep, issuer=issuer, subject=subject, performer=org, specimen_res=spec,
-                                         results=obs))
-    resources += specimens + observations + reports
+    return org, pat
+
+
+def assemble(msg: SourceMessage, issuer: Issuer, resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report Bundle holding ``resources`` in order, identified by issuer and source message."""
     bundle_id = stable_id("Bundle", issuer.uscc, msg.format, msg.sender, msg.message_id)
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
@@ -50,6 +38,26 @@ def build_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str, Any]:
         bundle["timestamp"] = msg.sent_at
     bundle["entry"] = [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]
     return bundle
+
+
+def build_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str, Any]:
+    """The lab report Bundle for a read and mapped message (one without errors)."""
+    org, pat = parties(msg, issuer)
+    subject = pat if pat is not None else org
+    specimens: list[dict[str, Any]] = []
+    observations: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
+    for rep in msg.reports:
+        spec = specimen(rep.specimen, rep, issuer=issuer, subject=subject) if rep.specimen else None
+        if spec is not None:
+            specimens.append(spec)
+        obs = [observation(r, rep, issuer=issuer, subject=subject, performer=org, specimen_res=spec)
+               for r in rep.results]
+        observations.extend(obs)
+        reports.append(diagnostic_report(rep, issuer=issuer, subject=subject, performer=org, specimen_res=spec,
+                                         results=obs))
+    head = [org] + ([pat] if pat is not None else [])
+    return assemble(msg, issuer, head + specimens + observations + reports)
 
 
 def entries_of(bundle: dict[str, Any], resource_type: str | None = None) -> list[dict[str, Any]]:

@@ -22,7 +22,8 @@ from typing import Any
 
 from gateway.adapters.base import ReportFacts, SourceMessage
 from gateway.errors import ConfigError, Issue, UnmappedCode
-from gateway.fhir.parties import Issuer, organization, patient, stable_id, uscc_identifier
+from gateway.fhir.bundle import assemble, parties
+from gateway.fhir.parties import Issuer, stable_id, uscc_identifier
 from gateway.fhir.report import diagnostic_report, observation, ref
 from gateway.mapping.tables import ConceptTable, MappingSet, Target
 from gateway.naming import cs_url, ext_url, sd_url
@@ -197,11 +198,7 @@ def occupational_report(report: ReportFacts, *, issuer: Issuer, subject: dict[st
 
 def build_exam_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str, Any]:
     """The report Bundle of one exam (a read and mapped message without errors)."""
-    org = organization(issuer)
-    resources: list[dict[str, Any]] = [org]
-    pat = patient(msg.patient, issuer, f"{msg.sender}|{msg.message_id}") if msg.patient else None
-    if pat is not None:
-        resources.append(pat)
+    org, pat = parties(msg, issuer)
     subject = pat if pat is not None else org
     employers: list[dict[str, Any]] = []
     observations: list[dict[str, Any]] = []
@@ -216,16 +213,5 @@ def build_exam_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str, Any]:
         observations.extend(obs)
         reports.append(occupational_report(rep, issuer=issuer, subject=subject, performer=org, employer=employer,
                                            results=obs))
-    resources += employers + observations + reports
-    bundle_id = stable_id("Bundle", issuer.uscc, msg.format, msg.sender, msg.message_id)
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "id": bundle_id,
-        "meta": {"profile": [sd_url("cyhr-report-bundle")]},
-        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}"},
-        "type": "collection",
-    }
-    if msg.sent_at and "T" in msg.sent_at:
-        bundle["timestamp"] = msg.sent_at
-    bundle["entry"] = [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]
-    return bundle
+    head = [org] + ([pat] if pat is not None else [])
+    return assemble(msg, issuer, head + employers + observations + reports)
