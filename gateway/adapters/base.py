@@ -11,9 +11,10 @@ standard ones; the FHIR builders (``gateway.fhir``) turn the result into a Bundl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from decimal import Decimal
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
 from gateway.errors import Issue
@@ -28,7 +29,25 @@ __all__ = [
     "SourceMessage",
     "RawUnit",
     "Adapter",
+    "parse_number",
+    "COMPARATORS",
 ]
+
+#: Comparator spellings labs use before a number, to FHIR Quantity.comparator.
+COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
+_NUMBER = re.compile(r"^\s*(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
+
+
+def parse_number(text: str) -> "Quantity | None":
+    """A decimal with its precision and optional comparator (``<0.5``, ``≥ 10``, ``5.60``); None if not a number."""
+    m = _NUMBER.match(text)
+    if not m:
+        return None
+    try:
+        value = Decimal(m.group(2).lstrip("+"))
+    except InvalidOperation:
+        return None
+    return Quantity(value, COMPARATORS.get(m.group(1) or "", ""))
 
 
 @dataclass

@@ -21,9 +21,7 @@ is never part of a recognised result.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
 from typing import IO, Any
 
 from lxml import etree
@@ -31,12 +29,12 @@ from lxml import etree
 from gateway.adapters.base import (
     Coded,
     PatientFacts,
-    Quantity,
     RawUnit,
     ReportFacts,
     ResultFacts,
     SourceMessage,
     SpecimenFacts,
+    parse_number,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
 from gateway.errors import IdentifierError, Issue
@@ -45,8 +43,6 @@ from gateway.identifiers import check_id_card, check_uscc
 __all__ = ["CDAAdapter", "safe_parser", "declares_dtd", "answer_code"]
 
 _DTD_MARKERS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY") for enc in ("ascii", "utf-16-le", "utf-16-be"))
-_NUMBER = re.compile(r"^\s*(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
-_COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
 _CODED_TYPES = {"CD", "CE", "CV", "CS", "CO"}
 _NUMERIC_TYPES = {"REAL", "INT", "PQ", "MO"}
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
@@ -559,7 +555,7 @@ class CDAAdapter:
                 raw = (value.get("value") or "").strip()
                 res.where["value"] = f"{_path(value)}/@value"
                 if raw:
-                    q = _number(raw)
+                    q = parse_number(raw)
                     if q is None:
                         msg.issues.append(Issue("error", "value", res.where["value"],
                                                 f"{raw!r} is not a number for 检验定量结果 ({xsi or 'REAL'})", "102"))
@@ -619,14 +615,3 @@ class CDAAdapter:
             report.conclusion = result.value
         if not report.conclusion and report.conclusion_codes:
             report.conclusion = "；".join(c.display or c.code for c in report.conclusion_codes)
-
-
-def _number(text: str) -> Quantity | None:
-    m = _NUMBER.match(text)
-    if not m:
-        return None
-    try:
-        value = Decimal(m.group(2).lstrip("+"))
-    except InvalidOperation:
-        return None
-    return Quantity(value, _COMPARATORS.get(m.group(1) or "", ""))

@@ -17,21 +17,21 @@ import functools
 import re
 import uuid
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import hl7
 from hl7.util import unescape as _hl7_unescape
 
 from gateway.adapters.base import (
+    COMPARATORS,
     Coded,
     PatientFacts,
-    Quantity,
     RawUnit,
     ReportFacts,
     ResultFacts,
     SourceMessage,
     SpecimenFacts,
+    parse_number,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
@@ -42,10 +42,8 @@ __all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
 _MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
-_NUMBER = re.compile(r"^(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))$")
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
-_COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -781,7 +779,7 @@ class HL7v2Adapter:
                                     "102"))
                 return None
             text = m.unescape(m.seps["component"].join(reps[0])).strip()
-            q = _number(text)
+            q = parse_number(text)
             if q is None:
                 issues.append(Issue("error", "value", where, f"{text!r} is not a number for value type {value_type}",
                                     "102"))
@@ -809,18 +807,18 @@ class HL7v2Adapter:
                             issues: list[Issue]) -> None:
         c = [m.unescape(x).strip() for x in comps] + ["", "", "", ""]
         comparator, num1, sep, num2 = c[0], c[1], c[2], c[3]
-        first = _number(num1)
+        first = parse_number(num1)
         if first is None or first.comparator:
             issues.append(Issue("error", "value", where, f"{num1!r} is not a number for value type SN", "102"))
             return
         if sep in ("-", "~") and num2:
-            second = _number(num2)
+            second = parse_number(num2)
             if second is None or comparator:
                 issues.append(Issue("error", "value", where, f"{'^'.join(c[:4])!r} is not a valid SN range", "102"))
                 return
             res.value_kind, res.value = "range", (first, second)
         elif sep in (":", "/") and num2:
-            second = _number(num2)
+            second = parse_number(num2)
             if second is None or comparator:
                 issues.append(Issue("error", "value", where, f"{'^'.join(c[:4])!r} is not a valid SN ratio", "102"))
                 return
@@ -828,19 +826,8 @@ class HL7v2Adapter:
         elif sep or num2:
             issues.append(Issue("error", "value", where, f"SN separator {sep!r} is not supported", "102"))
         else:
-            if comparator and comparator not in _COMPARATORS and comparator != "=":
+            if comparator and comparator not in COMPARATORS and comparator != "=":
                 issues.append(Issue("error", "value", where, f"SN comparator {comparator!r} is not supported", "102"))
                 return
-            first.comparator = _COMPARATORS.get(comparator, "")
+            first.comparator = COMPARATORS.get(comparator, "")
             res.value_kind, res.value = "quantity", first
-
-
-def _number(text: str) -> Quantity | None:
-    m = _NUMBER.match(text.strip())
-    if not m:
-        return None
-    try:
-        value = Decimal(m.group(2).lstrip("+"))
-    except InvalidOperation:
-        return None
-    return Quantity(value, _COMPARATORS.get(m.group(1) or "", ""))

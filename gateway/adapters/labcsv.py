@@ -34,10 +34,18 @@ import operator
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from typing import IO, Any
 
-from gateway.adapters.base import Coded, PatientFacts, Quantity, RawUnit, ReportFacts, ResultFacts, SourceMessage
+from gateway.adapters.base import (
+    Coded,
+    PatientFacts,
+    RawUnit,
+    ReportFacts,
+    ResultFacts,
+    SourceMessage,
+    parse_number,
+)
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.errors import ConfigError, IdentifierError, Issue
 from gateway.identifiers import check_id_card, check_uscc
@@ -45,8 +53,6 @@ from gateway.identifiers import check_id_card, check_uscc
 __all__ = ["Layout", "LabCSVAdapter", "parse_exposure_years"]
 
 _BOM = b"\xef\xbb\xbf"
-_NUMBER = re.compile(r"^\s*(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
-_COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
 _YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:年|岁)?)?\s*(?:(\d+)\s*(?:个月|月))?\s*$")
 _REQUIRED_FACTS = ("exam_number", "name", "id_card", "exam_type", "exam_date", "item_code", "value", "conclusion",
                    "report_date")
@@ -443,7 +449,7 @@ class _ItemColumns:
             res.flags.append(flag)
         value = get("value")
         if value:
-            q = _number(value)
+            q = parse_number(value)
             if q is not None:
                 res.value_kind, res.value = "quantity", q
             else:
@@ -491,14 +497,3 @@ def _fields(text: str) -> list[str]:
 def _rows(meta: dict[str, Any]) -> str:
     first, last = meta["first_row"], meta["last_row"]
     return f"row {first}" if first == last else f"rows {first}-{last}"
-
-
-def _number(text: str) -> Quantity | None:
-    m = _NUMBER.match(text)
-    if not m:
-        return None
-    try:
-        value = Decimal(m.group(2).lstrip("+"))
-    except InvalidOperation:
-        return None
-    return Quantity(value, _COMPARATORS.get(m.group(1) or "", ""))
