@@ -226,7 +226,7 @@ def test_count_is_capped() -> None:
         ("date", "xx2026", "unknown prefix"),
         ("date", "2026-13", "not a calendar date"),
         ("date", "2026-02-30", "not a calendar date"),
-        ("date", "26-01-01", "not a date"),
+        ("date", "26-01-01", "is not a FHIR date"),
         ("date", "", "empty value"),
         ("outcome", "3", "not 0, 4, 8 or 12"),
         ("agent", "cli", "not a reference"),

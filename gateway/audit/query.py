@@ -30,7 +30,6 @@ entries while new ones are appended.
 from __future__ import annotations
 
 import base64
-import calendar
 import datetime as _dt
 import json
 import re
@@ -45,6 +44,7 @@ from gateway.audit.log import Entry, ensure_schema, epoch_ms
 from gateway.audit.records import PatientRef
 from gateway.audit.render import patient_key
 from gateway.errors import InputError, InvalidSearch
+from gateway.fhir.search import date_bounds
 
 __all__ = [
     "DateRange",
@@ -99,10 +99,6 @@ _KEY_PARAMS = {
 }
 _OUTCOME_SYSTEM = "http://terminology.hl7.org/CodeSystem/audit-event-outcome"
 _FORMATS = ("json", "application/json", "application/fhir+json")
-_DATE = re.compile(
-    r"^(?P<y>\d{4})(?:-(?P<mo>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T(?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,9}))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
-)
 
 
 @dataclass(frozen=True)
@@ -236,40 +232,10 @@ def parse_date(value: str, tz: _dt.tzinfo, *, name: str = "date") -> DateRange:
             raise InvalidSearch(f"{name}: prefix 'ap' (approximately) is not supported", name, code="not-supported")
     # An unencoded '+' in a query string arrives as a space: read "08:00:00 08:00" as "+08:00".
     raw = re.sub(r" (\d{2}:\d{2})$", r"+\1", raw)
-    m = _DATE.match(raw)
-    if not m:
-        raise InvalidSearch(
-            f"{name}: {value!r} is not a date (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])", name
-        )
-    g = m.groupdict()
-    zone = tz
-    if g["tz"]:
-        zone = _dt.timezone.utc if g["tz"] == "Z" else parse_offset(g["tz"])
     try:
-        year = int(g["y"])
-        if g["mo"] is None:
-            low = _dt.datetime(year, 1, 1, tzinfo=zone)
-            high = _dt.datetime(year + 1, 1, 1, tzinfo=zone)
-        elif g["d"] is None:
-            month = int(g["mo"])
-            low = _dt.datetime(year, month, 1, tzinfo=zone)
-            high = low + _dt.timedelta(days=calendar.monthrange(year, month)[1])
-        else:
-            day = _dt.datetime(year, int(g["mo"]), int(g["d"]), tzinfo=zone)
-            if g["h"] is None:
-                low, high = day, day + _dt.timedelta(days=1)
-            else:
-                low = day.replace(hour=int(g["h"]), minute=int(g["mi"]), second=int(g["s"] or 0))
-                if g["s"] is None:
-                    high = low + _dt.timedelta(minutes=1)
-                elif g["f"] is None:
-                    high = low + _dt.timedelta(seconds=1)
-                else:
-                    digits = g["f"][:6]
-                    low = low.replace(microsecond=int(digits.ljust(6, "0")))
-                    high = low + _dt.timedelta(microseconds=10 ** (6 - len(digits)))
-    except ValueError as exc:
-        raise InvalidSearch(f"{name}: {value!r} is not a calendar date/time ({exc})", name) from None
+        low, high = date_bounds(raw, tz)
+    except InputError as exc:
+        raise InvalidSearch(f"{name}: {exc.message}", name) from None
     return DateRange(prefix, _ceil_ms(low), _ceil_ms(high))
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "DateQuery",
     "TokenQuery",
     "date_range",
+    "date_bounds",
     "parse_date_query",
     "parse_token_query",
     "SEARCH_PARAMS",
@@ -32,48 +33,60 @@ __all__ = [
 
 _PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
 _DATE = re.compile(
-    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"^(?P<y>\d{4})(?:-(?P<mo>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,9}))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
 _CST = _dt.timezone(_dt.timedelta(hours=8))
 
 
-def date_range(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[float, float]:
-    """[lo, hi) in epoch seconds for a FHIR date/dateTime/instant, by its precision.
+def date_bounds(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[_dt.datetime, _dt.datetime]:
+    """[low, high) of a FHIR date/dateTime/instant, by its precision (``2024-03`` is all of March).
 
-    A value without a zone is read in China Standard Time.
+    A value without a zone is read in ``default_tz`` (China Standard Time unless told otherwise);
+    fractional seconds count to their last digit (``.5`` is a tenth of a second wide).
 
-    :raises InputError: not a FHIR date.
+    :raises InputError: not a FHIR date, or not a calendar date/time.
     """
     m = _DATE.match(value.strip())
     if not m:
-        raise InputError(f"{value!r} is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or a dateTime)", "date")
-    y, mo, d, h, mi, s, frac, tz = m.groups()
-    tzinfo: _dt.tzinfo = default_tz
-    if tz:
-        tzinfo = _dt.timezone.utc if tz == "Z" else _dt.timezone(
+        raise InputError(f"{value!r} is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])",
+                         "date")
+    g = m.groupdict()
+    zone: _dt.tzinfo = default_tz
+    if g["tz"]:
+        tz = g["tz"]
+        zone = _dt.timezone.utc if tz == "Z" else _dt.timezone(
             _dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * (1 if tz[0] == "+" else -1))
     try:
-        year = int(y)
-        if mo is None:
-            lo = _dt.datetime(year, 1, 1, tzinfo=tzinfo)
-            hi = _dt.datetime(year + 1, 1, 1, tzinfo=tzinfo)
-        elif d is None:
-            month = int(mo)
-            lo = _dt.datetime(year, month, 1, tzinfo=tzinfo)
-            hi = lo + _dt.timedelta(days=calendar.monthrange(year, month)[1])
-        elif h is None:
-            lo = _dt.datetime(year, int(mo), int(d), tzinfo=tzinfo)
-            hi = lo + _dt.timedelta(days=1)
-        else:
-            lo = _dt.datetime(year, int(mo), int(d), int(h), int(mi), int(s or 0), tzinfo=tzinfo)
-            if frac:
-                lo += _dt.timedelta(microseconds=int((frac + "000000")[:6]))
-                hi = lo + _dt.timedelta(microseconds=1)
-            else:
-                hi = lo + (_dt.timedelta(seconds=1) if s is not None else _dt.timedelta(minutes=1))
-    except ValueError:
-        raise InputError(f"{value!r} is not a calendar date", "date") from None
-    return lo.timestamp(), hi.timestamp()
+        year = int(g["y"])
+        if g["mo"] is None:
+            return _dt.datetime(year, 1, 1, tzinfo=zone), _dt.datetime(year + 1, 1, 1, tzinfo=zone)
+        if g["d"] is None:
+            month = int(g["mo"])
+            low = _dt.datetime(year, month, 1, tzinfo=zone)
+            return low, low + _dt.timedelta(days=calendar.monthrange(year, month)[1])
+        day = _dt.datetime(year, int(g["mo"]), int(g["d"]), tzinfo=zone)
+        if g["h"] is None:
+            return day, day + _dt.timedelta(days=1)
+        low = day.replace(hour=int(g["h"]), minute=int(g["mi"]), second=int(g["s"] or 0))
+        if g["s"] is None:
+            return low, low + _dt.timedelta(minutes=1)
+        if g["f"] is None:
+            return low, low + _dt.timedelta(seconds=1)
+        digits = g["f"][:6]
+        low = low.replace(microsecond=int(digits.ljust(6, "0")))
+        return low, low + _dt.timedelta(microseconds=10 ** (6 - len(digits)))
+    except ValueError as exc:
+        raise InputError(f"{value!r} is not a calendar date/time ({exc})", "date") from None
+
+
+def date_range(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[float, float]:
+    """:func:`date_bounds` in epoch seconds.
+
+    :raises InputError: not a FHIR date.
+    """
+    low, high = date_bounds(value, default_tz)
+    return low.timestamp(), high.timestamp()
 
 
 @dataclass(frozen=True)
