@@ -101,6 +101,21 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Wait until something listens on loopback ``port`` (a server started by a test)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listening on {port}")
+
+
 def validator_path() -> Path:
     """The independent FHIR validator (../shared/tools/validate-fhir)."""
     override = os.environ.get("GATEWAY_VALIDATE_FHIR")

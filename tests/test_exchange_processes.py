@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,23 +12,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import wait_port
 from gateway.demo import DEMO_START, MEMBERS, free_port
 from gateway.demo.world import build_world
 
 BIN = Path(sys.executable).parent
 GATEWAY = shutil.which("gateway") or str(BIN / "gateway")
 LIS = Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listening on {port}")
 
 
 def wait_for(check, timeout: float = 30, what: str = "") -> None:

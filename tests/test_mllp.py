@@ -6,14 +6,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 from hl7.client import MLLPClient
 
-from conftest import DATA, TONGJIANG
+from conftest import DATA, TONGJIANG, wait_port
 from gateway.adapters.hl7v2 import split_messages
 from gateway.demo import free_port
 from gateway.mllp import MLLPServer, frame
@@ -81,17 +80,6 @@ def test_many_messages_in_a_row(server, pipeline) -> None:
     assert pipeline.store.counts() == {"stored": 30}
 
 
-def _wait_for(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listening on {port}")
-
-
 @pytest.mark.slow
 def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
     """A real client nobody here wrote (python-hl7's mllp_send) against `gateway serve`."""
@@ -108,8 +96,8 @@ def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
     proc = subprocess.Popen([gateway, "serve", "--http-port", str(http_port), "--mllp-port", str(mllp_port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for(mllp_port)
-        _wait_for(http_port)
+        wait_port(mllp_port)
+        wait_port(http_port)
         sent = subprocess.run([mllp_send, "--port", str(mllp_port), "--file", str(FRAMED), "127.0.0.1"],
                               capture_output=True, timeout=60)
         assert sent.returncode == 0, sent.stderr

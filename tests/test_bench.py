@@ -1,0 +1,124 @@
+"""Bench smoke test: the quick benchmark on a handful of inputs; the report's shape, not its timings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.adapters.base import RawUnit
+from gateway.bench import STAGES, BenchOptions, run_bench
+from gateway.bench.inputs import OBX_PER_MESSAGE, oru_batch, oru_r01, write_cdc_csv
+from gateway.bench.measure import percentile
+from gateway.bench.stages import selected
+from gateway.commands.bench import bench
+
+IN_PROCESS = ("parse", "map", "build", "check", "sign", "store", "store-batch", "e2e", "ingest", "baseline", "csv",
+              "inbound", "audit-search", "audit-verify")
+
+
+@pytest.fixture(scope="module")
+def report():
+    options = BenchOptions(quick=True, stages=IN_PROCESS, count=3, memory_sample=1, csv_rows=16, audit_entries=200)
+    return run_bench(options, echo=lambda line: None)
+
+
+def test_every_chosen_stage_is_reported_in_order(report) -> None:
+    assert [r.name for r in report.results] == [n for n in STAGES if n in IN_PROCESS]
+    failed = {r.name: r.note for r in report.results if r.status == "failed"}
+    assert not failed
+    assert {r.status for r in report.results} <= {"ok", "not-available"}
+
+
+def test_stage_figures_are_consistent(report) -> None:
+    for r in report.results:
+        if r.status != "ok":
+            assert r.note, f"{r.name}: a stage that did not run says why"
+            continue
+        assert r.items > 0 and r.wall_s > 0 and r.cpu_s >= 0, r.name
+        assert r.rate_per_core > 0
+        assert r.median_ms is not None and r.p99_ms is not None and r.median_ms <= r.p99_ms
+    hl7 = [report.get(n) for n in ("parse", "map", "build", "store", "e2e", "ingest", "baseline")]
+    for r in hl7:
+        assert r is not None and r.unit == "msg"
+        assert r.observations == r.items * OBX_PER_MESSAGE
+        assert r.peak_kib is not None and r.peak_kib >= 0
+
+
+def test_ratio_and_targets(report) -> None:
+    assert report.ratio_to_baseline is not None and report.ratio_to_baseline > 0
+    targets = report.targets()
+    assert len(targets) == 8
+    assert {t["state"] for t in targets} <= {"met", "NOT met", "not measured", "met, smaller"}
+    audit = [t for t in targets if t["stage"].startswith("audit")]
+    assert all(t["state"] in ("met, smaller", "NOT met") and "200 entries" in t["scale"] for t in audit)
+    e2e = next(t for t in targets if t["stage"] == "e2e" and "15x" in t["target"])
+    assert e2e["value"] == pytest.approx(report.ratio_to_baseline, rel=1e-3)
+    mllp = next(t for t in targets if t["stage"] == "mllp")
+    assert mllp["state"] == "not measured"  # not run here
+
+
+def test_json_and_table(report) -> None:
+    data = json.loads(json.dumps(report.as_json()))
+    assert data["format"] == "gateway-bench/1" and data["mode"] == "quick"
+    assert data["machine"]["cores"] >= 1 and data["versions"]["python"]
+    assert {"hl7", "fhir.resources", "rfc8785", "jwcrypto", "cryptography", "sqlite"} <= set(data["versions"])
+    stage = next(s for s in data["stages"] if s["name"] == "e2e")
+    assert {"rate_per_core", "observations_per_core", "median_ms", "p99_ms", "peak_kib", "note"} <= set(stage)
+    assert "latencies_ms" not in stage
+    lines = report.lines()
+    assert lines[0].startswith("gateway bench (quick)")
+    assert any(line.startswith("machine: ") for line in lines) and any("versions: Python" in line for line in lines)
+    assert any(line.startswith("stage ") and "p99 ms" in line for line in lines)
+    assert any(line.startswith("e2e vs baseline: ") for line in lines)
+    assert sum(1 for line in lines if line.startswith("  [")) == 8
+
+
+def test_generated_messages_are_deterministic_and_complete() -> None:
+    assert oru_r01(5) == oru_r01(5) and oru_r01(5) != oru_r01(6)
+    assert oru_r01(5, seed=1) != oru_r01(5, seed=2)
+    text = oru_r01(5).decode("utf-8")
+    assert text.count("\rOBX|") == OBX_PER_MESSAGE and text.startswith("MSH|^~\\&|")
+    assert len({m.split(b"|", 10)[9] for m in oru_batch(50)}) == 50  # distinct MSH-10
+
+
+def test_generated_message_reads_without_errors(report) -> None:
+    from gateway.adapters.hl7v2 import HL7v2Adapter
+    from gateway.config import REPO_ROOT
+    from gateway.mapping.tables import load_mappings
+
+    adapter = HL7v2Adapter(load_mappings(REPO_ROOT / "mappings").structure("hl7v2-oru-r01"))
+    msg = adapter.read(RawUnit(oru_r01(7), 1))
+    assert not msg.errors and msg.patient is not None and msg.patient.id_card
+    assert sum(len(r.results) for r in msg.reports) == OBX_PER_MESSAGE
+
+
+def test_generated_csv(tmp_path) -> None:
+    path = tmp_path / "x.csv"
+    assert write_cdc_csv(path, 20) == 16  # whole exams of 8 rows
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    assert lines[0].startswith("体检编号,姓名,身份证号") and len(lines) == 17
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 99) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_unknown_stage_is_refused() -> None:
+    with pytest.raises(KeyError, match="unknown stage"):
+        selected(("parse", "nope"), quick=True)
+    assert [s.name for s in selected((), quick=True)] == [s.name for s in STAGES.values() if s.quick]
+
+
+def test_cli_writes_json_and_refuses_bad_input(runner, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    result = runner.invoke(bench, ["--quick", "--stages", "parse,map", "--count", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert [s["name"] for s in data["stages"]] == ["parse", "map"]
+    bad = runner.invoke(bench, ["--stages", "parse,nope"])
+    assert bad.exit_code != 0 and "unknown stage(s) nope" in bad.output
+    assert runner.invoke(bench, ["--count", "0"]).exit_code != 0
+    assert "--quick" in runner.invoke(bench, ["--help"]).output
