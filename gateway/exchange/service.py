@@ -137,6 +137,11 @@ class Exchange:
         self.checker = checker
         self.transport = transport
         self._local = threading.local()
+        self.snapshot_file: Any = None
+        if holder is not None and settings.registry_snapshot:
+            from gateway.registry.holder import SnapshotFile
+
+            self.snapshot_file = SnapshotFile(settings, holder, clock)
 
     @property
     def store(self) -> Store:
@@ -166,6 +171,8 @@ class Exchange:
     def _snapshot(self) -> Any:
         if self.holder is None:
             raise ConfigError("this gateway has no registry snapshot configured (registry_snapshot)", "registry")
+        if self.snapshot_file is not None:
+            self.snapshot_file.refresh()  # a newly published snapshot takes effect without a restart
         return self.holder.snapshot_at(self.clock())
 
     def _identity(self) -> MemberIdentity:
@@ -216,7 +223,7 @@ class Exchange:
         from gateway.recognition.engine import marks_for
         from gateway.registry.models import Coding
 
-        snapshot = self.holder.snapshot_at(self.clock())
+        snapshot = self._snapshot()
         added = 0
         for entry in bundle.get("entry", []):
             obs = entry.get("resource", {})
