@@ -287,7 +287,7 @@ def settings_cmd() -> None:
 
 def _register_areas() -> None:
     """Commands of the product areas, each in gateway/commands/."""
-    from gateway.commands import audit, exchange, recognize, registry, signing, users, validate
+    from gateway.commands import audit, bench, exchange, recognize, registry, signing, users, validate
 
     cli.add_command(signing.keys)
     cli.add_command(signing.sign)
@@ -302,6 +302,7 @@ def _register_areas() -> None:
     cli.add_command(users.users)
     cli.add_command(exchange.send)
     cli.add_command(exchange.outbox)
+    cli.add_command(bench.bench)
 
 
 _register_areas()

@@ -84,6 +84,7 @@ class Outcome:
     message: SourceMessage | None = None
     filtered_reason: str = ""
     signed: bytes | None = None  # the Bundle as signed by this member (when it has a signing key)
+    signed_digest: str = ""  # SHA-256 of the signed document bytes
 
     @property
     def errors(self) -> list[Issue]:
@@ -348,7 +349,7 @@ class Pipeline:
                         if record_id is not None and self.exchange is not None and self.exchange.identity:
                             # sign stage: what this member issues leaves it signed, with its marks
                             self.exchange.stamp_marks(bundle)
-                            outcome.signed = self.exchange.sign(bundle)
+                            outcome.signed, outcome.signed_digest = self.exchange.sign_with_digest(bundle)
             outcome.issues = list(msg.issues)
             outcome.ack_code = ch.code_for(msg)
         except Exception:  # a bug must not lose the message or reach the sender as a stack trace
@@ -375,7 +376,8 @@ class Pipeline:
         from gateway.audit.events import ingested
 
         if outcome.signed is not None and self.exchange is not None:
-            self.exchange.keep_signed(db, outcome.signed, "issued", outcome.record_id)
+            self.exchange.keep_signed(db, outcome.signed, "issued", outcome.record_id, bundle=outcome.bundle,
+                                      digest=outcome.signed_digest or None)
         msg = outcome.message
         ingested(db, at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name,
                  sender=msg.sender if msg else "", message_id=(msg.message_id if msg else "") or unit.origin,

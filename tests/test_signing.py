@@ -841,7 +841,7 @@ def test_public_api_other_parts_build_on_stays_in_place() -> None:
             assert hasattr(module, name), (module.__name__, name)
     assert set(signing.__all__) <= set(dir(signing))
     assert list(inspect.signature(verify_bundle).parameters) == ["text", "trust", "at"]
-    assert list(inspect.signature(sign_bundle).parameters) == ["bundle", "key", "chain", "who", "when"]
+    assert list(inspect.signature(sign_bundle).parameters) == ["bundle", "key", "chain", "who", "when", "document"]
     assert list(inspect.signature(sign_detached).parameters) == ["payload", "key", "chain", "sig_time", "extra_header"]
     assert [f for f in jws.VerifiedBundle.__dataclass_fields__] == [
         "bundle", "header", "certificate", "kid", "signer_uscc", "signed_at"

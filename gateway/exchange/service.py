@@ -187,15 +187,29 @@ class Exchange:
 
         :raises ConfigError: no signing identity.
         """
-        ident = self._identity()
-        signed = sign_bundle(bundle, ident.key, list(ident.chain), who=signer_reference(ident.chain[0]),
-                             when=self.clock())
-        return jsonutil.dumps(signed).encode("utf-8")
+        return self.sign_with_digest(bundle)[0]
 
-    def keep_signed(self, db: sqlite_utils.Database, text: bytes, direction: str, message_ref: int | None) -> str:
-        """Record a signed Bundle (inside the caller's transaction); returns its document hash."""
-        bundle = parse_json(text)
-        digest = hashlib.sha256(document_bytes(bundle)).hexdigest()
+    def sign_with_digest(self, bundle: dict[str, Any]) -> tuple[bytes, str]:
+        """(signed JSON text, SHA-256 hex of the signed document bytes): canonicalised once.
+
+        :raises ConfigError: no signing identity.
+        """
+        ident = self._identity()
+        document = document_bytes(bundle)
+        signed = sign_bundle(bundle, ident.key, list(ident.chain), who=signer_reference(ident.chain[0]),
+                             when=self.clock(), document=document)
+        return jsonutil.dumps(signed).encode("utf-8"), hashlib.sha256(document).hexdigest()
+
+    def keep_signed(self, db: sqlite_utils.Database, text: bytes, direction: str, message_ref: int | None, *,
+                    bundle: dict[str, Any] | None = None, digest: str | None = None) -> str:
+        """Record a signed Bundle (inside the caller's transaction); returns its document hash.
+
+        ``bundle`` and ``digest`` spare parsing and canonicalising ``text`` again when the caller has them.
+        """
+        if bundle is None:
+            bundle = parse_json(text)
+        if digest is None:
+            digest = hashlib.sha256(document_bytes(bundle)).hexdigest()
         issuer = self._issuer_of(bundle)
         db.execute("INSERT OR IGNORE INTO signed_bundles VALUES (?,?,?,?,?,?,?,?)",
                    [bundle.get("id", ""), digest, issuer, jsonutil.dumps(_patient_keys(bundle)), direction, text,
@@ -396,7 +410,7 @@ class Exchange:
         })
 
         def inside(db: sqlite_utils.Database) -> None:
-            self.keep_signed(db, text, "received", record_id)
+            self.keep_signed(db, text, "received", record_id, bundle=bundle, digest=doc_sha)
             save_decisions(db, decisions, now)
             audit_events.exchanged(db, "received", at=now, member=self.settings.issuer_uscc, peer=peer,
                                    bundle_hash=doc_sha, bundle_id=bundle.get("id"), kid=verified.kid)

@@ -282,11 +282,14 @@ def sign_bundle(
     *,
     who: dict[str, Any],
     when: _dt.datetime,
+    document: bytes | None = None,
 ) -> dict[str, Any]:
     """A copy of ``bundle`` with ``Bundle.signature`` (any previous one replaced).
 
     ``who`` is a FHIR Reference to the signer (see :func:`signer_reference`);
-    ``when`` becomes both ``Signature.when`` and the JWS ``sigT``.
+    ``when`` becomes both ``Signature.when`` and the JWS ``sigT``. ``document``
+    may pass :func:`document_bytes` of ``bundle`` when the caller computed it
+    already. The copy is shallow: it shares its entries with ``bundle``.
 
     :raises InputError: not a Bundle, ``who`` not an object, ``when`` without offset.
     :raises ParseError: the Bundle holds values I-JSON cannot represent.
@@ -306,8 +309,8 @@ def sign_bundle(
             f"to {chain[0].not_valid_after_utc.astimezone(when.tzinfo).isoformat()})",
             "cert",
         )
-    signed = {k: copy.deepcopy(v) for k, v in bundle.items() if k != "signature"}
-    jws = sign_detached(document_bytes(signed), key, chain, sig_time=when)
+    signed = {k: v for k, v in bundle.items() if k != "signature"}
+    jws = sign_detached(document if document is not None else document_bytes(signed), key, chain, sig_time=when)
     signed["signature"] = {
         "type": [{"system": SIGNATURE_TYPE_SYSTEM, "code": VERIFICATION_SIGNATURE, "display": _VERIFICATION_DISPLAY}],
         "when": when_text,
