@@ -534,7 +534,81 @@ def _native_references_resolve(bundle: Any) -> bool:
 #: checksums), these need microseconds. The profiles keep the FHIRPath, which
 #: other members' validators run; ``tests/test_profiles_invariants.py`` proves
 #: each twin gives the same answer as fhirpathpy on the same inputs.
+_REPLACES = IG_BASE + "/StructureDefinition/replaces"
+_ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
+
+
+def _has_replaces(report: Any) -> bool:
+    ext = report.get("extension")
+    return isinstance(ext, list) and any(isinstance(e, dict) and e.get("url") == _REPLACES for e in ext)
+
+
+def _native_replaces_only_on_corrections(report: Any) -> bool:
+    # extension.where(url = replaces).exists() implies (status = 'corrected' or status = 'amended')
+    return not _has_replaces(report) or report.get("status") in ("corrected", "amended")
+
+
+def _native_corrections_name_what_they_replace(report: Any) -> bool:
+    # status = 'corrected' implies extension.where(url = replaces).exists(); an absent status is empty,
+    # and "empty implies false" is empty, which fails the invariant like false does.
+    status = report.get("status")
+    if status is None or status == "corrected":
+        return _has_replaces(report)
+    return True
+
+
+def _native_one_patient(bundle: Any) -> bool:
+    return sum(1 for r in _entry_resources(bundle) if r.get("resourceType") == "Patient") == 1
+
+
+def _native_a_report(bundle: Any) -> bool:
+    return any(r.get("resourceType") == "DiagnosticReport" for r in _entry_resources(bundle))
+
+
+def _id_card_of(patient: Any) -> str | None:
+    """identifier.where(system = 身份证号 and value.matches(...)).value.first()"""
+    idents = patient.get("identifier")
+    for ident in idents if isinstance(idents, list) else []:
+        if isinstance(ident, dict) and ident.get("system") == _ID_CARD_SYSTEM:
+            value = ident.get("value")
+            if isinstance(value, str) and _ID_CARD.match(value):
+                return value
+    return None
+
+
+def _native_birth_date_matches_id_card(patient: Any) -> bool:
+    number, birth = _id_card_of(patient), patient.get("birthDate")
+    if birth is None or number is None:
+        return True
+    return isinstance(birth, str) and number[6:14] == birth.replace("-", "")
+
+
+def _native_gender_matches_id_card(patient: Any) -> bool:
+    number, gender = _id_card_of(patient), patient.get("gender")
+    if gender not in ("male", "female") or number is None:
+        return True
+    return bool(gender == ("male" if int(number[16]) % 2 == 1 else "female"))
+
+
+def _native_has_id_card(patient: Any) -> bool:
+    idents = patient.get("identifier")
+    return isinstance(idents, list) and any(isinstance(i, dict) and i.get("system") == _ID_CARD_SYSTEM
+                                            for i in idents)
+
+
+def _native_name_has_text_or_family(name: Any) -> bool:
+    return name.get("text") is not None or name.get("family") is not None
+
+
 NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "cyhr-dr-1": _native_replaces_only_on_corrections,
+    "cyhr-dr-2": _native_corrections_name_what_they_replace,
+    "cyhr-bdl-2": _native_one_patient,
+    "cyhr-bdl-3": _native_a_report,
+    "cyhr-pat-3": _native_birth_date_matches_id_card,
+    "cyhr-pat-4": _native_gender_matches_id_card,
+    "cyhr-pat-5": _native_has_id_card,
+    "cyhr-pat-6": _native_name_has_text_or_family,
     "cyhr-pat-1": _native_id_card_check_digit,
     "cyhr-pat-2": _native_id_card_birth_date,
     "cyhr-org-1": _native_uscc,
