@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
+import sys
 
 import click
 import sqlite_utils
@@ -48,7 +49,7 @@ _DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE)."
 
 def _read(path: str) -> bytes:
     if path == "-":
-        return click.get_binary_stream("stdin").read()
+        return sys.stdin.buffer.read()
     try:
         return Path(path).read_bytes()
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+import sys
 
 import click
 
@@ -35,7 +36,7 @@ def _profiles_dir(ctx: click.Context, given: str | None) -> str | None:
 def _read(path: str) -> tuple[Any, list[Issue]]:
     """The parsed JSON of ``path`` (``-``: stdin), or the issue that stopped it being read."""
     try:
-        data = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         return None, [Issue("error", "exception", "", f"cannot be read: {exc.strerror}", extra={"rule": "input"})]
     try:
