@@ -9,9 +9,9 @@ allowed), 1 at least one error, 2 the guide itself cannot be loaded.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
-import sys
 
 import click
 
