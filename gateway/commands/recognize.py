@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import click
 import sqlite_utils
