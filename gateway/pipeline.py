@@ -323,7 +323,8 @@ class Pipeline:
                            answer=existing.ack, filtered_reason=existing.status)
         # The first copy is still being processed (or was interrupted): ask the sender to retry later.
         msg = ch.adapter.read(unit)
-        issue = Issue("error", "duplicate", "MSH[1]-10",
+        where = "MSH[1]-10" if ch.format == "hl7v2" else "identifier"
+        issue = Issue("error", "duplicate", where,
                       f"a message with this id is already being processed (record {existing.id}); "
                       "retry later", "205")
         msg.issues = [issue]
