@@ -236,3 +236,5 @@ def test_lookup_returns_verified_signed_reports(world) -> None:
     reads = [e for e in entries(tj_db) if e.kind == "read"]
     assert len(reads) == 1  # 通江 records that 涪陵 looked up this patient
     assert fl.pull(TJ, "urn:oid:2.16.156.10011.1.3|110105194912310021") == []
+    assert len(fl.pull(TJ, "511921196612120011")) == 2  # the value alone, any system
+    assert fl.pull(TJ, "5119211966121200%") == []  # LIKE wildcards are taken literally

@@ -477,8 +477,12 @@ class Exchange:
 
     def signed_reports_for(self, identifier: str) -> list[bytes]:
         """This member's own signed Bundles for a patient identifier (``system|value`` or ``value``)."""
+        # narrow in SQL (the keys are stored as JSON text "system|value"), then check exactly
+        needle = identifier if "|" in identifier else f"|{identifier}"
+        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%'
         rows = self.db.execute("SELECT text, patient_keys FROM signed_bundles WHERE direction = 'issued'"
-                               " ORDER BY signed_at").fetchall()
+                               " AND patient_keys LIKE ? ESCAPE '\\' ORDER BY signed_at", [pattern]).fetchall()
         out = []
         for text, keys in rows:
             keys_list = jsonutil.loads(keys)
