@@ -182,3 +182,15 @@ def test_stored_references_point_to_stored_resources(loaded: Pipeline) -> None:
     assert loaded.store.read(rtype, rid)["identifier"][0]["value"] == "511921196612120011"
     for result in report["result"]:
         assert loaded.store.read(*result["reference"].split("/"))["resourceType"] == "Observation"
+
+
+def test_search_by_id_and_by_subject(loaded: Pipeline) -> None:
+    reports = loaded.store.search("DiagnosticReport", [("identifier", "R2405200099,R2405200100")]).resources
+    assert len(reports) == 2
+    ids = ",".join(r["id"] for r in reports)
+    assert loaded.store.search("DiagnosticReport", [("_id", ids)]).total == 2
+    assert loaded.store.search("DiagnosticReport", [("_id", reports[0]["id"])]).total == 1
+    patient = reports[0]["subject"]["reference"]
+    by_subject = loaded.store.search("Observation", [("subject", patient)])
+    by_patient = loaded.store.search("Observation", [("patient", patient.split("/")[1])])
+    assert by_subject.total == by_patient.total == 7  # the v2.5.1 sample's seven results

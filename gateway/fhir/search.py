@@ -155,12 +155,12 @@ def parse_token_query(value: str) -> TokenQuery:
 SEARCH_PARAMS: dict[str, dict[str, str]] = {
     "DiagnosticReport": {
         "_id": "token", "identifier": "token", "code": "token", "status": "token", "category": "token",
-        "date": "date", "issued": "date", "patient": "reference", "subject": "reference",
+        "date": "date", "issued": "date", "patient": "reference",
         "patient.identifier": "token", "performer.identifier": "token",
     },
     "Observation": {
         "_id": "token", "code": "token", "status": "token", "category": "token", "date": "date",
-        "patient": "reference", "subject": "reference", "patient.identifier": "token",
+        "patient": "reference", "patient.identifier": "token",
         "performer.identifier": "token",
     },
     "Patient": {"_id": "token", "identifier": "token", "gender": "token", "birthdate": "date"},
@@ -174,6 +174,7 @@ PARAM_ALIASES = {
     "patient:Patient.identifier": "patient.identifier",
     "subject.identifier": "patient.identifier",
     "subject:Patient": "patient",
+    "subject": "patient",  # every subject the gateway stores is a Patient
     "performer:Organization.identifier": "performer.identifier",
 }
 
@@ -192,7 +193,8 @@ def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple
     subject Patient, the performer Organization) for chained parameters.
     """
     rtype = res.get("resourceType", "")
-    tokens: list[tuple[str, str, str]] = [("_id", "", res.get("id", ""))]
+    # _id is the resources table's own key (no index row needed)
+    tokens: list[tuple[str, str, str]] = []
     dates: list[tuple[str, float, float]] = []
 
     def add_date(param: str, value: Any) -> None:
@@ -221,7 +223,6 @@ def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple
     subject = res.get("subject", {}).get("reference", "")
     if subject:
         tokens.append(("patient", "", subject))
-        tokens.append(("subject", "", subject))
         target = resolve(subject) if resolve else None
         if target is not None:
             for ident in target.get("identifier", []):

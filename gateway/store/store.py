@@ -329,6 +329,11 @@ class Store:
                                         f"(supported: {', '.join(sorted(known))})", raw_name, code="not-supported")
                 continue
             ors: list[str] = []
+            if name == "_id":  # the resource's own key
+                ids = value.split(",")
+                clauses.append(f"id IN ({','.join('?' * len(ids))})")
+                args += ids
+                continue
             for part in value.split(","):
                 if kind == "date":
                     q = parse_date_query(part, raw_name)
