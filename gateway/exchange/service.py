@@ -137,6 +137,7 @@ class Exchange:
         self.checker = checker
         self.transport = transport
         self._local = threading.local()
+        self._marks: dict[tuple[str, str, str, _dt.date], list[str]] = {}
         self.snapshot_file: Any = None
         if holder is not None and settings.registry_snapshot:
             from gateway.registry.holder import SnapshotFile
@@ -249,9 +250,14 @@ class Exchange:
             day = _dt.date.fromisoformat(str(when)[:10])
             marks: list[str] = []
             for coding in obs.get("code", {}).get("coding", []):
-                grants = marks_for(self.settings.issuer_uscc, Coding(coding.get("system", ""), coding.get("code", "")),
-                                   day, snapshot)
-                marks += [g.mark for g in grants if g.mark not in marks]
+                key = (snapshot.digest(), coding.get("system", ""), coding.get("code", ""), day)
+                grants = self._marks.get(key)
+                if grants is None:  # the same item on the same day under the same snapshot: same marks
+                    if len(self._marks) > 10_000:
+                        self._marks.clear()
+                    grants = self._marks[key] = [g.mark for g in marks_for(
+                        self.settings.issuer_uscc, Coding(key[1], key[2]), day, snapshot)]
+                marks += [m for m in grants if m not in marks]
             if marks:
                 obs.setdefault("extension", []).extend({"url": EXT_MARK, "valueString": m} for m in marks)
                 added += len(marks)
