@@ -3,9 +3,10 @@
 Framing is python-hl7's (``hl7.mllp``: ``0x0B message 0x1C 0x0D``). Each
 message goes through the same pipeline as HTTP ingest; the ACK is written
 only after the raw message and its outcome are committed to SQLite, so an
-ACK always means "durably received". Messages are processed one at a time
-by a single worker thread (SQLite has one writer anyway), so the event loop
-keeps accepting and reading connections meanwhile. A message larger than
+ACK always means "durably received". Messages waiting from all connections
+are taken together as one batch (two commits for the batch, not two per
+message) by a single worker thread (SQLite has one writer anyway), so the
+event loop keeps accepting and reading connections meanwhile. A message larger than
 ``max_message_bytes`` is refused with an AR and the connection closed,
 because the rest of the oversized frame cannot be told apart from the next.
 """
@@ -47,11 +48,40 @@ class MLLPServer:
         self.server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
+        self.max_batch = 32
+        self.queue: asyncio.Queue[tuple[bytes, str, asyncio.Future[bytes]]]
+        self._batch_task: asyncio.Task[None] | None = None
 
-    def _process(self, block: bytes, peer: str) -> bytes:
+    def _process_batch(self, items: list[tuple[bytes, str]]) -> list[bytes]:
         channel = self.pipeline.channel("hl7v2")
-        outcome = self.pipeline.ingest_unit(channel, RawUnit(block, 1, f"mllp:{peer}"), channel="mllp")
-        return outcome.answer
+        units = [RawUnit(block, 1, f"mllp:{peer}") for block, peer in items]
+        return [o.answer for o in self.pipeline.ingest_batch(channel, units, channel="mllp")]
+
+    async def _batcher(self) -> None:
+        """Take every message waiting from all connections, process them as one batch, answer each.
+
+        Two commits per batch instead of two per message; an ACK still goes out
+        only after its message and outcome are committed.
+        """
+        loop = asyncio.get_running_loop()
+        queue = self.queue
+        while True:
+            first = await queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                answers = await loop.run_in_executor(self.executor, self._process_batch,
+                                                     [(block, peer) for block, peer, _ in batch])
+            except Exception as exc:  # the database failed: every waiting sender gets no ACK and will resend
+                log.exception("mllp batch of %d messages could not be stored", len(batch))
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, _, fut), answer in zip(batch, answers):
+                if not fut.done():
+                    fut.set_result(answer)
 
     def _reject(self, text: str) -> bytes:
         msg = SourceMessage(format="hl7v2")
@@ -79,11 +109,15 @@ class MLLPServer:
                     writer.write(frame(self._reject("MLLP block does not start with 0x0B")))
                     await writer.drain()
                     continue
-                answer = await loop.run_in_executor(self.executor, self._process, block, peer)
+                future: asyncio.Future[bytes] = loop.create_future()
+                await self.queue.put((block, peer, future))
+                answer = await future
                 writer.write(frame(answer))
                 await writer.drain()
         except (ConnectionResetError, BrokenPipeError):
             log.info("mllp connection %s reset", peer)
+        except Exception:  # the message could not be stored: no ACK, the sender resends (its raw copy may be kept)
+            log.warning("mllp connection %s closed: a message could not be stored, no ACK sent", peer)
         finally:
             writer.close()
 
@@ -91,6 +125,8 @@ class MLLPServer:
         """Start listening (on the running loop)."""
         loop = asyncio.get_running_loop()
         self.loop = loop
+        self.queue = asyncio.Queue()
+        self._batch_task = loop.create_task(self._batcher())
 
         def factory() -> asyncio.StreamReaderProtocol:
             reader = MLLPStreamReader(limit=self.max_bytes)

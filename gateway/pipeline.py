@@ -306,11 +306,41 @@ class Pipeline:
         ch = self.channel(fmt)
         return [self.ingest_unit(ch, unit, channel=channel) for unit in _units(ch, data, origin)]
 
+    def ingest_batch(self, ch: Channel, units: list[RawUnit], *, channel: str) -> list[Outcome]:
+        """:meth:`ingest_unit` for several units with two commits instead of two per unit.
+
+        The raw units are committed together first (nothing is lost if processing
+        fails), then every outcome in one transaction; answers are valid only once
+        this returns, i.e. after both commits. A unit repeated within the batch is
+        answered as a duplicate of its first copy.
+        """
+        from gateway.store.db import transaction
+
+        with transaction(self.store.db):
+            stored = [(unit, *self._insert_raw(ch, unit, channel)) for unit in units]
+        outcomes: list[Outcome] = []
+        done: dict[int, Outcome] = {}  # processed in this batch, by record id
+        with transaction(self.store.db):
+            for unit, record_id, existing in stored:
+                if existing is not None and existing.id in done:  # the same message twice in one batch
+                    first = done[existing.id]
+                    outcomes.append(Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
+                                            record_id=existing.id, answer=first.answer))
+                elif existing is not None:
+                    outcomes.append(self._duplicate(ch, unit, existing))
+                else:
+                    done[record_id] = self._process(ch, unit, record_id=record_id, channel=channel)
+                    outcomes.append(done[record_id])
+        return outcomes
+
+    def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str) -> tuple[int, Any]:
+        sender, message_id = ch.adapter.identify(unit)
+        return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
+                                     origin=unit.origin, raw=unit.data)
+
     def ingest_unit(self, ch: Channel, unit: RawUnit, *, channel: str) -> Outcome:
         """Store one unit raw, then process it (or answer it as a duplicate)."""
-        sender, message_id = ch.adapter.identify(unit)
-        record_id, existing = self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender,
-                                                    message_id=message_id, origin=unit.origin, raw=unit.data)
+        record_id, existing = self._insert_raw(ch, unit, channel)
         if existing is not None:
             return self._duplicate(ch, unit, existing)
         return self._process(ch, unit, record_id=record_id, channel=channel)

@@ -119,3 +119,42 @@ def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
     assert b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
     # the access log never carries the query string (it may hold a 身份证号)
     assert b"511921198001011237" not in err and b"511921198001011237" not in out
+
+
+def test_batch_gives_each_message_the_answer_it_gets_alone(pipeline, tmp_path) -> None:
+    """Pipeline.ingest_batch (what the MLLP listener uses) answers like ingest_unit, with fewer commits."""
+    from gateway.adapters.base import RawUnit
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+
+    units = [RawUnit(m, 1, "mllp:test") for m in split_messages((DATA / "hl7v2" / "malformed.hl7").read_bytes())]
+    units.append(units[1])  # the same message twice in one batch
+    ch = pipeline.channel("hl7v2")
+    batched = pipeline.ingest_batch(ch, units, channel="mllp")
+    alone_pipe = Pipeline(load_settings(environ={}, overrides={"data_dir": str(tmp_path / "alone"),
+                                                               "issuer_uscc": TONGJIANG}), clock=pipeline.clock)
+    alone = [alone_pipe.ingest_unit(ch, u, channel="mllp") for u in units]
+    assert [o.ack_code for o in batched] == [o.ack_code for o in alone] == ["AE", "AA", "AE", "AR", "AR", "AE", "AA"]
+    assert [o.status.value for o in batched][-1] == "duplicate"
+    assert batched[-1].answer == batched[1].answer
+    assert pipeline.store.counts() == alone_pipe.store.counts() == {"refused": 5, "stored": 1}
+
+
+def test_concurrent_connections_are_batched_and_all_acked(server, pipeline) -> None:
+    import threading
+
+    base = split_messages(FRAMED.read_bytes())[0]
+    results: dict[int, list[str]] = {}
+
+    def client(n: int) -> None:
+        with MLLPClient("127.0.0.1", server.port) as c:
+            results[n] = [msa(c.send_message(base.replace(b"TJ2406100001", f"C{n}M{i:03d}".encode())))[1]
+                          for i in range(10)]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {n: ["AA"] * 10 for n in range(4)}
+    assert pipeline.store.counts() == {"stored": 40}
