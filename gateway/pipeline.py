@@ -105,6 +105,7 @@ class Channel:
 
 
 Checker = Callable[[dict[str, Any]], list[Issue]]
+_BATCH = 32  # units stored and processed per pair of commits when a body or file holds many
 AfterStore = Callable[[sqlite_utils.Database, Outcome], None]
 
 
@@ -304,7 +305,16 @@ class Pipeline:
         :raises UnsupportedFormat: unknown format.
         """
         ch = self.channel(fmt)
-        return [self.ingest_unit(ch, unit, channel=channel) for unit in _units(ch, data, origin)]
+        outcomes: list[Outcome] = []
+        batch: list[RawUnit] = []
+        for unit in _units(ch, data, origin):  # a file of many messages: two commits per 32, not per message
+            batch.append(unit)
+            if len(batch) == _BATCH:
+                outcomes += self.ingest_batch(ch, batch, channel=channel)
+                batch = []
+        if batch:
+            outcomes += self.ingest_batch(ch, batch, channel=channel)
+        return outcomes
 
     def ingest_batch(self, ch: Channel, units: list[RawUnit], *, channel: str) -> list[Outcome]:
         """:meth:`ingest_unit` for several units with two commits instead of two per unit.
