@@ -2,8 +2,9 @@
 
 The HTTP API runs on gunicorn (pre-fork workers with threads; each worker
 builds its own app and database connections). A second process runs the MLLP
-listener and the background loop — delivering the outbox to other members and
-making signed audit checkpoints — so a slow HTTP client never delays an ACK and
+listener and the background work — delivering the outbox to other members,
+making signed audit checkpoints, and checkpointing the database's WAL so that
+no ingest commit waits for it — so a slow HTTP client never delays an ACK and
 gunicorn's forking never copies a running event loop. Before either starts,
 messages a crash left half-processed are marked failed (their raw input is kept).
 """
@@ -58,12 +59,15 @@ def run_background(settings: Settings) -> None:
     """Entry point of the second process: the MLLP listener (unless off) and the background loop."""
     from gateway.mllp import MLLPServer
     from gateway.pipeline import Pipeline
+    from gateway.store.db import WalCheckpointer
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     stop = threading.Event()
     worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
     worker.start()
+    checkpointer = WalCheckpointer(settings.database_path)
+    checkpointer.start()
     try:
         if settings.mllp_port:
             MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port).serve_forever()
@@ -74,6 +78,7 @@ def run_background(settings: Settings) -> None:
         pass
     finally:
         stop.set()
+        checkpointer.stop()
 
 
 def serve(settings: Settings) -> None:

@@ -12,7 +12,7 @@ from gateway.bench.measure import percentile
 from gateway.bench.stages import selected
 from gateway.commands.bench import bench
 
-IN_PROCESS = ("parse", "map", "build", "check", "sign", "store", "store-batch", "e2e", "ingest", "baseline", "csv",
+IN_PROCESS = ("parse", "map", "build", "check", "sign", "store", "store-batch", "e2e", "e2e-batch", "ingest", "baseline", "csv",
               "inbound", "audit-search", "audit-verify")
 
 

@@ -377,6 +377,7 @@ def test_round_trip(pki: Pki, bundle: dict[str, Any]) -> None:
     assert verified.kid == kid_of(pki.cert)
     assert verified.certificate == pki.cert
     assert verified.signed_at == SIG_TIME
+    assert verified.document_sha256 == hashlib.sha256(document_bytes(bundle)).hexdigest()
     assert verified.bundle["entry"][3]["resource"]["valueQuantity"]["value"] == Decimal("4.50")
     assert check_signer_is_issuer(verified) == SICHUAN
     header = verified.header
@@ -844,5 +845,5 @@ def test_public_api_other_parts_build_on_stays_in_place() -> None:
     assert list(inspect.signature(sign_bundle).parameters) == ["bundle", "key", "chain", "who", "when", "document"]
     assert list(inspect.signature(sign_detached).parameters) == ["payload", "key", "chain", "sig_time", "extra_header"]
     assert [f for f in jws.VerifiedBundle.__dataclass_fields__] == [
-        "bundle", "header", "certificate", "kid", "signer_uscc", "signed_at"
+        "bundle", "header", "certificate", "kid", "signer_uscc", "signed_at", "document_sha256"
     ]

@@ -14,7 +14,7 @@ from typing import Any
 import sqlite_utils
 
 from gateway.audit import records
-from gateway.audit.log import append
+from gateway.audit.log import append, append_many
 from gateway.audit.records import Outcome, Party, PatientRef
 
 __all__ = ["ingested", "patient_reads", "exchanged", "decided", "snapshot_applied"]
@@ -52,14 +52,11 @@ def patient_reads(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, s
                   client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
                   query: str | None) -> int:
     """One BALP read/query entry per patient whose results were returned; returns how many."""
-    count = 0
-    for patient, refs in _patients(resources).items():
-        append(db, records.patient_read(
-            at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
-            client_address=client_address or "unknown", member=_me(on_behalf_of), patient=PatientRef(
-                reference=patient), resources=refs, query=query))
-        count += 1
-    return count
+    made = [records.patient_read(
+        at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
+        client_address=client_address or "unknown", member=_me(on_behalf_of), patient=PatientRef(
+            reference=patient), resources=refs, query=query) for patient, refs in _patients(resources).items()]
+    return len(append_many(db, made))
 
 
 def exchanged(db: sqlite_utils.Database, direction: str, *, at: _dt.datetime, member: str, peer: str | None,
@@ -74,12 +71,9 @@ def exchanged(db: sqlite_utils.Database, direction: str, *, at: _dt.datetime, me
 def decided(db: sqlite_utils.Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
             kid: str | None = None) -> int:
     """Every recognition decision, with its rules and the snapshot version; returns how many."""
-    count = 0
-    for d in decisions:
-        append(db, records.from_decision(d, gateway=_me(member), bundle_hash=f"sha256:{bundle_hash}"
-                                         if bundle_hash else None, kid=kid))
-        count += 1
-    return count
+    made = [records.from_decision(d, gateway=_me(member), bundle_hash=f"sha256:{bundle_hash}" if bundle_hash else None,
+                                  kid=kid) for d in decisions]
+    return len(append_many(db, made))
 
 
 def snapshot_applied(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, version: int, digest: str,

@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "ensure_schema",
     "has_log",
     "append",
+    "append_many",
     "entry_hash",
     "head",
     "get",
@@ -203,18 +204,35 @@ def append(db: sqlite_utils.Database, record: Record) -> Entry:
     :raises sqlite3.IntegrityError: only if the chain guard was bypassed by a concurrent writer
         (cannot happen under ``BEGIN IMMEDIATE``).
     """
-    data = _content(record)
+    return append_many(db, [record])[0]
+
+
+def append_many(db: sqlite_utils.Database, records: Sequence[Record]) -> list[Entry]:
+    """Append records in order, chained one to the next, with one read of the log's end and one insert.
+
+    Inside the caller's transaction (or a new one); every record is rendered and
+    checked before anything is written, so a bad one leaves the log as it was.
+
+    :raises InputError: see :func:`append`.
+    """
+    contents = [_content(record) for record in records]
+    entries: list[Entry] = []
+    if not contents:
+        return entries
     with transaction(db):
         ensure_schema(db)
         row = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (row[0] + 1, bytes(row[1])) if row else (1, GENESIS)
-        digest = entry_hash(seq, prev, data)
-        db.execute(
-            "INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)",
-            [seq, data.decode("utf-8"), prev, digest],
-        )
-    log.debug("audit entry %d appended (%s)", seq, record.kind)
-    return Entry(seq, json.loads(data), digest, prev)
+        seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        rows = []
+        for data in contents:
+            seq += 1
+            digest = entry_hash(seq, prev, data)
+            rows.append((seq, data.decode("utf-8"), prev, digest))
+            entries.append(Entry(seq, json.loads(data), digest, prev))
+            prev = digest
+        db.conn.executemany("INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)", rows)
+    log.debug("audit entries %d to %d appended", entries[0].seq, entries[-1].seq)
+    return entries
 
 
 def head(db: sqlite_utils.Database) -> tuple[int, bytes]:

@@ -399,7 +399,7 @@ class Exchange:
         from gateway.recognition.store import save_decisions
 
         decisions = decide_all(facts_from_bundle(bundle), snapshot, self.settings.issuer_uscc, now)
-        doc_sha = hashlib.sha256(document_bytes(bundle)).hexdigest()
+        doc_sha = verified.document_sha256
         counts: dict[str, int] = {}
         for d in decisions:
             counts[d.outcome] = counts.get(d.outcome, 0) + 1

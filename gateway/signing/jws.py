@@ -27,6 +27,7 @@ import base64
 import binascii
 import copy
 import datetime as _dt
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -98,6 +99,7 @@ class VerifiedBundle:
     kid: str
     signer_uscc: str
     signed_at: _dt.datetime
+    document_sha256: str = ""  # hex SHA-256 of the signed document bytes (what receipts and the audit name)
 
 
 def _b64url(data: bytes) -> str:
@@ -396,7 +398,7 @@ def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | N
             )
     signer_uscc = check_certificate(cert, trust, signed_at)
     log.info("Bundle signature verified: kid %s, signer %s", kid, signer_uscc)
-    return VerifiedBundle(bundle, header, cert, kid, signer_uscc, signed_at)
+    return VerifiedBundle(bundle, header, cert, kid, signer_uscc, signed_at, hashlib.sha256(payload).hexdigest())
 
 
 def _uscc_values(identifiers: Any) -> list[str]:

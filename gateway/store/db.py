@@ -4,17 +4,33 @@ WAL journal (readers never block the writer), a busy timeout instead of
 ``database is locked`` errors under concurrent HTTP and MLLP writers, foreign
 keys on, and ``synchronous=NORMAL`` which in WAL mode is durable across
 application crashes (a power cut can lose the last transactions, never corrupt).
+
+Checkpoints (copying the WAL back into the database file, with an fsync) are
+the costly part of writing: left to SQLite's default, every thousandth page
+written makes one ingest commit wait for it. ``gateway serve`` runs a
+:class:`WalCheckpointer` beside the listeners instead, and a connection only
+checkpoints itself when the WAL has grown past :data:`WAL_AUTOCHECKPOINT_PAGES`
+(the safety net for the CLI and tests). A page many commits rewrite — the end
+of a search index run — is then copied once per checkpoint, not once per
+thousand pages.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
 
-__all__ = ["connect", "transaction"]
+__all__ = ["connect", "transaction", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES"]
+
+log = logging.getLogger(__name__)
+
+#: WAL size (pages) at which a committing connection checkpoints by itself (SQLite's default: 1000).
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
@@ -38,6 +54,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
     if not readonly and str(path) != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     return sqlite_utils.Database(conn)
 
 
@@ -61,3 +78,37 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+class WalCheckpointer(threading.Thread):
+    """Copies the WAL back into the database every ``interval`` seconds, beside the writers.
+
+    A ``PASSIVE`` checkpoint never blocks a writer or a reader: it copies what
+    no reader still needs and leaves the rest for the next round. Its own
+    connection, its own thread; :meth:`stop` ends it after a last checkpoint.
+    """
+
+    def __init__(self, path: str | Path, interval: float = 1.0) -> None:
+        super().__init__(name="wal-checkpoint", daemon=True)
+        self.path, self.interval = str(path), interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            while not self._stop_event.wait(self.interval):
+                self.checkpoint(conn)
+            self.checkpoint(conn)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def checkpoint(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # the next round tries again; a writer is never held up by this
+            log.warning("WAL checkpoint failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=30)

@@ -34,15 +34,18 @@ CREATE TABLE IF NOT EXISTS message_stages (
 );
 CREATE INDEX IF NOT EXISTS message_stages_ref ON message_stages(message_ref);
 
--- Current version of every FHIR resource held.
+-- Current version of every FHIR resource held. ``rid`` is a stable row number, given in the order
+-- resources first arrive and kept by later versions: the search index refers to it, so index rows
+-- of a new resource are appended at the end of their B-trees instead of scattered by a random id.
 CREATE TABLE IF NOT EXISTS resources (
+    rid          INTEGER PRIMARY KEY,
     type         TEXT NOT NULL,
     id           TEXT NOT NULL,
     version      INTEGER NOT NULL,
     last_updated TEXT NOT NULL,
     message_ref  INTEGER REFERENCES messages(id),
     json         TEXT NOT NULL,
-    PRIMARY KEY (type, id)
+    UNIQUE (type, id)
 );
 -- Earlier versions: a correction never destroys what was there before.
 CREATE TABLE IF NOT EXISTS resource_history (
@@ -55,27 +58,29 @@ CREATE TABLE IF NOT EXISTS resource_history (
     PRIMARY KEY (type, id, version)
 );
 
--- Search index: token parameters (identifier, code, status, patient.identifier, ...).
+-- Search index: token parameters (identifier, code, status, patient.identifier, ...), one row per
+-- distinct value of a resource (``res`` is ``resources.rid``). The key leads with what a search asks
+-- for, so a search reads one contiguous range; ``owner`` finds a resource's rows when it is replaced.
 CREATE TABLE IF NOT EXISTS search_token (
     type   TEXT NOT NULL,
-    id     TEXT NOT NULL,
     param  TEXT NOT NULL,
+    code   TEXT NOT NULL,
     system TEXT NOT NULL DEFAULT '',
-    code   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS search_token_lookup ON search_token(type, param, code, system);
-CREATE INDEX IF NOT EXISTS search_token_owner ON search_token(type, id);
+    res    INTEGER NOT NULL,
+    PRIMARY KEY (type, param, code, system, res)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS search_token_owner ON search_token(res);
 
 -- Search index: date parameters as [lo, hi) in epoch seconds (precision of the value kept as a range).
 CREATE TABLE IF NOT EXISTS search_date (
     type  TEXT NOT NULL,
-    id    TEXT NOT NULL,
     param TEXT NOT NULL,
     lo    REAL NOT NULL,
-    hi    REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS search_date_lookup ON search_date(type, param, lo);
-CREATE INDEX IF NOT EXISTS search_date_owner ON search_date(type, id);
+    hi    REAL NOT NULL,
+    res   INTEGER NOT NULL,
+    PRIMARY KEY (type, param, lo, hi, res)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS search_date_owner ON search_date(res);
 
 -- Signed report Bundles: those this member issued (signed here) and those received (verified here).
 CREATE TABLE IF NOT EXISTS signed_bundles (

@@ -17,7 +17,6 @@ from importlib import resources as _resources
 from pathlib import Path
 from typing import Any
 
-import simplejson
 import sqlite_utils
 
 from gateway import jsonutil
@@ -32,7 +31,7 @@ from gateway.fhir.search import (
 )
 from gateway.store.db import connect, transaction
 
-__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "ensure_core_schema"]
+__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -223,83 +222,69 @@ class Store:
         if len(set(keys)) != len(keys):
             # The same resource twice in one Bundle: each copy may version the one before; keep that order.
             for res in stored:
-                self._put(res, record_id, now, resolve=lambda ref: by_ref.get(ref))
+                self._put_all([res], record_id, now, by_ref.get)
             return
         self._put_all(stored, record_id, now, by_ref.get)
 
     def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any) -> None:
-        """:meth:`_put` for several distinct resources with one statement of each kind (same rows, same order)."""
+        """Store distinct resources as new versions, with one statement of each kind; inside a transaction.
+
+        An identical resend is not a new version; a changed resource keeps its
+        ``rid``, its previous version goes to ``resource_history`` and its index
+        rows are replaced. ``resolve(reference)`` finds the resources chained
+        search parameters need (the subject Patient, the performer).
+        """
+        conn = self.db.conn
+        assert conn.in_transaction, "resources are written inside the caller's transaction"
         current = self._current([(r["resourceType"], r["id"]) for r in resources])
+        next_rid = int(conn.execute("SELECT coalesce(max(rid), 0) FROM resources").fetchone()[0]) + 1
         history: list[tuple[Any, ...]] = []
-        replaced: list[tuple[str, str]] = []
+        replaced: list[tuple[int]] = []
         rows: list[tuple[Any, ...]] = []
-        tokens: list[tuple[str, str, str, str, str]] = []
-        dates: list[tuple[str, str, str, float, float]] = []
+        tokens: list[tuple[str, str, str, str, int]] = []
+        dates: list[tuple[str, str, float, float, int]] = []
         for res in resources:
             rtype, rid = res["resourceType"], res["id"]
             version = 1
             old = current.get((rtype, rid))
             if old is not None:
-                if _same_content(old[3], res):
+                row_number, old_version, old_updated, old_ref, old_json = old
+                if _same_content(old_json, res):
                     continue  # a resent or re-converted identical resource is not a new version
-                version = old[0] + 1
-                history.append((rtype, rid, old[0], old[1], old[2], old[3]))
-                replaced.append((rtype, rid))
+                version = old_version + 1
+                history.append((rtype, rid, old_version, old_updated, old_ref, old_json))
+                replaced.append((row_number,))
+            else:
+                row_number, next_rid = next_rid, next_rid + 1
             body = _versioned(res, version, now)
-            rows.append((rtype, rid, version, now, record_id, _dumps(body)))
+            rows.append((row_number, rtype, rid, version, now, record_id, jsonutil.dumps(body)))
             found_tokens, found_dates = index_resource(body, resolve)
-            tokens += [(rtype, rid, p, system, code) for p, system, code in found_tokens]
-            dates += [(rtype, rid, p, lo, hi) for p, lo, hi in found_dates]
-        conn = self.db.conn
+            tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
+            dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
         if history:
             conn.executemany("INSERT OR IGNORE INTO resource_history VALUES (?,?,?,?,?,?)", history)
-            conn.executemany("DELETE FROM search_token WHERE type = ? AND id = ?", replaced)
-            conn.executemany("DELETE FROM search_date WHERE type = ? AND id = ?", replaced)
+            conn.executemany("DELETE FROM search_token WHERE res = ?", replaced)
+            conn.executemany("DELETE FROM search_date WHERE res = ?", replaced)
         if rows:
-            conn.executemany("INSERT OR REPLACE INTO resources VALUES (?,?,?,?,?,?)", rows)
-        if tokens:
-            conn.executemany("INSERT INTO search_token VALUES (?,?,?,?,?)", tokens)
-        if dates:
-            conn.executemany("INSERT INTO search_date VALUES (?,?,?,?,?)", dates)
+            conn.executemany("INSERT OR REPLACE INTO resources (rid, type, id, version, last_updated, message_ref,"
+                             " json) VALUES (?,?,?,?,?,?,?)", rows)
+        _insert_index(conn, tokens, dates)
 
-    def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, str, Any, str]]:
-        """(version, last_updated, message_ref, json) of the stored resources among ``keys``: one query per type."""
+    def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int, str, Any, str]]:
+        """(rid, version, last_updated, message_ref, json) of the stored resources among ``keys``; a query per type."""
         by_type: dict[str, list[str]] = {}
         for rtype, rid in keys:
             by_type.setdefault(rtype, []).append(rid)
-        found: dict[tuple[str, str], tuple[int, str, Any, str]] = {}
+        found: dict[tuple[str, str], tuple[int, int, str, Any, str]] = {}
         for rtype, ids in by_type.items():
             for start in range(0, len(ids), 500):  # well under SQLite's limit of bound parameters
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                for rid, version, last_updated, message_ref, text in self.db.conn.execute(
-                        "SELECT id, version, last_updated, message_ref, json FROM resources"
+                for rid, row_number, version, last_updated, message_ref, text in self.db.conn.execute(
+                        "SELECT id, rid, version, last_updated, message_ref, json FROM resources"
                         f" WHERE type = ? AND id IN ({marks})", [rtype, *chunk]):
-                    found[(rtype, rid)] = (version, last_updated, message_ref, text)
+                    found[(rtype, rid)] = (row_number, version, last_updated, message_ref, text)
         return found
-
-    def _put(self, res: dict[str, Any], record_id: int | None, now: str, resolve: Any) -> None:
-        rtype, rid = res["resourceType"], res["id"]
-        current = list(self.db.query("SELECT version, last_updated, message_ref, json FROM resources"
-                                     " WHERE type = ? AND id = ?", [rtype, rid]))
-        version = 1
-        if current:
-            old = current[0]
-            if _same_content(old["json"], res):
-                return  # a resent or re-converted identical resource is not a new version
-            version = old["version"] + 1
-            self.db.execute("INSERT OR IGNORE INTO resource_history VALUES (?,?,?,?,?,?)",
-                            [rtype, rid, old["version"], old["last_updated"], old["message_ref"], old["json"]])
-        body = _versioned(res, version, now)
-        self.db.execute("INSERT OR REPLACE INTO resources VALUES (?,?,?,?,?,?)",
-                        [rtype, rid, version, now, record_id, _dumps(body)])
-        self.db.execute("DELETE FROM search_token WHERE type = ? AND id = ?", [rtype, rid])
-        self.db.execute("DELETE FROM search_date WHERE type = ? AND id = ?", [rtype, rid])
-        tokens, dates = index_resource(body, resolve)
-        self.db.conn.executemany("INSERT INTO search_token VALUES (?,?,?,?,?)",
-                                 [(rtype, rid, p, s, c) for p, s, c in tokens])
-        self.db.conn.executemany("INSERT INTO search_date VALUES (?,?,?,?,?)",
-                                 [(rtype, rid, p, lo, hi) for p, lo, hi in dates])
 
     def read(self, rtype: str, rid: str) -> dict[str, Any]:
         """The current version of a resource.
@@ -338,7 +323,7 @@ class Store:
                 if kind == "date":
                     q = parse_date_query(part, raw_name)
                     cond, cargs = date_matches_sql(q)
-                    ors.append(f"id IN (SELECT id FROM search_date WHERE type = ? AND param = ? AND {cond})")
+                    ors.append(f"rid IN (SELECT res FROM search_date WHERE type = ? AND param = ? AND {cond})")
                     args += [rtype, name, *cargs]
                 else:
                     if kind == "reference" and "/" not in part:
@@ -358,7 +343,7 @@ class Store:
                     if t_system is not None:
                         cond += " AND system = ?"
                         targs.append(t_system)
-                    ors.append(f"id IN (SELECT id FROM search_token WHERE {cond})")
+                    ors.append(f"rid IN (SELECT res FROM search_token WHERE {cond})")
                     args += targs
             clauses.append("(" + " OR ".join(ors) + ")")
         where = " AND ".join(["type = ?"] + clauses)
@@ -372,11 +357,6 @@ class Store:
             yield dict(jsonutil.loads(row["json"]))
 
 
-# One encoder for every resource: the same text as jsonutil.dumps (simplejson, decimals as
-# written, UTF-8 kept), without building an encoder per call.
-_dumps = simplejson.JSONEncoder(use_decimal=True, ensure_ascii=False, separators=(",", ":")).encode
-
-
 def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
     """The resource as stored: ``meta`` after ``resourceType`` and ``id``, with ``versionId`` and ``lastUpdated``."""
     meta = dict(res.get("meta", {}))
@@ -385,9 +365,76 @@ def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
             **{k: v for k, v in res.items() if k not in ("resourceType", "id", "meta")}}
 
 
+#: Layout of the resource tables and search index this code writes (``PRAGMA user_version``).
+#: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
+SCHEMA_VERSION = 2
+
+
 def ensure_core_schema(db: sqlite_utils.Database) -> None:
-    """Create the tables of ``schema.sql`` that are missing (idempotent; commits, so not inside a transaction)."""
-    db.conn.executescript(_resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8"))
+    """Create the tables of ``schema.sql`` that are missing, and bring an older layout up to date.
+
+    Idempotent; commits, so not inside a transaction. A database written by an
+    earlier release keeps every resource and version: its resources move to
+    the current table (each given a ``rid``) and the search index is rebuilt
+    from them, in one transaction per step, logged with its progress.
+    """
+    conn = db.conn
+    script = _resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(resources)")}
+    if columns and "rid" not in columns:
+        log.warning("database layout %d found: moving resources and rebuilding the search index",
+                    conn.execute("PRAGMA user_version").fetchone()[0] or 1)
+        # One script, one transaction: the old tables are renamed or dropped and the new ones made and filled.
+        conn.executescript(
+            "BEGIN IMMEDIATE;"
+            " ALTER TABLE resources RENAME TO resources_layout1;"
+            " DROP TABLE IF EXISTS search_token; DROP TABLE IF EXISTS search_date;"
+            f" {script};"
+            " INSERT INTO resources (type, id, version, last_updated, message_ref, json)"
+            "  SELECT type, id, version, last_updated, message_ref, json FROM resources_layout1 ORDER BY rowid;"
+            " DROP TABLE resources_layout1;"
+            " COMMIT;")
+    else:
+        conn.executescript(script)
+    if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        with transaction(db):
+            _reindex(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _reindex(conn: sqlite3.Connection) -> None:
+    """Rebuild the whole search index from the stored resources (inside a transaction)."""
+    conn.execute("DELETE FROM search_token")
+    conn.execute("DELETE FROM search_date")
+    total = conn.execute("SELECT count(*) FROM resources").fetchone()[0]
+
+    def resolve(reference: str) -> dict[str, Any] | None:
+        rtype, _, rid = reference.partition("/")
+        row = conn.execute("SELECT json FROM resources WHERE type = ? AND id = ?", [rtype, rid]).fetchone()
+        return dict(jsonutil.loads(row[0])) if row else None
+
+    done = 0
+    tokens: list[tuple[str, str, str, str, int]] = []
+    dates: list[tuple[str, str, float, float, int]] = []
+    for row_number, rtype, text in conn.execute("SELECT rid, type, json FROM resources ORDER BY rid"):
+        found_tokens, found_dates = index_resource(jsonutil.loads(text), resolve)
+        tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
+        dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
+        done += 1
+        if len(tokens) > 50_000 or done == total:
+            _insert_index(conn, tokens, dates)
+            tokens, dates = [], []
+            log.info("search index rebuilt for %d of %d resources", done, total)
+
+
+def _insert_index(conn: sqlite3.Connection, tokens: list[tuple[str, str, str, str, int]],
+                  dates: list[tuple[str, str, float, float, int]]) -> None:
+    """Add search index rows; a value a resource holds twice is indexed once."""
+    if tokens:
+        conn.executemany("INSERT OR IGNORE INTO search_token (type, param, code, system, res) VALUES (?,?,?,?,?)",
+                         tokens)
+    if dates:
+        conn.executemany("INSERT OR IGNORE INTO search_date (type, param, lo, hi, res) VALUES (?,?,?,?,?)", dates)
 
 
 def _same_content(old_json: str, new: dict[str, Any]) -> bool:

@@ -1,0 +1,138 @@
+"""Store layout: a database written by the earlier release is brought up to date without losing anything.
+
+Layout 1 keyed the search index by resource id; layout 2 (``SCHEMA_VERSION``)
+gives every resource a stable ``rid`` and keys the index by it. The test turns
+a database written by this release back into layout 1 by hand (the old DDL is
+spelled out below, as that release's ``schema.sql`` had it), opens it, and
+expects exactly the rows and search answers of a database that never left
+layout 2.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from conftest import CST, DATA
+from gateway import jsonutil
+from gateway.store.store import SCHEMA_VERSION, Store
+
+LAYOUT_1 = """
+ALTER TABLE resources RENAME TO resources_now;
+CREATE TABLE resources (
+    type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, last_updated TEXT NOT NULL,
+    message_ref INTEGER REFERENCES messages(id), json TEXT NOT NULL, PRIMARY KEY (type, id));
+INSERT INTO resources SELECT type, id, version, last_updated, message_ref, json FROM resources_now ORDER BY rid;
+DROP TABLE resources_now;
+DROP TABLE search_token;
+DROP TABLE search_date;
+CREATE TABLE search_token (type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+                           system TEXT NOT NULL DEFAULT '', code TEXT NOT NULL);
+CREATE INDEX search_token_lookup ON search_token(type, param, code, system);
+CREATE INDEX search_token_owner ON search_token(type, id);
+CREATE TABLE search_date (type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, lo REAL NOT NULL,
+                          hi REAL NOT NULL);
+CREATE INDEX search_date_lookup ON search_date(type, param, lo);
+CREATE INDEX search_date_owner ON search_date(type, id);
+INSERT INTO search_token VALUES ('Observation', 'stale', 'code', '', 'left-over');
+PRAGMA user_version = 0;
+"""
+
+QUERIES = {
+    "resources": "SELECT rid, type, id, version, last_updated, message_ref, json FROM resources ORDER BY rid",
+    "resource_history": "SELECT * FROM resource_history ORDER BY type, id, version",
+    "search_token": "SELECT type, param, code, system, res FROM search_token ORDER BY 1, 2, 3, 4, 5",
+    "search_date": "SELECT type, param, lo, hi, res FROM search_date ORDER BY 1, 2, 3, 4, 5",
+}
+
+SEARCHES = [
+    ("Observation", [("patient.identifier", "urn:oid:2.16.156.10011.1.3|500102198808080131")]),
+    ("Observation", [("code", "http://loinc.org|1742-6")]),
+    ("Observation", [("date", "ge2024-01-01")]),
+    ("DiagnosticReport", [("status", "corrected")]),
+    ("Patient", [("gender", "male")]),
+]
+
+
+def _bundles() -> list[dict[str, Any]]:
+    return [jsonutil.loads(p.read_text(encoding="utf-8")) for p in sorted((DATA / "expected").glob("*.json"))
+            if '"DiagnosticReport"' in p.read_text(encoding="utf-8")]
+
+
+def _fill(path: Path) -> Store:
+    store = Store.open(path, lambda: _dt.datetime(2026, 5, 21, 9, 0, tzinfo=CST))
+    for n, bundle in enumerate(_bundles()):
+        for round_ in range(2):  # a first version, then a correction: history rows and a replaced index
+            record_id, _ = store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id=f"{n}-{round_}",
+                                            origin="", raw=b"x")
+            changed = copy.deepcopy(bundle)
+            if round_:
+                for entry in changed["entry"]:
+                    if entry["resource"]["resourceType"] == "DiagnosticReport":
+                        entry["resource"]["status"] = "corrected"
+            store.finish(record_id, status="stored", ack_code="AA", ack=b"", issues=[], bundle=changed)
+    return store
+
+
+def _rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    return {name: [tuple(r) for r in store.db.conn.execute(sql)] for name, sql in QUERIES.items()}
+
+
+def _answers(store: Store) -> list[list[str]]:
+    return [sorted(r["id"] for r in store.search(rtype, params, count=1000).resources) for rtype, params in SEARCHES]
+
+
+def test_layout_1_database_is_moved_and_reindexed_losing_nothing(tmp_path: Path) -> None:
+    reference = _fill(tmp_path / "now.db")
+    expected, expected_answers = _rows(reference), _answers(reference)
+    assert expected["resource_history"] and expected["search_token"] and expected["search_date"]
+    assert all(expected_answers), "every search finds something in the samples"
+    reference.close()
+
+    _fill(tmp_path / "old.db").close()
+    legacy = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    legacy.executescript(LAYOUT_1)
+    legacy.close()
+
+    upgraded = Store.open(tmp_path / "old.db")
+    assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert _rows(upgraded) == expected  # same rids, versions, history; the stale index row is gone
+    assert _answers(upgraded) == expected_answers
+    assert not upgraded.db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%layout1%'").fetchall()
+    upgraded.close()
+
+    again = Store.open(tmp_path / "old.db")  # opening an up-to-date database changes nothing
+    assert _rows(again) == expected
+    again.close()
+
+
+def test_a_new_database_starts_at_the_current_layout(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "new.db")
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert {r[1] for r in store.db.execute("PRAGMA table_info(search_token)")} == {
+        "type", "param", "code", "system", "res"}
+
+
+def test_the_background_checkpointer_empties_the_wal_while_writers_go_on(tmp_path: Path) -> None:
+    import time
+
+    from gateway.store.db import WAL_AUTOCHECKPOINT_PAGES, WalCheckpointer
+
+    store = _fill(tmp_path / "busy.db")  # writes far fewer pages than the writers' own checkpoint threshold
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
+    main_file = tmp_path / "busy.db"
+    before = main_file.stat().st_size
+    checkpointer = WalCheckpointer(main_file, interval=0.05)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while main_file.stat().st_size == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main_file.stat().st_size > before, "the checkpointer copied the WAL into the database file"
+        _fill(tmp_path / "busy.db").close()  # writers go on meanwhile (a PASSIVE checkpoint never blocks them)
+    finally:
+        checkpointer.stop()
+    assert not checkpointer.is_alive()
+    store.close()
