@@ -41,6 +41,7 @@ import sqlite_utils
 from gateway.audit.records import KINDS, Record
 from gateway.audit.render import index_values, render
 from gateway.errors import InputError, NotFound
+from gateway.signing.canonical import canonicalize_plain
 from gateway.store.db import transaction
 
 __all__ = [
@@ -190,7 +191,7 @@ def _content(record: Record) -> bytes:
     content["t"] = epoch_ms(record.recorded)
     content.update(index_values(event))
     try:
-        return rfc8785.dumps(content)
+        return canonicalize_plain(content)
     except rfc8785.CanonicalizationError as exc:
         # Facts are strings, integers, booleans and lists/objects of them; a float or a
         # Decimal has no place in an audit record (its canonical form would lose precision).

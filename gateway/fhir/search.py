@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as _dt
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -80,8 +81,9 @@ def date_bounds(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[_dt.datetime
         raise InputError(f"{value!r} is not a calendar date/time ({exc})", "date") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def date_range(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[float, float]:
-    """:func:`date_bounds` in epoch seconds.
+    """:func:`date_bounds` in epoch seconds (remembered: the Observations of a report share their times).
 
     :raises InputError: not a FHIR date.
     """

@@ -28,13 +28,14 @@ import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from itertools import chain
 from typing import Any
 
 import rfc8785
 
 from gateway.errors import ParseError
 
-__all__ = ["canonicalize", "parse_json", "document_bytes", "dumps", "DOCUMENT_EXCLUDED"]
+__all__ = ["canonicalize", "canonicalize_plain", "parse_json", "document_bytes", "dumps", "DOCUMENT_EXCLUDED"]
 
 #: Root Bundle members left out of the signed bytes (FHIR ``#document`` plus the signature itself).
 DOCUMENT_EXCLUDED = ("signature", "id", "meta")
@@ -43,6 +44,7 @@ DOCUMENT_EXCLUDED = ("signature", "id", "meta")
 # JavaScript verifier) sees the nearest double, and so must we.
 _SAFE_INTEGER = 2**53 - 1
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 def canonicalize(obj: Any) -> bytes:
@@ -52,22 +54,156 @@ def canonicalize(obj: Any) -> bytes:
     string keys, lists (or tuples), strings, booleans, ``None``, ints, floats and
     :class:`~decimal.Decimal`.
 
+    Three ways give the same bytes, tried cheapest first: the standard library's C
+    encoder straight on ``obj`` (:func:`_fast_canonical`), the same encoder on a copy
+    with every number converted (:func:`_converted_canonical`, for the few documents
+    the first cannot vouch for, such as a float ``5.0`` or a non-dict mapping), and the
+    reference rfc8785 package, which also finds what is not JSON.
+
     :raises ParseError: the value is not representable in I-JSON (non-string key,
         NaN or infinite number, unpaired surrogate, unsupported type).
     """
     fast = _fast_canonical(obj)
+    if fast is None:
+        fast = _converted_canonical(obj)
     if fast is not None:
         return fast
     try:
         return rfc8785.dumps(_to_jcs_values(obj, "$"))
     except rfc8785.CanonicalizationError as exc:
         raise ParseError(f"cannot canonicalise JSON: {exc}", "$") from None
+    except UnicodeEncodeError:  # rfc8785 meets a key's unpaired surrogate while sorting, before its own check
+        raise ParseError("cannot canonicalise JSON: a key holds an unpaired UTF-16 surrogate", "$") from None
     except RecursionError:
         raise ParseError("JSON nested too deeply to canonicalise", "$") from None
 
 
 class _Slow(Exception):
     """The document needs the reference canonicaliser (or is not canonicalisable at all)."""
+
+
+def _jcs_number(value: Any) -> int | float:
+    """A :class:`Decimal` as the int or float Python writes exactly as JCS does; raise :class:`_Slow` otherwise.
+
+    Called by the C encoder for every value it does not know: a FHIR decimal becomes
+    the double it denotes (``float(Decimal)`` is correctly rounded, as ``JSON.parse`` is),
+    written as an int when integral within ±(2**53-1) and as a float when Python's
+    shortest round-trip repr has no exponent, the same choice :func:`_fast_values`
+    makes. Anything else (a decimal beyond 2**53 or one Python would write with an
+    exponent, NaN, a mapping that is not a dict, an unknown type) goes the slower way.
+    """
+    if isinstance(value, Decimal) and value.is_finite():
+        number = float(value)
+        if number.is_integer():
+            if abs(number) <= _SAFE_INTEGER:
+                return int(number)
+        elif math.isfinite(number) and "e" not in repr(number):
+            return number
+    raise _Slow
+
+
+# Sorted keys, no whitespace, raw UTF-8, and the escapes JCS uses: ``\b \t \n \f \r``,
+# other controls as lowercase ``\u00xx``, ``"`` and ``\\``, nothing else. No check for
+# cycles: a document that contains itself ends in RecursionError, which is cheaper than
+# keeping track of every container and sends it the slower way just the same.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                            check_circular=False, default=_jcs_number)
+
+# Leaves the C encoder writes as JCS does whatever their value (Decimals pass through _jcs_number).
+_PLAIN_LEAVES = frozenset((str, bool, type(None), Decimal))
+
+
+def _fast_canonical(obj: Any) -> bytes | None:
+    """RFC 8785 bytes from the standard library's C encoder straight on ``obj``, or None when it cannot vouch.
+
+    The encoder writes strings, literals and sorted objects as JCS does, and FHIR
+    decimals through :func:`_jcs_number`. Whatever it would write differently is
+    refused on the way (NaN and infinite floats, keys of mixed types and, as too deep,
+    cycles by the encoder, an unpaired surrogate by UTF-8) or found afterwards by
+    :func:`_encodes_as_jcs`, which looks at the document without copying it. Both
+    checks only ever send a document the slower way. The rfc8785 package stays the
+    reference: tests compare the two on every sample and on thousands of random documents.
+    """
+    try:
+        text = _ENCODER.encode(obj)
+        if not _encodes_as_jcs(obj):
+            return None
+        return text.encode("utf-8")
+    except (_Slow, TypeError, ValueError, RecursionError):
+        return None
+
+
+def _encodes_as_jcs(obj: Any) -> bool:
+    """True when the C encoder's text of ``obj``, already written without error, is RFC 8785's.
+
+    The encoder accepts a few things JCS writes differently or refuses, all of them
+    found here: an int, float, bool or None key (written as a string, where RFC 8785
+    refuses the document); a key beyond the Basic Multilingual Plane (sorted by code
+    point, RFC 8785 sorts by UTF-16 code units); an int beyond ±(2**53-1) (JCS writes
+    the nearest double); a float that is integral (``5.0``, JCS writes ``5``) or whose
+    repr has an exponent (``1e-07``, JCS writes ``1e-7``). Other floats Python writes
+    digit for digit as JCS does. Only plain dicts, lists, tuples, strings, booleans,
+    ``None``, ints, floats and Decimals pass as values, so that subclasses, which the
+    encoder may read otherwise than rfc8785 does, take the slower path; keys need only
+    be strings, as on the copying path.
+
+    Call it only after the encoder has written ``obj``: that proves there is no cycle
+    (so this walk ends), no NaN or infinite float, and every Decimal passed
+    :func:`_jcs_number`. Keys are only gathered during the walk and checked at once.
+    """
+    dicts: list[dict[Any, Any]] = []
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _PLAIN_LEAVES:
+            continue
+        if kind is dict:
+            dicts.append(value)
+            stack.extend(value.values())
+        elif kind is list or kind is tuple:
+            stack.extend(value)
+        elif kind is int:
+            if not -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
+                return False
+        elif kind is float:
+            if value.is_integer() or "e" in repr(value):
+                return False
+        else:
+            return False
+    try:
+        keys = "".join(chain.from_iterable(dicts))  # iterating a dict gives its keys
+    except TypeError:  # a key that is not a string
+        return False
+    return keys.isascii() or _ASTRAL.search(keys) is None
+
+
+def _refuse(value: Any) -> Any:
+    raise _Slow
+
+
+_PLAIN_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                                  check_circular=False, default=_refuse)
+
+
+def canonicalize_plain(obj: Any) -> bytes:
+    """What ``rfc8785.dumps(obj)`` gives — the same bytes, the same refusals — through the C encoder when it can.
+
+    For JSON the gateway writes itself from strings, integers, booleans, null,
+    lists and objects (audit records): a :class:`~decimal.Decimal` is refused as
+    rfc8785 refuses it, rather than turned into a double as :func:`canonicalize`
+    does for a received Bundle. Whatever the C encoder cannot vouch for
+    (:func:`_encodes_as_jcs`) is left to rfc8785 itself.
+
+    :raises rfc8785.CanonicalizationError: as ``rfc8785.dumps`` raises it.
+    """
+    try:
+        text = _PLAIN_ENCODER.encode(obj)
+        if _encodes_as_jcs(obj):
+            return text.encode("utf-8")
+    except (_Slow, TypeError, ValueError, RecursionError, UnicodeEncodeError):
+        pass
+    return rfc8785.dumps(obj)
 
 
 def _fast_values(value: Any) -> Any:
@@ -110,18 +246,16 @@ def _fast_values(value: Any) -> Any:
     raise _Slow
 
 
-def _fast_canonical(obj: Any) -> bytes | None:
-    """RFC 8785 bytes through the standard library's C encoder, or None when only rfc8785 can say.
+def _converted_canonical(obj: Any) -> bytes | None:
+    """RFC 8785 bytes through the C encoder on a converted copy of ``obj``, or None when only rfc8785 can say.
 
-    ``json.dumps`` with sorted keys, no whitespace and raw UTF-8 escapes exactly as
-    JCS does (``\\b \\t \\n \\f \\r``, other controls as lowercase ``\\u00xx``, ``"`` and
-    ``\\\\``, nothing else). An unpaired surrogate cannot be encoded as UTF-8 and falls back.
-    The rfc8785 package stays the reference: tests compare the two on every sample.
+    Slower than :func:`_fast_canonical` (every value is visited in Python) but it takes
+    what that one turns down for the encoder's sake alone: integral floats, mappings
+    other than dicts, subclasses of the JSON types. An unpaired surrogate cannot be
+    encoded as UTF-8 and falls back.
     """
     try:
-        values = _fast_values(obj)
-        return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return _ENCODER.encode(_fast_values(obj)).encode("utf-8")
     except (_Slow, UnicodeEncodeError, RecursionError):
         return None
 
