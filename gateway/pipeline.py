@@ -297,7 +297,7 @@ class Pipeline:
         """
         ch = self.channel(fmt)
         for unit in _units(ch, data, origin):
-            yield self._process(ch, unit, record_id=None)
+            yield self._work(ch, unit, record_id=None)
 
     def ingest(self, data: bytes | IO[bytes], fmt: str, *, channel: str, origin: str = "") -> list[Outcome]:
         """Store and process every unit of ``data`` (bytes or a binary file object); one outcome per unit.
@@ -320,9 +320,11 @@ class Pipeline:
         """:meth:`ingest_unit` for several units with two commits instead of two per unit.
 
         The raw units are committed together first (nothing is lost if processing
-        fails), then every outcome in one transaction; answers are valid only once
-        this returns, i.e. after both commits. A unit repeated within the batch is
-        answered as a duplicate of its first copy.
+        fails), then they are processed — reading, mapping, checking and signing
+        hold no database lock, so other writers go on meanwhile — and every outcome
+        is recorded in one transaction; answers are valid only once this returns,
+        i.e. after both commits. A unit repeated within the batch is answered as a
+        duplicate of its first copy.
         """
         from gateway.store.db import transaction
 
@@ -330,17 +332,20 @@ class Pipeline:
             stored = [(unit, *self._insert_raw(ch, unit, channel)) for unit in units]
         outcomes: list[Outcome] = []
         done: dict[int, Outcome] = {}  # processed in this batch, by record id
+        for unit, record_id, existing in stored:
+            if existing is not None and existing.id in done:  # the same message twice in one batch
+                first = done[existing.id]
+                outcomes.append(Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
+                                        record_id=existing.id, answer=first.answer))
+            elif existing is not None:
+                outcomes.append(self._duplicate(ch, unit, existing))
+            else:
+                done[record_id] = self._work(ch, unit, record_id)
+                outcomes.append(done[record_id])
         with transaction(self.store.db):
-            for unit, record_id, existing in stored:
-                if existing is not None and existing.id in done:  # the same message twice in one batch
-                    first = done[existing.id]
-                    outcomes.append(Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
-                                            record_id=existing.id, answer=first.answer))
-                elif existing is not None:
-                    outcomes.append(self._duplicate(ch, unit, existing))
-                else:
-                    done[record_id] = self._process(ch, unit, record_id=record_id, channel=channel)
-                    outcomes.append(done[record_id])
+            for (unit, record_id, existing), outcome in zip(stored, outcomes):
+                if existing is None:
+                    self._record(ch, unit, outcome, channel)
         return outcomes
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str) -> tuple[int, Any]:
@@ -353,7 +358,9 @@ class Pipeline:
         record_id, existing = self._insert_raw(ch, unit, channel)
         if existing is not None:
             return self._duplicate(ch, unit, existing)
-        return self._process(ch, unit, record_id=record_id, channel=channel)
+        outcome = self._work(ch, unit, record_id)
+        self._record(ch, unit, outcome, channel)
+        return outcome
 
     def _duplicate(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome:
         label = f"{existing.message_id}" if existing.message_id else f"unit {unit.index}"
@@ -371,7 +378,8 @@ class Pipeline:
         return Outcome(Status.DUPLICATE, label, ack_code="AE", issues=[issue], record_id=existing.id,
                        answer=ch.answer(msg, "AE"))
 
-    def _process(self, ch: Channel, unit: RawUnit, record_id: int | None, channel: str = "") -> Outcome:
+    def _work(self, ch: Channel, unit: RawUnit, record_id: int | None) -> Outcome:
+        """Read, filter, map, build, check and sign one unit; writes nothing (see :meth:`_record`)."""
         msg: SourceMessage | None = None
         try:
             msg = ch.adapter.read(unit)
@@ -401,16 +409,20 @@ class Pipeline:
             msg.issues = [issue]
             outcome = Outcome(Status.FAILED, msg.label(), ack_code="AE", issues=[issue], message=msg)
         outcome.answer = ch.answer(msg, outcome.ack_code)
-        if record_id is not None:
-            outcome.record_id = record_id
-            self.store.finish(record_id, status=outcome.status.value, ack_code=outcome.ack_code,
-                              ack=outcome.answer, issues=outcome.issues,
-                              bundle=outcome.bundle if outcome.status is Status.STORED else None,
-                              after=lambda db: self._after(db, outcome, ch, unit, channel))
-        log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
-                 ch.format, record_id, outcome.status.value, outcome.ack_code,
-                 len(msg.reports) if msg else 0, len(outcome.issues))
+        outcome.record_id = record_id
         return outcome
+
+    def _record(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str) -> None:
+        """Record a worked unit's outcome, resources, signed copy and audit entry (one transaction)."""
+        assert outcome.record_id is not None
+        self.store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
+                          ack=outcome.answer, issues=outcome.issues,
+                          bundle=outcome.bundle if outcome.status is Status.STORED else None,
+                          after=lambda db: self._after(db, outcome, ch, unit, channel))
+        msg = outcome.message
+        log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
+                 ch.format, outcome.record_id, outcome.status.value, outcome.ack_code,
+                 len(msg.reports) if msg else 0, len(outcome.issues))
 
     def _after(self, db: sqlite_utils.Database, outcome: Outcome, ch: Channel, unit: RawUnit, channel: str) -> None:
         """Inside the transaction that records the outcome: signed copy, audit entry, extra hooks."""

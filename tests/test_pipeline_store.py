@@ -194,3 +194,19 @@ def test_search_by_id_and_by_subject(loaded: Pipeline) -> None:
     by_subject = loaded.store.search("Observation", [("subject", patient)])
     by_patient = loaded.store.search("Observation", [("patient", patient.split("/")[1])])
     assert by_subject.total == by_patient.total == 7  # the v2.5.1 sample's seven results
+
+
+def test_messages_are_worked_without_holding_the_database_write_lock(pipeline: Pipeline) -> None:
+    """Checking and signing a batch happen between its two commits, so other writers are not held up."""
+    seen: list[bool] = []
+    check = pipeline.checker
+
+    def watching(bundle):  # type: ignore[no-untyped-def]
+        seen.append(pipeline.store.db.conn.in_transaction)
+        return check(bundle)
+
+    pipeline.checker = watching
+    outcomes = pipeline.ingest(UTF8 + b"\r\n" + ANALYSER, "hl7v2", channel="file")
+    assert [o.status for o in outcomes] == [Status.STORED, Status.STORED, Status.FILTERED]
+    assert seen == [False, False]
+    assert pipeline.store.db.execute("SELECT count(*) FROM messages WHERE status = 'received'").fetchone()[0] == 0
