@@ -46,6 +46,8 @@ class Settings:
     http_port: int = _opt(8080, "Port of the HTTP API.")
     mllp_host: str = _opt("127.0.0.1", "Address the MLLP listener listens on.")
     mllp_port: int = _opt(2575, "Port of the MLLP listener; 0 disables it.")
+    mllp_workers: int = _opt(1, "MLLP listener processes sharing the port, each working its own connections' "
+                             "messages (up to the number of cores).")
     workers: int = _opt(2, "HTTP worker processes (gunicorn).")
     threads: int = _opt(4, "Threads per HTTP worker.")
     max_message_bytes: int = _opt(1_048_576, "Largest single HL7 v2 message or document accepted, in bytes.")
@@ -94,7 +96,8 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} {port} is not a TCP port", name)
-        for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval"):
+        for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval",
+                     "mllp_workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive", name)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import signal
+import socket
 import threading
 from typing import Any
 
@@ -38,10 +40,13 @@ def frame(data: bytes) -> bytes:
 class MLLPServer:
     """An asyncio MLLP server feeding a :class:`~gateway.pipeline.Pipeline`."""
 
-    def __init__(self, pipeline: Pipeline, host: str, port: int, *, max_message_bytes: int | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, host: str, port: int, *, max_message_bytes: int | None = None,
+                 sock: socket.socket | None = None) -> None:
+        """``sock``: a listening socket to accept on (shared by several listener processes) instead of binding."""
         self.pipeline = pipeline
         self.host = host
         self.port = port
+        self.sock = sock
         self.max_bytes = max_message_bytes or pipeline.settings.max_message_bytes
         # One worker: SQLite has a single writer, and one connection per thread.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mllp-worker")
@@ -49,6 +54,7 @@ class MLLPServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self.max_batch = 32
+        self._writers: set[asyncio.StreamWriter] = set()
         self.queue: asyncio.Queue[tuple[bytes, str, asyncio.Future[bytes]]]
         self._batch_task: asyncio.Task[None] | None = None
 
@@ -92,6 +98,7 @@ class MLLPServer:
         peer_info: Any = writer.get_extra_info("peername")
         peer = f"{peer_info[0]}:{peer_info[1]}" if isinstance(peer_info, tuple) else str(peer_info)
         loop = asyncio.get_running_loop()
+        self._writers.add(writer)
         try:
             while True:
                 try:
@@ -119,6 +126,7 @@ class MLLPServer:
         except Exception:  # the message could not be stored: no ACK, the sender resends (its raw copy may be kept)
             log.warning("mllp connection %s closed: a message could not be stored, no ACK sent", peer)
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def start(self) -> None:
@@ -132,23 +140,32 @@ class MLLPServer:
             reader = MLLPStreamReader(limit=self.max_bytes)
             return asyncio.StreamReaderProtocol(reader, self._client)
 
-        self.server = await loop.create_server(factory, self.host, self.port)
+        if self.sock is not None:
+            self.server = await loop.create_server(factory, sock=self.sock)
+        else:
+            self.server = await loop.create_server(factory, self.host, self.port)
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
         log.info("mllp listening on %s:%d", self.host, self.port)
         self.ready.set()
 
     def serve_forever(self) -> None:
-        """Run until interrupted."""
+        """Run until interrupted or, in the main thread, until SIGTERM (then stop accepting, close connections)."""
 
         async def main() -> None:
             await self.start()
             assert self.server is not None
+            if threading.current_thread() is threading.main_thread():
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._shutdown)
             try:
                 async with self.server:
                     await self.server.serve_forever()
             except asyncio.CancelledError:  # stop() closed the server
                 pass
+            for _ in range(100):  # connections end on their own once closed; an ACK being worked on is not sent
+                if not self._writers:
+                    break
+                await asyncio.sleep(0.01)
 
         try:
             asyncio.run(main())
@@ -156,6 +173,13 @@ class MLLPServer:
             pass
         finally:
             self.executor.shutdown(wait=True)
+
+    def _shutdown(self) -> None:
+        """Stop accepting and close every connection (on the loop): their tasks end without being cancelled."""
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self._writers):
+            writer.close()
 
     def start_in_thread(self) -> threading.Thread:
         """Serve from a daemon thread (demo and tests); returns once listening."""
@@ -168,4 +192,4 @@ class MLLPServer:
     def stop(self) -> None:
         """Stop a server started with :meth:`start_in_thread`."""
         if self.loop is not None and self.server is not None:
-            self.loop.call_soon_threadsafe(self.server.close)
+            self.loop.call_soon_threadsafe(self._shutdown)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 from gateway.config import Settings
 
-__all__ = ["serve", "run_background", "background_pass"]
+__all__ = ["serve", "run_background", "run_listener", "background_pass"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,13 @@ def _background_loop(settings: Settings, stop: threading.Event) -> None:
 
 
 def run_background(settings: Settings) -> None:
-    """Entry point of the second process: the MLLP listener (unless off) and the background loop."""
+    """Entry point of the second process: the MLLP listener (unless off) and the background loop.
+
+    With ``mllp_workers`` above 1 this process opens the MLLP port itself and
+    starts the other listener processes on the same socket; the kernel hands
+    each new connection to one of them, and each works its own connections'
+    messages, so an HL7 sender's messages keep their order. They stop with it.
+    """
     from gateway.mllp import MLLPServer
     from gateway.pipeline import Pipeline
     from gateway.store.db import WalCheckpointer
@@ -68,9 +75,18 @@ def run_background(settings: Settings) -> None:
     worker.start()
     checkpointer = WalCheckpointer(settings.database_path)
     checkpointer.start()
+    listeners: list[subprocess.Popen[bytes]] = []
+    sock: socket.socket | None = None
     try:
         if settings.mllp_port:
-            MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port).serve_forever()
+            pipeline = Pipeline(settings)  # loaded before the port opens, so that a connection is served at once
+            if settings.mllp_workers > 1:
+                sock = socket.create_server((settings.mllp_host, settings.mllp_port), backlog=128)
+                args = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings)),
+                        "--mllp-fd", str(sock.fileno())]
+                listeners = [subprocess.Popen(args, pass_fds=(sock.fileno(),))
+                             for _ in range(settings.mllp_workers - 1)]
+            MLLPServer(pipeline, settings.mllp_host, settings.mllp_port, sock=sock).serve_forever()
         else:
             while worker.is_alive():
                 worker.join(1)
@@ -78,7 +94,36 @@ def run_background(settings: Settings) -> None:
         pass
     finally:
         stop.set()
+        for listener in listeners:
+            listener.terminate()
+        for listener in listeners:
+            try:
+                listener.wait(10)
+            except subprocess.TimeoutExpired:
+                listener.kill()
         checkpointer.stop()
+
+
+def run_listener(settings: Settings, fd: int) -> None:
+    """Entry point of a further MLLP listener process: accept on the inherited socket ``fd`` until stopped.
+
+    It stops with the process that started it, even when that one could not stop it (killed).
+    """
+    from gateway.mllp import MLLPServer
+    from gateway.pipeline import Pipeline
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
+    sock = socket.socket(fileno=fd)
+    MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port, sock=sock).serve_forever()
 
 
 def serve(settings: Settings) -> None:
@@ -134,5 +179,8 @@ def serve(settings: Settings) -> None:
                 child.kill()
 
 
-if __name__ == "__main__":  # the second process: settings arrive as JSON
-    run_background(Settings(**json.loads(sys.argv[1])))
+if __name__ == "__main__":  # the second process (settings arrive as JSON), or a further MLLP listener
+    if len(sys.argv) == 4 and sys.argv[2] == "--mllp-fd":
+        run_listener(Settings(**json.loads(sys.argv[1])), int(sys.argv[3]))
+    else:
+        run_background(Settings(**json.loads(sys.argv[1])))

@@ -158,3 +158,61 @@ def test_concurrent_connections_are_batched_and_all_acked(server, pipeline) -> N
         t.join(60)
     assert results == {n: ["AA"] * 10 for n in range(4)}
     assert pipeline.store.counts() == {"stored": 40}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    """mllp_workers 2: a second listener process accepts on the same socket; every message is ACKed once."""
+    import dataclasses
+    import json
+    import threading
+
+    from gateway.config import load_settings
+
+    port = free_port()
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG,
+                                                     "mllp_port": port, "mllp_workers": 2, "log_level": "WARNING"})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = split_messages(FRAMED.read_bytes())[0]
+    results: dict[int, list[str]] = {}
+    try:
+        wait_port(port)
+        listeners = _children(proc.pid)
+        assert len(listeners) == 1, "one further listener process beside the first"
+
+        def client(n: int) -> None:
+            with MLLPClient("127.0.0.1", port) as c:
+                results[n] = [msa(c.send_message(base.replace(b"TJ2406100001", f"P{n}M{i:03d}".encode())))[1]
+                              for i in range(5)]
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert results == {n: ["AA"] * 5 for n in range(6)}
+    assert b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
+    assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                   for pid in listeners), "the further listener stopped with the first"
+    from gateway.store.store import Store
+
+    store = Store.open(settings.database_path)
+    assert store.counts() == {"stored": 30}
+    store.close()

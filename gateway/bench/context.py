@@ -43,6 +43,7 @@ class BenchOptions:
     workdir: str | None = None  # kept when given; a temporary directory otherwise
     mllp_rate: float = 200.0  # messages per second, all MLLP clients together
     mllp_clients: int = 3
+    mllp_workers: int = 2  # listener processes of the server (2 cores)
     mllp_seconds: float | None = None
     http_clients: int = 4
     http_requests: int | None = None

@@ -134,7 +134,8 @@ def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
     """ACK latency of the MLLP listener process at ``mllp_rate`` messages/s from ``mllp_clients`` connections."""
     opts = ctx.options
     port = free_port()
-    settings = ctx.settings("mllp", mllp_port=port, mllp_host="127.0.0.1", log_level="INFO")
+    settings = ctx.settings("mllp", mllp_port=port, mllp_host="127.0.0.1", log_level="INFO",
+                            mllp_workers=opts.mllp_workers)
     settings.database_path.parent.mkdir(parents=True, exist_ok=True)
     total = max(opts.mllp_clients, int(opts.mllp_rate * opts.mllp_duration))
     messages = ctx.fresh_messages(total)
@@ -147,7 +148,7 @@ def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
     args = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
     log_path = ctx.workdir / "mllp-server.log"
     with _server(args, _env({}), port, log_path) as proc:
-        cpu0 = process_cpu_s(proc.pid, children=False)
+        cpu0 = process_cpu_s(proc.pid)
         start = time.perf_counter() + 0.2
         stop_at = start + opts.mllp_duration + drain
 
@@ -187,7 +188,7 @@ def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
         for t in threads:
             t.join(opts.mllp_duration + drain + 10)
         wall = time.perf_counter() - start
-        cpu = process_cpu_s(proc.pid, children=False) - cpu0
+        cpu = process_cpu_s(proc.pid) - cpu0
     answered = sum(v for c, v in codes.items() if c != "unanswered")
     missing = total - len(latencies)
     if missing > 0:  # clients that failed: their messages were never answered
@@ -195,11 +196,12 @@ def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
         codes["unanswered"] = codes.get("unanswered", 0) + missing
     result = StageResult("mllp", title, items=answered, observations=answered * OBX_PER_MESSAGE,
                          wall_s=wall, cpu_s=cpu, latencies_ms=latencies)
-    result.cores = 1.0  # one worker thread processes messages (SQLite has one writer)
+    result.cores = float(opts.mllp_workers)  # each listener process works its connections' messages
     result.extra = {"offered_rate": opts.mllp_rate, "clients": opts.mllp_clients, "duration_s": opts.mllp_duration,
                     "sent": total, "answers": codes, "server_cpu_s": round(cpu, 3),
                     "server_cpu_ms_per_msg": round(cpu / answered * 1000, 3) if answered else None}
-    note = [f"{opts.mllp_rate:g} msg/s offered by {opts.mllp_clients} clients for {opts.mllp_duration:g} s",
+    note = [f"{opts.mllp_rate:g} msg/s offered by {opts.mllp_clients} clients for {opts.mllp_duration:g} s"
+            f" to {opts.mllp_workers} listener process(es)",
             f"answers {codes}"]
     if errors:
         note.append(f"client errors: {errors[0]}")

@@ -94,20 +94,27 @@ class WalCheckpointer(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        conn: sqlite3.Connection | None = None
         try:
             while not self._stop_event.wait(self.interval):
-                self.checkpoint(conn)
+                conn = self.checkpoint(conn)
             self.checkpoint(conn)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
-    @staticmethod
-    def checkpoint(conn: sqlite3.Connection) -> None:
+    def checkpoint(self, conn: sqlite3.Connection | None) -> sqlite3.Connection | None:
+        """One round; opens the connection first when there is none (the database may not exist yet)."""
+        if conn is None and not Path(self.path).exists():
+            return None  # not created yet: that is the gateway's own start-up, not this thread's
         try:
+            if conn is None:
+                conn = sqlite3.connect(f"{Path(self.path).absolute().as_uri()}?mode=rw", uri=True, timeout=30.0,
+                                       isolation_level=None)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # the next round tries again; a writer is never held up by this
             log.warning("WAL checkpoint failed: %s", exc)
+        return conn
 
     def stop(self) -> None:
         self._stop_event.set()
