@@ -37,10 +37,11 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.errors import ConfigError, Issue, ProfileViolation
 from gateway.identifiers import id_card_check_char, uscc_check_char
@@ -128,6 +129,28 @@ _REPEATING: dict[str, frozenset[str]] = {
 _HL7_ERROR = {"required": "101", "code-invalid": "103"}  # HL7 table 0357, for ACK ERR segments
 
 
+# The same codes, code systems and times come back in every Bundle a member
+# sends (twenty Observations share one status, one category, one issued time),
+# and matching a format costs more than all the rest of checking a string. So
+# the short strings last found well formed are remembered, by type: a bounded
+# set, and strings are immutable, so what is remembered stays true.
+_SEEN: dict[str, set[str]] = {type_code: set() for type_code in _FORMATS}
+_SEEN_MAX = 2048  # per type; then the set starts afresh rather than keep every identifier ever sent
+_SEEN_LONGEST = 128  # longer strings are checked every time, so a hostile client cannot fill memory
+
+
+def _well_formed(type_code: str, value: str) -> bool:
+    """Whether ``value`` is a valid ``type_code`` string (one of :data:`_FORMATS`), remembering it if so."""
+    if not value.strip() or not _FORMATS[type_code].match(value):
+        return False
+    if len(value) <= _SEEN_LONGEST:
+        seen = _SEEN[type_code]
+        if len(seen) >= _SEEN_MAX:
+            seen.clear()
+        seen.add(value)
+    return True
+
+
 def _primitive_problem(type_code: str, value: Any) -> str | None:
     """Why ``value`` is not a valid JSON form of primitive ``type_code`` (None when it is)."""
     if type_code == "boolean":
@@ -188,6 +211,7 @@ class _Model:
             own.setdefault(owner, {})[name] = ("BackboneElement", target)
         self._own = own
         self._children: dict[str, dict[str, tuple[str, str]]] = {}
+        self._slots: dict[str, dict[str, _Slot]] = {}
         self.resource_types = frozenset(
             t for t in self._parent if self._is_a(t, "Resource") and t not in ("Resource", "DomainResource")
         )
@@ -218,6 +242,31 @@ class _Model:
             self._children[owner] = table
         return table
 
+    def slots(self, owner: str) -> dict[str, _Slot]:
+        """What the base walk needs of every element an element keyed ``owner`` may have, worked out once."""
+        table = self._slots.get(owner)
+        if table is None:
+            repeating = _REPEATING.get(owner)
+            table = {}
+            for name, (type_code, child_key) in self.children_of(owner).items():
+                array: bool | None = None  # None: the array shape is left to a full R4 validator
+                if name in _ALWAYS_REPEATING:
+                    array = True
+                elif repeating is not None:
+                    array = name in repeating
+                if type_code in _PLAIN_STRINGS:
+                    kind = _PLAIN
+                elif type_code in _STRING_TYPES:
+                    kind = _FORMATTED
+                elif type_code in PRIMITIVES:
+                    kind = _SCALAR
+                else:
+                    kind = _RESOURCE if type_code == "Resource" else _COMPLEX
+                table[name] = _Slot(type_code, child_key, array, kind, _SEEN.get(type_code, frozenset()),
+                                    name in ("extension", "modifierExtension"))
+            self._slots[owner] = table
+        return table
+
     def child(self, owner: str, name: str) -> tuple[str, str] | None:
         """``(type code, owner of its children)`` of element ``name`` under ``owner``, or None if R4 has none."""
         return self.children_of(owner).get(name)
@@ -231,6 +280,25 @@ class _Model:
                 return [t if t not in _CAPITALISED_PRIMITIVES else t[0].lower() + t[1:] for t in types]
             current = self._parent.get(current)
         return []
+
+
+# How the base walk treats the values of an element, by its type.
+_PLAIN = 0  # string, markdown, xhtml: any JSON string that is not blank
+_FORMATTED = 1  # the other string types: not blank, and in their R4 format
+_SCALAR = 2  # boolean, decimal and the integer types
+_COMPLEX = 3  # a datatype or backbone element: a JSON object, walked in turn
+_RESOURCE = 4  # a resource inside another (contained, Bundle.entry.resource)
+
+
+class _Slot(NamedTuple):
+    """One element as the base walk sees it (see :meth:`_Model.slots`)."""
+
+    type_code: str
+    child_key: str  # owner of its children
+    array: bool | None  # whether it must be a JSON array; None when this gateway does not check
+    kind: int  # _PLAIN, _FORMATTED, ...
+    seen: AbstractSet[str]  # for a _FORMATTED value: strings already found well formed
+    extensions: bool  # extension or modifierExtension: our extensions are checked here
 
 
 # fhirpathpy spells choice types capitalised; these are primitives all the same.
@@ -267,7 +335,7 @@ class _Binding:
         return bool(self.any_code_systems) or any(c == code for _, c in self.codes)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Node:
     """One element of a profile's differential, with everything checked on it."""
 
@@ -288,17 +356,13 @@ class _Node:
     slices: list[_Node] = field(default_factory=list)
     ext_url: str | None = None  # an Extension slice typed with one of our extensions
     matcher: Callable[[Any], bool] | None = None
-
-    @property
-    def checks_values(self) -> bool:
-        """Whether each value of this element needs looking at (beyond counting)."""
-        return bool(
-            self.fixed is not _MISSING
-            or self.pattern is not _MISSING
-            or self.binding
-            or self.constraints
-            or (self.children and self.ext_url is None)
-        )
+    # Worked out by Guide._finish once the whole differential is read, so that
+    # validating a resource does not work them out again for every value:
+    matches_pattern: Callable[[Any], bool] | None = None  # ``pattern`` as a test
+    plan: list[_Node] = field(default_factory=list)  # the children with something to check, in order
+    checks_values: bool = False  # each value needs looking at (beyond counting)
+    plain: bool = False  # neither a choice nor sliced: how many values, then each value, is all there is to it
+    absent_ok: bool = False  # no value at all is fine: neither it nor any of its slices is required
 
 
 @dataclass(eq=False)
@@ -330,6 +394,16 @@ def _evaluate_fhirpath(constraint: _Constraint, element: Any, root: Any) -> bool
     return constraint.compiled(node, {"resource": root, "rootResource": root}) == [True]
 
 
+def _count_issue(run: _Run, node: _Node, count: int, where: str) -> None:
+    """Report ``count`` values of ``node`` where its cardinality allows fewer or more."""
+    if count < node.min:
+        _issue(run, "error", "required", where, f"needs at least {node.min} ({node.label}), found {count}",
+               "cardinality")
+    else:
+        _issue(run, "error", "structure", where, f"allows at most {node.max} ({node.label}), found {count}",
+               "cardinality")
+
+
 def _issue(run: _Run, severity: str, code: str, location: str, message: str, rule: str) -> None:
     extra: dict[str, Any] = {"rule": rule}
     if run.profile:
@@ -351,17 +425,39 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _matches_pattern(value: Any, pattern: Any) -> bool:
-    """FHIR ``pattern[x]``: every property of the pattern is present in the value, recursively."""
+def _pattern_test(pattern: Any) -> Callable[[Any], bool]:
+    """FHIR ``pattern[x]`` as a test: every property of the pattern is present in the value, recursively.
+
+    Each pattern of the guide is turned into a test once, when the guide loads.
+    """
     if isinstance(pattern, dict):
-        return isinstance(value, dict) and all(
-            k in value and _matches_pattern(value[k], p) for k, p in pattern.items()
-        )
+        parts = [(k, _pattern_test(p)) for k, p in pattern.items()]
+
+        def has_properties(value: Any) -> bool:
+            if not isinstance(value, dict):
+                return False
+            for k, part in parts:
+                if k not in value or not part(value[k]):
+                    return False
+            return True
+
+        return has_properties
     if isinstance(pattern, list):
-        if not isinstance(value, list):
-            return False
-        return all(any(_matches_pattern(v, p) for v in value) for p in pattern)
-    return _same(value, pattern)
+        wanted = [_pattern_test(p) for p in pattern]
+
+        def has_items(value: Any) -> bool:
+            if not isinstance(value, list):
+                return False
+            for part in wanted:
+                for v in value:
+                    if part(v):
+                        break
+                else:
+                    return False
+            return True
+
+        return has_items
+    return functools.partial(_same, b=pattern)
 
 
 def _values_at(item: Any, steps: Sequence[str]) -> list[Any]:
@@ -380,12 +476,18 @@ def _has_url(url: str, item: Any) -> bool:
     return isinstance(item, dict) and item.get("url") == url
 
 
-def _pattern_of(pattern: Any, value: Any) -> bool:
-    return _matches_pattern(value, pattern)
-
-
 def _any_at(steps: Sequence[str], test: Callable[[Any], bool], item: Any) -> bool:
     return any(test(v) for v in _values_at(item, steps))
+
+
+def _any_below(step: str, test: Callable[[Any], bool], item: Any) -> bool:
+    """:func:`_any_at` for a path of one step (``system``), the usual discriminator, without the lists."""
+    if not isinstance(item, dict) or step not in item:
+        return False
+    got = item[step]
+    if isinstance(got, list):
+        return any(test(v) for v in got)
+    return test(got)
 
 
 def _all_of(tests: list[Callable[[Any], bool]], item: Any) -> bool:
@@ -800,7 +902,12 @@ class Guide:
 
     def _walk(self, obj: dict[str, Any], type_key: str, ctx_path: str, loc: str, run: _Run, depth: int,
               skip_entry_resources: bool = False) -> None:
-        """Base shape of every element below ``obj`` and our extensions wherever they are."""
+        """Base shape of every element below ``obj`` and our extensions wherever they are.
+
+        Every Bundle the gateway stores passes through here, so the common cases (a
+        well-formed string, code or date; a datatype object) are decided inline, and
+        a location is only spelled out when an issue needs it or the walk goes deeper.
+        """
         if depth > _MAX_DEPTH:
             _issue(run, "error", "too-costly", loc, f"is nested more than {_MAX_DEPTH} levels deep", "structure")
             return
@@ -808,60 +915,81 @@ class Guide:
             _issue(run, "error", "structure", loc, "must have a value or children (ele-1)", "structure")
             return
         is_resource = "resourceType" in obj and ctx_path == type_key
-        model = self._model
-        table = model.children_of(type_key)
-        repeating = _REPEATING.get(type_key)
+        slots = self._model.slots(type_key)
         for key, val in obj.items():
             if key == "resourceType" and is_resource:
                 continue
-            where = f"{loc}.{key}"
-            if key.startswith("_") and len(key) > 1:
-                # primitive extensions (``_birthDate``): only their extensions are of interest here
-                if not (isinstance(val, (dict, list))):
-                    _issue(run, "error", "structure", where, "must be an object (or array of objects)", "structure")
-                continue
-            info = table.get(key)
-            if info is None:
-                _issue(run, "error", "structure", where, f"is not an element of {ctx_path}", "unknown-element")
-                continue
-            type_code, child_key = info
-            if repeating is not None or key in _ALWAYS_REPEATING:
-                array = key in _ALWAYS_REPEATING or key in repeating  # type: ignore[operator]
-                if array != isinstance(val, list) and val is not None:
-                    _issue(run, "error", "structure", where,
-                           "must be a JSON array" if array else "holds one value, not an array", "array")
-            if isinstance(val, list):
-                if not val:
-                    _issue(run, "error", "structure", where, "must not be an empty array", "structure")
+            slot = slots.get(key)
+            if slot is None:
+                if key.startswith("_") and len(key) > 1:
+                    # primitive extensions (``_birthDate``): only their extensions are of interest here
+                    if not (isinstance(val, (dict, list))):
+                        _issue(run, "error", "structure", f"{loc}.{key}", "must be an object (or array of objects)",
+                               "structure")
                     continue
-                items = [(v, f"{where}[{i}]") for i, v in enumerate(val)]
+                _issue(run, "error", "structure", f"{loc}.{key}", f"is not an element of {ctx_path}",
+                       "unknown-element")
+                continue
+            type_code, child_key, array, kind, seen, extensions = slot
+            listed = isinstance(val, list)
+            if array is not None and array != listed and val is not None:
+                _issue(run, "error", "structure", f"{loc}.{key}",
+                       "must be a JSON array" if array else "holds one value, not an array", "array")
+            if not listed:
+                # one value: the common cases decided here, the rest in full by _walk_value
+                if kind == _PLAIN:
+                    if type(val) is str and val.strip():
+                        continue
+                elif kind == _FORMATTED:
+                    if type(val) is str and (val in seen or _well_formed(type_code, val)):
+                        continue
+                elif kind == _COMPLEX and type(val) is dict:
+                    self._walk(val, child_key, f"{ctx_path}.{key}", f"{loc}.{key}", run, depth + 1,
+                               skip_entry_resources)
+                    continue
+                self._walk_value(slot, key, val, f"{loc}.{key}", ctx_path, run, depth, skip_entry_resources)
+                continue
+            if not val:
+                _issue(run, "error", "structure", f"{loc}.{key}", "must not be an empty array", "structure")
+                continue
+            for i, item in enumerate(val):  # an array: the same, item by item
+                if kind == _PLAIN:
+                    if type(item) is str and item.strip():
+                        continue
+                elif kind == _FORMATTED:
+                    if type(item) is str and (item in seen or _well_formed(type_code, item)):
+                        continue
+                elif kind == _COMPLEX and type(item) is dict:
+                    self._walk(item, child_key, f"{ctx_path}.{key}", f"{loc}.{key}[{i}]", run, depth + 1,
+                               skip_entry_resources)
+                    continue
+                self._walk_value(slot, key, item, f"{loc}.{key}[{i}]", ctx_path, run, depth, skip_entry_resources)
+            if extensions:
+                self._check_extensions(val, type_key, ctx_path, f"{loc}.{key}", run)
+
+    def _walk_value(self, slot: _Slot, key: str, item: Any, iloc: str, ctx_path: str, run: _Run, depth: int,
+                    skip_entry_resources: bool) -> None:
+        """One value of element ``key`` that is not the common case: what is wrong with it, or walk it."""
+        if item is None:
+            _issue(run, "error", "structure", iloc, "null is not allowed in FHIR JSON", "structure")
+        elif slot.kind <= _SCALAR:
+            problem = _primitive_problem(slot.type_code, item)
+            if problem:
+                _issue(run, "error", "value", iloc, problem, "format")
+        elif not isinstance(item, dict):
+            _issue(run, "error", "structure", iloc,
+                   f"must be a JSON object ({slot.type_code}), not {type(item).__name__}", "type")
+        elif slot.kind == _RESOURCE:
+            if skip_entry_resources and key == "resource" and ctx_path == "Bundle.entry":
+                return  # each entry is validated as a resource of its own
+            inner = item.get("resourceType")
+            if not isinstance(inner, str) or inner not in self._model.resource_types:
+                _issue(run, "error", "structure", f"{iloc}.resourceType",
+                       f"{inner!r} is not an R4 resource type", "structure")
             else:
-                items = [(val, where)]
-            for item, iloc in items:
-                if item is None:
-                    _issue(run, "error", "structure", iloc, "null is not allowed in FHIR JSON", "structure")
-                elif type_code in PRIMITIVES:
-                    if type(item) is str and type_code in _PLAIN_STRINGS and item.strip():
-                        continue  # the common case, without a function call
-                    problem = _primitive_problem(type_code, item)
-                    if problem:
-                        _issue(run, "error", "value", iloc, problem, "format")
-                elif not isinstance(item, dict):
-                    _issue(run, "error", "structure", iloc,
-                           f"must be a JSON object ({type_code}), not {type(item).__name__}", "type")
-                elif type_code == "Resource":
-                    if skip_entry_resources and key == "resource" and ctx_path == "Bundle.entry":
-                        continue  # each entry is validated as a resource of its own
-                    inner = item.get("resourceType")
-                    if not isinstance(inner, str) or inner not in model.resource_types:
-                        _issue(run, "error", "structure", f"{iloc}.resourceType",
-                               f"{inner!r} is not an R4 resource type", "structure")
-                    else:
-                        self._walk(item, inner, inner, iloc, run, depth + 1)
-                else:
-                    self._walk(item, child_key, f"{ctx_path}.{key}", iloc, run, depth + 1, skip_entry_resources)
-            if key in ("extension", "modifierExtension") and isinstance(val, list):
-                self._check_extensions(val, type_key, ctx_path, where, run)
+                self._walk(item, inner, inner, iloc, run, depth + 1)
+        else:
+            self._walk(item, slot.child_key, f"{ctx_path}.{key}", iloc, run, depth + 1, skip_entry_resources)
 
     def _check_extensions(self, exts: list[Any], type_key: str, ctx_path: str, where: str, run: _Run) -> None:
         for i, ext in enumerate(exts):
@@ -896,20 +1024,37 @@ class Guide:
     def _check_value(self, node: _Node, item: Any, loc: str, run: _Run, type_code: str = "") -> None:
         if node.fixed is not _MISSING and not _same(item, node.fixed):
             _issue(run, "error", "value", loc, f"must be exactly {_short(node.fixed)}, found {_short(item)}", "fixed")
-        if node.pattern is not _MISSING and not _matches_pattern(item, node.pattern):
+        if node.matches_pattern is not None and not node.matches_pattern(item):
             _issue(run, "error", "value", loc, f"must contain {_short(node.pattern)}, found {_short(item)}",
                    "pattern")
         if node.binding is not None:
             self._check_binding(node, item, loc, run, type_code or (node.types[0] if len(node.types) == 1 else ""))
         for constraint in node.constraints:
             self._check_constraint(constraint, item, loc, run)
-        if node.children and node.ext_url is None and isinstance(item, dict):
-            for child in node.children.values():
-                self._check_child(child, item, loc, run)
+        if node.plan and isinstance(item, dict):
+            for child in node.plan:
+                if not child.plain:
+                    self._check_child(child, item, loc, run)
+                    continue
+                # most elements of a profile only set a cardinality or a fixed value: done here, without
+                # the (value, location) pairs slicing needs
+                val = item.get(child.name, _MISSING)
+                count = 0 if val is _MISSING else len(val) if isinstance(val, list) else 1
+                if count < child.min or (child.max is not None and count > child.max):
+                    _count_issue(run, child, count, f"{loc}.{child.name}")
+                if count and child.checks_values:
+                    if isinstance(val, list):
+                        for i, value in enumerate(val):
+                            self._check_value(child, value, f"{loc}.{child.name}[{i}]", run)
+                    else:
+                        self._check_value(child, val, f"{loc}.{child.name}", run)
 
     def _check_child(self, node: _Node, obj: dict[str, Any], loc: str, run: _Run) -> None:
+        """A choice element, or a sliced one, of ``obj`` (the others are checked by _check_value)."""
         if node.choice is not None:
             found = [(k, node.choice[k]) for k in obj if k in node.choice]
+            if not found and node.absent_ok:
+                return
             where = f"{loc}.{node.name}[x]"
             if len(found) > 1:
                 _issue(run, "error", "structure", where,
@@ -925,6 +1070,8 @@ class Guide:
             self._check_items(node, items, where, run, found[0][1] if len(found) == 1 else "", len(found))
             return
         val = obj.get(node.name, _MISSING)
+        if val is _MISSING and node.absent_ok:
+            return
         where = f"{loc}.{node.name}"
         if val is _MISSING:
             items = []
@@ -937,24 +1084,24 @@ class Guide:
     def _check_items(self, node: _Node, items: list[tuple[Any, str]], where: str, run: _Run,
                      type_code: str = "", count: int | None = None) -> None:
         count = len(items) if count is None else count
-        buckets: list[list[tuple[Any, str]]] = [[] for _ in node.slices]
-        for item, iloc in items if node.slices else ():
-            for i, piece in enumerate(node.slices):
-                if piece.matcher is not None and piece.matcher(item):
-                    buckets[i].append((item, iloc))
-                    break
-            else:
-                if node.closed:
-                    _issue(run, "error", "structure", iloc,
-                           f"matches none of the slices of {node.label} (closed slicing)", "slicing")
+        buckets: list[list[tuple[Any, str]]] = []
+        if node.slices:
+            buckets = [[] for _ in node.slices]
+            for item, iloc in items:
+                for bucket, piece in zip(buckets, node.slices):
+                    if piece.matcher is not None and piece.matcher(item):
+                        bucket.append((item, iloc))
+                        break
+                else:
+                    if node.closed:
+                        _issue(run, "error", "structure", iloc,
+                               f"matches none of the slices of {node.label} (closed slicing)", "slicing")
         if count < node.min:
             # a required slice that is missing says more than the bare count; report that one instead
             if not any(len(b) < piece.min for b, piece in zip(buckets, node.slices)):
-                _issue(run, "error", "required", where,
-                       f"needs at least {node.min} ({node.label}), found {count}", "cardinality")
+                _count_issue(run, node, count, where)
         elif node.max is not None and count > node.max:
-            _issue(run, "error", "structure", where,
-                   f"allows at most {node.max} ({node.label}), found {count}", "cardinality")
+            _count_issue(run, node, count, where)
         for bucket, piece in zip(buckets, node.slices):
             self._check_items(piece, bucket, where, run, type_code)
         if node.checks_values:
@@ -1017,7 +1164,7 @@ class Guide:
         root = _Node(name=type_name, label=type_name, type_key=type_name)
         for element in elements:
             self._apply(url, root, type_name, element)
-        self._finish_slices(url, root)
+        self._finish(url, root)
         contexts: tuple[str, ...] = ()
         if type_name == "Extension":
             contexts = tuple(c.get("expression", "") for c in sd.get("context") or [] if isinstance(c, dict))
@@ -1125,14 +1272,30 @@ class Guide:
             raise self._fail(url, f"{eid}: constraint {key} does not compile: {exc}") from None
         return constraint
 
-    def _finish_slices(self, url: str, node: _Node) -> None:
+    def _finish(self, url: str, node: _Node, chosen_by_pattern: bool = False) -> None:
+        """Once the whole differential is read: slice matchers, and what each element needs checking.
+
+        ``chosen_by_pattern``: ``node`` is a slice whose values are picked by its own
+        ``pattern[x]`` (discriminator ``$this``), so each of them already has it.
+        """
         for child in node.children.values():
-            self._finish_slices(url, child)
+            self._finish(url, child)
+        by_this = any(path == "$this" for _, path in node.discriminators)
         for piece in node.slices:
-            self._finish_slices(url, piece)
+            self._finish(url, piece, by_this and piece.fixed is _MISSING)
             if not node.discriminators:
                 raise self._fail(url, f"{node.label} has slices but no slicing discriminator")
             piece.matcher = self._matcher(url, node, piece)
+        if node.pattern is not _MISSING and not chosen_by_pattern:
+            node.matches_pattern = _pattern_test(node.pattern)
+        if node.ext_url is None:  # an extension slice's children are checked by the extension's own profile
+            # an optional, unbounded child with nothing else to check cannot fail: it is left out
+            node.plan = [c for c in node.children.values()
+                         if not (c.plain and not c.checks_values and c.min == 0 and c.max is None)]
+        node.checks_values = bool(node.fixed is not _MISSING or node.matches_pattern or node.binding
+                                  or node.constraints or node.plan)
+        node.plain = node.choice is None and not node.slices
+        node.absent_ok = node.min == 0 and all(piece.absent_ok for piece in node.slices)
 
     def _matcher(self, url: str, base: _Node, piece: _Node) -> Callable[[Any], bool]:
         tests: list[Callable[[Any], bool]] = []
@@ -1147,9 +1310,15 @@ class Guide:
             if target is None or (target.fixed is _MISSING and target.pattern is _MISSING):
                 raise self._fail(url, f"{piece.label}: no fixed or pattern value at discriminator path {path!r}")
             if target.fixed is not _MISSING:
-                tests.append(functools.partial(_any_at, steps, functools.partial(_same, b=target.fixed)))
+                test: Callable[[Any], bool] = functools.partial(_same, b=target.fixed)
             else:
-                tests.append(functools.partial(_any_at, steps, functools.partial(_pattern_of, target.pattern)))
+                test = _pattern_test(target.pattern)
+            if not steps:
+                tests.append(test)
+            elif len(steps) == 1:
+                tests.append(functools.partial(_any_below, steps[0], test))
+            else:
+                tests.append(functools.partial(_any_at, steps, test))
         if len(tests) == 1:
             return tests[0]
         return functools.partial(_all_of, tests)
