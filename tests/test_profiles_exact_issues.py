@@ -243,7 +243,7 @@ VARIANTS: list[tuple[str, str, Change, list[str]]] = [
          "error required 101 DiagnosticReport.extension[1].extension [cardinality@hazard-factor] needs at least 1 "
          "(Extension.extension:category), found 0",
      ]),
-    ("negative exposure years (fhirpathpy)", "DiagnosticReport-occupational",
+    ("negative exposure years", "DiagnosticReport-occupational",
      lambda r: r["extension"][3].update(valueDecimal=Decimal("-1")), [
          "error invariant 102 DiagnosticReport.extension[3] [cyhr-expo-1@exposure-years] fails cyhr-expo-1: 接害工龄不为负 "
          "/ Years of exposure are not negative",
@@ -290,3 +290,22 @@ def test_a_string_once_found_well_formed_is_still_judged_by_its_type(guide: Guid
             "error value 102 Observation.status [format] 'final ' is not a valid code",
             "error value 102 Observation.issued [format] '2026-11-20' is not a valid instant",
         ]
+
+
+def test_a_list_or_object_where_a_bound_code_belongs_is_an_issue(guide: Guide) -> None:
+    """validate() never raises for bad input."""
+    report = example("DiagnosticReport-occupational")
+    report["extension"][0]["valueCoding"].update(code=["annual"], system={"x": 1})
+    found = [line(i) for i in guide.validate(report)]
+    assert any(f.startswith("error code-invalid 103 DiagnosticReport.extension[0].valueCoding [binding@exam-type]")
+               for f in found), found
+
+
+def test_a_value_nested_thousands_deep_where_a_fixed_value_applies_is_an_issue(guide: Guide) -> None:
+    deep: Any = "x"
+    for _ in range(3000):
+        deep = [deep]
+    bundle = example("Bundle-lab-report")
+    bundle["type"] = deep  # Bundle.type is fixed to collection: the message names what was found instead
+    issues = guide.validate(bundle)  # must not raise
+    assert "Bundle.type" in {i.location for i in issues if i.severity == "error"}

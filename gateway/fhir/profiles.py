@@ -329,7 +329,10 @@ class _Binding:
     any_code_systems: frozenset[str]  # systems whose codes the guide cannot list (content not-present)
 
     def accepts(self, system: Any, code: Any) -> bool:
-        return (system, code) in self.codes or system in self.any_code_systems
+        try:
+            return (system, code) in self.codes or system in self.any_code_systems
+        except TypeError:  # a list or object where a string belongs (the walk reports its shape): in no value set
+            return False
 
     def accepts_code(self, code: Any) -> bool:
         return bool(self.any_code_systems) or any(c == code for _, c in self.codes)
@@ -495,7 +498,10 @@ def _all_of(tests: list[Callable[[Any], bool]], item: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):  # nested too deeply to show (hostile input): say what it is instead
+        text = f"a deeply nested {type(value).__name__}"
     return text if len(text) <= 160 else text[:157] + "..."
 
 
@@ -702,6 +708,33 @@ def _native_name_has_text_or_family(name: Any) -> bool:
     return name.get("text") is not None or name.get("family") is not None
 
 
+_MIPLRN = re.compile(r"^[0-9A-Z-]+$", re.DOTALL)  # as fhirpathpy's matches(): re.search with DOTALL
+
+
+def _native_miplrn_characters(identifier: Any) -> bool:
+    # value.matches('^[0-9A-Z-]+$'): an absent value is empty, which fails like false; a one-item list is its item
+    value = identifier.get("value") if isinstance(identifier, dict) else None
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return isinstance(value, str) and _MIPLRN.search(value) is not None
+
+
+def _native_exposure_not_negative(ext: Any) -> bool:
+    # value.ofType(decimal).all($this >= 0): only valueDecimal is looked at; none (or an empty list) passes
+    value = ext.get("valueDecimal")
+    return all(v is None or (not isinstance(v, bool) and isinstance(v, (int, float, Decimal)) and v >= 0)
+               for v in (value if isinstance(value, list) else [value]))
+
+
+def _native_replaced_identifier_complete(ext: Any) -> bool:
+    # value.ofType(Identifier).all(system.exists() and value.exists()); FHIRPath flattens lists
+    value = ext.get("valueIdentifier")
+    if value is None:
+        return True
+    return all(isinstance(i, dict) and i.get("system") not in (None, []) and i.get("value") not in (None, [])
+               for i in (value if isinstance(value, list) else [value]))
+
+
 NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "cyhr-dr-1": _native_replaces_only_on_corrections,
     "cyhr-dr-2": _native_corrections_name_what_they_replace,
@@ -722,6 +755,9 @@ NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "cyhr-bdl-4": _native_entries_profiled,
     "cyhr-bdl-5": _native_reports_profiled,
     "cyhr-bdl-6": _native_references_resolve,
+    "cyhr-org-2": _native_miplrn_characters,
+    "cyhr-expo-1": _native_exposure_not_negative,
+    "cyhr-rpl-1": _native_replaced_identifier_complete,
 }
 
 
