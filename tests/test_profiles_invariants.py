@@ -213,8 +213,9 @@ CORPUS = {
         True, ["AB"], {"x": 1}, "A_B", "Ａ1"]),
     "cyhr-expo-1": lambda: extensions(ext_url("exposure-years"), "valueDecimal", [
         0, 1, Decimal("0.5"), Decimal("-0.5"), -1, Decimal("0.00"), Decimal("-0"), 2.5, -2.5, "3", "-3", True,
-        False, None, [1], [1, -1], {"value": 1}]) + [{"url": ext_url("exposure-years"), "valueInteger": -3},
-                                                   {"url": ext_url("exposure-years"), "valueString": "-3"}],
+        False, None, [1], [1, -1], {"value": 1}]) + [
+            {"url": ext_url("exposure-years"), "valueInteger": -3},
+            {"url": ext_url("exposure-years"), "valueString": "-3"}],
     "cyhr-rpl-1": lambda: extensions(ext_url("replaces"), "valueIdentifier", [
         {"system": "s", "value": "v"}, {"system": "s"}, {"value": "v"}, {}, {"system": None, "value": "v"},
         {"system": "", "value": ""}, {"system": "s", "value": None}, "s|v", None, [], [{"system": "s", "value": "v"}],
