@@ -122,3 +122,12 @@ def test_cli_writes_json_and_refuses_bad_input(runner, tmp_path) -> None:
     assert bad.exit_code != 0 and "unknown stage(s) nope" in bad.output
     assert runner.invoke(bench, ["--count", "0"]).exit_code != 0
     assert "--quick" in runner.invoke(bench, ["--help"]).output
+
+
+def test_profile_of_e2e_names_every_part_and_adds_up() -> None:
+    from gateway.bench.profile import PARTS, profile_e2e
+
+    shares = dict(profile_e2e(4))
+    assert list(shares)[:len(PARTS)] == [label for label, _, _ in PARTS]
+    assert all(share > 0 for share in shares.values()), shares  # every part ran, storage included
+    assert sum(shares.values()) == pytest.approx(1.0)
