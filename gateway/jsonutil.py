@@ -30,7 +30,7 @@ def dumps(obj: Any) -> str:
     """Compact JSON text, UTF-8 characters kept as they are (no ``\\uXXXX``)."""
     try:
         return _encode(obj).decode("utf-8")
-    except (UnicodeEncodeError, TypeError, OverflowError):
+    except (UnicodeEncodeError, TypeError):
         # what msgspec cannot write (a lone surrogate, an unusual type) simplejson writes or refuses as before
         return str(simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")))
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from gateway.config import Settings
@@ -118,7 +119,7 @@ def run_listener(settings: Settings, fd: int) -> None:
 
     def orphaned() -> None:
         while os.getppid() == parent:
-            threading.Event().wait(1)
+            time.sleep(1)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()

@@ -99,7 +99,7 @@ class VerifiedBundle:
     kid: str
     signer_uscc: str
     signed_at: _dt.datetime
-    document_sha256: str = ""  # hex SHA-256 of the signed document bytes (what receipts and the audit name)
+    document_sha256: str  # hex SHA-256 of the signed document bytes (what receipts and the audit name)
 
 
 def _b64url(data: bytes) -> str:
