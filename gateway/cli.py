@@ -88,6 +88,9 @@ def cli(ctx: click.Context, /, config: str | None, **flags: Any) -> None:
 @click.option("--mllp-port", type=int, help="Port of the MLLP listener (0: no MLLP).")
 @click.option("--workers", type=int, help="HTTP worker processes.")
 @click.option("--threads", type=int, help="Threads per HTTP worker.")
+@click.option("--mllp-ack", type=click.Choice(["processed", "received"]),
+              help="Answer MLLP messages once processed (the outcome in the ACK) or once stored (accept, then "
+                   "process; see `gateway settings`).")
 @click.pass_context
 def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run this member gateway: HTTP API (gunicorn) and MLLP listener."""
@@ -96,7 +99,8 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     settings = get_settings(ctx, service=True, **flags)
     click.echo(f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
                f"HTTP {settings.http_host}:{settings.http_port}, "
-               + (f"MLLP {settings.mllp_host}:{settings.mllp_port}" if settings.mllp_port else "MLLP off")
+               + (f"MLLP {settings.mllp_host}:{settings.mllp_port} (ACK when {settings.mllp_ack})"
+                  if settings.mllp_port else "MLLP off")
                + f", database {settings.database_path}", err=True)
     run(settings)
 
@@ -241,8 +245,8 @@ def messages() -> None:
 
 
 @messages.command("list")
-@click.option("--status", type=click.Choice(["received", "stored", "filtered", "refused", "failed"]),
-              help="Only messages with this status.")
+@click.option("--status", type=click.Choice(["received", "queued", "stored", "filtered", "refused", "failed"]),
+              help="Only messages with this status (queued: answered on receipt, waiting to be worked).")
 @click.option("--limit", type=int, default=50, show_default=True, help="How many, newest first.")
 @click.pass_context
 def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:

@@ -48,6 +48,12 @@ class Settings:
     mllp_port: int = _opt(2575, "Port of the MLLP listener; 0 disables it.")
     mllp_workers: int = _opt(1, "MLLP listener processes sharing the port, each working its own connections' "
                              "messages (up to the number of cores).")
+    mllp_ack: str = _opt(
+        "processed",
+        "When the MLLP listener answers: 'processed' (the ACK carries the outcome, AA/AE/AR with the fields in error) "
+        "or 'received' (accept, then process: the ACK - CA in enhanced mode, else AA - says the raw message is "
+        "stored; a queue reader works it next, in arrival order, and keeps its application ACK for `gateway "
+        "messages show`). A message whose MSH is already wrong is answered with its error either way.")
     workers: int = _opt(2, "HTTP worker processes (gunicorn).")
     threads: int = _opt(4, "Threads per HTTP worker.")
     max_message_bytes: int = _opt(1_048_576, "Largest single HL7 v2 message or document accepted, in bytes.")
@@ -96,6 +102,8 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} {port} is not a TCP port", name)
+        if self.mllp_ack not in ("processed", "received"):
+            raise ConfigError(f"mllp_ack {self.mllp_ack!r} must be 'processed' or 'received'", "mllp_ack")
         for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval",
                      "mllp_workers"):
             if getattr(self, name) <= 0:

@@ -3,7 +3,11 @@
 Framing is python-hl7's (``hl7.mllp``: ``0x0B message 0x1C 0x0D``). Each
 message goes through the same pipeline as HTTP ingest; the ACK is written
 only after the raw message and its outcome are committed to SQLite, so an
-ACK always means "durably received". Messages waiting from all connections
+ACK always means "durably received". With ``mllp_ack = received`` (accept,
+then process) the ACK goes out as soon as the raw message is committed, and a
+:class:`QueueReader` works it afterwards (``Pipeline.receive_batch``); a
+burst from a LIS then waits in the database, not in the senders' sockets.
+Messages waiting from all connections
 are taken together as one batch (two commits for the batch, not two per
 message) by a single worker thread (SQLite has one writer anyway), so the
 event loop keeps accepting and reading connections meanwhile. A message larger than
@@ -27,7 +31,7 @@ from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.errors import Issue
 from gateway.pipeline import Pipeline
 
-__all__ = ["MLLPServer"]
+__all__ = ["MLLPServer", "QueueReader"]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,11 @@ class MLLPServer:
     """An asyncio MLLP server feeding a :class:`~gateway.pipeline.Pipeline`."""
 
     def __init__(self, pipeline: Pipeline, host: str, port: int, *, max_message_bytes: int | None = None,
-                 sock: socket.socket | None = None) -> None:
-        """``sock``: a listening socket to accept on (shared by several listener processes) instead of binding."""
+                 sock: socket.socket | None = None, ack: str | None = None) -> None:
+        """``sock``: a listening socket to accept on (shared by several listener processes) instead of binding.
+        ``ack``: ``processed`` or ``received`` (default: the pipeline's ``mllp_ack`` setting)."""
         self.pipeline = pipeline
+        self.on_receipt = (ack or pipeline.settings.mllp_ack) == "received"
         self.host = host
         self.port = port
         self.sock = sock
@@ -61,7 +67,8 @@ class MLLPServer:
     def _process_batch(self, items: list[tuple[bytes, str]]) -> list[bytes]:
         channel = self.pipeline.channel("hl7v2")
         units = [RawUnit(block, 1, f"mllp:{peer}") for block, peer in items]
-        return [o.answer for o in self.pipeline.ingest_batch(channel, units, channel="mllp")]
+        work = self.pipeline.receive_batch if self.on_receipt else self.pipeline.ingest_batch
+        return [o.answer for o in work(channel, units, channel="mllp")]
 
     async def _batcher(self) -> None:
         """Take every message waiting from all connections, process them as one batch, answer each.
@@ -193,3 +200,42 @@ class MLLPServer:
         """Stop a server started with :meth:`start_in_thread`."""
         if self.loop is not None and self.server is not None:
             self.loop.call_soon_threadsafe(self._shutdown)
+
+
+class QueueReader:
+    """Works the messages an MLLP listener answered on receipt, oldest first (``Pipeline.process_queued``).
+
+    One per database (``gateway serve`` runs it in a process of its own, so
+    that its work never holds up a listener's ACK). :meth:`run` returns after
+    :meth:`stop`, once the message being worked is recorded; a message it had
+    not finished stays queued and is worked when a reader runs again.
+    """
+
+    def __init__(self, pipeline: Pipeline, *, idle: float = 0.05, batch: int = 32) -> None:
+        self.pipeline, self.idle, self.batch = pipeline, idle, batch
+        self._stop = threading.Event()
+        self.processed = 0
+
+    def run(self) -> None:
+        waiting = self.pipeline.store.queue_length()
+        if waiting:
+            log.info("processing queue: %d message(s) waiting", waiting)
+        while not self._stop.is_set():
+            try:
+                done = self.pipeline.process_queued(self.batch)
+            except Exception:  # the database failed: the messages stay queued; try again shortly
+                log.exception("processing queue: a message could not be recorded; retrying in 1 s")
+                self._stop.wait(1.0)
+                continue
+            self.processed += len(done)
+            if not done:
+                self._stop.wait(self.idle)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def start_in_thread(self) -> threading.Thread:
+        """Run from a daemon thread (demo and tests)."""
+        thread = threading.Thread(target=self.run, name="mllp-queue", daemon=True)
+        thread.start()
+        return thread

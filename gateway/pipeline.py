@@ -68,6 +68,7 @@ class Status(str, enum.Enum):
     REFUSED = "refused"
     DUPLICATE = "duplicate"
     FAILED = "failed"
+    QUEUED = "queued"  # answered on receipt, stored raw; processed later in arrival order
 
 
 @dataclass
@@ -102,6 +103,8 @@ class Channel:
     answer: Callable[[SourceMessage, str], bytes]
     code_for: Callable[[SourceMessage], str]
     answer_type: str = "x-application/hl7-v2+er7"  # media type of ``answer`` (CDA, CSV: application/fhir+json)
+    #: (header-only message, note) -> the answer that a unit is held, for answering on receipt (HL7 v2 only)
+    receipt: Callable[[SourceMessage, str], tuple[str, bytes]] | None = None
 
 
 Checker = Callable[[dict[str, Any]], list[Issue]]
@@ -156,13 +159,19 @@ class Pipeline:
                                max_message_bytes=self.settings.max_message_bytes)
         terms = Terminology.for_structure(self.mappings, structure)
 
-        def answer(msg: SourceMessage, code: str) -> bytes:
+        def answer(msg: SourceMessage, code: str, note: str | None = None) -> bytes:
             text = build_ack(msg, code, application=self.settings.ack_application,
-                             facility=self.settings.issuer_uscc, now=self.clock())
+                             facility=self.settings.issuer_uscc, now=self.clock(), note=note)
             try:
                 return text.encode(msg.charset or "utf-8")
             except (UnicodeEncodeError, LookupError):
                 return text.encode("utf-8")
+
+        def receipt(msg: SourceMessage, note: str) -> tuple[str, bytes]:
+            # Enhanced acknowledgment mode (MSH-15 set): CA, "commit accept". Original mode has no such code:
+            # AA, whose MSA-3 says the message is held and what happens next.
+            code = "CA" if msg.header.get("accept_ack_type") else "AA"
+            return code, answer(msg, code, note)
 
         return Channel(
             format="hl7v2",
@@ -171,6 +180,7 @@ class Pipeline:
             build=lambda msg: build_bundle(msg, self.issuer),
             answer=answer,
             code_for=ack_code_for,
+            receipt=receipt,
         )
 
     def _cda_channel(self) -> Channel:
@@ -348,10 +358,69 @@ class Pipeline:
                     self._record(ch, unit, outcome, channel)
         return outcomes
 
-    def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str) -> tuple[int, Any]:
+    def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received") -> tuple[int, Any]:
         sender, message_id = ch.adapter.identify(unit)
         return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
-                                     origin=unit.origin, raw=unit.data)
+                                     origin=unit.origin, raw=unit.data, status=status)
+
+    def receive_batch(self, ch: Channel, units: list[RawUnit], *, channel: str) -> list[Outcome]:
+        """Accept, then process: hold each unit durably and answer it on receipt (MLLP ``mllp_ack = received``).
+
+        Units whose header reads cleanly are committed as ``queued`` in one
+        transaction and answered at once with a receipt (CA in HL7's enhanced
+        acknowledgment mode, AA otherwise); :meth:`process_queued` works them
+        later, in arrival order, and keeps each one's application ACK with it. A
+        unit whose header is already wrong is worked and answered at once, as
+        :meth:`ingest_batch` does, so that its sender still learns which field
+        is wrong. A resent unit that is already held gets a receipt again.
+
+        :raises UnsupportedFormat: the format cannot answer on receipt (only HL7 v2 can).
+        """
+        receipt = ch.receipt
+        if receipt is None:
+            raise UnsupportedFormat(f"format {ch.format!r} cannot be answered on receipt", "format")
+        headers = [ch.adapter.read_header(unit) for unit in units]
+        held = [i for i, msg in enumerate(headers) if not msg.errors]
+        at_once = [i for i, msg in enumerate(headers) if msg.errors]
+        from gateway.store.db import transaction
+
+        with transaction(self.store.db, poll=True):  # the queue reader's transactions are short: no long sleeps
+            stored = [self._insert_raw(ch, units[i], channel, "queued") for i in held]
+        outcomes: list[Outcome | None] = [None] * len(units)
+        for i, (record_id, existing) in zip(held, stored):
+            msg = headers[i]
+            if existing is None:
+                code, answer = receipt(msg, "received and stored; it is processed next, in order of arrival")
+                log.info("message format=%s record=%s status=queued", ch.format, record_id)
+                status = Status.QUEUED
+            else:
+                record_id = existing.id
+                code, answer = receipt(msg, f"already received (record {existing.id}, {existing.status})")
+                status = Status.DUPLICATE
+            outcomes[i] = Outcome(status, msg.label(), ack_code=code, record_id=record_id, answer=answer,
+                                  message=msg)
+        if at_once:
+            for i, outcome in zip(at_once, self.ingest_batch(ch, [units[i] for i in at_once], channel=channel)):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    def process_queued(self, limit: int = _BATCH) -> list[Outcome]:
+        """Work up to ``limit`` held units, oldest first, each recorded in its own transaction.
+
+        Processing is what :meth:`ingest_unit` does after storing the raw input:
+        the application ACK (AA/AE/AR with its ERR segments) is kept with the
+        message (``gateway messages show``). Run one queue reader per database: a
+        second one would work the same units. A unit left ``queued`` by a crash is
+        simply worked when the reader starts again.
+        """
+        outcomes: list[Outcome] = []
+        for record_id, fmt, channel, origin, raw in self.store.queued(limit):
+            ch = self.channel(fmt)
+            unit = RawUnit(raw, 1, origin)
+            outcome = self._work(ch, unit, record_id)
+            self._record(ch, unit, outcome, channel)
+            outcomes.append(outcome)
+        return outcomes
 
     def ingest_unit(self, ch: Channel, unit: RawUnit, *, channel: str) -> Outcome:
         """Store one unit raw, then process it (or answer it as a duplicate)."""
@@ -414,28 +483,33 @@ class Pipeline:
 
     def _record(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str) -> None:
         """Record a worked unit's outcome, resources, signed copy and audit entry (one transaction)."""
+        from gateway.audit.events import ingest_record
+        from gateway.audit.log import prepare
+
         assert outcome.record_id is not None
+        msg = outcome.message
+        # made before the write lock is taken (as the resources' rows are, in Store.finish)
+        audit = prepare([ingest_record(
+            at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name, sender=msg.sender if msg else "",
+            message_id=(msg.message_id if msg else "") or unit.origin, fmt=ch.format, status=outcome.status.value,
+            channel=channel or "file", reason=outcome.errors[0].line() if outcome.errors else None)])
         self.store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                           ack=outcome.answer, issues=outcome.issues,
                           bundle=outcome.bundle if outcome.status is Status.STORED else None,
-                          after=lambda db: self._after(db, outcome, ch, unit, channel))
+                          after=lambda db: self._after(db, outcome, audit))
         msg = outcome.message
         log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
                  ch.format, outcome.record_id, outcome.status.value, outcome.ack_code,
                  len(msg.reports) if msg else 0, len(outcome.issues))
 
-    def _after(self, db: sqlite_utils.Database, outcome: Outcome, ch: Channel, unit: RawUnit, channel: str) -> None:
+    def _after(self, db: sqlite_utils.Database, outcome: Outcome, audit: list[bytes]) -> None:
         """Inside the transaction that records the outcome: signed copy, audit entry, extra hooks."""
-        from gateway.audit.events import ingested
+        from gateway.audit.log import append_prepared
 
         if outcome.signed is not None and self.exchange is not None:
             self.exchange.keep_signed(db, outcome.signed, "issued", outcome.record_id, bundle=outcome.bundle,
                                       digest=outcome.signed_digest or None)
-        msg = outcome.message
-        ingested(db, at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name,
-                 sender=msg.sender if msg else "", message_id=(msg.message_id if msg else "") or unit.origin,
-                 fmt=ch.format, status=outcome.status.value, channel=channel or "file",
-                 reason=outcome.errors[0].line() if outcome.errors else None)
+        append_prepared(db, audit)
         for hook in self.after_store:
             hook(db, outcome)
 

@@ -4,9 +4,11 @@ The HTTP API runs on gunicorn (pre-fork workers with threads; each worker
 builds its own app and database connections). A second process runs the MLLP
 listener and the background work — delivering the outbox to other members,
 making signed audit checkpoints, and checkpointing the database's WAL so that
-no ingest commit waits for it — so a slow HTTP client never delays an ACK and
-gunicorn's forking never copies a running event loop. Before either starts,
-messages a crash left half-processed are marked failed (their raw input is kept).
+no ingest commit waits for it (with ``mllp_ack = received``, a third runs
+the queue reader that works what the listener answered on receipt), so a
+slow HTTP client never delays an ACK and gunicorn's forking never copies a
+running event loop. Before either starts, messages a crash left half-processed
+are marked failed (their raw input is kept); queued ones are worked as usual.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any
 
 from gateway.config import Settings
 
-__all__ = ["serve", "run_background", "run_listener", "background_pass"]
+__all__ = ["serve", "run_background", "run_listener", "run_queue", "background_pass"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,13 @@ def run_background(settings: Settings) -> None:
     try:
         if settings.mllp_port:
             pipeline = Pipeline(settings)  # loaded before the port opens, so that a connection is served at once
+            me = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
+            if settings.mllp_ack == "received":  # accept, then process: the queue reader in a process of its own
+                listeners.append(subprocess.Popen(me + ["--queue"]))
             if settings.mllp_workers > 1:
                 sock = socket.create_server((settings.mllp_host, settings.mllp_port), backlog=128)
-                args = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings)),
-                        "--mllp-fd", str(sock.fileno())]
-                listeners = [subprocess.Popen(args, pass_fds=(sock.fileno(),))
-                             for _ in range(settings.mllp_workers - 1)]
+                listeners += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),))
+                              for _ in range(settings.mllp_workers - 1)]
             MLLPServer(pipeline, settings.mllp_host, settings.mllp_port, sock=sock).serve_forever()
         else:
             while worker.is_alive():
@@ -105,6 +108,18 @@ def run_background(settings: Settings) -> None:
         checkpointer.stop()
 
 
+def _watch_parent() -> None:
+    """SIGTERM this process when the process that started it is gone (even killed)."""
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
+
+
 def run_listener(settings: Settings, fd: int) -> None:
     """Entry point of a further MLLP listener process: accept on the inherited socket ``fd`` until stopped.
 
@@ -115,16 +130,27 @@ def run_listener(settings: Settings, fd: int) -> None:
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    parent = os.getppid()
-
-    def orphaned() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
+    _watch_parent()
     sock = socket.socket(fileno=fd)
     MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port, sock=sock).serve_forever()
+
+
+def run_queue(settings: Settings) -> None:
+    """Entry point of the queue reader process (``mllp_ack = received``): work held messages until stopped.
+
+    On SIGTERM it finishes the message it is working and stops; it stops with
+    the process that started it.
+    """
+    from gateway.mllp import QueueReader
+    from gateway.pipeline import Pipeline
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reader = QueueReader(Pipeline(settings))
+    signal.signal(signal.SIGTERM, lambda *_: reader.stop())
+    signal.signal(signal.SIGINT, lambda *_: reader.stop())
+    _watch_parent()
+    reader.run()
+    log.info("processing queue stopped after %d message(s)", reader.processed)
 
 
 def serve(settings: Settings) -> None:
@@ -180,8 +206,10 @@ def serve(settings: Settings) -> None:
                 child.kill()
 
 
-if __name__ == "__main__":  # the second process (settings arrive as JSON), or a further MLLP listener
+if __name__ == "__main__":  # the second process (settings arrive as JSON), a further MLLP listener, the queue reader
     if len(sys.argv) == 4 and sys.argv[2] == "--mllp-fd":
         run_listener(Settings(**json.loads(sys.argv[1])), int(sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[2] == "--queue":
+        run_queue(Settings(**json.loads(sys.argv[1])))
     else:
         run_background(Settings(**json.loads(sys.argv[1])))

@@ -101,6 +101,20 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (read from /proc: Linux only)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def wait_port(port: int, timeout: float = 30.0) -> None:
     """Wait until something listens on loopback ``port`` (a server started by a test)."""
     import socket

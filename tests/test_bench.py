@@ -53,7 +53,7 @@ def test_ratio_and_targets(report) -> None:
     assert all(t["state"] in ("met, smaller", "NOT met") and "200 entries" in t["scale"] for t in audit)
     e2e = next(t for t in targets if t["stage"] == "e2e" and "15x" in t["target"])
     assert e2e["value"] == pytest.approx(report.ratio_to_baseline, rel=1e-3)
-    mllp = next(t for t in targets if t["stage"] == "mllp")
+    mllp = next(t for t in targets if t["stage"] == "mllp-queued")
     assert mllp["state"] == "not measured"  # not run here
 
 

@@ -1,8 +1,9 @@
 """Store fast path: a Bundle saved with one statement of each kind gives the rows saving each resource alone gives.
 
 The reference saves one resource at a time (each with its own statements, the
-way every Bundle was saved before); the fast path is :meth:`Store._put_all` with
-the whole Bundle. Both store
+way every Bundle was saved before, each resource's rows made inside the
+transaction); the fast path is :meth:`Store._put_all` with the whole Bundle and
+the rows prepared before the transaction. Both store
 the same generated and sample Bundles, then corrections of them (new versions,
 history rows, re-indexing) and identical resends (no new version), and every
 table must hold exactly the same rows. The copy-on-write reference rewriting
@@ -36,8 +37,9 @@ TABLES = {
 class SequentialStore(Store):
     """The reference: every resource saved on its own, in Bundle order."""
 
-    def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any) -> None:
-        for res in resources:
+    def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
+                 first: Any = None) -> None:
+        for res in resources:  # rows made here, inside the transaction, not the ones prepared before it
             super()._put_all([res], record_id, now, resolve)
 
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 from hl7.client import MLLPClient
 
-from conftest import DATA, TONGJIANG, wait_port
+from conftest import DATA, TONGJIANG, children_of, wait_port
 from gateway.adapters.hl7v2 import split_messages
 from gateway.demo import free_port
 from gateway.mllp import MLLPServer, frame
@@ -160,19 +160,6 @@ def test_concurrent_connections_are_batched_and_all_acked(server, pipeline) -> N
     assert pipeline.store.counts() == {"stored": 40}
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
 def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
     """mllp_workers 2: a second listener process accepts on the same socket; every message is ACKed once."""
@@ -183,15 +170,16 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
     from gateway.config import load_settings
 
     port = free_port()
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG,
-                                                     "mllp_port": port, "mllp_workers": 2, "log_level": "WARNING"})
+    overrides = {"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "mllp_port": port,
+                 "mllp_workers": 2, "log_level": "WARNING"}
+    settings = load_settings(environ={}, overrides=overrides)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     base = split_messages(FRAMED.read_bytes())[0]
     results: dict[int, list[str]] = {}
     try:
         wait_port(port)
-        listeners = _children(proc.pid)
+        listeners = children_of(proc.pid)
         assert len(listeners) == 1, "one further listener process beside the first"
 
         def client(n: int) -> None:

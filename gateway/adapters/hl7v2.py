@@ -123,8 +123,11 @@ def build_ack(
     now: _dt.datetime,
     control_id: str | None = None,
     max_errors: int = 50,
+    note: str | None = None,
 ) -> str:
     """The ACK for ``msg`` as ER7 text (segments separated by ``\\r``).
+
+    ``note`` replaces the MSA-3 text (a receipt says what happens next).
 
     ERR segments name each issue's segment, sequence and field in the form the
     message's own version expects: ERR-1 (ELD) for v2.3.1/2.4, ERR-2/3/4/8 for
@@ -147,7 +150,9 @@ def build_ack(
         msh += ["", "", "", "", "", h["charset_field"]]
     errors = [i for i in msg.issues if i.severity == "error"]
     warnings = [i for i in msg.issues if i.severity == "warning"] if not old else []
-    if code == "AA":
+    if note is not None:
+        text = note
+    elif code == "AA":
         text = f"filtered: {msg.filtered}" if msg.filtered else "accepted"
     else:
         text = errors[0].line() if errors else "rejected"
@@ -456,30 +461,8 @@ class HL7v2Adapter:
 
     def read(self, unit: RawUnit) -> SourceMessage:
         """Decode, parse and extract one message; problems become issues, never exceptions."""
-        msg = SourceMessage(format=self.format)
-        msg.extra["label"] = f"message {unit.index}"
-        if len(unit.data) > self.max_bytes:
-            msg.issues.append(Issue("error", "too-long", "MSH",
-                                    f"message is {len(unit.data)} bytes, the limit is {self.max_bytes}", "207"))
-            return msg
-        text, codec, issues = self._decode(unit.data)
-        msg.issues.extend(issues)
-        msg.charset = codec
-        if text is None:
-            return msg
-        text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
-        if not text.startswith("MSH") or len(text) < 8:
-            msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment", "100"))
-            return msg
-        try:
-            m = None if self.reference_parser else _fast_msg(text)
-            if m is None:
-                m = _Msg.from_hl7(hl7.parse(text))
-        except Exception as exc:  # python-hl7 raises assorted errors on broken input
-            msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
-            return msg
-        self._header(m, msg)
-        if msg.errors:
+        msg, m = self._start(unit)
+        if m is None or msg.errors:
             return msg
         reason = self._filter(m)
         if reason:
@@ -490,6 +473,40 @@ class HL7v2Adapter:
         msg.issues = list(dict.fromkeys(msg.issues))
         return msg
 
+    def read_header(self, unit: RawUnit) -> SourceMessage:
+        """Decode and read the MSH segment only (what a receipt ACK needs); problems become issues.
+
+        A message with no error here may still be refused by :meth:`read` for its body.
+        """
+        return self._start(unit)[0]
+
+    def _start(self, unit: RawUnit) -> tuple[SourceMessage, _Msg | None]:
+        """The message with its header read, and the parsed segments (None when it could not be parsed)."""
+        msg = SourceMessage(format=self.format)
+        msg.extra["label"] = f"message {unit.index}"
+        if len(unit.data) > self.max_bytes:
+            msg.issues.append(Issue("error", "too-long", "MSH",
+                                    f"message is {len(unit.data)} bytes, the limit is {self.max_bytes}", "207"))
+            return msg, None
+        text, codec, issues = self._decode(unit.data)
+        msg.issues.extend(issues)
+        msg.charset = codec
+        if text is None:
+            return msg, None
+        text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+        if not text.startswith("MSH") or len(text) < 8:
+            msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment", "100"))
+            return msg, None
+        try:
+            m = None if self.reference_parser else _fast_msg(text)
+            if m is None:
+                m = _Msg.from_hl7(hl7.parse(text))
+        except Exception as exc:  # python-hl7 raises assorted errors on broken input
+            msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
+            return msg, None
+        self._header(m, msg)
+        return msg, m
+
     def _header(self, m: _Msg, msg: SourceMessage) -> None:
         i = 0
         h = msg.header
@@ -499,6 +516,7 @@ class HL7v2Adapter:
         h["receiving_facility"] = m.raw(i, 6)
         h["processing_id"] = m.value(i, 11)
         h["charset_field"] = m.raw(i, 18)
+        h["accept_ack_type"] = m.value(i, 15)  # set: the sender uses enhanced acknowledgment mode
         msg.message_id = m.value(i, 10)
         msg.sender = f"{m.value(i, 3)}|{m.value(i, 4)}"
         msg.version = m.value(i, 12)

@@ -17,7 +17,7 @@ from gateway.audit import records
 from gateway.audit.log import append, append_many
 from gateway.audit.records import Outcome, Party, PatientRef
 
-__all__ = ["ingested", "patient_reads", "exchanged", "decided", "snapshot_applied"]
+__all__ = ["ingested", "ingest_record", "patient_reads", "exchanged", "decided", "decision_records", "snapshot_applied"]
 
 
 def _me(uscc: str, name: str | None = None) -> Party:
@@ -27,11 +27,18 @@ def _me(uscc: str, name: str | None = None) -> Party:
 def ingested(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, member_name: str, sender: str,
              message_id: str, fmt: str, status: str, channel: str, reason: str | None) -> None:
     """A unit of input from one of the member's own systems reached its final status."""
+    append(db, ingest_record(at=at, member=member, member_name=member_name, sender=sender, message_id=message_id,
+                             fmt=fmt, status=status, channel=channel, reason=reason))
+
+
+def ingest_record(*, at: _dt.datetime, member: str, member_name: str, sender: str, message_id: str, fmt: str,
+                  status: str, channel: str, reason: str | None) -> records.Record:
+    """The record :func:`ingested` appends (to prepare it before the write lock: ``gateway.audit.log.prepare``)."""
     refused = status in ("refused", "failed")
-    append(db, records.ingest(
+    return records.ingest(
         at=at, gateway=_me(member, member_name), source=Party.application(member, sender or "unknown"),
         message_id=message_id or "(none)", fmt=fmt, status=status, channel=channel,
-        outcome=Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS, reason=reason if refused else None))
+        outcome=Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS, reason=reason if refused else None)
 
 
 def _patients(resources: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
@@ -71,9 +78,14 @@ def exchanged(db: sqlite_utils.Database, direction: str, *, at: _dt.datetime, me
 def decided(db: sqlite_utils.Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
             kid: str | None = None) -> int:
     """Every recognition decision, with its rules and the snapshot version; returns how many."""
-    made = [records.from_decision(d, gateway=_me(member), bundle_hash=f"sha256:{bundle_hash}" if bundle_hash else None,
+    return len(append_many(db, decision_records(decisions, member=member, bundle_hash=bundle_hash, kid=kid)))
+
+
+def decision_records(decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
+                     kid: str | None = None) -> list[records.Record]:
+    """The records :func:`decided` appends (to prepare them before the write lock)."""
+    return [records.from_decision(d, gateway=_me(member), bundle_hash=f"sha256:{bundle_hash}" if bundle_hash else None,
                                   kid=kid) for d in decisions]
-    return len(append_many(db, made))
 
 
 def snapshot_applied(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, version: int, digest: str,

@@ -51,6 +51,8 @@ __all__ = [
     "has_log",
     "append",
     "append_many",
+    "append_prepared",
+    "prepare",
     "entry_hash",
     "head",
     "get",
@@ -216,7 +218,20 @@ def append_many(db: sqlite_utils.Database, records: Sequence[Record]) -> list[En
 
     :raises InputError: see :func:`append`.
     """
-    contents = [_content(record) for record in records]
+    return append_prepared(db, prepare(records))
+
+
+def prepare(records: Sequence[Record]) -> list[bytes]:
+    """The checked, canonical contents of records, for :func:`append_prepared`.
+
+    Needs no database, so a caller can make them before it takes the write
+    lock. :raises InputError: see :func:`append`.
+    """
+    return [_content(record) for record in records]
+
+
+def append_prepared(db: sqlite_utils.Database, contents: Sequence[bytes]) -> list[Entry]:
+    """Append contents made by :func:`prepare`, in order, chained; inside the caller's transaction (or a new one)."""
     entries: list[Entry] = []
     if not contents:
         return entries

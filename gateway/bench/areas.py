@@ -24,8 +24,8 @@ from gateway.bench.context import BenchContext
 from gateway.bench.measure import NotAvailable, StageResult
 from gateway.bench.stages import STAGES, _timed, stage
 
-__all__ = ["baseline_stage", "mllp_stage", "http_stage", "csv_stage", "inbound_stage", "audit_search_stage",
-           "audit_verify_stage"]
+__all__ = ["baseline_stage", "mllp_stage", "mllp_queued_stage", "http_stage", "csv_stage", "inbound_stage",
+           "audit_search_stage", "audit_verify_stage"]
 
 
 def _require(module: str, *names: str) -> Any:
@@ -64,6 +64,13 @@ def mllp_stage(ctx: BenchContext) -> StageResult:
     from gateway.bench.servers import run_mllp_load
 
     return run_mllp_load(ctx, STAGES["mllp"].title)
+
+
+@stage("mllp-queued", "MLLP accept, then process (mllp_ack = received): ACK latency at a fixed rate")
+def mllp_queued_stage(ctx: BenchContext) -> StageResult:
+    from gateway.bench.servers import run_mllp_load
+
+    return run_mllp_load(ctx, STAGES["mllp-queued"].title, ack="received")
 
 
 @stage("http", "HTTP ingest, concurrent clients, gateway serve (gunicorn)")

@@ -32,7 +32,8 @@ TARGETS: list[tuple[str, str, float, str]] = [
     ("e2e", "observations_per_core", 20000.0, "... and >= 20,000 Observations/s per core"),
     ("e2e", "ratio_to_baseline", 15.0, "... and >= 15x the baseline"),
     ("inbound", "rate_per_core", 1000.0, "inbound signed Bundle -> verify -> recognise -> audit: >= 1,000 Bundles/s"),
-    ("mllp", "p99_ms_max", 20.0, "MLLP ACK latency at 200 msg/s: p99 <= 20 ms"),
+    ("mllp-queued", "p99_ms_max", 20.0, "MLLP ACK latency at 200 msg/s, ACK once the raw message is durable: "
+                                        "p99 <= 20 ms"),
     ("csv", "rate_per_core", 50000.0, "CDC CSV -> Bundles: >= 50,000 rows/s, memory flat"),
     ("audit-search", "p95_ms_max", 100.0, "audit search over 1 M entries: p95 <= 100 ms"),
     ("audit-verify", "wall_s_max", 20.0, "audit chain verification of 1 M entries: <= 20 s"),

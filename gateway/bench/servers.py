@@ -130,12 +130,18 @@ def _read_ack(sock: socket.socket, buf: bytearray) -> bytes:
         buf += chunk
 
 
-def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
-    """ACK latency of the MLLP listener process at ``mllp_rate`` messages/s from ``mllp_clients`` connections."""
+def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> StageResult:
+    """ACK latency of the MLLP listener process at ``mllp_rate`` messages/s from ``mllp_clients`` connections.
+
+    With ``ack = received`` the listener answers on receipt; the queue reader's
+    work is then measured apart: how many messages it stored while the load ran,
+    and how long it took to store them all (waited for up to ``drain_cap`` s).
+    """
     opts = ctx.options
     port = free_port()
-    settings = ctx.settings("mllp", mllp_port=port, mllp_host="127.0.0.1", log_level="INFO",
-                            mllp_workers=opts.mllp_workers)
+    name = "mllp" if ack == "processed" else "mllp-queued"
+    settings = ctx.settings(name, mllp_port=port, mllp_host="127.0.0.1", log_level="INFO",
+                            mllp_workers=opts.mllp_workers, mllp_ack=ack)
     settings.database_path.parent.mkdir(parents=True, exist_ok=True)
     total = max(opts.mllp_clients, int(opts.mllp_rate * opts.mllp_duration))
     messages = ctx.fresh_messages(total)
@@ -146,7 +152,8 @@ def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
     errors: list[str] = []
     lock = threading.Lock()
     args = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
-    log_path = ctx.workdir / "mllp-server.log"
+    log_path = ctx.workdir / f"{name}-server.log"
+    queue: dict[str, Any] = {}
     with _server(args, _env({}), port, log_path) as proc:
         cpu0 = process_cpu_s(proc.pid)
         start = time.perf_counter() + 0.2
@@ -188,27 +195,61 @@ def run_mllp_load(ctx: BenchContext, title: str) -> StageResult:
         for t in threads:
             t.join(opts.mllp_duration + drain + 10)
         wall = time.perf_counter() - start
+        if ack == "received":
+            queue = _drain_queue(settings.database_path, start, opts.mllp_duration, 15.0 if opts.quick else 120.0)
         cpu = process_cpu_s(proc.pid) - cpu0
     answered = sum(v for c, v in codes.items() if c != "unanswered")
     missing = total - len(latencies)
     if missing > 0:  # clients that failed: their messages were never answered
         latencies += [(stop_at - start) * 1000] * missing
         codes["unanswered"] = codes.get("unanswered", 0) + missing
-    result = StageResult("mllp", title, items=answered, observations=answered * OBX_PER_MESSAGE,
+    result = StageResult(name, title, items=answered, observations=answered * OBX_PER_MESSAGE,
                          wall_s=wall, cpu_s=cpu, latencies_ms=latencies)
-    result.cores = float(opts.mllp_workers)  # each listener process works its connections' messages
+    # each listener process works its connections' messages; on receipt, the queue reader is one more process
+    result.cores = float(opts.mllp_workers + (1 if ack == "received" else 0))
     result.extra = {"offered_rate": opts.mllp_rate, "clients": opts.mllp_clients, "duration_s": opts.mllp_duration,
-                    "sent": total, "answers": codes, "server_cpu_s": round(cpu, 3),
-                    "server_cpu_ms_per_msg": round(cpu / answered * 1000, 3) if answered else None}
+                    "sent": total, "answers": codes, "server_cpu_s": round(cpu, 3), "ack": ack,
+                    "server_cpu_ms_per_msg": round(cpu / answered * 1000, 3) if answered else None, **queue}
     note = [f"{opts.mllp_rate:g} msg/s offered by {opts.mllp_clients} clients for {opts.mllp_duration:g} s"
-            f" to {opts.mllp_workers} listener process(es)",
+            f" to {opts.mllp_workers} listener process(es)" + (" and a queue reader" if ack == "received" else ""),
             f"answers {codes}"]
+    if queue:
+        if queue["drained_s"] is not None:
+            done = (f"all {queue['stored']} stored {queue['drained_s']:.1f} s after the load began "
+                    f"({queue['store_rate']:.1f} msg/s)")
+        else:
+            done = f"{queue['stored']} stored, {queue['still_queued']} still queued when the bench stopped waiting"
+        note.append(f"stored {queue['stored_during_load']} while the load ran; {done}")
     if errors:
         note.append(f"client errors: {errors[0]}")
     result.note = "; ".join(note)
-    if codes.get("AA", 0) != total:
+    if sum(codes.get(code, 0) for code in ("AA", "CA")) != total:
         result.status = "failed" if not answered else "ok"
     return result
+
+
+def _drain_queue(db_path: Path, start: float, duration: float, cap: float) -> dict[str, Any]:
+    """Wait for the queue reader to store what the listener took (up to ``cap`` s after the load): its figures."""
+    import sqlite3
+
+    def counts() -> tuple[int, int]:
+        conn = sqlite3.connect(f"{Path(db_path).absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = dict(conn.execute("SELECT status, count(*) FROM messages GROUP BY 1").fetchall())
+        finally:
+            conn.close()
+        return int(rows.get("queued", 0)), sum(int(n) for s, n in rows.items() if s != "queued")
+
+    queued, stored = counts()
+    during = stored
+    deadline = start + duration + cap
+    while queued and time.perf_counter() < deadline:
+        time.sleep(0.25)
+        queued, stored = counts()
+    drained = time.perf_counter() - start if not queued else None
+    return {"stored_during_load": during, "stored": stored, "still_queued": queued,
+            "drained_s": round(drained, 2) if drained is not None else None,
+            "store_rate": round(stored / drained, 1) if drained else None}
 
 
 def _msa_code(ack: bytes) -> str:

@@ -49,6 +49,7 @@ from gateway.errors import (
 )
 from gateway.naming import ext_url
 from gateway.audit import events as audit_events
+from gateway.audit import log as audit_log
 from gateway.exchange.outbox import Outbox, SendResult, Transport
 from gateway.exchange.peer_auth import ReplayCache, make_assertion, verify_assertion
 from gateway.registry.snapshot import RegistryHolder
@@ -415,13 +416,16 @@ class Exchange:
             "decisions": counts,
         })
 
+        # the decisions' audit entries are made before the write lock is taken; only their chaining is inside
+        decision_entries = audit_log.prepare(audit_events.decision_records(
+            decisions, member=self.settings.issuer_uscc, bundle_hash=doc_sha, kid=verified.kid))
+
         def inside(db: sqlite_utils.Database) -> None:
             self.keep_signed(db, text, "received", record_id, bundle=bundle, digest=doc_sha)
             save_decisions(db, decisions, now)
             audit_events.exchanged(db, "received", at=now, member=self.settings.issuer_uscc, peer=peer,
                                    bundle_hash=doc_sha, bundle_id=bundle.get("id"), kid=verified.kid)
-            audit_events.decided(db, decisions, member=self.settings.issuer_uscc, bundle_hash=doc_sha,
-                                 kid=verified.kid)
+            audit_log.append_prepared(db, decision_entries)
 
         unsigned = {k: v for k, v in bundle.items() if k != "signature"}
         self.store.finish(record_id, status="stored", ack_code="200", ack=receipt, issues=[], bundle=unsigned,

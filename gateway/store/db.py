@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,25 +60,50 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
 
 
 @contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+def transaction(db: sqlite_utils.Database, *, poll: bool = False) -> Iterator[sqlite_utils.Database]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception).
 
     Everything written inside commits together: a stored message, its stage
     status and its audit entry. Use ``db.execute`` inside; sqlite-utils' own
     insert helpers commit on their own (``with conn:``) and must not be used
     within a transaction. Nested use joins the outer transaction.
+
+    ``poll``: wait for another writer by trying again every half millisecond
+    (for as long as the busy timeout) instead of SQLite's own waiting, which
+    sleeps 1, 2, 5, 10, 15 ms and more between tries. For short transactions
+    whose caller is waiting, such as an MLLP receipt beside the queue reader.
     """
     conn = db.conn
     if conn.in_transaction:
         yield db
         return
-    conn.execute("BEGIN IMMEDIATE")
+    if poll:
+        _begin_polling(conn)
+    else:
+        conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _begin_polling(conn: sqlite3.Connection) -> None:
+    timeout_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    deadline = time.monotonic() + timeout_ms / 1000
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.0005)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
 
 
 class WalCheckpointer(threading.Thread):

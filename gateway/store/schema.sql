@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS messages (
     size        INTEGER NOT NULL,
     sha256      TEXT NOT NULL,
     raw         BLOB NOT NULL,
-    status      TEXT NOT NULL,              -- received | filtered | refused | stored | failed
+    status      TEXT NOT NULL,              -- received | queued | filtered | refused | stored | failed
     ack_code    TEXT,                       -- AA | AE | AR (or HTTP outcome for non-HL7 formats)
     ack         BLOB,                       -- the answer sent, re-sent as is for a duplicate
     issues      TEXT NOT NULL DEFAULT '[]', -- JSON list of issues found

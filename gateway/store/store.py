@@ -99,11 +99,13 @@ class Store:
     # -- messages ------------------------------------------------------------------------
 
     def insert_raw(self, *, channel: str, fmt: str, sender: str, message_id: str, origin: str,
-                   raw: bytes) -> tuple[int, MessageRecord | None]:
+                   raw: bytes, status: str = "received") -> tuple[int, MessageRecord | None]:
         """Store raw input before anything else. Returns (new id, None) or (existing id, existing record).
 
         A second message with the same format, sender and id is not stored: the
-        unique index refuses it and the first one's record is returned.
+        unique index refuses it and the first one's record is returned. ``status``
+        is ``received`` (processed next, by the caller) or ``queued`` (answered on
+        receipt; processed later, in order, by :meth:`queued`'s reader).
         """
         now = _now(self.clock)
         digest = hashlib.sha256(raw).hexdigest()
@@ -111,18 +113,28 @@ class Store:
             with transaction(self.db):
                 cur = self.db.execute(
                     "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
-                    " raw, status, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'received',?)",
-                    [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, now],
+                    " raw, status, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now],
                 )
                 new_id = int(cur.lastrowid or 0)
                 self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
-                                [new_id, "receive", "received", now, ""])
+                                [new_id, "receive", status, now, ""])
             return new_id, None
         except sqlite3.IntegrityError:
             existing = self.find_message(fmt, sender, message_id)
             if existing is None:  # pragma: no cover - the key was just seen
                 raise
             return existing.id, existing
+
+    def queued(self, limit: int) -> list[tuple[int, str, str, str, bytes]]:
+        """The oldest messages answered on receipt and not yet processed: (id, format, channel, origin, raw)."""
+        return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in self.db.execute(
+            "SELECT id, format, channel, origin, raw FROM messages WHERE status = 'queued' ORDER BY id LIMIT ?",
+            [limit])]
+
+    def queue_length(self) -> int:
+        """How many messages wait in the processing queue."""
+        return int(self.db.execute("SELECT count(*) FROM messages WHERE status = 'queued'").fetchone()[0])
 
     def find_message(self, fmt: str, sender: str, message_id: str) -> MessageRecord | None:
         rows = list(self.db.query(
@@ -170,9 +182,11 @@ class Store:
         ``after`` runs inside the same transaction (e.g. to write an audit entry).
         """
         now = _now(self.clock)
+        # the resources' rows are made before the write lock is taken: other writers wait only for the writing
+        prepared = self._prepare_bundle(bundle, now) if bundle is not None else None
         with transaction(self.db):
-            if bundle is not None:
-                self._save_bundle(bundle, record_id, now)
+            if prepared is not None:
+                self._save_prepared(prepared, record_id, now)
             self.db.execute(
                 "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?, updated_at = ?"
                 " WHERE id = ?",
@@ -211,6 +225,14 @@ class Store:
     # -- resources -----------------------------------------------------------------------
 
     def _save_bundle(self, bundle: dict[str, Any], record_id: int, now: str) -> None:
+        self._save_prepared(self._prepare_bundle(bundle, now), record_id, now)
+
+    def _prepare_bundle(self, bundle: dict[str, Any], now: str) -> _Prepared:
+        """The Bundle's resources as stored (``urn:uuid:`` references rewritten), with the rows of a first version.
+
+        Needs no database: made before the write lock is taken. Only a resource
+        that turns out to be stored already is worked again inside the lock.
+        """
         by_url: dict[str, dict[str, Any]] = {}
         for entry in bundle.get("entry", []):
             res = entry["resource"]
@@ -221,18 +243,27 @@ class Store:
         keys = [(r["resourceType"], r["id"]) for r in stored]
         if len(set(keys)) != len(keys):
             # The same resource twice in one Bundle: each copy may version the one before; keep that order.
-            for res in stored:
-                self._put_all([res], record_id, now, by_ref.get)
-            return
-        self._put_all(stored, record_id, now, by_ref.get)
+            return _Prepared(stored, by_ref.get, None)
+        first = [_first_version(res, now, by_ref.get) for res in stored]
+        return _Prepared(stored, by_ref.get, first)
 
-    def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any) -> None:
+    def _save_prepared(self, prepared: _Prepared, record_id: int, now: str) -> None:
+        if prepared.first is None:
+            for res in prepared.resources:
+                self._put_all([res], record_id, now, prepared.resolve)
+            return
+        self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first)
+
+    def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
+                 first: list[_Rows] | None = None) -> None:
         """Store distinct resources as new versions, with one statement of each kind; inside a transaction.
 
         An identical resend is not a new version; a changed resource keeps its
         ``rid``, its previous version goes to ``resource_history`` and its index
         rows are replaced. ``resolve(reference)`` finds the resources chained
-        search parameters need (the subject Patient, the performer).
+        search parameters need (the subject Patient, the performer). ``first``:
+        each resource's rows as a first version (:func:`_first_version`), made
+        beforehand; used for the resources not stored yet.
         """
         conn = self.db.conn
         assert conn.in_transaction, "resources are written inside the caller's transaction"
@@ -243,22 +274,23 @@ class Store:
         rows: list[tuple[Any, ...]] = []
         tokens: list[tuple[str, str, str, str, int]] = []
         dates: list[tuple[str, str, float, float, int]] = []
-        for res in resources:
+        for n, res in enumerate(resources):
             rtype, rid = res["resourceType"], res["id"]
-            version = 1
             old = current.get((rtype, rid))
             if old is not None:
                 row_number, old_version, old_updated, old_ref, old_json = old
                 if _same_content(old_json, res):
                     continue  # a resent or re-converted identical resource is not a new version
-                version = old_version + 1
                 history.append((rtype, rid, old_version, old_updated, old_ref, old_json))
                 replaced.append((row_number,))
+                text, found_tokens, found_dates = _rows_of(_versioned(res, old_version + 1, now), resolve)
+                version = old_version + 1
             else:
                 row_number, next_rid = next_rid, next_rid + 1
-            body = _versioned(res, version, now)
-            rows.append((row_number, rtype, rid, version, now, record_id, jsonutil.dumps(body)))
-            found_tokens, found_dates = index_resource(body, resolve)
+                made = first[n] if first is not None else _first_version(res, now, resolve)
+                text, found_tokens, found_dates = made
+                version = 1
+            rows.append((row_number, rtype, rid, version, now, record_id, text))
             tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
             dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
         if history:
@@ -355,6 +387,28 @@ class Store:
     def iter_resources(self, rtype: str) -> Iterator[dict[str, Any]]:
         for row in self.db.query("SELECT json FROM resources WHERE type = ? ORDER BY id", [rtype]):
             yield dict(jsonutil.loads(row["json"]))
+
+
+#: A stored resource's JSON text and its search index rows: (text, [(param, system, code)], [(param, lo, hi)]).
+_Rows = tuple[str, list[tuple[str, str, str]], list[tuple[str, float, float]]]
+
+
+@dataclass
+class _Prepared:
+    """A Bundle's resources ready to store: as stored, how to resolve references, rows of first versions."""
+
+    resources: list[dict[str, Any]]
+    resolve: Callable[[str], dict[str, Any] | None]
+    first: list[_Rows] | None  # None: the Bundle holds a resource twice and is stored one resource at a time
+
+
+def _rows_of(body: dict[str, Any], resolve: Any) -> _Rows:
+    found_tokens, found_dates = index_resource(body, resolve)
+    return jsonutil.dumps(body), found_tokens, found_dates
+
+
+def _first_version(res: dict[str, Any], now: str, resolve: Any) -> _Rows:
+    return _rows_of(_versioned(res, 1, now), resolve)
 
 
 def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:

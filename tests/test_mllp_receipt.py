@@ -1,0 +1,210 @@
+"""Accept, then process (``mllp_ack = received``): the ACK says the raw message is stored; a queue reader works it.
+
+Inputs are the MLLP sample (``tests/data/hl7v2/mllp-framed.hl7``, see tests/data/README.md): its first message is
+good, its second has ``高`` in a numeric OBX-5. Each test compares the queued way with what the same message gets
+when it is worked before the answer (the default), so the two modes cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hl7.client import MLLPClient
+
+from conftest import DATA, TONGJIANG, children_of, wait_port
+from gateway.adapters.base import RawUnit
+from gateway.adapters.hl7v2 import split_messages
+from gateway.config import load_settings
+from gateway.demo import free_port
+from gateway.errors import ConfigError, UnsupportedFormat
+from gateway.mllp import MLLPServer, QueueReader
+from gateway.pipeline import Pipeline, Status
+
+FRAMED = DATA / "hl7v2" / "mllp-framed.hl7"
+GOOD, BAD_VALUE = split_messages(FRAMED.read_bytes())[:2]
+
+
+def segments(ack: bytes, name: str) -> list[list[str]]:
+    return [s.split("|") for s in ack.decode("utf-8").split("\r") if s.startswith(name)]
+
+
+def msh_field(message: bytes, n: int, value: str) -> bytes:
+    """``message`` with MSH-n set to ``value`` (MSH-1 is the separator, so MSH-n is the n-1th piece)."""
+    first, _, rest = message.partition(b"\r")
+    fields = first.split(b"|")
+    fields += [b""] * (n - len(fields))
+    fields[n - 1] = value.encode()
+    return b"|".join(fields) + b"\r" + rest
+
+
+def units(*messages: bytes) -> list[RawUnit]:
+    return [RawUnit(m, i, "mllp:test") for i, m in enumerate(messages, start=1)]
+
+
+def hl7(pipeline: Pipeline):
+    return pipeline.channel("hl7v2")
+
+
+def test_receipt_first_then_the_outcome_the_message_gets_when_worked_at_once(
+        pipeline, settings, clock, tmp_path) -> None:
+    receipts = pipeline.receive_batch(hl7(pipeline), units(GOOD, BAD_VALUE), channel="mllp")
+    assert [o.status for o in receipts] == [Status.QUEUED, Status.QUEUED]
+    for outcome, control_id in zip(receipts, ["TJ2406100001", "TJ2406100002"]):
+        msa = segments(outcome.answer, "MSA")[0]
+        assert msa[1:3] == ["AA", control_id]  # original mode (MSH-15 empty): AA, and MSA-3 says what it means
+        assert msa[3] == "received and stored; it is processed next, in order of arrival"
+        assert not segments(outcome.answer, "ERR")
+    # durable before the answer: both are held, nothing is worked yet
+    assert pipeline.store.counts() == {"queued": 2}
+    assert pipeline.store.queue_length() == 2
+    assert pipeline.store.raw_of(receipts[1].record_id) == BAD_VALUE
+
+    worked = pipeline.process_queued()
+    assert [o.record_id for o in worked] == [receipts[0].record_id, receipts[1].record_id]
+    assert [o.status for o in worked] == [Status.STORED, Status.REFUSED]
+    assert pipeline.store.counts() == {"stored": 1, "refused": 1}
+    assert pipeline.process_queued() == []
+
+    # the application ACK kept with each message is the one the default mode would have sent
+    other = Pipeline(dataclasses.replace(settings, data_dir=str(tmp_path / "other"), database=""), clock=clock)
+    try:
+        at_once = other.ingest_batch(hl7(other), units(GOOD, BAD_VALUE), channel="mllp")
+    finally:
+        other.close()
+    for outcome, direct in zip(worked, at_once):
+        kept = pipeline.store.get_message(outcome.record_id)
+        assert kept.ack_code == direct.ack_code
+        assert segments(kept.ack or b"", "MSA") == segments(direct.answer, "MSA")
+        assert segments(kept.ack or b"", "ERR") == segments(direct.answer, "ERR")
+    assert segments(pipeline.store.get_message(worked[1].record_id).ack or b"", "ERR")[0][2] == "OBX^1^5"
+
+
+def test_enhanced_mode_senders_get_a_commit_accept(pipeline) -> None:
+    enhanced = msh_field(msh_field(GOOD, 15, "AL"), 16, "NE")
+    [outcome] = pipeline.receive_batch(hl7(pipeline), units(enhanced), channel="mllp")
+    assert segments(outcome.answer, "MSA")[0][1:3] == ["CA", "TJ2406100001"]
+    assert outcome.ack_code == "CA"
+
+
+def test_a_message_whose_header_is_wrong_is_answered_with_its_error_at_once(pipeline) -> None:
+    no_id = msh_field(GOOD, 10, "")
+    old_version = msh_field(BAD_VALUE, 12, "2.1")
+    outcomes = pipeline.receive_batch(hl7(pipeline), units(GOOD, no_id, old_version), channel="mllp")
+    assert [o.status for o in outcomes] == [Status.QUEUED, Status.REFUSED, Status.REFUSED]
+    # an empty MSH-10 is a field in error (AE); an unsupported version is not taken at all (AR)
+    assert [segments(o.answer, "MSA")[0][1] for o in outcomes[1:]] == ["AE", "AR"]
+    assert segments(outcomes[1].answer, "ERR")[0][2] == "MSH^1^10"
+    assert segments(outcomes[2].answer, "ERR")[0][2] == "MSH^1^12"
+    assert pipeline.store.counts() == {"queued": 1, "refused": 2}
+
+
+def test_a_resent_message_gets_a_receipt_again_and_is_held_once(pipeline) -> None:
+    [first] = pipeline.receive_batch(hl7(pipeline), units(GOOD), channel="mllp")
+    again = pipeline.receive_batch(hl7(pipeline), units(GOOD, GOOD), channel="mllp")
+    assert [o.status for o in again] == [Status.DUPLICATE, Status.DUPLICATE]
+    assert {o.record_id for o in again} == {first.record_id}
+    assert segments(again[0].answer, "MSA")[0][1:4] == ["AA", "TJ2406100001",
+                                                        f"already received (record {first.record_id}, queued)"]
+    pipeline.process_queued()
+    [late] = pipeline.receive_batch(hl7(pipeline), units(GOOD), channel="mllp")
+    assert segments(late.answer, "MSA")[0][3] == f"already received (record {first.record_id}, stored)"
+    assert pipeline.store.counts() == {"stored": 1}
+
+
+def test_held_messages_survive_a_restart_and_are_worked_then(pipeline, settings, clock) -> None:
+    pipeline.receive_batch(hl7(pipeline), units(GOOD, BAD_VALUE), channel="mllp")
+    pipeline.close()
+    restarted = Pipeline(settings, clock=clock)
+    try:
+        assert restarted.recover() == 0, "a held message is waiting, not interrupted"
+        assert restarted.store.counts() == {"queued": 2}
+        reader = QueueReader(restarted, idle=0.01)
+        thread = reader.start_in_thread()
+        deadline = time.monotonic() + 30
+        while restarted.store.queue_length() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        reader.stop()
+        thread.join(10)
+        assert reader.processed == 2
+        assert restarted.store.counts() == {"stored": 1, "refused": 1}
+    finally:
+        restarted.close()
+
+
+def test_only_hl7_v2_can_be_answered_on_receipt(pipeline) -> None:
+    with pytest.raises(UnsupportedFormat, match="cannot be answered on receipt"):
+        pipeline.receive_batch(pipeline.channel("cda"), units(b"<ClinicalDocument/>"), channel="http")
+
+
+def test_the_setting_takes_two_values(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="mllp_ack 'sometimes' must be 'processed' or 'received'"):
+        load_settings(environ={}, overrides={"data_dir": str(tmp_path), "mllp_ack": "sometimes"})
+
+
+def test_listener_answers_on_receipt_and_the_reader_works_every_message(pipeline) -> None:
+    server = MLLPServer(pipeline, "127.0.0.1", 0, ack="received")
+    server.start_in_thread()
+    sent = [GOOD.replace(b"TJ2406100001", f"RC{i:04d}".encode()) for i in range(12)]
+    try:
+        with MLLPClient("127.0.0.1", server.port) as client:
+            acks = [client.send_message(m) for m in sent]
+    finally:
+        server.stop()
+    assert [segments(a, "MSA")[0][1:3] for a in acks] == [["AA", f"RC{i:04d}"] for i in range(12)]
+    assert pipeline.store.counts() == {"queued": 12}
+    while pipeline.process_queued(5):
+        pass
+    assert pipeline.store.counts() == {"stored": 12}
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_message(tmp_path: Path) -> None:
+    """``gateway serve`` with ``mllp_ack = received``: receipts from the listener, the work by its queue process."""
+    from gateway.store.store import Store
+
+    port = free_port()
+    overrides = {"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "mllp_port": port,
+                 "mllp_ack": "received", "log_level": "WARNING"}
+    settings = load_settings(environ={}, overrides=overrides)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    codes: dict[int, list[str]] = {}
+    try:
+        wait_port(port)
+        helpers = children_of(proc.pid)
+        assert [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2] for pid in helpers] == [b"--queue"], \
+            "the MLLP process starts one queue reader process"
+
+        def client(n: int) -> None:
+            with MLLPClient("127.0.0.1", port) as c:
+                answers = [c.send_message(GOOD.replace(b"TJ2406100001", f"Q{n}M{i:03d}".encode()))
+                           for i in range(5)]
+                codes[n] = [segments(a, "MSA")[0][1] for a in answers]
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        store = Store.open(settings.database_path)
+        try:
+            deadline = time.monotonic() + 60
+            while store.counts().get("stored", 0) < 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            counts = store.counts()
+        finally:
+            store.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert codes == {n: ["AA"] * 5 for n in range(4)}
+    assert counts == {"stored": 20}
+    assert b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
+    assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                   for pid in helpers), "the queue reader stopped with the gateway"
