@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import msgspec
 import rfc8785
 import sqlite_utils
 
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 GENESIS = bytes(32)
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+#: Reads back content this module has just written (strings, integers, booleans, null: nothing to lose).
+_decode = msgspec.json.Decoder().decode
 _SCHEMA_FLAG = "_cyhr_audit_schema"
 
 
@@ -244,7 +247,7 @@ def append_prepared(db: sqlite_utils.Database, contents: Sequence[bytes]) -> lis
             seq += 1
             digest = entry_hash(seq, prev, data)
             rows.append((seq, data.decode("utf-8"), prev, digest))
-            entries.append(Entry(seq, json.loads(data), digest, prev))
+            entries.append(Entry(seq, _decode(data), digest, prev))
             prev = digest
         db.conn.executemany("INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)", rows)
     log.debug("audit entries %d to %d appended", entries[0].seq, entries[-1].seq)

@@ -31,6 +31,7 @@ from decimal import Decimal
 from itertools import chain
 from typing import Any
 
+import msgspec
 import rfc8785
 
 from gateway.errors import ParseError
@@ -111,6 +112,7 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 
 # Leaves the C encoder writes as JCS does whatever their value (Decimals pass through _jcs_number).
 _PLAIN_LEAVES = frozenset((str, bool, type(None), Decimal))
+_PLAIN_LEAVES_NO_DECIMAL = frozenset((str, bool, type(None)))
 
 
 def _fast_canonical(obj: Any) -> bytes | None:
@@ -133,7 +135,7 @@ def _fast_canonical(obj: Any) -> bytes | None:
         return None
 
 
-def _encodes_as_jcs(obj: Any) -> bool:
+def _encodes_as_jcs(obj: Any, *, decimals: bool = True) -> bool:
     """True when the C encoder's text of ``obj``, already written without error, is RFC 8785's.
 
     The encoder accepts a few things JCS writes differently or refuses, all of them
@@ -147,16 +149,18 @@ def _encodes_as_jcs(obj: Any) -> bool:
     encoder may read otherwise than rfc8785 does, take the slower path; keys need only
     be strings, as on the copying path.
 
-    Call it only after the encoder has written ``obj``: that proves there is no cycle
-    (so this walk ends), no NaN or infinite float, and every Decimal passed
-    :func:`_jcs_number`. Keys are only gathered during the walk and checked at once.
+    Call it only after an encoder has written ``obj``: that proves there is no cycle
+    (so this walk ends), and with the C encoder every Decimal passed :func:`_jcs_number`.
+    ``decimals=False`` (msgspec's text, which writes a Decimal as it holds it) refuses
+    every Decimal. Keys are only gathered during the walk and checked at once.
     """
     dicts: list[dict[Any, Any]] = []
     stack = [obj]
+    leaves = _PLAIN_LEAVES if decimals else _PLAIN_LEAVES_NO_DECIMAL
     while stack:
         value = stack.pop()
         kind = type(value)
-        if kind in _PLAIN_LEAVES:
+        if kind in leaves:
             continue
         if kind is dict:
             dicts.append(value)
@@ -167,7 +171,7 @@ def _encodes_as_jcs(obj: Any) -> bool:
             if not -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
                 return False
         elif kind is float:
-            if value.is_integer() or "e" in repr(value):
+            if not math.isfinite(value) or value.is_integer() or "e" in repr(value):
                 return False
         else:
             return False
@@ -178,30 +182,28 @@ def _encodes_as_jcs(obj: Any) -> bool:
     return keys.isascii() or _ASTRAL.search(keys) is None
 
 
-def _refuse(value: Any) -> Any:
-    raise _Slow
-
-
-_PLAIN_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                                  check_circular=False, default=_refuse)
+# Sorted keys, no whitespace, raw UTF-8, JCS's escapes (the same table as ECMAScript's JSON.stringify);
+# a Decimal as it holds it and NaN as null, which is why _encodes_as_jcs(decimals=False) looks afterwards.
+_MSGSPEC_SORTED = msgspec.json.Encoder(order="sorted").encode
 
 
 def canonicalize_plain(obj: Any) -> bytes:
-    """What ``rfc8785.dumps(obj)`` gives — the same bytes, the same refusals — through the C encoder when it can.
+    """What ``rfc8785.dumps(obj)`` gives — the same bytes, the same refusals — through msgspec's encoder when it can.
 
     For JSON the gateway writes itself from strings, integers, booleans, null,
     lists and objects (audit records): a :class:`~decimal.Decimal` is refused as
     rfc8785 refuses it, rather than turned into a double as :func:`canonicalize`
-    does for a received Bundle. Whatever the C encoder cannot vouch for
-    (:func:`_encodes_as_jcs`) is left to rfc8785 itself.
+    does for a received Bundle. msgspec raises on a cycle, a key that is not a
+    string and an unpaired surrogate; whatever else it writes that
+    :func:`_encodes_as_jcs` cannot vouch for is left to rfc8785 itself.
 
     :raises rfc8785.CanonicalizationError: as ``rfc8785.dumps`` raises it.
     """
     try:
-        text = _PLAIN_ENCODER.encode(obj)
-        if _encodes_as_jcs(obj):
-            return text.encode("utf-8")
-    except (_Slow, TypeError, ValueError, RecursionError, UnicodeEncodeError):
+        data = _MSGSPEC_SORTED(obj)
+        if _encodes_as_jcs(obj, decimals=False):
+            return data
+    except (TypeError, ValueError, OverflowError, RecursionError, UnicodeEncodeError):
         pass
     return rfc8785.dumps(obj)
 
