@@ -131,3 +131,13 @@ def test_profile_of_e2e_names_every_part_and_adds_up() -> None:
     assert list(shares)[:len(PARTS)] == [label for label, _, _ in PARTS]
     assert all(share > 0 for share in shares.values()), shares  # every part ran, storage included
     assert sum(shares.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("path, size", [("inbound", 3), ("csv", 24)])
+def test_profiles_of_the_other_unmet_targets_name_parts_that_ran(path: str, size: int, capsys) -> None:
+    from gateway.bench.profile import main, profile_path
+
+    shares = profile_path(path, size)
+    assert len(shares) >= 6 and all(share > 0 for _, share in shares), shares
+    assert sum(share for _, share in shares) == pytest.approx(1.0)
+    assert main(["nowhere"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err

@@ -1,25 +1,33 @@
-"""Where the time of ``e2e`` goes: cProfile of ``Pipeline.ingest`` on the bench's generated messages, by part.
+"""Where the time goes: cProfile of the bench's paths, by part.
 
-``python -m gateway.bench.profile [MESSAGES]`` ingests MESSAGES (default 300)
-HL7 v2.5.1 ORU^R01 messages of 20 OBX, one per call as the ``e2e`` stage does,
-for a member with a signing key and a registry, and prints each part's share of
-the profiled time. Profiling slows Python code more than C code, so the shares
-are a guide to what to work on, not a measurement of speed (``gateway bench``
-measures that).
+``python -m gateway.bench.profile [PATH] [N]`` runs one path on the bench's
+generated inputs and prints each part's share of the profiled time:
+
+- ``e2e`` (the default): N (default 300) HL7 v2.5.1 ORU^R01 messages of 20 OBX,
+  ``Pipeline.ingest`` one per call, for a member with a signing key and a registry;
+- ``inbound``: N (default 100) signed Bundles from another member, ``Exchange.receive``;
+- ``csv``: a CDC occupational-health export of N rows (default 8,000), ``Pipeline.convert``.
+
+Profiling slows Python code more than C code, so the shares are a guide to what
+to work on, not a measurement of speed (``gateway bench`` measures that).
 """
 from __future__ import annotations
 
 import cProfile
 import pstats
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
 
-__all__ = ["profile_e2e", "PARTS"]
+__all__ = ["profile_e2e", "profile_path", "PARTS", "PATHS"]
 
-#: Parts of the pipeline, by the function whose cumulative time is the part's (file suffix, function name).
-PARTS = [
+Part = tuple[str, str, str]  # label, file suffix, function name (its outermost cumulative time is the part's)
+
+#: Parts of the HL7 v2 path.
+PARTS: list[Part] = [
     ("profile validation", "gateway/fhir/profiles.py", "validate"),
     ("signing and canonical JSON", "gateway/exchange/service.py", "sign_with_digest"),
     ("recognition marks", "gateway/exchange/service.py", "stamp_marks"),
@@ -28,6 +36,43 @@ PARTS = [
     ("building the Bundle", "gateway/fhir/bundle.py", "build_bundle"),
     ("audit entry (made; its insert counts as storage)", "gateway/audit/log.py", "prepare"),
 ]
+_INBOUND_PARTS: list[Part] = [
+    ("signature: strict parse, canonical JSON, ECDSA, certificate chain", "gateway/signing/jws.py", "verify_bundle"),
+    ("profile validation", "gateway/fhir/profiles.py", "validate"),
+    ("facts for recognition", "gateway/recognition/facts.py", "facts_from_bundle"),
+    ("recognition decisions (11 rules per result)", "gateway/recognition/engine.py", "decide_all"),
+    ("audit entries made (one per decision)", "gateway/audit/log.py", "prepare"),
+    ("signed receipt", "gateway/exchange/service.py", "make_receipt"),
+]
+_CSV_PARTS: list[Part] = [
+    ("reading CSV rows (streamed)", "gateway/adapters/labcsv.py", "split_stream"),
+    ("reading an exam's rows", "gateway/adapters/labcsv.py", "read"),
+    ("mapping codes, units, flags", "gateway/mapping/concepts.py", "map_message"),
+    ("mapping exam facts", "gateway/fhir/occupational.py", "map_exam"),
+    ("building the Bundle", "gateway/fhir/occupational.py", "build_exam_bundle"),
+    ("profile validation", "gateway/fhir/profiles.py", "validate"),
+]
+_REST = {
+    "e2e": "storage: raw input, resources, search index, signed copy, commits",
+    "inbound": "storage: raw input, resources, search index, decisions, signed copy, audit inserts, commits",
+    "csv": "the rest: the pipeline's own steps and answers",
+}
+
+
+def _shares(profiler: cProfile.Profile, parts: list[Part], outer: tuple[str, str],
+            rest: str) -> list[tuple[str, float]]:
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    cumulative = {(path.replace("\\", "/"), name): ct for (path, _, name), (_, _, _, ct, _) in stats.items()}
+
+    def part(suffix: str, name: str) -> float:
+        # the outermost function of that name in that file (a wrapper of the same name is not counted twice)
+        return float(max((ct for (path, fn), ct in cumulative.items() if fn == name and path.endswith(suffix)),
+                         default=0.0))
+
+    total = part(*outer)
+    shares = [(label, part(suffix, name) / total) for label, suffix, name in parts]
+    shares.append((rest, 1.0 - sum(share for _, share in shares)))
+    return shares
 
 
 def profile_e2e(messages: int = 300) -> list[tuple[str, float]]:
@@ -47,25 +92,83 @@ def profile_e2e(messages: int = 300) -> list[tuple[str, float]]:
         pipeline.close()
     finally:
         ctx.close()
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    cumulative = {(path.replace("\\", "/"), name): ct for (path, _, name), (_, _, _, ct, _) in stats.items()}
+    return _shares(profiler, PARTS, ("gateway/pipeline.py", "ingest"), _REST["e2e"])
 
-    def part(suffix: str, name: str) -> float:
-        # the outermost function of that name in that file (a wrapper of the same name is not counted twice)
-        return float(max((ct for (path, fn), ct in cumulative.items() if fn == name and path.endswith(suffix)),
-                         default=0.0))
 
-    total = part("gateway/pipeline.py", "ingest")
-    shares = [(label, part(suffix, name) / total) for label, suffix, name in PARTS]
-    shares.append(("storage: raw input, resources, search index, signed copy, commits",
-                   1.0 - sum(share for _, share in shares)))
-    return shares
+def profile_inbound(bundles: int = 100) -> list[tuple[str, float]]:
+    """(part, share of the profiled time of ``Exchange.receive``) for Bundles signed by another member."""
+    from gateway.bench.stages import _bundles
+    from gateway.pipeline import Pipeline
+
+    ctx = BenchContext.create(BenchOptions(quick=True, count=bundles))
+    try:
+        sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+        receiver = Pipeline(ctx.member_settings("inbound", "12500102MB0002006J", "重庆市涪陵中心医院（演示）"),
+                            clock=ctx.clock)
+        out, exchange = sender.exchange, receiver.exchange
+        texts = []
+        for bundle in _bundles(ctx, ctx.fresh_messages(bundles + 1)):
+            out.stamp_marks(bundle)
+            texts.append(out.sign(bundle))
+        exchange.receive(texts.pop(), BENCH_ISSUER_USCC)  # the schema is created on first use
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for text in texts:
+            exchange.receive(text, BENCH_ISSUER_USCC)
+        profiler.disable()
+        receiver.close()
+        sender.close()
+    finally:
+        ctx.close()
+    return _shares(profiler, _INBOUND_PARTS, ("gateway/exchange/service.py", "receive"), _REST["inbound"])
+
+
+def profile_csv(rows: int = 8000) -> list[tuple[str, float]]:
+    """(part, share of the profiled time of converting a CDC export of ``rows`` rows)."""
+    from gateway.bench.inputs import CDC_NAME, CDC_USCC, write_cdc_csv
+
+    ctx = BenchContext.create(BenchOptions(quick=True, csv_rows=rows))
+    try:
+        pipeline = ctx.pipeline("csv", issuer_uscc=CDC_USCC, issuer_name=CDC_NAME)
+        path = ctx.workdir / "cdc-export.csv"
+        write_cdc_csv(path, rows, ctx.options.seed)
+
+        def convert() -> None:
+            with open(path, "rb") as stream:
+                for _ in pipeline.convert(stream, "cdc-csv", path.name):
+                    pass
+
+        profiler = cProfile.Profile()
+        profiler.runcall(convert)
+        pipeline.close()
+    finally:
+        ctx.close()
+    return _shares(profiler, _CSV_PARTS, ("gateway/pipeline.py", "convert"), _REST["csv"])
+
+
+#: path -> (function, default size, what a unit is)
+PATHS: dict[str, tuple[Callable[[int], list[tuple[str, float]]], int, str]] = {
+    "e2e": (profile_e2e, 300, "Pipeline.ingest calls (one HL7 v2 message each; checks, marks and signing on)"),
+    "inbound": (profile_inbound, 100, "Exchange.receive calls (one signed Bundle of 20 results each)"),
+    "csv": (profile_csv, 8000, "CSV rows converted by Pipeline.convert (8 rows per exam; checks on)"),
+}
+
+
+def profile_path(path: str, size: int | None = None) -> list[tuple[str, float]]:
+    """:raises KeyError: unknown path."""
+    fn, default, _ = PATHS[path]
+    return fn(size or default)
 
 
 def main(argv: list[str]) -> int:
-    messages = int(argv[0]) if argv else 300
-    print(f"cProfile of {messages} Pipeline.ingest calls (e2e: one message per call, checks, marks and signing on)")
-    for label, share in profile_e2e(messages):
+    args: list[Any] = list(argv)
+    path = args.pop(0) if args and not args[0].isdigit() else "e2e"
+    if path not in PATHS:
+        print(f"unknown path {path!r} (known: {', '.join(PATHS)})", file=sys.stderr)
+        return 2
+    size = int(args[0]) if args else PATHS[path][1]
+    print(f"cProfile of {size} {PATHS[path][2]}")
+    for label, share in profile_path(path, size):
         print(f"  {share * 100:5.1f}%  {label}")
     return 0
 
