@@ -224,9 +224,6 @@ class Store:
 
     # -- resources -----------------------------------------------------------------------
 
-    def _save_bundle(self, bundle: dict[str, Any], record_id: int, now: str) -> None:
-        self._save_prepared(self._prepare_bundle(bundle, now), record_id, now)
-
     def _prepare_bundle(self, bundle: dict[str, Any], now: str) -> _Prepared:
         """The Bundle's resources as stored (``urn:uuid:`` references rewritten), with the rows of a first version.
 
