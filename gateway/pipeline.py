@@ -497,7 +497,6 @@ class Pipeline:
                           ack=outcome.answer, issues=outcome.issues,
                           bundle=outcome.bundle if outcome.status is Status.STORED else None,
                           after=lambda db: self._after(db, outcome, audit))
-        msg = outcome.message
         log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
                  ch.format, outcome.record_id, outcome.status.value, outcome.ack_code,
                  len(msg.reports) if msg else 0, len(outcome.issues))

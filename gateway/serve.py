@@ -78,18 +78,18 @@ def run_background(settings: Settings) -> None:
     worker.start()
     checkpointer = WalCheckpointer(settings.database_path)
     checkpointer.start()
-    listeners: list[subprocess.Popen[bytes]] = []
+    children: list[subprocess.Popen[bytes]] = []  # further listeners and the queue reader
     sock: socket.socket | None = None
     try:
         if settings.mllp_port:
             pipeline = Pipeline(settings)  # loaded before the port opens, so that a connection is served at once
             me = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
             if settings.mllp_ack == "received":  # accept, then process: the queue reader in a process of its own
-                listeners.append(subprocess.Popen(me + ["--queue"]))
+                children.append(subprocess.Popen(me + ["--queue"]))
             if settings.mllp_workers > 1:
                 sock = socket.create_server((settings.mllp_host, settings.mllp_port), backlog=128)
-                listeners += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),))
-                              for _ in range(settings.mllp_workers - 1)]
+                children += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),))
+                             for _ in range(settings.mllp_workers - 1)]
             MLLPServer(pipeline, settings.mllp_host, settings.mllp_port, sock=sock).serve_forever()
         else:
             while worker.is_alive():
@@ -98,13 +98,13 @@ def run_background(settings: Settings) -> None:
         pass
     finally:
         stop.set()
-        for listener in listeners:
-            listener.terminate()
-        for listener in listeners:
+        for child in children:
+            child.terminate()
+        for child in children:
             try:
-                listener.wait(10)
+                child.wait(10)
             except subprocess.TimeoutExpired:
-                listener.kill()
+                child.kill()
         checkpointer.stop()
 
 

@@ -208,3 +208,42 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
     assert b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
     assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
                    for pid in helpers), "the queue reader stopped with the gateway"
+
+
+def test_a_polling_transaction_waits_for_another_writer_and_gives_up_at_the_busy_timeout(tmp_path) -> None:
+    """The receipt's transaction tries every half millisecond while another connection writes."""
+    import sqlite3
+
+    from gateway.store.db import connect, transaction
+
+    path = tmp_path / "gw.db"
+    db = connect(path)
+    db.execute("CREATE TABLE t (x INTEGER)")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+
+    release = threading.Timer(0.15, lambda: other.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    with transaction(db, poll=True):
+        db.execute("INSERT INTO t VALUES (1)")
+    waited = time.monotonic() - started
+    release.join()
+    assert waited >= 0.1, "it waited for the other writer"
+    assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30000, "the busy timeout is put back"
+
+    db.execute("PRAGMA busy_timeout = 200")
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with transaction(db, poll=True):
+                pass
+        assert 0.2 <= time.monotonic() - started < 5
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 200
+        assert not db.conn.in_transaction
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        db.conn.close()
