@@ -66,8 +66,9 @@ def mllp_stage(ctx: BenchContext) -> StageResult:
     return run_mllp_load(ctx, STAGES["mllp"].title)
 
 
-@stage("mllp-queued", "MLLP accept, then process (mllp_ack = received): ACK latency at a fixed rate")
+@stage("mllp-queued", "MLLP accept, then process (mllp_ack = received): ACK latency at a fixed rate", quick=False)
 def mllp_queued_stage(ctx: BenchContext) -> StageResult:
+    """Not in ``--quick``: it waits for the queue reader to store what it took, which a smoke check cannot afford."""
     from gateway.bench.servers import run_mllp_load
 
     return run_mllp_load(ctx, STAGES["mllp-queued"].title, ack="received")

@@ -29,7 +29,8 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 
 
 @click.command("bench")
-@click.option("--quick", is_flag=True, help="Smoke check: few messages per stage, under 30 s; no audit stages.")
+@click.option("--quick", is_flag=True,
+              help="Smoke check: few messages per stage, under 30 s; no audit or mllp-queued stages.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               help="Also write the results as JSON to this file (for comparing commits).")
 @click.option("--stages", "stages", multiple=True, callback=_stage_names, metavar="NAME[,NAME...]",
