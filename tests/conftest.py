@@ -115,6 +115,32 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def mllp_codes(port: int, message: bytes, *, clients: int, each: int, tag: str) -> dict[int, list[str]]:
+    """Send ``message`` ``each`` times over each of ``clients`` concurrent MLLP connections: MSA-1 of every ACK.
+
+    Each copy gets its own MSH-10 (``<tag><client>M<n>`` in place of ``TJ2406100001``), so none is a duplicate.
+    """
+    import threading
+
+    from hl7.client import MLLPClient
+
+    codes: dict[int, list[str]] = {}
+
+    def client(n: int) -> None:
+        with MLLPClient("127.0.0.1", port) as c:
+            acks = [c.send_message(message.replace(b"TJ2406100001", f"{tag}{n}M{i:03d}".encode()))
+                    for i in range(each)]
+        codes[n] = [next(s for s in a.decode("utf-8").split("\r") if s.startswith("MSA")).split("|")[1]
+                    for a in acks]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return codes
+
+
 def wait_port(port: int, timeout: float = 30.0) -> None:
     """Wait until something listens on loopback ``port`` (a server started by a test)."""
     import socket

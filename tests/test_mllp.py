@@ -12,7 +12,7 @@ import pytest
 import requests
 from hl7.client import MLLPClient
 
-from conftest import DATA, TONGJIANG, children_of, wait_port
+from conftest import DATA, TONGJIANG, children_of, mllp_codes, wait_port
 from gateway.adapters.hl7v2 import split_messages
 from gateway.demo import free_port
 from gateway.mllp import MLLPServer, frame
@@ -141,21 +141,8 @@ def test_batch_gives_each_message_the_answer_it_gets_alone(pipeline, tmp_path) -
 
 
 def test_concurrent_connections_are_batched_and_all_acked(server, pipeline) -> None:
-    import threading
-
     base = split_messages(FRAMED.read_bytes())[0]
-    results: dict[int, list[str]] = {}
-
-    def client(n: int) -> None:
-        with MLLPClient("127.0.0.1", server.port) as c:
-            results[n] = [msa(c.send_message(base.replace(b"TJ2406100001", f"C{n}M{i:03d}".encode())))[1]
-                          for i in range(10)]
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = mllp_codes(server.port, base, clients=4, each=10, tag="C")
     assert results == {n: ["AA"] * 10 for n in range(4)}
     assert pipeline.store.counts() == {"stored": 40}
 
@@ -165,7 +152,6 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
     """mllp_workers 2: a second listener process accepts on the same socket; every message is ACKed once."""
     import dataclasses
     import json
-    import threading
 
     from gateway.config import load_settings
 
@@ -182,16 +168,7 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
         listeners = children_of(proc.pid)
         assert len(listeners) == 1, "one further listener process beside the first"
 
-        def client(n: int) -> None:
-            with MLLPClient("127.0.0.1", port) as c:
-                results[n] = [msa(c.send_message(base.replace(b"TJ2406100001", f"P{n}M{i:03d}".encode())))[1]
-                              for i in range(5)]
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        results = mllp_codes(port, base, clients=6, each=5, tag="P")
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hl7.client import MLLPClient
 
-from conftest import DATA, TONGJIANG, children_of, wait_port
+from conftest import DATA, TONGJIANG, children_of, mllp_codes, wait_port
 from gateway.adapters.base import RawUnit
 from gateway.adapters.hl7v2 import split_messages
 from gateway.config import load_settings
@@ -181,17 +181,7 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
         assert [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2] for pid in helpers] == [b"--queue"], \
             "the MLLP process starts one queue reader process"
 
-        def client(n: int) -> None:
-            with MLLPClient("127.0.0.1", port) as c:
-                answers = [c.send_message(GOOD.replace(b"TJ2406100001", f"Q{n}M{i:03d}".encode()))
-                           for i in range(5)]
-                codes[n] = [segments(a, "MSA")[0][1] for a in answers]
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        codes = mllp_codes(port, GOOD, clients=4, each=5, tag="Q")
         store = Store.open(settings.database_path)
         try:
             deadline = time.monotonic() + 60

@@ -136,7 +136,7 @@ def _fast_canonical(obj: Any) -> bytes | None:
 
 
 def _encodes_as_jcs(obj: Any, *, decimals: bool = True) -> bool:
-    """True when the C encoder's text of ``obj``, already written without error, is RFC 8785's.
+    """True when the text an encoder (the C encoder or msgspec's) wrote for ``obj`` without error is RFC 8785's.
 
     The encoder accepts a few things JCS writes differently or refuses, all of them
     found here: an int, float, bool or None key (written as a string, where RFC 8785
