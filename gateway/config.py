@@ -67,8 +67,37 @@ class Settings:
         "Certificate (PEM) of the registry authority that signs snapshots.")
     signing_key: str = _opt("", "This member's private signing key (PEM file outside the repository; mode 0600).")
     signing_cert: str = _opt("", "This member's signing certificate (PEM), issued by the registry authority.")
+    signing_key_password_file: str = _opt(
+        "", "File holding the password of an encrypted signing key (outside the repository; mode 0600). "
+        "Empty: the key is not encrypted.")
+    mllp_idle_timeout: int = _opt(600, "Seconds an MLLP connection may stay idle between messages before the "
+                                  "gateway closes it.")
+    mllp_read_timeout: int = _opt(30, "Seconds an MLLP sender has to finish a message once its first byte "
+                                  "arrived; a connection that trickles is closed (nothing partial is stored).")
+    http_read_timeout: int = _opt(30, "Seconds an HTTP client has to send a whole request (headers and body) "
+                                  "once it started; slower clients are disconnected without holding a worker.")
+    http_idle_timeout: int = _opt(60, "Seconds an idle keep-alive HTTP connection is kept open.")
+    http_connection_limit: int = _opt(1000, "Open HTTP connections accepted per worker process; slow clients "
+                                      "wait in the event loop, not in a worker thread.")
+    processing_lease: int = _opt(300, "Seconds a process holds a message it is working on. A message whose "
+                                 "holder died (its lease expired) is worked again at start, by the queue "
+                                 "reader, or when its sender resends it.")
     delivery_interval: int = _opt(5, "Seconds between passes of the background loop (outbox delivery, audit "
                                   "checkpoints) in `gateway serve`.")
+    delivery_timeout: int = _opt(30, "Seconds to wait for another member's gateway to answer one delivery.")
+    delivery_concurrency: int = _opt(2, "Deliveries in flight at once per destination. Each destination has its "
+                                     "own lane, so a slow or hung member never delays deliveries to others.")
+    snapshot_warn_days: int = _opt(2, "/health answers 503 when the registry snapshot expires within this many "
+                                   "days (a new snapshot must be installed before then).")
+    health_max_backlog: int = _opt(1000, "/health answers 503 when more messages than this wait in the "
+                                   "processing queue.")
+    health_max_backlog_age: int = _opt(300, "/health answers 503 when the oldest message waiting in the "
+                                       "processing queue has waited longer than this, in seconds.")
+    health_max_delivery_wait: int = _opt(3600, "/health answers 503 when a delivery to another member has waited "
+                                         "longer than this, in seconds.")
+    restart_limit: int = _opt(5, "`gateway serve` restarts a dead process of its own (HTTP worker, MLLP listener, "
+                              "queue reader, background loop); more restarts than this within 10 minutes and the "
+                              "whole gateway stops with a non-zero exit instead of running half.")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
 
     @property
@@ -105,9 +134,14 @@ class Settings:
         if self.mllp_ack not in ("processed", "received"):
             raise ConfigError(f"mllp_ack {self.mllp_ack!r} must be 'processed' or 'received'", "mllp_ack")
         for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval",
-                     "mllp_workers"):
+                     "mllp_workers", "mllp_idle_timeout", "mllp_read_timeout", "http_read_timeout",
+                     "http_idle_timeout", "http_connection_limit", "processing_lease", "delivery_timeout",
+                     "delivery_concurrency", "health_max_backlog", "health_max_backlog_age",
+                     "health_max_delivery_wait", "restart_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive", name)
+        if self.snapshot_warn_days < 0:
+            raise ConfigError("snapshot_warn_days must not be negative", "snapshot_warn_days")
 
 
 def _valid_offset(text: str) -> bool:
