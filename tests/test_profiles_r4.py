@@ -1,4 +1,4 @@
-"""The guide against base R4, checked by validators nobody on the team wrote (../shared/tools/validate-fhir).
+"""The guide against base R4, checked by validators nobody on the team wrote (tests/tools/validate-fhir).
 
 Every StructureDefinition, CodeSystem and ValueSet in profiles/ is valid R4;
 every example is valid R4; and every invalid example whose sidecar says

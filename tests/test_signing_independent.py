@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import node_executable
 from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import BadSignature, ParseError
@@ -81,11 +81,11 @@ IMPLEMENTATIONS = [pytest.param(ours, id="gateway-rfc8785"), pytest.param(theirs
 
 def run_node(script: str, stdin: bytes) -> bytes:
     """Run ``node -e script`` once with ``stdin``; fail (never skip) when Node.js is missing."""
-    node = shutil.which("node")
+    node = node_executable()
     if node is None:
         pytest.fail(
             "Node.js is required for the independent RFC 8785 checks: `node` is not on PATH. "
-            "Install Node.js (e.g. apt-get install nodejs); its JSON.stringify is the reference "
+            "pip install -e '.[test]' installs a pinned Node.js; its JSON.stringify is the reference "
             "number serialisation RFC 8785 defers to.",
             pytrace=False,
         )
