@@ -4,6 +4,8 @@ Layers, later wins: built-in defaults < TOML file (``GATEWAY_CONFIG`` or
 ``--config``) < ``GATEWAY_<NAME>`` environment variables < command-line flags.
 Every setting has a default and help text; ``gateway settings`` lists them.
 Secrets (private keys) are only ever *paths* to files outside the repository.
+A relative path in a config file is taken relative to that file's folder, so a
+member's folder (config, keys, snapshot, data) can be moved or run from anywhere.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 from gateway.errors import ConfigError, IdentifierError
 from gateway.identifiers import check_uscc
 
-__all__ = ["Settings", "load_settings", "REPO_ROOT", "settings_help"]
+__all__ = ["Settings", "load_settings", "REPO_ROOT", "PATH_SETTINGS", "settings_help"]
 
 #: The checkout this package runs from; mappings/ and profiles/ live here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +146,12 @@ class Settings:
             raise ConfigError("snapshot_warn_days must not be negative", "snapshot_warn_days")
 
 
+#: Settings that name files or directories. In a config file, a relative one is relative to the file's folder;
+#: in an environment variable or a flag, to the current directory.
+PATH_SETTINGS = frozenset({"data_dir", "database", "mappings_dir", "profiles_dir", "registry_snapshot",
+                           "registry_authority", "signing_key", "signing_cert", "signing_key_password_file"})
+
+
 def _valid_offset(text: str) -> bool:
     return (
         len(text) == 6
@@ -187,10 +195,14 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}", "GATEWAY_CONFIG") from None
         section = data.get("gateway", data)
+        base = Path(path).resolve().parent
         for key, value in section.items():
             if key not in known:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}", key)
             values[key] = _coerce(key, known[key], value)
+            if key in PATH_SETTINGS and values[key] and not Path(values[key]).expanduser().is_absolute():
+                # a relative path in a config file means beside that file, wherever the command runs from
+                values[key] = str(base / Path(values[key]).expanduser())
 
     for key, kind in known.items():
         env_value = env.get(f"GATEWAY_{key.upper()}")
