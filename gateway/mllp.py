@@ -13,6 +13,13 @@ message) by a single worker thread (SQLite has one writer anyway), so the
 event loop keeps accepting and reading connections meanwhile. A message larger than
 ``max_message_bytes`` is refused with an AR and the connection closed,
 because the rest of the oversized frame cannot be told apart from the next.
+
+A connection idle between messages for ``mllp_idle_timeout`` seconds is
+closed, and so is one whose message is not complete ``mllp_read_timeout``
+seconds after its first byte arrived (nothing of it is stored): a sender that
+trickles bytes holds no worker and never delays other connections' ACKs. One
+message that fails in any way is answered alone; if a whole batch fails, its
+messages are worked again one by one, so every other sender still gets its ACK.
 """
 from __future__ import annotations
 
@@ -41,15 +48,28 @@ def frame(data: bytes) -> bytes:
     return bytes(START_BLOCK + data + END_BLOCK + CARRIAGE_RETURN)
 
 
+class _Reader(MLLPStreamReader):
+    """python-hl7's MLLP reader that can also wait for a message to begin without reading it."""
+
+    async def wait_message(self) -> None:
+        """Return once a byte of the next message (or the end of the stream) has arrived."""
+        if not self._buffer and not self._eof:
+            await self._wait_for_data("wait_message")  # what StreamReader's own reads wait with
+
+
 class MLLPServer:
     """An asyncio MLLP server feeding a :class:`~gateway.pipeline.Pipeline`."""
 
     def __init__(self, pipeline: Pipeline, host: str, port: int, *, max_message_bytes: int | None = None,
-                 sock: socket.socket | None = None, ack: str | None = None) -> None:
+                 sock: socket.socket | None = None, ack: str | None = None, idle_timeout: float | None = None,
+                 read_timeout: float | None = None) -> None:
         """``sock``: a listening socket to accept on (shared by several listener processes) instead of binding.
-        ``ack``: ``processed`` or ``received`` (default: the pipeline's ``mllp_ack`` setting)."""
+        ``ack``: ``processed`` or ``received`` (default: the pipeline's ``mllp_ack`` setting).
+        ``idle_timeout``, ``read_timeout``: seconds (default: ``mllp_idle_timeout``, ``mllp_read_timeout``)."""
         self.pipeline = pipeline
         self.on_receipt = (ack or pipeline.settings.mllp_ack) == "received"
+        self.idle_timeout = float(idle_timeout or pipeline.settings.mllp_idle_timeout)
+        self.read_timeout = float(read_timeout or pipeline.settings.mllp_read_timeout)
         self.host = host
         self.port = port
         self.sock = sock
@@ -83,17 +103,27 @@ class MLLPServer:
             batch = [first]
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
+            items = [(block, peer) for block, peer, _ in batch]
+            answers: list[bytes | BaseException]
             try:
-                answers = await loop.run_in_executor(self.executor, self._process_batch,
-                                                     [(block, peer) for block, peer, _ in batch])
-            except Exception as exc:  # the database failed: every waiting sender gets no ACK and will resend
-                log.exception("mllp batch of %d messages could not be stored", len(batch))
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+                answers = list(await loop.run_in_executor(self.executor, self._process_batch, items))
+            except Exception as exc:  # one at a time, so that only a message that cannot be stored goes unanswered
+                log.error("mllp batch of %d messages failed (%s); each is worked alone", len(batch),
+                          type(exc).__name__)
+                answers = []
+                for item in items:
+                    try:
+                        answers += await loop.run_in_executor(self.executor, self._process_batch, [item])
+                    except Exception as alone:  # the database failed: no ACK, the sender resends
+                        log.error("mllp message from %s could not be stored (%s); no ACK sent", item[1],
+                                  type(alone).__name__)
+                        answers.append(alone)
             for (_, _, fut), answer in zip(batch, answers):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(answer, BaseException):
+                    fut.set_exception(answer)
+                else:
                     fut.set_result(answer)
 
     def _reject(self, text: str) -> bytes:
@@ -101,7 +131,7 @@ class MLLPServer:
         msg.issues.append(Issue("error", "too-long", "MSH", text, "207"))
         return self.pipeline.channel("hl7v2").answer(msg, "AR")
 
-    async def _client(self, reader: MLLPStreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(self, reader: _Reader, writer: asyncio.StreamWriter) -> None:
         peer_info: Any = writer.get_extra_info("peername")
         peer = f"{peer_info[0]}:{peer_info[1]}" if isinstance(peer_info, tuple) else str(peer_info)
         loop = asyncio.get_running_loop()
@@ -109,7 +139,16 @@ class MLLPServer:
         try:
             while True:
                 try:
-                    block = await reader.readblock()
+                    await asyncio.wait_for(reader.wait_message(), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    log.info("mllp connection %s idle for %g s: closed", peer, self.idle_timeout)
+                    break
+                try:
+                    block = await asyncio.wait_for(reader.readblock(), self.read_timeout)
+                except asyncio.TimeoutError:
+                    log.warning("mllp connection %s did not finish a message within %g s: closed, nothing of it "
+                                "stored", peer, self.read_timeout)
+                    break
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
                         log.warning("mllp connection %s closed in the middle of a message", peer)
@@ -117,19 +156,21 @@ class MLLPServer:
                 except ValueError:
                     log.warning("mllp message from %s larger than %d bytes refused", peer, self.max_bytes)
                     writer.write(frame(self._reject(f"message larger than {self.max_bytes} bytes refused")))
-                    await writer.drain()
+                    await asyncio.wait_for(writer.drain(), self.read_timeout)
                     break
                 except InvalidBlockError:
                     writer.write(frame(self._reject("MLLP block does not start with 0x0B")))
-                    await writer.drain()
+                    await asyncio.wait_for(writer.drain(), self.read_timeout)
                     continue
                 future: asyncio.Future[bytes] = loop.create_future()
                 await self.queue.put((block, peer, future))
                 answer = await future
                 writer.write(frame(answer))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), self.read_timeout)  # a sender that reads no ACK is let go
         except (ConnectionResetError, BrokenPipeError):
             log.info("mllp connection %s reset", peer)
+        except asyncio.TimeoutError:
+            log.warning("mllp connection %s does not read its ACKs: closed", peer)
         except Exception:  # the message could not be stored: no ACK, the sender resends (its raw copy may be kept)
             log.warning("mllp connection %s closed: a message could not be stored, no ACK sent", peer)
         finally:
@@ -144,7 +185,7 @@ class MLLPServer:
         self._batch_task = loop.create_task(self._batcher())
 
         def factory() -> asyncio.StreamReaderProtocol:
-            reader = MLLPStreamReader(limit=self.max_bytes)
+            reader = _Reader(limit=self.max_bytes)
             return asyncio.StreamReaderProtocol(reader, self._client)
 
         if self.sock is not None:

@@ -12,14 +12,27 @@ format, sender and message id) is answered with the answer it got the first
 time and is not processed again. Each message ends in one status —
 ``stored``, ``filtered``, ``refused`` or ``failed`` — recorded with every
 issue found, and gets an answer (an HL7 ACK for HL7 v2).
+
+Every message ends alone: whatever goes wrong with one (in any stage, in
+building its answer, in recording it) is its own outcome — ``failed``, its
+raw input kept and an answer stored saying it can be worked again — and the
+other messages of its batch or request get their own answers. A message is
+worked under a lease (``processing_lease``); one whose process died before it
+finished is worked again at start (:meth:`Pipeline.recover`), by the queue
+reader, or when its sender resends it. An operator works a failed message
+again with :meth:`Pipeline.retry` (``gateway messages retry``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import enum
 import logging
+import sqlite3
 import threading
+import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -32,7 +45,7 @@ from gateway.adapters.cda import CDAAdapter, answer_code
 from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack
 from gateway.adapters.labcsv import LabCSVAdapter
 from gateway.config import Settings
-from gateway.errors import Issue, UnsupportedFormat
+from gateway.errors import InputError, Issue, UnsupportedFormat
 from gateway.fhir.bundle import build_bundle, entries_of
 from gateway.fhir.occupational import ExamTerminology, build_exam_bundle, map_exam
 from gateway.fhir.outcome import operation_outcome
@@ -40,7 +53,7 @@ from gateway.fhir.parties import Issuer
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet, load_mappings
 from gateway.naming import SYSTEM_INSTITUTION
-from gateway.store.store import Store
+from gateway.store.store import Store, lease_owner
 
 __all__ = ["Stage", "Status", "Outcome", "Channel", "Pipeline"]
 
@@ -56,6 +69,8 @@ class Stage(str, enum.Enum):
     MAP = "map"
     BUILD = "build"
     CHECK = "check"
+    SIGN = "sign"
+    ANSWER = "answer"
     STORE = "store"
 
 
@@ -109,6 +124,8 @@ class Channel:
 
 Checker = Callable[[dict[str, Any]], list[Issue]]
 _BATCH = 32  # units stored and processed per pair of commits when a body or file holds many
+#: Times a message may be taken on without finishing (its process died each time) before it is set aside as failed.
+MAX_ATTEMPTS = 3
 AfterStore = Callable[[sqlite_utils.Database, Outcome], None]
 
 
@@ -164,7 +181,7 @@ class Pipeline:
                              facility=self.settings.issuer_uscc, now=self.clock(), note=note)
             try:
                 return text.encode(msg.charset or "utf-8")
-            except (UnicodeEncodeError, LookupError):
+            except (ValueError, LookupError):  # an unknown or malformed character set name: UTF-8
                 return text.encode("utf-8")
 
         def receipt(msg: SourceMessage, note: str) -> tuple[str, bytes]:
@@ -330,38 +347,84 @@ class Pipeline:
         """:meth:`ingest_unit` for several units with two commits instead of two per unit.
 
         The raw units are committed together first (nothing is lost if processing
-        fails), then they are processed — reading, mapping, checking and signing
-        hold no database lock, so other writers go on meanwhile — and every outcome
-        is recorded in one transaction; answers are valid only once this returns,
-        i.e. after both commits. A unit repeated within the batch is answered as a
-        duplicate of its first copy.
+        fails), each held by this process's lease; then they are processed —
+        reading, mapping, checking and signing hold no database lock, so other
+        writers go on meanwhile — and every outcome is recorded in one
+        transaction, each in a savepoint of its own (one that cannot be recorded
+        is recorded as failed, and the others are recorded all the same);
+        answers are valid only once this returns, i.e. after both commits. A
+        unit repeated within the batch is answered as a duplicate of its first
+        copy. A resent unit whose first copy was left unfinished by a process
+        that died is taken over and worked now.
         """
         from gateway.store.db import transaction
 
         with transaction(self.store.db):
             stored = [(unit, *self._insert_raw(ch, unit, channel)) for unit in units]
+        held = {record_id for _, record_id, existing in stored if existing is None}  # leases this call holds
         outcomes: list[Outcome] = []
-        done: dict[int, Outcome] = {}  # processed in this batch, by record id
-        for unit, record_id, existing in stored:
-            if existing is not None and existing.id in done:  # the same message twice in one batch
-                first = done[existing.id]
-                outcomes.append(Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
-                                        record_id=existing.id, answer=first.answer))
-            elif existing is not None:
-                outcomes.append(self._duplicate(ch, unit, existing))
-            else:
-                done[record_id] = self._work(ch, unit, record_id)
-                outcomes.append(done[record_id])
-        with transaction(self.store.db):
-            for (unit, record_id, existing), outcome in zip(stored, outcomes):
-                if existing is None:
-                    self._record(ch, unit, outcome, channel)
+        worked: list[tuple[RawUnit, int]] = []  # (unit, its place in outcomes): recorded here
+        copies: list[tuple[int, int]] = []  # (place of a repeat within the batch, place of its first copy)
+        first_of: dict[int, int] = {}  # record id -> place of the outcome worked in this batch
+        try:
+            for unit, record_id, existing in stored:
+                if existing is not None and existing.id in first_of:  # the same message twice in one batch
+                    copies.append((len(outcomes), first_of[existing.id]))
+                    outcomes.append(Outcome(Status.DUPLICATE, ""))
+                    continue
+                if existing is not None:
+                    taken = self._resent(ch, unit, existing)
+                    if isinstance(taken, Outcome):
+                        outcomes.append(taken)
+                        continue
+                    held.add(existing.id)
+                    unit, outcome = taken
+                else:
+                    outcome = self._work(ch, unit, record_id)
+                first_of[record_id if existing is None else existing.id] = len(outcomes)
+                worked.append((unit, len(outcomes)))
+                outcomes.append(outcome)
+            with transaction(self.store.db):
+                results = [self._record_safely(ch, unit, outcomes[place], channel) for unit, place in worked]
+            for (unit, place), (outcome, recorded) in zip(worked, results):
+                outcomes[place] = outcome
+                if recorded:
+                    held.discard(outcome.record_id)  # type: ignore[arg-type]
+        finally:
+            for record_id in held:  # not recorded: free at once for a resend or the next start
+                self._release(record_id)
+        for place, first_place in copies:
+            first = outcomes[first_place]
+            outcomes[place] = Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
+                                      record_id=first.record_id, answer=first.answer)
         return outcomes
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received") -> tuple[int, Any]:
-        sender, message_id = ch.adapter.identify(unit)
-        return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
-                                     origin=unit.origin, raw=unit.data, status=status)
+        """Store one raw unit; a unit being worked now (``received``) is held by this process's lease.
+
+        A sender or id the database cannot hold (an adapter's mistake) never
+        loses the unit: it is stored without them (and so without a duplicate check).
+        """
+        from gateway.store.db import savepoint
+
+        try:
+            sender, message_id = ch.adapter.identify(unit)
+        except Exception as exc:  # the unit is still stored; its reading will say what is wrong with it
+            _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
+            sender, message_id = "", ""
+        lease = float(self.settings.processing_lease) if status == "received" else None
+        db = self.store.db
+        joined = db.conn.in_transaction
+        try:
+            with savepoint(db, "raw"):
+                return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
+                                             origin=unit.origin, raw=unit.data, status=status, lease=lease)
+        except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError) as exc:
+            if (joined and not db.conn.in_transaction) or not (sender or message_id):
+                raise
+            _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
+        return self.store.insert_raw(channel=channel, fmt=ch.format, sender="", message_id="", origin=unit.origin,
+                                     raw=unit.data, status=status, lease=lease)
 
     def receive_batch(self, ch: Channel, units: list[RawUnit], *, channel: str) -> list[Outcome]:
         """Accept, then process: hold each unit durably and answer it on receipt (MLLP ``mllp_ack = received``).
@@ -376,10 +439,9 @@ class Pipeline:
 
         :raises UnsupportedFormat: the format cannot answer on receipt (only HL7 v2 can).
         """
-        receipt = ch.receipt
-        if receipt is None:
+        if ch.receipt is None:
             raise UnsupportedFormat(f"format {ch.format!r} cannot be answered on receipt", "format")
-        headers = [ch.adapter.read_header(unit) for unit in units]
+        headers = [self._header(ch, unit) for unit in units]
         held = [i for i, msg in enumerate(headers) if not msg.errors]
         at_once = [i for i, msg in enumerate(headers) if msg.errors]
         from gateway.store.db import transaction
@@ -390,12 +452,12 @@ class Pipeline:
         for i, (record_id, existing) in zip(held, stored):
             msg = headers[i]
             if existing is None:
-                code, answer = receipt(msg, "received and stored; it is processed next, in order of arrival")
+                code, answer = self._receipt(ch, msg, "received and stored; it is processed next, in order of arrival")
                 log.info("message format=%s record=%s status=queued", ch.format, record_id)
                 status = Status.QUEUED
             else:
                 record_id = existing.id
-                code, answer = receipt(msg, f"already received (record {existing.id}, {existing.status})")
+                code, answer = self._receipt(ch, msg, f"already received (record {existing.id}, {existing.status})")
                 status = Status.DUPLICATE
             outcomes[i] = Outcome(status, msg.label(), ack_code=code, record_id=record_id, answer=answer,
                                   message=msg)
@@ -409,56 +471,166 @@ class Pipeline:
 
         Processing is what :meth:`ingest_unit` does after storing the raw input:
         the application ACK (AA/AE/AR with its ERR segments) is kept with the
-        message (``gateway messages show``). Run one queue reader per database: a
-        second one would work the same units. A unit left ``queued`` by a crash is
-        simply worked when the reader starts again.
+        message (``gateway messages show``). Each unit is taken under this
+        process's lease, so two readers never work the same one. Besides the
+        queue, a message whose worker died before finishing it is taken too; one
+        taken on more than :data:`MAX_ATTEMPTS` times without finishing is set
+        aside as failed (``gateway messages retry`` works it again).
         """
         outcomes: list[Outcome] = []
-        for record_id, fmt, channel, origin, raw in self.store.queued(limit):
-            ch = self.channel(fmt)
-            unit = RawUnit(raw, 1, origin)
-            outcome = self._work(ch, unit, record_id)
-            self._record(ch, unit, outcome, channel)
+        claimed = self.store.claim_queued(limit, float(self.settings.processing_lease), tuple(self.channels))
+        for n, (record_id, fmt, channel, origin, raw, attempts) in enumerate(claimed):
+            try:
+                ch = self.channel(fmt)
+                unit = RawUnit(raw, 1, origin)
+                outcome = (self._set_aside(ch, unit, record_id, attempts) if attempts > MAX_ATTEMPTS
+                           else self._work(ch, unit, record_id))
+                outcome, recorded = self._record_safely(ch, unit, outcome, channel)
+            except BaseException:  # the database failed: what this call took is free again at once
+                for left in claimed[n:]:
+                    self._release(left[0])
+                raise
+            if not recorded:
+                self._release(record_id)
             outcomes.append(outcome)
         return outcomes
 
     def ingest_unit(self, ch: Channel, unit: RawUnit, *, channel: str) -> Outcome:
         """Store one unit raw, then process it (or answer it as a duplicate)."""
-        record_id, existing = self._insert_raw(ch, unit, channel)
-        if existing is not None:
-            return self._duplicate(ch, unit, existing)
-        outcome = self._work(ch, unit, record_id)
-        self._record(ch, unit, outcome, channel)
+        return self.ingest_batch(ch, [unit], channel=channel)[0]
+
+    def recover(self) -> int:
+        """At start-up, before any listener or reader runs: work again every message that a process which
+        stopped (killed, crashed) left unfinished, from its raw bytes, and record its real outcome.
+
+        Messages still held by a live process are left to it; messages waiting
+        in the queue are the queue reader's. Returns how many were worked.
+        """
+        formats = tuple(self.channels)
+        self.store.fail_in_flight(keep=formats)  # what only other parts work (received exchange Bundles)
+        done = 0
+        for record_id in self.store.abandoned(formats, limit=100_000):
+            outcome = self._rework(record_id)
+            if outcome is not None:
+                done += 1
+                log.info("message record=%s interrupted by the last stop, worked again: %s", record_id,
+                         outcome.status.value)
+        return done
+
+    def retry(self, record_id: int, user: str) -> Outcome:
+        """Work a failed message again from its raw bytes (an operator's retry); the new outcome is recorded
+        with an audit entry naming ``user`` and the old and new status.
+
+        :raises NotFound: no such message.
+        :raises InputError: the message is not failed, is not one the pipeline works, or is being worked now.
+        """
+        rec = self.store.get_message(record_id)
+        if rec.status != "failed":
+            raise InputError(f"message {record_id} is {rec.status}, not failed: only failed messages are worked "
+                             "again", "messages.status")
+        if rec.format not in self.channels:
+            raise InputError(f"message {record_id} is a {rec.format} message, which is not worked again here",
+                             "messages.format")
+        outcome = self._rework(record_id, retried_by=user or "cli")
+        if outcome is None:
+            raise InputError(f"message {record_id} is being worked by another process now; try again later",
+                             "messages.id")
         return outcome
 
-    def _duplicate(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome:
+    def _rework(self, record_id: int, *, retried_by: str | None = None) -> Outcome | None:
+        """Take a stored message (unless a live process holds it), work it again and record the outcome."""
+        rec = self.store.take(record_id, float(self.settings.processing_lease), retry=retried_by is not None)
+        if rec is None:
+            return None
+        try:
+            ch = self.channel(rec.format)
+            unit = RawUnit(self.store.raw_of(record_id), 1, rec.origin)
+            if retried_by is None and rec.attempts > MAX_ATTEMPTS:
+                outcome = self._set_aside(ch, unit, record_id, rec.attempts)
+            else:
+                outcome = self._work(ch, unit, record_id)
+            retried = (retried_by, rec.status) if retried_by is not None else None
+            outcome, recorded = self._record_safely(ch, unit, outcome, rec.channel, retried)
+        except BaseException:
+            self._release(record_id)
+            raise
+        if not recorded:
+            self._release(record_id)
+        return outcome
+
+    def _resent(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome | tuple[RawUnit, Outcome]:
+        """The answer to a resent unit, or — when its first copy was left unfinished by a process that died —
+        that copy taken over and worked: (its stored unit, its outcome, to be recorded by the caller)."""
         label = f"{existing.message_id}" if existing.message_id else f"unit {unit.index}"
         if existing.ack is not None:
             log.info("duplicate format=%s record=%s status=%s", ch.format, existing.id, existing.status)
             return Outcome(Status.DUPLICATE, label, ack_code=existing.ack_code or "", record_id=existing.id,
                            answer=existing.ack, filtered_reason=existing.status)
-        # The first copy is still being processed (or was interrupted): ask the sender to retry later.
-        msg = ch.adapter.read(unit)
+        rec = self.store.take(existing.id, float(self.settings.processing_lease))
+        if rec is None:
+            return self._busy(ch, unit, existing)
+        log.info("message format=%s record=%s left unfinished (%s), taken over: attempt %d", ch.format, rec.id,
+                 rec.status, rec.attempts)
+        stored = RawUnit(self.store.raw_of(rec.id), unit.index, rec.origin or unit.origin)
+        if rec.attempts > MAX_ATTEMPTS:
+            return stored, self._set_aside(ch, stored, rec.id, rec.attempts)
+        return stored, self._work(ch, stored, rec.id)
+
+    def _busy(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome:
+        """The answer while another live process works the first copy: retry later."""
+        msg = self._header(ch, unit)
         where = "MSH[1]-10" if ch.format == "hl7v2" else "identifier"
         issue = Issue("error", "duplicate", where,
                       f"a message with this id is already being processed (record {existing.id}); "
                       "retry later", "205")
         msg.issues = [issue]
-        return Outcome(Status.DUPLICATE, label, ack_code="AE", issues=[issue], record_id=existing.id,
-                       answer=ch.answer(msg, "AE"))
+        label = f"{existing.message_id}" if existing.message_id else f"unit {unit.index}"
+        outcome = Outcome(Status.DUPLICATE, label, ack_code="AE", issues=[issue], record_id=existing.id, message=msg)
+        outcome.answer = self._answer(ch, outcome)
+        return outcome
+
+    def _set_aside(self, ch: Channel, unit: RawUnit, record_id: int, attempts: int) -> Outcome:
+        """A message taken on again and again without finishing (each time its process died): failed, kept."""
+        msg = self._header(ch, unit)
+        issue = Issue("error", "exception", "", f"taken on {attempts - 1} times without finishing (the gateway "
+                      "stopped each time); the message is kept and can be worked again (gateway messages retry)",
+                      "207")
+        msg.issues = [issue]
+        outcome = Outcome(Status.FAILED, msg.label(), ack_code="AE", issues=[issue], message=msg,
+                          record_id=record_id)
+        outcome.answer = self._answer(ch, outcome)
+        return outcome
+
+    def _header(self, ch: Channel, unit: RawUnit) -> SourceMessage:
+        """What an answer needs of a unit, read without failing: its header (HL7 v2) or the unit as read."""
+        try:
+            read = getattr(ch.adapter, "read_header", None) or ch.adapter.read
+            msg: SourceMessage = read(unit)
+            return msg
+        except Exception as exc:
+            _log_internal(Stage.PARSE, ch, unit.index, None, exc)
+            msg = SourceMessage(format=ch.format)
+            msg.issues = [Issue("error", "exception", "", "internal error in the gateway while reading the "
+                                "message; it is kept and can be worked again", "207")]
+            return msg
 
     def _work(self, ch: Channel, unit: RawUnit, record_id: int | None) -> Outcome:
-        """Read, filter, map, build, check and sign one unit; writes nothing (see :meth:`_record`)."""
+        """Read, filter, map, build, check and sign one unit, and make its answer; writes nothing (see
+        :meth:`_record`). Never raises: a failure in any stage is the unit's own ``failed`` outcome."""
         msg: SourceMessage | None = None
+        stage = Stage.PARSE
         try:
             msg = ch.adapter.read(unit)
             outcome = Outcome(Status.REFUSED, msg.label(), message=msg)
             if msg.filtered:
                 outcome.status, outcome.filtered_reason = Status.FILTERED, msg.filtered
             elif not msg.errors:
+                stage = Stage.MAP
                 ch.map(msg)
                 if not msg.errors:
+                    stage = Stage.BUILD
                     bundle = ch.build(msg)
+                    stage = Stage.CHECK
                     if self.checker is not None:
                         msg.issues.extend(self.checker(bundle))
                     if not msg.errors:
@@ -466,37 +638,153 @@ class Pipeline:
                         outcome.status = Status.STORED if record_id is not None else Status.CONVERTED
                         if record_id is not None and self.exchange is not None and self.exchange.identity:
                             # sign stage: what this member issues leaves it signed, with its marks
+                            stage = Stage.SIGN
                             self.exchange.stamp_marks(bundle)
                             outcome.signed, outcome.signed_digest = self.exchange.sign_with_digest(bundle)
+            stage = Stage.ANSWER
             outcome.issues = list(msg.issues)
             outcome.ack_code = ch.code_for(msg)
-        except Exception:  # a bug must not lose the message or reach the sender as a stack trace
-            log.exception("internal error processing %s unit %s (record %s)", ch.format, unit.index, record_id)
-            issue = Issue("error", "exception", "", "internal error in the gateway; the message is kept and "
-                          "can be reprocessed", "207")
-            msg = msg or SourceMessage(format=ch.format)
-            msg.issues = [issue]
-            outcome = Outcome(Status.FAILED, msg.label(), ack_code="AE", issues=[issue], message=msg)
-        outcome.answer = ch.answer(msg, outcome.ack_code)
+        except Exception as exc:  # a bug must not lose the message or reach the sender as a stack trace
+            _log_internal(stage, ch, unit.index, record_id, exc)
+            outcome = self._failed(ch, msg, stage)
         outcome.record_id = record_id
+        outcome.answer = self._answer(ch, outcome)
         return outcome
 
-    def _record(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str) -> None:
-        """Record a worked unit's outcome, resources, signed copy and audit entry (one transaction)."""
-        from gateway.audit.events import ingest_record
+    def _failed(self, ch: Channel, msg: SourceMessage | None, stage: Stage) -> Outcome:
+        """The outcome of a unit the gateway failed on: its raw input is kept and it can be worked again."""
+        issue = Issue("error", "exception", "", f"internal error in the gateway ({stage.value} stage); the message "
+                      "is kept and can be worked again", "207")
+        failed = copy.copy(msg) if msg is not None else SourceMessage(format=ch.format)
+        failed.issues, failed.filtered = [issue], ""
+        return Outcome(Status.FAILED, failed.label(), ack_code="AE", issues=[issue], message=failed)
+
+    def _answer(self, ch: Channel, outcome: Outcome) -> bytes:
+        """The unit's answer; when the channel cannot build it, a plain one that cannot fail."""
+        msg = outcome.message or SourceMessage(format=ch.format)
+        try:
+            return ch.answer(msg, outcome.ack_code or "AE")
+        except Exception as exc:
+            _log_internal(Stage.ANSWER, ch, None, outcome.record_id, exc)
+            return self._plain_answer(ch, msg, outcome.ack_code or "AE")
+
+    def _receipt(self, ch: Channel, msg: SourceMessage, note: str) -> tuple[str, bytes]:
+        """A receipt (answer on receipt); a plain one when the channel cannot build it."""
+        assert ch.receipt is not None
+        try:
+            return ch.receipt(msg, note)
+        except Exception as exc:
+            _log_internal(Stage.ANSWER, ch, None, None, exc)
+            code = "CA" if msg.header.get("accept_ack_type") else "AA"
+            return code, self._plain_answer(ch, msg, code, note)
+
+    def _plain_answer(self, ch: Channel, msg: SourceMessage, code: str, note: str | None = None) -> bytes:
+        """An answer built only from what cannot break it: header fields and texts with every control
+        character and HL7 separator removed, UTF-8; at worst a fixed one."""
+        issues = [dataclasses.replace(i, message=_plain(i.message, 200), location=_plain(i.location, 60),
+                                      extra={}) for i in msg.issues]
+        code = code if code in ("AA", "AE", "AR", "CA", "CE", "CR") else "AE"
+        if not ch.answer_type.startswith("x-application/hl7"):
+            try:
+                clean = SourceMessage(format=ch.format, issues=issues)
+                clean.extra["label"] = _plain(msg.label(), 60) or "(no id)"
+                return _outcome_answer(clean, code)
+            except Exception:
+                return (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception",'
+                        b'"diagnostics":"internal error in the gateway; the input is kept"}]}')
+        version = msg.version or msg.header.get("version", "")
+        version = version if version in _VERSIONS else "2.5.1"
+        message_id = _plain(msg.message_id, 50, _HL7_SEPARATORS)
+        try:
+            header = {key: _plain(str(msg.header.get(key, "")), 180, "|~\\") for key in _ACK_HEADER}
+            header["trigger"] = "".join(c for c in header["trigger"] if c.isascii() and c.isalnum())[:3]
+            clean = SourceMessage(format=ch.format, message_id=message_id, version=version, issues=issues,
+                                  filtered=_plain(msg.filtered, 80), header=header)
+            text = build_ack(clean, code, application=self.settings.ack_application,
+                             facility=self.settings.issuer_uscc, now=self.clock(),
+                             note=_plain(note, 80) if note is not None else None)
+            return text.encode("utf-8")
+        except Exception:
+            return (f"MSH|^~\\&|CYHR-GATEWAY||||{uuid.uuid4().hex[:14]}||ACK|{uuid.uuid4().hex[:20]}|P|{version}\r"
+                    f"MSA|{code}|{message_id}\r").encode("utf-8")
+
+    def _record_safely(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str,
+                       retried: tuple[str, str] | None = None) -> tuple[Outcome, bool]:
+        """Record one outcome so that its failure is its own: (the outcome recorded, whether anything was).
+
+        Inside a caller's transaction the unit is recorded in a savepoint; when
+        that fails, the unit is recorded as failed instead; when even that
+        fails, nothing is written for it and its answer asks the sender to send
+        it again (its raw input is kept, and its lease is given up by the caller).
+        A failure of the whole transaction (the database itself) is raised.
+        """
+        from gateway.store.db import savepoint
+
+        db = self.store.db
+        joined = db.conn.in_transaction
+        try:
+            with savepoint(db, "outcome"):
+                self._record(ch, unit, outcome, channel, retried)
+            return outcome, True
+        except Exception as exc:
+            if joined and not db.conn.in_transaction:
+                raise
+            _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
+        failed = self._failed(ch, outcome.message, Stage.STORE)
+        failed.record_id = outcome.record_id
+        failed.answer = self._answer(ch, failed)
+        try:
+            with savepoint(db, "outcome"):
+                self._record(ch, unit, failed, channel, retried)
+            return failed, True
+        except Exception as exc:
+            if joined and not db.conn.in_transaction:
+                raise
+            _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
+        issue = Issue("error", "exception", "", "the gateway could not record this message; its raw input is kept: "
+                      "send it again", "207")
+        msg = copy.copy(outcome.message) if outcome.message is not None else SourceMessage(format=ch.format)
+        msg.issues, msg.filtered = [issue], ""
+        unrecorded = Outcome(Status.FAILED, msg.label(), ack_code="AE", issues=[issue], message=msg,
+                             record_id=outcome.record_id)
+        unrecorded.answer = self._answer(ch, unrecorded)
+        return unrecorded, False
+
+    def _release(self, record_id: int) -> None:
+        """Give up this process's lease on a message it did not finish (best effort: it expires anyway)."""
+        try:
+            self.store.release(record_id)
+        except Exception as exc:
+            log.warning("lease of message record=%s not given up (%s); it expires by itself", record_id,
+                        type(exc).__name__)
+
+    def _record(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str,
+                retried: tuple[str, str] | None = None) -> None:
+        """Record a worked unit's outcome, resources, signed copy and audit entry (one transaction).
+
+        ``retried``: (who, status before) when an operator had the message worked again; audited too.
+        """
+        from gateway.audit.events import ingest_record, retried_record
         from gateway.audit.log import prepare
 
         assert outcome.record_id is not None
         msg = outcome.message
+        message_id = _plain((msg.message_id if msg else "") or unit.origin, 200)
         # made before the write lock is taken (as the resources' rows are, in Store.finish)
-        audit = prepare([ingest_record(
-            at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name, sender=msg.sender if msg else "",
-            message_id=(msg.message_id if msg else "") or unit.origin, fmt=ch.format, status=outcome.status.value,
-            channel=channel or "file", reason=outcome.errors[0].line() if outcome.errors else None)])
+        records = [ingest_record(
+            at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name,
+            sender=_plain(msg.sender if msg else "", 200), message_id=message_id, fmt=ch.format,
+            status=outcome.status.value, channel=channel or "file",
+            reason=outcome.errors[0].line() if outcome.errors else None)]
+        if retried is not None:
+            records.append(retried_record(at=self.clock(), member=self.issuer.uscc, member_name=self.issuer.name,
+                                          user=retried[0], record_id=outcome.record_id, message_id=message_id,
+                                          fmt=ch.format, old_status=retried[1], new_status=outcome.status.value))
+        audit = prepare(records)
         self.store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                           ack=outcome.answer, issues=outcome.issues,
                           bundle=outcome.bundle if outcome.status is Status.STORED else None,
-                          after=lambda db: self._after(db, outcome, audit))
+                          after=lambda db: self._after(db, outcome, audit), owner=lease_owner())
         log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
                  ch.format, outcome.record_id, outcome.status.value, outcome.ack_code,
                  len(msg.reports) if msg else 0, len(outcome.issues))
@@ -512,12 +800,53 @@ class Pipeline:
         for hook in self.after_store:
             hook(db, outcome)
 
-    def recover(self) -> int:
-        """At start-up: mark messages interrupted by a crash as failed. Returns how many."""
-        return self.store.fail_in_flight()
+
+#: HL7 v2 versions an answer may echo (anything else is answered as 2.5.1).
+_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9")
+#: Header fields an ACK echoes.
+_ACK_HEADER = ("sending_application", "sending_facility", "processing_id", "trigger", "accept_ack_type")
+_HL7_SEPARATORS = "|^~\\&"
 
 
-def _units(ch: Channel, data: bytes | IO[bytes], origin: str) -> Iterable[RawUnit]:
+def _plain(text: str | None, limit: int, drop: str = "") -> str:
+    """``text`` without control characters (nor those in ``drop``), at most ``limit`` characters."""
+    return "".join(c for c in str(text or "") if c.isprintable() and c not in drop)[:limit]
+
+
+def _log_internal(stage: Stage, ch: Channel, index: int | None, record_id: int | None, exc: BaseException) -> None:
+    """Log a failure of the gateway itself: where in the code, never the exception's text (it may quote
+    patient data)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-6:]
+    where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+    log.error("internal error in stage %s of %s unit %s (record %s): %s at %s", stage.value, ch.format,
+              index if index is not None else "-", record_id, type(exc).__name__, where or "?")
+
+
+def _units(ch: Channel, data: bytes | IO[bytes], origin: str) -> Iterator[RawUnit]:
+    """The units of bytes or of a binary file object (streamed when the adapter can).
+
+    When the adapter fails to cut the input, what it had not cut yet becomes one
+    unit (all of it, for bytes), stored and answered like any other: nothing is lost.
+    """
+    done = 0
+    try:
+        for unit in _split(ch, data, origin):
+            done = unit.index
+            yield unit
+    except Exception as exc:
+        _log_internal(Stage.RECEIVE, ch, done + 1, None, exc)
+        rest = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _rest(data)
+        yield RawUnit(rest, done + 1, origin)
+
+
+def _rest(stream: IO[bytes]) -> bytes:
+    try:
+        return stream.read()
+    except Exception:
+        return b""
+
+
+def _split(ch: Channel, data: bytes | IO[bytes], origin: str) -> Iterable[RawUnit]:
     """The units of bytes or of a binary file object (streamed when the adapter can)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return ch.adapter.split(bytes(data), origin)  # type: ignore[no-any-return]

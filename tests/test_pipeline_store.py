@@ -69,12 +69,12 @@ def test_convert_stores_nothing(pipeline: Pipeline) -> None:
     assert pipeline.store.counts() == {}
 
 
-def test_interrupted_messages_are_marked_failed_at_start_up(pipeline: Pipeline) -> None:
+def test_interrupted_messages_are_worked_again_at_start_up(pipeline: Pipeline) -> None:
     record_id, _ = pipeline.store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS|X", message_id="M9",
                                              origin="", raw=b"MSH|...")
     assert pipeline.recover() == 1
     rec = pipeline.store.get_message(record_id)
-    assert rec.status == "failed" and "interrupted" in rec.issues[0]["message"]
+    assert rec.status == "refused" and rec.ack is not None and rec.lease_owner is None
     assert pipeline.store.raw_of(record_id) == b"MSH|..."
 
 

@@ -17,7 +17,8 @@ from gateway.audit import records
 from gateway.audit.log import append, append_many
 from gateway.audit.records import Outcome, Party, PatientRef
 
-__all__ = ["ingested", "ingest_record", "patient_reads", "exchanged", "decided", "decision_records", "snapshot_applied"]
+__all__ = ["ingested", "ingest_record", "retried_record", "patient_reads", "exchanged", "decided", "decision_records",
+           "snapshot_applied"]
 
 
 def _me(uscc: str, name: str | None = None) -> Party:
@@ -39,6 +40,17 @@ def ingest_record(*, at: _dt.datetime, member: str, member_name: str, sender: st
         at=at, gateway=_me(member, member_name), source=Party.application(member, sender or "unknown"),
         message_id=message_id or "(none)", fmt=fmt, status=status, channel=channel,
         outcome=Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS, reason=reason if refused else None)
+
+
+def retried_record(*, at: _dt.datetime, member: str, member_name: str, user: str, record_id: int,
+                   message_id: str, fmt: str, old_status: str, new_status: str) -> records.Record:
+    """An operator had a stored message worked again (``gateway messages retry``): who, which record, its
+    status before and after. The message's content is not part of it."""
+    return records.ingest(
+        at=at, gateway=_me(member, member_name), source=Party.user(member, user or "cli"),
+        message_id=message_id or f"record {record_id}", fmt=fmt, status=new_status, channel="retry",
+        outcome=Outcome.MINOR_FAILURE if new_status in ("refused", "failed") else Outcome.SUCCESS,
+        reason=f"record {record_id} worked again by {user or 'cli'}: {old_status} -> {new_status}")
 
 
 def _patients(resources: Iterable[dict[str, Any]]) -> dict[str, list[str]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-__all__ = ["connect", "transaction", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES"]
+__all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,35 @@ def transaction(db: sqlite_utils.Database, *, poll: bool = False) -> Iterator[sq
     try:
         yield db
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+@contextmanager
+def savepoint(db: sqlite_utils.Database, name: str = "unit") -> Iterator[sqlite_utils.Database]:
+    """A part of the caller's transaction that can fail alone: ``SAVEPOINT`` ... ``RELEASE``.
+
+    On any exception only what was written inside is rolled back, and the
+    exception goes on to the caller, whose transaction is still open: one
+    message of a batch that cannot be recorded leaves the others recorded.
+    Outside a transaction it is one (:func:`transaction`).
+    """
+    conn = db.conn
+    if not conn.in_transaction:
+        with transaction(db):
+            yield db
+        return
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield db
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back the whole transaction already
+            conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            conn.execute(f"RELEASE SAVEPOINT {name}")
+        raise
+    conn.execute(f"RELEASE SAVEPOINT {name}")
 
 
 def _begin_polling(conn: sqlite3.Connection) -> None:

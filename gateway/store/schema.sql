@@ -14,11 +14,15 @@ CREATE TABLE IF NOT EXISTS messages (
     sha256      TEXT NOT NULL,
     raw         BLOB NOT NULL,
     status      TEXT NOT NULL,              -- received | queued | filtered | refused | stored | failed
+                                            -- (received: being worked, under a lease)
     ack_code    TEXT,                       -- AA | AE | AR (or HTTP outcome for non-HL7 formats)
     ack         BLOB,                       -- the answer sent, re-sent as is for a duplicate
     issues      TEXT NOT NULL DEFAULT '[]', -- JSON list of issues found
     bundle_id   TEXT,
-    updated_at  TEXT NOT NULL
+    updated_at  TEXT NOT NULL,
+    lease_owner TEXT,                       -- the process working it now (host:pid), NULL when nobody is
+    lease_until REAL,                       -- epoch seconds the holder's lease runs until
+    attempts    INTEGER NOT NULL DEFAULT 0  -- how often a process took it on (a crash in the middle counts)
 );
 -- A resent message (same format, sender and id) is recognised by this key, not by searching first.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages(format, sender, message_id) WHERE message_id <> '';

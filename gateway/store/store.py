@@ -4,12 +4,20 @@ The one place that knows the gateway's core schema (``schema.sql``). Raw
 input is written first, in its own transaction, so nothing a member sent is
 lost whatever happens next; a resent message hits the unique key
 ``(format, sender, message_id)`` and is answered from what was stored.
+
+A message being worked is held by a *lease*: the process working it
+(``host:pid``) and until when. Only a live holder with an unexpired lease
+keeps others off it; a message whose holder died (killed, crashed) is taken
+over by whoever comes next — the start-up recovery, the queue reader or a
+resend of the same message — and worked again from its raw bytes.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import logging
+import os
+import socket
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +28,7 @@ from typing import Any
 import sqlite_utils
 
 from gateway import jsonutil
-from gateway.errors import InvalidSearch, Issue, NotFound
+from gateway.errors import InputError, InvalidSearch, Issue, NotFound
 from gateway.fhir.search import (
     PARAM_ALIASES,
     SEARCH_PARAMS,
@@ -31,12 +39,44 @@ from gateway.fhir.search import (
 )
 from gateway.store.db import connect, transaction
 
-__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema"]
+__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
+           "lease_owner", "holder_alive"]
 
 log = logging.getLogger(__name__)
 
-#: Statuses of a message whose processing has not finished.
+#: Statuses of a message whose processing has not finished (held by a lease while it is worked).
 IN_FLIGHT = ("received",)
+
+_HOST = socket.gethostname()
+
+
+def lease_owner() -> str:
+    """Who holds a lease taken by this process: ``host:pid`` (read at each call: workers are forked)."""
+    return f"{_HOST}:{os.getpid()}"
+
+
+def holder_alive(owner: str | None, until: float | None, now: float) -> bool:
+    """Whether a lease still keeps others off a message: unexpired, and its holder not known to be dead.
+
+    A holder on this host is looked up by its process id, so a message whose
+    worker was killed is free at once rather than when its lease runs out.
+    """
+    if not owner or until is None or until <= now:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != _HOST or not pid.isdigit():
+        return True  # another machine's process: its lease is all there is to go by
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process not yet reaped by its parent is a zombie: dead all the same
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 @dataclass
@@ -57,6 +97,9 @@ class MessageRecord:
     ack: bytes | None
     issues: list[dict[str, Any]]
     bundle_id: str | None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
 
 
 @dataclass
@@ -99,22 +142,27 @@ class Store:
     # -- messages ------------------------------------------------------------------------
 
     def insert_raw(self, *, channel: str, fmt: str, sender: str, message_id: str, origin: str,
-                   raw: bytes, status: str = "received") -> tuple[int, MessageRecord | None]:
+                   raw: bytes, status: str = "received",
+                   lease: float | None = None) -> tuple[int, MessageRecord | None]:
         """Store raw input before anything else. Returns (new id, None) or (existing id, existing record).
 
         A second message with the same format, sender and id is not stored: the
         unique index refuses it and the first one's record is returned. ``status``
         is ``received`` (processed next, by the caller) or ``queued`` (answered on
         receipt; processed later, in order, by :meth:`queued`'s reader).
+        ``lease``: seconds this process holds the new message while it works it.
         """
         now = _now(self.clock)
         digest = hashlib.sha256(raw).hexdigest()
+        owner, until, attempts = (lease_owner(), self._epoch() + lease, 1) if lease else (None, None, 0)
         try:
             with transaction(self.db):
                 cur = self.db.execute(
                     "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
-                    " raw, status, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now],
+                    " raw, status, updated_at, lease_owner, lease_until, attempts)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
+                     owner, until, attempts],
                 )
                 new_id = int(cur.lastrowid or 0)
                 self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
@@ -126,11 +174,94 @@ class Store:
                 raise
             return existing.id, existing
 
+    def _epoch(self) -> float:
+        """Now, in epoch seconds, for leases (the store's clock: tests decide what time it is)."""
+        return self.clock().timestamp()
+
     def queued(self, limit: int) -> list[tuple[int, str, str, str, bytes]]:
         """The oldest messages answered on receipt and not yet processed: (id, format, channel, origin, raw)."""
         return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in self.db.execute(
             "SELECT id, format, channel, origin, raw FROM messages WHERE status = 'queued' ORDER BY id LIMIT ?",
             [limit])]
+
+    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ("hl7v2",)
+                     ) -> list[tuple[int, str, str, str, bytes, int]]:
+        """Take up to ``limit`` messages to work, oldest first: (id, format, channel, origin, raw, attempts).
+
+        Those waiting in the queue, and those whose worker died before it
+        finished (``received`` with a dead holder or an expired lease); each is
+        held by this process for ``lease`` seconds and counted as an attempt.
+        """
+        now = self._epoch()
+        marks = ",".join("?" * len(formats))
+
+        def free() -> list[Any]:
+            rows = self.db.execute(
+                "SELECT id, format, channel, origin, lease_owner, lease_until FROM messages"
+                f" WHERE status IN ('queued', 'received') AND format IN ({marks})"
+                " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?) ORDER BY id LIMIT ?",
+                [*formats, now, f"{_HOST}:%", limit * 4]).fetchall()
+            return [r for r in rows if not holder_alive(r[4], r[5], now)][:limit]
+
+        if not free():  # looked at without the write lock: an idle reader never holds up the writers
+            return []
+        with transaction(self.db, poll=True):
+            found = free()
+            if not found:
+                return []
+            owner, until = lease_owner(), now + lease
+            self.db.conn.executemany(
+                "UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?, attempts = attempts + 1"
+                " WHERE id = ?", [(owner, until, r[0]) for r in found])
+            taken = {r[0]: r for r in found}
+            marks = ",".join("?" * len(taken))
+            found = self.db.execute(f"SELECT id, raw, attempts FROM messages WHERE id IN ({marks})",
+                                    list(taken)).fetchall()
+        return sorted((i, taken[i][1], taken[i][2], taken[i][3], bytes(raw), n) for i, raw, n in found)
+
+    def take(self, record_id: int, lease: float, *, retry: bool = False) -> MessageRecord | None:
+        """Take one message over to work it again; None when a live process holds it.
+
+        Without ``retry``: a message that has no answer yet (interrupted, or
+        waiting in the queue). With ``retry``: a ``failed`` one (an operator's
+        retry); its stored answer stays until the new outcome replaces it.
+
+        :raises NotFound: no such message. :raises InputError: with ``retry``, the message is not failed.
+        """
+        now = self._epoch()
+        with transaction(self.db, poll=True):
+            rec = self.get_message(record_id)
+            if retry and rec.status != "failed":
+                raise InputError(f"message {record_id} is {rec.status}, not failed: only failed messages are "
+                                 "worked again", "messages.status")
+            if not retry and (rec.ack is not None or rec.status not in ("received", "queued", "failed")):
+                return None
+            if holder_alive(rec.lease_owner, rec.lease_until, now):
+                return None
+            self.db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
+                            " attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                            [lease_owner(), now + lease, _now(self.clock), record_id])
+            self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
+                            [record_id, "take", "received", _now(self.clock),
+                             f"attempt {rec.attempts + 1}, was {rec.status}"])
+        rec.attempts += 1
+        return rec
+
+    def release(self, record_id: int) -> None:
+        """Give up this process's lease on a message it could not finish (another process may take it)."""
+        with transaction(self.db):
+            self.db.execute("UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE id = ?"
+                            " AND lease_owner = ?", [record_id, lease_owner()])
+
+    def abandoned(self, formats: tuple[str, ...], limit: int = 1000) -> list[int]:
+        """Messages left without an answer by a process that died: ``received`` (or, from an older release,
+        ``failed`` without an answer) whose holder is dead or whose lease expired."""
+        now = self._epoch()
+        marks = ",".join("?" * len(formats))
+        rows = self.db.execute(
+            "SELECT id, lease_owner, lease_until FROM messages WHERE (status = 'received' OR (status = 'failed'"
+            f" AND ack IS NULL)) AND format IN ({marks}) ORDER BY id LIMIT ?", [*formats, limit]).fetchall()
+        return [r[0] for r in rows if not holder_alive(r[1], r[2], now)]
 
     def queue_length(self) -> int:
         """How many messages wait in the processing queue."""
@@ -176,20 +307,29 @@ class Store:
 
     def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
                issues: list[Issue], bundle: dict[str, Any] | None = None,
-               after: Callable[[sqlite_utils.Database], None] | None = None) -> None:
-        """Record the outcome of a message, and its resources, in one transaction.
+               after: Callable[[sqlite_utils.Database], None] | None = None, owner: str | None = None) -> bool:
+        """Record the outcome of a message, and its resources, in one transaction; its lease ends.
 
         ``after`` runs inside the same transaction (e.g. to write an audit entry).
+        ``owner``: the lease this outcome was worked under; when another process
+        has taken the message over since (this one's lease ran out), nothing is
+        written and False is returned.
         """
         now = _now(self.clock)
         # the resources' rows are made before the write lock is taken: other writers wait only for the writing
         prepared = self._prepare_bundle(bundle, now) if bundle is not None else None
         with transaction(self.db):
+            if owner is not None:
+                row = self.db.execute("SELECT lease_owner FROM messages WHERE id = ?", [record_id]).fetchone()
+                if row is None or row[0] != owner:
+                    log.warning("message %s was taken over by another process; this outcome is not recorded",
+                                record_id)
+                    return False
             if prepared is not None:
                 self._save_prepared(prepared, record_id, now)
             self.db.execute(
-                "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?, updated_at = ?"
-                " WHERE id = ?",
+                "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?, updated_at = ?,"
+                " lease_owner = NULL, lease_until = NULL WHERE id = ?",
                 [status, ack_code, ack, jsonutil.dumps(_issue_dicts(issues)),
                  bundle.get("id") if bundle else None, now, record_id],
             )
@@ -197,17 +337,24 @@ class Store:
                             [record_id, "finish", status, now, ack_code or ""])
             if after is not None:
                 after(self.db)
+        return True
 
-    def fail_in_flight(self) -> int:
-        """Mark messages left half-processed by a crash as failed (run at start-up). Returns how many."""
+    def fail_in_flight(self, keep: tuple[str, ...] = ()) -> int:
+        """Mark messages left half-processed by a crash as failed, except those of the formats in ``keep``
+        (which are worked again instead); only those nobody holds. Returns how many."""
         now = _now(self.clock)
+        epoch = self._epoch()
+        marks = ",".join("?" * len(keep))
+        where = f"status = 'received' AND format NOT IN ({marks})" if keep else "status = 'received'"
         with transaction(self.db):
-            cur = self.db.execute(
-                "UPDATE messages SET status = 'failed', updated_at = ?, issues = ? WHERE status IN ('received')",
-                [now, jsonutil.dumps([{"severity": "error", "code": "exception", "location": "",
-                                       "message": "processing was interrupted (gateway stopped); raw input kept"}])],
-            )
-            changed = cur.rowcount
+            ids = [r[0] for r in self.db.execute(f"SELECT id, lease_owner, lease_until FROM messages WHERE {where}",
+                                                 list(keep)).fetchall() if not holder_alive(r[1], r[2], epoch)]
+            issues = jsonutil.dumps([{"severity": "error", "code": "exception", "location": "",
+                                      "message": "processing was interrupted (gateway stopped); raw input kept"}])
+            self.db.conn.executemany(
+                "UPDATE messages SET status = 'failed', updated_at = ?, issues = ?, lease_owner = NULL,"
+                " lease_until = NULL WHERE id = ?", [(now, issues, i) for i in ids])
+            changed = len(ids)
         if changed:
             log.warning("marked %d interrupted message(s) as failed", changed)
         return changed
@@ -220,6 +367,7 @@ class Store:
             sha256=row["sha256"], status=row["status"], ack_code=row["ack_code"],
             ack=bytes(row["ack"]) if row["ack"] is not None else None,
             issues=jsonutil.loads(row["issues"] or "[]"), bundle_id=row["bundle_id"],
+            lease_owner=row.get("lease_owner"), lease_until=row.get("lease_until"), attempts=row.get("attempts") or 0,
         )
 
     # -- resources -----------------------------------------------------------------------
@@ -416,6 +564,9 @@ def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
             **{k: v for k, v in res.items() if k not in ("resourceType", "id", "meta")}}
 
 
+#: Columns of ``messages`` added after the first release (added to an older database when it is opened).
+_LEASE_COLUMNS = (("lease_owner", "TEXT"), ("lease_until", "REAL"), ("attempts", "INTEGER NOT NULL DEFAULT 0"))
+
 #: Layout of the resource tables and search index this code writes (``PRAGMA user_version``).
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
 SCHEMA_VERSION = 2
@@ -431,6 +582,12 @@ def ensure_core_schema(db: sqlite_utils.Database) -> None:
     """
     conn = db.conn
     script = _resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8")
+    message_columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    added = [(name, kind) for name, kind in _LEASE_COLUMNS if message_columns and name not in message_columns]
+    if added:  # an earlier release's messages table: leases of messages being worked
+        log.warning("database layout: adding %s to messages", ", ".join(name for name, _ in added))
+        conn.executescript("BEGIN IMMEDIATE;" + "".join(f" ALTER TABLE messages ADD COLUMN {name} {kind};"
+                                                        for name, kind in added) + " COMMIT;")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(resources)")}
     if columns and "rid" not in columns:
         log.warning("database layout %d found: moving resources and rebuilding the search index",
