@@ -43,9 +43,14 @@ def send(ctx: click.Context, bundle_id: str, destination: str, deliver_now: bool
     """Queue the signed report Bundle BUNDLE_ID for another member (push on referral)."""
     ex = _exchange(ctx)
     row = ex.push(bundle_id, destination)
-    click.echo(f"queued as outbox #{row} for {destination} ({ex.outbox.get(row).url})")
+    entry = ex.outbox.get(row)
+    if entry.status == "delivered":
+        click.echo(f"already delivered as outbox #{row} to {destination} ({entry.url}); "
+                   f"`gateway outbox replay {row}` sends it again")
+        return
+    click.echo(f"queued as outbox #{row} for {destination} ({entry.url})")
     if deliver_now:
-        ex.deliver()
+        ex.deliver(wait=None)
         entry = ex.outbox.get(row)
         click.echo(f"outbox #{row}: {entry.status}" + (f" ({entry.last_error})" if entry.last_error else ""))
         if entry.status == "dead":
@@ -93,9 +98,10 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
 @click.argument("row_id", type=int)
 @click.pass_context
 def outbox_retry(ctx: click.Context, row_id: int) -> None:
-    """Put a dead delivery back, with a fresh attempt budget."""
-    _exchange(ctx).outbox.retry(row_id)
-    click.echo(f"outbox #{row_id} is pending again")
+    """Put a dead delivery back, with a fresh attempt budget (sent to the endpoint the registry names now)."""
+    ex = _exchange(ctx)
+    ex.outbox.retry(row_id)
+    click.echo(f"outbox #{row_id} is pending again{_current_endpoint(ex, row_id)}")
 
 
 @outbox.command("replay")
@@ -103,13 +109,25 @@ def outbox_retry(ctx: click.Context, row_id: int) -> None:
 @click.pass_context
 def outbox_replay(ctx: click.Context, row_id: int) -> None:
     """Send a delivered payload again (the receiver answers with its first receipt)."""
-    _exchange(ctx).outbox.replay(row_id)
-    click.echo(f"outbox #{row_id} will be sent again")
+    ex = _exchange(ctx)
+    ex.outbox.replay(row_id)
+    click.echo(f"outbox #{row_id} will be sent again{_current_endpoint(ex, row_id)}")
+
+
+def _current_endpoint(ex: Any, row_id: int) -> str:
+    """Where a delivery will go: the endpoint the registry snapshot in force names for its destination."""
+    from gateway.errors import GatewayError
+
+    destination = ex.outbox.get(row_id).destination
+    try:
+        return f" (to {ex.endpoint_of(destination)})"
+    except GatewayError as exc:
+        return f" (not deliverable now: {exc.message})"
 
 
 @outbox.command("deliver")
 @click.pass_context
 def outbox_deliver(ctx: click.Context) -> None:
-    """Try every due delivery once now."""
-    counts = _exchange(ctx).deliver()
+    """Try every due delivery once now (waits for each destination's answer or its delivery_timeout)."""
+    counts = _exchange(ctx).deliver(wait=None)
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))

@@ -15,6 +15,11 @@ What operators of Mirth and OpenHIM complain about, designed out:
 - a row being delivered is **leased**; a sender killed mid-delivery leaves a
   lease that expires, and the row is delivered again after restart — the
   receiver's idempotency makes that safe;
+- each destination has its own **lane** (:class:`Lanes`): its deliveries run
+  in its own threads, a few at a time, so a slow or hung member holds up only
+  its own deliveries, never another member's;
+- a delivery goes to the endpoint the registry names **when it is sent** (not
+  when it was queued), so a member that moved is reached at its new address;
 - operators list, retry (dead → pending) and replay (delivered → send again).
 
 Pure of network code: a :class:`Transport` does the sending.
@@ -24,7 +29,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+import queue
 import random
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,10 +40,10 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from gateway import jsonutil
-from gateway.errors import NotFound
+from gateway.errors import GatewayError, NotFound
 from gateway.store.db import transaction
 
-__all__ = ["Outbox", "OutboxRow", "Transport", "SendResult", "backoff_seconds"]
+__all__ = ["Outbox", "OutboxRow", "Delivery", "Lanes", "Transport", "SendResult", "backoff_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,84 @@ class OutboxRow:
     updated_at: str
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery taken from the outbox to be sent now."""
+
+    id: int
+    destination: str
+    url: str
+    payload: bytes
+    payload_sha256: str
+    attempts: int  # attempts made before this one
+
+
+class Lanes:
+    """One lane per destination: its deliveries run in its own threads, ``concurrency`` at a time.
+
+    Kept by a long-running sender across delivery passes: a delivery still
+    waiting on a slow member when a pass ends goes on in its lane, and its
+    result waits in :attr:`finished` for the next pass to record. Lanes never
+    touch the database; only the pass that records does.
+    """
+
+    def __init__(self, concurrency: int = 2) -> None:
+        self.concurrency = max(1, int(concurrency))
+        self.finished: queue.SimpleQueue[tuple[Delivery, SendResult, dict[str, Any] | None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._busy: dict[str, int] = {}
+        self._threads: dict[str, int] = {}
+        self._work: dict[str, queue.SimpleQueue[Any]] = {}
+
+    def free(self, destination: str) -> int:
+        """How many more deliveries to ``destination`` may start now."""
+        with self._lock:
+            return self.concurrency - self._busy.get(destination, 0)
+
+    def in_flight(self) -> int:
+        """Deliveries started and not yet finished, all lanes together."""
+        with self._lock:
+            return sum(self._busy.values())
+
+    def submit(self, delivery: Delivery,
+               job: Callable[[Delivery], tuple[SendResult, dict[str, Any] | None]]) -> None:
+        """Run ``job(delivery)`` in the destination's lane; its outcome goes to :attr:`finished`."""
+        dest = delivery.destination
+        with self._lock:
+            self._busy[dest] = self._busy.get(dest, 0) + 1
+            work = self._work.setdefault(dest, queue.SimpleQueue())
+            if self._threads.get(dest, 0) < min(self.concurrency, self._busy[dest]):
+                self._threads[dest] = self._threads.get(dest, 0) + 1
+                threading.Thread(target=self._run, args=(dest, work), daemon=True,
+                                 name=f"outbox-lane-{dest}").start()
+        work.put((delivery, job))
+
+    def _run(self, destination: str, work: queue.SimpleQueue[Any]) -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            delivery, job = item
+            try:
+                result, receipt = job(delivery)
+            except Exception as exc:  # noqa: BLE001 - a lane outlives any one delivery
+                log.warning("outbox delivery id=%s failed in its lane: %s", delivery.id, type(exc).__name__)
+                result = SendResult(False, retryable=True, error=f"delivery failed: {type(exc).__name__}")
+                receipt = None
+            self.finished.put((delivery, result, receipt))
+            with self._lock:
+                self._busy[destination] -= 1
+
+    def close(self) -> None:
+        """Stop the lanes' threads once their current deliveries are done."""
+        with self._lock:
+            for dest, work in self._work.items():
+                for _ in range(self._threads.get(dest, 0)):
+                    work.put(None)
+            self._threads.clear()
+            self._work.clear()
+
+
 def backoff_seconds(attempts: int, *, base: float = 5.0, cap: float = 3600.0,
                     rand: Callable[[], float] = random.random) -> float:
     """Delay before attempt ``attempts + 1``: exponential, capped, with full jitter.
@@ -119,52 +205,157 @@ class Outbox:
         ts, iso = self._now()
         digest = hashlib.sha256(payload).hexdigest()
         with transaction(self.db):
-            self.db.execute(
-                "INSERT OR IGNORE INTO outbox (destination, url, kind, payload, payload_sha256, status,"
-                " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,'pending',?,?,?)",
-                [destination, url, kind, payload, digest, ts, iso, iso])
-            row = self.db.execute("SELECT id FROM outbox WHERE destination = ? AND payload_sha256 = ?",
+            row = self.db.execute("SELECT id, status FROM outbox WHERE destination = ? AND payload_sha256 = ?",
                                   [destination, digest]).fetchone()
+            if row is None:
+                cur = self.db.execute(
+                    "INSERT INTO outbox (destination, url, kind, payload, payload_sha256, status,"
+                    " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,'pending',?,?,?)",
+                    [destination, url, kind, payload, digest, ts, iso, iso])
+                return int(cur.lastrowid or 0)
+            if row[1] in ("pending", "dead"):
+                # queued again: due now, at the endpoint named now, and a dead one with a fresh attempt budget
+                self.db.execute(
+                    "UPDATE outbox SET url = ?, status = 'pending', next_attempt_at = ?, updated_at = ?,"
+                    " attempts = CASE status WHEN 'dead' THEN 0 ELSE attempts END,"
+                    " last_error = CASE status WHEN 'dead' THEN '' ELSE last_error END WHERE id = ?",
+                    [url, ts, iso, row[0]])
         return int(row[0])
 
-    def _claim(self, limit: int) -> list[tuple[int, str, bytes, int, str]]:
+    def _due(self, ts: float) -> bool:
+        """Whether anything may be claimed now (a read: no write lock taken when there is nothing)."""
+        return self.db.execute(
+            "SELECT 1 FROM outbox WHERE (status = 'pending' AND next_attempt_at <= ?)"
+            " OR (status = 'delivering' AND lease_until < ?) LIMIT 1", [ts, ts]).fetchone() is not None
+
+    def _claim(self, limit: int, free: Callable[[str], int] | None = None,
+               per_destination: int | None = None, skip: set[int] | frozenset[int] = frozenset()) -> list[Delivery]:
+        """Lease up to ``limit`` due deliveries, oldest first, at most ``free(destination)`` per destination.
+
+        ``skip``: deliveries not to take again (those already tried by the calling pass).
+        """
         ts, iso = self._now()
+        if limit <= 0 or not self._due(ts):
+            return []
+        cap = per_destination or limit
         with transaction(self.db):
             # A lease that ran out belongs to a sender that died mid-delivery: deliver again.
             self.db.execute("UPDATE outbox SET status = 'pending', updated_at = ? WHERE status = 'delivering'"
                             " AND lease_until < ?", [iso, ts])
-            rows = self.db.execute(
-                "SELECT id, url, payload, attempts, payload_sha256 FROM outbox WHERE status = 'pending'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", [ts, limit]).fetchall()
-            for row in rows:
-                self.db.execute("UPDATE outbox SET status = 'delivering', lease_until = ?, updated_at = ?"
-                                " WHERE id = ?", [ts + self.lease_seconds, iso, row[0]])
-        return [(int(r[0]), str(r[1]), bytes(r[2]), int(r[3]), str(r[4])) for r in rows]
+            candidates = self.db.execute(
+                "SELECT id, destination FROM (SELECT id, destination, next_attempt_at, row_number() OVER"
+                " (PARTITION BY destination ORDER BY next_attempt_at, id) AS n FROM outbox"
+                " WHERE status = 'pending' AND next_attempt_at <= ?) WHERE n <= ? ORDER BY next_attempt_at, id",
+                [ts, cap + len(skip)]).fetchall()
+            room: dict[str, int] = {}
+            chosen: list[int] = []
+            for row_id, dest in candidates:
+                if row_id in skip:
+                    continue
+                if dest not in room:
+                    room[dest] = free(dest) if free is not None else limit
+                if room[dest] > 0 and len(chosen) < limit:
+                    room[dest] -= 1
+                    chosen.append(int(row_id))
+            if not chosen:
+                return []
+            self.db.conn.executemany("UPDATE outbox SET status = 'delivering', lease_until = ?, updated_at = ?"
+                                     " WHERE id = ?", [(ts + self.lease_seconds, iso, i) for i in chosen])
+            marks = ",".join("?" * len(chosen))
+            rows = {int(r[0]): r for r in self.db.execute(
+                f"SELECT id, destination, url, payload, payload_sha256, attempts FROM outbox WHERE id IN ({marks})",
+                chosen).fetchall()}
+        return [Delivery(i, str(rows[i][1]), str(rows[i][2]), bytes(rows[i][3]), str(rows[i][4]), int(rows[i][5]))
+                for i in chosen]
 
     def deliver_due(self, transport: Transport, *, limit: int = 50,
                     headers: Callable[[str], dict[str, str]] | None = None,
-                    on_receipt: Callable[[int, SendResult], dict[str, Any]] | None = None) -> dict[str, int]:
-        """Try every due delivery once. Returns counts by result.
+                    on_receipt: Callable[[Delivery, SendResult], dict[str, Any]] | None = None,
+                    on_delivered: Callable[[sqlite_utils.Database, Delivery, dict[str, Any] | None], None]
+                    | None = None,
+                    url_for: Callable[[str], str] | None = None,
+                    lanes: Lanes | None = None, wait: float | None = None) -> dict[str, int]:
+        """Try every due delivery once, each destination in its own lane. Returns counts by result.
 
         ``headers(url)`` adds per-request headers (the peer authentication
-        assertion); ``on_receipt(row_id, result)`` checks the receiver's answer
-        and returns the receipt to keep (raise to treat the answer as a failure).
+        assertion); ``on_receipt(delivery, result)`` checks the receiver's answer
+        in the lane and returns the receipt to keep (raise to treat the answer as
+        a failure); ``on_delivered(db, delivery, receipt)`` runs inside the
+        transaction that records a delivery (e.g. its audit entry);
+        ``url_for(destination)`` names the endpoint in force now (default: the
+        one stored when the delivery was queued), and a destination it refuses
+        is not sent to.
+
+        ``lanes``: a long-running sender's lanes, kept between calls; the call
+        then returns when its deliveries are done or after ``wait`` seconds,
+        whichever comes first, and a delivery still waiting on a slow member is
+        recorded by a later call. While it waits, newly due deliveries to other
+        destinations are started too. With ``wait`` None the call returns when
+        nothing is on its way any more. Without ``lanes`` the call has its own.
         """
+        own = lanes is None
+        used = lanes if lanes is not None else Lanes()
+        deadline = None if wait is None else time.monotonic() + wait
         counts = {"delivered": 0, "retry": 0, "dead": 0}
-        for row_id, url, payload, attempts, digest in self._claim(limit):
-            extra = headers(url) if headers else {}
-            result = transport.send(url, payload, {"Idempotency-Key": digest, **extra})
+        started: set[int] = set()
+        tried: set[int] = set()  # each delivery is tried once per call, however long the call waits
+
+        def job(delivery: Delivery) -> tuple[SendResult, dict[str, Any] | None]:
+            extra = headers(delivery.url) if headers else {}
+            result = transport.send(delivery.url, delivery.payload,
+                                    {"Idempotency-Key": delivery.payload_sha256, **extra})
             receipt: dict[str, Any] | None = None
             if result.ok and on_receipt is not None:
                 try:
-                    receipt = on_receipt(row_id, result)
-                except Exception as exc:  # an unverifiable receipt is not a delivery
+                    receipt = on_receipt(delivery, result)
+                except Exception as exc:  # noqa: BLE001 - an unverifiable receipt is not a delivery
                     result = SendResult(False, retryable=True, status=result.status,
-                                        error=f"receipt not accepted: {exc}")
-            counts[self._record(row_id, attempts + 1, result, receipt)] += 1
+                                        error=f"receipt not accepted: {exc}"[:300])
+            return result, receipt
+
+        def record(item: tuple[Delivery, SendResult, dict[str, Any] | None]) -> None:
+            delivery, result, receipt = item
+            started.discard(delivery.id)
+            tried.add(delivery.id)
+            counts[self._record(delivery, result, receipt, on_delivered)] += 1
+
+        try:
+            while True:
+                while True:  # record what the lanes finished (this call's deliveries and earlier ones)
+                    try:
+                        record(used.finished.get_nowait())
+                    except queue.Empty:
+                        break
+                for delivery in self._claim(limit - len(tried), used.free, used.concurrency, tried):
+                    tried.add(delivery.id)
+                    if url_for is not None:
+                        try:
+                            delivery = Delivery(delivery.id, delivery.destination, url_for(delivery.destination),
+                                                delivery.payload, delivery.payload_sha256, delivery.attempts)
+                        except GatewayError as exc:  # no longer a member with an endpoint, or no registry now
+                            refused = SendResult(False, retryable=exc.http_status >= 500, error=exc.message)
+                            counts[self._record(delivery, refused, None, None)] += 1
+                            continue
+                    started.add(delivery.id)
+                    used.submit(delivery, job)
+                if deadline is not None and (not started or time.monotonic() >= deadline):
+                    break
+                if deadline is None and not started and not used.in_flight() and used.finished.empty():
+                    break  # without a limit: until nothing is on its way, earlier calls' deliveries too
+                pause = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+                try:  # wait for the next finished delivery; after a pause, look for newly due ones
+                    record(used.finished.get(timeout=pause))
+                except queue.Empty:
+                    pass
+        finally:
+            if own:
+                used.close()
         return counts
 
-    def _record(self, row_id: int, attempts: int, result: SendResult, receipt: dict[str, Any] | None) -> str:
+    def _record(self, delivery: Delivery, result: SendResult, receipt: dict[str, Any] | None,
+                on_delivered: Callable[[sqlite_utils.Database, Delivery, dict[str, Any] | None], None] | None
+                ) -> str:
+        attempts = delivery.attempts + 1
         ts, iso = self._now()
         if result.ok:
             status, error, next_at = "delivered", "", ts
@@ -178,12 +369,15 @@ class Outbox:
             error = f"{result.error or f'HTTP {result.status}'} ({why})"
         with transaction(self.db):
             self.db.execute(
-                "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,"
+                "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL, url = ?,"
                 " last_error = ?, receipt = COALESCE(?, receipt), updated_at = ? WHERE id = ?",
-                [status, attempts, next_at, error, jsonutil.dumps(receipt) if receipt else None, iso, row_id])
+                [status, attempts, next_at, delivery.url, error, jsonutil.dumps(receipt) if receipt else None, iso,
+                 delivery.id])
+            if status == "delivered" and on_delivered is not None:
+                on_delivered(self.db, delivery, receipt)
         level = logging.INFO if status == "delivered" else logging.WARNING
-        log.log(level, "outbox delivery id=%s attempt=%d status=%s %s", row_id, attempts, status,
-                error if status != "delivered" else "")
+        log.log(level, "outbox delivery id=%s to=%s attempt=%d status=%s %s", delivery.id, delivery.destination,
+                attempts, status, error if status != "delivered" else "")
         return "delivered" if status == "delivered" else ("dead" if status == "dead" else "retry")
 
     # -- operators -----------------------------------------------------------------------

@@ -7,11 +7,19 @@ Sending (push on referral):
     signed receipt after checking it.
 
 Receiving:
-    ``receive(text, peer)`` stores the raw text first, verifies the signature
-    on the received text against the registry snapshot (the signer must be the
-    report's issuer), checks the Bundle against our profiles, stores its
-    resources, runs the recognition decision for this member, and answers with
-    a signed receipt. A Bundle received again is answered with the same receipt.
+    ``receive(text, peer)`` verifies the signature on the received text against
+    the registry snapshot (the signer must be the report's issuer), stores the
+    raw text keyed by the hash of the signed document (what the signature
+    covers: no ``signature``, ``id`` or ``meta``), checks the Bundle against our
+    profiles, stores its resources, runs the recognition decision for this
+    member, and answers with a signed receipt. The same document received again
+    — resent, re-serialised, or pushed by several requests at once — is stored
+    and decided once and answered with the same receipt. A push that does not
+    verify is kept under the hash of its bytes, as refused.
+
+Sending runs in lanes, one per destination (``delivery_concurrency``,
+``delivery_timeout``), to the endpoint the registry snapshot names at the time
+of sending (``gateway.exchange.outbox``).
 
 Pulling (调阅):
     ``signed_reports_for(patient identifier)`` answers a peer with this member's
@@ -26,6 +34,7 @@ import datetime as _dt
 import hashlib
 import logging
 import threading
+import time
 from urllib.parse import quote
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,8 +59,9 @@ from gateway.errors import (
 from gateway.naming import ext_url
 from gateway.audit import events as audit_events
 from gateway.audit import log as audit_log
-from gateway.exchange.outbox import Outbox, SendResult, Transport
+from gateway.exchange.outbox import Delivery, Lanes, Outbox, SendResult, Transport
 from gateway.exchange.peer_auth import ReplayCache, make_assertion, verify_assertion
+from gateway.exchange.transports import HTTPTransport
 from gateway.registry.snapshot import RegistryHolder
 from gateway.signing.canonical import canonicalize, document_bytes, parse_json
 from gateway.signing.jws import (
@@ -62,12 +72,12 @@ from gateway.signing.jws import (
     verify_bundle,
     verify_detached,
 )
-from gateway.signing.keys import load_certificates, load_private_key
+from gateway.signing.keys import signing_identity
 from gateway.signing.trust import check_certificate
 from gateway.store.db import transaction
-from gateway.store.store import Store
+from gateway.store.store import Store, holder_alive, lease_owner
 
-__all__ = ["MemberIdentity", "Exchange", "ReceiveResult", "EXCHANGE_PATH"]
+__all__ = ["MemberIdentity", "Exchange", "ReceiveResult", "ReceiveLater", "EXCHANGE_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +99,23 @@ class MemberIdentity:
 
         :raises ConfigError: unreadable files, or a key that does not fit the certificate.
         """
-        if not settings.signing_key and not settings.signing_cert:
-            return None
-        if not (settings.signing_key and settings.signing_cert):
-            raise ConfigError("signing_key and signing_cert go together", "signing_key")
-        try:
-            key = load_private_key(settings.signing_key)
-            chain = load_certificates(settings.signing_cert)
-        except (OSError, ValueError, GatewayError) as exc:
-            raise ConfigError(f"cannot load this member's signing key or certificate: {exc}", "signing_key") from None
-        if not chain or chain[0].public_key() != key.public_key():
-            raise ConfigError("signing_key does not belong to signing_cert", "signing_cert")
-        return cls(settings.issuer_uscc, key, tuple(chain))
+        found = signing_identity(settings)  # key mode, password, key fits certificate, certificate names issuer_uscc
+        return None if found is None else cls(*found)
+
+
+class ReceiveLater(GatewayError):
+    """A pushed Bundle that cannot be answered now (another request is working it); the sender sends it again."""
+
+    code = "transient"
+    http_status = 503
+
+
+class _AlreadyReceived(Exception):
+    """Internal: the document was stored by another request first (its message record is ``record_id``)."""
+
+    def __init__(self, record_id: int) -> None:
+        super().__init__(record_id)
+        self.record_id = record_id
 
 
 @dataclass
@@ -137,8 +152,13 @@ class Exchange:
         self.clock = clock
         self.checker = checker
         self.transport = transport
+        if isinstance(transport, HTTPTransport):
+            transport.timeout = float(settings.delivery_timeout)
         self._local = threading.local()
         self._marks: dict[tuple[str, str, str, _dt.date], list[str]] = {}
+        self.busy_wait = 20.0  # seconds a push waits for another request working the same Bundle
+        self._lanes: Lanes | None = None
+        self._lanes_lock = threading.Lock()
         self.snapshot_file: Any = None
         if holder is not None and settings.registry_snapshot:
             from gateway.registry.holder import SnapshotFile
@@ -156,7 +176,9 @@ class Exchange:
     def _tables(self) -> tuple[Outbox, ReplayCache]:
         tables = getattr(self._local, "tables", None)
         if tables is None or tables[0].db is not self.db:
-            tables = (Outbox(self.db, clock=self.clock), ReplayCache(self.db))
+            # a lease outlasts the longest a delivery can take, plus the pass that records it
+            lease = max(120.0, 2.0 * self.settings.delivery_timeout + self.settings.delivery_interval + 30.0)
+            tables = (Outbox(self.db, clock=self.clock, lease_seconds=lease), ReplayCache(self.db))
             self._local.tables = tables
         return tables
 
@@ -233,25 +255,33 @@ class Exchange:
 
         Decided by the registry snapshot (catalogue item, issuer scope and level, EQA
         for the cycle of the collection date); results without a mark stay unmarked.
+        The day is read as the recognition rules read it: a result whose date is not
+        precise to the day (``2024-06``, ``2024``) or has a time without an offset
+        gets no mark, as its recognition would be "not evaluable".
         """
         if self.holder is None:
             return 0
-        from gateway.recognition.engine import marks_for
+        from gateway.recognition.engine import marks_for, result_day
         from gateway.registry.models import Coding
 
         snapshot = self._snapshot()
         added = 0
         for entry in bundle.get("entry", []):
-            obs = entry.get("resource", {})
-            if obs.get("resourceType") != "Observation":
+            obs = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(obs, dict) or obs.get("resourceType") != "Observation":
                 continue
             when = obs.get("effectiveDateTime") or obs.get("issued")
-            if not when:
+            day, why_not = result_day(when if isinstance(when, str) else None)
+            if day is None:
+                log.debug("no recognition mark for an Observation: %s", why_not)
                 continue
-            day = _dt.date.fromisoformat(str(when)[:10])
             marks: list[str] = []
-            for coding in obs.get("code", {}).get("coding", []):
-                key = (snapshot.digest(), coding.get("system", ""), coding.get("code", ""), day)
+            code = obs.get("code")
+            codings = code.get("coding") if isinstance(code, dict) else None
+            for coding in codings if isinstance(codings, list) else []:
+                if not isinstance(coding, dict):
+                    continue
+                key = (snapshot.digest(), str(coding.get("system", "")), str(coding.get("code", "")), day)
                 grants = self._marks.get(key)
                 if grants is None:  # the same item on the same day under the same snapshot: same marks
                     if len(self._marks) > 10_000:
@@ -260,7 +290,10 @@ class Exchange:
                         self.settings.issuer_uscc, Coding(key[1], key[2]), day, snapshot)]
                 marks += [m for m in grants if m not in marks]
             if marks:
-                obs.setdefault("extension", []).extend({"url": EXT_MARK, "valueString": m} for m in marks)
+                extensions = obs.setdefault("extension", [])
+                if not isinstance(extensions, list):
+                    continue
+                extensions.extend({"url": EXT_MARK, "valueString": m} for m in marks)
                 added += len(marks)
         return added
 
@@ -274,7 +307,8 @@ class Exchange:
         member = self._snapshot().member(uscc)
         if member is None or not member.endpoint:
             raise UnknownIssuer(f"member {uscc} is not in the registry snapshot or has no endpoint", "destination")
-        return str(member.endpoint).rstrip("/") + EXCHANGE_PATH
+        # The registry lists a gateway's base URL; its FHIR base (…/fhir) names the same gateway.
+        return str(member.endpoint).rstrip("/").removesuffix("/fhir") + EXCHANGE_PATH
 
     def push(self, bundle_id: str, destination: str) -> int:
         """Queue this member's signed Bundle ``bundle_id`` for ``destination``; returns the outbox id.
@@ -296,24 +330,43 @@ class Exchange:
                                now=self.clock())
         return {"Authorization": f"Bearer {token}"}
 
-    def deliver(self, transport: Transport | None = None, limit: int = 50) -> dict[str, int]:
-        """Try every due delivery once; receipts are verified before a delivery counts."""
+    @property
+    def lanes(self) -> Lanes:
+        """This gateway's delivery lanes, one per destination (``delivery_concurrency`` deliveries each)."""
+        with self._lanes_lock:
+            if self._lanes is None:
+                self._lanes = Lanes(self.settings.delivery_concurrency)
+            return self._lanes
+
+    def deliver(self, transport: Transport | None = None, limit: int = 50, *,
+                wait: float | None = 5.0) -> dict[str, int]:
+        """Try every due delivery once; receipts are verified before a delivery counts. Returns counts.
+
+        Each destination has its own lane (``delivery_concurrency`` deliveries at
+        once, each given ``delivery_timeout`` seconds), so a slow or hung member
+        never holds up deliveries to the others. Every delivery goes to the
+        endpoint the registry snapshot in force names for its destination now.
+        The call returns when its deliveries are done or after ``wait`` seconds
+        (None: when all are done); one still waiting on a slow member goes on in
+        its lane and is counted by a later call.
+        """
         used = transport or self.transport
         if used is None:
             raise ConfigError("no transport to deliver with", "transport")
 
-        def check(row_id: int, result: SendResult) -> dict[str, Any]:
-            sent = self.outbox.get(row_id)
-            payload = bytes(self.db.execute("SELECT payload FROM outbox WHERE id = ?", [row_id]).fetchone()[0])
-            bundle = parse_json(payload)
-            doc_sha = hashlib.sha256(document_bytes(bundle)).hexdigest()
-            receipt = self.check_receipt(result.body, sent.destination, sent_sha256=doc_sha)
-            with transaction(self.db):
-                audit_events.exchanged(self.db, "sent", at=self.clock(), member=self.settings.issuer_uscc,
-                                       peer=sent.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"))
-            return receipt
+        def check(delivery: Delivery, result: SendResult) -> dict[str, Any]:
+            doc_sha = hashlib.sha256(document_bytes(parse_json(delivery.payload))).hexdigest()
+            return self.check_receipt(result.body, delivery.destination, sent_sha256=doc_sha)
 
-        return self.outbox.deliver_due(used, limit=limit, headers=self.assertion_for, on_receipt=check)
+        def delivered(db: sqlite_utils.Database, delivery: Delivery, receipt: dict[str, Any] | None) -> None:
+            bundle = parse_json(delivery.payload)
+            doc_sha = hashlib.sha256(document_bytes(bundle)).hexdigest()
+            audit_events.exchanged(db, "sent", at=self.clock(), member=self.settings.issuer_uscc,
+                                   peer=delivery.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"))
+
+        return self.outbox.deliver_due(used, limit=limit, headers=self.assertion_for, on_receipt=check,
+                                       on_delivered=delivered, url_for=self.endpoint_of, lanes=self.lanes,
+                                       wait=wait)
 
     # -- receipts ------------------------------------------------------------------------
 
@@ -360,18 +413,92 @@ class Exchange:
     def receive(self, text: bytes, peer: str) -> ReceiveResult:
         """Take a pushed signed Bundle from authenticated member ``peer``.
 
+        A received Bundle is known by the hash of what its signature covers (the
+        canonical document without ``signature``, ``id`` and ``meta``), not by its
+        bytes: a pretty-printed or re-ordered copy, one with another ``id`` or
+        ``meta``, and the same Bundle pushed by several requests at once are
+        stored, decided and audited once, and every copy is answered with the
+        first one's signed receipt. A copy that does not verify is refused and
+        kept apart; it never touches the Bundle already received.
+
         :raises BadSignature: (401) the signature does not verify.
         :raises TrustError: (403) signer not listed, not the issuer, or snapshot problems.
         :raises ProfileViolation: (422) the Bundle breaks our profiles.
         :raises ParseError: (400) not strict JSON.
+        :raises ReceiveLater: (503) the same Bundle is still being worked by another request; send it again.
         """
+        try:
+            verified = verify_bundle(text, self._snapshot(), at=self.clock())
+            issuer = check_signer_is_issuer(verified)
+        except GatewayError as exc:
+            self._refuse_unverified(text, peer, exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the text does to the parser, it is refused, not a 500
+            log.warning("exchange push from peer=%s cannot be read: %s", peer, type(exc).__name__)
+            error = ParseError("the pushed Bundle cannot be read as a signed FHIR Bundle", "Bundle")
+            self._refuse_unverified(text, peer, error)
+            raise error from None
+        doc_sha = verified.document_sha256
+        lease = float(self.settings.processing_lease)
+        record_id, existing = self.store.insert_raw(channel="exchange", fmt="fhir-signed", sender=issuer,
+                                                    message_id=doc_sha, origin=f"peer:{peer}", raw=text, lease=lease)
+        deadline = time.monotonic() + self.busy_wait
+        while existing is not None:  # the same document was pushed before, or is being worked right now
+            if existing.ack is not None:
+                return ReceiveResult(200, existing.ack, duplicate=True)
+            if self._take(record_id, lease):
+                break
+            if time.monotonic() >= deadline:
+                raise ReceiveLater("this Bundle is being received by another request; send it again later",
+                                   "Bundle")
+            time.sleep(0.05)
+            existing = self.store.get_message(record_id)
+        return self._work(verified, issuer, text, peer, record_id)
+
+    def _take(self, record_id: int, lease: float) -> bool:
+        """Hold a received Bundle that has no answer and no live holder (an earlier attempt died or was refused)."""
+        now = self.clock().timestamp()
+        db = self.db
+        with transaction(db, poll=True):
+            row = db.execute("SELECT ack IS NOT NULL, lease_owner, lease_until FROM messages WHERE id = ?",
+                             [record_id]).fetchone()
+            if row is None or row[0] or holder_alive(row[1], row[2], now):
+                return False
+            db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
+                       " attempts = attempts + 1 WHERE id = ?", [lease_owner(), now + lease, record_id])
+        return True
+
+    def _refuse_unverified(self, text: bytes, peer: str, exc: GatewayError) -> None:
+        """Keep a push that did not verify, under the hash of its bytes, as refused, with its audit entry."""
         digest_raw = hashlib.sha256(text).hexdigest()
+        reason = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "invalid"}.get(
+            exc.http_status, "invalid")
+        detail = exc.message[:200]
+
+        def audit(db: sqlite_utils.Database) -> None:
+            audit_events.exchanged(db, "refused", at=self.clock(), member=self.settings.issuer_uscc, peer=peer,
+                                   bundle_hash=digest_raw, reason=reason, detail=detail)
+
         record_id, existing = self.store.insert_raw(channel="exchange", fmt="fhir-signed", sender=peer,
                                                     message_id=digest_raw, origin=f"peer:{peer}", raw=text)
-        if existing is not None and existing.ack is not None:
-            return ReceiveResult(200, existing.ack, duplicate=True)
+        if existing is not None and existing.ack is not None:  # accepted once (before a revocation): keep that
+            with transaction(self.db):
+                audit(self.db)
+            return
+        self.store.finish(record_id, status="refused", ack_code=str(exc.http_status), ack=None,
+                          issues=exc.issues(), after=audit)
+
+    def _work(self, verified: Any, issuer: str, text: bytes, peer: str, record_id: int) -> ReceiveResult:
+        """Check, decide, store and receipt a verified Bundle held by this request."""
+        owner = lease_owner()
+        doc_sha = verified.document_sha256
         try:
-            return self._receive(text, peer, record_id)
+            return self._receive(verified, issuer, text, peer, record_id, owner)
+        except _AlreadyReceived as dup:  # another request stored the same document first: its receipt answers
+            first = self.store.get_message(dup.record_id)
+            if dup.record_id != record_id:
+                self.store.finish(record_id, status="stored", ack_code="200", ack=first.ack, issues=[], owner=owner)
+            return ReceiveResult(200, first.ack or b"", duplicate=True)
         except GatewayError as exc:
             reason = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "invalid"}.get(
                 exc.http_status, "invalid")
@@ -379,17 +506,24 @@ class Exchange:
 
             def audit(db: sqlite_utils.Database) -> None:
                 audit_events.exchanged(db, "refused", at=self.clock(), member=self.settings.issuer_uscc, peer=peer,
-                                       bundle_hash=digest_raw, reason=reason, detail=detail)
+                                       bundle_hash=doc_sha, reason=reason, detail=detail)
 
             self.store.finish(record_id, status="refused", ack_code=str(exc.http_status), ack=None,
-                              issues=exc.issues(), after=audit)
+                              issues=exc.issues(), after=audit, owner=owner)
             raise
+        except Exception as exc:  # noqa: BLE001 - kept as failed; the sender's next attempt works it again
+            log.exception("exchange record=%s could not be worked (%s); raw input kept", record_id,
+                          type(exc).__name__)
+            issue = Issue("error", "exception", "", "internal error in the gateway; the Bundle is kept and is "
+                          "worked again when it is sent again")
+            self.store.finish(record_id, status="failed", ack_code="503", ack=None, issues=[issue], owner=owner)
+            raise ReceiveLater("the Bundle could not be worked now; it is kept, send it again later",
+                               "Bundle") from None
 
-    def _receive(self, text: bytes, peer: str, record_id: int) -> ReceiveResult:
+    def _receive(self, verified: Any, issuer: str, text: bytes, peer: str, record_id: int,
+                 owner: str) -> ReceiveResult:
         snapshot = self._snapshot()
         now = self.clock()
-        verified = verify_bundle(text, snapshot, at=now)
-        issuer = check_signer_is_issuer(verified)
         bundle = verified.bundle
         if self.checker is not None:
             problems = [i for i in self.checker(bundle) if i.severity == "error"]
@@ -421,6 +555,11 @@ class Exchange:
             decisions, member=self.settings.issuer_uscc, bundle_hash=doc_sha, kid=verified.kid))
 
         def inside(db: sqlite_utils.Database) -> None:
+            # the write lock makes this the one place where "received already?" has a single answer
+            first = db.execute("SELECT message_ref FROM signed_bundles WHERE doc_sha256 = ? AND direction = 'received'",
+                               [doc_sha]).fetchone()
+            if first is not None and first[0] is not None:
+                raise _AlreadyReceived(int(first[0]))
             self.keep_signed(db, text, "received", record_id, bundle=bundle, digest=doc_sha)
             save_decisions(db, decisions, now)
             audit_events.exchanged(db, "received", at=now, member=self.settings.issuer_uscc, peer=peer,
@@ -428,8 +567,9 @@ class Exchange:
             audit_log.append_prepared(db, decision_entries)
 
         unsigned = {k: v for k, v in bundle.items() if k != "signature"}
-        self.store.finish(record_id, status="stored", ack_code="200", ack=receipt, issues=[], bundle=unsigned,
-                          after=inside)
+        if not self.store.finish(record_id, status="stored", ack_code="200", ack=receipt, issues=[], bundle=unsigned,
+                                 after=inside, owner=owner):
+            raise ReceiveLater("this Bundle was taken over by another process; send it again later", "Bundle")
         log.info("exchange received record=%s issuer=%s decisions=%s", record_id, issuer, counts)
         return ReceiveResult(200, receipt, decisions=[d.to_dict() for d in decisions])
 

@@ -7,6 +7,8 @@ Network failures come back as retryable results, never as exceptions.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 import requests
@@ -28,36 +30,75 @@ def classify(status: int, body: bytes = b"") -> SendResult:
     return SendResult(False, retryable=retryable, status=status, body=body, error=f"HTTP {status}")
 
 
+class _Unanswered(Exception):
+    """Internal: the answer took longer than the timeout, or grew beyond what is read."""
+
+
 class HTTPTransport:
-    """POSTs FHIR JSON over HTTP(S)."""
+    """POSTs FHIR JSON over HTTP(S).
+
+    ``timeout`` bounds the connection, each wait for data and the whole answer
+    (a receiver that trickles its answer is cut off like one that never
+    answers). An answer larger than ``max_answer_bytes`` (``max_query_bytes``
+    for 调阅 queries) is not read. Safe to use from several threads: each has
+    its own connection pool.
+    """
 
     def __init__(self, *, timeout: float = 30.0, verify: bool | str = True,
-                 cert: tuple[str, str] | None = None) -> None:
-        self.session = requests.Session()
+                 cert: tuple[str, str] | None = None, max_answer_bytes: int = 1 << 20,
+                 max_query_bytes: int = 256 << 20) -> None:
+        self._local = threading.local()
         self.timeout = timeout
         self.verify = verify
         self.cert = cert  # client certificate and key, for mutual TLS where deployed
+        self.max_answer_bytes = max_answer_bytes
+        self.max_query_bytes = max_query_bytes
 
-    def send(self, url: str, payload: bytes, headers: dict[str, str]) -> SendResult:
+    @property
+    def session(self) -> requests.Session:
+        """This thread's session."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def _read(self, resp: requests.Response, deadline: float, limit: int) -> bytes:
+        """The answer's body, read as it arrives (``read1``), so that a trickle is cut off at the deadline."""
+        body = bytearray()
+        while True:
+            chunk = resp.raw.read1(65536, decode_content=True)
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > limit:
+                raise _Unanswered(f"the answer is larger than {limit} bytes")
+            if time.monotonic() > deadline:
+                raise _Unanswered("timed out")
+
+    def _call(self, method: str, url: str, headers: dict[str, str], payload: bytes | None, limit: int,
+              unreachable: str) -> SendResult:
+        deadline = time.monotonic() + self.timeout
         try:
-            resp = self.session.post(url, data=payload, timeout=self.timeout, verify=self.verify, cert=self.cert,
-                                     headers={"Content-Type": "application/fhir+json", **headers})
+            with self.session.request(method, url, data=payload, timeout=self.timeout, verify=self.verify,
+                                      cert=self.cert, headers=headers, stream=True) as resp:
+                body = self._read(resp, deadline, limit)
+                status = resp.status_code
         except requests.Timeout:
             return SendResult(False, retryable=True, error="timed out")
+        except _Unanswered as exc:
+            return SendResult(False, retryable=True, error=str(exc))
         except requests.RequestException as exc:
-            return SendResult(False, retryable=True, error=f"cannot reach the receiver: {type(exc).__name__}")
-        return classify(resp.status_code, resp.content)
+            return SendResult(False, retryable=True, error=f"{unreachable}: {type(exc).__name__}")
+        return classify(status, body)
+
+    def send(self, url: str, payload: bytes, headers: dict[str, str]) -> SendResult:
+        return self._call("POST", url, {"Content-Type": "application/fhir+json", **headers}, payload,
+                          self.max_answer_bytes, "cannot reach the receiver")
 
     def get(self, url: str, headers: dict[str, str]) -> SendResult:
         """GET (调阅 queries); network problems come back as retryable results."""
-        try:
-            resp = self.session.get(url, timeout=self.timeout, verify=self.verify, cert=self.cert,
-                                    headers={"Accept": "application/fhir+json", **headers})
-        except requests.Timeout:
-            return SendResult(False, retryable=True, error="timed out")
-        except requests.RequestException as exc:
-            return SendResult(False, retryable=True, error=f"cannot reach the peer: {type(exc).__name__}")
-        return classify(resp.status_code, resp.content)
+        return self._call("GET", url, {"Accept": "application/fhir+json", **headers}, None, self.max_query_bytes,
+                          "cannot reach the peer")
 
 
 class MockTransport:

@@ -68,6 +68,7 @@ __all__ = [
     "decide",
     "decide_all",
     "marks_for",
+    "result_day",
 ]
 
 RECOGNIZED = "recognized"
@@ -228,24 +229,42 @@ class _Moment:
 
 
 def _moment(value: str | None) -> _Moment | None | str:
-    """The parsed value; None when absent; a reason string when unusable."""
+    """The parsed value; None when absent; a reason string when unusable.
+
+    A partial date (``2024-06``, ``2024``) is unusable: the rules need the day.
+    """
     if not value:
         return None
     text = str(value)
     if "T" not in text:
         if len(text) != 10:
-            return f"{text!r} is not precise to the day"
+            return f"{text[:40]!r} is not precise to the day"
         try:
             return _Moment(text, None, _dt.date.fromisoformat(text))
         except ValueError:
-            return f"{text!r} is not a date"
+            return f"{text[:40]!r} is not a date"
     try:
         moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        return f"{text!r} is not a dateTime"
+        return f"{text[:40]!r} is not a dateTime"
     if moment.tzinfo is None:
-        return f"{text!r} has a time but no UTC offset"
-    return _Moment(text, moment, china_date(moment))
+        return f"{text[:40]!r} has a time but no UTC offset"
+    try:
+        return _Moment(text, moment, china_date(moment))
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is past the last representable day in China
+        return f"{text[:40]!r} is out of range"
+
+
+def result_day(value: str | None) -> tuple[_dt.date | None, str | None]:
+    """The China Standard Time calendar day of a FHIR ``date``/``dateTime``: (day, None) or (None, why not).
+
+    The same reading the rules make: a partial date (``2024-06``, ``2024``), a time
+    without an offset or a value that is not a date has no day, and says why.
+    """
+    parsed = _moment(value)
+    if isinstance(parsed, _Moment):
+        return parsed.day, None
+    return None, parsed or "no date"
 
 
 _ANCHOR_SOURCES = {
@@ -409,10 +428,10 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
         return _r(rid, NOT_EVALUABLE, f"the {item.time_anchor} time is unusable: {parsed}", **info)
     info["anchor"] = parsed.text
     if parsed.moment is not None:
+        if ctx.at < parsed.moment:  # checked first: a date far in the future has no representable window end
+            return _r(rid, FAILED, f"the {item.time_anchor} time is after the decision time", **info)
         valid_until = parsed.moment + _dt.timedelta(days=item.window_days)
         info["valid_until"] = valid_until.isoformat()
-        if ctx.at < parsed.moment:
-            return _r(rid, FAILED, f"the {item.time_anchor} time is after the decision time", **info)
         if ctx.at <= valid_until:
             return _r(
                 rid,
@@ -427,11 +446,11 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
             **info,
         )
     # Day precision only: the window runs to the end of the last day, China Standard Time.
-    last_day = parsed.day + _dt.timedelta(days=item.window_days)
     today = ctx.at.astimezone(CN_TZ).date()
-    info["valid_until"] = last_day.isoformat()
     if today < parsed.day:
         return _r(rid, FAILED, f"the {item.time_anchor} date is after the decision date", **info)
+    last_day = parsed.day + _dt.timedelta(days=item.window_days)
+    info["valid_until"] = last_day.isoformat()
     if today <= last_day:
         return _r(
             rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid through {last_day})", **info

@@ -1,0 +1,238 @@
+"""A received Bundle is known by what its signature covers, not by its bytes.
+
+Re-serialised copies (pretty-printed, keys re-ordered, another Bundle.id or meta,
+which the signature leaves out) and concurrent pushes of one Bundle are stored,
+decided and audited once and answered with the same signed receipt; a copy with a
+broken signature is refused without touching the Bundle received; a push left
+unfinished by a dead process is worked again when it is sent again. Results whose
+date is not precise to the day (OBR-7 ``202406``) are stored, signed and pushed,
+without a recognition mark.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from conftest import Clock
+from gateway.audit.log import entries
+from gateway.demo import MEMBERS
+from gateway.demo.world import build_world
+from gateway.recognition.engine import result_day
+from gateway.signing.canonical import parse_json
+from gateway.store.store import lease_owner
+
+CST = _dt.timezone(_dt.timedelta(hours=8))
+TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
+URLS = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
+LIS = Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
+
+
+@pytest.fixture
+def world(tmp_path):
+    return build_world(tmp_path, Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST)), URLS,
+                       members=("tongjiang", "fuling"))
+
+
+def first_message(when: str | None = None) -> bytes:
+    """通江's blood count (4 results), its collection time (OBR-7, SPM-17) replaced by ``when``."""
+    framed = LIS.read_bytes()  # MLLP frames: VT message FS CR
+    message = framed[framed.index(b"\x0b") + 1:framed.index(b"\x1c")]
+    if when is not None:
+        message = message.replace(b"20261120073000", when.encode()).replace(b"TJ2611200001", b"TJP" + when.encode())
+    return message
+
+
+def signed_report(world, when: str | None = None) -> bytes:
+    outcomes = world.gateways["tongjiang"].pipeline.ingest(first_message(when), "hl7v2", channel="mllp")
+    signed = [o.signed for o in outcomes if o.signed is not None]
+    assert len(signed) == 1, [getattr(o, "issues", None) for o in outcomes]
+    return signed[0]
+
+
+def push(world, payload: bytes, url: str | None = None):
+    ex = world.gateways["tongjiang"].pipeline.exchange
+    headers = ex.assertion_for(world.gateways["fuling"].url + "/exchange/bundles")
+    if url is not None:
+        return requests.post(url, data=payload, headers=headers, timeout=60)
+    return world.gateways["fuling"].app.test_client().post("/exchange/bundles", data=payload, headers=headers)
+
+
+def body_of(resp) -> bytes:
+    return resp.content if isinstance(resp, requests.Response) else resp.data
+
+
+def counts(world) -> dict[str, int]:
+    db = world.gateways["fuling"].pipeline.store.db
+    kinds = [e.kind for e in entries(db)]
+    one = db.execute
+    return {
+        "messages": one("SELECT count(*) FROM messages WHERE format = 'fhir-signed'").fetchone()[0],
+        "received": one("SELECT count(*) FROM signed_bundles WHERE direction = 'received'").fetchone()[0],
+        "decisions": one("SELECT count(*) FROM recognition_decisions").fetchone()[0],
+        "reports": world.gateways["fuling"].pipeline.store.search("DiagnosticReport", []).total,
+        "exchange_audit": kinds.count("exchange"),
+        "decision_audit": kinds.count("decision"),
+    }
+
+
+def copies(signed: bytes) -> dict[str, bytes]:
+    """Other serialisations of the same signed Bundle, and ones with another id or meta."""
+    doc = json.loads(signed)
+    reordered = {k: doc[k] for k in reversed(list(doc))}
+    reordered["entry"] = [{k: e[k] for k in reversed(list(e))} for e in doc["entry"]]
+    return {
+        "pretty": json.dumps(doc, ensure_ascii=False, indent=2).encode(),
+        "ascii-escaped": json.dumps(doc, ensure_ascii=True).encode(),
+        "reordered": json.dumps(reordered, ensure_ascii=False).encode(),
+        "other-id": json.dumps({**doc, "id": "another-id"}, ensure_ascii=False).encode(),
+        "other-meta": json.dumps({**doc, "meta": {"versionId": "7", "tag": [{"code": "x"}]}}).encode(),
+        "no-meta": json.dumps({k: v for k, v in doc.items() if k != "meta"}).encode(),
+    }
+
+
+def test_re_serialised_copies_are_the_same_bundle(world) -> None:
+    signed = signed_report(world)
+    first = push(world, signed)
+    assert first.status_code == 200 and first.headers["X-Duplicate"] == "false"
+    once = counts(world)
+    assert once["messages"] == once["received"] == once["reports"] == once["exchange_audit"] == 1
+    assert once["decisions"] == once["decision_audit"] == 4
+    for name, copy in copies(signed).items():
+        assert copy != signed
+        again = push(world, copy)
+        assert again.status_code == 200, (name, again.data)
+        assert again.data == first.data, name  # the same signed receipt, byte for byte
+        assert again.headers["X-Duplicate"] == "true", name
+    assert counts(world) == once
+
+
+def test_a_copy_with_a_broken_signature_is_refused_and_changes_nothing(world) -> None:
+    signed = signed_report(world)
+    first = push(world, signed)
+    once = counts(world)
+    doc = json.loads(signed)
+    doc["signature"]["data"] = doc["signature"]["data"][:-8] + "AAAAAAA="
+    forged = push(world, json.dumps(doc).encode())
+    assert forged.status_code == 401 and forged.data != first.data
+    fl = world.gateways["fuling"].pipeline.store
+    stored = fl.find_message("fhir-signed", TJ, json.loads(first.data)["receipt"]["sha256"])
+    assert stored is not None and stored.status == "stored" and stored.ack == first.data
+    after = counts(world)
+    assert after["exchange_audit"] == once["exchange_audit"] + 1  # the refusal is audited
+    assert after["messages"] == once["messages"] + 1  # and its bytes kept apart, as refused
+    assert {k: v for k, v in after.items() if k not in ("exchange_audit", "messages")} == \
+        {k: v for k, v in once.items() if k not in ("exchange_audit", "messages")}
+    assert push(world, signed).data == first.data  # the genuine Bundle is still answered as before
+
+
+def test_unreadable_push_is_refused_with_a_field_and_kept(world) -> None:
+    for text in (b"[" * 100_000, b'{"resourceType": "Bundle", "n": 1' + b"0" * 5000 + b"}", b"\xff\xfe"):
+        resp = push(world, text)
+        assert 400 <= resp.status_code < 500, resp.data
+        assert resp.get_json()["resourceType"] == "OperationOutcome"
+    db = world.gateways["fuling"].pipeline.store.db
+    assert db.execute("SELECT count(*) FROM messages WHERE status = 'refused'").fetchone()[0] == 3
+
+
+@pytest.fixture
+def served(world):
+    """涪陵's gateway app on a threaded loopback server."""
+    server = make_server("127.0.0.1", 0, world.gateways["fuling"].app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/exchange/bundles"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+def test_concurrent_pushes_of_one_bundle_are_worked_once(world, served) -> None:
+    signed = signed_report(world)
+    variants = [signed, *copies(signed).values()]
+    answers: list[requests.Response] = []
+    gate = threading.Barrier(8)
+
+    def one(i: int) -> None:
+        payload = variants[i % len(variants)] if i % 2 else signed
+        ex = world.gateways["tongjiang"].pipeline.exchange
+        headers = ex.assertion_for(world.gateways["fuling"].url + "/exchange/bundles")
+        gate.wait()
+        answers.append(requests.post(served, data=payload, headers=headers, timeout=60))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert [a.status_code for a in answers] == [200] * 8, [a.text[:200] for a in answers]
+    assert len({a.content for a in answers}) == 1  # one receipt for all
+    assert sorted(a.headers["X-Duplicate"] for a in answers) == ["false"] + ["true"] * 7
+    c = counts(world)
+    assert c["messages"] == c["received"] == c["reports"] == c["exchange_audit"] == 1
+    assert c["decisions"] == c["decision_audit"] == 4
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout)
+
+
+def test_a_push_left_unfinished_by_a_dead_process_is_worked_when_sent_again(world) -> None:
+    signed = signed_report(world)
+    fl = world.gateways["fuling"].pipeline
+    ex = world.gateways["tongjiang"].pipeline.exchange
+    digest = ex.sign_with_digest(parse_json(signed))[1]
+    host = lease_owner().rpartition(":")[0]
+    record_id, _ = fl.store.insert_raw(channel="exchange", fmt="fhir-signed", sender=TJ, message_id=digest,
+                                       origin=f"peer:{TJ}", raw=signed, lease=300)
+    fl.store.db.execute("UPDATE messages SET lease_owner = ? WHERE id = ?", [f"{host}:{dead_pid()}", record_id])
+    resp = push(world, signed)
+    assert resp.status_code == 200 and resp.headers["X-Duplicate"] == "false"
+    assert fl.store.get_message(record_id).status == "stored"
+    assert counts(world)["decisions"] == 4
+
+
+def test_a_push_held_by_a_live_worker_is_answered_retry_later(world) -> None:
+    signed = signed_report(world)
+    fl = world.gateways["fuling"].pipeline
+    digest = world.gateways["tongjiang"].pipeline.exchange.sign_with_digest(parse_json(signed))[1]
+    record_id, _ = fl.store.insert_raw(channel="exchange", fmt="fhir-signed", sender=TJ, message_id=digest,
+                                       origin=f"peer:{TJ}", raw=signed, lease=300)  # held by this live process
+    fl.exchange.busy_wait = 0.3
+    busy = push(world, signed)
+    assert busy.status_code == 503 and busy.get_json()["resourceType"] == "OperationOutcome"
+    fl.store.release(record_id)
+    assert push(world, signed).status_code == 200
+    assert counts(world)["decisions"] == 4
+
+
+@pytest.mark.parametrize("when", ["202406", "2024", "20240605"])
+def test_partial_result_dates_are_stored_signed_and_pushed_without_marks(world, when: str) -> None:
+    signed = signed_report(world, when)
+    doc = parse_json(signed)
+    observations = [e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert len(observations) == 4
+    for obs in observations:
+        assert not any(x.get("url", "").endswith("recognition-mark") for x in obs.get("extension", []))
+    resp = push(world, signed)
+    assert resp.status_code == 200
+    decisions = json.loads(resp.data)["receipt"]["decisions"]
+    assert sum(decisions.values()) == 4 and "recognized" not in decisions
+
+
+def test_result_day_reads_dates_as_the_rules_do() -> None:
+    assert result_day("2024-06-05") == (_dt.date(2024, 6, 5), None)
+    assert result_day("2024-06-05T23:30:00-05:00")[0] == _dt.date(2024, 6, 6)  # the day in China
+    for partial in ("2024-06", "2024"):
+        day, why = result_day(partial)
+        assert day is None and "not precise to the day" in str(why)
+    for bad in ("2024-06-05T10:00:00", "9999-12-31T23:00:00-05:00", "2024-13-01", None):
+        assert result_day(bad)[0] is None and result_day(bad)[1]
