@@ -153,6 +153,7 @@ def test_checkpoint_cli_and_exchange_between_peers(db_path: Path, tmp_path: Path
     me, peer = Pki(TONGJIANG), Pki(FULING)
     for pki, name in ((me, "me"), (peer, "peer")):
         (tmp_path / f"{name}.key").write_bytes(keys.private_key_pem(pki.key))
+        (tmp_path / f"{name}.key").chmod(0o600)  # a key others can read is refused
         (tmp_path / f"{name}.crt").write_bytes(keys.cert_pem(pki.cert))
     runner = CliRunner()
     made = runner.invoke(

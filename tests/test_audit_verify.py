@@ -280,10 +280,11 @@ def test_guards_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert "the append-only guards were removed" in out
 
 
-def test_without_certificates_signatures_are_not_checked(original: Path, tmp_path: Path) -> None:
+def test_without_certificates_checkpoints_cannot_be_vouched_for(original: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(audit, ["verify", "--db", str(copy_of(original, tmp_path))])
-    assert result.exit_code == 0
-    assert "signature not checked" in result.output
+    assert result.exit_code == 3
+    assert result.output.startswith("NOT VERIFIED: the chain of 12 entries is intact")
+    assert "checkpoint 1: signature not checked" in result.output
 
 
 def test_missing_database_is_one_line(tmp_path: Path) -> None:

@@ -20,11 +20,14 @@ two different heads for the same count is caught on import.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import datetime as _dt
 import functools
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -33,12 +36,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.audit.log import ensure_schema, head, instant
 from gateway.audit.verify import CheckpointClaim
-from gateway.errors import BadSignature, ConfigError, InputError, TrustError
+from gateway.config import Settings
+from gateway.errors import BadSignature, ConfigError, GatewayError, InputError, TrustError
 from gateway.identifiers import check_uscc
 from gateway.signing.canonical import canonicalize
-from gateway.signing.jws import sign_detached, verify_detached
-from gateway.signing.keys import uscc_of
-from gateway.signing.trust import TrustSource, check_certificate
+from gateway.signing.jws import sign_detached, unverified_header, verify_detached, x5c_leaf
+from gateway.signing.keys import certificates_in, is_authority, load_certificates, uscc_of
+from gateway.signing.trust import CombinedTrust, StaticTrust, TrustSource, check_certificate, find_issuer
 from gateway.store.db import transaction
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "check_signature",
     "import_peer",
     "claims",
+    "configured_trust",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,14 +246,30 @@ def check_signature(cp: Checkpoint, trust: TrustSource) -> str:
 
     The JWS must verify over the checkpoint's own facts with a certificate
     listed in ``trust`` at the checkpoint time (shell model), and that
-    certificate must name the member the checkpoint is about.
+    certificate must name the member the checkpoint is about. The certificate
+    is looked for in ``trust`` and in the signature's ``x5c`` (when a trusted
+    authority issued it); either way it must pass every check of
+    :func:`gateway.signing.trust.check_certificate`.
 
     :raises BadSignature: the signature does not verify (says nothing about why).
     :raises UnknownIssuer: the certificate is not from a trusted authority, or not listed.
     :raises TrustError: the signer is another member than the checkpoint names.
     """
+
+    def candidates(kid: str) -> list[x509.Certificate]:
+        # The listed certificates with this kid, and the x5c leaf when a trusted authority issued it: a
+        # certificate no list holds is then named as such (check_certificate below). One from anyone else
+        # is no candidate: its signature is a bad signature.
+        found = list(trust.certificates_for_kid(kid))
+        try:
+            leaf = x5c_leaf(unverified_header(cp.jws), kid)
+        except BadSignature:
+            leaf = []
+        authorities = trust.authorities()
+        return found + [c for c in leaf if c not in found and find_issuer(c, authorities) is not None]
+
     try:
-        header, cert = verify_detached(cp.jws, cp.payload(), trust.certificates_for_kid)
+        header, cert = verify_detached(cp.jws, cp.payload(), candidates)
     except BadSignature:
         raise BadSignature(location="checkpoint") from None
     try:
@@ -295,28 +316,127 @@ def import_peer(
     return stored
 
 
-def _claim(cp: Checkpoint, label: str, trust: TrustSource | None) -> CheckpointClaim:
-    check = None if trust is None else functools.partial(check_signature, cp, trust)
+def _check_member(cp: Checkpoint, trust: TrustSource, member: str) -> str:
+    signer = check_signature(cp, trust)
+    if cp.member != member:
+        raise TrustError(f"it is about {cp.member}, but this is the log of {member}", "checkpoint")
+    return signer
+
+
+def _claim(cp: Checkpoint, label: str, trust: TrustSource | None, member: str | None) -> CheckpointClaim:
+    check = None
+    if trust is not None:
+        check = (
+            functools.partial(check_signature, cp, trust)
+            if member is None
+            else functools.partial(_check_member, cp, trust, member)
+        )
     return CheckpointClaim(cp.count, cp.head, cp.time, label, check)
 
 
 def claims(
-    db: sqlite_utils.Database, trust: TrustSource | None, *, extra: Iterable[Checkpoint] = ()
+    db: sqlite_utils.Database,
+    trust: TrustSource | None,
+    *,
+    extra: Iterable[Checkpoint] = (),
+    member: str | None = None,
 ) -> tuple[list[CheckpointClaim], list[str]]:
     """What :func:`gateway.audit.verify.verify` checks the log against, and notes on what was skipped.
 
     This gateway's own checkpoints, plus ``extra`` ones (copies held by peers)
-    about the same member. Without ``trust`` signatures are not checked.
+    about the same member. Without ``trust`` signatures are not checked (the
+    report then cannot vouch for them). With ``member`` (whose log this is), a
+    checkpoint about another member does not verify.
     """
     own = checkpoints(db, own=True)
-    members = {cp.member for cp in own}
-    out = [_claim(cp, cp.label(), trust) for cp in own]
+    members = {cp.member for cp in own} if member is None else {member}
+    out = [_claim(cp, cp.label(), trust, member) for cp in own]
     notes: list[str] = []
     for cp in extra:
         if members and cp.member not in members:
             notes.append(f"{cp.label()} is about {cp.member}, not this log: skipped")
             continue
-        out.append(_claim(cp, f"peer-held {cp.label()}", trust))
+        out.append(_claim(cp, f"peer-held {cp.label()}", trust, member))
     if len(members) > 1:
         notes.append(f"this log's checkpoints name several members: {', '.join(sorted(members))}")
     return out, notes
+
+
+def configured_trust(
+    settings: Settings, files: Iterable[str | os.PathLike[str]] = ()
+) -> tuple[TrustSource | None, list[str]]:
+    """The trust a gateway checks checkpoint signatures with, and a note saying what it holds.
+
+    Without flags: the registry authority (``registry_authority``), the member
+    certificates of the registry snapshot (``registry_snapshot``; verified against
+    the authority as of its own issue time, so an expired snapshot still vouches
+    for what it listed then) and this member's own certificate (``signing_cert``).
+    ``files`` (``--trust``) add authorities and member certificates. A member
+    certificate that the authority issued but no list holds is trusted only when
+    no snapshot is at hand (revocation cannot be known then, and the note says
+    so). None when no registry authority is known: nothing can be vouched for.
+
+    :raises ConfigError: a configured or given file is unreadable, or the snapshot does not verify.
+    """
+    authorities: list[x509.Certificate] = []
+    sources: list[TrustSource] = []
+    held: list[str] = []
+    path = settings.registry_authority
+    default = next(f.default for f in dataclasses.fields(Settings) if f.name == "registry_authority")
+    if path and (path != default or Path(path).exists()):
+        try:
+            authorities += [c for c in load_certificates(path) if is_authority(c)]
+        except ConfigError as exc:
+            raise ConfigError(f"registry authority certificate {path}: {exc.message}", "registry_authority") from None
+        held.append(f"registry authority {path}")
+    snapshot = _snapshot(settings.registry_snapshot, authorities) if settings.registry_snapshot else None
+    if snapshot is not None:
+        sources.append(snapshot)
+        listed = sum(len(m.certificates) for m in snapshot.members.values())
+        held.append(f"registry snapshot {snapshot.version} ({listed} member certificates)")
+    if settings.signing_cert:
+        try:
+            mine = load_certificates(settings.signing_cert)[0]
+        except ConfigError as exc:
+            raise ConfigError(f"signing certificate {settings.signing_cert}: {exc.message}", "signing_cert") from None
+        if uscc_of(mine) is not None and not is_authority(mine):
+            own = StaticTrust()
+            own.add_member(mine)
+            sources.append(own)
+            held.append(f"this member's certificate {settings.signing_cert}")
+    given = [str(f) for f in files]
+    if given:
+        sources.append(StaticTrust.from_certificates(certificates_in(given)))
+        held.append(f"--trust {', '.join(given)}")
+    trust = CombinedTrust(authorities, sources, issued_is_listed=snapshot is None)
+    if not trust.authorities():
+        what = f" (only {'; '.join(held)})" if held else ""
+        return None, [
+            f"no registry authority certificate to check checkpoint signatures with{what}: set registry_authority "
+            "(and registry_snapshot) in the gateway's configuration, or give --trust"
+        ]
+    note = f"trust: {'; '.join(held)}"
+    if snapshot is None:
+        note += " (no registry snapshot: any member certificate the authority issued is trusted, revoked or not)"
+    return trust, [note]
+
+
+def _snapshot(path: str, authorities: list[x509.Certificate]) -> Any:
+    """The configured registry snapshot, verified as of its own issue time.
+
+    :raises ConfigError: unreadable, not a snapshot, or not signed by a trusted authority.
+    """
+    from gateway.registry.snapshot import read_snapshot_unverified, verify_snapshot
+
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"registry snapshot {path}: {exc.strerror}", "registry_snapshot") from None
+    try:
+        issued = read_snapshot_unverified(text).issued
+        return verify_snapshot(text, authorities, issued)
+    except (GatewayError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.message if isinstance(exc, GatewayError) else "not a registry snapshot"
+        raise ConfigError(
+            f"registry snapshot {path} does not verify against the registry authority: {reason}", "registry_snapshot"
+        ) from None

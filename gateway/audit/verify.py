@@ -11,7 +11,9 @@ What is checked, in one pass over the log (``gateway audit verify``):
 2. **Checkpoints.** Every signed checkpoint (this gateway's own, and any held
    by peers that are given) must verify, must not count more entries than the
    log has (a truncated tail), and its head hash must be the hash of entry
-   ``count`` (otherwise the log up to it was rewritten, hashes and all).
+   ``count`` (otherwise the log up to it was rewritten, hashes and all). A
+   checkpoint whose signature could not be checked (no trusted certificates)
+   is not vouched for: the report says so and is not OK.
 3. **Index.** The search index (``audit_key``) holds exactly the keys each
    entry's content lists, so no entry can be hidden from searches.
 4. **Guards.** The triggers that make the log append-only are in place.
@@ -81,11 +83,20 @@ class Report:
     checkpoints: int = 0  # checkpoints whose head the log still has (and whose signature verified, when checked)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unvouched: list[str] = field(default_factory=list)  # checkpoints whose signature could not be checked
 
     @property
     def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.findings
+        """True when nothing is wrong and every checkpoint's signature was checked."""
+        return not self.findings and not self.unvouched
+
+    @property
+    def verdict(self) -> str:
+        """``ok``; ``failed`` (something is wrong); ``unverified`` (nothing found wrong, but checkpoints
+        could not be vouched for: no trusted certificates)."""
+        if self.findings:
+            return "failed"
+        return "unverified" if self.unvouched else "ok"
 
     @property
     def first_bad(self) -> int | None:
@@ -97,11 +108,13 @@ class Report:
         """The report as JSON."""
         return {
             "ok": self.ok,
+            "verdict": self.verdict,
             "entries": self.entries,
             "head": self.head.hex(),
             "checkpoints": self.checkpoints,
             "first_bad": self.first_bad,
             "findings": [{"seq": f.seq, "problem": f.problem, "message": f.message} for f in self.findings],
+            "unverified_checkpoints": list(self.unvouched),
             "notes": list(self.notes),
         }
 
@@ -109,6 +122,13 @@ class Report:
         """The report as lines for a terminal: the verdict first."""
         if self.ok:
             out = [f"OK: {self.entries} entries, head {self.head.hex()}, {self.checkpoints} checkpoints match"]
+        elif not self.findings:
+            out = [
+                f"NOT VERIFIED: the chain of {self.entries} entries is intact (head {self.head.hex()}), but "
+                f"{len(self.unvouched)} signed checkpoints cannot be vouched for: no trusted certificates to "
+                "check their signatures with"
+            ]
+            out += [f"  - {label}: signature not checked" for label in self.unvouched]
         else:
             first = self.first_bad
             where = f"first bad entry: {first}" if first is not None else "the log's protection is damaged"
@@ -226,14 +246,14 @@ def _check_guards(db: sqlite_utils.Database, walk: _Walk) -> None:
 
 
 def _check_claims(
-    claims: Sequence[CheckpointClaim], last: int, hashes: dict[int, bytes], walk: _Walk, notes: list[str]
+    claims: Sequence[CheckpointClaim], last: int, hashes: dict[int, bytes], walk: _Walk, unvouched: list[str]
 ) -> int:
     """Check each checkpoint against the walked chain; return how many verified."""
     good = 0
     confirmed = 0  # the largest count a verified checkpoint confirmed so far
     for claim in sorted(claims, key=lambda c: c.count):
         if claim.check_signature is None:
-            notes.append(f"{claim.label}: signature not checked (no certificates given)")
+            unvouched.append(claim.label)
         else:
             try:
                 claim.check_signature()
@@ -300,7 +320,7 @@ def verify(
     finally:
         conn.text_factory = factory
     report = Report(entries=last, head=head)
-    report.checkpoints = _check_claims(claims, last, hashes, walk, report.notes)
+    report.checkpoints = _check_claims(claims, last, hashes, walk, report.unvouched)
     _check_guards(db, walk)
     report.findings = sorted(walk.findings, key=lambda f: (f.seq is None, f.seq or 0))
     if walk.truncated:

@@ -3,14 +3,17 @@
 The auditor's workflow on the command line (the HTTP API offers the same reads):
 
 - ``gateway audit verify [--db PATH] [--trust PEM] [--checkpoint FILE]``: walk the
-  hash chain and the signed checkpoints; name the first entry changed, removed or
-  reordered; exit 1 if anything is wrong;
+  hash chain and the signed checkpoints, whose signatures are checked with the
+  configured trust (registry authority, snapshot, this member's certificate);
+  name the first entry changed, removed or reordered and any forged checkpoint;
+  exit 1 if anything is wrong, 3 if checkpoints cannot be vouched for;
 - ``gateway audit query date=ge2026-01 type=lab-recognition``: FHIR search
   parameters exactly as ``GET /fhir/AuditEvent`` takes them;
 - ``gateway audit export --format csv|ndjson [--out FILE] [PARAMS]``: streamed;
 - ``gateway audit stats [--json] [--date ge2026-01]``: 互认率 and the rest;
-- ``gateway audit checkpoint --key K --cert C``: sign one now (``--list``,
-  ``--export FILE``, ``--import FILE --trust PEM`` to hold a peer's);
+- ``gateway audit checkpoint``: sign one now with the configured key (or
+  ``--key K --cert C``); ``--list``, ``--export FILE``, ``--import FILE`` to hold
+  a peer's (checked with the configured trust and ``--trust PEM``);
 - ``gateway audit tail [-n 20] [--follow]``: the newest entries.
 
 Reads of the log (query, export, stats, tail) are written to the log too, as
@@ -22,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import getpass
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -40,11 +44,10 @@ from gateway.audit.verify import verify as verify_log
 from gateway.commands.common import AwareDateTime, one_line_errors
 from gateway.config import Settings, load_settings
 from gateway.errors import InputError
-from gateway.signing.keys import certificates_in, load_certificate, load_certificates, load_private_key
-from gateway.signing.trust import StaticTrust
+from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
 from gateway.store.db import connect, transaction
 
-__all__ = ["audit", "settings_for", "open_db", "cli_party"]
+__all__ = ["audit", "settings_for", "open_db", "database_named", "cli_party"]
 
 _DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
 _PARAMS_HELP = (
@@ -64,6 +67,18 @@ def settings_for(ctx: click.Context) -> Settings:
 
         return get_settings(ctx)
     return load_settings()
+
+
+def database_named(ctx: click.Context) -> bool:
+    """True when the user said which gateway's database to use: ``--config``/``GATEWAY_CONFIG``,
+    ``--data-dir``/``--database`` or ``GATEWAY_DATA_DIR``/``GATEWAY_DATABASE`` (``--db`` is the command's own)."""
+    root = ctx.find_root()
+    obj = root.obj if isinstance(root.obj, dict) else {}
+    if obj.get("config") or os.environ.get("GATEWAY_CONFIG"):
+        return True
+    if {"data_dir", "database"} & set(obj.get("overrides", {})):
+        return True
+    return any(os.environ.get(name) for name in ("GATEWAY_DATA_DIR", "GATEWAY_DATABASE"))
 
 
 @contextmanager
@@ -151,8 +166,9 @@ def audit() -> None:
     "trust_files",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),
-    help="PEM file of trusted certificates (registry authority and member certificates) to check the "
-    "checkpoint signatures with. Repeatable. Without it signatures are not checked.",
+    help="PEM file of more trusted certificates (registry authorities, member certificates) to check the "
+    "checkpoint signatures with, besides the configured ones (registry_authority, the member certificates of "
+    "registry_snapshot, signing_cert). Repeatable.",
 )
 @click.option(
     "--checkpoint",
@@ -172,21 +188,29 @@ def verify_cmd(
     as_json: bool,
 ) -> None:
     """Walk the hash chain and the signed checkpoints; name the first entry changed, removed or reordered,
-    and a tail cut off after a checkpoint. Exit 1 if anything is wrong. Reads only."""
+    a tail cut off after a checkpoint, and a checkpoint that is forged. Checkpoint signatures are checked
+    with the gateway's configured trust (registry authority, registry snapshot, this member's certificate)
+    plus --trust. Exit 1 if anything is wrong; exit 3 if nothing was found wrong but checkpoints could not
+    be vouched for (no trusted certificates). Reads only."""
     with one_line_errors():
-        trust = StaticTrust.from_certificates(certificates_in(trust_files)) if trust_files else None
+        settings = settings_for(ctx)
+        trust, trust_notes = checkpoints.configured_trust(settings, trust_files)
         extra = [checkpoints.Checkpoint.from_json(_read_json(path)) for path in checkpoint_files]
+        # The configured database is this member's log: its checkpoints must be about this member.
+        member = None if db_path else settings.issuer_uscc
         with open_db(ctx, db_path) as db:
-            claims, notes = checkpoints.claims(db, trust, extra=extra) if has_log(db) else ([], [])
+            claims, notes = checkpoints.claims(db, trust, extra=extra, member=member) if has_log(db) else ([], [])
             report = verify_log(db, claims)
-        report.notes[:0] = notes
+        report.notes[:0] = (trust_notes if claims else []) + notes
     if as_json:
         click.echo(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
     else:
         for line in report.lines():
             click.echo(line)
-    if not report.ok:
+    if report.findings:
         ctx.exit(1)
+    if not report.ok:
+        ctx.exit(3)
 
 
 def _read_json(path: str) -> Any:
@@ -316,15 +340,19 @@ def stats_cmd(ctx: click.Context, dates: tuple[str, ...], as_json: bool, db_path
     "--key",
     "key_path",
     type=click.Path(exists=True, dir_okay=False),
-    envvar="GATEWAY_SIGNING_KEY",
-    help="This member's private key (PEM; GATEWAY_SIGNING_KEY) to sign a new checkpoint with.",
+    help="A private key (PEM, mode 0600) to sign with instead of the configured signing_key.",
 )
 @click.option(
     "--cert",
     "cert_path",
     type=click.Path(exists=True, dir_okay=False),
-    envvar="GATEWAY_SIGNING_CERT",
-    help="This member's signing certificate (PEM; GATEWAY_SIGNING_CERT).",
+    help="The signing certificate (PEM) of --key, instead of the configured signing_cert.",
+)
+@click.option(
+    "--key-password-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File holding the password of an encrypted --key (mode 0600); the configured key uses "
+    "signing_key_password_file.",
 )
 @click.option(
     "--chain",
@@ -338,21 +366,22 @@ def stats_cmd(ctx: click.Context, dates: tuple[str, ...], as_json: bool, db_path
     "--export",
     "export_path",
     type=click.Path(dir_okay=False),
-    help="Write the newest checkpoint of this log (after making one, when --key is given) to this file, "
-    "for a peer to hold.",
+    help="Write the newest checkpoint of this log to this file, for a peer to hold (with --key: after making "
+    "one).",
 )
 @click.option(
     "--import",
     "import_path",
     type=click.Path(exists=True, dir_okay=False),
-    help="Hold a peer's checkpoint document (JSON) after verifying its signature against --trust.",
+    help="Hold a peer's checkpoint document (JSON) after verifying its signature against the configured trust "
+    "(registry authority and snapshot) and --trust.",
 )
 @click.option(
     "--trust",
     "trust_files",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),
-    help="PEM file of trusted certificates to verify an imported checkpoint with. Repeatable.",
+    help="PEM file of more trusted certificates to verify an imported checkpoint with. Repeatable.",
 )
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
@@ -360,6 +389,7 @@ def checkpoint_cmd(
     ctx: click.Context,
     key_path: str | None,
     cert_path: str | None,
+    key_password_file: str | None,
     chain_path: str | None,
     at: _dt.datetime | None,
     list_only: bool,
@@ -368,11 +398,12 @@ def checkpoint_cmd(
     trust_files: tuple[str, ...],
     db_path: str | None,
 ) -> None:
-    """Sign a checkpoint (entry count, head hash, time) of this gateway's audit log with the member's key;
-    or list, export, or import (hold) a peer's."""
+    """Sign a checkpoint (entry count, head hash, time) of this gateway's audit log with the member's key
+    (the configured one, or --key and --cert); or list, export, or import (hold) a peer's."""
     with one_line_errors():
         settings = settings_for(ctx)
-        with open_db(ctx, db_path, must_exist=False) as db:
+        signing = bool(key_path or cert_path) or not (list_only or import_path or export_path)
+        with open_db(ctx, db_path, must_exist=bool(list_only or (export_path and not signing))) as db:
             if list_only:
                 for cp in checkpoints.checkpoints(db, own=None):
                     whose = "this log" if cp.own else f"peer {cp.member}"
@@ -381,33 +412,63 @@ def checkpoint_cmd(
                     )
                 return
             if import_path:
-                if not trust_files:
-                    raise click.ClickException("--import needs --trust to verify the checkpoint's signature")
-                trust = StaticTrust.from_certificates(certificates_in(trust_files))
+                trust, notes = checkpoints.configured_trust(settings, trust_files)
+                if trust is None:
+                    raise click.ClickException(f"cannot verify the checkpoint's signature: {notes[0]}")
                 held = checkpoints.import_peer(
                     db, _read_json(import_path), trust, now=_now(settings), me=settings.issuer_uscc
                 )
                 click.echo(f"holding checkpoint of {held.member}: {held.count} entries, head {held.head.hex()}")
                 return
-            if key_path or cert_path:
-                if not (key_path and cert_path):
-                    raise click.ClickException("signing needs both --key and --cert")
-                cert = load_certificate(cert_path)
-                chain = [cert] + [c for c in (load_certificates(chain_path) if chain_path else []) if c != cert]
-                signer = checkpoints.Signer(load_private_key(key_path), chain)
+            if signing:
+                signer = _signer(settings, key_path, cert_path, key_password_file, chain_path, mine=db_path is None)
                 made = checkpoints.make(db, signer, at=at or _now(settings))
                 click.echo(
                     f"checkpoint {made.id}: {made.count} entries, head {made.head.hex()}, signed by "
                     f"{made.member} at {made.time}"
                 )
-            elif not export_path:
-                raise click.ClickException("give --key and --cert to sign a checkpoint (or --list, --export, --import)")
             if export_path:
                 newest = checkpoints.latest(db)
                 if newest is None:
-                    raise click.ClickException("this log has no checkpoint yet: sign one with --key and --cert")
+                    raise click.ClickException("this log has no checkpoint yet: sign one first (gateway audit "
+                                               "checkpoint, with the configured key or --key and --cert)")
                 Path(export_path).write_text(json.dumps(newest.as_json(), indent=2) + "\n", encoding="utf-8")
                 click.echo(f"wrote checkpoint {newest.id} ({newest.count} entries) to {export_path}")
+
+
+def _signer(
+    settings: Settings,
+    key_path: str | None,
+    cert_path: str | None,
+    password_file: str | None,
+    chain_path: str | None,
+    *,
+    mine: bool,
+) -> checkpoints.Signer:
+    """Who signs a checkpoint: --key and --cert, else the configured identity; checked as `gateway serve` checks it.
+
+    ``mine``: the log is this gateway's own, so the certificate must name ``issuer_uscc``.
+    """
+    if key_path or cert_path:
+        if not (key_path and cert_path):
+            raise click.ClickException("signing with --key needs --cert too (or neither: the configured key)")
+        if password_file is None and settings.signing_key and Path(key_path).resolve() == Path(
+            settings.signing_key
+        ).resolve():
+            password_file = settings.signing_key_password_file or None
+        _, key, chain = load_signing_identity(
+            key_path, cert_path, password_file=password_file, issuer_uscc=settings.issuer_uscc if mine else None
+        )
+    else:
+        found = signing_identity(settings)
+        if found is None:
+            raise click.ClickException(
+                "no signing key is configured (signing_key, signing_cert): set them, or give --key and --cert "
+                "(or --list, --export, --import)"
+            )
+        _, key, chain = found
+    more = [c for c in (load_certificates(chain_path) if chain_path else []) if c not in chain]
+    return checkpoints.Signer(key, [*chain, *more])
 
 
 @audit.command("tail")

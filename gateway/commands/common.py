@@ -38,11 +38,12 @@ AWARE = AwareDateTime()
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Gateway errors as one readable line: exit 2 for configuration problems, 1 otherwise."""
+    """Gateway errors as one readable line: exit 2 for configuration problems (said so, as the ``gateway``
+    command says it), 1 otherwise."""
     try:
         yield
     except ConfigError as exc:
-        err = click.ClickException(str(exc))
+        err = click.ClickException(f"configuration: {exc}")
         err.exit_code = 2
         raise err from None
     except GatewayError as exc:

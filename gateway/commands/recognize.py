@@ -3,7 +3,8 @@
 - ``gateway recognize --registry SNAPSHOT --authority CERT --receiver USCC [--at T] [--db PATH] BUNDLE``
   prints every decision with every rule checked (a table, or ``--json``); ``--at``
   defaults to now and is printed and stored with the decision;
-- ``gateway decisions list|show|override|reasons``: decisions stored with ``--db``,
+- ``gateway decisions list|show|override|reasons``: decisions stored with ``--db`` (default: the configured
+  database),
   listed by patient, issuer, item or outcome; a physician's re-test override
   (one of the six national reasons) recorded beside a decision.
 """
@@ -44,7 +45,7 @@ __all__ = ["recognize", "decisions", "format_decisions"]
 _AWARE = AwareDateTime()
 _STATUS_MARK = {PASSED: "✓", FAILED: "✗", NOT_EVALUABLE: "?"}
 _OUTCOME_LABEL = {RECOGNIZED: "RECOGNIZED", NOT_RECOGNIZED: "NOT RECOGNIZED", NEEDS_REVIEW: "NEEDS REVIEW"}
-_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE)."
+_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
 
 
 def _read(path: str) -> bytes:
@@ -146,16 +147,24 @@ def decisions() -> None:
     """Stored recognition decisions and physicians' re-test overrides."""
 
 
-def _open(db_path: str) -> sqlite_utils.Database:
+def _configured(db_path: str | None) -> str:
+    """``--db``, else the database of the configured gateway (``--config``, ``GATEWAY_CONFIG``)."""
+    if db_path:
+        return db_path
+    from gateway.commands.audit import settings_for
+
+    return str(settings_for(click.get_current_context()).database_path)
+
+
+def _open(db_path: str | None) -> sqlite_utils.Database:
+    db_path = _configured(db_path)
     if not Path(db_path).exists():
         raise click.ClickException(f"{db_path}: no such database")
     return connect(db_path, readonly=True)
 
 
 @decisions.command("list")
-@click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP
-)
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.option("--patient", help="Patient identifier value (a 身份证号 unless --patient-system says otherwise).")
 @click.option("--patient-system", default=SYSTEM_ID_CARD, show_default=True, help="Identifier system of --patient.")
 @click.option("--issuer", help="Issuing member's 统一社会信用代码.")
@@ -164,7 +173,7 @@ def _open(db_path: str) -> sqlite_utils.Database:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_cmd(
-    db_path: str,
+    db_path: str | None,
     patient: str | None,
     patient_system: str,
     issuer: str | None,
@@ -195,10 +204,8 @@ def list_cmd(
 
 @decisions.command("show")
 @click.argument("decision_id")
-@click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP
-)
-def show_cmd(decision_id: str, db_path: str) -> None:
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+def show_cmd(decision_id: str, db_path: str | None) -> None:
     """Print one stored decision with its rules and overrides (JSON)."""
     with one_line_errors():
         stored = get_decision(_open(db_path), decision_id)
@@ -207,9 +214,7 @@ def show_cmd(decision_id: str, db_path: str) -> None:
 
 @decisions.command("override")
 @click.argument("decision_id")
-@click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP
-)
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.option(
     "--reason",
     required=True,
@@ -218,8 +223,9 @@ def show_cmd(decision_id: str, db_path: str) -> None:
 )
 @click.option("--physician", required=True, help="The receiving physician's identifier (医务人员 ID).")
 @click.option("--note", help="Free text for the medical record.")
-def override_cmd(decision_id: str, db_path: str, reason: str, physician: str, note: str | None) -> None:
+def override_cmd(decision_id: str, db_path: str | None, reason: str, physician: str, note: str | None) -> None:
     """Record a physician's re-test decision beside DECISION_ID (the decision itself is kept unchanged)."""
+    db_path = _configured(db_path)
     if not Path(db_path).exists():
         raise click.ClickException(f"{db_path}: no such database")
     with one_line_errors():

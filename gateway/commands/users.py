@@ -15,8 +15,8 @@ import click
 
 from gateway import auth
 from gateway.audit import query, records
-from gateway.commands.audit import cli_party, open_db, settings_for
-from gateway.commands.registry import one_line_errors
+from gateway.commands.audit import cli_party, database_named, open_db, settings_for
+from gateway.commands.common import one_line_errors
 from gateway.config import Settings
 
 __all__ = ["users"]
@@ -53,9 +53,18 @@ def users() -> None:
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
 def add(ctx: click.Context, name: str, roles: tuple[str, ...], member: str | None, db_path: str | None) -> None:
-    """Add the account NAME and print its first API token (once)."""
+    """Add the account NAME and print its first API token (once).
+
+    The account goes into the database of the gateway named by --config (or GATEWAY_CONFIG), as `gateway serve`
+    uses it; a new database is created only where one was named that way (or by --db), never by default in the
+    current directory."""
     with one_line_errors():
         settings = settings_for(ctx)
+        if not db_path and not settings.database_path.exists() and not database_named(ctx):
+            raise click.ClickException(
+                f"no gateway database at {settings.database_path}: name the gateway's configuration "
+                "(gateway --config FILE users add ..., or GATEWAY_CONFIG) or give --db"
+            )
         with open_db(ctx, db_path, must_exist=False) as db:
             at, gateway, by = _who(settings)
             user, token = auth.add_user(db, name, roles, member=member, at=at, gateway=gateway, by=by)
@@ -84,7 +93,7 @@ def token(ctx: click.Context, name: str, db_path: str | None) -> None:
 def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
     """List the accounts: roles, member, when added, whether disabled, how many live tokens."""
     with one_line_errors():
-        with open_db(ctx, db_path, must_exist=False) as db:
+        with open_db(ctx, db_path) as db:
             found = auth.list_users(db)
     if as_json:
         click.echo(json.dumps([u.__dict__ for u in found], ensure_ascii=False, indent=2))

@@ -21,8 +21,10 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import shlex
+import stat
 from collections.abc import Iterable
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -32,6 +34,9 @@ from cryptography.x509.oid import NameOID
 
 from gateway.errors import ConfigError, IdentifierError, InputError
 from gateway.identifiers import check_uscc
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 __all__ = [
     "PrivateKey",
@@ -50,6 +55,10 @@ __all__ = [
     "issue_certificate",
     "is_authority",
     "certificates_in",
+    "check_private_file",
+    "read_password_file",
+    "load_signing_identity",
+    "signing_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -374,3 +383,146 @@ def certificates_in(sources: Iterable[PathOrPem]) -> list[x509.Certificate]:
     for source in sources:
         out.extend(load_certificates(source))
     return out
+
+
+def check_private_file(path: str | os.PathLike[str], setting: str) -> None:
+    """Refuse a secret file (a private key, a key's password) that other users of this host may open.
+
+    The gateway starts only when group and others have no access at all, as ssh
+    does with its keys; the error names the file, its mode and the command that
+    fixes it.
+
+    :raises ConfigError: the file cannot be examined, or group or others have access to it.
+    """
+    name = os.fspath(path)
+    try:
+        mode = stat.S_IMODE(os.stat(name).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror}", setting) from None
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            f"{name} is open to group or others (mode {mode:04o}); only the gateway's user may read it: "
+            f"chmod 600 {shlex.quote(name)}",
+            setting,
+        )
+
+
+def read_password_file(path: str | os.PathLike[str], setting: str = "signing_key_password_file") -> bytes:
+    """The password held in ``path`` (its content without the final line break).
+
+    The file must be private (:func:`check_private_file`), as the key it opens.
+
+    :raises ConfigError: unreadable, open to group or others, or empty.
+    """
+    check_private_file(path, setting)
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            password = fh.read().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror}", setting) from None
+    if not password:
+        raise ConfigError(f"{name} is empty: it must hold the signing key's password", setting)
+    return password
+
+
+def load_signing_identity(
+    key_path: str | os.PathLike[str],
+    cert_path: str | os.PathLike[str],
+    *,
+    password_file: str | os.PathLike[str] | None = None,
+    issuer_uscc: str | None = None,
+) -> tuple[str, ec.EllipticCurvePrivateKey, tuple[x509.Certificate, ...]]:
+    """This member's signing identity as a gateway starts: (member USCC, key, certificate chain, leaf first).
+
+    Checked before anything is signed: the key file (and the password file) is
+    private to the gateway's user; an encrypted key opens with the password, an
+    unencrypted one is given none; the key is P-256 and belongs to the first
+    certificate; that certificate names a member, and that member is
+    ``issuer_uscc`` when one is given (what the gateway issues is signed by the
+    member it names as issuer).
+
+    :raises ConfigError: any of these fails; the message names the setting and the file.
+    """
+    key_name, cert_name = os.fspath(key_path), os.fspath(cert_path)
+    check_private_file(key_name, "signing_key")
+    password = read_password_file(password_file) if password_file else None
+    try:
+        with open(key_name, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {key_name}: {exc.strerror}", "signing_key") from None
+    try:
+        if _PEM_MARK in data:
+            key = serialization.load_pem_private_key(data, password=password)
+        else:
+            key = serialization.load_der_private_key(data, password=password)
+    except TypeError:
+        # cryptography says TypeError for "password given but key not encrypted" and the reverse.
+        if password is None:
+            raise ConfigError(
+                f"{key_name} is encrypted: set signing_key_password_file to the file holding its password",
+                "signing_key",
+            ) from None
+        raise ConfigError(
+            f"{key_name} is not encrypted, but signing_key_password_file {os.fspath(password_file or '')} is set: "
+            "leave signing_key_password_file empty",
+            "signing_key",
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        if password is None:
+            raise ConfigError(f"{key_name} is not a private key (PEM or DER)", "signing_key") from None
+        raise ConfigError(
+            f"{key_name} does not open with the password in {os.fspath(password_file or '')}: "
+            "wrong password, or not a private key",
+            "signing_key",
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(f"{key_name} must be an EC P-256 key (ES256)", "signing_key")
+    try:
+        chain = tuple(load_certificates(cert_name))
+    except ConfigError as exc:
+        reason = exc.message if cert_name in exc.message else f"{cert_name}: {exc.message}"
+        raise ConfigError(reason, "signing_cert") from None
+    if chain[0].public_key() != key.public_key():
+        raise ConfigError(f"the key {key_name} does not belong to the certificate {cert_name}", "signing_key")
+    member = uscc_of(chain[0])
+    if member is None:
+        raise ConfigError(
+            f"{cert_name} names no member 统一社会信用代码 (subject organizationIdentifier)", "signing_cert"
+        )
+    if issuer_uscc is not None and member != issuer_uscc:
+        raise ConfigError(
+            f"issuer_uscc {issuer_uscc} is not the member the signing certificate {cert_name} was issued to "
+            f"({member}): set issuer_uscc to {member}, or configure this member's own key and certificate",
+            "issuer_uscc",
+        )
+    return member, key, chain
+
+
+def signing_identity(
+    settings: "Settings",
+) -> tuple[str, ec.EllipticCurvePrivateKey, tuple[x509.Certificate, ...]] | None:
+    """The identity named by ``signing_key``, ``signing_cert`` and ``signing_key_password_file``, checked
+    against ``issuer_uscc`` (see :func:`load_signing_identity`); None when no key is configured.
+
+    :raises ConfigError: only one of key and certificate is set, a password file without a key, or a
+        check of :func:`load_signing_identity` fails.
+    """
+    if not settings.signing_key and not settings.signing_cert:
+        if settings.signing_key_password_file:
+            raise ConfigError(
+                "signing_key_password_file is set but no signing_key: set both, or neither",
+                "signing_key_password_file",
+            )
+        return None
+    if not settings.signing_key:
+        raise ConfigError("signing_cert is set but no signing_key: set both, or neither", "signing_key")
+    if not settings.signing_cert:
+        raise ConfigError("signing_key is set but no signing_cert: set both, or neither", "signing_cert")
+    return load_signing_identity(
+        settings.signing_key,
+        settings.signing_cert,
+        password_file=settings.signing_key_password_file or None,
+        issuer_uscc=settings.issuer_uscc,
+    )

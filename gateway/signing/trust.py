@@ -32,7 +32,7 @@ from gateway.errors import InputError, TrustError, UnknownIssuer
 from gateway.identifiers import check_uscc
 from gateway.signing.keys import is_authority, kid_of, uscc_of
 
-__all__ = ["TrustSource", "Listing", "StaticTrust", "find_issuer", "check_certificate"]
+__all__ = ["TrustSource", "Listing", "StaticTrust", "CombinedTrust", "find_issuer", "check_certificate"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,56 @@ class StaticTrust:
         return any(
             listing.uscc == named and listing.covers(at) for listing in self._listings.get(_fingerprint(cert), [])
         )
+
+
+class CombinedTrust:
+    """Several trust sources read as one: what an auditor holds when checking signatures after the fact.
+
+    The authorities are those given plus those of every source; a member
+    certificate is listed at a time when any source lists it then. With
+    ``issued_is_listed`` a certificate that a trusted authority issued counts as
+    listed even when no source lists it: for when no trust list is at hand
+    (only the authority's certificate), where removal (revocation) cannot be
+    known. The other checks of :func:`check_certificate` (the authority's
+    signature, validity at the time, a member named) still apply.
+    """
+
+    def __init__(
+        self,
+        authorities: Iterable[x509.Certificate] = (),
+        sources: Iterable[TrustSource] = (),
+        *,
+        issued_is_listed: bool = False,
+    ) -> None:
+        self.sources = list(sources)
+        self.issued_is_listed = issued_is_listed
+        found: dict[bytes, x509.Certificate] = {}
+        for cert in [*authorities, *(a for source in self.sources for a in source.authorities())]:
+            if is_authority(cert):
+                found.setdefault(_fingerprint(cert), cert)
+        self._authorities = list(found.values())
+
+    def certificates_for_kid(self, kid: str) -> list[x509.Certificate]:
+        """Every certificate with this kid that some source lists (each once)."""
+        found: dict[bytes, x509.Certificate] = {}
+        for source in self.sources:
+            for cert in source.certificates_for_kid(kid):
+                found.setdefault(_fingerprint(cert), cert)
+        return list(found.values())
+
+    def authorities(self) -> list[x509.Certificate]:
+        """The trusted registry authorities of every source, and those given."""
+        return list(self._authorities)
+
+    def is_listed(self, cert: x509.Certificate, at: _dt.datetime) -> bool:
+        """True when a source lists ``cert`` at ``at``, or (``issued_is_listed``) a trusted authority issued it.
+
+        :raises InputError: ``at`` has no UTC offset.
+        """
+        _aware(at)
+        if any(source.is_listed(cert, at) for source in self.sources):
+            return True
+        return self.issued_is_listed and uscc_of(cert) is not None and find_issuer(cert, self._authorities) is not None
 
 
 def find_issuer(cert: x509.Certificate, authorities: Iterable[x509.Certificate]) -> x509.Certificate | None:
