@@ -61,8 +61,8 @@ class Settings:
     max_message_bytes: int = _opt(1_048_576, "Largest single HL7 v2 message or document accepted, in bytes.")
     max_request_bytes: int = _opt(16_777_216, "Largest HTTP request body accepted, in bytes.")
     ack_application: str = _opt("CYHR-GATEWAY", "MSH-3 of the ACKs this gateway sends.")
-    public_url: str = _opt("", "URL other members reach this gateway at (as listed in the registry); "
-                           "empty means http://<http_host>:<http_port>.")
+    public_url: str = _opt("", "URL other members reach this gateway at (as listed in the registry: its base URL; "
+                           "a FHIR base ending in /fhir means the same); empty means http://<http_host>:<http_port>.")
     registry_snapshot: str = _opt("", "Signed registry snapshot file (from the registry authority).")
     registry_authority: str = _opt(
         str(REPO_ROOT / "certs" / "registry-authority.pem"),
@@ -105,7 +105,8 @@ class Settings:
     @property
     def base_url(self) -> str:
         """Where other members reach this gateway."""
-        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
+        base = (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
+        return base.removesuffix("/fhir")  # the FHIR base given for the gateway's base: the same gateway
 
     @property
     def database_path(self) -> Path:

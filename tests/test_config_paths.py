@@ -42,3 +42,12 @@ def test_every_path_setting_exists() -> None:
 
     names = {f.name for f in fields(Settings)}
     assert PATH_SETTINGS <= names
+
+
+def test_public_url_given_as_the_fhir_base_is_the_gateway_base() -> None:
+    from gateway.config import Settings
+
+    for given in ("https://gw.tongjiang.example", "https://gw.tongjiang.example/", "https://gw.tongjiang.example/fhir",
+                  "https://gw.tongjiang.example/fhir/"):
+        assert Settings(public_url=given).base_url == "https://gw.tongjiang.example", given
+    assert Settings(public_url="https://gw.example/gateway").base_url == "https://gw.example/gateway"
