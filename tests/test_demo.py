@@ -1,15 +1,36 @@
 """gateway demo: the embedded story runs end to end over loopback MLLP/HTTP and says what happened."""
 from __future__ import annotations
 
+import os
+import signal
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
+import pytest
+import requests
+
+from conftest import wait_port
 from gateway.cli import cli
-from gateway.demo import run_demo
+from gateway.demo import MEMBERS, free_port, run_demo
+
+GATEWAY = shutil.which("gateway") or str(Path(sys.executable).parent / "gateway")
 
 
-def test_demo_figures(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[str], Path]:
+    """The demo, run once into a folder it leaves behind."""
     lines: list[str] = []
-    figures = run_demo(str(tmp_path / "demo"), echo=lines.append)
+    base = tmp_path_factory.mktemp("demo-dir") / "demo"
+    figures = run_demo(str(base), echo=lines.append)
+    return figures, lines, base
+
+
+def test_demo_figures(demo_run: tuple[dict[str, Any], list[str], Path]) -> None:
+    figures, lines, base = demo_run
     # 通江: blood count and liver panel stored, QC filtered, '高' in a numeric field and a bad 身份证号 refused;
     # 涪陵: GBK blood count stored, an ADT message rejected as unsupported.
     assert figures["acks"] == {"TJ2611200001": "AA", "9001": "AA", "TJ2611200002": "AA", "TJ2611200004": "AE",
@@ -35,7 +56,51 @@ def test_demo_figures(tmp_path: Path) -> None:
     text = "\n".join(lines)
     assert "eqa-pass: EQA failed for 丙氨酸氨基转移酶" in text
     assert "OBX[1]-5 '高' is not a number for value type NM" in text
-    assert (tmp_path / "demo" / "fuling" / "gateway.db").exists()
+    assert (base / "fuling" / "gateway.db").exists()
+
+
+@pytest.mark.slow
+def test_demo_dir_leaves_each_member_ready_to_serve(demo_run: tuple[dict[str, Any], list[str], Path]) -> None:
+    _, lines, base = demo_run
+    for key, member in MEMBERS.items():
+        config = base / key / "gateway.toml"
+        assert f"gateway --config {config} serve" in "\n".join(lines)
+        settings = tomllib.loads(config.read_text(encoding="utf-8"))
+        assert settings["issuer_uscc"] == member.uscc
+        for name in ("data_dir", "registry_snapshot", "registry_authority", "signing_key", "signing_cert"):
+            assert Path(settings[name]).is_relative_to(base.resolve()), name  # nothing outside the folder
+            assert Path(settings[name]).exists(), name
+        for private in (settings["signing_key"], base / key / "admin.token"):
+            assert os.stat(private).st_mode & 0o777 == 0o600, private
+
+    # 涪陵's folder, served as it is (only the ports moved, to free ones), on the real clock
+    http_port, mllp_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_HTTP_PORT=str(http_port), GATEWAY_MLLP_PORT=str(mllp_port), GATEWAY_WORKERS="1",
+               GATEWAY_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([GATEWAY, "--config", str(base / "fuling" / "gateway.toml"), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_port(http_port, timeout=60)
+        wait_port(mllp_port, timeout=60)
+        url = f"http://127.0.0.1:{http_port}"
+        health = requests.get(f"{url}/health", timeout=30)
+        assert health.status_code == 200, health.text
+        token = (base / "fuling" / "admin.token").read_text().strip()
+        # the GBK blood count 涪陵 took in the story, read back with the admin token kept for it
+        found = requests.get(f"{url}/fhir/DiagnosticReport", params={"patient.identifier": "500102197506152342"},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert found.status_code == 200, found.text
+        assert found.json()["total"] >= 1
+        assert requests.get(f"{url}/fhir/DiagnosticReport", timeout=30).status_code == 401
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+    assert b"Traceback" not in err, err.decode("utf-8", "replace")
 
 
 def test_demo_command_cleans_up_its_temporary_directory(runner) -> None:

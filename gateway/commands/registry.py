@@ -6,6 +6,7 @@
   before it uses a snapshot (signature, authority, expiry, no version regress);
 - ``gateway registry show SNAPSHOT``: a readable summary;
 - ``gateway registry schema``: the JSON Schema of the source format;
+- ``gateway registry template``: a source to start from, listing members with their certificates;
 - ``gateway registry demo --out DIR``: the DEMO snapshot with run-time generated keys.
 
 Errors reach the user as one line and a non-zero exit (2 for configuration).
@@ -27,9 +28,18 @@ from gateway.commands.common import AWARE, AwareDateTime, now_cst, one_line_erro
 from gateway.config import REPO_ROOT
 from gateway.registry.models import QUALIFICATION_TYPES, Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder, build_snapshot, read_snapshot_unverified, verify_snapshot
-from gateway.registry.source import load_source, source_schema
+from gateway.registry.source import RegistrySource, load_source, parse_source, source_schema
 from gateway.signing.canonical import dumps
-from gateway.signing.keys import cert_pem, kid_of, load_certificates, load_private_key, private_key_pem
+from gateway.signing.keys import (
+    cert_pem,
+    kid_of,
+    load_certificate,
+    load_certificates,
+    load_private_key,
+    name_of,
+    private_key_pem,
+    uscc_of,
+)
 
 __all__ = [
     "registry",
@@ -111,6 +121,104 @@ def schema() -> None:
     click.echo(json.dumps(source_schema(), ensure_ascii=False, indent=2))
 
 
+def _yaml_text(value: str) -> str:
+    """A YAML scalar for ``value`` (JSON strings are YAML)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _template(authority: x509.Certificate, members: list[tuple[x509.Certificate, str, str]], today: _dt.date) -> str:
+    """The text of a registry source listing ``members`` (certificate, its file, endpoint), ready to edit."""
+    lines = [
+        f"# Registry source written by `gateway registry template` on {today.isoformat()}.",
+        "# Edit it, check it with `gateway registry check FILE` and sign a snapshot with `gateway registry build`.",
+        "# Every field: `gateway registry schema`; a complete example: gateway/demo/registry/DEMO-registry.yaml.",
+        "format: cyhr-registry-source/1",
+        "version: 1",
+        "authority:",
+        f"  uscc: {_yaml_text(uscc_of(authority) or '')}",
+        f"  name: {_yaml_text(name_of(authority) or '')}",
+        "members:" if members else "members: []    # give --member CERT ENDPOINT for each member",
+    ]
+    for cert, path, endpoint in members:
+        uscc = uscc_of(cert) or ""
+        lines += [
+            f"  - uscc: {_yaml_text(uscc)}",
+            f"    name: {_yaml_text(name_of(cert) or '')}",
+            f"    division: {_yaml_text(uscc[2:8])}    # GB/T 2260 division (the USCC's registration division)",
+            "    kind: hospital    # hospital, cdc, independent-lab, exam-centre or primary-care",
+            "    # level: 三级甲等",
+            f"    endpoint: {_yaml_text(endpoint)}    # the member gateway's public_url",
+            f"    valid_from: {_yaml_text(today.isoformat())}",
+            "    certificates:",
+            f"      - path: {_yaml_text(path)}",
+        ]
+    lines += [
+        "qualifications: []    # practice licences, grades, ISO 15189, 职业健康检查备案 ... (see the schema)",
+        "eqa: []               # 室间质评 results: member, item, year, provider, result",
+        "catalogues:",
+        "  # AN EXAMPLE to replace with the published catalogue: one item, recognised across the border.",
+        "  - id: example",
+        "    name: 示例互认目录（请替换）",
+        "    version: \"0\"",
+        "    scope: {type: chuanyu}",
+        "    mark: 川渝HR",
+        f"    valid_from: {_yaml_text(today.isoformat())}",
+        "    items:",
+        "      - {code: EX-L001, display: 血红蛋白, class: lab, loinc: [718-7], window_days: 7}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@registry.command("template")
+@click.option(
+    "--authority-cert",
+    "authority_cert",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The registry authority's certificate (PEM), as `gateway registry init-authority` wrote it.",
+)
+@click.option(
+    "--member",
+    "members",
+    multiple=True,
+    type=(click.Path(exists=True, dir_okay=False), str),
+    metavar="CERT ENDPOINT",
+    help="A member: its certificate (PEM, from `gateway registry issue-cert`) and the base URL of its gateway "
+    "(its public_url, e.g. https://gw.example.cn; other members post to ENDPOINT/exchange/bundles). Repeatable.",
+)
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write the source here instead of printing it.")
+def template(authority_cert: str, members: tuple[tuple[str, str], ...], out: str | None) -> None:
+    """Print a registry source listing the authority and each member with its certificate and endpoint."""
+    with one_line_errors():
+        authority = load_certificate(authority_cert)
+        listed = []
+        for i, (cert_path, endpoint) in enumerate(members):
+            cert = load_certificate(cert_path)
+            if not uscc_of(cert):
+                raise click.ClickException(f"--member {cert_path}: the certificate names no 统一社会信用代码")
+            listed.append((cert, str(Path(cert_path).resolve()), _check_endpoint(endpoint, f"--member {cert_path}")))
+        text = _template(authority, listed, china_date(now_cst()))
+        # What the template says must pass the ordinary checks (the example catalogue included).
+        parse_source(text, origin="template")
+    if out:
+        write_atomic(Path(out), text)
+        click.echo(f"wrote {out}: {len(members)} member(s); edit it, then `gateway registry check {out}`")
+    else:
+        click.echo(text, nl=False)
+
+
+def _check_endpoint(endpoint: str, where: str) -> str:
+    """A member endpoint as the registry lists it: the gateway's base URL, without a trailing slash."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise click.ClickException(
+            f"{where}: endpoint {endpoint!r} must be the gateway's base URL, like https://gw.example.cn"
+        )
+    return endpoint.rstrip("/")
+
+
 @registry.command("build")
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Snapshot file to write.")
@@ -141,6 +249,12 @@ def schema() -> None:
     help="Days the snapshot stays valid; gateways refuse it afterwards.",
 )
 @click.option("--issued", type=_AWARE, help="Issue time (ISO 8601 with offset); default now.")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1),
+    help="Snapshot version instead of the source's own; a renewed snapshot needs a higher one than before.",
+)
 def build(
     source: str,
     out: str,
@@ -149,10 +263,17 @@ def build(
     key_password_file: str | None,
     valid_days: int,
     issued: _dt.datetime | None,
+    version: int | None,
 ) -> None:
-    """Build the signed, versioned registry snapshot of SOURCE."""
+    """Build the signed, versioned registry snapshot of SOURCE.
+
+    Gateways refuse a snapshot once it has expired (--valid-days), and a running gateway applies a newer
+    version written over its snapshot file by itself: renew by building again with a higher version.
+    """
     with one_line_errors():
         src = load_source(source)
+        if version is not None:
+            src = RegistrySource({**src.body, "version": version}, src.origin)
         password = Path(key_password_file).read_bytes().rstrip(b"\r\n") if key_password_file else None
         key = load_private_key(key_path, password)
         cert = load_certificates(cert_path)[0]

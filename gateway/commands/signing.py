@@ -229,7 +229,8 @@ def verify(bundle: IO[bytes], trust_files: tuple[str, ...], at: _dt.datetime | N
               help="The registry authority's private key (PEM).")
 @click.option("--authority-cert", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The registry authority's certificate (PEM).")
-@click.option("--days", required=True, type=click.IntRange(1, 3650), help="Validity of the certificate in days.")
+@click.option("--days", default=365, show_default=True, type=click.IntRange(1, 3650),
+              help="Validity of the certificate in days (renew it before then: a new CSR, a new certificate).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the member certificate (PEM); an existing file is not overwritten.")
 @click.option("--uscc", help="Member 统一社会信用代码; default: the one in the CSR, which must agree.")

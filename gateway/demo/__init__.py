@@ -247,7 +247,17 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         echo(f"\nsummary: {figures['stored']} stored, {figures['refused']} refused with reasons, "
              f"{figures['filtered']} filtered (QC); {figures['delivered'] + 1} signed reports crossed the border "
              "and were decided item by item, with reasons")
-        echo("next: `gateway serve` runs one member for real; see README.md")
+        if workdir:
+            from gateway.demo.world import SERVE_PORTS, leave_configs
+
+            configs = leave_configs(world, _dt.datetime.now(_CST), mappings_dir=mappings_dir)
+            echo(f"\neach member's gateway stays in {base}, ready to serve (registry snapshot and certificates "
+                 "renewed as of now):")
+            for key, path in configs.items():
+                echo(f"  gateway --config {path} serve    # HTTP {SERVE_PORTS[key][0]}, MLLP {SERVE_PORTS[key][1]}, "
+                     f"admin token in {path.parent / 'admin.token'}")
+        else:
+            echo("next: `gateway demo --dir DIR` leaves each member ready for `gateway serve`; see README.md")
         return figures
     finally:
         if mllp is not None:

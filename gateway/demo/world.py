@@ -9,6 +9,7 @@ signed registry snapshot, the authority certificate, its public URL).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from gateway.demo import MEMBERS, DemoMember
 from gateway.demo.registry import DemoRegistry, build_demo_registry
 from gateway.signing.keys import cert_pem, private_key_pem
 
-__all__ = ["DemoGateway", "DemoWorld", "build_world"]
+__all__ = ["DemoGateway", "DemoWorld", "build_world", "leave_configs", "SERVE_PORTS"]
+
+#: Ports of each member's gateway when its folder is served after the demo (HTTP, MLLP).
+SERVE_PORTS = {"tongjiang": (8081, 2575), "fuling": (8082, 2576), "sccdc": (8083, 2577)}
 
 
 @dataclass
@@ -56,6 +60,7 @@ class DemoWorld:
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise; the umask may have narrowed a new one
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 
@@ -100,3 +105,46 @@ def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[s
                                  gateway=Party.member(member.uscc), by=Party.user(member.uscc, "demo"))
         world.gateways[key] = DemoGateway(member, settings, pipeline, app, endpoints[key], token)
     return world
+
+
+def _toml_value(value: str | int) -> str:
+    return str(value) if isinstance(value, int) else json.dumps(value, ensure_ascii=False)
+
+
+def leave_configs(world: DemoWorld, now: _dt.datetime, *, mappings_dir: str | None = None) -> dict[str, Path]:
+    """Leave each member's folder ready for ``gateway --config <folder>/gateway.toml serve``; returns the files.
+
+    The story ran on story time; a gateway that is served runs on the real clock. So the registry authority
+    publishes a new snapshot as of ``now`` (the next version, with certificates valid from now and each member's
+    endpoint on loopback at :data:`SERVE_PORTS`), and every member gets its key (mode 0600) and certificate for
+    it. Every path in a member's ``gateway.toml`` lies inside the demo's folder; an administrator's API token
+    of each gateway is in ``<folder>/admin.token`` (mode 0600).
+    """
+    base = world.base.resolve()
+    endpoints = {MEMBERS[k].uscc: f"http://127.0.0.1:{SERVE_PORTS[k][0]}" for k in world.gateways}
+    registry = build_demo_registry(now, version=int(world.registry.document["version"]) + 1, endpoints=endpoints)
+    reg_dir = base / "registry"
+    (reg_dir / "authority.pem").write_bytes(cert_pem(registry.authority_cert))
+    (reg_dir / "snapshot.json").write_text(registry.text(), encoding="utf-8")
+    written: dict[str, Path] = {}
+    for key, gw in world.gateways.items():
+        member, home = gw.member, base / key
+        key_file, cert_file = home / "keys" / "DEMO-signing.key.pem", home / "keys" / "DEMO-signing.cert.pem"
+        _write_private(key_file, private_key_pem(registry.member_keys[member.uscc]))
+        cert_file.write_bytes(cert_pem(registry.member_certs[member.uscc]))
+        _write_private(home / "admin.token", (gw.token + "\n").encode("ascii"))
+        http_port, mllp_port = SERVE_PORTS[key]
+        settings: dict[str, str | int] = {
+            "issuer_uscc": member.uscc, "issuer_name": member.name, "data_dir": str(home),
+            "http_port": http_port, "mllp_port": mllp_port, "public_url": endpoints[member.uscc],
+            "registry_snapshot": str(reg_dir / "snapshot.json"), "registry_authority": str(reg_dir / "authority.pem"),
+            "signing_key": str(key_file), "signing_cert": str(cert_file),
+        }
+        if mappings_dir:
+            settings["mappings_dir"] = str(Path(mappings_dir).resolve())
+        lines = [f"# {member.name} {member.uscc}: DEMO gateway left by `gateway demo --dir`.",
+                 f"# Run it with: gateway --config {home / 'gateway.toml'} serve"]
+        lines += [f"{name} = {_toml_value(value)}" for name, value in settings.items()]
+        (home / "gateway.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written[key] = home / "gateway.toml"
+    return written

@@ -23,6 +23,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -241,6 +242,15 @@ class _Checker:
                 out[key] = cert[key]
         return out
 
+    def endpoint(self, url: str, location: str) -> None:
+        """A member's endpoint is its gateway's base URL (its ``public_url``) or that gateway's FHIR base ``…/fhir``;
+        other members add ``/exchange/bundles`` to it themselves."""
+        parts = urlsplit(url)
+        path = parts.path.rstrip("/")
+        if not parts.netloc or parts.query or parts.fragment or path.endswith(("/exchange", "/exchange/bundles")):
+            self.problem(location, f"{url!r} must be the member gateway's base URL (its public_url), like "
+                         "https://gw.example.cn, or its FHIR base https://gw.example.cn/fhir")
+
     def normalise(self, data: dict[str, Any]) -> dict[str, Any]:
         authority_uscc = self.uscc(data["authority"]["uscc"], "authority.uscc") or data["authority"]["uscc"]
         authority = {"uscc": authority_uscc, "name": data["authority"]["name"]}
@@ -261,6 +271,8 @@ class _Checker:
             for key in ("status_date", "level", "miplrn", "endpoint"):
                 if m.get(key) is not None:
                     out[key] = m[key]
+            if m.get("endpoint") is not None:
+                self.endpoint(m["endpoint"], f"{loc}.endpoint")
             certs = []
             for j, c in enumerate(m.get("certificates", [])):
                 cert = self.certificate(c, f"{loc}.certificates[{j}]", uscc)
