@@ -3,12 +3,15 @@
 Global options set the layered settings (defaults < ``--config``/``GATEWAY_CONFIG``
 TOML < ``GATEWAY_*`` env < flags). Any :class:`~gateway.errors.GatewayError`
 reaches the user as one readable line and a non-zero exit (2 for
-configuration errors); never as a stack trace.
+configuration errors); never as a stack trace. Neither does anything
+unexpected: it is one line naming what went wrong, and ``GATEWAY_DEBUG=1``
+shows the traceback for a bug report.
 """
 from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +26,13 @@ from gateway.errors import ConfigError, GatewayError
 __all__ = ["cli", "main"]
 
 
+def _debug() -> bool:
+    """Whether ``GATEWAY_DEBUG`` asks for tracebacks (any value but empty, 0, false, no or off)."""
+    return os.environ.get("GATEWAY_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 class _Group(click.Group):
-    """Turns gateway errors into one-line CLI errors."""
+    """Turns gateway errors, and anything unexpected, into one-line CLI errors."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -35,6 +43,19 @@ class _Group(click.Group):
             raise err from None
         except GatewayError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except OSError as exc:
+            if _debug():
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or type(exc).__name__}") from None
+        except Exception as exc:  # a bug: one line, not a traceback (GATEWAY_DEBUG=1 shows it)
+            if _debug():
+                raise
+            logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+            raise click.ClickException(f"internal error ({type(exc).__name__}) in `gateway {ctx.invoked_subcommand}`; "
+                                       "rerun with GATEWAY_DEBUG=1 to see where, and report it") from None
 
 
 _SETTING_FLAGS = ("data_dir", "database", "issuer_uscc", "issuer_name", "mappings_dir", "log_level")
@@ -93,16 +114,29 @@ def cli(ctx: click.Context, /, config: str | None, **flags: Any) -> None:
                    "process; see `gateway settings`).")
 @click.pass_context
 def serve(ctx: click.Context, /, **flags: Any) -> None:
-    """Run this member gateway: HTTP API (gunicorn) and MLLP listener."""
+    """Run this member gateway: HTTP API, MLLP listener, queue reader and background work, supervised.
+
+    A process that dies is restarted (logged at WARNING); more than
+    restart_limit restarts within 10 minutes and the whole gateway stops with
+    a non-zero exit. A port in use is one line on stderr and exit 2. SIGTERM
+    or Ctrl-C stops everything.
+    """
+    from gateway.serve import PortInUse
     from gateway.serve import serve as run
 
     settings = get_settings(ctx, service=True, **flags)
-    click.echo(f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
-               f"HTTP {settings.http_host}:{settings.http_port}, "
-               + (f"MLLP {settings.mllp_host}:{settings.mllp_port} (ACK when {settings.mllp_ack})"
-                  if settings.mllp_port else "MLLP off")
-               + f", database {settings.database_path}", err=True)
-    run(settings)
+    banner = (f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
+              f"HTTP {settings.http_host}:{settings.http_port}, "
+              + (f"MLLP {settings.mllp_host}:{settings.mllp_port} (ACK when {settings.mllp_ack})"
+                 if settings.mllp_port else "MLLP off")
+              + f", database {settings.database_path}")
+    try:
+        code = run(settings, announce=lambda: click.echo(banner, err=True))
+    except PortInUse as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        ctx.exit(2)
+    if code:
+        ctx.exit(code)
 
 
 def _open_input(path: str) -> tuple[IO[bytes], str, int]:
@@ -276,10 +310,56 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
     click.echo(f"message {rec.id}: {rec.format} {rec.message_id} from {rec.sender} via {rec.channel} "
                f"({rec.size} bytes, sha256 {rec.sha256[:16]}...)")
     click.echo(f"status {rec.status}, answer {rec.ack_code}, bundle {rec.bundle_id or '-'}")
+    if rec.lease_owner:
+        click.echo(f"being worked by process {rec.lease_owner} (attempt {rec.attempts})")
     for stage in store.stages_of(record_id):
         click.echo(f"  {stage['at'][:23]} {stage['stage']:8} {stage['status']} {stage['detail']}")
     for issue in rec.issues:
         click.echo(f"  {issue['severity']}: {issue['location']} {issue['message']}")
+
+
+@messages.command("retry")
+@click.argument("record_ids", type=int, nargs=-1)
+@click.option("--failed", "all_failed", is_flag=True, help="Every failed message (oldest first).")
+@click.pass_context
+def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: bool) -> None:
+    """Work failed messages again from the raw input kept for them; record and audit each new outcome.
+
+    One line per message: its id, its status before and after. Exit status 1
+    if any could not be worked again (an unknown id, a message that is not
+    failed, or one being worked right now).
+    """
+    import getpass
+
+    from gateway.pipeline import Pipeline
+
+    if not record_ids and not all_failed:
+        raise click.UsageError("name the messages to work again (IDs), or give --failed")
+    pipeline = Pipeline(get_settings(ctx))
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this OS user (a container's bare uid)
+        user = "cli"
+    ids = list(record_ids)
+    if all_failed:
+        ids += sorted(rec.id for rec in pipeline.store.list_messages("failed", limit=1_000_000)
+                      if rec.id not in ids)
+    if not ids:
+        click.echo("no failed messages")
+    problems = 0
+    try:
+        for record_id in ids:
+            try:
+                outcome = pipeline.retry(record_id, user)
+            except GatewayError as exc:
+                click.echo(f"message {record_id}: {exc.message}", err=True)
+                problems += 1
+                continue
+            click.echo(f"message {record_id}: failed -> {outcome.status.value} {outcome.ack_code}".rstrip())
+    finally:
+        pipeline.close()
+    if problems:
+        ctx.exit(1)
 
 
 @cli.command("settings")

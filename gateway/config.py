@@ -56,7 +56,7 @@ class Settings:
         "or 'received' (accept, then process: the ACK - CA in enhanced mode, else AA - says the raw message is "
         "stored; a queue reader works it next, in arrival order, and keeps its application ACK for `gateway "
         "messages show`). A message whose MSH is already wrong is answered with its error either way.")
-    workers: int = _opt(2, "HTTP worker processes (gunicorn).")
+    workers: int = _opt(2, "HTTP worker processes (waitress, each reading whole requests in an event loop).")
     threads: int = _opt(4, "Threads per HTTP worker.")
     max_message_bytes: int = _opt(1_048_576, "Largest single HL7 v2 message or document accepted, in bytes.")
     max_request_bytes: int = _opt(16_777_216, "Largest HTTP request body accepted, in bytes.")

@@ -1,18 +1,36 @@
-"""Serve: one member gateway in production (HTTP on gunicorn, MLLP and background work beside it).
+"""Serve: one member gateway in production, every part in a process of its own under one supervisor.
 
-The HTTP API runs on gunicorn (pre-fork workers with threads; each worker
-builds its own app and database connections). A second process runs the MLLP
-listener and the background work — delivering the outbox to other members,
-making signed audit checkpoints, and checkpointing the database's WAL so that
-no ingest commit waits for it (with ``mllp_ack = received``, a third runs
-the queue reader that works what the listener answered on receipt), so a
-slow HTTP client never delays an ACK and gunicorn's forking never copies a
-running event loop. Before either starts, messages a crash left half-processed
-are marked failed (their raw input is kept); queued ones are worked as usual.
+``gateway serve`` checks the settings (mapping tables, profiles, keys, the
+registry snapshot), works again what a crash left unfinished, binds the HTTP
+and MLLP ports itself — a port in use is one clear line and exit 2 before
+anything starts — and then supervises (:mod:`gateway.supervise`) these
+processes, each handed the listening socket it serves:
+
+- ``http-1``...: HTTP workers (:mod:`gateway.httpserver`, waitress: whole
+  requests are read in an event loop, then worked by a thread), ``workers`` of
+  them on the same socket;
+- ``mllp-1``...: MLLP listeners, ``mllp_workers`` of them on the same socket
+  (the kernel hands each connection to one of them, so a sender's messages
+  keep their order);
+- ``queue``: with ``mllp_ack = received``, the queue reader that works what
+  the listeners answered on receipt;
+- ``background``: delivering the outbox to other members, signed audit
+  checkpoints, and checkpointing the database's WAL so that no ingest commit
+  waits for it.
+
+A slow HTTP client therefore never delays an ACK, and a part that dies is
+restarted without the others noticing. The MLLP listeners, the queue reader
+and the background loop write heartbeats (:mod:`gateway.heartbeat`) that
+``/health`` checks. Every child stops with the supervisor, even when the
+supervisor was killed.
+
+``python -m gateway.serve SETTINGS_JSON`` alone runs an MLLP listener and the
+background loop in one process (the benchmark and tests start it that way).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -22,13 +40,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
 
-__all__ = ["serve", "run_background", "run_listener", "run_queue", "background_pass"]
+__all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", "run_http", "run_part",
+           "background_pass"]
 
 log = logging.getLogger(__name__)
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class PortInUse(Exception):
+    """A port the gateway must listen on cannot be bound (in use, or not allowed)."""
 
 
 def background_pass(pipeline: Any) -> dict[str, int]:
@@ -48,19 +74,36 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     return done
 
 
-def _background_loop(settings: Settings, stop: threading.Event) -> None:
+class _Passes:
+    """When the background pass in progress began (None between passes): a pass that runs too long is hung."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.began: float | None = None
+
+    def working(self) -> bool:
+        began = self.began
+        return began is None or time.monotonic() - began < self.limit
+
+
+def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes | None = None) -> None:
     from gateway.pipeline import Pipeline
 
     pipeline = Pipeline(settings)  # its own database connection, in this thread
     while not stop.wait(settings.delivery_interval):
+        if passes is not None:
+            passes.began = time.monotonic()
         try:
             background_pass(pipeline)
         except Exception:  # keep delivering; the next pass retries
             log.exception("background pass failed")
+        finally:
+            if passes is not None:
+                passes.began = None
 
 
 def run_background(settings: Settings) -> None:
-    """Entry point of the second process: the MLLP listener (unless off) and the background loop.
+    """One process with the MLLP listener (unless off) and the background loop (benchmark and tests).
 
     With ``mllp_workers`` above 1 this process opens the MLLP port itself and
     starts the other listener processes on the same socket; the kernel hands
@@ -71,7 +114,7 @@ def run_background(settings: Settings) -> None:
     from gateway.pipeline import Pipeline
     from gateway.store.db import WalCheckpointer
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     stop = threading.Event()
     worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
@@ -120,96 +163,214 @@ def _watch_parent() -> None:
     threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
 
 
-def run_listener(settings: Settings, fd: int) -> None:
-    """Entry point of a further MLLP listener process: accept on the inherited socket ``fd`` until stopped.
+def run_listener(settings: Settings, fd: int, part: str | None = None) -> None:
+    """An MLLP listener process: accept on the inherited socket ``fd`` until stopped.
 
-    It stops with the process that started it, even when that one could not stop it (killed).
+    ``part``: its name under ``gateway serve`` (it then writes a heartbeat from
+    its event loop). It stops with the process that started it, even when that
+    one could not stop it (killed).
     """
     from gateway.mllp import MLLPServer
     from gateway.pipeline import Pipeline
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     _watch_parent()
     sock = socket.socket(fileno=fd)
-    MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port, sock=sock).serve_forever()
+    server = MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port, sock=sock)
+    if part is not None:
+        from gateway.heartbeat import Beat, run_dir
+
+        def on_loop(touch: Any) -> None:
+            loop = server.loop
+            if loop is not None:
+                loop.call_soon_threadsafe(touch)  # a blocked loop runs no touch: the heartbeat goes stale
+
+        Beat(run_dir(settings), part, working=server.ready.is_set, schedule=on_loop).start()
+    server.serve_forever()
 
 
-def run_queue(settings: Settings) -> None:
-    """Entry point of the queue reader process (``mllp_ack = received``): work held messages until stopped.
+def run_queue(settings: Settings, part: str | None = None) -> None:
+    """The queue reader process (``mllp_ack = received``): work held messages until stopped.
 
     On SIGTERM it finishes the message it is working and stops; it stops with
-    the process that started it.
+    the process that started it. Under ``gateway serve`` (``part``) it writes a
+    heartbeat while its work keeps moving.
     """
     from gateway.mllp import QueueReader
     from gateway.pipeline import Pipeline
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    reader = QueueReader(Pipeline(settings))
+    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    pipeline = Pipeline(settings)
+    reader = QueueReader(pipeline)
     signal.signal(signal.SIGTERM, lambda *_: reader.stop())
     signal.signal(signal.SIGINT, lambda *_: reader.stop())
     _watch_parent()
+    if part is not None:
+        from gateway.heartbeat import Beat, run_dir
+
+        passes = _Passes(45.0)  # one batch of queued messages takes seconds; a minute is a hung reader
+        work = pipeline.process_queued
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            passes.began = time.monotonic()
+            try:
+                return work(*args, **kwargs)
+            finally:
+                passes.began = None
+
+        pipeline.process_queued = timed  # type: ignore[method-assign]
+        Beat(run_dir(settings), part, working=passes.working).start()
     reader.run()
     log.info("processing queue stopped after %d message(s)", reader.processed)
 
 
-def serve(settings: Settings) -> None:
-    """Run HTTP (and MLLP unless ``mllp_port`` is 0) until stopped.
+def run_background_part(settings: Settings, part: str) -> None:
+    """The background process of ``gateway serve``: outbox delivery, audit and WAL checkpoints, a heartbeat."""
+    from gateway.heartbeat import Beat, run_dir
+    from gateway.store.db import WalCheckpointer
 
-    :raises ConfigError: invalid settings, mapping tables or profiles.
-    """
-    from gunicorn.app.base import BaseApplication
+    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _watch_parent()
+    checkpointer = WalCheckpointer(settings.database_path)
+    checkpointer.start()
+    # a pass delivers in lanes bounded by delivery_timeout; one far longer than that is hung
+    passes = _Passes(max(120.0, 4.0 * settings.delivery_timeout))
+    beat = Beat(run_dir(settings), part, working=passes.working).start()
+    try:
+        _background_loop(settings, stop, passes)
+    finally:
+        beat.stop()
+        checkpointer.stop()
 
+
+def run_http(settings: Settings, fd: int) -> None:
+    """An HTTP worker process: serve the API on the inherited listening socket ``fd`` until stopped."""
     from gateway.api.app import create_app
-    from gateway.pipeline import Pipeline
+    from gateway.httpserver import serve_http
 
-    pipeline = Pipeline(settings)  # fails fast on bad mapping tables, before anything listens
-    recovered = pipeline.recover()
-    if recovered:
-        log.warning("%d message(s) interrupted by the last stop are marked failed", recovered)
-    pipeline.close()
+    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _watch_parent()
+    app = create_app(settings)
+    serve_http(app, socket.socket(fileno=fd), settings)
 
-    # A plain child process (not multiprocessing): gunicorn forks its workers from this process,
-    # and they must not inherit multiprocessing's bookkeeping of the MLLP child.
-    parent = os.getpid()
-    child = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))])
 
-    class _Gunicorn(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            options: dict[str, Any] = {
-                "bind": f"{settings.http_host}:{settings.http_port}",
-                "workers": settings.workers,
-                "threads": settings.threads,
-                "worker_class": "gthread",
-                "loglevel": settings.log_level.lower(),
-                "accesslog": "-",
-                # the path only: a query string may carry a patient identifier
-                "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss',
-                "limit_request_line": 8190,
-                "timeout": 60,
-                "graceful_timeout": 20,
-            }
-            for key, value in options.items():
-                self.cfg.set(key, value)
+def run_part(settings: Settings, part: str, fd: int | None) -> int:
+    """Run one part of ``gateway serve`` in this process; the exit status tells the supervisor how it ended.
 
-        def load(self) -> Any:
-            return create_app(settings)
+    A configuration error is one line on stderr and exit 2: the supervisor then
+    stops the gateway instead of restarting a part that cannot work.
+    """
+    from gateway.errors import ConfigError
 
     try:
-        _Gunicorn().run()
+        if part.startswith("http-") and fd is not None:
+            run_http(settings, fd)
+        elif part.startswith("mllp-") and fd is not None:
+            run_listener(settings, fd, part)
+        elif part == "queue":
+            run_queue(settings, part)
+        elif part == "background":
+            run_background_part(settings, part)
+        else:
+            print(f"gateway: unknown part {part!r}", file=sys.stderr)
+            return 2
+    except ConfigError as exc:
+        print(f"gateway: configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _bind(what: str, host: str, port: int, setting: str) -> socket.socket:
+    """A listening socket, or :class:`PortInUse` with a sentence saying what to do."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            reason = "is already in use (another gateway or program listens there)"
+        elif exc.errno == errno.EACCES:
+            reason = "may not be opened by this user"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = "cannot be opened: the address is not one of this machine's"
+        else:
+            reason = f"cannot be opened: {exc.strerror or exc}"
+        raise PortInUse(f"{what} port {port} on {host} {reason}; stop the other program or choose another "
+                        f"port ({setting})") from None
+
+
+def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int:
+    """Run the whole gateway until SIGTERM or SIGINT (exit status 0), or until it cannot run whole (non-zero).
+
+    The ports are bound first, so that a port in use is the only thing said;
+    ``announce`` is called once they are and the settings are found sound.
+
+    :raises ConfigError: invalid settings, mapping tables, profiles, keys or registry snapshot.
+    :raises PortInUse: the HTTP or MLLP port cannot be bound.
+    """
+    from gateway.heartbeat import run_dir
+    from gateway.pipeline import Pipeline
+    from gateway.supervise import Part, Supervisor
+
+    sockets = [_bind("HTTP", settings.http_host, settings.http_port, "--http-port / http_port")]
+    try:
+        if settings.mllp_port:
+            sockets.append(_bind("MLLP", settings.mllp_host, settings.mllp_port, "--mllp-port / mllp_port"))
+        pipeline = Pipeline(settings)  # fails fast on bad mapping tables, keys or snapshot, before any child starts
+        recovered = pipeline.recover()
+        if recovered:
+            log.warning("%d message(s) left unfinished by the last stop were worked again", recovered)
+        pipeline.close()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    if announce is not None:
+        announce()
+    http_fd = sockets[0].fileno()
+    me = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings)), "--part"]
+    parts = [Part(f"http-{i}", f"HTTP worker {i}", me + [f"http-{i}", "--fd", str(http_fd)], (http_fd,))
+             for i in range(1, settings.workers + 1)]
+    if settings.mllp_port:
+        mllp_fd = sockets[1].fileno()
+        parts += [Part(f"mllp-{i}", f"MLLP listener {i}", me + [f"mllp-{i}", "--fd", str(mllp_fd)], (mllp_fd,),
+                       beats=True) for i in range(1, settings.mllp_workers + 1)]
+    if settings.mllp_ack == "received":
+        parts.append(Part("queue", "queue reader", me + ["queue"], beats=True))
+    parts.append(Part("background", "background loop", me + ["background"], beats=True))
+
+    folder = run_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.beat"):  # left by an earlier run: never taken for a live part
+        old.unlink(missing_ok=True)
+    supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder)
+    try:
+        return supervisor.run()
     finally:
-        if child is not None and os.getpid() == parent:  # not in a forked worker
-            child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        for sock in sockets:
+            sock.close()
 
 
-if __name__ == "__main__":  # the second process (settings arrive as JSON), a further MLLP listener, the queue reader
-    if len(sys.argv) == 4 and sys.argv[2] == "--mllp-fd":
-        run_listener(Settings(**json.loads(sys.argv[1])), int(sys.argv[3]))
-    elif len(sys.argv) == 3 and sys.argv[2] == "--queue":
-        run_queue(Settings(**json.loads(sys.argv[1])))
+def _main(argv: list[str]) -> int:
+    settings = Settings(**json.loads(argv[0]))
+    rest = argv[1:]
+    if rest[:1] == ["--part"] and len(rest) in (2, 4):
+        fd = int(rest[3]) if len(rest) == 4 and rest[2] == "--fd" else None
+        return run_part(settings, rest[1], fd)
+    if len(rest) == 2 and rest[0] == "--mllp-fd":
+        run_listener(settings, int(rest[1]))
+    elif rest == ["--queue"]:
+        run_queue(settings)
     else:
-        run_background(Settings(**json.loads(sys.argv[1])))
+        run_background(settings)
+    return 0
+
+
+if __name__ == "__main__":  # a part of `gateway serve` (settings arrive as JSON), or the listener of the benchmark
+    sys.exit(_main(sys.argv[1:]))

@@ -1,17 +1,187 @@
-"""Health: liveness and readiness for load balancers and operators."""
+"""Health: liveness and readiness for load balancers, monitoring and operators.
+
+``GET /health`` (open: no token) answers 200 when every check passes and 503
+when one fails, with ``status`` (``ok`` or ``failing``), the names of the
+failing checks, and each check with ``ok`` and a ``detail`` for people:
+
+- ``database``: it answers (with the message counts beside);
+- ``http``, ``mllp-1``..., ``queue``, ``background``: under ``gateway serve``,
+  every process runs and the ones that beat (:mod:`gateway.heartbeat`) beat
+  recently — a dead, restarting or hung listener, queue reader or background
+  loop fails its check;
+- ``backlog``: no more than ``health_max_backlog`` messages wait in
+  the processing queue, and none for longer than ``health_max_backlog_age``;
+- ``dead_letters``: no delivery to another member has been given up;
+- ``deliveries``: no delivery has waited longer than ``health_max_delivery_wait``;
+- ``registry``: the registry snapshot does not expire within ``snapshot_warn_days``.
+
+Nothing here names a patient or a message: only counts, ages and states.
+"""
 from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
 
 from flask import Blueprint, Response, current_app
 
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
+from gateway.config import Settings
 
 bp = Blueprint("health", __name__)
+
+#: A part whose heartbeat is older than this is taken for hung (it beats every two seconds).
+STALE_SECONDS = 15.0
+#: A part that has not beaten yet is starting, for this long after it was started.
+STARTING_SECONDS = 60.0
+
+
+def _check(ok: bool, detail: str) -> dict[str, Any]:
+    return {"ok": ok, "detail": detail}
+
+
+def _age(stamp: str | None, now: _dt.datetime) -> float | None:
+    """Seconds from an ISO time the gateway wrote to ``now``."""
+    if not stamp:
+        return None
+    try:
+        then = _dt.datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=now.tzinfo)
+    return max(0.0, (now - then).total_seconds())
+
+
+def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Checks of the processes of ``gateway serve`` (none when the API runs on its own)."""
+    from gateway.heartbeat import beat_age, pid_alive, read_manifest, run_dir
+    from gateway.supervise import describe_exit
+
+    folder = run_dir(settings)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return {}
+    checks: dict[str, dict[str, Any]] = {}
+    http_total = http_up = 0
+    now = time.time()
+    for name, part in sorted(manifest.get("parts", {}).items()):
+        title = part.get("title", name)
+        running = part.get("state") == "running" and pid_alive(int(part.get("pid") or 0))
+        restarts = int(part.get("restarts") or 0)
+        again = f"; restarted {restarts} time(s)" if restarts else ""
+        if name.startswith("http-"):
+            http_total += 1
+            http_up += running
+            continue
+        if not running:
+            last = part.get("last_exit")
+            how = f"died with {describe_exit(int(last))}" if last is not None else "is not running"
+            checks[name] = _check(False, f"{title} {how}; it is being restarted{again}")
+            continue
+        age = beat_age(folder, name, int(part.get("pid") or 0)) if part.get("beats") else 0.0
+        if age is None:
+            since = now - float(part.get("started") or now)
+            if since < STARTING_SECONDS:
+                checks[name] = _check(True, f"{title} is starting{again}")
+            else:
+                checks[name] = _check(False, f"{title} has not reported alive in the {since:.0f} s since it "
+                                             f"started (hung?){again}")
+        elif age > STALE_SECONDS:
+            checks[name] = _check(False, f"{title} last reported alive {age:.0f} s ago (hung?){again}")
+        else:
+            checks[name] = _check(True, f"{title} alive{again}")
+    if http_total:
+        checks["http"] = _check(http_up == http_total, f"{http_up} of {http_total} HTTP worker(s) running")
+    return checks
+
+
+def _work(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Checks of the processing queue and of deliveries to other members (SQL of its own, read only)."""
+    db = pipeline.store.db
+    now = pipeline.clock()
+    checks: dict[str, dict[str, Any]] = {}
+    limit = settings.health_max_backlog
+    waiting = db.execute("SELECT count(*) FROM (SELECT 1 FROM messages WHERE status = 'queued' LIMIT ?)",
+                         [limit + 1]).fetchone()[0]
+    oldest = db.execute("SELECT received_at FROM messages WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+    age = _age(oldest[0] if oldest else None, now)
+    if waiting > limit:
+        checks["backlog"] = _check(False, f"more than {limit} messages wait in the processing queue "
+                                          "(health_max_backlog)")
+    elif age is not None and age > settings.health_max_backlog_age:
+        checks["backlog"] = _check(False, f"the oldest message in the processing queue has waited {age:.0f} s "
+                                          f"(health_max_backlog_age {settings.health_max_backlog_age} s)")
+    else:
+        checks["backlog"] = _check(True, f"{waiting} message(s) in the processing queue")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+    if "outbox" in tables:
+        dead = db.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone()[0]
+        checks["dead_letters"] = _check(
+            not dead, f"{dead} delivery(ies) to other members given up: see `gateway outbox list --status dead`, "
+                      "then `gateway outbox retry ID`" if dead else "no delivery given up")
+        first = db.execute("SELECT created_at FROM outbox WHERE status NOT IN ('delivered', 'dead') "
+                           "ORDER BY id LIMIT 1").fetchone()
+        wait = _age(first[0] if first else None, now)
+        if wait is not None and wait > settings.health_max_delivery_wait:
+            checks["deliveries"] = _check(False, f"the oldest delivery to another member has waited {wait:.0f} s "
+                                                 f"(health_max_delivery_wait {settings.health_max_delivery_wait} s)")
+        else:
+            checks["deliveries"] = _check(True, "deliveries on time")
+    return checks
+
+
+def _registry(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
+    """The registry snapshot in force and how long it stays valid."""
+    ex = pipeline.exchange
+    holder = getattr(ex, "holder", None)
+    if holder is None:
+        return {}
+    refresh = getattr(getattr(ex, "snapshot_file", None), "refresh", None)
+    if refresh is not None:
+        try:
+            refresh()  # a newly installed snapshot counts at once
+        except Exception:  # a bad new file: the one in force is still judged below
+            pass
+    snapshot = holder.current
+    if snapshot is None:
+        return {"registry": _check(False, "no registry snapshot is loaded")}
+    now = pipeline.clock()
+    left = (snapshot.valid_until - now).total_seconds()
+    until = snapshot.valid_until.isoformat()
+    if left <= 0:
+        return {"registry": _check(False, f"registry snapshot {snapshot.version} expired at {until}; "
+                                          "install a newer one")}
+    if left <= settings.snapshot_warn_days * 86400:
+        return {"registry": _check(False, f"registry snapshot {snapshot.version} expires at {until}, within "
+                                          f"{settings.snapshot_warn_days} day(s) (snapshot_warn_days); "
+                                          "install a newer one")}
+    return {"registry": _check(True, f"registry snapshot {snapshot.version} valid until {until}")}
 
 
 @bp.get("/health")
 def health() -> Response:
-    """200 with message counts when the database answers."""
-    counts = pipeline_of(current_app).store.counts()
-    body = {"status": "ok", "version": __version__, "messages": counts}
-    return Response(jsonutil.dumps(body), mimetype="application/json")
+    """200 when every check passes, 503 naming the failing ones."""
+    pipeline = pipeline_of(current_app)
+    settings: Settings = current_app.extensions.get("gateway.settings") or pipeline.settings
+    checks: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    try:
+        counts = pipeline.store.counts()
+        checks["database"] = _check(True, "answers")
+        checks.update(_work(pipeline, settings))
+    except Exception as exc:  # a broken database is what this check is for
+        checks["database"] = _check(False, f"cannot be read ({type(exc).__name__})")
+    try:
+        checks.update(_parts(settings))
+    except Exception as exc:
+        checks["processes"] = _check(False, f"could not be checked ({type(exc).__name__})")
+    try:
+        checks.update(_registry(pipeline, settings))
+    except Exception as exc:
+        checks["registry"] = _check(False, f"could not be checked ({type(exc).__name__})")
+    failing = sorted(name for name, c in checks.items() if not c["ok"])
+    body = {"status": "failing" if failing else "ok", "version": __version__, "failing": failing,
+            "checks": checks, "messages": counts}
+    return Response(jsonutil.dumps(body), status=503 if failing else 200, mimetype="application/json")

@@ -4,7 +4,7 @@
 - ``mllp``: ACK latency under a steady load of real TCP clients against the MLLP
   listener process that ``gateway serve`` starts (``python -m gateway.serve``);
 - ``http``: ``POST /ingest/hl7v2`` from concurrent clients against ``gateway serve``
-  (gunicorn, gthread workers) on loopback, as an authenticated ``submitter``;
+  (waitress worker processes) on loopback, as an authenticated ``submitter``;
 - ``csv``: a generated CDC export through ``Pipeline.convert`` as a stream;
 - ``inbound``: the receiving member's ``Exchange.receive`` on Bundles signed by the sender's pipeline;
 - ``audit-search``, ``audit-verify``: a log filled by the audit area's own bulk loader.
@@ -74,7 +74,7 @@ def mllp_queued_stage(ctx: BenchContext) -> StageResult:
     return run_mllp_load(ctx, STAGES["mllp-queued"].title, ack="received")
 
 
-@stage("http", "HTTP ingest, concurrent clients, gateway serve (gunicorn)")
+@stage("http", "HTTP ingest, concurrent clients, gateway serve (waitress)")
 def http_stage(ctx: BenchContext) -> StageResult:
     from gateway.bench.servers import run_http_load
 

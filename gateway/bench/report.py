@@ -22,9 +22,9 @@ from gateway.bench.measure import StageResult, peak_rss_kib
 __all__ = ["BenchReport", "machine_info", "versions", "TARGETS", "REPORT_FORMAT"]
 
 REPORT_FORMAT = "gateway-bench/1"
-_SHOWN = ("hl7", "fhir.resources", "pydantic", "rfc8785", "jwcrypto", "cryptography", "gunicorn")
+_SHOWN = ("hl7", "fhir.resources", "pydantic", "rfc8785", "jwcrypto", "cryptography", "waitress")
 _LIBRARIES = ("hl7", "fhir.resources", "fhir_core", "pydantic", "pydantic_core", "rfc8785", "jwcrypto",
-              "cryptography", "sqlite-utils", "simplejson", "fhirpathpy", "flask", "gunicorn", "click", "PyYAML")
+              "cryptography", "sqlite-utils", "simplejson", "fhirpathpy", "flask", "waitress", "click", "PyYAML")
 
 #: The issue's targets: (stage, what is compared, threshold, description). Per core unless stated.
 TARGETS: list[tuple[str, str, float, str]] = [

@@ -1,8 +1,8 @@
 """Bench servers: the MLLP listener and ``gateway serve`` under load, on loopback only.
 
 Both servers run as separate processes, started exactly as production starts
-them (the MLLP listener process of ``gateway serve``: ``python -m gateway.serve``;
-the HTTP API: ``python -m gateway serve`` on gunicorn), each on its own
+them (the MLLP listener process: ``python -m gateway.serve``; the HTTP API:
+``python -m gateway serve``, waitress worker processes under its supervisor), each on its own
 database in the bench's working directory. Load comes from client threads in
 this process over real TCP. Every run is bounded in messages and in time, and
 the server processes are stopped (by their process id) whatever happens.
@@ -98,7 +98,7 @@ def _server(args: list[str], env: dict[str, str], port: int, log_path: Path) -> 
             yield proc
         finally:
             if proc.poll() is None:
-                proc.terminate()  # gunicorn and the MLLP listener stop gracefully on SIGTERM
+                proc.terminate()  # gateway serve and the MLLP listener stop gracefully on SIGTERM
                 try:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
@@ -285,11 +285,11 @@ def _msa_code(ack: bytes) -> str:
 
 
 def run_http_load(ctx: BenchContext, title: str) -> StageResult:
-    """Requests/s and latency of ``POST /ingest/hl7v2`` on ``gateway serve`` (gunicorn) from concurrent clients."""
+    """Requests/s and latency of ``POST /ingest/hl7v2`` on ``gateway serve`` (waitress) from concurrent clients."""
     try:
-        import gunicorn  # noqa: F401
+        import waitress  # noqa: F401
     except ImportError:
-        raise NotAvailable("gunicorn is not installed") from None
+        raise NotAvailable("waitress is not installed") from None
     opts = ctx.options
     port = free_port()
     settings = ctx.settings("http", http_port=port, mllp_port=0)
@@ -358,7 +358,7 @@ def run_http_load(ctx: BenchContext, title: str) -> StageResult:
                     "workers": settings.workers, "threads": settings.threads, "server_cpu_s": round(cpu, 3),
                     "server_cores_busy": round(cpu / wall, 2) if wall > 0 else None,
                     "server_cpu_ms_per_request": round(cpu / ok * 1000, 3) if ok else None}
-    note = [f"{opts.http_clients} clients, gunicorn {settings.workers} workers x {settings.threads} threads",
+    note = [f"{opts.http_clients} clients, waitress {settings.workers} workers x {settings.threads} threads",
             f"statuses {statuses}"]
     if errors:
         note.append(f"client errors: {errors[0]}")

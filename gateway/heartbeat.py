@@ -1,0 +1,133 @@
+"""Heartbeats: how ``/health`` knows that every process of ``gateway serve`` is alive and working.
+
+``gateway serve`` keeps a run folder beside the database (``<database>.run/``):
+
+- ``serve.json``, written by the supervisor whenever a process starts, dies or
+  is restarted: the supervisor's process id and, for each part (``mllp-1``,
+  ``queue``, ``background``, ``http-1``...), its process id, state, start time,
+  restart count and last exit code;
+- ``<part>.beat``, one small file per long-running part, holding its process id;
+  the part touches it every :data:`BEAT_SECONDS` while it really works (the
+  MLLP listener from inside its event loop, the background loop between passes),
+  so a hung part goes stale even though its process lives.
+
+Files, not database rows: a heartbeat every two seconds from several processes
+would compete with ingest for SQLite's single write lock, and a part must still
+be seen alive while the database is busy. Nothing in these files is patient data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+
+__all__ = ["BEAT_SECONDS", "Beat", "run_dir", "read_manifest", "write_manifest", "beat_age", "pid_alive"]
+
+#: How often a part touches its heartbeat file.
+BEAT_SECONDS = 2.0
+MANIFEST = "serve.json"
+
+
+def run_dir(settings: Settings) -> Path:
+    """The run folder of a gateway (beside its database, so that two gateways never share one)."""
+    db = settings.database_path
+    return db.with_name(db.name + ".run")
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Replace ``serve.json`` atomically (a reader never sees half of it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The supervisor's ``serve.json``, or None when no ``gateway serve`` runs on this database."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not pid_alive(int(data.get("pid", 0))):
+        return None  # left behind by a gateway that is gone
+    return data
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def beat_age(folder: Path, part: str, pid: int | None = None) -> float | None:
+    """Seconds since ``part`` last beat, or None when it has not beaten (or the beat is another process's)."""
+    path = folder / f"{part}.beat"
+    try:
+        age = time.time() - path.stat().st_mtime
+        if pid is not None and int(path.read_text(encoding="ascii") or 0) != pid:
+            return None
+    except (OSError, ValueError):
+        return None
+    return max(0.0, age)
+
+
+class Beat:
+    """The heartbeat of one part: a thread that touches ``<part>.beat`` while ``working()`` says so.
+
+    ``schedule``: how a touch is run. The MLLP listener passes a function that
+    runs it on its event loop, so that a blocked loop stops the heartbeat.
+    """
+
+    def __init__(self, folder: Path, part: str, working: Callable[[], bool] = lambda: True,
+                 schedule: Callable[[Callable[[], None]], None] | None = None) -> None:
+        self.path = folder / f"{part}.beat"
+        self.working = working
+        self.schedule = schedule
+        self._stop = threading.Event()
+        self._written = False
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def touch(self) -> None:
+        """Record that the part is alive now."""
+        try:
+            if not self._written:  # the first beat of this process claims the file
+                self.path.write_text(str(os.getpid()), encoding="ascii")
+                self._written = True
+            else:
+                os.utime(self.path)
+        except OSError:  # the run folder is gone (serve is stopping): nothing to report to
+            pass
+
+    def start(self) -> "Beat":
+        """Beat now and then every :data:`BEAT_SECONDS` from a daemon thread, until :meth:`stop`."""
+        threading.Thread(target=self._run, name=f"heartbeat-{self.path.stem}", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            if self.working():
+                if self.schedule is None:
+                    self.touch()
+                else:
+                    try:
+                        self.schedule(self.touch)
+                    except RuntimeError:  # the loop is closed: the part is stopping
+                        pass
+            if self._stop.wait(BEAT_SECONDS):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()

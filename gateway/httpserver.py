@@ -1,0 +1,172 @@
+"""HTTP server: the gateway's API on waitress, safe against slow and large clients.
+
+Why waitress: it reads every request — headers and body — in one event loop
+(asyncore) and hands it to a worker thread only once it is complete, so a
+client that trickles a byte every few seconds costs a socket in that loop, not
+a thread; hundreds of them do not delay anyone else. Bodies larger than 512 KiB
+are spooled to a temporary file while they arrive, and answers are buffered by
+the loop, so a large upload or a slow reader holds no thread and little memory.
+It is pure Python, well kept, and needs no monkey-patching (unlike gevent), so
+SQLite connections and the signing code run in ordinary threads.
+
+On top of waitress this module adds what it lacks:
+
+- a deadline for the whole request: a client has ``http_read_timeout`` seconds
+  from connecting (or, on a kept-alive connection, from the first byte of its
+  next request) to send all of it, or it is answered 408 and disconnected;
+- its own errors (413, 400, 431) as FHIR OperationOutcomes, like every other error;
+- an access log line per request carrying the path only (a query string may
+  hold a 身份证号).
+
+Several worker processes serve one listening socket (bound by ``gateway serve``):
+each runs :func:`serve_http` with its own event loop and threads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask
+
+from gateway.config import Settings
+
+__all__ = ["build_server", "serve_http", "access_log"]
+
+log = logging.getLogger(__name__)
+access = logging.getLogger("gateway.access")
+
+_ISSUE_CODES = {400: "invalid", 408: "timeout", 413: "too-long", 431: "too-long"}
+
+
+def _outcome(code: int, text: str) -> bytes:
+    """A one-issue OperationOutcome (no patient data: the texts are the server's own)."""
+    issue = {"severity": "error", "code": _ISSUE_CODES.get(code, "exception"), "diagnostics": text}
+    return json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode("utf-8")
+
+
+class _ErrorTask(ErrorTask):  # type: ignore[misc]
+    """A request the server itself refuses (too large, malformed) is answered with an OperationOutcome."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        body = _outcome(error.code, f"{error.reason}: {error.body}")
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/fhir+json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):  # type: ignore[misc]
+    """One client connection; it remembers when the request being read began."""
+
+    error_task_class = _ErrorTask
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_started: float | None = self.creation_time  # the first request is due from connecting
+
+    def received(self, data: bytes) -> bool:
+        if self.request_started is None and data:
+            self.request_started = time.time()
+        before = self.request
+        result: bool = super().received(data)
+        if self.request is None:
+            self.request_started = None  # everything received so far forms complete requests
+        elif before is not None and self.request is not before:
+            self.request_started = time.time()  # one request completed and the next one began
+        return result
+
+    def cut(self, timeout: float) -> None:
+        """Answer 408 and close: the request was not received within ``timeout`` seconds."""
+        body = _outcome(408, f"the request was not received completely within {timeout:g} s; "
+                             "the connection is closed")
+        data = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/fhir+json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+        with self.outbuf_lock:
+            self.outbufs[-1].append(data)
+            self.current_outbuf_count += len(data)
+            self.total_outbufs_len += len(data)
+        self.request = None
+        self.request_started = None
+        self.close_when_flushed = True
+
+
+class _Server(TcpWSGIServer):  # type: ignore[misc]
+    """waitress's TCP server with a deadline for each request and a bounded number of connections."""
+
+    channel_class = _Channel
+    read_timeout = 30.0
+
+    def maintenance(self, now: float) -> None:
+        """Close what is late: a request still arriving after ``read_timeout``, an idle connection after
+        ``channel_timeout`` (a connection in the middle of a request is not idle)."""
+        idle_cutoff, cutoff = now - self.adj.channel_timeout, now - self.read_timeout
+        late = 0
+        for channel in list(self.active_channels.values()):
+            if channel.requests or channel.will_close or channel.close_when_flushed:
+                continue  # being answered, or closing already
+            started = getattr(channel, "request_started", None)
+            if started is not None and started < cutoff:
+                channel.cut(self.read_timeout)
+                late += 1
+            elif channel.request is None and channel.last_activity < idle_cutoff:
+                channel.will_close = True
+        if late:
+            log.info("%d HTTP connection(s) closed: request not received within %g s", late, self.read_timeout)
+
+
+def build_server(app: Callable[..., Any], sock: socket.socket, settings: Settings) -> _Server:
+    """A server for ``app`` on a listening socket, with the settings' threads, timeouts and connection limit."""
+    adj = Adjustments(
+        threads=settings.threads,
+        connection_limit=settings.http_connection_limit,
+        channel_timeout=settings.http_idle_timeout,
+        cleanup_interval=1,  # deadlines are checked every second
+        max_request_body_size=settings.max_request_bytes,
+        asyncore_use_poll=True,  # no select() limit of 1024 descriptors
+        backlog=1024,
+        ident="cyhr-gateway",
+        expose_tracebacks=False,
+        log_socket_errors=False,
+    )
+    sockinfo = (sock.family, sock.type, sock.proto, sock.getsockname())
+    server = _Server(app, map={}, _sock=sock, adj=adj, bind_socket=False, sockinfo=sockinfo)
+    server.read_timeout = float(settings.http_read_timeout)
+    return server
+
+
+def access_log(app: Callable[..., Any]) -> Callable[..., Any]:
+    """Log each request as ``client "METHOD /path" status seconds`` (the path only, never the query string)."""
+
+    def logged(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.monotonic()
+        status = ["-"]
+
+        def recording(code: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            status[0] = code.split(" ", 1)[0]
+            return start_response(code, headers, exc_info)
+
+        try:
+            return app(environ, recording)  # type: ignore[no-any-return]
+        finally:
+            access.info('%s "%s %s" %s %.3fs', environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", ""),
+                        environ.get("PATH_INFO", ""), status[0], time.monotonic() - started)
+
+    return logged
+
+
+def serve_http(app: Callable[..., Any], sock: socket.socket, settings: Settings) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT (requests being answered get a few seconds to finish)."""
+    server = build_server(access_log(app), sock, settings)
+    # "task queue depth" warnings: requests waiting for a thread are normal under load, not a fault
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    log.info("HTTP worker serving %s:%d with %d threads", settings.http_host, settings.http_port, settings.threads)
+    server.run()

@@ -1,0 +1,203 @@
+"""Supervise: ``gateway serve`` keeps every process it starts running, or stops them all.
+
+Each part of a running gateway (HTTP workers, MLLP listeners, the queue reader,
+the background loop) is a child process. A child that dies is started again
+after a short pause that grows when the same part keeps dying, and the restart
+is logged at WARNING with what died and how. More than ``restart_limit``
+restarts within :data:`WINDOW_SECONDS` and the supervisor stops every child
+and exits non-zero: a gateway runs whole or not at all, never half. SIGTERM or
+SIGINT stops every child (gracefully, then by force after ``grace`` seconds)
+and exits 0. A child that exits with status 2 has refused its configuration
+(it says why on stderr): restarting it cannot help, so the gateway stops with
+exit status 2.
+
+What runs, what died and how often is kept in the run folder's ``serve.json``
+(:mod:`gateway.heartbeat`), where ``/health`` reads it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.heartbeat import write_manifest
+
+__all__ = ["Part", "Supervisor", "WINDOW_SECONDS", "describe_exit"]
+
+log = logging.getLogger(__name__)
+
+#: Restarts are counted over this many seconds (10 minutes).
+WINDOW_SECONDS = 600.0
+
+
+@dataclass
+class Part:
+    """One child process of the gateway and how to start it."""
+
+    name: str  # short and stable: http-1, mllp-1, queue, background
+    title: str  # for people: "HTTP worker 1", "MLLP listener 1"
+    argv: list[str]
+    pass_fds: tuple[int, ...] = ()
+    beats: bool = False  # writes a heartbeat that /health checks
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = "new"  # running | restarting | stopped
+    started: float = 0.0
+    restarts: int = 0
+    last_exit: int | None = None
+    due: float = 0.0  # when a restart is due
+    deaths: collections.deque[float] = field(default_factory=collections.deque)
+
+
+def describe_exit(code: int) -> str:
+    """An exit status in words: ``exit code 1`` or ``exit code -9 (killed by SIGKILL)``."""
+    if code < 0:
+        try:
+            return f"exit code {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"exit code {code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Starts the parts, restarts the ones that die, and stops them all on a signal or too many restarts."""
+
+    def __init__(self, parts: list[Part], *, restart_limit: int, run_dir: Path | None = None,
+                 env: dict[str, str] | None = None, grace: float = 20.0, backoff: float = 0.5,
+                 backoff_cap: float = 10.0, window: float = WINDOW_SECONDS) -> None:
+        self.parts = parts
+        self.restart_limit = restart_limit
+        self.run_dir = run_dir
+        self.env = env
+        self.grace = grace
+        self.backoff, self.backoff_cap, self.window = backoff, backoff_cap, window
+        self.restart_times: collections.deque[float] = collections.deque()
+        self.stopping = False
+        self.started = time.time()
+        self.exit_code = 0
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until a signal (0), until restarts pass the limit (1) or a child refuses its configuration (2).
+
+        Every child is stopped on return.
+        """
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for part in self.parts:
+                self._start(part)
+            self._save()
+            while not self.stopping and self._check():
+                time.sleep(0.1)
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.exit_code
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _start(self, part: Part) -> None:
+        part.proc = subprocess.Popen(part.argv, pass_fds=part.pass_fds, env=self.env)
+        part.state, part.started = "running", time.time()
+        log.info("%s started (pid %d)", part.title, part.proc.pid)
+
+    def _check(self) -> bool:
+        """Reap dead children and start the ones due; False when the restart limit is passed."""
+        now = time.monotonic()
+        changed = False
+        for part in self.parts:
+            if part.state == "running" and part.proc is not None:
+                code = part.proc.poll()
+                if code is None:
+                    continue
+                if self.stopping:
+                    return True
+                changed = True
+                part.last_exit, part.state = code, "restarting"
+                self._forget_beat(part)
+                while self.restart_times and self.restart_times[0] < now - self.window:
+                    self.restart_times.popleft()
+                while part.deaths and part.deaths[0] < now - self.window:
+                    part.deaths.popleft()
+                if code == 2:
+                    log.error("%s (pid %d) refused to start (%s); stopping the whole gateway", part.title,
+                              part.proc.pid, describe_exit(code))
+                    self.exit_code = 2
+                    return False
+                if len(self.restart_times) >= self.restart_limit:
+                    log.error("%s (pid %d) died with %s; %d restarts within %d minutes already (restart_limit "
+                              "%d): stopping the whole gateway", part.title, part.proc.pid, describe_exit(code),
+                              len(self.restart_times), self.window // 60, self.restart_limit)
+                    self.exit_code = 1
+                    return False
+                pause = min(self.backoff_cap, self.backoff * 2 ** len(part.deaths))
+                part.deaths.append(now)
+                self.restart_times.append(now)
+                part.due = now + pause
+                log.warning("%s (pid %d) died with %s; restarting it in %.1f s (restart %d of at most %d within "
+                            "%d minutes)", part.title, part.proc.pid, describe_exit(code), pause,
+                            len(self.restart_times), self.restart_limit, self.window // 60)
+            elif part.state == "restarting" and now >= part.due and not self.stopping:
+                part.restarts += 1
+                self._start(part)
+                changed = True
+        if changed:
+            self._save()
+        return True
+
+    def _stop_all(self) -> None:
+        """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL the ones still running."""
+        self.stopping = True
+        alive = [p for p in self.parts if p.proc is not None and p.proc.poll() is None]
+        for part in alive:
+            try:
+                part.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.grace
+        for part in alive:
+            assert part.proc is not None
+            try:
+                part.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop within %g s; killed", part.title, part.proc.pid, self.grace)
+                part.proc.kill()
+                part.proc.wait(5)
+        for part in self.parts:
+            part.state = "stopped"
+        self._save(final=True)
+
+    # -- the run folder ----------------------------------------------------------------------
+
+    def _forget_beat(self, part: Part) -> None:
+        if self.run_dir is not None and part.beats:
+            try:
+                (self.run_dir / f"{part.name}.beat").unlink()
+            except OSError:
+                pass
+
+    def _save(self, final: bool = False) -> None:
+        """Write ``serve.json`` (removed once everything has stopped)."""
+        if self.run_dir is None:
+            return
+        if final:
+            try:
+                (self.run_dir / "serve.json").unlink()
+            except OSError:
+                pass
+            return
+        write_manifest(self.run_dir, {
+            "pid": os.getpid(), "started": self.started, "restarts": len(self.restart_times),
+            "restart_limit": self.restart_limit,
+            "parts": {p.name: {"title": p.title, "pid": p.proc.pid if p.proc else 0, "state": p.state,
+                               "started": p.started, "restarts": p.restarts, "last_exit": p.last_exit,
+                               "beats": p.beats} for p in self.parts},
+        })

@@ -1,0 +1,235 @@
+"""/health names what is wrong (503) and says ok (200) only when every part of the gateway works; the registry
+routes answer on a real app built with a registry (they answered 500 on every such gateway before).
+
+In-process, on apps built like production's (``create_app`` on the demo world's settings); the processes of
+``gateway serve`` are stood in for by the run folder they keep (tests/test_serve_supervision.py runs the real ones).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo import MEMBERS
+from gateway.demo.world import build_world
+from gateway.heartbeat import run_dir, write_manifest
+
+DATA = Path(__file__).parent / "data"
+CST = _dt.timezone(_dt.timedelta(hours=8))
+TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = _dt.datetime.now(CST)
+
+    def __call__(self) -> _dt.datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    clock = Clock()
+    base = tmp_path_factory.mktemp("world")
+    w = build_world(base, clock, {"tongjiang": "http://127.0.0.1:9", "fuling": "http://127.0.0.1:10"},
+                    members=("tongjiang", "fuling"))
+    w.clock = clock
+    return w
+
+
+@pytest.fixture
+def gw(world: Any) -> Any:
+    """通江's gateway, with its clock back at now and its outbox, queue and run folder emptied."""
+    gateway = world.gateways["tongjiang"]
+    world.clock.now = _dt.datetime.now(CST)
+    gateway.clock = world.clock
+    db = gateway.pipeline.store.db
+    with db.conn:
+        db.execute("DELETE FROM outbox")
+        db.execute("DELETE FROM message_stages WHERE message_ref IN (SELECT id FROM messages WHERE status = 'queued')")
+        db.execute("DELETE FROM messages WHERE status = 'queued'")
+    folder = run_dir(gateway.settings)
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+    return gateway
+
+
+def get(gateway: Any, path: str, **kw: Any) -> Any:
+    client = gateway.app.test_client()
+    return client.get(path, headers={"Authorization": f"Bearer {gateway.token}"}, **kw)
+
+
+def health(gateway: Any) -> tuple[int, dict[str, Any]]:
+    response = gateway.app.test_client().get("/health")  # open: no token
+    return response.status_code, response.get_json()
+
+
+def test_registry_routes_answer_on_a_gateway_with_a_registry(gw: Any) -> None:
+    snap = get(gw, "/registry/snapshot")
+    assert snap.status_code == 200, snap.get_data(as_text=True)
+    assert json.loads(snap.get_data())["format"].startswith("cyhr-registry-snapshot")
+    orgs = get(gw, "/registry/fhir/Organization")
+    assert orgs.status_code == 200 and orgs.get_json()["total"] >= 2
+    one = get(gw, f"/registry/fhir/Organization/{FL}")
+    assert one.status_code == 200 and one.get_json()["resourceType"] == "Organization"
+    assert get(gw, "/registry/fhir/Endpoint").status_code == 200
+    bundle = json.loads((DATA / "registry" / "bundle-lab-tongjiang.json").read_text(encoding="utf-8"))
+    params = [{"name": "bundle", "resource": bundle}, {"name": "receiver", "valueString": FL}]
+    body = {"resourceType": "Parameters", "parameter": params}
+    decided = gw.app.test_client().post("/fhir/$recognize", json=body,
+                                        headers={"Authorization": f"Bearer {gw.token}"})
+    assert decided.status_code == 200, decided.get_data(as_text=True)
+    assert decided.get_json()["resourceType"] == "Parameters"
+
+
+def test_health_is_ok_when_everything_is(gw: Any) -> None:
+    status, body = health(gw)
+    assert status == 200, body
+    assert body["status"] == "ok" and body["failing"] == []
+    assert body["checks"]["registry"]["ok"] and "valid until" in body["checks"]["registry"]["detail"]
+    assert {"database", "backlog", "dead_letters", "deliveries", "registry"} <= set(body["checks"])
+
+
+def test_dead_letters_fail_health(gw: Any) -> None:
+    db = gw.pipeline.store.db
+    now = gw.pipeline.clock().isoformat()
+    with db.conn:
+        db.execute("INSERT INTO outbox (destination, url, kind, payload, payload_sha256, status, attempts,"
+                   " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   [FL, "http://127.0.0.1:10/exchange", "bundle", b"{}", "d" * 64, "dead", 9, 0, now, now])
+    status, body = health(gw)
+    assert status == 503 and body["status"] == "failing" and body["failing"] == ["dead_letters"]
+    assert "1 delivery" in body["checks"]["dead_letters"]["detail"]
+
+
+def test_a_delivery_waiting_too_long_fails_health(gw: Any) -> None:
+    db = gw.pipeline.store.db
+    then = (gw.pipeline.clock() - _dt.timedelta(seconds=gw.settings.health_max_delivery_wait + 60)).isoformat()
+    with db.conn:
+        db.execute("INSERT INTO outbox (destination, url, kind, payload, payload_sha256, status, attempts,"
+                   " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   [FL, "http://127.0.0.1:10/exchange", "bundle", b"{}", "e" * 64, "pending", 3, 0, then, then])
+    status, body = health(gw)
+    assert status == 503 and body["failing"] == ["deliveries"]
+    assert "has waited" in body["checks"]["deliveries"]["detail"]
+
+
+def _queue(gw: Any, n: int) -> None:
+    for i in range(n):
+        gw.pipeline.store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS|TJ", message_id=f"Q{time.time_ns()}{i}",
+                                     origin="test", raw=b"MSH|^~\\&|", status="queued")
+
+
+def test_a_long_queue_fails_health(gw: Any) -> None:
+    _queue(gw, gw.settings.health_max_backlog + 1)
+    status, body = health(gw)
+    assert status == 503 and body["failing"] == ["backlog"]
+    assert f"more than {gw.settings.health_max_backlog}" in body["checks"]["backlog"]["detail"]
+
+
+def test_an_old_queue_fails_health(gw: Any) -> None:
+    _queue(gw, 1)
+    assert health(gw)[0] == 200
+    gw.clock.now += _dt.timedelta(seconds=gw.settings.health_max_backlog_age + 1)
+    status, body = health(gw)
+    assert status == 503 and body["failing"] == ["backlog"]
+    assert "has waited" in body["checks"]["backlog"]["detail"]
+
+
+def test_a_snapshot_expiring_soon_fails_health(gw: Any) -> None:
+    until = gw.pipeline.exchange.holder.current.valid_until
+    gw.clock.now = until - _dt.timedelta(days=gw.settings.snapshot_warn_days, seconds=-60)
+    status, body = health(gw)
+    assert status == 503 and body["failing"] == ["registry"]
+    assert "within 2 day(s)" in body["checks"]["registry"]["detail"]
+    gw.clock.now = until - _dt.timedelta(days=gw.settings.snapshot_warn_days, seconds=60)
+    assert health(gw)[0] == 200
+    gw.clock.now = until + _dt.timedelta(seconds=1)
+    status, body = health(gw)
+    assert status == 503 and "expired" in body["checks"]["registry"]["detail"]
+
+
+@pytest.fixture
+def child() -> Any:
+    """A process standing in for a part of `gateway serve`."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _manifest(gw: Any, parts: dict[str, dict[str, Any]]) -> Path:
+    folder = run_dir(gw.settings)
+    write_manifest(folder, {"pid": os.getpid(), "started": time.time(), "restarts": 0, "restart_limit": 5,
+                            "parts": parts})
+    return folder
+
+
+def _part(title: str, pid: int, **kw: Any) -> dict[str, Any]:
+    return {"title": title, "pid": pid, "state": "running", "started": time.time(), "restarts": 0,
+            "last_exit": None, "beats": True, **kw}
+
+
+def test_a_dead_listener_fails_health_by_name(gw: Any, child: Any) -> None:
+    folder = _manifest(gw, {
+        "http-1": _part("HTTP worker 1", os.getpid(), beats=False),
+        "mllp-1": _part("MLLP listener 1", child.pid, state="restarting", last_exit=-9, restarts=2),
+        "background": _part("background loop", child.pid),
+    })
+    (folder / "background.beat").write_text(str(child.pid))
+    status, body = health(gw)
+    assert status == 503 and body["failing"] == ["mllp-1"]
+    assert body["checks"]["mllp-1"]["detail"] == ("MLLP listener 1 died with exit code -9 (killed by SIGKILL); "
+                                                  "it is being restarted; restarted 2 time(s)")
+    assert body["checks"]["background"] == {"ok": True, "detail": "background loop alive"}
+    assert body["checks"]["http"] == {"ok": True, "detail": "1 of 1 HTTP worker(s) running"}
+
+
+def test_a_hung_part_and_a_vanished_one_fail_health(gw: Any, child: Any) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = _manifest(gw, {"queue": _part("queue reader", child.pid),
+                            "background": _part("background loop", gone.pid)})
+    beat = folder / "queue.beat"
+    beat.write_text(str(child.pid))
+    os.utime(beat, (time.time() - 40, time.time() - 40))
+    status, body = health(gw)
+    assert status == 503 and body["failing"] == ["background", "queue"]
+    assert "last reported alive 40 s ago (hung?)" in body["checks"]["queue"]["detail"]
+    assert body["checks"]["background"]["detail"] == "background loop is not running; it is being restarted"
+    os.utime(beat)  # it beats again
+    assert "queue" not in health(gw)[1]["failing"]
+
+
+def test_a_part_that_never_beats_fails_once_past_its_start(gw: Any, child: Any) -> None:
+    _manifest(gw, {"mllp-1": _part("MLLP listener 1", child.pid)})
+    status, body = health(gw)
+    assert status == 200 and body["checks"]["mllp-1"]["detail"] == "MLLP listener 1 is starting"
+    _manifest(gw, {"mllp-1": _part("MLLP listener 1", child.pid, started=time.time() - 120)})
+    status, body = health(gw)
+    assert status == 503 and "has not reported alive" in body["checks"]["mllp-1"]["detail"]
+
+
+def test_a_run_folder_left_by_a_stopped_gateway_is_ignored(gw: Any) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_manifest(run_dir(gw.settings), {"pid": gone.pid, "parts": {"mllp-1": _part("MLLP listener 1", gone.pid)}})
+    status, body = health(gw)
+    assert status == 200 and "mllp-1" not in body["checks"]
+
+
+def test_health_names_no_patient(gw: Any) -> None:
+    lis = (Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2"
+           / "tongjiang-county-lis.hl7").read_bytes()
+    gw.app.test_client().post("/ingest/hl7v2", data=lis, headers={"Authorization": f"Bearer {gw.token}"})
+    _queue(gw, 1)
+    text = gw.app.test_client().get("/health").get_data(as_text=True)
+    assert "5119" not in text and "PID" not in text and "MSH" not in text

@@ -1,0 +1,164 @@
+"""`gateway serve` runs whole or not at all: a killed part is restarted (counted, logged) and /health follows it;
+a part that keeps dying stops the whole gateway with a non-zero exit; a port in use is one line and exit 2.
+
+The supervisor itself is tested with stand-in children (fast); then real `gateway serve` processes on loopback.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from gateway.demo import free_port
+from gateway.demo.world import build_world
+from gateway.heartbeat import run_dir
+from gateway.supervise import Part, Supervisor
+
+GATEWAY = shutil.which("gateway") or str(Path(sys.executable).with_name("gateway"))
+CST = _dt.timezone(_dt.timedelta(hours=8))
+
+
+def stand_in(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_part_that_keeps_dying_stops_every_part(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    parts = [Part("background", "background loop", stand_in("import sys; sys.exit(3)"), beats=True),
+             Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
+    supervisor = Supervisor(parts, restart_limit=2, run_dir=tmp_path, backoff=0.05, grace=5)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="gateway.supervise"):
+        code = supervisor.run()
+    assert code == 1 and time.monotonic() - started < 20
+    assert parts[1].proc is not None and parts[1].proc.poll() is not None, "the healthy part was stopped too"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert all(w.startswith("background loop (pid ") and "died with exit code 3; restarting it in" in w
+               for w in warnings)
+    assert "restart 2 of at most 2 within 10 minutes" in warnings[1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "stopping the whole gateway" in errors[0] and "restart_limit 2" in errors[0]
+    assert parts[0].restarts == 2
+    assert not (tmp_path / "serve.json").exists(), "nothing is left to say a gateway runs"
+
+
+def test_a_part_that_refuses_its_configuration_stops_the_gateway_with_2(tmp_path: Path) -> None:
+    parts = [Part("queue", "queue reader", stand_in("import sys; sys.exit(2)")),
+             Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
+    assert Supervisor(parts, restart_limit=5, backoff=0.05, grace=5).run() == 2
+    assert parts[0].restarts == 0 and parts[1].proc is not None and parts[1].proc.poll() is not None
+
+
+@pytest.mark.parametrize("which", ["HTTP", "MLLP"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        ports = {"HTTP": port, "MLLP": free_port()} if which == "HTTP" else {"HTTP": free_port(), "MLLP": port}
+        env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "gw"), "GATEWAY_LOG_LEVEL": "INFO"}
+        done = subprocess.run([GATEWAY, "serve", "--http-port", str(ports["HTTP"]), "--mllp-port",
+                               str(ports["MLLP"])], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"gateway: {which} port {port} on 127.0.0.1 is already in use (another gateway or program listens "
+        f"there); stop the other program or choose another port (--{which.lower()}-port / {which.lower()}_port)"]
+
+
+def _wait(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            result = None
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]]:
+    response = requests.get(f"{url}/health", timeout=10)
+    return response.status_code, response.json()
+
+
+def _mllp(port: int, message: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\x0b" + message + b"\x1c\r")
+        answer = b""
+        while not answer.endswith(b"\x1c\r"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.slow
+def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_path: Path) -> None:
+    http, mllp = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
+    gw = world.gateways["tongjiang"]
+    s = gw.settings
+    env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
+           "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
+           "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
+           "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
+           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
+           "GATEWAY_RESTART_LIMIT": "2", "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+    folder = run_dir(s)
+    message = (Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2"
+               / "tongjiang-county-lis.hl7").read_bytes().split(b"\x1c")[0].lstrip(b"\x0b")
+    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    children: set[int] = set()
+
+    def manifest() -> dict[str, Any]:
+        return json.loads((folder / "serve.json").read_text())["parts"]
+
+    try:
+        status, body = _wait(lambda: (h := _health(url))[0] == 200 and h, 120, "a healthy gateway")
+        assert {"http", "mllp-1", "queue", "background", "registry"} <= set(body["checks"]), body
+        assert requests.get(f"{url}/registry/snapshot", timeout=10).status_code == 200
+        assert b"MSA|" in _mllp(mllp, message)
+
+        for n, part in enumerate(("mllp-1", "background"), start=1):
+            old = manifest()[part]["pid"]
+            children.add(old)
+            os.kill(old, signal.SIGKILL)
+            _wait(lambda: manifest()[part]["restarts"] == 1 and manifest()[part]["pid"] != old, 60,
+                  f"{part} restarted")
+            status, body = _wait(lambda: (h := _health(url))[0] == 200 and h, 90, f"health after {part} restart")
+            assert body["checks"][part]["detail"].endswith("restarted 1 time(s)"), body["checks"][part]
+            children.add(manifest()[part]["pid"])
+        assert b"MSA|" in _mllp(mllp, message), "the new listener answers"
+
+        children |= {p["pid"] for p in manifest().values()}
+        os.kill(manifest()["queue"]["pid"], signal.SIGKILL)  # a third restart within 10 minutes: over the limit
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    text = err.decode("utf-8", "replace")
+    assert "Traceback" not in text, text[-3000:]
+    warnings = [line for line in text.splitlines() if " WARNING gateway.supervise: " in line]
+    assert len(warnings) == 2, text[-3000:]
+    assert "MLLP listener 1 (pid " in warnings[0] and "died with exit code -9 (killed by SIGKILL)" in warnings[0]
+    assert "background loop (pid " in warnings[1] and "(restart 2 of at most 2 within 10 minutes)" in warnings[1]
+    assert "queue reader (pid" in text and "stopping the whole gateway" in text
+    time.sleep(0.5)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and "zombie" not in Path(f"/proc/{pid}/status").read_text()], "every part stopped with it"
