@@ -63,6 +63,8 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     ex = pipeline.exchange
     if ex is None:
         return done
+    if ex.refresh_registry():  # a snapshot installed while the gateway is idle is applied within a pass
+        done["registry"] = 1
     if ex.identity is not None and ex.holder is not None:
         done.update(ex.deliver())
     if ex.identity is not None:

@@ -95,6 +95,9 @@ def _fhir(body: dict[str, Any], status: int = 200) -> Response:
 
 def _snapshot_now() -> tuple[Snapshot, _dt.datetime]:
     state = _state()
+    ex = current_app.extensions.get("gateway.exchange")
+    if ex is not None:
+        ex.refresh_registry()  # the registry view shows a newly installed snapshot at once
     now = state.clock()
     return state.holder.snapshot_at(now), now
 

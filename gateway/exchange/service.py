@@ -192,6 +192,12 @@ class Exchange:
 
     # -- shared --------------------------------------------------------------------------
 
+    def refresh_registry(self) -> bool:
+        """Apply a newly installed snapshot file now (it is also looked at before every use); True if applied."""
+        if self.snapshot_file is None:
+            return False
+        return bool(self.snapshot_file.refresh())
+
     def _snapshot(self) -> Any:
         if self.holder is None:
             raise ConfigError("this gateway has no registry snapshot configured (registry_snapshot)", "registry")
