@@ -13,6 +13,15 @@ cyhr_...``). A token is shown once, when made, and stored only as its SHA-256
 guess). Disabling a user revokes its tokens. Adding and disabling users and
 issuing tokens are written to the audit log.
 
+People (auditors, admins) may also log in to the console (``/console/``) with
+a user name and password (set by ``gateway users add --password-file`` or
+``gateway users passwd``), hashed with Argon2id (argon2-cffi). A log-in opens a
+server-side console session (its cookie value stored only as SHA-256, with its
+own CSRF token) that ends on log-out or after :data:`IDLE_MINUTES` without use;
+:data:`LOCKOUT_FAILURES` wrong passwords in a row lock the account for
+:data:`LOCKOUT_MINUTES`. Only ``auditor`` and ``admin`` may log in. Every
+log-in, refusal, lock-out and log-out is written to the audit log.
+
 Flask views declare who may call them with :func:`require_role`, which answers
 401 (no or unknown credentials) or 403 (wrong role) as an OperationOutcome.
 How a caller is recognised is pluggable: the app may list authenticators in
@@ -35,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
 import sqlite_utils
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from flask import current_app, g, request
 
 from gateway.audit import records
@@ -63,6 +74,20 @@ __all__ = [
     "require_role",
     "current_principal",
     "principal_party",
+    "CONSOLE_ROLES",
+    "LOCKOUT_FAILURES",
+    "LOCKOUT_MINUTES",
+    "IDLE_MINUTES",
+    "MIN_PASSWORD",
+    "check_password_rules",
+    "LoginRefused",
+    "ConsoleSession",
+    "set_password",
+    "change_password",
+    "has_password",
+    "console_login",
+    "console_session",
+    "console_logout",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,7 +111,35 @@ _SCHEMA = (
         created TEXT NOT NULL,
         revoked TEXT
     )""",
+    """CREATE TABLE IF NOT EXISTS gateway_password (
+        user         TEXT PRIMARY KEY REFERENCES gateway_user (name),
+        hash         TEXT NOT NULL,    -- Argon2id hash (PHC string); the password itself is never stored
+        changed      TEXT NOT NULL,
+        failures     INTEGER NOT NULL DEFAULT 0,  -- wrong passwords in a row
+        locked_until TEXT              -- ISO time the lock-out ends; NULL when not locked
+    )""",
+    """CREATE TABLE IF NOT EXISTS console_session (
+        hash    TEXT PRIMARY KEY,      -- SHA-256 hex of the cookie value
+        user    TEXT NOT NULL REFERENCES gateway_user (name),
+        csrf    TEXT NOT NULL,         -- the token every form of this session carries
+        created TEXT NOT NULL,
+        seen    TEXT NOT NULL,         -- last use: the idle time-out counts from here
+        ended   TEXT
+    )""",
 )
+
+#: Roles that may log in to the console (submitter and peer accounts are systems, not people).
+CONSOLE_ROLES = ("auditor", "admin")
+#: Wrong passwords in a row that lock an account, and for how long.
+LOCKOUT_FAILURES = 5
+LOCKOUT_MINUTES = 15
+#: A console session ends after this long without a request.
+IDLE_MINUTES = 30
+#: Shortest password accepted.
+MIN_PASSWORD = 10
+_hasher = PasswordHasher()
+#: Checked when the user is unknown, so a wrong name takes as long as a wrong password.
+_DUMMY_HASH = _hasher.hash("not a password of anyone")
 
 
 class NotAuthenticated(TrustError):
@@ -94,6 +147,27 @@ class NotAuthenticated(TrustError):
 
     code = "login"
     http_status = 401
+
+
+class LoginRefused(NotAuthenticated):
+    """A console log-in refused; ``reason`` (password, locked, role, disabled) is for the audit log,
+    ``message`` (in Chinese) for the person at the log-in page."""
+
+    code = "login"
+    http_status = 401
+
+    def __init__(self, message: str, reason: str, locked_until: _dt.datetime | None = None) -> None:
+        super().__init__(message, "password")
+        self.reason = reason
+        self.locked_until = locked_until
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """A console session in use: who, and the CSRF token its forms carry."""
+
+    principal: Principal
+    csrf: str
 
 
 class Forbidden(TrustError):
@@ -171,7 +245,7 @@ def _audit(
     gateway: records.Party,
     by: records.Party,
     name: str,
-    action: Literal["added", "disabled", "token-issued"],
+    action: Literal["added", "disabled", "token-issued", "password-set"],
     roles: Sequence[str],
 ) -> None:
     user = records.Party.user(gateway.value, name)
@@ -374,3 +448,242 @@ def current_principal() -> Principal:
 def principal_party(principal: Principal, member_uscc: str) -> records.Party:
     """The audit-log party of a principal: a user account of the gateway of ``member_uscc``."""
     return records.Party.user(member_uscc, principal.name)
+
+
+# --------------------------------------------------------------------------- console passwords and sessions
+
+
+def check_password_rules(password: str) -> None:
+    """Refuse a password too short, or with surrounding spaces or a line break.
+
+    :raises InputError: the password breaks a rule.
+    """
+    if len(password or "") < MIN_PASSWORD:
+        raise InputError(f"a password has at least {MIN_PASSWORD} characters", "password")
+    if password != password.strip() or "\n" in password:
+        raise InputError("a password neither starts nor ends with a space and holds no line break", "password")
+
+
+def set_password(
+    db: sqlite_utils.Database,
+    name: str,
+    password: str,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    by: records.Party,
+) -> None:
+    """Set the console password of an active user (and unlock the account); audited.
+
+    :raises NotFound: no such user.
+    :raises InputError: the user is disabled, or the password is too short.
+    """
+    check_password_rules(password)
+    hashed = _hasher.hash(password)
+    with transaction(db):
+        user = get_user(db, name)
+        if not user.active:
+            raise InputError(f"user {name!r} is disabled", "name")
+        db.execute(
+            "INSERT INTO gateway_password (user, hash, changed, failures, locked_until) VALUES (?, ?, ?, 0, NULL)"
+            " ON CONFLICT (user) DO UPDATE SET hash = excluded.hash, changed = excluded.changed, failures = 0,"
+            " locked_until = NULL",
+            [name, hashed, instant(at)],
+        )
+        _audit(db, at=at, gateway=gateway, by=by, name=name, action="password-set", roles=user.roles)
+    log.info("console password set")
+
+
+def has_password(db: sqlite_utils.Database, name: str) -> bool:
+    """True when the user has a console password."""
+    ensure_schema(db)
+    return db.execute("SELECT 1 FROM gateway_password WHERE user = ?", [name]).fetchone() is not None
+
+
+def _login_record(
+    db: sqlite_utils.Database,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    name: str,
+    address: str,
+    action: Literal["login", "logout"],
+    reason: str | None = None,
+    ok: bool = True,
+    roles: Sequence[str] = (),
+) -> None:
+    append(
+        db,
+        records.user_login(
+            at=at,
+            gateway=gateway,
+            user=records.Party.user(gateway.value, name[:64] or "(none)"),
+            client_address=address or "unknown",
+            action=action,
+            outcome=records.Outcome.SUCCESS if ok else records.Outcome.MINOR_FAILURE,
+            reason=reason,
+            roles=roles,
+        ),
+    )
+
+
+def _verify(hashed: str, password: str) -> bool:
+    try:
+        return bool(_hasher.verify(hashed, password))
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _new_session(db: sqlite_utils.Database, name: str, at: _dt.datetime) -> tuple[str, str]:
+    cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    db.execute(
+        "INSERT INTO console_session (hash, user, csrf, created, seen) VALUES (?, ?, ?, ?, ?)",
+        [token_hash(cookie), name, csrf, instant(at), instant(at)],
+    )
+    return cookie, csrf
+
+
+def console_login(
+    db: sqlite_utils.Database,
+    name: str,
+    password: str,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    address: str,
+) -> tuple[ConsoleSession, str]:
+    """Log in to the console: the session and its cookie value (stored only as a hash). The attempt, and a
+    lock-out it causes, are written to the audit log whatever the result.
+
+    :raises LoginRefused: unknown user or wrong password (one message for both), account locked, disabled,
+        without a password, or of a role that may not use the console.
+    """
+    ensure_schema(db)
+    wrong = "用户名或密码错误 (wrong user name or password)"
+    with transaction(db):
+        row = db.execute(
+            "SELECT u.roles, u.disabled, p.hash, p.failures, p.locked_until FROM gateway_user u"
+            " LEFT JOIN gateway_password p ON p.user = u.name WHERE u.name = ?",
+            [name],
+        ).fetchone()
+        if row is None or row[2] is None:
+            _verify(_DUMMY_HASH, password)
+            _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
+                          reason="unknown user" if row is None else "no password", ok=False)
+            refused = LoginRefused(wrong, "password")
+        else:
+            roles, disabled, hashed, failures, locked_until = row
+            role_list = roles.split()
+            locked = _dt.datetime.fromisoformat(locked_until) if locked_until else None
+            refused = None
+            if locked is not None and locked > at:
+                _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
+                              reason="locked", ok=False, roles=role_list)
+                refused = LoginRefused(
+                    f"账户已锁定，请于 {locked.astimezone(at.tzinfo).strftime('%H:%M')} 后再试 "
+                    f"(account locked after {LOCKOUT_FAILURES} failed log-ins, for {LOCKOUT_MINUTES} minutes)",
+                    "locked", locked)
+            elif not _verify(hashed, password):
+                failures = (0 if locked is not None else failures) + 1
+                lock = at + _dt.timedelta(minutes=LOCKOUT_MINUTES) if failures >= LOCKOUT_FAILURES else None
+                db.execute("UPDATE gateway_password SET failures = ?, locked_until = ? WHERE user = ?",
+                           [0 if lock else failures, instant(lock) if lock else None, name])
+                _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
+                              reason="locked out" if lock else "password", ok=False, roles=role_list)
+                refused = LoginRefused(
+                    f"密码错误次数过多，账户已锁定 {LOCKOUT_MINUTES} 分钟 (account locked for {LOCKOUT_MINUTES} minutes)"
+                    if lock else wrong, "locked" if lock else "password", lock)
+            elif disabled:
+                _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
+                              reason="disabled", ok=False, roles=role_list)
+                refused = LoginRefused("此账户已停用 (this account is disabled)", "disabled")
+            elif not set(role_list) & set(CONSOLE_ROLES):
+                _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
+                              reason="role", ok=False, roles=role_list)
+                refused = LoginRefused(
+                    f"此账户的角色（{', '.join(role_list)}）不能登录控制台，仅 auditor（审计）和 admin（管理）可以 "
+                    "(only auditor and admin accounts may use the console)", "role")
+            else:
+                db.execute("UPDATE gateway_password SET failures = 0, locked_until = NULL WHERE user = ?", [name])
+                cookie, csrf = _new_session(db, name, at)
+                _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
+                              roles=role_list)
+                principal = Principal(name, frozenset(role_list), None, via="console")
+    if refused is not None:
+        log.info("console log-in refused (%s)", refused.reason)
+        raise refused
+    log.info("console log-in")
+    return ConsoleSession(principal, csrf), cookie
+
+
+def console_session(
+    db: sqlite_utils.Database,
+    cookie: str,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    address: str,
+) -> ConsoleSession | None:
+    """The live session of a cookie value (its last use moved to ``at``); None when there is none. A session
+    idle for :data:`IDLE_MINUTES` ends here, audited as a log-out on idle time-out; a disabled user's ends too.
+    """
+    if not cookie:
+        return None
+    ensure_schema(db)
+    key = token_hash(cookie)
+    row = db.execute(
+        "SELECT s.user, s.csrf, s.seen, u.roles, u.disabled FROM console_session s"
+        " JOIN gateway_user u ON u.name = s.user WHERE s.hash = ? AND s.ended IS NULL",
+        [key],
+    ).fetchone()
+    if row is None:
+        return None
+    name, csrf, seen, roles, disabled = row
+    with transaction(db):
+        if disabled or at - _dt.datetime.fromisoformat(seen) > _dt.timedelta(minutes=IDLE_MINUTES):
+            db.execute("UPDATE console_session SET ended = ? WHERE hash = ?", [instant(at), key])
+            _login_record(db, at=at, gateway=gateway, name=name, address=address, action="logout",
+                          reason="disabled" if disabled else "idle time-out", roles=roles.split())
+            return None
+        db.execute("UPDATE console_session SET seen = ? WHERE hash = ?", [instant(at), key])
+    return ConsoleSession(Principal(name, frozenset(roles.split()), None, via="console"), csrf)
+
+
+def console_logout(
+    db: sqlite_utils.Database, cookie: str, *, at: _dt.datetime, gateway: records.Party, address: str
+) -> None:
+    """End a console session (audited as a log-out); nothing happens for an unknown or ended one."""
+    ensure_schema(db)
+    key = token_hash(cookie or "")
+    with transaction(db):
+        row = db.execute(
+            "SELECT s.user, u.roles FROM console_session s JOIN gateway_user u ON u.name = s.user"
+            " WHERE s.hash = ? AND s.ended IS NULL",
+            [key],
+        ).fetchone()
+        if row is None:
+            return
+        db.execute("UPDATE console_session SET ended = ? WHERE hash = ?", [instant(at), key])
+        _login_record(db, at=at, gateway=gateway, name=row[0], address=address, action="logout", reason="user",
+                      roles=row[1].split())
+
+
+def change_password(
+    db: sqlite_utils.Database,
+    name: str,
+    current: str,
+    new: str,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+) -> None:
+    """A user changes their own console password, proving the current one; audited.
+
+    :raises LoginRefused: the current password is wrong.
+    :raises InputError: the new password is too short.
+    """
+    ensure_schema(db)
+    row = db.execute("SELECT hash FROM gateway_password WHERE user = ?", [name]).fetchone()
+    if row is None or not _verify(row[0], current):
+        raise LoginRefused("当前密码不正确 (the current password is wrong)", "password")
+    set_password(db, name, new, at=at, gateway=gateway, by=records.Party.user(gateway.value, name))

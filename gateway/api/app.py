@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     from gateway.api import registry as registry_api
     from gateway.audit import checkpoint
     from gateway.audit.log import ensure_schema as ensure_audit_schema
+    from gateway import console
 
     # Tables the API needs exist before the first request (audit log, users).
     ensure_audit_schema(pipe.store.db)
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.register_blueprint(ingest.bp)
     app.register_blueprint(exchange.bp)
     app.register_blueprint(audit_api.bp)
+    app.register_blueprint(console.bp)  # /console/: the web pages of auditors and IT
     # Registry and conformance routes (/fhir/$recognize, /fhir/StructureDefinition/...) before /fhir/<type>.
     app.register_blueprint(registry_api.bp)
     app.register_blueprint(conformance.bp)

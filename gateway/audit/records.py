@@ -53,12 +53,14 @@ __all__ = [
     "registry_applied",
     "audit_query",
     "user_admin",
+    "user_login",
+    "operator_action",
 ]
 
 #: Version of the facts layout written by this module; the renderer keeps every version it has seen.
 FACTS_VERSION = 1
 
-KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security")
+KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security", "login", "operator")
 
 #: Outcome of a recognition decision (ANCHORS §2.5). ``needs-review``: the engine could not decide alone.
 DECISION_OUTCOMES = ("recognized", "not-recognized", "needs-review")
@@ -529,15 +531,15 @@ def user_admin(
     gateway: Party,
     admin: Party,
     user: Party,
-    action: Literal["added", "disabled", "token-issued"],
+    action: Literal["added", "disabled", "token-issued", "password-set"],
     roles: Sequence[str] = (),
 ) -> Record:
-    """A change to who may use the gateway: a user added or disabled, a token issued.
+    """A change to who may use the gateway: a user added or disabled, a token issued, a console password set.
 
     :raises InputError: unknown action, naive time.
     """
-    if action not in ("added", "disabled", "token-issued"):
-        raise InputError(f"user action {action!r} is not added, disabled or token-issued", "action")
+    if action not in ("added", "disabled", "token-issued", "password-set"):
+        raise InputError(f"user action {action!r} is not added, disabled, token-issued or password-set", "action")
     return _record(
         "security",
         at,
@@ -547,6 +549,74 @@ def user_admin(
             "user": user.facts(),
             "action": action,
             "roles": list(roles),
+        },
+    )
+
+
+LOGIN_ACTIONS = ("login", "logout")
+OPERATOR_ACTIONS = ("message-raw-viewed", "message-retried", "outbox-retry", "outbox-replay")
+
+
+def user_login(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    user: Party,
+    client_address: str,
+    action: Literal["login", "logout"],
+    outcome: Outcome = Outcome.SUCCESS,
+    reason: str | None = None,
+    roles: Sequence[str] = (),
+) -> Record:
+    """A console log-in (succeeded or refused, ``reason`` saying why: password, locked, role, ...) or log-out
+    (``reason``: user, idle time-out) (IHE BALP / DICOM User Authentication).
+
+    :raises InputError: unknown action, naive time.
+    """
+    if action not in LOGIN_ACTIONS:
+        raise InputError(f"authentication action {action!r} is not login or logout", "action")
+    return _record(
+        "login",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "user": user.facts(),
+            "client_address": _required(client_address, "client_address"),
+            "action": action,
+            "outcome": outcome.value,
+            "reason": reason,
+            "roles": list(roles),
+        },
+    )
+
+
+def operator_action(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    user: Party,
+    client_address: str,
+    action: Literal["message-raw-viewed", "message-retried", "outbox-retry", "outbox-replay"],
+    target: str,
+    detail: str | None = None,
+) -> Record:
+    """An operator's action in the console on a stored message or a delivery: its raw bytes viewed, a retry
+    or a replay; ``target`` names the record (``messages/12``, ``outbox/3``).
+
+    :raises InputError: unknown action, empty target, naive time.
+    """
+    if action not in OPERATOR_ACTIONS:
+        raise InputError(f"operator action {action!r} is not one of {', '.join(OPERATOR_ACTIONS)}", "action")
+    return _record(
+        "operator",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "user": user.facts(),
+            "client_address": _required(client_address, "client_address"),
+            "action": action,
+            "target": _required(target, "target"),
+            "detail": detail,
         },
     )
 

@@ -21,6 +21,8 @@ registry   audit-event-type registry-snapshot       registry-snapshot-applied   
 query      rest (BALP Query / PatientQuery / Read)  search-type / read /         E / R
                                                     operation
 security   DCM 110113 Security Alert                DCM 110136 / 110137          C / U
+login      DCM 110114 User Authentication           DCM 110122 / 110123          E
+operator   audit-event-type operator-action         audit-event-subtype <action> R / U
 ========== ======================================== ============================ ======
 
 :func:`index_values` derives what the search index holds (type, subtype,
@@ -539,7 +541,7 @@ def _security(facts: Mapping[str, Any]) -> dict[str, Any]:
     action = facts["action"]
     subtype = (
         _coding(DCM, "110137", "User Security Attributes Changed")
-        if action == "token-issued"
+        if action in ("token-issued", "password-set")
         else _coding(DCM, "110136", "Security Roles Changed")
     )
     user = {
@@ -562,6 +564,59 @@ def _security(facts: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _login(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """DICOM User Authentication (110114), subtype Login (110122) or Logout (110123), as BALP's ATNA base."""
+    login = facts["action"] == "login"
+    reason = facts.get("reason")
+    outcome = facts.get("outcome", "0")
+    return {
+        "type": _coding(DCM, "110114", "User Authentication"),
+        "subtype": [_coding(DCM, "110122", "Login") if login else _coding(DCM, "110123", "Logout")],
+        "action": "E",
+        "outcome": outcome,
+        "outcomeDesc": f"{facts['action']} {'succeeded' if outcome == '0' else 'refused'}"
+        + (f": {reason}" if reason else ""),
+        "agent": [
+            _agent(_cc(_SECURITY_ROLE, "humanuser", "human user"), facts["user"], requestor=True,
+                   address=facts["client_address"], roles=list(facts.get("roles", []))),
+            _gateway_agent(facts),
+        ],
+    }
+
+
+_OPERATOR_DISPLAY = {
+    "message-raw-viewed": "Raw bytes of a stored message viewed",
+    "message-retried": "Failed message worked again",
+    "outbox-retry": "Delivery put back to be sent",
+    "outbox-replay": "Delivered payload sent again",
+}
+
+
+def _operator(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """An operator's action in the console (our event type ``operator-action``)."""
+    action = facts["action"]
+    target = {
+        "what": {"identifier": {"value": facts["target"]}},
+        "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+        "detail": _detail("detail", facts.get("detail")),
+    }
+    if not target["detail"]:
+        del target["detail"]
+    return {
+        "type": _coding(CS_EVENT_TYPE, "operator-action", "Operator action in the console"),
+        "subtype": [_coding(CS_EVENT_SUBTYPE, action, _OPERATOR_DISPLAY.get(action))],
+        "action": "R" if action == "message-raw-viewed" else "U",
+        "outcome": "0",
+        "outcomeDesc": f"{action} {facts['target']}",
+        "agent": [
+            _agent(_cc(_SECURITY_ROLE, "humanuser", "human user"), facts["user"], requestor=True,
+                   address=facts["client_address"]),
+            _gateway_agent(facts),
+        ],
+        "entity": [target],
+    }
+
+
 _KINDS = {
     "exchange": _exchange,
     "ingest": _ingest,
@@ -571,6 +626,8 @@ _KINDS = {
     "registry": _registry,
     "query": _query,
     "security": _security,
+    "login": _login,
+    "operator": _operator,
 }
 
 

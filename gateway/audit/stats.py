@@ -29,6 +29,12 @@ not-recognized result failed counts once), overrides by re-test reason, lookups
 
 A date filter selects entries by the time they were recorded; an override
 recorded after the period still marks a decision inside it as overridden.
+A selection (issuer, receiver, item, catalogue) narrows the decisions, the
+refusals and the overrides (those of a selected decision) alike; lookups and
+exchanges are not about one issuer's results and are never narrowed.
+Cross views (``by=[("month", "issuer")]``) count the same results in the
+cells of two or more dimensions. Names come from the decisions, else from
+``names`` (the registry snapshot), so no issuer is shown blank.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ import sqlite_utils
 
 from gateway.audit.log import ensure_schema
 from gateway.audit.query import DateRange
+from gateway.errors import InputError
 from gateway.recognition.overrides import RETEST_REASONS
 
-__all__ = ["DEFINITION", "compute", "format_tables", "Group"]
+__all__ = ["DEFINITION", "DIMENSIONS", "SELECTABLE", "compute", "decisions", "format_tables", "Group"]
 
 #: One-line definition, repeated in the JSON output and the command help.
 DEFINITION = (
@@ -54,6 +61,12 @@ DEFINITION = (
     "each) decided recognized or not-recognized (needs-review, results outside every catalogue and diagnostic "
     "conclusions excluded); accepted = eligible results recognized and not re-tested on a physician's override"
 )
+
+
+#: Dimensions a 互认率 is given by; a cross view names two or more of them.
+DIMENSIONS = ("issuer", "receiver", "item", "catalogue", "month")
+#: Dimensions a selection may narrow (the period is chosen with dates).
+SELECTABLE = ("issuer", "receiver", "item", "catalogue")
 
 
 @dataclass
@@ -189,16 +202,53 @@ def _ranked(counter: Counter[str], label: str) -> list[dict[str, Any]]:
     return [{label: k, "count": n} for k, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def compute(db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]] = ()) -> dict[str, Any]:
-    """Statistics over the entries recorded in the period ``dates`` selects (all when empty).
+@dataclass(frozen=True)
+class _Result:
+    """The latest decision of one result, with the dimensions it is counted in."""
 
-    ``dates`` is what :func:`gateway.audit.query.parse_date` gives, AND of OR-lists.
-    Returns JSON-ready data; :func:`format_tables` prints it.
-    """
+    seq: int
+    decision_id: str
+    outcome: str
+    recorded: str
+    dims: dict[str, str]
+    names: dict[str, str]
+    rules: list[dict[str, Any]]
+
+
+def _dims(key: Sequence[str], recorded: str, catalogue: str) -> dict[str, str]:
+    return {"issuer": key[1], "receiver": key[7], "item": f"{key[4]}|{key[5]}", "catalogue": catalogue,
+            "month": recorded[:7]}
+
+
+def _selected(dims: Mapping[str, str], selection: Mapping[str, str]) -> bool:
+    """True when a result lies in the selection (an item may be named by its code alone)."""
+    for dim, wanted in selection.items():
+        if not wanted:
+            continue
+        have = dims.get(dim, "")
+        if have != wanted and not (dim == "item" and have.rsplit("|", 1)[-1] == wanted):
+            return False
+    return True
+
+
+def _check_selection(selection: Mapping[str, str] | None, by: Sequence[Sequence[str]]) -> dict[str, str]:
+    chosen = {k: v for k, v in (selection or {}).items() if v}
+    unknown = [k for k in chosen if k not in SELECTABLE]
+    unknown += [d for dims in by for d in dims if d not in DIMENSIONS]
+    if unknown:
+        raise InputError(f"unknown dimension {unknown[0]!r}: use {', '.join(DIMENSIONS)}", "by")
+    if any(len(dims) < 2 or len(set(dims)) != len(dims) for dims in by):
+        raise InputError("a cross view names two or more different dimensions, e.g. month,issuer", "by")
+    return chosen
+
+
+def _latest(
+    db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]], selection: Mapping[str, str]
+) -> tuple[list[_Result], set[str], int, set[str] | None]:
+    """(latest decision of each selected catalogue result, the overridden decision ids, results outside every
+    catalogue, the decision ids in the selection over all time or None without a selection)."""
     ensure_schema(db)
     where, params = _date_sql(dates)
-    t = _Totals()
-
     latest: dict[tuple[str, ...], tuple[int, list[Any]]] = {}
     for seq, values in _rows(db, "decision", where, params):
         latest[tuple(v or "" for v in values[:8])] = (seq, values[8:])  # a later decision replaces an earlier one
@@ -207,29 +257,81 @@ def compute(db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]] = ()
     for seq, (decision_id, _reason) in _rows(db, "override", "", []):  # an override after the period counts too
         if decision_id in current and seq > current[decision_id]:
             overridden.add(decision_id)
-    for _, (_decision_id, reason) in _rows(db, "override", where, params):
-        t.overrides[reason] += 1
-
+    chosen_ids: set[str] | None = None
+    if selection:  # overrides are narrowed by their decision, wherever it lies in time
+        chosen_ids = set()
+        for _, values in _rows(db, "decision", "", []):
+            key = tuple(v or "" for v in values[:8])
+            if values[8] and _selected(_dims(key, values[10] or "", values[14] or ""), selection):
+                chosen_ids.add(values[8])
+    results: list[_Result] = []
+    outside = 0
     for key, (
         seq,
         (decision_id, outcome, recorded, issuer_name, receiver_name, item_name, catalogue, rules),
     ) in latest.items():
-        is_overridden = decision_id in overridden
-        if catalogue in ("", "-"):  # not a catalogue item (or a diagnostic conclusion): no 互认 to count
-            t.outside_catalogue += 1
+        dims = _dims(key, recorded, catalogue or "")
+        if not _selected(dims, selection):
             continue
-        _add(t.total, outcome, is_overridden)
-        for dim, gkey, name in (
-            ("issuer", key[1], issuer_name),
-            ("receiver", key[7], receiver_name),
-            ("item", f"{key[4]}|{key[5]}", item_name),
-            ("catalogue", catalogue, None),
-            ("month", recorded[:7], None),
-        ):
-            _count_into(t.groups[dim], gkey, name or "", outcome, is_overridden)
-        if outcome == "not-recognized":
+        if catalogue in ("", "-", None):  # not a catalogue item (or a diagnostic conclusion): no 互认 to count
+            outside += 1
+            continue
+        names = {"issuer": issuer_name or "", "receiver": receiver_name or "", "item": item_name or ""}
+        results.append(_Result(seq, decision_id or "", outcome, recorded, dims, names, list(rules or [])))
+    results.sort(key=lambda r: r.seq)
+    return results, overridden, outside, chosen_ids
+
+
+def _named(dim: str, key: str, found: str, names: Mapping[str, str]) -> str:
+    if found:
+        return found
+    if dim in ("issuer", "receiver", "catalogue"):
+        return names.get(key, "")
+    return ""
+
+
+def compute(
+    db: sqlite_utils.Database,
+    dates: Sequence[Sequence[DateRange]] = (),
+    *,
+    selection: Mapping[str, str] | None = None,
+    by: Sequence[Sequence[str]] = (),
+    names: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Statistics over the entries recorded in the period ``dates`` selects (all when empty).
+
+    ``dates`` is what :func:`gateway.audit.query.parse_date` gives, AND of OR-lists. ``selection`` narrows to
+    one issuer, receiver, item (``system|code`` or the code) or catalogue; ``by`` adds cross views (each a
+    tuple of dimensions, e.g. ``("month", "issuer")``, given as ``by_month_issuer``); ``names`` (USCC or
+    catalogue id -> name) fills names the decisions do not carry.
+    Returns JSON-ready data; :func:`format_tables` prints it.
+
+    :raises InputError: an unknown dimension, or a cross view of fewer than two.
+    """
+    chosen = _check_selection(selection, by)
+    names = names or {}
+    where, params = _date_sql(dates)
+    t = _Totals()
+    results, overridden, t.outside_catalogue, chosen_ids = _latest(db, dates, chosen)
+    for _, (decision_id, reason) in _rows(db, "override", where, params):
+        if chosen_ids is None or decision_id in chosen_ids:
+            t.overrides[reason] += 1
+
+    crosses: dict[tuple[str, ...], dict[str, Group]] = {tuple(dims): {} for dims in by}
+    for res in results:
+        is_overridden = res.decision_id in overridden
+        _add(t.total, res.outcome, is_overridden)
+        for dim in DIMENSIONS:
+            key = res.dims[dim]
+            _count_into(t.groups[dim], key, _named(dim, key, res.names.get(dim, ""), names), res.outcome,
+                        is_overridden)
+        for dims, groups in crosses.items():
+            key = "|".join(res.dims[d] for d in dims)
+            name = " / ".join(_named(d, res.dims[d], res.names.get(d, ""), names) for d in dims if d != "month")
+            _count_into(groups, key, name.strip(" /"), res.outcome, is_overridden)
+        if res.outcome == "not-recognized":
             t.refused_results += 1
-            for rule in {r["id"] for r in rules if r.get("passed") is False}:
+            for rule in {r["id"] for r in res.rules if r.get("passed") is False}:
                 t.refusals[rule] += 1
 
     patients: dict[str, set[str]] = {}
@@ -248,8 +350,17 @@ def compute(db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]] = ()
     def groups(dim: str) -> list[dict[str, Any]]:
         return [g.as_json() for g in sorted(t.groups[dim].values(), key=lambda g: g.key)]
 
-    return {
+    def cross(dims: tuple[str, ...]) -> list[dict[str, Any]]:
+        rows = []
+        for g in sorted(crosses[dims].values(), key=lambda g: g.key):
+            row = g.as_json()
+            row.update(zip(dims, _split_key(g.key, dims)))
+            rows.append(row)
+        return rows
+
+    out: dict[str, Any] = {
         "definition": DEFINITION,
+        "selection": dict(sorted(chosen.items())),
         "total": t.total.as_json(),
         "by_issuer": groups("issuer"),
         "by_receiver": groups("receiver"),
@@ -276,6 +387,61 @@ def compute(db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]] = ()
             "refused_by_reason": _ranked(t.exchange_refusals, "reason"),
         },
     }
+    for dims in crosses:
+        out["by_" + "_".join(dims)] = cross(dims)
+    return out
+
+
+def _split_key(key: str, dims: Sequence[str]) -> list[str]:
+    """The parts of a cross view's key; an item (``system|code``) holds a ``|`` of its own."""
+    parts = key.split("|")
+    out = []
+    for dim in dims:
+        take = 2 if dim == "item" else 1
+        out.append("|".join(parts[:take]))
+        parts = parts[take:]
+    return out
+
+
+def decisions(
+    db: sqlite_utils.Database,
+    dates: Sequence[Sequence[DateRange]] = (),
+    *,
+    selection: Mapping[str, str] | None = None,
+    outcome: str | None = None,
+    overridden: bool | None = None,
+    month: str | None = None,
+    rule: str | None = None,
+) -> list[dict[str, Any]]:
+    """The decisions behind a figure of :func:`compute` for the same period and selection: the latest decision
+    of each catalogue result, oldest first, narrowed to an ``outcome`` (``recognized``, ``not-recognized``,
+    ``needs-review``, or ``eligible`` / ``accepted``), to ``overridden`` ones, a ``month`` or a failing ``rule``.
+
+    :raises InputError: an unknown dimension or outcome.
+    """
+    if outcome not in (None, "", "recognized", "not-recognized", "needs-review", "eligible", "accepted"):
+        raise InputError(f"unknown outcome {outcome!r}", "outcome")
+    results, overridden_ids, _, _ = _latest(db, dates, _check_selection(selection, ()))
+    out = []
+    for res in results:
+        is_overridden = res.decision_id in overridden_ids
+        if outcome == "eligible" and res.outcome not in ("recognized", "not-recognized"):
+            continue
+        if outcome == "accepted" and (res.outcome != "recognized" or is_overridden):
+            continue
+        if outcome in ("recognized", "not-recognized", "needs-review") and res.outcome != outcome:
+            continue
+        if overridden is not None and (is_overridden and res.outcome == "recognized") != overridden:
+            continue
+        if month and res.dims["month"] != month:
+            continue
+        failed = sorted({r["id"] for r in res.rules if r.get("passed") is False})
+        if rule and (res.outcome != "not-recognized" or rule not in failed):
+            continue
+        out.append({"seq": res.seq, "decision_id": res.decision_id, "recorded": res.recorded,
+                    "outcome": res.outcome, "overridden": is_overridden and res.outcome == "recognized",
+                    **res.dims, **{f"{k}_name": v for k, v in res.names.items()}, "failed_rules": failed})
+    return out
 
 
 # --------------------------------------------------------------------------- terminal tables
@@ -339,6 +505,14 @@ def format_tables(stats: Mapping[str, Any]) -> str:
         ("by_month", "By month"),
     ):
         out += _table(title, ("key", "name", *_RATE_HEADERS), _rate_rows(stats[dim]))
+    for name, rows in stats.items():
+        dims = name[3:].split("_") if name.startswith("by_") else []
+        if len(dims) > 1 and all(d in DIMENSIONS for d in dims):
+            out += _table(
+                "By " + " × ".join(dims),
+                (*dims, "name", *_RATE_HEADERS),
+                [[*(r[d] for d in dims), *_rate_rows([r])[0][1:]] for r in rows],
+            )
     out += _table(
         f"Refusals by failing rule ({stats['refusals']['results']} results not recognized)",
         ("rule", "results"),

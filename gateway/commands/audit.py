@@ -10,7 +10,7 @@ The auditor's workflow on the command line (the HTTP API offers the same reads):
 - ``gateway audit query date=ge2026-01 type=lab-recognition``: FHIR search
   parameters exactly as ``GET /fhir/AuditEvent`` takes them;
 - ``gateway audit export --format csv|ndjson [--out FILE] [PARAMS]``: streamed;
-- ``gateway audit stats [--json] [--date ge2026-01]``: 互认率 and the rest;
+- ``gateway audit stats [--json] [--date ge2026-01] [--by month,issuer] [--issuer USCC]``: 互认率 and the rest;
 - ``gateway audit checkpoint``: sign one now with the configured key (or
   ``--key K --cert C``); ``--list``, ``--export FILE``, ``--import FILE`` to hold
   a peer's (checked with the configured trust and ``--trust PEM``);
@@ -43,11 +43,11 @@ from gateway.audit.log import append, entries, has_log, head
 from gateway.audit.verify import verify as verify_log
 from gateway.commands.common import AwareDateTime, one_line_errors
 from gateway.config import Settings, load_settings
-from gateway.errors import InputError
+from gateway.errors import GatewayError, InputError
 from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
 from gateway.store.db import connect, transaction
 
-__all__ = ["audit", "settings_for", "open_db", "database_named", "cli_party"]
+__all__ = ["audit", "settings_for", "open_db", "database_named", "cli_party", "registry_names"]
 
 _DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
 _PARAMS_HELP = (
@@ -304,6 +304,23 @@ def _stdout() -> Iterator[IO[str]]:
     yield click.get_text_stream("stdout")
 
 
+def registry_names(settings: Settings) -> dict[str, str]:
+    """Names of members (by USCC) and catalogues (by id) from the configured registry snapshot, to show beside
+    their keys; empty when there is none. Read without checking its signature: names are shown, never trusted."""
+    from gateway.registry.snapshot import read_snapshot_unverified
+
+    path = settings.registry_snapshot
+    if not path:
+        return {}
+    try:
+        snap = read_snapshot_unverified(Path(path).read_bytes())
+    except (OSError, ValueError, GatewayError):
+        return {}
+    names = {uscc: m.name for uscc, m in snap.members.items()}
+    names.update({c.id: c.name for c in snap.catalogues})
+    return names
+
+
 @audit.command("stats")
 @click.option(
     "--date",
@@ -311,12 +328,34 @@ def _stdout() -> Iterator[IO[str]]:
     multiple=True,
     help="Period, as FHIR date search values: ge2026-01 (from January 2026), lt2026-07, 2026-05. Repeatable.",
 )
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    help="A cross view of two or more dimensions (issuer, receiver, item, catalogue, month), comma-separated: "
+    "--by month,issuer gives 互认率 per month and issuer. Repeatable.",
+)
+@click.option("--issuer", help="Only results of this issuer (统一社会信用代码).")
+@click.option("--receiver", help="Only results decided for this receiver (统一社会信用代码).")
+@click.option("--item", help="Only this catalogue item (system|code, or the code).")
+@click.option("--catalogue", help="Only items of this recognition catalogue (its id).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
-def stats_cmd(ctx: click.Context, dates: tuple[str, ...], as_json: bool, db_path: str | None) -> None:
-    """互认率 by issuer, receiver, item, catalogue and month; refusals by failing rule; overrides by re-test
-    reason; lookups (调阅) by member.
+def stats_cmd(
+    ctx: click.Context,
+    dates: tuple[str, ...],
+    by: tuple[str, ...],
+    issuer: str | None,
+    receiver: str | None,
+    item: str | None,
+    catalogue: str | None,
+    as_json: bool,
+    db_path: str | None,
+) -> None:
+    """互认率 by issuer, receiver, item, catalogue and month (and cross views such as month × issuer); refusals
+    by failing rule; overrides by re-test reason; lookups (调阅) by member. Issuer and receiver names come from
+    the decisions, else from the configured registry snapshot.
 
     互认率 = accepted / eligible. Eligible: results (one item of one report of one issuer for one receiver,
     its latest decision only) decided recognized or not-recognized; needs-review is left out (not decided yet).
@@ -326,9 +365,14 @@ def stats_cmd(ctx: click.Context, dates: tuple[str, ...], as_json: bool, db_path
         settings = settings_for(ctx)
         tz = query.parse_offset(settings.timezone)
         ranges = [tuple(query.parse_date(v, tz) for v in value.split(",")) for value in dates]
+        views = [tuple(d.strip() for d in value.split(",") if d.strip()) for value in by]
+        selection = {"issuer": issuer, "receiver": receiver, "item": item, "catalogue": catalogue}
+        chosen = {k: v for k, v in selection.items() if v}
         with open_db(ctx, db_path) as db:
-            figures = stats.compute(db, ranges)
-            _record_read(db, settings, _command_line(ctx, *(f"--date={d}" for d in dates)), interaction="operation")
+            figures = stats.compute(db, ranges, selection=chosen, by=views, names=registry_names(settings))
+            args = [*(f"--date={d}" for d in dates), *(f"--by={b}" for b in by),
+                    *(f"--{k}={v}" for k, v in sorted(chosen.items()))]
+            _record_read(db, settings, _command_line(ctx, *args), interaction="operation")
     if as_json:
         click.echo(json.dumps(figures, ensure_ascii=False, indent=2))
     else:

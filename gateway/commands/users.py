@@ -1,15 +1,18 @@
-"""User commands: ``gateway users add|list|disable|token``.
+"""User commands: ``gateway users add|list|disable|token|passwd``.
 
 Accounts of the HTTP API (``gateway.auth``): an API token is printed once, when
 an account is added (or another token issued), and stored only as a hash.
-Every change is written to the audit log as done by the operating-system user
-running the command.
+A console password (for people: auditor, admin) is read from a file
+(``--password-file FILE``, ``-`` for stdin) or asked for twice at a terminal,
+and stored only as an Argon2id hash. Every change is written to the audit log
+as done by the operating-system user running the command.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import sys
 
 import click
 
@@ -28,6 +31,22 @@ def _who(settings: Settings) -> tuple[_dt.datetime, records.Party, records.Party
     """Now, this gateway, and the person running the command: what every change is audited with."""
     now = _dt.datetime.now(query.parse_offset(settings.timezone))
     return now, records.Party.member(settings.issuer_uscc, settings.issuer_name), cli_party()
+
+
+def read_password(password_file: str | None, *, prompt: bool) -> str | None:
+    """The password in ``password_file`` (its first line; ``-``: stdin), else asked twice at a terminal when
+    ``prompt``; None when neither applies."""
+    if password_file == "-":
+        return sys.stdin.readline().rstrip("\r\n")
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as fh:
+                return fh.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.ClickException(f"{password_file}: cannot read the password ({exc.__class__.__name__})")
+    if prompt and sys.stdin.isatty():
+        return str(click.prompt("Console password", hide_input=True, confirmation_prompt=True))
+    return None
 
 
 def _show_token(token: str) -> None:
@@ -50,10 +69,23 @@ def users() -> None:
     help="Role of the account; repeat for several. auditor: reads the audit log only.",
 )
 @click.option("--member", help="For a peer account: the 统一社会信用代码 of the member gateway it speaks for.")
+@click.option(
+    "--password-file",
+    help="File whose first line is the console password (auditor, admin); - reads stdin. Without it an "
+    "auditor or admin is asked for one at a terminal.",
+)
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
-def add(ctx: click.Context, name: str, roles: tuple[str, ...], member: str | None, db_path: str | None) -> None:
-    """Add the account NAME and print its first API token (once).
+def add(
+    ctx: click.Context,
+    name: str,
+    roles: tuple[str, ...],
+    member: str | None,
+    password_file: str | None,
+    db_path: str | None,
+) -> None:
+    """Add the account NAME and print its first API token (once); auditors and admins also get a console
+    password (--password-file, or asked at a terminal).
 
     The account goes into the database of the gateway named by --config (or GATEWAY_CONFIG), as `gateway serve`
     uses it; a new database is created only where one was named that way (or by --db), never by default in the
@@ -65,10 +97,20 @@ def add(ctx: click.Context, name: str, roles: tuple[str, ...], member: str | Non
                 f"no gateway database at {settings.database_path}: name the gateway's configuration "
                 "(gateway --config FILE users add ..., or GATEWAY_CONFIG) or give --db"
             )
+        people = bool(set(roles) & set(auth.CONSOLE_ROLES))
+        if password_file and not people:
+            raise click.ClickException("only auditor and admin accounts log in to the console with a password")
+        password = read_password(password_file, prompt=people)
+        if password is not None:
+            auth.check_password_rules(password)
         with open_db(ctx, db_path, must_exist=False) as db:
             at, gateway, by = _who(settings)
             user, token = auth.add_user(db, name, roles, member=member, at=at, gateway=gateway, by=by)
+            if password is not None:
+                auth.set_password(db, name, password, at=at, gateway=gateway, by=by)
     click.echo(f"user {user.name} added with role(s) {', '.join(user.roles)}")
+    if password is not None:
+        click.echo("console password set: log in at /console/")
     _show_token(token)
 
 
@@ -118,3 +160,26 @@ def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
             at, gateway, by = _who(settings)
             user = auth.disable_user(db, name, at=at, gateway=gateway, by=by)
     click.echo(f"user {user.name} disabled at {user.disabled}; its tokens no longer work")
+
+
+@users.command("passwd")
+@click.argument("name")
+@click.option("--password-file", help="File whose first line is the new password; - reads stdin. Without it the "
+              "password is asked for twice at a terminal.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.pass_context
+def passwd(ctx: click.Context, name: str, password_file: str | None, db_path: str | None) -> None:
+    """Set the console password of the auditor or admin account NAME (and lift a lock-out)."""
+    with one_line_errors():
+        settings = settings_for(ctx)
+        password = read_password(password_file, prompt=True)
+        if password is None:
+            raise click.ClickException("give the password with --password-file FILE (or -), or run at a terminal")
+        with open_db(ctx, db_path) as db:
+            user = auth.get_user(db, name)
+            if not set(user.roles) & set(auth.CONSOLE_ROLES):
+                raise click.ClickException(f"{name} ({', '.join(user.roles)}) cannot log in to the console: "
+                                           "only auditor and admin accounts have a password")
+            at, gateway, by = _who(settings)
+            auth.set_password(db, name, password, at=at, gateway=gateway, by=by)
+    click.echo(f"console password of {name} set")

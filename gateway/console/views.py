@@ -1,0 +1,700 @@
+"""Console views: log-in, overview, messages, exchange, recognition, audit, registry, account.
+
+Sessions live in the database (``gateway.auth.console_*``); every form carries
+the session's CSRF token (the log-in form a cookie-bound one) and a POST without
+it is refused with a 400 page. Errors are shown as pages in Chinese, never as
+a stack trace or raw JSON. Reads of the audit log are themselves audited, as in
+the API, and so is every action an admin takes here.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hmac
+import io
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+import sqlite_utils
+from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from gateway import auth
+from gateway.audit import checkpoint as checkpoints
+from gateway.audit import query, records, stats
+from gateway.audit.log import append, get
+from gateway.audit.verify import verify as verify_log
+from gateway.console import charts
+from gateway.errors import GatewayError
+from gateway.store.db import connect, transaction
+
+__all__ = ["bp"]
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates", static_folder="static")
+
+COOKIE = "gateway_console"
+LOGIN_COOKIE = "gateway_console_login"
+_OPEN = ("console.login", "console.static")
+_OUTCOMES = ("stored", "filtered", "refused", "failed")
+_PAGE = 50
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _settings() -> Any:
+    return current_app.extensions["gateway.settings"]
+
+
+def _pipeline() -> Any:
+    return current_app.extensions["gateway.pipeline"]
+
+
+def _now() -> _dt.datetime:
+    clock = current_app.extensions.get("gateway.clock")
+    if clock is not None:
+        return clock()  # type: ignore[no-any-return]
+    return _dt.datetime.now(query.parse_offset(_settings().timezone))
+
+
+@contextmanager
+def _db() -> Iterator[sqlite_utils.Database]:
+    with closing(connect(_settings().database_path).conn) as conn:
+        yield sqlite_utils.Database(conn)
+
+
+def _gateway() -> records.Party:
+    s = _settings()
+    return records.Party.member(s.issuer_uscc, s.issuer_name)
+
+
+def _address() -> str:
+    return request.remote_addr or "unknown"
+
+
+def _secure() -> bool:
+    return bool(request.is_secure or str(getattr(_settings(), "public_url", "")).startswith("https://"))
+
+
+def _page(template: str, status: int = 200, **context: Any) -> Response:
+    return Response(render_template(f"console/{template}", **context), status=status, mimetype="text/html")
+
+
+def _problem(status: int, title: str, detail: str) -> Response:
+    return _page("error.html", status, title=title, detail=detail)
+
+
+@bp.before_request
+def _session() -> Response | None:
+    """Find the console session; a visitor without one goes to the log-in page (never a raw 401)."""
+    g.console = None
+    if request.endpoint in _OPEN:
+        return None
+    with _db() as db:
+        g.console = auth.console_session(db, request.cookies.get(COOKIE, ""), at=_now(), gateway=_gateway(),
+                                         address=_address())
+    if g.console is None:
+        nxt = request.full_path.rstrip("?") if request.method == "GET" else url_for("console.overview")
+        return redirect(url_for("console.login", next=nxt), 303)
+    if request.method == "POST":
+        sent = request.form.get("csrf_token", "")
+        if not sent or not hmac.compare_digest(sent, g.console.csrf):
+            return _problem(400, "请求被拒绝 (CSRF)",
+                            "表单缺少有效的 CSRF 令牌，请返回页面刷新后重试。(The form was sent without its CSRF token.)")
+    return None
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'")
+    return response
+
+
+@bp.errorhandler(GatewayError)
+def _gateway_error(exc: GatewayError) -> Response:
+    status = int(getattr(exc, "http_status", 400) or 400)
+    return _problem(status, "无法完成 (could not be done)", exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    titles = {403: "没有权限 (forbidden)", 404: "未找到 (not found)", 400: "请求有误 (bad request)"}
+    return _problem(exc.code or 500, titles.get(exc.code or 500, "出错了 (error)"), exc.description or "")
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unexpected error on a console page (%s)", type(exc).__name__)
+    return _problem(500, "内部错误 (internal error)", "网关处理此页面时出错，已记入日志，请联系信息科。"
+                    "(The gateway failed on this page; the error was logged.)")
+
+
+@bp.app_template_global()
+def csrf_token() -> str:
+    """The CSRF token forms of this page carry."""
+    return g.console.csrf if g.get("console") else g.get("login_csrf", "")
+
+
+@bp.app_template_global()
+def is_admin() -> bool:
+    """True when the person logged in is an admin (may act, not only read)."""
+    return bool(g.get("console") and "admin" in g.console.principal.roles)
+
+
+@bp.app_template_filter("pct")
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def _admin() -> auth.Principal:
+    principal: auth.Principal = g.console.principal
+    if "admin" not in principal.roles:
+        abort(403, "此操作仅限 admin（管理员）角色。(Only an admin may do this; auditors read.)")
+    return principal
+
+
+def _user_party() -> records.Party:
+    return records.Party.user(_settings().issuer_uscc, g.console.principal.name)
+
+
+def _operator(db: sqlite_utils.Database, action: Any, target: str, detail: str | None = None) -> None:
+    with transaction(db):
+        append(db, records.operator_action(at=_now(), gateway=_gateway(), user=_user_party(),
+                                           client_address=_address(), action=action, target=target, detail=detail))
+
+
+def _record_read(db: sqlite_utils.Database, *, interaction: Literal["search-type", "read", "operation"],
+                 results: int | None = None, resource: str | None = None) -> None:
+    """A look into the audit log from the console, written to the log (as the API does)."""
+    principal = g.console.principal
+    record = records.audit_query(
+        at=_now(), gateway=_gateway(), server_address=request.url_root.rstrip("/"),
+        client=records.Party("", display=(request.user_agent.string[:200] or "browser")),
+        client_address=_address(), user=_user_party(), user_roles=sorted(principal.roles),
+        query=f"{request.method} {request.full_path.rstrip('?')}", interaction=interaction, results=results,
+        resource=resource)
+    with transaction(db):
+        append(db, record)
+
+
+# --------------------------------------------------------------------------- log-in, log-out, account
+
+
+def _safe_next(value: str | None) -> str:
+    return value if value and value.startswith("/console/") and not value.startswith("//") else url_for(
+        "console.overview")
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Response:
+    """The log-in form; a wrong password, a locked account or a system account get a clear message."""
+    token = request.cookies.get(LOGIN_COOKIE, "")
+    message, status = "", 200
+    if request.method == "POST":
+        sent = request.form.get("csrf_token", "")
+        if not token or not sent or not hmac.compare_digest(sent, token):
+            return _problem(400, "请求被拒绝 (CSRF)", "登录表单已过期或缺少 CSRF 令牌，请刷新登录页后重试。"
+                            "(The log-in form was sent without its CSRF token.)")
+        with _db() as db:
+            try:
+                session, cookie = auth.console_login(
+                    db, request.form.get("username", "").strip(), request.form.get("password", ""),
+                    at=_now(), gateway=_gateway(), address=_address())
+            except auth.LoginRefused as exc:
+                message, status = exc.message, 401 if exc.reason == "password" else 403
+            else:
+                response = redirect(_safe_next(request.args.get("next") or request.form.get("next")), 303)
+                response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", secure=_secure(),
+                                    path="/console/")
+                response.delete_cookie(LOGIN_COOKIE, path="/console/")
+                return response
+    token = secrets.token_urlsafe(32)
+    g.login_csrf = token
+    response = _page("login.html", status, message=message, next=request.args.get("next", ""),
+                     failures=auth.LOCKOUT_FAILURES, minutes=auth.LOCKOUT_MINUTES, idle=auth.IDLE_MINUTES)
+    response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", secure=_secure(), path="/console/")
+    return response
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    """End the session (audited) and go back to the log-in page."""
+    with _db() as db:
+        auth.console_logout(db, request.cookies.get(COOKIE, ""), at=_now(), gateway=_gateway(), address=_address())
+    response = redirect(url_for("console.login"), 303)
+    response.delete_cookie(COOKIE, path="/console/")
+    return response
+
+
+@bp.route("/account", methods=["GET", "POST"])
+def account() -> Response:
+    """Change one's own password."""
+    message, ok, status = "", False, 200
+    if request.method == "POST":
+        new = request.form.get("new_password", "")
+        if new != request.form.get("new_password2", ""):
+            message, status = "两次输入的新密码不一致 (the new passwords differ)", 400
+        else:
+            with _db() as db:
+                try:
+                    auth.change_password(db, g.console.principal.name, request.form.get("current_password", ""),
+                                         new, at=_now(), gateway=_gateway())
+                    message, ok = "密码已修改 (password changed)", True
+                except GatewayError as exc:
+                    message, status = exc.message, 400
+    return _page("account.html", status, message=message, ok=ok, minimum=auth.MIN_PASSWORD)
+
+
+# --------------------------------------------------------------------------- overview
+
+
+def _health() -> dict[str, Any]:
+    """What /health says (the same checks: listener, queue reader, background loop, database, registry)."""
+    view = current_app.view_functions.get("health.health")
+    if view is None:
+        return {"status": "unknown", "checks": {}}
+    try:
+        answer = view()
+        return json.loads(answer.get_data(as_text=True))  # type: ignore[no-any-return]
+    except Exception as exc:  # the overview must show, even when a check cannot run
+        log.warning("health could not be read for the console (%s)", type(exc).__name__)
+        return {"status": "unknown", "checks": {}}
+
+
+def _buckets(
+    db: sqlite_utils.Database, now: _dt.datetime, hours: bool
+) -> tuple[list[str], dict[str, list[int]], dict[tuple[str, str], int]]:
+    size, count = (_dt.timedelta(hours=1), 24) if hours else (_dt.timedelta(days=1), 14)
+    if hours:
+        end = now.replace(minute=0, second=0, microsecond=0) + size
+    else:
+        end = now.replace(hour=0, minute=0, second=0, microsecond=0) + size
+    start = end - size * count
+    labels = [(start + size * i).strftime("%H:00" if hours else "%m-%d") for i in range(count)]
+    series = {o: [0] * count for o in _OUTCOMES}
+    by_channel: dict[tuple[str, str], int] = {}
+    for received, channel, status in db.execute("SELECT received_at, channel, status FROM messages"):
+        try:
+            at = _dt.datetime.fromisoformat(received)
+        except ValueError:
+            continue
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=now.tzinfo)
+        if not start <= at < end or status not in series:
+            continue
+        series[status][int((at - start) / size)] += 1
+        by_channel[(channel, status)] = by_channel.get((channel, status), 0) + 1
+    return labels, series, by_channel
+
+
+def _snapshot() -> Any:
+    ex = _pipeline().exchange
+    holder = getattr(ex, "holder", None) if ex is not None else None
+    return holder.current if holder is not None else None
+
+
+@bp.get("/")
+def overview() -> Response:
+    """Messages per hour and day by channel and outcome, queue, deliveries, registry, health, latest errors."""
+    now = _now()
+    with _db() as db:
+        hour_labels, hour_series, by_channel = _buckets(db, now, True)
+        day_labels, day_series, by_channel_day = _buckets(db, now, False)
+        backlog = int(db.execute("SELECT count(*) FROM messages WHERE status = 'queued'").fetchone()[0])
+        deliveries = [dict(zip(("destination", "status", "n"), r)) for r in db.execute(
+            "SELECT destination, status, count(*) FROM outbox GROUP BY 1, 2 ORDER BY 1, 2")]
+        errors = [dict(zip(("id", "received_at", "channel", "sender", "message_id", "status", "issues"), r))
+                  for r in db.execute("SELECT id, received_at, channel, sender, message_id, status, issues FROM "
+                                      "messages WHERE status IN ('refused', 'failed') ORDER BY id DESC LIMIT 10")]
+    for e in errors:
+        try:
+            e["issues"] = json.loads(e["issues"] or "[]")
+        except (TypeError, ValueError):
+            e["issues"] = []
+    snap = _snapshot()
+    days_left = None
+    if snap is not None:
+        days_left = (snap.valid_until - now).days
+    channels = sorted({c for c, _ in by_channel_day})
+    return _page(
+        "overview.html", hour_chart=charts.stacked(hour_labels, hour_series, "每小时消息 (messages per hour)"),
+        day_chart=charts.stacked(day_labels, day_series, "每日消息 (messages per day)"), channels=channels,
+        by_channel=by_channel, by_channel_day=by_channel_day, outcomes=_OUTCOMES, backlog=backlog,
+        deliveries=deliveries, snapshot=snap, days_left=days_left, health=_health(), errors=errors,
+        day_from=(now - _dt.timedelta(days=13)).date().isoformat(), today=now.date().isoformat(),
+        hour_from=(now - _dt.timedelta(hours=23)).date().isoformat())
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _message_where(args: Any) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    for name, column in (("status", "status"), ("channel", "channel"), ("sender", "sender"),
+                         ("control_id", "message_id")):
+        if args.get(name):
+            clauses.append(f"{column} = ?")
+            params.append(args[name])
+    if args.get("from"):
+        clauses.append("substr(received_at, 1, 10) >= ?")
+        params.append(args["from"][:10])
+    if args.get("to"):
+        clauses.append("substr(received_at, 1, 10) <= ?")
+        params.append(args["to"][:10])
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+@bp.get("/messages")
+def messages() -> Response:
+    """Search received messages by status, channel, sender, date range and control id."""
+    where, params = _message_where(request.args)
+    page = max(request.args.get("page", 1, type=int) or 1, 1)
+    with _db() as db:
+        total = int(db.execute(f"SELECT count(*) FROM messages{where}", params).fetchone()[0])
+        rows = [dict(zip(("id", "received_at", "channel", "format", "sender", "message_id", "status", "ack_code"),
+                         r)) for r in db.execute(
+            "SELECT id, received_at, channel, format, sender, message_id, status, ack_code FROM messages"
+            f"{where} ORDER BY id DESC LIMIT ? OFFSET ?", [*params, _PAGE, (page - 1) * _PAGE])]
+        channels = [r[0] for r in db.execute("SELECT DISTINCT channel FROM messages ORDER BY 1")]
+    args = {k: v for k, v in request.args.items() if k != "page" and v}
+    return _page("messages.html", rows=rows, total=total, page=page, pages=max((total + _PAGE - 1) // _PAGE, 1),
+                 args=args, query=urlencode(args), channels=channels,
+                 statuses=("queued", "received", *_OUTCOMES))
+
+
+@bp.get("/messages/<int:record_id>")
+def message(record_id: int) -> Response:
+    """One message: its stages, every issue and the answer sent."""
+    store = _pipeline().store
+    with _db() as db:
+        rows = list(db.query("SELECT * FROM messages WHERE id = ?", [record_id]))
+        if not rows:
+            abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
+        rec = store._record(rows[0])
+        stages = list(db.query("SELECT stage, status, at, detail FROM message_stages WHERE message_ref = ? "
+                               "ORDER BY rowid", [record_id]))
+    ack = rec.ack.decode("utf-8", "replace").replace("\r", "\n") if rec.ack else ""
+    return _page("message.html", rec=rec, stages=stages, ack=ack)
+
+
+@bp.get("/messages/<int:record_id>/raw")
+def message_raw(record_id: int) -> Response:
+    """The bytes as received (admin only; each view audited: they hold patient data)."""
+    _admin()
+    with _db() as db:
+        row = db.execute("SELECT raw FROM messages WHERE id = ?", [record_id]).fetchone()
+        if row is None:
+            abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
+        _operator(db, "message-raw-viewed", f"messages/{record_id}")
+    raw = bytes(row[0])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("gb18030", "replace")
+    return _page("raw.html", record_id=record_id, text=text.replace("\r\n", "\n").replace("\r", "\n"), size=len(raw))
+
+
+@bp.post("/messages/<int:record_id>/retry")
+def message_retry(record_id: int) -> Response:
+    """Work a failed message again (admin; audited by the pipeline with the admin's name)."""
+    principal = _admin()
+    outcome = _pipeline().retry(record_id, f"console:{principal.name}")
+    with _db() as db:
+        _operator(db, "message-retried", f"messages/{record_id}", str(getattr(outcome, "status", "")))
+    return redirect(url_for("console.message", record_id=record_id), 303)
+
+
+# --------------------------------------------------------------------------- exchange
+
+
+def _outbox() -> Any:
+    ex = _pipeline().exchange
+    if ex is None:
+        abort(404, "此网关未配置交换（签名密钥与登记快照）。(No exchange is configured on this gateway.)")
+    return ex.outbox
+
+
+@bp.get("/exchange")
+def exchange() -> Response:
+    """The outbox per destination, received Bundles, and 调阅 lookups made and served."""
+    destination, state = request.args.get("destination", ""), request.args.get("state", "")
+    clauses, params = [], []
+    if destination:
+        clauses.append("destination = ?")
+        params.append(destination)
+    if state:
+        clauses.append("status = ?")
+        params.append(state)
+    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    with _db() as db:
+        outbox = [dict(zip(("id", "destination", "url", "status", "attempts", "last_error", "receipt", "created_at",
+                            "updated_at"), r)) for r in db.execute(
+            "SELECT id, destination, url, status, attempts, last_error, receipt, created_at, updated_at FROM outbox"
+            f"{where} ORDER BY destination, id DESC LIMIT 200", params)]
+        received = [dict(zip(("bundle_id", "doc_sha256", "issuer_uscc", "signed_at"), r)) for r in db.execute(
+            "SELECT bundle_id, doc_sha256, issuer_uscc, signed_at FROM signed_bundles WHERE direction = 'received' "
+            "ORDER BY signed_at DESC LIMIT 100")]
+        exchanges = [(e[0], json.loads(e[1])) for e in db.execute(
+            "SELECT seq, content FROM audit_log WHERE kind = 'exchange' ORDER BY seq DESC LIMIT 100")]
+        lookups = [(e[0], json.loads(e[1])) for e in db.execute(
+            "SELECT seq, content FROM audit_log WHERE kind = 'read' ORDER BY seq DESC LIMIT 100")]
+    me = _settings().issuer_uscc
+    for row in outbox:
+        row["receipt"] = json.loads(row["receipt"]) if row["receipt"] else None
+    served = [(seq, c) for seq, c in lookups if c.get("facts", {}).get("gateway", {}).get("value") == me]
+    return _page("exchange.html", outbox=outbox, received=received, exchanges=exchanges, served=served,
+                 made=[(s, c) for s, c in lookups if (s, c) not in served], destination=destination, state=state)
+
+
+def _outbox_action(row_id: int, action: Literal["outbox-retry", "outbox-replay"]) -> Response:
+    _admin()
+    box = _outbox()
+    (box.retry if action == "outbox-retry" else box.replay)(row_id)
+    with _db() as db:
+        _operator(db, action, f"outbox/{row_id}")
+    return redirect(url_for("console.exchange"), 303)
+
+
+@bp.post("/outbox/<int:row_id>/retry")
+def outbox_retry(row_id: int) -> Response:
+    """Put a dead (or waiting) delivery back to be sent now (admin; audited)."""
+    return _outbox_action(row_id, "outbox-retry")
+
+
+@bp.post("/outbox/<int:row_id>/replay")
+def outbox_replay(row_id: int) -> Response:
+    """Send a delivered payload again (admin; audited)."""
+    return _outbox_action(row_id, "outbox-replay")
+
+
+# --------------------------------------------------------------------------- recognition
+
+_SELECT = ("from", "to", *stats.SELECTABLE)
+CROSS = (("month", "issuer"), ("month", "item"))
+
+
+def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str, str], list[str]]:
+    """The period and selection of a recognition page, and the same as ``gateway audit stats`` arguments.
+
+    ``from`` and ``to`` are months (YYYY-MM) or days (YYYY-MM-DD), both included: ``--date geFROM --date leTO``.
+
+    :raises InvalidSearch: a date that is not one.
+    """
+    tz = query.parse_offset(_settings().timezone)
+    dates, argv = [], []
+    for name, prefix in (("from", "ge"), ("to", "le")):
+        value = (args.get(name) or "").strip()
+        if value:
+            dates.append((query.parse_date(prefix + value, tz, name=name),))
+            argv.append(f"--date {prefix}{value}")
+    chosen = {k: args[k].strip() for k in stats.SELECTABLE if (args.get(k) or "").strip()}
+    argv += [f"--{k} {v}" for k, v in sorted(chosen.items())]
+    return dates, chosen, argv
+
+
+def _names() -> dict[str, str]:
+    from gateway.commands.audit import registry_names  # the same names the command prints
+
+    return registry_names(_settings())
+
+
+def _figures() -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    dates, chosen, argv = selection_of(request.args)
+    with _db() as db:
+        figures = stats.compute(db, dates, selection=chosen, by=CROSS, names=_names())
+        _record_read(db, interaction="operation")
+    return figures, chosen, argv
+
+
+_TABLES = (("by_month_issuer", "按月 × 发证机构 (month × issuer)"), ("by_issuer", "按发证机构 (by issuer)"),
+           ("by_receiver", "按接收机构 (by receiver)"), ("by_item", "按项目 (by item)"),
+           ("by_catalogue", "按目录 (by catalogue)"), ("by_month", "按月 (by month)"),
+           ("by_month_item", "按月 × 项目 (month × item)"))
+_COLUMNS = ("decisions", "recognized", "not_recognized", "needs_review", "overridden", "eligible", "accepted", "rate")
+
+
+@bp.get("/recognition")
+def recognition() -> Response:
+    """互认率 by month × issuer × receiver × item × catalogue, with charts, refusals and overrides."""
+    figures, chosen, argv = _figures()
+    base = {k: v for k, v in request.args.items() if k in _SELECT and v}
+    months = [(m["key"], m["rate"]) for m in figures["by_month"]]
+    return _page(
+        "recognition.html", f=figures, base=base, argv=" ".join(["gateway audit stats", *argv]), tables=_TABLES,
+        line_chart=charts.line(months, "互认率按月 (rate by month)"),
+        issuer_chart=charts.bars([(x.get("name") or x["key"], x["rate"]) for x in figures["by_issuer"]],
+                                 "互认率按发证机构 (rate by issuer)"),
+        item_chart=charts.bars([(x.get("name") or x["key"], x["rate"]) for x in figures["by_item"]],
+                               "互认率按项目 (rate by item)"))
+
+
+@bp.app_template_global()
+def drill(base: dict[str, str], **more: Any) -> str:
+    """The link to the decisions behind a figure: the page's selection plus the figure's own."""
+    args = dict(base)
+    for key, value in more.items():
+        if value in (None, ""):
+            continue
+        args[key] = value
+    return url_for("console.decisions_page") + "?" + urlencode(args)
+
+
+@bp.get("/recognition/decisions")
+def decisions_page() -> Response:
+    """The decisions behind any figure of the recognition page (same query, plus outcome, month, rule)."""
+    dates, chosen, argv = selection_of(request.args)
+    if request.args.get("month"):
+        chosen.pop("month", None)
+    overridden = {"1": True, "0": False}.get(request.args.get("overridden", ""))
+    with _db() as db:
+        found = stats.decisions(db, dates, selection=chosen, outcome=request.args.get("outcome") or None,
+                                overridden=overridden, month=request.args.get("month") or None,
+                                rule=request.args.get("rule") or None)
+        _record_read(db, interaction="search-type", results=len(found))
+    names = _names()
+    return _page("decisions.html", rows=found, names=names, args=dict(request.args.items()))
+
+
+@bp.get("/decisions/<decision_id>")
+def decision(decision_id: str) -> Response:
+    """One decision: its rules and reasons, the snapshot version, and its AuditEvent."""
+    with _db() as db:
+        rows = db.execute("SELECT seq, content FROM audit_log WHERE kind = 'decision' AND "
+                          "json_extract(content, '$.facts.decision_id') = ? ORDER BY seq", [decision_id]).fetchall()
+        if not rows:
+            abort(404, f"没有此判定 (no decision {decision_id})")
+        overrides = db.execute("SELECT seq, content FROM audit_log WHERE kind = 'override' AND "
+                               "json_extract(content, '$.facts.decision_id') = ? ORDER BY seq",
+                               [decision_id]).fetchall()
+        _record_read(db, interaction="read", resource=f"AuditEvent/{rows[-1][0]}")
+    entries = [(seq, json.loads(content)) for seq, content in rows]
+    return _page("decision.html", decision_id=decision_id, entries=entries, names=_names(),
+                 overrides=[(seq, json.loads(c)) for seq, c in overrides])
+
+
+def _table_rows(figures: dict[str, Any]) -> list[list[Any]]:
+    """Every table of the page as rows: table, key, name, then the counts (or a count for ranked tables)."""
+    out: list[list[Any]] = []
+    for table, _ in (("total", ""), *_TABLES):
+        groups = [figures["total"]] if table == "total" else figures.get(table, [])
+        for grp in groups:
+            out.append([table, grp["key"], grp.get("name", ""), "", *(grp[c] for c in _COLUMNS)])
+    for r in figures["refusals"]["by_rule"]:
+        out.append(["refusals_by_rule", r["rule"], "", r["count"], *([""] * len(_COLUMNS))])
+    for r in figures["overrides"]["by_reason"]:
+        out.append(["overrides_by_reason", r["reason"], r["description"], r["count"], *([""] * len(_COLUMNS))])
+    return out
+
+
+_HEADER = ["table", "key", "name", "count", *_COLUMNS]
+
+
+@bp.get("/recognition.csv")
+def recognition_csv() -> Response:
+    """Every table of the recognition page as CSV (UTF-8 with BOM, so Excel shows the Chinese)."""
+    figures, _, _ = _figures()
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(_HEADER)
+    writer.writerows(_table_rows(figures))
+    return Response("\ufeff" + buf.getvalue(), mimetype="text/csv",
+                    headers={"Content-Disposition": "attachment; filename=recognition.csv"})
+
+
+@bp.get("/recognition.xlsx")
+def recognition_xlsx() -> Response:
+    """Every table of the recognition page as an XLSX workbook, one sheet per table."""
+    from openpyxl import Workbook
+
+    figures, _, argv = _figures()
+    book = Workbook()
+    first = book.active
+    first.title = "about"
+    first.append(["gateway audit stats " + " ".join(argv)])
+    first.append([stats.DEFINITION])
+    sheets: dict[str, Any] = {}
+    for row in _table_rows(figures):
+        sheet = sheets.get(row[0])
+        if sheet is None:
+            sheet = sheets[row[0]] = book.create_sheet(row[0][:31])
+            sheet.append(_HEADER)
+        sheet.append(row)
+    buf = io.BytesIO()
+    book.save(buf)
+    return Response(buf.getvalue(), mimetype="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                    headers={"Content-Disposition": "attachment; filename=recognition.xlsx"})
+
+
+# --------------------------------------------------------------------------- audit
+
+_AUDIT_PARAMS = ("date", "type", "subtype", "outcome", "agent", "entity", "patient", "_id", "_count", "_sort")
+
+
+@bp.get("/audit")
+def audit_search() -> Response:
+    """AuditEvent search with the API's parameters (audited)."""
+    params = [(k, v) for k, v in request.args.items(multi=True) if v and (k in _AUDIT_PARAMS or ":" in k)]
+    if not any(k == "_count" for k, _ in params):
+        params.append(("_count", "50"))
+    search = query.parse_search(params, tz=query.parse_offset(_settings().timezone))
+    with _db() as db:
+        page = query.run(db, search)
+        events = [e.event() for e in page.entries]
+        _record_read(db, interaction="search-type", results=len(events))
+        held = {"own": checkpoints.checkpoints(db, own=True)[-5:], "peers": checkpoints.checkpoints(db, own=False)}
+    return _page("audit.html", events=events, args=dict(request.args.items()), params=_AUDIT_PARAMS, held=held)
+
+
+@bp.get("/audit/<int:event_id>")
+def audit_event(event_id: int) -> Response:
+    """One AuditEvent (audited)."""
+    with _db() as db:
+        event = get(db, event_id).event()
+        _record_read(db, interaction="read", resource=f"AuditEvent/{event['id']}")
+    return _page("audit_event.html", event=event, text=json.dumps(event, ensure_ascii=False, indent=2))
+
+
+@bp.post("/audit/verify")
+def audit_verify() -> Response:
+    """Walk the hash chain and the checkpoints with the configured trust; show the first changed entry."""
+    settings = _settings()
+    trust, trust_notes = checkpoints.configured_trust(settings, ())
+    with _db() as db:
+        claims, notes = checkpoints.claims(db, trust, member=settings.issuer_uscc)
+        report = verify_log(db, claims)
+        _record_read(db, interaction="operation")
+    report.notes[:0] = (trust_notes if claims else []) + notes
+    return _page("verify.html", report=report, lines=report.lines())
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@bp.get("/registry")
+def registry() -> Response:
+    """Members, qualifications (expiring within 30 days highlighted), EQA, catalogues, snapshot history."""
+    snap = _snapshot()
+    today = _now().date()
+    with _db() as db:
+        db.execute("CREATE TABLE IF NOT EXISTS registry_applied (version INTEGER NOT NULL, digest TEXT NOT NULL,"
+                   " applied_at TEXT NOT NULL, PRIMARY KEY (version, digest))")
+        history = [dict(zip(("version", "digest", "applied_at"), r)) for r in db.execute(
+            "SELECT version, digest, applied_at FROM registry_applied ORDER BY version DESC")]
+
+    def days_left(period: Any) -> int | None:
+        return (period.end - today).days if getattr(period, "end", None) else None
+
+    return _page("registry.html", snap=snap, history=history, days_left=days_left, today=today)

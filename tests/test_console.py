@@ -1,0 +1,359 @@
+"""The console (/console/): log-in, lock-out, idle time-out, CSRF, roles, every page with its figures, and the
+recognition figures equal to `gateway audit stats --json` for the same selection; exports parse.
+
+Runs on the demo's 涪陵 gateway (real decisions, a refusal, an override, received Bundles) and its 通江 gateway
+(an outbox with delivered Bundles), each served by the real app factory on a test clock.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import sqlite3
+from contextlib import closing
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from gateway import auth
+from gateway.audit import records
+from gateway.audit.log import entries
+from gateway.cli import cli
+from gateway.config import load_settings
+from gateway.demo import DEMO_START, run_demo
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("console") / "demo"
+    run_demo(str(base), echo=lambda _line: None)
+    return base
+
+
+class Clock:
+    """A settable clock starting now (the demo's registry authority is made at run time, valid from now)."""
+
+    def __init__(self) -> None:
+        import datetime as dt
+
+        self.now = dt.datetime.now(DEMO_START.tzinfo).replace(microsecond=0)
+
+    def __call__(self) -> Any:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        import datetime as dt
+
+        self.now += dt.timedelta(**delta)
+
+
+def _gateway(demo: Path, tmp_path: Path, member: str) -> tuple[Any, Clock, Path]:
+    from gateway.api.app import create_app
+    from gateway.pipeline import Pipeline
+
+    folder = tmp_path / member
+    shutil.copytree(demo / member, folder)
+    text = (folder / "gateway.toml").read_text(encoding="utf-8").replace(str(demo / member), str(folder))
+    (folder / "gateway.toml").write_text(text, encoding="utf-8")
+    settings = load_settings(environ={"GATEWAY_CONFIG": str(folder / "gateway.toml")}, overrides={})
+    clock = Clock()
+    with closing(sqlite3.connect(folder / "gateway.db")) as conn, conn:  # the story's messages came in an hour ago
+        conn.execute("UPDATE messages SET received_at = ?", [(clock() - dt.timedelta(hours=1)).isoformat()])
+    pipe = Pipeline(settings, clock=clock)
+    app = create_app(settings, pipe)
+    app.config["TESTING"] = True
+    db = pipe.store.db
+    me = records.Party.member(settings.issuer_uscc)
+    setup = records.Party("test-setup")
+    for name, role in (("aud", "auditor"), ("adm", "admin"), ("lis2", "submitter")):
+        auth.add_user(db, name, [role], at=clock(), gateway=me, by=setup)
+        auth.set_password(db, name, PASSWORD, at=clock(), gateway=me, by=setup)
+    return app, clock, folder
+
+
+@pytest.fixture
+def fuling(demo: Path, tmp_path: Path) -> tuple[Any, Clock, Path]:
+    return _gateway(demo, tmp_path, "fuling")
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, html[:500]
+    return found.group(1)
+
+
+def login(app: Any, name: str, password: str = PASSWORD) -> tuple[Any, Any]:
+    c = app.test_client()
+    page = c.get("/console/login")
+    form = {"username": name, "password": password, "csrf_token": _csrf(page.get_data(as_text=True))}
+    answer = c.post("/console/login", data=form)
+    return c, answer
+
+
+def _log(folder: Path, kind: str) -> list[dict[str, Any]]:
+    from gateway.store.db import connect
+
+    db = connect(folder / "gateway.db")
+    try:
+        return [e.facts | {"seq": e.seq} for e in entries(db) if e.kind == kind]
+    finally:
+        db.conn.close()
+
+
+def _figures(html: str, name: str) -> list[dict[str, str]]:
+    out = []
+    for tag in re.findall(r'<span data-figure="%s"([^>]*)>' % re.escape(name), html):
+        out.append(dict(re.findall(r'data-([a-z-]+)="([^"]*)"', tag)))
+    return out
+
+
+def test_browser_without_session_is_sent_to_login(fuling) -> None:
+    app, _, _ = fuling
+    answer = app.test_client().get("/console/recognition?from=2026-11")
+    assert answer.status_code == 303
+    assert answer.headers["Location"].startswith("/console/login?next=")
+    page = app.test_client().get("/console/login")
+    assert page.status_code == 200 and "登录" in page.get_data(as_text=True)
+
+
+def test_login_logout_cookie_and_audit(fuling) -> None:
+    app, _, folder = fuling
+    c, answer = login(app, "aud")
+    assert answer.status_code == 303 and answer.headers["Location"] == "/console/"
+    cookie = answer.headers.getlist("Set-Cookie")[0]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" not in cookie
+    assert c.get("/console/").status_code == 200
+    page = c.get("/console/").get_data(as_text=True)
+    assert c.post("/console/logout", data={"csrf_token": _csrf(page)}).status_code == 303
+    assert c.get("/console/").status_code == 303
+    logins = _log(folder, "login")
+    assert [(e["action"], e["outcome"], e["user"]["value"]) for e in logins] == [
+        ("login", "0", "aud"), ("logout", "0", "aud")]
+
+
+def test_secure_cookie_over_tls(fuling) -> None:
+    app, _, _ = fuling
+    c = app.test_client()
+    page = c.get("/console/login", base_url="https://localhost")
+    answer = c.post("/console/login", base_url="https://localhost",
+                    data={"username": "aud", "password": PASSWORD, "csrf_token": _csrf(page.get_data(as_text=True))})
+    assert "Secure" in answer.headers.getlist("Set-Cookie")[0]
+
+
+def test_lockout_after_five_failures(fuling) -> None:
+    app, clock, folder = fuling
+    for _ in range(4):
+        _, answer = login(app, "aud", "wrong password!")
+        assert answer.status_code == 401 and "用户名或密码错误" in answer.get_data(as_text=True)
+    _, answer = login(app, "aud", "wrong password!")
+    assert answer.status_code == 403 and "锁定" in answer.get_data(as_text=True)
+    _, answer = login(app, "aud")  # the right password while locked
+    assert answer.status_code == 403 and "锁定" in answer.get_data(as_text=True)
+    clock.advance(minutes=16)
+    _, answer = login(app, "aud")
+    assert answer.status_code == 303
+    reasons = [(e["outcome"], e.get("reason")) for e in _log(folder, "login")]
+    assert reasons == [("4", "password")] * 4 + [("4", "locked out"), ("4", "locked"), ("0", None)]
+
+
+def test_idle_timeout(fuling) -> None:
+    app, clock, folder = fuling
+    c, _ = login(app, "aud")
+    clock.advance(minutes=29)
+    assert c.get("/console/").status_code == 200
+    clock.advance(minutes=31)
+    assert c.get("/console/").status_code == 303
+    assert _log(folder, "login")[-1]["reason"] == "idle time-out"
+
+
+def test_submitter_cannot_log_in(fuling) -> None:
+    app, _, folder = fuling
+    _, answer = login(app, "lis2")
+    assert answer.status_code == 403
+    assert "不能登录控制台" in answer.get_data(as_text=True)
+    assert _log(folder, "login")[-1]["reason"] == "role"
+
+
+def test_csrf_refused(fuling) -> None:
+    app, _, _ = fuling
+    c = app.test_client()
+    c.get("/console/login")
+    answer = c.post("/console/login", data={"username": "aud", "password": PASSWORD})
+    assert answer.status_code == 400 and "CSRF" in answer.get_data(as_text=True)
+    c, _ = login(app, "adm")
+    answer = c.post("/console/logout")
+    assert answer.status_code == 400 and "CSRF" in answer.get_data(as_text=True)
+    assert c.get("/console/").status_code == 200  # still logged in
+
+
+def test_change_password(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    token = _csrf(c.get("/console/account").get_data(as_text=True))
+    bad = c.post("/console/account", data={"current_password": "nope", "new_password": "a new password 1",
+                                           "new_password2": "a new password 1", "csrf_token": token})
+    assert bad.status_code == 400
+    ok = c.post("/console/account", data={"current_password": PASSWORD, "new_password": "a new password 1",
+                                          "new_password2": "a new password 1", "csrf_token": token})
+    assert ok.status_code == 200 and "密码已修改" in ok.get_data(as_text=True)
+    assert login(app, "aud", "a new password 1")[1].status_code == 303
+
+
+def _stats_json(folder: Path, *args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["--config", str(folder / "gateway.toml"), "audit", "stats", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.parametrize("query, argv", [
+    ("from=2026-11&to=2026-11", ["--date", "ge2026-11", "--date", "le2026-11"]),
+    ("issuer=12511921MB0001003C", ["--issuer", "12511921MB0001003C"]),
+])
+def test_recognition_figures_equal_the_cli(fuling, query: str, argv: list[str]) -> None:
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    html = c.get(f"/console/recognition?{query}").get_data(as_text=True)
+    cli_figures = _stats_json(folder, *argv, "--by", "month,issuer")
+    for name, key in (("recognition-rate", "rate"), ("eligible", "eligible"), ("accepted", "accepted"),
+                      ("recognized", "recognized"), ("not-recognized", "not_recognized"),
+                      ("needs-review", "needs_review"), ("overridden", "overridden")):
+        shown = [f for f in _figures(html, name) if f.get("dimension") == "total"]
+        want = cli_figures["total"][key]
+        assert shown and shown[0]["value"] == ("" if want is None else str(want)), name
+        by_issuer = {f["issuer"]: f["value"] for f in _figures(html, name) if f.get("table") == "by_issuer"}
+        assert by_issuer == {g["key"]: ("" if g[key] is None else str(g[key])) for g in cli_figures["by_issuer"]}
+        cells = {(f["month"], f["issuer"]): f["value"] for f in _figures(html, name)
+                 if f.get("table") == "by_month_issuer"}
+        assert cells == {(g["month"], g["issuer"]): ("" if g[key] is None else str(g[key]))
+                         for g in cli_figures["by_month_issuer"]}
+    assert "通江县人民医院（演示）" in html  # issuer names, not blanks
+    # drill down from the refusals: the ALT decision, its rules, its AuditEvent
+    link = re.search(r'href="(/console/recognition/decisions\?[^"]*rule=eqa-pass[^"]*)"', html)
+    assert link
+    listed = c.get(link.group(1).replace("&amp;", "&")).get_data(as_text=True)
+    assert _figures(listed, "decisions-listed")[0]["value"] == str(cli_figures["refusals"]["results"])
+    decision = re.search(r'href="(/console/decisions/[^"]+)"', listed).group(1)
+    detail = c.get(decision).get_data(as_text=True)
+    assert 'data-rule="eqa-pass"' in detail and "未通过" in detail
+    event = re.search(r'href="(/console/audit/\d+)"', detail).group(1)
+    assert c.get(event).status_code == 200
+
+
+def test_exports_equal_the_page(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    html = c.get("/console/recognition").get_data(as_text=True)
+    text = c.get("/console/recognition.csv").get_data(as_text=True).lstrip("\ufeff")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    by_issuer = {r["key"]: r["rate"] for r in rows if r["table"] == "by_issuer"}
+    shown = {f["issuer"]: f["value"] for f in _figures(html, "recognition-rate") if f.get("table") == "by_issuer"}
+    assert by_issuer == shown
+    assert [r["key"] for r in rows if r["table"] == "refusals_by_rule"] == ["eqa-pass"]
+    from openpyxl import load_workbook
+
+    book = load_workbook(io.BytesIO(c.get("/console/recognition.xlsx").data))
+    sheet = book["by_issuer"]
+    values = list(sheet.iter_rows(values_only=True))
+    assert values[0][:2] == ("table", "key")
+    assert {v[1]: ("" if v[-1] is None else str(v[-1])) for v in values[1:]} == shown
+
+
+def test_every_page_with_figures_and_no_external_url(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    pages = ["/console/", "/console/messages", "/console/messages?status=stored&channel=http", "/console/messages/1",
+             "/console/exchange", "/console/recognition", "/console/recognition/decisions?outcome=eligible",
+             "/console/audit", "/console/audit?type=lab-recognition", "/console/registry", "/console/account",
+             "/console/static/console.css"]
+    for path in pages:
+        answer = c.get(path)
+        assert answer.status_code == 200, path
+        body = answer.get_data(as_text=True)
+        assert "Traceback" not in body
+        external = re.findall(r"https?://[^\s\"'<>]+", body)
+        assert [u for u in external if u != "http://www.w3.org/2000/svg"
+                and not path.startswith("/console/audit") and "/console/recognition" not in path
+                and not u.startswith("https://fhir.cyhr.org.cn/")] == [], path
+    overview = c.get("/console/").get_data(as_text=True)
+    assert _figures(overview, "queue-backlog")[0]["value"] == "0"
+    assert _figures(overview, "snapshot-days-to-expiry")
+    assert any(f["outcome"] == "stored" for f in _figures(overview, "messages"))
+    recognition = c.get("/console/recognition").get_data(as_text=True)
+    assert "<script" not in recognition and "<svg" in recognition
+    for svg in re.findall(r"<svg.*?</svg>", recognition, re.S):
+        assert re.findall(r"https?://[^\s\"'<>]+", svg) == ["http://www.w3.org/2000/svg"]
+
+
+def test_auditor_cannot_act_admin_can(fuling) -> None:
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    token = _csrf(c.get("/console/").get_data(as_text=True))
+    assert c.get("/console/messages/1/raw").status_code == 403
+    assert c.post("/console/messages/1/retry", data={"csrf_token": token}).status_code == 403
+    a, _ = login(app, "adm")
+    raw = a.get("/console/messages/1/raw")
+    assert raw.status_code == 200 and "MSH" in raw.get_data(as_text=True)
+    ops = _log(folder, "operator")
+    assert [(o["action"], o["target"], o["user"]["value"]) for o in ops] == [
+        ("message-raw-viewed", "messages/1", "adm")]
+    # a stored message is not failed: a clear page, no stack trace
+    answer = a.post("/console/messages/1/retry", data={"csrf_token": _csrf(raw.get_data(as_text=True))})
+    assert answer.status_code == 422 and "not failed" in answer.get_data(as_text=True)
+
+
+def test_admin_retries_and_replays_a_delivery(demo: Path, tmp_path: Path) -> None:
+    app, _, folder = _gateway(demo, tmp_path, "tongjiang")
+    from gateway.store.db import connect
+
+    db = connect(folder / "gateway.db")
+    row = db.execute("SELECT id FROM outbox WHERE status = 'delivered' ORDER BY id LIMIT 1").fetchone()[0]
+    db.execute("UPDATE outbox SET status = 'dead', last_error = 'test: gave up' WHERE id = ?", [row])
+    db.conn.commit()
+    db.conn.close()
+    a, _ = login(app, "adm")
+    page = a.get("/console/exchange").get_data(as_text=True)
+    assert f'data-outbox="{row}" data-state="dead"' in page
+    overview = a.get("/console/").get_data(as_text=True)
+    assert any(f["state"] == "dead" and f["value"] == "1" for f in _figures(overview, "deliveries"))
+    aud, _ = login(app, "aud")
+    assert aud.post(f"/console/outbox/{row}/retry",
+                    data={"csrf_token": _csrf(aud.get("/console/").get_data(as_text=True))}).status_code == 403
+    assert a.post(f"/console/outbox/{row}/retry", data={"csrf_token": _csrf(page)}).status_code == 303
+    assert f'data-outbox="{row}" data-state="pending"' in a.get("/console/exchange").get_data(as_text=True)
+    ops = _log(folder, "operator")
+    assert [(o["action"], o["target"]) for o in ops] == [("outbox-retry", f"outbox/{row}")]
+
+
+def test_audit_verify_and_event_pages(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    page = c.get("/console/audit").get_data(as_text=True)
+    answer = c.post("/console/audit/verify", data={"csrf_token": _csrf(page)})
+    assert answer.status_code == 200
+    assert 'data-figure="audit-verify" data-value="ok"' in answer.get_data(as_text=True)
+
+
+def test_users_add_with_password_file_and_passwd(tmp_path: Path) -> None:
+    runner = CliRunner()
+    db = tmp_path / "gw.db"
+    secret = tmp_path / "pw"
+    secret.write_text(PASSWORD + "\n")
+    result = runner.invoke(cli, ["users", "add", "qc", "--role", "auditor", "--password-file", str(secret),
+                                 "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "console password set" in result.output
+    result = runner.invoke(cli, ["users", "passwd", "qc", "--password-file", "-", "--db", str(db)],
+                           input="another long one\n")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["users", "passwd", "qc", "--password-file", "-", "--db", str(db)], input="short\n")
+    assert result.exit_code != 0 and "at least" in result.output
+    result = runner.invoke(cli, ["users", "add", "lis", "--role", "submitter", "--password-file", str(secret),
+                                 "--db", str(db)])
+    assert result.exit_code != 0 and "only auditor and admin" in result.output
