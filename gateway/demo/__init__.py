@@ -123,7 +123,11 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     for name in ("gateway", "werkzeug"):  # the demo prints its own story; keep operational logs quiet
         logging.getLogger(name).setLevel(logging.ERROR)
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    if workdir:
+        _prepare_folder(base, echo)
     base.mkdir(parents=True, exist_ok=True)
+    (base / _MARKER).write_text("a folder of `gateway demo --dir`; running the demo again replaces it\n",
+                                encoding="utf-8")
     clock = DemoClock()
     ports = {key: free_port() for key in MEMBERS}
     urls = {key: f"http://127.0.0.1:{port}" for key, port in ports.items()}
@@ -177,7 +181,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         servers["fuling"].stop()
         echo(f"  {fl.member.name} is down (maintenance)")
         rows = [tj.pipeline.exchange.push(bundle_id, fl.member.uscc) for bundle_id, _ in issued]
-        counts = tj.pipeline.exchange.deliver()
+        counts = tj.pipeline.exchange.deliver(wait=None)
         entry = tj.pipeline.exchange.outbox.get(rows[0])
         echo(f"  outbox: {counts['retry']} deliveries waiting: attempt {entry.attempts}: {entry.last_error}; "
              f"next try in {entry.next_attempt_at - clock().timestamp():.0f} s, nothing lost")
@@ -185,7 +189,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         clock.jump(hours=1)
         servers["fuling"].start()
         echo(f"  one hour later {fl.member.name} is back")
-        counts = tj.pipeline.exchange.deliver()
+        counts = tj.pipeline.exchange.deliver(wait=None)
         figures["delivered"] = counts["delivered"]
         for row in rows:
             entry = tj.pipeline.exchange.outbox.get(row)
@@ -197,7 +201,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         exam_id = cdc.pipeline.store.db.execute(
             "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued'").fetchone()[0]
         cdc.pipeline.exchange.push(exam_id, fl.member.uscc)
-        cdc.pipeline.exchange.deliver()
+        cdc.pipeline.exchange.deliver(wait=None)
         echo(f"  {cdc.member.name} sends its occupational-health exam of the same worker to {fl.member.name}: "
              "delivered")
 
@@ -266,6 +270,27 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
             server.stop()
         if not workdir:
             shutil.rmtree(base, ignore_errors=True)
+
+
+#: Marks a folder the demo made, so that running it again may replace it (and nothing else).
+_MARKER = ".gateway-demo"
+
+
+def _prepare_folder(base: Path, echo: Callable[[str], Any]) -> None:
+    """An empty or new folder is used as it is; an earlier demo's folder is replaced; anything else is refused.
+
+    :raises click.ClickException: the folder holds files the demo did not make (nothing is deleted).
+    """
+    if base.exists() and not base.is_dir():
+        raise click.ClickException(f"{base} is a file, not a folder; give --dir a new or empty folder")
+    if not base.exists() or not any(base.iterdir()):
+        return
+    if not (base / _MARKER).exists():
+        raise click.ClickException(f"{base} is not empty and holds no earlier demo; give --dir a new or empty folder "
+                                   "(the demo never deletes files it did not make)")
+    echo(f"replacing the earlier demo in {base}")
+    for name in (*MEMBERS, "registry"):
+        shutil.rmtree(base / name, ignore_errors=True)
 
 
 def _print_ack(echo: Callable[[str], Any], ack: str, figures: dict[str, Any], http_status: int | None = None) -> None:
