@@ -100,6 +100,12 @@ class Settings:
     restart_limit: int = _opt(5, "`gateway serve` restarts a dead process of its own (HTTP worker, MLLP listener, "
                               "queue reader, background loop); more restarts than this within 10 minutes and the "
                               "whole gateway stops with a non-zero exit instead of running half.")
+    metrics_token_file: str = _opt(
+        "", "File holding the bearer token that GET /metrics requires (outside the repository; mode 0600). Empty: "
+        "/metrics is open to whoever reaches the HTTP port, so serve it on an internal interface only.")
+    log_format: str = _opt("text", "Log lines of every process: 'text' (timestamp, level, logger, message) or "
+                           "'json' (one JSON object a line: timestamp, level, process, request id, user, route, "
+                           "status, latency; never patient data).")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
 
     @property
@@ -143,6 +149,8 @@ class Settings:
                      "health_max_delivery_wait", "restart_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive", name)
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format {self.log_format!r} must be 'text' or 'json'", "log_format")
         if self.snapshot_warn_days < 0:
             raise ConfigError("snapshot_warn_days must not be negative", "snapshot_warn_days")
 
@@ -150,7 +158,8 @@ class Settings:
 #: Settings that name files or directories. In a config file, a relative one is relative to the file's folder;
 #: in an environment variable or a flag, to the current directory.
 PATH_SETTINGS = frozenset({"data_dir", "database", "mappings_dir", "profiles_dir", "registry_snapshot",
-                           "registry_authority", "signing_key", "signing_cert", "signing_key_password_file"})
+                           "registry_authority", "signing_key", "signing_cert", "signing_key_password_file",
+                           "metrics_token_file"})
 
 
 def _valid_offset(text: str) -> bool:

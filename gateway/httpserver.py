@@ -15,8 +15,9 @@ On top of waitress this module adds what it lacks:
   from connecting (or, on a kept-alive connection, from the first byte of its
   next request) to send all of it, or it is answered 408 and disconnected;
 - its own errors (413, 400, 431) as FHIR OperationOutcomes, like every other error;
-- an access log line per request carrying the path only (a query string may
-  hold a 身份证号).
+- an access log line per request, with its time, carrying the path only (a
+  query string may hold a 身份证号), the account name and the request id sent
+  back in ``X-Request-Id`` (a JSON line with ``log_format = json``).
 
 Several worker processes serve one listening socket (bound by ``gateway serve``):
 each runs :func:`serve_http` with its own event loop and threads.
@@ -144,11 +145,19 @@ def build_server(app: Callable[..., Any], sock: socket.socket, settings: Setting
 
 
 def access_log(app: Callable[..., Any]) -> Callable[..., Any]:
-    """Log each request as ``client "METHOD /path" status seconds`` (the path only, never the query string)."""
+    """Log each request as ``client "METHOD /path" status seconds user=NAME id=REQUEST-ID`` (the path only,
+    never the query string); with ``log_format = json`` the same fields are a JSON line's (gateway.logs).
+
+    The request id is chosen here, before the app runs, so that the app's own log lines and its
+    ``X-Request-Id`` header carry the same one; the app names the user it authenticated in the environ.
+    """
+    from gateway.api.metrics import ENVIRON_ID, ENVIRON_USER
+    from gateway.logs import request_id
 
     def logged(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         started = time.monotonic()
         status = ["-"]
+        rid = environ[ENVIRON_ID] = request_id(environ.get("HTTP_X_REQUEST_ID"))
 
         def recording(code: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             status[0] = code.split(" ", 1)[0]
@@ -157,8 +166,14 @@ def access_log(app: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return app(environ, recording)  # type: ignore[no-any-return]
         finally:
-            access.info('%s "%s %s" %s %.3fs', environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", ""),
-                        environ.get("PATH_INFO", ""), status[0], time.monotonic() - started)
+            seconds = time.monotonic() - started
+            client = environ.get("REMOTE_ADDR", "-")
+            method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+            user = environ.get(ENVIRON_USER)
+            access.info('%s "%s %s" %s %.3fs user=%s id=%s', client, method, path, status[0], seconds, user or "-",
+                        rid, extra={"request_id": rid, "user": user, "method": method, "route": path,
+                                    "status": int(status[0]) if status[0].isdigit() else None,
+                                    "latency_ms": round(seconds * 1000, 3), "client": client})
 
     return logged
 

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import sqlite_utils
 
-from gateway import jsonutil
+from gateway import jsonutil, metrics
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.adapters.cda import CDAAdapter, answer_code
 from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack
@@ -397,6 +397,7 @@ class Pipeline:
             first = outcomes[first_place]
             outcomes[place] = Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
                                       record_id=first.record_id, answer=first.answer)
+        metrics.count_outcomes(channel, ch.format, outcomes)
         return outcomes
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received") -> tuple[int, Any]:
@@ -461,6 +462,7 @@ class Pipeline:
                 status = Status.DUPLICATE
             outcomes[i] = Outcome(status, msg.label(), ack_code=code, record_id=record_id, answer=answer,
                                   message=msg)
+        metrics.count_outcomes(channel, ch.format, [o for o in outcomes if o is not None])  # at_once: counted below
         if at_once:
             for i, outcome in zip(at_once, self.ingest_batch(ch, [units[i] for i in at_once], channel=channel)):
                 outcomes[i] = outcome
@@ -493,6 +495,7 @@ class Pipeline:
             if not recorded:
                 self._release(record_id)
             outcomes.append(outcome)
+            metrics.count_outcomes(channel, fmt, (outcome,))
         return outcomes
 
     def ingest_unit(self, ch: Channel, unit: RawUnit, *, channel: str) -> Outcome:
@@ -556,6 +559,7 @@ class Pipeline:
             raise
         if not recorded:
             self._release(record_id)
+        metrics.count_outcomes(rec.channel, rec.format, (outcome,))  # worked again: it ends again
         return outcome
 
     def _resent(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome | tuple[RawUnit, Outcome]:
@@ -619,20 +623,25 @@ class Pipeline:
         :meth:`_record`). Never raises: a failure in any stage is the unit's own ``failed`` outcome."""
         msg: SourceMessage | None = None
         stage = Stage.PARSE
+        watch = metrics.Stopwatch()
         try:
             msg = ch.adapter.read(unit)
+            watch.lap(Stage.PARSE)
             outcome = Outcome(Status.REFUSED, msg.label(), message=msg)
             if msg.filtered:
                 outcome.status, outcome.filtered_reason = Status.FILTERED, msg.filtered
             elif not msg.errors:
                 stage = Stage.MAP
                 ch.map(msg)
+                watch.lap(Stage.MAP)
                 if not msg.errors:
                     stage = Stage.BUILD
                     bundle = ch.build(msg)
+                    watch.lap(Stage.BUILD)
                     stage = Stage.CHECK
                     if self.checker is not None:
                         msg.issues.extend(self.checker(bundle))
+                        watch.lap(Stage.CHECK)
                     if not msg.errors:
                         outcome.bundle = bundle
                         outcome.status = Status.STORED if record_id is not None else Status.CONVERTED
@@ -641,6 +650,7 @@ class Pipeline:
                             stage = Stage.SIGN
                             self.exchange.stamp_marks(bundle)
                             outcome.signed, outcome.signed_digest = self.exchange.sign_with_digest(bundle)
+                            watch.lap(Stage.SIGN)
             stage = Stage.ANSWER
             outcome.issues = list(msg.issues)
             outcome.ack_code = ch.code_for(msg)
@@ -781,10 +791,12 @@ class Pipeline:
                                           user=retried[0], record_id=outcome.record_id, message_id=message_id,
                                           fmt=ch.format, old_status=retried[1], new_status=outcome.status.value))
         audit = prepare(records)
+        watch = metrics.Stopwatch()
         self.store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                           ack=outcome.answer, issues=outcome.issues,
                           bundle=outcome.bundle if outcome.status is Status.STORED else None,
                           after=lambda db: self._after(db, outcome, audit), owner=lease_owner())
+        watch.lap(Stage.STORE)
         log.info("message format=%s record=%s status=%s ack=%s reports=%d issues=%d",
                  ch.format, outcome.record_id, outcome.status.value, outcome.ack_code,
                  len(msg.reports) if msg else 0, len(outcome.issues))

@@ -22,7 +22,10 @@ A slow HTTP client therefore never delays an ACK, and a part that dies is
 restarted without the others noticing. The MLLP listeners, the queue reader
 and the background loop write heartbeats (:mod:`gateway.heartbeat`) that
 ``/health`` checks. Every child stops with the supervisor, even when the
-supervisor was killed.
+supervisor was killed. Every part counts its metrics in one multiprocess
+folder, ``<database>.run/metrics/`` (emptied at start), which ``GET /metrics``
+adds up (:mod:`gateway.metrics`), and writes its log lines as ``log_format``
+says, naming itself (:mod:`gateway.logs`).
 
 ``python -m gateway.serve SETTINGS_JSON`` alone runs an MLLP listener and the
 background loop in one process (the benchmark and tests start it that way).
@@ -50,7 +53,12 @@ __all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", 
 
 log = logging.getLogger(__name__)
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+def _logging(settings: Settings, process: str) -> None:
+    """Log lines of this process, as the settings say (``log_format``: text or JSON naming ``process``)."""
+    from gateway.logs import configure
+
+    configure(settings.log_level, settings.log_format, process)
 
 
 class PortInUse(Exception):
@@ -116,7 +124,7 @@ def run_background(settings: Settings) -> None:
     from gateway.pipeline import Pipeline
     from gateway.store.db import WalCheckpointer
 
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    _logging(settings, "mllp")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     stop = threading.Event()
     worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
@@ -175,7 +183,7 @@ def run_listener(settings: Settings, fd: int, part: str | None = None) -> None:
     from gateway.mllp import MLLPServer
     from gateway.pipeline import Pipeline
 
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    _logging(settings, part or "mllp")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     _watch_parent()
     sock = socket.socket(fileno=fd)
@@ -202,7 +210,7 @@ def run_queue(settings: Settings, part: str | None = None) -> None:
     from gateway.mllp import QueueReader
     from gateway.pipeline import Pipeline
 
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    _logging(settings, part or "queue")
     pipeline = Pipeline(settings)
     reader = QueueReader(pipeline)
     signal.signal(signal.SIGTERM, lambda *_: reader.stop())
@@ -232,7 +240,7 @@ def run_background_part(settings: Settings, part: str) -> None:
     from gateway.heartbeat import Beat, run_dir
     from gateway.store.db import WalCheckpointer
 
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    _logging(settings, part)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -249,12 +257,12 @@ def run_background_part(settings: Settings, part: str) -> None:
         checkpointer.stop()
 
 
-def run_http(settings: Settings, fd: int) -> None:
+def run_http(settings: Settings, fd: int, part: str = "http") -> None:
     """An HTTP worker process: serve the API on the inherited listening socket ``fd`` until stopped."""
     from gateway.api.app import create_app
     from gateway.httpserver import serve_http
 
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT)
+    _logging(settings, part)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     _watch_parent()
     app = create_app(settings)
@@ -271,7 +279,7 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
 
     try:
         if part.startswith("http-") and fd is not None:
-            run_http(settings, fd)
+            run_http(settings, fd, part)
         elif part.startswith("mllp-") and fd is not None:
             run_listener(settings, fd, part)
         elif part == "queue":
@@ -317,6 +325,7 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     :raises PortInUse: the HTTP or MLLP port cannot be bound.
     """
     from gateway.heartbeat import run_dir
+    from gateway.logs import check_format
     from gateway.pipeline import Pipeline
     from gateway.supervise import Part, Supervisor
 
@@ -324,6 +333,13 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     try:
         if settings.mllp_port:
             sockets.append(_bind("MLLP", settings.mllp_host, settings.mllp_port, "--mllp-port / mllp_port"))
+        check_format(settings.log_format)
+        if settings.metrics_token_file:
+            from gateway.metrics import read_token
+
+            read_token(settings)  # an unreadable or empty token file stops the start, not the first scrape
+        if settings.log_format == "json":
+            _logging(settings, "serve")
         pipeline = Pipeline(settings)  # fails fast on bad mapping tables, keys or snapshot, before any child starts
         recovered = pipeline.recover()
         if recovered:
@@ -351,7 +367,12 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.beat"):  # left by an earlier run: never taken for a live part
         old.unlink(missing_ok=True)
-    supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder)
+    # one multiprocess metrics folder for every part, named before any of them imports prometheus_client
+    from gateway.metrics import MULTIPROC_ENV, prepare_dir
+
+    metrics = prepare_dir(folder / "metrics")
+    env = {**os.environ, MULTIPROC_ENV: str(metrics)}
+    supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder, env=env, metrics_dir=metrics)
     try:
         return supervisor.run()
     finally:

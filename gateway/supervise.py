@@ -12,7 +12,9 @@ and exits 0. A child that exits with status 2 has refused its configuration
 exit status 2.
 
 What runs, what died and how often is kept in the run folder's ``serve.json``
-(:mod:`gateway.heartbeat`), where ``/health`` reads it.
+(:mod:`gateway.heartbeat`), where ``/health`` reads it. When the parts count
+their metrics in a shared folder (:mod:`gateway.metrics`), a dead part's
+live-only figures are cleared there before it is started again.
 """
 from __future__ import annotations
 
@@ -69,8 +71,9 @@ class Supervisor:
 
     def __init__(self, parts: list[Part], *, restart_limit: int, run_dir: Path | None = None,
                  env: dict[str, str] | None = None, grace: float = 20.0, backoff: float = 0.5,
-                 backoff_cap: float = 10.0, window: float = WINDOW_SECONDS) -> None:
+                 backoff_cap: float = 10.0, window: float = WINDOW_SECONDS, metrics_dir: Path | None = None) -> None:
         self.parts = parts
+        self.metrics_dir = metrics_dir  # the parts' multiprocess metrics (gateway.metrics), when they count there
         self.restart_limit = restart_limit
         self.run_dir = run_dir
         self.env = env
@@ -123,6 +126,7 @@ class Supervisor:
                 changed = True
                 part.last_exit, part.state = code, "restarting"
                 self._forget_beat(part)
+                self._forget_metrics(part.proc.pid)
                 while self.restart_times and self.restart_times[0] < now - self.window:
                     self.restart_times.popleft()
                 while part.deaths and part.deaths[0] < now - self.window:
@@ -176,6 +180,13 @@ class Supervisor:
         self._save(final=True)
 
     # -- the run folder ----------------------------------------------------------------------
+
+    def _forget_metrics(self, pid: int) -> None:
+        """A dead part's live-only figures go; its counters stay in the sums that ``/metrics`` shows."""
+        if self.metrics_dir is not None:
+            from gateway.metrics import mark_dead
+
+            mark_dead(pid, self.metrics_dir)
 
     def _forget_beat(self, part: Part) -> None:
         if self.run_dir is not None and part.beats:

@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     from gateway import auth
     from gateway.api import audit as audit_api
     from gateway.api import conformance, exchange, fhir, health, ingest
+    from gateway.api import metrics as metrics_api
     from gateway.api import registry as registry_api
     from gateway.audit import checkpoint
     from gateway.audit.log import ensure_schema as ensure_audit_schema
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.register_blueprint(exchange.bp)
     app.register_blueprint(audit_api.bp)
     app.register_blueprint(console.bp)  # /console/: the web pages of auditors and IT
+    app.register_blueprint(metrics_api.bp)  # /metrics (Prometheus) and every request's X-Request-Id
     # Registry and conformance routes (/fhir/$recognize, /fhir/StructureDefinition/...) before /fhir/<type>.
     app.register_blueprint(registry_api.bp)
     app.register_blueprint(conformance.bp)

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from gateway import jsonutil
+from gateway import jsonutil, metrics
 from gateway.errors import GatewayError, NotFound
 from gateway.store.db import transaction
 
@@ -378,7 +378,9 @@ class Outbox:
         level = logging.INFO if status == "delivered" else logging.WARNING
         log.log(level, "outbox delivery id=%s to=%s attempt=%d status=%s %s", delivery.id, delivery.destination,
                 attempts, status, error if status != "delivered" else "")
-        return "delivered" if status == "delivered" else ("dead" if status == "dead" else "retry")
+        ended = "delivered" if status == "delivered" else ("dead" if status == "dead" else "retry")
+        metrics.delivery_attempt(delivery.destination, ended)
+        return ended
 
     # -- operators -----------------------------------------------------------------------
 

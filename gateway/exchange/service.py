@@ -44,7 +44,7 @@ import sqlite_utils
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway import jsonutil
+from gateway import jsonutil, metrics
 from gateway.config import Settings
 from gateway.errors import (
     ConfigError,
@@ -437,6 +437,7 @@ class Exchange:
             verified = verify_bundle(text, self._snapshot(), at=self.clock())
             issuer = check_signer_is_issuer(verified)
         except GatewayError as exc:
+            metrics.signature_failed("receive", exc)
             self._refuse_unverified(text, peer, exc)
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the text does to the parser, it is refused, not a 500
@@ -625,7 +626,11 @@ class Exchange:
         snapshot = self._snapshot()
         verified = []
         for entry in parse_json(result.body).get("entry", []):
-            one = verify_bundle(jsonutil.dumps(entry["resource"]), snapshot, at=self.clock())
+            try:
+                one = verify_bundle(jsonutil.dumps(entry["resource"]), snapshot, at=self.clock())
+            except TrustError as exc:
+                metrics.signature_failed("pull", exc)
+                raise
             if check_signer_is_issuer(one) != destination:
                 raise TrustError(f"{destination} returned a report issued by another member", "exchange")
             verified.append(one)

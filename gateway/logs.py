@@ -1,0 +1,118 @@
+"""Logs: how every process of the gateway writes its log lines, as text or as JSON.
+
+``log_format = "text"`` (the default) writes ``time level logger: message``.
+``log_format = "json"`` writes one JSON object a line, for a log collector
+(Loki, Elasticsearch, a SIEM)::
+
+    {"timestamp": "2026-11-22T09:30:00.123+08:00", "level": "INFO", "process": "http-1", "pid": 4242,
+     "logger": "gateway.access", "message": "...", "request_id": "6f1c...", "user": "auditor1",
+     "method": "GET", "route": "/audit/stats", "status": 200, "latency_ms": 3.2}
+
+``process`` is the part of ``gateway serve`` that wrote the line (``serve``
+for the supervisor, ``http-1``, ``mllp-1``, ``queue``, ``background``; ``cli``
+for a command). A line written while an HTTP request is answered carries that
+request's id (also sent back in the ``X-Request-Id`` header) and, once known,
+the account name. The route is the path only, never the query string (a
+search may carry a patient identifier), and an exception is logged as its type
+and where it happened, never its text (which may quote the input). The
+gateway's own messages hold no patient data (see the house style), so neither
+does a JSON line.
+"""
+from __future__ import annotations
+
+import contextvars
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+import traceback
+import uuid
+from typing import Any
+
+from gateway.errors import ConfigError
+
+__all__ = ["FORMATS", "TEXT_FORMAT", "JsonFormatter", "configure", "check_format", "request_context",
+           "current_request", "request_id"]
+
+FORMATS = ("text", "json")
+#: The text format of every process (``gateway.supervise`` tests and operators' tools read it).
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: The HTTP request being answered in this thread: {"request_id": ..., "user": ...} (None outside a request).
+request_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "gateway_request", default=None)
+
+#: Fields an access-log line may carry (given as ``extra=``), in the order written.
+_REQUEST_FIELDS = ("request_id", "user", "method", "route", "status", "latency_ms", "client")
+
+
+#: A caller's own request id is kept when it is a short token like this (a load balancer's); else a new one is made.
+_GOOD_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+
+
+def request_id(sent: str | None = None) -> str:
+    """The id of a new HTTP request: ``sent`` (the caller's ``X-Request-Id``) when well-formed, else a new one."""
+    return sent if sent and _GOOD_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+def current_request() -> dict[str, Any] | None:
+    """The request being answered in this thread, if any."""
+    return request_context.get()
+
+
+def check_format(value: str) -> str:
+    """``value`` if it is a log format this gateway writes.
+
+    :raises ConfigError: neither ``text`` nor ``json``.
+    """
+    if value not in FORMATS:
+        raise ConfigError(f"log_format {value!r} must be 'text' or 'json'", "log_format")
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: timestamp, level, process, logger, message and the request's fields."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = _dt.datetime.fromtimestamp(record.created).astimezone()
+        line: dict[str, Any] = {
+            "timestamp": stamp.isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "process": self.process,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        context = request_context.get()
+        if context:
+            line.update({k: v for k, v in context.items() if v is not None})
+        for name in _REQUEST_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            # the type and where, never the text: an exception's message may quote patient data
+            line["error"] = record.exc_info[0].__name__
+            frames = traceback.extract_tb(record.exc_info[2])[-6:]
+            line["where"] = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                                       for f in reversed(frames))
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure(level: str, log_format: str, process: str) -> None:
+    """Send this process's log lines to stderr in ``log_format`` (replacing any handler set before).
+
+    :raises ConfigError: an unknown ``log_format``.
+    """
+    check_format(log_format)
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(process))
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
