@@ -357,3 +357,65 @@ def test_users_add_with_password_file_and_passwd(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["users", "add", "lis", "--role", "submitter", "--password-file", str(secret),
                                  "--db", str(db)])
     assert result.exit_code != 0 and "only auditor and admin" in result.output
+
+
+def test_charts_are_readable_and_self_contained() -> None:
+    """Charts are drawn at the size they are shown (labels ≥ 11 px), with an axis, values on the marks, a single
+    month as a labelled column, long names shortened with the whole name in a <title>, and no external link."""
+    from gateway.console import charts
+
+    one = charts.line([("2026-11", 0.6667)], "rate by month", links=["/console/recognition/decisions?month=2026-11"],
+                      notes=["4/6"])
+    assert 'viewBox="0 0 640 ' in one and "<circle" not in one and 'class="bar"' in one
+    assert "66.7% (4/6)" in one and ">100%</text>" in one and ">0%</text>" in one and ">2026-11</text>" in one
+    assert 'href="/console/recognition/decisions?month=2026-11"' in one
+    many = charts.line([(f"2026-{m:02d}", m / 12) for m in range(1, 8)], "rate by month")
+    assert "<polyline" in many and many.count("<circle") == 7 and "58.3%" in many
+    long_name = "川渝职业健康检查结果互认项目目录中名称特别特别长的一个检验项目（演示）"
+    drawn = charts.bars([(long_name, 0.5), ("血常规", None)], "rate by item", notes=["1/2", ""])
+    assert f"<title>{long_name}: 互认率 50.0%（1/2）</title>" in drawn and "…</text>" in drawn
+    assert "50.0% (1/2)" in drawn and "无可判定" in drawn
+    counts = charts.stacked(["11-22", "11-23"], {"stored": [4, 0], "refused": [2, 0]}, "per day")
+    assert ">6</text>" in counts and ">10</text>" in counts and "入库 stored" in counts
+    for svg in (one, many, drawn, counts):
+        sizes = [float(s) for s in re.findall(r'font-size="([\d.]+)"', svg)]
+        assert sizes and min(sizes) >= 11
+        assert re.findall(r"https?://[^\s\"'<>]+", svg) == ["http://www.w3.org/2000/svg"]
+    assert "无数据" in charts.line([("2026-11", None)], "x") and "无数据" in charts.bars([], "x")
+
+
+def test_recognition_tables_show_month_and_issuer_apart(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    html = c.get("/console/recognition?from=2026-11&to=2026-11").get_data(as_text=True)
+    table = re.search(r'<table class="figures" data-table="by_month_issuer">.*?</table>', html, re.S).group(0)
+    assert "2026-11|" not in re.sub(r'data-key="[^"]*"', "", table)  # the key is for machines only
+    row = re.search(r'<tr data-key="2026-11\|12511921MB0001003C">(.*?)</tr>', table, re.S).group(1)
+    cells = re.findall(r'<td class="dim" data-(month|issuer)="([^"]+)">(.*?)</td>', row, re.S)
+    assert [(d, v) for d, v, _ in cells] == [("month", "2026-11"), ("issuer", "12511921MB0001003C")]
+    assert ">2026-11<" in cells[0][2] and "通江县人民医院（演示）" in cells[1][2] and "12511921MB0001003C" in cells[1][2]
+    items = re.search(r'data-table="by_item">.*?</table>', html, re.S).group(0)
+    assert "白细胞计数" in items and ">CY-L001<" in items  # the code shown, the catalogue system in its title
+    # the charts are drawn with their marks linked to the decisions behind them
+    assert html.count('<figure class="chart-box">') == 3 and "66.7% (4/6)" in html
+
+
+def test_favicon_and_member_names_on_exchange(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    page = c.get("/console/exchange").get_data(as_text=True)
+    icon = re.search(r'<link rel="icon" type="image/svg\+xml" href="([^"]+)">', page)
+    assert icon and icon.group(1) == "/console/static/favicon.svg"
+    answer = app.test_client().get(icon.group(1))  # before log-in too: the log-in page shows it
+    assert answer.status_code == 200 and answer.mimetype == "image/svg+xml" and b"<svg" in answer.data
+    received = re.search(r"Received Bundles</h2>.*?</table>", page, re.S).group(0)
+    assert "通江县人民医院（演示）" in received and "12511921MB0001003C" in received
+
+
+def test_answer_sent_in_gb18030_reads_as_chinese(fuling) -> None:
+    """The HIS of the demo speaks GB18030: the answer sent back to it shows its Chinese, not replacement marks."""
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    page = c.get("/console/messages/2").get_data(as_text=True)
+    answer = re.search(r"Answer sent.*?<pre>(.*?)</pre>", page, re.S).group(1)
+    assert "MSA|AR|" in answer and "涪陵中心医院" in answer and "\ufffd" not in answer

@@ -154,6 +154,13 @@ def is_admin() -> bool:
     return bool(g.get("console") and "admin" in g.console.principal.roles)
 
 
+@bp.app_template_filter("when")
+def _when(value: Any) -> str:
+    """A recorded time as a person reads it: "2026-11-22 11:00:05" (the page keeps the full value in a title)."""
+    text = value.isoformat() if isinstance(value, (_dt.datetime, _dt.date)) else str(value or "")
+    return text[:19].replace("T", " ") if len(text) >= 19 and text[10:11] == "T" else text
+
+
 @bp.app_template_filter("pct")
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
@@ -334,6 +341,7 @@ def overview() -> Response:
         day_chart=charts.stacked(day_labels, day_series, "每日消息 (messages per day)"), channels=channels,
         by_channel=by_channel, by_channel_day=by_channel_day, outcomes=_OUTCOMES, backlog=backlog,
         deliveries=deliveries, snapshot=snap, days_left=days_left, health=_health(), errors=errors,
+        names=_member_names(),
         day_from=(now - _dt.timedelta(days=13)).date().isoformat(), today=now.date().isoformat(),
         hour_from=(now - _dt.timedelta(hours=23)).date().isoformat())
 
@@ -386,8 +394,16 @@ def message(record_id: int) -> Response:
         rec = store._record(rows[0])
         stages = list(db.query("SELECT stage, status, at, detail FROM message_stages WHERE message_ref = ? "
                                "ORDER BY rowid", [record_id]))
-    ack = rec.ack.decode("utf-8", "replace").replace("\r", "\n") if rec.ack else ""
+    ack = _text_of(rec.ack).replace("\r", "\n") if rec.ack else ""
     return _page("message.html", rec=rec, stages=stages, ack=ack)
+
+
+def _text_of(data: bytes) -> str:
+    """Bytes a member system sent or was answered in, as text: UTF-8, else GB18030 (what Chinese LIS and HIS use)."""
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return bytes(data).decode("gb18030", "replace")
 
 
 @bp.get("/messages/<int:record_id>/raw")
@@ -400,10 +416,7 @@ def message_raw(record_id: int) -> Response:
             abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
         _operator(db, "message-raw-viewed", f"messages/{record_id}")
     raw = bytes(row[0])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("gb18030", "replace")
+    text = _text_of(raw)
     return _page("raw.html", record_id=record_id, text=text.replace("\r\n", "\n").replace("\r", "\n"), size=len(raw))
 
 
@@ -456,7 +469,8 @@ def exchange() -> Response:
         row["receipt"] = json.loads(row["receipt"]) if row["receipt"] else None
     served = [(seq, c) for seq, c in lookups if c.get("facts", {}).get("gateway", {}).get("value") == me]
     return _page("exchange.html", outbox=outbox, received=received, exchanges=exchanges, served=served,
-                 made=[(s, c) for s, c in lookups if (s, c) not in served], destination=destination, state=state)
+                 made=[(s, c) for s, c in lookups if (s, c) not in served], destination=destination, state=state,
+                 names=_member_names())
 
 
 def _outbox_action(row_id: int, action: Literal["outbox-retry", "outbox-replay"]) -> Response:
@@ -511,6 +525,16 @@ def _names() -> dict[str, str]:
     return registry_names(_settings())
 
 
+def _member_names() -> dict[str, str]:
+    """Member (by USCC) and catalogue names: the snapshot in force, else the configured file's, to show beside
+    the codes."""
+    names = _names()
+    snap = _snapshot()
+    if snap is not None:
+        names.update({uscc: m.name for uscc, m in snap.members.items()})
+    return names
+
+
 def _figures() -> tuple[dict[str, Any], dict[str, str], list[str]]:
     dates, chosen, argv = selection_of(request.args)
     with _db() as db:
@@ -531,14 +555,21 @@ def recognition() -> Response:
     """互认率 by month × issuer × receiver × item × catalogue, with charts, refusals and overrides."""
     figures, chosen, argv = _figures()
     base = {k: v for k, v in request.args.items() if k in _SELECT and v}
-    months = [(m["key"], m["rate"]) for m in figures["by_month"]]
+
+    def chart(kind: str, groups: list[dict[str, Any]], dimension: str, label: str) -> str:
+        """One chart of the page: each mark links to the eligible decisions behind it, and says "accepted/eligible"."""
+        points = [(g.get("name") or g["key"].rsplit("|", 1)[-1], g["rate"]) for g in groups]
+        links = [drill(base, outcome="eligible", **{dimension: g["key"]}) for g in groups]
+        notes = [f"{g['accepted']}/{g['eligible']}" if g["eligible"] else "" for g in groups]
+        draw = charts.line if kind == "line" else charts.bars
+        return draw(points, label, links=links, notes=notes)
+
     return _page(
         "recognition.html", f=figures, base=base, argv=" ".join(["gateway audit stats", *argv]), tables=_TABLES,
-        line_chart=charts.line(months, "互认率按月 (rate by month)"),
-        issuer_chart=charts.bars([(x.get("name") or x["key"], x["rate"]) for x in figures["by_issuer"]],
-                                 "互认率按发证机构 (rate by issuer)"),
-        item_chart=charts.bars([(x.get("name") or x["key"], x["rate"]) for x in figures["by_item"]],
-                               "互认率按项目 (rate by item)"))
+        names=_member_names(),
+        line_chart=chart("line", figures["by_month"], "month", "互认率按月 (rate by month)"),
+        issuer_chart=chart("bars", figures["by_issuer"], "issuer", "互认率按发证机构 (rate by issuer)"),
+        item_chart=chart("bars", figures["by_item"], "item", "互认率按项目 (rate by item)"))
 
 
 @bp.app_template_global()
@@ -564,8 +595,7 @@ def decisions_page() -> Response:
                                 overridden=overridden, month=request.args.get("month") or None,
                                 rule=request.args.get("rule") or None)
         _record_read(db, interaction="search-type", results=len(found))
-    names = _names()
-    return _page("decisions.html", rows=found, names=names, args=dict(request.args.items()))
+    return _page("decisions.html", rows=found, names=_member_names(), args=dict(request.args.items()))
 
 
 @bp.get("/decisions/<decision_id>")
