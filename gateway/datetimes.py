@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as _dt
 import re
 
+from gateway.errors import shown
+
 __all__ = ["to_fhir_datetime", "to_fhir_date", "to_fhir_instant", "parse_fhir_datetime", "DateTimeError"]
 
 _HL7_TS = re.compile(
@@ -48,7 +50,7 @@ def _parts(text: str) -> dict[str, str | None]:
         m = pattern.match(value)
         if m:
             return m.groupdict()
-    raise DateTimeError(f"{text!r} is not a date/time (expected YYYYMMDDHHMMSS or YYYY-MM-DD HH:MM:SS)")
+    raise DateTimeError(f"{shown(text)} is not a date/time (expected YYYYMMDDHHMMSS or YYYY-MM-DD HH:MM:SS)")
 
 
 def to_fhir_datetime(text: str, default_offset: str = "+08:00") -> str:
@@ -62,23 +64,23 @@ def to_fhir_datetime(text: str, default_offset: str = "+08:00") -> str:
     p = _parts(text)
     year = int(p["y"] or 0)
     if year < 1800:
-        raise DateTimeError(f"year {year} in {text!r} is implausible")
+        raise DateTimeError(f"year {year} in {shown(text)} is implausible")
     if not p["mo"]:
         return f"{year:04d}"
     month = int(p["mo"])
     if not 1 <= month <= 12:
-        raise DateTimeError(f"month {month} in {text!r} does not exist")
+        raise DateTimeError(f"month {month} in {shown(text)} does not exist")
     if not p["d"]:
         return f"{year:04d}-{month:02d}"
     try:
         day = _dt.date(year, month, int(p["d"]))
     except ValueError:
-        raise DateTimeError(f"{text!r} is not a calendar date") from None
+        raise DateTimeError(f"{shown(text)} is not a calendar date") from None
     if p["h"] is None:
         return day.isoformat()
     hour, minute, second = int(p["h"]), int(p["mi"] or 0), int(p["s"] or 0)
     if hour > 23 or minute > 59 or second > 59:
-        raise DateTimeError(f"time in {text!r} does not exist")
+        raise DateTimeError(f"time in {shown(text)} does not exist")
     frac = f".{p['f']}" if p.get("f") else ""
     return f"{day.isoformat()}T{hour:02d}:{minute:02d}:{second:02d}{frac}{_offset(p.get('tz'), default_offset)}"
 
@@ -98,7 +100,7 @@ def to_fhir_instant(text: str, default_offset: str = "+08:00") -> str:
     """
     value = to_fhir_datetime(text, default_offset)
     if "T" not in value:
-        raise DateTimeError(f"{text!r} has no time of day, an instant needs one")
+        raise DateTimeError(f"{shown(text)} has no time of day, an instant needs one")
     return value
 
 
@@ -113,4 +115,4 @@ def parse_fhir_datetime(value: str) -> _dt.datetime:
             return _dt.datetime(parts[0], parts[1], parts[2], tzinfo=_dt.timezone(_dt.timedelta(hours=8)))
         return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except (ValueError, IndexError):
-        raise DateTimeError(f"{value!r} is not a FHIR dateTime") from None
+        raise DateTimeError(f"{shown(value)} is not a FHIR dateTime") from None

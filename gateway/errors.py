@@ -29,7 +29,9 @@ as an ACK with ERR segments, and the CLI as one readable line.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 __all__ = [
@@ -52,7 +54,26 @@ __all__ = [
     "NotFound",
     "ConfigError",
     "Issue",
+    "shown",
 ]
+
+#: How much of an offending value an issue quotes, and how long an issue's text may get at all.
+SHOWN_CHARS = 60
+_MAX_MESSAGE = 400
+_LONG_WORD = 200
+_LONG_RUN = re.compile(r"[^\s,;]{%d,}" % (_LONG_WORD + 1))
+_LONG_STEP = re.compile(r"[^\s.\[\]/]{%d,}" % (_LONG_WORD // 2 + 1))
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` quoted for an issue's text: at most ``limit`` characters, then how long it was.
+
+    Answers (ACKs, OperationOutcomes, CLI lines) never echo an unbounded value back.
+    """
+    text = str(Decimal(value)) if type(value) is int else str(value)  # (str() refuses ints of over 4,300 digits)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,19 @@ class Issue:
     message: str
     hl7_error: str = "207"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # the last guard against echoing unbounded input: a value quoted whole (a word of the text longer than
+        # any XPath or FHIRPath we write, a step of a location longer than any name) is cut to a prefix, and no
+        # text gets longer than _MAX_MESSAGE
+        for name in ("message", "location"):
+            text = getattr(self, name)
+            run, longest = (_LONG_RUN, _LONG_WORD) if name == "message" else (_LONG_STEP, _LONG_WORD // 2)
+            if len(text) > longest:  # (a location's steps: an element name that was sent, a column's name)
+                text = run.sub(lambda m: f"{m.group(0)[:SHOWN_CHARS]}… ({len(m.group(0))} characters)", text)
+            if len(text) > _MAX_MESSAGE:
+                text = f"{text[:_MAX_MESSAGE - 60]}… ({len(text)} characters)"
+            object.__setattr__(self, name, text)
 
     def line(self) -> str:
         """One readable line: ``OBX[3]-5 'abc' is not a number ...``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 
-from gateway.errors import IdentifierError
+from gateway.errors import IdentifierError, shown
 from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION, SYSTEM_USCC
 
 __all__ = [
@@ -74,12 +74,12 @@ def check_uscc(value: str) -> str:
     """
     code = (value or "").strip().upper()
     if len(code) != 18:
-        raise IdentifierError(f"统一社会信用代码 {code!r} has {len(code)} characters, expected 18")
+        raise IdentifierError(f"统一社会信用代码 {shown(code)} has {len(code)} characters, expected 18")
     if not _USCC_RE.match(code):
-        raise IdentifierError(f"统一社会信用代码 {code!r} has characters outside GB 32100")
+        raise IdentifierError(f"统一社会信用代码 {shown(code)} has characters outside GB 32100")
     expected = uscc_check_char(code[:17])
     if code[17] != expected:
-        raise IdentifierError(f"统一社会信用代码 {code!r} check character is {code[17]!r}, expected {expected!r}")
+        raise IdentifierError(f"统一社会信用代码 {shown(code)} check character is {code[17]!r}, expected {expected!r}")
     return code
 
 
@@ -99,7 +99,7 @@ def check_id_card(value: str) -> str:
     :raises IdentifierError: wrong length, characters, birth date or check digit.
     """
     number = (value or "").strip().upper()
-    if len(number) == 15 and number.isdigit():
+    if len(number) == 15 and number.isascii() and number.isdigit():
         body = number[:6] + "19" + number[6:]
         number = body + id_card_check_char(body)
     if len(number) != 18:

@@ -16,12 +16,19 @@ UTF-8 cannot hold) is written by simplejson as before.
 """
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 import simplejson
 
-__all__ = ["dumps", "loads", "dumps_pretty"]
+__all__ = ["dumps", "loads", "dumps_pretty", "parse_int", "nesting_depth", "MAX_DEPTH"]
+
+#: How deep JSON received from outside may nest: FHIR resources need a few dozen levels at most, and deeper
+#: documents would exhaust the stack of whatever walks them.
+MAX_DEPTH = 100
+#: Integers with more digits than this are read as Decimal: Python refuses to convert longer digit strings to int.
+_INT_DIGITS = 4000
 
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
@@ -43,6 +50,30 @@ def dumps_pretty(obj: Any) -> str:
 def loads(text: str | bytes) -> Any:
     """Parse JSON, keeping decimals as :class:`~decimal.Decimal`.
 
-    :raises ValueError: the text is not JSON.
+    :raises ValueError: the text is not JSON, or is nested too deeply to read.
     """
-    return simplejson.loads(text, use_decimal=True)
+    try:
+        return simplejson.loads(text, use_decimal=True, parse_int=parse_int)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def parse_int(text: str) -> int | Decimal:
+    """A JSON integer: an int, or a :class:`~decimal.Decimal` when it has too many digits for one."""
+    return int(text) if len(text) <= _INT_DIGITS else Decimal(text)
+
+
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep ``value`` nests (a scalar is 0), counted without recursion and only up to ``limit`` + 1."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest

@@ -11,6 +11,7 @@ standard ones; the FHIR builders (``gateway.fhir``) turn the result into a Bundl
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,16 +31,22 @@ __all__ = [
     "RawUnit",
     "Adapter",
     "parse_number",
+    "number_problem",
     "COMPARATORS",
 ]
 
 #: Comparator spellings labs use before a number, to FHIR Quantity.comparator.
 COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
-_NUMBER = re.compile(r"^\s*(<=|>=|<|>|≤|≥)?\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
+_LABEL_CHARS = 80  # how much of a unit's id its label (in answers and error lines) shows
+_NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")  # (one way to match: linear)
 
 
 def parse_number(text: str) -> "Quantity | None":
-    """A decimal with its precision and optional comparator (``<0.5``, ``≥ 10``, ``5.60``); None if not a number."""
+    """A decimal with its precision and optional comparator (``<0.5``, ``≥ 10``, ``5.60``); None if not a number.
+
+    A number beyond the range of an IEEE 754 double is not taken either: a signed
+    Bundle carries its numbers as doubles (RFC 8785), so it could not be signed.
+    """
     m = _NUMBER.match(text)
     if not m:
         return None
@@ -47,7 +54,14 @@ def parse_number(text: str) -> "Quantity | None":
         value = Decimal(m.group(2).lstrip("+"))
     except InvalidOperation:
         return None
+    if not math.isfinite(float(value)):
+        return None
     return Quantity(value, COMPARATORS.get(m.group(1) or "", ""))
+
+
+def number_problem(text: str) -> str:
+    """Why :func:`parse_number` did not take ``text``: not a number at all, or one too large to carry."""
+    return "is beyond the range of a number (±1.7e308)" if _NUMBER.match(text) else "is not a number"
 
 
 @dataclass
@@ -173,8 +187,9 @@ class SourceMessage:
         return [i for i in self.issues if i.severity == "error"]
 
     def label(self) -> str:
-        """How error lines name this unit, e.g. ``MSH-10 ORU0042``."""
-        return self.extra.get("label", self.message_id) or "(no id)"
+        """How error lines name this unit, e.g. ``MSH-10 ORU0042``; an id as long as no id is, is cut."""
+        label = str(self.extra.get("label", self.message_id) or "(no id)")
+        return label if len(label) <= _LABEL_CHARS else f"{label[:_LABEL_CHARS]}… ({len(label)} characters)"
 
 
 @dataclass

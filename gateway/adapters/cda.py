@@ -34,10 +34,11 @@ from gateway.adapters.base import (
     ResultFacts,
     SourceMessage,
     SpecimenFacts,
+    number_problem,
     parse_number,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
-from gateway.errors import IdentifierError, Issue
+from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import check_id_card, check_uscc
 
 __all__ = ["CDAAdapter", "safe_parser", "declares_dtd", "answer_code"]
@@ -87,12 +88,18 @@ def _path(el: Any) -> str:
     """``/ClinicalDocument/component/structuredBody/component[2]/section``: local names, positions where needed."""
     parts: list[str] = []
     while el is not None:
-        name = _localname(el)
+        name = el.tag.rpartition("}")[2]
         parent = el.getparent()
         if parent is not None:
-            same = [c for c in parent if isinstance(c.tag, str) and _localname(c) == name]
-            if len(same) > 1:
-                name = f"{name}[{same.index(el) + 1}]"
+            position = count = 0
+            for sibling in parent:  # (a tag is "{namespace}name"; comments and processing instructions have none)
+                tag = sibling.tag
+                if isinstance(tag, str) and tag.rpartition("}")[2] == name:
+                    count += 1
+                    if sibling is el:
+                        position = count
+            if count > 1:
+                name = f"{name}[{position}]"
         parts.append(name)
         el = parent
     return "/" + "/".join(reversed(parts))
@@ -220,7 +227,7 @@ class CDAAdapter:
             tree = etree.fromstring(data, safe_parser()).getroottree()
         except etree.XMLSyntaxError as exc:
             line = f"line {exc.lineno}" if exc.lineno else "unknown line"
-            return None, [Issue("error", "structure", "/", f"not well-formed XML ({line}): {exc.msg}", "100")]
+            return None, [Issue("error", "structure", "/", f"not well-formed XML ({line}): {exc.msg[:120]}", "100")]
         except ValueError as exc:  # e.g. an encoding lxml does not know
             return None, [Issue("error", "structure", "/", f"document cannot be read as XML: {exc}", "100")]
         if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
@@ -254,14 +261,15 @@ class CDAAdapter:
         qname = etree.QName(root)
         if qname.localname != expected or qname.namespace != ns_main:
             msg.issues.append(Issue("error", "not-supported", _path(root),
-                                    f"root element is {qname.localname!r} in namespace {qname.namespace or '(none)'}; "
+                                    f"root element is {shown(qname.localname)} in namespace "
+                                    f"{shown(qname.namespace or '(none)')}; "
                                     f"expected a CDA {expected} in namespace {ns_main}", "200"))
             return False
         template = str(self.doc.get("template_id"))
         templates = [str(t) for t in self.reader.nodes(root, "hl7:templateId/@root")]
         known: dict[str, str] = {str(k): str(v) for k, v in self.doc.get("known_templates", {}).items()}
         if template not in templates:
-            sent = ", ".join(f"{t} = {known[t]}" if t in known else t for t in templates) or "none"
+            sent = ", ".join(f"{t} = {known[t]}" if t in known else shown(t) for t in templates[:5]) or "none"
             where = _path(self.reader.element(root, "hl7:templateId")) if templates else "/ClinicalDocument/templateId"
             msg.issues.append(Issue("error", "not-supported", where,
                                     f"document template {sent} is not taken here; this channel takes "
@@ -326,7 +334,7 @@ class CDAAdapter:
             allowed = [str(t) for t in self.table.get("related_types", ["RPLC"])]
             if related.value not in allowed:
                 msg.issues.append(Issue("error", "not-supported", related.where,
-                                        f"relatedDocument type {related.value!r} is not taken (taken: "
+                                        f"relatedDocument type {shown(related.value)} is not taken (taken: "
                                         f"{', '.join(allowed)}); send the complete corrected report as RPLC", "200"))
                 return report
             report.status = related.value
@@ -361,11 +369,11 @@ class CDAAdapter:
         elif value == self.member_miplrn or (len(value) >= 9 and value[:9] == self.member_uscc[8:17]):
             uscc = self.member_uscc
             msg.issues.append(Issue("information", "informational", ident.where,
-                                    f"custodian id {value!r} is not a 统一社会信用代码; it names this member, whose "
+                                    f"custodian id {shown(value)} is not a 统一社会信用代码; it names this member, whose "
                                     f"统一社会信用代码 {uscc} is used", "0"))
         else:
             msg.issues.append(Issue("error", "value", ident.where,
-                                    f"custodian id {value!r} is neither a 统一社会信用代码 nor this member's "
+                                    f"custodian id {shown(value)} is neither a 统一社会信用代码 nor this member's "
                                     "organisation code or licence number: the issuing institution cannot be "
                                     "identified", "102"))
             return
@@ -463,8 +471,9 @@ class CDAAdapter:
                     specimen = item_specimen
                 elif item_specimen.type.display and item_specimen.type.display != specimen.type.display:
                     msg.issues.append(Issue("warning", "value", res.where.get("specimen", res.location),
-                                            f"item specimen {item_specimen.type.display!r} differs from the first "
-                                            f"item's {specimen.type.display!r}; the report names the first", "102"))
+                                            f"item specimen {shown(item_specimen.type.display)} differs from the "
+                                            f"first item's {shown(specimen.type.display)}; the report names the "
+                                            "first", "102"))
         number = self.reader.value(root, self.header.get("specimen_number", "hl7:none"))
         if specimen is None and number:
             specimen = SpecimenFacts()
@@ -558,7 +567,8 @@ class CDAAdapter:
                     q = parse_number(raw)
                     if q is None:
                         msg.issues.append(Issue("error", "value", res.where["value"],
-                                                f"{raw!r} is not a number for 检验定量结果 ({xsi or 'REAL'})", "102"))
+                                                f"{shown(raw)} {number_problem(raw)} for 检验定量结果 "
+                                                f"({xsi or 'REAL'})", "102"))
                     else:
                         res.value_kind, res.value = "quantity", q
                 if xsi == "PQ" and value.get("unit") and not unit:

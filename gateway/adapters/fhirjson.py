@@ -10,15 +10,24 @@ submission is stored.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
+import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
+from gateway.jsonutil import MAX_DEPTH, nesting_depth
+
 from gateway.adapters.base import RawUnit, SourceMessage
-from gateway.errors import GatewayError, Issue
+from gateway.errors import GatewayError, Issue, shown
 from gateway.signing.canonical import parse_json
 
 __all__ = ["FHIRSubmissionAdapter", "ACCEPTED_TYPES"]
 
+#: What FHIR takes as a resource id.
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 #: Bundle types a member system may submit.
 ACCEPTED_TYPES = ("transaction", "collection")
 
@@ -65,11 +74,21 @@ class FHIRSubmissionAdapter:
             msg.issues.append(Issue("error", "not-supported", "resourceType",
                                     "submit a report Bundle (resourceType Bundle)"))
             return msg
+        if nesting_depth(doc) > MAX_DEPTH:
+            msg.issues.append(Issue("error", "structure", "Bundle", f"nested more than {MAX_DEPTH} levels deep"))
+            return msg
+        msg.issues.extend(_number_issues(doc))
+        if msg.errors:
+            return msg
         msg.message_id = str(doc.get("id") or "")
         msg.extra["label"] = f"Bundle {msg.message_id}" if msg.message_id else "Bundle"
+        meta = doc.get("meta")
+        if meta is not None and (not isinstance(meta, dict) or not isinstance(meta.get("profile", []), list)):
+            msg.issues.append(Issue("error", "structure", "Bundle.meta",
+                                    "Bundle.meta must be an object whose profile is a list of canonical URLs"))
         if doc.get("type") not in ACCEPTED_TYPES:
             msg.issues.append(Issue("error", "not-supported", "Bundle.type",
-                                    f"Bundle.type {doc.get('type')!r} is not accepted "
+                                    f"Bundle.type {shown(doc.get('type'))} is not accepted "
                                     f"(accepted: {', '.join(ACCEPTED_TYPES)})"))
         entries = doc.get("entry")
         if not isinstance(entries, list) or not entries:
@@ -77,11 +96,43 @@ class FHIRSubmissionAdapter:
         else:
             for n, entry in enumerate(entries):
                 res = entry.get("resource") if isinstance(entry, dict) else None
-                if not isinstance(res, dict) or not res.get("resourceType"):
+                if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str) \
+                        or not res["resourceType"]:
                     msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].resource",
                                             "every entry carries a resource"))
-                elif not res.get("id"):
+                elif not _RESOURCE_TYPE.match(res["resourceType"]):
+                    msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].resource.resourceType",
+                                            f"{shown(res['resourceType'])} is not a resource type"))
+                elif not isinstance(res.get("id"), str) or not _FHIR_ID.match(res["id"]):
                     msg.issues.append(Issue("error", "required", f"Bundle.entry[{n}].resource.id",
-                                            "every submitted resource needs an id (its fullUrl is urn:uuid:<id>)"))
+                                            "every submitted resource needs an id of 1-64 letters, digits, '-' "
+                                            "and '.' (its fullUrl is urn:uuid:<id>)"))
+                elif not isinstance(entry.get("fullUrl", ""), str):
+                    msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].fullUrl",
+                                            "fullUrl must be a string (a URI)"))
         msg.extra["bundle"] = doc
         return msg
+
+
+def _number_issues(doc: Any, limit: int = 10) -> list[Issue]:
+    """Numbers no signature can carry: beyond the range of an IEEE 754 double (RFC 8785 writes doubles).
+
+    Located by FHIRPath (``Bundle.entry[1].resource.valueQuantity.value``); at most ``limit``.
+    """
+    issues: list[Issue] = []
+    stack: list[tuple[Any, str]] = [(doc, "Bundle")]
+    while stack and len(issues) < limit:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((item, f"{path}.{key}") for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+            if isinstance(value, Decimal):
+                too_large = not (value.is_finite() and math.isfinite(float(value)))
+            else:  # an int compares with a float exactly, where float() of a huge int would overflow
+                too_large = abs(value) > sys.float_info.max
+            if too_large:
+                issues.append(Issue("error", "value", path,
+                                    f"number {shown(value)} is beyond the range of a number (±1.7e308)"))
+    return issues

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import logging
 import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import hl7
+import hl7.containers
+import hl7.util
 from hl7.util import unescape as _hl7_unescape
 
 from gateway.adapters.base import (
@@ -31,11 +34,12 @@ from gateway.adapters.base import (
     ResultFacts,
     SourceMessage,
     SpecimenFacts,
+    number_problem,
     parse_number,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
-from gateway.errors import IdentifierError, Issue
+from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import check_id_card
 
 __all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build_ack"]
@@ -44,6 +48,11 @@ SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
 _MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
+
+# python-hl7 logs every escape sequence it cannot read (keeping it as text), with the field's text, i.e. patient
+# data, under loggers named by its file paths: the gateway's log never takes those lines
+for _module in (hl7.util, hl7.containers):
+    logging.getLogger(_module.__file__).setLevel(logging.CRITICAL + 1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -103,6 +112,11 @@ def ack_code_for(msg: SourceMessage) -> str:
     return "AE"
 
 
+def _plain(value: str, limit: int = 60) -> str:
+    """A short value as it is; a long one cut, saying how long it was (an answer never echoes it whole)."""
+    return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
+
+
 def _escape(text: str, seps: dict[str, str]) -> str:
     esc = seps["escape"]
     out = text.replace(esc, f"{esc}E{esc}")
@@ -111,6 +125,10 @@ def _escape(text: str, seps: dict[str, str]) -> str:
     return out.replace("\r", " ").replace("\n", " ")
 
 
+#: The longest MSH-10 taken (ST, 199 characters in v2.5 and later); an ACK echoes it in MSA-2.
+_MAX_CONTROL_ID = 199
+#: The longest sender application or facility an ACK echoes (HD).
+_MAX_ECHO = 227
 _DEFAULT_SEPS = {"field": "|", "component": "^", "repetition": "~", "escape": "\\", "subcomponent": "&"}
 
 
@@ -137,16 +155,16 @@ def build_ack(
     seps = _DEFAULT_SEPS
     version = msg.version or h.get("version") or "2.5.1"
     old = version.startswith("2.3") or version.startswith("2.4")
-    trigger = h.get("trigger") or "R01"
+    trigger = (h.get("trigger") or "R01")[:3]
     msg_type = f"ACK^{trigger}" if version.startswith("2.3") else f"ACK^{trigger}^ACK"
     ts = now.strftime("%Y%m%d%H%M%S") + now.strftime("%z")
     ctrl = control_id or uuid.uuid4().hex[:20]
     msh = [
         "MSH", "^~\\&", _escape(application, seps), _escape(facility, seps),
-        h.get("sending_application", ""), h.get("sending_facility", ""), ts, "", msg_type, ctrl,
-        h.get("processing_id") or "P", version,
+        h.get("sending_application", "")[:_MAX_ECHO], h.get("sending_facility", "")[:_MAX_ECHO], ts, "", msg_type,
+        ctrl, (h.get("processing_id") or "P")[:3], version[:60],
     ]
-    if h.get("charset_field"):
+    if h.get("charset_field") and len(h["charset_field"]) <= 60:
         msh += ["", "", "", "", "", h["charset_field"]]
     errors = [i for i in msg.issues if i.severity == "error"]
     warnings = [i for i in msg.issues if i.severity == "warning"] if not old else []
@@ -156,7 +174,8 @@ def build_ack(
         text = f"filtered: {msg.filtered}" if msg.filtered else "accepted"
     else:
         text = errors[0].line() if errors else "rejected"
-    segments = ["|".join(msh), "|".join(["MSA", code, _escape(msg.message_id, seps), _escape(text[:80], seps)])]
+    msa = ["MSA", code, _escape(msg.message_id[:_MAX_CONTROL_ID], seps), _escape(text[:80], seps)]
+    segments = ["|".join(msh), "|".join(msa)]
     for issue in (errors + warnings)[:max_errors]:
         seg, seq, fld = _erl(issue)
         hl7_code = issue.hl7_error or "207"
@@ -404,9 +423,9 @@ class HL7v2Adapter:
     def identify(self, unit: RawUnit) -> tuple[str, str]:
         """(sender, MSH-10) read cheaply for duplicate detection; ``("", "")`` if unreadable."""
         text, _, _ = self._decode(unit.data)
-        if text is None or not text.startswith("MSH"):
+        first = (text or "").split("\r", 1)[0]
+        if text is None or not first.startswith("MSH") or len(first) < 4:
             return "", ""
-        first = text.split("\r", 1)[0]
         sep = first[3:4]
         fields = ["MSH", sep] + first[4:].split(sep)
 
@@ -435,18 +454,18 @@ class HL7v2Adapter:
         if declared:
             codec = self.charsets.get(declared.upper())
             if codec is None:
-                return None, declared, [Issue("error", "not-supported", "MSH-18",
-                                              f"character set {declared!r} is not supported "
-                                              f"(supported: {', '.join(sorted(self.charsets))})", "203")]
+                return None, "", [Issue("error", "not-supported", "MSH-18",
+                                        f"character set {shown(declared)} is not supported "
+                                        f"(supported: {', '.join(sorted(self.charsets))})", "203")]
             try:
                 return data.decode(codec), codec, issues
             except UnicodeDecodeError as exc:
                 if declared.upper() not in self.lenient:
                     return None, codec, [Issue("error", "structure", "MSH-18",
-                                               f"MSH-18 declares {declared!r} but byte {exc.start} is not valid "
+                                               f"MSH-18 declares {shown(declared)} but byte {exc.start} is not valid "
                                                f"{codec}", "102")]
                 issues.append(Issue("warning", "value", "MSH-18",
-                                    f"MSH-18 declares {declared!r} but the message is not {codec}; "
+                                    f"MSH-18 declares {shown(declared)} but the message is not {codec}; "
                                     "decoded by fallback", "102"))
         for codec in self.fallbacks:
             try:
@@ -469,6 +488,13 @@ class HL7v2Adapter:
             msg.filtered = reason
             return msg
         self._body(m, msg)
+        if "T" not in msg.sent_at and not msg.errors:
+            # the report Bundle is timed to the second: MSH-7 with a time of day, else the report's issue time
+            msg.sent_at = next((r.issued_at for r in msg.reports if "T" in r.issued_at), "")
+            if not msg.sent_at:
+                msg.issues.append(Issue("error", "required", "MSH[1]-7",
+                                        "message date/time has no time of day (or is empty) and no report has an "
+                                        "issue time (OBR-22): the report cannot be timed", "101"))
         # A field read for two facts (OBR-7: report and specimen time) reports its problem once.
         msg.issues = list(dict.fromkeys(msg.issues))
         return msg
@@ -521,6 +547,11 @@ class HL7v2Adapter:
         msg.sender = f"{m.value(i, 3)}|{m.value(i, 4)}"
         msg.version = m.value(i, 12)
         h["version"] = msg.version
+        if len(msg.message_id) > _MAX_CONTROL_ID:
+            msg.issues.append(Issue("error", "value", "MSH[1]-10",
+                                    f"message control id has {len(msg.message_id)} characters, at most "
+                                    f"{_MAX_CONTROL_ID} are taken", "102"))
+            msg.message_id = msg.message_id[:_MAX_CONTROL_ID]
         msg.extra["label"] = f"MSH-10 {msg.message_id}" if msg.message_id else msg.extra["label"]
         mtype = m.comps(i, 9)
         msg.message_type = "^".join(c.split(m.seps["subcomponent"])[0] for c in mtype[:2])
@@ -537,11 +568,12 @@ class HL7v2Adapter:
                                     "de-duplicated", "101"))
         if msg.message_type not in self.types:
             msg.issues.append(Issue("error", "not-supported", "MSH[1]-9",
-                                    f"message type {msg.message_type or '(empty)'} is not supported "
+                                    f"message type {_plain(msg.message_type) or '(empty)'} "
+                                    "is not supported "
                                     f"(supported: {', '.join(sorted(self.types))})", "200"))
         if msg.version not in self.versions:
             msg.issues.append(Issue("error", "not-supported", "MSH[1]-12",
-                                    f"HL7 version {msg.version or '(empty)'} is not supported "
+                                    f"HL7 version {_plain(msg.version) or '(empty)'} is not supported "
                                     f"(supported: {', '.join(sorted(self.versions))})", "203"))
 
     def _filter(self, m: _Msg) -> str:
@@ -650,6 +682,13 @@ class HL7v2Adapter:
             p.name = family + given if _CJK.search(family + given) else f"{family} {given}"
         else:
             p.name = family or given
+        if not p.name:
+            issues.append(Issue("error", "required", f"PID[{m.counts[i]}]-{name_fld}",
+                                "the patient's name is empty", "101"))
+        if not p.id_card and not p.other_ids and not any(x.location.startswith("PID") and x.severity == "error"
+                                                         for x in issues):
+            issues.append(Issue("error", "required", f"PID[{m.counts[i]}]-3",
+                                "the patient has no identifier (PID-3, or 身份证号 in PID-19)", "101"))
         _, dob_fld = _locator(spec.get("birth_date", "PID-7"))
         dob = m.value(i, dob_fld)
         if dob:
@@ -706,8 +745,9 @@ class HL7v2Adapter:
                        code[2].strip() if len(code) > 2 else "")
         r.collected_at = self._time(m, rows, spec.get("collected_at", "OBR-7"), msg.issues)
         if not self._first(m, rows, spec.get("collected_at", "OBR-7"))[0]:
-            msg.issues.append(Issue("warning", "required", m.where(i, 7),
-                                    "no collection time (OBR-7): validity windows cannot be counted", "101"))
+            msg.issues.append(Issue("error", "required", m.where(i, 7),
+                                    "no collection time (OBR-7): a report needs one, and validity windows are "
+                                    "counted from it", "101"))
         r.issued_at = self._time(m, rows, spec.get("issued_at", ["OBR-22", "MSH-7"]), msg.issues, instant=True)
         r.status = self._first(m, rows, spec.get("status", "OBR-25"))[0]
         seg, fld = _locator(spec.get("interpreter", "OBR-32"))
@@ -760,7 +800,8 @@ class HL7v2Adapter:
         reps = m.reps(i, val_fld)
         res.status = m.value(i, fld("status", "OBX-11")).upper()
         res.reference_range = m.unescape(m.raw(i, fld("reference_range", "OBX-7"))).strip()
-        res.flags = [m.unescape(r[0]).strip() for r in m.reps(i, fld("flags", "OBX-8")) if r and r[0].strip()]
+        flags = (m.unescape(r[0]).strip() for r in m.reps(i, fld("flags", "OBX-8")) if r)
+        res.flags = [f for f in flags if f]
         res.unit = self._unit(m, i, fld("unit", "OBX-6"), issues)
         obs_time = m.value(i, fld("observed_at", "OBX-14"))
         if obs_time:
@@ -774,7 +815,7 @@ class HL7v2Adapter:
         where = m.where(i, val_fld)
         if kind is None:
             issues.append(Issue("error", "not-supported", m.where(i, vt_fld),
-                                f"value type {value_type or '(empty)'} is not supported "
+                                f"value type {_plain(value_type) or '(empty)'} is not supported "
                                 f"(supported: {', '.join(sorted(self.value_types))})", "102"))
             return None
         if kind == "string":
@@ -799,8 +840,8 @@ class HL7v2Adapter:
             text = m.unescape(m.seps["component"].join(reps[0])).strip()
             q = parse_number(text)
             if q is None:
-                issues.append(Issue("error", "value", where, f"{text!r} is not a number for value type {value_type}",
-                                    "102"))
+                issues.append(Issue("error", "value", where, f"{shown(text)} {number_problem(text)} for value type "
+                                    f"{value_type}", "102"))
                 return None
             res.value_kind, res.value = "quantity", q
         elif kind == "structured-numeric":
@@ -816,7 +857,7 @@ class HL7v2Adapter:
         if unit.isdigit() and len(comps) > 1 and comps[1][:1].isdigit():
             joined = f"{unit}^{comps[1].strip()}"
             issues.append(Issue("warning", "value", m.where(i, fld),
-                                f"unit {joined!r} contains an unescaped '^' (should be \\S\\); read as one unit",
+                                f"unit {shown(joined)} contains an unescaped '^' (should be \\S\\); read as one unit",
                                 "102"))
             return joined
         return unit
@@ -827,25 +868,29 @@ class HL7v2Adapter:
         comparator, num1, sep, num2 = c[0], c[1], c[2], c[3]
         first = parse_number(num1)
         if first is None or first.comparator:
-            issues.append(Issue("error", "value", where, f"{num1!r} is not a number for value type SN", "102"))
+            issues.append(Issue("error", "value", where, f"{shown(num1)} {number_problem(num1)} for value type SN",
+                                "102"))
             return
         if sep in ("-", "~") and num2:
             second = parse_number(num2)
             if second is None or comparator:
-                issues.append(Issue("error", "value", where, f"{'^'.join(c[:4])!r} is not a valid SN range", "102"))
+                issues.append(Issue("error", "value", where, f"{shown('^'.join(c[:4]))} is not a valid SN range",
+                                    "102"))
                 return
             res.value_kind, res.value = "range", (first, second)
         elif sep in (":", "/") and num2:
             second = parse_number(num2)
             if second is None or comparator:
-                issues.append(Issue("error", "value", where, f"{'^'.join(c[:4])!r} is not a valid SN ratio", "102"))
+                issues.append(Issue("error", "value", where, f"{shown('^'.join(c[:4]))} is not a valid SN ratio",
+                                    "102"))
                 return
             res.value_kind, res.value = "ratio", (first, second)
         elif sep or num2:
-            issues.append(Issue("error", "value", where, f"SN separator {sep!r} is not supported", "102"))
+            issues.append(Issue("error", "value", where, f"SN separator {shown(sep)} is not supported", "102"))
         else:
             if comparator and comparator not in COMPARATORS and comparator != "=":
-                issues.append(Issue("error", "value", where, f"SN comparator {comparator!r} is not supported", "102"))
+                issues.append(Issue("error", "value", where, f"SN comparator {shown(comparator)} is not supported",
+                                    "102"))
                 return
             first.comparator = COMPARATORS.get(comparator, "")
             res.value_kind, res.value = "quantity", first

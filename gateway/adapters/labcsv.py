@@ -44,16 +44,19 @@ from gateway.adapters.base import (
     ReportFacts,
     ResultFacts,
     SourceMessage,
+    number_problem,
     parse_number,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
-from gateway.errors import ConfigError, IdentifierError, Issue
+from gateway.errors import ConfigError, IdentifierError, Issue, shown
 from gateway.identifiers import check_id_card, check_uscc
 
 __all__ = ["Layout", "LabCSVAdapter", "parse_exposure_years"]
 
 _BOM = b"\xef\xbb\xbf"
-_YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:年|岁)?)?\s*(?:(\d+)\s*(?:个月|月))?\s*$")
+# years (6.5, 6年), years and months (3年6个月: the 年 is needed then) or months (8个月); each number read one way
+_YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:(?:年|岁)\s*(?:(\d+)\s*(?:个月|月))?)?|(\d+)\s*(?:个月|月))\s*$")
+_YEARS_CHARS = 32  # no number of years and months is longer
 _REQUIRED_FACTS = ("exam_number", "name", "id_card", "exam_type", "exam_date", "item_code", "value", "conclusion",
                    "report_date")
 # Facts of the exam as a whole: read from its first row; later rows may leave them empty but not contradict them.
@@ -68,13 +71,13 @@ def parse_exposure_years(text: str) -> Decimal:
 
     :raises ValueError: not a number of years and months, or months of 12 or more.
     """
-    m = _YEARS.match(text)
-    if not m or not (m.group(1) or m.group(2)):
-        raise ValueError(f"{text!r} is not a number of years (e.g. 6.5, 6年, 3年6个月)")
+    m = _YEARS.match(text) if len(text) <= _YEARS_CHARS else None
+    if not m:
+        raise ValueError(f"{shown(text)} is not a number of years (e.g. 6.5, 6年, 3年6个月)")
     years = Decimal(m.group(1) or "0")
-    months = int(m.group(2) or 0)
+    months = int(m.group(2) or m.group(3) or 0)
     if months >= 12:
-        raise ValueError(f"{text!r} has {months} months; write 12 months or more as years")
+        raise ValueError(f"{shown(text)} has {months} months; write 12 months or more as years")
     if not months:
         return years
     return (years + Decimal(months) / Decimal(12)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
@@ -220,7 +223,8 @@ class LabCSVAdapter:
         rows: list[tuple[int, bytes, list[str], str]] = meta["rows"]
         number = str(meta["exam"])
         number_header = layout.columns["exam_number"]
-        msg.extra.update(layout=layout.id, label=f"{number_header} {number}" if number else f"row {meta['first_row']}")
+        msg.extra.update(layout=layout.id,
+                         label=f"{number_header} {_short(number)}" if number else f"row {meta['first_row']}")
         msg.sender, msg.charset = layout.id, str(meta["codec"])
         msg.message_id = self.identify(RawUnit(unit.data, unit.index, unit.origin, meta))[1]
         issues = msg.issues
@@ -238,7 +242,8 @@ class LabCSVAdapter:
                                 "exam number is empty: the exam cannot be identified", "101"))
         if meta.get("reappears"):
             issues.append(Issue("error", "duplicate", _rows(meta),
-                                f"{number_header} {number} already appeared earlier in the file: rows of one exam "
+                                f"{number_header} {_short(number)} already appeared earlier in the file: rows of "
+                                "one exam "
                                 "must be contiguous; these later rows are refused (the earlier ones were taken as "
                                 "the complete exam)", "205"))
             return msg
@@ -274,9 +279,9 @@ class LabCSVAdapter:
                 if known is None:
                     exam[fact] = (value, row_no)
                 elif known[0] != value:
-                    shown = "" if fact in _PRIVATE else f" ({value!r} here, {known[0]!r} there)"
+                    both = "" if fact in _PRIVATE else f" ({shown(value)} here, {shown(known[0])} there)"
                     issues.append(Issue("error", "value", at(row_no, fact),
-                                        f"differs from row {known[1]} of the same exam{shown}", "102"))
+                                        f"differs from row {known[1]} of the same exam{both}", "102"))
 
         def fact_of(fact: str) -> tuple[str, str]:
             value, row_no = exam.get(fact, ("", first_no))
@@ -381,7 +386,7 @@ class LabCSVAdapter:
                 issues.append(Issue("error", "value", uscc_at, f"employer {exc.message}", "102"))
         elif "employer_uscc" in layout.columns:
             issues.append(Issue("warning", "required", uscc_at,
-                                f"no 统一社会信用代码 for the employer{' ' + repr(name) if name else ''}: "
+                                f"no 统一社会信用代码 for the employer{' ' + shown(name) if name else ''}: "
                                 "the employer is named only in the report", "101"))
             if name:
                 extra["employer"] = {"name": name, "uscc": ""}
@@ -452,6 +457,9 @@ class _ItemColumns:
             q = parse_number(value)
             if q is not None:
                 res.value_kind, res.value = "quantity", q
+            elif (problem := number_problem(value)) != "is not a number":  # a number no signed report can carry
+                issues.append(Issue("error", "value", res.where["value"], f"result {shown(value)} {problem}", "102"))
+                return None
             else:
                 res.value_kind, res.value = "string", value
         return res
@@ -497,3 +505,8 @@ def _fields(text: str) -> list[str]:
 def _rows(meta: dict[str, Any]) -> str:
     first, last = meta["first_row"], meta["last_row"]
     return f"row {first}" if first == last else f"rows {first}-{last}"
+
+
+def _short(value: str, limit: int = 64) -> str:
+    """An identifier as a label shows it: whole when it is of a sane length, else its start."""
+    return value if len(value) <= limit else f"{value[:limit]}…"

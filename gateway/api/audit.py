@@ -34,12 +34,15 @@ from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.config import Settings
-from gateway.errors import ConfigError, InputError, InvalidSearch
+from gateway.errors import ConfigError, InputError, InvalidSearch, shown
 from gateway.store.db import connect, transaction
 
 __all__ = ["bp"]
 
 bp = Blueprint("audit", __name__)
+
+_MAX_NAME = 60  # characters of a search parameter's name: no parameter has more
+_MAX_VALUE = 256  # characters of one search value: answers (self links, issues) never echo more
 
 
 @bp.after_request
@@ -114,7 +117,14 @@ def _record_read(
 def search_events() -> Response:
     """Search the audit log (FHIR search on AuditEvent); 400 names an unknown or malformed parameter."""
     tz = query.parse_offset(_settings().timezone)
-    search = query.parse_search(list(request.args.items(multi=True)), tz=tz)
+    params = list(request.args.items(multi=True))
+    for name, value in params:
+        if len(name) > _MAX_NAME:
+            raise InvalidSearch(f"unknown search parameter {shown(name)} for AuditEvent", name[:_MAX_NAME],
+                                code="not-supported")
+        if len(value) > _MAX_VALUE:  # the self link repeats every value: never an unbounded one
+            raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken", name)
+    search = query.parse_search(params, tz=tz)
     base = request.url_root.rstrip("/") + "/fhir"
     with _db() as db:
         page = query.run(db, search)
@@ -149,7 +159,8 @@ def statistics() -> Response:
     dates = []
     for name, value in request.args.items(multi=True):
         if name != "date":
-            raise InvalidSearch(f"unknown parameter {name!r} for statistics (only date)", name, code="not-supported")
+            raise InvalidSearch(f"unknown parameter {shown(name)} for statistics (only date)", name[:_MAX_NAME],
+                                code="not-supported")
         dates.append(tuple(query.parse_date(v, tz) for v in value.split(",")))
     with _db() as db:
         figures = stats.compute(db, dates)
@@ -165,7 +176,8 @@ def list_checkpoints() -> Response:
     latest = request.args.get("latest") in ("1", "true")
     for name in request.args:
         if name not in ("member", "latest"):
-            raise InvalidSearch(f"unknown parameter {name!r} (member, latest)", name, code="not-supported")
+            raise InvalidSearch(f"unknown parameter {shown(name)} (member, latest)", name[:_MAX_NAME],
+                                code="not-supported")
     with _db() as db:
         if member:
             held = checkpoint.checkpoints(db, own=False, member=member)

@@ -58,8 +58,11 @@ def _fhir(body: dict[str, Any], status: int = 200) -> Response:
 def _read(rtype: str, rid: str) -> Response:
     resource = guide_of(current_app).get(rtype, rid)
     if resource is None:
-        raise NotFound("is not part of the implementation guide", f"{rtype}/{rid}")
+        raise NotFound("is not part of the implementation guide", f"{rtype[:60]}/{rid[:64]}")
     return _fhir(resource)
+
+
+_MAX_VALUE = 256  # characters of one search value (a canonical URL, a name); no answer echoes more
 
 
 def _search(rtype: str) -> Response:
@@ -67,8 +70,11 @@ def _search(rtype: str) -> Response:
     unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k != "_format")
     if unknown and not lenient:
         raise InvalidSearch(f"is not a supported search parameter (supported: {', '.join(_SEARCH_PARAMS)})",
-                            unknown[0])
+                            unknown[0][:60])
     args = {k: request.args[k] for k in _SEARCH_PARAMS if k in request.args}
+    for name, value in args.items():
+        if len(value) > _MAX_VALUE:  # the self link repeats every value: never an unbounded one
+            raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken", name)
     found = guide_of(current_app).find(rtype, args.get("url"), args.get("version"))
     if "_id" in args:
         found = [r for r in found if r["id"] == args["_id"]]
@@ -102,11 +108,14 @@ def _parse_body() -> Any:
     if not body.strip():
         raise InputError("is empty: send the resource to validate, or a Parameters with a resource", "body")
     try:
-        return jsonutil.loads(body.decode("utf-8-sig"))
+        payload = jsonutil.loads(body.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ParseError("is not UTF-8 text", "body") from None
     except ValueError as exc:
         raise ParseError(f"is not JSON: {exc}", "body") from None
+    if jsonutil.nesting_depth(payload) > jsonutil.MAX_DEPTH:
+        raise ParseError(f"is nested more than {jsonutil.MAX_DEPTH} levels deep", "body")
+    return payload
 
 
 @bp.post("/<rtype>/$validate")

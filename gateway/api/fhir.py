@@ -9,6 +9,7 @@ are refused with 400 unless the client sends ``Prefer: handling=lenient``.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,12 +21,15 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON
-from gateway.errors import InvalidSearch, NotFound
+from gateway.errors import InvalidSearch, NotFound, shown
 from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 _MAX_COUNT = 200
+_MAX_VALUE = 256  # characters of one search value: answers (self links, issues) never echo more
+_MAX_NAME = 60  # characters of a search parameter's name (with its modifier and chain); no parameter has more
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 _CONTROL = {"_count", "_offset", "_format"}
 
@@ -37,7 +41,7 @@ def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
 def _check_format() -> None:
     fmt = request.args.get("_format", "")
     if fmt and "json" not in fmt:
-        raise NotAcceptable(f"_format {fmt!r} is not supported; this server speaks application/fhir+json")
+        raise NotAcceptable(f"_format {shown(fmt)} is not supported; this server speaks application/fhir+json")
 
 
 @bp.post("")
@@ -111,8 +115,8 @@ def metadata() -> Response:
 
 def _known_type(rtype: str) -> None:
     if rtype not in SEARCH_PARAMS:
-        raise NotFound(f"resource type {rtype!r} is not served here (served: {', '.join(sorted(SEARCH_PARAMS))})",
-                       rtype)
+        raise NotFound(f"resource type {shown(rtype)} is not served here (served: {', '.join(sorted(SEARCH_PARAMS))})",
+                       rtype[:60])
 
 
 def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
@@ -139,6 +143,8 @@ def read(rtype: str, rid: str) -> Response:
     """
     _check_format()
     _known_type(rtype)
+    if not _FHIR_ID.match(rid):
+        raise NotFound(f"{rtype}/{shown(rid)} is not known (not a FHIR id)", rtype)
     res = pipeline_of(current_app).store.read(rtype, rid)
     _audit_reads([res], None)
     version = res.get("meta", {}).get("versionId", "1")
@@ -151,9 +157,11 @@ def _int_param(name: str, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = int(raw) if len(raw.strip()) <= 12 else None
     except ValueError:
-        raise InvalidSearch(f"{name} must be a whole number, not {raw!r}", name) from None
+        value = None
+    if value is None:
+        raise InvalidSearch(f"{name} must be a whole number, not {shown(raw)}", name)
     if not low <= value <= high:
         raise InvalidSearch(f"{name} must be between {low} and {high}", name)
     return value
@@ -173,6 +181,14 @@ def search(rtype: str) -> Response:
     offset = _int_param("_offset", 0, 0, 10_000_000)
     params = [(k, v) for k, vs in request.args.lists() for v in vs if k not in _CONTROL]
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    for name, value in params:
+        if len(name) > _MAX_NAME and not lenient:
+            raise InvalidSearch(f"search parameter {shown(name)} is not supported for {rtype}", name[:_MAX_NAME],
+                                code="not-supported")
+        if len(value) > _MAX_VALUE:
+            raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken",
+                                name[:_MAX_NAME])
+    params = [(k, v) for k, v in params if len(k) <= _MAX_NAME]  # (lenient: a name no parameter has is ignored)
     result = pipeline_of(current_app).store.search(rtype, params, count=count, offset=offset, strict=not lenient)
     _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
     base = request.url_root.rstrip("/") + "/fhir"

@@ -253,7 +253,7 @@ def _token(value: str, name: str) -> Token:
             raise InvalidSearch(f"{name}: empty value", name)
         return Token(None, code)
     if len(parts) != 2:
-        raise InvalidSearch(f"{name}: {value!r} has more than one '|'", name)
+        raise InvalidSearch(f"{name}: {value[:60]!r} has more than one '|'", name)
     system, code = _unescape(parts[0]), _unescape(parts[1])
     if not system and not code:
         raise InvalidSearch(f"{name}: empty value", name)
@@ -269,9 +269,9 @@ def _reference(value: str, name: str) -> Token:
     elif name == "patient" and re.match(r"^[A-Za-z0-9\-.]{1,64}$", ref):
         ref = f"Patient/{ref}"
     else:
-        raise InvalidSearch(f"{name}: {value!r} is not a reference (Type/id)", name)
+        raise InvalidSearch(f"{name}: {value[:60]!r} is not a reference (Type/id)", name)
     if name == "patient" and not ref.startswith("Patient/"):
-        raise InvalidSearch(f"{name}: {value!r} is not a Patient reference", name)
+        raise InvalidSearch(f"{name}: {value[:60]!r} is not a Patient reference", name)
     return Token("", ref)
 
 
@@ -313,7 +313,7 @@ def parse_search(
             if name == "outcome":
                 for token in tokens:
                     if token.system not in (None, "", _OUTCOME_SYSTEM) or token.code not in ("0", "4", "8", "12"):
-                        raise InvalidSearch(f"outcome: {value!r} is not 0, 4, 8 or 12", name)
+                        raise InvalidSearch(f"outcome: {value[:60]!r} is not 0, 4, 8 or 12", name)
                 tokens = tuple(Token(None, t.code) for t in tokens)
             columns.append((name, tokens))
         elif name in _KEY_PARAMS:
@@ -329,21 +329,21 @@ def parse_search(
             try:
                 ids.append(tuple(int(v) for v in _ors(value, name)))
             except ValueError:
-                raise InvalidSearch(f"_id: {value!r} is not an AuditEvent id", name) from None
+                raise InvalidSearch(f"_id: {value[:60]!r} is not an AuditEvent id", name) from None
         elif name == "_count":
-            if not value.isdigit():
-                raise InvalidSearch(f"_count: {value!r} is not a whole number", name)
+            if not (value.isascii() and value.isdigit()) or len(value) > 12:
+                raise InvalidSearch(f"_count: {value[:20]!r} is not a whole number (at most {max_count})", name)
             count = min(int(value), max_count)
         elif name == "_sort":
             if value not in ("date", "-date"):
                 raise InvalidSearch(
-                    f"_sort: {value!r} is not supported (use date or -date)", name, code="not-supported"
+                    f"_sort: {value[:60]!r} is not supported (use date or -date)", name, code="not-supported"
                 )
             descending = value == "-date"
         elif name == "_cursor":
             cursor = _decode_cursor(value)
         elif name == "_format" and value not in _FORMATS:
-            raise InvalidSearch(f"_format: {value!r} is not supported (JSON only)", name, code="not-supported")
+            raise InvalidSearch(f"_format: {value[:60]!r} is not supported (JSON only)", name, code="not-supported")
     return Search(tuple(dates), tuple(columns), tuple(keys), tuple(ids), count, descending, cursor, tuple(pairs))
 
 

@@ -41,12 +41,16 @@ def _read(path: str) -> tuple[Any, list[Issue]]:
         return None, [Issue("error", "exception", "", f"cannot be read: {exc.strerror}", extra={"rule": "input"})]
     try:
         # decimals stay Decimal: FHIR keeps their precision, and so does what we print back
-        return jsonutil.loads(data.decode("utf-8-sig")), []
+        value = jsonutil.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         return None, [Issue("error", "structure", "", "is not UTF-8 text (FHIR JSON is UTF-8)",
                             extra={"rule": "input"})]
     except ValueError as exc:
         return None, [Issue("error", "structure", "", f"is not JSON: {exc}", extra={"rule": "input"})]
+    if jsonutil.nesting_depth(value) > jsonutil.MAX_DEPTH:
+        return None, [Issue("error", "structure", "", f"is nested more than {jsonutil.MAX_DEPTH} levels deep",
+                            extra={"rule": "input"})]
+    return value, []
 
 
 @click.command("validate")

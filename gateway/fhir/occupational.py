@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.adapters.base import ReportFacts, SourceMessage
-from gateway.errors import ConfigError, Issue, UnmappedCode
+from gateway.errors import ConfigError, Issue, UnmappedCode, shown
 from gateway.fhir.bundle import assemble, parties
 from gateway.fhir.parties import Issuer, stable_id, uscc_identifier
 from gateway.fhir.report import diagnostic_report, observation, ref
@@ -103,7 +103,7 @@ def map_exam(msg: SourceMessage, terms: ExamTerminology) -> None:
         elif not hits:
             known = list(dict.fromkeys(t.display for ts in terms.exam_types.rows.values() for t in ts))
             msg.issues.append(Issue("error", "code-invalid", where,
-                                    f"unknown exam type {exam_type!r} (known: {', '.join(known)})", "103"))
+                                    f"unknown exam type {shown(exam_type)} (known: {', '.join(known)})", "103"))
         else:
             std["exam_type"] = hits[0].coding()
 
@@ -114,7 +114,7 @@ def map_exam(msg: SourceMessage, terms: ExamTerminology) -> None:
             msg.issues.append(Issue("error", "required", where, "conclusion (主检结论) is empty", "101"))
         elif not hits:
             msg.issues.append(Issue("error", "code-invalid", where,
-                                    f"unknown conclusion {head!r}: GBZ 188 knows 目前未见异常, 复查, 疑似职业病, "
+                                    f"unknown conclusion {shown(head)}: GBZ 188 knows 目前未见异常, 复查, 疑似职业病, "
                                     "职业禁忌证, 其他疾病或异常", "103"))
         elif hits[0].code in _NOT_FINAL:
             msg.issues.append(Issue("error", "business-rule", where,
@@ -131,7 +131,7 @@ def map_exam(msg: SourceMessage, terms: ExamTerminology) -> None:
             if not hits:
                 label = " ".join(x for x in (hazard["code"], hazard["name"]) if x)
                 msg.issues.append(Issue("error", "code-invalid", hazard["where"],
-                                        f"unknown hazard factor {label!r}: add it with its exposure category to "
+                                        f"unknown hazard factor {shown(label)}: add it with its exposure category to "
                                         f"{terms.hazard_factors.id}", "103"))
                 continue
             factor = next(t for t in hits if t.system == _CS_HAZARD).coding()

@@ -43,7 +43,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway.errors import ConfigError, Issue, ProfileViolation
+from gateway.errors import ConfigError, Issue, ProfileViolation, shown
 from gateway.identifiers import id_card_check_char, uscc_check_char
 from gateway.naming import IG_BASE, IG_VERSION
 
@@ -87,7 +87,8 @@ _FORMATS: dict[str, re.Pattern[str]] = {
     "uri": re.compile(r"^\S*$"),
     "url": re.compile(r"^\S*$"),
     "canonical": re.compile(r"^\S*$"),
-    "base64Binary": re.compile(r"^(\s*([0-9a-zA-Z\+/=]){4}\s*)+$"),
+    # (the specification's (\s*([0-9a-zA-Z\+/=]){4}\s*)+ read with one way to match: linear, not exponential)
+    "base64Binary": re.compile(r"^\s*(?:[0-9a-zA-Z+/=]{4}\s*)+$"),
 }
 _STRING_TYPES = frozenset(
     {"string", "code", "id", "markdown", "uri", "url", "canonical", "oid", "uuid", "base64Binary", "xhtml",
@@ -167,7 +168,10 @@ def _primitive_problem(type_code: str, value: Any) -> str | None:
                 return f"must be a whole JSON number ({type_code})"
         low = _INTEGER_TYPES[type_code]
         if not -2147483648 <= value <= 2147483647 or (low is not None and value < low):
-            return f"{value} is out of range for {type_code}"
+            digits = str(Decimal(value))  # (str() of an int refuses more than 4,300 digits)
+            if len(digits) > 60:
+                digits = f"{digits[:60]}… ({len(digits)} digits)"
+            return f"{digits} is out of range for {type_code}"
         return None
     if not isinstance(value, str):
         return f"must be a JSON string ({type_code})"
@@ -176,8 +180,8 @@ def _primitive_problem(type_code: str, value: Any) -> str | None:
     pattern = _FORMATS.get(type_code)
     if pattern is not None and not pattern.match(value):
         if type_code in ("dateTime", "instant") and "T" in value:
-            return f"{value!r} is not a valid {type_code} (a time needs seconds and a UTC offset such as +08:00)"
-        return f"{value!r} is not a valid {type_code}"
+            return f"{shown(value)} is not a valid {type_code} (a time needs seconds and a UTC offset such as +08:00)"
+        return f"{shown(value)} is not a valid {type_code}"
     return None
 
 
@@ -864,7 +868,7 @@ class Guide:
         rtype = resource.get("resourceType")
         if not isinstance(rtype, str) or rtype not in self._model.resource_types:
             run = _Run(out, resource)
-            what = f"{rtype!r} is not an R4 resource type" if rtype is not None else "is missing"
+            what = f"{shown(rtype)} is not an R4 resource type" if rtype is not None else "is missing"
             _issue(run, "error", "structure", "resourceType", what, "structure")
             return out
         self._validate_resource(resource, rtype, tuple(profiles), out, 0)
@@ -903,7 +907,8 @@ class Guide:
                 if url == _CORE_SD + rtype:
                     continue  # the base definition itself: the base checks above cover it
                 what = "an extension, not a profile" if url in self._extensions else "not a profile of this guide"
-                _issue(run, "error", "not-supported", where, f"names unknown profile {ref}: {what}", "unknown-profile")
+                _issue(run, "error", "not-supported", where, f"names unknown profile {shown(ref)}: {what}",
+                       "unknown-profile")
                 continue
             if version and version != profile.version:
                 _issue(run, "error", "not-supported", where,
@@ -932,7 +937,7 @@ class Guide:
                         self._validate_resource(inner, where, (), out, depth + 1)
                     else:
                         _issue(run, "error", "structure", f"{where}.resourceType",
-                               f"{itype!r} is not an R4 resource type", "structure")
+                               f"{shown(itype)} is not an R4 resource type", "structure")
 
     # -------------------------------------------------------------- base walk
 
@@ -1021,7 +1026,7 @@ class Guide:
             inner = item.get("resourceType")
             if not isinstance(inner, str) or inner not in self._model.resource_types:
                 _issue(run, "error", "structure", f"{iloc}.resourceType",
-                       f"{inner!r} is not an R4 resource type", "structure")
+                       f"{shown(inner)} is not an R4 resource type", "structure")
             else:
                 self._walk(item, inner, inner, iloc, run, depth + 1)
         else:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import InputError, InvalidSearch
+from gateway.errors import InputError, InvalidSearch, shown
 
 __all__ = [
     "DateQuery",
@@ -50,8 +50,8 @@ def date_bounds(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[_dt.datetime
     """
     m = _DATE.match(value.strip())
     if not m:
-        raise InputError(f"{value!r} is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])",
-                         "date")
+        raise InputError(f"{shown(value)} is not a FHIR date "
+                         "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])", "date")
     g = m.groupdict()
     zone: _dt.tzinfo = default_tz
     if g["tz"]:
@@ -61,24 +61,33 @@ def date_bounds(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[_dt.datetime
     try:
         year = int(g["y"])
         if g["mo"] is None:
-            return _dt.datetime(year, 1, 1, tzinfo=zone), _dt.datetime(year + 1, 1, 1, tzinfo=zone)
+            low = _dt.datetime(year, 1, 1, tzinfo=zone)
+            return low, _later(low, _dt.timedelta(days=366 if calendar.isleap(year) else 365))
         if g["d"] is None:
             month = int(g["mo"])
             low = _dt.datetime(year, month, 1, tzinfo=zone)
-            return low, low + _dt.timedelta(days=calendar.monthrange(year, month)[1])
+            return low, _later(low, _dt.timedelta(days=calendar.monthrange(year, month)[1]))
         day = _dt.datetime(year, int(g["mo"]), int(g["d"]), tzinfo=zone)
         if g["h"] is None:
-            return day, day + _dt.timedelta(days=1)
+            return day, _later(day, _dt.timedelta(days=1))
         low = day.replace(hour=int(g["h"]), minute=int(g["mi"]), second=int(g["s"] or 0))
         if g["s"] is None:
-            return low, low + _dt.timedelta(minutes=1)
+            return low, _later(low, _dt.timedelta(minutes=1))
         if g["f"] is None:
-            return low, low + _dt.timedelta(seconds=1)
+            return low, _later(low, _dt.timedelta(seconds=1))
         digits = g["f"][:6]
         low = low.replace(microsecond=int(digits.ljust(6, "0")))
-        return low, low + _dt.timedelta(microseconds=10 ** (6 - len(digits)))
+        return low, _later(low, _dt.timedelta(microseconds=10 ** (6 - len(digits))))
     except ValueError as exc:
-        raise InputError(f"{value!r} is not a calendar date/time ({exc})", "date") from None
+        raise InputError(f"{shown(value)} is not a calendar date/time ({exc})", "date") from None
+
+
+def _later(moment: _dt.datetime, width: _dt.timedelta) -> _dt.datetime:
+    """The end of a period starting at ``moment``; the last moment a datetime holds for one ending after 9999."""
+    try:
+        return moment + width
+    except OverflowError:
+        return _dt.datetime.max.replace(tzinfo=moment.tzinfo)
 
 
 @functools.lru_cache(maxsize=4096)

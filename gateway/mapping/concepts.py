@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage
-from gateway.errors import Issue, UnmappedCode
+from gateway.errors import Issue, UnmappedCode, shown
 from gateway.mapping.tables import ConceptTable, MappingSet
 from gateway.naming import SYSTEM_UCUM, local_item_system
 
@@ -83,7 +83,7 @@ def map_message(msg: SourceMessage, terms: Terminology, issuer_uscc: str) -> Non
             target = terms.sex.first("*", sex)
             if target is None:
                 msg.issues.append(Issue("warning", "code-invalid", f"{msg.patient.location}-8",
-                                        f"sex {sex!r} is not a known code; gender left out", "103"))
+                                        f"sex {shown(sex)} is not a known code; gender left out", "103"))
                 msg.patient.sex = ""
             else:
                 msg.patient.sex = target.code
@@ -98,22 +98,24 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
     codings, state = terms.item_codings(issuer, res.code)
     std["codings"] = codings
     if state == "unmapped":
-        label = f" ({res.code.display})" if res.code.display else ""
+        display = res.code.display if len(res.code.display) <= 60 else f"{res.code.display[:60]}…"
+        label = f" ({display})" if display else ""
         msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-3",
-                                f"local item code {res.code.code!r}{label} has no mapping in table "
+                                f"local item code {shown(res.code.code)}{label} has no mapping in table "
                                 f"{terms.items.id}; kept as the issuer's own code", "103"))
     if res.unit:
         std["ucum"] = terms.ucum(res.unit)
         if std["ucum"] is None and res.value_kind in ("quantity", "range", "ratio"):
             msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-6",
-                                    f"unit {res.unit!r} is not in table {terms.units.id}; kept as text", "103"))
+                                    f"unit {shown(res.unit)} is not in table {terms.units.id}; kept as text", "103"))
     interpretations: list[dict[str, Any]] = []
     for flag in res.flags:
         target = terms.flags.first("*", flag)
         if target is None:
             interpretations.append({"text": flag})
             msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-8",
-                                    f"abnormal flag {flag!r} is not in table {terms.flags.id}; kept as text", "103"))
+                                    f"abnormal flag {shown(flag)} is not in table {terms.flags.id}; kept as text",
+                                    "103"))
         else:
             interpretations.append({"coding": [target.coding()], "text": flag})
     std["interpretation"] = interpretations
@@ -121,7 +123,7 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
         target = terms.result_status.first("*", res.status)
         if target is None:
             msg.issues.append(Issue("error", "code-invalid", f"{res.location}-11",
-                                    f"result status {res.status!r} is not in HL7 table 0085", "103"))
+                                    f"result status {shown(res.status)} is not in HL7 table 0085", "103"))
         else:
             std["status"] = target.code
     if not res.value_kind:
@@ -143,7 +145,7 @@ def _map_report(msg: SourceMessage, report: ReportFacts, terms: Terminology, iss
         target = terms.report_status.first("*", report.status)
         if target is None:
             msg.issues.append(Issue("error", "code-invalid", f"{report.location}-25",
-                                    f"report status {report.status!r} is not in HL7 table 0123", "103"))
+                                    f"report status {shown(report.status)} is not in HL7 table 0123", "103"))
         else:
             std["status"] = target.code
     result_statuses = [r.std.get("status") for r in report.results]

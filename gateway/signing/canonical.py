@@ -293,6 +293,12 @@ def _finite(number: float, path: str) -> float:
     return number
 
 
+def _parse_int(text: str) -> int | Decimal:
+    # Python refuses to turn more than 4300 digits into an int; such a number stays a Decimal (and, beyond the
+    # range of a double, is refused where it is canonicalised or checked)
+    return int(text) if len(text) <= 4000 else Decimal(text)
+
+
 def _reject_constant(name: str) -> Any:
     raise ParseError(f"{name} is not a JSON number", "$")
 
@@ -325,6 +331,7 @@ def parse_json(text: bytes | str) -> Any:
         value = json.loads(
             text,
             parse_float=Decimal,
+            parse_int=_parse_int,
             parse_constant=_reject_constant,
             object_pairs_hook=_no_duplicates,
         )

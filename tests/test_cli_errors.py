@@ -1,0 +1,236 @@
+"""CLI: whatever the input, `gateway validate` and `gateway convert` answer in readable lines, never a traceback.
+
+Deep JSON and XML, 5,000-digit numbers, binary files, missing files and
+directories each give one line per problem and a non-zero exit. Anything
+unexpected inside a command is one line naming it and a hint; ``GATEWAY_DEBUG=1``
+lets the exception through for a bug report. One real subprocess run checks the
+installed command the way an operator meets it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, TONGJIANG
+from gateway.cli import cli
+
+HUGE = "9" * 5000
+DEEP = 100_000
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    """Hostile inputs, one file each."""
+    (tmp_path / "deep.json").write_text('{"resourceType":"Observation","extension":' + "[" * DEEP + "]" * DEEP + "}")
+    (tmp_path / "deep-array.json").write_text("[" * DEEP + "]" * DEEP)
+    (tmp_path / "huge-integer.json").write_text(
+        '{"resourceType":"Observation","status":"final","code":{"text":"Hb"},"valueInteger":' + HUGE + "}")
+    (tmp_path / "huge-decimal.json").write_text(
+        '{"resourceType":"Observation","status":"final","code":{"text":"Hb"},"valueQuantity":{"value":' + HUGE
+        + "}}")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "deep.xml").write_text('<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3">'
+                                       + "<a>" * DEEP + "</a>" * DEEP + "</ClinicalDocument>")
+    message = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes().split(b"\r")
+    obx = next(i for i, seg in enumerate(message) if seg.startswith(b"OBX") and b"|NM|" in seg)
+    fields = message[obx].split(b"|")
+    fields[5] = HUGE.encode()
+    message[obx] = b"|".join(fields)
+    (tmp_path / "huge-number.hl7").write_bytes(b"\r".join(message))
+    export = (DATA / "csv" / "cdc-exams-utf8-bom.csv").read_bytes().split(b"\n")
+    header = export[0].decode("utf-8-sig").rstrip("\r").split(",")
+    row = export[2].split(b",")  # (the exam's white cell count: a number)
+    row[header.index("结果")] = HUGE.encode()
+    (tmp_path / "huge-number.csv").write_bytes(b"\n".join([export[0], export[1], b",".join(row)]) + b"\n")
+    return tmp_path
+
+
+def gateway(runner, tmp_path: Path, *args: str):
+    return runner.invoke(cli, ["--data-dir", str(tmp_path / "gw"), "--issuer-uscc", TONGJIANG, *args])
+
+
+def no_traceback(result) -> None:
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+# -- validate ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep-array.json"])
+def test_validate_deep_json_is_one_error_naming_the_depth(runner, files: Path, name: str) -> None:
+    result = gateway(runner, files, "validate", "--compact", str(files / name))
+    no_traceback(result)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"{files / name}: 1 error, 0 warnings"]
+    [issue] = json.loads(result.stdout)["issue"]
+    assert issue["severity"] == "error" and "nested too deeply" in issue["diagnostics"]
+
+
+def test_validate_a_5000_digit_integer_is_out_of_range_and_not_echoed(runner, files: Path) -> None:
+    result = gateway(runner, files, "validate", "--compact", str(files / "huge-integer.json"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    [issue] = json.loads(result.stdout)["issue"]
+    assert issue["expression"] == ["Observation.valueInteger"]
+    assert "(5000 digits) is out of range for integer" in issue["diagnostics"]
+    assert len(issue["diagnostics"]) < 200
+
+
+def test_validate_a_5000_digit_decimal_is_answered_in_lines(runner, files: Path) -> None:
+    result = gateway(runner, files, "validate", "--compact", str(files / "huge-decimal.json"))
+    no_traceback(result)
+    assert result.exit_code in (0, 1)
+    assert json.loads(result.stdout)["resourceType"] == "OperationOutcome"
+    assert HUGE[:300] not in result.stdout + result.stderr
+
+
+def test_validate_a_binary_file_is_not_utf8_text(runner, files: Path) -> None:
+    result = gateway(runner, files, "validate", "--compact", str(files / "binary.bin"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    [issue] = json.loads(result.stdout)["issue"]
+    assert "not UTF-8 text" in issue["diagnostics"]
+
+
+def test_validate_a_missing_file_cannot_be_read_and_the_others_are_still_checked(runner, files: Path) -> None:
+    result = gateway(runner, files, "validate", "--compact", str(files / "missing.json"),
+                     str(files / "huge-integer.json"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"{files / 'missing.json'}: 1 error, 0 warnings",
+                                          f"{files / 'huge-integer.json'}: 1 error, 0 warnings"]
+    texts = [i["diagnostics"] for i in json.loads(result.stdout)["issue"]]
+    assert "cannot be read: No such file or directory" in texts[0]
+
+
+def test_validate_a_directory_is_a_usage_error(runner, files: Path) -> None:
+    result = gateway(runner, files, "validate", str(files / "a-directory"))
+    no_traceback(result)
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+
+
+# -- convert -----------------------------------------------------------------------------------------------
+
+
+def test_convert_a_5000_digit_number_names_the_field_and_quotes_a_prefix(runner, files: Path) -> None:
+    result = gateway(runner, files, "convert", str(files / "huge-number.hl7"))
+    no_traceback(result)
+    assert result.exit_code == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert "OBX[1]-5" in line and "(5000 characters)" in line and "beyond the range of a number" in line
+    assert len(line) < 300
+
+
+def test_convert_a_5000_digit_number_in_a_csv_export_names_the_row_and_column(runner, files: Path) -> None:
+    result = gateway(runner, files, "convert", "--format", "cdc-csv", str(files / "huge-number.csv"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert lines == ["体检编号 TJ2024001: row 3 column 结果: result '" + HUGE[:60] + "'… (5000 characters) is beyond the "
+                     "range of a number (±1.7e308)"]
+
+
+def test_convert_deep_xml_is_one_refusal(runner, files: Path) -> None:
+    result = gateway(runner, files, "convert", "--format", "cda", str(files / "deep.xml"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("document 1: /: not well-formed XML")
+
+
+def test_convert_deep_json_is_one_refusal(runner, files: Path) -> None:
+    result = gateway(runner, files, "convert", "--format", "fhir", str(files / "deep.json"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert "nested too deeply" in line
+
+
+@pytest.mark.parametrize("fmt", ["hl7v2", "cda", "cdc-csv"])
+def test_convert_a_binary_file_is_refused_in_lines(runner, files: Path, fmt: str) -> None:
+    result = gateway(runner, files, "convert", "--format", fmt, str(files / "binary.bin"))
+    no_traceback(result)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip() and all(len(line) < 400 for line in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("name, reason", [("missing.hl7", "No such file or directory"),
+                                          ("a-directory", "Is a directory")])
+def test_convert_a_file_it_cannot_read_is_one_line(runner, files: Path, name: str, reason: str) -> None:
+    result = gateway(runner, files, "convert", str(files / name))
+    no_traceback(result)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"Error: {files / name}: cannot read: {reason}"]
+
+
+# -- anything unexpected -----------------------------------------------------------------------------------
+
+
+def _broken_convert(*args, **kwargs):
+    raise RuntimeError("the text of an internal error, with 张三 in it")
+
+
+def test_an_unexpected_error_is_one_line_with_a_hint_and_no_detail(runner, files: Path, monkeypatch) -> None:
+    monkeypatch.delenv("GATEWAY_DEBUG", raising=False)
+    monkeypatch.setattr("gateway.pipeline.Pipeline.convert", _broken_convert)
+    result = gateway(runner, files, "convert", str(DATA / "hl7v2" / "lis-v251-utf8.hl7"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line == ("Error: internal error (RuntimeError) in `gateway convert`; rerun with GATEWAY_DEBUG=1 to see "
+                    "where, and report it")
+
+
+@pytest.mark.parametrize("value, shows", [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_gateway_debug_lets_the_exception_through(runner, files: Path, monkeypatch, value: str, shows: bool) -> None:
+    monkeypatch.setenv("GATEWAY_DEBUG", value)
+    monkeypatch.setattr("gateway.pipeline.Pipeline.convert", _broken_convert)
+    result = gateway(runner, files, "convert", str(DATA / "hl7v2" / "lis-v251-utf8.hl7"))
+    assert result.exit_code == 1
+    if shows:
+        assert isinstance(result.exception, RuntimeError)
+    else:
+        assert isinstance(result.exception, SystemExit) and "internal error (RuntimeError)" in result.stderr
+
+
+def test_an_os_error_inside_a_command_is_one_line(runner, files: Path, monkeypatch) -> None:
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/var/lib/gateway/mappings/hl7v2.yaml")
+
+    monkeypatch.delenv("GATEWAY_DEBUG", raising=False)
+    monkeypatch.setattr("gateway.pipeline.Pipeline.convert", unreadable)
+    result = gateway(runner, files, "convert", str(DATA / "hl7v2" / "lis-v251-utf8.hl7"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["Error: /var/lib/gateway/mappings/hl7v2.yaml: Permission denied"]
+
+
+# -- the installed command ---------------------------------------------------------------------------------
+
+
+def test_the_installed_command_prints_lines_not_tracebacks(files: Path) -> None:
+    exe = shutil.which("gateway")
+    command = [exe] if exe else [sys.executable, "-m", "gateway"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_DATA_DIR=str(files / "gw"), GATEWAY_ISSUER_USCC=TONGJIANG)
+    convert = subprocess.run([*command, "convert", str(files / "huge-number.hl7"), str(files / "binary.bin"),
+                              str(files / "missing.hl7")], capture_output=True, env=env, timeout=120)
+    stderr = convert.stderr.decode("utf-8", "replace")
+    assert convert.returncode == 1, stderr
+    assert "Traceback" not in stderr and HUGE[:300] not in stderr
+    assert "OBX[1]-5" in stderr and f"Error: {files / 'missing.hl7'}: cannot read" in stderr
+    validate = subprocess.run([*command, "validate", str(files / "deep.json"), str(files / "huge-integer.json"),
+                               str(files / "binary.bin")], capture_output=True, env=env, timeout=120)
+    stderr = validate.stderr.decode("utf-8", "replace")
+    assert validate.returncode == 1, stderr
+    assert "Traceback" not in stderr and "Traceback" not in validate.stdout.decode("utf-8", "replace")
+    assert stderr.splitlines() == [f"{files / name}: 1 error, 0 warnings"
+                                   for name in ("deep.json", "huge-integer.json", "binary.bin")]
