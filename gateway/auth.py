@@ -28,6 +28,13 @@ How a caller is recognised is pluggable: the app may list authenticators in
 ``app.extensions["gateway.authenticators"]`` (each ``(request, db) ->
 Principal | None``; the first that recognises the request decides), so signed
 JWT client assertions for peer gateways can be added beside bearer tokens.
+
+API tokens expire (``gateway users add|token --expires-days``, default
+:data:`TOKEN_DAYS`); tokens made before expiry existed keep working and are
+listed as having no expiry. Systems may instead authenticate the SMART Backend
+Services way (:mod:`gateway.clients`): their short-lived access tokens are
+accepted here too, and :func:`require_role` then also checks the token's scopes
+against the route (:mod:`gateway.scopes`), answering 403 naming the scope needed.
 """
 
 from __future__ import annotations
@@ -52,11 +59,13 @@ from gateway.audit import records
 from gateway.audit.log import append, instant
 from gateway.errors import InputError, NotFound, TrustError
 from gateway.identifiers import check_uscc
+from gateway.scopes import parse_scopes, required_scope
 from gateway.store.db import connect, transaction
 
 __all__ = [
     "ROLES",
     "TOKEN_PREFIX",
+    "TOKEN_DAYS",
     "Principal",
     "User",
     "NotAuthenticated",
@@ -94,6 +103,8 @@ log = logging.getLogger(__name__)
 
 ROLES = ("submitter", "peer", "auditor", "admin")
 TOKEN_PREFIX = "cyhr_"
+#: Days an API token lives unless told otherwise (``--expires-days``).
+TOKEN_DAYS = 365
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 _SCHEMA = (
@@ -109,7 +120,8 @@ _SCHEMA = (
         user    TEXT NOT NULL REFERENCES gateway_user (name),
         hint    TEXT NOT NULL,         -- first characters, to tell tokens apart in listings
         created TEXT NOT NULL,
-        revoked TEXT
+        revoked TEXT,
+        expires TEXT                   -- when it stops working; NULL: made before tokens expired, never
     )""",
     """CREATE TABLE IF NOT EXISTS gateway_password (
         user         TEXT PRIMARY KEY REFERENCES gateway_user (name),
@@ -179,12 +191,14 @@ class Forbidden(TrustError):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a user account (or, later, a peer gateway by its signed assertion)."""
+    """Who is calling: a user account, or a SMART backend client (``via`` "smart", with the ``scopes`` its
+    access token was granted; None for every other way in, which scopes do not limit)."""
 
     name: str
     roles: frozenset[str]
     member: str | None = None
     via: str = "token"
+    scopes: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,8 @@ class User:
     created: str
     disabled: str | None
     tokens: int = 0
+    #: When each unrevoked token expires (None: no expiry), oldest token first.
+    token_expiries: tuple[str | None, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -208,10 +224,14 @@ Authenticator = Callable[[Any, sqlite_utils.Database], "Principal | None"]
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create the user and token tables if missing (joins a caller's transaction)."""
+    """Create the user and token tables if missing, and add the token expiry to a database made before it
+    existed (joins a caller's transaction)."""
     with transaction(db):
         for statement in _SCHEMA:
             db.execute(statement)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(gateway_token)")}
+        if "expires" not in columns:
+            db.execute("ALTER TABLE gateway_token ADD COLUMN expires TEXT")
 
 
 def token_hash(token: str) -> str:
@@ -229,11 +249,18 @@ def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
     return chosen
 
 
-def _new_token(db: sqlite_utils.Database, name: str, at: _dt.datetime) -> str:
+def _check_days(days: int | None) -> int | None:
+    if days is not None and not 1 <= days <= 3650:
+        raise InputError("a token lives 1 to 3650 days", "expires-days")
+    return days
+
+
+def _new_token(db: sqlite_utils.Database, name: str, at: _dt.datetime, days: int | None) -> str:
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    expires = instant(at + _dt.timedelta(days=days)) if days is not None else None
     db.execute(
-        "INSERT INTO gateway_token (hash, user, hint, created) VALUES (?, ?, ?, ?)",
-        [token_hash(token), name, token[: len(TOKEN_PREFIX) + 4], instant(at)],
+        "INSERT INTO gateway_token (hash, user, hint, created, expires) VALUES (?, ?, ?, ?, ?)",
+        [token_hash(token), name, token[: len(TOKEN_PREFIX) + 4], instant(at), expires],
     )
     return token
 
@@ -261,17 +288,20 @@ def add_user(
     gateway: records.Party,
     by: records.Party,
     member: str | None = None,
+    expires_days: int | None = TOKEN_DAYS,
 ) -> tuple[User, str]:
     """Add a user with its first API token; return the user and the token (shown once, never stored).
 
-    ``member`` (a peer's institution) is required for, and only for, the ``peer`` role.
+    ``member`` (a peer's institution) is required for, and only for, the ``peer`` role. The token stops
+    working ``expires_days`` after ``at`` (None: never; only for set-ups that cannot renew tokens).
 
-    :raises InputError: bad name, unknown role, name taken, missing or needless member.
+    :raises InputError: bad name, unknown role, name taken, missing or needless member, expiry out of range.
     :raises IdentifierError: ``member`` fails the GB 32100 check.
     """
     if not _NAME.match(name or ""):
         raise InputError(f"user name {name!r} must be 1-64 letters, digits, . _ @ -", "name")
     chosen = _check_roles(roles)
+    _check_days(expires_days)
     if member is not None:
         member = check_uscc(member)
     if ("peer" in chosen) != (member is not None):
@@ -284,25 +314,33 @@ def add_user(
             "INSERT INTO gateway_user (name, roles, member, created) VALUES (?, ?, ?, ?)",
             [name, " ".join(chosen), member, instant(at)],
         )
-        token = _new_token(db, name, at)
+        token = _new_token(db, name, at, expires_days)
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="added", roles=chosen)
     log.info("user added with roles %s", ",".join(chosen))
     return get_user(db, name), token
 
 
 def issue_token(
-    db: sqlite_utils.Database, name: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
+    db: sqlite_utils.Database,
+    name: str,
+    *,
+    at: _dt.datetime,
+    gateway: records.Party,
+    by: records.Party,
+    expires_days: int | None = TOKEN_DAYS,
 ) -> str:
-    """A new API token for an active user (older tokens stay valid until the user is disabled).
+    """A new API token for an active user, expiring ``expires_days`` after ``at`` (None: never); older tokens
+    stay valid until they expire or the user is disabled.
 
     :raises NotFound: no such user.
-    :raises InputError: the user is disabled.
+    :raises InputError: the user is disabled, or the expiry is out of range.
     """
+    _check_days(expires_days)
     with transaction(db):
         user = get_user(db, name)
         if not user.active:
             raise InputError(f"user {name!r} is disabled", "name")
-        token = _new_token(db, name, at)
+        token = _new_token(db, name, at, expires_days)
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="token-issued", roles=user.roles)
     return token
 
@@ -324,9 +362,11 @@ def disable_user(
     return get_user(db, name)
 
 
-def _user(row: Sequence[Any]) -> User:
+def _user(db: sqlite_utils.Database, row: Sequence[Any]) -> User:
     name, roles, member, created, disabled, tokens = row
-    return User(name, tuple(roles.split()), member, created, disabled, int(tokens))
+    expiries = tuple(r[0] for r in db.execute(
+        "SELECT expires FROM gateway_token WHERE user = ? AND revoked IS NULL ORDER BY created, rowid", [name]))
+    return User(name, tuple(roles.split()), member, created, disabled, int(tokens), expiries)
 
 
 _USER_SQL = (
@@ -344,23 +384,24 @@ def get_user(db: sqlite_utils.Database, name: str) -> User:
     row = db.execute(f"{_USER_SQL} WHERE u.name = ?", [name]).fetchone()
     if row is None:
         raise NotFound(f"no user {name!r}", "name")
-    return _user(row)
+    return _user(db, row)
 
 
 def list_users(db: sqlite_utils.Database) -> list[User]:
     """Every user, by name."""
     ensure_schema(db)
-    return [_user(r) for r in db.execute(f"{_USER_SQL} ORDER BY u.name")]
+    return [_user(db, r) for r in db.execute(f"{_USER_SQL} ORDER BY u.name").fetchall()]
 
 
-def authenticate_token(db: sqlite_utils.Database, token: str) -> Principal:
-    """The active user a bearer token belongs to.
+def authenticate_token(db: sqlite_utils.Database, token: str, at: _dt.datetime | None = None) -> Principal:
+    """The active user a bearer token belongs to, if the token has not expired at ``at`` (default: now).
 
-    :raises NotAuthenticated: unknown or revoked token, or a disabled user (one message for all).
+    :raises NotAuthenticated: unknown or revoked token, or a disabled user (one message for all); an
+        expired token (said so, with how to get another).
     """
     ensure_schema(db)
     row = db.execute(
-        "SELECT u.name, u.roles, u.member FROM gateway_token t JOIN gateway_user u ON u.name = t.user"
+        "SELECT u.name, u.roles, u.member, t.expires FROM gateway_token t JOIN gateway_user u ON u.name = t.user"
         " WHERE t.hash = ? AND t.revoked IS NULL AND u.disabled IS NULL",
         [token_hash(token)],
     ).fetchone()
@@ -368,7 +409,18 @@ def authenticate_token(db: sqlite_utils.Database, token: str) -> Principal:
         raise NotAuthenticated(
             "the API token is not valid (unknown, revoked, or its user is disabled)", "Authorization"
         )
+    now = at or _dt.datetime.now(_dt.timezone.utc)
+    if row[3] and _dt.datetime.fromisoformat(row[3]) <= now:
+        raise NotAuthenticated(
+            f"the API token expired at {row[3]}: ask the gateway's administrator for another "
+            "(gateway users token NAME)", "Authorization")
     return Principal(row[0], frozenset(row[1].split()), row[2])
+
+
+def _now() -> _dt.datetime:
+    """The app's clock when there is an app (tests set the time), else the system clock."""
+    clock = current_app.extensions.get("gateway.clock") if current_app else None
+    return clock() if clock is not None else _dt.datetime.now(_dt.timezone.utc)
 
 
 def bearer_token(req: Any, db: sqlite_utils.Database) -> Principal | None:
@@ -381,11 +433,15 @@ def bearer_token(req: Any, db: sqlite_utils.Database) -> Principal | None:
     if scheme.lower() != "bearer":
         return None
     value = value.strip()
+    from gateway import clients  # SMART access tokens; clients builds on this module
+
+    if value.startswith(clients.ACCESS_TOKEN_PREFIX):
+        return clients.authenticate_access_token(db, value, at=_now())
     if not value.startswith(TOKEN_PREFIX):
         raise NotAuthenticated(
             "the API token is not valid (unknown, revoked, or its user is disabled)", "Authorization"
         )
-    return authenticate_token(db, value)
+    return authenticate_token(db, value, _now())
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -426,12 +482,31 @@ def require_role(*roles: str) -> Callable[[F], F]:
                     f"it needs the role {' or '.join(sorted(allowed))}",
                     request.path,
                 )
+            if principal.scopes is not None:
+                _check_scope(principal)
             g.principal = principal
             return view(*args, **kwargs)
 
         return cast(F, wrapper)
 
     return decorate
+
+
+def _check_scope(principal: Principal) -> None:
+    """A SMART access token must carry a scope allowing this route (on top of its client's role).
+
+    :raises Forbidden: (403) the route is closed to access tokens, or the token lacks the scope it needs.
+    """
+    need = required_scope(request.method, request.path)
+    if need is None:
+        raise Forbidden("this route does not accept SMART access tokens: use an API token", request.path)
+    granted = parse_scopes(principal.scopes or ())
+    if not any(s.type in ("*", need.type) and need.letter in s.letters for s in granted):
+        raise Forbidden(
+            f"the access token of {principal.name} lacks the scope this needs: {need}; granted: "
+            f"{' '.join(sorted(principal.scopes or ())) or 'none'}",
+            request.path,
+        )
 
 
 def current_principal() -> Principal:

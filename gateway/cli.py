@@ -384,6 +384,8 @@ def _register_areas() -> None:
     cli.add_command(validate.validate)
     cli.add_command(audit.audit)
     cli.add_command(users.users)
+    from gateway.commands.clients import clients  # SMART backend clients
+    cli.add_command(clients)
     cli.add_command(exchange.send)
     cli.add_command(exchange.outbox)
     cli.add_command(bench.bench)

@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     from gateway.api import conformance, exchange, fhir, health, ingest
     from gateway.api import metrics as metrics_api
     from gateway.api import registry as registry_api
+    from gateway.api import smart as smart_api
     from gateway.audit import checkpoint
     from gateway.audit.log import ensure_schema as ensure_audit_schema
     from gateway import console
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     # Registry and conformance routes (/fhir/$recognize, /fhir/StructureDefinition/...) before /fhir/<type>.
     app.register_blueprint(registry_api.bp)
     app.register_blueprint(conformance.bp)
+    app.register_blueprint(smart_api.bp)  # SMART Backend Services: discovery and /auth/token
     app.register_blueprint(fhir.bp)
 
     ex = pipe.exchange

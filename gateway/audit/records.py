@@ -55,12 +55,14 @@ __all__ = [
     "user_admin",
     "user_login",
     "operator_action",
+    "token_request",
 ]
 
 #: Version of the facts layout written by this module; the renderer keeps every version it has seen.
 FACTS_VERSION = 1
 
-KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security", "login", "operator")
+KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security", "login", "operator",
+         "token")
 
 #: Outcome of a recognition decision (ANCHORS §2.5). ``needs-review``: the engine could not decide alone.
 DECISION_OUTCOMES = ("recognized", "not-recognized", "needs-review")
@@ -617,6 +619,38 @@ def operator_action(
             "action": action,
             "target": _required(target, "target"),
             "detail": detail,
+        },
+    )
+
+
+def token_request(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    client: Party,
+    client_address: str,
+    outcome: Outcome = Outcome.SUCCESS,
+    reason: str | None = None,
+    scopes: Sequence[str] = (),
+    roles: Sequence[str] = (),
+) -> Record:
+    """A SMART Backend Services token request of a system (``client``): an access token issued with the
+    granted ``scopes``, or refused (``reason``: the OAuth error and the check that failed; ``scopes``: those
+    asked for).
+
+    :raises InputError: naive time, no client address.
+    """
+    return _record(
+        "token",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "client": client.facts(),
+            "client_address": _required(client_address, "client_address"),
+            "outcome": outcome.value,
+            "reason": reason,
+            "scopes": list(scopes),
+            "roles": list(roles),
         },
     )
 

@@ -22,6 +22,7 @@ query      rest (BALP Query / PatientQuery / Read)  search-type / read /        
                                                     operation
 security   DCM 110113 Security Alert                DCM 110136 / 110137          C / U
 login      DCM 110114 User Authentication           DCM 110122 / 110123          E
+token      DCM 110114 User Authentication           DCM 110122 Login (a system)  E
 operator   audit-event-type operator-action         audit-event-subtype <action> R / U
 ========== ======================================== ============================ ======
 
@@ -584,6 +585,30 @@ def _login(facts: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _token(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """A SMART Backend Services token request: DICOM User Authentication / Login by a system (the client)."""
+    outcome = facts.get("outcome", "0")
+    reason = facts.get("reason")
+    scopes = list(facts.get("scopes", []))
+    return {
+        "type": _coding(DCM, "110114", "User Authentication"),
+        "subtype": [_coding(DCM, "110122", "Login")],
+        "action": "E",
+        "outcome": outcome,
+        "outcomeDesc": f"access token {'issued' if outcome == '0' else 'refused'}" + (f": {reason}" if reason else ""),
+        "agent": [
+            _agent(_cc(DCM, "110150", "Application"), facts["client"], requestor=True,
+                   address=facts["client_address"], roles=list(facts.get("roles", []))),
+            _gateway_agent(facts),
+        ],
+        "entity": [{
+            "what": {"identifier": {"value": " ".join(scopes) or "(no scope)"}},
+            "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+            "description": "scopes " + ("granted" if outcome == "0" else "requested"),
+        }],
+    }
+
+
 _OPERATOR_DISPLAY = {
     "message-raw-viewed": "Raw bytes of a stored message viewed",
     "message-retried": "Failed message worked again",
@@ -628,6 +653,7 @@ _KINDS = {
     "security": _security,
     "login": _login,
     "operator": _operator,
+    "token": _token,
 }
 
 

@@ -49,8 +49,29 @@ def read_password(password_file: str | None, *, prompt: bool) -> str | None:
     return None
 
 
-def _show_token(token: str) -> None:
+def _show_token(token: str, at: _dt.datetime | None = None, days: int | None = None) -> None:
+    if at is not None and days is not None:
+        click.echo(f"the token expires {(at + _dt.timedelta(days=days)).isoformat(timespec='minutes')} "
+                   f"({days} days); issue another before then with `gateway users token NAME`")
     click.echo(f"API token (shown only now; give it to the user, it cannot be recovered):\n{token}")
+
+
+_EXPIRES = click.option(
+    "--expires-days", type=click.IntRange(1, 3650), default=auth.TOKEN_DAYS, show_default=True,
+    help="Days the API token works; then the account needs another (`gateway users token`).")
+
+
+def _expiries(user: auth.User, now: _dt.datetime) -> str:
+    """How each unrevoked token of ``user`` stands: until when, expired, or no expiry (made before tokens
+    expired)."""
+    shown = []
+    for expires in user.token_expiries:
+        if expires is None:
+            shown.append("no expiry")
+        else:
+            when = _dt.datetime.fromisoformat(expires)
+            shown.append(f"{'expired' if when <= now else 'until'} {when.date().isoformat()}")
+    return ", ".join(shown)
 
 
 @click.group()
@@ -74,6 +95,7 @@ def users() -> None:
     help="File whose first line is the console password (auditor, admin); - reads stdin. Without it an "
     "auditor or admin is asked for one at a terminal.",
 )
+@_EXPIRES
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
 def add(
@@ -82,6 +104,7 @@ def add(
     roles: tuple[str, ...],
     member: str | None,
     password_file: str | None,
+    expires_days: int,
     db_path: str | None,
 ) -> None:
     """Add the account NAME and print its first API token (once); auditors and admins also get a console
@@ -105,27 +128,29 @@ def add(
             auth.check_password_rules(password)
         with open_db(ctx, db_path, must_exist=False) as db:
             at, gateway, by = _who(settings)
-            user, token = auth.add_user(db, name, roles, member=member, at=at, gateway=gateway, by=by)
+            user, token = auth.add_user(db, name, roles, member=member, at=at, gateway=gateway, by=by,
+                                        expires_days=expires_days)
             if password is not None:
                 auth.set_password(db, name, password, at=at, gateway=gateway, by=by)
     click.echo(f"user {user.name} added with role(s) {', '.join(user.roles)}")
     if password is not None:
         click.echo("console password set: log in at /console/")
-    _show_token(token)
+    _show_token(token, at, expires_days)
 
 
 @users.command("token")
 @click.argument("name")
+@_EXPIRES
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
-def token(ctx: click.Context, name: str, db_path: str | None) -> None:
-    """Issue another API token for the active account NAME (the older ones keep working)."""
+def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None) -> None:
+    """Issue another API token for the active account NAME (the older ones keep working until they expire)."""
     with one_line_errors():
         settings = settings_for(ctx)
         with open_db(ctx, db_path) as db:
             at, gateway, by = _who(settings)
-            value = auth.issue_token(db, name, at=at, gateway=gateway, by=by)
-    _show_token(value)
+            value = auth.issue_token(db, name, at=at, gateway=gateway, by=by, expires_days=expires_days)
+    _show_token(value, at, expires_days)
 
 
 @users.command("list")
@@ -133,18 +158,21 @@ def token(ctx: click.Context, name: str, db_path: str | None) -> None:
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
-    """List the accounts: roles, member, when added, whether disabled, how many live tokens."""
+    """List the accounts: roles, member, when added, whether disabled, how many live tokens and when each
+    expires ("no expiry": made before tokens expired)."""
     with one_line_errors():
         with open_db(ctx, db_path) as db:
             found = auth.list_users(db)
     if as_json:
         click.echo(json.dumps([u.__dict__ for u in found], ensure_ascii=False, indent=2))
         return
+    now = _dt.datetime.now(_dt.timezone.utc)
     for u in found:
         state = f"disabled {u.disabled}" if u.disabled else "active"
+        expiries = f" ({_expiries(u, now)})" if u.token_expiries else ""
         click.echo(
             f"{u.name:<24} {','.join(u.roles):<22} {u.member or '-':<18} added {u.created}  {state}  "
-            f"tokens {u.tokens}"
+            f"tokens {u.tokens}{expiries}"
         )
 
 
