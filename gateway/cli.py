@@ -310,12 +310,33 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
     click.echo(f"message {rec.id}: {rec.format} {rec.message_id} from {rec.sender} via {rec.channel} "
                f"({rec.size} bytes, sha256 {rec.sha256[:16]}...)")
     click.echo(f"status {rec.status}, answer {rec.ack_code}, bundle {rec.bundle_id or '-'}")
-    if rec.lease_owner:
-        click.echo(f"being worked by process {rec.lease_owner} (attempt {rec.attempts})")
+    if rec.lease_owner or rec.status == "received":
+        click.echo(_holder_line(rec, store.epoch()))
     for stage in store.stages_of(record_id):
         click.echo(f"  {stage['at'][:23]} {stage['stage']:8} {stage['status']} {stage['detail']}")
     for issue in rec.issues:
         click.echo(f"  {issue['severity']}: {issue['location']} {issue['message']}")
+
+
+def _left_by(rec: Any, now: float) -> str:
+    """Who a message not finished yet is with: ``being worked by process X`` while X is alive, else who left it."""
+    from gateway.store.store import holder_state
+
+    state = holder_state(rec.lease_owner, rec.lease_until, now)
+    if state == "alive":
+        return f"being worked by process {rec.lease_owner}"
+    if not rec.lease_owner:
+        return "left unfinished by a process that gave it up"
+    return f"left by process {rec.lease_owner}, " + ("which is gone" if state == "gone" else "whose lease expired")
+
+
+def _holder_line(rec: Any, now: float) -> str:
+    """Who works a message not finished yet: its process while alive, else who left it and what becomes of it."""
+    who = _left_by(rec, now)
+    if who.startswith("being worked"):
+        return f"{who} (attempt {rec.attempts})"
+    return (f"{who} (attempt {rec.attempts}); it is worked again by the background loop of `gateway serve`, "
+            f"or now by `gateway messages retry {rec.id}`")
 
 
 @messages.command("retry")
@@ -325,9 +346,11 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
 def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: bool) -> None:
     """Work failed messages again from the raw input kept for them; record and audit each new outcome.
 
-    One line per message: its id, its status before and after. Exit status 1
-    if any could not be worked again (an unknown id, a message that is not
-    failed, or one being worked right now).
+    A message left unfinished (``received``) by a process that is gone, or
+    whose lease expired, is worked again too. One line per message: its id,
+    its status before and after. Exit status 1 if any could not be worked
+    again (an unknown id, a message that is neither failed nor left
+    unfinished, or one being worked right now).
     """
     import getpass
 
@@ -350,12 +373,16 @@ def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: 
     try:
         for record_id in ids:
             try:
+                before = pipeline.store.get_message(record_id)
+                left = _left_by(before, pipeline.store.epoch()) if before.status == "received" else ""
                 outcome = pipeline.retry(record_id, user)
             except GatewayError as exc:
                 click.echo(f"message {record_id}: {exc.message}", err=True)
                 problems += 1
                 continue
-            click.echo(f"message {record_id}: failed -> {outcome.status.value} {outcome.ack_code}".rstrip())
+            left = f" ({left})" if left else ""
+            click.echo(f"message {record_id}: {before.status} -> {outcome.status.value} {outcome.ack_code}".rstrip()
+                       + left)
     finally:
         pipeline.close()
     if problems:

@@ -106,6 +106,10 @@ class Settings:
     log_format: str = _opt("text", "Log lines of every process: 'text' (timestamp, level, logger, message) or "
                            "'json' (one JSON object a line: timestamp, level, process, request id, user, route, "
                            "status, latency; never patient data).")
+    http_first_byte_timeout: int = _opt(10, "Seconds a new HTTP connection has to send the first byte of its "
+                                        "request; a connection that sends nothing is closed.")
+    http_connections_per_client: int = _opt(100, "Open HTTP connections one client address may hold per worker "
+                                            "process; past it, the client's oldest idle connection is closed.")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
 
     @property
@@ -146,7 +150,8 @@ class Settings:
                      "mllp_workers", "mllp_idle_timeout", "mllp_read_timeout", "http_read_timeout",
                      "http_idle_timeout", "http_connection_limit", "processing_lease", "delivery_timeout",
                      "delivery_concurrency", "health_max_backlog", "health_max_backlog_age",
-                     "health_max_delivery_wait", "restart_limit"):
+                     "health_max_delivery_wait", "restart_limit", "http_first_byte_timeout",
+                     "http_connections_per_client"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive", name)
         if self.log_format not in ("text", "json"):

@@ -18,9 +18,11 @@ building its answer, in recording it) is its own outcome — ``failed``, its
 raw input kept and an answer stored saying it can be worked again — and the
 other messages of its batch or request get their own answers. A message is
 worked under a lease (``processing_lease``); one whose process died before it
-finished is worked again at start (:meth:`Pipeline.recover`), by the queue
-reader, or when its sender resends it. An operator works a failed message
-again with :meth:`Pipeline.retry` (``gateway messages retry``).
+finished is worked again at start (:meth:`Pipeline.recover`), by the
+background loop of ``gateway serve`` (:meth:`Pipeline.rework_abandoned`), by
+the queue reader, or when its sender resends it. An operator works a failed
+message — or one whose process died — again with :meth:`Pipeline.retry`
+(``gateway messages retry``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import enum
 import logging
 import sqlite3
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -53,7 +56,7 @@ from gateway.fhir.parties import Issuer
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet, load_mappings
 from gateway.naming import SYSTEM_INSTITUTION
-from gateway.store.store import Store, lease_owner
+from gateway.store.store import Store, holder_alive, lease_owner
 
 __all__ = ["Stage", "Status", "Outcome", "Channel", "Pipeline"]
 
@@ -233,7 +236,8 @@ class Pipeline:
 
     def _cdc_csv_channel(self) -> Channel:
         layouts = [s for s in self.mappings.structures.values() if s.get("format") == "cdc-csv"]
-        adapter = LabCSVAdapter(layouts, default_offset=self.settings.timezone)
+        adapter = LabCSVAdapter(layouts, default_offset=self.settings.timezone,
+                                max_exam_bytes=self.settings.max_message_bytes)
         terms = {str(layout["id"]): Terminology.for_structure(self.mappings, layout) for layout in layouts}
         exam_terms = {str(layout["id"]): ExamTerminology.for_structure(self.mappings, layout) for layout in layouts}
 
@@ -520,17 +524,40 @@ class Pipeline:
                          outcome.status.value)
         return done
 
+    def rework_abandoned(self, limit: int = 50, seconds: float = 5.0) -> int:
+        """Work again messages whose process died before it finished them (killed, crashed) or whose lease
+        expired, oldest first, while the gateway runs: at most ``limit`` of them and no more once ``seconds``
+        have passed, so that the background loop's other work is never starved. A message a live process
+        holds is left to it. Returns how many were worked.
+        """
+        done = 0
+        deadline = time.monotonic() + seconds
+        for record_id in self.store.abandoned(tuple(self.channels), limit=limit):
+            if time.monotonic() > deadline:
+                break
+            outcome = self._rework(record_id)
+            if outcome is not None:
+                done += 1
+                log.warning("message record=%s left unfinished by a process that is gone, worked again: %s",
+                            record_id, outcome.status.value)
+        return done
+
     def retry(self, record_id: int, user: str) -> Outcome:
-        """Work a failed message again from its raw bytes (an operator's retry); the new outcome is recorded
-        with an audit entry naming ``user`` and the old and new status.
+        """Work a message again from its raw bytes (an operator's retry): a failed one, or one left unfinished
+        by a process that is gone (or whose lease expired); the new outcome is recorded with an audit entry
+        naming ``user`` and the old and new status.
 
         :raises NotFound: no such message.
-        :raises InputError: the message is not failed, is not one the pipeline works, or is being worked now.
+        :raises InputError: the message is neither failed nor left unfinished, is not one the pipeline works,
+            or is being worked now.
         """
         rec = self.store.get_message(record_id)
-        if rec.status != "failed":
-            raise InputError(f"message {record_id} is {rec.status}, not failed: only failed messages are worked "
-                             "again", "messages.status")
+        if rec.status == "received" and holder_alive(rec.lease_owner, rec.lease_until, self.store.epoch()):
+            raise InputError(f"message {record_id} is being worked by process {rec.lease_owner} now; try again "
+                             "later", "messages.id")
+        if rec.status not in ("failed", "received"):
+            raise InputError(f"message {record_id} is {rec.status}, not failed: only failed messages and "
+                             "messages left unfinished by a process that is gone are worked again", "messages.status")
         if rec.format not in self.channels:
             raise InputError(f"message {record_id} is a {rec.format} message, which is not worked again here",
                              "messages.format")

@@ -14,9 +14,10 @@ processes, each handed the listening socket it serves:
   keep their order);
 - ``queue``: with ``mllp_ack = received``, the queue reader that works what
   the listeners answered on receipt;
-- ``background``: delivering the outbox to other members, signed audit
-  checkpoints, and checkpointing the database's WAL so that no ingest commit
-  waits for it.
+- ``background``: working again messages left unfinished by a part that
+  died (a killed MLLP listener or HTTP worker), a bounded number each pass;
+  delivering the outbox to other members, signed audit checkpoints, and
+  checkpointing the database's WAL so that no ingest commit waits for it.
 
 A slow HTTP client therefore never delays an ACK, and a part that dies is
 restarted without the others noticing. The MLLP listeners, the queue reader
@@ -65,9 +66,22 @@ class PortInUse(Exception):
     """A port the gateway must listen on cannot be bound (in use, or not allowed)."""
 
 
+#: Messages left unfinished by a dead process that one background pass works again (and seconds it spends on
+#: them at most), so that deliveries and checkpoints are never starved; the rest wait for the next pass.
+ABANDONED_PER_PASS, ABANDONED_SECONDS = 50, 5.0
+
+
 def background_pass(pipeline: Any) -> dict[str, int]:
-    """One round of background work: deliver what is due, make an audit checkpoint when one is due."""
+    """One round of background work: work again what a dead process left unfinished, deliver what is due, make
+    an audit checkpoint when one is due."""
     done: dict[str, int] = {}
+    try:
+        reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
+    except Exception:  # the database is busy or broken: deliveries still get their turn; the next pass retries
+        log.exception("messages left unfinished could not be worked again in this pass")
+        reworked = 0
+    if reworked:
+        done["reworked"] = reworked
     ex = pipeline.exchange
     if ex is None:
         return done

@@ -11,6 +11,10 @@ failing checks, and each check with ``ok`` and a ``detail`` for people:
   loop fails its check;
 - ``backlog``: no more than ``health_max_backlog`` messages wait in
   the processing queue, and none for longer than ``health_max_backlog_age``;
+- ``abandoned``: no message was left unfinished by a process that is gone
+  (or whose lease expired) for longer than two background passes
+  (2 × ``delivery_interval``): the background loop works such messages again,
+  so one that stays is a loop that does not keep up or does not run;
 - ``dead_letters``: no delivery to another member has been given up;
 - ``deliveries``: no delivery has waited longer than ``health_max_delivery_wait``;
 - ``registry``: the registry snapshot does not expire within ``snapshot_warn_days``.
@@ -115,6 +119,15 @@ def _work(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
                                           f"(health_max_backlog_age {settings.health_max_backlog_age} s)")
     else:
         checks["backlog"] = _check(True, f"{waiting} message(s) in the processing queue")
+    grace = 2 * settings.delivery_interval
+    left = len(pipeline.store.abandoned(tuple(pipeline.channels), limit=limit + 1, idle=grace))
+    if left:
+        many = f"more than {limit}" if left > limit else str(left)
+        checks["abandoned"] = _check(False, f"{many} message(s) left unfinished by a process that is gone, for "
+                                            f"more than {grace} s: see `gateway messages list --status received`, "
+                                            "then `gateway messages retry ID`")
+    else:
+        checks["abandoned"] = _check(True, "no message left unfinished by a process that is gone")
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
     if "outbox" in tables:
         dead = db.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone()[0]

@@ -11,10 +11,13 @@ register the same way.
 
 The body is read as a stream: a CDC export is worked exam by exam while it is
 read (the server has spooled a large body to a temporary file), 32 units at a
-time, and only a short summary of each unit is kept for the answer, so a large
-export takes little memory. The answer never echoes unbounded input: each
-unit's label and issues are cut to a bounded size and number; everything about
-a unit stays available to the operator with ``gateway messages show ID``.
+time, and nothing of a unit is kept once its batch is done but a short summary
+for the answer, so a large export takes little memory. The answer never echoes
+unbounded input and stays bounded as a whole: each unit's label and issues are
+cut to a bounded size and number, and past :data:`ISSUES_IN_ANSWER` issues in
+all the rest are only counted — the answer ends with how many units ended in
+each status and the range of their message records, for ``gateway messages
+list`` and ``gateway messages show ID``, where everything about a unit stays.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ _BATCH = 32  # units stored and worked together (two commits per batch)
 _PEEK = 65536
 _ISSUES_PER_UNIT = 20  # more are counted, not listed
 _LABEL_CHARS = 80
+#: Issues listed in one answer at most, whatever the number of units; the rest are counted.
+ISSUES_IN_ANSWER = 200
 
 
 class _Rejoined(io.RawIOBase):
@@ -81,6 +86,42 @@ def _label(text: str) -> str:
     return text if len(text) <= _LABEL_CHARS else f"{text[:_LABEL_CHARS]}… ({len(text)} characters)"
 
 
+class _Tally:
+    """What an answer says of a request's units: their first issues, up to :data:`ISSUES_IN_ANSWER`; then only
+    counts by status and the range of message records (constant memory, however many units there are)."""
+
+    def __init__(self) -> None:
+        self.issues: list[Issue] = []
+        self.statuses: dict[str, int] = {}
+        self.unlisted = 0
+        self.first: int | None = None
+        self.last: int | None = None
+
+    def add(self, o: Any) -> None:
+        self.statuses[o.status.value] = self.statuses.get(o.status.value, 0) + 1
+        if o.record_id is not None:
+            self.first = o.record_id if self.first is None else min(self.first, o.record_id)
+            self.last = o.record_id if self.last is None else max(self.last, o.record_id)
+        if len(self.issues) >= ISSUES_IN_ANSWER:
+            self.unlisted += len(o.issues) + (o.bundle is not None or o.status.value in ("filtered", "duplicate"))
+            return
+        summary = _summary(o)
+        room = ISSUES_IN_ANSWER - len(self.issues)
+        self.issues += summary[:room]
+        self.unlisted += max(0, len(summary) - room)
+
+    def answer(self, count: int) -> list[Issue]:
+        """The issues of the answer: those listed, then — when some were not — the whole request's account."""
+        if not self.unlisted:
+            return self.issues
+        statuses = ", ".join(f"{status} {n}" for status, n in sorted(self.statuses.items()))
+        records = (f"; they are messages {self.first} to {self.last}: see `gateway messages list` and "
+                   "`gateway messages show ID`" if self.first is not None else "")
+        return [*self.issues, Issue("information", "informational", "",
+                                    f"{count} unit(s) in all ({statuses}); {self.unlisted} more issue(s) not "
+                                    f"listed here (an answer lists {ISSUES_IN_ANSWER} at most){records}")]
+
+
 def _summary(o: Any) -> list[Issue]:
     """A bounded account of one unit: what became of it and its first issues."""
     label = _label(o.label)
@@ -111,7 +152,7 @@ def ingest(fmt: str) -> Response:
                   or "application/fhir+json" in request.headers.get("Accept", ""))
     units = _units(channel.adapter, request.stream, request.remote_addr or "")
     worst, count = "AA", 0
-    issues: list[Issue] = []
+    tally = _Tally()
     answers: list[bytes] = []
     while batch := list(itertools.islice(units, _BATCH)):
         for o in pipeline.ingest_batch(channel, batch, channel="http"):  # outcomes are dropped batch by batch
@@ -120,13 +161,13 @@ def ingest(fmt: str) -> Response:
             if _RANK.get(code, 1) > _RANK.get(worst, 1):
                 worst = code
             if as_outcome:
-                issues += _summary(o)
+                tally.add(o)
             else:
                 answers.append(o.answer)
     if not count:
         raise InputError("no message found in the request body", "body")
     status = _HTTP_FOR_ACK.get(worst, 422)
     if as_outcome:
-        return outcome_response(issues, status, headers={"X-Ack-Code": worst})
+        return outcome_response(tally.answer(count), status, headers={"X-Ack-Code": worst})
     return Response(b"".join(answers), status=status, mimetype="x-application/hl7-v2+er7",
                     headers={"X-Ack-Code": worst})

@@ -40,7 +40,7 @@ from gateway.fhir.search import (
 from gateway.store.db import connect, transaction
 
 __all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
-           "lease_owner", "holder_alive"]
+           "lease_owner", "holder_alive", "holder_state"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,22 @@ def holder_alive(owner: str | None, until: float | None, now: float) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def holder_state(owner: str | None, until: float | None, now: float) -> str:
+    """What became of the process that took a message, in words: ``alive``, ``gone`` (it died or gave the
+    message up) or ``expired`` (its lease ran out)."""
+    if holder_alive(owner, until, now):
+        return "alive"
+    return "expired" if owner and holder_alive(owner, float("inf"), now) else "gone"
+
+
+def _seconds_since(stamp: str | None, now: float) -> float:
+    """Seconds from an ISO time the store wrote to ``now`` (epoch seconds); a long time when unreadable."""
+    try:
+        return now - _dt.datetime.fromisoformat(stamp or "").timestamp()
+    except ValueError:
+        return float("inf")
 
 
 @dataclass
@@ -178,6 +194,10 @@ class Store:
         """Now, in epoch seconds, for leases (the store's clock: tests decide what time it is)."""
         return self.clock().timestamp()
 
+    def epoch(self) -> float:
+        """Now, in epoch seconds, as leases are judged."""
+        return self._epoch()
+
     def queued(self, limit: int) -> list[tuple[int, str, str, str, bytes]]:
         """The oldest messages answered on receipt and not yet processed: (id, format, channel, origin, raw)."""
         return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in self.db.execute(
@@ -226,14 +246,16 @@ class Store:
         waiting in the queue). With ``retry``: a ``failed`` one (an operator's
         retry); its stored answer stays until the new outcome replaces it.
 
-        :raises NotFound: no such message. :raises InputError: with ``retry``, the message is not failed.
+        :raises NotFound: no such message. :raises InputError: with ``retry``, the message is neither failed
+            nor left unfinished (``received``).
         """
         now = self._epoch()
         with transaction(self.db, poll=True):
             rec = self.get_message(record_id)
-            if retry and rec.status != "failed":
-                raise InputError(f"message {record_id} is {rec.status}, not failed: only failed messages are "
-                                 "worked again", "messages.status")
+            if retry and rec.status not in ("failed", "received"):
+                raise InputError(f"message {record_id} is {rec.status}, not failed: only failed messages and "
+                                 "messages left unfinished by a process that is gone are worked again",
+                                 "messages.status")
             if not retry and (rec.ack is not None or rec.status not in ("received", "queued", "failed")):
                 return None
             if holder_alive(rec.lease_owner, rec.lease_until, now):
@@ -253,15 +275,29 @@ class Store:
             self.db.execute("UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE id = ?"
                             " AND lease_owner = ?", [record_id, lease_owner()])
 
-    def abandoned(self, formats: tuple[str, ...], limit: int = 1000) -> list[int]:
+    def abandoned(self, formats: tuple[str, ...], limit: int = 1000, *, idle: float = 0.0) -> list[int]:
         """Messages left without an answer by a process that died: ``received`` (or, from an older release,
-        ``failed`` without an answer) whose holder is dead or whose lease expired."""
+        ``failed`` without an answer) whose holder is dead or whose lease expired, oldest first.
+
+        ``idle``: only those untouched (received or taken) for at least this many seconds. Messages held by
+        live processes do not count towards ``limit``.
+        """
         now = self._epoch()
         marks = ",".join("?" * len(formats))
-        rows = self.db.execute(
-            "SELECT id, lease_owner, lease_until FROM messages WHERE (status = 'received' OR (status = 'failed'"
-            f" AND ack IS NULL)) AND format IN ({marks}) ORDER BY id LIMIT ?", [*formats, limit]).fetchall()
-        return [r[0] for r in rows if not holder_alive(r[1], r[2], now)]
+        found: list[int] = []
+        cursor = self.db.execute(
+            "SELECT id, lease_owner, lease_until, updated_at FROM messages WHERE (status = 'received'"
+            f" OR (status = 'failed' AND ack IS NULL)) AND format IN ({marks})"
+            " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?) ORDER BY id",
+            [*formats, now, f"{_HOST}:%"])
+        for record_id, owner, until, updated in cursor:
+            if holder_alive(owner, until, now) or (idle and _seconds_since(updated, now) < idle):
+                continue
+            found.append(record_id)
+            if len(found) >= limit:
+                break
+        cursor.close()
+        return found
 
     def queue_length(self) -> int:
         """How many messages wait in the processing queue."""
