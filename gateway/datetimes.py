@@ -12,7 +12,8 @@ import re
 
 from gateway.errors import shown
 
-__all__ = ["to_fhir_datetime", "to_fhir_date", "to_fhir_instant", "parse_fhir_datetime", "DateTimeError"]
+__all__ = ["to_fhir_datetime", "to_fhir_date", "to_fhir_instant", "parse_fhir_datetime", "DateTimeError",
+           "seconds_since"]
 
 _HL7_TS = re.compile(
     r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
@@ -116,3 +117,19 @@ def parse_fhir_datetime(value: str) -> _dt.datetime:
         return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except (ValueError, IndexError):
         raise DateTimeError(f"{shown(value)} is not a FHIR dateTime") from None
+
+
+def seconds_since(stamp: str | None, now: _dt.datetime) -> float | None:
+    """Seconds from an ISO time the gateway wrote (a naive one is in ``now``'s offset) to ``now``.
+
+    None when there is no time or it cannot be read; negative when the time is after ``now``.
+    """
+    if not stamp:
+        return None
+    try:
+        then = _dt.datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=now.tzinfo)
+    return (now - then).total_seconds()

@@ -40,6 +40,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client import exposition
 
+from gateway.datetimes import seconds_since
+
 __all__ = ["MULTIPROC_ENV", "CONTENT_TYPE", "MESSAGES", "STAGE_SECONDS", "HTTP_REQUESTS", "HTTP_SECONDS",
            "DELIVERY_ATTEMPTS", "SIGNATURE_FAILURES", "Stopwatch", "count_outcomes", "delivery_attempt",
            "signature_failed", "http_request", "DatabaseFacts", "PartFacts", "render", "multiprocess_dir",
@@ -143,19 +145,6 @@ def http_request(method: str, route: str, status: int, seconds: float) -> None:
 # -- facts of the database ------------------------------------------------------------------
 
 
-def _age(stamp: str | None, now: _dt.datetime) -> float | None:
-    """Seconds from an ISO time the gateway wrote to ``now`` (None when there is none or it cannot be read)."""
-    if not stamp:
-        return None
-    try:
-        then = _dt.datetime.fromisoformat(stamp)
-    except ValueError:
-        return None
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=now.tzinfo)
-    return (now - then).total_seconds()
-
-
 #: Outbox states a delivery waits in, or ends in without being delivered.
 _OPEN_STATES = ("pending", "delivering", "dead")
 
@@ -191,7 +180,7 @@ class DatabaseFacts:
         yield GaugeMetricFamily("gateway_queue_depth", "Messages answered on receipt and waiting for the queue "
                                 "reader (mllp_ack = received).", value=depth)
         oldest = db.execute("SELECT received_at FROM messages WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
-        age = _age(oldest[0] if oldest else None, now)
+        age = seconds_since(oldest[0] if oldest else None, now)
         yield GaugeMetricFamily("gateway_queue_oldest_seconds", "How long the oldest message in the processing "
                                 "queue has waited (0 when none waits).", value=max(0.0, age or 0.0))
 
@@ -216,7 +205,7 @@ class DatabaseFacts:
         wait = 0.0
         if first is not None:
             created = db.execute("SELECT created_at FROM outbox WHERE id = ?", [first]).fetchone()
-            wait = max(0.0, _age(created[0] if created else None, now) or 0.0)
+            wait = max(0.0, seconds_since(created[0] if created else None, now) or 0.0)
         yield GaugeMetricFamily("gateway_delivery_oldest_wait_seconds", "How long the oldest delivery not yet "
                                 "delivered (nor given up) has waited (0 when none waits).", value=wait)
 
@@ -236,7 +225,7 @@ class DatabaseFacts:
         if "audit_checkpoint" not in self._tables():
             return
         row = self._db().execute("SELECT time FROM audit_checkpoint WHERE own = 1 ORDER BY id DESC LIMIT 1").fetchone()
-        age = _age(row[0] if row else None, now)
+        age = seconds_since(row[0] if row else None, now)
         if age is not None:  # none made yet: no figure, rather than a misleading one
             yield GaugeMetricFamily("gateway_audit_checkpoint_age_seconds", "Seconds since this member last "
                                     "signed a checkpoint of its audit log.", value=max(0.0, age))

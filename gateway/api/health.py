@@ -32,6 +32,7 @@ from flask import Blueprint, Response, current_app
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.config import Settings
+from gateway.datetimes import seconds_since
 
 bp = Blueprint("health", __name__)
 
@@ -46,16 +47,9 @@ def _check(ok: bool, detail: str) -> dict[str, Any]:
 
 
 def _age(stamp: str | None, now: _dt.datetime) -> float | None:
-    """Seconds from an ISO time the gateway wrote to ``now``."""
-    if not stamp:
-        return None
-    try:
-        then = _dt.datetime.fromisoformat(stamp)
-    except ValueError:
-        return None
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=now.tzinfo)
-    return max(0.0, (now - then).total_seconds())
+    """Seconds from an ISO time the gateway wrote to ``now`` (never negative)."""
+    age = seconds_since(stamp, now)
+    return None if age is None else max(0.0, age)
 
 
 def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
