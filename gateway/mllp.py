@@ -1,6 +1,11 @@
 """MLLP listener: HL7 v2 over TCP from LIS, HIS and analysers.
 
-Framing is python-hl7's (``hl7.mllp``: ``0x0B message 0x1C 0x0D``). Each
+Framing is MLLP's (``0x0B message 0x1C 0x0D``), read as python-hl7's
+reader does, with two allowances for senders that leave out the final CR: a
+frame also ends at ``0x1C`` followed at once by the next frame's ``0x0B``, and
+at a ``0x1C`` after which nothing arrives for a second (or the connection
+ends). A ``0x1C`` followed by anything else is a byte of the message, which is
+then refused naming the field that holds it (as HTTP ingest does). Each
 message goes through the same pipeline as HTTP ingest; the ACK is written
 only after the raw message and its outcome are committed to SQLite, so an
 ACK always means "durably received". With ``mllp_ack = received`` (accept,
@@ -48,13 +53,78 @@ def frame(data: bytes) -> bytes:
     return bytes(START_BLOCK + data + END_BLOCK + CARRIAGE_RETURN)
 
 
+class _Oversized(Exception):
+    """A frame larger than the limit; ``head`` is its start (to read MSH-10 from for the answer)."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__("MLLP frame larger than the limit")
+        self.head = head
+
+
+_HEAD_BYTES = 4096  # what is kept of an oversized frame to answer it (its MSH segment)
+
+
 class _Reader(MLLPStreamReader):
     """python-hl7's MLLP reader that can also wait for a message to begin without reading it."""
+
+    #: Seconds a 0x1C may wait for its 0x0D before the frame is taken as ended.
+    end_pause = 1.0
 
     async def wait_message(self) -> None:
         """Return once a byte of the next message (or the end of the stream) has arrived."""
         if not self._buffer and not self._eof:
             await self._wait_for_data("wait_message")  # what StreamReader's own reads wait with
+
+    async def readframe(self, limit: int) -> bytes:
+        """The next frame without its framing bytes.
+
+        A frame ends at ``0x1C 0x0D``, at ``0x1C`` followed by the next frame's
+        ``0x0B`` (which is left for the next read), and at a ``0x1C`` that nothing
+        follows for :attr:`end_pause` seconds or before the connection ends.
+
+        :raises InvalidBlockError: the frame does not start with ``0x0B`` (it is consumed).
+        :raises _Oversized: the frame is longer than ``limit`` bytes (what arrived of it is dropped).
+        :raises asyncio.IncompleteReadError: the connection ended in the middle of a frame.
+        """
+        buf = self._buffer
+        start = 0  # where the search for 0x1C goes on
+        while True:
+            end = buf.find(END_BLOCK, start)
+            while end >= 0 and end + 1 < len(buf) and buf[end + 1] not in (0x0B, 0x0D):
+                end = buf.find(END_BLOCK, end + 1)  # a 0x1C inside the message: a byte of it
+            if end >= 0 and end + 1 < len(buf):
+                block = bytes(buf[:end])
+                del buf[:end + 2 if buf[end + 1] == 0x0D else end + 1]
+                break
+            if end >= 0:  # 0x1C last: the frame ends unless its 0x0D (or more of the message) comes soon
+                if not self._eof:
+                    try:
+                        await asyncio.wait_for(self._wait_for_data("readframe"), self.end_pause)
+                    except asyncio.TimeoutError:
+                        pass
+                    if len(buf) > end + 1:
+                        start = end
+                        continue
+                block = bytes(buf[:end])
+                del buf[:end + 1]
+                break
+            if len(buf) > limit + 1:
+                head = bytes(buf[:_HEAD_BYTES])
+                buf.clear()
+                self._maybe_resume_transport()
+                raise _Oversized(head)
+            if self._eof:
+                partial = bytes(buf)
+                buf.clear()
+                raise asyncio.IncompleteReadError(partial, None)
+            start = len(buf)
+            await self._wait_for_data("readframe")
+        self._maybe_resume_transport()
+        if len(block) > limit + 1:  # the end came in the same read as the bytes past the limit
+            raise _Oversized(block[:_HEAD_BYTES])
+        if block[:1] != START_BLOCK:
+            raise InvalidBlockError("Block does not begin with Start Block character <VT>")
+        return block[1:]
 
 
 class MLLPServer:
@@ -126,10 +196,14 @@ class MLLPServer:
                 else:
                     fut.set_result(answer)
 
-    def _reject(self, text: str) -> bytes:
+    def _reject(self, text: str, head: bytes = b"") -> bytes:
+        """An AR for a frame that is not taken; MSA-2 echoes its MSH-10 when ``head`` shows it readable."""
+        channel = self.pipeline.channel("hl7v2")
         msg = SourceMessage(format="hl7v2")
         msg.issues.append(Issue("error", "too-long", "MSH", text, "207"))
-        return self.pipeline.channel("hl7v2").answer(msg, "AR")
+        if head.startswith(START_BLOCK):
+            channel.adapter.read_first_segment(head[1:], msg)
+        return channel.answer(msg, "AR")
 
     async def _client(self, reader: _Reader, writer: asyncio.StreamWriter) -> None:
         peer_info: Any = writer.get_extra_info("peername")
@@ -144,7 +218,7 @@ class MLLPServer:
                     log.info("mllp connection %s idle for %g s: closed", peer, self.idle_timeout)
                     break
                 try:
-                    block = await asyncio.wait_for(reader.readblock(), self.read_timeout)
+                    block = await asyncio.wait_for(reader.readframe(self.max_bytes), self.read_timeout)
                 except asyncio.TimeoutError:
                     log.warning("mllp connection %s did not finish a message within %g s: closed, nothing of it "
                                 "stored", peer, self.read_timeout)
@@ -153,9 +227,9 @@ class MLLPServer:
                     if exc.partial.strip():
                         log.warning("mllp connection %s closed in the middle of a message", peer)
                     break
-                except ValueError:
+                except _Oversized as exc:
                     log.warning("mllp message from %s larger than %d bytes refused", peer, self.max_bytes)
-                    writer.write(frame(self._reject(f"message larger than {self.max_bytes} bytes refused")))
+                    writer.write(frame(self._reject(f"message larger than {self.max_bytes} bytes refused", exc.head)))
                     await asyncio.wait_for(writer.drain(), self.read_timeout)
                     break
                 except InvalidBlockError:

@@ -33,10 +33,14 @@ __all__ = [
     "parse_number",
     "number_problem",
     "COMPARATORS",
+    "MAX_TEXT_BYTES",
+    "text_too_long",
 ]
 
 #: Comparator spellings labs use before a number, to FHIR Quantity.comparator.
 COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
+#: The most one free-text field (a comment, a text result, a CSV cell) may hold, in bytes of UTF-8.
+MAX_TEXT_BYTES = 65_536
 _LABEL_CHARS = 80  # how much of a unit's id its label (in answers and error lines) shows
 _NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")  # (one way to match: linear)
 
@@ -57,6 +61,11 @@ def parse_number(text: str) -> "Quantity | None":
     if not math.isfinite(float(value)):
         return None
     return Quantity(value, COMPARATORS.get(m.group(1) or "", ""))
+
+
+def text_too_long(text: str) -> bool:
+    """Whether ``text`` is more than :data:`MAX_TEXT_BYTES` bytes of UTF-8 (counted only when it may be)."""
+    return len(text) > MAX_TEXT_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES
 
 
 def number_problem(text: str) -> str:

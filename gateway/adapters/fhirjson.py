@@ -21,6 +21,7 @@ from gateway.jsonutil import MAX_DEPTH, nesting_depth
 
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.errors import GatewayError, Issue, shown
+from gateway.fhir.profiles import forbidden_character
 from gateway.signing.canonical import parse_json
 
 __all__ = ["FHIRSubmissionAdapter", "ACCEPTED_TYPES"]
@@ -77,7 +78,7 @@ class FHIRSubmissionAdapter:
         if nesting_depth(doc) > MAX_DEPTH:
             msg.issues.append(Issue("error", "structure", "Bundle", f"nested more than {MAX_DEPTH} levels deep"))
             return msg
-        msg.issues.extend(_number_issues(doc))
+        msg.issues.extend(_value_issues(doc))
         if msg.errors:
             return msg
         msg.message_id = str(doc.get("id") or "")
@@ -114,8 +115,9 @@ class FHIRSubmissionAdapter:
         return msg
 
 
-def _number_issues(doc: Any, limit: int = 10) -> list[Issue]:
-    """Numbers no signature can carry: beyond the range of an IEEE 754 double (RFC 8785 writes doubles).
+def _value_issues(doc: Any, limit: int = 10) -> list[Issue]:
+    """Values no signed report can carry: numbers beyond the range of an IEEE 754 double (RFC 8785 writes
+    doubles), strings (and names) holding a control character or a lone surrogate, which FHIR strings forbid.
 
     Located by FHIRPath (``Bundle.entry[1].resource.valueQuantity.value``); at most ``limit``.
     """
@@ -123,8 +125,18 @@ def _number_issues(doc: Any, limit: int = 10) -> list[Issue]:
     stack: list[tuple[Any, str]] = [(doc, "Bundle")]
     while stack and len(issues) < limit:
         value, path = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((item, f"{path}.{key}") for key, item in reversed(value.items()))
+        if isinstance(value, str):
+            bad = forbidden_character(value)
+            if bad:
+                issues.append(Issue("error", "value", path, f"holds a {bad}, which FHIR strings do not allow"))
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                bad = forbidden_character(key)
+                if bad:  # reported, not walked into: its location could not be shown
+                    issues.append(Issue("error", "structure", f"{path}.{shown(key)}",
+                                        f"the name holds a {bad}, which FHIR JSON does not allow"))
+                else:
+                    stack.append((item, f"{path}.{key}"))
         elif isinstance(value, list):
             stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
         elif isinstance(value, (int, Decimal)) and not isinstance(value, bool):

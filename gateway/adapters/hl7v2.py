@@ -27,6 +27,7 @@ from hl7.util import unescape as _hl7_unescape
 
 from gateway.adapters.base import (
     COMPARATORS,
+    MAX_TEXT_BYTES,
     Coded,
     PatientFacts,
     RawUnit,
@@ -36,6 +37,7 @@ from gateway.adapters.base import (
     SpecimenFacts,
     number_problem,
     parse_number,
+    text_too_long,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
@@ -45,6 +47,12 @@ from gateway.identifiers import check_id_card
 __all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build_ack"]
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
+# 0x1C ends an MLLP frame only as framing: followed by CR (0x0B ... 0x1C 0x0D), by the next frame's 0x0B, or
+# by nothing but white space to the end; anywhere else it is a byte of the message (and refused there).
+_FRAME_END = re.compile(rb"\x1c(?=[\x0b\x0d]|\s*\Z)")
+# Characters no HL7 field may carry into a report (FHIR strings forbid them): below 0x20 but tab, CR and LF.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -82,9 +90,13 @@ def split_messages(data: bytes) -> list[bytes]:
     another. Segment separators come back as ``\\r``. Neither GBK nor UTF-8
     multi-byte characters contain the bytes 0x0A, 0x0B, 0x0D or 0x1C, so this
     is safe before decoding.
+
+    A message ends at 0x1C as the MLLP listener ends a frame: 0x1C followed by
+    0x0D, by the next frame's 0x0B, or by the end of the data. A 0x1C anywhere
+    else stays in its message, which is then refused naming the field that holds it.
     """
     if SB in data or EB in data:
-        chunks = [c.strip(SB + CR + b"\n\r \t") for c in data.split(EB)]
+        chunks = [c.strip(SB + CR + b"\n\r \t") for c in _FRAME_END.split(data)]
     else:
         chunks = [data]
     messages: list[bytes] = []
@@ -122,7 +134,19 @@ def _escape(text: str, seps: dict[str, str]) -> str:
     out = text.replace(esc, f"{esc}E{esc}")
     for key, letter in (("field", "F"), ("component", "S"), ("repetition", "R"), ("subcomponent", "T")):
         out = out.replace(seps[key], f"{esc}{letter}{esc}")
-    return out.replace("\r", " ").replace("\n", " ")
+    out = out.replace("\r", " ").replace("\n", " ")
+    return out if out.isprintable() else _hex_escaped(out, esc)
+
+
+def _hex_escaped(text: str, esc: str = "\\") -> str:
+    """Control characters as HL7 hex escapes (``\\X00\\``): an answer never carries them raw."""
+    return _CONTROL.sub(lambda m: f"{esc}X{ord(m.group()):02X}{esc}", text)
+
+
+def _echo(raw: str, limit: int) -> str:
+    """A field of the message as an answer echoes it: cut to ``limit``, control characters hex-escaped."""
+    raw = raw[:limit]
+    return raw if raw.isprintable() else _hex_escaped(raw)
 
 
 #: The longest MSH-10 taken (ST, 199 characters in v2.5 and later); an ACK echoes it in MSA-2.
@@ -155,16 +179,16 @@ def build_ack(
     seps = _DEFAULT_SEPS
     version = msg.version or h.get("version") or "2.5.1"
     old = version.startswith("2.3") or version.startswith("2.4")
-    trigger = (h.get("trigger") or "R01")[:3]
+    trigger = _echo(h.get("trigger") or "R01", 3)
     msg_type = f"ACK^{trigger}" if version.startswith("2.3") else f"ACK^{trigger}^ACK"
     ts = now.strftime("%Y%m%d%H%M%S") + now.strftime("%z")
     ctrl = control_id or uuid.uuid4().hex[:20]
     msh = [
         "MSH", "^~\\&", _escape(application, seps), _escape(facility, seps),
-        h.get("sending_application", "")[:_MAX_ECHO], h.get("sending_facility", "")[:_MAX_ECHO], ts, "", msg_type,
-        ctrl, (h.get("processing_id") or "P")[:3], version[:60],
+        _echo(h.get("sending_application", ""), _MAX_ECHO), _echo(h.get("sending_facility", ""), _MAX_ECHO), ts, "",
+        msg_type, ctrl, _echo(h.get("processing_id") or "P", 3), _echo(version, 60),
     ]
-    if h.get("charset_field") and len(h["charset_field"]) <= 60:
+    if h.get("charset_field") and len(h["charset_field"]) <= 60 and h["charset_field"].isprintable():
         msh += ["", "", "", "", "", h["charset_field"]]
     errors = [i for i in msg.issues if i.severity == "error"]
     warnings = [i for i in msg.issues if i.severity == "warning"] if not old else []
@@ -365,6 +389,40 @@ class _Msg:
             return None
 
 
+def _control_issue(text: str, field_sep: str, esc: str) -> Issue | None:
+    """The first control character of a message (raw, or as a hex escape such as ``\\X00\\``), located.
+
+    One search of the whole text when the message is clean (every sane message);
+    the segment and field are worked out only for a message that holds one.
+    """
+    at = -1
+    what = ""
+    m = _CONTROL.search(text)
+    if m is not None:
+        at, what = m.start(), f"the control character 0x{ord(m.group()):02X}"
+    if f"{esc}X" in text:  # hex escapes are rare: only then looked at
+        for m in re.finditer(f"{re.escape(esc)}X([0-9A-Fa-f]*){re.escape(esc)}", text):
+            digits = m.group(1)
+            codes = [int(digits[k:k + 2], 16) for k in range(0, len(digits) - 1, 2)]
+            bad = next((c for c in codes if c < 0x20 and c not in (0x09, 0x0A, 0x0D)), None)
+            if bad is not None and (at < 0 or m.start() < at):
+                at, what = m.start(), f"the control character 0x{bad:02X} (as the escape {m.group()})"
+                break
+    if at < 0:
+        return None
+    seg_no = text.count("\r", 0, at)
+    seg_start = text.rfind("\r", 0, at) + 1
+    name = text[seg_start:seg_start + 3]
+    if not _SEGMENT_NAME.match(name):  # the segment's name itself is broken: no field to name
+        return Issue("error", "structure", "MSH", f"segment {seg_no + 1} holds {what} where its name or first field "
+                     "should be, which no message may carry", "100")
+    occurrence = sum(1 for seg in text.split("\r")[:seg_no + 1] if seg[:3] == name)
+    fld = text.count(field_sep, seg_start, at) + (1 if name in _SPECIAL_FIRST else 0)
+    where = f"{name}[{occurrence}]" + (f"-{fld}" if fld else "")
+    return Issue("error", "value", where, f"holds {what}, which no report may carry (only tab, CR and LF are "
+                 "taken below 0x20)", "102")
+
+
 _RESULT_DEFAULTS = {"code": "OBX-3", "value_type": "OBX-2", "value": "OBX-5", "status": "OBX-11",
                     "reference_range": "OBX-7", "flags": "OBX-8", "unit": "OBX-6", "observed_at": "OBX-14"}
 
@@ -456,7 +514,7 @@ class HL7v2Adapter:
             if codec is None:
                 return None, "", [Issue("error", "not-supported", "MSH-18",
                                         f"character set {shown(declared)} is not supported "
-                                        f"(supported: {', '.join(sorted(self.charsets))})", "203")]
+                                        f"(supported: {', '.join(sorted(self.charsets))})", "103")]
             try:
                 return data.decode(codec), codec, issues
             except UnicodeDecodeError as exc:
@@ -513,11 +571,13 @@ class HL7v2Adapter:
         if len(unit.data) > self.max_bytes:
             msg.issues.append(Issue("error", "too-long", "MSH",
                                     f"message is {len(unit.data)} bytes, the limit is {self.max_bytes}", "207"))
+            self.read_first_segment(unit.data, msg)
             return msg, None
         text, codec, issues = self._decode(unit.data)
         msg.issues.extend(issues)
         msg.charset = codec
         if text is None:
+            self.read_first_segment(unit.data, msg)
             return msg, None
         text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
         if not text.startswith("MSH") or len(text) < 8:
@@ -531,7 +591,37 @@ class HL7v2Adapter:
             msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
             return msg, None
         self._header(m, msg)
+        bad = _control_issue(text, m.seps["field"], m.seps["escape"])
+        if bad is not None:
+            msg.issues.append(bad)
         return msg, m
+
+    def read_first_segment(self, data: bytes, msg: SourceMessage) -> None:
+        """Fill what an answer echoes (MSH-10 in MSA-2, the sender, the version) from the MSH segment alone.
+
+        For a message refused before it could be read (too large, a character set
+        that cannot be decoded): a field is taken only when it is plain printable
+        ASCII, which every control id and application name in practice is.
+        """
+        first = data[:65_536].split(b"\r", 1)[0].split(b"\n", 1)[0]
+        m = _fast_msg(first.decode("ascii", errors="replace"))
+        if m is None:
+            return
+        head = SourceMessage(format=self.format, extra={"label": ""})
+        self._header(m, head)
+
+        def plain(value: str) -> bool:
+            return value.isascii() and value.isprintable()
+
+        if head.message_id and plain(head.message_id):
+            msg.message_id = head.message_id
+            msg.extra["label"] = f"MSH-10 {msg.message_id}"
+        for key in ("sending_application", "sending_facility", "processing_id", "version", "trigger",
+                    "accept_ack_type"):
+            value = head.header.get(key, "")
+            if value and plain(value):
+                msg.header[key] = value
+        msg.version = msg.header.get("version", "")
 
     def _header(self, m: _Msg, msg: SourceMessage) -> None:
         i = 0
@@ -623,7 +713,11 @@ class HL7v2Adapter:
                 spm_row = i
             elif name == "NTE":
                 note = m.unescape(m.raw(i, 3)).strip()
-                if note and last_result is not None:
+                if text_too_long(note):
+                    msg.issues.append(Issue("error", "value", m.where(i, 3),
+                                            f"comment of {len(note.encode('utf-8'))} bytes (UTF-8): at most "
+                                            f"{MAX_TEXT_BYTES} are taken in one field", "102"))
+                elif note and last_result is not None:
                     last_result.notes.append(note)
         if report is not None:
             self._finish_report(m, report, spm_row, msg.issues)
@@ -821,6 +915,11 @@ class HL7v2Adapter:
         if kind == "string":
             res.value_kind = "string"
             res.value = "\n".join(m.unescape(m.seps["component"].join(rep)) for rep in reps)
+            if text_too_long(res.value):
+                issues.append(Issue("error", "value", where,
+                                    f"text of {len(res.value.encode('utf-8'))} bytes (UTF-8): at most "
+                                    f"{MAX_TEXT_BYTES} are taken in one field", "102"))
+                return None
         elif kind == "coded":
             c = [m.unescape(x).strip() for x in reps[0]]
             res.value_kind = "coded"

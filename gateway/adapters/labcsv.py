@@ -16,7 +16,12 @@ Reading rules:
   its exam only.
 - The file is read as a stream, exam by exam: memory does not grow with the
   number of rows. It grows only by one small hash per exam number, kept to
-  detect a number that reappears; an exam is limited to ``max_exam_rows``.
+  detect a number that reappears; an exam is limited to ``max_exam_rows``
+  rows and ``max_exam_bytes`` bytes (the gateway's ``max_message_bytes``): the
+  rows past either limit are counted, not held, and the exam is refused naming
+  the row where it went over. One cell holds at most 64 KiB.
+- A cell holding a control character (below 0x20 but tab, CR and LF) is
+  refused: no report may carry one.
 - Exam-level columns (patient, employer, exam type, conclusion, dates) are
   taken from the exam's first row; a later row that says something else is an
   error, an empty cell in a later row is not.
@@ -43,9 +48,11 @@ from gateway.adapters.base import (
     RawUnit,
     ReportFacts,
     ResultFacts,
+    MAX_TEXT_BYTES,
     SourceMessage,
     number_problem,
     parse_number,
+    text_too_long,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.errors import ConfigError, IdentifierError, Issue, shown
@@ -54,6 +61,11 @@ from gateway.identifiers import check_id_card, check_uscc
 __all__ = ["Layout", "LabCSVAdapter", "parse_exposure_years"]
 
 _BOM = b"\xef\xbb\xbf"
+# Bytes no cell may hold: control characters but tab, CR and LF (GBK, GB18030 and UTF-8 never use them inside
+# a multi-byte character, so the raw row is searched before decoding).
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_SKIP_CHUNK = 65_536  # how much of an over-long row is read at a time to skip it
 # years (6.5, 6年), years and months (3年6个月: the 年 is needed then) or months (8个月); each number read one way
 _YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:(?:年|岁)\s*(?:(\d+)\s*(?:个月|月))?)?|(\d+)\s*(?:个月|月))\s*$")
 _YEARS_CHARS = 32  # no number of years and months is longer
@@ -122,11 +134,15 @@ class LabCSVAdapter:
     format = "cdc-csv"
 
     def __init__(self, layouts: list[dict[str, Any]], *, default_offset: str = "+08:00",
-                 max_exam_rows: int = 2000) -> None:
-        """:raises ConfigError: a layout is incomplete."""
+                 max_exam_rows: int = 2000, max_exam_bytes: int = 1_048_576) -> None:
+        """``max_exam_bytes``: the most the rows of one exam (and so any one row) may take.
+
+        :raises ConfigError: a layout is incomplete.
+        """
         self.layouts = [Layout.from_structure(s) for s in layouts]
         self.offset = default_offset
         self.max_exam_rows = max_exam_rows
+        self.max_exam_bytes = max_exam_bytes
 
     # -- cutting -------------------------------------------------------------------------
 
@@ -136,7 +152,11 @@ class LabCSVAdapter:
 
     def split_stream(self, stream: IO[bytes], origin: str = "", *, whole: bytes | None = None) -> Iterator[RawUnit]:
         """Exams of a binary stream, one unit per run of rows with the same exam number, read lazily."""
-        header_raw = stream.readline()
+        header_raw = stream.readline(_SKIP_CHUNK)
+        if not header_raw.endswith(b"\n") and len(header_raw) >= _SKIP_CHUNK:
+            yield RawUnit(header_raw[:256], 1, origin, meta={"label": "header", "error": Issue(
+                "error", "too-long", "row 1", f"the header row is longer than {_SKIP_CHUNK} bytes", "207")})
+            return
         if header_raw.startswith(_BOM):
             header_raw, codec = header_raw[len(_BOM):], "utf-8"
         else:
@@ -161,31 +181,40 @@ class LabCSVAdapter:
         group: list[tuple[int, bytes, list[str], str]] = []
         key: str | None = None
         extra_rows = 0
+        first_row = last_row = 0
+        size = 0  # bytes of the exam so far, header included
+        over_row = 0  # the row with which the exam went over max_exam_bytes
         units = 0
 
         def unit() -> RawUnit:
             nonlocal units
             units += 1
-            first, last = group[0][0], group[-1][0] + extra_rows
-            meta = dict(base, exam=key or "", first_row=first, last_row=last, rows=list(group),
-                        dropped=extra_rows, reappears=bool(key) and _digest(key or "") in seen)
+            meta = dict(base, exam=key or "", first_row=first_row, last_row=last_row, rows=list(group),
+                        dropped=extra_rows, over_row=over_row, max_bytes=self.max_exam_bytes,
+                        reappears=bool(key) and _digest(key or "") in seen)
             data = header_raw + b"".join(raw for _, raw, _, _ in group)
             return RawUnit(data, units, origin, meta=meta)
 
-        for row_no, raw, fields, bad in _records(stream, codec):
+        for row_no, raw, fields, bad in _records(stream, codec, self.max_exam_bytes):
             number = fields[number_col].strip() if number_col < len(fields) else ""
-            if group and number != key:
+            if last_row and number != key:
                 out = unit()
                 if key:
                     seen.add(_digest(key))
                 yield out
-                group, extra_rows = [], 0
-            key = number
-            if len(group) < self.max_exam_rows:
+                group, extra_rows, over_row, last_row = [], 0, 0, 0
+            if not last_row:
+                first_row, size = row_no, len(header_raw)
+            key, last_row = number, row_no
+            size += len(raw)
+            if over_row or size > self.max_exam_bytes:
+                over_row = over_row or row_no  # counted from here on, not held: memory stays within the limit
+                extra_rows += 1
+            elif len(group) < self.max_exam_rows:
                 group.append((row_no, raw, fields, bad))
             else:
                 extra_rows += 1  # counted, not held: one runaway exam cannot exhaust memory
-        if group:
+        if last_row:
             yield unit()
 
     def _layout(self, headers: list[str]) -> tuple[Layout | None, Issue | None]:
@@ -236,6 +265,11 @@ class LabCSVAdapter:
             i = cols.get(fact)
             return fields[i].strip() if i is not None and i < len(fields) else ""
 
+        if meta.get("over_row"):
+            issues.append(Issue("error", "too-long", f"row {meta['over_row']}",
+                                f"the exam's rows exceed {meta['max_bytes']} bytes from this row on: refused "
+                                "(send it as a file of its own, or split its rows)", "207"))
+            return msg
         first_no, _, first, _ = rows[0]
         if not number:
             issues.append(Issue("error", "required", at(first_no, "exam_number"),
@@ -251,12 +285,14 @@ class LabCSVAdapter:
             issues.append(Issue("error", "too-long", _rows(meta),
                                 f"the exam has more than {self.max_exam_rows} rows: refused", "207"))
             return msg
-        for row_no, _, fields, problem in rows:
+        for row_no, raw, fields, problem in rows:
             if problem:
                 issues.append(Issue("error", "structure", f"row {row_no}", problem, "102"))
             elif len(fields) != len(meta["headers"]):
                 issues.append(Issue("error", "structure", f"row {row_no}",
                                     f"row has {len(fields)} columns, the header has {len(meta['headers'])}", "100"))
+            else:
+                _cell_issues(row_no, raw, fields, meta["headers"], issues)
         if msg.errors:
             return msg
 
@@ -465,19 +501,46 @@ class _ItemColumns:
         return res
 
 
-def _records(stream: IO[bytes], codec: str) -> Iterator[tuple[int, bytes, list[str], str]]:
+def _cell_issues(row_no: int, raw: bytes, fields: list[str], headers: list[str], issues: list[Issue]) -> None:
+    """A cell beyond :data:`MAX_TEXT_BYTES`, or holding a control character, named by row and column."""
+    long_row = len(raw) > MAX_TEXT_BYTES
+    if not long_row and _CONTROL_BYTES.search(raw) is None:
+        return  # the common case: one search of the row's bytes
+    for i, value in enumerate(fields):
+        where = f"row {row_no} column {headers[i]}"
+        if long_row and text_too_long(value):
+            issues.append(Issue("error", "too-long", where, f"cell of {len(value.encode('utf-8'))} bytes (UTF-8): at "
+                                f"most {MAX_TEXT_BYTES} are taken in one cell", "102"))
+        else:
+            bad = _CONTROL.search(value)
+            if bad is not None:
+                issues.append(Issue("error", "value", where,
+                                    f"holds the control character 0x{ord(bad.group()):02X} at character "
+                                    f"{bad.start() + 1}, which no report may carry", "102"))
+
+
+def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[int, bytes, list[str], str]]:
     """(row number, raw bytes, fields, problem or "") per CSV record after the header (row 2 on).
 
     A quoted field may span lines; multi-byte GBK and UTF-8 characters never
     contain the bytes of ``"``, CR or LF, so records are cut safely before decoding.
+    A record longer than ``limit`` bytes (when given) is read no further than
+    that: the rest is skipped unheld and the record comes back as its first
+    ``limit + 1`` bytes, which its exam cannot hold.
     """
     row_no = 1
     pending = b""
     while True:
-        line = stream.readline()
+        line = stream.readline(limit + 1 - len(pending)) if limit else stream.readline()
         if not line:
             break
         pending += line
+        if limit and len(pending) > limit:
+            _skip_record(stream, pending.count(b'"') % 2 == 1, pending.endswith(b"\n"))
+            row_no += 1
+            yield row_no, pending, _fields(pending.decode(codec, errors="replace")), ""
+            pending = b""
+            continue
         if pending.count(b'"') % 2:
             continue  # inside a quoted field: the record goes on
         raw, pending = pending, b""
@@ -493,6 +556,16 @@ def _records(stream: IO[bytes], codec: str) -> Iterator[tuple[int, bytes, list[s
     if pending.strip():
         yield row_no + 1, pending, _fields(pending.decode(codec, errors="replace")), \
             "a quoted field is not closed before the end of the file"
+
+
+def _skip_record(stream: IO[bytes], quoted: bool, ended: bool) -> None:
+    """Read past the rest of a record, a chunk at a time: to the line end outside a quoted field."""
+    while not ended or quoted:
+        chunk = stream.readline(_SKIP_CHUNK)
+        if not chunk:
+            return
+        quoted ^= chunk.count(b'"') % 2 == 1
+        ended = chunk.endswith(b"\n")
 
 
 def _fields(text: str) -> list[str]:

@@ -30,6 +30,7 @@ _MAX_COUNT = 200
 _MAX_VALUE = 256  # characters of one search value: answers (self links, issues) never echo more
 _MAX_NAME = 60  # characters of a search parameter's name (with its modifier and chain); no parameter has more
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter takes it
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 _CONTROL = {"_count", "_offset", "_format"}
 
@@ -156,10 +157,8 @@ def _int_param(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw) if len(raw.strip()) <= 12 else None
-    except ValueError:
-        value = None
+    # ASCII digits only: int() would also take "١٢" (Arabic-Indic), "１２" (full width) and "1_2"
+    value = int(raw) if _WHOLE.fullmatch(raw.strip()) else None
     if value is None:
         raise InvalidSearch(f"{name} must be a whole number, not {shown(raw)}", name)
     if not low <= value <= high:

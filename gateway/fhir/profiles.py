@@ -57,6 +57,7 @@ __all__ = [
     "check",
     "has_errors",
     "NATIVE_CHECKS",
+    "forbidden_character",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ _STRING_TYPES = frozenset(
      "date", "dateTime", "instant", "time"}
 )
 _INTEGER_TYPES = {"integer": None, "positiveInt": 1, "unsignedInt": 0}
+# What no FHIR string may hold (R4 string: ``[ \r\n\t\S]+``): characters below U+0020 other than tab, CR and
+# LF, and lone surrogates (not characters at all: no UTF-8 can carry them). Searched only in a string that is
+# not printable, which every such string is: the well-formed common case costs one str.isprintable().
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 PRIMITIVES = _STRING_TYPES | {"boolean", "decimal"} | set(_INTEGER_TYPES)
 _PLAIN_STRINGS = frozenset({"string", "markdown", "xhtml"})
 
@@ -142,7 +147,7 @@ _SEEN_LONGEST = 128  # longer strings are checked every time, so a hostile clien
 
 def _well_formed(type_code: str, value: str) -> bool:
     """Whether ``value`` is a valid ``type_code`` string (one of :data:`_FORMATS`), remembering it if so."""
-    if not value.strip() or not _FORMATS[type_code].match(value):
+    if not value.strip() or not _FORMATS[type_code].match(value) or forbidden_character(value):
         return False
     if len(value) <= _SEEN_LONGEST:
         seen = _SEEN[type_code]
@@ -150,6 +155,17 @@ def _well_formed(type_code: str, value: str) -> bool:
             seen.clear()
         seen.add(value)
     return True
+
+
+def forbidden_character(value: str) -> str:
+    """How a character no FHIR string may hold is named (``U+0000 at character 4``); empty when there is none."""
+    if value.isprintable():
+        return ""
+    m = _FORBIDDEN.search(value)
+    if m is None:
+        return ""
+    kind = "lone surrogate" if m.group() >= "\ud800" else "control character"
+    return f"{kind} U+{ord(m.group()):04X} at character {m.start() + 1}"
 
 
 def _primitive_problem(type_code: str, value: Any) -> str | None:
@@ -177,6 +193,9 @@ def _primitive_problem(type_code: str, value: Any) -> str | None:
         return f"must be a JSON string ({type_code})"
     if not value.strip():
         return f"must not be empty or blank ({type_code})"
+    bad = forbidden_character(value)
+    if bad:
+        return f"holds a {bad}, which FHIR strings do not allow ({type_code})"
     pattern = _FORMATS.get(type_code)
     if pattern is not None and not pattern.match(value):
         if type_code in ("dateTime", "instant") and "T" in value:
@@ -979,7 +998,7 @@ class Guide:
             if not listed:
                 # one value: the common cases decided here, the rest in full by _walk_value
                 if kind == _PLAIN:
-                    if type(val) is str and val.strip():
+                    if type(val) is str and val.strip() and not forbidden_character(val):
                         continue
                 elif kind == _FORMATTED:
                     if type(val) is str and (val in seen or _well_formed(type_code, val)):
@@ -995,7 +1014,7 @@ class Guide:
                 continue
             for i, item in enumerate(val):  # an array: the same, item by item
                 if kind == _PLAIN:
-                    if type(item) is str and item.strip():
+                    if type(item) is str and item.strip() and not forbidden_character(item):
                         continue
                 elif kind == _FORMATTED:
                     if type(item) is str and (item in seen or _well_formed(type_code, item)):
