@@ -110,6 +110,8 @@ class Settings:
                                         "request; a connection that sends nothing is closed.")
     http_connections_per_client: int = _opt(100, "Open HTTP connections one client address may hold per worker "
                                             "process; past it, the client's oldest idle connection is closed.")
+    cors_origins: str = _opt("", "Comma-separated origins (https://app.example.org) whose browser pages may call "
+                             "the FHIR API (CORS); empty: none (the default).")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
 
     @property

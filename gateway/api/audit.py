@@ -128,6 +128,8 @@ def search_events() -> Response:
     base = request.url_root.rstrip("/") + "/fhir"
     with _db() as db:
         page = query.run(db, search)
+        if page.total is None:  # every searchset says how many match, not only _count=0
+            page = query.Page(page.entries, page.next, query.count(db, search))
         events = [e.event() for e in page.entries]
         _record_read(
             db,

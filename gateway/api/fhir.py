@@ -1,20 +1,33 @@
-"""FHIR API: CapabilityStatement, read and search of the results a gateway holds.
+"""FHIR API: CapabilityStatement, read, vread, history and search of the results a gateway holds.
 
-``GET /fhir/metadata``, ``GET /fhir/{type}/{id}``, ``GET /fhir/{type}?...``
+``GET /fhir/metadata``, ``GET /fhir/{type}/{id}``, ``GET /fhir/{type}/{id}/_history[/{vid}]``,
+``GET /fhir/{type}/_history``, ``GET /fhir/{type}?...`` and ``POST /fhir/{type}/_search``
 for DiagnosticReport, Observation, Patient, Organization and Specimen.
 Search supports the chained patient identifier (``patient.identifier``,
 ``subject:Patient.identifier``), ``code``, ``date`` with prefixes and more
-(see ``gateway.fhir.search``), ``_count`` with next links. Unknown parameters
-are refused with 400 unless the client sends ``Prefer: handling=lenient``.
+(see ``gateway.fhir.search``), ``_count`` with next links, ``_count=0`` and
+``_summary=count`` for the total alone. Unknown parameters are refused with
+400 unless the client sends ``Prefer: handling=lenient``.
+
+Every answer under ``/fhir`` is JSON: ``Accept`` and ``_format`` asking for
+anything else (XML, HTML) get 406. Reads carry ``ETag`` and ``Last-Modified``
+(an HTTP date) and answer 304 to ``If-None-Match`` / ``If-Modified-Since``.
+Answers over 1 KB are gzipped for clients that accept it; CORS is answered
+for the origins of the ``cors_origins`` setting (none by default).
 """
 from __future__ import annotations
 
+import datetime as _dt
+import email.utils
+import gzip
 import re
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
+from flask.blueprints import BlueprintSetupState
 
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import NotAcceptable
 
 from gateway import __version__, jsonutil
@@ -32,7 +45,13 @@ _MAX_NAME = 60  # characters of a search parameter's name (with its modifier and
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter takes it
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
-_CONTROL = {"_count", "_offset", "_format"}
+#: Interactions every result type answers (CapabilityStatement ``rest.resource.interaction``).
+_INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
+_CONTROL = {"_count", "_offset", "_format", "_summary"}
+#: What ``_format`` and ``Accept`` may name for the JSON this server speaks (parameters such as
+#: ``fhirVersion=4.0`` aside).
+_JSON_FORMATS = ("json", "application/json", "application/fhir+json")
+_GZIP_MIN = 1024  # bytes: smaller answers are sent as they are
 
 
 def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -40,9 +59,66 @@ def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
 
 
 def _check_format() -> None:
-    fmt = request.args.get("_format", "")
-    if fmt and "json" not in fmt:
-        raise NotAcceptable(f"_format {shown(fmt)} is not supported; this server speaks application/fhir+json")
+    """Refuse (406) a ``_format`` or an ``Accept`` this server cannot answer: it speaks FHIR JSON only.
+
+    ``_format`` wins over ``Accept``; no ``Accept``, ``*/*`` and ``application/*`` take JSON.
+    """
+    fmt = request.args.get("_format") or (request.form.get("_format") if _form_posted() else None)
+    if fmt:
+        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
+            raise NotAcceptable(f"_format {shown(fmt)} is not supported; this server speaks application/fhir+json "
+                                "(_format=json)")
+        return
+    accept = request.headers.get("Accept", "").strip()
+    served = {"application/fhir+json", "application/json", "application/*", "*/*", "*"}
+    if accept and not any(value.split(";")[0].strip().lower() in served and quality > 0
+                          for value, quality in request.accept_mimetypes):
+        raise NotAcceptable(f"Accept {shown(accept[:80])} is not served; this server speaks application/fhir+json")
+
+
+def _form_posted() -> bool:
+    return request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded"
+
+
+def _fhir_path() -> bool:
+    return request.path == "/fhir" or request.path.startswith("/fhir/")
+
+
+@bp.before_app_request
+def _negotiate() -> None:
+    """Every FHIR answer is JSON: a client asking only for XML or HTML is told so (406) before anything runs."""
+    if _fhir_path():
+        _check_format()
+
+
+@bp.after_app_request
+def _compress(response: Response) -> Response:
+    """gzip a FHIR answer over 1 KB for a client that accepts it."""
+    if (not _fhir_path() or response.status_code != 200 or response.direct_passthrough or response.is_streamed
+            or "Content-Encoding" in response.headers
+            or "gzip" not in request.headers.get("Accept-Encoding", "").lower()):
+        return response
+    data = response.get_data()
+    if len(data) < _GZIP_MIN:
+        return response
+    response.set_data(gzip.compress(data, compresslevel=5))
+    response.headers["Content-Encoding"] = "gzip"
+    response.vary.add("Accept-Encoding")
+    return response
+
+
+@bp.record_once
+def _cors(state: BlueprintSetupState) -> None:
+    """Answer browsers' cross-origin requests from the origins the settings name (none by default)."""
+    settings = state.app.extensions.get("gateway.settings")
+    origins = [o.strip() for o in (getattr(settings, "cors_origins", "") or "").split(",") if o.strip()]
+    if origins:
+        from flask_cors import CORS
+
+        CORS(state.app, resources={r"/fhir/*": {"origins": origins}, r"/fhir": {"origins": origins}},
+             expose_headers=["ETag", "Last-Modified", "Location", "Content-Location"],
+             allow_headers=["Authorization", "Content-Type", "Accept", "Prefer", "If-None-Match",
+                            "If-Modified-Since"])
 
 
 @bp.post("")
@@ -70,6 +146,7 @@ def submit() -> Response:
 def metadata() -> Response:
     """The CapabilityStatement of this gateway."""
     from gateway.api.conformance import capability_resources, supported_profiles
+    from gateway.clients import smart_security
 
     settings = current_app.extensions["gateway.settings"]
     profiles = supported_profiles(current_app)
@@ -77,7 +154,10 @@ def metadata() -> Response:
     for rtype, params in sorted(SEARCH_PARAMS.items()):
         entry: dict[str, Any] = {
             "type": rtype,
-            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "interaction": [{"code": code} for code in _INTERACTIONS],
+            "versioning": "versioned",
+            "readHistory": True,
+            "conditionalRead": "full-support",
             "searchParam": [
                 {"name": name, "type": kind if kind != "reference" else "reference"}
                 for name, kind in sorted(params.items()) if name != "_id"
@@ -109,7 +189,8 @@ def metadata() -> Response:
                            "url": request.url_root.rstrip("/") + "/fhir"},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{"mode": "server", "resource": resources, "interaction": [{"code": "transaction"}]}],
+        "rest": [{"mode": "server", "security": smart_security(settings), "resource": resources,
+                  "interaction": [{"code": "transaction"}]}],
     }
     return fhir_response(cap)
 
@@ -135,26 +216,144 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
                       resources=resources, query=query)
 
 
-@bp.get("/<rtype>/<rid>")
-@require_role("submitter", "admin")
-def read(rtype: str, rid: str) -> Response:
-    """One resource, current version, with ETag.
+def _http_date(instant: str) -> str:
+    """A FHIR instant as an HTTP date (RFC 7231 IMF-fixdate, GMT)."""
+    moment = _dt.datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return email.utils.format_datetime(moment.astimezone(_dt.timezone.utc), usegmt=True)
 
-    :raises NotFound: unknown type or id.
-    """
-    _check_format()
+
+def _not_modified(version: str, instant: str) -> bool:
+    """True when the client's copy (``If-None-Match``, else ``If-Modified-Since``) is still current."""
+    match = request.headers.get("If-None-Match")
+    if match is not None:  # weak comparison (RFC 7232 3.2): W/"2" matches "2"
+        tags = {t.strip().removeprefix("W/").strip('"') for t in match.split(",")}
+        return "*" in tags or version in tags
+    since = request.headers.get("If-Modified-Since")
+    if since and instant:
+        try:
+            when = email.utils.parsedate_to_datetime(since)
+            changed = _dt.datetime.fromisoformat(instant.replace("Z", "+00:00"))
+        except (TypeError, ValueError):
+            return False  # not an HTTP date: ignored, as RFC 7232 says
+        if when.tzinfo is None or changed.tzinfo is None:
+            return False
+        return changed.replace(microsecond=0) <= when
+    return False
+
+
+def _versioned_response(res: dict[str, Any]) -> Response:
+    """One resource with its ETag and Last-Modified; 304 without a body when the client's copy is current."""
+    meta = res.get("meta", {})
+    version, instant = str(meta.get("versionId", "1")), str(meta.get("lastUpdated", ""))
+    headers = {"ETag": f'W/"{version}"'}
+    if instant:
+        headers["Last-Modified"] = _http_date(instant)
+    if _not_modified(version, instant):
+        return Response(status=304, headers=headers)
+    return fhir_response(res, headers=headers)
+
+
+def _check_id(rtype: str, rid: str) -> None:
     _known_type(rtype)
     if not _FHIR_ID.match(rid):
         raise NotFound(f"{rtype}/{shown(rid)} is not known (not a FHIR id)", rtype)
+
+
+@bp.get("/<rtype>/<rid>")
+@require_role("submitter", "admin")
+def read(rtype: str, rid: str) -> Response:
+    """One resource, current version, with ETag and Last-Modified (304 when the client's copy is current).
+
+    :raises NotFound: unknown type or id.
+    """
+    _check_id(rtype, rid)
     res = pipeline_of(current_app).store.read(rtype, rid)
     _audit_reads([res], None)
-    version = res.get("meta", {}).get("versionId", "1")
-    return fhir_response(res, headers={"ETag": f'W/"{version}"',
-                                       "Last-Modified": res.get("meta", {}).get("lastUpdated", "")})
+    return _versioned_response(res)
 
 
-def _int_param(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
+@bp.get("/<rtype>/<rid>/_history/<vid>")
+@require_role("submitter", "admin")
+def vread(rtype: str, rid: str, vid: str) -> Response:
+    """One version of a resource, current or earlier (vread).
+
+    :raises NotFound: unknown type, id or version.
+    """
+    _check_id(rtype, rid)
+    res = pipeline_of(current_app).store.version(rtype, rid, vid)
+    _audit_reads([res], None)
+    return _versioned_response(res)
+
+
+def _history_bundle(rtype: str, rid: str | None) -> Response:
+    """A history Bundle, newest version first, each entry with the request that made it and its response."""
+    count = _int_param("_count", 20, 1, _MAX_COUNT)
+    offset = _int_param("_offset", 0, 0, 10_000_000)
+    for name in request.args:
+        if name not in ("_count", "_offset", "_format"):
+            raise InvalidSearch(f"parameter {shown(name)} is not supported for _history (supported: _count)",
+                                name[:_MAX_NAME], code="not-supported")
+    result = pipeline_of(current_app).store.history(rtype, rid, count=count, offset=offset)
+    _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
+    base = request.url_root.rstrip("/") + "/fhir"
+    path = f"{base}/{rtype}" + (f"/{rid}" if rid is not None else "") + "/_history"
+
+    def link(off: int) -> str:
+        return f"{path}?" + urlencode([("_count", str(count)), ("_offset", str(off))])
+
+    links = [{"relation": "self", "url": link(offset)}]
+    if offset + count < result.total:
+        links.append({"relation": "next", "url": link(offset + count)})
+    if offset > 0:
+        links.append({"relation": "previous", "url": link(max(0, offset - count))})
+    entries = []
+    for res in result.resources:
+        meta = res.get("meta", {})
+        version = str(meta.get("versionId", "1"))
+        first = version == "1"
+        response: dict[str, Any] = {"status": "201 Created" if first else "200 OK",
+                                    "etag": f'W/"{version}"'}
+        if meta.get("lastUpdated"):
+            response["lastModified"] = meta["lastUpdated"]
+        entries.append({
+            "fullUrl": f"{base}/{res['resourceType']}/{res['id']}",
+            "resource": res,
+            "request": {"method": "POST", "url": res["resourceType"]} if first
+            else {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"},
+            "response": response,
+        })
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": result.total, "link": links}
+    if entries:
+        bundle["entry"] = entries
+    return fhir_response(bundle)
+
+
+@bp.get("/<rtype>/<rid>/_history")
+@require_role("submitter", "admin")
+def history_instance(rtype: str, rid: str) -> Response:
+    """Every version of one resource, newest first (a history Bundle).
+
+    :raises NotFound: unknown type or id.
+    """
+    _check_id(rtype, rid)
+    return _history_bundle(rtype, rid)
+
+
+@bp.get("/<rtype>/_history")
+@require_role("submitter", "admin")
+def history_type(rtype: str) -> Response:
+    """Every version of every resource of a type, newest first (a history Bundle).
+
+    :raises NotFound: unknown type.
+    """
+    _known_type(rtype)
+    return _history_bundle(rtype, None)
+
+
+def _int_param(name: str, default: int, low: int, high: int, args: MultiDict[str, str] | None = None) -> int:
+    raw = (request.args if args is None else args).get(name)
     if raw is None:
         return default
     # ASCII digits only: int() would also take "١٢" (Arabic-Indic), "１２" (full width) and "1_2"
@@ -174,11 +373,40 @@ def search(rtype: str) -> Response:
     :raises NotFound: unknown type.
     :raises InputError: unknown parameter (strict handling) or bad value.
     """
-    _check_format()
+    return _search(rtype, request.args)
+
+
+@bp.post("/<rtype>/_search")
+@require_role("submitter", "admin")
+def search_posted(rtype: str) -> Response:
+    """Search with the parameters in a form-encoded body (and the URL): the same searchset as ``GET``.
+
+    :raises NotFound: unknown type.
+    :raises InputError: not a form-encoded body (415), unknown parameter (strict handling) or bad value.
+    """
+    from gateway.errors import UnsupportedFormat
+
+    if request.content_length and not _form_posted():
+        raise UnsupportedFormat("the parameters of POST _search are sent as application/x-www-form-urlencoded, "
+                                f"not {shown(request.mimetype or 'no content type')}", "Content-Type")
+    args: MultiDict[str, str] = MultiDict(request.args)
+    if _form_posted():
+        for name, values in request.form.lists():
+            args.setlist(name, args.getlist(name) + values)
+    return _search(rtype, args)
+
+
+def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     _known_type(rtype)
-    count = _int_param("_count", 20, 0, _MAX_COUNT)
-    offset = _int_param("_offset", 0, 0, 10_000_000)
-    params = [(k, v) for k, vs in request.args.lists() for v in vs if k not in _CONTROL]
+    count = _int_param("_count", 20, 0, _MAX_COUNT, args)
+    summary = args.get("_summary")
+    if summary is not None:
+        if summary != "count":
+            raise InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=count)",
+                                "_summary", code="not-supported")
+        count = 0
+    offset = _int_param("_offset", 0, 0, 10_000_000, args)
+    params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
     for name, value in params:
         if len(name) > _MAX_NAME and not lenient:
@@ -189,27 +417,26 @@ def search(rtype: str) -> Response:
                                 name[:_MAX_NAME])
     params = [(k, v) for k, v in params if len(k) <= _MAX_NAME]  # (lenient: a name no parameter has is ignored)
     result = pipeline_of(current_app).store.search(rtype, params, count=count, offset=offset, strict=not lenient)
-    _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
+    if result.resources:
+        _audit_reads(result.resources, request.query_string.decode("utf-8", "replace") if request.method == "GET"
+                     else urlencode(list(args.items(multi=True))))
     base = request.url_root.rstrip("/") + "/fhir"
     known = SEARCH_PARAMS[rtype]
     kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known]
 
     def link(off: int) -> str:
-        return f"{base}/{rtype}?" + urlencode(kept + [("_count", str(count)), ("_offset", str(off))])
+        paging = [("_summary", "count")] if summary else [("_count", str(count)), ("_offset", str(off))]
+        return f"{base}/{rtype}?" + urlencode(kept + paging)
 
     links = [{"relation": "self", "url": link(offset)}]
-    if offset + count < result.total:
+    if count and offset + count < result.total:
         links.append({"relation": "next", "url": link(offset + count)})
-    if offset > 0:
+    if count and offset > 0:
         links.append({"relation": "previous", "url": link(max(0, offset - count))})
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": result.total,
-        "link": links,
-        "entry": [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                  for r in result.resources],
-    }
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": result.total, "link": links}
+    if result.resources:
+        bundle["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+                            "search": {"mode": "match"}} for r in result.resources]
     return fhir_response(bundle)
 
 

@@ -509,6 +509,37 @@ class Store:
             raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
         return dict(jsonutil.loads(rows[0]["json"]))
 
+    def version(self, rtype: str, rid: str, version: str) -> dict[str, Any]:
+        """One version of a resource, current or earlier (vread).
+
+        :raises NotFound: no such resource, or no such version of it.
+        """
+        if not version.isascii() or not version.isdigit() or len(version) > 12:
+            raise NotFound(f"{rtype}/{rid} has no version {version[:20]!r}", f"{rtype}/{rid}")
+        rows = list(self.db.query(
+            "SELECT json FROM resources WHERE type = ? AND id = ? AND version = ?"
+            " UNION ALL SELECT json FROM resource_history WHERE type = ? AND id = ? AND version = ?",
+            [rtype, rid, int(version), rtype, rid, int(version)]))
+        if not rows:
+            self.read(rtype, rid)  # an unknown resource says so
+            raise NotFound(f"{rtype}/{rid} has no version {version}", f"{rtype}/{rid}")
+        return dict(jsonutil.loads(rows[0]["json"]))
+
+    def history(self, rtype: str, rid: str | None = None, *, count: int = 20, offset: int = 0) -> SearchResult:
+        """Every version of one resource (``rid``), or of every resource of a type, newest first.
+
+        :raises NotFound: ``rid`` is given and no such resource is stored.
+        """
+        where, args = ("type = ? AND id = ?", [rtype, rid]) if rid is not None else ("type = ?", [rtype])
+        union = (f"SELECT id, version, last_updated, json FROM resources WHERE {where}"
+                 f" UNION ALL SELECT id, version, last_updated, json FROM resource_history WHERE {where}")
+        total = int(self.db.execute(f"SELECT count(*) FROM ({union})", args * 2).fetchone()[0])
+        if rid is not None and total == 0:
+            raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
+        rows = self.db.execute(f"SELECT json FROM ({union}) ORDER BY last_updated DESC, id, version DESC"
+                               " LIMIT ? OFFSET ?", [*args, *args, count, offset]).fetchall()
+        return SearchResult(total, [dict(jsonutil.loads(r[0])) for r in rows])
+
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = 20, offset: int = 0,
                strict: bool = True) -> SearchResult:
         """Resources of ``rtype`` matching every parameter (values within one parameter are ORed).

@@ -1,0 +1,252 @@
+"""FHIR REST conventions: CapabilityStatement, _count=0 and _summary=count, conditional reads, vread and _history,
+Accept/_format negotiation, gzip, CORS and POST _search."""
+from __future__ import annotations
+
+import email.utils
+import gzip
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import DATA, validate_fhir
+from test_api import assert_outcome
+
+UTF8 = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
+#: The same report corrected: a new message whose ALT value changed (a second version of that Observation).
+CORRECTED = UTF8.replace(b"TJ2405200099", b"TJ2405200199").replace(b"||36|U/L|", b"||38|U/L|")
+
+
+@pytest.fixture
+def loaded(client):
+    """A client of a gateway holding one report, and the report's ALT Observation corrected once."""
+    assert client.post("/ingest/hl7v2", data=UTF8).status_code == 200
+    assert client.post("/ingest/hl7v2", data=CORRECTED).status_code == 200
+    return client
+
+
+def _alt(client) -> dict:
+    found = client.get("/fhir/Observation", query_string={"code": "ALT", "_count": "50"}).get_json()
+    if not found.get("entry"):
+        found = client.get("/fhir/Observation?_count=50").get_json()
+    return next(e["resource"] for e in found["entry"] if e["resource"].get("valueQuantity", {}).get("value") == 38)
+
+
+# ------------------------------------------------------------------ CapabilityStatement
+
+
+def test_capability_statement_declares_security_and_only_what_answers(loaded, anon) -> None:
+    cap = anon.get("/fhir/metadata").get_json()
+    rest = cap["rest"][0]
+    service = rest["security"]["service"][0]["coding"][0]
+    assert service["code"] == "SMART-on-FHIR"
+    token = rest["security"]["extension"][0]["extension"][0]["valueUri"]
+    assert token.endswith("/auth/token")
+    report = loaded.get("/fhir/DiagnosticReport").get_json()["entry"][0]["resource"]
+    ids = {"DiagnosticReport": report["id"], "Patient": report["subject"]["reference"].split("/")[1],
+           "Observation": report["result"][0]["reference"].split("/")[1],
+           "Organization": report["performer"][0]["reference"].split("/")[1]}
+    specimens = loaded.get("/fhir/Specimen").get_json()
+    ids["Specimen"] = specimens["entry"][0]["resource"]["id"]
+    checked = 0
+    for resource in rest["resource"]:
+        rtype = resource["type"]
+        codes = {i["code"] for i in resource.get("interaction", [])}
+        for param in resource.get("searchParam", []):
+            value = "2024" if param["type"] == "date" else "x"
+            resp = loaded.get(f"/fhir/{rtype}", query_string={param["name"]: value})
+            # an auditor's search answers 403 to a submitter: the route exists
+            assert resp.status_code in (200, 403), (rtype, param, resp.status_code)
+            checked += 1
+        rid = ids.get(rtype)
+        if rid is None:
+            continue
+        paths = {"read": f"/fhir/{rtype}/{rid}", "vread": f"/fhir/{rtype}/{rid}/_history/1",
+                 "history-instance": f"/fhir/{rtype}/{rid}/_history", "history-type": f"/fhir/{rtype}/_history",
+                 "search-type": f"/fhir/{rtype}"}
+        for code, path in paths.items():
+            status = loaded.get(path).status_code
+            assert (status == 200) == (code in codes), (rtype, code, status)
+            checked += 1
+    assert checked > 40
+    # declared nothing the server does not answer: no XML format, no system-level history
+    assert cap["format"] == ["application/fhir+json", "json"]
+    assert {i["code"] for i in rest["interaction"]} == {"transaction"}
+
+
+# ------------------------------------------------------------------ _count=0, _summary=count, total
+
+
+@pytest.mark.parametrize("query", ["_count=0", "_summary=count"])
+def test_count_only_searchset_has_total_and_no_next_link(loaded, query, tmp_path) -> None:
+    resp = loaded.get(f"/fhir/Observation?code=http://loinc.org|&{query}")
+    body = resp.get_json()
+    assert resp.status_code == 200 and body["type"] == "searchset"
+    assert body["total"] == 4 and "entry" not in body
+    assert [link["relation"] for link in body["link"]] == ["self"]
+    path = tmp_path / "count.json"
+    path.write_text(json.dumps(body), encoding="utf-8")
+    result = validate_fhir([path])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_summary_other_than_count_is_refused_naming_it(loaded) -> None:
+    body = assert_outcome(loaded.get("/fhir/Observation?_summary=text"), 400)
+    assert body["issue"][0]["expression"] == ["_summary"]
+
+
+def test_audit_event_searchset_has_total(app, loaded, anon) -> None:
+    from conftest import make_token
+
+    auditor = make_token(app, "inspector", ["auditor"])
+    body = anon.get("/fhir/AuditEvent?_count=2", headers={"Authorization": f"Bearer {auditor}"}).get_json()
+    assert body["type"] == "searchset" and len(body["entry"]) == 2
+    assert isinstance(body["total"], int) and body["total"] > 2
+
+
+# ------------------------------------------------------------------ conditional read
+
+
+def test_read_has_http_date_and_etag_and_answers_304(loaded) -> None:
+    obs = _alt(loaded)
+    resp = loaded.get(f"/fhir/Observation/{obs['id']}")
+    assert resp.headers["ETag"] == 'W/"2"'
+    modified = email.utils.parsedate_to_datetime(resp.headers["Last-Modified"])
+    assert resp.headers["Last-Modified"].endswith(" GMT") and modified.tzinfo is not None
+    path = f"/fhir/Observation/{obs['id']}"
+    same = loaded.get(path, headers={"If-None-Match": 'W/"2"'})
+    assert same.status_code == 304 and same.data == b"" and same.headers["ETag"] == 'W/"2"'
+    assert loaded.get(path, headers={"If-None-Match": 'W/"1"'}).status_code == 200
+    assert loaded.get(path, headers={"If-Modified-Since": resp.headers["Last-Modified"]}).status_code == 304
+    earlier = email.utils.format_datetime(modified.replace(year=modified.year - 1), usegmt=True)
+    assert loaded.get(path, headers={"If-Modified-Since": earlier}).status_code == 200
+    assert loaded.get(path, headers={"If-Modified-Since": "yesterday"}).status_code == 200  # not a date: ignored
+    # If-None-Match wins over If-Modified-Since (RFC 7232)
+    assert loaded.get(path, headers={"If-None-Match": 'W/"1"',
+                                     "If-Modified-Since": resp.headers["Last-Modified"]}).status_code == 200
+
+
+# ------------------------------------------------------------------ vread and _history
+
+
+def test_vread_serves_every_version(loaded) -> None:
+    obs = _alt(loaded)
+    first = loaded.get(f"/fhir/Observation/{obs['id']}/_history/1")
+    assert first.status_code == 200 and first.headers["ETag"] == 'W/"1"'
+    assert first.get_json()["valueQuantity"]["value"] == 36 and first.get_json()["meta"]["versionId"] == "1"
+    second = loaded.get(f"/fhir/Observation/{obs['id']}/_history/2").get_json()
+    assert second == obs
+    assert_outcome(loaded.get(f"/fhir/Observation/{obs['id']}/_history/3"), 404)
+    assert_outcome(loaded.get(f"/fhir/Observation/{obs['id']}/_history/x1"), 404)
+    assert_outcome(loaded.get("/fhir/Observation/nope/_history/1"), 404)
+    assert_outcome(loaded.get("/fhir/Medication/x/_history/1"), 404)
+
+
+def test_instance_and_type_history_bundles(loaded, tmp_path) -> None:
+    obs = _alt(loaded)
+    inst = loaded.get(f"/fhir/Observation/{obs['id']}/_history").get_json()
+    assert inst["type"] == "history" and inst["total"] == 2
+    assert [e["resource"]["meta"]["versionId"] for e in inst["entry"]] == ["2", "1"]
+    assert inst["entry"][0]["request"] == {"method": "PUT", "url": f"Observation/{obs['id']}"}
+    assert inst["entry"][1]["request"] == {"method": "POST", "url": "Observation"}
+    assert inst["entry"][1]["response"]["status"] == "201 Created"
+    assert inst["entry"][0]["response"]["etag"] == 'W/"2"'
+    whole = loaded.get("/fhir/Observation/_history").get_json()
+    current = loaded.get("/fhir/Observation?_count=0").get_json()["total"]
+    assert whole["type"] == "history" and whole["total"] == current + 1
+    paged = loaded.get("/fhir/Observation/_history?_count=2").get_json()
+    assert len(paged["entry"]) == 2 and any(link["relation"] == "next" for link in paged["link"])
+    assert_outcome(loaded.get("/fhir/Observation/_history?_since=2024"), 400)
+    assert_outcome(loaded.get("/fhir/Observation/nope/_history"), 404)
+    paths = []
+    for name, bundle in (("instance", inst), ("type", whole)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(bundle), encoding="utf-8")
+    result = validate_fhir(paths)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ Accept and _format
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "application/fhir+json", "application/json",
+                                    "application/fhir+json; fhirVersion=4.0", "text/html,application/*;q=0.8"])
+def test_json_is_served_for_json_and_anything(loaded, accept) -> None:
+    headers = {"Accept": accept} if accept else {}
+    resp = loaded.get("/fhir/Patient", headers=headers)
+    assert resp.status_code == 200 and resp.mimetype == "application/fhir+json"
+
+
+@pytest.mark.parametrize("fmt", ["json", "application/json", "application/fhir+json"])
+def test_format_json_is_served(loaded, fmt) -> None:
+    assert loaded.get("/fhir/Patient", query_string={"_format": fmt}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient", "/fhir/metadata", "/fhir/Observation/_history"])
+@pytest.mark.parametrize("accept", ["application/fhir+xml", "application/xml", "text/html"])
+def test_xml_and_html_are_not_acceptable(loaded, path, accept) -> None:
+    body = assert_outcome(loaded.get(path, headers={"Accept": accept}), 406)
+    assert "application/fhir+json" in body["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("fmt", ["xml", "application/fhir+xml", "html", "text/html", "turtle"])
+def test_format_other_than_json_is_not_acceptable(loaded, fmt) -> None:
+    assert_outcome(loaded.get("/fhir/Patient", query_string={"_format": fmt}), 406)
+    # _format wins over Accept
+    ok = loaded.get("/fhir/Patient?_format=json", headers={"Accept": "application/fhir+xml"})
+    assert ok.status_code == 200
+
+
+# ------------------------------------------------------------------ gzip and CORS
+
+
+def test_large_answers_are_gzipped_for_clients_that_accept_it(loaded) -> None:
+    plain = loaded.get("/fhir/Observation")
+    assert "Content-Encoding" not in plain.headers
+    zipped = loaded.get("/fhir/Observation", headers={"Accept-Encoding": "gzip, deflate"})
+    assert zipped.headers["Content-Encoding"] == "gzip" and "Accept-Encoding" in zipped.headers["Vary"]
+    assert json.loads(gzip.decompress(zipped.data)) == plain.get_json()
+    small = loaded.get("/fhir/Observation?_count=0", headers={"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in small.headers  # under 1 KB: sent as it is
+
+
+def test_cors_is_off_by_default(loaded) -> None:
+    resp = loaded.get("/fhir/metadata", headers={"Origin": "https://app.example.org"})
+    assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+def test_cors_answers_the_configured_origins(settings, pipeline) -> None:
+    from gateway.api.app import create_app
+
+    app = create_app(replace(settings, cors_origins="https://app.example.org"), pipeline)
+    client = app.test_client()
+    ok = client.get("/fhir/metadata", headers={"Origin": "https://app.example.org"})
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+    other = client.get("/fhir/metadata", headers={"Origin": "https://evil.example.com"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    pre = client.options("/fhir/Observation", headers={"Origin": "https://app.example.org",
+                                                       "Access-Control-Request-Method": "GET",
+                                                       "Access-Control-Request-Headers": "Authorization"})
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+    assert client.get("/health", headers={"Origin": "https://app.example.org"}).headers.get(
+        "Access-Control-Allow-Origin") is None  # the FHIR API only
+
+
+# ------------------------------------------------------------------ POST _search
+
+
+def test_post_search_gives_the_same_results_as_get(loaded) -> None:
+    query = {"subject:Patient.identifier": "urn:oid:2.16.156.10011.1.3|511921196612120011", "_count": "1"}
+    got = loaded.get("/fhir/DiagnosticReport", query_string=query).get_json()
+    posted = loaded.post("/fhir/DiagnosticReport/_search", data=query)
+    assert posted.status_code == 200
+    assert posted.get_json() == got and got["total"] == 2
+    assert loaded.post("/fhir/Observation/_search", data={"_summary": "count"}).get_json()["total"] == \
+        loaded.get("/fhir/Observation?_summary=count").get_json()["total"]
+    body = assert_outcome(loaded.post("/fhir/Observation/_search", data={"colour": "red"}), 400)
+    assert body["issue"][0]["expression"] == ["colour"]
+    body = assert_outcome(loaded.post("/fhir/Observation/_search", data=b'{"code": "x"}',
+                                      content_type="application/json"), 415)
+    assert body["issue"][0]["expression"] == ["Content-Type"]
+    assert_outcome(loaded.post("/fhir/Medication/_search", data={"code": "x"}), 404)
+    assert_outcome(loaded.post("/fhir/Observation/_search", data={"_format": "xml"}), 406)
