@@ -139,6 +139,7 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
     read_timeout = 30.0
     first_byte_timeout = 10.0
     per_client = 100
+    next_channel_cleanup: float  # waitress's (set there); declared for the type checker
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.clients: dict[str, list[_Channel]] = {}  # open connections by client address, oldest first

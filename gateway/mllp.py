@@ -34,7 +34,8 @@ import logging
 import signal
 import socket
 import threading
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from hl7.mllp.exceptions import InvalidBlockError
 from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, MLLPStreamReader
@@ -64,7 +65,7 @@ class _Oversized(Exception):
 _HEAD_BYTES = 4096  # what is kept of an oversized frame to answer it (its MSH segment)
 
 
-class _Reader(MLLPStreamReader):
+class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type information
     """python-hl7's MLLP reader that can also wait for a message to begin without reading it."""
 
     #: Seconds a 0x1C may wait for its 0x0D before the frame is taken as ended.
@@ -260,7 +261,9 @@ class MLLPServer:
 
         def factory() -> asyncio.StreamReaderProtocol:
             reader = _Reader(limit=self.max_bytes)
-            return asyncio.StreamReaderProtocol(reader, self._client)
+            # the protocol hands _client the reader it was made with: always a _Reader
+            client = cast(Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], self._client)
+            return asyncio.StreamReaderProtocol(reader, client)
 
         if self.sock is not None:
             self.server = await loop.create_server(factory, sock=self.sock)

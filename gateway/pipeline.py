@@ -393,7 +393,7 @@ class Pipeline:
             for (unit, place), (outcome, recorded) in zip(worked, results):
                 outcomes[place] = outcome
                 if recorded:
-                    held.discard(outcome.record_id)  # type: ignore[arg-type]
+                    held.discard(outcome.record_id)
         finally:
             for record_id in held:  # not recorded: free at once for a resend or the next start
                 self._release(record_id)

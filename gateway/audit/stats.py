@@ -325,10 +325,10 @@ def compute(
             key = res.dims[dim]
             _count_into(t.groups[dim], key, _named(dim, key, res.names.get(dim, ""), names), res.outcome,
                         is_overridden)
-        for dims, groups in crosses.items():
+        for dims, cells in crosses.items():
             key = "|".join(res.dims[d] for d in dims)
             name = " / ".join(_named(d, res.dims[d], res.names.get(d, ""), names) for d in dims if d != "month")
-            _count_into(groups, key, name.strip(" /"), res.outcome, is_overridden)
+            _count_into(cells, key, name.strip(" /"), res.outcome, is_overridden)
         if res.outcome == "not-recognized":
             t.refused_results += 1
             for rule in {r["id"] for r in res.rules if r.get("passed") is False}:

@@ -174,7 +174,7 @@ def _nice(top: int) -> int:
     """The axis maximum for counts up to ``top``: 1, 2, 5, 10, 20, 50, …"""
     if top <= 1:
         return 1
-    power = 10 ** int(math.floor(math.log10(top)))
+    power: int = 10 ** int(math.floor(math.log10(top)))  # int ** int is typed Any (a negative power is a float)
     for step in (1, 2, 5, 10):
         if step * power >= top:
             return step * power

@@ -17,12 +17,13 @@ import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import urlencode
 
 import sqlite_utils
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
 
 from gateway import auth
 from gateway.audit import checkpoint as checkpoints
@@ -92,7 +93,7 @@ def _problem(status: int, title: str, detail: str) -> Response:
 
 
 @bp.before_request
-def _session() -> Response | None:
+def _session() -> BaseResponse | None:
     """Find the console session; a visitor without one goes to the log-in page (never a raw 401)."""
     g.console = None
     if request.endpoint in _OPEN:
@@ -145,7 +146,7 @@ def _unexpected(exc: Exception) -> Response:
 @bp.app_template_global()
 def csrf_token() -> str:
     """The CSRF token forms of this page carry."""
-    return g.console.csrf if g.get("console") else g.get("login_csrf", "")
+    return cast(str, g.console.csrf if g.get("console") else g.get("login_csrf", ""))
 
 
 @bp.app_template_global()
@@ -206,7 +207,7 @@ def _safe_next(value: str | None) -> str:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> Response:
+def login() -> BaseResponse:
     """The log-in form; a wrong password, a locked account or a system account get a clear message."""
     token = request.cookies.get(LOGIN_COOKIE, "")
     message, status = "", 200
@@ -237,7 +238,7 @@ def login() -> Response:
 
 
 @bp.post("/logout")
-def logout() -> Response:
+def logout() -> BaseResponse:
     """End the session (audited) and go back to the log-in page."""
     with _db() as db:
         auth.console_logout(db, request.cookies.get(COOKIE, ""), at=_now(), gateway=_gateway(), address=_address())
@@ -275,7 +276,10 @@ def _health() -> dict[str, Any]:
         return {"status": "unknown", "checks": {}}
     try:
         answer = view()
-        return json.loads(answer.get_data(as_text=True))  # type: ignore[no-any-return]
+        if not isinstance(answer, BaseResponse):
+            raise TypeError(f"health answered {type(answer).__name__}, not a response")
+        health: dict[str, Any] = json.loads(answer.get_data(as_text=True))
+        return health
     except Exception as exc:  # the overview must show, even when a check cannot run
         log.warning("health could not be read for the console (%s)", type(exc).__name__)
         return {"status": "unknown", "checks": {}}
@@ -421,7 +425,7 @@ def message_raw(record_id: int) -> Response:
 
 
 @bp.post("/messages/<int:record_id>/retry")
-def message_retry(record_id: int) -> Response:
+def message_retry(record_id: int) -> BaseResponse:
     """Work a failed message again (admin; audited by the pipeline with the admin's name)."""
     principal = _admin()
     outcome = _pipeline().retry(record_id, f"console:{principal.name}")
@@ -473,7 +477,7 @@ def exchange() -> Response:
                  names=_member_names())
 
 
-def _outbox_action(row_id: int, action: Literal["outbox-retry", "outbox-replay"]) -> Response:
+def _outbox_action(row_id: int, action: Literal["outbox-retry", "outbox-replay"]) -> BaseResponse:
     _admin()
     box = _outbox()
     (box.retry if action == "outbox-retry" else box.replay)(row_id)
@@ -483,13 +487,13 @@ def _outbox_action(row_id: int, action: Literal["outbox-retry", "outbox-replay"]
 
 
 @bp.post("/outbox/<int:row_id>/retry")
-def outbox_retry(row_id: int) -> Response:
+def outbox_retry(row_id: int) -> BaseResponse:
     """Put a dead (or waiting) delivery back to be sent now (admin; audited)."""
     return _outbox_action(row_id, "outbox-retry")
 
 
 @bp.post("/outbox/<int:row_id>/replay")
-def outbox_replay(row_id: int) -> Response:
+def outbox_replay(row_id: int) -> BaseResponse:
     """Send a delivered payload again (admin; audited)."""
     return _outbox_action(row_id, "outbox-replay")
 
@@ -508,13 +512,14 @@ def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str
     :raises InvalidSearch: a date that is not one.
     """
     tz = query.parse_offset(_settings().timezone)
-    dates, argv = [], []
+    dates: list[tuple[query.DateRange, ...]] = []
+    argv: list[str] = []
     for name, prefix in (("from", "ge"), ("to", "le")):
         value = (args.get(name) or "").strip()
         if value:
             dates.append((query.parse_date(prefix + value, tz, name=name),))
             argv.append(f"--date {prefix}{value}")
-    chosen = {k: args[k].strip() for k in stats.SELECTABLE if (args.get(k) or "").strip()}
+    chosen: dict[str, str] = {k: args[k].strip() for k in stats.SELECTABLE if (args.get(k) or "").strip()}
     argv += [f"--{k} {v}" for k, v in sorted(chosen.items())]
     return dates, chosen, argv
 
