@@ -15,6 +15,7 @@ the settings' ``profiles_dir``; a broken guide stops the app with ConfigError.
 """
 from __future__ import annotations
 
+import typing
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,7 +24,8 @@ from flask.blueprints import BlueprintSetupState
 
 from gateway import jsonutil
 from gateway.api.errors import outcome_response
-from gateway.errors import InputError, InvalidSearch, NotFound, ParseError
+from gateway.auth import require_role
+from gateway.errors import InputError, InvalidSearch, Issue, NotFound, ParseError, shown
 from gateway.fhir.profiles import CONFORMANCE_TYPES, Guide, load_guide
 
 __all__ = ["bp", "guide_of", "capability_resources", "supported_profiles"]
@@ -128,6 +130,96 @@ def validate(rtype: str) -> Response:
     guide = guide_of(current_app)
     if rtype not in guide.resource_types:
         raise NotFound("is not an R4 resource type", rtype)
+    return _validate_posted(guide, rtype, None)
+
+
+@bp.route("/<rtype>/<rid>/$validate", methods=["GET", "POST"])
+@require_role("submitter", "admin")
+def validate_instance(rtype: str, rid: str) -> Response:
+    """``$validate`` of one resource: the stored one (``GET``), or the posted one meant to replace it (``POST``).
+
+    :raises NotFound: a type the gateway does not store, or (``GET``) no such resource.
+    :raises InputError: (``POST``) as for the type level, or a resource with another id.
+    """
+    from gateway.api.app import pipeline_of
+    from gateway.fhir.search import SEARCH_PARAMS
+
+    if rtype not in SEARCH_PARAMS:
+        raise NotFound(f"is not a resource type stored here (stored: {', '.join(sorted(SEARCH_PARAMS))})",
+                       rtype[:60])
+    guide = guide_of(current_app)
+    if request.method == "POST":
+        return _validate_posted(guide, rtype, rid)
+    resource = pipeline_of(current_app).store.read(rtype, rid)
+    return outcome_response(_issues(guide, resource, request.args.getlist("profile")), 200)
+
+
+def _issues(guide: Guide, resource: Any, profiles: list[str]) -> list[Issue]:
+    """Every issue of a resource: the guide's checks (base shape, our profiles) and base R4's required bindings."""
+    issues = guide.validate(resource, profiles)
+    return issues + [issue for issue in base_binding_issues(resource) if issue not in issues]
+
+
+def base_binding_issues(resource: Any) -> list[Issue]:
+    """Codes outside the value set a required binding of base FHIR names (``Patient.gender`` ``bogus``).
+
+    The code lists are those of the ``fhir.resources`` R4B models, the same as R4's for the types this
+    gateway stores; codes in ``Coding`` and ``CodeableConcept`` are left to our profiles.
+    """
+    from fhir.resources.R4B import get_fhir_model_class
+
+    found: list[Issue] = []
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        return found
+    try:
+        model = get_fhir_model_class(resource["resourceType"])
+    except (KeyError, ValueError, AttributeError, ImportError):
+        return found
+    _walk_bindings(model, resource, resource["resourceType"], found, 0)
+    return found
+
+
+def _walk_bindings(model: Any, data: dict[str, Any], loc: str, found: list[Issue], depth: int) -> None:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    if depth > 20:
+        return
+    fields = getattr(model, "model_fields", {})
+    for key, value in data.items():
+        info = fields.get(key)
+        if info is None:
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        allowed = extra.get("enum_values")
+        items = value if isinstance(value, list) else [value]
+        for n, item in enumerate(items):
+            where = f"{loc}.{key}" + (f"[{n}]" if isinstance(value, list) else "")
+            if allowed and isinstance(item, str) and item not in allowed:
+                found.append(Issue("error", "code-invalid", where,
+                                   f"{shown(item)} is not in the required value set of {loc.split('[')[0]}."
+                                   f"{key} (allowed: {', '.join(allowed)})"))
+            elif isinstance(item, dict):
+                names = [a.__name__ for a in _leaf_types(info.annotation) if hasattr(a, "__name__")]
+                name = next((t.removesuffix("Type") for t in names if t.endswith("Type")), None)
+                if name is None:
+                    continue
+                try:
+                    inner = get_fhir_model_class(name)
+                except (KeyError, ValueError, AttributeError, ImportError):
+                    continue
+                _walk_bindings(inner, item, where, found, depth + 1)
+
+
+def _leaf_types(annotation: Any) -> list[Any]:
+    """The types an annotation names, unwrapped from Optional, List and the like."""
+    args = typing.get_args(annotation)
+    if not args:
+        return [annotation]
+    return [leaf for arg in args for leaf in _leaf_types(arg)]
+
+
+def _validate_posted(guide: Guide, rtype: str, rid: str | None) -> Response:
+    """The issues of the posted resource, or of the ``resource`` parameter of a posted ``Parameters``."""
     payload = _parse_body()
     profiles = request.args.getlist("profile")
     resource = payload
@@ -147,7 +239,9 @@ def validate(rtype: str) -> Response:
     posted = resource.get("resourceType") if isinstance(resource, dict) else None
     if isinstance(posted, str) and posted != rtype:
         raise InputError(f"is {posted!r}, but this is {rtype}/$validate", "resourceType")
-    return outcome_response(guide.validate(resource, profiles), 200)
+    if rid is not None and isinstance(resource, dict) and resource.get("id") not in (None, rid):
+        raise InputError(f"is {shown(str(resource.get('id')))}, but this is {rtype}/{rid}/$validate", "id")
+    return outcome_response(_issues(guide, resource, profiles), 200)
 
 
 # ------------------------------------------------------------------ for the CapabilityStatement

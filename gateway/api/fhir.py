@@ -6,8 +6,10 @@ for DiagnosticReport, Observation, Patient, Organization and Specimen.
 Search supports the chained patient identifier (``patient.identifier``,
 ``subject:Patient.identifier``), ``code``, ``date`` with prefixes and more
 (see ``gateway.fhir.search``), ``_count`` with next links, ``_count=0`` and
-``_summary=count`` for the total alone. Unknown parameters are refused with
-400 unless the client sends ``Prefer: handling=lenient``.
+``_summary=count`` for the total alone, ``_include``/``_revinclude`` of the
+references our Bundles carry, ``_sort`` by date parameters, ``_lastUpdated``,
+``Patient?name/family/given`` and ``_elements``. Unknown parameters are refused
+with 400 unless the client sends ``Prefer: handling=lenient``.
 
 Every answer under ``/fhir`` is JSON: ``Accept`` and ``_format`` asking for
 anything else (XML, HTML) get 406. Reads carry ``ETag`` and ``Last-Modified``
@@ -35,7 +37,7 @@ from gateway.api.app import pipeline_of
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON
 from gateway.errors import InvalidSearch, NotFound, shown
-from gateway.fhir.search import PARAM_ALIASES, SEARCH_PARAMS
+from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -47,7 +49,13 @@ _WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 #: Interactions every result type answers (CapabilityStatement ``rest.resource.interaction``).
 _INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
-_CONTROL = {"_count", "_offset", "_format", "_summary"}
+_CONTROL = {"_count", "_offset", "_format", "_summary", "_include", "_revinclude", "_sort", "_elements"}
+_MAX_INCLUDED = 1000  # resources one searchset page adds by _include and _revinclude
+#: Elements a resource keeps whatever ``_elements`` asks: its identity and the elements R4 requires of it.
+_MANDATORY = {"DiagnosticReport": ("status", "code"), "Observation": ("status", "code")}
+_SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
+              "display": "subsetted"}
+_ELEMENT = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
 #: What ``_format`` and ``Accept`` may name for the JSON this server speaks (parameters such as
 #: ``fhirVersion=4.0`` aside).
 _JSON_FORMATS = ("json", "application/json", "application/fhir+json")
@@ -163,6 +171,12 @@ def metadata() -> Response:
                 for name, kind in sorted(params.items()) if name != "_id"
             ],
         }
+        if INCLUDES.get(rtype):
+            entry["searchInclude"] = [f"{rtype}:{name}" for name in INCLUDES[rtype]]
+        revinclude = [f"{source}:{name}" for source, names in INCLUDES.items()
+                      for name, target in names.items() if target == rtype]
+        if revinclude:
+            entry["searchRevInclude"] = revinclude
         if rtype in profiles:
             entry["supportedProfile"] = profiles[rtype]
         resources.append(entry)
@@ -178,6 +192,11 @@ def metadata() -> Response:
             entry.setdefault("operation", []).extend(extra.get("operation", []))
         else:
             resources.append(extra)
+    from gateway.api.conformance import _VALIDATE_OPERATION
+
+    for entry in resources:  # $validate, type and instance level, for every type stored here
+        if entry["type"] in SEARCH_PARAMS and not any(o["name"] == "validate" for o in entry.get("operation", [])):
+            entry.setdefault("operation", []).append({"name": "validate", "definition": _VALIDATE_OPERATION})
     cap = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -416,13 +435,19 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
             raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken",
                                 name[:_MAX_NAME])
     params = [(k, v) for k, v in params if len(k) <= _MAX_NAME]  # (lenient: a name no parameter has is ignored)
-    result = pipeline_of(current_app).store.search(rtype, params, count=count, offset=offset, strict=not lenient)
+    sort = _sort_of(args)
+    store = pipeline_of(current_app).store
+    result = store.search(rtype, params, count=count, offset=offset, strict=not lenient, sort=sort)
+    included = _included(rtype, args, result.resources)
+    elements = _elements_of(rtype, args)
     if result.resources:
-        _audit_reads(result.resources, request.query_string.decode("utf-8", "replace") if request.method == "GET"
-                     else urlencode(list(args.items(multi=True))))
+        _audit_reads(result.resources + included, request.query_string.decode("utf-8", "replace")
+                     if request.method == "GET" else urlencode(list(args.items(multi=True))))
     base = request.url_root.rstrip("/") + "/fhir"
     known = SEARCH_PARAMS[rtype]
-    kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known]
+    kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known
+            or known.get(k.partition(":")[0]) == "string"]  # (with a modifier: :exact, :contains)
+    kept += [(k, v) for k in ("_include", "_revinclude", "_sort", "_elements") for v in args.getlist(k)]
 
     def link(off: int) -> str:
         paging = [("_summary", "count")] if summary else [("_count", str(count)), ("_offset", str(off))]
@@ -435,9 +460,106 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
         links.append({"relation": "previous", "url": link(max(0, offset - count))})
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": result.total, "link": links}
     if result.resources:
-        bundle["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+        bundle["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}",
+                            "resource": r if elements is None else _subset(r, elements),
                             "search": {"mode": "match"}} for r in result.resources]
+        bundle["entry"] += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+                             "search": {"mode": "include"}} for r in included]
     return fhir_response(bundle)
+
+
+def _elements_of(rtype: str, args: MultiDict[str, str]) -> set[str] | None:
+    """The elements ``_elements=code,valueQuantity`` asks for (``Observation.code`` also taken); None: all.
+
+    :raises InvalidSearch: not an element name.
+    """
+    values = args.getlist("_elements")
+    if not values:
+        return None
+    names: set[str] = set()
+    for value in values:
+        for part in value.split(","):
+            name = part.strip().removeprefix(f"{rtype}.")
+            if not _ELEMENT.fullmatch(name):
+                raise InvalidSearch(f"_elements: {shown(part)} is not an element name of {rtype} "
+                                    "(e.g. _elements=code,valueQuantity)", "_elements")
+            names.add(name)
+    return names
+
+
+def _subset(res: dict[str, Any], elements: set[str]) -> dict[str, Any]:
+    """The resource with only the elements asked for and the mandatory ones, marked SUBSETTED (R4 ``_elements``)."""
+    keep = elements | {"resourceType", "id", "meta", *_MANDATORY.get(res["resourceType"], ())}
+    subset = {k: v for k, v in res.items() if k in keep}
+    meta = dict(subset.get("meta", {}))
+    meta["tag"] = [*meta.get("tag", []), _SUBSETTED]
+    subset["meta"] = meta
+    return subset
+
+
+def _sort_of(args: MultiDict[str, str]) -> list[tuple[str, bool]]:
+    """``_sort=-date,issued`` -> [("date", True), ("issued", False)] (``-`` for newest first)."""
+    keys: list[tuple[str, bool]] = []
+    for value in args.getlist("_sort"):
+        for part in value.split(","):
+            name = part.strip()
+            if not name or name == "-":
+                raise InvalidSearch(f"_sort={shown(value)} names no parameter (e.g. _sort=-date)", "_sort")
+            keys.append((name.lstrip("-"), name.startswith("-")))
+    return keys
+
+
+def _include_spec(param: str, value: str) -> tuple[str, str, str | None]:
+    """``Source:element[:Target]`` of an ``_include`` or ``_revinclude`` value, checked against what we follow.
+
+    :raises InvalidSearch: not of that form, or a reference the gateway does not follow.
+    """
+    parts = value.split(":")
+    followed = ", ".join(f"{source}:{name}" for source, names in INCLUDES.items() for name in names)
+    if len(parts) not in (2, 3) or parts[1] not in INCLUDES.get(parts[0], {}):
+        raise InvalidSearch(f"{param}={shown(value)} is not supported (supported: {followed})", param,
+                            code="not-supported")
+    target = parts[2] if len(parts) == 3 else None
+    if target is not None and target != INCLUDES[parts[0]][parts[1]]:
+        raise InvalidSearch(f"{param}={shown(value)}: {parts[0]}.{parts[1]} names a "
+                            f"{INCLUDES[parts[0]][parts[1]]}, not {shown(target)}", param, code="not-supported")
+    return parts[0], parts[1], target
+
+
+def _included(rtype: str, args: MultiDict[str, str], matches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources ``_include`` and ``_revinclude`` add to a page of matches, each once, matches left out.
+
+    :raises InvalidSearch: an ``_include`` of another type's reference, or a reference the gateway does not follow.
+    """
+    store = pipeline_of(current_app).store
+    seen = {(r["resourceType"], r["id"]) for r in matches}
+    found: list[dict[str, Any]] = []
+
+    def add(resources: list[dict[str, Any]]) -> None:
+        for res in resources:
+            key = (res["resourceType"], res["id"])
+            if key not in seen and len(found) < _MAX_INCLUDED:
+                seen.add(key)
+                found.append(res)
+
+    for value in args.getlist("_include"):
+        source, element, _ = _include_spec("_include", value)
+        if source != rtype:
+            raise InvalidSearch(f"_include={shown(value)} follows a reference of {source}, but this search finds "
+                                f"{rtype}", "_include", code="not-supported")
+        refs: list[str] = []
+        for res in matches:
+            held = res.get(element)
+            for ref in held if isinstance(held, list) else [held]:
+                if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"] not in refs:
+                    refs.append(ref["reference"])
+        add(store.read_many(refs))
+    for value in args.getlist("_revinclude"):
+        source, element, _ = _include_spec("_revinclude", value)
+        if INCLUDES[source][element] != rtype or not matches:
+            continue  # it names no resource of this type: nothing to add
+        add(store.referencing(source, element, [f"{rtype}/{r['id']}" for r in matches], _MAX_INCLUDED))
+    return found
 
 
 __all__ = ["bp", "fhir_response", "FHIR_JSON"]

@@ -27,6 +27,7 @@ __all__ = [
     "parse_date_query",
     "parse_token_query",
     "SEARCH_PARAMS",
+    "INCLUDES",
     "PARAM_ALIASES",
     "index_resource",
     "date_matches_sql",
@@ -175,9 +176,21 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
         "patient": "reference", "patient.identifier": "token",
         "performer.identifier": "token",
     },
-    "Patient": {"_id": "token", "identifier": "token", "gender": "token", "birthdate": "date"},
+    "Patient": {"_id": "token", "identifier": "token", "gender": "token", "birthdate": "date",
+                "name": "string", "family": "string", "given": "string"},
     "Organization": {"_id": "token", "identifier": "token"},
     "Specimen": {"_id": "token", "identifier": "token", "patient": "reference", "patient.identifier": "token"},
+}
+
+for _params in SEARCH_PARAMS.values():  # when the gateway last stored each resource (``meta.lastUpdated``)
+    _params["_lastUpdated"] = "date"
+
+#: References ``_include`` follows and ``_revinclude`` follows back: source type -> element -> type it names.
+INCLUDES: dict[str, dict[str, str]] = {
+    "DiagnosticReport": {"subject": "Patient", "result": "Observation", "specimen": "Specimen",
+                         "performer": "Organization"},
+    "Observation": {"subject": "Patient", "specimen": "Specimen", "performer": "Organization"},
+    "Specimen": {"subject": "Patient"},
 }
 
 #: Other spellings of the same parameter (chained search on the subject).
@@ -188,6 +201,10 @@ PARAM_ALIASES = {
     "subject:Patient": "patient",
     "subject": "patient",  # every subject the gateway stores is a Patient
     "performer:Organization.identifier": "performer.identifier",
+    # the R4 :identifier modifier: the identifier of the resource the reference names
+    "subject:identifier": "patient.identifier",
+    "patient:identifier": "patient.identifier",
+    "performer:identifier": "performer.identifier",
 }
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sqlite3
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources as _resources
@@ -541,16 +542,28 @@ class Store:
         return SearchResult(total, [dict(jsonutil.loads(r[0])) for r in rows])
 
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = 20, offset: int = 0,
-               strict: bool = True) -> SearchResult:
+               strict: bool = True, sort: list[tuple[str, bool]] | None = None) -> SearchResult:
         """Resources of ``rtype`` matching every parameter (values within one parameter are ORed).
 
-        :raises InvalidSearch: unknown parameter (when strict) or a malformed value, located at the parameter.
+        ``sort`` orders them by date parameters, each ``(name, descending)``, the first one first
+        (resources without the date last); without it the latest updated come first.
+
+        :raises InvalidSearch: unknown parameter (when strict), a malformed value or a parameter that cannot
+            sort, located at the parameter.
         """
         known = SEARCH_PARAMS.get(rtype, {})
         clauses: list[str] = []
         args: list[Any] = []
+        self.db.conn.create_function("fhir_fold", 1, fold_string, deterministic=True)
+        self.db.conn.create_function("fhir_starts", 2, str.startswith, deterministic=True)
         for raw_name, value in params:
             name = PARAM_ALIASES.get(raw_name, raw_name)
+            modifier = ""
+            if ":" in name and known.get(name.partition(":")[0]) == "string":
+                name, _, modifier = name.partition(":")
+                if modifier not in ("exact", "contains"):
+                    raise InvalidSearch(f"modifier :{modifier[:20]!r} is not supported for {name} (supported: "
+                                        ":exact, :contains)", raw_name, code="not-supported")
             kind = known.get(name)
             if kind is None:
                 if strict:
@@ -564,7 +577,15 @@ class Store:
                 args += ids
                 continue
             for part in value.split(","):
-                if kind == "date":
+                if name == "_lastUpdated":  # the resources table's own column, an instant to the millisecond
+                    q = parse_date_query(part, raw_name)
+                    cond, cargs = date_matches_sql(q, _UPDATED_EPOCH, f"({_UPDATED_EPOCH} + 0.0005)")
+                    ors.append(cond)
+                    args += cargs
+                elif kind == "string":
+                    ors.append(_string_match(name, modifier))
+                    args.append(part if modifier == "exact" else fold_string(part))
+                elif kind == "date":
                     q = parse_date_query(part, raw_name)
                     cond, cargs = date_matches_sql(q)
                     ors.append(f"rid IN (SELECT res FROM search_date WHERE type = ? AND param = ? AND {cond})")
@@ -592,14 +613,87 @@ class Store:
             clauses.append("(" + " OR ".join(ors) + ")")
         where = " AND ".join(["type = ?"] + clauses)
         total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]
-        rows = self.db.query(f"SELECT json FROM resources WHERE {where} ORDER BY last_updated DESC, id"
-                             " LIMIT ? OFFSET ?", [rtype, *args, count, offset])
+        order: list[str] = []
+        order_args: list[Any] = []
+        for name, descending in sort or []:
+            if known.get(name) != "date":
+                raise InvalidSearch(f"_sort by {name!r} is not supported for {rtype} (supported: "
+                                    f"{', '.join(sorted(n for n, k in known.items() if k == 'date'))})", "_sort",
+                                    code="not-supported")
+            if name == "_lastUpdated":
+                key = _UPDATED_EPOCH
+            else:
+                key = ("(SELECT min(lo) FROM search_date d WHERE d.type = ? AND d.param = ? "
+                       "AND d.res = resources.rid)")
+                order_args += [rtype, name]
+            order.append(f"{key} IS NULL, {key} {'DESC' if descending else 'ASC'}")
+            if name != "_lastUpdated":
+                order_args += [rtype, name]
+        order += ["last_updated DESC", "id"] if not order else ["id"]
+        rows = self.db.query(f"SELECT json FROM resources WHERE {where} ORDER BY {', '.join(order)}"
+                             " LIMIT ? OFFSET ?", [rtype, *args, *order_args, count, offset])
         return SearchResult(int(total), [dict(jsonutil.loads(r["json"])) for r in rows])
+
+    def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]:
+        """Resources of ``rtype`` whose reference element ``path`` (one or a list) names any of ``references``.
+
+        At most ``limit`` of them, in the order they were first stored.
+        """
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(references), 500):
+            chunk = references[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.conn.execute(
+                "SELECT r.json FROM resources r WHERE r.type = ? AND (json_extract(r.json, ?) IN "
+                f"({marks}) OR EXISTS (SELECT 1 FROM json_each(r.json, ?) e WHERE CASE WHEN e.type = 'object' "
+                f"THEN json_extract(e.value, '$.reference') END IN ({marks}))) ORDER BY r.rid LIMIT ?",
+                [rtype, f"$.{path}.reference", *chunk, f"$.{path}", *chunk, limit - len(found)])
+            found += [dict(jsonutil.loads(text)) for (text,) in rows]
+            if len(found) >= limit:
+                break
+        return found
+
+    def read_many(self, references: list[str]) -> list[dict[str, Any]]:
+        """The current versions of the resources ``references`` name (``Type/id``); unknown ones are left out."""
+        keys = [(ref.partition("/")[0], ref.partition("/")[2]) for ref in references if "/" in ref]
+        found = self._current(keys)
+        return [dict(jsonutil.loads(found[key][4])) for key in keys if key in found]
 
     def iter_resources(self, rtype: str) -> Iterator[dict[str, Any]]:
         for row in self.db.query("SELECT json FROM resources WHERE type = ? ORDER BY id", [rtype]):
             yield dict(jsonutil.loads(row["json"]))
 
+
+#: Where each string parameter looks in a HumanName (``json_tree`` rows of one ``name``: path, key).
+_NAME_PARTS = {
+    "family": "(t.path = '$' AND t.key = 'family')",
+    "given": "t.path = '$.given'",
+    "name": "((t.path = '$' AND t.key IN ('family', 'text')) OR t.path IN ('$.given', '$.prefix', '$.suffix'))",
+}
+
+
+def _string_match(param: str, modifier: str) -> str:
+    """SQL condition: a name part of the resource matches one value (``?``) as a FHIR string search does.
+
+    Plain: starts with the value, ignoring case and accents (the value given folded by :func:`fold_string`);
+    ``:contains``: holds it anywhere, likewise; ``:exact``: equals it, case and accents included.
+    """
+    test = {"exact": "t.atom = ?", "contains": "instr(fhir_fold(t.atom), ?) > 0"}.get(
+        modifier, "fhir_starts(fhir_fold(t.atom), ?)")
+    return ("EXISTS (SELECT 1 FROM json_each(resources.json, '$.name') n, json_tree(CASE WHEN n.type = 'object' "
+            f"THEN n.value ELSE '{{}}' END) t WHERE t.type = 'text' AND {_NAME_PARTS[param]} AND {test})")
+
+
+def fold_string(value: str) -> str:
+    """A string as FHIR string search compares it: lower case, accents and other marks removed."""
+    decomposed = unicodedata.normalize("NFKD", value)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+#: ``resources.last_updated`` in epoch seconds (SQL), for ``_lastUpdated`` searches and sorting: a tenth of a
+#: millisecond into the millisecond it names, so that rounding never moves it into a neighbouring one.
+_UPDATED_EPOCH = ("(CAST(strftime('%s', last_updated) AS REAL) + CASE WHEN substr(last_updated, 20, 1) = '.' "
+                  "THEN CAST(substr(last_updated, 21, 3) AS REAL) / 1000.0 ELSE 0 END + 0.0001)")
 
 #: A stored resource's JSON text and its search index rows: (text, [(param, system, code)], [(param, lo, hi)]).
 _Rows = tuple[str, list[tuple[str, str, str]], list[tuple[str, float, float]]]

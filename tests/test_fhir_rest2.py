@@ -1,0 +1,267 @@
+"""FHIR REST conventions: _include and _revinclude, _sort and _lastUpdated."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import validate_fhir
+from test_api import assert_outcome
+from test_fhir_rest import CORRECTED, UTF8
+
+
+@pytest.fixture
+def loaded(client, clock):
+    """A client of a gateway holding one report, and the report's ALT Observation corrected a minute later."""
+    assert client.post("/ingest/hl7v2", data=UTF8).status_code == 200
+    clock.advance(minutes=1)
+    assert client.post("/ingest/hl7v2", data=CORRECTED).status_code == 200
+    return client
+
+
+def _entries(bundle: dict, mode: str) -> list[dict]:
+    return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode]
+
+
+# ------------------------------------------------------------------ _include, _revinclude
+
+
+def test_report_with_its_observations_patient_and_specimen_in_one_call(loaded) -> None:
+    resp = loaded.get("/fhir/DiagnosticReport?_include=DiagnosticReport:subject&_include=DiagnosticReport:result"
+                      "&_include=DiagnosticReport:specimen:Specimen&_include=DiagnosticReport:performer")
+    assert resp.status_code == 200
+    bundle = resp.get_json()
+    validate_fhir(bundle)
+    reports = _entries(bundle, "match")
+    assert bundle["total"] == len(reports)  # included resources are not counted
+    included = {f"{r['resourceType']}/{r['id']}" for r in _entries(bundle, "include")}
+    wanted = {ref["reference"] for report in reports
+              for ref in [report["subject"], *report["result"], *report.get("specimen", []),
+                          *report.get("performer", [])]}
+    assert included == wanted
+    assert any(k.startswith("Observation/") for k in included) and any(k.startswith("Patient/") for k in included)
+    assert len(bundle["entry"]) == len(reports) + len(included)  # each resource once
+    self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
+    assert "_include=DiagnosticReport%3Asubject" in self_link
+
+
+def test_revinclude_finds_what_refers_to_the_matches(loaded) -> None:
+    patient = loaded.get("/fhir/Patient").get_json()["entry"][0]["resource"]
+    bundle = loaded.get(f"/fhir/Patient?_id={patient['id']}&_revinclude=Observation:subject"
+                        "&_revinclude=DiagnosticReport:subject").get_json()
+    validate_fhir(bundle)
+    assert [r["id"] for r in _entries(bundle, "match")] == [patient["id"]]
+    included = _entries(bundle, "include")
+    observations = loaded.get("/fhir/Observation?_count=50").get_json()
+    assert {r["id"] for r in included if r["resourceType"] == "Observation"} == {
+        e["resource"]["id"] for e in observations["entry"]}
+    assert [r["resourceType"] for r in included].count("DiagnosticReport") == 2  # and its correction
+    assert all(r["subject"]["reference"] == f"Patient/{patient['id']}" for r in included)
+    # a report whose result is one Observation, from that Observation
+    alt = included[0]
+    back = loaded.get(f"/fhir/Observation?_id={alt['id']}&_revinclude=DiagnosticReport:result").get_json()
+    [report] = _entries(back, "include")
+    assert f"Observation/{alt['id']}" in {r["reference"] for r in report["result"]}
+    # nothing refers to an unknown patient, and a revinclude of another target adds nothing
+    none = loaded.get("/fhir/Patient?_id=nobody&_revinclude=Observation:subject").get_json()
+    assert none["total"] == 0 and "entry" not in none
+    other = loaded.get("/fhir/Patient?_revinclude=DiagnosticReport:result").get_json()
+    assert _entries(other, "include") == []
+
+
+@pytest.mark.parametrize("query", ["_include=DiagnosticReport:subject",  # another type's reference
+                                   "_include=Observation:code", "_include=*", "_include=Observation",
+                                   "_include=Observation:subject:Organization", "_revinclude=Patient:link",
+                                   "_include:iterate=Observation:subject"])
+def test_include_of_what_is_not_followed_is_refused(loaded, query) -> None:
+    resp = loaded.get(f"/fhir/Observation?{query}")
+    assert_outcome(resp, 400)
+    assert query.split("=")[0].split(":")[0] in resp.get_data(as_text=True)
+
+
+def test_capability_statement_declares_includes(loaded, anon) -> None:
+    cap = anon.get("/fhir/metadata").get_json()
+    by_type = {r["type"]: r for r in cap["rest"][0]["resource"]}
+    assert "DiagnosticReport:result" in by_type["DiagnosticReport"]["searchInclude"]
+    assert "Observation:subject" in by_type["Patient"]["searchRevInclude"]
+    assert "DiagnosticReport:result" in by_type["Observation"]["searchRevInclude"]
+    for rtype, entry in by_type.items():
+        for value in entry.get("searchInclude", []):
+            assert loaded.get(f"/fhir/{rtype}", query_string={"_include": value}).status_code == 200
+        for value in entry.get("searchRevInclude", []):
+            assert loaded.get(f"/fhir/{rtype}", query_string={"_revinclude": value}).status_code == 200
+    assert {"name": "_lastUpdated", "type": "date"} in by_type["Observation"]["searchParam"]
+    assert {"name": "family", "type": "string"} in by_type["Patient"]["searchParam"]
+    assert [o["name"] for o in by_type["Patient"]["operation"]] == ["validate"]
+
+
+# ------------------------------------------------------------------ _sort, _lastUpdated
+
+
+def test_sort_by_last_updated_both_ways(loaded) -> None:
+    up = loaded.get("/fhir/Observation?_count=50&_sort=_lastUpdated").get_json()
+    stamps = [e["resource"]["meta"]["lastUpdated"] for e in up["entry"]]
+    assert stamps == sorted(stamps) and stamps[0] != stamps[-1]  # the corrected ALT is the latest
+    down = loaded.get("/fhir/Observation?_count=50&_sort=-_lastUpdated").get_json()
+    assert [e["resource"]["meta"]["lastUpdated"] for e in down["entry"]] == sorted(stamps, reverse=True)
+    assert down["entry"][0]["resource"]["valueQuantity"]["value"] == 38
+
+
+def test_sort_by_date_orders_and_pages(loaded, client, clock) -> None:
+    clock.advance(minutes=1)
+    later = (UTF8.replace(b"TJ2405200099", b"TJ2406210099").replace(b"O240520", b"O240621")
+             .replace(b"R240520", b"R240621").replace(b"S240520", b"S240621").replace(b"20240520", b"20240621"))
+    assert client.post("/ingest/hl7v2", data=later).status_code == 200
+    for key in ("date", "issued"):
+        down = loaded.get(f"/fhir/DiagnosticReport?_sort=-{key}").get_json()
+        field = "effectiveDateTime" if key == "date" else "issued"
+        values = [e["resource"][field] for e in down["entry"]]
+        assert len(values) == 4 and values[0] > values[-1] and values == sorted(values, reverse=True), values
+        up = loaded.get(f"/fhir/DiagnosticReport?_sort={key}&_count=2").get_json()
+        assert [e["resource"][field] for e in up["entry"]] == values[:1:-1]
+        following = next(link["url"] for link in up["link"] if link["relation"] == "next")
+        assert f"_sort={key}" in following
+        page2 = loaded.get("/fhir" + following.split("/fhir", 1)[1]).get_json()
+        assert [e["resource"][field] for e in page2["entry"]] == values[1::-1]
+    # by the report date, then the latest stored first
+    both = loaded.get("/fhir/DiagnosticReport?_sort=-date,-_lastUpdated").get_json()
+    assert both["entry"][0]["resource"]["effectiveDateTime"].startswith("2024-06-21")
+
+
+@pytest.mark.parametrize("query", ["_sort=code", "_sort=bogus", "_sort=", "_sort=-"])
+def test_sort_by_what_is_not_indexed_as_a_date_is_refused(loaded, query) -> None:
+    resp = loaded.get(f"/fhir/Observation?{query}")
+    assert_outcome(resp, 400)
+    assert "_sort" in resp.get_data(as_text=True)
+
+
+def test_last_updated_searches_as_a_date(loaded) -> None:
+    stamps = sorted({e["resource"]["meta"]["lastUpdated"]
+                     for e in loaded.get("/fhir/Observation?_count=50").get_json()["entry"]})
+    assert len(stamps) == 2
+    first, last = stamps
+    total = loaded.get("/fhir/Observation?_summary=count").get_json()["total"]
+    newer = loaded.get("/fhir/Observation", query_string={"_lastUpdated": f"gt{first}"}).get_json()
+    assert newer["total"] == 1 and newer["entry"][0]["resource"]["meta"]["lastUpdated"] == last
+    older = loaded.get("/fhir/Observation", query_string={"_lastUpdated": f"le{first}"}).get_json()
+    assert older["total"] == total - 1
+    exact = loaded.get("/fhir/Observation", query_string={"_lastUpdated": last}).get_json()
+    assert exact["total"] == 1
+    assert loaded.get("/fhir/Observation?_lastUpdated=gt2999").get_json()["total"] == 0
+    year = last[:4]
+    assert loaded.get(f"/fhir/Observation?_lastUpdated={year}").get_json()["total"] == total
+    bad = loaded.get("/fhir/Observation?_lastUpdated=yesterday")
+    assert bad.status_code == 400 and "_lastUpdated" in bad.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ Patient name, family, given; :identifier
+
+
+def _patients(client, query: str) -> list[str]:
+    resp = client.get(f"/fhir/Patient?{query}")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return [e["resource"]["name"][0].get("family", "") for e in resp.get_json().get("entry", [])]
+
+
+def test_patient_name_search_is_a_fhir_string_search(loaded, client) -> None:
+    other = (UTF8.replace(b"TJ2405200099", b"TJ2405200555").replace(b"Z0099812", b"Z0099999")
+             .replace("王^建国".encode(), "Müller^Zoë".encode()).replace(b"O240520", b"O240599")
+             .replace(b"R240520", b"R240599").replace(b"S240520", b"S240599")
+             .replace(b"511921196612120011", b"511921196612120097"))
+    assert client.post("/ingest/hl7v2", data=other).status_code == 200
+    assert _patients(loaded, "family=王") == ["王"]
+    assert _patients(loaded, "given=建") == ["王"]  # starts with
+    assert _patients(loaded, "name=建国") == ["王"]  # any part of the name
+    assert _patients(loaded, "given=国") == []  # not a prefix
+    assert _patients(loaded, "family=muller") == ["Müller"]  # case and accents ignored
+    assert _patients(loaded, "family=MÜL") == ["Müller"]
+    assert _patients(loaded, "given=zoe") == ["Müller"]  # accents of the given name too
+    assert _patients(loaded, "name:exact=Müller") == ["Müller"]
+    assert _patients(loaded, "name:exact=muller") == []
+    assert _patients(loaded, "family:contains=ll") == ["Müller"]
+    assert sorted(_patients(loaded, "family=王,müller")) == ["Müller", "王"]  # values ORed
+    assert _patients(loaded, "family=王&given=zoe") == []  # parameters ANDed
+    assert _patients(loaded, "name=%25") == []  # no wildcard
+    assert _patients(loaded, "birthdate=1966-12-12&family=王") == ["王"]
+    found = loaded.get("/fhir/Patient?name:exact=Müller").get_json()
+    assert "name%3Aexact=M%C3%BCller" in found["link"][0]["url"]
+    bad = loaded.get("/fhir/Patient?name:missing=true")
+    assert_outcome(bad, 400)
+    assert "name" in bad.get_data(as_text=True)
+
+
+def test_identifier_modifier_on_references(loaded) -> None:
+    patient = loaded.get("/fhir/Patient").get_json()["entry"][0]["resource"]
+    ident = next(i for i in patient["identifier"] if i["value"] == "Z0099812")
+    for param in ("subject:identifier", "patient:identifier"):
+        wanted = {param: f"{ident['system']}|Z0099812", "_summary": "count"}
+        found = loaded.get("/fhir/Observation", query_string=wanted).get_json()
+        assert found["total"] == loaded.get("/fhir/Observation?_summary=count").get_json()["total"] > 0
+        none = loaded.get("/fhir/Observation", query_string={param: f"{ident['system']}|Z0000000"}).get_json()
+        assert none["total"] == 0
+    reports = loaded.get("/fhir/DiagnosticReport", query_string={"subject:identifier": "Z0099812"}).get_json()
+    assert reports["total"] == 2
+
+
+# ------------------------------------------------------------------ _elements
+
+
+def test_elements_keeps_what_is_asked_and_what_is_mandatory(loaded) -> None:
+    bundle = loaded.get("/fhir/Observation?_elements=valueQuantity,Observation.subject&_count=50"
+                        "&_include=Observation:subject").get_json()
+    validate_fhir(bundle)
+    for obs in _entries(bundle, "match"):
+        assert set(obs) <= {"resourceType", "id", "meta", "status", "code", "valueQuantity", "subject"}
+        assert {"status", "code", "subject"} <= set(obs)
+        assert {"code": "SUBSETTED", "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                "display": "subsetted"} in obs["meta"]["tag"]
+        assert obs["meta"]["versionId"]
+    assert "effectiveDateTime" not in _entries(bundle, "match")[0]
+    [patient] = _entries(bundle, "include")
+    assert "SUBSETTED" not in str(patient.get("meta"))  # included resources are whole
+    assert "_elements=valueQuantity%2CObservation.subject" in bundle["link"][0]["url"]
+    whole = loaded.get("/fhir/Observation").get_json()["entry"][0]["resource"]
+    assert "effectiveDateTime" in whole and "tag" not in whole["meta"]
+
+
+@pytest.mark.parametrize("value", ["", "code;drop", "Observation.code.coding", "a,"])
+def test_elements_that_are_not_element_names_are_refused(loaded, value) -> None:
+    resp = loaded.get("/fhir/Observation", query_string={"_elements": value})
+    assert_outcome(resp, 400)
+    assert "_elements" in resp.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ $validate at instance level
+
+
+def _codes(resp) -> list[tuple[str, str]]:
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    return [(i["severity"], " ".join(i.get("expression", []))) for i in body["issue"]]
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_validate_refuses_a_code_outside_a_required_base_binding(loaded, wrapped) -> None:
+    patient = loaded.get("/fhir/Patient").get_json()["entry"][0]["resource"]
+    bad = {"resourceType": "Patient", "id": patient["id"], "gender": "bogus",
+           "contact": [{"gender": "nobody"}]}
+    body = {"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": bad}]} if wrapped else bad
+    for path in ("/fhir/Patient/$validate", f"/fhir/Patient/{patient['id']}/$validate"):
+        issues = _codes(loaded.post(path, json=body))
+        assert ("error", "Patient.gender") in issues
+        assert ("error", "Patient.contact[0].gender") in issues
+    good = {**bad, "gender": "male", "contact": [{"gender": "female"}]}
+    assert not [i for i in _codes(loaded.post(f"/fhir/Patient/{patient['id']}/$validate", json=good))
+                if i[0] == "error"]
+
+
+def test_validate_the_stored_resource_and_refuse_what_is_not_it(loaded, anon) -> None:
+    report = loaded.get("/fhir/DiagnosticReport").get_json()["entry"][0]["resource"]
+    assert not [i for i in _codes(loaded.get(f"/fhir/DiagnosticReport/{report['id']}/$validate")) if i[0] == "error"]
+    assert loaded.get("/fhir/DiagnosticReport/nobody/$validate").status_code == 404
+    assert anon.get(f"/fhir/DiagnosticReport/{report['id']}/$validate").status_code == 401
+    other = loaded.post(f"/fhir/DiagnosticReport/{report['id']}/$validate", json={**report, "id": "another"})
+    assert_outcome(other, 422)
+    assert "id" in other.get_data(as_text=True)
+    posted = {"resourceType": "Observation", "status": "bogus", "code": {"text": "ALT"}}
+    observation = loaded.post("/fhir/Observation/x1/$validate", json=posted)
+    assert ("error", "Observation.status") in _codes(observation)
