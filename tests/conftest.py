@@ -181,6 +181,8 @@ def validate_fhir(paths: list[Path]) -> subprocess.CompletedProcess[str]:
 
     The first run installs the harness's pinned npm packages (``npm ci`` from its package-lock.json).
     """
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise TypeError("validate_fhir takes a list of JSON file paths (write a resource to a file first)")
     tool = validator_path()
     if not tool.exists():
         pytest.fail(f"outside FHIR validators not found at {tool} (set GATEWAY_VALIDATE_FHIR)")

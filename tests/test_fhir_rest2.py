@@ -1,6 +1,8 @@
 """FHIR REST conventions: _include and _revinclude, _sort and _lastUpdated."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import validate_fhir
@@ -17,6 +19,14 @@ def loaded(client, clock):
     return client
 
 
+def assert_valid_r4(resource: dict, tmp_path) -> None:
+    """The outside validators find no error in ``resource``."""
+    path = tmp_path / f"{resource['resourceType']}-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(resource, ensure_ascii=False), encoding="utf-8")
+    result = validate_fhir([path])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _entries(bundle: dict, mode: str) -> list[dict]:
     return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode]
 
@@ -24,12 +34,12 @@ def _entries(bundle: dict, mode: str) -> list[dict]:
 # ------------------------------------------------------------------ _include, _revinclude
 
 
-def test_report_with_its_observations_patient_and_specimen_in_one_call(loaded) -> None:
+def test_report_with_its_observations_patient_and_specimen_in_one_call(loaded, tmp_path) -> None:
     resp = loaded.get("/fhir/DiagnosticReport?_include=DiagnosticReport:subject&_include=DiagnosticReport:result"
                       "&_include=DiagnosticReport:specimen:Specimen&_include=DiagnosticReport:performer")
     assert resp.status_code == 200
     bundle = resp.get_json()
-    validate_fhir(bundle)
+    assert_valid_r4(bundle, tmp_path)
     reports = _entries(bundle, "match")
     assert bundle["total"] == len(reports)  # included resources are not counted
     included = {f"{r['resourceType']}/{r['id']}" for r in _entries(bundle, "include")}
@@ -43,11 +53,11 @@ def test_report_with_its_observations_patient_and_specimen_in_one_call(loaded) -
     assert "_include=DiagnosticReport%3Asubject" in self_link
 
 
-def test_revinclude_finds_what_refers_to_the_matches(loaded) -> None:
+def test_revinclude_finds_what_refers_to_the_matches(loaded, tmp_path) -> None:
     patient = loaded.get("/fhir/Patient").get_json()["entry"][0]["resource"]
     bundle = loaded.get(f"/fhir/Patient?_id={patient['id']}&_revinclude=Observation:subject"
                         "&_revinclude=DiagnosticReport:subject").get_json()
-    validate_fhir(bundle)
+    assert_valid_r4(bundle, tmp_path)
     assert [r["id"] for r in _entries(bundle, "match")] == [patient["id"]]
     included = _entries(bundle, "include")
     observations = loaded.get("/fhir/Observation?_count=50").get_json()
@@ -204,10 +214,10 @@ def test_identifier_modifier_on_references(loaded) -> None:
 # ------------------------------------------------------------------ _elements
 
 
-def test_elements_keeps_what_is_asked_and_what_is_mandatory(loaded) -> None:
+def test_elements_keeps_what_is_asked_and_what_is_mandatory(loaded, tmp_path) -> None:
     bundle = loaded.get("/fhir/Observation?_elements=valueQuantity,Observation.subject&_count=50"
                         "&_include=Observation:subject").get_json()
-    validate_fhir(bundle)
+    assert_valid_r4(bundle, tmp_path)
     for obs in _entries(bundle, "match"):
         assert set(obs) <= {"resourceType", "id", "meta", "status", "code", "valueQuantity", "subject"}
         assert {"status", "code", "subject"} <= set(obs)
