@@ -250,3 +250,19 @@ def test_post_search_gives_the_same_results_as_get(loaded) -> None:
     assert body["issue"][0]["expression"] == ["Content-Type"]
     assert_outcome(loaded.post("/fhir/Medication/_search", data={"code": "x"}), 404)
     assert_outcome(loaded.post("/fhir/Observation/_search", data={"_format": "xml"}), 406)
+
+
+def test_audit_event_summary_count_gives_the_total_only(app, loaded, anon) -> None:
+    from conftest import make_token
+
+    auth = {"Authorization": f"Bearer {make_token(app, 'inspector', ['auditor'])}"}
+    full = anon.get("/fhir/AuditEvent?_count=200", headers=auth).get_json()
+    assert full["total"] >= 1
+    only = anon.get("/fhir/AuditEvent?_summary=count", headers=auth)
+    assert only.status_code == 200
+    body = only.get_json()
+    assert body["type"] == "searchset" and "entry" not in body
+    assert body["total"] >= full["total"]  # the first search was itself audited
+    assert not [link for link in body.get("link", []) if link["relation"] == "next"]
+    refused = anon.get("/fhir/AuditEvent?_summary=data", headers=auth)
+    assert refused.status_code == 400 and "_summary" in refused.get_data(as_text=True)

@@ -78,6 +78,7 @@ PARAMETERS = (
     "patient:identifier",
     "_id",
     "_count",
+    "_summary",
     "_sort",
     "_cursor",
     "_format",
@@ -300,6 +301,7 @@ def parse_search(
     keys: list[tuple[str, tuple[Token, ...]]] = []
     ids: list[tuple[int, ...]] = []
     count, descending, cursor = default_count, True, None
+    summary_count = False
     for name, value in pairs:
         if name not in PARAMETERS:
             base = name.split(":", 1)[0]
@@ -334,6 +336,11 @@ def parse_search(
             if not (value.isascii() and value.isdigit()) or len(value) > 12:
                 raise InvalidSearch(f"_count: {value[:20]!r} is not a whole number (at most {max_count})", name)
             count = min(int(value), max_count)
+        elif name == "_summary":
+            if value != "count":
+                raise InvalidSearch(f"_summary: {value[:60]!r} is not supported (count only)", name,
+                                    code="not-supported")
+            summary_count = True
         elif name == "_sort":
             if value not in ("date", "-date"):
                 raise InvalidSearch(
@@ -344,6 +351,8 @@ def parse_search(
             cursor = _decode_cursor(value)
         elif name == "_format" and value not in _FORMATS:
             raise InvalidSearch(f"_format: {value[:60]!r} is not supported (JSON only)", name, code="not-supported")
+    if summary_count:  # the total only, as _count=0 gives it
+        count = 0
     return Search(tuple(dates), tuple(columns), tuple(keys), tuple(ids), count, descending, cursor, tuple(pairs))
 
 
