@@ -5,8 +5,11 @@ import datetime as _dt
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -195,3 +198,38 @@ def validate_fhir(paths: list[Path]) -> subprocess.CompletedProcess[str]:
         env["NPM_CLI"] = str(npm_cli)
     return subprocess.run([str(tool), "--quiet", *map(str, paths)], capture_output=True, text=True, timeout=300,
                           env=env)
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """The first truthy answer of ``check`` (polled every 0.2 s; connection and parse errors count as not yet)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            result = None
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def peak_during(measure: Callable[[], int], action: Callable[[], Any], every: float = 0.02) -> tuple[Any, int]:
+    """Run ``action`` while sampling ``measure`` (e.g. a worker's resident memory); its result and the peak."""
+    peak = [measure()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            peak[0] = max(peak[0], measure())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(peak[0], measure())

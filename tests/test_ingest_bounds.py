@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import wait_port
+from conftest import peak_during, wait_port
 from gateway.api import ingest
 from gateway.bench.inputs import write_cdc_csv
 from gateway.demo import free_port
@@ -102,23 +101,13 @@ def test_a_15_mb_export_of_small_exams_gets_a_small_answer_in_flat_memory(server
     parts = json.loads((data_dir / "gateway.db.run" / "serve.json").read_text())["parts"]
     pid = int(parts["http-1"]["pid"])
     before = _rss_kib(pid)
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:  # the worker's resident memory while it reads and works the export
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], _rss_kib(pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        response = requests.post(f"{url}/ingest/cdc-csv", data=data, timeout=600,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "text/csv"})
-    finally:
-        done.set()
-        sampler.join()
+    response, peak = peak_during(  # the worker's resident memory while it reads and works the export
+        lambda: _rss_kib(pid),
+        lambda: requests.post(f"{url}/ingest/cdc-csv", data=data, timeout=600,
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "text/csv"}),
+        every=0.05)
     assert response.status_code == 422, response.text[:1000]
-    grown = max(peak[0], _rss_kib(pid)) - before
+    grown = peak - before
     assert grown * 1024 < 2 * len(data), f"the worker grew by {grown} KiB for a {len(data)} byte export"
     issues = response.json()["issue"]
     assert len(issues) == ingest.ISSUES_IN_ANSWER + 1

@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +25,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CST, DATA, TONGJIANG, Clock
+from conftest import CST, DATA, TONGJIANG, Clock, wait_until
 from gateway.config import Settings
 from gateway.pipeline import Pipeline
 
@@ -239,19 +238,6 @@ def _mllp(port: int, message: bytes) -> bytes:
     return answer
 
 
-def _wait(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except (OSError, ValueError, KeyError, requests.RequestException):
-            result = None
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path: Path) -> None:
     from gateway.demo import free_port
@@ -304,7 +290,7 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
             checks = requests.get(f"{url}/health", timeout=10).json()["checks"]
             return all(checks.get(part, {}).get("ok") for part in ("http", "mllp-1", "queue", "background"))
 
-        _wait(running, 120, "every part running")
+        wait_until(running, 120, "every part running")
         assert not old_file.exists()
         assert requests.get(f"{url}/metrics", timeout=10).status_code == 401
         base = scrape_live()
@@ -324,8 +310,8 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
             return value(samples, "gateway_messages_total", **labels) - value(base, "gateway_messages_total",
                                                                               **labels)
 
-        now = _wait(lambda: (s := scrape_live()) and moved(s, "mllp", "stored") == n_mllp and s, 60,
-                    "the queue reader's work counted")
+        now = wait_until(lambda: (s := scrape_live()) and moved(s, "mllp", "stored") == n_mllp and s, 60,
+                         "the queue reader's work counted")
         assert moved(now, "mllp", "queued") == n_mllp, "counted by the listener process"
         assert moved(now, "http", "stored") == n_http, "counted by the HTTP workers"
         assert moved(now, "mllp", "stored") + moved(now, "http", "stored") == n_mllp + n_http
@@ -344,10 +330,11 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
         parts = json.loads(manifest.read_text())["parts"]
         os.kill(parts["http-1"]["pid"], signal.SIGKILL)
         os.kill(parts["http-2"]["pid"], signal.SIGKILL)
-        _wait(lambda: all(p["restarts"] == 1 and p["state"] == "running"
-                          for name, p in json.loads(manifest.read_text())["parts"].items() if name.startswith("http")),
-              60, "both HTTP workers restarted")
-        again = _wait(lambda: scrape_live(), 60, "a scrape from a new worker")
+        wait_until(lambda: all(p["restarts"] == 1 and p["state"] == "running"
+                               for name, p in json.loads(manifest.read_text())["parts"].items()
+                               if name.startswith("http")),
+                   60, "both HTTP workers restarted")
+        again = wait_until(lambda: scrape_live(), 60, "a scrape from a new worker")
         assert moved(again, "http", "stored") == n_http and moved(again, "mllp", "stored") == n_mllp
         assert value(again, "gateway_part_restarts_total", part="http-1") == 1
     finally:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import wait_until
 
 from gateway.demo import free_port
 from gateway.demo.world import build_world
@@ -75,19 +76,6 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> Non
         f"there); stop the other program or choose another port (--{which.lower()}-port / {which.lower()}_port)"]
 
 
-def _wait(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except (OSError, ValueError, KeyError, requests.RequestException):
-            result = None
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _health(url: str) -> tuple[int, dict[str, Any]]:
     response = requests.get(f"{url}/health", timeout=10)
     return response.status_code, response.json()
@@ -129,7 +117,7 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
         return json.loads((folder / "serve.json").read_text())["parts"]
 
     try:
-        status, body = _wait(lambda: (h := _health(url))[0] == 200 and h, 120, "a healthy gateway")
+        status, body = wait_until(lambda: (h := _health(url))[0] == 200 and h, 120, "a healthy gateway")
         assert {"http", "mllp-1", "queue", "background", "registry"} <= set(body["checks"]), body
         assert requests.get(f"{url}/registry/snapshot", timeout=10).status_code == 200
         assert b"MSA|" in _mllp(mllp, message)
@@ -138,9 +126,9 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
             old = manifest()[part]["pid"]
             children.add(old)
             os.kill(old, signal.SIGKILL)
-            _wait(lambda: manifest()[part]["restarts"] == 1 and manifest()[part]["pid"] != old, 60,
-                  f"{part} restarted")
-            status, body = _wait(lambda: (h := _health(url))[0] == 200 and h, 90, f"health after {part} restart")
+            wait_until(lambda: manifest()[part]["restarts"] == 1 and manifest()[part]["pid"] != old, 60,
+                       f"{part} restarted")
+            status, body = wait_until(lambda: (h := _health(url))[0] == 200 and h, 90, f"health after {part} restart")
             assert body["checks"][part]["detail"].endswith("restarted 1 time(s)"), body["checks"][part]
             children.add(manifest()[part]["pid"])
         assert b"MSA|" in _mllp(mllp, message), "the new listener answers"

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import wait_port
+from conftest import peak_during, wait_port
 from gateway.bench.inputs import write_cdc_csv
 from gateway.demo import free_port
 
@@ -159,23 +158,12 @@ def test_a_15_mb_export_streams_in_bounded_memory_and_gets_a_bounded_answer(serv
     assert 14_000_000 < len(data) < 16_000_000
     pid = server.worker_pid()
     before = _rss_kib(pid)["VmRSS"]
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:  # the worker's resident memory while it reads and works the export
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], _rss_kib(pid)["VmRSS"])
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        response = requests.post(f"{server.url}/ingest/cdc-csv", data=data, timeout=600,
-                                 headers={"Authorization": f"Bearer {server.token}", "Content-Type": "text/csv"})
-    finally:
-        done.set()
-        sampler.join()
+    response, peak = peak_during(  # the worker's resident memory while it reads and works the export
+        lambda: _rss_kib(pid)["VmRSS"],
+        lambda: requests.post(f"{server.url}/ingest/cdc-csv", data=data, timeout=600,
+                              headers={"Authorization": f"Bearer {server.token}", "Content-Type": "text/csv"}))
     assert response.status_code == 200, response.text[:1000]
-    grown = max(peak[0], _rss_kib(pid)["VmRSS"]) - before
+    grown = peak - before
     assert grown * 1024 < 2 * len(data), f"the worker grew by {grown} KiB for a {len(data)} byte export"
     outcome = response.json()
     stored = [i for i in outcome["issue"] if ": stored (Bundle/" in i["diagnostics"]]

@@ -97,6 +97,12 @@ def cli_party() -> records.Party:
     return records.Party(user, display=f"{user}@{host} (command line)")
 
 
+def who_acts(settings: Settings) -> tuple[_dt.datetime, records.Party, records.Party]:
+    """Now, this gateway, and the person running the command: what every change is audited with."""
+    now = _dt.datetime.now(query.parse_offset(settings.timezone))
+    return now, records.Party.member(settings.issuer_uscc, settings.issuer_name), cli_party()
+
+
 def _gateway(settings: Settings) -> records.Party:
     return records.Party.member(settings.issuer_uscc, settings.issuer_name)
 

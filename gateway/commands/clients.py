@@ -9,14 +9,12 @@ operating-system user running the command.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 
 import click
 
 from gateway import clients as smart
-from gateway.audit import query, records
-from gateway.commands.audit import cli_party, database_named, open_db, settings_for
+from gateway.commands.audit import database_named, open_db, settings_for, who_acts
 from gateway.commands.common import one_line_errors
 
 __all__ = ["clients"]
@@ -66,9 +64,8 @@ def add(ctx: click.Context, name: str, role: str, scopes: str, jwks_file: str | 
         pem = _read(public_key, "public key") if public_key else None
         # Like `users add`: a new database only where one was named (--db, --config), never by default.
         with open_db(ctx, db_path, must_exist=not (db_path or database_named(ctx))) as db:
-            now = _dt.datetime.now(query.parse_offset(settings.timezone))
-            gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
-            client = smart.add_client(db, name, role, scopes, at=now, gateway=gateway, by=cli_party(), jwks=jwks,
+            now, gateway, by = who_acts(settings)
+            client = smart.add_client(db, name, role, scopes, at=now, gateway=gateway, by=by, jwks=jwks,
                                       jwks_url=jwks_url, public_key_pem=pem, kid=kid)
     click.echo(f"client {client.client_id} added with role {client.role}; scopes: {' '.join(client.scopes)}")
     click.echo(f"keys: {client.keys}")
@@ -102,7 +99,6 @@ def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
     with one_line_errors():
         settings = settings_for(ctx)
         with open_db(ctx, db_path) as db:
-            now = _dt.datetime.now(query.parse_offset(settings.timezone))
-            gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
-            client = smart.disable_client(db, name, at=now, gateway=gateway, by=cli_party())
+            now, gateway, by = who_acts(settings)
+            client = smart.disable_client(db, name, at=now, gateway=gateway, by=by)
     click.echo(f"client {client.client_id} disabled at {client.disabled}; its access tokens no longer work")

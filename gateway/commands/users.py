@@ -17,20 +17,12 @@ import sys
 import click
 
 from gateway import auth
-from gateway.audit import query, records
-from gateway.commands.audit import cli_party, database_named, open_db, settings_for
+from gateway.commands.audit import database_named, open_db, settings_for, who_acts
 from gateway.commands.common import one_line_errors
-from gateway.config import Settings
 
 __all__ = ["users"]
 
 _DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
-
-
-def _who(settings: Settings) -> tuple[_dt.datetime, records.Party, records.Party]:
-    """Now, this gateway, and the person running the command: what every change is audited with."""
-    now = _dt.datetime.now(query.parse_offset(settings.timezone))
-    return now, records.Party.member(settings.issuer_uscc, settings.issuer_name), cli_party()
 
 
 def read_password(password_file: str | None, *, prompt: bool) -> str | None:
@@ -127,7 +119,7 @@ def add(
         if password is not None:
             auth.check_password_rules(password)
         with open_db(ctx, db_path, must_exist=False) as db:
-            at, gateway, by = _who(settings)
+            at, gateway, by = who_acts(settings)
             user, token = auth.add_user(db, name, roles, member=member, at=at, gateway=gateway, by=by,
                                         expires_days=expires_days)
             if password is not None:
@@ -148,7 +140,7 @@ def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None)
     with one_line_errors():
         settings = settings_for(ctx)
         with open_db(ctx, db_path) as db:
-            at, gateway, by = _who(settings)
+            at, gateway, by = who_acts(settings)
             value = auth.issue_token(db, name, at=at, gateway=gateway, by=by, expires_days=expires_days)
     _show_token(value, at, expires_days)
 
@@ -185,7 +177,7 @@ def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
     with one_line_errors():
         settings = settings_for(ctx)
         with open_db(ctx, db_path) as db:
-            at, gateway, by = _who(settings)
+            at, gateway, by = who_acts(settings)
             user = auth.disable_user(db, name, at=at, gateway=gateway, by=by)
     click.echo(f"user {user.name} disabled at {user.disabled}; its tokens no longer work")
 
@@ -208,6 +200,6 @@ def passwd(ctx: click.Context, name: str, password_file: str | None, db_path: st
             if not set(user.roles) & set(auth.CONSOLE_ROLES):
                 raise click.ClickException(f"{name} ({', '.join(user.roles)}) cannot log in to the console: "
                                            "only auditor and admin accounts have a password")
-            at, gateway, by = _who(settings)
+            at, gateway, by = who_acts(settings)
             auth.set_password(db, name, password, at=at, gateway=gateway, by=by)
     click.echo(f"console password of {name} set")
