@@ -94,7 +94,8 @@ CODES = {
     "exposure-category": {"dust", "chemical", "physical", "biological", "radiation", "other"},
     "exam-type": {"pre-employment", "periodic", "pre-departure", "emergency", "post-departure"},
     "exam-conclusion": {"no-abnormality", "recheck", "suspected-occupational-disease", "contraindication",
-                        "other-abnormality"},
+                        "other-abnormality", "fit-for-radiation-work", "unfit-for-radiation-work",
+                        "continue-radiation-work", "temporary-removal", "reassign-non-radiation-work"},
     "member-identifier-type": {"USCC", "MIPLRN", "HCOC"},
     "report-category": {"occupational-health"},
 }

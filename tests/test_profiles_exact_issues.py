@@ -240,8 +240,8 @@ VARIANTS: list[tuple[str, str, Change, list[str]]] = [
      ]),
     ("hazard factor without its category", "DiagnosticReport-occupational",
      lambda r: r["extension"][1]["extension"].pop(1), [
-         "error required 101 DiagnosticReport.extension[1].extension [cardinality@hazard-factor] needs at least 1 "
-         "(Extension.extension:category), found 0",
+         "error invariant 102 DiagnosticReport.extension[1] [cyhr-haz-1@hazard-factor] fails cyhr-haz-1: "
+         "目录中的危害因素须带类别 / A factor of the catalogue carries its exposure category",
      ]),
     ("negative exposure years", "DiagnosticReport-occupational",
      lambda r: r["extension"][3].update(valueDecimal=Decimal("-1")), [

@@ -432,7 +432,7 @@ class LabCSVAdapter:
         split = re.compile("|".join(re.escape(s) for s in layout.separators)) if layout.separators else None
 
         def parts(text: str) -> list[str]:
-            return [p.strip() for p in (split.split(text) if split else [text]) if p.strip()]
+            return [p.strip() for p in _split_outside_brackets(text, split) if p.strip()]
 
         cells_seen: set[tuple[str, str]] = set()
         for row_no, _, fields, _ in rows:
@@ -499,6 +499,25 @@ class _ItemColumns:
             else:
                 res.value_kind, res.value = "string", value
         return res
+
+
+def _split_outside_brackets(text: str, split: re.Pattern[str] | None) -> list[str]:
+    """``text`` cut at the separators that are not inside brackets (（）or ()): 麻尘（亚麻、黄麻和苎麻）is one name."""
+    if split is None:
+        return [text]
+    out: list[str] = []
+    depth = start = 0
+    last = 0
+    for m in split.finditer(text):
+        segment = text[last:m.start()]
+        depth += segment.count("（") + segment.count("(") - segment.count("）") - segment.count(")")
+        last = m.start()
+        if depth <= 0:
+            out.append(text[start:m.start()])
+            start = m.end()
+            depth = 0
+    out.append(text[start:])
+    return out
 
 
 def _cell_issues(row_no: int, raw: bytes, fields: list[str], headers: list[str], issues: list[Issue]) -> None:

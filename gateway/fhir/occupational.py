@@ -6,7 +6,10 @@ becomes one Bundle: the issuing Organization (this member), the worker
 Observation per exam item and a DiagnosticReport of our
 ``cyhr-occupational-exam-report`` profile, shaped as ``docs/bundle-shapes.md``
 says: exam type, hazard factors each with its exposure category, exposure
-years, occupation and employer as extensions, and the GBZ 188 conclusion as
+years, occupation and employer as extensions (each factor keeps the sender's
+own code and name beside the catalogue's; a factor the catalogue lacks is kept
+as sent, without a category, and its exam goes to review), and the GBZ 188 or
+GBZ 98 conclusion as
 ``conclusionCode`` with the text kept in ``conclusion``. The conclusion is a
 diagnostic statement: it stays on the report and is never itself recognised.
 
@@ -26,10 +29,10 @@ from gateway.fhir.bundle import assemble, parties
 from gateway.fhir.parties import Issuer, stable_id, uscc_identifier
 from gateway.fhir.report import diagnostic_report, observation, ref
 from gateway.mapping.tables import ConceptTable, MappingSet, Target
-from gateway.naming import cs_url, ext_url, sd_url
+from gateway.naming import IG_BASE, cs_url, ext_url, sd_url
 
 __all__ = ["ExamTerminology", "map_exam", "occupational_report", "employer_organization", "build_exam_bundle",
-           "EXPOSURE_CATEGORIES"]
+           "EXPOSURE_CATEGORIES", "sender_hazard_system", "sender_hazard_coding"]
 
 #: The six exposure categories (职业健康检查 备案 categories), codes of CodeSystem exposure-category.
 EXPOSURE_CATEGORIES = ("dust", "chemical", "physical", "biological", "radiation", "other")
@@ -37,8 +40,9 @@ _CS_EXAM_TYPE = cs_url("exam-type")
 _CS_CONCLUSION = cs_url("exam-conclusion")
 _CS_HAZARD = cs_url("hazard-factor")
 _CS_CATEGORY = cs_url("exposure-category")
-_CONCLUSION_HEAD = re.compile(r"[：:（(]")
-_NOT_FINAL = {"recheck"}  # GBZ 188: 复查 asks for a recheck; it is not a conclusion of the exam
+_CONCLUSION_HEAD = re.compile(r"[：:（(，,；;]")
+# GBZ 188: 复查 asks for a recheck; it is not a conclusion of the exam. (GBZ 98's 暂时脱离放射工作 is final.)
+_NOT_FINAL = {"recheck"}
 
 
 @dataclass
@@ -115,7 +119,8 @@ def map_exam(msg: SourceMessage, terms: ExamTerminology) -> None:
         elif not hits:
             msg.issues.append(Issue("error", "code-invalid", where,
                                     f"unknown conclusion {shown(head)}: GBZ 188 knows 目前未见异常, 复查, 疑似职业病, "
-                                    "职业禁忌证, 其他疾病或异常", "103"))
+                                    "职业禁忌证, 其他疾病或异常; GBZ 98 knows 可从事放射工作, 不应(不宜)从事放射工作, "
+                                    "可继续原放射工作, 暂时脱离放射工作, 不宜再做放射工作而调整做其他非放射工作", "103"))
         elif hits[0].code in _NOT_FINAL:
             msg.issues.append(Issue("error", "business-rule", where,
                                     "复查 is not a final conclusion (GBZ 188): send the exam when the recheck has "
@@ -124,25 +129,45 @@ def map_exam(msg: SourceMessage, terms: ExamTerminology) -> None:
             std["conclusion"] = hits[0].coding()
             std["conclusion_text"] = text
 
-        factors: list[tuple[dict[str, str], dict[str, str]]] = []
+        factors: list[list[dict[str, Any]]] = []
         system = str(extra.get("hazard_code_system", ""))
         for hazard in extra.get("hazards", []):
+            sent = sender_hazard_coding(system, hazard["code"], hazard["name"])
             hits = _first(terms.hazard_factors, (system, hazard["code"]), ("*", hazard["code"]), ("*", hazard["name"]))
             if not hits:
                 label = " ".join(x for x in (hazard["code"], hazard["name"]) if x)
-                msg.issues.append(Issue("error", "code-invalid", hazard["where"],
-                                        f"unknown hazard factor {shown(label)}: add it with its exposure category to "
-                                        f"{terms.hazard_factors.id}", "103"))
-                continue
-            factor = next(t for t in hits if t.system == _CS_HAZARD).coding()
-            category = next(t for t in hits if t.system == _CS_CATEGORY).coding()
-            if (factor, category) not in factors:
-                factors.append((factor, category))
+                msg.issues.append(Issue("warning", "code-unknown", hazard["where"],
+                                        f"hazard factor {shown(label)} is not in 《职业病危害因素分类目录》 nor in table "
+                                        f"{terms.hazard_factors.id}: kept as sent, without an exposure category, and "
+                                        "the exam needs review", "103"))
+                parts = [{"url": "factor", "valueCoding": sent}]
+            else:
+                factor = next(t for t in hits if t.system == _CS_HAZARD).coding()
+                category = next(t for t in hits if t.system == _CS_CATEGORY).coding()
+                parts = [{"url": "factor", "valueCoding": factor}, {"url": "category", "valueCoding": category},
+                         {"url": "source", "valueCoding": sent}]
+            if parts not in factors:
+                factors.append(parts)
         if not extra.get("hazards"):
             msg.issues.append(Issue("error", "required", str(extra.get("hazard_where", report.location)),
                                     "no hazard factor (接害因素): the exam cannot be matched to the issuer's filing",
                                     "101"))
         std["hazards"] = factors
+
+
+def sender_hazard_system(code_system: str) -> str:
+    """Code system of a sender's own hazard-factor codes (the layout's ``hazard_code_system``)."""
+    return f"{IG_BASE}/sid/hazard-code/{code_system or 'unnamed'}"
+
+
+def sender_hazard_coding(code_system: str, code: str, name: str) -> dict[str, str]:
+    """The factor as the sender wrote it: its code in its own system (when sent) and its name."""
+    out: dict[str, str] = {}
+    if code:
+        out = {"system": sender_hazard_system(code_system), "code": code}
+    if name:
+        out["display"] = name
+    return out
 
 
 def employer_organization(employer: dict[str, str]) -> dict[str, Any]:
@@ -165,9 +190,8 @@ def occupational_report(report: ReportFacts, *, issuer: Issuer, subject: dict[st
     extensions: list[dict[str, Any]] = []
     if std.get("exam_type"):
         extensions.append({"url": ext_url("exam-type"), "valueCoding": std["exam_type"]})
-    for factor, category in std.get("hazards", []):
-        extensions.append({"url": ext_url("hazard-factor"), "extension": [
-            {"url": "factor", "valueCoding": factor}, {"url": "category", "valueCoding": category}]})
+    for parts in std.get("hazards", []):
+        extensions.append({"url": ext_url("hazard-factor"), "extension": [dict(p) for p in parts]})
     if extra.get("exposure_years") is not None:
         extensions.append({"url": ext_url("exposure-years"), "valueDecimal": extra["exposure_years"]})
     if extra.get("occupation"):

@@ -11,6 +11,12 @@ Two kinds of file, both reviewed by lab and domain people like code:
   ``*`` matches any source system. An empty ``target_code`` means "unmapped
   on purpose" (looking it up raises :class:`~gateway.errors.UnmappedCode`).
 
+A third kind, a **catalogue** (``# kind: hazard-catalogue``, e.g.
+``mappings/concepts/hazard-catalogue.csv``), lists a published code list once,
+one row per entry with its names and aliases; at load time it adds its rows to
+the concept table it ``extends`` (see :class:`HazardCatalogue`), so the list
+is written in one place only.
+
 Every file declares ``id``, ``version`` and ``target`` (YAML keys; ``# key: value``
 lines at the top of a CSV). Everything is loaded and checked once at start-up;
 any problem raises :class:`~gateway.errors.ConfigError` listing every bad line.
@@ -29,10 +35,19 @@ import yaml
 from gateway.errors import ConfigError, UnmappedCode
 from gateway.naming import SYSTEM_LOINC, SYSTEM_UCUM, local_item_system
 
-__all__ = ["Target", "ConceptTable", "MappingSet", "load_mappings", "loinc_check_digit"]
+__all__ = ["Target", "ConceptTable", "MappingSet", "HazardEntry", "HazardCatalogue", "load_mappings",
+           "loinc_check_digit", "CATEGORY_SYSTEM", "CATEGORY_DISPLAY"]
 
 _COLUMNS = ["source_system", "source_code", "target_system", "target_code", "display"]
 _UCUM_OK = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces: UCUM case-sensitive codes
+_CATALOGUE_COLUMNS = ["class", "seq", "name", "cas", "aliases", "code", "national_code", "national_code_status",
+                      "name_check"]
+_CODE_STATUS = ("verified", "likely", "unknown")
+_NAME_CHECK = ("public-copy", "recollection")
+#: The exposure categories (the 目录's six classes) and how the 职业健康检查 备案 names them.
+CATEGORY_SYSTEM = "https://fhir.cyhr.org.cn/CodeSystem/exposure-category"
+CATEGORY_DISPLAY = {"dust": "粉尘", "chemical": "化学因素", "physical": "物理因素", "radiation": "放射性因素",
+                    "biological": "生物因素", "other": "其他"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,40 @@ class ConceptTable:
         return hits[0] if hits else None
 
 
+@dataclass(frozen=True)
+class HazardEntry:
+    """One factor of 《职业病危害因素分类目录》 as the catalogue table lists it."""
+
+    category: str
+    seq: int
+    name: str
+    cas: str
+    aliases: tuple[str, ...]
+    code: str
+    national_code: str
+    national_code_status: str
+    name_check: str
+
+
+@dataclass
+class HazardCatalogue:
+    """A hazard-factor catalogue table (``# kind: hazard-catalogue``): entries in file order."""
+
+    id: str
+    version: str
+    target: str
+    path: str
+    extends: str
+    entries: list[HazardEntry] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Entries per exposure category."""
+        out: dict[str, int] = {}
+        for e in self.entries:
+            out[e.category] = out.get(e.category, 0) + 1
+        return out
+
+
 @dataclass
 class MappingSet:
     """All tables of a ``mappings/`` directory, loaded once."""
@@ -93,6 +142,7 @@ class MappingSet:
     root: str
     structures: dict[str, dict[str, Any]]
     concepts: dict[str, ConceptTable]
+    catalogues: dict[str, HazardCatalogue] = field(default_factory=dict)
 
     def structure(self, table_id: str) -> dict[str, Any]:
         """A structure file by its id.
@@ -160,17 +210,22 @@ def _check_target(system: str, code: str, where: str, problems: list[str]) -> No
         problems.append(f"{where}: target_system {system!r} is not an absolute URI")
 
 
-def _load_concepts(path: Path, problems: list[str]) -> ConceptTable | None:
+def _read_table(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The ``# key: value`` lines and the CSV lines of a table file."""
     text = path.read_text(encoding="utf-8-sig")
     meta: dict[str, str] = {}
     body: list[str] = []
     for line in text.splitlines():
         if line.startswith("#"):
             key, _, value = line[1:].partition(":")
-            if value:
+            if value and key.strip() not in meta:
                 meta[key.strip()] = value.strip()
         elif line.strip():
             body.append(line)
+    return meta, body
+
+
+def _load_concepts(path: Path, problems: list[str], meta: dict[str, str], body: list[str]) -> ConceptTable | None:
     for key in ("id", "version", "target"):
         if key not in meta:
             problems.append(f"{path}: missing '# {key}: ...' line")
@@ -198,6 +253,79 @@ def _load_concepts(path: Path, problems: list[str]) -> ConceptTable | None:
             problems.append(f"{where}: {source_code!r} is both mapped and marked unmapped")
         targets.append(Target(target_system, target_code, display))
     return table
+
+
+def _load_catalogue(path: Path, problems: list[str], meta: dict[str, str], body: list[str]) -> HazardCatalogue | None:
+    for key in ("id", "version", "target", "extends"):
+        if key not in meta:
+            problems.append(f"{path}: missing '# {key}: ...' line")
+    reader = csv.reader(io.StringIO("\n".join(body)))
+    header = next(reader, None)
+    if header != _CATALOGUE_COLUMNS:
+        problems.append(f"{path}: header must be {','.join(_CATALOGUE_COLUMNS)}, found {header}")
+        return None
+    cat = HazardCatalogue(meta.get("id", path.stem), meta.get("version", ""), meta.get("target", ""), str(path),
+                          meta.get("extends", ""))
+    codes: set[str] = set()
+    numbers: set[tuple[str, int]] = set()
+    for lineno, row in enumerate(reader, start=2):
+        where = f"{path}:{lineno}"
+        if len(row) != len(_CATALOGUE_COLUMNS):
+            problems.append(f"{where}: expected {len(_CATALOGUE_COLUMNS)} columns, found {len(row)}")
+            continue
+        category, seq, name, cas, aliases, code, national, status, check = (c.strip() for c in row)
+        if category not in CATEGORY_DISPLAY:
+            problems.append(f"{where}: class {category!r} is not one of {', '.join(CATEGORY_DISPLAY)}")
+            continue
+        if not seq.isdigit() or (category, int(seq)) in numbers:
+            problems.append(f"{where}: seq {seq!r} is not a new number within class {category}")
+            continue
+        if not name or not re.match(r"^[a-z][a-z0-9-]*$", code) or code in codes:
+            problems.append(f"{where}: needs a name and a new code of lower-case letters, digits and '-'")
+            continue
+        if status not in _CODE_STATUS or (status != "unknown") != bool(national):
+            problems.append(f"{where}: national_code_status must be one of {', '.join(_CODE_STATUS)} "
+                            "(unknown exactly when national_code is empty)")
+            continue
+        if check not in _NAME_CHECK:
+            problems.append(f"{where}: name_check must be one of {', '.join(_NAME_CHECK)}")
+            continue
+        numbers.add((category, int(seq)))
+        codes.add(code)
+        names = tuple(a.strip() for a in aliases.split("|") if a.strip())
+        cat.entries.append(HazardEntry(category, int(seq), name, cas, names, code, national, status, check))
+    return cat
+
+
+def _extend(table: ConceptTable, cat: HazardCatalogue, problems: list[str]) -> None:
+    """Add every catalogue name and alias to ``table`` ('*' rows: factor + exposure category).
+
+    Rows the table already has for a name must give the same factor; their display becomes the catalogue's
+    name (one source). A name two entries share goes to the entry that also lists it among its aliases.
+    """
+    claims: dict[str, list[tuple[HazardEntry, bool]]] = {}
+    for entry in cat.entries:
+        for key in dict.fromkeys((entry.name,) + entry.aliases):
+            claims.setdefault(key, []).append((entry, key in entry.aliases))
+    names = {e.code: e.name for e in cat.entries}
+    for key, claimants in claims.items():
+        chosen = [e for e, as_alias in claimants if as_alias] if len(claimants) > 1 else [claimants[0][0]]
+        if len(chosen) != 1:
+            problems.append(f"{cat.path}: {key!r} names {len(claimants)} entries; list it among the aliases of "
+                            "exactly one of them")
+            continue
+        entry = chosen[0]
+        factor = Target(cat.target, entry.code, entry.name)
+        category = Target(CATEGORY_SYSTEM, entry.category, CATEGORY_DISPLAY[entry.category])
+        existing = table.rows.get(("*", key))
+        if existing is None:
+            table.rows[("*", key)] = [factor, category]
+        elif [(t.system, t.code) for t in existing] != [(factor.system, factor.code), (category.system, category.code)]:
+            problems.append(f"{table.path}: {key!r} maps to {', '.join(t.code for t in existing)} but "
+                            f"{cat.path} lists it under {entry.code} ({entry.category})")
+    for row_key, targets in table.rows.items():  # the catalogue's name is the display of its codes everywhere
+        table.rows[row_key] = [Target(t.system, t.code, names[t.code]) if t.system == cat.target and t.code in names
+                               else t for t in targets]
 
 
 def _load_structure(path: Path, problems: list[str]) -> dict[str, Any] | None:
@@ -228,6 +356,7 @@ def load_mappings(root: str | Path) -> MappingSet:
     problems: list[str] = []
     structures: dict[str, dict[str, Any]] = {}
     concepts: dict[str, ConceptTable] = {}
+    catalogues: dict[str, HazardCatalogue] = {}
     for path in sorted(base.rglob("*.yaml")):
         data = _load_structure(path, problems)
         if data is not None:
@@ -237,11 +366,24 @@ def load_mappings(root: str | Path) -> MappingSet:
     for path in sorted(base.rglob("*.csv")):
         if path.parent.name != "concepts":
             continue  # layouts and samples may live elsewhere
-        table = _load_concepts(path, problems)
+        meta, body = _read_table(path)
+        if meta.get("kind") == "hazard-catalogue":
+            cat = _load_catalogue(path, problems, meta, body)
+            if cat is not None:
+                if cat.id in catalogues:
+                    problems.append(f"{path}: id {cat.id!r} is used twice")
+                catalogues[cat.id] = cat
+            continue
+        table = _load_concepts(path, problems, meta, body)
         if table is not None:
             if table.id in concepts:
                 problems.append(f"{path}: id {table.id!r} is used twice")
             concepts[table.id] = table
+    for cat in catalogues.values():
+        if cat.extends not in concepts:
+            problems.append(f"{cat.path}: extends {cat.extends!r}, which is not a concept table")
+        else:
+            _extend(concepts[cat.extends], cat, problems)
     if problems:
         raise ConfigError("mapping tables have problems:\n  " + "\n  ".join(problems), str(base))
-    return MappingSet(str(base), structures, concepts)
+    return MappingSet(str(base), structures, concepts, catalogues)
