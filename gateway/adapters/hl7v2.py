@@ -44,7 +44,7 @@ from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
 from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import check_id_card
 
-__all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build_ack"]
+__all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build_ack", "explain_issues"]
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
 # 0x1C ends an MLLP frame only as framing: followed by CR (0x0B ... 0x1C 0x0D), by the next frame's 0x0B, or
@@ -215,6 +215,10 @@ def build_ack(
                           _escape(issue.line(), seps)])
             )
     return "\r".join(segments) + "\r"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(x) if x.isdigit() else 0 for x in version.split("."))
 
 
 _TABLE_0357 = {
@@ -453,9 +457,11 @@ class HL7v2Adapter:
     format = "hl7v2"
 
     def __init__(self, structure: dict[str, Any], *, default_offset: str = "+08:00",
-                 max_message_bytes: int = 1_048_576, reference_parser: bool = False) -> None:
+                 max_message_bytes: int = 1_048_576, reference_parser: bool = False,
+                 senders: dict[str, Any] | None = None) -> None:
         """``reference_parser``: read with python-hl7's containers instead of :func:`split_er7`
-        (same result, slower; for differential tests)."""
+        (same result, slower; for differential tests). ``senders``: the per-sender rules
+        (``mappings/hl7v2/senders.yaml``), keyed by ``MSH-3|MSH-4``."""
         self.reference_parser = reference_parser
         self.table = structure
         self.offset = default_offset
@@ -465,6 +471,8 @@ class HL7v2Adapter:
         self.lenient = {c.upper() for c in structure.get("lenient_charsets", [])}
         self.types = set(structure.get("message_types", ["ORU^R01"]))
         self.versions = set(structure.get("versions", []))
+        self.refused_versions = set(structure.get("refused_versions", []))
+        self.senders: dict[str, dict[str, Any]] = dict((senders or {}).get("senders") or {})
         self.value_types: dict[str, str] = dict(structure.get("value_types", {}))
         result_spec = structure.get("result", {})
         # Where each fact of an OBX sits, resolved once: the table does not change while running.
@@ -661,10 +669,15 @@ class HL7v2Adapter:
                                     f"message type {_plain(msg.message_type) or '(empty)'} "
                                     "is not supported "
                                     f"(supported: {', '.join(sorted(self.types))})", "200"))
-        if msg.version not in self.versions:
+        if msg.version in self.refused_versions:
+            msg.issues.append(Issue("error", "not-supported", "MSH[1]-12",
+                                    f"HL7 version {msg.version} is older than 2.3, the first version whose ORU^R01 "
+                                    f"is taken (2.3 to {max(self.versions, key=_version_key)}); send the message "
+                                    "as v2.3.1 or later", "203"))
+        elif msg.version not in self.versions:
             msg.issues.append(Issue("error", "not-supported", "MSH[1]-12",
                                     f"HL7 version {_plain(msg.version) or '(empty)'} is not supported "
-                                    f"(supported: {', '.join(sorted(self.versions))})", "203"))
+                                    f"(supported: {', '.join(sorted(self.versions, key=_version_key))})", "203"))
 
     def _filter(self, m: _Msg) -> str:
         names = {m.name(i) for i in range(len(m.segments))}
@@ -705,12 +718,17 @@ class HL7v2Adapter:
                     continue
                 last_result = self._result(m, i, msg.issues)
                 if last_result is not None:
+                    alternate = self._alternate(m, i)
+                    if alternate:
+                        msg.extra.setdefault("alternate_codes", {})[last_result.location] = alternate
                     key = (report.number, last_result.code.code)
                     code_seen[key] = code_seen.get(key, 0) + 1
                     last_result.occurrence = code_seen[key]
                     report.results.append(last_result)
             elif name == "SPM" and report is not None:
                 spm_row = i
+            elif name == "PRT" and report is not None and last_result is None:
+                self._participation(m, i, report)
             elif name == "NTE":
                 note = m.unescape(m.raw(i, 3)).strip()
                 if text_too_long(note):
@@ -829,25 +847,28 @@ class HL7v2Adapter:
         r = ReportFacts(location=m.where(i))
         r.number = self._first(m, rows, spec.get("number", ["OBR-3", "OBR-2"]))[0]
         r.placer_number = self._first(m, rows, spec.get("placer_number", "OBR-2"))[0]
+        policy = self.senders.get(msg.sender)
+        if not r.number and policy:
+            r.number = self._policy_number(m, i, msg, policy.get("report_number") or [])
         if not r.number:
+            known = " (the sender has no report-number policy)" if policy is None else ""
             msg.issues.append(Issue("error", "required", m.where(i, 3),
                                     "filler order number (检验报告单号) OBR-3 and placer number OBR-2 are both "
-                                    "empty: the report cannot be identified", "101"))
+                                    f"empty: the report cannot be identified{known}", "101"))
         seg, fld = _locator(spec.get("code", "OBR-4"))
         code = m.comps(i, fld)
         r.code = Coded(code[0].strip() if code else "", code[1].strip() if len(code) > 1 else "",
                        code[2].strip() if len(code) > 2 else "")
         r.collected_at = self._time(m, rows, spec.get("collected_at", "OBR-7"), msg.issues)
-        if not self._first(m, rows, spec.get("collected_at", "OBR-7"))[0]:
-            msg.issues.append(Issue("error", "required", m.where(i, 7),
-                                    "no collection time (OBR-7): a report needs one, and validity windows are "
-                                    "counted from it", "101"))
+        r.extra["collected_sent"] = bool(self._first(m, rows, spec.get("collected_at", "OBR-7"))[0])
         r.issued_at = self._time(m, rows, spec.get("issued_at", ["OBR-22", "MSH-7"]), msg.issues, instant=True)
         r.status = self._first(m, rows, spec.get("status", "OBR-25"))[0]
         seg, fld = _locator(spec.get("interpreter", "OBR-32"))
         interp = m.comps(i, fld)
         if interp and interp[0]:
             parts = [m.unescape(x).strip() for x in interp[0].split(m.seps["subcomponent"])]
+            if len(parts) == 1 and _CJK.search(parts[0]):  # a name alone (no id&family&given), as analysers send it
+                parts = ["", parts[0]]
             r.interpreter_id = parts[0]
             names = [x for x in parts[1:3] if x]
             r.interpreter_name = "".join(names) if all(_CJK.search(x) for x in names) else " ".join(names)
@@ -871,6 +892,109 @@ class HL7v2Adapter:
         s.received_at = self._time(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]), issues)
         if s.type or s.number or s.collected_at:
             r.specimen = s
+        if spm_row is not None:
+            r.extra["spm"] = m.where(spm_row)
+        if not r.collected_at and not r.extra.pop("collected_sent", False):
+            self._collection_fallback(m, r, obr_row, spm_row, issues)
+        else:
+            r.extra.pop("collected_sent", None)
+        self._correction(m, r, obr_row, issues)
+
+    def _collection_fallback(self, m: _Msg, r: ReportFacts, obr_row: int, spm_row: int | None,
+                             issues: list[Issue]) -> None:
+        """A report without OBR-7: the specimen's collection time (SPM-17), else the earliest OBX-14."""
+        fallback = _as_list(self.table.get("report", {}).get("collected_fallback", ["SPM-17", "OBX-14"]))
+        tried: list[str] = [m.where(obr_row, 7)]
+        for loc in fallback:
+            seg, fld = _locator(loc)
+            if seg == "SPM":
+                if spm_row is None:
+                    continue
+                tried.append(m.where(spm_row, fld))
+                r.collected_at = self._time(m, {"SPM": spm_row}, loc, issues)
+            elif seg == "OBX":
+                tried.extend(f"{res.location}-{fld}" for res in r.results[:2])
+                times = sorted(res.observed_at for res in r.results if res.observed_at)
+                r.collected_at = times[0] if times else ""
+            if r.collected_at:
+                return
+        verb = "are" if len(tried) > 1 else "is"
+        issues.append(Issue("error", "required", _joined(tried),
+                            f"{verb} empty: the collection time is required (validity windows are counted from it)",
+                            "101"))
+
+    def _correction(self, m: _Msg, r: ReportFacts, obr_row: int, issues: list[Issue]) -> None:
+        """OBR-25 C (or an OBX-11 C): the report corrects the one with its 检验报告单号."""
+        when = self.table.get("report", {}).get("corrected_when", {})
+        by_report = r.status.upper() in when.get("report_status", [])
+        by_result = any(res.status in when.get("result_status", []) for res in r.results)
+        if not (by_report or by_result) or not r.number:
+            return
+        if not by_report and r.status.upper() in ("", "F"):
+            r.status = "C"  # a final report with corrected results is a corrected report
+        r.replaces = r.number
+        # the correction is a new version of the report: its resources get their own ids
+        r.key = f"{r.number}|corrected|{m.value(0, 10)}"
+
+    def _participation(self, m: _Msg, i: int, r: ReportFacts) -> None:
+        """A v2.7+ PRT segment of the OBR group naming the principal result interpreter."""
+        spec = self.table.get("report", {}).get("interpreter_participation")
+        if not spec or r.interpreter_id or r.interpreter_name:
+            return
+        _, part_fld = _locator(spec.get("participation", "PRT-4"))
+        if m.value(i, part_fld).upper() not in [c.upper() for c in spec.get("codes", ["PI"])]:
+            return
+        _, person_fld = _locator(spec.get("person", "PRT-5"))
+        person = [m.unescape(c).split(m.seps["subcomponent"])[0].strip() for c in m.comps(i, person_fld)]
+        if not person or not any(person[:3]):
+            return
+        r.interpreter_id = person[0]
+        names = [x for x in person[1:3] if x]
+        r.interpreter_name = "".join(names) if all(_CJK.search(x) for x in names) else " ".join(names)
+
+    def _policy_number(self, m: _Msg, i: int, msg: SourceMessage, steps: list[str]) -> str:
+        """The report number by the sender's policy (``senders.yaml``); empty if no step has a value."""
+        spm_row = None
+        for k in range(i + 1, len(m.segments)):
+            if m.name(k) == "OBR":
+                break
+            if m.name(k) == "SPM":
+                spm_row = k
+                break
+        used = {r.number for r in msg.reports}
+        for step in steps:
+            parts: list[str] = []
+            places: list[str] = []
+            for loc in step.split("+"):
+                seg, fld = _locator(loc.strip())
+                row = {"OBR": i, "MSH": 0, "SPM": spm_row, "PID": m.first_index("PID")}.get(seg)
+                if row is None:
+                    break
+                value = m.value(row, fld)
+                if seg == "SPM" and fld == 2 and not value:
+                    value = m.value(row, fld, 2)  # EIP: placer id, else filler id
+                if not value:
+                    break
+                parts.append(value)
+                places.append(m.where(row, fld))
+            else:
+                number = "-".join(parts)
+                if number in used:
+                    number = f"{number}-{m.value(i, 1) or m.counts[i]}"
+                msg.issues.append(Issue("information", "informational", m.where(i, 3),
+                                        f"OBR-3 and OBR-2 are empty: report number {shown(number)} taken from "
+                                        f"{' and '.join(places)} as this sender's identity policy says", "0"))
+                return number
+        return ""
+
+    def _alternate(self, m: _Msg, i: int) -> Coded | None:
+        """The alternate triplet of OBX-3 (components 4-6), if sent."""
+        _, fld = _locator(self.table.get("result", {}).get("alternate_code", "OBX-3"))
+        comps = m.comps(i, fld)
+        if len(comps) < 4 or not comps[3].strip():
+            return None
+        return Coded(comps[3].strip(), comps[4].strip() if len(comps) > 4 else "",
+                     comps[5].strip() if len(comps) > 5 else "")
 
     # -- results -------------------------------------------------------------------------
 
@@ -993,3 +1117,99 @@ class HL7v2Adapter:
                 return
             first.comparator = COMPARATORS.get(comparator, "")
             res.value_kind, res.value = "quantity", first
+
+
+# -- profile problems in HL7 terms ---------------------------------------------------------
+
+_ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.resource(?:\.(.*))?$")
+_INDEX = re.compile(r"\[[^\]]*\]")
+#: What no answer to an HL7 sender carries: a FHIR path (in a problem's text it is cut out).
+_FHIR_PATH = re.compile(r"\s*\((?:Bundle|DiagnosticReport|Observation|Patient|Specimen|Organization)\.[^)]*\)"
+                        r"|\bBundle\.entry\S*|\b[A-Za-z]+\.(?:resource|entry)\S*")
+_INVARIANT = re.compile(r"^fails ([a-z]+-[a-z]+-\d+)")
+
+
+def _sources(msg: SourceMessage) -> list[tuple[str, Any, ReportFacts | None]]:
+    """(resource type, record, report) of each Bundle entry, in the order the report Bundle is built."""
+    out: list[tuple[str, Any, ReportFacts | None]] = [("Organization", None, None)]
+    if msg.patient is not None:
+        out.append(("Patient", msg.patient, None))
+    out += [("Specimen", r.specimen, r) for r in msg.reports if r.specimen is not None]
+    out += [("Observation", res, r) for r in msg.reports for res in r.results]
+    out += [("DiagnosticReport", r, r) for r in msg.reports]
+    return out
+
+
+def _fields_of(fields: list[str], kind: str, record: Any, report: ReportFacts | None) -> list[str]:
+    """HL7 locations (``OBR[1]-7``) of ``fields`` for the record a resource came from."""
+    out: list[str] = []
+    for loc in fields:
+        seg, _, fld = loc.partition("-")
+        if seg == "OBX":
+            if kind == "Observation":
+                out.append(f"{record.location}-{fld}")
+            elif report is not None:
+                out.extend(f"{res.location}-{fld}" for res in report.results[:2])
+        elif seg == "OBR" and report is not None:
+            out.append(f"{report.location}-{fld}")
+        elif seg == "SPM" and report is not None and report.extra.get("spm"):
+            out.append(f"{report.extra['spm']}-{fld}")
+        elif seg == "PID" and kind == "Patient":
+            out.append(f"{record.location}-{fld}")
+        elif seg in ("MSH", "PRT", "NTE") and (seg == "MSH" or report is not None):
+            out.append(f"{seg}[1]-{fld}" if seg == "MSH" else f"{seg}-{fld}")
+    return list(dict.fromkeys(out))
+
+
+def _joined(places: list[str]) -> str:
+    return places[0] if len(places) == 1 else ", ".join(places[:-1]) + f" and {places[-1]}"
+
+
+def explain_issues(msg: SourceMessage, bundle: dict[str, Any], issues: list[Issue],
+                   table: dict[str, Any]) -> list[Issue]:
+    """Problems found on the converted report, located and worded as HL7 fields for the sender's ACK.
+
+    ``table`` is ``mappings/hl7v2/fhir-fields.yaml``. Each problem located at
+    ``Bundle.entry[n].resource...`` is traced to the record (OBX, OBR, PID, SPM)
+    the resource was built from, and its element to the fields it came from:
+    ``OBR[1]-7 and OBX[1]-14 are empty: the collection time is required``. A
+    problem that cannot be traced keeps an HL7-worded text naming the segment
+    it can (or none); its FHIR path is kept in ``extra["fhir_path"]``, never in
+    the answer.
+    """
+    sources = _sources(msg)
+    entries = bundle.get("entry") or []
+    elements: dict[str, list[dict[str, Any]]] = table.get("elements", {})
+    invariants: dict[str, dict[str, Any]] = table.get("invariants", {})
+    out: list[Issue] = []
+    for issue in issues:
+        text = _FHIR_PATH.sub("", issue.message).strip()
+        m = _ENTRY_PATH.match(issue.location or "")
+        kind, record, report, rule = "", None, None, None
+        if m and int(m.group(1)) < len(sources) and int(m.group(1)) < len(entries):
+            kind, record, report = sources[int(m.group(1))]
+            if entries[int(m.group(1))].get("resource", {}).get("resourceType") != kind:
+                kind, record, report = "", None, None
+        if kind:
+            path = _INDEX.sub("", m.group(2) or "") if m else ""
+            inv = _INVARIANT.match(issue.message)
+            if not path and inv:
+                rule = invariants.get(inv.group(1))
+            elif path:
+                rule = next((r for r in elements.get(kind, []) if path.startswith(r["path"])), None)
+        places = _fields_of(list(rule["fields"]), kind, record, report) if rule else []
+        extra = {**issue.extra, "fhir_path": issue.location}
+        if places:
+            what = rule["what"] if rule else ""
+            if issue.code == "required" and not _INVARIANT.match(issue.message):
+                verb = "is" if len(places) == 1 else "are"
+                message = f"{verb} empty: {what} is required"
+            else:
+                message = f"{'does' if len(places) == 1 else 'do'} not give {what}: {text}"
+            out.append(Issue(issue.severity, issue.code, _joined(places), message, issue.hl7_error, extra))
+            continue
+        where = getattr(record, "location", "") if record is not None else ""
+        out.append(Issue(issue.severity, issue.code, where,
+                         f"the converted report fails a profile rule no HL7 field is mapped to: {text}",
+                         issue.hl7_error, extra))
+    return out

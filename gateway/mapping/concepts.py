@@ -9,18 +9,22 @@ with no mapping is kept as sent and reported as a warning.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage
 from gateway.errors import Issue, UnmappedCode, shown
-from gateway.mapping.tables import ConceptTable, MappingSet
-from gateway.naming import SYSTEM_UCUM, local_item_system
+from gateway.mapping.tables import ConceptTable, MappingSet, loinc_check_digit
+from gateway.naming import SYSTEM_LOINC, SYSTEM_UCUM, local_item_system
 
 __all__ = ["Terminology", "map_message"]
 
 _MICRO = str.maketrans({"μ": "u", "µ": "u"})
 _FINAL = {"final", "corrected", "amended"}
+#: Coding system names (HL7 table 0396) a sender uses for LOINC in a code's triplet.
+_LOINC_NAMES = {"LN", "LOINC"}
+_LOINC = re.compile(r"^(\d{1,7})-(\d)$")
 
 
 @dataclass
@@ -95,7 +99,7 @@ def map_message(msg: SourceMessage, terms: Terminology, issuer_uscc: str) -> Non
 
 def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer: str) -> None:
     std: dict[str, Any] = {}
-    codings, state = terms.item_codings(issuer, res.code)
+    codings, state = _result_codings(msg, res, terms, issuer)
     std["codings"] = codings
     if state == "unmapped":
         display = res.code.display if len(res.code.display) <= 60 else f"{res.code.display[:60]}…"
@@ -134,6 +138,54 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
             msg.issues.append(Issue("warning", "required", f"{res.location}-5",
                                     "result has no value; recorded with dataAbsentReason 'unknown'", "101"))
     res.std = std
+
+
+def loinc_problem(code: str) -> str:
+    """Why ``code`` is not a LOINC code (form NNNNN-N, mod-10 check digit), e.g. "has a wrong check digit
+    (expected 4548-4)"; empty when it is one."""
+    m = _LOINC.match(code)
+    if not m:
+        return "is not of the LOINC form NNNNN-N"
+    if loinc_check_digit(m.group(1)) != m.group(2):
+        return f"has a wrong check digit (expected {m.group(1)}-{loinc_check_digit(m.group(1))})"
+    return ""
+
+
+def _result_codings(msg: SourceMessage, res: ResultFacts, terms: Terminology,
+                    issuer: str) -> tuple[list[dict[str, str]], str]:
+    """Codings of a result: the sender's own code first, then LOINC (sent by the sender or from the table).
+
+    A sender may send LOINC itself: as the code (system ``LN``), the sender's own code then
+    in the alternate triplet (``msg.extra["alternate_codes"]``, or the LOINC number stands
+    for it), or beside its own code as the alternate. A sent LOINC with a wrong check digit
+    is only the sender's own code; one that disagrees with the table is reported and the
+    table's kept.
+    """
+    where = f"{res.location}-3"
+    alternate: Coded | None = msg.extra.get("alternate_codes", {}).get(res.location)
+    local, sent = res.code, None
+    if res.code.system.upper() in _LOINC_NAMES:
+        sent = res.code
+        if alternate is not None and alternate.system.upper() not in _LOINC_NAMES:
+            local = alternate
+    elif alternate is not None and alternate.system.upper() in _LOINC_NAMES:
+        sent = alternate
+    if sent is not None and (problem := loinc_problem(sent.code)):
+        msg.issues.append(Issue("warning", "code-invalid", where, f"sends LOINC {shown(sent.code)}, which {problem}; "
+                                "kept as the issuer's own code only", "103"))
+        sent = None
+    codings, state = terms.item_codings(issuer, local)
+    if sent is None:
+        return codings, state
+    table_loinc = next((c for c in codings[1:] if c["system"] == SYSTEM_LOINC), None)
+    if table_loinc is None:
+        codings.insert(1, {"system": SYSTEM_LOINC, "code": sent.code})
+    elif table_loinc["code"] != sent.code:
+        msg.issues.append(Issue("warning", "code-invalid", where,
+                                f"sends LOINC {shown(sent.code)} but table {terms.items.id} maps the local code "
+                                f"{shown(local.code)} to LOINC {shown(table_loinc['code'])}; the table's LOINC is "
+                                "kept", "103"))
+    return codings, "mapped"
 
 
 def _map_report(msg: SourceMessage, report: ReportFacts, terms: Terminology, issuer: str) -> None:
