@@ -186,6 +186,28 @@ def names() -> list[dict]:
     return [{"text": "张三"}, {"family": "张"}, {"given": ["三"]}, {"text": "张三", "family": "张"}, {}, {"use": "official"}]
 
 
+def hazard_factors() -> list[dict]:
+    """Hazard-factor extensions: catalogue and sender-only factors, with and without a category, odd parts."""
+    catalogue = {"system": "https://fhir.cyhr.org.cn/CodeSystem/hazard-factor", "code": "benzene"}
+    sender = {"system": "https://fhir.cyhr.org.cn/sid/hazard-code/cdc-zyjk", "code": "0403"}
+    category = {"url": "category", "valueCoding": {"system": "https://fhir.cyhr.org.cn/CodeSystem/exposure-category",
+                                                   "code": "chemical"}}
+    factors: list[object] = [catalogue, sender, {"code": "benzene"}, {"system": catalogue["system"]}, {}, "benzene",
+                             None]
+    out = []
+    for factor in factors:
+        for parts in ([], [category], [category, category], [{"url": "source", "valueCoding": sender}]):
+            ext: dict = {"url": ext_url("hazard-factor"), "extension": list(parts)}
+            if factor is not None:
+                ext["extension"].insert(0, {"url": "factor", "valueCoding": factor})
+            out.append(ext)
+    out += [{"url": ext_url("hazard-factor")},
+            {"url": ext_url("hazard-factor"), "extension": [{"url": "factor", "valueString": "苯"}]},
+            {"url": ext_url("hazard-factor"), "extension": [{"url": "factor", "valueCoding": catalogue},
+                                                            {"url": "category"}]}]
+    return out
+
+
 CORPUS = {
     "cyhr-dr-1": reports,
     "cyhr-dr-2": reports,
@@ -220,6 +242,7 @@ CORPUS = {
         {"system": "s", "value": "v"}, {"system": "s"}, {"value": "v"}, {}, {"system": None, "value": "v"},
         {"system": "", "value": ""}, {"system": "s", "value": None}, "s|v", None, [], [{"system": "s", "value": "v"}],
         {"system": ["s"], "value": "v"}, {"system": [], "value": "v"}, 5]),
+    "cyhr-haz-1": hazard_factors,
 }
 
 

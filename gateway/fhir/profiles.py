@@ -758,6 +758,22 @@ def _native_replaced_identifier_complete(ext: Any) -> bool:
                for i in (value if isinstance(value, list) else [value]))
 
 
+_HAZARD_FACTOR_SYSTEM = IG_BASE + "/CodeSystem/hazard-factor"
+
+
+def _native_catalogue_factor_has_category(extension: Any) -> bool:
+    # extension.where(url = 'factor').value.ofType(Coding).where(system = <hazard-factor>).exists()
+    #   implies extension.where(url = 'category').exists()
+    parts = extension.get("extension")
+    parts = [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+    def catalogue(coding: Any) -> bool:
+        return isinstance(coding, dict) and coding.get("system") == _HAZARD_FACTOR_SYSTEM
+
+    from_catalogue = any(p.get("url") == "factor" and catalogue(p.get("valueCoding")) for p in parts)
+    return not from_catalogue or any(p.get("url") == "category" for p in parts)
+
+
 NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "cyhr-dr-1": _native_replaces_only_on_corrections,
     "cyhr-dr-2": _native_corrections_name_what_they_replace,
@@ -781,6 +797,7 @@ NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "cyhr-org-2": _native_miplrn_characters,
     "cyhr-expo-1": _native_exposure_not_negative,
     "cyhr-rpl-1": _native_replaced_identifier_complete,
+    "cyhr-haz-1": _native_catalogue_factor_has_category,
 }
 
 
