@@ -2,9 +2,17 @@
 
 Syntax only, driven by ``mappings/cda/WST500.7-lab-report.yaml``: which
 document type is taken (templateId 2.16.156.10011.2.1.1.27, code C0007) and
-the XPath of every fact — header (文档流水号, 检验报告单号, patient, custodian,
-审核医师, relatedDocument), the 实验室检查 section's items, the 诊断记录 section
-and the 检验报告 section.
+the XPath of every fact — header (文档流水号, 检验报告单号, 电子申请单编号,
+patient, custodian, 检验报告医师, 审核医师, relatedDocument), the 实验室检查
+section's items, the 诊断记录 section and the 检验报告 section.
+
+The items are read whichever of the three layouts senders use, item by item
+(:class:`_Layout`): an organizer per item, the parts nested in the item
+observation, or the standard's sample layout of sibling entries. A document
+is refused only where it is ambiguous (a part that belongs to no item, two
+parts of one kind for one item), naming the entries by XPath. A document
+carried by an HL7 v3 互联互通 message (``POLB_IN224000UV01``, bare or in a SOAP
+envelope) is unwrapped first (:mod:`gateway.adapters.hl7v3`).
 
 Safety first: documents come from other systems and may be hostile. Before
 anything is parsed the size is checked and a document declaring a DTD
@@ -26,6 +34,7 @@ from typing import IO, Any
 
 from lxml import etree
 
+from gateway.adapters import hl7v3
 from gateway.adapters.base import (
     Coded,
     PatientFacts,
@@ -167,6 +176,134 @@ class _Reader:
         return _Found(str(node).strip(), "", None)
 
 
+class _Item:
+    """One 检验项目: its 检验项目代码 observation, where it is located and its parts by kind."""
+
+    __slots__ = ("code", "location", "parts")
+
+    def __init__(self, code: Any, location: Any) -> None:
+        self.code, self.location = code, location
+        self.parts: dict[str, Any] = {}
+
+
+class _Layout:
+    """Finds the 检验项目 of a 实验室检查 section and the parts of each, whichever layout the sender used.
+
+    Items are the observations coded 检验项目代码. A part (an observation coded as one of ``parts`` in the
+    structure table) belongs to
+
+    a. the item observation it is nested in (entryRelationship, also through a nested organizer), else
+    b. the one item of the nearest organizer around it that holds exactly one item, else
+    c. the last item before it in the same sequence: the entries of the section, or the components of an
+       organizer holding several items (an only item of such a sequence owns every part of it).
+
+    A part nested in another part (the unit inside its 检验定量结果) is read with that part.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.item_code = str(spec.get("code", "DE04.30.019.00"))
+        self.kinds: dict[str, str] = {str(v): str(k) for k, v in (spec.get("parts") or {}).items()}
+
+    def items(self, lab: Any, msg: SourceMessage) -> list[_Item] | None:
+        """The section's items in document order; None (and errors naming the entries) when it is ambiguous."""
+        order: dict[Any, int] = {}
+        item_nodes: list[Any] = []
+        part_nodes: list[tuple[str, Any]] = []
+        for n, el in enumerate(lab.iter()):
+            order[el] = n
+            if not isinstance(el.tag, str) or _localname(el) != "observation":
+                continue
+            code = next((c.get("code") for c in el if isinstance(c.tag, str) and _localname(c) == "code"), None)
+            if code == self.item_code:
+                item_nodes.append(el)
+            elif code in self.kinds:
+                part_nodes.append((self.kinds[str(code)], el))
+        if not item_nodes:
+            return []  # no item at all: said once, by the caller
+        items = {el: _Item(el, el) for el in item_nodes}
+        in_item = set(item_nodes)
+        counts: dict[Any, int] = {}
+
+        def items_in(organizer: Any) -> int:
+            if organizer not in counts:
+                counts[organizer] = sum(1 for el in organizer.iter() if el in in_item)
+            return counts[organizer]
+
+        def scope(el: Any) -> tuple[Any, Any]:
+            """(the only item of the nearest single-item organizer, else None; the sequence el is in)."""
+            node = el.getparent()
+            while node is not None and node is not lab:
+                if _localname(node) == "organizer":
+                    n = items_in(node)
+                    if n == 1:
+                        return next(i for i in node.iter() if i in in_item), node
+                    if n > 1:
+                        return None, node
+                node = node.getparent()
+            return None, lab
+
+        sequences: dict[Any, list[Any]] = {}
+        for el in item_nodes:
+            only, seq = scope(el)
+            if only is el:
+                items[el].location = el.getparent()
+                while _localname(items[el].location) != "organizer":
+                    items[el].location = items[el].location.getparent()
+                seq = scope(items[el].location)[1]
+            sequences.setdefault(seq, []).append(el)
+        errors: list[Issue] = []
+        owned: dict[Any, dict[str, list[Any]]] = {el: {} for el in item_nodes}
+        part_set = {el for _, el in part_nodes}
+        for kind, el in part_nodes:
+            owner = None
+            node = el.getparent()
+            nested_in_part = False
+            while node is not None and node is not lab:
+                if node in in_item:
+                    owner = node
+                    break
+                if node in part_set:
+                    nested_in_part = True
+                    break
+                node = node.getparent()
+            if nested_in_part:
+                continue
+            if owner is None:
+                only, seq = scope(el)
+                if only is not None:
+                    owner = only
+                else:
+                    candidates = sequences.get(seq, [])
+                    before = [i for i in candidates if order[i] < order[el]]
+                    owner = before[-1] if before else (candidates[0] if len(candidates) == 1 else None)
+            if owner is None:
+                errors.append(Issue("error", "structure", _path(el),
+                                    f"{_PART_NAMES.get(kind, kind)} entry belongs to no 检验项目: no 检验项目代码 "
+                                    "(DE04.30.019.00) comes before it in its section or organizer, and it is not "
+                                    "nested in one", "100"))
+                continue
+            owned[owner].setdefault(kind, []).append(el)
+        for el in item_nodes:
+            for kind, nodes in owned[el].items():
+                if len(nodes) > 1:
+                    value = el.find("{urn:hl7-org:v3}value")
+                    code = (value.get("code") or _text(value)) if value is not None else ""
+                    errors.append(Issue("error", "structure", _path(el),
+                                        f"检验项目 {shown(code)} has {len(nodes)} {_PART_NAMES.get(kind, kind)} "
+                                        f"entries ({', '.join(_path(n) for n in nodes)}) and nothing tells them "
+                                        "apart: send one per item", "100"))
+                else:
+                    items[el].parts[kind] = nodes[0]
+        if errors:
+            msg.issues.extend(errors)
+            return None
+        return [items[el] for el in item_nodes]
+
+
+_PART_NAMES = {"name": "检验项目名称", "result_code": "检验结果代码", "quantity": "检验定量结果", "unit": "计量单位",
+               "specimen": "标本类别", "specimen_state": "标本状态"}
+
+
 class CDAAdapter:
     """Reads WS/T 500.7 检验报告 documents as the structure table describes them.
 
@@ -188,6 +325,8 @@ class CDAAdapter:
         self.offset = default_offset
         self.max_bytes = max_document_bytes
         self.reader = _Reader(self.ns)
+        self.v3_interactions = [str(i) for i in (structure.get("hl7v3") or {}).get("interactions",
+                                                                                   ["POLB_IN224000UV01"])]
 
     # -- cutting and identifying ---------------------------------------------------------
 
@@ -204,7 +343,7 @@ class CDAAdapter:
 
     def identify(self, unit: RawUnit) -> tuple[str, str]:
         """(custodian id, 文档流水号) for duplicate detection; ``("", "")`` if unreadable or refused."""
-        root, issues = self._parse(unit.data)
+        root, _, _ = self._parse(unit.data)
         if root is None:
             return "", ""
         custodian = self.reader.value(root, self.header.get("custodian_id", "hl7:custodian//hl7:id/@extension"))
@@ -213,13 +352,23 @@ class CDAAdapter:
 
     # -- parsing -------------------------------------------------------------------------
 
-    def _parse(self, data: bytes) -> tuple[Any, list[Issue]]:
-        """The root element, or None and the issues that refuse the document."""
+    def _parse(self, data: bytes) -> tuple[Any, list[Issue], hl7v3.Envelope | None]:
+        """The ClinicalDocument element (unwrapped from an HL7 v3 message or SOAP envelope, which is returned
+        too), or None and the issues that refuse the input."""
+        root, issues = self._parse_bytes(data, "/")
+        if root is None:
+            return None, issues, hl7v3.sniff(data)
+        document, envelope, issues = hl7v3.unwrap(root, self._parse_bytes, self.v3_interactions)
+        return document, issues, envelope
+
+    def _parse_bytes(self, data: bytes, where: str) -> tuple[Any, list[Issue]]:
+        """The root element of ``data`` (the input, or a text payload found at ``where`` in it), or None and
+        the issues that refuse it."""
         if len(data) > self.max_bytes:
-            return None, [Issue("error", "too-long", "/", f"document is larger than the limit of {self.max_bytes} "
+            return None, [Issue("error", "too-long", where, f"document is larger than the limit of {self.max_bytes} "
                                 "bytes", "207")]
         if declares_dtd(data):
-            return None, [Issue("error", "security", "/",
+            return None, [Issue("error", "security", where,
                                 "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
                                 "CDA documents never need them and they are the vehicle of XXE and "
                                 "entity-expansion attacks", "100")]
@@ -227,11 +376,11 @@ class CDAAdapter:
             tree = etree.fromstring(data, safe_parser()).getroottree()
         except etree.XMLSyntaxError as exc:
             line = f"line {exc.lineno}" if exc.lineno else "unknown line"
-            return None, [Issue("error", "structure", "/", f"not well-formed XML ({line}): {exc.msg[:120]}", "100")]
+            return None, [Issue("error", "structure", where, f"not well-formed XML ({line}): {exc.msg[:120]}", "100")]
         except ValueError as exc:  # e.g. an encoding lxml does not know
-            return None, [Issue("error", "structure", "/", f"document cannot be read as XML: {exc}", "100")]
+            return None, [Issue("error", "structure", where, f"document cannot be read as XML: {exc}", "100")]
         if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-            return None, [Issue("error", "security", "/", "document carries a DTD: refused", "100")]
+            return None, [Issue("error", "security", where, "document carries a DTD: refused", "100")]
         return tree.getroot(), []
 
     # -- reading -------------------------------------------------------------------------
@@ -240,8 +389,12 @@ class CDAAdapter:
         """Parse and extract one document; problems become issues, never exceptions."""
         msg = SourceMessage(format=self.format)
         msg.extra["label"] = f"document {unit.index}"
-        root, issues = self._parse(unit.data)
+        root, issues, envelope = self._parse(unit.data)
         msg.issues.extend(issues)
+        if envelope is not None:
+            msg.extra["v3"] = envelope.as_extra()
+            if envelope.message_id:
+                msg.extra["label"] = f"{envelope.interaction or 'message'} {envelope.message_id}"
         if root is None:
             return msg
         doc_id = self.reader.value(root, self.header.get("document_id", "hl7:id/@extension"))
@@ -270,7 +423,7 @@ class CDAAdapter:
         known: dict[str, str] = {str(k): str(v) for k, v in self.doc.get("known_templates", {}).items()}
         if template not in templates:
             sent = ", ".join(f"{t} = {known[t]}" if t in known else shown(t) for t in templates[:5]) or "none"
-            where = _path(self.reader.element(root, "hl7:templateId")) if templates else "/ClinicalDocument/templateId"
+            where = _path(self.reader.element(root, "hl7:templateId")) if templates else f"{_path(root)}/templateId"
             msg.issues.append(Issue("error", "not-supported", where,
                                     f"document template {sent} is not taken here; this channel takes "
                                     f"{known.get(template, template)}, templateId {template}", "200"))
@@ -279,7 +432,7 @@ class CDAAdapter:
         system = self.reader.value(root, "hl7:code/@codeSystem")
         wrong_system = bool(system.value) and system.value != str(self.doc.get("code_system"))
         if code.value != str(self.doc.get("code")) or wrong_system:
-            msg.issues.append(Issue("error", "not-supported", code.where or "/ClinicalDocument/code/@code",
+            msg.issues.append(Issue("error", "not-supported", code.where or f"{_path(root)}/code/@code",
                                     f"document code {code.value or '(empty)'} does not match templateId {template}: "
                                     f"expected {self.doc.get('code')} in {self.doc.get('code_system')}", "200"))
             return False
@@ -312,12 +465,18 @@ class CDAAdapter:
         sent = get("effective_time")
         msg.sent_at = self._time(sent, msg)
 
-        report = ReportFacts(location="/ClinicalDocument", number=get("report_number").value)
+        report = ReportFacts(location=_path(root), number=get("report_number").value)
         report.placer_number = get("order_number").value
         report.key = f"cda|{doc_id.value}" if doc_id else ""
         if doc_id:
             report.other_ids.append((get("document_id_root").value or str(self.table.get("document_id_oid", "")),
                                      doc_id.value))
+        if report.placer_number:  # 电子申请单编号: the order this report answers
+            report.other_ids.append((str(h.get("order_number_oid", "2.16.156.10011.1.24")), report.placer_number))
+        author_id, author_name = get("author_id"), get("author_name")
+        if author_id or author_name:
+            report.extra["author"] = {"id": author_id.value, "name": author_name.value,
+                                      "system": get("author_id_root").value if author_id else ""}
 
         self._custodian(root, msg)
         self._patient(root, msg)
@@ -338,7 +497,7 @@ class CDAAdapter:
                                         f"{', '.join(allowed)}); send the complete corrected report as RPLC", "200"))
                 return report
             report.status = related.value
-            parent = get("replaced_document_id")
+            parent = self._parent_document(root)
             if related.value == "RPLC":
                 if not parent:
                     msg.issues.append(Issue("error", "required", parent.where,
@@ -348,10 +507,28 @@ class CDAAdapter:
                     msg.issues.append(Issue("error", "value", parent.where,
                                             "the document replaces itself (parentDocument id = document id)", "102"))
                 else:
-                    report.replaces = parent.value
-                    report.replaces_system = (get("replaced_document_root").value
-                                              or str(self.table.get("document_id_oid", "")))
+                    # The correction names the report it corrects by its 检验报告单号 (a correction keeps the
+                    # number of the report it replaces unless the parentDocument names another).
+                    replaced_number = get("replaced_report_number")
+                    report.replaces = replaced_number.value or report.number
+                    report.replaces_system = ""
+                    report.extra["replaced_document"] = ((parent.node.get("root") if parent.node is not None
+                                                          else "") or str(self.table.get("document_id_oid", "")),
+                                                         parent.value)
+                    msg.issues.append(Issue("information", "informational", parent.where,
+                                            f"corrects 检验报告单号 {report.replaces} (文档流水号 {parent.value}, "
+                                            "relatedDocument RPLC)", "0"))
         return report
+
+    def _parent_document(self, root: Any) -> _Found:
+        """The replaced document's id (文档流水号): the first parentDocument id that is not a 检验报告单号."""
+        xpath = self.header.get("replaced_document_id", "hl7:relatedDocument/hl7:parentDocument/hl7:id/@extension")
+        number_oid = str(self.header.get("report_number_oid", "2.16.156.10011.1.33"))
+        for node in self.reader.nodes(root, xpath):
+            found = _Reader._found(node)
+            if found and (found.node is None or found.node.get("root") != number_oid):
+                return found
+        return _Found("", _plain_join(_path(root), xpath))
 
     def _custodian(self, root: Any, msg: SourceMessage) -> None:
         ident = self.reader.value(root, self.header["custodian_id"])
@@ -382,7 +559,7 @@ class CDAAdapter:
     def _patient(self, root: Any, msg: SourceMessage) -> None:
         h, r = self.header, self.reader
         node = r.element(root, h["patient"])
-        p = PatientFacts(location=_path(node) if node is not None else "/ClinicalDocument/recordTarget")
+        p = PatientFacts(location=_path(node) if node is not None else f"{_path(root)}/recordTarget")
         msg.patient = p
         card = r.value(root, h["id_card"])
         if card:
@@ -435,27 +612,20 @@ class CDAAdapter:
         sections = self.table.get("sections", {})
         lab = r.element(root, sections["lab"])
         if lab is None:
-            msg.issues.append(Issue("error", "required", _plain_join("/ClinicalDocument", sections["lab"]),
+            msg.issues.append(Issue("error", "required", _plain_join(_path(root), sections["lab"]),
                                     "no 实验室检查 section (LOINC 30954-2): the document carries no results", "101"))
             return
         spec = self.table.get("lab_section", {})
         category = r.value(lab, spec["category"])
         if category:
             report.code = Coded("", category.value)
-        items = [n for n in r.nodes(lab, spec["items"]) if isinstance(n, etree._Element)]
-        item_spec = self.table.get("item", {})
+        items = _Layout(self.table.get("item", {})).items(lab, msg)
+        if items is None:
+            return  # refused: the layout is ambiguous (issues say where)
         if not items:
-            flat = [n for n in r.nodes(lab, item_spec["code"]) if isinstance(n, etree._Element)]
-            if len(flat) > 1:
-                msg.issues.append(Issue("error", "not-supported", _path(lab),
-                                        f"the 实验室检查 section lists {len(flat)} 检验项目代码 entries without an "
-                                        "organizer per item: values cannot be matched to items; send one "
-                                        "organizer per item", "100"))
-                return
-            items = [lab] if flat else []
-        if not items:
-            msg.issues.append(Issue("error", "required", _plain_join(_path(lab), spec["items"]),
-                                    "the 实验室检查 section has no 检验项目 (entry/organizer): no results", "101"))
+            msg.issues.append(Issue("error", "required", f"{_path(lab)}/entry",
+                                    "the 实验室检查 section has no 检验项目 (an observation coded DE04.30.019.00 "
+                                    "检验项目代码): no results", "101"))
             return
         seen: dict[str, int] = {}
         specimen: SpecimenFacts | None = None
@@ -490,46 +660,44 @@ class CDAAdapter:
         self._report_section(root, report)
         msg.reports.append(report)
 
-    def _item(self, item: Any, msg: SourceMessage) -> tuple[ResultFacts | None, SpecimenFacts | None]:
+    def _item(self, item: _Item, msg: SourceMessage) -> tuple[ResultFacts | None, SpecimenFacts | None]:
         r = self.reader
-        spec = self.table.get("item", {})
-        where = _path(item)
-        code_obs = r.element(item, spec["code"])
-        if code_obs is None:
-            msg.issues.append(Issue("error", "required", _plain_join(where, spec["code"]),
-                                    "item has no 检验项目代码 (DE04.30.019.00) observation", "101"))
-            return None, None
+        code_obs = item.code
         code_value = r.element(code_obs, "hl7:value")
         code = self._coded(code_value)
         if not code.code:
             loc = _path(code_value) if code_value is not None else f"{_path(code_obs)}/value"
             msg.issues.append(Issue("error", "required", loc, "检验项目代码 (local item code) is empty", "101"))
             return None, None
-        name = r.value(item, spec["name"]) if "name" in spec else _Found("", "")
+        name = r.value(item.parts["name"], "hl7:value") if "name" in item.parts else _Found("", "")
         if name and not code.display:
             code.display = name.value
-        res = ResultFacts(location=where, code=code)
+        res = ResultFacts(location=_path(item.location), code=code)
         res.where["code"] = _path(code_value)
         tested = self._time(r.value(code_obs, "hl7:effectiveTime/@value"), msg)
-        specimen = self._specimen(code_obs, msg, res)
+        specimen = self._specimen(item.parts.get("specimen"), msg, res)
         res.observed_at = (specimen.collected_at if specimen is not None else "") or tested
-        state = r.value(code_obs, spec["specimen_state"]) if "specimen_state" in spec else _Found("", "")
+        state = r.value(item.parts["specimen_state"], "hl7:value") if "specimen_state" in item.parts else None
         if state:
             res.notes.append(f"标本状态：{state.value}")
-        result_code = r.value(item, spec["result_code"])
+        result_code = r.value(item.parts["result_code"], "hl7:value/@code") if "result_code" in item.parts else None
         if result_code:
             # The display says what the code means (senders disagree on the codes); the code when there is none.
             display = (result_code.node.get("displayName") or "").strip() if result_code.node is not None else ""
             res.flags.append(display or result_code.value)
             res.where["flags"] = result_code.where
-        quantity = r.element(item, spec["quantity"])
+        quantity = item.parts.get("quantity")
         if quantity is not None:
-            self._value(quantity, msg, res)
+            unit = r.value(item.parts["unit"], "hl7:value") if "unit" in item.parts else None
+            self._value(quantity, msg, res, unit)
+        elif "unit" in item.parts:
+            msg.issues.append(Issue("warning", "value", _path(item.parts["unit"]),
+                                    "计量单位 (DE04.30.016.00) without a 检验定量结果 (DE04.30.015.00) for item "
+                                    f"{shown(code.code)}: ignored", "102"))
         return res, specimen
 
-    def _specimen(self, code_obs: Any, msg: SourceMessage, res: ResultFacts) -> SpecimenFacts | None:
+    def _specimen(self, node: Any, msg: SourceMessage, res: ResultFacts) -> SpecimenFacts | None:
         r = self.reader
-        node = r.element(code_obs, self.table["item"]["specimen"])
         if node is None:
             return None
         s = SpecimenFacts()
@@ -552,11 +720,19 @@ class CDAAdapter:
                          (value.get("codeSystem") or "").strip())
         return Coded(_text(value))
 
-    def _value(self, obs: Any, msg: SourceMessage, res: ResultFacts) -> None:
+    def _value(self, obs: Any, msg: SourceMessage, res: ResultFacts, own_unit: _Found | None = None) -> None:
+        """The 检验定量结果 ``obs``; ``own_unit``: a 计量单位 the item sent as a part of its own."""
         r = self.reader
         spec = self.table.get("item", {})
         value = r.element(obs, "hl7:value")
         unit = r.value(obs, spec["unit"]) if "unit" in spec else _Found("", "")
+        if own_unit:
+            if unit and unit.value != own_unit.value:
+                msg.issues.append(Issue("error", "value", own_unit.where,
+                                        f"计量单位 {shown(own_unit.value)} contradicts the unit {shown(unit.value)} "
+                                        f"inside the 检验定量结果 at {unit.where}: the unit of the value is "
+                                        "ambiguous", "102"))
+            unit = unit or own_unit
         if value is not None:
             xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
             res.where["value"] = _path(value)

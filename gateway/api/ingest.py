@@ -6,8 +6,13 @@ client that sends ``Accept: application/fhir+json`` gets an OperationOutcome
 with one issue per problem instead. ``POST /ingest/cda`` (one WS/T 500.7
 document, ``application/xml``) and ``POST /ingest/cdc-csv`` (an occupational-
 health exam export, ``text/csv``) are always answered with an OperationOutcome
-(``application/fhir+json``), with the same status codes. Other formats
-register the same way.
+(``application/fhir+json``), with the same status codes. An HL7 v3
+互联互通 message (``POLB_IN224000UV01``, bare or in a SOAP envelope) posted
+to ``/ingest/cda`` is answered in kind: an ``MCCI_IN000002UV01``
+acknowledgement (``application/hl7-v3+xml``; in a SOAP envelope,
+``application/soap+xml`` or ``text/xml`` by the SOAP version), HTTP 200 with
+the code in the acknowledgement and ``X-Ack-Code``, unless the client asks
+for ``application/fhir+json``. Other formats register the same way.
 
 The body is read as a stream: a CDC export is worked exam by exam while it is
 read (the server has spooled a large body to a temporary file), 32 units at a
@@ -28,6 +33,7 @@ from typing import IO, Any
 
 from flask import Blueprint, Response, current_app, request
 
+from gateway.adapters.hl7v3 import answer_media_type
 from gateway.api.app import pipeline_of
 from gateway.api.errors import outcome_response
 from gateway.auth import require_role
@@ -148,24 +154,34 @@ def ingest(fmt: str) -> Response:
     """
     pipeline = pipeline_of(current_app)
     channel = pipeline.channel(fmt)
-    as_outcome = (channel.answer_type == "application/fhir+json"
-                  or "application/fhir+json" in request.headers.get("Accept", ""))
+    wants_outcome = "application/fhir+json" in request.headers.get("Accept", "")
+    as_outcome = channel.answer_type == "application/fhir+json" or wants_outcome
     units = _units(channel.adapter, request.stream, request.remote_addr or "")
     worst, count = "AA", 0
     tally = _Tally()
     answers: list[bytes] = []
+    v3_answers: list[tuple[bytes, str]] = []  # HL7 v3 acknowledgements (CDA channel) and their media types
     while batch := list(itertools.islice(units, _BATCH)):
         for o in pipeline.ingest_batch(channel, batch, channel="http"):  # outcomes are dropped batch by batch
             count += 1
             code = o.ack_code or "AA"
             if _RANK.get(code, 1) > _RANK.get(worst, 1):
                 worst = code
+            v3_type = None if wants_outcome or fmt != "cda" else answer_media_type(o.answer)
+            if v3_type is not None:
+                v3_answers.append((o.answer, v3_type))
             if as_outcome:
                 tally.add(o)
             else:
                 answers.append(o.answer)
     if not count:
         raise InputError("no message found in the request body", "body")
+    if v3_answers and len(v3_answers) == count:
+        # An HL7 v3 message is answered in kind: its MCCI_IN000002UV01 acknowledgement says AA/AE/AR, and the
+        # HTTP status is 200 as web-service clients of the 互联互通 platforms expect (X-Ack-Code repeats the code).
+        body, media_type = v3_answers[0] if count == 1 else (b"".join(a for a, _ in v3_answers), v3_answers[0][1])
+        return Response(body, status=200, content_type=f"{media_type}; charset=utf-8",
+                        headers={"X-Ack-Code": worst})
     status = _HTTP_FOR_ACK.get(worst, 422)
     if as_outcome:
         return outcome_response(tally.answer(count), status, headers={"X-Ack-Code": worst})

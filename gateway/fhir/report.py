@@ -188,7 +188,7 @@ def diagnostic_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str,
         dr["effectiveDateTime"] = report.collected_at
     if report.issued_at:
         dr["issued"] = report.issued_at
-    dr["performer"] = [ref(performer)]
+    dr["performer"] = [ref(performer)] + _author(report)
     if report.interpreter_id or report.interpreter_name:
         who: dict[str, Any] = {}
         if report.interpreter_id:
@@ -207,10 +207,27 @@ def diagnostic_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str,
         dr["conclusionCode"] = [_concept(c) for c in report.conclusion_codes]
     if report.replaces:
         system = _system_of(report.replaces_system) if report.replaces_system else SYSTEM_LAB_REPORT_NO
-        replaces = {"url": ext_url("replaces"), "valueIdentifier": {"system": system, "value": report.replaces}}
+        replaced: dict[str, Any] = {"system": system, "value": report.replaces}
+        if system == SYSTEM_LAB_REPORT_NO:  # a 检验报告单号 is unique only with its issuer
+            replaced["assigner"] = {"identifier": {"system": uscc_identifier(issuer.uscc)["system"],
+                                                   "value": issuer.uscc}}
+        replaces = {"url": ext_url("replaces"), "valueIdentifier": replaced}
         dr = {"resourceType": dr.pop("resourceType"), "id": dr.pop("id"), "meta": dr.pop("meta"),
               "extension": [replaces], **dr}
     return dr
+
+
+def _author(report: ReportFacts) -> list[dict[str, Any]]:
+    """The practitioner who issued the report (CDA author, 检验报告医师) as a logical reference, when known."""
+    author = report.extra.get("author")
+    if not isinstance(author, dict) or not (author.get("id") or author.get("name")):
+        return []
+    who: dict[str, Any] = {"type": "Practitioner"}
+    if author.get("id"):
+        who["identifier"] = {"system": _system_of(author.get("system") or SYSTEM_STAFF), "value": author["id"]}
+    if author.get("name"):
+        who["display"] = author["name"]
+    return [who]
 
 
 def report_key(report: ReportFacts) -> str:
