@@ -45,7 +45,7 @@ import sqlite_utils
 from gateway import jsonutil, metrics
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.adapters.cda import CDAAdapter, answer_code
-from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack
+from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack, explain_issues
 from gateway.adapters.labcsv import LabCSVAdapter
 from gateway.config import Settings
 from gateway.errors import InputError, Issue, UnsupportedFormat
@@ -123,6 +123,8 @@ class Channel:
     answer_type: str = "x-application/hl7-v2+er7"  # media type of ``answer`` (CDA, CSV: application/fhir+json)
     #: (header-only message, note) -> the answer that a unit is held, for answering on receipt (HL7 v2 only)
     receipt: Callable[[SourceMessage, str], tuple[str, bytes]] | None = None
+    #: (message, Bundle, profile problems) -> the problems as the sender's own format names them (HL7 fields)
+    explain: Callable[[SourceMessage, dict[str, Any], list[Issue]], list[Issue]] | None = None
 
 
 Checker = Callable[[dict[str, Any]], list[Issue]]
@@ -176,8 +178,10 @@ class Pipeline:
     def _hl7v2_channel(self) -> Channel:
         structure = self.mappings.structure("hl7v2-oru-r01")
         adapter = HL7v2Adapter(structure, default_offset=self.settings.timezone,
-                               max_message_bytes=self.settings.max_message_bytes)
+                               max_message_bytes=self.settings.max_message_bytes,
+                               senders=self.mappings.structures.get("hl7v2-senders"))
         terms = Terminology.for_structure(self.mappings, structure)
+        fields = self.mappings.structures.get("hl7v2-fhir-fields", {})
 
         def answer(msg: SourceMessage, code: str, note: str | None = None) -> bytes:
             text = build_ack(msg, code, application=self.settings.ack_application,
@@ -201,9 +205,12 @@ class Pipeline:
             answer=answer,
             code_for=ack_code_for,
             receipt=receipt,
+            explain=lambda msg, bundle, found: explain_issues(msg, bundle, found, fields),
         )
 
     def _cda_channel(self) -> Channel:
+        from gateway.adapters import hl7v3
+
         structure = self.mappings.structure("cda-wst500-7-lab-report")
         adapter = CDAAdapter(structure, member_uscc=self.settings.issuer_uscc,
                              member_miplrn=self.settings.issuer_miplrn, default_offset=self.settings.timezone,
@@ -224,14 +231,20 @@ class Pipeline:
                 org["identifier"].append({"system": SYSTEM_INSTITUTION, "value": institution})
             return bundle
 
+        def answer(msg: SourceMessage, code: str) -> bytes:
+            # An HL7 v3 message (bare or in SOAP) is acknowledged in kind; a bare document gets an OperationOutcome.
+            if msg.extra.get("v3") is not None:
+                return hl7v3.acknowledgement(msg, code, sender=self.settings.issuer_uscc, now=self.clock())
+            return _outcome_answer(msg, code)
+
         return Channel(
             format="cda",
             adapter=adapter,
             map=lambda msg: _located(msg, lambda: map_message(msg, terms, issuer_of(msg).uscc)),
             build=build,
-            answer=_outcome_answer,
+            answer=answer,
             code_for=answer_code,
-            answer_type="application/fhir+json",
+            answer_type="application/fhir+json",  # HL7 v3 messages: see gateway.adapters.hl7v3.answer_media_type
         )
 
     def _cdc_csv_channel(self) -> Channel:
@@ -667,7 +680,8 @@ class Pipeline:
                     watch.lap(Stage.BUILD)
                     stage = Stage.CHECK
                     if self.checker is not None:
-                        msg.issues.extend(self.checker(bundle))
+                        found = self.checker(bundle)
+                        msg.issues.extend(ch.explain(msg, bundle, found) if ch.explain and found else found)
                         watch.lap(Stage.CHECK)
                     if not msg.errors:
                         outcome.bundle = bundle
@@ -836,8 +850,22 @@ class Pipeline:
             self.exchange.keep_signed(db, outcome.signed, "issued", outcome.record_id, bundle=outcome.bundle,
                                       digest=outcome.signed_digest or None)
         append_prepared(db, audit)
+        if outcome.status is Status.STORED and outcome.bundle is not None:
+            self._supersede(outcome)
         for hook in self.after_store:
             hook(db, outcome)
+
+    def _supersede(self, outcome: Outcome) -> None:
+        """A stored report that corrects one stored before (or that a stored correction supersedes): the
+        superseded version is marked, the decisions on it withdrawn, and a correction issued here is queued
+        for every member the superseded version was pushed to (inside the recording transaction)."""
+        from gateway.store.reports import supersede
+
+        assert outcome.bundle is not None
+        changes = supersede(self.store, outcome.bundle, direction="issued", message_ref=outcome.record_id,
+                            at=self.clock(), member=self.issuer.uscc)
+        if changes and self.exchange is not None:
+            self.exchange.forward_corrections(changes, str(outcome.bundle.get("id") or ""))
 
 
 #: HL7 v2 versions an answer may echo (anything else is answered as 2.5.1).

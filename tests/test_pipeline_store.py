@@ -7,6 +7,7 @@ import pytest
 
 from conftest import DATA
 from gateway.errors import InputError
+from gateway import jsonutil
 from gateway.pipeline import Pipeline, Status
 
 MALFORMED = (DATA / "hl7v2" / "malformed.hl7").read_bytes()
@@ -97,11 +98,17 @@ def test_resent_correction_keeps_the_earlier_version(pipeline: Pipeline) -> None
     corrected = corrected.replace(b"||36|U/L|9-50|N|||F|", b"||38|U/L|9-50|N|||C|")
     out = pipeline.ingest(corrected, "hl7v2", channel="http")[0]
     assert out.status is Status.STORED
-    alt = pipeline.store.search("Observation", [("code", "http://loinc.org|1742-6")]).resources[0]
+    # a search answers the current version only: the correction's ALT
+    found = pipeline.store.search("Observation", [("code", "http://loinc.org|1742-6")]).resources
+    assert len(found) == 1
+    alt = found[0]
     assert alt["status"] == "corrected" and str(alt["valueQuantity"]["value"]) == "38"
-    assert alt["meta"]["versionId"] == "2"
-    old = pipeline.store.db.execute("SELECT json FROM resource_history WHERE id = ?", [alt["id"]]).fetchone()[0]
-    assert '"value":36' in old
+    # the earlier version is a resource of its own, still read by id, tagged superseded, its value as first sent
+    rows = pipeline.store.db.execute("SELECT id, json FROM resources WHERE type = 'Observation'").fetchall()
+    earlier = [jsonutil.loads(j) for rid, j in rows if rid != alt["id"] and '"1742-6"' in j]
+    assert len(earlier) == 1 and str(earlier[0]["valueQuantity"]["value"]) == "36"
+    assert earlier[0]["status"] == "final"
+    assert [t["code"] for t in earlier[0]["meta"].get("tag", [])] == ["superseded"]
 
 
 # -- search -----------------------------------------------------------------------------

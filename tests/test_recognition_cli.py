@@ -70,6 +70,21 @@ def test_json_and_storage(demo_dir: Path, tmp_path: Path) -> None:
     assert doc["decisions"][0]["decided_at"] == "2026-11-22T10:00:00+08:00"
     assert {r["rule"] for r in doc["decisions"][0]["rules"]} >= {"occupational-filing", "occupational-physician"}
 
+    # every decision stored is audited with it, so the published figures count decisions made here too
+    from gateway.audit.stats import compute
+    from gateway.store.db import connect
+
+    audited = connect(db)
+    try:
+        kinds = [r[0] for r in audited.execute("SELECT kind FROM audit_log ORDER BY seq")]
+        figures = compute(audited)
+    finally:
+        audited.conn.close()
+    assert kinds.count("decision") == 3
+    # the third result is outside every catalogue: counted apart, not in the 互认率
+    assert figures["total"]["eligible"] == 2 and figures["total"]["accepted"] == 2, figures["total"]
+    assert figures["outside_catalogue"] == 1
+
     listed = runner.invoke(decisions, ["list", "--db", str(db), "--outcome", "recognized"])
     assert listed.exit_code == 0, listed.output
     assert listed.output.count("recognized") == 2 and "CY-O001" in listed.output

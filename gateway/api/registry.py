@@ -27,7 +27,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from gateway import jsonutil
 from gateway.errors import ConfigError, InputError, NotFound
 from gateway.recognition.engine import decide_all
-from gateway.recognition.facts import facts_from_bundle
+from gateway.recognition.facts import facts_from_bundle, with_superseded
 from gateway.recognition.fhir import decision_parameters, parse_recognize_parameters
 from gateway.audit.events import decided
 from gateway.auth import require_role
@@ -38,6 +38,7 @@ from gateway.registry.models import Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder
 from gateway.signing.canonical import parse_json
 from gateway.store.db import connect
+from gateway.store.reports import superseded_in
 
 __all__ = ["bp", "install", "RegistryState", "EXTENSION_KEY"]
 
@@ -173,10 +174,14 @@ def recognize() -> Response:
     bundle, receiver, at = parse_recognize_parameters(parse_json(request.get_data()))
     at = at or state.clock()
     snapshot = state.holder.snapshot_at(at)
-    decisions = decide_all(facts_from_bundle(bundle), snapshot, receiver, at)
-    if state.database is not None:
+    facts = facts_from_bundle(bundle)
+    if state.database is None:
+        decisions = decide_all(facts, snapshot, receiver, at)
+    else:
         db = connect(state.database)
         try:
+            # a report a stored correction supersedes is decided as superseded
+            decisions = decide_all(with_superseded(facts, superseded_in(db, bundle)), snapshot, receiver, at)
             with transaction(db):  # decisions and their audit entries commit together
                 save_decisions(db, decisions, state.clock())
                 decided(db, decisions, member=receiver)

@@ -47,6 +47,7 @@ __all__ = [
     "ingest",
     "decision",
     "override",
+    "withdrawal",
     "from_decision",
     "from_override",
     "patient_read",
@@ -62,7 +63,7 @@ __all__ = [
 FACTS_VERSION = 1
 
 KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security", "login", "operator",
-         "token")
+         "token", "withdrawal")
 
 #: Outcome of a recognition decision (ANCHORS §2.5). ``needs-review``: the engine could not decide alone.
 DECISION_OUTCOMES = ("recognized", "not-recognized", "needs-review")
@@ -656,6 +657,47 @@ def token_request(
 
 
 _STATUS = {"passed": True, "failed": False}
+
+
+def withdrawal(
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    decision_id: str,
+    reason: str,
+    report: str,
+    superseded_by: str,
+    decided_outcome: str | None = None,
+    receiver: Party | None = None,
+    issuer: Party | None = None,
+    item: tuple[str, str] | tuple[str, str, str] | None = None,
+    report_system: str = SYSTEM_LAB_REPORT_NO,
+    patient: PatientRef | None = None,
+) -> Record:
+    """A recognition decision withdrawn: the report it was about was superseded by a correction.
+
+    ``decision_id`` names the decision withdrawn (as in :func:`decision`); ``report`` the 检验报告单号 of the
+    superseded report; ``superseded_by`` the report that superseded it; ``reason`` says so in words. From
+    then on the decision reads as not recognised and the statistics leave it out.
+
+    :raises InputError: no decision id, reason or report; naive time.
+    """
+    return _record(
+        "withdrawal",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "decision_id": _required(decision_id, "decision_id"),
+            "reason": _required(reason, "reason"),
+            "report": {"system": report_system, "value": _required(report, "report")},
+            "superseded_by": _required(superseded_by, "superseded_by"),
+            "decided_outcome": decided_outcome,
+            "receiver": receiver.facts() if receiver else None,
+            "issuer": issuer.facts() if issuer else None,
+            "item": _item(item) if item else None,
+            "patient": patient.facts() if patient else None,
+        },
+    )
 
 
 def from_decision(

@@ -15,6 +15,7 @@ exchange   DCM 110106 Export / 110107 Import        audit-event-subtype bundle-*
 ingest     DCM 110107 Import                        message-ingested             C
 decision   audit-event-type lab-recognition (§2.5)  recognition-outcome <code>   E
 override   audit-event-type recognition-override    retest-reason <code>         E
+withdrawal audit-event-type recognition-withdrawal  report-superseded            U
 read       audit-event-type rest (BALP PatientRead  restful-interaction read /   R / E
            / PatientQuery)                          search-type
 registry   audit-event-type registry-snapshot       registry-snapshot-applied    U
@@ -394,6 +395,46 @@ def _override(facts: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _withdrawal(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """A decision withdrawn because its report was superseded by a correction (our event type)."""
+    agents = [_gateway_agent(facts)]
+    agents[0]["requestor"] = True  # the gateway withdraws on its own when the correction is stored
+    if facts.get("receiver"):
+        agents.append(_agent(_cc(_PARTICIPATION, "RCV", "receiver"), facts["receiver"], requestor=False))
+    if facts.get("issuer"):
+        agents.append(_agent(_cc(_PARTICIPATION, "PRF", "performer"), facts["issuer"], requestor=False))
+    report: dict[str, Any] = {
+        "what": _reference(facts["report"], "DiagnosticReport"),
+        "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+        "role": _coding(_OBJECT_ROLE, "4", "Domain Resource"),
+        "detail": _detail("superseded-by", facts["superseded_by"]),
+    }
+    if facts.get("item"):
+        report["detail"] += _item_detail(facts["item"])
+    entities = [report]
+    if facts.get("patient"):
+        entities.append(_patient_entity(facts["patient"]))
+    entities.append(
+        {
+            "what": _decision_ref(facts["decision_id"]),
+            "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
+            "detail": _detail("decision-id", facts["decision_id"])
+            + _detail("decided-outcome", facts.get("decided_outcome")),
+        }
+    )
+    return {
+        "type": _coding(CS_EVENT_TYPE, "recognition-withdrawal", "Recognition decision withdrawn"),
+        "subtype": [_coding(CS_EVENT_SUBTYPE, "report-superseded", "Report superseded by a correction")],
+        "action": "U",
+        "outcome": "0",
+        "outcomeDesc": facts["reason"],
+        "purposeOfEvent": [_cc(_ACT_REASON, "TREAT")],
+        "agent": agents,
+        "entity": entities,
+    }
+
+
 def _rest_agents(facts: Mapping[str, Any], *, read: bool) -> list[dict[str, Any]]:
     """BALP client/server/user agents. For a read the data flows server to client, hence swapped role codes."""
     client_code, server_code = ("110152", "110153") if read else ("110153", "110152")
@@ -647,6 +688,7 @@ _KINDS = {
     "ingest": _ingest,
     "decision": _decision,
     "override": _override,
+    "withdrawal": _withdrawal,
     "read": _read,
     "registry": _registry,
     "query": _query,

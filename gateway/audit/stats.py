@@ -27,8 +27,14 @@ be recomputed by hand. Also reported: refusals by failing rule id (each rule a
 not-recognized result failed counts once), overrides by re-test reason, lookups
 (调阅) by reading member, and exchanges (sent, received, refused by reason).
 
+A decision withdrawn because its report was superseded by a correction
+(a ``withdrawal`` entry), and a decision that found its report superseded
+already, are not counted at all: the result is counted once, by the decision
+on the correction, whichever order the versions arrived in.
+
 A date filter selects entries by the time they were recorded; an override
-recorded after the period still marks a decision inside it as overridden.
+recorded after the period still marks a decision inside it as overridden, and
+a withdrawal recorded after the period still takes its decision out.
 A selection (issuer, receiver, item, catalogue) narrows the decisions, the
 refusals and the overrides (those of a selected decision) alike; lookups and
 exchanges are not about one issuer's results and are never narrowed.
@@ -161,6 +167,7 @@ _FIELDS = {
         "$.facts.rules",
     ),
     "override": ("$.facts.decision_id", "$.facts.reason"),
+    "withdrawal": ("$.facts.decision_id", "$.facts.reason"),
     "read": (
         "$.facts.member.value",
         "$.facts.member.display",
@@ -250,7 +257,10 @@ def _latest(
     ensure_schema(db)
     where, params = _date_sql(dates)
     latest: dict[tuple[str, ...], tuple[int, list[Any]]] = {}
+    withdrawn = {decision_id for _, (decision_id, _reason) in _rows(db, "withdrawal", "", [])}
     for seq, values in _rows(db, "decision", where, params):
+        if values[8] in withdrawn or _on_superseded(values[15]):
+            continue  # the decision on a superseded report version: the correction's decision counts instead
         latest[tuple(v or "" for v in values[:8])] = (seq, values[8:])  # a later decision replaces an earlier one
     current = {values[0]: seq for seq, values in latest.values() if values[0]}  # decision id -> its entry
     overridden: set[str] = set()
@@ -280,6 +290,15 @@ def _latest(
         results.append(_Result(seq, decision_id or "", outcome, recorded, dims, names, list(rules or [])))
     results.sort(key=lambda r: r.seq)
     return results, overridden, outside, chosen_ids
+
+
+def _on_superseded(rules: Any) -> bool:
+    """Whether a decision failed rule ``report-status`` because its report was superseded."""
+    return any(
+        r.get("id") == "report-status" and r.get("passed") is False and "superseded" in str(r.get("detail", ""))
+        for r in rules or []
+        if isinstance(r, Mapping)
+    )
 
 
 def _named(dim: str, key: str, found: str, names: Mapping[str, str]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import sqlite_utils
 
+from gateway.audit.events import decided
 from gateway.commands.common import AwareDateTime, now_cst, one_line_errors
 from gateway.commands.registry import authority_certificates
 from gateway.naming import SYSTEM_ID_CARD
@@ -32,13 +33,14 @@ from gateway.recognition.engine import (
     Decision,
     decide_all,
 )
-from gateway.recognition.facts import facts_from_bundle
+from gateway.recognition.facts import facts_from_bundle, with_superseded
 from gateway.recognition.overrides import RETEST_REASONS, make_override
 from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
 from gateway.registry.models import Snapshot
 from gateway.registry.snapshot import verify_snapshot
 from gateway.signing.canonical import dumps, parse_json
-from gateway.store.db import connect
+from gateway.store.db import connect, transaction
+from gateway.store.reports import superseded_in
 
 __all__ = ["recognize", "decisions", "format_decisions"]
 
@@ -126,12 +128,20 @@ def recognize(
     data = _read(bundle)
     with one_line_errors():
         snapshot = verify_snapshot(_read(registry_path), authority_certificates(authority), moment)
-        decisions = decide_all(facts_from_bundle(parse_json(data)), snapshot, receiver, moment)
+        document = parse_json(data)
+        facts = facts_from_bundle(document)
         stored = None
-        if db_path:
+        if not db_path:
+            decisions = decide_all(facts, snapshot, receiver, moment)
+        else:
             db = connect(db_path)
             try:
-                stored = save_decisions(db, decisions, now_cst())
+                # a report a stored correction supersedes is decided as superseded; the decisions and
+                # their audit entries commit together, so `gateway audit stats` counts them like any other
+                decisions = decide_all(with_superseded(facts, superseded_in(db, document)), snapshot, receiver, moment)
+                with transaction(db):
+                    stored = save_decisions(db, decisions, now_cst())
+                    decided(db, decisions, member=receiver)
             finally:
                 db.conn.close()
     if as_json:

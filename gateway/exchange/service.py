@@ -328,6 +328,46 @@ class Exchange:
             raise InputError(f"no signed Bundle {bundle_id} was issued by this gateway", "bundle")
         return self.outbox.enqueue(destination, self.endpoint_of(destination), bytes(row[0]))
 
+    def pushed_to(self, bundle_id: str) -> list[str]:
+        """The members this member's signed Bundle ``bundle_id`` was queued for (any outbox state)."""
+        texts = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'",
+                                [bundle_id]).fetchall()
+        digests = [hashlib.sha256(bytes(t[0])).hexdigest() for t in texts]
+        if not digests:
+            return []
+        marks = ",".join("?" * len(digests))
+        rows = self.db.execute(f"SELECT DISTINCT destination FROM outbox WHERE payload_sha256 IN ({marks})"
+                               " ORDER BY destination", digests).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def forward_corrections(self, changes: list[Any], bundle_id: str) -> list[int]:
+        """Queue the correction ``bundle_id`` (issued here, just stored) for every member a version it
+        supersedes was pushed to; inside the caller's transaction. Returns the outbox ids.
+
+        ``changes`` are :class:`gateway.store.reports.Change` rows. Delivered, receipted and audited like
+        every push, by the delivery lanes; a destination no longer in the registry is left out (logged).
+        """
+        if self.identity is None or self.holder is None:
+            return []
+        queued: list[int] = []
+        done: set[str] = set()
+        for change in changes:
+            current, old = change.current, change.old
+            if current.bundle_id != bundle_id or current.direction != "issued" or old.direction != "issued":
+                continue
+            for destination in self.pushed_to(old.bundle_id):
+                if destination in done:
+                    continue
+                done.add(destination)
+                try:
+                    queued.append(self.push(bundle_id, destination))
+                except (UnknownIssuer, InputError, ConfigError) as exc:
+                    log.warning("correction bundle=%s not queued for %s: %s", bundle_id, destination, exc.message)
+                    continue
+                log.info("correction bundle=%s queued for %s (it supersedes bundle=%s)", bundle_id, destination,
+                         old.bundle_id)
+        return queued
+
     def assertion_for(self, url: str) -> dict[str, str]:
         """The Authorization header for one request to ``url``."""
         ident = self._identity()
@@ -537,10 +577,13 @@ class Exchange:
             if problems:
                 raise ProfileViolation(problems, "the received Bundle does not conform to our profiles")
         from gateway.recognition.engine import decide_all
-        from gateway.recognition.facts import facts_from_bundle
+        from gateway.recognition.facts import facts_from_bundle, with_superseded
         from gateway.recognition.store import save_decisions
+        from gateway.store.reports import supersede, superseded_in
 
-        decisions = decide_all(facts_from_bundle(bundle), snapshot, self.settings.issuer_uscc, now)
+        # a report a stored correction supersedes (it arrived late) is decided as superseded
+        facts = with_superseded(facts_from_bundle(bundle), superseded_in(self.db, bundle))
+        decisions = decide_all(facts, snapshot, self.settings.issuer_uscc, now)
         doc_sha = verified.document_sha256
         counts: dict[str, int] = {}
         for d in decisions:
@@ -572,6 +615,9 @@ class Exchange:
             audit_events.exchanged(db, "received", at=now, member=self.settings.issuer_uscc, peer=peer,
                                    bundle_hash=doc_sha, bundle_id=bundle.get("id"), kid=verified.kid)
             audit_log.append_prepared(db, decision_entries)
+            # a correction supersedes the version received before: its decisions are withdrawn here too
+            supersede(self.store, bundle, direction="received", message_ref=record_id, at=now,
+                      member=self.settings.issuer_uscc)
 
         unsigned = {k: v for k, v in bundle.items() if k != "signature"}
         if not self.store.finish(record_id, status="stored", ack_code="200", ack=receipt, issues=[], bundle=unsigned,
@@ -642,8 +688,14 @@ class Exchange:
         needle = identifier if "|" in identifier else f"|{identifier}"
         escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%'
+        current = ""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_versions'").fetchone():
+            # a Bundle whose every report a correction superseded is not answered: the correction is
+            current = (" AND bundle_id NOT IN (SELECT bundle_id FROM report_versions WHERE direction = 'issued'"
+                       " GROUP BY bundle_id HAVING min(superseded_by IS NOT NULL) = 1)")
         rows = self.db.execute("SELECT text, patient_keys FROM signed_bundles WHERE direction = 'issued'"
-                               " AND patient_keys LIKE ? ESCAPE '\\' ORDER BY signed_at", [pattern]).fetchall()
+                               f" AND patient_keys LIKE ? ESCAPE '\\'{current} ORDER BY signed_at",
+                               [pattern]).fetchall()
         out = []
         for text, keys in rows:
             keys_list = jsonutil.loads(keys)

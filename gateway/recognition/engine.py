@@ -474,7 +474,8 @@ def _rule_status(ctx: _Context) -> RuleResult:
         "superseded_by": f.superseded_by,
     }
     if f.superseded_by:
-        return _r(rid, FAILED, "the report has been superseded by a later one in the same Bundle", **info)
+        # the correction in the same Bundle, or one stored before (gateway.store.reports)
+        return _r(rid, FAILED, f"the report has been superseded by {f.superseded_by}", **info)
     failed = [
         f"{what} is {status}"
         for what, status in (("the result", f.observation_status), ("the report", f.report_status))

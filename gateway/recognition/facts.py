@@ -12,7 +12,8 @@ and the patient's 身份证号 (GB 11643). A bad one refuses the Bundle.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "ResultFacts",
     "HazardFactor",
     "facts_from_bundle",
+    "with_superseded",
     "EXT_RECOGNITION_MARK",
     "EXT_REPLACES",
     "EXT_HAZARD_FACTOR",
@@ -282,7 +284,12 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
                 report_id=report_key,
                 report_status=report.get("status") if report else None,
                 report_class=_report_class(report) if report else None,
-                superseded_by=replaced_by.get(report_key) if report_key else None,
+                # a correction keeping the number of the report it replaces names its own number: not itself
+                superseded_by=(
+                    replaced_by.get(report_key)
+                    if report_key and rep and replaced_by.get(report_key) != rep[1]
+                    else None
+                ),
                 collected=collection.get("collectedDateTime"),
                 effective=obs.get("effectiveDateTime"),
                 report_effective=report.get("effectiveDateTime") if report else None,
@@ -322,3 +329,18 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
     if not out:
         raise InputError("the Bundle holds no Observation and no report conclusion to decide on", "Bundle.entry")
     return out
+
+
+def with_superseded(facts: Iterable[ResultFacts], superseded: Mapping[str, str]) -> list[ResultFacts]:
+    """The facts, each result of a report that a stored correction supersedes marked so.
+
+    ``superseded``: report id (``system|value``) -> the report that supersedes it, as
+    :func:`gateway.store.reports.superseded_in` gives. A result already superseded within its own
+    Bundle keeps that.
+    """
+    return [
+        dataclasses.replace(f, superseded_by=superseded[f.report_id])
+        if f.report_id is not None and f.report_id in superseded and not f.superseded_by
+        else f
+        for f in facts
+    ]

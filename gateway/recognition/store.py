@@ -1,7 +1,10 @@
 """Recognition store: decisions and physician overrides in the gateway's SQLite database.
 
-Two append-only tables (triggers refuse UPDATE and DELETE): a decision is
-never rewritten, and an override sits beside the decision it concerns. Each
+Three append-only tables (triggers refuse UPDATE and DELETE): a decision is
+never rewritten, an override sits beside the decision it concerns, and so does
+a withdrawal: when a corrected report supersedes the report a decision was
+about, the decision is withdrawn ("superseded by <report>") and from then on
+reads as ``not-recognized``, its recorded outcome kept beside. Each
 decision row keeps the full decision JSON (every rule with its facts, the
 snapshot version and digest) so it can be replayed, plus the columns it is
 listed by: patient identifier, issuer, item and outcome.
@@ -33,6 +36,7 @@ __all__ = [
     "ensure_schema",
     "save_decisions",
     "add_override",
+    "withdraw_superseded",
     "get_decision",
     "list_decisions",
 ]
@@ -71,10 +75,16 @@ SCHEMA: tuple[str, ...] = (
         recorded_at      TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS recognition_overrides_decision ON recognition_overrides (decision_id)",
+    """CREATE TABLE IF NOT EXISTS recognition_withdrawals (
+        decision_id      TEXT PRIMARY KEY REFERENCES recognition_decisions (decision_id),
+        reason           TEXT NOT NULL,
+        superseded_by    TEXT NOT NULL,  -- the report that superseded the one decided on
+        withdrawn_at     TEXT NOT NULL
+    )""",
     *(
         f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action} BEFORE {action.upper()} ON {table}"
         f" BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-        for table in ("recognition_decisions", "recognition_overrides")
+        for table in ("recognition_decisions", "recognition_overrides", "recognition_withdrawals")
         for action in ("update", "delete")
     ),
 )
@@ -89,10 +99,21 @@ class StoredDecision:
     decision: dict[str, Any]
     recorded_at: str
     overrides: tuple[dict[str, Any], ...] = ()
+    withdrawal: dict[str, Any] | None = None
+
+    @property
+    def outcome(self) -> str:
+        """The outcome in force: ``not-recognized`` once withdrawn, else the one decided."""
+        return NOT_RECOGNIZED if self.withdrawal else str(self.decision.get("outcome"))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: the decision plus ``recorded_at`` and ``overrides``."""
-        return {**self.decision, "recorded_at": self.recorded_at, "overrides": list(self.overrides)}
+        """JSON form: the decision plus ``recorded_at`` and ``overrides``; a withdrawn one reads
+        ``not-recognized``, with ``decided_outcome`` (what was decided) and ``withdrawn`` (why and when)."""
+        out = {**self.decision, "recorded_at": self.recorded_at, "overrides": list(self.overrides)}
+        if self.withdrawal:
+            out.update(outcome=NOT_RECOGNIZED, decided_outcome=self.decision.get("outcome"),
+                       withdrawn=dict(self.withdrawal))
+        return out
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -100,7 +121,7 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
 
     Statement by statement (not ``executescript``, which would commit a caller's open transaction).
     """
-    if _table_exists(db):
+    if _table_exists(db) and _table_exists(db, "recognition_withdrawals"):
         return
     with transaction(db):
         for statement in SCHEMA:
@@ -213,11 +234,103 @@ def _overrides(db: sqlite_utils.Database, decision_ids: list[str]) -> dict[str, 
     return out
 
 
-def _table_exists(db: sqlite_utils.Database) -> bool:
-    return (
-        db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recognition_decisions'").fetchone()
-        is not None
-    )
+def _table_exists(db: sqlite_utils.Database, name: str = "recognition_decisions") -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
+
+
+def _withdrawals(db: sqlite_utils.Database, decision_ids: list[str]) -> dict[str, dict[str, Any]]:
+    if not decision_ids or not _table_exists(db, "recognition_withdrawals"):
+        return {}
+    marks = ",".join("?" * len(decision_ids))
+    rows = db.execute(
+        "SELECT decision_id, reason, superseded_by, withdrawn_at FROM recognition_withdrawals"
+        f" WHERE decision_id IN ({marks})",
+        decision_ids,
+    ).fetchall()
+    return {r[0]: {"reason": r[1], "superseded_by": r[2], "withdrawn_at": r[3]} for r in rows}
+
+
+def _item_of(decision: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The item a stored decision was about, as audit entries name it: the catalogue item, else the first code."""
+    item = decision.get("catalogue_item")
+    if isinstance(item, dict) and item.get("code"):
+        return ("", str(item["code"]), str(item.get("display") or ""))
+    codings = (decision.get("result") or {}).get("codings") or []
+    if codings and codings[0].get("code"):
+        return (str(codings[0].get("system") or ""), str(codings[0]["code"]), "")
+    return None
+
+
+def _says_superseded(decision_json: str) -> bool:
+    """Whether a decision already found its report superseded (rule ``report-status``)."""
+    for rule in json.loads(decision_json).get("rules") or []:
+        if rule.get("rule") == "report-status" and rule.get("status") == "failed" and (
+            rule.get("facts") or {}
+        ).get("superseded_by"):
+            return True
+    return False
+
+
+def withdraw_superseded(
+    db: sqlite_utils.Database,
+    *,
+    bundle_id: str,
+    report_id: str,
+    superseded_by: str,
+    at: _dt.datetime,
+    member: str,
+) -> list[str]:
+    """Withdraw every decision on one superseded report version; returns the ids withdrawn.
+
+    The version is named as decisions name it: its Bundle (identifier value) and report id
+    (``system|value``). Each withdrawal is recorded with the reason "superseded by <report>" and
+    audited (kind ``withdrawal``), inside the caller's transaction. A decision withdrawn before,
+    or one that found the report superseded already, is left as it is.
+
+    :raises InputError: ``at`` has no UTC offset.
+    """
+    when = _aware(at, "withdrawn_at")
+    ensure_schema(db)
+    from gateway.audit.log import append
+    from gateway.audit.records import Party, PatientRef, withdrawal
+
+    reason = f"superseded by {superseded_by}"
+    withdrawn: list[str] = []
+    with transaction(db):
+        rows = db.execute(
+            "SELECT d.decision_id, d.decision_json, d.receiver_uscc, d.issuer_uscc,"
+            " d.patient_system, d.patient_value, d.outcome FROM recognition_decisions d"
+            " LEFT JOIN recognition_withdrawals w ON w.decision_id = d.decision_id"
+            " WHERE d.bundle_id = ? AND d.report_id = ? AND w.decision_id IS NULL ORDER BY d.decided_at, d.decision_id",
+            [bundle_id, report_id],
+        ).fetchall()
+        for decision_id, text, receiver, issuer, p_system, p_value, outcome in rows:
+            if _says_superseded(text):
+                continue
+            item = _item_of(json.loads(text))
+            append(
+                db,
+                withdrawal(
+                    at=at,
+                    gateway=Party.member(member),
+                    decision_id=decision_id,
+                    reason=reason,
+                    report=report_id.split("|", 1)[-1],
+                    superseded_by=superseded_by,
+                    decided_outcome=outcome,
+                    receiver=Party.member(receiver) if receiver else None,
+                    issuer=Party.member(issuer) if issuer else None,
+                    item=item,
+                    patient=PatientRef(p_value, p_system or None) if p_value else None,
+                ),
+            )
+            db.execute(
+                "INSERT INTO recognition_withdrawals (decision_id, reason, superseded_by, withdrawn_at)"
+                " VALUES (?, ?, ?, ?)",
+                [decision_id, reason, superseded_by, when],
+            )
+            withdrawn.append(decision_id)
+    return withdrawn
 
 
 def get_decision(db: sqlite_utils.Database, decision_id: str) -> StoredDecision:
@@ -232,7 +345,8 @@ def get_decision(db: sqlite_utils.Database, decision_id: str) -> StoredDecision:
         ).fetchone()
     if row is None:
         raise NotFound(f"no recognition decision {decision_id}", "decision_id")
-    return StoredDecision(json.loads(row[0]), row[1], tuple(_overrides(db, [decision_id]).get(decision_id, [])))
+    return StoredDecision(json.loads(row[0]), row[1], tuple(_overrides(db, [decision_id]).get(decision_id, [])),
+                          _withdrawals(db, [decision_id]).get(decision_id))
 
 
 def list_decisions(
@@ -246,6 +360,9 @@ def list_decisions(
     limit: int = 100,
 ) -> list[StoredDecision]:
     """Stored decisions, newest decision time first, filtered by patient identifier, issuer, item and outcome.
+
+    ``outcome`` is the outcome in force: a decision withdrawn because its report was superseded by a
+    correction counts as ``not-recognized`` (the correction's own decisions are listed beside it).
 
     ``item`` is a catalogue item code (``CY-L001``) or, for results no catalogue
     lists, the first code the result carried.
@@ -270,8 +387,15 @@ def list_decisions(
     if item is not None:
         where.append("item_code = ?")
         params.append(item)
-    if outcome is not None:
+    if outcome is not None and not _table_exists(db, "recognition_withdrawals"):
         where.append("outcome = ?")
+        params.append(outcome)
+    elif outcome is not None:
+        withdrawn = "decision_id IN (SELECT decision_id FROM recognition_withdrawals)"
+        if outcome == NOT_RECOGNIZED:
+            where.append(f"(outcome = ? OR {withdrawn})")
+        else:
+            where.append(f"(outcome = ? AND NOT {withdrawn})")
         params.append(outcome)
     sql = "SELECT decision_id, decision_json, recorded_at FROM recognition_decisions"
     if where:
@@ -279,4 +403,6 @@ def list_decisions(
     sql += " ORDER BY decided_at DESC, decision_id LIMIT ?"
     rows = db.execute(sql, [*params, limit]).fetchall()
     overrides = _overrides(db, [r[0] for r in rows])
-    return [StoredDecision(json.loads(r[1]), r[2], tuple(overrides.get(r[0], []))) for r in rows]
+    withdrawals = _withdrawals(db, [r[0] for r in rows])
+    return [StoredDecision(json.loads(r[1]), r[2], tuple(overrides.get(r[0], [])), withdrawals.get(r[0]))
+            for r in rows]

@@ -38,6 +38,7 @@ from gateway.fhir.search import (
     parse_date_query,
     parse_token_query,
 )
+from gateway.naming import cs_url
 from gateway.store.db import connect, transaction
 
 __all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
@@ -500,6 +501,68 @@ class Store:
                     found[(rtype, rid)] = (row_number, version, last_updated, message_ref, text)
         return found
 
+    def _resolver(self) -> Callable[[str], dict[str, Any] | None]:
+        """Finds a stored resource by ``Type/id`` (for the search index of a resource written again)."""
+        def resolve(reference: str) -> dict[str, Any] | None:
+            rtype, _, rid = reference.partition("/")
+            row = self.db.conn.execute("SELECT json FROM resources WHERE type = ? AND id = ?", [rtype, rid]).fetchone()
+            return dict(jsonutil.loads(row[0])) if row else None
+        return resolve
+
+    def tag_superseded(self, report_ref: str, message_ref: int | None, tag: dict[str, str]) -> int:
+        """Tag the stored DiagnosticReport ``report_ref`` and its results as superseded, each while what is
+        stored under its id is still the version ``message_ref`` stored (a new version of the resource, its
+        content otherwise unchanged; the signed copy stays as it was). Inside the caller's transaction.
+        Returns how many resources were tagged.
+        """
+        def current(ref: str) -> dict[str, Any] | None:
+            rtype, _, rid = ref.partition("/")
+            row = self.db.conn.execute("SELECT message_ref, json FROM resources WHERE type = ? AND id = ?",
+                                       [rtype, rid]).fetchone()
+            if row is None or row[0] != message_ref:
+                return None  # the id holds another version now (a correction stored under the same id)
+            return dict(jsonutil.loads(row[1]))
+
+        report = current(report_ref)
+        if report is None:
+            return 0
+        tagged = [report]
+        for result in report.get("result") or []:
+            ref = result.get("reference") if isinstance(result, dict) else None
+            found = current(ref) if isinstance(ref, str) and ref.startswith("Observation/") else None
+            if found is not None:
+                tagged.append(found)
+        for res in tagged:
+            meta = dict(res.get("meta") or {})
+            meta["tag"] = [*(t for t in meta.get("tag") or [] if t.get("system") != tag["system"]), dict(tag)]
+            res["meta"] = meta
+        self._put_all(tagged, message_ref, _now(self.clock), self._resolver())
+        return len(tagged)
+
+    def restore_over(self, record_id: int, current_ref: int | None) -> int:
+        """Put back, as current, the versions message ``current_ref`` stored of resources that message
+        ``record_id`` (a report version stored later but superseded) has just written over; inside the
+        caller's transaction. What ``record_id`` wrote stays in the resources' history. Returns how many.
+        """
+        if current_ref is None:
+            return 0
+        rows = self.db.conn.execute(
+            "SELECT h.json FROM resources r JOIN resource_history h ON h.type = r.type AND h.id = r.id"
+            " WHERE r.message_ref = ? AND h.message_ref = ? AND h.version = (SELECT max(version) FROM"
+            " resource_history x WHERE x.type = r.type AND x.id = r.id AND x.message_ref = ?)",
+            [record_id, current_ref, current_ref]).fetchall()
+        resources = []
+        for (text,) in rows:
+            res = dict(jsonutil.loads(text))
+            meta = {k: v for k, v in (res.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+            res["meta"] = meta
+            if not meta:
+                del res["meta"]
+            resources.append(res)
+        if resources:
+            self._put_all(resources, current_ref, _now(self.clock), self._resolver())
+        return len(resources)
+
     def read(self, rtype: str, rid: str) -> dict[str, Any]:
         """The current version of a resource.
 
@@ -611,6 +674,13 @@ class Store:
                     ors.append(f"rid IN (SELECT res FROM search_token WHERE {cond})")
                     args += targs
             clauses.append("(" + " OR ".join(ors) + ")")
+        by_id = any(PARAM_ALIASES.get(n, n) == "_id" for n, _ in params)
+        if rtype in ("DiagnosticReport", "Observation") and not by_id:
+            # a report superseded by a correction, and its results, are read by id (and history), not searched
+            clauses.append("(json_extract(resources.json, '$.meta.tag') IS NULL OR NOT EXISTS (SELECT 1 FROM"
+                           " json_each(resources.json, '$.meta.tag') t WHERE json_extract(t.value, '$.system') = ?"
+                           " AND json_extract(t.value, '$.code') = 'superseded'))")
+            args.append(_SUPERSEDED_SYSTEM)
         where = " AND ".join(["type = ?"] + clauses)
         total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]
         order: list[str] = []
@@ -663,6 +733,9 @@ class Store:
         for row in self.db.query("SELECT json FROM resources WHERE type = ? ORDER BY id", [rtype]):
             yield dict(jsonutil.loads(row["json"]))
 
+
+#: ``meta.tag`` system of a report superseded by a correction (``gateway.store.reports.SUPERSEDED_TAG``).
+_SUPERSEDED_SYSTEM = cs_url("report-version-status")
 
 #: Where each string parameter looks in a HumanName (``json_tree`` rows of one ``name``: path, key).
 _NAME_PARTS = {

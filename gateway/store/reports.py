@@ -1,0 +1,300 @@
+"""Report versions: which stored copy of a report is current, and which ones a correction superseded.
+
+A report is known by its issuer (the USCC of the performer Organization) and
+its 检验报告单号 (``DiagnosticReport.identifier``, system
+``urn:oid:2.16.156.10011.1.33``). Every stored Bundle — ingested here or
+received from another member — adds one row per such report to
+``report_versions``. Among the versions of one report the **current** one is
+the newest correction: a ``corrected`` or ``amended`` report over any other,
+then the later ``issued`` time, then the one stored later. When at least one
+correction is on record, every other version is *superseded* by the current
+one, whichever order they arrived in: a correction arriving after the original
+(the usual case), in the same batch, or before it (the late original is stored
+as superseded at once).
+
+A superseded version stays stored and readable (its signed copy is never
+changed); its row names the version that superseded it and when. Callers
+(``gateway.pipeline`` and ``gateway.exchange.service``) register a Bundle inside
+the transaction that stores it and act on what :func:`register` says became
+superseded: the decisions on it are withdrawn, the stored DiagnosticReport is
+tagged, and a correction issued here follows the original to the members it
+was pushed to.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from gateway.naming import SYSTEM_USCC, cs_url
+
+__all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", "Change", "ensure_schema",
+           "versions_in", "register", "supersede", "superseded_in", "version_of", "versions_of"]
+
+#: 检验报告单号 (WS 364 / 卫生信息数据元): the identifier a report is known by across its versions.
+SYSTEM_REPORT_NUMBER = "urn:oid:2.16.156.10011.1.33"
+#: ``meta.tag`` on a stored DiagnosticReport that a correction superseded (its status stays as signed).
+SUPERSEDED_TAG = {"system": cs_url("report-version-status"), "code": "superseded",
+                  "display": "Superseded by a corrected report"}
+
+_CORRECTIONS = ("corrected", "amended")
+
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS report_versions (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,   -- the order versions were stored in
+        issuer_uscc    TEXT NOT NULL,
+        report_number  TEXT NOT NULL,
+        report_id      TEXT NOT NULL,    -- system|value of identifier[0], as decisions name the report
+        report_ref     TEXT NOT NULL,    -- DiagnosticReport/<id>
+        bundle_key     TEXT NOT NULL,    -- the Bundle as decisions name it (its identifier value, else its id)
+        bundle_id      TEXT NOT NULL,
+        direction      TEXT NOT NULL,    -- issued (ingested here) | received (from another member)
+        status         TEXT,
+        issued         TEXT,
+        message_ref    INTEGER,
+        recorded_at    TEXT NOT NULL,
+        superseded_by  INTEGER REFERENCES report_versions (seq),
+        superseded_at  TEXT,
+        UNIQUE (bundle_key, report_ref, direction)
+    )""",
+    "CREATE INDEX IF NOT EXISTS report_versions_report ON report_versions (issuer_uscc, report_number)",
+    "CREATE INDEX IF NOT EXISTS report_versions_bundle ON report_versions (bundle_id)",
+)
+
+
+@dataclass(frozen=True)
+class ReportVersion:
+    """One stored version of a report."""
+
+    seq: int
+    issuer_uscc: str
+    report_number: str
+    report_id: str
+    report_ref: str
+    bundle_key: str
+    bundle_id: str
+    direction: str
+    status: str | None
+    issued: str | None
+    message_ref: int | None
+    recorded_at: str
+    superseded_by: int | None = None
+    superseded_at: str | None = None
+
+    @property
+    def is_correction(self) -> bool:
+        return (self.status or "") in _CORRECTIONS
+
+    def describe(self) -> str:
+        """How a reason names this version: ``DiagnosticReport/<id> (corrected, issued <time>)``."""
+        parts = [p for p in (self.status, f"issued {self.issued}" if self.issued else None) if p]
+        return f"{self.report_ref} ({', '.join(parts)})" if parts else self.report_ref
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"report": self.report_ref, "number": self.report_number, "issuer": self.issuer_uscc,
+                "bundle": self.bundle_id, "status": self.status, "issued": self.issued,
+                "direction": self.direction, "recorded_at": self.recorded_at}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A version that became superseded, and the current version that superseded it."""
+
+    old: ReportVersion
+    current: ReportVersion
+
+
+_COLUMNS = ("seq, issuer_uscc, report_number, report_id, report_ref, bundle_key, bundle_id, direction, status,"
+            " issued, message_ref, recorded_at, superseded_by, superseded_at")
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the table if it is missing (statement by statement: a caller's transaction stays open)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'").fetchone():
+        return
+    for statement in SCHEMA:
+        db.execute(statement)
+
+
+def _exists(db: sqlite_utils.Database) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'"
+                      ).fetchone() is not None
+
+
+def _issuer(report: Mapping[str, Any], by_ref: Mapping[str, Mapping[str, Any]]) -> str:
+    for performer in report.get("performer") or []:
+        ref = performer.get("reference") if isinstance(performer, Mapping) else None
+        org = by_ref.get(ref) if isinstance(ref, str) else None
+        if org is None or org.get("resourceType") != "Organization":
+            continue
+        for ident in org.get("identifier") or []:
+            if isinstance(ident, Mapping) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
+                return str(ident["value"])
+    for ident in report.get("identifier") or []:  # the report number's assigner names the issuer too
+        assigner = ident.get("assigner", {}).get("identifier", {}) if isinstance(ident, Mapping) else {}
+        if isinstance(assigner, Mapping) and assigner.get("system") == SYSTEM_USCC and assigner.get("value"):
+            return str(assigner["value"])
+    return ""
+
+
+def versions_in(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The report versions a Bundle holds: the DiagnosticReports with an issuer and a 检验报告单号."""
+    by_ref: dict[str, Mapping[str, Any]] = {}
+    reports: list[Mapping[str, Any]] = []
+    for entry in bundle.get("entry") or []:
+        res = entry.get("resource") if isinstance(entry, Mapping) else None
+        if not isinstance(res, Mapping):
+            continue
+        if entry.get("fullUrl"):
+            by_ref[str(entry["fullUrl"])] = res
+        by_ref[f"{res.get('resourceType')}/{res.get('id')}"] = res
+        if res.get("resourceType") == "DiagnosticReport":
+            reports.append(res)
+    ident = bundle.get("identifier")
+    bundle_key = str(ident["value"]) if isinstance(ident, Mapping) and ident.get("value") else str(bundle.get("id"))
+    out = []
+    for report in reports:
+        idents = [i for i in report.get("identifier") or [] if isinstance(i, Mapping)]
+        number = next((str(i["value"]) for i in idents if i.get("system") == SYSTEM_REPORT_NUMBER and i.get("value")),
+                      "")
+        issuer = _issuer(report, by_ref)
+        if not number or not issuer or not idents or not idents[0].get("value"):
+            continue
+        out.append({"issuer_uscc": issuer, "report_number": number,
+                    "report_id": f"{idents[0].get('system', '')}|{idents[0]['value']}",
+                    "report_ref": f"DiagnosticReport/{report.get('id')}", "bundle_key": bundle_key,
+                    "bundle_id": str(bundle.get("id") or ""), "status": report.get("status"),
+                    "issued": report.get("issued")})
+    return out
+
+
+def _row(row: Any) -> ReportVersion:
+    return ReportVersion(*row)
+
+
+def _moment(text: str | None) -> float:
+    if not text:
+        return float("-inf")
+    try:
+        moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return float("-inf")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone(_dt.timedelta(hours=8)))
+    return moment.timestamp()
+
+
+def _newest(versions: list[ReportVersion]) -> ReportVersion:
+    """The current version: a correction over any other, then the later ``issued``, then the later stored."""
+    return max(versions, key=lambda v: (v.is_correction, _moment(v.issued), v.seq))
+
+
+def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
+             recorded_at: str) -> list[Change]:
+    """Record the report versions of a stored Bundle and work out again which versions are current.
+
+    Inside the caller's transaction. Returns the versions that became superseded now (including those of
+    this Bundle, when a correction was stored before them), each with the version now current.
+    """
+    found = versions_in(bundle)
+    if not found:
+        return []
+    ensure_schema(db)
+    changes: list[Change] = []
+    groups = {(v["issuer_uscc"], v["report_number"]) for v in found}
+    for v in found:
+        db.execute("INSERT OR IGNORE INTO report_versions (issuer_uscc, report_number, report_id, report_ref,"
+                   " bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at)"
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   [v["issuer_uscc"], v["report_number"], v["report_id"], v["report_ref"], v["bundle_key"],
+                    v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at])
+    for issuer, number in sorted(groups):
+        versions = versions_of(db, issuer, number)
+        if not any(v.is_correction for v in versions):
+            continue  # no correction on record: nothing supersedes anything
+        current = _newest(versions)
+        for version in versions:
+            if version.seq == current.seq or version.superseded_by == current.seq:
+                continue
+            db.execute("UPDATE report_versions SET superseded_by = ?, superseded_at = ? WHERE seq = ?",
+                       [current.seq, recorded_at, version.seq])
+            changes.append(Change(version, current))
+        if current.superseded_by is not None:  # the table never names the current version as superseded
+            db.execute("UPDATE report_versions SET superseded_by = NULL, superseded_at = NULL WHERE seq = ?",
+                       [current.seq])
+    return changes
+
+
+def versions_of(db: sqlite_utils.Database, issuer_uscc: str, report_number: str) -> list[ReportVersion]:
+    """Every stored version of one report, in the order they were stored."""
+    if not _exists(db):
+        return []
+    return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND"
+                                        " report_number = ? ORDER BY seq", [issuer_uscc, report_number])]
+
+
+def version_of(db: sqlite_utils.Database, seq: int) -> ReportVersion | None:
+    if not _exists(db):
+        return None
+    row = db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE seq = ?", [seq]).fetchone()
+    return _row(row) if row else None
+
+
+def superseded_in(db: sqlite_utils.Database, bundle: Mapping[str, Any]) -> dict[str, str]:
+    """For the reports of ``bundle`` that a stored correction supersedes: report id -> the superseding report.
+
+    Read before deciding on a Bundle, so that the decision on a superseded version says so
+    (rule ``report-status``). A version not stored yet is superseded when a stored correction of the same
+    report is newer than it (the same ordering :func:`register` applies).
+    """
+    out: dict[str, str] = {}
+    if not _exists(db):
+        return out
+    for v in versions_in(bundle):
+        stored = versions_of(db, v["issuer_uscc"], v["report_number"])
+        others = [s for s in stored if not (s.bundle_key == v["bundle_key"] and s.report_ref == v["report_ref"])]
+        if not others:
+            continue
+        me = ReportVersion(1 << 62, v["issuer_uscc"], v["report_number"], v["report_id"], v["report_ref"],
+                           v["bundle_key"], v["bundle_id"], "", v["status"], v["issued"], None, "")
+        mine = [s for s in stored if s not in others]
+        if mine:
+            me = mine[0]
+        if not any(s.is_correction for s in [*others, me]):
+            continue
+        current = _newest([*others, me])
+        if current is not me:
+            out[v["report_id"]] = current.describe()
+    return out
+
+
+def supersede(store: Any, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
+              at: _dt.datetime, member: str) -> list[Change]:
+    """Register a stored Bundle's report versions and act on every version that became superseded.
+
+    Inside the transaction that stores the Bundle (``store`` is the :class:`gateway.store.store.Store`
+    whose database holds it): each superseded DiagnosticReport still stored under its own id is tagged
+    (:data:`SUPERSEDED_TAG`); a late version stored under the id of the correction that supersedes it is
+    put back into the history, the correction current again; and every decision on a superseded version
+    is withdrawn and audited (:func:`gateway.recognition.store.withdraw_superseded`).
+    """
+    from gateway.recognition.store import withdraw_superseded
+
+    changes = register(store.db, bundle, direction=direction, message_ref=message_ref,
+                       recorded_at=at.isoformat(timespec="milliseconds"))
+    restored: set[int | None] = set()
+    for change in changes:
+        old, current = change.old, change.current
+        if old.report_ref == current.report_ref:
+            # one resource id for both versions: the id must hold the correction
+            if old.message_ref == message_ref and message_ref is not None and message_ref not in restored:
+                store.restore_over(message_ref, current.message_ref)
+                restored.add(message_ref)
+        else:
+            store.tag_superseded(old.report_ref, old.message_ref, SUPERSEDED_TAG)
+        withdraw_superseded(store.db, bundle_id=old.bundle_key, report_id=old.report_id,
+                            superseded_by=current.describe(), at=at, member=member)
+    return changes

@@ -1,0 +1,280 @@
+"""Corrected reports supersede the stored earlier version, whenever they arrive, and the decisions on it are withdrawn.
+
+Two member gateways of the demo world (通江 issues, 涪陵 receives), each with its own database, keys and the
+signed demo snapshot; requests between them go through the real Flask apps (see tests/test_exchange.py).
+
+The HL7 v2 cases build their messages here: an original blood count (OBR-25 ``F``) and its correction
+(OBR-25 ``C``, OBX-11 ``C``, same 检验报告单号 OBR-3, a later OBR-22). The CDA cases use the ready pair
+``tests/data/cda/lab-report-full.xml`` and ``lab-report-corrected.xml`` (relatedDocument RPLC).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import Clock
+from gateway import jsonutil
+from gateway.audit.log import entries
+from gateway.audit.stats import compute
+from gateway.audit.verify import verify
+from gateway.commands.audit import audit
+from gateway.demo import MEMBERS
+from gateway.recognition.engine import decide_all
+from gateway.recognition.facts import facts_from_bundle
+from gateway.recognition.store import list_decisions, save_decisions
+from gateway.store.reports import versions_of
+from gateway.demo.world import build_world
+from test_exchange import URLS, Routed
+
+CST = _dt.timezone(_dt.timedelta(hours=8))
+TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
+PATIENT = "511921196612120011"
+NUMBER = "R2611200001"
+CDA = Path(__file__).resolve().parent / "data" / "cda"
+CDA_NUMBER = "JY202411050123"
+
+
+def blood_count(control_id: str, *, corrected: bool, issued: str, wbc: str) -> bytes:
+    """An ORU^R01 of 通江's LIS: the blood count of 王建国 (OBR-3 R2611200001), original or corrected."""
+    status = "C" if corrected else "F"
+    segments = [
+        f"MSH|^~\\&|LIS|TJXRMYY|GATEWAY|CYHR|{issued}||ORU^R01^ORU_R01|{control_id}|P|2.5.1||||||UNICODE UTF-8",
+        f"PID|1||Z0099812^^^TJXRMYY^MR~{PATIENT}^^^^NNCHN||王^建国||19661212|M",
+        f"OBR|1|O2611200001|{NUMBER}|BLRT^血常规^L|||20261120073000|||||||||||||||{issued}|||{status}"
+        "|||||||2033&陈&明",
+        f"OBX|1|NM|WBC^白细胞计数^L||{wbc}|10*9/L|3.5-9.5|N|||{status}",
+        f"OBX|2|NM|RBC^红细胞计数^L||4.62|10*12/L|4.3-5.8|N|||{status}",
+        f"OBX|3|NM|HGB^血红蛋白^L||139|g/L|130-175|N|||{status}",
+        f"OBX|4|NM|PLT^血小板计数^L||188|10*9/L|125-350|N|||{status}",
+        "SPM|1|S2611200001||BLD^全血^HL70487|||||||P^Patient^HL70369||||||20261120073000|20261120074500",
+    ]
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+ORIGINAL = blood_count("TJ2611200001", corrected=False, issued="20261120082500", wbc="6.8")
+CORRECTION = blood_count("TJ2611200101", corrected=True, issued="20261120102500", wbc="7.1")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
+
+
+@pytest.fixture
+def world(tmp_path, clock):
+    w = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"))
+    transport = Routed(w)
+    for gw in w.gateways.values():
+        gw.pipeline.exchange.transport = transport
+    return w
+
+
+def ingest(pipeline, data: bytes, fmt: str = "hl7v2"):
+    stored = [o for o in pipeline.ingest(data, fmt, channel="test") if o.bundle is not None]
+    assert stored, [o.issues for o in pipeline.ingest(data, fmt, channel="test")]
+    return stored
+
+
+def report_of(bundle):
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+
+
+def decisions_for_patient(pipeline):
+    return [d.to_dict() for d in list_decisions(pipeline.store.db, patient=PATIENT)]
+
+
+def report_status_rule(decision):
+    return next(r for r in decision["rules"] if r["rule"] == "report-status")
+
+
+def test_hl7_correction_after_the_original_reaches_the_receiver_and_withdraws_its_decisions(world) -> None:
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original = ingest(tj, ORIGINAL)[0].bundle
+    tj.exchange.push(original["id"], FL)
+    assert tj.exchange.deliver()["delivered"] == 1
+    first = decisions_for_patient(fl)
+    assert [d["outcome"] for d in first] == ["recognized"] * 4
+
+    correction = ingest(tj, CORRECTION)[0].bundle
+    assert report_of(correction)["status"] == "corrected"
+    # 通江: the original's version is superseded by the correction
+    versions = versions_of(tj.store.db, TJ, NUMBER)
+    assert [(v.bundle_id, v.superseded_by is not None) for v in versions] == [
+        (original["id"], True), (correction["id"], False)]
+    # the correction was queued for 涪陵 (where the original went) and goes by the ordinary delivery
+    assert tj.exchange.pushed_to(correction["id"]) == [FL]
+    assert tj.exchange.deliver()["delivered"] == 1
+    sent = [e for e in entries(tj.store.db) if e.kind == "exchange"]
+    assert len(sent) == 2  # both deliveries audited at 通江
+
+    # 涪陵: the correction's decisions are in force; the original's are withdrawn, reading not-recognised
+    after = decisions_for_patient(fl)
+    assert len(after) == 8
+    current = [d for d in after if d["result"]["bundle"].endswith(correction["id"])]
+    withdrawn = [d for d in after if d.get("withdrawn")]
+    assert [d["outcome"] for d in current] == ["recognized"] * 4
+    assert {d["decision_id"] for d in withdrawn} == {d["decision_id"] for d in first}
+    for d in withdrawn:
+        assert d["outcome"] == "not-recognized" and d["decided_outcome"] == "recognized"
+        assert d["withdrawn"]["reason"].startswith("superseded by DiagnosticReport/")
+        assert "corrected" in d["withdrawn"]["reason"]
+    recognised = list_decisions(fl.store.db, patient=PATIENT, outcome="recognized")
+    assert {d.decision["decision_id"] for d in recognised} == {d["decision_id"] for d in current}
+
+    # audited once per withdrawn decision, chain intact, and the 互认率 counts the correction only
+    withdrawals = [e for e in entries(fl.store.db) if e.kind == "withdrawal"]
+    assert sorted(e.facts["decision_id"] for e in withdrawals) == sorted(d["decision_id"] for d in first)
+    assert verify(fl.store.db).ok
+    figures = compute(fl.store.db)["total"]
+    assert (figures["recognized"], figures["not_recognized"], figures["eligible"]) == (4, 0, 4)
+
+    # the earlier version stays readable with the status it was signed with; a search by the number finds the
+    # correction only
+    assert_superseded_readable(fl.store, report_of(original)["id"], report_of(correction)["id"])
+
+
+def assert_superseded_readable(store, old_id: str, new_id: str) -> None:
+    """The superseded report is read by its id (tagged superseded), or — when the correction kept its resource
+    id — found in that id's history; a search by the report number gives the correction alone."""
+    assert store.read("DiagnosticReport", new_id)["status"] == "corrected"
+    if old_id == new_id:
+        history = store.history("DiagnosticReport", new_id)
+        assert [r["status"] for r in history.resources] == ["corrected", "final"]
+    else:
+        old = store.read("DiagnosticReport", old_id)
+        assert old["status"] == "final"
+        assert [t["code"] for t in old["meta"]["tag"]] == ["superseded"]
+    found = store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{NUMBER}")])
+    assert [r["id"] for r in found.resources] == [new_id]
+
+
+def test_withdrawal_is_found_by_audit_query(world, tmp_path) -> None:
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original = ingest(tj, ORIGINAL)[0].bundle
+    tj.exchange.push(original["id"], FL)
+    tj.exchange.deliver()
+    ingest(tj, CORRECTION)
+    tj.exchange.deliver()
+    runner = CliRunner()
+    db = str(world.gateways["fuling"].settings.database_path)
+    res = runner.invoke(audit, ["query", "--db", db, "--json", "type=recognition-withdrawal"])
+    assert res.exit_code == 0, res.output
+    found = json.loads(res.output)
+    assert len(found["entry"]) == 4
+    event = found["entry"][0]["resource"]
+    assert event["outcomeDesc"].startswith("superseded by DiagnosticReport/")
+    details = {d["type"]: d.get("valueString") for e in event["entity"] for d in e.get("detail", [])}
+    assert details["decided-outcome"] == "recognized" and details["superseded-by"].startswith("DiagnosticReport/")
+    assert runner.invoke(audit, ["verify", "--db", db]).exit_code == 0
+    stats = json.loads(runner.invoke(audit, ["stats", "--db", db, "--json"]).output)
+    assert stats["total"]["recognized"] == 4
+    assert len(list_decisions(fl.store.db, outcome="not-recognized")) == 4  # the withdrawn ones, as they read now
+
+
+def test_correction_first_then_the_late_original_is_stored_superseded(world) -> None:
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    correction = ingest(tj, CORRECTION)[0].bundle
+    original = ingest(tj, ORIGINAL)[0].bundle
+    versions = {v.bundle_id: v for v in versions_of(tj.store.db, TJ, NUMBER)}
+    assert versions[original["id"]].superseded_by == versions[correction["id"]].seq
+    assert versions[correction["id"]].superseded_by is None
+    # the late original is stored superseded: what is read and found is still the correction
+    assert_superseded_readable(tj.store, report_of(original)["id"], report_of(correction)["id"])
+    wbc = [r for r in tj.store.search("Observation", [("patient.identifier", PATIENT)], count=50).resources
+           if r["code"]["text"] == "白细胞计数"]
+    assert [str(o["valueQuantity"]["value"]) for o in wbc] == ["7.1"]
+    # 调阅 at 通江 answers the correction, not the superseded original
+    pulled = fl.exchange.pull(TJ, f"urn:oid:2.16.156.10011.1.3|{PATIENT}")
+    assert [v.bundle["id"] for v in pulled] == [correction["id"]]
+
+    # 涪陵 receives them out of order too: the late original is decided as superseded, never recognised
+    tj.exchange.push(correction["id"], FL)
+    tj.exchange.deliver()
+    tj.exchange.push(original["id"], FL)
+    tj.exchange.deliver()
+    decisions = decisions_for_patient(fl)
+    late = [d for d in decisions if d["result"]["bundle"].endswith(original["id"])]
+    assert len(late) == 4 and all(d["outcome"] == "not-recognized" for d in late)
+    assert all(report_status_rule(d)["message"].startswith("the report has been superseded by DiagnosticReport/")
+               for d in late)
+    assert not any(d.get("withdrawn") for d in decisions)  # nothing recognised was said, nothing to withdraw
+    figures = compute(fl.store.db)["total"]
+    assert (figures["recognized"], figures["eligible"]) == (4, 4)
+
+
+def test_original_and_correction_in_one_batch(world) -> None:
+    tj = world.gateways["tongjiang"].pipeline
+    stored = ingest(tj, ORIGINAL + b"\x1c\r" + CORRECTION)
+    assert len(stored) == 2
+    versions = versions_of(tj.store.db, TJ, NUMBER)
+    assert [v.superseded_by is not None for v in versions] == [True, False]
+
+
+def test_cda_correction_tags_the_original_and_withdraws_local_decisions(world, clock) -> None:
+    tj = world.gateways["tongjiang"].pipeline
+    original = ingest(tj, (CDA / "lab-report-full.xml").read_bytes(), "cda")[0].bundle
+    # a decision on the original recorded here (as `gateway recognize --store` does)
+    snapshot = tj.exchange._snapshot()
+    decided = decide_all(facts_from_bundle(original), snapshot, FL, clock())
+    save_decisions(tj.store.db, decided, clock())
+    correction = ingest(tj, (CDA / "lab-report-corrected.xml").read_bytes(), "cda")[0].bundle
+    old_id, new_id = report_of(original)["id"], report_of(correction)["id"]
+    assert old_id != new_id  # CDA: each document its own resources
+
+    # the earlier DiagnosticReport stays readable, its status as signed, tagged superseded
+    old = tj.store.read("DiagnosticReport", old_id)
+    assert old["status"] == "final"
+    assert {(t["system"].rsplit("/", 1)[-1], t["code"]) for t in old["meta"]["tag"]} == {
+        ("report-version-status", "superseded")}
+    assert "tag" not in tj.store.read("DiagnosticReport", new_id)["meta"]
+    # a search by the report number finds the current version; the original by its id
+    found = tj.store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{CDA_NUMBER}")])
+    assert [r["id"] for r in found.resources] == [new_id]
+    assert tj.store.search("DiagnosticReport", [("_id", old_id)]).total == 1
+
+    stored = [d.to_dict() for d in list_decisions(tj.store.db)]
+    assert len(stored) == len(decided) and all(d["withdrawn"]["superseded_by"].startswith(
+        f"DiagnosticReport/{new_id}") for d in stored)
+    assert all(d["outcome"] == "not-recognized" for d in stored)
+    kinds = [e.kind for e in entries(tj.store.db)]
+    assert kinds.count("withdrawal") == len(decided)
+    assert verify(tj.store.db).ok
+    # a decision made now on the superseded report says so (rule report-status)
+    from gateway.recognition.facts import with_superseded
+    from gateway.store.reports import superseded_in
+
+    again = decide_all(with_superseded(facts_from_bundle(original), superseded_in(tj.store.db, original)),
+                       snapshot, FL, clock())
+    assert {d.outcome for d in again} == {"not-recognized"}
+    assert all(d.rule("report-status").status == "failed" for d in again if d.facts.kind == "observation")
+
+
+def test_late_original_under_the_same_resource_ids_leaves_the_correction_current(world) -> None:
+    """Versions stored under one set of resource ids (a system that keeps its ids across a correction): the
+    late original goes into the resources' history, and what is read and found is still the correction."""
+    tj = world.gateways["tongjiang"].pipeline
+    original = next(o.bundle for o in tj.convert(ORIGINAL, "hl7v2") if o.bundle)
+    correction = next(o.bundle for o in tj.convert(CORRECTION, "hl7v2") if o.bundle)
+    text = jsonutil.dumps(correction)
+    by_code = {r["code"]["text"]: r["id"] for r in (e["resource"] for e in original["entry"])
+               if r["resourceType"] == "Observation"}
+    for e in correction["entry"]:
+        r = e["resource"]
+        if r["resourceType"] == "Observation":
+            text = text.replace(r["id"], by_code[r["code"]["text"]])
+    text = text.replace(report_of(correction)["id"], report_of(original)["id"])
+    report_id = report_of(original)["id"]
+    ingest(tj, text.encode("utf-8"), "fhir")
+    ingest(tj, jsonutil.dumps(original).encode("utf-8"), "fhir")
+    versions = versions_of(tj.store.db, TJ, NUMBER)
+    assert [(v.status, v.superseded_by is not None) for v in versions] == [("corrected", False), ("final", True)]
+    assert tj.store.read("DiagnosticReport", report_id)["status"] == "corrected"
+    assert {r["status"] for r in tj.store.history("DiagnosticReport", report_id).resources} == {"corrected", "final"}
+    wbc = tj.store.read("Observation", by_code["白细胞计数"])
+    assert str(wbc["valueQuantity"]["value"]) == "7.1"
+    found = tj.store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{NUMBER}")])
+    assert [r["status"] for r in found.resources] == ["corrected"]
