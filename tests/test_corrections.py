@@ -278,3 +278,14 @@ def test_late_original_under_the_same_resource_ids_leaves_the_correction_current
     assert str(wbc["valueQuantity"]["value"]) == "7.1"
     found = tj.store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{NUMBER}")])
     assert [r["status"] for r in found.resources] == ["corrected"]
+
+
+def test_the_superseded_tag_is_a_code_of_the_guide() -> None:
+    """The meta.tag a superseded version carries is the published code, with its published display."""
+    from conftest import ROOT
+    from gateway.fhir.profiles import load_guide
+    from gateway.store.reports import SUPERSEDED_TAG
+
+    cs = load_guide(ROOT / "profiles").get("CodeSystem", "report-version-status")
+    assert cs is not None and cs["url"] == SUPERSEDED_TAG["system"]
+    assert {c["code"]: c["display"] for c in cs["concept"]}[SUPERSEDED_TAG["code"]] == SUPERSEDED_TAG["display"]

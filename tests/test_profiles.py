@@ -98,6 +98,7 @@ CODES = {
                         "continue-radiation-work", "temporary-removal", "reassign-non-radiation-work"},
     "member-identifier-type": {"USCC", "MIPLRN", "HCOC"},
     "report-category": {"occupational-health"},
+    "report-version-status": {"superseded"},
 }
 
 

@@ -38,7 +38,7 @@ __all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", 
 SYSTEM_REPORT_NUMBER = "urn:oid:2.16.156.10011.1.33"
 #: ``meta.tag`` on a stored DiagnosticReport that a correction superseded (its status stays as signed).
 SUPERSEDED_TAG = {"system": cs_url("report-version-status"), "code": "superseded",
-                  "display": "Superseded by a corrected report"}
+                  "display": "已被更正报告取代"}
 
 _CORRECTIONS = ("corrected", "amended")
 
