@@ -289,3 +289,21 @@ def test_the_superseded_tag_is_a_code_of_the_guide() -> None:
     cs = load_guide(ROOT / "profiles").get("CodeSystem", "report-version-status")
     assert cs is not None and cs["url"] == SUPERSEDED_TAG["system"]
     assert {c["code"]: c["display"] for c in cs["concept"]}[SUPERSEDED_TAG["code"]] == SUPERSEDED_TAG["display"]
+
+
+def test_two_reports_under_one_number_are_not_versions_of_each_other(world) -> None:
+    """A LIS that numbers every panel of one specimen alike: correcting the blood count supersedes the
+    earlier blood count only, never the other panel stored under the same 检验报告单号."""
+    tj = world.gateways["tongjiang"].pipeline
+    other_panel = ORIGINAL.replace("BLRT^血常规^L".encode(), "CRP^C反应蛋白^L".encode())
+    other_panel = other_panel.replace(b"|TJ2611200001|", b"|TJ2611200002|")
+    ingest(tj, ORIGINAL)
+    ingest(tj, other_panel)
+    ingest(tj, CORRECTION)
+    versions = versions_of(tj.store.db, TJ, NUMBER)
+    assert len(versions) == 3 and len({v.report_code for v in versions}) == 2
+    superseded = [v for v in versions if v.superseded_by is not None]
+    current = [v for v in versions if v.superseded_by is None]
+    assert [v.report_code.split("|")[1] for v in superseded] == ["BLRT"]
+    assert sorted(v.report_code.split("|")[1] for v in current) == ["BLRT", "CRP"]
+    assert {v.status for v in current} == {"final", "corrected"}

@@ -47,6 +47,7 @@ SCHEMA: tuple[str, ...] = (
         seq            INTEGER PRIMARY KEY AUTOINCREMENT,   -- the order versions were stored in
         issuer_uscc    TEXT NOT NULL,
         report_number  TEXT NOT NULL,
+        report_code    TEXT NOT NULL DEFAULT '',  -- system|code of DiagnosticReport.code's first coding
         report_id      TEXT NOT NULL,    -- system|value of identifier[0], as decisions name the report
         report_ref     TEXT NOT NULL,    -- DiagnosticReport/<id>
         bundle_key     TEXT NOT NULL,    -- the Bundle as decisions name it (its identifier value, else its id)
@@ -60,7 +61,8 @@ SCHEMA: tuple[str, ...] = (
         superseded_at  TEXT,
         UNIQUE (bundle_key, report_ref, direction)
     )""",
-    "CREATE INDEX IF NOT EXISTS report_versions_report ON report_versions (issuer_uscc, report_number)",
+    "CREATE INDEX IF NOT EXISTS report_versions_report"
+    " ON report_versions (issuer_uscc, report_number, report_code)",
     "CREATE INDEX IF NOT EXISTS report_versions_bundle ON report_versions (bundle_id)",
 )
 
@@ -72,6 +74,7 @@ class ReportVersion:
     seq: int
     issuer_uscc: str
     report_number: str
+    report_code: str
     report_id: str
     report_ref: str
     bundle_key: str
@@ -107,13 +110,18 @@ class Change:
     current: ReportVersion
 
 
-_COLUMNS = ("seq, issuer_uscc, report_number, report_id, report_ref, bundle_key, bundle_id, direction, status,"
-            " issued, message_ref, recorded_at, superseded_by, superseded_at")
+_COLUMNS = ("seq, issuer_uscc, report_number, report_code, report_id, report_ref, bundle_key, bundle_id, direction,"
+            " status, issued, message_ref, recorded_at, superseded_by, superseded_at")
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
     """Create the table if it is missing (statement by statement: a caller's transaction stays open)."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'").fetchone():
+        columns = {r[1] for r in db.execute("PRAGMA table_info(report_versions)")}
+        if "report_code" not in columns:  # a table made before reports were told apart by their code
+            db.execute("ALTER TABLE report_versions ADD COLUMN report_code TEXT NOT NULL DEFAULT ''")
+            db.execute("DROP INDEX IF EXISTS report_versions_report")
+            db.execute(SCHEMA[1])
         return
     for statement in SCHEMA:
         db.execute(statement)
@@ -163,12 +171,21 @@ def versions_in(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
         issuer = _issuer(report, by_ref)
         if not number or not issuer or not idents or not idents[0].get("value"):
             continue
-        out.append({"issuer_uscc": issuer, "report_number": number,
+        out.append({"issuer_uscc": issuer, "report_number": number, "report_code": _code_of(report),
                     "report_id": f"{idents[0].get('system', '')}|{idents[0]['value']}",
                     "report_ref": f"DiagnosticReport/{report.get('id')}", "bundle_key": bundle_key,
                     "bundle_id": str(bundle.get("id") or ""), "status": report.get("status"),
                     "issued": report.get("issued")})
     return out
+
+
+def _code_of(report: Mapping[str, Any]) -> str:
+    """``system|code`` of the report's first coding: two reports of one 检验报告单号 and issuer are versions of
+    each other only when they report the same thing (a LIS may number every panel of one specimen alike)."""
+    code = report.get("code")
+    codings = code.get("coding") if isinstance(code, Mapping) else None
+    first = codings[0] if isinstance(codings, list) and codings and isinstance(codings[0], Mapping) else {}
+    return f"{first.get('system') or ''}|{first.get('code') or ''}" if first else ""
 
 
 def _row(row: Any) -> ReportVersion:
@@ -204,15 +221,15 @@ def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction:
         return []
     ensure_schema(db)
     changes: list[Change] = []
-    groups = {(v["issuer_uscc"], v["report_number"]) for v in found}
+    groups = {(v["issuer_uscc"], v["report_number"], v["report_code"]) for v in found}
     for v in found:
-        db.execute("INSERT OR IGNORE INTO report_versions (issuer_uscc, report_number, report_id, report_ref,"
-                   " bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at)"
-                   " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                   [v["issuer_uscc"], v["report_number"], v["report_id"], v["report_ref"], v["bundle_key"],
-                    v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at])
-    for issuer, number in sorted(groups):
-        versions = versions_of(db, issuer, number)
+        db.execute("INSERT OR IGNORE INTO report_versions (issuer_uscc, report_number, report_code, report_id,"
+                   " report_ref, bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at)"
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                   [v["issuer_uscc"], v["report_number"], v["report_code"], v["report_id"], v["report_ref"],
+                    v["bundle_key"], v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at])
+    for issuer, number, code in sorted(groups):
+        versions = versions_of(db, issuer, number, code)
         if not any(v.is_correction for v in versions):
             continue  # no correction on record: nothing supersedes anything
         current = _newest(versions)
@@ -228,12 +245,17 @@ def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction:
     return changes
 
 
-def versions_of(db: sqlite_utils.Database, issuer_uscc: str, report_number: str) -> list[ReportVersion]:
-    """Every stored version of one report, in the order they were stored."""
+def versions_of(db: sqlite_utils.Database, issuer_uscc: str, report_number: str,
+                report_code: str | None = None) -> list[ReportVersion]:
+    """Every stored version of one report (issuer, 检验报告单号, and what it reports unless ``report_code`` is
+    None: then of every report under that number), in the order they were stored."""
     if not _exists(db):
         return []
-    return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND"
-                                        " report_number = ? ORDER BY seq", [issuer_uscc, report_number])]
+    ensure_schema(db)
+    sql, args = "issuer_uscc = ? AND report_number = ?", [issuer_uscc, report_number]
+    if report_code is not None:
+        sql, args = sql + " AND report_code = ?", [*args, report_code]
+    return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE {sql} ORDER BY seq", args)]
 
 
 def version_of(db: sqlite_utils.Database, seq: int) -> ReportVersion | None:
@@ -254,12 +276,12 @@ def superseded_in(db: sqlite_utils.Database, bundle: Mapping[str, Any]) -> dict[
     if not _exists(db):
         return out
     for v in versions_in(bundle):
-        stored = versions_of(db, v["issuer_uscc"], v["report_number"])
+        stored = versions_of(db, v["issuer_uscc"], v["report_number"], v["report_code"])
         others = [s for s in stored if not (s.bundle_key == v["bundle_key"] and s.report_ref == v["report_ref"])]
         if not others:
             continue
-        me = ReportVersion(1 << 62, v["issuer_uscc"], v["report_number"], v["report_id"], v["report_ref"],
-                           v["bundle_key"], v["bundle_id"], "", v["status"], v["issued"], None, "")
+        me = ReportVersion(1 << 62, v["issuer_uscc"], v["report_number"], v["report_code"], v["report_id"],
+                           v["report_ref"], v["bundle_key"], v["bundle_id"], "", v["status"], v["issued"], None, "")
         mine = [s for s in stored if s not in others]
         if mine:
             me = mine[0]
