@@ -168,12 +168,14 @@ class _Progress(io.RawIOBase):
 
 #: Input formats of ``convert`` (one channel each in gateway.pipeline); an unknown one is refused by the pipeline
 #: with the list it supports, as one error line.
-FORMATS = ("hl7v2", "cda", "cdc-csv")
+FORMATS = ("hl7v2", "cda", "cdc-csv", "service-report")
 
 
 @cli.command()
 @click.option("--format", "fmt", metavar="[" + "|".join(FORMATS) + "]", default="hl7v2", show_default=True,
-              help="Input format: hl7v2 (ORU^R01), cda (WS/T 500.7 检验报告), cdc-csv (职业健康检查 export).")
+              help="Input format: hl7v2 (ORU^R01), cda (WS/T 500.7 检验报告), cdc-csv (职业健康检查 export), "
+                   "service-report (职业卫生/放射卫生 technical-service report: a JSON metadata file whose pdf_file "
+                   "names the PDF beside it).")
 @click.option("--pretty", is_flag=True, help="Indent the JSON (one Bundle then spans several lines).")
 @click.argument("files", nargs=-1, required=True)
 @click.pass_context
@@ -197,6 +199,12 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
     sep = " " if fmt == "hl7v2" else ": "
     for path in files:
         raw, origin, size = _open_input(path)
+        if fmt == "service-report" and path != "-":  # the metadata file names its PDF beside it
+            raw.close()
+            from gateway.adapters.servicereport import pack_metadata_file
+
+            packed = pack_metadata_file(Path(path))
+            raw, size = io.BytesIO(packed), len(packed)
         counter = _Progress(raw)
         stream = io.BufferedReader(counter, buffer_size=1 << 16)
         shown = 0.0
@@ -415,6 +423,8 @@ def _register_areas() -> None:
     cli.add_command(clients)
     cli.add_command(exchange.send)
     cli.add_command(exchange.outbox)
+    from gateway.commands.referrals import referrals  # 移送 of violations to authorities
+    cli.add_command(referrals)
     cli.add_command(bench.bench)
 
 

@@ -4,7 +4,8 @@
   31-character set with weights ``3**i mod 31``.
 - 组织机构代码 (GB 11714, positions 9-17 of a USCC): mod 11, 10 -> ``X``.
 - 公民身份号码 (GB 11643-1999): ISO 7064 MOD 11-2 check digit, embedded birth
-  date, sex from position 17.
+  date (never after the message time), address code (GB/T 2260, see
+  :mod:`gateway.divisions`), sex from position 17.
 
 Each ``check_*`` function returns the normalised identifier or raises
 :class:`~gateway.errors.IdentifierError` with a message a clerk can act on.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 
+from gateway.divisions import id_card_region_problem, id_card_region_warning
 from gateway.errors import IdentifierError, shown
 from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION, SYSTEM_USCC
 
@@ -26,6 +28,10 @@ __all__ = [
     "org_code_check_char",
     "id_card_check_char",
     "check_id_card",
+    "id_card_warnings",
+    "check_birth_date",
+    "message_date",
+    "birth_date_problem",
     "id_card_sex",
     "id_card_birth_date",
     "province_of_division",
@@ -89,14 +95,59 @@ def id_card_check_char(id17: str) -> str:
     return "10X98765432"[total % 11]
 
 
-def check_id_card(value: str) -> str:
+_CN = _dt.timezone(_dt.timedelta(hours=8))
+
+
+def message_date(value: str | None) -> _dt.date:
+    """The date a message was written (the date part of its FHIR date/dateTime, as the sender wrote it);
+    today in China Standard Time when the message has no usable time."""
+    try:
+        return _dt.date.fromisoformat(str(value or "")[:10])
+    except ValueError:
+        return _dt.datetime.now(_CN).date()
+
+
+def check_birth_date(birth: _dt.date, on: _dt.date | None, what: str = "birth date") -> None:
+    """Refuse a birth date after ``on`` (the message time's date); nothing is checked when ``on`` is None.
+
+    :raises IdentifierError: the birth date is in the future.
+    """
+    if on is not None and birth > on:
+        raise IdentifierError(f"{what} {birth.isoformat()} is after the message date {on.isoformat()}")
+
+
+def birth_date_problem(fhir_date: str, on: _dt.date | None) -> str | None:
+    """Why a FHIR birth ``date`` (``YYYY``, ``YYYY-MM`` or ``YYYY-MM-DD``) is after ``on``, or None.
+
+    A partial date is in the future only when its first possible day is.
+    """
+    text = (fhir_date or "")[:10]
+    if on is None or not text:
+        return None
+    try:
+        year = int(text[:4])
+        month = int(text[5:7]) if len(text) >= 7 else 1
+        day = int(text[8:10]) if len(text) >= 10 else 1
+        first = _dt.date(year, month, day)
+    except ValueError:
+        return None  # not a date: the date parser reports it
+    if first > on:
+        return f"birth date {text} is after the message date {on.isoformat()}"
+    return None
+
+
+def check_id_card(value: str, *, on: _dt.date | None = None) -> str:
     """Validate a 18-digit 公民身份号码 and return it normalised (``x`` -> ``X``).
 
     A legacy 15-digit number is widened to 18 digits (``19`` inserted after the
-    region code, check digit computed). Region codes are not checked against
-    today's GB/T 2260 list: the code at the time of issue may be obsolete.
+    region code, check digit computed). The address code is the code of first
+    registration and never changes, so a 川渝 code is accepted when it was valid
+    at any time on or after the birth date (GB/T 2260 history in
+    :mod:`gateway.divisions`) and refused when it stopped being valid before;
+    elsewhere the province prefix must exist. ``on`` is the message date: a
+    birth date after it is refused.
 
-    :raises IdentifierError: wrong length, characters, birth date or check digit.
+    :raises IdentifierError: wrong length, characters, birth date, address code or check digit.
     """
     number = (value or "").strip().upper()
     if len(number) == 15 and number.isascii() and number.isdigit():
@@ -115,7 +166,17 @@ def check_id_card(value: str) -> str:
     expected = id_card_check_char(number[:17])
     if number[17] != expected:
         raise IdentifierError(f"身份证号 check digit is {number[17]!r}, expected {expected!r}")
+    check_birth_date(birth, on, "身份证号 birth date")
+    problem = id_card_region_problem(number, birth)
+    if problem:
+        raise IdentifierError(problem)
     return number
+
+
+def id_card_warnings(number: str) -> list[str]:
+    """Doubts about a 身份证号 that :func:`check_id_card` accepted (a 川渝 address code the table does not know)."""
+    warning = id_card_region_warning(number)
+    return [warning] if warning else []
 
 
 def id_card_sex(number: str) -> str:

@@ -159,6 +159,7 @@ class Pipeline:
         self.add_channel(self._cda_channel())
         self.add_channel(self._cdc_csv_channel())
         self.add_channel(self._fhir_channel())
+        self.add_channel(self._service_report_channel())
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -270,6 +271,17 @@ class Pipeline:
             code_for=ack_code_for,
             answer_type="application/fhir+json",
         )
+
+    def _service_report_channel(self) -> Channel:
+        """职业卫生 / 放射卫生 technical-service reports: a signed PDF with its metadata (JSON or multipart)."""
+        from gateway.adapters.servicereport import ServiceReportAdapter
+        from gateway.fhir.servicereport import build_service_report_bundle
+
+        adapter = ServiceReportAdapter(member_uscc=self.settings.issuer_uscc,
+                                       max_pdf_bytes=self.settings.max_message_bytes)
+        return Channel(format="service-report", adapter=adapter, map=lambda msg: None,
+                       build=lambda msg: build_service_report_bundle(msg, self.issuer), answer=_outcome_answer,
+                       code_for=ack_code_for, answer_type="application/fhir+json")
 
     def _fhir_channel(self) -> Channel:
         from gateway.adapters.fhirjson import FHIRSubmissionAdapter

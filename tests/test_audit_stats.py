@@ -24,6 +24,12 @@ Overrides    3: critical-item 1, emergency 1, other 1
 Lookups      F: 3 (patients P1, P2 -> 2); C: 1 (P1 -> 1); total 4
 Exchanges    sent 1, received 2, refused 2 (bad-signature 1, unknown-issuer 1)
 
+Savings (fees-sample.csv: GLU 5.00 元 in 51, 5.50 in 50; ALT 5.00 in 51; no HBsAg): accepted d1 d4 (GLU, receiver
+T 12511921… -> province 51) -> 2 × 5.00 = 10.00 元; d5 d7 were re-tested, so they saved nothing.
+HR items (marks as issued): F d1 GLU 川渝HR, d2 ALT 川渝HR+重庆HR, d4 GLU 川渝HR (d3 replaced) -> 3 results, 川渝HR 3,
+重庆HR 1; C d5 HBsAg 四川HR, d7 ALT 川渝HR -> 2 results, 四川HR 1, 川渝HR 1; d6 d8 unmarked. Total 5.
+By alliance (cy-2026 -> 川渝, sc-2026 -> 四川省): as by catalogue: 川渝 5, 2, 0.4; 四川省 1, 0, 0.0.
+
 With ``date=ge2026-02`` (from 2026-02-01T00:00+08:00): decisions d4..d8 -> rec d4 d5 d7 (d5 d7 ov), not d6,
 review d8 -> eligible 4, accepted 1, 0.25; overrides in the period: critical-item, emergency (2); lookups F 2, C 1.
 With ``date=le2026-02-05``: d1 d2 d4 (d3 replaced) d5 d6 -> rec 3, not 2; d5's override (02-06) lies after the period
@@ -45,6 +51,7 @@ from test_audit_support import ROLES, serving
 from gateway.audit import query, records as r, stats
 from gateway.audit.log import append, entries
 from gateway.commands.audit import audit
+from gateway.errors import InputError
 from gateway.registry.models import catalogue_system
 from gateway.store.db import connect
 
@@ -81,6 +88,7 @@ def sample_records() -> list[r.Record]:
                     rules=rules,
                     snapshot_version=5,
                     decision_id=rec["id"],
+                    marks=rec.get("marks", []),
                 )
             )
         elif rec["kind"] == "override":
@@ -238,3 +246,85 @@ def test_http_stats(audit_client) -> None:
     bad = client.get("/audit/stats?issuer=x", headers=auth)
     assert bad.status_code == 400 and bad.get_json()["issue"][0]["expression"] == ["issuer"]
     assert len(ROLES) + len(SAMPLE["records"]) + 1 == max(e.seq for e in entries(db))
+
+
+FEES = DATA / "audit" / "fees-sample.csv"
+SCOPES = {"cy-2026": "川渝", "sc-2026": "四川省"}
+
+
+def test_savings_from_the_fee_table(db) -> None:
+    figures = stats.compute(db, fees=stats.load_fees(FEES))
+    sv = figures["savings"]
+    assert (sv["total_yuan"], sv["results"], sv["unpriced"]) == (10.0, 2, 0)
+    assert sv["by_province"] == [{"province": "51", "results": 2, "yuan": 10.0}]
+    assert [(r["item"], r["province"], r["results"], r["fee_yuan"], r["yuan"]) for r in sv["by_item"]] == [
+        ("GLU", "51", 2, 5.0, 10.0)]
+    assert sv["demo_fees"] is True and sv["fee_sources"] == ["test fee (2026-01-01)"]
+    # without a fee for the item in the receiver's province, accepted results are unpriced, never guessed
+    unpriced = stats.compute(db, fees={k: v for k, v in stats.load_fees(FEES).items() if k != ("GLU", "51")})
+    assert unpriced["savings"]["total_yuan"] == 0.0 and unpriced["savings"]["unpriced"] == 2
+    assert unpriced["savings"]["unpriced_by_item"] == [{"item": "GLU|51", "count": 2}]
+
+
+def test_hr_items_per_institution(db) -> None:
+    hr = stats.compute(db)["hr_items"]
+    assert hr["results"] == 5 and hr["by_mark"] == {"四川HR": 1, "川渝HR": 4, "重庆HR": 1}
+    rows = {r["key"]: (r["results"], r["by_mark"]) for r in hr["by_issuer"]}
+    assert rows == {SAMPLE["members"]["F"][0]: (3, {"川渝HR": 3, "重庆HR": 1}),
+                    SAMPLE["members"]["C"][0]: (2, {"四川HR": 1, "川渝HR": 1})}
+    # the same issued result decided for a second receiver is still one HR result of its issuer
+    members = {k: r.Party.member(*v) for k, v in SAMPLE["members"].items()}
+    append(db, r.decision(at=_dt.datetime(2026, 3, 1, 9, 0, tzinfo=CST), gateway=ME, receiver=members["C"],
+                          issuer=members["F"], report="RF1", item=(catalogue_system("cy-2026"), "GLU", "葡萄糖"),
+                          catalogue="cy-2026", outcome="recognized", rules=[r.RuleResult("member-active", True)],
+                          snapshot_version=5, decision_id="d9", marks=["川渝HR"]))
+    again = stats.compute(db)["hr_items"]
+    assert again["results"] == 5
+    assert {x["key"]: x["results"] for x in again["by_issuer"]}[SAMPLE["members"]["F"][0]] == 3
+
+
+def test_recognition_by_alliance(db) -> None:
+    figures = stats.compute(db, alliances=SCOPES)
+    assert rate(figures["by_alliance"], "川渝") == (5, 2, 0.4)
+    assert rate(figures["by_alliance"], "四川省") == (1, 0, 0.0)
+    assert rate(stats.compute(db)["by_alliance"], "unknown") == (6, 2, 0.3333)
+    narrowed = stats.compute(db, alliances=SCOPES, selection={"alliance": "四川省"})
+    total = narrowed["total"]
+    assert (total["eligible"], total["accepted"], total["needs_review"]) == (1, 0, 1)
+    crossed = stats.compute(db, alliances=SCOPES, by=[("alliance", "month")])["by_alliance_month"]
+    assert [(c["alliance"], c["month"], c["eligible"], c["accepted"]) for c in crossed] == [
+        ("四川省", "2026-02", 1, 0), ("川渝", "2026-01", 2, 1), ("川渝", "2026-02", 3, 1)]  # by key, code point order
+
+
+def test_fee_table_errors_name_the_row_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "fees.csv"
+    bad.write_text("item_code,province,fee_yuan,source,date\nGLU,51,5,x,2026-01-01\nALT,52,5,x,2026-01-01\n",
+                   encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        stats.load_fees(bad)
+    assert err.value.location == "fees.csv row 3, column province"
+    bad.write_text("item_code,province,fee_yuan,source,date\nGLU,51,五元,x,2026-01-01\n", encoding="utf-8")
+    with pytest.raises(InputError, match="not a number"):
+        stats.load_fees(bad)
+    bad.write_text("item_code,province,source,date\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no column fee_yuan"):
+        stats.load_fees(bad)
+
+
+def test_demo_fee_table_loads() -> None:
+    from conftest import ROOT
+
+    fees = stats.load_fees(ROOT / "mappings" / "fees")
+    assert fees[("CY-L007", "51")].demo and all(f.demo for f in fees.values())
+
+
+def test_cli_prints_savings_hr_and_alliance(db, tmp_path: Path) -> None:
+    db_file = tmp_path / "gw.db"
+    out = CliRunner().invoke(audit, ["stats", "--db", str(db_file), "--fees", str(FEES), "--json"])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.output)
+    assert figures["savings"]["total_yuan"] == 10.0 and figures["hr_items"]["results"] == 5
+    table = CliRunner().invoke(audit, ["stats", "--db", str(db_file), "--fees", str(FEES)]).output
+    assert "节约费用 (savings): 10.00 元 for 2 accepted results, 0 without a fee — DEMO fees" in table
+    assert "HR items per institution (5 results carrying a recognition mark)" in table
+    assert "川渝HR 3, 重庆HR 1" in table and "By alliance (catalogue scope)" in table

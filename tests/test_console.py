@@ -397,7 +397,28 @@ def test_recognition_tables_show_month_and_issuer_apart(fuling) -> None:
     items = re.search(r'data-table="by_item">.*?</table>', html, re.S).group(0)
     assert "白细胞计数" in items and ">CY-L001<" in items  # the code shown, the catalogue system in its title
     # the charts are drawn with their marks linked to the decisions behind them
-    assert html.count('<figure class="chart-box">') == 3 and "66.7% (4/6)" in html
+    assert html.count('<figure class="chart-box">') == 6 and "66.7% (4/6)" in html
+
+
+def test_savings_hr_items_and_alliance_equal_the_cli(fuling) -> None:
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    html = c.get("/console/recognition").get_data(as_text=True)
+    cli_figures = _stats_json(folder)
+    sv = cli_figures["savings"]
+    assert sv["results"] > 0 and sv["demo_fees"] is True  # the DEMO fee table of mappings/fees
+    assert f"节约费用 Savings：{sv['total_yuan']:.2f} 元" in html and "DEMO fees, illustrative only" in html
+    shown = {(f["item"], f["province"]): f["value"] for f in _figures(html, "savings-results")}
+    assert shown == {(r["item"], r["province"]): str(r["results"]) for r in sv["by_item"]}
+    yuan = dict(((i, p), v) for i, p, v in re.findall(
+        r'data-figure="savings-yuan" data-item="([^"]+)" data-province="(\d+)">([\d.]+)<', html))
+    assert yuan == {(r["item"], r["province"]): f"{r['yuan']:.2f}" for r in sv["by_item"]}
+    hr = cli_figures["hr_items"]
+    assert hr["results"] > 0 and "川渝HR" in hr["by_mark"]
+    cells = dict(re.findall(r'data-figure="hr-results" data-issuer="([^"]+)">(\d+)<', html))
+    assert cells == {r["key"]: str(r["results"]) for r in hr["by_issuer"]}
+    alliance = {f["alliance"]: f["value"] for f in _figures(html, "eligible") if f.get("table") == "by_alliance"}
+    assert alliance == {g["key"]: str(g["eligible"]) for g in cli_figures["by_alliance"]} and "川渝" in alliance
 
 
 def test_favicon_and_member_names_on_exchange(fuling) -> None:

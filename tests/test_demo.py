@@ -53,7 +53,15 @@ def test_demo_figures(demo_run: tuple[dict[str, Any], list[str], Path]) -> None:
     assert figures["lookup"] == 2
     # eligible = 5 recognised + ALT; accepted = 5 minus the platelet count the physician re-tests = 4
     assert figures["audit_ok"] is True and figures["rate"] == round(4 / 6, 4)
+    # 移送: 涪陵 refers the ALT report to 四川省卫生健康委员会（演示）, whose gateway receives it and accepts it
+    assert figures["referral"] == "accepted"
+    # savings (DEMO fees, receiver 涪陵 in 50): WBC 3 + RBC 3 + HGB 3 + AST 5 元 (PLT was re-tested) = 14.00 元;
+    # HR items: 通江's 5 marked results of the blood count and liver panel (ALT unmarked) + the CDC's 3 marked items
+    assert figures["savings_yuan"] == 14.0 and figures["hr_items"] == 8
     text = "\n".join(lines)
+    assert "status at 重庆市涪陵中心医院（演示） now accepted" in text and "互认率 by alliance: 川渝 4/6" in text
+    assert "节约费用 (savings) 14.00 元 for 4 accepted results (DEMO fees, illustrative)" in text
+    assert "通江县人民医院（演示） 5 (四川HR 1, 川渝HR 5)" in text
     assert "eqa-pass: EQA failed for 丙氨酸氨基转移酶" in text
     assert "OBX[1]-5 '高' is not a number for value type NM" in text
     assert (base / "fuling" / "gateway.db").exists()

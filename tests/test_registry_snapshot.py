@@ -208,8 +208,9 @@ def test_removal_from_the_snapshot_is_revocation(demo: DemoRegistry) -> None:
 
 def test_listing_follows_member_period_and_listing_dates(demo: DemoRegistry) -> None:
     body = _source_of(demo).body
-    body["members"][1]["valid_to"] = "2026-11-30"
-    body["members"][2]["certificates"][0]["valid_to"] = "2026-11-25"
+    by_uscc = {m["uscc"]: m for m in body["members"]}
+    by_uscc[FULING]["valid_to"] = "2026-11-30"
+    by_uscc[CDC]["certificates"][0]["valid_to"] = "2026-11-25"
     doc = build_snapshot(RegistrySource(body, "t"), key=demo.authority_key, cert=demo.authority_cert, issued=NOW)
     snap = verify_snapshot(_text(doc), [demo.authority_cert], NOW)
     fuling, cdc = demo.member_certs[FULING], demo.member_certs[CDC]
@@ -286,8 +287,12 @@ def test_cli_build_verify_show(authority_files: dict[str, Path], tmp_path: Path)
         registry, ["show", str(out), "--authority", str(authority_files["cert"]), "--at", "2026-11-23T09:00:00+08:00"]
     )
     assert result.exit_code == 0, result.output
-    for text in ("version 1", "DEMO", "(verified)", "通江县人民医院（演示）", "川渝HR", "EQA results (59)"):
+    eqa = len(load_source(DEMO_SOURCE).body["eqa"])
+    for text in ("version 1", "DEMO", "(verified)", "通江县人民医院（演示）", "川渝HR", f"EQA results ({eqa})"):
         assert text in result.output
+    # Levels are dated: the one held on the date shown (邻水 became 三级乙等 on 2025-07-01).
+    linshui = next(x for x in result.output.splitlines() if "邻水县人民医院（演示）" in x)
+    assert "三级乙等" in linshui
     result = runner.invoke(registry, ["show", str(out)])
     assert "NOT verified" in result.output
 

@@ -29,12 +29,17 @@ BAD_USCC = [
 ]
 
 _BASE = read_source_data(DEMO_SOURCE)
+_Q = {q["id"]: i for i, q in enumerate(_BASE["qualifications"])}  # where each DEMO qualification is listed
 
 
 def _parse(mutate: Callable[[dict[str, Any]], None]) -> Any:
     data = copy.deepcopy(_BASE)
     mutate(data)
     return parse_source(json.dumps(data, ensure_ascii=False), origin="test", is_json=True)
+
+
+def _qualification(data: dict[str, Any], qid: str) -> dict[str, Any]:
+    return next(q for q in data["qualifications"] if q["id"] == qid)
 
 
 def _problems(mutate: Callable[[dict[str, Any]], None]) -> dict[str, str]:
@@ -48,7 +53,9 @@ def test_demo_source_loads_and_is_marked_demo() -> None:
     body = src.body
     assert src.version == 1 and body["demo"] is True
     assert "DEMO" in DEMO_SOURCE.name and "DEMO" in DEMO_SOURCE.read_text(encoding="utf-8")[:200]
-    assert {m["uscc"] for m in body["members"]} == {TONGJIANG, "12500102MB0002006J", "12510000MB00030095"}
+    assert {TONGJIANG, "12500102MB0002006J", "12510000MB00030095", "12511623MB0009005R"} <= {
+        m["uscc"] for m in body["members"]
+    }
     assert all("（演示）" in m["name"] for m in body["members"])
     # The HL7 v2 demo's common lab items, each by LOINC.
     loinc = {code for c in body["catalogues"] for it in c["items"] for code in it["loinc"]}
@@ -144,11 +151,15 @@ def test_every_problem_is_reported_at_once() -> None:
         ),
         (lambda d: d["catalogues"][0].__setitem__("scope", {"type": "provincial"}), "catalogues[0].scope", "province"),
         (
-            lambda d: d["qualifications"][5].__setitem__("scope", ["dust", "noise"]),
-            "qualifications[5].scope[1]",
+            lambda d: _qualification(d, "cdc-filing").__setitem__("scope", ["dust", "noise"]),
+            f"qualifications[{_Q['cdc-filing']}].scope[1]",
             "is not one of",
         ),
-        (lambda d: d["qualifications"][9].pop("physician"), "qualifications[9]", "'physician' is a required property"),
+        (
+            lambda d: _qualification(d, "cdc-physician-1").pop("physician"),
+            f"qualifications[{_Q['cdc-physician-1']}]",
+            "'physician' is a required property",
+        ),
         (lambda d: d.__setitem__("surprise", 1), "", "Additional properties"),
         (lambda d: d["eqa"][0].__setitem__("result", "passed"), "eqa[0].result", "is not one of"),
     ],

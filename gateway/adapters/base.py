@@ -152,6 +152,7 @@ class ReportFacts:
     issued_at: str = ""  # FHIR instant
     interpreter_id: str = ""  # 审核医师 / 主检医师
     interpreter_name: str = ""
+    reading_org: str = ""  # 统一社会信用代码 of the institution that read the exam, when another than the issuer
     specimen: SpecimenFacts | None = None
     results: list[ResultFacts] = field(default_factory=list)
     kind: str = "lab"  # lab | occupational-health

@@ -48,7 +48,7 @@ from gateway.adapters.base import (
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
 from gateway.errors import IdentifierError, Issue, shown
-from gateway.identifiers import check_id_card, check_uscc
+from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
 __all__ = ["CDAAdapter", "safe_parser", "declares_dtd", "answer_code"]
 
@@ -56,6 +56,10 @@ _DTD_MARKERS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY") for enc in
 _CODED_TYPES = {"CD", "CE", "CV", "CS", "CO"}
 _NUMERIC_TYPES = {"REAL", "INT", "PQ", "MO"}
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+# The institution of the 审核医师 when another member read the exam (基层检查、上级诊断); absent or the custodian
+# itself otherwise. A layout may name another path as header key ``interpreter_org``.
+_READING_ORG = ("hl7:legalAuthenticator/hl7:assignedEntity/hl7:representedOrganization/"
+                "hl7:id[@root='2.16.156.10011.1.5']/@extension")
 
 
 def safe_parser() -> etree.XMLParser:
@@ -486,6 +490,12 @@ class CDAAdapter:
 
         interp_id, interp_name = get("interpreter_id"), get("interpreter_name")
         report.interpreter_id, report.interpreter_name = interp_id.value, interp_name.value
+        reader = r.value(root, h.get("interpreter_org", _READING_ORG))  # 基层检查、上级诊断: who read it
+        if reader and reader.value.strip().upper() not in ("", msg.extra.get("institution_id")):
+            try:
+                report.reading_org = check_uscc(reader.value.strip().upper())
+            except IdentifierError as exc:
+                msg.issues.append(Issue("error", "value", reader.where, f"reading institution: {exc.message}", "102"))
 
         related = get("related_type")
         report.status = "original"
@@ -564,7 +574,8 @@ class CDAAdapter:
         card = r.value(root, h["id_card"])
         if card:
             try:
-                p.id_card = check_id_card(card.value)
+                p.id_card = check_id_card(card.value, on=message_date(msg.sent_at))
+                msg.issues.extend(Issue("warning", "value", card.where, w, "102") for w in id_card_warnings(p.id_card))
             except IdentifierError as exc:
                 msg.issues.append(Issue("error", "value", card.where, exc.message, "102"))
         else:
@@ -584,7 +595,12 @@ class CDAAdapter:
             msg.issues.append(Issue("warning", "code-invalid", system.where,
                                     f"sex code system {system.value} is not GB/T 2261.1 ({expected}); "
                                     "the code is read as GB/T 2261.1", "103"))
-        p.birth_date = self._time(r.value(root, h["birth_time"]), msg, date_only=True)
+        birth = r.value(root, h["birth_time"])
+        p.birth_date = self._time(birth, msg, date_only=True)
+        future = birth_date_problem(p.birth_date, message_date(msg.sent_at))
+        if future:
+            p.birth_date = ""
+            msg.issues.append(Issue("error", "value", birth.where, future, "102"))
 
     def _issued(self, root: Any, msg: SourceMessage) -> str:
         candidates = self.header.get("issued_at", [])

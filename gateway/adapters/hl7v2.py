@@ -42,7 +42,7 @@ from gateway.adapters.base import (
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
 from gateway.errors import IdentifierError, Issue, shown
-from gateway.identifiers import check_id_card
+from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
 __all__ = ["HL7v2Adapter", "split_messages", "split_er7", "ack_code_for", "build_ack", "explain_issues"]
 
@@ -431,6 +431,18 @@ _RESULT_DEFAULTS = {"code": "OBX-3", "value_type": "OBX-2", "value": "OBX-5", "s
                     "reference_range": "OBX-7", "flags": "OBX-8", "unit": "OBX-6", "observed_at": "OBX-14"}
 
 
+def _reading_org(value: str, where: str, issues: list[Issue]) -> str:
+    """The checked 统一社会信用代码 of a reading institution; empty (with an error naming ``where``) if it fails."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        return check_uscc(value)
+    except IdentifierError as exc:
+        issues.append(Issue("error", "value", where, f"reading institution: {exc.message}", "102"))
+        return ""
+
+
 @functools.lru_cache(maxsize=256)
 def _locator(text: str) -> tuple[str, int]:
     seg, _, fld = text.partition("-")
@@ -699,7 +711,7 @@ class HL7v2Adapter:
                                     "more than one patient (PID) in one message is not supported; "
                                     "send one message per patient", "100"))
             return
-        msg.patient = self._patient(m, pid_rows[0], msg.issues)
+        msg.patient = self._patient(m, pid_rows[0], msg.issues, on=message_date(msg.sent_at))
         report: ReportFacts | None = None
         spm_row: int | None = None
         last_result: ResultFacts | None = None
@@ -728,7 +740,7 @@ class HL7v2Adapter:
             elif name == "SPM" and report is not None:
                 spm_row = i
             elif name == "PRT" and report is not None and last_result is None:
-                self._participation(m, i, report)
+                self._participation(m, i, report, msg.issues)
             elif name == "NTE":
                 note = m.unescape(m.raw(i, 3)).strip()
                 if text_too_long(note):
@@ -745,7 +757,8 @@ class HL7v2Adapter:
 
     # -- patient -------------------------------------------------------------------------
 
-    def _patient(self, m: _Msg, i: int, issues: list[Issue]) -> PatientFacts:
+    def _patient(self, m: _Msg, i: int, issues: list[Issue],
+                 on: _dt.date | None = None) -> PatientFacts:
         spec = self.table.get("patient", {})
         p = PatientFacts(location=m.where(i))
         used: set[str] = set()
@@ -767,8 +780,9 @@ class HL7v2Adapter:
                     continue
                 where = f"PID[{m.counts[i]}]-{fld}"
                 try:
-                    p.id_card = check_id_card(value)
+                    p.id_card = check_id_card(value, on=on)
                     used.add(value)
+                    issues.extend(Issue("warning", "value", where, w, "102") for w in id_card_warnings(p.id_card))
                 except IdentifierError as exc:
                     typed = f" (type {id_type})" if id_type else ""
                     rep_txt = f"repetition {rep_no}{typed}: " if fld == 3 else ""
@@ -808,6 +822,10 @@ class HL7v2Adapter:
                 p.birth_date = to_fhir_date(dob)
             except DateTimeError as exc:
                 issues.append(Issue("error", "value", f"PID[{m.counts[i]}]-{dob_fld}", str(exc), "102"))
+            future = birth_date_problem(p.birth_date, on)
+            if future:
+                p.birth_date = ""
+                issues.append(Issue("error", "value", f"PID[{m.counts[i]}]-{dob_fld}", future, "102"))
         _, sex_fld = _locator(spec.get("sex", "PID-8"))
         p.sex = m.value(i, sex_fld)
         return p
@@ -872,6 +890,10 @@ class HL7v2Adapter:
             r.interpreter_id = parts[0]
             names = [x for x in parts[1:3] if x]
             r.interpreter_name = "".join(names) if all(_CJK.search(x) for x in names) else " ".join(names)
+        if len(interp) > 6 and interp[6]:  # NDL-7 facility (HD): the reading institution, its USCC as HD-2
+            facility = interp[6].split(m.seps["subcomponent"])
+            r.reading_org = _reading_org(facility[1] if len(facility) > 1 else "", f"{m.where(i)}-{fld}.7.2",
+                                         msg.issues)
         return r
 
     def _finish_report(self, m: _Msg, r: ReportFacts, spm_row: int | None, issues: list[Issue]) -> None:
@@ -936,13 +958,19 @@ class HL7v2Adapter:
         # the correction is a new version of the report: its resources get their own ids
         r.key = f"{r.number}|corrected|{m.value(0, 10)}"
 
-    def _participation(self, m: _Msg, i: int, r: ReportFacts) -> None:
-        """A v2.7+ PRT segment of the OBR group naming the principal result interpreter."""
+    def _participation(self, m: _Msg, i: int, r: ReportFacts, issues: list[Issue]) -> None:
+        """A v2.7+ PRT segment of the OBR group naming the principal result interpreter (and, in PRT-8, the
+        institution that read the exam: its USCC as XON-10)."""
         spec = self.table.get("report", {}).get("interpreter_participation")
-        if not spec or r.interpreter_id or r.interpreter_name:
+        if not spec:
             return
         _, part_fld = _locator(spec.get("participation", "PRT-4"))
         if m.value(i, part_fld).upper() not in [c.upper() for c in spec.get("codes", ["PI"])]:
+            return
+        _, org_fld = _locator(spec.get("organization", "PRT-8"))
+        if not r.reading_org:
+            r.reading_org = _reading_org(m.value(i, org_fld, 10), f"{m.where(i)}-{org_fld}.10", issues)
+        if r.interpreter_id or r.interpreter_name:
             return
         _, person_fld = _locator(spec.get("person", "PRT-5"))
         person = [m.unescape(c).split(m.seps["subcomponent"])[0].strip() for c in m.comps(i, person_fld)]

@@ -56,7 +56,7 @@ from gateway.adapters.base import (
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.errors import ConfigError, IdentifierError, Issue, shown
-from gateway.identifiers import check_id_card, check_uscc
+from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
 __all__ = ["Layout", "LabCSVAdapter", "parse_exposure_years"]
 
@@ -362,9 +362,11 @@ class LabCSVAdapter:
         if not p.name:
             issues.append(Issue("error", "required", fact_of("name")[1], "the worker's name is empty", "101"))
         card, card_at = fact_of("id_card")
+        on = message_date(self._written(fact_of("report_date")[0]))  # the report date is the file's time
         if card:
             try:
-                p.id_card = check_id_card(card)
+                p.id_card = check_id_card(card, on=on)
+                issues.extend(Issue("warning", "value", card_at, w, "102") for w in id_card_warnings(p.id_card))
             except IdentifierError as exc:
                 issues.append(Issue("error", "value", card_at, exc.message, "102"))
         else:
@@ -378,7 +380,20 @@ class LabCSVAdapter:
                 p.birth_date = to_fhir_date(birth)
             except DateTimeError as exc:
                 issues.append(Issue("error", "value", birth_at, str(exc), "102"))
+            future = birth_date_problem(p.birth_date, on)
+            if future:
+                p.birth_date = ""
+                issues.append(Issue("error", "value", birth_at, future, "102"))
         return p
+
+    def _written(self, value: str) -> str:
+        """The report date as a FHIR dateTime or date ("" when unreadable): the time birth dates are checked at."""
+        for convert in (lambda v: to_fhir_instant(v, self.offset), to_fhir_date):
+            try:
+                return convert(value)
+            except DateTimeError:
+                continue
+        return ""
 
     def _report_time(self, found: tuple[str, str], issues: list[Issue]) -> str:
         value, where = found

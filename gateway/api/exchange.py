@@ -3,6 +3,8 @@
 ``POST /exchange/bundles``
     a signed report Bundle pushed by an authenticated member; answered with a
     signed receipt (the same receipt when the Bundle arrives again).
+``POST /exchange/tasks``
+    a referral (移送, a signed Task) for this gateway's authority, or an authority's answer to one made here.
 ``GET /exchange/DiagnosticReport?patient.identifier=...``
     调阅: this member's own signed report Bundles for a patient, as a searchset
     whose entries are the signed Bundles.
@@ -42,6 +44,20 @@ def receive() -> Response:
     result = ex.receive(text, peer)
     return Response(result.receipt, status=result.status, mimetype="application/json",
                     headers={"X-Duplicate": "true" if result.duplicate else "false"})
+
+
+@bp.post("/tasks")
+def receive_task() -> Response:
+    """A referral (移送, a signed Task) from a member to this gateway's authority, or the authority's answer to a
+    referral made here; answered with a signed receipt."""
+    from gateway.referrals import Referrals
+
+    referrals = Referrals(exchange_of(current_app))
+    peer = referrals.authenticate(request.headers.get("Authorization", ""))
+    text = request.get_data(cache=False)
+    if not text.strip():
+        raise InputError("request body is empty: send the signed referral Bundle as the body", "body")
+    return Response(referrals.receive(text, peer), status=200, mimetype="application/json")
 
 
 @bp.get("/DiagnosticReport")

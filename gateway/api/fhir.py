@@ -280,6 +280,41 @@ def _check_id(rtype: str, rid: str) -> None:
         raise NotFound(f"{rtype}/{shown(rid)} is not known (not a FHIR id)", rtype)
 
 
+@bp.get("/Task")
+@require_role("submitter", "admin")
+def task_search() -> Response:
+    """Referrals (移送) made here or received as the authority, as Tasks: search by ``status`` and ``focus``
+    (the report's 检验报告单号 or ``DiagnosticReport/…``).
+
+    :raises InvalidSearch: another parameter (strict handling).
+    """
+    from gateway.referrals import referrals_of
+
+    known = ("status", "focus", "_count")
+    unknown = [k for k in request.args if k not in known]
+    if unknown and "handling=lenient" not in request.headers.get("Prefer", ""):
+        raise InvalidSearch(f"search parameter {shown(unknown[0])} is not supported for Task (supported: status, "
+                            "focus)", unknown[0][:_MAX_NAME], code="not-supported")
+    rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
+                                          limit=_int_param("_count", 100, 0, 1000))
+    base = current_app.extensions["gateway.settings"].base_url
+    return fhir_response({"resourceType": "Bundle", "type": "searchset", "total": len(rows),
+                          "entry": [{"fullUrl": f"{base}/fhir/Task/{r.id}", "resource": r.task,
+                                     "search": {"mode": "match"}} for r in rows]})
+
+
+@bp.get("/Task/<rid>")
+@require_role("submitter", "admin")
+def task_read(rid: str) -> Response:
+    """One referral (移送) as its latest Task.
+
+    :raises NotFound: no such referral here.
+    """
+    from gateway.referrals import referrals_of
+
+    return fhir_response(referrals_of(current_app).get(rid).task)
+
+
 @bp.get("/<rtype>/<rid>")
 @require_role("submitter", "admin")
 def read(rtype: str, rid: str) -> Response:

@@ -63,7 +63,7 @@ __all__ = [
 FACTS_VERSION = 1
 
 KINDS = ("exchange", "ingest", "decision", "override", "read", "registry", "query", "security", "login", "operator",
-         "token", "withdrawal")
+         "token", "withdrawal", "referral")
 
 #: Outcome of a recognition decision (ANCHORS §2.5). ``needs-review``: the engine could not decide alone.
 DECISION_OUTCOMES = ("recognized", "not-recognized", "needs-review")
@@ -310,6 +310,7 @@ def decision(
     verification_results: Sequence[str] = (),
     purpose: str = "TREAT",
     request_id: str | None = None,
+    marks: Sequence[str] = (),
 ) -> Record:
     """A recognition (互认) decision for one item of one received report (ANCHORS §2.5).
 
@@ -355,6 +356,7 @@ def decision(
             "verification_results": list(verification_results),
             "purpose": purpose,
             "request_id": request_id,
+            "marks": list(marks) or None,  # the recognition marks (川渝HR…) the issuer printed on the result
         },
     )
 
@@ -700,6 +702,58 @@ def withdrawal(
     )
 
 
+#: What happened to a referral (移送): made here, sent, received, or its status changed by the authority.
+REFERRAL_ACTIONS = ("created", "sent", "received", "updated")
+
+
+def referral(
+    action: str,
+    *,
+    at: _dt.datetime,
+    gateway: Party,
+    task_id: str,
+    status: str,
+    reason: str,
+    requester: Party,
+    owner: Party,
+    report: str,
+    issuer: Party | None = None,
+    decision_id: str | None = None,
+    bundle_hash: str | None = None,
+    by: Party | None = None,
+    note: str | None = None,
+) -> Record:
+    """A referral of a violation (移送, a FHIR Task) made, sent, received or answered.
+
+    ``task_id`` is the Task's business identifier (the same on both sides); ``status`` the Task status after the
+    event; ``reason`` the referral reason code; ``report`` the DiagnosticReport referred; ``by`` the user who did
+    it (none when the gateway did, e.g. on delivery).
+
+    :raises InputError: unknown action, missing task id, status, reason or report; naive time.
+    """
+    if action not in REFERRAL_ACTIONS:
+        raise InputError(f"referral action {action!r} is not one of {', '.join(REFERRAL_ACTIONS)}", "action")
+    return _record(
+        "referral",
+        at,
+        {
+            "gateway": gateway.facts(),
+            "action": action,
+            "task_id": _required(task_id, "task_id"),
+            "status": _required(status, "status"),
+            "reason": _required(reason, "reason"),
+            "requester": requester.facts(),
+            "owner": owner.facts(),
+            "report": _required(report, "report"),
+            "issuer": issuer.facts() if issuer else None,
+            "decision_id": decision_id,
+            "bundle_hash": bundle_hash,
+            "by": by.facts() if by else None,
+            "note": note,
+        },
+    )
+
+
 def from_decision(
     decided: Any,
     *,
@@ -753,6 +807,7 @@ def from_decision(
         bundle_hash=bundle_hash,
         kid=kid,
         request_id=request_id,
+        marks=tuple(getattr(facts, "marks", ()) or ()),
     )
 
 

@@ -16,6 +16,7 @@ ingest     DCM 110107 Import                        message-ingested            
 decision   audit-event-type lab-recognition (§2.5)  recognition-outcome <code>   E
 override   audit-event-type recognition-override    retest-reason <code>         E
 withdrawal audit-event-type recognition-withdrawal  report-superseded            U
+referral   audit-event-type violation-referral      referral-<action>            C / U
 read       audit-event-type rest (BALP PatientRead  restful-interaction read /   R / E
            / PatientQuery)                          search-type
 registry   audit-event-type registry-snapshot       registry-snapshot-applied    U
@@ -40,7 +41,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.recognition.overrides import CS_RETEST_REASON, RETEST_REASONS
+from gateway.recognition.overrides import CS_RETEST_REASON, RETEST_REASONS, retest_reason_code
 from gateway.errors import ConfigError
 from gateway.naming import cs_url, sd_url
 
@@ -385,7 +386,8 @@ def _override(facts: Mapping[str, Any]) -> dict[str, Any]:
     desc = (info.zh if info else reason) + (f"; {facts['note']}" if facts.get("note") else "")
     return {
         "type": _coding(CS_EVENT_TYPE, "recognition-override", "Re-test ordered despite recognition"),
-        "subtype": [_coding(CS_RETEST_REASON, reason, info.en if info else None)],
+        # an entry written with a retired code renders with the code CodeSystem retest-reason has for it
+        "subtype": [_coding(CS_RETEST_REASON, retest_reason_code(reason), info.en if info else None)],
         "action": "E",
         "outcome": "0",
         "outcomeDesc": desc,
@@ -433,6 +435,47 @@ def _withdrawal(facts: Mapping[str, Any]) -> dict[str, Any]:
         "agent": agents,
         "entity": entities,
     }
+
+
+_REFERRAL_ACTION = {"created": ("C", "Referral made"), "sent": ("C", "Referral delivered to the authority"),
+                    "received": ("C", "Referral received"), "updated": ("U", "Referral status changed")}
+
+
+def _referral(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """A referral of a violation (移送, FHIR Task) made, sent, received or answered (our event type)."""
+    action, display = _REFERRAL_ACTION[facts["action"]]
+    agents = [_gateway_agent(facts)]
+    if facts.get("by"):
+        agents.append(_agent(_cc(_PARTICIPATION, "AUT", "author (originator)"), facts["by"], requestor=True))
+    else:
+        agents[0]["requestor"] = True
+    agents.append(_agent(_cc(_PARTICIPATION, "ORG", "origin"), facts["requester"], requestor=False))
+    agents.append(_agent(_cc(_PARTICIPATION, "RCV", "receiver"), facts["owner"], requestor=False))
+    task = {
+        "what": {"identifier": {"system": cs_url("referral-id"), "value": facts["task_id"]}, "type": "Task"},
+        "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+        "role": _coding(_OBJECT_ROLE, "4", "Domain Resource"),
+        "detail": _detail("status", facts["status"]) + _detail("reason", facts["reason"])
+        + _detail("decision-id", facts.get("decision_id")) + _detail("bundle-hash", facts.get("bundle_hash")),
+    }
+    report: dict[str, Any] = {
+        "what": {"reference": facts["report"]},
+        "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+        "role": _coding(_OBJECT_ROLE, "3", "Report"),
+    }
+    if facts.get("issuer"):
+        report["detail"] = _detail("issuer", facts["issuer"].get("value"))
+    out: dict[str, Any] = {
+        "type": _coding(CS_EVENT_TYPE, "violation-referral", "Referral of a violation (移送)"),
+        "subtype": [_coding(CS_EVENT_SUBTYPE, f"referral-{facts['action']}", display)],
+        "action": action,
+        "outcome": "0",
+        "agent": agents,
+        "entity": [task, report],
+    }
+    if facts.get("note"):
+        out["outcomeDesc"] = facts["note"]
+    return out
 
 
 def _rest_agents(facts: Mapping[str, Any], *, read: bool) -> list[dict[str, Any]]:
@@ -689,6 +732,7 @@ _KINDS = {
     "decision": _decision,
     "override": _override,
     "withdrawal": _withdrawal,
+    "referral": _referral,
     "read": _read,
     "registry": _registry,
     "query": _query,

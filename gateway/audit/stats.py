@@ -41,15 +41,34 @@ exchanges are not about one issuer's results and are never narrowed.
 Cross views (``by=[("month", "issuer")]``) count the same results in the
 cells of two or more dimensions. Names come from the decisions, else from
 ``names`` (the registry snapshot), so no issuer is shown blank.
+
+**By alliance**: the scope of the catalogue a result was decided against
+(川渝, one province, or a 医联体/专科联盟 by name), from ``alliances`` (catalogue
+id -> scope, the registry snapshot's catalogues); a catalogue the snapshot no
+longer lists is counted under ``unknown``.
+
+**节约费用 (savings) = accepted results × the item's fee** in the receiver's
+province (the patient would have paid for the repeat there; the province is
+the division code inside the receiver's 统一社会信用代码, GB 32100 characters
+3–8). Fees come from a table per catalogue item and province kept as data
+(``mappings/fees/*.csv``, :func:`load_fees`); accepted results of an item
+without a fee there are counted as ``unpriced``, never guessed.
+
+**HR items per institution**: results carrying a recognition mark (川渝HR,
+四川HR…) as the issuer printed it, per issuer and mark; a result decided for
+several receivers counts once.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -59,7 +78,8 @@ from gateway.audit.query import DateRange
 from gateway.errors import InputError
 from gateway.recognition.overrides import RETEST_REASONS
 
-__all__ = ["DEFINITION", "DIMENSIONS", "SELECTABLE", "compute", "decisions", "format_tables", "Group"]
+__all__ = ["DEFINITION", "DIMENSIONS", "SELECTABLE", "SAVINGS_DEFINITION", "compute", "decisions", "format_tables",
+           "Group", "Fee", "load_fees", "catalogue_scopes"]
 
 #: One-line definition, repeated in the JSON output and the command help.
 DEFINITION = (
@@ -69,10 +89,92 @@ DEFINITION = (
 )
 
 
+SAVINGS_DEFINITION = (
+    "节约费用 = accepted results × the item's fee in the receiver's province (fee table per catalogue item and "
+    "province); accepted results of an item without a fee there are counted as unpriced"
+)
+
 #: Dimensions a 互认率 is given by; a cross view names two or more of them.
-DIMENSIONS = ("issuer", "receiver", "item", "catalogue", "month")
+DIMENSIONS = ("issuer", "receiver", "item", "catalogue", "alliance", "month")
 #: Dimensions a selection may narrow (the period is chosen with dates).
-SELECTABLE = ("issuer", "receiver", "item", "catalogue")
+SELECTABLE = ("issuer", "receiver", "item", "catalogue", "alliance")
+
+
+@dataclass(frozen=True)
+class Fee:
+    """The fee of one catalogue item in one province (元), with where it comes from."""
+
+    item: str
+    province: str
+    yuan: Decimal
+    source: str
+    date: str
+    demo: bool
+
+
+_FEE_COLUMNS = ("item_code", "province", "fee_yuan", "source", "date")
+
+
+def load_fees(path: str | Path) -> dict[tuple[str, str], Fee]:
+    """The fee table: one CSV file, or every ``*.csv`` of a folder (``mappings/fees``), ``#`` lines comments.
+
+    Columns ``item_code`` (catalogue item code), ``province`` (50 重庆, 51 四川), ``fee_yuan``, ``source``,
+    ``date`` and optional ``demo`` (``true`` for illustrative fees, shown as such).
+
+    :raises InputError: a missing column, a bad value or an item listed twice for a province, named by file,
+        row and column.
+    """
+    where = Path(path)
+    files = sorted(where.glob("*.csv")) if where.is_dir() else [where]
+    fees: dict[tuple[str, str], Fee] = {}
+    for file in files:
+        try:
+            lines = file.read_text(encoding="utf-8-sig").splitlines()
+        except OSError as exc:
+            raise InputError(f"cannot read the fee table: {exc.strerror or exc}", str(file)) from None
+        rows = [(n, line) for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
+        if not rows:
+            continue
+        reader = csv.reader([line for _, line in rows])
+        header = [h.strip() for h in next(reader)]
+        missing = [c for c in _FEE_COLUMNS if c not in header]
+        if missing:
+            raise InputError(f"the fee table has no column {missing[0]}", f"{file.name} row {rows[0][0]}")
+        for (n, _), values in zip(rows[1:], reader):
+            row = dict(zip(header, (v.strip() for v in values)))
+
+            def bad(column: str, why: str, row_no: int = n) -> InputError:
+                return InputError(why, f"{file.name} row {row_no}, column {column}")
+
+            if row.get("province") not in ("50", "51"):
+                raise bad("province", f"province {row.get('province')!r} is not 50 (重庆) or 51 (四川)")
+            try:
+                yuan = Decimal(row.get("fee_yuan", ""))
+            except InvalidOperation:
+                raise bad("fee_yuan", f"fee {row.get('fee_yuan')!r} is not a number of 元") from None
+            if not yuan.is_finite() or yuan < 0:
+                raise bad("fee_yuan", f"fee {row.get('fee_yuan')!r} is not a number of 元 ≥ 0")
+            if not row.get("item_code") or not row.get("source"):
+                raise bad("item_code" if not row.get("item_code") else "source", "empty")
+            key = (row["item_code"], row["province"])
+            if key in fees:
+                raise bad("item_code", f"item {key[0]} has a fee for province {key[1]} already")
+            fees[key] = Fee(key[0], key[1], yuan, row["source"], row.get("date", ""),
+                            row.get("demo", "").lower() in ("true", "yes", "1"))
+    return fees
+
+
+def catalogue_scopes(snapshot: Any) -> dict[str, str]:
+    """Catalogue id -> its scope as shown by alliance: 川渝, 四川省 / 重庆市, or the alliance's name."""
+    out: dict[str, str] = {}
+    for catalogue in getattr(snapshot, "catalogues", ()):
+        if catalogue.scope_type == "chuanyu":
+            out[catalogue.id] = "川渝"
+        elif catalogue.scope_type == "provincial":
+            out[catalogue.id] = {"51": "四川省", "50": "重庆市"}.get(catalogue.province or "", "省级")
+        else:
+            out[catalogue.id] = catalogue.alliance_name or catalogue.id
+    return out
 
 
 @dataclass
@@ -124,7 +226,7 @@ class Group:
 @dataclass
 class _Totals:
     groups: dict[str, dict[str, Group]] = field(
-        default_factory=lambda: {k: {} for k in ("issuer", "receiver", "item", "catalogue", "month")}
+        default_factory=lambda: {k: {} for k in DIMENSIONS}
     )
     total: Group = field(default_factory=lambda: Group("all"))
     refusals: Counter[str] = field(default_factory=Counter)
@@ -165,6 +267,7 @@ _FIELDS = {
         "$.facts.item.display",
         "$.facts.catalogue",
         "$.facts.rules",
+        "$.facts.marks",
     ),
     "override": ("$.facts.decision_id", "$.facts.reason"),
     "withdrawal": ("$.facts.decision_id", "$.facts.reason"),
@@ -220,11 +323,13 @@ class _Result:
     dims: dict[str, str]
     names: dict[str, str]
     rules: list[dict[str, Any]]
+    report: str = ""
+    marks: tuple[str, ...] = ()
 
 
-def _dims(key: Sequence[str], recorded: str, catalogue: str) -> dict[str, str]:
+def _dims(key: Sequence[str], recorded: str, catalogue: str, alliances: Mapping[str, str]) -> dict[str, str]:
     return {"issuer": key[1], "receiver": key[7], "item": f"{key[4]}|{key[5]}", "catalogue": catalogue,
-            "month": recorded[:7]}
+            "alliance": alliances.get(catalogue) or "unknown", "month": recorded[:7]}
 
 
 def _selected(dims: Mapping[str, str], selection: Mapping[str, str]) -> bool:
@@ -250,11 +355,13 @@ def _check_selection(selection: Mapping[str, str] | None, by: Sequence[Sequence[
 
 
 def _latest(
-    db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]], selection: Mapping[str, str]
+    db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]], selection: Mapping[str, str],
+    alliances: Mapping[str, str] | None = None,
 ) -> tuple[list[_Result], set[str], int, set[str] | None]:
     """(latest decision of each selected catalogue result, the overridden decision ids, results outside every
     catalogue, the decision ids in the selection over all time or None without a selection)."""
     ensure_schema(db)
+    alliances = alliances or {}
     where, params = _date_sql(dates)
     latest: dict[tuple[str, ...], tuple[int, list[Any]]] = {}
     withdrawn = {decision_id for _, (decision_id, _reason) in _rows(db, "withdrawal", "", [])}
@@ -272,22 +379,23 @@ def _latest(
         chosen_ids = set()
         for _, values in _rows(db, "decision", "", []):
             key = tuple(v or "" for v in values[:8])
-            if values[8] and _selected(_dims(key, values[10] or "", values[14] or ""), selection):
+            if values[8] and _selected(_dims(key, values[10] or "", values[14] or "", alliances), selection):
                 chosen_ids.add(values[8])
     results: list[_Result] = []
     outside = 0
     for key, (
         seq,
-        (decision_id, outcome, recorded, issuer_name, receiver_name, item_name, catalogue, rules),
+        (decision_id, outcome, recorded, issuer_name, receiver_name, item_name, catalogue, rules, marks),
     ) in latest.items():
-        dims = _dims(key, recorded, catalogue or "")
+        dims = _dims(key, recorded, catalogue or "", alliances)
         if not _selected(dims, selection):
             continue
         if catalogue in ("", "-", None):  # not a catalogue item (or a diagnostic conclusion): no 互认 to count
             outside += 1
             continue
         names = {"issuer": issuer_name or "", "receiver": receiver_name or "", "item": item_name or ""}
-        results.append(_Result(seq, decision_id or "", outcome, recorded, dims, names, list(rules or [])))
+        results.append(_Result(seq, decision_id or "", outcome, recorded, dims, names, list(rules or []),
+                               f"{key[2]}|{key[3]}", tuple(m for m in marks or [] if isinstance(m, str))))
     results.sort(key=lambda r: r.seq)
     return results, overridden, outside, chosen_ids
 
@@ -316,13 +424,16 @@ def compute(
     selection: Mapping[str, str] | None = None,
     by: Sequence[Sequence[str]] = (),
     names: Mapping[str, str] | None = None,
+    fees: Mapping[tuple[str, str], Fee] | None = None,
+    alliances: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Statistics over the entries recorded in the period ``dates`` selects (all when empty).
 
     ``dates`` is what :func:`gateway.audit.query.parse_date` gives, AND of OR-lists. ``selection`` narrows to
     one issuer, receiver, item (``system|code`` or the code) or catalogue; ``by`` adds cross views (each a
     tuple of dimensions, e.g. ``("month", "issuer")``, given as ``by_month_issuer``); ``names`` (USCC or
-    catalogue id -> name) fills names the decisions do not carry.
+    catalogue id -> name) fills names the decisions do not carry; ``fees`` (:func:`load_fees`) prices the
+    savings; ``alliances`` (catalogue id -> scope, :func:`catalogue_scopes`) gives the alliance dimension.
     Returns JSON-ready data; :func:`format_tables` prints it.
 
     :raises InputError: an unknown dimension, or a cross view of fewer than two.
@@ -331,7 +442,7 @@ def compute(
     names = names or {}
     where, params = _date_sql(dates)
     t = _Totals()
-    results, overridden, t.outside_catalogue, chosen_ids = _latest(db, dates, chosen)
+    results, overridden, t.outside_catalogue, chosen_ids = _latest(db, dates, chosen, alliances)
     for _, (decision_id, reason) in _rows(db, "override", where, params):
         if chosen_ids is None or decision_id in chosen_ids:
             t.overrides[reason] += 1
@@ -385,6 +496,7 @@ def compute(
         "by_receiver": groups("receiver"),
         "by_item": groups("item"),
         "by_catalogue": groups("catalogue"),
+        "by_alliance": groups("alliance"),
         "by_month": groups("month"),
         "outside_catalogue": t.outside_catalogue,
         "refusals": {"results": t.refused_results, "by_rule": _ranked(t.refusals, "rule")},
@@ -406,9 +518,81 @@ def compute(
             "refused_by_reason": _ranked(t.exchange_refusals, "reason"),
         },
     }
+    out["savings"] = _savings(results, overridden, fees or {}, names)
+    out["hr_items"] = _hr_items(results, names)
     for dims in crosses:
         out["by_" + "_".join(dims)] = cross(dims)
     return out
+
+
+def _money(yuan: Decimal) -> float:
+    return float(yuan.quantize(Decimal("0.01")))
+
+
+def _savings(results: Sequence[_Result], overridden: set[str], fees: Mapping[tuple[str, str], Fee],
+             names: Mapping[str, str]) -> dict[str, Any]:
+    """节约费用 of the accepted results, by province and item, with the fees used."""
+    by_item: dict[tuple[str, str], dict[str, Any]] = {}
+    by_province: dict[str, dict[str, Any]] = {}
+    unpriced: Counter[str] = Counter()
+    total, priced = Decimal(0), 0
+    used: dict[tuple[str, str], Fee] = {}
+    for res in results:
+        if res.outcome != "recognized" or res.decision_id in overridden:
+            continue
+        code, province = res.dims["item"].rsplit("|", 1)[-1], res.dims["receiver"][2:4]
+        fee = fees.get((code, province))
+        if fee is None:
+            unpriced[f"{code}|{province}"] += 1
+            continue
+        used[(code, province)] = fee
+        priced += 1
+        total += fee.yuan
+        row = by_item.setdefault((code, province), {"item": code, "name": res.names.get("item", ""),
+                                                    "province": province, "results": 0, "fee_yuan": _money(fee.yuan),
+                                                    "yuan": Decimal(0), "demo": fee.demo})
+        row["results"] += 1
+        row["yuan"] += fee.yuan
+        prov = by_province.setdefault(province, {"province": province, "results": 0, "yuan": Decimal(0)})
+        prov["results"] += 1
+        prov["yuan"] += fee.yuan
+    for row in [*by_item.values(), *by_province.values()]:
+        row["yuan"] = _money(row["yuan"])
+    return {
+        "definition": SAVINGS_DEFINITION,
+        "total_yuan": _money(total),
+        "results": priced,
+        "unpriced": sum(unpriced.values()),
+        "unpriced_by_item": _ranked(unpriced, "item"),
+        "by_province": [by_province[k] for k in sorted(by_province)],
+        "by_item": [by_item[k] for k in sorted(by_item)],
+        "demo_fees": any(f.demo for f in used.values()),
+        "fee_sources": sorted({f"{f.source} ({f.date})" if f.date else f.source for f in used.values()}),
+    }
+
+
+def _hr_items(results: Sequence[_Result], names: Mapping[str, str]) -> dict[str, Any]:
+    """Results carrying a recognition mark, per issuer and mark (each issued result once)."""
+    seen: dict[tuple[str, str, str], tuple[str, ...]] = {}
+    issuer_names: dict[str, str] = {}
+    for res in results:
+        if res.marks:
+            seen[(res.dims["issuer"], res.report, res.dims["item"])] = res.marks
+            issuer_names.setdefault(res.dims["issuer"], res.names.get("issuer") or names.get(res.dims["issuer"], ""))
+    rows: dict[str, dict[str, Any]] = {}
+    marks: Counter[str] = Counter()
+    for (issuer, _, _), result_marks in seen.items():
+        row = rows.setdefault(issuer, {"key": issuer, "name": issuer_names.get(issuer, ""), "results": 0,
+                                       "by_mark": Counter()})
+        row["results"] += 1
+        for mark in sorted(set(result_marks)):
+            row["by_mark"][mark] += 1
+            marks[mark] += 1
+    out_rows = []
+    for issuer in sorted(rows):
+        row = rows[issuer]
+        out_rows.append({**row, "by_mark": dict(sorted(row["by_mark"].items()))})
+    return {"results": len(seen), "by_mark": dict(sorted(marks.items())), "by_issuer": out_rows}
 
 
 def _split_key(key: str, dims: Sequence[str]) -> list[str]:
@@ -431,6 +615,7 @@ def decisions(
     overridden: bool | None = None,
     month: str | None = None,
     rule: str | None = None,
+    alliances: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The decisions behind a figure of :func:`compute` for the same period and selection: the latest decision
     of each catalogue result, oldest first, narrowed to an ``outcome`` (``recognized``, ``not-recognized``,
@@ -440,7 +625,7 @@ def decisions(
     """
     if outcome not in (None, "", "recognized", "not-recognized", "needs-review", "eligible", "accepted"):
         raise InputError(f"unknown outcome {outcome!r}", "outcome")
-    results, overridden_ids, _, _ = _latest(db, dates, _check_selection(selection, ()))
+    results, overridden_ids, _, _ = _latest(db, dates, _check_selection(selection, ()), alliances)
     out = []
     for res in results:
         is_overridden = res.decision_id in overridden_ids
@@ -521,6 +706,7 @@ def format_tables(stats: Mapping[str, Any]) -> str:
         ("by_receiver", "By receiver"),
         ("by_item", "By item"),
         ("by_catalogue", "By catalogue"),
+        ("by_alliance", "By alliance (catalogue scope)"),
         ("by_month", "By month"),
     ):
         out += _table(title, ("key", "name", *_RATE_HEADERS), _rate_rows(stats[dim]))
@@ -546,6 +732,22 @@ def format_tables(stats: Mapping[str, Any]) -> str:
         f"Lookups (调阅) by member ({stats['lookups']['total']})",
         ("member", "name", "lookups", "patients"),
         [[r["key"], r["name"], r["lookups"], r["patients"]] for r in stats["lookups"]["by_member"]],
+    )
+    sv = stats["savings"]
+    demo = " — DEMO fees, illustrative only" if sv["demo_fees"] else ""
+    out += _table(
+        f"节约费用 (savings): {sv['total_yuan']:.2f} 元 for {sv['results']} accepted results, "
+        f"{sv['unpriced']} without a fee{demo}",
+        ("item", "name", "province", "results", "fee 元", "元"),
+        [[r["item"], r["name"], r["province"], r["results"], f"{r['fee_yuan']:.2f}", f"{r['yuan']:.2f}"]
+         for r in sv["by_item"]],
+    )
+    hr = stats["hr_items"]
+    out += _table(
+        f"HR items per institution ({hr['results']} results carrying a recognition mark)",
+        ("issuer", "name", "results", "by mark"),
+        [[r["key"], r["name"], r["results"], ", ".join(f"{m} {n}" for m, n in r["by_mark"].items())]
+         for r in hr["by_issuer"]],
     )
     ex = stats["exchanges"]
     out += _table(

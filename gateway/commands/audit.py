@@ -327,6 +327,29 @@ def registry_names(settings: Settings) -> dict[str, str]:
     return names
 
 
+def registry_scopes(settings: Settings) -> dict[str, str]:
+    """Catalogue id -> scope (川渝, 四川省, an alliance's name) from the configured registry snapshot, for the
+    alliance dimension; empty when there is none (read without checking its signature, like the names)."""
+    from gateway.registry.snapshot import read_snapshot_unverified
+
+    try:
+        snap = read_snapshot_unverified(Path(settings.registry_snapshot).read_bytes())
+    except (OSError, ValueError, TypeError, GatewayError):
+        return {}
+    return stats.catalogue_scopes(snap)
+
+
+def fee_table(settings: Settings, path: str | None) -> dict[tuple[str, str], stats.Fee]:
+    """The fee table named by ``--fees``, else ``<mappings_dir>/fees`` when there is one.
+
+    :raises InputError: a bad row (named by file, row and column).
+    """
+    if path:
+        return stats.load_fees(path)
+    default = Path(settings.mappings_dir) / "fees"
+    return stats.load_fees(default) if default.is_dir() else {}
+
+
 @audit.command("stats")
 @click.option(
     "--date",
@@ -338,13 +361,17 @@ def registry_names(settings: Settings) -> dict[str, str]:
     "--by",
     "by",
     multiple=True,
-    help="A cross view of two or more dimensions (issuer, receiver, item, catalogue, month), comma-separated: "
+    help="A cross view of two or more dimensions (issuer, receiver, item, catalogue, alliance, month), "
+    "comma-separated: "
     "--by month,issuer gives 互认率 per month and issuer. Repeatable.",
 )
 @click.option("--issuer", help="Only results of this issuer (统一社会信用代码).")
 @click.option("--receiver", help="Only results decided for this receiver (统一社会信用代码).")
 @click.option("--item", help="Only this catalogue item (system|code, or the code).")
 @click.option("--catalogue", help="Only items of this recognition catalogue (its id).")
+@click.option("--alliance", help="Only items of catalogues of this scope (川渝, 四川省, 重庆市 or an alliance's name).")
+@click.option("--fees", "fees_path", type=click.Path(exists=True),
+              help="Fee table (CSV, or a folder of them) for 节约费用; default <mappings_dir>/fees.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.pass_context
@@ -356,6 +383,8 @@ def stats_cmd(
     receiver: str | None,
     item: str | None,
     catalogue: str | None,
+    alliance: str | None,
+    fees_path: str | None,
     as_json: bool,
     db_path: str | None,
 ) -> None:
@@ -366,16 +395,22 @@ def stats_cmd(
     互认率 = accepted / eligible. Eligible: results (one item of one report of one issuer for one receiver,
     its latest decision only) decided recognized or not-recognized; needs-review is left out (not decided yet).
     Accepted: eligible results decided recognized whose decision no physician overrode with a re-test.
+
+    Also: 节约费用 (savings) = accepted results × the item's fee in the receiver's province (from the fee
+    table); HR items per institution (results carrying a recognition mark, by mark); 互认率 by alliance (the
+    scope of the catalogue, from the registry snapshot).
     """
     with one_line_errors():
         settings = settings_for(ctx)
         tz = query.parse_offset(settings.timezone)
         ranges = [tuple(query.parse_date(v, tz) for v in value.split(",")) for value in dates]
         views = [tuple(d.strip() for d in value.split(",") if d.strip()) for value in by]
-        selection = {"issuer": issuer, "receiver": receiver, "item": item, "catalogue": catalogue}
+        selection = {"issuer": issuer, "receiver": receiver, "item": item, "catalogue": catalogue,
+                     "alliance": alliance}
         chosen = {k: v for k, v in selection.items() if v}
         with open_db(ctx, db_path) as db:
-            figures = stats.compute(db, ranges, selection=chosen, by=views, names=registry_names(settings))
+            figures = stats.compute(db, ranges, selection=chosen, by=views, names=registry_names(settings),
+                                    fees=fee_table(settings, fees_path), alliances=registry_scopes(settings))
             args = [*(f"--date={d}" for d in dates), *(f"--by={b}" for b in by),
                     *(f"--{k}={v}" for k, v in sorted(chosen.items()))]
             _record_read(db, settings, _command_line(ctx, *args), interaction="operation")

@@ -330,8 +330,9 @@ def _summary(snap: Snapshot, verified: str, on: _dt.date) -> list[str]:
     lines.append(f"\nMembers ({len(snap.members)}), as of {on}:")
     lines.append(f"  {'USCC':<20}{'PROV':<6}{'DIVISION':<10}{'KIND':<17}{'LEVEL':<10}{'ACTIVE':<8}{'CERTS':<6}NAME")
     for m in snap.members.values():
+        level = snap.level_on(m.uscc, on)  # levels are dated: the one held on the date shown
         lines.append(
-            f"  {m.uscc:<20}{m.province:<6}{m.division:<10}{m.kind:<17}{(m.level or '-'):<10}"
+            f"  {m.uscc:<20}{m.province:<6}{m.division:<10}{m.kind:<17}{(level.level if level else '-'):<10}"
             f"{('yes' if m.active_on(on) else 'no'):<8}{len(m.certificates):<6}{m.name}"
         )
     lines.append(f"\nCatalogues ({len(snap.catalogues)}):")

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from html import escape
 
-__all__ = ["line", "bars", "stacked", "COLOURS", "OUTCOME_NAMES"]
+__all__ = ["line", "bars", "amounts", "stacked", "COLOURS", "OUTCOME_NAMES"]
 
 _W = 640
 _FONT = 13  # labels, in SVG units (= px at the size the console shows a chart)
@@ -167,6 +167,31 @@ def bars(items: Sequence[tuple[str, float | None]], label: str, *, links: Sequen
         shown = _pct(value) + (f" ({note})" if note else "") if value is not None else "— 无可判定 (none eligible)"
         parts.append(_text(x0 + width + 6, y + row / 2 + 5, shown, weight="bold" if value is not None else "",
                            fill=_TEXT if value is not None else "#666"))
+    return _svg("".join(parts), label, height)
+
+
+def amounts(items: Sequence[tuple[str, float]], label: str, *, unit: str, links: Sequence[str | None] = (),
+            decimals: int = 0) -> str:
+    """Horizontal bars of amounts (元 saved, results counted), scaled to the largest, the amount and ``unit``
+    written at the end of each bar; names wrap like :func:`bars`."""
+    if not items:
+        return _no_data(label)
+    label_w, value_w, top, row = 196.0, 120.0, 14.0, 38.0
+    x0, x1 = label_w + 10, _W - value_w
+    height = top + row * len(items) + 8
+    largest = max((v for _, v in items), default=0.0) or 1.0
+    parts = [f'<line x1="{x0}" y1="{top - 6}" x2="{x0}" y2="{height - 6:.1f}" stroke="{_AXIS}" class="axis"/>']
+    for i, (name, value) in enumerate(items):
+        y = top + i * row
+        shown = f"{value:,.{decimals}f} {unit}"
+        lines = _wrap(name, label_w)
+        first = y + row / 2 + 4 - (len(lines) - 1) * 8
+        names = "".join(_text(label_w, first + j * 16, text, anchor="end") for j, text in enumerate(lines))
+        width = max(value, 0.0) / largest * (x1 - x0)
+        mark = (f'<g class="group"><title>{escape(f"{name}: {shown}")}</title>{names}'
+                f'<rect x="{x0}" y="{y + 8:.1f}" width="{width:.1f}" height="22" fill="{_BAR}" class="bar"/></g>')
+        parts.append(_linked(mark, links[i] if i < len(links) else None))
+        parts.append(_text(x0 + width + 6, y + row / 2 + 5, shown, weight="bold"))
     return _svg("".join(parts), label, height)
 
 

@@ -541,16 +541,20 @@ def _member_names() -> dict[str, str]:
 
 
 def _figures() -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    from gateway.commands.audit import fee_table, registry_scopes  # the same fees and scopes the command uses
+
     dates, chosen, argv = selection_of(request.args)
+    fees, scopes = fee_table(_settings(), None), registry_scopes(_settings())
     with _db() as db:
-        figures = stats.compute(db, dates, selection=chosen, by=CROSS, names=_names())
+        figures = stats.compute(db, dates, selection=chosen, by=CROSS, names=_names(), fees=fees, alliances=scopes)
         _record_read(db, interaction="operation")
     return figures, chosen, argv
 
 
 _TABLES = (("by_month_issuer", "按月 × 发证机构 (month × issuer)"), ("by_issuer", "按发证机构 (by issuer)"),
            ("by_receiver", "按接收机构 (by receiver)"), ("by_item", "按项目 (by item)"),
-           ("by_catalogue", "按目录 (by catalogue)"), ("by_month", "按月 (by month)"),
+           ("by_catalogue", "按目录 (by catalogue)"), ("by_alliance", "按互认范围 (by alliance)"),
+           ("by_month", "按月 (by month)"),
            ("by_month_item", "按月 × 项目 (month × item)"))
 _COLUMNS = ("decisions", "recognized", "not_recognized", "needs_review", "overridden", "eligible", "accepted", "rate")
 
@@ -574,7 +578,19 @@ def recognition() -> Response:
         names=_member_names(),
         line_chart=chart("line", figures["by_month"], "month", "互认率按月 (rate by month)"),
         issuer_chart=chart("bars", figures["by_issuer"], "issuer", "互认率按发证机构 (rate by issuer)"),
-        item_chart=chart("bars", figures["by_item"], "item", "互认率按项目 (rate by item)"))
+        item_chart=chart("bars", figures["by_item"], "item", "互认率按项目 (rate by item)"),
+        alliance_chart=chart("bars", figures["by_alliance"], "alliance", "互认率按互认范围 (rate by alliance)"),
+        savings_chart=charts.amounts(
+            [(f"{r['name'] or r['item']}（{_PROVINCES.get(r['province'], r['province'])}）", r["yuan"])
+             for r in figures["savings"]["by_item"]], "节约费用按项目 (savings by item)", unit="元", decimals=2,
+            links=[drill(base, outcome="accepted", item=r["item"]) for r in figures["savings"]["by_item"]]),
+        hr_chart=charts.amounts(
+            [(r["name"] or r["key"], float(r["results"])) for r in figures["hr_items"]["by_issuer"]],
+            "HR 标识结果按机构 (HR items per institution)", unit="项"),
+        provinces=_PROVINCES)
+
+
+_PROVINCES = {"51": "四川", "50": "重庆"}
 
 
 @bp.app_template_global()
@@ -631,6 +647,12 @@ def _table_rows(figures: dict[str, Any]) -> list[list[Any]]:
         out.append(["refusals_by_rule", r["rule"], "", r["count"], *([""] * len(_COLUMNS))])
     for r in figures["overrides"]["by_reason"]:
         out.append(["overrides_by_reason", r["reason"], r["description"], r["count"], *([""] * len(_COLUMNS))])
+    for r in figures["savings"]["by_item"]:
+        out.append(["savings_yuan_by_item", f"{r['item']}|{r['province']}", r["name"], r["yuan"],
+                    *([""] * len(_COLUMNS))])
+    for r in figures["hr_items"]["by_issuer"]:
+        for mark, count in r["by_mark"].items():
+            out.append(["hr_items_by_issuer", f"{r['key']}|{mark}", r["name"], count, *([""] * len(_COLUMNS))])
     return out
 
 

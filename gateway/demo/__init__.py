@@ -114,7 +114,10 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     from gateway.adapters.hl7v2 import split_messages
     from gateway.audit.stats import compute
     from gateway.audit.verify import verify
-    from gateway.demo.world import build_world
+    from gateway.audit.records import Party
+    from gateway.audit.stats import catalogue_scopes, load_fees
+    from gateway.demo.world import AUTHORITY_KEY, add_authority, build_world
+    from gateway.referrals import Referrals
     from gateway.mllp import MLLPServer
     from gateway.recognition.overrides import make_override
     from gateway.recognition.store import add_override, list_decisions
@@ -129,7 +132,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     (base / _MARKER).write_text("a folder of `gateway demo --dir`; running the demo again replaces it\n",
                                 encoding="utf-8")
     clock = DemoClock()
-    ports = {key: free_port() for key in MEMBERS}
+    ports = {key: free_port() for key in (*MEMBERS, "schealth")}
     urls = {key: f"http://127.0.0.1:{port}" for key, port in ports.items()}
     figures: dict[str, Any] = {"acks": {}, "stored": 0, "refused": 0, "filtered": 0}
     servers: dict[str, _Server] = {}
@@ -137,10 +140,13 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     try:
         echo("川渝 result-recognition gateway — demo (all members, patients and keys are DEMO DATA)")
         echo(f"working directory: {base}   story time: {clock().isoformat(timespec='minutes')}\n")
-        world = build_world(base, clock, urls, mappings_dir=mappings_dir)
+        world = build_world(base, clock, {k: urls[k] for k in MEMBERS}, mappings_dir=mappings_dir)
+        # 四川省卫生健康委员会（演示） runs a gateway too: referrals (移送) of Sichuan members' reports reach it there
+        add_authority(world, clock, urls[AUTHORITY_KEY])
         snap = world.registry.snapshot(clock())
         echo(f"[registry authority] 川渝卫生健康联合办公室（演示） publishes snapshot v{snap.version}: "
-             f"{len(snap.members)} members, {len(snap.catalogues)} catalogues, signed")
+             f"{len(snap.members)} members, {len(snap.catalogues)} catalogues, "
+             f"{len(snap.supervising_authorities())} supervising authorities, signed")
         for key, gw in world.gateways.items():
             servers[key] = _Server(gw.app, ports[key])
             servers[key].start()
@@ -237,9 +243,30 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         echo(f"[调阅] {fl.member.name} asks {tj.member.name} for patient 5119…0011: {len(found)} signed report(s), "
              + ", ".join(f"verified (signer {v.signer_uscc}, kid {v.kid})" for v in found))
 
-        # -- 5. the auditor ---------------------------------------------------------------
+        # -- 5. 移送: the report of an issuer not qualified for an item goes to its authority ------
+        authority = world.gateways[AUTHORITY_KEY]
+        alt = next(d for d in decisions if d["outcome"] == "not-recognized" and d.get("catalogue_item"))
+        referrals = Referrals(fl.pipeline.exchange)
+        made = referrals.create(alt["decision_id"], "unqualified", by=Party.user(fl.member.uscc, "qc-officer"),
+                                note="2026 年室间质评未通过，报告仍出具该项目 (EQA failed in 2026, item still reported)")
+        echo(f"\n[移送 referral] {fl.member.name} refers the {alt['result']['item']} report of {tj.member.name} to "
+             f"{authority.member.name} (which graded it, per the registry): FHIR Task {made.id[:8]}…, reason "
+             f"unqualified, evidence: signed Bundle sha256 {made.bundle_hash[:12]}…, decision, failing rule eqa-pass")
+        fl.pipeline.exchange.deliver(wait=None)
+        echo(f"  delivered over the exchange, signed; status at {fl.member.name}: {referrals.get(made.id).status}")
+        at_authority = Referrals(authority.pipeline.exchange)
+        at_authority.update(made.id, "accepted", note="已受理，责令整改 (accepted; correction ordered)",
+                            by=Party.user(authority.member.uscc, "inspector"))
+        authority.pipeline.exchange.deliver(wait=None)
+        figures["referral"] = referrals.get(made.id).status
+        echo(f"  {authority.member.name} answers, signed as the authority: status at {fl.member.name} now "
+             f"{figures['referral']} (已受理，责令整改); both sides audited each step")
+
+        # -- 6. the auditor ---------------------------------------------------------------
         report = verify(fl.pipeline.store.db)
-        stats = compute(fl.pipeline.store.db)
+        fees = load_fees(Path(fl.settings.mappings_dir) / "fees")
+        stats = compute(fl.pipeline.store.db, fees=fees, alliances=catalogue_scopes(snap),
+                        names={uscc: m.name for uscc, m in snap.members.items()})
         total = stats["total"]
         figures["audit_ok"] = report.ok
         figures["rate"] = total["rate"]
@@ -248,6 +275,15 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
              f"{total['rate']:.0%} (recognised and not re-tested ÷ eligible; {total['needs_review']} need review); "
              f"exchanges received {stats['exchanges']['received']}, refused {stats['exchanges']['refused']}; "
              f"overrides {stats['overrides']['total']}")
+        sv, hr = stats["savings"], stats["hr_items"]
+        figures["savings_yuan"], figures["hr_items"] = sv["total_yuan"], hr["results"]
+        echo(f"  节约费用 (savings) {sv['total_yuan']:.2f} 元 for {sv['results']} accepted results "
+             f"({'DEMO fees, illustrative' if sv['demo_fees'] else ', '.join(sv['fee_sources'])}); HR items per "
+             "institution: " + "; ".join(f"{r['name'] or r['key']} {r['results']} "
+                                         f"({', '.join(f'{m} {n}' for m, n in r['by_mark'].items())})"
+                                         for r in hr["by_issuer"]))
+        echo("  互认率 by alliance: " + ", ".join(
+            f"{g['key']} {g['accepted']}/{g['eligible']}" for g in stats["by_alliance"]))
         echo(f"\nsummary: {figures['stored']} stored, {figures['refused']} refused with reasons, "
              f"{figures['filtered']} filtered (QC); {figures['delivered'] + 1} signed reports crossed the border "
              "and were decided item by item, with reasons")
@@ -289,7 +325,7 @@ def _prepare_folder(base: Path, echo: Callable[[str], Any]) -> None:
         raise click.ClickException(f"{base} is not empty and holds no earlier demo; give --dir a new or empty folder "
                                    "(the demo never deletes files it did not make)")
     echo(f"replacing the earlier demo in {base}")
-    for name in (*MEMBERS, "registry"):
+    for name in (*MEMBERS, "registry", "schealth"):
         shutil.rmtree(base / name, ignore_errors=True)
 
 

@@ -21,7 +21,7 @@ from gateway.demo import MEMBERS, DemoMember
 from gateway.demo.registry import DemoRegistry, build_demo_registry
 from gateway.signing.keys import cert_pem, private_key_pem
 
-__all__ = ["DemoGateway", "DemoWorld", "build_world", "leave_configs", "SERVE_PORTS"]
+__all__ = ["DemoGateway", "DemoWorld", "build_world", "add_authority", "leave_configs", "SERVE_PORTS"]
 
 #: Ports of each member's gateway when its folder is served after the demo (HTTP, MLLP).
 SERVE_PORTS = {"tongjiang": (8081, 2575), "fuling": (8082, 2576), "sccdc": (8083, 2577)}
@@ -107,6 +107,64 @@ def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[s
     return world
 
 
+#: The demo authority that gets a gateway of its own (referrals of Sichuan members' reports go to it).
+AUTHORITY_KEY = "schealth"
+AUTHORITY_USCC = "11510000MB00060015"
+
+
+def add_authority(world: DemoWorld, clock: Callable[[], _dt.datetime], url: str, *,
+                  uscc: str = AUTHORITY_USCC, log_level: str = "WARNING") -> DemoGateway:
+    """Give an authority of the registry (四川省卫生健康委员会（演示）) a gateway at ``url``: a signing certificate
+    issued by the registry authority, listed with its endpoint under ``authorities`` in a new snapshot that
+    every gateway applies. Referrals (移送) of reports reach it there, and its answers are signed with it."""
+    from gateway import auth
+    from gateway.api.app import create_app
+    from gateway.audit.records import Party
+    from gateway.demo.registry import DEMO_SOURCE
+    from gateway.pipeline import Pipeline
+    from gateway.registry.snapshot import build_snapshot
+    from gateway.registry.source import parse_source, read_source_data
+    from gateway.signing.keys import generate_private_key, issue_certificate
+
+    reg = world.registry
+    now = clock()
+    data = read_source_data(DEMO_SOURCE)
+    data["version"] = int(reg.document["version"]) + 1
+    listed = {m["uscc"]: m for m in reg.document["members"]}
+    for member in data["members"]:
+        for field_name in ("endpoint", "certificates"):
+            if listed.get(member["uscc"], {}).get(field_name):
+                member[field_name] = listed[member["uscc"]][field_name]
+    body = next(a for a in data["authorities"] if a["uscc"] == uscc)
+    key = generate_private_key()
+    start = now - _dt.timedelta(days=1)
+    cert = issue_certificate(key.public_key(), uscc, body["name"], reg.authority_key, reg.authority_cert, start,
+                             start + _dt.timedelta(days=180))
+    body["endpoint"] = url
+    body["certificates"] = [{"pem": cert_pem(cert).decode("ascii")}]
+    source = parse_source(json.dumps(data, ensure_ascii=False), origin=str(DEMO_SOURCE), is_json=True)
+    document = build_snapshot(source, key=reg.authority_key, cert=reg.authority_cert, issued=now)
+    world.publish(DemoRegistry(document, reg.authority_key, reg.authority_cert, {**reg.member_keys, uscc: key},
+                               {**reg.member_certs, uscc: cert}))
+    home = world.base / AUTHORITY_KEY
+    _write_private(home / "keys" / "DEMO-signing.key.pem", private_key_pem(key))
+    (home / "keys" / "DEMO-signing.cert.pem").write_bytes(cert_pem(cert))
+    reg_dir = world.base / "registry"
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(home), "issuer_uscc": uscc, "issuer_name": body["name"],
+        "registry_snapshot": str(reg_dir / "snapshot.json"), "registry_authority": str(reg_dir / "authority.pem"),
+        "signing_key": str(home / "keys" / "DEMO-signing.key.pem"),
+        "signing_cert": str(home / "keys" / "DEMO-signing.cert.pem"), "public_url": url, "log_level": log_level})
+    pipeline = Pipeline(settings, clock=clock)
+    app = create_app(settings, pipeline)
+    _, token = auth.add_user(pipeline.store.db, "demo-admin", ["admin"], at=now, gateway=Party.member(uscc),
+                             by=Party.user(uscc, "demo"))
+    gateway = DemoGateway(DemoMember(AUTHORITY_KEY, body["name"], uscc, "510000"), settings, pipeline, app, url,
+                          token)
+    world.gateways[AUTHORITY_KEY] = gateway
+    return gateway
+
+
 def _toml_value(value: str | int) -> str:
     return str(value) if isinstance(value, int) else json.dumps(value, ensure_ascii=False)
 
@@ -121,13 +179,15 @@ def leave_configs(world: DemoWorld, now: _dt.datetime, *, mappings_dir: str | No
     of each gateway is in ``<folder>/admin.token`` (mode 0600).
     """
     base = world.base.resolve()
-    endpoints = {MEMBERS[k].uscc: f"http://127.0.0.1:{SERVE_PORTS[k][0]}" for k in world.gateways}
+    endpoints = {MEMBERS[k].uscc: f"http://127.0.0.1:{SERVE_PORTS[k][0]}" for k in world.gateways if k in MEMBERS}
     registry = build_demo_registry(now, version=int(world.registry.document["version"]) + 1, endpoints=endpoints)
     reg_dir = base / "registry"
     (reg_dir / "authority.pem").write_bytes(cert_pem(registry.authority_cert))
     (reg_dir / "snapshot.json").write_text(registry.text(), encoding="utf-8")
     written: dict[str, Path] = {}
     for key, gw in world.gateways.items():
+        if key not in SERVE_PORTS:
+            continue  # an authority's gateway ran for the story only
         member, home = gw.member, base / key
         key_file, cert_file = home / "keys" / "DEMO-signing.key.pem", home / "keys" / "DEMO-signing.cert.pem"
         _write_private(key_file, private_key_pem(registry.member_keys[member.uscc]))

@@ -400,18 +400,29 @@ class Exchange:
         if used is None:
             raise ConfigError("no transport to deliver with", "transport")
 
+        from gateway.referrals import LANE, Referrals  # referrals (移送) travel in lanes of their own
+
         def check(delivery: Delivery, result: SendResult) -> dict[str, Any]:
+            if delivery.destination.startswith(LANE):
+                return Referrals(self).check_receipt(delivery.destination, delivery.payload, result.body)
             doc_sha = hashlib.sha256(document_bytes(parse_json(delivery.payload))).hexdigest()
             return self.check_receipt(result.body, delivery.destination, sent_sha256=doc_sha)
 
+        def url_for(destination: str) -> str:
+            return Referrals(self).url_for(destination) if destination.startswith(LANE) else \
+                self.endpoint_of(destination)
+
         def delivered(db: sqlite_utils.Database, delivery: Delivery, receipt: dict[str, Any] | None) -> None:
+            if delivery.destination.startswith(LANE):
+                Referrals(self).delivered(db, delivery.payload, receipt)
+                return
             bundle = parse_json(delivery.payload)
             doc_sha = hashlib.sha256(document_bytes(bundle)).hexdigest()
             audit_events.exchanged(db, "sent", at=self.clock(), member=self.settings.issuer_uscc,
                                    peer=delivery.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"))
 
         return self.outbox.deliver_due(used, limit=limit, headers=self.assertion_for, on_receipt=check,
-                                       on_delivered=delivered, url_for=self.endpoint_of, lanes=self.lanes,
+                                       on_delivered=delivered, url_for=url_for, lanes=self.lanes,
                                        wait=wait)
 
     # -- receipts ------------------------------------------------------------------------

@@ -196,6 +196,9 @@ def diagnostic_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str,
         if report.interpreter_name:
             who["display"] = report.interpreter_name
         dr["resultsInterpreter"] = [who]
+    if report.reading_org and report.reading_org != issuer.uscc:  # 基层检查、上级诊断: the reading institution
+        dr.setdefault("resultsInterpreter", []).append(
+            {"type": "Organization", "identifier": uscc_identifier(report.reading_org)})
     if specimen_res is not None:
         dr["specimen"] = [ref(specimen_res)]
     if results:

@@ -26,6 +26,7 @@ The receiving physician always has the last word (以接诊医师判断为标准
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import uuid
 from collections.abc import Iterable
@@ -41,6 +42,9 @@ from gateway.registry.models import (
     CatalogueItem,
     Coding,
     EXPOSURE_CATEGORIES,
+    QUALIFICATION_TYPES,
+    SYSTEM_TECHNICAL_SERVICE_TYPE,
+    TECHNICAL_SERVICE_TYPES,
     Member,
     Snapshot,
     china_date,
@@ -50,7 +54,8 @@ from gateway.registry.policy import (
     diagnosis_categories_for,
     eqa_passed,
     eqa_results,
-    qualified,
+    filing_covers,
+    physician_qualified,
 )
 
 __all__ = [
@@ -127,17 +132,34 @@ RULES: dict[str, RuleInfo] = {
         ),
         RuleInfo("mark", "结果带有目录规定的互认标识", "The result carries the catalogue's recognition mark"),
         RuleInfo(
-            "direction", "符合目录按机构级别规定的互认方向", "The catalogue's direction rule by institution level holds"
+            "direction",
+            "符合目录按机构级别规定的互认方向（发出机构取结果日期的级别，接收机构取决定日期的级别）",
+            "The catalogue's direction rule by institution level holds "
+            "(the issuer's level on the result date, the receiver's on the decision date)",
         ),
         RuleInfo(
             "occupational-filing",
-            "体检日发出机构职业健康检查备案类别覆盖每个危害因素（放射需放射类）",
-            "On the exam date the issuer's 职业健康检查 filing covers each hazard factor's category (放射 needs 放射)",
+            "体检日发出机构职业健康检查备案覆盖每个危害因素：备案列出该类因素时按因素，否则按类别（放射需放射类）",
+            "On the exam date the issuer's 职业健康检查 filing covers each hazard factor: the factor itself when the "
+            "filing lists factors of its class, else the class (放射 needs 放射)",
         ),
         RuleInfo(
             "occupational-physician",
-            "主检医师在体检日具有相应类别的职业病诊断资格",
-            "The 主检医师 holds the matching 职业病诊断 qualification on the exam date",
+            "主检医师在体检日具有相应类别的职业病诊断资格，并在该机构执业注册（多点执业）",
+            "The 主检医师 holds the matching 职业病诊断 qualification on the exam date and is registered to "
+            "practise at the issuer then (多点执业)",
+        ),
+        RuleInfo(
+            "technical-service-qualification",
+            "报告日出具机构持有覆盖该服务类型的有效甲/乙级技术服务资质，且由川渝卫生健康行政部门审批或备案",
+            "On the report date the issuer holds a valid 甲/乙 technical-service qualification covering the "
+            "service, approved or filed by a 川渝 (Sichuan or Chongqing) health authority",
+        ),
+        RuleInfo(
+            "reading-signature",
+            "目录规定以诊断机构为准的项目（基层检查、上级诊断），报告包须由报告所列的诊断机构签名",
+            "Where the catalogue makes the reading institution the one that counts (exam at one member, read by "
+            "another), the Bundle is signed by the reading institution the report names",
         ),
         RuleInfo(
             "diagnostic-conclusion",
@@ -176,6 +198,8 @@ class Decision:
     snapshot_digest: str
     item: CatalogueItem | None = None
     alternatives: tuple[dict[str, str], ...] = ()
+    #: ``performer`` or ``interpreter``: whose level, qualifications and signature the item's rules looked at.
+    responsible: str | None = None
 
     def rule(self, rule_id: str) -> RuleResult | None:
         """The result of one rule, or None when it did not apply."""
@@ -197,6 +221,7 @@ class Decision:
                 "location": f.location,
                 "report": f.report_id,
                 "issuer": f.issuer_uscc,
+                **({"interpreter": f.interpreter_uscc, "judged_by": self.responsible} if f.interpreter_uscc else {}),
                 "item": f.item_label(),
                 "codings": [{"system": c.system, "code": c.code} for c in f.codings],
             },
@@ -281,11 +306,14 @@ _ANCHOR_SOURCES = {
         ("report_effective", "DiagnosticReport.effectiveDateTime"),
         ("effective", "Observation.effectiveDateTime"),
     ),
+    "report": (("report_date", "DiagnosticReport.extension:reportDate"),),
 }
 
 
 def _default_anchor(facts: ResultFacts) -> str:
-    return {"occupational": "exam", "imaging": "study"}.get(facts.report_class or "", "collection")
+    return {"occupational": "exam", "imaging": "study", "ecg": "study", "technical-service": "report"}.get(
+        facts.report_class or "", "collection"
+    )
 
 
 def _anchor(facts: ResultFacts, kind: str) -> tuple[_Moment | str | None, str | None]:
@@ -313,6 +341,22 @@ class _Context:
         self.at = at
         self.issuer: Member | None = snapshot.member(facts.issuer_uscc)
         self.receiver_member: Member | None = snapshot.member(receiver)
+        #: The performing institution when the rules look at the reading one instead (see ``judged_by``).
+        self.performer: str | None = None
+
+    def judged_by(self, item: CatalogueItem | None) -> "_Context":
+        """The context whose issuer is the institution the item's rules look at.
+
+        For an item the catalogue judges by its reader (``responsible: interpreter``) and a report naming a
+        reading institution other than its performer (基层检查、上级诊断), that is the reading institution:
+        member, scope, EQA and direction rules then use it. Otherwise this context.
+        """
+        reader = self.facts.interpreter_uscc
+        if item is None or item.responsible != "interpreter" or not reader or reader == self.facts.issuer_uscc:
+            return self
+        ctx = _Context(dataclasses.replace(self.facts, issuer_uscc=reader), self.snapshot, self.receiver, self.at)
+        ctx.performer = self.facts.issuer_uscc
+        return ctx
 
 
 def _result_day(ctx: _Context, item: CatalogueItem | None) -> tuple[_dt.date | None, dict[str, Any]]:
@@ -507,36 +551,60 @@ def _rule_mark(ctx: _Context, item: CatalogueItem) -> RuleResult:
     return _r(rid, FAILED, f"marked {', '.join(ctx.facts.marks)}, the catalogue needs {item.mark}", **info)
 
 
-def _rule_direction(ctx: _Context, item: CatalogueItem) -> RuleResult:
+def _rule_direction(
+    ctx: _Context, item: CatalogueItem, day: _dt.date | None, day_facts: dict[str, Any]
+) -> RuleResult:
+    """Levels are dated (hospital-grade qualifications): the issuer's on the result date, the receiver's on
+    the decision date."""
     rid = "direction"
-    issuer, receiver = ctx.issuer, ctx.receiver_member
+    at_day = china_date(ctx.at)
+    issuer_level = ctx.snapshot.level_on(ctx.facts.issuer_uscc, day) if day is not None else None
+    receiver_level = ctx.snapshot.level_on(ctx.receiver, at_day)
+    issuer_rank = issuer_level.rank if issuer_level else None
+    receiver_rank = receiver_level.rank if receiver_level else None
     info: dict[str, Any] = {
         "direction": item.direction,
         "min_issuer_level": item.min_issuer_level,
-        "issuer_level": issuer.level if issuer else None,
-        "receiver_level": receiver.level if receiver else None,
+        "issuer_level": issuer_level.level if issuer_level else None,
+        "issuer_level_fact": issuer_level.facts() if issuer_level else None,
+        "receiver_level": receiver_level.level if receiver_level else None,
+        "receiver_level_fact": receiver_level.facts() if receiver_level else None,
+        "decision_date": at_day.isoformat(),
+        **day_facts,
     }
     needs_issuer = item.direction == "not-lower" or item.min_issuer_level is not None
-    if needs_issuer and (issuer is None or issuer.level_rank is None):
-        return _r(rid, NOT_EVALUABLE, "the issuer's hospital level is not on record", **info)
-    if item.min_issuer_level is not None and issuer is not None and (issuer.level_rank or 0) < item.min_issuer_level:
+    if needs_issuer and day is None:
+        return _r(rid, NOT_EVALUABLE, "the result date is unknown, so the issuer's hospital level on it is too "
+                  "（结果日期不明，无法确定发出机构当日级别）", **info)
+    if needs_issuer and issuer_rank is None:
+        return _r(rid, NOT_EVALUABLE, f"the issuer's hospital level on {day} is not on record "
+                  f"（发出机构在 {day} 的医院级别无记录）", **info)
+    if item.min_issuer_level is not None and (issuer_rank or 0) < item.min_issuer_level:
+        assert issuer_level is not None
         return _r(
-            rid, FAILED, f"the issuer is {issuer.level}, the item needs level {item.min_issuer_level} or above", **info
+            rid, FAILED, f"the issuer was {issuer_level.level} on {day}, the item needs level "
+            f"{item.min_issuer_level} or above（发出机构在结果日期为{issuer_level.level}，该项目要求"
+            f"{'一二三'[item.min_issuer_level - 1]}级及以上）", **info
         )
     if item.direction == "not-lower":
-        if receiver is None or receiver.level_rank is None:
-            return _r(rid, NOT_EVALUABLE, "the receiver's hospital level is not on record", **info)
-        assert issuer is not None and issuer.level_rank is not None
-        if issuer.level_rank < receiver.level_rank:
+        if receiver_rank is None:
+            return _r(rid, NOT_EVALUABLE, f"the receiver's hospital level on {at_day} is not on record "
+                      f"（接收机构在 {at_day} 的医院级别无记录）", **info)
+        assert issuer_level is not None and issuer_rank is not None and receiver_level is not None
+        if issuer_rank < receiver_rank:
             return _r(
                 rid,
                 FAILED,
-                f"a {receiver.level} receiver does not recognise a {issuer.level} issuer for this item",
+                f"a {receiver_level.level} receiver does not recognise a result issued while the issuer was "
+                f"{issuer_level.level} ({day}) for this item（{receiver_level.level}接收机构不认可发出机构"
+                f"{issuer_level.level}期间出具的该项目结果）",
                 **info,
             )
-        return _r(rid, PASSED, f"{issuer.level} issuer, {receiver.level} receiver: not a lower level", **info)
+        return _r(rid, PASSED, f"{issuer_level.level} issuer on {day}, {receiver_level.level} receiver: "
+                  "not a lower level（发出机构级别不低于接收机构）", **info)
     return _r(
-        rid, PASSED, "any direction" + (f", issuer level {issuer.level}" if issuer and issuer.level else ""), **info
+        rid, PASSED, "any direction" + (f", issuer level {issuer_level.level} on {day}" if issuer_level else ""),
+        **info
     )
 
 
@@ -556,52 +624,87 @@ def _rule_filing(ctx: _Context) -> RuleResult:
         return _r(rid, NOT_EVALUABLE, "the exam report names no hazard factor", **info)
     if day is None or ctx.facts.issuer_uscc is None:
         return _r(rid, NOT_EVALUABLE, problem or "the issuer is unknown", **info)
-    checked, uncovered, unknown = [], [], []
+    checked, uncovered, unknown, unlisted = [], [], [], []
     for factor in factors:
         entry: dict[str, Any] = {"factor": factor.code, "name": factor.name, "category": factor.category}
+        label = factor.name or factor.code or "?"
         if factor.category not in EXPOSURE_CATEGORIES:
-            unknown.append(factor.name or factor.code or "?")
+            unknown.append(label)
         else:
-            q = qualified(ctx.snapshot, ctx.facts.issuer_uscc, "occupational-health-exam-filing", factor.category, day)
-            entry["filing"] = q.id if q else None
-            if q is None:
-                uncovered.append(f"{factor.name or factor.code} ({EXPOSURE_CATEGORIES[factor.category]})")
+            # A filing that lists factors of the class covers those only; one that lists none covers the class.
+            found = filing_covers(ctx.snapshot, ctx.facts.issuer_uscc, factor.category, factor.code, day)
+            entry["filing"] = found.filing.id if found.filing else None
+            entry["covered_by"] = found.by
+            if found.filed_factors:
+                entry["filed_factors"] = len(found.filed_factors)
+            cls = EXPOSURE_CATEGORIES[factor.category]
+            if found.unknown_factor:
+                unlisted.append(f"{label} ({cls}: the filing lists {len(found.filed_factors)} factors and this "
+                                "code is not in 《职业病危害因素分类目录》)")
+            elif found.filing is None and found.filed_factors:
+                uncovered.append(f"{label} ({cls}: the filing lists {len(found.filed_factors)} factors of the "
+                                 f"class, not this one（备案的{cls}中无此因素）)")
+            elif found.filing is None:
+                uncovered.append(f"{label} ({cls})")
         checked.append(entry)
     info["factors"] = checked
     info["radiation_exam"] = any(f.category == "radiation" for f in factors)
     if uncovered:
         return _r(rid, FAILED, f"no 职业健康检查 filing on {day} covers {', '.join(uncovered)}", **info)
-    if unknown:
-        return _r(rid, NOT_EVALUABLE, f"exposure category missing or unknown for {', '.join(unknown)}", **info)
-    return _r(rid, PASSED, f"the issuer's filing covers every hazard factor on {day}", **info)
+    if unknown or unlisted:
+        missing = [f"exposure category missing or unknown for {', '.join(unknown)}"] if unknown else []
+        missing += [f"cannot tell whether the filing covers {', '.join(unlisted)}"] if unlisted else []
+        return _r(rid, NOT_EVALUABLE, "; ".join(missing), **info)
+    return _r(rid, PASSED, f"the issuer's filing covers every hazard factor on {day}（备案覆盖全部危害因素）", **info)
 
 
 def _rule_physician(ctx: _Context) -> RuleResult:
     rid = "occupational-physician"
     day, problem = _exam_day(ctx)
     physician = ctx.facts.chief_physician
+    id_card = ctx.facts.chief_physician_id_card
     factors = ctx.facts.hazard_factors
     info: dict[str, Any] = {"physician": physician, "exam_date": day.isoformat() if day else None}
-    if physician is None:
+    if physician is None and id_card is None:
         return _r(rid, NOT_EVALUABLE, "the report names no 主检医师", **info)
     if not factors:
         return _r(rid, NOT_EVALUABLE, "the exam report names no hazard factor", **info)
     if day is None or ctx.facts.issuer_uscc is None:
         return _r(rid, NOT_EVALUABLE, problem or "the issuer is unknown", **info)
+    # 多点执业: a physician listed with their own qualifications counts only where and while registered.
+    if physician is not None:
+        named, registration = ctx.snapshot.registered_physician(ctx.facts.issuer_uscc, physician, day)
+    else:  # named by 身份证号: only a physician the registry lists can be found that way
+        assert id_card is not None
+        named, registration = ctx.snapshot.physician_by_id_card(ctx.facts.issuer_uscc, id_card, day)
+        if named is None:
+            return _r(rid, FAILED, "the 主检医师 named by 身份证号 is not a physician listed in registry snapshot "
+                      f"{ctx.snapshot.version}（主检医师未在互认登记中）", **info)
+        physician = registration.staff_id if registration else None
+        info["physician"] = physician
+    if named is not None:
+        info["registered_physician"] = {"id": named.id, "name": named.name, "certificate": named.certificate}
+        info["registration"] = (
+            {"member": registration.member, "staff_id": registration.staff_id, **registration.period.as_dict()}
+            if registration else None
+        )
+        if registration is None:
+            periods = ", ".join(
+                f"{r.period.start or '…'} – {r.period.end or ''}".rstrip()
+                for r in named.registrations_at(ctx.facts.issuer_uscc, physician)
+            ) or "never here"
+            return _r(rid, FAILED, f"the 主检医师 {named.name or named.id} is not registered to practise at the issuer "
+                      f"on {day} (registered {periods})（主检医师在体检日未在该机构执业注册）", **info)
+    assert physician is not None  # a staff id, or the registration's when named by 身份证号
     checked, lacking, unmapped = [], [], []
     for factor in factors:
         categories = diagnosis_categories_for(ctx.snapshot, factor.code, factor.category)
         entry: dict[str, Any] = {"factor": factor.code, "category": factor.category, "needs_any_of": list(categories)}
         found = None
         for category in categories:
-            found = qualified(
-                ctx.snapshot,
-                ctx.facts.issuer_uscc,
-                "occupational-disease-diagnosis-physician",
-                category,
-                day,
-                physician=physician,
-            )
+            found = physician_qualified(
+                ctx.snapshot, ctx.facts.issuer_uscc, physician, "occupational-diagnosis-physician", category, day
+            ).qualification
             if found:
                 break
         entry["qualification"] = found.id if found else None
@@ -620,6 +723,103 @@ def _rule_physician(ctx: _Context) -> RuleResult:
     return _r(rid, PASSED, f"the 主检医师 is qualified for every hazard factor on {day}", **info)
 
 
+#: Scope words a technical-service qualification may list for each service type (its code, its name, the short
+#: name certificates print under 业务范围).
+_SERVICE_SCOPE_WORDS: dict[str, tuple[str, ...]] = {
+    "occupational-hazard-testing": ("检测", "职业病危害因素检测"),
+    "occupational-hazard-status-evaluation": ("现状评价", "职业病危害现状评价"),
+    "radiation-protection-testing": ("放射卫生防护检测", "放射防护检测"),
+    "radiation-project-evaluation": ("放射诊疗建设项目职业病危害放射防护评价", "放射防护评价"),
+    "personal-dose-monitoring": ("个人剂量监测", "个人剂量检测"),
+}
+_CHUANYU_PROVINCES = ("50", "51")
+
+
+def _rule_service_qualification(ctx: _Context) -> RuleResult:
+    """谁报告、谁负责: the qualification the report names, held by its issuer, for this service, on the report date."""
+    rid = "technical-service-qualification"
+    f = ctx.facts
+    service = next((c.code for c in f.codings if c.system == SYSTEM_TECHNICAL_SERVICE_TYPE), None)
+    day, problem = result_day(f.report_date)
+    info: dict[str, Any] = {
+        "issuer": f.issuer_uscc,
+        "issuer_name": ctx.issuer.name if ctx.issuer else None,
+        "qualification_number": f.qualification_number,
+        "service_type": service,
+        "report_date": day.isoformat() if day else None,
+    }
+    if service not in TECHNICAL_SERVICE_TYPES:
+        return _r(rid, NOT_EVALUABLE, "the report names no known technical-service type", **info)
+    needed = TECHNICAL_SERVICE_TYPES[service][1]
+    info["needs"] = needed
+    if f.issuer_uscc is None:
+        return _r(rid, NOT_EVALUABLE, "the issuer is unknown", **info)
+    if day is None:
+        return _r(rid, NOT_EVALUABLE, f"the report date is unusable: {problem}", **info)
+    if not f.qualification_number:
+        return _r(rid, NOT_EVALUABLE, "the report names no qualification number", **info)
+    held = [q for q in ctx.snapshot.qualifications
+            if q.member == f.issuer_uscc and q.number == f.qualification_number]
+    if not held:
+        return _r(rid, FAILED, f"the issuer holds no qualification numbered {f.qualification_number} in registry "
+                  f"snapshot {ctx.snapshot.version}", **info)
+    q = held[0]
+    info["qualification"] = {**q.facts(), "number": q.number, "authority_province": q.authority_province}
+    if q.type != needed:
+        return _r(rid, FAILED, f"qualification {q.number} is {QUALIFICATION_TYPES.get(q.type, q.type)}; "
+                  f"{TECHNICAL_SERVICE_TYPES[service][0]} needs {QUALIFICATION_TYPES.get(needed, needed)}", **info)
+    if q.grade not in ("甲", "乙"):
+        return _r(rid, FAILED, f"qualification {q.number} has no 甲/乙 grade on record", **info)
+    if not q.valid_on(day):
+        state = q.status if q.status != "active" else "expired or not yet valid"
+        return _r(rid, FAILED, f"qualification {q.number} ({q.grade}级) is not valid on {day} ({state})", **info)
+    words = _SERVICE_SCOPE_WORDS[service] + (service, TECHNICAL_SERVICE_TYPES[service][0])
+    if q.scope and not any(w in q.scope for w in words):
+        return _r(rid, FAILED, f"the 业务范围 of qualification {q.number} ({', '.join(q.scope)}) does not cover "
+                  f"{TECHNICAL_SERVICE_TYPES[service][0]}", **info)
+    if q.authority_province not in _CHUANYU_PROVINCES:
+        return _r(rid, FAILED, f"qualification {q.number} was approved by {q.authority_name}, not by a 川渝 "
+                  "(Sichuan or Chongqing) health authority", **info)
+    return _r(rid, PASSED, f"{info['issuer_name'] or f.issuer_uscc} answers for this report under {q.grade}级 "
+              f"qualification {q.number} ({q.authority_name}), valid on {day}", **info)
+
+
+def _rule_signature(ctx: _Context, item: CatalogueItem) -> RuleResult | None:
+    """The reading institution's signature counts for an item judged by its reader.
+
+    None (not listed) when the report names no reading institution apart from its performer and the Bundle
+    is unsigned or signed by the performer: the usual report, read where it was made.
+    """
+    rid = "reading-signature"
+    if item.responsible != "interpreter":
+        return None
+    f = ctx.facts
+    performer, reader, signer = f.issuer_uscc, f.interpreter_uscc or f.issuer_uscc, f.signer_uscc
+    separate = reader != performer
+    if not separate and signer in (None, performer):
+        return None
+    info: dict[str, Any] = {
+        "performer": performer,
+        "interpreter": reader,
+        "signer": signer,
+        "item_class": item.item_class,
+    }
+    if signer is None:
+        return _r(rid, NOT_EVALUABLE, f"the Bundle is not signed, so the reading institution {reader}'s "
+                  "signature cannot be checked", **info)
+    if reader is None:
+        return _r(rid, NOT_EVALUABLE, "the report names no performing or reading institution", **info)
+    if signer == reader:
+        return _r(rid, PASSED, f"signed by the reading institution {reader}", **info)
+    what = f"the reading institution {reader}" + (f" (the exam was performed by {performer})" if separate else "")
+    return _r(
+        rid,
+        FAILED,
+        f"signed by {signer}, but for a {item.item_class} item the catalogue counts the signature of {what}",
+        **info,
+    )
+
+
 def _outcome(rules: Iterable[RuleResult]) -> str:
     statuses = {r.status for r in rules}
     if FAILED in statuses:
@@ -629,9 +829,18 @@ def _outcome(rules: Iterable[RuleResult]) -> str:
     return RECOGNIZED
 
 
-def _evaluate(ctx: _Context, item: CatalogueItem | None) -> list[RuleResult]:
+def _evaluate(performed: _Context, item: CatalogueItem | None) -> list[RuleResult]:
+    ctx = performed.judged_by(item)
     day, day_facts = _result_day(ctx, item)
-    rules = [_rule_member(ctx, day, day_facts), _rule_item(ctx, item, day, day_facts)]
+    member = _rule_member(ctx, day, day_facts)
+    if ctx.performer is not None:
+        member = RuleResult(
+            member.rule,
+            member.status,
+            f"{member.message} (the reading institution; the exam was performed by {ctx.performer})",
+            {**member.facts, "judged_by": "interpreter", "performer": ctx.performer},
+        )
+    rules = [member, _rule_item(ctx, item, day, day_facts)]
     if item is None:
         why = "no catalogue item to check against"
         rules.append(_r("catalogue-scope", NOT_EVALUABLE, why))
@@ -643,12 +852,19 @@ def _evaluate(ctx: _Context, item: CatalogueItem | None) -> list[RuleResult]:
             rules.append(_rule_eqa(ctx, item, day, day_facts))
         rules.append(_rule_window(ctx, item))
     rules.append(_rule_status(ctx))
-    if item is None:
+    if ctx.facts.report_class == "technical-service":
+        # A technical-service report carries no 互认标识: it is recognised by its issuer's qualification
+        # (沪卫职健〔2023〕24号), checked below; hospital levels do not apply.
+        rules.append(_rule_service_qualification(ctx))
+    elif item is None:
         rules.append(_r("mark", NOT_EVALUABLE, "no catalogue item to check against"))
         rules.append(_r("direction", NOT_EVALUABLE, "no catalogue item to check against"))
     else:
         rules.append(_rule_mark(ctx, item))
-        rules.append(_rule_direction(ctx, item))
+        rules.append(_rule_direction(ctx, item, day, day_facts))
+        signature = _rule_signature(performed, item)
+        if signature is not None:
+            rules.append(signature)
     if ctx.facts.report_class == "occupational":
         rules.append(_rule_filing(ctx))
         rules.append(_rule_physician(ctx))
@@ -710,6 +926,7 @@ def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.d
         snapshot.digest(),
         item=item,
         alternatives=alternatives,
+        responsible=item.responsible if item is not None else None,
     )
 
 
@@ -740,11 +957,13 @@ def marks_for(issuer_uscc: str, coding: Coding, on_date: _dt.date, snapshot: Sna
     if issuer is None or not issuer.active_on(on_date):
         return []
     grants: list[MarkGrant] = []
+    held = snapshot.level_on(issuer.uscc, on_date)  # the level on the result date
+    rank = (held.rank if held else None) or 0
     for item in catalogue_items_for(snapshot, [coding], on_date):
         catalogue = snapshot.catalogue(item.catalogue_id)
         if catalogue is None or not catalogue.includes(issuer):
             continue
-        if item.min_issuer_level is not None and (issuer.level_rank or 0) < item.min_issuer_level:
+        if item.min_issuer_level is not None and rank < item.min_issuer_level:
             continue
         if item.eqa_required and not eqa_passed(snapshot, issuer.uscc, item, on_date):
             continue

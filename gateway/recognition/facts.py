@@ -47,9 +47,13 @@ EXT_REPLACES = ext_url("replaces")
 EXT_HAZARD_FACTOR = ext_url("hazard-factor")
 EXT_EXAM_TYPE = ext_url("exam-type")
 CS_REPORT_CATEGORY = cs_url("report-category")
+EXT_SERVICE_QUALIFICATION = ext_url("service-qualification")
+EXT_REPORT_DATE = ext_url("report-date")
 
 # v2-0074 diagnostic service sections that are imaging (the rest of a report with a v2-0074 code is lab).
 _IMAGING_SECTIONS = {"RAD", "CT", "MR", "US", "NMR", "NMS", "RX", "VUS", "XRC", "CUS", "OUS", "IMG"}
+# v2-0074 EC: electrocardiac (ECG, Holter).
+_ECG_SECTIONS = {"EC"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,12 @@ class ResultFacts:
     exam_type: str | None = None
     hazard_factors: tuple[HazardFactor, ...] = ()
     chief_physician: str | None = None
+    #: The 主检医师's 身份证号 when resultsInterpreter names them by it (a physician listed in the registry).
+    chief_physician_id_card: str | None = None
+    report_date: str | None = None  # a technical-service report's 报告日期 (extension report-date)
+    qualification_number: str | None = None  # the technical-service qualification the report names
+    interpreter_uscc: str | None = None  # the reading institution (resultsInterpreter), 基层检查、上级诊断
+    signer_uscc: str | None = None  # the member named by Bundle.signature.who
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def item_label(self) -> str:
@@ -171,6 +181,63 @@ def _issuer(index: _Index, *holders: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _org_uscc(index: _Index, reference: Any, location: str) -> str | None:
+    """The USCC (checked) of an Organization named by a reference: in the Bundle, or logical by identifier.
+
+    :raises IdentifierError: the USCC fails its check.
+    """
+    found = index.resolve(reference)
+    if found is not None:
+        if found[1].get("resourceType") != "Organization":
+            return None
+        idents = found[1].get("identifier") or []
+        location = f"Bundle.entry[{found[0]}].resource.identifier"
+    elif isinstance(reference, Mapping) and reference.get("type", "Organization") == "Organization":
+        idents = [reference.get("identifier")]
+        location = f"{location}.identifier"
+    else:
+        return None
+    for k, ident in enumerate(idents if isinstance(idents, list) else []):
+        if isinstance(ident, Mapping) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
+            try:
+                return check_uscc(str(ident["value"]))
+            except IdentifierError as exc:
+                where = f"{location}[{k}].value" if found is not None else f"{location}.value"
+                raise IdentifierError(exc.message, where) from None
+    return None
+
+
+def _reader(index: _Index, report: Mapping[str, Any], location: str) -> str | None:
+    """The reading institution of a report: a ``resultsInterpreter`` Organization, or the ``organization`` of a
+    ``resultsInterpreter`` PractitionerRole (基层检查、上级诊断: the report's performer did the exam).
+
+    :raises IdentifierError: its USCC fails its check.
+    """
+    for k, ref in enumerate(report.get("resultsInterpreter") or []):
+        where = f"{location}.resultsInterpreter[{k}]"
+        found = index.resolve(ref)
+        if found is not None and found[1].get("resourceType") == "PractitionerRole":
+            uscc = _org_uscc(index, found[1].get("organization"), f"Bundle.entry[{found[0]}].resource.organization")
+        elif found is not None or (isinstance(ref, Mapping) and ref.get("type") == "Organization"):
+            uscc = _org_uscc(index, ref, where)
+        else:
+            uscc = None
+        if uscc:
+            return uscc
+    return None
+
+
+def _signer(bundle: Mapping[str, Any], index: _Index) -> str | None:
+    """The member named by ``Bundle.signature.who`` (its USCC), as sent: the signature itself is checked on receipt.
+
+    :raises IdentifierError: the USCC fails its check.
+    """
+    signature = bundle.get("signature")
+    if not isinstance(signature, Mapping):
+        return None
+    return _org_uscc(index, signature.get("who"), "Bundle.signature.who")
+
+
 def _patient(index: _Index, resource: Mapping[str, Any]) -> tuple[str, str] | None:
     """The patient's 身份证号 (checked), else the first identifier with a value.
 
@@ -199,6 +266,10 @@ def _report_class(report: Mapping[str, Any]) -> str | None:
         for coding in _codings(concept):
             if coding.system == CS_REPORT_CATEGORY and coding.code == "occupational-health":
                 return "occupational"
+            if coding.system == CS_REPORT_CATEGORY and coding.code == "technical-service":
+                return "technical-service"
+            if coding.system == SYSTEM_V2_0074 and coding.code in _ECG_SECTIONS:
+                return "ecg"
             if coding.system == SYSTEM_V2_0074:
                 return "imaging" if coding.code in _IMAGING_SECTIONS else "lab"
     return None
@@ -232,6 +303,14 @@ def _interpreter(report: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _interpreter_id_card(report: Mapping[str, Any]) -> str | None:
+    for ref in report.get("resultsInterpreter") or []:
+        ident = ref.get("identifier") if isinstance(ref, Mapping) else None
+        if isinstance(ident, Mapping) and ident.get("value") and ident.get("system") == SYSTEM_ID_CARD:
+            return str(ident["value"]).strip().upper()
+    return None
+
+
 def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
     """One :class:`ResultFacts` per Observation (Bundle order), then one per report conclusion.
 
@@ -242,6 +321,7 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
         raise ParseError("expected a FHIR Bundle", "Bundle")
     index = _Index(bundle)
     bundle_id = bundle.get("id")
+    signer = _signer(bundle, index)
     ident = bundle.get("identifier")
     if isinstance(ident, Mapping) and ident.get("value"):
         bundle_id = ident["value"]
@@ -301,9 +381,13 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
                 ),
                 hazard_factors=_hazard_factors(report) if report else (),
                 chief_physician=_interpreter(report) if report else None,
+                chief_physician_id_card=_interpreter_id_card(report) if report else None,
+                interpreter_uscc=_reader(index, report, f"Bundle.entry[{rep[0]}].resource") if rep else None,
+                signer_uscc=signer,
             )
         )
 
+    out += _service_report_facts(index, reports, bundle_id)
     for i, url, report in reports:
         if not (report.get("conclusion") or report.get("conclusionCode")):
             continue
@@ -328,6 +412,43 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
         )
     if not out:
         raise InputError("the Bundle holds no Observation and no report conclusion to decide on", "Bundle.entry")
+    return out
+
+
+def _service_report_facts(
+    index: _Index, reports: list[tuple[int, str, Mapping[str, Any]]], bundle_id: Any
+) -> list[ResultFacts]:
+    """One ``document`` fact per technical-service report: the report itself is what is recognised."""
+    out = []
+    for i, url, report in reports:
+        if _report_class(report) != "technical-service":
+            continue
+        qualification = next((e.get("valueIdentifier") for e in _ext(report, EXT_SERVICE_QUALIFICATION)), None)
+        period = report.get("effectivePeriod")
+        out.append(
+            ResultFacts(
+                kind="document",
+                entry=url,
+                location=f"Bundle.entry[{i}]",
+                bundle_id=bundle_id,
+                issuer_uscc=_issuer(index, report),
+                codings=_codings(report.get("code")),
+                text=(report.get("code") or {}).get("text"),
+                observation_status=report.get("status"),  # the document is the result
+                report_entry=url,
+                report_id=_ident_key((report.get("identifier") or [None])[0]),
+                report_status=report.get("status"),
+                report_class="technical-service",
+                report_effective=period.get("start") if isinstance(period, Mapping) else None,
+                report_date=next((str(e["valueDate"]) for e in _ext(report, EXT_REPORT_DATE) if e.get("valueDate")),
+                                 None),
+                qualification_number=(
+                    str(qualification["value"])
+                    if isinstance(qualification, Mapping) and qualification.get("value")
+                    else None
+                ),
+            )
+        )
     return out
 
 

@@ -10,7 +10,9 @@ Out (``Parameters``): ``snapshotVersion``, ``snapshotDigest``, ``receiver``, ``d
 then one ``decision`` per result with parts ``decisionId``, ``outcome``, ``entry`` (the
 result's ``fullUrl`` in the Bundle), ``issuer``, ``item`` (the catalogue item decided
 against), ``alternative`` (other catalogue items considered) and one ``rule`` per rule
-checked (parts ``id``, ``status``, ``message``, ``facts`` as JSON text).
+checked (parts ``id``, ``status``, ``message``, ``facts`` as JSON text, and for a failed rule
+``reason``: its code in CodeSystem non-recognition-reason). A decision whose catalogue item is
+judged by the reading institution (基层检查、上级诊断) names it in ``interpreter``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,30 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.errors import InputError
-from gateway.naming import SYSTEM_USCC
-from gateway.recognition.engine import Decision
+from gateway.naming import SYSTEM_USCC, cs_url
+from gateway.recognition.engine import FAILED, Decision
 
-__all__ = ["parse_recognize_parameters", "decision_parameters"]
+__all__ = ["parse_recognize_parameters", "decision_parameters", "CS_NON_RECOGNITION_REASON", "NON_RECOGNITION_REASONS"]
+
+CS_NON_RECOGNITION_REASON = cs_url("non-recognition-reason")
+
+#: Rule id -> the code CodeSystem non-recognition-reason records when the rule fails (its property
+#: ``rule`` says the same; tests/test_code_lists.py keeps the two and the engine's RULES equal).
+NON_RECOGNITION_REASONS: dict[str, str] = {
+    "member-active": "member-inactive",
+    "catalogue-item": "not-in-catalogue",
+    "catalogue-scope": "scope-excluded",
+    "eqa-pass": "eqa-missing",
+    "validity-window": "outside-window",
+    "report-status": "report-not-final",
+    "mark": "mark-missing",
+    "direction": "direction-rule",
+    "occupational-filing": "category-not-filed",
+    "occupational-physician": "diagnosis-qualification-missing",
+    "diagnostic-conclusion": "conclusion-not-recognisable",
+    "technical-service-qualification": "service-qualification-missing",
+    "reading-signature": "not-signed-by-reader",
+}
 
 
 def _param(name: str, **value: Any) -> dict[str, Any]:
@@ -91,6 +113,8 @@ def _decision_part(d: Decision) -> dict[str, Any]:
     ]
     if f.issuer_uscc:
         parts.append(_param("issuer", valueIdentifier={"system": SYSTEM_USCC, "value": f.issuer_uscc}))
+    if d.responsible == "interpreter" and f.interpreter_uscc:
+        parts.append(_param("interpreter", valueIdentifier={"system": SYSTEM_USCC, "value": f.interpreter_uscc}))
     if d.item is not None:
         parts.append(
             _param("item", valueCoding={"system": d.item.system, "code": d.item.code, "display": d.item.display})
@@ -100,17 +124,16 @@ def _decision_part(d: Decision) -> dict[str, Any]:
     for alt in d.alternatives:
         parts.append(_param("alternative", valueString=f"{alt['catalogue']}:{alt['code']} {alt['outcome']}"))
     for r in d.rules:
-        parts.append(
-            _param(
-                "rule",
-                part=[
-                    _param("id", valueCode=r.rule),
-                    _param("status", valueCode=r.status),
-                    _param("message", valueString=r.message),
-                    _param("facts", valueString=json.dumps(r.facts, ensure_ascii=False, sort_keys=True)),
-                ],
-            )
-        )
+        rule_parts = [
+            _param("id", valueCode=r.rule),
+            _param("status", valueCode=r.status),
+            _param("message", valueString=r.message),
+            _param("facts", valueString=json.dumps(r.facts, ensure_ascii=False, sort_keys=True)),
+        ]
+        if r.status == FAILED and r.rule in NON_RECOGNITION_REASONS:
+            code = NON_RECOGNITION_REASONS[r.rule]
+            rule_parts.append(_param("reason", valueCoding={"system": CS_NON_RECOGNITION_REASON, "code": code}))
+        parts.append(_param("rule", part=rule_parts))
     return _param("decision", part=parts)
 
 

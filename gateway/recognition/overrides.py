@@ -10,12 +10,21 @@ trail shows both what the rules said and what the physician decided.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from gateway.errors import InputError
 from gateway.naming import SYSTEM_STAFF, cs_url
 
-__all__ = ["RetestReason", "RETEST_REASONS", "CS_RETEST_REASON", "Override", "make_override"]
+__all__ = [
+    "RetestReason",
+    "RETEST_REASONS",
+    "RETIRED_RETEST_REASONS",
+    "CS_RETEST_REASON",
+    "Override",
+    "make_override",
+    "retest_reason_code",
+]
 
 #: Code system of the re-test reasons below (ours: the national list has no published codes).
 CS_RETEST_REASON = cs_url("retest-reason")
@@ -30,8 +39,7 @@ class RetestReason:
     en: str
 
 
-#: The six re-test reasons, in the order of the national list.
-RETEST_REASONS: dict[str, RetestReason] = {
+_REASONS: dict[str, RetestReason] = {
     r.code: r
     for r in (
         RetestReason(
@@ -55,9 +63,43 @@ RETEST_REASONS: dict[str, RetestReason] = {
             "涉及司法、伤残及病退等鉴定的",
             "Judicial, disability, medical-retirement or other appraisal",
         ),
-        RetestReason("other", "其他情形确需复查的", "Other situations that genuinely need a re-test"),
+        RetestReason("other-necessary", "其他情形确需复查的", "Other situations that genuinely need a re-test"),
     )
 }
+
+
+#: Codes written before the list followed CodeSystem retest-reason, and the code each one means now.
+#: Audit entries and stored overrides keep what was written; readers translate.
+RETIRED_RETEST_REASONS: dict[str, str] = {"other": "other-necessary"}
+
+
+class _Reasons(Mapping[str, RetestReason]):
+    """The six reasons by code (CodeSystem retest-reason), answering to a retired code as well.
+
+    Iterating gives the six current codes only, so lists and messages show what
+    the CodeSystem publishes; looking up a retired code finds the reason it means.
+    """
+
+    def __getitem__(self, code: str) -> RetestReason:
+        return _REASONS[RETIRED_RETEST_REASONS.get(code, code)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REASONS)
+
+    def __len__(self) -> int:
+        return len(_REASONS)
+
+    def __contains__(self, code: object) -> bool:
+        return isinstance(code, str) and RETIRED_RETEST_REASONS.get(code, code) in _REASONS
+
+
+#: The six re-test reasons, in the order of the national list (codes of CodeSystem retest-reason).
+RETEST_REASONS: Mapping[str, RetestReason] = _Reasons()
+
+
+def retest_reason_code(code: str) -> str:
+    """The current CodeSystem code of a re-test reason code (a retired one is translated)."""
+    return RETIRED_RETEST_REASONS.get(code, code)
 
 
 @dataclass(frozen=True)
@@ -86,7 +128,7 @@ def make_override(
     *,
     physician_system: str = SYSTEM_STAFF,
 ) -> Override:
-    """A checked override.
+    """A checked override. A retired reason code (``other``) is taken as the code it now is.
 
     :raises InputError: unknown reason code, missing physician identifier or decision id,
         or ``recorded_at`` without UTC offset.
@@ -100,5 +142,10 @@ def make_override(
     if recorded_at.tzinfo is None or recorded_at.utcoffset() is None:
         raise InputError("recorded_at must carry a UTC offset", "recorded_at")
     return Override(
-        decision_id.strip(), reason, physician.strip(), recorded_at, (note or "").strip() or None, physician_system
+        decision_id.strip(),
+        retest_reason_code(reason),
+        physician.strip(),
+        recorded_at,
+        (note or "").strip() or None,
+        physician_system,
     )

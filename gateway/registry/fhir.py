@@ -10,7 +10,13 @@ stays the authority; these resources are a read-only view of one version:
   (id ``eqa-<n>``): what was verified (extension ``qualification-scope``), by whom
   (``validator.organization``), for which period (``qualification-period``), and
   whether it holds (``validated``) or not (``val-fail``);
-- ``Endpoint`` per member with a gateway URL (id ``ep-<USCC>``).
+- ``Endpoint`` per member with a gateway URL (id ``ep-<USCC>``);
+- ``Practitioner`` per physician with qualifications of their own (id ``phy-<id>``: 身份证号, 资格证书编号 and
+  the qualifications with their periods) and a ``PractitionerRole`` per registration to practise at a member
+  (多点执业, with the staff id the member writes and the period).
+
+A member's hospital level is dated: ``hospital-level`` gives the level held on the date asked, and each
+hospital-grade qualification carries its level and grade (``code.text``) and its period.
 
 Demo snapshots carry the HL7 ``HTEST`` (test health data) tag on every resource.
 """
@@ -20,8 +26,17 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from gateway.naming import SYSTEM_LOINC, SYSTEM_MIPLRN, SYSTEM_STAFF, SYSTEM_USCC, cs_url, ext_url
-from gateway.registry.models import QUALIFICATION_TYPES, EqaResult, Member, Period, Qualification, Snapshot
+from gateway.naming import SYSTEM_ID_CARD, SYSTEM_LOINC, SYSTEM_MIPLRN, SYSTEM_STAFF, SYSTEM_USCC, cs_url, ext_url
+from gateway.registry.models import (
+    QUALIFICATION_TYPES,
+    EqaResult,
+    Member,
+    Period,
+    Physician,
+    Qualification,
+    Snapshot,
+    qualification_type_code,
+)
 
 __all__ = [
     "EXT_QUALIFICATION",
@@ -34,6 +49,8 @@ __all__ = [
     "endpoint",
     "qualification_result",
     "eqa_result",
+    "practitioner",
+    "practitioner_roles",
     "registry_resources",
 ]
 
@@ -85,9 +102,10 @@ def _org_ref(uscc: str, name: str | None = None) -> dict[str, Any]:
 
 
 def _qualification_type(q_type: str) -> dict[str, Any]:
+    q_type = qualification_type_code(q_type)
     return {
         "coding": [
-            {"system": CS_QUALIFICATION_TYPE, "code": q_type, "display": QUALIFICATION_TYPES.get(q_type, q_type)}
+            {"system": CS_QUALIFICATION_TYPE, "code": q_type, "display": QUALIFICATION_TYPES[q_type]}
         ]
     }
 
@@ -95,12 +113,16 @@ def _qualification_type(q_type: str) -> dict[str, Any]:
 def organization(snapshot: Snapshot, member: Member, on: _dt.date) -> dict[str, Any]:
     """The Organization resource of one member, ``active`` as of ``on``."""
     extensions: list[dict[str, Any]] = [{"url": EXT_DIVISION, "valueCode": member.division}]
-    if member.level:
-        extensions.append({"url": EXT_HOSPITAL_LEVEL, "valueString": member.level})
+    level = snapshot.level_on(member.uscc, on)  # the level held on ``on``; its history is in the qualifications
+    if level:
+        extensions.append({"url": EXT_HOSPITAL_LEVEL, "valueString": level.level})
     for q in snapshot.qualifications:
         if q.member != member.uscc or q.physician_id:
             continue  # physicians' qualifications are theirs, not the institution's
-        parts: list[dict[str, Any]] = [{"url": "code", "valueCodeableConcept": _qualification_type(q.type)}]
+        code = _qualification_type(q.type)
+        if q.type == "hospital-grade" and q.grade:
+            code["text"] = q.grade  # the level and grade held over the period below
+        parts: list[dict[str, Any]] = [{"url": "code", "valueCodeableConcept": code}]
         if q.number:
             parts.insert(0, {"url": "identifier", "valueIdentifier": {"value": q.number}})
         if q.period.start or q.period.end:
@@ -183,7 +205,11 @@ def _verification(
 def qualification_result(snapshot: Snapshot, q: Qualification, on: _dt.date) -> dict[str, Any]:
     """The VerificationResult of one qualification; ``validated`` when it holds on ``on``."""
     member = snapshot.member(q.member)
-    target = [_org_ref(q.member, member.name if member else None)]
+    target = [_org_ref(q.member, member.name if member else None)] if q.member else []
+    physician = snapshot.physicians.get(q.physician_ref or "")
+    if q.physician_ref:
+        target.append({"reference": f"Practitioner/phy-{q.physician_ref}",
+                       "display": (physician.name if physician else None) or q.physician_ref})
     if q.physician_id:
         target.insert(
             0,
@@ -192,7 +218,9 @@ def qualification_result(snapshot: Snapshot, q: Qualification, on: _dt.date) -> 
                 "display": q.physician_name or q.physician_id,
             },
         )
-    scope = [{"text": value} for value in q.scope]
+    scope: list[dict[str, Any]] = [{"text": value} for value in q.scope]
+    # 备案 by factor: the factors a filing lists (CodeSystem hazard-factor), beside the classes above.
+    scope += [{"coding": [{"system": cs_url("hazard-factor"), "code": code}]} for code in q.factors]
     if q.grade:
         scope.append({"text": f"grade {q.grade}"})
     return _verification(
@@ -212,7 +240,7 @@ def eqa_result(snapshot: Snapshot, index: int, e: EqaResult) -> dict[str, Any]:
     else:
         coding = {"system": SYSTEM_LOINC, "code": str(e.loinc)}
     process = {
-        "coding": [{"system": CS_QUALIFICATION_TYPE, "code": "eqa", "display": "室间质量评价"}],
+        "coding": [{"system": CS_QUALIFICATION_TYPE, "code": "eqa-pass", "display": QUALIFICATION_TYPES["eqa-pass"]}],
         "text": f"{e.provider} {e.year}",
     }
     return _verification(
@@ -227,14 +255,74 @@ def eqa_result(snapshot: Snapshot, index: int, e: EqaResult) -> dict[str, Any]:
     )
 
 
+def practitioner(snapshot: Snapshot, physician: Physician) -> dict[str, Any]:
+    """The Practitioner of a physician with qualifications of their own (id ``phy-<id>``): 身份证号 and
+    资格证书编号 as identifiers, each qualification with its period in ``Practitioner.qualification``."""
+    qualifications = []
+    for q in snapshot.qualifications:
+        if q.physician_ref != physician.id:
+            continue
+        entry: dict[str, Any] = {"code": _qualification_type(q.type)}
+        if q.scope:
+            entry["code"]["text"] = ", ".join(q.scope)
+        if q.number:
+            entry["identifier"] = [{"value": q.number}]
+        if q.period.start or q.period.end:
+            entry["period"] = _period(q.period)
+        entry["issuer"] = {"display": q.authority_name}
+        qualifications.append(entry)
+    resource: dict[str, Any] = {
+        "resourceType": "Practitioner",
+        "id": f"phy-{physician.id}",
+        "meta": _meta(snapshot),
+        "identifier": [
+            {"system": SYSTEM_ID_CARD, "value": physician.id_card},
+            {"type": {"text": "资格证书编号"}, "value": physician.certificate},
+        ],
+    }
+    if physician.name:
+        resource["name"] = [{"text": physician.name}]
+    if qualifications:
+        resource["qualification"] = qualifications
+    return resource
+
+
+def practitioner_roles(snapshot: Snapshot, physician: Physician, on: _dt.date) -> list[dict[str, Any]]:
+    """One PractitionerRole per registration to practise at a member (多点执业), ``active`` on ``on``, with the
+    staff id that member writes in ``resultsInterpreter``."""
+    out = []
+    for n, r in enumerate(physician.practice, start=1):
+        member = snapshot.member(r.member)
+        role: dict[str, Any] = {
+            "resourceType": "PractitionerRole",
+            "id": f"phy-{physician.id}-{n}",
+            "meta": _meta(snapshot),
+            "identifier": [{"system": SYSTEM_STAFF, "value": r.staff_id}],
+            "active": r.period.covers(on),
+            "practitioner": {
+                "reference": f"Practitioner/phy-{physician.id}",
+                "display": physician.name or physician.id,
+            },
+            "organization": _org_ref(r.member, member.name if member else None),
+        }
+        if r.period.start or r.period.end:
+            role["period"] = _period(r.period)
+        out.append(role)
+    return out
+
+
 def registry_resources(snapshot: Snapshot, on: _dt.date) -> dict[str, list[dict[str, Any]]]:
-    """Every resource of the snapshot by type: ``Organization``, ``VerificationResult``, ``Endpoint``."""
+    """Every resource of the snapshot by type: ``Organization``, ``VerificationResult``, ``Endpoint``,
+    ``Practitioner`` and ``PractitionerRole``."""
     members = list(snapshot.members.values())
     endpoints = [ep for ep in (endpoint(snapshot, m, on) for m in members) if ep is not None]
     results = [qualification_result(snapshot, q, on) for q in snapshot.qualifications]
     results += [eqa_result(snapshot, i, e) for i, e in enumerate(snapshot.eqa)]
+    physicians = list(snapshot.physicians.values())
     return {
         "Organization": [organization(snapshot, m, on) for m in members],
         "VerificationResult": results,
         "Endpoint": endpoints,
+        "Practitioner": [practitioner(snapshot, p) for p in physicians],
+        "PractitionerRole": [role for p in physicians for role in practitioner_roles(snapshot, p, on)],
     }

@@ -34,11 +34,20 @@ __all__ = [
     "EXPOSURE_CATEGORIES",
     "DIAGNOSIS_CATEGORIES",
     "QUALIFICATION_TYPES",
+    "DEFAULT_RESPONSIBLE",
+    "TECHNICAL_SERVICE_TYPES",
+    "SYSTEM_TECHNICAL_SERVICE_TYPE",
+    "RETIRED_QUALIFICATION_TYPES",
+    "qualification_type_code",
     "Coding",
     "Period",
     "MemberCertificate",
     "Member",
     "Qualification",
+    "LevelFact",
+    "PracticeRegistration",
+    "Physician",
+    "SupervisingAuthority",
     "EqaResult",
     "CatalogueItem",
     "Catalogue",
@@ -61,7 +70,7 @@ EXPOSURE_CATEGORIES: dict[str, str] = {
     "physical": "物理因素",
     "biological": "生物因素",
     "radiation": "放射性因素",
-    "other": "其他因素",
+    "other": "其他",
 }
 
 #: 《职业病分类和目录》 classes, code -> Chinese name.
@@ -78,17 +87,57 @@ DIAGNOSIS_CATEGORIES: dict[str, str] = {
     "other": "其他职业病",
 }
 
-#: Qualification types (DOMAIN §3), code -> Chinese name.
+#: Qualification types (DOMAIN §3), code -> Chinese name: the codes and displays of CodeSystem
+#: qualification-type (profiles/; tests/test_code_lists.py keeps them equal). ``eqa-pass`` is what an
+#: EQA result verifies; the registry lists those under ``eqa``, not as qualifications.
 QUALIFICATION_TYPES: dict[str, str] = {
-    "iso15189": "CNAS ISO 15189 医学实验室认可",
-    "cma": "CMA 检验检测机构资质认定",
-    "hospital-grade": "医院等级评审",
+    "iso15189": "ISO 15189 医学实验室认可",
+    "eqa-pass": "室间质评合格",
+    "cma": "检验检测机构资质认定",
+    "hospital-grade": "医院等级",
     "practice-licence": "医疗机构执业许可证",
-    "occupational-health-exam-filing": "职业健康检查机构备案",
+    "occupational-exam-filing": "职业健康检查机构备案",
     "occupational-health-service": "职业卫生技术服务机构资质",
     "radiation-health-service": "放射卫生技术服务机构资质",
-    "occupational-disease-diagnosis-institution": "职业病诊断机构备案",
-    "occupational-disease-diagnosis-physician": "职业病诊断医师资格",
+    "occupational-diagnosis-filing": "职业病诊断机构备案",
+    "occupational-diagnosis-physician": "职业病诊断医师资格",
+}
+
+#: Qualification type codes registry sources and snapshots used before they followed the CodeSystem, and
+#: the code each means now. Still accepted on load (old signed snapshots stay readable) and in queries.
+RETIRED_QUALIFICATION_TYPES: dict[str, str] = {
+    "occupational-health-exam-filing": "occupational-exam-filing",
+    "occupational-disease-diagnosis-institution": "occupational-diagnosis-filing",
+    "occupational-disease-diagnosis-physician": "occupational-diagnosis-physician",
+}
+
+
+def qualification_type_code(code: str) -> str:
+    """The CodeSystem code of a qualification type (a retired code is translated)."""
+    return RETIRED_QUALIFICATION_TYPES.get(code, code)
+
+
+#: 职业卫生 / 放射卫生 technical-service report types (CodeSystem technical-service-type): code -> (中文名称, the
+#: qualification type its issuer needs). A ``technical-service`` catalogue item's code is one of these codes.
+TECHNICAL_SERVICE_TYPES: dict[str, tuple[str, str]] = {
+    "occupational-hazard-testing": ("职业病危害因素检测", "occupational-health-service"),
+    "occupational-hazard-status-evaluation": ("职业病危害现状评价", "occupational-health-service"),
+    "radiation-protection-testing": ("放射卫生防护检测", "radiation-health-service"),
+    "radiation-project-evaluation": ("放射诊疗建设项目职业病危害放射防护评价", "radiation-health-service"),
+    "personal-dose-monitoring": ("个人剂量监测", "radiation-health-service"),
+}
+#: The code system of technical-service report types.
+SYSTEM_TECHNICAL_SERVICE_TYPE = cs_url("technical-service-type")
+
+#: Whose level, qualifications and signature the rules look at for an item class, unless the catalogue
+#: says otherwise: ``performer`` (the institution that did the exam or test) or ``interpreter`` (the one
+#: that read it and signed the report: 基层检查、上级诊断, 远程影像, 远程心电).
+DEFAULT_RESPONSIBLE: dict[str, str] = {
+    "lab": "performer",
+    "imaging": "interpreter",
+    "ecg": "interpreter",
+    "occupational": "performer",
+    "technical-service": "performer",
 }
 
 _LEVEL_RANK = {"一级": 1, "二级": 2, "三级": 3}
@@ -208,12 +257,30 @@ class Member:
 
     @property
     def level_rank(self) -> int | None:
-        """1, 2 or 3; None when the member has no hospital level."""
+        """1, 2 or 3 of the undated ``level`` of an older source; dated levels: :meth:`Snapshot.level_on`."""
         return level_rank(self.level)
 
     def active_on(self, day: _dt.date) -> bool:
         """A member on ``day``: within its period and not suspended or revoked by then."""
         return self.period.covers(day) and _status_allows(self.status, self.status_date, day)
+
+
+@dataclass(frozen=True)
+class SupervisingAuthority:
+    """An authority that approves or files members (卫生健康委员会…), where violations are referred (移送)."""
+
+    uscc: str
+    name: str
+    province: str | None = None
+    endpoint: str | None = None
+    certificates: tuple[MemberCertificate, ...] = ()
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> SupervisingAuthority:
+        """From its snapshot entry."""
+        return cls(uscc=data["uscc"], name=data["name"], province=data.get("province"),
+                   endpoint=data.get("endpoint"),
+                   certificates=tuple(MemberCertificate.of(c) for c in data.get("certificates", [])))
 
 
 @dataclass(frozen=True)
@@ -233,6 +300,11 @@ class Qualification:
     physician_name: str | None = None
     authority_province: str | None = None
     number: str | None = None
+    authority_uscc: str | None = None
+    #: 职业健康检查 filing: the hazard factors it covers (codes of CodeSystem hazard-factor); empty = whole classes.
+    factors: tuple[str, ...] = ()
+    #: A physician's own qualification (多点执业): the ``physicians[].id`` it belongs to; ``member`` is then "".
+    physician_ref: str | None = None
 
     def valid_on(self, day: _dt.date) -> bool:
         """Within its period and not suspended or revoked by ``day``."""
@@ -247,6 +319,50 @@ class Qualification:
             out["grade"] = self.grade
         out["authority"] = self.authority_name
         return out
+
+
+@dataclass(frozen=True)
+class LevelFact:
+    """A member's hospital level (and grade) over a period, and where the registry says so."""
+
+    level: str
+    period: Period
+    source: str  # the hospital-grade qualification id, or "members[].level" (an undated level of an older source)
+
+    @property
+    def rank(self) -> int | None:
+        """1, 2 or 3; None for 未定级."""
+        return level_rank(self.level)
+
+    def facts(self) -> dict[str, Any]:
+        """What a decision reason quotes."""
+        return {"level": self.level, "source": self.source, **self.period.as_dict()}
+
+
+@dataclass(frozen=True)
+class PracticeRegistration:
+    """A physician registered to practise at a member (多点执业), with the staff id that member writes."""
+
+    member: str
+    staff_id: str
+    period: Period
+
+
+@dataclass(frozen=True)
+class Physician:
+    """A physician who holds qualifications of their own, identified by 身份证号 and 资格证书编号."""
+
+    id: str
+    name: str | None
+    id_card: str
+    certificate: str
+    practice: tuple[PracticeRegistration, ...] = ()
+
+    def registrations_at(self, member: str, staff_id: str | None = None) -> tuple[PracticeRegistration, ...]:
+        """Registrations at ``member`` (with that staff id when given), any period."""
+        return tuple(
+            r for r in self.practice if r.member == member and (staff_id is None or r.staff_id == staff_id)
+        )
 
 
 @dataclass(frozen=True)
@@ -296,6 +412,8 @@ class CatalogueItem:
     loinc: tuple[str, ...] = ()
     local_codes: frozenset[tuple[str, str]] = frozenset()
     min_issuer_level: int | None = None
+    #: ``performer`` or ``interpreter``: whose level, qualifications and signature the rules look at.
+    responsible: str = "performer"
 
     @property
     def system(self) -> str:
@@ -370,6 +488,7 @@ class Snapshot:
         note: str | None = None,
         document: Mapping[str, Any] | None = None,
         authority_certificates: Iterable[x509.Certificate] = (),
+        physicians: Iterable[Physician] = (),
     ) -> None:
         self.version = version
         self.issued = issued
@@ -378,6 +497,7 @@ class Snapshot:
         self.authority_name = authority_name
         self.members: dict[str, Member] = {m.uscc: m for m in members}
         self.qualifications: tuple[Qualification, ...] = tuple(qualifications)
+        self.physicians: dict[str, Physician] = {p.id: p for p in physicians}
         self.eqa: tuple[EqaResult, ...] = tuple(eqa)
         self.catalogues: tuple[Catalogue, ...] = tuple(catalogues)
         self.diagnosis_by_exposure = {k: tuple(v) for k, v in (diagnosis_by_exposure or {}).items()}
@@ -430,10 +550,11 @@ class Snapshot:
                 quals.append(
                     Qualification(
                         id=q["id"],
-                        member=q["member"],
-                        type=q["type"],
+                        member=q.get("member", ""),
+                        type=qualification_type_code(q["type"]),
                         authority_name=authority["name"],
                         authority_province=authority.get("province"),
+                        authority_uscc=authority.get("uscc"),
                         period=Period.of(q),
                         status=q.get("status", "active"),
                         status_date=_date(q.get("status_date")),
@@ -442,6 +563,23 @@ class Snapshot:
                         physician_id=physician.get("id"),
                         physician_name=physician.get("name"),
                         number=q.get("number"),
+                        factors=tuple(q.get("factors", [])),
+                        physician_ref=physician.get("ref"),
+                    )
+                )
+            physicians = []
+            for i, p in enumerate(doc.get("physicians", [])):
+                where = f"physicians[{i}]"
+                physicians.append(
+                    Physician(
+                        id=p["id"],
+                        name=p.get("name"),
+                        id_card=p["id_card"],
+                        certificate=p["certificate"],
+                        practice=tuple(
+                            PracticeRegistration(r["member"], r["staff_id"], Period.of(r))
+                            for r in p.get("practice", [])
+                        ),
                     )
                 )
             eqa = []
@@ -478,6 +616,7 @@ class Snapshot:
                             mark=it["mark"],
                             direction=it["direction"],
                             min_issuer_level=it.get("min_issuer_level"),
+                            responsible=it.get("responsible", DEFAULT_RESPONSIBLE.get(it["class"], "performer")),
                             eqa_required=bool(it["eqa_required"]),
                             period=Period.of(it),
                             loinc=tuple(it.get("loinc", [])),
@@ -527,6 +666,7 @@ class Snapshot:
                 demo=bool(doc.get("demo", False)),
                 note=doc.get("note"),
                 document=body,
+                physicians=physicians,
             )
         except ConfigError:
             raise
@@ -540,6 +680,50 @@ class Snapshot:
         """The member with this USCC, or None."""
         return self.members.get(uscc or "")
 
+    def levels_of(self, uscc: str) -> tuple[LevelFact, ...]:
+        """A member's dated hospital levels: its hospital-grade qualifications (the one source when it has
+        any; a suspended or revoked grade ends on its status date), else the undated ``level`` of an older
+        source, taken as held over the member's whole listing."""
+        grades = [q for q in self.qualifications if q.member == uscc and q.type == "hospital-grade" and q.grade]
+        if grades:
+            out = []
+            for q in sorted(grades, key=lambda g: (g.period.start or _dt.date.min, g.id)):
+                end = q.period.end
+                if q.status != "active" and q.status_date is not None:
+                    last = q.status_date - _dt.timedelta(days=1)
+                    end = last if end is None or last < end else end
+                out.append(LevelFact(str(q.grade), Period(q.period.start, end), q.id))
+            return tuple(out)
+        member = self.members.get(uscc)
+        if member is not None and member.level:
+            return (LevelFact(member.level, member.period, "members[].level"),)
+        return ()
+
+    def level_on(self, uscc: str | None, day: _dt.date) -> LevelFact | None:
+        """The hospital level a member held on ``day`` (the latest-starting one when periods overlap), or None
+        when the registry does not say."""
+        held = [f for f in self.levels_of(uscc or "") if f.period.covers(day)]
+        return held[-1] if held else None
+
+    def physician_by_id_card(
+        self, member: str, id_card: str, day: _dt.date
+    ) -> tuple[Physician | None, PracticeRegistration | None]:
+        """The physician with this 身份证号, and their registration at ``member`` covering ``day``."""
+        physician = next((p for p in self.physicians.values() if p.id_card == id_card), None)
+        if physician is None:
+            return None, None
+        return physician, next((r for r in physician.registrations_at(member) if r.period.covers(day)), None)
+
+    def registered_physician(
+        self, member: str, staff_id: str, day: _dt.date
+    ) -> tuple[Physician | None, PracticeRegistration | None]:
+        """The physician a member's staff id names (any period), and their registration there covering ``day``."""
+        for physician in self.physicians.values():
+            registrations = physician.registrations_at(member, staff_id)
+            if registrations:
+                return physician, next((r for r in registrations if r.period.covers(day)), None)
+        return None, None
+
     def items_for_coding(self, coding: Coding) -> tuple[CatalogueItem, ...]:
         """Catalogue items (any catalogue, any date) that a coding names: by catalogue code, LOINC,
         or an issuer's local code (the local code system names its issuer)."""
@@ -548,12 +732,22 @@ class Snapshot:
             for catalogue in self.catalogues:
                 for item in catalogue.items:
                     index.setdefault((item.system, item.code), []).append(item)
+                    if item.item_class == "technical-service":  # the item's code is the report's service type
+                        index.setdefault((SYSTEM_TECHNICAL_SERVICE_TYPE, item.code), []).append(item)
                     for loinc in item.loinc:
                         index.setdefault((SYSTEM_LOINC, loinc), []).append(item)
                     for issuer, code in sorted(item.local_codes):
                         index.setdefault((local_item_system(issuer), code), []).append(item)
             self._coding_index = {k: tuple(v) for k, v in index.items()}
         return self._coding_index.get((coding.system, coding.code), ())
+
+    def supervising_authorities(self) -> dict[str, SupervisingAuthority]:
+        """The authorities that approve or file members, by USCC (``authorities`` of the snapshot)."""
+        found = getattr(self, "_supervisors", None)
+        if found is None:
+            found = {a["uscc"]: SupervisingAuthority.of(a) for a in self.document.get("authorities", [])}
+            self._supervisors: dict[str, SupervisingAuthority] = found
+        return found
 
     def catalogue(self, catalogue_id: str) -> Catalogue | None:
         """The catalogue with this id, or None."""

@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from gateway.errors import IssuerNotQualified, UnknownIssuer
-from gateway.registry.models import Catalogue, CatalogueItem, Coding, EqaResult, Member, Qualification, Snapshot
+from gateway.registry.models import (
+    Catalogue,
+    CatalogueItem,
+    Coding,
+    EqaResult,
+    Member,
+    Physician,
+    PracticeRegistration,
+    Qualification,
+    Snapshot,
+    qualification_type_code,
+)
+from gateway.registry.reference import factor_code
 
 __all__ = [
     "member_active",
@@ -25,6 +38,10 @@ __all__ = [
     "catalogue_items_for",
     "scope_covers",
     "diagnosis_categories_for",
+    "FilingCheck",
+    "filing_covers",
+    "PhysicianCheck",
+    "physician_qualified",
 ]
 
 
@@ -55,7 +72,7 @@ def qualifications_of(
         q
         for q in snapshot.qualifications
         if q.member == uscc
-        and q.type == qualification_type
+        and q.type == qualification_type_code(qualification_type)
         and (physician is None or q.physician_id == physician)
         and q.valid_on(on)
     ]
@@ -151,3 +168,82 @@ def diagnosis_categories_for(
     if exposure_category:
         return snapshot.diagnosis_by_exposure.get(exposure_category, ())
     return ()
+
+
+@dataclass(frozen=True)
+class FilingCheck:
+    """Whether a 职业健康检查 filing covers one hazard factor on a day, and how.
+
+    ``by`` is ``class`` (a filing of the class that lists no factors of it), ``factor`` (a filing that lists
+    the factor), or None when nothing covers it; ``unknown_factor`` when a filing lists factors of the class
+    but the result's factor code is not one of the catalogue, so whether it is filed cannot be said.
+    """
+
+    filing: Qualification | None
+    by: str | None
+    filed_factors: tuple[str, ...] = ()
+    unknown_factor: bool = False
+
+
+def _factor_classes_of(code: str) -> set[str]:
+    hit = factor_code(code)
+    return {hit.category} if hit is not None else set()
+
+
+def _factor_classes(q: Qualification) -> set[str]:
+    return {c for code in q.factors for c in _factor_classes_of(code)}
+
+
+def filing_covers(
+    snapshot: Snapshot, uscc: str, category: str, factor: str | None, on: _dt.date
+) -> FilingCheck:
+    """Does a filing of ``uscc`` valid on ``on`` cover ``factor`` of exposure class ``category``?
+
+    A filing whose scope lists the class covers all of it unless it lists factors of that class; then it
+    covers those factors only (a county hospital that filed 56 化学因素 is not filed for the other 319).
+    """
+    filings = [q for q in qualifications_of(snapshot, uscc, "occupational-exam-filing", on) if category in q.scope]
+    whole = next((q for q in filings if category not in _factor_classes(q)), None)
+    if whole is not None:
+        return FilingCheck(whole, "class")
+    hit = factor_code(factor)
+    listed = tuple(c for q in filings for c in q.factors if category in _factor_classes_of(c))
+    if hit is not None:
+        for q in filings:
+            if hit.code in q.factors:
+                return FilingCheck(q, "factor", listed)
+    if filings and hit is None:
+        return FilingCheck(None, None, listed, unknown_factor=True)
+    return FilingCheck(None, None, listed)
+
+
+@dataclass(frozen=True)
+class PhysicianCheck:
+    """Who a member's staff id names and the qualification found: a registered physician's own
+    (``physician`` and ``registration`` set) or, in an older source, the member's per-physician entry."""
+
+    qualification: Qualification | None
+    physician: Physician | None = None
+    registration: PracticeRegistration | None = None
+
+
+def physician_qualified(
+    snapshot: Snapshot, uscc: str, staff_id: str, qualification_type: str, scope: str | None, on: _dt.date
+) -> PhysicianCheck:
+    """The qualification of the physician ``uscc`` writes as ``staff_id``, valid on ``on`` for ``scope``.
+
+    A physician listed under ``physicians`` with a registration at ``uscc`` under that staff id is looked up
+    by their own qualifications, which count only while the registration covers ``on`` (多点执业); otherwise the
+    member's own per-physician qualifications (older sources) are searched.
+    """
+    physician, registration = snapshot.registered_physician(uscc, staff_id, on)
+    if physician is not None:
+        if registration is None:
+            return PhysicianCheck(None, physician, None)
+        wanted = qualification_type_code(qualification_type)
+        for q in snapshot.qualifications:
+            if q.physician_ref == physician.id and q.type == wanted and q.valid_on(on):
+                if scope is None or scope in q.scope:
+                    return PhysicianCheck(q, physician, registration)
+        return PhysicianCheck(None, physician, registration)
+    return PhysicianCheck(qualified(snapshot, uscc, qualification_type, scope, on, physician=staff_id))

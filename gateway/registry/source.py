@@ -30,9 +30,11 @@ import yaml
 from cryptography import x509
 
 from gateway.errors import ConfigError, IdentifierError, Issue
-from gateway.identifiers import check_uscc
+from gateway.divisions import division_problem
+from gateway.identifiers import check_id_card, check_uscc
 from gateway.mapping.tables import loinc_check_digit
-from gateway.registry.models import SNAPSHOT_FORMAT
+from gateway.registry.models import DEFAULT_RESPONSIBLE, SNAPSHOT_FORMAT, TECHNICAL_SERVICE_TYPES
+from gateway.registry.reference import factor_code
 from gateway.signing.keys import is_authority, uscc_of
 
 __all__ = [
@@ -50,7 +52,15 @@ log = logging.getLogger(__name__)
 #: Format marker of a registry source file.
 SOURCE_FORMAT = "cyhr-registry-source/1"
 
-_DEFAULT_ANCHOR = {"lab": "collection", "imaging": "study", "occupational": "exam"}
+_DEFAULT_ANCHOR = {
+    "lab": "collection",
+    "imaging": "study",
+    "ecg": "study",
+    "occupational": "exam",
+    "technical-service": "report",
+}
+#: Item classes that need no EQA unless an item says so.
+_NO_EQA_CLASSES = ("occupational", "technical-service")
 
 
 class RegistrySourceError(ConfigError):
@@ -251,6 +261,91 @@ class _Checker:
             self.problem(location, f"{url!r} must be the member gateway's base URL (its public_url), like "
                          "https://gw.example.cn, or its FHIR base https://gw.example.cn/fhir")
 
+    def physicians(
+        self, entries: list[dict[str, Any]], member_ref: Any
+    ) -> tuple[list[dict[str, Any]], set[str]]:
+        """Physicians with qualifications of their own (多点执业): 身份证号 checked, registrations at members."""
+        out: list[dict[str, Any]] = []
+        seen: dict[str, str] = {}
+        cards: dict[str, str] = {}
+        for i, p in enumerate(entries):
+            loc = f"physicians[{i}]"
+            if p["id"] in seen:
+                self.problem(f"{loc}.id", f"physician id {p['id']!r} is already used at {seen[p['id']]}", "duplicate")
+            seen[p["id"]] = loc
+            try:
+                card = check_id_card(p["id_card"])
+            except IdentifierError as exc:
+                self.problem(f"{loc}.id_card", exc.message)
+                card = p["id_card"]
+            if card in cards:
+                self.problem(f"{loc}.id_card", f"the same 身份证号 is already listed at {cards[card]}", "duplicate")
+            cards[card] = loc
+            practice = []
+            staff_ids: dict[tuple[str, str], str] = {}
+            for j, r in enumerate(p.get("practice", [])):
+                rloc = f"{loc}.practice[{j}]"
+                self.dates(r, rloc)
+                member = member_ref(r["member"], f"{rloc}.member")
+                practice.append({"member": member, "staff_id": r["staff_id"], "valid_from": r.get("valid_from"),
+                                 "valid_to": r.get("valid_to")})
+                staff_ids.setdefault((member, r["staff_id"]), rloc)
+            entry: dict[str, Any] = {"id": p["id"], "id_card": card, "certificate": p["certificate"],
+                                     "practice": practice}
+            if p.get("name"):
+                entry["name"] = p["name"]
+            out.append(entry)
+        # One staff id of one member names one physician, or resultsInterpreter would be ambiguous.
+        owner: dict[tuple[str, str], str] = {}
+        for i, entry in enumerate(out):
+            for j, r in enumerate(entry["practice"]):
+                key = (r["member"], r["staff_id"])
+                if key in owner and owner[key] != entry["id"]:
+                    self.problem(f"physicians[{i}].practice[{j}].staff_id",
+                                 f"staff id {r['staff_id']!r} of {r['member']} already names physician {owner[key]!r}",
+                                 "duplicate")
+                owner.setdefault(key, entry["id"])
+        return out, set(seen)
+
+    def factors(self, q: dict[str, Any], loc: str) -> list[str]:
+        """A filing's hazard factors as catalogue codes; each must lie in a class the filing covers."""
+        scope = set(q.get("scope", []))
+        out: list[str] = []
+        for k, code in enumerate(q.get("factors", [])):
+            hit = factor_code(code)
+            if hit is None:
+                self.problem(f"{loc}.factors[{k}]", f"{code!r} is not a factor of 《职业病危害因素分类目录》 (a code of "
+                             "mappings/concepts/hazard-catalogue.csv, or <class>-<seq> such as chemical-028)")
+            elif hit.category not in scope:
+                self.problem(f"{loc}.factors[{k}]", f"{code} ({hit.name}) is a {hit.category} factor and the filing's "
+                             f"scope ({', '.join(sorted(scope))}) does not list that class")
+            elif hit.code in out:
+                self.problem(f"{loc}.factors[{k}]", f"{code} ({hit.name}) is listed twice", "duplicate")
+            else:
+                out.append(hit.code)
+        return out
+
+    def levels(self, raw: list[dict[str, Any]], members: list[dict[str, Any]],
+               qualifications: list[dict[str, Any]]) -> None:
+        """The hospital-grade qualifications are a member's dated level; an undated ``level`` beside them must
+        agree with the latest one and is then dropped (one source)."""
+        for i, (m, out) in enumerate(zip(raw, members)):
+            if m.get("level") is None:
+                continue
+            grades = sorted(
+                (q for q in qualifications if q.get("member") == out["uscc"] and q.get("type") == "hospital-grade"),
+                key=lambda q: (str(q.get("valid_from")), str(q["id"])),
+            )
+            if not grades:
+                continue  # an older source: the undated level is taken as held over the whole listing
+            latest = grades[-1]
+            if latest.get("grade") != m["level"]:
+                self.problem(f"members[{i}].level",
+                             f"member {m['name']}: level {m['level']} disagrees with its latest hospital-grade "
+                             f"qualification {latest['id']} ({latest.get('grade')} from {latest.get('valid_from')}); "
+                             "the dated qualifications are the level: remove members[].level")
+            out.pop("level", None)
+
     def normalise(self, data: dict[str, Any]) -> dict[str, Any]:
         authority_uscc = self.uscc(data["authority"]["uscc"], "authority.uscc") or data["authority"]["uscc"]
         authority = {"uscc": authority_uscc, "name": data["authority"]["name"]}
@@ -264,6 +359,9 @@ class _Checker:
                 self.problem(f"{loc}.uscc", f"{uscc} is already listed at {seen_members[uscc]}", "duplicate")
             seen_members[uscc] = loc
             self.dates(m, loc)
+            division = division_problem(m["division"], _parse_date(m.get("valid_from")))
+            if division:
+                self.problem(f"{loc}.division", f"member {m['name']}: {division}")
             out = {k: m[k] for k in ("name", "division", "kind", "valid_from") if k in m}
             out["uscc"] = uscc
             out["valid_to"] = m.get("valid_to")
@@ -327,6 +425,9 @@ class _Checker:
                     for k, lc in enumerate(it.get("local_codes", []))
                 ]
                 has_occupational = has_occupational or it["class"] == "occupational"
+                if it["class"] == "technical-service" and it["code"] not in TECHNICAL_SERVICE_TYPES:
+                    self.problem(f"{iloc}.code", f"a technical-service item's code is its service type, one of "
+                                 f"{', '.join(TECHNICAL_SERVICE_TYPES)}", "code-invalid")
                 out_item: dict[str, Any] = {
                     "code": it["code"],
                     "display": it["display"],
@@ -337,7 +438,11 @@ class _Checker:
                     "time_anchor": it.get("time_anchor", _DEFAULT_ANCHOR[it["class"]]),
                     "mark": it.get("mark", c["mark"]),
                     "direction": it.get("direction", c.get("direction", "any")),
-                    "eqa_required": it.get("eqa_required", it["class"] != "occupational"),
+                    "eqa_required": it.get("eqa_required", it["class"] not in _NO_EQA_CLASSES),
+                    # whose level, qualifications and signature the rules look at (基层检查、上级诊断)
+                    "responsible": it.get(
+                        "responsible", c.get("responsible", {}).get(it["class"], DEFAULT_RESPONSIBLE[it["class"]])
+                    ),
                     "valid_from": item_from.isoformat() if item_from else None,
                     "valid_to": item_to.isoformat() if item_to else None,
                 }
@@ -359,6 +464,29 @@ class _Checker:
                 out_cat["note"] = c["note"]
             catalogues.append(out_cat)
 
+        authorities: list[dict[str, Any]] = []
+        seen_authorities: set[str] = set()
+        for i, a in enumerate(data.get("authorities", [])):
+            loc = f"authorities[{i}]"
+            a_uscc = self.uscc(a["uscc"], f"{loc}.uscc") or a["uscc"]
+            if a_uscc in seen_authorities or a_uscc in seen_members:
+                self.problem(f"{loc}.uscc", f"{a_uscc} is listed twice (authorities or members)", "duplicate")
+            seen_authorities.add(a_uscc)
+            out_a: dict[str, Any] = {"uscc": a_uscc, "name": a["name"]}
+            for key in ("province", "endpoint"):
+                if a.get(key) is not None:
+                    out_a[key] = a[key]
+            if a.get("endpoint") is not None:
+                self.endpoint(a["endpoint"], f"{loc}.endpoint")
+                if urlsplit(a["endpoint"]).path.rstrip("/").endswith("/exchange/tasks"):
+                    self.problem(f"{loc}.endpoint", f"{a['endpoint']!r} must be the authority gateway's base URL; "
+                                 "referrals go to <endpoint>/exchange/tasks")
+            out_a["certificates"] = [c for j, cert in enumerate(a.get("certificates", []))
+                                     if (c := self.certificate(cert, f"{loc}.certificates[{j}]", a_uscc)) is not None]
+            authorities.append(out_a)
+
+        physicians, seen_physicians = self.physicians(data.get("physicians", []), member_ref)
+
         qualifications = []
         seen_quals: set[str] = set()
         for i, q in enumerate(data.get("qualifications", [])):
@@ -368,10 +496,22 @@ class _Checker:
             seen_quals.add(q["id"])
             self.dates(q, loc)
             out = dict(q)
-            out["member"] = member_ref(q["member"], f"{loc}.member")
+            ref = (q.get("physician") or {}).get("ref")
+            if ref is None:
+                out["member"] = member_ref(q["member"], f"{loc}.member")
+            elif ref not in seen_physicians:
+                self.problem(f"{loc}.physician.ref", f"{ref!r} is not listed in physicians", "not-found")
+            if q.get("factors") is not None:
+                out["factors"] = self.factors(q, loc)
+            q_authority = q["authority"].get("uscc")
+            if q_authority is not None and self.uscc(q_authority, f"{loc}.authority.uscc") is not None \
+                    and q_authority not in seen_authorities:
+                self.problem(f"{loc}.authority.uscc", f"{q_authority} is not listed in authorities", "not-found")
             out["status"] = q.get("status", "active")
             out.setdefault("valid_to", None)
             qualifications.append(out)
+
+        self.levels(data["members"], members, qualifications)
 
         eqa = []
         for i, e in enumerate(data.get("eqa", [])):
@@ -419,6 +559,10 @@ class _Checker:
             "eqa": eqa,
             "catalogues": catalogues,
         }
+        if authorities:
+            body["authorities"] = authorities
+        if physicians:
+            body["physicians"] = physicians
         if data.get("note"):
             body["note"] = data["note"]
         return body
