@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,15 +117,67 @@ def test_a_name_the_catalogue_gives_two_codes_is_refused(tmp_path: Path) -> None
         load_mappings(tmp_path / "m")
 
 
+def _variants(name: str) -> list[str]:
+    """A 目录 name as senders write it: whole, without each trailing remark, and each with half-width brackets."""
+    shorter = [name]
+    while (m := re.search(r"（[^（）]*）$", shorter[-1])) is not None and m.start() > 0:
+        shorter.append(shorter[-1][:m.start()])
+    return list(dict.fromkeys(v for s in shorter for v in (s, s.replace("（", "(").replace("）", ")"))))
+
+
+def test_every_catalogue_name_is_found_without_its_remarks_and_with_half_width_brackets() -> None:
+    assert CATALOGUE.ambiguous == {}  # no two rows share a name without its remarks (today)
+    checked = 0
+    for entry in CATALOGUE.entries:
+        for variant in _variants(entry.name):
+            hits = HAZARDS.lookup("*", variant)
+            # 铀及其化合物 is the name of two rows: it goes to the one listing it among its aliases
+            want = ("radiation-007", "radiation") if entry.code == "chemical-011" else (entry.code, entry.category)
+            assert [(t.code) for t in hits] == list(want), (entry.name, variant)
+            checked += 1
+    assert checked > 459 + 80  # names with remarks give more than one variant
+    for short, code in (("麻尘（亚麻、黄麻和苎麻）", "dust-030"), ("麻尘(亚麻、黄麻和苎麻)", "dust-030"),
+                        ("麻尘（亚麻、黄麻和苎麻)", "dust-030"), ("铅及其化合物", "lead"), ("磷及其化合物", "chemical-009"),
+                        ("镍及其化合物", "chemical-153"), ("艾滋病病毒", "biological-001")):
+        assert HAZARDS.lookup("*", short)[0].code == code, short
+
+
+def test_a_short_name_two_rows_would_share_is_not_looked_up(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(ROOT / "mappings", tmp_path / "m")
+    table = tmp_path / "m" / "concepts" / "hazard-catalogue.csv"
+    table.write_text(table.read_text(encoding="utf-8")
+                     + "chemical,376,演示尘（甲型）,,,chemical-376,,unknown,recollection\n"
+                     + "chemical,377,演示尘（乙型）,,,chemical-377,,unknown,recollection\n"
+                     + "chemical,378,示例粉（注）,,,chemical-378,,unknown,recollection\n"
+                     + "chemical,379,示例粉,,,chemical-379,,unknown,recollection\n", encoding="utf-8")
+    mappings = load_mappings(tmp_path / "m")
+    hazards = mappings.concept("hazard-factors")
+    assert mappings.catalogues["hazard-catalogue"].ambiguous == {"演示尘": ("chemical-376", "chemical-377")}
+    assert hazards.lookup("*", "演示尘") == []  # the full name is required
+    assert hazards.lookup("*", "演示尘(乙型)")[0].code == "chemical-377"
+    assert hazards.lookup("*", "示例粉")[0].code == "chemical-379"  # a row's own name wins over a short name
+    assert hazards.lookup("*", "示例粉（注）")[0].code == "chemical-378"
+
+
+def test_the_chemical_class_is_not_extended_and_ozone_goes_to_review(cdc: Pipeline) -> None:
+    assert CATALOGUE.counts()["chemical"] == 375 and HAZARDS.lookup("*", "臭氧") == []
+    [out] = cdc.convert(exam_csv("", "电焊烟尘、氮氧化物、臭氧"), "cdc-csv", "t.csv")
+    assert out.status is Status.CONVERTED
+    [warning] = [i for i in out.issues if "hazard factor" in i.message]
+    assert "'臭氧' is not in 《职业病危害因素分类目录》" in warning.message and warning.severity == "warning"
+
+
 # -- through the real pipeline ----------------------------------------------------------------------
 
 
 def test_every_catalogue_name_converts_keeping_the_senders_code(cdc: Pipeline) -> None:
     rows = [HEADER]
-    split = {e.code for e in CATALOGUE.entries if "、" in e.name.split("（")[0]}  # 磷化氢、磷化锌、磷化铝: three names
+    # 磷化氢、磷化锌、磷化铝 holds the separator 、 but is one name of the 目录: one code goes with it
+    split = {e.code for e in CATALOGUE.entries if "、" in e.name.split("（")[0]}
     for i, e in enumerate(CATALOGUE.entries):
-        code = "" if e.code in split else f"X{i:03d}"
-        rows.append(exam_csv(code, e.name, number=f"TJ{i:03d}").decode("utf-8").splitlines()[1])
+        rows.append(exam_csv(f"X{i:03d}", e.name, number=f"TJ{i:03d}").decode("utf-8").splitlines()[1])
     names = {f"TJ{i:03d}": e for i, e in enumerate(CATALOGUE.entries)}
     outs = list(cdc.convert(("\n".join(rows) + "\n").encode("utf-8"), "cdc-csv", "all.csv"))
     assert len(outs) == 459 and split == {"chemical-022", "chemical-359"}
@@ -137,9 +190,8 @@ def test_every_catalogue_name_converts_keeping_the_senders_code(cdc: Pipeline) -
         # a name two entries share goes to the one listing it as an alias: 铀及其化合物 is read as 放射性因素
         want = (entry.code, entry.category) if entry.code != "chemical-011" else ("radiation-007", "radiation")
         assert {(f["factor"]["code"], f["category"]["code"]) for f in factors} == {want}
-        if entry.code not in split:
-            assert factors[0]["source"] == {"system": sender_hazard_system("cdc-zyjk"),
-                                            "code": f"X{int(number[2:]):03d}", "display": entry.name}
+        assert factors[0]["source"] == {"system": sender_hazard_system("cdc-zyjk"),
+                                        "code": f"X{int(number[2:]):03d}", "display": entry.name}
 
 
 def test_several_factors_in_a_cell_keep_each_senders_code(cdc: Pipeline) -> None:
@@ -203,3 +255,53 @@ def test_gbz98_conclusions_are_final_and_accepted(cdc: Pipeline, text: str, exam
 def test_recheck_is_still_refused(cdc: Pipeline) -> None:
     [out] = cdc.convert(exam_csv("1001", "矽尘", conclusion="复查"), "cdc-csv", "t.csv")
     assert out.status is not Status.CONVERTED and any("复查 is not a final" in i.message for i in out.issues)
+
+
+# -- names as the 目录 writes them, in a cell of several ----------------------------------------------
+
+
+@pytest.mark.parametrize("codes, names, want", [
+    ("", "麻尘（亚麻、黄麻和苎麻）", [("dust-030", "麻尘（亚麻、黄麻和苎麻）")]),
+    ("", "麻尘(亚麻、黄麻和苎麻)", [("dust-030", "麻尘(亚麻、黄麻和苎麻)")]),
+    ("1030、2001", "麻尘（亚麻、黄麻和苎麻）、铅及其化合物", [
+        ("dust-030", "麻尘（亚麻、黄麻和苎麻）"), ("lead", "铅及其化合物")]),
+    ("2022", "磷化氢、磷化锌、磷化铝", [("chemical-022", "磷化氢、磷化锌、磷化铝")]),
+    ("", "苯、磷化氢、磷化锌、磷化铝；三氧化铬、铬酸盐、重铬酸盐", [
+        ("benzene", "苯"), ("chemical-022", "磷化氢、磷化锌、磷化铝"), ("chemical-359", "三氧化铬、铬酸盐、重铬酸盐")]),
+    # three codes: the sender meant the three names apart (each still finds the row)
+    ("2022a、2022b、2022c", "磷化氢、磷化锌、磷化铝", [
+        ("chemical-022", "磷化氢"), ("chemical-022", "磷化锌"), ("chemical-022", "磷化铝")]),
+    ("", "磷化氢、磷化锌", [("chemical-022", "磷化氢"), ("chemical-022", "磷化锌")]),  # not the whole name: cut
+])
+def test_catalogue_names_holding_a_separator_are_kept_whole(
+        cdc: Pipeline, codes: str, names: str, want: list[tuple[str, str]]) -> None:
+    [out] = cdc.convert(exam_csv(codes, names), "cdc-csv", "t.csv")
+    assert out.status is Status.CONVERTED, [str(i) for i in out.issues]
+    assert not [i for i in out.issues if "hazard factor" in i.message], [str(i) for i in out.issues]
+    got = [(f["factor"]["code"], f["source"]["display"]) for f in factors_of(out.bundle)]
+    assert got == want
+
+
+# -- a GBZ 98 conclusion on an exam without a radiation factor ------------------------------------------
+
+
+@pytest.mark.parametrize("codes, names, conclusion, warned", [
+    ("3001", "噪声", "可从事放射工作", True),
+    ("", "苯", "不宜再做放射工作而调整做其他非放射工作", True),
+    ("", "苯", "疑似职业性放射性疾病", True),
+    ("", "噪声、某新型射线", "可继续原放射工作", True),  # an unknown factor: warned as well (it also goes to review)
+    ("4101", "密封放射源产生的电离辐射", "可从事放射工作", False),
+    ("", "噪声、X射线装置（含CT机）产生的电离辐射", "可继续原放射工作", False),
+    ("", "噪声", "目前未见异常", False),
+])
+def test_a_radiation_conclusion_without_a_radiation_factor_is_a_warning(cdc: Pipeline, codes: str, names: str,
+                                                                        conclusion: str, warned: bool) -> None:
+    exam_type = "上岗前" if conclusion == "可从事放射工作" else "在岗期间"
+    [out] = cdc.convert(exam_csv(codes, names, conclusion=conclusion, exam_type=exam_type), "cdc-csv", "t.csv")
+    assert out.status is Status.CONVERTED, [str(i) for i in out.issues]
+    found = [i for i in out.issues if "GBZ 98" in i.message]
+    assert bool(found) is warned, [str(i) for i in out.issues]
+    if warned:
+        [warning] = found
+        assert warning.severity == "warning" and warning.location == "row 2 column 主检结论"
+        assert f"'{conclusion}' is a GBZ 98 conclusion" in warning.message and "放射性因素" in warning.message

@@ -385,3 +385,128 @@ def test_mapping_warnings_name_row_and_column(cdc: Pipeline) -> None:
     located = {i.location: i.message for i in out.issues if i.location.startswith("row")}
     assert located == {"row 2 column 性别": "sex '未知性别' is not a known code; gender left out",
                        "row 2 column 异常标志": "abnormal flag '?' is not in table interpretation; kept as text"}
+
+
+# -- problems the profile check finds, answered as row and column ---------------------------------
+
+FHIR_WORDS = ("Bundle.", "entry[", "resource", "[x]")
+
+
+def no_fhir_path(text: str) -> bool:
+    return not any(w in text for w in FHIR_WORDS)
+
+
+def test_a_sex_disagreeing_with_the_id_card_is_answered_as_row_and_column(cdc: Pipeline) -> None:
+    data = csv_bytes(row(), row(EXAM.replace("TJ9", "TJ8").replace(",男,", ",女,")))
+    first, second = outcomes(cdc, data)
+    assert first.status is Status.CONVERTED and not [i for i in first.issues if i.location == "row 2 column 性别"]
+    assert second.status is Status.CONVERTED
+    [warning] = [i for i in second.issues if "cyhr-pat-4" in i.message]
+    assert warning.severity == "warning" and warning.location == "row 3 column 性别"
+    assert warning.message.startswith("does not give a sex agreeing with digit 17 of the 身份证号 (see also column "
+                                      "身份证号): fails cyhr-pat-4: ")
+    assert warning.extra["fhir_path"] == "Bundle.entry[1].resource"  # kept for the log, never answered
+    answer = json.loads(second.answer)
+    assert all(no_fhir_path(json.dumps(i, ensure_ascii=False)) for i in answer["issue"])
+    assert {"row 3 column 性别"} <= {e for i in answer["issue"] for e in i.get("expression", [])}
+
+
+def _res(bundle: dict, kind: str, n: int = 0) -> dict:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind][n]
+
+
+def _ext(bundle: dict, name: str) -> dict:
+    return ext(_res(bundle, "DiagnosticReport"), name)[0]
+
+
+# (change to the converted Bundle, where the answer must say the problem is, and words it must hold)
+BROKEN = [
+    (lambda b: _res(b, "Patient").__setitem__("gender", "female"), "row 2 column 性别", "cyhr-pat-4"),
+    (lambda b: _res(b, "Patient").__setitem__("birthDate", "1981-01-01"), "row 2 column 出生日期", "cyhr-pat-3"),
+    (lambda b: _res(b, "Patient").pop("name"), "row 2 column 姓名", "is empty: the worker's name is required"),
+    (lambda b: _res(b, "Patient")["identifier"][0].__setitem__("value", "51132219800707331Y"),
+     "row 2 column 身份证号", "cyhr-pat-1"),
+    (lambda b: _res(b, "Observation", 1).__setitem__("valueString", "x"), "row 3 column 结果",
+     "only one of valueQuantity, valueString may be present"),
+    (lambda b: _res(b, "Observation", 1)["valueQuantity"].__setitem__("unit", ""), "row 3 column 单位",
+     "must not be empty"),
+    (lambda b: _res(b, "Observation", 1).pop("code"), "row 3 column 项目代码", "the exam item code"),
+    (lambda b: _res(b, "Observation", 1)["referenceRange"][0].__setitem__("low", "x"), "row 3 column 参考范围",
+     "must be a JSON object"),
+    (lambda b: _res(b, "Observation", 1).pop("status"), "row 3 column 结果", "the result status is required"),
+    (lambda b: _res(b, "DiagnosticReport").__setitem__("issued", "2024-03-22"), "row 2 column 报告日期",
+     "not a valid instant"),
+    (lambda b: _res(b, "DiagnosticReport").__setitem__("effectiveDateTime", "2024-13-01"), "row 2 column 体检日期",
+     "not a valid dateTime"),
+    (lambda b: _res(b, "DiagnosticReport").pop("identifier"), "row 2 column 体检编号", "the exam number is required"),
+    (lambda b: _res(b, "DiagnosticReport").__setitem__("conclusion", " "), "row 2 column 主检结论", "blank"),
+    (lambda b: _ext(b, "hazard-factor").__setitem__("extension", _ext(b, "hazard-factor")["extension"][::2]),
+     "row 2 column 接害因素代码", "cyhr-haz-1"),
+    (lambda b: _ext(b, "exposure-years").__setitem__("valueDecimal", -1), "row 2 column 接害工龄", "cyhr-expo-1"),
+    (lambda b: _ext(b, "exam-type")["valueCoding"].__setitem__("code", ""), "row 2 column 体检类型", "empty"),
+    (lambda b: _ext(b, "occupation").__setitem__("valueString", " "), "row 2 column 工种", "blank"),
+    (lambda b: _res(b, "Organization", 1).__setitem__("name", " "), "row 2 column 用人单位名称", "blank"),
+    (lambda b: _res(b, "Organization", 1)["identifier"][0].__setitem__("value", " "),
+     "row 2 column 用人单位统一社会信用代码", "blank"),
+    (lambda b: b.__setitem__("timestamp", "bad"), "row 2 column 报告日期", "not a valid instant"),
+    (lambda b: _res(b, "Organization", 0).__setitem__("name", " "), "row 2", "no column is mapped to"),
+]
+
+
+@pytest.mark.parametrize("change, location, words", BROKEN)
+def test_every_profile_problem_is_traced_to_a_row_and_column(cdc: Pipeline, change, location: str,
+                                                             words: str) -> None:
+    import copy
+
+    [out] = outcomes(cdc, csv_bytes(row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,")))
+    bundle = copy.deepcopy(out.bundle)
+    change(bundle)
+    found = profiles.validate(bundle)
+    assert found, "the change must break a profile rule"
+    explained = cdc.channels["cdc-csv"].explain(out.message, bundle, found)
+    assert len(explained) == len(found)
+    for issue in explained:
+        assert no_fhir_path(issue.location) and no_fhir_path(issue.message), issue
+        assert issue.location.startswith("row "), issue
+    assert any(i.location == location and words in i.message for i in explained), [str(i) for i in explained]
+
+
+def test_profile_problems_at_any_element_never_reach_the_sender_as_fhir_paths(tmp_path: Path, clock) -> None:
+    """Whatever the profile check says, and wherever: the OperationOutcome and the CLI lines name rows and columns."""
+    from gateway.errors import Issue
+
+    def checker(bundle: dict) -> list:
+        out = []
+        for n, entry in enumerate(bundle["entry"]):
+            kind = entry["resource"]["resourceType"]
+            for path in ("", ".value[x]", ".extension[0].extension[1].valueCoding", ".identifier[0].value",
+                         ".code.coding[0]", ".meta.profile[0]"):
+                out.append(Issue("warning", "structure", f"Bundle.entry[{n}].resource{path}",
+                                 f"allows at most 1 ({kind}{path.replace('[0]', '')}), found 2; see "
+                                 f"Bundle.entry[{n}].resource and {kind}.value[x]"))
+        return out + [Issue("warning", "value", "Bundle", "is not a resource of this guide (Bundle.type)")]
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+    p = Pipeline(settings, clock=clock, checker=checker)
+    try:
+        [out] = list(p.convert(csv_bytes(row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,")), "cdc-csv", "t.csv"))
+        assert out.status is Status.CONVERTED and len(out.issues) > 30
+        for issue in out.issues:
+            assert issue.location.startswith("row ") and no_fhir_path(issue.line()), issue.line()
+        for entry in json.loads(out.answer)["issue"]:
+            assert no_fhir_path(json.dumps(entry, ensure_ascii=False)), entry
+    finally:
+        p.close()
+
+
+def test_cli_convert_answers_profile_problems_by_row_and_column(runner, tmp_path: Path) -> None:
+    from gateway.cli import cli
+
+    path = tmp_path / "sex.csv"
+    path.write_bytes(csv_bytes(row(EXAM.replace(",男,", ",女,"))))
+    result = runner.invoke(cli, ["--issuer-uscc", CDC, "convert", "--format", "cdc-csv", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("warning: 体检编号 TJ9: row 2 column 性别: does not give a sex agreeing") for line in lines)
+    assert all(no_fhir_path(line) for line in lines), lines

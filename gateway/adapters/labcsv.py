@@ -28,7 +28,14 @@ Reading rules:
 
 Every problem is an :class:`~gateway.errors.Issue` located as ``row 3 column
 身份证号`` (row 1 is the header, as a spreadsheet numbers rows); other exams of
-the file are still read.
+the file are still read. That holds for the problems the profile check finds
+on the converted report as well: :meth:`LabCSVAdapter.explain` traces each one
+back to the row and column its element was built from (a sex that disagrees
+with the 身份证号 is ``row 3 column 性别``), never answering with a FHIR path.
+
+Several hazard factors in one cell are cut at the layout's separators, except
+inside brackets (``麻尘（亚麻、黄麻和苎麻）`` is one name) and where a factor name
+the hazard table knows holds a separator itself (``磷化氢、磷化锌、磷化铝``).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import hashlib
 import io
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import IO, Any
@@ -57,6 +64,7 @@ from gateway.adapters.base import (
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.errors import ConfigError, IdentifierError, Issue, shown
 from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
+from gateway.mapping.tables import factor_key, fold_brackets
 
 __all__ = ["Layout", "LabCSVAdapter", "parse_exposure_years"]
 
@@ -76,6 +84,84 @@ _EXAM_FACTS = ("name", "id_card", "sex", "birth_date", "employer_name", "employe
                "exposure_years", "exam_type", "exam_date", "conclusion", "chief_physician", "chief_physician_id",
                "report_date")
 _PRIVATE = {"name", "id_card", "birth_date"}  # never echoed in error lines
+_ITEM_FACTS = ("item_code", "item_name", "value", "unit", "reference_range", "flag")  # one row's own columns
+
+# Which facts (the layout's columns) each element of the converted exam report is built from, so that a problem
+# the profile check finds on it is answered as the exam's row and column. Per resource type: element paths
+# (without indices and [x]; the first prefix that matches wins) -> facts and what the element is, for the text.
+_Rule = tuple[tuple[str, ...], str]
+_ELEMENT_FACTS: dict[str, list[tuple[str, _Rule]]] = {
+    "Patient": [
+        ("identifier", (("id_card",), "the 身份证号")),
+        ("name", (("name",), "the worker's name")),
+        ("birthDate", (("birth_date", "id_card"), "the date of birth")),
+        ("gender", (("sex", "id_card"), "the sex")),
+    ],
+    "Observation": [
+        ("valueQuantity.unit", (("unit",), "the unit")),
+        ("valueQuantity.code", (("unit",), "the unit")),
+        ("valueQuantity.system", (("unit",), "the unit")),
+        ("value", (("value", "unit"), "the result")),
+        ("dataAbsentReason", (("value",), "the result")),
+        ("code", (("item_code", "item_name"), "the exam item code")),
+        ("referenceRange", (("reference_range",), "the reference range")),
+        ("interpretation", (("flag",), "the abnormal flag")),
+        ("effective", (("exam_date",), "the exam date")),
+        ("issued", (("report_date",), "the report date")),
+        ("status", (("value",), "the result status")),
+    ],
+    "DiagnosticReport": [
+        ("effective", (("exam_date",), "the exam date")),
+        ("issued", (("report_date",), "the report date")),
+        ("identifier", (("exam_number",), "the exam number")),
+        ("conclusion", (("conclusion",), "the conclusion (主检结论)")),
+        ("resultsInterpreter", (("chief_physician", "chief_physician_id"), "the chief examining physician")),
+        ("result", (("item_code",), "the exam items")),
+    ],
+    "Bundle": [("timestamp", (("report_date",), "the report date"))],
+    "Employer": [
+        ("identifier", (("employer_uscc",), "the employer's 统一社会信用代码")),
+        ("name", (("employer_name",), "the employer's name")),
+    ],
+}
+#: Extensions of the exam report, by the last part of their URL.
+_EXTENSION_FACTS: dict[str, _Rule] = {
+    "exam-type": (("exam_type",), "the exam type"),
+    "hazard-factor": (("hazard_name", "hazard_code"), "the hazard factor"),
+    "exposure-years": (("exposure_years",), "the years of exposure"),
+    "occupation": (("occupation",), "the occupation"),
+    "employer": (("employer_uscc", "employer_name"), "the employer"),
+}
+#: Profile rules (constraint keys) that concern a whole resource or extension.
+_INVARIANT_FACTS: dict[str, _Rule] = {
+    "cyhr-pat-1": (("id_card",), "the 身份证号 (17 digits and a GB 11643 check character)"),
+    "cyhr-pat-2": (("id_card",), "the date of birth inside the 身份证号"),
+    "cyhr-pat-3": (("birth_date", "id_card"), "a date of birth agreeing with the 身份证号"),
+    "cyhr-pat-4": (("sex", "id_card"), "a sex agreeing with digit 17 of the 身份证号"),
+    "cyhr-pat-5": (("id_card",), "the 身份证号"),
+    "cyhr-pat-6": (("name",), "the worker's name"),
+    "cyhr-obs-1": (("item_code",), "the exam item code"),
+    "cyhr-obs-2": (("value",), "a result"),
+    "cyhr-haz-1": (("hazard_name", "hazard_code"), "a hazard factor with its exposure category"),
+    "cyhr-expo-1": (("exposure_years",), "years of exposure that are not negative"),
+    "cyhr-org-1": (("employer_uscc",), "the employer's 统一社会信用代码"),
+    "cyhr-bdl-2": (("id_card", "name"), "exactly one worker"),
+    "cyhr-bdl-3": (("item_code",), "at least one exam report"),
+}
+#: When no element or rule matches: the facts of the whole resource.
+_RESOURCE_FACTS: dict[str, _Rule] = {
+    "Patient": (("id_card", "sex", "birth_date", "name"), "the worker"),
+    "Observation": (("value", "unit", "item_code"), "the exam item"),
+    "DiagnosticReport": (("report_date", "exam_date", "conclusion"), "the exam report"),
+    "Employer": (("employer_uscc", "employer_name"), "the employer"),
+}
+_ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.resource(?:\.(.*))?$")
+_INDEXES = re.compile(r"\[[^\]]*\]")
+_EXTENSION_AT = re.compile(r"^extension\[(\d+)\]")
+_INVARIANT = re.compile(r"^fails ([a-z]+-[a-z]+-\d+)")
+# FHIR element paths in a problem's text: "(Patient.identifier:idCard)" is cut, "Observation.value[x]" becomes "value".
+_PATH_IN_BRACKETS = re.compile(r"\s*\((?:Bundle|[A-Z][A-Za-z]+)\.[^)]*\)")
+_PATH = re.compile(r"\b(?:Bundle|[A-Z][A-Za-z]+)((?:\.[A-Za-z][A-Za-z0-9]*(?:\[[^\]]*\])?(?::[A-Za-z0-9_-]+)?)+)")
 
 
 def parse_exposure_years(text: str) -> Decimal:
@@ -134,8 +220,9 @@ class LabCSVAdapter:
     format = "cdc-csv"
 
     def __init__(self, layouts: list[dict[str, Any]], *, default_offset: str = "+08:00",
-                 max_exam_rows: int = 2000, max_exam_bytes: int = 1_048_576) -> None:
-        """``max_exam_bytes``: the most the rows of one exam (and so any one row) may take.
+                 max_exam_rows: int = 2000, max_exam_bytes: int = 1_048_576, factor_names: Iterable[str] = ()) -> None:
+        """``max_exam_bytes``: the most the rows of one exam (and so any one row) may take. ``factor_names``:
+        the hazard-factor names the mapping knows; one that holds a layout's separator is never cut apart.
 
         :raises ConfigError: a layout is incomplete.
         """
@@ -143,6 +230,8 @@ class LabCSVAdapter:
         self.offset = default_offset
         self.max_exam_rows = max_exam_rows
         self.max_exam_bytes = max_exam_bytes
+        names = list(dict.fromkeys(factor_names))
+        self._whole_names = {lay.id: _NameGuard(names, _separators(lay)) for lay in self.layouts}
 
     # -- cutting -------------------------------------------------------------------------
 
@@ -319,6 +408,9 @@ class LabCSVAdapter:
                     issues.append(Issue("error", "value", at(row_no, fact),
                                         f"differs from row {known[1]} of the same exam{both}", "102"))
 
+        msg.extra["fact_rows"] = {fact: row_no for fact, (_, row_no) in exam.items()}
+        msg.extra["first_row"] = first_no
+
         def fact_of(fact: str) -> tuple[str, str]:
             value, row_no = exam.get(fact, ("", first_no))
             return value, at(row_no, fact) if fact in layout.columns else f"row {row_no}"
@@ -444,7 +536,8 @@ class LabCSVAdapter:
         # Hazard factors: the union over the exam's rows; several in a cell are split on the separators.
         hazards: list[dict[str, str]] = []
         keys: set[tuple[str, str]] = set()
-        split = re.compile("|".join(re.escape(s) for s in layout.separators)) if layout.separators else None
+        split = _separators(layout)
+        guard = self._whole_names[layout.id]
 
         def parts(text: str) -> list[str]:
             return [p.strip() for p in _split_outside_brackets(text, split) if p.strip()]
@@ -455,7 +548,9 @@ class LabCSVAdapter:
             if pair in cells_seen:
                 continue  # exports repeat the exam's factors on every row
             cells_seen.add(pair)
-            codes, names = parts(pair[0]), parts(pair[1])
+            codes, names = parts(pair[0]), guard.cut(pair[1])
+            if codes and len(codes) != len(names) and len(parts(pair[1])) == len(codes):
+                names = parts(pair[1])  # as many codes as separate names: the sender meant them apart
             if codes and names and len(codes) != len(names):
                 issues.append(Issue("error", "value", at(row_no, "hazard_code"),
                                     f"{len(codes)} hazard factor codes but {len(names)} names "
@@ -471,6 +566,158 @@ class LabCSVAdapter:
                                 "where": at(row_no, "hazard_code" if code else "hazard_name")})
         extra["hazards"] = hazards
         return extra
+
+    # -- answering -----------------------------------------------------------------------
+
+    def explain(self, msg: SourceMessage, bundle: dict[str, Any], issues: list[Issue]) -> list[Issue]:
+        """Problems the profile check found on the converted exam report, located as the exam's row and column.
+
+        Each problem at ``Bundle.entry[n].resource...`` is traced to what the
+        resource was built from (the worker: the exam's patient columns; an
+        Observation: its row; the report: the exam's columns; the employer)
+        and its element to the columns it came from: ``row 3 column 性别: does
+        not give a sex agreeing with digit 17 of the 身份证号 (see also column
+        身份证号): fails cyhr-pat-4: …``. A problem no column is mapped to names
+        the exam's first row. The FHIR path is kept in ``extra["fhir_path"]``,
+        never in the answer.
+        """
+        layout = next((lay for lay in self.layouts if lay.id == msg.extra.get("layout")), None)
+        first = int(msg.extra.get("first_row", 2))
+        sources = _sources(msg, bundle)
+        entries = bundle.get("entry") or []
+        out: list[Issue] = []
+        for issue in issues:
+            text = _plain(issue.message)
+            m = _ENTRY_PATH.match(issue.location or "")
+            n = int(m.group(1)) if m else -1
+            kind, record = sources[n] if 0 <= n < len(sources) else ("", None)
+            path = m.group(2) or "" if m else ""
+            if m is None and re.match(r"^Bundle(\.|$)", issue.location or "") and "entry" not in issue.location:
+                kind, path = "Bundle", issue.location[len("Bundle."):]  # the Bundle's own elements
+            entry = entries[n] if 0 <= n < len(entries) and isinstance(entries[n], dict) else {}
+            found = entry.get("resource")
+            resource: dict[str, Any] = found if isinstance(found, dict) else {}
+            extension = _extension_of(resource, path) if kind == "DiagnosticReport" else {}
+            rule = _rule_of(kind, path, extension, str(issue.extra.get("rule") or ""), issue.message)
+            places: list[tuple[int, str]] = []
+            if layout is not None and rule is not None:
+                places = _places(layout, msg, kind, record, rule[0], extension, first)
+            extra = {**issue.extra, "fhir_path": issue.location}
+            if not places or rule is None:
+                out.append(Issue(issue.severity, issue.code, f"row {first}", "the converted exam report fails a "
+                                 f"profile rule no column is mapped to: {text}", issue.hl7_error, extra))
+                continue
+            (row, header), others = places[0], places[1:]
+            also = ""
+            if others:
+                also = " (see also " + _joined([f"column {h}" if r == row else f"row {r} column {h}"
+                                                for r, h in others]) + ")"
+            if issue.code == "required" and not _INVARIANT.match(issue.message):
+                message = f"is empty: {rule[1]} is required{also}"
+            else:
+                message = f"does not give {rule[1]}{also}: {text}"
+            out.append(Issue(issue.severity, issue.code, f"row {row} column {header}", message, issue.hl7_error,
+                             extra))
+        return out
+
+
+def _sources(msg: SourceMessage, bundle: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(kind, record) of each Bundle entry: Patient, Observation (its result), DiagnosticReport (its report),
+    Employer, or "" (the issuing member: nothing of the file)."""
+    results = iter([res for rep in msg.reports for res in rep.results])
+    reports = iter(msg.reports)
+    employers = {str((rep.extra.get("employer") or {}).get("uscc") or "") for rep in msg.reports} - {""}
+    out: list[tuple[str, Any]] = []
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        kind = str(resource.get("resourceType", "")) if isinstance(resource, dict) else ""
+        record: Any = None
+        if kind == "Observation":
+            record = next(results, None)
+        elif kind == "DiagnosticReport":
+            record = next(reports, None)
+        elif kind == "Organization":  # the first is the issuing member, any other the employer
+            kind = "Employer" if out and employers else ""
+        if kind not in ("Patient", "Employer") and record is None:
+            kind = ""
+        out.append((kind, record))
+    return out
+
+
+def _rule_of(kind: str, path: str, extension: dict[str, Any], key: str, message: str) -> _Rule | None:
+    """The facts and words for a problem at ``path`` of a ``kind`` resource: a profile rule's key first, then the
+    extension the path is in (by its URL), then the element."""
+    if not kind:
+        return None
+    m = _INVARIANT.match(message)
+    key = key if key in _INVARIANT_FACTS else (m.group(1) if m else "")
+    if key in _INVARIANT_FACTS:
+        return _INVARIANT_FACTS[key]
+    if extension:
+        found_ext = _EXTENSION_FACTS.get(str(extension.get("url", "")).rsplit("/", 1)[-1])
+        if found_ext is not None:
+            return found_ext
+    bare = _INDEXES.sub("", path)
+    found = next((rule for prefix, rule in _ELEMENT_FACTS.get(kind, []) if bare.startswith(prefix)), None)
+    return found or _RESOURCE_FACTS.get(kind)
+
+
+def _extension_of(resource: dict[str, Any], path: str) -> dict[str, Any]:
+    """The extension ``path`` starts in ({} when it is not in one)."""
+    m = _EXTENSION_AT.match(path)
+    found = resource.get("extension") if m else None
+    if m and isinstance(found, list) and int(m.group(1)) < len(found) and isinstance(found[int(m.group(1))], dict):
+        return dict(found[int(m.group(1))])
+    return {}
+
+
+def _hazard_cell(record: ReportFacts, extension: dict[str, Any]) -> tuple[int, str] | None:
+    """Row and column of the factor a hazard-factor extension was built from (the first factor's if unknown)."""
+    sent = [p["valueCoding"] for p in extension.get("extension") or [] if isinstance(p, dict)
+            and p.get("url") in ("source", "factor") and isinstance(p.get("valueCoding"), dict)]
+    hazards = [h for h in record.extra.get("hazards", []) if isinstance(h, dict)]
+
+    def built_from(hazard: dict[str, str]) -> bool:
+        return any((hazard.get("code") and c.get("code") == hazard["code"])
+                   or (hazard.get("name") and c.get("display") == hazard["name"]) for c in sent)
+
+    for hazard in [h for h in hazards if built_from(h)] + hazards:
+        m = re.match(r"^row (\d+) column (.+)$", str(hazard.get("where", "")))
+        if m:
+            return int(m.group(1)), m.group(2)
+    return None
+
+
+def _places(layout: Layout, msg: SourceMessage, kind: str, record: Any, facts: tuple[str, ...],
+            extension: dict[str, Any], first: int) -> list[tuple[int, str]]:
+    """(row, header) of each fact of the record a resource came from; a DiagnosticReport extension by its URL."""
+    rows: dict[str, int] = msg.extra.get("fact_rows", {})
+    if "hazard_name" in facts and isinstance(record, ReportFacts):
+        cell = _hazard_cell(record, extension)
+        if cell is not None:
+            return [cell]
+    item_row = first
+    if kind == "Observation" and isinstance(record, ResultFacts):
+        m = re.match(r"^row (\d+)", record.location)
+        item_row = int(m.group(1)) if m else first
+    out: list[tuple[int, str]] = []
+    for fact in facts:
+        if fact not in layout.columns:
+            continue
+        row = item_row if kind == "Observation" and fact in _ITEM_FACTS else rows.get(fact, first)
+        out.append((row, layout.columns[fact]))
+    return out
+
+
+def _plain(text: str) -> str:
+    """A profile problem's text without FHIR paths: what a CSV sender reads."""
+    text = _PATH_IN_BRACKETS.sub("", text)
+    text = _PATH.sub(lambda m: re.sub(r"[\[:].*$", "", m.group(1).rsplit(".", 1)[-1]), text)
+    return re.sub(r"(?i)resource", "record", text.replace("[x]", "")).strip()
+
+
+def _joined(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
 
 
 class _ItemColumns:
@@ -516,11 +763,16 @@ class _ItemColumns:
         return res
 
 
-def _split_outside_brackets(text: str, split: re.Pattern[str] | None) -> list[str]:
-    """``text`` cut at the separators that are not inside brackets (（）or ()): 麻尘（亚麻、黄麻和苎麻）is one name."""
+def _separators(layout: Layout) -> re.Pattern[str] | None:
+    """The layout's list separators as one pattern (None: a cell is never cut)."""
+    return re.compile("|".join(re.escape(s) for s in layout.separators)) if layout.separators else None
+
+
+def _cut(text: str, split: re.Pattern[str] | None) -> list[tuple[str, str]]:
+    """(piece, the separator after it) of ``text`` cut at the separators that are not inside brackets."""
     if split is None:
-        return [text]
-    out: list[str] = []
+        return [(text, "")]
+    out: list[tuple[str, str]] = []
     depth = start = 0
     last = 0
     for m in split.finditer(text):
@@ -528,11 +780,49 @@ def _split_outside_brackets(text: str, split: re.Pattern[str] | None) -> list[st
         depth += segment.count("（") + segment.count("(") - segment.count("）") - segment.count(")")
         last = m.start()
         if depth <= 0:
-            out.append(text[start:m.start()])
+            out.append((text[start:m.start()], m.group()))
             start = m.end()
             depth = 0
-    out.append(text[start:])
+    out.append((text[start:], ""))
     return out
+
+
+def _split_outside_brackets(text: str, split: re.Pattern[str] | None) -> list[str]:
+    """``text`` cut at the separators that are not inside brackets (（）or ()): 麻尘（亚麻、黄麻和苎麻）is one name."""
+    return [piece for piece, _ in _cut(text, split)]
+
+
+class _NameGuard:
+    """The factor names that hold a separator outside brackets (磷化氢、磷化锌、磷化铝), kept whole in a cell."""
+
+    def __init__(self, names: list[str], split: re.Pattern[str] | None) -> None:
+        self.split = split
+        self.whole: set[str] = set()
+        self.most = 1  # pieces in the longest such name
+        if split is None:
+            return
+        for name in names:
+            pieces = max(len([p for p in _split_outside_brackets(n, split) if p.strip()])
+                         for n in (name, fold_brackets(name)))
+            if pieces > 1:
+                self.whole.add(factor_key(name))
+                self.most = max(self.most, pieces)
+
+    def cut(self, text: str) -> list[str]:
+        """The names in a cell: at each piece the longest known name that starts there, else the piece alone."""
+        pieces = _cut(text, self.split)
+        out: list[str] = []
+        i = 0
+        while i < len(pieces):
+            taken, name = 1, pieces[i][0]
+            for j in range(min(len(pieces), i + self.most), i + 1, -1):
+                joined = "".join(p + sep for p, sep in pieces[i:j - 1]) + pieces[j - 1][0]
+                if factor_key(joined) in self.whole:
+                    taken, name = j - i, joined
+                    break
+            out.append(name)
+            i += taken
+        return [n.strip() for n in out if n.strip()]
 
 
 def _cell_issues(row_no: int, raw: bytes, fields: list[str], headers: list[str], issues: list[Issue]) -> None:

@@ -5,6 +5,10 @@
 GBZ 188 factors outside it (``mappings/concepts/hazard-factors.csv``); a test
 keeps the published file equal to :func:`hazard_concepts`. To rewrite it after
 changing a table: ``python -m gateway.mapping.hazards profiles/CodeSystem-hazard-factor.json``.
+
+:func:`check_radiation_conclusion` warns when an exam's conclusion is one of
+GBZ 98's, which only radiation workers' exams give, but none of the exam's
+hazard factors is a 放射性因素.
 """
 from __future__ import annotations
 
@@ -13,12 +17,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.adapters.base import SourceMessage
+from gateway.errors import Issue, shown
 from gateway.mapping.tables import CATEGORY_SYSTEM, MappingSet, load_mappings
 from gateway.naming import cs_url
 
-__all__ = ["hazard_concepts", "write_code_system"]
+__all__ = ["hazard_concepts", "write_code_system", "check_radiation_conclusion", "RADIATION_WORK_CONCLUSIONS"]
 
 _HAZARD = cs_url("hazard-factor")
+#: Conclusions (CodeSystem exam-conclusion) GBZ 98-2020 gives on radiation workers' exams only.
+RADIATION_WORK_CONCLUSIONS = frozenset({"fit-for-radiation-work", "unfit-for-radiation-work",
+                                        "continue-radiation-work", "temporary-removal",
+                                        "reassign-non-radiation-work"})
 
 
 def hazard_concepts(mappings: MappingSet, catalogue: str = "hazard-catalogue",
@@ -44,6 +54,38 @@ def hazard_concepts(mappings: MappingSet, catalogue: str = "hazard-catalogue",
                                   "GBZ 188-2014 that is not an entry of the classification catalogue.",
                     "property": [{"code": "category", "valueCode": category.code}]})
     return out
+
+
+def check_radiation_conclusion(msg: SourceMessage) -> None:
+    """Warn, at the conclusion's column, about a GBZ 98 conclusion on an exam without a 放射性因素 factor.
+
+    The conclusion belongs to radiation workers' exams (GBZ 98-2020); given
+    for a worker exposed to, say, 噪声 alone it is most likely a slip of the
+    chief physician or of the export, so the exam is stored but the sender is told.
+    A 疑似职业性放射性疾病 conclusion is GBZ 98's as well.
+    """
+    for report in msg.reports:
+        conclusion = report.std.get("conclusion") or {}
+        text, where = report.extra.get("conclusion", ("", report.location))
+        if conclusion.get("code") not in RADIATION_WORK_CONCLUSIONS and "放射性疾病" not in str(text):
+            continue
+        known: list[str] = []
+        unknown: list[str] = []
+        for parts in report.std.get("hazards", []):
+            by_url = {p.get("url"): p.get("valueCoding") or {} for p in parts}
+            if by_url.get("category", {}).get("code") == "radiation":
+                break
+            sent = by_url.get("source") or by_url.get("factor") or {}
+            (known if "category" in by_url else unknown).append(str(sent.get("display") or sent.get("code") or ""))
+        else:
+            named = "; ".join(([f"the exam's factors: {', '.join(known)}"] if known else [])
+                              + ([f"not in the 目录: {', '.join(unknown)}"] if unknown else []))
+            named = f" ({named})" if named else ""
+            msg.issues.append(Issue("warning", "business-rule", str(where),
+                                    f"conclusion {shown(str(text))} is a GBZ 98 conclusion, given on radiation "
+                                    "workers' exams, but no hazard factor of the exam is a 放射性因素 of "
+                                    f"《职业病危害因素分类目录》{named}: check the conclusion and the hazard factors",
+                                    "207"))
 
 
 def write_code_system(path: Path, mappings: MappingSet) -> None:

@@ -15,7 +15,10 @@ A third kind, a **catalogue** (``# kind: hazard-catalogue``, e.g.
 ``mappings/concepts/hazard-catalogue.csv``), lists a published code list once,
 one row per entry with its names and aliases; at load time it adds its rows to
 the concept table it ``extends`` (see :class:`HazardCatalogue`), so the list
-is written in one place only.
+is written in one place only. That table then also finds a name written with
+half-width brackets, and a catalogue name without its trailing bracketed
+remarks (``铅及其化合物`` for ``铅及其化合物（不包括四乙基铅）``) unless two
+entries would share it (:func:`factor_key`, :attr:`ConceptTable.loose`).
 
 Every file declares ``id``, ``version`` and ``target`` (YAML keys; ``# key: value``
 lines at the top of a CSV). Everything is loaded and checked once at start-up;
@@ -36,7 +39,7 @@ from gateway.errors import ConfigError, UnmappedCode
 from gateway.naming import SYSTEM_LOINC, SYSTEM_UCUM, local_item_system
 
 __all__ = ["Target", "ConceptTable", "MappingSet", "HazardEntry", "HazardCatalogue", "load_mappings",
-           "loinc_check_digit", "CATEGORY_SYSTEM", "CATEGORY_DISPLAY"]
+           "loinc_check_digit", "fold_brackets", "factor_key", "short_names", "CATEGORY_SYSTEM", "CATEGORY_DISPLAY"]
 
 _COLUMNS = ["source_system", "source_code", "target_system", "target_code", "display"]
 _UCUM_OK = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces: UCUM case-sensitive codes
@@ -48,6 +51,34 @@ _NAME_CHECK = ("public-copy", "recollection")
 CATEGORY_SYSTEM = "https://fhir.cyhr.org.cn/CodeSystem/exposure-category"
 CATEGORY_DISPLAY = {"dust": "粉尘", "chemical": "化学因素", "physical": "物理因素", "radiation": "放射性因素",
                     "biological": "生物因素", "other": "其他"}
+# Half-width punctuation a factor name is written with as often as the 目录's full-width one (one character each).
+_FULL_WIDTH = str.maketrans({"(": "（", ")": "）", ";": "；", ",": "，", ":": "："})
+_TRAILING_REMARK = re.compile(r"（[^（）]*）$")
+_SPACE = re.compile(r"\s+")
+
+
+def fold_brackets(text: str) -> str:
+    """``text`` with half-width brackets, semicolons, commas and colons written full-width (same length)."""
+    return text.translate(_FULL_WIDTH)
+
+
+def factor_key(name: str) -> str:
+    """How a hazard-factor name is looked up loosely: punctuation full-width, no white space."""
+    return _SPACE.sub("", fold_brackets(name))
+
+
+def short_names(name: str) -> list[str]:
+    """``name`` (as :func:`factor_key`) without its trailing bracketed remarks, one remark more each time.
+
+    ``麻尘（亚麻、黄麻和苎麻）（游离SiO2含量<10%）`` gives ``麻尘（亚麻、黄麻和苎麻）`` and ``麻尘``; a name that is
+    all brackets keeps them.
+    """
+    out: list[str] = []
+    key = factor_key(name)
+    while (m := _TRAILING_REMARK.search(key)) is not None and m.start() > 0:
+        key = key[:m.start()]
+        out.append(key)
+    return out
 
 
 @dataclass(frozen=True)
@@ -75,9 +106,12 @@ class ConceptTable:
     target: str
     path: str
     rows: dict[tuple[str, str], list[Target]] = field(default_factory=dict)
+    #: Names looked up loosely (:func:`factor_key`) when neither the exact system nor ``*`` has the code: filled
+    #: for a table a catalogue extends (half-width brackets, names without their trailing remarks).
+    loose: dict[str, list[Target]] = field(default_factory=dict)
 
     def lookup(self, source_system: str, code: str) -> list[Target]:
-        """Targets for a code: the exact source system first, then ``*``.
+        """Targets for a code: the exact source system first, then ``*``, then :attr:`loose`.
 
         Returns ``[]`` when the code is not in the table.
 
@@ -86,11 +120,17 @@ class ConceptTable:
         found = self.rows.get((source_system, code))
         if found is None:
             found = self.rows.get(("*", code))
+        if found is None and self.loose:
+            found = self.loose.get(factor_key(code))
         if found is None:
             return []
         if not found[0].code:
             raise UnmappedCode(f"code {code!r} is marked unmapped on purpose in {self.id}")
         return found
+
+    def names(self) -> list[str]:
+        """Every name looked up under ``*`` (and loosely), for readers that must not cut a name apart."""
+        return [code for system, code in self.rows if system == "*"] + list(self.loose)
 
     def first(self, source_system: str, code: str) -> Target | None:
         """The first target, or None (also when unmapped on purpose)."""
@@ -126,6 +166,9 @@ class HazardCatalogue:
     path: str
     extends: str
     entries: list[HazardEntry] = field(default_factory=list)
+    #: Short names (a name without its trailing remarks) two or more entries would share, with their codes:
+    #: not looked up, the full name is required.
+    ambiguous: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Entries per exposure category."""
@@ -326,6 +369,39 @@ def _extend(table: ConceptTable, cat: HazardCatalogue, problems: list[str]) -> N
     for row_key, targets in table.rows.items():  # the catalogue's name is the display of its codes everywhere
         table.rows[row_key] = [Target(t.system, t.code, names[t.code]) if t.system == cat.target and t.code in names
                                else t for t in targets]
+    _loosen(table, cat)
+
+
+def _loosen(table: ConceptTable, cat: HazardCatalogue) -> None:
+    """Fill ``table.loose``: every ``*`` name as :func:`factor_key` writes it, then each catalogue name and alias
+    without its trailing remarks, where that short name names one entry only (else it is left out and listed in
+    ``cat.ambiguous``). A name the table lists itself always wins over a short name."""
+    loose: dict[str, list[Target]] = {}
+    clashes: set[str] = set()
+    for (system, code), targets in table.rows.items():
+        if system != "*" or not targets[0].code:
+            continue
+        key = factor_key(code)
+        if key in loose and [(t.system, t.code) for t in loose[key]] != [(t.system, t.code) for t in targets]:
+            clashes.add(key)
+        loose.setdefault(key, targets)
+    shorts: dict[str, dict[str, HazardEntry]] = {}
+    for entry in cat.entries:
+        for name in (entry.name,) + entry.aliases:
+            for short in short_names(name):
+                shorts.setdefault(short, {})[entry.code] = entry
+    for short, entries in shorts.items():
+        if short in loose:
+            continue
+        if len(entries) > 1:
+            cat.ambiguous[short] = tuple(entries)
+            continue
+        entry = next(iter(entries.values()))
+        loose[short] = [Target(cat.target, entry.code, entry.name),
+                        Target(CATEGORY_SYSTEM, entry.category, CATEGORY_DISPLAY[entry.category])]
+    for key in clashes:
+        del loose[key]
+    table.loose = loose
 
 
 def _load_structure(path: Path, problems: list[str]) -> dict[str, Any] | None:
