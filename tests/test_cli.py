@@ -46,7 +46,8 @@ def test_convert_prints_one_bundle_per_line_and_problems_on_stderr(runner) -> No
         "MSH-10 ORU0042: OBX[3]-5 'abc' is not a number for value type NM",
         "MSH-10 ORU0044: PID[1]-3 repetition 1 (type NNCHN): 身份证号 check digit is '0', expected '7'",
         "MSH-10 ADT0045: MSH[1]-9 message type ADT^A01 is not supported (supported: ORU^R01)",
-        "MSH-10 ORU0046: MSH[1]-12 HL7 version 2.2 is not supported (supported: 2.3.1, 2.4, 2.5, 2.5.1)",
+        "MSH-10 ORU0046: MSH[1]-12 HL7 version 2.2 is older than 2.3, the first version whose ORU^R01 is taken "
+        "(2.3 to 2.8.2); send the message as v2.3.1 or later",
         "MSH-10 ORU0047: OBR[1]-7 month 13 in '20241345080000' does not exist",
     ]
 

@@ -14,6 +14,7 @@ from gateway.mapping.tables import load_mappings
 MSH = "MSH|^~\\&|LIS|TJXRMYY|||20240601090000||ORU^R01^ORU_R01|{id}|P|{ver}||||||{cs}"
 PID = "PID|1||511921198001011237^^^^NNCHN||张^三||19800101|M"
 OBR = "OBR|1||R1|BLRT^血常规^L|||20240601080000|||||||||||||||20240601085900|||F"
+OBX = "OBX|1|NM|WBC^白细胞^L||6.1|10*9/L|3.5-9.5|N|||F"
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def lines(msg) -> list[str]:
 
 
 def test_split_plain_crlf_lf_and_mllp_framed_files() -> None:
-    one = message(PID, OBR, msg_id="A").encode()
-    two = message(PID, OBR, msg_id="B").encode()
+    one = message(PID, OBR, OBX, msg_id="A").encode()
+    two = message(PID, OBR, OBX, msg_id="B").encode()
     assert split_messages(one + two) == [one.rstrip(b"\r"), two.rstrip(b"\r")]
     crlf = (one + two).replace(b"\r", b"\r\n")
     assert split_messages(crlf) == [one.rstrip(b"\r"), two.rstrip(b"\r")]
@@ -52,7 +53,7 @@ def test_split_plain_crlf_lf_and_mllp_framed_files() -> None:
 
 def test_split_does_not_cut_inside_gbk_text() -> None:
     # GBK trail bytes include 0x5C ('\\') and 0x7C ('|') but never CR/LF or MLLP framing bytes.
-    text = message(PID.replace("张^三", "欧阳^锋"), OBR, cs="").encode("gbk")
+    text = message(PID.replace("张^三", "欧阳^锋"), OBR, OBX, cs="").encode("gbk")
     assert split_messages(text) == [text.rstrip(b"\r")]
 
 
@@ -74,14 +75,14 @@ def test_msh18_gb18030_is_honoured(adapter) -> None:
 
 
 def test_declared_utf8_that_is_not_utf8_is_refused_naming_msh18(adapter) -> None:
-    msg = read(adapter, message(PID, OBR, cs="UNICODE UTF-8").encode("gbk"))
+    msg = read(adapter, message(PID, OBR, OBX, cs="UNICODE UTF-8").encode("gbk"))
     assert ack_code_for(msg) == "AR"
     assert msg.errors[0].location == "MSH-18"
     assert "declares 'UNICODE UTF-8'" in msg.errors[0].message
 
 
 def test_declared_ascii_with_chinese_text_is_read_with_a_warning(adapter) -> None:
-    msg = read(adapter, message(PID, OBR, cs="ASCII").encode("gbk"))
+    msg = read(adapter, message(PID, OBR, OBX, cs="ASCII").encode("gbk"))
     assert msg.errors == []
     assert msg.charset == "gb18030"
     assert any(i.severity == "warning" and i.location == "MSH-18" for i in msg.issues)
@@ -132,7 +133,7 @@ def test_garbage_is_rejected_not_raised(adapter) -> None:
 
 def test_oversized_message_is_rejected(adapter) -> None:
     small = HL7v2Adapter(adapter.table, max_message_bytes=100)
-    msg = small.read(RawUnit(message(PID, OBR).encode(), 1))
+    msg = small.read(RawUnit(message(PID, OBR, OBX).encode(), 1))
     assert ack_code_for(msg) == "AR" and "limit is 100" in msg.errors[0].message
 
 
@@ -179,8 +180,8 @@ def test_coded_string_and_escaped_values(adapter) -> None:
 
 def test_unsupported_value_type_names_obx2(adapter) -> None:
     msg, _ = obx(adapter, "OBX|1|ED|IMG||^application^pdf^Base64^AAAA||||||F")
-    assert lines(msg) == ["error: OBX[1]-2 value type ED is not supported (supported: CE, CWE, DT, DTM, FT, NM, SN, ST, "
-                          "TS, TX)"]
+    assert lines(msg) == ["error: OBX[1]-2 value type ED is not supported (supported: CE, CWE, DT, DTM, FT, NM, SN, "
+                          "ST, TS, TX)"]
 
 
 def test_unescaped_caret_in_unit_is_read_as_one_unit_with_a_warning(adapter) -> None:
@@ -196,7 +197,7 @@ def test_empty_local_code_is_an_error(adapter) -> None:
 
 
 def test_bad_times_name_their_field(adapter) -> None:
-    msg = read(adapter, message(PID.replace("||19800101|", "||19801301|"), OBR))
+    msg = read(adapter, message(PID.replace("||19800101|", "||19801301|"), OBR, OBX))
     assert lines(msg) == ["error: PID[1]-7 month 13 in '19801301' does not exist"]
     msg, _ = obx(adapter, "OBX|1|NM|A||1||||||F|||20240230120000")
     assert lines(msg) == ["error: OBX[1]-14 '20240230120000' is not a calendar date"]
@@ -213,18 +214,18 @@ def test_bad_times_name_their_field(adapter) -> None:
     ("PID|1||11010519491231002x^^^^NNCHN||张^三", "11010519491231002X"),  # lower-case x normalised
 ])
 def test_id_card_found_where_real_systems_put_it(adapter, pid: str, expected: str) -> None:
-    msg = read(adapter, message(pid, OBR))
+    msg = read(adapter, message(pid, OBR, OBX))
     assert msg.patient.id_card == expected
     assert msg.errors == []
 
 
 def test_bad_id_card_check_digit_is_an_error_for_that_message(adapter) -> None:
-    msg = read(adapter, message("PID|1||511921198001011230^^^^NNCHN||张^三", OBR))
+    msg = read(adapter, message("PID|1||511921198001011230^^^^NNCHN||张^三", OBR, OBX))
     assert lines(msg) == ["error: PID[1]-3 repetition 1 (type NNCHN): 身份证号 check digit is '0', expected '7'"]
 
 
 def test_missing_id_card_is_a_warning_and_other_ids_are_kept(adapter) -> None:
-    msg = read(adapter, message("PID|1||MR88^^^^MR||张^三", OBR))
+    msg = read(adapter, message("PID|1||MR88^^^^MR||张^三", OBR, OBX))
     assert msg.errors == [] and msg.patient.other_ids == [("MR", "MR88")]
     assert any("no 身份证号" in i.message and i.severity == "warning" for i in msg.issues)
 

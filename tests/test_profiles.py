@@ -71,13 +71,15 @@ def test_each_file_has_canonical_url_version_and_bilingual_text(path: Path) -> N
 def test_the_guide_defines_what_the_bundle_shapes_name(guide: Guide) -> None:
     profiles = {url.rsplit("/", 1)[1] for urls in guide.supported_profiles().values() for url in urls}
     assert profiles == {"cyhr-lab-observation", "cyhr-lab-report", "cyhr-occupational-exam-report",
-                        "cyhr-organization", "cyhr-patient", "cyhr-report-bundle"}
+                        "cyhr-organization", "cyhr-patient", "cyhr-report-bundle", "cyhr-technical-service-report",
+                        "cyhr-service-report-bundle", "cyhr-referral-task"}
     for name in ("recognition-mark", "catalogue-item", "replaces", "exam-type", "hazard-factor", "exposure-years",
                  "occupation", "employer"):
         ext = guide.get("StructureDefinition", name)
         assert ext and ext["type"] == "Extension" and ext["url"] == ext_url(name) and ext["context"]
     assert guide.supported_profiles()["DiagnosticReport"] == [sd_url("cyhr-lab-report"),
-                                                              sd_url("cyhr-occupational-exam-report")]
+                                                              sd_url("cyhr-occupational-exam-report"),
+                                                              sd_url("cyhr-technical-service-report")]
 
 
 CODES = {
@@ -85,7 +87,8 @@ CODES = {
     "non-recognition-reason": {"member-inactive", "not-in-catalogue", "scope-excluded", "eqa-missing",
                                "outside-window", "report-not-final", "mark-missing", "direction-rule",
                                "category-not-filed", "diagnosis-qualification-missing",
-                               "conclusion-not-recognisable"},
+                               "conclusion-not-recognisable", "not-signed-by-reader",
+                               "service-qualification-missing"},
     "retest-reason": {"condition-changed", "rapid-change", "critical-item", "emergency", "appraisal",
                       "other-necessary"},
     "qualification-type": {"iso15189", "eqa-pass", "cma", "hospital-grade", "practice-licence",
@@ -97,7 +100,14 @@ CODES = {
                         "other-abnormality", "fit-for-radiation-work", "unfit-for-radiation-work",
                         "continue-radiation-work", "temporary-removal", "reassign-non-radiation-work"},
     "member-identifier-type": {"USCC", "MIPLRN", "HCOC"},
-    "report-category": {"occupational-health"},
+    "report-category": {"occupational-health", "technical-service"},
+    "technical-service-type": {"occupational-hazard-testing", "occupational-hazard-status-evaluation",
+                               "radiation-protection-testing", "radiation-project-evaluation",
+                               "personal-dose-monitoring"},
+    "referral-reason": {"unqualified", "out-of-scope", "suspended", "forged"},
+    "referral-evidence": {"signed-bundle-hash", "signed-bundle", "decision", "failing-rule", "note"},
+    "diagnosis-category": {"pneumoconiosis-respiratory", "skin", "eye", "ent-oral", "chemical-poisoning", "physical",
+                           "radiation", "infectious", "cancer", "other"},
     "report-version-status": {"superseded"},
 }
 

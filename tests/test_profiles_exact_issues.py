@@ -147,8 +147,13 @@ VARIANTS: list[tuple[str, str, Change, list[str]]] = [
      ]),
     ("mark that does not end in HR", "Observation-glucose", lambda o: o["extension"][0].update(valueString="川渝"),
      [
-         "error invariant 102 Observation.extension[0] [cyhr-mark-1@recognition-mark] fails cyhr-mark-1: 互认标识以 HR "
-         "结尾 / The mark ends with HR",
+         "error invariant 102 Observation.extension[0] [cyhr-mark-1@recognition-mark] fails cyhr-mark-1: 互认标识为地域前缀"
+         "加 HR / The mark is a region prefix followed by HR",
+     ]),
+    ("a bare HR, no region", "Observation-glucose", lambda o: o["extension"][0].update(valueString="HR"),
+     [
+         "error invariant 102 Observation.extension[0] [cyhr-mark-1@recognition-mark] fails cyhr-mark-1: 互认标识为地域前缀"
+         "加 HR / The mark is a region prefix followed by HR",
      ]),
     # ---- cardinality, choices and fixed values of the profiles
     ("required elements missing", "Observation-glucose", lambda o: [o.pop("subject"), o.pop("performer")], [
@@ -264,6 +269,9 @@ VARIANTS: list[tuple[str, str, Change, list[str]]] = [
          "error invariant 102 Bundle [cyhr-bdl-2@cyhr-report-bundle] fails cyhr-bdl-2: 恰有一名患者 / Exactly one Patient",
          "error invariant 102 Bundle [cyhr-bdl-4@cyhr-report-bundle] fails cyhr-bdl-4: 患者与检验结果声明本指南的 profile / "
          "Patient and Observation entries declare this guide's profile",
+         "error duplicate 102 Bundle.entry[7].fullUrl [bdl-7] fails bdl-7: its fullUrl "
+         "'urn:uuid:700df50a-e6a9-5256-b3e2-f924f5605297' is also the one of entry 1: two resources of the Bundle "
+         "have one identity",
      ]),
 ]
 

@@ -281,10 +281,15 @@ def test_identity_card_invariants_equal_the_gateway_check(guide: Guide) -> None:
             guide.evaluate_invariant("cyhr-pat-2", ident, native=False)
         try:
             check_id_card(value)
-            accepted = True
-        except IdentifierError:
-            accepted = False
-        assert both == accepted, value
+            accepted, why = True, ""
+        except IdentifierError as exc:
+            accepted, why = False, str(exc)
+        # the profile checks the check digit and the birth date; the gateway also checks the address code
+        # against GB/T 2260 (not expressible in the published FHIRPath): it refuses more, never less
+        if both and not accepted:
+            assert "address code" in why, (value, why)
+        else:
+            assert both == accepted, value
 
 
 def test_uscc_invariant_equals_the_gateway_check(guide: Guide) -> None:
@@ -301,8 +306,10 @@ def test_uscc_invariant_equals_the_gateway_check(guide: Guide) -> None:
 
 
 def test_an_invariant_without_twin_runs_through_fhirpath(guide: Guide) -> None:
-    """Every invariant of the guide has a twin now; one added to a profile without one runs in fhirpathpy."""
-    assert set(guide.invariant_keys()) == set(NATIVE_CHECKS)
+    """Every invariant on the path of report Bundles has a twin; the referral Task's (a few a day, off the hot
+    path) run in fhirpathpy, and so does one added to a profile without a twin."""
+    off_the_hot_path = {"cyhr-task-1", "cyhr-task-2", "cyhr-task-3"}
+    assert set(guide.invariant_keys()) == set(NATIVE_CHECKS) | off_the_hot_path
     constraint = guide._constraints["cyhr-expo-1"]
     twin, constraint.native = constraint.native, None
     try:

@@ -132,7 +132,7 @@ def test_six_national_reasons() -> None:
         "critical-item",
         "emergency",
         "appraisal",
-        "other",
+        "other-necessary",
     ]
     assert all(r.zh and r.en for r in RETEST_REASONS.values())
 

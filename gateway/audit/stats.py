@@ -76,7 +76,7 @@ import sqlite_utils
 from gateway.audit.log import ensure_schema
 from gateway.audit.query import DateRange
 from gateway.errors import InputError
-from gateway.recognition.overrides import RETEST_REASONS
+from gateway.recognition.overrides import RETEST_REASONS, retest_reason_code
 
 __all__ = ["DEFINITION", "DIMENSIONS", "SELECTABLE", "SAVINGS_DEFINITION", "compute", "decisions", "format_tables",
            "Group", "Fee", "load_fees", "catalogue_scopes"]
@@ -445,7 +445,7 @@ def compute(
     results, overridden, t.outside_catalogue, chosen_ids = _latest(db, dates, chosen, alliances)
     for _, (decision_id, reason) in _rows(db, "override", where, params):
         if chosen_ids is None or decision_id in chosen_ids:
-            t.overrides[reason] += 1
+            t.overrides[retest_reason_code(reason)] += 1  # an entry written with a retired code counts as today's
 
     crosses: dict[tuple[str, ...], dict[str, Group]] = {tuple(dims): {} for dims in by}
     for res in results:

@@ -34,7 +34,7 @@ from gateway.recognition.engine import (
     decide_all,
 )
 from gateway.recognition.facts import facts_from_bundle, with_superseded
-from gateway.recognition.overrides import RETEST_REASONS, make_override
+from gateway.recognition.overrides import RETEST_REASONS, RETIRED_RETEST_REASONS, make_override
 from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
 from gateway.registry.models import Snapshot
 from gateway.registry.snapshot import verify_snapshot
@@ -228,8 +228,8 @@ def show_cmd(decision_id: str, db_path: str | None) -> None:
 @click.option(
     "--reason",
     required=True,
-    type=click.Choice(list(RETEST_REASONS)),
-    help="National re-test reason (see `gateway decisions reasons`).",
+    type=click.Choice([*RETEST_REASONS, *RETIRED_RETEST_REASONS]),
+    help="National re-test reason (see `gateway decisions reasons`); `other` is still taken for other-necessary.",
 )
 @click.option("--physician", required=True, help="The receiving physician's identifier (医务人员 ID).")
 @click.option("--note", help="Free text for the medical record.")

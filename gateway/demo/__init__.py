@@ -251,7 +251,8 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
                                 note="2026 年室间质评未通过，报告仍出具该项目 (EQA failed in 2026, item still reported)")
         echo(f"\n[移送 referral] {fl.member.name} refers the {alt['result']['item']} report of {tj.member.name} to "
              f"{authority.member.name} (which graded it, per the registry): FHIR Task {made.id[:8]}…, reason "
-             f"unqualified, evidence: signed Bundle sha256 {made.bundle_hash[:12]}…, decision, failing rule eqa-pass")
+             f"unqualified, evidence: signed Bundle sha256 {(made.bundle_hash or '')[:12]}…, decision, "
+             "failing rule eqa-pass")
         fl.pipeline.exchange.deliver(wait=None)
         echo(f"  delivered over the exchange, signed; status at {fl.member.name}: {referrals.get(made.id).status}")
         at_authority = Referrals(authority.pipeline.exchange)

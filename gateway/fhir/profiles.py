@@ -430,6 +430,28 @@ def _count_issue(run: _Run, node: _Node, count: int, where: str) -> None:
                "cardinality")
 
 
+def _duplicate_full_urls(bundle: dict[str, Any], run: _Run) -> None:
+    """FHIR bdl-7: no two entries of a Bundle with the same fullUrl (and version); a reference to it would
+    point at either, and a store would keep only one."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return
+    first: dict[tuple[str, Any], int] = {}
+    for n, entry in enumerate(entries):
+        url = entry.get("fullUrl") if isinstance(entry, dict) else None
+        if not isinstance(url, str):
+            continue
+        res = entry.get("resource")
+        meta = res.get("meta") if isinstance(res, dict) else None
+        key = (url, meta.get("versionId") if isinstance(meta, dict) else None)
+        if key in first:
+            _issue(run, "error", "duplicate", f"Bundle.entry[{n}].fullUrl",
+                   f"fails bdl-7: its fullUrl {shown(url)} is also the one of entry {first[key]}: two resources of "
+                   "the Bundle have one identity", "bdl-7")
+        else:
+            first[key] = n
+
+
 def _issue(run: _Run, severity: str, code: str, location: str, message: str, rule: str) -> None:
     extra: dict[str, Any] = {"rule": rule}
     if run.profile:
@@ -568,7 +590,7 @@ _OBSERVATION_VALUES = tuple(
     "value" + t for t in ("Quantity", "CodeableConcept", "String", "Boolean", "Integer", "Range", "Ratio",
                           "SampledData", "Time", "DateTime", "Period")
 )
-_MARK = re.compile(r"^[^\s]*HR$")
+_MARK = re.compile(r"^[^\s]+HR$")
 
 
 def _native_local_code_first(obs: Any) -> bool:
@@ -908,6 +930,8 @@ class Guide:
             _issue(run, "error", "structure", "resourceType", what, "structure")
             return out
         self._validate_resource(resource, rtype, tuple(profiles), out, 0)
+        if rtype == "Bundle":
+            _duplicate_full_urls(resource, _Run(out, resource))
         return out
 
     def check(self, resource: Any, profiles: Iterable[str] = ()) -> list[Issue]:

@@ -94,6 +94,8 @@ def _value(res: ResultFacts) -> dict[str, Any]:
             if value.display:
                 coding["display"] = value.display
             cc["coding"] = [coding]
+        if res.std.get("value_codings"):  # the mapping stage's reading: every triplet sent, each in its system
+            cc["coding"] = res.std["value_codings"]
         cc["text"] = value.display or value.code
         return {"valueCodeableConcept": cc}
     if kind == "range":

@@ -1,0 +1,533 @@
+"""Referral of a violation (移送): a report from an unqualified (or forged) issuer, referred to its authority.
+
+A receiving member that finds a report it cannot accept because its issuer was not qualified (or the report
+looks forged) refers it to the authority that approved or filed the issuer, as the registry snapshot names it
+(the qualifications' ``authority.uscc``, an entry of ``authorities`` with its gateway ``endpoint``). The
+referral is a FHIR R4 Task (profile ``cyhr-referral-task``):
+
+- ``code``: the reason (CodeSystem ``referral-reason``: unqualified, out-of-scope, suspended, forged);
+- ``focus``: the report; ``requester``: this member; ``owner``: the authority (both by USCC);
+- ``input``: the evidence — the kept signed Bundle's hash and id, the decision id, each failing rule, a note.
+
+The Task travels signed, inside a ``collection`` Bundle signed like report Bundles are, through the same
+outbox (a lane of its own per destination, retries, leases) to ``<endpoint>/exchange/tasks``, with a client
+assertion; the receiver answers with a signed receipt. Its status is tracked on both sides:
+``requested`` (made here) → ``received`` (the authority's gateway took it) → ``accepted`` / ``rejected`` /
+``completed`` (the authority answers with a Task update over the same exchange, signed and authenticated as
+the authority, whose gateway certificates the registry lists under ``authorities``). Every step is audited
+(kind ``referral``) on both sides.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway import jsonutil
+from gateway.audit import records
+from gateway.audit.log import append
+from gateway.errors import InputError, NotFound, ProfileViolation, TrustError, UnknownIssuer
+from gateway.naming import IG_BASE, SYSTEM_LAB_REPORT_NO, SYSTEM_USCC, cs_url, sd_url
+from gateway.signing.canonical import canonicalize, document_bytes, parse_json
+from gateway.signing.jws import verify_bundle, verify_detached
+from gateway.signing.keys import kid_of, uscc_of
+from gateway.signing.trust import check_certificate
+from gateway.store.db import transaction
+
+__all__ = ["REASONS", "STATUSES", "ANSWERS", "LANE", "TASK_PATH", "PROFILE", "Referrals", "Referral",
+           "ensure_schema"]
+
+#: Reasons for a referral (CodeSystem referral-reason): code -> display.
+REASONS = {
+    "unqualified": "出具机构不具备相应资质",
+    "out-of-scope": "超出资质或备案范围",
+    "suspended": "资质已暂停或注销",
+    "forged": "报告疑似伪造或篡改",
+}
+#: Task statuses a referral goes through.
+STATUSES = ("requested", "received", "accepted", "rejected", "completed", "cancelled")
+#: What the authority may answer, from each status.
+ANSWERS = {"received": ("accepted", "rejected", "completed"), "accepted": ("rejected", "completed")}
+#: Outbox destinations of referrals: ``referral:<USCC>``, a lane apart from report Bundles.
+LANE = "referral:"
+TASK_PATH = "/exchange/tasks"
+PROFILE = sd_url("cyhr-referral-task")
+CS_REASON = cs_url("referral-reason")
+CS_EVIDENCE = cs_url("referral-evidence")
+SYSTEM_REFERRAL = f"{IG_BASE}/sid/referral"
+SYSTEM_DECISION = f"{IG_BASE}/sid/decision"
+SYSTEM_BUNDLE_SHA256 = f"{IG_BASE}/sid/bundle-sha256"
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS referrals (
+    id           TEXT PRIMARY KEY,   -- the Task's business identifier, the same on both sides
+    side         TEXT NOT NULL,      -- requester (referred from here) | owner (this gateway is the authority)
+    status       TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    requester    TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    issuer       TEXT,
+    report       TEXT NOT NULL,      -- the focus: DiagnosticReport reference
+    decision_id  TEXT,
+    bundle_hash  TEXT,
+    note         TEXT,
+    task         TEXT NOT NULL,      -- the latest Task (JSON)
+    receipt      TEXT,               -- the signed receipt this gateway gave for the referral (owner side)
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL
+)"""
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the referrals table when missing."""
+    db.execute(_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Referral:
+    """One referral as kept here."""
+
+    id: str
+    side: str
+    status: str
+    reason: str
+    requester: str
+    owner: str
+    issuer: str | None
+    report: str
+    decision_id: str | None
+    bundle_hash: str | None
+    note: str | None
+    task: dict[str, Any]
+    created_at: str
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (what ``gateway referrals show --json`` prints), the Task included."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+_COLUMNS = ("id", "side", "status", "reason", "requester", "owner", "issuer", "report", "decision_id",
+            "bundle_hash", "note", "task", "created_at", "updated_at")
+
+
+def _row(values: Any) -> Referral:
+    data = dict(zip(_COLUMNS, values))
+    data["task"] = jsonutil.loads(data["task"])
+    return Referral(**data)
+
+
+class _WithAuthorities:
+    """The snapshot as a trust source that also lists the authorities' gateway certificates."""
+
+    def __init__(self, snapshot: Any) -> None:
+        self.snapshot = snapshot
+        self.supervisors = snapshot.supervising_authorities()
+
+    def certificates_for_kid(self, kid: str) -> list[x509.Certificate]:
+        own = [mc.certificate for a in self.supervisors.values() for mc in a.certificates
+               if kid_of(mc.certificate) == kid]
+        return list(self.snapshot.certificates_for_kid(kid)) + own
+
+    def authorities(self) -> list[x509.Certificate]:
+        return list(self.snapshot.authorities())
+
+    def is_listed(self, cert: x509.Certificate, at: _dt.datetime) -> bool:
+        if self.snapshot.is_listed(cert, at):
+            return True
+        fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+        body = self.supervisors.get(uscc_of(cert) or "")
+        return body is not None and any(mc.fingerprint == fingerprint and mc.valid_at(at) for mc in body.certificates)
+
+
+def _org(uscc: str, name: str | None) -> dict[str, Any]:
+    ref: dict[str, Any] = {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": uscc}}
+    if name:
+        ref["display"] = name
+    return ref
+
+
+def _evidence(code: str, display: str, **value: Any) -> dict[str, Any]:
+    return {"type": {"coding": [{"system": CS_EVIDENCE, "code": code, "display": display}]}, **value}
+
+
+def _uscc_of_ref(ref: Any) -> str:
+    ident = ref.get("identifier") if isinstance(ref, dict) else None
+    return str(ident.get("value", "")) if isinstance(ident, dict) else ""
+
+
+class Referrals:
+    """This gateway's referrals: made here (requester side) or received as the authority (owner side)."""
+
+    def __init__(self, exchange: Any) -> None:
+        self.exchange = exchange
+        self.settings = exchange.settings
+        self.clock = exchange.clock
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db: sqlite_utils.Database = self.exchange.db
+        ensure_schema(db)
+        return db
+
+    @property
+    def me(self) -> str:
+        return str(self.settings.issuer_uscc)
+
+    def _trust(self) -> _WithAuthorities:
+        return _WithAuthorities(self.exchange._snapshot())
+
+    def _name_of(self, uscc: str) -> str | None:
+        snapshot = self.exchange._snapshot()
+        member = snapshot.member(uscc)
+        if member is not None:
+            return str(member.name)
+        body = snapshot.supervising_authorities().get(uscc)
+        return str(body.name) if body is not None else None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, referral_id: str) -> Referral:
+        """:raises NotFound: no referral with that id here."""
+        row = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM referrals WHERE id = ?", [referral_id]).fetchone()
+        if row is None:
+            raise NotFound(f"no referral {referral_id}", "referral")
+        return _row(row)
+
+    def list(self, *, status: str | None = None, focus: str | None = None, limit: int = 100) -> list[Referral]:
+        """Referrals, newest first, narrowed to a status and/or a focus (report reference or 检验报告单号)."""
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if focus:
+            where.append("(report = ? OR report LIKE ?)")
+            args += [focus, f"%/{focus}"]
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM referrals"
+        sql += (" WHERE " + " AND ".join(where)) if where else ""
+        return [_row(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, id LIMIT ?", [*args, limit])]
+
+    # -- making a referral -----------------------------------------------------------------
+
+    def authority_for(self, issuer: str, chosen: str | None = None) -> str:
+        """The authority a report of ``issuer`` is referred to: ``chosen``, else the one that approved or filed
+        the issuer (its qualifications' authority, one in the issuer's province first).
+
+        :raises InputError: the registry names none with an endpoint.
+        """
+        snapshot = self.exchange._snapshot()
+        bodies = snapshot.supervising_authorities()
+        if chosen:
+            body = bodies.get(chosen)
+            if body is None or not body.endpoint:
+                raise InputError(f"{chosen} is not an authority with an endpoint in the registry snapshot",
+                                 "authority")
+            return chosen
+        member = snapshot.member(issuer)
+        province = member.province if member is not None else issuer[2:4]
+        found: list[str] = []
+        for q in snapshot.qualifications:
+            if q.member != issuer:
+                continue
+            uscc = q.authority_uscc or next((b.uscc for b in bodies.values() if b.name == q.authority_name), None)
+            if uscc and uscc in bodies and bodies[uscc].endpoint and uscc not in found:
+                found.append(uscc)
+        if not found:
+            raise InputError(f"the registry snapshot names no authority with an endpoint for issuer {issuer}: "
+                             "give --authority", "authority")
+        found.sort(key=lambda u: bodies[u].province != province)
+        return found[0]
+
+    def create(self, decision_id: str, reason: str, *, note: str | None = None, by: records.Party,
+               authority: str | None = None) -> Referral:
+        """Refer the report a decision of this gateway was about; queued for delivery, audited.
+
+        :raises InputError: unknown reason, the decision was not made here, no signed Bundle kept for the
+            report, or no authority to refer to. :raises NotFound: no such decision.
+        """
+        from gateway.recognition.store import get_decision
+
+        if reason not in REASONS:
+            raise InputError(f"unknown referral reason {reason!r}: use {', '.join(REASONS)}", "reason")
+        decision = get_decision(self.exchange.db, decision_id).to_dict()
+        result = decision.get("result") or {}
+        if decision.get("receiver") != self.me:
+            raise InputError(f"decision {decision_id} was made for {decision.get('receiver')}, not this member",
+                             "decision")
+        issuer, report, bundle_id = result.get("issuer"), str(result.get("report") or ""), result.get("bundle")
+        report = report.rsplit("|", 1)[-1]  # system|检验报告单号
+        bundle_id = str(bundle_id or "").removeprefix("urn:uuid:")
+        if not issuer or not report:
+            raise InputError(f"decision {decision_id} names no issuer or report to refer", "decision")
+        row = self.db.execute("SELECT doc_sha256, bundle_id FROM signed_bundles WHERE bundle_id = ? AND"
+                              " direction = 'received' ORDER BY signed_at DESC LIMIT 1", [bundle_id or ""]).fetchone()
+        if row is None:
+            raise InputError(f"no signed Bundle is kept for the report of decision {decision_id}: a referral needs "
+                             "it as evidence", "decision")
+        bundle_hash = str(row[0])
+        owner = self.authority_for(str(issuer), authority)
+        now = self.clock()
+        referral_id = str(uuid.uuid4())
+        failing = [r for r in decision.get("rules", []) if r.get("status") == "failed" or r.get("passed") is False]
+        inputs = [
+            _evidence("signed-bundle-hash", "签名报告包摘要",
+                      valueIdentifier={"system": SYSTEM_BUNDLE_SHA256, "value": bundle_hash}),
+            _evidence("signed-bundle", "签名报告包", valueReference={"type": "Bundle", "identifier": {
+                "system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}" if bundle_id else bundle_hash}}),
+            _evidence("decision", "互认决定", valueIdentifier={"system": SYSTEM_DECISION, "value": decision_id}),
+            *(_evidence("failing-rule", "未通过的规则",
+                        valueString=f"{r.get('rule') or r.get('id')}: {r.get('message') or r.get('detail') or ''}"
+                        .rstrip(": "))
+              for r in failing),
+        ]
+        if note:
+            inputs.append(_evidence("note", "说明", valueString=note))
+        task: dict[str, Any] = {
+            "resourceType": "Task",
+            "id": referral_id,
+            "meta": {"profile": [PROFILE]},
+            "identifier": [{"system": SYSTEM_REFERRAL, "value": referral_id}],
+            "status": "requested",
+            "intent": "proposal",
+            "code": {"coding": [{"system": CS_REASON, "code": reason, "display": REASONS[reason]}]},
+            "focus": {"type": "DiagnosticReport", "identifier": {"system": SYSTEM_LAB_REPORT_NO, "value": report},
+                      "display": f"检验报告 {report}" + (f"（{result['item']}）" if result.get("item") else "")},
+            "authoredOn": now.isoformat(),
+            "lastModified": now.isoformat(),
+            "requester": _org(self.me, self.settings.issuer_name),
+            "owner": _org(owner, self._name_of(owner)),
+            "input": inputs,
+        }
+        if note:
+            task["description"] = note
+        self._check(task)
+        text, _ = self._sign(task)
+        focus = f"DiagnosticReport/{report}"
+        with transaction(self.db):
+            self.db.execute(f"INSERT INTO referrals ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                            [referral_id, "requester", "requested", reason, self.me, owner, issuer, focus,
+                             decision_id, bundle_hash, note, jsonutil.dumps(task), now.isoformat(),
+                             now.isoformat()])
+            self._audit("created", task, by=by, note=note, decision_id=decision_id, bundle_hash=bundle_hash)
+            self.exchange.outbox.enqueue(LANE + owner, self.url_for(LANE + owner), text, kind="referral")
+        return self.get(referral_id)
+
+    def _check(self, task: dict[str, Any]) -> None:
+        from gateway.fhir.profiles import load_guide
+
+        errors = [i for i in load_guide().validate(task, [PROFILE]) if i.severity in ("error", "fatal")]
+        if errors:
+            raise ProfileViolation(errors)
+
+    def _sign(self, task: dict[str, Any]) -> tuple[bytes, str]:
+        envelope = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",
+                    "timestamp": self.clock().isoformat(),
+                    "entry": [{"fullUrl": f"urn:uuid:{task['id']}", "resource": task}]}
+        text, digest = self.exchange.sign_with_digest(envelope)
+        return text, digest
+
+    def _audit(self, action: str, task: dict[str, Any], *, by: records.Party | None = None, note: str | None = None,
+               decision_id: str | None = None, bundle_hash: str | None = None, issuer: str | None = None,
+               db: sqlite_utils.Database | None = None) -> None:
+        requester, owner = task["requester"], task["owner"]
+        row = self.db.execute("SELECT issuer, report, decision_id, bundle_hash FROM referrals WHERE id = ?",
+                              [task["id"]]).fetchone()
+        report = row[1] if row else f"DiagnosticReport/{task['focus']['identifier']['value']}"
+        append(db or self.db, records.referral(
+            action, at=self.clock(), gateway=records.Party.member(self.me), task_id=task["id"],
+            status=task["status"], reason=task["code"]["coding"][0]["code"],
+            requester=records.Party.member(_uscc_of_ref(requester), requester.get("display")),
+            owner=records.Party.member(_uscc_of_ref(owner), owner.get("display")), report=report,
+            issuer=records.Party.member(str(row[0] if row and row[0] else issuer)) if (row and row[0]) or issuer
+            else None,
+            decision_id=decision_id or (row[2] if row else None), bundle_hash=bundle_hash or (row[3] if row else None),
+            by=by, note=note))
+
+    # -- the authority's answer ------------------------------------------------------------
+
+    def update(self, referral_id: str, status: str, *, note: str | None = None, by: records.Party) -> Referral:
+        """The authority answers a referral it received: accepted, rejected or completed; the Task update is
+        signed and queued for the referring member, and audited.
+
+        :raises InputError: this gateway is not the referral's authority, or the status does not follow.
+        :raises NotFound: no such referral.
+        """
+        current = self.get(referral_id)
+        if current.side != "owner":
+            raise InputError(f"referral {referral_id} was made here; only its authority ({current.owner}) answers it",
+                             "referral")
+        if status not in ANSWERS.get(current.status, ()):
+            allowed = ", ".join(ANSWERS.get(current.status, ())) or "nothing (it is closed)"
+            raise InputError(f"referral {referral_id} is {current.status}: it can become {allowed}", "status")
+        now = self.clock()
+        task = dict(current.task, status=status, lastModified=now.isoformat())
+        if note:
+            task["statusReason"] = {"text": note}
+        else:
+            task.pop("statusReason", None)
+        self._check(task)
+        text, _ = self._sign(task)
+        with transaction(self.db):
+            self.db.execute("UPDATE referrals SET status = ?, task = ?, note = COALESCE(?, note), updated_at = ?"
+                            " WHERE id = ?", [status, jsonutil.dumps(task), note, now.isoformat(), referral_id])
+            self._audit("updated", task, by=by, note=note)
+            destination = LANE + current.requester
+            self.exchange.outbox.enqueue(destination, self.url_for(destination), text, kind="referral")
+        return self.get(referral_id)
+
+    # -- delivery (outbox hooks, called by the exchange's delivery lanes) -------------------
+
+    def url_for(self, destination: str) -> str:
+        """``<endpoint>/exchange/tasks`` of an authority or member, from the snapshot in force.
+
+        :raises UnknownIssuer: neither lists an endpoint.
+        """
+        uscc = destination.removeprefix(LANE)
+        snapshot = self.exchange._snapshot()
+        body = snapshot.supervising_authorities().get(uscc)
+        endpoint = body.endpoint if body is not None else None
+        if endpoint is None:
+            member = snapshot.member(uscc)
+            endpoint = member.endpoint if member is not None else None
+        if not endpoint:
+            raise UnknownIssuer(f"{uscc} has no endpoint in the registry snapshot", "destination")
+        return str(endpoint).rstrip("/").removesuffix("/fhir") + TASK_PATH
+
+    def check_receipt(self, destination: str, payload: bytes, text: bytes) -> dict[str, Any]:
+        """Verify the receipt of a delivered referral or update.
+
+        :raises TrustError: not a receipt, not signed by the destination, or for another document.
+        """
+        try:
+            doc = parse_json(text)
+            body, jws = doc["receipt"], doc["signature"]
+        except (KeyError, TypeError, ValueError):
+            raise TrustError("the receiver's answer is not a receipt", "receipt") from None
+        trust = self._trust()
+        _, cert = verify_detached(jws, canonicalize(body), trust.certificates_for_kid)
+        signer = check_certificate(cert, trust, self.clock(), location="receipt")
+        expected = destination.removeprefix(LANE)
+        sent = hashlib.sha256(document_bytes(parse_json(payload))).hexdigest()
+        if signer != expected or body.get("receiver") != expected or body.get("sha256") != sent:
+            raise TrustError(f"receipt signed by {signer} for another document, expected {expected}", "receipt")
+        return dict(body)
+
+    def delivered(self, db: sqlite_utils.Database, payload: bytes, receipt: dict[str, Any] | None) -> None:
+        """Inside the outbox's transaction: a referral (or an answer) reached its destination."""
+        task = _task_of(parse_json(payload))
+        ensure_schema(db)
+        row = db.execute("SELECT side, status FROM referrals WHERE id = ?", [task["id"]]).fetchone()
+        if row is None:
+            return
+        if row[0] == "requester" and row[1] == "requested" and receipt and receipt.get("status") == "received":
+            task = dict(task, status="received")
+            db.execute("UPDATE referrals SET status = 'received', task = ?, updated_at = ? WHERE id = ?",
+                       [jsonutil.dumps(task), self.clock().isoformat(), task["id"]])
+        self._audit("sent", task, db=db)
+
+    # -- receiving (POST /exchange/tasks) --------------------------------------------------
+
+    def authenticate(self, authorization: str) -> str:
+        """The caller (member or authority) of ``/exchange/tasks``.
+
+        :raises PeerAuthError: missing or invalid (401). :raises UnknownIssuer: unknown or revoked (403).
+        """
+        from gateway.exchange.peer_auth import PeerAuthError, verify_assertion
+
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise PeerAuthError("a signed client assertion is required (Authorization: Bearer ...)")
+        return verify_assertion(token.strip(), self._trust(), audiences=[self.settings.base_url + "/exchange"],
+                                now=self.clock(), replay=self.exchange.replay)
+
+    def receive(self, text: bytes, peer: str) -> bytes:
+        """Take a signed referral (this gateway is its authority) or an answer to one made here; returns the
+        signed receipt (the same one when the same referral arrives again).
+
+        :raises BadSignature, UnknownIssuer, TrustError: the envelope does not verify or was signed by another
+            party than the caller. :raises InputError: not a referral for this gateway, or an answer that does
+            not follow. :raises ProfileViolation: the Task breaks its profile.
+        """
+        verified = verify_bundle(text, self._trust(), at=self.clock())
+        if verified.signer_uscc != peer:
+            raise UnknownIssuer(f"the referral was signed by {verified.signer_uscc}, not the caller {peer}",
+                                "Bundle.signature")
+        task = _task_of(verified.bundle)
+        self._check(task)
+        requester, owner = _uscc_of_ref(task["requester"]), _uscc_of_ref(task["owner"])
+        ensure_schema(self.db)
+        existing = self.db.execute("SELECT side, status, receipt FROM referrals WHERE id = ?",
+                                   [task["id"]]).fetchone()
+        now = self.clock()
+        body = {"receiver": self.me, "task": task["id"], "sha256": verified.document_sha256,
+                "received_at": now.isoformat()}
+        if existing is None or existing[0] == "owner":
+            if owner != self.me or requester != peer:
+                raise InputError(f"a referral from {peer} must name it as requester and this gateway ({self.me}) "
+                                 "as owner", "Task.owner")
+            if existing is not None and existing[2]:
+                return str(existing[2]).encode("utf-8")
+            if existing is not None:
+                raise InputError(f"referral {task['id']} was already received", "Task.identifier")
+            task = dict(task, status="received")
+            body["status"] = "received"
+            receipt: bytes = self.exchange.make_receipt(body)
+            focus = f"DiagnosticReport/{task['focus']['identifier']['value']}"
+            evidence = {i["type"]["coding"][0]["code"]: i for i in task.get("input", [])}
+            decision = evidence.get("decision", {}).get("valueIdentifier", {}).get("value")
+            bundle_hash = evidence.get("signed-bundle-hash", {}).get("valueIdentifier", {}).get("value")
+            with transaction(self.db):
+                self.db.execute(
+                    f"INSERT INTO referrals ({', '.join(_COLUMNS)}, receipt) VALUES "
+                    f"({', '.join('?' * (len(_COLUMNS) + 1))})",
+                    [task["id"], "owner", "received", task["code"]["coding"][0]["code"], requester, owner, None,
+                     focus, decision, bundle_hash, task.get("description"), jsonutil.dumps(task), now.isoformat(),
+                     now.isoformat(), receipt.decode("utf-8")])
+                self._audit("received", task, by=records.Party.member(peer), note=task.get("description"))
+            return receipt
+        # an answer to a referral made here: only its authority may give it
+        current = self.get(task["id"])
+        if peer != current.owner or owner != current.owner:
+            raise UnknownIssuer(f"only {current.owner} answers referral {task['id']}", "Task.owner")
+        status = task["status"]
+        body["status"] = status
+        answer: bytes = self.exchange.make_receipt(body)
+        if status == current.status:
+            return answer  # the same answer again
+        follows = ANSWERS.get(current.status, ()) if current.status != "requested" else ANSWERS["received"]
+        if status not in follows:
+            raise InputError(f"referral {task['id']} is {current.status}: {status} does not follow", "Task.status")
+        note = (task.get("statusReason") or {}).get("text")
+        with transaction(self.db):
+            self.db.execute("UPDATE referrals SET status = ?, task = ?, updated_at = ? WHERE id = ?",
+                            [status, jsonutil.dumps(task), now.isoformat(), task["id"]])
+            self._audit("updated", task, by=records.Party.member(peer, current.task["owner"].get("display")),
+                        note=note)
+        return answer
+
+
+def _task_of(bundle: Any) -> dict[str, Any]:
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    tasks = [e.get("resource") for e in entries or [] if isinstance(e, dict)
+             and isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Task"]
+    if len(tasks) != 1 or bundle.get("type") != "collection":
+        raise InputError("a referral is a collection Bundle holding exactly one Task", "Bundle.entry")
+    task: dict[str, Any] = dict(tasks[0] or {})
+    if not isinstance(task.get("id"), str) or not task["id"]:
+        raise InputError("the Task has no id", "Task.id")
+    return task
+
+
+def referrals_of(app: Any) -> Referrals:
+    """The referrals of a Flask app's gateway.
+
+    :raises ConfigError: the gateway takes no exchange.
+    """
+    from gateway.api.exchange import exchange_of
+
+    return Referrals(exchange_of(app))

@@ -1,0 +1,320 @@
+"""职业卫生 / 放射卫生 technical-service reports: metadata + signed PDF in, a signed Bundle out, decided across 川渝.
+
+Samples: tests/data/service-report/<stem>.json (metadata naming <stem>.pdf beside it), issued by the demo
+registry's 重庆渝安职业卫生技术服务有限公司（演示）, which holds 乙级 职业卫生 (DEMO-ZWJ-500000-0012) and 放射卫生
+(DEMO-FWJ-500000-0007, 业务范围 放射卫生防护检测 and 个人剂量监测) qualifications from 重庆市卫健委.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, Clock, make_token, validate_fhir
+from gateway.cli import cli
+from gateway.config import load_settings
+from gateway.demo.registry import build_demo_registry
+from gateway.pipeline import Pipeline, Status
+from gateway.recognition.engine import decide
+from gateway.recognition.facts import facts_from_bundle
+from gateway.registry.models import Snapshot
+
+CST = _dt.timezone(_dt.timedelta(hours=8))
+SAMPLES = DATA / "service-report"
+YUAN, YUAN_NAME = "91500105MA5U0A1B2R", "重庆渝安职业卫生技术服务有限公司（演示）"
+FL = "12500102MB0002006J"
+NOW = _dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST)
+STEMS = ("yuan-occupational-hazard-testing", "yuan-radiation-protection-testing", "yuan-personal-dose-monitoring")
+
+
+def meta(stem: str) -> dict:
+    return json.loads((SAMPLES / f"{stem}.json").read_text(encoding="utf-8"))
+
+
+def pdf(stem: str) -> bytes:
+    return (SAMPLES / f"{stem}.pdf").read_bytes()
+
+
+def json_body(stem: str, **changes: object) -> bytes:
+    m = meta(stem)
+    m.pop("pdf_file")
+    m["pdf"] = base64.b64encode(pdf(stem)).decode("ascii")
+    m.update(changes)
+    return json.dumps(m, ensure_ascii=False).encode("utf-8")
+
+
+def multipart_body(stem: str, boundary: str = "----cyhrFormBoundary7MA4YWxkTrZu0gW") -> bytes:
+    m = meta(stem)
+    m.pop("pdf_file")
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n"
+            "Content-Type: application/json\r\n\r\n").encode() + json.dumps(m, ensure_ascii=False).encode() + \
+        (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"pdf\"; filename=\"{stem}.pdf\"\r\n"
+         "Content-Type: application/pdf\r\n\r\n").encode() + pdf(stem) + f"\r\n--{boundary}--\r\n".encode()
+
+
+@pytest.fixture
+def yuan(tmp_path: Path) -> Pipeline:
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "yuan"), "issuer_uscc": YUAN,
+                                                    "issuer_name": YUAN_NAME})
+    p = Pipeline(settings, clock=Clock(NOW))
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def snapshot() -> Snapshot:
+    return Snapshot.from_document(build_demo_registry(NOW).document)
+
+
+def converted(pipeline: Pipeline, body: bytes):
+    return list(pipeline.convert(body, "service-report", "test"))[0]
+
+
+def report_of(bundle: dict) -> dict:
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+
+
+# -- reading and building --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_samples_convert_from_json_and_multipart_to_the_same_bundle(yuan: Pipeline, stem: str) -> None:
+    a, b = converted(yuan, json_body(stem)), converted(yuan, multipart_body(stem))
+    assert a.status is Status.CONVERTED and not a.errors, a.issues
+    assert a.bundle == b.bundle
+    report = report_of(a.bundle)
+    form = report["presentedForm"][0]
+    data = pdf(stem)
+    assert base64.b64decode(form["data"]) == data and form["size"] == len(data)
+    assert form["contentType"] == "application/pdf"
+    assert form["hash"] == base64.b64encode(hashlib.sha1(data).digest()).decode()
+    parts = form["extension"][0]["extension"]
+    facts = {p["url"]: next(v for k, v in p.items() if k.startswith("value")) for p in parts}
+    assert facts == {"sha256": hashlib.sha256(data).hexdigest(),
+                     "signatureDictionary": stem == "yuan-radiation-protection-testing"}
+    m = meta(stem)
+    assert report["identifier"][0]["value"] == m["report_number"]
+    assert {e["url"].rsplit("/", 1)[1]: e for e in report["extension"]}["service-qualification"][
+        "valueIdentifier"]["value"] == m["qualification_number"]
+    employer = next(e["resource"] for e in a.bundle["entry"]
+                    if e["resource"].get("name") == m["employer"]["name"])
+    assert employer["identifier"][0]["value"] == m["employer"]["uscc"]
+    assert report["effectivePeriod"]["start"] == m["service_start"]
+
+
+def test_bundles_pass_the_outside_validators(yuan: Pipeline, tmp_path: Path) -> None:
+    paths = []
+    for stem in STEMS:
+        path = tmp_path / f"{stem}.bundle.json"
+        path.write_text(json.dumps(converted(yuan, json_body(stem)).bundle, ensure_ascii=False), encoding="utf-8")
+        paths.append(path)
+    result = validate_fhir(paths)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("changes, location", [
+    ({"service_type": "职业健康检查"}, "metadata.service_type"),
+    ({"employer": {"name": "某公司", "uscc": "91500112MA5U7F8G9A"}}, "metadata.employer.uscc"),
+    ({"employer": None}, "metadata.employer"),
+    ({"report_date": "2026-02-30"}, "metadata.report_date"),
+    ({"report_date": "2026-09-01"}, "metadata.report_date"),  # before the service started
+    ({"qualification_number": ""}, "metadata.qualification_number"),
+    ({"project": 12}, "metadata.project"),
+    ({"issuer": {"name": "重庆市涪陵中心医院（演示）", "uscc": FL}}, "metadata.issuer.uscc"),
+    ({"status": "preliminary"}, "metadata.status"),
+    ({"replaces": "YA-JC-2026-0001"}, "metadata.replaces"),
+    ({"pdf": base64.b64encode(b"<html>not a pdf</html>").decode()}, "pdf"),
+    ({"pdf": base64.b64encode(b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n").decode()}, "pdf"),  # cut short
+    ({"pdf": "not base64!"}, "pdf"),
+    ({"pdf": None}, "pdf"),
+])
+def test_metadata_and_pdf_errors_are_refused_naming_the_field(yuan: Pipeline, changes: dict, location: str) -> None:
+    outcome = converted(yuan, json_body("yuan-occupational-hazard-testing", **changes))
+    assert outcome.bundle is None and outcome.ack_code in ("AE", "AR")
+    assert location in [i.location for i in outcome.errors], outcome.issues
+
+
+def test_a_pdf_over_max_message_bytes_is_refused(tmp_path: Path) -> None:
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": YUAN,
+                                                    "issuer_name": YUAN_NAME, "max_message_bytes": 1024})
+    outcome = converted(Pipeline(settings, clock=Clock(NOW)), json_body("yuan-radiation-protection-testing"))
+    assert [i.location for i in outcome.errors] == ["pdf"] and "1024" in outcome.errors[0].message
+
+
+def test_neither_json_nor_multipart_is_refused() -> None:
+    from gateway.adapters.base import RawUnit
+    from gateway.adapters.servicereport import ServiceReportAdapter
+
+    msg = ServiceReportAdapter(member_uscc=YUAN, max_pdf_bytes=10_000).read(RawUnit(b"%PDF-1.7 ...", 1))
+    assert [(i.code, i.location) for i in msg.errors] == [("structure", "body")]
+
+
+# -- decisions ---------------------------------------------------------------------------------------------------
+
+
+def decision(yuan: Pipeline, snapshot: Snapshot, stem: str, at: _dt.datetime = NOW, **changes: object):
+    facts = facts_from_bundle(converted(yuan, json_body(stem, **changes)).bundle)
+    assert [f.kind for f in facts] == ["document"]
+    return decide(facts[0], snapshot, FL, at)
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_reports_of_a_qualified_chongqing_institution_are_recognised(yuan, snapshot, stem) -> None:
+    d = decision(yuan, snapshot, stem)
+    assert d.outcome == "recognized", [r.to_dict() for r in d.rules]
+    rule = d.rule("technical-service-qualification")
+    # 谁报告、谁负责: the decision names the responsible issuer and its qualification number
+    assert rule.facts["issuer"] == YUAN and rule.facts["issuer_name"] == YUAN_NAME
+    assert rule.facts["qualification_number"] == meta(stem)["qualification_number"]
+    assert d.item is not None and d.item.catalogue_id == "chuanyu-technical-service"
+    assert d.rule("mark") is None and d.rule("eqa-pass") is None
+
+
+def test_a_radiation_report_under_the_occupational_qualification_is_not_recognised(yuan, snapshot) -> None:
+    d = decision(yuan, snapshot, "yuan-radiation-protection-testing", qualification_number="DEMO-ZWJ-500000-0012")
+    rule = d.rule("technical-service-qualification")
+    assert d.outcome == "not-recognized" and rule.status == "failed"
+    assert "放射卫生技术服务机构资质" in rule.message
+
+
+def test_a_service_outside_the_qualification_scope_is_not_recognised(yuan, snapshot) -> None:
+    d = decision(yuan, snapshot, "yuan-radiation-protection-testing", service_type="radiation-project-evaluation")
+    assert d.rule("technical-service-qualification").status == "failed" and "业务范围" in \
+        d.rule("technical-service-qualification").message
+
+
+def test_an_expired_qualification_and_an_unknown_number_are_not_recognised(yuan, snapshot) -> None:
+    # ya-rhs runs to 2028-02-29; a report dated after it (decided within its window) fails
+    later = _dt.datetime(2028, 3, 20, 10, 0, tzinfo=CST)
+    d = decision(yuan, snapshot, "yuan-personal-dose-monitoring", at=later, service_start="2027-12-01",
+                 service_end="2028-02-29", report_date="2028-03-10")
+    rule = d.rule("technical-service-qualification")
+    assert rule.status == "failed" and "not valid on 2028-03-10" in rule.message
+    d = decision(yuan, snapshot, "yuan-personal-dose-monitoring", qualification_number="DEMO-FWJ-999")
+    assert d.rule("technical-service-qualification").status == "failed"
+
+
+def test_a_qualification_not_approved_by_a_chuanyu_authority_is_not_recognised(yuan, snapshot) -> None:
+    quals = tuple(dataclasses.replace(q, authority_name="国家卫生健康委员会（演示）", authority_province=None)
+                  if q.id == "ya-ohs" else q for q in snapshot.qualifications)
+    other = copy.copy(snapshot)
+    other.qualifications = quals
+    d = decision(yuan, other, "yuan-occupational-hazard-testing")
+    rule = d.rule("technical-service-qualification")
+    assert d.outcome == "not-recognized" and rule.status == "failed" and "川渝" in rule.message
+
+
+def test_a_report_that_names_no_qualification_needs_review(yuan, snapshot) -> None:
+    """A Bundle from elsewhere (another member's gateway, a FHIR client) whose report lacks the qualification
+    number cannot be checked: needs-review, never a guess."""
+    bundle = copy.deepcopy(converted(yuan, json_body("yuan-occupational-hazard-testing")).bundle)
+    report = report_of(bundle)
+    report["extension"] = [e for e in report["extension"] if not e["url"].endswith("/service-qualification")]
+    facts = facts_from_bundle(bundle)
+    d = decide(facts[0], snapshot, FL, NOW)
+    rule = d.rule("technical-service-qualification")
+    assert rule.status == "not-evaluable" and d.outcome == "needs-review", rule
+
+
+def test_the_window_runs_from_the_report_date(yuan, snapshot) -> None:
+    # 个人剂量监测: 90 days from 2026-10-15, valid through 2027-01-13
+    assert decision(yuan, snapshot, "yuan-personal-dose-monitoring",
+                    at=_dt.datetime(2027, 1, 13, 23, 0, tzinfo=CST)).outcome == "recognized"
+    late = decision(yuan, snapshot, "yuan-personal-dose-monitoring", at=_dt.datetime(2027, 1, 14, 9, 0, tzinfo=CST))
+    assert late.rule("validity-window").status == "failed"
+    assert late.rule("validity-window").facts["anchor_from"] == "DiagnosticReport.extension:reportDate"
+
+
+# -- HTTP and CLI --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def yuan_client(yuan: Pipeline):
+    from gateway.api.app import create_app
+
+    app = create_app(yuan.settings, yuan)
+    app.config["TESTING"] = True
+    c = app.test_client()
+    c.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(app, 'ohs-system', ['submitter'])}"
+    return c
+
+
+def test_http_ingest_takes_multipart_and_json_and_stores_the_raw_body(yuan, yuan_client) -> None:
+    body = multipart_body("yuan-radiation-protection-testing")
+    resp = yuan_client.post("/ingest/service-report", data=body,
+                            content_type="multipart/form-data; boundary=----cyhrFormBoundary7MA4YWxkTrZu0gW")
+    assert resp.status_code == 200, resp.data
+    outcome = resp.get_json()
+    assert outcome["resourceType"] == "OperationOutcome" and "stored" in outcome["issue"][0]["diagnostics"]
+    [rec] = yuan.store.list_messages()
+    assert rec.format == "service-report" and yuan.store.raw_of(rec.id) == body  # stored as received
+    resp = yuan_client.post("/ingest/service-report", data=json_body("yuan-personal-dose-monitoring"),
+                            content_type="application/json")
+    assert resp.status_code == 200
+    resp = yuan_client.post("/ingest/service-report", content_type="application/json",
+                            data=json_body("yuan-personal-dose-monitoring", report_number="YA-2",
+                                           employer={"name": "x", "uscc": "123"}))
+    assert resp.status_code == 422
+    assert any(i.get("expression") == ["metadata.employer.uscc"] or "metadata.employer.uscc" in json.dumps(i)
+               for i in resp.get_json()["issue"])
+
+
+def test_cli_converts_a_metadata_file_naming_its_pdf(runner, tmp_path: Path) -> None:
+    env = {"GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_ISSUER_USCC": YUAN, "GATEWAY_ISSUER_NAME": YUAN_NAME}
+    result = runner.invoke(cli, ["convert", "--format", "service-report",
+                                 str(SAMPLES / "yuan-occupational-hazard-testing.json")], env=env)
+    assert result.exit_code == 0, result.output
+    bundle = json.loads(result.stdout.splitlines()[0])
+    assert base64.b64decode(report_of(bundle)["presentedForm"][0]["data"]) == pdf("yuan-occupational-hazard-testing")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**meta("yuan-occupational-hazard-testing"), "pdf_file": "missing.pdf"}))
+    result = runner.invoke(cli, ["convert", "--format", "service-report", str(bad)], env=env)
+    assert result.exit_code != 0 and "metadata.pdf_file" in result.output + (result.stderr or "")
+
+
+# -- exchange ------------------------------------------------------------------------------------------------------
+
+
+def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) -> None:
+    from test_exchange import URLS, Routed
+
+    from gateway.api.app import create_app
+    from gateway.audit.log import entries
+    from gateway.demo.world import build_world
+    from gateway.signing.keys import cert_pem, private_key_pem
+
+    clock = Clock(NOW)
+    world = build_world(tmp_path, clock, URLS, members=("fuling",))
+    home = tmp_path / "yuan"
+    (home / "keys").mkdir(parents=True)
+    key = home / "keys" / "k.pem"
+    key.write_bytes(private_key_pem(world.registry.member_keys[YUAN]))
+    key.chmod(0o600)
+    (home / "keys" / "c.pem").write_bytes(cert_pem(world.registry.member_certs[YUAN]))
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(home), "issuer_uscc": YUAN, "issuer_name": YUAN_NAME,
+        "registry_snapshot": str(tmp_path / "registry" / "snapshot.json"),
+        "registry_authority": str(tmp_path / "registry" / "authority.pem"),
+        "signing_key": str(key), "signing_cert": str(home / "keys" / "c.pem"),
+        "public_url": "https://yuan-ohs.demo.example"})
+    pipeline = Pipeline(settings, clock=clock)
+    transport = Routed(world)
+    pipeline.exchange.transport = transport
+    create_app(settings, pipeline)
+    [outcome] = pipeline.ingest(json_body("yuan-radiation-protection-testing"), "service-report", channel="http")
+    assert outcome.status is Status.STORED and outcome.signed is not None
+    row = pipeline.exchange.push(outcome.bundle["id"], FL)
+    assert pipeline.exchange.deliver() == {"delivered": 1, "retry": 0, "dead": 0}
+    receipt = pipeline.exchange.outbox.get(row).receipt
+    assert receipt["issuer"] == YUAN and receipt["decisions"] == {"recognized": 1}
+    fl = world.gateways["fuling"].pipeline
+    decisions = [e for e in entries(fl.store.db) if e.kind == "decision"]
+    assert len(decisions) == 1
+    text = json.dumps(decisions[0].content, ensure_ascii=False)
+    assert YUAN in text and "DEMO-FWJ-500000-0007" in text
