@@ -847,3 +847,28 @@ def test_public_api_other_parts_build_on_stays_in_place() -> None:
     assert [f for f in jws.VerifiedBundle.__dataclass_fields__] == [
         "bundle", "header", "certificate", "kid", "signer_uscc", "signed_at", "document_sha256"
     ]
+
+
+def test_the_reading_institution_may_sign_an_exam_another_member_performed(pki: Pki, bundle: dict[str, Any]) -> None:
+    """基层检查、上级诊断: Sichuan's hospital performed the exam, Chongqing's read it and signs the report; a member
+    named nowhere in the report still may not sign it."""
+    read = copy.deepcopy(bundle)
+    report = read["entry"][5]["resource"]
+    reader = {"resourceType": "Organization", "id": "reader",
+              "identifier": [{"system": "https://fhir.cyhr.org.cn/sid/uscc", "value": CHONGQING}]}
+    read["entry"].append({"fullUrl": "urn:uuid:9d1c5a3e-0000-4000-8000-00000000a001", "resource": reader})
+    report["resultsInterpreter"] = [{"reference": "urn:uuid:9d1c5a3e-0000-4000-8000-00000000a001"}]
+    signed = sign_bundle(read, pki.cq_key, [pki.cq_cert], who=signer_reference(pki.cq_cert), when=SIG_TIME)
+    assert check_signer_is_issuer(verify_bundle(dumps(signed), pki.trust(), at=AT)) == CHONGQING
+
+    by_identifier = copy.deepcopy(bundle)
+    by_identifier["entry"][5]["resource"]["resultsInterpreter"] = [
+        {"type": "Organization", "identifier": {"system": "https://fhir.cyhr.org.cn/sid/uscc", "value": CHONGQING}}]
+    signed = sign_bundle(by_identifier, pki.cq_key, [pki.cq_cert], who=signer_reference(pki.cq_cert), when=SIG_TIME)
+    assert check_signer_is_issuer(verify_bundle(dumps(signed), pki.trust(), at=AT)) == CHONGQING
+
+    other_reader = copy.deepcopy(read)
+    other_reader["entry"][-1]["resource"]["identifier"][0]["value"] = SICHUAN
+    signed = sign_bundle(other_reader, pki.cq_key, [pki.cq_cert], who=signer_reference(pki.cq_cert), when=SIG_TIME)
+    with pytest.raises(TrustError, match=f"signed by {CHONGQING} but the report was issued by {SICHUAN}"):
+        check_signer_is_issuer(verify_bundle(dumps(signed), pki.trust(), at=AT))

@@ -413,13 +413,35 @@ def _uscc_values(identifiers: Any) -> list[str]:
     ]
 
 
+def _readers(report: dict[str, Any], by_url: dict[Any, Any]) -> set[str]:
+    """USCCs of the institutions ``resultsInterpreter`` names: an Organization, or a PractitionerRole's organization
+    (in the Bundle, or by identifier)."""
+    out: set[str] = set()
+    for who in report.get("resultsInterpreter") or []:
+        if not isinstance(who, dict):
+            continue
+        target = by_url.get(who.get("reference"))
+        if isinstance(target, dict) and target.get("resourceType") == "PractitionerRole":
+            org = target.get("organization")
+            if isinstance(org, dict):
+                linked = by_url.get(org.get("reference"))
+                out.update(_uscc_values((linked if isinstance(linked, dict) else org).get("identifier")))
+        elif isinstance(target, dict) and target.get("resourceType") == "Organization":
+            out.update(_uscc_values(target.get("identifier")))
+        elif target is None and who.get("type") == "Organization":
+            out.update(_uscc_values(who.get("identifier")))
+    return out
+
+
 def check_signer_is_issuer(verified: VerifiedBundle) -> str:
     """Check that every DiagnosticReport in the Bundle was issued by the signer; return the USCC.
 
     The issuer is the report's ``performer`` Organization, found through its
     ``urn:uuid:`` reference in the Bundle (or a logical reference by identifier),
     with its USCC identifier (docs/bundle-shapes.md). A 检验报告单号 assigner, when
-    present, must name the same member.
+    present, must name the same member. An exam one member performed and another
+    read (基层检查、上级诊断) may be signed by the reading institution its
+    ``resultsInterpreter`` names; the engine's ``reading-signature`` rule judges it.
 
     :raises TrustError: no DiagnosticReport, a report naming no issuer USCC, or an
         issuer other than the signer.
@@ -449,6 +471,8 @@ def check_signer_is_issuer(verified: VerifiedBundle) -> str:
                 issuers += _uscc_values(ident["assigner"].get("identifier"))
         if not issuers:
             raise TrustError("the report names no issuing Organization with a 统一社会信用代码", location)
+        if verified.signer_uscc in _readers(report, by_url):
+            continue  # 基层检查、上级诊断: the reading institution signs the exam another member performed
         for issuer in issuers:
             if issuer != verified.signer_uscc:
                 raise TrustError(f"signed by {verified.signer_uscc} but the report was issued by {issuer}", location)
