@@ -211,22 +211,47 @@ def id_card_region_problem(number: str, birth: _dt.date, table: DivisionTable | 
     flagged = table.non_standard(code)
     if flagged is not None:
         return f"身份证号 address code {code} ({flagged.name}) is not a GB/T 2260 code and is never issued"
-    versions = table.versions(code)
-    if versions and not table.valid_since(code, birth):
-        last = max(r.end for r in versions if r.end is not None)
-        name = versions[-1].name
-        return (f"身份证号 address code {code} ({name}) stopped being valid on {last}, before the birth date "
-                f"{birth}: no number born then carries it")
+    retired = _retired_before(code, birth, table)
+    if retired is not None and not _within_doubt(retired, birth):
+        return (f"身份证号 address code {code} ({retired.name}) stopped being valid on {retired.end}, before the birth "
+                f"date {birth}: no number born then carries it")
     return None
 
 
+#: How long after a code's retirement registries may still have issued it (systems are updated late): a birth in
+#: that time is a warning, not a refusal. So is any retirement the table only recollects.
+ISSUE_LAG = _dt.timedelta(days=366)
+
+
+def _retired_before(code: str, birth: _dt.date, table: DivisionTable) -> Division | None:
+    """The last row of a known 川渝 ``code`` when every row of it ended before ``birth``, else None."""
+    versions = table.versions(code)
+    if not versions or table.valid_since(code, birth):
+        return None
+    return max((r for r in versions if r.end is not None), key=lambda r: r.end or _dt.date.min)
+
+
+def _within_doubt(row: Division, birth: _dt.date) -> bool:
+    return row.confidence == "recollection" or (row.end is not None and birth - row.end <= ISSUE_LAG)
+
+
 def id_card_region_warning(number: str, table: DivisionTable | None = None) -> str | None:
-    """A warning when a 川渝 address code is in no version of the table (it may still be real), else None."""
+    """A warning when a 川渝 address code is in no version of the table (it may still be real), or was retired
+    shortly before the birth date (or on a date the table only recollects), else None."""
     code = number[:6]
     if code[:2] not in ("50", "51"):
         return None
     table = table or division_table()
-    if table.versions(code):
+    if not table.versions(code):
+        return (f"身份证号 address code {code} is not in the gateway's GB/T 2260 table of 四川/重庆 codes "
+                f"(version {table.version}); it is accepted, check it if the number was typed by hand")
+    try:
+        birth = _dt.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
+    except ValueError:
         return None
-    return (f"身份证号 address code {code} is not in the gateway's GB/T 2260 table of 四川/重庆 codes "
-            f"(version {table.version}); it is accepted, check it if the number was typed by hand")
+    retired = _retired_before(code, birth, table)
+    if retired is not None and _within_doubt(retired, birth):
+        return (f"身份证号 address code {code} ({retired.name}) stopped being valid on {retired.end}, before the birth "
+                f"date {birth}; it is accepted (registries issued retired codes for a while), check it if the "
+                "number was typed by hand")
+    return None
