@@ -208,7 +208,7 @@ def build_ack(
             eld = f"{seg}^{seq}^{fld}^{hl7_code}&{err_text}&HL70357"
             segments.append(f"ERR|{eld}")
         else:
-            erl = "^".join(x for x in (seg, seq, fld) if x) if seg else ""
+            erl = f"{seg}^{seq}^{fld}".rstrip("^") if seg else ""
             severity = {"error": "E", "warning": "W"}.get(issue.severity, "I")
             segments.append(
                 "|".join(["ERR", "", erl, f"{hl7_code}^{err_text}^HL70357", severity, "", "", "",
@@ -241,6 +241,10 @@ def _erl(issue: Issue) -> tuple[str, str, str]:
     m = _LOC.match(issue.location or "")
     if not m:
         return "", "", ""
+    if not m.group("fld") and issue.extra.get("erl"):
+        # a segment that is missing (an OBR group without OBX): the field it should have brought, no sequence
+        seg, _, fld = str(issue.extra["erl"]).partition("-")
+        return seg, "", fld
     return m.group("seg"), m.group("seq") or "1", m.group("fld") or ""
 
 
@@ -457,6 +461,48 @@ def _fast_msg(text: str) -> _Msg | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _zone(offset: str) -> _dt.tzinfo:
+    """``+08:00`` as a time zone (China Standard Time when it cannot be read)."""
+    m = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", offset.strip())
+    if not m:
+        return _dt.timezone(_dt.timedelta(hours=8))
+    minutes = int(m.group(2)) * 60 + int(m.group(3))
+    return _dt.timezone(_dt.timedelta(minutes=-minutes if m.group(1) == "-" else minutes))
+
+
+def _instant(text: str, tz: _dt.tzinfo) -> _dt.datetime | None:
+    """The first instant a FHIR date or dateTime (``2026``, ``2026-11``, ``2026-11-20T07:30:00+08:00``) can
+    mean; a date without offset in ``tz``. None when it is empty or cannot be read."""
+    if not text:
+        return None
+    try:
+        if "T" in text:
+            at = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return at if at.tzinfo is not None else at.replace(tzinfo=tz)
+        day = _first_day(text)
+        return _dt.datetime(day.year, day.month, day.day, tzinfo=tz) if day is not None else None
+    except ValueError:
+        return None
+
+
+def _first_day(text: str) -> _dt.date | None:
+    """The first day a FHIR date or dateTime can mean, as the sender wrote it (its own date, not UTC's)."""
+    parts = (text or "")[:10].split("-")
+    try:
+        return _dt.date(int(parts[0]), int(parts[1]) if len(parts) > 1 else 1, int(parts[2]) if len(parts) > 2 else 1)
+    except (ValueError, IndexError):
+        return None
+
+
+def _alternate_triplet(comps: list[str]) -> Coded | None:
+    """Components 4-6 of a CE/CWE (alternate identifier, text, coding system), if an identifier is sent."""
+    if len(comps) < 4 or not comps[3].strip():
+        return None
+    return Coded(comps[3].strip(), comps[4].strip() if len(comps) > 4 else "",
+                 comps[5].strip() if len(comps) > 5 else "")
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -573,6 +619,7 @@ class HL7v2Adapter:
                 msg.issues.append(Issue("error", "required", "MSH[1]-7",
                                         "message date/time has no time of day (or is empty) and no report has an "
                                         "issue time (OBR-22): the report cannot be timed", "101"))
+        self._impossible_times(m, msg)
         # A field read for two facts (OBR-7: report and specimen time) reports its problem once.
         msg.issues = list(dict.fromkeys(msg.issues))
         return msg
@@ -731,9 +778,12 @@ class HL7v2Adapter:
                 last_result = self._result(m, i, msg.issues)
                 if last_result is not None:
                     alternate = self._alternate(m, i)
-                    if alternate:
+                    if alternate and alternate != last_result.code:
                         msg.extra.setdefault("alternate_codes", {})[last_result.location] = alternate
-                    key = (report.number, last_result.code.code)
+                    value_alternate = self._value_alternate(m, i, last_result)
+                    if value_alternate:
+                        msg.extra.setdefault("value_alternates", {})[last_result.location] = value_alternate
+                    key = (str(len(msg.reports)), last_result.code.code)
                     code_seen[key] = code_seen.get(key, 0) + 1
                     last_result.occurrence = code_seen[key]
                     report.results.append(last_result)
@@ -754,6 +804,7 @@ class HL7v2Adapter:
         if not msg.reports:
             msg.issues.append(Issue("error", "required", "OBR", "message has no OBR segment: no results to take",
                                     "100"))
+        self._distinct_reports(m, msg)
 
     # -- patient -------------------------------------------------------------------------
 
@@ -877,6 +928,11 @@ class HL7v2Adapter:
         code = m.comps(i, fld)
         r.code = Coded(code[0].strip() if code else "", code[1].strip() if len(code) > 1 else "",
                        code[2].strip() if len(code) > 2 else "")
+        alternate = _alternate_triplet(code)
+        if alternate is not None and not r.code.code:
+            r.code = alternate  # only the alternate triplet sent: it stands for the first
+        elif alternate is not None and alternate != r.code:
+            msg.extra.setdefault("alternate_codes", {})[r.location] = alternate
         r.collected_at = self._time(m, rows, spec.get("collected_at", "OBR-7"), msg.issues)
         r.extra["collected_sent"] = bool(self._first(m, rows, spec.get("collected_at", "OBR-7"))[0])
         r.issued_at = self._time(m, rows, spec.get("issued_at", ["OBR-22", "MSH-7"]), msg.issues, instant=True)
@@ -900,6 +956,12 @@ class HL7v2Adapter:
         spec = self.table.get("report", {})
         obr_row = next(i for i in range(len(m.segments)) if m.where(i) == r.location)
         rows: dict[str, int | None] = {"OBR": obr_row, "SPM": spm_row, "MSH": 0}
+        rest = m.names[obr_row + 1:]
+        group = rest[:rest.index("OBR")] if "OBR" in rest else rest
+        if "OBX" not in group:
+            # a report needs a result: the answer names the OBR group and the field its first OBX would bring
+            issues.append(Issue("error", "required", r.location, "has no OBX: at least one result is required",
+                                "101", {"erl": "OBX-3"}))
         s = SpecimenFacts()
         type_value, row, fld = self._first(m, rows, spec.get("specimen_type", ["SPM-4", "OBR-15"]))
         if type_value:
@@ -944,6 +1006,102 @@ class HL7v2Adapter:
         issues.append(Issue("error", "required", _joined(tried),
                             f"{verb} empty: the collection time is required (validity windows are counted from it)",
                             "101"))
+
+    def _distinct_reports(self, m: _Msg, msg: SourceMessage) -> None:
+        """Each OBR group its own identity when OBR groups share one 检验报告单号.
+
+        LIS systems that use the specimen barcode as filler number send one OBR group per ordered
+        test with the same OBR-3. Their resources are then keyed on the number and OBR-4, and the
+        检验报告单号 identifier stays as sent; a number used once keeps the key it always had. Two groups
+        with the same number and the same OBR-4 cannot be told apart and are refused.
+        """
+        groups: dict[str, list[ReportFacts]] = {}
+        for r in msg.reports:
+            if r.number:
+                groups.setdefault(r.number, []).append(r)
+        for number, same in groups.items():
+            if len(same) < 2:
+                continue
+            first_by_code: dict[str, ReportFacts] = {}
+            for r in same:
+                first = first_by_code.setdefault(r.code.code, r)
+                if first is not r:
+                    service = f"the same OBR-4 {shown(r.code.code)}" if r.code.code else "no OBR-4 either"
+                    msg.issues.append(Issue("error", "duplicate", m.where(self._row(m, r), 3),
+                                            f"检验报告单号 {shown(number)} is the one of {first.location}, with "
+                                            f"{service}: the two reports cannot be told apart; send them with "
+                                            "different numbers or in different messages", "205"))
+                    continue
+                corrected = f"{number}|corrected|"
+                base = f"{number}|{r.code.code}"
+                r.key = f"{base}|corrected|{r.key[len(corrected):]}" if r.key.startswith(corrected) else base
+
+    def _impossible_times(self, m: _Msg, msg: SourceMessage) -> None:
+        """Times no report can have: a patient born after the collection, a collection (OBR-7, SPM-17,
+        OBX-14) later than the message time MSH-7 (beyond ``clock_skew_minutes`` of clock difference between
+        the sender's machines). A report issued (OBR-22) before its collection is only a warning."""
+        tz = _zone(self.offset)
+        sent = _instant(msg.sent_at, tz) if "T" in msg.sent_at else None
+        skew = _dt.timedelta(minutes=float(self.table.get("clock_skew_minutes", 10)))
+        drift = _dt.timedelta(hours=float(self.table.get("clock_drift_hours", 24)))
+        spec = self.table.get("report", {})
+        _, dob_fld = _locator(self.table.get("patient", {}).get("birth_date", "PID-7"))
+        birth_text = msg.patient.birth_date if msg.patient is not None else ""
+        birth = _first_day(birth_text) if birth_text else None
+        birth_where = f"{msg.patient.location}-{dob_fld}" if msg.patient is not None else ""
+        for r in msg.reports:
+            row = self._row(m, r)
+            spm_row = m.bases.index(r.extra["spm"]) if r.extra.get("spm") else None
+            rows: dict[str, int | None] = {"OBR": row, "SPM": spm_row, "MSH": 0}
+            times: dict[str, str] = {}
+            collected_where = ""
+            if r.collected_at:
+                _, c_row, c_fld = self._first(m, rows, spec.get("collected_at", "OBR-7"))
+                if c_row < 0:
+                    _, c_row, c_fld = self._first(m, rows, [x for x in _as_list(spec.get("collected_fallback"))
+                                                            if not x.startswith("OBX")])
+                if c_row >= 0:
+                    collected_where = m.where(c_row, c_fld)
+                else:
+                    collected_where = next((f"{res.location}-{self._result_fields['observed_at']}"
+                                            for res in r.results if res.observed_at == r.collected_at), "")
+                times[collected_where] = r.collected_at
+            if r.specimen is not None and r.specimen.collected_at:
+                _, s_row, s_fld = self._first(m, rows, spec.get("specimen_collected_at", ["SPM-17", "OBR-7"]))
+                if s_row >= 0:
+                    times.setdefault(m.where(s_row, s_fld), r.specimen.collected_at)
+            for res in r.results:
+                if res.observed_at:
+                    times.setdefault(f"{res.location}-{self._result_fields['observed_at']}", res.observed_at)
+            for where, text in times.items():
+                at = _instant(text, tz)
+                if sent is not None and at is not None and where and at - sent > drift:
+                    msg.issues.append(Issue("error", "value", where,
+                                            f"collection time {text} is later than the message time "
+                                            f"{msg.sent_at} (MSH-7): a sample cannot be taken after the "
+                                            "results were sent", "102"))
+                elif sent is not None and at is not None and where and at - sent > skew:
+                    # within a day: an analyser or LIS clock set wrong, not an impossible report
+                    msg.issues.append(Issue("warning", "value", where,
+                                            f"collection time {text} is later than the message time "
+                                            f"{msg.sent_at} (MSH-7); kept as sent: check the clocks of the "
+                                            "analyser, the LIS and the interface engine", "102"))
+            collected = _first_day(r.collected_at)
+            if birth is not None and collected is not None and collected_where and birth > collected:
+                msg.issues.append(Issue("error", "value", f"{birth_where} and {collected_where}",
+                                        f"birth date {birth_text} is after the collection time {r.collected_at}: "
+                                        "the patient was not born yet", "102"))
+            _, i_row, i_fld = self._first(m, rows, spec.get("issued_at", ["OBR-22", "MSH-7"]))
+            issued, start = _instant(r.issued_at, tz), _instant(r.collected_at, tz)
+            if issued is not None and start is not None and i_row == row and issued < start:
+                msg.issues.append(Issue("warning", "value", m.where(i_row, i_fld),
+                                        f"report issue time {r.issued_at} is before the collection time "
+                                        f"{r.collected_at} ({collected_where}); kept as sent", "102"))
+
+    @staticmethod
+    def _row(m: _Msg, r: ReportFacts | ResultFacts) -> int:
+        """The segment row a record was read from."""
+        return m.bases.index(r.location)
 
     def _correction(self, m: _Msg, r: ReportFacts, obr_row: int, issues: list[Issue]) -> None:
         """OBR-25 C (or an OBX-11 C): the report corrects the one with its 检验报告单号."""
@@ -1018,11 +1176,15 @@ class HL7v2Adapter:
     def _alternate(self, m: _Msg, i: int) -> Coded | None:
         """The alternate triplet of OBX-3 (components 4-6), if sent."""
         _, fld = _locator(self.table.get("result", {}).get("alternate_code", "OBX-3"))
-        comps = m.comps(i, fld)
-        if len(comps) < 4 or not comps[3].strip():
+        return _alternate_triplet(m.comps(i, fld))
+
+    def _value_alternate(self, m: _Msg, i: int, res: ResultFacts) -> Coded | None:
+        """The alternate triplet of a coded OBX-5 (CE/CWE components 4-6, e.g. a SNOMED CT code), if sent."""
+        if res.value_kind != "coded":
             return None
-        return Coded(comps[3].strip(), comps[4].strip() if len(comps) > 4 else "",
-                     comps[5].strip() if len(comps) > 5 else "")
+        reps = m.reps(i, self._result_fields["value"])
+        alternate = _alternate_triplet([m.unescape(c) for c in reps[0]]) if reps else None
+        return alternate if alternate != res.value else None
 
     # -- results -------------------------------------------------------------------------
 
@@ -1035,6 +1197,10 @@ class HL7v2Adapter:
         code = m.comps(i, fld("code", "OBX-3"))
         coded = Coded(code[0].strip() if code else "", code[1].strip() if len(code) > 1 else "",
                       code[2].strip() if len(code) > 2 else "")
+        if not coded.code:
+            # only the alternate triplet sent (``^^^4544-3^Hct^LN``): it stands for the first, as a code sent
+            # there alone would (a LOINC kept as LOINC and as the sender's own code)
+            coded = self._alternate(m, i) or coded
         if not coded.code:
             issues.append(Issue("error", "required", m.where(i, 3),
                                 "observation identifier (local item code) is empty", "101"))
@@ -1149,12 +1315,12 @@ class HL7v2Adapter:
 
 # -- profile problems in HL7 terms ---------------------------------------------------------
 
-_ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.resource(?:\.(.*))?$")
+_ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.(?:resource|fullUrl)(?:\.(.*))?$")
 _INDEX = re.compile(r"\[[^\]]*\]")
 #: What no answer to an HL7 sender carries: a FHIR path (in a problem's text it is cut out).
 _FHIR_PATH = re.compile(r"\s*\((?:Bundle|DiagnosticReport|Observation|Patient|Specimen|Organization)\.[^)]*\)"
                         r"|\bBundle\.entry\S*|\b[A-Za-z]+\.(?:resource|entry)\S*")
-_INVARIANT = re.compile(r"^fails ([a-z]+-[a-z]+-\d+)")
+_INVARIANT = re.compile(r"^fails ([a-z]+(?:-[a-z]+)?-\d+)")
 
 
 def _sources(msg: SourceMessage) -> list[tuple[str, Any, ReportFacts | None]]:

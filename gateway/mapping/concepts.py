@@ -10,7 +10,7 @@ with no mapping is kept as sent and reported as a warning.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage
@@ -22,9 +22,13 @@ __all__ = ["Terminology", "map_message"]
 
 _MICRO = str.maketrans({"μ": "u", "µ": "u"})
 _FINAL = {"final", "corrected", "amended"}
-#: Coding system names (HL7 table 0396) a sender uses for LOINC in a code's triplet.
+#: Coding system names (HL7 table 0396) a sender uses for LOINC in a code's triplet, when the structure file
+#: names no ``coding_systems``.
 _LOINC_NAMES = {"LN", "LOINC"}
 _LOINC = re.compile(r"^(\d{1,7})-(\d)$")
+_LEADING_ZEROS = re.compile(r"^0+(?=\d+-\d$)")
+#: HL7 v2 coding system names of a sender's own codes (CWE-3): "L", "LOCAL", the 99zzz of HL7 table 0396, none.
+_LOCAL_NAMES = re.compile(r"^(?:L|LOCAL|99[A-Z0-9]*|)$", re.IGNORECASE)
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Terminology:
     report_status: ConceptTable
     sex: ConceptTable
     specimen_types: ConceptTable
+    #: standard code systems by the names senders give them in a CE/CWE triplet (structure ``coding_systems``)
+    coding_systems: dict[str, str] = field(default_factory=lambda: {n: SYSTEM_LOINC for n in _LOINC_NAMES})
 
     @classmethod
     def for_structure(cls, mappings: MappingSet, structure: dict[str, Any]) -> "Terminology":
@@ -46,7 +52,17 @@ class Terminology:
         :raises ConfigError: a named table does not exist.
         """
         names = structure.get("concept_tables", {})
-        return cls(**{role: mappings.concept(names.get(role, default)) for role, default in _DEFAULTS.items()})
+        tables: dict[str, Any] = {role: mappings.concept(names.get(role, default))
+                                  for role, default in _DEFAULTS.items()}
+        terms = cls(**tables)
+        if structure.get("coding_systems"):
+            terms.coding_systems = {str(k).upper(): str(v) for k, v in structure["coding_systems"].items()}
+        return terms
+
+    def standard_system(self, name: str) -> str:
+        """The FHIR system of a standard code system a sender names in a triplet (``LN``, ``SCT``); empty if
+        the name is not one."""
+        return self.coding_systems.get(name.strip().upper(), "")
 
     def item_codings(self, issuer_uscc: str, code: Coded) -> tuple[list[dict[str, str]], str]:
         """Codings for a local item code (local first) and "mapped" / "unmapped" / "deliberately-unmapped"."""
@@ -112,6 +128,8 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
         if std["ucum"] is None and res.value_kind in ("quantity", "range", "ratio"):
             msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-6",
                                     f"unit {shown(res.unit)} is not in table {terms.units.id}; kept as text", "103"))
+    if res.value_kind == "coded" and msg.format == "hl7v2":
+        std["value_codings"] = _value_codings(msg, res, terms, issuer)
     interpretations: list[dict[str, Any]] = []
     for flag in res.flags:
         target = terms.flags.first("*", flag)
@@ -153,30 +171,49 @@ def loinc_problem(code: str) -> str:
 
 def _result_codings(msg: SourceMessage, res: ResultFacts, terms: Terminology,
                     issuer: str) -> tuple[list[dict[str, str]], str]:
-    """Codings of a result: the sender's own code first, then LOINC (sent by the sender or from the table).
+    """Codings of a result (OBX-3 and its alternate triplet): see :func:`_sent_codings`."""
+    alternate: Coded | None = msg.extra.get("alternate_codes", {}).get(res.location)
+    return _sent_codings(msg, f"{res.location}-3", res.code, alternate, terms, issuer)
+
+
+def _sent_codings(msg: SourceMessage, where: str, code: Coded, alternate: Coded | None, terms: Terminology,
+                  issuer: str) -> tuple[list[dict[str, str]], str]:
+    """Codings of an item code as sent: the sender's own code first, then LOINC (sent by the sender or from
+    the table), then any other standard code sent beside it (SNOMED CT).
 
     A sender may send LOINC itself: as the code (system ``LN``), the sender's own code then
-    in the alternate triplet (``msg.extra["alternate_codes"]``, or the LOINC number stands
-    for it), or beside its own code as the alternate. A sent LOINC with a wrong check digit
-    is only the sender's own code; one that disagrees with the table is reported and the
-    table's kept.
+    in the alternate triplet (``alternate``, or the LOINC number stands for it), or beside
+    its own code as the alternate. A LOINC written with leading zeros (``0718-7``) is read
+    without them; one with a wrong check digit is only the sender's own code; of two
+    different LOINC the first is kept; one that disagrees with the table is reported and
+    the table's kept.
     """
-    where = f"{res.location}-3"
-    alternate: Coded | None = msg.extra.get("alternate_codes", {}).get(res.location)
-    local, sent = res.code, None
-    if res.code.system.upper() in _LOINC_NAMES:
-        sent = res.code
-        if alternate is not None and alternate.system.upper() not in _LOINC_NAMES:
-            local = alternate
-    elif alternate is not None and alternate.system.upper() in _LOINC_NAMES:
-        sent = alternate
-    if sent is not None and (problem := loinc_problem(sent.code)):
-        msg.issues.append(Issue("warning", "code-invalid", where, f"sends LOINC {shown(sent.code)}, which {problem}; "
-                                "kept as the issuer's own code only", "103"))
-        sent = None
+    triplets = [code] + ([alternate] if alternate is not None else [])
+    local = code
+    if terms.standard_system(code.system) and alternate is not None and not terms.standard_system(alternate.system):
+        local = alternate
+    loincs: list[Coded] = []
+    for sent_code in (c for c in triplets if terms.standard_system(c.system) == SYSTEM_LOINC):
+        number = _LEADING_ZEROS.sub("", sent_code.code)
+        if number != sent_code.code:
+            msg.issues.append(Issue("warning", "code-invalid", where,
+                                    f"sends LOINC {shown(sent_code.code)}: LOINC codes have no leading zeros; "
+                                    f"taken as {shown(number)}", "103"))
+        if problem := loinc_problem(number):
+            msg.issues.append(Issue("warning", "code-invalid", where, f"sends LOINC {shown(sent_code.code)}, which "
+                                    f"{problem}; kept as the issuer's own code only", "103"))
+        elif number not in [c.code for c in loincs]:
+            loincs.append(Coded(number, sent_code.display, sent_code.system))
+    if len(loincs) > 1:
+        msg.issues.append(Issue("warning", "code-invalid", where,
+                                f"sends two LOINC codes, {shown(loincs[0].code)} and {shown(loincs[1].code)} (the "
+                                f"alternate); {shown(loincs[0].code)} is kept", "103"))
+    sent = loincs[0] if loincs else None
     codings, state = terms.item_codings(issuer, local)
+    others = [{"system": terms.standard_system(c.system), "code": c.code} for c in triplets
+              if terms.standard_system(c.system) not in ("", SYSTEM_LOINC)]
     if sent is None:
-        return codings, state
+        return codings + others, state
     table_loinc = next((c for c in codings[1:] if c["system"] == SYSTEM_LOINC), None)
     if table_loinc is None:
         codings.insert(1, {"system": SYSTEM_LOINC, "code": sent.code})
@@ -185,13 +222,33 @@ def _result_codings(msg: SourceMessage, res: ResultFacts, terms: Terminology,
                                 f"sends LOINC {shown(sent.code)} but table {terms.items.id} maps the local code "
                                 f"{shown(local.code)} to LOINC {shown(table_loinc['code'])}; the table's LOINC is "
                                 "kept", "103"))
-    return codings, "mapped"
+    return codings + others, "mapped"
+
+
+def _value_codings(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer: str) -> list[dict[str, str]]:
+    """Codings of a coded HL7 v2 value (CE/CWE OBX-5): each triplet sent, a standard one (SNOMED CT, LOINC)
+    in its system, the sender's own (``L``, ``99zzz``, none) in the issuer's local system as OBX-3's."""
+    value: Coded = res.value
+    alternate: Coded | None = msg.extra.get("value_alternates", {}).get(res.location)
+    out: list[dict[str, str]] = []
+    for c in [value] + ([alternate] if alternate is not None else []):
+        if not c.code:
+            continue
+        local = local_item_system(issuer) if _LOCAL_NAMES.match(c.system) else ""
+        system = terms.standard_system(c.system) or local
+        coding = {"system": system, "code": c.code} if system else {"code": c.code}
+        if c.display:
+            coding["display"] = c.display
+        if coding not in out:
+            out.append(coding)
+    return out
 
 
 def _map_report(msg: SourceMessage, report: ReportFacts, terms: Terminology, issuer: str) -> None:
     std: dict[str, Any] = {}
     if report.code:
-        codings, _ = terms.item_codings(issuer, report.code)
+        alternate: Coded | None = msg.extra.get("alternate_codes", {}).get(report.location)
+        codings, _ = _sent_codings(msg, f"{report.location}-4", report.code, alternate, terms, issuer)
         std["codings"] = codings if report.code.code else []
     if report.status:
         target = terms.report_status.first("*", report.status)
