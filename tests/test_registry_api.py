@@ -219,6 +219,16 @@ def test_browse_registry_as_fhir(app: Flask, demo: DemoRegistry, tmp_path: Path)
     for name, body in (("orgs", orgs), ("results", results), ("endpoints", endpoints)):
         (tmp_path / f"{name}.json").write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
 
+    # physicians who practise at several members: one Practitioner, a PractitionerRole per registration
+    practitioners = client.get("/registry/fhir/Practitioner").get_json()["entry"]
+    assert practitioners
+    first = practitioners[0]["resource"]
+    roles = client.get(f"/registry/fhir/PractitionerRole?practitioner=Practitioner/{first['id']}").get_json()
+    assert roles["total"] >= 1
+    for role in roles["entry"]:
+        org = role["resource"]["organization"]["reference"]
+        at = client.get(f"/registry/fhir/PractitionerRole?organization={org}").get_json()
+        assert role["resource"]["id"] in {e["resource"]["id"] for e in at["entry"]}
     assert client.get("/registry/fhir/Organization/12330000470051726F").status_code == 404
     assert client.get("/registry/fhir/Patient").status_code == 404
     response = client.get("/registry/fhir/Organization?name=x")
@@ -236,6 +246,8 @@ def test_served_fhir_is_valid_r4(app: Flask, tmp_path: Path) -> None:
         ("organizations", client.get("/registry/fhir/Organization")),
         ("verification-results", client.get("/registry/fhir/VerificationResult")),
         ("endpoints", client.get("/registry/fhir/Endpoint")),
+        ("practitioners", client.get("/registry/fhir/Practitioner")),
+        ("practitioner-roles", client.get("/registry/fhir/PractitionerRole")),
         (
             "recognize-lab",
             client.post(

@@ -48,11 +48,13 @@ bp = Blueprint("registry", __name__)
 
 #: Where :func:`install` keeps the registry state in ``app.extensions``.
 EXTENSION_KEY = "gateway.registry"
-_TYPES = ("Organization", "VerificationResult", "Endpoint")
+_TYPES = ("Organization", "VerificationResult", "Endpoint", "Practitioner", "PractitionerRole")
 _SEARCH = {
     "Organization": {"identifier", "_id"},
     "VerificationResult": {"target", "_id"},
     "Endpoint": {"organization", "_id"},
+    "Practitioner": {"identifier", "_id"},
+    "PractitionerRole": {"practitioner", "organization", "_id"},
 }
 
 
@@ -121,7 +123,10 @@ def _matches(rtype: str, resource: dict[str, Any], name: str, value: str) -> boo
     if name == "target":
         return any(t.get("reference") == value for t in resource.get("target", []))
     if name == "organization":
-        return bool(resource.get("managingOrganization", {}).get("reference") == value)
+        org = resource.get("managingOrganization") or resource.get("organization") or {}
+        return bool(org.get("reference") == value)
+    if name == "practitioner":
+        return bool(resource.get("practitioner", {}).get("reference") == value)
     return False
 
 
