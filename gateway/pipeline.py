@@ -9,7 +9,11 @@ The HTTP API, the MLLP listener and the CLI all call :meth:`Pipeline.ingest`
 (or :meth:`Pipeline.convert`, the dry run that stores nothing), so there is
 exactly one flow. Raw input is stored before parsing; a duplicate (same
 format, sender and message id) is answered with the answer it got the first
-time and is not processed again. Each message ends in one status —
+time and is not processed again. A CDA document is told apart by its content
+as well (:meth:`Pipeline._insert_document`): each request is recorded, a
+resend of the same content is answered with the earlier outcome in an answer
+built for the resend, a refused document may be sent again, and other content
+under a 文档流水号 already stored is refused. Each message ends in one status —
 ``stored``, ``filtered``, ``refused`` or ``failed`` — recorded with every
 issue found, and gets an answer (an HL7 ACK for HL7 v2).
 
@@ -30,6 +34,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import enum
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -45,10 +50,11 @@ import sqlite_utils
 from gateway import jsonutil, metrics
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.adapters.cda import CDAAdapter, answer_code
+from gateway.adapters.cda import explain_issues as explain_cda
 from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack, explain_issues
 from gateway.adapters.labcsv import LabCSVAdapter
 from gateway.config import Settings
-from gateway.errors import InputError, Issue, UnsupportedFormat
+from gateway.errors import InputError, Issue, UnsupportedFormat, shown
 from gateway.fhir.bundle import build_bundle, entries_of
 from gateway.fhir.occupational import ExamTerminology, build_exam_bundle, map_exam
 from gateway.fhir.outcome import operation_outcome
@@ -125,6 +131,18 @@ class Channel:
     receipt: Callable[[SourceMessage, str], tuple[str, bytes]] | None = None
     #: (message, Bundle, profile problems) -> the problems as the sender's own format names them (HL7 fields)
     explain: Callable[[SourceMessage, dict[str, Any], list[Issue]], list[Issue]] | None = None
+
+
+@dataclass
+class _Repeat:
+    """A request carrying a document an earlier request carried (CDA), stored as message ``id``: ``kind``
+    ``duplicate`` (the same content: answered with ``first``'s outcome), ``conflict`` (other content under a
+    文档流水号 ``first`` stored) or ``busy`` (``first`` is being worked now). ``where``: the 文档流水号's XPath."""
+
+    id: int
+    kind: str
+    first: Any  # gateway.store.store.MessageRecord
+    where: str = ""
 
 
 Checker = Callable[[dict[str, Any]], list[Issue]]
@@ -217,6 +235,7 @@ class Pipeline:
                              member_miplrn=self.settings.issuer_miplrn, default_offset=self.settings.timezone,
                              max_document_bytes=self.settings.max_message_bytes)
         terms = Terminology.for_structure(self.mappings, structure)
+        xpaths = self.mappings.structures.get("cda-fhir-xpaths", {})
 
         def issuer_of(msg: SourceMessage) -> Issuer:
             # The custodian issues a CDA report; this member's licence number only when it is this member.
@@ -246,14 +265,19 @@ class Pipeline:
             answer=answer,
             code_for=answer_code,
             answer_type="application/fhir+json",  # HL7 v3 messages: see gateway.adapters.hl7v3.answer_media_type
+            explain=lambda msg, bundle, found: explain_cda(msg, bundle, found, xpaths, structure),
         )
 
     def _cdc_csv_channel(self) -> Channel:
+        from gateway.mapping.hazards import check_radiation_conclusion
+
         layouts = [s for s in self.mappings.structures.values() if s.get("format") == "cdc-csv"]
-        adapter = LabCSVAdapter(layouts, default_offset=self.settings.timezone,
-                                max_exam_bytes=self.settings.max_message_bytes)
         terms = {str(layout["id"]): Terminology.for_structure(self.mappings, layout) for layout in layouts}
         exam_terms = {str(layout["id"]): ExamTerminology.for_structure(self.mappings, layout) for layout in layouts}
+        # factor names that hold a separator (磷化氢、磷化锌、磷化铝) are never cut apart in a cell
+        adapter = LabCSVAdapter(layouts, default_offset=self.settings.timezone,
+                                max_exam_bytes=self.settings.max_message_bytes,
+                                factor_names=[n for t in exam_terms.values() for n in t.hazard_factors.names()])
 
         def map_csv(msg: SourceMessage) -> None:
             layout = msg.extra.get("layout", "")
@@ -261,6 +285,7 @@ class Pipeline:
                 return  # refused while reading (no layout matched the header)
             _located(msg, lambda: map_message(msg, terms[layout], self.issuer.uscc))
             map_exam(msg, exam_terms[layout])
+            check_radiation_conclusion(msg)
 
         return Channel(
             format="cdc-csv",
@@ -270,6 +295,7 @@ class Pipeline:
             answer=_outcome_answer,
             code_for=ack_code_for,
             answer_type="application/fhir+json",
+            explain=adapter.explain,  # profile problems as the exam's row and column
         )
 
     def _service_report_channel(self) -> Channel:
@@ -437,12 +463,16 @@ class Pipeline:
         """
         from gateway.store.db import savepoint
 
+        lease = float(self.settings.processing_lease) if status == "received" else None
+        if getattr(ch.adapter, "document_key", None) is not None:
+            repeat = self._insert_document(ch, unit, channel, status, lease)
+            if repeat is not None:
+                return repeat
         try:
             sender, message_id = ch.adapter.identify(unit)
         except Exception as exc:  # the unit is still stored; its reading will say what is wrong with it
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
             sender, message_id = "", ""
-        lease = float(self.settings.processing_lease) if status == "received" else None
         db = self.store.db
         joined = db.conn.in_transaction
         try:
@@ -455,6 +485,82 @@ class Pipeline:
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
         return self.store.insert_raw(channel=channel, fmt=ch.format, sender="", message_id="", origin=unit.origin,
                                      raw=unit.data, status=status, lease=lease)
+
+    def _insert_document(self, ch: Channel, unit: RawUnit, channel: str, status: str,
+                         lease: float | None) -> tuple[int, Any] | None:
+        """Store a unit that carries a document (CDA) as a message of its own, and say what earlier requests
+        carrying the same 文档流水号 make of it: (id, None) to work it, (id, :class:`_Repeat`) to answer it from
+        an earlier outcome; None when it has no readable document (stored as any unit is).
+
+        The document's content decides, not the request's bytes: the same content (in any wrapper) is a
+        duplicate of the copy that was stored, filtered or failed; a refused copy is no obstacle (the sender
+        fixed the document and sends it again); other content under a 文档流水号 already stored is refused; a
+        copy being worked now asks the sender to retry. Each request is stored under the key ``文档流水号``
+        (the first) or ``文档流水号#n``, so every request leaves a record. Runs inside the caller's
+        transaction, so that no two processes take the same document as new. A repeat is stored as
+        ``duplicate`` at once (under this process's lease, until its outcome is recorded), so that a crash
+        before then never has it worked as a new document.
+        """
+        try:
+            key = ch.adapter.document_key(unit)
+        except Exception as exc:  # stored as any unit is; its reading will say what is wrong with it
+            _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
+            return None
+        if key is None:
+            return None
+        earlier = self.store.messages_keyed(ch.format, key.sender, key.document_id)
+        repeat: _Repeat | None = None
+        if earlier:
+            kept = self._same_content(ch, unit, key.digest, earlier)
+            kept.sort(key=lambda r: ("stored", "filtered", "failed").index(r.status))
+            busy = [r for r in earlier if r.status in ("received", "queued")]
+            accepted = [r for r in earlier if r.status == "stored"]
+            if kept:
+                repeat = _Repeat(0, "duplicate", kept[0], key.where)
+            elif busy:
+                repeat = _Repeat(0, "busy", busy[-1], key.where)
+            elif accepted:
+                repeat = _Repeat(0, "conflict", accepted[-1], key.where)
+        from gateway.store.db import savepoint
+
+        message_id = key.document_id if not earlier else f"{key.document_id}#{len(earlier) + 1}"
+        if repeat is not None:  # never worked as new, not even after a crash: its outcome is decided now
+            status = "duplicate"
+        db = self.store.db
+        joined = db.conn.in_transaction
+        try:
+            with savepoint(db, "raw"):
+                record_id, existing = self.store.insert_raw(
+                    channel=channel, fmt=ch.format, sender=key.sender, message_id=message_id, origin=unit.origin,
+                    raw=unit.data, status=status, lease=lease)
+        except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError) as exc:
+            if joined and not db.conn.in_transaction:
+                raise
+            _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
+            return None
+        if existing is not None or repeat is None:
+            return record_id, existing
+        repeat.id = record_id
+        return record_id, repeat
+
+    def _same_content(self, ch: Channel, unit: RawUnit, digest: str, earlier: list[Any]) -> list[Any]:
+        """The earlier requests stored, filtered or failed whose document has the content ``digest`` (the same
+        bytes, or read again)."""
+        raw_digest = hashlib.sha256(unit.data).hexdigest()
+        same = []
+        for rec in earlier:
+            if rec.status not in ("stored", "filtered", "failed"):
+                continue  # refused (no obstacle), being worked, or answered from an earlier copy (in the list too)
+            if rec.sha256 != raw_digest:
+                try:
+                    key = ch.adapter.document_key(RawUnit(self.store.raw_of(rec.id), 1, rec.origin))
+                except Exception as exc:
+                    _log_internal(Stage.RECEIVE, ch, unit.index, rec.id, exc)
+                    continue
+                if key is None or key.digest != digest:
+                    continue
+            same.append(rec)
+        return same
 
     def receive_batch(self, ch: Channel, units: list[RawUnit], *, channel: str) -> list[Outcome]:
         """Accept, then process: hold each unit durably and answer it on receipt (MLLP ``mllp_ack = received``).
@@ -616,7 +722,11 @@ class Pipeline:
 
     def _resent(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome | tuple[RawUnit, Outcome]:
         """The answer to a resent unit, or — when its first copy was left unfinished by a process that died —
-        that copy taken over and worked: (its stored unit, its outcome, to be recorded by the caller)."""
+        that copy taken over and worked: (its stored unit, its outcome, to be recorded by the caller).
+        A request repeating a document (:class:`_Repeat`) is answered for itself and recorded as its own
+        message."""
+        if isinstance(existing, _Repeat):
+            return unit, self._repeat(ch, unit, existing)
         label = f"{existing.message_id}" if existing.message_id else f"unit {unit.index}"
         if existing.ack is not None:
             log.info("duplicate format=%s record=%s status=%s", ch.format, existing.id, existing.status)
@@ -631,6 +741,48 @@ class Pipeline:
         if rec.attempts > MAX_ATTEMPTS:
             return stored, self._set_aside(ch, stored, rec.id, rec.attempts)
         return stored, self._work(ch, stored, rec.id)
+
+    def _repeat(self, ch: Channel, unit: RawUnit, repeat: _Repeat) -> Outcome:
+        """The outcome of a request repeating a document, with its answer built for this request (its own
+        message id, envelope and media type): the earlier outcome (duplicate), a refusal (other content
+        under a 文档流水号 already stored) or retry later (the earlier copy is being worked now)."""
+        try:
+            msg = ch.adapter.read(unit)
+        except Exception as exc:
+            _log_internal(Stage.PARSE, ch, unit.index, repeat.id, exc)
+            failed = self._failed(ch, None, Stage.PARSE)
+            failed.record_id = repeat.id
+            failed.answer = self._answer(ch, failed)
+            return failed
+        first = repeat.first
+        document = msg.message_id or first.message_id.partition("#")[0]
+        when = first.received_at[:19].replace("T", " ")
+        if repeat.kind == "conflict":
+            issue = Issue("error", "conflict", repeat.where,
+                          f"文档流水号 {shown(document)} was accepted on {when} (message {first.id}) with other "
+                          "content; a correction is a new document with relatedDocument RPLC naming it", "205")
+            msg.issues = [issue]
+            status, code = Status.REFUSED, "AE"
+        elif repeat.kind == "busy":
+            issue = Issue("error", "duplicate", repeat.where,
+                          f"文档流水号 {shown(document)} is being processed now (message {first.id}); retry later",
+                          "205")
+            msg.issues = [issue]
+            status, code = Status.DUPLICATE, "AE"
+        else:
+            note = Issue("information", "duplicate", repeat.where,
+                         f"文档流水号 {shown(document)} with the same content was received on {when} (message "
+                         f"{first.id}) and {first.status}: not processed again; its outcome follows", "0")
+            earlier = [Issue(str(i.get("severity", "error")), str(i.get("code", "")), str(i.get("location", "")),
+                             str(i.get("message", ""))) for i in first.issues]
+            msg.issues = [note, *earlier]
+            status, code = Status.DUPLICATE, first.ack_code or ch.code_for(msg)
+        msg.filtered = ""
+        log.info("duplicate format=%s record=%s of record=%s: %s", ch.format, repeat.id, first.id, repeat.kind)
+        outcome = Outcome(status, msg.label(), ack_code=code, issues=list(msg.issues), record_id=repeat.id,
+                          message=msg, filtered_reason=first.status if repeat.kind == "duplicate" else "")
+        outcome.answer = self._answer(ch, outcome)
+        return outcome
 
     def _busy(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome:
         """The answer while another live process works the first copy: retry later."""

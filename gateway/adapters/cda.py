@@ -29,7 +29,9 @@ is never part of a recognised result.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from lxml import etree
@@ -50,7 +52,7 @@ from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_
 from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
-__all__ = ["CDAAdapter", "safe_parser", "declares_dtd", "answer_code"]
+__all__ = ["CDAAdapter", "DocumentKey", "safe_parser", "declares_dtd", "answer_code"]
 
 _DTD_MARKERS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY") for enc in ("ascii", "utf-16-le", "utf-16-be"))
 _CODED_TYPES = {"CD", "CE", "CV", "CS", "CO"}
@@ -91,6 +93,11 @@ def answer_code(msg: SourceMessage) -> str:
     if any(e.code in ("not-supported", "structure", "too-long", "security") for e in errors):
         return "AR"
     return "AE"
+
+
+def _unit_key(unit: str) -> str:
+    """A unit as compared for agreement: without spaces, case folded, micro sign as u."""
+    return "".join(unit.split()).casefold().replace("μ", "u").replace("µ", "u")
 
 
 def _localname(el: Any) -> str:
@@ -279,7 +286,10 @@ class _Layout:
                 else:
                     candidates = sequences.get(seq, [])
                     before = [i for i in candidates if order[i] < order[el]]
-                    owner = before[-1] if before else (candidates[0] if len(candidates) == 1 else None)
+                    # an only item owns the parts around it, but never a result before it (a result or unit
+                    # ahead of every 检验项目代码 is an orphan, however many items follow)
+                    alone = len(candidates) == 1 and kind not in _RESULT_PARTS
+                    owner = before[-1] if before else (candidates[0] if alone else None)
             if owner is None:
                 errors.append(Issue("error", "structure", _path(el),
                                     f"{_PART_NAMES.get(kind, kind)} entry belongs to no 检验项目: no 检验项目代码 "
@@ -304,8 +314,21 @@ class _Layout:
         return [items[el] for el in item_nodes]
 
 
+#: Parts that carry the result itself: never given to an item that comes after them.
+_RESULT_PARTS = ("quantity", "unit")
 _PART_NAMES = {"name": "检验项目名称", "result_code": "检验结果代码", "quantity": "检验定量结果", "unit": "计量单位",
                "specimen": "标本类别", "specimen_state": "标本状态"}
+
+
+@dataclass(frozen=True)
+class DocumentKey:
+    """A document as duplicate detection sees it: who keeps it, its 文档流水号, the digest of its content and
+    where its 文档流水号 is (an XPath)."""
+
+    sender: str
+    document_id: str
+    digest: str
+    where: str = field(default="", compare=False)
 
 
 class CDAAdapter:
@@ -353,6 +376,20 @@ class CDAAdapter:
         custodian = self.reader.value(root, self.header.get("custodian_id", "hl7:custodian//hl7:id/@extension"))
         doc_id = self.reader.value(root, self.header.get("document_id", "hl7:id/@extension"))
         return custodian.value, doc_id.value
+
+    def document_key(self, unit: RawUnit) -> DocumentKey | None:
+        """What tells a resent document apart: custodian, 文档流水号 and a digest of the document's content
+        (exclusive XML canonical form, so the same document carried bare, in a v3 message or in SOAP, as an
+        element, escaped text or base64, has the same digest). None when no document can be read."""
+        root, _, _ = self._parse(unit.data)
+        if root is None:
+            return None
+        custodian = self.reader.value(root, self.header.get("custodian_id", "hl7:custodian//hl7:id/@extension"))
+        doc_id = self.reader.value(root, self.header.get("document_id", "hl7:id/@extension"))
+        if not doc_id:
+            return None
+        canonical = etree.tostring(root, method="c14n", exclusive=True, with_comments=False)
+        return DocumentKey(custodian.value, doc_id.value, hashlib.sha256(canonical).hexdigest(), doc_id.where)
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -741,14 +778,7 @@ class CDAAdapter:
         r = self.reader
         spec = self.table.get("item", {})
         value = r.element(obs, "hl7:value")
-        unit = r.value(obs, spec["unit"]) if "unit" in spec else _Found("", "")
-        if own_unit:
-            if unit and unit.value != own_unit.value:
-                msg.issues.append(Issue("error", "value", own_unit.where,
-                                        f"计量单位 {shown(own_unit.value)} contradicts the unit {shown(unit.value)} "
-                                        f"inside the 检验定量结果 at {unit.where}: the unit of the value is "
-                                        "ambiguous", "102"))
-            unit = unit or own_unit
+        unit = self._unit(obs, value, msg, own_unit)
         if value is not None:
             xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
             res.where["value"] = _path(value)
@@ -763,8 +793,8 @@ class CDAAdapter:
                                                 f"({xsi or 'REAL'})", "102"))
                     else:
                         res.value_kind, res.value = "quantity", q
-                if xsi == "PQ" and value.get("unit") and not unit:
-                    unit = _Found(value.get("unit").strip(), f"{_path(value)}/@unit")
+            elif xsi == "IVL_PQ":
+                self._interval(value, msg, res)
             elif xsi in _CODED_TYPES:
                 coded = self._coded(value)
                 if coded:
@@ -784,6 +814,82 @@ class CDAAdapter:
             if flag:
                 res.flags.append(flag.value)
                 res.where.setdefault("flags", flag.where)
+
+    def _interval(self, value: Any, msg: SourceMessage, res: ResultFacts) -> None:
+        """An IVL_PQ 检验定量结果: one bound is a quantity with a comparator (``<high value="0.05"
+        inclusive="false"/>`` is "<0.05", as HL7 v2 SN ``<^0.05``); both bounds are a range."""
+        bounds: dict[str, tuple[Any, Any]] = {}
+        for el in value:
+            name = _localname(el) if isinstance(el.tag, str) else ""
+            if name in ("center", "width"):
+                msg.issues.append(Issue("error", "not-supported", _path(el),
+                                        f"an IVL_PQ 检验定量结果 given by its {name} is not taken: send low and/or "
+                                        "high", "102"))
+                return
+            if name not in ("low", "high") or name in bounds or el.get("value") is None:
+                continue
+            raw = (el.get("value") or "").strip()
+            q = parse_number(raw)
+            if q is None or q.comparator:
+                problem = "is not a plain number (the bound itself says < or >)" if q else number_problem(raw)
+                msg.issues.append(Issue("error", "value", f"{_path(el)}/@value",
+                                        f"{shown(raw)} {problem} for 检验定量结果 (IVL_PQ {name})", "102"))
+                return
+            bounds[name] = (q, el)
+        if not bounds:
+            msg.issues.append(Issue("error", "value", _path(value),
+                                    "IVL_PQ 检验定量结果 has neither a low nor a high value", "102"))
+            return
+        if len(bounds) == 2:
+            (low, low_el), (high, high_el) = bounds["low"], bounds["high"]
+            open_ends = [el for el in (low_el, high_el) if (el.get("inclusive") or "").strip() == "false"]
+            if open_ends:
+                msg.issues.append(Issue("error", "value", f"{_path(open_ends[0])}/@inclusive",
+                                        "an IVL_PQ 检验定量结果 with both bounds and an excluded one cannot be "
+                                        "carried (a FHIR Range includes its bounds)", "102"))
+                return
+            if low.value > high.value:
+                msg.issues.append(Issue("error", "value", _path(value),
+                                        f"IVL_PQ 检验定量结果 low {low.value} is above high {high.value}", "102"))
+                return
+            res.value_kind, res.value = "range", (low, high)
+            res.where["value"] = _path(value)
+            return
+        [(name, (q, el))] = bounds.items()
+        inclusive = (el.get("inclusive") or "true").strip() != "false"
+        q.comparator = ("<=" if inclusive else "<") if name == "high" else (">=" if inclusive else ">")
+        res.value_kind, res.value = "quantity", q
+        res.where["value"] = f"{_path(el)}/@value"
+
+    def _unit(self, obs: Any, value: Any, msg: SourceMessage, own_unit: _Found | None) -> _Found:
+        """The unit of the 检验定量结果 ``obs``, wherever the sender put it: the ``unit`` of its PQ value, a
+        计量单位 nested in it, a 计量单位 entry of the item (``own_unit``). When two of them disagree the
+        document is refused, naming both by XPath: one wrong unit makes a different result."""
+        spec = self.table.get("item", {})
+        places: list[tuple[_Found, str]] = []
+        xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper() if value is not None else ""
+        if value is not None and xsi in ("PQ", "IVL_PQ"):
+            for el in [value, *value]:  # a PQ, or the bounds of an IVL_PQ
+                if isinstance(el.tag, str) and (el.get("unit") or "").strip():
+                    places.append((_Found(el.get("unit").strip(), f"{_path(el)}/@unit"), "of the 检验定量结果 value"))
+        nested = self.reader.value(obs, spec["unit"]) if "unit" in spec else _Found("", "")
+        if nested:
+            places.append((nested, "of the 计量单位 inside the 检验定量结果"))
+        if own_unit:
+            places.append((own_unit, "of the item's 计量单位 entry"))
+        if len(places) > 1:  # unit="1" is the PQ's default (no unit given), not a claim against a 计量单位
+            places = [p for p in places if p[1] != "of the 检验定量结果 value" or p[0].value != "1"] or places
+        if not places:
+            return _Found("", "")
+        first, what = places[0]
+        for other, _ in places[1:]:
+            if _unit_key(other.value) != _unit_key(first.value):
+                msg.issues.append(Issue("error", "value", other.where,
+                                        f"计量单位 {shown(other.value)} contradicts the unit {shown(first.value)} "
+                                        f"{what} at {first.where}: the unit of the value is ambiguous", "102"))
+                break
+        # a 计量单位 entry names the unit as the standard has it; the PQ attribute is read when it is all there is
+        return next((f for f, w in places if w != "of the 检验定量结果 value"), first)
 
     def _range(self, rng: Any) -> str:
         text = self.reader.value(rng, "hl7:text")
@@ -817,3 +923,87 @@ class CDAAdapter:
             report.conclusion = result.value
         if not report.conclusion and report.conclusion_codes:
             report.conclusion = "；".join(c.display or c.code for c in report.conclusion_codes)
+
+
+# -- profile problems by XPath -----------------------------------------------------------------
+
+
+def explain_issues(msg: SourceMessage, bundle: dict[str, Any], issues: list[Issue], table: dict[str, Any],
+                   structure: dict[str, Any]) -> list[Issue]:
+    """Problems the profile check found on the converted report, located by XPath for the CDA sender.
+
+    ``table`` is ``mappings/cda/fhir-xpaths.yaml``, ``structure`` the document's structure table. Each
+    problem located at ``Bundle.entry[n].resource...`` is traced to the record (item, patient, report) the
+    resource was built from, and its element to where in the document it was read: ``/ClinicalDocument/
+    recordTarget/patientRole/patient/administrativeGenderCode/@code and .../id[@root='2.16.156.10011.1.3']/
+    @extension do not give a sex agreeing with digit 17 of the 身份证号``. A problem that cannot be traced is
+    located at the document (or the record it came from) with its FHIR path cut out of the text; the FHIR
+    path is kept in ``extra["fhir_path"]``, never in the answer.
+    """
+    from gateway.adapters.hl7v2 import _ENTRY_PATH, _FHIR_PATH, _INDEX, _INVARIANT, _joined, _sources
+
+    sources = _sources(msg)
+    entries = bundle.get("entry") or []
+    elements: dict[str, list[dict[str, Any]]] = table.get("elements", {})
+    invariants: dict[str, dict[str, Any]] = table.get("invariants", {})
+    root = msg.reports[0].location if msg.reports else "/ClinicalDocument"
+    out: list[Issue] = []
+    for issue in issues:
+        text = _FHIR_PATH.sub("", issue.message).strip()
+        m = _ENTRY_PATH.match(issue.location or "")
+        kind, record, report, rule = "", None, None, None
+        if m and int(m.group(1)) < min(len(sources), len(entries)):
+            kind, record, report = sources[int(m.group(1))]
+            if entries[int(m.group(1))].get("resource", {}).get("resourceType") != kind:
+                kind, record, report = "", None, None
+        if kind:
+            path = _INDEX.sub("", m.group(2) or "") if m else ""
+            inv = _INVARIANT.match(issue.message)
+            if not path and inv:
+                rule = invariants.get(inv.group(1))
+            elif path:
+                rule = next((r for r in elements.get(kind, []) if path.startswith(str(r["path"]))), None)
+        if report is None and msg.reports:
+            report = msg.reports[0]
+        places = _xpaths_of([str(p) for p in rule["places"]], kind, record, report, root, structure) if rule else []
+        extra = {**issue.extra, "fhir_path": issue.location}
+        if places:
+            what = rule["what"] if rule else ""
+            if issue.code == "required" and not _INVARIANT.match(issue.message):
+                message = f"{'is' if len(places) == 1 else 'are'} empty: {what} is required"
+            else:
+                message = f"{'does' if len(places) == 1 else 'do'} not give {what}: {text}"
+            out.append(Issue(issue.severity, issue.code, _joined(places), message, issue.hl7_error, extra))
+            continue
+        where = (getattr(record, "location", "") if record is not None else "") or root
+        out.append(Issue(issue.severity, issue.code, where,
+                         f"the converted report fails a profile rule no part of the document is mapped to: {text}",
+                         issue.hl7_error, extra))
+    return out
+
+
+def _xpaths_of(places: list[str], kind: str, record: Any, report: ReportFacts | None, root: str,
+               structure: dict[str, Any]) -> list[str]:
+    """XPaths of ``places`` (``header.KEY``, ``section.KEY``, ``result.FACT``) for the record a resource came
+    from."""
+    out: list[str] = []
+    header: dict[str, Any] = structure.get("header", {})
+    for place in places:
+        scope, _, key = place.partition(".")
+        if scope in ("header", "section"):
+            paths = (header if scope == "header" else structure.get("sections", {})).get(key)
+            first = paths[0] if isinstance(paths, list) and paths else paths
+            patient = getattr(record, "where", {}) if kind == "Patient" else {}
+            if key in patient:  # where the fact was actually read
+                out.append(str(patient[key]))
+            elif isinstance(first, str) and first:
+                out.append(_plain_join(root, first))
+        elif scope == "result":
+            results = [record] if kind == "Observation" else (report.results[:2] if report is not None else [])
+            for res in results:
+                found = res.where.get(key)
+                if found:
+                    out.append(str(found))
+                elif kind == "Observation":
+                    out.append(str(res.location))
+    return list(dict.fromkeys(out))

@@ -166,6 +166,11 @@ def unwrap(root: Any, parse: Parse, taken: list[str], depth: int = 0) -> tuple[A
         return None, env, [Issue("error", "not-supported", where,
                                  f"HL7 v3 interaction {shown(env.interaction)} is not taken here; this channel "
                                  f"takes {', '.join(taken)} carrying a WS/T 500.7 检验报告 ClinicalDocument", "200")]
+    declared = [str(v).strip() for v in node.xpath("v3:interactionId/@extension", namespaces=ns)]
+    if declared and declared[0] != env.interaction:
+        return None, env, [Issue("error", "not-supported", f"{where}/interactionId/@extension",
+                                 f"the interactionId {shown(declared[0][:_ID_CHARS])} is not the message's type "
+                                 f"{env.interaction}: the message cannot be read as a {env.interaction}", "200")]
     if not env.message_id:
         return None, env, [Issue("error", "required", f"{where}/id/@extension",
                                  "the message has no id (消息流水号): it cannot be acknowledged", "101")]

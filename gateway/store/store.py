@@ -192,6 +192,14 @@ class Store:
                 raise
             return existing.id, existing
 
+    def messages_keyed(self, fmt: str, sender: str, key: str) -> list[MessageRecord]:
+        """Every message of ``fmt`` from ``sender`` whose id is ``key`` or ``key#n``, oldest first: the requests
+        that carried one document (a CDA 文档流水号), each stored under a key of its own."""
+        like = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "#%"
+        return [self._record(row) for row in self.db.query(
+            "SELECT * FROM messages WHERE format = ? AND sender = ? AND (message_id = ? OR message_id LIKE ?"
+            " ESCAPE '\\') ORDER BY id", [fmt, sender, key, like])]
+
     def _epoch(self) -> float:
         """Now, in epoch seconds, for leases (the store's clock: tests decide what time it is)."""
         return self.clock().timestamp()
