@@ -356,9 +356,19 @@ def test_csv_export_is_the_page_table(world: World, open_page: Opener, tmp_path:
     raw = saved.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf"), "a BOM, so Excel shows the Chinese"
     rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
-    exported = {(r["table"], r["key"]): {k: r[k] for k in FIELDS.values()} for r in rows
-                if r["table"] not in ("refusals_by_rule", "overrides_by_reason")}
+    ranked = ("refusals_by_rule", "overrides_by_reason", "savings_yuan_by_item", "hr_items_by_issuer")
+    exported = {(r["table"], r["key"]): {k: r[k] for k in FIELDS.values()} for r in rows if r["table"] not in ranked}
     assert exported == _shown_tables(page)
+    # savings per item and province, and HR items per institution, as the page shows them
+    savings = {(f["item"], f["province"]): f.get("value", f["text"]) for f in browser.figures(page, "savings-yuan")}
+    assert savings and savings == {tuple(r["key"].split("|")): f"{float(r['count']):.2f}" for r in rows
+                                   if r["table"] == "savings_yuan_by_item"}
+    want = json.loads(_cli(world.fuling_dir, "audit", "stats", "--date", f"ge{MONTH}", "--date", f"le{MONTH}",
+                           "--json"))["hr_items"]["by_issuer"]
+    assert want and {f["issuer"]: int(f.get("value", f["text"])) for f in browser.figures(page, "hr-results")} == {
+        g["key"]: g["results"] for g in want}  # a result carrying two marks is one result
+    assert {r["key"]: int(r["count"]) for r in rows if r["table"] == "hr_items_by_issuer"} == {
+        f"{g['key']}|{mark}": n for g in want for mark, n in g["by_mark"].items()}
     assert ({r["key"]: r["count"] for r in rows if r["table"] == "refusals_by_rule"},
             {r["key"]: r["count"] for r in rows if r["table"] == "overrides_by_reason"}) == _ranked(page)
     names = {(r["table"], r["key"]): r["name"] for r in rows}

@@ -182,7 +182,11 @@ def test_adapter_golden_outputs_conform(guide: Guide, path: Path | None) -> None
     bundle = load(path)
     assert sd_url("cyhr-report-bundle") in bundle["meta"]["profile"]
     issues = guide.validate(bundle)
-    assert [i.line() for i in issues] == []
+    assert [i.line() for i in issues if i.severity == "error"] == []
+    # a warning our profile gives a golden Bundle is one the sender was told, as its reviewed .problems file shows
+    told = (path.parent / f"{path.name.split('.')[0]}.problems").read_text(encoding="utf-8")
+    for issue in issues:
+        assert issue.extra["rule"].split("@")[0] in told, issue.line()
 
 
 # ------------------------------------------------------------------ validator behaviour
