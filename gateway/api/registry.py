@@ -27,7 +27,8 @@ from flask import Blueprint, Flask, Response, current_app, request
 from gateway import jsonutil
 from gateway.errors import ConfigError, InputError, NotFound
 from gateway.recognition.engine import decide_all
-from gateway.recognition.facts import facts_from_bundle, with_superseded
+from gateway.recognition.facts import with_superseded
+from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.fhir import decision_parameters, parse_recognize_parameters
 from gateway.audit.events import decided
 from gateway.auth import require_role
@@ -179,7 +180,8 @@ def recognize() -> Response:
     bundle, receiver, at = parse_recognize_parameters(parse_json(request.get_data()))
     at = at or state.clock()
     snapshot = state.holder.snapshot_at(at)
-    facts = facts_from_bundle(bundle)
+    # the Bundle is a part of Parameters: its signature is checked over its own canonical text
+    facts = facts_to_decide(jsonutil.dumps(bundle).encode("utf-8"), bundle, snapshot, at)
     if state.database is None:
         decisions = decide_all(facts, snapshot, receiver, at)
     else:

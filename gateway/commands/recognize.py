@@ -33,7 +33,8 @@ from gateway.recognition.engine import (
     Decision,
     decide_all,
 )
-from gateway.recognition.facts import facts_from_bundle, with_superseded
+from gateway.recognition.facts import with_superseded
+from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.overrides import RETEST_REASONS, RETIRED_RETEST_REASONS, make_override
 from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
 from gateway.registry.models import Snapshot
@@ -129,7 +130,7 @@ def recognize(
     with one_line_errors():
         snapshot = verify_snapshot(_read(registry_path), authority_certificates(authority), moment)
         document = parse_json(data)
-        facts = facts_from_bundle(document)
+        facts = facts_to_decide(data, document, snapshot, moment)
         stored = None
         if not db_path:
             decisions = decide_all(facts, snapshot, receiver, moment)
@@ -241,10 +242,13 @@ def override_cmd(decision_id: str, db_path: str | None, reason: str, physician: 
     with one_line_errors():
         db = connect(db_path)
         try:
-            override_id = add_override(db, make_override(decision_id, reason, physician, now_cst(), note))
+            override = make_override(decision_id, reason, physician, now_cst(), note)
+            override_id = add_override(db, override)
         finally:
             db.conn.close()
-    click.echo(f"override {override_id} recorded for decision {decision_id}: {reason} ({RETEST_REASONS[reason].zh})")
+    # the stored code: a retired one (other) is recorded as the code it now is (other-necessary)
+    click.echo(f"override {override_id} recorded for decision {decision_id}: {override.reason} "
+               f"({RETEST_REASONS[override.reason].zh})")
 
 
 @decisions.command("reasons")
