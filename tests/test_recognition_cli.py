@@ -112,6 +112,13 @@ def test_json_and_storage(demo_dir: Path, tmp_path: Path) -> None:
     assert stored["outcome"] == "recognized" and stored["overrides"][0]["reason"] == "appraisal"
     as_json = runner.invoke(decisions, ["list", "--db", str(db), "--item", "CY-O001", "--json"])
     assert json.loads(as_json.output)["decisions"][0]["overrides"][0]["physician"]["value"] == "DEMO-500102-D077"
+    # the retired code `other` is still taken; what is printed is what is stored
+    retired = runner.invoke(decisions, ["override", decision_id, "--db", str(db), "--reason", "other",
+                                        "--physician", "DEMO-500102-D077"])
+    assert retired.exit_code == 0, retired.output
+    assert retired.output.rstrip().endswith(": other-necessary (其他情形确需复查的)"), retired.output
+    stored = json.loads(runner.invoke(decisions, ["show", decision_id, "--db", str(db)]).output)
+    assert [o["reason"] for o in stored["overrides"]] == ["appraisal", "other-necessary"]
 
 
 def test_at_defaults_to_now_and_is_printed(demo_dir: Path) -> None:

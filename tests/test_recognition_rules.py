@@ -151,6 +151,13 @@ def hazard(code: str, name: str, category: str | None) -> dict[str, Any]:
     return {"url": f"{IG}/StructureDefinition/hazard-factor", "extension": parts}
 
 
+def named_hazard(name: str, category: str | None) -> dict[str, Any]:
+    """A factor coded only by its name (a Bundle from a system that does not use CodeSystem hazard-factor codes)."""
+    factor = hazard("", name, category)
+    del factor["extension"][0]["valueCoding"]["code"]
+    return factor
+
+
 def set_factors(*factors: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     def run(b: dict[str, Any]) -> None:
         report = first(b, "DiagnosticReport")
@@ -734,6 +741,44 @@ CASES = [
         "not-evaluable",
         change_bundle=set_factors(hazard("DEMO-HF-SILICA", "矽尘", None)),
     ),
+    # a filing that lists factors of a class: a factor named by a catalogue name or alias (铅 is lead) is that factor
+    Case(
+        "filing.factor-by-alias-only",
+        "cdc",
+        "ZJ-XP",
+        "occupational-filing",
+        "passed",
+        change_bundle=set_factors(named_hazard("铅", "chemical")),
+        change_registry=lambda d: qualification(d, "cdc-filing").update(factors=["lead"]),
+    ),
+    Case(
+        "filing.factor-coded-by-alias",
+        "cdc",
+        "ZJ-XP",
+        "occupational-filing",
+        "passed",
+        change_bundle=set_factors(hazard("铅烟", "铅烟", "chemical")),
+        change_registry=lambda d: qualification(d, "cdc-filing").update(factors=["lead"]),
+    ),
+    Case(
+        "filing.alias-of-another-factor",
+        "cdc",
+        "ZJ-XP",
+        "occupational-filing",
+        "failed",
+        change_bundle=set_factors(named_hazard("苯", "chemical")),
+        change_registry=lambda d: qualification(d, "cdc-filing").update(factors=["lead"]),
+        message="苯",
+    ),
+    Case(
+        "filing.name-not-in-catalogue",
+        "cdc",
+        "ZJ-XP",
+        "occupational-filing",
+        "not-evaluable",
+        change_bundle=set_factors(named_hazard("某种演示溶剂", "chemical")),
+        change_registry=lambda d: qualification(d, "cdc-filing").update(factors=["lead"]),
+    ),
     Case("filing.not-for-lab-reports", "tj", "WBC", "occupational-filing", "absent"),
     # occupational-physician: the 主检医师 holds the matching diagnosis qualification on the exam date
     Case("physician.qualified", "cdc", "ZJ-TL", "occupational-physician", "passed", "recognized"),
@@ -779,6 +824,28 @@ CASES = [
         "occupational-physician",
         "failed",
         change_registry=lambda d: d["diagnosis_categories"].update(by_factor={"DEMO-HF-NOISE": ["eye"]}),
+    ),
+    Case(
+        "physician.by-factor-category-of-an-alias",
+        "cdc",
+        "ZJ-XP",
+        "occupational-physician",
+        "failed",
+        change_bundle=set_factors(named_hazard("铅", "chemical")),
+        change_registry=lambda d: d["diagnosis_categories"].update(by_factor={"lead": ["eye"]}),
+        message="铅 (eye)",
+    ),
+    Case(
+        "physician.staff-id-of-another-member",
+        "cdc",
+        "ZJ-XP",
+        "occupational-physician",
+        "failed",
+        "not-recognized",
+        change_bundle=set_report(
+            resultsInterpreter=[{"identifier": {"system": "urn:oid:2.16.156.10011.1.4", "value": "DEMO-511623-D001"}}]
+        ),
+        message=f"no physician is registered at 四川省疾病预防控制中心（演示） ({CDC}) under staff id DEMO-511623-D001",
     ),
     Case(
         "physician.not-named",

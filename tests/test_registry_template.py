@@ -52,6 +52,9 @@ def test_template_lists_members_and_builds(runner: CliRunner, authority_and_memb
            "--member", str(tmp / f"{TJ}.cert.pem"), "http://127.0.0.1:8081/",
            "--member", str(tmp / f"{FL}.cert.pem"), "https://fuling.example.cn/fhir", "--out", str(source))
     body = load_source(source).body  # the ordinary checks pass as written
+    # the comment beside each member's kind lists every kind the schema allows
+    assert "kind: hospital    # hospital, cdc, independent-lab, exam-centre, primary-care or technical-service" in \
+        source.read_text(encoding="utf-8")
     members = {m["uscc"]: m for m in body["members"]}
     assert members[TJ]["endpoint"] == "http://127.0.0.1:8081" and members[TJ]["name"] == "通江县人民医院"
     assert members[TJ]["division"] == "511921" and members[FL]["division"] == "500102"

@@ -29,6 +29,7 @@ CST = _dt.timezone(_dt.timedelta(hours=8))
 SAMPLES = DATA / "service-report"
 YUAN, YUAN_NAME = "91500105MA5U0A1B2R", "重庆渝安职业卫生技术服务有限公司（演示）"
 FL = "12500102MB0002006J"
+CDC, CDC_NAME = "12510000MB00030095", "四川省疾病预防控制中心（演示）"
 NOW = _dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST)
 STEMS = ("yuan-occupational-hazard-testing", "yuan-radiation-protection-testing", "yuan-personal-dose-monitoring")
 
@@ -208,6 +209,39 @@ def test_a_qualification_not_approved_by_a_chuanyu_authority_is_not_recognised(y
     d = decision(yuan, other, "yuan-occupational-hazard-testing")
     rule = d.rule("technical-service-qualification")
     assert d.outcome == "not-recognized" and rule.status == "failed" and "川渝" in rule.message
+
+
+def test_a_nationally_approved_jia_qualification_counts_across_chuanyu(snapshot, tmp_path: Path) -> None:
+    """甲级 qualifications are approved by the national commission and valid nationwide: the DEMO CDC's 甲级 职业卫生
+    qualification (no province, level national) covers its report; a 乙级 one needs a 川渝 authority."""
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "cdc"), "issuer_uscc": CDC,
+                                                    "issuer_name": CDC_NAME})
+    cdc = Pipeline(settings, clock=Clock(NOW))
+    try:
+        body = json_body("yuan-occupational-hazard-testing", issuer={"name": CDC_NAME, "uscc": CDC},
+                         report_number="CDC-JC-2026-0007", qualification_number="DEMO-ZWJ-NAT-0001")
+        facts = facts_from_bundle(converted(cdc, body).bundle)
+    finally:
+        cdc.close()
+    d = decide(facts[0], snapshot, FL, NOW)
+    rule = d.rule("technical-service-qualification")
+    assert d.outcome == "recognized" and rule.status == "passed", (rule.message, [r.to_dict() for r in d.rules])
+    assert "national approval, valid nationwide" in rule.message and rule.facts["qualification"]["id"] == "cdc-ohs"
+    assert rule.facts["qualification"]["national_approval"] is True
+
+    # the same qualification graded 乙 (a provincial grade) with no 川渝 province is not enough
+    quals = tuple(dataclasses.replace(q, grade="乙") if q.id == "cdc-ohs" else q for q in snapshot.qualifications)
+    other = copy.copy(snapshot)
+    other.qualifications = quals
+    rule = decide(facts[0], other, FL, NOW).rule("technical-service-qualification")
+    assert rule.status == "failed" and "乙级 qualifications are approved by a province" in rule.message
+    # a 甲级 marked as approved by a province outside 川渝 is not national either
+    quals = tuple(dataclasses.replace(q, authority_name="广东省卫生健康委员会（演示）", authority_province="44",
+                                      authority_level="provincial") if q.id == "cdc-ohs" else q
+                  for q in snapshot.qualifications)
+    other.qualifications = quals
+    rule = decide(facts[0], other, FL, NOW).rule("technical-service-qualification")
+    assert rule.status == "failed" and "not by the national health commission" in rule.message
 
 
 def test_a_report_that_names_no_qualification_needs_review(yuan, snapshot) -> None:

@@ -139,13 +139,14 @@ def _template(authority: x509.Certificate, members: list[tuple[x509.Certificate,
         f"  name: {_yaml_text(name_of(authority) or '')}",
         "members:" if members else "members: []    # give --member CERT ENDPOINT for each member",
     ]
+    kinds = source_schema()["$defs"]["member"]["properties"]["kind"]["enum"]
     for cert, path, endpoint in members:
         uscc = uscc_of(cert) or ""
         lines += [
             f"  - uscc: {_yaml_text(uscc)}",
             f"    name: {_yaml_text(name_of(cert) or '')}",
             f"    division: {_yaml_text(uscc[2:8])}    # GB/T 2260 division (the USCC's registration division)",
-            "    kind: hospital    # hospital, cdc, independent-lab, exam-centre or primary-care",
+            f"    kind: hospital    # {', '.join(kinds[:-1])} or {kinds[-1]}",
             "    # the hospital level is dated: a hospital-grade qualification (grade: 三级甲等, valid_from/valid_to)",
             f"    endpoint: {_yaml_text(endpoint)}    # the member gateway's public_url",
             f"    valid_from: {_yaml_text(today.isoformat())}",

@@ -36,7 +36,7 @@ from typing import Any
 from gateway.errors import InputError
 from gateway.identifiers import check_uscc
 from gateway.naming import IG_BASE
-from gateway.recognition.facts import ResultFacts
+from gateway.recognition.facts import HazardFactor, ResultFacts
 from gateway.registry.models import (
     CN_TZ,
     CatalogueItem,
@@ -48,6 +48,7 @@ from gateway.registry.models import (
     Member,
     Snapshot,
     china_date,
+    service_scope_words,
 )
 from gateway.registry.policy import (
     catalogue_items_for,
@@ -57,6 +58,7 @@ from gateway.registry.policy import (
     filing_covers,
     physician_qualified,
 )
+from gateway.registry.reference import resolve_factor
 
 __all__ = [
     "RECOGNIZED",
@@ -151,9 +153,11 @@ RULES: dict[str, RuleInfo] = {
         ),
         RuleInfo(
             "technical-service-qualification",
-            "报告日出具机构持有覆盖该服务类型的有效甲/乙级技术服务资质，且由川渝卫生健康行政部门审批或备案",
+            "报告日出具机构持有覆盖该服务类型的有效甲/乙级技术服务资质：甲级由国家卫生健康委员会审批（全国有效）"
+            "或由川渝卫生健康行政部门审批，乙级由川渝卫生健康行政部门审批或备案",
             "On the report date the issuer holds a valid 甲/乙 technical-service qualification covering the "
-            "service, approved or filed by a 川渝 (Sichuan or Chongqing) health authority",
+            "service: a 甲级 one approved by the national health commission (valid nationwide) or by a 川渝 "
+            "(Sichuan or Chongqing) health authority, a 乙级 one approved or filed by a 川渝 health authority",
         ),
         RuleInfo(
             "reading-signature",
@@ -615,6 +619,18 @@ def _exam_day(ctx: _Context) -> tuple[_dt.date | None, str | None]:
     return None, parsed or "the exam date is missing"
 
 
+def _catalogue_factor(factor: HazardFactor, entry: dict[str, Any]) -> str | None:
+    """The factor code the rules look up: a factor written by a name or alias of 《职业病危害因素分类目录》 (铅, with
+    no code or as its code) is that catalogue factor; ``entry`` (the decision's facts) records one found so. The
+    exposure category is the one sent."""
+    hit, how = resolve_factor(factor.code, factor.name)
+    if hit is None or how == "code":
+        return factor.code
+    entry["catalogue_factor"] = hit.code
+    entry["found_by"] = how
+    return hit.code
+
+
 def _rule_filing(ctx: _Context) -> RuleResult:
     rid = "occupational-filing"
     day, problem = _exam_day(ctx)
@@ -628,11 +644,12 @@ def _rule_filing(ctx: _Context) -> RuleResult:
     for factor in factors:
         entry: dict[str, Any] = {"factor": factor.code, "name": factor.name, "category": factor.category}
         label = factor.name or factor.code or "?"
+        code = _catalogue_factor(factor, entry)
         if factor.category not in EXPOSURE_CATEGORIES:
             unknown.append(label)
         else:
             # A filing that lists factors of the class covers those only; one that lists none covers the class.
-            found = filing_covers(ctx.snapshot, ctx.facts.issuer_uscc, factor.category, factor.code, day)
+            found = filing_covers(ctx.snapshot, ctx.facts.issuer_uscc, factor.category, code, day)
             entry["filing"] = found.filing.id if found.filing else None
             entry["covered_by"] = found.by
             if found.filed_factors:
@@ -696,10 +713,18 @@ def _rule_physician(ctx: _Context) -> RuleResult:
             return _r(rid, FAILED, f"the 主检医师 {named.name or named.id} is not registered to practise at the issuer "
                       f"on {day} (registered {periods})（主检医师在体检日未在该机构执业注册）", **info)
     assert physician is not None  # a staff id, or the registration's when named by 身份证号
+    issuer = ctx.facts.issuer_uscc
+    if named is None and not any(q.member == issuer and q.physician_id == physician
+                                 for q in ctx.snapshot.qualifications):
+        # neither a registered physician (多点执业) nor one of the issuer's own per-physician entries
+        where = f"{ctx.issuer.name} ({issuer})" if ctx.issuer else issuer
+        return _r(rid, FAILED, f"no physician is registered at {where} under staff id {physician} in registry "
+                  f"snapshot {ctx.snapshot.version}（该机构无此医务人员ID的登记医师）", **info)
     checked, lacking, unmapped = [], [], []
     for factor in factors:
-        categories = diagnosis_categories_for(ctx.snapshot, factor.code, factor.category)
-        entry: dict[str, Any] = {"factor": factor.code, "category": factor.category, "needs_any_of": list(categories)}
+        entry: dict[str, Any] = {"factor": factor.code, "category": factor.category}
+        categories = diagnosis_categories_for(ctx.snapshot, _catalogue_factor(factor, entry), factor.category)
+        entry["needs_any_of"] = list(categories)
         found = None
         for category in categories:
             found = physician_qualified(
@@ -723,15 +748,6 @@ def _rule_physician(ctx: _Context) -> RuleResult:
     return _r(rid, PASSED, f"the 主检医师 is qualified for every hazard factor on {day}", **info)
 
 
-#: Scope words a technical-service qualification may list for each service type (its code, its name, the short
-#: name certificates print under 业务范围).
-_SERVICE_SCOPE_WORDS: dict[str, tuple[str, ...]] = {
-    "occupational-hazard-testing": ("检测", "职业病危害因素检测"),
-    "occupational-hazard-status-evaluation": ("现状评价", "职业病危害现状评价"),
-    "radiation-protection-testing": ("放射卫生防护检测", "放射防护检测"),
-    "radiation-project-evaluation": ("放射诊疗建设项目职业病危害放射防护评价", "放射防护评价"),
-    "personal-dose-monitoring": ("个人剂量监测", "个人剂量检测"),
-}
 _CHUANYU_PROVINCES = ("50", "51")
 
 
@@ -773,15 +789,21 @@ def _rule_service_qualification(ctx: _Context) -> RuleResult:
     if not q.valid_on(day):
         state = q.status if q.status != "active" else "expired or not yet valid"
         return _r(rid, FAILED, f"qualification {q.number} ({q.grade}级) is not valid on {day} ({state})", **info)
-    words = _SERVICE_SCOPE_WORDS[service] + (service, TECHNICAL_SERVICE_TYPES[service][0])
-    if q.scope and not any(w in q.scope for w in words):
+    if q.scope and not any(w in q.scope for w in service_scope_words(service)):
         return _r(rid, FAILED, f"the 业务范围 of qualification {q.number} ({', '.join(q.scope)}) does not cover "
                   f"{TECHNICAL_SERVICE_TYPES[service][0]}", **info)
-    if q.authority_province not in _CHUANYU_PROVINCES:
-        return _r(rid, FAILED, f"qualification {q.number} was approved by {q.authority_name}, not by a 川渝 "
-                  "(Sichuan or Chongqing) health authority", **info)
+    # 甲级 is approved by the national health commission and valid nationwide; 乙级 by a province, valid there.
+    national = q.authority_province not in _CHUANYU_PROVINCES and q.grade == "甲" and q.nationally_approved
+    info["qualification"]["national_approval"] = q.nationally_approved
+    if q.authority_province not in _CHUANYU_PROVINCES and not national:
+        needs = ("the national health commission (valid nationwide) or a 川渝 (Sichuan or Chongqing) health authority"
+                 if q.grade == "甲" else "a 川渝 (Sichuan or Chongqing) health authority: 乙级 qualifications are "
+                 "approved by a province and valid there")
+        return _r(rid, FAILED, f"qualification {q.number} ({q.grade}级) was approved by {q.authority_name}, not by "
+                  f"{needs}", **info)
+    approval = f"{q.authority_name}: national approval, valid nationwide" if national else q.authority_name
     return _r(rid, PASSED, f"{info['issuer_name'] or f.issuer_uscc} answers for this report under {q.grade}级 "
-              f"qualification {q.number} ({q.authority_name}), valid on {day}", **info)
+              f"qualification {q.number} ({approval}), valid on {day}", **info)
 
 
 def _rule_signature(ctx: _Context, item: CatalogueItem) -> RuleResult | None:

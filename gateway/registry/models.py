@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_RESPONSIBLE",
     "TECHNICAL_SERVICE_TYPES",
     "SYSTEM_TECHNICAL_SERVICE_TYPE",
+    "service_scope_words",
     "RETIRED_QUALIFICATION_TYPES",
     "qualification_type_code",
     "Coding",
@@ -128,6 +129,21 @@ TECHNICAL_SERVICE_TYPES: dict[str, tuple[str, str]] = {
 }
 #: The code system of technical-service report types.
 SYSTEM_TECHNICAL_SERVICE_TYPE = cs_url("technical-service-type")
+#: Short names certificates print under 业务范围 for each technical-service type, besides its code and 中文名称.
+_SERVICE_SCOPE_SHORT_NAMES: dict[str, tuple[str, ...]] = {
+    "occupational-hazard-testing": ("检测",),
+    "occupational-hazard-status-evaluation": ("现状评价",),
+    "radiation-protection-testing": ("放射防护检测",),
+    "radiation-project-evaluation": ("放射防护评价",),
+    "personal-dose-monitoring": ("个人剂量检测",),
+}
+
+
+def service_scope_words(service: str) -> tuple[str, ...]:
+    """What a technical-service qualification's scope may list for a service type: its code, its 中文名称 and the
+    short name certificates print under 业务范围."""
+    return (service, TECHNICAL_SERVICE_TYPES[service][0], *_SERVICE_SCOPE_SHORT_NAMES.get(service, ()))
+
 
 #: Whose level, qualifications and signature the rules look at for an item class, unless the catalogue
 #: says otherwise: ``performer`` (the institution that did the exam or test) or ``interpreter`` (the one
@@ -305,6 +321,15 @@ class Qualification:
     factors: tuple[str, ...] = ()
     #: A physician's own qualification (多点执业): the ``physicians[].id`` it belongs to; ``member`` is then "".
     physician_ref: str | None = None
+    #: ``national`` or ``provincial`` when the registry says so (``authority.level``).
+    authority_level: str | None = None
+
+    @property
+    def nationally_approved(self) -> bool:
+        """Approved by a national authority: marked so, or unmarked and naming no province."""
+        if self.authority_level is not None:
+            return self.authority_level == "national"
+        return self.authority_province is None
 
     def valid_on(self, day: _dt.date) -> bool:
         """Within its period and not suspended or revoked by ``day``."""
@@ -554,6 +579,7 @@ class Snapshot:
                         type=qualification_type_code(q["type"]),
                         authority_name=authority["name"],
                         authority_province=authority.get("province"),
+                        authority_level=authority.get("level"),
                         authority_uscc=authority.get("uscc"),
                         period=Period.of(q),
                         status=q.get("status", "active"),

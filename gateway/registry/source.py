@@ -33,8 +33,14 @@ from gateway.errors import ConfigError, IdentifierError, Issue
 from gateway.divisions import division_problem
 from gateway.identifiers import check_id_card, check_uscc
 from gateway.mapping.tables import loinc_check_digit
-from gateway.registry.models import DEFAULT_RESPONSIBLE, SNAPSHOT_FORMAT, TECHNICAL_SERVICE_TYPES
-from gateway.registry.reference import factor_code
+from gateway.registry.models import (
+    DEFAULT_RESPONSIBLE,
+    QUALIFICATION_TYPES,
+    SNAPSHOT_FORMAT,
+    TECHNICAL_SERVICE_TYPES,
+    service_scope_words,
+)
+from gateway.registry.reference import resolve_factor
 from gateway.signing.keys import is_authority, uscc_of
 
 __all__ = [
@@ -165,7 +171,7 @@ def parse_source(
     for error in sorted(validator.iter_errors(data), key=lambda e: [str(x) for x in e.absolute_path]):
         best = jsonschema.exceptions.best_match(error.context) if error.context else error
         location = _path(best.absolute_path) if best is not error else _path(error.absolute_path)
-        problems.append(Issue("error", "invalid", location, best.message))
+        problems.append(Issue("error", "invalid", location, _schema_message(best)))
     if problems:
         raise RegistrySourceError(origin, problems)
 
@@ -180,6 +186,29 @@ def parse_source(
         len(body["catalogues"]),
     )
     return RegistrySource(body, origin)
+
+
+#: What a schema pattern asks for, in words (a pattern problem names this instead of the regular expression).
+_PATTERN_WORDS = {
+    "^[^\\s]+HR$": "a region prefix followed by HR (e.g. 川渝HR)",
+    "^[0-9]{4}-[0-9]{2}-[0-9]{2}$": "a date written YYYY-MM-DD",
+    "^5[01][0-9]{4}$": "a six-digit GB/T 2260 division code of Sichuan (51…) or Chongqing (50…), quoted in YAML",
+}
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """The schema's message, in words where it would quote the schema itself (a pattern, a forbidden key)."""
+    if error.validator == "pattern" and isinstance(error.validator_value, str):
+        words = _PATTERN_WORDS.get(error.validator_value)
+        if words:
+            return f"{error.instance!r} is not {words}"
+    if error.validator == "not" and isinstance(error.validator_value, dict) \
+            and list(error.validator_value) == ["required"]:
+        keys = ", ".join(error.validator_value["required"])
+        if keys == "province" and error.absolute_path and error.absolute_path[-1] == "authority":
+            return "a national authority (level: national) names no province"
+        return f"{keys} must not be given here"
+    return str(error.message)
 
 
 def _parse_date(value: Any) -> _dt.date | None:
@@ -308,14 +337,16 @@ class _Checker:
         return out, set(seen)
 
     def factors(self, q: dict[str, Any], loc: str) -> list[str]:
-        """A filing's hazard factors as catalogue codes; each must lie in a class the filing covers."""
+        """A filing's hazard factors as catalogue codes (a name or alias of the catalogue is taken as its code);
+        each must lie in a class the filing covers."""
         scope = set(q.get("scope", []))
         out: list[str] = []
         for k, code in enumerate(q.get("factors", [])):
-            hit = factor_code(code)
+            hit, _ = resolve_factor(code)
             if hit is None:
                 self.problem(f"{loc}.factors[{k}]", f"{code!r} is not a factor of 《职业病危害因素分类目录》 (a code of "
-                             "mappings/concepts/hazard-catalogue.csv, or <class>-<seq> such as chemical-028)")
+                             "mappings/concepts/hazard-catalogue.csv, <class>-<seq> such as chemical-028, or a name "
+                             "or alias the catalogue lists for one factor only)")
             elif hit.category not in scope:
                 self.problem(f"{loc}.factors[{k}]", f"{code} ({hit.name}) is a {hit.category} factor and the filing's "
                              f"scope ({', '.join(sorted(scope))}) does not list that class")
@@ -324,6 +355,56 @@ class _Checker:
             else:
                 out.append(hit.code)
         return out
+
+    def service_scope(self, q: dict[str, Any], loc: str) -> None:
+        """A technical-service qualification's 业务范围: service types of its kind, each by its code, its 中文名称 or
+        the short name certificates print (检测, 现状评价, 放射防护检测…)."""
+        services = [code for code, (_, needs) in TECHNICAL_SERVICE_TYPES.items() if needs == q["type"]]
+        words = {w for code in services for w in service_scope_words(code)}
+        for k, entry in enumerate(q.get("scope", [])):
+            if entry in words:
+                continue
+            other = next((code for code, (_, needs) in TECHNICAL_SERVICE_TYPES.items()
+                          if needs != q["type"] and entry in service_scope_words(code)), None)
+            kind = QUALIFICATION_TYPES.get(q["type"], q["type"])
+            if other is not None:
+                self.problem(f"{loc}.scope[{k}]", f"{entry!r} ({TECHNICAL_SERVICE_TYPES[other][0]}) is a service of "
+                             f"{QUALIFICATION_TYPES[TECHNICAL_SERVICE_TYPES[other][1]]}, not of {kind}", "code-invalid")
+            else:
+                names = ", ".join(f"{code} ({TECHNICAL_SERVICE_TYPES[code][0]})" for code in services)
+                self.problem(f"{loc}.scope[{k}]", f"{entry!r} is not a technical-service type of {kind}: list its "
+                             f"services by code or name, from {names}", "code-invalid")
+
+    def grade_periods(self, qualifications: list[dict[str, Any]]) -> None:
+        """A member holds one hospital grade at a time: its hospital-grade qualifications may not overlap (a
+        suspended or revoked one ends the day before its status date)."""
+        by_member: dict[str, list[tuple[_dt.date, _dt.date | None, int]]] = {}
+        for i, q in enumerate(qualifications):
+            start = _parse_date(q.get("valid_from"))
+            if q.get("type") != "hospital-grade" or not q.get("member") or start is None:
+                continue
+            end = _parse_date(q.get("valid_to"))
+            status_date = _parse_date(q.get("status_date"))
+            if q.get("status", "active") != "active" and status_date is not None:
+                last = status_date - _dt.timedelta(days=1)
+                end = last if end is None or last < end else end
+            if end is not None and end < start:
+                continue  # held on no day
+            by_member.setdefault(q["member"], []).append((start, end, i))
+        for member, periods in by_member.items():
+            periods.sort()
+            for k, (start, end, i) in enumerate(periods):
+                for earlier_start, earlier_end, j in periods[:k]:
+                    a, b = qualifications[j], qualifications[i]
+                    if a["id"] != b["id"] and (earlier_end is None or earlier_end >= start):  # (same id: duplicate)
+                        self.problem(
+                            f"qualifications[{i}].valid_from",
+                            f"hospital-grade qualifications {a['id']} ({a.get('grade')}, {earlier_start} – "
+                            f"{earlier_end or 'open-ended'}) and {b['id']} ({b.get('grade')}, from {start}) of member "
+                            f"{member} overlap: a member holds one grade at a time, so end {a['id']} (valid_to, or "
+                            f"its status_date) before {b['id']} starts",
+                            "business-rule",
+                        )
 
     def levels(self, raw: list[dict[str, Any]], members: list[dict[str, Any]],
                qualifications: list[dict[str, Any]]) -> None:
@@ -503,6 +584,8 @@ class _Checker:
                 self.problem(f"{loc}.physician.ref", f"{ref!r} is not listed in physicians", "not-found")
             if q.get("factors") is not None:
                 out["factors"] = self.factors(q, loc)
+            if q["type"] in ("occupational-health-service", "radiation-health-service"):
+                self.service_scope(q, loc)
             q_authority = q["authority"].get("uscc")
             if q_authority is not None and self.uscc(q_authority, f"{loc}.authority.uscc") is not None \
                     and q_authority not in seen_authorities:
@@ -511,6 +594,7 @@ class _Checker:
             out.setdefault("valid_to", None)
             qualifications.append(out)
 
+        self.grade_periods(qualifications)
         self.levels(data["members"], members, qualifications)
 
         eqa = []
