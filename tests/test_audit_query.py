@@ -271,7 +271,7 @@ def test_http_search_is_a_searchset_with_next_links(audit_client, tmp_path: Path
     assert bundle["entry"][0]["search"] == {"mode": "match"}
     nxt = next(link["url"] for link in bundle["link"] if link["relation"] == "next")
     assert nxt.startswith("http://localhost/fhir/AuditEvent?type=110107&_count=2&_sort=date&_cursor=")
-    page2 = client.get(nxt[len("http://localhost") :], headers=auth).get_json()
+    page2 = client.get(nxt[len("http://localhost"):], headers=auth).get_json()
     assert [e["resource"]["id"] for e in page2["entry"]] == [str(base + 6)]
     assert [link["relation"] for link in page2["link"]] == ["self"]
     path = tmp_path / "searchset.json"

@@ -12,8 +12,8 @@ from gateway.bench.measure import percentile
 from gateway.bench.stages import selected
 from gateway.commands.bench import bench
 
-IN_PROCESS = ("parse", "map", "build", "check", "sign", "store", "store-batch", "e2e", "e2e-batch", "ingest", "baseline", "csv",
-              "inbound", "audit-search", "audit-verify")
+IN_PROCESS = ("parse", "map", "build", "check", "sign", "store", "store-batch", "e2e", "e2e-batch", "ingest",
+              "baseline", "csv", "inbound", "audit-search", "audit-verify")
 
 
 @pytest.fixture(scope="module")

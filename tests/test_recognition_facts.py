@@ -143,7 +143,8 @@ def test_relative_references_resolve_too() -> None:
 
 
 # the HL7 v2 lab goldens (CDA and CSV goldens are covered by their own tests)
-GOLDEN = sorted(p for p in (DATA / "expected").glob("*.json") if (DATA / "hl7v2" / f"{p.name.split('.')[0]}.hl7").exists())
+GOLDEN = sorted(p for p in (DATA / "expected").glob("*.json")
+                if (DATA / "hl7v2" / f"{p.name.split('.')[0]}.hl7").exists())
 
 
 @pytest.mark.skipif(not GOLDEN, reason="no golden Bundles in tests/data/expected yet")
