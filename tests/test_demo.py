@@ -31,11 +31,12 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
 
 def test_demo_figures(demo_run: tuple[dict[str, Any], list[str], Path]) -> None:
     figures, lines, base = demo_run
-    # 通江: blood count and liver panel stored, QC filtered, '高' in a numeric field and a bad 身份证号 refused;
-    # 涪陵: GBK blood count stored, an ADT message rejected as unsupported.
+    # 通江: blood count and liver panel stored, QC filtered, '高' in a numeric field and a bad 身份证号 refused,
+    # and later the blood count's correction stored; 涪陵: GBK blood count stored, an ADT message rejected.
     assert figures["acks"] == {"TJ2611200001": "AA", "9001": "AA", "TJ2611200002": "AA", "TJ2611200004": "AE",
-                               "TJ2611200003": "AE", "LIS20261121000731": "AA", "HIS20261121004411": "AR"}
-    assert (figures["stored"], figures["refused"], figures["filtered"]) == (3, 3, 1)
+                               "TJ2611200003": "AE", "LIS20261121000731": "AA", "HIS20261121004411": "AR",
+                               "TJ2611220101": "AA"}
+    assert (figures["stored"], figures["refused"], figures["filtered"]) == (4, 3, 1)
     assert figures["cdc_status"] == 200
     # 涪陵 was down: both pushes waited, then were delivered after it came back
     assert figures["outage_retry"] == 2 and figures["delivered"] == 2
@@ -51,17 +52,48 @@ def test_demo_figures(demo_run: tuple[dict[str, Any], list[str], Path]) -> None:
     }
     assert figures["tampered_status"] == 401
     assert figures["lookup"] == 2
-    # eligible = 5 recognised + ALT; accepted = 5 minus the platelet count the physician re-tests = 4
-    assert figures["audit_ok"] is True and figures["rate"] == round(4 / 6, 4)
     # 移送: 涪陵 refers the ALT report to 四川省卫生健康委员会（演示）, whose gateway receives it and accepts it
     assert figures["referral"] == "accepted"
-    # savings (DEMO fees, receiver 涪陵 in 50): WBC 3 + RBC 3 + HGB 3 + AST 5 元 (PLT was re-tested) = 14.00 元;
+
+    # 邻水 was 二级甲等 until 2025-06-30, 三级乙等 since; 涪陵 (三级甲等) decides its chest CTs (direction
+    # not-lower) as of the day each arrived: the one of 2025-06-20 was made while 二级, the one of 2025-07-20 while 三级.
+    assert figures["levels"] == {"2025-06-20": {"outcome": "not-recognized", "direction": "failed"},
+                                 "2025-07-20": {"outcome": "recognized", "direction": "passed"}}
+    # 清溪 performed, 涪陵 read, signed and pushed: 通江 judges both by 涪陵 and recognises them on receipt.
+    assert figures["remote_reading_delivered"] == 1
+    assert figures["remote_reading"] == {
+        "胸部CT平扫": {"outcome": "recognized", "reading-signature": "passed"},
+        "常规十二导联心电图": {"outcome": "recognized", "reading-signature": "passed"}}
+    # 渝安's 放射卫生防护检测报告 (report date 2026-11-12) crosses to 通江 under its 乙级 qualification DEMO-FWJ-500000-0007.
+    assert figures["service_report_status"] == 200 and figures["service_report_delivered"] == 1
+    assert figures["service_report"] == {"outcome": "recognized", "technical-service-qualification": "passed"}
+    # 通江's correction of the blood count reaches 涪陵: its 4 decisions on the original are withdrawn, the
+    # correction's 4 results recognised.
+    assert figures["correction_delivered"] == 1 and figures["withdrawn"] == 4
+    assert figures["correction"] == {"白细胞计数": "recognized", "红细胞计数": "recognized", "血红蛋白": "recognized",
+                                     "血小板计数": "recognized"}
+
+    # The auditor at 涪陵, by hand. Eligible (recognised or not, withdrawn decisions left out) = the correction's 4
+    # + AST + ALT + 邻水's 2 CTs = 8; accepted = those recognised (4 + AST + the CT of 2025-07-20 = 6) minus the
+    # platelet count the physician re-tests (the order recorded again on the corrected decision) = 5.
+    assert figures["audit_ok"] is True and figures["rate"] == round(5 / 8, 4)
+    # savings (DEMO fees, receiver 涪陵 in 50): WBC 3 + RBC 3 + HGB 3 + AST 5 + chest CT 160 元 = 174.00 元;
     # HR items: 通江's 5 marked results of the blood count and liver panel (ALT unmarked) + the CDC's 3 marked items
-    assert figures["savings_yuan"] == 14.0 and figures["hr_items"] == 8
+    # + 邻水's 2 marked CTs = 10
+    assert figures["savings_yuan"] == 174.0 and figures["hr_items"] == 10
     text = "\n".join(lines)
-    assert "status at 重庆市涪陵中心医院（演示） now accepted" in text and "互认率 by alliance: 川渝 4/6" in text
-    assert "节约费用 (savings) 14.00 元 for 4 accepted results (DEMO fees, illustrative)" in text
-    assert "通江县人民医院（演示） 5 (四川HR 1, 川渝HR 5)" in text
+    assert "status at 重庆市涪陵中心医院（演示） now accepted" in text and "互认率 by alliance: 川渝 5/8" in text
+    assert "节约费用 (savings) 174.00 元 for 5 accepted results (DEMO fees, illustrative)" in text
+    assert "通江县人民医院（演示） 5 (四川HR 1, 川渝HR 5)" in text and "邻水县人民医院（演示） 2 (川渝HR 2)" in text
+    assert "direction: a 三级甲等 receiver does not recognise a result issued while the issuer was 二级甲等 (2025-06-20)" \
+        in text
+    assert "direction: 三级乙等 issuer on 2025-07-20, 三级甲等 receiver" in text
+    assert text.count("reading-signature: signed by the reading institution 12500102MB0002006J") == 2
+    assert ("technical-service-qualification: 重庆渝安职业卫生技术服务有限公司（演示） answers for this report under 乙级 "
+            "qualification DEMO-FWJ-500000-0007") in text
+    assert text.count("decided recognized, now not-recognized: superseded by DiagnosticReport/") == 4
+    # 通江's 2 reports, the CDC's exam, 涪陵's remote reading, 渝安's report, 通江's correction
+    assert "6 signed reports crossed the border" in text
     assert "eqa-pass: EQA failed for 丙氨酸氨基转移酶" in text
     assert "OBX[1]-5 '高' is not a number for value type NM" in text
     assert (base / "fuling" / "gateway.db").exists()
@@ -114,6 +146,6 @@ def test_demo_dir_leaves_each_member_ready_to_serve(demo_run: tuple[dict[str, An
 def test_demo_command_cleans_up_its_temporary_directory(runner) -> None:
     result = runner.invoke(cli, ["demo"])
     assert result.exit_code == 0, result.output
-    assert "summary: 3 stored, 3 refused with reasons, 1 filtered (QC)" in result.stdout
+    assert "summary: 4 stored, 3 refused with reasons, 1 filtered (QC)" in result.stdout
     workdir = next(line for line in result.stdout.splitlines() if line.startswith("working directory: "))
     assert not Path(workdir.split(": ", 1)[1].split()[0]).exists()

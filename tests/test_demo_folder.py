@@ -20,7 +20,7 @@ def test_a_new_or_empty_folder_is_used_as_it_is(tmp_path: Path) -> None:
 
 def test_an_earlier_demo_is_replaced(tmp_path: Path) -> None:
     (tmp_path / ".gateway-demo").write_text("x", encoding="utf-8")
-    for name in (*MEMBERS, "registry"):
+    for name in (*MEMBERS, "registry", "schealth", "yuan"):  # the authority's and 渝安's gateways too
         (tmp_path / name / "data").mkdir(parents=True)
         (tmp_path / name / "data" / "gateway.db").write_bytes(b"old")
     said: list[str] = []

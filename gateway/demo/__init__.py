@@ -14,11 +14,19 @@ loopback:
    border while 涪陵 is down, waits in the outbox, is delivered when 涪陵 is back,
    verified and recognised item by item, with reasons;
 4. a tampered copy is refused; 涪陵 looks up (调阅) the patient's reports at 通江;
-5. the auditor verifies 涪陵's log and reads the recognition rate.
+5. 涪陵 refers (移送) the report of an issuer that failed EQA to the authority that graded it;
+6. 涪陵 decides two chest CTs of 邻水, made before and after its promotion from 二级 to 三级: the level held on
+   the study date decides;
+7. a CT and an ECG performed at a township centre, read and signed by 涪陵 and pushed to 通江, are recognised;
+8. 重庆渝安 (a 放射卫生技术服务机构) sends a 放射卫生防护检测报告 (metadata + PDF) to 通江: recognised under its
+   qualification;
+9. 通江 corrects the blood count 涪陵 already decided: 涪陵 withdraws those decisions and decides the correction;
+10. the auditor verifies 涪陵's log and reads the recognition rate.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import shutil
 import socket
@@ -116,7 +124,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     from gateway.audit.verify import verify
     from gateway.audit.records import Party
     from gateway.audit.stats import catalogue_scopes, load_fees
-    from gateway.demo.world import AUTHORITY_KEY, add_authority, build_world
+    from gateway.demo.world import AUTHORITY_KEY, SERVICE_KEY, add_authority, add_member_gateway, build_world
     from gateway.referrals import Referrals
     from gateway.mllp import MLLPServer
     from gateway.recognition.overrides import make_override
@@ -132,7 +140,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     (base / _MARKER).write_text("a folder of `gateway demo --dir`; running the demo again replaces it\n",
                                 encoding="utf-8")
     clock = DemoClock()
-    ports = {key: free_port() for key in (*MEMBERS, "schealth")}
+    ports = {key: free_port() for key in (*MEMBERS, "schealth", "yuan")}
     urls = {key: f"http://127.0.0.1:{port}" for key, port in ports.items()}
     figures: dict[str, Any] = {"acks": {}, "stored": 0, "refused": 0, "filtered": 0}
     servers: dict[str, _Server] = {}
@@ -143,6 +151,8 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         world = build_world(base, clock, {k: urls[k] for k in MEMBERS}, mappings_dir=mappings_dir)
         # 四川省卫生健康委员会（演示） runs a gateway too: referrals (移送) of Sichuan members' reports reach it there
         add_authority(world, clock, urls[AUTHORITY_KEY])
+        # 重庆渝安职业卫生技术服务有限公司（演示） runs one too: it issues 职业卫生/放射卫生 technical-service reports
+        add_member_gateway(world, clock, urls[SERVICE_KEY])
         snap = world.registry.snapshot(clock())
         echo(f"[registry authority] 川渝卫生健康联合办公室（演示） publishes snapshot v{snap.version}: "
              f"{len(snap.members)} members, {len(snap.catalogues)} catalogues, "
@@ -263,7 +273,19 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         echo(f"  {authority.member.name} answers, signed as the authority: status at {fl.member.name} now "
              f"{figures['referral']} (已受理，责令整改); both sides audited each step")
 
-        # -- 6. the auditor ---------------------------------------------------------------
+        # -- 6. a hospital's level changed: the level held on the study date decides --------------
+        _levels_step(echo, fl, figures)
+
+        # -- 7. 基层检查、上级诊断: performed at a township centre, read and signed by 涪陵 -----------
+        _remote_reading_step(echo, fl, tj, figures)
+
+        # -- 8. a technical-service report (谁报告、谁负责) across the border --------------------
+        _service_report_step(echo, world.gateways[SERVICE_KEY], tj, figures)
+
+        # -- 9. a correction after the original crossed the border ------------------------------
+        _correction_step(echo, clock, mllp.port, tj, fl, figures)
+
+        # -- 10. the auditor ----------------------------------------------------------------
         report = verify(fl.pipeline.store.db)
         fees = load_fees(Path(fl.settings.mappings_dir) / "fees")
         stats = compute(fl.pipeline.store.db, fees=fees, alliances=catalogue_scopes(snap),
@@ -285,9 +307,12 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
                                          for r in hr["by_issuer"]))
         echo("  互认率 by alliance: " + ", ".join(
             f"{g['key']} {g['accepted']}/{g['eligible']}" for g in stats["by_alliance"]))
+        # 通江's two reports, the CDC's exam, 涪陵's remote reading, 渝安's report and 通江's correction
+        crossed = (figures["delivered"] + 1 + figures["remote_reading_delivered"] + figures["service_report_delivered"]
+                   + figures["correction_delivered"])
         echo(f"\nsummary: {figures['stored']} stored, {figures['refused']} refused with reasons, "
-             f"{figures['filtered']} filtered (QC); {figures['delivered'] + 1} signed reports crossed the border "
-             "and were decided item by item, with reasons")
+             f"{figures['filtered']} filtered (QC); {crossed} signed reports crossed the border and were decided "
+             "item by item, with reasons")
         if workdir:
             from gateway.demo.world import SERVE_PORTS, leave_configs
 
@@ -326,7 +351,7 @@ def _prepare_folder(base: Path, echo: Callable[[str], Any]) -> None:
         raise click.ClickException(f"{base} is not empty and holds no earlier demo; give --dir a new or empty folder "
                                    "(the demo never deletes files it did not make)")
     echo(f"replacing the earlier demo in {base}")
-    for name in (*MEMBERS, "registry", "schealth"):
+    for name in (*MEMBERS, "registry", "schealth", "yuan"):
         shutil.rmtree(base / name, ignore_errors=True)
 
 
@@ -344,3 +369,170 @@ def _print_ack(echo: Callable[[str], Any], ack: str, figures: dict[str, Any], ht
         figures["refused"] += 1
     via = f" HTTP {http_status}" if http_status else ""
     echo(f"  {control:20} ACK {code}{via}  {text}")
+
+
+# -- the steps of this round's capabilities ------------------------------------------------------------------------
+
+#: 邻水县人民医院（演示）'s two chest CTs (DEMO data): (file, the day the CT reached 涪陵, when 涪陵 decided it).
+_LINSHUI_CTS = (("fhir/linshui-chest-ct-2025-06-20.json", "2025-06-25T09:00:00+08:00"),
+                ("fhir/linshui-chest-ct-2025-07-20.json", "2025-07-25T09:00:00+08:00"))
+_WANG = "511921196612120011"  # 王建国's 身份证号 (DEMO)
+
+
+def _recognize(gw: Any, bundle: dict[str, Any], receiver: str, at: str | None = None) -> list[dict[str, Any]]:
+    """``POST /fhir/$recognize`` at a member's gateway: each decision as outcome, item and rules."""
+    import requests
+
+    params: dict[str, Any] = {"resourceType": "Parameters", "parameter": [
+        {"name": "bundle", "resource": bundle}, {"name": "receiver", "valueString": receiver}]}
+    if at:
+        params["parameter"].append({"name": "at", "valueDateTime": at})
+    resp = requests.post(f"{gw.url}/fhir/$recognize", timeout=30, data=json.dumps(params, ensure_ascii=False).encode(),
+                         headers={"Authorization": f"Bearer {gw.token}", "Content-Type": "application/fhir+json"})
+    resp.raise_for_status()
+    out = []
+    for param in resp.json()["parameter"]:
+        parts = param.get("part", [])
+        item = next((p["valueCoding"] for p in parts if p["name"] == "item" and "valueCoding" in p), None)
+        if param["name"] != "decision" or item is None:
+            continue  # a report's diagnostic conclusion is never recognised: not shown here
+        rules = [{q["name"]: next(v for k, v in q.items() if k.startswith("value")) for q in p["part"]}
+                 for p in parts if p["name"] == "rule"]
+        out.append({"outcome": next(p["valueCode"] for p in parts if p["name"] == "outcome"), "item": item,
+                    "rules": [{"rule": r["id"], "status": r["status"], "message": r["message"]} for r in rules]})
+    return out
+
+
+def _status(rules: list[dict[str, Any]], rule: str) -> str | None:
+    """The status of one rule of a decision (None: the rule did not apply)."""
+    return next((r["status"] for r in rules if r["rule"] == rule), None)
+
+
+def _echo_decision(echo: Callable[[str], Any], label: str, code: str, outcome: str, rules: list[dict[str, Any]],
+                   show: tuple[str, ...]) -> None:
+    """A decision as the story prints it: every rule checked, then the message of each rule in ``show`` and of
+    every rule that did not pass."""
+    marks = " ".join(f"{r['rule']}{_SIGNS.get(r['status'], '?')}" for r in rules)
+    echo(f"  {label:<12} {code:<8} {outcome:<15} {marks}")
+    for r in rules:
+        if r["rule"] in show or r["status"] != "passed":
+            echo(f"      {r['rule']}: {r['message']}")
+
+
+def _levels_step(echo: Callable[[str], Any], fl: Any, figures: dict[str, Any]) -> None:
+    """涪陵 decides two chest CTs of 邻水, made before and after its promotion to 三级, as of the day each arrived."""
+    from gateway.signing.canonical import parse_json
+
+    echo("\n[hospital level] 邻水县人民医院（演示） was 二级甲等 until 2025-06-30 and is 三级乙等 since 2025-07-01 "
+         "(its dated hospital-grade qualifications in the registry)")
+    echo(f"  {fl.member.name} (三级甲等) decides two chest CTs 邻水 made, each as of the day it arrived "
+         f"(POST {fl.url}/fhir/$recognize with at); imaging is recognised from a not-lower level only:")
+    figures["levels"] = {}
+    for name, at in _LINSHUI_CTS:
+        bundle = parse_json(_data(name))
+        study = next(e["resource"]["effectiveDateTime"] for e in bundle["entry"]
+                     if e["resource"]["resourceType"] == "DiagnosticReport")[:10]
+        for d in _recognize(fl, bundle, fl.member.uscc, at):
+            figures["levels"][study] = {"outcome": d["outcome"], "direction": _status(d["rules"], "direction")}
+            _echo_decision(echo, f"CT {study}", d["item"]["code"], d["outcome"], d["rules"], ("direction",))
+
+
+def _remote_reading_step(echo: Callable[[str], Any], fl: Any, tj: Any, figures: dict[str, Any]) -> None:
+    """A CT and an ECG performed at 清溪镇中心卫生院 and read by 涪陵: signed by 涪陵, pushed to 通江, decided there."""
+    from gateway.recognition.store import list_decisions
+    from gateway.signing.canonical import parse_json
+
+    echo("\n[基层检查、上级诊断] 重庆市涪陵区清溪镇中心卫生院（演示） (a township centre with no hospital level) performs "
+         f"a chest CT and an ECG; {fl.member.name} reads both remotely and signs the report Bundle")
+    bundle = parse_json(_data("fhir/qingxi-remote-reading.json"))
+    ex = fl.pipeline.exchange
+    row = ex.outbox.enqueue(tj.member.uscc, ex.endpoint_of(tj.member.uscc), ex.sign(bundle))
+    ex.deliver(wait=None)
+    entry = ex.outbox.get(row)
+    figures["remote_reading_delivered"] = int(entry.status == "delivered")
+    echo(f"  pushed to {tj.member.name} (Sichuan): {entry.status}; receipt signed by 通江: "
+         f"{(entry.receipt or {}).get('decisions')} (the CT report's conclusion is never recognised); imaging and "
+         "ECG are judged by the institution that read them:")
+    figures["remote_reading"] = {}
+    decided = [d.to_dict() for d in list_decisions(tj.pipeline.store.db)]
+    for d in sorted((d for d in decided if d["result"]["bundle"].endswith(bundle["id"]) and d["catalogue_item"]),
+                    key=lambda d: str(d["catalogue_item"]["code"])):
+        item = d["catalogue_item"]
+        figures["remote_reading"][d["result"]["item"]] = {
+            "outcome": d["outcome"], "reading-signature": _status(d["rules"], "reading-signature")}
+        _echo_decision(echo, d["result"]["item"], item["code"], d["outcome"], d["rules"],
+                       ("member-active", "reading-signature"))
+
+
+def _service_report_step(echo: Callable[[str], Any], ya: Any, tj: Any, figures: dict[str, Any]) -> None:
+    """重庆渝安 submits a 放射卫生防护检测 report (metadata + PDF) to its gateway; it is pushed to 通江 and decided."""
+    import requests
+
+    from gateway.recognition.store import list_decisions
+
+    meta = json.loads(_data("service-report/tongjiang-radiation-protection-testing.json"))
+    pdf_name = meta.pop("pdf_file")
+    echo(f"\n[{ya.member.name} {ya.member.uscc}, Chongqing] 放射卫生防护检测报告 {meta['report_number']} of "
+         f"{meta['employer']['name']}'s DR and CT rooms: metadata + PDF -> HTTP POST {ya.url}/ingest/service-report")
+    resp = requests.post(f"{ya.url}/ingest/service-report", timeout=30,
+                         headers={"Authorization": f"Bearer {ya.token}"},
+                         files={"metadata": (None, json.dumps(meta, ensure_ascii=False).encode(), "application/json"),
+                                "pdf": (pdf_name, _data(f"service-report/{pdf_name}"), "application/pdf")})
+    figures["service_report_status"] = resp.status_code
+    echo(f"  HTTP {resp.status_code} {resp.json()['issue'][0]['diagnostics']}")
+    bundle_id = ya.pipeline.store.db.execute(
+        "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued' ORDER BY signed_at DESC").fetchone()[0]
+    row = ya.pipeline.exchange.push(bundle_id, tj.member.uscc)
+    ya.pipeline.exchange.deliver(wait=None)
+    entry = ya.pipeline.exchange.outbox.get(row)
+    echo(f"  signed by 渝安 and pushed to {tj.member.name} (Sichuan): {entry.status}; receipt signed by 通江: "
+         f"{(entry.receipt or {}).get('decisions')}")
+    figures["service_report_delivered"] = int(entry.status == "delivered")
+    [found] = [d.to_dict() for d in list_decisions(tj.pipeline.store.db, issuer=ya.member.uscc)]
+    figures["service_report"] = {"outcome": found["outcome"], "technical-service-qualification": _status(
+        found["rules"], "technical-service-qualification")}
+    item = found.get("catalogue_item") or {}
+    echo(f"  {tj.member.name} decides it (谁报告、谁负责: the issuer answers for its report under its qualification):")
+    _echo_decision(echo, item.get("display", "-"), item.get("code", "-"), found["outcome"], found["rules"],
+                   ("technical-service-qualification",))
+
+
+def _correction_step(echo: Callable[[str], Any], clock: DemoClock, port: int, tj: Any, fl: Any,
+                     figures: dict[str, Any]) -> None:
+    """通江 corrects the blood count 涪陵 already decided: 涪陵 withdraws those decisions and decides the correction."""
+    from hl7.client import MLLPClient
+
+    from gateway.adapters.hl7v2 import split_messages
+    from gateway.recognition.overrides import make_override
+    from gateway.recognition.store import add_override, list_decisions
+
+    echo(f"\n[correction] {tj.member.name}'s LIS sends a corrected blood count R2611200001 (OBR-25 C; WBC 6.8 -> 7.1) "
+         f"over MLLP, after the original went to {fl.member.name}")
+    with MLLPClient("127.0.0.1", port) as client:
+        for raw in split_messages(_data("hl7v2/tongjiang-correction.hl7")):
+            _print_ack(echo, client.send_message(raw).decode("utf-8", "replace"), figures)
+    corrected = tj.pipeline.store.db.execute(
+        "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued' ORDER BY signed_at DESC").fetchone()[0]
+    counts = tj.pipeline.exchange.deliver(wait=None)
+    figures["correction_delivered"] = counts["delivered"]
+    echo(f"  通江's gateway sends the correction where the original went: {counts['delivered']} delivered to "
+         f"{fl.member.name}, verified and decided")
+    decisions = [d.to_dict() for d in list_decisions(fl.pipeline.store.db, patient=_WANG)]
+
+    def by_code(d: dict[str, Any]) -> str:
+        return str((d["catalogue_item"] or {}).get("code"))
+
+    withdrawn = sorted((d for d in decisions if d.get("withdrawn")), key=by_code)
+    current = sorted((d for d in decisions if d["result"]["bundle"].endswith(corrected)), key=by_code)
+    figures["withdrawn"] = len(withdrawn)
+    figures["correction"] = {d["result"]["item"]: d["outcome"] for d in current}
+    echo(f"  {fl.member.name} withdraws its {len(withdrawn)} decisions on the original (audited, each):")
+    for d in withdrawn:
+        echo(f"    {d['result']['item']:<8} decided {d['decided_outcome']}, now {d['outcome']}: "
+             f"{d['withdrawn']['reason']}")
+    echo("  and decides the correction: " + ", ".join(f"{d['result']['item']} {d['outcome']}" for d in current))
+    plt = next(d for d in current if d["result"]["item"].startswith("血小板"))
+    add_override(fl.pipeline.store.db, make_override(plt["decision_id"], "critical-item", "FL-DR-0231", clock(),
+                                                     "术前复查血小板 (re-test before surgery)"))
+    echo("  FL-DR-0231's re-test order of 血小板计数 stays beside the withdrawn decision and is recorded again on "
+         "the corrected one")

@@ -21,7 +21,8 @@ from gateway.demo import MEMBERS, DemoMember
 from gateway.demo.registry import DemoRegistry, build_demo_registry
 from gateway.signing.keys import cert_pem, private_key_pem
 
-__all__ = ["DemoGateway", "DemoWorld", "build_world", "add_authority", "leave_configs", "SERVE_PORTS"]
+__all__ = ["DemoGateway", "DemoWorld", "build_world", "add_authority", "add_member_gateway", "leave_configs",
+           "SERVE_PORTS"]
 
 #: Ports of each member's gateway when its folder is served after the demo (HTTP, MLLP).
 SERVE_PORTS = {"tongjiang": (8081, 2575), "fuling": (8082, 2576), "sccdc": (8083, 2577)}
@@ -117,51 +118,96 @@ def add_authority(world: DemoWorld, clock: Callable[[], _dt.datetime], url: str,
     """Give an authority of the registry (四川省卫生健康委员会（演示）) a gateway at ``url``: a signing certificate
     issued by the registry authority, listed with its endpoint under ``authorities`` in a new snapshot that
     every gateway applies. Referrals (移送) of reports reach it there, and its answers are signed with it."""
-    from gateway import auth
-    from gateway.api.app import create_app
-    from gateway.audit.records import Party
-    from gateway.demo.registry import DEMO_SOURCE
-    from gateway.pipeline import Pipeline
-    from gateway.registry.snapshot import build_snapshot
-    from gateway.registry.source import parse_source, read_source_data
     from gateway.signing.keys import generate_private_key, issue_certificate
 
     reg = world.registry
-    now = clock()
-    data = read_source_data(DEMO_SOURCE)
-    data["version"] = int(reg.document["version"]) + 1
-    listed = {m["uscc"]: m for m in reg.document["members"]}
-    for member in data["members"]:
-        for field_name in ("endpoint", "certificates"):
-            if listed.get(member["uscc"], {}).get(field_name):
-                member[field_name] = listed[member["uscc"]][field_name]
+    data = _next_source(world)
     body = next(a for a in data["authorities"] if a["uscc"] == uscc)
     key = generate_private_key()
-    start = now - _dt.timedelta(days=1)
+    start = clock() - _dt.timedelta(days=1)
     cert = issue_certificate(key.public_key(), uscc, body["name"], reg.authority_key, reg.authority_cert, start,
                              start + _dt.timedelta(days=180))
     body["endpoint"] = url
     body["certificates"] = [{"pem": cert_pem(cert).decode("ascii")}]
+    _publish_source(world, clock, data, {uscc: key}, {uscc: cert})
+    member = DemoMember(AUTHORITY_KEY, body["name"], uscc, "510000")
+    return _add_gateway(world, clock, member, url, log_level=log_level)
+
+
+#: The demo's 职业卫生/放射卫生技术服务机构, a registry member that gets a gateway of its own in the story.
+SERVICE_KEY = "yuan"
+SERVICE_USCC = "91500105MA5U0A1B2R"
+
+
+def add_member_gateway(world: DemoWorld, clock: Callable[[], _dt.datetime], url: str, *,
+                       key: str = SERVICE_KEY, uscc: str = SERVICE_USCC, log_level: str = "WARNING") -> DemoGateway:
+    """Give a registry member that has no gateway yet (重庆渝安职业卫生技术服务有限公司（演示）) one at ``url``: its
+    endpoint in a new snapshot that every gateway applies; it signs with the key and certificate the registry
+    authority issued it when the demo registry was built."""
+    data = _next_source(world)
+    listed = next(m for m in data["members"] if m["uscc"] == uscc)
+    listed["endpoint"] = url
+    _publish_source(world, clock, data, {}, {})
+    member = DemoMember(key, listed["name"], uscc, listed["division"])
+    return _add_gateway(world, clock, member, url, log_level=log_level)
+
+
+def _next_source(world: DemoWorld) -> dict[str, Any]:
+    """The DEMO registry source as the next version of the snapshot in force: the endpoints and certificates
+    that snapshot lists (members and authorities) carried over."""
+    from gateway.demo.registry import DEMO_SOURCE
+    from gateway.registry.source import read_source_data
+
+    document = world.registry.document
+    data = read_source_data(DEMO_SOURCE)
+    data["version"] = int(document["version"]) + 1
+    for group in ("members", "authorities"):
+        listed = {m["uscc"]: m for m in document.get(group) or []}
+        for entry in data.get(group) or []:
+            for field_name in ("endpoint", "certificates"):
+                if listed.get(entry["uscc"], {}).get(field_name):
+                    entry[field_name] = listed[entry["uscc"]][field_name]
+    return data
+
+
+def _publish_source(world: DemoWorld, clock: Callable[[], _dt.datetime], data: dict[str, Any],
+                    keys: dict[str, Any], certs: dict[str, Any]) -> None:
+    """The registry authority signs ``data`` as a snapshot issued now; every gateway applies it."""
+    from gateway.demo.registry import DEMO_SOURCE
+    from gateway.registry.snapshot import build_snapshot
+    from gateway.registry.source import parse_source
+
+    reg = world.registry
     source = parse_source(json.dumps(data, ensure_ascii=False), origin=str(DEMO_SOURCE), is_json=True)
-    document = build_snapshot(source, key=reg.authority_key, cert=reg.authority_cert, issued=now)
-    world.publish(DemoRegistry(document, reg.authority_key, reg.authority_cert, {**reg.member_keys, uscc: key},
-                               {**reg.member_certs, uscc: cert}))
-    home = world.base / AUTHORITY_KEY
-    _write_private(home / "keys" / "DEMO-signing.key.pem", private_key_pem(key))
-    (home / "keys" / "DEMO-signing.cert.pem").write_bytes(cert_pem(cert))
+    document = build_snapshot(source, key=reg.authority_key, cert=reg.authority_cert, issued=clock())
+    world.publish(DemoRegistry(document, reg.authority_key, reg.authority_cert, {**reg.member_keys, **keys},
+                               {**reg.member_certs, **certs}))
+
+
+def _add_gateway(world: DemoWorld, clock: Callable[[], _dt.datetime], member: DemoMember, url: str, *,
+                 log_level: str) -> DemoGateway:
+    """A gateway for ``member`` in its own folder, signing with the key the world's registry holds for it."""
+    from gateway import auth
+    from gateway.api.app import create_app
+    from gateway.audit.records import Party
+    from gateway.pipeline import Pipeline
+
+    reg = world.registry
+    home = world.base / member.key
+    _write_private(home / "keys" / "DEMO-signing.key.pem", private_key_pem(reg.member_keys[member.uscc]))
+    (home / "keys" / "DEMO-signing.cert.pem").write_bytes(cert_pem(reg.member_certs[member.uscc]))
     reg_dir = world.base / "registry"
     settings = load_settings(environ={}, overrides={
-        "data_dir": str(home), "issuer_uscc": uscc, "issuer_name": body["name"],
+        "data_dir": str(home), "issuer_uscc": member.uscc, "issuer_name": member.name,
         "registry_snapshot": str(reg_dir / "snapshot.json"), "registry_authority": str(reg_dir / "authority.pem"),
         "signing_key": str(home / "keys" / "DEMO-signing.key.pem"),
         "signing_cert": str(home / "keys" / "DEMO-signing.cert.pem"), "public_url": url, "log_level": log_level})
     pipeline = Pipeline(settings, clock=clock)
     app = create_app(settings, pipeline)
-    _, token = auth.add_user(pipeline.store.db, "demo-admin", ["admin"], at=now, gateway=Party.member(uscc),
-                             by=Party.user(uscc, "demo"))
-    gateway = DemoGateway(DemoMember(AUTHORITY_KEY, body["name"], uscc, "510000"), settings, pipeline, app, url,
-                          token)
-    world.gateways[AUTHORITY_KEY] = gateway
+    _, token = auth.add_user(pipeline.store.db, "demo-admin", ["admin"], at=clock(),
+                             gateway=Party.member(member.uscc), by=Party.user(member.uscc, "demo"))
+    gateway = DemoGateway(member, settings, pipeline, app, url, token)
+    world.gateways[member.key] = gateway
     return gateway
 
 
