@@ -197,6 +197,19 @@ def test_signer_must_be_the_issuer(world) -> None:
     assert resp.status_code == 403
 
 
+def test_a_signer_named_in_who_must_be_the_signer(world) -> None:
+    """Bundle.signature.who is not covered by the signature: rewritten to name another member, it is refused, so
+    no rule can take the other member for the signer."""
+    signed = parse_json(ingest_lis(world)[0].signed)
+    signed["signature"]["who"]["identifier"]["value"] = MEMBERS["fuling"].uscc
+    from gateway import jsonutil
+
+    resp = post_as(world, "tongjiang", "fuling", jsonutil.dumps(signed).encode())
+    assert resp.status_code in (401, 403), resp.get_data(as_text=True)
+    assert "Bundle.signature.who names" in resp.get_json()["issue"][0]["diagnostics"]
+    assert world.gateways["fuling"].pipeline.store.search("Observation", []).total == 0
+
+
 def test_peer_authentication_failures(world) -> None:
     signed = ingest_lis(world)[0].signed
     assert post_as(world, "tongjiang", "fuling", signed, token="nonsense").status_code == 401

@@ -182,15 +182,17 @@ def test_the_reader_eqa_counts(demo: Snapshot) -> None:
 
 
 def test_a_catalogue_judging_imaging_by_its_performer(demo: Snapshot) -> None:
-    """With ``responsible: {imaging: performer}`` the township centre's own EQA and level count, and no signature
-    rule applies; the ECG (still by its reader) is unaffected."""
+    """With ``responsible: {imaging: performer}`` the township centre's own EQA and level count, and only its own
+    signature would: the lead hospital's fails the signature rule; the ECG (still by its reader) is unaffected."""
 
     def by_performer(data: dict[str, Any]) -> None:
         data["catalogues"][0]["responsible"]["imaging"] = "performer"
 
     found = decisions(sample(), snapshot_of(by_performer))
     ct = found["胸部CT平扫"]
-    assert ct.responsible == "performer" and ct.rule("reading-signature") is None
+    signature = ct.rule("reading-signature")
+    assert ct.responsible == "performer" and signature is not None and signature.status == "failed"
+    assert signature.message.startswith(f"signed by {FULING}, not by {QINGXI} who performed it")
     assert statuses(ct)["eqa-pass"] == "failed" and ct.outcome == "not-recognized"
     eqa = ct.rule("eqa-pass")
     assert eqa is not None and eqa.facts["issuer"] == QINGXI
@@ -206,7 +208,11 @@ def test_an_item_can_override_its_class(demo: Snapshot) -> None:
     assert {i.code: i.responsible for i in snap.catalogues[0].items if i.code in ("CY-I001", "CY-E001", "CY-L001")} == {
         "CY-I001": "interpreter", "CY-E001": "performer", "CY-L001": "performer"
     }
-    assert decisions(sample(), snap)["常规十二导联心电图"].rule("reading-signature") is None
+    ecg = decisions(sample(), snap)["常规十二导联心电图"]
+    signature = ecg.rule("reading-signature")
+    assert signature is not None and signature.status == "failed" and ecg.outcome == "not-recognized"
+    # signed by the performer itself, the item judged by its performer has no signature to question
+    assert decisions(sample(signer=QINGXI), snap)["常规十二导联心电图"].rule("reading-signature") is None
 
 
 def test_without_a_separate_reader_the_performer_is_judged(demo: Snapshot) -> None:
@@ -362,3 +368,20 @@ def test_cda_a_bad_reading_institution_is_refused_naming_the_xpath(pipeline: Any
     assert problems and "legalAuthenticator" in problems[0].location and "representedOrganization" in (
         problems[0].location
     )
+
+
+def test_a_member_cannot_sign_a_report_it_did_not_perform_by_naming_itself_the_reader(demo: Snapshot) -> None:
+    """涪陵 signs a lab report 通江 performed and names itself as reader: the lab item is judged by its performer,
+    so only 通江's signature counts, whatever the report claims; the same for a result outside every catalogue."""
+    bundle = copy.deepcopy(json.loads((DATA / "bundle-lab-tongjiang.json").read_text(encoding="utf-8")))
+    for r in bundle["entry"]:
+        if r["resource"]["resourceType"] == "DiagnosticReport":
+            r["resource"]["resultsInterpreter"] = [
+                {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": FULING}}]
+    bundle["signature"] = {"who": {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": FULING}}}
+    found = decide_all(facts_from_bundle(bundle), demo, TONGJIANG, AT)
+    results = [d for d in found if d.facts.kind != "conclusion"]
+    assert results and all(d.outcome == "not-recognized" for d in results)
+    for d in results:
+        signature = d.rule("reading-signature")
+        assert signature is not None and signature.status == "failed", d.to_dict()

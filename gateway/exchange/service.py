@@ -30,6 +30,7 @@ of its own (``gateway.signing``).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import logging
@@ -592,8 +593,15 @@ class Exchange:
         from gateway.recognition.store import save_decisions
         from gateway.store.reports import supersede, superseded_in
 
+        # the signer is the verified one: Bundle.signature.who is not signed, so it must name the same member
+        read = facts_from_bundle(bundle)
+        claimed = {f.signer_uscc for f in read if f.signer_uscc}
+        if claimed and claimed != {verified.signer_uscc}:
+            raise TrustError(f"Bundle.signature.who names {', '.join(sorted(claimed))} but the signature is "
+                             f"{verified.signer_uscc}'s", "Bundle.signature.who")
+        read = [dataclasses.replace(f, signer_uscc=verified.signer_uscc) for f in read]
         # a report a stored correction supersedes (it arrived late) is decided as superseded
-        facts = with_superseded(facts_from_bundle(bundle), superseded_in(self.db, bundle))
+        facts = with_superseded(read, superseded_in(self.db, bundle))
         decisions = decide_all(facts, snapshot, self.settings.issuer_uscc, now)
         doc_sha = verified.document_sha256
         counts: dict[str, int] = {}

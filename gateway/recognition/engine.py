@@ -806,17 +806,25 @@ def _rule_service_qualification(ctx: _Context) -> RuleResult:
               f"qualification {q.number} ({approval}), valid on {day}", **info)
 
 
-def _rule_signature(ctx: _Context, item: CatalogueItem) -> RuleResult | None:
+def _rule_signature(ctx: _Context, item: CatalogueItem | None) -> RuleResult | None:
     """The reading institution's signature counts for an item judged by its reader.
 
     None (not listed) when the report names no reading institution apart from its performer and the Bundle
     is unsigned or signed by the performer: the usual report, read where it was made.
     """
     rid = "reading-signature"
-    if item.responsible != "interpreter":
-        return None
     f = ctx.facts
     performer, reader, signer = f.issuer_uscc, f.interpreter_uscc or f.issuer_uscc, f.signer_uscc
+    if item is None or item.responsible != "interpreter":
+        # The issuer answers for this result: only its own signature counts. (A member that signs a report
+        # another member performed, naming itself as the reader, is taken at its word only where the
+        # catalogue has the item judged by its reader.)
+        if signer is None or signer == performer:
+            return None
+        what = f"a {item.item_class} item" if item is not None else "a result outside every catalogue"
+        return _r(rid, FAILED, f"signed by {signer}, not by {performer} who performed it: for {what} only the "
+                  "performing institution's signature counts", performer=performer, interpreter=reader,
+                  signer=signer, item_class=item.item_class if item is not None else None)
     separate = reader != performer
     if not separate and signer in (None, performer):
         return None
@@ -884,9 +892,9 @@ def _evaluate(performed: _Context, item: CatalogueItem | None) -> list[RuleResul
     else:
         rules.append(_rule_mark(ctx, item))
         rules.append(_rule_direction(ctx, item, day, day_facts))
-        signature = _rule_signature(performed, item)
-        if signature is not None:
-            rules.append(signature)
+    signature = _rule_signature(performed, item)  # every class: whose signature counts
+    if signature is not None:
+        rules.append(signature)
     if ctx.facts.report_class == "occupational":
         rules.append(_rule_filing(ctx))
         rules.append(_rule_physician(ctx))
