@@ -41,7 +41,7 @@ from gateway.signing.trust import check_certificate
 from gateway.store.db import transaction
 
 __all__ = ["REASONS", "STATUSES", "ANSWERS", "LANE", "TASK_PATH", "PROFILE", "Referrals", "Referral",
-           "ensure_schema"]
+           "ReferralConflict", "ensure_schema"]
 
 #: Reasons for a referral (CodeSystem referral-reason): code -> display.
 REASONS = {
@@ -63,6 +63,14 @@ CS_EVIDENCE = cs_url("referral-evidence")
 SYSTEM_REFERRAL = f"{IG_BASE}/sid/referral"
 SYSTEM_DECISION = f"{IG_BASE}/sid/decision"
 SYSTEM_BUNDLE_SHA256 = f"{IG_BASE}/sid/bundle-sha256"
+
+
+class ReferralConflict(InputError):
+    """The referral changed since it was read: another answer was recorded first (409)."""
+
+    code = "conflict"
+    http_status = 409
+
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS referrals (
     id           TEXT PRIMARY KEY,   -- the Task's business identifier, the same on both sides
@@ -159,6 +167,48 @@ def _evidence(code: str, display: str, **value: Any) -> dict[str, Any]:
 def _uscc_of_ref(ref: Any) -> str:
     ident = ref.get("identifier") if isinstance(ref, dict) else None
     return str(ident.get("value", "")) if isinstance(ident, dict) else ""
+
+
+def _focus_of(task: dict[str, Any]) -> str:
+    """The 检验报告单号 of the report a Task refers: its ``focus.identifier.value``.
+
+    :raises InputError: a focus by reference alone (it names nothing the other gateway keeps), or none.
+    """
+    focus = task.get("focus")
+    ident = focus.get("identifier") if isinstance(focus, dict) else None
+    value = ident.get("value") if isinstance(ident, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        raise InputError("a referral names its report by identifier (the 检验报告单号), not by a reference alone",
+                         "Task.focus.identifier.value")
+    return value
+
+
+def _code_in(concept: Any, system: str) -> str | None:
+    """The code of ``concept``'s first coding from ``system`` (whatever codings come before it)."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    for coding in codings if isinstance(codings, list) else []:
+        if isinstance(coding, dict) and coding.get("system") == system and isinstance(coding.get("code"), str):
+            return str(coding["code"])
+    return None
+
+
+def _reason_of(task: dict[str, Any]) -> str:
+    """:raises InputError: the Task's ``code`` has no coding from the referral-reason CodeSystem."""
+    reason = _code_in(task.get("code"), CS_REASON)
+    if reason is None:
+        raise InputError(f"a referral's reason is a code from {CS_REASON}", "Task.code")
+    return reason
+
+
+def _evidence_value(task: dict[str, Any], kind: str) -> str | None:
+    """``valueIdentifier.value`` of the Task's first input of evidence type ``kind``, if any."""
+    inputs = task.get("input")
+    for item in inputs if isinstance(inputs, list) else []:
+        if isinstance(item, dict) and _code_in(item.get("type"), CS_EVIDENCE) == kind:
+            ident = item.get("valueIdentifier")
+            value = ident.get("value") if isinstance(ident, dict) else None
+            return value if isinstance(value, str) else None
+    return None
 
 
 class Referrals:
@@ -337,10 +387,10 @@ class Referrals:
         requester, owner = task["requester"], task["owner"]
         row = self.db.execute("SELECT issuer, report, decision_id, bundle_hash FROM referrals WHERE id = ?",
                               [task["id"]]).fetchone()
-        report = row[1] if row else f"DiagnosticReport/{task['focus']['identifier']['value']}"
+        report = row[1] if row else f"DiagnosticReport/{_focus_of(task)}"
         append(db or self.db, records.referral(
             action, at=self.clock(), gateway=records.Party.member(self.me), task_id=task["id"],
-            status=task["status"], reason=task["code"]["coding"][0]["code"],
+            status=task["status"], reason=_reason_of(task),
             requester=records.Party.member(_uscc_of_ref(requester), requester.get("display")),
             owner=records.Party.member(_uscc_of_ref(owner), owner.get("display")), report=report,
             issuer=records.Party.member(str(row[0] if row and row[0] else issuer)) if (row and row[0]) or issuer
@@ -355,6 +405,7 @@ class Referrals:
         signed and queued for the referring member, and audited.
 
         :raises InputError: this gateway is not the referral's authority, or the status does not follow.
+        :raises ReferralConflict: another answer was recorded while this one was made (nothing is written).
         :raises NotFound: no such referral.
         """
         current = self.get(referral_id)
@@ -373,8 +424,14 @@ class Referrals:
         self._check(task)
         text, _ = self._sign(task)
         with transaction(self.db):
-            self.db.execute("UPDATE referrals SET status = ?, task = ?, note = COALESCE(?, note), updated_at = ?"
-                            " WHERE id = ?", [status, jsonutil.dumps(task), note, now.isoformat(), referral_id])
+            # only from the status read above: another answer recorded meanwhile makes this one a conflict
+            changed = self.db.execute(
+                "UPDATE referrals SET status = ?, task = ?, note = COALESCE(?, note), updated_at = ?"
+                " WHERE id = ? AND status = ?",
+                [status, jsonutil.dumps(task), note, now.isoformat(), referral_id, current.status]).rowcount
+            if changed != 1:
+                raise ReferralConflict(f"referral {referral_id} is now {self.get(referral_id).status}: it was answered "
+                                       f"meanwhile, so {status} was not recorded", "status")
             self._audit("updated", task, by=by, note=note)
             destination = LANE + current.requester
             self.exchange.outbox.enqueue(destination, self.url_for(destination), text, kind="referral")
@@ -461,8 +518,9 @@ class Referrals:
         self._check(task)
         requester, owner = _uscc_of_ref(task["requester"]), _uscc_of_ref(task["owner"])
         ensure_schema(self.db)
-        existing = self.db.execute("SELECT side, status, receipt FROM referrals WHERE id = ?",
-                                   [task["id"]]).fetchone()
+        # which side a referral is kept on, and the receipt given for it, never change once written: a row read
+        # here may be out of date only by being missing, which the INSERT below settles
+        existing = self.db.execute("SELECT side, receipt FROM referrals WHERE id = ?", [task["id"]]).fetchone()
         now = self.clock()
         body = {"receiver": self.me, "task": task["id"], "sha256": verified.document_sha256,
                 "received_at": now.isoformat()}
@@ -470,42 +528,53 @@ class Referrals:
             if owner != self.me or requester != peer:
                 raise InputError(f"a referral from {peer} must name it as requester and this gateway ({self.me}) "
                                  "as owner", "Task.owner")
-            if existing is not None and existing[2]:
-                return str(existing[2]).encode("utf-8")
-            if existing is not None:
-                raise InputError(f"referral {task['id']} was already received", "Task.identifier")
-            task = dict(task, status="received")
-            body["status"] = "received"
-            receipt: bytes = self.exchange.make_receipt(body)
-            focus = f"DiagnosticReport/{task['focus']['identifier']['value']}"
-            evidence = {i["type"]["coding"][0]["code"]: i for i in task.get("input", [])}
-            decision = evidence.get("decision", {}).get("valueIdentifier", {}).get("value")
-            bundle_hash = evidence.get("signed-bundle-hash", {}).get("valueIdentifier", {}).get("value")
-            with transaction(self.db):
-                self.db.execute(
-                    f"INSERT INTO referrals ({', '.join(_COLUMNS)}, receipt) VALUES "
-                    f"({', '.join('?' * (len(_COLUMNS) + 1))})",
-                    [task["id"], "owner", "received", task["code"]["coding"][0]["code"], requester, owner, None,
-                     focus, decision, bundle_hash, task.get("description"), jsonutil.dumps(task), now.isoformat(),
-                     now.isoformat(), receipt.decode("utf-8")])
-                self._audit("received", task, by=records.Party.member(peer), note=task.get("description"))
-            return receipt
-        # an answer to a referral made here: only its authority may give it
-        current = self.get(task["id"])
-        if peer != current.owner or owner != current.owner:
+            if existing is not None and existing[1]:
+                return str(existing[1]).encode("utf-8")
+            return self._take(task, body, peer, requester, owner)
+        return self._take_answer(task, body, peer)
+
+    def _take(self, task: dict[str, Any], body: dict[str, Any], peer: str, requester: str, owner: str) -> bytes:
+        """A referral this gateway is the authority of, kept once: the same receipt for a delivery that arrives
+        again, even at the same moment."""
+        focus = f"DiagnosticReport/{_focus_of(task)}"
+        reason = _reason_of(task)
+        task = dict(task, status="received")
+        body = dict(body, status="received")
+        receipt: bytes = self.exchange.make_receipt(body)
+        at = body["received_at"]
+        with transaction(self.db):
+            kept = self.db.execute(
+                f"INSERT INTO referrals ({', '.join(_COLUMNS)}, receipt) VALUES "
+                f"({', '.join('?' * (len(_COLUMNS) + 1))}) ON CONFLICT (id) DO NOTHING",
+                [task["id"], "owner", "received", reason, requester, owner, None, focus,
+                 _evidence_value(task, "decision"), _evidence_value(task, "signed-bundle-hash"),
+                 task.get("description"), jsonutil.dumps(task), at, at, receipt.decode("utf-8")]).rowcount
+            if kept != 1:  # taken meanwhile by another delivery of it
+                row = self.db.execute("SELECT side, receipt FROM referrals WHERE id = ?", [task["id"]]).fetchone()
+                if row is not None and row[0] == "owner" and row[1]:
+                    return str(row[1]).encode("utf-8")
+                raise InputError(f"referral {task['id']} is already known here", "Task.identifier")
+            self._audit("received", task, by=records.Party.member(peer), note=task.get("description"))
+        return receipt
+
+    def _take_answer(self, task: dict[str, Any], body: dict[str, Any], peer: str) -> bytes:
+        """The authority's answer to a referral made here, checked against its status as it is when written."""
+        current = self.get(task["id"])  # its parties never change
+        if peer != current.owner or _uscc_of_ref(task["owner"]) != current.owner:
             raise UnknownIssuer(f"only {current.owner} answers referral {task['id']}", "Task.owner")
         status = task["status"]
-        body["status"] = status
-        answer: bytes = self.exchange.make_receipt(body)
-        if status == current.status:
-            return answer  # the same answer again
-        follows = ANSWERS.get(current.status, ()) if current.status != "requested" else ANSWERS["received"]
-        if status not in follows:
-            raise InputError(f"referral {task['id']} is {current.status}: {status} does not follow", "Task.status")
+        answer: bytes = self.exchange.make_receipt(dict(body, status=status))
         note = (task.get("statusReason") or {}).get("text")
         with transaction(self.db):
+            row = self.db.execute("SELECT status FROM referrals WHERE id = ?", [task["id"]]).fetchone()
+            now_status = str(row[0])
+            if status == now_status:
+                return answer  # the same answer again
+            follows = ANSWERS.get(now_status, ()) if now_status != "requested" else ANSWERS["received"]
+            if status not in follows:
+                raise InputError(f"referral {task['id']} is {now_status}: {status} does not follow", "Task.status")
             self.db.execute("UPDATE referrals SET status = ?, task = ?, updated_at = ? WHERE id = ?",
-                            [status, jsonutil.dumps(task), now.isoformat(), task["id"]])
+                            [status, jsonutil.dumps(task), body["received_at"], task["id"]])
             self._audit("updated", task, by=records.Party.member(peer, current.task["owner"].get("display")),
                         note=note)
         return answer

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import threading
+import uuid
 
 import pytest
 
@@ -21,7 +23,7 @@ from gateway.demo.world import AUTHORITY_USCC, add_authority, build_world
 from gateway.errors import InputError, NotFound, UnknownIssuer
 from gateway.fhir.profiles import load_guide
 from gateway.recognition.store import list_decisions
-from gateway.referrals import LANE, PROFILE, REASONS, Referrals
+from gateway.referrals import CS_REASON, LANE, PROFILE, REASONS, ReferralConflict, Referrals
 
 CST = _dt.timezone(_dt.timedelta(hours=8))
 TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
@@ -253,3 +255,108 @@ def test_registry_authorities_are_checked_and_parsed() -> None:
     assert {"qualifications[0].authority.uscc", "qualifications[1].authority.uscc", "authorities[3].uscc",
             "authorities[1].endpoint"} <= where
     assert "91510100MA6123456W is not listed in authorities" in str(err.value)
+
+
+def _gated(monkeypatch, obj, name: str) -> None:
+    """Hold the first caller of ``obj.name`` until a second one arrives (or 10 s pass): two requests racing."""
+    gate, real = threading.Barrier(2, timeout=10), getattr(obj, name)
+
+    def held(*args, **kwargs):
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:  # the other caller waits on the database: go on alone
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, held)
+
+
+def _race(pipeline, *calls) -> list:
+    """Run each call in a thread of its own (its own SQLite connection); their results or exceptions, in order."""
+    out: list = [None] * len(calls)
+
+    def run(n: int) -> None:
+        try:
+            out[n] = calls[n]()
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each one raised
+            out[n] = exc
+        finally:
+            pipeline.close()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_a_task_whose_focus_is_a_bare_reference_is_refused_for_good(world) -> None:
+    fl_refs, auth_refs, decision_id = referred(world)
+    fl = world.gateways["fuling"].pipeline.exchange
+    made = fl_refs.create(decision_id, "unqualified", by=Party.user(FL, "qc-officer"))
+    assert fl.deliver() == {"delivered": 1, "retry": 0, "dead": 0}
+    other = str(uuid.uuid4())
+    bare = dict(made.task, id=other, identifier=[{"system": made.task["identifier"][0]["system"], "value": other}],
+                focus={"reference": "DiagnosticReport/R2611200002"})
+    text, _ = fl_refs._sign(bare)
+    url = fl_refs.url_for(LANE + AUTHORITY_USCC)
+
+    authority = world.gateways["schealth"].app.test_client()
+    answer = authority.post("/exchange/tasks", data=text, headers=fl.assertion_for(url))
+    assert answer.status_code == 422
+    issues = answer.get_json()["issue"]
+    assert issues and {i["expression"][0] for i in issues} == {"Task.focus.identifier"}
+
+    # through the outbox: refused by the receiver, so dead at once, never retried
+    fl.outbox.enqueue(LANE + AUTHORITY_USCC, url, text, kind="referral")
+    assert fl.deliver() == {"delivered": 0, "retry": 0, "dead": 1}
+    dead = next(r for r in fl.outbox.list() if r.status == "dead")
+    assert dead.attempts == 1 and "HTTP 422 (refused by the receiver)" in dead.last_error
+    assert [r.id for r in auth_refs.list()] == [made.id]
+
+
+def test_codes_are_read_by_their_system_not_by_position(world) -> None:
+    fl_refs, auth_refs, decision_id = referred(world)
+    made = fl_refs.create(decision_id, "forged", by=Party.user(FL, "qc-officer"))
+    task = dict(made.task)
+    local = {"system": "urn:oid:2.16.156.99999.1", "code": "W01", "display": "院内违规代码"}
+    task["code"] = {"coding": [local, *task["code"]["coding"]]}
+    task["input"] = [dict(i, type={"coding": [local, *i["type"]["coding"]]}) for i in task["input"]]
+    assert load_guide().validate(task, [PROFILE]) == []
+    text, _ = fl_refs._sign(task)
+    auth_refs.receive(text, FL)
+    got = auth_refs.get(made.id)
+    assert (got.reason, got.decision_id, got.bundle_hash) == ("forged", decision_id, made.bundle_hash)
+    assert next(c for c in got.task["code"]["coding"] if c["system"] == CS_REASON)["code"] == "forged"
+
+
+def test_the_same_referral_arriving_twice_at_once_is_taken_once(world, monkeypatch) -> None:
+    fl_refs, auth_refs, decision_id = referred(world)
+    made = fl_refs.create(decision_id, "unqualified", by=Party.user(FL, "qc-officer"))
+    text, _ = fl_refs._sign(made.task)
+    authority = world.gateways["schealth"].pipeline
+    _gated(monkeypatch, authority.exchange, "make_receipt")  # both have looked for the referral before either keeps it
+    first, second = _race(authority, lambda: auth_refs.receive(text, FL), lambda: auth_refs.receive(text, FL))
+    assert isinstance(first, bytes) and first == second  # the one receipt, twice
+    assert [(r.id, r.status) for r in auth_refs.list()] == [(made.id, "received")]
+    assert kinds(auth_refs.db) == [("received", "received")]
+
+
+def test_two_answers_at_once_one_is_kept_the_other_is_a_conflict(world, monkeypatch) -> None:
+    fl_refs, auth_refs, decision_id = referred(world)
+    made = fl_refs.create(decision_id, "unqualified", by=Party.user(FL, "qc-officer"))
+    world.gateways["fuling"].pipeline.exchange.deliver()
+    authority = world.gateways["schealth"].pipeline
+    officer = Party.user(AUTHORITY_USCC, "inspector")
+    _gated(monkeypatch, authority.exchange, "sign_with_digest")  # both have read "received" before either writes
+    outcomes = _race(authority, lambda: auth_refs.update(made.id, "accepted", by=officer).status,
+                     lambda: auth_refs.update(made.id, "rejected", by=officer).status)
+    kept = [o for o in outcomes if isinstance(o, str)]
+    refused = [o for o in outcomes if not isinstance(o, str)]
+    assert len(kept) == 1 and len(refused) == 1, outcomes
+    assert isinstance(refused[0], ReferralConflict) and refused[0].http_status == 409
+    assert f"is now {kept[0]}" in refused[0].message
+    assert auth_refs.get(made.id).status == kept[0]
+    assert kinds(auth_refs.db) == [("received", "received"), ("updated", kept[0])]
+    assert [r.destination for r in authority.exchange.outbox.list()] == [LANE + FL]  # one answer goes back
