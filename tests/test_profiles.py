@@ -395,3 +395,12 @@ def test_a_broken_guide_stops_start_up_naming_the_file(tmp_path: Path, name: str
 def test_a_missing_directory_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_guide(tmp_path / "nowhere")
+
+
+def test_a_profile_asked_for_and_declared_is_checked_once(guide: Guide) -> None:
+    """$validate?profile= naming the profile the resource already declares reports each problem once."""
+    obs = load(EXAMPLES / "Observation-glucose.json")
+    obs["extension"][0]["valueString"] = "HR"
+    declared = guide.validate(obs)
+    assert declared and [i.line() for i in guide.validate(obs, [obs["meta"]["profile"][0]])] == \
+        [i.line() for i in declared]

@@ -959,7 +959,8 @@ class Guide:
             declared = [(claimed, f"{loc}.meta.profile")]
         elif isinstance(claimed, list):
             declared = [(p, f"{loc}.meta.profile[{i}]") for i, p in enumerate(claimed) if isinstance(p, str)]
-        declared += [(p, loc) for p in extra]
+        named = {ref.partition("|")[0] for ref, _ in declared}
+        declared += [(p, loc) for p in extra if p.partition("|")[0] not in named]  # a profile is checked once
         for ref, where in declared:
             url, _, version = ref.partition("|")
             profile = self._profiles.get(url)
