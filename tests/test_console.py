@@ -255,7 +255,10 @@ def test_exports_equal_the_page(fuling) -> None:
     by_issuer = {r["key"]: r["rate"] for r in rows if r["table"] == "by_issuer"}
     shown = {f["issuer"]: f["value"] for f in _figures(html, "recognition-rate") if f.get("table") == "by_issuer"}
     assert by_issuer == shown
-    assert [r["key"] for r in rows if r["table"] == "refusals_by_rule"] == ["eqa-pass"]
+    refusals = {r["key"]: r["count"] for r in rows if r["table"] == "refusals_by_rule"}
+    # the demo's refusals: ALT (通江 failed EQA) and 邻水's CT made while it was 二级 (the direction rule)
+    assert set(refusals) == {"eqa-pass", "direction"}
+    assert refusals == {f["rule"]: f["value"] for f in _figures(html, "refusals")}
     from openpyxl import load_workbook
 
     book = load_workbook(io.BytesIO(c.get("/console/recognition.xlsx").data))
