@@ -337,6 +337,81 @@ def test_v3_messages_without_a_report_are_refused(pipeline: Pipeline, change, lo
     assert ack.xpath("v3:acknowledgement/@typeCode", namespaces=V3) == [out.ack_code]
 
 
+# -- one report per message: nothing carried beside it is dropped -------------------------------
+
+
+B64_START = b'<text mediaType="text/xml" representation="B64">'
+B64_TEXT = V3_SOAP12[V3_SOAP12.index(B64_START):V3_SOAP12.index(b"</text>", V3_SOAP12.index(B64_START)) + 7]
+ESCAPED_TEXT = (b'<text mediaType="text/xml">'
+                + NESTED.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;") + b"</text>")
+SOAP12_POLB = V3_SOAP12[V3_SOAP12.index(b"<POLB_IN224000UV01"):V3_SOAP12.index(b"</POLB_IN224000UV01>") + 20]
+SOAP11_MESSAGE = V3_SOAP11[V3_SOAP11.index(b"<hip:message>"):V3_SOAP11.index(b"</hip:message>") + 14]
+BARE_POLB = V3_BARE[V3_BARE.index(b"<POLB_IN224000UV01"):]
+REPORT = "/POLB_IN224000UV01/controlActProcess/subject/observationReport"
+
+
+def _hip(*parameters: bytes) -> bytes:
+    return (b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:hip="urn:hl7-org:v3">'
+            b"<soapenv:Body><hip:HIPMessageServer><hip:action>POLB_IN224000UV01</hip:action>"
+            + b"".join(b"<hip:message>" + p + b"</hip:message>" for p in parameters)
+            + b"</hip:HIPMessageServer></soapenv:Body></soapenv:Envelope>")
+
+
+@pytest.mark.parametrize("data, location, words", [
+    (V3_SOAP12.replace(B64_TEXT, B64_TEXT + B64_TEXT), f"/Envelope/Body{REPORT}/text[2]",
+     f"carries 2 ClinicalDocuments (the first at /Envelope/Body{REPORT}/text[1])"),
+    (V3_SOAP12.replace(B64_TEXT, B64_TEXT + ESCAPED_TEXT), f"/Envelope/Body{REPORT}/text[2]",
+     "carries 2 ClinicalDocuments"),
+    (V3_BARE.replace(b'<component typeCode="COMP">', B64_TEXT + b'<component typeCode="COMP">', 1),
+     f"{REPORT}/component/ClinicalDocument", f"carries 2 ClinicalDocuments (the first at {REPORT}/text)"),
+    (V3_SOAP12.replace(SOAP12_POLB, SOAP12_POLB + SOAP12_POLB), "/Envelope/Body/POLB_IN224000UV01[2]",
+     "the SOAP Body holds 2 elements ('POLB_IN224000UV01', 'POLB_IN224000UV01')"),
+    (V3_SOAP11.replace(SOAP11_MESSAGE, SOAP11_MESSAGE + SOAP11_MESSAGE), "/Envelope/Body/HIPMessageServer/message[2]",
+     "SOAP operation 'HIPMessageServer' carries 2 parameters holding XML text"),
+    (_hip(BARE_POLB, BARE_POLB), "/Envelope/Body/HIPMessageServer/message[2]/POLB_IN224000UV01",
+     "SOAP operation 'HIPMessageServer' carries 2 HL7 v3 messages or ClinicalDocuments"),
+], ids=["two-base64", "base64-and-escaped", "element-and-base64", "two-messages-in-body", "two-text-parameters",
+        "two-message-parameters"])
+def test_a_second_report_in_one_message_is_refused_not_dropped(pipeline: Pipeline, data: bytes, location: str,
+                                                               words: str) -> None:
+    out = convert_one(pipeline, data)
+    assert out.status is Status.REFUSED and out.bundle is None
+    assert [e.location for e in out.errors] == [location], out.issues
+    assert words in out.errors[0].message
+    ack = _ack(out.answer)
+    assert ack.xpath("v3:acknowledgement/@typeCode", namespaces=V3) == [out.ack_code]
+    assert out.ack_code in ("AE", "AR")
+    assert ack.xpath("v3:acknowledgement/v3:acknowledgementDetail/v3:location/@value", namespaces=V3) == [location]
+
+
+def test_an_attachment_declared_as_a_pdf_beside_the_report_is_not_a_second_report(pipeline: Pipeline) -> None:
+    """A base64 PDF (mediaType application/pdf) next to the report is an attachment: the report is taken."""
+    pdf = b'<text mediaType="application/pdf" representation="B64">' + base64.b64encode(b"%PDF-1.7 demo") + b"</text>"
+    out = convert_one(pipeline, V3_SOAP12.replace(B64_TEXT, B64_TEXT + pdf))
+    assert out.bundle is not None and not out.errors, out.issues
+
+
+def test_two_operations_in_one_soap_body_are_answered_in_the_envelope(client) -> None:
+    body = V3_SOAP11.replace(b"</soapenv:Body>", _hip(BARE_POLB).split(b"<soapenv:Body>")[1].split(
+        b"</soapenv:Body>")[0] + b"</soapenv:Body>")
+    resp = client.post("/ingest/cda", data=body, content_type="text/xml")
+    assert resp.status_code == 200 and resp.mimetype == "text/xml" and resp.headers["X-Ack-Code"] in ("AE", "AR")
+    ack = _ack(resp.data)
+    assert ack.xpath("v3:acknowledgement/v3:acknowledgementDetail/v3:location/@value", namespaces=V3) == [
+        "/Envelope/Body/HIPMessageServer[2]"]
+    found = client.get("/fhir/DiagnosticReport", query_string={
+        "identifier": "urn:oid:2.16.156.10011.1.33|JY202611210088"}).get_json()
+    assert found["total"] == 0
+
+
+def test_base64_inside_a_document_carried_as_an_element_is_the_documents_own(pipeline: Pipeline) -> None:
+    # an ED of the report itself (here a section's text as a base64 image) is not a second document
+    data = V3_BARE.replace(b"<text/>", b'<text mediaType="image/png" representation="B64">iVBORw0KGgo=</text>', 1)
+    out = convert_one(pipeline, data)
+    assert out.status is Status.CONVERTED, out.issues
+    assert list(results(out.bundle)) == ["ALT", "AST"]
+
+
 # -- hostile XML inside a wrapper -----------------------------------------------------------------
 
 

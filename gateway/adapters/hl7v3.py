@@ -7,7 +7,10 @@ message as escaped XML or CDATA). The message carries the ClinicalDocument
 under ``controlActProcess/subject``: as an element, or as the base64 or
 escaped-XML text of an element (an ED such as ``<text representation="B64"
 mediaType="text/xml">``). :func:`unwrap` finds it; the CDA adapter reads it as
-it reads a bare document. The sender is answered with an ``MCCI_IN000002UV01``
+it reads a bare document. One report per message: a second ClinicalDocument
+(as an element or as text), a second element in the SOAP ``Body`` or a second
+message in a web-service operation is refused, naming its XPath, never
+dropped. The sender is answered with an ``MCCI_IN000002UV01``
 acknowledgement (:func:`acknowledgement`): ``acknowledgement/@typeCode``
 AA/AE/AR, ``targetMessage`` naming the request's id, one
 ``acknowledgementDetail`` per issue with the XPath it names.
@@ -123,16 +126,30 @@ def unwrap(root: Any, parse: Parse, taken: list[str], depth: int = 0) -> tuple[A
         if not content:
             return None, env, [Issue("error", "structure", f"{_path(node)}/Body",
                                      "SOAP envelope has an empty Body: no HL7 v3 message in it", "100")]
+        if len(content) > 1:
+            return None, env, [Issue("error", "structure", _path(content[1]),
+                                     f"the SOAP Body holds {len(content)} elements "
+                                     f"({', '.join(shown(_local(c)) for c in content[:5])}); send one HL7 v3 "
+                                     "message or web-service operation per request", "100")]
         node = content[0]
-        if not (_ns(node) == V3_NS and (_INTERACTION.match(_local(node)) or _local(node) == "ClinicalDocument")):
+        if not _carried(node):
             # A web-service operation (e.g. HIPMessageServer) whose parameters carry the message, as elements
             # or as escaped text.
-            inner = next((d for d in node.iter() if d is not node and isinstance(d.tag, str)
-                          and _ns(d) == V3_NS and (_INTERACTION.match(_local(d)) or _local(d) == "ClinicalDocument")),
-                         None)
+            found = _outermost([d for d in node.iter() if d is not node and _carried(d)])
+            if len(found) > 1:
+                return None, env, [Issue("error", "structure", _path(found[1]),
+                                         f"SOAP operation {shown(_local(node))} carries {len(found)} HL7 v3 "
+                                         "messages or ClinicalDocuments; send one report per request", "100")]
+            inner = found[0] if found else None
             if inner is None:
-                text_holder = next((d for d in node.iter() if isinstance(d.tag, str) and not _elements(d)
-                                    and (d.text or "").lstrip().startswith("<")), None)
+                holders = [d for d in node.iter() if isinstance(d.tag, str) and not _elements(d)
+                           and (d.text or "").lstrip().startswith("<")]
+                if len(holders) > 1 and not depth:
+                    return None, env, [Issue("error", "structure", _path(holders[1]),
+                                             f"SOAP operation {shown(_local(node))} carries {len(holders)} "
+                                             "parameters holding XML text; send one HL7 v3 message per request",
+                                             "100")]
+                text_holder = holders[0] if holders else None
                 if text_holder is None or depth:
                     return None, env, [Issue("error", "not-supported", _path(node),
                                              f"SOAP operation {shown(_local(node))} carries no HL7 v3 message or "
@@ -178,21 +195,24 @@ def unwrap(root: Any, parse: Parse, taken: list[str], depth: int = 0) -> tuple[A
     if not act:
         return None, env, [Issue("error", "required", f"{where}/controlActProcess",
                                  "the message has no controlActProcess: it carries no report", "101")]
-    documents = act[0].xpath(".//v3:ClinicalDocument", namespaces=ns)
-    if len(documents) > 1:
-        return None, env, [Issue("error", "structure", _path(documents[1]),
-                                 f"the message carries {len(documents)} ClinicalDocuments; send one report per "
-                                 "message", "100")]
-    if documents:
-        env.carrier = _path(documents[0])
-        return documents[0], env, []
+    # Every ClinicalDocument the message carries, as an element or as the text of an element: one is taken.
+    inside = set(act[0].xpath(".//v3:ClinicalDocument", namespaces=ns))
+    carried: list[tuple[Any, Any]] = []  # (where it is, the ClinicalDocument), in document order
     for holder in act[0].iter():
+        if holder in inside:
+            carried.append((holder, holder))
+            continue
         if not isinstance(holder.tag, str) or _elements(holder):
             continue
+        if inside and any(a in inside for a in holder.iterancestors()):
+            continue  # a text of a document carried as an element (e.g. an observationMedia value)
         text = (holder.text or "").strip()
         if not text:
             continue
         payload: bytes | None = None
+        media = (holder.get("mediaType") or "").strip().lower()
+        if media and "xml" not in media:
+            continue  # an attachment the sender declares as something else (a PDF, an image): not a report
         if (holder.get("representation") or "").upper() == "B64":
             try:
                 payload = base64.b64decode(re.sub(r"\s+", "", text), validate=True)
@@ -210,11 +230,29 @@ def unwrap(root: Any, parse: Parse, taken: list[str], depth: int = 0) -> tuple[A
             return None, env, [Issue("error", "not-supported", _path(holder),
                                      f"the text of this element is a {shown(_local(parsed))}, not a ClinicalDocument",
                                      "200")]
-        env.carrier = _path(holder)
-        return parsed, env, []
+        carried.append((holder, parsed))
+    if len(carried) > 1:
+        return None, env, [Issue("error", "structure", _path(carried[1][0]),
+                                 f"the message carries {len(carried)} ClinicalDocuments (the first at "
+                                 f"{_path(carried[0][0])}); send one report per message", "100")]
+    if carried:
+        env.carrier = _path(carried[0][0])
+        return carried[0][1], env, []
     return None, env, [Issue("error", "required", f"{_path(act[0])}/subject",
                              "the message carries no ClinicalDocument (as an element or as base64/XML text): "
                              "a status update without a report is not taken here", "101")]
+
+
+def _carried(el: Any) -> bool:
+    """Whether an element is an HL7 v3 message or a ClinicalDocument."""
+    return isinstance(el.tag, str) and _ns(el) == V3_NS and bool(
+        _INTERACTION.match(_local(el)) or _local(el) == "ClinicalDocument")
+
+
+def _outermost(found: list[Any]) -> list[Any]:
+    """The elements of ``found`` (in document order) not inside another of them."""
+    chosen = set(found)
+    return [el for el in found if not any(a in chosen for a in el.iterancestors())]
 
 
 def answer_media_type(answer: bytes) -> str | None:

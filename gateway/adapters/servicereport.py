@@ -8,6 +8,10 @@ per request, in either of two bodies (one unit each, stored raw as received):
   one form field per metadata key: ``service_type``, ``employer.uscc``, ...) and
   a part ``pdf`` (the file). The body is read on its own: its first line is the
   boundary, so a stored body can be worked again without its HTTP headers.
+  Every part and every metadata key is given once: a second ``pdf`` or
+  ``metadata`` part, a key given both by the metadata part and by a form field
+  (or by two form fields), and a field name nesting deeper than one dot are
+  refused, naming them.
 - ``application/json``: the metadata object with the PDF in ``pdf`` as base64.
 
 Metadata (every error names its field, e.g. ``metadata.employer.uscc``)::
@@ -287,10 +291,7 @@ def _parts(data: bytes) -> tuple[dict[str, Any], bytes | None]:
 
 
 def _json_body(data: bytes) -> tuple[dict[str, Any], bytes | None]:
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"the metadata is not JSON in UTF-8 ({type(exc).__name__})", "metadata") from None
+    meta = _load_metadata(data, "the metadata")
     if not isinstance(meta, dict):
         raise InputError("the metadata must be a JSON object", "metadata")
     encoded = meta.get("pdf")
@@ -316,8 +317,9 @@ def _multipart_body(data: bytes) -> tuple[dict[str, Any], bytes | None]:
     if len(boundary) < 3 or len(boundary) > 72 or b" " in boundary.strip():
         raise InputError("the multipart boundary line is malformed", "body")
     meta: dict[str, Any] = {}
+    given: dict[tuple[str, ...], str] = {}  # metadata key (an object's key after it) -> the part that gave it
     pdf: bytes | None = None
-    metadata_seen = False
+    pdf_part = metadata_part = 0
     for n, chunk in enumerate(data[line_end + 1:].split(b"\r\n" + boundary), start=1):
         if chunk.startswith(b"--"):
             break  # the closing delimiter
@@ -328,29 +330,83 @@ def _multipart_body(data: bytes) -> tuple[dict[str, Any], bytes | None]:
         found = _DISPOSITION_NAME.search(head)
         name = found.group(1).decode("utf-8", "replace") if found else ""
         if name == "pdf":
-            pdf = body
+            if pdf_part:
+                raise InputError(f"parts {pdf_part} and {n} of the multipart body are both named pdf: send one PDF "
+                                 "per report", "pdf")
+            pdf_part, pdf = n, body
         elif name == "metadata":
-            metadata_seen = True
-            try:
-                loaded = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise InputError(f"the metadata part is not JSON in UTF-8 ({type(exc).__name__})",
-                                 "metadata") from None
+            if metadata_part:
+                raise InputError(f"parts {metadata_part} and {n} of the multipart body are both named metadata: "
+                                 "send the metadata once", "metadata")
+            metadata_part = n
+            loaded = _load_metadata(body, "the metadata part")
             if not isinstance(loaded, dict):
                 raise InputError("the metadata part must be a JSON object", "metadata")
-            meta.update(loaded)
+            if "pdf" in loaded:
+                raise InputError("a multipart body carries its PDF as the part named pdf, not as metadata.pdf",
+                                 "metadata.pdf")
+            for key, value in loaded.items():
+                _give(meta, given, (key,), value, f"the metadata part (part {n})")
         elif name:
+            shown_name = name[:40]
+            path = tuple(name.split("."))
+            if len(path) > 2 or not all(path):
+                raise InputError(f"form field {shown_name} is not a metadata key: a field is named by the key, or "
+                                 "by an object and its key with one dot (employer.uscc)", f"metadata.{shown_name}")
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
-                raise InputError(f"form field {name[:40]} is not UTF-8", f"metadata.{name[:40]}") from None
-            target = meta
-            *path, last = name.split(".")
-            for step in path[:1]:
-                target = meta.setdefault(step, {}) if isinstance(meta.get(step, {}), dict) else {}
-            target[last] = text
+                raise InputError(f"form field {shown_name} is not UTF-8", f"metadata.{shown_name}") from None
+            _give(meta, given, path, text, f"form field {shown_name} (part {n})")
         else:
             raise InputError(f"part {n} of the multipart body has no name", f"body part {n}")
-    if not meta and not metadata_seen:
+    if not meta and not metadata_part:
         raise InputError("the multipart body has no metadata (a part named metadata, or form fields)", "metadata")
     return meta, pdf
+
+
+def _give(meta: dict[str, Any], given: dict[tuple[str, ...], str], path: tuple[str, ...], value: Any,
+          origin: str) -> None:
+    """Put one metadata value given by a multipart part at ``path`` (a key, or an object and its key).
+
+    :raises InputError: the key, the object holding it or a key within it was given already by another part.
+    """
+    clash = next((k for k in given if k[:len(path)] == path or path[:len(k)] == k), None)
+    if clash is not None:
+        raise InputError(f"metadata.{'.'.join(clash)[:81]} is given twice: by {given[clash]} and by {origin}",
+                         f"metadata.{'.'.join(path)[:81]}")
+    given[path] = origin
+    if len(path) == 1:
+        meta[path[0]] = value
+    else:
+        meta.setdefault(path[0], {})[path[1]] = value
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Duplicate(key)
+        obj[key] = value
+    return obj
+
+
+def _load_metadata(data: bytes, what: str) -> Any:
+    """The JSON value of ``data``.
+
+    :raises InputError: not UTF-8, not JSON, nested too deeply, or a key given twice in one object.
+    """
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as dup:
+        raise InputError(f"{what} gives the key {dup.key[:40]} twice in one object", "metadata") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{what} is not JSON in UTF-8 ({type(exc).__name__})", "metadata") from None
+    except RecursionError:
+        raise InputError(f"{what} nests too deeply", "metadata") from None
