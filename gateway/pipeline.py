@@ -145,8 +145,21 @@ class _Repeat:
     where: str = ""
 
 
+@dataclass
+class _Keyed:
+    """What tells a unit carrying a document (CDA) apart, read before the write lock is taken: its
+    ``key`` (:meth:`gateway.adapters.cda.CDAAdapter.document_key`; None when no document can be read), and
+    the content digests of earlier copies under its 文档流水号 stored before digests were kept, read from
+    their raw input then too (record id -> digest, empty when unreadable)."""
+
+    key: Any  # gateway.adapters.cda.DocumentKey | None
+    earlier: dict[int, str] = field(default_factory=dict)
+
+
 Checker = Callable[[dict[str, Any]], list[Issue]]
 _BATCH = 32  # units stored and processed per pair of commits when a body or file holds many
+#: Statuses of an earlier copy of a document whose outcome answers a resend of the same content.
+_ANSWERED = ("stored", "filtered", "failed")
 #: Times a message may be taken on without finishing (its process died each time) before it is set aside as failed.
 MAX_ATTEMPTS = 3
 AfterStore = Callable[[sqlite_utils.Database, Outcome], None]
@@ -414,8 +427,9 @@ class Pipeline:
         """
         from gateway.store.db import transaction
 
+        keys = [self._document_key(ch, unit) for unit in units]  # parsed before the write lock is taken
         with transaction(self.store.db):
-            stored = [(unit, *self._insert_raw(ch, unit, channel)) for unit in units]
+            stored = [(unit, *self._insert_raw(ch, unit, channel, keyed=keyed)) for unit, keyed in zip(units, keys)]
         held = {record_id for _, record_id, existing in stored if existing is None}  # leases this call holds
         outcomes: list[Outcome] = []
         worked: list[tuple[RawUnit, int]] = []  # (unit, its place in outcomes): recorded here
@@ -455,17 +469,22 @@ class Pipeline:
         metrics.count_outcomes(channel, ch.format, outcomes)
         return outcomes
 
-    def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received") -> tuple[int, Any]:
+    def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received", *,
+                    keyed: _Keyed | None = None) -> tuple[int, Any]:
         """Store one raw unit; a unit being worked now (``received``) is held by this process's lease.
 
         A sender or id the database cannot hold (an adapter's mistake) never
         loses the unit: it is stored without them (and so without a duplicate check).
+        ``keyed``: the unit's document key, read by :meth:`_document_key` before the caller's transaction
+        (read here when not given).
         """
         from gateway.store.db import savepoint
 
         lease = float(self.settings.processing_lease) if status == "received" else None
-        if getattr(ch.adapter, "document_key", None) is not None:
-            repeat = self._insert_document(ch, unit, channel, status, lease)
+        if keyed is None:
+            keyed = self._document_key(ch, unit)
+        if keyed is not None and keyed.key is not None:
+            repeat = self._insert_document(ch, unit, channel, status, lease, keyed)
             if repeat is not None:
                 return repeat
         try:
@@ -486,8 +505,36 @@ class Pipeline:
         return self.store.insert_raw(channel=channel, fmt=ch.format, sender="", message_id="", origin=unit.origin,
                                      raw=unit.data, status=status, lease=lease)
 
+    def _document_key(self, ch: Channel, unit: RawUnit) -> _Keyed | None:
+        """What tells a unit carrying a document apart (None: its format carries none), read without the
+        write lock: parsing a large document (base64, XML in XML, canonical form) holds up no other writer."""
+        if getattr(ch.adapter, "document_key", None) is None:
+            return None
+        try:
+            key = ch.adapter.document_key(unit)
+        except Exception as exc:  # stored as any unit is; its reading will say what is wrong with it
+            _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
+            return _Keyed(None)
+        if key is None:
+            return _Keyed(None)
+        raw_digest = hashlib.sha256(unit.data).hexdigest()
+        earlier = {rec.id: self._digest_of(ch, unit, rec) for rec in
+                   self.store.messages_keyed(ch.format, key.sender, key.document_id)
+                   if rec.status in _ANSWERED and rec.content_digest is None and rec.sha256 != raw_digest}
+        return _Keyed(key, earlier)
+
+    def _digest_of(self, ch: Channel, unit: RawUnit, rec: Any) -> str:
+        """The content digest of an earlier copy stored without one, read from its raw input ("" when no
+        document can be read from it)."""
+        try:
+            key = ch.adapter.document_key(RawUnit(self.store.raw_of(rec.id), 1, rec.origin))
+        except Exception as exc:
+            _log_internal(Stage.RECEIVE, ch, unit.index, rec.id, exc)
+            return ""
+        return str(key.digest) if key is not None else ""
+
     def _insert_document(self, ch: Channel, unit: RawUnit, channel: str, status: str,
-                         lease: float | None) -> tuple[int, Any] | None:
+                         lease: float | None, keyed: _Keyed) -> tuple[int, Any] | None:
         """Store a unit that carries a document (CDA) as a message of its own, and say what earlier requests
         carrying the same 文档流水号 make of it: (id, None) to work it, (id, :class:`_Repeat`) to answer it from
         an earlier outcome; None when it has no readable document (stored as any unit is).
@@ -497,21 +544,18 @@ class Pipeline:
         fixed the document and sends it again); other content under a 文档流水号 already stored is refused; a
         copy being worked now asks the sender to retry. Each request is stored under the key ``文档流水号``
         (the first) or ``文档流水号#n``, so every request leaves a record. Runs inside the caller's
-        transaction, so that no two processes take the same document as new. A repeat is stored as
-        ``duplicate`` at once (under this process's lease, until its outcome is recorded), so that a crash
+        transaction, so that no two processes take the same document as new; the document was read before it
+        (``keyed``), and earlier copies are compared by the content digest stored with each. A repeat is stored
+        as ``duplicate`` at once (under this process's lease, until its outcome is recorded), so that a crash
         before then never has it worked as a new document.
         """
-        try:
-            key = ch.adapter.document_key(unit)
-        except Exception as exc:  # stored as any unit is; its reading will say what is wrong with it
-            _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
-            return None
+        key = keyed.key
         if key is None:
             return None
         earlier = self.store.messages_keyed(ch.format, key.sender, key.document_id)
         repeat: _Repeat | None = None
         if earlier:
-            kept = self._same_content(ch, unit, key.digest, earlier)
+            kept = self._same_content(ch, unit, key.digest, earlier, keyed.earlier)
             kept.sort(key=lambda r: ("stored", "filtered", "failed").index(r.status))
             busy = [r for r in earlier if r.status in ("received", "queued")]
             accepted = [r for r in earlier if r.status == "stored"]
@@ -532,7 +576,7 @@ class Pipeline:
             with savepoint(db, "raw"):
                 record_id, existing = self.store.insert_raw(
                     channel=channel, fmt=ch.format, sender=key.sender, message_id=message_id, origin=unit.origin,
-                    raw=unit.data, status=status, lease=lease)
+                    raw=unit.data, status=status, lease=lease, content_digest=key.digest)
         except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError) as exc:
             if joined and not db.conn.in_transaction:
                 raise
@@ -543,21 +587,22 @@ class Pipeline:
         repeat.id = record_id
         return record_id, repeat
 
-    def _same_content(self, ch: Channel, unit: RawUnit, digest: str, earlier: list[Any]) -> list[Any]:
-        """The earlier requests stored, filtered or failed whose document has the content ``digest`` (the same
-        bytes, or read again)."""
+    def _same_content(self, ch: Channel, unit: RawUnit, digest: str, earlier: list[Any],
+                      known: dict[int, str]) -> list[Any]:
+        """The earlier requests stored, filtered or failed whose document has the content ``digest``: the same
+        bytes, or the same digest as stored with the copy (or, for a copy stored without one, in ``known``).
+        Only a copy stored without a digest after ``known`` was read — by a process of an earlier release
+        beside this one — is read again here."""
         raw_digest = hashlib.sha256(unit.data).hexdigest()
         same = []
         for rec in earlier:
-            if rec.status not in ("stored", "filtered", "failed"):
+            if rec.status not in _ANSWERED:
                 continue  # refused (no obstacle), being worked, or answered from an earlier copy (in the list too)
             if rec.sha256 != raw_digest:
-                try:
-                    key = ch.adapter.document_key(RawUnit(self.store.raw_of(rec.id), 1, rec.origin))
-                except Exception as exc:
-                    _log_internal(Stage.RECEIVE, ch, unit.index, rec.id, exc)
-                    continue
-                if key is None or key.digest != digest:
+                theirs = rec.content_digest or known.get(rec.id)
+                if theirs is None:
+                    theirs = self._digest_of(ch, unit, rec)
+                if theirs != digest:
                     continue
             same.append(rec)
         return same
@@ -582,8 +627,9 @@ class Pipeline:
         at_once = [i for i, msg in enumerate(headers) if msg.errors]
         from gateway.store.db import transaction
 
+        keys = {i: self._document_key(ch, units[i]) for i in held}  # read before the write lock is taken
         with transaction(self.store.db, poll=True):  # the queue reader's transactions are short: no long sleeps
-            stored = [self._insert_raw(ch, units[i], channel, "queued") for i in held]
+            stored = [self._insert_raw(ch, units[i], channel, "queued", keyed=keys[i]) for i in held]
         outcomes: list[Outcome | None] = [None] * len(units)
         for i, (record_id, existing) in zip(held, stored):
             msg = headers[i]

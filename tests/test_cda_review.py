@@ -404,3 +404,82 @@ def test_a_repeat_left_unfinished_is_never_worked_as_a_new_document(pipeline: Pi
     [urea] = [o for o in entries_of(_stored_bundle(pipeline), "Observation")
               if o["code"]["coding"][0]["code"] == "UREA"]
     assert str(urea["valueQuantity"]["value"]) == "5.4"
+
+
+# -- documents are read before the write lock is taken -----------------------------------------------------
+
+
+def _watch_reading(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]]:
+    """Every document the CDA channel reads to tell it apart: (its bytes, whether a transaction was open)."""
+    adapter = pipeline.channel("cda").adapter
+    read = adapter.document_key
+    seen: list[tuple[bytes, bool]] = []
+
+    def watched(unit):  # type: ignore[no-untyped-def]
+        seen.append((unit.data, pipeline.store.db.conn.in_transaction))
+        return read(unit)
+
+    monkeypatch.setattr(adapter, "document_key", watched)
+    return seen
+
+
+def test_documents_are_read_outside_the_transaction_and_earlier_copies_never_again(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _watch_reading(pipeline, monkeypatch)
+    first = soap11_hip(polb(SIBLING, "m-lock-1"))
+    assert pipeline.ingest(first, "cda", channel="http")[0].status is Status.STORED
+    # the same document in another wrapper, then other content: each told from the digest kept with the first
+    again = bare(polb(SIBLING, "m-lock-2"))
+    assert pipeline.ingest(again, "cda", channel="http")[0].status is Status.DUPLICATE
+    changed = bare(polb(CHANGED, "m-lock-3"))
+    assert pipeline.ingest(changed, "cda", channel="http")[0].status is Status.REFUSED
+    assert [data for data, _ in seen] == [first, again, changed]  # the stored copy is never read again
+    assert not any(locked for _, locked in seen)
+    digests = [r[0] for r in pipeline.store.db.execute("SELECT content_digest FROM messages ORDER BY id")]
+    assert digests == [_digest(pipeline, first), _digest(pipeline, again), _digest(pipeline, changed)]
+    assert digests[0] == digests[1] != digests[2]
+
+
+def _digest(pipeline: Pipeline, data: bytes) -> str:
+    from gateway.adapters.base import RawUnit
+
+    adapter = pipeline.channel("cda").adapter
+    key = CDAAdapter.document_key(adapter, RawUnit(data, 1))
+    assert key is not None
+    return key.digest
+
+
+def test_a_copy_stored_without_a_digest_is_read_before_the_transaction(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy stored by an earlier release (no digest kept with it) is read from its raw input, once, before
+    the write lock is taken."""
+    first = soap11_hip(polb(SIBLING, "m-old-1"))
+    pipeline.ingest(first, "cda", channel="http")
+    pipeline.store.db.execute("UPDATE messages SET content_digest = NULL")
+    seen = _watch_reading(pipeline, monkeypatch)
+    again = bare(polb(SIBLING, "m-old-2"))
+    [out] = pipeline.ingest(again, "cda", channel="http")
+    assert out.status is Status.DUPLICATE and out.ack_code == "AA"
+    assert seen == [(again, False), (first, False)]
+    assert records(pipeline) == [(DOC_ID, "stored", "AA"), (f"{DOC_ID}#2", "duplicate", "AA")]
+
+
+def test_an_older_database_gets_the_digest_column(tmp_path) -> None:
+    from importlib import resources
+
+    from gateway.store.db import connect
+    from gateway.store.store import Store
+
+    path = tmp_path / "older.db"
+    db = connect(path)  # the layout schema.sql describes, as a database of an earlier release has it
+    db.conn.executescript(resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8"))
+    db.conn.execute("INSERT INTO messages (channel, format, received_at, size, sha256, raw, status, updated_at)"
+                    " VALUES ('http', 'cda', '2026-11-21T10:00:00', 1, 'x', x'00', 'stored', '2026-11-21T10:00:00')")
+    db.conn.close()
+    store = Store.open(path)
+    try:
+        [rec] = store.list_messages()
+        assert rec.content_digest is None
+        assert "content_digest" in {r[1] for r in store.db.execute("PRAGMA table_info(messages)")}
+    finally:
+        store.close()

@@ -307,3 +307,62 @@ def test_two_reports_under_one_number_are_not_versions_of_each_other(world) -> N
     assert [v.report_code.split("|")[1] for v in superseded] == ["BLRT"]
     assert sorted(v.report_code.split("|")[1] for v in current) == ["BLRT", "CRP"]
     assert {v.status for v in current} == {"final", "corrected"}
+
+
+def cda_correction_under_a_new_number(new_number: str) -> bytes:
+    """``lab-report-corrected.xml`` issued under ``new_number``, its relatedDocument RPLC naming the corrected
+    report's 检验报告单号 (a parentDocument id @root 2.16.156.10011.1.33) besides its 文档流水号."""
+    corrected = (CDA / "lab-report-corrected.xml").read_bytes().replace(
+        f'<id root="2.16.156.10011.1.33" extension="{CDA_NUMBER}"/>'.encode(),
+        f'<id root="2.16.156.10011.1.33" extension="{new_number}"/>'.encode(), 1)
+    parent = b'<setId root="2.16.156.10011.1.1" extension="TJRMYY-JY-20241105-000123"/>\n      <versionNumber'
+    assert corrected.count(parent) == 1
+    return corrected.replace(parent, parent.replace(
+        b"<versionNumber", f'<id root="2.16.156.10011.1.33" extension="{CDA_NUMBER}"/>\n      <versionNumber'.encode()))
+
+
+@pytest.mark.parametrize("correction_first", [False, True], ids=["original-first", "correction-first"])
+def test_cda_correction_under_a_new_number_supersedes_the_report_its_rplc_names(world, correction_first) -> None:
+    """A corrected document issued under a 检验报告单号 of its own, its relatedDocument RPLC naming the corrected
+    report's number: the report under that number is superseded, whichever of the two arrives first."""
+    new_number = "JY202411060031"
+    corrected = cda_correction_under_a_new_number(new_number)
+    assert corrected.count(new_number.encode()) == 1 and corrected.count(CDA_NUMBER.encode()) == 2
+    tj = world.gateways["tongjiang"].pipeline
+    documents = [(CDA / "lab-report-full.xml").read_bytes(), corrected]
+    bundles = [ingest(tj, data, "cda")[0].bundle for data in (documents[::-1] if correction_first else documents)]
+    original, correction = bundles[::-1] if correction_first else bundles
+    replaces = report_of(correction)["extension"][0]["valueIdentifier"]
+    assert (replaces["system"], replaces["value"]) == ("urn:oid:2.16.156.10011.1.33", CDA_NUMBER)
+    [old] = versions_of(tj.store.db, TJ, CDA_NUMBER)
+    [new] = versions_of(tj.store.db, TJ, new_number)
+    assert (old.bundle_id, old.superseded_by) == (original["id"], new.seq)
+    assert (new.bundle_id, new.superseded_by, new.replaces) == (correction["id"], None, CDA_NUMBER)
+    old_report = tj.store.read("DiagnosticReport", report_of(original)["id"])
+    assert old_report["status"] == "final" and [t["code"] for t in old_report["meta"]["tag"]] == ["superseded"]
+    assert tj.store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{CDA_NUMBER}")]
+                           ).total == 0
+    found = tj.store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{new_number}")])
+    assert [r["id"] for r in found.resources] == [report_of(correction)["id"]]
+    from gateway.store.reports import superseded_in
+
+    # a decision on the original says it is superseded (rule report-status)
+    assert list(superseded_in(tj.store.db, original).values()) == [new.describe()]
+
+
+def test_a_versions_table_of_an_earlier_release_gets_the_replaces_column() -> None:
+    from gateway.store.db import connect
+    from gateway.store.reports import SCHEMA, ensure_schema
+
+    db = connect(":memory:")
+    older = SCHEMA[0].replace("        replaces       TEXT NOT NULL DEFAULT '',"
+                              "  -- the other number a correction names (extension replaces)\n", "")
+    assert "replaces" not in older
+    db.execute(older)
+    db.execute("INSERT INTO report_versions (issuer_uscc, report_number, report_code, report_id, report_ref,"
+               " bundle_key, bundle_id, direction, status, recorded_at) VALUES"
+               " (?, ?, '', 'x|1', 'DiagnosticReport/a', 'b', 'b', 'issued', 'final', 't')", [TJ, NUMBER])
+    ensure_schema(db)
+    [version] = versions_of(db, TJ, NUMBER)
+    assert (version.report_ref, version.replaces) == ("DiagnosticReport/a", "")
+    assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_versions_replaces'").fetchone()

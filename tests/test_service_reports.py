@@ -156,6 +156,88 @@ def test_neither_json_nor_multipart_is_refused() -> None:
     assert [(i.code, i.location) for i in msg.errors] == [("structure", "body")]
 
 
+def form_body(parts: list[tuple[str, bytes]], boundary: str = "----cyhrFormBoundary7MA4YWxkTrZu0gW") -> bytes:
+    """A multipart/form-data body of (name, content) parts, in order."""
+    out = b""
+    for name, content in parts:
+        kind = "application/pdf" if name == "pdf" else "text/plain; charset=utf-8"
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n"
+                f"Content-Type: {kind}\r\n\r\n").encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def form_fields(stem: str) -> list[tuple[str, bytes]]:
+    """The sample's metadata as one form field per key (objects as object.key)."""
+    fields = []
+    for key, value in meta(stem).items():
+        if key == "pdf_file":
+            continue
+        if isinstance(value, dict):
+            fields += [(f"{key}.{k}", str(v).encode()) for k, v in value.items()]
+        else:
+            fields.append((key, str(value).encode()))
+    return fields
+
+
+def test_metadata_as_form_fields_converts_like_the_json_body(yuan: Pipeline) -> None:
+    stem = "yuan-occupational-hazard-testing"
+    a = converted(yuan, json_body(stem))
+    b = converted(yuan, form_body(form_fields(stem) + [("pdf", pdf(stem))]))
+    assert b.status is Status.CONVERTED and not b.errors, b.issues
+    assert a.bundle == b.bundle
+
+
+STEM = "yuan-occupational-hazard-testing"
+METADATA = json.dumps({k: v for k, v in meta(STEM).items() if k != "pdf_file"}, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("parts, location, says", [
+    ([("metadata", METADATA), ("pdf", pdf(STEM)), ("pdf", b"%PDF-1.4\n%%EOF\n")], "pdf",
+     "parts 2 and 3 of the multipart body are both named pdf"),
+    ([("metadata", METADATA), ("metadata", METADATA), ("pdf", pdf(STEM))], "metadata",
+     "parts 1 and 2 of the multipart body are both named metadata"),
+    ([("metadata", METADATA), ("report_number", b"YA-JC-2099-0001"), ("pdf", pdf(STEM))],
+     "metadata.report_number", "metadata.report_number is given twice: by the metadata part (part 1) and by form "
+     "field report_number (part 2)"),
+    ([("metadata", METADATA), ("employer.name", b"another name"), ("pdf", pdf(STEM))],
+     "metadata.employer.name", "metadata.employer is given twice"),
+    (form_fields(STEM) + [("report_number", b"YA-JC-2099-0001"), ("pdf", pdf(STEM))],
+     "metadata.report_number", "by form field report_number (part 1) and by form field report_number"),
+    (form_fields(STEM) + [("employer.uscc", b"91500112MA5U7F8G9A"), ("pdf", pdf(STEM))],
+     "metadata.employer.uscc", "metadata.employer.uscc is given twice"),
+    ([("employer", b"some text")] + form_fields(STEM) + [("pdf", pdf(STEM))],
+     "metadata.employer.name", "metadata.employer is given twice"),
+    (form_fields(STEM) + [("employer.address.city", b"Chongqing"), ("pdf", pdf(STEM))],
+     "metadata.employer.address.city", "one dot"),
+    (form_fields(STEM) + [("employer.", b"x"), ("pdf", pdf(STEM))], "metadata.employer.", "one dot"),
+    ([("metadata", METADATA.replace(b"{", b'{"pdf": "JVBERi0=", ', 1)), ("pdf", pdf(STEM))], "metadata.pdf",
+     "the part named pdf"),
+    ([("metadata", METADATA.replace(b"{", b'{"report_number": "YA-JC-2099-0001", ', 1)), ("pdf", pdf(STEM))],
+     "metadata", "gives the key report_number twice"),
+], ids=["two-pdf-parts", "two-metadata-parts", "json-and-field", "json-object-and-its-field", "field-twice",
+        "object-field-twice", "text-and-object-field", "two-dots", "empty-key", "pdf-in-metadata-part",
+        "json-key-twice"])
+def test_a_part_or_metadata_key_given_twice_is_refused_naming_it(yuan: Pipeline, parts: list, location: str,
+                                                                 says: str) -> None:
+    outcome = converted(yuan, form_body(parts))
+    assert outcome.bundle is None and outcome.ack_code in ("AE", "AR")
+    assert [i.location for i in outcome.errors] == [location], outcome.issues
+    assert says in outcome.errors[0].message
+
+
+def test_a_key_given_twice_in_the_json_body_is_refused(yuan: Pipeline) -> None:
+    body = json_body(STEM).replace(b"{", b'{"qualification_number": "DEMO-ZWJ-500000-9999", ', 1)
+    outcome = converted(yuan, body)
+    assert outcome.bundle is None
+    assert [(i.location, i.message) for i in outcome.errors] == [
+        ("metadata", "the metadata gives the key qualification_number twice in one object")]
+
+
+def test_metadata_nested_too_deeply_is_refused(yuan: Pipeline) -> None:
+    outcome = converted(yuan, b'{"project": ' + b"[" * 100_000)
+    assert [(i.location, i.message) for i in outcome.errors] == [("metadata", "the metadata nests too deeply")]
+
+
 # -- decisions ---------------------------------------------------------------------------------------------------
 
 
@@ -315,11 +397,11 @@ def test_cli_converts_a_metadata_file_naming_its_pdf(runner, tmp_path: Path) -> 
 # -- exchange ------------------------------------------------------------------------------------------------------
 
 
-def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) -> None:
+def signing_yuan(tmp_path: Path):
+    """(the demo world with 涪陵, 渝安's signing gateway pushing to it through the real Flask apps)."""
     from test_exchange import URLS, Routed
 
     from gateway.api.app import create_app
-    from gateway.audit.log import entries
     from gateway.demo.world import build_world
     from gateway.signing.keys import cert_pem, private_key_pem
 
@@ -341,6 +423,13 @@ def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) 
     transport = Routed(world)
     pipeline.exchange.transport = transport
     create_app(settings, pipeline)
+    return world, pipeline
+
+
+def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) -> None:
+    from gateway.audit.log import entries
+
+    world, pipeline = signing_yuan(tmp_path)
     [outcome] = pipeline.ingest(json_body("yuan-radiation-protection-testing"), "service-report", channel="http")
     assert outcome.status is Status.STORED and outcome.signed is not None
     row = pipeline.exchange.push(outcome.bundle["id"], FL)
@@ -352,3 +441,89 @@ def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) 
     assert len(decisions) == 1
     text = json.dumps(decisions[0].content, ensure_ascii=False)
     assert YUAN in text and "DEMO-FWJ-500000-0007" in text
+
+
+def test_a_corrected_report_supersedes_the_original_here_and_where_it_was_pushed(tmp_path: Path) -> None:
+    """A 更正报告 (status corrected, under a number of its own, replaces naming the original's number)
+    supersedes the original: tagged, no longer found by its number, its decisions withdrawn, and the correction
+    follows the original to the member it was pushed to."""
+    from gateway.recognition.store import list_decisions
+    from gateway.store.reports import versions_of
+
+    stem = "yuan-occupational-hazard-testing"
+    world, yuan = signing_yuan(tmp_path)
+    fl = world.gateways["fuling"].pipeline
+    [original] = yuan.ingest(json_body(stem), "service-report", channel="http")
+    assert original.status is Status.STORED
+    yuan.exchange.push(original.bundle["id"], FL)
+    assert yuan.exchange.deliver()["delivered"] == 1
+    assert [d.decision["outcome"] for d in list_decisions(fl.store.db)] == ["recognized"]
+
+    corrected_pdf = pdf(stem) + b"% corrected: sampling point 3 re-measured\n%%EOF\n"
+    [correction] = yuan.ingest(json_body(stem, report_number="YA-JC-2026-0312-GZ1", status="corrected",
+                                         replaces="YA-JC-2026-0312",
+                                         pdf=base64.b64encode(corrected_pdf).decode("ascii")),
+                               "service-report", channel="http")
+    assert correction.status is Status.STORED, correction.issues
+    old_id, new_id = report_of(original.bundle)["id"], report_of(correction.bundle)["id"]
+    assert old_id != new_id
+    versions = [*versions_of(yuan.store.db, YUAN, "YA-JC-2026-0312"),
+                *versions_of(yuan.store.db, YUAN, "YA-JC-2026-0312-GZ1")]
+    assert [(v.report_ref, v.superseded_by is not None) for v in versions] == [
+        (f"DiagnosticReport/{old_id}", True), (f"DiagnosticReport/{new_id}", False)]
+    old = yuan.store.read("DiagnosticReport", old_id)
+    assert old["status"] == "final" and [t["code"] for t in old["meta"]["tag"]] == ["superseded"]
+    system = report_of(original.bundle)["identifier"][0]["system"]
+    assert yuan.store.search("DiagnosticReport", [("identifier", f"{system}|YA-JC-2026-0312")]).total == 0
+    found = yuan.store.search("DiagnosticReport", [("identifier", f"{system}|YA-JC-2026-0312-GZ1")])
+    assert [r["id"] for r in found.resources] == [new_id]
+
+    # the correction follows the original to 涪陵, where the decision on the original is withdrawn
+    assert yuan.exchange.pushed_to(correction.bundle["id"]) == [FL]
+    assert yuan.exchange.deliver()["delivered"] == 1
+    decisions = [d.to_dict() for d in list_decisions(fl.store.db)]
+    withdrawn = [d for d in decisions if d.get("withdrawn")]
+    current = [d for d in decisions if not d.get("withdrawn")]
+    assert len(withdrawn) == 1 and withdrawn[0]["decided_outcome"] == "recognized"
+    assert withdrawn[0]["withdrawn"]["superseded_by"].startswith(f"DiagnosticReport/{new_id}")
+    assert [d["outcome"] for d in current] == ["recognized"]
+
+
+def test_a_correction_keeping_the_number_is_a_version_of_the_same_report(yuan: Pipeline) -> None:
+    """Versions are told by issuer and the service-report number (system …/sid/service-report/<USCC>), as a
+    检验报告单号 is: a correction under the original's own number supersedes it."""
+    from gateway.store.db import transaction
+    from gateway.store.reports import register, versions_in
+
+    stem = "yuan-personal-dose-monitoring"
+    original = converted(yuan, json_body(stem)).bundle
+    corrected_pdf = pdf(stem) + b"% corrected: dosimeter 12 re-read\n%%EOF\n"
+    correction = converted(yuan, json_body(stem, status="corrected", replaces=meta(stem)["report_number"],
+                                           pdf=base64.b64encode(corrected_pdf).decode("ascii"))).bundle
+    [found] = versions_in(original)
+    assert (found["issuer_uscc"], found["report_number"]) == (YUAN, meta(stem)["report_number"])
+    assert found["replaces"] == ""  # its own number: no other report joined to it
+    with transaction(yuan.store.db):
+        assert register(yuan.store.db, original, direction="issued", message_ref=None, recorded_at="t1") == []
+        [change] = register(yuan.store.db, correction, direction="issued", message_ref=None, recorded_at="t2")
+    assert change.old.report_ref == f"DiagnosticReport/{report_of(original)['id']}"
+    assert change.current.report_ref == f"DiagnosticReport/{report_of(correction)['id']}"
+
+
+def test_a_correction_keeping_the_number_is_taken_at_intake_and_supersedes(yuan: Pipeline) -> None:
+    """Through real ingest: the correction under the original's own number is not a resend of the original (its
+    PDF tells it apart), is stored, and supersedes the original; sent again, it is a resend."""
+    from gateway.store.reports import versions_of
+
+    stem = "yuan-personal-dose-monitoring"
+    [original] = yuan.ingest(json_body(stem), "service-report", channel="http")
+    assert original.status is Status.STORED
+    corrected_pdf = pdf(stem) + b"% corrected: dosimeter 12 re-read\n%%EOF\n"
+    body = json_body(stem, status="corrected", replaces=meta(stem)["report_number"],
+                     pdf=base64.b64encode(corrected_pdf).decode("ascii"))
+    [correction] = yuan.ingest(body, "service-report", channel="http")
+    assert correction.status is Status.STORED, correction.issues
+    versions = versions_of(yuan.store.db, YUAN, meta(stem)["report_number"])
+    assert [v.superseded_by is not None for v in versions] == [True, False]
+    [again] = yuan.ingest(body, "service-report", channel="http")
+    assert again.status is not Status.STORED and again.record_id == correction.record_id

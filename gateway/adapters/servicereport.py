@@ -103,14 +103,19 @@ class ServiceReportAdapter:
     def identify(self, unit: RawUnit) -> tuple[str, str]:
         """(issuer USCC, report number) when the metadata reads; empty otherwise."""
         try:
-            meta, _ = _parts(unit.data)
+            meta, pdf = _parts(unit.data)
         except (InputError, ValueError, UnicodeDecodeError):
             return "", ""
         issuer = meta.get("issuer")
         uscc = issuer.get("uscc") if isinstance(issuer, Mapping) else None
         number = meta.get("report_number")
-        return (str(uscc)[:40] if isinstance(uscc, str) else "", str(number)[:_NUMBER_LIMIT]
-                if isinstance(number, str) else "")
+        key = str(number)[:_NUMBER_LIMIT] if isinstance(number, str) else ""
+        status = meta.get("status")
+        if key and isinstance(status, str) and status.strip().lower() in ("corrected", "amended") and pdf:
+            # a correction may keep the report's number: its own PDF tells it from the original (and a resend
+            # of the same correction is still a resend)
+            key = f"{key}|{status.strip().lower()}|{hashlib.sha256(pdf).hexdigest()[:16]}"
+        return (str(uscc)[:40] if isinstance(uscc, str) else "", key)
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -1,10 +1,13 @@
 """Report versions: which stored copy of a report is current, and which ones a correction superseded.
 
 A report is known by its issuer (the USCC of the performer Organization) and
-its 检验报告单号 (``DiagnosticReport.identifier``, system
-``urn:oid:2.16.156.10011.1.33``). Every stored Bundle — ingested here or
+its number: the 检验报告单号 (``DiagnosticReport.identifier``, system
+``urn:oid:2.16.156.10011.1.33``) or a technical-service report's number (system
+``…/sid/service-report/<issuer's USCC>``). Every stored Bundle — ingested here or
 received from another member — adds one row per such report to
-``report_versions``. Among the versions of one report the **current** one is
+``report_versions``. A correction issued under a number of its own names the
+number it corrects (extension ``replaces``): the versions under both numbers
+are then versions of one report, whichever arrived first. Among the versions of one report the **current** one is
 the newest correction: a ``corrected`` or ``amended`` report over any other,
 then the later ``issued`` time, then the one stored later. When at least one
 correction is on record, every other version is *superseded* by the current
@@ -29,7 +32,8 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.naming import SYSTEM_USCC, cs_url
+from gateway.fhir.servicereport import service_report_system
+from gateway.naming import SYSTEM_USCC, cs_url, ext_url
 
 __all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", "Change", "ensure_schema",
            "versions_in", "register", "supersede", "superseded_in", "version_of", "versions_of"]
@@ -41,6 +45,7 @@ SUPERSEDED_TAG = {"system": cs_url("report-version-status"), "code": "superseded
                   "display": "已被更正报告取代"}
 
 _CORRECTIONS = ("corrected", "amended")
+_REPLACES = ext_url("replaces")
 
 SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS report_versions (
@@ -59,11 +64,14 @@ SCHEMA: tuple[str, ...] = (
         recorded_at    TEXT NOT NULL,
         superseded_by  INTEGER REFERENCES report_versions (seq),
         superseded_at  TEXT,
+        replaces       TEXT NOT NULL DEFAULT '',  -- the other number a correction names (extension replaces)
         UNIQUE (bundle_key, report_ref, direction)
     )""",
     "CREATE INDEX IF NOT EXISTS report_versions_report"
     " ON report_versions (issuer_uscc, report_number, report_code)",
     "CREATE INDEX IF NOT EXISTS report_versions_bundle ON report_versions (bundle_id)",
+    "CREATE INDEX IF NOT EXISTS report_versions_replaces"
+    " ON report_versions (issuer_uscc, replaces, report_code) WHERE replaces <> ''",
 )
 
 
@@ -86,6 +94,7 @@ class ReportVersion:
     recorded_at: str
     superseded_by: int | None = None
     superseded_at: str | None = None
+    replaces: str = ""
 
     @property
     def is_correction(self) -> bool:
@@ -111,7 +120,7 @@ class Change:
 
 
 _COLUMNS = ("seq, issuer_uscc, report_number, report_code, report_id, report_ref, bundle_key, bundle_id, direction,"
-            " status, issued, message_ref, recorded_at, superseded_by, superseded_at")
+            " status, issued, message_ref, recorded_at, superseded_by, superseded_at, replaces")
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -122,6 +131,9 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
             db.execute("ALTER TABLE report_versions ADD COLUMN report_code TEXT NOT NULL DEFAULT ''")
             db.execute("DROP INDEX IF EXISTS report_versions_report")
             db.execute(SCHEMA[1])
+        if "replaces" not in columns:  # a table made before a correction could name another number
+            db.execute("ALTER TABLE report_versions ADD COLUMN replaces TEXT NOT NULL DEFAULT ''")
+            db.execute(SCHEMA[3])
         return
     for statement in SCHEMA:
         db.execute(statement)
@@ -148,8 +160,42 @@ def _issuer(report: Mapping[str, Any], by_ref: Mapping[str, Mapping[str, Any]]) 
     return ""
 
 
+def _number(idents: list[Mapping[str, Any]], issuer: str) -> str:
+    """The number a report is known by: its 检验报告单号, else its number as a technical-service report of
+    ``issuer``."""
+    for system in (SYSTEM_REPORT_NUMBER, service_report_system(issuer)):
+        for ident in idents:
+            if ident.get("system") == system and ident.get("value"):
+                return str(ident["value"])
+    return ""
+
+
+def _replaced(report: Mapping[str, Any], issuer: str, number: str) -> str:
+    """The other number of the same issuer a correction names as the one it corrects (extension
+    ``replaces``), or ""."""
+    if report.get("status") not in _CORRECTIONS:
+        return ""
+    for ext in report.get("extension") or []:
+        if not isinstance(ext, Mapping) or ext.get("url") != _REPLACES:
+            continue
+        ident = ext.get("valueIdentifier")
+        if not isinstance(ident, Mapping) or not ident.get("value"):
+            continue
+        if ident.get("system") not in (SYSTEM_REPORT_NUMBER, service_report_system(issuer)):
+            continue  # a number of another kind: not one this table knows reports by
+        assigner = ident.get("assigner")
+        who = assigner.get("identifier") if isinstance(assigner, Mapping) else None
+        if isinstance(who, Mapping) and who.get("value") and (who.get("system"), who.get("value")) != (
+                SYSTEM_USCC, issuer):
+            continue  # another issuer's number: never a version of this issuer's report
+        value = str(ident["value"])
+        return value if value != number else ""
+    return ""
+
+
 def versions_in(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The report versions a Bundle holds: the DiagnosticReports with an issuer and a 检验报告单号."""
+    """The report versions a Bundle holds: the DiagnosticReports with an issuer and a number (检验报告单号, or a
+    technical-service report's number)."""
     by_ref: dict[str, Mapping[str, Any]] = {}
     reports: list[Mapping[str, Any]] = []
     for entry in bundle.get("entry") or []:
@@ -166,16 +212,15 @@ def versions_in(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for report in reports:
         idents = [i for i in report.get("identifier") or [] if isinstance(i, Mapping)]
-        number = next((str(i["value"]) for i in idents if i.get("system") == SYSTEM_REPORT_NUMBER and i.get("value")),
-                      "")
         issuer = _issuer(report, by_ref)
-        if not number or not issuer or not idents or not idents[0].get("value"):
+        number = _number(idents, issuer) if issuer else ""
+        if not number or not idents or not idents[0].get("value"):
             continue
         out.append({"issuer_uscc": issuer, "report_number": number, "report_code": _code_of(report),
                     "report_id": f"{idents[0].get('system', '')}|{idents[0]['value']}",
                     "report_ref": f"DiagnosticReport/{report.get('id')}", "bundle_key": bundle_key,
                     "bundle_id": str(bundle.get("id") or ""), "status": report.get("status"),
-                    "issued": report.get("issued")})
+                    "issued": report.get("issued"), "replaces": _replaced(report, issuer, number)})
     return out
 
 
@@ -221,15 +266,20 @@ def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction:
         return []
     ensure_schema(db)
     changes: list[Change] = []
-    groups = {(v["issuer_uscc"], v["report_number"], v["report_code"]) for v in found}
+    groups = {(v["issuer_uscc"], v["report_number"], v["replaces"], v["report_code"]) for v in found}
     for v in found:
         db.execute("INSERT OR IGNORE INTO report_versions (issuer_uscc, report_number, report_code, report_id,"
-                   " report_ref, bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at)"
-                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                   " report_ref, bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at, replaces)"
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                    [v["issuer_uscc"], v["report_number"], v["report_code"], v["report_id"], v["report_ref"],
-                    v["bundle_key"], v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at])
-    for issuer, number, code in sorted(groups):
-        versions = versions_of(db, issuer, number, code)
+                    v["bundle_key"], v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at,
+                    v["replaces"]])
+    done: set[tuple[int, ...]] = set()
+    for issuer, number, replaces, code in sorted(groups):
+        versions = _family(db, issuer, {number, replaces}, code)
+        if tuple(v.seq for v in versions) in done:
+            continue  # two reports of this Bundle that are versions of one report (an original and its correction)
+        done.add(tuple(v.seq for v in versions))
         if not any(v.is_correction for v in versions):
             continue  # no correction on record: nothing supersedes anything
         current = _newest(versions)
@@ -258,6 +308,23 @@ def versions_of(db: sqlite_utils.Database, issuer_uscc: str, report_number: str,
     return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE {sql} ORDER BY seq", args)]
 
 
+def _family(db: sqlite_utils.Database, issuer_uscc: str, numbers: set[str], report_code: str) -> list[ReportVersion]:
+    """Every stored version of one report known by any of ``numbers``, in the order they were stored: those
+    under each number, and — followed both ways, as far as they go — those under a number a correction of it
+    names (``replaces``) and the corrections that name one of its numbers."""
+    found: dict[int, ReportVersion] = {}
+    todo, seen = {n for n in numbers if n}, set()
+    while todo:
+        number = todo.pop()
+        seen.add(number)
+        for row in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND report_code = ?"
+                              " AND (report_number = ? OR replaces = ?)", [issuer_uscc, report_code, number, number]):
+            version = _row(row)
+            found[version.seq] = version
+            todo |= {n for n in (version.report_number, version.replaces) if n and n not in seen}
+    return [found[seq] for seq in sorted(found)]
+
+
 def version_of(db: sqlite_utils.Database, seq: int) -> ReportVersion | None:
     if not _exists(db):
         return None
@@ -275,13 +342,15 @@ def superseded_in(db: sqlite_utils.Database, bundle: Mapping[str, Any]) -> dict[
     out: dict[str, str] = {}
     if not _exists(db):
         return out
+    ensure_schema(db)
     for v in versions_in(bundle):
-        stored = versions_of(db, v["issuer_uscc"], v["report_number"], v["report_code"])
+        stored = _family(db, v["issuer_uscc"], {v["report_number"], v["replaces"]}, v["report_code"])
         others = [s for s in stored if not (s.bundle_key == v["bundle_key"] and s.report_ref == v["report_ref"])]
         if not others:
             continue
         me = ReportVersion(1 << 62, v["issuer_uscc"], v["report_number"], v["report_code"], v["report_id"],
-                           v["report_ref"], v["bundle_key"], v["bundle_id"], "", v["status"], v["issued"], None, "")
+                           v["report_ref"], v["bundle_key"], v["bundle_id"], "", v["status"], v["issued"], None, "",
+                           replaces=v["replaces"])
         mine = [s for s in stored if s not in others]
         if mine:
             me = mine[0]

@@ -118,6 +118,9 @@ class MessageRecord:
     lease_owner: str | None = None
     lease_until: float | None = None
     attempts: int = 0
+    #: sha256 of the document it carries, in exclusive canonical XML (CDA; None for other formats, or when
+    #: stored before digests were kept): a resend in another wrapper is told by it without reading this again
+    content_digest: str | None = None
 
 
 @dataclass
@@ -160,15 +163,16 @@ class Store:
     # -- messages ------------------------------------------------------------------------
 
     def insert_raw(self, *, channel: str, fmt: str, sender: str, message_id: str, origin: str,
-                   raw: bytes, status: str = "received",
-                   lease: float | None = None) -> tuple[int, MessageRecord | None]:
+                   raw: bytes, status: str = "received", lease: float | None = None,
+                   content_digest: str | None = None) -> tuple[int, MessageRecord | None]:
         """Store raw input before anything else. Returns (new id, None) or (existing id, existing record).
 
         A second message with the same format, sender and id is not stored: the
         unique index refuses it and the first one's record is returned. ``status``
         is ``received`` (processed next, by the caller) or ``queued`` (answered on
         receipt; processed later, in order, by :meth:`queued`'s reader).
-        ``lease``: seconds this process holds the new message while it works it.
+        ``lease``: seconds this process holds the new message while it works it. ``content_digest``: the
+        digest of the document it carries (:attr:`MessageRecord.content_digest`).
         """
         now = _now(self.clock)
         digest = hashlib.sha256(raw).hexdigest()
@@ -177,10 +181,10 @@ class Store:
             with transaction(self.db):
                 cur = self.db.execute(
                     "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
-                    " raw, status, updated_at, lease_owner, lease_until, attempts)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " raw, status, updated_at, lease_owner, lease_until, attempts, content_digest)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
-                     owner, until, attempts],
+                     owner, until, attempts, content_digest],
                 )
                 new_id = int(cur.lastrowid or 0)
                 self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
@@ -414,6 +418,7 @@ class Store:
             ack=bytes(row["ack"]) if row["ack"] is not None else None,
             issues=jsonutil.loads(row["issues"] or "[]"), bundle_id=row["bundle_id"],
             lease_owner=row.get("lease_owner"), lease_until=row.get("lease_until"), attempts=row.get("attempts") or 0,
+            content_digest=row.get("content_digest"),
         )
 
     # -- resources -----------------------------------------------------------------------
@@ -808,6 +813,8 @@ def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
 
 #: Columns of ``messages`` added after the first release (added to an older database when it is opened).
 _LEASE_COLUMNS = (("lease_owner", "TEXT"), ("lease_until", "REAL"), ("attempts", "INTEGER NOT NULL DEFAULT 0"))
+#: Columns of ``messages`` that ``schema.sql`` does not declare: added to every database when it is opened.
+_ADDED_COLUMNS = (("content_digest", "TEXT"),)
 
 #: Layout of the resource tables and search index this code writes (``PRAGMA user_version``).
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
@@ -846,6 +853,13 @@ def ensure_core_schema(db: sqlite_utils.Database) -> None:
             " COMMIT;")
     else:
         conn.executescript(script)
+    if any(name not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")} for name, _ in _ADDED_COLUMNS):
+        with transaction(db):  # looked at again under the write lock: another process may be opening it too
+            present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in present:
+                    log.debug("database layout: adding %s to messages", name)
+                    conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
     if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
         with transaction(db):
             _reindex(conn)
