@@ -27,6 +27,7 @@ import getpass
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -307,7 +308,7 @@ class _Counter:
 
 @contextmanager
 def _stdout() -> Iterator[IO[str]]:
-    yield click.get_text_stream("stdout")
+    yield sys.stdout
 
 
 def registry_names(settings: Settings) -> dict[str, str]:
