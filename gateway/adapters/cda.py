@@ -49,6 +49,7 @@ from gateway.adapters.base import (
     parse_number,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
+from gateway.adapters.tracing import trace
 from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
@@ -940,46 +941,14 @@ def explain_issues(msg: SourceMessage, bundle: dict[str, Any], issues: list[Issu
     located at the document (or the record it came from) with its FHIR path cut out of the text; the FHIR
     path is kept in ``extra["fhir_path"]``, never in the answer.
     """
-    from gateway.adapters.hl7v2 import _ENTRY_PATH, _FHIR_PATH, _INDEX, _INVARIANT, _joined, _sources
-
-    sources = _sources(msg)
-    entries = bundle.get("entry") or []
-    elements: dict[str, list[dict[str, Any]]] = table.get("elements", {})
-    invariants: dict[str, dict[str, Any]] = table.get("invariants", {})
     root = msg.reports[0].location if msg.reports else "/ClinicalDocument"
-    out: list[Issue] = []
-    for issue in issues:
-        text = _FHIR_PATH.sub("", issue.message).strip()
-        m = _ENTRY_PATH.match(issue.location or "")
-        kind, record, report, rule = "", None, None, None
-        if m and int(m.group(1)) < min(len(sources), len(entries)):
-            kind, record, report = sources[int(m.group(1))]
-            if entries[int(m.group(1))].get("resource", {}).get("resourceType") != kind:
-                kind, record, report = "", None, None
-        if kind:
-            path = _INDEX.sub("", m.group(2) or "") if m else ""
-            inv = _INVARIANT.match(issue.message)
-            if not path and inv:
-                rule = invariants.get(inv.group(1))
-            elif path:
-                rule = next((r for r in elements.get(kind, []) if path.startswith(str(r["path"]))), None)
-        if report is None and msg.reports:
-            report = msg.reports[0]
-        places = _xpaths_of([str(p) for p in rule["places"]], kind, record, report, root, structure) if rule else []
-        extra = {**issue.extra, "fhir_path": issue.location}
-        if places:
-            what = rule["what"] if rule else ""
-            if issue.code == "required" and not _INVARIANT.match(issue.message):
-                message = f"{'is' if len(places) == 1 else 'are'} empty: {what} is required"
-            else:
-                message = f"{'does' if len(places) == 1 else 'do'} not give {what}: {text}"
-            out.append(Issue(issue.severity, issue.code, _joined(places), message, issue.hl7_error, extra))
-            continue
-        where = (getattr(record, "location", "") if record is not None else "") or root
-        out.append(Issue(issue.severity, issue.code, where,
-                         f"the converted report fails a profile rule no part of the document is mapped to: {text}",
-                         issue.hl7_error, extra))
-    return out
+
+    def places_of(rule: dict[str, Any], kind: str, record: Any, report: ReportFacts | None) -> list[str]:
+        report = report if report is not None else (msg.reports[0] if msg.reports else None)
+        return _xpaths_of([str(p) for p in rule["places"]], kind, record, report, root, structure)
+
+    return trace(msg, bundle, issues, table, places_of, untraced="no part of the document is mapped to",
+                 default_where=root)
 
 
 def _xpaths_of(places: list[str], kind: str, record: Any, report: ReportFacts | None, root: str,

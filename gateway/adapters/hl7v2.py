@@ -41,6 +41,7 @@ from gateway.adapters.base import (
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.datetimes import to_fhir_datetime as _to_fhir_datetime
+from gateway.adapters.tracing import joined, trace
 from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
@@ -1003,7 +1004,7 @@ class HL7v2Adapter:
             if r.collected_at:
                 return
         verb = "are" if len(tried) > 1 else "is"
-        issues.append(Issue("error", "required", _joined(tried),
+        issues.append(Issue("error", "required", joined(tried),
                             f"{verb} empty: the collection time is required (validity windows are counted from it)",
                             "101"))
 
@@ -1315,25 +1316,6 @@ class HL7v2Adapter:
 
 # -- profile problems in HL7 terms ---------------------------------------------------------
 
-_ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.(?:resource|fullUrl)(?:\.(.*))?$")
-_INDEX = re.compile(r"\[[^\]]*\]")
-#: What no answer to an HL7 sender carries: a FHIR path (in a problem's text it is cut out).
-_FHIR_PATH = re.compile(r"\s*\((?:Bundle|DiagnosticReport|Observation|Patient|Specimen|Organization)\.[^)]*\)"
-                        r"|\bBundle\.entry\S*|\b[A-Za-z]+\.(?:resource|entry)\S*")
-_INVARIANT = re.compile(r"^fails ([a-z]+(?:-[a-z]+)?-\d+)")
-
-
-def _sources(msg: SourceMessage) -> list[tuple[str, Any, ReportFacts | None]]:
-    """(resource type, record, report) of each Bundle entry, in the order the report Bundle is built."""
-    out: list[tuple[str, Any, ReportFacts | None]] = [("Organization", None, None)]
-    if msg.patient is not None:
-        out.append(("Patient", msg.patient, None))
-    out += [("Specimen", r.specimen, r) for r in msg.reports if r.specimen is not None]
-    out += [("Observation", res, r) for r in msg.reports for res in r.results]
-    out += [("DiagnosticReport", r, r) for r in msg.reports]
-    return out
-
-
 def _fields_of(fields: list[str], kind: str, record: Any, report: ReportFacts | None) -> list[str]:
     """HL7 locations (``OBR[1]-7``) of ``fields`` for the record a resource came from."""
     out: list[str] = []
@@ -1355,10 +1337,6 @@ def _fields_of(fields: list[str], kind: str, record: Any, report: ReportFacts | 
     return list(dict.fromkeys(out))
 
 
-def _joined(places: list[str]) -> str:
-    return places[0] if len(places) == 1 else ", ".join(places[:-1]) + f" and {places[-1]}"
-
-
 def explain_issues(msg: SourceMessage, bundle: dict[str, Any], issues: list[Issue],
                    table: dict[str, Any]) -> list[Issue]:
     """Problems found on the converted report, located and worded as HL7 fields for the sender's ACK.
@@ -1371,39 +1349,5 @@ def explain_issues(msg: SourceMessage, bundle: dict[str, Any], issues: list[Issu
     it can (or none); its FHIR path is kept in ``extra["fhir_path"]``, never in
     the answer.
     """
-    sources = _sources(msg)
-    entries = bundle.get("entry") or []
-    elements: dict[str, list[dict[str, Any]]] = table.get("elements", {})
-    invariants: dict[str, dict[str, Any]] = table.get("invariants", {})
-    out: list[Issue] = []
-    for issue in issues:
-        text = _FHIR_PATH.sub("", issue.message).strip()
-        m = _ENTRY_PATH.match(issue.location or "")
-        kind, record, report, rule = "", None, None, None
-        if m and int(m.group(1)) < len(sources) and int(m.group(1)) < len(entries):
-            kind, record, report = sources[int(m.group(1))]
-            if entries[int(m.group(1))].get("resource", {}).get("resourceType") != kind:
-                kind, record, report = "", None, None
-        if kind:
-            path = _INDEX.sub("", m.group(2) or "") if m else ""
-            inv = _INVARIANT.match(issue.message)
-            if not path and inv:
-                rule = invariants.get(inv.group(1))
-            elif path:
-                rule = next((r for r in elements.get(kind, []) if path.startswith(r["path"])), None)
-        places = _fields_of(list(rule["fields"]), kind, record, report) if rule else []
-        extra = {**issue.extra, "fhir_path": issue.location}
-        if places:
-            what = rule["what"] if rule else ""
-            if issue.code == "required" and not _INVARIANT.match(issue.message):
-                verb = "is" if len(places) == 1 else "are"
-                message = f"{verb} empty: {what} is required"
-            else:
-                message = f"{'does' if len(places) == 1 else 'do'} not give {what}: {text}"
-            out.append(Issue(issue.severity, issue.code, _joined(places), message, issue.hl7_error, extra))
-            continue
-        where = getattr(record, "location", "") if record is not None else ""
-        out.append(Issue(issue.severity, issue.code, where,
-                         f"the converted report fails a profile rule no HL7 field is mapped to: {text}",
-                         issue.hl7_error, extra))
-    return out
+    return trace(msg, bundle, issues, table, lambda rule, kind, record, report: _fields_of(
+        list(rule["fields"]), kind, record, report), untraced="no HL7 field is mapped to")
