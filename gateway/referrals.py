@@ -33,11 +33,11 @@ from gateway import jsonutil
 from gateway.audit import records
 from gateway.audit.log import append
 from gateway.errors import InputError, NotFound, ProfileViolation, TrustError, UnknownIssuer
+from gateway.exchange.service import read_receipt
 from gateway.naming import IG_BASE, SYSTEM_LAB_REPORT_NO, SYSTEM_USCC, cs_url, sd_url
-from gateway.signing.canonical import canonicalize, document_bytes, parse_json
-from gateway.signing.jws import verify_bundle, verify_detached
+from gateway.signing.canonical import document_bytes, parse_json
+from gateway.signing.jws import verify_bundle
 from gateway.signing.keys import kid_of, uscc_of
-from gateway.signing.trust import check_certificate
 from gateway.store.db import transaction
 
 __all__ = ["REASONS", "STATUSES", "ANSWERS", "LANE", "TASK_PATH", "PROFILE", "Referrals", "Referral",
@@ -460,14 +460,7 @@ class Referrals:
 
         :raises TrustError: not a receipt, not signed by the destination, or for another document.
         """
-        try:
-            doc = parse_json(text)
-            body, jws = doc["receipt"], doc["signature"]
-        except (KeyError, TypeError, ValueError):
-            raise TrustError("the receiver's answer is not a receipt", "receipt") from None
-        trust = self._trust()
-        _, cert = verify_detached(jws, canonicalize(body), trust.certificates_for_kid)
-        signer = check_certificate(cert, trust, self.clock(), location="receipt")
+        body, signer = read_receipt(text, self._trust(), self.clock())
         expected = destination.removeprefix(LANE)
         sent = hashlib.sha256(document_bytes(parse_json(payload))).hexdigest()
         if signer != expected or body.get("receiver") != expected or body.get("sha256") != sent:

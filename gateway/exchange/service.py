@@ -129,6 +129,23 @@ class ReceiveResult:
     decisions: list[dict[str, Any]] | None = None
 
 
+def read_receipt(text: bytes, trust: Any, at: _dt.datetime) -> tuple[dict[str, Any], str]:
+    """(body, signer USCC) of a signed receipt, its signature verified against ``trust`` (a registry snapshot, or
+    any source of certificates by kid that :func:`gateway.signing.trust.check_certificate` takes) at ``at``.
+
+    :raises TrustError: not a receipt, or its signature does not verify.
+    """
+    try:
+        doc = parse_json(text)
+        body, jws = doc["receipt"], doc["signature"]
+    except (ParseError, KeyError, TypeError, ValueError):
+        raise TrustError("the receiver's answer is not a receipt", "receipt") from None
+    if not isinstance(body, dict):
+        raise TrustError("the receiver's answer is not a receipt", "receipt")
+    _, cert = verify_detached(jws, canonicalize(body), trust.certificates_for_kid)
+    return body, check_certificate(cert, trust, at, location="receipt")
+
+
 def _patient_keys(bundle: dict[str, Any]) -> list[str]:
     keys: list[str] = []
     for entry in bundle.get("entry", []):
@@ -439,14 +456,7 @@ class Exchange:
 
         :raises TrustError: not signed by the expected member, or not a receipt.
         """
-        try:
-            doc = parse_json(text)
-            body, jws = doc["receipt"], doc["signature"]
-        except (ParseError, KeyError, TypeError):
-            raise TrustError("the receiver's answer is not a receipt", "receipt") from None
-        snapshot = self._snapshot()
-        _, cert = verify_detached(jws, canonicalize(body), snapshot.certificates_for_kid)
-        signer = check_certificate(cert, snapshot, self.clock(), location="receipt")
+        body, signer = read_receipt(text, self._snapshot(), self.clock())
         if signer != expected_signer or body.get("receiver") != expected_signer:
             raise TrustError(f"receipt signed by {signer}, expected {expected_signer}", "receipt")
         if sent_sha256 is not None and body.get("sha256") != sent_sha256:
