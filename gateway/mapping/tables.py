@@ -268,14 +268,24 @@ def _read_table(path: Path) -> tuple[dict[str, str], list[str]]:
     return meta, body
 
 
-def _load_concepts(path: Path, problems: list[str], meta: dict[str, str], body: list[str]) -> ConceptTable | None:
-    for key in ("id", "version", "target"):
+def _rows(path: Path, problems: list[str], meta: dict[str, str], body: list[str], keys: tuple[str, ...],
+          columns: list[str]) -> Any:
+    """The CSV rows after the header (a reader), once the ``# key:`` lines and the header are as they must be;
+    None (with the problem noted) when the header is not."""
+    for key in keys:
         if key not in meta:
             problems.append(f"{path}: missing '# {key}: ...' line")
     reader = csv.reader(io.StringIO("\n".join(body)))
     header = next(reader, None)
-    if header != _COLUMNS:
-        problems.append(f"{path}: header must be {','.join(_COLUMNS)}, found {header}")
+    if header != columns:
+        problems.append(f"{path}: header must be {','.join(columns)}, found {header}")
+        return None
+    return reader
+
+
+def _load_concepts(path: Path, problems: list[str], meta: dict[str, str], body: list[str]) -> ConceptTable | None:
+    reader = _rows(path, problems, meta, body, ("id", "version", "target"), _COLUMNS)
+    if reader is None:
         return None
     table = ConceptTable(meta.get("id", path.stem), meta.get("version", ""), meta.get("target", ""), str(path))
     for lineno, row in enumerate(reader, start=2):
@@ -299,13 +309,8 @@ def _load_concepts(path: Path, problems: list[str], meta: dict[str, str], body: 
 
 
 def _load_catalogue(path: Path, problems: list[str], meta: dict[str, str], body: list[str]) -> HazardCatalogue | None:
-    for key in ("id", "version", "target", "extends"):
-        if key not in meta:
-            problems.append(f"{path}: missing '# {key}: ...' line")
-    reader = csv.reader(io.StringIO("\n".join(body)))
-    header = next(reader, None)
-    if header != _CATALOGUE_COLUMNS:
-        problems.append(f"{path}: header must be {','.join(_CATALOGUE_COLUMNS)}, found {header}")
+    reader = _rows(path, problems, meta, body, ("id", "version", "target", "extends"), _CATALOGUE_COLUMNS)
+    if reader is None:
         return None
     cat = HazardCatalogue(meta.get("id", path.stem), meta.get("version", ""), meta.get("target", ""), str(path),
                           meta.get("extends", ""))
