@@ -375,14 +375,7 @@ def _override(facts: Mapping[str, Any]) -> dict[str, Any]:
         entities.append(report)
     if facts.get("patient"):
         entities.append(_patient_entity(facts["patient"]))
-    entities.append(
-        {
-            "what": _decision_ref(facts["decision_id"]),
-            "type": _coding(_ENTITY_TYPE, "2", "System Object"),
-            "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
-            "detail": _detail("decision-id", facts["decision_id"]),
-        }
-    )
+    entities.append(_decision_entity(facts["decision_id"]))
     desc = (info.zh if info else reason) + (f"; {facts['note']}" if facts.get("note") else "")
     return {
         "type": _coding(CS_EVENT_TYPE, "recognition-override", "Re-test ordered despite recognition"),
@@ -394,6 +387,16 @@ def _override(facts: Mapping[str, Any]) -> dict[str, Any]:
         "purposeOfEvent": [_cc(_ACT_REASON, "TREAT")],
         "agent": agents,
         "entity": entities,
+    }
+
+
+def _decision_entity(decision_id: str, more: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The recognition decision an override or a withdrawal is about, as an AuditEvent entity."""
+    return {
+        "what": _decision_ref(decision_id),
+        "type": _coding(_ENTITY_TYPE, "2", "System Object"),
+        "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
+        "detail": _detail("decision-id", decision_id) + (more or []),
     }
 
 
@@ -416,15 +419,7 @@ def _withdrawal(facts: Mapping[str, Any]) -> dict[str, Any]:
     entities = [report]
     if facts.get("patient"):
         entities.append(_patient_entity(facts["patient"]))
-    entities.append(
-        {
-            "what": _decision_ref(facts["decision_id"]),
-            "type": _coding(_ENTITY_TYPE, "2", "System Object"),
-            "role": _coding(_OBJECT_ROLE, "13", "Security Resource"),
-            "detail": _detail("decision-id", facts["decision_id"])
-            + _detail("decided-outcome", facts.get("decided_outcome")),
-        }
-    )
+    entities.append(_decision_entity(facts["decision_id"], _detail("decided-outcome", facts.get("decided_outcome"))))
     return {
         "type": _coding(CS_EVENT_TYPE, "recognition-withdrawal", "Recognition decision withdrawn"),
         "subtype": [_coding(CS_EVENT_SUBTYPE, "report-superseded", "Report superseded by a correction")],
