@@ -62,6 +62,7 @@ from gateway.adapters.base import (
     text_too_long,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
+from gateway.adapters.tracing import INDEX, INVARIANT
 from gateway.errors import ConfigError, IdentifierError, Issue, shown
 from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 from gateway.mapping.tables import factor_key, fold_brackets
@@ -156,9 +157,7 @@ _RESOURCE_FACTS: dict[str, _Rule] = {
     "Employer": (("employer_uscc", "employer_name"), "the employer"),
 }
 _ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.resource(?:\.(.*))?$")
-_INDEXES = re.compile(r"\[[^\]]*\]")
 _EXTENSION_AT = re.compile(r"^extension\[(\d+)\]")
-_INVARIANT = re.compile(r"^fails ([a-z]+-[a-z]+-\d+)")
 # FHIR element paths in a problem's text: "(Patient.identifier:idCard)" is cut, "Observation.value[x]" becomes "value".
 _PATH_IN_BRACKETS = re.compile(r"\s*\((?:Bundle|[A-Z][A-Za-z]+)\.[^)]*\)")
 _PATH = re.compile(r"\b(?:Bundle|[A-Z][A-Za-z]+)((?:\.[A-Za-z][A-Za-z0-9]*(?:\[[^\]]*\])?(?::[A-Za-z0-9_-]+)?)+)")
@@ -612,7 +611,7 @@ class LabCSVAdapter:
             if others:
                 also = " (see also " + _joined([f"column {h}" if r == row else f"row {r} column {h}"
                                                 for r, h in others]) + ")"
-            if issue.code == "required" and not _INVARIANT.match(issue.message):
+            if issue.code == "required" and not INVARIANT.match(issue.message):
                 message = f"is empty: {rule[1]} is required{also}"
             else:
                 message = f"does not give {rule[1]}{also}: {text}"
@@ -649,7 +648,7 @@ def _rule_of(kind: str, path: str, extension: dict[str, Any], key: str, message:
     extension the path is in (by its URL), then the element."""
     if not kind:
         return None
-    m = _INVARIANT.match(message)
+    m = INVARIANT.match(message)
     key = key if key in _INVARIANT_FACTS else (m.group(1) if m else "")
     if key in _INVARIANT_FACTS:
         return _INVARIANT_FACTS[key]
@@ -657,7 +656,7 @@ def _rule_of(kind: str, path: str, extension: dict[str, Any], key: str, message:
         found_ext = _EXTENSION_FACTS.get(str(extension.get("url", "")).rsplit("/", 1)[-1])
         if found_ext is not None:
             return found_ext
-    bare = _INDEXES.sub("", path)
+    bare = INDEX.sub("", path)
     found = next((rule for prefix, rule in _ELEMENT_FACTS.get(kind, []) if bare.startswith(prefix)), None)
     return found or _RESOURCE_FACTS.get(kind)
 

@@ -16,7 +16,7 @@ from typing import Any
 from gateway.adapters.base import ReportFacts, SourceMessage
 from gateway.errors import Issue
 
-__all__ = ["FHIR_PATH", "INVARIANT", "sources", "joined", "trace"]
+__all__ = ["ENTRY_PATH", "INDEX", "FHIR_PATH", "INVARIANT", "sources", "joined", "trace"]
 
 ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\]\.(?:resource|fullUrl)(?:\.(.*))?$")
 INDEX = re.compile(r"\[[^\]]*\]")
