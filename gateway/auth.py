@@ -450,7 +450,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _authenticate() -> Principal:
     authenticators: Sequence[Authenticator] = current_app.extensions.get("gateway.authenticators") or (bearer_token,)
     settings = current_app.extensions["gateway.settings"]
-    with closing(connect(settings.database_path).conn) as conn:
+    with closing(connect(settings.database_locator).conn) as conn:
         db = sqlite_utils.Database(conn)
         for authenticate in authenticators:
             principal = authenticate(request, db)

@@ -129,7 +129,7 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
               f"HTTP {settings.http_host}:{settings.http_port}, "
               + (f"MLLP {settings.mllp_host}:{settings.mllp_port} (ACK when {settings.mllp_ack})"
                  if settings.mllp_port else "MLLP off")
-              + f", database {settings.database_path}")
+              + f", database {settings.database_locator}")
     try:
         code = run(settings, announce=lambda: click.echo(banner, err=True))
     except PortInUse as exc:
@@ -295,7 +295,7 @@ def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
     """List received messages, newest first."""
     from gateway.store.store import Store
 
-    store = Store.open(get_settings(ctx).database_path)
+    store = Store.open(get_settings(ctx).database_locator)
     for rec in store.list_messages(status, limit):
         reason = rec.issues[0]["message"] if rec.issues and rec.status != "stored" else ""
         click.echo(f"{rec.id:6} {rec.received_at[:19]} {rec.channel:5} {rec.format:7} {rec.message_id:20} "
@@ -310,7 +310,7 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
     """Show one message: stages, issues and answer."""
     from gateway.store.store import Store
 
-    store = Store.open(get_settings(ctx).database_path)
+    store = Store.open(get_settings(ctx).database_locator)
     if raw:
         sys.stdout.buffer.write(store.raw_of(record_id))
         return

@@ -35,7 +35,8 @@ class Settings:
     """Settings of one member gateway. Frozen: build a new one with ``replace``."""
 
     data_dir: str = _opt("./gateway-data", "Directory for the SQLite database and spooled files.")
-    database: str = _opt("", "SQLite database file; empty means <data_dir>/gateway.db.")
+    database: str = _opt("", "The database: a SQLite file (empty means <data_dir>/gateway.db), or a PostgreSQL URL "
+                         "postgresql://user@host:port/dbname (the password from PGPASSWORD or ~/.pgpass).")
     mappings_dir: str = _opt(str(REPO_ROOT / "mappings"), "Directory of the mapping tables (mappings/).")
     profiles_dir: str = _opt(str(REPO_ROOT / "profiles"), "Directory of the implementation guide (profiles/).")
     issuer_uscc: str = _opt(
@@ -121,9 +122,17 @@ class Settings:
         return base.removesuffix("/fhir")  # the FHIR base given for the gateway's base: the same gateway
 
     @property
-    def database_path(self) -> Path:
-        """The SQLite file this gateway uses."""
+    def database_locator(self) -> Path | str:
+        """The database this gateway uses: a SQLite file (a Path), or a ``postgresql://`` URL (a str)."""
+        if self.database.startswith(("postgresql://", "postgres://")):
+            return self.database
         return Path(self.database) if self.database else Path(self.data_dir) / "gateway.db"
+
+    @property
+    def database_file(self) -> Path | None:
+        """The SQLite file this gateway uses, or None when its database is PostgreSQL."""
+        locator = self.database_locator
+        return locator if isinstance(locator, Path) else None
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some settings changed (validated again)."""
@@ -217,7 +226,8 @@ def load_settings(
             if key not in known:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}", key)
             values[key] = _coerce(key, known[key], value)
-            if key in PATH_SETTINGS and values[key] and not Path(values[key]).expanduser().is_absolute():
+            if (key in PATH_SETTINGS and values[key] and not Path(values[key]).expanduser().is_absolute()
+                    and not str(values[key]).startswith(("postgresql://", "postgres://"))):
                 # a relative path in a config file means beside that file, wherever the command runs from
                 values[key] = str(base / Path(values[key]).expanduser())
 

@@ -35,8 +35,11 @@ MANIFEST = "serve.json"
 
 
 def run_dir(settings: Settings) -> Path:
-    """The run folder of a gateway (beside its database, so that two gateways never share one)."""
-    db = settings.database_path
+    """The run folder of a gateway: beside its SQLite file, so that two gateways never share one; in
+    ``data_dir`` when the database is PostgreSQL (each node of a cluster has its own ``data_dir``)."""
+    db = settings.database_file
+    if db is None:
+        return Path(settings.data_dir) / "gateway.run"
     return db.with_name(db.name + ".run")
 
 

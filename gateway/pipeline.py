@@ -370,7 +370,7 @@ class Pipeline:
         """This thread's database connection (opened on first use)."""
         store: Store | None = getattr(self._local, "store", None)
         if store is None:
-            store = Store.open(self.settings.database_path, self.clock)
+            store = Store.open(self.settings.database_locator, self.clock)
             self._local.store = store
         return store
 

@@ -143,7 +143,7 @@ def run_background(settings: Settings) -> None:
     stop = threading.Event()
     worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
     worker.start()
-    checkpointer = WalCheckpointer(settings.database_path)
+    checkpointer = WalCheckpointer(settings.database_file)
     checkpointer.start()
     children: list[subprocess.Popen[bytes]] = []  # further listeners and the queue reader
     sock: socket.socket | None = None
@@ -259,7 +259,7 @@ def run_background_part(settings: Settings, part: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     _watch_parent()
-    checkpointer = WalCheckpointer(settings.database_path)
+    checkpointer = WalCheckpointer(settings.database_file)
     checkpointer.start()
     # a pass delivers in lanes bounded by delivery_timeout; one far longer than that is hung
     passes = _Passes(max(120.0, 4.0 * settings.delivery_timeout))

@@ -48,10 +48,63 @@ def clock() -> Clock:
     return Clock(_dt.datetime(2026, 11, 22, 9, 30, 0, tzinfo=CST))
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--backend", choices=[*BACKENDS, "both"], default=os.environ.get("GATEWAY_TEST_BACKEND", "sqlite"),
+                     help="database the gateway fixtures use: sqlite (the default), postgresql (a throwaway "
+                          "cluster started by the tests) or both (every such test runs twice)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        choice = metafunc.config.getoption("backend")
+        metafunc.parametrize("backend", BACKENDS if choice == "both" else [choice])
+
+
+_schemas = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A PostgreSQL cluster of the machine's PostgreSQL, started for this run and deleted after it."""
+    from gateway.store.pgcluster import Cluster, ClusterError
+
+    try:
+        cluster = Cluster().start()
+    except ClusterError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL: {exc}")
+    try:
+        cluster.create_database("gw")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def pg_url(pg_cluster: Any) -> str:
+    """A PostgreSQL URL of an empty schema of its own (as a member gateway's database)."""
+    return str(pg_cluster.url("gw", schema=f"t{next(_schemas)}"))
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest, backend: str) -> str:
+    """The ``database`` setting of the gateway under test: '' (SQLite in data_dir) or a PostgreSQL URL.
+
+    Every test that builds a gateway from the ``settings`` fixture runs on the backend(s) chosen with
+    ``--backend`` (or GATEWAY_TEST_BACKEND).
+    """
+    return str(request.getfixturevalue("pg_url")) if backend == "postgresql" else ""
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database: str) -> Settings:
     return load_settings(environ={}, overrides={
-        "data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "issuer_name": "通江县人民医院（演示）"})
+        "data_dir": str(tmp_path / "gw"), "database": database, "issuer_uscc": TONGJIANG,
+        "issuer_name": "通江县人民医院（演示）"})
 
 
 @pytest.fixture

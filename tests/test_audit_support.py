@@ -55,7 +55,7 @@ def serving(settings: Any, clock: Any) -> Iterator[tuple[Any, dict[str, str], An
     wraps this in its own ``audit_client`` fixture.
     """
     app = audit_app(settings, clock)
-    db = connect(settings.database_path)
+    db = connect(settings.database_locator)
     tokens = {}
     for role in ROLES:
         member = FULING if role == "peer" else None

@@ -19,7 +19,7 @@ def test_relative_paths_in_a_config_file_are_beside_it(tmp_path: Path, monkeypat
     monkeypatch.chdir(elsewhere)
     s = load_settings(config, environ={})
     assert s.data_dir == str(member / "data")
-    assert s.database_path == member / "data" / "gateway.db"
+    assert s.database_locator == member / "data" / "gateway.db"
     assert s.signing_key == str(member / "keys" / "m.key.pem")
     assert Path(s.registry_snapshot).resolve() == tmp_path / "snapshot.json"
     assert s.signing_cert == "/etc/gateway/m.pem"  # absolute stays as written

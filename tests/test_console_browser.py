@@ -165,7 +165,7 @@ def _with_password(folder: Path, name: str, role: str) -> None:
     from gateway.store.db import connect
 
     settings = load_settings(environ={"GATEWAY_CONFIG": str(folder / "gateway.toml")}, overrides={})
-    db = connect(settings.database_path)
+    db = connect(settings.database_locator)
     try:
         now, me = dt.datetime.now(DEMO_START.tzinfo), records.Party.member(settings.issuer_uscc)
         auth.add_user(db, name, [role], at=now, gateway=me, by=records.Party("test-setup"))

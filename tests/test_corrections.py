@@ -160,7 +160,7 @@ def test_withdrawal_is_found_by_audit_query(world, tmp_path) -> None:
     ingest(tj, CORRECTION)
     tj.exchange.deliver()
     runner = CliRunner()
-    db = str(world.gateways["fuling"].settings.database_path)
+    db = str(world.gateways["fuling"].settings.database_locator)
     res = runner.invoke(audit, ["query", "--db", db, "--json", "type=recognition-withdrawal"])
     assert res.exit_code == 0, res.output
     found = json.loads(res.output)

@@ -178,6 +178,6 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
                    for pid in listeners), "the further listener stopped with the first"
     from gateway.store.store import Store
 
-    store = Store.open(settings.database_path)
+    store = Store.open(settings.database_locator)
     assert store.counts() == {"stored": 30}
     store.close()

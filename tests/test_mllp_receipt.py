@@ -182,7 +182,7 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
             "the MLLP process starts one queue reader process"
 
         codes = mllp_codes(port, GOOD, clients=4, each=5, tag="Q")
-        store = Store.open(settings.database_path)
+        store = Store.open(settings.database_locator)
         try:
             deadline = time.monotonic() + 60
             while store.counts().get("stored", 0) < 20 and time.monotonic() < deadline:

@@ -176,7 +176,7 @@ def test_a_member_gateway_delivers_to_others_while_one_hangs(tmp_path, clock, hu
         passing.start()
 
         def status(row: int) -> str:
-            db = connect(world.gateways["tongjiang"].settings.database_path)
+            db = connect(world.gateways["tongjiang"].settings.database_locator)
             try:
                 return str(db.execute("SELECT status FROM outbox WHERE id = ?", [row]).fetchone()[0])
             finally:

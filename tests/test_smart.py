@@ -304,7 +304,7 @@ def test_static_tokens_expire_and_old_ones_are_listed_without_expiry(app: Any, c
     res = http.get("/fhir/DiagnosticReport", headers={"Authorization": f"Bearer {brief}"})
     assert res.status_code == 401 and "expired" in res.get_json()["issue"][0]["diagnostics"]
     assert http.get("/fhir/DiagnosticReport", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-    database = str(app.extensions["gateway.settings"].database_path)
+    database = str(app.extensions["gateway.settings"].database_locator)
     listed = CliRunner().invoke(cli, ["users", "list", "--db", database])
     assert listed.exit_code == 0 and "no expiry" in listed.output and "expired" in listed.output
 

@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             app.extensions["gateway.audit.signer"] = checkpoint.Signer(ex.identity.key, list(ex.identity.chain))
         if ex.holder is not None:
             # registry_api.install keeps its state under "gateway.registry"; nothing may overwrite that key
-            registry_api.install(app, ex.holder, clock=pipe.clock, database=settings.database_path)
+            registry_api.install(app, ex.holder, clock=pipe.clock, database=settings.database_locator)
             app.extensions["gateway.trust"] = _CurrentSnapshot(ex.holder)
     return app
 

@@ -69,7 +69,7 @@ def _clock() -> Callable[[], _dt.datetime]:
 
 @contextmanager
 def _db() -> Iterator[sqlite_utils.Database]:
-    with closing(connect(_settings().database_path).conn) as conn:
+    with closing(connect(_settings().database_locator).conn) as conn:
         yield sqlite_utils.Database(conn)
 
 

@@ -66,7 +66,7 @@ def token() -> Response:
     clock = current_app.extensions["gateway.clock"]
     gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
     audiences = {clients.token_endpoint(settings), _endpoint_here()}
-    with closing(connect(settings.database_path).conn) as conn:
+    with closing(connect(settings.database_locator).conn) as conn:
         db = sqlite_utils.Database(conn)
         try:
             issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,

@@ -47,8 +47,9 @@ def baseline_stage(ctx: BenchContext) -> StageResult:
 
     signer = ctx.signer()
     settings = ctx.settings("baseline")
-    settings.database_path.parent.mkdir(parents=True, exist_ok=True)
-    base = Baseline(settings.database_path, settings.mappings_dir, settings.issuer_uscc, settings.issuer_name,
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    base = Baseline(settings.database_file or Path(settings.data_dir) / "gateway.db",
+                    settings.mappings_dir, settings.issuer_uscc, settings.issuer_name,
                     private_key_pem(signer.key), kid_of(signer.chain[0]))
     n, k = ctx.options.per_stage, ctx.options.memory_sample
     messages = ctx.fresh_messages(n + k + 1)

@@ -162,7 +162,7 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
     name = "mllp" if ack == "processed" else "mllp-queued"
     settings = ctx.settings(name, mllp_port=port, mllp_host="127.0.0.1", log_level="INFO",
                             mllp_workers=opts.mllp_workers, mllp_ack=ack)
-    settings.database_path.parent.mkdir(parents=True, exist_ok=True)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     total = max(opts.mllp_clients, int(opts.mllp_rate * opts.mllp_duration))
     messages = ctx.fresh_messages(total)
     interval = 1.0 / opts.mllp_rate
@@ -217,7 +217,7 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
                 t.join(opts.mllp_duration + drain + 10)
         wall = time.perf_counter() - start
         if ack == "received":
-            queue = _drain_queue(settings.database_path, start, opts.mllp_duration, 15.0 if opts.quick else 120.0)
+            queue = _drain_queue(settings.database_locator, start, opts.mllp_duration, 15.0 if opts.quick else 120.0)
         cpu = process_cpu_s(proc.pid) - cpu0
     answered = sum(v for c, v in codes.items() if c != "unanswered")
     missing = total - len(latencies)
@@ -249,7 +249,7 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
     return result
 
 
-def _drain_queue(db_path: Path, start: float, duration: float, cap: float) -> dict[str, Any]:
+def _drain_queue(db_path: Path | str, start: float, duration: float, cap: float) -> dict[str, Any]:
     """Wait for the queue reader to store what the listener took (up to ``cap`` s after the load): its figures."""
     import sqlite3
 
@@ -293,7 +293,7 @@ def run_http_load(ctx: BenchContext, title: str) -> StageResult:
     opts = ctx.options
     port = free_port()
     settings = ctx.settings("http", http_port=port, mllp_port=0)
-    settings.database_path.parent.mkdir(parents=True, exist_ok=True)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     env = _env({
         "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": settings.issuer_uscc,
         "GATEWAY_ISSUER_NAME": settings.issuer_name, "GATEWAY_HTTP_HOST": "127.0.0.1",
@@ -383,7 +383,7 @@ def _submitter_token(settings: Any) -> str | None:
     from gateway.bench.context import BENCH_NOW
     from gateway.store.db import connect
 
-    db = connect(settings.database_path)
+    db = connect(settings.database_locator)
     try:
         _, token = add_user(db, "bench-lis", ["submitter"], at=BENCH_NOW,
                             gateway=records.Party.member(settings.issuer_uscc),

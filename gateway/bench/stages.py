@@ -202,7 +202,7 @@ def store_stage(ctx: BenchContext) -> StageResult:
     messages = ctx.fresh_messages(n + k)
     bundles = _bundles(ctx, messages)
     settings = ctx.settings("store")
-    store = Store.open(settings.database_path, ctx.clock)
+    store = Store.open(settings.database_locator, ctx.clock)
 
     def save(pair: tuple[bytes, dict[str, Any]]) -> None:
         raw, bundle = pair
@@ -232,7 +232,7 @@ def store_batch_stage(ctx: BenchContext) -> StageResult:
     n = max(batch, ctx.options.per_stage // batch * batch)
     messages = ctx.fresh_messages(n)
     bundles = _bundles(ctx, messages)
-    store = Store.open(ctx.settings("store-batch").database_path, ctx.clock)
+    store = Store.open(ctx.settings("store-batch").database_locator, ctx.clock)
     result = StageResult("store-batch", STAGES["store-batch"].title, note=f"{batch} messages per commit pair")
     deadline = time.monotonic() + ctx.options.cap_s
     cpu0 = time.process_time()

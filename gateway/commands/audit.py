@@ -46,7 +46,7 @@ from gateway.commands.common import AwareDateTime, one_line_errors
 from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError, InputError
 from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
-from gateway.store.db import connect, transaction
+from gateway.store.db import connect, is_postgresql, transaction
 
 __all__ = ["audit", "settings_for", "open_db", "database_named", "cli_party", "registry_names"]
 
@@ -85,11 +85,13 @@ def database_named(ctx: click.Context) -> bool:
 @contextmanager
 def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True) -> Iterator[sqlite_utils.Database]:
     """The database named by ``--db``, else the configured one; closed afterwards."""
-    path = Path(db_path) if db_path else settings_for(ctx).database_path
-    if must_exist and not path.exists():
+    path: Path | str = db_path if db_path and is_postgresql(db_path) else Path(db_path) if db_path \
+        else settings_for(ctx).database_locator
+    if must_exist and isinstance(path, Path) and not path.exists():
         raise click.ClickException(f"{path}: no such database")
-    with closing(connect(path).conn) as conn:
-        yield sqlite_utils.Database(conn)
+    db = connect(path)
+    with closing(db.conn):
+        yield db
 
 
 def cli_party() -> records.Party:

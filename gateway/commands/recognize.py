@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import click
-import sqlite_utils
 
 from gateway.audit.events import decided
 from gateway.commands.common import AwareDateTime, now_cst, one_line_errors
@@ -40,7 +39,7 @@ from gateway.recognition.store import add_override, get_decision, list_decisions
 from gateway.registry.models import Snapshot
 from gateway.registry.snapshot import verify_snapshot
 from gateway.signing.canonical import dumps, parse_json
-from gateway.store.db import connect, transaction
+from gateway.store.db import Database, connect, is_postgresql, transaction
 from gateway.store.reports import superseded_in
 
 __all__ = ["recognize", "decisions", "format_decisions"]
@@ -164,14 +163,15 @@ def _configured(db_path: str | None) -> str:
         return db_path
     from gateway.commands.audit import settings_for
 
-    return str(settings_for(click.get_current_context()).database_path)
+    return str(settings_for(click.get_current_context()).database_locator)
 
 
-def _open(db_path: str | None) -> sqlite_utils.Database:
+def _open(db_path: str | None) -> Database:
     db_path = _configured(db_path)
-    if not Path(db_path).exists():
+    if not is_postgresql(db_path) and not Path(db_path).exists():
         raise click.ClickException(f"{db_path}: no such database")
-    return connect(db_path, readonly=True)
+    db: Database = connect(db_path, readonly=True)
+    return db
 
 
 @decisions.command("list")

@@ -107,9 +107,10 @@ def add(
     current directory."""
     with one_line_errors():
         settings = settings_for(ctx)
-        if not db_path and not settings.database_path.exists() and not database_named(ctx):
+        file = settings.database_file
+        if not db_path and file is not None and not file.exists() and not database_named(ctx):
             raise click.ClickException(
-                f"no gateway database at {settings.database_path}: name the gateway's configuration "
+                f"no gateway database at {settings.database_locator}: name the gateway's configuration "
                 "(gateway --config FILE users add ..., or GATEWAY_CONFIG) or give --db"
             )
         people = bool(set(roles) & set(auth.CONSOLE_ROLES))

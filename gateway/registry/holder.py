@@ -33,7 +33,7 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS registry_applied (version INTEGER NOT NUL
            " applied_at TEXT NOT NULL, PRIMARY KEY (version, digest))")
 
 
-def highest_version(database: Path) -> int:
+def highest_version(database: Path | str) -> int:
     """The highest snapshot version this gateway has accepted (0 if none)."""
     db = connect(database)
     try:
@@ -44,7 +44,7 @@ def highest_version(database: Path) -> int:
         db.conn.close()
 
 
-def remember_version(database: Path, version: int, digest: str, at: _dt.datetime, *, member: str = "") -> None:
+def remember_version(database: Path | str, version: int, digest: str, at: _dt.datetime, *, member: str = "") -> None:
     """Record that a snapshot version was applied, with its audit entry (once per version and digest)."""
     from gateway.audit.events import snapshot_applied
 
@@ -98,7 +98,7 @@ class SnapshotFile:
                 return False
             if before is not None and snapshot is before:
                 return False
-            remember_version(self.settings.database_path, snapshot.version, snapshot.digest(), self.clock(),
+            remember_version(self.settings.database_locator, snapshot.version, snapshot.digest(), self.clock(),
                              member=self.settings.issuer_uscc)
             log.info("registry snapshot version %s applied", snapshot.version)
             return True
@@ -117,7 +117,7 @@ def holder_from_settings(settings: Settings, clock: Callable[[], _dt.datetime]) 
     except (OSError, GatewayError, ValueError) as exc:
         raise ConfigError(f"registry authority certificate {settings.registry_authority}: {exc}",
                           "registry_authority") from None
-    holder = RegistryHolder(authorities, clock=clock, min_version=highest_version(settings.database_path))
+    holder = RegistryHolder(authorities, clock=clock, min_version=highest_version(settings.database_locator))
     try:
         text = Path(settings.registry_snapshot).read_bytes()
     except OSError as exc:
@@ -128,5 +128,6 @@ def holder_from_settings(settings: Settings, clock: Callable[[], _dt.datetime]) 
     except GatewayError as exc:
         raise ConfigError(f"registry snapshot {settings.registry_snapshot} refused: {exc}",
                           "registry_snapshot") from None
-    remember_version(settings.database_path, snapshot.version, snapshot.digest(), clock(), member=settings.issuer_uscc)
+    remember_version(settings.database_locator, snapshot.version, snapshot.digest(), clock(),
+                     member=settings.issuer_uscc)
     return holder

@@ -23,10 +23,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
-__all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES"]
+from gateway.store import postgresql as _pg
+
+__all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES", "Database",
+           "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +38,45 @@ log = logging.getLogger(__name__)
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
-def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
-    """Open (creating if needed) the SQLite database at ``path``.
+#: A gateway database: SQLite through sqlite-utils (the embedded default) or PostgreSQL (:mod:`.postgresql`).
+Database = Any
+
+#: Raised for a broken constraint (a unique key, a foreign key, a CHECK), on either engine.
+IntegrityError: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+#: Raised when the database cannot do what was asked now (locked, gone, out of space), on either engine.
+OperationalError: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+try:
+    import psycopg as _psycopg
+except ImportError:  # PostgreSQL is optional; SQLite needs nothing installed
+    pass
+else:
+    IntegrityError += (_psycopg.IntegrityError,)
+    OperationalError += (_psycopg.OperationalError,)
+
+
+def is_postgresql(locator: object) -> bool:
+    """True when ``locator`` (the ``database`` setting) names a PostgreSQL database rather than a file."""
+    return _pg.is_url(locator)
+
+
+def dialect(db: Database) -> str:
+    """``sqlite`` or ``postgresql``: the SQL a database speaks, for the statements that differ."""
+    return str(getattr(db, "dialect", "sqlite"))
+
+
+def describe(locator: str | Path) -> str:
+    """The database named for a person: a file path, or a URL without its password."""
+    return _pg.redact(str(locator)) if is_postgresql(locator) else str(locator)
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> Database:
+    """Open (creating if needed) the gateway database: a SQLite file, or a ``postgresql://`` URL.
 
     ``path`` may be ``":memory:"`` for tests. The connection may be used from
     the thread that opened it only; open one per thread or request.
     """
+    if is_postgresql(path):
+        return _pg.connect(str(path), readonly=readonly)
     if str(path) == ":memory:":
         conn = sqlite3.connect(":memory:", isolation_level=None)
     else:
@@ -60,7 +97,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
 
 
 @contextmanager
-def transaction(db: sqlite_utils.Database, *, poll: bool = False) -> Iterator[sqlite_utils.Database]:
+def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception).
 
     Everything written inside commits together: a stored message, its stage
@@ -77,7 +114,9 @@ def transaction(db: sqlite_utils.Database, *, poll: bool = False) -> Iterator[sq
     if conn.in_transaction:
         yield db
         return
-    if poll:
+    if dialect(db) == "postgresql":
+        conn.begin()
+    elif poll:
         _begin_polling(conn)
     else:
         conn.execute("BEGIN IMMEDIATE")
@@ -91,7 +130,7 @@ def transaction(db: sqlite_utils.Database, *, poll: bool = False) -> Iterator[sq
 
 
 @contextmanager
-def savepoint(db: sqlite_utils.Database, name: str = "unit") -> Iterator[sqlite_utils.Database]:
+def savepoint(db: Database, name: str = "unit") -> Iterator[Database]:
     """A part of the caller's transaction that can fail alone: ``SAVEPOINT`` ... ``RELEASE``.
 
     On any exception only what was written inside is rolled back, and the
@@ -140,12 +179,15 @@ class WalCheckpointer(threading.Thread):
     connection, its own thread; :meth:`stop` ends it after a last checkpoint.
     """
 
-    def __init__(self, path: str | Path, interval: float = 1.0) -> None:
+    def __init__(self, path: str | Path | None, interval: float = 1.0) -> None:
+        """``path`` None (a PostgreSQL database, which checkpoints by itself): the thread does nothing."""
         super().__init__(name="wal-checkpoint", daemon=True)
-        self.path, self.interval = str(path), interval
+        self.path, self.interval = (str(path) if path is not None else None), interval
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        if self.path is None:
+            return
         conn: sqlite3.Connection | None = None
         try:
             while not self._stop_event.wait(self.interval):
@@ -157,7 +199,7 @@ class WalCheckpointer(threading.Thread):
 
     def checkpoint(self, conn: sqlite3.Connection | None) -> sqlite3.Connection | None:
         """One round; opens the connection first when there is none (the database may not exist yet)."""
-        if conn is None and not Path(self.path).exists():
+        if self.path is None or (conn is None and not Path(self.path).exists()):
             return None  # not created yet: that is the gateway's own start-up, not this thread's
         try:
             if conn is None:
