@@ -243,6 +243,13 @@ class NotFound(GatewayError):
     http_status = 404
 
 
+class DatabaseUnavailable(GatewayError):
+    """The database cannot be reached or refused the connection (a PostgreSQL server down, a wrong password)."""
+
+    code = "transient"
+    http_status = 503
+
+
 class ConfigError(GatewayError):
     """Configuration, mapping tables or profiles are wrong: the gateway does not start."""
 

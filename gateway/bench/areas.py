@@ -263,3 +263,7 @@ def audit_verify_stage(ctx: BenchContext) -> StageResult:
     if not report.ok:
         result.status = "failed"
     return result
+
+
+# The same paths on PostgreSQL, beside these, in the same run.
+from gateway.bench import postgres as _postgres  # noqa: E402,F401

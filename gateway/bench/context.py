@@ -106,6 +106,7 @@ class BenchContext:
     _messages: list[bytes] = field(default_factory=list)
     _next_message: int = 0
     _cache: dict[str, Any] = field(default_factory=dict)
+    _closers: list[Callable[[], Any]] = field(default_factory=list)
 
     @classmethod
     def create(cls, options: BenchOptions, echo: Callable[[str], Any] = print) -> "BenchContext":
@@ -116,8 +117,17 @@ class BenchContext:
             return cls(options, path, echo)
         return cls(options, Path(tempfile.mkdtemp(prefix="gateway-bench-")), echo, _owned=True)
 
+    def on_close(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` when the run ends (a server a stage started), before the working directory goes."""
+        self._closers.append(fn)
+
     def close(self) -> None:
-        """Remove the temporary working directory (a given one is kept)."""
+        """Stop what stages started, and remove the temporary working directory (a given one is kept)."""
+        while self._closers:
+            try:
+                self._closers.pop()()
+            except Exception as exc:  # noqa: BLE001 - the rest is still cleaned up
+                self.echo(f"  cleaning up after the run failed: {type(exc).__name__}: {exc}")
         if self._owned:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -122,6 +122,15 @@ class BenchReport:
             return None
         return ours.rate_per_core / base.rate_per_core
 
+    def engine_ratios(self) -> dict[str, float]:
+        """Each PostgreSQL stage's rate per core as a multiple of its SQLite stage's in the same run."""
+        out: dict[str, float] = {}
+        for r in self.results:
+            other = self.get(str(r.extra.get("sqlite_stage", ""))) if r.status == "ok" else None
+            if other is not None and other.rate_per_core:
+                out[r.name] = r.rate_per_core / other.rate_per_core
+        return out
+
     def targets(self) -> list[dict[str, Any]]:
         """Each target of the issue: measured value and met / not met / not measured."""
         out = []
@@ -169,6 +178,7 @@ class BenchReport:
             "seconds": round(self.seconds, 2), "machine": self.machine, "versions": self.versions,
             "peak_rss_kib": peak_rss_kib(),
             "ratio_to_baseline": None if ratio is None else round(ratio, 2),
+            "postgresql_to_sqlite": {k: round(v, 2) for k, v in self.engine_ratios().items()},
             "stages": [r.as_json() for r in self.results], "targets": self.targets(),
         }
 
@@ -196,6 +206,10 @@ class BenchReport:
         ratio = self.ratio_to_baseline
         out.append("")
         out.append("e2e vs baseline: " + (f"{ratio:.1f}x" if ratio is not None else "not measured"))
+        for name, times in self.engine_ratios().items():
+            res = self.get(name)
+            against = res.extra.get("sqlite_stage", "?") if res is not None else "?"
+            out.append(f"{name} on PostgreSQL vs {against} on SQLite, per core: {times:.2f}x")
         out.append(f"peak RSS of the bench process: {peak_rss_kib() / 1024:.0f} MiB")
         out.append("")
         out.append("targets:")

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from gateway.errors import DatabaseUnavailable
+
 __all__ = ["PgDatabase", "connect", "is_url", "translate", "WRITE_LOCK", "redact"]
 
 #: Key of the advisory lock a writing transaction holds (per database and schema).
@@ -181,10 +183,19 @@ def connect(url: str, *, readonly: bool = False, application: str = "cyhr-gatewa
     if schema and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
         raise ValueError(f"database URL: schema {schema!r} must be lower-case letters, digits and _")
     plain = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
-    raw = psycopg.connect(plain, autocommit=True, application_name=application, connect_timeout=10)
+    try:
+        raw = psycopg.connect(plain, autocommit=True, application_name=application, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or ["no reason given"])[-1]
+        raise DatabaseUnavailable(f"cannot connect to the PostgreSQL database {redact(url)}: {reason}",
+                                  "database") from None
     raw.execute("SET TIME ZONE 'UTC'")
     if schema:
-        raw.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        if raw.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is None:
+            try:
+                raw.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            except psycopg.errors.UniqueViolation:  # another node created it at the same moment
+                pass
         raw.execute(f"SET search_path TO {schema}")
     if readonly:
         raw.execute("SET default_transaction_read_only = on")
