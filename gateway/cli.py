@@ -426,6 +426,8 @@ def _register_areas() -> None:
     from gateway.commands.referrals import referrals  # 移送 of violations to authorities
     cli.add_command(referrals)
     cli.add_command(bench.bench)
+    from gateway.commands.db import db  # the database's layout
+    cli.add_command(db)
 
 
 _register_areas()

@@ -355,6 +355,9 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         if settings.log_format == "json":
             _logging(settings, "serve")
         pipeline = Pipeline(settings)  # fails fast on bad mapping tables, keys or snapshot, before any child starts
+        from gateway.store import layout
+
+        layout.upgrade(pipeline.store.db)  # every part's tables, before any process uses them (once per start)
         recovered = pipeline.recover()
         if recovered:
             log.warning("%d message(s) left unfinished by the last stop were worked again", recovered)

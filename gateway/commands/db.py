@@ -1,0 +1,70 @@
+"""``gateway db``: the gateway's database — its layout and where it is."""
+from __future__ import annotations
+
+from contextlib import closing
+
+import click
+
+from gateway.commands.common import one_line_errors
+
+__all__ = ["db"]
+
+
+@click.group()
+def db() -> None:
+    """The gateway's database (SQLite file or PostgreSQL): create or upgrade its tables, show its layout."""
+
+
+def _open(ctx: click.Context, locator: str | None) -> object:
+    from gateway.cli import get_settings
+    from gateway.store.db import connect
+
+    return connect(locator or get_settings(ctx).database_locator)
+
+
+@db.command()
+@click.option("--db", "locator", metavar="PATH|URL", help="A database other than the configured one.")
+@click.pass_context
+def upgrade(ctx: click.Context, locator: str | None) -> None:
+    """Create the tables that are missing and bring older layouts up to date (idempotent).
+
+    `gateway serve` does the same at start; run it before starting several nodes of a new release,
+    or to create a PostgreSQL database's tables ahead of the first start."""
+    from gateway.cli import get_settings
+    from gateway.store import layout
+    from gateway.store.db import describe
+
+    with one_line_errors():
+        database = _open(ctx, locator)
+        with closing(database.conn):  # type: ignore[attr-defined]
+            where = describe(locator or get_settings(ctx).database_locator)
+            click.echo(f"database: {where} ({layout.engine(database)})")
+            versions = layout.upgrade(database, progress=lambda part: click.echo(f"  {part} ...", err=True))
+        for part, number in versions:
+            click.echo(f"  {part:<12} layout {number}")
+        click.echo("up to date")
+
+
+@db.command()
+@click.option("--db", "locator", metavar="PATH|URL", help="A database other than the configured one.")
+@click.pass_context
+def status(ctx: click.Context, locator: str | None) -> None:
+    """Which database the gateway uses, its engine, and the layout version of each part."""
+    from pathlib import Path
+
+    from gateway.cli import get_settings
+    from gateway.store import layout
+    from gateway.store.db import describe, is_postgresql
+
+    with one_line_errors():
+        target = locator or get_settings(ctx).database_locator
+        if not is_postgresql(target) and not Path(target).exists():
+            raise click.ClickException(f"{target}: no such database (gateway db upgrade creates it)")
+        database = _open(ctx, locator)
+        with closing(database.conn):  # type: ignore[attr-defined]
+            click.echo(f"database: {describe(target)} ({layout.engine(database)})")
+            versions = layout.status(database)
+        if not versions:
+            click.echo("  no layout recorded (gateway db upgrade creates the tables)")
+        for part, number in versions:
+            click.echo(f"  {part:<12} layout {number}")

@@ -1,0 +1,61 @@
+"""The whole database layout: every part's tables, created or brought up to date in one go.
+
+``gateway db upgrade`` and ``gateway serve`` at start call :func:`upgrade`; each
+part keeps its own idempotent ``ensure`` function (and its SQL files under
+``gateway/store/sql/``), listed here in the order they depend on each other.
+:func:`status` says which layout version each part is at (``schema_versions``).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from gateway.store import schema
+from gateway.store.db import Database, dialect, transaction
+
+__all__ = ["PARTS", "upgrade", "status"]
+
+#: (part, "module:function") — the function creates the part's tables when missing and upgrades older layouts.
+PARTS: tuple[tuple[str, str], ...] = (
+    ("core", "gateway.store.store:ensure_core_schema"),
+    ("reports", "gateway.store.reports:ensure_schema"),
+    ("audit", "gateway.audit.log:ensure_schema"),
+    ("accounts", "gateway.auth:ensure_schema"),
+    ("clients", "gateway.clients:ensure_schema"),
+    ("decisions", "gateway.recognition.store:ensure_schema"),
+    ("referrals", "gateway.referrals:ensure_schema"),
+)
+
+
+def _function(target: str) -> Callable[[Database], Any]:
+    module, _, name = target.partition(":")
+    fn: Callable[[Database], Any] = getattr(importlib.import_module(module), name)
+    return fn
+
+
+def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[tuple[str, int]]:
+    """Create or upgrade every part (idempotent); returns each part's recorded layout version after it."""
+    for part, target in PARTS:
+        if progress is not None:
+            progress(part)
+        _function(target)(db)
+        if schema.version(db, part) == 0:  # a part with one layout so far: this release's is its first
+            with transaction(db):
+                if schema.version(db, part) == 0:
+                    schema.set_version(db, part, 1)
+    return status(db)
+
+
+def status(db: Database) -> list[tuple[str, int]]:
+    """(part, layout version) for every part recorded in ``schema_versions``, in name order."""
+    schema.version(db, "core")  # makes sure the table exists
+    rows = db.execute("SELECT part, version FROM schema_versions ORDER BY part").fetchall()
+    return [(str(r[0]), int(r[1])) for r in rows]
+
+
+def engine(db: Database) -> str:
+    """The engine and its version, for people (``SQLite 3.40.1``, ``PostgreSQL 15.18``)."""
+    if dialect(db) == "postgresql":
+        return "PostgreSQL " + str(db.execute("SHOW server_version").fetchone()[0]).split()[0]
+    return "SQLite " + str(db.execute("SELECT sqlite_version()").fetchone()[0])
