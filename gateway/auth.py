@@ -46,11 +46,9 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
-import sqlite_utils
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from flask import current_app, g, request
@@ -60,7 +58,8 @@ from gateway.audit.log import append, instant
 from gateway.errors import InputError, NotFound, TrustError
 from gateway.identifiers import check_uscc
 from gateway.scopes import parse_scopes, required_scope
-from gateway.store.db import connect, transaction
+from gateway.store.accounts import Accounts, UserRow
+from gateway.store.db import Database, connect, transaction
 
 __all__ = [
     "ROLES",
@@ -106,39 +105,6 @@ TOKEN_PREFIX = "cyhr_"
 #: Days an API token lives unless told otherwise (``--expires-days``).
 TOKEN_DAYS = 365
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS gateway_user (
-        name     TEXT PRIMARY KEY,
-        roles    TEXT NOT NULL,        -- space-separated
-        member   TEXT,                 -- 统一社会信用代码 of the institution a peer account speaks for
-        created  TEXT NOT NULL,
-        disabled TEXT                  -- when it was disabled; NULL while active
-    )""",
-    """CREATE TABLE IF NOT EXISTS gateway_token (
-        hash    TEXT PRIMARY KEY,      -- SHA-256 hex of the token; the token itself is never stored
-        user    TEXT NOT NULL REFERENCES gateway_user (name),
-        hint    TEXT NOT NULL,         -- first characters, to tell tokens apart in listings
-        created TEXT NOT NULL,
-        revoked TEXT,
-        expires TEXT                   -- when it stops working; NULL: made before tokens expired, never
-    )""",
-    """CREATE TABLE IF NOT EXISTS gateway_password (
-        user         TEXT PRIMARY KEY REFERENCES gateway_user (name),
-        hash         TEXT NOT NULL,    -- Argon2id hash (PHC string); the password itself is never stored
-        changed      TEXT NOT NULL,
-        failures     INTEGER NOT NULL DEFAULT 0,  -- wrong passwords in a row
-        locked_until TEXT              -- ISO time the lock-out ends; NULL when not locked
-    )""",
-    """CREATE TABLE IF NOT EXISTS console_session (
-        hash    TEXT PRIMARY KEY,      -- SHA-256 hex of the cookie value
-        user    TEXT NOT NULL REFERENCES gateway_user (name),
-        csrf    TEXT NOT NULL,         -- the token every form of this session carries
-        created TEXT NOT NULL,
-        seen    TEXT NOT NULL,         -- last use: the idle time-out counts from here
-        ended   TEXT
-    )""",
-)
 
 #: Roles that may log in to the console (submitter and peer accounts are systems, not people).
 CONSOLE_ROLES = ("auditor", "admin")
@@ -220,18 +186,13 @@ class User:
         return self.disabled is None
 
 
-Authenticator = Callable[[Any, sqlite_utils.Database], "Principal | None"]
+Authenticator = Callable[[Any, Database], "Principal | None"]
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create the user and token tables if missing, and add the token expiry to a database made before it
-    existed (joins a caller's transaction)."""
-    with transaction(db):
-        for statement in _SCHEMA:
-            db.execute(statement)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(gateway_token)")}
-        if "expires" not in columns:
-            db.execute("ALTER TABLE gateway_token ADD COLUMN expires TEXT")
+def ensure_schema(db: Database) -> None:
+    """Create the account tables if missing, and add the token expiry to a database made before it existed
+    (once per connection; joins a caller's transaction)."""
+    Accounts(db).ensure_schema()
 
 
 def token_hash(token: str) -> str:
@@ -255,18 +216,15 @@ def _check_days(days: int | None) -> int | None:
     return days
 
 
-def _new_token(db: sqlite_utils.Database, name: str, at: _dt.datetime, days: int | None) -> str:
+def _new_token(accounts: Accounts, name: str, at: _dt.datetime, days: int | None) -> str:
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     expires = instant(at + _dt.timedelta(days=days)) if days is not None else None
-    db.execute(
-        "INSERT INTO gateway_token (hash, user, hint, created, expires) VALUES (?, ?, ?, ?, ?)",
-        [token_hash(token), name, token[: len(TOKEN_PREFIX) + 4], instant(at), expires],
-    )
+    accounts.add_token(token_hash(token), name, token[: len(TOKEN_PREFIX) + 4], instant(at), expires)
     return token
 
 
 def _audit(
-    db: sqlite_utils.Database,
+    db: Database,
     *,
     at: _dt.datetime,
     gateway: records.Party,
@@ -280,7 +238,7 @@ def _audit(
 
 
 def add_user(
-    db: sqlite_utils.Database,
+    db: Database,
     name: str,
     roles: Iterable[str],
     *,
@@ -306,22 +264,19 @@ def add_user(
         member = check_uscc(member)
     if ("peer" in chosen) != (member is not None):
         raise InputError("a peer account names its member institution (--member), other accounts do not", "member")
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     with transaction(db):
-        ensure_schema(db)
-        if db.execute("SELECT 1 FROM gateway_user WHERE name = ?", [name]).fetchone():
+        if not accounts.add_user(name, " ".join(chosen), member, instant(at)):
             raise InputError(f"user {name!r} exists already", "name")
-        db.execute(
-            "INSERT INTO gateway_user (name, roles, member, created) VALUES (?, ?, ?, ?)",
-            [name, " ".join(chosen), member, instant(at)],
-        )
-        token = _new_token(db, name, at, expires_days)
+        token = _new_token(accounts, name, at, expires_days)
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="added", roles=chosen)
     log.info("user added with roles %s", ",".join(chosen))
     return get_user(db, name), token
 
 
 def issue_token(
-    db: sqlite_utils.Database,
+    db: Database,
     name: str,
     *,
     at: _dt.datetime,
@@ -336,85 +291,75 @@ def issue_token(
     :raises InputError: the user is disabled, or the expiry is out of range.
     """
     _check_days(expires_days)
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     with transaction(db):
         user = get_user(db, name)
         if not user.active:
             raise InputError(f"user {name!r} is disabled", "name")
-        token = _new_token(db, name, at, expires_days)
+        token = _new_token(accounts, name, at, expires_days)
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="token-issued", roles=user.roles)
     return token
 
 
 def disable_user(
-    db: sqlite_utils.Database, name: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
+    db: Database, name: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
 ) -> User:
     """Disable a user and revoke its tokens (the account stays listed: the audit log names it).
 
     :raises NotFound: no such user.
     """
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     with transaction(db):
         user = get_user(db, name)
         if user.active:
-            when = instant(at)
-            db.execute("UPDATE gateway_user SET disabled = ? WHERE name = ?", [when, name])
-            db.execute("UPDATE gateway_token SET revoked = ? WHERE user = ? AND revoked IS NULL", [when, name])
+            accounts.disable_user(name, instant(at))
             _audit(db, at=at, gateway=gateway, by=by, name=name, action="disabled", roles=user.roles)
     return get_user(db, name)
 
 
-def _user(db: sqlite_utils.Database, row: Sequence[Any]) -> User:
-    name, roles, member, created, disabled, tokens = row
-    expiries = tuple(r[0] for r in db.execute(
-        "SELECT expires FROM gateway_token WHERE user = ? AND revoked IS NULL ORDER BY created, rowid", [name]))
-    return User(name, tuple(roles.split()), member, created, disabled, int(tokens), expiries)
+def _user(accounts: Accounts, row: UserRow) -> User:
+    expiries = tuple(accounts.token_expiries(row.name))
+    return User(row.name, tuple(row.roles.split()), row.member, row.created, row.disabled, int(row.tokens),
+                expiries)
 
 
-_USER_SQL = (
-    "SELECT u.name, u.roles, u.member, u.created, u.disabled,"
-    " (SELECT count(*) FROM gateway_token t WHERE t.user = u.name AND t.revoked IS NULL) FROM gateway_user u"
-)
-
-
-def get_user(db: sqlite_utils.Database, name: str) -> User:
+def get_user(db: Database, name: str) -> User:
     """One user.
 
     :raises NotFound: no such user.
     """
-    ensure_schema(db)
-    row = db.execute(f"{_USER_SQL} WHERE u.name = ?", [name]).fetchone()
+    accounts = Accounts(db)
+    row = accounts.user(name)
     if row is None:
         raise NotFound(f"no user {name!r}", "name")
-    return _user(db, row)
+    return _user(accounts, row)
 
 
-def list_users(db: sqlite_utils.Database) -> list[User]:
+def list_users(db: Database) -> list[User]:
     """Every user, by name."""
-    ensure_schema(db)
-    return [_user(db, r) for r in db.execute(f"{_USER_SQL} ORDER BY u.name").fetchall()]
+    accounts = Accounts(db)
+    return [_user(accounts, r) for r in accounts.users()]
 
 
-def authenticate_token(db: sqlite_utils.Database, token: str, at: _dt.datetime | None = None) -> Principal:
+def authenticate_token(db: Database, token: str, at: _dt.datetime | None = None) -> Principal:
     """The active user a bearer token belongs to, if the token has not expired at ``at`` (default: now).
 
     :raises NotAuthenticated: unknown or revoked token, or a disabled user (one message for all); an
         expired token (said so, with how to get another).
     """
-    ensure_schema(db)
-    row = db.execute(
-        "SELECT u.name, u.roles, u.member, t.expires FROM gateway_token t JOIN gateway_user u ON u.name = t.user"
-        " WHERE t.hash = ? AND t.revoked IS NULL AND u.disabled IS NULL",
-        [token_hash(token)],
-    ).fetchone()
+    row = Accounts(db).token_owner(token_hash(token))
     if row is None:
         raise NotAuthenticated(
             "the API token is not valid (unknown, revoked, or its user is disabled)", "Authorization"
         )
     now = at or _dt.datetime.now(_dt.timezone.utc)
-    if row[3] and _dt.datetime.fromisoformat(row[3]) <= now:
+    if row.expires and _dt.datetime.fromisoformat(row.expires) <= now:
         raise NotAuthenticated(
-            f"the API token expired at {row[3]}: ask the gateway's administrator for another "
+            f"the API token expired at {row.expires}: ask the gateway's administrator for another "
             "(gateway users token NAME)", "Authorization")
-    return Principal(row[0], frozenset(row[1].split()), row[2])
+    return Principal(row.name, frozenset(row.roles.split()), row.member)
 
 
 def _now() -> _dt.datetime:
@@ -423,7 +368,7 @@ def _now() -> _dt.datetime:
     return clock() if clock is not None else _dt.datetime.now(_dt.timezone.utc)
 
 
-def bearer_token(req: Any, db: sqlite_utils.Database) -> Principal | None:
+def bearer_token(req: Any, db: Database) -> Principal | None:
     """Authenticator for ``Authorization: Bearer <token>``; None when the request carries no bearer token.
 
     :raises NotAuthenticated: a bearer token the gateway does not accept.
@@ -450,12 +395,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _authenticate() -> Principal:
     authenticators: Sequence[Authenticator] = current_app.extensions.get("gateway.authenticators") or (bearer_token,)
     settings = current_app.extensions["gateway.settings"]
-    with closing(connect(settings.database_locator).conn) as conn:
-        db = sqlite_utils.Database(conn)
+    db = connect(settings.database_locator)
+    try:
         for authenticate in authenticators:
             principal = authenticate(request, db)
             if principal is not None:
                 return principal
+    finally:
+        db.conn.close()
     raise NotAuthenticated("authentication required: send Authorization: Bearer <API token>", "Authorization")
 
 
@@ -540,7 +487,7 @@ def check_password_rules(password: str) -> None:
 
 
 def set_password(
-    db: sqlite_utils.Database,
+    db: Database,
     name: str,
     password: str,
     *,
@@ -555,28 +502,24 @@ def set_password(
     """
     check_password_rules(password)
     hashed = _hasher.hash(password)
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     with transaction(db):
         user = get_user(db, name)
         if not user.active:
             raise InputError(f"user {name!r} is disabled", "name")
-        db.execute(
-            "INSERT INTO gateway_password (user, hash, changed, failures, locked_until) VALUES (?, ?, ?, 0, NULL)"
-            " ON CONFLICT (user) DO UPDATE SET hash = excluded.hash, changed = excluded.changed, failures = 0,"
-            " locked_until = NULL",
-            [name, hashed, instant(at)],
-        )
+        accounts.set_password(name, hashed, instant(at))
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="password-set", roles=user.roles)
     log.info("console password set")
 
 
-def has_password(db: sqlite_utils.Database, name: str) -> bool:
+def has_password(db: Database, name: str) -> bool:
     """True when the user has a console password."""
-    ensure_schema(db)
-    return db.execute("SELECT 1 FROM gateway_password WHERE user = ?", [name]).fetchone() is not None
+    return Accounts(db).password_hash(name) is not None
 
 
 def _login_record(
-    db: sqlite_utils.Database,
+    db: Database,
     *,
     at: _dt.datetime,
     gateway: records.Party,
@@ -609,17 +552,14 @@ def _verify(hashed: str, password: str) -> bool:
         return False
 
 
-def _new_session(db: sqlite_utils.Database, name: str, at: _dt.datetime) -> tuple[str, str]:
+def _new_session(accounts: Accounts, name: str, at: _dt.datetime) -> tuple[str, str]:
     cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    db.execute(
-        "INSERT INTO console_session (hash, user, csrf, created, seen) VALUES (?, ?, ?, ?, ?)",
-        [token_hash(cookie), name, csrf, instant(at), instant(at)],
-    )
+    accounts.open_session(token_hash(cookie), name, csrf, instant(at))
     return cookie, csrf
 
 
 def console_login(
-    db: sqlite_utils.Database,
+    db: Database,
     name: str,
     password: str,
     *,
@@ -633,21 +573,19 @@ def console_login(
     :raises LoginRefused: unknown user or wrong password (one message for both), account locked, disabled,
         without a password, or of a role that may not use the console.
     """
-    ensure_schema(db)
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     wrong = "用户名或密码错误 (wrong user name or password)"
     with transaction(db):
-        row = db.execute(
-            "SELECT u.roles, u.disabled, p.hash, p.failures, p.locked_until FROM gateway_user u"
-            " LEFT JOIN gateway_password p ON p.user = u.name WHERE u.name = ?",
-            [name],
-        ).fetchone()
-        if row is None or row[2] is None:
+        row = accounts.login_state(name)
+        if row is None or row.hash is None:
             _verify(_DUMMY_HASH, password)
             _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
                           reason="unknown user" if row is None else "no password", ok=False)
             refused = LoginRefused(wrong, "password")
         else:
-            roles, disabled, hashed, failures, locked_until = row
+            roles, disabled, hashed, locked_until = row.roles, row.disabled, row.hash, row.locked_until
+            failures = int(row.failures or 0)
             role_list = roles.split()
             locked = _dt.datetime.fromisoformat(locked_until) if locked_until else None
             refused = None
@@ -661,8 +599,7 @@ def console_login(
             elif not _verify(hashed, password):
                 failures = (0 if locked is not None else failures) + 1
                 lock = at + _dt.timedelta(minutes=LOCKOUT_MINUTES) if failures >= LOCKOUT_FAILURES else None
-                db.execute("UPDATE gateway_password SET failures = ?, locked_until = ? WHERE user = ?",
-                           [0 if lock else failures, instant(lock) if lock else None, name])
+                accounts.record_login_failures(name, 0 if lock else failures, instant(lock) if lock else None)
                 _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
                               reason="locked out" if lock else "password", ok=False, roles=role_list)
                 refused = LoginRefused(
@@ -679,8 +616,8 @@ def console_login(
                     f"此账户的角色（{', '.join(role_list)}）不能登录控制台，仅 auditor（审计）和 admin（管理）可以 "
                     "(only auditor and admin accounts may use the console)", "role")
             else:
-                db.execute("UPDATE gateway_password SET failures = 0, locked_until = NULL WHERE user = ?", [name])
-                cookie, csrf = _new_session(db, name, at)
+                accounts.record_login_failures(name, 0, None)
+                cookie, csrf = _new_session(accounts, name, at)
                 _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
                               roles=role_list)
                 principal = Principal(name, frozenset(role_list), None, via="console")
@@ -692,7 +629,7 @@ def console_login(
 
 
 def console_session(
-    db: sqlite_utils.Database,
+    db: Database,
     cookie: str,
     *,
     at: _dt.datetime,
@@ -704,47 +641,40 @@ def console_session(
     """
     if not cookie:
         return None
-    ensure_schema(db)
+    accounts = Accounts(db)
     key = token_hash(cookie)
-    row = db.execute(
-        "SELECT s.user, s.csrf, s.seen, u.roles, u.disabled FROM console_session s"
-        " JOIN gateway_user u ON u.name = s.user WHERE s.hash = ? AND s.ended IS NULL",
-        [key],
-    ).fetchone()
+    row = accounts.live_session(key)
     if row is None:
         return None
     name, csrf, seen, roles, disabled = row
     with transaction(db):
         if disabled or at - _dt.datetime.fromisoformat(seen) > _dt.timedelta(minutes=IDLE_MINUTES):
-            db.execute("UPDATE console_session SET ended = ? WHERE hash = ?", [instant(at), key])
+            accounts.end_session(key, instant(at))
             _login_record(db, at=at, gateway=gateway, name=name, address=address, action="logout",
                           reason="disabled" if disabled else "idle time-out", roles=roles.split())
             return None
-        db.execute("UPDATE console_session SET seen = ? WHERE hash = ?", [instant(at), key])
+        accounts.touch_session(key, instant(at))
     return ConsoleSession(Principal(name, frozenset(roles.split()), None, via="console"), csrf)
 
 
 def console_logout(
-    db: sqlite_utils.Database, cookie: str, *, at: _dt.datetime, gateway: records.Party, address: str
+    db: Database, cookie: str, *, at: _dt.datetime, gateway: records.Party, address: str
 ) -> None:
     """End a console session (audited as a log-out); nothing happens for an unknown or ended one."""
-    ensure_schema(db)
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     key = token_hash(cookie or "")
     with transaction(db):
-        row = db.execute(
-            "SELECT s.user, u.roles FROM console_session s JOIN gateway_user u ON u.name = s.user"
-            " WHERE s.hash = ? AND s.ended IS NULL",
-            [key],
-        ).fetchone()
+        row = accounts.live_session(key)
         if row is None:
             return
-        db.execute("UPDATE console_session SET ended = ? WHERE hash = ?", [instant(at), key])
-        _login_record(db, at=at, gateway=gateway, name=row[0], address=address, action="logout", reason="user",
-                      roles=row[1].split())
+        accounts.end_session(key, instant(at))
+        _login_record(db, at=at, gateway=gateway, name=row.user, address=address, action="logout", reason="user",
+                      roles=row.roles.split())
 
 
 def change_password(
-    db: sqlite_utils.Database,
+    db: Database,
     name: str,
     current: str,
     new: str,
@@ -757,8 +687,7 @@ def change_password(
     :raises LoginRefused: the current password is wrong.
     :raises InputError: the new password is too short.
     """
-    ensure_schema(db)
-    row = db.execute("SELECT hash FROM gateway_password WHERE user = ?", [name]).fetchone()
-    if row is None or not _verify(row[0], current):
+    hashed = Accounts(db).password_hash(name)
+    if hashed is None or not _verify(hashed, current):
         raise LoginRefused("当前密码不正确 (the current password is wrong)", "password")
     set_password(db, name, new, at=at, gateway=gateway, by=records.Party.user(gateway.value, name))

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-import sqlite_utils
 from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 
@@ -49,7 +48,8 @@ from gateway.auth import NotAuthenticated, Principal
 from gateway.errors import InputError, NotFound, TrustError
 from gateway.naming import IG_BASE
 from gateway.scopes import PERMISSIONS, parse_scopes, grant
-from gateway.store.db import transaction
+from gateway.store.accounts import Accounts, ClientRow
+from gateway.store.db import Database, transaction
 
 __all__ = [
     "CLIENT_ROLES",
@@ -93,26 +93,6 @@ _JWKS_TIMEOUT = 5.0
 _JWKS_TTL = 300.0  # seconds a fetched JWKS is used before it is fetched again
 _JWKS_RETRY = 30.0  # an unknown kid refetches the JWKS, at most this often
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS smart_client (
-        client_id TEXT PRIMARY KEY,
-        role      TEXT NOT NULL,
-        scopes    TEXT NOT NULL,      -- space-separated scopes the client may ask for
-        jwks      TEXT,               -- registered public keys (JWKS JSON), unless jwks_url
-        jwks_url  TEXT,               -- where the client publishes its JWKS
-        created   TEXT NOT NULL,
-        disabled  TEXT                -- when it was disabled; NULL while active
-    )""",
-    """CREATE TABLE IF NOT EXISTS smart_token (
-        hash      TEXT PRIMARY KEY,   -- SHA-256 hex of the access token; the token itself is never stored
-        client_id TEXT NOT NULL REFERENCES smart_client (client_id),
-        scopes    TEXT NOT NULL,      -- granted
-        issued    TEXT NOT NULL,
-        expires   REAL NOT NULL       -- seconds since the epoch
-    )""",
-    "CREATE INDEX IF NOT EXISTS smart_token_expires ON smart_token (expires)",
-)
 
 
 class TokenRefused(TrustError):
@@ -166,11 +146,10 @@ class Issued:
                 "scope": self.scope}
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create the client and access-token tables if missing (joins a caller's transaction)."""
-    with transaction(db):
-        for statement in _SCHEMA:
-            db.execute(statement)
+def ensure_schema(db: Database) -> None:
+    """Create the client and access-token tables if missing (with the other account tables; once per
+    connection; joins a caller's transaction)."""
+    Accounts(db).ensure_schema()
 
 
 def client_system(member_uscc: str) -> str:
@@ -214,7 +193,7 @@ def _keyset(jwks_text: str | None, pem: str | None, kid: str | None) -> str:
 
 
 def add_client(
-    db: sqlite_utils.Database,
+    db: Database,
     client_id: str,
     role: str,
     scopes: str | Iterable[str],
@@ -247,14 +226,12 @@ def add_client(
         keyset = None
     else:
         keyset = _keyset(jwks, public_key_pem, kid)
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     with transaction(db):
-        ensure_schema(db)
-        if db.execute("SELECT 1 FROM smart_client WHERE client_id = ?", [client_id]).fetchone():
+        if not accounts.add_client(client_id, role, " ".join(s.text for s in parsed), keyset, jwks_url,
+                                   instant(at)):
             raise InputError(f"client {client_id!r} exists already", "name")
-        db.execute(
-            "INSERT INTO smart_client (client_id, role, scopes, jwks, jwks_url, created) VALUES (?, ?, ?, ?, ?, ?)",
-            [client_id, role, " ".join(s.text for s in parsed), keyset, jwks_url, instant(at)],
-        )
         append(db, records.user_admin(at=at, gateway=gateway, admin=by, user=_party(gateway, client_id),
                                       action="added", roles=[role]))
     log.info("backend client added with role %s", role)
@@ -262,51 +239,47 @@ def add_client(
 
 
 def disable_client(
-    db: sqlite_utils.Database, client_id: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
+    db: Database, client_id: str, *, at: _dt.datetime, gateway: records.Party, by: records.Party
 ) -> Client:
     """Disable a client: its live access tokens stop working at once; audited (it stays listed).
 
     :raises NotFound: no such client.
     """
+    accounts = Accounts(db)
+    accounts.ensure_schema()
     with transaction(db):
         client = get_client(db, client_id)
         if client.active:
-            db.execute("UPDATE smart_client SET disabled = ? WHERE client_id = ?", [instant(at), client_id])
-            db.execute("DELETE FROM smart_token WHERE client_id = ?", [client_id])
+            accounts.disable_client(client_id, instant(at))
             append(db, records.user_admin(at=at, gateway=gateway, admin=by, user=_party(gateway, client_id),
                                           action="disabled", roles=[client.role]))
     return get_client(db, client_id)
 
 
-def _client(row: Any) -> Client:
+def _client(row: ClientRow) -> Client:
     client_id, role, scopes, keyset, url, created, disabled = row
     if url:
         keys = f"jwks-url {url}"
     else:
-        kids = [k.get("kid", "?") for k in json.loads(keyset).get("keys", [])]
+        kids = [k.get("kid", "?") for k in json.loads(keyset or "{}").get("keys", [])]
         keys = f"{len(kids)} registered key(s): {', '.join(kids)}"
     return Client(client_id, role, tuple(scopes.split()), keys, created, disabled)
 
 
-_CLIENT_SQL = "SELECT client_id, role, scopes, jwks, jwks_url, created, disabled FROM smart_client"
-
-
-def get_client(db: sqlite_utils.Database, client_id: str) -> Client:
+def get_client(db: Database, client_id: str) -> Client:
     """One client.
 
     :raises NotFound: no such client.
     """
-    ensure_schema(db)
-    row = db.execute(f"{_CLIENT_SQL} WHERE client_id = ?", [client_id]).fetchone()
+    row = Accounts(db).client(client_id)
     if row is None:
         raise NotFound(f"no client {client_id!r}", "name")
     return _client(row)
 
 
-def list_clients(db: sqlite_utils.Database) -> list[Client]:
+def list_clients(db: Database) -> list[Client]:
     """Every client, by id."""
-    ensure_schema(db)
-    return [_client(r) for r in db.execute(f"{_CLIENT_SQL} ORDER BY client_id").fetchall()]
+    return [_client(r) for r in Accounts(db).clients()]
 
 
 # --------------------------------------------------------------------------- keys published at a URL
@@ -370,7 +343,7 @@ def _b64json(part: str) -> Any:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
 
 
-def _verify(assertion: str, row: Any) -> dict[str, Any]:
+def _verify(assertion: str, row: ClientRow) -> dict[str, Any]:
     """The verified claims of an assertion signed by one of the client's keys.
 
     :raises TokenRefused: malformed, unsupported algorithm, jku not the registered URL, no key with its
@@ -393,7 +366,7 @@ def _verify(assertion: str, row: Any) -> dict[str, Any]:
         raise _invalid_client("client_assertion header needs the kid of the signing key", "no kid")
     if header.get("typ") not in (None, "JWT"):
         raise _invalid_client("client_assertion typ must be JWT", "typ")
-    keyset_json, url = row[3], row[4]
+    keyset_json, url = row.jwks, row.jwks_url
     jku = header.get("jku")
     if jku is not None and jku != url:
         raise _invalid_client("jku is not the client's registered JWKS URL", "jku not registered")
@@ -444,7 +417,7 @@ def _check_claims(claims: dict[str, Any], client_id: str, audiences: set[str], n
         raise _invalid_client("client_assertion needs a jti", "no jti")
 
 
-def _remember(db: sqlite_utils.Database, client_id: str, jti: str, exp: float, now: float) -> None:
+def _remember(db: Database, client_id: str, jti: str, exp: float, now: float) -> None:
     from gateway.exchange.peer_auth import PeerAuthError, ReplayCache
 
     try:
@@ -453,7 +426,7 @@ def _remember(db: sqlite_utils.Database, client_id: str, jti: str, exp: float, n
         raise _invalid_client("client_assertion jti was used before", "jti replayed") from None
 
 
-def _audit(db: sqlite_utils.Database, *, at: _dt.datetime, gateway: records.Party, client_id: str,
+def _audit(db: Database, *, at: _dt.datetime, gateway: records.Party, client_id: str,
            address: str, ok: bool, reason: str | None, scopes: Iterable[str], role: str | None) -> None:
     append(db, records.token_request(
         at=at, gateway=gateway, client=_party(gateway, client_id), client_address=address or "unknown",
@@ -462,7 +435,7 @@ def _audit(db: sqlite_utils.Database, *, at: _dt.datetime, gateway: records.Part
 
 
 def request_token(
-    db: sqlite_utils.Database,
+    db: Database,
     form: dict[str, str],
     *,
     audiences: Iterable[str],
@@ -475,7 +448,7 @@ def request_token(
     :raises TokenRefused: an OAuth error: ``invalid_request``, ``unsupported_grant_type``,
         ``invalid_client`` (401) or ``invalid_scope``.
     """
-    ensure_schema(db)
+    accounts = Accounts(db)  # the client's look-up below makes the tables of a new database
     client_id = ""
     role: str | None = None
     requested: list[str] = []
@@ -501,11 +474,10 @@ def request_token(
         client_id = iss if isinstance(iss, str) else ""
         if form.get("client_id") and form["client_id"] != client_id:
             raise _invalid_client("client_id is not the assertion's iss", "client_id differs from iss")
-        row = db.execute("SELECT client_id, role, scopes, jwks, jwks_url, disabled FROM smart_client"
-                         " WHERE client_id = ?", [client_id]).fetchone()
-        if row is None or row[5] is not None:
+        row = accounts.client(client_id)
+        if row is None or row.disabled is not None:
             raise _invalid_client("unknown or disabled client", "unknown client" if row is None else "disabled")
-        role = row[1]
+        role = row.role
         claims = _verify(assertion, row)
         now = at.timestamp()
         _check_claims(claims, client_id, {a.rstrip("/") for a in audiences}, now)
@@ -513,7 +485,7 @@ def request_token(
             wanted = parse_scopes(requested)
         except InputError as exc:
             raise TokenRefused("invalid_scope", exc.message) from None
-        granted = grant(wanted, parse_scopes(row[2]))
+        granted = grant(wanted, parse_scopes(row.scopes))
         if not granted:
             raise TokenRefused("invalid_scope", "none of the requested scopes is registered for this client",
                                f"scope not registered: {' '.join(requested)[:200]}")
@@ -521,9 +493,8 @@ def request_token(
         token = ACCESS_TOKEN_PREFIX + secrets.token_urlsafe(32)
         with transaction(db):
             _remember(db, client_id, claims["jti"], float(claims["exp"]), now)
-            db.execute("DELETE FROM smart_token WHERE expires < ?", [now - 3600])
-            db.execute("INSERT INTO smart_token (hash, client_id, scopes, issued, expires) VALUES (?, ?, ?, ?, ?)",
-                       [_hash(token), client_id, scope, instant(at), now + ACCESS_TOKEN_SECONDS])
+            accounts.add_access_token(_hash(token), client_id, scope, instant(at), now + ACCESS_TOKEN_SECONDS,
+                                      forget_before=now - 3600)
             _audit(db, at=at, gateway=gateway, client_id=client_id, address=address, ok=True, reason=None,
                    scopes=scope.split(), role=role)
     except TokenRefused as refused:
@@ -540,22 +511,19 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def authenticate_access_token(db: sqlite_utils.Database, token: str, *, at: _dt.datetime) -> Principal:
+def authenticate_access_token(db: Database, token: str, *, at: _dt.datetime) -> Principal:
     """The client of a live access token, with its role and granted scopes.
 
     :raises NotAuthenticated: unknown token, expired, or its client disabled.
     """
-    ensure_schema(db)
-    row = db.execute(
-        "SELECT t.client_id, t.scopes, t.expires, c.role FROM smart_token t JOIN smart_client c"
-        " ON c.client_id = t.client_id WHERE t.hash = ? AND c.disabled IS NULL", [_hash(token)]).fetchone()
+    row = Accounts(db).access_token(_hash(token))
     if row is None:
         raise NotAuthenticated("the access token is not valid (unknown, or its client is disabled)",
                                "Authorization")
-    if row[2] <= at.timestamp():
+    if row.expires <= at.timestamp():
         raise NotAuthenticated("the access token has expired: get another from the token endpoint",
                                "Authorization")
-    return Principal(row[0], frozenset([row[3]]), None, via="smart", scopes=frozenset(row[1].split()))
+    return Principal(row.client_id, frozenset([row.role]), None, via="smart", scopes=frozenset(row.scopes.split()))
 
 
 # --------------------------------------------------------------------------- discovery

@@ -15,7 +15,9 @@ from gateway import auth
 from gateway.audit.log import entries, head
 from gateway.commands.users import users
 from gateway.errors import InputError, NotFound
-from gateway.store.db import connect
+from gateway.store import schema
+from gateway.store.accounts import Accounts
+from gateway.store.db import connect, dialect
 
 
 @pytest.fixture
@@ -85,8 +87,16 @@ def test_tokens_are_stored_only_as_hashes(audit_client) -> None:
     for token in tokens.values():
         assert token.startswith("cyhr_") and len(token) > 40
         assert (hashlib.sha256(token.encode()).hexdigest(), token[:9]) in stored
-    dump = "\n".join(db.conn.iterdump())
-    assert not any(token in dump for token in tokens.values())
+    assert not any(token in _dump(db) for token in tokens.values())
+
+
+def _dump(db: Any) -> str:
+    """Everything the database holds, as text."""
+    if dialect(db) == "sqlite":
+        return "\n".join(db.conn.iterdump())
+    tables = [r[0] for r in db.execute("SELECT table_name FROM information_schema.tables"
+                                       " WHERE table_schema = current_schema() ORDER BY table_name")]
+    return "\n".join(repr(row) for table in tables for row in db.execute(f"SELECT * FROM {table}"))
 
 
 def test_disabled_user_is_locked_out(audit_client, clock: Any) -> None:
@@ -151,8 +161,8 @@ def test_require_role_knows_its_roles() -> None:
         auth.require_role()
 
 
-def test_user_rules(tmp_path: Path, clock: Any) -> None:
-    db = connect(tmp_path / "u.db")
+def test_user_rules(tmp_path: Path, clock: Any, database: str) -> None:
+    db = connect(database or tmp_path / "u.db")
     with pytest.raises(InputError, match="exists already"):
         auth.add_user(db, "a", ["auditor"], at=clock(), gateway=ME, by=SETUP)
         auth.add_user(db, "a", ["admin"], at=clock(), gateway=ME, by=SETUP)
@@ -169,9 +179,9 @@ def test_user_rules(tmp_path: Path, clock: Any) -> None:
     db.conn.close()
 
 
-def test_users_cli(tmp_path: Path) -> None:
+def test_users_cli(tmp_path: Path, database: str) -> None:
     runner = CliRunner()
-    db = str(tmp_path / "gw.db")
+    db = database or str(tmp_path / "gw.db")
     added = runner.invoke(users, ["add", "li.auditor", "--role", "auditor", "--db", db])
     assert added.exit_code == 0, added.output
     token = added.output.strip().splitlines()[-1]
@@ -211,3 +221,110 @@ def test_every_users_command_has_help() -> None:
         for param in command.params:
             if hasattr(param, "help") and param.param_type_name == "option":
                 assert param.help, f"{name} {param.name}"
+
+
+T = "2026-11-22T09:30:00.000+08:00"
+
+
+def test_accounts_are_stored_alike_on_both_engines(tmp_path: Path, database: str) -> None:
+    db = connect(database or tmp_path / "a.db")
+    accounts = Accounts(db)
+    assert accounts.token_owner("0" * 64) is None  # a new database: the tables are made on first use
+    assert schema.version(db, "accounts") == 2
+    assert accounts.add_user("b.user", "auditor", None, T)
+    assert not accounts.add_user("b.user", "admin", None, T)  # the name is taken: nothing written
+    for name in ("a_x", "a.x", "B"):
+        assert accounts.add_user(name, "auditor", None, T)
+    assert [u.name for u in accounts.users()] == ["B", "a.x", "a_x", "b.user"]  # byte order, on both engines
+    for i, expires in enumerate(["2027-03-01", None, "2027-01-01"]):
+        accounts.add_token(f"h{i}", "b.user", "cyhr_x", T, expires)
+    assert accounts.token_expiries("b.user") == ["2027-03-01", None, "2027-01-01"]  # made in one instant: in order
+    assert accounts.token_owner("h1") == ("b.user", "auditor", None, None)
+    assert accounts.user("b.user") == ("b.user", "auditor", None, T, None, 3)
+    accounts.disable_user("b.user", "2026-11-23")
+    assert accounts.token_owner("h1") is None and accounts.token_expiries("b.user") == []
+    assert accounts.user("b.user") == ("b.user", "auditor", None, T, "2026-11-23", 0)
+
+    assert accounts.login_state("a.x") == ("auditor", None, None, None, None) and accounts.login_state("z") is None
+    accounts.set_password("a.x", "hash-1", T)
+    accounts.record_login_failures("a.x", 3, "2026-11-22T10:00:00+08:00")
+    assert accounts.login_state("a.x") == ("auditor", None, "hash-1", 3, "2026-11-22T10:00:00+08:00")
+    accounts.set_password("a.x", "hash-2", T)  # a new password lifts the lock-out
+    assert accounts.login_state("a.x") == ("auditor", None, "hash-2", 0, None)
+    assert accounts.password_hash("a.x") == "hash-2" and accounts.password_hash("B") is None
+
+    accounts.open_session("k1", "a.x", "csrf-1", T)
+    assert accounts.live_session("k1") == ("a.x", "csrf-1", T, "auditor", None)
+    accounts.touch_session("k1", "2026-11-22T09:40:00.000+08:00")
+    assert accounts.live_session("k1").seen == "2026-11-22T09:40:00.000+08:00"
+    accounts.end_session("k1", "2026-11-22T09:41:00.000+08:00")
+    assert accounts.live_session("k1") is None
+
+    assert accounts.add_client("lis", "submitter", "system/Bundle.c", '{"keys": []}', None, T)
+    assert not accounts.add_client("lis", "admin", "system/*.rs", None, "https://x", T)
+    assert accounts.add_client("LIS-2", "auditor", "system/AuditEvent.rs", None, "https://x/jwks", T)
+    assert [c.client_id for c in accounts.clients()] == ["LIS-2", "lis"]
+    accounts.add_access_token("t1", "lis", "system/Bundle.c", T, 100.0, forget_before=0.0)
+    accounts.add_access_token("t2", "lis", "system/Bundle.c", T, 200.5, forget_before=150.0)  # t1 is forgotten
+    assert accounts.access_token("t1") is None
+    assert accounts.access_token("t2") == ("lis", "system/Bundle.c", 200.5, "submitter")
+    accounts.disable_client("lis", "2026-11-23")
+    assert accounts.access_token("t2") is None and accounts.client("lis").disabled == "2026-11-23"
+    db.conn.close()
+
+
+@pytest.mark.parametrize("via", ["access", "api"])
+def test_a_request_s_token_costs_one_query(tmp_path: Path, clock: Any, database: str, via: str) -> None:
+    from gateway import clients
+
+    locator = database or tmp_path / "gw.db"
+    setup = connect(locator)
+    _, token = auth.add_user(setup, "lis", ["submitter"], at=clock(), gateway=ME, by=SETUP)
+    clients.ensure_schema(setup)
+    setup.conn.close()
+    db = connect(locator)  # as each request opens one
+    statements: list[str] = []
+    execute = db.execute
+
+    def counted(sql: str, *args: Any) -> Any:
+        statements.append(sql)
+        return execute(sql, *args)
+
+    db.execute = counted
+    if via == "api":
+        assert auth.authenticate_token(db, token, clock()).name == "lis"
+    else:
+        with pytest.raises(auth.NotAuthenticated):
+            clients.authenticate_access_token(db, clients.ACCESS_TOKEN_PREFIX + "unknown", at=clock())
+    assert len(statements) == 1, statements
+    db.conn.close()
+
+
+_OLD_LAYOUT = """
+CREATE TABLE gateway_user (name TEXT PRIMARY KEY, roles TEXT NOT NULL, member TEXT, created TEXT NOT NULL,
+                           disabled TEXT);
+CREATE TABLE gateway_token (hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES gateway_user (name),
+                            hint TEXT NOT NULL, created TEXT NOT NULL, revoked TEXT);
+"""
+
+
+@pytest.mark.parametrize("first", ["authenticate", "add"])
+def test_a_database_made_before_tokens_expired_is_brought_up_to_date(
+        tmp_path: Path, clock: Any, first: str) -> None:
+    """An SQLite file of an earlier release: its tokens keep working and are listed as never expiring."""
+    path = tmp_path / "old.db"
+    old = connect(path)
+    old.conn.executescript(_OLD_LAYOUT)
+    old.execute("INSERT INTO gateway_user VALUES ('li.auditor', 'auditor', NULL, ?, NULL)", [T])
+    old.execute("INSERT INTO gateway_token VALUES (?, 'li.auditor', 'cyhr_abcd', ?, NULL)",
+                [auth.token_hash("cyhr_old-token"), T])
+    old.conn.close()
+    db = connect(path)
+    if first == "authenticate":
+        assert auth.authenticate_token(db, "cyhr_old-token", clock()).name == "li.auditor"
+    else:
+        auth.add_user(db, "wang.admin", ["admin"], at=clock(), gateway=ME, by=SETUP)
+        assert auth.authenticate_token(db, "cyhr_old-token", clock()).name == "li.auditor"
+    assert "expires" in schema.columns(db, "gateway_token") and schema.version(db, "accounts") == 2
+    assert auth.get_user(db, "li.auditor").token_expiries == (None,)
+    db.conn.close()

@@ -42,8 +42,10 @@ def trust(pki):
 
 
 @pytest.fixture
-def replay(tmp_path):
-    return ReplayCache(connect(tmp_path / "r.db"))
+def replay(tmp_path, database):
+    db = connect(database or tmp_path / "r.db")
+    yield ReplayCache(db)
+    db.conn.close()
 
 
 def token(pki, uscc=TJ, **kw):
@@ -115,3 +117,13 @@ def test_certificate_from_another_authority_is_refused(pki, trust, replay) -> No
 def test_garbage_tokens(trust, replay, garbage) -> None:
     with pytest.raises(PeerAuthError):
         verify_assertion(garbage, trust, audiences=[AUD], now=NOW, replay=replay)
+
+
+def test_the_replay_cache_is_per_caller_and_forgets_expired_assertions(replay) -> None:
+    replay.remember(TJ, "j1", 1000.0, 900.0)
+    replay.remember("another-caller", "j1", 1000.0, 900.0)  # the same jti from another caller is no replay
+    with pytest.raises(PeerAuthError, match="replayed"):
+        replay.remember(TJ, "j1", 1000.0, 950.0)
+    replay.remember(TJ, "j1", 1200.0, 1070.0)  # expired more than the tolerated skew ago: forgotten
+    with pytest.raises(PeerAuthError, match="replayed"):
+        replay.remember(TJ, "j1", 1200.0, 1075.0)

@@ -309,11 +309,11 @@ def test_static_tokens_expire_and_old_ones_are_listed_without_expiry(app: Any, c
     assert listed.exit_code == 0 and "no expiry" in listed.output and "expired" in listed.output
 
 
-def test_clients_cli_add_list_disable(tmp_path: Path) -> None:
+def test_clients_cli_add_list_disable(tmp_path: Path, database: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     jwks = tmp_path / "lis.jwks.json"
     jwks.write_text(_jwks(key, "k1"), encoding="utf-8")
-    db = str(tmp_path / "gw.db")
+    db = database or str(tmp_path / "gw.db")
     runner = CliRunner()
     added = runner.invoke(cli, ["clients", "add", "lis", "--role", "submitter", "--scopes", SCOPES,
                                 "--jwks-file", str(jwks), "--db", db])
@@ -332,7 +332,7 @@ def test_clients_cli_add_list_disable(tmp_path: Path) -> None:
     assert json.loads(runner.invoke(cli, ["clients", "list", "--json", "--db", db]).output)[0]["disabled"]
 
 
-def test_a_real_gateway_serve_issues_tokens_to_an_authlib_session(tmp_path: Path) -> None:
+def test_a_real_gateway_serve_issues_tokens_to_an_authlib_session(tmp_path: Path, database: str) -> None:
     """Authlib's requests OAuth2Session does the whole dance against `gateway serve` on a free port."""
     from authlib.integrations.requests_client import OAuth2Session
     from authlib.oauth2.rfc7523 import PrivateKeyJWT
@@ -345,6 +345,9 @@ def test_a_real_gateway_serve_issues_tokens_to_an_authlib_session(tmp_path: Path
            "GATEWAY_HTTP_PORT": str(http), "GATEWAY_MLLP_PORT": "0", "GATEWAY_WORKERS": "1",
            "GATEWAY_THREADS": "2", "GATEWAY_LOG_LEVEL": "WARNING"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("GATEWAY_DATABASE", None)
+    if database:
+        env["GATEWAY_DATABASE"] = database
     key = ec.generate_private_key(ec.SECP256R1())
     jwks = tmp_path / "engine.jwks.json"
     jwks.write_text(_jwks(key, "engine-1"), encoding="utf-8")

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any, Literal
 
-import sqlite_utils
 from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
@@ -35,7 +34,7 @@ from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.config import Settings
 from gateway.errors import ConfigError, InputError, InvalidSearch, shown
-from gateway.store.db import connect, transaction
+from gateway.store.db import Database, connect, transaction
 
 __all__ = ["bp"]
 
@@ -68,9 +67,10 @@ def _clock() -> Callable[[], _dt.datetime]:
 
 
 @contextmanager
-def _db() -> Iterator[sqlite_utils.Database]:
-    with closing(connect(_settings().database_locator).conn) as conn:
-        yield sqlite_utils.Database(conn)
+def _db() -> Iterator[Database]:
+    db = connect(_settings().database_locator)
+    with closing(db.conn):
+        yield db
 
 
 def _json(body: Any, status: int = 200, mimetype: str = "application/fhir+json") -> Response:
@@ -83,7 +83,7 @@ def _gateway() -> records.Party:
 
 
 def _record_read(
-    db: sqlite_utils.Database,
+    db: Database,
     *,
     interaction: Literal["search-type", "read", "operation"],
     results: int | None = None,

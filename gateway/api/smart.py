@@ -10,10 +10,8 @@ OAuth client libraries read that shape.
 
 from __future__ import annotations
 
-from contextlib import closing
 from typing import Any
 
-import sqlite_utils
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from gateway import clients
@@ -66,13 +64,14 @@ def token() -> Response:
     clock = current_app.extensions["gateway.clock"]
     gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
     audiences = {clients.token_endpoint(settings), _endpoint_here()}
-    with closing(connect(settings.database_locator).conn) as conn:
-        db = sqlite_utils.Database(conn)
-        try:
-            issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,
-                                           address=request.remote_addr or "")
-        except clients.TokenRefused as refused:
-            return _oauth_error(refused.error, refused.description, refused.http_status)
+    db = connect(settings.database_locator)
+    try:
+        issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,
+                                       address=request.remote_addr or "")
+    except clients.TokenRefused as refused:
+        return _oauth_error(refused.error, refused.description, refused.http_status)
+    finally:
+        db.conn.close()
     response = jsonify(issued.response())
     response.headers.update(_NO_STORE)
     return response

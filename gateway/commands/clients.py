@@ -19,7 +19,8 @@ from gateway.commands.common import one_line_errors
 
 __all__ = ["clients"]
 
-_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
+_DB_HELP = ("Database of this gateway, a SQLite file or a postgresql:// URL (GATEWAY_DATABASE); "
+            "default: the configured one.")
 
 
 def _read(path: str, what: str) -> str:

@@ -22,7 +22,8 @@ from gateway.commands.common import one_line_errors
 
 __all__ = ["users"]
 
-_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
+_DB_HELP = ("Database of this gateway, a SQLite file or a postgresql:// URL (GATEWAY_DATABASE); "
+            "default: the configured one.")
 
 
 def read_password(password_file: str | None, *, prompt: bool) -> str | None:

@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import sqlite_utils
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -32,7 +31,8 @@ from gateway.errors import BadSignature, TrustError, UnknownIssuer
 from gateway.signing.canonical import canonicalize
 from gateway.signing.jws import sign_detached, unverified_header, verify_detached, x5c_leaf
 from gateway.signing.trust import TrustSource, check_certificate
-from gateway.store.db import transaction
+from gateway.store.accounts import Accounts
+from gateway.store.db import Database
 
 __all__ = ["make_assertion", "verify_assertion", "ReplayCache", "PeerAuthError", "MAX_LIFETIME"]
 
@@ -81,23 +81,21 @@ def make_assertion(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate
 class ReplayCache:
     """``jti`` values seen per caller, kept until their assertion has expired."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        if not db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'peer_jti'").fetchone():
+        self._accounts = Accounts(db)
+        if not self._accounts.replay_cache_ready():
             from gateway.store.store import ensure_core_schema
 
-            ensure_core_schema(db)  # the peer_jti table is defined with the rest, in store/schema.sql
+            ensure_core_schema(db)  # the peer_jti table is defined with the rest, in the core part
 
     def remember(self, iss: str, jti: str, exp: float, now: float) -> None:
         """Record a ``jti``.
 
         :raises PeerAuthError: seen before for this caller (a replay).
         """
-        with transaction(self.db):
-            self.db.execute("DELETE FROM peer_jti WHERE exp < ?", [now - _SKEW])
-            cur = self.db.execute("INSERT OR IGNORE INTO peer_jti VALUES (?,?,?)", [iss, jti, exp])
-            if cur.rowcount == 0:
-                raise PeerAuthError("assertion already used (jti replayed)")
+        if not self._accounts.remember_assertion(iss, jti, exp, forget_before=now - _SKEW):
+            raise PeerAuthError("assertion already used (jti replayed)")
 
 
 def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str], now: _dt.datetime,
