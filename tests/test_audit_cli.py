@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import CST, FULING, TONGJIANG
-from test_audit_support import ROLES, T0, Pki, serving
+from test_audit_support import ROLES, T0, Pki, locator, serving
 
 from gateway.audit import checkpoint as cp
 from gateway.audit import records as r
@@ -57,8 +57,8 @@ def fill(db, n: int = 5) -> None:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    path = tmp_path / "gw.db"
+def db_path(tmp_path: Path, database: str) -> Path | str:
+    path = locator(database, tmp_path)
     db = connect(path)
     fill(db)
     db.conn.close()
@@ -149,7 +149,7 @@ def test_tail(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db.conn.close()
 
 
-def test_checkpoint_cli_and_exchange_between_peers(db_path: Path, tmp_path: Path) -> None:
+def test_checkpoint_cli_and_exchange_between_peers(db_path: Path, tmp_path: Path, database: str) -> None:
     me, peer = Pki(TONGJIANG), Pki(FULING)
     for pki, name in ((me, "me"), (peer, "peer")):
         (tmp_path / f"{name}.key").write_bytes(keys.private_key_pem(pki.key))
@@ -178,7 +178,7 @@ def test_checkpoint_cli_and_exchange_between_peers(db_path: Path, tmp_path: Path
     assert (doc["member"], doc["count"], doc["time"]) == (TONGJIANG, 5, "2026-05-02T09:00:00.000+08:00")
 
     # The peer gateway holds our checkpoint after checking it against the registry's certificates.
-    peer_db = tmp_path / "peer.db"
+    peer_db = locator(database, tmp_path, "peer")
     trust = me.pem(tmp_path / "trust.pem")
     held = runner.invoke(
         audit, ["checkpoint", "--db", str(peer_db), "--import", str(tmp_path / "cp.json"), "--trust", str(trust)]
@@ -220,16 +220,16 @@ def test_checkpoint_cli_needs_what_it_signs_with(db_path: Path, tmp_path: Path) 
     assert res.exit_code == 1 and "--trust" in res.output
 
 
-def test_equivocation_is_caught(tmp_path: Path) -> None:
+def test_equivocation_is_caught(tmp_path: Path, database: str) -> None:
     """A member that signs two different heads for the same entry count has rewritten its log."""
     peer = Pki(FULING)
-    theirs = connect(tmp_path / "theirs.db")
+    theirs = connect(locator(database, tmp_path, "theirs"))
     fill(theirs, 3)
     first = cp.make(theirs, peer.signer, at=T0)
-    mine = connect(tmp_path / "mine.db")
+    mine = connect(locator(database, tmp_path, "mine"))
     cp.import_peer(mine, first.as_json(), peer.trust, now=T0, me=TONGJIANG)
     assert cp.import_peer(mine, first.as_json(), peer.trust, now=T0, me=TONGJIANG).id == 1  # again: same one
-    rewritten = connect(tmp_path / "rewritten.db")
+    rewritten = connect(locator(database, tmp_path, "rewritten"))
     fill(rewritten, 2)
     append(rewritten, r.ingest(at=T0, gateway=PEER, source=PEER, message_id="other", fmt="csv"))
     second = cp.make(rewritten, peer.signer, at=T0 + _dt.timedelta(hours=1))
@@ -241,13 +241,13 @@ def test_equivocation_is_caught(tmp_path: Path) -> None:
         cp.import_peer(mine, {"count": 3}, peer.trust, now=T0)
     with pytest.raises(BadSignature):
         cp.import_peer(mine, {**first.as_json(), "count": 2}, peer.trust, now=T0)
-    for database in (theirs, mine, rewritten):
-        database.conn.close()
+    for handle in (theirs, mine, rewritten):
+        handle.conn.close()
 
 
-def test_periodic_checkpoints(tmp_path: Path) -> None:
+def test_periodic_checkpoints(tmp_path: Path, database: str) -> None:
     pki = Pki(TONGJIANG)
-    db = connect(tmp_path / "gw.db")
+    db = connect(locator(database, tmp_path))
     assert not cp.due(db, now=T0)  # nothing to sign yet
     fill(db, 2)
     assert cp.maybe_make(db, pki.signer, now=T0) is not None  # the first one is due at once
@@ -263,7 +263,7 @@ def test_periodic_checkpoints(tmp_path: Path) -> None:
     db.conn.close()
 
 
-def test_checkpoints_over_http(audit_client, tmp_path: Path, clock) -> None:
+def test_checkpoints_over_http(audit_client, tmp_path: Path, clock, database: str) -> None:
     client, tokens, db = audit_client
     me, peer = Pki(TONGJIANG), Pki(FULING)
     app = client.application
@@ -276,7 +276,7 @@ def test_checkpoints_over_http(audit_client, tmp_path: Path, clock) -> None:
     listed = client.get("/audit/checkpoints?latest=1", headers={"Authorization": f"Bearer {tokens['peer']}"})
     assert [d["count"] for d in listed.get_json()] == [len(ROLES)]
     # The peer sends us its own checkpoint to hold.
-    theirs = connect(tmp_path / "theirs.db")
+    theirs = connect(locator(database, tmp_path, "theirs"))
     fill(theirs, 2)
     doc = cp.make(theirs, peer.signer, at=clock()).as_json()
     theirs.conn.close()

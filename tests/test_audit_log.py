@@ -5,19 +5,19 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 from conftest import CST, FULING, TONGJIANG, validate_fhir
 from fhir.resources.R4B.auditevent import AuditEvent
+from test_audit_support import locator
 
 from gateway.audit import records as r
 from gateway.audit.log import GENESIS, append, entries, entry_hash, get, head
 from gateway.audit.render import BALP_PROFILE, DECISION_PROFILE, index_values, patient_key, render
 from gateway.errors import InputError, NotFound
 from gateway.naming import SYSTEM_ID_CARD
-from gateway.store.db import connect, transaction
+from gateway.store.db import IntegrityError, connect, dialect, transaction
 
 AT = _dt.datetime(2026, 3, 5, 9, 30, 15, 250000, tzinfo=CST)
 ME = r.Party.member(TONGJIANG, "通江县人民医院")
@@ -213,10 +213,10 @@ def every_kind() -> list[r.Record]:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    database = connect(tmp_path / "gw.db")
-    yield database
-    database.conn.close()
+def db(tmp_path: Path, database: str):
+    handle = connect(locator(database, tmp_path))
+    yield handle
+    handle.conn.close()
 
 
 def test_every_kind_renders_valid_r4(db, tmp_path: Path) -> None:
@@ -294,11 +294,16 @@ def test_entries_are_never_updated_or_deleted(db) -> None:
         "DELETE FROM audit_key",
         "UPDATE audit_key SET v = 'x'",
     ):
-        with pytest.raises(sqlite3.IntegrityError, match="audit log"):
+        with pytest.raises(IntegrityError, match="audit log"):
             db.execute(sql)
     # Nor can an entry be slipped in out of turn.
-    with pytest.raises(sqlite3.IntegrityError, match="must follow"):
+    with pytest.raises(IntegrityError, match="must follow"):
         db.execute("INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (5, '{}', ?, ?)", [GENESIS, b"x" * 32])
+    if dialect(db) == "postgresql":  # TRUNCATE, which row triggers do not see, is refused too
+        for table in ("audit_log", "audit_key", "audit_checkpoint"):
+            with pytest.raises(IntegrityError, match="audit log"):
+                db.execute(f"TRUNCATE {table}")
+    assert head(db)[0] == 2 and len(db.execute("SELECT seq FROM audit_key").fetchall()) > 0
 
 
 def test_entry_commits_with_its_action_or_not_at_all(db) -> None:
@@ -500,3 +505,52 @@ def test_bulk_fill_writes_a_real_log(db) -> None:
     assert kinds == {"exchange", "decision", "read", "ingest", "query"}
     page = run(db, parse_search([("type", "lab-recognition"), ("_count", "5")], tz=CST))
     assert len(page.entries) == 5 and page.next is not None
+
+
+def test_same_entries_same_hashes_on_every_engine(db, tmp_path: Path) -> None:
+    """The chain hashes the stored UTF-8 text: a log on PostgreSQL and one on SQLite with the same entries
+    have the same hashes, and verification reads them alike (non-ASCII names, escapes and all)."""
+    from gateway.audit.verify import verify
+
+    embedded = connect(tmp_path / "embedded.db")
+    for record in every_kind():
+        assert append(db, record).hash == append(embedded, record).hash
+    assert head(db) == head(embedded)
+    ours, theirs = verify(db), verify(embedded)
+    assert ours.ok and theirs.ok and ours.entries == theirs.entries == len(every_kind())
+    assert ours.head == theirs.head == head(db)[1]
+    assert [e.content for e in entries(db)] == [e.content for e in entries(embedded)]
+    embedded.conn.close()
+
+
+def test_nodes_appending_together_write_one_chain(db, tmp_path: Path, database: str) -> None:
+    """Several gateway nodes (connections) append at once: their appends are serialised by the write lock,
+    so the log stays one chain, 1..N without gaps, each entry following the one before."""
+    import threading
+
+    from gateway.audit.verify import verify
+
+    where = locator(database, tmp_path)
+    errors: list[BaseException] = []
+
+    def node(n: int) -> None:
+        own = connect(where)
+        try:
+            for i in range(15):
+                append(own, r.ingest(at=AT + _dt.timedelta(seconds=i), gateway=ME, source=ME,
+                                     message_id=f"N{n}-{i}", fmt="csv"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            own.conn.close()
+
+    append(db, every_kind()[0])  # the tables exist before the nodes start
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    report = verify(db)
+    assert report.ok and report.entries == 1 + 4 * 15
+    assert [e.seq for e in entries(db)] == list(range(1, 62))

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from conftest import CST, FULING, TONGJIANG, validate_fhir
-from test_audit_support import ROLES, serving
+from test_audit_support import ROLES, locator, serving
 
 from gateway.audit import query as q
 from gateway.audit import records as r
@@ -80,12 +80,12 @@ def _records() -> list[r.Record]:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    database = connect(tmp_path / "gw.db")
+def db(tmp_path: Path, database: str):
+    handle = connect(locator(database, tmp_path))
     for record in _records():
-        append(database, record)
-    yield database
-    database.conn.close()
+        append(handle, record)
+    yield handle
+    handle.conn.close()
 
 
 def ids(db, *params: tuple[str, str]) -> list[int]:
@@ -176,8 +176,8 @@ def test_sort(db) -> None:
     assert ids(db) == [1, 2, 3, 4, 5, 6]
 
 
-def test_sort_is_by_time_recorded_not_by_entry(tmp_path: Path) -> None:
-    db = connect(tmp_path / "late.db")
+def test_sort_is_by_time_recorded_not_by_entry(tmp_path: Path, database: str) -> None:
+    db = connect(locator(database, tmp_path, "late"))
     late = _dt.datetime(2026, 1, 2, tzinfo=CST)
     early = _dt.datetime(2026, 1, 1, tzinfo=CST)
     for at in (late, early, late):  # a member system reporting late: entries are not in time order

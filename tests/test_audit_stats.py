@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import CST, DATA
-from test_audit_support import ROLES, serving
+from test_audit_support import ROLES, locator, serving
 
 from gateway.audit import query, records as r, stats
 from gateway.audit.log import append, entries
@@ -129,12 +129,12 @@ def sample_records() -> list[r.Record]:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    database = connect(tmp_path / "gw.db")
+def db(tmp_path: Path, database: str):
+    handle = connect(locator(database, tmp_path))
     for record in sample_records():
-        append(database, record)
-    yield database
-    database.conn.close()
+        append(handle, record)
+    yield handle
+    handle.conn.close()
 
 
 def test_results_outside_every_catalogue_do_not_count(db) -> None:
@@ -211,14 +211,14 @@ def test_period_filter(db) -> None:
     assert [o["reason"] for o in early["overrides"]["by_reason"]] == ["other-necessary"]
 
 
-def test_empty_log(tmp_path: Path) -> None:
-    s = stats.compute(connect(tmp_path / "empty.db"))
+def test_empty_log(tmp_path: Path, database: str) -> None:
+    s = stats.compute(connect(locator(database, tmp_path, "empty")))
     assert s["total"]["rate"] is None and s["by_issuer"] == [] and s["lookups"]["total"] == 0
     assert "(none)" in stats.format_tables(s)
 
 
-def test_cli_table_and_json(db, tmp_path: Path) -> None:
-    path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+def test_cli_table_and_json(db, tmp_path: Path, database: str) -> None:
+    path = str(locator(database, tmp_path))
     runner = CliRunner()
     table = runner.invoke(audit, ["stats", "--db", path])
     assert table.exit_code == 0, table.output
@@ -318,8 +318,8 @@ def test_demo_fee_table_loads() -> None:
     assert fees[("CY-L007", "51")].demo and all(f.demo for f in fees.values())
 
 
-def test_cli_prints_savings_hr_and_alliance(db, tmp_path: Path) -> None:
-    db_file = tmp_path / "gw.db"
+def test_cli_prints_savings_hr_and_alliance(db, tmp_path: Path, database: str) -> None:
+    db_file = locator(database, tmp_path)
     out = CliRunner().invoke(audit, ["stats", "--db", str(db_file), "--fees", str(FEES), "--json"])
     assert out.exit_code == 0, out.output
     figures = json.loads(out.output)

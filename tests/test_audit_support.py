@@ -7,6 +7,7 @@ Imported by ``test_audit_*.py`` and ``test_auth*.py``; holds no tests itself.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,14 @@ T0 = _dt.datetime(2026, 5, 1, 8, 0, tzinfo=CST)
 AUTHORITY = "12500000MB0009009C"
 SETUP = r.Party("test-setup")
 ROLES = ("auditor", "admin", "submitter", "peer")
+
+
+def locator(database: str, tmp_path: Path, name: str = "gw") -> str | Path:
+    """The database ``name`` of a test: a SQLite file in ``tmp_path``, or (``database`` a PostgreSQL URL from
+    the ``database`` fixture) a schema of its own beside the test's, so that one test can hold several logs."""
+    if not database:
+        return tmp_path / f"{name}.db"
+    return re.sub(r"([?&]schema=)(\w+)", lambda m: f"{m.group(1)}{m.group(2)}_{name}", database)
 
 
 def audit_app(settings: Any, clock: Any) -> Flask:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import FULING, TONGJIANG
-from test_audit_support import Pki
+from test_audit_support import Pki, locator
 from test_audit_verify import rehash_from, tamper
 
 from gateway.audit import checkpoint as cp
@@ -44,7 +43,7 @@ class Member:
     snapshot: Path
     key: Path
     cert: Path
-    db: Path
+    db: Path | str
     registry: object
 
     def config(self, name: str = "gateway.toml", **settings: str) -> Path:
@@ -56,6 +55,7 @@ class Member:
             "registry_snapshot": str(self.snapshot),
             "signing_key": str(self.key),
             "signing_cert": str(self.cert),
+            **({"database": self.db} if isinstance(self.db, str) else {}),  # PostgreSQL: its URL
             **settings,
         }
         path = self.dir / name
@@ -76,7 +76,7 @@ def registry():
 
 
 @pytest.fixture
-def member(tmp_path: Path, registry) -> Member:
+def member(tmp_path: Path, registry, database: str) -> Member:
     """A member gateway's files: 9 audit entries with checkpoints after entries 3, 6 and 9."""
     (tmp_path / "data").mkdir()
     authority, snapshot = tmp_path / "authority.cert.pem", tmp_path / "snapshot.json"
@@ -86,7 +86,7 @@ def member(tmp_path: Path, registry) -> Member:
     key.write_bytes(private_key_pem(registry.member_keys[TONGJIANG]))
     key.chmod(0o600)
     cert.write_bytes(cert_pem(registry.member_certs[TONGJIANG]))
-    path = tmp_path / "data" / "gateway.db"
+    path = locator(database, tmp_path / "data", "gateway")
     db = connect(path)
     signer = cp.Signer(registry.member_keys[TONGJIANG], [registry.member_certs[TONGJIANG]])
     for n in range(3):
@@ -137,9 +137,9 @@ def test_checkpoint_whose_signature_does_not_match_is_forged(member: Member) -> 
 
 
 def test_checkpoint_over_a_changed_chain(member: Member) -> None:
-    conn = sqlite3.connect(member.db)
-    before = conn.execute("SELECT content FROM audit_log WHERE seq = 5").fetchone()[0]
-    conn.close()
+    db = connect(member.db)
+    before = db.execute("SELECT content FROM audit_log WHERE seq = 5").fetchone()[0]
+    db.conn.close()
     changed = before.replace(f"{5:064x}", f"{99:064x}")
     assert changed != before
     tamper(member.db, "UPDATE audit_log SET content = ? WHERE seq = 5", params=[[changed]])
@@ -220,7 +220,7 @@ def test_a_snapshot_that_does_not_verify_is_one_line(member: Member) -> None:
 
 
 def test_checkpoint_command_signs_with_the_configured_key_and_imports_with_the_configured_trust(
-    member: Member, registry, tmp_path: Path
+    member: Member, registry, tmp_path: Path, database: str
 ) -> None:
     config = member.config()
     db = connect(member.db)
@@ -235,14 +235,16 @@ def test_checkpoint_command_signs_with_the_configured_key_and_imports_with_the_c
     peer = tmp_path / "peer"
     peer.mkdir()
     peer_config = peer / "gateway.toml"
+    peer_database = f'database = "{locator(database, tmp_path, "peer")}"\n' if database else ""
     peer_config.write_text(
         f'[gateway]\ndata_dir = "{peer}"\nissuer_uscc = "{FULING}"\nregistry_authority = "{member.authority}"\n'
-        f'registry_snapshot = "{member.snapshot}"\n', "utf-8")
+        f'registry_snapshot = "{member.snapshot}"\n{peer_database}', "utf-8")
     code, out = gateway("--config", str(peer_config), "audit", "checkpoint", "--import", str(tmp_path / "cp.json"))
     assert code == 0, out
     assert out.startswith(f"holding checkpoint of {TONGJIANG}: 11 entries")
     # Without any trust an import is refused in one line.
     bare = peer / "bare.toml"
-    bare.write_text(f'[gateway]\ndata_dir = "{peer}"\nissuer_uscc = "{FULING}"\nregistry_authority = ""\n', "utf-8")
+    bare.write_text(f'[gateway]\ndata_dir = "{peer}"\nissuer_uscc = "{FULING}"\nregistry_authority = ""\n'
+                    f'{peer_database}', "utf-8")
     code, out = gateway("--config", str(bare), "audit", "checkpoint", "--import", str(tmp_path / "cp.json"))
     assert code == 1 and len(out.strip().splitlines()) == 1 and "--trust" in out

@@ -1,4 +1,9 @@
-"""Tamper evidence: alter a COPY of the log in every way and `gateway audit verify` names the first bad entry."""
+"""Tamper evidence: alter a COPY of the log in every way and `gateway audit verify` names the first bad entry.
+
+On SQLite the copy is a file copied from the original and the forger drops the guard triggers; on PostgreSQL
+(``--backend postgresql``) each test's log is in a schema of its own, which is altered in place, and the forger
+disables the triggers (``ALTER TABLE ... DISABLE TRIGGER``). Verification must catch the same on both.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,19 @@ import datetime as _dt
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from conftest import FULING, TONGJIANG
-from test_audit_support import T0, Pki
+from test_audit_support import T0, Pki, locator
 
 from gateway.audit import checkpoint as cp
 from gateway.audit import records as r
 from gateway.audit.log import append, entry_hash, schema_statements
 from gateway.audit.verify import GUARD_TRIGGERS, verify
 from gateway.commands.audit import audit
-from gateway.store.db import connect
+from gateway.store.db import connect, dialect
 
 ME = r.Party.member(TONGJIANG, "通江县人民医院")
 PEER = r.Party.member(FULING, "涪陵中心医院")
@@ -61,9 +67,9 @@ def _record(i: int) -> r.Record:
 
 
 @pytest.fixture
-def original(tmp_path: Path, pki: Pki) -> Path:
+def original(tmp_path: Path, pki: Pki, database: str) -> Path | str:
     """12 entries with signed checkpoints after entries 4, 8 and 12."""
-    path = tmp_path / "original.db"
+    path = locator(database, tmp_path, "original")
     db = connect(path)
     for i in range(1, 13):
         append(db, _record(i))
@@ -73,52 +79,69 @@ def original(tmp_path: Path, pki: Pki) -> Path:
     return path
 
 
-def copy_of(original: Path, tmp_path: Path, name: str = "copy.db") -> Path:
+def copy_of(original: Path | str, tmp_path: Path, name: str = "copy.db") -> Path | str:
+    """A copy of the SQLite file; on PostgreSQL the test's own schema itself (no other test reads it)."""
+    if isinstance(original, str):
+        return original
     target = tmp_path / name
     with sqlite3.connect(original) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
     return target
 
 
-def tamper(path: Path, *statements: str, params: list[list[object]] | None = None, keep_guards: bool = True) -> None:
-    """Run SQL on a copy with the guard triggers dropped, then (like a careful forger) put them back."""
-    conn = sqlite3.connect(path)
-    for trigger in GUARD_TRIGGERS:
-        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    for i, sql in enumerate(statements):
-        conn.execute(sql, (params or [[]] * len(statements))[i])
-    conn.commit()
-    if keep_guards:
+_TABLES = ("audit_log", "audit_key", "audit_checkpoint")
+
+
+def _guards_off(db: Any) -> None:
+    """What a forger does first: SQLite: drop the guard triggers; PostgreSQL: disable them."""
+    if dialect(db) == "postgresql":
+        for table in _TABLES:
+            db.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+    else:
+        for trigger in GUARD_TRIGGERS:
+            db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+
+
+def _guards_on(db: Any) -> None:
+    """And last, a careful one: put the guards back as they were."""
+    if dialect(db) == "postgresql":
+        for table in _TABLES:
+            db.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+    else:
         for statement in schema_statements():
             if statement.lstrip().upper().startswith("CREATE TRIGGER"):
-                conn.execute(statement)
-        conn.commit()
-    conn.close()
+                db.execute(statement)
 
 
-def rehash_from(path: Path, start: int) -> None:
+def tamper(path: Path | str, *statements: str, params: list[list[object]] | None = None,
+           keep_guards: bool = True) -> None:
+    """Run SQL on a copy with the guard triggers dropped (disabled), then (like a careful forger) put them back."""
+    db = connect(path)
+    _guards_off(db)
+    for i, sql in enumerate(statements):
+        db.execute(sql, (params or [[]] * len(statements))[i])
+    if keep_guards:
+        _guards_on(db)
+    db.conn.close()
+
+
+def rehash_from(path: Path | str, start: int) -> None:
     """What a forger does after changing entry ``start``: recompute every hash from there on."""
-    conn = sqlite3.connect(path)
-    for trigger in GUARD_TRIGGERS:
-        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    prev = (
-        conn.execute("SELECT hash FROM audit_log WHERE seq = ?", [start - 1]).fetchone()[0] if start > 1 else bytes(32)
-    )
-    for seq, content in conn.execute(
+    db = connect(path)
+    _guards_off(db)
+    prev = db.execute("SELECT hash FROM audit_log WHERE seq = ?", [start - 1]).fetchone()[0] if start > 1 \
+        else bytes(32)
+    for seq, content in db.execute(
         "SELECT seq, content FROM audit_log WHERE seq >= ? ORDER BY seq", [start]
     ).fetchall():
-        digest = entry_hash(seq, prev, content.encode("utf-8"))
-        conn.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?", [prev, digest, seq])
+        digest = entry_hash(seq, bytes(prev), content.encode("utf-8"))
+        db.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?", [bytes(prev), digest, seq])
         prev = digest
-    conn.commit()
-    for statement in schema_statements():
-        if statement.lstrip().upper().startswith("CREATE TRIGGER"):
-            conn.execute(statement)
-    conn.commit()
-    conn.close()
+    _guards_on(db)
+    db.conn.close()
 
 
-def run_verify(path: Path, pki: Pki, tmp_path: Path, *extra: str) -> tuple[int, str, dict]:
+def run_verify(path: Path | str, pki: Pki, tmp_path: Path, *extra: str) -> tuple[int, str, dict]:
     trust = pki.pem(tmp_path / "trust.pem")
     runner = CliRunner()
     text = runner.invoke(audit, ["verify", "--db", str(path), "--trust", str(trust), *extra])
@@ -127,14 +150,14 @@ def run_verify(path: Path, pki: Pki, tmp_path: Path, *extra: str) -> tuple[int, 
     return text.exit_code, text.output, json.loads(data.output)
 
 
-def test_untouched_log_verifies(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_untouched_log_verifies(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     code, out, report = run_verify(copy_of(original, tmp_path), pki, tmp_path)
     assert code == 0, out
     assert out.startswith("OK: 12 entries") and "3 checkpoints match" in out
     assert report["ok"] and report["first_bad"] is None
 
 
-def test_changed_field(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_changed_field(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "UPDATE audit_log SET content = replace(content, 'FL-7', 'FL-9') WHERE seq = 7")
     code, out, report = run_verify(copy, pki, tmp_path)
@@ -144,19 +167,20 @@ def test_changed_field(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert report["first_bad"] == 7
 
 
-def test_changed_field_and_hash_of_that_entry(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_changed_field_and_hash_of_that_entry(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "UPDATE audit_log SET content = replace(content, 'FL-7', 'FL-9') WHERE seq = 7")
-    conn = sqlite3.connect(copy)
-    prev, content = conn.execute("SELECT prev_hash, content FROM audit_log WHERE seq = 7").fetchone()
-    conn.close()
-    tamper(copy, "UPDATE audit_log SET hash = ? WHERE seq = 7", params=[[entry_hash(7, prev, content.encode())]])
+    db = connect(copy)
+    prev, content = db.execute("SELECT prev_hash, content FROM audit_log WHERE seq = 7").fetchone()
+    db.conn.close()
+    tamper(copy, "UPDATE audit_log SET hash = ? WHERE seq = 7",
+           params=[[entry_hash(7, bytes(prev), content.encode())]])
     code, out, report = run_verify(copy, pki, tmp_path)
     assert code == 1 and report["first_bad"] == 7
     assert "entry 7 was changed and re-hashed" in out
 
 
-def test_rewritten_tail_is_caught_by_the_checkpoints(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_rewritten_tail_is_caught_by_the_checkpoints(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "UPDATE audit_log SET content = replace(content, 'recognized', 'not-recognized') WHERE seq = 7")
     rehash_from(copy, 7)
@@ -170,7 +194,7 @@ def test_rewritten_tail_is_caught_by_the_checkpoints(original: Path, pki: Pki, t
     assert "entries 5 to 8 were rewritten since checkpoint 2" in out
 
 
-def test_removed_entry(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_removed_entry(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "DELETE FROM audit_log WHERE seq = 6")
     code, out, report = run_verify(copy, pki, tmp_path)
@@ -178,7 +202,7 @@ def test_removed_entry(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert "entry 6 is missing (removed)" in out
 
 
-def test_removed_entry_and_renumbered(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_removed_entry_and_renumbered(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "DELETE FROM audit_log WHERE seq = 6", "DELETE FROM audit_key WHERE seq = 6")
     for seq in range(7, 13):
@@ -193,7 +217,7 @@ def test_removed_entry_and_renumbered(original: Path, pki: Pki, tmp_path: Path) 
     assert "the log ends at entry 11 but checkpoint 3" in out
 
 
-def test_reordered_entries(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_reordered_entries(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(
         copy,
@@ -206,7 +230,7 @@ def test_reordered_entries(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert "entry 5 is out of order: it was written after entry 6" in out
 
 
-def test_truncated_after_a_checkpoint(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_truncated_after_a_checkpoint(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "DELETE FROM audit_log WHERE seq > 9", "DELETE FROM audit_key WHERE seq > 9")
     code, out, report = run_verify(copy, pki, tmp_path)
@@ -214,7 +238,7 @@ def test_truncated_after_a_checkpoint(original: Path, pki: Pki, tmp_path: Path) 
     assert "the log ends at entry 9 but checkpoint 3" in out and "entries 10 to 12 were removed" in out
 
 
-def test_forged_checkpoint(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_forged_checkpoint(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     # Rewrite from entry 7, delete the real checkpoints and sign a new one with a key of one's own.
     tamper(
@@ -234,7 +258,7 @@ def test_forged_checkpoint(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert "checkpoint 1 (count 12, made 2026-05-01T09:00:00.000+08:00) is forged: signature verification failed" in out
 
 
-def test_checkpoint_altered_after_signing(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_checkpoint_altered_after_signing(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "DELETE FROM audit_log WHERE seq > 10", "UPDATE audit_checkpoint SET count = 10 WHERE count = 12")
     code, out, report = run_verify(copy, pki, tmp_path)
@@ -264,7 +288,7 @@ def test_peer_held_checkpoint_catches_a_rewrite_with_checkpoints_removed(
     assert f"entries 1 to 12 were rewritten since peer-held checkpoint of {TONGJIANG} at entry 12" in out
 
 
-def test_index_rows_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_index_rows_removed(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, "DELETE FROM audit_key WHERE seq = 3 AND p = 'patient:identifier'")
     code, out, report = run_verify(copy, pki, tmp_path)
@@ -272,7 +296,7 @@ def test_index_rows_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert "the search index of entry 3 does not hold the keys the entry lists" in out
 
 
-def test_guards_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
+def test_guards_removed(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     copy = copy_of(original, tmp_path)
     tamper(copy, keep_guards=False)
     code, out, report = run_verify(copy, pki, tmp_path)
@@ -280,7 +304,7 @@ def test_guards_removed(original: Path, pki: Pki, tmp_path: Path) -> None:
     assert "the append-only guards were removed" in out
 
 
-def test_without_certificates_checkpoints_cannot_be_vouched_for(original: Path, tmp_path: Path) -> None:
+def test_without_certificates_checkpoints_cannot_be_vouched_for(original: Path | str, tmp_path: Path) -> None:
     result = CliRunner().invoke(audit, ["verify", "--db", str(copy_of(original, tmp_path))])
     assert result.exit_code == 3
     assert result.output.startswith("NOT VERIFIED: the chain of 12 entries is intact")
@@ -293,11 +317,19 @@ def test_missing_database_is_one_line(tmp_path: Path) -> None:
     assert "no such database" in result.output
 
 
-def test_verify_speed_is_linear_and_small(tmp_path: Path) -> None:
+def test_database_without_a_log(tmp_path: Path, database: str) -> None:
+    empty = locator(database, tmp_path, "empty")
+    connect(empty).conn.close()
+    result = CliRunner().invoke(audit, ["verify", "--db", str(empty)])
+    assert result.exit_code == 1
+    assert "this database holds no audit log" in result.output
+
+
+def test_verify_speed_is_linear_and_small(tmp_path: Path, database: str) -> None:
     """Not a benchmark: a few hundred entries verify in well under a second."""
     import time
 
-    db = connect(tmp_path / "speed.db")
+    db = connect(locator(database, tmp_path, "speed"))
     for i in range(300):
         append(db, _record(i))
     started = time.perf_counter()

@@ -15,13 +15,12 @@ import random
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import sqlite_utils
-
 from gateway.audit import records as r
 from gateway.audit.log import GENESIS, entry_hash, ensure_schema, epoch_ms, instant
 from gateway.audit.render import index_values, render
 from gateway.signing.canonical import canonicalize_plain
-from gateway.store.db import transaction
+from gateway.store.audit import audit_store
+from gateway.store.db import Database, transaction
 
 __all__ = ["synthetic_records", "fill"]
 
@@ -125,7 +124,7 @@ def _content(record: r.Record) -> dict[str, Any]:
 
 
 def fill(
-    db: sqlite_utils.Database,
+    db: Database,
     count: int,
     *,
     start: _dt.datetime,
@@ -137,21 +136,17 @@ def fill(
     ensure_schema(db)
     pending = synthetic_records(count, start=start, step=step, seed=seed)
     added = 0
-    cache = db.execute("PRAGMA cache_size").fetchone()[0]
-    db.execute("PRAGMA cache_size = -262144")  # 256 MiB while filling: the indexes of a big log stay in memory
-    try:
+    with audit_store(db).big_cache():  # while filling, the indexes of a big log stay in memory
         while added < count:
             added += _fill_batch(db, pending, min(batch, count - added))
-    finally:
-        db.execute(f"PRAGMA cache_size = {int(cache)}")
     return added
 
 
-def _fill_batch(db: sqlite_utils.Database, pending: Iterator[r.Record], size: int) -> int:
+def _fill_batch(db: Database, pending: Iterator[r.Record], size: int) -> int:
     """Append ``size`` records in one transaction."""
+    store = audit_store(db)
     with transaction(db):
-        row = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        seq, prev = store.last() or (0, GENESIS)
         rows = []
         for _, record in zip(range(size), pending):
             data = canonicalize_plain(_content(record))
@@ -159,5 +154,5 @@ def _fill_batch(db: sqlite_utils.Database, pending: Iterator[r.Record], size: in
             digest = entry_hash(seq, prev, data)
             rows.append((seq, data.decode("utf-8"), prev, digest))
             prev = digest
-        db.conn.executemany("INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)", rows)
+        store.insert(rows)
     return len(rows)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -43,7 +42,8 @@ from gateway.signing.canonical import canonicalize
 from gateway.signing.jws import sign_detached, unverified_header, verify_detached, x5c_leaf
 from gateway.signing.keys import certificates_in, is_authority, load_certificates, uscc_of
 from gateway.signing.trust import CombinedTrust, StaticTrust, TrustSource, check_certificate, find_issuer
-from gateway.store.db import transaction
+from gateway.store.audit import CheckpointRow, audit_store
+from gateway.store.db import Database, transaction
 
 __all__ = [
     "FORMAT",
@@ -146,30 +146,19 @@ class Signer:
         return uscc
 
 
-_COLUMNS = "id, own, member, count, head, time, jws, received"
-
-
-def _from_row(row: Sequence[Any]) -> Checkpoint:
+def _from_row(row: CheckpointRow) -> Checkpoint:
     cid, own, member, count, digest, time, jws, received = row
     return Checkpoint(member, int(count), bytes(digest), time, jws, bool(own), int(cid), received)
 
 
-def _store(db: sqlite_utils.Database, cp: Checkpoint) -> Checkpoint:
-    cursor = db.execute(
-        "INSERT OR IGNORE INTO audit_checkpoint (own, member, count, head, time, jws, received)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [int(cp.own), cp.member, cp.count, cp.head, cp.time, cp.jws, cp.received],
-    )
-    row = db.execute(
-        f"SELECT {_COLUMNS} FROM audit_checkpoint WHERE member = ? AND count = ? AND head = ?",
-        [cp.member, cp.count, cp.head],
-    ).fetchone()
-    if cursor.rowcount == 0:
+def _store(db: Database, cp: Checkpoint) -> Checkpoint:
+    row, added = audit_store(db).add_checkpoint(cp.own, cp.member, cp.count, cp.head, cp.time, cp.jws, cp.received)
+    if not added:
         log.info("audit checkpoint at entry %d of %s was held already", cp.count, cp.member)
     return _from_row(row)
 
 
-def make(db: sqlite_utils.Database, signer: Signer, *, at: _dt.datetime) -> Checkpoint:
+def make(db: Database, signer: Signer, *, at: _dt.datetime) -> Checkpoint:
     """Sign and keep a checkpoint of this gateway's log as it is now.
 
     :raises ConfigError: the key does not fit the certificate, or it names no member.
@@ -185,30 +174,23 @@ def make(db: sqlite_utils.Database, signer: Signer, *, at: _dt.datetime) -> Chec
     return cp
 
 
-def checkpoints(db: sqlite_utils.Database, *, own: bool | None = True, member: str | None = None) -> list[Checkpoint]:
+def checkpoints(db: Database, *, own: bool | None = True, member: str | None = None) -> list[Checkpoint]:
     """Checkpoints held, oldest first: this gateway's (``own=True``), peers' (False) or all (None)."""
-    ensure_schema(db)
-    sql, params = f"SELECT {_COLUMNS} FROM audit_checkpoint WHERE 1", list[Any]()
-    if own is not None:
-        sql += " AND own = ?"
-        params.append(int(own))
-    if member is not None:
-        sql += " AND member = ?"
-        params.append(member)
-    return [_from_row(r) for r in db.execute(sql + " ORDER BY count, id", params)]
+    store = audit_store(db)
+    store.ensure_schema()
+    return [_from_row(r) for r in store.checkpoints(own, member)]
 
 
-def latest(db: sqlite_utils.Database) -> Checkpoint | None:
+def latest(db: Database) -> Checkpoint | None:
     """This gateway's newest checkpoint, if any."""
-    ensure_schema(db)
-    row = db.execute(
-        f"SELECT {_COLUMNS} FROM audit_checkpoint WHERE own = 1 ORDER BY count DESC, id DESC LIMIT 1"
-    ).fetchone()
+    store = audit_store(db)
+    store.ensure_schema()
+    row = store.latest_checkpoint()
     return _from_row(row) if row else None
 
 
 def due(
-    db: sqlite_utils.Database,
+    db: Database,
     *,
     now: _dt.datetime,
     every_entries: int = 1000,
@@ -228,7 +210,7 @@ def due(
 
 
 def maybe_make(
-    db: sqlite_utils.Database,
+    db: Database,
     signer: Signer,
     *,
     now: _dt.datetime,
@@ -285,7 +267,7 @@ def check_signature(cp: Checkpoint, trust: TrustSource) -> str:
 
 
 def import_peer(
-    db: sqlite_utils.Database, doc: Any, trust: TrustSource, *, now: _dt.datetime, me: str | None = None
+    db: Database, doc: Any, trust: TrustSource, *, now: _dt.datetime, me: str | None = None
 ) -> Checkpoint:
     """Verify a peer's checkpoint document and keep it as a witness of the peer's log.
 
@@ -301,13 +283,10 @@ def import_peer(
     check_signature(cp, trust)
     with transaction(db):
         ensure_schema(db)
-        clash = db.execute(
-            "SELECT time FROM audit_checkpoint WHERE member = ? AND count = ? AND head != ?",
-            [cp.member, cp.count, cp.head],
-        ).fetchone()
+        clash = audit_store(db).other_head_since(cp.member, cp.count, cp.head)
         if clash:
             raise TrustError(
-                f"{cp.member} signed two different heads for entry {cp.count} (held since {clash[0]}): "
+                f"{cp.member} signed two different heads for entry {cp.count} (held since {clash}): "
                 "its audit log was rewritten",
                 "checkpoint",
             )
@@ -335,7 +314,7 @@ def _claim(cp: Checkpoint, label: str, trust: TrustSource | None, member: str | 
 
 
 def claims(
-    db: sqlite_utils.Database,
+    db: Database,
     trust: TrustSource | None,
     *,
     extra: Iterable[Checkpoint] = (),

@@ -11,11 +11,10 @@ import datetime as _dt
 from collections.abc import Iterable
 from typing import Any
 
-import sqlite_utils
-
 from gateway.audit import records
 from gateway.audit.log import append, append_many
 from gateway.audit.records import Outcome, Party, PatientRef
+from gateway.store.db import Database
 
 __all__ = ["ingested", "ingest_record", "retried_record", "patient_reads", "exchanged", "decided", "decision_records",
            "snapshot_applied"]
@@ -25,7 +24,7 @@ def _me(uscc: str, name: str | None = None) -> Party:
     return Party.member(uscc, name)
 
 
-def ingested(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, member_name: str, sender: str,
+def ingested(db: Database, *, at: _dt.datetime, member: str, member_name: str, sender: str,
              message_id: str, fmt: str, status: str, channel: str, reason: str | None) -> None:
     """A unit of input from one of the member's own systems reached its final status."""
     append(db, ingest_record(at=at, member=member, member_name=member_name, sender=sender, message_id=message_id,
@@ -67,7 +66,7 @@ def _patients(resources: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-def patient_reads(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, server_address: str,
+def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address: str,
                   client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
                   query: str | None) -> int:
     """One BALP read/query entry per patient whose results were returned; returns how many."""
@@ -78,7 +77,7 @@ def patient_reads(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, s
     return len(append_many(db, made))
 
 
-def exchanged(db: sqlite_utils.Database, direction: str, *, at: _dt.datetime, member: str, peer: str | None,
+def exchanged(db: Database, direction: str, *, at: _dt.datetime, member: str, peer: str | None,
               bundle_hash: str, bundle_id: str | None = None, reason: str | None = None,
               detail: str | None = None, kid: str | None = None) -> None:
     """A signed Bundle sent, received or refused."""
@@ -87,7 +86,7 @@ def exchanged(db: sqlite_utils.Database, direction: str, *, at: _dt.datetime, me
         bundle_hash=f"sha256:{bundle_hash}", bundle_id=bundle_id, reason=reason, detail=detail, kid=kid))
 
 
-def decided(db: sqlite_utils.Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
+def decided(db: Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
             kid: str | None = None) -> int:
     """Every recognition decision, with its rules and the snapshot version; returns how many."""
     return len(append_many(db, decision_records(decisions, member=member, bundle_hash=bundle_hash, kid=kid)))
@@ -100,7 +99,7 @@ def decision_records(decisions: Iterable[Any], *, member: str, bundle_hash: str 
                                   kid=kid) for d in decisions]
 
 
-def snapshot_applied(db: sqlite_utils.Database, *, at: _dt.datetime, member: str, version: int, digest: str,
+def snapshot_applied(db: Database, *, at: _dt.datetime, member: str, version: int, digest: str,
                      previous: int | None) -> None:
     """A registry snapshot version was applied by this gateway."""
     append(db, records.registry_applied(at=at, gateway=_me(member), version=str(version), snapshot_hash=digest,

@@ -1,10 +1,13 @@
 """Audit log: the append-only, hash-chained record of what the gateway did.
 
-Entries live in the gateway's SQLite database (``audit_log``, see
-``schema.sql``). :func:`append` is called inside the transaction of the action
-it records (``gateway.store.db.transaction``), so both commit or neither does.
-SQLite triggers refuse every UPDATE and DELETE, and refuse an INSERT that does
-not follow the last entry.
+Entries live in the gateway's database, SQLite or PostgreSQL (``audit_log``;
+the tables, their guards and every statement are in :mod:`gateway.store.audit`).
+:func:`append` is called inside the transaction of the action it records
+(``gateway.store.db.transaction``), so both commit or neither does. Database
+triggers refuse every UPDATE and DELETE, and refuse an INSERT that does not
+follow the last entry. Appends are serialised by the transaction's write lock
+(SQLite's ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so several gateway
+nodes appending to one PostgreSQL database still write one chain.
 
 Each entry holds ``content``: the RFC 8785 (JCS) text of ::
 
@@ -29,21 +32,19 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import msgspec
 import rfc8785
-import sqlite_utils
 
 from gateway.audit.records import KINDS, Record
 from gateway.audit.render import index_values, render
 from gateway.errors import InputError, NotFound
 from gateway.signing.canonical import canonicalize_plain
-from gateway.store.db import transaction
+from gateway.store.audit import audit_store, statements
+from gateway.store.db import Database, transaction
 
 __all__ = [
     "GENESIS",
@@ -71,7 +72,6 @@ GENESIS = bytes(32)
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 #: Reads back content this module has just written (strings, integers, booleans, null: nothing to lose).
 _decode = msgspec.json.Decoder().decode
-_SCHEMA_FLAG = "_cyhr_audit_schema"
 
 
 @dataclass(frozen=True)
@@ -144,43 +144,24 @@ def entry_hash(seq: int, prev_hash: bytes, content: bytes) -> bytes:
 
 
 def schema_statements() -> list[str]:
-    """The statements of ``schema.sql``, one by one (``executescript`` would commit the caller's transaction)."""
-    text = resources.files("gateway.audit").joinpath("schema.sql").read_text("utf-8")
-    statements: list[str] = []
-    current: list[str] = []
-    for line in text.splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("--")):
-            continue
-        current.append(line)
-        candidate = "\n".join(current)
-        if sqlite3.complete_statement(candidate):
-            statements.append(candidate)
-            current = []
-    return statements
+    """The statements of the SQLite schema file, one by one (``executescript`` would commit the caller's
+    transaction)."""
+    return statements()
 
 
-def has_log(db: sqlite_utils.Database) -> bool:
+def has_log(db: Database) -> bool:
     """True when the database holds an audit log (its table exists)."""
-    row = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone()
-    return row is not None
+    return audit_store(db).has_log()
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
+def ensure_schema(db: Database) -> None:
     """Create the audit tables, indexes and guard triggers in a database that has no audit log yet.
 
     A database that has one is left as it is: were its guard triggers dropped,
     recreating them here would hide that from ``gateway audit verify``.
     Safe inside a caller's transaction (it joins it).
     """
-    if getattr(db, _SCHEMA_FLAG, False):
-        return
-    joined = db.conn.in_transaction
-    if not has_log(db):
-        with transaction(db):
-            for statement in schema_statements():
-                db.execute(statement)
-    if not joined:  # a caller's transaction may still roll the tables back: look again next time
-        setattr(db, _SCHEMA_FLAG, True)
+    audit_store(db).ensure_schema()
 
 
 def _content(record: Record) -> bytes:
@@ -203,17 +184,17 @@ def _content(record: Record) -> bytes:
         raise InputError(f"audit facts are not canonical JSON: {exc}", "facts") from None
 
 
-def append(db: sqlite_utils.Database, record: Record) -> Entry:
+def append(db: Database, record: Record) -> Entry:
     """Append one record to the log, inside the caller's transaction (or a new one).
 
     :raises InputError: an unknown kind, facts that do not render, a naive time.
-    :raises sqlite3.IntegrityError: only if the chain guard was bypassed by a concurrent writer
-        (cannot happen under ``BEGIN IMMEDIATE``).
+    :raises gateway.store.db.IntegrityError: only if the chain guard was bypassed by a concurrent writer
+        (cannot happen under the transaction's write lock).
     """
     return append_many(db, [record])[0]
 
 
-def append_many(db: sqlite_utils.Database, records: Sequence[Record]) -> list[Entry]:
+def append_many(db: Database, records: Sequence[Record]) -> list[Entry]:
     """Append records in order, chained one to the next, with one read of the log's end and one insert.
 
     Inside the caller's transaction (or a new one); every record is rendered and
@@ -233,15 +214,15 @@ def prepare(records: Sequence[Record]) -> list[bytes]:
     return [_content(record) for record in records]
 
 
-def append_prepared(db: sqlite_utils.Database, contents: Sequence[bytes]) -> list[Entry]:
+def append_prepared(db: Database, contents: Sequence[bytes]) -> list[Entry]:
     """Append contents made by :func:`prepare`, in order, chained; inside the caller's transaction (or a new one)."""
     entries: list[Entry] = []
     if not contents:
         return entries
+    store = audit_store(db)
     with transaction(db):
-        ensure_schema(db)
-        row = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        store.ensure_schema()
+        seq, prev = store.last() or (0, GENESIS)
         rows = []
         for data in contents:
             seq += 1
@@ -249,41 +230,38 @@ def append_prepared(db: sqlite_utils.Database, contents: Sequence[bytes]) -> lis
             rows.append((seq, data.decode("utf-8"), prev, digest))
             entries.append(Entry(seq, _decode(data), digest, prev))
             prev = digest
-        db.conn.executemany("INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)", rows)
+        store.insert(rows)
     log.debug("audit entries %d to %d appended", entries[0].seq, entries[-1].seq)
     return entries
 
 
-def head(db: sqlite_utils.Database) -> tuple[int, bytes]:
+def head(db: Database) -> tuple[int, bytes]:
     """``(count, hash of the last entry)``; ``(0, GENESIS)`` for an empty log."""
-    ensure_schema(db)
-    row = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-    return (row[0], bytes(row[1])) if row else (0, GENESIS)
+    store = audit_store(db)
+    store.ensure_schema()
+    return store.last() or (0, GENESIS)
 
 
-def get(db: sqlite_utils.Database, seq: int | str) -> Entry:
+def get(db: Database, seq: int | str) -> Entry:
     """One entry by its sequence number (the AuditEvent id).
 
     :raises NotFound: no such entry.
     """
-    ensure_schema(db)
+    store = audit_store(db)
+    store.ensure_schema()
     try:
         number = int(str(seq))
     except ValueError:
         raise NotFound(f"AuditEvent/{seq} does not exist", "AuditEvent.id") from None
-    row = db.execute("SELECT seq, content, hash, prev_hash FROM audit_log WHERE seq = ?", [number]).fetchone()
+    row = store.entry(number) if -2**63 <= number < 2**63 else None
     if row is None:
         raise NotFound(f"AuditEvent/{seq} does not exist", "AuditEvent.id")
     return Entry.from_row(*row)
 
 
-def entries(db: sqlite_utils.Database, start: int = 1, stop: int | None = None) -> Iterator[Entry]:
+def entries(db: Database, start: int = 1, stop: int | None = None) -> Iterator[Entry]:
     """Entries ``start`` to ``stop`` (inclusive; to the end when None), in order, streamed."""
-    ensure_schema(db)
-    sql = "SELECT seq, content, hash, prev_hash FROM audit_log WHERE seq >= ?"
-    params: list[Any] = [start]
-    if stop is not None:
-        sql += " AND seq <= ?"
-        params.append(stop)
-    for row in db.execute(sql + " ORDER BY seq", params):
+    store = audit_store(db)
+    store.ensure_schema()
+    for row in store.entries(start, stop):
         yield Entry.from_row(*row)

@@ -38,13 +38,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlencode
 
-import sqlite_utils
-
-from gateway.audit.log import Entry, ensure_schema, epoch_ms
+from gateway.audit.log import Entry, epoch_ms
 from gateway.audit.records import PatientRef
 from gateway.audit.render import patient_key
 from gateway.errors import InputError, InvalidSearch
 from gateway.fhir.search import date_bounds
+from gateway.store.audit import audit_store, date_condition
+from gateway.store.db import Database
 
 __all__ = [
     "DateRange",
@@ -84,11 +84,8 @@ PARAMETERS = (
     "_format",
 )
 _PREFIXES = ("eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap")
-_COLUMN_TOKENS = {
-    "type": ("type_system", "type_code"),
-    "subtype": ("subtype_system", "subtype_code"),
-    "outcome": (None, "outcome"),
-}
+#: Token parameters held in a column of their own (the rest are search keys).
+_COLUMN_TOKENS = ("type", "subtype", "outcome")
 _KEY_PARAMS = {
     "agent": "agent",
     "agent:identifier": "agent:identifier",
@@ -112,18 +109,7 @@ class DateRange:
 
     def sql(self) -> tuple[str, list[int]]:
         """SQL condition on ``l.t`` for an instant (a point) against this range, per the FHIR prefix rules."""
-        p = self.prefix
-        if p == "eq":
-            return "(l.t >= ? AND l.t < ?)", [self.low, self.high]
-        if p == "ne":
-            return "(l.t < ? OR l.t >= ?)", [self.low, self.high]
-        if p in ("lt", "eb"):
-            return "l.t < ?", [self.low]
-        if p == "le":
-            return "l.t < ?", [self.high]
-        if p in ("gt", "sa"):
-            return "l.t >= ?", [self.high]
-        return "l.t >= ?", [self.low]  # ge
+        return date_condition(self)
 
 
 @dataclass(frozen=True)
@@ -377,100 +363,34 @@ def _decode_cursor(value: str) -> Cursor:
 DRIVE_LIMIT = 2000
 
 
-def _key_alternatives(param: str, tokens: tuple[Token, ...], prefix: str = "") -> tuple[str, list[Any]]:
-    alts = []
-    params: list[Any] = [param]
-    for token in tokens:
-        conds = []
-        if token.code is not None:
-            conds.append(f"{prefix}v = ?")
-            params.append(token.code)
-        if token.system is not None:
-            conds.append(f"{prefix}s = ?")
-            params.append(token.system)
-        alts.append("(" + " AND ".join(conds) + ")")
-    return f"{prefix}p = ? AND ({' OR '.join(alts)})", params
-
-
-def _where(search: Search, upto: int | None, drive: frozenset[int] = frozenset()) -> tuple[str, list[Any]]:
-    """SQL condition on ``audit_log l``; key filters numbered in ``drive`` are written as ``IN`` (selective)."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if upto is not None:
-        clauses.append("l.seq <= ?")
-        params.append(upto)
-    for ranges in search.dates:
-        parts = [r.sql() for r in ranges]
-        clauses.append("(" + " OR ".join(p[0] for p in parts) + ")")
-        params += [x for p in parts for x in p[1]]
-    for name, tokens in search.columns:
-        system_col, code_col = _COLUMN_TOKENS[name]
-        alts = []
-        for token in tokens:
-            conds = []
-            if token.code is not None:
-                conds.append(f"l.{code_col} = ?")
-                params.append(token.code)
-            if token.system is not None and system_col is not None:
-                conds.append(f"l.{system_col} = ?")
-                params.append(token.system)
-            alts.append("(" + " AND ".join(conds) + ")")
-        clauses.append("(" + " OR ".join(alts) + ")")
-    for i, (param, tokens) in enumerate(search.keys):
-        if i in drive:
-            cond, sub = _key_alternatives(param, tokens)
-            clauses.append(f"l.seq IN (SELECT seq FROM audit_key WHERE {cond})")
-        else:
-            cond, sub = _key_alternatives(param, tokens, "k.")
-            clauses.append(f"EXISTS (SELECT 1 FROM audit_key k WHERE k.seq = l.seq AND {cond})")
-        params += sub
-    for ids in search.ids:
-        clauses.append(f"l.seq IN ({', '.join('?' * len(ids))})")
-        params += list(ids)
-    return (" AND ".join(clauses) or "1"), params
-
-
-def _plan(db: sqlite_utils.Database, search: Search) -> frozenset[int]:
+def _plan(db: Database, search: Search) -> frozenset[int]:
     """Which key filter (if any) is selective enough to drive the query: the one matching fewest entries."""
+    store = audit_store(db)
     best: tuple[int, int] | None = None
     for i, (param, tokens) in enumerate(search.keys):
-        cond, params = _key_alternatives(param, tokens)
-        n = db.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM audit_key WHERE {cond} LIMIT ?)", params + [DRIVE_LIMIT]
-        ).fetchone()[0]
+        n = store.key_matches(param, tokens, DRIVE_LIMIT)
         if n < DRIVE_LIMIT and (best is None or n < best[1]):
             best = (i, n)
     return frozenset() if best is None else frozenset([best[0]])
 
 
-def _last_seq(db: sqlite_utils.Database) -> int:
-    row = db.execute("SELECT max(seq) FROM audit_log").fetchone()
-    return int(row[0] or 0)
-
-
-def count(db: sqlite_utils.Database, search: Search) -> int:
+def count(db: Database, search: Search) -> int:
     """How many entries match (ignores paging)."""
-    ensure_schema(db)
-    where, params = _where(search, None, frozenset(range(len(search.keys))))
-    return int(db.execute(f"SELECT count(*) FROM audit_log l WHERE {where}", params).fetchone()[0])
+    store = audit_store(db)
+    store.ensure_schema()
+    return store.count(search)
 
 
-def run(db: sqlite_utils.Database, search: Search) -> Page:
+def run(db: Database, search: Search) -> Page:
     """One page of matching entries, in the order asked; ``_count=0`` gives the total only."""
-    ensure_schema(db)
+    store = audit_store(db)
+    store.ensure_schema()
     if search.count == 0:
         return Page([], None, count(db, search))
-    upto = search.cursor.upto if search.cursor else _last_seq(db)
-    where, params = _where(search, upto, _plan(db, search))
-    op, order = ("<", "DESC") if search.descending else (">", "ASC")
-    if search.cursor:
-        where += f" AND (l.t, l.seq) {op} (?, ?)"
-        params += [search.cursor.t, search.cursor.seq]
-    sql = (
-        f"SELECT l.seq, l.content, l.hash, l.prev_hash, l.t FROM audit_log l WHERE {where} "
-        f"ORDER BY l.t {order}, l.seq {order} LIMIT ?"
-    )
-    rows = db.execute(sql, params + [search.count + 1]).fetchall()
+    upto = search.cursor.upto if search.cursor else store.last_seq()
+    after = (search.cursor.t, search.cursor.seq) if search.cursor else None
+    rows = store.page(search, upto=upto, drive=_plan(db, search), after=after, descending=search.descending,
+                      limit=search.count + 1)
     more = len(rows) > search.count
     rows = rows[: search.count]
     entries = [Entry.from_row(r[0], r[1], r[2], r[3]) for r in rows]
@@ -478,7 +398,7 @@ def run(db: sqlite_utils.Database, search: Search) -> Page:
     return Page(entries, nxt)
 
 
-def iter_matches(db: sqlite_utils.Database, search: Search, *, batch: int = 500) -> Iterator[Entry]:
+def iter_matches(db: Database, search: Search, *, batch: int = 500) -> Iterator[Entry]:
     """Every matching entry, page by page (for exports: constant memory however many there are)."""
     current = replace(search, count=batch)
     while True:

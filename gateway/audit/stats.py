@@ -62,7 +62,6 @@ several receivers counts once.
 from __future__ import annotations
 
 import csv
-import json
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -71,12 +70,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from gateway.audit.log import ensure_schema
 from gateway.audit.query import DateRange
 from gateway.errors import InputError
 from gateway.recognition.overrides import RETEST_REASONS, retest_reason_code
+from gateway.store.audit import audit_store
+from gateway.store.db import Database
 
 __all__ = ["DEFINITION", "DIMENSIONS", "SELECTABLE", "SAVINGS_DEFINITION", "compute", "decisions", "format_tables",
            "Group", "Fee", "load_fees", "catalogue_scopes"]
@@ -238,16 +236,7 @@ class _Totals:
     exchange_refusals: Counter[str] = field(default_factory=Counter)
 
 
-def _date_sql(dates: Sequence[Sequence[DateRange]]) -> tuple[str, list[Any]]:
-    clauses, params = [], []
-    for ranges in dates:
-        parts = [r.sql() for r in ranges]
-        clauses.append("(" + " OR ".join(p[0] for p in parts) + ")")
-        params += [x for p in parts for x in p[1]]
-    return (" AND " + " AND ".join(clauses) if clauses else ""), params
-
-
-# The facts each kind contributes, fetched with one json_extract per entry: parsing the
+# The facts each kind contributes, extracted by the database in one go per entry: parsing the
 # whole content in Python would cost several times more at a million entries.
 _FIELDS = {
     "decision": (
@@ -282,11 +271,8 @@ _FIELDS = {
 }
 
 
-def _rows(db: sqlite_utils.Database, kind: str, where: str, params: list[Any]) -> Iterable[tuple[int, list[Any]]]:
-    paths = ", ".join(f"'{p}'" for p in _FIELDS[kind])
-    sql = f"SELECT l.seq, json_extract(l.content, {paths}) FROM audit_log l WHERE l.kind = ?{where} ORDER BY l.seq"
-    for seq, values in db.execute(sql, [kind, *params]):
-        yield seq, json.loads(values)
+def _rows(db: Database, kind: str, dates: Sequence[Sequence[DateRange]]) -> Iterable[tuple[int, list[Any]]]:
+    return audit_store(db).facts(kind, _FIELDS[kind], dates)
 
 
 def _count_into(groups: dict[str, Group], key: str, name: str, outcome: str, overridden: bool) -> None:
@@ -355,29 +341,28 @@ def _check_selection(selection: Mapping[str, str] | None, by: Sequence[Sequence[
 
 
 def _latest(
-    db: sqlite_utils.Database, dates: Sequence[Sequence[DateRange]], selection: Mapping[str, str],
+    db: Database, dates: Sequence[Sequence[DateRange]], selection: Mapping[str, str],
     alliances: Mapping[str, str] | None = None,
 ) -> tuple[list[_Result], set[str], int, set[str] | None]:
     """(latest decision of each selected catalogue result, the overridden decision ids, results outside every
     catalogue, the decision ids in the selection over all time or None without a selection)."""
-    ensure_schema(db)
+    audit_store(db).ensure_schema()
     alliances = alliances or {}
-    where, params = _date_sql(dates)
     latest: dict[tuple[str, ...], tuple[int, list[Any]]] = {}
-    withdrawn = {decision_id for _, (decision_id, _reason) in _rows(db, "withdrawal", "", [])}
-    for seq, values in _rows(db, "decision", where, params):
+    withdrawn = {decision_id for _, (decision_id, _reason) in _rows(db, "withdrawal", ())}
+    for seq, values in _rows(db, "decision", dates):
         if values[8] in withdrawn or _on_superseded(values[15]):
             continue  # the decision on a superseded report version: the correction's decision counts instead
         latest[tuple(v or "" for v in values[:8])] = (seq, values[8:])  # a later decision replaces an earlier one
     current = {values[0]: seq for seq, values in latest.values() if values[0]}  # decision id -> its entry
     overridden: set[str] = set()
-    for seq, (decision_id, _reason) in _rows(db, "override", "", []):  # an override after the period counts too
+    for seq, (decision_id, _reason) in _rows(db, "override", ()):  # an override after the period counts too
         if decision_id in current and seq > current[decision_id]:
             overridden.add(decision_id)
     chosen_ids: set[str] | None = None
     if selection:  # overrides are narrowed by their decision, wherever it lies in time
         chosen_ids = set()
-        for _, values in _rows(db, "decision", "", []):
+        for _, values in _rows(db, "decision", ()):
             key = tuple(v or "" for v in values[:8])
             if values[8] and _selected(_dims(key, values[10] or "", values[14] or "", alliances), selection):
                 chosen_ids.add(values[8])
@@ -418,7 +403,7 @@ def _named(dim: str, key: str, found: str, names: Mapping[str, str]) -> str:
 
 
 def compute(
-    db: sqlite_utils.Database,
+    db: Database,
     dates: Sequence[Sequence[DateRange]] = (),
     *,
     selection: Mapping[str, str] | None = None,
@@ -440,10 +425,9 @@ def compute(
     """
     chosen = _check_selection(selection, by)
     names = names or {}
-    where, params = _date_sql(dates)
     t = _Totals()
     results, overridden, t.outside_catalogue, chosen_ids = _latest(db, dates, chosen, alliances)
-    for _, (decision_id, reason) in _rows(db, "override", where, params):
+    for _, (decision_id, reason) in _rows(db, "override", dates):
         if chosen_ids is None or decision_id in chosen_ids:
             t.overrides[retest_reason_code(reason)] += 1  # an entry written with a retired code counts as today's
 
@@ -465,14 +449,14 @@ def compute(
                 t.refusals[rule] += 1
 
     patients: dict[str, set[str]] = {}
-    for _, (member, member_name, p_system, p_value, p_reference) in _rows(db, "read", where, params):
+    for _, (member, member_name, p_system, p_value, p_reference) in _rows(db, "read", dates):
         row = t.lookups.setdefault(member, {"key": member, "name": member_name or "", "lookups": 0, "patients": 0})
         row["lookups"] += 1
         patients.setdefault(member, set()).add(f"{p_system}|{p_value or p_reference}")
     for member, seen in patients.items():
         t.lookups[member]["patients"] = len(seen)
 
-    for _, (direction, reason) in _rows(db, "exchange", where, params):
+    for _, (direction, reason) in _rows(db, "exchange", dates):
         t.exchanges[direction] += 1
         if direction == "refused":
             t.exchange_refusals[reason or "unspecified"] += 1
@@ -607,7 +591,7 @@ def _split_key(key: str, dims: Sequence[str]) -> list[str]:
 
 
 def decisions(
-    db: sqlite_utils.Database,
+    db: Database,
     dates: Sequence[Sequence[DateRange]] = (),
     *,
     selection: Mapping[str, str] | None = None,

@@ -16,7 +16,12 @@ What is checked, in one pass over the log (``gateway audit verify``):
    is not vouched for: the report says so and is not OK.
 3. **Index.** The search index (``audit_key``) holds exactly the keys each
    entry's content lists, so no entry can be hidden from searches.
-4. **Guards.** The triggers that make the log append-only are in place.
+4. **Guards.** The triggers that make the log append-only are in place (and,
+   on PostgreSQL, enabled).
+
+The same on SQLite and PostgreSQL: the stored UTF-8 bytes of each entry are
+hashed, so a log gives the same hashes and the same report on either engine
+(the statements are in :mod:`gateway.store.audit`).
 
 Only a person with a copy of the database can alter it; the chain and the
 signed checkpoints (kept by peers as well) make every alteration visible here.
@@ -31,10 +36,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
-from gateway.audit.log import GENESIS, has_log
+from gateway.audit.log import GENESIS
 from gateway.errors import GatewayError
+from gateway.store.audit import SQLITE_GUARDS, AuditPort, audit_store
+from gateway.store.db import Database
 
 __all__ = ["Finding", "Report", "CheckpointClaim", "verify", "GUARD_TRIGGERS"]
 
@@ -42,16 +47,8 @@ log = logging.getLogger(__name__)
 
 _END = 2**62  # past any entry number
 
-GUARD_TRIGGERS = (
-    "audit_log_chain",
-    "audit_log_index",
-    "audit_log_no_update",
-    "audit_log_no_delete",
-    "audit_key_no_update",
-    "audit_key_no_delete",
-    "audit_checkpoint_no_update",
-    "audit_checkpoint_no_delete",
-)
+#: The triggers that make the log append-only (SQLite; PostgreSQL has these and one per table refusing TRUNCATE).
+GUARD_TRIGGERS = SQLITE_GUARDS
 
 
 @dataclass(frozen=True)
@@ -153,17 +150,9 @@ class _Walk:
             self.truncated = True
 
 
-def _owner_of(db: sqlite_utils.Database, digest: bytes) -> int | None:
-    """The entry with this hash (a scan: only asked when the chain is already broken)."""
-    row = db.execute("SELECT seq FROM audit_log WHERE hash = ?", [digest]).fetchone()
-    return int(row[0]) if row else None
-
-
-def _key_groups(db: sqlite_utils.Database) -> Iterator[tuple[int, bytes]]:
+def _key_groups(store: AuditPort) -> Iterator[tuple[int, bytes]]:
     """Per entry, in order, its index rows as the JSON text the entry's content lists them in."""
-    yield from db.execute(
-        "SELECT seq, '[' || group_concat(json_array(p, v, s), ',') || ']' FROM audit_key GROUP BY seq ORDER BY seq"
-    )
+    yield from store.key_groups()
     yield (_END, b"")
 
 
@@ -178,23 +167,22 @@ def _listed_keys(content: bytes) -> bytes:
 
 
 def _walk_chain(
-    db: sqlite_utils.Database, wanted: set[int], walk: _Walk, check_index: bool
+    store: AuditPort, wanted: set[int], walk: _Walk, check_index: bool
 ) -> tuple[int, bytes, dict[int, bytes]]:
     """Hash every entry in order (and compare its index rows); return (last seq, its hash, hashes of ``wanted``)."""
     expected, prev, last = 1, GENESIS, 0
     seen: dict[int, bytes] = {}
     sha256 = hashlib.sha256
-    groups = _key_groups(db) if check_index else None
+    groups = _key_groups(store) if check_index else None
     kseq, ktext = next(groups) if groups else (_END, b"")
-    cursor = db.execute("SELECT seq, content, prev_hash, hash FROM audit_log ORDER BY seq")
-    for seq, content, prev_hash, digest in cursor:
+    for seq, content, prev_hash, digest in store.chain():
         follows = prev_hash == prev
         intact = sha256(prev_hash + b"%d\n" % seq + content).digest() == digest
         if seq != expected:
             span = f"entry {expected}" if seq == expected + 1 else f"entries {expected} to {seq - 1}"
             walk.add(Finding(expected, "removed", f"{span} {'is' if seq == expected + 1 else 'are'} missing (removed)"))
         elif not follows:
-            owner = _owner_of(db, bytes(prev_hash))
+            owner = store.seq_of_hash(prev_hash)
             if owner is not None:
                 walk.add(Finding(seq, "reordered", f"entry {seq} is out of order: it was written after entry {owner}"))
             elif intact and seq > 1:
@@ -238,9 +226,9 @@ def _walk_chain(
     return last, prev, seen
 
 
-def _check_guards(db: sqlite_utils.Database, walk: _Walk) -> None:
-    present = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    missing = [t for t in GUARD_TRIGGERS if t not in present]
+def _check_guards(store: AuditPort, walk: _Walk) -> None:
+    present = store.triggers()
+    missing = [t for t in store.guards if t not in present]
     if missing:
         walk.add(Finding(None, "guard", f"the append-only guards were removed: {', '.join(missing)}"))
 
@@ -296,7 +284,7 @@ def _check_claims(
 
 
 def verify(
-    db: sqlite_utils.Database,
+    db: Database,
     claims: Iterable[CheckpointClaim] = (),
     *,
     check_index: bool = True,
@@ -309,19 +297,15 @@ def verify(
     wrong, the first bad entry first in importance; nothing is changed.
     """
     claims = list(claims)
-    if not has_log(db):
+    store = audit_store(db)
+    if not store.has_log():
         return Report(findings=[Finding(None, "missing", "this database holds no audit log")])
     walk = _Walk(max_findings)
-    conn = db.conn
-    factory = conn.text_factory
-    conn.text_factory = bytes  # hash the stored UTF-8 as is, without decoding a million strings
-    try:
-        last, head, hashes = _walk_chain(db, {c.count for c in claims}, walk, check_index)
-    finally:
-        conn.text_factory = factory
+    with store.snapshot():  # one state of the log, its text as the stored bytes
+        last, head, hashes = _walk_chain(store, {c.count for c in claims}, walk, check_index)
     report = Report(entries=last, head=head)
     report.checkpoints = _check_claims(claims, last, hashes, walk, report.unvouched)
-    _check_guards(db, walk)
+    _check_guards(store, walk)
     report.findings = sorted(walk.findings, key=lambda f: (f.seq is None, f.seq or 0))
     if walk.truncated:
         report.notes.append(f"only the first {max_findings} problems are listed")

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import click
-import sqlite_utils
 
 from gateway.audit import checkpoint as checkpoints
 from gateway.audit import export as exporting
@@ -46,11 +45,13 @@ from gateway.commands.common import AwareDateTime, one_line_errors
 from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError, InputError
 from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
-from gateway.store.db import connect, is_postgresql, transaction
+from gateway.store.audit import audit_store
+from gateway.store.db import Database, connect, is_postgresql, transaction
 
 __all__ = ["audit", "settings_for", "open_db", "database_named", "cli_party", "registry_names"]
 
-_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
+_DB_HELP = ("Database of this gateway: a SQLite file or a postgresql:// URL (GATEWAY_DATABASE); default: the "
+            "configured one.")
 _PARAMS_HELP = (
     "PARAMS are FHIR search parameters as name=value, exactly as GET /fhir/AuditEvent takes them: date (prefixes "
     "eq ne lt le gt ge sa eb; partial dates 2026, 2026-05, 2026-05-01), type, subtype, outcome (0 4 8 12), agent, "
@@ -83,7 +84,7 @@ def database_named(ctx: click.Context) -> bool:
 
 
 @contextmanager
-def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True) -> Iterator[sqlite_utils.Database]:
+def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True) -> Iterator[Database]:
     """The database named by ``--db``, else the configured one; closed afterwards."""
     path: Path | str = db_path if db_path and is_postgresql(db_path) else Path(db_path) if db_path \
         else settings_for(ctx).database_locator
@@ -115,7 +116,7 @@ def _now(settings: Settings) -> _dt.datetime:
 
 
 def _record_read(
-    db: sqlite_utils.Database,
+    db: Database,
     settings: Settings,
     command: str,
     *,
@@ -127,7 +128,7 @@ def _record_read(
     record = records.audit_query(
         at=_now(settings),
         gateway=_gateway(settings),
-        server_address=f"file://{Path(db.conn.execute('PRAGMA database_list').fetchone()[2]).resolve()}",
+        server_address=audit_store(db).address(),
         client=records.Party("gateway-cli", display="gateway command line"),
         client_address=socket.gethostname(),
         user=cli_party(),

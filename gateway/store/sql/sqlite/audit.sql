@@ -1,5 +1,5 @@
--- Audit log schema: append-only, hash-chained (see gateway/audit/log.py for the hash).
--- Every statement is idempotent; gateway.audit.log.ensure_schema runs them in one transaction.
+-- Audit log schema (SQLite): append-only, hash-chained (see gateway/audit/log.py for the hash).
+-- Every statement is idempotent; gateway.store.audit.AuditStore.ensure_schema runs them in one transaction.
 
 -- One row per event. `content` is the RFC 8785 (JCS) text that the hash covers;
 -- the search columns are GENERATED from it, so they can never disagree with it.
