@@ -217,10 +217,17 @@ def maybe_make(
     every_entries: int = 1000,
     every: _dt.timedelta = _dt.timedelta(minutes=5),
 ) -> Checkpoint | None:
-    """Make a checkpoint when one is :func:`due` (call it from a timer or after appending)."""
-    if due(db, now=now, every_entries=every_entries, every=every):
+    """Make a checkpoint when one is :func:`due` (call it from a timer or after appending).
+
+    Asked again under the write lock before one is made: of several nodes of one member whose background
+    passes find a checkpoint due at the same moment, one makes it and the others see it made.
+    """
+    if not due(db, now=now, every_entries=every_entries, every=every):
+        return None
+    with transaction(db):
+        if not due(db, now=now, every_entries=every_entries, every=every):
+            return None
         return make(db, signer, at=now)
-    return None
 
 
 def check_signature(cp: Checkpoint, trust: TrustSource) -> str:
