@@ -17,7 +17,7 @@ Two kinds of figures, kept apart on purpose:
   deliveries by state and destination, recognition decisions, the registry
   snapshot's age and time to expiry, the age of the last audit checkpoint —
   read at scrape time by :class:`DatabaseFacts` with short, read-only, indexed
-  queries, so they are right whichever process changed them.
+  queries (:mod:`gateway.store.views`), so they are right whichever process changed them.
 
 Nothing here carries patient data: labels are channels, formats, outcomes,
 stages, route templates and member USCCs.
@@ -41,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client import exposition
 
 from gateway.datetimes import seconds_since
+from gateway.store.views import OPEN_DELIVERY_STATES, ReadModels, ReadModelsPort
 
 __all__ = ["MULTIPROC_ENV", "CONTENT_TYPE", "MESSAGES", "STAGE_SECONDS", "HTTP_REQUESTS", "HTTP_SECONDS",
            "DELIVERY_ATTEMPTS", "SIGNATURE_FAILURES", "Stopwatch", "count_outcomes", "delivery_attempt",
@@ -145,12 +146,9 @@ def http_request(method: str, route: str, status: int, seconds: float) -> None:
 # -- facts of the database ------------------------------------------------------------------
 
 
-#: Outbox states a delivery waits in, or ends in without being delivered.
-_OPEN_STATES = ("pending", "delivering", "dead")
-
-
 class DatabaseFacts:
-    """A ``prometheus_client`` collector of what the database says now (read-only SQL, each query indexed).
+    """A ``prometheus_client`` collector of what the database says now (read-only queries of
+    :class:`gateway.store.views.ReadModels`, each indexed).
 
     ``pipeline``: gives the thread's database connection (``pipeline.store.db``),
     the clock and the registry holder (``pipeline.exchange.holder``).
@@ -162,75 +160,52 @@ class DatabaseFacts:
     def collect(self) -> Iterator[Metric]:
         """The families, read now; a part that cannot be read is left out (and logged), never a failed scrape."""
         now = self.pipeline.clock()
+        views = ReadModels(self.pipeline.store.db)
         for part in (self._queue, self._outbox, self._recognition, self._checkpoint, self._registry):
             try:
-                yield from part(now)
+                yield from part(views, now)
             except Exception as exc:  # a figure missing beats a scrape failing: monitoring alerts on absence
                 log.warning("metrics: %s could not be read (%s)", part.__name__.strip("_"), type(exc).__name__)
 
-    def _db(self) -> Any:
-        return self.pipeline.store.db
-
-    def _tables(self) -> set[str]:
-        return {r[0] for r in self._db().execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
-
-    def _queue(self, now: _dt.datetime) -> Iterator[Metric]:
-        db = self._db()
-        depth = db.execute("SELECT count(*) FROM messages WHERE status = 'queued'").fetchone()[0]
+    def _queue(self, views: ReadModelsPort, now: _dt.datetime) -> Iterator[Metric]:
         yield GaugeMetricFamily("gateway_queue_depth", "Messages answered on receipt and waiting for the queue "
-                                "reader (mllp_ack = received).", value=depth)
-        oldest = db.execute("SELECT received_at FROM messages WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
-        age = seconds_since(oldest[0] if oldest else None, now)
+                                "reader (mllp_ack = received).", value=views.queue_depth())
+        age = seconds_since(views.oldest_queued_at(), now)
         yield GaugeMetricFamily("gateway_queue_oldest_seconds", "How long the oldest message in the processing "
                                 "queue has waited (0 when none waits).", value=max(0.0, age or 0.0))
 
-    def _outbox(self, now: _dt.datetime) -> Iterator[Metric]:
-        if "outbox" not in self._tables():
+    def _outbox(self, views: ReadModelsPort, now: _dt.datetime) -> Iterator[Metric]:
+        if "outbox" not in views.tables():
             return
-        db = self._db()
-        marks = ", ".join("?" for _ in _OPEN_STATES)
         family = GaugeMetricFamily("gateway_deliveries", "Deliveries to other members in the outbox that are not "
                                    "delivered, by destination (USCC) and state: pending (waiting for its next "
                                    "attempt), delivering, dead (given up).", labels=["destination", "state"])
-        rows = db.execute(f"SELECT destination, status, count(*) FROM outbox WHERE status IN ({marks}) "
-                          "GROUP BY destination, status ORDER BY destination, status", list(_OPEN_STATES)).fetchall()
-        for destination, state, n in rows:
+        for destination, state, n in views.deliveries_by_state(OPEN_DELIVERY_STATES):
             family.add_metric([destination, state], n)
         yield family
-        delivered = db.execute("SELECT count(*) FROM outbox WHERE status = 'delivered'").fetchone()[0]
         yield GaugeMetricFamily("gateway_deliveries_delivered", "Deliveries in the outbox that were delivered (all "
                                 "destinations; per destination see gateway_delivery_attempts_total).",
-                                value=delivered)
-        first = db.execute("SELECT min(id) FROM outbox WHERE status IN ('pending', 'delivering')").fetchone()[0]
-        wait = 0.0
-        if first is not None:
-            created = db.execute("SELECT created_at FROM outbox WHERE id = ?", [first]).fetchone()
-            wait = max(0.0, seconds_since(created[0] if created else None, now) or 0.0)
+                                value=views.deliveries_in("delivered"))
+        wait = max(0.0, seconds_since(views.oldest_waiting_delivery_at(), now) or 0.0)
         yield GaugeMetricFamily("gateway_delivery_oldest_wait_seconds", "How long the oldest delivery not yet "
                                 "delivered (nor given up) has waited (0 when none waits).", value=wait)
 
-    def _recognition(self, now: _dt.datetime) -> Iterator[Metric]:
+    def _recognition(self, views: ReadModelsPort, now: _dt.datetime) -> Iterator[Metric]:
         family = CounterMetricFamily("gateway_recognition_decisions", "互认 decisions recorded by this member, by "
                                      "outcome (recognized, not-recognized, needs-review).", labels=["outcome"])
         counts = {"recognized": 0, "not-recognized": 0, "needs-review": 0}
-        if "recognition_decisions" in self._tables():  # made with the first decision
-            for outcome, n in self._db().execute("SELECT outcome, count(*) FROM recognition_decisions "
-                                                 "GROUP BY outcome").fetchall():
-                counts[outcome] = n
+        counts.update(views.decision_outcomes())  # empty until the first decision made the table
         for outcome, n in counts.items():
             family.add_metric([outcome], n)
         yield family
 
-    def _checkpoint(self, now: _dt.datetime) -> Iterator[Metric]:
-        if "audit_checkpoint" not in self._tables():
-            return
-        row = self._db().execute("SELECT time FROM audit_checkpoint WHERE own = 1 ORDER BY id DESC LIMIT 1").fetchone()
-        age = seconds_since(row[0] if row else None, now)
+    def _checkpoint(self, views: ReadModelsPort, now: _dt.datetime) -> Iterator[Metric]:
+        age = seconds_since(views.last_own_checkpoint_at(), now)
         if age is not None:  # none made yet: no figure, rather than a misleading one
             yield GaugeMetricFamily("gateway_audit_checkpoint_age_seconds", "Seconds since this member last "
                                     "signed a checkpoint of its audit log.", value=max(0.0, age))
 
-    def _registry(self, now: _dt.datetime) -> Iterator[Metric]:
+    def _registry(self, views: ReadModelsPort, now: _dt.datetime) -> Iterator[Metric]:
         ex = self.pipeline.exchange
         holder = getattr(ex, "holder", None)
         if holder is None:

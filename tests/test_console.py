@@ -343,9 +343,9 @@ def test_audit_verify_and_event_pages(fuling) -> None:
     assert 'data-figure="audit-verify" data-value="ok"' in answer.get_data(as_text=True)
 
 
-def test_users_add_with_password_file_and_passwd(tmp_path: Path) -> None:
+def test_users_add_with_password_file_and_passwd(tmp_path: Path, database: str) -> None:
     runner = CliRunner()
-    db = tmp_path / "gw.db"
+    db = database or tmp_path / "gw.db"
     secret = tmp_path / "pw"
     secret.write_text(PASSWORD + "\n")
     result = runner.invoke(cli, ["users", "add", "qc", "--role", "auditor", "--password-file", str(secret),
@@ -443,3 +443,62 @@ def test_answer_sent_in_gb18030_reads_as_chinese(fuling) -> None:
     page = c.get("/console/messages/2").get_data(as_text=True)
     answer = re.search(r"Answer sent.*?<pre>(.*?)</pre>", page, re.S).group(1)
     assert "MSA|AR|" in answer and "涪陵中心医院" in answer and "\ufffd" not in answer
+
+
+LIS_SAMPLE = Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
+
+
+def test_pages_read_their_figures_from_the_database_on_each_backend(app: Any, pipeline: Any, backend: str) -> None:
+    """Every read model behind the pages (overview, messages, a message and its bytes, exchange, registry,
+    decision, audit) on the backend chosen: the figures shown are the database's."""
+    from gateway.exchange.outbox import Outbox
+    from gateway.store.db import dialect
+
+    assert dialect(pipeline.store.db) == backend
+    clock = pipeline.clock
+    outcomes = pipeline.ingest(LIS_SAMPLE.read_bytes(), "hl7v2", channel="mllp")
+    assert outcomes
+    outbox = Outbox(pipeline.store.db, clock=clock)
+    for dest, payload in (("12500102MB0002006J", b"a"), ("12500102MB0002006J", b"b"), ("12510000MB00030095", b"c")):
+        outbox.enqueue(dest, "http://127.0.0.1:1/exchange/bundles", payload)
+    me, setup = records.Party.member(TONGJIANG_USCC), records.Party("test-setup")
+    auth.add_user(pipeline.store.db, "adm", ["admin"], at=clock(), gateway=me, by=setup)
+    auth.set_password(pipeline.store.db, "adm", PASSWORD, at=clock(), gateway=me, by=setup)
+    c, answer = login(app, "adm")
+    assert answer.status_code == 303
+
+    counts = pipeline.store.counts()
+    overview = c.get("/console/")
+    assert overview.status_code == 200
+    page = overview.get_data(as_text=True)
+    assert _figures(page, "queue-backlog")[0]["value"] == str(counts.get("queued", 0))
+    found = c.get("/console/messages").get_data(as_text=True)
+    assert _figures(found, "messages-found")[0]["value"] == str(sum(counts.values()))
+    day = clock().date().isoformat()
+    stored = c.get(f"/console/messages?status=stored&channel=mllp&from={day}&to={day}").get_data(as_text=True)
+    assert _figures(stored, "messages-found")[0]["value"] == str(counts.get("stored", 0))
+    assert _figures(c.get("/console/messages?from=2000-01-01&to=2000-01-02").get_data(as_text=True),
+                    "messages-found")[0]["value"] == "0"
+    first = min(int(i) for i in re.findall(r'href="/console/messages/(\d+)"', found))
+    message = c.get(f"/console/messages/{first}")
+    assert message.status_code == 200
+    assert [s["stage"] for s in pipeline.store.stages_of(first)][0] in message.get_data(as_text=True)
+    raw = c.get(f"/console/messages/{first}/raw")
+    assert raw.status_code == 200 and "MSH|" in raw.get_data(as_text=True)
+    assert c.get("/console/messages/999999").status_code == 404
+    exchange = c.get("/console/exchange?destination=12500102MB0002006J").get_data(as_text=True)
+    assert re.findall(r'data-destination="([^"]+)"', exchange) == ["12500102MB0002006J"] * 2
+    shown = {(m[1], m[0]) for m in re.findall(r'data-state="([^"]+)"><td>\d+</td><td data-destination="([^"]+)"',
+                                              c.get("/console/exchange").get_data(as_text=True))}
+    assert shown == {("12500102MB0002006J", "pending"), ("12510000MB00030095", "pending")}
+    assert c.get("/console/registry").status_code == 200
+    assert c.get("/console/decisions/no-such-decision").status_code == 404
+    assert c.get("/console/audit").status_code == 200
+    assert any(e["seq"] for e in _log_of(pipeline.store.db, "operator"))  # the raw view was audited
+
+
+def _log_of(db: Any, kind: str) -> list[dict[str, Any]]:
+    return [e.facts | {"seq": e.seq} for e in entries(db) if e.kind == kind]
+
+
+TONGJIANG_USCC = "12511921MB0001003C"

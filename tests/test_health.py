@@ -20,6 +20,7 @@ import pytest
 from gateway.demo import MEMBERS
 from gateway.demo.world import build_world
 from gateway.heartbeat import run_dir, write_manifest
+from gateway.store.db import transaction
 
 DATA = Path(__file__).parent / "data"
 CST = _dt.timezone(_dt.timedelta(hours=8))
@@ -35,13 +36,28 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    clock = Clock()
-    base = tmp_path_factory.mktemp("world")
-    w = build_world(base, clock, {"tongjiang": "http://127.0.0.1:9", "fuling": "http://127.0.0.1:10"},
-                    members=("tongjiang", "fuling"))
-    w.clock = clock
-    return w
+def worlds(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The demo world of two members on a backend (built on first use, once per backend per module)."""
+    built: dict[str, Any] = {}
+
+    def world(backend: str, cluster: Any) -> Any:
+        if backend not in built:
+            clock = Clock()
+            base = tmp_path_factory.mktemp(f"world-{backend}")
+            database = None if cluster is None else (
+                lambda key: str(cluster.url("gw", schema=f"health_{os.getpid()}_{key}")))
+            w = build_world(base, clock, {"tongjiang": "http://127.0.0.1:9", "fuling": "http://127.0.0.1:10"},
+                            members=("tongjiang", "fuling"), database=database)
+            w.clock = clock
+            built[backend] = w
+        return built[backend]
+
+    return world
+
+
+@pytest.fixture
+def world(worlds: Any, backend: str, request: pytest.FixtureRequest) -> Any:
+    return worlds(backend, request.getfixturevalue("pg_cluster") if backend == "postgresql" else None)
 
 
 @pytest.fixture
@@ -51,7 +67,7 @@ def gw(world: Any) -> Any:
     world.clock.now = _dt.datetime.now(CST)
     gateway.clock = world.clock
     db = gateway.pipeline.store.db
-    with db.conn:
+    with transaction(db):
         db.execute("DELETE FROM outbox")
         db.execute("DELETE FROM message_stages WHERE message_ref IN (SELECT id FROM messages WHERE status = 'queued')")
         db.execute("DELETE FROM messages WHERE status = 'queued'")
@@ -90,6 +106,13 @@ def test_registry_routes_answer_on_a_gateway_with_a_registry(gw: Any) -> None:
     assert decided.get_json()["resourceType"] == "Parameters"
 
 
+def test_the_gateway_runs_on_the_backend_chosen(gw: Any, backend: str) -> None:
+    from gateway.store.db import dialect
+
+    assert dialect(gw.pipeline.store.db) == backend
+    assert health(gw)[1]["checks"]["database"] == {"ok": True, "detail": "answers"}
+
+
 def test_health_is_ok_when_everything_is(gw: Any) -> None:
     status, body = health(gw)
     assert status == 200, body
@@ -101,7 +124,7 @@ def test_health_is_ok_when_everything_is(gw: Any) -> None:
 def test_dead_letters_fail_health(gw: Any) -> None:
     db = gw.pipeline.store.db
     now = gw.pipeline.clock().isoformat()
-    with db.conn:
+    with transaction(db):
         db.execute("INSERT INTO outbox (destination, url, kind, payload, payload_sha256, status, attempts,"
                    " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                    [FL, "http://127.0.0.1:10/exchange", "bundle", b"{}", "d" * 64, "dead", 9, 0, now, now])
@@ -113,7 +136,7 @@ def test_dead_letters_fail_health(gw: Any) -> None:
 def test_a_delivery_waiting_too_long_fails_health(gw: Any) -> None:
     db = gw.pipeline.store.db
     then = (gw.pipeline.clock() - _dt.timedelta(seconds=gw.settings.health_max_delivery_wait + 60)).isoformat()
-    with db.conn:
+    with transaction(db):
         db.execute("INSERT INTO outbox (destination, url, kind, payload, payload_sha256, status, attempts,"
                    " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                    [FL, "http://127.0.0.1:10/exchange", "bundle", b"{}", "e" * 64, "pending", 3, 0, then, then])

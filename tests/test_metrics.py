@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,13 +178,26 @@ class Routed:
         return classify(resp.status_code, resp.data)
 
 
-def test_exchange_figures(tmp_path: Path) -> None:
+def member_databases(request: pytest.FixtureRequest, backend: str) -> Any:
+    """On PostgreSQL, each demo member's database in a schema of its own (None: SQLite files)."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("pg_cluster")
+    prefix = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+
+    def database(key: str) -> str:
+        return str(cluster.url("gw", schema=f"{prefix}_{key}"))
+    return database
+
+
+def test_exchange_figures(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     from gateway.audit import checkpoint
     from gateway.demo import MEMBERS
     from gateway.demo.world import build_world
 
     clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
-    world = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"))
+    world = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"),
+                        database=member_databases(request, backend))
     for gw in world.gateways.values():
         gw.pipeline.exchange.transport = Routed(world)
     tj, fl = world.gateways["tongjiang"], world.gateways["fuling"]
@@ -239,7 +252,7 @@ def _mllp(port: int, message: bytes) -> bytes:
 
 
 @pytest.mark.slow
-def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path: Path) -> None:
+def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path: Path, database: str) -> None:
     from gateway.demo import free_port
     from gateway.heartbeat import run_dir
 
@@ -253,23 +266,25 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
            "GATEWAY_WORKERS": "2", "GATEWAY_THREADS": "2", "GATEWAY_LOG_LEVEL": "INFO", "GATEWAY_LOG_FORMAT": "json",
            "GATEWAY_METRICS_TOKEN_FILE": str(token_file), "GATEWAY_DELIVERY_INTERVAL": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if database:
+        env["GATEWAY_DATABASE"] = database
     added = subprocess.run([GATEWAY, "users", "add", "lis", "--role", "submitter"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip().splitlines()[-1]
-    db_path = data_dir / "gateway.db"
+    db_path = database or data_dir / "gateway.db"
     from gateway.exchange.outbox import Outbox
-    from gateway.store.db import connect
+    from gateway.store.db import connect, transaction
 
     outbox_db = connect(db_path)  # deliveries waiting: the gauges must show the database's counts
     outbox = Outbox(outbox_db, clock=lambda: _dt.datetime.now(CST))
     for dest, payload in (("12500102MB0002006J", b"a"), ("12500102MB0002006J", b"b"), ("12510000MB00030095", b"c")):
         outbox.enqueue(dest, "http://127.0.0.1:1/exchange/bundles", payload)
-    outbox_db.execute("UPDATE outbox SET status = 'dead' WHERE payload = ?", [b"b"])
-    outbox_db.execute("UPDATE outbox SET next_attempt_at = 4102444800")  # not due while the test runs
-    outbox_db.conn.commit()
+    with transaction(outbox_db):
+        outbox_db.execute("UPDATE outbox SET status = 'dead' WHERE payload = ?", [b"b"])
+        outbox_db.execute("UPDATE outbox SET next_attempt_at = 4102444800")  # not due while the test runs
     outbox_db.conn.close()
-    old_file = run_dir(Settings(data_dir=str(data_dir))) / "metrics" / "counter_99999999.db"
+    old_file = run_dir(Settings(data_dir=str(data_dir), database=database)) / "metrics" / "counter_99999999.db"
     old_file.parent.mkdir(parents=True, exist_ok=True)
     old_file.write_bytes(b"left by an earlier run")  # emptied at start: an earlier run's counts never show
 
@@ -315,10 +330,13 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
         assert moved(now, "mllp", "queued") == n_mllp, "counted by the listener process"
         assert moved(now, "http", "stored") == n_http, "counted by the HTTP workers"
         assert moved(now, "mllp", "stored") + moved(now, "http", "stored") == n_mllp + n_http
-        with sqlite3.connect(db_path) as db:
+        db = connect(db_path)
+        try:
             queued = db.execute("SELECT count(*) FROM messages WHERE status = 'queued'").fetchone()[0]
             outbox = {(r[0], r[1]): r[2] for r in db.execute(
                 "SELECT destination, status, count(*) FROM outbox GROUP BY 1, 2").fetchall()}
+        finally:
+            db.conn.close()
         assert value(now, "gateway_queue_depth") == queued == 0
         shown = {(dict(k[1])["destination"], dict(k[1])["state"]): v for k, v in now.items()
                  if k[0] == "gateway_deliveries"}
@@ -326,7 +344,7 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
         assert value(now, "gateway_part_up", part="queue") == 1 and value(now, "gateway_part_up", part="http-2") == 1
 
         # a killed HTTP worker is restarted; what it counted still adds up
-        manifest = run_dir(Settings(data_dir=str(data_dir))) / "serve.json"
+        manifest = run_dir(Settings(data_dir=str(data_dir), database=database)) / "serve.json"
         parts = json.loads(manifest.read_text())["parts"]
         os.kill(parts["http-1"]["pid"], signal.SIGKILL)
         os.kill(parts["http-2"]["pid"], signal.SIGKILL)

@@ -33,6 +33,7 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.config import Settings
 from gateway.datetimes import seconds_since
+from gateway.store.views import ReadModels
 
 bp = Blueprint("health", __name__)
 
@@ -96,15 +97,13 @@ def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def _work(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
-    """Checks of the processing queue and of deliveries to other members (SQL of its own, read only)."""
-    db = pipeline.store.db
+    """Checks of the processing queue and of deliveries to other members (read-only queries of its own)."""
+    views = ReadModels(pipeline.store.db)
     now = pipeline.clock()
     checks: dict[str, dict[str, Any]] = {}
     limit = settings.health_max_backlog
-    waiting = db.execute("SELECT count(*) FROM (SELECT 1 FROM messages WHERE status = 'queued' LIMIT ?)",
-                         [limit + 1]).fetchone()[0]
-    oldest = db.execute("SELECT received_at FROM messages WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
-    age = _age(oldest[0] if oldest else None, now)
+    waiting = views.queued_up_to(limit + 1)
+    age = _age(views.oldest_queued_at(), now)
     if waiting > limit:
         checks["backlog"] = _check(False, f"more than {limit} messages wait in the processing queue "
                                           "(health_max_backlog)")
@@ -122,15 +121,12 @@ def _work(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
                                             "then `gateway messages retry ID`")
     else:
         checks["abandoned"] = _check(True, "no message left unfinished by a process that is gone")
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
-    if "outbox" in tables:
-        dead = db.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone()[0]
+    if "outbox" in views.tables():
+        dead = views.deliveries_in("dead")
         checks["dead_letters"] = _check(
             not dead, f"{dead} delivery(ies) to other members given up: see `gateway outbox list --status dead`, "
                       "then `gateway outbox retry ID`" if dead else "no delivery given up")
-        first = db.execute("SELECT created_at FROM outbox WHERE status NOT IN ('delivered', 'dead') "
-                           "ORDER BY id LIMIT 1").fetchone()
-        wait = _age(first[0] if first else None, now)
+        wait = _age(views.oldest_waiting_delivery_at(), now)
         if wait is not None and wait > settings.health_max_delivery_wait:
             checks["deliveries"] = _check(False, f"the oldest delivery to another member has waited {wait:.0f} s "
                                                  f"(health_max_delivery_wait {settings.health_max_delivery_wait} s)")

@@ -251,15 +251,16 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
 
 def _drain_queue(db_path: Path | str, start: float, duration: float, cap: float) -> dict[str, Any]:
     """Wait for the queue reader to store what the listener took (up to ``cap`` s after the load): its figures."""
-    import sqlite3
+    from gateway.store.db import connect
+    from gateway.store.views import ReadModels
 
     def counts() -> tuple[int, int]:
-        conn = sqlite3.connect(f"{Path(db_path).absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+        db = connect(db_path if isinstance(db_path, str) else Path(db_path).absolute(), readonly=True)
         try:
-            rows = dict(conn.execute("SELECT status, count(*) FROM messages GROUP BY 1").fetchall())
+            rows = ReadModels(db).message_status_counts()
         finally:
-            conn.close()
-        return int(rows.get("queued", 0)), sum(int(n) for s, n in rows.items() if s != "queued")
+            db.conn.close()
+        return rows.get("queued", 0), sum(n for s, n in rows.items() if s != "queued")
 
     queued, stored = counts()
     during = stored

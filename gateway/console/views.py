@@ -16,11 +16,10 @@ import json
 import logging
 import secrets
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from typing import Any, Literal, cast
 from urllib.parse import urlencode
 
-import sqlite_utils
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
@@ -31,8 +30,10 @@ from gateway.audit import query, records, stats
 from gateway.audit.log import append, get
 from gateway.audit.verify import verify as verify_log
 from gateway.console import charts
-from gateway.errors import GatewayError
-from gateway.store.db import connect, transaction
+from gateway.errors import GatewayError, NotFound
+from gateway.store.db import Database, connect, transaction
+from gateway.store.store import Store
+from gateway.store.views import MessageFilter, ReadModels
 
 __all__ = ["bp"]
 
@@ -66,9 +67,13 @@ def _now() -> _dt.datetime:
 
 
 @contextmanager
-def _db() -> Iterator[sqlite_utils.Database]:
-    with closing(connect(_settings().database_locator).conn) as conn:
-        yield sqlite_utils.Database(conn)
+def _db() -> Iterator[Database]:
+    """A connection of the request's own (SQLite file or PostgreSQL), closed after it."""
+    db = connect(_settings().database_locator)
+    try:
+        yield db
+    finally:
+        db.conn.close()
 
 
 def _gateway() -> records.Party:
@@ -178,13 +183,13 @@ def _user_party() -> records.Party:
     return records.Party.user(_settings().issuer_uscc, g.console.principal.name)
 
 
-def _operator(db: sqlite_utils.Database, action: Any, target: str, detail: str | None = None) -> None:
+def _operator(db: Database, action: Any, target: str, detail: str | None = None) -> None:
     with transaction(db):
         append(db, records.operator_action(at=_now(), gateway=_gateway(), user=_user_party(),
                                            client_address=_address(), action=action, target=target, detail=detail))
 
 
-def _record_read(db: sqlite_utils.Database, *, interaction: Literal["search-type", "read", "operation"],
+def _record_read(db: Database, *, interaction: Literal["search-type", "read", "operation"],
                  results: int | None = None, resource: str | None = None) -> None:
     """A look into the audit log from the console, written to the log (as the API does)."""
     principal = g.console.principal
@@ -286,7 +291,7 @@ def _health() -> dict[str, Any]:
 
 
 def _buckets(
-    db: sqlite_utils.Database, now: _dt.datetime, hours: bool
+    db: Database, now: _dt.datetime, hours: bool
 ) -> tuple[list[str], dict[str, list[int]], dict[tuple[str, str], int]]:
     size, count = (_dt.timedelta(hours=1), 24) if hours else (_dt.timedelta(days=1), 14)
     if hours:
@@ -297,7 +302,7 @@ def _buckets(
     labels = [(start + size * i).strftime("%H:00" if hours else "%m-%d") for i in range(count)]
     series = {o: [0] * count for o in _OUTCOMES}
     by_channel: dict[tuple[str, str], int] = {}
-    for received, channel, status in db.execute("SELECT received_at, channel, status FROM messages"):
+    for received, channel, status in ReadModels(db).message_times():
         try:
             at = _dt.datetime.fromisoformat(received)
         except ValueError:
@@ -324,17 +329,10 @@ def overview() -> Response:
     with _db() as db:
         hour_labels, hour_series, by_channel = _buckets(db, now, True)
         day_labels, day_series, by_channel_day = _buckets(db, now, False)
-        backlog = int(db.execute("SELECT count(*) FROM messages WHERE status = 'queued'").fetchone()[0])
-        deliveries = [dict(zip(("destination", "status", "n"), r)) for r in db.execute(
-            "SELECT destination, status, count(*) FROM outbox GROUP BY 1, 2 ORDER BY 1, 2")]
-        errors = [dict(zip(("id", "received_at", "channel", "sender", "message_id", "status", "issues"), r))
-                  for r in db.execute("SELECT id, received_at, channel, sender, message_id, status, issues FROM "
-                                      "messages WHERE status IN ('refused', 'failed') ORDER BY id DESC LIMIT 10")]
-    for e in errors:
-        try:
-            e["issues"] = json.loads(e["issues"] or "[]")
-        except (TypeError, ValueError):
-            e["issues"] = []
+        views = ReadModels(db)
+        backlog = views.queue_depth()
+        deliveries = [dict(zip(("destination", "status", "n"), r)) for r in views.deliveries_by_state()]
+        errors = views.latest_errors(10)
     snap = _snapshot()
     days_left = None
     if snap is not None:
@@ -353,34 +351,14 @@ def overview() -> Response:
 # --------------------------------------------------------------------------- messages
 
 
-def _message_where(args: Any) -> tuple[str, list[Any]]:
-    clauses, params = [], []
-    for name, column in (("status", "status"), ("channel", "channel"), ("sender", "sender"),
-                         ("control_id", "message_id")):
-        if args.get(name):
-            clauses.append(f"{column} = ?")
-            params.append(args[name])
-    if args.get("from"):
-        clauses.append("substr(received_at, 1, 10) >= ?")
-        params.append(args["from"][:10])
-    if args.get("to"):
-        clauses.append("substr(received_at, 1, 10) <= ?")
-        params.append(args["to"][:10])
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-
 @bp.get("/messages")
 def messages() -> Response:
     """Search received messages by status, channel, sender, date range and control id."""
-    where, params = _message_where(request.args)
     page = max(request.args.get("page", 1, type=int) or 1, 1)
     with _db() as db:
-        total = int(db.execute(f"SELECT count(*) FROM messages{where}", params).fetchone()[0])
-        rows = [dict(zip(("id", "received_at", "channel", "format", "sender", "message_id", "status", "ack_code"),
-                         r)) for r in db.execute(
-            "SELECT id, received_at, channel, format, sender, message_id, status, ack_code FROM messages"
-            f"{where} ORDER BY id DESC LIMIT ? OFFSET ?", [*params, _PAGE, (page - 1) * _PAGE])]
-        channels = [r[0] for r in db.execute("SELECT DISTINCT channel FROM messages ORDER BY 1")]
+        views = ReadModels(db)
+        total, rows = views.search_messages(MessageFilter.of(request.args), _PAGE, (page - 1) * _PAGE)
+        channels = views.message_channels()
     args = {k: v for k, v in request.args.items() if k != "page" and v}
     return _page("messages.html", rows=rows, total=total, page=page, pages=max((total + _PAGE - 1) // _PAGE, 1),
                  args=args, query=urlencode(args), channels=channels,
@@ -390,14 +368,13 @@ def messages() -> Response:
 @bp.get("/messages/<int:record_id>")
 def message(record_id: int) -> Response:
     """One message: its stages, every issue and the answer sent."""
-    store = _pipeline().store
     with _db() as db:
-        rows = list(db.query("SELECT * FROM messages WHERE id = ?", [record_id]))
-        if not rows:
+        store = Store(db)
+        try:
+            rec = store.get_message(record_id)
+        except NotFound:
             abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
-        rec = store._record(rows[0])
-        stages = list(db.query("SELECT stage, status, at, detail FROM message_stages WHERE message_ref = ? "
-                               "ORDER BY rowid", [record_id]))
+        stages = store.stages_of(record_id)
     ack = _text_of(rec.ack).replace("\r", "\n") if rec.ack else ""
     return _page("message.html", rec=rec, stages=stages, ack=ack)
 
@@ -415,11 +392,11 @@ def message_raw(record_id: int) -> Response:
     """The bytes as received (admin only; each view audited: they hold patient data)."""
     _admin()
     with _db() as db:
-        row = db.execute("SELECT raw FROM messages WHERE id = ?", [record_id]).fetchone()
-        if row is None:
+        try:
+            raw = Store(db).raw_of(record_id)
+        except NotFound:
             abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
         _operator(db, "message-raw-viewed", f"messages/{record_id}")
-    raw = bytes(row[0])
     text = _text_of(raw)
     return _page("raw.html", record_id=record_id, text=text.replace("\r\n", "\n").replace("\r", "\n"), size=len(raw))
 
@@ -448,29 +425,13 @@ def _outbox() -> Any:
 def exchange() -> Response:
     """The outbox per destination, received Bundles, and 调阅 lookups made and served."""
     destination, state = request.args.get("destination", ""), request.args.get("state", "")
-    clauses, params = [], []
-    if destination:
-        clauses.append("destination = ?")
-        params.append(destination)
-    if state:
-        clauses.append("status = ?")
-        params.append(state)
-    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
     with _db() as db:
-        outbox = [dict(zip(("id", "destination", "url", "status", "attempts", "last_error", "receipt", "created_at",
-                            "updated_at"), r)) for r in db.execute(
-            "SELECT id, destination, url, status, attempts, last_error, receipt, created_at, updated_at FROM outbox"
-            f"{where} ORDER BY destination, id DESC LIMIT 200", params)]
-        received = [dict(zip(("bundle_id", "doc_sha256", "issuer_uscc", "signed_at"), r)) for r in db.execute(
-            "SELECT bundle_id, doc_sha256, issuer_uscc, signed_at FROM signed_bundles WHERE direction = 'received' "
-            "ORDER BY signed_at DESC LIMIT 100")]
-        exchanges = [(e[0], json.loads(e[1])) for e in db.execute(
-            "SELECT seq, content FROM audit_log WHERE kind = 'exchange' ORDER BY seq DESC LIMIT 100")]
-        lookups = [(e[0], json.loads(e[1])) for e in db.execute(
-            "SELECT seq, content FROM audit_log WHERE kind = 'read' ORDER BY seq DESC LIMIT 100")]
+        views = ReadModels(db)
+        outbox = views.outbox_rows(destination, state, 200)
+        received = views.received_bundles(100)
+        exchanges = views.audit_entries("exchange", 100)
+        lookups = views.audit_entries("read", 100)
     me = _settings().issuer_uscc
-    for row in outbox:
-        row["receipt"] = json.loads(row["receipt"]) if row["receipt"] else None
     served = [(seq, c) for seq, c in lookups if c.get("facts", {}).get("gateway", {}).get("value") == me]
     return _page("exchange.html", outbox=outbox, received=received, exchanges=exchanges, served=served,
                  made=[(s, c) for s, c in lookups if (s, c) not in served], destination=destination, state=state,
@@ -623,17 +584,13 @@ def decisions_page() -> Response:
 def decision(decision_id: str) -> Response:
     """One decision: its rules and reasons, the snapshot version, and its AuditEvent."""
     with _db() as db:
-        rows = db.execute("SELECT seq, content FROM audit_log WHERE kind = 'decision' AND "
-                          "json_extract(content, '$.facts.decision_id') = ? ORDER BY seq", [decision_id]).fetchall()
-        if not rows:
+        views = ReadModels(db)
+        entries = views.decision_entries("decision", decision_id)
+        if not entries:
             abort(404, f"没有此判定 (no decision {decision_id})")
-        overrides = db.execute("SELECT seq, content FROM audit_log WHERE kind = 'override' AND "
-                               "json_extract(content, '$.facts.decision_id') = ? ORDER BY seq",
-                               [decision_id]).fetchall()
-        _record_read(db, interaction="read", resource=f"AuditEvent/{rows[-1][0]}")
-    entries = [(seq, json.loads(content)) for seq, content in rows]
-    return _page("decision.html", decision_id=decision_id, entries=entries, names=_names(),
-                 overrides=[(seq, json.loads(c)) for seq, c in overrides])
+        overrides = views.decision_entries("override", decision_id)
+        _record_read(db, interaction="read", resource=f"AuditEvent/{entries[-1][0]}")
+    return _page("decision.html", decision_id=decision_id, entries=entries, names=_names(), overrides=overrides)
 
 
 def _table_rows(figures: dict[str, Any]) -> list[list[Any]]:
@@ -746,10 +703,7 @@ def registry() -> Response:
     snap = _snapshot()
     today = _now().date()
     with _db() as db:
-        db.execute("CREATE TABLE IF NOT EXISTS registry_applied (version INTEGER NOT NULL, digest TEXT NOT NULL,"
-                   " applied_at TEXT NOT NULL, PRIMARY KEY (version, digest))")
-        history = [dict(zip(("version", "digest", "applied_at"), r)) for r in db.execute(
-            "SELECT version, digest, applied_at FROM registry_applied ORDER BY version DESC")]
+        history = ReadModels(db).registry_history()
 
     def days_left(period: Any) -> int | None:
         return (period.end - today).days if getattr(period, "end", None) else None

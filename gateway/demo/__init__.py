@@ -41,6 +41,8 @@ from typing import Any
 
 import click
 
+from gateway.store.views import ReadModels
+
 __all__ = ["DemoMember", "MEMBERS", "run_demo", "free_port", "DemoClock"]
 
 
@@ -185,8 +187,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         figures["cdc_status"] = resp.status_code
 
         # -- 2. referral across the border, through an outage -------------------------------
-        issued = tj.pipeline.store.db.execute(
-            "SELECT bundle_id, text FROM signed_bundles WHERE direction = 'issued' ORDER BY signed_at").fetchall()
+        issued = ReadModels(tj.pipeline.store.db).issued_bundles()
         echo(f"\n[referral] patient 王建国 is referred from {tj.member.name} (Sichuan) to {fl.member.name} (Chongqing)")
         for bundle_id, text in issued:
             marks = [e["valueString"] for ent in parse_json(bytes(text))["entry"]
@@ -214,8 +215,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
                  f"{receipt.get('decisions')} (snapshot v{receipt.get('snapshot')})")
         # The CDC's exam of the same worker goes to 涪陵 too (occupational-health reports are recognised
         # across the border when the issuer's 备案 covers each hazard factor).
-        exam_id = cdc.pipeline.store.db.execute(
-            "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued'").fetchone()[0]
+        exam_id = ReadModels(cdc.pipeline.store.db).issued_bundles()[0][0]
         cdc.pipeline.exchange.push(exam_id, fl.member.uscc)
         cdc.pipeline.exchange.deliver(wait=None)
         echo(f"  {cdc.member.name} sends its occupational-health exam of the same worker to {fl.member.name}: "
@@ -480,8 +480,7 @@ def _service_report_step(echo: Callable[[str], Any], ya: Any, tj: Any, figures: 
                                 "pdf": (pdf_name, _data(f"service-report/{pdf_name}"), "application/pdf")})
     figures["service_report_status"] = resp.status_code
     echo(f"  HTTP {resp.status_code} {resp.json()['issue'][0]['diagnostics']}")
-    bundle_id = ya.pipeline.store.db.execute(
-        "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued' ORDER BY signed_at DESC").fetchone()[0]
+    bundle_id = ReadModels(ya.pipeline.store.db).latest_issued_bundle_id()
     row = ya.pipeline.exchange.push(bundle_id, tj.member.uscc)
     ya.pipeline.exchange.deliver(wait=None)
     entry = ya.pipeline.exchange.outbox.get(row)
@@ -511,8 +510,7 @@ def _correction_step(echo: Callable[[str], Any], clock: DemoClock, port: int, tj
     with MLLPClient("127.0.0.1", port) as client:
         for raw in split_messages(_data("hl7v2/tongjiang-correction.hl7")):
             _print_ack(echo, client.send_message(raw).decode("utf-8", "replace"), figures)
-    corrected = tj.pipeline.store.db.execute(
-        "SELECT bundle_id FROM signed_bundles WHERE direction = 'issued' ORDER BY signed_at DESC").fetchone()[0]
+    corrected = ReadModels(tj.pipeline.store.db).latest_issued_bundle_id()
     counts = tj.pipeline.exchange.deliver(wait=None)
     figures["correction_delivered"] = counts["delivered"]
     echo(f"  通江's gateway sends the correction where the original went: {counts['delivered']} delivered to "

@@ -68,10 +68,12 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[str, str], *,
                 mappings_dir: str | None = None, members: tuple[str, ...] = ("tongjiang", "fuling", "sccdc"),
-                log_level: str = "WARNING") -> DemoWorld:
+                log_level: str = "WARNING", database: Callable[[str], str] | None = None) -> DemoWorld:
     """Keys, certificates and a signed snapshot for the demo members, and a gateway for each.
 
     ``endpoints`` maps member keys (``tongjiang``...) to the URL each gateway is reached at.
+    ``database`` gives a member key's ``database`` setting (a ``postgresql://`` URL); by default each
+    gateway has its SQLite file in its own folder.
     """
     from gateway import auth
     from gateway.api.app import create_app
@@ -99,6 +101,8 @@ def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[s
         }
         if mappings_dir:
             overrides["mappings_dir"] = mappings_dir
+        if database is not None:
+            overrides["database"] = database(key)
         settings = load_settings(environ={}, overrides=overrides)
         pipeline = Pipeline(settings, clock=clock)
         app = create_app(settings, pipeline)
