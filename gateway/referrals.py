@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -38,7 +37,10 @@ from gateway.naming import IG_BASE, SYSTEM_LAB_REPORT_NO, SYSTEM_USCC, cs_url, s
 from gateway.signing.canonical import document_bytes, parse_json
 from gateway.signing.jws import verify_bundle
 from gateway.signing.keys import kid_of, uscc_of
-from gateway.store.db import transaction
+from gateway.store.db import Database, transaction
+from gateway.store.exchange import SignedBundles
+from gateway.store.referrals import COLUMNS as _COLUMNS
+from gateway.store.referrals import ReferralStore
 
 __all__ = ["REASONS", "STATUSES", "ANSWERS", "LANE", "TASK_PATH", "PROFILE", "Referrals", "Referral",
            "ReferralConflict", "ensure_schema"]
@@ -72,28 +74,9 @@ class ReferralConflict(InputError):
     http_status = 409
 
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS referrals (
-    id           TEXT PRIMARY KEY,   -- the Task's business identifier, the same on both sides
-    side         TEXT NOT NULL,      -- requester (referred from here) | owner (this gateway is the authority)
-    status       TEXT NOT NULL,
-    reason       TEXT NOT NULL,
-    requester    TEXT NOT NULL,
-    owner        TEXT NOT NULL,
-    issuer       TEXT,
-    report       TEXT NOT NULL,      -- the focus: DiagnosticReport reference
-    decision_id  TEXT,
-    bundle_hash  TEXT,
-    note         TEXT,
-    task         TEXT NOT NULL,      -- the latest Task (JSON)
-    receipt      TEXT,               -- the signed receipt this gateway gave for the referral (owner side)
-    created_at   TEXT NOT NULL,
-    updated_at   TEXT NOT NULL
-)"""
-
-
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create the referrals table when missing."""
-    db.execute(_SCHEMA)
+def ensure_schema(db: Database) -> None:
+    """Create the referrals table when missing (once per connection)."""
+    ReferralStore(db).ensure_schema()
 
 
 @dataclass(frozen=True)
@@ -118,10 +101,6 @@ class Referral:
     def to_dict(self) -> dict[str, Any]:
         """JSON form (what ``gateway referrals show --json`` prints), the Task included."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-_COLUMNS = ("id", "side", "status", "reason", "requester", "owner", "issuer", "report", "decision_id",
-            "bundle_hash", "note", "task", "created_at", "updated_at")
 
 
 def _row(values: Any) -> Referral:
@@ -220,10 +199,15 @@ class Referrals:
         self.clock = exchange.clock
 
     @property
-    def db(self) -> sqlite_utils.Database:
-        db: sqlite_utils.Database = self.exchange.db
+    def db(self) -> Database:
+        db: Database = self.exchange.db
         ensure_schema(db)
         return db
+
+    @property
+    def rows(self) -> ReferralStore:
+        """The referrals' storage, on this thread's connection."""
+        return ReferralStore(self.db)
 
     @property
     def me(self) -> str:
@@ -244,23 +228,14 @@ class Referrals:
 
     def get(self, referral_id: str) -> Referral:
         """:raises NotFound: no referral with that id here."""
-        row = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM referrals WHERE id = ?", [referral_id]).fetchone()
+        row = self.rows.row(referral_id)
         if row is None:
             raise NotFound(f"no referral {referral_id}", "referral")
         return _row(row)
 
     def list(self, *, status: str | None = None, focus: str | None = None, limit: int = 100) -> list[Referral]:
         """Referrals, newest first, narrowed to a status and/or a focus (report reference or 检验报告单号)."""
-        where, args = [], []
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if focus:
-            where.append("(report = ? OR report LIKE ?)")
-            args += [focus, f"%/{focus}"]
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM referrals"
-        sql += (" WHERE " + " AND ".join(where)) if where else ""
-        return [_row(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, id LIMIT ?", [*args, limit])]
+        return [_row(r) for r in self.rows.rows(status=status, focus=focus, limit=limit)]
 
     # -- making a referral -----------------------------------------------------------------
 
@@ -314,8 +289,7 @@ class Referrals:
         bundle_id = str(bundle_id or "").removeprefix("urn:uuid:")
         if not issuer or not report:
             raise InputError(f"decision {decision_id} names no issuer or report to refer", "decision")
-        row = self.db.execute("SELECT doc_sha256, bundle_id FROM signed_bundles WHERE bundle_id = ? AND"
-                              " direction = 'received' ORDER BY signed_at DESC LIMIT 1", [bundle_id or ""]).fetchone()
+        row = SignedBundles(self.db).latest_received(bundle_id or "")
         if row is None:
             raise InputError(f"no signed Bundle is kept for the report of decision {decision_id}: a referral needs "
                              "it as evidence", "decision")
@@ -359,10 +333,8 @@ class Referrals:
         text, _ = self._sign(task)
         focus = f"DiagnosticReport/{report}"
         with transaction(self.db):
-            self.db.execute(f"INSERT INTO referrals ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                            [referral_id, "requester", "requested", reason, self.me, owner, issuer, focus,
-                             decision_id, bundle_hash, note, jsonutil.dumps(task), now.isoformat(),
-                             now.isoformat()])
+            self.rows.add([referral_id, "requester", "requested", reason, self.me, owner, issuer, focus,
+                           decision_id, bundle_hash, note, jsonutil.dumps(task), now.isoformat(), now.isoformat()])
             self._audit("created", task, by=by, note=note, decision_id=decision_id, bundle_hash=bundle_hash)
             self.exchange.outbox.enqueue(LANE + owner, self.url_for(LANE + owner), text, kind="referral")
         return self.get(referral_id)
@@ -383,10 +355,9 @@ class Referrals:
 
     def _audit(self, action: str, task: dict[str, Any], *, by: records.Party | None = None, note: str | None = None,
                decision_id: str | None = None, bundle_hash: str | None = None, issuer: str | None = None,
-               db: sqlite_utils.Database | None = None) -> None:
+               db: Database | None = None) -> None:
         requester, owner = task["requester"], task["owner"]
-        row = self.db.execute("SELECT issuer, report, decision_id, bundle_hash FROM referrals WHERE id = ?",
-                              [task["id"]]).fetchone()
+        row = ReferralStore(db or self.db).evidence(task["id"])
         report = row[1] if row else f"DiagnosticReport/{_focus_of(task)}"
         append(db or self.db, records.referral(
             action, at=self.clock(), gateway=records.Party.member(self.me), task_id=task["id"],
@@ -425,11 +396,7 @@ class Referrals:
         text, _ = self._sign(task)
         with transaction(self.db):
             # only from the status read above: another answer recorded meanwhile makes this one a conflict
-            changed = self.db.execute(
-                "UPDATE referrals SET status = ?, task = ?, note = COALESCE(?, note), updated_at = ?"
-                " WHERE id = ? AND status = ?",
-                [status, jsonutil.dumps(task), note, now.isoformat(), referral_id, current.status]).rowcount
-            if changed != 1:
+            if not self.rows.answer(referral_id, status, jsonutil.dumps(task), note, now.isoformat(), current.status):
                 raise ReferralConflict(f"referral {referral_id} is now {self.get(referral_id).status}: it was answered "
                                        f"meanwhile, so {status} was not recorded", "status")
             self._audit("updated", task, by=by, note=note)
@@ -467,17 +434,17 @@ class Referrals:
             raise TrustError(f"receipt signed by {signer} for another document, expected {expected}", "receipt")
         return dict(body)
 
-    def delivered(self, db: sqlite_utils.Database, payload: bytes, receipt: dict[str, Any] | None) -> None:
+    def delivered(self, db: Database, payload: bytes, receipt: dict[str, Any] | None) -> None:
         """Inside the outbox's transaction: a referral (or an answer) reached its destination."""
         task = _task_of(parse_json(payload))
         ensure_schema(db)
-        row = db.execute("SELECT side, status FROM referrals WHERE id = ?", [task["id"]]).fetchone()
+        rows = ReferralStore(db)
+        row = rows.side_and_status(task["id"])
         if row is None:
             return
         if row[0] == "requester" and row[1] == "requested" and receipt and receipt.get("status") == "received":
             task = dict(task, status="received")
-            db.execute("UPDATE referrals SET status = 'received', task = ?, updated_at = ? WHERE id = ?",
-                       [jsonutil.dumps(task), self.clock().isoformat(), task["id"]])
+            rows.set_status(task["id"], "received", jsonutil.dumps(task), self.clock().isoformat())
         self._audit("sent", task, db=db)
 
     # -- receiving (POST /exchange/tasks) --------------------------------------------------
@@ -512,8 +479,8 @@ class Referrals:
         requester, owner = _uscc_of_ref(task["requester"]), _uscc_of_ref(task["owner"])
         ensure_schema(self.db)
         # which side a referral is kept on, and the receipt given for it, never change once written: a row read
-        # here may be out of date only by being missing, which the INSERT below settles
-        existing = self.db.execute("SELECT side, receipt FROM referrals WHERE id = ?", [task["id"]]).fetchone()
+        # here may be out of date only by being missing, which keeping it below settles
+        existing = self.rows.side_and_receipt(task["id"])
         now = self.clock()
         body = {"receiver": self.me, "task": task["id"], "sha256": verified.document_sha256,
                 "received_at": now.isoformat()}
@@ -536,14 +503,12 @@ class Referrals:
         receipt: bytes = self.exchange.make_receipt(body)
         at = body["received_at"]
         with transaction(self.db):
-            kept = self.db.execute(
-                f"INSERT INTO referrals ({', '.join(_COLUMNS)}, receipt) VALUES "
-                f"({', '.join('?' * (len(_COLUMNS) + 1))}) ON CONFLICT (id) DO NOTHING",
+            kept = self.rows.add_received(
                 [task["id"], "owner", "received", reason, requester, owner, None, focus,
                  _evidence_value(task, "decision"), _evidence_value(task, "signed-bundle-hash"),
-                 task.get("description"), jsonutil.dumps(task), at, at, receipt.decode("utf-8")]).rowcount
-            if kept != 1:  # taken meanwhile by another delivery of it
-                row = self.db.execute("SELECT side, receipt FROM referrals WHERE id = ?", [task["id"]]).fetchone()
+                 task.get("description"), jsonutil.dumps(task), at, at], receipt.decode("utf-8"))
+            if not kept:  # taken meanwhile by another delivery of it
+                row = self.rows.side_and_receipt(task["id"])
                 if row is not None and row[0] == "owner" and row[1]:
                     return str(row[1]).encode("utf-8")
                 raise InputError(f"referral {task['id']} is already known here", "Task.identifier")
@@ -559,15 +524,14 @@ class Referrals:
         answer: bytes = self.exchange.make_receipt(dict(body, status=status))
         note = (task.get("statusReason") or {}).get("text")
         with transaction(self.db):
-            row = self.db.execute("SELECT status FROM referrals WHERE id = ?", [task["id"]]).fetchone()
-            now_status = str(row[0])
+            row = self.rows.side_and_status(task["id"])
+            now_status = str(row[1]) if row else current.status
             if status == now_status:
                 return answer  # the same answer again
             follows = ANSWERS.get(now_status, ()) if now_status != "requested" else ANSWERS["received"]
             if status not in follows:
                 raise InputError(f"referral {task['id']} is {now_status}: {status} does not follow", "Task.status")
-            self.db.execute("UPDATE referrals SET status = ?, task = ?, updated_at = ? WHERE id = ?",
-                            [status, jsonutil.dumps(task), body["received_at"], task["id"]])
+            self.rows.set_status(task["id"], status, jsonutil.dumps(task), body["received_at"])
             self._audit("updated", task, by=records.Party.member(peer, current.task["owner"].get("display")),
                         note=note)
         return answer

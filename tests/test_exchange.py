@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -64,8 +65,18 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def world(tmp_path, clock):
-    w = build_world(tmp_path, clock, URLS)
+def member_database(request, backend):
+    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("pg_cluster")
+    tag = uuid.uuid4().hex[:8]
+    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
+
+
+@pytest.fixture
+def world(tmp_path, clock, member_database):
+    w = build_world(tmp_path, clock, URLS, database=member_database)
     transport = Routed(w)
     for gw in w.gateways.values():
         gw.pipeline.exchange.transport = transport

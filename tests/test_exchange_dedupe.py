@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,19 @@ LIS = Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl
 
 
 @pytest.fixture
-def world(tmp_path):
+def member_database(request, backend):
+    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("pg_cluster")
+    tag = uuid.uuid4().hex[:8]
+    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
+
+
+@pytest.fixture
+def world(tmp_path, member_database):
     return build_world(tmp_path, Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST)), URLS,
-                       members=("tongjiang", "fuling"))
+                       members=("tongjiang", "fuling"), database=member_database)
 
 
 def first_message(when: str | None = None) -> bytes:

@@ -1,6 +1,8 @@
 """Outbox: backoff with jitter, retryable vs permanent, dead letters, leases after a crash, operator commands."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from gateway.errors import InputError, NotFound
@@ -12,8 +14,14 @@ URL = "http://127.0.0.1:1/exchange/bundles"
 
 
 @pytest.fixture
-def outbox(tmp_path, clock):
-    return Outbox(connect(tmp_path / "o.db"), clock=clock, max_attempts=4, lease_seconds=60, rand=lambda: 0.5)
+def locator(tmp_path, database):
+    """The outbox's database on the backend chosen with ``--backend``."""
+    return database or tmp_path / "o.db"
+
+
+@pytest.fixture
+def outbox(locator, clock):
+    return Outbox(connect(locator), clock=clock, max_attempts=4, lease_seconds=60, rand=lambda: 0.5)
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
@@ -108,3 +116,45 @@ def test_replay_and_bad_operator_requests(outbox) -> None:
         outbox._reset(row_id, ("dead",))
     with pytest.raises(NotFound):
         outbox.retry(999)
+
+
+def test_nodes_sharing_one_database_never_take_the_same_delivery(outbox, locator, clock) -> None:
+    """Delivery workers of several gateway nodes claim from one database: each row goes to one of them."""
+    ids = {outbox.enqueue(f"D{n % 5}", URL, f"payload {n}".encode()) for n in range(40)}
+    workers = 4
+    taken: list[list[int]] = [[] for _ in range(workers)]
+    start = threading.Barrier(workers)
+    failed: list[BaseException] = []
+
+    def work(n: int) -> None:
+        node = Outbox(connect(locator), clock=clock, lease_seconds=60)  # a connection per node (and thread)
+        try:
+            start.wait()
+            while True:
+                claimed = node._claim(3)
+                if not claimed:
+                    return
+                taken[n] += [d.id for d in claimed]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+        finally:
+            node.db.conn.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failed
+    every = [i for of_node in taken for i in of_node]
+    assert sorted(every) == sorted(ids)  # every delivery taken, none twice
+    assert outbox.counts() == {"delivering": 40}
+    other = Outbox(connect(locator), clock=clock, lease_seconds=60)
+    try:
+        assert other._claim(50) == []  # all leased
+        clock.advance(seconds=61)  # the workers died: their leases ran out, another node takes the rows again
+        again = other._claim(50)
+        assert sorted(d.id for d in again) == sorted(ids)
+        assert outbox._claim(50) == []
+    finally:
+        other.db.conn.close()

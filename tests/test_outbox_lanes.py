@@ -13,6 +13,7 @@ import datetime as _dt
 import socket
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -86,8 +87,8 @@ def fast():
     server.shutdown()
 
 
-def test_a_hung_receiver_does_not_hold_up_other_destinations(tmp_path, hung, fast) -> None:
-    outbox = Outbox(connect(tmp_path / "o.db"), clock=lambda: _dt.datetime.now(CST))
+def test_a_hung_receiver_does_not_hold_up_other_destinations(tmp_path, database, hung, fast) -> None:
+    outbox = Outbox(connect(database or tmp_path / "o.db"), clock=lambda: _dt.datetime.now(CST))
     for i in range(3):
         outbox.enqueue("HUNG", hung.url + "/exchange/bundles", f"report {i}".encode())
     first = outbox.enqueue("FAST", fast + "/exchange/bundles", b"report to another member")
@@ -113,8 +114,8 @@ def test_a_hung_receiver_does_not_hold_up_other_destinations(tmp_path, hung, fas
     lanes.close()
 
 
-def test_lanes_keep_to_their_concurrency(tmp_path) -> None:
-    outbox = Outbox(connect(tmp_path / "o.db"), clock=lambda: _dt.datetime.now(CST))
+def test_lanes_keep_to_their_concurrency(tmp_path, database) -> None:
+    outbox = Outbox(connect(database or tmp_path / "o.db"), clock=lambda: _dt.datetime.now(CST))
     for i in range(6):
         outbox.enqueue("D", "http://d.test/exchange/bundles", f"r{i}".encode())
     lock, now, peak = threading.Lock(), [0], [0]
@@ -152,18 +153,28 @@ def issue(world, n: int) -> str:
 
 
 @pytest.fixture
+def member_database(request, backend):
+    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("pg_cluster")
+    tag = uuid.uuid4().hex[:8]
+    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
+
+
+@pytest.fixture
 def clock() -> Clock:
     return Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
 
 
-def test_a_member_gateway_delivers_to_others_while_one_hangs(tmp_path, clock, hung) -> None:
+def test_a_member_gateway_delivers_to_others_while_one_hangs(tmp_path, clock, hung, member_database) -> None:
     target: dict[str, object] = {}
     server = make_server("127.0.0.1", 0, lambda env, start: target["app"](env, start), threaded=True)  # type: ignore
     threading.Thread(target=server.serve_forever, daemon=True).start()
     cdc_url = f"http://127.0.0.1:{server.server_port}"
     try:
         world = build_world(tmp_path, clock, {"tongjiang": "http://tongjiang.test", "fuling": hung.url,
-                                              "sccdc": cdc_url})
+                                              "sccdc": cdc_url}, database=member_database)
         target["app"] = world.gateways["sccdc"].app
         tj = world.gateways["tongjiang"].pipeline.exchange
         tj.transport = HTTPTransport(timeout=4)
@@ -218,9 +229,9 @@ class Routed:
         return SendResult(False, status=405, error="GET not handled")
 
 
-def test_deliveries_follow_an_endpoint_that_moved(tmp_path, clock) -> None:
+def test_deliveries_follow_an_endpoint_that_moved(tmp_path, clock, member_database) -> None:
     urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
-    world = build_world(tmp_path, clock, urls)
+    world = build_world(tmp_path, clock, urls, database=member_database)
     fl_gw = world.gateways["fuling"]
     routed = Routed({"fuling.test": fl_gw.app})
     tj = world.gateways["tongjiang"].pipeline.exchange
@@ -264,9 +275,9 @@ def test_deliveries_follow_an_endpoint_that_moved(tmp_path, clock) -> None:
     assert tj.endpoint_of(FL) == "http://fuling-new.test/exchange/bundles"
 
 
-def test_a_destination_not_in_the_registry_now_is_not_sent_to(tmp_path, clock) -> None:
+def test_a_destination_not_in_the_registry_now_is_not_sent_to(tmp_path, clock, member_database) -> None:
     urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
-    world = build_world(tmp_path, clock, urls)
+    world = build_world(tmp_path, clock, urls, database=member_database)
     routed = Routed({"fuling.test": world.gateways["fuling"].app})
     tj = world.gateways["tongjiang"].pipeline.exchange
     tj.transport = routed

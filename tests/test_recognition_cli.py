@@ -53,9 +53,9 @@ def test_table_lists_every_rule(demo_dir: Path) -> None:
     assert out.count("✓ member-active") == 5
 
 
-def test_json_and_storage(demo_dir: Path, tmp_path: Path) -> None:
+def test_json_and_storage(demo_dir: Path, tmp_path: Path, database: str) -> None:
     runner = CliRunner()
-    db = tmp_path / "gw.db"
+    db = database or tmp_path / "gw.db"  # the backend chosen with --backend
     result = runner.invoke(
         recognize,
         [

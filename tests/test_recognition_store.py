@@ -16,7 +16,13 @@ from gateway.errors import IdentifierError, InputError, NotFound
 from gateway.recognition.engine import Decision, decide_all
 from gateway.recognition.facts import facts_from_bundle
 from gateway.recognition.overrides import RETEST_REASONS, make_override
-from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
+from gateway.recognition.store import (
+    add_override,
+    get_decision,
+    list_decisions,
+    save_decisions,
+    withdraw_superseded,
+)
 from gateway.registry.snapshot import unsigned_snapshot
 from gateway.registry.source import load_source
 from gateway.store.db import connect, transaction
@@ -34,11 +40,20 @@ def decisions_for(name: str, receiver: str, at: dt.datetime = AT) -> list[Decisi
     return decide_all(facts_from_bundle(bundle), SNAPSHOT, receiver, at)
 
 
+try:
+    import psycopg
+except ImportError:  # PostgreSQL is optional
+    DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
+else:
+    DATABASE_ERRORS = (sqlite3.DatabaseError, psycopg.DatabaseError)
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> sqlite_utils.Database:
-    database = connect(tmp_path / "gw.db")
-    yield database
-    database.conn.close()
+def db(tmp_path: Path, database: str) -> sqlite_utils.Database:
+    """The gateway's database on the backend chosen with ``--backend``."""
+    opened = connect(database or tmp_path / "gw.db")
+    yield opened
+    opened.conn.close()
 
 
 @pytest.fixture
@@ -146,7 +161,7 @@ def test_tables_are_append_only(stored: sqlite_utils.Database) -> None:
         "UPDATE recognition_overrides SET reason = 'emergency'",
         "DELETE FROM recognition_overrides",
     ):
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with pytest.raises(DATABASE_ERRORS, match="append-only"):
             stored.execute(sql)
 
 
@@ -165,3 +180,42 @@ def test_saving_joins_the_callers_transaction(db: sqlite_utils.Database) -> None
 def test_naive_recorded_time_is_refused(db: sqlite_utils.Database) -> None:
     with pytest.raises(InputError):
         save_decisions(db, decisions_for("bundle-lab-tongjiang.json", FULING), AT.replace(tzinfo=None))
+
+
+def test_a_superseded_report_withdraws_its_decisions_once(stored: sqlite_utils.Database) -> None:
+    on_report = [r.decision for r in list_decisions(stored, issuer=TONGJIANG)]
+    bundle, report = on_report[0]["result"]["bundle"], on_report[0]["result"]["report"]
+    same = [d["decision_id"] for d in on_report if (d["result"]["bundle"], d["result"]["report"]) == (bundle, report)]
+    recognized = [d for d in same if get_decision(stored, d).outcome == "recognized"]
+    assert recognized
+    later = AT + dt.timedelta(days=1)
+    withdrawn = withdraw_superseded(stored, bundle_id=bundle, report_id=report, superseded_by="TJ-20261120-0001-R1",
+                                    at=later, member=FULING)
+    assert sorted(withdrawn) == sorted(same)
+    assert withdraw_superseded(stored, bundle_id=bundle, report_id=report, superseded_by="TJ-20261120-0001-R1",
+                               at=later, member=FULING) == []  # withdrawn once
+    kept = get_decision(stored, recognized[0])
+    assert kept.outcome == "not-recognized" and kept.decision["outcome"] == "recognized"
+    assert kept.to_dict()["withdrawn"]["reason"] == "superseded by TJ-20261120-0001-R1"
+    assert recognized[0] in {r.decision["decision_id"] for r in list_decisions(stored, outcome="not-recognized")}
+    assert recognized[0] not in {r.decision["decision_id"] for r in list_decisions(stored, outcome="recognized")}
+    with pytest.raises(DATABASE_ERRORS, match="append-only"):
+        stored.execute("DELETE FROM recognition_withdrawals")
+
+
+def test_a_database_without_withdrawals_gains_them_when_first_written(tmp_path: Path) -> None:
+    """A database written before withdrawals existed: its decisions are listed, and it gains the table."""
+    path = tmp_path / "older.db"
+    older = connect(path)
+    save_decisions(older, decisions_for("bundle-lab-tongjiang.json", FULING), AT)
+    older.execute("DROP TABLE recognition_withdrawals")
+    older.conn.close()
+    db = connect(path)
+    try:
+        assert len(list_decisions(db, outcome="recognized")) == 3
+        with transaction(db):  # created inside the caller's transaction, which commits it
+            assert save_decisions(db, decisions_for("bundle-occupational-cdc.json", FULING), AT) == 3
+        assert db.execute("SELECT count(*) FROM recognition_withdrawals").fetchone()[0] == 0
+        assert len(list_decisions(db)) == 8
+    finally:
+        db.conn.close()

@@ -84,7 +84,7 @@ def test_an_unsigned_bundle_is_decided_as_unsigned(demo: Path) -> None:
     assert {o for o in outcomes(output)} == {("needs-review", "not-evaluable")}
 
 
-def test_the_api_holds_a_bundle_to_its_signature_too(demo: Path, tmp_path: Path) -> None:
+def test_the_api_holds_a_bundle_to_its_signature_too(demo: Path, tmp_path: Path, database: str) -> None:
     """POST /fhir/$recognize: the genuine signature decides as signed; a made-up one is an OperationOutcome."""
     # the app as the registry API tests build it, with this member's submitter account
     from test_registry_api import authed, build_demo_registry, recognize_body, Clock, NOW, RegistryHolder, Flask
@@ -103,11 +103,12 @@ def test_the_api_holds_a_bundle_to_its_signature_too(demo: Path, tmp_path: Path)
     application = Flask("signature")
     register_error_handlers(application)
     application.register_blueprint(bp)
-    install(application, holder, clock=clock, database=tmp_path / "gw.db")
+    locator = database or tmp_path / "gw.db"  # the backend chosen with --backend
+    install(application, holder, clock=clock, database=locator)
     application.extensions["gateway.settings"] = load_settings(
         environ={},
-        overrides={"data_dir": str(tmp_path), "database": str(tmp_path / "gw.db"), "issuer_uscc": TONGJIANG})
-    _, token = auth.add_user(connect(tmp_path / "gw.db"), "his", ["submitter"], at=clock(),
+        overrides={"data_dir": str(tmp_path), "database": str(locator), "issuer_uscc": TONGJIANG})
+    _, token = auth.add_user(connect(locator), "his", ["submitter"], at=clock(),
                              gateway=Party.member(TONGJIANG), by=Party.user(TONGJIANG, "setup"))
     application.config["TEST_TOKEN"] = token
     client = authed(application)

@@ -1,14 +1,20 @@
 """A registry snapshot installed while a gateway is idle is applied by its background pass and shown at once."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
+import shutil
+import uuid
 
+import pytest
 from conftest import CST
 
 from gateway.demo.registry import build_demo_registry
 from gateway.demo.world import build_world
+from gateway.registry.holder import SnapshotFile, highest_version, holder_from_settings, remember_version
 from gateway.serve import background_pass
+from gateway.store.db import connect
 
 
 class Clock:
@@ -19,10 +25,20 @@ class Clock:
         return self.now
 
 
-def test_an_idle_gateway_applies_a_new_snapshot_file_within_a_pass(tmp_path) -> None:
+@pytest.fixture
+def member_database(request, backend):
+    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("pg_cluster")
+    tag = uuid.uuid4().hex[:8]
+    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
+
+
+def test_an_idle_gateway_applies_a_new_snapshot_file_within_a_pass(tmp_path, member_database) -> None:
     clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
     urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
-    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"))
+    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"), database=member_database)
     pipeline = world.gateways["tongjiang"].pipeline
     ex = pipeline.exchange
     assert ex.holder.current.version == 1
@@ -43,10 +59,10 @@ def test_an_idle_gateway_applies_a_new_snapshot_file_within_a_pass(tmp_path) -> 
     assert body["version"] == 2, body
 
 
-def test_a_snapshot_file_that_does_not_verify_leaves_the_one_in_force(tmp_path) -> None:
+def test_a_snapshot_file_that_does_not_verify_leaves_the_one_in_force(tmp_path, member_database) -> None:
     clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
     urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test"}
-    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"))
+    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"), database=member_database)
     pipeline = world.gateways["tongjiang"].pipeline
     ex = pipeline.exchange
     text = build_demo_registry(clock(), version=2, reuse=world.registry).text()
@@ -57,3 +73,58 @@ def test_a_snapshot_file_that_does_not_verify_leaves_the_one_in_force(tmp_path) 
     ex.snapshot_file._checked = 0.0
     assert background_pass(pipeline).get("registry") is None
     assert ex.holder.current.version == 1
+
+
+def test_a_snapshot_one_node_applies_is_applied_by_every_node_sharing_the_database(tmp_path, member_database) -> None:
+    clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
+    urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test"}
+    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"), database=member_database)
+    pipeline = world.gateways["tongjiang"].pipeline
+    ex = pipeline.exchange
+    # a second node of the same gateway: the same database, a snapshot file of its own (still version 1)
+    own_file = tmp_path / "node-b-snapshot.json"
+    shutil.copyfile(ex.settings.registry_snapshot, own_file)
+    node_b = dataclasses.replace(ex.settings, registry_snapshot=str(own_file))
+    holder_b = holder_from_settings(node_b, clock)
+    assert holder_b is not None and holder_b.current.version == 1
+    watcher_b = SnapshotFile(node_b, holder_b, clock)
+
+    newer = build_demo_registry(clock(), version=2, reuse=world.registry)
+    path = ex.settings.registry_snapshot
+    with open(path + ".new", "w", encoding="utf-8") as fh:
+        fh.write(newer.text())
+    os.replace(path + ".new", path)  # installed on the first node only
+    ex.snapshot_file._checked = 0.0
+    assert background_pass(pipeline).get("registry") == 1
+    assert ex.holder.current.version == 2
+
+    db = connect(node_b.database_locator)
+    try:
+        assert watcher_b.refresh() is False  # its own file did not change
+        assert watcher_b.refresh(db=db) is True  # its background pass finds version 2 in the database
+        assert holder_b.current.version == 2 and holder_b.current.digest() == ex.holder.current.digest()
+        assert watcher_b.refresh(db=db, force=True) is False  # nothing newer now
+    finally:
+        db.conn.close()
+    # a node restarted with its older file starts with the newer snapshot and never goes back
+    restarted = holder_from_settings(node_b, clock)
+    assert restarted is not None and restarted.current.version == 2
+    assert highest_version(node_b.database_locator) == 2
+
+
+def test_a_database_of_an_earlier_release_keeps_its_floor_and_gains_the_snapshot_text(tmp_path) -> None:
+    path = tmp_path / "old.db"
+    old = connect(path)
+    old.execute("CREATE TABLE registry_applied (version INTEGER NOT NULL, digest TEXT NOT NULL,"
+                " applied_at TEXT NOT NULL, PRIMARY KEY (version, digest))")
+    old.execute("INSERT INTO registry_applied VALUES (3, 'abc', '2026-11-01T00:00:00+08:00')")
+    old.conn.close()
+    assert highest_version(path) == 3
+    at = _dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST)
+    remember_version(path, 3, "abc", at, text=b"signed snapshot")  # kept once, its text added
+    db = connect(path)
+    try:
+        rows = db.execute("SELECT version, digest, applied_at, snapshot FROM registry_applied").fetchall()
+    finally:
+        db.conn.close()
+    assert rows == [(3, "abc", "2026-11-01T00:00:00+08:00", b"signed snapshot")]

@@ -39,7 +39,7 @@ from gateway.recognition.store import add_override, get_decision, list_decisions
 from gateway.registry.models import Snapshot
 from gateway.registry.snapshot import verify_snapshot
 from gateway.signing.canonical import dumps, parse_json
-from gateway.store.db import Database, connect, is_postgresql, transaction
+from gateway.store.db import Database, connect, describe, is_postgresql, transaction
 from gateway.store.reports import superseded_in
 
 __all__ = ["recognize", "decisions", "format_decisions"]
@@ -47,7 +47,8 @@ __all__ = ["recognize", "decisions", "format_decisions"]
 _AWARE = AwareDateTime()
 _STATUS_MARK = {PASSED: "✓", FAILED: "✗", NOT_EVALUABLE: "?"}
 _OUTCOME_LABEL = {RECOGNIZED: "RECOGNIZED", NOT_RECOGNIZED: "NOT RECOGNIZED", NEEDS_REVIEW: "NEEDS REVIEW"}
-_DB_HELP = "SQLite database of this gateway (GATEWAY_DATABASE); default: the configured one."
+_DB_HELP = ("Database of this gateway, a SQLite file or a postgresql:// URL (GATEWAY_DATABASE); default: the "
+            "configured one.")
 
 
 def _read(path: str) -> bytes:
@@ -149,7 +150,7 @@ def recognize(
     else:
         click.echo(format_decisions(decisions, snapshot))
     if stored is not None:
-        click.echo(f"{stored} new decision(s) stored in {db_path}", err=True)
+        click.echo(f"{stored} new decision(s) stored in {describe(db_path or '')}", err=True)
 
 
 @click.group("decisions")
@@ -166,11 +167,16 @@ def _configured(db_path: str | None) -> str:
     return str(settings_for(click.get_current_context()).database_locator)
 
 
-def _open(db_path: str | None) -> Database:
+def _existing(db_path: str | None) -> str:
+    """The database named (see :func:`_configured`), which must exist already (a file) or be a server's URL."""
     db_path = _configured(db_path)
     if not is_postgresql(db_path) and not Path(db_path).exists():
         raise click.ClickException(f"{db_path}: no such database")
-    db: Database = connect(db_path, readonly=True)
+    return db_path
+
+
+def _open(db_path: str | None) -> Database:
+    db: Database = connect(_existing(db_path), readonly=True)
     return db
 
 
@@ -236,9 +242,7 @@ def show_cmd(decision_id: str, db_path: str | None) -> None:
 @click.option("--note", help="Free text for the medical record.")
 def override_cmd(decision_id: str, db_path: str | None, reason: str, physician: str, note: str | None) -> None:
     """Record a physician's re-test decision beside DECISION_ID (the decision itself is kept unchanged)."""
-    db_path = _configured(db_path)
-    if not Path(db_path).exists():
-        raise click.ClickException(f"{db_path}: no such database")
+    db_path = _existing(db_path)
     with one_line_errors():
         db = connect(db_path)
         try:

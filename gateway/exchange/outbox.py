@@ -37,11 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import sqlite_utils
-
 from gateway import jsonutil, metrics
 from gateway.errors import GatewayError, NotFound
-from gateway.store.db import transaction
+from gateway.store.db import Database, transaction
+from gateway.store.outbox import OutboxPort, OutboxStore
 
 __all__ = ["Outbox", "OutboxRow", "Delivery", "Lanes", "Transport", "SendResult", "backoff_seconds"]
 
@@ -178,9 +177,14 @@ def backoff_seconds(attempts: int, *, base: float = 5.0, cap: float = 3600.0,
 
 
 class Outbox:
-    """The outbox table of one gateway database."""
+    """The outbox table of one gateway database.
 
-    def __init__(self, db: sqlite_utils.Database, *, clock: Callable[[], _dt.datetime],
+    Its rows are read and written through :class:`gateway.store.outbox.OutboxStore`
+    (SQLite or PostgreSQL); several gateway nodes may deliver from one shared
+    database, as a delivery is claimed under a lease in one transaction.
+    """
+
+    def __init__(self, db: Database, *, clock: Callable[[], _dt.datetime],
                  max_attempts: int = 12, lease_seconds: float = 120.0,
                  rand: Callable[[], float] = random.random) -> None:
         self.db = db
@@ -188,10 +192,8 @@ class Outbox:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.rand = rand
-        if not db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone():
-            from gateway.store.store import ensure_core_schema
-
-            ensure_core_schema(db)  # the outbox table is defined with the rest, in store/schema.sql
+        self.store: OutboxPort = OutboxStore(db)
+        self.store.ensure_table()
 
     def _now(self) -> tuple[float, str]:
         now = self.clock()
@@ -204,29 +206,11 @@ class Outbox:
         """
         ts, iso = self._now()
         digest = hashlib.sha256(payload).hexdigest()
-        with transaction(self.db):
-            row = self.db.execute("SELECT id, status FROM outbox WHERE destination = ? AND payload_sha256 = ?",
-                                  [destination, digest]).fetchone()
-            if row is None:
-                cur = self.db.execute(
-                    "INSERT INTO outbox (destination, url, kind, payload, payload_sha256, status,"
-                    " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,'pending',?,?,?)",
-                    [destination, url, kind, payload, digest, ts, iso, iso])
-                return int(cur.lastrowid or 0)
-            if row[1] in ("pending", "dead"):
-                # queued again: due now, at the endpoint named now, and a dead one with a fresh attempt budget
-                self.db.execute(
-                    "UPDATE outbox SET url = ?, status = 'pending', next_attempt_at = ?, updated_at = ?,"
-                    " attempts = CASE status WHEN 'dead' THEN 0 ELSE attempts END,"
-                    " last_error = CASE status WHEN 'dead' THEN '' ELSE last_error END WHERE id = ?",
-                    [url, ts, iso, row[0]])
-        return int(row[0])
+        return self.store.add(destination, url, kind, payload, digest, ts, iso)[0]
 
     def _due(self, ts: float) -> bool:
         """Whether anything may be claimed now (a read: no write lock taken when there is nothing)."""
-        return self.db.execute(
-            "SELECT 1 FROM outbox WHERE (status = 'pending' AND next_attempt_at <= ?)"
-            " OR (status = 'delivering' AND lease_until < ?) LIMIT 1", [ts, ts]).fetchone() is not None
+        return self.store.any_due(ts)
 
     def _claim(self, limit: int, free: Callable[[str], int] | None = None,
                per_destination: int | None = None, skip: set[int] | frozenset[int] = frozenset()) -> list[Delivery]:
@@ -238,15 +222,8 @@ class Outbox:
         if limit <= 0 or not self._due(ts):
             return []
         cap = per_destination or limit
-        with transaction(self.db):
-            # A lease that ran out belongs to a sender that died mid-delivery: deliver again.
-            self.db.execute("UPDATE outbox SET status = 'pending', updated_at = ? WHERE status = 'delivering'"
-                            " AND lease_until < ?", [iso, ts])
-            candidates = self.db.execute(
-                "SELECT id, destination FROM (SELECT id, destination, next_attempt_at, row_number() OVER"
-                " (PARTITION BY destination ORDER BY next_attempt_at, id) AS n FROM outbox"
-                " WHERE status = 'pending' AND next_attempt_at <= ?) WHERE n <= ? ORDER BY next_attempt_at, id",
-                [ts, cap + len(skip)]).fetchall()
+
+        def choose(candidates: list[tuple[int, str]]) -> list[int]:
             room: dict[str, int] = {}
             chosen: list[int] = []
             for row_id, dest in candidates:
@@ -256,22 +233,17 @@ class Outbox:
                     room[dest] = free(dest) if free is not None else limit
                 if room[dest] > 0 and len(chosen) < limit:
                     room[dest] -= 1
-                    chosen.append(int(row_id))
-            if not chosen:
-                return []
-            self.db.conn.executemany("UPDATE outbox SET status = 'delivering', lease_until = ?, updated_at = ?"
-                                     " WHERE id = ?", [(ts + self.lease_seconds, iso, i) for i in chosen])
-            marks = ",".join("?" * len(chosen))
-            rows = {int(r[0]): r for r in self.db.execute(
-                f"SELECT id, destination, url, payload, payload_sha256, attempts FROM outbox WHERE id IN ({marks})",
-                chosen).fetchall()}
-        return [Delivery(i, str(rows[i][1]), str(rows[i][2]), bytes(rows[i][3]), str(rows[i][4]), int(rows[i][5]))
-                for i in chosen]
+                    chosen.append(row_id)
+            return chosen
+
+        # select the due rows and lease the chosen ones: one transaction under the write lock (see OutboxStore.claim)
+        claimed = self.store.claim(ts, iso, ts + self.lease_seconds, cap + len(skip), choose)
+        return [Delivery(*row) for row in claimed]
 
     def deliver_due(self, transport: Transport, *, limit: int = 50,
                     headers: Callable[[str], dict[str, str]] | None = None,
                     on_receipt: Callable[[Delivery, SendResult], dict[str, Any]] | None = None,
-                    on_delivered: Callable[[sqlite_utils.Database, Delivery, dict[str, Any] | None], None]
+                    on_delivered: Callable[[Database, Delivery, dict[str, Any] | None], None]
                     | None = None,
                     url_for: Callable[[str], str] | None = None,
                     lanes: Lanes | None = None, wait: float | None = None) -> dict[str, int]:
@@ -353,7 +325,7 @@ class Outbox:
         return counts
 
     def _record(self, delivery: Delivery, result: SendResult, receipt: dict[str, Any] | None,
-                on_delivered: Callable[[sqlite_utils.Database, Delivery, dict[str, Any] | None], None] | None
+                on_delivered: Callable[[Database, Delivery, dict[str, Any] | None], None] | None
                 ) -> str:
         attempts = delivery.attempts + 1
         ts, iso = self._now()
@@ -368,11 +340,8 @@ class Outbox:
             why = "gave up after the last attempt" if result.retryable else "refused by the receiver"
             error = f"{result.error or f'HTTP {result.status}'} ({why})"
         with transaction(self.db):
-            self.db.execute(
-                "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL, url = ?,"
-                " last_error = ?, receipt = COALESCE(?, receipt), updated_at = ? WHERE id = ?",
-                [status, attempts, next_at, delivery.url, error, jsonutil.dumps(receipt) if receipt else None, iso,
-                 delivery.id])
+            self.store.record(delivery.id, status, attempts, next_at, delivery.url, error,
+                              jsonutil.dumps(receipt) if receipt else None, iso)
             if status == "delivered" and on_delivered is not None:
                 on_delivered(self.db, delivery, receipt)
         level = logging.INFO if status == "delivered" else logging.WARNING
@@ -385,16 +354,14 @@ class Outbox:
     # -- operators -----------------------------------------------------------------------
 
     def list(self, status: str | None = None, limit: int = 100) -> list[OutboxRow]:
-        where, args = ("WHERE status = ?", [status]) if status else ("", [])
-        rows = self.db.query(f"SELECT * FROM outbox {where} ORDER BY id DESC LIMIT ?", [*args, limit])
-        return [self._row(r) for r in rows]
+        return [self._row(r) for r in self.store.rows(status, limit)]
 
     def get(self, row_id: int) -> OutboxRow:
         """:raises NotFound: no such delivery."""
-        rows = list(self.db.query("SELECT * FROM outbox WHERE id = ?", [row_id]))
-        if not rows:
+        found = self.store.row(row_id)
+        if found is None:
             raise NotFound(f"no outbox entry {row_id}", "outbox.id")
-        return self._row(rows[0])
+        return self._row(found)
 
     def retry(self, row_id: int) -> None:
         """Put a dead (or waiting) delivery back to be tried now, with a fresh attempt budget.
@@ -418,12 +385,10 @@ class Outbox:
             raise InputError(f"outbox entry {row_id} is {row.status}; only {', '.join(allowed)} can be sent again",
                              "outbox.status")
         ts, iso = self._now()
-        with transaction(self.db):
-            self.db.execute("UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
-                            " last_error = '', updated_at = ? WHERE id = ?", [ts, iso, row_id])
+        self.store.reset(row_id, ts, iso)
 
     def counts(self) -> dict[str, int]:
-        return {r["status"]: r["n"] for r in self.db.query("SELECT status, count(*) AS n FROM outbox GROUP BY 1")}
+        return self.store.counts()
 
     @staticmethod
     def _row(r: dict[str, Any]) -> OutboxRow:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -75,7 +74,9 @@ from gateway.signing.jws import (
 )
 from gateway.signing.keys import signing_identity
 from gateway.signing.trust import check_certificate
-from gateway.store.db import transaction
+from gateway.store.db import Database, transaction
+from gateway.store.exchange import SignedBundles
+from gateway.store.outbox import OutboxStore
 from gateway.store.store import Store, holder_alive, lease_owner
 
 __all__ = ["MemberIdentity", "Exchange", "ReceiveResult", "ReceiveLater", "EXCHANGE_PATH"]
@@ -188,7 +189,7 @@ class Exchange:
         return self._store()
 
     @property
-    def db(self) -> sqlite_utils.Database:
+    def db(self) -> Database:
         return self.store.db
 
     def _tables(self) -> tuple[Outbox, ReplayCache]:
@@ -211,10 +212,11 @@ class Exchange:
     # -- shared --------------------------------------------------------------------------
 
     def refresh_registry(self) -> bool:
-        """Apply a newly installed snapshot file now (it is also looked at before every use); True if applied."""
+        """Apply a newly installed snapshot file now (it is also looked at before every use), or a newer snapshot
+        another node sharing this database applied; True if applied."""
         if self.snapshot_file is None:
             return False
-        return bool(self.snapshot_file.refresh())
+        return bool(self.snapshot_file.refresh(db=self.db))
 
     def _snapshot(self) -> Any:
         if self.holder is None:
@@ -248,7 +250,7 @@ class Exchange:
                              when=self.clock(), document=document)
         return jsonutil.dumps(signed).encode("utf-8"), hashlib.sha256(document).hexdigest()
 
-    def keep_signed(self, db: sqlite_utils.Database, text: bytes, direction: str, message_ref: int | None, *,
+    def keep_signed(self, db: Database, text: bytes, direction: str, message_ref: int | None, *,
                     bundle: dict[str, Any] | None = None, digest: str | None = None) -> str:
         """Record a signed Bundle (inside the caller's transaction); returns its document hash.
 
@@ -259,9 +261,8 @@ class Exchange:
         if digest is None:
             digest = hashlib.sha256(document_bytes(bundle)).hexdigest()
         issuer = self._issuer_of(bundle)
-        db.execute("INSERT OR IGNORE INTO signed_bundles VALUES (?,?,?,?,?,?,?,?)",
-                   [bundle.get("id", ""), digest, issuer, jsonutil.dumps(_patient_keys(bundle)), direction, text,
-                    self.clock().isoformat(timespec="milliseconds"), message_ref])
+        SignedBundles(db).keep(bundle.get("id", ""), digest, issuer, jsonutil.dumps(_patient_keys(bundle)), direction,
+                               text, self.clock().isoformat(timespec="milliseconds"), message_ref)
         return digest
 
     @staticmethod
@@ -340,23 +341,15 @@ class Exchange:
         :raises InputError: no signed Bundle with that id was issued here.
         :raises UnknownIssuer: the destination is not a member with an endpoint.
         """
-        row = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'"
-                              " ORDER BY signed_at DESC LIMIT 1", [bundle_id]).fetchone()
-        if row is None:
+        text = SignedBundles(self.db).latest_issued(bundle_id)
+        if text is None:
             raise InputError(f"no signed Bundle {bundle_id} was issued by this gateway", "bundle")
-        return self.outbox.enqueue(destination, self.endpoint_of(destination), bytes(row[0]))
+        return self.outbox.enqueue(destination, self.endpoint_of(destination), text)
 
     def pushed_to(self, bundle_id: str) -> list[str]:
         """The members this member's signed Bundle ``bundle_id`` was queued for (any outbox state)."""
-        texts = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'",
-                                [bundle_id]).fetchall()
-        digests = [hashlib.sha256(bytes(t[0])).hexdigest() for t in texts]
-        if not digests:
-            return []
-        marks = ",".join("?" * len(digests))
-        rows = self.db.execute(f"SELECT DISTINCT destination FROM outbox WHERE payload_sha256 IN ({marks})"
-                               " ORDER BY destination", digests).fetchall()
-        return [str(r[0]) for r in rows]
+        digests = [hashlib.sha256(t).hexdigest() for t in SignedBundles(self.db).issued_texts(bundle_id)]
+        return OutboxStore(self.db).destinations(digests)
 
     def forward_corrections(self, changes: list[Any], bundle_id: str) -> list[int]:
         """Queue the correction ``bundle_id`` (issued here, just stored) for every member a version it
@@ -430,7 +423,7 @@ class Exchange:
             return Referrals(self).url_for(destination) if destination.startswith(LANE) else \
                 self.endpoint_of(destination)
 
-        def delivered(db: sqlite_utils.Database, delivery: Delivery, receipt: dict[str, Any] | None) -> None:
+        def delivered(db: Database, delivery: Delivery, receipt: dict[str, Any] | None) -> None:
             if delivery.destination.startswith(LANE):
                 Referrals(self).delivered(db, delivery.payload, receipt)
                 return
@@ -527,15 +520,8 @@ class Exchange:
     def _take(self, record_id: int, lease: float) -> bool:
         """Hold a received Bundle that has no answer and no live holder (an earlier attempt died or was refused)."""
         now = self.clock().timestamp()
-        db = self.db
-        with transaction(db, poll=True):
-            row = db.execute("SELECT ack IS NOT NULL, lease_owner, lease_until FROM messages WHERE id = ?",
-                             [record_id]).fetchone()
-            if row is None or row[0] or holder_alive(row[1], row[2], now):
-                return False
-            db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
-                       " attempts = attempts + 1 WHERE id = ?", [lease_owner(), now + lease, record_id])
-        return True
+        return SignedBundles(self.db).take_message(record_id, lease_owner(), now + lease,
+                                                   lambda owner, until: holder_alive(owner, until, now))
 
     def _refuse_unverified(self, text: bytes, peer: str, exc: GatewayError) -> None:
         """Keep a push that did not verify, under the hash of its bytes, as refused, with its audit entry."""
@@ -544,7 +530,7 @@ class Exchange:
             exc.http_status, "invalid")
         detail = exc.message[:200]
 
-        def audit(db: sqlite_utils.Database) -> None:
+        def audit(db: Database) -> None:
             audit_events.exchanged(db, "refused", at=self.clock(), member=self.settings.issuer_uscc, peer=peer,
                                    bundle_hash=digest_raw, reason=reason, detail=detail)
 
@@ -573,7 +559,7 @@ class Exchange:
                 exc.http_status, "invalid")
             detail = exc.message[:200]
 
-            def audit(db: sqlite_utils.Database) -> None:
+            def audit(db: Database) -> None:
                 audit_events.exchanged(db, "refused", at=self.clock(), member=self.settings.issuer_uscc, peer=peer,
                                        bundle_hash=doc_sha, reason=reason, detail=detail)
 
@@ -633,12 +619,11 @@ class Exchange:
         decision_entries = audit_log.prepare(audit_events.decision_records(
             decisions, member=self.settings.issuer_uscc, bundle_hash=doc_sha, kid=verified.kid))
 
-        def inside(db: sqlite_utils.Database) -> None:
+        def inside(db: Database) -> None:
             # the write lock makes this the one place where "received already?" has a single answer
-            first = db.execute("SELECT message_ref FROM signed_bundles WHERE doc_sha256 = ? AND direction = 'received'",
-                               [doc_sha]).fetchone()
-            if first is not None and first[0] is not None:
-                raise _AlreadyReceived(int(first[0]))
+            first = SignedBundles(db).received_message(doc_sha)
+            if first is not None:
+                raise _AlreadyReceived(first)
             self.keep_signed(db, text, "received", record_id, bundle=bundle, digest=doc_sha)
             save_decisions(db, decisions, now)
             audit_events.exchanged(db, "received", at=now, member=self.settings.issuer_uscc, peer=peer,
@@ -717,17 +702,10 @@ class Exchange:
         needle = identifier if "|" in identifier else f"|{identifier}"
         escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%'
-        current = ""
-        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_versions'").fetchone():
-            # a Bundle whose every report a correction superseded is not answered: the correction is
-            current = (" AND bundle_id NOT IN (SELECT bundle_id FROM report_versions WHERE direction = 'issued'"
-                       " GROUP BY bundle_id HAVING min(superseded_by IS NOT NULL) = 1)")
-        rows = self.db.execute("SELECT text, patient_keys FROM signed_bundles WHERE direction = 'issued'"
-                               f" AND patient_keys LIKE ? ESCAPE '\\'{current} ORDER BY signed_at",
-                               [pattern]).fetchall()
+        rows = SignedBundles(self.db).issued_for_patient(pattern)
         out = []
         for text, keys in rows:
             keys_list = jsonutil.loads(keys)
             if identifier in keys_list or any(k.split("|", 1)[1] == identifier for k in keys_list):
-                out.append(bytes(text))
+                out.append(text)
         return out

@@ -1,4 +1,4 @@
-"""Recognition store: decisions and physician overrides in the gateway's SQLite database.
+"""Recognition store: decisions and physician overrides in the gateway's database.
 
 Three append-only tables (triggers refuse UPDATE and DELETE): a decision is
 never rewritten, an override sits beside the decision it concerns, and so does
@@ -9,8 +9,9 @@ decision row keeps the full decision JSON (every rule with its facts, the
 snapshot version and digest) so it can be replayed, plus the columns it is
 listed by: patient identifier, issuer, item and outcome.
 
-Writes go through :func:`gateway.store.db.transaction` with ``db.execute`` only,
-so that a caller can commit a decision together with its audit entry.
+Writes go through :func:`gateway.store.db.transaction` and the decisions' store
+(:class:`gateway.store.decisions.DecisionStore`, on SQLite or PostgreSQL), so that
+a caller can commit a decision together with its audit entry.
 """
 
 from __future__ import annotations
@@ -21,17 +22,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
 from gateway.errors import InputError, NotFound
 from gateway.identifiers import check_id_card, check_uscc
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.recognition.engine import NEEDS_REVIEW, NOT_RECOGNIZED, RECOGNIZED, Decision
 from gateway.recognition.overrides import RETEST_REASONS, Override
-from gateway.store.db import transaction
+from gateway.store.db import Database, transaction
+from gateway.store.decisions import DecisionStore
 
 __all__ = [
-    "SCHEMA",
     "StoredDecision",
     "ensure_schema",
     "save_decisions",
@@ -40,54 +39,6 @@ __all__ = [
     "get_decision",
     "list_decisions",
 ]
-
-SCHEMA: tuple[str, ...] = (
-    """CREATE TABLE IF NOT EXISTS recognition_decisions (
-        decision_id      TEXT PRIMARY KEY,
-        bundle_id        TEXT,
-        entry            TEXT NOT NULL,
-        report_id        TEXT,
-        patient_system   TEXT,
-        patient_value    TEXT,
-        issuer_uscc      TEXT,
-        receiver_uscc    TEXT NOT NULL,
-        catalogue_id     TEXT,
-        item_code        TEXT,
-        item_label       TEXT,
-        outcome          TEXT NOT NULL CHECK (outcome IN ('recognized', 'not-recognized', 'needs-review')),
-        snapshot_version INTEGER NOT NULL,
-        snapshot_digest  TEXT NOT NULL,
-        decided_at       TEXT NOT NULL,  -- UTC, so that text order is time order
-        recorded_at      TEXT NOT NULL,
-        decision_json    TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS recognition_decisions_patient ON recognition_decisions (patient_value, patient_system)",
-    "CREATE INDEX IF NOT EXISTS recognition_decisions_issuer ON recognition_decisions (issuer_uscc, decided_at)",
-    "CREATE INDEX IF NOT EXISTS recognition_decisions_item ON recognition_decisions (item_code, decided_at)",
-    "CREATE INDEX IF NOT EXISTS recognition_decisions_outcome ON recognition_decisions (outcome, decided_at)",
-    """CREATE TABLE IF NOT EXISTS recognition_overrides (
-        override_id      INTEGER PRIMARY KEY AUTOINCREMENT,
-        decision_id      TEXT NOT NULL REFERENCES recognition_decisions (decision_id),
-        reason           TEXT NOT NULL,
-        physician_system TEXT NOT NULL,
-        physician_id     TEXT NOT NULL,
-        note             TEXT,
-        recorded_at      TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS recognition_overrides_decision ON recognition_overrides (decision_id)",
-    """CREATE TABLE IF NOT EXISTS recognition_withdrawals (
-        decision_id      TEXT PRIMARY KEY REFERENCES recognition_decisions (decision_id),
-        reason           TEXT NOT NULL,
-        superseded_by    TEXT NOT NULL,  -- the report that superseded the one decided on
-        withdrawn_at     TEXT NOT NULL
-    )""",
-    *(
-        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action} BEFORE {action.upper()} ON {table}"
-        f" BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-        for table in ("recognition_decisions", "recognition_overrides", "recognition_withdrawals")
-        for action in ("update", "delete")
-    ),
-)
 
 _OUTCOMES = (RECOGNIZED, NOT_RECOGNIZED, NEEDS_REVIEW)
 
@@ -116,16 +67,12 @@ class StoredDecision:
         return out
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
+def ensure_schema(db: Database) -> None:
     """Create the recognition tables, indexes and triggers if they are missing.
 
-    Statement by statement (not ``executescript``, which would commit a caller's open transaction).
+    Inside the caller's transaction when there is one (and once per connection after that).
     """
-    if _table_exists(db) and _table_exists(db, "recognition_withdrawals"):
-        return
-    with transaction(db):
-        for statement in SCHEMA:
-            db.execute(statement)
+    DecisionStore(db).ensure_schema()
 
 
 def _aware(moment: _dt.datetime, label: str) -> str:
@@ -134,90 +81,63 @@ def _aware(moment: _dt.datetime, label: str) -> str:
     return moment.isoformat()
 
 
-def save_decisions(db: sqlite_utils.Database, decisions: Iterable[Decision], recorded_at: _dt.datetime) -> int:
+def save_decisions(db: Database, decisions: Iterable[Decision], recorded_at: _dt.datetime) -> int:
     """Store decisions in one transaction; return how many were new (a replayed decision is kept once).
 
     :raises InputError: ``recorded_at`` has no UTC offset.
     """
     when = _aware(recorded_at, "recorded_at")
     ensure_schema(db)
+    store = DecisionStore(db)
     added = 0
     with transaction(db):
         for d in decisions:
             f = d.facts
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO recognition_decisions (decision_id, bundle_id, entry, report_id, patient_system,"
-                " patient_value, issuer_uscc, receiver_uscc, catalogue_id, item_code, item_label, outcome,"
-                " snapshot_version, snapshot_digest, decided_at, recorded_at, decision_json)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    d.decision_id,
-                    f.bundle_id,
-                    f.entry,
-                    f.report_id,
-                    f.patient[0] if f.patient else None,
-                    f.patient[1] if f.patient else None,
-                    f.issuer_uscc,
-                    d.receiver,
-                    d.item.catalogue_id if d.item else None,
-                    d.item.code if d.item else (f.codings[0].code if f.codings else None),
-                    d.item.display if d.item else f.item_label(),
-                    d.outcome,
-                    d.snapshot_version,
-                    d.snapshot_digest,
-                    d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
-                    when,
-                    json.dumps(d.to_dict(), ensure_ascii=False),
-                ],
-            )
-            added += cursor.rowcount
+            added += store.add_decision([
+                d.decision_id,
+                f.bundle_id,
+                f.entry,
+                f.report_id,
+                f.patient[0] if f.patient else None,
+                f.patient[1] if f.patient else None,
+                f.issuer_uscc,
+                d.receiver,
+                d.item.catalogue_id if d.item else None,
+                d.item.code if d.item else (f.codings[0].code if f.codings else None),
+                d.item.display if d.item else f.item_label(),
+                d.outcome,
+                d.snapshot_version,
+                d.snapshot_digest,
+                d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
+                when,
+                json.dumps(d.to_dict(), ensure_ascii=False),
+            ])
     return added
 
 
-def add_override(db: sqlite_utils.Database, override: Override) -> int:
+def add_override(db: Database, override: Override) -> int:
     """Record a physician override beside its decision; return the override's id.
 
     :raises NotFound: no decision with that id.
     """
     ensure_schema(db)
+    store = DecisionStore(db)
     with transaction(db):
-        exists = db.execute(
-            "SELECT 1 FROM recognition_decisions WHERE decision_id = ?", [override.decision_id]
-        ).fetchone()
-        if exists is None:
+        receiver = store.receiver_of(override.decision_id)
+        if receiver is None:
             raise NotFound(f"no recognition decision {override.decision_id}", "decision_id")
-        receiver = db.execute("SELECT receiver_uscc FROM recognition_decisions WHERE decision_id = ?",
-                              [override.decision_id]).fetchone()[0]
         # The override and its audit entry commit together; the decision itself is never changed.
         from gateway.audit.log import append
         from gateway.audit.records import Party, from_override
 
         append(db, from_override(override, gateway=Party.member(receiver)))
-        cursor = db.execute(
-            "INSERT INTO recognition_overrides (decision_id, reason, physician_system, physician_id, note, recorded_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                override.decision_id,
-                override.reason,
-                override.physician_system,
-                override.physician,
-                override.note,
-                _aware(override.recorded_at, "recorded_at"),
-            ],
-        )
-    return int(cursor.lastrowid or 0)
+        return store.add_override(override.decision_id, override.reason, override.physician_system,
+                                  override.physician, override.note, _aware(override.recorded_at, "recorded_at"))
 
 
-def _overrides(db: sqlite_utils.Database, decision_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+def _overrides(db: Database, decision_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
-    if not decision_ids:
-        return out
-    marks = ",".join("?" * len(decision_ids))
-    rows = db.execute(
-        "SELECT override_id, decision_id, reason, physician_system, physician_id, note, recorded_at"
-        f" FROM recognition_overrides WHERE decision_id IN ({marks}) ORDER BY override_id",
-        decision_ids,
-    ).fetchall()
+    rows = DecisionStore(db).overrides(decision_ids)
     for override_id, decision_id, reason, system, physician, note, recorded_at in rows:
         info = RETEST_REASONS.get(reason)
         out.setdefault(decision_id, []).append(
@@ -234,19 +154,8 @@ def _overrides(db: sqlite_utils.Database, decision_ids: list[str]) -> dict[str, 
     return out
 
 
-def _table_exists(db: sqlite_utils.Database, name: str = "recognition_decisions") -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
-
-
-def _withdrawals(db: sqlite_utils.Database, decision_ids: list[str]) -> dict[str, dict[str, Any]]:
-    if not decision_ids or not _table_exists(db, "recognition_withdrawals"):
-        return {}
-    marks = ",".join("?" * len(decision_ids))
-    rows = db.execute(
-        "SELECT decision_id, reason, superseded_by, withdrawn_at FROM recognition_withdrawals"
-        f" WHERE decision_id IN ({marks})",
-        decision_ids,
-    ).fetchall()
+def _withdrawals(db: Database, decision_ids: list[str]) -> dict[str, dict[str, Any]]:
+    rows = DecisionStore(db).withdrawals(decision_ids)
     return {r[0]: {"reason": r[1], "superseded_by": r[2], "withdrawn_at": r[3]} for r in rows}
 
 
@@ -272,7 +181,7 @@ def _says_superseded(decision_json: str) -> bool:
 
 
 def withdraw_superseded(
-    db: sqlite_utils.Database,
+    db: Database,
     *,
     bundle_id: str,
     report_id: str,
@@ -297,13 +206,8 @@ def withdraw_superseded(
     reason = f"superseded by {superseded_by}"
     withdrawn: list[str] = []
     with transaction(db):
-        rows = db.execute(
-            "SELECT d.decision_id, d.decision_json, d.receiver_uscc, d.issuer_uscc,"
-            " d.patient_system, d.patient_value, d.outcome FROM recognition_decisions d"
-            " LEFT JOIN recognition_withdrawals w ON w.decision_id = d.decision_id"
-            " WHERE d.bundle_id = ? AND d.report_id = ? AND w.decision_id IS NULL ORDER BY d.decided_at, d.decision_id",
-            [bundle_id, report_id],
-        ).fetchall()
+        store = DecisionStore(db)
+        rows = store.standing_on_report(bundle_id, report_id)
         for decision_id, text, receiver, issuer, p_system, p_value, outcome in rows:
             if _says_superseded(text):
                 continue
@@ -324,25 +228,17 @@ def withdraw_superseded(
                     patient=PatientRef(p_value, p_system or None) if p_value else None,
                 ),
             )
-            db.execute(
-                "INSERT INTO recognition_withdrawals (decision_id, reason, superseded_by, withdrawn_at)"
-                " VALUES (?, ?, ?, ?)",
-                [decision_id, reason, superseded_by, when],
-            )
+            store.add_withdrawal(decision_id, reason, superseded_by, when)
             withdrawn.append(decision_id)
     return withdrawn
 
 
-def get_decision(db: sqlite_utils.Database, decision_id: str) -> StoredDecision:
+def get_decision(db: Database, decision_id: str) -> StoredDecision:
     """One stored decision with its overrides.
 
     :raises NotFound: no decision with that id.
     """
-    row = None
-    if _table_exists(db):
-        row = db.execute(
-            "SELECT decision_json, recorded_at FROM recognition_decisions WHERE decision_id = ?", [decision_id]
-        ).fetchone()
+    row = DecisionStore(db).decision(decision_id)
     if row is None:
         raise NotFound(f"no recognition decision {decision_id}", "decision_id")
     return StoredDecision(json.loads(row[0]), row[1], tuple(_overrides(db, [decision_id]).get(decision_id, [])),
@@ -350,7 +246,7 @@ def get_decision(db: sqlite_utils.Database, decision_id: str) -> StoredDecision:
 
 
 def list_decisions(
-    db: sqlite_utils.Database,
+    db: Database,
     *,
     patient: str | None = None,
     patient_system: str = SYSTEM_ID_CARD,
@@ -374,34 +270,11 @@ def list_decisions(
         raise InputError(f"outcome must be one of {', '.join(_OUTCOMES)}", "outcome")
     if not 1 <= limit <= 10_000:
         raise InputError("limit must be between 1 and 10000", "limit")
-    if not _table_exists(db):
-        return []
-    where, params = [], []
+    value = None
     if patient is not None:
-        value = check_id_card(patient) if patient_system == SYSTEM_ID_CARD else patient
-        where.append("patient_value = ? AND patient_system = ?")
-        params += [value, patient_system]
-    if issuer is not None:
-        where.append("issuer_uscc = ?")
-        params.append(check_uscc(issuer))
-    if item is not None:
-        where.append("item_code = ?")
-        params.append(item)
-    if outcome is not None and not _table_exists(db, "recognition_withdrawals"):
-        where.append("outcome = ?")
-        params.append(outcome)
-    elif outcome is not None:
-        withdrawn = "decision_id IN (SELECT decision_id FROM recognition_withdrawals)"
-        if outcome == NOT_RECOGNIZED:
-            where.append(f"(outcome = ? OR {withdrawn})")
-        else:
-            where.append(f"(outcome = ? AND NOT {withdrawn})")
-        params.append(outcome)
-    sql = "SELECT decision_id, decision_json, recorded_at FROM recognition_decisions"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY decided_at DESC, decision_id LIMIT ?"
-    rows = db.execute(sql, [*params, limit]).fetchall()
+        value = (check_id_card(patient) if patient_system == SYSTEM_ID_CARD else patient, patient_system)
+    rows = DecisionStore(db).listed(patient=value, issuer=check_uscc(issuer) if issuer is not None else None,
+                                    item=item, outcome=outcome, withdrawn_reads_as=NOT_RECOGNIZED, limit=limit)
     overrides = _overrides(db, [r[0] for r in rows])
     withdrawals = _withdrawals(db, [r[0] for r in rows])
     return [StoredDecision(json.loads(r[1]), r[2], tuple(overrides.get(r[0], [])), withdrawals.get(r[0]))

@@ -9,6 +9,12 @@ A running gateway picks up a newly published snapshot by itself:
 :class:`SnapshotFile` notices when the file changes, verifies and applies it,
 and records the application in the audit log. A file that does not verify is
 refused with a warning and the snapshot in force stays (until it expires).
+
+A snapshot applied by one node is applied by all: the signed text of every
+snapshot applied is kept in the database (:mod:`gateway.store.registry`), and
+the nodes of a gateway that share one database take up a newer one there in
+their background pass (and at start-up), verified as a file is, whatever
+their own file still holds.
 """
 from __future__ import annotations
 
@@ -23,39 +29,67 @@ from gateway.config import Settings
 from gateway.errors import ConfigError, GatewayError
 from gateway.registry.snapshot import RegistryHolder
 from gateway.signing.keys import load_certificates
-from gateway.store.db import connect, transaction
+from gateway.store.db import Database, connect, transaction
+from gateway.store.registry import RegistryStore
 
-__all__ = ["holder_from_settings", "remember_version", "highest_version", "SnapshotFile"]
+__all__ = ["holder_from_settings", "remember_version", "highest_version", "stored_snapshot", "SnapshotFile"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS registry_applied (version INTEGER NOT NULL, digest TEXT NOT NULL,"
-           " applied_at TEXT NOT NULL, PRIMARY KEY (version, digest))")
+
+def _opened(database: Path | str) -> RegistryStore:
+    store = RegistryStore(connect(database))
+    try:
+        store.ensure_schema()
+    except BaseException:
+        store.db.conn.close()
+        raise
+    return store
 
 
 def highest_version(database: Path | str) -> int:
     """The highest snapshot version this gateway has accepted (0 if none)."""
-    db = connect(database)
+    store = _opened(database)
     try:
-        db.conn.execute(_SCHEMA)
-        row = db.conn.execute("SELECT max(version) FROM registry_applied").fetchone()
-        return int(row[0] or 0)
+        return store.highest_version()
     finally:
-        db.conn.close()
+        store.db.conn.close()
 
 
-def remember_version(database: Path | str, version: int, digest: str, at: _dt.datetime, *, member: str = "") -> None:
-    """Record that a snapshot version was applied, with its audit entry (once per version and digest)."""
+def stored_snapshot(database: Path | str | Database, newer_than: int = 0) -> tuple[int, bytes] | None:
+    """(version, signed text) of the newest snapshot kept in the database, when newer than ``newer_than``.
+
+    ``database``: a locator, or an open database (which is left open).
+    """
+    if isinstance(database, (str, Path)):
+        store = _opened(database)
+        try:
+            return stored_snapshot(store.db, newer_than)
+        finally:
+            store.db.conn.close()
+    found = RegistryStore(database)
+    found.ensure_schema()
+    version = found.newest_version()
+    if version <= newer_than:
+        return None
+    text = found.snapshot(version)
+    return None if text is None else (version, text)
+
+
+def remember_version(database: Path | str, version: int, digest: str, at: _dt.datetime, *, member: str = "",
+                     text: bytes | None = None) -> None:
+    """Record that a snapshot version was applied, with its audit entry (once per version and digest).
+
+    ``text``: the signed snapshot as applied, kept for the other nodes sharing the database.
+    """
     from gateway.audit.events import snapshot_applied
 
-    db = connect(database)
+    store = _opened(database)
+    db = store.db
     try:
-        db.conn.execute(_SCHEMA)
         with transaction(db):
-            previous = db.execute("SELECT max(version) FROM registry_applied").fetchone()[0]
-            cur = db.execute("INSERT OR IGNORE INTO registry_applied VALUES (?,?,?)",
-                             [version, digest, at.isoformat()])
-            if cur.rowcount and member:
+            added, previous = store.remember(version, digest, at.isoformat(), text)
+            if added and member:
                 snapshot_applied(db, at=at, member=member, version=version, digest=digest, previous=previous)
     finally:
         db.conn.close()
@@ -70,6 +104,7 @@ class SnapshotFile:
         self.path = Path(settings.registry_snapshot)
         self._seen = self._stamp()
         self._checked = time.monotonic()
+        self._db_checked = 0.0
         self._lock = threading.Lock()
 
     def _stamp(self) -> tuple[float, int]:
@@ -79,8 +114,18 @@ class SnapshotFile:
             return (0.0, 0)
         return (st.st_mtime, st.st_size)
 
-    def refresh(self, force: bool = False) -> bool:
-        """Apply the file if it changed since last looked at (at most every few seconds); True if applied."""
+    def refresh(self, force: bool = False, *, db: Database | None = None) -> bool:
+        """Apply the file if it changed since last looked at (at most every few seconds); True if applied.
+
+        ``db``: also take up a newer snapshot another node sharing this database applied (the background
+        pass's check, at most every few seconds; one query when there is none).
+        """
+        applied = self._refresh_file(force)
+        if db is not None and not applied:
+            applied = self._refresh_from_database(db, force)
+        return applied
+
+    def _refresh_file(self, force: bool) -> bool:
         now = time.monotonic()
         if not force and now - self._checked < self.every:
             return False
@@ -99,8 +144,36 @@ class SnapshotFile:
             if before is not None and snapshot is before:
                 return False
             remember_version(self.settings.database_locator, snapshot.version, snapshot.digest(), self.clock(),
-                             member=self.settings.issuer_uscc)
+                             member=self.settings.issuer_uscc, text=self.holder.current_text)
             log.info("registry snapshot version %s applied", snapshot.version)
+            return True
+
+    def _refresh_from_database(self, db: Database, force: bool) -> bool:
+        now = time.monotonic()
+        if not force and now - self._db_checked < self.every:
+            return False
+        with self._lock:
+            self._db_checked = now
+            current = self.holder.current
+            try:
+                stored = stored_snapshot(db, current.version if current is not None else 0)
+            except Exception as exc:  # noqa: BLE001 - the database is busy or gone: the next pass looks again
+                log.warning("registry snapshots kept in the database could not be read: %s", exc)
+                return False
+            if stored is None:
+                return False
+            try:
+                snapshot = self.holder.apply(stored[1])
+            except GatewayError as exc:
+                log.warning("registry snapshot version %s kept in the database refused, keeping the one in force: "
+                            "%s", stored[0], exc)
+                return False
+            if snapshot is current:
+                return False
+            remember_version(self.settings.database_locator, snapshot.version, snapshot.digest(), self.clock(),
+                             member=self.settings.issuer_uscc, text=self.holder.current_text)
+            log.info("registry snapshot version %s applied, as another node of this gateway applied it",
+                     snapshot.version)
             return True
 
 
@@ -123,11 +196,37 @@ def holder_from_settings(settings: Settings, clock: Callable[[], _dt.datetime]) 
     except OSError as exc:
         raise ConfigError(f"registry snapshot {settings.registry_snapshot}: {exc.strerror}",
                           "registry_snapshot") from None
+    refused: GatewayError | None = None
     try:
-        snapshot = holder.apply(text)
+        holder.apply(text)
     except GatewayError as exc:
-        raise ConfigError(f"registry snapshot {settings.registry_snapshot} refused: {exc}",
+        refused = exc
+    # a newer snapshot applied by another node sharing this database is taken up too, whatever the file holds
+    stored = stored_snapshot(settings.database_locator, holder.current.version if holder.current else 0)
+    if stored is not None and (refused is None or _only_older(text, holder, clock)):
+        try:
+            holder.apply(stored[1])
+        except GatewayError as exc:
+            log.warning("registry snapshot version %s kept in the database refused: %s", stored[0], exc)
+        else:
+            if refused is not None:
+                log.warning("registry snapshot %s is older than version %s, which another node of this gateway "
+                            "applied: version %s is in force", settings.registry_snapshot, stored[0], stored[0])
+    snapshot = holder.current
+    if snapshot is None:
+        raise ConfigError(f"registry snapshot {settings.registry_snapshot} refused: {refused}",
                           "registry_snapshot") from None
     remember_version(settings.database_locator, snapshot.version, snapshot.digest(), clock(),
-                     member=settings.issuer_uscc)
+                     member=settings.issuer_uscc, text=holder.current_text)
     return holder
+
+
+def _only_older(text: bytes, holder: RegistryHolder, clock: Callable[[], _dt.datetime]) -> bool:
+    """Whether a refused snapshot file verifies by itself (refused only for being older than one accepted)."""
+    from gateway.registry.snapshot import verify_snapshot
+
+    try:
+        verify_snapshot(text, holder.authorities, clock())
+    except GatewayError:
+        return False
+    return True

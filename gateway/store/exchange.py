@@ -1,0 +1,100 @@
+"""Signed Bundles kept by the exchange: the SQL of :mod:`gateway.exchange.service` (and of the referrals that
+cite them as evidence), on SQLite and PostgreSQL.
+
+The ``signed_bundles`` and ``messages`` tables belong to the core part (``sql/<engine>/core.sql``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gateway.store import schema
+from gateway.store.db import Database, transaction
+
+__all__ = ["SignedBundlesPort", "SignedBundles"]
+
+
+class SignedBundlesPort(Protocol):
+    """What the exchange asks of the signed Bundles' storage."""
+
+    def keep(self, bundle_id: str, digest: str, issuer: str, patient_keys: str, direction: str, text: bytes,
+             signed_at: str, message_ref: int | None) -> bool:
+        """Record a signed Bundle once per document hash (inside the caller's transaction); True when new."""
+
+    def latest_issued(self, bundle_id: str) -> bytes | None:
+        """The text of the latest signed copy of a Bundle issued here, or None."""
+
+    def issued_texts(self, bundle_id: str) -> list[bytes]:
+        """Every signed copy of a Bundle issued here, oldest first."""
+
+    def latest_received(self, bundle_id: str) -> tuple[str, str] | None:
+        """(doc_sha256, bundle_id) of the latest verified copy of a Bundle received here, or None."""
+
+    def received_message(self, digest: str) -> int | None:
+        """The message a received document was stored with, or None when it was not received."""
+
+    def issued_for_patient(self, pattern: str) -> list[tuple[bytes, str]]:
+        """(text, patient_keys) of the current Bundles issued here whose keys match a LIKE ``pattern``
+        (escaped with ``\\``), oldest first."""
+
+    def take_message(self, record_id: int, owner: str, until: float,
+                     alive: Callable[[str | None, float | None], bool]) -> bool:
+        """Hold a received message that has no answer and no live holder (``alive(owner, until)``)."""
+
+
+class SignedBundles:
+    """:class:`SignedBundlesPort` on SQLite and PostgreSQL."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def keep(self, bundle_id: str, digest: str, issuer: str, patient_keys: str, direction: str, text: bytes,
+             signed_at: str, message_ref: int | None) -> bool:
+        return bool(self.db.execute(
+            "INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction, text,"
+            " signed_at, message_ref) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            [bundle_id, digest, issuer, patient_keys, direction, text, signed_at, message_ref]).rowcount)
+
+    def latest_issued(self, bundle_id: str) -> bytes | None:
+        row = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'"
+                              " ORDER BY signed_at DESC, doc_sha256 LIMIT 1", [bundle_id]).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def issued_texts(self, bundle_id: str) -> list[bytes]:
+        return [bytes(r[0]) for r in self.db.execute(
+            "SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'"
+            " ORDER BY signed_at, doc_sha256", [bundle_id]).fetchall()]
+
+    def latest_received(self, bundle_id: str) -> tuple[str, str] | None:
+        row = self.db.execute("SELECT doc_sha256, bundle_id FROM signed_bundles WHERE bundle_id = ? AND"
+                              " direction = 'received' ORDER BY signed_at DESC, doc_sha256 LIMIT 1",
+                              [bundle_id]).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def received_message(self, digest: str) -> int | None:
+        row = self.db.execute("SELECT message_ref FROM signed_bundles WHERE doc_sha256 = ? AND direction = 'received'",
+                              [digest]).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def issued_for_patient(self, pattern: str) -> list[tuple[bytes, str]]:
+        current = ""
+        if schema.columns(self.db, "report_versions"):
+            # a Bundle whose every report a correction superseded is not answered: the correction is
+            current = (" AND bundle_id NOT IN (SELECT bundle_id FROM report_versions WHERE direction = 'issued'"
+                       " GROUP BY bundle_id HAVING count(superseded_by) = count(*))")
+        rows = self.db.execute("SELECT text, patient_keys FROM signed_bundles WHERE direction = 'issued'"
+                               f" AND patient_keys LIKE ? ESCAPE '\\'{current} ORDER BY signed_at, doc_sha256",
+                               [pattern]).fetchall()
+        return [(bytes(r[0]), str(r[1])) for r in rows]
+
+    def take_message(self, record_id: int, owner: str, until: float,
+                     alive: Callable[[str | None, float | None], bool]) -> bool:
+        db = self.db
+        with transaction(db, poll=True):
+            row: Any = db.execute("SELECT ack IS NOT NULL, lease_owner, lease_until FROM messages WHERE id = ?",
+                                  [record_id]).fetchone()
+            if row is None or row[0] or alive(row[1], row[2]):
+                return False
+            db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
+                       " attempts = attempts + 1 WHERE id = ?", [owner, until, record_id])
+        return True

@@ -1,0 +1,83 @@
+"""Creating a part's tables from the operation that first needs them, inside or outside the caller's transaction.
+
+The decisions, referrals and registry parts create their tables when first
+used (a database written before they existed gains them on the way). Their
+writers often run inside a caller's transaction (a received Bundle's decisions
+commit with its audit entries), where SQLite's ``executescript`` must not run:
+it would commit the caller's work half done. :func:`ensure` runs the part's
+schema file statement by statement there, and the whole file at once
+elsewhere; on PostgreSQL always inside a transaction holding the write lock,
+so that nodes starting together do not race to create the same table.
+
+The check is made once per connection; a part created inside a caller's
+transaction is checked again next time, as that transaction may still roll back.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+from gateway.store import schema
+from gateway.store.db import Database, dialect, transaction
+
+__all__ = ["ensure", "ready", "statements"]
+
+_ATTRIBUTE = "_cyhr_parts_ready"
+
+
+def ready(db: Database, part: str) -> bool:
+    """Whether ``part``'s tables are known to exist on this connection (no query)."""
+    return part in (getattr(db, _ATTRIBUTE, None) or ())
+
+
+def _mark(db: Database, part: str) -> None:
+    done: set[str] | None = getattr(db, _ATTRIBUTE, None)
+    if done is None:
+        done = set()
+        try:
+            setattr(db, _ATTRIBUTE, done)
+        except AttributeError:  # an object that takes no attributes: checked every time
+            return
+    done.add(part)
+
+
+def statements(text: str) -> list[str]:
+    """A SQLite schema file as single statements (a trigger's body keeps its own ``;``)."""
+    out: list[str] = []
+    pending = ""
+    for line in text.splitlines(keepends=True):
+        if not pending and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        out.append(pending.strip())
+    return out
+
+
+def ensure(db: Database, part: str, last_table: str) -> bool:
+    """Create ``part``'s tables when ``last_table`` (the one its file creates last) is missing.
+
+    Returns True when the file was run. Inside a caller's transaction the
+    tables are created within it (and roll back with it).
+    """
+    if ready(db, part):
+        return False
+    if schema.columns(db, last_table):
+        _mark(db, part)
+        return False
+    joined = bool(db.conn.in_transaction)
+    if dialect(db) == "postgresql":
+        with transaction(db):
+            db.executescript(schema.script(db, part))
+    elif joined:
+        for statement in statements(schema.script(db, part)):
+            db.execute(statement)
+    else:
+        with transaction(db):
+            for statement in statements(schema.script(db, part)):
+                db.execute(statement)
+    if not joined:
+        _mark(db, part)
+    return True
