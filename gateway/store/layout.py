@@ -25,6 +25,7 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("clients", "gateway.clients:ensure_schema"),
     ("decisions", "gateway.recognition.store:ensure_schema"),
     ("referrals", "gateway.referrals:ensure_schema"),
+    ("registry", "gateway.store.registry:ensure_schema"),
 )
 
 

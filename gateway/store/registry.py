@@ -86,3 +86,8 @@ class RegistryStore:
         return [{"version": int(r[0]), "digest": str(r[1]), "applied_at": str(r[2])} for r in self.db.execute(
             "SELECT version, digest, applied_at FROM registry_applied ORDER BY version DESC, applied_at DESC"
         ).fetchall()]
+
+
+def ensure_schema(db: Database) -> None:
+    """The registry part's tables (for ``gateway db upgrade``)."""
+    RegistryStore(db).ensure_schema()
