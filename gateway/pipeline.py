@@ -36,7 +36,6 @@ import datetime as _dt
 import enum
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 import traceback
@@ -44,8 +43,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
-
-import sqlite_utils
 
 from gateway import jsonutil, metrics
 from gateway.adapters.base import RawUnit, SourceMessage
@@ -62,7 +59,8 @@ from gateway.fhir.parties import Issuer
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet, load_mappings
 from gateway.naming import SYSTEM_INSTITUTION
-from gateway.store.store import Store, holder_alive, lease_owner
+from gateway.store.db import Database
+from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
 
 __all__ = ["Stage", "Status", "Outcome", "Channel", "Pipeline"]
 
@@ -162,7 +160,7 @@ _BATCH = 32  # units stored and processed per pair of commits when a body or fil
 _ANSWERED = ("stored", "filtered", "failed")
 #: Times a message may be taken on without finishing (its process died each time) before it is set aside as failed.
 MAX_ATTEMPTS = 3
-AfterStore = Callable[[sqlite_utils.Database, Outcome], None]
+AfterStore = Callable[[Database, Outcome], None]
 
 
 class Pipeline:
@@ -498,7 +496,7 @@ class Pipeline:
             with savepoint(db, "raw"):
                 return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
                                              origin=unit.origin, raw=unit.data, status=status, lease=lease)
-        except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError) as exc:
+        except UNSTORABLE as exc:
             if (joined and not db.conn.in_transaction) or not (sender or message_id):
                 raise
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
@@ -577,7 +575,7 @@ class Pipeline:
                 record_id, existing = self.store.insert_raw(
                     channel=channel, fmt=ch.format, sender=key.sender, message_id=message_id, origin=unit.origin,
                     raw=unit.data, status=status, lease=lease, content_digest=key.digest)
-        except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError) as exc:
+        except UNSTORABLE as exc:
             if joined and not db.conn.in_transaction:
                 raise
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
@@ -1052,7 +1050,7 @@ class Pipeline:
                  ch.format, outcome.record_id, outcome.status.value, outcome.ack_code,
                  len(msg.reports) if msg else 0, len(outcome.issues))
 
-    def _after(self, db: sqlite_utils.Database, outcome: Outcome, audit: list[bytes]) -> None:
+    def _after(self, db: Database, outcome: Outcome, audit: list[bytes]) -> None:
         """Inside the transaction that records the outcome: signed copy, audit entry, extra hooks."""
         from gateway.audit.log import append_prepared
 

@@ -29,7 +29,8 @@ HOLDER = textwrap.dedent("""
     from gateway.adapters.base import RawUnit
     from gateway.config import load_settings
     from gateway.pipeline import Pipeline
-    settings = load_settings(environ={}, overrides={"data_dir": sys.argv[1], "issuer_uscc": sys.argv[2]})
+    settings = load_settings(environ={}, overrides={"data_dir": sys.argv[1], "issuer_uscc": sys.argv[2],
+                                                    "database": sys.argv[3]})
     pipeline = Pipeline(settings)
     ch = pipeline.channel("hl7v2")
     # stored raw and held, as ingest_batch does before it works a message; then it hangs as if stuck in a stage
@@ -52,7 +53,8 @@ def msa(ack: bytes) -> list[str]:
 
 def killed_holder(settings: Any, *messages: bytes) -> int:
     """Have another process store and hold ``messages``, then kill it with SIGKILL; its pid."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, settings.data_dir, settings.issuer_uscc],
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, settings.data_dir, settings.issuer_uscc,
+                             settings.database],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(b"\x1c".join(messages))
@@ -100,7 +102,8 @@ def test_show_and_retry_say_who_left_a_message(settings: Any, runner: Any, tmp_p
     pipeline = Pipeline(settings)
     pid = killed_holder(settings, copy_of("C001"))
     rec = pipeline.store.list_messages()[0]
-    env = {"GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": settings.issuer_uscc}
+    env = {"GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": settings.issuer_uscc,
+           "GATEWAY_DATABASE": settings.database}
     shown = runner.invoke(cli, ["messages", "show", str(rec.id)], env=env)
     assert shown.exit_code == 0, shown.output
     assert "being worked" not in shown.output
@@ -122,7 +125,8 @@ def test_retry_refuses_a_message_a_live_process_holds(settings: Any, runner: Any
     sender, message_id = pipeline.channel("hl7v2").adapter.identify(RawUnit(copy_of("D001"), 1))
     record_id, _ = pipeline.store.insert_raw(channel="mllp", fmt="hl7v2", sender=sender, message_id=message_id,
                                              origin="mllp:test", raw=copy_of("D001"), lease=300.0)
-    env = {"GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": settings.issuer_uscc}
+    env = {"GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": settings.issuer_uscc,
+           "GATEWAY_DATABASE": settings.database}
     shown = runner.invoke(cli, ["messages", "show", str(record_id)], env=env)
     assert f"being worked by process {pipeline.store.get_message(record_id).lease_owner}" in shown.output
     retried = runner.invoke(cli, ["messages", "retry", str(record_id)], env=env)
@@ -149,7 +153,7 @@ def test_health_names_messages_left_past_two_passes(settings: Any, app: Any, ano
     assert body["checks"]["abandoned"]["ok"] and "abandoned" not in body["failing"]
 
 
-def test_a_running_gateway_works_again_what_a_killed_process_left(tmp_path: Path) -> None:
+def test_a_running_gateway_works_again_what_a_killed_process_left(tmp_path: Path, database: str) -> None:
     import shutil
     import time
 
@@ -163,8 +167,8 @@ def test_a_running_gateway_works_again_what_a_killed_process_left(tmp_path: Path
     port = free_port()
     env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "gw"), "GATEWAY_ISSUER_USCC": "12511921MB0001003C",
            "GATEWAY_HTTP_PORT": str(port), "GATEWAY_MLLP_PORT": "0", "GATEWAY_WORKERS": "1",
-           "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"),
+           "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING", "GATEWAY_DATABASE": database}
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "database": database,
                                                     "issuer_uscc": "12511921MB0001003C"})
     proc = subprocess.Popen([gateway, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)

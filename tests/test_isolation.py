@@ -270,7 +270,8 @@ def test_messages_retry_works_a_failed_message_again_and_audits_it(
         failed, stored = pipeline.ingest_batch(ch, units(copy_of("BOOM005"), copy_of("E001")), channel="mllp")
     assert failed.status is Status.FAILED
     before = len(list(entries(pipeline.store.db)))
-    args = ["--data-dir", settings.data_dir, "--issuer-uscc", TONGJIANG, "messages", "retry"]
+    args = ["--data-dir", settings.data_dir, "--database", settings.database, "--issuer-uscc", TONGJIANG,
+            "messages", "retry"]
 
     done = runner.invoke(cli, [*args, str(failed.record_id)])
     assert done.exit_code == 0, done.output
@@ -301,7 +302,8 @@ def test_messages_retry_failed_works_every_failed_message(pipeline: Pipeline, se
         patched.setattr(ch, "map", _raise_for_boom(ch.map))
         pipeline.ingest_batch(ch, units(copy_of("BOOM006"), copy_of("BOOM007"), copy_of("F001")), channel="mllp")
     assert pipeline.store.counts() == {"failed": 2, "stored": 1}
-    done = runner.invoke(cli, ["--data-dir", settings.data_dir, "--issuer-uscc", TONGJIANG, "messages", "retry",
+    done = runner.invoke(cli, ["--data-dir", settings.data_dir, "--database", settings.database,
+                               "--issuer-uscc", TONGJIANG, "messages", "retry",
                                "--failed"])
     assert done.exit_code == 0, done.output
     assert len(done.output.strip().splitlines()) == 2

@@ -93,7 +93,8 @@ HOLDER = textwrap.dedent("""
     from gateway.adapters.base import RawUnit
     from gateway.config import load_settings
     from gateway.pipeline import Pipeline
-    settings = load_settings(environ={}, overrides={"data_dir": sys.argv[1], "issuer_uscc": sys.argv[2]})
+    settings = load_settings(environ={}, overrides={"data_dir": sys.argv[1], "issuer_uscc": sys.argv[2],
+                                                        "database": sys.argv[3]})
     pipeline = Pipeline(settings)
     raw = sys.stdin.buffer.read()
     # stored raw and held, as ingest_batch does before it works a message; then it hangs as if stuck in a stage
@@ -106,7 +107,8 @@ HOLDER = textwrap.dedent("""
 
 
 def _holder(settings: Any, message: bytes) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, settings.data_dir, settings.issuer_uscc],
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, settings.data_dir, settings.issuer_uscc,
+                             settings.database],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(message)
@@ -179,6 +181,21 @@ def test_a_message_that_kills_its_worker_every_time_is_set_aside_as_failed(pipel
     assert "without finishing" in msa(outcome.answer)[3]
     assert pipeline.store.get_message(record_id).ack == outcome.answer
     assert pipeline.retry(record_id, "ops").status is Status.STORED
+
+
+def test_two_readers_of_one_queue_never_claim_the_same_message(pipeline: Pipeline) -> None:
+    for n in range(6):
+        hold(pipeline, copy_of(f"Q{n:03}"), status="queued")
+    other = Store.open(pipeline.settings.database_locator, pipeline.store.clock)  # another connection, as a node
+    try:
+        first = pipeline.store.claim_queued(4, 300.0)
+        second = other.claim_queued(4, 300.0)
+        assert [r[0] for r in first] == sorted(r[0] for r in first) and len(first) == 4, "oldest first"
+        assert len(second) == 2 and not {r[0] for r in first} & {r[0] for r in second}
+        assert [r[5] for r in first + second] == [1] * 6, "each taken once, counted as an attempt"
+        assert other.claim_queued(4, 300.0) == [], "held by a live process: nothing left to take"
+    finally:
+        other.close()
 
 
 # -- an older database ----------------------------------------------------------------------

@@ -1,14 +1,13 @@
 """Pipeline and store: raw first, one status per message, duplicates by key, search, history."""
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from conftest import DATA
 from gateway.errors import InputError
 from gateway import jsonutil
 from gateway.pipeline import Pipeline, Status
+from gateway.store.db import IntegrityError
 
 MALFORMED = (DATA / "hl7v2" / "malformed.hl7").read_bytes()
 UTF8 = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
@@ -49,7 +48,7 @@ def test_duplicate_is_answered_again_and_never_stored_twice(pipeline: Pipeline) 
 
 def test_duplicate_key_is_enforced_by_the_database(pipeline: Pipeline) -> None:
     pipeline.ingest(UTF8, "hl7v2", channel="mllp")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         pipeline.store.db.execute(
             "INSERT INTO messages (channel, format, sender, message_id, received_at, size, sha256, raw, status,"
             " updated_at) SELECT channel, format, sender, message_id, received_at, size, sha256, raw, status,"

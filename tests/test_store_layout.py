@@ -128,6 +128,23 @@ def test_a_new_database_starts_at_the_current_layout(tmp_path: Path) -> None:
         "type", "param", "code", "system", "res"}
 
 
+def test_the_core_layout_is_recorded_once_per_connection_on_either_engine(tmp_path: Path, database: str) -> None:
+    from gateway.store import schema
+
+    locator = database or tmp_path / "gw.db"
+    store = Store.open(locator)
+    assert schema.version(store.db, "core") == SCHEMA_VERSION
+    assert {"type", "param", "code", "system", "res"} <= schema.columns(store.db, "search_token")
+    assert not schema.once(store.db, "core"), "the schema was checked when the store was opened"
+    record_id, _ = store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS|X", message_id="M1", origin="",
+                                    raw=b"MSH|x")
+    store.close()
+    again = Store.open(locator)  # opening an up-to-date database changes nothing
+    assert schema.version(again.db, "core") == SCHEMA_VERSION
+    assert again.get_message(record_id).message_id == "M1" and again.counts() == {"received": 1}
+    again.close()
+
+
 def test_the_background_checkpointer_empties_the_wal_while_writers_go_on(tmp_path: Path) -> None:
     import time
 

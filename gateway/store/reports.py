@@ -26,16 +26,18 @@ was pushed to.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.resources as _resources
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import sqlite_utils
+from typing import Any, Protocol
 
 from gateway.fhir.servicereport import service_report_system
 from gateway.naming import SYSTEM_USCC, cs_url, ext_url
+from gateway.store import schema
+from gateway.store.db import Database, dialect, transaction
 
 __all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", "Change", "ensure_schema",
+           "ReportVersionsPort", "ReportVersions",
            "versions_in", "register", "supersede", "superseded_in", "version_of", "versions_of"]
 
 #: 检验报告单号 (WS 364 / 卫生信息数据元): the identifier a report is known by across its versions.
@@ -47,32 +49,17 @@ SUPERSEDED_TAG = {"system": cs_url("report-version-status"), "code": "superseded
 _CORRECTIONS = ("corrected", "amended")
 _REPLACES = ext_url("replaces")
 
-SCHEMA: tuple[str, ...] = (
-    """CREATE TABLE IF NOT EXISTS report_versions (
-        seq            INTEGER PRIMARY KEY AUTOINCREMENT,   -- the order versions were stored in
-        issuer_uscc    TEXT NOT NULL,
-        report_number  TEXT NOT NULL,
-        report_code    TEXT NOT NULL DEFAULT '',  -- system|code of DiagnosticReport.code's first coding
-        report_id      TEXT NOT NULL,    -- system|value of identifier[0], as decisions name the report
-        report_ref     TEXT NOT NULL,    -- DiagnosticReport/<id>
-        bundle_key     TEXT NOT NULL,    -- the Bundle as decisions name it (its identifier value, else its id)
-        bundle_id      TEXT NOT NULL,
-        direction      TEXT NOT NULL,    -- issued (ingested here) | received (from another member)
-        status         TEXT,
-        issued         TEXT,
-        message_ref    INTEGER,
-        recorded_at    TEXT NOT NULL,
-        superseded_by  INTEGER REFERENCES report_versions (seq),
-        superseded_at  TEXT,
-        replaces       TEXT NOT NULL DEFAULT '',  -- the other number a correction names (extension replaces)
-        UNIQUE (bundle_key, report_ref, direction)
-    )""",
-    "CREATE INDEX IF NOT EXISTS report_versions_report"
-    " ON report_versions (issuer_uscc, report_number, report_code)",
-    "CREATE INDEX IF NOT EXISTS report_versions_bundle ON report_versions (bundle_id)",
-    "CREATE INDEX IF NOT EXISTS report_versions_replaces"
-    " ON report_versions (issuer_uscc, replaces, report_code) WHERE replaces <> ''",
-)
+
+def _statements(text: str) -> tuple[str, ...]:
+    """The statements of a schema file, one by one (``executescript`` would commit a caller's transaction)."""
+    plain = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+    return tuple(" ".join(part.split()) for part in plain.split(";") if part.strip())
+
+
+#: The statements that make the table on SQLite (``sql/sqlite/reports.sql``): the table, then its indexes
+#: (by report, by Bundle, by the number a correction replaces).
+SCHEMA: tuple[str, ...] = _statements(
+    _resources.files("gateway.store").joinpath("sql", "sqlite", "reports.sql").read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)
@@ -123,10 +110,15 @@ _COLUMNS = ("seq, issuer_uscc, report_number, report_code, report_id, report_ref
             " status, issued, message_ref, recorded_at, superseded_by, superseded_at, replaces")
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
+def ensure_schema(db: Database) -> None:
     """Create the table if it is missing (statement by statement: a caller's transaction stays open)."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'").fetchone():
-        columns = {r[1] for r in db.execute("PRAGMA table_info(report_versions)")}
+    if dialect(db) == "postgresql":
+        if not _exists(db):  # no earlier layout on PostgreSQL; a caller's transaction is joined
+            with transaction(db):
+                db.executescript(schema.script(db, "reports"))
+        return
+    if _exists(db):
+        columns = schema.columns(db, "report_versions")
         if "report_code" not in columns:  # a table made before reports were told apart by their code
             db.execute("ALTER TABLE report_versions ADD COLUMN report_code TEXT NOT NULL DEFAULT ''")
             db.execute("DROP INDEX IF EXISTS report_versions_report")
@@ -139,7 +131,9 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
-def _exists(db: sqlite_utils.Database) -> bool:
+def _exists(db: Database) -> bool:
+    if dialect(db) == "postgresql":
+        return bool(db.execute("SELECT to_regclass('report_versions') IS NOT NULL").fetchone()[0])
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'"
                       ).fetchone() is not None
 
@@ -254,7 +248,7 @@ def _newest(versions: list[ReportVersion]) -> ReportVersion:
     return max(versions, key=lambda v: (v.is_correction, _moment(v.issued), v.seq))
 
 
-def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
+def register(db: Database, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
              recorded_at: str) -> list[Change]:
     """Record the report versions of a stored Bundle and work out again which versions are current.
 
@@ -268,9 +262,9 @@ def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction:
     changes: list[Change] = []
     groups = {(v["issuer_uscc"], v["report_number"], v["replaces"], v["report_code"]) for v in found}
     for v in found:
-        db.execute("INSERT OR IGNORE INTO report_versions (issuer_uscc, report_number, report_code, report_id,"
+        db.execute("INSERT INTO report_versions (issuer_uscc, report_number, report_code, report_id,"
                    " report_ref, bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at, replaces)"
-                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                    [v["issuer_uscc"], v["report_number"], v["report_code"], v["report_id"], v["report_ref"],
                     v["bundle_key"], v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at,
                     v["replaces"]])
@@ -295,7 +289,7 @@ def register(db: sqlite_utils.Database, bundle: Mapping[str, Any], *, direction:
     return changes
 
 
-def versions_of(db: sqlite_utils.Database, issuer_uscc: str, report_number: str,
+def versions_of(db: Database, issuer_uscc: str, report_number: str,
                 report_code: str | None = None) -> list[ReportVersion]:
     """Every stored version of one report (issuer, 检验报告单号, and what it reports unless ``report_code`` is
     None: then of every report under that number), in the order they were stored."""
@@ -308,7 +302,7 @@ def versions_of(db: sqlite_utils.Database, issuer_uscc: str, report_number: str,
     return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE {sql} ORDER BY seq", args)]
 
 
-def _family(db: sqlite_utils.Database, issuer_uscc: str, numbers: set[str], report_code: str) -> list[ReportVersion]:
+def _family(db: Database, issuer_uscc: str, numbers: set[str], report_code: str) -> list[ReportVersion]:
     """Every stored version of one report known by any of ``numbers``, in the order they were stored: those
     under each number, and — followed both ways, as far as they go — those under a number a correction of it
     names (``replaces``) and the corrections that name one of its numbers."""
@@ -325,14 +319,14 @@ def _family(db: sqlite_utils.Database, issuer_uscc: str, numbers: set[str], repo
     return [found[seq] for seq in sorted(found)]
 
 
-def version_of(db: sqlite_utils.Database, seq: int) -> ReportVersion | None:
+def version_of(db: Database, seq: int) -> ReportVersion | None:
     if not _exists(db):
         return None
     row = db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE seq = ?", [seq]).fetchone()
     return _row(row) if row else None
 
 
-def superseded_in(db: sqlite_utils.Database, bundle: Mapping[str, Any]) -> dict[str, str]:
+def superseded_in(db: Database, bundle: Mapping[str, Any]) -> dict[str, str]:
     """For the reports of ``bundle`` that a stored correction supersedes: report id -> the superseding report.
 
     Read before deciding on a Bundle, so that the decision on a superseded version says so
@@ -389,3 +383,39 @@ def supersede(store: Any, bundle: Mapping[str, Any], *, direction: str, message_
         withdraw_superseded(store.db, bundle_id=old.bundle_key, report_id=old.report_id,
                             superseded_by=current.describe(), at=at, member=member)
     return changes
+
+
+class ReportVersionsPort(Protocol):
+    """What the gateway asks of the report versions it keeps (one database, either engine)."""
+
+    def register(self, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
+                 recorded_at: str) -> list[Change]: ...
+
+    def versions_of(self, issuer_uscc: str, report_number: str,
+                    report_code: str | None = ...) -> list[ReportVersion]: ...
+
+    def version_of(self, seq: int) -> ReportVersion | None: ...
+
+    def superseded_in(self, bundle: Mapping[str, Any]) -> dict[str, str]: ...
+
+
+class ReportVersions:
+    """The report versions of one database (SQLite or PostgreSQL): :class:`ReportVersionsPort` over the
+    functions of this module, which callers holding only a database use directly."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def register(self, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
+                 recorded_at: str) -> list[Change]:
+        return register(self.db, bundle, direction=direction, message_ref=message_ref, recorded_at=recorded_at)
+
+    def versions_of(self, issuer_uscc: str, report_number: str,
+                    report_code: str | None = None) -> list[ReportVersion]:
+        return versions_of(self.db, issuer_uscc, report_number, report_code)
+
+    def version_of(self, seq: int) -> ReportVersion | None:
+        return version_of(self.db, seq)
+
+    def superseded_in(self, bundle: Mapping[str, Any]) -> dict[str, str]:
+        return superseded_in(self.db, bundle)

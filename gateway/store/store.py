@@ -1,6 +1,6 @@
-"""Store: messages, stage status and FHIR resources in SQLite.
+"""Store: messages, stage status and FHIR resources, in SQLite or PostgreSQL.
 
-The one place that knows the gateway's core schema (``schema.sql``). Raw
+The one place that knows the gateway's core schema (``sql/<engine>/core.sql``). Raw
 input is written first, in its own transaction, so nothing a member sent is
 lost whatever happens next; a resent message hits the unique key
 ``(format, sender, message_id)`` and is answered from what was stored.
@@ -10,6 +10,13 @@ A message being worked is held by a *lease*: the process working it
 keeps others off it; a message whose holder died (killed, crashed) is taken
 over by whoever comes next — the start-up recovery, the queue reader or a
 resend of the same message — and worked again from its raw bytes.
+
+Both engines run the same statements where they speak the same SQL; where they
+differ (JSON inside a stored resource, the order stages were written in, string
+search) :class:`Store` branches on :func:`gateway.store.db.dialect`. On
+PostgreSQL the strings of HumanNames are indexed (``search_string``), folded by
+:func:`fold_string` as they are written, so that a name search finds exactly what
+it finds on SQLite (where the folding runs in the query, as a registered function).
 """
 from __future__ import annotations
 
@@ -20,13 +27,10 @@ import os
 import socket
 import sqlite3
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib import resources as _resources
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import Any, Protocol
 
 from gateway import jsonutil
 from gateway.errors import InputError, InvalidSearch, Issue, NotFound
@@ -39,15 +43,27 @@ from gateway.fhir.search import (
     parse_token_query,
 )
 from gateway.naming import cs_url
-from gateway.store.db import connect, transaction
+from gateway.store import schema
+from gateway.store.db import Database, connect, dialect, transaction
 
-__all__ = ["Store", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
-           "lease_owner", "holder_alive", "holder_state"]
+__all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
+           "lease_owner", "holder_alive", "holder_state", "UNSTORABLE", "fold_string"]
 
 log = logging.getLogger(__name__)
 
 #: Statuses of a message whose processing has not finished (held by a lease while it is worked).
 IN_FLIGHT = ("received",)
+
+#: Errors of a value the database cannot hold (a NUL in a text, a number out of range, a lone surrogate), on
+#: either engine: raised by :meth:`Store.insert_raw` before anything is written.
+UNSTORABLE: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError, sqlite3.InterfaceError,
+                                           sqlite3.DataError)
+try:
+    import psycopg as _psycopg
+except ImportError:  # PostgreSQL is optional
+    pass
+else:
+    UNSTORABLE += (_psycopg.DataError,)
 
 _HOST = socket.gethostname()
 
@@ -131,6 +147,10 @@ class SearchResult:
     resources: list[dict[str, Any]]
 
 
+#: A stage of a message (columns named: PostgreSQL's table has a ``seq`` column first).
+_INSERT_STAGE = "INSERT INTO message_stages (message_ref, stage, status, at, detail) VALUES (?,?,?,?,?)"
+
+
 def _now(clock: Callable[[], _dt.datetime]) -> str:
     return clock().isoformat(timespec="milliseconds")
 
@@ -139,10 +159,65 @@ def _issue_dicts(issues: list[Issue]) -> list[dict[str, Any]]:
     return [{"severity": i.severity, "code": i.code, "location": i.location, "message": i.message} for i in issues]
 
 
-class Store:
-    """A member gateway's database. One instance per thread."""
+class StorePort(Protocol):
+    """What the gateway asks of its core store: messages under leases, their outcome, resources and search."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], _dt.datetime] | None = None) -> None:
+    db: Database
+
+    def insert_raw(self, *, channel: str, fmt: str, sender: str, message_id: str, origin: str, raw: bytes,
+                   status: str = ..., lease: float | None = ..., content_digest: str | None = ...
+                   ) -> tuple[int, MessageRecord | None]: ...
+
+    def messages_keyed(self, fmt: str, sender: str, key: str) -> list[MessageRecord]: ...
+
+    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ...
+                     ) -> list[tuple[int, str, str, str, bytes, int]]: ...
+
+    def take(self, record_id: int, lease: float, *, retry: bool = ...) -> MessageRecord | None: ...
+
+    def release(self, record_id: int) -> None: ...
+
+    def abandoned(self, formats: tuple[str, ...], limit: int = ..., *, idle: float = ...) -> list[int]: ...
+
+    def find_message(self, fmt: str, sender: str, message_id: str) -> MessageRecord | None: ...
+
+    def get_message(self, record_id: int) -> MessageRecord: ...
+
+    def raw_of(self, record_id: int) -> bytes: ...
+
+    def stages_of(self, record_id: int) -> list[dict[str, Any]]: ...
+
+    def record_stage(self, record_id: int, stage: str, status: str, detail: str = ...) -> None: ...
+
+    def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
+               issues: list[Issue], bundle: dict[str, Any] | None = ...,
+               after: Callable[[Database], None] | None = ..., owner: str | None = ...) -> bool: ...
+
+    def fail_in_flight(self, keep: tuple[str, ...] = ...) -> int: ...
+
+    def tag_superseded(self, report_ref: str, message_ref: int | None, tag: dict[str, str]) -> int: ...
+
+    def restore_over(self, record_id: int, current_ref: int | None) -> int: ...
+
+    def read(self, rtype: str, rid: str) -> dict[str, Any]: ...
+
+    def version(self, rtype: str, rid: str, version: str) -> dict[str, Any]: ...
+
+    def history(self, rtype: str, rid: str | None = ..., *, count: int = ..., offset: int = ...) -> SearchResult: ...
+
+    def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = ..., offset: int = ...,
+               strict: bool = ..., sort: list[tuple[str, bool]] | None = ...) -> SearchResult: ...
+
+    def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]: ...
+
+    def read_many(self, references: list[str]) -> list[dict[str, Any]]: ...
+
+
+class Store:
+    """A member gateway's database (SQLite or PostgreSQL): the one implementation of :class:`StorePort`.
+    One instance per thread."""
+
+    def __init__(self, db: Database, clock: Callable[[], _dt.datetime] | None = None) -> None:
         self.db = db
         self.clock = clock or (lambda: _dt.datetime.now(_dt.timezone(_dt.timedelta(hours=8))))
 
@@ -177,24 +252,24 @@ class Store:
         now = _now(self.clock)
         digest = hashlib.sha256(raw).hexdigest()
         owner, until, attempts = (lease_owner(), self._epoch() + lease, 1) if lease else (None, None, 0)
-        try:
-            with transaction(self.db):
-                cur = self.db.execute(
-                    "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
-                    " raw, status, updated_at, lease_owner, lease_until, attempts, content_digest)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
-                     owner, until, attempts, content_digest],
-                )
-                new_id = int(cur.lastrowid or 0)
-                self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
-                                [new_id, "receive", status, now, ""])
-            return new_id, None
-        except sqlite3.IntegrityError:
-            existing = self.find_message(fmt, sender, message_id)
-            if existing is None:  # pragma: no cover - the key was just seen
-                raise
-            return existing.id, existing
+        with transaction(self.db):
+            # ON CONFLICT: a resend is told by the unique key without an error, which on PostgreSQL would
+            # abort a caller's transaction this joins
+            row = self.db.execute(
+                "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
+                " raw, status, updated_at, lease_owner, lease_until, attempts, content_digest)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING id",
+                [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
+                 owner, until, attempts, content_digest],
+            ).fetchone()
+            if row is not None:
+                new_id = int(row[0])
+                self.db.execute(_INSERT_STAGE, [new_id, "receive", status, now, ""])
+                return new_id, None
+        existing = self.find_message(fmt, sender, message_id)
+        if existing is None:  # pragma: no cover - the key was just seen
+            raise sqlite3.IntegrityError(f"message {fmt} {sender} {message_id} is neither new nor stored")
+        return existing.id, existing
 
     def messages_keyed(self, fmt: str, sender: str, key: str) -> list[MessageRecord]:
         """Every message of ``fmt`` from ``sender`` whose id is ``key`` or ``key#n``, oldest first: the requests
@@ -239,6 +314,9 @@ class Store:
 
         if not free():  # looked at without the write lock: an idle reader never holds up the writers
             return []
+        # Selected, then updated, under the write lock (SQLite's BEGIN IMMEDIATE; on PostgreSQL the advisory
+        # lock transaction() takes): no other writer — another process, another gateway node on the same
+        # PostgreSQL — runs between the two, so two readers never take the same message.
         with transaction(self.db, poll=True):
             found = free()
             if not found:
@@ -277,7 +355,7 @@ class Store:
             self.db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
                             " attempts = attempts + 1, updated_at = ? WHERE id = ?",
                             [lease_owner(), now + lease, _now(self.clock), record_id])
-            self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
+            self.db.execute(_INSERT_STAGE,
                             [record_id, "take", "received", _now(self.clock),
                              f"attempt {rec.attempts + 1}, was {rec.status}"])
         rec.attempts += 1
@@ -340,8 +418,11 @@ class Store:
         return bytes(rows[0]["raw"])
 
     def stages_of(self, record_id: int) -> list[dict[str, Any]]:
+        """What happened to a message, stage by stage, in the order it happened."""
+        order = "seq" if dialect(self.db) == "postgresql" else "rowid"
         return list(self.db.query(
-            "SELECT stage, status, at, detail FROM message_stages WHERE message_ref = ? ORDER BY rowid", [record_id]))
+            f"SELECT stage, status, at, detail FROM message_stages WHERE message_ref = ? ORDER BY {order}",
+            [record_id]))
 
     def list_messages(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
@@ -352,15 +433,17 @@ class Store:
         return {r["status"]: r["n"] for r in self.db.query("SELECT status, count(*) AS n FROM messages GROUP BY 1")}
 
     def record_stage(self, record_id: int, stage: str, status: str, detail: str = "") -> None:
-        self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
-                        [record_id, stage, status, _now(self.clock), detail])
+        self.db.execute(_INSERT_STAGE, [record_id, stage, status, _now(self.clock), detail])
 
     def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
                issues: list[Issue], bundle: dict[str, Any] | None = None,
-               after: Callable[[sqlite_utils.Database], None] | None = None, owner: str | None = None) -> bool:
+               after: Callable[[Database], None] | None = None, owner: str | None = None) -> bool:
         """Record the outcome of a message, and its resources, in one transaction; its lease ends.
 
-        ``after`` runs inside the same transaction (e.g. to write an audit entry).
+        Inside a caller's :func:`~gateway.store.db.transaction` it joins it (a unit of work: the caller
+        records its audit entry after this returns True, and commits); the resources' rows are then made
+        under the write lock, which is why a caller on the hot path opens no transaction of its own and
+        passes ``after`` instead: it runs inside the same transaction (e.g. to write an audit entry).
         ``owner``: the lease this outcome was worked under; when another process
         has taken the message over since (this one's lease ran out), nothing is
         written and False is returned.
@@ -383,8 +466,7 @@ class Store:
                 [status, ack_code, ack, jsonutil.dumps(_issue_dicts(issues)),
                  bundle.get("id") if bundle else None, now, record_id],
             )
-            self.db.execute("INSERT INTO message_stages VALUES (?,?,?,?,?)",
-                            [record_id, "finish", status, now, ack_code or ""])
+            self.db.execute(_INSERT_STAGE, [record_id, "finish", status, now, ack_code or ""])
             if after is not None:
                 after(self.db)
         return True
@@ -470,6 +552,7 @@ class Store:
         rows: list[tuple[Any, ...]] = []
         tokens: list[tuple[str, str, str, str, int]] = []
         dates: list[tuple[str, str, float, float, int]] = []
+        strings: list[tuple[str, str, str, str, int]] | None = [] if dialect(self.db) == "postgresql" else None
         for n, res in enumerate(resources):
             rtype, rid = res["resourceType"], res["id"]
             old = current.get((rtype, rid))
@@ -489,14 +572,21 @@ class Store:
             rows.append((row_number, rtype, rid, version, now, record_id, text))
             tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
             dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
+            if strings is not None:
+                strings += _name_strings(res, row_number)
         if history:
-            conn.executemany("INSERT OR IGNORE INTO resource_history VALUES (?,?,?,?,?,?)", history)
+            conn.executemany("INSERT INTO resource_history (type, id, version, last_updated, message_ref, json)"
+                             " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", history)
             conn.executemany("DELETE FROM search_token WHERE res = ?", replaced)
             conn.executemany("DELETE FROM search_date WHERE res = ?", replaced)
+            if strings is not None:
+                conn.executemany("DELETE FROM search_string WHERE res = ?", replaced)
         if rows:
-            conn.executemany("INSERT OR REPLACE INTO resources (rid, type, id, version, last_updated, message_ref,"
-                             " json) VALUES (?,?,?,?,?,?,?)", rows)
-        _insert_index(conn, tokens, dates)
+            conn.executemany("INSERT INTO resources (rid, type, id, version, last_updated, message_ref, json)"
+                             " VALUES (?,?,?,?,?,?,?) ON CONFLICT (rid) DO UPDATE SET type = excluded.type,"
+                             " id = excluded.id, version = excluded.version, last_updated = excluded.last_updated,"
+                             " message_ref = excluded.message_ref, json = excluded.json", rows)
+        _insert_index(conn, tokens, dates, strings)
 
     def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int, str, Any, str]]:
         """(rid, version, last_updated, message_ref, json) of the stored resources among ``keys``; a query per type."""
@@ -610,10 +700,10 @@ class Store:
         where, args = ("type = ? AND id = ?", [rtype, rid]) if rid is not None else ("type = ?", [rtype])
         union = (f"SELECT id, version, last_updated, json FROM resources WHERE {where}"
                  f" UNION ALL SELECT id, version, last_updated, json FROM resource_history WHERE {where}")
-        total = int(self.db.execute(f"SELECT count(*) FROM ({union})", args * 2).fetchone()[0])
+        total = int(self.db.execute(f"SELECT count(*) FROM ({union}) AS v", args * 2).fetchone()[0])
         if rid is not None and total == 0:
             raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
-        rows = self.db.execute(f"SELECT json FROM ({union}) ORDER BY last_updated DESC, id, version DESC"
+        rows = self.db.execute(f"SELECT json FROM ({union}) AS v ORDER BY last_updated DESC, id, version DESC"
                                " LIMIT ? OFFSET ?", [*args, *args, count, offset]).fetchall()
         return SearchResult(total, [dict(jsonutil.loads(r[0])) for r in rows])
 
@@ -630,8 +720,11 @@ class Store:
         known = SEARCH_PARAMS.get(rtype, {})
         clauses: list[str] = []
         args: list[Any] = []
-        self.db.conn.create_function("fhir_fold", 1, fold_string, deterministic=True)
-        self.db.conn.create_function("fhir_starts", 2, str.startswith, deterministic=True)
+        engine = dialect(self.db)
+        if engine == "sqlite":
+            self.db.conn.create_function("fhir_fold", 1, fold_string, deterministic=True)
+            self.db.conn.create_function("fhir_starts", 2, str.startswith, deterministic=True)
+        updated_epoch = _UPDATED_EPOCH[engine]
         for raw_name, value in params:
             name = PARAM_ALIASES.get(raw_name, raw_name)
             modifier = ""
@@ -655,12 +748,14 @@ class Store:
             for part in value.split(","):
                 if name == "_lastUpdated":  # the resources table's own column, an instant to the millisecond
                     q = parse_date_query(part, raw_name)
-                    cond, cargs = date_matches_sql(q, _UPDATED_EPOCH, f"({_UPDATED_EPOCH} + 0.0005)")
+                    cond, cargs = date_matches_sql(q, updated_epoch, f"({updated_epoch} + 0.0005)")
                     ors.append(cond)
                     args += cargs
                 elif kind == "string":
-                    ors.append(_string_match(name, modifier))
-                    args.append(part if modifier == "exact" else fold_string(part))
+                    cond, cargs = _string_match(engine, rtype, name, modifier,
+                                                part if modifier == "exact" else fold_string(part))
+                    ors.append(cond)
+                    args += cargs
                 elif kind == "date":
                     q = parse_date_query(part, raw_name)
                     cond, cargs = date_matches_sql(q)
@@ -690,9 +785,7 @@ class Store:
         by_id = any(PARAM_ALIASES.get(n, n) == "_id" for n, _ in params)
         if rtype in ("DiagnosticReport", "Observation") and not by_id:
             # a report superseded by a correction, and its results, are read by id (and history), not searched
-            clauses.append("(json_extract(resources.json, '$.meta.tag') IS NULL OR NOT EXISTS (SELECT 1 FROM"
-                           " json_each(resources.json, '$.meta.tag') t WHERE json_extract(t.value, '$.system') = ?"
-                           " AND json_extract(t.value, '$.code') = 'superseded'))")
+            clauses.append(_NOT_SUPERSEDED[engine])
             args.append(_SUPERSEDED_SYSTEM)
         where = " AND ".join(["type = ?"] + clauses)
         total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]
@@ -704,7 +797,7 @@ class Store:
                                     f"{', '.join(sorted(n for n, k in known.items() if k == 'date'))})", "_sort",
                                     code="not-supported")
             if name == "_lastUpdated":
-                key = _UPDATED_EPOCH
+                key = updated_epoch
             else:
                 key = ("(SELECT min(lo) FROM search_date d WHERE d.type = ? AND d.param = ? "
                        "AND d.res = resources.rid)")
@@ -723,14 +816,25 @@ class Store:
         At most ``limit`` of them, in the order they were first stored.
         """
         found: list[dict[str, Any]] = []
+        postgresql = dialect(self.db) == "postgresql"
         for start in range(0, len(references), 500):
             chunk = references[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self.db.conn.execute(
-                "SELECT r.json FROM resources r WHERE r.type = ? AND (json_extract(r.json, ?) IN "
-                f"({marks}) OR EXISTS (SELECT 1 FROM json_each(r.json, ?) e WHERE CASE WHEN e.type = 'object' "
-                f"THEN json_extract(e.value, '$.reference') END IN ({marks}))) ORDER BY r.rid LIMIT ?",
-                [rtype, f"$.{path}.reference", *chunk, f"$.{path}", *chunk, limit - len(found)])
+            if postgresql:
+                element = path.split(".")
+                rows = self.db.conn.execute(
+                    "SELECT r.json FROM resources r WHERE r.type = ? AND ((CAST(r.json AS jsonb) #>> CAST(? AS text[]))"
+                    f" IN ({marks}) OR EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof("
+                    "CAST(r.json AS jsonb) #> CAST(? AS text[])) = 'array' THEN CAST(r.json AS jsonb) #> CAST(? AS"
+                    f" text[]) ELSE CAST('[]' AS jsonb) END) e WHERE e ->> 'reference' IN ({marks})))"
+                    " ORDER BY r.rid LIMIT ?",
+                    [rtype, [*element, "reference"], *chunk, element, element, *chunk, limit - len(found)])
+            else:
+                rows = self.db.conn.execute(
+                    "SELECT r.json FROM resources r WHERE r.type = ? AND (json_extract(r.json, ?) IN "
+                    f"({marks}) OR EXISTS (SELECT 1 FROM json_each(r.json, ?) e WHERE CASE WHEN e.type = 'object' "
+                    f"THEN json_extract(e.value, '$.reference') END IN ({marks}))) ORDER BY r.rid LIMIT ?",
+                    [rtype, f"$.{path}.reference", *chunk, f"$.{path}", *chunk, limit - len(found)])
             found += [dict(jsonutil.loads(text)) for (text,) in rows]
             if len(found) >= limit:
                 break
@@ -758,16 +862,50 @@ _NAME_PARTS = {
 }
 
 
-def _string_match(param: str, modifier: str) -> str:
-    """SQL condition: a name part of the resource matches one value (``?``) as a FHIR string search does.
+def _string_match(engine: str, rtype: str, param: str, modifier: str, value: str) -> tuple[str, list[Any]]:
+    """SQL condition and its arguments: a name part of the resource matches ``value`` as a FHIR string search
+    does.
 
-    Plain: starts with the value, ignoring case and accents (the value given folded by :func:`fold_string`);
-    ``:contains``: holds it anywhere, likewise; ``:exact``: equals it, case and accents included.
+    Plain: starts with the value, ignoring case and accents (``value`` folded by :func:`fold_string`);
+    ``:contains``: holds it anywhere, likewise; ``:exact``: equals it, case and accents included. SQLite reads
+    the name parts from the resource's JSON and folds them in the query; PostgreSQL reads them from
+    ``search_string``, where they were folded by the same function when the resource was stored.
     """
+    if engine == "postgresql":
+        test = {"exact": "exact = ?", "contains": "strpos(folded, ?) > 0"}.get(modifier, "starts_with(folded, ?)")
+        return (f"rid IN (SELECT res FROM search_string WHERE type = ? AND param = ? AND {test})",
+                [rtype, param, value])
     test = {"exact": "t.atom = ?", "contains": "instr(fhir_fold(t.atom), ?) > 0"}.get(
         modifier, "fhir_starts(fhir_fold(t.atom), ?)")
     return ("EXISTS (SELECT 1 FROM json_each(resources.json, '$.name') n, json_tree(CASE WHEN n.type = 'object' "
-            f"THEN n.value ELSE '{{}}' END) t WHERE t.type = 'text' AND {_NAME_PARTS[param]} AND {test})")
+            f"THEN n.value ELSE '{{}}' END) t WHERE t.type = 'text' AND {_NAME_PARTS[param]} AND {test})", [value])
+
+
+#: Resource types with string search parameters (their HumanNames are indexed on PostgreSQL).
+_STRING_TYPES = frozenset(t for t, known in SEARCH_PARAMS.items() if "string" in known.values())
+
+
+def _name_strings(res: Mapping[str, Any], row_number: int) -> list[tuple[str, str, str, str, int]]:
+    """``search_string`` rows of a resource: (type, param, folded, exact, rid) for every string of its names
+    that :data:`_NAME_PARTS` looks at (the direct ``family`` and ``text``, the items of ``given``, ``prefix``
+    and ``suffix``), each once."""
+    rtype = str(res.get("resourceType"))
+    names = res.get("name")
+    if rtype not in _STRING_TYPES or not isinstance(names, list):
+        return []
+    found: set[tuple[str, str]] = set()
+    for name in names:
+        if not isinstance(name, Mapping):
+            continue
+        for key, params in (("family", ("family", "name")), ("text", ("name",))):
+            if isinstance(name.get(key), str):
+                found.update((param, name[key]) for param in params)
+        for key, params in (("given", ("given", "name")), ("prefix", ("name",)), ("suffix", ("name",))):
+            items = name.get(key)
+            for item in items if isinstance(items, list) else ():
+                if isinstance(item, str):
+                    found.update((param, item) for param in params)
+    return [(rtype, param, fold_string(atom), atom, row_number) for param, atom in sorted(found)]
 
 
 def fold_string(value: str) -> str:
@@ -778,8 +916,22 @@ def fold_string(value: str) -> str:
 
 #: ``resources.last_updated`` in epoch seconds (SQL), for ``_lastUpdated`` searches and sorting: a tenth of a
 #: millisecond into the millisecond it names, so that rounding never moves it into a neighbouring one.
-_UPDATED_EPOCH = ("(CAST(strftime('%s', last_updated) AS REAL) + CASE WHEN substr(last_updated, 20, 1) = '.' "
-                  "THEN CAST(substr(last_updated, 21, 3) AS REAL) / 1000.0 ELSE 0 END + 0.0001)")
+_UPDATED_EPOCH = {
+    "sqlite": ("(CAST(strftime('%s', last_updated) AS REAL) + CASE WHEN substr(last_updated, 20, 1) = '.' "
+               "THEN CAST(substr(last_updated, 21, 3) AS REAL) / 1000.0 ELSE 0 END + 0.0001)"),
+    "postgresql": "(CAST(EXTRACT(EPOCH FROM CAST(last_updated AS timestamptz)) AS DOUBLE PRECISION) + 0.0001)",
+}
+
+#: SQL condition: the resource carries no ``meta.tag`` of the system given (``?``) with code ``superseded``.
+_NOT_SUPERSEDED = {
+    "sqlite": ("(json_extract(resources.json, '$.meta.tag') IS NULL OR NOT EXISTS (SELECT 1 FROM"
+               " json_each(resources.json, '$.meta.tag') t WHERE json_extract(t.value, '$.system') = ?"
+               " AND json_extract(t.value, '$.code') = 'superseded'))"),
+    # the text is looked at first: only a resource that mentions the code at all is read as JSON
+    "postgresql": ("(strpos(resources.json, 'superseded') = 0 OR NOT coalesce(CAST(resources.json AS jsonb)"
+                   " -> 'meta' -> 'tag' @> jsonb_build_array(jsonb_build_object('system', CAST(? AS text),"
+                   " 'code', 'superseded')), false))"),
+}
 
 #: A stored resource's JSON text and its search index rows: (text, [(param, system, code)], [(param, lo, hi)]).
 _Rows = tuple[str, list[tuple[str, str, str]], list[tuple[str, float, float]]]
@@ -811,33 +963,46 @@ def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
             **{k: v for k, v in res.items() if k not in ("resourceType", "id", "meta")}}
 
 
-#: Columns of ``messages`` added after the first release (added to an older database when it is opened).
+#: Columns of ``messages`` added after the first release (added to an older SQLite database when it is opened).
 _LEASE_COLUMNS = (("lease_owner", "TEXT"), ("lease_until", "REAL"), ("attempts", "INTEGER NOT NULL DEFAULT 0"))
-#: Columns of ``messages`` that ``schema.sql`` does not declare: added to every database when it is opened.
+#: Columns of ``messages`` that ``sql/sqlite/core.sql`` does not declare: added to every SQLite database when it
+#: is opened (PostgreSQL's ``core.sql`` declares them).
 _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 
-#: Layout of the resource tables and search index this code writes (``PRAGMA user_version``).
+#: Layout of the resource tables and search index this code writes (SQLite: ``PRAGMA user_version``; both
+#: engines: part ``core`` in ``schema_versions``).
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
 SCHEMA_VERSION = 2
 
 
-def ensure_core_schema(db: sqlite_utils.Database) -> None:
-    """Create the tables of ``schema.sql`` that are missing, and bring an older layout up to date.
+def ensure_core_schema(db: Database) -> None:
+    """Create the tables of ``core.sql`` that are missing, and bring an older layout up to date.
 
-    Idempotent; commits, so not inside a transaction. A database written by an
+    Idempotent, and done once per connection (later calls return at once). On
+    SQLite it commits, so not inside a transaction; a database written by an
     earlier release keeps every resource and version: its resources move to
     the current table (each given a ``rid``) and the search index is rebuilt
-    from them, in one transaction per step, logged with its progress.
+    from them, in one transaction per step, logged with its progress. On
+    PostgreSQL there is no earlier layout: the schema file runs in one
+    transaction holding the write lock (nodes starting together do not race).
     """
+    if not schema.once(db, "core"):
+        return
+    if dialect(db) == "postgresql":
+        with transaction(db):
+            db.executescript(schema.script(db, "core"))
+            if schema.version(db, "core") < SCHEMA_VERSION:
+                schema.set_version(db, "core", SCHEMA_VERSION)
+        return
     conn = db.conn
-    script = _resources.files("gateway.store").joinpath("schema.sql").read_text(encoding="utf-8")
-    message_columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    script = schema.script(db, "core")
+    message_columns = schema.columns(db, "messages")
     added = [(name, kind) for name, kind in _LEASE_COLUMNS if message_columns and name not in message_columns]
     if added:  # an earlier release's messages table: leases of messages being worked
         log.warning("database layout: adding %s to messages", ", ".join(name for name, _ in added))
         conn.executescript("BEGIN IMMEDIATE;" + "".join(f" ALTER TABLE messages ADD COLUMN {name} {kind};"
                                                         for name, kind in added) + " COMMIT;")
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(resources)")}
+    columns = schema.columns(db, "resources")
     if columns and "rid" not in columns:
         log.warning("database layout %d found: moving resources and rebuilding the search index",
                     conn.execute("PRAGMA user_version").fetchone()[0] or 1)
@@ -853,23 +1018,31 @@ def ensure_core_schema(db: sqlite_utils.Database) -> None:
             " COMMIT;")
     else:
         conn.executescript(script)
-    if any(name not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")} for name, _ in _ADDED_COLUMNS):
+    if any(name not in schema.columns(db, "messages") for name, _ in _ADDED_COLUMNS):
         with transaction(db):  # looked at again under the write lock: another process may be opening it too
-            present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            present = schema.columns(db, "messages")
             for name, kind in _ADDED_COLUMNS:
                 if name not in present:
                     log.debug("database layout: adding %s to messages", name)
                     conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
     if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
         with transaction(db):
-            _reindex(conn)
+            _reindex(db)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            schema.set_version(db, "core", SCHEMA_VERSION)
+    elif schema.version(db, "core") < SCHEMA_VERSION:  # upgraded by a release that kept only user_version
+        with transaction(db):
+            schema.set_version(db, "core", SCHEMA_VERSION)
 
 
-def _reindex(conn: sqlite3.Connection) -> None:
+def _reindex(db: Database) -> None:
     """Rebuild the whole search index from the stored resources (inside a transaction)."""
+    conn = db.conn
+    postgresql = dialect(db) == "postgresql"
     conn.execute("DELETE FROM search_token")
     conn.execute("DELETE FROM search_date")
+    if postgresql:
+        conn.execute("DELETE FROM search_string")
     total = conn.execute("SELECT count(*) FROM resources").fetchone()[0]
 
     def resolve(reference: str) -> dict[str, Any] | None:
@@ -880,25 +1053,35 @@ def _reindex(conn: sqlite3.Connection) -> None:
     done = 0
     tokens: list[tuple[str, str, str, str, int]] = []
     dates: list[tuple[str, str, float, float, int]] = []
+    strings: list[tuple[str, str, str, str, int]] | None = [] if postgresql else None
     for row_number, rtype, text in conn.execute("SELECT rid, type, json FROM resources ORDER BY rid"):
-        found_tokens, found_dates = index_resource(jsonutil.loads(text), resolve)
+        body = jsonutil.loads(text)
+        found_tokens, found_dates = index_resource(body, resolve)
         tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
         dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
+        if strings is not None:
+            strings += _name_strings(body, row_number)
         done += 1
         if len(tokens) > 50_000 or done == total:
-            _insert_index(conn, tokens, dates)
-            tokens, dates = [], []
+            _insert_index(conn, tokens, dates, strings)
+            tokens, dates, strings = [], [], ([] if postgresql else None)
             log.info("search index rebuilt for %d of %d resources", done, total)
 
 
-def _insert_index(conn: sqlite3.Connection, tokens: list[tuple[str, str, str, str, int]],
-                  dates: list[tuple[str, str, float, float, int]]) -> None:
-    """Add search index rows; a value a resource holds twice is indexed once."""
+def _insert_index(conn: Any, tokens: list[tuple[str, str, str, str, int]],
+                  dates: list[tuple[str, str, float, float, int]],
+                  strings: list[tuple[str, str, str, str, int]] | None = None) -> None:
+    """Add search index rows; a value a resource holds twice is indexed once. ``strings``: PostgreSQL's
+    ``search_string`` rows (None on SQLite, which reads names from the JSON)."""
     if tokens:
-        conn.executemany("INSERT OR IGNORE INTO search_token (type, param, code, system, res) VALUES (?,?,?,?,?)",
-                         tokens)
+        conn.executemany("INSERT INTO search_token (type, param, code, system, res) VALUES (?,?,?,?,?)"
+                         " ON CONFLICT DO NOTHING", tokens)
     if dates:
-        conn.executemany("INSERT OR IGNORE INTO search_date (type, param, lo, hi, res) VALUES (?,?,?,?,?)", dates)
+        conn.executemany("INSERT INTO search_date (type, param, lo, hi, res) VALUES (?,?,?,?,?)"
+                         " ON CONFLICT DO NOTHING", dates)
+    if strings:
+        conn.executemany("INSERT INTO search_string (type, param, folded, exact, res) VALUES (?,?,?,?,?)"
+                         " ON CONFLICT DO NOTHING", strings)
 
 
 def _same_content(old_json: str, new: dict[str, Any]) -> bool:

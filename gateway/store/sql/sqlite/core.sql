@@ -1,4 +1,4 @@
--- Schema of a member gateway's SQLite database (messages, stages, FHIR resources, search index).
+-- Core part of a member gateway's SQLite database (messages, stages, FHIR resources, search index).
 -- Applied at start-up with CREATE ... IF NOT EXISTS; other parts (audit, recognition) add their own tables.
 
 -- Every unit of input exactly as received, stored before any processing.
