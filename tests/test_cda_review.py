@@ -472,7 +472,8 @@ def test_an_older_database_gets_the_digest_column(tmp_path) -> None:
 
     path = tmp_path / "older.db"
     db = connect(path)  # the layout core.sql describes, as a database of an earlier release has it
-    db.conn.executescript(resources.files("gateway.store").joinpath("sql", "sqlite", "core.sql").read_text(encoding="utf-8"))
+    core = resources.files("gateway.store").joinpath("sql", "sqlite", "core.sql")
+    db.conn.executescript(core.read_text(encoding="utf-8"))
     db.conn.execute("INSERT INTO messages (channel, format, received_at, size, sha256, raw, status, updated_at)"
                     " VALUES ('http', 'cda', '2026-11-21T10:00:00', 1, 'x', x'00', 'stored', '2026-11-21T10:00:00')")
     db.conn.close()
