@@ -264,7 +264,8 @@ def test_three_nodes_one_database_one_killed(tmp_path: Path, pg_cluster: Any) ->
         assert again <= int(base["GATEWAY_DELIVERY_CONCURRENCY"]), proxy.pushes  # what one node had in flight
 
         # every report of every message, once
-        token = cli(nodes[0].env, "users", "add", "cluster-check", "--role", "submitter").stdout.strip().splitlines()[-1]
+        added = cli(nodes[0].env, "users", "add", "cluster-check", "--role", "submitter")
+        token = added.stdout.strip().splitlines()[-1]
         import requests
 
         got = requests.get(f"http://127.0.0.1:{nodes[2].http}/fhir/DiagnosticReport",
