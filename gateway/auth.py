@@ -59,7 +59,7 @@ from gateway.errors import InputError, NotFound, TrustError
 from gateway.identifiers import check_uscc
 from gateway.scopes import parse_scopes, required_scope
 from gateway.store.accounts import Accounts, UserRow
-from gateway.store.db import Database, connect, transaction
+from gateway.store.db import Database, borrowed, transaction
 
 __all__ = [
     "ROLES",
@@ -395,14 +395,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _authenticate() -> Principal:
     authenticators: Sequence[Authenticator] = current_app.extensions.get("gateway.authenticators") or (bearer_token,)
     settings = current_app.extensions["gateway.settings"]
-    db = connect(settings.database_locator)
-    try:
+    with borrowed(settings.database_locator) as db:
         for authenticate in authenticators:
             principal = authenticate(request, db)
             if principal is not None:
                 return principal
-    finally:
-        db.conn.close()
     raise NotAuthenticated("authentication required: send Authorization: Bearer <API token>", "Authorization")
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from flask import Blueprint, Response, current_app, request
@@ -34,7 +34,7 @@ from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.config import Settings
 from gateway.errors import ConfigError, InputError, InvalidSearch, shown
-from gateway.store.db import Database, connect, transaction
+from gateway.store.db import Database, borrowed, transaction
 
 __all__ = ["bp"]
 
@@ -68,8 +68,8 @@ def _clock() -> Callable[[], _dt.datetime]:
 
 @contextmanager
 def _db() -> Iterator[Database]:
-    db = connect(_settings().database_locator)
-    with closing(db.conn):
+    """The request's connection to the gateway database, given back after it (:func:`borrowed`)."""
+    with borrowed(_settings().database_locator) as db:
         yield db
 
 

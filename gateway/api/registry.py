@@ -38,7 +38,7 @@ from gateway.registry.fhir import registry_resources
 from gateway.registry.models import Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder
 from gateway.signing.canonical import parse_json
-from gateway.store.db import connect
+from gateway.store.db import borrowed
 from gateway.store.reports import superseded_in
 
 __all__ = ["bp", "install", "RegistryState", "EXTENSION_KEY"]
@@ -185,15 +185,12 @@ def recognize() -> Response:
     if state.database is None:
         decisions = decide_all(facts, snapshot, receiver, at)
     else:
-        db = connect(state.database)
-        try:
+        with borrowed(state.database) as db:
             # a report a stored correction supersedes is decided as superseded
             decisions = decide_all(with_superseded(facts, superseded_in(db, bundle)), snapshot, receiver, at)
             with transaction(db):  # decisions and their audit entries commit together
                 save_decisions(db, decisions, state.clock())
                 decided(db, decisions, member=receiver)
-        finally:
-            db.conn.close()
     log.info(
         "recognize: snapshot=%s results=%d recognized=%d",
         snapshot.version,

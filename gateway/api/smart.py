@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from gateway import clients
 from gateway.audit import records
-from gateway.store.db import connect
+from gateway.store.db import borrowed
 
 __all__ = ["bp"]
 
@@ -64,14 +64,12 @@ def token() -> Response:
     clock = current_app.extensions["gateway.clock"]
     gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
     audiences = {clients.token_endpoint(settings), _endpoint_here()}
-    db = connect(settings.database_locator)
     try:
-        issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,
-                                       address=request.remote_addr or "")
+        with borrowed(settings.database_locator) as db:
+            issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,
+                                           address=request.remote_addr or "")
     except clients.TokenRefused as refused:
         return _oauth_error(refused.error, refused.description, refused.http_status)
-    finally:
-        db.conn.close()
     response = jsonify(issued.response())
     response.headers.update(_NO_STORE)
     return response

@@ -31,7 +31,7 @@ from gateway.audit.log import append, get
 from gateway.audit.verify import verify as verify_log
 from gateway.console import charts
 from gateway.errors import GatewayError, NotFound
-from gateway.store.db import Database, connect, transaction
+from gateway.store.db import Database, borrowed, transaction
 from gateway.store.store import Store
 from gateway.store.views import MessageFilter, ReadModels
 
@@ -68,12 +68,9 @@ def _now() -> _dt.datetime:
 
 @contextmanager
 def _db() -> Iterator[Database]:
-    """A connection of the request's own (SQLite file or PostgreSQL), closed after it."""
-    db = connect(_settings().database_locator)
-    try:
+    """The request's connection to the gateway database, given back after it (:func:`borrowed`)."""
+    with borrowed(_settings().database_locator) as db:
         yield db
-    finally:
-        db.conn.close()
 
 
 def _gateway() -> records.Party:

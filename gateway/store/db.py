@@ -13,13 +13,24 @@ checkpoints itself when the WAL has grown past :data:`WAL_AUTOCHECKPOINT_PAGES`
 (the safety net for the CLI and tests). A page many commits rewrite — the end
 of a search index run — is then copied once per checkpoint, not once per
 thousand pages.
+
+The HTTP paths that need the database for a moment (the bearer-token check,
+the console, the audit API...) :func:`borrowed` a connection instead of
+opening one: on PostgreSQL each thread of each process keeps its connection
+between requests (a TCP connection, authentication and a server process saved
+per request) and gives it back clean; on SQLite every borrow opens and closes
+the file as before.
 """
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sqlite3
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +38,12 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.errors import DatabaseUnavailable
 from gateway.store import postgresql as _pg
 
 __all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES", "Database",
-           "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe"]
+           "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "borrowed",
+           "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +226,210 @@ class WalCheckpointer(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=30)
+
+
+# --------------------------------------------------------------------------- borrowed connections
+
+#: A kept PostgreSQL connection idle for longer than this (seconds) answers ``SELECT 1`` before it is lent again
+#: (a firewall may have dropped it without a word); a younger one only has its socket looked at.
+IDLE_CHECK_SECONDS = 30.0
+#: Databases a thread keeps a connection to (the one used least recently beyond this is closed).
+KEPT_PER_THREAD = 4
+#: Pause before the one retry of a connect that failed (a server restarting, a fail-over).
+_RETRY_PAUSE = 0.2
+
+
+class _Shelf:
+    """One thread's kept PostgreSQL connections, per database (the thread-local part of :func:`borrowed`).
+
+    Made in the process that uses it: after a fork the child makes its own and
+    never touches (nor closes: that would end the parent's session) what it inherited.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.idle: OrderedDict[str, tuple[Database, float]] = OrderedDict()
+        self.lent: set[str] = set()
+        self.lock = threading.Lock()  # against close_borrowed() from another thread
+
+    def take(self, key: str) -> Database | None:
+        with self.lock:
+            kept = self.idle.pop(key, None)
+        if kept is None:
+            return None
+        db, since = kept
+        if _usable(db, time.monotonic() - since):
+            return db
+        log.info("database connection to %s was closed or broken while idle: opening another", describe(key))
+        _close_quietly(db)
+        return None
+
+    def put(self, key: str, db: Database) -> None:
+        with self.lock:
+            self.idle[key] = (db, time.monotonic())
+            self.idle.move_to_end(key)
+            evicted = [self.idle.popitem(last=False)[1][0] for _ in range(len(self.idle) - KEPT_PER_THREAD)]
+        for old in evicted:
+            _close_quietly(old)
+
+    def close(self) -> None:
+        """Close the idle connections (in the process that opened them only)."""
+        if self.pid != os.getpid():
+            return
+        with self.lock:
+            idle = [db for db, _ in self.idle.values()]
+            self.idle.clear()
+        for db in idle:
+            _close_quietly(db)
+
+    def __del__(self) -> None:  # the thread ended: its connections end with it
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+_local = threading.local()
+_shelves: "weakref.WeakSet[_Shelf]" = weakref.WeakSet()
+_shelves_lock = threading.Lock()
+
+
+def _shelf() -> _Shelf:
+    shelf: _Shelf | None = getattr(_local, "shelf", None)
+    if shelf is None or shelf.pid != os.getpid():
+        shelf = _Shelf()  # a new thread, or the first borrow in a forked child
+        _local.shelf = shelf
+        with _shelves_lock:
+            _shelves.add(shelf)
+    return shelf
+
+
+def _close_quietly(db: Database) -> None:
+    try:
+        db.close() if hasattr(db, "close") else db.conn.close()
+    except Exception as exc:  # a connection already gone: nothing to close
+        log.debug("closing a database connection: %s", exc)
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket has something to read now (an idle connection must not: the server said goodbye)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _usable(db: Database, idle_for: float) -> bool:
+    """A kept PostgreSQL connection may be lent again: open, idle, and the server still on the other end."""
+    import psycopg
+
+    raw = db.conn.raw
+    if raw.closed or raw.broken or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    try:
+        suspect = idle_for > IDLE_CHECK_SECONDS or _readable(raw.pgconn.socket)
+        if suspect:
+            raw.execute("SELECT 1").fetchone()
+    except Exception as exc:  # terminated, restarted, timed out: replaced, never reported to the caller
+        log.debug("kept database connection is gone: %s", exc)
+        return False
+    return True
+
+
+def _open(locator: str) -> Database:
+    """A new connection for :func:`borrowed`: one retry when the server cannot be reached."""
+    try:
+        return connect(locator)
+    except DatabaseUnavailable as exc:
+        log.warning("%s; trying once more", exc)
+        time.sleep(_RETRY_PAUSE)
+        return connect(locator)
+
+
+def _clean(db: Database) -> bool:
+    """Leave ``db`` with no transaction open; False when it cannot be lent again (closed, broken, unknown state)."""
+    if dialect(db) != "postgresql":
+        try:
+            if db.conn.in_transaction:
+                log.warning("a database transaction was left open by a request: rolled back")
+                db.conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # closing the connection rolls back all the same
+            log.info("rolling back a left-open transaction failed (%s)", exc)
+            return False
+        return True
+    import psycopg
+
+    status = psycopg.pq.TransactionStatus
+    raw = db.conn.raw
+    if raw.closed or raw.broken:
+        return False
+    state = raw.info.transaction_status
+    if state in (status.INTRANS, status.INERROR):
+        log.warning("a database transaction was left open by a request (%s): rolled back", state.name)
+        try:
+            raw.execute("ROLLBACK")
+        except Exception as exc:
+            log.info("rolling back a left-open transaction failed (%s): connection dropped", exc)
+            return False
+        state = raw.info.transaction_status
+    return bool(state == status.IDLE)
+
+
+@contextmanager
+def borrowed(locator: str | Path) -> Iterator[Database]:
+    """A connection to the gateway database for one request of this thread: ``with borrowed(locator) as db:``.
+
+    PostgreSQL: the thread's kept connection to that database (opened on first
+    use, and again when the server closed it while idle: one retry of the
+    connect, never of the caller's work), given back with any transaction the
+    caller left open rolled back and logged; one in a failed or unknown state
+    is closed instead and the next borrow opens another. The schema checks
+    made once per connection (:func:`gateway.store.schema.once`) are kept with
+    it, and are lost with it. A borrow inside another of the same thread and
+    database gets a connection of its own, closed after, as before.
+
+    SQLite: a connection opened for the borrow and closed after it, exactly as
+    before (cheap, and a file replaced by a restore is never read through a
+    connection to the old one).
+    """
+    if not is_postgresql(locator):
+        db = connect(locator)
+        try:
+            yield db
+        finally:
+            try:
+                _clean(db)
+            finally:
+                db.conn.close()
+        return
+    key = str(locator)
+    shelf = _shelf()
+    if key in shelf.lent:  # nested: a connection of its own, as a separate connect() would have given
+        db = _open(key)
+        try:
+            yield db
+        finally:
+            _clean(db)
+            _close_quietly(db)
+        return
+    db = shelf.take(key) or _open(key)
+    shelf.lent.add(key)
+    try:
+        yield db
+    finally:
+        shelf.lent.discard(key)
+        if _clean(db):
+            shelf.put(key, db)
+        else:
+            log.info("database connection to %s dropped after a request: the next one opens another",
+                     describe(key))
+            _close_quietly(db)
+
+
+def close_borrowed() -> None:
+    """Close the idle kept connections of every thread of this process (at shut-down, or between tests)."""
+    with _shelves_lock:
+        shelves = list(_shelves)
+    for shelf in shelves:
+        shelf.close()
