@@ -123,13 +123,14 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     """
     from gateway.serve import PortInUse
     from gateway.serve import serve as run
+    from gateway.store.db import describe
 
     settings = get_settings(ctx, service=True, **flags)
     banner = (f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
               f"HTTP {settings.http_host}:{settings.http_port}, "
               + (f"MLLP {settings.mllp_host}:{settings.mllp_port} (ACK when {settings.mllp_ack})"
                  if settings.mllp_port else "MLLP off")
-              + f", database {settings.database_locator}")
+              + f", database {describe(settings.database_locator)}")
     try:
         code = run(settings, announce=lambda: click.echo(banner, err=True))
     except PortInUse as exc:

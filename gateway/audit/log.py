@@ -164,6 +164,16 @@ def ensure_schema(db: Database) -> None:
     audit_store(db).ensure_schema()
 
 
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
 def _content(record: Record) -> bytes:
     if record.kind not in KINDS:
         raise InputError(f"audit record kind {record.kind!r} is not one of {', '.join(KINDS)}", "kind")
@@ -177,7 +187,10 @@ def _content(record: Record) -> bytes:
     content["t"] = epoch_ms(record.recorded)
     content.update(index_values(event))
     try:
-        return canonicalize_plain(content)
+        data = canonicalize_plain(content)
+        if b"\\u0000" in data:  # U+0000 in a fact: recorded as U+FFFD, on every engine (PostgreSQL cannot hold it)
+            data = canonicalize_plain(_without_nul(content))
+        return data
     except rfc8785.CanonicalizationError as exc:
         # Facts are strings, integers, booleans and lists/objects of them; a float or a
         # Decimal has no place in an audit record (its canonical form would lose precision).

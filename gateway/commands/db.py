@@ -15,11 +15,11 @@ def db() -> None:
     """The gateway's database (SQLite file or PostgreSQL): create or upgrade its tables, show its layout."""
 
 
-def _open(ctx: click.Context, locator: str | None) -> object:
+def _open(ctx: click.Context, locator: str | None, *, readonly: bool = False) -> object:
     from gateway.cli import get_settings
     from gateway.store.db import connect
 
-    return connect(locator or get_settings(ctx).database_locator)
+    return connect(locator or get_settings(ctx).database_locator, readonly=readonly)
 
 
 @db.command()
@@ -60,7 +60,7 @@ def status(ctx: click.Context, locator: str | None) -> None:
         target = locator or get_settings(ctx).database_locator
         if not is_postgresql(target) and not Path(target).exists():
             raise click.ClickException(f"{target}: no such database (gateway db upgrade creates it)")
-        database = _open(ctx, locator)
+        database = _open(ctx, locator, readonly=True)  # asking changes nothing
         with closing(database.conn):  # type: ignore[attr-defined]
             click.echo(f"database: {describe(target)} ({layout.engine(database)})")
             versions = layout.status(database)

@@ -137,7 +137,10 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
         yield db
     except BaseException:
         if conn.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except Exception as exc:  # noqa: BLE001 - the connection is gone: what went wrong first is the news
+                log.warning("rolling back failed too: %s", exc)
         raise
     conn.execute("COMMIT")
 

@@ -50,7 +50,8 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
 
 def status(db: Database) -> list[tuple[str, int]]:
     """(part, layout version) for every part recorded in ``schema_versions``, in name order."""
-    schema.version(db, "core")  # makes sure the table exists
+    if not schema.columns(db, "schema_versions"):  # nothing recorded yet (and nothing written by asking)
+        return []
     rows = db.execute("SELECT part, version FROM schema_versions ORDER BY part").fetchall()
     return [(str(r[0]), int(r[1])) for r in rows]
 

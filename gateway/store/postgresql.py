@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["PgDatabase", "connect", "is_url", "translate", "WRITE_LOCK", "redact"]
 
@@ -33,6 +34,10 @@ __all__ = ["PgDatabase", "connect", "is_url", "translate", "WRITE_LOCK", "redact
 WRITE_LOCK = "hashtextextended('cyhr-gateway-write:' || current_schema(), 0)"
 
 _SCHEMES = ("postgresql://", "postgres://")
+#: How long a writer waits for the write lock (SQLite's busy timeout is the same).
+LOCK_TIMEOUT_S = 30
+#: A transaction whose client sends nothing for this long is ended by the server (and its lock freed).
+IDLE_IN_TRANSACTION_S = 120
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?|%")
 _translated: dict[str, str] = {}
 
@@ -43,12 +48,35 @@ def is_url(locator: object) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (``user:pw@`` or a ``password=`` parameter), for messages, logs and audit."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = parts.query
+    if query:
+        query = "&".join(f"{k}=***" if k.lower() in _SECRET_PARAMETERS else (f"{k}={v}" if v or "=" in pair else k)
+                         for pair in query.split("&") for k, _, v in [pair.partition("=")])
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+#: libpq parameters that carry a secret: never shown.
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile"})
+#: PostgreSQL cannot hold U+0000 in text; it is stored as U+FFFD (the raw input, kept as bytes, keeps it).
+_NUL, _NUL_STAND_IN = "\x00", "\ufffd"
+
+
+def _storable(params: Any) -> Any:
+    """``params`` with U+0000 in any text replaced (a copy only when there is one)."""
+    if isinstance(params, dict):
+        if any(type(v) is str and _NUL in v for v in params.values()):
+            return {k: v.replace(_NUL, _NUL_STAND_IN) if type(v) is str else v for k, v in params.items()}
+        return params
+    if any(type(v) is str and _NUL in v for v in params):
+        return [v.replace(_NUL, _NUL_STAND_IN) if type(v) is str else v for v in params]
+    if any(type(v) is list for v in params):  # arrays of column values (one statement for many rows)
+        return [_storable(v) if type(v) is list else v for v in params]
+    return params
 
 
 def translate(sql: str) -> str:
@@ -107,6 +135,9 @@ class PgConnection:
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
+        #: Transactions begun on this connection (:meth:`begin`): tells whether one is still the one a fact
+        #: was learnt in (a table created inside a transaction that may yet roll back).
+        self.begun = 0
 
     @property
     def in_transaction(self) -> bool:
@@ -119,12 +150,12 @@ class PgConnection:
         if params is None or (not params and not isinstance(params, dict)):
             cursor.execute(sql, None)  # no parameters: psycopg sends the text as it is
         else:
-            cursor.execute(translate(sql), params)
+            cursor.execute(translate(sql), _storable(params))
         return PgCursor(cursor)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> PgCursor:
         cursor = self.raw.cursor()
-        cursor.executemany(translate(sql), list(rows))
+        cursor.executemany(translate(sql), [_storable(row) for row in rows])
         return PgCursor(cursor)
 
     def executescript(self, script: str) -> None:
@@ -132,9 +163,22 @@ class PgConnection:
         self.raw.execute(script.encode("utf-8"))
 
     def begin(self) -> None:
-        """``BEGIN`` and the write lock (see the module's description)."""
-        self.raw.execute("BEGIN")
-        self.raw.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+        """``BEGIN`` and the write lock (see the module's description), sent together (one round trip)."""
+        self.begun += 1
+        self.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+
+    @contextmanager
+    def pipeline(self) -> Iterator[Any]:
+        """Statements sent one after the other without waiting for each answer (psycopg's pipeline mode).
+
+        Inside, :meth:`execute` only queues a statement: call ``sync()`` on what
+        this yields before reading a result, and read no result from code that
+        does not know it runs inside. An error of any queued statement is raised
+        at the next ``sync()`` or when the block ends (the transaction is then
+        failed, as it would have been by the statement run alone).
+        """
+        with self.raw.pipeline() as pipe:
+            yield pipe
 
     def close(self) -> None:
         self.raw.close()
@@ -174,29 +218,46 @@ def connect(url: str, *, readonly: bool = False, application: str = "cyhr-gatewa
     """
     try:
         import psycopg
-    except ImportError as exc:  # the embedded default needs nothing; PostgreSQL needs the driver
-        raise RuntimeError("database is a postgresql:// URL but psycopg is not installed: "
-                           "pip install 'cyhr-gateway[postgresql]'") from exc
+    except ImportError:  # the embedded default needs nothing; PostgreSQL needs the driver
+        raise ConfigError("database is a postgresql:// URL but psycopg is not installed: "
+                          "pip install 'cyhr-gateway[postgresql]'", "database") from None
     parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    schema = query.pop("schema", "")
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))  # libpq parameters, decoded once
+    schema = params.pop("schema", "")
     if schema and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
-        raise ValueError(f"database URL: schema {schema!r} must be lower-case letters, digits and _")
-    plain = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
-    try:
-        raw = psycopg.connect(plain, autocommit=True, application_name=application, connect_timeout=10)
+        raise ConfigError(f"the database URL's schema {schema!r} must be lower-case letters, digits and _ "
+                          "(at most 63, not starting with a digit)", "database")
+    params.setdefault("application_name", application)
+    params.setdefault("connect_timeout", "10")
+    try:  # the parameters go as keywords, never pasted back into a string that libpq would read again
+        conninfo = psycopg.conninfo.make_conninfo(parts._replace(query="").geturl(), **params)
+        raw = psycopg.connect(conninfo, autocommit=True)
     except psycopg.OperationalError as exc:
-        reason = (str(exc).strip().splitlines() or ["no reason given"])[-1]
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = "; ".join(lines[-2:]) if lines else "no reason given"
         raise DatabaseUnavailable(f"cannot connect to the PostgreSQL database {redact(url)}: {reason}",
                                   "database") from None
-    raw.execute("SET TIME ZONE 'UTC'")
+    except psycopg.ProgrammingError as exc:  # a parameter libpq does not know or cannot read
+        raise ConfigError(f"the database URL {redact(url)} is not a valid PostgreSQL address: {exc}",
+                          "database") from None
+    # A writer waits for the write lock at most as long as SQLite's busy timeout, and a node that stops in the
+    # middle of a transaction (frozen, cut off) has it ended by the server, which frees the lock for the others.
+    raw.execute(f"SET TIME ZONE 'UTC'; SET lock_timeout = '{LOCK_TIMEOUT_S}s';"
+                f" SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_S}s'")
     if schema:
+        from psycopg import sql as _sql
+
+        name = _sql.Identifier(schema)
         if raw.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is None:
+            if readonly:
+                raw.close()
+                raise ConfigError(f"the database {redact(url)} has no schema {schema!r} (gateway db upgrade "
+                                  "creates it)", "database")
             try:
-                raw.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                raw.execute(_sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(name))
             except psycopg.errors.UniqueViolation:  # another node created it at the same moment
                 pass
-        raw.execute(f"SET search_path TO {schema}")
+        raw.execute(_sql.SQL("SET search_path TO {}").format(name))
     if readonly:
         raw.execute("SET default_transaction_read_only = on")
     return PgDatabase(PgConnection(raw), url)

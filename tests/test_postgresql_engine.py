@@ -1,0 +1,119 @@
+"""The PostgreSQL engine at its edges: the URL, secrets, schemas, U+0000, waiting for the write lock, a server
+that goes away. Each against the throwaway cluster of the suite (a real PostgreSQL)."""
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from gateway.audit import records as r
+from gateway.audit.log import append
+from gateway.cli import cli
+from gateway.errors import ConfigError, DatabaseUnavailable
+from gateway.store import postgresql
+from gateway.store.db import OperationalError, connect, transaction
+
+CST = _dt.timezone(_dt.timedelta(hours=8))
+
+
+def test_a_password_is_never_shown(pg_cluster: Any) -> None:
+    assert postgresql.redact("postgresql://gw:pw@h/db?password=hunter2&sslmode=require") == \
+        "postgresql://gw:***@h/db?password=***&sslmode=require"
+    url = pg_cluster.url("gw", password="hunter2-SECRET")  # trust authentication: the password is not needed
+    shown = CliRunner().invoke(cli, ["db", "status", "--db", url])
+    assert shown.exit_code == 0 and "hunter2" not in shown.output and "password=***" in shown.output
+    down = CliRunner().invoke(cli, ["db", "status", "--db", "postgresql://gw:hunter2@127.0.0.1:1/x?password=hunter2"])
+    assert down.exit_code == 1 and "hunter2" not in down.output and "cannot connect" in down.output
+
+
+def test_url_parameters_reach_libpq_as_given(pg_cluster: Any) -> None:
+    db = connect(pg_cluster.url("gw", options="-c%20statement_timeout%3D1234",
+                                application_name="lab%26sslmode%3Drequire"))
+    assert db.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
+    assert db.execute("SELECT current_setting('application_name')").fetchone()[0] == "lab&sslmode=require"
+    assert db.execute("SHOW lock_timeout").fetchone()[0] == f"{postgresql.LOCK_TIMEOUT_S}s"
+    assert db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == \
+        f"{postgresql.IDLE_IN_TRANSACTION_S // 60}min"
+    db.close()
+    with pytest.raises(ConfigError, match="not a valid PostgreSQL address"):
+        connect(pg_cluster.url("gw", no_such_parameter="1"))
+
+
+def test_schema_names(pg_cluster: Any) -> None:
+    with pytest.raises(ConfigError, match="lower-case letters"):
+        connect(pg_cluster.url("gw", schema="A1"))
+    db = connect(pg_cluster.url("gw", schema="select"))  # a reserved word is quoted, not refused
+    assert db.execute("SELECT current_schema()").fetchone()[0] == "select"
+    db.close()
+    with pytest.raises(ConfigError, match="no schema 'never_made'"):
+        connect(pg_cluster.url("gw", schema="never_made"), readonly=True)
+    check = connect(pg_cluster.url("gw"))
+    assert check.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'never_made'").fetchone()[0] == 0
+    check.close()
+
+
+def test_nul_is_kept_as_a_stand_in_and_the_audit_chain_is_the_same_on_both_engines(
+        tmp_path: Any, pg_url: str) -> None:
+    pg = connect(pg_url)
+    pg.execute("CREATE TABLE t (v TEXT)")
+    pg.execute("INSERT INTO t VALUES (?)", ["a\x00b"])
+    assert pg.execute("SELECT v FROM t").fetchone()[0] == "a\ufffdb"
+    lite = connect(tmp_path / "gw.db")
+    me = r.Party.member("12511921MB0001003C")
+    heads = []
+    for db in (lite, pg):
+        entry = append(db, r.exchange("received", at=_dt.datetime(2026, 12, 4, 9, 0, tzinfo=CST), gateway=me,
+                                      peer=r.Party.member("bad\x00name"), bundle_hash="sha256:" + "0" * 64))
+        heads.append(entry.hash)
+    assert heads[0] == heads[1]
+    pg.close()
+    lite.conn.close()
+
+
+def test_a_writer_waits_for_the_lock_only_so_long(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postgresql, "LOCK_TIMEOUT_S", 1)
+    holder, waiter = connect(pg_url), connect(pg_url)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with transaction(holder):
+            held.set()
+            release.wait(10)
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    started = time.monotonic()
+    with pytest.raises(OperationalError):
+        with transaction(waiter):
+            pass
+    assert time.monotonic() - started < 5
+    release.set()
+    thread.join()
+    with transaction(waiter):  # free again once the holder is done
+        pass
+    holder.close()
+    waiter.close()
+
+
+def test_the_first_error_is_the_one_raised_when_the_server_ends_the_connection(pg_url: str) -> None:
+    db, admin = connect(pg_url), connect(pg_url)
+    pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with pytest.raises(OperationalError) as raised:
+        with transaction(db):
+            admin.execute("SELECT pg_terminate_backend(?)", [pid])
+            db.execute("SELECT 1")
+    assert "terminat" in str(raised.value).lower()
+    admin.close()
+
+
+def test_a_server_that_is_not_there_is_one_line() -> None:
+    with pytest.raises(DatabaseUnavailable, match="cannot connect to the PostgreSQL database"):
+        connect("postgresql://gw@127.0.0.1:1/x")
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--db", "postgresql://gw@127.0.0.1:1/x"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
