@@ -39,7 +39,7 @@ class SequentialStore(Store):
     """The reference: every resource saved on its own, in Bundle order."""
 
     def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
-                 first: Any = None) -> None:
+                 first: Any = None, *, looked: Any = None) -> None:
         for res in resources:  # rows made here, inside the transaction, not the ones prepared before it
             super()._put_all([res], record_id, now, resolve)
 
@@ -141,3 +141,102 @@ def test_reference_rewrite_is_a_copy_on_write(bundles) -> None:
             assert _rewrite_refs(entry["resource"], local) == deep_rewrite(entry["resource"], local)
         assert jsonutil.dumps(bundle) == before  # the Bundle that goes out keeps its urn:uuid references
     assert _rewrite_refs({"a": [{"reference": "x"}]}, {}) == {"a": [{"reference": "x"}]}
+
+
+class RowByRowStore(Store):
+    """PostgreSQL's rows written one statement per row, as SQLite writes them: the reference of the batched
+    statements (one per table, ``unnest`` of arrays, sent in pipeline mode)."""
+
+    batched = False
+
+
+def every_row(db: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the gateway's schema, in the order of all its columns (``schema_versions``
+    aside: it records when each part was made)."""
+    from gateway.store import schema
+
+    tables = [r[0] for r in db.execute("SELECT table_name FROM information_schema.tables WHERE table_schema ="
+                                       " current_schema() AND table_type = 'BASE TABLE' ORDER BY 1")]
+    out = {}
+    for table in tables:
+        if table != "schema_versions":
+            order = ", ".join(str(n + 1) for n in range(len(schema.columns(db, table))))
+            out[table] = [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY {order}")]
+    return out
+
+
+def decision_rows() -> list[list[Any]]:
+    """Decisions as :meth:`DecisionStore.add_decision` takes them; the last one is the first again (kept once)."""
+    rows = [[f"d-{n}", "b-1", f"urn:uuid:{n}", "urn:oid:2.16.156.10011.1.33|R1", "sys", "p\x00tient" if n else None,
+             "ISSUER", "RECEIVER", "cat", f"item-{n}", "项目 \"引号\" {a,b} \\", "recognized", 7, "sha256:ab",
+             f"2026-05-21T01:0{n}:00+00:00", "2026-05-21T01:10:00+00:00", json.dumps({"n": n})] for n in range(3)]
+    return rows + [list(rows[0])]
+
+
+def store_everything(store: Store, bundles: list[dict[str, Any]], batched: bool) -> None:
+    """Bundles stored, resent and corrected (under leases for some), a report tagged and versions put back,
+    audit entries appended and decisions kept: the batched way or row by row."""
+    from gateway.audit.log import append, append_many
+    from gateway.store.db import transaction
+    from gateway.store.decisions import DecisionStore
+    from gateway.store.reports import SUPERSEDED_TAG, register
+    from gateway.store.store import lease_owner
+    from test_audit_log import every_kind
+
+    records = every_kind()
+    firsts: list[int] = []
+    for minute, items in enumerate((bundles, bundles, [corrected(b) for b in bundles])):
+        for n, bundle in enumerate(items):
+            store.clock = lambda n=n, m=minute: _dt.datetime(2026, 5, 21, 9, m, n % 60, tzinfo=CST)
+            leased = n % 2 == 0
+            record_id, _ = store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id=f"{minute}-{n}",
+                                            origin="", raw=b"x\x00y", lease=60.0 if leased else None)
+            firsts += [record_id] if minute == 0 else []
+
+            def after(db: Any, bundle: dict[str, Any] = bundle, record_id: int = record_id) -> None:
+                register(db, bundle, direction="issued", message_ref=record_id, recorded_at="2026-05-21T09:00:00")
+
+            assert store.finish(record_id, status="stored", ack_code="AA", ack=b"ack", issues=[], bundle=bundle,
+                                after=after, owner=lease_owner() if leased else None)
+    taken = store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id="taken", origin="", raw=b"x",
+                             lease=60.0)[0]
+    assert not store.finish(taken, status="stored", ack_code="AA", ack=None, issues=[], bundle=bundles[0],
+                            owner="another-host:1")  # taken over: nothing written
+    report = next(e["resource"] for e in bundles[0]["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    with transaction(store.db):
+        holder = store.db.execute("SELECT message_ref FROM resources WHERE type = 'DiagnosticReport' AND id = ?",
+                                  [report["id"]]).fetchone()[0]
+        assert store.tag_superseded(f"DiagnosticReport/{report['id']}", holder, SUPERSEDED_TAG) >= 1
+        assert store.restore_over(holder, firsts[0]) >= 1
+    if batched:
+        append_many(store.db, records)
+    else:
+        for record in records:
+            append(store.db, record)
+    decisions = DecisionStore(store.db)
+    decisions.ensure_schema()
+    with transaction(store.db):
+        added = (decisions.add_decisions(decision_rows()) if batched
+                 else sum(decisions.add_decision(row) for row in decision_rows()))
+    assert added == 3
+
+
+def test_batched_statements_store_what_row_by_row_statements_store(bundles, database) -> None:
+    if not database:
+        pytest.skip("the batched statements are PostgreSQL's; SQLite writes row by row")
+    batched, reference = Store.open(database), RowByRowStore.open(database + "rows")  # schemas tN and tNrows
+    try:
+        assert batched._batched() and not reference._batched()
+        store_everything(batched, bundles, True)
+        store_everything(reference, bundles, False)
+        got, expected = every_row(batched.db), every_row(reference.db)
+    finally:
+        batched.close()
+        reference.close()
+    for table in ("messages", "message_stages", "resources", "resource_history", "search_token", "search_date",
+                  "search_string", "report_versions", "audit_log", "audit_key", "recognition_decisions"):
+        assert expected[table], table
+    assert any("superseded" in r[5] for r in expected["resource_history"])  # a tagged report, then put back
+    assert set(got) == set(expected)
+    for table in expected:
+        assert got[table] == expected[table], table

@@ -79,9 +79,15 @@ EntryRow = tuple[int, str, bytes, bytes]
 CheckpointRow = tuple[int, int, str, int, bytes, str, str, "str | None"]
 
 _SCHEMA_FLAG = "_cyhr_audit_schema"
+#: The transaction (PostgreSQL: :attr:`~gateway.store.postgresql.PgConnection.begun`) that created the tables
+#: on a connection, while it may still roll back.
+_CREATED_IN = "_cyhr_audit_created_in"
 _CHECKPOINT_COLUMNS = "id, own, member, count, head, time, jws, received"
 _LAST = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 _INSERT = "INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)"
+_INSERT_MANY = ("INSERT INTO audit_log (seq, content, prev_hash, hash) SELECT * FROM unnest(CAST(? AS bigint[]),"
+                " CAST(? AS text[]), CAST(? AS bytea[]), CAST(? AS bytea[])) AS r (seq, content, prev_hash, hash)"
+                " ORDER BY seq")
 _ENTRY = "SELECT seq, content, hash, prev_hash FROM audit_log"
 #: Search parameter -> (system column, code column) of audit_log.
 _COLUMNS = {
@@ -330,6 +336,9 @@ class AuditStore:
         if getattr(db, _SCHEMA_FLAG, False):
             return
         joined = db.conn.in_transaction
+        # PostgreSQL counts the transactions it begins: a log found inside a caller's transaction other than
+        # the one that created it (on this connection) is committed, and need not be looked for again
+        begun = getattr(db.conn, "begun", None)
         if not self.has_log():
             with transaction(db):
                 if self.pg:
@@ -337,11 +346,12 @@ class AuditStore:
                 else:
                     for statement in statements(db):
                         db.execute(statement)
-        if not joined:  # a caller's transaction may still roll the tables back: look again next time
-            try:
-                setattr(db, _SCHEMA_FLAG, True)
-            except AttributeError:
-                pass
+            if joined:  # a caller's transaction may still roll the tables back: look again next time
+                _remember(db, _CREATED_IN, begun)
+                return
+        elif joined and (begun is None or getattr(db, _CREATED_IN, None) == begun):
+            return  # a caller's transaction may still roll the tables back: look again next time
+        _remember(db, _SCHEMA_FLAG, True)
 
     def triggers(self) -> set[str]:
         """Names of the triggers in force (on PostgreSQL: enabled) on this database's tables."""
@@ -361,8 +371,19 @@ class AuditStore:
         return (int(row[0]), bytes(row[1])) if row else None
 
     def insert(self, rows: Sequence[tuple[int, str, bytes, bytes]]) -> None:
-        """Append (seq, content, prev_hash, hash) rows, in order (inside the caller's transaction)."""
-        self.db.conn.executemany(_INSERT, rows)
+        """Append (seq, content, prev_hash, hash) rows, in order (inside the caller's transaction).
+
+        On PostgreSQL one statement, whatever the number of rows: the rows go in by ``seq`` (the chain
+        trigger of each row sees the rows before it).
+        """
+        if not self.pg:
+            self.db.conn.executemany(_INSERT, rows)
+        elif len(rows) == 1:
+            self.db.execute(_INSERT, list(rows[0]))
+        elif rows:
+            columns = [[r[0] for r in rows], [r[1] for r in rows], [bytes(r[2]) for r in rows],
+                       [bytes(r[3]) for r in rows]]
+            self.db.conn.execute_arrays(_INSERT_MANY, columns)
 
     def entry(self, seq: int) -> EntryRow | None:
         row = self.db.execute(f"{_ENTRY} WHERE seq = ?", [seq]).fetchone()
@@ -565,6 +586,13 @@ _cursors = itertools.count(1)
 def audit_store(db: Database) -> AuditStore:
     """The audit storage of ``db`` (cheap: make one per operation)."""
     return AuditStore(db)
+
+
+def _remember(db: Database, name: str, value: Any) -> None:
+    try:
+        setattr(db, name, value)
+    except AttributeError:  # an object that takes no attributes: looked at every time
+        pass
 
 
 def _text(value: Any) -> str:

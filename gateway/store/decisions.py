@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gateway.store import parts, schema
-from gateway.store.db import Database
+from gateway.store.db import Database, dialect
 
 __all__ = ["DecisionsPort", "DecisionStore", "PART", "DECISION_COLUMNS"]
 
@@ -24,6 +24,13 @@ DECISION_COLUMNS = ("decision_id", "bundle_id", "entry", "report_id", "patient_s
 _INSERT_DECISION = (f"INSERT INTO recognition_decisions ({', '.join(DECISION_COLUMNS)})"
                     f" VALUES ({', '.join('?' * len(DECISION_COLUMNS))}) ON CONFLICT DO NOTHING")
 
+#: PostgreSQL: many decisions as one statement over arrays of column values, in the order given.
+_INSERT_DECISIONS = (
+    f"INSERT INTO recognition_decisions ({', '.join(DECISION_COLUMNS)}) SELECT {', '.join(DECISION_COLUMNS)}"
+    " FROM unnest(" + ", ".join(f"CAST(? AS {'bigint' if c == 'snapshot_version' else 'text'}[])"
+                                for c in DECISION_COLUMNS)
+    + f") WITH ORDINALITY AS d ({', '.join(DECISION_COLUMNS)}, n) ORDER BY n ON CONFLICT DO NOTHING")
+
 
 class DecisionsPort(Protocol):
     """What the recognition module asks of the decisions' storage."""
@@ -36,6 +43,10 @@ class DecisionsPort(Protocol):
 
     def add_decision(self, values: Sequence[Any]) -> int:
         """Store one decision (:data:`DECISION_COLUMNS`); 1 when new, 0 when kept already."""
+
+    def add_decisions(self, rows: Sequence[Sequence[Any]]) -> int:
+        """Store decisions (each :data:`DECISION_COLUMNS`), in order; how many were new (the others are kept
+        already). On PostgreSQL one statement for all of them."""
 
     def receiver_of(self, decision_id: str) -> str | None:
         """The receiver a decision was made for, or None when there is no such decision."""
@@ -79,6 +90,11 @@ class DecisionStore:
 
     def add_decision(self, values: Sequence[Any]) -> int:
         return int(self.db.execute(_INSERT_DECISION, list(values)).rowcount)
+
+    def add_decisions(self, rows: Sequence[Sequence[Any]]) -> int:
+        if dialect(self.db) != "postgresql" or len(rows) < 2:
+            return sum(self.add_decision(values) for values in rows)
+        return int(self.db.conn.execute_arrays(_INSERT_DECISIONS, [list(column) for column in zip(*rows)]).rowcount)
 
     def receiver_of(self, decision_id: str) -> str | None:
         row = self.db.execute("SELECT receiver_uscc FROM recognition_decisions WHERE decision_id = ?",

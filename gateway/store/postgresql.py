@@ -40,6 +40,7 @@ LOCK_TIMEOUT_S = 30
 IDLE_IN_TRANSACTION_S = 120
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?|%")
 _translated: dict[str, str] = {}
+_binary_translated: dict[str, str] = {}
 
 
 def is_url(locator: object) -> bool:
@@ -158,6 +159,18 @@ class PgConnection:
         cursor.executemany(translate(sql), [_storable(row) for row in rows])
         return PgCursor(cursor)
 
+    def execute_arrays(self, sql: str, params: Sequence[Any]) -> PgCursor:
+        """:meth:`execute` with every parameter sent in binary: for arrays of many values (the rows of one
+        statement, ``unnest(CAST(? AS text[]), ...)``), which psycopg would otherwise escape one by one as text."""
+        binary = _binary_translated.get(sql)
+        if binary is None:
+            binary = _TOKEN.sub(lambda m: "%b" if m.group(0) == "?" else m.group(0).replace("%", "%%"), sql)
+            if len(_binary_translated) < 1_000:
+                _binary_translated[sql] = binary
+        cursor = self.raw.cursor()
+        cursor.execute(binary, _storable(params))
+        return PgCursor(cursor)
+
     def executescript(self, script: str) -> None:
         """Several statements, no parameters (a schema file)."""
         self.raw.execute(script.encode("utf-8"))
@@ -165,7 +178,12 @@ class PgConnection:
     def begin(self) -> None:
         """``BEGIN`` and the write lock (see the module's description), sent together (one round trip)."""
         self.begun += 1
-        self.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+        try:
+            self.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+        except BaseException:  # the lock not had (lock_timeout, an interrupt): no failed transaction is left open
+            if not (self.raw.closed or self.raw.broken) and self.in_transaction:
+                self.raw.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def pipeline(self) -> Iterator[Any]:

@@ -47,6 +47,8 @@ SUPERSEDED_TAG = {"system": cs_url("report-version-status"), "code": "superseded
                   "display": "已被更正报告取代"}
 
 _CORRECTIONS = ("corrected", "amended")
+#: Rows of one INSERT, and numbers looked up by one query (under SQLite's 500 SELECTs of a compound statement).
+_CHUNK = 200
 _REPLACES = ext_url("replaces")
 
 
@@ -114,8 +116,10 @@ def ensure_schema(db: Database) -> None:
     """Create the table if it is missing (statement by statement: a caller's transaction stays open)."""
     if dialect(db) == "postgresql":
         if not _exists(db):  # no earlier layout on PostgreSQL; a caller's transaction is joined
+            joined = db.conn.in_transaction
             with transaction(db):
                 db.executescript(schema.script(db, "reports"))
+            _remember(db, _CREATED_IN, db.conn.begun if joined else None)
         return
     if _exists(db):
         columns = schema.columns(db, "report_versions")
@@ -131,9 +135,27 @@ def ensure_schema(db: Database) -> None:
         db.execute(statement)
 
 
+#: Attributes of a PostgreSQL connection: the table is known to exist (committed); the transaction
+#: (:attr:`~gateway.store.postgresql.PgConnection.begun`) that created it, while it may still roll back.
+_KNOWN, _CREATED_IN = "_cyhr_report_versions", "_cyhr_report_versions_created_in"
+
+
+def _remember(db: Database, name: str, value: Any) -> None:
+    try:
+        setattr(db, name, value)
+    except AttributeError:  # an object that takes no attributes: looked at every time
+        pass
+
+
 def _exists(db: Database) -> bool:
-    if dialect(db) == "postgresql":
-        return bool(db.execute("SELECT to_regclass('report_versions') IS NOT NULL").fetchone()[0])
+    if dialect(db) == "postgresql":  # asked once per connection once it is there, not once per Bundle
+        if getattr(db, _KNOWN, False):
+            return True
+        found = bool(db.execute("SELECT to_regclass('report_versions') IS NOT NULL").fetchone()[0])
+        created_in = getattr(db, _CREATED_IN, None)
+        if found and (created_in is None or not db.conn.in_transaction or created_in != db.conn.begun):
+            _remember(db, _KNOWN, True)
+        return found
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'"
                       ).fetchone() is not None
 
@@ -260,17 +282,23 @@ def register(db: Database, bundle: Mapping[str, Any], *, direction: str, message
         return []
     ensure_schema(db)
     changes: list[Change] = []
-    groups = {(v["issuer_uscc"], v["report_number"], v["replaces"], v["report_code"]) for v in found}
-    for v in found:
-        db.execute("INSERT INTO report_versions (issuer_uscc, report_number, report_code, report_id,"
-                   " report_ref, bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at, replaces)"
-                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                   [v["issuer_uscc"], v["report_number"], v["report_code"], v["report_id"], v["report_ref"],
-                    v["bundle_key"], v["bundle_id"], direction, v["status"], v["issued"], message_ref, recorded_at,
-                    v["replaces"]])
+    groups = sorted({(v["issuer_uscc"], v["report_number"], v["replaces"], v["report_code"]) for v in found})
+    # one statement for the Bundle's versions (up to _CHUNK of them), stored in the order it lists them
+    for start in range(0, len(found), _CHUNK):
+        chunk = found[start:start + _CHUNK]
+        db.execute("INSERT INTO report_versions (issuer_uscc, report_number, report_code, report_id, report_ref,"
+                   " bundle_key, bundle_id, direction, status, issued, message_ref, recorded_at, replaces) VALUES "
+                   + ", ".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk)) + " ON CONFLICT DO NOTHING",
+                   [x for v in chunk for x in (v["issuer_uscc"], v["report_number"], v["report_code"],
+                                               v["report_id"], v["report_ref"], v["bundle_key"], v["bundle_id"],
+                                               direction, v["status"], v["issued"], message_ref, recorded_at,
+                                               v["replaces"])])
+    # every group's versions read at once; a group is read again after a change written for an earlier one
+    families = _families(db, [(issuer, {number, replaces}, code) for issuer, number, replaces, code in groups])
     done: set[tuple[int, ...]] = set()
-    for issuer, number, replaces, code in sorted(groups):
-        versions = _family(db, issuer, {number, replaces}, code)
+    wrote = False
+    for n, (issuer, number, replaces, code) in enumerate(groups):
+        versions = _family(db, issuer, {number, replaces}, code) if wrote else families[n]
         if tuple(v.seq for v in versions) in done:
             continue  # two reports of this Bundle that are versions of one report (an original and its correction)
         done.add(tuple(v.seq for v in versions))
@@ -283,9 +311,11 @@ def register(db: Database, bundle: Mapping[str, Any], *, direction: str, message
             db.execute("UPDATE report_versions SET superseded_by = ?, superseded_at = ? WHERE seq = ?",
                        [current.seq, recorded_at, version.seq])
             changes.append(Change(version, current))
+            wrote = True
         if current.superseded_by is not None:  # the table never names the current version as superseded
             db.execute("UPDATE report_versions SET superseded_by = NULL, superseded_at = NULL WHERE seq = ?",
                        [current.seq])
+            wrote = True
     return changes
 
 
@@ -319,6 +349,51 @@ def _family(db: Database, issuer_uscc: str, numbers: set[str], report_code: str)
     return [found[seq] for seq in sorted(found)]
 
 
+def _families(db: Database, wanted: list[tuple[str, set[str], str]]) -> list[list[ReportVersion]]:
+    """:func:`_family` of each (issuer, numbers, report code), with one query per step of the search for all
+    of them together (usually one query in all)."""
+    adjacent: dict[tuple[str, str, str], list[ReportVersion]] = {}  # (issuer, code, number) -> its versions
+    while True:
+        missing: dict[tuple[str, str, str], None] = {}
+        for issuer, numbers, code in wanted:
+            for node in _closure(adjacent, issuer, numbers, code)[1]:
+                missing[node] = None
+        if not missing:
+            break
+        nodes = list(missing)
+        rows: list[ReportVersion] = []
+        for start in range(0, len(nodes), _CHUNK):  # SQLite takes up to 500 SELECTs in one compound statement
+            chunk = nodes[start:start + _CHUNK]
+            branches = [f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND report_code = ?"
+                        " AND (report_number = ? OR replaces = ?)"] * len(chunk)
+            rows += [_row(r) for r in db.execute(" UNION ALL ".join(branches),
+                                                 [x for i, c, n in chunk for x in (i, c, n, n)])]
+        for issuer, code, number in missing:
+            adjacent[(issuer, code, number)] = [
+                v for v in rows if v.issuer_uscc == issuer and v.report_code == code
+                and number in (v.report_number, v.replaces)]
+    return [_closure(adjacent, issuer, numbers, code)[0] for issuer, numbers, code in wanted]
+
+
+def _closure(adjacent: dict[tuple[str, str, str], list[ReportVersion]], issuer: str, numbers: set[str], code: str
+             ) -> tuple[list[ReportVersion], list[tuple[str, str, str]]]:
+    """The versions :func:`_family` finds from what ``adjacent`` holds, and the numbers it still has to read."""
+    found: dict[int, ReportVersion] = {}
+    missing: list[tuple[str, str, str]] = []
+    todo, seen = {n for n in numbers if n}, set()
+    while todo:
+        number = todo.pop()
+        seen.add(number)
+        versions = adjacent.get((issuer, code, number))
+        if versions is None:
+            missing.append((issuer, code, number))
+            continue
+        for version in versions:
+            found[version.seq] = version
+            todo |= {n for n in (version.report_number, version.replaces) if n and n not in seen}
+    return [found[seq] for seq in sorted(found)], missing
+
+
 def version_of(db: Database, seq: int) -> ReportVersion | None:
     if not _exists(db):
         return None
@@ -337,8 +412,10 @@ def superseded_in(db: Database, bundle: Mapping[str, Any]) -> dict[str, str]:
     if not _exists(db):
         return out
     ensure_schema(db)
-    for v in versions_in(bundle):
-        stored = _family(db, v["issuer_uscc"], {v["report_number"], v["replaces"]}, v["report_code"])
+    found = versions_in(bundle)
+    families = _families(db, [(v["issuer_uscc"], {v["report_number"], v["replaces"]}, v["report_code"])
+                              for v in found])
+    for v, stored in zip(found, families):
         others = [s for s in stored if not (s.bundle_key == v["bundle_key"] and s.report_ref == v["report_ref"])]
         if not others:
             continue

@@ -28,6 +28,7 @@ import socket
 import sqlite3
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,6 +148,10 @@ class SearchResult:
     resources: list[dict[str, Any]]
 
 
+#: A new message; nothing when its key is stored already (a resend).
+_INSERT_MESSAGE = ("INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
+                   " raw, status, updated_at, lease_owner, lease_until, attempts, content_digest)"
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING id")
 #: A stage of a message (columns named: PostgreSQL's table has a ``seq`` column first).
 _INSERT_STAGE = "INSERT INTO message_stages (message_ref, stage, status, at, detail) VALUES (?,?,?,?,?)"
 
@@ -252,20 +257,23 @@ class Store:
         now = _now(self.clock)
         digest = hashlib.sha256(raw).hexdigest()
         owner, until, attempts = (lease_owner(), self._epoch() + lease, 1) if lease else (None, None, 0)
+        values = [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
+                  owner, until, attempts, content_digest]
         with transaction(self.db):
             # ON CONFLICT: a resend is told by the unique key without an error, which on PostgreSQL would
             # abort a caller's transaction this joins
-            row = self.db.execute(
-                "INSERT INTO messages (channel, format, sender, message_id, origin, received_at, size, sha256,"
-                " raw, status, updated_at, lease_owner, lease_until, attempts, content_digest)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING id",
-                [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
-                 owner, until, attempts, content_digest],
-            ).fetchone()
-            if row is not None:
-                new_id = int(row[0])
-                self.db.execute(_INSERT_STAGE, [new_id, "receive", status, now, ""])
-                return new_id, None
+            if self._batched():  # the message and its first stage in one statement (one round trip)
+                row = self.db.execute(f"WITH m AS ({_INSERT_MESSAGE}), s AS (INSERT INTO message_stages"
+                                      " (message_ref, stage, status, at, detail) SELECT id, 'receive', ?, ?, ''"
+                                      " FROM m) SELECT id FROM m", [*values, status, now]).fetchone()
+                if row is not None:
+                    return int(row[0]), None
+            else:
+                row = self.db.execute(_INSERT_MESSAGE, values).fetchone()
+                if row is not None:
+                    new_id = int(row[0])
+                    self.db.execute(_INSERT_STAGE, [new_id, "receive", status, now, ""])
+                    return new_id, None
         existing = self.find_message(fmt, sender, message_id)
         if existing is None:  # pragma: no cover - the key was just seen
             raise sqlite3.IntegrityError(f"message {fmt} {sender} {message_id} is neither new nor stored")
@@ -452,21 +460,31 @@ class Store:
         # the resources' rows are made before the write lock is taken: other writers wait only for the writing
         prepared = self._prepare_bundle(bundle, now) if bundle is not None else None
         with transaction(self.db):
-            if owner is not None:
-                row = self.db.execute("SELECT lease_owner FROM messages WHERE id = ?", [record_id]).fetchone()
-                if row is None or row[0] != owner:
-                    log.warning("message %s was taken over by another process; this outcome is not recorded",
-                                record_id)
-                    return False
-            if prepared is not None:
-                self._save_prepared(prepared, record_id, now)
-            self.db.execute(
-                "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                [status, ack_code, ack, jsonutil.dumps(_issue_dicts(issues)),
-                 bundle.get("id") if bundle else None, now, record_id],
-            )
-            self.db.execute(_INSERT_STAGE, [record_id, "finish", status, now, ack_code or ""])
+            # PostgreSQL: the lease, the stored versions and the next row number are asked in one round trip,
+            # and every row is written in a second one (all read before anything is written, as on SQLite)
+            with self._pipelined():
+                lease = (self.db.execute("SELECT lease_owner FROM messages WHERE id = ?", [record_id])
+                         if owner is not None else None)
+                looked = (self._look_up([(r["resourceType"], r["id"]) for r in prepared.resources])
+                          if self._pipe is not None and prepared is not None and prepared.first is not None
+                          else None)
+                if lease is not None:
+                    if looked is None:
+                        self._sync()
+                    row = lease.fetchone()
+                    if row is None or row[0] != owner:
+                        log.warning("message %s was taken over by another process; this outcome is not recorded",
+                                    record_id)
+                        return False
+                if prepared is not None:
+                    self._save_prepared(prepared, record_id, now, looked)
+                self.db.execute(
+                    "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?,"
+                    " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                    [status, ack_code, ack, jsonutil.dumps(_issue_dicts(issues)),
+                     bundle.get("id") if bundle else None, now, record_id],
+                )
+                self.db.execute(_INSERT_STAGE, [record_id, "finish", status, now, ack_code or ""])
             if after is not None:
                 after(self.db)
         return True
@@ -525,15 +543,63 @@ class Store:
         first = [_first_version(res, now, by_ref.get) for res in stored]
         return _Prepared(stored, by_ref.get, first)
 
-    def _save_prepared(self, prepared: _Prepared, record_id: int, now: str) -> None:
+    def _save_prepared(self, prepared: _Prepared, record_id: int, now: str,
+                       looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> None:
         if prepared.first is None:
             for res in prepared.resources:
                 self._put_all([res], record_id, now, prepared.resolve)
             return
-        self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first)
+        self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first, looked=looked)
+
+    # On PostgreSQL the rows of a Bundle are written with one statement per table (arrays of column values,
+    # ``unnest``), sent together in pipeline mode; SQLite, in-process, runs its statements row by row. ``batched``
+    # False keeps PostgreSQL row by row too (the reference the batched statements are tested against).
+    batched = True
+    _pipe: Any = None
+
+    def _batched(self) -> bool:
+        return self.batched and dialect(self.db) == "postgresql"
+
+    @contextmanager
+    def _pipelined(self) -> Iterator[None]:
+        """PostgreSQL (batched): statements inside are sent without waiting for each answer (see
+        :meth:`_sync`); elsewhere nothing changes."""
+        if self._pipe is not None or not self._batched():
+            yield
+            return
+        with self.db.conn.pipeline() as pipe:
+            self._pipe = pipe
+            try:
+                yield
+            finally:
+                self._pipe = None
+
+    def _sync(self) -> None:
+        """Inside :meth:`_pipelined`: wait for the answers of the statements sent (before reading one)."""
+        if self._pipe is not None:
+            self._pipe.sync()
+
+    def _look_up(self, keys: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], _Stored], int]:
+        """The stored versions among ``keys`` (:meth:`_current`) and the next free ``rid``; on PostgreSQL
+        (batched) with one statement for all types, both in one round trip."""
+        conn = self.db.conn
+        if not self._batched():
+            current = self._current(keys)
+            return current, int(conn.execute("SELECT coalesce(max(rid), 0) FROM resources").fetchone()[0]) + 1
+        with self._pipelined():
+            found = conn.execute_arrays(
+                "SELECT r.type, r.id, r.rid, r.version, r.last_updated, r.message_ref, r.json FROM resources r"
+                " JOIN unnest(CAST(? AS text[]), CAST(? AS text[])) AS k (type, id) ON r.type = k.type"
+                " AND r.id = k.id", [[k[0] for k in keys], [k[1] for k in keys]])
+            top = conn.execute("SELECT coalesce(max(rid), 0) FROM resources")
+            self._sync()
+            current = {(rtype, rid): (row_number, version, updated, ref, text)
+                       for rtype, rid, row_number, version, updated, ref, text in found.fetchall()}
+            return current, int(top.fetchone()[0]) + 1
 
     def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
-                 first: list[_Rows] | None = None) -> None:
+                 first: list[_Rows] | None = None, *,
+                 looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> None:
         """Store distinct resources as new versions, with one statement of each kind; inside a transaction.
 
         An identical resend is not a new version; a changed resource keeps its
@@ -541,14 +607,14 @@ class Store:
         rows are replaced. ``resolve(reference)`` finds the resources chained
         search parameters need (the subject Patient, the performer). ``first``:
         each resource's rows as a first version (:func:`_first_version`), made
-        beforehand; used for the resources not stored yet.
+        beforehand; used for the resources not stored yet. ``looked``: what
+        :meth:`_look_up` answered for these resources, when asked already.
         """
         conn = self.db.conn
         assert conn.in_transaction, "resources are written inside the caller's transaction"
-        current = self._current([(r["resourceType"], r["id"]) for r in resources])
-        next_rid = int(conn.execute("SELECT coalesce(max(rid), 0) FROM resources").fetchone()[0]) + 1
+        current, next_rid = looked or self._look_up([(r["resourceType"], r["id"]) for r in resources])
         history: list[tuple[Any, ...]] = []
-        replaced: list[tuple[int]] = []
+        replaced: list[int] = []
         rows: list[tuple[Any, ...]] = []
         tokens: list[tuple[str, str, str, str, int]] = []
         dates: list[tuple[str, str, float, float, int]] = []
@@ -561,7 +627,7 @@ class Store:
                 if _same_content(old_json, res):
                     continue  # a resent or re-converted identical resource is not a new version
                 history.append((rtype, rid, old_version, old_updated, old_ref, old_json))
-                replaced.append((row_number,))
+                replaced.append(row_number)
                 text, found_tokens, found_dates = _rows_of(_versioned(res, old_version + 1, now), resolve)
                 version = old_version + 1
             else:
@@ -574,21 +640,22 @@ class Store:
             dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
             if strings is not None:
                 strings += _name_strings(res, row_number)
+        if self._batched():
+            with self._pipelined():
+                _write_columns(conn, history, replaced, rows, tokens, dates, strings or [])
+            return
         if history:
             conn.executemany("INSERT INTO resource_history (type, id, version, last_updated, message_ref, json)"
                              " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", history)
-            conn.executemany("DELETE FROM search_token WHERE res = ?", replaced)
-            conn.executemany("DELETE FROM search_date WHERE res = ?", replaced)
+            conn.executemany("DELETE FROM search_token WHERE res = ?", [(r,) for r in replaced])
+            conn.executemany("DELETE FROM search_date WHERE res = ?", [(r,) for r in replaced])
             if strings is not None:
-                conn.executemany("DELETE FROM search_string WHERE res = ?", replaced)
+                conn.executemany("DELETE FROM search_string WHERE res = ?", [(r,) for r in replaced])
         if rows:
-            conn.executemany("INSERT INTO resources (rid, type, id, version, last_updated, message_ref, json)"
-                             " VALUES (?,?,?,?,?,?,?) ON CONFLICT (rid) DO UPDATE SET type = excluded.type,"
-                             " id = excluded.id, version = excluded.version, last_updated = excluded.last_updated,"
-                             " message_ref = excluded.message_ref, json = excluded.json", rows)
+            conn.executemany(_UPSERT_RESOURCE + " VALUES (?,?,?,?,?,?,?)" + _UPSERT_RESOURCE_SET, rows)
         _insert_index(conn, tokens, dates, strings)
 
-    def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int, str, Any, str]]:
+    def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Stored]:
         """(rid, version, last_updated, message_ref, json) of the stored resources among ``keys``; a query per type."""
         by_type: dict[str, list[str]] = {}
         for rtype, rid in keys:
@@ -933,6 +1000,9 @@ _NOT_SUPERSEDED = {
                    " 'code', 'superseded')), false))"),
 }
 
+#: What is stored of a resource's current version: (rid, version, last_updated, message_ref, json).
+_Stored = tuple[int, int, str, Any, str]
+
 #: A stored resource's JSON text and its search index rows: (text, [(param, system, code)], [(param, lo, hi)]).
 _Rows = tuple[str, list[tuple[str, str, str]], list[tuple[str, float, float]]]
 
@@ -1066,6 +1136,57 @@ def _reindex(db: Database) -> None:
             _insert_index(conn, tokens, dates, strings)
             tokens, dates, strings = [], [], ([] if postgresql else None)
             log.info("search index rebuilt for %d of %d resources", done, total)
+
+
+#: The current version of a resource by row number (``rid``): a new one, or a new version of one stored.
+_UPSERT_RESOURCE = "INSERT INTO resources (rid, type, id, version, last_updated, message_ref, json)"
+_UPSERT_RESOURCE_SET = (" ON CONFLICT (rid) DO UPDATE SET type = excluded.type, id = excluded.id,"
+                        " version = excluded.version, last_updated = excluded.last_updated,"
+                        " message_ref = excluded.message_ref, json = excluded.json")
+
+#: PostgreSQL: each table's rows as one statement over arrays of column values, in the column types.
+_BATCH_HISTORY = ("INSERT INTO resource_history (type, id, version, last_updated, message_ref, json)"
+                  " SELECT * FROM unnest(CAST(? AS text[]), CAST(? AS text[]), CAST(? AS integer[]),"
+                  " CAST(? AS text[]), CAST(? AS bigint[]), CAST(? AS text[])) ON CONFLICT DO NOTHING")
+_BATCH_RESOURCES = (_UPSERT_RESOURCE + " SELECT * FROM unnest(CAST(? AS bigint[]), CAST(? AS text[]),"
+                    " CAST(? AS text[]), CAST(? AS integer[]), CAST(? AS text[]), CAST(? AS bigint[]),"
+                    " CAST(? AS text[]))" + _UPSERT_RESOURCE_SET)
+_BATCH_TOKENS = ("INSERT INTO search_token (type, param, code, system, res) SELECT * FROM unnest(CAST(? AS text[]),"
+                 " CAST(? AS text[]), CAST(? AS text[]), CAST(? AS text[]), CAST(? AS bigint[]))"
+                 " ON CONFLICT DO NOTHING")
+_BATCH_DATES = ("INSERT INTO search_date (type, param, lo, hi, res) SELECT * FROM unnest(CAST(? AS text[]),"
+                " CAST(? AS text[]), CAST(? AS double precision[]), CAST(? AS double precision[]),"
+                " CAST(? AS bigint[])) ON CONFLICT DO NOTHING")
+_BATCH_STRINGS = ("INSERT INTO search_string (type, param, folded, exact, res) SELECT * FROM unnest("
+                  "CAST(? AS text[]), CAST(? AS text[]), CAST(? AS text[]), CAST(? AS text[]), CAST(? AS bigint[]))"
+                  " ON CONFLICT DO NOTHING")
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as lists of column values (the arrays a batched statement takes)."""
+    return [list(column) for column in zip(*rows)] if rows else [[] for _ in range(width)]
+
+
+def _write_columns(conn: Any, history: list[tuple[Any, ...]], replaced: list[int], rows: list[tuple[Any, ...]],
+                   tokens: list[tuple[str, str, str, str, int]], dates: list[tuple[str, str, float, float, int]],
+                   strings: list[tuple[str, str, str, str, int]]) -> None:
+    """PostgreSQL: what :meth:`Store._put_all` writes row by row, one statement per table, in the same order
+    (history, old index rows deleted, resources, index rows); a value a resource holds twice is indexed once."""
+    if history:
+        conn.execute_arrays(_BATCH_HISTORY, _columns(history, 6))
+        for table in ("search_token", "search_date", "search_string"):
+            conn.execute_arrays(f"DELETE FROM {table} WHERE res = ANY(CAST(? AS bigint[]))", [replaced])
+    if rows:
+        if len({r[0] for r in rows}) != len(rows):  # pragma: no cover - resources are distinct by contract
+            raise ValueError("a batch of resources holds one row number twice")
+        conn.execute_arrays(_BATCH_RESOURCES, _columns(rows, 7))
+    if tokens:
+        conn.execute_arrays(_BATCH_TOKENS, _columns(tokens, 5))
+    if dates:
+        lo_hi = [(t, p, float(lo), float(hi), r) for t, p, lo, hi, r in dates]  # one element type per array
+        conn.execute_arrays(_BATCH_DATES, _columns(lo_hi, 5))
+    if strings:
+        conn.execute_arrays(_BATCH_STRINGS, _columns(strings, 5))
 
 
 def _insert_index(conn: Any, tokens: list[tuple[str, str, str, str, int]],
