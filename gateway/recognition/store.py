@@ -89,29 +89,30 @@ def save_decisions(db: Database, decisions: Iterable[Decision], recorded_at: _dt
     when = _aware(recorded_at, "recorded_at")
     ensure_schema(db)
     store = DecisionStore(db)
-    added = 0
-    with transaction(db):
-        for d in decisions:
-            f = d.facts
-            added += store.add_decision([
-                d.decision_id,
-                f.bundle_id,
-                f.entry,
-                f.report_id,
-                f.patient[0] if f.patient else None,
-                f.patient[1] if f.patient else None,
-                f.issuer_uscc,
-                d.receiver,
-                d.item.catalogue_id if d.item else None,
-                d.item.code if d.item else (f.codings[0].code if f.codings else None),
-                d.item.display if d.item else f.item_label(),
-                d.outcome,
-                d.snapshot_version,
-                d.snapshot_digest,
-                d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
-                when,
-                json.dumps(d.to_dict(), ensure_ascii=False),
-            ])
+    rows = []
+    for d in decisions:
+        f = d.facts
+        rows.append([
+            d.decision_id,
+            f.bundle_id,
+            f.entry,
+            f.report_id,
+            f.patient[0] if f.patient else None,
+            f.patient[1] if f.patient else None,
+            f.issuer_uscc,
+            d.receiver,
+            d.item.catalogue_id if d.item else None,
+            d.item.code if d.item else (f.codings[0].code if f.codings else None),
+            d.item.display if d.item else f.item_label(),
+            d.outcome,
+            d.snapshot_version,
+            d.snapshot_digest,
+            d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
+            when,
+            json.dumps(d.to_dict(), ensure_ascii=False),
+        ])
+    with transaction(db):  # one statement for all of them where the engine allows it
+        added = store.add_decisions(rows)
     return added
 
 
