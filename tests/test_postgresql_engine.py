@@ -117,3 +117,28 @@ def test_a_server_that_is_not_there_is_one_line() -> None:
     result = CliRunner().invoke(cli, ["db", "upgrade", "--db", "postgresql://gw@127.0.0.1:1/x"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tamper", [
+    "ALTER TABLE audit_log ENABLE REPLICA TRIGGER audit_log_no_delete",
+    "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_delete",
+    "CREATE OR REPLACE FUNCTION audit_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN OLD; END $$",
+    "DROP TRIGGER audit_key_no_update ON audit_key; CREATE TRIGGER audit_key_no_update BEFORE UPDATE ON audit_key"
+    " FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse('x')",
+])
+def test_a_guard_the_owner_made_harmless_is_found(pg_url: str, tamper: str) -> None:
+    """The role that owns the audit tables can disable a guard, make it replica-only, or keep its name and change
+    what it does: verify finds each."""
+    from gateway.audit.verify import verify
+
+    db = connect(pg_url)
+    me = r.Party.member("12511921MB0001003C")
+    for i in range(3):
+        append(db, r.exchange("received", at=_dt.datetime(2026, 12, 4, 9, i, tzinfo=CST), gateway=me, peer=me,
+                              bundle_hash=f"sha256:{i:064x}"))
+    assert verify(db).ok
+    db.executescript(tamper)
+    report = verify(db)
+    assert not report.ok
+    assert any("guards were removed, disabled or changed" in f.message for f in report.findings)
+    db.close()

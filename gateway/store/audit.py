@@ -33,6 +33,8 @@ reads one REPEATABLE READ snapshot through server-side cursors (constant memory)
 
 from __future__ import annotations
 
+import re
+
 import contextlib
 import itertools
 import json
@@ -354,14 +356,33 @@ class AuditStore:
         _remember(db, _SCHEMA_FLAG, True)
 
     def triggers(self) -> set[str]:
-        """Names of the triggers in force (on PostgreSQL: enabled) on this database's tables."""
-        if self.pg:
-            sql = ("SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-                   " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                   " WHERE n.nspname = current_schema() AND NOT t.tgisinternal AND t.tgenabled <> 'D'")
-        else:
+        """Names of the triggers in force on this database's tables.
+
+        On PostgreSQL a trigger counts only when it fires in every session (enabled ``O`` or ``A``: not
+        disabled, not replica-only), its definition is the one the schema file gives, and the function it runs
+        has the body the schema file gives: the role that owns the tables could otherwise keep a guard's name
+        while making it do nothing.
+        """
+        if not self.pg:
             sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
-        return {_text(r[0]) for r in self.db.execute(sql)}
+            return {_text(r[0]) for r in self.db.execute(sql)}
+        expected_bodies, expected_triggers = _pg_guard_definitions(schema.script(self.db, "audit"))
+        rows = self.db.execute(
+            "SELECT t.tgname, pg_get_triggerdef(t.oid), p.proname, p.prosrc FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE n.nspname = current_schema() AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A')").fetchall()
+        present = set()
+        for name, definition, function, body in rows:
+            wanted = expected_triggers.get(str(name))
+            said = re.sub(r"^CREATE TRIGGER \S+ ", "", str(definition))
+            said = re.sub(r" ON \S+\.", " ON ", said)
+            if wanted is not None and _squeeze(said) != _squeeze(wanted):
+                continue
+            if str(function) in expected_bodies and _squeeze(str(body)) != _squeeze(expected_bodies[str(function)]):
+                continue
+            present.add(str(name))
+        return present
 
     # ------------------------------------------------------------------ the chain
 
@@ -606,3 +627,16 @@ def _entry_row(row: Sequence[Any]) -> EntryRow:
 def _checkpoint_row(row: Sequence[Any]) -> CheckpointRow:
     cid, own, member, count, head, time, jws, received = row
     return int(cid), int(own), str(member), int(count), bytes(head), str(time), str(jws), received
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _pg_guard_definitions(script: str) -> tuple[dict[str, str], dict[str, str]]:
+    """From the PostgreSQL audit schema file: {function: body} and {trigger: definition after its name}."""
+    bodies = {m.group(1): m.group(2) for m in re.finditer(
+        r"CREATE OR REPLACE FUNCTION (\w+)\(\)[^$]*?AS \$\$(.*?)\$\$", script, flags=re.S)}
+    triggers = {m.group(1): m.group(2).replace("''", "'") for m in re.finditer(
+        r"\('(\w+)', '\w+',\s*'((?:[^']|'')*)'\)", script)}
+    return bodies, triggers
