@@ -230,7 +230,8 @@ def _check_guards(store: AuditPort, walk: _Walk) -> None:
     present = store.triggers()
     missing = [t for t in store.guards if t not in present]
     if missing:
-        walk.add(Finding(None, "guard", f"the append-only guards were removed, disabled or changed: {', '.join(missing)}"))
+        walk.add(Finding(None, "guard",
+                         f"the append-only guards were removed, disabled or changed: {', '.join(missing)}"))
 
 
 def _check_claims(
