@@ -81,8 +81,8 @@ def get_settings(ctx: click.Context, *, service: bool = False, **flags: Any) -> 
 @click.version_option(__version__, prog_name="gateway")
 @click.option("--config", "config", type=click.Path(dir_okay=False), envvar="GATEWAY_CONFIG",
               help="TOML settings file (also GATEWAY_CONFIG).")
-@click.option("--data-dir", help="Directory of the SQLite database (GATEWAY_DATA_DIR).")
-@click.option("--database", help="SQLite database file (GATEWAY_DATABASE).")
+@click.option("--data-dir", help="Directory of the gateway's files and its SQLite database (GATEWAY_DATA_DIR).")
+@click.option("--database", help="SQLite database file or postgresql:// URL (GATEWAY_DATABASE).")
 @click.option("--issuer-uscc", help="统一社会信用代码 of this member (GATEWAY_ISSUER_USCC).")
 @click.option("--issuer-name", help="Name of this member institution (GATEWAY_ISSUER_NAME).")
 @click.option("--mappings-dir", type=click.Path(file_okay=False), help="Mapping tables directory.")

@@ -271,9 +271,10 @@ def test_dtd_detection_covers_utf16() -> None:
     assert not declares_dtd(FULL)
 
 
-def test_size_limit_and_unreadable_documents(tmp_path: Path, clock) -> None:
+def test_size_limit_and_unreadable_documents(tmp_path: Path, clock, database: str) -> None:
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": TONGJIANG,
-                                                    "issuer_name": "x", "max_message_bytes": 2000})
+                                                    "issuer_name": "x", "max_message_bytes": 2000,
+                                                    "database": database})
     small = Pipeline(settings, clock=clock)
     out = convert_one(small, FULL)
     assert out.ack_code == "AR" and out.issues[0].code == "too-long"

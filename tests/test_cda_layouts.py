@@ -457,11 +457,11 @@ def test_a_dtd_in_the_envelope_itself_is_refused_unread_and_answered_in_kind(cli
     assert ack.xpath("v3:acknowledgement/v3:targetMessage/v3:id/@nullFlavor", namespaces=V3) == ["UNK"]
 
 
-def test_a_payload_over_the_size_limit_is_refused(tmp_path: Path, clock) -> None:
+def test_a_payload_over_the_size_limit_is_refused(tmp_path: Path, clock, database: str) -> None:
     from gateway.config import load_settings
 
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": TONGJIANG,
-                                                    "max_message_bytes": len(V3_SOAP12) + 10})
+                                                    "max_message_bytes": len(V3_SOAP12) + 10, "database": database})
     pipeline = Pipeline(settings, clock=clock)
     try:
         assert convert_one(pipeline, V3_SOAP12).status is Status.CONVERTED

@@ -465,6 +465,7 @@ def test_a_copy_stored_without_a_digest_is_read_before_the_transaction(
 
 
 def test_an_older_database_gets_the_digest_column(tmp_path) -> None:
+    """SQLite only: a file of an earlier release (PostgreSQL databases start at today's layout)."""
     from importlib import resources
 
     from gateway.store.db import connect

@@ -94,19 +94,21 @@ def test_mappings_check_lists_tables_and_fails_on_a_bad_one(runner, tmp_path: Pa
     assert "x.csv:2: LOINC code '2345-8' has a wrong check digit" in result.stderr
 
 
-def test_messages_list_and_show(runner, tmp_path: Path) -> None:
+def test_messages_list_and_show(runner, settings, database: str) -> None:
     from gateway.pipeline import Pipeline
 
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": TONGJIANG})
-    Pipeline(settings).ingest((DATA / "hl7v2" / "malformed.hl7").read_bytes(), "hl7v2", channel="file")
-    listed = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "list", "--status", "refused"])
+    pipe = Pipeline(settings)  # the backend chosen with --backend
+    pipe.ingest((DATA / "hl7v2" / "malformed.hl7").read_bytes(), "hl7v2", channel="file")
+    pipe.close()
+    where = ["--data-dir", settings.data_dir, *(["--database", database] if database else [])]
+    listed = runner.invoke(cli, [*where, "messages", "list", "--status", "refused"])
     assert listed.exit_code == 0 and len(listed.stdout.splitlines()) == 5
     assert "'abc' is not a number" in listed.stdout
-    shown = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "show", "1"])
+    shown = runner.invoke(cli, [*where, "messages", "show", "1"])
     assert "status refused, answer AE" in shown.stdout and "OBX[3]-5" in shown.stdout
-    raw = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "show", "1", "--raw"])
+    raw = runner.invoke(cli, [*where, "messages", "show", "1", "--raw"])
     assert raw.stdout_bytes.startswith(b"MSH|^~\\&|LIS|TJXRMYY")
-    missing = runner.invoke(cli, ["--data-dir", str(tmp_path), "messages", "show", "99"])
+    missing = runner.invoke(cli, [*where, "messages", "show", "99"])
     assert missing.exit_code == 1 and "no message with id 99" in missing.stderr
 
 
@@ -157,3 +159,17 @@ def test_readme_documents_every_setting_and_command() -> None:
     for path in all_commands(cli):
         if len(path) == 1 or path[0] in ("mappings", "messages"):
             assert f"gateway {' '.join(path)}" in readme, f"command {' '.join(path)} is not in the README"
+
+
+@pytest.mark.parametrize("command", [["users", "list"], ["clients", "list"], ["audit", "verify"], ["audit", "stats"],
+                                     ["decisions", "list"]])
+def test_reading_commands_refuse_a_database_that_is_not_there(runner, tmp_path: Path, database: str,
+                                                              command: list[str]) -> None:
+    """A mistyped database is named and refused, never created empty to answer "nothing": a missing SQLite
+    file, or a PostgreSQL schema that does not exist."""
+    missing = f"{database}_missing" if database else str(tmp_path / "missing.db")
+    said = "has no schema" if database else "no such database"
+    for _ in range(2):  # asked again: still not there
+        result = runner.invoke(cli, ["--data-dir", str(tmp_path / "gw"), *command, "--db", missing])
+        assert result.exit_code in (1, 2) and said in result.output, result.output
+    assert not (tmp_path / "missing.db").exists()

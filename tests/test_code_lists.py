@@ -96,8 +96,8 @@ def test_a_retired_reason_code_is_read_as_the_code_it_became() -> None:
     assert "other-maybe" not in RETEST_REASONS
 
 
-def test_an_override_audited_with_the_retired_code_still_renders_and_verifies(tmp_path: Path) -> None:
-    db = connect(tmp_path / "audit.db")
+def test_an_override_audited_with_the_retired_code_still_renders_and_verifies(tmp_path: Path, database: str) -> None:
+    db = connect(database or tmp_path / "audit.db")  # the backend chosen with --backend
     me = r.Party.member("12511921MB0001003C", "通江县人民医院（演示）")
     doctor = r.Party.staff("D1", "演示医师")
 

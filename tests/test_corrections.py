@@ -352,6 +352,7 @@ def test_cda_correction_under_a_new_number_supersedes_the_report_its_rplc_names(
 
 
 def test_a_versions_table_of_an_earlier_release_gets_the_replaces_column() -> None:
+    """SQLite only: a table of an earlier release (PostgreSQL databases start at today's layout)."""
     from gateway.store.db import connect
     from gateway.store.reports import SCHEMA, ensure_schema
 

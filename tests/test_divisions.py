@@ -263,8 +263,8 @@ def test_hl7_partial_birth_dates_are_in_the_future_only_from_their_first_day(hl7
 
 
 @pytest.fixture
-def cdc(tmp_path: Path, clock: Any) -> Iterator[Pipeline]:
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"),
+def cdc(tmp_path: Path, clock: Any, database: str) -> Iterator[Pipeline]:
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "database": database,
                                                     "issuer_uscc": "12510000MB00030095",
                                                     "issuer_name": "四川省疾病预防控制中心（演示）"})
     p = Pipeline(settings, clock=clock)

@@ -51,7 +51,8 @@ class Member:
                     "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
                     "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": s.public_url,
                     "GATEWAY_HTTP_PORT": str(port), "GATEWAY_MLLP_PORT": "0", "GATEWAY_WORKERS": "1",
-                    "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+                    "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING",
+                    **({"GATEWAY_DATABASE": s.database} if s.database else {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -82,11 +83,12 @@ class Member:
 
 
 @pytest.mark.slow
-def test_exchange_between_serve_processes(tmp_path: Path) -> None:
+def test_exchange_between_serve_processes(tmp_path: Path, database: str) -> None:
     ports = {"tongjiang": free_port(), "fuling": free_port()}
     clock = lambda: _dt.datetime.now(CST)  # noqa: E731 - the processes run on the same clock
+    per_member = (lambda key: f"{database}_{key}") if database else None  # on PostgreSQL: a schema each
     world = build_world(tmp_path, clock, {k: f"http://127.0.0.1:{p}" for k, p in ports.items()},
-                        members=("tongjiang", "fuling"))
+                        members=("tongjiang", "fuling"), database=per_member)
     tj, fl = Member(world.gateways["tongjiang"], ports["tongjiang"]), Member(world.gateways["fuling"], ports["fuling"])
     sender = world.gateways["tongjiang"].pipeline.exchange  # 通江's keys, to forge requests with below
     errors = b""

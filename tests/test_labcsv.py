@@ -38,9 +38,9 @@ def csv_bytes(*rows: str, header: str = HEADER, encoding: str = "utf-8") -> byte
 
 
 @pytest.fixture
-def cdc(tmp_path: Path, clock) -> Pipeline:
+def cdc(tmp_path: Path, clock, database: str) -> Pipeline:
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
-                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）", "database": database})
     p = Pipeline(settings, clock=clock)
     yield p
     p.close()
@@ -332,11 +332,11 @@ def test_ingest_is_idempotent_and_a_changed_export_is_a_new_version(cdc: Pipelin
     assert str(sbp["valueQuantity"]["value"]) == "126" and sbp["meta"]["versionId"] == "2"
 
 
-def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_path: Path, clock) -> None:
+def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_path: Path, clock, database: str) -> None:
     from gateway.api.app import create_app
 
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
-                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）", "database": database})
     pipeline = Pipeline(settings, clock=clock)
     app = create_app(settings, pipeline)
     client = app.test_client()
@@ -471,7 +471,8 @@ def test_every_profile_problem_is_traced_to_a_row_and_column(cdc: Pipeline, chan
     assert any(i.location == location and words in i.message for i in explained), [str(i) for i in explained]
 
 
-def test_profile_problems_at_any_element_never_reach_the_sender_as_fhir_paths(tmp_path: Path, clock) -> None:
+def test_profile_problems_at_any_element_never_reach_the_sender_as_fhir_paths(tmp_path: Path, clock,
+                                                                              database: str) -> None:
     """Whatever the profile check says, and wherever: the OperationOutcome and the CLI lines name rows and columns."""
     from gateway.errors import Issue
 
@@ -487,7 +488,7 @@ def test_profile_problems_at_any_element_never_reach_the_sender_as_fhir_paths(tm
         return out + [Issue("warning", "value", "Bundle", "is not a resource of this guide (Bundle.type)")]
 
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
-                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）", "database": database})
     p = Pipeline(settings, clock=clock, checker=checker)
     try:
         [out] = list(p.convert(csv_bytes(row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,")), "cdc-csv", "t.csv"))

@@ -202,6 +202,7 @@ def test_two_readers_of_one_queue_never_claim_the_same_message(pipeline: Pipelin
 
 
 def test_an_older_database_gets_the_lease_columns_when_opened(tmp_path: Path) -> None:
+    """SQLite only: a file of an earlier release (PostgreSQL databases start at today's layout)."""
     path = tmp_path / "old.db"
     store = Store.open(path)
     store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS|X", message_id="OLD1", origin="", raw=b"MSH|x")

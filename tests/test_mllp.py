@@ -81,13 +81,14 @@ def test_many_messages_in_a_row(server, pipeline) -> None:
 
 
 @pytest.mark.slow
-def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
+def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path, database: str) -> None:
     """A real client nobody here wrote (python-hl7's mllp_send) against `gateway serve`."""
     mllp_send = shutil.which("mllp_send") or str(Path(sys.executable).with_name("mllp_send"))
     gateway = shutil.which("gateway") or str(Path(sys.executable).with_name("gateway"))
     http_port, mllp_port = free_port(), free_port()
     env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "gw"), "GATEWAY_ISSUER_USCC": TONGJIANG,
-           "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+           "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING",
+           **({"GATEWAY_DATABASE": database} if database else {})}
     added = subprocess.run([gateway, "users", "add", "his", "--role", "submitter"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert added.returncode == 0, added.stderr
@@ -121,7 +122,7 @@ def test_gateway_serve_with_mllp_send_and_http(tmp_path: Path) -> None:
     assert b"511921198001011237" not in err and b"511921198001011237" not in out
 
 
-def test_batch_gives_each_message_the_answer_it_gets_alone(pipeline, tmp_path) -> None:
+def test_batch_gives_each_message_the_answer_it_gets_alone(pipeline, tmp_path, database) -> None:
     """Pipeline.ingest_batch (what the MLLP listener uses) answers like ingest_unit, with fewer commits."""
     from gateway.adapters.base import RawUnit
     from gateway.config import load_settings
@@ -131,8 +132,10 @@ def test_batch_gives_each_message_the_answer_it_gets_alone(pipeline, tmp_path) -
     units.append(units[1])  # the same message twice in one batch
     ch = pipeline.channel("hl7v2")
     batched = pipeline.ingest_batch(ch, units, channel="mllp")
+    alone_db = f"{database}_alone" if database else ""  # a database of its own (on PostgreSQL: a schema)
     alone_pipe = Pipeline(load_settings(environ={}, overrides={"data_dir": str(tmp_path / "alone"),
-                                                               "issuer_uscc": TONGJIANG}), clock=pipeline.clock)
+                                                               "database": alone_db, "issuer_uscc": TONGJIANG}),
+                          clock=pipeline.clock)
     alone = [alone_pipe.ingest_unit(ch, u, channel="mllp") for u in units]
     assert [o.ack_code for o in batched] == [o.ack_code for o in alone] == ["AE", "AA", "AE", "AR", "AR", "AE", "AA"]
     assert [o.status.value for o in batched][-1] == "duplicate"
@@ -148,7 +151,7 @@ def test_concurrent_connections_are_batched_and_all_acked(server, pipeline) -> N
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
-def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
+def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: Path, database: str) -> None:
     """mllp_workers 2: a second listener process accepts on the same socket; every message is ACKed once."""
     import dataclasses
     import json
@@ -157,7 +160,7 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
 
     port = free_port()
     overrides = {"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "mllp_port": port,
-                 "mllp_workers": 2, "log_level": "WARNING"}
+                 "mllp_workers": 2, "log_level": "WARNING", "database": database}
     settings = load_settings(environ={}, overrides=overrides)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -164,13 +164,14 @@ def test_listener_answers_on_receipt_and_the_reader_works_every_message(pipeline
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
-def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_message(tmp_path: Path) -> None:
+def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_message(tmp_path: Path,
+                                                                                    database: str) -> None:
     """``gateway serve`` with ``mllp_ack = received``: receipts from the listener, the work by its queue process."""
     from gateway.store.store import Store
 
     port = free_port()
     overrides = {"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "mllp_port": port,
-                 "mllp_ack": "received", "log_level": "WARNING"}
+                 "mllp_ack": "received", "log_level": "WARNING", "database": database}
     settings = load_settings(environ={}, overrides=overrides)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -201,7 +202,9 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
 
 
 def test_a_polling_transaction_waits_for_another_writer_and_gives_up_at_the_busy_timeout(tmp_path) -> None:
-    """The receipt's transaction tries every half millisecond while another connection writes."""
+    """The receipt's transaction tries every half millisecond while another connection writes.
+
+    SQLite only: its file lock and busy timeout (on PostgreSQL a writer waits for the write lock itself)."""
     import sqlite3
 
     from gateway.store.db import connect, transaction

@@ -187,13 +187,22 @@ def test_bad_bundles_are_refused(demo_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "signature verification failed" in result.output
 
 
-def test_decisions_commands_need_a_database(tmp_path: Path) -> None:
-    result = CliRunner().invoke(decisions, ["list", "--db", str(tmp_path / "missing.db")])
-    assert result.exit_code == 1 and "no such database" in result.output
+def test_decisions_commands_need_a_database(tmp_path: Path, database: str) -> None:
+    """A database that is not there is named and refused, never created: a missing SQLite file, or a
+    PostgreSQL schema that does not exist (a typo in the URL)."""
+    missing = f"{database}_missing" if database else str(tmp_path / "missing.db")
+    said = "has no schema" if database else "no such database"
+    result = CliRunner().invoke(decisions, ["list", "--db", missing])
+    assert result.exit_code in (1, 2) and said in result.output
     result = CliRunner().invoke(
-        decisions, ["override", "x", "--db", str(tmp_path / "missing.db"), "--reason", "other", "--physician", "D1"]
+        decisions, ["override", "x", "--db", missing, "--reason", "other", "--physician", "D1"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code in (1, 2) and said in result.output, result.output
+    if database:  # the schema was not made by the attempt
+        result = CliRunner().invoke(decisions, ["list", "--db", missing])
+        assert "has no schema" in result.output
+    else:
+        assert not Path(missing).exists()
     reasons = CliRunner().invoke(decisions, ["reasons"])
     assert reasons.exit_code == 0 and reasons.output.count("\n") == 12
 

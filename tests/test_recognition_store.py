@@ -204,7 +204,9 @@ def test_a_superseded_report_withdraws_its_decisions_once(stored: sqlite_utils.D
 
 
 def test_a_database_without_withdrawals_gains_them_when_first_written(tmp_path: Path) -> None:
-    """A database written before withdrawals existed: its decisions are listed, and it gains the table."""
+    """A database written before withdrawals existed: its decisions are listed, and it gains the table.
+
+    SQLite only: a file of an earlier release (PostgreSQL databases start at today's layout)."""
     path = tmp_path / "older.db"
     older = connect(path)
     save_decisions(older, decisions_for("bundle-lab-tongjiang.json", FULING), AT)

@@ -44,13 +44,14 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def app(demo: DemoRegistry, clock: Clock, tmp_path: Path) -> Flask:
+def app(demo: DemoRegistry, clock: Clock, tmp_path: Path, database: str) -> Flask:
+    locator = database or str(tmp_path / "gw.db")  # the backend chosen with --backend
     holder = RegistryHolder([demo.authority_cert], clock=clock)
     holder.apply(demo.text())
     application = Flask("test")
     register_error_handlers(application)
     application.register_blueprint(bp)
-    install(application, holder, clock=clock, database=tmp_path / "gw.db")
+    install(application, holder, clock=clock, database=locator)
     application.config["TESTING"] = True
     # $recognize needs an authenticated member system (role submitter).
     from gateway import auth
@@ -59,8 +60,8 @@ def app(demo: DemoRegistry, clock: Clock, tmp_path: Path) -> Flask:
     from gateway.store.db import connect
 
     application.extensions["gateway.settings"] = load_settings(
-        environ={}, overrides={"data_dir": str(tmp_path), "database": str(tmp_path / "gw.db"), "issuer_uscc": FULING})
-    _, token = auth.add_user(connect(tmp_path / "gw.db"), "his", ["submitter"], at=clock(),
+        environ={}, overrides={"data_dir": str(tmp_path), "database": locator, "issuer_uscc": FULING})
+    _, token = auth.add_user(connect(locator), "his", ["submitter"], at=clock(),
                              gateway=Party.member(FULING), by=Party.user(FULING, "setup"))
     application.config["TEST_TOKEN"] = token
     return application
@@ -126,7 +127,7 @@ def test_recognize_returns_parameters_and_stores(app: Flask, tmp_path: Path) -> 
     assert facts["valid_until"] == "2026-11-27T08:30:00+08:00"
     assert parts(decisions[0], "item")[0]["valueCoding"]["code"] == "CY-L001"
     (tmp_path / "recognize-out.json").write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
-    db = connect(tmp_path / "gw.db", readonly=True)
+    db = connect(app.extensions["gateway.settings"].database_locator, readonly=True)
     assert len(list_decisions(db)) == 5
 
 

@@ -113,6 +113,7 @@ def test_a_snapshot_one_node_applies_is_applied_by_every_node_sharing_the_databa
 
 
 def test_a_database_of_an_earlier_release_keeps_its_floor_and_gains_the_snapshot_text(tmp_path) -> None:
+    """SQLite only: a file of an earlier release (PostgreSQL databases start at today's layout)."""
     path = tmp_path / "old.db"
     old = connect(path)
     old.execute("CREATE TABLE registry_applied (version INTEGER NOT NULL, digest TEXT NOT NULL,"

@@ -94,10 +94,11 @@ def _mllp(port: int, message: bytes) -> bytes:
 
 
 @pytest.mark.slow
-def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_path: Path) -> None:
+def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_path: Path, database: str) -> None:
     http, mllp = free_port(), free_port()
     url = f"http://127.0.0.1:{http}"
-    world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
+    world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",),
+                        database=(lambda key: database) if database else None)
     gw = world.gateways["tongjiang"]
     s = gw.settings
     env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
@@ -105,7 +106,8 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
            "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
            "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
            "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
-           "GATEWAY_RESTART_LIMIT": "2", "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+           "GATEWAY_RESTART_LIMIT": "2", "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING",
+           **({"GATEWAY_DATABASE": s.database} if s.database else {})}
     folder = run_dir(s)
     message = (Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2"
                / "tongjiang-county-lis.hl7").read_bytes().split(b"\x1c")[0].lstrip(b"\x0b")

@@ -60,9 +60,9 @@ def multipart_body(stem: str, boundary: str = "----cyhrFormBoundary7MA4YWxkTrZu0
 
 
 @pytest.fixture
-def yuan(tmp_path: Path) -> Pipeline:
+def yuan(tmp_path: Path, database: str) -> Pipeline:
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "yuan"), "issuer_uscc": YUAN,
-                                                    "issuer_name": YUAN_NAME})
+                                                    "issuer_name": YUAN_NAME, "database": database})
     p = Pipeline(settings, clock=Clock(NOW))
     yield p
     p.close()
@@ -141,9 +141,10 @@ def test_metadata_and_pdf_errors_are_refused_naming_the_field(yuan: Pipeline, ch
     assert location in [i.location for i in outcome.errors], outcome.issues
 
 
-def test_a_pdf_over_max_message_bytes_is_refused(tmp_path: Path) -> None:
+def test_a_pdf_over_max_message_bytes_is_refused(tmp_path: Path, database: str) -> None:
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": YUAN,
-                                                    "issuer_name": YUAN_NAME, "max_message_bytes": 1024})
+                                                    "issuer_name": YUAN_NAME, "max_message_bytes": 1024,
+                                                    "database": database})
     outcome = converted(Pipeline(settings, clock=Clock(NOW)), json_body("yuan-radiation-protection-testing"))
     assert [i.location for i in outcome.errors] == ["pdf"] and "1024" in outcome.errors[0].message
 
@@ -293,11 +294,12 @@ def test_a_qualification_not_approved_by_a_chuanyu_authority_is_not_recognised(y
     assert d.outcome == "not-recognized" and rule.status == "failed" and "川渝" in rule.message
 
 
-def test_a_nationally_approved_jia_qualification_counts_across_chuanyu(snapshot, tmp_path: Path) -> None:
+def test_a_nationally_approved_jia_qualification_counts_across_chuanyu(
+        snapshot, tmp_path: Path, database: str) -> None:
     """甲级 qualifications are approved by the national commission and valid nationwide: the DEMO CDC's 甲级 职业卫生
     qualification (no province, level national) covers its report; a 乙级 one needs a 川渝 authority."""
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "cdc"), "issuer_uscc": CDC,
-                                                    "issuer_name": CDC_NAME})
+                                                    "issuer_name": CDC_NAME, "database": database})
     cdc = Pipeline(settings, clock=Clock(NOW))
     try:
         body = json_body("yuan-occupational-hazard-testing", issuer={"name": CDC_NAME, "uscc": CDC},
@@ -397,8 +399,10 @@ def test_cli_converts_a_metadata_file_naming_its_pdf(runner, tmp_path: Path) -> 
 # -- exchange ------------------------------------------------------------------------------------------------------
 
 
-def signing_yuan(tmp_path: Path):
-    """(the demo world with 涪陵, 渝安's signing gateway pushing to it through the real Flask apps)."""
+def signing_yuan(tmp_path: Path, database: str):
+    """(the demo world with 涪陵, 渝安's signing gateway pushing to it through the real Flask apps).
+
+    On PostgreSQL (``database`` a URL) each gateway has a schema of its own."""
     from test_exchange import URLS, Routed
 
     from gateway.api.app import create_app
@@ -406,7 +410,8 @@ def signing_yuan(tmp_path: Path):
     from gateway.signing.keys import cert_pem, private_key_pem
 
     clock = Clock(NOW)
-    world = build_world(tmp_path, clock, URLS, members=("fuling",))
+    per_member = (lambda key: f"{database}_{key}") if database else None
+    world = build_world(tmp_path, clock, URLS, members=("fuling",), database=per_member)
     home = tmp_path / "yuan"
     (home / "keys").mkdir(parents=True)
     key = home / "keys" / "k.pem"
@@ -418,7 +423,7 @@ def signing_yuan(tmp_path: Path):
         "registry_snapshot": str(tmp_path / "registry" / "snapshot.json"),
         "registry_authority": str(tmp_path / "registry" / "authority.pem"),
         "signing_key": str(key), "signing_cert": str(home / "keys" / "c.pem"),
-        "public_url": "https://yuan-ohs.demo.example"})
+        "public_url": "https://yuan-ohs.demo.example", "database": f"{database}_yuan" if database else ""})
     pipeline = Pipeline(settings, clock=clock)
     transport = Routed(world)
     pipeline.exchange.transport = transport
@@ -426,10 +431,10 @@ def signing_yuan(tmp_path: Path):
     return world, pipeline
 
 
-def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) -> None:
+def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path, database: str) -> None:
     from gateway.audit.log import entries
 
-    world, pipeline = signing_yuan(tmp_path)
+    world, pipeline = signing_yuan(tmp_path, database)
     [outcome] = pipeline.ingest(json_body("yuan-radiation-protection-testing"), "service-report", channel="http")
     assert outcome.status is Status.STORED and outcome.signed is not None
     row = pipeline.exchange.push(outcome.bundle["id"], FL)
@@ -443,7 +448,8 @@ def test_a_signed_report_is_pushed_verified_decided_and_audited(tmp_path: Path) 
     assert YUAN in text and "DEMO-FWJ-500000-0007" in text
 
 
-def test_a_corrected_report_supersedes_the_original_here_and_where_it_was_pushed(tmp_path: Path) -> None:
+def test_a_corrected_report_supersedes_the_original_here_and_where_it_was_pushed(
+        tmp_path: Path, database: str) -> None:
     """A 更正报告 (status corrected, under a number of its own, replaces naming the original's number)
     supersedes the original: tagged, no longer found by its number, its decisions withdrawn, and the correction
     follows the original to the member it was pushed to."""
@@ -451,7 +457,7 @@ def test_a_corrected_report_supersedes_the_original_here_and_where_it_was_pushed
     from gateway.store.reports import versions_of
 
     stem = "yuan-occupational-hazard-testing"
-    world, yuan = signing_yuan(tmp_path)
+    world, yuan = signing_yuan(tmp_path, database)
     fl = world.gateways["fuling"].pipeline
     [original] = yuan.ingest(json_body(stem), "service-report", channel="http")
     assert original.status is Status.STORED

@@ -98,6 +98,7 @@ def _answers(store: Store) -> list[list[str]]:
 
 
 def test_layout_1_database_is_moved_and_reindexed_losing_nothing(tmp_path: Path) -> None:
+    """SQLite only: a file of the first layout (PostgreSQL databases start at today's layout)."""
     reference = _fill(tmp_path / "now.db")
     expected, expected_answers = _rows(reference), _answers(reference)
     assert expected["resource_history"] and expected["search_token"] and expected["search_date"]
@@ -122,6 +123,7 @@ def test_layout_1_database_is_moved_and_reindexed_losing_nothing(tmp_path: Path)
 
 
 def test_a_new_database_starts_at_the_current_layout(tmp_path: Path) -> None:
+    """SQLite only: the file's own user_version (both engines: the test after this one)."""
     store = Store.open(tmp_path / "new.db")
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert {r[1] for r in store.db.execute("PRAGMA table_info(search_token)")} == {
@@ -146,6 +148,7 @@ def test_the_core_layout_is_recorded_once_per_connection_on_either_engine(tmp_pa
 
 
 def test_the_background_checkpointer_empties_the_wal_while_writers_go_on(tmp_path: Path) -> None:
+    """SQLite only: its write-ahead log (PostgreSQL checkpoints by itself)."""
     import time
 
     from gateway.store.db import WAL_AUTOCHECKPOINT_PAGES, WalCheckpointer

@@ -83,13 +83,22 @@ def database_named(ctx: click.Context) -> bool:
     return any(os.environ.get(name) for name in ("GATEWAY_DATA_DIR", "GATEWAY_DATABASE"))
 
 
+def require_existing(locator: str | Path) -> None:
+    """Refuse a database that is not there: a missing SQLite file, or a PostgreSQL schema that does not exist
+    (a mistyped URL), which opening it for writing would create empty."""
+    if is_postgresql(locator):
+        connect(locator, readonly=True).conn.close()  # refused, naming the missing schema, when it is not there
+    elif not Path(locator).exists():
+        raise click.ClickException(f"{locator}: no such database")
+
+
 @contextmanager
 def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True) -> Iterator[Database]:
     """The database named by ``--db``, else the configured one; closed afterwards."""
     path: Path | str = db_path if db_path and is_postgresql(db_path) else Path(db_path) if db_path \
         else settings_for(ctx).database_locator
-    if must_exist and isinstance(path, Path) and not path.exists():
-        raise click.ClickException(f"{path}: no such database")
+    if must_exist:
+        require_existing(path)
     db = connect(path)
     with closing(db.conn):
         yield db

@@ -242,8 +242,11 @@ def show_cmd(decision_id: str, db_path: str | None) -> None:
 @click.option("--note", help="Free text for the medical record.")
 def override_cmd(decision_id: str, db_path: str | None, reason: str, physician: str, note: str | None) -> None:
     """Record a physician's re-test decision beside DECISION_ID (the decision itself is kept unchanged)."""
+    from gateway.commands.audit import require_existing
+
     db_path = _existing(db_path)
     with one_line_errors():
+        require_existing(db_path)  # a PostgreSQL schema that is not there is refused, never created
         db = connect(db_path)
         try:
             override = make_override(decision_id, reason, physician, now_cst(), note)
