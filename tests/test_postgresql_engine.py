@@ -142,3 +142,12 @@ def test_a_guard_the_owner_made_harmless_is_found(pg_url: str, tamper: str) -> N
     assert not report.ok
     assert any("guards were removed, disabled or changed" in f.message for f in report.findings)
     db.close()
+
+
+def test_placeholders_are_found_only_outside_quotes_comments_and_bodies(pg_url: str) -> None:
+    assert postgresql.translate("SELECT ? /* ? */, '?%', \"?\", $$ ?% $$, $f$ ? $f$ -- ?") == \
+        "SELECT %s /* ? */, '?%%', \"?\", $$ ?%% $$, $f$ ? $f$ -- ?"
+    db = connect(pg_url)
+    row = db.execute("SELECT ?::int /* ? */, '?%', $$ ?% $$, ?::text -- ?", [7, "x"]).fetchone()
+    assert tuple(row) == (7, "?%", " ?% ", "x")
+    db.close()

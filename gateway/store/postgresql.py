@@ -38,7 +38,8 @@ _SCHEMES = ("postgresql://", "postgres://")
 LOCK_TIMEOUT_S = 30
 #: A transaction whose client sends nothing for this long is ended by the server (and its lock freed).
 IDLE_IN_TRANSACTION_S = 120
-_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?|%")
+#: What ``?`` and ``%`` mean nothing inside: quoted strings and names, comments, dollar-quoted bodies.
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*[\s\S]*?\*/|\$(\w*)\$[\s\S]*?\$\1\$|\?|%")
 _translated: dict[str, str] = {}
 _binary_translated: dict[str, str] = {}
 
