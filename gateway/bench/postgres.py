@@ -79,7 +79,12 @@ def pg_e2e_stage(ctx: BenchContext) -> StageResult:
     n, k = ctx.options.per_stage, ctx.options.memory_sample
     messages = ctx.fresh_messages(n + k)
     result = StageResult("pg-e2e", STAGES["pg-e2e"].title, note="profile check on; signed with marks; 1 node")
+    before = _size(pipeline)
     _timed(ctx, result, ingest, messages[:n], messages[n:])
+    stored = result.items + len(messages[n:])
+    if stored:  # what the database grew by (tables, indexes, TOAST; dead row versions not yet vacuumed included)
+        result.extra["bytes_per_message"] = round((_size(pipeline) - before) / stored)
+        result.note += f"; database +{result.extra['bytes_per_message'] / 1024:.0f} KiB per message"
     pipeline.close()
     _compare(result, "e2e")
     if failures:
@@ -169,6 +174,12 @@ def _signed_texts(ctx: BenchContext, count: int) -> list[bytes]:
         texts.append(out.sign(bundle))
     sender.close()
     return texts
+
+
+def _size(pipeline: Any) -> int:
+    from gateway.store.views import ReadModels
+
+    return ReadModels(pipeline.store.db).database_bytes()
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:

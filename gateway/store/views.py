@@ -75,6 +75,8 @@ class ReadModelsPort(Protocol):
 
     def tables(self) -> set[str]: ...
 
+    def database_bytes(self) -> int: ...
+
     # messages
     def queue_depth(self) -> int: ...
     def queued_up_to(self, limit: int) -> int: ...
@@ -109,6 +111,13 @@ class ReadModels:
         self.db = db
         self.dialect = dialect(db)
         self._tables: set[str] | None = None
+
+    def database_bytes(self) -> int:
+        """The database's size on disk: tables, indexes and TOAST (PostgreSQL), or the file's pages (SQLite)."""
+        if self.dialect == "postgresql":
+            return int(self.db.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages) * int(self.db.execute("PRAGMA page_size").fetchone()[0])
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = self.db.execute(sql, list(params)).fetchone()
