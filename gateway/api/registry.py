@@ -26,20 +26,15 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from gateway import jsonutil
 from gateway.errors import ConfigError, InputError, NotFound
-from gateway.recognition.engine import decide_all
-from gateway.recognition.facts import with_superseded
+from gateway.recognition.record import decide, decide_and_record
 from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.fhir import decision_parameters, parse_recognize_parameters
-from gateway.audit.events import decided
 from gateway.auth import require_role
-from gateway.store.db import transaction
-from gateway.recognition.store import save_decisions
 from gateway.registry.fhir import registry_resources
 from gateway.registry.models import Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder
 from gateway.signing.canonical import parse_json
 from gateway.store.db import borrowed
-from gateway.store.reports import superseded_in
 
 __all__ = ["bp", "install", "RegistryState", "EXTENSION_KEY"]
 
@@ -183,14 +178,10 @@ def recognize() -> Response:
     # the Bundle is a part of Parameters: its signature is checked over its own canonical text
     facts = facts_to_decide(jsonutil.dumps(bundle).encode("utf-8"), bundle, snapshot, at)
     if state.database is None:
-        decisions = decide_all(facts, snapshot, receiver, at)
+        decisions = decide(facts, bundle, snapshot, receiver, at).decisions
     else:
-        with borrowed(state.database) as db:
-            # a report a stored correction supersedes is decided as superseded
-            decisions = decide_all(with_superseded(facts, superseded_in(db, bundle)), snapshot, receiver, at)
-            with transaction(db):  # decisions and their audit entries commit together
-                save_decisions(db, decisions, state.clock())
-                decided(db, decisions, member=receiver)
+        with borrowed(state.database) as db:  # decisions and their audit entries commit together
+            decisions, _ = decide_and_record(db, facts, bundle, snapshot, receiver, at, recorded_at=state.clock())
     log.info(
         "recognize: snapshot=%s results=%d recognized=%d",
         snapshot.version,

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import click
 
-from gateway.audit.events import decided
 from gateway.commands.common import AwareDateTime, now_cst, one_line_errors
 from gateway.commands.registry import authority_certificates
 from gateway.naming import SYSTEM_ID_CARD
@@ -30,17 +29,15 @@ from gateway.recognition.engine import (
     PASSED,
     RECOGNIZED,
     Decision,
-    decide_all,
 )
-from gateway.recognition.facts import with_superseded
 from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.overrides import RETEST_REASONS, RETIRED_RETEST_REASONS, make_override
-from gateway.recognition.store import add_override, get_decision, list_decisions, save_decisions
+from gateway.recognition.record import decide, decide_and_record
+from gateway.recognition.store import add_override, get_decision, list_decisions
 from gateway.registry.models import Snapshot
 from gateway.registry.snapshot import verify_snapshot
 from gateway.signing.canonical import dumps, parse_json
-from gateway.store.db import Database, connect, describe, is_postgresql, transaction
-from gateway.store.reports import superseded_in
+from gateway.store.db import Database, connect, describe, is_postgresql
 
 __all__ = ["recognize", "decisions", "format_decisions"]
 
@@ -133,16 +130,12 @@ def recognize(
         facts = facts_to_decide(data, document, snapshot, moment)
         stored = None
         if not db_path:
-            decisions = decide_all(facts, snapshot, receiver, moment)
+            decisions = decide(facts, document, snapshot, receiver, moment).decisions
         else:
             db = connect(db_path)
-            try:
-                # a report a stored correction supersedes is decided as superseded; the decisions and
-                # their audit entries commit together, so `gateway audit stats` counts them like any other
-                decisions = decide_all(with_superseded(facts, superseded_in(db, document)), snapshot, receiver, moment)
-                with transaction(db):
-                    stored = save_decisions(db, decisions, now_cst())
-                    decided(db, decisions, member=receiver)
+            try:  # the decisions and their audit entries commit together: `gateway audit stats` counts them
+                decisions, stored = decide_and_record(db, facts, document, snapshot, receiver, moment,
+                                                      recorded_at=now_cst())
             finally:
                 db.conn.close()
     if as_json:

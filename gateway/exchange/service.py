@@ -58,7 +58,6 @@ from gateway.errors import (
 )
 from gateway.naming import ext_url
 from gateway.audit import events as audit_events
-from gateway.audit import log as audit_log
 from gateway.exchange.outbox import Delivery, Lanes, Outbox, SendResult, Transport
 from gateway.exchange.peer_auth import ReplayCache, make_assertion, verify_assertion
 from gateway.exchange.transports import HTTPTransport
@@ -584,10 +583,9 @@ class Exchange:
             problems = [i for i in self.checker(bundle) if i.severity == "error"]
             if problems:
                 raise ProfileViolation(problems, "the received Bundle does not conform to our profiles")
-        from gateway.recognition.engine import decide_all
-        from gateway.recognition.facts import facts_from_bundle, with_superseded
-        from gateway.recognition.store import save_decisions
-        from gateway.store.reports import supersede, superseded_in
+        from gateway.recognition.facts import facts_from_bundle
+        from gateway.recognition.record import decide
+        from gateway.store.reports import supersede
 
         # the signer is the verified one: Bundle.signature.who is not signed, so it must name the same member
         read = facts_from_bundle(bundle)
@@ -596,10 +594,12 @@ class Exchange:
             raise TrustError(f"Bundle.signature.who names {', '.join(sorted(claimed))} but the signature is "
                              f"{verified.signer_uscc}'s", "Bundle.signature.who")
         read = [dataclasses.replace(f, signer_uscc=verified.signer_uscc) for f in read]
-        # a report a stored correction supersedes (it arrived late) is decided as superseded
-        facts = with_superseded(read, superseded_in(self.db, bundle))
-        decisions = decide_all(facts, snapshot, self.settings.issuer_uscc, now)
         doc_sha = verified.document_sha256
+        # decided, and the decisions' audit entries made, before the write lock is taken; only their storing
+        # and chaining are inside (a report a stored correction supersedes is decided as superseded)
+        made = decide(read, bundle, snapshot, self.settings.issuer_uscc, now, db=self.db, bundle_hash=doc_sha,
+                      kid=verified.kid)
+        decisions = made.decisions
         counts: dict[str, int] = {}
         for d in decisions:
             counts[d.outcome] = counts.get(d.outcome, 0) + 1
@@ -615,20 +615,15 @@ class Exchange:
             "decisions": counts,
         })
 
-        # the decisions' audit entries are made before the write lock is taken; only their chaining is inside
-        decision_entries = audit_log.prepare(audit_events.decision_records(
-            decisions, member=self.settings.issuer_uscc, bundle_hash=doc_sha, kid=verified.kid))
-
         def inside(db: Database) -> None:
             # the write lock makes this the one place where "received already?" has a single answer
             first = SignedBundles(db).received_message(doc_sha)
             if first is not None:
                 raise _AlreadyReceived(first)
             self.keep_signed(db, text, "received", record_id, bundle=bundle, digest=doc_sha)
-            save_decisions(db, decisions, now)
             audit_events.exchanged(db, "received", at=now, member=self.settings.issuer_uscc, peer=peer,
                                    bundle_hash=doc_sha, bundle_id=bundle.get("id"), kid=verified.kid)
-            audit_log.append_prepared(db, decision_entries)
+            made.record(db, now)
             # a correction supersedes the version received before: its decisions are withdrawn here too
             supersede(self.store, bundle, direction="received", message_ref=record_id, at=now,
                       member=self.settings.issuer_uscc)
