@@ -35,11 +35,12 @@ MANIFEST = "serve.json"
 
 
 def run_dir(settings: Settings) -> Path:
-    """The run folder of a gateway: beside its SQLite file, so that two gateways never share one; in
-    ``data_dir`` when the database is PostgreSQL (each node of a cluster has its own ``data_dir``)."""
+    """The run folder of a gateway: beside its SQLite file, so that two gateways never share one. On
+    PostgreSQL, where several nodes share the database, in ``data_dir`` and named by the node's HTTP port: two
+    nodes started on one host from the same configuration (only the ports told apart) keep apart too."""
     db = settings.database_file
     if db is None:
-        return Path(settings.data_dir) / "gateway.run"
+        return Path(settings.data_dir) / f"node-{settings.http_port}.run"
     return db.with_name(db.name + ".run")
 
 

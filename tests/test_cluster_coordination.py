@@ -73,3 +73,16 @@ def test_writers_on_several_connections_take_turns(pg_url: str) -> None:
     assert db.execute("SELECT n FROM counter").fetchone()[0] == 100
     for conn in [db, *nodes]:
         conn.conn.close()
+
+
+def test_nodes_started_from_one_configuration_keep_their_run_folders_apart(tmp_path: Any, pg_url: str) -> None:
+    """Two nodes on one host with the same data_dir (only the ports differ) never share heartbeats or manifests."""
+    from gateway.config import load_settings
+    from gateway.heartbeat import run_dir
+
+    def node(port: int, database: str) -> Any:
+        return load_settings(environ={}, overrides={"data_dir": str(tmp_path), "database": database,
+                                                    "http_port": port})
+    assert run_dir(node(8091, pg_url)) != run_dir(node(8092, pg_url))
+    assert run_dir(node(8091, pg_url)).parent == tmp_path
+    assert run_dir(node(8091, "")) == run_dir(node(8092, "")) == tmp_path / "gateway.db.run"  # SQLite: one gateway

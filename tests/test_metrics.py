@@ -284,7 +284,8 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
         outbox_db.execute("UPDATE outbox SET status = 'dead' WHERE payload = ?", [b"b"])
         outbox_db.execute("UPDATE outbox SET next_attempt_at = 4102444800")  # not due while the test runs
     outbox_db.conn.close()
-    old_file = run_dir(Settings(data_dir=str(data_dir), database=database)) / "metrics" / "counter_99999999.db"
+    folder = run_dir(Settings(data_dir=str(data_dir), database=database, http_port=http))
+    old_file = folder / "metrics" / "counter_99999999.db"
     old_file.parent.mkdir(parents=True, exist_ok=True)
     old_file.write_bytes(b"left by an earlier run")  # emptied at start: an earlier run's counts never show
 
@@ -344,7 +345,7 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
         assert value(now, "gateway_part_up", part="queue") == 1 and value(now, "gateway_part_up", part="http-2") == 1
 
         # a killed HTTP worker is restarted; what it counted still adds up
-        manifest = run_dir(Settings(data_dir=str(data_dir), database=database)) / "serve.json"
+        manifest = folder / "serve.json"
         parts = json.loads(manifest.read_text())["parts"]
         os.kill(parts["http-1"]["pid"], signal.SIGKILL)
         os.kill(parts["http-2"]["pid"], signal.SIGKILL)

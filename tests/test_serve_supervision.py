@@ -108,7 +108,7 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
            "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
            "GATEWAY_RESTART_LIMIT": "2", "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING",
            **({"GATEWAY_DATABASE": s.database} if s.database else {})}
-    folder = run_dir(s)
+    folder = run_dir(s.replace(http_port=http))  # the run folder of the node serve starts (its HTTP port)
     message = (Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2"
                / "tongjiang-county-lis.hl7").read_bytes().split(b"\x1c")[0].lstrip(b"\x0b")
     proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
