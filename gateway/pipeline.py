@@ -30,6 +30,7 @@ message — or one whose process died — again with :meth:`Pipeline.retry`
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -59,7 +60,7 @@ from gateway.fhir.parties import Issuer
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet, load_mappings
 from gateway.naming import SYSTEM_INSTITUTION
-from gateway.store.db import Database
+from gateway.store.db import Database, connection_lost, describe
 from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
 
 __all__ = ["Stage", "Status", "Outcome", "Channel", "Pipeline"]
@@ -365,8 +366,15 @@ class Pipeline:
 
     @property
     def store(self) -> Store:
-        """This thread's database connection (opened on first use)."""
+        """This thread's database connection (opened on first use, and again when the server ended the last one:
+        a PostgreSQL restart, a failover, a session ended for idling in a transaction)."""
         store: Store | None = getattr(self._local, "store", None)
+        if store is not None and connection_lost(store.db):
+            log.warning("database connection lost (%s); opening a new one",
+                        describe(self.settings.database_locator))
+            with contextlib.suppress(Exception):
+                store.close()
+            store = self._local.store = None
         if store is None:
             store = Store.open(self.settings.database_locator, self.clock)
             self._local.store = store

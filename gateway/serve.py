@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
+from gateway.store.db import OperationalError
 
 __all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", "run_http", "run_part",
            "background_pass"]
@@ -71,13 +72,20 @@ class PortInUse(Exception):
 ABANDONED_PER_PASS, ABANDONED_SECONDS = 50, 5.0
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def background_pass(pipeline: Any) -> dict[str, int]:
     """One round of background work: work again what a dead process left unfinished, deliver what is due, make
     an audit checkpoint when one is due."""
     done: dict[str, int] = {}
     try:
         reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
-    except Exception:  # the database is busy or broken: deliveries still get their turn; the next pass retries
+    except OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
+        log.warning("messages left unfinished could not be worked again in this pass: %s", _first_line(exc))
+        reworked = 0
+    except Exception:  # deliveries still get their turn; the next pass retries
         log.exception("messages left unfinished could not be worked again in this pass")
         reworked = 0
     if reworked:
@@ -119,6 +127,8 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
             passes.began = time.monotonic()
         try:
             background_pass(pipeline)
+        except OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
+            log.warning("background pass failed: %s", _first_line(exc))
         except Exception:  # keep delivering; the next pass retries
             log.exception("background pass failed")
         finally:

@@ -151,3 +151,32 @@ def test_placeholders_are_found_only_outside_quotes_comments_and_bodies(pg_url: 
     row = db.execute("SELECT ?::int /* ? */, '?%', $$ ?% $$, ?::text -- ?", [7, "x"]).fetchone()
     assert tuple(row) == (7, "?%", " ?% ", "x")
     db.close()
+
+
+def test_a_pipeline_opens_a_new_connection_after_the_server_ended_its_own(
+        tmp_path: Any, pg_url: str, clock: Any) -> None:
+    """A PostgreSQL restart or failover ends every session: the next message of the thread gets a new connection
+    (the one that met the broken connection fails cleanly, and is stored once when sent again)."""
+    from gateway.bench.inputs import oru_batch
+    from gateway.pipeline import Pipeline, Status
+
+    from gateway.config import load_settings
+
+    pipeline = Pipeline(load_settings(environ={}, overrides={"data_dir": str(tmp_path), "database": pg_url,
+                                                             "issuer_uscc": "12511921MB0001003C"}), clock=clock)
+    first, second = oru_batch(2, seed=41)
+    assert pipeline.ingest(first, "hl7v2", channel="mllp")[0].status is Status.STORED
+    admin = connect(pg_url)
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                  " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    outcomes = []
+    for _ in range(2):
+        try:
+            outcomes.append(pipeline.ingest(second, "hl7v2", channel="mllp")[0].status)
+            break
+        except OperationalError:
+            outcomes.append("connection lost")
+    assert outcomes[-1] is Status.STORED, outcomes
+    assert admin.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    pipeline.close()
+    admin.close()

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import jsonutil
 from gateway.errors import GatewayError, Issue
+from gateway.store.db import OperationalError
 from gateway.fhir.outcome import operation_outcome
 
 __all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON"]
@@ -49,6 +50,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        if isinstance(exc, OperationalError):  # the database is gone, restarting or locked: a passing state
+            log.warning("database unavailable for a request: %s", (str(exc).strip().splitlines() or [""])[0]
+                        or type(exc).__name__)
+            text = ("the database cannot be reached right now; send the request again later (what was already "
+                    "stored is recognised as a resend)")
+            return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
         log.exception("unexpected error handling a request")
         text = "internal error; the administrator can find details in the gateway log"
         return outcome_response([Issue("fatal", "exception", "", text)], 500)

@@ -87,6 +87,8 @@ def remember_version(database: Path | str, version: int, digest: str, at: _dt.da
     store = _opened(database)
     db = store.db
     try:
+        if store.known(version, digest, with_text=text is not None):
+            return  # recorded already (every process of every node applies the snapshot at its start)
         with transaction(db):
             added, previous = store.remember(version, digest, at.isoformat(), text)
             if added and member:

@@ -42,7 +42,7 @@ from gateway.errors import DatabaseUnavailable
 from gateway.store import postgresql as _pg
 
 __all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES", "Database",
-           "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "borrowed",
+           "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "connection_lost", "borrowed",
            "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,15 @@ def is_postgresql(locator: object) -> bool:
 def dialect(db: Database) -> str:
     """``sqlite`` or ``postgresql``: the SQL a database speaks, for the statements that differ."""
     return str(getattr(db, "dialect", "sqlite"))
+
+
+def connection_lost(db: Database) -> bool:
+    """True when ``db`` is a PostgreSQL connection that the server ended or that failed beyond use (a restart,
+    a failover, a session ended for idling in a transaction): open another. SQLite: never."""
+    if dialect(db) != "postgresql":
+        return False
+    raw = db.conn.raw
+    return bool(raw.closed or raw.broken)
 
 
 def describe(locator: str | Path) -> str:

@@ -31,6 +31,9 @@ class RegistryPort(Protocol):
         """Record an application once per version and digest (inside the caller's transaction, if any):
         (True when new, the highest version before it)."""
 
+    def known(self, version: int, digest: str, *, with_text: bool) -> bool:
+        """Whether that version and digest is recorded (with its signed text, when ``with_text``): reads only."""
+
     def newest_version(self) -> int:
         """The highest version whose signed snapshot is kept here (0 if none)."""
 
@@ -72,6 +75,11 @@ class RegistryStore:
                 self.db.execute("UPDATE registry_applied SET snapshot = ? WHERE version = ? AND digest = ?"
                                 " AND snapshot IS NULL", [snapshot, version, digest])
         return bool(added), None if previous is None else int(previous)
+
+    def known(self, version: int, digest: str, *, with_text: bool) -> bool:
+        row = self.db.execute("SELECT snapshot IS NOT NULL FROM registry_applied WHERE version = ? AND digest = ?",
+                              [version, digest]).fetchone()
+        return row is not None and (bool(row[0]) or not with_text)
 
     def newest_version(self) -> int:
         row = self.db.execute("SELECT max(version) FROM registry_applied WHERE snapshot IS NOT NULL").fetchone()

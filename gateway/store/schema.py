@@ -16,7 +16,7 @@ import logging
 
 from gateway.store.db import Database, dialect, transaction
 
-__all__ = ["apply", "columns", "version", "set_version", "script", "once"]
+__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ def columns(db: Database, table: str) -> set[str]:
                           " WHERE table_schema = current_schema() AND table_name = ?", [table]).fetchall()
         return {str(r[0]) for r in rows}
     return {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
+
+
+def recorded_version(db: Database, part: str) -> int:
+    """The layout version recorded for ``part``, by reading only (0 when none is, or there is no record at all):
+    what a process starting while another holds the write lock can ask without waiting for it."""
+    if not columns(db, "schema_versions"):
+        return 0
+    row = db.execute("SELECT version FROM schema_versions WHERE part = ?", [part]).fetchone()
+    return int(row[0]) if row else 0
 
 
 def version(db: Database, part: str) -> int:

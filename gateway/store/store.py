@@ -1059,6 +1059,8 @@ def ensure_core_schema(db: Database) -> None:
     if not schema.once(db, "core"):
         return
     if dialect(db) == "postgresql":
+        if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
+            return  # the layout is there: asked by reading, so a start never waits for another node's writes
         with transaction(db):
             db.executescript(schema.script(db, "core"))
             if schema.version(db, "core") < SCHEMA_VERSION:
