@@ -66,7 +66,21 @@ except ImportError:  # PostgreSQL is optional
 else:
     UNSTORABLE += (_psycopg.DataError,)
 
-_HOST = socket.gethostname()
+
+def _this_host() -> str:
+    """This machine as lease owners name it: its host name, and where the kernel tells them, the boot and the
+    process-id namespace, so that containers or hosts that share a host name never take each other's process
+    ids for their own (a lease of another namespace is judged by its time alone)."""
+    name = socket.gethostname()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()[:8]
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: the host name alone
+        return name
+    return f"{name}/{boot}-{namespace}"
+
+
+_HOST = _this_host()
 
 
 def lease_owner() -> str:
