@@ -229,7 +229,7 @@ class PgDatabase:
 
 
 def connect(url: str, *, readonly: bool = False, application: str = "cyhr-gateway") -> PgDatabase:
-    """Open a connection to the PostgreSQL database at ``url`` (autocommit; UTC; no prepared-statement surprises).
+    """Open a connection to the PostgreSQL database at ``url`` (autocommit, UTC, the write lock's time limits).
 
     A ``schema`` query parameter (``postgresql://.../db?schema=member_a``) puts
     the gateway's tables in that schema (created when missing), so that several
