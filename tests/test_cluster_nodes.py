@@ -147,6 +147,7 @@ def test_three_nodes_one_database_one_killed(tmp_path: Path, pg_cluster: Any) ->
             "GATEWAY_SIGNING_KEY": tj.signing_key, "GATEWAY_SIGNING_CERT": tj.signing_cert,
             "GATEWAY_PUBLIC_URL": tj.public_url, "GATEWAY_DATABASE": url, "GATEWAY_WORKERS": "1",
             "GATEWAY_MLLP_WORKERS": "1", "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_DELIVERY_CONCURRENCY": "2",
+            "GATEWAY_DELIVERY_TIMEOUT": "5",
             "GATEWAY_LOG_LEVEL": "WARNING"}
     nodes = []
     for i in range(3):

@@ -194,8 +194,9 @@ class Exchange:
     def _tables(self) -> tuple[Outbox, ReplayCache]:
         tables = getattr(self._local, "tables", None)
         if tables is None or tables[0].db is not self.db:
-            # a lease outlasts the longest a delivery can take, plus the pass that records it
-            lease = max(120.0, 2.0 * self.settings.delivery_timeout + self.settings.delivery_interval + 30.0)
+            # a lease outlasts the longest a delivery can take, plus the pass that records it; no longer, since a
+            # node that dies mid-delivery leaves its deliveries to the others only when their lease ends
+            lease = max(30.0, 2.0 * self.settings.delivery_timeout + self.settings.delivery_interval + 30.0)
             tables = (Outbox(self.db, clock=self.clock, lease_seconds=lease), ReplayCache(self.db))
             self._local.tables = tables
         return tables
