@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,17 @@ def pg_cluster() -> Iterator[Any]:
 def pg_url(pg_cluster: Any) -> str:
     """A PostgreSQL URL of an empty schema of its own (as a member gateway's database)."""
     return str(pg_cluster.url("gw", schema=f"t{next(_schemas)}"))
+
+
+@pytest.fixture
+def member_database(request: pytest.FixtureRequest, backend: str) -> Callable[[str], str] | None:
+    """Each demo member gateway's ``database`` setting (``build_world(database=...)``) on the backend chosen with
+    ``--backend``: a schema of its own per member on PostgreSQL; None for SQLite files in each member's folder."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("pg_cluster")
+    tag = uuid.uuid4().hex[:8]
+    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
 
 
 @pytest.fixture

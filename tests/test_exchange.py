@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
-import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -62,16 +61,6 @@ class Routed:
 @pytest.fixture
 def clock() -> Clock:
     return Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
-
-
-@pytest.fixture
-def member_database(request, backend):
-    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
-    if backend != "postgresql":
-        return None
-    cluster = request.getfixturevalue("pg_cluster")
-    tag = uuid.uuid4().hex[:8]
-    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
 
 
 @pytest.fixture

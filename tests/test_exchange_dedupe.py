@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ CST = _dt.timezone(_dt.timedelta(hours=8))
 TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
 URLS = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
 LIS = Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
-
-
-@pytest.fixture
-def member_database(request, backend):
-    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
-    if backend != "postgresql":
-        return None
-    cluster = request.getfixturevalue("pg_cluster")
-    tag = uuid.uuid4().hex[:8]
-    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
 
 
 @pytest.fixture

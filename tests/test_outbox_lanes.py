@@ -13,7 +13,6 @@ import datetime as _dt
 import socket
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -150,16 +149,6 @@ def message(n: int) -> bytes:
 def issue(world, n: int) -> str:
     outcomes = world.gateways["tongjiang"].pipeline.ingest(message(n), "hl7v2", channel="mllp")
     return next(o.bundle["id"] for o in outcomes if o.signed is not None)
-
-
-@pytest.fixture
-def member_database(request, backend):
-    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
-    if backend != "postgresql":
-        return None
-    cluster = request.getfixturevalue("pg_cluster")
-    tag = uuid.uuid4().hex[:8]
-    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
 
 
 @pytest.fixture

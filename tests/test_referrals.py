@@ -36,16 +36,6 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def member_database(request, backend):
-    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
-    if backend != "postgresql":
-        return None
-    cluster = request.getfixturevalue("pg_cluster")
-    tag = uuid.uuid4().hex[:8]
-    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
-
-
-@pytest.fixture
 def world(tmp_path, clock, member_database):
     w = build_world(tmp_path, clock, {k: v for k, v in URLS.items() if k != "sccdc"}, members=("tongjiang", "fuling"),
                     database=member_database)

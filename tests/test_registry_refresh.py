@@ -5,9 +5,7 @@ import dataclasses
 import datetime as _dt
 import os
 import shutil
-import uuid
 
-import pytest
 from conftest import CST
 
 from gateway.demo.registry import build_demo_registry
@@ -23,16 +21,6 @@ class Clock:
 
     def __call__(self) -> _dt.datetime:
         return self.now
-
-
-@pytest.fixture
-def member_database(request, backend):
-    """Each member gateway's ``database`` setting on the backend chosen with ``--backend`` (None: SQLite files)."""
-    if backend != "postgresql":
-        return None
-    cluster = request.getfixturevalue("pg_cluster")
-    tag = uuid.uuid4().hex[:8]
-    return lambda key: str(cluster.url("gw", schema=f"w{tag}_{key}"))
 
 
 def test_an_idle_gateway_applies_a_new_snapshot_file_within_a_pass(tmp_path, member_database) -> None:

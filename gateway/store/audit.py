@@ -349,11 +349,11 @@ class AuditStore:
                     for statement in statements(db):
                         db.execute(statement)
             if joined:  # a caller's transaction may still roll the tables back: look again next time
-                _remember(db, _CREATED_IN, begun)
+                schema.remember(db, _CREATED_IN, begun)
                 return
         elif joined and (begun is None or getattr(db, _CREATED_IN, None) == begun):
             return  # a caller's transaction may still roll the tables back: look again next time
-        _remember(db, _SCHEMA_FLAG, True)
+        schema.remember(db, _SCHEMA_FLAG, True)
 
     def triggers(self) -> set[str]:
         """Names of the triggers in force on this database's tables.
@@ -607,13 +607,6 @@ _cursors = itertools.count(1)
 def audit_store(db: Database) -> AuditStore:
     """The audit storage of ``db`` (cheap: make one per operation)."""
     return AuditStore(db)
-
-
-def _remember(db: Database, name: str, value: Any) -> None:
-    try:
-        setattr(db, name, value)
-    except AttributeError:  # an object that takes no attributes: looked at every time
-        pass
 
 
 def _text(value: Any) -> str:

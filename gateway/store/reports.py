@@ -119,7 +119,7 @@ def ensure_schema(db: Database) -> None:
             joined = db.conn.in_transaction
             with transaction(db):
                 db.executescript(schema.script(db, "reports"))
-            _remember(db, _CREATED_IN, db.conn.begun if joined else None)
+            schema.remember(db, _CREATED_IN, db.conn.begun if joined else None)
         return
     if _exists(db):
         columns = schema.columns(db, "report_versions")
@@ -140,13 +140,6 @@ def ensure_schema(db: Database) -> None:
 _KNOWN, _CREATED_IN = "_cyhr_report_versions", "_cyhr_report_versions_created_in"
 
 
-def _remember(db: Database, name: str, value: Any) -> None:
-    try:
-        setattr(db, name, value)
-    except AttributeError:  # an object that takes no attributes: looked at every time
-        pass
-
-
 def _exists(db: Database) -> bool:
     if dialect(db) == "postgresql":  # asked once per connection once it is there, not once per Bundle
         if getattr(db, _KNOWN, False):
@@ -154,7 +147,7 @@ def _exists(db: Database) -> bool:
         found = bool(db.execute("SELECT to_regclass('report_versions') IS NOT NULL").fetchone()[0])
         created_in = getattr(db, _CREATED_IN, None)
         if found and (created_in is None or not db.conn.in_transaction or created_in != db.conn.begun):
-            _remember(db, _KNOWN, True)
+            schema.remember(db, _KNOWN, True)
         return found
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'"
                       ).fetchone() is not None

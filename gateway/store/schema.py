@@ -16,7 +16,7 @@ import logging
 
 from gateway.store.db import Database, dialect, transaction
 
-__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once"]
+__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "remember"]
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +95,12 @@ def once(db: Database, part: str) -> bool:
         return False
     done.add(part)
     return True
+
+
+def remember(db: Database, name: str, value: object) -> None:
+    """Keep a fact learnt about the database on the connection object (a table known to exist, the transaction
+    that created it), so that it is not asked again on this connection; lost with the connection."""
+    try:
+        setattr(db, name, value)
+    except AttributeError:  # an object that takes no attributes: looked at every time
+        pass
