@@ -59,7 +59,7 @@ from gateway.errors import InputError, NotFound, TrustError
 from gateway.identifiers import check_uscc
 from gateway.scopes import parse_scopes, required_scope
 from gateway.store.accounts import Accounts, UserRow
-from gateway.store.db import Database, borrowed, transaction
+from gateway.store.db import Database, transaction
 
 __all__ = [
     "ROLES",
@@ -394,8 +394,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _authenticate() -> Principal:
     authenticators: Sequence[Authenticator] = current_app.extensions.get("gateway.authenticators") or (bearer_token,)
-    settings = current_app.extensions["gateway.settings"]
-    with borrowed(settings.database_locator) as db:
+    from gateway.api.app import borrow_database
+
+    with borrow_database(current_app) as db:
         for authenticate in authenticators:
             principal = authenticate(request, db)
             if principal is not None:

@@ -350,7 +350,7 @@ class Referrals:
         envelope = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",
                     "timestamp": self.clock().isoformat(),
                     "entry": [{"fullUrl": f"urn:uuid:{task['id']}", "resource": task}]}
-        text, digest = self.exchange.sign_with_digest(envelope)
+        text, digest = self.exchange.member.require_signer().sign_with_digest(envelope)
         return text, digest
 
     def _audit(self, action: str, task: dict[str, Any], *, by: records.Party | None = None, note: str | None = None,
@@ -500,7 +500,7 @@ class Referrals:
         reason = _reason_of(task)
         task = dict(task, status="received")
         body = dict(body, status="received")
-        receipt: bytes = self.exchange.make_receipt(body)
+        receipt: bytes = self.exchange.member.require_signer().receipt(body)
         at = body["received_at"]
         with transaction(self.db):
             kept = self.rows.add_received(
@@ -521,7 +521,7 @@ class Referrals:
         if peer != current.owner or _uscc_of_ref(task["owner"]) != current.owner:
             raise UnknownIssuer(f"only {current.owner} answers referral {task['id']}", "Task.owner")
         status = task["status"]
-        answer: bytes = self.exchange.make_receipt(dict(body, status=status))
+        answer: bytes = self.exchange.member.require_signer().receipt(dict(body, status=status))
         note = (task.get("statusReason") or {}).get("text")
         with transaction(self.db):
             row = self.rows.side_and_status(task["id"])

@@ -191,7 +191,7 @@ def test_revoked_signer_is_refused(world, clock) -> None:
 
 def test_signer_must_be_the_issuer(world) -> None:
     bundle = ingest_lis(world)[0].bundle
-    cdc = world.gateways["sccdc"].pipeline.exchange
+    cdc = world.gateways["sccdc"].pipeline.member.require_signer()
     forged = cdc.sign(bundle)  # the CDC signs a report whose issuer is 通江
     resp = post_as(world, "sccdc", "fuling", forged)
     assert resp.status_code == 403

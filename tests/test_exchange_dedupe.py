@@ -188,8 +188,7 @@ def dead_pid() -> int:
 def test_a_push_left_unfinished_by_a_dead_process_is_worked_when_sent_again(world) -> None:
     signed = signed_report(world)
     fl = world.gateways["fuling"].pipeline
-    ex = world.gateways["tongjiang"].pipeline.exchange
-    digest = ex.sign_with_digest(parse_json(signed))[1]
+    digest = world.gateways["tongjiang"].pipeline.member.require_signer().sign_with_digest(parse_json(signed))[1]
     host = lease_owner().rpartition(":")[0]
     record_id, _ = fl.store.insert_raw(channel="exchange", fmt="fhir-signed", sender=TJ, message_id=digest,
                                        origin=f"peer:{TJ}", raw=signed, lease=300)
@@ -203,10 +202,10 @@ def test_a_push_left_unfinished_by_a_dead_process_is_worked_when_sent_again(worl
 def test_a_push_held_by_a_live_worker_is_answered_retry_later(world) -> None:
     signed = signed_report(world)
     fl = world.gateways["fuling"].pipeline
-    digest = world.gateways["tongjiang"].pipeline.exchange.sign_with_digest(parse_json(signed))[1]
+    digest = world.gateways["tongjiang"].pipeline.member.require_signer().sign_with_digest(parse_json(signed))[1]
     record_id, _ = fl.store.insert_raw(channel="exchange", fmt="fhir-signed", sender=TJ, message_id=digest,
                                        origin=f"peer:{TJ}", raw=signed, lease=300)  # held by this live process
-    fl.exchange.busy_wait = 0.3
+    fl.busy_wait = 0.3
     busy = push(world, signed)
     assert busy.status_code == 503 and busy.get_json()["resourceType"] == "OperationOutcome"
     fl.store.release(record_id)

@@ -193,11 +193,10 @@ def store_everything(store: Store, bundles: list[dict[str, Any]], batched: bool)
                                             origin="", raw=b"x\x00y", lease=60.0 if leased else None)
             firsts += [record_id] if minute == 0 else []
 
-            def after(db: Any, bundle: dict[str, Any] = bundle, record_id: int = record_id) -> None:
+            with store.unit_of_work() as db:
+                assert store.finish(record_id, status="stored", ack_code="AA", ack=b"ack", issues=[], bundle=bundle,
+                                    owner=lease_owner() if leased else None)
                 register(db, bundle, direction="issued", message_ref=record_id, recorded_at="2026-05-21T09:00:00")
-
-            assert store.finish(record_id, status="stored", ack_code="AA", ack=b"ack", issues=[], bundle=bundle,
-                                after=after, owner=lease_owner() if leased else None)
     taken = store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id="taken", origin="", raw=b"x",
                              lease=60.0)[0]
     assert not store.finish(taken, status="stored", ack_code="AA", ack=None, issues=[], bundle=bundles[0],

@@ -25,7 +25,7 @@ from conftest import FULING, TONGJIANG
 from gateway.cli import cli
 from gateway.config import load_settings
 from gateway.errors import ConfigError
-from gateway.exchange.service import MemberIdentity
+from gateway.signing.issuing import MemberIdentity
 from gateway.signing.keys import (
     cert_pem,
     generate_private_key,

@@ -337,7 +337,8 @@ def test_the_same_referral_arriving_twice_at_once_is_taken_once(world, monkeypat
     made = fl_refs.create(decision_id, "unqualified", by=Party.user(FL, "qc-officer"))
     text, _ = fl_refs._sign(made.task)
     authority = world.gateways["schealth"].pipeline
-    _gated(monkeypatch, authority.exchange, "make_receipt")  # both have looked for the referral before either keeps it
+    # both have looked for the referral before either keeps it
+    _gated(monkeypatch, authority.member.require_signer(), "receipt")
     first, second = _race(authority, lambda: auth_refs.receive(text, FL), lambda: auth_refs.receive(text, FL))
     assert isinstance(first, bytes) and first == second  # the one receipt, twice
     assert [(r.id, r.status) for r in auth_refs.list()] == [(made.id, "received")]
@@ -350,7 +351,8 @@ def test_two_answers_at_once_one_is_kept_the_other_is_a_conflict(world, monkeypa
     world.gateways["fuling"].pipeline.exchange.deliver()
     authority = world.gateways["schealth"].pipeline
     officer = Party.user(AUTHORITY_USCC, "inspector")
-    _gated(monkeypatch, authority.exchange, "sign_with_digest")  # both have read "received" before either writes
+    # both have read "received" before either writes
+    _gated(monkeypatch, authority.member.require_signer(), "sign_with_digest")
     outcomes = _race(authority, lambda: auth_refs.update(made.id, "accepted", by=officer).status,
                      lambda: auth_refs.update(made.id, "rejected", by=officer).status)
     kept = [o for o in outcomes if isinstance(o, str)]

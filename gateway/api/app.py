@@ -6,15 +6,18 @@ settings, clock and pipeline. Flask is used only under ``gateway/api``.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from flask import Flask
 
 from gateway.api.errors import register_error_handlers
 from gateway.config import Settings, load_settings
+from gateway.member import Member
 from gateway.pipeline import Pipeline
+from gateway.store.db import Database, borrowed
 
-__all__ = ["create_app", "pipeline_of"]
+__all__ = ["create_app", "pipeline_of", "member_of", "borrow_database"]
 
 
 def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> Flask:
@@ -29,6 +32,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     pipe = pipeline or Pipeline(settings)
     app.extensions["gateway.settings"] = settings
     app.extensions["gateway.pipeline"] = pipe
+    app.extensions["gateway.member"] = pipe.member  # the composition root: every request's parts come from it
     app.extensions["gateway.clock"] = pipe.clock
     register_error_handlers(app)
 
@@ -84,6 +88,20 @@ class _CurrentSnapshot:
 
     def is_listed(self, cert: Any, at: Any) -> Any:
         return self.holder.snapshot_at().is_listed(cert, at)
+
+
+def member_of(app: Any) -> Member:
+    """The member gateway an app serves (:func:`gateway.member.build_member`)."""
+    return app.extensions["gateway.member"]  # type: ignore[no-any-return]
+
+
+def borrow_database(app: Any) -> AbstractContextManager[Database]:
+    """A database connection for one request of ``app`` (:meth:`gateway.member.Member.borrow`); an app made
+    without a member (a part mounted on its own) borrows from its settings' database."""
+    member = app.extensions.get("gateway.member")
+    if member is not None:
+        return member.borrow()  # type: ignore[no-any-return]
+    return borrowed(app.extensions["gateway.settings"].database_locator)
 
 
 def pipeline_of(app: Any) -> Pipeline:

@@ -29,12 +29,13 @@ from typing import Any, Literal
 from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
+from gateway.api.app import borrow_database
 from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.config import Settings
 from gateway.errors import ConfigError, InputError, InvalidSearch, shown
-from gateway.store.db import Database, borrowed, transaction
+from gateway.store.db import Database, transaction
 
 __all__ = ["bp"]
 
@@ -69,7 +70,7 @@ def _clock() -> Callable[[], _dt.datetime]:
 @contextmanager
 def _db() -> Iterator[Database]:
     """The request's connection to the gateway database, given back after it (:func:`borrowed`)."""
-    with borrowed(_settings().database_locator) as db:
+    with borrow_database(current_app) as db:
         yield db
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
+from gateway.api.app import pipeline_of
 from gateway.errors import ConfigError, InputError
 from gateway.exchange.service import Exchange
 
@@ -41,7 +42,7 @@ def receive() -> Response:
     text = request.get_data(cache=False)
     if not text.strip():
         raise InputError("request body is empty: send the signed Bundle as the body", "body")
-    result = ex.receive(text, peer)
+    result = pipeline_of(current_app).receive_signed(text, peer)  # the exchange's channel of the pipeline
     return Response(result.receipt, status=result.status, mimetype="application/json",
                     headers={"X-Duplicate": "true" if result.duplicate else "false"})
 

@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from gateway import clients
 from gateway.audit import records
-from gateway.store.db import borrowed
+from gateway.api.app import borrow_database
 
 __all__ = ["bp"]
 
@@ -65,7 +65,7 @@ def token() -> Response:
     gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
     audiences = {clients.token_endpoint(settings), _endpoint_here()}
     try:
-        with borrowed(settings.database_locator) as db:
+        with borrow_database(current_app) as db:
             issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,
                                            address=request.remote_addr or "")
     except clients.TokenRefused as refused:

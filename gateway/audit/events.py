@@ -81,9 +81,17 @@ def exchanged(db: Database, direction: str, *, at: _dt.datetime, member: str, pe
               bundle_hash: str, bundle_id: str | None = None, reason: str | None = None,
               detail: str | None = None, kid: str | None = None) -> None:
     """A signed Bundle sent, received or refused."""
-    append(db, records.exchange(
+    append(db, exchange_record(direction, at=at, member=member, peer=peer, bundle_hash=bundle_hash,
+                               bundle_id=bundle_id, reason=reason, detail=detail, kid=kid))
+
+
+def exchange_record(direction: str, *, at: _dt.datetime, member: str, peer: str | None, bundle_hash: str,
+                    bundle_id: str | None = None, reason: str | None = None, detail: str | None = None,
+                    kid: str | None = None) -> records.Record:
+    """The record :func:`exchanged` appends (to prepare it before the write lock)."""
+    return records.exchange(
         direction, at=at, gateway=_me(member), peer=_me(peer) if peer else None,  # type: ignore[arg-type]
-        bundle_hash=f"sha256:{bundle_hash}", bundle_id=bundle_id, reason=reason, detail=detail, kid=kid))
+        bundle_hash=f"sha256:{bundle_hash}", bundle_id=bundle_id, reason=reason, detail=detail, kid=kid)
 
 
 def decided(db: Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,

@@ -161,20 +161,20 @@ def inbound_stage(ctx: BenchContext) -> StageResult:
     receiver_uscc = "12500102MB0002006J"  # the demo Chongqing hospital receives the county hospital's reports
     sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
     receiver = Pipeline(ctx.member_settings("inbound", receiver_uscc, "重庆市涪陵中心医院（演示）"), clock=ctx.clock)
-    exchange, out = getattr(receiver, "exchange", None), getattr(sender, "exchange", None)
-    if exchange is None or out is None or not hasattr(exchange, "receive") or not hasattr(out, "sign"):
-        raise NotAvailable("no exchange service (gateway.exchange.service.Exchange.receive) in the pipeline yet")
+    signer, marks = sender.member.signer, sender.member.marks
+    if receiver.member.holder is None or signer is None or marks is None:
+        raise NotAvailable("the bench members have no signing key or registry snapshot")
     n = max(1, ctx.options.per_stage // (4 if ctx.options.quick else 2))
     k = ctx.options.memory_sample
     texts = []
     for bundle in _bundles(ctx, ctx.fresh_messages(n + k + 1)):
-        out.stamp_marks(bundle)
-        texts.append(out.sign(bundle))
+        marks.stamp(bundle)
+        texts.append(signer.sign(bundle))
     statuses: dict[int, int] = {}
     decisions = [0]
 
     def receive(text: bytes) -> Any:
-        answer = exchange.receive(text, BENCH_ISSUER_USCC)
+        answer = receiver.receive_signed(text, BENCH_ISSUER_USCC)
         statuses[answer.status] = statuses.get(answer.status, 0) + 1
         decisions[0] += len(answer.decisions or [])
         return answer

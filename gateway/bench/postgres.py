@@ -115,13 +115,12 @@ def pg_inbound_stage(ctx: BenchContext) -> StageResult:
     texts = _signed_texts(ctx, n + 1)
     settings = ctx.member_settings("pg-inbound", RECEIVER_USCC, RECEIVER_NAME)
     receiver = Pipeline(settings.replace(database=_database(ctx, "pg-inbound")), clock=ctx.clock)
-    exchange = receiver.exchange
-    if exchange is None:
-        raise NotAvailable("the receiving member has no exchange")
+    if receiver.member.holder is None:
+        raise NotAvailable("the receiving member has no registry snapshot")
     statuses: dict[int, int] = {}
 
     def receive(text: bytes) -> Any:
-        answer = exchange.receive(text, BENCH_ISSUER_USCC)
+        answer = receiver.receive_signed(text, BENCH_ISSUER_USCC)
         statuses[answer.status] = statuses.get(answer.status, 0) + 1
         return answer
 
@@ -165,13 +164,13 @@ def _signed_texts(ctx: BenchContext, count: int) -> list[bytes]:
     from gateway.pipeline import Pipeline
 
     sender = Pipeline(ctx.member_settings("pg-sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
-    out = sender.exchange
-    if out is None:
-        raise NotAvailable("the sending member has no exchange")
+    signer, marks = sender.member.signer, sender.member.marks
+    if signer is None or marks is None:
+        raise NotAvailable("the sending member has no signing key or registry snapshot")
     texts = []
     for bundle in _bundles(ctx, ctx.fresh_messages(count)):
-        out.stamp_marks(bundle)
-        texts.append(out.sign(bundle))
+        marks.stamp(bundle)
+        texts.append(signer.sign(bundle))
     sender.close()
     return texts
 
@@ -255,11 +254,9 @@ def _node_main() -> int:
                 failures.append(outcome.status.value)
     else:
         items = [t.encode("utf-8") for t in json.loads(Path(job["bundles"]).read_text(encoding="utf-8"))]
-        exchange = pipeline.exchange
-        assert exchange is not None
 
         def work(raw: Any) -> None:
-            answer = exchange.receive(raw, job["sender"])
+            answer = pipeline.receive_signed(raw, job["sender"])
             if answer.status not in (200, 201):
                 failures.append(str(answer.status))
     work(items.pop())

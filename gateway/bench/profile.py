@@ -29,8 +29,8 @@ Part = tuple[str, str, str]  # label, file suffix, function name (its outermost 
 #: Parts of the HL7 v2 path.
 PARTS: list[Part] = [
     ("profile validation", "gateway/fhir/profiles.py", "validate"),
-    ("signing and canonical JSON", "gateway/exchange/service.py", "sign_with_digest"),
-    ("recognition marks", "gateway/exchange/service.py", "stamp_marks"),
+    ("signing and canonical JSON", "gateway/signing/issuing.py", "sign_with_digest"),
+    ("recognition marks", "gateway/recognition/marks.py", "stamp"),
     ("parsing (HL7 v2 adapter)", "gateway/adapters/hl7v2.py", "read"),
     ("mapping codes, units, flags", "gateway/mapping/concepts.py", "map_message"),
     ("building the Bundle", "gateway/fhir/bundle.py", "build_bundle"),
@@ -42,7 +42,7 @@ _INBOUND_PARTS: list[Part] = [
     ("facts for recognition", "gateway/recognition/facts.py", "facts_from_bundle"),
     ("recognition decisions (11 rules per result)", "gateway/recognition/engine.py", "decide_all"),
     ("audit entries made (one per decision)", "gateway/audit/log.py", "prepare"),
-    ("signed receipt", "gateway/exchange/service.py", "make_receipt"),
+    ("signed receipt", "gateway/signing/issuing.py", "receipt"),
 ]
 _CSV_PARTS: list[Part] = [
     ("reading CSV rows (streamed)", "gateway/adapters/labcsv.py", "split_stream"),
@@ -105,22 +105,23 @@ def profile_inbound(bundles: int = 100) -> list[tuple[str, float]]:
         sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
         receiver = Pipeline(ctx.member_settings("inbound", "12500102MB0002006J", "重庆市涪陵中心医院（演示）"),
                             clock=ctx.clock)
-        out, exchange = sender.exchange, receiver.exchange
+        signer, marks = sender.member.require_signer(), sender.member.marks
+        assert marks is not None
         texts = []
         for bundle in _bundles(ctx, ctx.fresh_messages(bundles + 1)):
-            out.stamp_marks(bundle)
-            texts.append(out.sign(bundle))
-        exchange.receive(texts.pop(), BENCH_ISSUER_USCC)  # the schema is created on first use
+            marks.stamp(bundle)
+            texts.append(signer.sign(bundle))
+        receiver.receive_signed(texts.pop(), BENCH_ISSUER_USCC)  # the schema is created on first use
         profiler = cProfile.Profile()
         profiler.enable()
         for text in texts:
-            exchange.receive(text, BENCH_ISSUER_USCC)
+            receiver.receive_signed(text, BENCH_ISSUER_USCC)
         profiler.disable()
         receiver.close()
         sender.close()
     finally:
         ctx.close()
-    return _shares(profiler, _INBOUND_PARTS, ("gateway/exchange/service.py", "receive"), _REST["inbound"])
+    return _shares(profiler, _INBOUND_PARTS, ("gateway/pipeline.py", "receive_signed"), _REST["inbound"])
 
 
 def profile_csv(rows: int = 8000) -> list[tuple[str, float]]:

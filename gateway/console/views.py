@@ -25,13 +25,14 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from gateway import auth
+from gateway.api.app import borrow_database
 from gateway.audit import checkpoint as checkpoints
 from gateway.audit import query, records, stats
 from gateway.audit.log import append, get
 from gateway.audit.verify import verify as verify_log
 from gateway.console import charts
 from gateway.errors import GatewayError, NotFound
-from gateway.store.db import Database, borrowed, transaction
+from gateway.store.db import Database, transaction
 from gateway.store.store import Store
 from gateway.store.views import MessageFilter, ReadModels
 
@@ -69,7 +70,7 @@ def _now() -> _dt.datetime:
 @contextmanager
 def _db() -> Iterator[Database]:
     """The request's connection to the gateway database, given back after it (:func:`borrowed`)."""
-    with borrowed(_settings().database_locator) as db:
+    with borrow_database(current_app) as db:
         yield db
 
 

@@ -446,7 +446,8 @@ def _remote_reading_step(echo: Callable[[str], Any], fl: Any, tj: Any, figures: 
          f"a chest CT and an ECG; {fl.member.name} reads both remotely and signs the report Bundle")
     bundle = parse_json(_data("fhir/qingxi-remote-reading.json"))
     ex = fl.pipeline.exchange
-    row = ex.outbox.enqueue(tj.member.uscc, ex.endpoint_of(tj.member.uscc), ex.sign(bundle))
+    signed = fl.pipeline.member.require_signer().sign(bundle)
+    row = ex.outbox.enqueue(tj.member.uscc, ex.endpoint_of(tj.member.uscc), signed)
     ex.deliver(wait=None)
     entry = ex.outbox.get(row)
     figures["remote_reading_delivered"] = int(entry.status == "delivered")

@@ -8,10 +8,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gateway import jsonutil
 from gateway.store import schema
 from gateway.store.db import Database, transaction
 
-__all__ = ["SignedBundlesPort", "SignedBundles"]
+__all__ = ["SignedBundlesPort", "SignedBundles", "issuer_of", "patient_keys"]
+
+
+def issuer_of(bundle: dict[str, Any]) -> str:
+    """The USCC of the Bundle's issuing Organization ('' when it names none)."""
+    for entry in bundle.get("entry", []):
+        res = entry.get("resource", {})
+        if res.get("resourceType") == "Organization":
+            for ident in res.get("identifier", []):
+                if ident.get("system", "").endswith("/sid/uscc"):
+                    return str(ident.get("value", ""))
+    return ""
+
+
+def patient_keys(bundle: dict[str, Any]) -> list[str]:
+    """``system|value`` of every identifier of the Bundle's patients (how 调阅 finds a patient's Bundles)."""
+    keys: list[str] = []
+    for entry in bundle.get("entry", []):
+        res = entry.get("resource", {})
+        if res.get("resourceType") == "Patient":
+            keys += [f"{i.get('system', '')}|{i['value']}" for i in res.get("identifier", []) if i.get("value")]
+    return keys
 
 
 class SignedBundlesPort(Protocol):
@@ -54,6 +76,12 @@ class SignedBundles:
             "INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction, text,"
             " signed_at, message_ref) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             [bundle_id, digest, issuer, patient_keys, direction, text, signed_at, message_ref]).rowcount)
+
+    def keep_bundle(self, bundle: dict[str, Any], digest: str, direction: str, text: bytes, signed_at: str,
+                    message_ref: int | None) -> bool:
+        """:meth:`keep` a signed Bundle, its issuer and patient keys read from ``bundle`` (the document signed)."""
+        return self.keep(str(bundle.get("id") or ""), digest, issuer_of(bundle), jsonutil.dumps(patient_keys(bundle)),
+                         direction, text, signed_at, message_ref)
 
     def latest_issued(self, bundle_id: str) -> bytes | None:
         row = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'"

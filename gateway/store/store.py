@@ -28,7 +28,7 @@ import socket
 import sqlite3
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,7 +48,8 @@ from gateway.store import schema
 from gateway.store.db import Database, connect, dialect, transaction
 
 __all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
-           "lease_owner", "holder_alive", "holder_state", "UNSTORABLE", "fold_string"]
+           "lease_owner", "holder_alive", "holder_state", "UNSTORABLE", "fold_string",
+           "Prepared"]
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,13 @@ class StorePort(Protocol):
 
     def record_stage(self, record_id: int, stage: str, status: str, detail: str = ...) -> None: ...
 
+    def prepare(self, bundle: dict[str, Any]) -> Prepared: ...
+
+    def unit_of_work(self) -> AbstractContextManager[Database]: ...
+
     def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
                issues: list[Issue], bundle: dict[str, Any] | None = ...,
-               after: Callable[[Database], None] | None = ..., owner: str | None = ...) -> bool: ...
+               prepared: Prepared | None = ..., owner: str | None = ...) -> bool: ...
 
     def fail_in_flight(self, keep: tuple[str, ...] = ...) -> int: ...
 
@@ -457,22 +462,33 @@ class Store:
     def record_stage(self, record_id: int, stage: str, status: str, detail: str = "") -> None:
         self.db.execute(_INSERT_STAGE, [record_id, stage, status, _now(self.clock), detail])
 
+    def prepare(self, bundle: dict[str, Any]) -> Prepared:
+        """A Bundle's resources made ready to store (:meth:`finish` ``prepared``), before the write lock is taken:
+        other writers then wait only for the writing."""
+        return self._prepare_bundle(bundle, _now(self.clock))
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[Database]:
+        """One transaction under the write lock for everything an outcome records: ``with store.unit_of_work() as
+        db:`` then :meth:`finish` and the caller's own records (signed copy, decisions, audit entries) on ``db``;
+        all are committed together, or none (an exception rolls back)."""
+        with transaction(self.db):
+            yield self.db
+
     def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
-               issues: list[Issue], bundle: dict[str, Any] | None = None,
-               after: Callable[[Database], None] | None = None, owner: str | None = None) -> bool:
+               issues: list[Issue], bundle: dict[str, Any] | None = None, prepared: Prepared | None = None,
+               owner: str | None = None) -> bool:
         """Record the outcome of a message, and its resources, in one transaction; its lease ends.
 
-        Inside a caller's :func:`~gateway.store.db.transaction` it joins it (a unit of work: the caller
-        records its audit entry after this returns True, and commits); the resources' rows are then made
-        under the write lock, which is why a caller on the hot path opens no transaction of its own and
-        passes ``after`` instead: it runs inside the same transaction (e.g. to write an audit entry).
+        Inside a caller's :meth:`unit_of_work` it joins it, and the caller's records commit with it.
+        ``prepared``: ``bundle`` as :meth:`prepare` made it before the unit of work began (made here otherwise).
         ``owner``: the lease this outcome was worked under; when another process
         has taken the message over since (this one's lease ran out), nothing is
         written and False is returned.
         """
         now = _now(self.clock)
-        # the resources' rows are made before the write lock is taken: other writers wait only for the writing
-        prepared = self._prepare_bundle(bundle, now) if bundle is not None else None
+        if prepared is None and bundle is not None:
+            prepared = self._prepare_bundle(bundle, now)
         with transaction(self.db):
             # PostgreSQL: the lease, the stored versions and the next row number are asked in one round trip,
             # and every row is written in a second one (all read before anything is written, as on SQLite)
@@ -499,8 +515,6 @@ class Store:
                      bundle.get("id") if bundle else None, now, record_id],
                 )
                 self.db.execute(_INSERT_STAGE, [record_id, "finish", status, now, ack_code or ""])
-            if after is not None:
-                after(self.db)
         return True
 
     def fail_in_flight(self, keep: tuple[str, ...] = ()) -> int:
@@ -537,7 +551,7 @@ class Store:
 
     # -- resources -----------------------------------------------------------------------
 
-    def _prepare_bundle(self, bundle: dict[str, Any], now: str) -> _Prepared:
+    def _prepare_bundle(self, bundle: dict[str, Any], now: str) -> Prepared:
         """The Bundle's resources as stored (``urn:uuid:`` references rewritten), with the rows of a first version.
 
         Needs no database: made before the write lock is taken. Only a resource
@@ -553,11 +567,11 @@ class Store:
         keys = [(r["resourceType"], r["id"]) for r in stored]
         if len(set(keys)) != len(keys):
             # The same resource twice in one Bundle: each copy may version the one before; keep that order.
-            return _Prepared(stored, by_ref.get, None)
+            return Prepared(stored, by_ref.get, None)
         first = [_first_version(res, now, by_ref.get) for res in stored]
-        return _Prepared(stored, by_ref.get, first)
+        return Prepared(stored, by_ref.get, first)
 
-    def _save_prepared(self, prepared: _Prepared, record_id: int, now: str,
+    def _save_prepared(self, prepared: Prepared, record_id: int, now: str,
                        looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> None:
         if prepared.first is None:
             for res in prepared.resources:
@@ -1022,7 +1036,7 @@ _Rows = tuple[str, list[tuple[str, str, str]], list[tuple[str, float, float]]]
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """A Bundle's resources ready to store: as stored, how to resolve references, rows of first versions."""
 
     resources: list[dict[str, Any]]
