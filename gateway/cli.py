@@ -22,7 +22,7 @@ import click
 from gateway import __version__, jsonutil
 from gateway.config import Settings, load_settings, settings_help
 from gateway.errors import ConfigError, GatewayError
-from gateway.store.db import OperationalError
+from gateway.store import db as _db
 
 __all__ = ["cli", "main"]
 
@@ -46,7 +46,7 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except OperationalError as exc:  # the database is locked by another writer for too long, or went away
+        except _db.OperationalError as exc:  # the database is locked by another writer for too long, or went away
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise click.ClickException(f"the database cannot be used right now ({reason}); try again") from None
         except OSError as exc:

@@ -43,7 +43,7 @@ from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, MLLPStream
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.errors import Issue
 from gateway.pipeline import Pipeline
-from gateway.store.db import OperationalError
+from gateway.store import db as _db
 
 __all__ = ["MLLPServer", "QueueReader"]
 
@@ -342,7 +342,7 @@ class QueueReader:
         while not self._stop.is_set():
             try:
                 done = self.pipeline.process_queued(self.batch)
-            except OperationalError as exc:  # the database is restarting or gone: the messages stay queued
+            except _db.OperationalError as exc:  # the database is restarting or gone: the messages stay queued
                 log.warning("processing queue: the database cannot be reached (%s); retrying in 1 s",
                             (str(exc).strip().splitlines() or [type(exc).__name__])[0])
                 self._stop.wait(1.0)

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
-from gateway.store.db import OperationalError
+from gateway.store import db as _db
 
 __all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", "run_http", "run_part",
            "background_pass"]
@@ -82,7 +82,7 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     done: dict[str, int] = {}
     try:
         reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
-    except OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
+    except _db.OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
         log.warning("messages left unfinished could not be worked again in this pass: %s", _first_line(exc))
         reworked = 0
     except Exception:  # deliveries still get their turn; the next pass retries
@@ -127,7 +127,7 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
             passes.began = time.monotonic()
         try:
             background_pass(pipeline)
-        except OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
+        except _db.OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
             log.warning("background pass failed: %s", _first_line(exc))
         except Exception:  # keep delivering; the next pass retries
             log.exception("background pass failed")

@@ -17,7 +17,8 @@ from gateway.audit.log import GENESIS, append, entries, entry_hash, get, head
 from gateway.audit.render import BALP_PROFILE, DECISION_PROFILE, index_values, patient_key, render
 from gateway.errors import InputError, NotFound
 from gateway.naming import SYSTEM_ID_CARD
-from gateway.store.db import IntegrityError, connect, dialect, transaction
+from gateway.store import db as store_db
+from gateway.store.db import connect, dialect, transaction
 
 AT = _dt.datetime(2026, 3, 5, 9, 30, 15, 250000, tzinfo=CST)
 ME = r.Party.member(TONGJIANG, "通江县人民医院")
@@ -294,14 +295,14 @@ def test_entries_are_never_updated_or_deleted(db) -> None:
         "DELETE FROM audit_key",
         "UPDATE audit_key SET v = 'x'",
     ):
-        with pytest.raises(IntegrityError, match="audit log"):
+        with pytest.raises(store_db.IntegrityError, match="audit log"):
             db.execute(sql)
     # Nor can an entry be slipped in out of turn.
-    with pytest.raises(IntegrityError, match="must follow"):
+    with pytest.raises(store_db.IntegrityError, match="must follow"):
         db.execute("INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (5, '{}', ?, ?)", [GENESIS, b"x" * 32])
     if dialect(db) == "postgresql":  # TRUNCATE, which row triggers do not see, is refused too
         for table in ("audit_log", "audit_key", "audit_checkpoint"):
-            with pytest.raises(IntegrityError, match="audit log"):
+            with pytest.raises(store_db.IntegrityError, match="audit log"):
                 db.execute(f"TRUNCATE {table}")
     assert head(db)[0] == 2 and len(db.execute("SELECT seq FROM audit_key").fetchall()) > 0
 

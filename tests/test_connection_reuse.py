@@ -17,7 +17,8 @@ from test_audit_support import serving
 from gateway.errors import DatabaseUnavailable
 from gateway.store import db as dbmodule
 from gateway.store import schema
-from gateway.store.db import OperationalError, borrowed, close_borrowed, connect, dialect, transaction
+from gateway.store import db as store_db
+from gateway.store.db import borrowed, close_borrowed, connect, dialect, transaction
 
 
 class Opened:
@@ -243,7 +244,7 @@ def test_an_idle_connection_is_asked_before_it_is_lent_again(backend, settings, 
 def test_a_connection_ended_during_a_request_fails_that_request_only(backend, settings, opened) -> None:
     postgresql_only(backend)
     locator = settings.database_locator
-    with pytest.raises(OperationalError):
+    with pytest.raises(store_db.OperationalError):
         with borrowed(locator) as db:
             old = db
             terminate(locator, backend_pid(db))

@@ -7,7 +7,7 @@ from conftest import DATA
 from gateway.errors import InputError
 from gateway import jsonutil
 from gateway.pipeline import Pipeline, Status
-from gateway.store.db import IntegrityError
+from gateway.store import db as store_db
 
 MALFORMED = (DATA / "hl7v2" / "malformed.hl7").read_bytes()
 UTF8 = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
@@ -48,7 +48,7 @@ def test_duplicate_is_answered_again_and_never_stored_twice(pipeline: Pipeline) 
 
 def test_duplicate_key_is_enforced_by_the_database(pipeline: Pipeline) -> None:
     pipeline.ingest(UTF8, "hl7v2", channel="mllp")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(store_db.IntegrityError):
         pipeline.store.db.execute(
             "INSERT INTO messages (channel, format, sender, message_id, received_at, size, sha256, raw, status,"
             " updated_at) SELECT channel, format, sender, message_id, received_at, size, sha256, raw, status,"

@@ -15,7 +15,8 @@ from gateway.audit.log import append
 from gateway.cli import cli
 from gateway.errors import ConfigError, DatabaseUnavailable
 from gateway.store import postgresql
-from gateway.store.db import OperationalError, connect, transaction
+from gateway.store import db as store_db
+from gateway.store.db import connect, transaction
 
 CST = _dt.timezone(_dt.timedelta(hours=8))
 
@@ -88,7 +89,7 @@ def test_a_writer_waits_for_the_lock_only_so_long(pg_url: str, monkeypatch: pyte
     thread.start()
     held.wait(10)
     started = time.monotonic()
-    with pytest.raises(OperationalError):
+    with pytest.raises(store_db.OperationalError):
         with transaction(waiter):
             pass
     assert time.monotonic() - started < 5
@@ -103,7 +104,7 @@ def test_a_writer_waits_for_the_lock_only_so_long(pg_url: str, monkeypatch: pyte
 def test_the_first_error_is_the_one_raised_when_the_server_ends_the_connection(pg_url: str) -> None:
     db, admin = connect(pg_url), connect(pg_url)
     pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
-    with pytest.raises(OperationalError) as raised:
+    with pytest.raises(store_db.OperationalError) as raised:
         with transaction(db):
             admin.execute("SELECT pg_terminate_backend(?)", [pid])
             db.execute("SELECT 1")
@@ -174,7 +175,7 @@ def test_a_pipeline_opens_a_new_connection_after_the_server_ended_its_own(
         try:
             outcomes.append(pipeline.ingest(second, "hl7v2", channel="mllp")[0].status)
             break
-        except OperationalError:
+        except store_db.OperationalError:
             outcomes.append("connection lost")
     assert outcomes[-1] is Status.STORED, outcomes
     assert admin.execute("SELECT count(*) FROM messages").fetchone()[0] == 2

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import jsonutil
 from gateway.errors import GatewayError, Issue
-from gateway.store.db import OperationalError
+from gateway.store import db as _db
 from gateway.fhir.outcome import operation_outcome
 
 __all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON"]
@@ -50,7 +50,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        if isinstance(exc, OperationalError):  # the database is gone, restarting or locked: a passing state
+        if isinstance(exc, _db.OperationalError):  # the database is gone, restarting or locked: a passing state
             log.warning("database unavailable for a request: %s", (str(exc).strip().splitlines() or [""])[0]
                         or type(exc).__name__)
             text = ("the database cannot be reached right now; send the request again later (what was already "

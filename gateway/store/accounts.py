@@ -195,15 +195,6 @@ def _missing_schema(exc: BaseException) -> bool:
     return type(exc).__name__ in ("UndefinedTable", "UndefinedColumn")
 
 
-def _schema_errors() -> tuple[type[Exception], ...]:
-    try:
-        from psycopg import errors
-    except ImportError:
-        return (sqlite3.OperationalError,)
-    return (sqlite3.OperationalError, errors.UndefinedTable, errors.UndefinedColumn)
-
-
-_SCHEMA_ERRORS = _schema_errors()
 #: Set on a database object once its accounts tables are made sure of (the schema runs once per connection).
 _READY = "_cyhr_accounts_ready"
 
@@ -251,7 +242,7 @@ class Accounts:
             return query()
         try:
             return query()
-        except _SCHEMA_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - only a missing table or column is caught; the rest is raised
             if not _missing_schema(exc):
                 raise
         self.ensure_schema()

@@ -27,6 +27,7 @@ import logging
 import os
 import select
 import sqlite3
+import sys
 import threading
 import time
 import weakref
@@ -54,17 +55,30 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 #: A gateway database: SQLite through sqlite-utils (the embedded default) or PostgreSQL (:mod:`.postgresql`).
 Database = Any
 
-#: Raised for a broken constraint (a unique key, a foreign key, a CHECK), on either engine.
+#: Raised for a broken constraint (a unique key, a foreign key, a CHECK), on either engine. Read it where it is
+#: caught (``except db.IntegrityError``): PostgreSQL's class joins it when the first PostgreSQL connection is
+#: opened, so that a process on SQLite never loads the PostgreSQL driver (a fifth of a second at every start).
 IntegrityError: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
-#: Raised when the database cannot do what was asked now (locked, gone, out of space), on either engine.
+#: Raised when the database cannot do what was asked now (locked, gone, out of space), on either engine (read it
+#: where it is caught, as :data:`IntegrityError`).
 OperationalError: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
-try:
-    import psycopg as _psycopg
-except ImportError:  # PostgreSQL is optional; SQLite needs nothing installed
-    pass
-else:
-    IntegrityError += (_psycopg.IntegrityError,)
-    OperationalError += (_psycopg.OperationalError,)
+
+
+def _know_postgresql_errors() -> None:
+    """Add PostgreSQL's error classes to :data:`IntegrityError` and :data:`OperationalError` (once)."""
+    global IntegrityError, OperationalError
+    try:
+        import psycopg
+    except ImportError:  # not installed: connect() says what to install
+        return
+    if psycopg.IntegrityError not in IntegrityError:
+        IntegrityError = IntegrityError + (psycopg.IntegrityError,)
+    if psycopg.OperationalError not in OperationalError:
+        OperationalError = OperationalError + (psycopg.OperationalError,)
+
+
+if "psycopg" in sys.modules:  # loaded already (by the caller): its errors count from now on
+    _know_postgresql_errors()
 
 
 def is_postgresql(locator: object) -> bool:
@@ -98,6 +112,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     the thread that opened it only; open one per thread or request.
     """
     if is_postgresql(path):
+        _know_postgresql_errors()
         return _pg.connect(str(path), readonly=readonly)
     if str(path) == ":memory:":
         conn = sqlite3.connect(":memory:", isolation_level=None)

@@ -60,12 +60,11 @@ IN_FLIGHT = ("received",)
 #: either engine: raised by :meth:`Store.insert_raw` before anything is written.
 UNSTORABLE: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError, sqlite3.InterfaceError,
                                            sqlite3.DataError)
-try:
-    import psycopg as _psycopg
-except ImportError:  # PostgreSQL is optional
-    pass
-else:
-    UNSTORABLE += (_psycopg.DataError,)
+
+
+def _data_error(exc: BaseException) -> bool:
+    """True for PostgreSQL's "this value cannot be held" (psycopg's DataError), told without loading the driver."""
+    return type(exc).__module__.startswith("psycopg") and any(c.__name__ == "DataError" for c in type(exc).__mro__)
 
 
 def _this_host() -> str:
@@ -278,21 +277,26 @@ class Store:
         owner, until, attempts = (lease_owner(), self._epoch() + lease, 1) if lease else (None, None, 0)
         values = [channel, fmt, sender, message_id, origin, now, len(raw), digest, raw, status, now,
                   owner, until, attempts, content_digest]
-        with transaction(self.db):
-            # ON CONFLICT: a resend is told by the unique key without an error, which on PostgreSQL would
-            # abort a caller's transaction this joins
-            if self._batched():  # the message and its first stage in one statement (one round trip)
-                row = self.db.execute(f"WITH m AS ({_INSERT_MESSAGE}), s AS (INSERT INTO message_stages"
-                                      " (message_ref, stage, status, at, detail) SELECT id, 'receive', ?, ?, ''"
-                                      " FROM m) SELECT id FROM m", [*values, status, now]).fetchone()
-                if row is not None:
-                    return int(row[0]), None
-            else:
-                row = self.db.execute(_INSERT_MESSAGE, values).fetchone()
-                if row is not None:
-                    new_id = int(row[0])
-                    self.db.execute(_INSERT_STAGE, [new_id, "receive", status, now, ""])
-                    return new_id, None
+        try:
+            with transaction(self.db):
+                # ON CONFLICT: a resend is told by the unique key without an error, which on PostgreSQL would
+                # abort a caller's transaction this joins
+                if self._batched():  # the message and its first stage in one statement (one round trip)
+                    row = self.db.execute(f"WITH m AS ({_INSERT_MESSAGE}), s AS (INSERT INTO message_stages"
+                                          " (message_ref, stage, status, at, detail) SELECT id, 'receive', ?, ?, ''"
+                                          " FROM m) SELECT id FROM m", [*values, status, now]).fetchone()
+                    if row is not None:
+                        return int(row[0]), None
+                else:
+                    row = self.db.execute(_INSERT_MESSAGE, values).fetchone()
+                    if row is not None:
+                        new_id = int(row[0])
+                        self.db.execute(_INSERT_STAGE, [new_id, "receive", status, now, ""])
+                        return new_id, None
+        except Exception as exc:
+            if _data_error(exc):  # one of UNSTORABLE, as SQLite's is
+                raise ValueError(f"the message cannot be stored as it is: {type(exc).__name__}") from exc
+            raise
         existing = self.find_message(fmt, sender, message_id)
         if existing is None:  # pragma: no cover - the key was just seen
             raise sqlite3.IntegrityError(f"message {fmt} {sender} {message_id} is neither new nor stored")
