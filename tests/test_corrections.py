@@ -65,9 +65,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def world(tmp_path, clock, database):
-    per_member = (lambda key: f"{database}_{key}") if database else None  # a schema of its own for each member
-    w = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"), database=per_member)
+def world(tmp_path, clock, member_database):
+    w = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"), database=member_database)
     transport = Routed(w)
     for gw in w.gateways.values():
         gw.pipeline.exchange.transport = transport

@@ -83,12 +83,11 @@ class Member:
 
 
 @pytest.mark.slow
-def test_exchange_between_serve_processes(tmp_path: Path, database: str) -> None:
+def test_exchange_between_serve_processes(tmp_path: Path, member_database) -> None:
     ports = {"tongjiang": free_port(), "fuling": free_port()}
     clock = lambda: _dt.datetime.now(CST)  # noqa: E731 - the processes run on the same clock
-    per_member = (lambda key: f"{database}_{key}") if database else None  # on PostgreSQL: a schema each
     world = build_world(tmp_path, clock, {k: f"http://127.0.0.1:{p}" for k, p in ports.items()},
-                        members=("tongjiang", "fuling"), database=per_member)
+                        members=("tongjiang", "fuling"), database=member_database)
     tj, fl = Member(world.gateways["tongjiang"], ports["tongjiang"]), Member(world.gateways["fuling"], ports["fuling"])
     sender = world.gateways["tongjiang"].pipeline.exchange  # 通江's keys, to forge requests with below
 

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,26 +177,14 @@ class Routed:
         return classify(resp.status_code, resp.data)
 
 
-def member_databases(request: pytest.FixtureRequest, backend: str) -> Any:
-    """On PostgreSQL, each demo member's database in a schema of its own (None: SQLite files)."""
-    if backend != "postgresql":
-        return None
-    cluster = request.getfixturevalue("pg_cluster")
-    prefix = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
-
-    def database(key: str) -> str:
-        return str(cluster.url("gw", schema=f"{prefix}_{key}"))
-    return database
-
-
-def test_exchange_figures(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+def test_exchange_figures(tmp_path: Path, member_database: Any) -> None:
     from gateway.audit import checkpoint
     from gateway.demo import MEMBERS
     from gateway.demo.world import build_world
 
     clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
     world = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"),
-                        database=member_databases(request, backend))
+                        database=member_database)
     for gw in world.gateways.values():
         gw.pipeline.exchange.transport = Routed(world)
     tj, fl = world.gateways["tongjiang"], world.gateways["fuling"]
