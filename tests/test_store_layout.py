@@ -147,6 +147,44 @@ def test_the_core_layout_is_recorded_once_per_connection_on_either_engine(tmp_pa
     again.close()
 
 
+def test_tables_made_in_a_transaction_that_rolls_back_are_made_again(tmp_path: Path, database: str) -> None:
+    """A part's tables created inside a caller's transaction are not taken for existing once it rolls back, even
+    when they were looked for twice in it (the connection keeps what it learnt only once it is committed)."""
+    from gateway.store import audit, parts, schema
+    from gateway.store.accounts import Accounts
+    from gateway.store.db import transaction
+    from gateway.store.decisions import DecisionStore as Decisions
+
+    store = Store.open(database or tmp_path / "gw.db")
+    db = store.db
+
+    class Undo(Exception):
+        pass
+
+    try:
+        with transaction(db):
+            Decisions(db).ensure_schema()
+            Decisions(db).ensure_schema()  # found, in the transaction that made it
+            audit.AuditStore(db).ensure_schema()
+            audit.AuditStore(db).ensure_schema()
+            Accounts(db).ensure_schema()
+            assert Decisions(db).exists()
+            raise Undo
+    except Undo:
+        pass
+    assert not schema.columns(db, "recognition_decisions") and not schema.columns(db, "audit_log")
+    assert not parts.ready(db, "decisions")
+    Decisions(db).ensure_schema()  # outside any transaction: made, and known from now on
+    audit.AuditStore(db).ensure_schema()
+    Accounts(db).ensure_schema()
+    assert schema.columns(db, "recognition_decisions") and schema.columns(db, "audit_log")
+    assert schema.columns(db, "gateway_user") and parts.ready(db, "decisions")
+    with transaction(db):  # found inside a later transaction: settled, not looked for again
+        Decisions(db).ensure_schema()
+    assert parts.ready(db, "decisions")
+    store.close()
+
+
 def test_the_background_checkpointer_empties_the_wal_while_writers_go_on(tmp_path: Path) -> None:
     """SQLite only: its write-ahead log (PostgreSQL checkpoints by itself)."""
     import time

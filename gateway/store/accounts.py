@@ -195,8 +195,9 @@ def _missing_schema(exc: BaseException) -> bool:
     return type(exc).__name__ in ("UndefinedTable", "UndefinedColumn")
 
 
-#: Set on a database object once its accounts tables are made sure of (the schema runs once per connection).
-_READY = "_cyhr_accounts_ready"
+#: The fact, kept on a connection (:func:`gateway.store.schema.learn`), that the accounts tables are made sure of
+#: (the schema runs once per connection).
+_FACT = "part:accounts"
 
 
 class Accounts:
@@ -211,14 +212,10 @@ class Accounts:
     # -- schema ------------------------------------------------------------------------------
 
     def ensure_schema(self) -> None:
-        if getattr(self.db, _READY, False):
+        if schema.known(self.db, _FACT):
             return
         self._create()
-        if not self.db.conn.in_transaction:  # inside a caller's transaction it may yet be rolled back
-            try:
-                setattr(self.db, _READY, True)
-            except AttributeError:  # a database object that takes no attributes: made sure of every time
-                pass
+        schema.learn(self.db, _FACT, made=True)  # inside a caller's transaction: made sure of again until it commits
 
     def _create(self) -> None:
         db = self.db
@@ -235,7 +232,7 @@ class Accounts:
 
     def _read(self, query: Callable[[], T]) -> T:
         """Run a read; when the tables (or a column added since) are missing, make them and run it again."""
-        if getattr(self.db, _READY, False):
+        if schema.known(self.db, _FACT):
             return query()
         if self.db.conn.in_transaction:  # on PostgreSQL a failed statement would abort the caller's transaction
             self.ensure_schema()

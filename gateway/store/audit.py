@@ -80,10 +80,8 @@ EntryRow = tuple[int, str, bytes, bytes]
 #: (id, own, member, count, head, time, jws, received) of one checkpoint.
 CheckpointRow = tuple[int, int, str, int, bytes, str, str, "str | None"]
 
-_SCHEMA_FLAG = "_cyhr_audit_schema"
-#: The transaction (PostgreSQL: :attr:`~gateway.store.postgresql.PgConnection.begun`) that created the tables
-#: on a connection, while it may still roll back.
-_CREATED_IN = "_cyhr_audit_created_in"
+#: The fact, kept on a connection (:func:`gateway.store.schema.learn`), that the audit tables exist.
+_FACT = "part:audit"
 _CHECKPOINT_COLUMNS = "id, own, member, count, head, time, jws, received"
 _LAST = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 _INSERT = "INSERT INTO audit_log (seq, content, prev_hash, hash) VALUES (?, ?, ?, ?)"
@@ -335,25 +333,18 @@ class AuditStore:
         Safe inside a caller's transaction (it joins it).
         """
         db = self.db
-        if getattr(db, _SCHEMA_FLAG, False):
+        if schema.known(db, _FACT):
             return
-        joined = db.conn.in_transaction
-        # PostgreSQL counts the transactions it begins: a log found inside a caller's transaction other than
-        # the one that created it (on this connection) is committed, and need not be looked for again
-        begun = getattr(db.conn, "begun", None)
-        if not self.has_log():
-            with transaction(db):
-                if self.pg:
-                    db.executescript(schema.script(db, "audit"))
-                else:
-                    for statement in statements(db):
-                        db.execute(statement)
-            if joined:  # a caller's transaction may still roll the tables back: look again next time
-                schema.remember(db, _CREATED_IN, begun)
-                return
-        elif joined and (begun is None or getattr(db, _CREATED_IN, None) == begun):
-            return  # a caller's transaction may still roll the tables back: look again next time
-        schema.remember(db, _SCHEMA_FLAG, True)
+        if self.has_log():
+            schema.learn(db, _FACT)
+            return
+        with transaction(db):
+            if self.pg:
+                db.executescript(schema.script(db, "audit"))
+            else:
+                for statement in statements(db):
+                    db.execute(statement)
+        schema.learn(db, _FACT, made=True)  # inside a caller's transaction: looked at again until it commits
 
     def triggers(self) -> set[str]:
         """Names of the triggers in force on this database's tables.

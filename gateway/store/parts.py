@@ -10,7 +10,8 @@ elsewhere; on PostgreSQL always inside a transaction holding the write lock,
 so that nodes starting together do not race to create the same table.
 
 The check is made once per connection; a part created inside a caller's
-transaction is checked again next time, as that transaction may still roll back.
+transaction is checked again until that transaction is known to have committed
+(:func:`gateway.store.schema.learn`).
 """
 from __future__ import annotations
 
@@ -21,23 +22,10 @@ from gateway.store.db import Database, dialect, transaction
 
 __all__ = ["ensure", "ready", "statements"]
 
-_ATTRIBUTE = "_cyhr_parts_ready"
-
 
 def ready(db: Database, part: str) -> bool:
     """Whether ``part``'s tables are known to exist on this connection (no query)."""
-    return part in (getattr(db, _ATTRIBUTE, None) or ())
-
-
-def _mark(db: Database, part: str) -> None:
-    done: set[str] | None = getattr(db, _ATTRIBUTE, None)
-    if done is None:
-        done = set()
-        try:
-            setattr(db, _ATTRIBUTE, done)
-        except AttributeError:  # an object that takes no attributes: checked every time
-            return
-    done.add(part)
+    return schema.known(db, f"part:{part}")
 
 
 def statements(text: str) -> list[str]:
@@ -65,7 +53,7 @@ def ensure(db: Database, part: str, last_table: str) -> bool:
     if ready(db, part):
         return False
     if schema.columns(db, last_table):
-        _mark(db, part)
+        schema.learn(db, f"part:{part}")
         return False
     joined = bool(db.conn.in_transaction)
     if dialect(db) == "postgresql":
@@ -78,6 +66,5 @@ def ensure(db: Database, part: str, last_table: str) -> bool:
         with transaction(db):
             for statement in statements(schema.script(db, part)):
                 db.execute(statement)
-    if not joined:
-        _mark(db, part)
+    schema.learn(db, f"part:{part}", made=True)
     return True

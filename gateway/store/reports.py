@@ -116,10 +116,9 @@ def ensure_schema(db: Database) -> None:
     """Create the table if it is missing (statement by statement: a caller's transaction stays open)."""
     if dialect(db) == "postgresql":
         if not _exists(db):  # no earlier layout on PostgreSQL; a caller's transaction is joined
-            joined = db.conn.in_transaction
             with transaction(db):
                 db.executescript(schema.script(db, "reports"))
-            schema.remember(db, _CREATED_IN, db.conn.begun if joined else None)
+            schema.learn(db, _FACT, made=True)
         return
     if _exists(db):
         columns = schema.columns(db, "report_versions")
@@ -135,19 +134,17 @@ def ensure_schema(db: Database) -> None:
         db.execute(statement)
 
 
-#: Attributes of a PostgreSQL connection: the table is known to exist (committed); the transaction
-#: (:attr:`~gateway.store.postgresql.PgConnection.begun`) that created it, while it may still roll back.
-_KNOWN, _CREATED_IN = "_cyhr_report_versions", "_cyhr_report_versions_created_in"
+#: The fact, kept on a PostgreSQL connection (:func:`gateway.store.schema.learn`), that the table exists.
+_FACT = "part:reports"
 
 
 def _exists(db: Database) -> bool:
     if dialect(db) == "postgresql":  # asked once per connection once it is there, not once per Bundle
-        if getattr(db, _KNOWN, False):
+        if schema.known(db, _FACT):
             return True
         found = bool(db.execute("SELECT to_regclass('report_versions') IS NOT NULL").fetchone()[0])
-        created_in = getattr(db, _CREATED_IN, None)
-        if found and (created_in is None or not db.conn.in_transaction or created_in != db.conn.begun):
-            schema.remember(db, _KNOWN, True)
+        if found:
+            schema.learn(db, _FACT)
         return found
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'"
                       ).fetchone() is not None

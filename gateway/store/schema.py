@@ -16,7 +16,7 @@ import logging
 
 from gateway.store.db import Database, dialect, transaction
 
-__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "remember"]
+__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "known", "learn"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,58 @@ def set_version(db: Database, part: str, number: int) -> None:
     log.debug("database layout: %s at version %d", part, number)
 
 
+#: Facts learnt about a database, kept on its connection object: fact -> _SETTLED, or the transaction that made it
+#: true while that transaction may still roll back (PostgreSQL: :attr:`~.postgresql.PgConnection.begun`; SQLite,
+#: which does not count its transactions: _UNCOUNTED).
+_FACTS = "_cyhr_facts"
+_SETTLED = "settled"
+_UNCOUNTED = "uncounted"
+
+
+def _facts(db: Database) -> dict[str, object] | None:
+    facts: dict[str, object] | None = getattr(db, _FACTS, None)
+    if facts is None:
+        facts = {}
+        try:
+            setattr(db, _FACTS, facts)
+        except AttributeError:  # an object that takes no attributes: nothing is kept, everything is asked again
+            return None
+    return facts
+
+
+def known(db: Database, fact: str) -> bool:
+    """Whether ``fact`` (a part's tables exist, ...) is settled on this connection, so need not be asked again
+    (no query). Lost with the connection."""
+    facts: dict[str, object] | None = getattr(db, _FACTS, None)
+    return facts is not None and facts.get(fact) == _SETTLED
+
+
+def learn(db: Database, fact: str, *, made: bool = False) -> None:
+    """Record that ``fact`` holds on this connection: found by a query, or ``made`` true by this connection now
+    (a part's tables created).
+
+    A fact made inside a transaction is not settled while that transaction may
+    still roll it back: it is settled when it is found again outside any
+    transaction or, on PostgreSQL, inside a later one (the one that made it has
+    then committed). A fact found inside a transaction that did not make it was
+    committed by someone (another connection's uncommitted tables are not seen).
+    """
+    facts = _facts(db)
+    if facts is None:
+        return
+    conn = db.conn
+    inside = bool(conn.in_transaction)
+    begun = getattr(conn, "begun", None)
+    if not inside:
+        facts[fact] = _SETTLED
+    elif made:
+        facts[fact] = _UNCOUNTED if begun is None else begun
+    else:
+        pending = facts.get(fact)
+        if pending is None or (pending not in (_SETTLED, _UNCOUNTED) and pending != begun):
+            facts[fact] = _SETTLED
+
+
 def once(db: Database, part: str) -> bool:
     """True the first time it is asked for ``part`` on this connection object, False after.
 
@@ -84,23 +136,10 @@ def once(db: Database, part: str) -> bool:
     schema file runs once per connection, not once per call (on PostgreSQL
     every DDL statement is a round trip and takes the write lock).
     """
-    done: set[str] | None = getattr(db, "_cyhr_schema_parts", None)
-    if done is None:
-        done = set()
-        try:
-            setattr(db, "_cyhr_schema_parts", done)
-        except AttributeError:  # an object that takes no attributes: ask every time
-            return True
-    if part in done:
+    fact = f"checked:{part}"
+    if known(db, fact):
         return False
-    done.add(part)
+    facts = _facts(db)
+    if facts is not None:
+        facts[fact] = _SETTLED
     return True
-
-
-def remember(db: Database, name: str, value: object) -> None:
-    """Keep a fact learnt about the database on the connection object (a table known to exist, the transaction
-    that created it), so that it is not asked again on this connection; lost with the connection."""
-    try:
-        setattr(db, name, value)
-    except AttributeError:  # an object that takes no attributes: looked at every time
-        pass
