@@ -120,7 +120,8 @@ def settings(tmp_path: Path, database: str) -> Settings:
 
 
 @pytest.fixture
-def pipeline(settings: Settings, clock: Clock) -> Iterator[object]:
+def stored_pipeline(settings: Settings, clock: Clock) -> Iterator[object]:
+    """The pipeline of the gateway under test, on the backend(s) chosen with ``--backend``."""
     from gateway.pipeline import Pipeline
 
     p = Pipeline(settings, clock=clock)
@@ -129,10 +130,30 @@ def pipeline(settings: Settings, clock: Clock) -> Iterator[object]:
 
 
 @pytest.fixture
-def app(settings: Settings, pipeline: object) -> object:
+def pipeline(stored_pipeline: object) -> object:
+    """The gateway's pipeline (:func:`stored_pipeline`). A module whose tests only convert (read, map, build,
+    check: nothing stored) overrides it with :func:`convert_pipeline`, so that they run once, not per engine."""
+    return stored_pipeline
+
+
+@pytest.fixture
+def convert_pipeline(tmp_path: Path, clock: Clock) -> Iterator[object]:
+    """A pipeline for what stores nothing (``convert``, a channel's read/map/answer): the same on every storage
+    engine, so it runs once, on the embedded default."""
+    from gateway.pipeline import Pipeline
+
+    p = Pipeline(load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "converting"), "issuer_uscc": TONGJIANG,
+        "issuer_name": "通江县人民医院（演示）"}), clock=clock)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def app(settings: Settings, stored_pipeline: object) -> object:
     from gateway.api.app import create_app
 
-    application = create_app(settings, pipeline)  # type: ignore[arg-type]
+    application = create_app(settings, stored_pipeline)  # type: ignore[arg-type]
     application.config["TESTING"] = True
     return application
 

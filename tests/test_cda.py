@@ -30,6 +30,12 @@ ID_CARD = "511921197506080022"
 REPORT_NO = "JY202411050123"
 
 
+@pytest.fixture
+def pipeline(convert_pipeline):
+    """These tests convert only (nothing is stored): they run once, not once per storage engine."""
+    return convert_pipeline
+
+
 def convert_one(pipeline: Pipeline, data: bytes):
     outcomes = list(pipeline.convert(data, "cda", "test.xml"))
     assert len(outcomes) == 1
@@ -121,13 +127,13 @@ def test_bundle_passes_the_independent_validators(pipeline: Pipeline, tmp_path: 
 # -- corrections ----------------------------------------------------------------------------
 
 
-def test_a_correction_is_stored_beside_the_report_it_replaces(pipeline: Pipeline) -> None:
-    first = pipeline.ingest(FULL, "cda", channel="file")[0]
-    second = pipeline.ingest(CORRECTED, "cda", channel="file")[0]
+def test_a_correction_is_stored_beside_the_report_it_replaces(stored_pipeline: Pipeline) -> None:
+    first = stored_pipeline.ingest(FULL, "cda", channel="file")[0]
+    second = stored_pipeline.ingest(CORRECTED, "cda", channel="file")[0]
     assert first.status is Status.STORED and second.status is Status.STORED
     # Both versions are stored (which one a search shows as current is the store's business).
-    original = pipeline.store.read("DiagnosticReport", entries_of(first.bundle, "DiagnosticReport")[0]["id"])
-    corrected = pipeline.store.read("DiagnosticReport", entries_of(second.bundle, "DiagnosticReport")[0]["id"])
+    original = stored_pipeline.store.read("DiagnosticReport", entries_of(first.bundle, "DiagnosticReport")[0]["id"])
+    corrected = stored_pipeline.store.read("DiagnosticReport", entries_of(second.bundle, "DiagnosticReport")[0]["id"])
     assert (original["status"], corrected["status"]) == ("final", "corrected")
     assert original["id"] != corrected["id"]
     assert REPORT_NO in [i["value"] for i in original["identifier"]] and \
@@ -140,8 +146,8 @@ def test_a_correction_is_stored_beside_the_report_it_replaces(pipeline: Pipeline
                                                                "value": TONGJIANG}}}}]
     assert {"system": "urn:oid:2.16.156.10011.1.1", "value": "TJRMYY-JY-20241105-000123"} in original["identifier"]
     # The earlier values are still there, untouched; the corrected ones are new resources.
-    old_glu = [pipeline.store.read(*ref["reference"].split("/")) for ref in original["result"]]
-    new_glu = [pipeline.store.read(*ref["reference"].split("/")) for ref in corrected["result"]]
+    old_glu = [stored_pipeline.store.read(*ref["reference"].split("/")) for ref in original["result"]]
+    new_glu = [stored_pipeline.store.read(*ref["reference"].split("/")) for ref in corrected["result"]]
     assert {str(o["valueQuantity"]["value"]) for o in old_glu if o["code"]["coding"][0]["code"] == "GLU"} == {"8.20"}
     assert {str(o["valueQuantity"]["value"]) for o in new_glu if o["code"]["coding"][0]["code"] == "GLU"} == {"6.80"}
     assert {o["status"] for o in new_glu} == {"corrected"} and {o["status"] for o in old_glu} == {"final"}
@@ -206,24 +212,24 @@ def xxe_document(system_id: str) -> bytes:
     ).replace("<name>李演示</name>".encode(), b"<name>&xxe;</name>")
 
 
-def test_xxe_pointing_at_a_local_file_leaks_nothing_and_stores_nothing(app, client, pipeline: Pipeline,
+def test_xxe_pointing_at_a_local_file_leaks_nothing_and_stores_nothing(app, client, stored_pipeline: Pipeline,
                                                                        tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-7f3a9c", encoding="utf-8")
     doc = xxe_document(secret.as_uri())
-    out = convert_one(pipeline, doc)
+    out = convert_one(stored_pipeline, doc)
     assert out.status is Status.REFUSED and out.ack_code == "AR" and out.bundle is None
     assert [(i.code, i.location) for i in out.issues] == [("security", "/")]
     resp = client.post("/ingest/cda", data=doc, content_type="application/xml")
     assert resp.status_code == 400 and resp.mimetype == "application/fhir+json"
     assert "TOP-SECRET" not in resp.get_data(as_text=True)
     assert "DTD" in resp.get_json()["issue"][0]["diagnostics"]
-    rows = list(pipeline.store.db.query("SELECT status, issues, ack FROM messages"))
+    rows = list(stored_pipeline.store.db.query("SELECT status, issues, ack FROM messages"))
     assert [r["status"] for r in rows] == ["refused"]
     assert "TOP-SECRET" not in rows[0]["issues"] and b"TOP-SECRET" not in rows[0]["ack"]
-    assert pipeline.store.db.execute("SELECT count(*) FROM resources").fetchone()[0] == 0
+    assert stored_pipeline.store.db.execute("SELECT count(*) FROM resources").fetchone()[0] == 0
     # The sample file (an entity on /etc/passwd) is refused the same way, without reading it.
-    sample = convert_one(pipeline, (CDA / "xxe-local-file.xml").read_bytes())
+    sample = convert_one(stored_pipeline, (CDA / "xxe-local-file.xml").read_bytes())
     assert sample.ack_code == "AR" and "root:" not in json.dumps([i.message for i in sample.issues])
 
 
@@ -297,8 +303,8 @@ def test_wrong_document_type_is_named(pipeline: Pipeline) -> None:
     assert convert_one(pipeline, code_mismatch).errors[0].location == "/ClinicalDocument/code/@code"
 
 
-def test_bad_values_are_located_by_xpath(pipeline: Pipeline) -> None:
-    out = convert_one(pipeline, (CDA / "bad-values.xml").read_bytes())
+def test_bad_values_are_located_by_xpath(stored_pipeline: Pipeline) -> None:
+    out = convert_one(stored_pipeline, (CDA / "bad-values.xml").read_bytes())
     assert out.status is Status.REFUSED and out.ack_code == "AE"
     located = {i.location: i.message for i in out.errors}
     assert located == {

@@ -30,6 +30,12 @@ V3 = {"v3": "urn:hl7-org:v3"}
 LAB = "/ClinicalDocument/component/structuredBody/component[2]/section"
 
 
+@pytest.fixture
+def pipeline(convert_pipeline):
+    """These tests convert only (nothing is stored): they run once, not once per storage engine."""
+    return convert_pipeline
+
+
 def convert_one(pipeline: Pipeline, data: bytes):
     outcomes = list(pipeline.convert(data, "cda", "test.xml"))
     assert len(outcomes) == 1

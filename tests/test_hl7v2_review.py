@@ -21,6 +21,12 @@ SCT = "http://snomed.info/sct"
 ID_CARD = "511921196612120011"
 
 
+@pytest.fixture
+def pipeline(convert_pipeline):
+    """These tests convert only (nothing is stored): they run once, not once per storage engine."""
+    return convert_pipeline
+
+
 def er7(*segments: str, version: str = "2.5.1", control: str = "R17-0001", msh7: str = "20261204090000+0800",
         pid: str = f"PID|1||{ID_CARD}^^^^NNCHN||王^建国||19661212|M") -> bytes:
     msh = (f"MSH|^~\\&|LIS|TJXRMYY|GATEWAY|CYHR|{msh7}||ORU^R01^ORU_R01|{control}|P|{version}|||AL|NE||"

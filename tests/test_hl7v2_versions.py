@@ -27,6 +27,12 @@ STRUCTURE = MAPPINGS.structure("hl7v2-oru-r01")
 LOCAL = f"https://fhir.cyhr.org.cn/sid/local-item/{TONGJIANG}"
 
 
+@pytest.fixture
+def pipeline(convert_pipeline):
+    """These tests convert only (nothing is stored): they run once, not once per storage engine."""
+    return convert_pipeline
+
+
 def message(version: str = "2.5.1", *, msh3: str = "LIS", msh4: str = "TJXRMYY", control: str = "M0001",
             obr2: str = "O0001", obr3: str = "R0001", obr7: str = "20240520073000", obr25: str = "F",
             obx3: str = "ALT^丙氨酸氨基转移酶^L", obx5: str = "36", obx11: str = "F", obx14: str = "",
@@ -413,7 +419,7 @@ def test_every_answer_is_free_of_fhir_paths_and_each_error_names_a_field(pipelin
 # -- over MLLP -----------------------------------------------------------------------------------
 
 
-def test_versions_policy_and_field_named_refusal_over_mllp_send(pipeline: Pipeline, tmp_path: Path) -> None:
+def test_versions_policy_and_field_named_refusal_over_mllp_send(stored_pipeline: Pipeline, tmp_path: Path) -> None:
     """python-hl7's own mllp_send client against the gateway's MLLP listener."""
     mllp_send = shutil.which("mllp_send") or str(Path(sys.executable).with_name("mllp_send"))
     messages = [
@@ -426,7 +432,7 @@ def test_versions_policy_and_field_named_refusal_over_mllp_send(pipeline: Pipeli
     # mllp_send --file: one message per MLLP frame (start block, message, end block)
     batch.write_bytes(b"".join(b"\x0b" + m.rstrip(b"\r").replace(b"\rMSH", b"\r\x1c\r\x0bMSH") + b"\r\x1c\r"
                                for m in messages))
-    server = MLLPServer(pipeline, "127.0.0.1", 0)
+    server = MLLPServer(stored_pipeline, "127.0.0.1", 0)
     server.start_in_thread()
     try:
         sent = subprocess.run([mllp_send, "--port", str(server.port), "--file", str(batch), "127.0.0.1"],
@@ -443,4 +449,4 @@ def test_versions_policy_and_field_named_refusal_over_mllp_send(pipeline: Pipeli
     assert msa(acks[4])[3].startswith("MSH[1]-12")
     for ack in acks:
         assert b"Bundle.entry" not in ack and b"resource." not in ack
-    assert pipeline.store.counts() == {"stored": 2, "refused": 3}
+    assert stored_pipeline.store.counts() == {"stored": 2, "refused": 3}

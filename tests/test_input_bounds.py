@@ -21,6 +21,12 @@ from gateway.fhir.profiles import load_guide
 LONG = "x" * 5000
 
 
+@pytest.fixture
+def pipeline(convert_pipeline):
+    """These tests convert only (nothing is stored): they run once, not once per storage engine."""
+    return convert_pipeline
+
+
 def quickly(fn, *args, limit: float = 0.25):
     started = time.perf_counter()
     try:

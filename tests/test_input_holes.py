@@ -22,6 +22,12 @@ from gateway.mllp import MLLPServer, frame
 from gateway.pipeline import Pipeline, Status
 
 
+@pytest.fixture
+def pipeline(convert_pipeline):
+    """These tests convert only (nothing is stored): they run once, not once per storage engine."""
+    return convert_pipeline
+
+
 GOOD = split_messages((DATA / "hl7v2" / "mllp-framed.hl7").read_bytes())[0]
 GOLDEN = json.loads((DATA / "expected" / "lis-v24-gbk.1.json").read_text(encoding="utf-8"))
 CSV_HEADER = ("体检编号,姓名,身份证号,性别,出生日期,用人单位名称,用人单位统一社会信用代码,工种,接害因素代码,接害因素名称,"
@@ -51,14 +57,14 @@ def hl7(pipeline: Pipeline, data: bytes):
     (b"|\xe5\xbc\xa0^", b"|\xe5\xbc\xa0\\X01\\^", "PID^1^5"),  # a hex escape decoding to one
     (b"|TJ2406100001|", b"|TJ24061\x1f00001|", "MSH^1^10"),
 ])
-def test_a_control_character_refuses_the_message_naming_its_field(pipeline: Pipeline, old, new, erl) -> None:
+def test_a_control_character_refuses_the_message_naming_its_field(stored_pipeline: Pipeline, old, new, erl) -> None:
     assert old in GOOD
-    out = hl7(pipeline, GOOD.replace(old, new))[0]
+    out = hl7(stored_pipeline, GOOD.replace(old, new))[0]
     assert out.ack_code == "AE" and out.status == Status.REFUSED
     assert errs(out.answer)[0].startswith(f"ERR||{erl}|102^Data type error^HL70357|E")
     assert "control character 0x" in errs(out.answer)[0]
     assert not any(b in out.answer for b in (b"\x00", b"\x01", b"\x1f"))  # the answer echoes none of it raw
-    assert pipeline.store.db.execute("SELECT count(*) FROM resources").fetchone()[0] == 0
+    assert stored_pipeline.store.db.execute("SELECT count(*) FROM resources").fetchone()[0] == 0
 
 
 def test_a_tab_in_a_field_is_taken(pipeline: Pipeline) -> None:
@@ -151,7 +157,7 @@ def test_mllp_0x1c_then_the_next_frame_ends_the_first(server) -> None:
     assert [msa(a)[1:3] for a in acks] == [["AA", "TJ2406100001"], ["AA", "TJ2406100009"]]
 
 
-def test_mllp_and_http_agree_on_a_stray_0x1c(server, pipeline) -> None:
+def test_mllp_and_http_agree_on_a_stray_0x1c(server, stored_pipeline) -> None:
     broken = GOOD.replace(b"TJ2406100001", b"TJ2406100007").replace(b"|P|2.5", b"|P\x1c|2.5")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(frame(broken))
@@ -160,8 +166,8 @@ def test_mllp_and_http_agree_on_a_stray_0x1c(server, pipeline) -> None:
     assert errs(ack)[0].startswith("ERR||MSH^1^11|102")
 
 
-def test_mllp_oversized_frame_ar_names_the_control_id(pipeline) -> None:
-    srv = MLLPServer(pipeline, "127.0.0.1", 0, max_message_bytes=300)
+def test_mllp_oversized_frame_ar_names_the_control_id(stored_pipeline) -> None:
+    srv = MLLPServer(stored_pipeline, "127.0.0.1", 0, max_message_bytes=300)
     srv.start_in_thread()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
@@ -223,10 +229,10 @@ def test_csv_one_huge_row_is_skipped_streaming_and_the_next_exam_read(pipeline: 
     assert not second.errors and second.reports[0].number == "TJ2"
 
 
-def test_csv_over_the_pipeline_answers_with_the_exam_and_row(pipeline: Pipeline) -> None:
+def test_csv_over_the_pipeline_answers_with_the_exam_and_row(stored_pipeline: Pipeline) -> None:
     big = "w" * 40_000
     rows = [CSV_EXAM.format(n="TJ1", value=big)] * 30  # 1.2 MB: over max_message_bytes (1 MiB)
-    outs = pipeline.ingest(csv_of(*rows), "cdc-csv", channel="http")
+    outs = stored_pipeline.ingest(csv_of(*rows), "cdc-csv", channel="http")
     assert len(outs) == 1 and outs[0].status == Status.REFUSED
     assert [i.code for i in outs[0].issues if i.severity == "error"] == ["too-long"]
 
@@ -235,10 +241,10 @@ def test_csv_over_the_pipeline_answers_with_the_exam_and_row(pipeline: Pipeline)
 
 
 @pytest.mark.parametrize("bad", [b"&#0;", b"\x01", b"&#xD800;"])
-def test_cda_control_character_is_refused_with_its_line(pipeline: Pipeline, bad: bytes) -> None:
+def test_cda_control_character_is_refused_with_its_line(stored_pipeline: Pipeline, bad: bytes) -> None:
     data = (DATA / "cda" / "lab-report-full.xml").read_bytes()
     at = data.index(b"<title>") + len(b"<title>")
-    out = pipeline.ingest(data[:at] + bad + data[at:], "cda", channel="http")[0]
+    out = stored_pipeline.ingest(data[:at] + bad + data[at:], "cda", channel="http")[0]
     assert out.status == Status.REFUSED
     assert out.issues[0].location == "/" and "line " in out.issues[0].message
 
