@@ -33,7 +33,18 @@ def _debug() -> bool:
 
 
 class _Group(click.Group):
-    """Turns gateway errors, and anything unexpected, into one-line CLI errors."""
+    """Turns gateway errors, and anything unexpected, into one-line CLI errors; loads a product area's commands
+    when they are used (:data:`AREAS`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *AREAS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in AREAS:
+            found = _area_command(cmd_name)
+            self.add_command(found, cmd_name)
+        return found
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -409,33 +420,41 @@ def settings_cmd() -> None:
         click.echo(f"{name:20} GATEWAY_{name.upper():22} default {default}\n{'':20} {text}")
 
 
-def _register_areas() -> None:
-    """Commands of the product areas, each in gateway/commands/."""
-    from gateway.commands import audit, bench, exchange, recognize, registry, signing, users, validate
-
-    cli.add_command(signing.keys)
-    cli.add_command(signing.sign)
-    cli.add_command(signing.verify)
-    registry.registry.add_command(signing.issue_cert)
-    registry.registry.add_command(signing.init_authority)
-    cli.add_command(registry.registry)
-    cli.add_command(recognize.recognize)
-    cli.add_command(recognize.decisions)
-    cli.add_command(validate.validate)
-    cli.add_command(audit.audit)
-    cli.add_command(users.users)
-    from gateway.commands.clients import clients  # SMART backend clients
-    cli.add_command(clients)
-    cli.add_command(exchange.send)
-    cli.add_command(exchange.outbox)
-    from gateway.commands.referrals import referrals  # 移送 of violations to authorities
-    cli.add_command(referrals)
-    cli.add_command(bench.bench)
-    from gateway.commands.db import db  # the database's layout
-    cli.add_command(db)
+#: Commands of the product areas, each in gateway/commands/: name -> (module, attribute). A module is imported
+#: only when its command runs (or ``--help`` lists them all), so that every command starts without loading the
+#: others' dependencies (the web framework, the registry's schema checks, the benchmark).
+AREAS: dict[str, tuple[str, str]] = {
+    "keys": ("gateway.commands.signing", "keys"),
+    "sign": ("gateway.commands.signing", "sign"),
+    "verify": ("gateway.commands.signing", "verify"),
+    "registry": ("gateway.commands.registry", "registry"),
+    "recognize": ("gateway.commands.recognize", "recognize"),
+    "decisions": ("gateway.commands.recognize", "decisions"),
+    "validate": ("gateway.commands.validate", "validate"),
+    "audit": ("gateway.commands.audit", "audit"),
+    "users": ("gateway.commands.users", "users"),
+    "clients": ("gateway.commands.clients", "clients"),  # SMART backend clients
+    "send": ("gateway.commands.exchange", "send"),
+    "outbox": ("gateway.commands.exchange", "outbox"),
+    "referrals": ("gateway.commands.referrals", "referrals"),  # 移送 of violations to authorities
+    "bench": ("gateway.commands.bench", "bench"),
+    "db": ("gateway.commands.db", "db"),  # the database's layout
+}
 
 
-_register_areas()
+def _area_command(name: str) -> click.Command:
+    """The command ``name`` of :data:`AREAS`, its module imported now."""
+    import importlib
+
+    module, attribute = AREAS[name]
+    command: click.Command = getattr(importlib.import_module(module), attribute)
+    if name == "registry" and isinstance(command, click.Group):  # the authority's key and certificate commands
+        from gateway.commands import signing
+
+        for extra in (signing.issue_cert, signing.init_authority):
+            if extra.name not in command.commands:
+                command.add_command(extra)
+    return command
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -173,3 +173,26 @@ def test_reading_commands_refuse_a_database_that_is_not_there(runner, tmp_path: 
         result = runner.invoke(cli, ["--data-dir", str(tmp_path / "gw"), *command, "--db", missing])
         assert result.exit_code in (1, 2) and said in result.output, result.output
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_every_area_command_loads_when_used_and_only_then() -> None:
+    """`gateway X` imports only X's module: each area's command resolves under its name, and starting the
+    command-line tool loads neither the web framework nor the benchmark nor the PostgreSQL driver."""
+    import subprocess
+    import sys
+
+    import click
+
+    from gateway.cli import AREAS, cli
+
+    ctx = click.Context(cli)
+    for name in AREAS:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name, name
+    registry = cli.get_command(ctx, "registry")
+    assert isinstance(registry, click.Group) and {"issue-cert", "init-authority"} <= set(registry.commands)
+    assert set(AREAS) <= set(cli.list_commands(ctx))
+    probe = ("import sys, gateway.cli; print(sorted(m for m in ('flask', 'psycopg', 'gateway.bench', 'jsonschema')"
+             " if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded
