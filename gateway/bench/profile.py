@@ -96,7 +96,7 @@ def profile_e2e(messages: int = 300) -> list[tuple[str, float]]:
 
 
 def profile_inbound(bundles: int = 100) -> list[tuple[str, float]]:
-    """(part, share of the profiled time of ``Exchange.receive``) for Bundles signed by another member."""
+    """(part, share of the profiled time of ``Pipeline.receive_signed``) for Bundles signed by another member."""
     from gateway.bench.stages import _bundles
     from gateway.pipeline import Pipeline
 

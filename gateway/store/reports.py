@@ -120,6 +120,8 @@ def ensure_schema(db: Database) -> None:
                 db.executescript(schema.script(db, "reports"))
             schema.learn(db, _FACT, made=True)
         return
+    if schema.known(db, _FACT):  # made sure of on this connection (and committed)
+        return
     if _exists(db):
         columns = schema.columns(db, "report_versions")
         if "report_code" not in columns:  # a table made before reports were told apart by their code
@@ -129,12 +131,14 @@ def ensure_schema(db: Database) -> None:
         if "replaces" not in columns:  # a table made before a correction could name another number
             db.execute("ALTER TABLE report_versions ADD COLUMN replaces TEXT NOT NULL DEFAULT ''")
             db.execute(SCHEMA[3])
+        schema.learn(db, _FACT, made="report_code" not in columns or "replaces" not in columns)
         return
     for statement in SCHEMA:
         db.execute(statement)
+    schema.learn(db, _FACT, made=True)
 
 
-#: The fact, kept on a PostgreSQL connection (:func:`gateway.store.schema.learn`), that the table exists.
+#: The fact, kept on a connection (:func:`gateway.store.schema.learn`), that the table exists at its current layout.
 _FACT = "part:reports"
 
 
@@ -146,6 +150,8 @@ def _exists(db: Database) -> bool:
         if found:
             schema.learn(db, _FACT)
         return found
+    if schema.known(db, _FACT):
+        return True
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_versions'"
                       ).fetchone() is not None
 
