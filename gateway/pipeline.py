@@ -1182,10 +1182,11 @@ class Pipeline:
             if existing.ack is not None:
                 return ReceiveResult(200, existing.ack, duplicate=True)
             if self._take_received(record_id, lease):
+                if existing.sha256 != hashlib.sha256(text).hexdigest():
+                    self._keep_apart(record_id, existing, text, peer)
                 break
             if time.monotonic() >= deadline:
-                raise ReceiveLater("this Bundle is being received by another request; send it again later",
-                                   "Bundle")
+                raise ReceiveLater("is being received by another request now: send it again later", "Bundle")
             time.sleep(0.05)
             existing = self.store.get_message(record_id)
         return self._work_received(verified, issuer, text, peer, record_id, watch)
@@ -1197,6 +1198,24 @@ class Pipeline:
         now = self.clock().timestamp()
         return SignedBundles(self.store.db).take_message(record_id, lease_owner(), now + lease,
                                                          lambda owner, until: holder_alive(owner, until, now))
+
+    def _keep_apart(self, record_id: int, earlier: Any, text: bytes, peer: str) -> None:
+        """An earlier copy of this document (refused, or left unfinished) was other bytes: they are kept apart under
+        the hash of their bytes with what became of them, and the message held now carries the copy worked now
+        (its raw input and who sent it), so that the stored Bundle's provenance is the copy that was accepted."""
+        store = self.store
+        old = store.raw_of(record_id)
+        digest_raw = hashlib.sha256(old).hexdigest()
+        kept, _ = store.insert_raw(channel="exchange", fmt=SIGNED_FORMAT, sender=earlier.sender, message_id=digest_raw,
+                                   origin=earlier.origin, raw=old)
+        status = earlier.status if earlier.status in ("refused", "failed") else "failed"
+        issues = [Issue(i.get("severity", "error"), i.get("code", "exception"), i.get("location", ""),
+                        i.get("message", "")) for i in earlier.issues if isinstance(i, dict)]
+        issues = issues or [Issue("error", "exception", "",
+                                  "left unfinished; a copy of the same document sent later was worked instead")]
+        store.finish(kept, status=status, ack_code=earlier.ack_code, ack=None, issues=issues)
+        store.replace_raw(record_id, text, origin=f"peer:{peer}")
+        log.info("exchange record=%s: an earlier copy of the document was kept apart as record=%s", record_id, kept)
 
     def _refused(self, key: str, peer: str, record_id: int, exc: GatewayError) -> tuple[Outcome, list[bytes]]:
         """The outcome of a received Bundle refused with ``exc``, and its audit entry."""
@@ -1237,7 +1256,7 @@ class Pipeline:
                                              kid=verified.kid)])
             outcome.signed = text
             if not self._commit(outcome, audit):
-                raise ReceiveLater("this Bundle was taken over by another process; send it again later", "Bundle")
+                raise ReceiveLater("was taken over by another process: send it again later", "Bundle")
             watch.lap(Stage.STORE)
         except _AlreadyReceived as dup:  # another request stored the same document first: its receipt answers
             first = self.store.get_message(dup.record_id)
@@ -1257,8 +1276,7 @@ class Pipeline:
                           "worked again when it is sent again")
             self.store.finish(record_id, status="failed", ack_code="503", ack=None, issues=[issue],
                               owner=lease_owner())
-            raise ReceiveLater("the Bundle could not be worked now; it is kept, send it again later",
-                               "Bundle") from None
+            raise ReceiveLater("could not be worked now; it is kept: send it again later", "Bundle") from None
         assert outcome.decided is not None
         log.info("exchange received record=%s issuer=%s decisions=%s", record_id, issuer, outcome.label)
         return ReceiveResult(200, outcome.answer, decisions=[d.to_dict() for d in outcome.decided.decisions])

@@ -11,6 +11,7 @@ without a recognition mark.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import subprocess
 import sys
@@ -131,6 +132,28 @@ def test_a_copy_with_a_broken_signature_is_refused_and_changes_nothing(world) ->
     assert {k: v for k, v in after.items() if k not in ("exchange_audit", "messages")} == \
         {k: v for k, v in once.items() if k not in ("exchange_audit", "messages")}
     assert push(world, signed).data == first.data  # the genuine Bundle is still answered as before
+
+
+def test_a_refused_copy_is_kept_apart_when_the_genuine_bundle_is_accepted_after_it(world) -> None:
+    """A copy refused after its signature verified (``signature.who``, which the signature does not cover, names
+    another member) is the same document: when the genuine copy is accepted after it, the stored message carries
+    the accepted bytes, and the refused bytes are kept apart, as refused."""
+    signed = signed_report(world)
+    doc = json.loads(signed)
+    doc["signature"]["who"]["identifier"]["value"] = FL
+    forged = json.dumps(doc, ensure_ascii=False).encode()
+    assert push(world, forged).status_code == 403
+    first = push(world, signed)
+    assert first.status_code == 200 and first.headers["X-Duplicate"] == "false"
+    fl = world.gateways["fuling"].pipeline.store
+    stored = fl.find_message("fhir-signed", TJ, json.loads(first.data)["receipt"]["sha256"])
+    assert stored is not None and stored.status == "stored" and fl.raw_of(stored.id) == signed
+    apart = fl.find_message("fhir-signed", TJ, hashlib.sha256(forged).hexdigest())
+    assert apart is not None and apart.status == "refused" and fl.raw_of(apart.id) == forged
+    assert "Bundle.signature.who" in json.dumps(apart.issues)
+    c = counts(world)
+    assert c["received"] == c["reports"] == 1 and c["decisions"] == c["decision_audit"] == 4
+    assert push(world, signed).data == first.data
 
 
 def test_unreadable_push_is_refused_with_a_field_and_kept(world) -> None:

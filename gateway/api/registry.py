@@ -34,7 +34,7 @@ from gateway.registry.fhir import registry_resources
 from gateway.registry.models import Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder
 from gateway.signing.canonical import parse_json
-from gateway.api.app import borrow_database
+from gateway.store.db import borrowed
 
 __all__ = ["bp", "install", "RegistryState", "EXTENSION_KEY"]
 
@@ -180,7 +180,7 @@ def recognize() -> Response:
     if state.database is None:
         decisions = decide(facts, bundle, snapshot, receiver, at).decisions
     else:
-        with borrow_database(current_app) as db:  # decisions and their audit entries commit together
+        with borrowed(state.database) as db:  # decisions and their audit entries commit together
             decisions, _ = decide_and_record(db, facts, bundle, snapshot, receiver, at, recorded_at=state.clock())
     log.info(
         "recognize: snapshot=%s results=%d recognized=%d",

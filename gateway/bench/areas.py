@@ -6,7 +6,7 @@
 - ``http``: ``POST /ingest/hl7v2`` from concurrent clients against ``gateway serve``
   (waitress worker processes) on loopback, as an authenticated ``submitter``;
 - ``csv``: a generated CDC export through ``Pipeline.convert`` as a stream;
-- ``inbound``: the receiving member's ``Exchange.receive`` on Bundles signed by the sender's pipeline;
+- ``inbound``: the receiving member's ``Pipeline.receive_signed`` on Bundles signed by the sender's pipeline;
 - ``audit-search``, ``audit-verify``: a log filled by the audit area's own bulk loader.
 
 Each raises :class:`~gateway.bench.measure.NotAvailable`, saying what is missing,
@@ -145,9 +145,9 @@ def csv_stage(ctx: BenchContext) -> StageResult:
     return result
 
 
-@stage("inbound", "inbound signed Bundle > verify > check > recognise > audit (Exchange.receive)")
+@stage("inbound", "inbound signed Bundle > verify > check > recognise > audit (Pipeline.receive_signed)")
 def inbound_stage(ctx: BenchContext) -> StageResult:
-    """The receiving member's ``Exchange.receive``: raw text stored, signature verified against the
+    """The receiving member's ``Pipeline.receive_signed``: raw text stored, signature verified against the
     registry snapshot, profiles checked, resources stored, recognition decided, audited, receipt
     signed. The sending member signs with its own pipeline's sign stage. Both are demo members
     with keys and the snapshot generated at run time."""

@@ -107,7 +107,7 @@ def pg_e2e_nodes_stage(ctx: BenchContext) -> StageResult:
     return result
 
 
-@stage("pg-inbound", "inbound signed Bundle on PostgreSQL, 1 node (Exchange.receive)")
+@stage("pg-inbound", "inbound signed Bundle on PostgreSQL, 1 node (Pipeline.receive_signed)")
 def pg_inbound_stage(ctx: BenchContext) -> StageResult:
     from gateway.pipeline import Pipeline
 

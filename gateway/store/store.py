@@ -194,6 +194,8 @@ class StorePort(Protocol):
 
     def take(self, record_id: int, lease: float, *, retry: bool = ...) -> MessageRecord | None: ...
 
+    def replace_raw(self, record_id: int, raw: bytes, *, origin: str) -> None: ...
+
     def release(self, record_id: int) -> None: ...
 
     def abandoned(self, formats: tuple[str, ...], limit: int = ..., *, idle: float = ...) -> list[int]: ...
@@ -391,6 +393,14 @@ class Store:
                              f"attempt {rec.attempts + 1}, was {rec.status}"])
         rec.attempts += 1
         return rec
+
+    def replace_raw(self, record_id: int, raw: bytes, *, origin: str) -> None:
+        """Let a message carry another copy of what it was received as (the same signed document in other
+        bytes, worked after an earlier copy was refused): its raw input, digest, size and origin."""
+        with transaction(self.db):
+            self.db.execute("UPDATE messages SET raw = ?, sha256 = ?, size = ?, origin = ?, updated_at = ?"
+                            " WHERE id = ?",
+                            [raw, hashlib.sha256(raw).hexdigest(), len(raw), origin, _now(self.clock), record_id])
 
     def release(self, record_id: int) -> None:
         """Give up this process's lease on a message it could not finish (another process may take it)."""
