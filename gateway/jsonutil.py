@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import simplejson
 
-__all__ = ["dumps", "loads", "dumps_pretty", "parse_int", "nesting_depth", "MAX_DEPTH"]
+__all__ = ["dumps", "dumps_bytes", "encode", "loads", "dumps_pretty", "parse_int", "nesting_depth", "MAX_DEPTH"]
 
 #: How deep JSON received from outside may nest: FHIR resources need a few dozen levels at most, and deeper
 #: documents would exhaust the stack of whatever walks them.
@@ -40,6 +40,23 @@ def dumps(obj: Any) -> str:
     except (UnicodeEncodeError, TypeError):
         # what msgspec cannot write (a lone surrogate, an unusual type) simplejson writes or refuses as before
         return str(simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")))
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """:func:`dumps` as UTF-8 bytes, without decoding msgspec's bytes to text and back."""
+    try:
+        return _encode(obj)
+    except (UnicodeEncodeError, TypeError):
+        return dumps(obj).encode("utf-8")
+
+
+def encode(obj: Any) -> bytes:
+    """msgspec's compact UTF-8 text of ``obj``, which is :func:`dumps_bytes` when it does not raise.
+
+    :raises UnicodeEncodeError: a string UTF-8 cannot hold (an unpaired surrogate).
+    :raises TypeError: a value msgspec does not write.
+    """
+    return _encode(obj)
 
 
 def dumps_pretty(obj: Any) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from itertools import chain
 from typing import Any
@@ -36,7 +36,8 @@ import rfc8785
 
 from gateway.errors import ParseError
 
-__all__ = ["canonicalize", "canonicalize_plain", "parse_json", "document_bytes", "dumps", "DOCUMENT_EXCLUDED"]
+__all__ = ["canonicalize", "canonicalize_plain", "parse_json", "parse_received", "document_bytes", "dumps",
+           "DOCUMENT_EXCLUDED"]
 
 #: Root Bundle members left out of the signed bytes (FHIR ``#document`` plus the signature itself).
 DOCUMENT_EXCLUDED = ("signature", "id", "meta")
@@ -55,16 +56,19 @@ def canonicalize(obj: Any) -> bytes:
     string keys, lists (or tuples), strings, booleans, ``None``, ints, floats and
     :class:`~decimal.Decimal`.
 
-    Three ways give the same bytes, tried cheapest first: the standard library's C
-    encoder straight on ``obj`` (:func:`_fast_canonical`), the same encoder on a copy
-    with every number converted (:func:`_converted_canonical`, for the few documents
-    the first cannot vouch for, such as a float ``5.0`` or a non-dict mapping), and the
-    reference rfc8785 package, which also finds what is not JSON.
+    Four ways give the same bytes, tried cheapest first: msgspec's encoder straight on
+    ``obj`` (:func:`_msgspec_canonical`), the standard library's C encoder straight on
+    it (:func:`_fast_canonical`, for string subclasses msgspec does not write), the same
+    encoder on a copy with every number converted (:func:`_converted_canonical`, for the
+    few documents neither can vouch for, such as a float ``5.0`` or a non-dict mapping),
+    and the reference rfc8785 package, which also finds what is not JSON.
 
     :raises ParseError: the value is not representable in I-JSON (non-string key,
         NaN or infinite number, unpaired surrogate, unsupported type).
     """
-    fast = _fast_canonical(obj)
+    fast = _msgspec_canonical(obj)
+    if fast is None:
+        fast = _fast_canonical(obj)
     if fast is None:
         fast = _converted_canonical(obj)
     if fast is not None:
@@ -113,6 +117,42 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 # Leaves the C encoder writes as JCS does whatever their value (Decimals pass through _jcs_number).
 _PLAIN_LEAVES = frozenset((str, bool, type(None), Decimal))
 _PLAIN_LEAVES_NO_DECIMAL = frozenset((str, bool, type(None)))
+
+
+# Sorted keys, no whitespace, raw UTF-8, JCS's escapes; a Decimal through _jcs_number (the double it denotes, or
+# _Slow). It refuses keys that are not strings, string subclasses and cycles; NaN, which it would write as null, and
+# whatever else it writes otherwise than JCS (integral or exponent floats, big integers, keys beyond the BMP, types
+# that are not JSON) are found afterwards by _encodes_as_jcs.
+# (A msgspec too old to take a callable decimal_format skips this way; the others remain.)
+def _msgspec_jcs_encoder() -> Callable[[Any], bytes] | None:
+    try:
+        return msgspec.json.Encoder(order="sorted", decimal_format=_jcs_number).encode
+    except (TypeError, ValueError):
+        return None
+
+
+_MSGSPEC_JCS = _msgspec_jcs_encoder()
+
+
+def _msgspec_canonical(obj: Any) -> bytes | None:
+    """RFC 8785 bytes from msgspec's encoder straight on ``obj``, or None when it cannot vouch.
+
+    The fastest way, some five times faster than the standard library's encoder on a
+    report Bundle: the same vouching as :func:`_fast_canonical` (the walk of
+    :func:`_encodes_as_jcs` over the document, every Decimal through :func:`_jcs_number`),
+    only the encoder differs. It writes strings, literals, sorted objects and the
+    floats the walk lets through digit for digit as JCS does (``canonicalize_plain``
+    relies on the same), and refuses what it cannot write (an unpaired surrogate, a key
+    that is not a string, a string subclass, a cycle, nesting too deep). The tests
+    compare it with rfc8785 on the samples and on tens of thousands of random documents.
+    """
+    if _MSGSPEC_JCS is None:
+        return None
+    try:
+        data = _MSGSPEC_JCS(obj)
+    except (_Slow, TypeError, ValueError, OverflowError, RecursionError, UnicodeEncodeError):
+        return None
+    return data if _encodes_as_jcs(obj) else None
 
 
 def _fast_canonical(obj: Any) -> bytes | None:
@@ -304,12 +344,15 @@ def _reject_constant(name: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    for key, _ in pairs:  # the first key met twice, as the reader meets it
+        if key in seen:
             raise ParseError(f"duplicate key {key!r} in a JSON object", key)
-        obj[key] = value
-    return obj
+        seen.add(key)
+    raise AssertionError("unreachable: fewer members than pairs without a repeated key")  # pragma: no cover
 
 
 def parse_json(text: bytes | str) -> Any:
@@ -322,16 +365,54 @@ def parse_json(text: bytes | str) -> Any:
     :raises ParseError: not UTF-8, not JSON, a duplicate key, ``NaN``/``Infinity``,
         an unpaired surrogate, or nesting too deep.
     """
+    return _parse(text, _parse_int)[0]
+
+
+def parse_received(text: bytes | str) -> tuple[Any, bool]:
+    """:func:`parse_json`, and whether the value is *plain*: pass it on to :func:`document_bytes` unchanged.
+
+    The reader makes only dicts with string keys, lists, strings, booleans, ``None``,
+    ints and Decimals, so what :func:`canonicalize` otherwise walks the document to
+    learn is known here from the text: the value is plain when no integer has more
+    than 15 digits (so none lies beyond 2**53-1) and no character lies beyond the BMP
+    (so keys sort alike by code point and by UTF-16 code units). The document bytes of
+    a plain value come from msgspec's encoder without that walk.
+
+    :raises ParseError: as :func:`parse_json`.
+    """
+    long_ints: list[str] = []
+
+    def parse_int(digits: str) -> int | Decimal:
+        if len(digits) > 15:
+            long_ints.append(digits)
+        return _parse_int(digits)
+
+    value, raw, decoded = _parse(text, parse_int)
+    if long_ints or "\\ud" in decoded or "\\uD" in decoded:  # an escaped surrogate may pair into an astral one
+        return value, False
+    return value, raw.translate(None, _NOT_ASTRAL_LEAD) == b""
+
+
+# Every byte but the leading bytes of 4-byte UTF-8 sequences (characters beyond the BMP).
+_NOT_ASTRAL_LEAD = bytes(b for b in range(256) if not 0xF0 <= b <= 0xF4)
+
+
+def _parse(text: bytes | str, parse_int: Callable[[str], Any]) -> tuple[Any, bytes, str]:
+    """(value, text as UTF-8, text as str) of :func:`parse_json`, with its own integer reader."""
     if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
         try:
-            text = bytes(text).decode("utf-8")
+            decoded = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ParseError(f"JSON text is not UTF-8 (byte {exc.start})", "$") from None
+        from_utf8 = True
+    else:
+        decoded, from_utf8 = text, False
     try:
         value = json.loads(
-            text,
+            decoded,
             parse_float=Decimal,
-            parse_int=_parse_int,
+            parse_int=parse_int,
             parse_constant=_reject_constant,
             object_pairs_hook=_no_duplicates,
         )
@@ -339,9 +420,14 @@ def parse_json(text: bytes | str) -> Any:
         raise ParseError(f"not valid JSON: {exc.msg}", f"line {exc.lineno}, column {exc.colno}") from None
     except RecursionError:
         raise ParseError("JSON nested too deeply", "$") from None
-    if _SURROGATE.search(text) or ("\\u" in text and _has_surrogate(value)):
+    # Text decoded from UTF-8 holds no surrogate (the decoder refuses them); an escaped one is spelt \\uD8xx-\\uDFxx.
+    if not from_utf8 and _SURROGATE.search(decoded):
         raise ParseError("JSON text contains an unpaired UTF-16 surrogate", "$")
-    return value
+    if ("\\ud" in decoded or "\\uD" in decoded) and _has_surrogate(value):
+        raise ParseError("JSON text contains an unpaired UTF-16 surrogate", "$")
+    if not from_utf8:
+        raw = decoded.encode("utf-8")  # no surrogate left: it encodes
+    return value, raw, decoded
 
 
 def _has_surrogate(value: Any) -> bool:
@@ -360,15 +446,25 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
-def document_bytes(bundle: Mapping[str, Any]) -> bytes:
+def document_bytes(bundle: Mapping[str, Any], *, plain: bool = False) -> bytes:
     """The signed bytes of a Bundle: JCS of it without root ``signature``, ``id``, ``meta``.
+
+    ``plain`` is what :func:`parse_received` said of ``bundle`` (which must be the
+    value it returned, unchanged): msgspec's encoder then writes the bytes without
+    the walk that vouches for other documents.
 
     :raises ParseError: ``bundle`` is not a JSON object or holds a value I-JSON
         cannot represent.
     """
     if not isinstance(bundle, Mapping):
         raise ParseError("a Bundle must be a JSON object", "Bundle")
-    return canonicalize({k: v for k, v in bundle.items() if k not in DOCUMENT_EXCLUDED})
+    document = {k: v for k, v in bundle.items() if k not in DOCUMENT_EXCLUDED}
+    if plain and type(bundle) is dict and _MSGSPEC_JCS is not None:
+        try:
+            return _MSGSPEC_JCS(document)
+        except (_Slow, TypeError, ValueError, OverflowError, RecursionError, UnicodeEncodeError):
+            pass  # a decimal JCS writes with an exponent, nesting too deep: the checked way says
+    return canonicalize(document)
 
 
 def dumps(obj: Any, *, indent: int | None = None) -> str:

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from gateway.errors import BadSignature, ConfigError, GatewayError, InputError, TrustError
 from gateway.naming import SYSTEM_USCC
-from gateway.signing.canonical import canonicalize, document_bytes, parse_json
+from gateway.signing.canonical import canonicalize, document_bytes, parse_json, parse_received
 from gateway.signing.keys import kid_of, name_of, uscc_of
 from gateway.signing.trust import TrustSource, check_certificate
 
@@ -147,6 +147,49 @@ def _ecdsa() -> ec.ECDSA:
         return ec.ECDSA(hashes.SHA256())
 
 
+@dataclass(frozen=True)
+class _KeyMaterial:
+    """What a signature's protected header takes from the key and its chain, made once per key."""
+
+    key: ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...]
+    kid: str
+    x5c: tuple[str, ...]
+    header_head: bytes  # canonical header up to the value of sigT: {"alg":..,"kid":..,"sigT":
+    header_tail: bytes  # and after it: ,"srCms":[..],"x5c":[..]}
+
+
+# The few keys a gateway signs with (its own, a registry's, a test's), newest last; entries hold their key and
+# chain, so an identity check is all a lookup needs.
+_MATERIAL: list[_KeyMaterial] = []
+_MATERIAL_SIZE = 8
+
+
+def _material(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]) -> _KeyMaterial:
+    """The header members of ``key`` and ``chain``, checked and made once and then reused.
+
+    :raises ConfigError: key not P-256, empty chain, or key not matching ``chain[0]``.
+    """
+    for found in reversed(_MATERIAL):
+        if found.key is key and len(found.chain) == len(chain) and all(a is b for a, b in zip(found.chain, chain)):
+            return found
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError("the signing key must be an EC P-256 key (ES256)", "key")
+    if not chain:
+        raise ConfigError("a signing certificate is needed", "chain")
+    if chain[0].public_key() != key.public_key():
+        raise ConfigError("the private key does not belong to the signing certificate", "chain[0]")
+    kid = kid_of(chain[0])
+    x5c = tuple(base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in chain)
+    # RFC 8785 orders the members alg, kid, sigT, srCms, x5c: sigT's value goes between the two halves
+    head = canonicalize({"alg": ALG, "kid": kid})[:-1] + b',"sigT":'
+    tail = b"," + canonicalize({"srCms": _srcms(), "x5c": list(x5c)})[1:]
+    made = _KeyMaterial(key, tuple(chain), kid, x5c, head, tail)
+    _MATERIAL.append(made)
+    del _MATERIAL[:-_MATERIAL_SIZE]
+    return made
+
+
 def sign_detached(
     payload: bytes,
     key: ec.EllipticCurvePrivateKey,
@@ -165,25 +208,21 @@ def sign_detached(
     :raises ConfigError: key not P-256, empty chain, or key not matching ``chain[0]``.
     :raises InputError: ``sig_time`` without UTC offset, or a reserved header member.
     """
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ConfigError("the signing key must be an EC P-256 key (ES256)", "key")
-    if not chain:
-        raise ConfigError("a signing certificate is needed", "chain")
-    if chain[0].public_key() != key.public_key():
-        raise ConfigError("the private key does not belong to the signing certificate", "chain[0]")
-    header: dict[str, Any] = {
-        "alg": ALG,
-        "kid": kid_of(chain[0]),
-        "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in chain],
-        "sigT": format_instant(sig_time),
-        "srCms": _srcms(),
-    }
-    for name, value in (extra_header or {}).items():
-        if name in _RESERVED:
-            raise InputError(f"header member {name!r} is set by the signer", "extra_header")
-        header[name] = value
-    # Canonical header bytes: the same inputs always give the same JWS.
-    header_b64 = _b64url(canonicalize(header))
+    material = _material(key, chain)
+    sig_t = format_instant(sig_time)
+    if extra_header:
+        header: dict[str, Any] = {"alg": ALG, "kid": material.kid, "x5c": list(material.x5c), "sigT": sig_t,
+                                  "srCms": _srcms()}
+        for name, value in extra_header.items():
+            if name in _RESERVED:
+                raise InputError(f"header member {name!r} is set by the signer", "extra_header")
+            header[name] = value
+        # Canonical header bytes: the same inputs always give the same JWS.
+        header_bytes = canonicalize(header)
+    else:
+        # the same canonical bytes, from the members fixed per key around the signature time
+        header_bytes = material.header_head + canonicalize(sig_t) + material.header_tail
+    header_b64 = _b64url(header_bytes)
     signing_input = f"{header_b64}.{_b64url(payload)}".encode("ascii")
     r, s = decode_dss_signature(key.sign(signing_input, _ecdsa()))
     raw = r.to_bytes(_P256_ORDER_BYTES, "big") + s.to_bytes(_P256_ORDER_BYTES, "big")
@@ -316,7 +355,7 @@ def sign_bundle(
     signed["signature"] = {
         "type": [{"system": SIGNATURE_TYPE_SYSTEM, "code": VERIFICATION_SIGNATURE, "display": _VERIFICATION_DISPLAY}],
         "when": when_text,
-        "who": copy.deepcopy(who),
+        "who": _json_copy(who),
         "targetFormat": TARGET_FORMAT,
         "sigFormat": SIG_FORMAT,
         "data": base64.b64encode(jws.encode("ascii")).decode("ascii"),
@@ -324,16 +363,49 @@ def sign_bundle(
     return signed
 
 
+def _json_copy(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists and immutable scalars); anything else by :func:`copy.deepcopy`."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _json_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_json_copy(v) for v in value]
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    return copy.deepcopy(value)
+
+
 def x5c_leaf(header: Mapping[str, Any], kid: str) -> list[x509.Certificate]:
     """The first ``x5c`` certificate when its kid matches; unauthenticated until the checks after."""
     x5c = header.get("x5c")
-    if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str) or not _B64.match(x5c[0]):
+    if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
         return []
+    found = _X5C_LEAVES.get(x5c[0])
+    if found is None:
+        found = _load_x5c_leaf(x5c[0])
+        if len(x5c[0]) <= _X5C_CACHED_CHARS:
+            if len(_X5C_LEAVES) >= _X5C_CACHE_SIZE:
+                _X5C_LEAVES.clear()
+            _X5C_LEAVES[x5c[0]] = found
+    cert, cert_kid = found
+    return [cert] if cert is not None and cert_kid == kid else []
+
+
+# Received x5c leaves by their base64 text: the few peers' certificates, read and hashed once (certificates are
+# immutable, so the same text is the same certificate).
+_X5C_LEAVES: dict[str, tuple[x509.Certificate | None, str]] = {}
+_X5C_CACHE_SIZE = 256
+_X5C_CACHED_CHARS = 8192  # a member certificate takes about 1,000; anything longer is read each time
+
+
+def _load_x5c_leaf(text: str) -> tuple[x509.Certificate | None, str]:
+    if not _B64.match(text):
+        return None, ""
     try:
-        cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+        cert = x509.load_der_x509_certificate(base64.b64decode(text, validate=True))
     except (ValueError, binascii.Error):
-        return []
-    return [cert] if kid_of(cert) == kid else []
+        return None, ""
+    return cert, kid_of(cert)
 
 
 def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | None = None) -> VerifiedBundle:
@@ -353,7 +425,7 @@ def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | N
     :raises UnknownIssuer: the certificate does not chain to a trusted authority,
         names no member, or was not listed at ``sigT``.
     """
-    bundle = parse_json(text)
+    bundle, plain = parse_received(text)
     try:
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise _Invalid("not a Bundle")
@@ -366,7 +438,7 @@ def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | N
         if not isinstance(data, str) or not _B64.match(data):
             raise _Invalid("data is not base64")
         jws = base64.b64decode(data, validate=True).decode("ascii")
-        payload = document_bytes(bundle)
+        payload = document_bytes(bundle, plain=plain)
     except (_Invalid, ValueError, binascii.Error, GatewayError) as exc:
         log.debug("signed Bundle refused before verification: %s", exc)
         raise BadSignature() from None
