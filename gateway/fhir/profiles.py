@@ -29,6 +29,13 @@ resource types are left to a full R4 validator (the tests run three on the
 guide and on the golden files). A few invariants also have a Python twin
 (:data:`NATIVE_CHECKS`) used instead of fhirpathpy on the hot path; a test keeps
 each twin equal to its published FHIRPath.
+
+Most resources have nothing to report, so :meth:`Guide.validate` first asks a
+check-only pass (:mod:`gateway.fhir.profilecheck`: no locations, no issue
+objects, the profiles compiled into closures) whether there is anything at all;
+only then, or when that pass cannot vouch for the input, does the reporting walk
+(:meth:`Guide.validate_reference`) run. ``tests/test_profiles_fastpath.py`` holds
+the two to the same issues on a corpus of good and broken Bundles.
 """
 from __future__ import annotations
 
@@ -852,6 +859,9 @@ class Guide:
             if res["resourceType"] == "StructureDefinition":
                 profile = self._compile_profile(res)
                 (self._extensions if res["type"] == "Extension" else self._profiles)[url] = profile
+        from gateway.fhir.profilecheck import CleanCheck  # (it builds on this module)
+
+        self._clean = CleanCheck(self)
 
     # -------------------------------------------------------------- look-up
 
@@ -917,7 +927,22 @@ class Guide:
             the resource names in ``meta.profile``.
         :raises: nothing for bad input: whatever is wrong with it (even an invariant
             fhirpathpy cannot evaluate on it) comes back as an issue.
+
+        A conforming resource, the common case, is recognised by a check-only pass
+        (:mod:`gateway.fhir.profilecheck`); anything else gets the full report of
+        :meth:`validate_reference`, so the answer is the same either way.
         """
+        extra = tuple(profiles)
+        if self._clean.clean(resource, extra):
+            return []
+        return self.validate_reference(resource, extra)
+
+    def is_clean(self, resource: Any, profiles: Iterable[str] = ()) -> bool:
+        """The check-only verdict :meth:`validate` starts with: True only if there is no issue at all to report."""
+        return self._clean.clean(resource, tuple(profiles))
+
+    def validate_reference(self, resource: Any, profiles: Iterable[str] = ()) -> list[Issue]:
+        """:meth:`validate` by the reporting walk alone: every issue, in order, located (the reference answer)."""
         out: list[Issue] = []
         if not isinstance(resource, dict):
             run = _Run(out, {})
