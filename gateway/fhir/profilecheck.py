@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.fhir.profiles import (
     _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _MAX_DEPTH, _MISSING, _OBSERVATION_VALUES, _PLAIN,
-    _RESOURCE, _SCALAR, _SD, _SEEN_LONGEST, _SEEN_MAX, _all_of, _any_at, _any_below, _Binding, _Constraint, _declares,
-    _evaluate_fhirpath, _has_url, _native_a_report, _native_entries_profiled, _native_entries_urn_uuid,
+    _RESOURCE, _SCALAR, _SD, _SEEN_LONGEST, _SEEN_MAX, NoDiscriminatorValue, _Binding, _Constraint, _declares,
+    _evaluate_fhirpath, _native_a_report, _native_entries_profiled, _native_entries_urn_uuid,
     _native_id_card_birth_date, _native_id_card_check_digit, _native_miplrn_characters, _native_one_patient,
     _native_references_resolve, _native_reports_profiled, _native_uscc, _native_value_or_reason, _Node,
-    _references, _same, _well_formed,
+    _references, _same, _well_formed, has_items, slice_matcher,
 )
 
 if TYPE_CHECKING:
@@ -799,30 +799,10 @@ def _matcher(base: _Node, piece: _Node) -> Callable[[Any], bool] | None:
     """Whether a value belongs to slice ``piece`` of ``base``: ``piece.matcher``, with patterns as :func:`_pattern`."""
     if piece.matcher is None:
         return None
-    tests: list[Callable[[Any], bool]] = []
-    for _, path in base.discriminators:
-        if path == "url" and piece.ext_url:
-            tests.append(functools.partial(_has_url, piece.ext_url))
-            continue
-        target: _Node | None = piece
-        steps = [] if path == "$this" else path.split(".")
-        for step in steps:
-            target = target.children.get(step) if target else None
-        if target is None or (target.fixed is _MISSING and target.pattern is _MISSING):
-            return piece.matcher  # (the guide refuses such a profile when it loads)
-        if target.fixed is not _MISSING:
-            test: Callable[[Any], bool] = functools.partial(_same, b=target.fixed)
-        else:
-            test = _pattern(target.pattern)
-        if not steps:
-            tests.append(test)
-        elif len(steps) == 1:
-            tests.append(functools.partial(_any_below, steps[0], test))
-        else:
-            tests.append(functools.partial(_any_at, steps, test))
-    if len(tests) == 1:
-        return tests[0]
-    return functools.partial(_all_of, tests)
+    try:
+        return slice_matcher(base, piece, _pattern)
+    except NoDiscriminatorValue:
+        return piece.matcher  # (the guide refuses such a profile when it loads)
 
 
 def _pattern(pattern: Any) -> Callable[[Any], bool]:
@@ -847,20 +827,7 @@ def _pattern(pattern: Any) -> Callable[[Any], bool]:
 
         return has_properties
     if isinstance(pattern, list):
-        wanted = tuple(_pattern(p) for p in pattern)
-
-        def has_items(value: Any) -> bool:
-            if not isinstance(value, list):
-                return False
-            for part in wanted:
-                for v in value:
-                    if part(v):
-                        break
-                else:
-                    return False
-            return True
-
-        return has_items
+        return has_items(tuple(_pattern(p) for p in pattern))
     return functools.partial(_same, b=pattern)
 
 

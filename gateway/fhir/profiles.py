@@ -498,21 +498,25 @@ def _pattern_test(pattern: Any) -> Callable[[Any], bool]:
 
         return has_properties
     if isinstance(pattern, list):
-        wanted = [_pattern_test(p) for p in pattern]
-
-        def has_items(value: Any) -> bool:
-            if not isinstance(value, list):
-                return False
-            for part in wanted:
-                for v in value:
-                    if part(v):
-                        break
-                else:
-                    return False
-            return True
-
-        return has_items
+        return has_items([_pattern_test(p) for p in pattern])
     return functools.partial(_same, b=pattern)
+
+
+def has_items(wanted: Sequence[Callable[[Any], bool]]) -> Callable[[Any], bool]:
+    """A list pattern as a test: for every item of the pattern (``wanted``, each as a test), some item of the value
+    passes it."""
+    def test(value: Any) -> bool:
+        if not isinstance(value, list):
+            return False
+        for part in wanted:
+            for v in value:
+                if part(v):
+                    break
+            else:
+                return False
+        return True
+
+    return test
 
 
 def _values_at(item: Any, steps: Sequence[str]) -> list[Any]:
@@ -831,6 +835,47 @@ NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
 
 
 # ------------------------------------------------------------------ the guide
+
+
+class NoDiscriminatorValue(Exception):
+    """A slice whose discriminator path leads to no fixed or pattern value (the guide refuses such a profile)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+def slice_matcher(base: _Node, piece: _Node,
+                  pattern_test: Callable[[Any], Callable[[Any], bool]]) -> Callable[[Any], bool]:
+    """Whether a value belongs to slice ``piece`` of ``base``, by ``base``'s discriminators; ``pattern_test`` makes
+    the test of a pattern value.
+
+    :raises NoDiscriminatorValue: a discriminator path of ``piece`` has no fixed or pattern value.
+    """
+    tests: list[Callable[[Any], bool]] = []
+    for _, path in base.discriminators:
+        if path == "url" and piece.ext_url:
+            tests.append(functools.partial(_has_url, piece.ext_url))
+            continue
+        target: _Node | None = piece
+        steps = [] if path == "$this" else path.split(".")
+        for step in steps:
+            target = target.children.get(step) if target else None
+        if target is None or (target.fixed is _MISSING and target.pattern is _MISSING):
+            raise NoDiscriminatorValue(path)
+        if target.fixed is not _MISSING:
+            test: Callable[[Any], bool] = functools.partial(_same, b=target.fixed)
+        else:
+            test = pattern_test(target.pattern)
+        if not steps:
+            tests.append(test)
+        elif len(steps) == 1:
+            tests.append(functools.partial(_any_below, steps[0], test))
+        else:
+            tests.append(functools.partial(_any_at, steps, test))
+    if len(tests) == 1:
+        return tests[0]
+    return functools.partial(_all_of, tests)
 
 
 class Guide:
@@ -1425,30 +1470,11 @@ class Guide:
         node.absent_ok = node.min == 0 and all(piece.absent_ok for piece in node.slices)
 
     def _matcher(self, url: str, base: _Node, piece: _Node) -> Callable[[Any], bool]:
-        tests: list[Callable[[Any], bool]] = []
-        for kind, path in base.discriminators:
-            if path == "url" and piece.ext_url:
-                tests.append(functools.partial(_has_url, piece.ext_url))
-                continue
-            target: _Node | None = piece
-            steps = [] if path == "$this" else path.split(".")
-            for step in steps:
-                target = target.children.get(step) if target else None
-            if target is None or (target.fixed is _MISSING and target.pattern is _MISSING):
-                raise self._fail(url, f"{piece.label}: no fixed or pattern value at discriminator path {path!r}")
-            if target.fixed is not _MISSING:
-                test: Callable[[Any], bool] = functools.partial(_same, b=target.fixed)
-            else:
-                test = _pattern_test(target.pattern)
-            if not steps:
-                tests.append(test)
-            elif len(steps) == 1:
-                tests.append(functools.partial(_any_below, steps[0], test))
-            else:
-                tests.append(functools.partial(_any_at, steps, test))
-        if len(tests) == 1:
-            return tests[0]
-        return functools.partial(_all_of, tests)
+        try:
+            return slice_matcher(base, piece, _pattern_test)
+        except NoDiscriminatorValue as exc:
+            raise self._fail(url, f"{piece.label}: no fixed or pattern value at discriminator path {exc.path!r}"
+                             ) from None
 
     def _value_set(self, url: str) -> _Binding:
         if url in self._value_sets:
