@@ -69,7 +69,7 @@ def _clock() -> Callable[[], _dt.datetime]:
 
 @contextmanager
 def _db() -> Iterator[Database]:
-    """The request's connection to the gateway database, given back after it (:func:`borrowed`)."""
+    """The request's connection to the gateway database, given back after it (:meth:`gateway.member.Member.borrow`)."""
     with borrow_database(current_app) as db:
         yield db
 
