@@ -9,8 +9,9 @@ Sending (push on referral):
 Receiving:
     the caller's signed client assertion is checked here (:meth:`Exchange.authenticate`);
     the pushed Bundle itself is a channel of the pipeline
-    (:meth:`gateway.pipeline.Pipeline.receive_signed`): stored raw, verified,
-    checked, stored, decided, recorded and answered with a signed receipt.
+    (:meth:`gateway.pipeline.Pipeline.receive_signed`): verified, stored raw under
+    the hash of the signed document, checked, decided, answered with a signed
+    receipt and recorded.
 
 Sending runs in lanes, one per destination (``delivery_concurrency``,
 ``delivery_timeout``), to the endpoint the registry snapshot names at the time
