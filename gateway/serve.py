@@ -149,7 +149,7 @@ def run_background(settings: Settings) -> None:
     from gateway.store.db import WalCheckpointer
 
     _logging(settings, "mllp")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _stop_on_signals()
     stop = threading.Event()
     worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
     worker.start()
@@ -197,6 +197,21 @@ def _watch_parent() -> None:
     threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
 
 
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """Stop this part: the first SIGTERM or SIGINT raises KeyboardInterrupt where the part waits; the ones after it
+    are ignored while it stops (systemd and the supervisor both signal every process of the group, and a second
+    interrupt landing in the interpreter's own shutdown would print a traceback instead of stopping cleanly)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT stop this part once (:func:`_interrupt_once`)."""
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    signal.signal(signal.SIGINT, _interrupt_once)
+
+
 def run_listener(settings: Settings, fd: int, part: str | None = None) -> None:
     """An MLLP listener process: accept on the inherited socket ``fd`` until stopped.
 
@@ -208,7 +223,7 @@ def run_listener(settings: Settings, fd: int, part: str | None = None) -> None:
     from gateway.pipeline import Pipeline
 
     _logging(settings, part or "mllp")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _stop_on_signals()
     _watch_parent()
     sock = socket.socket(fileno=fd)
     server = MLLPServer(Pipeline(settings), settings.mllp_host, settings.mllp_port, sock=sock)
@@ -287,7 +302,7 @@ def run_http(settings: Settings, fd: int, part: str = "http") -> None:
     from gateway.httpserver import serve_http
 
     _logging(settings, part)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _stop_on_signals()
     _watch_parent()
     app = create_app(settings)
     serve_http(app, socket.socket(fileno=fd), settings)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,33 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
     time.sleep(0.5)
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()
                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()], "every part stopped with it"
+
+
+@pytest.mark.parametrize("handler", ["_interrupt_once", "default"])
+def test_a_part_signalled_twice_while_it_stops_stops_without_a_traceback(handler: str) -> None:
+    """systemd and the supervisor both send SIGTERM to every process of the group: a part that is already stopping
+    (waiting for its threads) must take the second one quietly."""
+    script = textwrap.dedent(f"""
+        import signal, sys, threading, time
+        from gateway import serve
+        if {handler!r} == "default":
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+        else:
+            serve._stop_on_signals()
+        threading.Thread(target=time.sleep, args=(1.5,)).start()  # a thread the interpreter waits for at exit
+        try:
+            print("ready", flush=True)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # stopping: the interpreter waits for the thread
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    if handler == "default":  # what the parts did before: the second interrupt lands in the shutdown
+        assert b"KeyboardInterrupt" in err
+        return
+    assert b"stopping" in out and proc.returncode == 0 and b"Traceback" not in err, err.decode()
