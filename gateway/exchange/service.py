@@ -39,7 +39,6 @@ from gateway.errors import ConfigError, InputError, ParseError, TrustError, Unkn
 from gateway.exchange.outbox import Delivery, Lanes, Outbox, SendResult, Transport
 from gateway.exchange.peer_auth import ReplayCache, make_assertion, verify_assertion
 from gateway.signing.canonical import canonicalize, document_bytes, parse_json
-from gateway.signing.issuing import MemberIdentity
 from gateway.signing.jws import check_signer_is_issuer, verify_bundle, verify_detached
 from gateway.signing.trust import check_certificate
 from gateway.store.db import Database, transaction
@@ -128,11 +127,6 @@ class Exchange:
     def _snapshot(self) -> Any:
         return self.member.snapshot()
 
-    def _identity(self) -> MemberIdentity:
-        if self.identity is None:
-            raise ConfigError("this gateway has no signing key configured (signing_key, signing_cert)", "signing_key")
-        return self.identity
-
     # -- push ----------------------------------------------------------------------------
 
     def endpoint_of(self, uscc: str) -> str:
@@ -192,7 +186,7 @@ class Exchange:
 
     def assertion_for(self, url: str) -> dict[str, str]:
         """The Authorization header for one request to ``url``."""
-        ident = self._identity()
+        ident = self.member.require_signer().identity
         audience = url.split("/exchange/")[0] + "/exchange"
         token = make_assertion(ident.key, list(ident.chain), issuer_uscc=ident.uscc, audience=audience,
                                now=self.clock())
