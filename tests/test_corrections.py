@@ -366,3 +366,24 @@ def test_a_versions_table_of_an_earlier_release_gets_the_replaces_column() -> No
     [version] = versions_of(db, TJ, NUMBER)
     assert (version.report_ref, version.replaces) == ("DiagnosticReport/a", "")
     assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_versions_replaces'").fetchone()
+
+
+def test_a_reports_versions_are_read_through_indexes_not_a_scan_of_its_issuers_reports(tmp_path, database) -> None:
+    """Finding the versions next to a report number reads the number's index and the corrections' index, on
+    either engine, however many reports the issuer has stored (a scan of them made every stored report slower
+    than the one before)."""
+    from gateway.store.db import connect, dialect
+    from gateway.store.reports import _ADJACENT, _adjacent_args, ensure_schema
+
+    db = connect(database or tmp_path / "gw.db")
+    ensure_schema(db)
+    args = _adjacent_args(TJ, "http://loinc.org|24323-8", NUMBER)
+    if dialect(db) == "sqlite":
+        plan = " / ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + _ADJACENT, args))
+        assert "report_versions_report" in plan and "report_versions_replaces" in plan, plan
+    else:
+        db.execute("SET enable_seqscan = off")  # an empty table: the planner would scan it whatever the indexes
+        plan = " / ".join(str(r[0]) for r in db.execute("EXPLAIN " + _ADJACENT, args))
+        assert "report_versions_report" in plan and "report_versions_replaces" in plan, plan
+    assert "SCAN" not in plan.upper().replace("INDEX SCAN", "").replace("BITMAP HEAP SCAN", ""), plan
+    db.conn.close()

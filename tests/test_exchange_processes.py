@@ -24,6 +24,7 @@ from conftest import wait_port
 from gateway.demo import MEMBERS, free_port
 from gateway.demo.registry import build_demo_registry
 from gateway.demo.world import build_world
+from gateway.store.exchange import unpacked
 
 BIN = Path(sys.executable).parent
 GATEWAY = shutil.which("gateway") or str(BIN / "gateway")
@@ -121,8 +122,8 @@ def test_exchange_between_serve_processes(tmp_path: Path, member_database) -> No
         assert fl.get("/fhir/DiagnosticReport", **{"patient.identifier": "511921196612120011"})["total"] == 1
 
         # 3. failure modes over real HTTP
-        signed = bytes(sender.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ?",
-                                         [bundle_id]).fetchone()[0])
+        signed = unpacked(sender.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ?",
+                                            [bundle_id]).fetchone()[0])
         url = f"{fl.url}/exchange/bundles"
         tampered = signed.replace(b'"value":6.8', b'"value":5.8', 1)
         assert requests.post(url, data=tampered, headers=sender.assertion_for(url), timeout=30).status_code == 401

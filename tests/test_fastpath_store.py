@@ -28,8 +28,8 @@ from gateway.store.store import Store, _rewrite_refs
 TABLES = {
     "resources": "SELECT rid, type, id, version, last_updated, message_ref, json FROM resources ORDER BY type, id",
     "resource_history": "SELECT * FROM resource_history ORDER BY type, id, version",
-    "search_token": "SELECT r.type, r.id, param, system, code FROM search_token JOIN resources r ON r.rid = res"
-                    " ORDER BY 1, 2, 3, 4, 5",
+    "search_token": ("SELECT r.type, r.id, k.param, k.system, k.code FROM search_token t JOIN search_key k"
+                     " ON k.key = t.key JOIN resources r ON r.rid = t.res ORDER BY 1, 2, 3, 4, 5"),
     "search_date": "SELECT r.type, r.id, param, lo, hi FROM search_date JOIN resources r ON r.rid = res"
                    " ORDER BY 1, 2, 3, 4, 5",
 }
@@ -162,6 +162,12 @@ def every_row(db: Any) -> dict[str, list[tuple[Any, ...]]]:
         if table != "schema_versions":
             order = ", ".join(str(n + 1) for n in range(len(schema.columns(db, table))))
             out[table] = [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY {order}")]
+    # a token value's number is the engine's to give (one statement may skip numbers): compared by the value
+    out["search_key"] = [tuple(r) for r in db.execute("SELECT type, param, code, system FROM search_key"
+                                                      " ORDER BY 1, 2, 3, 4")]
+    out["search_token"] = [tuple(r) for r in db.execute(
+        "SELECT k.type, k.param, k.code, k.system, t.res FROM search_token t JOIN search_key k ON k.key = t.key"
+        " ORDER BY 1, 2, 3, 4, 5")]
     return out
 
 
@@ -239,3 +245,29 @@ def test_batched_statements_store_what_row_by_row_statements_store(bundles, data
     assert set(got) == set(expected)
     for table in expected:
         assert got[table] == expected[table], table
+
+
+def test_signed_texts_are_kept_deflated_and_read_back_byte_for_byte(tmp_path, database) -> None:
+    """``signed_bundles.text`` holds the signed text deflated (a sixth of its size for a report Bundle); every
+    reader gets the exact bytes that were signed, and a text an earlier release kept as is reads as is."""
+    from gateway.store.db import transaction
+    from gateway.store.exchange import SignedBundles
+    from gateway.store.views import ReadModels
+
+    store = Store.open(database or tmp_path / "gw.db")
+    signed = json.dumps({"resourceType": "Bundle", "id": "b-1", "entry": [{"x": "结果 " * 2000}]},
+                        ensure_ascii=False).encode("utf-8")
+    kept = SignedBundles(store.db)
+    with transaction(store.db):
+        assert kept.keep("b-1", "d1", "ISSUER", '["sys|1"]', "issued", signed, "2026-05-21T09:00:00+08:00", None)
+        store.db.execute("INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction,"
+                         " text, signed_at) VALUES ('b-0', 'd0', 'ISSUER', '[\"sys|1\"]', 'issued', ?,"
+                         " '2026-05-20T09:00:00+08:00')", [b' {"resourceType": "Bundle", "id": "b-0"}'])
+    stored = bytes(store.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = 'b-1'").fetchone()[0])
+    assert len(stored) * 5 < len(signed)
+    assert kept.latest_issued("b-1") == signed and kept.issued_texts("b-1") == [signed]
+    assert kept.latest_issued("b-0") == b' {"resourceType": "Bundle", "id": "b-0"}'
+    assert [text for text, _ in kept.issued_for_patient("%sys|1%")] == [
+        b' {"resourceType": "Bundle", "id": "b-0"}', signed]
+    assert dict(ReadModels(store.db).issued_bundles())["b-1"] == signed
+    store.close()

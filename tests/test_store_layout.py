@@ -1,11 +1,12 @@
 """Store layout: a database written by the earlier release is brought up to date without losing anything.
 
-Layout 1 keyed the search index by resource id; layout 2 (``SCHEMA_VERSION``)
-gives every resource a stable ``rid`` and keys the index by it. The test turns
-a database written by this release back into layout 1 by hand (the old DDL is
-spelled out below, as that release's ``schema.sql`` had it), opens it, and
-expects exactly the rows and search answers of a database that never left
-layout 2.
+Layout 1 keyed the search index by resource id; layout 2 gives every resource
+a stable ``rid`` and keys the index by it; layout 3 (``SCHEMA_VERSION``) numbers
+every token value once (``search_key``) and keeps narrow token rows (key, res).
+The tests turn a database written by this release back into an earlier layout
+by hand (the old DDL is spelled out below, as those releases had it), open it,
+and expect exactly the rows and search answers of a database that never left
+today's layout.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ PRAGMA user_version = 0;
 QUERIES = {
     "resources": "SELECT rid, type, id, version, last_updated, message_ref, json FROM resources ORDER BY rid",
     "resource_history": "SELECT * FROM resource_history ORDER BY type, id, version",
-    "search_token": "SELECT type, param, code, system, res FROM search_token ORDER BY 1, 2, 3, 4, 5",
+    "search_token": ("SELECT k.type, k.param, k.code, k.system, t.res FROM search_token t JOIN search_key k"
+                     " ON k.key = t.key ORDER BY 1, 2, 3, 4, 5"),
     "search_date": "SELECT type, param, lo, hi, res FROM search_date ORDER BY 1, 2, 3, 4, 5",
 }
 
@@ -122,12 +124,57 @@ def test_layout_1_database_is_moved_and_reindexed_losing_nothing(tmp_path: Path)
     again.close()
 
 
+def _layout_2(store: Store, tokens: list[tuple[Any, ...]]) -> None:
+    """Turn a database of today's layout back into layout 2: one wide row per token value and resource (the DDL
+    as that release had it) holding ``tokens``, and a stale row a rebuilt index must not keep."""
+    from gateway.store.db import dialect, transaction
+
+    sqlite = dialect(store.db) == "sqlite"
+    with transaction(store.db):
+        store.db.execute("DROP TABLE search_token")
+        store.db.execute("DROP TABLE search_key")
+        store.db.execute("CREATE TABLE search_token (type TEXT NOT NULL, param TEXT NOT NULL, code TEXT NOT NULL,"
+                         " system TEXT NOT NULL DEFAULT '', res BIGINT NOT NULL,"
+                         " PRIMARY KEY (type, param, code, system, res))" + (" WITHOUT ROWID" if sqlite else ""))
+        store.db.execute("CREATE INDEX search_token_owner ON search_token(res)")
+        for row in [*tokens, ("Observation", "stale", "code", "", 1)]:
+            store.db.execute("INSERT INTO search_token (type, param, code, system, res) VALUES (?,?,?,?,?)",
+                             list(row))
+        store.db.execute("UPDATE schema_versions SET version = 2 WHERE part = 'core'")
+        if sqlite:
+            store.db.execute("PRAGMA user_version = 2")
+
+
+def test_layout_2_database_gets_the_narrow_token_index_losing_nothing(tmp_path: Path, database: str) -> None:
+    """Both engines: a database of layout 2 (wide token rows) is given the narrow index when it is opened, and
+    answers every search as it did before."""
+    from gateway.store import schema
+
+    locator: Any = database or tmp_path / "gw.db"
+    store = _fill(locator)
+    expected, expected_answers = _rows(store), _answers(store)
+    assert expected["search_token"] and all(expected_answers)
+    _layout_2(store, expected["search_token"])
+    store.close()
+
+    upgraded = Store.open(locator)
+    assert schema.version(upgraded.db, "core") == SCHEMA_VERSION
+    assert schema.columns(upgraded.db, "search_token") == {"key", "res"}
+    assert _rows(upgraded) == expected  # the stale row is gone, every value of every resource is there
+    assert _answers(upgraded) == expected_answers
+    upgraded.close()
+    again = Store.open(locator)  # opening an up-to-date database changes nothing
+    assert _rows(again) == expected
+    again.close()
+
+
 def test_a_new_database_starts_at_the_current_layout(tmp_path: Path) -> None:
     """SQLite only: the file's own user_version (both engines: the test after this one)."""
     store = Store.open(tmp_path / "new.db")
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert {r[1] for r in store.db.execute("PRAGMA table_info(search_token)")} == {
-        "type", "param", "code", "system", "res"}
+    assert {r[1] for r in store.db.execute("PRAGMA table_info(search_token)")} == {"key", "res"}
+    assert {r[1] for r in store.db.execute("PRAGMA table_info(search_key)")} == {
+        "key", "type", "param", "code", "system"}
 
 
 def test_the_core_layout_is_recorded_once_per_connection_on_either_engine(tmp_path: Path, database: str) -> None:
@@ -136,7 +183,8 @@ def test_the_core_layout_is_recorded_once_per_connection_on_either_engine(tmp_pa
     locator = database or tmp_path / "gw.db"
     store = Store.open(locator)
     assert schema.version(store.db, "core") == SCHEMA_VERSION
-    assert {"type", "param", "code", "system", "res"} <= schema.columns(store.db, "search_token")
+    assert schema.columns(store.db, "search_token") == {"key", "res"}
+    assert {"type", "param", "code", "system"} <= schema.columns(store.db, "search_key")
     assert not schema.once(store.db, "core"), "the schema was checked when the store was opened"
     record_id, _ = store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS|X", message_id="M1", origin="",
                                     raw=b"MSH|x")

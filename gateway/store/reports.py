@@ -328,6 +328,19 @@ def versions_of(db: Database, issuer_uscc: str, report_number: str,
     return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE {sql} ORDER BY seq", args)]
 
 
+#: The versions next to a report number (issuer, code, number): those under the number, and the corrections that
+#: name it (``replaces``). Two branches, each read through its own index (``report_versions_report``, and the
+#: partial ``report_versions_replaces``, which ``replaces <> ''`` lets the planner use), not a scan of the issuer's
+#: reports; a version under the number that also names it is read once.
+_ADJACENT = (f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND report_number = ? AND report_code = ?"
+             f" UNION ALL SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND replaces = ?"
+             " AND report_code = ? AND replaces <> '' AND report_number <> ?")
+
+
+def _adjacent_args(issuer: str, code: str, number: str) -> list[str]:
+    return [issuer, number, code, issuer, number, code, number]
+
+
 def _family(db: Database, issuer_uscc: str, numbers: set[str], report_code: str) -> list[ReportVersion]:
     """Every stored version of one report known by any of ``numbers``, in the order they were stored: those
     under each number, and — followed both ways, as far as they go — those under a number a correction of it
@@ -337,8 +350,7 @@ def _family(db: Database, issuer_uscc: str, numbers: set[str], report_code: str)
     while todo:
         number = todo.pop()
         seen.add(number)
-        for row in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND report_code = ?"
-                              " AND (report_number = ? OR replaces = ?)", [issuer_uscc, report_code, number, number]):
+        for row in db.execute(_ADJACENT, _adjacent_args(issuer_uscc, report_code, number)):
             version = _row(row)
             found[version.seq] = version
             todo |= {n for n in (version.report_number, version.replaces) if n and n not in seen}
@@ -360,10 +372,8 @@ def _families(db: Database, wanted: list[tuple[str, set[str], str]]) -> list[lis
         rows: list[ReportVersion] = []
         for start in range(0, len(nodes), _CHUNK):  # SQLite takes up to 500 SELECTs in one compound statement
             chunk = nodes[start:start + _CHUNK]
-            branches = [f"SELECT {_COLUMNS} FROM report_versions WHERE issuer_uscc = ? AND report_code = ?"
-                        " AND (report_number = ? OR replaces = ?)"] * len(chunk)
-            rows += [_row(r) for r in db.execute(" UNION ALL ".join(branches),
-                                                 [x for i, c, n in chunk for x in (i, c, n, n)])]
+            rows += [_row(r) for r in db.execute(" UNION ALL ".join([_ADJACENT] * len(chunk)),
+                                                 [x for i, c, n in chunk for x in _adjacent_args(i, c, n)])]
         for issuer, code, number in missing:
             adjacent[(issuer, code, number)] = [
                 v for v in rows if v.issuer_uscc == issuer and v.report_code == code

@@ -880,15 +880,16 @@ class Store:
                     else:
                         tq = parse_token_query(part)
                         t_system, t_code = tq.system, tq.code
-                    cond = "type = ? AND param = ?"
+                    cond = "k.type = ? AND k.param = ?"
                     targs: list[Any] = [rtype, name]
                     if t_code is not None:
-                        cond += " AND code = ?"
+                        cond += " AND k.code = ?"
                         targs.append(t_code)
                     if t_system is not None:
-                        cond += " AND system = ?"
+                        cond += " AND k.system = ?"
                         targs.append(t_system)
-                    ors.append(f"rid IN (SELECT res FROM search_token WHERE {cond})")
+                    ors.append("rid IN (SELECT t.res FROM search_key k JOIN search_token t ON t.key = k.key"
+                               f" WHERE {cond})")
                     args += targs
             clauses.append("(" + " OR ".join(ors) + ")")
         by_id = any(PARAM_ALIASES.get(n, n) == "_id" for n, _ in params)
@@ -1084,7 +1085,8 @@ _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 #: Layout of the resource tables and search index this code writes (SQLite: ``PRAGMA user_version``; both
 #: engines: part ``core`` in ``schema_versions``).
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
-SCHEMA_VERSION = 2
+#: 3: token values numbered once (``search_key``) and narrow token rows (key, res).
+SCHEMA_VERSION = 3
 
 
 def ensure_core_schema(db: Database) -> None:
@@ -1104,8 +1106,14 @@ def ensure_core_schema(db: Database) -> None:
         if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
             return  # the layout is there: asked by reading, so a start never waits for another node's writes
         with transaction(db):
+            earlier = schema.version(db, "core")
+            if _wide_tokens(db):
+                log.warning("database layout %d found: the search index is made again, narrow", earlier)
+                db.execute("DROP TABLE search_token")
             db.executescript(schema.script(db, "core"))
-            if schema.version(db, "core") < SCHEMA_VERSION:
+            if earlier < SCHEMA_VERSION:
+                if earlier:
+                    _reindex(db)
                 schema.set_version(db, "core", SCHEMA_VERSION)
         return
     conn = db.conn
@@ -1131,6 +1139,12 @@ def ensure_core_schema(db: Database) -> None:
             " DROP TABLE resources_layout1;"
             " COMMIT;")
     else:
+        if _wide_tokens(db):
+            with transaction(db):  # looked at again under the write lock: another process may be upgrading it too
+                if _wide_tokens(db):
+                    log.warning("database layout %d found: the search index is made again, narrow",
+                                conn.execute("PRAGMA user_version").fetchone()[0])
+                    conn.execute("DROP TABLE search_token")
         conn.executescript(script)
     if any(name not in schema.columns(db, "messages") for name, _ in _ADDED_COLUMNS):
         with transaction(db):  # looked at again under the write lock: another process may be opening it too
@@ -1147,6 +1161,11 @@ def ensure_core_schema(db: Database) -> None:
     elif schema.version(db, "core") < SCHEMA_VERSION:  # upgraded by a release that kept only user_version
         with transaction(db):
             schema.set_version(db, "core", SCHEMA_VERSION)
+
+
+def _wide_tokens(db: Database) -> bool:
+    """Whether the token index is layout 2's, one wide row per value and resource (made again at layout 3)."""
+    return "type" in schema.columns(db, "search_token")
 
 
 def _reindex(db: Database) -> None:
@@ -1182,6 +1201,37 @@ def _reindex(db: Database) -> None:
             log.info("search index rebuilt for %d of %d resources", done, total)
 
 
+_VALUES4 = "(?,?,?,?),"
+
+
+def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]]) -> dict[tuple[str, str, str, str], int]:
+    """The numbers of token values (type, param, code, system) in ``search_key``; those not there yet are added.
+
+    Asked inside the caller's transaction, every time (one statement per 200 values, and two more for values
+    not seen before): a number kept from an earlier transaction could name a value its rollback removed.
+    """
+    numbers = _numbered(conn, keys)
+    missing = [key for key in keys if key not in numbers]
+    if missing:
+        conn.executemany("INSERT INTO search_key (type, param, code, system) VALUES (?,?,?,?)"
+                         " ON CONFLICT DO NOTHING", missing)
+        numbers.update(_numbered(conn, missing))
+    return numbers
+
+
+def _numbered(conn: Any, keys: list[tuple[str, str, str, str]]) -> dict[tuple[str, str, str, str], int]:
+    """The numbers ``search_key`` has for those of ``keys`` it holds; each value read through its unique index."""
+    numbers: dict[tuple[str, str, str, str], int] = {}
+    for start in range(0, len(keys), 200):
+        chunk = keys[start:start + 200]
+        rows = conn.execute(f"SELECT k.key, k.type, k.param, k.code, k.system FROM (VALUES {_VALUES4 * len(chunk)}"
+                            " (NULL, NULL, NULL, NULL)) v JOIN search_key k ON k.type = v.column1 AND k.param ="
+                            " v.column2 AND k.code = v.column3 AND k.system = v.column4",
+                            [v for key in chunk for v in key]).fetchall()
+        numbers.update({(t, p, c, s): int(k) for k, t, p, c, s in rows})
+    return numbers
+
+
 #: The current version of a resource by row number (``rid``): a new one, or a new version of one stored.
 _UPSERT_RESOURCE = "INSERT INTO resources (rid, type, id, version, last_updated, message_ref, json)"
 _UPSERT_RESOURCE_SET = (" ON CONFLICT (rid) DO UPDATE SET type = excluded.type, id = excluded.id,"
@@ -1195,9 +1245,12 @@ _BATCH_HISTORY = ("INSERT INTO resource_history (type, id, version, last_updated
 _BATCH_RESOURCES = (_UPSERT_RESOURCE + " SELECT * FROM unnest(CAST(? AS bigint[]), CAST(? AS text[]),"
                     " CAST(? AS text[]), CAST(? AS integer[]), CAST(? AS text[]), CAST(? AS bigint[]),"
                     " CAST(? AS text[]))" + _UPSERT_RESOURCE_SET)
-_BATCH_TOKENS = ("INSERT INTO search_token (type, param, code, system, res) SELECT * FROM unnest(CAST(? AS text[]),"
+_BATCH_KEYS = ("INSERT INTO search_key (type, param, code, system) SELECT * FROM unnest(CAST(? AS text[]),"
+               " CAST(? AS text[]), CAST(? AS text[]), CAST(? AS text[])) ON CONFLICT DO NOTHING")
+_BATCH_TOKENS = ("INSERT INTO search_token (key, res) SELECT k.key, t.res FROM unnest(CAST(? AS text[]),"
                  " CAST(? AS text[]), CAST(? AS text[]), CAST(? AS text[]), CAST(? AS bigint[]))"
-                 " ON CONFLICT DO NOTHING")
+                 " AS t (type, param, code, system, res) JOIN search_key k ON k.type = t.type AND k.param = t.param"
+                 " AND k.code = t.code AND k.system = t.system ON CONFLICT DO NOTHING")
 _BATCH_DATES = ("INSERT INTO search_date (type, param, lo, hi, res) SELECT * FROM unnest(CAST(? AS text[]),"
                 " CAST(? AS text[]), CAST(? AS double precision[]), CAST(? AS double precision[]),"
                 " CAST(? AS bigint[])) ON CONFLICT DO NOTHING")
@@ -1225,6 +1278,7 @@ def _write_columns(conn: Any, history: list[tuple[Any, ...]], replaced: list[int
             raise ValueError("a batch of resources holds one row number twice")
         conn.execute_arrays(_BATCH_RESOURCES, _columns(rows, 7))
     if tokens:
+        conn.execute_arrays(_BATCH_KEYS, _columns(list(dict.fromkeys(t[:4] for t in tokens)), 4))
         conn.execute_arrays(_BATCH_TOKENS, _columns(tokens, 5))
     if dates:
         lo_hi = [(t, p, float(lo), float(hi), r) for t, p, lo, hi, r in dates]  # one element type per array
@@ -1239,8 +1293,9 @@ def _insert_index(conn: Any, tokens: list[tuple[str, str, str, str, int]],
     """Add search index rows; a value a resource holds twice is indexed once. ``strings``: PostgreSQL's
     ``search_string`` rows (None on SQLite, which reads names from the JSON)."""
     if tokens:
-        conn.executemany("INSERT INTO search_token (type, param, code, system, res) VALUES (?,?,?,?,?)"
-                         " ON CONFLICT DO NOTHING", tokens)
+        numbers = _key_numbers(conn, list(dict.fromkeys(t[:4] for t in tokens)))
+        conn.executemany("INSERT INTO search_token (key, res) VALUES (?,?) ON CONFLICT DO NOTHING",
+                         [(numbers[t[:4]], t[4]) for t in tokens])
     if dates:
         conn.executemany("INSERT INTO search_date (type, param, lo, hi, res) VALUES (?,?,?,?,?)"
                          " ON CONFLICT DO NOTHING", dates)

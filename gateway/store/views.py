@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.store.db import Database, dialect
+from gateway.store.exchange import unpacked
 
 __all__ = ["ReadModelsPort", "ReadModels", "MessageFilter", "OPEN_DELIVERY_STATES", "WAITING_DELIVERY_STATES"]
 
@@ -234,7 +235,7 @@ class ReadModels:
 
     def issued_bundles(self) -> list[tuple[str, bytes]]:
         """(bundle id, signed text) of every Bundle this member signed, oldest first."""
-        return [(str(b), bytes(t)) for b, t in self.db.execute(
+        return [(str(b), unpacked(t)) for b, t in self.db.execute(
             "SELECT bundle_id, text FROM signed_bundles WHERE direction = 'issued' " + self._issued_order(False))]
 
     def latest_issued_bundle_id(self) -> str | None:

@@ -62,16 +62,25 @@ CREATE TABLE IF NOT EXISTS resource_history (
     PRIMARY KEY (type, id, version)
 );
 
--- Search index: token parameters (identifier, code, status, patient.identifier, ...), one row per
--- distinct value of a resource (``res`` is ``resources.rid``). The key leads with what a search asks
--- for, so a search reads one contiguous range; ``owner`` finds a resource's rows when it is replaced.
-CREATE TABLE IF NOT EXISTS search_token (
+-- Search index: token parameters (identifier, code, status, patient.identifier, ...). Every distinct value
+-- (type, parameter, code, system) is written once, in ``search_key``, and named by a number there; a resource's
+-- values are the narrow rows (key, res) of ``search_token`` (``res`` is ``resources.rid``). Most of a report's
+-- values (a LOINC code, ``final``, the laboratory, the patient) are known already, so storing one adds small rows
+-- only. A search reads one contiguous range of ``search_token`` per value; ``owner`` finds a resource's rows when
+-- it is replaced. Values are never removed from ``search_key`` (a rebuilt index keeps their numbers).
+CREATE TABLE IF NOT EXISTS search_key (
+    key    INTEGER PRIMARY KEY,
     type   TEXT NOT NULL,
     param  TEXT NOT NULL,
     code   TEXT NOT NULL,
     system TEXT NOT NULL DEFAULT '',
+    UNIQUE (type, param, code, system)
+);
+CREATE INDEX IF NOT EXISTS search_key_system ON search_key(type, param, system);
+CREATE TABLE IF NOT EXISTS search_token (
+    key    INTEGER NOT NULL,
     res    INTEGER NOT NULL,
-    PRIMARY KEY (type, param, code, system, res)
+    PRIMARY KEY (key, res)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS search_token_owner ON search_token(res);
 
