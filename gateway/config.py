@@ -51,6 +51,10 @@ class Settings:
     mllp_port: int = _opt(2575, "Port of the MLLP listener; 0 disables it.")
     mllp_workers: int = _opt(1, "MLLP listener processes sharing the port, each working its own connections' "
                              "messages (up to the number of cores).")
+    queue_readers: int = _opt(1, "With mllp_ack = 'received': queue reader processes working the queue together. "
+                              "Each takes the messages of its own share of the senders (MSH-3|MSH-4), so every "
+                              "sender's messages are still worked in arrival order; more than one helps on a machine "
+                              "with cores to spare.")
     mllp_ack: str = _opt(
         "processed",
         "When the MLLP listener answers: 'processed' (the ACK carries the outcome, AA/AE/AR with the fields in error) "
@@ -158,7 +162,7 @@ class Settings:
         if self.mllp_ack not in ("processed", "received"):
             raise ConfigError(f"mllp_ack {self.mllp_ack!r} must be 'processed' or 'received'", "mllp_ack")
         for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval",
-                     "mllp_workers", "mllp_idle_timeout", "mllp_read_timeout", "http_read_timeout",
+                     "mllp_workers", "queue_readers", "mllp_idle_timeout", "mllp_read_timeout", "http_read_timeout",
                      "http_idle_timeout", "http_connection_limit", "processing_lease", "delivery_timeout",
                      "delivery_concurrency", "health_max_backlog", "health_max_backlog_age",
                      "health_max_delivery_wait", "restart_limit", "http_first_byte_timeout",

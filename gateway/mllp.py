@@ -324,24 +324,30 @@ class MLLPServer:
 class QueueReader:
     """Works the messages an MLLP listener answered on receipt, oldest first (``Pipeline.process_queued``).
 
-    One per database (``gateway serve`` runs it in a process of its own, so
-    that its work never holds up a listener's ACK). :meth:`run` returns after
-    :meth:`stop`, once the message being worked is recorded; a message it had
-    not finished stays queued and is worked when a reader runs again.
+    ``gateway serve`` runs each in a process of its own, so that its work
+    never holds up a listener's ACK: ``queue_readers`` of them, reader k of n
+    (``share``) taking the messages of its own share of the senders, so that a
+    sender's messages are worked one after the other, in arrival order.
+    :meth:`run` returns after :meth:`stop`, once the message being worked is
+    recorded; a message it had not finished stays queued and is worked when a
+    reader runs again.
     """
 
-    def __init__(self, pipeline: Pipeline, *, idle: float = 0.05, batch: int = 32) -> None:
-        self.pipeline, self.idle, self.batch = pipeline, idle, batch
+    def __init__(self, pipeline: Pipeline, *, idle: float = 0.05, batch: int = 32,
+                 share: tuple[int, int] = (0, 1)) -> None:
+        self.pipeline, self.idle, self.batch, self.share = pipeline, idle, batch, share
         self._stop = threading.Event()
         self.processed = 0
 
     def run(self) -> None:
         waiting = self.pipeline.store.queue_length()
         if waiting:
-            log.info("processing queue: %d message(s) waiting", waiting)
+            log.info("processing queue: %d message(s) waiting%s", waiting,
+                     f" (this reader takes share {self.share[0] + 1} of {self.share[1]} of the senders)"
+                     if self.share[1] > 1 else "")
         while not self._stop.is_set():
             try:
-                done = self.pipeline.process_queued(self.batch)
+                done = self.pipeline.process_queued(self.batch, self.share)
             except _db.OperationalError as exc:  # the database is restarting or gone: the messages stay queued
                 log.warning("processing queue: the database cannot be reached (%s); retrying in 1 s",
                             (str(exc).strip().splitlines() or [type(exc).__name__])[0])

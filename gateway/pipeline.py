@@ -677,7 +677,7 @@ class Pipeline:
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def process_queued(self, limit: int = _BATCH) -> list[Outcome]:
+    def process_queued(self, limit: int = _BATCH, share: tuple[int, int] = (0, 1)) -> list[Outcome]:
         """Work up to ``limit`` held units, oldest first, each recorded in its own transaction.
 
         Processing is what :meth:`ingest_unit` does after storing the raw input:
@@ -686,10 +686,12 @@ class Pipeline:
         process's lease, so two readers never work the same one. Besides the
         queue, a message whose worker died before finishing it is taken too; one
         taken on more than :data:`MAX_ATTEMPTS` times without finishing is set
-        aside as failed (``gateway messages retry`` works it again).
+        aside as failed (``gateway messages retry`` works it again). ``share``: (k, n), only the messages of
+        the senders in share k of n (the queue reader k of n, ``queue_readers``).
         """
         outcomes: list[Outcome] = []
-        claimed = self.store.claim_queued(limit, float(self.settings.processing_lease), tuple(self.channels))
+        claimed = self.store.claim_queued(limit, float(self.settings.processing_lease), tuple(self.channels),
+                                          share)
         for n, (record_id, fmt, channel, origin, raw, attempts) in enumerate(claimed):
             try:
                 ch = self.channel(fmt)

@@ -12,8 +12,9 @@ processes, each handed the listening socket it serves:
 - ``mllp-1``...: MLLP listeners, ``mllp_workers`` of them on the same socket
   (the kernel hands each connection to one of them, so a sender's messages
   keep their order);
-- ``queue``: with ``mllp_ack = received``, the queue reader that works what
-  the listeners answered on receipt;
+- ``queue`` (``queue-1``... with ``queue_readers`` above 1): with
+  ``mllp_ack = received``, the queue readers that work what the listeners
+  answered on receipt, each its own share of the senders;
 - ``background``: working again messages left unfinished by a part that
   died (a killed MLLP listener or HTTP worker), a bounded number each pass;
   delivering the outbox to other members, signed audit checkpoints, and
@@ -161,8 +162,8 @@ def run_background(settings: Settings) -> None:
         if settings.mllp_port:
             pipeline = Pipeline(settings)  # loaded before the port opens, so that a connection is served at once
             me = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
-            if settings.mllp_ack == "received":  # accept, then process: the queue reader in a process of its own
-                children.append(subprocess.Popen(me + ["--queue"]))
+            if settings.mllp_ack == "received":  # accept, then process: each queue reader in a process of its own
+                children += [subprocess.Popen(me + ["--queue", str(k)]) for k in range(1, settings.queue_readers + 1)]
             if settings.mllp_workers > 1:
                 sock = socket.create_server((settings.mllp_host, settings.mllp_port), backlog=128)
                 children += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),))
@@ -239,19 +240,35 @@ def run_listener(settings: Settings, fd: int, part: str | None = None) -> None:
     server.serve_forever()
 
 
-def run_queue(settings: Settings, part: str | None = None) -> None:
-    """The queue reader process (``mllp_ack = received``): work held messages until stopped.
+def queue_parts(settings: Settings) -> list[str]:
+    """The names of the queue reader parts: ``queue`` alone, or ``queue-1`` ... ``queue-n`` (``queue_readers``)."""
+    if settings.queue_readers == 1:
+        return ["queue"]
+    return [f"queue-{k}" for k in range(1, settings.queue_readers + 1)]
+
+
+def _share(settings: Settings, part: str) -> tuple[int, int]:
+    """(k, n): the share of the senders queue reader ``part`` works (``queue-2`` of 3 is (1, 3))."""
+    number = part.rpartition("-")[2]
+    if part == "queue" or not number.isdigit() or not 1 <= int(number) <= settings.queue_readers:
+        return 0, 1
+    return int(number) - 1, settings.queue_readers
+
+
+def run_queue(settings: Settings, part: str | None = None, share: tuple[int, int] | None = None) -> None:
+    """A queue reader process (``mllp_ack = received``): work held messages until stopped.
 
     On SIGTERM it finishes the message it is working and stops; it stops with
     the process that started it. Under ``gateway serve`` (``part``) it writes a
-    heartbeat while its work keeps moving.
+    heartbeat while its work keeps moving. ``part`` ``queue-k`` (or ``share``
+    (k - 1, n)): reader k of ``queue_readers``, working its share of the senders.
     """
     from gateway.mllp import QueueReader
     from gateway.pipeline import Pipeline
 
     _logging(settings, part or "queue")
     pipeline = Pipeline(settings)
-    reader = QueueReader(pipeline)
+    reader = QueueReader(pipeline, share=share or _share(settings, part or "queue"))
     signal.signal(signal.SIGTERM, lambda *_: reader.stop())
     signal.signal(signal.SIGINT, lambda *_: reader.stop())
     _watch_parent()
@@ -321,7 +338,7 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
             run_http(settings, fd, part)
         elif part.startswith("mllp-") and fd is not None:
             run_listener(settings, fd, part)
-        elif part == "queue":
+        elif part in queue_parts(settings):
             run_queue(settings, part)
         elif part == "background":
             run_background_part(settings, part)
@@ -402,7 +419,9 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         parts += [Part(f"mllp-{i}", f"MLLP listener {i}", me + [f"mllp-{i}", "--fd", str(mllp_fd)], (mllp_fd,),
                        beats=True) for i in range(1, settings.mllp_workers + 1)]
     if settings.mllp_ack == "received":
-        parts.append(Part("queue", "queue reader", me + ["queue"], beats=True))
+        readers = queue_parts(settings)
+        parts += [Part(name, "queue reader" + (f" {name[6:]} of {len(readers)}" if len(readers) > 1 else ""),
+                       me + [name], beats=True) for name in readers]
     parts.append(Part("background", "background loop", me + ["background"], beats=True))
 
     folder = run_dir(settings)
@@ -430,8 +449,9 @@ def _main(argv: list[str]) -> int:
         return run_part(settings, rest[1], fd)
     if len(rest) == 2 and rest[0] == "--mllp-fd":
         run_listener(settings, int(rest[1]))
-    elif rest == ["--queue"]:
-        run_queue(settings)
+    elif rest[:1] == ["--queue"] and len(rest) <= 2:
+        k = int(rest[1]) if len(rest) == 2 and rest[1].isdigit() else 1
+        run_queue(settings, share=(k - 1, settings.queue_readers) if 1 <= k <= settings.queue_readers else (0, 1))
     else:
         run_background(settings)
     return 0

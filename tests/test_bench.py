@@ -47,14 +47,15 @@ def test_stage_figures_are_consistent(report) -> None:
 def test_ratio_and_targets(report) -> None:
     assert report.ratio_to_baseline is not None and report.ratio_to_baseline > 0
     targets = report.targets()
-    assert len(targets) == 8
+    assert len(targets) == 9
     assert {t["state"] for t in targets} <= {"met", "NOT met", "not measured", "met, smaller"}
     audit = [t for t in targets if t["stage"].startswith("audit")]
     assert all(t["state"] in ("met, smaller", "NOT met") and "200 entries" in t["scale"] for t in audit)
-    e2e = next(t for t in targets if t["stage"] == "e2e" and "15x" in t["target"])
+    e2e = next(t for t in targets if t["stage"] == "e2e" and "10x" in t["target"])
     assert e2e["value"] == pytest.approx(report.ratio_to_baseline, rel=1e-3)
-    mllp = next(t for t in targets if t["stage"] == "mllp-queued")
-    assert mllp["state"] == "not measured"  # not run here
+    assert [t["state"] for t in targets if t["stage"] == "mllp-queued"] == ["not measured"] * 2  # not run here
+    batch = next(t for t in targets if t["stage"] == "e2e-batch")
+    assert batch["value"] == pytest.approx(report.get("e2e-batch").rate_per_core, rel=1e-3)
 
 
 def test_json_and_table(report) -> None:
@@ -70,7 +71,7 @@ def test_json_and_table(report) -> None:
     assert any(line.startswith("machine: ") for line in lines) and any("versions: Python" in line for line in lines)
     assert any(line.startswith("stage ") and "p99 ms" in line for line in lines)
     assert any(line.startswith("e2e vs baseline: ") for line in lines)
-    assert sum(1 for line in lines if line.startswith("  [")) == 8
+    assert sum(1 for line in lines if line.startswith("  [")) == 9
 
 
 def test_generated_messages_are_deterministic_and_complete() -> None:

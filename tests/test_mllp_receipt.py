@@ -166,12 +166,13 @@ def test_listener_answers_on_receipt_and_the_reader_works_every_message(pipeline
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
 def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_message(tmp_path: Path,
                                                                                     database: str) -> None:
-    """``gateway serve`` with ``mllp_ack = received``: receipts from the listener, the work by its queue process."""
+    """``gateway serve`` with ``mllp_ack = received``: receipts from the listener, the work by its queue reader
+    processes (``queue_readers`` 2, each its share of the senders)."""
     from gateway.store.store import Store
 
     port = free_port()
     overrides = {"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "mllp_port": port,
-                 "mllp_ack": "received", "log_level": "WARNING", "database": database}
+                 "mllp_ack": "received", "log_level": "WARNING", "database": database, "queue_readers": 2}
     settings = load_settings(environ={}, overrides=overrides)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -179,8 +180,8 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
     try:
         wait_port(port)
         helpers = children_of(proc.pid)
-        assert [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2] for pid in helpers] == [b"--queue"], \
-            "the MLLP process starts one queue reader process"
+        assert sorted(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] for pid in helpers) == [
+            [b"--queue", b"1"], [b"--queue", b"2"]], "the MLLP process starts a process per queue reader"
 
         codes = mllp_codes(port, GOOD, clients=4, each=5, tag="Q")
         store = Store.open(settings.database_locator)
@@ -199,6 +200,64 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
     assert b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
     assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
                    for pid in helpers), "the queue reader stopped with the gateway"
+
+
+def test_two_queue_readers_share_the_senders_and_keep_each_senders_order(pipeline, settings, clock) -> None:
+    """``queue_readers`` 2: each reader takes only its share of the senders, so every message is worked once and
+    a sender's messages one after the other, in arrival order, while the two readers work at the same time."""
+    import threading
+
+    from gateway.store.store import sender_share
+
+    senders = ["LIS-A", "LIS-B", "LIS-C", "LIS-D", "LIS-E", "LIS-F"]
+    sent = [msh_field(GOOD.replace(b"TJ2406100001", f"SR{n:03d}".encode()), 3, senders[n % len(senders)])
+            for n in range(36)]
+    receipts = pipeline.receive_batch(hl7(pipeline), units(*sent), channel="mllp")
+    assert {o.status for o in receipts} == {Status.QUEUED}
+    sender_of = {o.record_id: pipeline.store.get_message(o.record_id).sender for o in receipts}
+    assert {sender_share(s, 2) for s in sender_of.values()} == {0, 1}, "both readers have senders to work"
+
+    worked: dict[int, list[int]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def reader(k: int) -> None:
+        mine = Pipeline(settings, clock=clock)
+        try:
+            while True:
+                done = mine.process_queued(4, (k, 2))  # small batches: the two readers take turns at the lock
+                if not done:
+                    break
+                worked[k] += [o.record_id for o in done]
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+        finally:
+            mine.close()
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(worked[0] + worked[1]) == sorted(sender_of), "every message worked once"
+    for k in (0, 1):
+        assert worked[k] and {sender_share(sender_of[r], 2) for r in worked[k]} == {k}
+        for sender in set(sender_of.values()):
+            theirs = [r for r in worked[k] if sender_of[r] == sender]
+            assert theirs == sorted(theirs), f"{sender}'s messages in arrival order"
+    assert pipeline.store.counts() == {"stored": 36}
+
+
+def test_queue_readers_is_a_positive_number_and_serve_runs_that_many_readers(tmp_path) -> None:
+    from gateway.serve import _share, queue_parts
+
+    with pytest.raises(ConfigError, match="queue_readers must be positive"):
+        load_settings(environ={}, overrides={"data_dir": str(tmp_path), "queue_readers": 0})
+    three = load_settings(environ={"GATEWAY_QUEUE_READERS": "3"}, overrides={"data_dir": str(tmp_path)})
+    assert queue_parts(three) == ["queue-1", "queue-2", "queue-3"]
+    assert [_share(three, part) for part in queue_parts(three)] == [(0, 3), (1, 3), (2, 3)]
+    one = load_settings(environ={}, overrides={"data_dir": str(tmp_path)})
+    assert queue_parts(one) == ["queue"] and _share(one, "queue") == (0, 1)
 
 
 def test_a_polling_transaction_waits_for_another_writer_and_gives_up_at_the_busy_timeout(tmp_path) -> None:

@@ -44,6 +44,7 @@ class BenchOptions:
     mllp_rate: float = 200.0  # messages per second, all MLLP clients together
     mllp_clients: int = 3
     mllp_workers: int = 2  # listener processes of the server (2 cores)
+    queue_readers: int = 1  # queue reader processes of the server (mllp-queued)
     mllp_seconds: float | None = None
     http_clients: int = 4
     http_requests: int | None = None

@@ -161,7 +161,7 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
     port = free_port()
     name = "mllp" if ack == "processed" else "mllp-queued"
     settings = ctx.settings(name, mllp_port=port, mllp_host="127.0.0.1", log_level="INFO",
-                            mllp_workers=opts.mllp_workers, mllp_ack=ack)
+                            mllp_workers=opts.mllp_workers, mllp_ack=ack, queue_readers=opts.queue_readers)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     total = max(opts.mllp_clients, int(opts.mllp_rate * opts.mllp_duration))
     messages = ctx.fresh_messages(total)
@@ -218,6 +218,8 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
         wall = time.perf_counter() - start
         if ack == "received":
             queue = _drain_queue(settings.database_locator, start, opts.mllp_duration, 15.0 if opts.quick else 120.0)
+            if queue["drained_s"] is not None:  # what was still queued when the load stopped, in seconds of work
+                queue["backlog_s"] = round(max(0.0, queue["drained_s"] - opts.mllp_duration), 3)
         cpu = process_cpu_s(proc.pid) - cpu0
     answered = sum(v for c, v in codes.items() if c != "unanswered")
     missing = total - len(latencies)
@@ -226,18 +228,20 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
         codes["unanswered"] = codes.get("unanswered", 0) + missing
     result = StageResult(name, title, items=answered, observations=answered * OBX_PER_MESSAGE,
                          wall_s=wall, cpu_s=cpu, latencies_ms=latencies)
-    # each listener process works its connections' messages; on receipt, the queue reader is one more process
-    result.cores = float(opts.mllp_workers + (1 if ack == "received" else 0))
+    # each listener process works its connections' messages; on receipt, the queue readers are more processes
+    result.cores = float(opts.mllp_workers + (opts.queue_readers if ack == "received" else 0))
     result.extra = {"offered_rate": opts.mllp_rate, "clients": opts.mllp_clients, "duration_s": opts.mllp_duration,
                     "sent": total, "answers": codes, "server_cpu_s": round(cpu, 3), "ack": ack,
                     "server_cpu_ms_per_msg": round(cpu / answered * 1000, 3) if answered else None, **queue}
     note = [f"{opts.mllp_rate:g} msg/s offered by {opts.mllp_clients} clients for {opts.mllp_duration:g} s"
-            f" to {opts.mllp_workers} listener process(es)" + (" and a queue reader" if ack == "received" else ""),
+            f" to {opts.mllp_workers} listener process(es)"
+            + ((" and a queue reader" if opts.queue_readers == 1 else f" and {opts.queue_readers} queue readers")
+               if ack == "received" else ""),
             f"answers {codes}"]
     if queue:
         if queue["drained_s"] is not None:
             done = (f"all {queue['stored']} stored {queue['drained_s']:.1f} s after the load began "
-                    f"({queue['store_rate']:.1f} msg/s)")
+                    f"({queue['store_rate']:.1f} msg/s; backlog {queue['backlog_s']:.1f} s when it stopped)")
         else:
             done = f"{queue['stored']} stored, {queue['still_queued']} still queued when the bench stopped waiting"
         note.append(f"stored {queue['stored_during_load']} while the load ran; {done}")

@@ -45,6 +45,8 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
               help="MLLP client connections.")
 @click.option("--mllp-workers", type=click.IntRange(min=1, max=16), default=2, show_default=True,
               help="MLLP listener processes of the server (its mllp_workers setting).")
+@click.option("--queue-readers", type=click.IntRange(min=1, max=16), default=1, show_default=True,
+              help="Queue reader processes of the server in mllp-queued (its queue_readers setting).")
 @click.option("--mllp-seconds", type=click.FloatRange(min=0.5), help="MLLP load duration (default 1.5 quick, 20 full).")
 @click.option("--http-clients", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="Concurrent HTTP clients.")
@@ -56,7 +58,8 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
               help="Keep databases, generated files and server logs here (default: a temporary directory, removed).")
 @click.option("--seed", type=int, default=8, show_default=True, help="Seed of the generated inputs.")
 def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: int | None, seconds: float | None,
-          mllp_rate: float, mllp_clients: int, mllp_workers: int, mllp_seconds: float | None, http_clients: int,
+          mllp_rate: float, mllp_clients: int, mllp_workers: int, queue_readers: int, mllp_seconds: float | None,
+          http_clients: int,
           http_requests: int | None, csv_rows: int | None, audit_entries: int | None, workdir: str | None,
           seed: int) -> None:
     """Measure every stage and end to end on this machine, against a straightforward baseline.
@@ -67,7 +70,7 @@ def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: in
     """
     options = BenchOptions(quick=quick, stages=stages, count=count, seconds=seconds, seed=seed, workdir=workdir,
                            mllp_rate=mllp_rate, mllp_clients=mllp_clients, mllp_workers=mllp_workers,
-                           mllp_seconds=mllp_seconds,
+                           queue_readers=queue_readers, mllp_seconds=mllp_seconds,
                            http_clients=http_clients, http_requests=http_requests, csv_rows=csv_rows,
                            audit_entries=audit_entries)
     click.echo(f"gateway bench ({'quick' if quick else 'full'}): running...", err=True)

@@ -88,6 +88,22 @@ def lease_owner() -> str:
     return f"{_HOST}:{os.getpid()}"
 
 
+def sender_share(sender: str | None, n: int) -> int:
+    """Which of ``n`` shares a sender's messages belong to: a number from 0 to n - 1, the same for every message of
+    the sender, on either engine (the first 32 bits of the MD5 of the sender's UTF-8 text, modulo n; SQLite calls
+    this function as ``gateway_share``, PostgreSQL computes it in SQL)."""
+    if n <= 1:
+        return 0
+    return int(hashlib.md5((sender or "").encode("utf-8"), usedforsecurity=False).hexdigest()[:8], 16) % n
+
+
+#: The share of a message's sender in SQL (``n`` bound), as :func:`sender_share` computes it.
+_SHARE_SQL = {
+    "sqlite": "gateway_share(sender, ?)",
+    "postgresql": "mod(CAST(CAST(('x' || substr(md5(sender), 1, 8)) AS bit(32)) AS bigint), ?)",
+}
+
+
 def holder_alive(owner: str | None, until: float | None, now: float) -> bool:
     """Whether a lease still keeps others off a message: unexpired, and its holder not known to be dead.
 
@@ -189,8 +205,8 @@ class StorePort(Protocol):
 
     def messages_keyed(self, fmt: str, sender: str, key: str) -> list[MessageRecord]: ...
 
-    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ...
-                     ) -> list[tuple[int, str, str, str, bytes, int]]: ...
+    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ...,
+                     share: tuple[int, int] = ...) -> list[tuple[int, str, str, str, bytes, int]]: ...
 
     def take(self, record_id: int, lease: float, *, retry: bool = ...) -> MessageRecord | None: ...
 
@@ -326,23 +342,33 @@ class Store:
             "SELECT id, format, channel, origin, raw FROM messages WHERE status = 'queued' ORDER BY id LIMIT ?",
             [limit])]
 
-    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ("hl7v2",)
-                     ) -> list[tuple[int, str, str, str, bytes, int]]:
+    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ("hl7v2",),
+                     share: tuple[int, int] = (0, 1)) -> list[tuple[int, str, str, str, bytes, int]]:
         """Take up to ``limit`` messages to work, oldest first: (id, format, channel, origin, raw, attempts).
 
         Those waiting in the queue, and those whose worker died before it
         finished (``received`` with a dead holder or an expired lease); each is
         held by this process for ``lease`` seconds and counted as an attempt.
+        ``share``: (k, n) takes only the messages of the senders in share k of n (:func:`sender_share`), so that
+        n readers never work two messages of one sender at once.
         """
         now = self._epoch()
         marks = ",".join("?" * len(formats))
+        k, n = share
+        if not 0 <= k < n:
+            raise ValueError(f"share {k} of {n}")
+        mine = ""
+        if n > 1:
+            mine = f" AND {_SHARE_SQL[dialect(self.db)]} = ?"
+            if dialect(self.db) == "sqlite":
+                self.db.conn.create_function("gateway_share", 2, sender_share, deterministic=True)
 
         def free() -> list[Any]:
             rows = self.db.execute(
                 "SELECT id, format, channel, origin, lease_owner, lease_until FROM messages"
-                f" WHERE status IN ('queued', 'received') AND format IN ({marks})"
+                f" WHERE status IN ('queued', 'received') AND format IN ({marks}){mine}"
                 " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?) ORDER BY id LIMIT ?",
-                [*formats, now, f"{_HOST}:%", limit * 4]).fetchall()
+                [*formats, *([n, k] if n > 1 else []), now, f"{_HOST}:%", limit * 4]).fetchall()
             return [r for r in rows if not holder_alive(r[4], r[5], now)][:limit]
 
         if not free():  # looked at without the write lock: an idle reader never holds up the writers
