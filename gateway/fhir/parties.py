@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.adapters.base import PatientFacts
+from gateway.uuids import uuid5
 from gateway.naming import (
     SYSTEM_ID_CARD,
     SYSTEM_MIPLRN,
@@ -29,7 +30,7 @@ _NAMESPACE = uuid.UUID("5b1f2a0e-6c1d-4f4e-9a57-3c2d0f1e8a11")  # the gateway's 
 
 def stable_id(*parts: str) -> str:
     """A UUID (string) determined by the given business-key parts."""
-    return str(uuid.uuid5(_NAMESPACE, "|".join(parts)))
+    return uuid5(_NAMESPACE, "|".join(parts))
 
 
 @dataclass(frozen=True)

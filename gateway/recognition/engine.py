@@ -59,6 +59,7 @@ from gateway.registry.policy import (
     physician_qualified,
 )
 from gateway.registry.reference import resolve_factor
+from gateway.uuids import uuid5
 
 __all__ = [
     "RECOGNIZED",
@@ -903,7 +904,7 @@ def _evaluate(performed: _Context, item: CatalogueItem | None) -> list[RuleResul
 
 def _decision_id(facts: ResultFacts, receiver: str, at: _dt.datetime, snapshot: Snapshot) -> str:
     key = "|".join([facts.bundle_id or "", facts.entry, receiver, at.isoformat(), str(snapshot.version)])
-    return str(uuid.uuid5(_DECISION_NS, key))
+    return uuid5(_DECISION_NS, key)
 
 
 def _check_at(at: _dt.datetime) -> None:
