@@ -92,8 +92,10 @@ class DecisionStore:
         return int(self.db.execute(_INSERT_DECISION, list(values)).rowcount)
 
     def add_decisions(self, rows: Sequence[Sequence[Any]]) -> int:
-        if dialect(self.db) != "postgresql" or len(rows) < 2:
+        if len(rows) < 2:
             return sum(self.add_decision(values) for values in rows)
+        if dialect(self.db) != "postgresql":  # one prepared statement for all rows (rowcount sums the new ones)
+            return int(self.db.conn.executemany(_INSERT_DECISION, [list(values) for values in rows]).rowcount)
         return int(self.db.conn.execute_arrays(_INSERT_DECISIONS, [list(column) for column in zip(*rows)]).rowcount)
 
     def receiver_of(self, decision_id: str) -> str | None:
