@@ -154,8 +154,7 @@ class BenchReport:
                 elif what == "backlog_s_max":
                     # what was still queued when the offered load stopped, in seconds of the reader's work
                     backlog = res.extra.get("backlog_s")
-                    value = float(backlog) if isinstance(backlog, (int, float)) else (
-                        float("inf") if res.extra.get("stored") is not None else None)
+                    value = float(backlog) if isinstance(backlog, (int, float)) else None
                 elif what == "p95_ms_max":
                     from gateway.bench.measure import percentile
 

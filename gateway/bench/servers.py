@@ -218,8 +218,10 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
         wall = time.perf_counter() - start
         if ack == "received":
             queue = _drain_queue(settings.database_locator, start, opts.mllp_duration, 15.0 if opts.quick else 120.0)
-            if queue["drained_s"] is not None:  # what was still queued when the load stopped, in seconds of work
-                queue["backlog_s"] = round(max(0.0, queue["drained_s"] - opts.mllp_duration), 3)
+            # what was still queued when the load stopped, in seconds of the reader's work (when the bench stopped
+            # waiting first: at least the time it waited)
+            queue["backlog_s"] = round(max(0.0, (queue["drained_s"] if queue["drained_s"] is not None
+                                                 else queue["waited_s"]) - opts.mllp_duration), 3)
         cpu = process_cpu_s(proc.pid) - cpu0
     answered = sum(v for c, v in codes.items() if c != "unanswered")
     missing = total - len(latencies)
@@ -274,6 +276,7 @@ def _drain_queue(db_path: Path | str, start: float, duration: float, cap: float)
         queued, stored = counts()
     drained = time.perf_counter() - start if not queued else None
     return {"stored_during_load": during, "stored": stored, "still_queued": queued,
+            "waited_s": round(time.perf_counter() - start, 2),
             "drained_s": round(drained, 2) if drained is not None else None,
             "store_rate": round(stored / drained, 1) if drained else None}
 
