@@ -52,9 +52,11 @@ class Settings:
     mllp_workers: int = _opt(1, "MLLP listener processes sharing the port, each working its own connections' "
                              "messages (up to the number of cores).")
     queue_readers: int = _opt(1, "With mllp_ack = 'received': queue reader processes working the queue together. "
-                              "Each takes the messages of its own share of the senders (MSH-3|MSH-4), so every "
-                              "sender's messages are still worked in arrival order; more than one helps on a machine "
-                              "with cores to spare.")
+                              "Each takes the messages of its own share of the senders (MSH-3 and MSH-4, by a "
+                              "hash), so every sender's messages are still worked in arrival order; more than one "
+                              "helps on a machine with cores to spare and several busy senders (one sender's "
+                              "messages are always one reader's). A reader whose senders have nothing waiting looks "
+                              "every second.")
     mllp_ack: str = _opt(
         "processed",
         "When the MLLP listener answers: 'processed' (the ACK carries the outcome, AA/AE/AR with the fields in error) "

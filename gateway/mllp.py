@@ -345,6 +345,9 @@ class QueueReader:
             log.info("processing queue: %d message(s) waiting%s", waiting,
                      f" (this reader takes share {self.share[0] + 1} of {self.share[1]} of the senders)"
                      if self.share[1] > 1 else "")
+        # one of several readers looks less often while its senders have nothing waiting (up to once a second):
+        # finding that out reads the whole queue, which the other readers are working
+        wait, longest = self.idle, (self.idle if self.share[1] == 1 else max(self.idle, 1.0))
         while not self._stop.is_set():
             try:
                 done = self.pipeline.process_queued(self.batch, self.share)
@@ -358,8 +361,11 @@ class QueueReader:
                 self._stop.wait(1.0)
                 continue
             self.processed += len(done)
-            if not done:
-                self._stop.wait(self.idle)
+            if done:
+                wait = self.idle
+            else:
+                self._stop.wait(wait)
+                wait = min(wait * 2, longest)
 
     def stop(self) -> None:
         self._stop.set()

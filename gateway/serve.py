@@ -450,8 +450,12 @@ def _main(argv: list[str]) -> int:
     if len(rest) == 2 and rest[0] == "--mllp-fd":
         run_listener(settings, int(rest[1]))
     elif rest[:1] == ["--queue"] and len(rest) <= 2:
-        k = int(rest[1]) if len(rest) == 2 and rest[1].isdigit() else 1
-        run_queue(settings, share=(k - 1, settings.queue_readers) if 1 <= k <= settings.queue_readers else (0, 1))
+        k = int(rest[1]) if len(rest) == 2 and rest[1].isdigit() else 0
+        if not 1 <= k <= settings.queue_readers and not (len(rest) == 1 and settings.queue_readers == 1):
+            print(f"gateway: --queue takes the reader's number, 1 to {settings.queue_readers} (queue_readers)",
+                  file=sys.stderr)
+            return 2
+        run_queue(settings, share=(max(k, 1) - 1, settings.queue_readers))
     else:
         run_background(settings)
     return 0

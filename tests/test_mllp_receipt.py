@@ -260,6 +260,17 @@ def test_queue_readers_is_a_positive_number_and_serve_runs_that_many_readers(tmp
     assert queue_parts(one) == ["queue"] and _share(one, "queue") == (0, 1)
 
 
+@pytest.mark.parametrize("args", [["--queue", "4"], ["--queue", "0"], ["--queue"], ["--queue", "x"]])
+def test_a_queue_reader_started_by_hand_must_name_its_share(tmp_path, capsys, args) -> None:
+    """``python -m gateway.serve SETTINGS --queue K`` with ``queue_readers`` 3: a missing or wrong K would work
+    every sender's messages beside the other readers; it is refused with one line instead."""
+    from gateway.serve import _main
+
+    three = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "queue_readers": 3})
+    assert _main([json.dumps(dataclasses.asdict(three)), *args]) == 2
+    assert capsys.readouterr().err == "gateway: --queue takes the reader's number, 1 to 3 (queue_readers)\n"
+
+
 def test_a_polling_transaction_waits_for_another_writer_and_gives_up_at_the_busy_timeout(tmp_path) -> None:
     """The receipt's transaction tries every half millisecond while another connection writes.
 

@@ -370,7 +370,8 @@ def _families(db: Database, wanted: list[tuple[str, set[str], str]]) -> list[lis
             break
         nodes = list(missing)
         rows: list[ReportVersion] = []
-        for start in range(0, len(nodes), _CHUNK):  # SQLite takes up to 500 SELECTs in one compound statement
+        # SQLite takes up to 500 SELECTs in one compound statement: _ADJACENT is two, so 200 nodes make 400
+        for start in range(0, len(nodes), _CHUNK):
             chunk = nodes[start:start + _CHUNK]
             rows += [_row(r) for r in db.execute(" UNION ALL ".join([_ADJACENT] * len(chunk)),
                                                  [x for i, c, n in chunk for x in _adjacent_args(i, c, n)])]

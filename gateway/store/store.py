@@ -45,6 +45,7 @@ from gateway.fhir.search import (
 )
 from gateway.naming import cs_url
 from gateway.store import schema
+from gateway.store.parts import statements
 from gateway.store.db import Database, connect, dialect, transaction
 
 __all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
@@ -1132,14 +1133,9 @@ def ensure_core_schema(db: Database) -> None:
         if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
             return  # the layout is there: asked by reading, so a start never waits for another node's writes
         with transaction(db):
-            earlier = schema.version(db, "core")
-            if _wide_tokens(db):
-                log.warning("database layout %d found: the search index is made again, narrow", earlier)
-                db.execute("DROP TABLE search_token")
+            _narrow_tokens(db)  # layout 2's token rows, converted (PostgreSQL has no layout 1)
             db.executescript(schema.script(db, "core"))
-            if earlier < SCHEMA_VERSION:
-                if earlier:
-                    _reindex(db)
+            if schema.version(db, "core") < SCHEMA_VERSION:
                 schema.set_version(db, "core", SCHEMA_VERSION)
         return
     conn = db.conn
@@ -1166,11 +1162,7 @@ def ensure_core_schema(db: Database) -> None:
             " COMMIT;")
     else:
         if _wide_tokens(db):
-            with transaction(db):  # looked at again under the write lock: another process may be upgrading it too
-                if _wide_tokens(db):
-                    log.warning("database layout %d found: the search index is made again, narrow",
-                                conn.execute("PRAGMA user_version").fetchone()[0])
-                    conn.execute("DROP TABLE search_token")
+            _narrow_tokens(db)
         conn.executescript(script)
     if any(name not in schema.columns(db, "messages") for name, _ in _ADDED_COLUMNS):
         with transaction(db):  # looked at again under the write lock: another process may be opening it too
@@ -1190,8 +1182,48 @@ def ensure_core_schema(db: Database) -> None:
 
 
 def _wide_tokens(db: Database) -> bool:
-    """Whether the token index is layout 2's, one wide row per value and resource (made again at layout 3)."""
+    """Whether the token index is layout 2's, one wide row per value and resource (converted at layout 3)."""
     return "type" in schema.columns(db, "search_token")
+
+
+#: Layout 2 -> 3 in SQL: each distinct value numbered once, then every row kept, as a (number, resource) row.
+_NARROW_KEYS = ("INSERT INTO search_key (type, param, code, system) SELECT DISTINCT type, param, code, system"
+                " FROM search_token_layout2 WHERE true ON CONFLICT DO NOTHING")
+_NARROW_ROWS = ("INSERT INTO search_token (key, res) SELECT k.key, o.res FROM search_token_layout2 o JOIN search_key k"
+                " ON k.type = o.type AND k.param = o.param AND k.code = o.code AND k.system = o.system WHERE true"
+                " ON CONFLICT DO NOTHING")
+
+
+def _narrow_tokens(db: Database) -> None:
+    """Convert layout 2's wide token rows into numbered values and narrow rows, in SQL, in one transaction (the
+    caller's, when it has one) holding the write lock.
+
+    Every row is kept as it was, the chained ones (``patient.identifier`` as the
+    patient was when the resource was stored) included, which rebuilding the
+    index from today's resources would change; nothing is read into this
+    process, and a crash leaves layout 2 as it was. Nothing happens when another
+    process has converted it already. On SQLite it records layout 3 too.
+    """
+    postgresql = dialect(db) == "postgresql"
+    with transaction(db):  # looked at again under the write lock: another process may be upgrading it too
+        if not _wide_tokens(db):
+            return
+        total = db.execute("SELECT count(*) FROM search_token").fetchone()[0]
+        log.warning("database layout 2 found: converting its %d search token rows to numbered values (layout %d)",
+                    total, SCHEMA_VERSION)
+        db.execute("DROP INDEX IF EXISTS search_token_owner")
+        if postgresql:  # its primary key's index is named after the table: out of the new table's way
+            db.execute("ALTER TABLE search_token RENAME CONSTRAINT search_token_pkey TO search_token_layout2_pkey")
+        db.execute("ALTER TABLE search_token RENAME TO search_token_layout2")
+        for statement in statements(schema.script(db, "core")):  # CREATE ... IF NOT EXISTS: the new tables
+            db.execute(statement)
+        db.execute(_NARROW_KEYS)
+        db.execute(_NARROW_ROWS)
+        db.execute("DROP TABLE search_token_layout2")
+        if not postgresql:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        schema.set_version(db, "core", SCHEMA_VERSION)
+        log.warning("database layout %d: %d search token rows kept as numbered values", SCHEMA_VERSION, total)
 
 
 def _reindex(db: Database) -> None:

@@ -115,7 +115,8 @@ CREATE TABLE IF NOT EXISTS signed_bundles (
     issuer_uscc   TEXT NOT NULL,
     patient_keys  TEXT NOT NULL,
     direction     TEXT NOT NULL,
-    text          BYTEA NOT NULL,
+    text          BYTEA NOT NULL,       -- the signed JSON text, deflated (zlib; gateway.store.exchange.unpacked
+                                        -- gives it back byte for byte; earlier releases kept it as is)
     signed_at     TEXT NOT NULL,
     message_ref   BIGINT,
     PRIMARY KEY (doc_sha256)

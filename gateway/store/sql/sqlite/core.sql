@@ -102,7 +102,8 @@ CREATE TABLE IF NOT EXISTS signed_bundles (
     issuer_uscc   TEXT NOT NULL,
     patient_keys  TEXT NOT NULL,        -- JSON list of "system|value" of the subject's identifiers
     direction     TEXT NOT NULL,        -- issued (signed here) | received (verified here)
-    text          BLOB NOT NULL,        -- exactly the signed JSON text
+    text          BLOB NOT NULL,        -- the signed JSON text, deflated (zlib; gateway.store.exchange.unpacked
+                                        -- gives it back byte for byte; earlier releases kept it as is)
     signed_at     TEXT NOT NULL,
     message_ref   INTEGER,
     PRIMARY KEY (doc_sha256)
