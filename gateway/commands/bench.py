@@ -59,9 +59,8 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 @click.option("--seed", type=int, default=8, show_default=True, help="Seed of the generated inputs.")
 def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: int | None, seconds: float | None,
           mllp_rate: float, mllp_clients: int, mllp_workers: int, queue_readers: int, mllp_seconds: float | None,
-          http_clients: int,
-          http_requests: int | None, csv_rows: int | None, audit_entries: int | None, workdir: str | None,
-          seed: int) -> None:
+          http_clients: int, http_requests: int | None, csv_rows: int | None, audit_entries: int | None,
+          workdir: str | None, seed: int) -> None:
     """Measure every stage and end to end on this machine, against a straightforward baseline.
 
     Prints messages/s and Observations/s per core, median and p99 latency and

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.adapters.base import PatientFacts
-from gateway.uuids import uuid5
 from gateway.naming import (
     SYSTEM_ID_CARD,
     SYSTEM_MIPLRN,
@@ -22,6 +21,7 @@ from gateway.naming import (
     local_mrn_system,
     sd_url,
 )
+from gateway.uuids import uuid5
 
 __all__ = ["Issuer", "stable_id", "organization", "patient", "uscc_identifier"]
 
