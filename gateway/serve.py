@@ -248,11 +248,9 @@ def queue_parts(settings: Settings) -> list[str]:
 
 
 def _share(settings: Settings, part: str) -> tuple[int, int]:
-    """(k, n): the share of the senders queue reader ``part`` works (``queue-2`` of 3 is (1, 3))."""
-    number = part.rpartition("-")[2]
-    if part == "queue" or not number.isdigit() or not 1 <= int(number) <= settings.queue_readers:
-        return 0, 1
-    return int(number) - 1, settings.queue_readers
+    """(k, n): the share of the senders queue reader ``part`` (one of :func:`queue_parts`) works: ``queue`` all
+    of them, ``queue-2`` of 3 share (1, 3)."""
+    return (0, 1) if part == "queue" else (int(part.rpartition("-")[2]) - 1, settings.queue_readers)
 
 
 def run_queue(settings: Settings, part: str | None = None, share: tuple[int, int] | None = None) -> None:

@@ -148,8 +148,8 @@ def _layout_2(store: Store, tokens: list[tuple[Any, ...]]) -> None:
 
 def _every_report_bundle() -> list[dict[str, Any]]:
     """Every golden report Bundle, patients who come back with another hospital's record number included."""
-    return [jsonutil.loads(p.read_text(encoding="utf-8")) for p in sorted((DATA / "expected").glob("*.json"))
-            if '"DiagnosticReport"' in p.read_text(encoding="utf-8")]
+    texts = [p.read_text(encoding="utf-8") for p in sorted((DATA / "expected").glob("*.json"))]
+    return [jsonutil.loads(text) for text in texts if '"DiagnosticReport"' in text]
 
 
 def test_layout_2_database_gets_the_narrow_token_index_losing_nothing(tmp_path: Path, database: str) -> None:

@@ -1208,9 +1208,8 @@ def _narrow_tokens(db: Database) -> None:
     with transaction(db):  # looked at again under the write lock: another process may be upgrading it too
         if not _wide_tokens(db):
             return
-        total = db.execute("SELECT count(*) FROM search_token").fetchone()[0]
-        log.warning("database layout 2 found: converting its %d search token rows to numbered values (layout %d)",
-                    total, SCHEMA_VERSION)
+        log.warning("database layout 2 found: converting its search token rows to numbered values (layout %d)",
+                    SCHEMA_VERSION)
         db.execute("DROP INDEX IF EXISTS search_token_owner")
         if postgresql:  # its primary key's index is named after the table: out of the new table's way
             db.execute("ALTER TABLE search_token RENAME CONSTRAINT search_token_pkey TO search_token_layout2_pkey")
@@ -1218,7 +1217,7 @@ def _narrow_tokens(db: Database) -> None:
         for statement in statements(schema.script(db, "core")):  # CREATE ... IF NOT EXISTS: the new tables
             db.execute(statement)
         db.execute(_NARROW_KEYS)
-        db.execute(_NARROW_ROWS)
+        total = db.execute(_NARROW_ROWS).rowcount
         db.execute("DROP TABLE search_token_layout2")
         if not postgresql:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
