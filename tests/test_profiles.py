@@ -294,7 +294,7 @@ HOSTILE = [
       ("Patient.extension[2]", "type")]),
     ("entry not an array", {"resourceType": "Bundle", "type": "collection",
                             "entry": {"resource": {"resourceType": "Patient", "gender": "x y"}}},
-     [("Bundle.entry", "array")]),
+     [("Bundle.entry", "array"), ("Bundle.entry.resource.gender", "binding")]),
     ("profile as a string", {"resourceType": "Patient", "meta": {"profile": sd_url("cyhr-patient")}},
      [("Patient.identifier", "cardinality"), ("Patient.meta.profile", "array"), ("Patient.name", "cardinality")]),
     ("entry of unknown type", {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"a": 1}}]},

@@ -126,7 +126,8 @@ _ODD_VALUES: list[Any] = [
 _DATES = ["2026-13-01", "2026-05-20T08:10", "2026-05-20T08:10:00", "2026-05-20T08:10:00+08:00", "2026-05-20",
           "2026", "20260520", "1971-02-11", "1971-02-12", "2026-02-30", "2026-05-20T25:00:00Z", "T08:00:00"]
 _CODES = ["final", "corrected", "amended", "cancelled", "entered-in-error", "preliminary", "male", "female",
-          "unknown", "laboratory", "LAB", "USCC", "NNCHN", "MR", "official", "collection", "document", "x y", "X"]
+          "unknown", "laboratory", "LAB", "USCC", "NNCHN", "MR", "official", "collection", "document", "x y", "X",
+          "bogus", "<", "usual", "phone", "searchset", "GET"]
 _URLS = ["https://fhir.cyhr.org.cn/StructureDefinition/recognition-mark",
          "https://fhir.cyhr.org.cn/StructureDefinition/replaces",
          "https://fhir.cyhr.org.cn/StructureDefinition/exam-type",

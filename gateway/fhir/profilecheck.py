@@ -35,7 +35,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.fhir.profiles import (
-    _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _MAX_DEPTH, _MISSING, _OBSERVATION_VALUES, _PLAIN,
+    _CODED, _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _MAX_DEPTH, _MISSING, _OBSERVATION_VALUES, _PLAIN,
     _RESOURCE, _SCALAR, _SD, _SEEN_LONGEST, _SEEN_MAX, NoDiscriminatorValue, _Binding, _Constraint, _declares,
     _evaluate_fhirpath, _native_a_report, _native_entries_profiled, _native_entries_urn_uuid,
     _native_id_card_birth_date, _native_id_card_check_digit, _native_miplrn_characters, _native_one_patient,
@@ -308,7 +308,7 @@ class CleanCheck:
             entries[name] = (slot.kind, slot.array, slot.type_code, slot.seen, slot.extensions, name == "reference",
                              low)
             if slot.array is not False and name != "reference" and not slot.extensions:
-                if slot.kind == _FORMATTED:
+                if slot.kind == _FORMATTED or slot.kind == _CODED:  # (a _CODED element's seen: all its codes)
                     texts[name] = slot.seen
                 elif slot.kind == _PLAIN:
                     texts[name] = _PLAIN_SEEN
@@ -316,7 +316,7 @@ class CleanCheck:
                 if name == "reference":
                     if slot.kind == _PLAIN:
                         strings[name] = _REFERENCES_SEEN  # (a hit is still noted for cyhr-bdl-6)
-                elif slot.kind == _FORMATTED:
+                elif slot.kind == _FORMATTED or slot.kind == _CODED:
                     strings[name] = slot.seen
                 elif slot.kind == _PLAIN:
                     strings[name] = _PLAIN_SEEN
@@ -433,6 +433,10 @@ class CleanCheck:
                 for item in val:
                     if type(item) is not str or not (item in seen or _well_formed(type_code, item)):
                         return False
+            elif kind == _CODED:
+                for item in val:
+                    if type(item) is not str or item not in seen:
+                        return False
             else:
                 for item in val:
                     if not self._value(kind, type_code, seen, low, item, shape, key, depth, skip, root, sink):
@@ -448,6 +452,8 @@ class CleanCheck:
             if reference:
                 sink.append(val)
             return True
+        if kind == _CODED:
+            return t is str and val in seen
         if kind == _COMPLEX:
             if t is not dict:
                 return False
@@ -476,6 +482,8 @@ class CleanCheck:
         t = type(item)
         if kind == _FORMATTED:
             return t is str and (item in seen or _well_formed(type_code, item))
+        if kind == _CODED:
+            return t is str and item in seen
         if kind == _PLAIN:
             return t is str and bool(item.strip()) and (item.isprintable() or not _FORBIDDEN.search(item))
         if kind == _COMPLEX:

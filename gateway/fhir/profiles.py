@@ -13,8 +13,11 @@ location (``Observation.code.coding[0].system``) and a severity:
 - base shape, for every element: unknown elements, an object where a primitive
   belongs (or the reverse), empty strings/arrays/objects, ``null``, primitive
   formats (``dateTime`` without an offset, bad ``instant``, ``code`` with
-  spaces, ...), extension ``url`` present and ``ext-1``; and, for the resources
+  spaces, ...), extension ``url`` present and ``ext-1``; for the resources
   and datatypes our Bundles are made of, an array where one value belongs or the reverse;
+  and R4's own required bindings on codes whose value sets can be listed
+  (``Observation.status``, ``Patient.gender``, ``Identifier.use``, ``Bundle.type``...: 338
+  elements, ``r4-required-codes.json``, made from HL7's definitions);
 - our extensions wherever they appear: known URL, allowed context, value type;
 - each profile named in ``meta.profile`` (``url`` or ``url|version``; an unknown
   one is an error): cardinality, slices (value/pattern discriminators),
@@ -24,7 +27,8 @@ location (``Observation.code.coding[0].system``) and a severity:
   declares, located as ``Bundle.entry[3].resource...``.
 
 Cardinality the base specification sets and the profile does not restate, base
-invariants, terminology outside our own ValueSets and the array shape of other
+invariants, terminology outside our own ValueSets and R4's listable required
+bindings (MIME types, currencies; the extensible and preferred ones), and the array shape of other
 resource types are left to a full R4 validator (the tests run three on the
 guide and on the golden files). A few invariants also have a Python twin
 (:data:`NATIVE_CHECKS`) used instead of fhirpathpy on the hot path; a test keeps
@@ -284,7 +288,10 @@ class _Model:
                     array = True
                 elif repeating is not None:
                     array = name in repeating
-                if type_code in _PLAIN_STRINGS:
+                bound = _r4_required_codes().get(f"{owner}.{name}") if type_code == "code" else None
+                if bound is not None:
+                    kind = _CODED
+                elif type_code in _PLAIN_STRINGS:
                     kind = _PLAIN
                 elif type_code in _STRING_TYPES:
                     kind = _FORMATTED
@@ -292,8 +299,9 @@ class _Model:
                     kind = _SCALAR
                 else:
                     kind = _RESOURCE if type_code == "Resource" else _COMPLEX
-                table[name] = _Slot(type_code, child_key, array, kind, _SEEN.get(type_code, frozenset()),
-                                    name in ("extension", "modifierExtension"))
+                table[name] = _Slot(type_code, child_key, array, kind,
+                                    bound[1] if bound is not None else _SEEN.get(type_code, frozenset()),
+                                    name in ("extension", "modifierExtension"), bound[0] if bound is not None else "")
             self._slots[owner] = table
         return table
 
@@ -318,6 +326,16 @@ _FORMATTED = 1  # the other string types: not blank, and in their R4 format
 _SCALAR = 2  # boolean, decimal and the integer types
 _COMPLEX = 3  # a datatype or backbone element: a JSON object, walked in turn
 _RESOURCE = 4  # a resource inside another (contained, Bundle.entry.resource)
+_CODED = 5  # a code with a required binding in R4 (Observation.status): one of its value set's codes
+
+
+@functools.lru_cache(maxsize=1)
+def _r4_required_codes() -> dict[str, tuple[str, frozenset[str]]]:
+    """R4's ``code`` elements bound (required) to a value set whose codes can be listed:
+    ``{element path: (value set url, its codes)}``, from ``r4-required-codes.json`` beside this module (made from
+    the HL7 definitions by ``tests/tools/r4codes/generate.py``; the test suite holds the two equal)."""
+    data = json.loads((Path(__file__).with_name("r4-required-codes.json")).read_text(encoding="utf-8"))
+    return {path: (bound["valueSet"], frozenset(bound["codes"])) for path, bound in data["elements"].items()}
 
 
 class _Slot(NamedTuple):
@@ -327,8 +345,9 @@ class _Slot(NamedTuple):
     child_key: str  # owner of its children
     array: bool | None  # whether it must be a JSON array; None when this gateway does not check
     kind: int  # _PLAIN, _FORMATTED, ...
-    seen: AbstractSet[str]  # for a _FORMATTED value: strings already found well formed
+    seen: AbstractSet[str]  # for a _FORMATTED value: strings already found well formed; for _CODED: its codes
     extensions: bool  # extension or modifierExtension: our extensions are checked here
+    value_set: str = ""  # for a _CODED value: the value set its codes come from
 
 
 # fhirpathpy spells choice types capitalised; these are primitives all the same.
@@ -1102,7 +1121,7 @@ class Guide:
                 _issue(run, "error", "structure", f"{loc}.{key}", f"is not an element of {ctx_path}",
                        "unknown-element")
                 continue
-            type_code, child_key, array, kind, seen, extensions = slot
+            type_code, child_key, array, kind, seen, extensions, _ = slot
             listed = isinstance(val, list)
             if array is not None and array != listed and val is not None:
                 _issue(run, "error", "structure", f"{loc}.{key}",
@@ -1114,6 +1133,9 @@ class Guide:
                         continue
                 elif kind == _FORMATTED:
                     if type(val) is str and (val in seen or _well_formed(type_code, val)):
+                        continue
+                elif kind == _CODED:
+                    if type(val) is str and val in seen:
                         continue
                 elif kind == _COMPLEX and type(val) is dict:
                     self._walk(val, child_key, f"{ctx_path}.{key}", f"{loc}.{key}", run, depth + 1,
@@ -1131,6 +1153,9 @@ class Guide:
                 elif kind == _FORMATTED:
                     if type(item) is str and (item in seen or _well_formed(type_code, item)):
                         continue
+                elif kind == _CODED:
+                    if type(item) is str and item in seen:
+                        continue
                 elif kind == _COMPLEX and type(item) is dict:
                     self._walk(item, child_key, f"{ctx_path}.{key}", f"{loc}.{key}[{i}]", run, depth + 1,
                                skip_entry_resources)
@@ -1144,10 +1169,14 @@ class Guide:
         """One value of element ``key`` that is not the common case: what is wrong with it, or walk it."""
         if item is None:
             _issue(run, "error", "structure", iloc, "null is not allowed in FHIR JSON", "structure")
-        elif slot.kind <= _SCALAR:
+        elif slot.kind <= _SCALAR or slot.kind == _CODED:
             problem = _primitive_problem(slot.type_code, item)
             if problem:
                 _issue(run, "error", "value", iloc, problem, "format")
+            elif slot.kind == _CODED:
+                listed = f" (one of {', '.join(sorted(slot.seen))})" if len(slot.seen) <= 12 else ""
+                _issue(run, "error", "code-invalid", iloc,
+                       f"code {shown(item)} is not in the required value set {slot.value_set}{listed}", "binding")
         elif not isinstance(item, dict):
             _issue(run, "error", "structure", iloc,
                    f"must be a JSON object ({slot.type_code}), not {type(item).__name__}", "type")
