@@ -42,6 +42,7 @@ from gateway.registry.models import (
     CatalogueItem,
     Coding,
     EXPOSURE_CATEGORIES,
+    LevelFact,
     QUALIFICATION_TYPES,
     SYSTEM_TECHNICAL_SERVICE_TYPE,
     TECHNICAL_SERVICE_TYPES,
@@ -337,13 +338,19 @@ def _r(rule: str, status: str, message: str, **facts: Any) -> RuleResult:
 
 
 class _Context:
-    """What every rule of one evaluation shares."""
+    """What every rule of one evaluation shares.
 
-    def __init__(self, facts: ResultFacts, snapshot: Snapshot, receiver: str, at: _dt.datetime) -> None:
+    ``levels`` keeps the hospital levels already looked up in the snapshot, by member and day: shared by the
+    decisions of one Bundle (the same receiver on the same decision day, mostly the same issuer and result day).
+    """
+
+    def __init__(self, facts: ResultFacts, snapshot: Snapshot, receiver: str, at: _dt.datetime,
+                 levels: dict[tuple[str | None, _dt.date], LevelFact | None]) -> None:
         self.facts = facts
         self.snapshot = snapshot
         self.receiver = receiver
         self.at = at
+        self.levels = levels
         self.issuer: Member | None = snapshot.member(facts.issuer_uscc)
         self.receiver_member: Member | None = snapshot.member(receiver)
         #: The performing institution when the rules look at the reading one instead (see ``judged_by``).
@@ -359,9 +366,17 @@ class _Context:
         reader = self.facts.interpreter_uscc
         if item is None or item.responsible != "interpreter" or not reader or reader == self.facts.issuer_uscc:
             return self
-        ctx = _Context(dataclasses.replace(self.facts, issuer_uscc=reader), self.snapshot, self.receiver, self.at)
+        ctx = _Context(dataclasses.replace(self.facts, issuer_uscc=reader), self.snapshot, self.receiver, self.at,
+                       self.levels)
         ctx.performer = self.facts.issuer_uscc
         return ctx
+
+    def level_on(self, uscc: str | None, day: _dt.date) -> LevelFact | None:
+        """:meth:`Snapshot.level_on`, looked up once per member and day."""
+        key = (uscc, day)
+        if key not in self.levels:
+            self.levels[key] = self.snapshot.level_on(uscc, day)
+        return self.levels[key]
 
 
 def _result_day(ctx: _Context, item: CatalogueItem | None) -> tuple[_dt.date | None, dict[str, Any]]:
@@ -563,8 +578,8 @@ def _rule_direction(
     the decision date."""
     rid = "direction"
     at_day = china_date(ctx.at)
-    issuer_level = ctx.snapshot.level_on(ctx.facts.issuer_uscc, day) if day is not None else None
-    receiver_level = ctx.snapshot.level_on(ctx.receiver, at_day)
+    issuer_level = ctx.level_on(ctx.facts.issuer_uscc, day) if day is not None else None
+    receiver_level = ctx.level_on(ctx.receiver, at_day)
     issuer_rank = issuer_level.rank if issuer_level else None
     receiver_rank = receiver_level.rank if receiver_level else None
     info: dict[str, Any] = {
@@ -921,7 +936,12 @@ def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.d
     :raises InputError: ``at`` has no UTC offset.
     """
     _check_at(at)
-    receiver = check_uscc(receiver_uscc)
+    return _decide(facts, snapshot, check_uscc(receiver_uscc), at, {})
+
+
+def _decide(facts: ResultFacts, snapshot: Snapshot, receiver: str, at: _dt.datetime,
+            levels: dict[tuple[str | None, _dt.date], LevelFact | None]) -> Decision:
+    """:func:`decide` for a checked receiver and time, with the levels already looked up (see :class:`_Context`)."""
     decision_id = _decision_id(facts, receiver, at, snapshot)
     if facts.kind == "conclusion":
         rule = _r(
@@ -933,7 +953,7 @@ def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.d
         )
         return Decision(decision_id, NOT_RECOGNIZED, (rule,), facts, receiver, at, snapshot.version, snapshot.digest())
 
-    ctx = _Context(facts, snapshot, receiver, at)
+    ctx = _Context(facts, snapshot, receiver, at, levels)
     candidates: list[CatalogueItem | None] = list(catalogue_items_for(snapshot, facts.codings)) or [None]
     evaluated = []
     for position, item in enumerate(candidates):
@@ -969,7 +989,13 @@ def decide_all(
     :raises IdentifierError: ``receiver_uscc`` fails the GB 32100 check.
     :raises InputError: ``at`` has no UTC offset.
     """
-    return [decide(f, snapshot, receiver_uscc, at) for f in facts]
+    results = list(facts)
+    if not results:
+        return []
+    _check_at(at)
+    receiver = check_uscc(receiver_uscc)
+    levels: dict[tuple[str | None, _dt.date], LevelFact | None] = {}
+    return [_decide(f, snapshot, receiver, at, levels) for f in results]
 
 
 def marks_for(issuer_uscc: str, coding: Coding, on_date: _dt.date, snapshot: Snapshot) -> list[MarkGrant]:
