@@ -131,6 +131,8 @@ def csv_stage(ctx: BenchContext) -> StageResult:
                 break
         result.wall_s = (clock() - t0) / 1e9
         result.cpu_s = time.process_time() - cpu0
+        result.threads = True
+    result.threads = True
     rss.append(_rss_kib())
     result.items = done_rows
     growth = (rss[-1] - rss[min(1, len(rss) - 1)]) if rss else 0
@@ -254,6 +256,7 @@ def audit_verify_stage(ctx: BenchContext) -> StageResult:
     report = verify.verify(db)
     result.wall_s = time.perf_counter() - t0
     result.cpu_s = time.process_time() - cpu0
+    result.threads = True
     result.items = entries
     result.latencies_ms = [result.wall_s * 1000]
     per_million = result.wall_s / entries * 1_000_000 if entries else None

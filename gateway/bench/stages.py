@@ -254,6 +254,7 @@ def store_batch_stage(ctx: BenchContext) -> StageResult:
             result.note += f"; time cap {ctx.options.cap_s:g} s reached"
             break
     result.cpu_s = time.process_time() - cpu0
+    result.threads = True
     store.close()
     return result
 
@@ -353,6 +354,7 @@ def e2e_batch_stage(ctx: BenchContext) -> StageResult:
             result.note += f"; time cap {ctx.options.cap_s:g} s reached"
             break
     result.cpu_s = time.process_time() - cpu0
+    result.threads = True
     pipeline.close()
     if failures:
         result.status = "failed"

@@ -6,13 +6,18 @@ keys on, and ``synchronous=NORMAL`` which in WAL mode is durable across
 application crashes (a power cut can lose the last transactions, never corrupt).
 
 Checkpoints (copying the WAL back into the database file, with an fsync) are
-the costly part of writing: left to SQLite's default, every thousandth page
-written makes one ingest commit wait for it. ``gateway serve`` runs a
-:class:`WalCheckpointer` beside the listeners instead, and a connection only
-checkpoints itself when the WAL has grown past :data:`WAL_AUTOCHECKPOINT_PAGES`
-(the safety net for the CLI and tests). A page many commits rewrite — the end
-of a search index run — is then copied once per checkpoint, not once per
-thousand pages.
+the costly part of writing, and most of their cost is waiting for the disk: left
+to SQLite's default, every thousandth page written makes one commit wait for it
+(a message of 20 results writes some 170 pages, so every sixth message; each wait
+is tens of milliseconds, an ACK held up that long). So the writer never does it
+itself in the ordinary course: after a commit, :func:`transaction` asks this
+process's checkpoint thread (:class:`_BackgroundCheckpoints`) to copy the WAL
+back, at most a few times a second, with a connection of its own, while the
+writer goes on; ``gateway serve``'s background part also runs a
+:class:`WalCheckpointer` every second. A connection still checkpoints itself
+once the WAL has grown past :data:`WAL_AUTOCHECKPOINT_PAGES` (the safety net, for a
+disk slower than the writers). A page many commits rewrite — the end of a search
+index run — is copied once per checkpoint, not once per commit.
 
 The HTTP paths that need the database for a moment (the bearer-token check,
 the console, the audit API...) :func:`borrowed` a connection instead of
@@ -126,11 +131,13 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
+    db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-    return sqlite_utils.Database(conn)
+        db.checkpoint_path = str(Path(path).absolute())  # (see transaction: its commits are checkpointed beside)
+    return db
 
 
 @contextmanager
@@ -167,6 +174,78 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
                 log.warning("rolling back failed too: %s", exc)
         raise
     conn.execute("COMMIT")
+    wal = getattr(db, "checkpoint_path", None)
+    if wal is not None:
+        _CHECKPOINTS.request(wal)
+
+
+class _BackgroundCheckpoints:
+    """This process's checkpoint thread: the WAL of a database file this process has committed to is copied
+    back into the file soon after (``PASSIVE``: never blocking a writer or a reader), at most every
+    :attr:`gap` seconds per file, each time with a connection opened for it (a file replaced by a restore, or
+    deleted, is never written through an old one). The thread is started on first use, in the process that uses
+    it (a forked child starts its own), and waits for work without a timer while nothing is committed."""
+
+    gap = 0.25  # seconds between two checkpoints of one file (at 1 s a writer fast enough meets the safety net)
+
+    def __init__(self) -> None:
+        self._forked()
+
+    def _forked(self) -> None:
+        """A fresh start: in a new process (a forked child inherits no thread, and maybe a lock held)."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: set[str] = set()  # files asked for since their last checkpoint
+        self._last: dict[str, float] = {}  # path -> when it was last checkpointed
+        self._started = False
+
+    def request(self, path: str) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="wal-checkpoint-beside", daemon=True).start()
+            if path not in self._pending:
+                self._pending.add(path)
+                self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                self._wake.clear()
+                now = time.monotonic()
+                due = [p for p in self._pending if now - self._last.get(p, 0.0) >= self.gap]
+                for p in due:
+                    self._pending.discard(p)
+                    self._last[p] = now
+                later = [self._last.get(p, 0.0) + self.gap - now for p in self._pending]
+            for p in due:
+                _checkpoint_once(p)
+            if later:  # asked again before its gap was over: checkpointed once the gap is
+                time.sleep(max(0.0, min(later)))
+                self._wake.set()
+            with self._lock:
+                if len(self._last) > 64:  # files not asked for lately are forgotten
+                    cutoff = time.monotonic() - 10 * self.gap
+                    self._last = {p: t for p, t in self._last.items() if t >= cutoff or p in self._pending}
+
+
+def _checkpoint_once(path: str) -> None:
+    """One ``PASSIVE`` checkpoint of the database file at ``path``; a file gone or busy is left for the next time."""
+    try:
+        conn = sqlite3.connect(f"{Path(path).as_uri()}?mode=rw", uri=True, timeout=0.0, isolation_level=None)
+    except sqlite3.Error:
+        return  # deleted or moved away since the commit: nothing of it to copy
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error as exc:  # another checkpoint running, a lock: the next commit asks again
+        log.debug("WAL checkpoint beside the writer not done: %s", exc)
+    finally:
+        conn.close()
+
+
+_CHECKPOINTS = _BackgroundCheckpoints()
+os.register_at_fork(after_in_child=_CHECKPOINTS._forked)
 
 
 @contextmanager

@@ -1,0 +1,89 @@
+"""A SQLite writer's commits are copied back into the database file beside it, so that it never waits for the disk.
+
+:func:`gateway.store.db.transaction` asks this process's checkpoint thread after
+each commit; the thread checkpoints (``PASSIVE``) with a connection of its own.
+Here the writer's own checkpoint (the safety net) is turned off, so the database
+file can only grow if the thread did the copying.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.store import db as dbmod
+from gateway.store.db import connect, transaction
+
+ROW = "x" * 20_000
+
+
+def _write(path: Path, commits: int) -> dbmod.Database:
+    db = connect(path)
+    db.conn.execute("PRAGMA wal_autocheckpoint = 0")  # the writer never checkpoints by itself
+    db.conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, body TEXT)")
+    for _ in range(commits):
+        with transaction(db):
+            db.conn.execute("INSERT INTO t (body) VALUES (?)", (ROW,))
+    return db
+
+
+def _grows_past(path: Path, size: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.stat().st_size >= size:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_commits_are_checkpointed_beside_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    db = _write(path, 50)  # 1 MB of rows, in the WAL
+    try:
+        assert _grows_past(path, 900_000), "the rows reached the database file without the writer checkpointing"
+    finally:
+        db.conn.close()
+
+
+def test_without_the_thread_the_writer_alone_leaves_the_rows_in_the_wal(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above cannot pass by itself: with no request to the thread, the file does not grow."""
+    monkeypatch.setattr(dbmod._CHECKPOINTS, "request", lambda path: None)
+    path = tmp_path / "gateway.db"
+    db = _write(path, 50)
+    try:
+        assert not _grows_past(path, 900_000, seconds=1.0)
+    finally:
+        db.conn.close()
+
+
+def test_a_database_deleted_after_its_commit_does_not_stop_the_thread(tmp_path: Path) -> None:
+    gone = tmp_path / "gone.db"
+    _write(gone, 1).conn.close()
+    for leftover in (gone, Path(f"{gone}-wal"), Path(f"{gone}-shm")):
+        leftover.unlink(missing_ok=True)
+    path = tmp_path / "gateway.db"
+    db = _write(path, 50)
+    try:
+        assert _grows_past(path, 900_000)
+    finally:
+        db.conn.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_process_checkpoints_with_a_thread_of_its_own(tmp_path: Path) -> None:
+    _write(tmp_path / "first.db", 1).conn.close()  # the thread is running in this process now
+    path = tmp_path / "child.db"
+    pid = os.fork()
+    if pid == 0:  # the child: its commits must be checkpointed although it inherited no thread
+        code = 1
+        try:
+            db = _write(path, 50)
+            code = 0 if _grows_past(path, 900_000) else 3
+            db.conn.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
