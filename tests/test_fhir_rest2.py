@@ -257,8 +257,8 @@ def test_validate_refuses_a_code_outside_a_required_base_binding(loaded, wrapped
     body = {"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": bad}]} if wrapped else bad
     for path in ("/fhir/Patient/$validate", f"/fhir/Patient/{patient['id']}/$validate"):
         issues = _codes(loaded.post(path, json=body))
-        assert ("error", "Patient.gender") in issues
-        assert ("error", "Patient.contact[0].gender") in issues
+        assert issues.count(("error", "Patient.gender")) == 1  # said once, by the guide's R4 bindings
+        assert issues.count(("error", "Patient.contact[0].gender")) == 1
     good = {**bad, "gender": "male", "contact": [{"gender": "female"}]}
     assert not [i for i in _codes(loaded.post(f"/fhir/Patient/{patient['id']}/$validate", json=good))
                 if i[0] == "error"]

@@ -15,7 +15,6 @@ the settings' ``profiles_dir``; a broken guide stops the app with ConfigError.
 """
 from __future__ import annotations
 
-import typing
 from typing import Any
 from urllib.parse import urlencode
 
@@ -155,67 +154,8 @@ def validate_instance(rtype: str, rid: str) -> Response:
 
 
 def _issues(guide: Guide, resource: Any, profiles: list[str]) -> list[Issue]:
-    """Every issue of a resource: the guide's checks (base shape, our profiles) and base R4's required bindings."""
-    issues = guide.validate(resource, profiles)
-    return issues + [issue for issue in base_binding_issues(resource) if issue not in issues]
-
-
-def base_binding_issues(resource: Any) -> list[Issue]:
-    """Codes outside the value set a required binding of base FHIR names (``Patient.gender`` ``bogus``).
-
-    The code lists are those of the ``fhir.resources`` R4B models, the same as R4's for the types this
-    gateway stores; codes in ``Coding`` and ``CodeableConcept`` are left to our profiles.
-    """
-    from fhir.resources.R4B import get_fhir_model_class
-
-    found: list[Issue] = []
-    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-        return found
-    try:
-        model = get_fhir_model_class(resource["resourceType"])
-    except (KeyError, ValueError, AttributeError, ImportError):
-        return found
-    _walk_bindings(model, resource, resource["resourceType"], found, 0)
-    return found
-
-
-def _walk_bindings(model: Any, data: dict[str, Any], loc: str, found: list[Issue], depth: int) -> None:
-    from fhir.resources.R4B import get_fhir_model_class
-
-    if depth > 20:
-        return
-    fields = getattr(model, "model_fields", {})
-    for key, value in data.items():
-        info = fields.get(key)
-        if info is None:
-            continue
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        allowed = extra.get("enum_values")
-        items = value if isinstance(value, list) else [value]
-        for n, item in enumerate(items):
-            where = f"{loc}.{key}" + (f"[{n}]" if isinstance(value, list) else "")
-            if allowed and isinstance(item, str) and item not in allowed:
-                found.append(Issue("error", "code-invalid", where,
-                                   f"{shown(item)} is not in the required value set of {loc.split('[')[0]}."
-                                   f"{key} (allowed: {', '.join(allowed)})"))
-            elif isinstance(item, dict):
-                names = [a.__name__ for a in _leaf_types(info.annotation) if hasattr(a, "__name__")]
-                name = next((t.removesuffix("Type") for t in names if t.endswith("Type")), None)
-                if name is None:
-                    continue
-                try:
-                    inner = get_fhir_model_class(name)
-                except (KeyError, ValueError, AttributeError, ImportError):
-                    continue
-                _walk_bindings(inner, item, where, found, depth + 1)
-
-
-def _leaf_types(annotation: Any) -> list[Any]:
-    """The types an annotation names, unwrapped from Optional, List and the like."""
-    args = typing.get_args(annotation)
-    if not args:
-        return [annotation]
-    return [leaf for arg in args for leaf in _leaf_types(arg)]
+    """Every issue of a resource: the guide's checks (base shape, R4's required bindings on codes, our profiles)."""
+    return guide.validate(resource, profiles)
 
 
 def _validate_posted(guide: Guide, rtype: str, rid: str | None) -> Response:
