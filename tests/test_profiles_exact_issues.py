@@ -339,3 +339,16 @@ def test_a_value_nested_thousands_deep_where_a_fixed_value_applies_is_an_issue(g
     bundle["type"] = deep  # Bundle.type is fixed to collection: the message names what was found instead
     issues = guide.validate(bundle)  # must not raise
     assert "Bundle.type" in {i.location for i in issues if i.severity == "error"}
+
+
+def test_a_code_held_as_a_str_subclass_is_read_as_its_text(guide: Guide) -> None:
+    """R4's bindings on codes, as the other string checks, read a ``str`` subclass as the text it holds."""
+
+    class Code(str):
+        pass
+
+    resource = example("Observation-glucose")
+    resource["status"] = Code("final")
+    assert guide.validate(resource) == []
+    resource["status"] = Code("done")
+    assert [(i.location, i.extra["rule"]) for i in guide.validate(resource)] == [("Observation.status", "binding")]

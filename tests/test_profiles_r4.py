@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,6 +142,38 @@ def test_r4_required_codes_agree_with_the_official_r4_json_schema(findings: dict
         owner, _, name = path.rpartition(".")
         slot = model.slots(owner).get(name)
         assert slot is not None and slot.kind == _CODED, path
+
+
+def test_r4_required_codes_agree_with_fhir_js(findings: dict[str, list[str]]) -> None:
+    """A third source, the R4 definitions FHIR.js (one of the outside validators) ships: every element of the table
+    is bound there to the same value set, and every code of ours is one of its codes (it lists whole code systems
+    where R4 takes part of one, so it may hold more). The package the table is made from carries a few slips of
+    later FHIR versions; what rests on them is left out (``DetectedIssue.status``: R4 binds it to
+    observation-status, the package to R5's detectedissue-status)."""
+    from conftest import validator_path
+
+    fhirjs = validator_path().parent / "node_modules" / "fhir" / "profiles"
+    types = json.loads((fhirjs / "types.json").read_text(encoding="utf-8"))
+    value_sets = json.loads((fhirjs / "valuesets.json").read_text(encoding="utf-8"))
+    table = json.loads((ROOT / "gateway" / "fhir" / "r4-required-codes.json").read_text(encoding="utf-8"))["elements"]
+    bound: dict[str, str] = {}
+
+    def walk(properties: list[dict[str, Any]], path: str) -> None:
+        for prop in properties:
+            here = f"{path}.{prop.get('_name', '')}"
+            if prop.get("_type") == "code" and prop.get("_valueSetStrength") == "required" and prop.get("_valueSet"):
+                bound[here] = prop["_valueSet"].split("|")[0]
+            walk(prop.get("_properties") or [], here)
+
+    for name, definition in types.items():
+        if isinstance(definition, dict):
+            walk(definition.get("_properties") or [], name)
+    for path, entry in table.items():
+        assert bound.get(path) == entry["valueSet"], path
+        theirs = {c["code"] for system in value_sets.get(entry["valueSet"], {}).get("systems", [])
+                  for c in system.get("codes", [])}
+        assert not theirs or set(entry["codes"]) <= theirs, path
+    assert "DetectedIssue.status" in bound and "DetectedIssue.status" not in table
 
 
 BINDING_CASES = [

@@ -8,6 +8,10 @@ file can only grow if the thread did the copying.
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,6 +83,7 @@ def test_a_forked_process_checkpoints_with_a_thread_of_its_own(tmp_path: Path) -
     pid = os.fork()
     if pid == 0:  # the child: its commits must be checkpointed although it inherited no thread
         code = 1
+        signal.alarm(60)  # (a child stuck in SQLite ends, and fails the test, instead of holding up the suite)
         try:
             db = _write(path, 50)
             code = 0 if _grows_past(path, 900_000) else 3
@@ -87,3 +92,25 @@ def test_a_forked_process_checkpoints_with_a_thread_of_its_own(tmp_path: Path) -
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_process_that_ends_right_after_its_last_commit_leaves_everything_in_the_file(tmp_path: Path) -> None:
+    """A command writes, closes and ends: the last connection to close copies the WAL back and removes it. The
+    checkpoint thread's connection may be that last one; the process waits for it rather than end in the middle,
+    so that the database file alone holds every row (what a copy of the file would see)."""
+    script = (
+        "import sys\n"
+        "from gateway.store.db import connect, transaction\n"
+        "db = connect(sys.argv[1])\n"
+        "db.conn.execute('CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, body TEXT)')\n"
+        "for _ in range(3):\n"
+        "    with transaction(db):\n"
+        "        db.conn.execute('INSERT INTO t (body) VALUES (?)', ('x' * 5000,))\n"
+        "db.conn.close()\n"
+    )
+    for n in range(15):
+        path = tmp_path / f"cli-{n}.db"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60)
+        assert not Path(f"{path}-wal").exists(), f"run {n}: the WAL was left behind"
+        rows = sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True).execute("SELECT count(*) FROM t").fetchone()
+        assert rows == (3,), f"run {n}"

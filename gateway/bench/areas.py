@@ -132,7 +132,6 @@ def csv_stage(ctx: BenchContext) -> StageResult:
         result.wall_s = (clock() - t0) / 1e9
         result.cpu_s = time.process_time() - cpu0
         result.threads = True
-    result.threads = True
     rss.append(_rss_kib())
     result.items = done_rows
     growth = (rss[-1] - rss[min(1, len(rss) - 1)]) if rss else 0

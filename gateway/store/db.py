@@ -28,6 +28,7 @@ the file as before.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import select
@@ -184,7 +185,14 @@ class _BackgroundCheckpoints:
     back into the file soon after (``PASSIVE``: never blocking a writer or a reader), at most every
     :attr:`gap` seconds per file, each time with a connection opened for it (a file replaced by a restore, or
     deleted, is never written through an old one). The thread is started on first use, in the process that uses
-    it (a forked child starts its own), and waits for work without a timer while nothing is committed."""
+    it, and waits for work without a timer while nothing is committed.
+
+    While it is inside SQLite (opening, checkpointing, closing) it holds :attr:`_busy`, and two moments wait for
+    that: a fork (SQLite's own locks must not be copied into the child half-taken; the child starts afresh, with
+    a thread of its own on first use), and the end of the process (the thread's connection, when it is the
+    last one open, is what copies the WAL back and removes it: the process must not end in the middle of it, or
+    the file alone would lack the last commits until the next opening).
+    """
 
     gap = 0.25  # seconds between two checkpoints of one file (at 1 s a writer fast enough meets the safety net)
 
@@ -194,10 +202,24 @@ class _BackgroundCheckpoints:
     def _forked(self) -> None:
         """A fresh start: in a new process (a forked child inherits no thread, and maybe a lock held)."""
         self._lock = threading.Lock()
+        self._busy = threading.Lock()  # held while the thread is inside SQLite
         self._wake = threading.Event()
         self._pending: set[str] = set()  # files asked for since their last checkpoint
         self._last: dict[str, float] = {}  # path -> when it was last checkpointed
         self._started = False
+        self._ended = False
+
+    def before_fork(self) -> None:
+        self._busy.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self._busy.release()
+
+    def end(self) -> None:
+        """At the end of the process: let a checkpoint under way finish, and start no other."""
+        if self._busy.acquire(timeout=10.0):
+            self._ended = True
+            self._busy.release()
 
     def request(self, path: str) -> None:
         with self._lock:
@@ -220,7 +242,10 @@ class _BackgroundCheckpoints:
                     self._last[p] = now
                 later = [self._last.get(p, 0.0) + self.gap - now for p in self._pending]
             for p in due:
-                _checkpoint_once(p)
+                with self._busy:
+                    if self._ended:
+                        return
+                    _checkpoint_once(p)
             if later:  # asked again before its gap was over: checkpointed once the gap is
                 time.sleep(max(0.0, min(later)))
                 self._wake.set()
@@ -245,7 +270,9 @@ def _checkpoint_once(path: str) -> None:
 
 
 _CHECKPOINTS = _BackgroundCheckpoints()
-os.register_at_fork(after_in_child=_CHECKPOINTS._forked)
+os.register_at_fork(before=_CHECKPOINTS.before_fork, after_in_parent=_CHECKPOINTS.after_fork_in_parent,
+                    after_in_child=_CHECKPOINTS._forked)
+atexit.register(_CHECKPOINTS.end)
 
 
 @contextmanager
