@@ -130,25 +130,26 @@ VARIANTS: list[tuple[str, str, Change, list[str]]] = [
          "error value 102 Observation.contained[0].name.text [format] must be a JSON string (string)",
      ]),
     # ---- R4's own required bindings on codes (HL7's value sets, gateway/fhir/r4-required-codes.json)
-    ("a status R4 does not define", "Observation-glucose", lambda o: o.update(status="done"), [
-        "error code-invalid 103 Observation.status [binding] code 'done' is not in the required value set "
-        "http://hl7.org/fhir/ValueSet/observation-status (one of amended, cancelled, corrected, entered-in-error, "
-        "final, preliminary, registered, unknown)",
-    ]),
+    ("a status R4 does not define", "Observation-glucose", lambda o: o.update(status="done"),
+     [
+         "error code-invalid 103 Observation.status [binding] code 'done' is not in the required value set "
+         "http://hl7.org/fhir/ValueSet/observation-status (one of amended, cancelled, corrected, entered-in-error, "
+         "final, preliminary, registered, unknown)",
+     ]),
     ("a code of a datatype and a code in an array", "Observation-glucose",
      lambda o: (o["valueQuantity"].update(comparator="~"),
                 o.update(contained=[{"resourceType": "Patient", "id": "p",
-                                     "telecom": [{"system": "wechat", "value": "x"}]}])), [
-        "error code-invalid 103 Observation.valueQuantity.comparator [binding] code '~' is not in the required "
-        "value set http://hl7.org/fhir/ValueSet/quantity-comparator (one of <, <=, >, >=)",
-        "error code-invalid 103 Observation.contained[0].telecom[0].system [binding] code 'wechat' is not in the "
-        "required value set http://hl7.org/fhir/ValueSet/contact-point-system (one of email, fax, other, pager, "
-        "phone, sms, url)",
-    ]),
+                                     "telecom": [{"system": "wechat", "value": "x"}]}])),
+     [
+         "error code-invalid 103 Observation.valueQuantity.comparator [binding] code '~' is not in the required "
+         "value set http://hl7.org/fhir/ValueSet/quantity-comparator (one of <, <=, >, >=)",
+         "error code-invalid 103 Observation.contained[0].telecom[0].system [binding] code 'wechat' is not in the "
+         "required value set http://hl7.org/fhir/ValueSet/contact-point-system (one of email, fax, other, pager, "
+         "phone, sms, url)",
+     ]),
     ("a code that is not a well-formed code is reported as such, once", "Observation-glucose",
-     lambda o: o.update(status=" final"), [
-        "error value 102 Observation.status [format] ' final' is not a valid code",
-    ]),
+     lambda o: o.update(status=" final"),
+     ["error value 102 Observation.status [format] ' final' is not a valid code"]),
     # ---- extensions
     ("extension without url and with both value and extensions", "Observation-glucose",
      lambda o: o["extension"].append({"valueString": "x", "extension": [{"url": "a", "valueString": "b"}]}), [

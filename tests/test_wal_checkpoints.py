@@ -51,8 +51,8 @@ def test_commits_are_checkpointed_beside_the_writer(tmp_path: Path) -> None:
         db.conn.close()
 
 
-def test_without_the_thread_the_writer_alone_leaves_the_rows_in_the_wal(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_thread_the_writer_alone_leaves_the_rows_in_the_wal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check above cannot pass by itself: with no request to the thread, the file does not grow."""
     monkeypatch.setattr(dbmod._CHECKPOINTS, "request", lambda path: None)
     path = tmp_path / "gateway.db"

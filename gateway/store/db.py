@@ -137,7 +137,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-        db.checkpoint_path = str(Path(path).absolute())  # (see transaction: its commits are checkpointed beside)
+        # (see transaction: its commits are checkpointed beside it)
+        db.checkpoint_path = str(Path(path).absolute())  # type: ignore[attr-defined]
     return db
 
 
@@ -256,11 +257,15 @@ class _BackgroundCheckpoints:
 
 
 def _checkpoint_once(path: str) -> None:
-    """One ``PASSIVE`` checkpoint of the database file at ``path``; a file gone or busy is left for the next time."""
+    """One ``PASSIVE`` checkpoint of the database file at ``path``; a file gone or busy is left for the next time.
+    Never raises: the thread goes on for the other files (and a writer past the safety net checkpoints itself)."""
     try:
         conn = sqlite3.connect(f"{Path(path).as_uri()}?mode=rw", uri=True, timeout=0.0, isolation_level=None)
     except sqlite3.Error:
         return  # deleted or moved away since the commit: nothing of it to copy
+    except Exception as exc:  # noqa: BLE001 - e.g. a path the URI form cannot name
+        log.warning("WAL checkpoint beside the writer not possible for this database: %s", type(exc).__name__)
+        return
     try:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     except sqlite3.Error as exc:  # another checkpoint running, a lock: the next commit asks again
