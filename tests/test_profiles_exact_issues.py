@@ -353,3 +353,18 @@ def test_a_code_held_as_a_str_subclass_is_read_as_its_text(guide: Guide) -> None
     assert guide.validate(resource) == []
     resource["status"] = Code("done")
     assert [(i.location, i.extra["rule"]) for i in guide.validate(resource)] == [("Observation.status", "binding")]
+
+
+def test_resource_type_inside_a_backbone_element_is_an_element_like_any_other(guide: Guide) -> None:
+    """Only a resource's own ``resourceType`` is passed over: in a backbone element it is unknown, or, where R4
+    has an element of that name (ExampleScenario.instance), checked as one. Both validators agree."""
+    observation = example("Observation-glucose")
+    observation["component"] = [{"code": {"text": "x"}, "resourceType": "Observation"}]
+    scenario = {"resourceType": "ExampleScenario", "status": "draft",
+                "instance": [{"resourceId": "a", "resourceType": "Bogus"}]}
+    assert [(i.location, i.extra["rule"]) for i in guide.validate(observation)] == [
+        ("Observation.component[0].resourceType", "unknown-element")]
+    assert [(i.location, i.extra["rule"]) for i in guide.validate(scenario)] == [
+        ("ExampleScenario.instance[0].resourceType", "binding")]
+    scenario["instance"][0]["resourceType"] = "Patient"
+    assert guide.validate(scenario) == []

@@ -97,7 +97,7 @@ class _Shape:
         self.type_key = type_key
         self.ctx_path = ctx_path
         self.entries = entries
-        self.resource_level = ctx_path == type_key
+        self.resource_level = ctx_path == type_key and "." not in type_key  # (not a backbone element: see Guide)
         if self.resource_level:  # a resource's own resourceType is not walked (Guide._validate_resource checks it)
             strings = {**strings, "resourceType": _ANY_STRING}
         self.strings = strings  # element -> strings already found good for it, for a one-string element

@@ -1105,7 +1105,8 @@ class Guide:
         if not obj:
             _issue(run, "error", "structure", loc, "must have a value or children (ele-1)", "structure")
             return
-        is_resource = "resourceType" in obj and ctx_path == type_key
+        # (a backbone element's key is its path, with a dot: there resourceType is an element like any other)
+        is_resource = "resourceType" in obj and ctx_path == type_key and "." not in type_key
         slots = self._model.slots(type_key)
         for key, val in obj.items():
             if key == "resourceType" and is_resource:
