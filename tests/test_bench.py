@@ -142,3 +142,18 @@ def test_profiles_of_the_other_unmet_targets_name_parts_that_ran(path: str, size
     assert len(shares) >= 6 and all(share > 0 for _, share in shares), shares
     assert sum(share for _, share in shares) == pytest.approx(1.0)
     assert main(["nowhere"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["e2e", "inbound"])
+def test_pages_a_message_writes_are_counted_by_table(path: str, capsys) -> None:
+    """The count behind the README's "Where the time goes": every frame one more message writes to the log is
+    named by the table or index its page belongs to."""
+    from gateway.bench.profile import main, wal_pages
+
+    frames, counted = wal_pages(path, 6)
+    names = dict(counted)
+    assert frames == sum(names.values()) > 20
+    assert {"search_token", "resources", "messages", "audit_log"} <= set(names), names
+    if path == "inbound":
+        assert "recognition_decisions" in names
+    assert main(["pages", "nowhere", "3"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err

@@ -10,6 +10,12 @@ generated inputs and prints each part's share of the profiled time:
 
 Profiling slows Python code more than C code, so the shares are a guide to what
 to work on, not a measurement of speed (``gateway bench`` measures that).
+
+``python -m gateway.bench.profile pages [e2e|inbound] [N]`` counts instead the
+database pages one more message (or received Bundle) writes to SQLite's log
+after N (default 300) stored before it, by the table or index each page belongs
+to: what a commit costs is the pages it writes, and which indexes they belong to
+says why (read from the log's frames and SQLite's ``dbstat``).
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ import cProfile
 import pstats
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
 
-__all__ = ["profile_e2e", "profile_path", "PARTS", "PATHS"]
+__all__ = ["profile_e2e", "profile_path", "wal_pages", "PARTS", "PATHS"]
 
 Part = tuple[str, str, str]  # label, file suffix, function name (its outermost cumulative time is the part's)
 
@@ -147,6 +154,73 @@ def profile_csv(rows: int = 8000) -> list[tuple[str, float]]:
     return _shares(profiler, _CSV_PARTS, ("gateway/pipeline.py", "convert"), _REST["csv"])
 
 
+def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str, int]]]:
+    """(frames one more message of ``path`` writes to the WAL, [(table or index, frames), ...] most first), after
+    ``before`` stored first. Checkpoints beside the writer are held off meanwhile, so that the log holds exactly
+    that message's frames (its two commits).
+
+    :raises KeyError: an unknown path; :raises RuntimeError: this SQLite has no ``dbstat``.
+    """
+    import collections
+    import sqlite3
+    import struct
+
+    from gateway.bench.stages import _bundles
+    from gateway.pipeline import Pipeline
+    from gateway.store.db import checkpoints_held
+
+    if path not in ("e2e", "inbound"):
+        raise KeyError(path)
+    ctx = BenchContext.create(BenchOptions(quick=True, count=before))
+    try:
+        with checkpoints_held():
+            if path == "e2e":
+                member = Pipeline(ctx.member_settings("pages", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+                units: list[Any] = ctx.fresh_messages(before + 1)
+
+                def store(unit: Any) -> None:
+                    member.ingest(unit, "hl7v2", channel="bench")
+            else:
+                sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+                member = Pipeline(ctx.member_settings("pages", "12500102MB0002006J", "重庆市涪陵中心医院（演示）"),
+                                  clock=ctx.clock)
+                signer, marks = sender.member.require_signer(), sender.member.marks
+                assert marks is not None
+                units = []
+                for bundle in _bundles(ctx, ctx.fresh_messages(before + 1)):
+                    marks.stamp(bundle)
+                    units.append(signer.sign(bundle))
+
+                sender.close()
+
+                def store(unit: Any) -> None:
+                    member.receive_signed(unit, BENCH_ISSUER_USCC)
+            for unit in units[:-1]:
+                store(unit)
+            file = ctx.workdir / "pages" / "gateway.db"
+            conn = sqlite3.connect(file)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log empty: what follows is that message's
+            finally:
+                conn.close()
+            store(units[-1])
+            log = Path(f"{file}-wal").read_bytes()
+            size = struct.unpack(">I", log[8:12])[0]
+            pages = [struct.unpack(">I", log[at:at + 4])[0] for at in range(32, len(log) - 23, 24 + size)]
+            conn = sqlite3.connect(file)
+            try:
+                owner = {page: name for name, page in conn.execute("SELECT name, pageno FROM dbstat")}
+            except sqlite3.OperationalError as exc:
+                raise RuntimeError(f"this SQLite cannot count pages by table ({exc})") from None
+            finally:
+                conn.close()
+            member.close()
+    finally:
+        ctx.close()
+    counted = collections.Counter(owner.get(page, "(freed since)") for page in pages)
+    return len(pages), counted.most_common()
+
+
 #: path -> (function, default size, what a unit is)
 PATHS: dict[str, tuple[Callable[[int], list[tuple[str, float]]], int, str]] = {
     "e2e": (profile_e2e, 300, "Pipeline.ingest calls (one HL7 v2 message each; checks, marks and signing on)"),
@@ -163,6 +237,22 @@ def profile_path(path: str, size: int | None = None) -> list[tuple[str, float]]:
 
 def main(argv: list[str]) -> int:
     args: list[Any] = list(argv)
+    if args[:1] == ["pages"]:
+        which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
+        before = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300
+        try:
+            frames, counted = wal_pages(which, before)
+        except KeyError:
+            print(f"unknown path {which!r} (known: e2e, inbound)", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        print(f"pages one more {'message' if which == 'e2e' else 'received Bundle'} writes to the WAL after "
+              f"{before} stored: {frames}")
+        for name, count in counted:
+            print(f"  {count:5d}  {name}")
+        return 0
     path = args.pop(0) if args and not args[0].isdigit() else "e2e"
     if path not in PATHS:
         print(f"unknown path {path!r} (known: {', '.join(PATHS)})", file=sys.stderr)

@@ -209,6 +209,7 @@ class _BackgroundCheckpoints:
         self._last: dict[str, float] = {}  # path -> when it was last checkpointed
         self._started = False
         self._ended = False
+        self.held = False  # True: no checkpoint asked for (see checkpoints_held)
 
     def before_fork(self) -> None:
         self._busy.acquire()
@@ -223,6 +224,8 @@ class _BackgroundCheckpoints:
             self._busy.release()
 
     def request(self, path: str) -> None:
+        if self.held:
+            return
         with self._lock:
             if not self._started:
                 self._started = True
@@ -275,6 +278,19 @@ def _checkpoint_once(path: str) -> None:
 
 
 _CHECKPOINTS = _BackgroundCheckpoints()
+
+
+@contextmanager
+def checkpoints_held() -> Iterator[None]:
+    """No checkpoint beside the writers of this process meanwhile: the WAL keeps what they wrote, for a tool that
+    reads it (``python -m gateway.bench.profile pages``). The writers' own safety net still applies."""
+    _CHECKPOINTS.held = True
+    try:
+        yield
+    finally:
+        _CHECKPOINTS.held = False
+
+
 os.register_at_fork(before=_CHECKPOINTS.before_fork, after_in_parent=_CHECKPOINTS.after_fork_in_parent,
                     after_in_child=_CHECKPOINTS._forked)
 atexit.register(_CHECKPOINTS.end)
