@@ -102,22 +102,28 @@ def profile_e2e(messages: int = 300) -> list[tuple[str, float]]:
     return _shares(profiler, PARTS, ("gateway/pipeline.py", "ingest"), _REST["e2e"])
 
 
-def profile_inbound(bundles: int = 100) -> list[tuple[str, float]]:
-    """(part, share of the profiled time of ``Pipeline.receive_signed``) for Bundles signed by another member."""
+def _receiver(ctx: BenchContext, name: str, bundles: int) -> tuple[Any, list[bytes]]:
+    """A member named ``name`` that receives, and ``bundles`` signed report Bundles of the bench's issuer for it."""
     from gateway.bench.stages import _bundles
     from gateway.pipeline import Pipeline
 
+    sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+    receiver = Pipeline(ctx.member_settings(name, "12500102MB0002006J", "重庆市涪陵中心医院（演示）"), clock=ctx.clock)
+    signer, marks = sender.member.require_signer(), sender.member.marks
+    assert marks is not None
+    texts = []
+    for bundle in _bundles(ctx, ctx.fresh_messages(bundles)):
+        marks.stamp(bundle)
+        texts.append(signer.sign(bundle))
+    sender.close()
+    return receiver, texts
+
+
+def profile_inbound(bundles: int = 100) -> list[tuple[str, float]]:
+    """(part, share of the profiled time of ``Pipeline.receive_signed``) for Bundles signed by another member."""
     ctx = BenchContext.create(BenchOptions(quick=True, count=bundles))
     try:
-        sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
-        receiver = Pipeline(ctx.member_settings("inbound", "12500102MB0002006J", "重庆市涪陵中心医院（演示）"),
-                            clock=ctx.clock)
-        signer, marks = sender.member.require_signer(), sender.member.marks
-        assert marks is not None
-        texts = []
-        for bundle in _bundles(ctx, ctx.fresh_messages(bundles + 1)):
-            marks.stamp(bundle)
-            texts.append(signer.sign(bundle))
+        receiver, texts = _receiver(ctx, "inbound", bundles + 1)
         receiver.receive_signed(texts.pop(), BENCH_ISSUER_USCC)  # the schema is created on first use
         profiler = cProfile.Profile()
         profiler.enable()
@@ -125,7 +131,6 @@ def profile_inbound(bundles: int = 100) -> list[tuple[str, float]]:
             receiver.receive_signed(text, BENCH_ISSUER_USCC)
         profiler.disable()
         receiver.close()
-        sender.close()
     finally:
         ctx.close()
     return _shares(profiler, _INBOUND_PARTS, ("gateway/pipeline.py", "receive_signed"), _REST["inbound"])
@@ -165,7 +170,6 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
     import sqlite3
     import struct
 
-    from gateway.bench.stages import _bundles
     from gateway.pipeline import Pipeline
     from gateway.store.db import checkpoints_held
 
@@ -181,17 +185,7 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
                 def store(unit: Any) -> None:
                     member.ingest(unit, "hl7v2", channel="bench")
             else:
-                sender = Pipeline(ctx.member_settings("sender", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
-                member = Pipeline(ctx.member_settings("pages", "12500102MB0002006J", "重庆市涪陵中心医院（演示）"),
-                                  clock=ctx.clock)
-                signer, marks = sender.member.require_signer(), sender.member.marks
-                assert marks is not None
-                units = []
-                for bundle in _bundles(ctx, ctx.fresh_messages(before + 1)):
-                    marks.stamp(bundle)
-                    units.append(signer.sign(bundle))
-
-                sender.close()
+                member, units = _receiver(ctx, "pages", before + 1)
 
                 def store(unit: Any) -> None:
                     member.receive_signed(unit, BENCH_ISSUER_USCC)
