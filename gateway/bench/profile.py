@@ -23,7 +23,6 @@ import cProfile
 import pstats
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from gateway.bench.context import BenchContext, BenchOptions
@@ -167,11 +166,9 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
     :raises KeyError: an unknown path; :raises RuntimeError: this SQLite has no ``dbstat``.
     """
     import collections
-    import sqlite3
-    import struct
 
     from gateway.pipeline import Pipeline
-    from gateway.store.db import checkpoints_held
+    from gateway.store.db import checkpoints_held, empty_wal, wal_page_owners
 
     if path not in ("e2e", "inbound"):
         raise KeyError(path)
@@ -192,27 +189,13 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
             for unit in units[:-1]:
                 store(unit)
             file = ctx.workdir / "pages" / "gateway.db"
-            conn = sqlite3.connect(file)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log empty: what follows is that message's
-            finally:
-                conn.close()
+            empty_wal(file)  # what the log holds next is that message's
             store(units[-1])
-            log = Path(f"{file}-wal").read_bytes()
-            size = struct.unpack(">I", log[8:12])[0]
-            pages = [struct.unpack(">I", log[at:at + 4])[0] for at in range(32, len(log) - 23, 24 + size)]
-            conn = sqlite3.connect(file)
-            try:
-                owner = {page: name for name, page in conn.execute("SELECT name, pageno FROM dbstat")}
-            except sqlite3.OperationalError as exc:
-                raise RuntimeError(f"this SQLite cannot count pages by table ({exc})") from None
-            finally:
-                conn.close()
+            owners = wal_page_owners(file)
             member.close()
     finally:
         ctx.close()
-    counted = collections.Counter(owner.get(page, "(freed since)") for page in pages)
-    return len(pages), counted.most_common()
+    return len(owners), collections.Counter(owners).most_common()
 
 
 #: path -> (function, default size, what a unit is)

@@ -48,7 +48,8 @@ import sqlite_utils
 from gateway.errors import DatabaseUnavailable
 from gateway.store import postgresql as _pg
 
-__all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES", "Database",
+__all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES", "checkpoints_held",
+           "empty_wal", "wal_page_owners", "Database",
            "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "connection_lost", "borrowed",
            "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
 
@@ -278,6 +279,37 @@ def _checkpoint_once(path: str) -> None:
 
 
 _CHECKPOINTS = _BackgroundCheckpoints()
+
+
+def empty_wal(path: str | Path) -> None:
+    """Copy the WAL of the SQLite file at ``path`` back into it and empty it (a ``TRUNCATE`` checkpoint), so that
+    the log holds only what is written next (``python -m gateway.bench.profile pages``)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def wal_page_owners(path: str | Path) -> list[str]:
+    """The table or index each frame of the WAL of the SQLite file at ``path`` writes a page of, frame by frame
+    (``(freed since)`` for a page no longer in use), read from the frames' headers and SQLite's ``dbstat``.
+
+    :raises RuntimeError: this SQLite has no ``dbstat``.
+    """
+    log = Path(f"{path}-wal").read_bytes()
+    if len(log) < 32:
+        return []
+    size = int.from_bytes(log[8:12], "big")
+    pages = [int.from_bytes(log[at:at + 4], "big") for at in range(32, len(log) - 23, 24 + size)]
+    conn = sqlite3.connect(path)
+    try:
+        owner = {page: name for name, page in conn.execute("SELECT name, pageno FROM dbstat")}
+    except sqlite3.OperationalError as exc:
+        raise RuntimeError(f"this SQLite cannot count pages by table ({exc})") from None
+    finally:
+        conn.close()
+    return [owner.get(page, "(freed since)") for page in pages]
 
 
 @contextmanager
