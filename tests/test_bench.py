@@ -157,3 +157,4 @@ def test_pages_a_message_writes_are_counted_by_table(path: str, capsys) -> None:
     if path == "inbound":
         assert "recognition_decisions" in names
     assert main(["pages", "nowhere", "3"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err
+    assert main(["pages", path, "0"]) == 2 and "at least 1" in capsys.readouterr().err

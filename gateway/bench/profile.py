@@ -217,6 +217,9 @@ def main(argv: list[str]) -> int:
     if args[:1] == ["pages"]:
         which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
         before = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300
+        if before < 1:
+            print("pages: N, the messages stored first, must be at least 1", file=sys.stderr)
+            return 2
         try:
             frames, counted = wal_pages(which, before)
         except KeyError:

@@ -374,40 +374,25 @@ class WalCheckpointer(threading.Thread):
     """Copies the WAL back into the database every ``interval`` seconds, beside the writers.
 
     A ``PASSIVE`` checkpoint never blocks a writer or a reader: it copies what
-    no reader still needs and leaves the rest for the next round. Its own
-    connection, its own thread; :meth:`stop` ends it after a last checkpoint.
+    no reader still needs and leaves the rest for the next round. Each round is
+    :func:`_checkpoint_once` (a connection opened for it, as the writers'
+    checkpoint threads do), in a thread of its own; it also copies back what a
+    writer that died left in the WAL while nothing else commits. :meth:`stop`
+    ends it after a last checkpoint.
     """
 
     def __init__(self, path: str | Path | None, interval: float = 1.0) -> None:
         """``path`` None (a PostgreSQL database, which checkpoints by itself): the thread does nothing."""
         super().__init__(name="wal-checkpoint", daemon=True)
-        self.path, self.interval = (str(path) if path is not None else None), interval
+        self.path, self.interval = (str(Path(path).absolute()) if path is not None else None), interval
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         if self.path is None:
             return
-        conn: sqlite3.Connection | None = None
-        try:
-            while not self._stop_event.wait(self.interval):
-                conn = self.checkpoint(conn)
-            self.checkpoint(conn)
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def checkpoint(self, conn: sqlite3.Connection | None) -> sqlite3.Connection | None:
-        """One round; opens the connection first when there is none (the database may not exist yet)."""
-        if self.path is None or (conn is None and not Path(self.path).exists()):
-            return None  # not created yet: that is the gateway's own start-up, not this thread's
-        try:
-            if conn is None:
-                conn = sqlite3.connect(f"{Path(self.path).absolute().as_uri()}?mode=rw", uri=True, timeout=30.0,
-                                       isolation_level=None)
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:  # the next round tries again; a writer is never held up by this
-            log.warning("WAL checkpoint failed: %s", exc)
-        return conn
+        while not self._stop_event.wait(self.interval):
+            _checkpoint_once(self.path)  # (a database not created yet is left for the next round)
+        _checkpoint_once(self.path)
 
     def stop(self) -> None:
         self._stop_event.set()
