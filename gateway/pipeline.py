@@ -202,6 +202,10 @@ _BATCH = 32  # units stored and processed per pair of commits when a body or fil
 _ANSWERED = ("stored", "filtered", "failed")
 #: Times a message may be taken on without finishing (its process died each time) before it is set aside as failed.
 MAX_ATTEMPTS = 3
+#: Seconds a resend waits for the live process that holds its first copy (another node's listener, a background
+#: loop taking over a dead node's messages) to record that copy's outcome, so that it is answered with it rather
+#: than asked to retry. Working a message takes milliseconds; common LIS senders wait 5–30 s for an ACK.
+RESEND_WAIT = 3.0
 AfterStore = Callable[[Database, Outcome], None]
 
 
@@ -810,13 +814,42 @@ class Pipeline:
                            answer=existing.ack, filtered_reason=existing.status)
         rec = self.store.take(existing.id, float(self.settings.processing_lease))
         if rec is None:
-            return self._busy(ch, unit, existing)
+            waited = self._await_holder(existing.id, unit)
+            if isinstance(waited, Outcome):
+                return waited
+            if waited is None:
+                return self._busy(ch, unit, existing)
+            rec = waited
         log.info("message format=%s record=%s left unfinished (%s), taken over: attempt %d", ch.format, rec.id,
                  rec.status, rec.attempts)
         stored = RawUnit(self.store.raw_of(rec.id), unit.index, rec.origin or unit.origin)
         if rec.attempts > MAX_ATTEMPTS:
             return stored, self._set_aside(ch, stored, rec.id, rec.attempts)
         return stored, self._work(ch, stored, rec.id)
+
+    def _await_holder(self, record_id: int, unit: RawUnit) -> Outcome | Any | None:
+        """Wait up to :data:`RESEND_WAIT` seconds for the live process holding message ``record_id`` to record
+        its outcome: that outcome, as the answer to a resend (a duplicate); the message's record, taken over,
+        when its holder died or gave it up meanwhile; None when it is still held (no transaction is open
+        while this waits)."""
+        deadline = time.monotonic() + RESEND_WAIT
+        pause = 0.02
+        while time.monotonic() < deadline:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.2)
+            now = self.store.get_message(record_id)
+            if now.ack is not None:
+                log.info("duplicate format=%s record=%s status=%s (its holder finished it)", now.format, now.id,
+                         now.status)
+                label = f"{now.message_id}" if now.message_id else f"unit {unit.index}"
+                return Outcome(Status.DUPLICATE, label, ack_code=now.ack_code or "", record_id=now.id,
+                               answer=now.ack, filtered_reason=now.status)
+            if holder_alive(now.lease_owner, now.lease_until, self.store.epoch()):
+                continue
+            taken = self.store.take(record_id, float(self.settings.processing_lease))
+            if taken is not None:
+                return taken
+        return None
 
     def _repeat(self, ch: Channel, unit: RawUnit, repeat: _Repeat) -> Outcome:
         """The outcome of a request repeating a document, with its answer built for this request (its own

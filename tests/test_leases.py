@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from conftest import DATA
 from gateway.adapters.base import RawUnit
 from gateway.adapters.hl7v2 import split_messages
 from gateway.mllp import MLLPServer, frame
+import gateway.pipeline as pipeline_module
 from gateway.pipeline import MAX_ATTEMPTS, Pipeline, Status
 from gateway.store.store import Store
 
@@ -56,9 +58,12 @@ def hold(pipeline: Pipeline, message: bytes, *, lease: float = 300.0, status: st
 
 
 def test_a_live_lease_is_answered_being_processed_and_an_expired_one_is_taken_over(
-        pipeline: Pipeline, clock: Any) -> None:
+        pipeline: Pipeline, clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_module, "RESEND_WAIT", 0.3)
     record_id = hold(pipeline, copy_of("L001"))  # held by this very process: alive
+    started = time.monotonic()
     busy = ingest(pipeline, copy_of("L001"))
+    assert time.monotonic() - started >= 0.3, "the resend waited for the holder first"
     assert busy.status is Status.DUPLICATE and msa(busy.answer)[1] == "AE"
     assert "already being processed" in msa(busy.answer)[3]
     assert pipeline.store.get_message(record_id).status == "received"
@@ -98,17 +103,24 @@ HOLDER = textwrap.dedent("""
     pipeline = Pipeline(settings)
     raw = sys.stdin.buffer.read()
     # stored raw and held, as ingest_batch does before it works a message; then it hangs as if stuck in a stage
-    sender, message_id = pipeline.channel("hl7v2").adapter.identify(RawUnit(raw, 1))
-    pipeline.store.insert_raw(channel="mllp", fmt="hl7v2", sender=sender, message_id=message_id, origin="mllp:x",
-                              raw=raw, lease=300.0)
+    ch = pipeline.channel("hl7v2")
+    sender, message_id = ch.adapter.identify(RawUnit(raw, 1))
+    record_id, _ = pipeline.store.insert_raw(channel="mllp", fmt="hl7v2", sender=sender, message_id=message_id,
+                                             origin="mllp:x", raw=raw, lease=300.0)
     print("held", flush=True)
+    if sys.argv[4] == "never":
+        time.sleep(120)
+    time.sleep(float(sys.argv[4]))  # then it finishes the message, as a slow listener or another node would
+    unit = RawUnit(raw, 1, "mllp:x")
+    pipeline._record_safely(ch, unit, pipeline._work(ch, unit, record_id), "mllp")
+    print("finished", flush=True)
     time.sleep(120)
 """)
 
 
-def _holder(settings: Any, message: bytes) -> subprocess.Popen[bytes]:
+def _holder(settings: Any, message: bytes, finish_after: str = "never") -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, settings.data_dir, settings.issuer_uscc,
-                             settings.database],
+                             settings.database, finish_after],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(message)
@@ -117,7 +129,47 @@ def _holder(settings: Any, message: bytes) -> subprocess.Popen[bytes]:
     return proc
 
 
-def test_a_message_held_by_a_process_killed_with_sigkill_is_worked_on_resend(settings: Any) -> None:
+def test_a_resend_while_another_process_works_the_first_copy_is_answered_with_its_outcome(settings: Any) -> None:
+    """Another node's listener, or a background loop taking over a killed node's messages, holds the first copy
+    when the LIS sends it again: the resend waits for that outcome and is answered with it (AA), not told to
+    retry (AE), which a LIS would show as an error to a person."""
+    pipeline = Pipeline(settings)
+    proc = _holder(settings, copy_of("W001"), finish_after="0.5")
+    try:
+        started = time.monotonic()
+        outcome = ingest(pipeline, copy_of("W001"))
+        waited = time.monotonic() - started
+        assert outcome.status is Status.DUPLICATE and msa(outcome.answer)[1:3] == ["AA", "W001"]
+        assert 0.2 < waited < pipeline_module.RESEND_WAIT
+        rec = pipeline.store.find_message("hl7v2", "LIS|TJXRMYY", "W001")
+        assert rec is not None and rec.status == "stored" and rec.ack == outcome.answer, "the holder's own answer"
+        assert rec.attempts == 1, "worked once, by its holder"
+        assert pipeline.store.counts() == {"stored": 1}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        pipeline.close()
+
+
+def test_a_resend_waiting_for_a_holder_that_is_killed_takes_the_message_over(settings: Any) -> None:
+    pipeline = Pipeline(settings)
+    proc = _holder(settings, copy_of("W002"))
+    killer = threading.Timer(0.4, lambda: (os.kill(proc.pid, signal.SIGKILL), proc.wait(10)))
+    try:
+        killer.start()
+        outcome = ingest(pipeline, copy_of("W002"))
+        assert outcome.status is Status.STORED and msa(outcome.answer)[1:3] == ["AA", "W002"]
+        rec = pipeline.store.find_message("hl7v2", "LIS|TJXRMYY", "W002")
+        assert rec is not None and (rec.status, rec.attempts, rec.lease_owner) == ("stored", 2, None)
+    finally:
+        killer.join()
+        proc.kill()
+        pipeline.close()
+
+
+def test_a_message_held_by_a_process_killed_with_sigkill_is_worked_on_resend(
+        settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_module, "RESEND_WAIT", 0.3)
     pipeline = Pipeline(settings)  # the real clock: the holder's lease has not expired
     proc = _holder(settings, copy_of("K001"))
     try:
