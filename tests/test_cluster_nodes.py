@@ -167,6 +167,7 @@ def test_three_nodes_one_database_one_killed(tmp_path: Path, pg_cluster: Any) ->
 
     messages = oru_batch(MESSAGES, seed=31)
     acked: dict[str, bytes] = {}
+    answers: dict[str, bytes] = {}  # every acknowledgement other than AA, whole
     lock = threading.Lock()
     killed = threading.Event()
     try:
