@@ -24,6 +24,8 @@ CREATE INDEX IF NOT EXISTS recognition_decisions_patient ON recognition_decision
 CREATE INDEX IF NOT EXISTS recognition_decisions_issuer ON recognition_decisions (issuer_uscc, decided_at);
 CREATE INDEX IF NOT EXISTS recognition_decisions_item ON recognition_decisions (item_code, decided_at);
 CREATE INDEX IF NOT EXISTS recognition_decisions_outcome ON recognition_decisions (outcome, decided_at);
+-- the decisions on one report version, withdrawn when a correction supersedes it
+CREATE INDEX IF NOT EXISTS recognition_decisions_report ON recognition_decisions (bundle_id, report_id);
 CREATE TABLE IF NOT EXISTS recognition_overrides (
     override_id      INTEGER PRIMARY KEY AUTOINCREMENT,
     decision_id      TEXT NOT NULL REFERENCES recognition_decisions (decision_id),

@@ -1,0 +1,296 @@
+"""Every statement the hot paths run finds its rows through an index: none reads a whole table that grows with use.
+
+A full scan is invisible on a test database and a stall on a member's: a 互认 decision table a year old holds
+millions of rows, and a scan on the write path holds SQLite's write lock (and every LIS's ACK) for seconds. So
+this test runs what a member gateway does every day — an HL7 v2 report stored and signed, pushed and delivered,
+received, verified, decided and audited; then its correction, which supersedes the stored version on both sides
+and withdraws the receiver's decisions; the outbox; the reads and searches of hospital IT and auditors — records
+every statement SQLite runs (its trace, with the values bound), and asks SQLite's planner (``EXPLAIN QUERY
+PLAN``) how it would run each one.
+
+A plan may ``SCAN`` only a table that stays small (the registry, accounts, checkpoints), or one named in
+:data:`SCANS_ALLOWED` with the reason. Inputs: the correction pair of ``tests/test_corrections.py`` (通江's LIS,
+built there) and the demo world.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Clock
+from gateway.audit.log import entries
+from gateway.audit.query import parse_search, run
+from gateway.audit.stats import compute
+from gateway.demo.world import build_world
+from gateway.recognition.store import list_decisions
+from gateway.adapters.base import RawUnit
+from test_corrections import CDA, CORRECTION, FL, NUMBER, ORIGINAL, PATIENT, ingest
+from test_exchange import URLS, Routed
+
+CST = _dt.timezone(_dt.timedelta(hours=8))
+
+#: Tables that stay small whatever the traffic: a scan of them is a few pages.
+SMALL = frozenset({
+    "schema_versions", "registry_applied", "audit_checkpoint",
+    "gateway_user", "gateway_token",  # accounts and the API tokens an operator issues them
+})
+
+#: Statements (by their start) that scan a growing table because that is what they mean, with why.
+SCANS_ALLOWED: dict[str, str] = {
+    "SELECT rid, type, json FROM resources ORDER BY rid": "a layout step rebuilding the search index reads every "
+                                                          "resource, once (here on an empty database)",
+}
+
+
+_ALIASED = re.compile(r"(?:FROM|JOIN)\s+(\w+)\s+(?:AS\s+)?(?!WHERE\b|ON\b|LEFT\b|JOIN\b|ORDER\b|GROUP\b|LIMIT\b"
+                      r"|USING\b|INNER\b|CROSS\b|NATURAL\b|UNION\b)(\w+)", re.IGNORECASE)
+_NEWEST = re.compile(r"ORDER BY (?:seq|id|rid|rowid) DESC LIMIT 1\b", re.IGNORECASE)
+
+
+def _plan_problems(db_path: Path, statements: list[str]) -> list[str]:
+    """Each distinct statement that SQLite would run with a full scan of a table that grows, with its plan."""
+    problems: list[str] = []
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for sql in dict.fromkeys(statements):
+            head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+            if head not in ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH", "REPLACE"):
+                continue
+            try:
+                plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+            except sqlite3.Error:
+                continue  # a statement on a temporary table or one this connection cannot see
+            for row in plan:
+                detail = str(row[3])
+                found = re.match(r"SCAN (?:TABLE )?(\w+)", detail)
+                if found is None or " USING " in detail or "VIRTUAL TABLE" in detail:
+                    continue  # a search, or a scan of a covering index in its order (a LIMIT walks it)
+                aliases = {alias: name for name, alias in _ALIASED.findall(sql) if name in tables}
+                table = aliases.get(found.group(1), found.group(1))
+                if table not in tables:
+                    continue  # a subquery, a VALUES list or json_each: rows the statement made itself
+                if _NEWEST.search(sql) and found.group(1) == detail.split()[-1]:
+                    continue  # the last row by its rowid (ORDER BY the key DESC LIMIT 1): one page
+                if table in SMALL or table.startswith("sqlite_") or any(map(sql.startswith, SCANS_ALLOWED)):
+                    continue
+                problems.append(f"{detail}\n    in: {sql[:400]}")
+    finally:
+        conn.close()
+    return problems
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Every statement run on a SQLite connection opened from here on, by database file."""
+    seen: dict[str, list[str]] = {}
+    real = sqlite3.connect
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real(database, *args, **kwargs)
+        path = str(database).removeprefix("file:").split("?", 1)[0]
+        statements = seen.setdefault(str(Path(path).resolve()) if path != ":memory:" else path, [])
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return seen
+
+
+def _world(tmp_path: Path, database: Any = None) -> Any:
+    clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
+    world = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"), database=database)
+    transport = Routed(world)
+    for gw in world.gateways.values():
+        assert gw.pipeline.exchange is not None
+        gw.pipeline.exchange.transport = transport
+    return world
+
+
+def _daily_work(world: Any) -> None:
+    """What a member gateway does every day, on 通江 (issuing) and 涪陵 (receiving)."""
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    # a report, delivered and decided; then its correction: superseded on both sides, decisions withdrawn
+    original = ingest(tj, ORIGINAL)[0].bundle
+    tj.exchange.push(original["id"], FL)
+    assert tj.exchange.deliver()["delivered"] == 1
+    ingest(tj, CORRECTION)
+    assert tj.exchange.deliver()["delivered"] == 1
+    assert len([e for e in entries(fl.store.db) if e.kind == "withdrawal"]) == 4, "the withdrawals ran"
+    assert tj.ingest(ORIGINAL, "hl7v2", channel="test")[0].record_id, "a resend is answered from the first copy"
+
+    # a CDA document, sent twice (the repeat is told by its 文档流水号) and once corrected; HL7 v2 answered on
+    # receipt (MLLP mllp_ack = received) and worked by the queue reader; a start's recovery
+    for name in ("lab-report-full.xml", "lab-report-full.xml", "lab-report-corrected.xml"):
+        tj.ingest((CDA / name).read_bytes(), "cda", channel="test")
+    assert len(tj.store.messages_keyed("cda", *_cda_key(tj))) == 2, "the repeat was stored under key#2"
+    ch = tj.channel("hl7v2")
+    queued = ORIGINAL.replace(b"TJ2611200001", b"TJ2611200777").replace(b"R2611200001", b"R2611200777")
+    assert [o.status.value for o in tj.receive_batch(ch, [RawUnit(queued, 1, "mllp:test")], channel="mllp")] == [
+        "queued"]
+    assert [o.status.value for o in tj.process_queued()] == ["stored"]
+    tj.recover()
+    tj.rework_abandoned()
+
+    # what hospital IT and auditors read most
+    for pipeline in (tj, fl):
+        store = pipeline.store
+        found = store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{NUMBER}")])
+        assert found.resources
+        report = found.resources[0]
+        store.read("DiagnosticReport", report["id"])
+        store.history("DiagnosticReport", report["id"])
+        store.search("Observation", [("patient.identifier", PATIENT)], count=50)
+        store.search("Observation", [("subject", f"Patient/{report['subject']['reference'].split('/')[-1]}")])
+        store.search("Observation", [("code", "http://loinc.org|6690-2"), ("date", "ge2026-11-01")])
+        for query in ([("patient:identifier", f"urn:oid:2.16.156.10011.1.3|{PATIENT}")],
+                      [("type", "recognition-withdrawal")], [("agent:identifier", f"|{FL}")],
+                      [("entity", f"DiagnosticReport/{report['id']}")], [("date", "ge2026-11-01")]):
+            run(store.db, parse_search(query, tz=CST))
+        compute(store.db)
+        list_decisions(store.db, patient=PATIENT)
+    assert list_decisions(fl.store.db, patient=PATIENT)
+
+
+def test_the_daily_paths_never_scan_a_growing_table(tmp_path: Path, traced: dict[str, list[str]]) -> None:
+    world = _world(tmp_path)
+    _daily_work(world)
+    problems: list[str] = []
+    for name, gw in world.gateways.items():
+        database = Path(gw.settings.database_locator).resolve()
+        statements = traced.get(str(database), [])
+        assert len(statements) > 100, f"{name}: the trace saw the gateway's statements"
+        problems += [f"{name}: {p}" for p in _plan_problems(database, statements)]
+    assert not problems, "full scans of growing tables:\n" + "\n".join(problems)
+
+
+def test_the_daily_paths_can_use_an_index_for_every_lookup_on_postgresql(
+        tmp_path: Path, backend: str, member_database: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: every parameterised statement, planned as a prepared statement is after its first runs (a
+    generic plan, which knows no value) and with sequential scans priced out, reads no growing table whole.
+    A partial index (``messages_dedup``, for ids that are not empty) serves only a statement that says so."""
+    if backend != "postgresql":
+        pytest.skip("the PostgreSQL planner's view (run with --backend postgresql)")
+    import psycopg
+
+    from gateway.store import postgresql as pg
+
+    seen: list[tuple[Any, str, list[Any]]] = []
+    real = pg.PgConnection.execute
+
+    def execute(self: Any, sql: str, params: Any = None) -> Any:
+        verb = sql.lstrip()[:6].upper()
+        if params and isinstance(params, (list, tuple)) and verb in ("SELECT", "UPDATE", "DELETE"):
+            seen.append((self.raw, sql, list(params)))
+        return real(self, sql, params)
+
+    monkeypatch.setattr(pg.PgConnection, "execute", execute)
+    world = _world(tmp_path, member_database)
+    _daily_work(world)
+    monkeypatch.setattr(pg.PgConnection, "execute", real)
+    assert len(seen) > 50, "the gateway's statements were seen"
+
+    problems: list[str] = []
+    done: set[tuple[int, str]] = set()
+    for raw, sql, params in seen:
+        if (id(raw), sql) in done or raw.closed:
+            continue
+        done.add((id(raw), sql))
+        numbered = iter(range(1, len(params) + 1))
+        text = pg._TOKEN.sub(lambda m: f"${next(numbered)}" if m.group(0) == "?" else m.group(0), sql)
+        types = ", ".join(_PG_TYPES.get(type(v), "unknown") for v in params)
+        prepared = False
+        raw.rollback()
+        try:
+            raw.execute("SET plan_cache_mode = force_generic_plan")
+            raw.execute("SET enable_seqscan = off")
+            cursor = psycopg.ClientCursor(raw)  # the values as literals: no parameter of the outer statement
+            cursor.execute(f"PREPARE plan_check ({types}) AS {text.replace('%', '%%')}", [])
+            prepared = True
+            marks = ", ".join(["%s"] * len(params))
+            plan = cursor.execute(f"EXPLAIN (FORMAT JSON) EXECUTE plan_check({marks})", params).fetchone()[0]
+        except Exception as exc:  # noqa: BLE001 - said in the failure
+            problems.append(f"cannot plan: {exc}\n    in: {sql[:300]}")
+            continue
+        finally:
+            raw.rollback()
+            if prepared:
+                raw.execute("DEALLOCATE plan_check")
+            raw.execute("RESET plan_cache_mode")
+            raw.execute("RESET enable_seqscan")
+            raw.commit()
+        for what, table in _pg_whole_reads(plan[0]["Plan"], limited=False):
+            if table not in SMALL and not any(map(sql.startswith, SCANS_ALLOWED)):
+                problems.append(f"{what} on {table}\n    in: {sql[:400]}")
+    assert not problems, "statements PostgreSQL can only answer by reading a growing table whole:\n" + "\n".join(
+        problems)
+
+
+def _pg_whole_reads(node: dict[str, Any], *, limited: bool) -> list[tuple[str, str]]:
+    """(how, table) for each node of a PostgreSQL plan that reads a table whole: a sequential scan, or an index
+    walked end to end without a condition (what ``enable_seqscan = off`` picks instead) unless a Limit above it
+    stops the walk (the newest row by its key)."""
+    kind = node.get("Node Type", "")
+    limited = limited or kind == "Limit"
+    found: list[tuple[str, str]] = []
+    if kind == "Seq Scan":
+        found.append((kind, str(node.get("Relation Name"))))
+    elif kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node and not limited:
+        found.append((f"{kind} without a condition", str(node.get("Relation Name"))))
+    elif kind == "Bitmap Index Scan" and "Index Cond" not in node:
+        found.append((f"{kind} without a condition", str(node.get("Index Name"))))
+    for child in node.get("Plans", []):
+        found += _pg_whole_reads(child, limited=limited)
+    return found
+
+
+#: The parameter types of a prepared statement, from the Python values bound (PostgreSQL casts to the columns').
+_PG_TYPES = {str: "text", int: "bigint", float: "double precision", bytes: "bytea", bool: "boolean"}
+
+
+def _cda_key(pipeline: Any) -> tuple[str, str]:
+    """(sender, 文档流水号) of the CDA sample, as the gateway keys its requests."""
+    key = pipeline.channel("cda").adapter.document_key(RawUnit((CDA / "lab-report-full.xml").read_bytes(), 1))
+    return key.sender, key.document_id
+
+
+def test_the_check_finds_a_scan(tmp_path: Path) -> None:
+    """The check itself: a lookup by a column without an index is reported, one with an index is not."""
+    path = tmp_path / "x.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE recognition_decisions (decision_id TEXT PRIMARY KEY, bundle_id TEXT);"
+                       "CREATE TABLE audit_checkpoint (id INTEGER PRIMARY KEY, member TEXT);")
+    conn.close()
+    found: Callable[[str], list[str]] = lambda sql: _plan_problems(path, [sql])  # noqa: E731
+    assert found("SELECT * FROM recognition_decisions WHERE bundle_id = 'b'")
+    assert not found("SELECT * FROM recognition_decisions WHERE decision_id = 'd'")
+    assert not found("SELECT * FROM audit_checkpoint WHERE member = 'm'"), "a small table may be scanned"
+
+
+def test_the_requests_of_one_document_are_found_by_their_keys_past_one_lookup(pipeline: Any) -> None:
+    """``messages_keyed`` reads a document's requests (``key``, ``key#2`` ... ``key#n``) by value, 16 at a time:
+    all 40 of them, oldest first; not another document whose key merely starts the same way."""
+    store = pipeline.store
+
+    def stored(message_id: str) -> int:
+        return store.insert_raw(channel="http", fmt="cda", sender="12511921MB0001003C", message_id=message_id,
+                                origin="test", raw=message_id.encode(), status="stored")[0]
+
+    ids = [stored("DOC-1")]
+    stored("DOC-1X")
+    stored("DOC-1#note")
+    ids += [stored(f"DOC-1#{n}") for n in range(2, 41)]
+    stored("DOC-10")
+    found = store.messages_keyed("cda", "12511921MB0001003C", "DOC-1")
+    assert [r.id for r in found] == ids
+    assert [r.message_id for r in found][:3] == ["DOC-1", "DOC-1#2", "DOC-1#3"]
+    assert store.messages_keyed("cda", "12511921MB0001003C", "DOC-2") == []
+    assert store.messages_keyed("cda", "another sender", "DOC-1") == []
+    assert store.find_message("cda", "12511921MB0001003C", "DOC-1#16").id == ids[15]  # type: ignore[union-attr]
+    assert store.find_message("cda", "12511921MB0001003C", "") is None
