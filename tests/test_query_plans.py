@@ -28,7 +28,9 @@ from gateway.audit.log import entries
 from gateway.audit.query import parse_search, run
 from gateway.audit.stats import compute
 from gateway.demo.world import build_world
-from gateway.recognition.store import list_decisions
+from gateway.recognition.overrides import RETEST_REASONS, Override
+from gateway.recognition.store import add_override, list_decisions
+from gateway.store.views import ReadModels
 from gateway.adapters.base import RawUnit
 from test_corrections import CDA, CORRECTION, FL, NUMBER, ORIGINAL, PATIENT, ingest
 from test_exchange import URLS, Routed
@@ -154,7 +156,14 @@ def _daily_work(world: Any) -> None:
                       [("entity", f"DiagnosticReport/{report['id']}")], [("date", "ge2026-11-01")]):
             run(store.db, parse_search(query, tz=CST))
         compute(store.db)
-        list_decisions(store.db, patient=PATIENT)
+        decided = list_decisions(store.db, patient=PATIENT)
+        for decision in decided[:2]:  # the console's page of one decision, and a physician's override
+            decision_id = decision.decision["decision_id"]
+            views = ReadModels(store.db)
+            assert views.decision_entries("decision", decision_id)
+            add_override(store.db, Override(decision_id, next(iter(RETEST_REASONS)), "D0001",
+                                            _dt.datetime(2026, 11, 22, 11, 0, tzinfo=CST)))
+            assert views.decision_entries("override", decision_id)
     assert list_decisions(fl.store.db, patient=PATIENT)
 
 
@@ -294,3 +303,21 @@ def test_the_requests_of_one_document_are_found_by_their_keys_past_one_lookup(pi
     assert store.messages_keyed("cda", "another sender", "DOC-1") == []
     assert store.find_message("cda", "12511921MB0001003C", "DOC-1#16").id == ids[15]  # type: ignore[union-attr]
     assert store.find_message("cda", "12511921MB0001003C", "") is None
+
+
+def test_a_decisions_audit_entries_are_those_a_reading_of_the_whole_log_finds(tmp_path: Path,
+                                                                              member_database: Any) -> None:
+    """The console's page of one decision finds its entries through the key index: the same entries, in the
+    same order, as reading every entry of the log, for each decision, withdrawn or overridden or neither."""
+    world = _world(tmp_path, member_database)
+    _daily_work(world)
+    for name, gw in world.gateways.items():
+        db = gw.pipeline.store.db
+        log = list(entries(db))
+        views = ReadModels(db)
+        ids = {e.facts["decision_id"] for e in log if e.kind == "decision"}
+        assert len(ids) >= 8 or name == "tongjiang"
+        for decision_id in ids | {"no-such-decision"}:
+            for kind in ("decision", "override", "withdrawal"):
+                expected = [e.seq for e in log if e.kind == kind and e.facts.get("decision_id") == decision_id]
+                assert [seq for seq, _ in views.decision_entries(kind, decision_id)] == expected, (kind, decision_id)

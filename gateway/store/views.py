@@ -13,12 +13,16 @@ changed the database.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.store.db import Database, dialect
 from gateway.store.exchange import unpacked
+
+#: What the audit log's key index leaves out of a value (as gateway.audit.render.index_values does).
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 __all__ = ["ReadModelsPort", "ReadModels", "MessageFilter", "OPEN_DELIVERY_STATES", "WAITING_DELIVERY_STATES"]
 
@@ -251,13 +255,24 @@ class ReadModels:
             "SELECT seq, content FROM audit_log WHERE kind = ? ORDER BY seq DESC LIMIT ?", [kind, limit])]
 
     def decision_entries(self, kind: str, decision_id: str) -> list[tuple[int, dict[str, Any]]]:
-        """Audit entries of ``kind`` (decision, override...) about one decision, in the order they were written."""
+        """Audit entries of ``kind`` (decision, override...) about one decision, in the order they were written.
+
+        Looked up through the audit log's key index, never by reading every entry of the kind: each of these
+        entries names the decision as an entity (``urn:uuid:<id>``, or the id itself when it is no UUID). Only
+        an id the index cannot hold (one with a control character) is searched for among all entries.
+        """
         if self.dialect == "postgresql":
             field = "CAST(content AS jsonb) -> 'facts' ->> 'decision_id'"
         else:
             field = "json_extract(content, '$.facts.decision_id')"
+        if _CONTROL.search(decision_id):
+            return [(int(seq), json.loads(content)) for seq, content in self.db.execute(
+                f"SELECT seq, content FROM audit_log WHERE kind = ? AND {field} = ? ORDER BY seq",
+                [kind, decision_id])]
         return [(int(seq), json.loads(content)) for seq, content in self.db.execute(
-            f"SELECT seq, content FROM audit_log WHERE kind = ? AND {field} = ? ORDER BY seq", [kind, decision_id])]
+            "SELECT seq, content FROM audit_log WHERE seq IN (SELECT seq FROM audit_key WHERE p ="
+            " 'entity:identifier' AND v IN (?, ?)) AND kind = ? AND " + field + " = ? ORDER BY seq",
+            [f"urn:uuid:{decision_id}", decision_id, kind, decision_id])]
 
     def last_own_checkpoint_at(self) -> str | None:
         """When this member last signed a checkpoint of its audit log (None: never, or no checkpoint table yet)."""
