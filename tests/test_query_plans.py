@@ -52,7 +52,7 @@ SCANS_ALLOWED: dict[str, str] = {
 
 _ALIASED = re.compile(r"(?:FROM|JOIN)\s+(\w+)\s+(?:AS\s+)?(?!WHERE\b|ON\b|LEFT\b|JOIN\b|ORDER\b|GROUP\b|LIMIT\b"
                       r"|USING\b|INNER\b|CROSS\b|NATURAL\b|UNION\b)(\w+)", re.IGNORECASE)
-_NEWEST = re.compile(r"ORDER BY (?:seq|id|rid|rowid) DESC LIMIT 1\b", re.IGNORECASE)
+_NEWEST = re.compile(r"ORDER BY (?:seq|id|rid|rowid)(?: DESC)? LIMIT \d+\b(?! OFFSET [1-9])", re.IGNORECASE)
 
 
 def _plan_problems(db_path: Path, statements: list[str]) -> list[str]:
@@ -78,8 +78,8 @@ def _plan_problems(db_path: Path, statements: list[str]) -> list[str]:
                 table = aliases.get(found.group(1), found.group(1))
                 if table not in tables:
                     continue  # a subquery, a VALUES list or json_each: rows the statement made itself
-                if _NEWEST.search(sql) and found.group(1) == detail.split()[-1]:
-                    continue  # the last row by its rowid (ORDER BY the key DESC LIMIT 1): one page
+                if _NEWEST.search(sql.strip()) and found.group(1) == detail.split()[-1]:
+                    continue  # the first or last rows by their rowid (ORDER BY the key LIMIT n): n rows read
                 if table in SMALL or table.startswith("sqlite_") or any(map(sql.startswith, SCANS_ALLOWED)):
                     continue
                 problems.append(f"{detail}\n    in: {sql[:400]}")
@@ -165,6 +165,50 @@ def _daily_work(world: Any) -> None:
                                             _dt.datetime(2026, 11, 22, 11, 0, tzinfo=CST)))
             assert views.decision_entries("override", decision_id)
     assert list_decisions(fl.store.db, patient=PATIENT)
+    for gw in world.gateways.values():
+        _over_http(gw)
+
+
+def _over_http(gw: Any) -> None:
+    """What the API's clients and the console's users ask of one gateway, over its HTTP app."""
+    from gateway import auth
+    from gateway.audit import records
+
+    app = gw.app
+    app.config["TESTING"] = True
+    api = app.test_client()
+    headers = {"Authorization": f"Bearer {gw.token}"}
+    patient = f"urn:oid:2.16.156.10011.1.3|{PATIENT}"
+    for url in (f"/fhir/Observation?patient.identifier={PATIENT}&_count=5",
+                f"/fhir/Observation?subject:identifier={patient}&_sort=-date",
+                "/fhir/Observation?code=http://loinc.org|6690-2&date=ge2026-01-01&_summary=count",
+                f"/fhir/DiagnosticReport?identifier=urn:oid:2.16.156.10011.1.33|{NUMBER}"
+                "&_include=DiagnosticReport:result",
+                f"/fhir/Patient?identifier={patient}", "/fhir/Patient?name=王", "/fhir/Patient?birthdate=1966-12-12",
+                "/fhir/DiagnosticReport?status=final&_count=2", "/fhir/DiagnosticReport/_history?_count=3",
+                f"/fhir/AuditEvent?patient:identifier={patient}", "/fhir/AuditEvent?type=recognition-decision&_count=3",
+                "/fhir/AuditEvent?date=ge2026-11-01&_count=3", "/audit/stats", "/metrics", "/health"):
+        answer = api.get(url, headers=headers)
+        assert answer.status_code in (200, 503), (url, answer.status_code, answer.get_data(as_text=True)[:300])
+    db = gw.pipeline.store.db
+    now = gw.pipeline.clock()
+    auth.add_user(db, "plans-auditor", ["auditor", "admin"], at=now, gateway=records.Party.member(
+        gw.settings.issuer_uscc), by=records.Party("test"))
+    auth.set_password(db, "plans-auditor", "correct horse battery", at=now,
+                      gateway=records.Party.member(gw.settings.issuer_uscc), by=records.Party("test"))
+    console = app.test_client()
+    page = console.get("/console/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf is not None
+    console.post("/console/login", data={"username": "plans-auditor", "password": "correct horse battery",
+                                         "csrf_token": csrf.group(1)})
+    decided = list_decisions(db, patient=PATIENT)
+    for url in ("/console/", "/console/messages", "/console/messages?status=stored", "/console/exchange",
+                "/console/audit", "/console/recognition", "/console/recognition/decisions",
+                *(f"/console/decisions/{d.decision['decision_id']}" for d in decided[:1]),
+                "/console/registry"):
+        answer = console.get(url)
+        assert answer.status_code == 200, (url, answer.status_code)
 
 
 def test_the_daily_paths_never_scan_a_growing_table(tmp_path: Path, traced: dict[str, list[str]]) -> None:
@@ -321,3 +365,26 @@ def test_a_decisions_audit_entries_are_those_a_reading_of_the_whole_log_finds(tm
             for kind in ("decision", "override", "withdrawal"):
                 expected = [e.seq for e in log if e.kind == kind and e.facts.get("decision_id") == decision_id]
                 assert [seq for seq, _ in views.decision_entries(kind, decision_id)] == expected, (kind, decision_id)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 37, 200])
+def test_the_overviews_window_is_found_by_bisecting_the_message_numbers(
+        pipeline: Any, clock: Clock, count: int) -> None:
+    """``message_times(since)`` gives every message received from a day before ``since`` on (the overview then
+    counts those in its window), and none received earlier than the first of them: the same as reading all."""
+    store = pipeline.store
+    times = []
+    for n in range(count):
+        clock.advance(hours=3 + (n % 5))  # a message every few hours, over weeks
+        times.append(clock())
+        store.insert_raw(channel=("mllp", "http")[n % 2], fmt="hl7v2", sender="LIS", message_id=f"W{n}",
+                         origin="test", raw=b"x", status="stored")
+    views = ReadModels(store.db)
+    everything = list(views.message_times())
+    assert len(everything) == count
+    for since in [clock() - _dt.timedelta(days=d) for d in (0, 1, 3, 14, 40, 400)] + [clock() + _dt.timedelta(days=2)]:
+        got = list(views.message_times(since=since))
+        wanted = [row for row, at in zip(everything, times) if at >= since - _dt.timedelta(days=1)]
+        assert got == wanted, since
+    assert views.message_channels() == sorted({"mllp", "http"} if count > 1 else {"mllp"} if count else set())
+    assert views.message_channels(also="file") == sorted({"file", *(["mllp", "http"][:count])})

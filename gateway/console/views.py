@@ -300,7 +300,7 @@ def _buckets(
     labels = [(start + size * i).strftime("%H:00" if hours else "%m-%d") for i in range(count)]
     series = {o: [0] * count for o in _OUTCOMES}
     by_channel: dict[tuple[str, str], int] = {}
-    for received, channel, status in ReadModels(db).message_times():
+    for received, channel, status in ReadModels(db).message_times(since=start):
         try:
             at = _dt.datetime.fromisoformat(received)
         except ValueError:
@@ -356,7 +356,7 @@ def messages() -> Response:
     with _db() as db:
         views = ReadModels(db)
         total, rows = views.search_messages(MessageFilter.of(request.args), _PAGE, (page - 1) * _PAGE)
-        channels = views.message_channels()
+        channels = views.message_channels(also=request.args.get("channel", ""))
     args = {k: v for k, v in request.args.items() if k != "page" and v}
     return _page("messages.html", rows=rows, total=total, page=page, pages=max((total + _PAGE - 1) // _PAGE, 1),
                  args=args, query=urlencode(args), channels=channels,

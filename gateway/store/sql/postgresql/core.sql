@@ -122,6 +122,8 @@ CREATE TABLE IF NOT EXISTS signed_bundles (
     PRIMARY KEY (doc_sha256)
 );
 CREATE INDEX IF NOT EXISTS signed_bundles_bundle ON signed_bundles(bundle_id);
+-- the latest Bundles received or signed (the console's exchange page), without reading them all
+CREATE INDEX IF NOT EXISTS signed_bundles_time ON signed_bundles(direction, signed_at);
 
 -- Deliveries to other member gateways (gateway.exchange.outbox).
 CREATE TABLE IF NOT EXISTS outbox (
