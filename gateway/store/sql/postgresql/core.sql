@@ -144,6 +144,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (destination, payload_sha256)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_at);
+-- where a signed Bundle went (a correction follows its original there), without reading every delivery
+CREATE INDEX IF NOT EXISTS outbox_payload ON outbox(payload_sha256);
 
 -- Peer assertion ids seen, kept until the assertion expires (replay protection).
 CREATE TABLE IF NOT EXISTS peer_jti (iss TEXT NOT NULL, jti TEXT NOT NULL, exp DOUBLE PRECISION NOT NULL,
