@@ -396,3 +396,38 @@ def test_the_overviews_window_is_found_by_bisecting_the_message_numbers(
         assert got == wanted, since
     assert views.message_channels() == sorted({"mllp", "http"} if count > 1 else {"mllp"} if count else set())
     assert views.message_channels(also="file") == sorted({"file", *(["mllp", "http"][:count])})
+
+
+def test_a_database_made_before_these_indexes_gains_them_at_its_next_opening(settings: Any) -> None:
+    """The indexes this release added to existing tables are made when a database of the same layout, made by an
+    earlier release, is next opened (on PostgreSQL too, where a start that finds the layout current reads only),
+    once; a lookup then goes through them."""
+    from gateway.store.db import connect, transaction
+    from gateway.store.decisions import DecisionStore
+    from gateway.store.store import ADDED_CORE_INDEXES, Store
+
+    added = (*ADDED_CORE_INDEXES, "recognition_decisions_report")
+    store = Store.open(settings.database_locator)
+    DecisionStore(store.db).ensure_schema()
+    postgresql = str(settings.database_locator).startswith("postgresql")
+    listing = ("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()" if postgresql
+               else "SELECT name FROM sqlite_master WHERE type = 'index'")
+
+    def present(db: Any) -> set[str]:
+        return {str(r[0]) for r in db.execute(listing).fetchall()} & set(added)
+
+    assert present(store.db) == set(added)
+    with transaction(store.db):
+        for name in added:  # as an earlier release left the database
+            store.db.execute(f"DROP INDEX {name}")
+    store.close()
+
+    again = Store.open(settings.database_locator)  # a new connection: the layout is current, the indexes missing
+    DecisionStore(again.db).ensure_schema()
+    assert present(again.db) == set(added)
+    again.close()
+    third = connect(settings.database_locator)
+    try:
+        assert present(third) == set(added)
+    finally:
+        third.conn.close()

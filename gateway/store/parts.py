@@ -44,8 +44,9 @@ def statements(text: str) -> list[str]:
     return out
 
 
-def ensure(db: Database, part: str, last_table: str) -> bool:
-    """Create ``part``'s tables when ``last_table`` (the one its file creates last) is missing.
+def ensure(db: Database, part: str, last_table: str, added_indexes: tuple[str, ...] = ()) -> bool:
+    """Create ``part``'s tables when ``last_table`` (the one its file creates last) is missing, and the indexes
+    of ``added_indexes`` (added to the file after its tables first existed) when they are.
 
     Returns True when the file was run. Inside a caller's transaction the
     tables are created within it (and roll back with it).
@@ -53,6 +54,7 @@ def ensure(db: Database, part: str, last_table: str) -> bool:
     if ready(db, part):
         return False
     if schema.columns(db, last_table):
+        schema.ensure_indexes(db, part, added_indexes)
         schema.learn(db, f"part:{part}")
         return False
     joined = bool(db.conn.in_transaction)

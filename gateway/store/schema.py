@@ -13,10 +13,12 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.resources as _resources
 import logging
+import re
 
 from gateway.store.db import Database, dialect, transaction
 
-__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "known", "learn"]
+__all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "known", "learn",
+           "ensure_indexes"]
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +145,42 @@ def once(db: Database, part: str) -> bool:
     if facts is not None:
         facts[fact] = _SETTLED
     return True
+
+
+def _index_names(db: Database) -> set[str]:
+    if dialect(db) == "postgresql":
+        rows = db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()").fetchall()
+    else:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def ensure_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:
+    """Create those of ``names`` (indexes a release added to ``part``'s file after its tables existed) that the
+    database lacks, as the part's file defines them: a database made by an earlier release gains them without
+    a layout step. Asked by reading; only a missing index takes the write lock (in the caller's transaction when
+    there is one), once per connection. Returns the names created.
+
+    :raises ValueError: a name the part's file does not define (a mistake of this release, found by its tests).
+    """
+    fact = f"indexes:{part}"
+    if known(db, fact) or not names:
+        return []
+    wanted = set(names) - _index_names(db)
+    if not wanted:
+        learn(db, fact)
+        return []
+    from gateway.store.parts import statements
+
+    text = script(db, part)
+    found = {name: statement for statement in statements(text) for name in wanted
+             if re.match(rf"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS {name} ", statement)}
+    if set(found) != wanted:
+        raise ValueError(f"{part}.sql defines no index {', '.join(sorted(wanted - set(found)))}")
+    with transaction(db):
+        for name in sorted(found):
+            log.warning("database layout: adding index %s (added by this release; once, on a large table it takes "
+                        "a while)", name)
+            db.execute(found[name])
+    learn(db, fact, made=True)
+    return sorted(found)

@@ -1137,6 +1137,9 @@ _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
 #: 3: token values numbered once (``search_key``) and narrow token rows (key, res).
 SCHEMA_VERSION = 3
+#: Indexes of ``core.sql`` added after its layout 3 was first released: a database made before gains them at
+#: its next opening (:func:`gateway.store.schema.ensure_indexes`).
+ADDED_CORE_INDEXES = ("signed_bundles_time", "outbox_payload")
 
 
 def ensure_core_schema(db: Database) -> None:
@@ -1154,7 +1157,9 @@ def ensure_core_schema(db: Database) -> None:
         return
     if dialect(db) == "postgresql":
         if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
-            return  # the layout is there: asked by reading, so a start never waits for another node's writes
+            # the layout is there: asked by reading, so a start never waits for another node's writes
+            schema.ensure_indexes(db, "core", ADDED_CORE_INDEXES)
+            return
         with transaction(db):
             _narrow_tokens(db)  # layout 2's token rows, converted (PostgreSQL has no layout 1)
             db.executescript(schema.script(db, "core"))
@@ -1202,6 +1207,7 @@ def ensure_core_schema(db: Database) -> None:
     elif schema.version(db, "core") < SCHEMA_VERSION:  # upgraded by a release that kept only user_version
         with transaction(db):
             schema.set_version(db, "core", SCHEMA_VERSION)
+    schema.ensure_indexes(db, "core", ADDED_CORE_INDEXES)
 
 
 def _wide_tokens(db: Database) -> bool:
