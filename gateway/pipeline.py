@@ -202,10 +202,14 @@ _BATCH = 32  # units stored and processed per pair of commits when a body or fil
 _ANSWERED = ("stored", "filtered", "failed")
 #: Times a message may be taken on without finishing (its process died each time) before it is set aside as failed.
 MAX_ATTEMPTS = 3
-#: Seconds a resend waits for the live process that holds its first copy (another node's listener, a background
-#: loop taking over a dead node's messages) to record that copy's outcome, so that it is answered with it rather
-#: than asked to retry. Working a message takes milliseconds; common LIS senders wait 5–30 s for an ACK.
+#: Seconds a batch's resends wait, together, for the live processes that hold their first copies (another node's
+#: listener, a background loop taking over a dead node's messages) to record those copies' outcomes, so that they
+#: are answered with them rather than asked to retry. Working a message takes milliseconds; common LIS senders wait
+#: 5–30 s for an ACK. The batch's other messages are worked and recorded first.
 RESEND_WAIT = 3.0
+#: Seconds since its holder took a message within which a resend waits for it (a holder that has had it longer is
+#: stuck, or on a machine that is gone, and the resend is told to retry at once).
+RESEND_FRESH = 5.0
 AfterStore = Callable[[Database, Outcome], None]
 
 
@@ -455,7 +459,9 @@ class Pipeline:
         answers are valid only once this returns, i.e. after both commits. A
         unit repeated within the batch is answered as a duplicate of its first
         copy. A resent unit whose first copy was left unfinished by a process
-        that died is taken over and worked now.
+        that died is taken over and worked now; one whose first copy a live
+        process took moments ago waits for that outcome (:meth:`_await_resent`),
+        after the batch's other units are recorded, all such units together.
         """
         from gateway.store.db import transaction
 
@@ -467,6 +473,7 @@ class Pipeline:
         worked: list[tuple[RawUnit, int]] = []  # (unit, its place in outcomes): recorded here
         copies: list[tuple[int, int]] = []  # (place of a repeat within the batch, place of its first copy)
         first_of: dict[int, int] = {}  # record id -> place of the outcome worked in this batch
+        waiting: list[tuple[int, RawUnit, Any]] = []  # (place, unit, first copy) of resends another process works
         try:
             for unit, record_id, existing in stored:
                 if existing is not None and existing.id in first_of:  # the same message twice in one batch
@@ -475,6 +482,11 @@ class Pipeline:
                     continue
                 if existing is not None:
                     taken = self._resent(ch, unit, existing)
+                    if taken is None:  # its first copy is being worked by a live process: waited for below
+                        first_of[existing.id] = len(outcomes)
+                        waiting.append((len(outcomes), unit, existing))
+                        outcomes.append(Outcome(Status.DUPLICATE, ""))
+                        continue
                     if isinstance(taken, Outcome):
                         outcomes.append(taken)
                         continue
@@ -485,12 +497,19 @@ class Pipeline:
                 first_of[record_id if existing is None else existing.id] = len(outcomes)
                 worked.append((unit, len(outcomes)))
                 outcomes.append(outcome)
-            with transaction(self.store.db):
-                results = [self._record_safely(ch, unit, outcomes[place], channel) for unit, place in worked]
-            for (unit, place), (outcome, recorded) in zip(worked, results):
-                outcomes[place] = outcome
-                if recorded:
-                    held.discard(outcome.record_id)
+            self._record_worked(ch, channel, worked, outcomes, held)
+            if waiting:  # after the batch's own work is recorded: another process may be waiting for it too
+                worked = []
+                deadline = time.monotonic() + RESEND_WAIT  # one wait for the whole batch
+                for place, unit, existing in waiting:
+                    taken = self._await_resent(ch, unit, existing, deadline)
+                    if isinstance(taken, Outcome):
+                        outcomes[place] = taken
+                        continue
+                    held.add(existing.id)
+                    unit, outcomes[place] = taken
+                    worked.append((unit, place))
+                self._record_worked(ch, channel, worked, outcomes, held)
         finally:
             for record_id in held:  # not recorded: free at once for a resend or the next start
                 self._release(record_id)
@@ -500,6 +519,21 @@ class Pipeline:
                                       record_id=first.record_id, answer=first.answer)
         metrics.count_outcomes(channel, ch.format, outcomes)
         return outcomes
+
+    def _record_worked(self, ch: Channel, channel: str, worked: list[tuple[RawUnit, int]], outcomes: list[Outcome],
+                       held: set[int]) -> None:
+        """Record the outcomes at the places ``worked`` names, in one transaction; a lease whose message is
+        recorded is no longer ``held``."""
+        from gateway.store.db import transaction
+
+        if not worked:
+            return
+        with transaction(self.store.db):
+            results = [self._record_safely(ch, unit, outcomes[place], channel) for unit, place in worked]
+        for (unit, place), (outcome, recorded) in zip(worked, results):
+            outcomes[place] = outcome
+            if recorded:
+                held.discard(outcome.record_id)
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received", *,
                     keyed: _Keyed | None = None) -> tuple[int, Any]:
@@ -800,9 +834,10 @@ class Pipeline:
         metrics.count_outcomes(rec.channel, rec.format, (outcome,))  # worked again: it ends again
         return outcome
 
-    def _resent(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome | tuple[RawUnit, Outcome]:
+    def _resent(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome | tuple[RawUnit, Outcome] | None:
         """The answer to a resent unit, or — when its first copy was left unfinished by a process that died —
-        that copy taken over and worked: (its stored unit, its outcome, to be recorded by the caller).
+        that copy taken over and worked: (its stored unit, its outcome, to be recorded by the caller); None when
+        a live process works the first copy now (:meth:`_await_resent` says what then).
         A request repeating a document (:class:`_Repeat`) is answered for itself and recorded as its own
         message."""
         if isinstance(existing, _Repeat):
@@ -814,12 +849,11 @@ class Pipeline:
                            answer=existing.ack, filtered_reason=existing.status)
         rec = self.store.take(existing.id, float(self.settings.processing_lease))
         if rec is None:
-            waited = self._await_holder(existing.id, unit)
-            if isinstance(waited, Outcome):
-                return waited
-            if waited is None:
-                return self._busy(ch, unit, existing)
-            rec = waited
+            return None
+        return self._taken_over(ch, unit, rec)
+
+    def _taken_over(self, ch: Channel, unit: RawUnit, rec: Any) -> tuple[RawUnit, Outcome]:
+        """A message left unfinished, now held by this process: (its stored unit, its outcome)."""
         log.info("message format=%s record=%s left unfinished (%s), taken over: attempt %d", ch.format, rec.id,
                  rec.status, rec.attempts)
         stored = RawUnit(self.store.raw_of(rec.id), unit.index, rec.origin or unit.origin)
@@ -827,29 +861,37 @@ class Pipeline:
             return stored, self._set_aside(ch, stored, rec.id, rec.attempts)
         return stored, self._work(ch, stored, rec.id)
 
-    def _await_holder(self, record_id: int, unit: RawUnit) -> Outcome | Any | None:
-        """Wait up to :data:`RESEND_WAIT` seconds for the live process holding message ``record_id`` to record
-        its outcome: that outcome, as the answer to a resend (a duplicate); the message's record, taken over,
-        when its holder died or gave it up meanwhile; None when it is still held (no transaction is open
-        while this waits)."""
-        deadline = time.monotonic() + RESEND_WAIT
+    def _await_resent(self, ch: Channel, unit: RawUnit, existing: Any,
+                      deadline: float) -> Outcome | tuple[RawUnit, Outcome]:
+        """The answer to a resent unit whose first copy a live process works: when that process took it moments
+        ago (another node's listener, a background loop taking a killed node's messages over: working a message
+        takes milliseconds), its outcome once recorded, waiting until ``deadline`` (monotonic) at most; the
+        copy taken over when its holder dies or gives it up meanwhile; otherwise "being processed; retry later",
+        at once for a holder that has had it for longer (stuck, or on a machine that is gone). No transaction is
+        open while this waits."""
+        lease = float(self.settings.processing_lease)
         pause = 0.02
-        while time.monotonic() < deadline:
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.2)
-            now = self.store.get_message(record_id)
+        while True:
+            now = self.store.get_message(existing.id)
             if now.ack is not None:
                 log.info("duplicate format=%s record=%s status=%s (its holder finished it)", now.format, now.id,
                          now.status)
                 label = f"{now.message_id}" if now.message_id else f"unit {unit.index}"
                 return Outcome(Status.DUPLICATE, label, ack_code=now.ack_code or "", record_id=now.id,
                                answer=now.ack, filtered_reason=now.status)
-            if holder_alive(now.lease_owner, now.lease_until, self.store.epoch()):
-                continue
-            taken = self.store.take(record_id, float(self.settings.processing_lease))
-            if taken is not None:
-                return taken
-        return None
+            epoch = self.store.epoch()
+            if not holder_alive(now.lease_owner, now.lease_until, epoch):
+                rec = self.store.take(existing.id, lease)
+                if rec is not None:
+                    return self._taken_over(ch, unit, rec)
+            elif now.lease_until is None or epoch - (float(now.lease_until) - lease) > RESEND_FRESH:
+                break  # held for a while already: not worth waiting for
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.2)
+        return self._busy(ch, unit, existing)
 
     def _repeat(self, ch: Channel, unit: RawUnit, repeat: _Repeat) -> Outcome:
         """The outcome of a request repeating a document, with its answer built for this request (its own

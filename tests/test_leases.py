@@ -167,6 +167,42 @@ def test_a_resend_waiting_for_a_holder_that_is_killed_takes_the_message_over(set
         pipeline.close()
 
 
+def test_a_batchs_resends_wait_once_together_after_its_new_messages_are_recorded(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four resends whose first copies a live process took moments ago, and one new message, in one batch (an MLLP
+    listener's): the new message is worked and recorded before any waiting, and the four wait once, together."""
+    monkeypatch.setattr(pipeline_module, "RESEND_WAIT", 0.5)
+    for n in range(4):
+        hold(pipeline, copy_of(f"B00{n}"))  # held by this very process: alive, taken just now
+    seen: list[str] = []
+    real = pipeline_module.Pipeline._await_resent
+
+    def waiting(self: Any, ch: Any, unit: Any, existing: Any, deadline: float) -> Any:
+        seen.append(pipeline.store.find_message("hl7v2", "LIS|TJXRMYY", "B009").status)  # type: ignore[union-attr]
+        return real(self, ch, unit, existing, deadline)
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "_await_resent", waiting)
+    units = [RawUnit(copy_of(f"B00{n}"), n + 1, "mllp:test") for n in (0, 1, 9, 2, 3)]
+    started = time.monotonic()
+    outcomes = pipeline.ingest_batch(pipeline.channel("hl7v2"), units, channel="mllp")
+    took = time.monotonic() - started
+    assert [msa(o.answer)[1] for o in outcomes] == ["AE", "AE", "AA", "AE", "AE"]
+    assert seen == ["stored"] * 4, "the new message was recorded before the resends waited"
+    assert 0.5 <= took < 1.5, f"one wait for the batch, not one per resend ({took:.1f} s)"
+
+
+def test_a_resend_of_a_message_held_for_long_is_answered_at_once(pipeline: Pipeline, clock: Any) -> None:
+    """A holder that took the message more than a few seconds ago (stuck, or on a machine that is gone, whose
+    lease is all there is to go by) is not waited for: the resend is told to retry at once."""
+    record_id = hold(pipeline, copy_of("S001"))
+    pipeline.store.db.execute("UPDATE messages SET lease_owner = 'elsewhere:1' WHERE id = ?", [record_id])
+    clock.advance(seconds=pipeline_module.RESEND_FRESH + 1)
+    started = time.monotonic()
+    busy = ingest(pipeline, copy_of("S001"))
+    assert time.monotonic() - started < 0.5
+    assert busy.status is Status.DUPLICATE and "already being processed" in msa(busy.answer)[3]
+
+
 def test_a_message_held_by_a_process_killed_with_sigkill_is_worked_on_resend(
         settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline_module, "RESEND_WAIT", 0.3)

@@ -17,7 +17,7 @@ __all__ = ["DecisionsPort", "DecisionStore", "PART", "DECISION_COLUMNS"]
 PART = "decisions"
 #: Indexes added to ``decisions.sql`` after its tables were first released (made at the next use of a database made
 #: before).
-_ADDED_INDEXES = ("recognition_decisions_report",)
+ADDED_INDEXES = ("recognition_decisions_report",)
 _LAST_TABLE = "recognition_withdrawals"
 
 #: Columns of a decision row, in the order :meth:`DecisionStore.add_decision` takes them.
@@ -86,7 +86,7 @@ class DecisionStore:
         self.db = db
 
     def ensure_schema(self) -> None:
-        parts.ensure(self.db, PART, _LAST_TABLE, _ADDED_INDEXES)
+        parts.ensure(self.db, PART, _LAST_TABLE, ADDED_INDEXES)
 
     def exists(self, table: str = "recognition_decisions") -> bool:
         return parts.ready(self.db, PART) or bool(schema.columns(self.db, table))

@@ -35,8 +35,18 @@ def _function(target: str) -> Callable[[Database], Any]:
     return fn
 
 
+def added_indexes() -> dict[str, tuple[str, ...]]:
+    """Indexes each part's file gained after its tables were first released, by part."""
+    from gateway.store.decisions import ADDED_INDEXES as decisions
+    from gateway.store.store import ADDED_CORE_INDEXES as core
+
+    return {"core": core, "decisions": decisions}
+
+
 def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[tuple[str, int]]:
-    """Create or upgrade every part (idempotent); returns each part's recorded layout version after it."""
+    """Create or upgrade every part (idempotent); returns each part's recorded layout version after it. On
+    PostgreSQL the indexes added to existing tables are then built beside the running work
+    (:func:`gateway.store.schema.build_indexes`)."""
     for part, target in PARTS:
         if progress is not None:
             progress(part)
@@ -45,6 +55,8 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
             with transaction(db):
                 if schema.version(db, part) == 0:
                     schema.set_version(db, part, 1)
+    for part, names in added_indexes().items():
+        schema.build_indexes(db, part, names)
     return status(db)
 
 

@@ -18,7 +18,7 @@ import re
 from gateway.store.db import Database, dialect, transaction
 
 __all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "known", "learn",
-           "ensure_indexes"]
+           "ensure_indexes", "build_indexes"]
 
 log = logging.getLogger(__name__)
 
@@ -147,40 +147,83 @@ def once(db: Database, part: str) -> bool:
     return True
 
 
-def _index_names(db: Database) -> set[str]:
-    if dialect(db) == "postgresql":
-        rows = db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()").fetchall()
-    else:
-        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
-    return {str(r[0]) for r in rows}
+def _index_statements(db: Database, part: str, names: list[str]) -> dict[str, str]:
+    """The ``CREATE INDEX`` statement of each of ``names`` in ``part``'s file.
+
+    :raises ValueError: a name the file does not define (a mistake of this release, found by its tests).
+    """
+    from gateway.store.parts import statements
+
+    found = {name: statement for statement in statements(script(db, part)) for name in names
+             if re.match(rf"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS {name} ", statement)}
+    if set(found) != set(names):
+        raise ValueError(f"{part}.sql defines no index {', '.join(sorted(set(names) - set(found)))}")
+    return found
 
 
 def ensure_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:
-    """Create those of ``names`` (indexes a release added to ``part``'s file after its tables existed) that the
-    database lacks, as the part's file defines them: a database made by an earlier release gains them without
-    a layout step. Asked by reading; only a missing index takes the write lock (in the caller's transaction when
-    there is one), once per connection. Returns the names created.
+    """SQLite: create those of ``names`` (indexes a release added to ``part``'s file after its tables existed)
+    that the database lacks, as the part's file defines them, so that a database made by an earlier release gains
+    them at its next opening without a layout step. Asked by reading; only a missing index takes the write lock
+    (in the caller's transaction when there is one), once per connection. Returns the names created.
 
-    :raises ValueError: a name the part's file does not define (a mistake of this release, found by its tests).
+    On PostgreSQL nothing is asked or made here: a node's start reads only, and an index is built beside the
+    nodes' work by :func:`build_indexes` (``gateway db upgrade``, and ``gateway serve`` at start).
     """
     fact = f"indexes:{part}"
-    if known(db, fact) or not names:
+    if dialect(db) == "postgresql" or known(db, fact) or not names:
         return []
-    wanted = set(names) - _index_names(db)
+    present = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
+    wanted = sorted(set(names) - present)
     if not wanted:
         learn(db, fact)
         return []
-    from gateway.store.parts import statements
-
-    text = script(db, part)
-    found = {name: statement for statement in statements(text) for name in wanted
-             if re.match(rf"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS {name} ", statement)}
-    if set(found) != wanted:
-        raise ValueError(f"{part}.sql defines no index {', '.join(sorted(wanted - set(found)))}")
+    found = _index_statements(db, part, wanted)
     with transaction(db):
-        for name in sorted(found):
+        for name in wanted:
             log.warning("database layout: adding index %s (added by this release; once, on a large table it takes "
                         "a while)", name)
             db.execute(found[name])
     learn(db, fact, made=True)
-    return sorted(found)
+    return wanted
+
+
+#: The session lock of PostgreSQL's index builds: one node builds, the others go on without waiting.
+_INDEX_LOCK = 7_241_913
+
+
+def build_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:
+    """PostgreSQL: build those of ``names`` that the database lacks, or holds invalid (left by a build that
+    failed), with ``CREATE INDEX CONCURRENTLY``: writers go on meanwhile, and no transaction is held (call it
+    outside one). One node builds at a time; a node that finds another building goes on without it. A build that
+    fails (a lock wait past ``lock_timeout``, an interrupt) is logged and tried again at the next upgrade or start:
+    these indexes make lookups fast, and nothing is wrong without them. Returns the names built (none on SQLite,
+    where :func:`ensure_indexes` makes them)."""
+    if dialect(db) != "postgresql" or not names:
+        return []
+    state = {str(r[0]): bool(r[1]) for r in db.execute(
+        "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()").fetchall()}
+    wanted = [name for name in names if not state.get(name, False)]
+    if not wanted:
+        return []
+    if not db.execute(f"SELECT pg_try_advisory_lock({_INDEX_LOCK})").fetchone()[0]:
+        log.info("database layout: another node is building indexes; this one goes on without waiting")
+        return []
+    built: list[str] = []
+    try:
+        found = _index_statements(db, part, wanted)
+        for name in wanted:
+            log.warning("database layout: building index %s beside the running work (added by this release)", name)
+            try:
+                if name in state:  # invalid: a build that failed left it
+                    db.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                db.execute(found[name].replace("INDEX IF NOT EXISTS", "INDEX CONCURRENTLY IF NOT EXISTS", 1))
+                built.append(name)
+            except Exception as exc:  # noqa: BLE001 - the gateway works without it; said, and tried again later
+                log.warning("database layout: index %s could not be built now (%s: %s); lookups by it read the "
+                            "whole table until the next `gateway db upgrade` or start builds it", name,
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    finally:
+        db.execute(f"SELECT pg_advisory_unlock({_INDEX_LOCK})")
+    return built

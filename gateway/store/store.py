@@ -1139,7 +1139,7 @@ _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 SCHEMA_VERSION = 3
 #: Indexes of ``core.sql`` added after its layout 3 was first released: a database made before gains them at
 #: its next opening (:func:`gateway.store.schema.ensure_indexes`).
-ADDED_CORE_INDEXES = ("signed_bundles_time", "outbox_payload")
+ADDED_CORE_INDEXES = ("messages_received", "signed_bundles_time", "outbox_payload")
 
 
 def ensure_core_schema(db: Database) -> None:
@@ -1157,9 +1157,7 @@ def ensure_core_schema(db: Database) -> None:
         return
     if dialect(db) == "postgresql":
         if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
-            # the layout is there: asked by reading, so a start never waits for another node's writes
-            schema.ensure_indexes(db, "core", ADDED_CORE_INDEXES)
-            return
+            return  # the layout is there: asked by reading, so a start never waits for another node's writes
         with transaction(db):
             _narrow_tokens(db)  # layout 2's token rows, converted (PostgreSQL has no layout 1)
             db.executescript(schema.script(db, "core"))

@@ -159,38 +159,17 @@ class ReadModels:
         return None if found is None else str(found)
 
     def message_times(self, since: _dt.datetime | None = None) -> Iterator[tuple[str, str, str]]:
-        """(received_at, channel, status) of every message, or of those received since ``since`` and a day
-        before it (the caller sorts them by the time it reads), for the overview's charts.
-
-        Messages are numbered in the order they are received, so the first one of the window is found by
-        bisecting the numbers (some twenty lookups by key) rather than by reading every message ever received.
-        """
-        first = 0 if since is None else self._first_message_since(since - _dt.timedelta(days=1))
-        for received, channel, status in self.db.execute("SELECT received_at, channel, status FROM messages"
-                                                         " WHERE id >= ? ORDER BY id", [first]):
+        """(received_at, channel, status) of every message in the order received, or of those received since
+        ``since`` (and a day before it, which covers a time kept with another UTC offset; the caller sorts them by
+        the time it reads) in the order of their times, for the overview's charts: read through
+        ``messages_received``, not by reading every message ever received."""
+        if since is None:
+            rows = self.db.execute("SELECT received_at, channel, status FROM messages ORDER BY id")
+        else:
+            rows = self.db.execute("SELECT received_at, channel, status FROM messages WHERE received_at >= ?"
+                                   " ORDER BY received_at, id", [(since - _dt.timedelta(days=1)).isoformat()])
+        for received, channel, status in rows:
             yield str(received), str(channel), str(status)
-
-    def _first_message_since(self, since: _dt.datetime) -> int:
-        """The number of the first message received at ``since`` or later, as far as the numbers' order tells
-        (one received later than all is past the last number)."""
-        low, high = 0, int(self._one("SELECT coalesce(max(id), 0) FROM messages") or 0) + 1
-        while low < high:
-            middle = (low + high) // 2
-            row = self.db.execute("SELECT id, received_at FROM messages WHERE id >= ? ORDER BY id LIMIT 1",
-                                  [middle]).fetchone()
-            if row is None:
-                high = middle
-                continue
-            try:
-                at = _dt.datetime.fromisoformat(str(row[1]))
-                early = (at if at.tzinfo else at.replace(tzinfo=since.tzinfo)) < since
-            except (TypeError, ValueError):
-                early = False  # unreadable: kept, the caller skips what it cannot read
-            if early:
-                low = int(row[0]) + 1
-            else:
-                high = middle
-        return low
 
     def latest_errors(self, limit: int) -> list[dict[str, Any]]:
         """The last refused or failed messages, newest first, with their issues (a list)."""
@@ -305,9 +284,13 @@ class ReadModels:
             return [(int(seq), json.loads(content)) for seq, content in self.db.execute(
                 f"SELECT seq, content FROM audit_log WHERE kind = ? AND {field} = ? ORDER BY seq",
                 [kind, decision_id])]
+        # driven by the key index (CROSS JOIN keeps SQLite, which has no statistics, from walking every entry of
+        # the kind instead); the few entries naming the decision are then told apart by their kind and facts
+        join = "JOIN" if self.dialect == "postgresql" else "CROSS JOIN"
         return [(int(seq), json.loads(content)) for seq, content in self.db.execute(
-            "SELECT seq, content FROM audit_log WHERE seq IN (SELECT seq FROM audit_key WHERE p ="
-            " 'entity:identifier' AND v IN (?, ?)) AND kind = ? AND " + field + " = ? ORDER BY seq",
+            f"SELECT DISTINCT l.seq, l.content FROM audit_key k {join} audit_log l ON l.seq = k.seq"
+            " WHERE k.p = 'entity:identifier' AND k.v IN (?, ?) AND l.kind = ? AND "
+            + field.replace("content", "l.content") + " = ? ORDER BY l.seq",
             [f"urn:uuid:{decision_id}", decision_id, kind, decision_id])]
 
     def last_own_checkpoint_at(self) -> str | None:

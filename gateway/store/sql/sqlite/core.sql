@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS messages (
 -- A resent message (same format, sender and id) is recognised by this key, not by searching first.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages(format, sender, message_id) WHERE message_id <> '';
 CREATE INDEX IF NOT EXISTS messages_status ON messages(status, id);
+-- the messages of a recent window (the console's overview), without reading every message ever received
+CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
 
 -- What happened to each message, stage by stage.
 CREATE TABLE IF NOT EXISTS message_stages (
