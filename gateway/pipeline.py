@@ -633,7 +633,10 @@ class Pipeline:
                 repeat = _Repeat(0, "conflict", accepted[-1], key.where)
         from gateway.store.db import savepoint
 
-        message_id = key.document_id if not earlier else f"{key.document_id}#{len(earlier) + 1}"
+        # the next free key: one past the highest taken (not the count, which a key an earlier release gave out
+        # of turn would make collide with a stored request)
+        taken = [1 if r.message_id == key.document_id else int(r.message_id.rpartition("#")[2]) for r in earlier]
+        message_id = key.document_id if not earlier else f"{key.document_id}#{max(taken) + 1}"
         if repeat is not None:  # never worked as new, not even after a crash: its outcome is decided now
             status = "duplicate"
         db = self.store.db
