@@ -54,6 +54,9 @@ SMALL = frozenset({
 SCANS_ALLOWED: dict[str, str] = {
     "SELECT rid, type, json FROM resources ORDER BY rid": "a layout step rebuilding the search index reads every "
                                                           "resource, once (here on an empty database)",
+    "SELECT bundle_id, doc_sha256, issuer_uscc, signed_at FROM signed_bundles WHERE direction = 'received'":
+        "the console's latest received Bundles: an index on (direction, signed_at) would serve it, but SQLite, which "
+        "has no statistics, then reads every issued Bundle to find one by its id (a known gap, in the README)",
 }
 
 
@@ -153,6 +156,10 @@ def _daily_work(world: Any) -> None:
     assert [o.status.value for o in tj.process_queued()] == ["stored"]
     tj.recover()
     tj.rework_abandoned()
+
+    # 调阅: 涪陵 pulls the patient's reports from 通江, by a full identifier and by its value alone
+    assert fl.exchange.pull(tj.settings.issuer_uscc, f"urn:oid:2.16.156.10011.1.3|{PATIENT}")
+    assert fl.exchange.pull(tj.settings.issuer_uscc, PATIENT)
 
     # what hospital IT and auditors read most
     for pipeline in (tj, fl):
@@ -476,3 +483,44 @@ def test_a_documents_next_request_takes_the_key_after_the_highest_one_taken(pipe
     mine = pipeline.store.get_message(out.record_id)
     assert mine.message_id == f"{key}#3" and mine.origin != "older release", "stored as a request of its own"
     assert [r.message_id for r in pipeline.store.messages_keyed("cda", sender, key)] == [f"{key}#2", f"{key}#3"]
+
+
+def test_a_pull_finds_the_patients_bundles_by_key_also_those_issued_before_the_key_table(
+        tmp_path: Path, member_database: Any) -> None:
+    """调阅 finds the Bundles issued for a patient through ``signed_bundle_patients`` (by value, or value and
+    system), not by reading every Bundle issued; a database whose Bundles were issued before that table existed
+    gains it, filled from their keys, at its next opening (SQLite) or upgrade (PostgreSQL, as a start does)."""
+    from gateway.store import layout
+    from gateway.store.db import connect, transaction
+    from gateway.store.exchange import SignedBundles
+
+    world = _world(tmp_path, member_database)
+    tj = world.gateways["tongjiang"].pipeline
+    ingest(tj, ORIGINAL)
+    ingest(tj, CORRECTION)
+    db = tj.store.db
+    full, bare = f"urn:oid:2.16.156.10011.1.3|{PATIENT}", PATIENT
+    before = {which: SignedBundles(db).issued_for_identifier(which) for which in (full, bare)}
+    assert len(before[full]) == 1 and before[full] == before[bare], "the correction alone: the original is superseded"
+    assert SignedBundles(db).issued_for_identifier("urn:oid:2.16.156.10011.1.3|000") == []
+    assert SignedBundles(db).issued_for_identifier(f"other-system|{PATIENT}") == []
+    if not str(world.gateways["tongjiang"].settings.database_locator).startswith("postgresql"):
+        seen: list[str] = []
+        db.conn.set_trace_callback(seen.append)
+        SignedBundles(db).issued_for_identifier(full)
+        db.conn.set_trace_callback(None)
+        statement = next(s for s in seen if s.startswith("SELECT") and "signed_bundle_patients" in s)
+        plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + statement).fetchall()]
+        assert plan[0].startswith("SEARCH p USING PRIMARY KEY (value=? AND system=?)"), plan
+
+    with transaction(db):  # as an earlier release left it
+        db.execute("DROP TABLE signed_bundle_patients")
+    locator = world.gateways["tongjiang"].settings.database_locator
+    again = connect(locator)
+    try:
+        layout.upgrade(again)
+        assert {which: SignedBundles(again).issued_for_identifier(which) for which in (full, bare)} == before
+        rows = again.execute("SELECT count(*) FROM signed_bundle_patients").fetchone()[0]
+        assert rows == 2 * 2, "two Bundles issued, two identifiers of the patient each"
+    finally:
+        again.conn.close()

@@ -328,11 +328,8 @@ class Exchange:
 
     def signed_reports_for(self, identifier: str) -> list[bytes]:
         """This member's own signed Bundles for a patient identifier (``system|value`` or ``value``)."""
-        # narrow in SQL (the keys are stored as JSON text "system|value"), then check exactly
-        needle = identifier if "|" in identifier else f"|{identifier}"
-        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        pattern = f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%'
-        rows = SignedBundles(self.db).issued_for_patient(pattern)
+        # found through the table of issued Bundles' patient identifiers, then checked exactly
+        rows = SignedBundles(self.db).issued_for_identifier(identifier)
         out = []
         for text, keys in rows:
             keys_list = jsonutil.loads(keys)

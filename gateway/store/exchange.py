@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from gateway import jsonutil
 from gateway.store import schema
-from gateway.store.db import Database, transaction
+from gateway.store.db import Database, dialect, transaction
 
 __all__ = ["SignedBundlesPort", "SignedBundles", "issuer_of", "patient_keys"]
 
@@ -56,6 +56,10 @@ class SignedBundlesPort(Protocol):
     def received_message(self, digest: str) -> int | None:
         """The message a received document was stored with, or None when it was not received."""
 
+    def issued_for_identifier(self, identifier: str) -> list[tuple[bytes, str]]:
+        """(text, patient_keys) of the current Bundles issued here naming a patient identifier (``system|value``,
+        or a ``value`` of any system), oldest first."""
+
     def issued_for_patient(self, pattern: str) -> list[tuple[bytes, str]]:
         """(text, patient_keys) of the current Bundles issued here whose keys match a LIKE ``pattern``
         (escaped with ``\\``), oldest first."""
@@ -86,10 +90,17 @@ class SignedBundles:
 
     def keep(self, bundle_id: str, digest: str, issuer: str, patient_keys: str, direction: str, text: bytes,
              signed_at: str, message_ref: int | None) -> bool:
-        return bool(self.db.execute(
+        kept = bool(self.db.execute(
             "INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction, text,"
             " signed_at, message_ref) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             [bundle_id, digest, issuer, patient_keys, direction, packed(text), signed_at, message_ref]).rowcount)
+        if kept and direction == "issued":
+            keys = {tuple(reversed(key.split("|", 1))) for key in jsonutil.loads(patient_keys) if "|" in key}
+            if keys:
+                self.db.conn.executemany("INSERT INTO signed_bundle_patients (value, system, doc_sha256)"
+                                         " VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                                         [(value, system, digest) for value, system in sorted(keys)])
+        return kept
 
     def keep_bundle(self, bundle: dict[str, Any], digest: str, direction: str, text: bytes, signed_at: str,
                     message_ref: int | None) -> bool:
@@ -118,12 +129,39 @@ class SignedBundles:
                               [digest]).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
+    def issued_for_identifier(self, identifier: str) -> list[tuple[bytes, str]]:
+        """(text, patient_keys) of the current Bundles issued here naming a patient identifier (``system|value``,
+        or a ``value`` of any system), oldest first, found through ``signed_bundle_patients``; by a reading of
+        every issued Bundle's keys only where that table is not there yet (a PostgreSQL node opened before
+        ``gateway db upgrade`` made it)."""
+        if not schema.columns(self.db, "signed_bundle_patients"):
+            needle = identifier if "|" in identifier else f"|{identifier}"
+            escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return self.issued_for_patient(f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%')
+        if "|" in identifier:
+            system, value = identifier.split("|", 1)
+            which, params = "p.value = ? AND p.system = ?", [value, system]
+        else:
+            which, params = "p.value = ?", [identifier]
+        join = "JOIN" if dialect(self.db) == "postgresql" else "CROSS JOIN"  # SQLite: from the patient's keys
+        rows = self.db.execute(
+            "SELECT DISTINCT s.text, s.patient_keys, s.signed_at, s.doc_sha256 FROM signed_bundle_patients p"
+            f" {join} signed_bundles s ON s.doc_sha256 = p.doc_sha256"
+            f" WHERE {which} AND s.direction = 'issued'{self._current('s.')} ORDER BY s.signed_at, s.doc_sha256",
+            params).fetchall()
+        return [(unpacked(r[0]), str(r[1])) for r in rows]
+
+    def _current(self, prefix: str = "") -> str:
+        """The condition that leaves out a Bundle whose every report a correction superseded (asked of each
+        Bundle found, through report_versions' index by Bundle)."""
+        if not schema.columns(self.db, "report_versions"):
+            return ""
+        return (f" AND (NOT EXISTS (SELECT 1 FROM report_versions r WHERE r.direction = 'issued' AND r.bundle_id ="
+                f" {prefix}bundle_id) OR EXISTS (SELECT 1 FROM report_versions r WHERE r.direction = 'issued' AND"
+                f" r.bundle_id = {prefix}bundle_id AND r.superseded_by IS NULL))")
+
     def issued_for_patient(self, pattern: str) -> list[tuple[bytes, str]]:
-        current = ""
-        if schema.columns(self.db, "report_versions"):
-            # a Bundle whose every report a correction superseded is not answered: the correction is
-            current = (" AND bundle_id NOT IN (SELECT bundle_id FROM report_versions WHERE direction = 'issued'"
-                       " GROUP BY bundle_id HAVING count(superseded_by) = count(*))")
+        current = self._current()  # a Bundle whose every report a correction superseded is not answered
         rows = self.db.execute("SELECT text, patient_keys FROM signed_bundles WHERE direction = 'issued'"
                                f" AND patient_keys LIKE ? ESCAPE '\\'{current} ORDER BY signed_at, doc_sha256",
                                [pattern]).fetchall()

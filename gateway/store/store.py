@@ -49,6 +49,7 @@ from gateway.store.parts import statements
 from gateway.store.db import Database, connect, dialect, transaction
 
 __all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
+           "ensure_patient_keys",
            "lease_owner", "holder_alive", "holder_state", "UNSTORABLE", "fold_string",
            "Prepared"]
 
@@ -1139,7 +1140,7 @@ _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 SCHEMA_VERSION = 3
 #: Indexes of ``core.sql`` added after its layout 3 was first released: a database made before gains them at
 #: its next opening (:func:`gateway.store.schema.ensure_indexes`).
-ADDED_CORE_INDEXES = ("messages_received", "signed_bundles_time", "outbox_payload")
+ADDED_CORE_INDEXES = ("messages_received", "outbox_payload")
 
 
 def ensure_core_schema(db: Database) -> None:
@@ -1159,6 +1160,7 @@ def ensure_core_schema(db: Database) -> None:
         if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
             return  # the layout is there: asked by reading, so a start never waits for another node's writes
         with transaction(db):
+            ensure_patient_keys(db)
             _narrow_tokens(db)  # layout 2's token rows, converted (PostgreSQL has no layout 1)
             db.executescript(schema.script(db, "core"))
             if schema.version(db, "core") < SCHEMA_VERSION:
@@ -1166,6 +1168,7 @@ def ensure_core_schema(db: Database) -> None:
         return
     conn = db.conn
     script = schema.script(db, "core")
+    ensure_patient_keys(db)  # before the script, which would make the table empty
     message_columns = schema.columns(db, "messages")
     added = [(name, kind) for name, kind in _LEASE_COLUMNS if message_columns and name not in message_columns]
     if added:  # an earlier release's messages table: leases of messages being worked
@@ -1206,6 +1209,41 @@ def ensure_core_schema(db: Database) -> None:
         with transaction(db):
             schema.set_version(db, "core", SCHEMA_VERSION)
     schema.ensure_indexes(db, "core", ADDED_CORE_INDEXES)
+
+
+#: The patient identifiers of the Bundles issued before ``signed_bundle_patients`` existed, from their JSON keys
+#: (``"system|value"``, split at the first ``|`` as the keys were joined).
+_PATIENT_KEYS_FILL = {
+    "sqlite": ("INSERT INTO signed_bundle_patients (value, system, doc_sha256) SELECT substr(j.value,"
+               " instr(j.value, '|') + 1), substr(j.value, 1, instr(j.value, '|') - 1), s.doc_sha256 FROM"
+               " signed_bundles s, json_each(s.patient_keys) j WHERE s.direction = 'issued' AND j.type = 'text'"
+               " AND instr(j.value, '|') > 0 ON CONFLICT DO NOTHING"),
+    "postgresql": ("INSERT INTO signed_bundle_patients (value, system, doc_sha256) SELECT substr(k, strpos(k, '|')"
+                   " + 1), substr(k, 1, strpos(k, '|') - 1), s.doc_sha256 FROM signed_bundles s CROSS JOIN LATERAL"
+                   " jsonb_array_elements_text(CAST(s.patient_keys AS jsonb)) AS k WHERE s.direction = 'issued'"
+                   " AND strpos(k, '|') > 0 ON CONFLICT DO NOTHING"),
+}
+
+
+def ensure_patient_keys(db: Database) -> int:
+    """Make ``signed_bundle_patients`` in a database whose issued Bundles were kept before it existed, filled from
+    their keys, in one transaction (the caller's, when it has one) holding the write lock: no Bundle is ever
+    missing from it. Nothing to do for a new database (the schema file makes it empty) or one that has it.
+    Returns the rows filled in."""
+    if not schema.columns(db, "signed_bundles") or schema.columns(db, "signed_bundle_patients"):
+        return 0
+    from gateway.store.parts import statements
+
+    create = next(st for st in statements(schema.script(db, "core"))
+                  if st.startswith("CREATE TABLE IF NOT EXISTS signed_bundle_patients "))
+    with transaction(db):
+        if schema.columns(db, "signed_bundle_patients"):  # another process made it meanwhile
+            return 0
+        db.execute(create)
+        filled = int(db.execute(_PATIENT_KEYS_FILL[dialect(db)]).rowcount or 0)
+    log.warning("database layout: signed_bundle_patients made, %d patient identifiers of Bundles issued before it",
+                filled)
+    return filled
 
 
 def _wide_tokens(db: Database) -> bool:

@@ -124,8 +124,14 @@ CREATE TABLE IF NOT EXISTS signed_bundles (
     PRIMARY KEY (doc_sha256)
 );
 CREATE INDEX IF NOT EXISTS signed_bundles_bundle ON signed_bundles(bundle_id);
--- the latest Bundles received or signed (the console's exchange page), without reading them all
-CREATE INDEX IF NOT EXISTS signed_bundles_time ON signed_bundles(direction, signed_at);
+-- The patient identifiers of the Bundles issued here, one row each: how 调阅 finds a patient's Bundles without
+-- reading every Bundle ever issued (filled with each Bundle kept; gateway.store.store fills it for older ones).
+CREATE TABLE IF NOT EXISTS signed_bundle_patients (
+    value       TEXT NOT NULL,          -- the identifier's value
+    system      TEXT NOT NULL,          -- its system ('' when none)
+    doc_sha256  TEXT NOT NULL,          -- the signed Bundle (signed_bundles.doc_sha256)
+    PRIMARY KEY (value, system, doc_sha256)
+);
 
 -- Deliveries to other member gateways (gateway.exchange.outbox).
 CREATE TABLE IF NOT EXISTS outbox (
