@@ -41,8 +41,10 @@ class SignedBundlesPort(Protocol):
     """What the exchange asks of the signed Bundles' storage."""
 
     def keep(self, bundle_id: str, digest: str, issuer: str, patient_keys: str, direction: str, text: bytes,
-             signed_at: str, message_ref: int | None) -> bool:
-        """Record a signed Bundle once per document hash (inside the caller's transaction); True when new."""
+             signed_at: str, message_ref: int | None, *, keys_list: list[str] | None = None) -> bool:
+        """Record a signed Bundle once per document hash (inside the caller's transaction); True when new. An issued
+        Bundle's patient identifiers (``patient_keys``, JSON; ``keys_list``, the same as a list) are recorded in
+        ``signed_bundle_patients`` too."""
 
     def latest_issued(self, bundle_id: str) -> bytes | None:
         """The text of the latest signed copy of a Bundle issued here, or None."""
@@ -89,13 +91,14 @@ class SignedBundles:
         self.db = db
 
     def keep(self, bundle_id: str, digest: str, issuer: str, patient_keys: str, direction: str, text: bytes,
-             signed_at: str, message_ref: int | None) -> bool:
+             signed_at: str, message_ref: int | None, *, keys_list: list[str] | None = None) -> bool:
         kept = bool(self.db.execute(
             "INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction, text,"
             " signed_at, message_ref) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             [bundle_id, digest, issuer, patient_keys, direction, packed(text), signed_at, message_ref]).rowcount)
         if kept and direction == "issued":
-            keys = {tuple(reversed(key.split("|", 1))) for key in jsonutil.loads(patient_keys) if "|" in key}
+            listed = jsonutil.loads(patient_keys) if keys_list is None else keys_list
+            keys = {tuple(reversed(key.split("|", 1))) for key in listed if "|" in key}
             if keys:
                 self.db.conn.executemany("INSERT INTO signed_bundle_patients (value, system, doc_sha256)"
                                          " VALUES (?,?,?) ON CONFLICT DO NOTHING",
@@ -105,8 +108,9 @@ class SignedBundles:
     def keep_bundle(self, bundle: dict[str, Any], digest: str, direction: str, text: bytes, signed_at: str,
                     message_ref: int | None) -> bool:
         """:meth:`keep` a signed Bundle, its issuer and patient keys read from ``bundle`` (the document signed)."""
-        return self.keep(str(bundle.get("id") or ""), digest, issuer_of(bundle), jsonutil.dumps(patient_keys(bundle)),
-                         direction, text, signed_at, message_ref)
+        keys = patient_keys(bundle)
+        return self.keep(str(bundle.get("id") or ""), digest, issuer_of(bundle), jsonutil.dumps(keys), direction, text,
+                         signed_at, message_ref, keys_list=keys)
 
     def latest_issued(self, bundle_id: str) -> bytes | None:
         row = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'"
