@@ -188,8 +188,9 @@ def ensure_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]
     return wanted
 
 
-#: The session lock of PostgreSQL's index builds: one node builds, the others go on without waiting.
-_INDEX_LOCK = 7_241_913
+#: The session lock of PostgreSQL's index builds in one member's schema: one node builds, the others go on without
+#: waiting (members sharing a cluster in schemas of their own do not hold each other up).
+_INDEX_LOCK = "hashtextextended('cyhr-gateway-indexes:' || current_schema(), 0)"
 
 
 def build_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:
