@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from conftest import Clock
+from gateway.adapters.base import RawUnit
 from gateway.audit.log import entries
 from gateway.audit.query import parse_search, run
 from gateway.audit.stats import compute
@@ -38,7 +39,6 @@ from gateway.recognition.overrides import RETEST_REASONS, Override
 from gateway.recognition.store import add_override, list_decisions
 from gateway.store.store import Store
 from gateway.store.views import ReadModels
-from gateway.adapters.base import RawUnit
 from test_corrections import CDA, CORRECTION, FL, NUMBER, ORIGINAL, PATIENT, ingest
 from test_exchange import URLS, Routed
 
@@ -70,38 +70,37 @@ def _plan_problems(conn: sqlite3.Connection, statements: list[str]) -> list[str]
     """Each distinct statement that SQLite would run with a full scan of a table that grows, with its plan, asked
     on ``conn`` (the gateway's own connection, which knows its SQL functions); and each it cannot plan."""
     problems: list[str] = []
-    if True:
-        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        for sql in dict.fromkeys(statements):
-            head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
-            if head not in ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH", "REPLACE"):
+    tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for sql in dict.fromkeys(statements):
+        head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+        if head not in ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH", "REPLACE"):
+            continue
+        if head == "INSERT" and _VALUES.search(sql) and " SELECT " not in sql.upper():
+            continue  # rows given: what a plan shows is the foreign keys' look for orphans, which SQLite runs
+            # only while a deferred violation is outstanding (never, with the immediate keys of this layout)
+        try:
+            plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+        except sqlite3.Error as exc:
+            problems.append(f"cannot plan ({exc})\n    in: {sql[:400]}")
+            continue
+        for row in plan:
+            detail = str(row[3])
+            found = re.match(r"SCAN (?:TABLE )?(\w+)", detail)
+            if found is None or "VIRTUAL TABLE" in detail:
                 continue
-            if head == "INSERT" and _VALUES.search(sql) and " SELECT " not in sql.upper():
-                continue  # rows given: what a plan shows is the foreign keys' look for orphans, which SQLite runs
-                # only while a deferred violation is outstanding (never, with the immediate keys of this layout)
-            try:
-                plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
-            except sqlite3.Error as exc:
-                problems.append(f"cannot plan ({exc})\n    in: {sql[:400]}")
+            if " USING " in detail and (" WHERE " not in sql.upper() or " LIMIT " in sql.upper()):
+                continue  # an index walked whole for what the statement asks of every row (a count), or in
+                # its order until a LIMIT; one walked whole to filter is what an index should have served
+            aliases = {alias: name for name, alias in _ALIASED.findall(sql) if name in tables}
+            table = aliases.get(found.group(1), found.group(1))
+            if table not in tables:
+                continue  # a subquery, a VALUES list or json_each: rows the statement made itself
+            newest = _NEWEST.search(sql.strip()) and " WHERE " not in sql.upper()
+            if newest and found.group(1) == detail.split()[-1]:
+                continue  # the first or last rows by their rowid (ORDER BY the key LIMIT n): n rows read
+            if table in SMALL or table.startswith("sqlite_") or any(map(sql.startswith, SCANS_ALLOWED)):
                 continue
-            for row in plan:
-                detail = str(row[3])
-                found = re.match(r"SCAN (?:TABLE )?(\w+)", detail)
-                if found is None or "VIRTUAL TABLE" in detail:
-                    continue
-                if " USING " in detail and (" WHERE " not in sql.upper() or " LIMIT " in sql.upper()):
-                    continue  # an index walked whole for what the statement asks of every row (a count), or in
-                    # its order until a LIMIT; one walked whole to filter is what an index should have served
-                aliases = {alias: name for name, alias in _ALIASED.findall(sql) if name in tables}
-                table = aliases.get(found.group(1), found.group(1))
-                if table not in tables:
-                    continue  # a subquery, a VALUES list or json_each: rows the statement made itself
-                newest = _NEWEST.search(sql.strip()) and " WHERE " not in sql.upper()
-                if newest and found.group(1) == detail.split()[-1]:
-                    continue  # the first or last rows by their rowid (ORDER BY the key LIMIT n): n rows read
-                if table in SMALL or table.startswith("sqlite_") or any(map(sql.startswith, SCANS_ALLOWED)):
-                    continue
-                problems.append(f"{detail}\n    in: {sql[:400]}")
+            problems.append(f"{detail}\n    in: {sql[:400]}")
     return problems
 
 
