@@ -333,9 +333,9 @@ class Store:
             return []
         found: list[MessageRecord] = []
         first = 1
-        while True:  # key, key#2, key#3 ... (each stored as len(earlier) + 1 under the write lock): looked up by
-            # value through messages_dedup, a chunk at a time, until a chunk ends short; no LIKE, which neither
-            # engine can read through the index whatever the collation
+        while True:  # key, key#2, key#3 ... (each stored one past the highest taken, under the write lock):
+            # looked up by value through messages_dedup, a chunk at a time, until a chunk ends short; no LIKE, which
+            # neither engine can read through the index whatever the collation
             ids = [key if n == 1 else f"{key}#{n}" for n in range(first, first + _KEYED_CHUNK)]
             marks = ",".join("?" * len(ids))
             rows = [self._record(row) for row in self.db.query(
