@@ -499,6 +499,9 @@ class Pipeline:
                 outcomes.append(outcome)
             self._record_worked(ch, channel, worked, outcomes, held)
             if waiting:  # after the batch's own work is recorded: another process may be waiting for it too
+                for record_id in list(held):  # not recorded: free before waiting, for a resend or the next start
+                    self._release(record_id)
+                    held.discard(record_id)
                 worked = []
                 deadline = time.monotonic() + RESEND_WAIT  # one wait for the whole batch
                 for place, unit, existing in waiting:

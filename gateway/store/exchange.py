@@ -96,7 +96,7 @@ class SignedBundles:
             "INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction, text,"
             " signed_at, message_ref) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             [bundle_id, digest, issuer, patient_keys, direction, packed(text), signed_at, message_ref]).rowcount)
-        if kept and direction == "issued":
+        if kept and direction == "issued" and self._patient_table():
             listed = jsonutil.loads(patient_keys) if keys_list is None else keys_list
             keys = {tuple(reversed(key.split("|", 1))) for key in listed if "|" in key}
             if keys:
@@ -133,12 +133,22 @@ class SignedBundles:
                               [digest]).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
+    def _patient_table(self) -> bool:
+        """Whether ``signed_bundle_patients`` is there (on PostgreSQL, not before ``gateway db upgrade`` or a start
+        of ``gateway serve`` made it: a Bundle kept meanwhile is filled in by them, :func:`ensure_patient_keys`)."""
+        if schema.known(self.db, "table:signed_bundle_patients"):
+            return True
+        if not schema.columns(self.db, "signed_bundle_patients"):
+            return False
+        schema.learn(self.db, "table:signed_bundle_patients")
+        return True
+
     def issued_for_identifier(self, identifier: str) -> list[tuple[bytes, str]]:
         """(text, patient_keys) of the current Bundles issued here naming a patient identifier (``system|value``,
         or a ``value`` of any system), oldest first, found through ``signed_bundle_patients``; by a reading of
         every issued Bundle's keys only where that table is not there yet (a PostgreSQL node opened before
         ``gateway db upgrade`` made it)."""
-        if not schema.columns(self.db, "signed_bundle_patients"):
+        if not self._patient_table():
             needle = identifier if "|" in identifier else f"|{identifier}"
             escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             return self.issued_for_patient(f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%')
@@ -155,9 +165,10 @@ class SignedBundles:
             params).fetchall()
         return [(unpacked(r[0]), str(r[1])) for r in rows]
 
-    def _current(self, prefix: str = "") -> str:
+    def _current(self, prefix: str) -> str:
         """The condition that leaves out a Bundle whose every report a correction superseded (asked of each
-        Bundle found, through report_versions' index by Bundle)."""
+        Bundle found, through report_versions' index by Bundle); ``prefix`` names the signed_bundles row
+        (``s.``), which the subqueries must not read as their own."""
         if not schema.columns(self.db, "report_versions"):
             return ""
         return (f" AND (NOT EXISTS (SELECT 1 FROM report_versions r WHERE r.direction = 'issued' AND r.bundle_id ="
@@ -165,9 +176,9 @@ class SignedBundles:
                 f" r.bundle_id = {prefix}bundle_id AND r.superseded_by IS NULL))")
 
     def issued_for_patient(self, pattern: str) -> list[tuple[bytes, str]]:
-        current = self._current()  # a Bundle whose every report a correction superseded is not answered
-        rows = self.db.execute("SELECT text, patient_keys FROM signed_bundles WHERE direction = 'issued'"
-                               f" AND patient_keys LIKE ? ESCAPE '\\'{current} ORDER BY signed_at, doc_sha256",
+        current = self._current("s.")  # a Bundle whose every report a correction superseded is not answered
+        rows = self.db.execute("SELECT s.text, s.patient_keys FROM signed_bundles s WHERE s.direction = 'issued'"
+                               f" AND s.patient_keys LIKE ? ESCAPE '\\'{current} ORDER BY s.signed_at, s.doc_sha256",
                                [pattern]).fetchall()
         return [(unpacked(r[0]), str(r[1])) for r in rows]
 

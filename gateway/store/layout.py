@@ -57,7 +57,7 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
                     schema.set_version(db, part, 1)
     from gateway.store.store import ensure_patient_keys
 
-    ensure_patient_keys(db)  # (on SQLite already made when the core part was opened)
+    ensure_patient_keys(db, missing=True)  # (on SQLite made when the core part was opened)
     for part, names in added_indexes().items():
         schema.build_indexes(db, part, names)
     return status(db)

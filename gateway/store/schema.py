@@ -202,10 +202,17 @@ def build_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:
     where :func:`ensure_indexes` makes them)."""
     if dialect(db) != "postgresql" or not names:
         return []
-    state = {str(r[0]): bool(r[1]) for r in db.execute(
-        "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()").fetchall()}
-    wanted = [name for name in names if not state.get(name, False)]
+    if db.conn.in_transaction:
+        log.warning("database layout: indexes are not built inside a transaction (%s)", ", ".join(names))
+        return []
+
+    def missing() -> tuple[dict[str, bool], list[str]]:
+        state = {str(r[0]): bool(r[1]) for r in db.execute(
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()").fetchall()}
+        return state, [name for name in names if not state.get(name, False)]
+
+    state, wanted = missing()
     if not wanted:
         return []
     if not db.execute(f"SELECT pg_try_advisory_lock({_INDEX_LOCK})").fetchone()[0]:
@@ -213,6 +220,7 @@ def build_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:
         return []
     built: list[str] = []
     try:
+        state, wanted = missing()  # again, under the lock: another node may have built them meanwhile
         found = _index_statements(db, part, wanted)
         for name in wanted:
             log.warning("database layout: building index %s beside the running work (added by this release)", name)

@@ -1211,8 +1211,8 @@ def ensure_core_schema(db: Database) -> None:
     schema.ensure_indexes(db, "core", ADDED_CORE_INDEXES)
 
 
-#: The patient identifiers of the Bundles issued before ``signed_bundle_patients`` existed, from their JSON keys
-#: (``"system|value"``, split at the first ``|`` as the keys were joined).
+#: The patient identifiers of the Bundles issued without their rows in ``signed_bundle_patients``, from their JSON
+#: keys (``"system|value"``, split at the first ``|`` as the keys were joined).
 _PATIENT_KEYS_FILL = {
     "sqlite": ("INSERT INTO signed_bundle_patients (value, system, doc_sha256) SELECT substr(j.value,"
                " instr(j.value, '|') + 1), substr(j.value, 1, instr(j.value, '|') - 1), s.doc_sha256 FROM"
@@ -1221,28 +1221,42 @@ _PATIENT_KEYS_FILL = {
     "postgresql": ("INSERT INTO signed_bundle_patients (value, system, doc_sha256) SELECT substr(k, strpos(k, '|')"
                    " + 1), substr(k, 1, strpos(k, '|') - 1), s.doc_sha256 FROM signed_bundles s CROSS JOIN LATERAL"
                    " jsonb_array_elements_text(CAST(s.patient_keys AS jsonb)) AS k WHERE s.direction = 'issued'"
-                   " AND strpos(k, '|') > 0 ON CONFLICT DO NOTHING"),
+                   " AND strpos(k, '|') > 0 AND NOT EXISTS (SELECT 1 FROM signed_bundle_patients p WHERE"
+                   " p.doc_sha256 = s.doc_sha256) ON CONFLICT DO NOTHING"),
 }
 
 
-def ensure_patient_keys(db: Database) -> int:
-    """Make ``signed_bundle_patients`` in a database whose issued Bundles were kept before it existed, filled from
-    their keys, in one transaction (the caller's, when it has one) holding the write lock: no Bundle is ever
-    missing from it. Nothing to do for a new database (the schema file makes it empty) or one that has it.
-    Returns the rows filled in."""
-    if not schema.columns(db, "signed_bundles") or schema.columns(db, "signed_bundle_patients"):
-        return 0
-    from gateway.store.parts import statements
+def ensure_patient_keys(db: Database, *, missing: bool = False) -> int:
+    """Make ``signed_bundle_patients`` where a database whose issued Bundles were kept before it existed lacks it,
+    filled from their keys, in one transaction (the caller's, when it has one) holding the write lock. Nothing
+    to do for a new database (the schema file makes it empty). Returns the rows filled in.
 
-    create = next(st for st in statements(schema.script(db, "core"))
-                  if st.startswith("CREATE TABLE IF NOT EXISTS signed_bundle_patients "))
-    with transaction(db):
-        if schema.columns(db, "signed_bundle_patients"):  # another process made it meanwhile
-            return 0
-        db.execute(create)
-        filled = int(db.execute(_PATIENT_KEYS_FILL[dialect(db)]).rowcount or 0)
-    log.warning("database layout: signed_bundle_patients made, %d patient identifiers of Bundles issued before it",
-                filled)
+    ``missing`` (``gateway db upgrade`` and ``gateway serve``'s start): on PostgreSQL, where a node's opening only
+    reads, a process of this release may keep Bundles before the table is made (it keeps them without their
+    rows), and so may a node of the earlier release beside it: their rows are filled in too, by one statement
+    outside the write lock (an anti-join: one pass over the issued Bundles). On SQLite the first opening by this
+    release makes the table, and an earlier release's processes must be stopped before it (as for any upgrade)."""
+    if not schema.columns(db, "signed_bundles"):
+        return 0
+    if not schema.columns(db, "signed_bundle_patients"):
+        from gateway.store.parts import statements
+
+        create = next(st for st in statements(schema.script(db, "core"))
+                      if st.startswith("CREATE TABLE IF NOT EXISTS signed_bundle_patients "))
+        with transaction(db):
+            if schema.columns(db, "signed_bundle_patients"):  # another process made it meanwhile
+                return 0
+            db.execute(create)
+            filled = int(db.execute(_PATIENT_KEYS_FILL[dialect(db)]).rowcount or 0)
+        log.warning("database layout: signed_bundle_patients made, %d patient identifiers of Bundles issued "
+                    "before it", filled)
+        return filled
+    if not missing or dialect(db) != "postgresql" or db.conn.in_transaction:
+        return 0
+    filled = int(db.execute(_PATIENT_KEYS_FILL["postgresql"]).rowcount or 0)
+    if filled:
+        log.warning("database layout: %d patient identifiers of Bundles kept before signed_bundle_patients was made "
+                    "filled in", filled)
     return filled
 
 
