@@ -344,13 +344,6 @@ def _pg_whole_reads(node: dict[str, Any], *, limited: bool) -> list[tuple[str, s
 _PG_TYPES = {str: "text", int: "bigint", float: "double precision", bytes: "bytea", bool: "boolean"}
 
 
-def _like(identifier: str) -> str:
-    """The LIKE pattern the reading of every issued Bundle's keys takes for an identifier."""
-    needle = identifier if "|" in identifier else f"|{identifier}"
-    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%'
-
-
 def _cda_key(pipeline: Any) -> tuple[str, str]:
     """(sender, 文档流水号) of the CDA sample, as the gateway keys its requests."""
     key = pipeline.channel("cda").adapter.document_key(RawUnit((CDA / "lab-report-full.xml").read_bytes(), 1))
@@ -527,7 +520,7 @@ def test_a_pull_finds_the_patients_bundles_by_key_also_those_issued_before_the_k
     from gateway.store import layout
     from gateway.store.db import connect, transaction
     from gateway.pipeline import Pipeline
-    from gateway.store.exchange import SignedBundles
+    from gateway.store.exchange import SignedBundles, keys_pattern
 
     world = _world(tmp_path, member_database)
     tj = world.gateways["tongjiang"].pipeline
@@ -548,7 +541,7 @@ def test_a_pull_finds_the_patients_bundles_by_key_also_those_issued_before_the_k
         plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + statement).fetchall()]
         assert plan[0].startswith("SEARCH p USING PRIMARY KEY (value=? AND system=?)"), plan
 
-    fallback = {which: SignedBundles(db).issued_for_patient(_like(which)) for which in (full, bare)}
+    fallback = {which: SignedBundles(db).issued_for_patient(keys_pattern(which)) for which in (full, bare)}
     assert fallback == before, "the reading of every issued Bundle's keys answers the same, superseded left out"
 
     with transaction(db):  # as an earlier release left it

@@ -13,7 +13,7 @@ from gateway import jsonutil
 from gateway.store import schema
 from gateway.store.db import Database, dialect, transaction
 
-__all__ = ["SignedBundlesPort", "SignedBundles", "issuer_of", "patient_keys"]
+__all__ = ["SignedBundlesPort", "SignedBundles", "issuer_of", "patient_keys", "keys_pattern"]
 
 
 def issuer_of(bundle: dict[str, Any]) -> str:
@@ -35,6 +35,15 @@ def patient_keys(bundle: dict[str, Any]) -> list[str]:
         if res.get("resourceType") == "Patient":
             keys += [f"{i.get('system', '')}|{i['value']}" for i in res.get("identifier", []) if i.get("value")]
     return keys
+
+
+def keys_pattern(identifier: str) -> str:
+    """The LIKE pattern (escaped with ``\\``) of a patient identifier (``system|value``, or a ``value`` of any
+    system) in ``signed_bundles.patient_keys``, a JSON list of ``"system|value"``: it narrows, the caller then
+    checks each key exactly."""
+    needle = identifier if "|" in identifier else f"|{identifier}"
+    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%'
 
 
 class SignedBundlesPort(Protocol):
@@ -149,9 +158,7 @@ class SignedBundles:
         every issued Bundle's keys only where that table is not there yet (a PostgreSQL node opened before
         ``gateway db upgrade`` made it)."""
         if not self._patient_table():
-            needle = identifier if "|" in identifier else f"|{identifier}"
-            escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            return self.issued_for_patient(f'%"{escaped}"%' if "|" in identifier else f'%{escaped}"%')
+            return self.issued_for_patient(keys_pattern(identifier))
         if "|" in identifier:
             system, value = identifier.split("|", 1)
             which, params = "p.value = ? AND p.system = ?", [value, system]

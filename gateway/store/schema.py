@@ -13,12 +13,11 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.resources as _resources
 import logging
-import re
 
 from gateway.store.db import Database, dialect, transaction
 
 __all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "known", "learn",
-           "ensure_indexes", "build_indexes"]
+           "ensure_indexes", "build_indexes", "statement"]
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +146,26 @@ def once(db: Database, part: str) -> bool:
     return True
 
 
-def _index_statements(db: Database, part: str, names: list[str]) -> dict[str, str]:
-    """The ``CREATE INDEX`` statement of each of ``names`` in ``part``'s file.
+def statement(db: Database, part: str, start: str) -> str:
+    """The statement of ``part``'s file that begins with ``start`` (``CREATE INDEX IF NOT EXISTS name ``): what a
+    step that makes one table or index of the file alone runs, so that the file stays its one definition.
 
-    :raises ValueError: a name the file does not define (a mistake of this release, found by its tests).
+    :raises ValueError: the file has no such statement (a mistake of this release, found by its tests).
     """
     from gateway.store.parts import statements
 
-    found = {name: statement for statement in statements(script(db, part)) for name in names
-             if re.match(rf"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS {name} ", statement)}
-    if set(found) != set(names):
-        raise ValueError(f"{part}.sql defines no index {', '.join(sorted(set(names) - set(found)))}")
-    return found
+    for found in statements(script(db, part)):
+        if found.startswith(start):
+            return found
+    raise ValueError(f"{part}.sql has no statement {start.strip()!r}")
+
+
+def _index_statements(db: Database, part: str, names: list[str]) -> dict[str, str]:
+    """The ``CREATE INDEX`` statement of each of ``names`` in ``part``'s file.
+
+    :raises ValueError: a name the file does not define.
+    """
+    return {name: statement(db, part, f"CREATE INDEX IF NOT EXISTS {name} ") for name in names}
 
 
 def ensure_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]:

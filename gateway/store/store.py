@@ -1138,8 +1138,9 @@ _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
 #: 3: token values numbered once (``search_key``) and narrow token rows (key, res).
 SCHEMA_VERSION = 3
-#: Indexes of ``core.sql`` added after its layout 3 was first released: a database made before gains them at
-#: its next opening (:func:`gateway.store.schema.ensure_indexes`).
+#: Indexes of ``core.sql`` added after its layout 3 was first released. On SQLite every opening runs the whole
+#: file, which makes them; on PostgreSQL, whose openings only read, :func:`gateway.store.schema.build_indexes`
+#: does (``gateway db upgrade``, ``gateway serve``'s start).
 ADDED_CORE_INDEXES = ("messages_received", "outbox_payload")
 
 
@@ -1208,7 +1209,6 @@ def ensure_core_schema(db: Database) -> None:
     elif schema.version(db, "core") < SCHEMA_VERSION:  # upgraded by a release that kept only user_version
         with transaction(db):
             schema.set_version(db, "core", SCHEMA_VERSION)
-    schema.ensure_indexes(db, "core", ADDED_CORE_INDEXES)
 
 
 #: The patient identifiers of the Bundles issued without their rows in ``signed_bundle_patients``, from their JSON
@@ -1239,10 +1239,7 @@ def ensure_patient_keys(db: Database, *, missing: bool = False) -> int:
     if not schema.columns(db, "signed_bundles"):
         return 0
     if not schema.columns(db, "signed_bundle_patients"):
-        from gateway.store.parts import statements
-
-        create = next(st for st in statements(schema.script(db, "core"))
-                      if st.startswith("CREATE TABLE IF NOT EXISTS signed_bundle_patients "))
+        create = schema.statement(db, "core", "CREATE TABLE IF NOT EXISTS signed_bundle_patients ")
         with transaction(db):
             if schema.columns(db, "signed_bundle_patients"):  # another process made it meanwhile
                 return 0
