@@ -163,10 +163,15 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
         return
     if dialect(db) == "postgresql":
         conn.begin()
-    elif poll:
-        _begin_polling(conn)
     else:
-        conn.execute("BEGIN IMMEDIATE")
+        if poll:
+            _begin_polling(conn)
+        else:
+            conn.execute("BEGIN IMMEDIATE")
+        # SQLite's transactions numbered on the connection object, as PostgreSQL's are (``begun``): a fact
+        # about the database that one of them made is settled once a later one finds it
+        # (:func:`gateway.store.schema.learn`)
+        db.sqlite_begun = getattr(db, "sqlite_begun", 0) + 1
     try:
         yield db
     except BaseException:

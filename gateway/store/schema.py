@@ -79,8 +79,9 @@ def set_version(db: Database, part: str, number: int) -> None:
 
 
 #: Facts learnt about a database, kept on its connection object: fact -> _SETTLED, or the transaction that made it
-#: true while that transaction may still roll back (PostgreSQL: :attr:`~.postgresql.PgConnection.begun`; SQLite,
-#: which does not count its transactions: _UNCOUNTED).
+#: true while that transaction may still roll back (PostgreSQL: :attr:`~.postgresql.PgConnection.begun`; SQLite:
+#: the number :func:`gateway.store.db.transaction` gave it, ``sqlite_begun``, or _UNCOUNTED on a connection that
+#: never began one there).
 _FACTS = "_cyhr_facts"
 _SETTLED = "settled"
 _UNCOUNTED = "uncounted"
@@ -120,6 +121,8 @@ def learn(db: Database, fact: str, *, made: bool = False) -> None:
     conn = db.conn
     inside = bool(conn.in_transaction)
     begun = getattr(conn, "begun", None)
+    if begun is None:  # SQLite: the number :func:`gateway.store.db.transaction` gives each transaction it begins
+        begun = getattr(db, "sqlite_begun", None)
     if not inside:
         facts[fact] = _SETTLED
     elif made:
