@@ -121,6 +121,7 @@ class Outcome:
     direction: str = "issued"  # issued here (every source channel), or received from another member (signed)
     signed_bundle: dict[str, Any] | None = None  # received: the Bundle as signed (``bundle`` is without signature)
     decided: Any = None  # received: the recognition decisions, ready to record (gateway.recognition.record.Decided)
+    prepared: Any = None  # ``bundle``'s rows as Store.prepare made them before the write lock was taken, or None
 
     @property
     def errors(self) -> list[Issue]:
@@ -531,12 +532,24 @@ class Pipeline:
 
         if not worked:
             return
+        self._prepare_rows([outcomes[place] for _, place in worked])
         with transaction(self.store.db):
             results = [self._record_safely(ch, unit, outcomes[place], channel) for unit, place in worked]
         for (unit, place), (outcome, recorded) in zip(worked, results):
             outcomes[place] = outcome
             if recorded:
                 held.discard(outcome.record_id)
+
+    def _prepare_rows(self, outcomes: list[Outcome]) -> None:
+        """Make the rows of the stored outcomes' Bundles (:meth:`Store.prepare`) before the transaction that
+        records them begins: other writers (the listeners' receipts, other nodes) then wait only for the writing.
+        One that cannot be made is left to :meth:`_commit`, whose failure is that outcome's own."""
+        for outcome in outcomes:
+            if outcome.status is Status.STORED and outcome.bundle is not None and outcome.prepared is None:
+                try:
+                    outcome.prepared = self.store.prepare(outcome.bundle)
+                except Exception:  # noqa: BLE001 - made again inside, where its failure is recorded as the unit's
+                    outcome.prepared = None
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received", *,
                     keyed: _Keyed | None = None) -> tuple[int, Any]:
@@ -721,8 +734,9 @@ class Pipeline:
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def process_queued(self, limit: int = _BATCH, share: tuple[int, int] = (0, 1)) -> list[Outcome]:
-        """Work up to ``limit`` held units, oldest first, each recorded in its own transaction.
+    def process_queued(self, limit: int = _BATCH, share: tuple[int, int] = (0, 1), *,
+                       group: int | None = None) -> list[Outcome]:
+        """Work up to ``limit`` held units, oldest first, recorded ``group`` at a time, each group in one transaction.
 
         Processing is what :meth:`ingest_unit` does after storing the raw input:
         the application ACK (AA/AE/AR with its ERR segments) is kept with the
@@ -732,25 +746,50 @@ class Pipeline:
         taken on more than :data:`MAX_ATTEMPTS` times without finishing is set
         aside as failed (``gateway messages retry`` works it again). ``share``: (k, n), only the messages of
         the senders in share k of n (the queue reader k of n, ``queue_readers``).
+
+        ``group`` (default: the ``queue_record_group`` setting): how many worked units are recorded together, in one
+        transaction, each in a savepoint of its own (one that cannot be recorded is recorded as failed, and the
+        others are recorded all the same, as :meth:`ingest_batch` records). Reading, mapping, checking and
+        signing hold no lock; a group holds the write lock while its units are written, so it stays small: the
+        listeners' receipts wait for that lock.
         """
+        size = max(1, int(self.settings.queue_record_group) if group is None else group)
         outcomes: list[Outcome] = []
         claimed = self.store.claim_queued(limit, float(self.settings.processing_lease), tuple(self.channels),
                                           share)
-        for n, (record_id, fmt, channel, origin, raw, attempts) in enumerate(claimed):
-            try:
+        worked: list[tuple[Channel, RawUnit, Outcome, str]] = []
+        recorded_up_to = 0  # claimed[:recorded_up_to] are recorded (or given up)
+        try:
+            for n, (record_id, fmt, channel, origin, raw, attempts) in enumerate(claimed):
                 ch = self.channel(fmt)
                 unit = RawUnit(raw, 1, origin)
                 outcome = (self._set_aside(ch, unit, record_id, attempts) if attempts > MAX_ATTEMPTS
                            else self._work(ch, unit, record_id))
-                outcome, recorded = self._record_safely(ch, unit, outcome, channel)
-            except BaseException:  # the database failed: what this call took is free again at once
-                for left in claimed[n:]:
-                    self._release(left[0])
-                raise
-            if not recorded:
-                self._release(record_id)
-            outcomes.append(outcome)
-            metrics.count_outcomes(channel, fmt, (outcome,))
+                worked.append((ch, unit, outcome, channel))
+                if len(worked) >= size or n == len(claimed) - 1:
+                    outcomes += self._record_group(worked)
+                    worked = []
+                    recorded_up_to = n + 1
+        except BaseException:  # the database failed: what this call took and did not record is free again at once
+            for left in claimed[recorded_up_to:]:
+                self._release(left[0])
+            raise
+        return outcomes
+
+    def _record_group(self, worked: list[tuple[Channel, RawUnit, Outcome, str]]) -> list[Outcome]:
+        """Record worked queued units in one transaction (see :meth:`process_queued`); a unit that could not be
+        recorded has its lease given up."""
+        from gateway.store.db import transaction
+
+        self._prepare_rows([outcome for _, _, outcome, _ in worked])
+        with transaction(self.store.db):
+            results = [self._record_safely(ch, unit, outcome, channel) for ch, unit, outcome, channel in worked]
+        outcomes = []
+        for (ch, _, outcome, channel), (done, recorded) in zip(worked, results):
+            if not recorded and outcome.record_id is not None:
+                self._release(outcome.record_id)
+            outcomes.append(done)
+            metrics.count_outcomes(channel, ch.format, (done,))
         return outcomes
 
     def ingest_unit(self, ch: Channel, unit: RawUnit, *, channel: str) -> Outcome:
@@ -1176,7 +1215,9 @@ class Pipeline:
         store = self.store
         stored = outcome.bundle if outcome.status is Status.STORED else None
         # the resources' rows are made before the write lock is taken: other writers wait only for the writing
-        prepared = store.prepare(stored) if stored is not None else None
+        prepared = None
+        if stored is not None:
+            prepared = outcome.prepared if outcome.prepared is not None else store.prepare(stored)
         at = self.clock()
         with store.unit_of_work() as db:
             if outcome.direction == "received" and stored is not None:

@@ -204,6 +204,34 @@ def test_recording_one_message_fails_the_others_are_recorded(pipeline: Pipeline)
     assert no_lease_left(pipeline)
 
 
+def test_rows_are_made_before_the_write_lock_and_one_that_cannot_be_made_fails_alone(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resources' rows of a batch are made before its recording transaction begins (other writers wait only
+    for the writing); a Bundle whose rows cannot be made fails alone, recorded as failed."""
+    store = pipeline.store
+    real_prepare = store.prepare
+    inside: list[bool] = []
+
+    broken: list[int] = []
+
+    def prepare(bundle: dict[str, Any]) -> Any:
+        inside.append(bool(store.db.conn.in_transaction))
+        if len(inside) == 2:  # the second message's Bundle
+            broken.append(id(bundle))
+        if id(bundle) in broken:
+            raise RecursionError("nested too deeply")
+        return real_prepare(bundle)
+
+    monkeypatch.setattr(store, "prepare", prepare)
+    outcomes = pipeline.ingest_batch(pipeline.channel("hl7v2"), units(copy_of("D001"), copy_of("BOOM004"),
+                                                                      copy_of("D003")), channel="mllp")
+    assert [o.status for o in outcomes] == [Status.STORED, Status.FAILED, Status.STORED]
+    assert inside[:3] == [False, False, False], "made before the transaction"
+    assert inside[3:] == [True], "the one that failed is made again inside, where its failure is recorded"
+    assert statuses(pipeline) == {"D001": "stored", "BOOM004": "failed", "D003": "stored"}
+    assert no_lease_left(pipeline)
+
+
 def test_a_message_nothing_can_be_recorded_for_is_answered_and_worked_on_resend(
         pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     store = pipeline.store

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -135,6 +136,90 @@ def test_held_messages_survive_a_restart_and_are_worked_then(pipeline, settings,
         assert restarted.store.counts() == {"stored": 1, "refused": 1}
     finally:
         restarted.close()
+
+
+def _queued(pipeline, count: int) -> list[int]:
+    """``count`` good messages, each with its own control id, answered on receipt: their record ids."""
+    messages = [msh_field(GOOD, 10, f"TJQ{n:09}") for n in range(count)]
+    receipts = pipeline.receive_batch(hl7(pipeline), units(*messages), channel="mllp")
+    assert [o.status for o in receipts] == [Status.QUEUED] * count
+    return [o.record_id for o in receipts]
+
+
+def _commits(pipeline, monkeypatch) -> list[str]:
+    """The transactions the pipeline begins from now on (the store's own, such as a claim, are not counted)."""
+    import gateway.store.db as db_module
+
+    seen: list[str] = []
+    real = db_module.transaction
+
+    def counted(db, **kw):
+        if not db.conn.in_transaction:
+            seen.append("transaction")
+        return real(db, **kw)
+
+    monkeypatch.setattr(db_module, "transaction", counted)
+    return seen
+
+
+def test_the_reader_records_a_few_messages_per_commit_and_a_failure_stays_its_own(pipeline, monkeypatch) -> None:
+    ids = _queued(pipeline, 6)
+    real_commit = pipeline._commit
+    failing = {ids[1]}
+
+    def commit(outcome, audit, **kw):
+        if outcome.record_id in failing and outcome.status is Status.STORED:
+            raise RuntimeError("this message's resources cannot be written")
+        return real_commit(outcome, audit, **kw)
+
+    monkeypatch.setattr(pipeline, "_commit", commit)
+    real_prepare, prepared_inside = pipeline.store.prepare, []
+
+    def prepare(bundle):
+        prepared_inside.append(bool(pipeline.store.db.conn.in_transaction))
+        return real_prepare(bundle)
+
+    monkeypatch.setattr(pipeline.store, "prepare", prepare)
+    commits = _commits(pipeline, monkeypatch)
+    worked = pipeline.process_queued(group=4)
+    assert prepared_inside == [False] * 6, "each Bundle's rows made before its group's transaction began"
+    assert [o.record_id for o in worked] == ids, "in arrival order"
+    assert [o.status for o in worked] == [Status.STORED, Status.FAILED] + [Status.STORED] * 4
+    assert len(commits) == 2, "one transaction per group of four (4 + 2)"
+    assert pipeline.store.counts() == {"stored": 5, "failed": 1}
+    for record_id in ids:
+        kept = pipeline.store.get_message(record_id)
+        assert kept.lease_owner is None and kept.ack, "recorded, with its answer, and no longer held"
+    assert "internal error in the gateway (store stage)" in pipeline.store.get_message(ids[1]).issues[0]["message"]
+
+
+def test_one_message_per_commit_when_the_group_is_one(pipeline, monkeypatch) -> None:
+    ids = _queued(pipeline, 3)
+    commits = _commits(pipeline, monkeypatch)
+    assert [o.status for o in pipeline.process_queued(group=1)] == [Status.STORED] * 3
+    assert len(commits) == 3
+    assert pipeline.store.counts() == {"stored": len(ids)}
+
+
+def test_a_database_failure_in_a_group_frees_what_was_not_recorded(pipeline, monkeypatch) -> None:
+    ids = _queued(pipeline, 6)
+    real = pipeline._record_safely
+    calls = []
+
+    def record_safely(ch, unit, outcome, channel, *rest):
+        calls.append(outcome.record_id)
+        if outcome.record_id == ids[4]:  # the second group: the database goes away in the middle of it
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(ch, unit, outcome, channel, *rest)
+
+    monkeypatch.setattr(pipeline, "_record_safely", record_safely)
+    with pytest.raises(sqlite3.OperationalError):
+        pipeline.process_queued(group=4)
+    assert [pipeline.store.get_message(i).status for i in ids] == ["stored"] * 4 + ["received"] * 2
+    assert all(pipeline.store.get_message(i).lease_owner is None for i in ids), "nothing left held"
+    monkeypatch.undo()
+    assert [o.record_id for o in pipeline.process_queued(group=4)] == ids[4:], "worked again at once"
+    assert pipeline.store.counts() == {"stored": 6}
 
 
 def test_only_hl7_v2_can_be_answered_on_receipt(pipeline) -> None:
