@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gateway.store import parts, schema
+from gateway.store import parts, schema, tallies
 from gateway.store.db import Database, dialect
 
 __all__ = ["DecisionsPort", "DecisionStore", "PART", "DECISION_COLUMNS"]
@@ -86,7 +86,8 @@ class DecisionStore:
         self.db = db
 
     def ensure_schema(self) -> None:
-        parts.ensure(self.db, PART, _LAST_TABLE, ADDED_INDEXES)
+        if parts.ensure(self.db, PART, _LAST_TABLE, ADDED_INDEXES):
+            tallies.ensure(self.db, ("decisions",))  # made now: its count starts with it, in the same transaction
 
     def exists(self, table: str = "recognition_decisions") -> bool:
         return parts.ready(self.db, PART) or bool(schema.columns(self.db, table))

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from gateway.store import schema
+from gateway.store import schema, tallies
 from gateway.store.db import Database, dialect, transaction
 
 __all__ = ["PARTS", "upgrade", "status"]
@@ -58,6 +58,7 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
     from gateway.store.store import ensure_patient_keys
 
     ensure_patient_keys(db, missing=True)  # (on SQLite made when the core part was opened)
+    tallies.ensure(db)  # the counts /health and /metrics read, started for the tables that have none
     for part, names in added_indexes().items():
         schema.build_indexes(db, part, names)
     return status(db)

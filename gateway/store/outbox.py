@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from gateway.store import schema
+from gateway.store import schema, tallies
 from gateway.store.db import Database, transaction
 
 __all__ = ["OutboxPort", "OutboxStore", "Claimed"]
@@ -149,6 +149,9 @@ class OutboxStore:
                             " last_error = '', updated_at = ? WHERE id = ?", [ts, iso, row_id])
 
     def counts(self) -> dict[str, int]:
+        kept = tallies.counts(self.db, "deliveries")
+        if kept is not None:
+            return kept
         return {str(r[0]): int(r[1]) for r in self.db.execute(
             "SELECT status, count(*) FROM outbox GROUP BY status ORDER BY status").fetchall()}
 

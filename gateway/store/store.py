@@ -44,7 +44,7 @@ from gateway.fhir.search import (
     parse_token_query,
 )
 from gateway.naming import cs_url
-from gateway.store import schema
+from gateway.store import schema, tallies
 from gateway.store.parts import statements
 from gateway.store.db import Database, connect, dialect, transaction
 
@@ -522,6 +522,11 @@ class Store:
         return [self._record(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
+        """Messages by status (those with none left out): the running count where it is kept
+        (:mod:`gateway.store.tallies`), counted otherwise."""
+        kept = tallies.counts(self.db, "messages")
+        if kept is not None:
+            return kept
         return {r["status"]: r["n"] for r in self.db.query("SELECT status, count(*) AS n FROM messages GROUP BY 1")}
 
     def record_stage(self, record_id: int, stage: str, status: str, detail: str = "") -> None:
@@ -1166,6 +1171,7 @@ def ensure_core_schema(db: Database) -> None:
             db.executescript(schema.script(db, "core"))
             if schema.version(db, "core") < SCHEMA_VERSION:
                 schema.set_version(db, "core", SCHEMA_VERSION)
+            tallies.ensure(db)  # (a database made now; an older one's counts start at gateway db upgrade)
         return
     conn = db.conn
     script = schema.script(db, "core")
@@ -1209,6 +1215,7 @@ def ensure_core_schema(db: Database) -> None:
     elif schema.version(db, "core") < SCHEMA_VERSION:  # upgraded by a release that kept only user_version
         with transaction(db):
             schema.set_version(db, "core", SCHEMA_VERSION)
+    tallies.ensure(db)  # the counts /health and /metrics read (started here for an earlier release's database)
 
 
 #: The patient identifiers of the Bundles issued without their rows in ``signed_bundle_patients``, from their JSON

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.store import tallies
 from gateway.store.db import Database, dialect
 from gateway.store.exchange import unpacked
 
@@ -201,6 +202,9 @@ class ReadModels:
         return sorted(found | ({also} if also else set()))
 
     def message_status_counts(self) -> dict[str, int]:
+        kept = tallies.counts(self.db, "messages")
+        if kept is not None:
+            return kept
         return {str(r[0]): int(r[1]) for r in self.db.execute(
             "SELECT status, count(*) FROM messages GROUP BY status ORDER BY status")}
 
@@ -216,6 +220,9 @@ class ReadModels:
             " ORDER BY destination, status", params)]
 
     def deliveries_in(self, state: str) -> int:
+        kept = tallies.counts(self.db, "deliveries")
+        if kept is not None:
+            return kept.get(state, 0)
         return int(self._one("SELECT count(*) FROM outbox WHERE status = ?", [state]) or 0)
 
     def oldest_waiting_delivery_at(self) -> str | None:
@@ -305,6 +312,9 @@ class ReadModels:
         """Recognition decisions recorded, by outcome (empty before the first decision made the table)."""
         if "recognition_decisions" not in self.tables():
             return {}
+        kept = tallies.counts(self.db, "decisions")
+        if kept is not None:
+            return kept
         return {str(o): int(n) for o, n in self.db.execute(
             "SELECT outcome, count(*) FROM recognition_decisions GROUP BY outcome ORDER BY outcome")}
 
