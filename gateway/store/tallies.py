@@ -126,8 +126,8 @@ def ensure(db: Database, which: tuple[str, ...] | None = None) -> list[str]:
             # Any of them left alone (dropped by hand) goes first, so that the count starts again whole.
             for name in _names(what):
                 db.execute(f"DROP TRIGGER IF EXISTS {name}" + (f" ON {table}" if engine == "postgresql" else ""))
-            for statement in (_postgresql_triggers if engine == "postgresql" else _sqlite_triggers)(what, table,
-                                                                                                   column):
+            make = _postgresql_triggers if engine == "postgresql" else _sqlite_triggers
+            for statement in make(what, table, column):
                 db.execute(statement)
             db.execute("DELETE FROM tallies WHERE what = ?", [what])
             db.execute(f"INSERT INTO tallies (what, key, n) SELECT ?, {column}, count(*) FROM {table}"
