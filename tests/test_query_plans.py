@@ -56,9 +56,6 @@ SCANS_ALLOWED: dict[str, str] = {
                                                           "resource, once (here on an empty database)",
     "SELECT l.seq, json_extract(l.content, ": "the 互认率 figures (gateway audit stats, the console, /audit/stats) "
                                               "count every entry of the kinds they report: what they mean",
-    "SELECT bundle_id, doc_sha256, issuer_uscc, signed_at FROM signed_bundles WHERE direction = 'received'":
-        "the console's latest received Bundles: an index on (direction, signed_at) would serve it, but SQLite, which "
-        "has no statistics, then reads every issued Bundle to find one by its id (a known gap, in the README)",
 }
 
 

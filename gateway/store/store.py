@@ -1146,7 +1146,7 @@ SCHEMA_VERSION = 3
 #: Indexes of ``core.sql`` added after its layout 3 was first released. On SQLite every opening runs the whole
 #: file, which makes them; on PostgreSQL, whose openings only read, :func:`gateway.store.schema.build_indexes`
 #: does (``gateway db upgrade``, ``gateway serve``'s start).
-ADDED_CORE_INDEXES = ("messages_received", "outbox_payload")
+ADDED_CORE_INDEXES = ("messages_received", "outbox_payload", "signed_bundles_received")
 
 
 def ensure_core_schema(db: Database) -> None:

@@ -111,6 +111,9 @@ CREATE TABLE IF NOT EXISTS signed_bundles (
     PRIMARY KEY (doc_sha256)
 );
 CREATE INDEX IF NOT EXISTS signed_bundles_bundle ON signed_bundles(bundle_id);
+-- the latest Bundles received (the console's exchange page), without reading every Bundle issued here; partial,
+-- so that a lookup by Bundle id never takes it for the index to use
+CREATE INDEX IF NOT EXISTS signed_bundles_received ON signed_bundles(signed_at DESC, doc_sha256) WHERE direction = 'received';
 -- The patient identifiers of the Bundles issued here, one row each: how 调阅 finds a patient's Bundles without
 -- reading every Bundle ever issued (filled with each Bundle kept; gateway.store.store fills it for older ones).
 CREATE TABLE IF NOT EXISTS signed_bundle_patients (
