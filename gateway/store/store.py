@@ -13,10 +13,10 @@ resend of the same message — and worked again from its raw bytes.
 
 Both engines run the same statements where they speak the same SQL; where they
 differ (JSON inside a stored resource, the order stages were written in, string
-search) :class:`Store` branches on :func:`gateway.store.db.dialect`. On
-PostgreSQL the strings of HumanNames are indexed (``search_string``), folded by
-:func:`fold_string` as they are written, so that a name search finds exactly what
-it finds on SQLite (where the folding runs in the query, as a registered function).
+search) :class:`Store` branches on :func:`gateway.store.db.dialect`. On both
+engines the strings of HumanNames are indexed (``search_string``), folded by
+:func:`fold_string` as they are written, so that a name search finds the same
+resources on either and reads the names of one parameter, not every resource.
 """
 from __future__ import annotations
 
@@ -716,7 +716,7 @@ class Store:
         rows: list[tuple[Any, ...]] = []
         tokens: list[tuple[str, str, str, str, int]] = []
         dates: list[tuple[str, str, float, float, int]] = []
-        strings: list[tuple[str, str, str, str, int]] | None = [] if dialect(self.db) == "postgresql" else None
+        strings: list[tuple[str, str, str, str, int]] = []
         for n, res in enumerate(resources):
             rtype, rid = res["resourceType"], res["id"]
             old = current.get((rtype, rid))
@@ -736,19 +736,17 @@ class Store:
             rows.append((row_number, rtype, rid, version, now, record_id, text))
             tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
             dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
-            if strings is not None:
-                strings += _name_strings(res, row_number)
+            strings += _name_strings(res, row_number)
         if self._batched():
             with self._pipelined():
-                _write_columns(conn, history, replaced, rows, tokens, dates, strings or [])
+                _write_columns(conn, history, replaced, rows, tokens, dates, strings)
             return
         if history:
             conn.executemany("INSERT INTO resource_history (type, id, version, last_updated, message_ref, json)"
                              " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", history)
             conn.executemany("DELETE FROM search_token WHERE res = ?", [(r,) for r in replaced])
             conn.executemany("DELETE FROM search_date WHERE res = ?", [(r,) for r in replaced])
-            if strings is not None:
-                conn.executemany("DELETE FROM search_string WHERE res = ?", [(r,) for r in replaced])
+            conn.executemany("DELETE FROM search_string WHERE res = ?", [(r,) for r in replaced])
         if rows:
             conn.executemany(_UPSERT_RESOURCE + " VALUES (?,?,?,?,?,?,?)" + _UPSERT_RESOURCE_SET, rows)
         _insert_index(conn, tokens, dates, strings)
@@ -887,7 +885,6 @@ class Store:
         args: list[Any] = []
         engine = dialect(self.db)
         if engine == "sqlite":
-            self.db.conn.create_function("fhir_fold", 1, fold_string, deterministic=True)
             self.db.conn.create_function("fhir_starts", 2, str.startswith, deterministic=True)
         updated_epoch = _UPDATED_EPOCH[engine]
         for raw_name, value in params:
@@ -1020,31 +1017,33 @@ class Store:
 #: ``meta.tag`` system of a report superseded by a correction (``gateway.store.reports.SUPERSEDED_TAG``).
 _SUPERSEDED_SYSTEM = cs_url("report-version-status")
 
-#: Where each string parameter looks in a HumanName (``json_tree`` rows of one ``name``: path, key).
-_NAME_PARTS = {
-    "family": "(t.path = '$' AND t.key = 'family')",
-    "given": "t.path = '$.given'",
-    "name": "((t.path = '$' AND t.key IN ('family', 'text')) OR t.path IN ('$.given', '$.prefix', '$.suffix'))",
-}
-
 
 def _string_match(engine: str, rtype: str, param: str, modifier: str, value: str) -> tuple[str, list[Any]]:
     """SQL condition and its arguments: a name part of the resource matches ``value`` as a FHIR string search
     does.
 
     Plain: starts with the value, ignoring case and accents (``value`` folded by :func:`fold_string`);
-    ``:contains``: holds it anywhere, likewise; ``:exact``: equals it, case and accents included. SQLite reads
-    the name parts from the resource's JSON and folds them in the query; PostgreSQL reads them from
-    ``search_string``, where they were folded by the same function when the resource was stored.
+    ``:contains``: holds it anywhere, likewise; ``:exact``: equals it, case and accents included. Both engines
+    read the name parts from ``search_string``, folded by the same function when the resource was stored: a
+    plain search reads one range of it (on SQLite a ``GLOB`` on the value, its own wildcards escaped, which
+    SQLite reads as a range of the index), an exact one looks one value up (its folded form first).
     """
-    if engine == "postgresql":
-        test = {"exact": "exact = ?", "contains": "strpos(folded, ?) > 0"}.get(modifier, "starts_with(folded, ?)")
-        return (f"rid IN (SELECT res FROM search_string WHERE type = ? AND param = ? AND {test})",
-                [rtype, param, value])
-    test = {"exact": "t.atom = ?", "contains": "instr(fhir_fold(t.atom), ?) > 0"}.get(
-        modifier, "fhir_starts(fhir_fold(t.atom), ?)")
-    return ("EXISTS (SELECT 1 FROM json_each(resources.json, '$.name') n, json_tree(CASE WHEN n.type = 'object' "
-            f"THEN n.value ELSE '{{}}' END) t WHERE t.type = 'text' AND {_NAME_PARTS[param]} AND {test})", [value])
+    if modifier == "exact":
+        return ("rid IN (SELECT res FROM search_string WHERE type = ? AND param = ? AND folded = ? AND exact = ?)",
+                [rtype, param, fold_string(value), value])
+    if modifier == "contains":
+        test = "strpos(folded, ?) > 0" if engine == "postgresql" else "instr(folded, ?) > 0"
+    elif engine == "postgresql":
+        test = "starts_with(folded, ?)"
+    elif "\x00" in value:  # GLOB ends at a NUL: compared in Python instead (a name holds none)
+        test = "fhir_starts(folded, ?)"
+    else:
+        test, value = "folded GLOB ?", "".join(_GLOB_LITERAL.get(ch, ch) for ch in value) + "*"
+    return f"rid IN (SELECT res FROM search_string WHERE type = ? AND param = ? AND {test})", [rtype, param, value]
+
+
+#: GLOB's wildcards, each written as the one character it is.
+_GLOB_LITERAL = {"*": "[*]", "?": "[?]", "[": "[[]"}
 
 
 #: Resource types with string search parameters (their HumanNames are indexed on PostgreSQL).
@@ -1053,8 +1052,8 @@ _STRING_TYPES = frozenset(t for t, known in SEARCH_PARAMS.items() if "string" in
 
 def _name_strings(res: Mapping[str, Any], row_number: int) -> list[tuple[str, str, str, str, int]]:
     """``search_string`` rows of a resource: (type, param, folded, exact, rid) for every string of its names
-    that :data:`_NAME_PARTS` looks at (the direct ``family`` and ``text``, the items of ``given``, ``prefix``
-    and ``suffix``), each once."""
+    that a string parameter looks at (``family``: the direct ``family``; ``given``: the items of ``given``;
+    ``name``: those and the direct ``text`` and the items of ``prefix`` and ``suffix``), each once."""
     rtype = str(res.get("resourceType"))
     names = res.get("name")
     if rtype not in _STRING_TYPES or not isinstance(names, list):
@@ -1176,6 +1175,7 @@ def ensure_core_schema(db: Database) -> None:
     conn = db.conn
     script = schema.script(db, "core")
     ensure_patient_keys(db)  # before the script, which would make the table empty
+    ensure_name_strings(db)  # likewise
     message_columns = schema.columns(db, "messages")
     added = [(name, kind) for name, kind in _LEASE_COLUMNS if message_columns and name not in message_columns]
     if added:  # an earlier release's messages table: leases of messages being worked
@@ -1264,6 +1264,34 @@ def ensure_patient_keys(db: Database, *, missing: bool = False) -> int:
     return filled
 
 
+def ensure_name_strings(db: Database) -> int:
+    """SQLite: make ``search_string`` where a database whose resources were stored before it existed lacks it,
+    filled from the names of the resources stored (:func:`_name_strings`), in one transaction holding the write
+    lock. Nothing to do for a new database, nor on PostgreSQL (whose layout has always had it). Returns the rows
+    filled in."""
+    if dialect(db) == "postgresql" or "rid" not in schema.columns(db, "resources"):
+        return 0  # (a layout without ``rid`` has its whole index rebuilt, names included)
+    if schema.columns(db, "search_string"):
+        return 0
+    made = [schema.statement(db, "core", "CREATE TABLE IF NOT EXISTS search_string "),
+            schema.statement(db, "core", "CREATE INDEX IF NOT EXISTS search_string_owner ")]
+    types = sorted(_STRING_TYPES)
+    with transaction(db):
+        if schema.columns(db, "search_string"):  # another process made it meanwhile
+            return 0
+        for statement in made:
+            db.execute(statement)
+        rows: list[tuple[str, str, str, str, int]] = []
+        for row_number, text in db.execute(
+                f"SELECT rid, json FROM resources WHERE type IN ({','.join('?' * len(types))}) ORDER BY rid",
+                types).fetchall():
+            rows += _name_strings(jsonutil.loads(text), int(row_number))
+        _insert_index(db.conn, [], [], rows)
+    log.warning("database layout: search_string made, %d name strings of the resources stored before it",
+                len(rows))
+    return len(rows)
+
+
 def _wide_tokens(db: Database) -> bool:
     """Whether the token index is layout 2's, one wide row per value and resource (converted at layout 3)."""
     return "type" in schema.columns(db, "search_token")
@@ -1311,11 +1339,9 @@ def _narrow_tokens(db: Database) -> None:
 def _reindex(db: Database) -> None:
     """Rebuild the whole search index from the stored resources (inside a transaction)."""
     conn = db.conn
-    postgresql = dialect(db) == "postgresql"
     conn.execute("DELETE FROM search_token")
     conn.execute("DELETE FROM search_date")
-    if postgresql:
-        conn.execute("DELETE FROM search_string")
+    conn.execute("DELETE FROM search_string")
     total = conn.execute("SELECT count(*) FROM resources").fetchone()[0]
 
     def resolve(reference: str) -> dict[str, Any] | None:
@@ -1326,18 +1352,17 @@ def _reindex(db: Database) -> None:
     done = 0
     tokens: list[tuple[str, str, str, str, int]] = []
     dates: list[tuple[str, str, float, float, int]] = []
-    strings: list[tuple[str, str, str, str, int]] | None = [] if postgresql else None
+    strings: list[tuple[str, str, str, str, int]] = []
     for row_number, rtype, text in conn.execute("SELECT rid, type, json FROM resources ORDER BY rid"):
         body = jsonutil.loads(text)
         found_tokens, found_dates = index_resource(body, resolve)
         tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
         dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
-        if strings is not None:
-            strings += _name_strings(body, row_number)
+        strings += _name_strings(body, row_number)
         done += 1
         if len(tokens) > 50_000 or done == total:
             _insert_index(conn, tokens, dates, strings)
-            tokens, dates, strings = [], [], ([] if postgresql else None)
+            tokens, dates, strings = [], [], []
             log.info("search index rebuilt for %d of %d resources", done, total)
 
 
@@ -1430,8 +1455,8 @@ def _write_columns(conn: Any, history: list[tuple[Any, ...]], replaced: list[int
 def _insert_index(conn: Any, tokens: list[tuple[str, str, str, str, int]],
                   dates: list[tuple[str, str, float, float, int]],
                   strings: list[tuple[str, str, str, str, int]] | None = None) -> None:
-    """Add search index rows; a value a resource holds twice is indexed once. ``strings``: PostgreSQL's
-    ``search_string`` rows (None on SQLite, which reads names from the JSON)."""
+    """Add search index rows; a value a resource holds twice is indexed once. ``strings``: ``search_string``
+    rows."""
     if tokens:
         numbers = _key_numbers(conn, list(dict.fromkeys(t[:4] for t in tokens)))
         conn.executemany("INSERT INTO search_token (key, res) VALUES (?,?) ON CONFLICT DO NOTHING",

@@ -97,6 +97,20 @@ CREATE TABLE IF NOT EXISTS search_date (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS search_date_owner ON search_date(res);
 
+-- Search index: the strings of HumanNames (Patient name, family, given), which string search compares
+-- (``folded``: lower case, accents removed, by the gateway's fold_string), so that a name search reads the
+-- names of one parameter, not every Patient's JSON. Filled from the Patients already stored when a database of
+-- an earlier release gains it (gateway.store.store.ensure_name_strings).
+CREATE TABLE IF NOT EXISTS search_string (
+    type   TEXT NOT NULL,
+    param  TEXT NOT NULL,
+    folded TEXT NOT NULL,
+    exact  TEXT NOT NULL,
+    res    INTEGER NOT NULL,
+    PRIMARY KEY (type, param, folded, exact, res)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS search_string_owner ON search_string(res);
+
 -- Signed report Bundles: those this member issued (signed here) and those received (verified here).
 CREATE TABLE IF NOT EXISTS signed_bundles (
     bundle_id     TEXT NOT NULL,
