@@ -45,6 +45,7 @@ class BenchOptions:
     mllp_clients: int = 3
     mllp_workers: int = 2  # listener processes of the server (2 cores)
     queue_readers: int = 1  # queue reader processes of the server (mllp-queued)
+    queue_record_group: int | None = None  # its messages recorded per transaction (None: the setting's default)
     mllp_seconds: float | None = None
     http_clients: int = 4
     http_requests: int | None = None

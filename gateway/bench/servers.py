@@ -160,8 +160,10 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
     opts = ctx.options
     port = free_port()
     name = "mllp" if ack == "processed" else "mllp-queued"
+    group = {"queue_record_group": opts.queue_record_group} if opts.queue_record_group is not None else {}
     settings = ctx.settings(name, mllp_port=port, mllp_host="127.0.0.1", log_level="INFO",
-                            mllp_workers=opts.mllp_workers, mllp_ack=ack, queue_readers=opts.queue_readers)
+                            mllp_workers=opts.mllp_workers, mllp_ack=ack, queue_readers=opts.queue_readers,
+                            **group)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     total = max(opts.mllp_clients, int(opts.mllp_rate * opts.mllp_duration))
     messages = ctx.fresh_messages(total)
@@ -238,7 +240,7 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
     note = [f"{opts.mllp_rate:g} msg/s offered by {opts.mllp_clients} clients for {opts.mllp_duration:g} s"
             f" to {opts.mllp_workers} listener process(es)"
             + ((" and a queue reader" if opts.queue_readers == 1 else f" and {opts.queue_readers} queue readers")
-               if ack == "received" else ""),
+               + f" recording {settings.queue_record_group} per transaction" if ack == "received" else ""),
             f"answers {codes}"]
     if queue:
         if queue["drained_s"] is not None:

@@ -47,6 +47,9 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
               help="MLLP listener processes of the server (its mllp_workers setting).")
 @click.option("--queue-readers", type=click.IntRange(min=1, max=16), default=1, show_default=True,
               help="Queue reader processes of the server in mllp-queued (its queue_readers setting).")
+@click.option("--queue-record-group", type=click.IntRange(min=1, max=64), default=None,
+              help="Messages the queue reader records per transaction in mllp-queued (its queue_record_group "
+                   "setting; default: the setting's default).")
 @click.option("--mllp-seconds", type=click.FloatRange(min=0.5), help="MLLP load duration (default 1.5 quick, 20 full).")
 @click.option("--http-clients", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="Concurrent HTTP clients.")
@@ -58,7 +61,8 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
               help="Keep databases, generated files and server logs here (default: a temporary directory, removed).")
 @click.option("--seed", type=int, default=8, show_default=True, help="Seed of the generated inputs.")
 def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: int | None, seconds: float | None,
-          mllp_rate: float, mllp_clients: int, mllp_workers: int, queue_readers: int, mllp_seconds: float | None,
+          mllp_rate: float, mllp_clients: int, mllp_workers: int, queue_readers: int,
+          queue_record_group: int | None, mllp_seconds: float | None,
           http_clients: int, http_requests: int | None, csv_rows: int | None, audit_entries: int | None,
           workdir: str | None, seed: int) -> None:
     """Measure every stage and end to end on this machine, against a straightforward baseline.
@@ -69,7 +73,8 @@ def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: in
     """
     options = BenchOptions(quick=quick, stages=stages, count=count, seconds=seconds, seed=seed, workdir=workdir,
                            mllp_rate=mllp_rate, mllp_clients=mllp_clients, mllp_workers=mllp_workers,
-                           queue_readers=queue_readers, mllp_seconds=mllp_seconds,
+                           queue_readers=queue_readers, queue_record_group=queue_record_group,
+                           mllp_seconds=mllp_seconds,
                            http_clients=http_clients, http_requests=http_requests, csv_rows=csv_rows,
                            audit_entries=audit_entries)
     click.echo(f"gateway bench ({'quick' if quick else 'full'}): running...", err=True)
