@@ -339,7 +339,8 @@ class Store:
             ids = [key if n == 1 else f"{key}#{n}" for n in range(first, first + _KEYED_CHUNK)]
             marks = ",".join("?" * len(ids))
             rows = [self._record(row) for row in self.db.query(
-                f"SELECT * FROM messages WHERE format = ? AND sender = ? AND message_id IN ({marks})"
+                f"SELECT {self._record_columns()} FROM messages WHERE format = ? AND sender = ? AND message_id IN"
+                f" ({marks})"
                 " AND message_id <> ''", [fmt, sender, *ids])]
             found += rows
             if ids[-1] not in {r.message_id for r in rows}:
@@ -488,13 +489,14 @@ class Store:
         if not message_id:
             return None
         rows = list(self.db.query(
-            "SELECT * FROM messages WHERE format = ? AND sender = ? AND message_id = ? AND message_id <> ''",
+            f"SELECT {self._record_columns()} FROM messages WHERE format = ? AND sender = ? AND message_id = ?"
+            " AND message_id <> ''",
             [fmt, sender, message_id]))
         return self._record(rows[0]) if rows else None
 
     def get_message(self, record_id: int) -> MessageRecord:
         """:raises NotFound: no such message."""
-        rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [record_id]))
+        rows = list(self.db.query(f"SELECT {self._record_columns()} FROM messages WHERE id = ?", [record_id]))
         if not rows:
             raise NotFound(f"no message with id {record_id}", "messages.id")
         return self._record(rows[0])
@@ -518,7 +520,8 @@ class Store:
 
     def list_messages(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
-        rows = self.db.query(f"SELECT * FROM messages {where} ORDER BY id DESC LIMIT ?", [*args, limit])
+        rows = self.db.query(f"SELECT {self._record_columns()} FROM messages {where} ORDER BY id DESC LIMIT ?",
+                             [*args, limit])
         return [self._record(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -606,6 +609,16 @@ class Store:
         if changed:
             log.warning("marked %d interrupted message(s) as failed", changed)
         return changed
+
+    _columns_read: str | None = None
+
+    def _record_columns(self) -> str:
+        """The columns of ``messages`` a :class:`MessageRecord` is made of: all but the raw bytes, which it does
+        not hold (a waiting resend asks for its first copy's record again and again). Asked once per Store."""
+        if self._columns_read is None:
+            present = schema.columns(self.db, "messages")
+            self._columns_read = ", ".join(sorted(present - {"raw"})) if present else "*"
+        return self._columns_read
 
     @staticmethod
     def _record(row: dict[str, Any]) -> MessageRecord:
