@@ -170,3 +170,23 @@ def test_health_and_metrics_read_the_running_counts(app: Any, anon: Any, pipelin
     db.execute("UPDATE tallies SET n = 41 WHERE what = 'messages' AND key = 'stored'")
     assert anon.get("/health").get_json()["messages"] == {"stored": 41}, "read, not counted"
     assert counted(db, "messages") == {"stored": 1}
+
+
+def test_many_decisions_at_once_count_the_new_ones_only(pipeline: Pipeline) -> None:
+    """More decisions than one statement takes, some kept already: the new ones are stored in order, counted by
+    the store's answer and by the running count alike."""
+    from gateway.store.db import transaction
+
+    store = DecisionStore(pipeline.store.db)
+    outcomes = ["recognized", "not-recognized", "needs-review"]
+    rows = [decision_row(n, outcomes[n % 3]) for n in range(130)]
+    with transaction(pipeline.store.db):
+        store.ensure_schema()
+        assert store.add_decisions(rows[:10]) == 10
+        assert store.add_decisions(rows) == 120
+    db = pipeline.store.db
+    assert tallies.counts(db, "decisions") == counted(db, "decisions") == {
+        "recognized": 44, "not-recognized": 43, "needs-review": 43}
+    if dialect(db) == "sqlite":
+        order = [r[0] for r in db.execute("SELECT decision_id FROM recognition_decisions ORDER BY rowid")]
+        assert order == [f"decision_id-{n}" for n in range(130)], "stored in the order given"

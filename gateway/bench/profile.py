@@ -16,19 +16,25 @@ database pages one more message (or received Bundle) writes to SQLite's log
 after N (default 300) stored before it, by the table or index each page belongs
 to: what a commit costs is the pages it writes, and which indexes they belong to
 says why (read from the log's frames and SQLite's ``dbstat``).
+
+``python -m gateway.bench.profile sql [e2e|inbound] [N]`` times instead, without a
+profiler, each SQL statement the path runs on SQLite, per message (or received
+Bundle), a commit included: how much of the path is the database's, and which
+statements.
 """
 from __future__ import annotations
 
 import cProfile
 import pstats
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
 
-__all__ = ["profile_e2e", "profile_path", "wal_pages", "PARTS", "PATHS"]
+__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "PARTS", "PATHS"]
 
 Part = tuple[str, str, str]  # label, file suffix, function name (its outermost cumulative time is the part's)
 
@@ -198,6 +204,78 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
     return len(owners), collections.Counter(owners).most_common()
 
 
+class _TimedConnection:
+    """A SQLite connection that times each statement it runs (``execute``, ``executemany``), by its text."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.spent: dict[str, list[float]] = {}  # statement -> [calls, seconds, rows]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def _count(self, sql: str, seconds: float, rows: int) -> None:
+        entry = self.spent.setdefault(" ".join(sql.split()), [0, 0.0, 0])
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2] += rows
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return self._conn.execute(sql, *args)
+        finally:
+            self._count(sql, time.perf_counter() - began, 0)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        rows = list(rows)
+        began = time.perf_counter()
+        try:
+            return self._conn.executemany(sql, rows)
+        finally:
+            self._count(sql, time.perf_counter() - began, len(rows))
+
+
+def sql_time(path: str = "e2e", size: int = 300) -> tuple[float, float, list[tuple[str, float, float, float]]]:
+    """(wall ms per unit, database ms per unit, [(statement, ms per unit, calls per unit, rows per unit), ...] most
+    first) of ``size`` units of ``path`` (e2e or inbound) on SQLite, timed without a profiler: what each statement
+    costs the calling thread, a commit included (``COMMIT``: writing its pages to the log).
+
+    :raises KeyError: an unknown path.
+    """
+    from gateway.pipeline import Pipeline
+
+    if path not in ("e2e", "inbound"):
+        raise KeyError(path)
+    ctx = BenchContext.create(BenchOptions(quick=True, count=size))
+    try:
+        if path == "e2e":
+            member = Pipeline(ctx.member_settings("sql", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+            units: list[Any] = ctx.fresh_messages(size + 1)
+
+            def work(unit: Any) -> None:
+                member.ingest(unit, "hl7v2", channel="bench")
+        else:
+            member, units = _receiver(ctx, "sql", size + 1)
+
+            def work(unit: Any) -> None:
+                member.receive_signed(unit, BENCH_ISSUER_USCC)
+        work(units.pop())  # the schema is created on first use
+        timed = _TimedConnection(member.store.db.conn)
+        member.store.db.conn = timed
+        began = time.perf_counter()
+        for unit in units:
+            work(unit)
+        wall = time.perf_counter() - began
+        member.store.db.conn = timed._conn
+        member.close()
+    finally:
+        ctx.close()
+    rows = sorted(((sql, spent * 1000 / size, calls / size, many / size)
+                   for sql, (calls, spent, many) in timed.spent.items()), key=lambda r: -r[1])
+    return wall * 1000 / size, sum(r[1] for r in rows), rows
+
+
 #: path -> (function, default size, what a unit is)
 PATHS: dict[str, tuple[Callable[[int], list[tuple[str, float]]], int, str]] = {
     "e2e": (profile_e2e, 300, "Pipeline.ingest calls (one HL7 v2 message each; checks, marks and signing on)"),
@@ -232,6 +310,20 @@ def main(argv: list[str]) -> int:
               f"{before} stored: {frames}")
         for name, count in counted:
             print(f"  {count:5d}  {name}")
+        return 0
+    if args[:1] == ["sql"]:
+        which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
+        size = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300
+        try:
+            wall, spent, rows = sql_time(which, max(size, 1))
+        except KeyError:
+            print(f"unknown path {which!r} (known: e2e, inbound)", file=sys.stderr)
+            return 2
+        unit = "message" if which == "e2e" else "received Bundle"
+        print(f"{max(size, 1)} units of {which}: {wall:.2f} ms per {unit}, of which {spent:.2f} ms in the database")
+        print("   ms/unit  calls   rows  statement")
+        for sql, ms, calls, many in rows[:25]:
+            print(f"  {ms:8.3f} {calls:6.1f} {many:6.1f}  {sql[:110]}")
         return 0
     path = args.pop(0) if args and not args[0].isdigit() else "e2e"
     if path not in PATHS:

@@ -27,6 +27,12 @@ DECISION_COLUMNS = ("decision_id", "bundle_id", "entry", "report_id", "patient_s
 _INSERT_DECISION = (f"INSERT INTO recognition_decisions ({', '.join(DECISION_COLUMNS)})"
                     f" VALUES ({', '.join('?' * len(DECISION_COLUMNS))}) ON CONFLICT DO NOTHING")
 
+#: SQLite: many decisions as one statement (rows of :data:`_ROW`), at most _SQLITE_CHUNK of them (bound values stay
+#: well under SQLite's limit of 999 in older builds).
+_INSERT_MANY = f"INSERT INTO recognition_decisions ({', '.join(DECISION_COLUMNS)}) VALUES "
+_ROW = f"({', '.join('?' * len(DECISION_COLUMNS))})"
+_SQLITE_CHUNK = 999 // len(DECISION_COLUMNS)
+
 #: PostgreSQL: many decisions as one statement over arrays of column values, in the order given.
 _INSERT_DECISIONS = (
     f"INSERT INTO recognition_decisions ({', '.join(DECISION_COLUMNS)}) SELECT {', '.join(DECISION_COLUMNS)}"
@@ -98,8 +104,16 @@ class DecisionStore:
     def add_decisions(self, rows: Sequence[Sequence[Any]]) -> int:
         if len(rows) < 2:
             return sum(self.add_decision(values) for values in rows)
-        if dialect(self.db) != "postgresql":  # one prepared statement for all rows (rowcount sums the new ones)
-            return int(self.db.conn.executemany(_INSERT_DECISION, [list(values) for values in rows]).rowcount)
+        if dialect(self.db) != "postgresql":
+            # one statement per _SQLITE_CHUNK rows, in order: SQLite journals the pages a statement changes (so
+            # that the running count's trigger can be undone with it) once per statement, not once per row
+            added = 0
+            for start in range(0, len(rows), _SQLITE_CHUNK):
+                chunk = rows[start:start + _SQLITE_CHUNK]
+                added += int(self.db.execute(
+                    _INSERT_MANY + ", ".join([_ROW] * len(chunk)) + " ON CONFLICT DO NOTHING",
+                    [x for values in chunk for x in values]).rowcount)
+            return added
         return int(self.db.conn.execute_arrays(_INSERT_DECISIONS, [list(column) for column in zip(*rows)]).rowcount)
 
     def receiver_of(self, decision_id: str) -> str | None:
