@@ -158,3 +158,22 @@ def test_pages_a_message_writes_are_counted_by_table(path: str, capsys) -> None:
         assert "recognition_decisions" in names
     assert main(["pages", "nowhere", "3"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err
     assert main(["pages", path, "0"]) == 2 and "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["e2e", "inbound"])
+def test_statements_and_parts_are_timed_per_message(path: str, capsys) -> None:
+    """The figures behind the README's "Where the time goes": each statement's time (commits included) and each
+    part's, per message, without a profiler; the parts ran, and the database's share is a part of the whole."""
+    from gateway.bench.profile import main, phases, sql_time
+
+    wall, spent, rows = sql_time(path, 4)
+    statements = {sql for sql, *_ in rows}
+    assert "COMMIT" in statements and any(sql.startswith("INSERT INTO resources") for sql in statements)
+    assert 0 < spent < wall and spent == pytest.approx(sum(ms for _, ms, _, _ in rows))
+    wall, parts = phases(path, 4)
+    named = dict(parts)
+    assert all(ms > 0 for ms in named.values()), named
+    assert named["recording, in the write lock (with its parts below)"] < wall
+    assert named["  commits"] < named["the database, every statement (commits included)"] < wall
+    assert main(["sql", "nowhere"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err
+    assert main(["phases", path, "2"]) == 0 and "ms per" in capsys.readouterr().out

@@ -20,7 +20,8 @@ says why (read from the log's frames and SQLite's ``dbstat``).
 ``python -m gateway.bench.profile sql [e2e|inbound] [N]`` times instead, without a
 profiler, each SQL statement the path runs on SQLite, per message (or received
 Bundle), a commit included: how much of the path is the database's, and which
-statements.
+statements. ``python -m gateway.bench.profile phases [e2e|inbound] [N]`` times the
+path's parts the same way (each part's function wrapped with a clock).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from typing import Any
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
 
-__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "PARTS", "PATHS"]
+__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "phases", "PARTS", "PATHS"]
 
 Part = tuple[str, str, str]  # label, file suffix, function name (its outermost cumulative time is the part's)
 
@@ -276,6 +277,110 @@ def sql_time(path: str = "e2e", size: int = 300) -> tuple[float, float, list[tup
     return wall * 1000 / size, sum(r[1] for r in rows), rows
 
 
+class _Clock:
+    """Wall time spent in chosen functions, each wrapped where it is looked up (see :func:`phases`)."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        real = getattr(owner, name)
+        self.spent.setdefault(label, 0.0)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.spent[label] += time.perf_counter() - began
+
+        self._undo.append((owner, name, owner.__dict__.get(name, _ABSENT) if hasattr(owner, "__dict__") else real))
+        setattr(owner, name, timed)
+
+    def undo(self) -> None:
+        for owner, name, before in reversed(self._undo):
+            if before is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
+
+
+_ABSENT = object()
+
+
+def phases(path: str = "e2e", size: int = 300) -> tuple[float, list[tuple[str, float]]]:
+    """(wall ms per unit, [(part, ms per unit), ...]) of ``size`` units of ``path`` (e2e or inbound), timed without
+    a profiler: each part is a function wrapped with a clock, so parts may hold others (the list says which).
+
+    :raises KeyError: an unknown path.
+    """
+    import gateway.audit.events as audit_events
+    import gateway.audit.log as audit_log
+    import gateway.recognition.facts as facts
+    import gateway.recognition.record as record
+    import gateway.signing.jws as jws
+    from gateway.pipeline import Pipeline
+    from gateway.store.exchange import SignedBundles
+
+    if path not in ("e2e", "inbound"):
+        raise KeyError(path)
+    ctx = BenchContext.create(BenchOptions(quick=True, count=size))
+    clock = _Clock()
+    try:
+        if path == "e2e":
+            member = Pipeline(ctx.member_settings("phases", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+            units: list[Any] = ctx.fresh_messages(size + 1)
+
+            def work(unit: Any) -> None:
+                member.ingest(unit, "hl7v2", channel="bench")
+        else:
+            member, units = _receiver(ctx, "phases", size + 1)
+
+            def work(unit: Any) -> None:
+                member.receive_signed(unit, BENCH_ISSUER_USCC)
+        work(units.pop())  # the schema is created on first use
+        store = member.store
+        if path == "e2e":
+            ch = member.channel("hl7v2")
+            clock.wrap(ch.adapter, "read", "reading (the HL7 v2 adapter)")
+            clock.wrap(ch, "map", "mapping codes, units, flags")
+            clock.wrap(ch, "build", "building the Bundle")
+            clock.wrap(member, "checker", "checking against the profiles")
+            clock.wrap(member.member.marks, "stamp", "recognition marks")
+            clock.wrap(member.member.signer, "sign_with_digest", "signing (canonical JSON, ECDSA)")
+        else:
+            clock.wrap(jws, "verify_bundle", "verifying (strict JSON, canonical JSON, ECDSA, certificates)")
+            clock.wrap(member, "checker", "checking against the profiles")
+            clock.wrap(facts, "facts_from_bundle", "facts for recognition")
+            clock.wrap(record, "decide_all", "deciding (11 rules per result)")
+            clock.wrap(audit_events, "decision_records", "audit records of the decisions")
+            clock.wrap(audit_log, "prepare", "audit entries made (canonical JSON, hashes)")
+        clock.wrap(store, "prepare", "rows made: references, JSON, index values")
+        clock.wrap(member, "_commit", "recording, in the write lock (with its parts below)")
+        clock.wrap(store, "finish", "  resources, index, outcome written")
+        clock.wrap(member, "_supersede", "  report versions")
+        clock.wrap(SignedBundles, "keep_bundle", "  signed copy kept (deflated)")
+        if path == "inbound":
+            clock.wrap(record.Decided, "record", "  decisions and their audit entries written")
+        timed = _TimedConnection(store.db.conn)
+        store.db.conn = timed
+        began = time.perf_counter()
+        for unit in units:
+            work(unit)
+        wall = time.perf_counter() - began
+        store.db.conn = timed._conn
+        clock.undo()
+        member.close()
+    finally:
+        ctx.close()
+    commits = sum(v[1] for sql, v in timed.spent.items() if sql == "COMMIT")
+    parts = [(label, spent * 1000 / size) for label, spent in clock.spent.items()]
+    parts += [("the database, every statement (commits included)", sum(v[1] for v in timed.spent.values())
+               * 1000 / size), ("  commits", commits * 1000 / size)]
+    return wall * 1000 / size, parts
+
+
 #: path -> (function, default size, what a unit is)
 PATHS: dict[str, tuple[Callable[[int], list[tuple[str, float]]], int, str]] = {
     "e2e": (profile_e2e, 300, "Pipeline.ingest calls (one HL7 v2 message each; checks, marks and signing on)"),
@@ -310,6 +415,20 @@ def main(argv: list[str]) -> int:
               f"{before} stored: {frames}")
         for name, count in counted:
             print(f"  {count:5d}  {name}")
+        return 0
+    if args[:1] == ["phases"]:
+        which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
+        size = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300
+        try:
+            wall, parts = phases(which, max(size, 1))
+        except KeyError:
+            print(f"unknown path {which!r} (known: e2e, inbound)", file=sys.stderr)
+            return 2
+        unit = "message" if which == "e2e" else "received Bundle"
+        print(f"{max(size, 1)} units of {which}: {wall:.2f} ms per {unit}, wall time (parts indented are inside "
+              "the one above them; the database's time is inside the parts that ran it)")
+        for label, ms in parts:
+            print(f"  {ms:7.3f} ms  {label}")
         return 0
     if args[:1] == ["sql"]:
         which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
