@@ -146,3 +146,23 @@ def test_a_name_search_reads_one_range_of_the_names(store: Store, modifier: str,
         details = [r[3] for r in store.db.execute("EXPLAIN QUERY PLAN " + sql)]
         assert plan in details, details
         assert not any(d.startswith("SCAN resources") for d in details), details
+
+
+def test_names_an_earlier_release_stored_without_rows_are_filled_in_at_start(tmp_path) -> None:
+    """A process of an earlier release beside (or before, after a step back) stores Patients without their name
+    rows; ``gateway db upgrade`` and ``gateway serve``'s start fill them in."""
+    from gateway.store import layout
+
+    store = Store.open(tmp_path / "g.db")
+    try:
+        _store_patients(store, random.Random(11), 40)
+        expected = {v: _found(store, "name", "", v) for v in ("", "wang", "王", "mü", "a")}
+        rows = store.db.execute("SELECT count(*) FROM search_string").fetchone()[0]
+        some = [r[0] for r in store.db.execute("SELECT DISTINCT res FROM search_string ORDER BY res LIMIT 10")]
+        store.db.execute(f"DELETE FROM search_string WHERE res IN ({','.join('?' * len(some))})", some)
+        assert {v: _found(store, "name", "", v) for v in expected} != expected
+        layout.upgrade(store.db)
+        assert store.db.execute("SELECT count(*) FROM search_string").fetchone()[0] == rows
+        assert {v: _found(store, "name", "", v) for v in expected} == expected
+    finally:
+        store.close()

@@ -190,3 +190,56 @@ def test_many_decisions_at_once_count_the_new_ones_only(pipeline: Pipeline) -> N
     if dialect(db) == "sqlite":
         order = [r[0] for r in db.execute("SELECT decision_id FROM recognition_decisions ORDER BY rowid")]
         assert order == [f"decision_id-{n}" for n in range(130)], "stored in the order given"
+
+
+def test_a_long_lived_connection_counts_again_once_a_trigger_is_gone(pipeline: Pipeline) -> None:
+    """A probe's connection lives long: whether the counts are kept is asked at each reading, not learnt once."""
+    pipeline.ingest(GOOD, "hl7v2", channel="mllp")
+    db = pipeline.store.db
+    assert pipeline.store.counts() == {"stored": 1} == tallies.counts(db, "messages")
+    db.execute("DROP TRIGGER tally_messages_insert" + (" ON messages" if dialect(db) == "postgresql" else ""))
+    assert tallies.counts(db, "messages") is None
+    pipeline.ingest(copy_of("TE2"), "hl7v2", channel="mllp")  # not counted by the running count any more
+    assert pipeline.store.counts() == {"stored": 2} == counted(db, "messages"), "counted instead"
+
+
+def test_the_counts_table_dropped_alone_is_made_again_at_the_next_opening(pipeline: Pipeline, settings: Any) -> None:
+    pipeline.ingest(GOOD, "hl7v2", channel="mllp")
+    pipeline.store.db.execute("DROP TABLE tallies")
+    assert tallies.counts(pipeline.store.db, "messages") is None
+    pipeline.close()
+    again = Pipeline(settings, clock=pipeline.clock)  # (PostgreSQL: its start, as gateway serve's)
+    try:
+        if dialect(again.store.db) == "postgresql":
+            layout.upgrade(again.store.db)
+        again.ingest(copy_of("TF2"), "hl7v2", channel="mllp")
+        assert_kept(again.store.db, "messages")
+        assert counted(again.store.db, "messages") == {"stored": 2}
+    finally:
+        again.close()
+
+
+def test_postgresql_counts_stay_in_the_schema_of_the_table_written(backend: str, request: Any) -> None:
+    """A session whose search_path names another member's schema (an operator's script) writing this member's
+    table changes this member's counts, not its own."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's schemas (run with --backend postgresql)")
+    cluster = request.getfixturevalue("pg_cluster")
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    stores = {name: Store.open(str(cluster.url("gw", schema=f"tally_{name}_{tag}"))) for name in ("a", "b")}
+    try:
+        for name, store in stores.items():
+            layout.upgrade(store.db)
+            store.insert_raw(channel="file", fmt="fhir", sender="t", message_id=f"{name}1", origin="t", raw=b"{}")
+        from gateway.store.db import transaction
+        with transaction(stores["b"].db):
+            stores["b"].db.execute(f"UPDATE tally_a_{tag}.messages SET status = 'failed'")
+        for store in stores.values():
+            assert_kept(store.db, "messages")
+        assert counted(stores["a"].db, "messages") == {"failed": 1}
+        assert counted(stores["b"].db, "messages") == {"received": 1}
+    finally:
+        for store in stores.values():
+            store.close()

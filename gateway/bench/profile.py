@@ -34,6 +34,7 @@ from typing import Any
 
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
+from gateway.store.timing import TimedConnection
 
 __all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "phases", "PARTS", "PATHS"]
 
@@ -205,38 +206,6 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
     return len(owners), collections.Counter(owners).most_common()
 
 
-class _TimedConnection:
-    """A SQLite connection that times each statement it runs (``execute``, ``executemany``), by its text."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        self.spent: dict[str, list[float]] = {}  # statement -> [calls, seconds, rows]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-    def _count(self, sql: str, seconds: float, rows: int) -> None:
-        entry = self.spent.setdefault(" ".join(sql.split()), [0, 0.0, 0])
-        entry[0] += 1
-        entry[1] += seconds
-        entry[2] += rows
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        began = time.perf_counter()
-        try:
-            return self._conn.execute(sql, *args)
-        finally:
-            self._count(sql, time.perf_counter() - began, 0)
-
-    def executemany(self, sql: str, rows: Any) -> Any:
-        rows = list(rows)
-        began = time.perf_counter()
-        try:
-            return self._conn.executemany(sql, rows)
-        finally:
-            self._count(sql, time.perf_counter() - began, len(rows))
-
-
 def sql_time(path: str = "e2e", size: int = 300) -> tuple[float, float, list[tuple[str, float, float, float]]]:
     """(wall ms per unit, database ms per unit, [(statement, ms per unit, calls per unit, rows per unit), ...] most
     first) of ``size`` units of ``path`` (e2e or inbound) on SQLite, timed without a profiler: what each statement
@@ -262,13 +231,15 @@ def sql_time(path: str = "e2e", size: int = 300) -> tuple[float, float, list[tup
             def work(unit: Any) -> None:
                 member.receive_signed(unit, BENCH_ISSUER_USCC)
         work(units.pop())  # the schema is created on first use
-        timed = _TimedConnection(member.store.db.conn)
+        timed = TimedConnection(member.store.db.conn)
         member.store.db.conn = timed
-        began = time.perf_counter()
-        for unit in units:
-            work(unit)
-        wall = time.perf_counter() - began
-        member.store.db.conn = timed._conn
+        try:
+            began = time.perf_counter()
+            for unit in units:
+                work(unit)
+            wall = time.perf_counter() - began
+        finally:
+            member.store.db.conn = timed._conn
         member.close()
     finally:
         ctx.close()
@@ -299,11 +270,13 @@ class _Clock:
         setattr(owner, name, timed)
 
     def undo(self) -> None:
+        """Every function wrapped as it was (once; later calls do nothing)."""
         for owner, name, before in reversed(self._undo):
             if before is _ABSENT:
                 delattr(owner, name)
             else:
                 setattr(owner, name, before)
+        self._undo.clear()
 
 
 _ABSENT = object()
@@ -363,18 +336,21 @@ def phases(path: str = "e2e", size: int = 300) -> tuple[float, list[tuple[str, f
         clock.wrap(SignedBundles, "keep_bundle", "  signed copy kept (deflated)")
         if path == "inbound":
             clock.wrap(record.Decided, "record", "  decisions and their audit entries written")
-        timed = _TimedConnection(store.db.conn)
+        timed = TimedConnection(store.db.conn)
         store.db.conn = timed
-        began = time.perf_counter()
-        for unit in units:
-            work(unit)
-        wall = time.perf_counter() - began
-        store.db.conn = timed._conn
-        clock.undo()
+        try:
+            began = time.perf_counter()
+            for unit in units:
+                work(unit)
+            wall = time.perf_counter() - began
+        finally:  # the functions wrapped are the process's own: never left wrapped
+            store.db.conn = timed._conn
+            clock.undo()
         member.close()
     finally:
+        clock.undo()  # (also when wrapping or the work failed before the loop's own undo)
         ctx.close()
-    commits = sum(v[1] for sql, v in timed.spent.items() if sql == "COMMIT")
+    commits = timed.commit_seconds()
     parts = [(label, spent * 1000 / size) for label, spent in clock.spent.items()]
     parts += [("the database, every statement (commits included)", sum(v[1] for v in timed.spent.values())
                * 1000 / size), ("  commits", commits * 1000 / size)]

@@ -55,9 +55,10 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
             with transaction(db):
                 if schema.version(db, part) == 0:
                     schema.set_version(db, part, 1)
-    from gateway.store.store import ensure_patient_keys
+    from gateway.store.store import ensure_name_strings, ensure_patient_keys
 
     ensure_patient_keys(db, missing=True)  # (on SQLite made when the core part was opened)
+    ensure_name_strings(db, missing=True)  # SQLite: names a process of an earlier release stored without them
     tallies.ensure(db)  # the counts /health and /metrics read, started for the tables that have none
     for part, names in added_indexes().items():
         schema.build_indexes(db, part, names)

@@ -1277,32 +1277,54 @@ def ensure_patient_keys(db: Database, *, missing: bool = False) -> int:
     return filled
 
 
-def ensure_name_strings(db: Database) -> int:
+def ensure_name_strings(db: Database, *, missing: bool = False) -> int:
     """SQLite: make ``search_string`` where a database whose resources were stored before it existed lacks it,
     filled from the names of the resources stored (:func:`_name_strings`), in one transaction holding the write
     lock. Nothing to do for a new database, nor on PostgreSQL (whose layout has always had it). Returns the rows
-    filled in."""
+    filled in.
+
+    ``missing`` (``gateway db upgrade`` and ``gateway serve``'s start): also fill in the names of the resources
+    stored without them since, by a process of an earlier release that knows nothing of the table (one pass over
+    the resources with names, through the table's index of resources)."""
     if dialect(db) == "postgresql" or "rid" not in schema.columns(db, "resources"):
         return 0  # (a layout without ``rid`` has its whole index rebuilt, names included)
+    types = sorted(_STRING_TYPES)
+    marks = ",".join("?" * len(types))
     if schema.columns(db, "search_string"):
-        return 0
+        if not missing or db.conn.in_transaction:
+            return 0
+        with transaction(db):
+            filled = _fill_names(db, f"SELECT rid, json FROM resources r WHERE type IN ({marks}) AND NOT EXISTS"
+                                     " (SELECT 1 FROM search_string s WHERE s.res = r.rid) ORDER BY rid", types)
+        if filled:
+            log.warning("database layout: %d name strings of resources stored without them (by an earlier release)"
+                        " filled in", filled)
+        return filled
     made = [schema.statement(db, "core", "CREATE TABLE IF NOT EXISTS search_string "),
             schema.statement(db, "core", "CREATE INDEX IF NOT EXISTS search_string_owner ")]
-    types = sorted(_STRING_TYPES)
     with transaction(db):
         if schema.columns(db, "search_string"):  # another process made it meanwhile
             return 0
         for statement in made:
             db.execute(statement)
+        filled = _fill_names(db, f"SELECT rid, json FROM resources WHERE type IN ({marks}) ORDER BY rid", types)
+    log.warning("database layout: search_string made, %d name strings of the resources stored before it", filled)
+    return filled
+
+
+def _fill_names(db: Database, select: str, args: list[Any]) -> int:
+    """Insert the name strings of the resources ``select`` gives (rid, json), a few thousand at a time."""
+    filled = 0
+    cursor = db.conn.execute(select, args)
+    while True:
+        found = cursor.fetchmany(2000)
+        if not found:
+            return filled
         rows: list[tuple[str, str, str, str, int]] = []
-        for row_number, text in db.execute(
-                f"SELECT rid, json FROM resources WHERE type IN ({','.join('?' * len(types))}) ORDER BY rid",
-                types).fetchall():
+        for row_number, text in found:
             rows += _name_strings(jsonutil.loads(text), int(row_number))
         _insert_index(db.conn, [], [], rows)
-    log.warning("database layout: search_string made, %d name strings of the resources stored before it",
-                len(rows))
-    return len(rows)
+        filled += len(rows)
 
 
 def _wide_tokens(db: Database) -> bool:

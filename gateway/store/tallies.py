@@ -6,7 +6,8 @@ for a probe a load balancer makes every few seconds and a scrape Prometheus make
 is a row of ``tallies`` (what, key, n), kept by triggers in the transaction that inserts, deletes or changes the
 rows it counts, so the figures are exact and reading them is a few rows.
 
-A counted table gets its triggers together with its first count, in one transaction that holds the write lock
+A counted table gets its triggers together with its first count (and a row, key '', saying it was started), in
+one transaction that holds the write lock
 (and, on PostgreSQL, the trigger's own lock on the table: writers in flight are waited for, and later ones fire
 the trigger): nothing is counted twice or missed. That happens when the table is made, and for a database
 written by an earlier release at the next opening (SQLite) or at ``gateway db upgrade`` and ``gateway serve``'s
@@ -61,7 +62,9 @@ def _postgresql_triggers(what: str, table: str, column: str) -> list[str]:
     # the two rows of a change are taken in the order of their keys, so that two changes never wait for each other
     function = f"tally_{what}"
     body = (
-        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        # (the schema it is made in, whatever the search_path of the session whose write fires it)
+        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT"
+        f" AS $$ BEGIN"
         f" IF TG_OP = 'INSERT' THEN"
         f"  INSERT INTO tallies (what, key, n) VALUES ('{what}', NEW.{column}, 1)"
         f"   ON CONFLICT (what, key) DO UPDATE SET n = tallies.n + 1;"
@@ -87,21 +90,22 @@ def _postgresql_triggers(what: str, table: str, column: str) -> list[str]:
 
 
 def _present(db: Database, what: str) -> bool:
-    """Whether ``what``'s triggers are all there (read, not learnt)."""
+    """Whether ``what`` is counted: its triggers all there, and the row its first count left (read, not learnt;
+    the table may have been made again empty, for another count, since)."""
     table = COUNTED[what][0]
-    names = _names(what)
     if dialect(db) == "postgresql":
+        if db.execute("SELECT to_regclass('tallies') IS NULL").fetchone()[0]:
+            return False
         rows = db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(CAST(? AS text))"
-                          " AND NOT tgisinternal",
-                          [table]).fetchall()
+                          " AND NOT tgisinternal", [table]).fetchall()
     else:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tallies'").fetchone() is None:
+            return False
         rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
                           [table]).fetchall()
-    return set(names) <= {str(r[0]) for r in rows}
-
-
-def _fact(what: str) -> str:
-    return f"tally:{what}"
+    if not set(_names(what)) <= {str(r[0]) for r in rows}:
+        return False
+    return db.execute("SELECT 1 FROM tallies WHERE what = ? AND key = ''", [what]).fetchone() is not None
 
 
 def ensure(db: Database, which: tuple[str, ...] | None = None) -> list[str]:
@@ -109,19 +113,16 @@ def ensure(db: Database, which: tuple[str, ...] | None = None) -> list[str]:
     none; inside the caller's transaction when there is one. Returns what was started now."""
     started: list[str] = []
     for what in which or tuple(COUNTED):
-        if schema.known(db, _fact(what)):
-            continue
         table, column = COUNTED[what]
         if not schema.columns(db, table):
             continue  # the part is made later, and starts its count then
-        if _present(db, what):
-            schema.learn(db, _fact(what))
+        if _present(db, what):  # asked, not learnt: a connection kept between uses may outlive a dropped table
             continue
         engine = dialect(db)
         with transaction(db):
-            db.execute(_TABLE[engine])
             if _present(db, what):  # another process started it meanwhile
                 continue
+            db.execute(_TABLE[engine])
             # the triggers first: on PostgreSQL making one locks the table against writers until the commit.
             # Any of them left alone (dropped by hand) goes first, so that the count starts again whole.
             for name in _names(what):
@@ -132,17 +133,18 @@ def ensure(db: Database, which: tuple[str, ...] | None = None) -> list[str]:
             db.execute("DELETE FROM tallies WHERE what = ?", [what])
             db.execute(f"INSERT INTO tallies (what, key, n) SELECT ?, {column}, count(*) FROM {table}"
                        f" GROUP BY {column}", [what])
-        schema.learn(db, _fact(what), made=True)
+            db.execute("INSERT INTO tallies (what, key, n) VALUES (?, '', 0)", [what])  # started: see _present
         started.append(what)
         log.info("database layout: %s counted as they change (tallies)", what)
     return started
 
 
 def counts(db: Database, what: str) -> dict[str, int] | None:
-    """The running count of ``what`` by key (only keys with rows), or None where it is not kept (count instead)."""
-    if not schema.known(db, _fact(what)):
-        if not schema.columns(db, COUNTED[what][0]) or not _present(db, what):
-            return None
-        schema.learn(db, _fact(what))
+    """The running count of ``what`` by key (only keys with rows), or None where it is not kept (count instead).
+
+    Whether it is kept is asked each time (a look at the catalogue), not learnt: a probe's connection lives long,
+    and a trigger dropped meanwhile must send it back to counting."""
+    if not _present(db, what):
+        return None
     return {str(k): int(n) for k, n in db.execute(
-        "SELECT key, n FROM tallies WHERE what = ? AND n > 0 ORDER BY key", [what]).fetchall()}
+        "SELECT key, n FROM tallies WHERE what = ? AND key <> '' AND n > 0 ORDER BY key", [what]).fetchall()}
