@@ -243,3 +243,19 @@ def test_postgresql_counts_stay_in_the_schema_of_the_table_written(backend: str,
     finally:
         for store in stores.values():
             store.close()
+
+
+def test_any_value_is_counted_even_an_empty_one(pipeline: Pipeline, settings: Any) -> None:
+    """A status set by hand to '' is a value like any other: counted, and the count started again over it."""
+    pipeline.ingest(GOOD, "hl7v2", channel="mllp")
+    db = pipeline.store.db
+    db.execute("UPDATE messages SET status = ''")
+    assert_kept(db, "messages")
+    db.execute("DROP TRIGGER tally_messages_delete" + (" ON messages" if dialect(db) == "postgresql" else ""))
+    pipeline.close()
+    fresh = connect(settings.database_locator)
+    try:
+        assert tallies.ensure(fresh, ("messages",)) == ["messages"]
+        assert tallies.counts(fresh, "messages") == counted(fresh, "messages") == {"": 1}
+    finally:
+        fresh.conn.close()

@@ -6,8 +6,8 @@ for a probe a load balancer makes every few seconds and a scrape Prometheus make
 is a row of ``tallies`` (what, key, n), kept by triggers in the transaction that inserts, deletes or changes the
 rows it counts, so the figures are exact and reading them is a few rows.
 
-A counted table gets its triggers together with its first count (and a row, key '', saying it was started), in
-one transaction that holds the write lock
+A counted table gets its triggers together with its first count (and a row saying it was started), in one
+transaction that holds the write lock
 (and, on PostgreSQL, the trigger's own lock on the table: writers in flight are waited for, and later ones fire
 the trigger): nothing is counted twice or missed. That happens when the table is made, and for a database
 written by an earlier release at the next opening (SQLite) or at ``gateway db upgrade`` and ``gateway serve``'s
@@ -105,7 +105,12 @@ def _present(db: Database, what: str) -> bool:
                           [table]).fetchall()
     if not set(_names(what)) <= {str(r[0]) for r in rows}:
         return False
-    return db.execute("SELECT 1 FROM tallies WHERE what = ? AND key = ''", [what]).fetchone() is not None
+    return db.execute("SELECT 1 FROM tallies WHERE what = ? AND key = ''", [_started(what)]).fetchone() is not None
+
+
+def _started(what: str) -> str:
+    """The row (``what`` of its own, so that no counted value can be it) a count's start leaves."""
+    return f"{what}:started"
 
 
 def ensure(db: Database, which: tuple[str, ...] | None = None) -> list[str]:
@@ -130,10 +135,10 @@ def ensure(db: Database, which: tuple[str, ...] | None = None) -> list[str]:
             make = _postgresql_triggers if engine == "postgresql" else _sqlite_triggers
             for statement in make(what, table, column):
                 db.execute(statement)
-            db.execute("DELETE FROM tallies WHERE what = ?", [what])
+            db.execute("DELETE FROM tallies WHERE what IN (?, ?)", [what, _started(what)])
             db.execute(f"INSERT INTO tallies (what, key, n) SELECT ?, {column}, count(*) FROM {table}"
                        f" GROUP BY {column}", [what])
-            db.execute("INSERT INTO tallies (what, key, n) VALUES (?, '', 0)", [what])  # started: see _present
+            db.execute("INSERT INTO tallies (what, key, n) VALUES (?, '', 0)", [_started(what)])  # see _present
         started.append(what)
         log.info("database layout: %s counted as they change (tallies)", what)
     return started
@@ -147,4 +152,4 @@ def counts(db: Database, what: str) -> dict[str, int] | None:
     if not _present(db, what):
         return None
     return {str(k): int(n) for k, n in db.execute(
-        "SELECT key, n FROM tallies WHERE what = ? AND key <> '' AND n > 0 ORDER BY key", [what]).fetchall()}
+        "SELECT key, n FROM tallies WHERE what = ? AND n > 0 ORDER BY key", [what]).fetchall()}
