@@ -206,6 +206,27 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
     return len(owners), collections.Counter(owners).most_common()
 
 
+def _path_member(ctx: BenchContext, path: str, name: str, size: int) -> tuple[Any, list[Any], Callable[[Any], Any]]:
+    """A member of ``path`` (``e2e``: one that stores and signs HL7 v2 messages; ``inbound``: one that receives
+    signed Bundles), its ``size`` units and how one is worked; one unit is worked already (the schema is created
+    on first use)."""
+    from gateway.pipeline import Pipeline
+
+    if path == "e2e":
+        member: Any = Pipeline(ctx.member_settings(name, BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
+        units: list[Any] = ctx.fresh_messages(size + 1)
+
+        def work(unit: Any) -> Any:
+            return member.ingest(unit, "hl7v2", channel="bench")
+    else:
+        member, units = _receiver(ctx, name, size + 1)
+
+        def work(unit: Any) -> Any:
+            return member.receive_signed(unit, BENCH_ISSUER_USCC)
+    work(units.pop())
+    return member, units, work
+
+
 def sql_time(path: str = "e2e", size: int = 300) -> tuple[float, float, list[tuple[str, float, float, float]]]:
     """(wall ms per unit, database ms per unit, [(statement, ms per unit, calls per unit, rows per unit), ...] most
     first) of ``size`` units of ``path`` (e2e or inbound) on SQLite, timed without a profiler: what each statement
@@ -213,24 +234,11 @@ def sql_time(path: str = "e2e", size: int = 300) -> tuple[float, float, list[tup
 
     :raises KeyError: an unknown path.
     """
-    from gateway.pipeline import Pipeline
-
     if path not in ("e2e", "inbound"):
         raise KeyError(path)
     ctx = BenchContext.create(BenchOptions(quick=True, count=size))
     try:
-        if path == "e2e":
-            member = Pipeline(ctx.member_settings("sql", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
-            units: list[Any] = ctx.fresh_messages(size + 1)
-
-            def work(unit: Any) -> None:
-                member.ingest(unit, "hl7v2", channel="bench")
-        else:
-            member, units = _receiver(ctx, "sql", size + 1)
-
-            def work(unit: Any) -> None:
-                member.receive_signed(unit, BENCH_ISSUER_USCC)
-        work(units.pop())  # the schema is created on first use
+        member, units, work = _path_member(ctx, path, "sql", size)
         timed = TimedConnection(member.store.db.conn)
         member.store.db.conn = timed
         try:
@@ -293,7 +301,6 @@ def phases(path: str = "e2e", size: int = 300) -> tuple[float, list[tuple[str, f
     import gateway.recognition.facts as facts
     import gateway.recognition.record as record
     import gateway.signing.jws as jws
-    from gateway.pipeline import Pipeline
     from gateway.store.exchange import SignedBundles
 
     if path not in ("e2e", "inbound"):
@@ -301,18 +308,7 @@ def phases(path: str = "e2e", size: int = 300) -> tuple[float, list[tuple[str, f
     ctx = BenchContext.create(BenchOptions(quick=True, count=size))
     clock = _Clock()
     try:
-        if path == "e2e":
-            member = Pipeline(ctx.member_settings("phases", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
-            units: list[Any] = ctx.fresh_messages(size + 1)
-
-            def work(unit: Any) -> None:
-                member.ingest(unit, "hl7v2", channel="bench")
-        else:
-            member, units = _receiver(ctx, "phases", size + 1)
-
-            def work(unit: Any) -> None:
-                member.receive_signed(unit, BENCH_ISSUER_USCC)
-        work(units.pop())  # the schema is created on first use
+        member, units, work = _path_member(ctx, path, "phases", size)
         store = member.store
         if path == "e2e":
             ch = member.channel("hl7v2")
@@ -392,30 +388,22 @@ def main(argv: list[str]) -> int:
         for name, count in counted:
             print(f"  {count:5d}  {name}")
         return 0
-    if args[:1] == ["phases"]:
+    if args[:1] in (["phases"], ["sql"]):
         which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
-        size = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300
-        try:
-            wall, parts = phases(which, max(size, 1))
-        except KeyError:
+        size = max(int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300, 1)
+        if which not in ("e2e", "inbound"):
             print(f"unknown path {which!r} (known: e2e, inbound)", file=sys.stderr)
             return 2
         unit = "message" if which == "e2e" else "received Bundle"
-        print(f"{max(size, 1)} units of {which}: {wall:.2f} ms per {unit}, wall time (parts indented are inside "
-              "the one above them; the database's time is inside the parts that ran it)")
-        for label, ms in parts:
-            print(f"  {ms:7.3f} ms  {label}")
-        return 0
-    if args[:1] == ["sql"]:
-        which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
-        size = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300
-        try:
-            wall, spent, rows = sql_time(which, max(size, 1))
-        except KeyError:
-            print(f"unknown path {which!r} (known: e2e, inbound)", file=sys.stderr)
-            return 2
-        unit = "message" if which == "e2e" else "received Bundle"
-        print(f"{max(size, 1)} units of {which}: {wall:.2f} ms per {unit}, of which {spent:.2f} ms in the database")
+        if args[0] == "phases":
+            wall, parts = phases(which, size)
+            print(f"{size} units of {which}: {wall:.2f} ms per {unit}, wall time (parts indented are inside the one "
+                  "above them; the database's time is inside the parts that ran it)")
+            for label, ms in parts:
+                print(f"  {ms:7.3f} ms  {label}")
+            return 0
+        wall, spent, rows = sql_time(which, size)
+        print(f"{size} units of {which}: {wall:.2f} ms per {unit}, of which {spent:.2f} ms in the database")
         print("   ms/unit  calls   rows  statement")
         for sql, ms, calls, many in rows[:25]:
             print(f"  {ms:8.3f} {calls:6.1f} {many:6.1f}  {sql[:110]}")
