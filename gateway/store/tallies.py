@@ -7,12 +7,11 @@ is a row of ``tallies`` (what, key, n), kept by triggers in the transaction that
 rows it counts, so the figures are exact and reading them is a few rows.
 
 A counted table gets its triggers together with its first count (and a row saying it was started), in one
-transaction that holds the write lock
-(and, on PostgreSQL, the trigger's own lock on the table: writers in flight are waited for, and later ones fire
-the trigger): nothing is counted twice or missed. That happens when the table is made, and for a database
-written by an earlier release at the next opening (SQLite) or at ``gateway db upgrade`` and ``gateway serve``'s
-start (PostgreSQL, whose openings only read). Until then, and wherever the triggers are missing, the figures are
-counted as before (:func:`counts` answers None).
+transaction that holds the write lock (and, on PostgreSQL, the trigger's own lock on the table: writers in
+flight are waited for, and later ones fire the trigger): nothing is counted twice or missed. That happens when
+the table is made, and for a database written by an earlier release at the next opening (SQLite) or at
+``gateway db upgrade`` and ``gateway serve``'s start (PostgreSQL, whose openings only read). Until then, and
+wherever the triggers are missing, the figures are counted as before (:func:`counts` answers None).
 """
 from __future__ import annotations
 
