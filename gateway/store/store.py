@@ -1059,7 +1059,7 @@ def _string_match(engine: str, rtype: str, param: str, modifier: str, value: str
 _GLOB_LITERAL = {"*": "[*]", "?": "[?]", "[": "[[]"}
 
 
-#: Resource types with string search parameters (their HumanNames are indexed on PostgreSQL).
+#: Resource types with string search parameters (their HumanNames are indexed in ``search_string``).
 _STRING_TYPES = frozenset(t for t, known in SEARCH_PARAMS.items() if "string" in known.values())
 
 
