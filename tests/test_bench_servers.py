@@ -6,7 +6,8 @@ from gateway.bench import BenchOptions, run_bench
 
 def test_mllp_and_http_stages_run_and_stop_their_servers(tmp_path) -> None:
     options = BenchOptions(quick=True, stages=("mllp", "mllp-queued", "http"), mllp_rate=10, mllp_clients=2,
-                           mllp_seconds=0.5, http_clients=2, http_requests=4, workdir=str(tmp_path))
+                           mllp_seconds=0.5, http_clients=2, http_requests=4, workdir=str(tmp_path),
+                           queue_record_group=3)
     report = run_bench(options, echo=lambda line: None)
     mllp, queued, http = report.results
     assert (mllp.name, queued.name, http.name) == ("mllp", "mllp-queued", "http")
@@ -20,6 +21,7 @@ def test_mllp_and_http_stages_run_and_stop_their_servers(tmp_path) -> None:
     assert queued.extra["ack"] == "received" and queued.extra["answers"] == {"CA": 5}
     assert queued.extra["stored"] == 5 and queued.extra["still_queued"] == 0 and queued.extra["drained_s"] > 0
     assert "all 5 stored" in queued.note
+    assert "a queue reader recording 3 per transaction" in queued.note and "recording" not in mllp.note
     assert http.status == "ok", http.note
     assert http.extra["statuses"] == {200: 4} and http.items == 4 and len(http.latencies_ms) == 4
     assert http.extra["server_cpu_s"] >= 0
