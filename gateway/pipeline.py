@@ -528,28 +528,31 @@ class Pipeline:
                        held: set[int]) -> None:
         """Record the outcomes at the places ``worked`` names, in one transaction; a lease whose message is
         recorded is no longer ``held``."""
-        from gateway.store.db import transaction
-
         if not worked:
             return
-        self._prepare_rows([outcomes[place] for _, place in worked])
-        with transaction(self.store.db):
-            results = [self._record_safely(ch, unit, outcomes[place], channel) for unit, place in worked]
+        results = self._record_all([(ch, unit, outcomes[place], channel) for unit, place in worked])
         for (unit, place), (outcome, recorded) in zip(worked, results):
             outcomes[place] = outcome
             if recorded:
                 held.discard(outcome.record_id)
 
-    def _prepare_rows(self, outcomes: list[Outcome]) -> None:
-        """Make the rows of the stored outcomes' Bundles (:meth:`Store.prepare`) before the transaction that
-        records them begins: other writers (the listeners' receipts, other nodes) then wait only for the writing.
-        One that cannot be made is left to :meth:`_commit`, whose failure is that outcome's own."""
-        for outcome in outcomes:
+    def _record_all(self, worked: list[tuple[Channel, RawUnit, Outcome, str]]) -> list[tuple[Outcome, bool]]:
+        """Record worked units (channel, unit, outcome, channel name) in one transaction, each in a savepoint of
+        its own (:meth:`_record_safely`): (the outcome recorded, whether anything was) for each.
+
+        The rows of the stored outcomes' Bundles (:meth:`Store.prepare`) are made before the transaction begins:
+        other writers (the listeners' receipts, other nodes) then wait only for the writing. One that cannot be
+        made is left to :meth:`_commit`, whose failure is that outcome's own."""
+        from gateway.store.db import transaction
+
+        for _, _, outcome, _ in worked:
             if outcome.status is Status.STORED and outcome.bundle is not None and outcome.prepared is None:
                 try:
                     outcome.prepared = self.store.prepare(outcome.bundle)
                 except Exception:  # noqa: BLE001 - made again inside, where its failure is recorded as the unit's
                     outcome.prepared = None
+        with transaction(self.store.db):
+            return [self._record_safely(ch, unit, outcome, channel) for ch, unit, outcome, channel in worked]
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received", *,
                     keyed: _Keyed | None = None) -> tuple[int, Any]:
@@ -779,13 +782,8 @@ class Pipeline:
     def _record_group(self, worked: list[tuple[Channel, RawUnit, Outcome, str]]) -> list[Outcome]:
         """Record worked queued units in one transaction (see :meth:`process_queued`); a unit that could not be
         recorded has its lease given up."""
-        from gateway.store.db import transaction
-
-        self._prepare_rows([outcome for _, _, outcome, _ in worked])
-        with transaction(self.store.db):
-            results = [self._record_safely(ch, unit, outcome, channel) for ch, unit, outcome, channel in worked]
         outcomes = []
-        for (ch, _, outcome, channel), (done, recorded) in zip(worked, results):
+        for (ch, _, outcome, channel), (done, recorded) in zip(worked, self._record_all(worked)):
             if not recorded and outcome.record_id is not None:
                 self._release(outcome.record_id)
             outcomes.append(done)

@@ -395,3 +395,21 @@ def test_a_polling_transaction_waits_for_another_writer_and_gives_up_at_the_busy
         other.execute("ROLLBACK")
         other.close()
         db.conn.close()
+
+
+def test_queue_record_group_is_a_positive_whole_number_and_reaches_the_reader(tmp_path, clock, monkeypatch) -> None:
+    for bad, said in (("0", "queue_record_group must be positive"), ("x", "must be a whole number, not 'x'")):
+        with pytest.raises(ConfigError, match=said):
+            load_settings(environ={"GATEWAY_QUEUE_RECORD_GROUP": bad}, overrides={"data_dir": str(tmp_path)})
+    settings = load_settings(environ={"GATEWAY_QUEUE_RECORD_GROUP": "3"},
+                             overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
+    pipeline = Pipeline(settings, clock=clock)
+    try:
+        _queued(pipeline, 7)
+        groups: list[int] = []
+        real = pipeline._record_all
+        monkeypatch.setattr(pipeline, "_record_all", lambda worked: groups.append(len(worked)) or real(worked))
+        assert [o.status for o in pipeline.process_queued()] == [Status.STORED] * 7
+        assert groups == [3, 3, 1]
+    finally:
+        pipeline.close()

@@ -149,11 +149,7 @@ class OutboxStore:
                             " last_error = '', updated_at = ? WHERE id = ?", [ts, iso, row_id])
 
     def counts(self) -> dict[str, int]:
-        kept = tallies.counts(self.db, "deliveries")
-        if kept is not None:
-            return kept
-        return {str(r[0]): int(r[1]) for r in self.db.execute(
-            "SELECT status, count(*) FROM outbox GROUP BY status ORDER BY status").fetchall()}
+        return tallies.figures(self.db, "deliveries")
 
     def destinations(self, digests: Sequence[str]) -> list[str]:
         if not digests:

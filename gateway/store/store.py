@@ -527,10 +527,7 @@ class Store:
     def counts(self) -> dict[str, int]:
         """Messages by status (those with none left out): the running count where it is kept
         (:mod:`gateway.store.tallies`), counted otherwise."""
-        kept = tallies.counts(self.db, "messages")
-        if kept is not None:
-            return kept
-        return {r["status"]: r["n"] for r in self.db.query("SELECT status, count(*) AS n FROM messages GROUP BY 1")}
+        return tallies.figures(self.db, "messages")
 
     def record_stage(self, record_id: int, stage: str, status: str, detail: str = "") -> None:
         self.db.execute(_INSERT_STAGE, [record_id, stage, status, _now(self.clock), detail])

@@ -20,7 +20,7 @@ import logging
 from gateway.store import schema
 from gateway.store.db import Database, dialect, transaction
 
-__all__ = ["COUNTED", "ensure", "counts"]
+__all__ = ["COUNTED", "ensure", "counts", "figures"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +152,14 @@ def counts(db: Database, what: str) -> dict[str, int] | None:
         return None
     return {str(k): int(n) for k, n in db.execute(
         "SELECT key, n FROM tallies WHERE what = ? AND n > 0 ORDER BY key", [what]).fetchall()}
+
+
+def figures(db: Database, what: str) -> dict[str, int]:
+    """``what`` by key (only keys with rows): the running count where it is kept, counted otherwise. The table
+    counted must exist."""
+    kept = counts(db, what)
+    if kept is not None:
+        return kept
+    table, column = COUNTED[what]
+    return {str(k): int(n) for k, n in db.execute(
+        f"SELECT {column}, count(*) FROM {table} GROUP BY {column} ORDER BY {column}").fetchall()}

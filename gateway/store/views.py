@@ -202,11 +202,7 @@ class ReadModels:
         return sorted(found | ({also} if also else set()))
 
     def message_status_counts(self) -> dict[str, int]:
-        kept = tallies.counts(self.db, "messages")
-        if kept is not None:
-            return kept
-        return {str(r[0]): int(r[1]) for r in self.db.execute(
-            "SELECT status, count(*) FROM messages GROUP BY status ORDER BY status")}
+        return tallies.figures(self.db, "messages")
 
     # -- deliveries and exchange ---------------------------------------------------------------
 
@@ -312,11 +308,7 @@ class ReadModels:
         """Recognition decisions recorded, by outcome (empty before the first decision made the table)."""
         if "recognition_decisions" not in self.tables():
             return {}
-        kept = tallies.counts(self.db, "decisions")
-        if kept is not None:
-            return kept
-        return {str(o): int(n) for o, n in self.db.execute(
-            "SELECT outcome, count(*) FROM recognition_decisions GROUP BY outcome ORDER BY outcome")}
+        return tallies.figures(self.db, "decisions")
 
     def registry_history(self) -> list[dict[str, Any]]:
         """Registry snapshots applied here (version, digest, when), newest first; empty before the first."""
