@@ -1,0 +1,178 @@
+"""Python's garbage collector never holds the write lock, and a gateway part's start-up is left out of collections.
+
+A full collection in a busy gateway process took 30 to 80 ms — in a queue reader, one came every half second or
+so. Started inside a write transaction, it held every other writer up: an MLLP listener storing a message before
+its ACK waited for it (ACKs of 50 to 85 ms at 200 msg/s). So :func:`gateway.store.db.transaction` turns automatic
+collection off while it is open and back on after, on both engines, and every part of ``gateway serve`` freezes
+what it made while starting (:func:`gateway.serve.settle_collector`), so that later full collections go through
+what it makes afterwards only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TONGJIANG, wait_port
+
+from gateway.config import load_settings
+from gateway.demo import free_port
+from gateway.store.db import transaction
+
+
+class _Node:
+    """An object that can be part of a reference cycle and be watched by a weak reference."""
+
+    me: Any = None
+
+
+def _cycle() -> weakref.ref[_Node]:
+    """A reference cycle nothing else holds (only a collection frees it): a weak reference to it."""
+    node = _Node()
+    node.me = node
+    return weakref.ref(node)
+
+
+@pytest.fixture
+def started() -> Any:
+    """The generations of the collections that start while the test runs."""
+    seen: list[int] = []
+
+    def watch(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(watch)
+
+
+def test_no_collection_starts_while_a_write_transaction_is_open(pipeline, started) -> None:
+    db = pipeline.store.db
+    assert gc.isenabled()
+    with transaction(db):
+        assert not gc.isenabled()
+        started.clear()  # (one may have started before the transaction began)
+        junk = [[n] for n in range(200_000)]  # hundreds of times the allocations that start a collection
+        with transaction(db):  # a nested one joins the open transaction: still off when it ends
+            pass
+        assert not gc.isenabled()
+        assert started == []
+        orphan = _cycle()
+    del junk
+    assert gc.isenabled(), "the collector is on again once the transaction has committed"
+    more = [[n] for n in range(5_000)]
+    assert started, "the allocations after it start collections again"
+    gc.collect()
+    assert orphan() is None, "what the transaction left is collected afterwards"
+    del more
+
+
+def test_the_collector_is_on_again_after_a_rollback_and_stays_off_if_it_was_off(pipeline) -> None:
+    db = pipeline.store.db
+    with pytest.raises(RuntimeError):
+        with transaction(db):
+            assert not gc.isenabled()
+            raise RuntimeError("the caller's work failed")
+    assert gc.isenabled()
+    assert not db.conn.in_transaction
+    gc.disable()  # the caller's own choice (a benchmark's load generator does this) is left alone
+    try:
+        with transaction(db):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_settling_freezes_what_exists_and_later_objects_are_collected_as_before() -> None:
+    from gateway.serve import settle_collector
+
+    before = gc.get_freeze_count()
+    node = _Node()
+    node.me = node  # a cycle still in use when the part settles: part of its start-up
+    kept = weakref.ref(node)
+    try:
+        frozen = settle_collector("test")
+        assert frozen == gc.get_freeze_count() > before
+        del node
+        gc.collect()
+        assert kept() is not None, "a frozen object is left alone by collections"
+        later = _cycle()
+        gc.collect()
+        assert later() is None, "an object made after settling is collected as before"
+    finally:
+        gc.unfreeze()
+    gc.collect()
+    assert kept() is None
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace what makes a part run for ever, and what touches the process, by records of the order of events."""
+    import gateway.serve as serve
+
+    events: list[str] = []
+    monkeypatch.setattr(serve, "settle_collector", lambda name: events.append(f"settled {name}") or 0)
+    monkeypatch.setattr(serve, "_logging", lambda settings, process: None)
+    monkeypatch.setattr(serve, "_stop_on_signals", lambda: None)
+    monkeypatch.setattr(serve, "_watch_parent", lambda: None)
+    monkeypatch.setattr(serve.signal, "signal", lambda *args: None)
+    return events
+
+
+@pytest.mark.parametrize("part", ["http-1", "mllp-1", "queue", "background"])
+def test_every_part_of_gateway_serve_settles_once_started_and_before_it_serves(
+        part: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.httpserver
+    import gateway.mllp
+    import gateway.serve as serve
+
+    events = _recording(monkeypatch)
+    monkeypatch.setattr(gateway.httpserver, "serve_http", lambda app, sock, settings: events.append("served"))
+    monkeypatch.setattr(gateway.mllp.MLLPServer, "serve_forever", lambda self: events.append("served"))
+    monkeypatch.setattr(gateway.mllp.QueueReader, "run", lambda self: events.append("served"))
+    monkeypatch.setattr(serve, "_background_loop", lambda settings, stop, passes=None: events.append("served"))
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG,
+                                                    "mllp_ack": "received"})
+    listening = socket.create_server(("127.0.0.1", 0))
+    fd = listening.detach() if part in ("http-1", "mllp-1") else None
+    try:
+        assert serve.run_part(settings, part, fd) == 0
+    finally:
+        if fd is None:
+            listening.close()
+    assert events == [f"settled {part}", "served"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_the_listeners_and_the_queue_reader_say_they_settled(tmp_path: Path) -> None:
+    """The processes themselves (``python -m gateway.serve``: two listeners and a queue reader), at log level
+    DEBUG."""
+    port = free_port()
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "mllp_port": port, "mllp_ack": "received",
+        "mllp_workers": 2, "log_level": "DEBUG"})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_port(port)
+        time.sleep(3)  # the helpers start after the port opens
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    text = err.decode("utf-8", "replace")
+    said = [line for line in text.splitlines() if "objects made at start left out of garbage collection" in line]
+    # "... DEBUG __main__: mllp: 104426 objects made at start left out of garbage collection": the part's name
+    settled = sorted(line.split(" objects made at start")[0].rsplit(" ", 2)[-2].rstrip(":") for line in said)
+    assert settled == ["mllp", "mllp", "queue"], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
