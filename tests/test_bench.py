@@ -177,3 +177,30 @@ def test_statements_and_parts_are_timed_per_message(path: str, capsys) -> None:
     assert named["  commits"] < named["the database, every statement (commits included)"] < wall
     assert main(["sql", "nowhere"]) == 2 and "unknown path 'nowhere'" in capsys.readouterr().err
     assert main(["phases", path, "2"]) == 0 and "ms per" in capsys.readouterr().out
+
+
+def test_a_stage_drops_each_result_once_timed_unless_it_keeps_them() -> None:
+    """A stored message's objects are dropped once it is answered, in the product and so in the bench: results
+    kept for a whole stage would make each later garbage collection go through them all."""
+    import weakref
+
+    from gateway.bench.measure import StageResult, time_items
+
+    class Made:
+        pass
+
+    alive: list[weakref.ref[Made]] = []
+
+    def work(item: int) -> Made:
+        made = Made()
+        alive.append(weakref.ref(made))
+        return made
+
+    dropped = StageResult("x", "x")
+    assert time_items(dropped, work, [1, 2, 3], lambda item, out: 20, keep=False) == []
+    assert dropped.items == 3 and dropped.observations == 60 and len(dropped.latencies_ms) == 3
+    assert [ref() for ref in alive] == [None, None, None]
+    kept = StageResult("y", "y")
+    outputs = time_items(kept, work, [1, 2], lambda item, out: 20)
+    assert [type(o) for o in outputs] == [Made, Made] and kept.observations == 40
+    assert all(ref() is not None for ref in alive[3:])

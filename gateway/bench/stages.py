@@ -114,15 +114,16 @@ def _obs(item: Any, out: Any) -> int:
 
 
 def _timed(ctx: BenchContext, result: StageResult, fn: Callable[[Any], Any], items: list[Any],
-           memory_items: list[Any] | None = None) -> list[Any]:
-    """Time ``fn`` over ``items`` in slices until done or the per-stage time cap is reached; then trace memory."""
+           memory_items: list[Any] | None = None, *, keep: bool = False) -> list[Any]:
+    """Time ``fn`` over ``items`` in slices until done or the per-stage time cap is reached; then trace memory.
+    ``keep``: return ``fn``'s results (otherwise each is dropped once timed, as the product drops its own)."""
     import time
 
     outputs: list[Any] = []
     deadline = time.monotonic() + ctx.options.cap_s
     step = max(1, min(50, len(items) // 4 or 1))
     for start in range(0, len(items), step):
-        outputs += time_items(result, fn, items[start:start + step], _obs)
+        outputs += time_items(result, fn, items[start:start + step], _obs, keep=keep)
         if time.monotonic() > deadline:
             result.note = (result.note + "; " if result.note else "") + f"time cap {ctx.options.cap_s:g} s reached"
             break
@@ -140,7 +141,7 @@ def parse_stage(ctx: BenchContext) -> StageResult:
     n, k = ctx.options.per_stage, ctx.options.memory_sample
     units = [RawUnit(m, 1) for m in ctx.fresh_messages(n + k)]
     result = StageResult("parse", STAGES["parse"].title)
-    out = _timed(ctx, result, adapter.read, units[:n], units[n:])
+    out = _timed(ctx, result, adapter.read, units[:n], units[n:], keep=True)
     if any(m.errors for m in out):
         raise RuntimeError("generated messages were refused by the adapter")
     return result
@@ -176,7 +177,7 @@ def check_stage(ctx: BenchContext) -> StageResult:
     n, k = ctx.options.per_stage, ctx.options.memory_sample
     bundles = _bundles(ctx, ctx.fresh_messages(n + k))
     result = StageResult("check", STAGES["check"].title)
-    issues = _timed(ctx, result, validate, bundles[:n], bundles[n:])
+    issues = _timed(ctx, result, validate, bundles[:n], bundles[n:], keep=True)
     errors = sum(1 for found in issues for i in found if i.severity in ("error", "fatal"))
     if errors:
         first = next(i for found in issues for i in found if i.severity in ("error", "fatal"))
