@@ -282,7 +282,8 @@ class MLLPServer:
             await self.start()
             assert self.server is not None
             if threading.current_thread() is threading.main_thread():
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._shutdown)
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGTERM, self._stop_once, loop)
             try:
                 async with self.server:
                     await self.server.serve_forever()
@@ -299,6 +300,15 @@ class MLLPServer:
             pass
         finally:
             self.executor.shutdown(wait=True)
+
+    def _stop_once(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The first SIGTERM: stop (:meth:`_shutdown`), and ignore the ones after it while the listener stops, as
+        every part of ``gateway serve`` does (systemd and the supervisor both signal the whole group). Left to the
+        loop, a later one could land while the loop closes, after its wakeup pipe is closed and before its handler
+        is removed, and print a traceback; or kill the process once the handler is gone."""
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self._shutdown()
 
     def _shutdown(self) -> None:
         """Stop accepting and close every connection (on the loop): their tasks end without being cancelled."""

@@ -73,6 +73,8 @@ def settle_collector(process: str) -> int:
     reader one came every half second or so and took 30 to 80 ms, a tenth of its time, and in a listener one
     delayed the ACKs waiting behind it. Frozen (:func:`gc.freeze`), they are left alone; what the part makes
     afterwards is collected as before (and never inside a write transaction: :func:`gateway.store.db.transaction`).
+    The price: a frozen object that later becomes garbage caught in a reference cycle stays in memory (a registry
+    snapshot replaced by a newer one, say): a bounded amount, once per such event.
     """
     gc.collect()
     gc.freeze()
@@ -136,10 +138,18 @@ class _Passes:
         return began is None or time.monotonic() - began < self.limit
 
 
-def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes | None = None) -> None:
+def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes | None = None,
+                     pipeline: Any = None, built: threading.Event | None = None) -> None:
+    """Background passes every ``delivery_interval`` until ``stop``, with ``pipeline`` (made in the thread that
+    runs the loop, which holds its database connection) or one made here; ``built`` is set once it is made."""
     from gateway.pipeline import Pipeline
 
-    pipeline = Pipeline(settings)  # its own database connection, in this thread
+    try:
+        if pipeline is None:
+            pipeline = Pipeline(settings)  # its own database connection, in this thread
+    finally:
+        if built is not None:
+            built.set()
     while not stop.wait(settings.delivery_interval):
         if passes is not None:
             passes.began = time.monotonic()
@@ -168,8 +178,9 @@ def run_background(settings: Settings) -> None:
 
     _logging(settings, "mllp")
     _stop_on_signals()
-    stop = threading.Event()
-    worker = threading.Thread(target=_background_loop, args=(settings, stop), name="background", daemon=True)
+    stop, built = threading.Event(), threading.Event()
+    worker = threading.Thread(target=_background_loop, args=(settings, stop), kwargs={"built": built},
+                              name="background", daemon=True)
     worker.start()
     checkpointer = WalCheckpointer(settings.database_file)
     checkpointer.start()
@@ -186,9 +197,11 @@ def run_background(settings: Settings) -> None:
                 children += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),))
                              for _ in range(settings.mllp_workers - 1)]
             server = MLLPServer(pipeline, settings.mllp_host, settings.mllp_port, sock=sock)
+            built.wait(60)  # the background thread's pipeline is part of what this process made at start
             settle_collector("mllp")
             server.serve_forever()
         else:
+            built.wait(60)
             settle_collector("background")
             while worker.is_alive():
                 worker.join(1)
@@ -326,9 +339,12 @@ def run_background_part(settings: Settings, part: str) -> None:
     # a pass delivers in lanes bounded by delivery_timeout; one far longer than that is hung
     passes = _Passes(max(120.0, 4.0 * settings.delivery_timeout))
     beat = Beat(run_dir(settings), part, working=passes.working).start()
-    settle_collector(part)
     try:
-        _background_loop(settings, stop, passes)
+        from gateway.pipeline import Pipeline
+
+        pipeline = Pipeline(settings)  # made before settling: it is what this part keeps
+        settle_collector(part)
+        _background_loop(settings, stop, passes, pipeline)
     finally:
         beat.stop()
         checkpointer.stop()

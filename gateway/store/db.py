@@ -161,8 +161,8 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
     No garbage collection starts while the transaction is open (the write lock, on
     either engine, is held): a full collection in a busy process took 30 to 80 ms,
     and every other writer — an MLLP listener storing a message before its ACK —
-    waited for it. The collector is left as it was found when the transaction
-    ends; what it would have collected meanwhile is collected then.
+    waited for it. See :class:`_CollectorHold`; what the collector would have
+    collected meanwhile is collected once no transaction of the process is open.
     """
     conn = db.conn
     if conn.in_transaction:
@@ -179,9 +179,7 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
         # about the database that one of them made is settled once a later one finds it
         # (:func:`gateway.store.schema.learn`)
         db.sqlite_begun = getattr(db, "sqlite_begun", 0) + 1
-    collecting = gc.isenabled()  # (off already: another thread's transaction, or the caller's own choice)
-    if collecting:
-        gc.disable()
+    _COLLECTOR.enter()
     try:
         try:
             yield db
@@ -194,11 +192,51 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
             raise
         conn.execute("COMMIT")
     finally:
-        if collecting:
-            gc.enable()
+        _COLLECTOR.leave()
     wal = getattr(db, "checkpoint_path", None)
     if wal is not None:
         _CHECKPOINTS.request(wal)
+
+
+class _CollectorHold:
+    """Automatic garbage collection off while any thread of this process has a write transaction open.
+
+    Counted: the first transaction to begin turns the collector off, the last to end turns it back on, and only if
+    it was on when the first began (a caller that turned it off keeps it off). Turning it off and on by hand while
+    another thread's transaction is open is not told apart: the last transaction to end restores what it found
+    when the first began. A process forked while a transaction was open starts with the collector as it was then.
+    """
+
+    def __init__(self) -> None:
+        self._forked()
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._was_on = False
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._was_on = gc.isenabled()
+                if self._was_on:
+                    gc.disable()
+            self._holders += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._was_on:
+                gc.enable()
+
+    def after_fork_in_child(self) -> None:
+        """In a child: no transaction of the parent's threads is open here."""
+        if self._holders and self._was_on:
+            gc.enable()
+        self._forked()
+
+
+_COLLECTOR = _CollectorHold()
 
 
 class _BackgroundCheckpoints:
@@ -344,6 +382,7 @@ def checkpoints_held() -> Iterator[None]:
 
 os.register_at_fork(before=_CHECKPOINTS.before_fork, after_in_parent=_CHECKPOINTS.after_fork_in_parent,
                     after_in_child=_CHECKPOINTS._forked)
+os.register_at_fork(after_in_child=_COLLECTOR.after_fork_in_child)
 atexit.register(_CHECKPOINTS.end)
 
 
