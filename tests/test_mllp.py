@@ -187,14 +187,23 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
 
 
 _SIGNALLED_LISTENER = """
-import sys, threading
+import signal, sys, threading, time
 from gateway.config import load_settings
 from gateway.mllp import MLLPServer
 from gateway.pipeline import Pipeline
 
 settings = load_settings(environ={}, overrides={"data_dir": sys.argv[1], "issuer_uscc": sys.argv[2]})
 server = MLLPServer(Pipeline(settings), "127.0.0.1", 0)
-threading.Thread(target=lambda: server.ready.wait() and print("ready", flush=True), daemon=True).start()
+
+
+def ready():
+    server.ready.wait()
+    while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # listening, and its SIGTERM handler in place
+        time.sleep(0.01)
+    print("ready", flush=True)
+
+
+threading.Thread(target=ready, daemon=True).start()
 server.serve_forever()
 print("stopped", flush=True)
 """
