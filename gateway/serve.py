@@ -485,17 +485,20 @@ def _main(argv: list[str]) -> int:
     if rest[:1] == ["--part"] and len(rest) in (2, 4):
         fd = int(rest[3]) if len(rest) == 4 and rest[2] == "--fd" else None
         return run_part(settings, rest[1], fd)
-    if len(rest) == 2 and rest[0] == "--mllp-fd":
-        run_listener(settings, int(rest[1]))
-    elif rest[:1] == ["--queue"] and len(rest) <= 2:
-        k = int(rest[1]) if len(rest) == 2 and rest[1].isdigit() else 0
-        if not 1 <= k <= settings.queue_readers and not (len(rest) == 1 and settings.queue_readers == 1):
-            print(f"gateway: --queue takes the reader's number, 1 to {settings.queue_readers} (queue_readers)",
-                  file=sys.stderr)
-            return 2
-        run_queue(settings, share=(max(k, 1) - 1, settings.queue_readers))
-    else:
-        run_background(settings)
+    try:
+        if len(rest) == 2 and rest[0] == "--mllp-fd":
+            run_listener(settings, int(rest[1]))
+        elif rest[:1] == ["--queue"] and len(rest) <= 2:
+            k = int(rest[1]) if len(rest) == 2 and rest[1].isdigit() else 0
+            if not 1 <= k <= settings.queue_readers and not (len(rest) == 1 and settings.queue_readers == 1):
+                print(f"gateway: --queue takes the reader's number, 1 to {settings.queue_readers} (queue_readers)",
+                      file=sys.stderr)
+                return 2
+            run_queue(settings, share=(max(k, 1) - 1, settings.queue_readers))
+        else:
+            run_background(settings)
+    except KeyboardInterrupt:  # stopped while it started (SIGTERM from the process that started it): quietly, as
+        pass  # run_part's parts stop
     return 0
 
 

@@ -186,8 +186,10 @@ def test_every_part_of_gateway_serve_settles_once_started_and_before_it_serves(
     import gateway.serve as serve
 
     events = _recording(monkeypatch)
-    monkeypatch.setattr(gateway.httpserver, "serve_http", lambda app, sock, settings: events.append("served"))
-    monkeypatch.setattr(gateway.mllp.MLLPServer, "serve_forever", lambda self: events.append("served"))
+    monkeypatch.setattr(gateway.httpserver, "serve_http",
+                        lambda app, sock, settings: sock.close() or events.append("served"))
+    monkeypatch.setattr(gateway.mllp.MLLPServer, "serve_forever",
+                        lambda self: (self.sock.close() if self.sock else None) or events.append("served"))
     monkeypatch.setattr(gateway.mllp.QueueReader, "run", lambda self: events.append("served"))
     monkeypatch.setattr(serve, "_background_loop", lambda *args, **kwargs: events.append("served"))
     made = gateway.pipeline.Pipeline.__init__

@@ -183,3 +183,28 @@ def test_a_part_signalled_twice_while_it_stops_stops_without_a_traceback(handler
         assert b"KeyboardInterrupt" in err
         return
     assert b"stopping" in out and proc.returncode == 0 and b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.parametrize("args, started", [(["--mllp-fd", "5"], "run_listener"), (["--queue"], "run_queue"),
+                                           ([], "run_background")])
+def test_a_helper_process_stopped_while_it_starts_stops_without_a_traceback(
+        args: list[str], started: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The further listeners and the queue readers ``python -m gateway.serve`` starts get SIGTERM from it when it
+    stops; one that was still starting (importing, loading its pipeline) when its handler turned the signal into
+    KeyboardInterrupt printed a traceback. It stops quietly, as a part of ``gateway serve`` does."""
+    import dataclasses
+    import json
+
+    from gateway import serve
+    from gateway.config import load_settings
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve, started, interrupted)
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path)})
+    try:
+        code = serve._main([json.dumps(dataclasses.asdict(settings)), *args])
+    except KeyboardInterrupt:  # (left to escape, it would stop the test run itself)
+        pytest.fail("the interrupt escaped: the process would print a traceback")
+    assert code == 0

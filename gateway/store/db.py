@@ -204,7 +204,8 @@ class _CollectorHold:
     Counted: the first transaction to begin turns the collector off, the last to end turns it back on, and only if
     it was on when the first began (a caller that turned it off keeps it off). Turning it off and on by hand while
     another thread's transaction is open is not told apart: the last transaction to end restores what it found
-    when the first began. A process forked while a transaction was open starts with the collector as it was then.
+    when the first began. A process forked while a transaction was open starts with none open and the collector as
+    it was before the first began.
     """
 
     def __init__(self) -> None:
