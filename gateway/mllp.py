@@ -29,6 +29,7 @@ messages are worked again one by one, so every other sender still gets its ACK.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import signal
@@ -276,14 +277,27 @@ class MLLPServer:
         self.ready.set()
 
     def serve_forever(self) -> None:
-        """Run until interrupted or, in the main thread, until SIGTERM (then stop accepting, close connections)."""
+        """Run until interrupted or, in the main thread, until SIGTERM (then stop accepting, close connections).
+
+        In the main thread the first SIGTERM stops the listener and the ones after it are ignored while it stops,
+        as in every part of ``gateway serve`` (a Ctrl-C on a foreground gateway reaches every process of its group,
+        and the supervisor's SIGTERM follows). The handler is a plain one, not the event loop's: the loop puts the
+        default action back when it closes (a SIGTERM then killed the process), and closes its wakeup pipe before
+        removing its handler (one landing in between printed a traceback).
+        """
+        installed: list[Any] = []  # (our handler, the one it replaced), once set
 
         async def main() -> None:
             await self.start()
             assert self.server is not None
             if threading.current_thread() is threading.main_thread():
                 loop = asyncio.get_running_loop()
-                loop.add_signal_handler(signal.SIGTERM, self._stop_once, loop)
+
+                def stop_once(signum: int, frame: Any) -> None:
+                    ignore_later_signals(signal.SIGTERM)  # first: the later ones are ignored from here on
+                    loop.call_soon_threadsafe(self._shutdown)
+
+                installed.extend((stop_once, signal.signal(signal.SIGTERM, stop_once)))
             try:
                 async with self.server:
                     await self.server.serve_forever()
@@ -299,16 +313,9 @@ class MLLPServer:
         except KeyboardInterrupt:
             pass
         finally:
+            if installed and signal.getsignal(signal.SIGTERM) is installed[0]:  # stopped otherwise: as it was
+                signal.signal(signal.SIGTERM, installed[1])
             self.executor.shutdown(wait=True)
-
-    def _stop_once(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The first SIGTERM: stop (:meth:`_shutdown`), and ignore the ones after it while the listener stops, as
-        every part of ``gateway serve`` does (systemd and the supervisor both signal the whole group). Left to the
-        loop, a later one could land while the loop closes, after its wakeup pipe is closed and before its handler
-        is removed, and print a traceback; or kill the process once the handler is gone."""
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self._shutdown()
 
     def _shutdown(self) -> None:
         """Stop accepting and close every connection (on the loop): their tasks end without being cancelled."""
@@ -329,6 +336,35 @@ class MLLPServer:
         """Stop a server started with :meth:`start_in_thread`."""
         if self.loop is not None and self.server is not None:
             self.loop.call_soon_threadsafe(self._shutdown)
+
+
+def _nothing(signum: int, frame: Any) -> None:
+    """A signal that comes while the process stops: nothing to do."""
+
+
+def ignore_later_signals(*signums: int) -> None:
+    """Take these signals quietly from now on, while the process stops (from a signal handler, in the main thread).
+
+    A handler that does nothing, not ``SIG_IGN``: a signal that arrived with the one being handled (a Ctrl-C's
+    SIGINT and the supervisor's SIGTERM) would find ``SIG_IGN`` in place and raise "Signal 15 ignored due to race
+    condition" where the process stands. At exit they become ``SIG_IGN`` (the interpreter puts the default action,
+    which ends the process, back in place of a Python handler as it shuts down).
+    """
+    global _IGNORED_AT_EXIT
+    for signum in signums:
+        signal.signal(signum, _nothing)
+    if not _IGNORED_AT_EXIT:
+        _IGNORED_AT_EXIT = True
+        atexit.register(_ignore_at_exit)
+
+
+_IGNORED_AT_EXIT = False
+
+
+def _ignore_at_exit() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is _nothing:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 class QueueReader:

@@ -235,8 +235,9 @@ def _interrupt_once(signum: int, frame: Any) -> None:
     """Stop this part: the first SIGTERM or SIGINT raises KeyboardInterrupt where the part waits; the ones after it
     are ignored while it stops (systemd and the supervisor both signal every process of the group, and a second
     interrupt landing in the interpreter's own shutdown would print a traceback instead of stopping cleanly)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from gateway.mllp import ignore_later_signals
+
+    ignore_later_signals(signal.SIGTERM, signal.SIGINT)
     raise KeyboardInterrupt
 
 
@@ -497,8 +498,8 @@ def _main(argv: list[str]) -> int:
             run_queue(settings, share=(max(k, 1) - 1, settings.queue_readers))
         else:
             run_background(settings)
-    except KeyboardInterrupt:  # stopped while it started (SIGTERM from the process that started it): quietly, as
-        pass  # run_part's parts stop
+    except KeyboardInterrupt:  # stopped while it started (an interrupt from the process that started it, a
+        pass  # Ctrl-C): quietly, as run_part's parts stop
     return 0
 
 

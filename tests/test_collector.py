@@ -110,6 +110,8 @@ def test_threads_taking_turns_at_the_write_lock_never_let_a_collection_in(tmp_pa
         if phase == "start" and inside:
             during.append(info["generation"])
 
+    failures: list[BaseException] = []
+
     def work(k: int) -> None:
         db = connect(tmp_path / "turns.db")
         try:
@@ -122,6 +124,8 @@ def test_threads_taking_turns_at_the_write_lock_never_let_a_collection_in(tmp_pa
                     loop.append(loop)  # garbage only a collection frees: the counts keep growing
                     inside.discard(k)
                 del junk, loop
+        except BaseException as exc:  # noqa: BLE001 - said by the test, not lost in a thread
+            failures.append(exc)
         finally:
             db.conn.close()
 
@@ -137,6 +141,10 @@ def test_threads_taking_turns_at_the_write_lock_never_let_a_collection_in(tmp_pa
             thread.join(120)
     finally:
         gc.callbacks.remove(watch)
+    assert failures == [] and not any(thread.is_alive() for thread in threads)
+    check = connect(tmp_path / "turns.db")
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 4 * 1200
+    check.conn.close()
     assert during == []
     assert started, "collections ran between the transactions"
     assert gc.isenabled()

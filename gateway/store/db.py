@@ -205,7 +205,9 @@ class _CollectorHold:
     it was on when the first began (a caller that turned it off keeps it off). Turning it off and on by hand while
     another thread's transaction is open is not told apart: the last transaction to end restores what it found
     when the first began. A process forked while a transaction was open starts with none open and the collector as
-    it was before the first began.
+    it was before the first began (the forking thread's own transaction, ending there, is not counted again). An
+    interrupt (KeyboardInterrupt) landing inside :meth:`enter` or :meth:`leave` may leave the collector off: it
+    ends the process.
     """
 
     def __init__(self) -> None:
@@ -226,6 +228,8 @@ class _CollectorHold:
 
     def leave(self) -> None:
         with self._lock:
+            if self._holders == 0:  # a transaction open when this process was forked from its parent
+                return
             self._holders -= 1
             if self._holders == 0 and self._was_on:
                 gc.enable()
