@@ -29,7 +29,6 @@ messages are worked again one by one, so every other sender still gets its ACK.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import logging
 import signal
@@ -44,6 +43,7 @@ from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, MLLPStream
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.errors import Issue
 from gateway.pipeline import Pipeline
+from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
 __all__ = ["MLLPServer", "QueueReader"]
@@ -336,35 +336,6 @@ class MLLPServer:
         """Stop a server started with :meth:`start_in_thread`."""
         if self.loop is not None and self.server is not None:
             self.loop.call_soon_threadsafe(self._shutdown)
-
-
-def _nothing(signum: int, frame: Any) -> None:
-    """A signal that comes while the process stops: nothing to do."""
-
-
-def ignore_later_signals(*signums: int) -> None:
-    """Take these signals quietly from now on, while the process stops (from a signal handler, in the main thread).
-
-    A handler that does nothing, not ``SIG_IGN``: a signal that arrived with the one being handled (a Ctrl-C's
-    SIGINT and the supervisor's SIGTERM) would find ``SIG_IGN`` in place and raise "Signal 15 ignored due to race
-    condition" where the process stands. At exit they become ``SIG_IGN`` (the interpreter puts the default action,
-    which ends the process, back in place of a Python handler as it shuts down).
-    """
-    global _IGNORED_AT_EXIT
-    for signum in signums:
-        signal.signal(signum, _nothing)
-    if not _IGNORED_AT_EXIT:
-        _IGNORED_AT_EXIT = True
-        atexit.register(_ignore_at_exit)
-
-
-_IGNORED_AT_EXIT = False
-
-
-def _ignore_at_exit() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) is _nothing:
-            signal.signal(signum, signal.SIG_IGN)
 
 
 class QueueReader:

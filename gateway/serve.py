@@ -50,6 +50,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
+from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
 __all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", "run_http", "run_part",
@@ -233,10 +234,8 @@ def _watch_parent() -> None:
 
 def _interrupt_once(signum: int, frame: Any) -> None:
     """Stop this part: the first SIGTERM or SIGINT raises KeyboardInterrupt where the part waits; the ones after it
-    are ignored while it stops (systemd and the supervisor both signal every process of the group, and a second
-    interrupt landing in the interpreter's own shutdown would print a traceback instead of stopping cleanly)."""
-    from gateway.mllp import ignore_later_signals
-
+    are taken quietly while it stops (:mod:`gateway.signals`: a second interrupt landing in the interpreter's own
+    shutdown would print a traceback instead of stopping cleanly)."""
     ignore_later_signals(signal.SIGTERM, signal.SIGINT)
     raise KeyboardInterrupt
 
