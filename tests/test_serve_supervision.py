@@ -208,3 +208,21 @@ def test_a_helper_process_stopped_while_it_starts_stops_without_a_traceback(
     except KeyboardInterrupt:  # (left to escape, it would stop the test run itself)
         pytest.fail("the interrupt escaped: the process would print a traceback")
     assert code == 0
+
+
+def test_a_part_stopping_at_a_signal_imports_nothing_in_its_handler() -> None:
+    """The handler runs wherever the part stands, an import of its own included: importing from there once met a
+    half-made module (an HTTP worker stopped while it imported printed an ImportError's traceback)."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from gateway import serve
+        serve._stop_on_signals()
+        before = set(sys.modules)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+        except KeyboardInterrupt:
+            print(sorted(set(sys.modules) - before))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "[]", "")
