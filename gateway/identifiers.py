@@ -13,6 +13,7 @@ Each ``check_*`` function returns the normalised identifier or raises
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 
 from gateway.divisions import id_card_region_problem, id_card_region_warning
@@ -76,8 +77,14 @@ def org_code_check_char(code8: str) -> str:
 def check_uscc(value: str) -> str:
     """Validate a 统一社会信用代码 and return it upper-cased.
 
+    A code found good is remembered (a received Bundle names its issuer once for every result).
+
     :raises IdentifierError: wrong length, characters or check character.
     """
+    return _checked_uscc(value) if type(value) is str else _check_uscc(value)
+
+
+def _check_uscc(value: str) -> str:
     code = (value or "").strip().upper()
     if len(code) != 18:
         raise IdentifierError(f"统一社会信用代码 {shown(code)} has {len(code)} characters, expected 18")
@@ -87,6 +94,10 @@ def check_uscc(value: str) -> str:
     if code[17] != expected:
         raise IdentifierError(f"统一社会信用代码 {shown(code)} check character is {code[17]!r}, expected {expected!r}")
     return code
+
+
+# what check_uscc found good, by the text it was given (an error is not remembered: it is raised again)
+_checked_uscc = functools.lru_cache(maxsize=4096)(_check_uscc)
 
 
 def id_card_check_char(id17: str) -> str:
@@ -147,8 +158,16 @@ def check_id_card(value: str, *, on: _dt.date | None = None) -> str:
     elsewhere the province prefix must exist. ``on`` is the message date: a
     birth date after it is refused.
 
+    A number found good is remembered with ``on`` (a received Bundle names its patient once for every result).
+
     :raises IdentifierError: wrong length, characters, birth date, address code or check digit.
     """
+    if type(value) is str and (on is None or type(on) is _dt.date):
+        return _checked_id_card(value, on)
+    return _check_id_card(value, on)
+
+
+def _check_id_card(value: str, on: _dt.date | None) -> str:
     number = (value or "").strip().upper()
     if len(number) == 15 and number.isascii() and number.isdigit():
         body = number[:6] + "19" + number[6:]
@@ -171,6 +190,9 @@ def check_id_card(value: str, *, on: _dt.date | None = None) -> str:
     if problem:
         raise IdentifierError(problem)
     return number
+
+
+_checked_id_card = functools.lru_cache(maxsize=4096)(_check_id_card)
 
 
 def id_card_warnings(number: str) -> list[str]:

@@ -65,6 +65,24 @@ def test_id_card_bad(number: str, message: str) -> None:
         check_id_card(number)
 
 
+def test_remembered_checks_answer_as_the_first_time() -> None:
+    """A code or number found good is remembered; one found bad is refused again each time, and the message date
+    is part of what a 身份证号 was checked with."""
+    import datetime as dt
+
+    for _ in range(2):
+        assert check_uscc(" 12330000470051726f ") == "12330000470051726F"
+        with pytest.raises(IdentifierError, match="check character"):
+            check_uscc("12330000470051726G")
+        assert check_id_card("11010519491231002X", on=dt.date(2026, 1, 1)) == "11010519491231002X"
+        with pytest.raises(IdentifierError, match="after the message date"):
+            check_id_card("11010519491231002X", on=dt.date(1949, 12, 30))
+        with pytest.raises(IdentifierError, match="check digit"):
+            check_id_card("110105194912310021")
+    with pytest.raises(IdentifierError):
+        check_uscc(None)  # type: ignore[arg-type]
+
+
 def test_province_of_division() -> None:
     assert province_of_division("511921") == "51"
     assert province_of_division("500102") == "50"

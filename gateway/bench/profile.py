@@ -22,6 +22,12 @@ profiler, each SQL statement the path runs on SQLite, per message (or received
 Bundle), a commit included: how much of the path is the database's, and which
 statements. ``python -m gateway.bench.profile phases [e2e|inbound] [N]`` times the
 path's parts the same way (each part's function wrapped with a clock).
+
+``python -m gateway.bench.profile decide [N ...]`` times deciding one received
+report Bundle of 20 results (the engine's rules, nothing stored) against the
+bench's registry grown by N further members (default 0, 100 and 500), each
+listed with 5 qualifications and 60 EQA results: what a regional registry's
+size costs a decision.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
 from gateway.store.timing import TimedConnection
 
-__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "phases", "PARTS", "PATHS"]
+__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "phases", "decide_time", "PARTS", "PATHS"]
 
 Part = tuple[str, str, str]  # label, file suffix, function name (its outermost cumulative time is the part's)
 
@@ -367,8 +373,71 @@ def profile_path(path: str, size: int | None = None) -> list[tuple[str, float]]:
     return fn(size or default)
 
 
+def _grown_snapshot(snapshot: Any, members: int) -> Any:
+    """``snapshot`` with ``members`` further members, each listed with copies of the first 5 qualifications and
+    60 EQA results of the snapshot (under its own USCC), for sizing."""
+    import dataclasses
+
+    from gateway.registry.models import Snapshot
+
+    listed = list(snapshot.members.values())
+    quals, eqa = list(snapshot.qualifications), list(snapshot.eqa)
+    for n in range(members):
+        uscc = f"9{n:017d}"
+        listed.append(dataclasses.replace(listed[0], uscc=uscc, certificates=()))
+        quals += [dataclasses.replace(q, member=uscc, id=f"{q.id}-{n}") for q in snapshot.qualifications[:5]]
+        eqa += [dataclasses.replace(e, member=uscc) for e in snapshot.eqa[:60]]
+    return Snapshot(version=snapshot.version, issued=snapshot.issued, valid_until=snapshot.valid_until,
+                    authority_uscc=snapshot.authority_uscc, authority_name=snapshot.authority_name,
+                    members=listed, qualifications=quals, eqa=eqa, catalogues=snapshot.catalogues,
+                    diagnosis_by_exposure=snapshot.diagnosis_by_exposure,
+                    diagnosis_by_factor=snapshot.diagnosis_by_factor, document=snapshot.document,
+                    physicians=snapshot.physicians.values())
+
+
+def decide_time(sizes: list[int], rounds: int = 50) -> list[tuple[int, int, int, int, float]]:
+    """[(further members, members, qualifications, EQA results, ms to decide one received Bundle)] per size."""
+    import dataclasses
+
+    from gateway import jsonutil
+    from gateway.recognition.engine import decide_all
+    from gateway.recognition.facts import facts_from_bundle
+
+    ctx = BenchContext.create(BenchOptions(quick=True, count=2))
+    try:
+        receiver, texts = _receiver(ctx, "decide", 1)
+        snapshot = receiver.member.snapshot()
+        at = receiver.clock()
+        facts = [dataclasses.replace(f, signer_uscc=BENCH_ISSUER_USCC)
+                 for f in facts_from_bundle(jsonutil.loads(texts[0]))]
+        me = receiver.settings.issuer_uscc
+        receiver.close()
+    finally:
+        ctx.close()
+    out = []
+    for size in sizes:
+        grown = _grown_snapshot(snapshot, size)
+        decide_all(facts, grown, me, at)  # the snapshot's lookups are built on first use
+        start = time.perf_counter()
+        for _ in range(rounds):
+            decide_all(facts, grown, me, at)
+        ms = (time.perf_counter() - start) * 1000 / rounds
+        out.append((size, len(grown.members), len(grown.qualifications), len(grown.eqa), ms))
+    return out
+
+
 def main(argv: list[str]) -> int:
     args: list[Any] = list(argv)
+    if args[:1] == ["decide"]:
+        if not all(a.isdigit() for a in args[1:]):
+            print("decide: N, further members, must be whole numbers", file=sys.stderr)
+            return 2
+        sizes = [int(a) for a in args[1:]] or [0, 100, 500]
+        print("deciding one received report Bundle of 20 results (no storage), by the registry's size")
+        print("  further members  members  qualifications  EQA results  ms per Bundle")
+        for size, members, quals, eqa, ms in decide_time(sizes):
+            print(f"  {size:15d}  {members:7d}  {quals:14d}  {eqa:11d}  {ms:13.2f}")
+        return 0
     if args[:1] == ["pages"]:
         which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
         before = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 300

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import jsonutil
 from gateway.errors import InputError, NotFound
 from gateway.identifiers import check_id_card, check_uscc
 from gateway.naming import SYSTEM_ID_CARD
@@ -109,7 +110,7 @@ def save_decisions(db: Database, decisions: Iterable[Decision], recorded_at: _dt
             d.snapshot_digest,
             d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
             when,
-            json.dumps(d.to_dict(), ensure_ascii=False),
+            jsonutil.dumps(d.to_dict()),
         ])
     with transaction(db):  # one statement for all of them where the engine allows it
         added = store.add_decisions(rows)

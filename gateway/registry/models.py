@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -536,6 +536,9 @@ class Snapshot:
         self._kid_index: dict[str, list[tuple[Member, MemberCertificate]]] | None = None
         self._coding_index: dict[tuple[str, str], tuple[CatalogueItem, ...]] | None = None
         self._digest: str | None = None
+        # lookups by member (and the like) that every decision makes, built on first use from the collection
+        # they index and built again should that collection be replaced: {name: (collection, index)}
+        self._by: dict[str, tuple[Any, dict[Any, Any]]] = {}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -706,11 +709,58 @@ class Snapshot:
         """The member with this USCC, or None."""
         return self.members.get(uscc or "")
 
+    def _index(self, name: str, source: Any, key: Callable[[Any], Any], *,
+               keys: Callable[[Any], Iterable[Any]] | None = None) -> dict[Any, Any]:
+        """The values of ``source`` (a collection, or a dict's values) grouped by ``key`` (or by each of
+        ``keys``), each group in ``source``'s order, a value once per group, a key of None left out: kept under
+        ``name`` for as long as ``source`` is the collection the snapshot holds."""
+        found = self._by.get(name)
+        if found is not None and found[0] is source:
+            return found[1]
+        groups: dict[Any, list[Any]] = {}
+        for value in (source.values() if isinstance(source, dict) else source):
+            for k in (keys(value) if keys is not None else (key(value),)):
+                if k is not None:
+                    group = groups.setdefault(k, [])
+                    if not group or group[-1] is not value:
+                        group.append(value)
+        index = {k: tuple(v) for k, v in groups.items()}
+        self._by[name] = (source, index)
+        return index
+
+    def qualifications_held(self, uscc: str) -> tuple[Qualification, ...]:
+        """The qualifications listed for member ``uscc``, in snapshot order (looked up, not searched for)."""
+        held: tuple[Qualification, ...] = self._index("member", self.qualifications, lambda q: q.member).get(uscc, ())
+        return held
+
+    def physician_qualifications(self, physician_id: str) -> tuple[Qualification, ...]:
+        """The qualifications listed for the physician ``physicians[].id``, in snapshot order."""
+        held: tuple[Qualification, ...] = self._index("physician", self.qualifications,
+                                                      lambda q: q.physician_ref).get(physician_id, ())
+        return held
+
+    def eqa_of(self, uscc: str) -> tuple[EqaResult, ...]:
+        """The EQA results of member ``uscc``, in snapshot order."""
+        results: tuple[EqaResult, ...] = self._index("eqa", self.eqa, lambda e: e.member).get(uscc, ())
+        return results
+
+    def catalogue_position(self, item: CatalogueItem) -> tuple[int, int]:
+        """(the catalogue's position in the snapshot, the item's position in its catalogue)."""
+        catalogues = self.catalogues
+        found = self._by.get("position")
+        if found is None or found[0] is not catalogues:
+            order = {c.id: i for i, c in enumerate(catalogues)}
+            within = {(c.id, it.code): j for c in catalogues for j, it in enumerate(c.items)}
+            positions = {key: (order[key[0]], j) for key, j in within.items()}
+            found = self._by["position"] = (catalogues, positions)
+        position: tuple[int, int] = found[1][(item.catalogue_id, item.code)]
+        return position
+
     def levels_of(self, uscc: str) -> tuple[LevelFact, ...]:
         """A member's dated hospital levels: its hospital-grade qualifications (the one source when it has
         any; a suspended or revoked grade ends on its status date), else the undated ``level`` of an older
         source, taken as held over the member's whole listing."""
-        grades = [q for q in self.qualifications if q.member == uscc and q.type == "hospital-grade" and q.grade]
+        grades = [q for q in self.qualifications_held(uscc) if q.type == "hospital-grade" and q.grade]
         if grades:
             out = []
             for q in sorted(grades, key=lambda g: (g.period.start or _dt.date.min, g.id)):
@@ -735,7 +785,8 @@ class Snapshot:
         self, member: str, id_card: str, day: _dt.date
     ) -> tuple[Physician | None, PracticeRegistration | None]:
         """The physician with this 身份证号, and their registration at ``member`` covering ``day``."""
-        physician = next((p for p in self.physicians.values() if p.id_card == id_card), None)
+        listed = self._index("id_card", self.physicians, lambda p: p.id_card).get(id_card)
+        physician = listed[0] if listed else None
         if physician is None:
             return None, None
         return physician, next((r for r in physician.registrations_at(member) if r.period.covers(day)), None)
@@ -744,7 +795,9 @@ class Snapshot:
         self, member: str, staff_id: str, day: _dt.date
     ) -> tuple[Physician | None, PracticeRegistration | None]:
         """The physician a member's staff id names (any period), and their registration there covering ``day``."""
-        for physician in self.physicians.values():
+        registered = self._index("practice", self.physicians, lambda p: None,
+                                 keys=lambda p: [(r.member, r.staff_id) for r in p.practice])
+        for physician in registered.get((member, staff_id), ()):
             registrations = physician.registrations_at(member, staff_id)
             if registrations:
                 return physician, next((r for r in registrations if r.period.covers(day)), None)

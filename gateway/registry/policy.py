@@ -68,13 +68,11 @@ def qualifications_of(
     snapshot: Snapshot, uscc: str, qualification_type: str, on: _dt.date, *, physician: str | None = None
 ) -> list[Qualification]:
     """Qualifications of a type that ``uscc`` (or one of its physicians) holds on ``on``."""
+    wanted = qualification_type_code(qualification_type)
     return [
         q
-        for q in snapshot.qualifications
-        if q.member == uscc
-        and q.type == qualification_type_code(qualification_type)
-        and (physician is None or q.physician_id == physician)
-        and q.valid_on(on)
+        for q in snapshot.qualifications_held(uscc)
+        if q.type == wanted and (physician is None or q.physician_id == physician) and q.valid_on(on)
     ]
 
 
@@ -120,7 +118,7 @@ def require_qualified(
 
 def eqa_results(snapshot: Snapshot, uscc: str, item: CatalogueItem, on: _dt.date) -> list[EqaResult]:
     """EQA results of ``uscc`` for ``item`` whose cycle covers ``on``."""
-    return [e for e in snapshot.eqa if e.member == uscc and e.concerns(item) and e.period.covers(on)]
+    return [e for e in snapshot.eqa_of(uscc) if e.concerns(item) and e.period.covers(on)]
 
 
 def eqa_passed(snapshot: Snapshot, uscc: str, item: CatalogueItem, on: _dt.date) -> bool:
@@ -145,9 +143,9 @@ def catalogue_items_for(
         for item in snapshot.items_for_coding(coding):
             if on is None or item.period.covers(on):
                 found.setdefault((item.catalogue_id, item.code), item)
-    order = {c.id: i for i, c in enumerate(snapshot.catalogues)}
-    positions = {(c.id, it.code): j for c in snapshot.catalogues for j, it in enumerate(c.items)}
-    return sorted(found.values(), key=lambda it: (order[it.catalogue_id], positions[(it.catalogue_id, it.code)]))
+    if len(found) < 2:
+        return list(found.values())
+    return sorted(found.values(), key=snapshot.catalogue_position)
 
 
 def scope_covers(catalogue: Catalogue, issuer: Member, receiver: Member) -> bool:
@@ -241,8 +239,8 @@ def physician_qualified(
         if registration is None:
             return PhysicianCheck(None, physician, None)
         wanted = qualification_type_code(qualification_type)
-        for q in snapshot.qualifications:
-            if q.physician_ref == physician.id and q.type == wanted and q.valid_on(on):
+        for q in snapshot.physician_qualifications(physician.id):
+            if q.type == wanted and q.valid_on(on):
                 if scope is None or scope in q.scope:
                     return PhysicianCheck(q, physician, registration)
         return PhysicianCheck(None, physician, registration)
