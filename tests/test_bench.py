@@ -179,6 +179,21 @@ def test_statements_and_parts_are_timed_per_message(path: str, capsys) -> None:
     assert main(["phases", path, "2"]) == 0 and "ms per" in capsys.readouterr().out
 
 
+def test_deciding_is_timed_against_registries_of_growing_size(capsys) -> None:
+    """``decide``: the figures of the README's registry paragraph. The registry grows as asked (times are the
+    bench's to report, not a test's to assert)."""
+    from gateway.bench.profile import decide_time, main
+
+    small, grown = decide_time([0, 40], rounds=5)
+    assert small[0] == 0 and grown[0] == 40
+    assert grown[1] == small[1] + 40 and grown[2] == small[2] + 40 * 5 and grown[3] == small[3] + 40 * 60
+    assert small[4] > 0 and grown[4] > 0
+    assert main(["decide", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per Bundle" in out and len(out.strip().splitlines()) == 3
+    assert main(["decide", "many"]) == 2 and "whole numbers" in capsys.readouterr().err
+
+
 def test_a_stage_drops_each_result_once_timed_unless_it_keeps_them() -> None:
     """A stored message's objects are dropped once it is answered, in the product and so in the bench: results
     kept for a whole stage would make each later garbage collection go through them all."""

@@ -221,3 +221,40 @@ def test_a_database_without_withdrawals_gains_them_when_first_written(tmp_path: 
         assert len(list_decisions(db)) == 8
     finally:
         db.conn.close()
+
+
+@pytest.mark.parametrize("name", ["bundle-lab-tongjiang.json", "bundle-lab-imaging-fuling.json",
+                                  "bundle-occupational-cdc.json"])
+def test_stored_decisions_read_back_as_json_dumps_wrote_them(db: sqlite_utils.Database, name: str) -> None:
+    """The stored text is written by msgspec when it can vouch for the decision; read back, it is what the standard
+    library's text (the reference, as before) reads back as."""
+    made = decisions_for(name, FULING)
+    save_decisions(db, made, AT)
+    for d in made:
+        text, _ = db.execute("SELECT decision_json, recorded_at FROM recognition_decisions WHERE decision_id = ?",
+                             [d.decision_id]).fetchone()
+        assert json.loads(text) == json.loads(json.dumps(d.to_dict(), ensure_ascii=False))
+        assert get_decision(db, d.decision_id).decision == json.loads(text)
+
+
+def test_a_decision_holding_a_number_read_as_a_decimal_is_refused_and_stores_nothing(
+        db: sqlite_utils.Database) -> None:
+    """A Bundle read for ``$recognize`` keeps a fraction (or an integer of thousands of digits) as a Decimal; in a
+    field the decision quotes, the standard library's writer refuses it and nothing of the call is stored, so that
+    no unreadable decision is kept (the table keeps every row for good)."""
+    import dataclasses
+    from decimal import Decimal
+
+    from gateway.recognition.store import _decision_text
+
+    made = decisions_for("bundle-lab-tongjiang.json", FULING)
+    odd = [dataclasses.replace(d, facts=dataclasses.replace(d.facts, report_id=Decimal("7.10"))) for d in made[:1]]
+    with pytest.raises(TypeError):
+        _decision_text(odd[0].to_dict())
+    with pytest.raises(TypeError):
+        save_decisions(db, made[1:] + odd, AT)
+    assert list_decisions(db) == []
+    # what both writers agree on is written the fast way and reads back the same
+    plain = made[0].to_dict()
+    assert json.loads(_decision_text(plain)) == plain
+    assert _decision_text({"n": 2**60}) == json.dumps({"n": 2**60}, ensure_ascii=False)  # beyond 2**53: as before

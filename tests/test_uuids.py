@@ -42,8 +42,8 @@ def test_a_name_that_is_not_unicode_text_is_refused_as_the_standard_library_refu
         uuid5(parties._NAMESPACE, "\ud800")
 
 
-def test_the_ids_of_the_bundles_built_from_the_test_inputs_are_the_standard_librarys(convert_pipeline,
-                                                                                      monkeypatch) -> None:
+def test_the_ids_of_the_bundles_built_from_the_test_inputs_are_the_standard_librarys(
+        convert_pipeline, monkeypatch) -> None:
     """Every stable id the pipeline gives, built once with the fast function and once with the reference."""
     made: list[tuple[tuple[str, ...], str]] = []
     fast = parties.stable_id

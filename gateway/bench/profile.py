@@ -429,10 +429,13 @@ def decide_time(sizes: list[int], rounds: int = 50) -> list[tuple[int, int, int,
 def main(argv: list[str]) -> int:
     args: list[Any] = list(argv)
     if args[:1] == ["decide"]:
-        if not all(a.isdigit() for a in args[1:]):
+        try:
+            sizes = [int(a) for a in args[1:]] or [0, 100, 500]
+        except ValueError:
+            sizes = [-1]
+        if min(sizes) < 0:
             print("decide: N, further members, must be whole numbers", file=sys.stderr)
             return 2
-        sizes = [int(a) for a in args[1:]] or [0, 100, 500]
         print("deciding one received report Bundle of 20 results (no storage), by the registry's size")
         print("  further members  members  qualifications  EQA results  ms per Bundle")
         for size, members, quals, eqa, ms in decide_time(sizes):

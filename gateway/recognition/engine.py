@@ -730,8 +730,7 @@ def _rule_physician(ctx: _Context) -> RuleResult:
                       f"on {day} (registered {periods})（主检医师在体检日未在该机构执业注册）", **info)
     assert physician is not None  # a staff id, or the registration's when named by 身份证号
     issuer = ctx.facts.issuer_uscc
-    if named is None and not any(q.member == issuer and q.physician_id == physician
-                                 for q in ctx.snapshot.qualifications):
+    if named is None and not any(q.physician_id == physician for q in ctx.snapshot.qualifications_held(issuer)):
         # neither a registered physician (多点执业) nor one of the issuer's own per-physician entries
         where = f"{ctx.issuer.name} ({issuer})" if ctx.issuer else issuer
         return _r(rid, FAILED, f"no physician is registered at {where} under staff id {physician} in registry "
@@ -790,8 +789,7 @@ def _rule_service_qualification(ctx: _Context) -> RuleResult:
         return _r(rid, NOT_EVALUABLE, f"the report date is unusable: {problem}", **info)
     if not f.qualification_number:
         return _r(rid, NOT_EVALUABLE, "the report names no qualification number", **info)
-    held = [q for q in ctx.snapshot.qualifications
-            if q.member == f.issuer_uscc and q.number == f.qualification_number]
+    held = [q for q in ctx.snapshot.qualifications_held(f.issuer_uscc) if q.number == f.qualification_number]
     if not held:
         return _r(rid, FAILED, f"the issuer holds no qualification numbered {f.qualification_number} in registry "
                   f"snapshot {ctx.snapshot.version}", **info)

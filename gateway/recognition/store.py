@@ -28,6 +28,7 @@ from gateway.identifiers import check_id_card, check_uscc
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.recognition.engine import NEEDS_REVIEW, NOT_RECOGNIZED, RECOGNIZED, Decision
 from gateway.recognition.overrides import RETEST_REASONS, Override
+from gateway.signing.canonical import holds_plain_json
 from gateway.store.db import Database, transaction
 from gateway.store.decisions import DecisionStore
 
@@ -82,6 +83,19 @@ def _aware(moment: _dt.datetime, label: str) -> str:
     return moment.isoformat()
 
 
+def _decision_text(decision: dict[str, Any]) -> str:
+    """The stored JSON of a decision: what ``json.dumps`` writes, as its readers (``json.loads``) read it back.
+
+    msgspec's encoder writes it when the decision holds only what the two agree on; anything else (a number read
+    from a Bundle as a Decimal, which ``json.dumps`` refuses, so that nothing is stored) takes ``json.dumps``.
+    """
+    try:
+        text = jsonutil.encode(decision)
+    except (TypeError, ValueError, OverflowError, RecursionError, UnicodeEncodeError):
+        return json.dumps(decision, ensure_ascii=False)
+    return text.decode("utf-8") if holds_plain_json(decision) else json.dumps(decision, ensure_ascii=False)
+
+
 def save_decisions(db: Database, decisions: Iterable[Decision], recorded_at: _dt.datetime) -> int:
     """Store decisions in one transaction; return how many were new (a replayed decision is kept once).
 
@@ -110,7 +124,7 @@ def save_decisions(db: Database, decisions: Iterable[Decision], recorded_at: _dt
             d.snapshot_digest,
             d.decided_at.astimezone(_dt.timezone.utc).isoformat(),
             when,
-            jsonutil.dumps(d.to_dict()),
+            _decision_text(d.to_dict()),
         ])
     with transaction(db):  # one statement for all of them where the engine allows it
         added = store.add_decisions(rows)

@@ -488,6 +488,22 @@ class Catalogue:
         return member.uscc in self.alliance_members
 
 
+def _member_of(entry: Any) -> Any:
+    return entry.member
+
+
+def _physician_of(qualification: Qualification) -> Any:
+    return qualification.physician_ref
+
+
+def _id_card_of(physician: Physician) -> Any:
+    return physician.id_card
+
+
+def _members_of(physician: Physician) -> list[Any]:
+    return [r.member for r in physician.practice]
+
+
 class Snapshot:
     """A parsed registry snapshot: the data every policy query and decision reads.
 
@@ -709,40 +725,49 @@ class Snapshot:
         """The member with this USCC, or None."""
         return self.members.get(uscc or "")
 
-    def _index(self, name: str, source: Any, key: Callable[[Any], Any], *,
-               keys: Callable[[Any], Iterable[Any]] | None = None) -> dict[Any, Any]:
-        """The values of ``source`` (a collection, or a dict's values) grouped by ``key`` (or by each of
-        ``keys``), each group in ``source``'s order, a value once per group, a key of None left out: kept under
-        ``name`` for as long as ``source`` is the collection the snapshot holds."""
+    def _index(self, name: str, source: Any, key: Callable[[Any], Any], *, several: bool = False
+               ) -> dict[Any, tuple[Any, ...]]:
+        """The values of ``source`` (a collection, or a dict's values) grouped by ``key``, each group in
+        ``source``'s order: kept under ``name`` for as long as ``source`` is the collection the snapshot holds.
+        ``several``: ``key`` gives each value's keys, and a value is in each of their groups once.
+
+        :raises TypeError: a key that cannot be looked up (not hashable).
+        """
         found = self._by.get(name)
         if found is not None and found[0] is source:
             return found[1]
         groups: dict[Any, list[Any]] = {}
         for value in (source.values() if isinstance(source, dict) else source):
-            for k in (keys(value) if keys is not None else (key(value),)):
-                if k is not None:
-                    group = groups.setdefault(k, [])
-                    if not group or group[-1] is not value:
-                        group.append(value)
+            if not several:
+                groups.setdefault(key(value), []).append(value)
+                continue
+            for k in dict.fromkeys(key(value)):
+                groups.setdefault(k, []).append(value)
         index = {k: tuple(v) for k, v in groups.items()}
-        self._by[name] = (source, index)
+        self._by[name] = (source, index)  # published whole: a thread meeting the snapshot meanwhile builds its own
         return index
+
+    def _where(self, name: str, source: Any, key: Callable[[Any], Any], wanted: Any, *,
+               several: bool = False) -> tuple[Any, ...]:
+        """The values of ``source`` whose ``key`` equals ``wanted`` (with ``several``: is among its keys), in
+        order: looked up, or searched for when a key is not hashable (the registry's own entries never are)."""
+        try:
+            return self._index(name, source, key, several=several).get(wanted, ())
+        except TypeError:
+            values = source.values() if isinstance(source, dict) else source
+            return tuple(v for v in values if (wanted in key(v) if several else key(v) == wanted))
 
     def qualifications_held(self, uscc: str) -> tuple[Qualification, ...]:
         """The qualifications listed for member ``uscc``, in snapshot order (looked up, not searched for)."""
-        held: tuple[Qualification, ...] = self._index("member", self.qualifications, lambda q: q.member).get(uscc, ())
-        return held
+        return self._where("member", self.qualifications, _member_of, uscc)
 
     def physician_qualifications(self, physician_id: str) -> tuple[Qualification, ...]:
         """The qualifications listed for the physician ``physicians[].id``, in snapshot order."""
-        held: tuple[Qualification, ...] = self._index("physician", self.qualifications,
-                                                      lambda q: q.physician_ref).get(physician_id, ())
-        return held
+        return self._where("physician", self.qualifications, _physician_of, physician_id)
 
     def eqa_of(self, uscc: str) -> tuple[EqaResult, ...]:
         """The EQA results of member ``uscc``, in snapshot order."""
-        results: tuple[EqaResult, ...] = self._index("eqa", self.eqa, lambda e: e.member).get(uscc, ())
-        return results
+        return self._where("eqa", self.eqa, _member_of, uscc)
 
     def catalogue_position(self, item: CatalogueItem) -> tuple[int, int]:
         """(the catalogue's position in the snapshot, the item's position in its catalogue)."""
@@ -785,7 +810,7 @@ class Snapshot:
         self, member: str, id_card: str, day: _dt.date
     ) -> tuple[Physician | None, PracticeRegistration | None]:
         """The physician with this 身份证号, and their registration at ``member`` covering ``day``."""
-        listed = self._index("id_card", self.physicians, lambda p: p.id_card).get(id_card)
+        listed = self._where("id_card", self.physicians, _id_card_of, id_card)
         physician = listed[0] if listed else None
         if physician is None:
             return None, None
@@ -795,9 +820,7 @@ class Snapshot:
         self, member: str, staff_id: str, day: _dt.date
     ) -> tuple[Physician | None, PracticeRegistration | None]:
         """The physician a member's staff id names (any period), and their registration there covering ``day``."""
-        registered = self._index("practice", self.physicians, lambda p: None,
-                                 keys=lambda p: [(r.member, r.staff_id) for r in p.practice])
-        for physician in registered.get((member, staff_id), ()):
+        for physician in self._where("practice", self.physicians, _members_of, member, several=True):
             registrations = physician.registrations_at(member, staff_id)
             if registrations:
                 return physician, next((r for r in registrations if r.period.covers(day)), None)

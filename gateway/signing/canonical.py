@@ -36,8 +36,8 @@ import rfc8785
 
 from gateway.errors import ParseError
 
-__all__ = ["canonicalize", "canonicalize_plain", "parse_json", "parse_received", "document_bytes", "dumps",
-           "DOCUMENT_EXCLUDED"]
+__all__ = ["canonicalize", "canonicalize_plain", "holds_plain_json", "parse_json", "parse_received", "document_bytes",
+           "dumps", "DOCUMENT_EXCLUDED"]
 
 #: Root Bundle members left out of the signed bytes (FHIR ``#document`` plus the signature itself).
 DOCUMENT_EXCLUDED = ("signature", "id", "meta")
@@ -220,6 +220,14 @@ def _encodes_as_jcs(obj: Any, *, decimals: bool = True) -> bool:
     except TypeError:  # a key that is not a string
         return False
     return keys.isascii() or _ASTRAL.search(keys) is None
+
+
+def holds_plain_json(obj: Any) -> bool:
+    """True when ``obj`` holds only what every JSON writer and reader agree on: dicts with string keys (none beyond
+    the Basic Multilingual Plane), lists, tuples, strings, booleans, ``None``, integers within ±(2**53-1) and
+    floats written alike by Python and ECMAScript; no Decimal, no subclass, no other type. ``obj`` must hold no
+    cycle (call it on what an encoder has written without error)."""
+    return _encodes_as_jcs(obj, decimals=False)
 
 
 # Sorted keys, no whitespace, raw UTF-8, JCS's escapes (the same table as ECMAScript's JSON.stringify);
