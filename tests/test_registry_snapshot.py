@@ -396,3 +396,47 @@ def test_every_registry_command_has_help() -> None:
         for param in command.params:
             if isinstance(param, __import__("click").Option):
                 assert param.help, f"{name} {param.name}"
+
+
+def test_certificate_lookups_equal_the_search_they_replace(demo: DemoRegistry) -> None:
+    """``is_listed`` and ``member_of_certificate`` look the certificate up by fingerprint (every verified signature
+    and every peer's TLS certificate asks); they answer what the search through every member answered, also for a
+    certificate no member lists and once the members are replaced."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.signing.keys import uscc_of
+
+    snap = demo.snapshot(NOW)
+
+    def fingerprint(cert: Any) -> str:
+        return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def listed_reference(cert: Any, at: dt.datetime) -> bool:
+        from gateway.registry.models import china_date
+
+        for member in snap.members.values():
+            for mc in member.certificates:
+                if mc.fingerprint == fingerprint(cert) and member.uscc == uscc_of(cert):
+                    return member.active_on(china_date(at)) and mc.valid_at(at)
+        return False
+
+    def member_reference(cert: Any) -> Any:
+        return next((m for m in snap.members.values()
+                     if any(mc.fingerprint == fingerprint(cert) for mc in m.certificates)), None)
+
+    stranger = make_authority(generate_private_key(), "12330000470051726F", "外省机构（演示）",
+                              NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=30))
+    certs = [*demo.member_certs.values(), demo.authority_cert, stranger]
+    assert len(demo.member_certs) >= 3
+    tongjiang = demo.member_certs[TONGJIANG]
+    assert snap.member_of_certificate(tongjiang).uscc == TONGJIANG and snap.is_listed(tongjiang, NOW)
+    for round_ in range(2):
+        if round_:
+            snap.members = {k: m for k, m in snap.members.items() if k != TONGJIANG}  # replaced: looked up anew
+            assert snap.member_of_certificate(tongjiang) is None and not snap.is_listed(tongjiang, NOW)
+        for cert in certs:
+            assert snap.member_of_certificate(cert) is member_reference(cert)
+            for at in (NOW - dt.timedelta(days=4000), NOW, NOW + dt.timedelta(days=400)):
+                assert snap.is_listed(cert, at) is listed_reference(cert, at)

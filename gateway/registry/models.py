@@ -500,6 +500,10 @@ def _id_card_of(physician: Physician) -> Any:
     return physician.id_card
 
 
+def _fingerprints_of(member: Member) -> list[str]:
+    return [mc.fingerprint for mc in member.certificates]
+
+
 def _members_of(physician: Physician) -> list[Any]:
     return [r.member for r in physician.practice]
 
@@ -889,7 +893,7 @@ class Snapshot:
         fingerprint = hashlib.sha256(cert.public_bytes(_DER)).hexdigest()
         day = china_date(at)
         named = uscc_of(cert)
-        for member in self.members.values():
+        for member in self._listing(fingerprint):
             for mc in member.certificates:
                 if mc.fingerprint == fingerprint and member.uscc == named:
                     return member.active_on(day) and mc.valid_at(at)
@@ -898,10 +902,15 @@ class Snapshot:
     def member_of_certificate(self, cert: x509.Certificate) -> Member | None:
         """The member a listed certificate belongs to, or None."""
         fingerprint = hashlib.sha256(cert.public_bytes(_DER)).hexdigest()
-        for member in self.members.values():
+        for member in self._listing(fingerprint):
             if any(mc.fingerprint == fingerprint for mc in member.certificates):
                 return member
         return None
+
+    def _listing(self, fingerprint: str) -> tuple[Member, ...]:
+        """The members that list a certificate with this SHA-256 fingerprint, in snapshot order (looked up: every
+        signature verified and every peer's TLS certificate asks)."""
+        return self._where("fingerprint", self.members, _fingerprints_of, fingerprint, several=True)
 
 
 def _aware(value: Any) -> _dt.datetime:
