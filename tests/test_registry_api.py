@@ -190,6 +190,27 @@ def test_recognize_refuses_malformed_json_and_bad_identifiers(app: Flask) -> Non
     assert "身份证号" in issue["diagnostics"] and "110105194912310021" not in issue["diagnostics"]
 
 
+@pytest.mark.parametrize("status, kind", [(7.10, "a number"), ({"code": "final"}, "an object"),
+                                          (True, "true or false")])
+def test_recognize_refuses_a_number_or_object_where_text_belongs(app: Flask, status: Any, kind: str) -> None:
+    """``$recognize`` runs no profile check: a result's status (a fact the decision quotes) that is not text is
+    refused (422) with the element named, before anything is decided; a huge integer (read as a Decimal) too."""
+    client = authed(app)
+    bad = bundle("bundle-lab-tongjiang.json")
+    observation = next(i for i, e in enumerate(bad["entry"]) if e["resource"]["resourceType"] == "Observation")
+    bad["entry"][observation]["resource"]["status"] = status
+    response = client.post("/fhir/$recognize", json=recognize_body(bad))
+    assert response.status_code == 422, response.get_data(as_text=True)
+    issue = response.get_json()["issue"][0]
+    assert issue["diagnostics"] == f"Bundle.entry[{observation}] status must be text, not {kind}"
+    assert issue["expression"] == [f"Bundle.entry[{observation}]"]
+    text = json.dumps(recognize_body(bad)).replace(json.dumps(status), "9" * 4400)
+    response = client.post("/fhir/$recognize", data=text, content_type="application/fhir+json")
+    assert response.status_code == 422 and "status must be text, not a number" in response.get_data(as_text=True)
+    good = client.post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json")))
+    assert good.status_code == 200
+
+
 def test_expired_snapshot_is_not_served(app: Flask, clock: Clock) -> None:
     clock.now = NOW + dt.timedelta(days=8)
     response = authed(app).get("/registry/fhir/Organization")

@@ -412,7 +412,43 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
         )
     if not out:
         raise InputError("the Bundle holds no Observation and no report conclusion to decide on", "Bundle.entry")
+    for facts in out:
+        _text_where_text_belongs(facts)
     return out
+
+
+# Where the facts read as text come from, after the result's own location (the rest are made by this module).
+_TEXT_FACTS = {
+    "bundle_id": "Bundle.id",
+    "text": "code.text (or a report's conclusion)",
+    "observation_status": "status",
+    "report_status": "status of its DiagnosticReport",
+    "collected": "collection.collectedDateTime of its Specimen",
+    "effective": "effectiveDateTime",
+    "report_effective": "effectiveDateTime of its DiagnosticReport",
+    "exam_type": "the exam-type extension of its DiagnosticReport",
+    "report_date": "the report-date extension of its DiagnosticReport",
+    "qualification_number": "the service-qualification extension of its DiagnosticReport",
+}
+
+
+def _text_where_text_belongs(facts: ResultFacts) -> None:
+    """Refuse a result whose facts read as text hold something else (a number, an object): a Bundle that no
+    profile check has seen (``$recognize``) may hold anything there, and a decision quoting it could not be kept.
+
+    :raises InputError: naming the element.
+    """
+    found: list[tuple[str, Any]] = [(_TEXT_FACTS[name], getattr(facts, name)) for name in _TEXT_FACTS]
+    found += [("code.coding.display", c.display) for c in facts.codings]
+    for factor in facts.hazard_factors:
+        found += [("the hazard-factor extension's factor.code", factor.code),
+                  ("the hazard-factor extension's factor.display", factor.name),
+                  ("the hazard-factor extension's category.code", factor.category)]
+    for where, value in found:
+        if value is not None and not isinstance(value, str):
+            kind = ("an object" if isinstance(value, Mapping) else "a list" if isinstance(value, list)
+                    else "true or false" if isinstance(value, bool) else "a number")
+            raise InputError(f"{where} must be text, not {kind}", facts.location)
 
 
 def _service_report_facts(
