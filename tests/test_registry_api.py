@@ -211,6 +211,43 @@ def test_recognize_refuses_a_number_or_object_where_text_belongs(app: Flask, sta
     assert good.status_code == 200
 
 
+def _set(path: str, value: Any) -> Any:
+    def change(body: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        target: Any = body
+        for step in parents:
+            target = target[int(step)] if step.isdigit() else target[step]
+        target[int(last) if last.isdigit() else last] = value
+    return change
+
+
+@pytest.mark.parametrize("name, change, expected", [
+    ("bundle-lab-tongjiang.json", _set("entry.4.resource.code.text", 12), "Bundle.entry[4] code.text"),
+    ("bundle-lab-tongjiang.json", _set("entry.4.resource.code.coding.0.display", {"zh": "白细胞"}),
+     "Bundle.entry[4] code.coding.display"),
+    ("bundle-lab-tongjiang.json", _set("entry.4.resource.effectiveDateTime", 2026),
+     "Bundle.entry[4] effectiveDateTime"),
+    ("bundle-lab-imaging-fuling.json", _set("entry.7.resource.conclusion", ["双肺", "未见异常"]),
+     "Bundle.entry[7].resource.conclusion code.text (or a report's conclusion) must be text, not a list"),
+    ("bundle-occupational-cdc.json", _set("entry.5.resource.extension.1.extension.0.valueCoding.code", 3),
+     "factor.code, of its DiagnosticReport must be text, not a number"),
+    ("bundle-occupational-cdc.json", _set("entry.5.resource.extension.1.extension.0.valueCoding", "粉尘"),
+     "Bundle.entry[3] holds, or a resource read with it holds, an element of another kind than FHIR's"),
+    ("bundle-lab-tongjiang.json", _set("entry.4.resource.code", "WBC"),
+     "Bundle.entry[4] holds, or a resource read with it holds, an element of another kind"),
+    ("bundle-lab-tongjiang.json", _set("entry", 5), "Bundle holds, or a resource read with it holds, an element"),
+])
+def test_recognize_names_an_element_of_the_wrong_kind(app: Flask, name: str, change: Any, expected: str) -> None:
+    """Text facts holding something else, and elements of another kind than FHIR's where the facts are read: an
+    OperationOutcome (422) naming the entry, never a 500."""
+    body = bundle(name)
+    change(body)
+    response = authed(app).post("/fhir/$recognize", json=recognize_body(body))
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.get_json()["resourceType"] == "OperationOutcome"
+    assert expected in response.get_json()["issue"][0]["diagnostics"]
+
+
 def test_expired_snapshot_is_not_served(app: Flask, clock: Clock) -> None:
     clock.now = NOW + dt.timedelta(days=8)
     response = authed(app).get("/registry/fhir/Organization")

@@ -167,7 +167,6 @@ def test_a_replaced_collection_is_indexed_anew() -> None:
     snap.catalogues = tuple(reversed(snap.catalogues))
     items = [it for c in snap.catalogues for it in c.items]
     codings = [Coding(it.system, it.code) for it in items]
-    snap._coding_index = None  # (the coding index is the snapshot's own, built once as before)
     assert catalogue_items_for(snap, codings) == _items_reference(snap, codings, None)
 
 

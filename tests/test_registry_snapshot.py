@@ -432,10 +432,23 @@ def test_certificate_lookups_equal_the_search_they_replace(demo: DemoRegistry) -
     assert len(demo.member_certs) >= 3
     tongjiang = demo.member_certs[TONGJIANG]
     assert snap.member_of_certificate(tongjiang).uscc == TONGJIANG and snap.is_listed(tongjiang, NOW)
-    for round_ in range(2):
-        if round_:
+    assert snap.certificates_for_kid(kid_of(tongjiang)) == [tongjiang]
+    import dataclasses
+
+    # 通江's certificate listed under 涪陵 too, 涪陵 first: the member of the certificate is the first listing it, and
+    # it is listed for the member it names (通江) only
+    fuling = snap.members[FULING]
+    shared = dataclasses.replace(fuling, certificates=(*fuling.certificates, *snap.members[TONGJIANG].certificates))
+    snap.members = {FULING: shared, **{k: m for k, m in snap.members.items() if k != FULING}}
+    assert snap.member_of_certificate(tongjiang) is shared and snap.is_listed(tongjiang, NOW)
+    assert not snap.is_listed(demo.member_certs[FULING], NOW - dt.timedelta(days=4000))
+    for round_ in range(3):
+        if round_ == 1:
+            snap.members = {k: snap.members[k] for k in reversed(snap.members)}  # another order: the last listing
+        if round_ == 2:
             snap.members = {k: m for k, m in snap.members.items() if k != TONGJIANG}  # replaced: looked up anew
-            assert snap.member_of_certificate(tongjiang) is None and not snap.is_listed(tongjiang, NOW)
+            assert snap.member_of_certificate(tongjiang) is shared and not snap.is_listed(tongjiang, NOW)
+            assert snap.certificates_for_kid(kid_of(tongjiang)) == [tongjiang]  # (listed by 涪陵 still)
         for cert in certs:
             assert snap.member_of_certificate(cert) is member_reference(cert)
             for at in (NOW - dt.timedelta(days=4000), NOW, NOW + dt.timedelta(days=400)):

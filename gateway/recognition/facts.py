@@ -314,11 +314,26 @@ def _interpreter_id_card(report: Mapping[str, Any]) -> str | None:
 def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
     """One :class:`ResultFacts` per Observation (Bundle order), then one per report conclusion.
 
+    A Bundle that no profile check has seen (``$recognize``, ``gateway recognize``) may hold any JSON anywhere: an
+    element whose value is of another kind than FHIR's (an object where text belongs, a number where a list
+    belongs) is refused, naming the entry being read.
+
     :raises ParseError: not a Bundle, or an entry without a resource.
     :raises IdentifierError: an issuer USCC or a patient 身份证号 fails its check.
+    :raises InputError: an element of the wrong kind.
     """
     if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
         raise ParseError("expected a FHIR Bundle", "Bundle")
+    reading = ["Bundle"]  # the entry being read, for the error
+    try:
+        return _facts(bundle, reading)
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise InputError("holds, or a resource read with it holds, an element of another kind than FHIR's (an "
+                         f"object, a list, a number or text where another belongs; {type(exc).__name__}): check the "
+                         "Bundle against the profiles with $validate", reading[0]) from None
+
+
+def _facts(bundle: Mapping[str, Any], reading: list[str]) -> list[ResultFacts]:
     index = _Index(bundle)
     bundle_id = bundle.get("id")
     signer = _signer(bundle, index)
@@ -331,6 +346,7 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
     report_of: dict[int, tuple[int, str, Mapping[str, Any]]] = {}
     replaced_by: dict[str, str] = {}
     for i, url, report in reports:
+        reading[0] = f"Bundle.entry[{i}]"
         for ref in report.get("result") or []:
             found = index.resolve(ref)
             if found is not None:
@@ -342,6 +358,7 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
 
     out: list[ResultFacts] = []
     for i, url, obs in index.of_type("Observation"):
+        reading[0] = f"Bundle.entry[{i}]"
         rep = report_of.get(i)
         report = rep[2] if rep else {}
         report_key = _ident_key((report.get("identifier") or [None])[0]) if report else None
@@ -387,8 +404,10 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
             )
         )
 
+    reading[0] = "Bundle"
     out += _service_report_facts(index, reports, bundle_id)
     for i, url, report in reports:
+        reading[0] = f"Bundle.entry[{i}]"
         if not (report.get("conclusion") or report.get("conclusionCode")):
             continue
         codings = tuple(c for concept in report.get("conclusionCode") or [] for c in _codings(concept))
@@ -419,7 +438,7 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
 
 # Where the facts read as text come from, after the result's own location (the rest are made by this module).
 _TEXT_FACTS = {
-    "bundle_id": "Bundle.id",
+    "bundle_id": "Bundle.identifier.value (or Bundle.id)",
     "text": "code.text (or a report's conclusion)",
     "observation_status": "status",
     "report_status": "status of its DiagnosticReport",
@@ -439,11 +458,11 @@ def _text_where_text_belongs(facts: ResultFacts) -> None:
     :raises InputError: naming the element.
     """
     found: list[tuple[str, Any]] = [(_TEXT_FACTS[name], getattr(facts, name)) for name in _TEXT_FACTS]
-    found += [("code.coding.display", c.display) for c in facts.codings]
+    found += [("code.coding.display (conclusionCode's, for a conclusion)", c.display) for c in facts.codings]
     for factor in facts.hazard_factors:
-        found += [("the hazard-factor extension's factor.code", factor.code),
-                  ("the hazard-factor extension's factor.display", factor.name),
-                  ("the hazard-factor extension's category.code", factor.category)]
+        found += [("the hazard-factor extension's factor.code, of its DiagnosticReport", factor.code),
+                  ("the hazard-factor extension's factor.display, of its DiagnosticReport", factor.name),
+                  ("the hazard-factor extension's category.code, of its DiagnosticReport", factor.category)]
     for where, value in found:
         if value is not None and not isinstance(value, str):
             kind = ("an object" if isinstance(value, Mapping) else "a list" if isinstance(value, list)

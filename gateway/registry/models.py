@@ -833,9 +833,10 @@ class Snapshot:
     def items_for_coding(self, coding: Coding) -> tuple[CatalogueItem, ...]:
         """Catalogue items (any catalogue, any date) that a coding names: by catalogue code, LOINC,
         or an issuer's local code (the local code system names its issuer)."""
-        if self._coding_index is None:
+        catalogues = self.catalogues
+        if self._coding_index is None or self._by.get("coding", (None,))[0] is not catalogues:
             index: dict[tuple[str, str], list[CatalogueItem]] = {}
-            for catalogue in self.catalogues:
+            for catalogue in catalogues:
                 for item in catalogue.items:
                     index.setdefault((item.system, item.code), []).append(item)
                     if item.item_class == "technical-service":  # the item's code is the report's service type
@@ -845,6 +846,7 @@ class Snapshot:
                     for issuer, code in sorted(item.local_codes):
                         index.setdefault((local_item_system(issuer), code), []).append(item)
             self._coding_index = {k: tuple(v) for k, v in index.items()}
+            self._by["coding"] = (catalogues, {})  # which catalogues the index was made from (made again if replaced)
         return self._coding_index.get((coding.system, coding.code), ())
 
     def supervising_authorities(self) -> dict[str, SupervisingAuthority]:
@@ -868,12 +870,14 @@ class Snapshot:
     # -- TrustSource ----------------------------------------------------------------------------
 
     def _kids(self) -> dict[str, list[tuple[Member, MemberCertificate]]]:
-        if self._kid_index is None:
+        members = self.members
+        if self._kid_index is None or self._by.get("kid", (None,))[0] is not members:
             index: dict[str, list[tuple[Member, MemberCertificate]]] = {}
-            for member in self.members.values():
+            for member in members.values():
                 for mc in member.certificates:
                     index.setdefault(kid_of(mc.certificate), []).append((member, mc))
             self._kid_index = index
+            self._by["kid"] = (members, {})  # which members the index was made from (made again if replaced)
         return self._kid_index
 
     def certificates_for_kid(self, kid: str) -> list[x509.Certificate]:
