@@ -236,6 +236,11 @@ def _set(path: str, value: Any) -> Any:
     ("bundle-lab-tongjiang.json", _set("entry.4.resource.code", "WBC"),
      "Bundle.entry[4] holds, or a resource read with it holds, an element of another kind"),
     ("bundle-lab-tongjiang.json", _set("entry", 5), "Bundle holds, or a resource read with it holds, an element"),
+    # identifiers a decision keeps (the patient's, the report's): a number or an object is not stored as text
+    ("bundle-lab-tongjiang.json", _set("entry.1.resource.identifier.0.value", {"x": [1, 2]}),
+     "Bundle.entry[4] holds, or a resource read with it holds, an element of another kind"),
+    ("bundle-lab-tongjiang.json", _set("entry.9.resource.identifier.0.value", 4.5),
+     "Bundle.entry[4] holds, or a resource read with it holds, an element of another kind"),
 ])
 def test_recognize_names_an_element_of_the_wrong_kind(app: Flask, name: str, change: Any, expected: str) -> None:
     """Text facts holding something else, and elements of another kind than FHIR's where the facts are read: an

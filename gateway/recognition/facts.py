@@ -112,13 +112,23 @@ class ResultFacts:
         return "?"
 
 
+def _text(value: Any) -> str:
+    """``value``, which FHIR has as text; anything else is refused by :func:`facts_from_bundle` (naming the entry).
+
+    :raises TypeError: not text.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"text expected, not {type(value).__name__}")
+    return value
+
+
 def _codings(concept: Any) -> tuple[Coding, ...]:
     if not isinstance(concept, Mapping):
         return ()
     out = []
     for c in concept.get("coding") or []:
         if isinstance(c, Mapping) and c.get("system") and c.get("code"):
-            out.append(Coding(str(c["system"]), str(c["code"]), c.get("display")))
+            out.append(Coding(_text(c["system"]), _text(c["code"]), c.get("display")))
     return tuple(out)
 
 
@@ -129,7 +139,7 @@ def _ext(resource: Mapping[str, Any], url: str) -> list[Mapping[str, Any]]:
 def _ident_key(identifier: Any) -> str | None:
     if not isinstance(identifier, Mapping) or not identifier.get("value"):
         return None
-    return f"{identifier.get('system', '')}|{identifier['value']}"
+    return f"{_text(identifier.get('system', ''))}|{_text(identifier['value'])}"
 
 
 class _Index:
@@ -142,7 +152,7 @@ class _Index:
             if not isinstance(entry, Mapping) or not isinstance(entry.get("resource"), Mapping):
                 raise ParseError("every Bundle entry needs a resource", f"Bundle.entry[{i}]")
             resource = entry["resource"]
-            full_url = str(entry.get("fullUrl") or f"{resource.get('resourceType')}/{resource.get('id')}")
+            full_url = _text(entry.get("fullUrl") or f"{resource.get('resourceType')}/{resource.get('id')}")
             self.entries.append((i, full_url, resource))
             self.by_ref[full_url] = (i, resource)
             if resource.get("id"):
@@ -173,7 +183,7 @@ def _issuer(index: _Index, *holders: Mapping[str, Any]) -> str | None:
             for k, ident in enumerate(org.get("identifier") or []):
                 if isinstance(ident, Mapping) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
                     try:
-                        return check_uscc(str(ident["value"]))
+                        return check_uscc(_text(ident["value"]))
                     except IdentifierError as exc:
                         raise IdentifierError(
                             exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value"
@@ -200,7 +210,7 @@ def _org_uscc(index: _Index, reference: Any, location: str) -> str | None:
     for k, ident in enumerate(idents if isinstance(idents, list) else []):
         if isinstance(ident, Mapping) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
             try:
-                return check_uscc(str(ident["value"]))
+                return check_uscc(_text(ident["value"]))
             except IdentifierError as exc:
                 where = f"{location}[{k}].value" if found is not None else f"{location}.value"
                 raise IdentifierError(exc.message, where) from None
@@ -253,11 +263,11 @@ def _patient(index: _Index, resource: Mapping[str, Any]) -> tuple[str, str] | No
             continue
         if ident.get("system") == SYSTEM_ID_CARD:
             try:
-                return SYSTEM_ID_CARD, check_id_card(str(ident["value"]))
+                return SYSTEM_ID_CARD, check_id_card(_text(ident["value"]))
             except IdentifierError as exc:
                 raise IdentifierError(exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value") from None
         if first is None:
-            first = (str(ident.get("system", "")), str(ident["value"]))
+            first = (_text(ident.get("system", "")), _text(ident["value"]))
     return first
 
 
@@ -299,7 +309,7 @@ def _interpreter(report: Mapping[str, Any]) -> str | None:
     for ref in report.get("resultsInterpreter") or []:
         ident = ref.get("identifier") if isinstance(ref, Mapping) else None
         if isinstance(ident, Mapping) and ident.get("value") and ident.get("system", SYSTEM_STAFF) == SYSTEM_STAFF:
-            return str(ident["value"])
+            return _text(ident["value"])
     return None
 
 
@@ -307,7 +317,7 @@ def _interpreter_id_card(report: Mapping[str, Any]) -> str | None:
     for ref in report.get("resultsInterpreter") or []:
         ident = ref.get("identifier") if isinstance(ref, Mapping) else None
         if isinstance(ident, Mapping) and ident.get("value") and ident.get("system") == SYSTEM_ID_CARD:
-            return str(ident["value"]).strip().upper()
+            return _text(ident["value"]).strip().upper()
     return None
 
 
@@ -390,7 +400,7 @@ def _facts(bundle: Mapping[str, Any], reading: list[str]) -> list[ResultFacts]:
                 collected=collection.get("collectedDateTime"),
                 effective=obs.get("effectiveDateTime"),
                 report_effective=report.get("effectiveDateTime") if report else None,
-                marks=tuple(str(e["valueString"]) for e in _ext(obs, EXT_RECOGNITION_MARK) if e.get("valueString")),
+                marks=tuple(_text(e["valueString"]) for e in _ext(obs, EXT_RECOGNITION_MARK) if e.get("valueString")),
                 exam_type=(
                     next((e.get("valueCoding", {}).get("code") for e in _ext(report, EXT_EXAM_TYPE)), None)
                     if report
@@ -495,10 +505,10 @@ def _service_report_facts(
                 report_status=report.get("status"),
                 report_class="technical-service",
                 report_effective=period.get("start") if isinstance(period, Mapping) else None,
-                report_date=next((str(e["valueDate"]) for e in _ext(report, EXT_REPORT_DATE) if e.get("valueDate")),
+                report_date=next((_text(e["valueDate"]) for e in _ext(report, EXT_REPORT_DATE) if e.get("valueDate")),
                                  None),
                 qualification_number=(
-                    str(qualification["value"])
+                    _text(qualification["value"])
                     if isinstance(qualification, Mapping) and qualification.get("value")
                     else None
                 ),
