@@ -553,11 +553,10 @@ class Snapshot:
         self.document: dict[str, Any] = dict(document or {})
         #: Registry authority certificates that verified this snapshot (set by ``verify_snapshot``).
         self.authority_certificates: tuple[x509.Certificate, ...] = tuple(authority_certificates)
-        self._kid_index: dict[str, list[tuple[Member, MemberCertificate]]] | None = None
-        self._coding_index: dict[tuple[str, str], tuple[CatalogueItem, ...]] | None = None
         self._digest: str | None = None
-        # lookups by member (and the like) that every decision makes, built on first use from the collection
-        # they index and built again should that collection be replaced: {name: (collection, index)}
+        # lookups that decisions and signature checks make (by member, by kid, by coding...), built on first use
+        # from the collection they index and built again should that collection be replaced (:meth:`_made`):
+        # {name: (collection, index)}
         self._by: dict[str, tuple[Any, dict[Any, Any]]] = {}
 
     # -- construction -------------------------------------------------------------------------
@@ -729,27 +728,35 @@ class Snapshot:
         """The member with this USCC, or None."""
         return self.members.get(uscc or "")
 
-    def _index(self, name: str, source: Any, key: Callable[[Any], Any], *, several: bool = False
-               ) -> dict[Any, tuple[Any, ...]]:
-        """The values of ``source`` (a collection, or a dict's values) grouped by ``key``, each group in
-        ``source``'s order: kept under ``name`` for as long as ``source`` is the collection the snapshot holds.
-        ``several``: ``key`` gives each value's keys, and a value is in each of their groups once.
-
-        :raises TypeError: a key that cannot be looked up (not hashable).
-        """
+    def _made(self, name: str, source: Any, build: Callable[[], dict[Any, Any]]) -> dict[Any, Any]:
+        """The index ``build`` makes from ``source``, kept under ``name`` for as long as ``source`` is the collection
+        the snapshot holds (made again if it is replaced)."""
         found = self._by.get(name)
         if found is not None and found[0] is source:
             return found[1]
-        groups: dict[Any, list[Any]] = {}
-        for value in (source.values() if isinstance(source, dict) else source):
-            if not several:
-                groups.setdefault(key(value), []).append(value)
-                continue
-            for k in dict.fromkeys(key(value)):
-                groups.setdefault(k, []).append(value)
-        index = {k: tuple(v) for k, v in groups.items()}
+        index = build()
         self._by[name] = (source, index)  # published whole: a thread meeting the snapshot meanwhile builds its own
         return index
+
+    def _index(self, name: str, source: Any, key: Callable[[Any], Any], *, several: bool = False
+               ) -> dict[Any, tuple[Any, ...]]:
+        """The values of ``source`` (a collection, or a dict's values) grouped by ``key``, each group in
+        ``source``'s order (:meth:`_made` under ``name``). ``several``: ``key`` gives each value's keys, and a
+        value is in each of their groups once.
+
+        :raises TypeError: a key that cannot be looked up (not hashable).
+        """
+        def build() -> dict[Any, Any]:
+            groups: dict[Any, list[Any]] = {}
+            for value in (source.values() if isinstance(source, dict) else source):
+                if not several:
+                    groups.setdefault(key(value), []).append(value)
+                    continue
+                for k in dict.fromkeys(key(value)):
+                    groups.setdefault(k, []).append(value)
+            return {k: tuple(v) for k, v in groups.items()}
+
+        return self._made(name, source, build)
 
     def _where(self, name: str, source: Any, key: Callable[[Any], Any], wanted: Any, *,
                several: bool = False) -> tuple[Any, ...]:
@@ -776,13 +783,13 @@ class Snapshot:
     def catalogue_position(self, item: CatalogueItem) -> tuple[int, int]:
         """(the catalogue's position in the snapshot, the item's position in its catalogue)."""
         catalogues = self.catalogues
-        found = self._by.get("position")
-        if found is None or found[0] is not catalogues:
+
+        def build() -> dict[Any, Any]:
             order = {c.id: i for i, c in enumerate(catalogues)}
             within = {(c.id, it.code): j for c in catalogues for j, it in enumerate(c.items)}
-            positions = {key: (order[key[0]], j) for key, j in within.items()}
-            found = self._by["position"] = (catalogues, positions)
-        position: tuple[int, int] = found[1][(item.catalogue_id, item.code)]
+            return {key: (order[key[0]], j) for key, j in within.items()}
+
+        position: tuple[int, int] = self._made("position", catalogues, build)[(item.catalogue_id, item.code)]
         return position
 
     def levels_of(self, uscc: str) -> tuple[LevelFact, ...]:
@@ -834,7 +841,8 @@ class Snapshot:
         """Catalogue items (any catalogue, any date) that a coding names: by catalogue code, LOINC,
         or an issuer's local code (the local code system names its issuer)."""
         catalogues = self.catalogues
-        if self._coding_index is None or self._by.get("coding", (None,))[0] is not catalogues:
+
+        def build() -> dict[Any, Any]:
             index: dict[tuple[str, str], list[CatalogueItem]] = {}
             for catalogue in catalogues:
                 for item in catalogue.items:
@@ -845,9 +853,10 @@ class Snapshot:
                         index.setdefault((SYSTEM_LOINC, loinc), []).append(item)
                     for issuer, code in sorted(item.local_codes):
                         index.setdefault((local_item_system(issuer), code), []).append(item)
-            self._coding_index = {k: tuple(v) for k, v in index.items()}
-            self._by["coding"] = (catalogues, {})  # which catalogues the index was made from (made again if replaced)
-        return self._coding_index.get((coding.system, coding.code), ())
+            return {k: tuple(v) for k, v in index.items()}
+
+        items: tuple[CatalogueItem, ...] = self._made("coding", catalogues, build).get((coding.system, coding.code), ())
+        return items
 
     def supervising_authorities(self) -> dict[str, SupervisingAuthority]:
         """The authorities that approve or file members, by USCC (``authorities`` of the snapshot)."""
@@ -871,14 +880,15 @@ class Snapshot:
 
     def _kids(self) -> dict[str, list[tuple[Member, MemberCertificate]]]:
         members = self.members
-        if self._kid_index is None or self._by.get("kid", (None,))[0] is not members:
+
+        def build() -> dict[Any, Any]:
             index: dict[str, list[tuple[Member, MemberCertificate]]] = {}
             for member in members.values():
                 for mc in member.certificates:
                     index.setdefault(kid_of(mc.certificate), []).append((member, mc))
-            self._kid_index = index
-            self._by["kid"] = (members, {})  # which members the index was made from (made again if replaced)
-        return self._kid_index
+            return index
+
+        return self._made("kid", members, build)
 
     def certificates_for_kid(self, kid: str) -> list[x509.Certificate]:
         """Every listed member certificate whose kid is ``kid`` (kids are short: several may match)."""
