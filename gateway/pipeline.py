@@ -43,12 +43,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from gateway import jsonutil, metrics
+import gateway.adapters.hl7v2 as hl7v2_module
+import gateway.adapters.labcsv as labcsv_module
+import gateway.fhir.bundle as bundle_module
+import gateway.fhir.occupational as occupational_module
+import gateway.mapping.concepts as concepts_module
+from gateway import jsonutil, metrics, native
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.adapters.cda import CDAAdapter, answer_code
 from gateway.adapters.cda import explain_issues as explain_cda
-from gateway.adapters.hl7v2 import HL7v2Adapter, ack_code_for, build_ack, explain_issues
-from gateway.adapters.labcsv import LabCSVAdapter
+from gateway.adapters.hl7v2 import ack_code_for, build_ack, explain_issues
 from gateway.config import Settings
 from gateway.errors import (
     GatewayError,
@@ -61,7 +65,6 @@ from gateway.errors import (
     shown,
 )
 from gateway.fhir.bundle import build_bundle, entries_of
-from gateway.fhir.occupational import ExamTerminology, build_exam_bundle, map_exam
 from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.parties import Issuer
 from gateway.mapping.concepts import Terminology, map_message
@@ -128,6 +131,11 @@ class Outcome:
         return [i for i in self.issues if i.severity == "error"]
 
 
+#: The stages a channel's compiled twins do (gateway.native): a unit they fail in is worked again by the plain
+#: modules; a failure in any later stage (check, sign, answer) is the unit's own, as without the twins.
+_TWIN_STAGES = frozenset({Stage.PARSE, Stage.MAP, Stage.BUILD})
+
+
 @dataclass
 class Channel:
     """How one input format is read, mapped, built and answered."""
@@ -143,6 +151,9 @@ class Channel:
     receipt: Callable[[SourceMessage, str], tuple[str, bytes]] | None = None
     #: (message, Bundle, profile problems) -> the problems as the sender's own format names them (HL7 fields)
     explain: Callable[[SourceMessage, dict[str, Any], list[Issue]], list[Issue]] | None = None
+    #: the same reading, mapping and building by the compiled twins of their modules (gateway.native), tried
+    #: first by Pipeline._work; a unit they fail on is worked again by this channel's own
+    fast: Channel | None = None
 
 
 @dataclass
@@ -253,10 +264,17 @@ class Pipeline:
 
     def _hl7v2_channel(self) -> Channel:
         structure = self.mappings.structure("hl7v2-oru-r01")
-        adapter = HL7v2Adapter(structure, default_offset=self.settings.timezone,
-                               max_message_bytes=self.settings.max_message_bytes,
-                               senders=self.mappings.structures.get("hl7v2-senders"))
-        terms = Terminology.for_structure(self.mappings, structure)
+
+        def parts(hl7: Any, concepts: Any, bundles: Any) -> tuple[Any, Any, Any]:
+            """(adapter, map, build) made of these modules: the plain ones, or their compiled twins."""
+            adapter = hl7.HL7v2Adapter(structure, default_offset=self.settings.timezone,
+                                       max_message_bytes=self.settings.max_message_bytes,
+                                       senders=self.mappings.structures.get("hl7v2-senders"))
+            terms = concepts.Terminology.for_structure(self.mappings, structure)
+            return (adapter, lambda msg: concepts.map_message(msg, terms, self.issuer.uscc),
+                    lambda msg: bundles.build_bundle(msg, self.issuer))
+
+        adapter, map_hl7, build = parts(hl7v2_module, concepts_module, bundle_module)
         fields = self.mappings.structures.get("hl7v2-fhir-fields", {})
 
         def answer(msg: SourceMessage, code: str, note: str | None = None) -> bytes:
@@ -273,15 +291,23 @@ class Pipeline:
             code = "CA" if msg.header.get("accept_ack_type") else "AA"
             return code, answer(msg, code, note)
 
+        fast = None
+        if native.compiled():
+            fast_adapter, fast_map, fast_build = parts(native.load("gateway.adapters.hl7v2"),
+                                                       native.load("gateway.mapping.concepts"),
+                                                       native.load("gateway.fhir.bundle"))
+            fast = Channel(format="hl7v2", adapter=fast_adapter, map=fast_map, build=fast_build, answer=answer,
+                           code_for=ack_code_for)
         return Channel(
             format="hl7v2",
             adapter=adapter,
-            map=lambda msg: map_message(msg, terms, self.issuer.uscc),
-            build=lambda msg: build_bundle(msg, self.issuer),
+            map=map_hl7,
+            build=build,
             answer=answer,
             code_for=ack_code_for,
             receipt=receipt,
             explain=lambda msg, bundle, found: explain_issues(msg, bundle, found, fields),
+            fast=fast,
         )
 
     def _cda_channel(self) -> Channel:
@@ -329,30 +355,46 @@ class Pipeline:
         from gateway.mapping.hazards import check_radiation_conclusion
 
         layouts = [s for s in self.mappings.structures.values() if s.get("format") == "cdc-csv"]
-        terms = {str(layout["id"]): Terminology.for_structure(self.mappings, layout) for layout in layouts}
-        exam_terms = {str(layout["id"]): ExamTerminology.for_structure(self.mappings, layout) for layout in layouts}
-        # factor names that hold a separator (磷化氢、磷化锌、磷化铝) are never cut apart in a cell
-        adapter = LabCSVAdapter(layouts, default_offset=self.settings.timezone,
-                                max_exam_bytes=self.settings.max_message_bytes,
-                                factor_names=[n for t in exam_terms.values() for n in t.hazard_factors.names()])
 
-        def map_csv(msg: SourceMessage) -> None:
-            layout = msg.extra.get("layout", "")
-            if layout not in terms:
-                return  # refused while reading (no layout matched the header)
-            _located(msg, lambda: map_message(msg, terms[layout], self.issuer.uscc))
-            map_exam(msg, exam_terms[layout])
-            check_radiation_conclusion(msg)
+        def parts(csv: Any, concepts: Any, exams: Any) -> tuple[Any, Any, Any]:
+            """(adapter, map, build) made of these modules: the plain ones, or their compiled twins."""
+            terms = {str(layout["id"]): concepts.Terminology.for_structure(self.mappings, layout)
+                     for layout in layouts}
+            exam_terms = {str(layout["id"]): exams.ExamTerminology.for_structure(self.mappings, layout)
+                          for layout in layouts}
+            # factor names that hold a separator (磷化氢、磷化锌、磷化铝) are never cut apart in a cell
+            adapter = csv.LabCSVAdapter(layouts, default_offset=self.settings.timezone,
+                                        max_exam_bytes=self.settings.max_message_bytes,
+                                        factor_names=[n for t in exam_terms.values() for n in t.hazard_factors.names()])
 
+            def map_csv(msg: SourceMessage) -> None:
+                layout = msg.extra.get("layout", "")
+                if layout not in terms:
+                    return  # refused while reading (no layout matched the header)
+                _located(msg, lambda: concepts.map_message(msg, terms[layout], self.issuer.uscc))
+                exams.map_exam(msg, exam_terms[layout])
+                check_radiation_conclusion(msg)
+
+            return adapter, map_csv, lambda msg: exams.build_exam_bundle(msg, self.issuer)
+
+        adapter, map_csv, build = parts(labcsv_module, concepts_module, occupational_module)
+        fast = None
+        if native.compiled():
+            fast_adapter, fast_map, fast_build = parts(native.load("gateway.adapters.labcsv"),
+                                                       native.load("gateway.mapping.concepts"),
+                                                       native.load("gateway.fhir.occupational"))
+            fast = Channel(format="cdc-csv", adapter=fast_adapter, map=fast_map, build=fast_build,
+                           answer=_outcome_answer, code_for=ack_code_for, answer_type="application/fhir+json")
         return Channel(
             format="cdc-csv",
             adapter=adapter,
             map=map_csv,
-            build=lambda msg: build_exam_bundle(msg, self.issuer),
+            build=build,
             answer=_outcome_answer,
             code_for=ack_code_for,
             answer_type="application/fhir+json",
             explain=adapter.explain,  # profile problems as the exam's row and column
+            fast=fast,
         )
 
     def _service_report_channel(self) -> Channel:
@@ -1018,23 +1060,38 @@ class Pipeline:
 
     def _work(self, ch: Channel, unit: RawUnit, record_id: int | None) -> Outcome:
         """Read, filter, map, build, check and sign one unit, and make its answer; writes nothing (see
-        :meth:`_record`). Never raises: a failure in any stage is the unit's own ``failed`` outcome."""
+        :meth:`_record`). Never raises: a failure in any stage is the unit's own ``failed`` outcome.
+
+        With the compiled twins built (:mod:`gateway.native`), they read, map and build the unit first; should
+        they fail on it in any way, the channel's own modules work it again from its raw input, and theirs is
+        the unit's outcome: the twins are faster, never different."""
+        if ch.fast is not None:
+            outcome = self._work_on(ch, ch.fast, unit, record_id)
+            if outcome is not None:
+                return outcome
+        outcome = self._work_on(ch, ch, unit, record_id)
+        assert outcome is not None
+        return outcome
+
+    def _work_on(self, ch: Channel, parts: Channel, unit: RawUnit, record_id: int | None) -> Outcome | None:
+        """:meth:`_work` with ``parts``' reading, mapping and building (``ch``'s own or its twins'); with the
+        twins, None instead of a failed outcome."""
         msg: SourceMessage | None = None
         stage = Stage.PARSE
         watch = metrics.Stopwatch()
         try:
-            msg = ch.adapter.read(unit)
+            msg = parts.adapter.read(unit)
             watch.lap(Stage.PARSE)
             outcome = Outcome(Status.REFUSED, msg.label(), message=msg)
             if msg.filtered:
                 outcome.status, outcome.filtered_reason = Status.FILTERED, msg.filtered
             elif not msg.errors:
                 stage = Stage.MAP
-                ch.map(msg)
+                parts.map(msg)
                 watch.lap(Stage.MAP)
                 if not msg.errors:
                     stage = Stage.BUILD
-                    bundle = ch.build(msg)
+                    bundle = parts.build(msg)
                     watch.lap(Stage.BUILD)
                     stage = Stage.CHECK
                     if self.checker is not None:
@@ -1055,6 +1112,11 @@ class Pipeline:
             outcome.issues = list(msg.issues)
             outcome.ack_code = ch.code_for(msg)
         except Exception as exc:  # a bug must not lose the message or reach the sender as a stack trace
+            if parts is not ch and stage in _TWIN_STAGES:
+                native.fallbacks[(ch.format, stage.value)] += 1
+                log.debug("the compiled twins failed on unit %s (%s stage, %s); it is worked again by the plain "
+                          "modules", unit.index, stage.value, type(exc).__name__)
+                return None
             _log_internal(stage, ch, unit.index, record_id, exc)
             outcome = self._failed(ch, msg, stage)
         outcome.record_id = record_id

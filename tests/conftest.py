@@ -71,6 +71,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
 
 
+@pytest.fixture(autouse=True)
+def _twins_never_step_aside(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test's inputs: the compiled twins (gateway.native), when built, read, map and build each unit the
+    plain modules would without once handing one back to them, unless the test says it makes them fail."""
+    from gateway import native
+
+    before = dict(native.fallbacks)
+    yield
+    if request.node.get_closest_marker("twin_fallbacks") is None:
+        assert dict(native.fallbacks) == before, f"the compiled twins stepped aside: {native.fallbacks}"
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         choice = metafunc.config.getoption("backend")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bench.context import BenchContext
-from gateway.bench.measure import NotAvailable, StageResult
+from gateway.bench.measure import NotAvailable, StageResult, settled
 from gateway.bench.stages import STAGES, _timed, stage
 
 __all__ = ["baseline_stage", "mllp_stage", "mllp_queued_stage", "http_stage", "csv_stage", "inbound_stage",
@@ -109,7 +109,7 @@ def csv_stage(ctx: BenchContext) -> StageResult:
     done_rows = 0
     deadline = time.monotonic() + ctx.options.cap_s * 3
     clock = time.perf_counter_ns
-    with open(path, "rb") as stream:
+    with settled(), open(path, "rb") as stream:
         outcomes = pipeline.convert(stream, "cdc-csv", path.name)
         cpu0, t0 = time.process_time(), clock()
         while True:

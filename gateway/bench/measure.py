@@ -6,6 +6,12 @@ run as the throughput. CPU time (:func:`time.process_time`) is taken beside
 wall time: "per core" figures are items per second of one busy core, and the
 ratio of CPU to wall time shows how much of a stage waited on I/O.
 
+Every timed loop runs :func:`settled`: what the stage made before it (its pipeline, mapping
+tables, profiles, registry, inputs) is collected and frozen first, as each process of
+``gateway serve`` freezes what it made at start (:func:`gateway.serve.settle_collector`), so
+the collector's full passes go through the objects the work makes, not the stage's setup nor
+what earlier stages of the run left. The baseline is timed the same way.
+
 Memory is measured in a separate, short pass with :mod:`tracemalloc` (which
 slows Python code down several times, so it never runs while timing): the
 peak of memory allocated by the stage above what was held before it. The
@@ -19,11 +25,12 @@ import resource
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["StageResult", "NotAvailable", "percentile", "time_items", "traced_peak", "peak_rss_kib"]
+__all__ = ["StageResult", "NotAvailable", "percentile", "settled", "time_items", "traced_peak", "peak_rss_kib"]
 
 
 class NotAvailable(Exception):
@@ -113,6 +120,19 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+@contextmanager
+def settled() -> Iterator[None]:
+    """Inside: what this process holds now is left out of garbage collection (collected, then frozen); after,
+    it is collected again as before (unfrozen). ``gateway serve``'s parts do the same once they have started
+    (:func:`gateway.serve.settle_collector`); a timed loop inside measures the work as they run it."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def time_items(result: StageResult, fn: Callable[[Any], Any], items: Sequence[Any],

@@ -57,7 +57,19 @@ def versions() -> dict[str, str]:
 
     out["gateway"] = __version__
     out["gateway_commit"] = _commit()
+    out["compiled"] = _compiled()
     return out
+
+
+def _compiled() -> str:
+    """Whether the compiled twins of the hottest modules run (gateway.native), and if not, why."""
+    from gateway import native
+
+    status = native.status()
+    if native.compiled():
+        return f"compiled twins of {len(status)} modules (mypyc)"
+    reasons = sorted(set(status.values()) - {"compiled", "not used (another twin is not current)"})
+    return "plain Python (" + "; ".join(reasons or ["not built"]) + ")"
 
 
 def _commit() -> str:
@@ -198,6 +210,7 @@ class BenchReport:
             f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB, {m['os']}",
             f"versions: Python {v['python']}, SQLite {v['sqlite']}, gateway {v['gateway']} ({v['gateway_commit']}), "
             + ", ".join(f"{k} {v[k]}" for k in _SHOWN),
+            f"hot modules: {v.get('compiled', '-')}",
             "",
         ]
         header = (f"{'stage':<13}{'items':>8} {'unit':<7}{'per s/core':>11}{'obs/s/core':>11}{'median ms':>10}"

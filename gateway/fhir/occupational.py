@@ -198,10 +198,10 @@ def occupational_report(report: ReportFacts, *, issuer: Issuer, subject: dict[st
         extensions.append({"url": ext_url("occupation"), "valueString": extra["occupation"]})
     if extra.get("employer"):
         emp = extra["employer"]
-        value = dict(ref(employer)) if employer is not None else {}
+        reference = dict(ref(employer)) if employer is not None else {}
         if emp.get("name"):
-            value["display"] = emp["name"]
-        extensions.append({"url": ext_url("employer"), "valueReference": value})
+            reference["display"] = emp["name"]
+        extensions.append({"url": ext_url("employer"), "valueReference": reference})
     dr: dict[str, Any] = {"resourceType": "DiagnosticReport", "id": base["id"],
                           "meta": {"profile": [sd_url("cyhr-occupational-exam-report")]}}
     if extensions or base.get("extension"):

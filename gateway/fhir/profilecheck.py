@@ -35,8 +35,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.fhir.profiles import (
-    _CODED, _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _MAX_DEPTH, _MISSING, _OBSERVATION_VALUES,
-    _PLAIN, _RESOURCE, _SCALAR, _SD, _SEEN_LONGEST, _SEEN_MAX, NoDiscriminatorValue, _Binding, _Constraint, _declares,
+    _ANY_STRING, _CODED, _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _MAX_DEPTH, _MISSING,
+    _OBSERVATION_VALUES, _PLAIN, _RESOURCE, _SCALAR, _SD, _SEEN_LONGEST, _SEEN_MAX, NoDiscriminatorValue, _Binding,
+    _Constraint, _declares,
     _evaluate_fhirpath, _native_a_report, _native_entries_profiled, _native_entries_urn_uuid,
     _native_id_card_birth_date, _native_id_card_check_digit, _native_miplrn_characters, _native_one_patient,
     _native_references_resolve, _native_reports_profiled, _native_uscc, _native_value_or_reason, _Node,
@@ -58,14 +59,6 @@ _REFERENCES_SEEN: set[str] = set()  # the same, for Reference.reference (a strin
 _NUMBERS = frozenset({Decimal, int, float})  # what a JSON number is parsed as: a valid decimal, any of them
 
 
-class _AnyString(frozenset[str]):
-    """Holds every string: a resource's resourceType, which the base walk passes over."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
-_ANY_STRING = _AnyString()
 _MAX_DECLARATIONS = 1024  # distinct (type, meta.profile, profiles asked for) remembered
 
 # One element of a shape: (kind, array, type code, strings seen well formed, extensions, reference, integer low)

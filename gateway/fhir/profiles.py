@@ -52,11 +52,14 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway.errors import ConfigError, Issue, ProfileViolation, shown
 from gateway.identifiers import id_card_check_char, uscc_check_char
 from gateway.naming import IG_BASE, IG_VERSION
+
+if TYPE_CHECKING:
+    from gateway.fhir.profilecheck import CleanCheck
 
 __all__ = [
     "FHIR_VERSION",
@@ -856,6 +859,17 @@ NATIVE_CHECKS: dict[str, Callable[[Any], bool]] = {
 # ------------------------------------------------------------------ the guide
 
 
+class _AnyString(frozenset[str]):
+    """Holds every string: a resource's resourceType, which the clean check's base walk passes over (here, not in
+    gateway.fhir.profilecheck, which may be compiled: a compiled module cannot subclass a built-in type)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY_STRING = _AnyString()
+
+
 class NoDiscriminatorValue(Exception):
     """A slice whose discriminator path leads to no fixed or pattern value (the guide refuses such a profile)."""
 
@@ -923,9 +937,9 @@ class Guide:
             if res["resourceType"] == "StructureDefinition":
                 profile = self._compile_profile(res)
                 (self._extensions if res["type"] == "Extension" else self._profiles)[url] = profile
-        from gateway.fhir.profilecheck import CleanCheck  # (it builds on this module)
+        from gateway.native import load  # (the clean check builds on this module; compiled when built)
 
-        self._clean = CleanCheck(self)
+        self._clean: CleanCheck = load("gateway.fhir.profilecheck").CleanCheck(self)
 
     # -------------------------------------------------------------- look-up
 

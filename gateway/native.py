@@ -1,0 +1,124 @@
+"""Compiled twins of the gateway's hottest pure-Python modules, used when they were built and are current.
+
+At install (``pip install .``, ``pip install -e .``), ``setup.py`` copies each module named in
+:data:`NATIVE` to ``gateway/_native/`` (a twin's imports of the other modules of the list are
+pointed at their twins), stamped with the SHA-256 of its source, and compiles the copies to C
+extensions with mypyc (part of mypy, a build requirement) when a C compiler is there. Where it
+cannot (no compiler, ``GATEWAY_NATIVE_BUILD=0``), the install goes on and the modules run as plain
+Python: the twins are a speed-up, never a dependency.
+
+A twin is the same source compiled, so it gives what its module gives; what mypyc adds is a check,
+at run time, that values have the types the source declares, which raises ``TypeError`` where the
+plain module would have gone on. So a twin only ever works where a failure sends the work to the
+plain module, which then decides:
+
+- the clean check (:mod:`gateway.fhir.profilecheck`): "not clean" on any exception hands the
+  resource to the full validation;
+- reading, mapping and building a unit of HL7 v2 or CDC CSV (the adapters, the terminology
+  mapping and the Bundle builders): a unit the twins fail on is worked again, from its raw input,
+  by the plain modules (:meth:`gateway.pipeline.Pipeline._work`), whose outcome is the unit's.
+
+``tests/test_native.py`` holds the twins equal to their modules on the test corpus.
+
+:func:`load` gives the twin of a module when every twin imports and was compiled from the very
+source beside its module (they call each other, so one edited since the install — which then runs
+as it is, with one warning — turns them all off), or when ``GATEWAY_NATIVE=0``; otherwise the
+module itself. ``gateway bench`` prints which run compiled (:func:`status`).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import importlib
+import importlib.machinery
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["NATIVE", "load", "compiled", "status", "twin_name", "source_digest", "enabled", "fallbacks"]
+
+log = logging.getLogger(__name__)
+
+#: Modules compiled at install when a compiler is there (``setup.py`` reads this list).
+NATIVE: tuple[str, ...] = (
+    "gateway.fhir.profilecheck",
+    "gateway.adapters.hl7v2",
+    "gateway.adapters.labcsv",
+    "gateway.mapping.concepts",
+    "gateway.fhir.report",
+    "gateway.fhir.bundle",
+    "gateway.fhir.occupational",
+)
+
+_OFF = ("0", "false", "no", "off")
+
+#: Units the twins failed on, worked again by the plain modules, by (format, stage), in this process (zero on
+#: every sample and generated input of the test suite; tests/test_native.py).
+fallbacks: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def twin_name(module: str) -> str:
+    """``gateway.fhir.profilecheck`` -> ``gateway._native.profilecheck``."""
+    return "gateway._native." + module.rsplit(".", 1)[1]
+
+
+def source_digest(path: str | Path) -> str:
+    """SHA-256 hex of a source file's bytes, as ``setup.py`` stamps it on the copy it compiles."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def enabled() -> bool:
+    """False when ``GATEWAY_NATIVE`` turns the compiled twins off (0, false, no, off)."""
+    return os.environ.get("GATEWAY_NATIVE", "").strip().lower() not in _OFF
+
+
+def _twin(name: str, module: ModuleType) -> tuple[ModuleType | None, str]:
+    """(the compiled twin of ``module``, "compiled"), or (None, why not)."""
+    if not enabled():
+        return None, "off (GATEWAY_NATIVE)"
+    try:
+        twin = importlib.import_module(twin_name(name))
+    except ImportError:
+        return None, "not built"
+    if not str(twin.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        return None, "not built"  # the stamped copy is there, its compilation is not
+    source = getattr(module, "__file__", None)
+    if source is None or getattr(twin, "SOURCE_DIGEST", None) != source_digest(source):
+        return None, "stale (the source changed since the install: pip install -e . compiles it again)"
+    return twin, "compiled"
+
+
+@functools.cache
+def _twins() -> tuple[dict[str, ModuleType], dict[str, str]]:
+    """({module: its twin} when every twin is current, else {}; {module: "compiled" or why not})."""
+    found: dict[str, ModuleType] = {}
+    why: dict[str, str] = {}
+    for name in NATIVE:
+        twin, why[name] = _twin(name, importlib.import_module(name))
+        if twin is not None:
+            found[name] = twin
+    stale = [name for name, text in why.items() if text.startswith("stale")]
+    if stale:
+        log.warning("%s run as plain Python: the compiled twin of %s is %s", ", ".join(NATIVE), ", ".join(stale),
+                    why[stale[0]])
+    if len(found) != len(NATIVE):
+        return {}, {name: (text if text != "compiled" else "not used (another twin is not current)")
+                    for name, text in why.items()}
+    return found, why
+
+
+def load(name: str) -> ModuleType:
+    """The compiled twin of module ``name`` (one of :data:`NATIVE`) when every twin is current, else the module."""
+    return _twins()[0].get(name) or importlib.import_module(name)
+
+
+def compiled() -> bool:
+    """Whether the twins are in use."""
+    return bool(_twins()[0])
+
+
+def status() -> dict[str, str]:
+    """Each module of :data:`NATIVE`: "compiled", or why it runs as plain Python."""
+    return dict(_twins()[1])
