@@ -16,7 +16,10 @@ plain module, which then decides:
   resource to the full validation;
 - reading, mapping and building a unit of HL7 v2 or CDC CSV (the adapters, the terminology
   mapping and the Bundle builders): a unit the twins fail on is worked again, from its raw input,
-  by the plain modules (:meth:`gateway.pipeline.Pipeline._work`), whose outcome is the unit's.
+  by the plain modules (:meth:`gateway.pipeline.Pipeline._work`), whose outcome is the unit's;
+- the walks over whole documents of :mod:`gateway.walks` (does an encoder's text need vouching for
+  RFC 8785, a Bundle's references as stored): pure functions, the plain one answering whenever the
+  twin raises.
 
 ``tests/test_native.py`` holds the twins equal to their modules on the test corpus.
 
@@ -50,6 +53,7 @@ NATIVE: tuple[str, ...] = (
     "gateway.fhir.report",
     "gateway.fhir.bundle",
     "gateway.fhir.occupational",
+    "gateway.walks",
 )
 
 _OFF = ("0", "false", "no", "off")

@@ -16,6 +16,7 @@ must find them built.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import importlib
 import os
@@ -353,3 +354,95 @@ def test_setup_reads_the_list_of_modules_it_compiles() -> None:
             exec(compile(ast.Module([node], type_ignores=[]), "setup.py", "exec"), namespace)
     assert namespace["_native_modules"]() == native.NATIVE
     assert namespace["_twin"]("gateway.fhir.report") == native.twin_name("gateway.fhir.report")
+
+
+# ------------------------------------------------------------------ the walks over whole documents
+
+
+class _Text(str):
+    pass
+
+
+class _Object(dict):  # type: ignore[type-arg]
+    pass
+
+
+_ODD = [_Text("x"), _Object(a=1), (1, "a"), {1: "a"}, {None: 1}, {"a": {2.5: 1}}, {"😀": 1, "\ue000": 2}, 2 ** 60,
+        5.0, 1e-7, float("nan"), b"bytes", {1, 2}, True, None, [[[[[]]]]], {"reference": _Text("urn:uuid:1")},
+        {"reference": 7}, {"reference": ["urn:uuid:1"]}, [{"reference": "urn:uuid:1"}, _Object(reference="urn:uuid:1")]]
+
+
+def _walk_documents() -> Iterator[Any]:
+    from test_signing_fastpath import _document
+
+    rng = random.Random(21)
+    for n in range(3000):
+        yield _document(rng, n)
+    yield from _ODD
+    for _ in range(300):  # odd values tucked inside ordinary ones
+        doc = _document(rng, 2)
+        yield {"resourceType": "Bundle", "entry": [doc, rng.choice(_ODD)], "x": {"y": rng.choice(_ODD)}}
+
+
+@needs_twins
+def test_the_jcs_walk_twin_answers_as_the_plain_one() -> None:
+    from gateway import walks
+
+    twin, guarded = native.load("gateway.walks"), walks.fast("encodes_as_jcs")
+    assert twin is not walks
+    answered = 0
+    for doc in _walk_documents():
+        for decimals in (True, False):
+            want = walks.encodes_as_jcs(doc, decimals)
+            assert guarded(doc, decimals) is want
+            try:
+                got = twin.encodes_as_jcs(doc, decimals)
+            except Exception:  # noqa: BLE001 - the guard's business: the plain one answered above
+                continue
+            assert got is want, doc
+            answered += 1
+    assert answered >= 6000
+
+
+@needs_twins
+def test_the_reference_rewriting_twin_answers_as_the_plain_one(tmp_path: Path) -> None:
+    from gateway import walks
+
+    twin, guarded = native.load("gateway.walks"), walks.fast("rewrite_refs")
+    pipeline = _pipeline(tmp_path, "12511921MB0001003C")
+    bundles = [o.bundle for _, data in _hl7_inputs() for o in pipeline.convert(data, "hl7v2", "x") if o.bundle]
+    assert len(bundles) >= 20
+    rng = random.Random(22)
+    docs: list[tuple[Any, dict[str, str]]] = []
+    for bundle in bundles:
+        local = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle["entry"]}
+        docs += [(e["resource"], local) for e in bundle["entry"]]
+        docs.append((bundle, local))
+    docs += [(doc, {"urn:uuid:1": "Patient/1"}) for doc in _walk_documents()]
+    docs += [({"a": rng.choice(_ODD), "reference": "urn:uuid:1"}, {"urn:uuid:1": "Patient/1"}) for _ in range(50)]
+    for doc, local in docs:
+        before = copy.deepcopy(doc)
+        want = walks.rewrite_refs(doc, local)
+        got = twin.rewrite_refs(doc, local)
+        assert (got is want or got == want) and type(got) is type(want)  # (NaN: the same object, unequal)
+        assert got is doc if want is doc else got is not doc  # what is unchanged is shared, not copied
+        guarded_got = guarded(doc, local)
+        assert guarded_got is want or guarded_got == want
+        assert doc is before or doc == before  # copy on write: the input is left as it was
+    assert sum(1 for doc, local in docs if walks.rewrite_refs(doc, local) is not doc) >= 300
+
+
+@pytest.mark.twin_fallbacks
+def test_a_walk_whose_twin_raises_is_answered_by_the_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import walks
+
+    class Twin:
+        @staticmethod
+        def encodes_as_jcs(obj: Any, decimals: bool = True) -> bool:
+            raise TypeError("dict object expected; got list")
+
+    monkeypatch.setattr(native, "load", lambda name: Twin)
+    guarded = walks.fast("encodes_as_jcs")
+    assert guarded({"a": [1, "b"]}, True) is True and guarded({"a": 2 ** 60}, True) is False
+    monkeypatch.setattr(native, "load", lambda name: walks)  # no twins in use: the plain function itself
+    assert walks.fast("encodes_as_jcs") is walks.encodes_as_jcs

@@ -23,12 +23,12 @@ significant digits of a FHIR decimal.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from itertools import chain
 from typing import Any
 
 import msgspec
@@ -46,7 +46,6 @@ DOCUMENT_EXCLUDED = ("signature", "id", "meta")
 # JavaScript verifier) sees the nearest double, and so must we.
 _SAFE_INTEGER = 2**53 - 1
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 def canonicalize(obj: Any) -> bytes:
@@ -114,10 +113,6 @@ def _jcs_number(value: Any) -> int | float:
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                             check_circular=False, default=_jcs_number)
 
-# Leaves the C encoder writes as JCS does whatever their value (Decimals pass through _jcs_number).
-_PLAIN_LEAVES = frozenset((str, bool, type(None), Decimal))
-_PLAIN_LEAVES_NO_DECIMAL = frozenset((str, bool, type(None)))
-
 
 # Sorted keys, no whitespace, raw UTF-8, JCS's escapes; a Decimal through _jcs_number (the double it denotes, or
 # _Slow). It refuses keys that are not strings, string subclasses and cycles; NaN, which it would write as null, and
@@ -176,50 +171,16 @@ def _fast_canonical(obj: Any) -> bytes | None:
 
 
 def _encodes_as_jcs(obj: Any, *, decimals: bool = True) -> bool:
-    """True when the text an encoder (the C encoder or msgspec's) wrote for ``obj`` without error is RFC 8785's.
+    """True when the text an encoder (the C encoder or msgspec's) wrote for ``obj`` without error is RFC 8785's:
+    :func:`gateway.walks.encodes_as_jcs` (compiled when built). Call it only after an encoder has written ``obj``."""
+    return bool(_jcs_walk()(obj, decimals))
 
-    The encoder accepts a few things JCS writes differently or refuses, all of them
-    found here: an int, float, bool or None key (written as a string, where RFC 8785
-    refuses the document); a key beyond the Basic Multilingual Plane (sorted by code
-    point, RFC 8785 sorts by UTF-16 code units); an int beyond ±(2**53-1) (JCS writes
-    the nearest double); a float that is integral (``5.0``, JCS writes ``5``) or whose
-    repr has an exponent (``1e-07``, JCS writes ``1e-7``). Other floats Python writes
-    digit for digit as JCS does. Only plain dicts, lists, tuples, strings, booleans,
-    ``None``, ints, floats and Decimals pass as values, so that subclasses, which the
-    encoder may read otherwise than rfc8785 does, take the slower path; keys need only
-    be strings, as on the copying path.
 
-    Call it only after an encoder has written ``obj``: that proves there is no cycle
-    (so this walk ends), and with the C encoder every Decimal passed :func:`_jcs_number`.
-    ``decimals=False`` (msgspec's text, which writes a Decimal as it holds it) refuses
-    every Decimal. Keys are only gathered during the walk and checked at once.
-    """
-    dicts: list[dict[Any, Any]] = []
-    stack = [obj]
-    leaves = _PLAIN_LEAVES if decimals else _PLAIN_LEAVES_NO_DECIMAL
-    while stack:
-        value = stack.pop()
-        kind = type(value)
-        if kind in leaves:
-            continue
-        if kind is dict:
-            dicts.append(value)
-            stack.extend(value.values())
-        elif kind is list or kind is tuple:
-            stack.extend(value)
-        elif kind is int:
-            if not -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
-                return False
-        elif kind is float:
-            if not math.isfinite(value) or value.is_integer() or "e" in repr(value):
-                return False
-        else:
-            return False
-    try:
-        keys = "".join(chain.from_iterable(dicts))  # iterating a dict gives its keys
-    except TypeError:  # a key that is not a string
-        return False
-    return keys.isascii() or _ASTRAL.search(keys) is None
+@functools.cache
+def _jcs_walk() -> Callable[..., Any]:
+    from gateway import walks  # (on first use: the compiled twins import modules that import this one)
+
+    return walks.fast("encodes_as_jcs")
 
 
 def holds_plain_json(obj: Any) -> bool:

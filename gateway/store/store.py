@@ -21,6 +21,7 @@ resources on either and reads the names of one parameter, not every resource.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import os
@@ -1510,34 +1511,13 @@ def _same_content(old_json: str, new: dict[str, Any]) -> bool:
 
 
 def _rewrite_refs(obj: Any, local: dict[str, str]) -> Any:
-    """Replace in-Bundle ``urn:uuid:`` references by ``Type/id`` for storage.
+    """Replace in-Bundle ``urn:uuid:`` references by ``Type/id`` for storage, copy on write:
+    :func:`gateway.walks.rewrite_refs` (compiled when built)."""
+    return _refs_walk()(obj, local)
 
-    Copy on write: ``obj`` is never changed; parts without such a reference are
-    shared with it rather than copied (the stored form is serialised at once and
-    never modified).
-    """
-    if isinstance(obj, dict):
-        out: dict[str, Any] | None = None
-        for key, value in obj.items():
-            if isinstance(value, (dict, list)):
-                new = _rewrite_refs(value, local)
-            elif key == "reference" and isinstance(value, str) and value in local:
-                new = local[value]
-            else:
-                continue
-            if new is not value:
-                if out is None:
-                    out = dict(obj)
-                out[key] = new
-        return obj if out is None else out
-    if isinstance(obj, list):
-        items: list[Any] | None = None
-        for i, value in enumerate(obj):
-            if isinstance(value, (dict, list)):
-                new = _rewrite_refs(value, local)
-                if new is not value:
-                    if items is None:
-                        items = list(obj)
-                    items[i] = new
-        return obj if items is None else items
-    return obj
+
+@functools.cache
+def _refs_walk() -> Callable[..., Any]:
+    from gateway import walks
+
+    return walks.fast("rewrite_refs")
