@@ -1,9 +1,11 @@
 """Build: the package as setup.cfg declares it, plus compiled twins of its hottest modules when possible.
 
-Each module named in ``gateway.native.NATIVE`` is copied to ``gateway/_native/`` with the SHA-256 of its
-source stamped on it, and the copies are compiled to C extensions with mypyc (from mypy, a build
-requirement in pyproject.toml). No C compiler, a mypyc failure or ``GATEWAY_NATIVE_BUILD=0``: the
-install goes on without them and the gateway runs those modules as plain Python (gateway/native.py).
+Each module named in ``gateway.native.NATIVE`` is copied to ``gateway/_native/`` (the copies import each other)
+and the copies are compiled to C extensions with mypyc (from mypy, a build requirement in pyproject.toml).
+``gateway/_native/__init__.py`` lists the SHA-256 of every source the twins were made from, or type-checked
+against: the twinned modules and the gateway modules they import. A twin whose sources changed since is not used
+(gateway/native.py). No C compiler, a mypyc failure, a read-only tree or ``GATEWAY_NATIVE_BUILD=0``: the
+install goes on without them, and the gateway runs those modules as plain Python.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import ast
 import hashlib
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+#: The commands that build what is installed (setup.py runs for metadata and requirements too: no compiling then).
+_BUILDING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
 def _native_modules() -> tuple[str, ...]:
@@ -33,6 +38,23 @@ def _twin(name: str) -> str:
     return "gateway._native." + name.rsplit(".", 1)[1]
 
 
+def _source(name: str) -> Path:
+    return ROOT / (name.replace(".", "/") + ".py")
+
+
+def _imported(name: str) -> set[str]:
+    """The gateway modules module ``name`` imports (any depth of its code, not theirs)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(_source(name).read_bytes())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gateway") and not node.level:
+            for alias in node.names:  # ``from gateway import native``: a module; ``from gateway.x import y``: x
+                whole = f"{node.module}.{alias.name}"
+                found.add(whole if _source(whole).is_file() else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("gateway")}
+    return {m for m in found if _source(m).is_file() or (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+
+
 def _note(text: str) -> None:
     print(f"cyhr-gateway: {text}", file=sys.stderr)
 
@@ -41,30 +63,43 @@ def _native_extensions() -> list:
     if os.environ.get("GATEWAY_NATIVE_BUILD", "").strip().lower() in ("0", "false", "no", "off"):
         _note("compiled modules not built (GATEWAY_NATIVE_BUILD); they run as plain Python")
         return []
-    out = ROOT / "gateway" / "_native"
-    out.mkdir(exist_ok=True)
-    (out / "__init__.py").write_text('"""Compiled twins of gateway modules, written by setup.py (see '
-                                     'gateway/native.py); not kept in git."""\n', encoding="utf-8")
-    paths = []
-    names = _native_modules()
-    for name in names:
-        source = (ROOT / (name.replace(".", "/") + ".py")).read_bytes()
-        stamp = f'\n\nSOURCE_DIGEST = "{hashlib.sha256(source).hexdigest()}"  # of its module, by setup.py\n'
-        # the twins import each other (compiled code calling compiled code); everything else stays the module's own
-        text = source.decode("utf-8")
-        for other in names:
-            text = re.sub(rf"^(\s*from ){re.escape(other)}( import )", rf"\g<1>{_twin(other)}\g<2>", text, flags=re.M)
-        copy = out / (name.rsplit(".", 1)[1] + ".py")
-        copy.write_bytes(text.encode("utf-8") + stamp.encode("ascii"))
-        paths.append(copy.relative_to(ROOT).as_posix())
-    if not paths:
+    if not _BUILDING & set(sys.argv[1:]):
         return []
+    out = ROOT / "gateway" / "_native"
     try:
+        shutil.rmtree(out, ignore_errors=True)  # what an earlier build left (another list, an older source) goes
+        out.mkdir()
+        names = _native_modules()
+        sources = sorted(set(names) | {m for name in names for m in _imported(name)})
+        manifest = {}
+        for module in sources:
+            path = _source(module) if _source(module).is_file() else ROOT / module.replace(".", "/") / "__init__.py"
+            manifest[path.relative_to(ROOT).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (out / "__init__.py").write_text(
+            '"""Compiled twins of gateway modules, written by setup.py (see gateway/native.py); not kept in git."""'
+            f"\n\n#: SHA-256 of every source the twins were made from or checked against\nSOURCES = {manifest!r}\n",
+            encoding="utf-8")
+        paths = []
+        for name in names:
+            text = _source(name).read_text(encoding="utf-8")
+            for other in names:  # the twins import each other (compiled code calling compiled code)
+                text = re.sub(rf"^(\s*from ){re.escape(other)}( import )", rf"\g<1>{_twin(other)}\g<2>", text,
+                              flags=re.M)
+            copy = out / (name.rsplit(".", 1)[1] + ".py")
+            copy.write_text(text, encoding="utf-8")
+            paths.append(copy.relative_to(ROOT).as_posix())
+        # Checked as the build sees them: the gateway's own dependencies are not installed in pip's build
+        # environment (their names are Any), so the strict settings of setup.cfg would only report that.
+        config = ROOT / "build" / "mypyc.ini"
+        config.parent.mkdir(exist_ok=True)
+        config.write_text("[mypy]\npython_version = 3.11\nignore_missing_imports = True\n", encoding="utf-8")
         from mypyc.build import mypycify
 
-        extensions = mypycify(["--ignore-missing-imports", *paths], opt_level="3", group_name="gateway._native.twins")
-    except BaseException as exc:  # noqa: BLE001 - mypy missing or refusing: the plain modules do the work
+        extensions = mypycify(["--config-file", str(config), *paths], opt_level="3",
+                              group_name="gateway._native.twins")
+    except (Exception, SystemExit) as exc:  # mypy missing or refusing, a read-only tree: the plain modules work
         _note(f"compiled modules not built ({type(exc).__name__}: {exc}); they run as plain Python")
+        shutil.rmtree(out, ignore_errors=True)
         return []
     for extension in extensions:
         extension.optional = True  # no C compiler: the install goes on without them

@@ -107,18 +107,30 @@ def _stage(name: str) -> Any:
 
 
 class Stopwatch:
-    """Times the stages of one message: each :meth:`lap` records the time since the previous one."""
+    """Times the stages of one message: each :meth:`lap` records the time since the previous one.
 
-    __slots__ = ("last",)
+    ``held``: the laps are kept until :meth:`record` (an attempt that may be given up, and then never counts)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("last", "held")
+
+    def __init__(self, held: bool = False) -> None:
         self.last = time.perf_counter()
+        self.held: list[tuple[str, float]] | None = [] if held else None
 
     def lap(self, stage: Any) -> None:
         """Record the stage just finished (a :class:`gateway.pipeline.Stage` or its name)."""
         now = time.perf_counter()
-        _stage(getattr(stage, "value", stage)).observe(now - self.last)
+        if self.held is None:
+            _stage(getattr(stage, "value", stage)).observe(now - self.last)
+        else:
+            self.held.append((getattr(stage, "value", stage), now - self.last))
         self.last = now
+
+    def record(self) -> None:
+        """Record the laps held so far (from now on, each as it is made)."""
+        for stage, seconds in self.held or ():
+            _stage(stage).observe(seconds)
+        self.held = None
 
 
 def delivery_attempt(destination: str, result: str) -> None:

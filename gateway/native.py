@@ -2,31 +2,34 @@
 
 At install (``pip install .``, ``pip install -e .``), ``setup.py`` copies each module named in
 :data:`NATIVE` to ``gateway/_native/`` (a twin's imports of the other modules of the list are
-pointed at their twins), stamped with the SHA-256 of its source, and compiles the copies to C
-extensions with mypyc (part of mypy, a build requirement) when a C compiler is there. Where it
-cannot (no compiler, ``GATEWAY_NATIVE_BUILD=0``), the install goes on and the modules run as plain
-Python: the twins are a speed-up, never a dependency.
+pointed at their twins) and compiles the copies to C extensions with mypyc (part of mypy, a build
+requirement) when a C compiler is there; ``gateway/_native/__init__.py`` lists the SHA-256 of every
+source they were made from or type-checked against (the twinned modules and the gateway modules
+they import). Where it cannot (no compiler, ``GATEWAY_NATIVE_BUILD=0``), the install goes on and
+the modules run as plain Python: the twins are a speed-up, never a dependency.
 
 A twin is the same source compiled, so it gives what its module gives; what mypyc adds is a check,
 at run time, that values have the types the source declares, which raises ``TypeError`` where the
-plain module would have gone on. So a twin only ever works where a failure sends the work to the
-plain module, which then decides:
+plain module would have gone on (a twin that would catch such an error itself lets it through:
+``_TWIN`` in :mod:`gateway.adapters.hl7v2`). So a twin only works where a failure sends the work to
+the plain module, which then decides:
 
 - the clean check (:mod:`gateway.fhir.profilecheck`): "not clean" on any exception hands the
-  resource to the full validation;
+  resource to the full validation, and a guide the twin cannot compile is checked by the plain one;
 - reading, mapping and building a unit of HL7 v2 or CDC CSV (the adapters, the terminology
   mapping and the Bundle builders): a unit the twins fail on is worked again, from its raw input,
-  by the plain modules (:meth:`gateway.pipeline.Pipeline._work`), whose outcome is the unit's;
+  by the plain modules (:meth:`gateway.pipeline.Pipeline._work`), whose outcome is the unit's
+  (:data:`fallbacks` counts them; the first of each kind is logged as a warning);
 - the walks over whole documents of :mod:`gateway.walks` (does an encoder's text need vouching for
   RFC 8785, a Bundle's references as stored): pure functions, the plain one answering whenever the
   twin raises.
 
-``tests/test_native.py`` holds the twins equal to their modules on the test corpus.
+``tests/test_native.py`` holds the twins equal to their modules on the test corpus and mutations of it.
 
-:func:`load` gives the twin of a module when every twin imports and was compiled from the very
-source beside its module (they call each other, so one edited since the install — which then runs
-as it is, with one warning — turns them all off), or when ``GATEWAY_NATIVE=0``; otherwise the
-module itself. ``gateway bench`` prints which run compiled (:func:`status`).
+:func:`load` gives the twin of a module when every twin is built and none of their sources changed
+since (they call each other: one edited since the install — which then runs as it is, with one
+warning — turns them all off until ``pip install -e .`` compiles them again), and not
+``GATEWAY_NATIVE=0``; otherwise the module itself. ``gateway bench`` prints which run (:func:`status`).
 """
 from __future__ import annotations
 
@@ -78,8 +81,9 @@ def enabled() -> bool:
     return os.environ.get("GATEWAY_NATIVE", "").strip().lower() not in _OFF
 
 
-def _twin(name: str, module: ModuleType) -> tuple[ModuleType | None, str]:
-    """(the compiled twin of ``module``, "compiled"), or (None, why not)."""
+def _twin(name: str) -> tuple[ModuleType | None, str]:
+    """(the compiled twin of module ``name``, "compiled"), or (None, why not); whether its sources are current is
+    :func:`_stale`'s business."""
     if not enabled():
         return None, "off (GATEWAY_NATIVE)"
     try:
@@ -87,30 +91,47 @@ def _twin(name: str, module: ModuleType) -> tuple[ModuleType | None, str]:
     except ImportError:
         return None, "not built"
     if not str(twin.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-        return None, "not built"  # the stamped copy is there, its compilation is not
-    source = getattr(module, "__file__", None)
-    if source is None or getattr(twin, "SOURCE_DIGEST", None) != source_digest(source):
-        return None, "stale (the source changed since the install: pip install -e . compiles it again)"
+        return None, "not built"  # the copy is there, its compilation is not
     return twin, "compiled"
+
+
+def _stale() -> list[str]:
+    """The sources the twins were made from or type-checked against (``gateway/_native/__init__.py``, written by
+    setup.py) that changed since, or are gone."""
+    try:
+        sources: dict[str, str] = importlib.import_module("gateway._native").SOURCES
+    except (ImportError, AttributeError):
+        return ["gateway/_native/__init__.py"]
+    root = Path(__file__).resolve().parent.parent
+    changed = []
+    for path, digest in sources.items():
+        try:
+            if source_digest(root / path) != digest:
+                changed.append(path)
+        except OSError:
+            changed.append(path)
+    return changed
 
 
 @functools.cache
 def _twins() -> tuple[dict[str, ModuleType], dict[str, str]]:
-    """({module: its twin} when every twin is current, else {}; {module: "compiled" or why not})."""
+    """({module: its twin} when every twin is built and current, else {}; {module: "compiled" or why not})."""
     found: dict[str, ModuleType] = {}
     why: dict[str, str] = {}
     for name in NATIVE:
-        twin, why[name] = _twin(name, importlib.import_module(name))
+        twin, why[name] = _twin(name)
         if twin is not None:
             found[name] = twin
-    stale = [name for name, text in why.items() if text.startswith("stale")]
-    if stale:
-        log.warning("%s run as plain Python: the compiled twin of %s is %s", ", ".join(NATIVE), ", ".join(stale),
-                    why[stale[0]])
-    if len(found) != len(NATIVE):
-        return {}, {name: (text if text != "compiled" else "not used (another twin is not current)")
-                    for name, text in why.items()}
-    return found, why
+    if len(found) == len(NATIVE):
+        changed = _stale()
+        if changed:
+            note = (f"stale ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since the "
+                    "install: pip install -e . compiles them again)")
+            log.warning("the compiled twins of %d modules are not used: %s", len(NATIVE), note)
+            return {}, {name: note for name in NATIVE}
+        return found, why
+    return {}, {name: (text if text != "compiled" else "not used (another twin is not built)")
+                for name, text in why.items()}
 
 
 def load(name: str) -> ModuleType:

@@ -152,7 +152,8 @@ class Channel:
     #: (message, Bundle, profile problems) -> the problems as the sender's own format names them (HL7 fields)
     explain: Callable[[SourceMessage, dict[str, Any], list[Issue]], list[Issue]] | None = None
     #: the same reading, mapping and building by the compiled twins of their modules (gateway.native), tried
-    #: first by Pipeline._work; a unit they fail on is worked again by this channel's own
+    #: first by Pipeline._work; a unit they fail on is worked again by this channel's own. (Code that replaces
+    #: this channel's adapter, map or build replaces them here too, or sets this to None.)
     fast: Channel | None = None
 
 
@@ -291,13 +292,9 @@ class Pipeline:
             code = "CA" if msg.header.get("accept_ack_type") else "AA"
             return code, answer(msg, code, note)
 
-        fast = None
-        if native.compiled():
-            fast_adapter, fast_map, fast_build = parts(native.load("gateway.adapters.hl7v2"),
-                                                       native.load("gateway.mapping.concepts"),
-                                                       native.load("gateway.fhir.bundle"))
-            fast = Channel(format="hl7v2", adapter=fast_adapter, map=fast_map, build=fast_build, answer=answer,
-                           code_for=ack_code_for)
+        fast = _twin_channel("hl7v2", lambda: Channel(
+            "hl7v2", *parts(native.load("gateway.adapters.hl7v2"), native.load("gateway.mapping.concepts"),
+                            native.load("gateway.fhir.bundle")), answer=answer, code_for=ack_code_for))
         return Channel(
             format="hl7v2",
             adapter=adapter,
@@ -378,13 +375,10 @@ class Pipeline:
             return adapter, map_csv, lambda msg: exams.build_exam_bundle(msg, self.issuer)
 
         adapter, map_csv, build = parts(labcsv_module, concepts_module, occupational_module)
-        fast = None
-        if native.compiled():
-            fast_adapter, fast_map, fast_build = parts(native.load("gateway.adapters.labcsv"),
-                                                       native.load("gateway.mapping.concepts"),
-                                                       native.load("gateway.fhir.occupational"))
-            fast = Channel(format="cdc-csv", adapter=fast_adapter, map=fast_map, build=fast_build,
-                           answer=_outcome_answer, code_for=ack_code_for, answer_type="application/fhir+json")
+        fast = _twin_channel("cdc-csv", lambda: Channel(
+            "cdc-csv", *parts(native.load("gateway.adapters.labcsv"), native.load("gateway.mapping.concepts"),
+                              native.load("gateway.fhir.occupational")), answer=_outcome_answer,
+            code_for=ack_code_for, answer_type="application/fhir+json"))
         return Channel(
             format="cdc-csv",
             adapter=adapter,
@@ -1078,7 +1072,7 @@ class Pipeline:
         twins, None instead of a failed outcome."""
         msg: SourceMessage | None = None
         stage = Stage.PARSE
-        watch = metrics.Stopwatch()
+        watch = metrics.Stopwatch(held=parts is not ch)  # (the twins' laps count once the unit is theirs)
         try:
             msg = parts.adapter.read(unit)
             watch.lap(Stage.PARSE)
@@ -1113,12 +1107,11 @@ class Pipeline:
             outcome.ack_code = ch.code_for(msg)
         except Exception as exc:  # a bug must not lose the message or reach the sender as a stack trace
             if parts is not ch and stage in _TWIN_STAGES:
-                native.fallbacks[(ch.format, stage.value)] += 1
-                log.debug("the compiled twins failed on unit %s (%s stage, %s); it is worked again by the plain "
-                          "modules", unit.index, stage.value, type(exc).__name__)
+                _twins_stepped_aside(ch, stage, unit, exc)
                 return None
             _log_internal(stage, ch, unit.index, record_id, exc)
             outcome = self._failed(ch, msg, stage)
+        watch.record()
         outcome.record_id = record_id
         outcome.answer = self._answer(ch, outcome)
         return outcome
@@ -1527,6 +1520,31 @@ _HL7_SEPARATORS = "|^~\\&"
 def _plain(text: str | None, limit: int, drop: str = "") -> str:
     """``text`` without control characters (nor those in ``drop``), at most ``limit`` characters."""
     return "".join(c for c in str(text or "") if c.isprintable() and c not in drop)[:limit]
+
+
+def _twin_channel(fmt: str, make: Callable[[], Channel]) -> Channel | None:
+    """The channel of format ``fmt`` made of the compiled twins (:mod:`gateway.native`), when they are in use and
+    take this member's mapping tables; None otherwise (the plain modules do the work, with a warning)."""
+    if not native.compiled():
+        return None
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - what the twins cannot set up, the plain modules do
+        log.warning("the compiled twins of the %s channel could not be set up (%s); the plain modules work its "
+                    "units (gateway.native)", fmt, type(exc).__name__)
+        return None
+
+
+def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseException) -> None:
+    """Count a unit the compiled twins failed on (the plain modules work it again); the first of its kind in this
+    process is logged as a warning, naming where (never the exception's text: it may quote the message)."""
+    key = (ch.format, stage.value)
+    native.fallbacks[key] += 1
+    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ is not None else []
+    at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno}" if where else ""
+    log.log(logging.WARNING if native.fallbacks[key] == 1 else logging.DEBUG,
+            "the compiled twins failed on %s unit %s in stage %s (%s%s); the plain modules work it (gateway.native)",
+            ch.format, unit.index, stage.value, type(exc).__name__, at)
 
 
 def _log_internal(stage: Stage, ch: Channel, index: int | None, record_id: int | None, exc: BaseException) -> None:

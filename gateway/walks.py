@@ -76,18 +76,27 @@ def encodes_as_jcs(obj: Any, decimals: bool = True) -> bool:
     return keys.isascii() or _ASTRAL.search(keys) is None
 
 
-def rewrite_refs(obj: Any, local: dict[str, str]) -> Any:
+#: Deeper than this, :func:`rewrite_refs` raises RecursionError, the same way compiled or not (compiled code has no
+#: recursion limit of its own; every JSON the gateway reads is held to far less: profiles._MAX_DEPTH).
+MAX_DEPTH = 500
+
+
+def rewrite_refs(obj: Any, local: dict[str, str], depth: int = 0) -> Any:
     """Replace in-Bundle ``urn:uuid:`` references by ``Type/id`` for storage.
 
     Copy on write: ``obj`` is never changed; parts without such a reference are
     shared with it rather than copied (the stored form is serialised at once and
     never modified).
+
+    :raises RecursionError: ``obj`` nests deeper than :data:`MAX_DEPTH`.
     """
+    if depth > MAX_DEPTH:
+        raise RecursionError("nested too deeply to store")
     if isinstance(obj, dict):
         out: dict[Any, Any] | None = None
         for key, value in obj.items():
             if isinstance(value, (dict, list)):
-                new = rewrite_refs(value, local)
+                new = rewrite_refs(value, local, depth + 1)
             elif key == "reference" and isinstance(value, str) and value in local:
                 new = local[value]
             else:
@@ -101,7 +110,7 @@ def rewrite_refs(obj: Any, local: dict[str, str]) -> Any:
         items: list[Any] | None = None
         for i, value in enumerate(obj):
             if isinstance(value, (dict, list)):
-                new = rewrite_refs(value, local)
+                new = rewrite_refs(value, local, depth + 1)
                 if new is not value:
                     if items is None:
                         items = list(obj)

@@ -57,6 +57,9 @@ _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
+#: Whether this is the compiled twin of this module (gateway.native): it lets a TypeError through where this module
+#: turns errors into a refusal, since a type check mypyc adds must send the message to the plain module instead.
+_TWIN = __name__.startswith("gateway._native.")
 
 # python-hl7 logs every escape sequence it cannot read (keeping it as text), with the field's text, i.e. patient
 # data, under loggers named by its file paths: the gateway's log never takes those lines
@@ -656,6 +659,8 @@ class HL7v2Adapter:
             if m is None:
                 m = _Msg.from_hl7(hl7.parse(text))
         except Exception as exc:  # python-hl7 raises assorted errors on broken input
+            if _TWIN and isinstance(exc, TypeError):
+                raise  # a compiled twin's type check, maybe: the plain module reads this message (gateway.native)
             msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
             return msg, None
         self._header(m, msg)

@@ -295,6 +295,10 @@ class _Clock:
         self._undo.append((owner, name, owner.__dict__.get(name, _ABSENT) if hasattr(owner, "__dict__") else real))
         setattr(owner, name, timed)
 
+    def keep(self, owner: Any, name: str) -> None:
+        """Put ``owner.name`` back as it is now when :meth:`undo` runs (for a change made by hand)."""
+        self._undo.append((owner, name, owner.__dict__.get(name, _ABSENT)))
+
     def undo(self) -> None:
         """Every function wrapped as it was (once; later calls do nothing)."""
         for owner, name, before in reversed(self._undo):
@@ -342,7 +346,8 @@ def phases(path: str = "e2e", size: int = 300) -> tuple[float, list[tuple[str, f
         if path == "e2e":
             ch = member.channel("hl7v2")
             ch = ch.fast or ch  # (the compiled twins, when built: they do the work; gateway.native)
-            ch.adapter = _Reader(ch.adapter)  # (a compiled adapter takes no new attribute: one that does, around it)
+            clock.keep(ch, "adapter")  # (a compiled adapter takes no new attribute: one that does, around it)
+            ch.adapter = _Reader(ch.adapter)
             clock.wrap(ch.adapter, "read", "reading (the HL7 v2 adapter)")
             clock.wrap(ch, "map", "mapping codes, units, flags")
             clock.wrap(ch, "build", "building the Bundle")

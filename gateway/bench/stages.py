@@ -66,19 +66,19 @@ def selected(names: tuple[str, ...], quick: bool) -> list[Stage]:
 
 
 def _hl7v2_parts(ctx: BenchContext) -> tuple[Any, Any, Any]:
-    """(adapter, terminology, issuer), set up as the pipeline's HL7 v2 channel sets them up."""
+    """(adapter, terminology, issuer), set up as the pipeline's HL7 v2 channel sets them up: of the compiled twins
+    when they are in use (gateway.native), as the pipeline's are."""
     def make() -> tuple[Any, Any, Any]:
-        from gateway.adapters.hl7v2 import HL7v2Adapter
+        from gateway import native
         from gateway.fhir.parties import Issuer
-        from gateway.mapping.concepts import Terminology
         from gateway.mapping.tables import load_mappings
 
         settings = ctx.settings("parts")
         mappings = load_mappings(settings.mappings_dir)
         structure = mappings.structure("hl7v2-oru-r01")
-        adapter = HL7v2Adapter(structure, default_offset=settings.timezone,
-                               max_message_bytes=settings.max_message_bytes)
-        terms = Terminology.for_structure(mappings, structure)
+        adapter = native.load("gateway.adapters.hl7v2").HL7v2Adapter(
+            structure, default_offset=settings.timezone, max_message_bytes=settings.max_message_bytes)
+        terms = native.load("gateway.mapping.concepts").Terminology.for_structure(mappings, structure)
         return adapter, terms, Issuer(settings.issuer_uscc, settings.issuer_name, settings.issuer_miplrn)
     return ctx.cached("hl7v2-parts", make)  # type: ignore[no-any-return]
 
@@ -93,8 +93,9 @@ def _read(ctx: BenchContext, messages: list[bytes]) -> list[Any]:
 
 
 def _mapped(ctx: BenchContext, messages: list[bytes]) -> list[Any]:
-    from gateway.mapping.concepts import map_message
+    from gateway import native
 
+    map_message = native.load("gateway.mapping.concepts").map_message
     _, terms, issuer = _hl7v2_parts(ctx)
     out = _read(ctx, messages)
     for msg in out:
@@ -103,8 +104,9 @@ def _mapped(ctx: BenchContext, messages: list[bytes]) -> list[Any]:
 
 
 def _bundles(ctx: BenchContext, messages: list[bytes]) -> list[dict[str, Any]]:
-    from gateway.fhir.bundle import build_bundle
+    from gateway import native
 
+    build_bundle = native.load("gateway.fhir.bundle").build_bundle
     _, _, issuer = _hl7v2_parts(ctx)
     return [build_bundle(msg, issuer) for msg in _mapped(ctx, messages)]
 
@@ -151,8 +153,9 @@ def parse_stage(ctx: BenchContext) -> StageResult:
 
 @stage("map", "map codes/units/flags (map_message)")
 def map_stage(ctx: BenchContext) -> StageResult:
-    from gateway.mapping.concepts import map_message
+    from gateway import native
 
+    map_message = native.load("gateway.mapping.concepts").map_message
     _, terms, issuer = _hl7v2_parts(ctx)
     n, k = ctx.options.per_stage, ctx.options.memory_sample
     msgs = _read(ctx, ctx.fresh_messages(n + k))
@@ -163,8 +166,9 @@ def map_stage(ctx: BenchContext) -> StageResult:
 
 @stage("build", "build FHIR Bundle (build_bundle)")
 def build_stage(ctx: BenchContext) -> StageResult:
-    from gateway.fhir.bundle import build_bundle
+    from gateway import native
 
+    build_bundle = native.load("gateway.fhir.bundle").build_bundle
     _, _, issuer = _hl7v2_parts(ctx)
     n, k = ctx.options.per_stage, ctx.options.memory_sample
     msgs = _mapped(ctx, ctx.fresh_messages(n + k))

@@ -939,7 +939,12 @@ class Guide:
                 (self._extensions if res["type"] == "Extension" else self._profiles)[url] = profile
         from gateway.native import load  # (the clean check builds on this module; compiled when built)
 
-        self._clean: CleanCheck = load("gateway.fhir.profilecheck").CleanCheck(self)
+        try:
+            self._clean: CleanCheck = load("gateway.fhir.profilecheck").CleanCheck(self)
+        except Exception:  # noqa: BLE001 - the compiled twin cannot take this guide: the plain module decides
+            from gateway.fhir.profilecheck import CleanCheck as PlainCleanCheck
+
+            self._clean = PlainCleanCheck(self)
 
     # -------------------------------------------------------------- look-up
 
