@@ -4,8 +4,10 @@ Each module named in ``gateway.native.NATIVE`` is copied to ``gateway/_native/``
 and the copies are compiled to C extensions with mypyc (from mypy, a build requirement in pyproject.toml).
 ``gateway/_native/__init__.py`` lists the SHA-256 of every source the twins were made from, or type-checked
 against: the twinned modules and the gateway modules they import. A twin whose sources changed since is not used
-(gateway/native.py). No C compiler, a mypyc failure, a read-only tree or ``GATEWAY_NATIVE_BUILD=0``: the
-install goes on without them, and the gateway runs those modules as plain Python.
+(gateway/native.py), nor one of another build (each carries its build's stamp). No C compiler, a mypyc failure or
+a read-only tree: the install goes on without them, and the gateway runs those modules as plain Python.
+``GATEWAY_NATIVE_BUILD=0`` compiles nothing (twins an earlier install compiled from the very same sources stay in
+use; ``GATEWAY_NATIVE=0`` turns them off at run time).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import ast
 import hashlib
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def _note(text: str) -> None:
     print(f"cyhr-gateway: {text}", file=sys.stderr)
 
 
+def _closure(names: tuple[str, ...]) -> list[str]:
+    """``names`` and every gateway module they import, at any remove, with the packages holding them."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        seen |= {".".join(parts[:i]) for i in range(1, len(parts))}  # the packages' __init__.py
+        if _source(module).is_file():
+            todo += sorted(_imported(module) - seen)
+    return sorted(seen)
+
+
+def _path_of(module: str) -> Path:
+    return _source(module) if _source(module).is_file() else ROOT / module.replace(".", "/") / "__init__.py"
+
+
 def _native_extensions() -> list:
     if os.environ.get("GATEWAY_NATIVE_BUILD", "").strip().lower() in ("0", "false", "no", "off"):
         _note("compiled modules not built (GATEWAY_NATIVE_BUILD); they run as plain Python")
@@ -67,18 +88,21 @@ def _native_extensions() -> list:
         return []
     out = ROOT / "gateway" / "_native"
     try:
-        shutil.rmtree(out, ignore_errors=True)  # what an earlier build left (another list, an older source) goes
-        out.mkdir()
         names = _native_modules()
-        sources = sorted(set(names) | {m for name in names for m in _imported(name)})
-        manifest = {}
-        for module in sources:
-            path = _source(module) if _source(module).is_file() else ROOT / module.replace(".", "/") / "__init__.py"
-            manifest[path.relative_to(ROOT).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest = {_path_of(m).relative_to(ROOT).as_posix(): hashlib.sha256(_path_of(m).read_bytes()).hexdigest()
+                    for m in _closure(names)}
+        # this build's stamp, carried by every twin it compiles: a twin of another build (an earlier editable
+        # install's, a build that failed half way) is never taken for one of this build
+        build = hashlib.sha256(repr((names, sorted(manifest.items()))).encode("utf-8")).hexdigest()
+        out.mkdir(exist_ok=True)
+        copies = {name.rsplit(".", 1)[1] + ".py" for name in names}
+        for old in out.glob("*.py"):  # copies of modules no longer in the list
+            if old.name != "__init__.py" and old.name not in copies:
+                old.unlink()
         (out / "__init__.py").write_text(
             '"""Compiled twins of gateway modules, written by setup.py (see gateway/native.py); not kept in git."""'
-            f"\n\n#: SHA-256 of every source the twins were made from or checked against\nSOURCES = {manifest!r}\n",
-            encoding="utf-8")
+            f"\n\n#: SHA-256 of every source the twins were made from or type-checked against\nSOURCES = {manifest!r}"
+            f"\n#: this build's stamp (each twin holds it as _BUILD)\nBUILD = {build!r}\n", encoding="utf-8")
         paths = []
         for name in names:
             text = _source(name).read_text(encoding="utf-8")
@@ -86,7 +110,8 @@ def _native_extensions() -> list:
                 text = re.sub(rf"^(\s*from ){re.escape(other)}( import )", rf"\g<1>{_twin(other)}\g<2>", text,
                               flags=re.M)
             copy = out / (name.rsplit(".", 1)[1] + ".py")
-            copy.write_text(text, encoding="utf-8")
+            copy.write_text(f"{text}\n\n_BUILD = {build!r}  # the build that compiled this twin (setup.py)\n",
+                            encoding="utf-8")
             paths.append(copy.relative_to(ROOT).as_posix())
         # Checked as the build sees them: the gateway's own dependencies are not installed in pip's build
         # environment (their names are Any), so the strict settings of setup.cfg would only report that.
@@ -99,7 +124,6 @@ def _native_extensions() -> list:
                               group_name="gateway._native.twins")
     except (Exception, SystemExit) as exc:  # mypy missing or refusing, a read-only tree: the plain modules work
         _note(f"compiled modules not built ({type(exc).__name__}: {exc}); they run as plain Python")
-        shutil.rmtree(out, ignore_errors=True)
         return []
     for extension in extensions:
         extension.optional = True  # no C compiler: the install goes on without them

@@ -40,10 +40,12 @@ import importlib
 import importlib.machinery
 import logging
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["NATIVE", "load", "compiled", "status", "twin_name", "source_digest", "enabled", "fallbacks"]
+__all__ = ["NATIVE", "load", "compiled", "status", "twin_name", "source_digest", "enabled", "fallbacks",
+           "fell_back"]
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +83,18 @@ def enabled() -> bool:
     return os.environ.get("GATEWAY_NATIVE", "").strip().lower() not in _OFF
 
 
-def _twin(name: str) -> tuple[ModuleType | None, str]:
-    """(the compiled twin of module ``name``, "compiled"), or (None, why not); whether its sources are current is
-    :func:`_stale`'s business."""
-    if not enabled():
-        return None, "off (GATEWAY_NATIVE)"
+def _built() -> tuple[dict[str, str], str] | None:
+    """What setup.py wrote beside the twins: (SHA-256 of every source they were made from or type-checked against,
+    the build's own stamp, which every twin carries too); None when it wrote nothing."""
     try:
-        twin = importlib.import_module(twin_name(name))
-    except ImportError:
-        return None, "not built"
-    if not str(twin.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-        return None, "not built"  # the copy is there, its compilation is not
-    return twin, "compiled"
+        package = importlib.import_module("gateway._native")
+        return dict(package.SOURCES), str(package.BUILD)
+    except Exception:  # noqa: BLE001 - no twins built, or from a release that wrote no stamp
+        return None
 
 
-def _stale() -> list[str]:
-    """The sources the twins were made from or type-checked against (``gateway/_native/__init__.py``, written by
-    setup.py) that changed since, or are gone."""
-    try:
-        sources: dict[str, str] = importlib.import_module("gateway._native").SOURCES
-    except (ImportError, AttributeError):
-        return ["gateway/_native/__init__.py"]
+def _stale(sources: dict[str, str]) -> list[str]:
+    """The files of ``sources`` that changed since the twins were built, or are gone."""
     root = Path(__file__).resolve().parent.parent
     changed = []
     for path, digest in sources.items():
@@ -113,25 +106,59 @@ def _stale() -> list[str]:
     return changed
 
 
+def _twin(name: str, build: str) -> tuple[ModuleType | None, str]:
+    """(the compiled twin of module ``name``, "compiled"), or (None, why not)."""
+    try:
+        twin = importlib.import_module(twin_name(name))
+    except Exception as exc:  # noqa: BLE001 - missing, or a module it imports changed under it: not used
+        return None, "not built" if isinstance(exc, ImportError) else f"does not load ({type(exc).__name__})"
+    if not str(twin.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        return None, "not built"  # the copy is there, its compilation is not
+    if getattr(twin, "_BUILD", None) != build:
+        return None, "not built from these sources (a later build did not complete)"
+    return twin, "compiled"
+
+
 @functools.cache
 def _twins() -> tuple[dict[str, ModuleType], dict[str, str]]:
-    """({module: its twin} when every twin is built and current, else {}; {module: "compiled" or why not})."""
+    """({module: its twin} when every twin is built and current, else {}; {module: "compiled" or why not}).
+
+    The sources are compared before any twin is imported: a twin compiled against an older module may not even
+    import (its module-level code checks types too)."""
+    if not enabled():
+        return {}, {name: "off (GATEWAY_NATIVE)" for name in NATIVE}
+    built = _built()
+    if built is None:
+        return {}, {name: "not built" for name in NATIVE}
+    sources, build = built
+    changed = _stale(sources)
+    if changed:
+        note = (f"stale ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since they were "
+                "built: installing again compiles them, pip install -e . in a checkout)")
+        log.warning("the compiled twins of %d modules are not used: %s", len(NATIVE), note)
+        return {}, {name: note for name in NATIVE}
     found: dict[str, ModuleType] = {}
     why: dict[str, str] = {}
     for name in NATIVE:
-        twin, why[name] = _twin(name)
+        twin, why[name] = _twin(name, build)
         if twin is not None:
             found[name] = twin
     if len(found) == len(NATIVE):
-        changed = _stale()
-        if changed:
-            note = (f"stale ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since the "
-                    "install: pip install -e . compiles them again)")
-            log.warning("the compiled twins of %d modules are not used: %s", len(NATIVE), note)
-            return {}, {name: note for name in NATIVE}
         return found, why
-    return {}, {name: (text if text != "compiled" else "not used (another twin is not built)")
-                for name, text in why.items()}
+    problems = sorted({text for text in why.values() if text != "compiled"})
+    if any(not text.startswith("not built") for text in problems):
+        log.warning("the compiled twins of %d modules are not used: %s", len(NATIVE), "; ".join(problems))
+    return {}, {name: (text if text != "compiled" else "not used (another twin is not)") for name, text in why.items()}
+
+
+_COUNTING = threading.Lock()
+
+
+def fell_back(key: tuple[str, str]) -> int:
+    """Count one more unit or call a twin handed back to its plain module (:data:`fallbacks`); the count so far."""
+    with _COUNTING:
+        fallbacks[key] += 1
+        return fallbacks[key]
 
 
 def load(name: str) -> ModuleType:

@@ -50,15 +50,20 @@ def test_the_twins_are_built_where_a_compiler_is() -> None:
     if not _TOOLCHAIN:
         pytest.skip("no C compiler or Python headers: the install runs the plain modules")
     assert native.compiled(), f"pip install -e . should have compiled them: {native.status()}"
-    sources = importlib.import_module("gateway._native").SOURCES
+    built = native._built()
+    assert built is not None
+    sources, build = built
+    root = Path(native.__file__).resolve().parent.parent  # (the checkout, or site-packages)
     for name in native.NATIVE:
         twin = native.load(name)
-        assert twin.__name__ == native.twin_name(name)
-        path = Path(importlib.import_module(name).__file__)
-        assert sources[path.relative_to(ROOT).as_posix()] == native.source_digest(path)
-    # what they were type-checked against counts too: a change there turns them off until compiled again
-    assert {"gateway/adapters/base.py", "gateway/errors.py", "gateway/fhir/profiles.py"} <= set(sources)
-    assert native._stale() == []
+        assert twin.__name__ == native.twin_name(name) and twin._BUILD == build
+        path = Path(importlib.import_module(name).__file__).resolve()
+        assert sources[path.relative_to(root).as_posix()] == native.source_digest(path)
+    # what they were type-checked against counts too, at any remove: a change there turns them off until compiled
+    # again
+    assert {"gateway/adapters/base.py", "gateway/errors.py", "gateway/fhir/profiles.py", "gateway/config.py",
+            "gateway/uuids.py", "gateway/__init__.py", "gateway/fhir/__init__.py"} <= set(sources)
+    assert native._stale(sources) == []
 
 
 @needs_twins
@@ -316,7 +321,7 @@ def test_twins_made_from_other_sources_are_not_used(monkeypatch: pytest.MonkeyPa
         if not _BUILT:
             assert not native.compiled()
             return
-        assert native._stale() == [changed]
+        assert native._stale(native._built()[0]) == [changed]  # type: ignore[index]
         assert not native.compiled()  # they call each other: one stale turns them all off
         assert native.load("gateway.adapters.hl7v2") is importlib.import_module("gateway.adapters.hl7v2")
         assert all(text.startswith(f"stale ({changed} changed") for text in native.status().values())
@@ -324,6 +329,57 @@ def test_twins_made_from_other_sources_are_not_used(monkeypatch: pytest.MonkeyPa
         monkeypatch.undo()
         native._twins.cache_clear()
     assert native.compiled()
+
+
+@needs_twins
+def test_a_twin_of_another_build_or_that_does_not_load_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "gateway.fhir.report"
+    why = "not built from these sources (a later build did not complete)"
+    assert native._twin(name, "another build") == (None, why)
+    real = importlib.import_module
+
+    def importing(module: str, *args: Any) -> Any:
+        if module == native.twin_name(name):
+            raise TypeError("str object expected; got gateway.naming._U")  # its module-level code checks types
+        return real(module, *args)
+
+    monkeypatch.setattr(native.importlib, "import_module", importing)
+    assert native._twin(name, native._built()[1]) == (None, "does not load (TypeError)")  # type: ignore[index]
+    native._twins.cache_clear()
+    try:
+        assert not native.compiled()
+        assert native.status()[name] == "does not load (TypeError)"
+        assert native.status()["gateway.adapters.hl7v2"] == "not used (another twin is not)"
+    finally:
+        monkeypatch.undo()
+        native._twins.cache_clear()
+    assert native.compiled()
+
+
+@needs_twins
+@pytest.mark.twin_fallbacks
+def test_stage_timings_count_each_unit_once_when_the_twins_step_aside(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import metrics
+
+    pipeline = _pipeline(tmp_path, "12511921MB0001003C")
+    ch = pipeline.channel("hl7v2")
+    assert ch.fast is not None
+    data = b"\r\n".join(m for _, m in list(_hl7_inputs())[-3:])
+    laps: list[str] = []
+    real_stage = metrics._stage
+    monkeypatch.setattr(metrics, "_stage", lambda stage: (laps.append(stage), real_stage(stage))[1])
+    real_build, calls = ch.fast.build, []
+
+    def build(msg: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("dict object expected; got str")
+        return real_build(msg)
+
+    monkeypatch.setattr(ch.fast, "build", build)
+    assert [o.status for o in pipeline.convert(data, "hl7v2", "x")] == [Status.CONVERTED] * 3
+    assert {stage: laps.count(stage) for stage in set(laps)} == {"parse": 3, "map": 3, "build": 3, "check": 3}
 
 
 def test_gateway_native_0_turns_them_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

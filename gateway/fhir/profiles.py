@@ -941,9 +941,13 @@ class Guide:
 
         try:
             self._clean: CleanCheck = load("gateway.fhir.profilecheck").CleanCheck(self)
-        except Exception:  # noqa: BLE001 - the compiled twin cannot take this guide: the plain module decides
+        except Exception as exc:  # noqa: BLE001 - the compiled twin cannot take this guide: the plain module decides
             from gateway.fhir.profilecheck import CleanCheck as PlainCleanCheck
+            from gateway.native import fell_back
 
+            fell_back(("guide", "clean check"))
+            log.warning("the compiled clean check cannot take the guide in %s (%s); the plain one checks",
+                        directory, type(exc).__name__)
             self._clean = PlainCleanCheck(self)
 
     # -------------------------------------------------------------- look-up
