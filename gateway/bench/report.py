@@ -68,7 +68,7 @@ def _compiled() -> str:
     status = native.status()
     if native.compiled():
         return f"compiled twins of {len(status)} modules (mypyc)"
-    reasons = sorted(set(status.values()) - {"compiled", "not used (another twin is not current)"})
+    reasons = sorted(set(status.values()) - {"compiled", "not used (another twin is not)"})
     return "plain Python (" + "; ".join(reasons or ["not built"]) + ")"
 
 
