@@ -399,22 +399,58 @@ def test_gateway_native_0_turns_them_off(monkeypatch: pytest.MonkeyPatch, tmp_pa
         native._twins.cache_clear()
 
 
-def test_setup_reads_the_list_of_modules_it_compiles() -> None:
-    """setup.py reads NATIVE from gateway/native.py's text (the build has none of the gateway's dependencies)."""
+def _setup_helpers(root: Path = ROOT) -> dict[str, Any]:
+    """setup.py's functions and constants (not its setup() call), working on the tree at ``root``."""
     import ast
 
-    text = (ROOT / "setup.py").read_text(encoding="utf-8")
-    tree = ast.parse(text)
-    namespace: dict[str, Any] = {"__file__": str(ROOT / "setup.py")}
-    for node in tree.body:  # the helpers only: not the setup() call
-        if isinstance(node, (ast.FunctionDef, ast.Import, ast.ImportFrom)) or (
-                isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "ROOT"):
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    namespace: dict[str, Any] = {"__file__": str(root / "setup.py")}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.Import, ast.ImportFrom, ast.Assign)):
             exec(compile(ast.Module([node], type_ignores=[]), "setup.py", "exec"), namespace)
+    namespace["ROOT"] = root
+    return namespace
+
+
+def test_setup_reads_the_list_of_modules_it_compiles() -> None:
+    """setup.py reads NATIVE from gateway/native.py's text (the build has none of the gateway's dependencies)."""
+    namespace = _setup_helpers()
     assert namespace["_native_modules"]() == native.NATIVE
     assert namespace["_twin"]("gateway.fhir.report") == native.twin_name("gateway.fhir.report")
     assert {"gateway.adapters.base", "gateway.fhir.parties", "gateway.naming"} <= namespace["_imported"](
         "gateway.fhir.report")
     assert "gateway.native" in namespace["_imported"]("gateway.fhir.profiles")  # (``from gateway.native import``)
+
+
+@pytest.mark.parametrize("how", ["mypy refuses", "cannot write", "GATEWAY_NATIVE_BUILD=0", "not a build"])
+def test_an_install_that_cannot_compile_goes_on_without_twins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str], how: str) -> None:
+    """What setup.py does when the twins cannot or must not be compiled: no extension, a one-line note, no error
+    (on a copy of the tree; the compiler itself is never run here)."""
+    import sys
+    import types
+
+    shutil.copytree(ROOT / "gateway", tmp_path / "gateway", ignore=shutil.ignore_patterns("_native", "__pycache__"))
+    helpers = _setup_helpers(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["setup.py", "editable_wheel" if how != "not a build" else "egg_info"])
+    refusing = types.ModuleType("mypyc.build")
+    refusing.mypycify = lambda *a, **k: (_ for _ in ()).throw(SystemExit(1))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mypyc.build", refusing)
+    if how == "GATEWAY_NATIVE_BUILD=0":
+        monkeypatch.setenv("GATEWAY_NATIVE_BUILD", "0")
+    if how == "cannot write":  # (a read-only tree; as root, a file where the folder goes stands in for it)
+        (tmp_path / "gateway" / "_native").write_text("in the way")
+    assert helpers["_native_extensions"]() == []
+    note = capsys.readouterr().err
+    if how == "not a build":
+        assert note == "" and not (tmp_path / "gateway" / "_native").exists()
+    elif how == "GATEWAY_NATIVE_BUILD=0":
+        assert "not built (GATEWAY_NATIVE_BUILD)" in note and not (tmp_path / "gateway" / "_native").exists()
+    else:
+        assert note.startswith("cyhr-gateway: compiled modules not built (") and note.count("\n") == 1
+        if how == "mypy refuses":  # the copies and their stamp are written; no extension, so none is used
+            written = {p.name for p in (tmp_path / "gateway" / "_native").iterdir()}
+            assert {"__init__.py", "hl7v2.py", "walks.py"} <= written and not any(n.endswith(".so") for n in written)
 
 
 # ------------------------------------------------------------------ the walks over whole documents
