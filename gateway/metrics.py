@@ -83,6 +83,11 @@ SIGNATURE_FAILURES = Counter(
     "(receive: pushed Bundles; pull: 调阅 answers) and reason (bad-signature, untrusted: signer not listed or not "
     "the issuer).", ["where", "reason"])
 
+NATIVE_FALLBACKS = Counter(
+    "gateway_native_fallbacks", "Work the compiled twins of the hottest modules handed back to the plain modules "
+    "(gateway.native), by kind (a format: hl7v2, cdc-csv; walk; guide) and where (a stage, a walk, the clean "
+    "check). Zero in normal running: anything else means a twin disagrees with a declared type.", ["kind", "where"])
+
 #: Children of :data:`MESSAGES`, kept here: ``labels()`` takes a lock and checks its arguments every time.
 _message_children: dict[tuple[str, str, str], Any] = {}
 _stage_children: dict[str, Any] = {}
@@ -131,6 +136,11 @@ class Stopwatch:
         for stage, seconds in self.held or ():
             _stage(stage).observe(seconds)
         self.held = None
+
+
+def native_fallback(kind: str, where: str) -> None:
+    """Count one unit or call a compiled twin handed back to its plain module."""
+    NATIVE_FALLBACKS.labels(kind, where).inc()
 
 
 def delivery_attempt(destination: str, result: str) -> None:

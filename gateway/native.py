@@ -155,7 +155,11 @@ _COUNTING = threading.Lock()
 
 
 def fell_back(key: tuple[str, str]) -> int:
-    """Count one more unit or call a twin handed back to its plain module (:data:`fallbacks`); the count so far."""
+    """Count one more unit or call a twin handed back to its plain module (:data:`fallbacks`, and
+    ``gateway_native_fallbacks_total`` in ``/metrics``); the count so far in this process."""
+    from gateway import metrics
+
+    metrics.native_fallback(*key)
     with _COUNTING:
         fallbacks[key] += 1
         return fallbacks[key]

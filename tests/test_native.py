@@ -288,11 +288,20 @@ def test_a_unit_the_twins_fail_on_is_worked_by_the_plain_modules(
         monkeypatch.setattr(ch.fast, "adapter", type("Adapter", (), {"read": staticmethod(broken)})())
     else:
         monkeypatch.setattr(ch.fast, stage, broken)
-    before = native.fallbacks[("hl7v2", "parse" if stage == "read" else stage)]
+    where = "parse" if stage == "read" else stage
+    before = native.fallbacks[("hl7v2", where)]
+    exported = _exported(where)
     got = [_seen(o) for o in pipeline.convert(data, "hl7v2", "x")]
     assert got == expected
-    assert native.fallbacks[("hl7v2", "parse" if stage == "read" else stage)] == before + 1
+    assert native.fallbacks[("hl7v2", where)] == before + 1
+    assert _exported(where) == exported + 1  # gateway_native_fallbacks_total in /metrics
     assert "internal error" not in caplog.text
+
+
+def _exported(where: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("gateway_native_fallbacks_total", {"kind": "hl7v2", "where": where}) or 0.0
 
 
 @needs_twins
