@@ -63,8 +63,8 @@ NATIVE: tuple[str, ...] = (
 
 _OFF = ("0", "false", "no", "off")
 
-#: Units the twins failed on, worked again by the plain modules, by (format, stage), in this process (zero on
-#: every sample and generated input of the test suite; tests/test_native.py).
+#: Work the twins handed back to the plain modules in this process, by (format, stage), ("walk", name) or
+#: ("guide", "clean check") (none on the test suite's inputs: tests/conftest.py).
 fallbacks: collections.Counter[tuple[str, str]] = collections.Counter()
 
 
@@ -74,7 +74,7 @@ def twin_name(module: str) -> str:
 
 
 def source_digest(path: str | Path) -> str:
-    """SHA-256 hex of a source file's bytes, as ``setup.py`` stamps it on the copy it compiles."""
+    """SHA-256 hex of a source file's bytes, as ``setup.py`` lists it in ``gateway/_native/__init__.py``."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -154,15 +154,17 @@ def _twins() -> tuple[dict[str, ModuleType], dict[str, str]]:
 _COUNTING = threading.Lock()
 
 
-def fell_back(key: tuple[str, str]) -> int:
+def fell_back(key: tuple[str, str], what: str) -> None:
     """Count one more unit or call a twin handed back to its plain module (:data:`fallbacks`, and
-    ``gateway_native_fallbacks_total`` in ``/metrics``); the count so far in this process."""
+    ``gateway_native_fallbacks_total`` in ``/metrics``); ``what`` happened, as the log says it: a warning the first
+    time in this process for ``key``, then at debug level (never patient data: the callers name places in code)."""
     from gateway import metrics
 
     metrics.native_fallback(*key)
     with _COUNTING:
         fallbacks[key] += 1
-        return fallbacks[key]
+        first = fallbacks[key] == 1
+    log.log(logging.WARNING if first else logging.DEBUG, "%s (gateway.native)", what)
 
 
 def load(name: str) -> ModuleType:

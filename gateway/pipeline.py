@@ -1536,14 +1536,12 @@ def _twin_channel(fmt: str, make: Callable[[], Channel]) -> Channel | None:
 
 
 def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseException) -> None:
-    """Count a unit the compiled twins failed on (the plain modules work it again); the first of its kind in this
-    process is logged as a warning, naming where (never the exception's text: it may quote the message)."""
-    count = native.fell_back((ch.format, stage.value))
+    """Count a unit the compiled twins failed on (the plain modules work it again), naming where in the code
+    (never the exception's text: it may quote the message)."""
     where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ is not None else []
     at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno}" if where else ""
-    log.log(logging.WARNING if count == 1 else logging.DEBUG,
-            "the compiled twins failed on %s unit %s in stage %s (%s%s); the plain modules work it (gateway.native)",
-            ch.format, unit.index, stage.value, type(exc).__name__, at)
+    native.fell_back((ch.format, stage.value), f"the compiled twins failed on {ch.format} unit {unit.index} in stage "
+                     f"{stage.value} ({type(exc).__name__}{at}); the plain modules work it")
 
 
 def _log_internal(stage: Stage, ch: Channel, index: int | None, record_id: int | None, exc: BaseException) -> None:

@@ -10,7 +10,6 @@ raising what it raises. ``tests/test_native.py`` holds the two equal.
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 import sys
@@ -20,8 +19,6 @@ from itertools import chain
 from typing import Any
 
 __all__ = ["encodes_as_jcs", "rewrite_refs", "fast"]
-
-log = logging.getLogger(__name__)
 
 # The largest integer an IEEE 754 double holds exactly; beyond it JCS (and every
 # JavaScript verifier) sees the nearest double.
@@ -137,9 +134,8 @@ def fast(name: str) -> Callable[..., Any]:
         try:
             return twin(*args, **kwargs)
         except Exception:  # noqa: BLE001 - this module's own function decides, raising what it raises
-            if native.fell_back(("walk", name)) == 1:
-                log.warning("the compiled twin of gateway.walks.%s failed; the plain function answers "
-                            "(gateway.native)", name)
+            native.fell_back(("walk", name), f"the compiled twin of gateway.walks.{name} failed; the plain "
+                             "function answers")
             return plain(*args, **kwargs)
 
     guarded.__doc__ = plain.__doc__

@@ -945,9 +945,8 @@ class Guide:
             from gateway.fhir.profilecheck import CleanCheck as PlainCleanCheck
             from gateway.native import fell_back
 
-            fell_back(("guide", "clean check"))
-            log.warning("the compiled clean check cannot take the guide in %s (%s); the plain one checks",
-                        directory, type(exc).__name__)
+            fell_back(("guide", "clean check"), f"the compiled clean check cannot take the guide in {directory} "
+                      f"({type(exc).__name__}); the plain one checks")
             self._clean = PlainCleanCheck(self)
 
     # -------------------------------------------------------------- look-up
