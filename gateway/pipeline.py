@@ -1601,6 +1601,8 @@ def _located(msg: SourceMessage, run: Callable[[], None]) -> None:
     """
     before = len(msg.issues)
     run()
+    if len(msg.issues) == before:
+        return  # (the common case: nothing to relocate)
     places: dict[str, str] = {}
     if msg.patient is not None and "sex" in msg.patient.where:
         places[f"{msg.patient.location}-8"] = msg.patient.where["sex"]

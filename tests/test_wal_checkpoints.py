@@ -114,3 +114,50 @@ def test_a_process_that_ends_right_after_its_last_commit_leaves_everything_in_th
         assert not Path(f"{path}-wal").exists(), f"run {n}: the WAL was left behind"
         rows = sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True).execute("SELECT count(*) FROM t").fetchone()
         assert rows == (3,), f"run {n}"
+
+
+def _temporary_files() -> list[str]:
+    """SQLite's temporary files this process holds open (``etilqs_*``: deleted on opening, still open)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "etilqs_" in target:
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc to see open files")
+@pytest.mark.parametrize("temp_store", [None, "FILE"])
+def test_storing_a_report_opens_no_temporary_file(tmp_path: Path, clock: object, temp_store: str | None) -> None:
+    """Storing a report upserts its resources, search keys and audit entry: statements that keep a statement
+    journal, which SQLite writes to a temporary file once it outgrows its memory (one write call per page, some
+    thirty per statement). The gateway's connections keep it in memory (``PRAGMA temp_store = MEMORY``), and so
+    does storing a report. With ``FILE`` (SQLite's default) the same report opens one: the check tells the two
+    apart."""
+    from conftest import DATA, TONGJIANG
+
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline, Status
+
+    pipeline = Pipeline(load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "data"), "issuer_uscc": TONGJIANG, "issuer_name": "通江县人民医院（演示）"}),
+        clock=clock)  # type: ignore[arg-type]
+    conn = pipeline.store.db.conn
+    try:
+        assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+        if temp_store:
+            conn.execute(f"PRAGMA temp_store = {temp_store}")
+        held: set[str] = set()
+        conn.set_trace_callback(lambda statement: held.update(_temporary_files()))
+        outcomes = pipeline.ingest((DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2", channel="file")
+        conn.set_trace_callback(None)
+        assert [o.status for o in outcomes] == [Status.STORED]
+        if temp_store:
+            assert held, "with temp_store = FILE a statement journal went to a temporary file"
+        else:
+            assert held == set()
+    finally:
+        pipeline.close()

@@ -4,6 +4,10 @@ WAL journal (readers never block the writer), a busy timeout instead of
 ``database is locked`` errors under concurrent HTTP and MLLP writers, foreign
 keys on, and ``synchronous=NORMAL`` which in WAL mode is durable across
 application crashes (a power cut can lose the last transactions, never corrupt).
+Temporary storage in memory (``temp_store = MEMORY``): an upsert or an insert
+that fires a trigger keeps a statement journal (to undo that one statement),
+which SQLite otherwise moves to a temporary file once it outgrows a small buffer
+— storing one report did so every time, with a write call per page.
 
 Checkpoints (copying the WAL back into the database file, with an fsync) are
 the costly part of writing, and most of their cost is waiting for the disk: left
@@ -134,6 +138,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA temp_store = MEMORY")
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
