@@ -73,6 +73,8 @@ def loads(text: str | bytes) -> Any:
         return simplejson.loads(text, use_decimal=True, parse_int=parse_int)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    except ArithmeticError:  # decimal.InvalidOperation: 1E+99999999999999999999
+        raise ValueError("a number's exponent is too large for a decimal") from None
 
 
 def parse_int(text: str) -> int | Decimal:

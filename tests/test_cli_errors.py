@@ -34,6 +34,9 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "huge-decimal.json").write_text(
         '{"resourceType":"Observation","status":"final","code":{"text":"Hb"},"valueQuantity":{"value":' + HUGE
         + "}}")
+    (tmp_path / "huge-exponent.json").write_text(
+        '{"resourceType":"Observation","status":"final","code":{"text":"Hb"},"valueQuantity":{"value":'
+        '1E+99999999999999999999}}')
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 64)
     (tmp_path / "a-directory").mkdir()
     (tmp_path / "deep.xml").write_text('<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3">'
@@ -82,6 +85,14 @@ def test_validate_a_5000_digit_integer_is_out_of_range_and_not_echoed(runner, fi
     assert issue["expression"] == ["Observation.valueInteger"]
     assert "(5000 digits) is out of range for integer" in issue["diagnostics"]
     assert len(issue["diagnostics"]) < 200
+
+
+def test_validate_an_exponent_too_large_for_a_decimal_is_one_error(runner, files: Path) -> None:
+    result = gateway(runner, files, "validate", "--compact", str(files / "huge-exponent.json"))
+    no_traceback(result)
+    assert result.exit_code == 1
+    [issue] = json.loads(result.stdout)["issue"]
+    assert issue["severity"] == "error" and "exponent is too large" in issue["diagnostics"]
 
 
 def test_validate_a_5000_digit_decimal_is_answered_in_lines(runner, files: Path) -> None:

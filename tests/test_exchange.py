@@ -251,3 +251,16 @@ def test_lookup_returns_verified_signed_reports(world) -> None:
     assert fl.pull(TJ, "urn:oid:2.16.156.10011.1.3|110105194912310021") == []
     assert len(fl.pull(TJ, "511921196612120011")) == 2  # the value alone, any system
     assert fl.pull(TJ, "5119211966121200%") == []  # LIKE wildcards are taken literally
+
+
+def test_a_number_no_decimal_can_hold_is_a_clear_refusal(world) -> None:
+    """An exponent too large for a Decimal (``1E+99999999999999999999``) is refused as JSON that cannot be read,
+    naming why, and nothing of it is stored (the reader used to let decimal.InvalidOperation through)."""
+    signed = ingest_lis(world)[0].signed
+    broken = signed.replace(b'"value":6.8', b'"value":1E+99999999999999999999')
+    assert broken != signed
+    resp = post_as(world, "tongjiang", "fuling", broken)
+    assert 400 <= resp.status_code < 500
+    diagnostics = resp.get_json()["issue"][0]["diagnostics"]
+    assert "exponent" in diagnostics and "Traceback" not in diagnostics
+    assert world.gateways["fuling"].pipeline.store.search("Observation", []).total == 0

@@ -198,6 +198,8 @@ def test_parse_json_keeps_decimals_and_dumps_writes_them_back() -> None:
         '{"a": "\\ud800"}',
         '{"a": 1,}',
         "",
+        '{"a": 1E+99999999999999999999}',  # an exponent too large for a Decimal (was decimal.InvalidOperation)
+        '[0.5e-99999999999999999999]',
     ],
 )
 def test_parse_json_refuses_what_parsers_disagree_on(text: str) -> None:
