@@ -289,3 +289,30 @@ def test_the_background_checkpointer_empties_the_wal_while_writers_go_on(tmp_pat
         checkpointer.stop()
     assert not checkpointer.is_alive()
     store.close()
+
+
+def test_a_layout_upgrade_keeps_its_temporary_storage_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's SQLite connections keep temporary storage (statement journals above all) in memory, which an
+    upgrade rewriting whole tables could outgrow: the layout work runs with it on disk (``temp_store`` 1), and the
+    connection is back in memory (2) afterwards, ready for its ordinary writes."""
+    from gateway.store import layout
+    from gateway.store import store as store_module
+
+    seen: list[int] = []
+    narrow = store_module._narrow_tokens
+
+    def watched(db: Any) -> None:
+        seen.append(db.conn.execute("PRAGMA temp_store").fetchone()[0])
+        narrow(db)
+
+    monkeypatch.setattr(store_module, "_narrow_tokens", watched)
+    store = Store.open(tmp_path / "gw.db")
+    assert store.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    _layout_2(store, [])
+    store.close()
+    upgraded = Store.open(tmp_path / "gw.db")  # the conversion to the narrow token index runs as it opens
+    assert seen == [1]
+    assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    layout.upgrade(upgraded.db)
+    assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    upgraded.close()

@@ -7,7 +7,9 @@ application crashes (a power cut can lose the last transactions, never corrupt).
 Temporary storage in memory (``temp_store = MEMORY``): an upsert or an insert
 that fires a trigger keeps a statement journal (to undo that one statement),
 which SQLite otherwise moves to a temporary file once it outgrows a small buffer
-— storing one report did so every time, with a write call per page.
+— storing one report did so every time, with a write call per page. Bulk work
+that rewrites whole tables (a layout upgrade) runs :func:`spilling`, on disk,
+so that its journals and temporary indexes never have to fit in memory.
 
 Checkpoints (copying the WAL back into the database file, with an fsync) are
 the costly part of writing, and most of their cost is waiting for the disk: left
@@ -53,7 +55,8 @@ import sqlite_utils
 from gateway.errors import DatabaseUnavailable
 from gateway.store import postgresql as _pg
 
-__all__ = ["connect", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES", "checkpoints_held",
+__all__ = ["connect", "spilling", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES",
+           "checkpoints_held",
            "empty_wal", "wal_page_owners", "Database",
            "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "connection_lost", "borrowed",
            "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
@@ -147,6 +150,22 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         # (see transaction: its commits are checkpointed beside it)
         db.checkpoint_path = str(Path(path).absolute())  # type: ignore[attr-defined]
     return db
+
+
+@contextmanager
+def spilling(db: Database) -> Iterator[Database]:
+    """SQLite's temporary storage on disk (``temp_store = FILE``) while bulk work runs — a layout upgrade that
+    rewrites whole tables, whose statement journals and temporary indexes grow with the database — and the
+    connection's own setting again afterwards (memory, see :func:`connect`). Nothing changes on PostgreSQL."""
+    if dialect(db) != "sqlite":
+        yield db
+        return
+    before = int(db.conn.execute("PRAGMA temp_store").fetchone()[0])
+    db.conn.execute("PRAGMA temp_store = FILE")
+    try:
+        yield db
+    finally:
+        db.conn.execute(f"PRAGMA temp_store = {before}")
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.store import schema, tallies
-from gateway.store.db import Database, dialect, transaction
+from gateway.store.db import Database, dialect, spilling, transaction
 
 __all__ = ["PARTS", "upgrade", "status"]
 
@@ -47,21 +47,22 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
     """Create or upgrade every part (idempotent); returns each part's recorded layout version after it. On
     PostgreSQL the indexes added to existing tables are then built beside the running work
     (:func:`gateway.store.schema.build_indexes`)."""
-    for part, target in PARTS:
-        if progress is not None:
-            progress(part)
-        _function(target)(db)
-        if schema.version(db, part) == 0:  # a part with one layout so far: this release's is its first
-            with transaction(db):
-                if schema.version(db, part) == 0:
-                    schema.set_version(db, part, 1)
-    from gateway.store.store import ensure_name_strings, ensure_patient_keys
+    with spilling(db):  # bulk work: SQLite's temporary storage on disk, not in memory
+        for part, target in PARTS:
+            if progress is not None:
+                progress(part)
+            _function(target)(db)
+            if schema.version(db, part) == 0:  # a part with one layout so far: this release's is its first
+                with transaction(db):
+                    if schema.version(db, part) == 0:
+                        schema.set_version(db, part, 1)
+        from gateway.store.store import ensure_name_strings, ensure_patient_keys
 
-    ensure_patient_keys(db, missing=True)  # (on SQLite made when the core part was opened)
-    ensure_name_strings(db, missing=True)  # SQLite: names a process of an earlier release stored without them
-    tallies.ensure(db)  # the counts /health and /metrics read, started for the tables that have none
-    for part, names in added_indexes().items():
-        schema.build_indexes(db, part, names)
+        ensure_patient_keys(db, missing=True)  # (on SQLite made when the core part was opened)
+        ensure_name_strings(db, missing=True)  # SQLite: names a process of an earlier release stored without them
+        tallies.ensure(db)  # the counts /health and /metrics read, started for the tables that have none
+        for part, names in added_indexes().items():
+            schema.build_indexes(db, part, names)
     return status(db)
 
 

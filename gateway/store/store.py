@@ -47,7 +47,7 @@ from gateway.fhir.search import (
 from gateway.naming import cs_url
 from gateway.store import schema, tallies
 from gateway.store.parts import statements
-from gateway.store.db import Database, connect, dialect, transaction
+from gateway.store.db import Database, connect, dialect, spilling, transaction
 
 __all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
            "ensure_patient_keys",
@@ -1183,6 +1183,12 @@ def ensure_core_schema(db: Database) -> None:
                 schema.set_version(db, "core", SCHEMA_VERSION)
             tallies.ensure(db)  # (a database made now; an older one's counts start at gateway db upgrade)
         return
+    with spilling(db):  # (an earlier release's tables are rewritten whole)
+        _ensure_core_sqlite(db)
+
+
+def _ensure_core_sqlite(db: Database) -> None:
+    """:func:`ensure_core_schema` on SQLite."""
     conn = db.conn
     script = schema.script(db, "core")
     ensure_patient_keys(db)  # before the script, which would make the table empty
