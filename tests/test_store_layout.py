@@ -292,27 +292,33 @@ def test_the_background_checkpointer_empties_the_wal_while_writers_go_on(tmp_pat
 
 
 def test_a_layout_upgrade_keeps_its_temporary_storage_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gateway's SQLite connections keep temporary storage (statement journals above all) in memory, which an
-    upgrade rewriting whole tables could outgrow: the layout work runs with it on disk (``temp_store`` 1), and the
-    connection is back in memory (2) afterwards, ready for its ordinary writes."""
-    from gateway.store import layout
+    """The gateway's write transactions keep temporary storage (statement journals above all) in memory, which an
+    upgrade rewriting whole tables could outgrow: the layout work runs with it on disk (``temp_store`` 1), its
+    transactions included, and the connection is back at SQLite's default (0) afterwards."""
+    from gateway.store import layout, tallies
     from gateway.store import store as store_module
 
-    seen: list[int] = []
-    narrow = store_module._narrow_tokens
+    seen: dict[str, list[int]] = {"narrow": [], "tallies": []}
+    narrow, ensure_tallies = store_module._narrow_tokens, tallies.ensure
 
-    def watched(db: Any) -> None:
-        seen.append(db.conn.execute("PRAGMA temp_store").fetchone()[0])
+    def watched_narrow(db: Any) -> None:
+        seen["narrow"].append(db.conn.execute("PRAGMA temp_store").fetchone()[0])
         narrow(db)
 
-    monkeypatch.setattr(store_module, "_narrow_tokens", watched)
+    def watched_tallies(db: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["tallies"].append(db.conn.execute("PRAGMA temp_store").fetchone()[0])
+        return ensure_tallies(db, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_narrow_tokens", watched_narrow)
     store = Store.open(tmp_path / "gw.db")
-    assert store.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    assert store.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 0
     _layout_2(store, [])
     store.close()
     upgraded = Store.open(tmp_path / "gw.db")  # the conversion to the narrow token index runs as it opens
-    assert seen == [1]
-    assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    assert seen["narrow"] == [1]
+    assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 0
+    monkeypatch.setattr(tallies, "ensure", watched_tallies)
     layout.upgrade(upgraded.db)
-    assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    assert seen["tallies"] and set(seen["tallies"]) == {1}
+    assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 0
     upgraded.close()

@@ -130,34 +130,86 @@ def _temporary_files() -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc to see open files")
-@pytest.mark.parametrize("temp_store", [None, "FILE"])
-def test_storing_a_report_opens_no_temporary_file(tmp_path: Path, clock: object, temp_store: str | None) -> None:
+@pytest.mark.parametrize("spill", [False, True])
+def test_storing_a_report_opens_no_temporary_file(tmp_path: Path, clock: object, spill: bool) -> None:
     """Storing a report upserts its resources, search keys and audit entry: statements that keep a statement
     journal, which SQLite writes to a temporary file once it outgrows its memory (one write call per page, some
-    thirty per statement). The gateway's connections keep it in memory (``PRAGMA temp_store = MEMORY``), and so
-    does storing a report. With ``FILE`` (SQLite's default) the same report opens one: the check tells the two
-    apart."""
+    thirty per statement). The gateway's write transactions keep it in memory (``temp_store = MEMORY`` while they
+    are open): storing a report opens no temporary file. Under :func:`spilling` (bulk work, temporary storage on
+    disk) the same report opens one: the check tells the two apart."""
     from conftest import DATA, TONGJIANG
 
     from gateway.config import load_settings
     from gateway.pipeline import Pipeline, Status
+    from gateway.store.db import spilling
 
     pipeline = Pipeline(load_settings(environ={}, overrides={
         "data_dir": str(tmp_path / "data"), "issuer_uscc": TONGJIANG, "issuer_name": "通江县人民医院（演示）"}),
         clock=clock)  # type: ignore[arg-type]
-    conn = pipeline.store.db.conn
+    db = pipeline.store.db
     try:
-        assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
-        if temp_store:
-            conn.execute(f"PRAGMA temp_store = {temp_store}")
+        before = set(_temporary_files())
         held: set[str] = set()
-        conn.set_trace_callback(lambda statement: held.update(_temporary_files()))
-        outcomes = pipeline.ingest((DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2", channel="file")
-        conn.set_trace_callback(None)
-        assert [o.status for o in outcomes] == [Status.STORED]
-        if temp_store:
-            assert held, "with temp_store = FILE a statement journal went to a temporary file"
+        modes: set[int] = set()
+
+        def watch(statement: str) -> None:
+            held.update(set(_temporary_files()) - before)
+
+        db.conn.set_trace_callback(watch)
+        report = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
+        if spill:
+            with spilling(db):
+                outcomes = pipeline.ingest(report, "hl7v2", channel="file")
         else:
-            assert held == set()
+            with transaction(db):
+                modes.add(db.conn.execute("PRAGMA temp_store").fetchone()[0])
+            outcomes = pipeline.ingest(report, "hl7v2", channel="file")
+        db.conn.set_trace_callback(None)
+        assert [o.status for o in outcomes] == [Status.STORED]
+        if spill:
+            assert held, "under spilling a statement journal went to a temporary file"
+        else:
+            assert held == set() and modes == {2}  # (2: MEMORY)
+        assert db.conn.execute("PRAGMA temp_store").fetchone()[0] == 0  # outside: SQLite's default again
     finally:
         pipeline.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc to see open files")
+def test_a_large_sort_outside_a_write_transaction_spills_to_disk(tmp_path: Path) -> None:
+    """Reads keep SQLite's default, temporary storage on disk: a sort larger than SQLite's memory for it (a search
+    with a large offset, an audit statistic) goes to temporary files, so memory stays bounded whatever the
+    database's size. In memory, SQLite's sorter never spills: inside a write transaction the same sort opens no
+    file, which shows the check can tell."""
+    import random
+
+    db = connect(tmp_path / "gateway.db")
+    try:
+        db.conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body TEXT)")
+        rng = random.Random(5)
+        with transaction(db):
+            db.conn.executemany("INSERT INTO t (body) VALUES (?)",
+                                [("".join(rng.choice("abcdefgh") for _ in range(400)),) for _ in range(30_000)])
+        before = set(_temporary_files())
+        seen: set[str] = set()
+
+        def sort() -> int:
+            seen.clear()
+
+            def look() -> int:
+                seen.update(set(_temporary_files()) - before)
+                return 0
+
+            db.conn.set_progress_handler(look, 20_000)
+            try:
+                return len(db.conn.execute("SELECT body FROM t ORDER BY body").fetchall())
+            finally:
+                db.conn.set_progress_handler(None, 0)
+
+        assert sort() == 30_000
+        assert seen, "a 12 MB sort outside a transaction went to temporary files"
+        with transaction(db):
+            assert sort() == 30_000
+            assert not seen
+    finally:
+        db.conn.close()

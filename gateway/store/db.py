@@ -4,12 +4,16 @@ WAL journal (readers never block the writer), a busy timeout instead of
 ``database is locked`` errors under concurrent HTTP and MLLP writers, foreign
 keys on, and ``synchronous=NORMAL`` which in WAL mode is durable across
 application crashes (a power cut can lose the last transactions, never corrupt).
-Temporary storage in memory (``temp_store = MEMORY``): an upsert or an insert
-that fires a trigger keeps a statement journal (to undo that one statement),
-which SQLite otherwise moves to a temporary file once it outgrows a small buffer
-— storing one report did so every time, with a write call per page. Bulk work
-that rewrites whole tables (a layout upgrade) runs :func:`spilling`, on disk,
-so that its journals and temporary indexes never have to fit in memory.
+Write transactions keep SQLite's temporary storage in memory (``temp_store =
+MEMORY`` from just before ``BEGIN`` to the end, :func:`transaction`): an upsert or
+an insert that fires a trigger keeps a statement journal (to undo that one
+statement), which SQLite otherwise moves to a temporary file once it outgrows a
+small buffer — storing one report did so every time, with a write call per page.
+Everything else keeps SQLite's default, on disk: in memory, SQLite's sorter never
+spills, and a read that sorts many rows (a search with a large offset) would
+hold them all. Bulk work that rewrites whole tables (a layout upgrade, an index
+added to a large table) runs :func:`spilling`: its transactions keep temporary
+storage on disk too.
 
 Checkpoints (copying the WAL back into the database file, with an fsync) are
 the costly part of writing, and most of their cost is waiting for the disk: left
@@ -141,7 +145,6 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA temp_store = MEMORY")
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
@@ -155,17 +158,33 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
 @contextmanager
 def spilling(db: Database) -> Iterator[Database]:
     """SQLite's temporary storage on disk (``temp_store = FILE``) while bulk work runs — a layout upgrade that
-    rewrites whole tables, whose statement journals and temporary indexes grow with the database — and the
-    connection's own setting again afterwards (memory, see :func:`connect`). Nothing changes on PostgreSQL."""
+    rewrites whole tables, an index added to a large one — whose statement journals and sorts grow with the
+    database: the transactions begun inside keep it on disk too (:func:`transaction` otherwise puts it in
+    memory). Entered inside a transaction already open, it moves sorts to disk, not that transaction's statement
+    journals (SQLite decides those when the transaction begins). SQLite's default again afterwards; nested use
+    joins the outer one. Nothing changes on PostgreSQL."""
     if dialect(db) != "sqlite":
         yield db
         return
-    before = int(db.conn.execute("PRAGMA temp_store").fetchone()[0])
-    db.conn.execute("PRAGMA temp_store = FILE")
+    depth = getattr(db, "spill_depth", 0)
+    db.spill_depth = depth + 1
+    if depth == 0:
+        db.conn.execute("PRAGMA temp_store = FILE")
     try:
         yield db
     finally:
-        db.conn.execute(f"PRAGMA temp_store = {before}")
+        db.spill_depth = depth
+        if depth == 0:
+            _temp_store(db.conn, "DEFAULT")
+
+
+def _temp_store(conn: Any, mode: str) -> None:
+    """``PRAGMA temp_store = mode``, after the work it served: a connection that has broken meanwhile says so at its
+    next use, not here, in place of what went wrong first."""
+    try:
+        conn.execute(f"PRAGMA temp_store = {mode}")
+    except sqlite3.Error as exc:
+        log.debug("temp_store could not be set back: %s", exc)
 
 
 @contextmanager
@@ -192,13 +211,22 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
     if conn.in_transaction:
         yield db
         return
+    in_memory = False
     if dialect(db) == "postgresql":
         conn.begin()
     else:
-        if poll:
-            _begin_polling(conn)
-        else:
-            conn.execute("BEGIN IMMEDIATE")
+        if not getattr(db, "spill_depth", 0):  # (statement journals in memory: see the module's notes)
+            conn.execute("PRAGMA temp_store = MEMORY")
+            in_memory = True
+        try:
+            if poll:
+                _begin_polling(conn)
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            if in_memory:
+                _temp_store(conn, "DEFAULT")
+            raise
         # SQLite's transactions numbered on the connection object, as PostgreSQL's are (``begun``): a fact
         # about the database that one of them made is settled once a later one finds it
         # (:func:`gateway.store.schema.learn`)
@@ -217,6 +245,8 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
         conn.execute("COMMIT")
     finally:
         _COLLECTOR.leave()
+        if in_memory:
+            _temp_store(conn, "DEFAULT")
     wal = getattr(db, "checkpoint_path", None)
     if wal is not None:
         _CHECKPOINTS.request(wal)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from gateway.fhir.servicereport import service_report_system
 from gateway.naming import SYSTEM_USCC, cs_url, ext_url
 from gateway.store import schema
-from gateway.store.db import Database, dialect, transaction
+from gateway.store.db import Database, dialect, spilling, transaction
 
 __all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", "Change", "ensure_schema",
            "ReportVersionsPort", "ReportVersions",
@@ -124,13 +124,14 @@ def ensure_schema(db: Database) -> None:
         return
     if _exists(db):
         columns = schema.columns(db, "report_versions")
-        if "report_code" not in columns:  # a table made before reports were told apart by their code
-            db.execute("ALTER TABLE report_versions ADD COLUMN report_code TEXT NOT NULL DEFAULT ''")
-            db.execute("DROP INDEX IF EXISTS report_versions_report")
-            db.execute(SCHEMA[1])
-        if "replaces" not in columns:  # a table made before a correction could name another number
-            db.execute("ALTER TABLE report_versions ADD COLUMN replaces TEXT NOT NULL DEFAULT ''")
-            db.execute(SCHEMA[3])
+        with spilling(db):  # (an index built again over the whole table: its sort on disk)
+            if "report_code" not in columns:  # a table made before reports were told apart by their code
+                db.execute("ALTER TABLE report_versions ADD COLUMN report_code TEXT NOT NULL DEFAULT ''")
+                db.execute("DROP INDEX IF EXISTS report_versions_report")
+                db.execute(SCHEMA[1])
+            if "replaces" not in columns:  # a table made before a correction could name another number
+                db.execute("ALTER TABLE report_versions ADD COLUMN replaces TEXT NOT NULL DEFAULT ''")
+                db.execute(SCHEMA[3])
         schema.learn(db, _FACT, made="report_code" not in columns or "replaces" not in columns)
         return
     for statement in SCHEMA:

@@ -14,7 +14,7 @@ import datetime as _dt
 import importlib.resources as _resources
 import logging
 
-from gateway.store.db import Database, dialect, transaction
+from gateway.store.db import Database, dialect, spilling, transaction
 
 __all__ = ["apply", "columns", "version", "recorded_version", "set_version", "script", "once", "known", "learn",
            "ensure_indexes", "build_indexes", "statement"]
@@ -189,7 +189,7 @@ def ensure_indexes(db: Database, part: str, names: tuple[str, ...]) -> list[str]
         learn(db, fact)
         return []
     found = _index_statements(db, part, wanted)
-    with transaction(db):
+    with spilling(db), transaction(db):  # (an index over a table of any size: its sort on disk)
         for name in wanted:
             log.warning("database layout: adding index %s (added by this release; once, on a large table it takes "
                         "a while)", name)
