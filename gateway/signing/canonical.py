@@ -390,7 +390,7 @@ def _parse(text: bytes | str, parse_int: Callable[[str], Any]) -> tuple[Any, byt
     except RecursionError:
         raise ParseError("JSON nested too deeply", "$") from None
     except ArithmeticError:  # decimal.InvalidOperation, an exponent too large for a Decimal (1E+99999999999999999999)
-        raise ParseError("not valid JSON here: a number's exponent is beyond what a decimal holds", "$") from None
+        raise ParseError("not valid JSON: a number's exponent is too large for a decimal", "$") from None
     # Text decoded from UTF-8 holds no surrogate (the decoder refuses them); an escaped one is spelt \\uD8xx-\\uDFxx.
     if not from_utf8 and _SURROGATE.search(decoded):
         raise ParseError("JSON text contains an unpaired UTF-16 surrogate", "$")
