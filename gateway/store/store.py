@@ -872,14 +872,27 @@ class Store:
         :raises NotFound: ``rid`` is given and no such resource is stored.
         """
         where, args = ("type = ? AND id = ?", [rtype, rid]) if rid is not None else ("type = ?", [rtype])
-        union = (f"SELECT id, version, last_updated, json FROM resources WHERE {where}"
-                 f" UNION ALL SELECT id, version, last_updated, json FROM resource_history WHERE {where}")
+        union = (f"SELECT id, version, last_updated FROM resources WHERE {where}"
+                 f" UNION ALL SELECT id, version, last_updated FROM resource_history WHERE {where}")
         total = int(self.db.execute(f"SELECT count(*) FROM ({union}) AS v", args * 2).fetchone()[0])
         if rid is not None and total == 0:
             raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
-        rows = self.db.execute(f"SELECT json FROM ({union}) AS v ORDER BY last_updated DESC, id, version DESC"
-                               " LIMIT ? OFFSET ?", [*args, *args, count, offset]).fetchall()
-        return SearchResult(total, [dict(jsonutil.loads(r[0])) for r in rows])
+        # the page's keys are sorted, not the versions' JSON (a large _offset sorts that many keys only); the
+        # JSON of the page's versions is read after
+        keys = [(r[0], int(r[1])) for r in self.db.execute(
+            f"SELECT id, version FROM ({union}) AS v ORDER BY last_updated DESC, id, version DESC LIMIT ? OFFSET ?",
+            [*args, *args, count, offset]).fetchall()]
+        found: dict[tuple[str, int], str] = {}
+        for start in range(0, len(keys), _PAGE_READ):
+            chunk = keys[start:start + _PAGE_READ]
+            pairs = " OR ".join(["(id = ? AND version = ?)"] * len(chunk))
+            flat = [v for key in chunk for v in key]
+            for r in self.db.execute(f"SELECT id, version, json FROM resources WHERE type = ? AND ({pairs})"
+                                     f" UNION ALL SELECT id, version, json FROM resource_history"
+                                     f" WHERE type = ? AND ({pairs})", [rtype, *flat, rtype, *flat]).fetchall():
+                found[(r[0], int(r[1]))] = r[2]
+        # (a version gone between the two reads is left out of the page)
+        return SearchResult(total, [dict(jsonutil.loads(found[k])) for k in keys if k in found])
 
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = 20, offset: int = 0,
                strict: bool = True, sort: list[tuple[str, bool]] | None = None) -> SearchResult:
@@ -980,9 +993,22 @@ class Store:
             if name != "_lastUpdated":
                 order_args += [rtype, name]
         order += ["last_updated DESC", "id"] if not order else ["id"]
-        rows = self.db.query(f"SELECT json FROM resources WHERE {where} ORDER BY {', '.join(order)}"
-                             " LIMIT ? OFFSET ?", [rtype, *args, *order_args, count, offset])
-        return SearchResult(int(total), [dict(jsonutil.loads(r["json"])) for r in rows])
+        # the page's row numbers are sorted, not the resources' JSON: a large _offset sorts that many keys, not
+        # that many resources (SQLite's sorter and PostgreSQL's hold whole rows); the page's JSON is read after
+        rids = [int(r[0]) for r in self.db.execute(
+            f"SELECT rid FROM resources WHERE {where} ORDER BY {', '.join(order)} LIMIT ? OFFSET ?",
+            [rtype, *args, *order_args, count, offset]).fetchall()]
+        return SearchResult(int(total), self._by_rid(rids))
+
+    def _by_rid(self, rids: list[int]) -> list[dict[str, Any]]:
+        """The current resources of row numbers ``rids``, in that order (one gone meanwhile is left out)."""
+        found: dict[int, str] = {}
+        for start in range(0, len(rids), _PAGE_READ):
+            chunk = rids[start:start + _PAGE_READ]
+            marks = ",".join("?" * len(chunk))
+            for r in self.db.execute(f"SELECT rid, json FROM resources WHERE rid IN ({marks})", chunk).fetchall():
+                found[int(r[0])] = r[1]
+        return [dict(jsonutil.loads(found[rid])) for rid in rids if rid in found]
 
     def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]:
         """Resources of ``rtype`` whose reference element ``path`` (one or a list) names any of ``references``.
@@ -1098,6 +1124,8 @@ _UPDATED_EPOCH = {
     "postgresql": "(CAST(EXTRACT(EPOCH FROM CAST(last_updated AS timestamptz)) AS DOUBLE PRECISION) + 0.0001)",
 }
 
+#: Rows of a search or history page read by one statement, once the page's keys are sorted.
+_PAGE_READ = 200
 #: SQL condition: the resource carries no ``meta.tag`` of the system given (``?``) with code ``superseded``.
 _NOT_SUPERSEDED = {
     "sqlite": ("(json_extract(resources.json, '$.meta.tag') IS NULL OR NOT EXISTS (SELECT 1 FROM"

@@ -1,0 +1,194 @@
+"""Paging through a FHIR search or a history, as a client does: following each page's ``next`` link.
+
+Hospital IT pulls a member's stored results page by page (``_count``, then the ``next`` link's ``_offset``): every
+page must hold the resources in the order the first page promised, each resource exactly once over all the
+pages, and the total must match. A page deep into a large result costs the sort of that many *keys*, not of that
+many resources' JSON (SQLite's sorter and PostgreSQL's keep whole rows): on SQLite a search far into resources of
+several kilobytes each writes no temporary copy of them.
+
+The resources are Observations of one Patient, written by the store as a Bundle would be (``Store.finish``),
+in batches an hour apart so that ``_lastUpdated`` orders them, with effective dates in an order of their own
+(some without any) so that ``_sort=date`` orders them differently; some are stored twice, changed, to have a
+history of more than one version.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import Clock
+
+_CODE = {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]}
+
+
+def _observation(n: int, note: str, value: int) -> dict[str, Any]:
+    obs: dict[str, Any] = {
+        "resourceType": "Observation", "id": f"obs-{n:04d}", "status": "final", "code": _CODE,
+        "subject": {"reference": "Patient/paging-patient"},
+        "valueQuantity": {"value": value, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"},
+        "note": [{"text": note}],
+    }
+    if n % 7:  # every seventh has no effective date: it sorts last by date
+        day = (n * 37) % 90  # dates in an order unlike the ids'
+        obs["effectiveDateTime"] = (_dt.date(2026, 6, 1) + _dt.timedelta(days=day)).isoformat() + "T08:00:00+08:00"
+    return obs
+
+
+def _store(pipeline: Any, clock: Clock, observations: list[dict[str, Any]], tag: str) -> None:
+    store = pipeline.store
+    record_id, _ = store.insert_raw(channel="test", fmt="fhir", sender="paging", message_id=tag, origin="test",
+                                    raw=tag.encode())
+    bundle = {"resourceType": "Bundle", "id": f"bundle-{tag}", "type": "collection",
+              "entry": [{"fullUrl": f"urn:uuid:{hashlib.md5((tag + o['id']).encode()).hexdigest()}", "resource": o}
+                        for o in observations]}
+    assert store.finish(record_id, status="stored", ack_code=None, ack=None, issues=[], bundle=bundle)
+
+
+def _fill(pipeline: Any, clock: Clock, count: int, note_size: int) -> dict[str, dict[str, Any]]:
+    """``count`` Observations stored in batches of 40, an hour apart; every fifth stored again, changed, later.
+    Returns what is current, by id."""
+    current: dict[str, dict[str, Any]] = {}
+    for start in range(0, count, 40):
+        batch = [_observation(n, f"{n:04d} " + "x" * note_size, n) for n in range(start, min(count, start + 40))]
+        _store(pipeline, clock, batch, f"batch-{start}")
+        current.update((o["id"], o) for o in batch)
+        clock.advance(hours=1)
+    again = [_observation(n, f"{n:04d} changed " + "y" * note_size, n + 1000) for n in range(0, count, 5)]
+    _store(pipeline, clock, again, "again")
+    current.update((o["id"], o) for o in again)
+    return current
+
+
+def _walk(client: Any, url: str) -> tuple[list[dict[str, Any]], int, int]:
+    """Every resource of every page from ``url`` on, following ``next`` links; the total the first page gave,
+    and how many pages."""
+    found: list[dict[str, Any]] = []
+    total = -1
+    pages = 0
+    while url:
+        answer = client.get(url)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        page = answer.get_json()
+        pages += 1
+        if total < 0:
+            total = page["total"]
+        assert page["total"] == total
+        found += [e["resource"] for e in page.get("entry", []) if e.get("search", {}).get("mode", "match") == "match"]
+        nxt = [link["url"] for link in page.get("link", []) if link["relation"] == "next"]
+        url = ""
+        if nxt:
+            parts = urlsplit(nxt[0])
+            url = f"{parts.path}?{parts.query}"
+        assert pages < 1000
+    return found, total, pages
+
+
+def _date_key(obs: dict[str, Any]) -> tuple[bool, str]:
+    return ("effectiveDateTime" not in obs, obs.get("effectiveDateTime", ""))
+
+
+def test_paging_through_a_search_and_a_history_gives_every_resource_once_in_order(
+        client: Any, pipeline: Any, clock: Clock) -> None:
+    current = _fill(pipeline, clock, 130, 40)
+    # newest updated first, then by id (the store's order): the changed ones, then the batches from the last back
+    expected = sorted(current.values(), key=lambda o: o["id"])
+    changed = {o["id"] for o in expected if o["note"][0]["text"].split()[1] == "changed"}
+    batches = sorted({int(i[4:]) // 40 for i in current}, reverse=True)
+    newest_first = [o for o in expected if o["id"] in changed]
+    for b in batches:
+        newest_first += [o for o in expected if int(o["id"][4:]) // 40 == b and o["id"] not in changed]
+
+    found, total, pages = _walk(client, "/fhir/Observation?subject=Patient/paging-patient&_count=17")
+    assert total == 130 and pages == 8
+    assert [o["id"] for o in found] == [o["id"] for o in newest_first]
+    assert [o["note"][0]["text"] for o in found] == [o["note"][0]["text"] for o in newest_first]  # current versions
+
+    found, total, pages = _walk(client, "/fhir/Observation?subject=Patient/paging-patient&_sort=date&_count=30")
+    assert total == 130 and pages == 5
+    by_date = sorted(current.values(), key=lambda o: (_date_key(o), o["id"]))
+    assert [o["id"] for o in found] == [o["id"] for o in by_date]
+    found, _, _ = _walk(client, "/fhir/Observation?subject=Patient/paging-patient&_sort=-date&_count=30")
+    dated = sorted((o for o in current.values() if "effectiveDateTime" in o), key=lambda o: o["id"])
+    dated.sort(key=lambda o: o["effectiveDateTime"], reverse=True)
+    assert [o["id"] for o in found] == [o["id"] for o in dated] + sorted(
+        o["id"] for o in current.values() if "effectiveDateTime" not in o)
+
+    # the type's history: 130 first versions and 26 second ones, newest first, the second before the first
+    found, total, pages = _walk(client, "/fhir/Observation/_history?_count=25")
+    assert total == 156 and pages == 7
+    seen = [(o["id"], o["meta"]["versionId"]) for o in found]
+    assert len(set(seen)) == 156
+    assert seen[:26] == [(i, "2") for i in sorted(changed)]
+    assert sorted(seen[26:]) == sorted([(i, "1") for i in current])
+    assert {o["note"][0]["text"].split()[1] for o in found[26:]} == {"x" * 40}  # first versions as they were
+
+    # one resource's history, one version per page
+    found, total, pages = _walk(client, "/fhir/Observation/obs-0005/_history?_count=1")
+    assert total == 2 and pages == 2
+    assert [(o["meta"]["versionId"], o["valueQuantity"]["value"]) for o in found] == [("2", 1005), ("1", 5)]
+
+    # a page past the end is empty, and says how many there are
+    answer = client.get("/fhir/Observation?subject=Patient/paging-patient&_count=10&_offset=500").get_json()
+    assert answer["total"] == 130 and not answer.get("entry")
+
+
+def _temporary_files() -> set[str]:
+    """SQLite's temporary files this process holds open (``etilqs_*``: deleted on opening, still open)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "etilqs_" in target:
+            found.add(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc to see open files")
+def test_a_page_deep_into_large_resources_sorts_keys_not_resources(tmp_path: Path, clock: Clock) -> None:
+    """1,200 Observations of some 6 KB each (7 MB, more than SQLite's 2 MB for a sort in memory): a page at offset
+    1,150 is sorted from keys alone, so no temporary file is written; the same sort over the resources' JSON writes
+    one, which shows the check can tell."""
+    from conftest import TONGJIANG
+
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+
+    pipeline = Pipeline(load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG, "issuer_name": "通江县人民医院（演示）"}),
+        clock=clock)
+    try:
+        _fill(pipeline, clock, 1200, 6000)
+        db = pipeline.store.db
+        before = _temporary_files()
+        seen: set[str] = set()
+
+        def look() -> int:
+            seen.update(_temporary_files() - before)
+            return 0
+
+        db.conn.set_progress_handler(look, 5_000)
+        try:
+            for sort in (None, [("date", False)]):
+                page = pipeline.store.search("Observation", [("subject", "Patient/paging-patient")], count=20,
+                                             offset=1150, sort=sort)
+                assert page.total == 1200 and len(page.resources) == 20
+            history = pipeline.store.history("Observation", count=20, offset=1300)
+            assert history.total == 1440 and len(history.resources) == 20
+            assert not seen, "a deep page was sorted from the resources' JSON"
+            # the reference: the same order over whole rows goes to a temporary file
+            rows = db.conn.execute("SELECT json FROM resources WHERE type = 'Observation'"
+                                   " ORDER BY last_updated DESC, id LIMIT 20 OFFSET 1150").fetchall()
+            assert len(rows) == 20
+            assert seen, "sorting whole rows at this size spills to a temporary file"
+        finally:
+            db.conn.set_progress_handler(None, 0)
+    finally:
+        pipeline.close()
