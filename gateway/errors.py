@@ -214,7 +214,17 @@ class BadSignature(TrustError):
 
 
 class UnknownIssuer(TrustError):
-    """The issuer or signer is not in the registry snapshot."""
+    """The issuer or signer is not in the registry snapshot.
+
+    ``member``: the member a trusted registry authority certified (its 统一社会信用代码, proven by that
+    certificate) when the refusal is that it is not listed at the time (removed, i.e. revoked); None when the
+    signer cannot be told (a certificate no trusted authority issued, or one that names no member).
+    """
+
+    def __init__(self, message: str, location: str = "", *, code: str | None = None,
+                 member: str | None = None) -> None:
+        super().__init__(message, location, code=code)
+        self.member = member
 
 
 class IssuerNotQualified(TrustError):

@@ -1405,6 +1405,13 @@ class Pipeline:
         return Outcome(Status.REFUSED, key, ack_code=str(exc.http_status), issues=exc.issues(), record_id=record_id,
                        direction="received"), audit
 
+    def refuse_unlisted(self, text: bytes, member: str, exc: GatewayError) -> None:
+        """Keep a Bundle pushed by ``member``, refused at authentication because the registry no longer lists it
+        (revoked), as refused under the hash of its bytes, with its audit entry: as a push that does not verify."""
+        metrics.signature_failed("receive", exc)
+        log.warning("exchange push from member=%s refused: not listed in the registry snapshot", member)
+        self._refuse_unverified(text, member, exc)
+
     def _refuse_unverified(self, text: bytes, peer: str, exc: GatewayError) -> None:
         """Keep a push that did not verify, under the hash of its bytes, as refused, with its audit entry."""
         from gateway.audit.log import append_prepared

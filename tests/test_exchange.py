@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import hashlib
 import json
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from gateway.demo.registry import build_demo_registry
 from gateway.demo.world import build_world
 from gateway.exchange.outbox import SendResult
 from gateway.exchange.transports import classify
+from gateway.pipeline import SIGNED_FORMAT
 from gateway.signing.canonical import parse_json
 
 CST = _dt.timezone(_dt.timedelta(hours=8))
@@ -183,10 +185,44 @@ def test_revoked_signer_is_refused(world, clock) -> None:
     # 通江 cannot even authenticate any more
     resp = post_as(world, "tongjiang", "fuling", signed)
     assert resp.status_code == 403
+    # what it pushed is kept, refused, and the auditor sees who tried (the authority's certificate says who)
+    fl = world.gateways["fuling"].pipeline
+    digest = hashlib.sha256(signed).hexdigest()
+    kept = fl.store.find_message(SIGNED_FORMAT, TJ, digest)
+    assert kept is not None and kept.status == "refused" and fl.store.raw_of(kept.id) == signed
+    refused = [e.facts for e in entries(fl.store.db) if e.kind == "exchange"]
+    assert len(refused) == 1
+    assert refused[0]["direction"] == "refused" and refused[0]["reason"] == "unknown-issuer"
+    assert refused[0]["peer"]["value"] == TJ and refused[0]["bundle_hash"] == f"sha256:{digest}"
+    assert "not listed" in refused[0]["detail"]
+    assert fl.store.search("Observation", []).total == 0
     # and a Bundle it signed is refused even when another member forwards it
     resp = post_as(world, "sccdc", "fuling", signed)
     assert resp.status_code == 403
     assert "not listed" in resp.get_json()["issue"][0]["diagnostics"]
+
+
+def test_a_push_from_a_certificate_no_trusted_authority_issued_is_not_kept(world, tmp_path) -> None:
+    """A caller whose certificate no registry authority of the snapshot issued cannot be told from anyone: its
+    push is refused (403 or 401) and neither kept nor audited, so that no stranger can fill the audit log."""
+    from gateway.exchange.peer_auth import make_assertion
+    from gateway.signing.keys import generate_private_key, issue_certificate, make_authority
+
+    signed = ingest_lis(world)[0].signed
+    now = world.gateways["fuling"].pipeline.clock()
+    rogue_key = generate_private_key()
+    rogue = make_authority(rogue_key, "11500000MB00050043", "not the registry authority", now - _dt.timedelta(days=1),
+                           now + _dt.timedelta(days=30))
+    key = generate_private_key()
+    cert = issue_certificate(key.public_key(), TJ, "通江 (not certified by the registry authority)", rogue_key,
+                             rogue, now - _dt.timedelta(days=1), now + _dt.timedelta(days=30))
+    url = world.gateways["fuling"].url + "/exchange/bundles"
+    token = make_assertion(key, [cert], issuer_uscc=TJ, audience=url, now=now)
+    resp = post_as(world, "tongjiang", "fuling", signed, token=token)
+    assert resp.status_code in (401, 403), resp.get_data(as_text=True)
+    fl = world.gateways["fuling"].pipeline
+    assert [e for e in entries(fl.store.db) if e.kind == "exchange"] == []
+    assert fl.store.find_message(SIGNED_FORMAT, TJ, hashlib.sha256(signed).hexdigest()) is None
 
 
 def test_signer_must_be_the_issuer(world) -> None:

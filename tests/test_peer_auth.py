@@ -94,8 +94,9 @@ def test_tampered_claims_fail_as_a_bad_signature(pki, trust, replay) -> None:
 
 
 def test_member_claiming_to_be_another_member(pki, trust, replay) -> None:
-    with pytest.raises(UnknownIssuer, match="another member"):
+    with pytest.raises(UnknownIssuer, match="another member") as exc:
         verify_assertion(token(pki, iss=FL), trust, audiences=[AUD], now=NOW, replay=replay)
+    assert exc.value.member is None  # (listed, but not for what it claims: not a removed member)
 
 
 def test_revoked_member_is_refused_with_403(pki, trust, replay) -> None:
@@ -104,13 +105,16 @@ def test_revoked_member_is_refused_with_403(pki, trust, replay) -> None:
     with pytest.raises(TrustError) as exc:
         verify_assertion(token(pki), trust, audiences=[AUD], now=NOW, replay=replay)
     assert exc.value.http_status == 403
+    # who it is, proven by the authority's certificate: the receiver keeps and audits what it pushed
+    assert isinstance(exc.value, UnknownIssuer) and exc.value.member == TJ
 
 
 def test_certificate_from_another_authority_is_refused(pki, trust, replay) -> None:
     _, keys, _, rogue = pki
     t = make_assertion(keys[TJ], [rogue], issuer_uscc=TJ, audience=AUD, now=NOW)
-    with pytest.raises((PeerAuthError, UnknownIssuer)):
+    with pytest.raises((PeerAuthError, UnknownIssuer)) as exc:
         verify_assertion(t, trust, audiences=[AUD], now=NOW, replay=replay)
+    assert getattr(exc.value, "member", None) is None  # no trusted authority says who it is
 
 
 @pytest.mark.parametrize("garbage", ["", "a.b", "a.b.c", "x" * 50, "e30.e30.AAAA"])

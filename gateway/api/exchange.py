@@ -11,7 +11,9 @@
 
 Callers authenticate with a signed client assertion (``gateway.exchange.peer_auth``);
 unknown or revoked members get 403, anything else wrong 401, always as an
-OperationOutcome.
+OperationOutcome. A Bundle pushed by a member the registry authority certified but
+no longer lists (revoked) is kept as refused, with an ``exchange`` audit entry
+(``refused``, ``unknown-issuer``) naming that member, as every refused push is.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
 from gateway.api.app import pipeline_of
-from gateway.errors import ConfigError, InputError
+from gateway.errors import ConfigError, InputError, UnknownIssuer
 from gateway.exchange.service import Exchange
 
 bp = Blueprint("exchange", __name__, url_prefix="/exchange")
@@ -38,7 +40,16 @@ def exchange_of(app: object) -> Exchange:
 def receive() -> Response:
     """Verify, store and recognise a pushed signed Bundle; answer with a signed receipt."""
     ex = exchange_of(current_app)
-    peer = ex.authenticate(request.headers.get("Authorization", ""))
+    try:
+        peer = ex.authenticate(request.headers.get("Authorization", ""))
+    except UnknownIssuer as exc:
+        if exc.member is not None:
+            # a member the registry authority certified, no longer listed (revoked): what it pushed is kept as
+            # refused, with its audit entry, as a Bundle it signed after its removal would be
+            text = request.get_data(cache=False)
+            if text.strip():
+                pipeline_of(current_app).refuse_unlisted(text, exc.member, exc)
+        raise
     text = request.get_data(cache=False)
     if not text.strip():
         raise InputError("request body is empty: send the signed Bundle as the body", "body")

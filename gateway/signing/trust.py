@@ -293,5 +293,6 @@ def check_certificate(
             f"signing certificate {kid} of {uscc} was not listed in the trust list at {at.isoformat()} "
             "(removed, i.e. revoked, or never registered)",
             location,
+            member=uscc,
         )
     return uscc
