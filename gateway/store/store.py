@@ -976,39 +976,35 @@ class Store:
             args.append(_SUPERSEDED_SYSTEM)
         where = " AND ".join(["type = ?"] + clauses)
         total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]
-        order: list[str] = []
-        order_args: list[Any] = []
+        # the page's keys are sorted, not the resources' JSON (SQLite's sorter and PostgreSQL's hold whole rows): a
+        # large _offset sorts that many keys; the page's JSON is joined to them after, in the same statement (so
+        # what it returns is what matched), in the same order
+        keys: list[tuple[str, list[Any], str, bool]] = []  # (SQL expression, its arguments, direction, may be NULL)
         for name, descending in sort or []:
             if known.get(name) != "date":
                 raise InvalidSearch(f"_sort by {name!r} is not supported for {rtype} (supported: "
                                     f"{', '.join(sorted(n for n, k in known.items() if k == 'date'))})", "_sort",
                                     code="not-supported")
+            direction = "DESC" if descending else "ASC"
             if name == "_lastUpdated":
-                key = updated_epoch
+                keys.append((updated_epoch, [], direction, True))
             else:
-                key = ("(SELECT min(lo) FROM search_date d WHERE d.type = ? AND d.param = ? "
-                       "AND d.res = resources.rid)")
-                order_args += [rtype, name]
-            order.append(f"{key} IS NULL, {key} {'DESC' if descending else 'ASC'}")
-            if name != "_lastUpdated":
-                order_args += [rtype, name]
-        order += ["last_updated DESC", "id"] if not order else ["id"]
-        # the page's row numbers are sorted, not the resources' JSON: a large _offset sorts that many keys, not
-        # that many resources (SQLite's sorter and PostgreSQL's hold whole rows); the page's JSON is read after
-        rids = [int(r[0]) for r in self.db.execute(
-            f"SELECT rid FROM resources WHERE {where} ORDER BY {', '.join(order)} LIMIT ? OFFSET ?",
-            [rtype, *args, *order_args, count, offset]).fetchall()]
-        return SearchResult(int(total), self._by_rid(rids))
-
-    def _by_rid(self, rids: list[int]) -> list[dict[str, Any]]:
-        """The current resources of row numbers ``rids``, in that order (one gone meanwhile is left out)."""
-        found: dict[int, str] = {}
-        for start in range(0, len(rids), _PAGE_READ):
-            chunk = rids[start:start + _PAGE_READ]
-            marks = ",".join("?" * len(chunk))
-            for r in self.db.execute(f"SELECT rid, json FROM resources WHERE rid IN ({marks})", chunk).fetchall():
-                found[int(r[0])] = r[1]
-        return [dict(jsonutil.loads(found[rid])) for rid in rids if rid in found]
+                keys.append(("(SELECT min(lo) FROM search_date d WHERE d.type = ? AND d.param = ? "
+                             "AND d.res = resources.rid)", [rtype, name], direction, True))
+        keys += [("last_updated", [], "DESC", False), ("id", [], "ASC", False)] if not keys else [
+            ("id", [], "ASC", False)]
+        columns = "".join(f", {expr} AS k{i}" for i, (expr, _, _, _) in enumerate(keys))
+        column_args = [a for _, kargs, _, _ in keys for a in kargs]
+        inner_order = ", ".join((f"{expr} IS NULL, " if nullable else "") + f"{expr} {direction}"
+                                for expr, _, direction, nullable in keys)
+        order_args = [a for _, kargs, _, nullable in keys for a in (kargs * 2 if nullable else kargs)]
+        outer_order = ", ".join((f"p.k{i} IS NULL, " if nullable else "") + f"p.k{i} {direction}"
+                                for i, (_, _, direction, nullable) in enumerate(keys))
+        rows = self.db.execute(
+            f"SELECT r.json FROM (SELECT rid{columns} FROM resources WHERE {where} ORDER BY {inner_order}"
+            f" LIMIT ? OFFSET ?) AS p JOIN resources r ON r.rid = p.rid ORDER BY {outer_order}",
+            [*column_args, rtype, *args, *order_args, count, offset]).fetchall()
+        return SearchResult(int(total), [dict(jsonutil.loads(r[0])) for r in rows])
 
     def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]:
         """Resources of ``rtype`` whose reference element ``path`` (one or a list) names any of ``references``.
