@@ -311,3 +311,47 @@ def test_search_numbers_take_ascii_digits_only(client, query: str) -> None:
 def test_search_date_takes_ascii_digits_only(client) -> None:
     assert client.get("/fhir/Observation?date=２０２４").status_code == 400
     assert client.get("/fhir/Observation?date=2024").status_code == 200
+
+
+# -- search values a database or a clock cannot hold: 400 naming the parameter, never a 500 --------------------------
+
+
+@pytest.mark.parametrize("path, param", [
+    ("/fhir/Observation?date=2026-11-20T07:30:00%2B24:00", "date"),
+    ("/fhir/Observation?_lastUpdated=ge2026-11-20T07:30:00-25:00", "_lastUpdated"),
+    ("/fhir/Patient?birthdate=2026-11-20T07:30:00%2B05:60", "birthdate"),
+    ("/fhir/AuditEvent?date=2026-11-20T07:30:00%2B24:00", "date"),
+    ("/fhir/AuditEvent?_id=99999999999999999999999", "_id"),
+    ("/fhir/AuditEvent?_id=1,-99999999999999999999999", "_id"),
+])
+def test_search_values_out_of_range_are_a_clear_400(app, path: str, param: str) -> None:
+    from conftest import make_token
+
+    resp = app.test_client().get(path, headers={"Authorization": f"Bearer {make_token(app, 'it', ['admin'])}"})
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    issue = resp.get_json()["issue"][0]
+    assert issue["expression"] == [param] or issue.get("location") == [param]
+    assert "internal" not in issue["diagnostics"]
+
+
+def test_an_audit_cursor_holding_numbers_too_large_is_refused(app) -> None:
+    import base64
+
+    from conftest import make_token
+
+    client = app.test_client()
+    auditor = {"Authorization": f"Bearer {make_token(app, 'auditor', ['auditor'])}"}
+    for cursor in ([10 ** 30, 1, 1], [1, 1.5, 1], ["1", 1, 1]):
+        value = base64.urlsafe_b64encode(json.dumps(cursor).encode()).rstrip(b"=").decode()
+        resp = client.get(f"/fhir/AuditEvent?_cursor={value}", headers=auditor)
+        assert resp.status_code == 400, resp.get_data(as_text=True)
+        assert "paging cursor" in resp.get_json()["issue"][0]["diagnostics"]
+
+
+def test_an_unencoded_plus_in_a_search_date_is_read_as_the_offset(client) -> None:
+    """A client that leaves the zone's "+" unencoded sends a space: read as the offset, as the AuditEvent search
+    does, not refused."""
+    plain = client.get("/fhir/Observation?date=ge2026-11-20T07:30:00+08:00")
+    encoded = client.get("/fhir/Observation?date=ge2026-11-20T07:30:00%2B08:00")
+    assert plain.status_code == encoded.status_code == 200, plain.get_data(as_text=True)
+    assert plain.get_json()["total"] == encoded.get_json()["total"]

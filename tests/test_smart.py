@@ -228,6 +228,34 @@ def test_scopes_are_enforced_per_route_beside_roles(world: Any) -> None:
     assert world.http.get("/fhir/AuditEvent", headers={"Authorization": f"Bearer {token}"}).status_code == 403
 
 
+def test_included_resources_are_only_those_the_token_may_read(world: Any) -> None:
+    """_include and _revinclude add other types' resources to a search: an access token gets only those of the
+    types its scopes let it read (system/{type}.r), as if it had read them one by one."""
+    submitted = world.http.post("/ingest/hl7v2", data=UTF8, headers={
+        "Authorization": f"Bearer {make_token(world.app, 'lis-test', ['submitter'])}"})
+    assert submitted.status_code == 200, submitted.get_data(as_text=True)
+    query = ("/fhir/DiagnosticReport?_include=DiagnosticReport:subject&_include=DiagnosticReport:result"
+             "&_include=DiagnosticReport:performer")
+
+    def types(scope: str) -> set[str]:
+        access = _token(world, scope=scope).get_json()["access_token"]
+        res = world.http.get(query, headers={"Authorization": f"Bearer {access}"})
+        assert res.status_code == 200, res.get_data(as_text=True)
+        return {e["resource"]["resourceType"] for e in res.get_json()["entry"]}
+
+    assert types("system/DiagnosticReport.rs") == {"DiagnosticReport"}
+    assert types("system/DiagnosticReport.rs system/Observation.read") == {"DiagnosticReport", "Observation"}
+    # an API token of a role that reads everything still gets every included resource
+    everything = world.http.get(query, headers={"Authorization": f"Bearer {make_token(world.app, 'it', ['admin'])}"})
+    assert {"DiagnosticReport", "Observation", "Patient"} <= {e["resource"]["resourceType"]
+                                                              for e in everything.get_json()["entry"]}
+    access = _token(world, scope="system/Observation.read").get_json()["access_token"]
+    revinclude = world.http.get("/fhir/Observation?_revinclude=DiagnosticReport:result",
+                                headers={"Authorization": f"Bearer {access}"})
+    assert revinclude.status_code == 200
+    assert {e["resource"]["resourceType"] for e in revinclude.get_json()["entry"]} == {"Observation"}
+
+
 def test_an_auditor_tool_with_rs384_and_a_pem_key_reads_the_audit_log(world: Any) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM,

@@ -38,6 +38,7 @@ from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON
 from gateway.errors import InvalidSearch, NotFound, shown
 from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS
+from gateway.scopes import covers, parse_scopes
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -562,17 +563,22 @@ def _include_spec(param: str, value: str) -> tuple[str, str, str | None]:
 
 
 def _included(rtype: str, args: MultiDict[str, str], matches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The resources ``_include`` and ``_revinclude`` add to a page of matches, each once, matches left out.
+    """The resources ``_include`` and ``_revinclude`` add to a page of matches, each once, matches left out; for a
+    SMART access token, only those of the types its scopes let it read (``system/{type}.r``).
 
     :raises InvalidSearch: an ``_include`` of another type's reference, or a reference the gateway does not follow.
     """
     store = pipeline_of(current_app).store
     seen = {(r["resourceType"], r["id"]) for r in matches}
     found: list[dict[str, Any]] = []
+    scopes = current_principal().scopes
+    granted = parse_scopes(scopes) if scopes is not None else None
 
     def add(resources: list[dict[str, Any]]) -> None:
         for res in resources:
             key = (res["resourceType"], res["id"])
+            if granted is not None and not covers(granted, key[0], "r"):
+                continue  # a SMART access token sees only the types it may read, included or not
             if key not in seen and len(found) < _MAX_INCLUDED:
                 seen.add(key)
                 found.append(res)

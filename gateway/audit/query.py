@@ -177,6 +177,8 @@ def parse_offset(offset: str) -> _dt.tzinfo:
     m = re.match(r"^([+-])(\d{2}):(\d{2})$", offset or "")
     if not m:
         raise InputError(f"time zone offset {offset!r} must look like +08:00", "timezone")
+    if int(m.group(2)) > 23 or int(m.group(3)) > 59:
+        raise InputError(f"time zone offset {offset!r} is outside -23:59 to +23:59", "timezone")
     delta = _dt.timedelta(hours=int(m.group(2)), minutes=int(m.group(3)))
     return _dt.timezone(-delta if m.group(1) == "-" else delta)
 
@@ -315,7 +317,7 @@ def parse_search(
             keys.append((param, tokens))
         elif name == "_id":
             try:
-                ids.append(tuple(int(v) for v in _ors(value, name)))
+                ids.append(tuple(_entry_number(v) for v in _ors(value, name)))
             except ValueError:
                 raise InvalidSearch(f"_id: {value[:60]!r} is not an AuditEvent id", name) from None
         elif name == "_count":
@@ -347,11 +349,27 @@ def _encode_cursor(cursor: Cursor) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+def _entry_number(value: str) -> int:
+    """An entry's number (its AuditEvent id): a whole number a database integer holds.
+
+    :raises ValueError: not one.
+    """
+    number = int(value)
+    if not -_INT64 <= number < _INT64:
+        raise ValueError(value)
+    return number
+
+
+_INT64 = 2 ** 63
+
+
 def _decode_cursor(value: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         upto, t, seq = json.loads(raw)
-        return Cursor(int(upto), int(t), int(seq))
+        if not all(type(v) is int and -_INT64 <= v < _INT64 for v in (upto, t, seq)):
+            raise ValueError("not a cursor")
+        return Cursor(upto, t, seq)
     except (ValueError, TypeError):
         raise InvalidSearch(
             "_cursor: not a paging cursor of this server (follow the next link as given)", "_cursor"

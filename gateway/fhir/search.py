@@ -56,10 +56,13 @@ def date_bounds(value: str, default_tz: _dt.tzinfo = _CST) -> tuple[_dt.datetime
                          "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss][zone])", "date")
     g = m.groupdict()
     zone: _dt.tzinfo = default_tz
-    if g["tz"]:
+    if g["tz"] and g["tz"] != "Z":
         tz = g["tz"]
-        zone = _dt.timezone.utc if tz == "Z" else _dt.timezone(
-            _dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * (1 if tz[0] == "+" else -1))
+        if int(tz[1:3]) > 23 or int(tz[4:6]) > 59:
+            raise InputError(f"{shown(value)} has the UTC offset {tz}, outside -23:59 to +23:59", "date")
+        zone = _dt.timezone(_dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * (1 if tz[0] == "+" else -1))
+    elif g["tz"]:
+        zone = _dt.timezone.utc
     try:
         year = int(g["y"])
         if g["mo"] is None:
@@ -126,6 +129,8 @@ def parse_date_query(value: str, param: str = "date") -> DateQuery:
     """
     prefix = value[:2] if value[:2] in _PREFIXES else "eq"
     rest = value[2:] if value[:2] in _PREFIXES else value
+    # a zone's "+" sent unencoded in a query string arrives as a space: "08:00:00 08:00" is read as "+08:00"
+    rest = re.sub(r" (\d{2}:\d{2})$", r"+\1", rest)
     try:
         lo, hi = date_range(rest)
     except InputError as exc:
