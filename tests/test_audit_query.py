@@ -280,6 +280,26 @@ def test_http_search_is_a_searchset_with_next_links(audit_client, tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_http_paging_total_stays_the_first_pages_while_entries_are_appended(audit_client) -> None:
+    """Every page an auditor reads appends an entry of its own (the read is audited): following the next links,
+    the total stays the one the first page gave, and the pages hold exactly that many entries."""
+    client, tokens, db = audit_client
+    for record in _records():
+        append(db, record)
+    auth = {"Authorization": f"Bearer {tokens['auditor']}"}
+    url = "/fhir/AuditEvent?_count=3"
+    totals, ids = [], []
+    while url:
+        bundle = client.get(url, headers=auth).get_json()
+        totals.append(bundle["total"])
+        ids += [e["resource"]["id"] for e in bundle.get("entry", [])]
+        nxt = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+        url = nxt[0][len("http://localhost"):] if nxt else ""
+        append(db, _records()[0])  # and something else is recorded meanwhile
+    assert len(totals) > 2 and set(totals) == {totals[0]}
+    assert len(ids) == len(set(ids)) == totals[0]
+
+
 def test_http_unknown_parameter_is_a_400_outcome(audit_client) -> None:
     client, tokens, _ = audit_client
     res = client.get("/fhir/AuditEvent?colour=red", headers={"Authorization": f"Bearer {tokens['auditor']}"})

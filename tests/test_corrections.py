@@ -150,6 +150,11 @@ def assert_superseded_readable(store, old_id: str, new_id: str) -> None:
         assert [t["code"] for t in old["meta"]["tag"]] == ["superseded"]
     found = store.search("DiagnosticReport", [("identifier", f"urn:oid:2.16.156.10011.1.33|{NUMBER}")])
     assert [r["id"] for r in found.resources] == [new_id]
+    # nor does _revinclude find the superseded version (the patient's reports, as Patient?_revinclude adds them)
+    subject = store.read("DiagnosticReport", new_id)["subject"]["reference"]
+    numbered = [r["id"] for r in store.referencing("DiagnosticReport", "subject", [subject], 100)
+                if any(i.get("value") == NUMBER for i in r.get("identifier", []))]
+    assert numbered == [new_id]
 
 
 def test_withdrawal_is_found_by_audit_query(world, tmp_path) -> None:

@@ -355,3 +355,15 @@ def test_an_unencoded_plus_in_a_search_date_is_read_as_the_offset(client) -> Non
     encoded = client.get("/fhir/Observation?date=ge2026-11-20T07:30:00%2B08:00")
     assert plain.status_code == encoded.status_code == 200, plain.get_data(as_text=True)
     assert plain.get_json()["total"] == encoded.get_json()["total"]
+
+
+def test_a_search_with_too_many_parameters_is_a_400_not_a_503(client) -> None:
+    """Each parameter is one more condition; past a limit the answer says so (a 503 would have the client send
+    it again and again)."""
+    many = "&".join(["code=1"] * 988)
+    for resp in (client.get(f"/fhir/Observation?{many}"),
+                 client.post("/fhir/Observation/_search", data=many,
+                             content_type="application/x-www-form-urlencoded")):
+        assert resp.status_code == 400, resp.get_data(as_text=True)
+        assert "at most 50" in resp.get_json()["issue"][0]["diagnostics"]
+    assert client.get("/fhir/Observation?" + "&".join(["code=1"] * 50)).status_code == 200

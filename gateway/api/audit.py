@@ -130,7 +130,7 @@ def search_events() -> Response:
     with _db() as db:
         page = query.run(db, search)
         if page.total is None:  # every searchset says how many match, not only _count=0
-            page = query.Page(page.entries, page.next, query.count(db, search))
+            page = query.Page(page.entries, page.next, query.count(db, search, page.upto), page.upto)
         events = [e.event() for e in page.entries]
         _record_read(
             db,

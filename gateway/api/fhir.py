@@ -44,6 +44,7 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 _MAX_COUNT = 200
 _MAX_VALUE = 256  # characters of one search value: answers (self links, issues) never echo more
+_MAX_PARAMS = 50  # search parameters of one search (each is a condition all matches meet)
 _MAX_NAME = 60  # characters of a search parameter's name (with its modifier and chain); no parameter has more
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter takes it
@@ -463,6 +464,9 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     offset = _int_param("_offset", 0, 0, 10_000_000, args)
     params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    if len(params) > _MAX_PARAMS:
+        raise InvalidSearch(f"the search has {len(params)} parameters, at most {_MAX_PARAMS} are taken (values of "
+                            "one parameter separated by commas match any of them)", params[_MAX_PARAMS][0][:_MAX_NAME])
     for name, value in params:
         if len(name) > _MAX_NAME and not lenient:
             raise InvalidSearch(f"search parameter {shown(name)} is not supported for {rtype}", name[:_MAX_NAME],

@@ -167,6 +167,8 @@ class Page:
     entries: list[Entry]
     next: Cursor | None
     total: int | None = None
+    #: The last entry the search looked at (a paging cursor's snapshot: entries appended later are not counted).
+    upto: int | None = None
 
 
 def parse_offset(offset: str) -> _dt.tzinfo:
@@ -392,11 +394,12 @@ def _plan(db: Database, search: Search) -> frozenset[int]:
     return frozenset() if best is None else frozenset([best[0]])
 
 
-def count(db: Database, search: Search) -> int:
-    """How many entries match (ignores paging)."""
+def count(db: Database, search: Search, upto: int | None = None) -> int:
+    """How many entries match (ignores paging); with ``upto``, of the entries up to that one (a page's
+    :attr:`Page.upto`: the total stays the same page after page while entries are appended)."""
     store = audit_store(db)
     store.ensure_schema()
-    return store.count(search)
+    return store.count(search, upto)
 
 
 def run(db: Database, search: Search) -> Page:
@@ -413,7 +416,7 @@ def run(db: Database, search: Search) -> Page:
     rows = rows[: search.count]
     entries = [Entry.from_row(r[0], r[1], r[2], r[3]) for r in rows]
     nxt = Cursor(upto, rows[-1][4], rows[-1][0]) if more and rows else None
-    return Page(entries, nxt)
+    return Page(entries, nxt, upto=upto)
 
 
 def iter_matches(db: Database, search: Search, *, batch: int = 500) -> Iterator[Entry]:

@@ -187,7 +187,7 @@ class AuditPort(Protocol):
 
     def key_matches(self, param: str, tokens: Sequence[TokenFilter], limit: int) -> int: ...
 
-    def count(self, search: SearchFilter) -> int: ...
+    def count(self, search: SearchFilter, upto: int | None = None) -> int: ...
 
     def page(self, search: SearchFilter, *, upto: int, drive: frozenset[int], after: tuple[int, int] | None,
              descending: bool, limit: int) -> list[tuple[int, str, bytes, bytes, int]]: ...
@@ -552,9 +552,9 @@ class AuditStore:
         ).fetchone()
         return int(row[0])
 
-    def count(self, search: SearchFilter) -> int:
-        """How many entries match (every key filter written as ``IN``)."""
-        where, params = _where(search, None, frozenset(range(len(search.keys))))
+    def count(self, search: SearchFilter, upto: int | None = None) -> int:
+        """How many entries match (every key filter written as ``IN``), of those up to entry ``upto`` if given."""
+        where, params = _where(search, upto, frozenset(range(len(search.keys))))
         return int(self.db.execute(f"SELECT count(*) FROM audit_log l WHERE {where}", params).fetchone()[0])
 
     def page(self, search: SearchFilter, *, upto: int, drive: frozenset[int], after: tuple[int, int] | None,

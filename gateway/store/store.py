@@ -1012,25 +1012,31 @@ class Store:
         At most ``limit`` of them, in the order they were first stored.
         """
         found: list[dict[str, Any]] = []
-        postgresql = dialect(self.db) == "postgresql"
+        engine = dialect(self.db)
+        postgresql = engine == "postgresql"
+        # a report superseded by a correction, and its results, are read by id (and history), not found by a search
+        current, current_args = ((f" AND {_NOT_SUPERSEDED[engine]}", [_SUPERSEDED_SYSTEM])
+                                 if rtype in ("DiagnosticReport", "Observation") else ("", []))
         for start in range(0, len(references), 500):
             chunk = references[start:start + 500]
             marks = ",".join("?" * len(chunk))
             if postgresql:
                 element = path.split(".")
                 rows = self.db.conn.execute(
-                    "SELECT r.json FROM resources r WHERE r.type = ? AND ((CAST(r.json AS jsonb) #>> CAST(? AS text[]))"
-                    f" IN ({marks}) OR EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof("
-                    "CAST(r.json AS jsonb) #> CAST(? AS text[])) = 'array' THEN CAST(r.json AS jsonb) #> CAST(? AS"
-                    f" text[]) ELSE CAST('[]' AS jsonb) END) e WHERE e ->> 'reference' IN ({marks})))"
-                    " ORDER BY r.rid LIMIT ?",
-                    [rtype, [*element, "reference"], *chunk, element, element, *chunk, limit - len(found)])
+                    "SELECT resources.json FROM resources WHERE resources.type = ? AND ((CAST(resources.json AS"
+                    f" jsonb) #>> CAST(? AS text[])) IN ({marks}) OR EXISTS (SELECT 1 FROM jsonb_array_elements(CASE"
+                    " WHEN jsonb_typeof(CAST(resources.json AS jsonb) #> CAST(? AS text[])) = 'array' THEN"
+                    " CAST(resources.json AS jsonb) #> CAST(? AS text[]) ELSE CAST('[]' AS jsonb) END) e WHERE"
+                    f" e ->> 'reference' IN ({marks}))){current} ORDER BY resources.rid LIMIT ?",
+                    [rtype, [*element, "reference"], *chunk, element, element, *chunk, *current_args,
+                     limit - len(found)])
             else:
                 rows = self.db.conn.execute(
-                    "SELECT r.json FROM resources r WHERE r.type = ? AND (json_extract(r.json, ?) IN "
-                    f"({marks}) OR EXISTS (SELECT 1 FROM json_each(r.json, ?) e WHERE CASE WHEN e.type = 'object' "
-                    f"THEN json_extract(e.value, '$.reference') END IN ({marks}))) ORDER BY r.rid LIMIT ?",
-                    [rtype, f"$.{path}.reference", *chunk, f"$.{path}", *chunk, limit - len(found)])
+                    "SELECT resources.json FROM resources WHERE resources.type = ? AND (json_extract(resources.json,"
+                    f" ?) IN ({marks}) OR EXISTS (SELECT 1 FROM json_each(resources.json, ?) e WHERE CASE WHEN"
+                    f" e.type = 'object' THEN json_extract(e.value, '$.reference') END IN ({marks}))){current}"
+                    " ORDER BY resources.rid LIMIT ?",
+                    [rtype, f"$.{path}.reference", *chunk, f"$.{path}", *chunk, *current_args, limit - len(found)])
             found += [dict(jsonutil.loads(text)) for (text,) in rows]
             if len(found) >= limit:
                 break
