@@ -65,6 +65,8 @@ class _Oversized(Exception):
 
 
 _HEAD_BYTES = 4096  # what is kept of an oversized frame to answer it (its MSH segment)
+_BETWEEN_FRAMES = frozenset(b"\r\n \t")  # bytes dropped between frames (see wait_message)
+_BOM = b"\xef\xbb\xbf"
 
 
 class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type information
@@ -74,8 +76,26 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
     end_pause = 1.0
 
     async def wait_message(self) -> None:
-        """Return once a byte of the next message (or the end of the stream) has arrived."""
-        if not self._buffer and not self._eof:
+        """Return once a byte of the next message (or the end of the stream) has arrived.
+
+        What some senders write between frames — a line feed or carriage return after the ``0x1C 0x0D``, a 0x0D
+        that came after the frame was taken as ended, spaces, a UTF-8 byte order mark before the ``0x0B`` — is
+        dropped: it is no message, and left in place it would be read as the start of one that never ends.
+        """
+        while True:
+            buf = self._buffer
+            while buf:
+                if buf[0] in _BETWEEN_FRAMES:
+                    del buf[:1]
+                elif buf[:3] == _BOM:
+                    del buf[:3]
+                elif _BOM.startswith(bytes(buf)):
+                    break  # (the rest of a byte order mark may still come)
+                else:
+                    return
+            if self._eof:
+                return
+            self._maybe_resume_transport()
             await self._wait_for_data("wait_message")  # what StreamReader's own reads wait with
 
     async def readframe(self, limit: int) -> bytes:

@@ -55,6 +55,7 @@ _FRAME_END = re.compile(rb"\x1c(?=[\x0b\x0d]|\s*\Z)")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
+_UNIT_ENDS = frozenset({"MSH", "FHS", "BHS", "BTS", "FTS"})  # segments no single message holds
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
 #: Whether this is the compiled twin of this module (gateway.native): it lets a TypeError through where this module
@@ -99,18 +100,73 @@ def split_messages(data: bytes) -> list[bytes]:
     0x0D, by the next frame's 0x0B, or by the end of the data. A 0x1C anywhere
     else stays in its message, which is then refused naming the field that holds it.
     """
+    framing = SB + CR + b"\n\r \t"
     if SB in data or EB in data:
-        chunks = [c.strip(SB + CR + b"\n\r \t") for c in _FRAME_END.split(data)]
+        chunks = [c.strip(framing).removeprefix(_BOM).strip(framing) for c in _FRAME_END.split(data)]
     else:
-        chunks = [data]
+        chunks = [data.removeprefix(_BOM)]
     messages: list[bytes] = []
     for chunk in chunks:
         if not chunk.strip():
             continue
         text = chunk.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
-        parts = [p.strip(b"\r \t") for p in _MSG_START.split(text)]
+        parts = [_unwrapped(p.strip(b"\r \t")) for p in _MSG_START.split(text)]
         messages.extend(p for p in parts if p)
     return messages
+
+
+def _unwrapped(part: bytes) -> bytes:
+    """A message without the segments of a batch around it (FHS, BHS before it; BTS, FTS after it): a file of
+    batches is read as the messages it holds."""
+    if not any(name in part for name in _ENVELOPE):
+        return part
+    kept = [seg for seg in part.split(b"\r") if not (seg[:3] in _ENVELOPE and not seg[3:4].isalnum())]
+    return b"\r".join(kept).strip(b"\r \t")
+
+
+_ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")  # a batch's header and trailer segments
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark some editors and senders put first
+
+
+#: Codecs that decode any byte (ISO 8859-1 and its like): a message in another character set still decodes, as
+#: nonsense, so what decoded is looked at (:func:`_check_single_byte`).
+_SINGLE_BYTE = {"latin-1": True, "latin1": True, "iso-8859-1": True, "iso8859-1": True, "iso8859_1": True,
+                "8859-1": True}
+
+
+def _check_single_byte(data: bytes, text: str, codec: str) -> None:
+    """Whether a message decoded with a single-byte character set is likely to be in it.
+
+    :raises UnicodeDecodeError: its bytes past ASCII are UTF-8 (a UTF-8 message under a wrong MSH-18), or it holds
+        C1 control characters (0x80 to 0x9F), which no ISO 8859-1 text does and every GBK text with Chinese does.
+    """
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        raise UnicodeDecodeError(codec, data, 0, 1, "the message is UTF-8 (its bytes past ASCII read as UTF-8 "
+                                                    "characters): declare UNICODE UTF-8 in MSH-18")
+    for at, char in enumerate(text):
+        if "\x80" <= char <= "\x9f":
+            raise UnicodeDecodeError(codec, data, at, at + 1, f"the message holds a control character at byte {at} "
+                                                              "(0x80 to 0x9F), as a GBK or GB18030 message does: "
+                                                              "declare the character set the LIS sends")
+    for run in _HIGH_RUN.finditer(data):
+        # accented letters of ISO 8859-1 text stand alone or in pairs between ASCII ones; a run of Chinese
+        # characters in GBK is many bytes past ASCII in a row, which decode as such
+        try:
+            chinese = run.group().decode("gb18030")
+        except UnicodeDecodeError:
+            continue
+        if _CJK_ONLY.match(chinese):
+            raise UnicodeDecodeError(codec, data, run.start(), run.end(),
+                                     f"the message holds bytes {run.start()} to {run.end() - 1} that read as the "
+                                     f"Chinese {chinese[:8]!r} in GBK: declare the character set the LIS sends")
+
+
+_HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
+_CJK_ONLY = re.compile(r"^[\u3400-\u9fff\u3000-\u303f\uff00-\uffef]+$")
 
 
 def ack_code_for(msg: SourceMessage) -> str:
@@ -577,6 +633,8 @@ class HL7v2Adapter:
         return ""
 
     def _decode(self, data: bytes) -> tuple[str | None, str, list[Issue]]:
+        if data.startswith(_BOM):  # a byte order mark some editors and senders put first: not part of the message
+            data = data[len(_BOM):]
         declared = self._declared(data)
         issues: list[Issue] = []
         if declared:
@@ -586,12 +644,16 @@ class HL7v2Adapter:
                                         f"character set {shown(declared)} is not supported "
                                         f"(supported: {', '.join(sorted(self.charsets))})", "103")]
             try:
-                return data.decode(codec), codec, issues
+                text = data.decode(codec)
+                if _SINGLE_BYTE.get(codec) and not data.isascii():
+                    _check_single_byte(data, text, codec)
+                return text, codec, issues
             except UnicodeDecodeError as exc:
                 if declared.upper() not in self.lenient:
                     return None, codec, [Issue("error", "structure", "MSH-18",
-                                               f"MSH-18 declares {shown(declared)} but byte {exc.start} is not valid "
-                                               f"{codec}", "102")]
+                                               f"MSH-18 declares {shown(declared)} but "
+                                               + (exc.reason if exc.reason.startswith("the message") else
+                                                  f"byte {exc.start} is not valid {codec}"), "102")]
                 issues.append(Issue("warning", "value", "MSH-18",
                                     f"MSH-18 declares {shown(declared)} but the message is not {codec}; "
                                     "decoded by fallback", "102"))
@@ -667,6 +729,15 @@ class HL7v2Adapter:
         bad = _control_issue(text, m.seps["field"], m.seps["escape"])
         if bad is not None:
             msg.issues.append(bad)
+        for i in range(1, len(m.segments)):
+            if m.name(i) in _UNIT_ENDS:
+                # one unit (an MLLP block) holds one message: the segments after a second MSH are another
+                # message's, never this patient's
+                msg.issues.append(Issue("error", "structure", m.where(i),
+                                        f"a second message ({m.name(i)} segment) in the same block: send one "
+                                        "message per MLLP block (a batch file or HTTP body may hold several)",
+                                        "100"))
+                break
         return msg, m
 
     def read_first_segment(self, data: bytes, msg: SourceMessage) -> None:
@@ -676,7 +747,7 @@ class HL7v2Adapter:
         that cannot be decoded): a field is taken only when it is plain printable
         ASCII, which every control id and application name in practice is.
         """
-        first = data[:65_536].split(b"\r", 1)[0].split(b"\n", 1)[0]
+        first = data[:65_536].removeprefix(_BOM).split(b"\r", 1)[0].split(b"\n", 1)[0]
         m = _fast_msg(first.decode("ascii", errors="replace"))
         if m is None:
             return
@@ -1236,6 +1307,13 @@ class HL7v2Adapter:
                                 f"value type {_plain(value_type) or '(empty)'} is not supported "
                                 f"(supported: {', '.join(sorted(self.value_types))})", "102"))
             return None
+        if kind in ("coded", "datetime", "structured-numeric") and sum(
+                1 for rep in reps if any(c.strip() for c in rep)) > 1:
+            # one Observation holds one value of these types: which repetition is the result cannot be told
+            issues.append(Issue("error", "value", where,
+                                f"value type {value_type} takes one value, {len(reps)} repetitions sent: send one "
+                                "OBX per value (or value type ST for a text of several)", "102"))
+            return None
         if kind == "string":
             res.value_kind = "string"
             res.value = "\n".join(m.unescape(m.seps["component"].join(rep)) for rep in reps)
@@ -1276,6 +1354,8 @@ class HL7v2Adapter:
         if not comps:
             return ""
         unit = comps[0].strip()
+        if not unit and len(comps) > 1 and comps[1].strip():
+            return comps[1].strip()  # sent as its text alone (``^10*9/L``): the text is the unit
         # "10^9/L" sent without escaping the ^ arrives as components "10" and "9/L".
         if unit.isdigit() and len(comps) > 1 and comps[1][:1].isdigit():
             joined = f"{unit}^{comps[1].strip()}"

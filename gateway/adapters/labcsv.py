@@ -310,7 +310,14 @@ class LabCSVAdapter:
         fits = [lay for lay in self.layouts if all(h in present for f, h in lay.columns.items()
                                                    if f in _REQUIRED_FACTS)]
         if fits:
-            return max(fits, key=lambda lay: sum(h in present for h in lay.columns.values())), None
+            layout = max(fits, key=lambda lay: sum(h in present for h in lay.columns.values()))
+            twice = [h for h in dict.fromkeys(layout.columns.values()) if headers.count(h) > 1]
+            if twice:  # which of the two holds the value cannot be told
+                where = ", ".join(f"{h} (columns {', '.join(str(i + 1) for i, x in enumerate(headers) if x == h)})"
+                                  for h in twice)
+                return None, Issue("error", "structure", "row 1",
+                                   f"the header names a column of layout {layout.id} more than once: {where}", "100")
+            return layout, None
         if not self.layouts:
             return None, Issue("error", "not-supported", "row 1", "no CSV layout is configured (mappings/csv/)", "200")
         closest = min(self.layouts, key=lambda lay: sum(h not in present for h in lay.columns.values()))
