@@ -1317,6 +1317,10 @@ class HL7v2Adapter:
         if kind == "string":
             res.value_kind = "string"
             res.value = "\n".join(m.unescape(m.seps["component"].join(rep)) for rep in reps)
+            if res.unit:
+                issues.append(Issue("warning", "value", m.where(i, fld("unit", "OBX-6")),
+                                    f"unit {shown(res.unit)} is not kept: value type {value_type} holds text "
+                                    "(a number with a unit is sent as NM or SN)", "102"))
             if text_too_long(res.value):
                 issues.append(Issue("error", "value", where,
                                     f"text of {len(res.value.encode('utf-8'))} bytes (UTF-8): at most "
