@@ -256,3 +256,58 @@ def test_health_names_no_patient(gw: Any) -> None:
     _queue(gw, 1)
     text = gw.app.test_client().get("/health").get_data(as_text=True)
     assert "5119" not in text and "PID" not in text and "MSH" not in text
+
+
+def test_a_sqlite_database_that_cannot_be_written_fails_health_and_is_reopened_once_it_can(
+        tmp_path: Path, clock: Any) -> None:
+    """SQLite opens a file it cannot open for writing read-only, without saying so, and such a connection stays
+    read-only after the file can be written again. While the files cannot be written, /health says so (the node
+    answers reads, but every message sent to it would fail); once they can, the next message is stored: the
+    connection that found itself read-only is replaced. The files are made immutable (``chattr +i``, as root), which
+    no permission bit can stand for when the tests run as root."""
+    import shutil as _shutil
+    import subprocess as _subprocess
+
+    from conftest import DATA, TONGJIANG, make_token
+    from gateway.api.app import create_app
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+
+    if _shutil.which("chattr") is None or os.geteuid() != 0:
+        pytest.skip("needs chattr and root to make the database files immutable")
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG,
+                                                    "issuer_name": "通江县人民医院（演示）"})
+    pipeline = Pipeline(settings, clock=clock)
+    app = create_app(settings, pipeline)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {make_token(app, 'lis', ['submitter'])}"}
+    message = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes().split(b"MSH|")[1]
+    first, second, third = (b"MSH|" + message.replace(b"|P|2.5.1", f"-{n}|P|2.5.1".encode(), 1) for n in (1, 2, 3))
+    assert client.post("/ingest/hl7v2", data=first, headers=auth).status_code == 200
+    pipeline.close()  # the next use opens the database again, as a new thread or a restarted listener would
+    import sqlite3
+
+    # another process's connection keeps the log files (-wal, -shm) as a running gateway's do; the database file
+    # itself cannot be written for a while (as after a restore by another user, or a read-only remount)
+    other = sqlite3.connect(settings.database_locator)
+    other.execute("SELECT count(*) FROM messages").fetchone()
+    files = [settings.database_locator]
+    made = _subprocess.run(["chattr", "+i", *files], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"this file system has no immutable flag: {made.stderr.strip()}")
+    try:
+        refused = client.post("/ingest/hl7v2", data=second, headers=auth)
+        assert refused.status_code == 503, refused.get_data(as_text=True)
+        down = client.get("/health")
+        assert down.status_code == 503
+        check = down.get_json()["checks"]["database"]
+        assert not check["ok"] and "cannot be written" in check["detail"] and "gateway.db" in check["detail"]
+    finally:
+        _subprocess.run(["chattr", "-i", *files], check=True)
+    assert client.get("/health").get_json()["checks"]["database"]["ok"]
+    stored = client.post("/ingest/hl7v2", data=third, headers=auth)
+    assert stored.status_code == 200, stored.get_data(as_text=True)
+    again = client.post("/ingest/hl7v2", data=second, headers=auth)
+    assert again.status_code == 200, again.get_data(as_text=True)  # and what was refused can be sent again
+    other.close()
+    pipeline.close()

@@ -4,7 +4,7 @@
 when one fails, with ``status`` (``ok`` or ``failing``), the names of the
 failing checks, and each check with ``ok`` and a ``detail`` for people:
 
-- ``database``: it answers (with the message counts beside);
+- ``database``: it answers (with the message counts beside), and a SQLite database's files can be written;
 - ``http``, ``mllp-1``..., ``queue``, ``background``: under ``gateway serve``,
   every process runs and the ones that beat (:mod:`gateway.heartbeat`) beat
   recently — a dead, restarting or hung listener, queue reader or background
@@ -33,6 +33,7 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.config import Settings
 from gateway.datetimes import seconds_since
+from gateway.store.db import unwritable
 from gateway.store.views import ReadModels
 
 bp = Blueprint("health", __name__)
@@ -172,7 +173,10 @@ def health() -> Response:
     counts: dict[str, int] = {}
     try:
         counts = pipeline.store.counts()
-        checks["database"] = _check(True, "answers")
+        blocked = unwritable(settings.database_locator)
+        # (a SQLite file this node cannot write answers reads, but every message sent here would fail)
+        checks["database"] = (_check(False, f"answers, but cannot be written: {', '.join(blocked)}") if blocked
+                              else _check(True, "answers"))
         checks.update(_work(pipeline, settings))
     except Exception as exc:  # a broken database is what this check is for
         checks["database"] = _check(False, f"cannot be read ({type(exc).__name__})")

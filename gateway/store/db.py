@@ -63,6 +63,7 @@ __all__ = ["connect", "spilling", "transaction", "savepoint", "WalCheckpointer",
            "checkpoints_held",
            "empty_wal", "wal_page_owners", "Database",
            "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "connection_lost", "borrowed",
+           "unwritable",
            "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,30 @@ def dialect(db: Database) -> str:
 
 def connection_lost(db: Database) -> bool:
     """True when ``db`` is a PostgreSQL connection that the server ended or that failed beyond use (a restart,
-    a failover, a session ended for idling in a transaction): open another. SQLite: never."""
+    a failover, a session ended for idling in a transaction), or an idle SQLite connection opened read-only: open
+    another.
+
+    SQLite opens a file it cannot open for writing (its permissions, an immutable flag, a read-only mount at the
+    time) read-only without saying so, and such a connection stays read-only after the file can be written again:
+    only a new connection writes (:func:`connect` marks one opened so)."""
     if dialect(db) != "postgresql":
-        return False
+        return bool(getattr(db, "opened_read_only", False)) and not db.conn.in_transaction
     raw = db.conn.raw
     return bool(raw.closed or raw.broken)
+
+
+def unwritable(locator: str | Path) -> list[str]:
+    """The files of a SQLite database (the database, its ``-wal`` and ``-shm``, the folder they are made in) this
+    process cannot write now (permissions, an immutable flag, a read-only mount); ``[]`` for PostgreSQL, which
+    says so itself."""
+    if is_postgresql(locator) or str(locator) == ":memory:":
+        return []
+    path = Path(locator)
+    found = []
+    for item in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
+        if item.exists() and not os.access(item, os.W_OK):
+            found.append(item.name if item != path.parent else f"{item}/")
+    return found
 
 
 def describe(locator: str | Path) -> str:
@@ -147,6 +167,10 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
+        if not os.access(path, os.W_OK):
+            # SQLite has opened the file read-only (see connection_lost): this connection is replaced on its next
+            # use, so that one opened once the file can be written again writes
+            db.opened_read_only = True  # type: ignore[attr-defined]
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
