@@ -190,12 +190,14 @@ def run_background(settings: Settings) -> None:
     try:
         if settings.mllp_port:
             pipeline = Pipeline(settings)  # loaded before the port opens, so that a connection is served at once
-            me = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
+            me, env = part_command(settings)
             if settings.mllp_ack == "received":  # accept, then process: each queue reader in a process of its own
-                children += [subprocess.Popen(me + ["--queue", str(k)]) for k in range(1, settings.queue_readers + 1)]
+                children += [subprocess.Popen(me + ["--queue", str(k)], env=env)
+                             for k in range(1, settings.queue_readers + 1)]
             if settings.mllp_workers > 1:
                 sock = socket.create_server((settings.mllp_host, settings.mllp_port), backlog=128)
-                children += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),))
+                children += [subprocess.Popen(me + ["--mllp-fd", str(sock.fileno())], pass_fds=(sock.fileno(),),
+                                              env=env)
                              for _ in range(settings.mllp_workers - 1)]
             server = MLLPServer(pipeline, settings.mllp_host, settings.mllp_port, sock=sock)
             built.wait(60)  # the background thread's pipeline is part of what this process made at start
@@ -449,7 +451,8 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     if announce is not None:
         announce()
     http_fd = sockets[0].fileno()
-    me = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings)), "--part"]
+    command, settings_env = part_command(settings)
+    me = command + ["--part"]
     parts = [Part(f"http-{i}", f"HTTP worker {i}", me + [f"http-{i}", "--fd", str(http_fd)], (http_fd,))
              for i in range(1, settings.workers + 1)]
     if settings.mllp_port:
@@ -470,7 +473,7 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     from gateway.metrics import MULTIPROC_ENV, prepare_dir
 
     metrics = prepare_dir(folder / "metrics")
-    env = {**os.environ, MULTIPROC_ENV: str(metrics)}
+    env = {**settings_env, MULTIPROC_ENV: str(metrics)}
     supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder, env=env, metrics_dir=metrics)
     try:
         return supervisor.run()
@@ -479,8 +482,27 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
             sock.close()
 
 
+#: The environment variable a part of ``gateway serve`` reads its settings from (:func:`part_command`).
+SETTINGS_ENV = "GATEWAY_PART_SETTINGS"
+
+
+def part_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """The command that runs a part of ``gateway serve`` with ``settings``, and the environment to run it in.
+
+    The settings go in the environment, not on the command line: a process's command line is readable by every
+    user of the machine (``ps``), and the settings may hold a database password (``database`` =
+    ``postgresql://user:password@...``); its environment only by the same user.
+    """
+    return ([sys.executable, "-m", "gateway.serve", "-"],
+            {**os.environ, SETTINGS_ENV: json.dumps(dataclasses.asdict(settings))})
+
+
 def _main(argv: list[str]) -> int:
-    settings = Settings(**json.loads(argv[0]))
+    if not argv:
+        print("gateway.serve runs a part of `gateway serve`: run `gateway serve` instead", file=sys.stderr)
+        return 2
+    text = os.environ.pop(SETTINGS_ENV, "") if argv[0] == "-" else argv[0]  # (JSON on the command line: the bench)
+    settings = Settings(**json.loads(text))
     rest = argv[1:]
     if rest[:1] == ["--part"] and len(rest) in (2, 4):
         fd = int(rest[3]) if len(rest) == 4 and rest[2] == "--fd" else None

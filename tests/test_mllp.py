@@ -170,6 +170,10 @@ def test_several_listener_processes_share_the_port_and_stop_together(tmp_path: P
         wait_port(port)
         listeners = children_of(proc.pid)
         assert len(listeners) == 1, "one further listener process beside the first"
+        # its settings came in its environment, not on its command line, which every user of the machine can read
+        # (ps): they may hold a database password
+        cmdline = Path(f"/proc/{listeners[0]}/cmdline").read_bytes()
+        assert b"gateway.serve\x00-\x00--mllp-fd" in cmdline and b"data_dir" not in cmdline, cmdline
 
         results = mllp_codes(port, base, clients=6, each=5, tag="P")
     finally:

@@ -123,6 +123,11 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
         status, body = wait_until(lambda: (h := _health(url))[0] == 200 and h, 120, "a healthy gateway")
         assert {"http", "mllp-1", "queue", "background", "registry"} <= set(body["checks"]), body
         assert requests.get(f"{url}/registry/snapshot", timeout=10).status_code == 200
+        # no part has its settings on its command line, which every user of the machine can read (ps); a database
+        # password would be there (database = postgresql://user:password@...)
+        for part in manifest().values():
+            cmdline = Path(f"/proc/{part['pid']}/cmdline").read_bytes()
+            assert b"gateway.serve\x00-\x00--part" in cmdline and s.data_dir.encode() not in cmdline, cmdline
         assert b"MSA|" in _mllp(mllp, message)
 
         for n, part in enumerate(("mllp-1", "background"), start=1):
