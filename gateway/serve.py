@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +57,7 @@ from gateway.store import db as _db
 __all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", "run_http", "run_part",
            "background_pass", "settle_collector"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.serve")  # (also when run as python -m gateway.serve: not "__main__")
 
 
 def _logging(settings: Settings, process: str) -> None:
@@ -97,6 +98,18 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _type_and_place(exc: BaseException) -> str:
+    """An exception as the log tells it: its type and where in the code, never its text (it may quote patient data);
+    with ``GATEWAY_DEBUG=1`` the whole traceback goes to the log as well."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{type(exc).__name__} at {where or '?'}"
+
+
+def _debug() -> bool:
+    return os.environ.get("GATEWAY_DEBUG", "") not in ("", "0")
+
+
 def background_pass(pipeline: Any) -> dict[str, int]:
     """One round of background work: work again what a dead process left unfinished, deliver what is due, make
     an audit checkpoint when one is due."""
@@ -106,8 +119,9 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     except _db.OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
         log.warning("messages left unfinished could not be worked again in this pass: %s", _first_line(exc))
         reworked = 0
-    except Exception:  # deliveries still get their turn; the next pass retries
-        log.exception("messages left unfinished could not be worked again in this pass")
+    except Exception as exc:  # deliveries still get their turn; the next pass retries
+        log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
+                  exc_info=_debug())
         reworked = 0
     if reworked:
         done["reworked"] = reworked
@@ -158,8 +172,8 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
             background_pass(pipeline)
         except _db.OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
             log.warning("background pass failed: %s", _first_line(exc))
-        except Exception:  # keep delivering; the next pass retries
-            log.exception("background pass failed")
+        except Exception as exc:  # keep delivering; the next pass retries
+            log.error("background pass failed: %s", _type_and_place(exc), exc_info=_debug())
         finally:
             if passes is not None:
                 passes.began = None

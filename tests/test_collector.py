@@ -249,7 +249,7 @@ def test_the_listeners_and_the_queue_reader_say_they_settled(tmp_path: Path) -> 
         proc.wait(timeout=30)
         reading.join(10)
     text = "".join(lines)
-    # "... DEBUG __main__: mllp: 104426 objects made at start left out of garbage collection": the part's name
+    # "... DEBUG gateway.serve: mllp: 104426 objects made at start left out of garbage collection": the part's name
     settled = sorted(line.split(" objects made at start")[0].rsplit(" ", 2)[-2].rstrip(":") for line in said())
     assert settled == ["mllp", "mllp", "queue"], text[-3000:]
     assert "Traceback" not in text, text[-3000:]

@@ -231,3 +231,26 @@ def test_a_part_stopping_at_a_signal_imports_nothing_in_its_handler() -> None:
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "[]", "")
+
+
+def test_a_failing_background_pass_is_logged_by_type_and_place_never_its_text(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that is down makes every background pass fail: each is one log line naming the exception's type
+    and where, under the gateway's own logger name — no traceback, and never the exception's text, which may quote
+    patient data."""
+    from gateway import serve
+
+    class Pipeline:
+        exchange = None
+
+        def rework_abandoned(self, limit: int, seconds: float) -> int:
+            raise RuntimeError("row for 王建国 511921196612120011 could not be read")
+
+    monkeypatch.delenv("GATEWAY_DEBUG", raising=False)
+    with caplog.at_level("WARNING"):
+        assert serve.background_pass(Pipeline()) == {}
+    [record] = [r for r in caplog.records if "left unfinished" in r.getMessage()]
+    assert record.name == "gateway.serve" and not record.exc_info
+    text = record.getMessage()
+    assert "RuntimeError at test_serve_supervision.py:" in text and "rework_abandoned" in text
+    assert "王建国" not in text and "5119211966" not in text
