@@ -27,6 +27,28 @@ from gateway.store import db as _db
 __all__ = ["cli", "main"]
 
 
+def _database_refusals() -> tuple[type[BaseException], ...]:
+    """What a database answers when it cannot be used as configured, not for a fault of the gateway: a SQLite file
+    that is not a database (or is damaged), a PostgreSQL role without rights, a schema or database that does not
+    exist. (Evaluated only once an exception is being handled: nothing is imported for it otherwise.)"""
+    import sqlite3
+
+    kinds: list[type[BaseException]] = [sqlite3.DatabaseError]
+    pg = sys.modules.get("psycopg")
+    if pg is not None:
+        errors = pg.errors
+        kinds += [errors.InsufficientPrivilege, errors.InvalidSchemaName, errors.InvalidCatalogName,
+                  errors.UndefinedTable]
+    return tuple(kinds)
+
+
+def _a_fault(exc: BaseException) -> bool:
+    """A SQLite error that means a fault of the gateway (a constraint, a misuse), not a database it cannot use."""
+    import sqlite3
+
+    return isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError))
+
+
 def _debug() -> bool:
     """Whether ``GATEWAY_DEBUG`` asks for tracebacks (any value but empty, 0, false, no or off)."""
     return os.environ.get("GATEWAY_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -60,6 +82,20 @@ class _Group(click.Group):
         except _db.OperationalError as exc:  # the database is locked by another writer for too long, or went away
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise click.ClickException(f"the database cannot be used right now ({reason}); try again") from None
+        except _database_refusals() as exc:  # a file that is not a database; a role without rights on the tables
+            if _debug() or _a_fault(exc):
+                if not _debug():
+                    raise click.ClickException(f"internal error ({type(exc).__name__}) in `gateway "
+                                               f"{ctx.invoked_subcommand}`; rerun with GATEWAY_DEBUG=1 to see where, "
+                                               "and report it") from None
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise click.ClickException(f"the database cannot be used: {reason}") from None
+        except UnicodeDecodeError as exc:  # a file given that is not text in the encoding it must be in
+            if _debug():
+                raise
+            raise click.ClickException(f"a file given is not {exc.encoding.upper()} text ({exc.reason} at byte "
+                                       f"{exc.start})") from None
         except OSError as exc:
             if _debug():
                 raise

@@ -179,6 +179,27 @@ class Settings:
             raise ConfigError(f"log_format {self.log_format!r} must be 'text' or 'json'", "log_format")
         if self.snapshot_warn_days < 0:
             raise ConfigError("snapshot_warn_days must not be negative", "snapshot_warn_days")
+        if self.database.startswith(("postgresql://", "postgres://")):
+            check_database_url(self.database)
+
+
+def check_database_url(url: str) -> None:
+    """A PostgreSQL URL that can be read (the password is never repeated).
+
+    :raises ConfigError: it cannot.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # (reading it checks it)
+    except ValueError as exc:
+        raise ConfigError(f"database URL cannot be read ({exc}): write it as "
+                          "postgresql://user@host:port/dbname", "database") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError("database URL names no host: write it as postgresql://user@host:port/dbname", "database")
+    if port == 0:
+        raise ConfigError("database URL has port 0", "database")
 
 
 #: Settings that name files or directories. In a config file, a relative one is relative to the file's folder;
@@ -223,13 +244,18 @@ def load_settings(
 
     path = config_file or env.get("GATEWAY_CONFIG")
     if path:
+        named = "--config" if config_file and str(config_file) != env.get("GATEWAY_CONFIG") else "GATEWAY_CONFIG"
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist", "GATEWAY_CONFIG") from None
+            raise ConfigError(f"config file {path} does not exist", named) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a TOML file is)", named) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}", "GATEWAY_CONFIG") from None
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}", named) from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory", named) from None
         section = data.get("gateway", data)
         base = Path(path).resolve().parent
         for key, value in section.items():

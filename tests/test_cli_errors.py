@@ -245,3 +245,50 @@ def test_the_installed_command_prints_lines_not_tracebacks(files: Path) -> None:
     assert "Traceback" not in stderr and "Traceback" not in validate.stdout.decode("utf-8", "replace")
     assert stderr.splitlines() == [f"{files / name}: 1 error, 0 warnings"
                                    for name in ("deep.json", "huge-integer.json", "binary.bin")]
+
+
+# -- settings and databases that cannot be used: one line naming what, exit 2 for configuration ---------------------
+
+
+def _gateway(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str]:
+    exe = shutil.which("gateway")
+    command = [exe] if exe else [sys.executable, "-m", "gateway"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(env_extra or {})
+    done = subprocess.run([*command, *args], capture_output=True, env=env, timeout=120, cwd=cwd)
+    return done.returncode, done.stderr.decode("utf-8", "replace")
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "gateway.toml"
+    bad.write_bytes(b"\xff\xfe issuer_uscc = 1\n")
+    code, err = _gateway("--config", str(bad), "users", "list")
+    assert (code, err.strip()) == (2, f"Error: configuration: --config: config file {bad} is not UTF-8 text "
+                                      "(a TOML file is)")
+    code, err = _gateway("users", "list", env_extra={"GATEWAY_CONFIG": str(tmp_path / "missing.toml")})
+    assert code == 2 and err.strip().startswith("Error: configuration: GATEWAY_CONFIG: config file")
+
+
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    notdb = tmp_path / "gateway.db"
+    notdb.write_text("exported by mistake\n" * 200)
+    for args in (["users", "list"], ["audit", "verify"]):
+        code, err = _gateway("--database", str(notdb), *args)
+        assert (code, err.strip()) == (1, "Error: the database cannot be used: file is not a database"), (args, err)
+
+
+@pytest.mark.parametrize("url", ["postgresql://cyhr gateway@[bad/x", "postgresql:///cyhr_gateway",
+                                 "postgresql://gw@127.0.0.1:99999/gw"])
+def test_a_database_url_that_cannot_be_read_is_a_configuration_error(tmp_path: Path, url: str) -> None:
+    for args in (["users", "list"], ["--database", url, "audit", "verify"]):
+        code, err = _gateway(*args, env_extra={"GATEWAY_DATABASE": url})
+        assert code == 2 and err.startswith("Error: configuration: database: database URL"), (args, err)
+        assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_registry_source_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "registry.yaml"
+    source.write_bytes("members: []\n# 通江\n".encode("gbk"))
+    code, err = _gateway("registry", "check", str(source))
+    assert code == 1 and "internal error" not in err and err.count("\n") == 1, err
+    assert "not" in err and "UTF-8" in err, err

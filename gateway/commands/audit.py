@@ -42,7 +42,7 @@ from gateway.audit import query, records, stats
 from gateway.audit.log import append, entries, has_log, head
 from gateway.audit.verify import verify as verify_log
 from gateway.commands.common import AwareDateTime, one_line_errors
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, check_database_url, load_settings
 from gateway.errors import GatewayError, InputError
 from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
 from gateway.store.audit import audit_store
@@ -97,6 +97,8 @@ def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True)
     """The database named by ``--db``, else the configured one; closed afterwards."""
     path: Path | str = db_path if db_path and is_postgresql(db_path) else Path(db_path) if db_path \
         else settings_for(ctx).database_locator
+    if isinstance(path, str) and is_postgresql(path):
+        check_database_url(path)
     if must_exist:
         require_existing(path)
     db = connect(path)
