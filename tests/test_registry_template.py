@@ -64,6 +64,22 @@ def test_template_lists_members_and_builds(runner: CliRunner, authority_and_memb
     printed = invoke(runner, "registry", "template", "--authority-cert", str(tmp / "authority" / "authority.cert.pem"))
     assert printed.startswith("# Registry source") and "members: []" in printed
 
+    # run again over the source the authority has edited since: refused, the edits kept
+    edited = source.read_text(encoding="utf-8") + "# catalogues added by the authority\n"
+    source.write_text(edited, encoding="utf-8")
+    authority = str(tmp / "authority" / "authority.cert.pem")
+    again = runner.invoke(cli, ["registry", "template", "--authority-cert", authority,
+                                "--member", str(tmp / f"{TJ}.cert.pem"), "http://127.0.0.1:8081", "--out", str(source)])
+    assert again.exit_code == 1 and "already exists; not overwritten" in again.output
+    assert source.read_text(encoding="utf-8") == edited
+    forced = runner.invoke(cli, ["registry", "template", "--authority-cert", authority,
+                                 "--member", str(tmp / f"{TJ}.cert.pem"), "http://127.0.0.1:8081", "--out", str(source),
+                                 "--force"])
+    assert forced.exit_code == 0 and "catalogues added" not in source.read_text(encoding="utf-8")
+    invoke(runner, "registry", "template", "--authority-cert", str(tmp / "authority" / "authority.cert.pem"),
+           "--member", str(tmp / f"{TJ}.cert.pem"), "http://127.0.0.1:8081/",
+           "--member", str(tmp / f"{FL}.cert.pem"), "https://fuling.example.cn/fhir", "--out", str(source), "--force")
+
     out = tmp / "snapshot.json"
     text = invoke(runner, "registry", "build", str(source), "--out", str(out), "--version", "3",
                   "--key", str(tmp / "authority" / "authority.key.pem"),

@@ -213,3 +213,21 @@ def test_a_large_sort_outside_a_write_transaction_spills_to_disk(tmp_path: Path)
             assert not seen
     finally:
         db.conn.close()
+
+
+def test_a_new_database_and_its_log_files_are_for_their_owner_only(tmp_path: Path) -> None:
+    """Patient data: a database the gateway creates is mode 0600, and so are the -wal and -shm files SQLite makes
+    beside it (it gives them the database file's mode), whatever the umask leaves to others."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        db = connect(tmp_path / "gw" / "gateway.db")
+        with transaction(db):
+            db.conn.execute("CREATE TABLE t (x)")
+            db.conn.execute("INSERT INTO t VALUES (1)")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "gw").iterdir()}
+        db.conn.close()
+    finally:
+        os.umask(old)
+    assert modes == {"gateway.db": 0o600, "gateway.db-wal": 0o600, "gateway.db-shm": 0o600}

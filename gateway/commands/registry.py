@@ -187,8 +187,10 @@ def _template(authority: x509.Certificate, members: list[tuple[x509.Certificate,
     help="A member: its certificate (PEM, from `gateway registry issue-cert`) and the base URL of its gateway "
     "(its public_url, e.g. https://gw.example.cn; other members post to ENDPOINT/exchange/bundles). Repeatable.",
 )
-@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write the source here instead of printing it.")
-def template(authority_cert: str, members: tuple[tuple[str, str], ...], out: str | None) -> None:
+@click.option("--out", "out", type=click.Path(dir_okay=False),
+              help="Write the source here instead of printing it (an existing file is not overwritten).")
+@click.option("--force", is_flag=True, help="With --out: overwrite an existing file (an edited source is lost).")
+def template(authority_cert: str, members: tuple[tuple[str, str], ...], out: str | None, force: bool) -> None:
     """Print a registry source listing the authority and each member with its certificate and endpoint."""
     with one_line_errors():
         authority = load_certificate(authority_cert)
@@ -202,6 +204,9 @@ def template(authority_cert: str, members: tuple[tuple[str, str], ...], out: str
         # What the template says must pass the ordinary checks (the example catalogue included).
         parse_source(text, origin="template")
     if out:
+        if Path(out).exists() and not force:
+            raise click.ClickException(f"{out} already exists; not overwritten (it may hold catalogues and EQA results "
+                                       "the authority added): give another --out, or --force")
         write_atomic(Path(out), text)
         click.echo(f"wrote {out}: {len(members)} member(s); edit it, then `gateway registry check {out}`")
     else:

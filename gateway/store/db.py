@@ -50,6 +50,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -157,10 +158,19 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         conn = sqlite3.connect(":memory:", isolation_level=None)
     else:
         p = Path(path)
+        new = False
         if not readonly:
             p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.exists():
+                # patient data: a new database is for this user only (SQLite gives its -wal and -shm files the
+                # database file's mode)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    new = True
         uri = f"file:{p}?mode=ro" if readonly else str(p)
         conn = sqlite3.connect(uri, uri=readonly, timeout=30.0, isolation_level=None)
+        if new:
+            log.debug("database %s created, mode 0600", p)
     # isolation_level=None: we open transactions explicitly (BEGIN IMMEDIATE in
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
