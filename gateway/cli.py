@@ -260,8 +260,10 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
         counter = _Progress(raw)
         stream = io.BufferedReader(counter, buffer_size=1 << 16)
         shown = 0.0
+        units = 0
         try:
             for outcome in pipeline.convert(stream, fmt, origin):
+                units += 1
                 prefix = f"{origin}: {outcome.label}" if len(files) > 1 else outcome.label
                 lines = []
                 for issue in outcome.issues:
@@ -292,6 +294,9 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
                 raw.close()
         if tty:
             click.echo("\r\x1b[K", nl=False, err=True)
+        if not units:  # an empty file, blank lines, a byte order mark or a header alone: nothing was converted
+            click.echo(f"{origin}: no {fmt} message or exam in it (empty, or a header alone)", err=True)
+            failed += 1
     if tty:
         click.echo(f"{converted} converted, {failed} refused, {filtered} filtered", err=True)
     if failed:

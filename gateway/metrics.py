@@ -289,11 +289,14 @@ class PartFacts:
 def read_token(settings: Any) -> str:
     """The token that ``/metrics`` requires, read from ``metrics_token_file``.
 
-    :raises ConfigError: the file cannot be read or holds no token.
+    :raises ConfigError: the file cannot be read, is open to group or others, or holds no token.
     """
     from gateway.errors import ConfigError
 
+    from gateway.signing.keys import check_private_file
+
     path = Path(settings.metrics_token_file).expanduser()
+    check_private_file(path, "metrics_token_file")  # a secret: as a key's password file, the gateway's user's only
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:

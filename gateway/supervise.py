@@ -205,10 +205,14 @@ class Supervisor:
             except OSError:
                 pass
             return
-        write_manifest(self.run_dir, {
-            "pid": os.getpid(), "started": self.started, "restarts": len(self.restart_times),
-            "restart_limit": self.restart_limit,
-            "parts": {p.name: {"title": p.title, "pid": p.proc.pid if p.proc else 0, "state": p.state,
-                               "started": p.started, "restarts": p.restarts, "last_exit": p.last_exit,
-                               "beats": p.beats} for p in self.parts},
-        })
+        try:
+            write_manifest(self.run_dir, {
+                "pid": os.getpid(), "started": self.started, "restarts": len(self.restart_times),
+                "restart_limit": self.restart_limit,
+                "parts": {p.name: {"title": p.title, "pid": p.proc.pid if p.proc else 0, "state": p.state,
+                                   "started": p.started, "restarts": p.restarts, "last_exit": p.last_exit,
+                                   "beats": p.beats} for p in self.parts},
+            })
+        except OSError as exc:  # a full disk, a folder gone: the parts go on; /health reads the last manifest
+            log.error("the run folder %s cannot be written (%s): `gateway serve` goes on; what /health says of the "
+                      "parts may be out of date until it can", self.run_dir, exc.strerror or type(exc).__name__)

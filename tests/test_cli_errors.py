@@ -292,3 +292,23 @@ def test_a_registry_source_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     code, err = _gateway("registry", "check", str(source))
     assert code == 1 and "internal error" not in err and err.count("\n") == 1, err
     assert "not" in err and "UTF-8" in err, err
+
+
+@pytest.mark.parametrize("fmt, data", [("hl7v2", b""), ("hl7v2", b"\r\n\r\n"), ("cda", b"   \n"),
+                                       ("cdc-csv", b"\xef\xbb\xbf"), ("hl7v2", b"\xef\xbb\xbf\n")])
+def test_convert_a_file_with_nothing_in_it_says_so(runner, tmp_path: Path, fmt: str, data: bytes) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(data)
+    result = gateway(runner, tmp_path, "convert", "--format", fmt, str(empty))
+    assert result.exit_code == 1, result.output
+    assert f"{empty}: no {fmt} message or exam in it" in result.output and "Traceback" not in result.output
+
+
+def test_convert_a_cda_error_that_lxml_words_on_two_lines_is_one_line(runner, tmp_path: Path) -> None:
+    odd = tmp_path / "ebcdic.xml"
+    # a CDA document saved in EBCDIC (cp500) by a mainframe export: lxml's error text spans two lines
+    odd.write_bytes('<?xml version="1.0" encoding="UTF-8"?><ClinicalDocument xmlns="urn:hl7-org:v3"/>'.encode("cp500"))
+    result = gateway(runner, tmp_path, "convert", "--format", "cda", str(odd))
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "XML" in lines[0], result.output

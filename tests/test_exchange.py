@@ -300,3 +300,16 @@ def test_a_number_no_decimal_can_hold_is_a_clear_refusal(world) -> None:
     diagnostics = resp.get_json()["issue"][0]["diagnostics"]
     assert "exponent" in diagnostics and "Traceback" not in diagnostics
     assert world.gateways["fuling"].pipeline.store.search("Observation", []).total == 0
+
+
+def test_a_report_is_not_queued_for_the_member_that_issued_it(world) -> None:
+    """Sending to one's own USCC would queue a delivery to one's own endpoint, retried until it dies: refused at
+    once, naming --to."""
+    from gateway.errors import InputError
+
+    outcome = ingest_lis(world)[0]
+    tj = world.gateways["tongjiang"].pipeline
+    with pytest.raises(InputError) as caught:
+        tj.exchange.push(outcome.bundle["id"], TJ)
+    assert caught.value.location == "--to" and "this member itself" in caught.value.message
+    assert tj.exchange.outbox.list(None, 10) == []

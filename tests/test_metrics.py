@@ -143,6 +143,11 @@ def test_token_setting_refuses_a_scrape_without_it(settings: Settings, pipeline:
 
     token_file = tmp_path / "metrics.token"
     token_file.write_text("s3cret-scraper-token\n", encoding="utf-8")
+    token_file.chmod(0o644)
+    open_to_all = create_app(settings.replace(metrics_token_file=str(token_file)), pipeline).test_client()
+    refused = open_to_all.get("/metrics", headers={"Authorization": "Bearer s3cret-scraper-token"})
+    assert refused.status_code == 503  # a token others can read is no secret: the file is refused, as a key's is
+    token_file.chmod(0o600)
     app = create_app(settings.replace(metrics_token_file=str(token_file)), pipeline)
     c = app.test_client()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-scraper-token"}):
@@ -248,6 +253,7 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
     data_dir = tmp_path / "gw"
     token_file = tmp_path / "metrics.token"
     token_file.write_text("scrape-me-0123456789\n", encoding="utf-8")
+    token_file.chmod(0o600)
     env = {**os.environ, "GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_ISSUER_USCC": TONGJIANG,
            "GATEWAY_HTTP_PORT": str(http), "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received",
            "GATEWAY_WORKERS": "2", "GATEWAY_THREADS": "2", "GATEWAY_LOG_LEVEL": "INFO", "GATEWAY_LOG_FORMAT": "json",

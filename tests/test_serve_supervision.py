@@ -254,3 +254,18 @@ def test_a_failing_background_pass_is_logged_by_type_and_place_never_its_text(
     text = record.getMessage()
     assert "RuntimeError at test_serve_supervision.py:" in text and "rework_abandoned" in text
     assert "王建国" not in text and "5119211966" not in text
+
+
+def test_a_run_folder_that_cannot_be_written_does_not_stop_the_gateway(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk (or the run folder gone) makes ``serve.json`` unwritable: the supervisor logs it and goes on
+    supervising, rather than dying and taking every part with it."""
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the run folder would be")  # mkdir and writes under it fail (an OSError)
+    parts = [Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(1)")),
+             Part("queue", "queue reader", stand_in("import time, sys; time.sleep(2); sys.exit(2)"))]
+    supervisor = Supervisor(parts, restart_limit=2, run_dir=blocked, backoff=0.05, grace=5)
+    with caplog.at_level(logging.ERROR, logger="gateway.supervise"):
+        code = supervisor.run()  # (the HTTP worker is restarted when it ends; the queue reader's 2 stops it all)
+    assert code == 2
+    assert any("cannot be written" in r.getMessage() for r in caplog.records)

@@ -418,9 +418,11 @@ class CDAAdapter:
             tree = etree.fromstring(data, safe_parser()).getroottree()
         except etree.XMLSyntaxError as exc:
             line = f"line {exc.lineno}" if exc.lineno else "unknown line"
-            return None, [Issue("error", "structure", where, f"not well-formed XML ({line}): {exc.msg[:120]}", "100")]
+            reason = " ".join(str(exc.msg).split())[:120]  # (lxml's text may hold line breaks: one line)
+            return None, [Issue("error", "structure", where, f"not well-formed XML ({line}): {reason}", "100")]
         except ValueError as exc:  # e.g. an encoding lxml does not know
-            return None, [Issue("error", "structure", where, f"document cannot be read as XML: {exc}", "100")]
+            return None, [Issue("error", "structure", where,
+                                f"document cannot be read as XML: {' '.join(str(exc).split())[:200]}", "100")]
         if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
             return None, [Issue("error", "security", where, "document carries a DTD: refused", "100")]
         return tree.getroot(), []

@@ -68,7 +68,7 @@ _MAX_VALUE = 256  # characters of one search value (a canonical URL, a name); no
 
 def _search(rtype: str) -> Response:
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
-    unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k != "_format")
+    unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k not in ("_format", "_pretty"))
     if unknown and not lenient:
         raise InvalidSearch(f"is not a supported search parameter (supported: {', '.join(_SEARCH_PARAMS)})",
                             unknown[0][:60])

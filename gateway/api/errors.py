@@ -46,7 +46,9 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         text = exc.description or exc.name
-        return outcome_response([Issue("error", _HTTP_CODES.get(code, "exception"), "", text)], code)
+        # the exception's own headers, Allow on a 405 first (RFC 9110: a 405 says which methods the resource takes)
+        kept = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+        return outcome_response([Issue("error", _HTTP_CODES.get(code, "exception"), "", text)], code, kept or None)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -51,7 +51,7 @@ _WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 #: Interactions every result type answers (CapabilityStatement ``rest.resource.interaction``).
 _INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
-_CONTROL = {"_count", "_offset", "_format", "_summary", "_include", "_revinclude", "_sort", "_elements"}
+_CONTROL = {"_count", "_offset", "_format", "_summary", "_include", "_revinclude", "_sort", "_elements", "_pretty"}
 _MAX_INCLUDED = 1000  # resources one searchset page adds by _include and _revinclude
 #: Elements a resource keeps whatever ``_elements`` asks: its identity and the elements R4 requires of it.
 _MANDATORY = {"DiagnosticReport": ("status", "code"), "Observation": ("status", "code")}
@@ -60,7 +60,7 @@ _SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationVal
 _ELEMENT = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
 #: What ``_format`` and ``Accept`` may name for the JSON this server speaks (parameters such as
 #: ``fhirVersion=4.0`` aside).
-_JSON_FORMATS = ("json", "application/json", "application/fhir+json")
+_JSON_FORMATS = ("json", "application/json", "application/fhir+json", "application/json+fhir")
 _GZIP_MIN = 1024  # bytes: smaller answers are sent as they are
 
 
@@ -80,7 +80,7 @@ def _check_format() -> None:
                                 "(_format=json)")
         return
     accept = request.headers.get("Accept", "").strip()
-    served = {"application/fhir+json", "application/json", "application/*", "*/*", "*"}
+    served = {"application/fhir+json", "application/json", "application/json+fhir", "application/*", "*/*", "*"}
     if accept and not any(value.split(";")[0].strip().lower() in served and quality > 0
                           for value, quality in request.accept_mimetypes):
         raise NotAcceptable(f"Accept {shown(accept[:80])} is not served; this server speaks application/fhir+json")
@@ -348,7 +348,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     count = _int_param("_count", 20, 1, _MAX_COUNT)
     offset = _int_param("_offset", 0, 0, 10_000_000)
     for name in request.args:
-        if name not in ("_count", "_offset", "_format"):
+        if name not in ("_count", "_offset", "_format", "_pretty"):
             raise InvalidSearch(f"parameter {shown(name)} is not supported for _history (supported: _count)",
                                 name[:_MAX_NAME], code="not-supported")
     result = pipeline_of(current_app).store.history(rtype, rid, count=count, offset=offset)
@@ -456,10 +456,12 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     _known_type(rtype)
     count = _int_param("_count", 20, 0, _MAX_COUNT, args)
     summary = args.get("_summary")
+    if summary == "false":  # (R4: the whole resources, as without it)
+        summary = None
     if summary is not None:
         if summary != "count":
-            raise InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=count)",
-                                "_summary", code="not-supported")
+            raise InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=count, "
+                                "_summary=false)", "_summary", code="not-supported")
         count = 0
     offset = _int_param("_offset", 0, 0, 10_000_000, args)
     params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
@@ -475,6 +477,11 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
             raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken",
                                 name[:_MAX_NAME])
     params = [(k, v) for k, v in params if len(k) <= _MAX_NAME]  # (lenient: a name no parameter has is ignored)
+    # a reference written as this server's absolute URL is the resource here (Patient/123)
+    here = request.url_root.rstrip("/") + "/fhir/"
+    kinds = SEARCH_PARAMS.get(rtype, {})
+    params = [(k, ",".join(part.removeprefix(here) for part in v.split(","))
+               if kinds.get(PARAM_ALIASES.get(k, k)) == "reference" and here in v else v) for k, v in params]
     sort = _sort_of(args)
     store = pipeline_of(current_app).store
     result = store.search(rtype, params, count=count, offset=offset, strict=not lenient, sort=sort)
@@ -519,7 +526,7 @@ def _elements_of(rtype: str, args: MultiDict[str, str]) -> set[str] | None:
     names: set[str] = set()
     for value in values:
         for part in value.split(","):
-            name = part.strip().removeprefix(f"{rtype}.")
+            name = part.strip().removeprefix(f"{rtype}.").removesuffix("[x]")
             if not _ELEMENT.fullmatch(name):
                 raise InvalidSearch(f"_elements: {shown(part)} is not an element name of {rtype} "
                                     "(e.g. _elements=code,valueQuantity)", "_elements")
@@ -527,10 +534,21 @@ def _elements_of(rtype: str, args: MultiDict[str, str]) -> set[str] | None:
     return names
 
 
+def _asked(key: str, elements: set[str]) -> bool:
+    """Whether the JSON member ``key`` is among the elements asked for: by its name, or by the name of the choice
+    element it is a type of (``value`` asks for ``valueQuantity``, ``effective`` for ``effectiveDateTime``)."""
+    if key in elements:
+        return True
+    for at in range(1, len(key)):
+        if key[at].isupper():
+            return key[:at] in elements
+    return False
+
+
 def _subset(res: dict[str, Any], elements: set[str]) -> dict[str, Any]:
     """The resource with only the elements asked for and the mandatory ones, marked SUBSETTED (R4 ``_elements``)."""
     keep = elements | {"resourceType", "id", "meta", *_MANDATORY.get(res["resourceType"], ())}
-    subset = {k: v for k, v in res.items() if k in keep}
+    subset = {k: v for k, v in res.items() if _asked(k, keep)}
     meta = dict(subset.get("meta", {}))
     meta["tag"] = [*meta.get("tag", []), _SUBSETTED]
     subset["meta"] = meta

@@ -82,6 +82,7 @@ PARAMETERS = (
     "_sort",
     "_cursor",
     "_format",
+    "_pretty",
 )
 _PREFIXES = ("eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap")
 #: Token parameters held in a column of their own (the rest are search keys).

@@ -143,9 +143,11 @@ class Exchange:
     def push(self, bundle_id: str, destination: str) -> int:
         """Queue this member's signed Bundle ``bundle_id`` for ``destination``; returns the outbox id.
 
-        :raises InputError: no signed Bundle with that id was issued here.
+        :raises InputError: no signed Bundle with that id was issued here, or the destination is this member.
         :raises UnknownIssuer: the destination is not a member with an endpoint.
         """
+        if destination == self.settings.issuer_uscc:
+            raise InputError(f"{destination} is this member itself: a report is sent to another member", "--to")
         text = SignedBundles(self.db).latest_issued(bundle_id)
         if text is None:
             raise InputError(f"no signed Bundle {bundle_id} was issued by this gateway", "bundle")

@@ -20,6 +20,7 @@ from typing import Any
 from gateway.errors import InputError, InvalidSearch, shown
 
 __all__ = [
+    "IMPLICIT_SYSTEMS",
     "DateQuery",
     "TokenQuery",
     "date_range",
@@ -185,6 +186,14 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
                 "name": "string", "family": "string", "given": "string"},
     "Organization": {"_id": "token", "identifier": "token"},
     "Specimen": {"_id": "token", "identifier": "token", "patient": "reference", "patient.identifier": "token"},
+}
+
+#: Token parameters on a ``code`` element, whose values are indexed without a system: the code system the element's
+#: required binding implies, so that ``gender=http://hl7.org/fhir/administrative-gender|male`` matches ``male``.
+IMPLICIT_SYSTEMS: dict[tuple[str, str], str] = {
+    ("Patient", "gender"): "http://hl7.org/fhir/administrative-gender",
+    ("Observation", "status"): "http://hl7.org/fhir/observation-status",
+    ("DiagnosticReport", "status"): "http://hl7.org/fhir/diagnostic-report-status",
 }
 
 for _params in SEARCH_PARAMS.values():  # when the gateway last stored each resource (``meta.lastUpdated``)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from gateway import jsonutil
 from gateway.errors import InputError, InvalidSearch, Issue, NotFound
 from gateway.fhir.search import (
+    IMPLICIT_SYSTEMS,
     PARAM_ALIASES,
     SEARCH_PARAMS,
     date_matches_sql,
@@ -957,6 +958,8 @@ class Store:
                     else:
                         tq = parse_token_query(part)
                         t_system, t_code = tq.system, tq.code
+                        if t_system and t_system == IMPLICIT_SYSTEMS.get((rtype, name)):
+                            t_system = ""  # a code element's values are indexed without the system they imply
                     cond = "k.type = ? AND k.param = ?"
                     targs: list[Any] = [rtype, name]
                     if t_code is not None:
