@@ -192,3 +192,44 @@ def test_a_page_deep_into_large_resources_sorts_keys_not_resources(tmp_path: Pat
             db.conn.set_progress_handler(None, 0)
     finally:
         pipeline.close()
+
+
+def test_patient_identifier_finds_results_by_the_patients_identifiers_as_they_are_now(
+        client: Any, pipeline: Any, clock: Clock) -> None:
+    """A chained ``patient.identifier`` search asks for the results of the Patient that has that identifier now.
+    Senders disagree: one LIS sends the hospital number (MR) and the 身份证号, another the 身份证号 alone, and a
+    correction replaces a mistyped 身份证号. Results stored under any of those versions are found by the
+    identifiers the Patient has now, and no longer by one it has lost."""
+    mr = {"system": "urn:oid:2.16.156.10011.1.12.511921", "value": "Z0099812"}
+    wrong = {"system": "urn:oid:2.16.156.10011.1.3", "value": "511921196612120038"}
+    right = {"system": "urn:oid:2.16.156.10011.1.3", "value": "511921196612120011"}
+
+    def patient(*identifiers: dict[str, str]) -> dict[str, Any]:
+        return {"resourceType": "Patient", "id": "chained-patient", "identifier": list(identifiers),
+                "name": [{"text": "王建国"}]}
+
+    def results(start: int) -> list[dict[str, Any]]:
+        obs = [_observation(n, f"{n:04d}", n) for n in range(start, start + 2)]
+        for o in obs:
+            o["subject"] = {"reference": "Patient/chained-patient"}
+        return obs
+
+    def found(query: str) -> set[str]:
+        got, total, _ = _walk(client, f"/fhir/Observation?patient.identifier={query}&_count=50")
+        assert total == len(got)
+        return {o["id"] for o in got}
+
+    _store(pipeline, clock, [patient(mr, wrong), *results(0)], "lis-a")
+    assert found(f"{mr['system']}|{mr['value']}") == found(wrong["value"]) == {"obs-0000", "obs-0001"}
+    clock.advance(minutes=5)
+    _store(pipeline, clock, [patient(right), *results(2)], "lis-b")  # the 身份证号 corrected, no MR
+    assert found(right["value"]) == {"obs-0000", "obs-0001", "obs-0002", "obs-0003"}
+    assert found(wrong["value"]) == set() and found(mr["value"]) == set()
+    clock.advance(minutes=5)
+    _store(pipeline, clock, [patient(mr, right), *results(4)], "lis-a-again")
+    every = {f"obs-{n:04d}" for n in range(6)}
+    assert found(mr["value"]) == found(f"{right['system']}|{right['value']}") == every
+    assert found(f"http://other.example/sid|{right['value']}") == set()
+    # the other spelling of the chain, and a DiagnosticReport-free type, read the same index
+    got, _, _ = _walk(client, f"/fhir/Observation?subject:Patient.identifier={mr['value']}&_count=50")
+    assert {o["id"] for o in got} == every

@@ -960,6 +960,23 @@ class Store:
                         t_system, t_code = tq.system, tq.code
                         if t_system and t_system == IMPLICIT_SYSTEMS.get((rtype, name)):
                             t_system = ""  # a code element's values are indexed without the system they imply
+                    if name in _CHAINED:
+                        # the identifiers the subject Patient has now (not those it had when each resource was
+                        # stored: a Patient's later version may add, drop or correct one)
+                        pcond = "k2.type = 'Patient' AND k2.param = 'identifier'"
+                        pargs: list[Any] = []
+                        if t_code is not None:
+                            pcond += " AND k2.code = ?"
+                            pargs.append(t_code)
+                        if t_system is not None:
+                            pcond += " AND k2.system = ?"
+                            pargs.append(t_system)
+                        ors.append("rid IN (SELECT t.res FROM search_key k JOIN search_token t ON t.key = k.key"
+                                   " WHERE k.type = ? AND k.param = 'patient' AND k.system = '' AND k.code IN"
+                                   " (SELECT 'Patient/' || pt.id FROM resources pt WHERE pt.rid IN (SELECT t2.res"
+                                   f" FROM search_key k2 JOIN search_token t2 ON t2.key = k2.key WHERE {pcond})))")
+                        args += [rtype, *pargs]
+                        continue
                     cond = "k.type = ? AND k.param = ?"
                     targs: list[Any] = [rtype, name]
                     if t_code is not None:
@@ -1129,6 +1146,9 @@ _UPDATED_EPOCH = {
     "postgresql": "(CAST(EXTRACT(EPOCH FROM CAST(last_updated AS timestamptz)) AS DOUBLE PRECISION) + 0.0001)",
 }
 
+#: Chained parameters answered from the subject Patient as it is now (its identifier index), not from the values
+#: copied into each resource's index when it was stored.
+_CHAINED = frozenset({"patient.identifier"})
 #: Rows of a search or history page read by one statement, once the page's keys are sorted.
 _PAGE_READ = 200
 #: SQL condition: the resource carries no ``meta.tag`` of the system given (``?``) with code ``superseded``.
