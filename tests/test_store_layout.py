@@ -156,8 +156,9 @@ def _every_report_bundle() -> list[dict[str, Any]]:
 
 def test_layout_2_database_gets_the_narrow_token_index_losing_nothing(tmp_path: Path, database: str) -> None:
     """Both engines: a database of layout 2 (wide token rows) is converted to numbered values and narrow rows when
-    it is opened, keeping every row and every search answer. That includes the chained ``patient.identifier`` rows
-    of a patient who came back under another record number: a rebuild from today's resources would lose them."""
+    it is opened, keeping every row as it was (a row no rebuild from today's resources would make among them:
+    databases of earlier releases hold such rows, the chained ``patient.identifier`` values they copied) and every
+    search answer."""
     from gateway.store import schema
     from gateway.store.db import dialect
     from gateway.store.store import _reindex
@@ -171,15 +172,16 @@ def test_layout_2_database_gets_the_narrow_token_index_losing_nothing(tmp_path: 
         store.finish(record_id, status="stored", ack_code="AA", ack=b"", issues=[], bundle=bundle)
     expected = _rows(store)
     searches = [(rtype, [(param, f"{system}|{code}")]) for rtype, param, code, system in
-                sorted({row[:4] for row in expected["search_token"]})]  # every value indexed, as a search
+                sorted({row[:4] for row in expected["search_token"]})
+                if param != "patient"]  # every token value indexed, as a search (references are searched as such)
     answers = [sorted(r["id"] for r in store.search(t, p, count=1000).resources) for t, p in searches]
     assert sum(1 for found in answers if found) > len(answers) * 3 // 4  # (superseded reports are not searched)
-    if dialect(store.db) == "sqlite":  # the samples hold chained values that a rebuild of the index would change
+    if dialect(store.db) == "sqlite":  # a rebuild of the index from the resources makes the same rows
         store.db.execute("BEGIN IMMEDIATE")
         _reindex(store.db)
         rebuilt = _rows(store)["search_token"]
         store.db.execute("ROLLBACK")
-        assert rebuilt != expected["search_token"] and _rows(store) == expected
+        assert rebuilt == expected["search_token"] and _rows(store) == expected
     _layout_2(store, expected["search_token"])
     store.close()
 

@@ -265,12 +265,9 @@ def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple
         add_date("birthdate", res.get("birthDate"))
     subject = res.get("subject", {}).get("reference", "")
     if subject:
+        # (patient.identifier is answered from the subject Patient's own identifier index, as it is now: see
+        # gateway.store.store, _CHAINED; nothing of the Patient is copied into this resource's index)
         tokens.append(("patient", "", subject))
-        target = resolve(subject) if resolve else None
-        if target is not None:
-            for ident in target.get("identifier", []):
-                if ident.get("value"):
-                    tokens.append(("patient.identifier", ident.get("system", ""), ident["value"]))
     for perf in res.get("performer", []) if rtype in ("DiagnosticReport", "Observation") else []:
         target = resolve(perf.get("reference", "")) if resolve else None
         if target is not None:
