@@ -283,6 +283,15 @@ def test_cli_build_verify_show(authority_files: dict[str, Path], tmp_path: Path)
     )
     assert result.exit_code == 1 and "expired" in result.output and "Traceback" not in result.output
 
+    # without --authority: the registry_authority of the gateway --config names, as every setting is read
+    from gateway.cli import cli
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'registry_authority = "{authority_files["cert"]}"\n', encoding="utf-8")
+    result = runner.invoke(cli, ["--config", str(config), "registry", "verify", str(out),
+                                 "--at", "2026-11-23T09:00:00+08:00"], env={"GATEWAY_REGISTRY_AUTHORITY": None})
+    assert result.exit_code == 0 and result.output.startswith("OK: registry snapshot version 1"), result.output
+
     result = runner.invoke(
         registry, ["show", str(out), "--authority", str(authority_files["cert"]), "--at", "2026-11-23T09:00:00+08:00"]
     )

@@ -81,13 +81,29 @@ def authority_certificates(paths: tuple[str, ...]) -> list[x509.Certificate]:
     :raises ConfigError: a file holds no certificate.
     """
     if not paths:
-        if not DEFAULT_AUTHORITY.exists():
+        configured = _configured_authority()
+        if configured:
+            paths = (configured,)
+        elif not DEFAULT_AUTHORITY.exists():
             raise click.ClickException(
-                "no registry authority certificate: give --authority (or GATEWAY_REGISTRY_AUTHORITY), "
-                f"or place it at {DEFAULT_AUTHORITY}"
+                "no registry authority certificate: give --authority (or GATEWAY_REGISTRY_AUTHORITY, or "
+                f"registry_authority in the --config file), or place it at {DEFAULT_AUTHORITY}"
             )
-        paths = (str(DEFAULT_AUTHORITY),)
+        else:
+            paths = (str(DEFAULT_AUTHORITY),)
     return [cert for path in paths for cert in load_certificates(path)]
+
+
+def _configured_authority() -> str:
+    """``registry_authority`` of the gateway named by ``--config`` (or ``GATEWAY_CONFIG``), when one is named: the
+    settings file is read as every command reads it, below the environment and the command's own options."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    if root is None or not isinstance(root.obj, dict) or not root.obj.get("config"):
+        return ""
+    from gateway.commands.audit import settings_for
+
+    return str(settings_for(ctx).registry_authority or "")  # type: ignore[arg-type]
 
 
 def _read(path: str) -> bytes:
