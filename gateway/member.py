@@ -84,14 +84,15 @@ class Member:
         store: Store | None = getattr(self._local, "store", None)
         if store is not None and connection_lost(store.db):
             if getattr(store.db, "opened_read_only", False):
-                # (left open, not closed: whoever still holds it reads on; it is closed once nothing does)
-                log.info("database %s was opened read-only; opening it again",
-                         describe(self.settings.database_locator))
+                # closed first: SQLite keeps a file's shared memory read-only for the process while any
+                # connection that opened it so is open
+                log.warning("database %s can be written again; reopening this connection, which was read-only",
+                            describe(self.settings.database_locator))
             else:
                 log.warning("database connection lost (%s); opening a new one",
                             describe(self.settings.database_locator))
-                with contextlib.suppress(Exception):
-                    store.close()
+            with contextlib.suppress(Exception):
+                store.close()
             store = self._local.store = None
         if store is None:
             store = Store.open(self.settings.database_locator, self.clock)

@@ -65,7 +65,8 @@ class _Oversized(Exception):
 
 
 _HEAD_BYTES = 4096  # what is kept of an oversized frame to answer it (its MSH segment)
-_BETWEEN_FRAMES = frozenset(b"\r\n \t")  # bytes dropped between frames (see wait_message)
+_BETWEEN_FRAMES = b"\r\n \t"  # bytes dropped between frames (see wait_message)
+_MAX_BETWEEN_FRAMES = 4096  # ... at most so many between two frames
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -82,19 +83,23 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
         that came after the frame was taken as ended, spaces, a UTF-8 byte order mark before the ``0x0B`` — is
         dropped: it is no message, and left in place it would be read as the start of one that never ends.
         """
+        dropped = 0
         while True:
             buf = self._buffer
             while buf:
-                if buf[0] in _BETWEEN_FRAMES:
-                    del buf[:1]
+                blank = len(buf) - len(buf.lstrip(_BETWEEN_FRAMES))
+                if blank:
+                    del buf[:blank]
+                    dropped += blank
                 elif buf[:3] == _BOM:
                     del buf[:3]
-                elif _BOM.startswith(bytes(buf)):
+                    dropped += 3
+                elif _BOM.startswith(bytes(buf[:3])):
                     break  # (the rest of a byte order mark may still come)
                 else:
                     return
-            if self._eof:
-                return
+            if self._eof or dropped > _MAX_BETWEEN_FRAMES:
+                return  # (past the limit: what follows is read as a frame, and answered as one)
             self._maybe_resume_transport()
             await self._wait_for_data("wait_message")  # what StreamReader's own reads wait with
 

@@ -1407,9 +1407,13 @@ class Pipeline:
 
     def refuse_unlisted(self, text: bytes, member: str, exc: GatewayError) -> None:
         """Keep a Bundle pushed by ``member``, refused at authentication because the registry no longer lists it
-        (revoked), as refused under the hash of its bytes, with its audit entry: as a push that does not verify."""
+        (revoked), as refused under the hash of its bytes, with its audit entry: as a push that does not verify.
+        The same bytes pushed again add nothing (their refusal is kept and audited once)."""
         metrics.signature_failed("receive", exc)
         log.warning("exchange push from member=%s refused: not listed in the registry snapshot", member)
+        earlier = self.store.find_message(SIGNED_FORMAT, member, hashlib.sha256(text).hexdigest())
+        if earlier is not None and earlier.status == "refused":
+            return
         self._refuse_unverified(text, member, exc)
 
     def _refuse_unverified(self, text: bytes, peer: str, exc: GatewayError) -> None:

@@ -515,7 +515,10 @@ def _main(argv: list[str]) -> int:
     if not argv:
         print("gateway.serve runs a part of `gateway serve`: run `gateway serve` instead", file=sys.stderr)
         return 2
-    text = os.environ.pop(SETTINGS_ENV, "") if argv[0] == "-" else argv[0]  # (JSON on the command line: the bench)
+    text = os.environ.pop(SETTINGS_ENV, "") if argv[0] == "-" else argv[0]  # (JSON on the command line: tests)
+    if not text:
+        print(f"gateway.serve: no settings ({SETTINGS_ENV} is not set): run `gateway serve` instead", file=sys.stderr)
+        return 2
     settings = Settings(**json.loads(text))
     rest = argv[1:]
     if rest[:1] == ["--part"] and len(rest) in (2, 4):

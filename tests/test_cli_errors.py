@@ -277,13 +277,22 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
         assert (code, err.strip()) == (1, "Error: the database cannot be used: file is not a database"), (args, err)
 
 
-@pytest.mark.parametrize("url", ["postgresql://cyhr gateway@[bad/x", "postgresql:///cyhr_gateway",
-                                 "postgresql://gw@127.0.0.1:99999/gw"])
+@pytest.mark.parametrize("url", ["postgresql://cyhr gateway@[bad/x", "postgresql://gw@[::1/gw"])
 def test_a_database_url_that_cannot_be_read_is_a_configuration_error(tmp_path: Path, url: str) -> None:
     for args in (["users", "list"], ["--database", url, "audit", "verify"]):
         code, err = _gateway(*args, env_extra={"GATEWAY_DATABASE": url})
         assert code == 2 and err.startswith("Error: configuration: database: database URL"), (args, err)
         assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("url", ["postgresql:///cyhr_gateway", "postgresql://gw@h1:5432,h2:5433/gw",
+                                 "postgresql:///gw?service=gw", "postgresql://gw@[::1]:5432/gw",
+                                 "postgresql://gw@%2Fvar%2Frun%2Fpostgresql/gw"])
+def test_database_urls_libpq_reads_are_taken(url: str) -> None:
+    """A Unix socket, several hosts for failover, a service name, IPv6: libpq reads them when it connects."""
+    from gateway.config import load_settings
+
+    assert load_settings(environ={"GATEWAY_DATABASE": url}).database == url
 
 
 def test_a_registry_source_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:

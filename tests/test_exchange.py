@@ -196,6 +196,9 @@ def test_revoked_signer_is_refused(world, clock) -> None:
     assert refused[0]["peer"]["value"] == TJ and refused[0]["bundle_hash"] == f"sha256:{digest}"
     assert "not listed" in refused[0]["detail"]
     assert fl.store.search("Observation", []).total == 0
+    # the same bytes pushed again (a fresh assertion) add nothing: kept and audited once
+    assert post_as(world, "tongjiang", "fuling", signed).status_code == 403
+    assert len([e for e in entries(fl.store.db) if e.kind == "exchange"]) == 1
     # and a Bundle it signed is refused even when another member forwards it
     resp = post_as(world, "sccdc", "fuling", signed)
     assert resp.status_code == 403

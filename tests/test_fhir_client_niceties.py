@@ -41,6 +41,9 @@ def test_elements_by_a_choice_elements_name(stored: Any) -> None:
     assert any("valueQuantity" in r for r in entries) and not any("referenceRange" in r for r in entries)
     same = stored.get("/fhir/Observation?_elements=effective[x],value[x]").get_json()["entry"]
     assert [e["resource"] for e in same] == entries
+    # only a choice element's typed names: "reference" is not referenceRange
+    other = stored.get("/fhir/Observation?_elements=reference").get_json()["entry"]
+    assert not any("referenceRange" in e["resource"] for e in other)
 
 
 def test_a_reference_as_this_servers_absolute_url(stored: Any) -> None:

@@ -285,15 +285,18 @@ def test_a_sqlite_database_that_cannot_be_written_fails_health_and_is_reopened_o
     first, second, third = (b"MSH|" + message.replace(b"|P|2.5.1", f"-{n}|P|2.5.1".encode(), 1) for n in (1, 2, 3))
     assert client.post("/ingest/hl7v2", data=first, headers=auth).status_code == 200
     pipeline.close()  # the next use opens the database again, as a new thread or a restarted listener would
-    import sqlite3
-
-    # another process's connection keeps the log files (-wal, -shm) as a running gateway's do; the database file
-    # itself cannot be written for a while (as after a restore by another user, or a read-only remount)
-    other = sqlite3.connect(settings.database_locator)
-    other.execute("SELECT count(*) FROM messages").fetchone()
-    files = [settings.database_locator]
+    # another process's connection keeps the log files (-wal, -shm) as a running gateway's other parts do; the
+    # database and its log files cannot be written for a while (a restore by another user, a read-only remount)
+    hold = ("import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1])\n"
+            "c.execute('SELECT count(*) FROM messages').fetchone()\nprint('open', flush=True)\ntime.sleep(120)")
+    other = _subprocess.Popen([sys.executable, "-c", hold, str(settings.database_locator)], stdout=_subprocess.PIPE,
+                              text=True)
+    assert other.stdout is not None and other.stdout.readline().strip() == "open"
+    files = [str(p) for p in Path(settings.database_locator).parent.glob("gateway.db*")]
+    assert len(files) == 3, files
     made = _subprocess.run(["chattr", "+i", *files], capture_output=True, text=True)
     if made.returncode != 0:
+        other.kill()
         pytest.skip(f"this file system has no immutable flag: {made.stderr.strip()}")
     try:
         refused = client.post("/ingest/hl7v2", data=second, headers=auth)
@@ -309,5 +312,6 @@ def test_a_sqlite_database_that_cannot_be_written_fails_health_and_is_reopened_o
     assert stored.status_code == 200, stored.get_data(as_text=True)
     again = client.post("/ingest/hl7v2", data=second, headers=auth)
     assert again.status_code == 200, again.get_data(as_text=True)  # and what was refused can be sent again
-    other.close()
+    other.kill()
+    other.wait()
     pipeline.close()

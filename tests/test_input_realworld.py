@@ -77,6 +77,18 @@ def test_two_messages_in_one_mllp_block_are_refused_not_merged(server: Any, pipe
     assert pipeline.store.search("DiagnosticReport", []).total == 0
 
 
+def test_a_second_message_behind_a_byte_order_mark_is_still_a_second_message(pipeline: Any) -> None:
+    """Two files saved with a byte order mark and joined (``cat``): in one MLLP block the second MSH, behind its
+    mark, is refused as a second message, not read as an unknown segment whose results join the first patient;
+    as a file, the two are two messages."""
+    first, second = split_messages((HL7 / "mllp-two-messages-one-block.mllp").read_bytes())[:1] * 2
+    second = second.replace(b"RP-MRG-1", b"RP-MRG-2")
+    block = b"\xef\xbb\xbf" + first + b"\r\xef\xbb\xbf" + second
+    [outcome] = pipeline.ingest_batch(pipeline.channel("hl7v2"), [RawUnit(block, 1, "mllp:test")], channel="mllp")
+    assert outcome.status.value == "refused" and outcome.errors[0].location == "MSH[2]", outcome.issues
+    assert [m[:3] for m in split_messages(block)] == [b"MSH", b"MSH"]
+
+
 def test_a_batch_file_is_read_as_its_messages(pipeline: Any) -> None:
     """A file (or HTTP body) holding an FHS/BHS batch: the envelope segments are not messages, nor parts of the
     last message; both messages are converted."""
@@ -119,6 +131,14 @@ def test_gbk_under_an_iso_8859_1_msh18_is_refused(pipeline: Any) -> None:
     read = pipeline.channel("hl7v2").adapter.read(RawUnit(plain, 1, ""))
     assert not [i for i in read.issues if i.location == "MSH-18"], read.issues
     assert read.patient is not None and "Müller" in str(read.patient.__dict__)
+    # Windows-1252 punctuation under an ISO 8859-1 MSH-18 (a common mislabel) is not taken for Chinese
+    western = {"王^建国": "O’Brien^Zoë", "血常规": "Hämogramm 10–20 …", "陈&明": "Chen&Ming", "全血": "Vollblut",
+               "白细胞计数": "Leukozyten", "血红蛋白": "Hämoglobin"}
+    for chinese, latin in western.items():
+        text = text.replace(chinese, latin)
+    quoted = text.encode("cp1252")
+    read = pipeline.channel("hl7v2").adapter.read(RawUnit(quoted, 1, ""))
+    assert not [i for i in read.issues if i.location == "MSH-18"], read.issues
 
 
 def test_repeated_values_a_result_holds_one_of_are_refused_naming_obx5(pipeline: Any) -> None:

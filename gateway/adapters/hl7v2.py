@@ -54,7 +54,7 @@ _FRAME_END = re.compile(rb"\x1c(?=[\x0b\x0d]|\s*\Z)")
 # Characters no HL7 field may carry into a report (FHIR strings forbid them): below 0x20 but tab, CR and LF.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
-_MSG_START = re.compile(rb"(?:^|\r)(?=MSH[^\r]{4})")
+_MSG_START = re.compile(rb"(?:^|\r)(?:\xef\xbb\xbf)?(?=MSH[^\r]{4})")  # (a byte order mark before it is dropped)
 _UNIT_ENDS = frozenset({"MSH", "FHS", "BHS", "BTS", "FTS"})  # segments no single message holds
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -137,8 +137,10 @@ _SINGLE_BYTE = {"latin-1": True, "latin1": True, "iso-8859-1": True, "iso8859-1"
 def _check_single_byte(data: bytes, text: str, codec: str) -> None:
     """Whether a message decoded with a single-byte character set is likely to be in it.
 
-    :raises UnicodeDecodeError: its bytes past ASCII are UTF-8 (a UTF-8 message under a wrong MSH-18), or it holds
-        C1 control characters (0x80 to 0x9F), which no ISO 8859-1 text does and every GBK text with Chinese does.
+    :raises UnicodeDecodeError: its bytes past ASCII are UTF-8 (a UTF-8 message under a wrong MSH-18), or a run of
+        them reads in GBK as two Chinese characters or more in a row (ISO 8859-1 text has its accented letters
+        alone or in pairs between ASCII ones; a GBK name or item is a run of them). A single Chinese character in
+        GBK, or text in Windows-1252 under an ISO 8859-1 MSH-18, is not told apart.
     """
     try:
         data.decode("utf-8")
@@ -147,26 +149,20 @@ def _check_single_byte(data: bytes, text: str, codec: str) -> None:
     else:
         raise UnicodeDecodeError(codec, data, 0, 1, "the message is UTF-8 (its bytes past ASCII read as UTF-8 "
                                                     "characters): declare UNICODE UTF-8 in MSH-18")
-    for at, char in enumerate(text):
-        if "\x80" <= char <= "\x9f":
-            raise UnicodeDecodeError(codec, data, at, at + 1, f"the message holds a control character at byte {at} "
-                                                              "(0x80 to 0x9F), as a GBK or GB18030 message does: "
-                                                              "declare the character set the LIS sends")
     for run in _HIGH_RUN.finditer(data):
-        # accented letters of ISO 8859-1 text stand alone or in pairs between ASCII ones; a run of Chinese
-        # characters in GBK is many bytes past ASCII in a row, which decode as such
         try:
             chinese = run.group().decode("gb18030")
         except UnicodeDecodeError:
             continue
-        if _CJK_ONLY.match(chinese):
+        found = _CJK_RUN.search(chinese)
+        if found:
             raise UnicodeDecodeError(codec, data, run.start(), run.end(),
                                      f"the message holds bytes {run.start()} to {run.end() - 1} that read as the "
-                                     f"Chinese {chinese[:8]!r} in GBK: declare the character set the LIS sends")
+                                     f"Chinese {found.group()[:8]!r} in GBK: declare the character set the LIS sends")
 
 
 _HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
-_CJK_ONLY = re.compile(r"^[\u3400-\u9fff\u3000-\u303f\uff00-\uffef]+$")
+_CJK_RUN = re.compile(r"[\u3400-\u9fff]{2,}")
 
 
 def ack_code_for(msg: SourceMessage) -> str:
@@ -712,7 +708,9 @@ class HL7v2Adapter:
         if text is None:
             self.read_first_segment(unit.data, msg)
             return msg, None
-        text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+        # (a byte order mark at a segment's start, as files joined with cat leave, is no part of it: a second MSH
+        # behind one is still a second MSH)
+        text = text.replace("\r\n", "\r").replace("\n", "\r").replace("\r\ufeff", "\r").strip("\r")
         if not text.startswith("MSH") or len(text) < 8:
             msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment", "100"))
             return msg, None

@@ -539,10 +539,22 @@ def _asked(key: str, elements: set[str]) -> bool:
     element it is a type of (``value`` asks for ``valueQuantity``, ``effective`` for ``effectiveDateTime``)."""
     if key in elements:
         return True
-    for at in range(1, len(key)):
-        if key[at].isupper():
-            return key[:at] in elements
-    return False
+    return any(name in _CHOICE_ROOTS and key.startswith(name) and key[len(name):] in _CHOICE_TYPES
+               for name in elements)
+
+
+#: The choice elements (``[x]``) of the resources this server holds: Observation's value and effective,
+#: DiagnosticReport's effective, Patient's deceased and multipleBirth.
+_CHOICE_ROOTS = frozenset({"value", "effective", "deceased", "multipleBirth"})
+
+
+#: The data types a choice element (``value[x]``, ``effective[x]``, ...) is named with after its own name.
+_CHOICE_TYPES = frozenset({
+    "Quantity", "CodeableConcept", "String", "Boolean", "Integer", "Range", "Ratio", "SampledData", "Time",
+    "DateTime", "Period", "Attachment", "Reference", "Instant", "Date", "Decimal", "Coding", "Identifier", "Uri",
+    "Url", "Canonical", "Code", "Age", "Duration", "Money", "Annotation", "Timing", "Markdown", "Base64Binary",
+    "PositiveInt", "UnsignedInt", "HumanName", "Address", "ContactPoint", "Signature", "Oid", "Id", "Uuid",
+})
 
 
 def _subset(res: dict[str, Any], elements: set[str]) -> dict[str, Any]:

@@ -15,10 +15,8 @@ time is over count with the time waited so far.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import http.client
-import json
 import os
 import socket
 import subprocess
@@ -173,10 +171,12 @@ def run_mllp_load(ctx: BenchContext, title: str, ack: str = "processed") -> Stag
     codes: dict[str, int] = {}
     errors: list[str] = []
     lock = threading.Lock()
-    args = [sys.executable, "-m", "gateway.serve", json.dumps(dataclasses.asdict(settings))]
+    from gateway.serve import SETTINGS_ENV, part_command
+
+    args, part_env = part_command(settings)  # (the settings in the environment, as gateway serve gives them)
     log_path = ctx.workdir / f"{name}-server.log"
     queue: dict[str, Any] = {}
-    with _server(args, _env({}), port, log_path) as proc:
+    with _server(args, _env({SETTINGS_ENV: part_env[SETTINGS_ENV]}), port, log_path) as proc:
         cpu0 = process_cpu_s(proc.pid)
         start = time.perf_counter() + 0.2
         stop_at = start + opts.mllp_duration + drain

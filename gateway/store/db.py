@@ -121,9 +121,22 @@ def connection_lost(db: Database) -> bool:
     time) read-only without saying so, and such a connection stays read-only after the file can be written again:
     only a new connection writes (:func:`connect` marks one opened so)."""
     if dialect(db) != "postgresql":
-        return bool(getattr(db, "opened_read_only", False)) and not db.conn.in_transaction
+        # replaced once the files can be written (not before: a new connection would be read-only again)
+        return (bool(getattr(db, "opened_read_only", False)) and not db.conn.in_transaction
+                and not unwritable(getattr(db, "sqlite_path", ":memory:")))
     raw = db.conn.raw
     return bool(raw.closed or raw.broken)
+
+
+_SQLITE_READONLY = 8  # SQLITE_READONLY: the primary code of every "attempt to write a readonly database"
+
+
+def _note_read_only(db: Database, exc: BaseException) -> None:
+    """Mark ``db`` for :func:`connection_lost` when a write found it read-only (the file, or its shared-memory
+    file, could not be opened for writing when the connection, or another one of this process, opened it)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.Error) and isinstance(code, int) and code & 0xFF == _SQLITE_READONLY:
+        db.opened_read_only = True
 
 
 def unwritable(locator: str | Path) -> list[str]:
@@ -132,7 +145,7 @@ def unwritable(locator: str | Path) -> list[str]:
     says so itself."""
     if is_postgresql(locator) or str(locator) == ":memory:":
         return []
-    path = Path(locator)
+    path = Path(os.path.realpath(locator))  # (a symbolic link: the folder SQLite writes in is the file's own)
     found = []
     for item in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
         if item.exists() and not os.access(item, os.W_OK):
@@ -177,9 +190,10 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
+        db.sqlite_path = str(path)  # type: ignore[attr-defined]
         if not os.access(path, os.W_OK):
-            # SQLite has opened the file read-only (see connection_lost): this connection is replaced on its next
-            # use, so that one opened once the file can be written again writes
+            # SQLite has opened the file read-only (see connection_lost): this connection is replaced once the
+            # file can be written again
             db.opened_read_only = True  # type: ignore[attr-defined]
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -257,9 +271,10 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
                 _begin_polling(conn)
             else:
                 conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
+        except BaseException as exc:
             if in_memory:
                 _temp_store(conn, "DEFAULT")
+            _note_read_only(db, exc)
             raise
         # SQLite's transactions numbered on the connection object, as PostgreSQL's are (``begun``): a fact
         # about the database that one of them made is settled once a later one finds it
@@ -269,7 +284,8 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
     try:
         try:
             yield db
-        except BaseException:
+        except BaseException as failed:
+            _note_read_only(db, failed)
             if conn.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
                 try:
                     conn.execute("ROLLBACK")
