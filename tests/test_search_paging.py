@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,16 +138,10 @@ def test_paging_through_a_search_and_a_history_gives_every_resource_once_in_orde
 
 
 def _temporary_files() -> set[str]:
-    """SQLite's temporary files this process holds open (``etilqs_*``: deleted on opening, still open)."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "etilqs_" in target:
-            found.add(target)
-    return found
+    """SQLite's temporary files this process holds open (as ``tests/test_wal_checkpoints.py`` finds them)."""
+    from test_wal_checkpoints import _temporary_files as held
+
+    return set(held())
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc to see open files")
