@@ -226,3 +226,29 @@ def test_patient_identifier_finds_results_by_the_patients_identifiers_as_they_ar
     # the other spelling of the chain, and a DiagnosticReport-free type, read the same index
     got, _, _ = _walk(client, f"/fhir/Observation?subject:Patient.identifier={mr['value']}&_count=50")
     assert {o["id"] for o in got} == every
+
+
+def test_results_stored_while_a_client_pages_do_not_shift_its_pages(client: Any, pipeline: Any, clock: Clock) -> None:
+    """A hospital system pulls results page by page while the LIS keeps sending: newest first, each new result would
+    push the ones not read yet a place further, and a client following the next links would read some twice. The
+    pages after the first read what was stored when the first was made; a new search sees the rest."""
+    first = _fill(pipeline, clock, 60, 10)
+    url = "/fhir/Observation?subject=Patient/paging-patient&_count=7"
+    seen: list[str] = []
+    totals: set[int] = set()
+    n = 1000
+    while url:
+        page = client.get(url).get_json()
+        totals.add(page["total"])
+        seen += [e["resource"]["id"] for e in page.get("entry", [])]
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        url = ""
+        if nxt:
+            parts = urlsplit(nxt[0])
+            url = f"{parts.path}?{parts.query}"
+        clock.advance(minutes=1)
+        _store(pipeline, clock, [_observation(n, "arrived meanwhile", n), _observation(n + 1, "too", n)], f"new-{n}")
+        n += 2
+    assert totals == {60} and len(seen) == len(set(seen)) == 60 and set(seen) == set(first)
+    fresh = client.get("/fhir/Observation?subject=Patient/paging-patient&_summary=count").get_json()
+    assert fresh["total"] == 60 + (n - 1000)

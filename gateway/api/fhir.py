@@ -51,7 +51,8 @@ _WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 #: Interactions every result type answers (CapabilityStatement ``rest.resource.interaction``).
 _INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
-_CONTROL = {"_count", "_offset", "_format", "_summary", "_include", "_revinclude", "_sort", "_elements", "_pretty"}
+_CONTROL = {"_count", "_offset", "_format", "_summary", "_include", "_revinclude", "_sort", "_elements", "_pretty",
+            "_page_until"}
 _MAX_INCLUDED = 1000  # resources one searchset page adds by _include and _revinclude
 #: Elements a resource keeps whatever ``_elements`` asks: its identity and the elements R4 requires of it.
 _MANDATORY = {"DiagnosticReport": ("status", "code"), "Observation": ("status", "code")}
@@ -484,7 +485,11 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                if kinds.get(PARAM_ALIASES.get(k, k)) == "reference" and here in v else v) for k, v in params]
     sort = _sort_of(args)
     store = pipeline_of(current_app).store
-    result = store.search(rtype, params, count=count, offset=offset, strict=not lenient, sort=sort)
+    # the pages after the first read the resources stored when the first was made: results stored meanwhile do
+    # not shift them (each resource once, page after page); a new search sees them
+    up_to = (_int_param("_page_until", 0, 0, 2 ** 62, args) if args.get("_page_until") is not None
+             else store.last_row())
+    result = store.search(rtype, params, count=count, offset=offset, strict=not lenient, sort=sort, up_to=up_to)
     included = _included(rtype, args, result.resources)
     elements = _elements_of(rtype, args)
     if result.resources:
@@ -497,7 +502,8 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     kept += [(k, v) for k in ("_include", "_revinclude", "_sort", "_elements") for v in args.getlist(k)]
 
     def link(off: int) -> str:
-        paging = [("_summary", "count")] if summary else [("_count", str(count)), ("_offset", str(off))]
+        paging = ([("_summary", "count")] if summary else
+                  [("_count", str(count)), ("_offset", str(off)), ("_page_until", str(up_to))])
         return f"{base}/{rtype}?" + urlencode(kept + paging)
 
     links = [{"relation": "self", "url": link(offset)}]

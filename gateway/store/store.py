@@ -254,8 +254,11 @@ class StorePort(Protocol):
 
     def history(self, rtype: str, rid: str | None = ..., *, count: int = ..., offset: int = ...) -> SearchResult: ...
 
+    def last_row(self) -> int: ...
+
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = ..., offset: int = ...,
-               strict: bool = ..., sort: list[tuple[str, bool]] | None = ...) -> SearchResult: ...
+               strict: bool = ..., sort: list[tuple[str, bool]] | None = ...,
+               up_to: int | None = ...) -> SearchResult: ...
 
     def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]: ...
 
@@ -895,9 +898,17 @@ class Store:
         # (a version gone between the two reads is left out of the page)
         return SearchResult(total, [dict(jsonutil.loads(found[k])) for k in keys if k in found])
 
+    def last_row(self) -> int:
+        """The row number of the resource stored last (0: none): a search's paging bound (``search(up_to=...)``)."""
+        return int(self.db.execute("SELECT coalesce(max(rid), 0) FROM resources").fetchone()[0])
+
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = 20, offset: int = 0,
-               strict: bool = True, sort: list[tuple[str, bool]] | None = None) -> SearchResult:
+               strict: bool = True, sort: list[tuple[str, bool]] | None = None,
+               up_to: int | None = None) -> SearchResult:
         """Resources of ``rtype`` matching every parameter (values within one parameter are ORed).
+
+        ``up_to``: only resources first stored up to that row number (:meth:`last_row` when a search's first page
+        was made): the pages after it are not shifted by results stored meanwhile.
 
         ``sort`` orders them by date parameters, each ``(name, descending)``, the first one first
         (resources without the date last); without it the latest updated come first.
@@ -994,6 +1005,9 @@ class Store:
             # a report superseded by a correction, and its results, are read by id (and history), not searched
             clauses.append(_NOT_SUPERSEDED[engine])
             args.append(_SUPERSEDED_SYSTEM)
+        if up_to is not None:
+            clauses.append("rid <= ?")
+            args.append(up_to)
         where = " AND ".join(["type = ?"] + clauses)
         total = self.db.execute(f"SELECT count(*) FROM resources WHERE {where}", [rtype, *args]).fetchone()[0]
         # the page's keys are sorted, not the resources' JSON (SQLite's sorter and PostgreSQL's hold whole rows): a
