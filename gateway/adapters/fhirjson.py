@@ -111,8 +111,17 @@ class FHIRSubmissionAdapter:
                 elif not isinstance(entry.get("fullUrl", ""), str):
                     msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].fullUrl",
                                             "fullUrl must be a string (a URI)"))
+                elif isinstance(entry.get("request"), dict) and entry["request"].get("method") not in _STORING:
+                    # the entries of a submitted Bundle are stored (created, or a new version of one stored): a
+                    # delete, read or patch asked for is refused rather than stored as a create
+                    msg.issues.append(Issue("error", "not-supported", f"Bundle.entry[{n}].request.method",
+                                            f"request method {shown(entry['request'].get('method'))} is not taken: "
+                                            "a submitted Bundle's entries are stored (POST or PUT)"))
         msg.extra["bundle"] = doc
         return msg
+
+
+_STORING = ("POST", "PUT")  # the request methods of a transaction entry that store its resource
 
 
 def _value_issues(doc: Any, limit: int = 10) -> list[Issue]:
