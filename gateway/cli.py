@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,9 +48,17 @@ def _a_fault(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError))
 
 
+def _internal(ctx: click.Context, exc: BaseException) -> click.ClickException:
+    """A fault of the gateway, as one line with a hint and no detail."""
+    return click.ClickException(f"internal error ({type(exc).__name__}) in `gateway {ctx.invoked_subcommand}`; "
+                                "rerun with GATEWAY_DEBUG=1 to see where, and report it")
+
+
 def _debug() -> bool:
-    """Whether ``GATEWAY_DEBUG`` asks for tracebacks (any value but empty, 0, false, no or off)."""
-    return os.environ.get("GATEWAY_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    """Whether ``GATEWAY_DEBUG`` asks for tracebacks (:func:`gateway.logs.debug_wanted`)."""
+    from gateway.logs import debug_wanted
+
+    return debug_wanted()
 
 
 class _Group(click.Group):
@@ -83,12 +90,10 @@ class _Group(click.Group):
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise click.ClickException(f"the database cannot be used right now ({reason}); try again") from None
         except _database_refusals() as exc:  # a file that is not a database; a role without rights on the tables
-            if _debug() or _a_fault(exc):
-                if not _debug():
-                    raise click.ClickException(f"internal error ({type(exc).__name__}) in `gateway "
-                                               f"{ctx.invoked_subcommand}`; rerun with GATEWAY_DEBUG=1 to see where, "
-                                               "and report it") from None
+            if _debug():
                 raise
+            if _a_fault(exc):
+                raise _internal(ctx, exc) from None
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise click.ClickException(f"the database cannot be used: {reason}") from None
         except UnicodeDecodeError as exc:  # a file given that is not text in the encoding it must be in
@@ -105,8 +110,7 @@ class _Group(click.Group):
             if _debug():
                 raise
             logging.getLogger(__name__).debug("unexpected error", exc_info=True)
-            raise click.ClickException(f"internal error ({type(exc).__name__}) in `gateway {ctx.invoked_subcommand}`; "
-                                       "rerun with GATEWAY_DEBUG=1 to see where, and report it") from None
+            raise _internal(ctx, exc) from None
 
 
 _SETTING_FLAGS = ("data_dir", "database", "issuer_uscc", "issuer_name", "mappings_dir", "log_level")

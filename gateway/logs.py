@@ -24,10 +24,12 @@ import contextvars
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import sys
 import traceback
 import uuid
+from types import TracebackType
 from typing import Any
 
 from gateway.errors import ConfigError
@@ -98,10 +100,20 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             # the type and where, never the text: an exception's message may quote patient data
             line["error"] = record.exc_info[0].__name__
-            frames = traceback.extract_tb(record.exc_info[2])[-6:]
-            line["where"] = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
-                                       for f in reversed(frames))
+            line["where"] = code_place(record.exc_info[2])
         return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def code_place(tb: TracebackType | None, depth: int = 6) -> str:
+    """Where in the code an exception was raised, innermost first (``store.py:12 put < pipeline.py:40 work``): what
+    a log line says of a failure instead of the exception's text, which may quote patient data."""
+    frames = traceback.extract_tb(tb)[-depth:] if tb is not None else []
+    return " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames)) or "?"
+
+
+def debug_wanted() -> bool:
+    """Whether ``GATEWAY_DEBUG`` asks for tracebacks (any value but empty, 0, false, no or off)."""
+    return os.environ.get("GATEWAY_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def configure(level: str, log_format: str, process: str) -> None:

@@ -29,6 +29,7 @@ messages are worked again one by one, so every other sender still gets its ACK.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import concurrent.futures
 import logging
 import signal
@@ -67,7 +68,7 @@ class _Oversized(Exception):
 _HEAD_BYTES = 4096  # what is kept of an oversized frame to answer it (its MSH segment)
 _BETWEEN_FRAMES = b"\r\n \t"  # bytes dropped between frames (see wait_message)
 _MAX_BETWEEN_FRAMES = 4096  # ... at most so many between two frames
-_BOM = b"\xef\xbb\xbf"
+_BOM = codecs.BOM_UTF8
 
 
 class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type information

@@ -67,6 +67,7 @@ from gateway.errors import (
 from gateway.fhir.bundle import build_bundle, entries_of
 from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.parties import Issuer
+from gateway.logs import code_place
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
@@ -1558,10 +1559,8 @@ def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseExce
 def _log_internal(stage: Stage, ch: Channel, index: int | None, record_id: int | None, exc: BaseException) -> None:
     """Log a failure of the gateway itself: where in the code, never the exception's text (it may quote
     patient data)."""
-    frames = traceback.extract_tb(exc.__traceback__)[-6:]
-    where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
     log.error("internal error in stage %s of %s unit %s (record %s): %s at %s", stage.value, ch.format,
-              index if index is not None else "-", record_id, type(exc).__name__, where or "?")
+              index if index is not None else "-", record_id, type(exc).__name__, code_place(exc.__traceback__))
 
 
 def _units(ch: Channel, data: bytes | IO[bytes], origin: str) -> Iterator[RawUnit]:

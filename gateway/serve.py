@@ -46,7 +46,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -101,13 +100,15 @@ def _first_line(exc: BaseException) -> str:
 def _type_and_place(exc: BaseException) -> str:
     """An exception as the log tells it: its type and where in the code, never its text (it may quote patient data);
     with ``GATEWAY_DEBUG=1`` the whole traceback goes to the log as well."""
-    frames = traceback.extract_tb(exc.__traceback__)[-4:]
-    where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
-    return f"{type(exc).__name__} at {where or '?'}"
+    from gateway.logs import code_place
+
+    return f"{type(exc).__name__} at {code_place(exc.__traceback__, 4)}"
 
 
 def _debug() -> bool:
-    return os.environ.get("GATEWAY_DEBUG", "") not in ("", "0")
+    from gateway.logs import debug_wanted
+
+    return debug_wanted()
 
 
 def background_pass(pipeline: Any) -> dict[str, int]:

@@ -301,7 +301,8 @@ def test_fhir_submission_with_a_control_character_is_refused_at_its_path(client)
 # -- search parameters: ASCII digits only --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("query", ["_count=١٢", "_count=１２", "_offset=٣", "_count=1_0", "_count=" + "9" * 5000])
+@pytest.mark.parametrize("query", ["_count=١٢", "_count=１２", "_offset=٣", "_count=1_0", "_count=" + "9" * 5000,
+                                   "_page_until=٣", "_page_until=-1", "_page_until=latest"])
 def test_search_numbers_take_ascii_digits_only(client, query: str) -> None:
     resp = client.get(f"/fhir/Observation?{query}")
     assert resp.status_code == 400

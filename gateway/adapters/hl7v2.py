@@ -12,6 +12,7 @@ the message is never half-read: one error refuses the whole message.
 """
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
 import functools
 import logging
@@ -125,7 +126,7 @@ def _unwrapped(part: bytes) -> bytes:
 
 
 _ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")  # a batch's header and trailer segments
-_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark some editors and senders put first
+_BOM = codecs.BOM_UTF8  # a UTF-8 byte order mark some editors and senders put first
 
 
 #: Codecs that decode any byte (ISO 8859-1 and its like): a message in another character set still decodes, as

@@ -180,8 +180,6 @@ def parse_offset(offset: str) -> _dt.tzinfo:
     m = re.match(r"^([+-])(\d{2}):(\d{2})$", offset or "")
     if not m:
         raise InputError(f"time zone offset {offset!r} must look like +08:00", "timezone")
-    if int(m.group(2)) > 23 or int(m.group(3)) > 59:
-        raise InputError(f"time zone offset {offset!r} is outside -23:59 to +23:59", "timezone")
     delta = _dt.timedelta(hours=int(m.group(2)), minutes=int(m.group(3)))
     return _dt.timezone(-delta if m.group(1) == "-" else delta)
 

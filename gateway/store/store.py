@@ -974,28 +974,14 @@ class Store:
                     if name in _CHAINED:
                         # the identifiers the subject Patient has now (not those it had when each resource was
                         # stored: a Patient's later version may add, drop or correct one)
-                        pcond = "k2.type = 'Patient' AND k2.param = 'identifier'"
-                        pargs: list[Any] = []
-                        if t_code is not None:
-                            pcond += " AND k2.code = ?"
-                            pargs.append(t_code)
-                        if t_system is not None:
-                            pcond += " AND k2.system = ?"
-                            pargs.append(t_system)
+                        pcond, pargs = _token_value("k2", "Patient", "identifier", t_code, t_system)
                         ors.append("rid IN (SELECT t.res FROM search_key k JOIN search_token t ON t.key = k.key"
                                    " WHERE k.type = ? AND k.param = 'patient' AND k.system = '' AND k.code IN"
                                    " (SELECT 'Patient/' || pt.id FROM resources pt WHERE pt.rid IN (SELECT t2.res"
                                    f" FROM search_key k2 JOIN search_token t2 ON t2.key = k2.key WHERE {pcond})))")
                         args += [rtype, *pargs]
                         continue
-                    cond = "k.type = ? AND k.param = ?"
-                    targs: list[Any] = [rtype, name]
-                    if t_code is not None:
-                        cond += " AND k.code = ?"
-                        targs.append(t_code)
-                    if t_system is not None:
-                        cond += " AND k.system = ?"
-                        targs.append(t_system)
+                    cond, targs = _token_value("k", rtype, name, t_code, t_system)
                     ors.append("rid IN (SELECT t.res FROM search_key k JOIN search_token t ON t.key = k.key"
                                f" WHERE {cond})")
                     args += targs
@@ -1159,6 +1145,21 @@ _UPDATED_EPOCH = {
                "THEN CAST(substr(last_updated, 21, 3) AS REAL) / 1000.0 ELSE 0 END + 0.0001)"),
     "postgresql": "(CAST(EXTRACT(EPOCH FROM CAST(last_updated AS timestamptz)) AS DOUBLE PRECISION) + 0.0001)",
 }
+
+
+def _token_value(alias: str, rtype: str, param: str, code: str | None, system: str | None) -> tuple[str, list[Any]]:
+    """The condition on ``search_key`` (as ``alias``) for one token value of ``param`` of ``rtype`` (``code`` or
+    ``system`` None: any), and its arguments."""
+    cond = f"{alias}.type = ? AND {alias}.param = ?"
+    args: list[Any] = [rtype, param]
+    if code is not None:
+        cond += f" AND {alias}.code = ?"
+        args.append(code)
+    if system is not None:
+        cond += f" AND {alias}.system = ?"
+        args.append(system)
+    return cond, args
+
 
 #: Chained parameters answered from the subject Patient as it is now (its identifier index), not from the values
 #: copied into each resource's index when it was stored.
