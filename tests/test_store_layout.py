@@ -324,3 +324,81 @@ def test_a_layout_upgrade_keeps_its_temporary_storage_on_disk(tmp_path: Path, mo
     assert seen["tallies"] and set(seen["tallies"]) == {1}
     assert upgraded.db.conn.execute("PRAGMA temp_store").fetchone()[0] == 0
     upgraded.close()
+
+
+def _effective(bundle: dict[str, Any], kind: str, value: Any) -> dict[str, Any]:
+    """``bundle`` with its report's effective time (and, for an instant, its first result's) as ``kind``."""
+    changed = copy.deepcopy(bundle)
+    for entry in changed["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] in ("DiagnosticReport", "Observation") and "effectiveDateTime" in resource:
+            del resource["effectiveDateTime"]
+            resource[kind] = value
+    return changed
+
+
+def _ids(store: Store, rtype: str, date: str) -> set[str]:
+    return {r["id"] for r in store.search(rtype, [("date", date)], count=1000).resources}
+
+
+def test_a_period_or_an_instant_is_searched_as_date_and_indexed_when_a_layout_3_database_opens(
+        tmp_path: Path, database: str) -> None:
+    """Both engines: ``date`` finds a report whose effective time is a Period (a 职业卫生 technical-service
+    report's 检测 dates) or a result's instant, as FHIR reads them (a Period without an end goes on; one without a
+    start began at an unknown time); a database of layout 3, which indexed effectiveDateTime alone, gains those
+    rows when it is opened, once."""
+    from gateway.store import schema
+    from gateway.store.db import dialect, transaction
+
+    locator: Any = database or tmp_path / "gw.db"
+    store = Store.open(locator, lambda: _dt.datetime(2026, 5, 21, 9, 0, tzinfo=CST))
+    bundles = _every_report_bundle()
+    kinds = [("effectivePeriod", {"start": "2025-03-03", "end": "2025-03-07"}),
+             ("effectivePeriod", {"start": "2025-06-01T08:00:00+08:00"}),
+             ("effectivePeriod", {"end": "2023-12-31"}),
+             ("effectiveInstant", "2025-09-09T10:11:12.345+08:00")]
+    stored: list[set[str]] = []
+    for n, (kind, value) in enumerate(kinds):
+        bundle = _effective(bundles[n], kind, value)
+        record_id, _ = store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id=f"p-{n}", origin="",
+                                        raw=b"x")
+        store.finish(record_id, status="stored", ack_code="AA", ack=b"", issues=[], bundle=bundle)
+        stored.append({e["resource"]["id"] for e in bundle["entry"]
+                       if e["resource"]["resourceType"] == "DiagnosticReport"})
+    closed, open_end, open_start, instant = stored
+    reports = set().union(*stored)
+
+    def answers(store: Store) -> dict[str, set[str]]:
+        return {q: _ids(store, "DiagnosticReport", q) & reports for q in (
+            "2025-03", "2025-03-05", "ge2025-03-01", "lt2024-01-01", "ge2030-01-01", "sa2025-01-01", "2025-09-09",
+            "eb2024-06-01", "ap2025-03-04")}
+
+    expected = {
+        "2025-03": closed,  # eq: the period lies within March
+        "2025-03-05": set(),  # the period is longer than the day
+        "ge2025-03-01": closed | open_end | instant,
+        "lt2024-01-01": open_start,
+        "ge2030-01-01": open_end,  # a period without an end goes on
+        "sa2025-01-01": closed | open_end | instant,
+        "2025-09-09": instant,
+        "eb2024-06-01": open_start,
+        "ap2025-03-04": closed,
+    }
+    assert answers(store) == expected
+    assert _ids(store, "Observation", "2025-09-09"), "the results' instants are searched too"
+    rows = _rows(store)["search_date"]
+
+    with transaction(store.db):  # back to layout 3: its date rows were of effectiveDateTime alone
+        store.db.execute("DELETE FROM search_date WHERE param = 'date' AND res IN (SELECT rid FROM resources WHERE"
+                         " json LIKE '%effectivePeriod%' OR json LIKE '%effectiveInstant%')")
+        store.db.execute("UPDATE schema_versions SET version = 3 WHERE part = 'core'")
+        if dialect(store.db) == "sqlite":
+            store.db.execute("PRAGMA user_version = 3")
+    assert answers(store)["2025-03"] == set()
+    store.close()
+
+    upgraded = Store.open(locator)
+    assert schema.version(upgraded.db, "core") == SCHEMA_VERSION == 4
+    assert _rows(upgraded)["search_date"] == rows
+    assert answers(upgraded) == expected
+    upgraded.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import calendar
 import datetime as _dt
 import functools
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -248,6 +249,19 @@ def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple
                 return
             dates.append((param, lo, hi))
 
+    def add_period(param: str, period: Any) -> None:
+        # [start's low, end's high): a Period without a start began at an unknown time, one without an end goes on
+        if not isinstance(period, dict):
+            return
+        start, end = period.get("start"), period.get("end")
+        try:
+            lo = date_range(start)[0] if isinstance(start, str) and start else -math.inf
+            hi = date_range(end)[1] if isinstance(end, str) and end else math.inf
+        except InputError:
+            return
+        if lo < hi and (lo, hi) != (-math.inf, math.inf):
+            dates.append((param, lo, hi))
+
     for ident in res.get("identifier", []) if isinstance(res.get("identifier"), list) else []:
         if ident.get("value"):
             tokens.append(("identifier", ident.get("system", ""), ident["value"]))
@@ -257,7 +271,9 @@ def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple
             tokens += [("category", s, c) for s, c in _codings(cat)]
         if res.get("status"):
             tokens.append(("status", "", res["status"]))
-        add_date("date", res.get("effectiveDateTime"))
+        add_date("date", res.get("effectiveDateTime"))  # effective[x]: the one of the four the resource has
+        add_date("date", res.get("effectiveInstant"))  # (Observation only)
+        add_period("date", res.get("effectivePeriod"))
         add_date("issued", res.get("issued"))
     if rtype == "Patient":
         if res.get("gender"):

@@ -1220,7 +1220,9 @@ _ADDED_COLUMNS = (("content_digest", "TEXT"),)
 #: engines: part ``core`` in ``schema_versions``).
 #: 2: ``resources.rid`` and a search index keyed by it (1: index rows keyed by resource id).
 #: 3: token values numbered once (``search_key``) and narrow token rows (key, res).
-SCHEMA_VERSION = 3
+#: 4: ``date`` indexes a report's or result's effective time also when it is a Period or an instant (layout 3
+#: indexed ``effectiveDateTime`` alone): the rows of the resources stored before are added (:func:`_effective_dates`).
+SCHEMA_VERSION = 4
 #: Indexes of ``core.sql`` added after its layout 3 was first released. On SQLite every opening runs the whole
 #: file, which makes them; on PostgreSQL, whose openings only read, :func:`gateway.store.schema.build_indexes`
 #: does (``gateway db upgrade``, ``gateway serve``'s start).
@@ -1248,6 +1250,7 @@ def ensure_core_schema(db: Database) -> None:
             _narrow_tokens(db)  # layout 2's token rows, converted (PostgreSQL has no layout 1)
             db.executescript(schema.script(db, "core"))
             if schema.version(db, "core") < SCHEMA_VERSION:
+                _effective_dates(db)
                 schema.set_version(db, "core", SCHEMA_VERSION)
             tallies.ensure(db)  # (a database made now; an older one's counts start at gateway db upgrade)
         return
@@ -1294,7 +1297,11 @@ def _ensure_core_sqlite(db: Database) -> None:
                     conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
     if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
         with transaction(db):
-            _reindex(db)
+            layout = conn.execute("PRAGMA user_version").fetchone()[0]  # (another process may have upgraded it)
+            if layout == 3:
+                _effective_dates(db)
+            elif layout < 3:
+                _reindex(db)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             schema.set_version(db, "core", SCHEMA_VERSION)
     elif schema.version(db, "core") < SCHEMA_VERSION:  # upgraded by a release that kept only user_version
@@ -1420,14 +1427,13 @@ def _narrow_tokens(db: Database) -> None:
     patient was when the resource was stored) included, which rebuilding the
     index from today's resources would change; nothing is read into this
     process, and a crash leaves layout 2 as it was. Nothing happens when another
-    process has converted it already. On SQLite it records layout 3 too.
+    process has converted it already. It records layout 3 (on SQLite, in the file's user_version too).
     """
     postgresql = dialect(db) == "postgresql"
     with transaction(db):  # looked at again under the write lock: another process may be upgrading it too
         if not _wide_tokens(db):
             return
-        log.warning("database layout 2 found: converting its search token rows to numbered values (layout %d)",
-                    SCHEMA_VERSION)
+        log.warning("database layout 2 found: converting its search token rows to numbered values (layout 3)")
         db.execute("DROP INDEX IF EXISTS search_token_owner")
         if postgresql:  # its primary key's index is named after the table: out of the new table's way
             db.execute("ALTER TABLE search_token RENAME CONSTRAINT search_token_pkey TO search_token_layout2_pkey")
@@ -1438,9 +1444,9 @@ def _narrow_tokens(db: Database) -> None:
         total = db.execute(_NARROW_ROWS).rowcount
         db.execute("DROP TABLE search_token_layout2")
         if not postgresql:
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        schema.set_version(db, "core", SCHEMA_VERSION)
-        log.warning("database layout %d: %d search token rows kept as numbered values", SCHEMA_VERSION, total)
+            db.execute("PRAGMA user_version = 3")
+        schema.set_version(db, "core", 3)  # (layout 4's step follows: ensure_core_schema)
+        log.warning("database layout 3: %d search token rows kept as numbered values", total)
 
 
 def _reindex(db: Database) -> None:
@@ -1471,6 +1477,30 @@ def _reindex(db: Database) -> None:
             _insert_index(conn, tokens, dates, strings)
             tokens, dates, strings = [], [], []
             log.info("search index rebuilt for %d of %d resources", done, total)
+
+
+#: Reports and results that may have an effective time layout 3 did not index (a Period, an instant).
+_EFFECTIVE_SPANS = ("SELECT rid, type, json FROM resources WHERE type IN ('DiagnosticReport', 'Observation') AND"
+                    " (json LIKE '%\"effectivePeriod\"%' OR json LIKE '%\"effectiveInstant\"%') ORDER BY rid")
+
+
+def _effective_dates(db: Database) -> int:
+    """Layout 3 to 4, inside the caller's transaction: the ``date`` rows of the stored reports and results whose
+    effective time is a Period or an instant (one pass over the resources); returns the rows added."""
+    cursor = db.conn.execute(_EFFECTIVE_SPANS)
+    added = 0
+    while True:
+        found = cursor.fetchmany(2000)
+        if not found:
+            break
+        dates = [(str(rtype), param, lo, hi, int(row_number)) for row_number, rtype, text in found
+                 for param, lo, hi in index_resource(jsonutil.loads(text))[1] if param == "date"]
+        _insert_index(db.conn, [], dates)
+        added += len(dates)
+    if added:
+        log.warning("database layout %d: the dates of %d reports and results whose effective time is a period or "
+                    "an instant added to the search index", SCHEMA_VERSION, added)
+    return added
 
 
 _VALUES4 = "(?,?,?,?),"
