@@ -337,6 +337,9 @@ def mappings_check(ctx: click.Context) -> None:
 
     settings = get_settings(ctx)
     loaded = load_mappings(settings.mappings_dir)
+    if not loaded.summary():  # (the adapters would refuse to start: say so now)
+        raise ConfigError(f"{settings.mappings_dir} holds no mapping tables (*.yaml structures, concepts/*.csv)",
+                          "mappings_dir")
     for table_id, version, path, entries in loaded.summary():
         click.echo(f"{table_id:24} {version:8} {entries:5} entries  {path}")
     click.echo(f"{len(loaded.summary())} tables OK")

@@ -92,6 +92,21 @@ def test_mappings_check_lists_tables_and_fails_on_a_bad_one(runner, tmp_path: Pa
     result = runner.invoke(cli, ["--mappings-dir", str(tmp_path / "mappings"), "mappings", "check"])
     assert result.exit_code == 2
     assert "x.csv:2: LOINC code '2345-8' has a wrong check digit" in result.stderr
+    (tmp_path / "empty").mkdir()  # a folder with no table at all: a wrong path, said now rather than at the start
+    empty = runner.invoke(cli, ["--mappings-dir", str(tmp_path / "empty"), "mappings", "check"])
+    assert empty.exit_code == 2 and empty.stderr.strip().splitlines() == [
+        f"Error: configuration: mappings_dir: {tmp_path / 'empty'} holds no mapping tables (*.yaml structures,"
+        " concepts/*.csv)"]
+
+
+@pytest.mark.parametrize("command", [["audit", "stats"], ["decisions", "list"]])
+def test_a_uscc_filter_that_cannot_exist_is_refused_on_one_line(runner, tmp_path: Path, command: list[str]) -> None:
+    """A filter naming a 统一社会信用代码 with a wrong check character finds nothing ever: said, exit 2."""
+    result = runner.invoke(cli, ["--data-dir", str(tmp_path), *command, "--db", str(tmp_path / "gateway.db"),
+                                 "--issuer", "12511921MB0001003X"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == ("Error: Invalid value for '--issuer': 统一社会信用代码 "
+                                                      "'12511921MB0001003X' check character is 'X', expected 'C'")
 
 
 def test_messages_list_and_show(runner, settings, database: str) -> None:

@@ -874,3 +874,22 @@ def test_the_reading_institution_may_sign_an_exam_another_member_performed(pki: 
     signed = sign_bundle(other_reader, pki.cq_key, [pki.cq_cert], who=signer_reference(pki.cq_cert), when=SIG_TIME)
     with pytest.raises(TrustError, match=f"signed by {CHONGQING} but the report was issued by {SICHUAN}"):
         check_signer_is_issuer(verify_bundle(dumps(signed), pki.trust(), at=AT))
+
+
+def test_an_unsigned_bundle_or_another_document_is_refused_saying_what_is_missing(
+        pki: Pki, bundle: dict[str, Any]) -> None:
+    """What is missing is said (nothing secret about it); a signature that is there and fails still says nothing
+    more than that it failed."""
+    unsigned = json.loads(signed_text(pki, bundle))
+    del unsigned["signature"]
+    with pytest.raises(BadSignature) as err:
+        verify_bundle(json.dumps(unsigned), pki.trust(), at=AT)
+    assert str(err.value) == "Bundle.signature: the Bundle carries no signature"
+    for other in ({"resourceType": "Patient"}, [1], "text"):
+        with pytest.raises(BadSignature) as err:
+            verify_bundle(json.dumps(other), pki.trust(), at=AT)
+        assert str(err.value) == "Bundle.resourceType: not a Bundle: there is no signature to verify"
+    unsigned["signature"] = {"type": [], "when": SIG_TIME.isoformat()}  # a signature that is not a JWS
+    with pytest.raises(BadSignature) as err:
+        verify_bundle(json.dumps(unsigned), pki.trust(), at=AT)
+    assert str(err.value) == BAD_SIGNATURE

@@ -41,7 +41,7 @@ from gateway.audit import export as exporting
 from gateway.audit import query, records, stats
 from gateway.audit.log import append, entries, has_log, head
 from gateway.audit.verify import verify as verify_log
-from gateway.commands.common import AwareDateTime, one_line_errors
+from gateway.commands.common import USCC, AwareDateTime, one_line_errors
 from gateway.config import Settings, check_database_url, load_settings
 from gateway.errors import GatewayError, InputError
 from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
@@ -380,8 +380,8 @@ def fee_table(settings: Settings, path: str | None) -> dict[tuple[str, str], sta
     "comma-separated: "
     "--by month,issuer gives 互认率 per month and issuer. Repeatable.",
 )
-@click.option("--issuer", help="Only results of this issuer (统一社会信用代码).")
-@click.option("--receiver", help="Only results decided for this receiver (统一社会信用代码).")
+@click.option("--issuer", type=USCC, help="Only results of this issuer (统一社会信用代码).")
+@click.option("--receiver", type=USCC, help="Only results decided for this receiver (统一社会信用代码).")
 @click.option("--item", help="Only this catalogue item (system|code, or the code).")
 @click.option("--catalogue", help="Only items of this recognition catalogue (its id).")
 @click.option("--alliance", help="Only items of catalogues of this scope (川渝, 四川省, 重庆市 or an alliance's name).")

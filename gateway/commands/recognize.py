@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from gateway.commands.common import AwareDateTime, now_cst, one_line_errors
+from gateway.commands.common import USCC, AwareDateTime, now_cst, one_line_errors
 from gateway.commands.registry import authority_certificates
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.recognition.engine import (
@@ -177,7 +177,7 @@ def _open(db_path: str | None) -> Database:
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
 @click.option("--patient", help="Patient identifier value (a 身份证号 unless --patient-system says otherwise).")
 @click.option("--patient-system", default=SYSTEM_ID_CARD, show_default=True, help="Identifier system of --patient.")
-@click.option("--issuer", help="Issuing member's 统一社会信用代码.")
+@click.option("--issuer", type=USCC, help="Issuing member's 统一社会信用代码.")
 @click.option("--item", help="Catalogue item code (e.g. CY-L001), or the result's own code when no catalogue lists it.")
 @click.option("--outcome", type=click.Choice([RECOGNIZED, NOT_RECOGNIZED, NEEDS_REVIEW]), help="Only this outcome.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="At most this many.")

@@ -426,9 +426,11 @@ def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | N
         names no member, or was not listed at ``sigT``.
     """
     bundle, plain = parse_received(text)
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":  # (what is missing, said: no secret)
+        raise BadSignature("not a Bundle: there is no signature to verify", "Bundle.resourceType")
+    if bundle.get("signature") is None:
+        raise BadSignature("the Bundle carries no signature")
     try:
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            raise _Invalid("not a Bundle")
         signature = bundle.get("signature")
         if not isinstance(signature, dict) or signature.get("sigFormat") != SIG_FORMAT:
             raise _Invalid("no JOSE signature")
