@@ -15,6 +15,7 @@ check-only pass says "clean" the reference has nothing at all to say.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -374,3 +375,33 @@ def test_the_corpus_round_trips_through_json(guide: Guide, corpus: list[dict[str
     for doc in corpus[:80]:
         plain = json.loads(json.dumps(doc, default=float, ensure_ascii=False))
         assert _full(guide.validate(plain)) == _full(guide.validate_reference(plain))
+
+
+@pytest.mark.parametrize("change", [
+    lambda exts: exts.reverse(),  # another order
+    lambda exts: exts.append(copy.deepcopy(exts[0])),  # a slice twice
+    lambda exts: exts.append({"url": "https://fhir.cyhr.org.cn/StructureDefinition/no-such", "valueString": "x"}),
+    lambda exts: exts.append({"url": "http://example.org/other", "valueString": "x"}),  # another guide's
+    lambda exts: exts[0].update(url=["a", "b"]),  # a url that is not a string (unhashable)
+    lambda exts: exts[0].update(url=7),
+    lambda exts: exts[0].pop("url"),
+    lambda exts: exts.append("text"),  # an item that is not an object
+    lambda exts: exts.append(None),
+    lambda exts: exts.clear(),
+    lambda exts: exts[0].update(url=exts[0]["url"].upper()),
+    lambda exts: exts[0].update(url=exts[0]["url"] + "|1.0"),
+])
+def test_extensions_found_by_their_url_agree_with_the_reference(
+        guide: Guide, corpus: list[dict[str, Any]], change: Any) -> None:
+    """The check-only pass finds an extension's slice by its url in one lookup; the reference tries each slice's
+    test in turn: every way an extension list can go wrong gets the same verdict from both."""
+    tally: Counter[str] = Counter()
+    reports = [r for d in corpus if d.get("resourceType") == "Bundle" for r in _resources(d)
+               if r.get("resourceType") in ("DiagnosticReport", "Patient", "Observation")
+               and isinstance(r.get("extension"), list) and len(r["extension"]) > 1]
+    assert len(reports) >= 5
+    for n, resource in enumerate(reports):
+        changed = _copy(resource)
+        change(changed["extension"])
+        _agree(guide, changed, tally, f"{resource['resourceType']} {n}")
+    assert sum(tally.values()) == len(reports)

@@ -35,13 +35,13 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.fhir.profiles import (
-    _ANY_STRING, _CODED, _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _MAX_DEPTH, _MISSING,
+    _ANY_STRING, _CODED, _COMPLEX, _CORE_SD, _FORBIDDEN, _FORMATTED, _INTEGER_TYPES, _LOCAL_ITEM, _MAX_DEPTH, _MISSING,
     _OBSERVATION_VALUES, _PLAIN, _RESOURCE, _SCALAR, _SD, _SEEN_LONGEST, _SEEN_MAX, NoDiscriminatorValue, _Binding,
-    _Constraint, _declares,
+    _any_at, _Constraint, _declares,
     _evaluate_fhirpath, _native_a_report, _native_entries_profiled, _native_entries_urn_uuid,
     _native_id_card_birth_date, _native_id_card_check_digit, _native_miplrn_characters, _native_one_patient,
-    _native_references_resolve, _native_reports_profiled, _native_uscc, _native_value_or_reason, _Node,
-    _references, _same, _well_formed, has_items, slice_matcher,
+    _native_local_code_first, _native_references_resolve, _native_reports_profiled, _native_uscc,
+    _native_value_or_reason, _Node, _references, _same, _well_formed, has_items, slice_tests,
 )
 
 if TYPE_CHECKING:
@@ -536,8 +536,8 @@ class CleanCheck:
             return done[1]
         tests: list[_Check] = []
         if node.fixed is not _MISSING:
-            fixed = node.fixed
-            tests.append(lambda item, ctx, type_code: _same(item, fixed))
+            same = _equal(node.fixed)
+            tests.append(lambda item, ctx, type_code: same(item))
         if node.matches_pattern is not None:
             pattern = _pattern(node.pattern)
             tests.append(lambda item, ctx, type_code: pattern(item))
@@ -695,6 +695,7 @@ class CleanCheck:
         low, high = node.min, node.max
         each = self._node_check(node) if node.checks_values else None
         one_piece = pieces[0] if len(pieces) == 1 else None
+        by_url = _url_slices(pieces, node) if len(pieces) > 1 else None
 
         def check(items: list[Any], ctx: _Ctx, type_code: str, count: int | None) -> bool:
             if count is None:
@@ -711,6 +712,18 @@ class CleanCheck:
                         return False
                 if not piece_check(bucket, ctx, type_code, None):
                     return False
+            elif by_url is not None:  # extensions: each item's slice by its url
+                sorted_out: list[list[Any]] = [[] for _ in pieces]
+                for item in items:
+                    url = item.get("url") if isinstance(item, dict) else None
+                    place = by_url.get(url) if isinstance(url, str) else None
+                    if place is not None:
+                        sorted_out[place].append(item)
+                    elif closed:
+                        return False
+                for bucket, (_, piece_check) in zip(sorted_out, pieces):
+                    if not piece_check(bucket, ctx, type_code, None):
+                        return False
             elif pieces:
                 buckets: list[list[Any]] = [[] for _ in pieces]
                 for item in items:
@@ -797,13 +810,85 @@ def _binding_ok(binding: _Binding, item: Any, type_code: str) -> bool:
 
 
 def _matcher(base: _Node, piece: _Node) -> Callable[[Any], bool] | None:
-    """Whether a value belongs to slice ``piece`` of ``base``: ``piece.matcher``, with patterns as :func:`_pattern`."""
+    """Whether a value belongs to slice ``piece`` of ``base``: ``piece.matcher`` (profiles.slice_matcher), made
+    of compiled tests here (patterns as :func:`_pattern`)."""
     if piece.matcher is None:
         return None
     try:
-        return slice_matcher(base, piece, _pattern)
+        found = slice_tests(base, piece)
     except NoDiscriminatorValue:
         return piece.matcher  # (the guide refuses such a profile when it loads)
+    tests = [_slice_test(steps, kind, value) for steps, kind, value in found]
+    if len(tests) == 1:
+        return tests[0]
+    every = tuple(tests)
+
+    def all_of(item: Any) -> bool:
+        for test in every:
+            if not test(item):
+                return False
+        return True
+
+    return all_of
+
+
+def _slice_test(steps: tuple[str, ...], kind: str, value: Any) -> Callable[[Any], bool]:
+    """One of profiles.slice_matcher's tests (_has_url, _same, a pattern; at _any_below or _any_at), compiled."""
+    if kind == "url":
+        url = value
+
+        def has_url(item: Any) -> bool:
+            return isinstance(item, dict) and item.get("url") == url
+
+        return has_url
+    test = _equal(value) if kind == "fixed" else _pattern(value)
+    if not steps:
+        return test
+    if len(steps) > 1:
+        return functools.partial(_any_at, steps, test)
+    step = steps[0]
+
+    def any_below(item: Any) -> bool:
+        if not isinstance(item, dict) or step not in item:
+            return False
+        got = item[step]
+        if isinstance(got, list):
+            for v in got:
+                if test(v):
+                    return True
+            return False
+        return test(got)
+
+    return any_below
+
+
+def _equal(fixed: Any) -> Callable[[Any], bool]:
+    """``_same(value, fixed)`` as a test, a string compared in place."""
+    if type(fixed) is str:
+        text: str = fixed
+
+        def same_text(value: Any) -> bool:
+            return value == text if type(value) is str else _same(value, text)
+
+        return same_text
+    return functools.partial(_same, b=fixed)
+
+
+def _url_slices(pieces: list[tuple[Callable[[Any], bool] | None, Any]], node: _Node) -> dict[str, int] | None:
+    """Extension slices told apart by their ``url`` alone, as {url: the first slice with it}: an item's slice found
+    by one lookup instead of a test per slice; None when some slice is told apart otherwise."""
+    by_url: dict[str, int] = {}
+    for i, piece in enumerate(node.slices):
+        if pieces[i][0] is None:
+            return None
+        try:
+            found = slice_tests(node, piece)
+        except NoDiscriminatorValue:
+            return None
+        if len(found) != 1 or found[0][1] != "url":
+            return None
+        by_url.setdefault(str(found[0][2]), i)
+    return by_url
 
 
 def _pattern(pattern: Any) -> Callable[[Any], bool]:
@@ -868,9 +953,21 @@ def _by_value(native: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return remembered
 
 
+def _local_code_first(obs: Any) -> bool:
+    """cyhr-obs-1's twin (_native_local_code_first), compiled."""
+    if type(obs) is not dict:
+        return _native_local_code_first(obs)
+    code = obs.get("code")
+    coding = code.get("coding") if isinstance(code, dict) else None
+    first = coding[0] if isinstance(coding, list) and coding else coding
+    system = first.get("system") if isinstance(first, dict) else None
+    return isinstance(system, str) and system.startswith(_LOCAL_ITEM)
+
+
 #: Quicker equals of some Python twins, used by the compiled checks.
 _TWINS: dict[Callable[[Any], bool], Callable[[Any], bool]] = {
     _native_value_or_reason: _value_or_reason,
+    _native_local_code_first: _local_code_first,
     **{native: _by_value(native) for native in (_native_uscc, _native_miplrn_characters,
                                                 _native_id_card_check_digit, _native_id_card_birth_date)},
 }

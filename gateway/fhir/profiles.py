@@ -878,28 +878,48 @@ class NoDiscriminatorValue(Exception):
         self.path = path
 
 
-def slice_matcher(base: _Node, piece: _Node,
-                  pattern_test: Callable[[Any], Callable[[Any], bool]]) -> Callable[[Any], bool]:
-    """Whether a value belongs to slice ``piece`` of ``base``, by ``base``'s discriminators; ``pattern_test`` makes
-    the test of a pattern value.
+#: One discriminator of a slice, as the test to make of it: (the steps to the value, ``"url"``, ``"fixed"`` or
+#: ``"pattern"``, the value to compare).
+SliceTest = tuple[tuple[str, ...], str, Any]
+
+
+def slice_tests(base: _Node, piece: _Node) -> list[SliceTest]:
+    """What tells a value of slice ``piece`` of ``base`` apart, by ``base``'s discriminators: an extension's own
+    ``url`` (``((), "url", url)``), or the fixed or pattern value ``piece`` has at a discriminator's path.
 
     :raises NoDiscriminatorValue: a discriminator path of ``piece`` has no fixed or pattern value.
     """
-    tests: list[Callable[[Any], bool]] = []
+    tests: list[SliceTest] = []
     for _, path in base.discriminators:
         if path == "url" and piece.ext_url:
-            tests.append(functools.partial(_has_url, piece.ext_url))
+            tests.append(((), "url", piece.ext_url))
             continue
         target: _Node | None = piece
-        steps = [] if path == "$this" else path.split(".")
+        steps = () if path == "$this" else tuple(path.split("."))
         for step in steps:
             target = target.children.get(step) if target else None
         if target is None or (target.fixed is _MISSING and target.pattern is _MISSING):
             raise NoDiscriminatorValue(path)
         if target.fixed is not _MISSING:
-            test: Callable[[Any], bool] = functools.partial(_same, b=target.fixed)
+            tests.append((steps, "fixed", target.fixed))
         else:
-            test = pattern_test(target.pattern)
+            tests.append((steps, "pattern", target.pattern))
+    return tests
+
+
+def slice_matcher(base: _Node, piece: _Node,
+                  pattern_test: Callable[[Any], Callable[[Any], bool]]) -> Callable[[Any], bool]:
+    """Whether a value belongs to slice ``piece`` of ``base`` (:func:`slice_tests`); ``pattern_test`` makes the test
+    of a pattern value.
+
+    :raises NoDiscriminatorValue: a discriminator path of ``piece`` has no fixed or pattern value.
+    """
+    tests: list[Callable[[Any], bool]] = []
+    for steps, kind, value in slice_tests(base, piece):
+        if kind == "url":
+            tests.append(functools.partial(_has_url, value))
+            continue
+        test = functools.partial(_same, b=value) if kind == "fixed" else pattern_test(value)
         if not steps:
             tests.append(test)
         elif len(steps) == 1:
