@@ -117,3 +117,36 @@ def test_a_database_of_an_earlier_release_keeps_its_floor_and_gains_the_snapshot
     finally:
         db.conn.close()
     assert rows == [(3, "abc", "2026-11-01T00:00:00+08:00", b"signed snapshot")]
+
+
+def test_recognize_decides_by_a_snapshot_installed_meanwhile_without_a_background_pass(tmp_path,
+                                                                                      member_database) -> None:
+    """An HTTP worker is another process than the background pass that logs the new snapshot as applied: its
+    ``$recognize`` looks for a newly installed file itself, as the registry view does, and decides by it."""
+    import json
+
+    from conftest import DATA, FULING
+
+    clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
+    urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test"}
+    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"), database=member_database)
+    gateway = world.gateways["tongjiang"]
+    ex = gateway.pipeline.exchange
+    bundle = json.loads((DATA / "registry" / "bundle-lab-tongjiang.json").read_text(encoding="utf-8"))
+    body = {"resourceType": "Parameters", "parameter": [{"name": "bundle", "resource": bundle},
+                                                        {"name": "receiver", "valueString": FULING}]}
+
+    def decided_by() -> int:
+        answer = gateway.app.test_client().post("/fhir/$recognize", json=body,
+                                                headers={"Authorization": f"Bearer {gateway.token}"})
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        return next(p["valueInteger"] for p in answer.get_json()["parameter"] if p["name"] == "snapshotVersion")
+
+    assert decided_by() == 1
+    newer = build_demo_registry(clock(), version=2, reuse=world.registry)
+    path = ex.settings.registry_snapshot
+    with open(path + ".new", "w", encoding="utf-8") as fh:
+        fh.write(newer.text())
+    os.replace(path + ".new", path)
+    ex.snapshot_file._checked = 0.0  # (looked at every few seconds)
+    assert decided_by() == 2

@@ -6,6 +6,7 @@ settings, clock and pipeline. Flask is used only under ``gateway/api``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -70,24 +71,29 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         if ex.holder is not None:
             # registry_api.install keeps its state under "gateway.registry"; nothing may overwrite that key
             registry_api.install(app, ex.holder, clock=pipe.clock, database=settings.database_locator)
-            app.extensions["gateway.trust"] = _CurrentSnapshot(ex.holder)
+            app.extensions["gateway.trust"] = _CurrentSnapshot(ex.holder, ex.refresh_registry)
     return app
 
 
 class _CurrentSnapshot:
     """The registry snapshot in force, as a trust source (it can change while the app runs)."""
 
-    def __init__(self, holder: Any) -> None:
+    def __init__(self, holder: Any, refresh: Callable[[], Any]) -> None:
         self.holder = holder
+        self.refresh = refresh  # a newly installed snapshot taken up first (it removes revoked certificates)
+
+    def _now(self) -> Any:
+        self.refresh()
+        return self.holder.snapshot_at()
 
     def certificates_for_kid(self, kid: str) -> Any:
-        return self.holder.snapshot_at().certificates_for_kid(kid)
+        return self._now().certificates_for_kid(kid)
 
     def authorities(self) -> Any:
-        return self.holder.snapshot_at().authorities()
+        return self._now().authorities()
 
     def is_listed(self, cert: Any, at: Any) -> Any:
-        return self.holder.snapshot_at().is_listed(cert, at)
+        return self._now().is_listed(cert, at)
 
 
 def member_of(app: Any) -> Member:

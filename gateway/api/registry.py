@@ -92,11 +92,17 @@ def _fhir(body: dict[str, Any], status: int = 200) -> Response:
     return Response(jsonutil.dumps(body), status=status, mimetype="application/fhir+json")
 
 
-def _snapshot_now() -> tuple[Snapshot, _dt.datetime]:
-    state = _state()
+def _refreshed() -> RegistryState:
+    """The registry state, a newly installed snapshot taken up first (another process of this gateway may have
+    applied it: each process looks for itself, at most every few seconds)."""
     ex = current_app.extensions.get("gateway.exchange")
     if ex is not None:
-        ex.refresh_registry()  # the registry view shows a newly installed snapshot at once
+        ex.refresh_registry()
+    return _state()
+
+
+def _snapshot_now() -> tuple[Snapshot, _dt.datetime]:
+    state = _refreshed()  # the registry view shows a newly installed snapshot at once
     now = state.clock()
     return state.holder.snapshot_at(now), now
 
@@ -171,7 +177,7 @@ def snapshot_document() -> Response:
 @require_role("submitter", "admin")
 def recognize() -> Response:
     """Decide recognition for every result of a Bundle: Parameters in, Parameters out."""
-    state = _state()
+    state = _refreshed()  # decided by the registry in force, never by one a newer snapshot replaced
     bundle, receiver, at = parse_recognize_parameters(parse_json(request.get_data()))
     at = at or state.clock()
     snapshot = state.holder.snapshot_at(at)
