@@ -119,8 +119,8 @@ def test_a_database_of_an_earlier_release_keeps_its_floor_and_gains_the_snapshot
     assert rows == [(3, "abc", "2026-11-01T00:00:00+08:00", b"signed snapshot")]
 
 
-def test_recognize_decides_by_a_snapshot_installed_meanwhile_without_a_background_pass(tmp_path,
-                                                                                      member_database) -> None:
+def test_recognize_decides_by_a_snapshot_installed_meanwhile_without_a_background_pass(
+        tmp_path, member_database) -> None:
     """An HTTP worker is another process than the background pass that logs the new snapshot as applied: its
     ``$recognize`` looks for a newly installed file itself, as the registry view does, and decides by it."""
     import json
