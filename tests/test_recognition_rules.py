@@ -994,3 +994,25 @@ def test_marks_for(issuer: str, coding: Coding, day: dt.date, marks: list[str]) 
 def test_marks_for_checks_the_issuer_uscc() -> None:
     with pytest.raises(IdentifierError):
         marks_for("12511921MB0001003D", Coding(LOINC, "6690-2"), dt.date(2026, 11, 20), BASE)
+
+
+@pytest.mark.parametrize("bundle,code,receiver", [
+    ("tj", "WBC", FULING),  # a collection time
+    ("cdc", "ZJ-XP", FULING),  # an exam date (day precision)
+])
+def test_a_window_that_ends_beyond_the_calendar_passes_and_never_fails_the_decision(
+        bundle: str, code: str, receiver: str) -> None:
+    """A snapshot that an earlier authority release signed with a huge 有效时限 (the source schema now takes at
+    most 36500 days): the window reaches past the year 9999, so every decision time lies inside it."""
+    baseline = run_case(Case("x", bundle, code, "validity-window", "passed", receiver=receiver))
+    assert baseline.item is not None
+    snapshot = make_snapshot()
+    chosen = next(it for c in snapshot.catalogues for it in c.items
+                  if (it.catalogue_id, it.code) == (baseline.item.catalogue_id, baseline.item.code))
+    object.__setattr__(chosen, "window_days", 999_999_999)  # (as it was signed; frozen dataclass)
+    facts = next(f for f in facts_from_bundle(copy.deepcopy(BUNDLES[bundle]))
+                 if f.entry == f"urn:uuid:{obs(BUNDLES[bundle], code)['id']}")
+    decision = decide(facts, snapshot, receiver, AT)
+    window = decision.rule("validity-window")
+    assert window is not None and window.status == "passed", window
+    assert "beyond the calendar" in window.message and "valid_until" not in window.facts

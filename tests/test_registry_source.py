@@ -149,6 +149,11 @@ def test_every_problem_is_reported_at_once() -> None:
             "catalogues[0].items[0].window_days",
             "less than the minimum",
         ),
+        (
+            lambda d: d["catalogues"][0]["items"][0].__setitem__("window_days", 999_999_999),
+            "catalogues[0].items[0].window_days",
+            "greater than the maximum",
+        ),
         (lambda d: d["catalogues"][0].__setitem__("scope", {"type": "provincial"}), "catalogues[0].scope", "province"),
         (
             lambda d: _qualification(d, "cdc-filing").__setitem__("scope", ["dust", "noise"]),

@@ -31,7 +31,7 @@ import datetime as _dt
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.errors import InputError
 from gateway.identifiers import check_uscc
@@ -477,6 +477,17 @@ def _rule_eqa(ctx: _Context, item: CatalogueItem, day: _dt.date | None, day_fact
     )
 
 
+_Day = TypeVar("_Day", _dt.date, _dt.datetime)
+
+
+def _window_end(start: _Day, days: int) -> _Day | None:
+    """``start`` + ``days``; None when that lies beyond the calendar (past the year 9999): no decision reaches it."""
+    try:
+        return start + _dt.timedelta(days=days)
+    except OverflowError:
+        return None
+
+
 def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
     rid = "validity-window"
     parsed, path = _anchor(ctx.facts, item.time_anchor)
@@ -494,7 +505,10 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
     if parsed.moment is not None:
         if ctx.at < parsed.moment:  # checked first: a date far in the future has no representable window end
             return _r(rid, FAILED, f"the {item.time_anchor} time is after the decision time", **info)
-        valid_until = parsed.moment + _dt.timedelta(days=item.window_days)
+        valid_until = _window_end(parsed.moment, item.window_days)
+        if valid_until is None:
+            return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (a window that ends beyond "
+                      "the calendar)", **info)
         info["valid_until"] = valid_until.isoformat()
         if ctx.at <= valid_until:
             return _r(
@@ -513,7 +527,10 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
     today = ctx.at.astimezone(CN_TZ).date()
     if today < parsed.day:
         return _r(rid, FAILED, f"the {item.time_anchor} date is after the decision date", **info)
-    last_day = parsed.day + _dt.timedelta(days=item.window_days)
+    last_day = _window_end(parsed.day, item.window_days)
+    if last_day is None:
+        return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (a window that ends beyond the "
+                  "calendar)", **info)
     info["valid_until"] = last_day.isoformat()
     if today <= last_day:
         return _r(
