@@ -502,3 +502,46 @@ def _log_of(db: Any, kind: str) -> list[dict[str, Any]]:
 
 
 TONGJIANG_USCC = "12511921MB0001003C"
+
+
+@pytest.mark.parametrize("query, argv", [
+    ("", []),
+    ("date=ge2020-01&by=month,issuer&issuer=12511921MB0001003C",
+     ["--date", "ge2020-01", "--by", "month,issuer", "--issuer", "12511921MB0001003C"]),
+    ("alliance=%E5%B7%9D%E6%B8%9D&by=alliance,item", ["--alliance", "川渝", "--by", "alliance,item"]),
+])
+def test_the_http_statistics_equal_the_cli(fuling, query: str, argv: list[str]) -> None:
+    """GET /audit/stats gives what ``gateway audit stats --json`` gives for the same selection: the names, the fee
+    table's savings and the alliances of the gateway's own registry snapshot included."""
+    from gateway.store.db import connect
+
+    app, clock, folder = fuling
+    db = connect(folder / "gateway.db")
+    settings = load_settings(environ={"GATEWAY_CONFIG": str(folder / "gateway.toml")}, overrides={})
+    _, token = auth.add_user(db, "aud-api", ["auditor"], at=clock(), gateway=records.Party.member(
+        settings.issuer_uscc), by=records.Party("test-setup"))
+    db.conn.close()
+    answer = app.test_client().get(f"/audit/stats?{query}", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    got, want = answer.get_json(), _stats_json(folder, *argv)
+    assert want["savings"]["results"] > 0 and want["by_alliance"] and want["by_issuer"][0].get("name")
+    assert got == want
+    twice = app.test_client().get("/audit/stats?issuer=12511921MB0001003C&issuer=12511921MB0001003C",
+                                  headers={"Authorization": f"Bearer {token}"})
+    assert twice.status_code == 400 and "given twice" in twice.get_data(as_text=True)
+
+
+def test_the_decisions_behind_an_alliance_figure_are_listed(fuling) -> None:
+    """Each bar of 互认率 by alliance links to its decisions: as many as the figure counts."""
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    figures = _stats_json(folder)
+    alliance = next(g for g in figures["by_alliance"] if g["key"] == "川渝")
+    assert alliance["eligible"] > 0
+    listed = c.get("/console/recognition/decisions?alliance=川渝&outcome=eligible").get_data(as_text=True)
+    assert _figures(listed, "decisions-listed")[0]["value"] == str(alliance["eligible"])
+    for bad, fragment in (("month=2026-99", "is not a month"), ("rule=nonsense", "unknown rule")):
+        answer = c.get(f"/console/recognition/decisions?{bad}")
+        assert answer.status_code == 422 and fragment in answer.get_data(as_text=True)
+    wrong = c.get("/console/messages?status=bogus")
+    assert wrong.status_code == 422 and "is not one of" in wrong.get_data(as_text=True)

@@ -154,21 +154,52 @@ def read_event(event_id: str) -> Response:
 @bp.get("/audit/stats")
 @require_role("auditor", "admin")
 def statistics() -> Response:
-    """互认率 by issuer, receiver, item, catalogue and month; refusals, overrides, lookups (JSON).
+    """互认率 by issuer, receiver, item, catalogue and month; refusals, overrides, lookups (JSON): the figures
+    ``gateway audit stats --json`` gives for the same selection (names, fees and alliances from this gateway's
+    registry snapshot and fee table).
 
-    ``date`` (repeatable, FHIR date prefixes and partial dates) limits the period.
+    ``date`` (repeatable, FHIR date prefixes and partial dates) limits the period; ``by`` (repeatable,
+    comma-separated dimensions) adds cross views; ``issuer``, ``receiver``, ``item``, ``catalogue``, ``alliance``
+    narrow the selection, once each.
     """
-    tz = query.parse_offset(_settings().timezone)
-    dates = []
+    from gateway.commands.audit import fee_table, registry_names, registry_scopes  # what the command uses
+
+    settings = _settings()
+    tz = query.parse_offset(settings.timezone)
+    dates: list[tuple[Any, ...]] = []
+    views: list[tuple[str, ...]] = []
+    chosen: dict[str, str] = {}
     for name, value in request.args.items(multi=True):
-        if name != "date":
-            raise InvalidSearch(f"unknown parameter {shown(name)} for statistics (only date)", name[:_MAX_NAME],
-                                code="not-supported")
-        dates.append(tuple(query.parse_date(v, tz) for v in value.split(",")))
+        if name == "date":
+            dates.append(tuple(query.parse_date(v, tz) for v in value.split(",")))
+        elif name == "by":
+            views.append(tuple(d.strip() for d in value.split(",") if d.strip()))
+        elif name in stats.SELECTABLE:
+            if name in chosen:
+                raise InvalidSearch(f"{name} is given twice (one value each)", name)
+            chosen[name] = _selected(name, value)
+        else:
+            raise InvalidSearch(f"unknown parameter {shown(name)} for statistics (date, by, "
+                                f"{', '.join(stats.SELECTABLE)})", name[:_MAX_NAME], code="not-supported")
+    fees = fee_table(settings, None)
     with _db() as db:
-        figures = stats.compute(db, dates)
+        figures = stats.compute(db, dates, selection={k: v for k, v in chosen.items() if v}, by=views,
+                                names=registry_names(settings), fees=fees, alliances=registry_scopes(settings))
         _record_read(db, interaction="operation")
     return _json(figures, mimetype="application/json")
+
+
+def _selected(name: str, value: str) -> str:
+    """A selection value as the command takes it: an issuer or receiver is a 统一社会信用代码 (checked)."""
+    from gateway.errors import IdentifierError
+    from gateway.identifiers import check_uscc
+
+    if name not in ("issuer", "receiver") or not value.strip():
+        return value.strip()
+    try:
+        return check_uscc(value)
+    except IdentifierError as exc:
+        raise InvalidSearch(str(exc), name) from None
 
 
 @bp.get("/audit/checkpoints")

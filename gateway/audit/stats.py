@@ -62,6 +62,7 @@ several receivers counts once.
 from __future__ import annotations
 
 import csv
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -96,6 +97,7 @@ SAVINGS_DEFINITION = (
 DIMENSIONS = ("issuer", "receiver", "item", "catalogue", "alliance", "month")
 #: Dimensions a selection may narrow (the period is chosen with dates).
 SELECTABLE = ("issuer", "receiver", "item", "catalogue", "alliance")
+_MONTH = re.compile(r"^[0-9]{4}-(?:0[1-9]|1[0-2])$")
 
 
 @dataclass(frozen=True)
@@ -607,8 +609,14 @@ def decisions(
 
     :raises InputError: an unknown dimension or outcome.
     """
+    from gateway.recognition.engine import RULES
+
     if outcome not in (None, "", "recognized", "not-recognized", "needs-review", "eligible", "accepted"):
         raise InputError(f"unknown outcome {outcome!r}", "outcome")
+    if month and not _MONTH.match(month):
+        raise InputError(f"month {month!r} is not a month (YYYY-MM)", "month")
+    if rule and rule not in RULES:
+        raise InputError(f"unknown rule {rule!r} (one of {', '.join(RULES)})", "rule")
     results, overridden_ids, _, _ = _latest(db, dates, _check_selection(selection, ()), alliances)
     out = []
     for res in results:

@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from gateway.audit import query, records, stats
 from gateway.audit.log import append, get
 from gateway.audit.verify import verify as verify_log
 from gateway.console import charts
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError, InputError, NotFound
 from gateway.store.db import Database, transaction
 from gateway.store.store import Store
 from gateway.store.views import MessageFilter, ReadModels
@@ -46,6 +47,7 @@ COOKIE = "gateway_console"
 LOGIN_COOKIE = "gateway_console_login"
 _OPEN = ("console.login", "console.static")
 _OUTCOMES = ("stored", "filtered", "refused", "failed")
+_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _PAGE = 50
 
 
@@ -353,9 +355,16 @@ def overview() -> Response:
 def messages() -> Response:
     """Search received messages by status, channel, sender, date range and control id."""
     page = max(request.args.get("page", 1, type=int) or 1, 1)
+    chosen = MessageFilter.of(request.args)
+    statuses = ("queued", "received", "duplicate", *_OUTCOMES)
+    if chosen.status and chosen.status not in statuses:  # a search that could never find anything: said
+        raise InputError(f"status {chosen.status!r} is not one of {', '.join(statuses)}", "status")
+    for day in (chosen.received_from, chosen.received_to):
+        if day and not _DAY.match(day):
+            raise InputError(f"{day!r} is not a date (YYYY-MM-DD)", "from/to")
     with _db() as db:
         views = ReadModels(db)
-        total, rows = views.search_messages(MessageFilter.of(request.args), _PAGE, (page - 1) * _PAGE)
+        total, rows = views.search_messages(chosen, _PAGE, (page - 1) * _PAGE)
         channels = views.message_channels(also=request.args.get("channel", ""))
     args = {k: v for k, v in request.args.items() if k != "page" and v}
     return _page("messages.html", rows=rows, total=total, page=page, pages=max((total + _PAGE - 1) // _PAGE, 1),
@@ -566,6 +575,8 @@ def drill(base: dict[str, str], **more: Any) -> str:
 @bp.get("/recognition/decisions")
 def decisions_page() -> Response:
     """The decisions behind any figure of the recognition page (same query, plus outcome, month, rule)."""
+    from gateway.commands.audit import registry_scopes  # the scopes the figures were counted by
+
     dates, chosen, argv = selection_of(request.args)
     if request.args.get("month"):
         chosen.pop("month", None)
@@ -573,7 +584,7 @@ def decisions_page() -> Response:
     with _db() as db:
         found = stats.decisions(db, dates, selection=chosen, outcome=request.args.get("outcome") or None,
                                 overridden=overridden, month=request.args.get("month") or None,
-                                rule=request.args.get("rule") or None)
+                                rule=request.args.get("rule") or None, alliances=registry_scopes(_settings()))
         _record_read(db, interaction="search-type", results=len(found))
     return _page("decisions.html", rows=found, names=_member_names(), args=dict(request.args.items()))
 
