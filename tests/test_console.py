@@ -545,3 +545,29 @@ def test_the_decisions_behind_an_alliance_figure_are_listed(fuling) -> None:
         assert answer.status_code == 422 and fragment in answer.get_data(as_text=True)
     wrong = c.get("/console/messages?status=bogus")
     assert wrong.status_code == 422 and "is not one of" in wrong.get_data(as_text=True)
+
+
+def test_decisions_are_found_by_their_reports_identifier(fuling) -> None:
+    """A decision's AuditEvent names the report by its own identifier system and value (a CT report's 检查报告单号
+    too), so that ``entity:identifier=system|value`` finds every decision on it."""
+    from urllib.parse import quote
+
+    from gateway.store.db import connect
+
+    app, clock, folder = fuling
+    decided = _log(folder, "decision")
+    systems = {d["report"]["system"] for d in decided}
+    assert all("|" not in d["report"]["value"] for d in decided) and len(systems) >= 1
+    db = connect(folder / "gateway.db")
+    settings = load_settings(environ={"GATEWAY_CONFIG": str(folder / "gateway.toml")}, overrides={})
+    _, token = auth.add_user(db, "aud-api", ["auditor"], at=clock(), gateway=records.Party.member(
+        settings.issuer_uscc), by=records.Party("test-setup"))
+    db.conn.close()
+    for report in {(d["report"]["system"], d["report"]["value"]) for d in decided}:
+        want = {d["seq"] for d in decided if (d["report"]["system"], d["report"]["value"]) == report}
+        answer = app.test_client().get(
+            f"/fhir/AuditEvent?entity:identifier={quote('|'.join(report))}&_count=100",
+            headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        found = {int(e["resource"]["id"]) for e in answer.get_json().get("entry", [])}
+        assert found & {d["seq"] for d in decided} == want, report

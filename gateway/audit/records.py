@@ -754,6 +754,14 @@ def referral(
     )
 
 
+def split_report_key(key: str) -> tuple[str, str]:
+    """(system, value) of a report's identifier as recognition facts key it (``system|value``, the system never
+    holding a ``|``): an AuditEvent names the report by both, so that ``entity:identifier`` finds it. A key
+    without a system is a 检验报告单号."""
+    system, known, value = key.partition("|")
+    return (system, value) if known else (SYSTEM_LAB_REPORT_NO, key)
+
+
 def from_decision(
     decided: Any,
     *,
@@ -786,12 +794,15 @@ def from_decision(
     else:
         item_code, catalogue = ("", facts.item_label(), ""), "-"
     patient = PatientRef(facts.patient[1], facts.patient[0]) if facts.patient else None
+    report_system, report = split_report_key(facts.report_id) if facts.report_id else (
+        SYSTEM_LAB_REPORT_NO, facts.bundle_id)
     return decision(
         at=recorded or decided.decided_at,
         gateway=gateway,
         receiver=Party.member(decided.receiver),
         issuer=Party.member(_required(facts.issuer_uscc, "issuer")),
-        report=_required(facts.report_id or facts.bundle_id, "report"),
+        report=_required(report, "report"),
+        report_system=report_system,
         item=item_code,
         catalogue=catalogue,
         outcome=decided.outcome,

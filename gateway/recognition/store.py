@@ -217,9 +217,10 @@ def withdraw_superseded(
     when = _aware(at, "withdrawn_at")
     ensure_schema(db)
     from gateway.audit.log import append
-    from gateway.audit.records import Party, PatientRef, withdrawal
+    from gateway.audit.records import Party, PatientRef, split_report_key, withdrawal
 
     reason = f"superseded by {superseded_by}"
+    report_system, report_value = split_report_key(report_id)
     withdrawn: list[str] = []
     with transaction(db):
         store = DecisionStore(db)
@@ -235,7 +236,8 @@ def withdraw_superseded(
                     gateway=Party.member(member),
                     decision_id=decision_id,
                     reason=reason,
-                    report=report_id.split("|", 1)[-1],
+                    report=report_value,
+                    report_system=report_system,
                     superseded_by=superseded_by,
                     decided_outcome=outcome,
                     receiver=Party.member(receiver) if receiver else None,
