@@ -328,3 +328,25 @@ def test_cli_prints_savings_hr_and_alliance(db, tmp_path: Path, database: str) -
     assert "节约费用 (savings): 10.00 元 for 2 accepted results, 0 without a fee — DEMO fees" in table
     assert "HR items per institution (5 results carrying a recognition mark)" in table
     assert "川渝HR 3, 重庆HR 1" in table and "By alliance (catalogue scope)" in table
+
+
+def test_a_decision_of_an_earlier_release_and_a_later_one_on_the_same_report_count_once(
+        tmp_path: Path, database: str) -> None:
+    """Entries of earlier releases named the report ``system|value`` under the lab report system; entries since
+    name its system and value apart. A later decision on the same report still replaces the earlier one."""
+    from gateway.naming import SYSTEM_LAB_REPORT_NO
+
+    db = connect(locator(database, tmp_path, "mixed"))
+    members = {k: r.Party.member(*v) for k, v in SAMPLE["members"].items()}
+    common = dict(gateway=ME, receiver=members["T"], issuer=members["F"], item=("http://loinc.org", "2345-7"),
+                  catalogue="cy-2026", snapshot_version=5)
+    ct_system = "urn:oid:2.16.156.10011.1.34"  # a 检查报告单号, not a 检验报告单号
+    append(db, r.decision(at=_dt.datetime(2026, 5, 2, 9, 0, tzinfo=CST), report=f"{ct_system}|CT-1",
+                          report_system=SYSTEM_LAB_REPORT_NO, outcome="not-recognized",
+                          rules=[r.RuleResult("eqa-pass", False, "failed")], decision_id="old-1", **common))
+    append(db, r.decision(at=_dt.datetime(2026, 5, 3, 9, 0, tzinfo=CST), report="CT-1", report_system=ct_system,
+                          outcome="recognized", rules=[r.RuleResult("eqa-pass", True, "passed")],
+                          decision_id="new-1", **common))
+    figures = stats.compute(db)
+    assert (figures["total"]["decisions"], figures["total"]["recognized"], figures["total"]["eligible"]) == (1, 1, 1)
+    db.conn.close()

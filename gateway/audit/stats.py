@@ -73,6 +73,7 @@ from typing import Any
 
 from gateway.audit.query import DateRange
 from gateway.errors import InputError
+from gateway.naming import SYSTEM_LAB_REPORT_NO
 from gateway.recognition.overrides import RETEST_REASONS, retest_reason_code
 from gateway.store.audit import audit_store
 from gateway.store.db import Database
@@ -342,6 +343,16 @@ def _check_selection(selection: Mapping[str, str] | None, by: Sequence[Sequence[
     return chosen
 
 
+def _result_key(values: Sequence[Any]) -> tuple[str, ...]:
+    """(issuer system, issuer, report system, report, item system, item, receiver system, receiver) of a decision
+    entry. Entries of earlier releases named the report ``system|value`` under the lab report system: read as
+    the entries written since name it, so that a later decision on the same report replaces theirs."""
+    key = [v or "" for v in values[:8]]
+    if key[2] == SYSTEM_LAB_REPORT_NO and "|" in key[3]:
+        key[2], _, key[3] = key[3].partition("|")
+    return tuple(key)
+
+
 def _latest(
     db: Database, dates: Sequence[Sequence[DateRange]], selection: Mapping[str, str],
     alliances: Mapping[str, str] | None = None,
@@ -355,7 +366,7 @@ def _latest(
     for seq, values in _rows(db, "decision", dates):
         if values[8] in withdrawn or _on_superseded(values[15]):
             continue  # the decision on a superseded report version: the correction's decision counts instead
-        latest[tuple(v or "" for v in values[:8])] = (seq, values[8:])  # a later decision replaces an earlier one
+        latest[_result_key(values)] = (seq, values[8:])  # a later decision replaces an earlier one
     current = {values[0]: seq for seq, values in latest.values() if values[0]}  # decision id -> its entry
     overridden: set[str] = set()
     for seq, (decision_id, _reason) in _rows(db, "override", ()):  # an override after the period counts too
@@ -365,7 +376,7 @@ def _latest(
     if selection:  # overrides are narrowed by their decision, wherever it lies in time
         chosen_ids = set()
         for _, values in _rows(db, "decision", ()):
-            key = tuple(v or "" for v in values[:8])
+            key = _result_key(values)
             if values[8] and _selected(_dims(key, values[10] or "", values[14] or "", alliances), selection):
                 chosen_ids.add(values[8])
     results: list[_Result] = []
