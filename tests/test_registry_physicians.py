@@ -269,7 +269,9 @@ def test_fhir_practitioner_and_roles() -> None:
     resources = registry_resources(snapshot(), dt.date(2026, 11, 22))
     [doctor] = resources["Practitioner"]
     assert doctor["id"] == "phy-phy-bing"
-    assert {"system": "urn:oid:2.16.156.10011.1.3", "value": "511902198003154021"} in doctor["identifier"]
+    # the open registry view names a physician by the qualification certificate, never by the 身份证号
+    assert doctor["identifier"] == [{"type": {"text": "资格证书编号"}, "value": "DEMO-ZYBZD-2020-0031"}]
+    assert "511902198003154021" not in json.dumps(resources, ensure_ascii=False)
     [held] = doctor["qualification"]
     assert held["period"] == {"start": "2020-09-01", "end": "2028-08-31"}
     roles = {r["organization"]["reference"]: r for r in resources["PractitionerRole"]}

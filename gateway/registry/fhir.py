@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from gateway.naming import SYSTEM_ID_CARD, SYSTEM_LOINC, SYSTEM_MIPLRN, SYSTEM_STAFF, SYSTEM_USCC, cs_url, ext_url
+from gateway.naming import SYSTEM_LOINC, SYSTEM_MIPLRN, SYSTEM_STAFF, SYSTEM_USCC, cs_url, ext_url
 from gateway.registry.models import (
     QUALIFICATION_TYPES,
     EqaResult,
@@ -275,8 +275,9 @@ def practitioner(snapshot: Snapshot, physician: Physician) -> dict[str, Any]:
         "resourceType": "Practitioner",
         "id": f"phy-{physician.id}",
         "meta": _meta(snapshot),
+        # (the 身份证号 the registry matches reports by is not shown: this view is open to anyone; the signed
+        # snapshot carries it for the gateways that decide)
         "identifier": [
-            {"system": SYSTEM_ID_CARD, "value": physician.id_card},
             {"type": {"text": "资格证书编号"}, "value": physician.certificate},
         ],
     }
