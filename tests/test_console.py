@@ -571,3 +571,24 @@ def test_decisions_are_found_by_their_reports_identifier(fuling) -> None:
         assert answer.status_code == 200, answer.get_data(as_text=True)
         found = {int(e["resource"]["id"]) for e in answer.get_json().get("entry", [])}
         assert found & {d["seq"] for d in decided} == want, report
+
+
+def test_the_audit_page_says_how_many_match_and_pages_to_the_rest(fuling) -> None:
+    """The audit page shows one page of entries: it says how many match in all and links to the next page; every
+    entry is reached once; a parameter the search does not know is refused as the API refuses it."""
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    everything = {e["seq"] for kind in ("decision", "exchange", "ingest", "query", "read") for e in _log(folder, kind)}
+    seen: list[int] = []
+    url = "/console/audit?_count=7"
+    totals = set()
+    while url:
+        page = c.get(url).get_data(as_text=True)
+        totals.add(int(re.search(r'data-figure="audit-total" data-value="(\d+)"', page).group(1)))
+        seen += [int(n) for n in re.findall(r'href="/console/audit/(\d+)"', page)]
+        following = re.search(r'<a rel="next" href="([^"]+)"', page)
+        url = following.group(1).replace("&amp;", "&") if following else ""
+    assert len(totals) == 1 and len(seen) == len(set(seen)) == totals.pop() > 7  # (each page's reads are audited)
+    assert everything <= set(seen)
+    wrong = c.get("/console/audit?foo=1")
+    assert wrong.status_code == 422 and "unknown search parameter" in wrong.get_data(as_text=True)

@@ -669,16 +669,24 @@ _AUDIT_PARAMS = ("date", "type", "subtype", "outcome", "agent", "entity", "patie
 @bp.get("/audit")
 def audit_search() -> Response:
     """AuditEvent search with the API's parameters (audited)."""
-    params = [(k, v) for k, v in request.args.items(multi=True) if v and (k in _AUDIT_PARAMS or ":" in k)]
+    unknown = sorted({k for k, v in request.args.items(multi=True)
+                      if v and k not in _AUDIT_PARAMS and ":" not in k and k != "_cursor"})
+    if unknown:  # as the API: a parameter that would be ignored is said, not dropped
+        raise InputError(f"unknown search parameter {unknown[0]!r} (the API's: {', '.join(_AUDIT_PARAMS)})",
+                         unknown[0][:60])
+    params = [(k, v) for k, v in request.args.items(multi=True) if v]
     if not any(k == "_count" for k, _ in params):
         params.append(("_count", "50"))
     search = query.parse_search(params, tz=query.parse_offset(_settings().timezone))
     with _db() as db:
         page = query.run(db, search)
+        total = page.total if page.total is not None else query.count(db, search, upto=page.upto)
         events = [e.event() for e in page.entries]
         _record_read(db, interaction="search-type", results=len(events))
         held = {"own": checkpoints.checkpoints(db, own=True)[-5:], "peers": checkpoints.checkpoints(db, own=False)}
-    return _page("audit.html", events=events, args=dict(request.args.items()), params=_AUDIT_PARAMS, held=held)
+    more = search.query_string(cursor=page.next) if page.next is not None else None
+    return _page("audit.html", events=events, args=dict(request.args.items()), params=_AUDIT_PARAMS, held=held,
+                 total=total, more=more)
 
 
 @bp.get("/audit/<int:event_id>")
