@@ -1,10 +1,12 @@
 """CDA channel: WS/T 500.7 检验报告 documents to report Bundles, corrections, hostile XML, located errors."""
 from __future__ import annotations
 
+import codecs
 import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -451,3 +453,42 @@ def test_a_gb2312_document_is_read_by_its_declaration(pipeline: Pipeline) -> Non
     assert out.status is Status.CONVERTED
     assert resources(out.bundle, "Patient")[0]["name"] == [{"text": "李演示"}]
     assert resources(out.bundle, "Organization")[0]["name"] == "通江县人民医院（演示）"
+
+
+def _in_utf32(text: str, bom: bool) -> bytes:
+    return (codecs.BOM_UTF32_LE if bom else b"") + text.encode("utf-32-le")
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda doc: _in_utf32(doc.replace('encoding="UTF-8"', 'encoding="UTF-32"'), True), "UTF-32"),
+    (lambda doc: _in_utf32(doc.replace('encoding="UTF-8"', 'encoding="UTF-32"'), False), "UTF-32"),
+    (lambda doc: doc.replace('encoding="UTF-8"', 'encoding="UTF-32"').encode("utf-32-be"), "UTF-32"),
+    (lambda doc: doc.replace('encoding="UTF-8"', 'encoding="UTF-7"').replace("<!DOCTYPE", "+ADw-!DOCTYPE").encode(),
+     "'utf-7'"),
+    (lambda doc: doc.encode("cp500", "replace"), "does not begin with '<'"),  # EBCDIC
+    (lambda doc: doc.replace('encoding="UTF-8"', 'encoding="UTF-16"').encode(), "'utf-16'"),
+])
+def test_a_document_in_an_encoding_the_dtd_check_cannot_read_is_refused_unread(
+        pipeline: Pipeline, tmp_path: Path, make: Callable[[str], bytes], fragment: str) -> None:
+    """UTF-32, UTF-7, EBCDIC: their markup is other bytes than ASCII's, so a DTD in them would reach libxml2, which
+    opens what an external subset names (a local file, a FIFO that blocks the request) before any check after
+    parsing. Only UTF-8, UTF-16 and the GB family are read."""
+    secret = tmp_path / "secret.dtd"
+    secret.write_text('<!ENTITY x "TOP-SECRET-7f3a9c">', encoding="utf-8")
+    dtd = f'<!DOCTYPE ClinicalDocument SYSTEM "{secret.as_uri()}">\n'
+    text = FULL.decode("utf-8").replace("<ClinicalDocument ", dtd + "<ClinicalDocument ", 1)
+    out = convert_one(pipeline, make(text))
+    assert out.ack_code == "AR" and [i.code for i in out.issues] == ["security"]
+    assert fragment in out.issues[0].message and "refused unread" in out.issues[0].message
+    wrapped = (DATA / "cda" / "v3-soap-b64-utf32-dtd.xml").read_bytes()  # the same inside a SOAP base64 payload
+    inner = convert_one(pipeline, wrapped)
+    assert inner.ack_code == "AR" and "UTF-32" in inner.issues[0].message
+
+
+def test_documents_in_the_gb_family_and_utf16_are_still_read(pipeline: Pipeline) -> None:
+    for declared, codec in (("GB18030", "gb18030"), ("GBK", "gbk"), ("gb2312", "gb18030"), ("UTF-16", "utf-16")):
+        doc = FULL.decode("utf-8").replace('encoding="UTF-8"', f'encoding="{declared}"')
+        if codec == "gb18030" and declared == "gb2312":
+            doc = doc.replace("镕", "")
+        out = convert_one(pipeline, doc.encode(codec))
+        assert out.bundle is not None, (declared, [i.line() for i in out.issues])

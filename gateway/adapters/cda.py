@@ -29,7 +29,9 @@ is never part of a recognised result.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -53,7 +55,7 @@ from gateway.adapters.tracing import trace
 from gateway.errors import IdentifierError, Issue, shown
 from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
 
-__all__ = ["CDAAdapter", "DocumentKey", "safe_parser", "declares_dtd", "answer_code"]
+__all__ = ["CDAAdapter", "DocumentKey", "safe_parser", "declares_dtd", "encoding_refusal", "answer_code"]
 
 _DTD_MARKERS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY") for enc in ("ascii", "utf-16-le", "utf-16-be"))
 _CODED_TYPES = {"CD", "CE", "CV", "CS", "CO"}
@@ -77,6 +79,36 @@ def safe_parser() -> etree.XMLParser:
         remove_pis=True,
         collect_ids=False,
     )
+
+
+#: Encodings a document may declare when its bytes are ASCII-compatible: every byte of markup (``<!DOCTYPE``) is
+#: then the ASCII byte itself, so :func:`declares_dtd` sees it (what Chinese HIS/LIS write: UTF-8 and the GB family).
+_ASCII_COMPATIBLE = frozenset({"utf-8", "utf8", "gbk", "gb2312", "gb18030", "cp936", "euc-cn", "x-gbk", "windows-936",
+                               "us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1", "iso8859-1"})
+_DECLARED = re.compile(rb"""^<\?xml\s[^>]*?\bencoding\s*=\s*["']([^"']{0,40})["']""")
+_UTF16_STARTS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, b"<\x00?\x00", b"\x00<\x00?")
+_UTF32_STARTS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, b"<\x00\x00\x00", b"\x00\x00\x00<", b"\x00\x00<\x00",
+                 b"\x00<\x00\x00")
+
+
+def encoding_refusal(data: bytes) -> str:
+    """Why a document's encoding is refused before it is parsed ("" when it is not): only UTF-8, UTF-16 and the GB
+    family, in which :func:`declares_dtd` can see a DTD. In any other (UTF-32, UTF-7, EBCDIC, ...) its markup is
+    other bytes, and libxml2 would read a DTD the check never saw."""
+    if data.startswith(_UTF32_STARTS):  # (before UTF-16: a UTF-32 LE byte order mark begins with UTF-16 LE's)
+        return "document is UTF-32: refused unread (send UTF-8, UTF-16 or GB18030)"
+    if data.startswith(_UTF16_STARTS):
+        return ""
+    text = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    text = text.lstrip(b" \t\r\n")
+    if not text.startswith(b"<"):
+        return "document does not begin with '<' in UTF-8, UTF-16 or GB18030: refused unread"
+    declared = _DECLARED.match(text)
+    name = declared.group(1).decode("ascii", "replace").strip().lower().replace("_", "-") if declared else "utf-8"
+    if name not in _ASCII_COMPATIBLE:
+        return (f"document declares the encoding {shown(name)}: refused unread (send UTF-8, UTF-16 or "
+                "GB18030/GBK/GB2312)")
+    return ""
 
 
 def declares_dtd(data: bytes) -> bool:
@@ -409,6 +441,9 @@ class CDAAdapter:
         if len(data) > self.max_bytes:
             return None, [Issue("error", "too-long", where, f"document is larger than the limit of {self.max_bytes} "
                                 "bytes", "207")]
+        refusal = encoding_refusal(data)
+        if refusal:
+            return None, [Issue("error", "security", where, refusal, "100")]
         if declares_dtd(data):
             return None, [Issue("error", "security", where,
                                 "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
