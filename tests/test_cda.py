@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import socket
 import threading
 import time
@@ -109,7 +110,7 @@ def test_items_keep_the_issuers_code_value_unit_and_flags(pipeline: Pipeline) ->
 def test_diagnosis_stays_apart_from_the_results(pipeline: Pipeline) -> None:
     bundle = convert_one(pipeline, FULL).bundle
     report = resources(bundle, "DiagnosticReport")[0]
-    assert report["conclusion"] == "空腹血糖升高，余项未见异常"
+    assert report["conclusion"] == "空腹血糖升高，余项未见异常。备注：空腹采血"  # (the 检验报告备注 after the result)
     assert report["conclusionCode"] == [{"coding": [{"system": "urn:oid:2.16.156.10011.2.3.3.11.3", "code": "E11.900",
                                                      "display": "2型糖尿病"}], "text": "2型糖尿病"}]
     text = jsonutil.dumps(resources(bundle, "Observation"))
@@ -492,3 +493,26 @@ def test_documents_in_the_gb_family_and_utf16_are_still_read(pipeline: Pipeline)
             doc = doc.replace("镕", "")
         out = convert_one(pipeline, doc.encode(codec))
         assert out.bundle is not None, (declared, [i.line() for i in out.issues])
+
+
+def test_every_results_section_every_conclusion_and_the_remark_are_read(pipeline: Pipeline) -> None:
+    """A document that splits its 检验项目 over two 实验室检查 sections, and writes two 检验报告结果 and a 检验报告备注:
+    nothing of it is dropped (the second section's results were, without a word)."""
+    text = FULL.decode("utf-8")
+    at = text.index("<entry>", text.index("30954-2"))
+    items = [m.start() for m in re.finditer(r"<entry>\s*<organizer", text)]
+    assert len(items) >= 4, "the full sample has an organizer per item"
+    split = items[2]  # the first two items in one section, the rest in a second one
+    section_head = text[text.rfind("<component>", 0, at):at]
+    two = text[:split] + "</section></component>" + section_head + text[split:]
+    two = two.replace("<value xsi:type=\"ST\">空腹采血</value>",
+                      "<value xsi:type=\"ST\">空腹采血</value></observation></entry><entry><observation classCode=\"OBS\" "
+                      "moodCode=\"EVN\"><code code=\"DE04.50.130.00\" codeSystem=\"2.16.156.10011.2.2.1\"/>"
+                      "<value xsi:type=\"ST\">建议复查肾功能</value>", 1)
+    one = convert_one(pipeline, FULL).bundle
+    out = convert_one(pipeline, two.encode("utf-8"))
+    assert out.bundle is not None, [i.line() for i in out.issues]
+    codes = [o["code"]["coding"][0]["code"] for o in resources(out.bundle, "Observation")]
+    assert codes == [o["code"]["coding"][0]["code"] for o in resources(one, "Observation")]
+    report = resources(out.bundle, "DiagnosticReport")[0]
+    assert report["conclusion"] == "空腹血糖升高，余项未见异常；建议复查肾功能。备注：空腹采血"

@@ -701,18 +701,23 @@ class CDAAdapter:
     def _body(self, root: Any, msg: SourceMessage, report: ReportFacts) -> None:
         r = self.reader
         sections = self.table.get("sections", {})
-        lab = r.element(root, sections["lab"])
-        if lab is None:
+        labs = [n for n in r.nodes(root, sections["lab"]) if isinstance(n, etree._Element)]
+        if not labs:
             msg.issues.append(Issue("error", "required", _plain_join(_path(root), sections["lab"]),
                                     "no 实验室检查 section (LOINC 30954-2): the document carries no results", "101"))
             return
+        lab = labs[0]
         spec = self.table.get("lab_section", {})
-        category = r.value(lab, spec["category"])
+        category = next((found for found in (r.value(section, spec["category"]) for section in labs) if found), None)
         if category:
             report.code = Coded("", category.value)
-        items = _Layout(self.table.get("item", {})).items(lab, msg)
-        if items is None:
-            return  # refused: the layout is ambiguous (issues say where)
+        layout = _Layout(self.table.get("item", {}))
+        items: list[Any] = []
+        for section in labs:  # a document may split its results over several 实验室检查 sections: all are read
+            found = layout.items(section, msg)
+            if found is None:
+                return  # refused: the layout is ambiguous (issues say where)
+            items += found
         if not items:
             msg.issues.append(Issue("error", "required", f"{_path(lab)}/entry",
                                     "the 实验室检查 section has no 检验项目 (an observation coded DE04.30.019.00 "
@@ -943,24 +948,35 @@ class CDAAdapter:
             return f">{low}"
         return ""
 
+    def _sections(self, root: Any, name: str) -> list[Any]:
+        """Every section of kind ``name`` (a document may split one kind over several sections)."""
+        xpath = self.table.get("sections", {}).get(name)
+        return [n for n in self.reader.nodes(root, xpath) if isinstance(n, etree._Element)] if xpath else []
+
     def _diagnoses(self, root: Any, report: ReportFacts) -> None:
-        section = self.reader.element(root, self.table["sections"]["diagnosis"]) if "diagnosis" in self.table.get(
-            "sections", {}) else None
-        if section is None:
-            return
-        for value in self.reader.nodes(section, self.table["diagnosis"]["entries"]):
-            coded = self._coded(value)
-            if coded:
-                report.conclusion_codes.append(coded)
+        for section in self._sections(root, "diagnosis"):
+            for value in self.reader.nodes(section, self.table["diagnosis"]["entries"]):
+                coded = self._coded(value)
+                if coded:
+                    report.conclusion_codes.append(coded)
 
     def _report_section(self, root: Any, report: ReportFacts) -> None:
-        sections = self.table.get("sections", {})
-        section = self.reader.element(root, sections["report"]) if "report" in sections else None
-        if section is not None:
-            result = self.reader.value(section, self.table["report_section"]["result"])
-            report.conclusion = result.value
+        """The conclusion: every 检验报告结果 (joined), then the 检验报告备注 if any (a remark such as 标本溶血 bears on
+        the results); else the diagnoses."""
+        spec = self.table.get("report_section", {})
+        results: list[str] = []
+        remarks: list[str] = []
+        for section in self._sections(root, "report"):
+            for wanted, out in (("result", results), ("remark", remarks)):
+                for node in self.reader.nodes(section, spec[wanted]) if spec.get(wanted) else []:
+                    text = self.reader._found(node).value
+                    if text and text not in out:
+                        out.append(text)
+        report.conclusion = "；".join(results)
         if not report.conclusion and report.conclusion_codes:
             report.conclusion = "；".join(c.display or c.code for c in report.conclusion_codes)
+        if remarks:
+            report.conclusion = "。".join(filter(None, (report.conclusion.rstrip("。"), "备注：" + "；".join(remarks))))
 
 
 # -- profile problems by XPath -----------------------------------------------------------------
