@@ -511,3 +511,30 @@ def test_cli_convert_answers_profile_problems_by_row_and_column(runner, tmp_path
     lines = result.stderr.splitlines()
     assert any(line.startswith("warning: 体检编号 TJ9: row 2 column 性别: does not give a sex agreeing") for line in lines)
     assert all(no_fhir_path(line) for line in lines), lines
+
+
+def test_a_quoted_cell_longer_than_the_csv_module_takes_refuses_its_row_only(
+        tmp_path: Path, clock, database: str) -> None:
+    """A quoted cell of 140,000 characters (over the csv module's field limit, well under the request limit) is
+    its row's problem: the exams before it are converted and stored, the raw input kept (it answered 500 and lost
+    the whole file)."""
+    from gateway.api.app import create_app
+
+    cell = '"' + "x" * 140_000 + '"'
+    data = csv_bytes(row(), row(EXAM.replace("TJ9", "TJ10"), item=f"XP,胸部X射线摄片,{cell},,,"))
+    outs = outcomes(Pipeline(load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "c"), "issuer_uscc": CDC, "issuer_name": "四川省疾病预防控制中心（演示）"})), data)
+    assert [o.status for o in outs] == [Status.CONVERTED, Status.REFUSED]
+    assert [(i.location, i.message.split(" (")[0]) for i in outs[1].errors] == [
+        ("row 3", "cannot be read as CSV")]
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）", "database": database})
+    pipeline = Pipeline(settings, clock=clock)
+    client = create_app(settings, pipeline).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(client.application, 'cdc', ['submitter'])}"
+    resp = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert "row 3 cannot be read as CSV" in resp.get_data(as_text=True)
+    assert [r.status for r in pipeline.store.list_messages(None, 10)] == ["refused", "stored"]
+    assert sum(len(pipeline.store.raw_of(r.id)) for r in pipeline.store.list_messages(None, 10)) > 140_000
+    pipeline.close()

@@ -255,7 +255,13 @@ class LabCSVAdapter:
                 codec = "gb18030"
         if not header_raw.strip():
             return
-        headers = [h.strip() for h in _fields(header_raw.decode(codec, errors="replace"))]
+        header_fields, unreadable = _row(header_raw.decode(codec, errors="replace"))
+        if unreadable:
+            refusal = Issue("error", "structure", "row 1", f"the header {unreadable}", "100")
+            yield RawUnit(whole if whole is not None else header_raw[:256], 1, origin,
+                          meta={"label": "header", "error": refusal})
+            return
+        headers = [h.strip() for h in header_fields]
         layout, problem = self._layout(headers)
         if layout is None:
             yield RawUnit(whole if whole is not None else header_raw, 1, origin,
@@ -366,7 +372,7 @@ class LabCSVAdapter:
                                 "(send it as a file of its own, or split its rows)", "207"))
             return msg
         first_no, _, first, _ = rows[0]
-        if not number:
+        if not number and not any(problem for _, _, _, problem in rows):  # (an unreadable row says why itself)
             issues.append(Issue("error", "required", at(first_no, "exam_number"),
                                 "exam number is empty: the exam cannot be identified", "101"))
         if meta.get("reappears"):
@@ -868,7 +874,8 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
         if limit and len(pending) > limit:
             _skip_record(stream, pending.count(b'"') % 2 == 1, pending.endswith(b"\n"))
             row_no += 1
-            yield row_no, pending, _fields(pending.decode(codec, errors="replace")), ""
+            fields, problem = _row(pending.decode(codec, errors="replace"))
+            yield row_no, pending, fields, problem
             pending = b""
             continue
         if pending.count(b'"') % 2:
@@ -882,9 +889,10 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
             text = raw.decode(codec)
         except UnicodeDecodeError:
             text, problem = raw.decode(codec, errors="replace"), f"row is not valid {codec} text (the header is)"
-        yield row_no, raw, _fields(text), problem
+        fields, unreadable = _row(text)
+        yield row_no, raw, fields, problem or unreadable
     if pending.strip():
-        yield row_no + 1, pending, _fields(pending.decode(codec, errors="replace")), \
+        yield row_no + 1, pending, _row(pending.decode(codec, errors="replace"))[0], \
             "a quoted field is not closed before the end of the file"
 
 
@@ -896,6 +904,15 @@ def _skip_record(stream: IO[bytes], quoted: bool, ended: bool) -> None:
             return
         quoted ^= chunk.count(b'"') % 2 == 1
         ended = chunk.endswith(b"\n")
+
+
+def _row(text: str) -> tuple[list[str], str]:
+    """(the fields of a record, "") or ([], why it cannot be read as CSV): a quoted cell longer than the csv
+    module takes (131,072 characters) is that row's problem, not the file's."""
+    try:
+        return _fields(text), ""
+    except csv.Error as exc:
+        return [], f"cannot be read as CSV ({exc}); a cell may hold at most {MAX_TEXT_BYTES} bytes"
 
 
 def _fields(text: str) -> list[str]:
