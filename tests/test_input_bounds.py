@@ -172,3 +172,28 @@ def test_a_message_without_a_time_is_timed_by_its_report_or_refused_at_msh7(pipe
     assert timed.bundle is not None and timed.bundle["timestamp"] == "2024-05-20T16:10:00+08:00"
     [untimed] = pipeline.convert(_hl7_with(msh7, b""), "hl7v2", "test")
     assert [(i.location, i.code) for i in untimed.issues if i.severity == "error"] == [("MSH[1]-7", "required")]
+
+
+@pytest.mark.parametrize("text, value, comparator", [
+    ("1.23E+05", "123000", ""),  # HBV-DNA as analysers write it
+    ("8.2e-1", "0.82", ""),
+    ("8.2E0", "8.2", ""),
+    ("<1.0e-3", "0.0010", "<"),  # the significant digits kept
+    ("-3e2", "-300", ""),
+    (" 2.5E+3 ", "2500", ""),
+])
+def test_scientific_notation_is_a_number_written_out_in_full(text: str, value: str, comparator: str) -> None:
+    q = parse_number(text)
+    assert q is not None and (str(q.value), q.comparator) == (value, comparator)
+
+
+@pytest.mark.parametrize("text, problem", [("1e400", "is beyond the range of a number (±1.7e308)"),
+                                           ("1E", "is not a number"), ("e5", "is not a number"),
+                                           ("1e5e5", "is not a number"), ("1e12345", "is not a number")])
+def test_what_is_not_scientific_notation_or_is_too_large(text: str, problem: str) -> None:
+    assert parse_number(text) is None and number_problem(text) == problem
+
+
+def test_a_long_exponent_is_no_number_at_once() -> None:
+    assert quickly(parse_number, "1" + "e" * 5000) is None
+    assert quickly(parse_number, "1e" + "9" * 5000) is None

@@ -42,12 +42,15 @@ COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": "
 #: The most one free-text field (a comment, a text result, a CSV cell) may hold, in bytes of UTF-8.
 MAX_TEXT_BYTES = 65_536
 _LABEL_CHARS = 80  # how much of a unit's id its label (in answers and error lines) shows
-_NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")  # (one way to match: linear)
+_NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d{1,4})?\s*$")
+# (one way to match: linear)
 
 
 def parse_number(text: str) -> "Quantity | None":
     """A decimal with its precision and optional comparator (``<0.5``, ``≥ 10``, ``5.60``); None if not a number.
 
+    Scientific notation, as analysers write large counts (HBV-DNA ``1.23E+05``) and HL7 v3 REAL allows, is taken
+    and written out in full (``123000``, ``8.2E-1`` as ``0.82``): a report carries plain decimals.
     A number beyond the range of an IEEE 754 double is not taken either: a signed
     Bundle carries its numbers as doubles (RFC 8785), so it could not be signed.
     """
@@ -55,11 +58,13 @@ def parse_number(text: str) -> "Quantity | None":
     if not m:
         return None
     try:
-        value = Decimal(m.group(2).lstrip("+"))
+        value = Decimal(m.group(2).lstrip("+") + (m.group(3) or ""))
     except InvalidOperation:
         return None
     if not math.isfinite(float(value)):
         return None
+    if m.group(3):
+        value = Decimal(format(value, "f"))
     return Quantity(value, COMPARATORS.get(m.group(1) or "", ""))
 
 
