@@ -48,8 +48,12 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Replace ``serve.json`` atomically (a reader never sees half of it)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(manifest, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, folder / MANIFEST)
+    except OSError:  # (a full disk): no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

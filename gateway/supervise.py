@@ -66,6 +66,10 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+#: Seconds between attempts to write ``serve.json`` again after it could not be written.
+_RESAVE_SECONDS = 2.0
+
+
 class Supervisor:
     """Starts the parts, restarts the ones that die, and stops them all on a signal or too many restarts."""
 
@@ -83,6 +87,7 @@ class Supervisor:
         self.stopping = False
         self.started = time.time()
         self.exit_code = 0
+        self.unsaved: float | None = None  # when serve.json last failed to be written (retried until it is)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class Supervisor:
                 part.restarts += 1
                 self._start(part)
                 changed = True
-        if changed:
+        if changed or (self.unsaved is not None and now - self.unsaved >= _RESAVE_SECONDS):
             self._save()
         return True
 
@@ -214,5 +219,13 @@ class Supervisor:
                                    "beats": p.beats} for p in self.parts},
             })
         except OSError as exc:  # a full disk, a folder gone: the parts go on; /health reads the last manifest
-            log.error("the run folder %s cannot be written (%s): `gateway serve` goes on; what /health says of the "
-                      "parts may be out of date until it can", self.run_dir, exc.strerror or type(exc).__name__)
+            if self.unsaved is None:
+                log.error("the run folder %s cannot be written (%s): `gateway serve` goes on; what /health says of "
+                          "the parts may be out of date until it can (tried again every %g s)", self.run_dir,
+                          exc.strerror or type(exc).__name__, _RESAVE_SECONDS)
+            self.unsaved = time.monotonic()
+            return
+        if self.unsaved is not None:
+            self.unsaved = None
+            log.info("the run folder %s can be written again: what /health says of the parts is current",
+                     self.run_dir)

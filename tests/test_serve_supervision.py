@@ -269,3 +269,47 @@ def test_a_run_folder_that_cannot_be_written_does_not_stop_the_gateway(
         code = supervisor.run()  # (the HTTP worker is restarted when it ends; the queue reader's 2 stops it all)
     assert code == 2
     assert any("cannot be written" in r.getMessage() for r in caplog.records)
+
+
+def test_serve_json_is_written_again_once_the_run_folder_can_be(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After a full disk, the manifest /health reads is written again as soon as it can be: /health stayed on the
+    last state it could write (a part restarted meanwhile still read as dead) for as long as the gateway ran."""
+    import json
+    import threading
+
+    from gateway import supervise
+
+    run = tmp_path / "run"
+    run.write_text("a file where the run folder would be (writes fail, as on a full disk)")
+    parts = [Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(30)"))]
+    supervisor = Supervisor(parts, restart_limit=2, run_dir=run, backoff=0.05, grace=5)
+    seen: dict[str, object] = {}
+
+    def operator() -> None:  # (the supervisor runs in the main thread: it takes the signals)
+        try:
+            time.sleep(0.5)
+            seen["failed_first"] = supervisor.unsaved is not None
+            run.unlink()  # space again
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not (run / "serve.json").exists():
+                time.sleep(0.05)
+            seen["manifest"] = json.loads((run / "serve.json").read_text(encoding="utf-8"))
+            seen["leftovers"] = [p.name for p in run.iterdir() if p.name.startswith(".serve.json")]
+            seen["unsaved"] = supervisor.unsaved
+        finally:
+            supervisor.stopping = True
+
+    supervise._RESAVE_SECONDS, before = 0.2, supervise._RESAVE_SECONDS
+    helper = threading.Thread(target=operator)
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.supervise"):
+            helper.start()
+            supervisor.run()
+    finally:
+        helper.join(20)
+        supervise._RESAVE_SECONDS = before
+    assert seen["failed_first"] is True
+    assert seen["manifest"]["parts"]["http-1"]["state"] == "running"  # type: ignore[index]
+    assert seen["leftovers"] == [] and seen["unsaved"] is None  # no half-written file left
+    assert any("can be written again" in r.getMessage() for r in caplog.records)
