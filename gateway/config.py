@@ -102,6 +102,8 @@ class Settings:
                                      "own lane, so a slow or hung member never delays deliveries to others.")
     snapshot_warn_days: int = _opt(2, "/health answers 503 when the registry snapshot expires within this many "
                                    "days (a new snapshot must be installed before then).")
+    certificate_warn_days: int = _opt(14, "/health answers 503 when this member's signing certificate expires "
+                                      "within this many days (the registry authority issues a new one).")
     health_max_backlog: int = _opt(1000, "/health answers 503 when more messages than this wait in the "
                                    "processing queue.")
     health_max_backlog_age: int = _opt(300, "/health answers 503 when the oldest message waiting in the "
@@ -177,8 +179,9 @@ class Settings:
                 raise ConfigError(f"{name} must be positive", name)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format {self.log_format!r} must be 'text' or 'json'", "log_format")
-        if self.snapshot_warn_days < 0:
-            raise ConfigError("snapshot_warn_days must not be negative", "snapshot_warn_days")
+        for name in ("snapshot_warn_days", "certificate_warn_days"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative", name)
         if self.database.startswith(("postgresql://", "postgres://")):
             check_database_url(self.database)
 

@@ -55,6 +55,7 @@ from gateway.adapters.cda import explain_issues as explain_cda
 from gateway.adapters.hl7v2 import ack_code_for, build_ack, explain_issues
 from gateway.config import Settings
 from gateway.errors import (
+    ConfigError,
     GatewayError,
     InputError,
     Issue,
@@ -1110,17 +1111,25 @@ class Pipeline:
             if parts is not ch and stage in _TWIN_STAGES:
                 _twins_stepped_aside(ch, stage, unit, exc)
                 return None
-            _log_internal(stage, ch, unit.index, record_id, exc)
-            outcome = self._failed(ch, msg, stage)
+            if isinstance(exc, (ConfigError, TrustError)):  # this gateway's own setup: its signing certificate or
+                # registry snapshot expired (what the error says names no patient): said, not a bug
+                log.error("stage %s of %s unit %s (record %s) cannot be done: %s", stage.value, ch.format,
+                          unit.index, record_id, exc.message)
+                outcome = self._failed(ch, msg, stage, f"this gateway cannot {_STAGE_VERBS.get(stage, 'go on')}: "
+                                                       f"{exc.message}")
+            else:
+                _log_internal(stage, ch, unit.index, record_id, exc)
+                outcome = self._failed(ch, msg, stage)
         watch.record()
         outcome.record_id = record_id
         outcome.answer = self._answer(ch, outcome)
         return outcome
 
-    def _failed(self, ch: Channel, msg: SourceMessage | None, stage: Stage) -> Outcome:
-        """The outcome of a unit the gateway failed on: its raw input is kept and it can be worked again."""
-        issue = Issue("error", "exception", "", f"internal error in the gateway ({stage.value} stage); the message "
-                      "is kept and can be worked again", "207")
+    def _failed(self, ch: Channel, msg: SourceMessage | None, stage: Stage, why: str = "") -> Outcome:
+        """The outcome of a unit the gateway failed on: its raw input is kept and it can be worked again. ``why``:
+        what in the gateway's own setup stopped it (a bug otherwise, which the answer does not describe)."""
+        issue = Issue("error", "exception", "", f"{why or f'internal error in the gateway ({stage.value} stage)'}; "
+                      "the message is kept and can be worked again", "207")
         failed = copy.copy(msg) if msg is not None else SourceMessage(format=ch.format)
         failed.issues, failed.filtered = [issue], ""
         return Outcome(Status.FAILED, failed.label(), ack_code="AE", issues=[issue], message=failed)
@@ -1554,6 +1563,10 @@ def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseExce
     at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno}" if where else ""
     native.fell_back((ch.format, stage.value), f"the compiled twins failed on {ch.format} unit {unit.index} in stage "
                      f"{stage.value} ({type(exc).__name__}{at}); the plain modules work it")
+
+
+#: What a stage does, for an answer saying that this gateway's setup keeps it from doing it.
+_STAGE_VERBS = {Stage.SIGN: "sign reports", Stage.CHECK: "check reports", Stage.MAP: "map codes"}
 
 
 def _log_internal(stage: Stage, ch: Channel, index: int | None, record_id: int | None, exc: BaseException) -> None:

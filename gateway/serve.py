@@ -426,6 +426,20 @@ def _bind(what: str, host: str, port: int, setting: str) -> socket.socket:
                         f"port ({setting})") from None
 
 
+def _warn_of_the_signing_certificate(pipeline: Any) -> None:
+    """Say at the start when this member's signing certificate cannot sign now (expired, or not valid yet by this
+    machine's clock): the gateway still starts (its results can be read and audited), but every report it takes
+    in will fail its sign stage, and /health says so (``signing``)."""
+    signer = getattr(pipeline.member, "signer", None)
+    if signer is None:
+        return
+    cert, now = signer.identity.chain[0], pipeline.clock()
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        log.error("the signing certificate is valid from %s to %s, not now (%s): every report taken in will fail its "
+                  "sign stage until a valid one is configured (signing_cert)", cert.not_valid_before_utc.isoformat(),
+                  cert.not_valid_after_utc.isoformat(), now.isoformat())
+
+
 def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int:
     """Run the whole gateway until SIGTERM or SIGINT (exit status 0), or until it cannot run whole (non-zero).
 
@@ -452,6 +466,7 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         if settings.log_format == "json":
             _logging(settings, "serve")
         pipeline = Pipeline(settings)  # fails fast on bad mapping tables, keys or snapshot, before any child starts
+        _warn_of_the_signing_certificate(pipeline)
         from gateway.store import layout
 
         layout.upgrade(pipeline.store.db)  # every part's tables, before any process uses them (once per start)

@@ -315,3 +315,59 @@ def test_a_sqlite_database_that_cannot_be_written_fails_health_and_is_reopened_o
     other.kill()
     other.wait()
     pipeline.close()
+
+
+def test_a_signing_certificate_that_expires_or_has_expired_fails_health_and_is_said_in_the_answer(gw: Any) -> None:
+    """Every report this member issues is signed: a certificate near its end fails /health (certificate_warn_days)
+    before it stops that; once it has expired, a report taken in is kept and answered AE saying so (it was an
+    'internal error' with nothing in the log but the error's type)."""
+    from conftest import DATA
+
+    cert = gw.pipeline.member.signer.identity.chain[0]
+    end = cert.not_valid_after_utc.astimezone(CST)
+    gw.clock.now = end - _dt.timedelta(days=gw.settings.certificate_warn_days, seconds=60)
+    status, body = health(gw)
+    assert body["checks"]["signing"]["ok"] and "valid until" in body["checks"]["signing"]["detail"]
+    gw.clock.now = end - _dt.timedelta(days=gw.settings.certificate_warn_days, seconds=-60)
+    status, body = health(gw)
+    assert status == 503 and "signing" in body["failing"]
+    assert "within 14 day(s) (certificate_warn_days)" in body["checks"]["signing"]["detail"]
+    gw.clock.now = end + _dt.timedelta(seconds=1)
+    status, body = health(gw)
+    assert status == 503 and "expired at" in body["checks"]["signing"]["detail"]
+    message = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
+    [out] = gw.pipeline.ingest(message, "hl7v2", channel="file")  # (the registry snapshot has expired long before)
+    assert out.status.value == "failed" and out.ack_code == "AE"
+    assert "this gateway cannot sign reports: registry snapshot 1 expired at" in out.issues[0].message
+    marks, gw.pipeline.member.marks = gw.pipeline.member.marks, None  # a member that stamps no marks
+    try:
+        [out] = gw.pipeline.ingest(message.replace(b"|TJ2405200099|", b"|TJ2405200098|", 1), "hl7v2", channel="file")
+    finally:
+        gw.pipeline.member.marks = marks
+    assert out.status.value == "failed" and out.ack_code == "AE"
+    assert "this gateway cannot sign reports: the signing certificate is not valid at" in out.issues[0].message
+    assert b"cannot sign reports" in out.answer
+
+
+def test_a_full_disk_fails_the_database_check(gw: Any, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """The database answers reads on a full disk while every write is refused ('database or disk is full'): the
+    check says so (it said "answers" while ingest and pushes got 503). The file system is asked as it is; the
+    test makes it report 3 MiB free where the database lives (a full disk cannot be made here without root)."""
+    if backend == "postgresql":
+        pytest.skip("the PostgreSQL server watches its own disk")
+    real = os.statvfs
+    folder = os.path.dirname(os.path.realpath(gw.settings.database_locator))
+
+    def nearly_full(path: Any) -> Any:
+        got = real(path)
+        if os.path.realpath(path) != folder:
+            return got
+        return os.statvfs_result((got.f_bsize, got.f_frsize, got.f_blocks, 1, 3 * 1048576 // got.f_frsize,
+                                  got.f_files, got.f_ffree, got.f_favail, got.f_flag, got.f_namemax))
+
+    assert health(gw)[1]["checks"]["database"]["ok"]
+    monkeypatch.setattr(os, "statvfs", nearly_full)
+    status, body = health(gw)
+    assert status == 503 and "database" in body["failing"]
+    assert body["checks"]["database"]["detail"] == ("answers, but its disk is full: 3072 KiB free where it lives "
+                                                    "(writes fail below 8 MiB)")

@@ -33,7 +33,7 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.config import Settings
 from gateway.datetimes import seconds_since
-from gateway.store.db import unwritable
+from gateway.store.db import LOW_DISK_BYTES, disk_free, unwritable
 from gateway.store.views import ReadModels
 
 bp = Blueprint("health", __name__)
@@ -164,6 +164,30 @@ def _registry(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     return {"registry": _check(True, f"registry snapshot {snapshot.version} valid until {until}")}
 
 
+def _signing(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
+    """This member's signing certificate: every report it issues is signed with it, and peers refuse a signature
+    made outside its validity."""
+    signer = getattr(getattr(pipeline, "member", None), "signer", None)
+    if signer is None:
+        return {}
+    cert = signer.identity.chain[0]
+    now = pipeline.clock()
+    until = cert.not_valid_after_utc.astimezone(now.tzinfo).isoformat()
+    if now < cert.not_valid_before_utc:
+        return {"signing": _check(False, f"the signing certificate is valid only from "
+                                         f"{cert.not_valid_before_utc.astimezone(now.tzinfo).isoformat()}: reports "
+                                         "cannot be signed (check this machine's clock)")}
+    left = (cert.not_valid_after_utc - now).total_seconds()
+    if left <= 0:
+        return {"signing": _check(False, f"the signing certificate expired at {until}: reports cannot be signed; "
+                                         "ask the registry authority for a new one (gateway keys)")}
+    if left <= settings.certificate_warn_days * 86400:
+        return {"signing": _check(False, f"the signing certificate expires at {until}, within "
+                                         f"{settings.certificate_warn_days} day(s) (certificate_warn_days); ask the "
+                                         "registry authority for a new one")}
+    return {"signing": _check(True, f"signing certificate valid until {until}")}
+
+
 @bp.get("/health")
 def health() -> Response:
     """200 when every check passes, 503 naming the failing ones."""
@@ -174,9 +198,15 @@ def health() -> Response:
     try:
         counts = pipeline.store.counts()
         blocked = unwritable(settings.database_locator)
+        free = disk_free(settings.database_locator)
         # (a SQLite file this node cannot write answers reads, but every message sent here would fail)
-        checks["database"] = (_check(False, f"answers, but cannot be written: {', '.join(blocked)}") if blocked
-                              else _check(True, "answers"))
+        if blocked:
+            checks["database"] = _check(False, f"answers, but cannot be written: {', '.join(blocked)}")
+        elif free is not None and free < LOW_DISK_BYTES:
+            checks["database"] = _check(False, f"answers, but its disk is full: {free // 1024} KiB free where it "
+                                               f"lives (writes fail below {LOW_DISK_BYTES // 1048576} MiB)")
+        else:
+            checks["database"] = _check(True, "answers")
         checks.update(_work(pipeline, settings))
     except Exception as exc:  # a broken database is what this check is for
         checks["database"] = _check(False, f"cannot be read ({type(exc).__name__})")
@@ -188,6 +218,10 @@ def health() -> Response:
         checks.update(_registry(pipeline, settings))
     except Exception as exc:
         checks["registry"] = _check(False, f"could not be checked ({type(exc).__name__})")
+    try:
+        checks.update(_signing(pipeline, settings))
+    except Exception as exc:
+        checks["signing"] = _check(False, f"could not be checked ({type(exc).__name__})")
     failing = sorted(name for name, c in checks.items() if not c["ok"])
     body = {"status": "failing" if failing else "ok", "version": __version__, "failing": failing,
             "checks": checks, "messages": counts}

@@ -153,6 +153,22 @@ def unwritable(locator: str | Path) -> list[str]:
     return found
 
 
+#: Below this many bytes free where a SQLite database lives, its writes are about to fail (a page, its log).
+LOW_DISK_BYTES = 8 * 1024 * 1024
+
+
+def disk_free(locator: str | Path) -> int | None:
+    """Bytes free (to this user) on the file system of a SQLite database's folder; None for PostgreSQL (its server
+    says so itself), an in-memory database or a folder that cannot be looked at."""
+    if is_postgresql(locator) or str(locator) == ":memory:":
+        return None
+    try:
+        stats = os.statvfs(Path(os.path.realpath(locator)).parent)
+    except OSError:
+        return None
+    return int(stats.f_bavail) * int(stats.f_frsize)
+
+
 def describe(locator: str | Path) -> str:
     """The database named for a person: a file path, or a URL without its password."""
     return _pg.redact(str(locator)) if is_postgresql(locator) else str(locator)
