@@ -71,6 +71,17 @@ def test_permanent_refusal_goes_straight_to_dead(outbox) -> None:
     assert row.status == "dead" and row.attempts == 1 and "refused by the receiver" in row.last_error
 
 
+def test_a_delivery_that_cannot_be_sent_is_not_said_to_be_refused_by_the_receiver(outbox) -> None:
+    """A failure before anything reached the receiver (no endpoint for the member in the registry snapshot) is
+    this gateway's own: dead, saying it was not sent."""
+    outbox.enqueue("D", URL, b"x")
+    local = MockTransport(lambda u, p, h: SendResult(False, retryable=False,
+                                                     error="member D has no endpoint in the registry snapshot"))
+    assert outbox.deliver_due(local)["dead"] == 1
+    row = outbox.list()[0]
+    assert row.last_error == "member D has no endpoint in the registry snapshot (not sent: it cannot be)"
+
+
 def test_retry_budget_ends_in_dead_then_operator_retry(outbox, clock) -> None:
     outbox.enqueue("D", URL, b"x")
     down = MockTransport(lambda u, p, h: classify(503))

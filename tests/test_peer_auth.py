@@ -67,9 +67,10 @@ def test_replayed_assertion_is_refused(pki, trust, replay) -> None:
 
 @pytest.mark.parametrize("kwargs, at, message", [
     ({"aud": "http://elsewhere/exchange"}, NOW, "another audience"),
-    ({}, NOW + _dt.timedelta(minutes=10), "expired"),
+    ({}, NOW + _dt.timedelta(minutes=10), r"expired \d+ s before this gateway's clock \(compare the two members' "
+                                          "clocks"),
     ({"lifetime": 3600}, NOW, None),  # capped to 5 minutes by the maker; accepted
-    ({"now": NOW + _dt.timedelta(minutes=10)}, NOW, "issued in the future|lives longer"),
+    ({"now": NOW + _dt.timedelta(minutes=10)}, NOW, "the sender's clock (is|may be) ahead"),
 ])
 def test_audience_and_time_window(pki, trust, replay, kwargs, at, message) -> None:
     t = token(pki, **kwargs)
@@ -131,3 +132,23 @@ def test_the_replay_cache_is_per_caller_and_forgets_expired_assertions(replay) -
     replay.remember(TJ, "j1", 1200.0, 1070.0)  # expired more than the tolerated skew ago: forgotten
     with pytest.raises(PeerAuthError, match="replayed"):
         replay.remember(TJ, "j1", 1200.0, 1075.0)
+
+
+def test_the_receivers_reason_for_a_refusal_is_kept_by_the_sender() -> None:
+    """A revoked certificate, a clock difference and a tampered Bundle were all 'HTTP 401/403 (refused by the
+    receiver)' in the sender's outbox: the receiver's OperationOutcome says which, and the sender keeps it (long
+    digit runs masked: the outbox is shown and logged)."""
+    import json
+
+    from gateway.exchange.transports import classify
+
+    refused = classify(401, json.dumps({"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": "security",
+        "diagnostics": "Authorization: assertion expired 95 s before this gateway's clock\n(compare)"}]}).encode())
+    assert not refused.ok and not refused.retryable
+    assert refused.error == "HTTP 401: Authorization: assertion expired 95 s before this gateway's clock (compare)"
+    quoted = classify(422, json.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "value", "diagnostics": "身份证号 511921196612120011 check digit"}]}).encode())
+    assert quoted.error == "HTTP 422: 身份证号 … check digit"
+    assert classify(503, b"<html>busy</html>").error == "HTTP 503" and classify(502, b"").error == "HTTP 502"
+    assert len(classify(403, json.dumps({"issue": [{"diagnostics": "x" * 1000}]}).encode()).error) < 320

@@ -313,7 +313,8 @@ def test_a_task_whose_focus_is_a_bare_reference_is_refused_for_good(world) -> No
     fl.outbox.enqueue(LANE + AUTHORITY_USCC, url, text, kind="referral")
     assert fl.deliver() == {"delivered": 0, "retry": 0, "dead": 1}
     dead = next(r for r in fl.outbox.list() if r.status == "dead")
-    assert dead.attempts == 1 and "HTTP 422 (refused by the receiver)" in dead.last_error
+    assert dead.attempts == 1 and dead.last_error.startswith("HTTP 422: ")  # with the receiver's reason
+    assert "Task.focus.identifier" in dead.last_error and dead.last_error.endswith("(refused by the receiver)")
     assert [r.id for r in auth_refs.list()] == [made.id]
 
 

@@ -337,7 +337,8 @@ class Outbox:
             next_at = ts + backoff_seconds(attempts, rand=self.rand)
         else:
             status, next_at = "dead", ts
-            why = "gave up after the last attempt" if result.retryable else "refused by the receiver"
+            why = ("gave up after the last attempt" if result.retryable else "refused by the receiver" if result.status
+                   else "not sent: it cannot be")  # (a status 0 failure never reached the receiver)
             error = f"{result.error or f'HTTP {result.status}'} ({why})"
         with transaction(self.db):
             self.store.record(delivery.id, status, attempts, next_at, delivery.url, error,

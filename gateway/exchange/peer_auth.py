@@ -135,10 +135,17 @@ def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str]
     audience_ok = aud in set(audiences) if isinstance(aud, str) else False
     if not audience_ok:
         raise PeerAuthError("assertion is for another audience")
-    if not isinstance(exp, (int, float)) or exp <= ts - _SKEW or exp > ts + MAX_LIFETIME + _SKEW:
-        raise PeerAuthError("assertion expired or lives longer than 5 minutes")
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        raise PeerAuthError("assertion must carry exp")
+    if exp <= ts - _SKEW:
+        raise PeerAuthError(f"assertion expired {ts - exp:.0f} s before this gateway's clock (compare the two "
+                            "members' clocks if the sender made it just now)")
+    if exp > ts + MAX_LIFETIME + _SKEW:
+        raise PeerAuthError(f"assertion lives longer than 5 minutes by this gateway's clock (ends {exp - ts:.0f} s "
+                            "from now: the sender's clock may be ahead)")
     if isinstance(iat, (int, float)) and iat > ts + _SKEW:
-        raise PeerAuthError("assertion issued in the future")
+        raise PeerAuthError(f"assertion issued {iat - ts:.0f} s in the future by this gateway's clock (the sender's "
+                            "clock is ahead)")
     try:
         member = check_certificate(cert, trust, now, location="Authorization")
     except UnknownIssuer as exc:

@@ -267,10 +267,14 @@ class Exchange:
         from gateway.exchange.peer_auth import PeerAuthError
 
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise PeerAuthError("a signed client assertion is required (Authorization: Bearer ...)")
-        return verify_assertion(token.strip(), self._snapshot(), audiences=[self.settings.base_url + "/exchange"],
-                                now=self.clock(), replay=self.replay)
+        try:
+            if scheme.lower() != "bearer" or not token:
+                raise PeerAuthError("a signed client assertion is required (Authorization: Bearer ...)")
+            return verify_assertion(token.strip(), self._snapshot(), audiences=[self.settings.base_url + "/exchange"],
+                                    now=self.clock(), replay=self.replay)
+        except TrustError as exc:  # the operators of both members need the reason: the sender sees it in its outbox
+            log.warning("exchange caller refused: %s", exc.message)
+            raise
 
     # -- pull (调阅) ----------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ Network failures come back as retryable results, never as exceptions.
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +25,33 @@ _RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
 
 
 def classify(status: int, body: bytes = b"") -> SendResult:
-    """2xx delivered; 408/425/429/5xx retryable; any other 4xx permanent."""
+    """2xx delivered; 408/425/429/5xx retryable; any other 4xx permanent. The error names the receiver's reason
+    when it answered an OperationOutcome (a revoked certificate and a clock difference read alike otherwise)."""
     if 200 <= status < 300:
         return SendResult(True, status=status, body=body)
     retryable = status in _RETRYABLE or status >= 500
-    return SendResult(False, retryable=retryable, status=status, body=body, error=f"HTTP {status}")
+    reason = receiver_reason(body)
+    return SendResult(False, retryable=retryable, status=status, body=body,
+                      error=f"HTTP {status}: {reason}" if reason else f"HTTP {status}")
+
+
+_LONG_NUMBER = re.compile(r"[0-9]{6,}[0-9Xx]*")  # (an identity card number, a record number: not kept)
+
+
+def receiver_reason(body: bytes) -> str:
+    """The first diagnostics of an OperationOutcome answer, on one line, at most 300 characters, long digit runs
+    masked (it is kept in the outbox and logged); "" when the answer is not one."""
+    try:
+        outcome = json.loads(body[:65536].decode("utf-8")) if body.lstrip()[:1] == b"{" else None
+    except (UnicodeDecodeError, ValueError):
+        return ""
+    issues = outcome.get("issue") if isinstance(outcome, dict) else None
+    first = issues[0] if isinstance(issues, list) and issues and isinstance(issues[0], dict) else {}
+    text = first.get("diagnostics")
+    if not isinstance(text, str):
+        return ""
+    text = _LONG_NUMBER.sub("…", " ".join("".join(c if c.isprintable() else " " for c in text).split()))
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 class _Unanswered(Exception):
