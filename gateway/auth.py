@@ -492,8 +492,11 @@ def set_password(
     at: _dt.datetime,
     gateway: records.Party,
     by: records.Party,
+    keep_session: str = "",
 ) -> None:
-    """Set the console password of an active user (and unlock the account); audited.
+    """Set the console password of an active user (and unlock the account); audited. The user's console sessions
+    end (each audited as a log-out): whoever logged in with the old password is out, but for the session whose
+    hash is ``keep_session`` (the user's own, changing it).
 
     :raises NotFound: no such user.
     :raises InputError: the user is disabled, or the password is too short.
@@ -508,7 +511,11 @@ def set_password(
             raise InputError(f"user {name!r} is disabled", "name")
         accounts.set_password(name, hashed, instant(at))
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="password-set", roles=user.roles)
-    log.info("console password set")
+        ended = accounts.end_sessions_of(name, instant(at), keep_session)
+        for _ in range(ended):
+            _login_record(db, at=at, gateway=gateway, name=name, address="unknown", action="logout",
+                          reason="password set", roles=user.roles)
+    log.info("console password set (%d other session(s) ended)", ended)
 
 
 def has_password(db: Database, name: str) -> bool:
@@ -679,13 +686,39 @@ def change_password(
     *,
     at: _dt.datetime,
     gateway: records.Party,
+    session: str = "",
+    address: str = "",
 ) -> None:
-    """A user changes their own console password, proving the current one; audited.
+    """A user changes their own console password, proving the current one; audited. ``session``: the hash of the
+    session changing it, which stays (the user's other sessions end).
 
-    :raises LoginRefused: the current password is wrong.
+    A wrong current password counts as a failed log-in (audited; :data:`LOCKOUT_FAILURES` in a row lock the
+    account and end its sessions, this one too): a session left open is no way to guess the password.
+
+    :raises LoginRefused: the current password is wrong, or the account is locked.
     :raises InputError: the new password is too short.
     """
-    hashed = Accounts(db).password_hash(name)
-    if hashed is None or not _verify(hashed, current):
-        raise LoginRefused("当前密码不正确 (the current password is wrong)", "password")
-    set_password(db, name, new, at=at, gateway=gateway, by=records.Party.user(gateway.value, name))
+    accounts = Accounts(db)
+    with transaction(db):
+        row = accounts.login_state(name)
+        locked = _dt.datetime.fromisoformat(row.locked_until) if row is not None and row.locked_until else None
+        roles = row.roles.split() if row is not None else []
+        if row is None or row.hash is None or (locked is not None and locked > at) or not _verify(row.hash, current):
+            failures = 0 if row is None else (0 if locked is not None and locked <= at else int(row.failures or 0)) + 1
+            lock = at + _dt.timedelta(minutes=LOCKOUT_MINUTES) if failures >= LOCKOUT_FAILURES else None
+            if row is not None and not (locked is not None and locked > at):
+                accounts.record_login_failures(name, 0 if lock else failures, instant(lock) if lock else None)
+            _login_record(db, at=at, gateway=gateway, name=name, address=address or "unknown", action="login",
+                          reason="locked out" if lock else "current password", ok=False, roles=roles)
+            if lock is not None or (locked is not None and locked > at):
+                accounts.end_sessions_of(name, instant(at))
+                refused = LoginRefused(f"密码错误次数过多，账户已锁定 {LOCKOUT_MINUTES} 分钟 (account locked for "
+                                       f"{LOCKOUT_MINUTES} minutes; log in again after)", "locked", lock or locked)
+            else:
+                refused = LoginRefused("当前密码不正确 (the current password is wrong)", "password")
+        else:
+            refused = None
+    if refused is not None:
+        raise refused
+    set_password(db, name, new, at=at, gateway=gateway, by=records.Party.user(gateway.value, name),
+                 keep_session=session)

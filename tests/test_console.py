@@ -592,3 +592,48 @@ def test_the_audit_page_says_how_many_match_and_pages_to_the_rest(fuling) -> Non
     assert everything <= set(seen)
     wrong = c.get("/console/audit?foo=1")
     assert wrong.status_code == 422 and "unknown search parameter" in wrong.get_data(as_text=True)
+
+
+def test_a_password_reset_ends_the_sessions_opened_with_the_old_one(fuling) -> None:
+    """An admin resetting a password (a colleague left, a password leaked) logs out whoever used the old one; a
+    user changing their own keeps the session they change it from, and ends the others."""
+    from gateway.store.db import connect
+
+    app, clock, folder = fuling
+    first, _ = login(app, "aud")
+    second, _ = login(app, "aud")
+    assert first.get("/console/audit").status_code == 200 and second.get("/console/audit").status_code == 200
+    page = first.get("/console/account").get_data(as_text=True)
+    changed = first.post("/console/account", data={
+        "current_password": PASSWORD, "new_password": "a new password 1", "new_password2": "a new password 1",
+        "csrf_token": _csrf(page)})
+    assert changed.status_code == 200 and "密码已修改" in changed.get_data(as_text=True)
+    assert first.get("/console/audit").status_code == 200  # the session it was changed from
+    assert second.get("/console/audit", follow_redirects=False).status_code in (302, 303)  # logged out
+    db = connect(folder / "gateway.db")
+    auth.set_password(db, "aud", "set by the admin 2", at=clock(), gateway=records.Party.member("12500102MB0002006J"),
+                      by=records.Party("admin"))
+    db.conn.close()
+    assert first.get("/console/audit", follow_redirects=False).status_code in (302, 303)
+    assert [e["reason"] for e in _log(folder, "login") if e.get("action") == "logout"][-2:] == [
+        "password set", "password set"]
+
+
+def test_guessing_the_current_password_from_an_open_session_locks_the_account(fuling) -> None:
+    """The account page asks for the current password: wrong ones count as failed log-ins (audited), and the
+    lock-out after five ends every session of the account, the one guessing included."""
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    for n in range(auth.LOCKOUT_FAILURES):
+        page = c.get("/console/account")
+        assert page.status_code == 200, n
+        wrong = c.post("/console/account", data={"current_password": f"guess {n}", "new_password": "x" * 12,
+                                                 "new_password2": "x" * 12, "csrf_token": _csrf(page.get_data(
+                                                     as_text=True))})
+        assert wrong.status_code == 400
+    assert "账户已锁定" in wrong.get_data(as_text=True)
+    assert c.get("/console/account", follow_redirects=False).status_code in (302, 303)  # logged out
+    assert login(app, "aud")[1].status_code == 403  # locked, even with the right password
+    failed = [e for e in _log(folder, "login") if e.get("action") == "login"][-auth.LOCKOUT_FAILURES - 1:]
+    assert [e["reason"] for e in failed] == ["current password"] * (auth.LOCKOUT_FAILURES - 1) + [
+        "locked out", "locked"]

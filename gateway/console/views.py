@@ -264,7 +264,9 @@ def account() -> Response:
             with _db() as db:
                 try:
                     auth.change_password(db, g.console.principal.name, request.form.get("current_password", ""),
-                                         new, at=_now(), gateway=_gateway())
+                                         new, at=_now(), gateway=_gateway(),
+                                         session=auth.token_hash(request.cookies.get(COOKIE, "")),
+                                         address=_address())
                     message, ok = "密码已修改 (password changed)", True
                 except GatewayError as exc:
                     message, status = exc.message, 400

@@ -151,6 +151,9 @@ class AccountsPort(Protocol):
     def end_session(self, key: str, at: str) -> None:
         """End a session."""
 
+    def end_sessions_of(self, user: str, at: str, keep: str = "") -> int:
+        """End every live session of ``user`` but the one whose hash is ``keep``; how many were ended."""
+
     # backend clients (SMART Backend Services) and their access tokens
     def add_client(self, client_id: str, role: str, scopes: str, jwks: str | None, jwks_url: str | None,
                    created: str) -> bool:
@@ -323,6 +326,10 @@ class Accounts:
 
     def end_session(self, key: str, at: str) -> None:
         self.db.execute("UPDATE console_session SET ended = ? WHERE hash = ?", [at, key])
+
+    def end_sessions_of(self, user: str, at: str, keep: str = "") -> int:
+        return int(self.db.execute('UPDATE console_session SET ended = ? WHERE "user" = ? AND ended IS NULL'
+                                   " AND hash <> ?", [at, user, keep]).rowcount or 0)
 
     # -- backend clients and access tokens ---------------------------------------------------
 
