@@ -538,3 +538,20 @@ def test_a_quoted_cell_longer_than_the_csv_module_takes_refuses_its_row_only(
     assert [r.status for r in pipeline.store.list_messages(None, 10)] == ["refused", "stored"]
     assert sum(len(pipeline.store.raw_of(r.id)) for r in pipeline.store.list_messages(None, 10)) > 140_000
     pipeline.close()
+
+
+def test_blank_rows_inside_an_exam_are_skipped_and_rows_are_numbered_as_a_spreadsheet_shows_them(
+        cdc: Pipeline) -> None:
+    """A formatted blank row Excel saves as ",,,,", a blank line, a row of spaces: no record, and the exam around
+    them stays whole (it was cut in two, the second part refused as a reappearing exam and the first stored as
+    final without it); errors name the row a spreadsheet shows (blank rows were not counted)."""
+    blank_cells = "," * (HEADER.count(","))
+    last = row(item="XCG-HGB,血红蛋白,140,g/L,130-175,")
+    lines = [HEADER, row(), blank_cells, "", "   ", row(item="XY-SBP,收缩压,128,mmHg,90-139,"),
+             '"","",' + blank_cells[2:], last]
+    [whole] = outcomes(cdc, ("\n".join(lines) + "\n").encode("utf-8"))
+    assert whole.status is Status.CONVERTED, [i.line() for i in whole.issues]
+    assert len(entries_of(whole.bundle, "Observation")) == 3
+    lines[-1] = last.rsplit(",", 1)[0]  # the 8th row of the sheet one column short
+    [out] = outcomes(cdc, ("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    assert [(i.location, i.message) for i in out.errors] == [("row 8", "row has 21 columns, the header has 22")]

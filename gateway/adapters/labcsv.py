@@ -881,9 +881,9 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
         if pending.count(b'"') % 2:
             continue  # inside a quoted field: the record goes on
         raw, pending = pending, b""
-        if not raw.strip():
-            continue
-        row_no += 1
+        row_no += 1  # a spreadsheet's row number: blank rows count too
+        if _BLANK_ROW.match(raw):
+            continue  # blank, or only separators (a formatted row Excel saves as ",,,,"): no record
         problem = ""
         try:
             text = raw.decode(codec)
@@ -894,6 +894,9 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
     if pending.strip():
         yield row_no + 1, pending, _row(pending.decode(codec, errors="replace"))[0], \
             "a quoted field is not closed before the end of the file"
+
+
+_BLANK_ROW = re.compile(rb'^(?:[ \t\r\n,]|"")*$')
 
 
 def _skip_record(stream: IO[bytes], quoted: bool, ended: bool) -> None:
