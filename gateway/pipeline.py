@@ -1611,7 +1611,7 @@ def _split(ch: Channel, data: bytes | IO[bytes], origin: str) -> Iterable[RawUni
 
 
 # Issue locations the shared mapping stage writes as "<location>-<HL7 field>", and the fact each names.
-_FIELD_FACTS = {"3": "code", "5": "value", "6": "unit", "8": "flags", "11": "status"}
+_FIELD_FACTS = {"3": "code", "5": "value", "6": "unit", "7": "reference_range", "8": "flags", "11": "status"}
 
 
 def _located(msg: SourceMessage, run: Callable[[], None]) -> None:

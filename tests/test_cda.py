@@ -516,3 +516,26 @@ def test_every_results_section_every_conclusion_and_the_remark_are_read(pipeline
     assert codes == [o["code"]["coding"][0]["code"] for o in resources(one, "Observation")]
     report = resources(out.bundle, "DiagnosticReport")[0]
     assert report["conclusion"] == "空腹血糖升高，余项未见异常；建议复查肾功能。备注：空腹采血"
+
+
+def test_a_reference_range_in_another_unit_or_upside_down_is_kept_as_text(pipeline: Pipeline) -> None:
+    """Bounds in mg/dL beside a result in mmol/L were given the result's unit (70-110 mmol/L); a range written
+    high before low (6.1-3.9) became a FHIR Range with low above high (rng-2). Both stay text; the second is
+    warned of where it was read."""
+    text = FULL.decode("utf-8")
+    glucose = text.index("GLU")
+    at = text.index("<referenceRange>", glucose)
+    end = text.index("</referenceRange>", at) + len("</referenceRange>")
+    other_unit = ('<referenceRange><observationRange><value xsi:type="IVL_PQ"><low value="70" unit="mg/dL"/>'
+                  '<high value="110" unit="mg/dL"/></value></observationRange></referenceRange>')
+    upside_down = "<referenceRange><observationRange><text>6.1-3.9</text></observationRange></referenceRange>"
+    for replaced, want, warned in ((other_unit, "70-110 mg/dL", False), (upside_down, "6.1-3.9", True)):
+        out = convert_one(pipeline, (text[:at] + replaced + text[end:]).encode("utf-8"))
+        assert out.bundle is not None
+        ranges = [o["referenceRange"] for o in resources(out.bundle, "Observation")
+                  if any(r.get("text") == want for r in o.get("referenceRange", []))]
+        assert ranges == [[{"text": want}]]  # no low or high
+        warnings = [i for i in out.issues if "low above its high" in i.message]
+        assert bool(warnings) is warned
+        if warned:
+            assert warnings[0].location.endswith("/referenceRange/observationRange")

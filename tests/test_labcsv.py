@@ -555,3 +555,13 @@ def test_blank_rows_inside_an_exam_are_skipped_and_rows_are_numbered_as_a_spread
     lines[-1] = last.rsplit(",", 1)[0]  # the 8th row of the sheet one column short
     [out] = outcomes(cdc, ("\r\n".join(lines) + "\r\n").encode("utf-8"))
     assert [(i.location, i.message) for i in out.errors] == [("row 8", "row has 21 columns, the header has 22")]
+
+
+def test_an_upside_down_reference_range_is_kept_as_text_and_warned_of(cdc: Pipeline) -> None:
+    [out] = outcomes(cdc, csv_bytes(row(item="XCG-WBC,白细胞计数,6.8,10^9/L,9.5-3.5,")))
+    [obs] = entries_of(out.bundle, "Observation")
+    assert obs["referenceRange"] == [{"text": "9.5-3.5"}]  # no Range with low above high (FHIR rng-2)
+    assert [(i.location, i.message) for i in out.issues if "low above" in i.message] == [
+        ("row 2 column 参考范围", "reference range '9.5-3.5' names its low above its high: kept as text only")]
+    [wide] = outcomes(cdc, csv_bytes(row(item="XCG-WBC,白细胞计数,6.8,10^9/L,3.5－9.5,")))  # a full-width hyphen
+    assert entries_of(wide.bundle, "Observation")[0]["referenceRange"][0]["low"]["value"] == Decimal("3.5")

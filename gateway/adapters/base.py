@@ -32,6 +32,8 @@ __all__ = [
     "Adapter",
     "parse_number",
     "number_problem",
+    "parse_reference_range",
+    "reversed_range",
     "COMPARATORS",
     "MAX_TEXT_BYTES",
     "text_too_long",
@@ -66,6 +68,34 @@ def parse_number(text: str) -> "Quantity | None":
     if m.group(3):
         value = Decimal(format(value, "f"))
     return Quantity(value, COMPARATORS.get(m.group(1) or "", ""))
+
+
+_RANGE_NUMBER = r"([+-]?\d+(?:\.\d+)?)"
+_RANGE = re.compile(rf"^\s*{_RANGE_NUMBER}\s*(?:-{{1,2}}|~|～|—|–|－)\s*{_RANGE_NUMBER}\s*$")
+_UPPER = re.compile(rf"^\s*(?:<=?|≤|＜)\s*{_RANGE_NUMBER}\s*$")
+_LOWER = re.compile(rf"^\s*(?:>=?|≥|＞)\s*{_RANGE_NUMBER}\s*$")
+
+
+def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
+    """(low, high) from a range as labs write it: ``3.5-5.5``, ``3.5~5.5``, ``3.9－6.1``, ``<5``, ``>10``. A range
+    whose low lies above its high (``6.1-3.9``) gives neither: it is kept as text (FHIR's rng-2)."""
+    m = _RANGE.match(text)
+    if m:
+        low, high = Decimal(m.group(1)), Decimal(m.group(2))
+        return (low, high) if low <= high else (None, None)
+    m = _UPPER.match(text)
+    if m:
+        return None, Decimal(m.group(1))
+    m = _LOWER.match(text)
+    if m:
+        return Decimal(m.group(1)), None
+    return None, None
+
+
+def reversed_range(text: str) -> bool:
+    """Whether a reference range names its low above its high (``6.1-3.9``)."""
+    m = _RANGE.match(text)
+    return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
 
 
 def text_too_long(text: str) -> bool:

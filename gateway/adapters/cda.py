@@ -851,7 +851,8 @@ class CDAAdapter:
         if "reference_range" in spec:
             rng = r.element(obs, spec["reference_range"])
             if rng is not None:
-                res.reference_range = self._range(rng)
+                res.reference_range = self._range(rng, res.unit)
+                res.where["reference_range"] = _path(rng)
         if "interpretation" in spec:
             flag = r.value(obs, spec["interpretation"])
             if flag:
@@ -934,18 +935,24 @@ class CDAAdapter:
         # a 计量单位 entry names the unit as the standard has it; the PQ attribute is read when it is all there is
         return next((f for f, w in places if w != "of the 检验定量结果 value"), first)
 
-    def _range(self, rng: Any) -> str:
+    def _range(self, rng: Any, unit: str) -> str:
+        """A reference range as text (``3.9-6.1``, ``<5``); bounds in another unit than the result's keep their
+        unit in the text (``70-110 mg/dL``), which is then not read as the result's low and high."""
         text = self.reader.value(rng, "hl7:text")
         if text:
             return text.value
         low = self.reader.value(rng, "hl7:value/hl7:low/@value").value
         high = self.reader.value(rng, "hl7:value/hl7:high/@value").value
+        units = {u for u in (self.reader.value(rng, f"hl7:value/hl7:{b}/@unit").value for b in ("low", "high")) if u}
+        own = next(iter(units)) if len(units) == 1 else ""
+        suffix = f" {' '.join(sorted(units))}" if units and (len(units) > 1 or _unit_key(own) != _unit_key(unit)) \
+            else ""
         if low and high:
-            return f"{low}-{high}"
+            return f"{low}-{high}{suffix}"
         if high:
-            return f"<{high}"
+            return f"<{high}{suffix}"
         if low:
-            return f">{low}"
+            return f">{low}{suffix}"
         return ""
 
     def _sections(self, root: Any, name: str) -> list[Any]:

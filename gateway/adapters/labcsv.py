@@ -738,7 +738,8 @@ class _ItemColumns:
     def __init__(self, layout: Layout, cols: dict[str, int]) -> None:
         facts = ("item_code", "item_name", "value", "unit", "reference_range", "flag")
         self.idx = {fact: cols.get(fact) for fact in facts}
-        self.names = {fact: layout.columns.get(fact, fact) for fact in ("item_code", "value", "unit", "flag")}
+        named = ("item_code", "value", "unit", "flag", "reference_range")
+        self.names = {fact: layout.columns.get(fact, fact) for fact in named}
 
     def result(self, row_no: int, fields: list[str], issues: list[Issue]) -> ResultFacts | None:
         def get(fact: str) -> str:
@@ -756,6 +757,7 @@ class _ItemColumns:
                      "value": f"row {row_no} column {names['value']}",
                      "unit": f"row {row_no} column {names['unit']}",
                      "flags": f"row {row_no} column {names['flag']}",
+                     "reference_range": f"row {row_no} column {names['reference_range']}",
                      "status": f"row {row_no}"}
         res.unit = get("unit")
         res.reference_range = get("reference_range")

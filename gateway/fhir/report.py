@@ -6,10 +6,9 @@ Pure functions over the neutral records (after the mapping stage filled their
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 from typing import Any
 
-from gateway.adapters.base import Coded, Quantity, ReportFacts, ResultFacts, SpecimenFacts
+from gateway.adapters.base import Coded, Quantity, ReportFacts, ResultFacts, SpecimenFacts, parse_reference_range
 from gateway.fhir.parties import Issuer, stable_id, uscc_identifier
 from gateway.naming import (
     SYSTEM_DATA_ABSENT,
@@ -25,10 +24,6 @@ from gateway.naming import (
 
 __all__ = ["observation", "specimen", "diagnostic_report", "parse_reference_range", "ref", "report_key"]
 
-_NUM = r"([+-]?\d+(?:\.\d+)?)"
-_RANGE = re.compile(rf"^\s*{_NUM}\s*(?:-{{1,2}}|~|～|—|–)\s*{_NUM}\s*$")
-_UPPER = re.compile(rf"^\s*(?:<=?|≤|＜)\s*{_NUM}\s*$")
-_LOWER = re.compile(rf"^\s*(?:>=?|≥|＞)\s*{_NUM}\s*$")
 _CODED_SYSTEMS = {"LN": SYSTEM_LOINC, "SCT": "http://snomed.info/sct", "UCUM": "http://unitsofmeasure.org"}
 
 
@@ -46,20 +41,6 @@ def _quantity(q: Quantity, unit: str, ucum: dict[str, str] | None, simple: bool 
         if ucum:
             out.update(ucum)
     return out
-
-
-def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
-    """(low, high) from a range as labs write it: ``3.5-5.5``, ``3.5~5.5``, ``<5``, ``>10``."""
-    m = _RANGE.match(text)
-    if m:
-        return Decimal(m.group(1)), Decimal(m.group(2))
-    m = _UPPER.match(text)
-    if m:
-        return None, Decimal(m.group(1))
-    m = _LOWER.match(text)
-    if m:
-        return Decimal(m.group(1)), None
-    return None, None
 
 
 def _reference_range(res: ResultFacts) -> list[dict[str, Any]]:

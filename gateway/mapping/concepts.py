@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage
+from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage, reversed_range
 from gateway.errors import Issue, UnmappedCode, shown
 from gateway.mapping.tables import ConceptTable, MappingSet, loinc_check_digit
 from gateway.naming import SYSTEM_LOINC, SYSTEM_UCUM, local_item_system
@@ -123,6 +123,10 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
         msg.issues.append(Issue("warning", "code-unknown", f"{res.location}-3",
                                 f"local item code {shown(res.code.code)}{label} has no mapping in table "
                                 f"{terms.items.id}; kept as the issuer's own code", "103"))
+    if res.reference_range and reversed_range(res.reference_range):
+        msg.issues.append(Issue("warning", "value", f"{res.location}-7",
+                                f"reference range {shown(res.reference_range)} names its low above its high: kept "
+                                "as text only", "102"))
     if res.unit:
         std["ucum"] = terms.ucum(res.unit)
         if std["ucum"] is None and res.value_kind in ("quantity", "range", "ratio"):
