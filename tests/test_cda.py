@@ -539,3 +539,28 @@ def test_a_reference_range_in_another_unit_or_upside_down_is_kept_as_text(pipeli
         assert bool(warnings) is warned
         if warned:
             assert warnings[0].location.endswith("/referenceRange/observationRange")
+
+
+@pytest.mark.parametrize("flavor, reason", [("MSK", "masked"), ("NA", "not-applicable"), ("ASKU", "asked-unknown"),
+                                            ("NAV", "temp-unknown"), ("UNK", "unknown"), ("NI", "unknown")])
+def test_a_result_without_a_value_keeps_why_its_null_flavor_says(
+        pipeline: Pipeline, flavor: str, reason: str) -> None:
+    """A 检验定量结果 masked, not applicable or asked but unknown was recorded as 'unknown' alike."""
+    doc = FULL.replace(b'<value xsi:type="PQ" value="4.12" unit="mmol/L"/>',
+                       f'<value xsi:type="PQ" nullFlavor="{flavor}"/>'.encode(), 1)
+    assert doc != FULL
+    out = convert_one(pipeline, doc)
+    assert out.bundle is not None
+    absent = [o["dataAbsentReason"]["coding"][0]["code"] for o in resources(out.bundle, "Observation")
+              if "dataAbsentReason" in o]
+    assert absent == [reason]
+
+
+def test_a_real_written_as_element_text_is_read_and_warned_of(pipeline: Pipeline) -> None:
+    doc = FULL.replace(b'<value xsi:type="PQ" value="4.12" unit="mmol/L"/>',
+                       b'<value xsi:type="PQ" unit="mmol/L">4.12</value>', 1)
+    out = convert_one(pipeline, doc)
+    assert out.bundle is not None
+    assert [o["valueQuantity"]["value"] for o in resources(out.bundle, "Observation")
+            if o.get("valueQuantity", {}).get("value") == Decimal("4.12")] == [Decimal("4.12")]
+    assert any("written as the element's text" in i.message for i in out.issues)

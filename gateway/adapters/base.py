@@ -167,6 +167,7 @@ class ResultFacts:
     status: str = ""  # source status code as sent (OBX-11 F/C/P/...)
     observed_at: str = ""  # FHIR dateTime, if the item has its own time
     notes: list[str] = field(default_factory=list)
+    absent: str = ""  # why there is no value, as FHIR's data-absent-reason code, when the source said (nullFlavor)
     occurrence: int = 1  # nth result with this code in its report: keeps resource ids stable
     # Locations of single facts ("code", "value", "unit", "flags", "status") for formats whose
     # locations are not "<segment>-<field>" (an XPath, "row 3 column 结果"); empty for HL7 v2.

@@ -59,6 +59,10 @@ __all__ = ["CDAAdapter", "DocumentKey", "safe_parser", "declares_dtd", "encoding
 
 _DTD_MARKERS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY") for enc in ("ascii", "utf-16-le", "utf-16-be"))
 _CODED_TYPES = {"CD", "CE", "CV", "CS", "CO"}
+# HL7 v3 NullFlavor on a 检验结果 -> FHIR data-absent-reason (after FHIR's v3 NullFlavor map): why there is none
+_ABSENT = {"NI": "unknown", "UNK": "unknown", "OTH": "unknown", "NP": "unknown", "ASKU": "asked-unknown",
+           "NAV": "temp-unknown", "NASK": "not-asked", "MSK": "masked", "NA": "not-applicable",
+           "NINF": "negative-infinity", "PINF": "positive-infinity"}
 _NUMERIC_TYPES = {"REAL", "INT", "PQ", "MO"}
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 # The institution of the 审核医师 when another member read the exam (基层检查、上级诊断); absent or the custodian
@@ -825,9 +829,17 @@ class CDAAdapter:
         if value is not None:
             xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
             res.where["value"] = _path(value)
+            res.absent = _ABSENT.get((value.get("nullFlavor") or "").strip().upper(), "")
             if xsi in _NUMERIC_TYPES or (not xsi and value.get("value") is not None):
                 raw = (value.get("value") or "").strip()
                 res.where["value"] = f"{_path(value)}/@value"
+                if not raw and value.get("value") is None and _text(value):  # <value xsi:type="REAL">8.20</value>
+                    raw = _text(value)
+                    res.where["value"] = _path(value)
+                    msg.issues.append(Issue("warning", "value", res.where["value"],
+                                            f"检验定量结果 {shown(raw)} is written as the element's text: HL7 v3 "
+                                            f"writes a {xsi or 'REAL'} in its value attribute; read all the same",
+                                            "102"))
                 if raw:
                     q = parse_number(raw)
                     if q is None:

@@ -156,9 +156,11 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
         if std.get("status") == "cancelled":
             std["absent"] = "not-performed"
         else:
-            std["absent"] = "unknown"
+            std["absent"] = res.absent or "unknown"
+            said = " (as the sender said why)" if res.absent else ""
             msg.issues.append(Issue("warning", "required", f"{res.location}-5",
-                                    "result has no value; recorded with dataAbsentReason 'unknown'", "101"))
+                                    f"result has no value; recorded with dataAbsentReason {std['absent']!r}{said}",
+                                    "101"))
     res.std = std
 
 
