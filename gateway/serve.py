@@ -405,6 +405,19 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
         return 2
     except KeyboardInterrupt:
         pass
+    except Exception as exc:  # (a disk that fills while the part starts): one line, and the supervisor restarts it
+        from gateway.logs import debug_wanted
+        from gateway.store.db import OperationalError
+
+        if debug_wanted():
+            raise
+        if isinstance(exc, (OperationalError, OSError)):
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            print(f"gateway: {part} stopped: the database or its folder cannot be used right now ({reason})",
+                  file=sys.stderr)
+        else:
+            print(f"gateway: {part} stopped by an internal error: {_type_and_place(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -313,3 +313,20 @@ def test_serve_json_is_written_again_once_the_run_folder_can_be(
     assert seen["manifest"]["parts"]["http-1"]["state"] == "running"  # type: ignore[index]
     assert seen["leftovers"] == [] and seen["unsaved"] is None  # no half-written file left
     assert any("can be written again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_part_that_cannot_open_its_database_stops_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk that fills (or a folder that goes) while a part starts: one line saying so and exit 1, which the
+    supervisor restarts, instead of a traceback per attempt in the log."""
+    from gateway import serve
+    from gateway.config import load_settings
+
+    (tmp_path / "blocker").write_text("a file where the database's folder would be")
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc":
+                                                    "12511921MB0001003C",
+                                                    "database": str(tmp_path / "blocker" / "gw.db")})
+    assert serve.run_part(settings, "background", None) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("gateway: background stopped: the database or its folder cannot be used right now (")
