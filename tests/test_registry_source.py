@@ -97,8 +97,32 @@ def test_defaults_are_filled_in() -> None:
 
 @pytest.mark.parametrize("uscc", VALID_USCC)
 def test_valid_uscc_vectors_are_accepted(uscc: str) -> None:
-    src = _parse(lambda d: d["members"][0].__setitem__("uscc", uscc) or _rename_refs(d, TONGJIANG, uscc))
+    def member_of_its_province(d: dict[str, Any]) -> None:
+        d["members"][0]["uscc"] = uscc
+        if uscc[2:4] == "50":  # registered in Chongqing: a member there (a division of Sichuan would contradict it)
+            d["members"][0]["division"] = "500103"
+        _rename_refs(d, TONGJIANG, uscc)
+
+    src = _parse(member_of_its_province)
     assert src.body["members"][0]["uscc"] == uscc
+
+
+def test_a_division_in_the_other_province_than_the_uscc_was_registered_in_is_refused() -> None:
+    problems = _problems(lambda d: d["members"][0].__setitem__("division", "500102"))
+    assert "its 统一社会信用代码 12511921MB0001003C was registered in Sichuan (51) (511921)" in problems[
+        "members[0].division"] and "division 500102 is in Chongqing (50)" in problems["members[0].division"]
+
+
+def test_contradictory_eqa_results_of_one_cycle_are_refused() -> None:
+    def twice(d: dict[str, Any]) -> None:
+        again = dict(d["eqa"][0], result="fail" if d["eqa"][0]["result"] == "pass" else "pass")
+        d["eqa"].append(again)
+        d["eqa"].append(dict(d["eqa"][0]))  # the same result twice: harmless
+
+    problems = _problems(twice)
+    [(where, why)] = [(k, v) for k, v in problems.items() if k.startswith("eqa[")]
+    assert why.endswith("contradicts eqa[0] (pass): the same member, item, year and provider") or \
+        why.endswith("contradicts eqa[0] (fail): the same member, item, year and provider")
 
 
 def _rename_refs(data: dict[str, Any], old: str, new: str) -> None:

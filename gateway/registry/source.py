@@ -211,6 +211,10 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return str(error.message)
 
 
+#: The provinces a member of this registry lies in, by the first two digits of a GB/T 2260 division.
+_PROVINCES = {"51": "Sichuan (51)", "50": "Chongqing (50)"}
+
+
 def _parse_date(value: Any) -> _dt.date | None:
     if value is None:
         return None
@@ -443,6 +447,12 @@ class _Checker:
             division = division_problem(m["division"], _parse_date(m.get("valid_from")))
             if division:
                 self.problem(f"{loc}.division", f"member {m['name']}: {division}")
+            elif uscc[2:4] in _PROVINCES and str(m["division"])[:2] in _PROVINCES and uscc[2:4] != m["division"][:2]:
+                # (a 统一社会信用代码 names the division it was registered in: a member of one province registered
+                # in the other is a mistyped division, which would change what its catalogues' scope allows)
+                self.problem(f"{loc}.division", f"member {m['name']}: division {m['division']} is in "
+                             f"{_PROVINCES[m['division'][:2]]}, but its 统一社会信用代码 {uscc} was registered in "
+                             f"{_PROVINCES[uscc[2:4]]} ({uscc[2:8]})")
             out = {k: m[k] for k in ("name", "division", "kind", "valid_from") if k in m}
             out["uscc"] = uscc
             out["valid_to"] = m.get("valid_to")
@@ -598,9 +608,16 @@ class _Checker:
         self.levels(data["members"], members, qualifications)
 
         eqa = []
+        results_seen: dict[tuple[Any, ...], tuple[str, str]] = {}  # one cycle's result, where it was first given
         for i, e in enumerate(data.get("eqa", [])):
             loc = f"eqa[{i}]"
             self.dates(e, loc)
+            cycle = (e["member"], tuple(sorted(e["item"].items())), e["year"], e["provider"], e.get("valid_from"),
+                     e.get("valid_to"))
+            first = results_seen.setdefault(cycle, (loc, e["result"]))
+            if first[1] != e["result"]:
+                self.problem(f"{loc}.result", f"{e['result']} contradicts {first[0]} ({first[1]}): the same member, "
+                             "item, year and provider", "duplicate")
             item = e["item"]
             if "catalogue" in item and (item["catalogue"], item["code"]) not in items_by_ref:
                 self.problem(
