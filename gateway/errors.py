@@ -109,7 +109,9 @@ class Issue:
 
     def line(self) -> str:
         """One readable line: ``OBX[3]-5 'abc' is not a number ...``."""
-        return f"{self.location} {self.message}" if self.location else self.message
+        if not self.location or self.message.startswith(self.location):  # (a message naming its place itself)
+            return self.message
+        return f"{self.location} {self.message}"
 
 
 class GatewayError(Exception):

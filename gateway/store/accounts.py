@@ -33,6 +33,9 @@ __all__ = ["AccountsPort", "Accounts", "UserRow", "TokenOwner", "LoginState", "S
 PART = "accounts"
 #: Layout version: 1 before API tokens expired (no ``gateway_token.expires``), 2 with it.
 LAYOUT = 2
+#: Indexes of ``accounts.sql`` added after its layout 2 was first released (built on PostgreSQL by
+#: :func:`gateway.store.schema.build_indexes` at ``gateway db upgrade`` and ``gateway serve``'s start).
+ADDED_INDEXES = ("console_session_user",)
 
 T = TypeVar("T")
 

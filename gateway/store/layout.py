@@ -37,10 +37,11 @@ def _function(target: str) -> Callable[[Database], Any]:
 
 def added_indexes() -> dict[str, tuple[str, ...]]:
     """Indexes each part's file gained after its tables were first released, by part."""
+    from gateway.store.accounts import ADDED_INDEXES as accounts
     from gateway.store.decisions import ADDED_INDEXES as decisions
     from gateway.store.store import ADDED_CORE_INDEXES as core
 
-    return {"core": core, "decisions": decisions}
+    return {"core": core, "decisions": decisions, "accounts": accounts}
 
 
 def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[tuple[str, int]]:

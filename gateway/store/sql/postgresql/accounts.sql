@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS console_session (
     seen    TEXT NOT NULL,         -- last use: the idle time-out counts from here
     ended   TEXT
 );
+-- A user's live sessions, ended together when the password is set.
+CREATE INDEX IF NOT EXISTS console_session_user ON console_session ("user", ended);
 
 CREATE TABLE IF NOT EXISTS smart_client (
     client_id TEXT PRIMARY KEY,
