@@ -565,3 +565,15 @@ def test_an_upside_down_reference_range_is_kept_as_text_and_warned_of(cdc: Pipel
         ("row 2 column 参考范围", "reference range '9.5-3.5' names its low above its high: kept as text only")]
     [wide] = outcomes(cdc, csv_bytes(row(item="XCG-WBC,白细胞计数,6.8,10^9/L,3.5－9.5,")))  # a full-width hyphen
     assert entries_of(wide.bundle, "Observation")[0]["referenceRange"][0]["low"]["value"] == Decimal("3.5")
+
+
+def test_an_item_reported_twice_in_one_exam_is_kept_twice_and_said(cdc: Pipeline) -> None:
+    wbc = "XCG-WBC,白细胞计数,{},10^9/L,3.5-9.5,"
+    [out] = outcomes(cdc, csv_bytes(row(item=wbc.format("6.8")), row(item=wbc.format("9.9")),
+                                    row(item=wbc.format("6.8"))))
+    assert len(entries_of(out.bundle, "Observation")) == 3
+    again = "item 'XCG-WBC' is reported again in this report with "
+    assert [(i.location, i.message) for i in out.issues if "reported again" in i.message] == [
+        ("row 3 column 结果", again + "another result ('9.9 10^9/L' here, '6.8 10^9/L' at row 2 column 结果): both "
+         "are kept"),
+        ("row 4 column 结果", again + "the same result as at row 2 column 结果: both are kept")]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from gateway.errors import Issue
+from gateway.errors import Issue, shown
 
 __all__ = [
     "Coded",
@@ -34,6 +34,7 @@ __all__ = [
     "number_problem",
     "parse_reference_range",
     "reversed_range",
+    "warn_of_repeated_items",
     "COMPARATORS",
     "MAX_TEXT_BYTES",
     "text_too_long",
@@ -96,6 +97,31 @@ def reversed_range(text: str) -> bool:
     """Whether a reference range names its low above its high (``6.1-3.9``)."""
     m = _RANGE.match(text)
     return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
+
+
+def _said(res: "ResultFacts") -> str:
+    value = res.value
+    text = f"{value.comparator}{value.value}" if isinstance(value, Quantity) else str(
+        value if value is not None else "")
+    return f"{text} {res.unit}".strip()
+
+
+def warn_of_repeated_items(results: "list[ResultFacts]", issues: "list[Issue]") -> None:
+    """An item reported twice in one report: both results are kept, and said (a mistyped item code, a row pasted
+    twice, or a re-test the sender should send as a correction), where the second was read."""
+    first: dict[tuple[str, str], ResultFacts] = {}
+    for res in results:
+        earlier = first.setdefault((res.code.system, res.code.code), res)
+        if earlier is res:
+            continue
+        where = earlier.where.get("value") or earlier.location
+        if _said(earlier) != _said(res):
+            what = f"with another result ({shown(_said(res))} here, {shown(_said(earlier))} at {where})"
+        else:
+            what = f"with the same result as at {where}"
+        issues.append(Issue("warning", "value", res.where.get("value") or res.location,
+                            f"item {shown(res.code.code)} is reported again in this report {what}: both are kept",
+                            "102"))
 
 
 def text_too_long(text: str) -> bool:

@@ -49,6 +49,7 @@ from gateway.adapters.base import (
     SpecimenFacts,
     number_problem,
     parse_number,
+    warn_of_repeated_items,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
 from gateway.adapters.tracing import trace
@@ -744,6 +745,7 @@ class CDAAdapter:
                                             f"item specimen {shown(item_specimen.type.display)} differs from the "
                                             f"first item's {shown(specimen.type.display)}; the report names the "
                                             "first", "102"))
+        warn_of_repeated_items(report.results, msg.issues)
         number = self.reader.value(root, self.header.get("specimen_number", "hl7:none"))
         if specimen is None and number:
             specimen = SpecimenFacts()

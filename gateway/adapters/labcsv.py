@@ -60,6 +60,7 @@ from gateway.adapters.base import (
     number_problem,
     parse_number,
     text_too_long,
+    warn_of_repeated_items,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
 from gateway.adapters.tracing import INDEX, INVARIANT
@@ -452,6 +453,7 @@ class LabCSVAdapter:
                 seen[res.code.code] = seen.get(res.code.code, 0) + 1
                 res.occurrence = seen[res.code.code]
                 report.results.append(res)
+        warn_of_repeated_items(report.results, issues)
         msg.reports.append(report)
         return msg
 
