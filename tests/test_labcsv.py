@@ -577,3 +577,15 @@ def test_an_item_reported_twice_in_one_exam_is_kept_twice_and_said(cdc: Pipeline
         ("row 3 column 结果", again + "another result ('9.9 10^9/L' here, '6.8 10^9/L' at row 2 column 结果): both "
          "are kept"),
         ("row 4 column 结果", again + "the same result as at row 2 column 结果: both are kept")]
+
+
+def test_a_hazard_factor_code_and_a_name_naming_another_factor_are_said(cdc: Pipeline) -> None:
+    """接害因素代码 1001 (矽尘) sent with the name 噪声, another factor of the catalogue: one of the two is mistyped.
+    The code is taken, and the exam says so where the code was read."""
+    [out] = outcomes(cdc, csv_bytes(row(EXAM.replace(",1001,矽尘,", ",1001,噪声,"))))
+    assert out.bundle is not None
+    assert [(i.location, i.message) for i in out.issues if "hazard factor code" in i.message] == [
+        ("row 2 column 接害因素代码", "hazard factor code '1001' is '矽尘（游离SiO2含量≥10%）', but the name sent with "
+         "it, '噪声', is '噪声': the code is taken; check which one is meant")]
+    [same] = outcomes(cdc, csv_bytes(row()))  # 1001 with 矽尘: nothing to say
+    assert not [i for i in same.issues if "hazard factor code" in i.message]

@@ -144,6 +144,15 @@ def map_exam(msg: SourceMessage, terms: ExamTerminology) -> None:
             else:
                 factor = next(t for t in hits if t.system == _CS_HAZARD).coding()
                 category = next(t for t in hits if t.system == _CS_CATEGORY).coding()
+                named = _first(terms.hazard_factors, ("*", hazard["name"])) if hazard["code"] and hazard["name"] \
+                    else []
+                other = next((t for t in named if t.system == _CS_HAZARD and t.code != factor["code"]), None)
+                if other is not None:  # the name is another factor of the catalogue: one of the two is mistyped
+                    msg.issues.append(Issue("warning", "value", hazard["where"],
+                                            f"hazard factor code {shown(hazard['code'])} is "
+                                            f"{shown(factor.get('display', factor['code']))}, but the name sent "
+                                            f"with it, {shown(hazard['name'])}, is {shown(other.display or other.code)}"
+                                            ": the code is taken; check which one is meant", "103"))
                 parts = [{"url": "factor", "valueCoding": factor}, {"url": "category", "valueCoding": category},
                          {"url": "source", "valueCoding": sent}]
             if parts not in factors:
