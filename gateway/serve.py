@@ -464,9 +464,16 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     """
     from gateway.heartbeat import run_dir
     from gateway.logs import check_format
+    from gateway.errors import ConfigError
     from gateway.pipeline import Pipeline
+    from gateway.store.db import describe, unwritable
     from gateway.supervise import Part, Supervisor
 
+    blocked = unwritable(settings.database_locator)
+    if blocked:  # (a read-only data directory: said as such, not as the first file some part fails to write)
+        raise ConfigError(f"this user cannot write {', '.join(blocked)} where the database "
+                          f"{describe(settings.database_locator)} lives (permissions or a read-only file system)",
+                          "data_dir")
     sockets = [_bind("HTTP", settings.http_host, settings.http_port, "--http-port / http_port")]
     try:
         if settings.mllp_port:

@@ -330,3 +330,21 @@ def test_a_part_that_cannot_open_its_database_stops_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("gateway: background stopped: the database or its folder cannot be used right now (")
+
+
+def test_a_data_directory_that_cannot_be_written_stops_the_start_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only data directory (a mount, permissions) is said as such before anything starts, not as the first
+    heartbeat file some part fails to write. (This machine's tests run as root, which permissions do not stop, so
+    the file system's answer is given here.)"""
+    from gateway import serve
+    from gateway.config import load_settings
+    from gateway.errors import ConfigError
+    from gateway.store import db
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc":
+                                                    "12511921MB0001003C"})
+    monkeypatch.setattr(db, "unwritable", lambda locator: [f"{tmp_path / 'gw'}/"])
+    with pytest.raises(ConfigError, match=r"this user cannot write .*/gw/ where the database .* lives \(permissions "
+                                          r"or a read-only file system\)"):
+        serve.serve(settings)
