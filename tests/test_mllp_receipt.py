@@ -413,3 +413,26 @@ def test_queue_record_group_is_a_positive_whole_number_and_reaches_the_reader(tm
         assert groups == [3, 3, 1]
     finally:
         pipeline.close()
+
+
+def test_a_senders_message_another_node_works_holds_back_its_later_ones(pipeline, settings, clock) -> None:
+    """Two nodes on one database each run a reader over every sender: while node B works a sender's message (a
+    correction), node A's reader leaves that sender's later messages waiting (it took them, and a newer correction
+    could be stored before an older one); other senders' messages go on."""
+    from gateway.store.db import transaction
+
+    sent = [msh_field(GOOD.replace(b"TJ2406100001", f"NO{n:03d}".encode()), 3, sender)
+            for n, sender in enumerate(("LIS-A", "LIS-A", "LIS-B"))]
+    receipts = pipeline.receive_batch(hl7(pipeline), units(*sent), channel="mllp")
+    first, second, other = (o.record_id for o in receipts)
+    db = pipeline.store.db
+    with transaction(db):  # node B (another machine) holds LIS-A's first message, working it now
+        db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ? WHERE id = ?",
+                   ["node-b.example:4242:1", pipeline.store._epoch() + 300, first])
+    done = pipeline.process_queued(10, (0, 1))
+    assert [o.record_id for o in done] == [other]  # LIS-A's second waits for its first
+    assert pipeline.store.get_message(second).status == "queued"
+    with transaction(db):  # node B is done with it
+        db.execute("UPDATE messages SET status = 'stored', lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                   [first])
+    assert [o.record_id for o in pipeline.process_queued(10, (0, 1))] == [second]

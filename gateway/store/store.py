@@ -390,11 +390,19 @@ class Store:
 
         def free() -> list[Any]:
             rows = self.db.execute(
-                "SELECT id, format, channel, origin, lease_owner, lease_until FROM messages"
+                "SELECT id, format, channel, origin, lease_owner, lease_until, sender FROM messages"
                 f" WHERE status IN ('queued', 'received') AND format IN ({marks}){mine}"
                 " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?) ORDER BY id LIMIT ?",
                 [*formats, *([n, k] if n > 1 else []), now, f"{_HOST}:%", limit * 4]).fetchall()
-            return [r for r in rows if not holder_alive(r[4], r[5], now)][:limit]
+            if not rows:
+                return []
+            # A sender one of whose messages a live process works now (another node's reader, a listener) waits
+            # until it is done: its messages are worked in the order they came, whichever node took them in.
+            busy = {r[0] for r in self.db.execute(
+                "SELECT sender, lease_owner, lease_until FROM messages WHERE status = 'received'"
+                f" AND format IN ({marks}) AND (lease_until > ? OR lease_owner LIKE ?)",
+                [*formats, now, f"{_HOST}:%"]).fetchall() if holder_alive(r[1], r[2], now)}
+            return [r for r in rows if r[6] not in busy and not holder_alive(r[4], r[5], now)][:limit]
 
         if not free():  # looked at without the write lock: an idle reader never holds up the writers
             return []
