@@ -987,23 +987,27 @@ class Pipeline:
             failed.answer = self._answer(ch, failed)
             return failed
         first = repeat.first
-        document = msg.message_id or first.message_id.partition("#")[0]
+        label = getattr(ch.adapter, "document_label", "文档流水号")
+        hint = getattr(ch.adapter, "correction_hint", "a correction is a new document with relatedDocument RPLC "
+                                                      "naming it")
+        document = first.message_id.partition("#")[0] if ch.format == "fhir" else (
+            msg.message_id or first.message_id.partition("#")[0])
         when = first.received_at[:19].replace("T", " ")
         if repeat.kind == "conflict":
             issue = Issue("error", "conflict", repeat.where,
-                          f"文档流水号 {shown(document)} was accepted on {when} (message {first.id}) with other "
-                          "content; a correction is a new document with relatedDocument RPLC naming it", "205")
+                          f"{label} {shown(document)} was accepted on {when} (message {first.id}) with other "
+                          f"content; {hint}", "205")
             msg.issues = [issue]
             status, code = Status.REFUSED, "AE"
         elif repeat.kind == "busy":
             issue = Issue("error", "duplicate", repeat.where,
-                          f"文档流水号 {shown(document)} is being processed now (message {first.id}); retry later",
+                          f"{label} {shown(document)} is being processed now (message {first.id}); retry later",
                           "205")
             msg.issues = [issue]
             status, code = Status.DUPLICATE, "AE"
         else:
             note = Issue("information", "duplicate", repeat.where,
-                         f"文档流水号 {shown(document)} with the same content was received on {when} (message "
+                         f"{label} {shown(document)} with the same content was received on {when} (message "
                          f"{first.id}) and {first.status}: not processed again; its outcome follows", "0")
             earlier = [Issue(str(i.get("severity", "error")), str(i.get("code", "")), str(i.get("location", "")),
                              str(i.get("message", ""))) for i in first.issues]

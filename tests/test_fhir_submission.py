@@ -65,3 +65,32 @@ def test_malformed_submissions_are_operation_outcomes(client, body, status, text
 
 def test_submission_needs_a_submitter_token(anon) -> None:
     assert anon.post("/fhir", data=json.dumps(GOLDEN)).status_code == 401
+
+
+def test_a_bundle_resent_under_its_identifier_is_told_apart_by_its_content(client) -> None:
+    """The same Bundle.identifier: the same content (pretty-printed, a new meta) is a duplicate answered with the
+    first outcome; other content is refused as a conflict (409) saying how a correction is sent — it was answered
+    with the first copy's 201 while it was dropped; a Bundle refused before may be fixed and sent again (it was
+    refused again for what it no longer held)."""
+    first = as_transaction(GOLDEN)
+    stored = client.post("/fhir", data=json.dumps(first), content_type="application/fhir+json")
+    assert stored.status_code == 201
+    again = dict(first, meta={**first.get("meta", {}), "lastUpdated": "2026-12-01T10:00:00+08:00"})
+    same = client.post("/fhir", data=json.dumps(again, indent=2), content_type="application/fhir+json")
+    assert same.status_code == 200 and same.get_json() == stored.get_json()  # the first outcome
+    changed = copy.deepcopy(first)
+    obs = next(e["resource"] for e in changed["entry"] if e["resource"]["resourceType"] == "Observation")
+    obs["status"], obs["valueQuantity"]["value"] = "corrected", 9.9
+    refused = client.post("/fhir", data=json.dumps(changed), content_type="application/fhir+json")
+    assert refused.status_code == 409, refused.get_data(as_text=True)
+    text = refused.get_json()["issue"][0]["diagnostics"]
+    assert "was accepted on" in text and "with other content" in text and "a new Bundle with an identifier" in text
+    assert client.get(f"/fhir/Observation/{obs['id']}/_history").get_json()["total"] == 1  # nothing stored
+
+    other = copy.deepcopy(GOLDEN)
+    other["identifier"] = {"system": "urn:ietf:rfc:3986", "value": "urn:uuid:0d7c8b22-8a1e-4d7e-9a55-1c8f0d1f2e3a"}
+    bad = copy.deepcopy(other)
+    next(e["resource"] for e in bad["entry"] if e["resource"]["resourceType"] == "Observation")["status"] = "bogus"
+    assert client.post("/fhir", data=json.dumps(bad), content_type="application/fhir+json").status_code == 422
+    fixed = client.post("/fhir", data=json.dumps(other), content_type="application/fhir+json")
+    assert fixed.status_code == 201, fixed.get_data(as_text=True)

@@ -20,9 +20,10 @@ from typing import Any
 from gateway.jsonutil import MAX_DEPTH, nesting_depth
 
 from gateway.adapters.base import RawUnit, SourceMessage
+from gateway.adapters.cda import DocumentKey
 from gateway.errors import GatewayError, Issue, shown
 from gateway.fhir.profiles import forbidden_character
-from gateway.signing.canonical import parse_json
+from gateway.signing.canonical import document_bytes, parse_json
 
 __all__ = ["FHIRSubmissionAdapter", "ACCEPTED_TYPES"]
 
@@ -57,6 +58,30 @@ class FHIRSubmissionAdapter:
         except GatewayError:
             pass
         return "fhir", "sha256:" + hashlib.sha256(unit.data).hexdigest()
+
+    #: How an answer names what tells a resent Bundle apart, and how a changed one is sent instead.
+    document_label = "Bundle.identifier"
+    correction_hint = ("a correction is sent as a new Bundle with an identifier of its own (its resources keep their "
+                       "ids and become new versions)")
+
+    def document_key(self, unit: RawUnit) -> DocumentKey | None:
+        """What tells a resent Bundle apart: its ``identifier`` and a digest of its content (the signed form's bytes:
+        RFC 8785 JSON without ``id``, ``meta`` and ``signature``, so a Bundle sent again pretty-printed, with its
+        keys in another order or with a new ``meta.lastUpdated`` is the same). None without an identifier (the
+        body's own SHA-256 tells it apart then) or when the body is not a Bundle."""
+        try:
+            doc = parse_json(unit.data)
+        except GatewayError:
+            return None
+        ident = doc.get("identifier") if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" else None
+        if not isinstance(ident, dict) or not isinstance(ident.get("value"), str) or not ident["value"]:
+            return None
+        value = ident["value"]
+        try:
+            digest = hashlib.sha256(document_bytes(doc)).hexdigest()
+        except GatewayError:  # a number I-JSON cannot carry: read will refuse it; the bytes tell it apart meanwhile
+            digest = "sha256:" + hashlib.sha256(unit.data).hexdigest()
+        return DocumentKey("fhir", f"{ident.get('system', '')}|{value}", digest, "Bundle.identifier")
 
     def read(self, unit: RawUnit) -> SourceMessage:
         """Parse and check the Bundle's outline; problems become issues located by FHIRPath."""

@@ -150,6 +150,8 @@ def submit() -> Response:
     status = {"AA": 201, "AE": 422, "AR": 400}.get(outcome.ack_code, 422)
     if outcome.status.value == "duplicate":
         status = 200 if outcome.ack_code == "AA" else status
+    elif any(i.code == "conflict" for i in outcome.issues):  # other content under an identifier already stored
+        status = 409
     return Response(outcome.answer, status=status, mimetype="application/fhir+json")
 
 
