@@ -232,7 +232,8 @@ class DatabaseFacts:
         holder = getattr(ex, "holder", None)
         if holder is None:
             return
-        refresh = getattr(getattr(ex, "snapshot_file", None), "refresh", None)
+        # (a newer snapshot another node applied counts too: it is read from the shared database)
+        refresh = getattr(ex, "refresh_registry", None) if getattr(ex, "snapshot_file", None) is not None else None
         if refresh is not None:
             try:
                 refresh()  # a snapshot installed a moment ago counts at once (as on /health)

@@ -150,3 +150,23 @@ def test_recognize_decides_by_a_snapshot_installed_meanwhile_without_a_backgroun
     os.replace(path + ".new", path)
     ex.snapshot_file._checked = 0.0  # (looked at every few seconds)
     assert decided_by() == 2
+
+
+def test_health_and_metrics_report_the_snapshot_another_node_applied(tmp_path, member_database) -> None:
+    """A node whose own snapshot file is older: its /health and /metrics report the newer snapshot another node of
+    the gateway applied (read from the shared database), as its background pass and registry view do — they
+    reported the node's own file's version (and a node whose file was near its end failed /health)."""
+    clock = Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
+    urls = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test"}
+    world = build_world(tmp_path, clock, urls, members=("tongjiang", "fuling"), database=member_database)
+    gateway = world.gateways["tongjiang"]
+    ex = gateway.pipeline.exchange
+    newer = build_demo_registry(clock(), version=2, reuse=world.registry)
+    remember_version(ex.settings.database_locator, 2, newer.snapshot(clock()).digest(), clock(),
+                     member=ex.settings.issuer_uscc, text=newer.text().encode("utf-8"))  # as another node applied it
+    ex.snapshot_file._checked = ex.snapshot_file._db_checked = 0.0  # (looked at every few seconds)
+    client = gateway.app.test_client()
+    body = client.get("/health").get_json()
+    assert body["checks"]["registry"]["detail"].startswith("registry snapshot 2 valid until"), body
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {gateway.token}"}).get_data(as_text=True)
+    assert "gateway_registry_snapshot_version 2.0" in metrics

@@ -142,7 +142,8 @@ def _registry(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     holder = getattr(ex, "holder", None)
     if holder is None:
         return {}
-    refresh = getattr(getattr(ex, "snapshot_file", None), "refresh", None)
+    # (a newer snapshot another node applied counts too: it is read from the shared database)
+    refresh = getattr(ex, "refresh_registry", None) if getattr(ex, "snapshot_file", None) is not None else None
     if refresh is not None:
         try:
             refresh()  # a newly installed snapshot counts at once
