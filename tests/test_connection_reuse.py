@@ -310,3 +310,24 @@ def test_a_forked_process_opens_its_own_and_leaves_the_parents_alone(backend, se
     assert child_pid and child_pid != parent_pid
     with borrowed(locator) as db:  # the parent's connection survived the child
         assert db is parent and db.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_a_database_that_cannot_be_reached_is_answered_without_naming_it() -> None:
+    """The answer to anyone, even without a token, says the database cannot be reached and when to try again; the
+    database's role, host, port and name stay in the log."""
+    from flask import Flask
+
+    from gateway.api.errors import register_error_handlers
+
+    app = Flask("down")
+    register_error_handlers(app)
+
+    @app.post("/ingest/hl7v2")
+    def ingest() -> None:
+        raise DatabaseUnavailable("cannot connect to the PostgreSQL database postgresql://cyhr_gateway@10.0.0.5:5432/"
+                                  "cyhr_gateway: connection refused", "database")
+
+    answer = app.test_client().post("/ingest/hl7v2", data=b"MSH|")
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    text = answer.get_data(as_text=True)
+    assert "cannot be reached right now" in text and "postgresql://" not in text and "10.0.0.5" not in text

@@ -13,7 +13,7 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from gateway import jsonutil
-from gateway.errors import GatewayError, Issue
+from gateway.errors import DatabaseUnavailable, GatewayError, Issue
 from gateway.store import db as _db
 from gateway.fhir.outcome import operation_outcome
 
@@ -38,6 +38,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(GatewayError)
     def _gateway_error(exc: GatewayError) -> Response:
+        if isinstance(exc, DatabaseUnavailable):  # its text names the database's role, host and port: the log's
+            log.warning("database unavailable for a request: %s", exc.message)
+            text = ("the database cannot be reached right now; send the request again later (what was already "
+                    "stored is recognised as a resend)")
+            return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
         # RFC 6750: a 401 says how to authenticate
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         return outcome_response(exc.issues(), exc.http_status, headers)
