@@ -94,3 +94,22 @@ def test_a_bundle_resent_under_its_identifier_is_told_apart_by_its_content(clien
     assert client.post("/fhir", data=json.dumps(bad), content_type="application/fhir+json").status_code == 422
     fixed = client.post("/fhir", data=json.dumps(other), content_type="application/fhir+json")
     assert fixed.status_code == 201, fixed.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("change, where, text", [
+    (lambda r: r.update(url="Patient/someone-else"), "request.url", "names another resource than the entry's"),
+    (lambda r: r.update(ifMatch='W/"99"'), "request.ifMatch", "conditional ifMatch is not evaluated"),
+    (lambda r: r.update(ifNoneExist="identifier=x|1"), "request.ifNoneExist", "conditional ifNoneExist"),
+])
+def test_a_transaction_entry_asking_what_is_not_done_is_refused_not_ignored(client, change, where, text) -> None:
+    """R4: a PUT's URL names the resource it stores; conditions are evaluated or refused. They were ignored."""
+    bundle = as_transaction(GOLDEN)
+    change(bundle["entry"][1]["request"])
+    answer = client.post("/fhir", data=json.dumps(bundle), content_type="application/fhir+json")
+    assert answer.status_code in (400, 422), answer.get_data(as_text=True)
+    [issue] = [i for i in answer.get_json()["issue"] if i["severity"] == "error"]
+    assert issue["expression"] == [f"Bundle.entry[1].{where}"] and text in issue["diagnostics"]
+    assert client.get("/fhir/Observation").get_json()["total"] == 0
+    fine = as_transaction(GOLDEN)
+    fine["entry"][1]["request"]["url"] = "http://localhost/fhir/" + fine["entry"][1]["request"]["url"]
+    assert client.post("/fhir", data=json.dumps(fine), content_type="application/fhir+json").status_code == 201

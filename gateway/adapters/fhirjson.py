@@ -136,17 +136,36 @@ class FHIRSubmissionAdapter:
                 elif not isinstance(entry.get("fullUrl", ""), str):
                     msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].fullUrl",
                                             "fullUrl must be a string (a URI)"))
-                elif isinstance(entry.get("request"), dict) and entry["request"].get("method") not in _STORING:
-                    # the entries of a submitted Bundle are stored (created, or a new version of one stored): a
-                    # delete, read or patch asked for is refused rather than stored as a create
-                    msg.issues.append(Issue("error", "not-supported", f"Bundle.entry[{n}].request.method",
-                                            f"request method {shown(entry['request'].get('method'))} is not taken: "
-                                            "a submitted Bundle's entries are stored (POST or PUT)"))
+                elif isinstance(entry.get("request"), dict):
+                    msg.issues.extend(_request_issues(entry["request"], res, n))
         msg.extra["bundle"] = doc
         return msg
 
 
 _STORING = ("POST", "PUT")  # the request methods of a transaction entry that store its resource
+#: Conditions a transaction entry may carry, none of which the gateway evaluates: refused rather than ignored.
+_CONDITIONS = ("ifNoneMatch", "ifModifiedSince", "ifMatch", "ifNoneExist")
+
+
+def _request_issues(request: dict[str, Any], resource: dict[str, Any], n: int) -> list[Issue]:
+    """What a transaction entry's ``request`` asks that the gateway does not do, rather than ignore: another method
+    than storing (a delete, read or patch would be stored as a create), a condition, or a PUT whose URL names
+    another resource than the entry's (R4: the id in the URL is the resource's)."""
+    at = f"Bundle.entry[{n}].request"
+    method = request.get("method")
+    if method not in _STORING:
+        return [Issue("error", "not-supported", f"{at}.method", f"request method {shown(method)} is not taken: a "
+                      "submitted Bundle's entries are stored (POST or PUT)")]
+    asked = [c for c in _CONDITIONS if request.get(c) not in (None, "")]
+    if asked:
+        return [Issue("error", "not-supported", f"{at}.{asked[0]}", f"conditional {', '.join(asked)} is not "
+                      "evaluated by this gateway: send the entry without it")]
+    url, own = request.get("url"), f"{resource.get('resourceType')}/{resource.get('id')}"
+    path = url.split("?", 1)[0].rstrip("/") if isinstance(url, str) else own
+    if method == "PUT" and path != own and not path.endswith("/" + own):  # (this server's absolute URL too)
+        return [Issue("error", "invalid", f"{at}.url", f"PUT {shown(url)} names another resource than the entry's "
+                      f"{own}")]
+    return []
 
 
 def _value_issues(doc: Any, limit: int = 10) -> list[Issue]:
