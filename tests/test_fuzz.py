@@ -214,6 +214,9 @@ def _unique(fmt: str, data: bytes, tag: str) -> bytes:
     if fmt == "cda":  # the 文档流水号: other content under a stored one is refused as a conflict
         return re.sub(rb'(<id root="2\.16\.156\.10011\.1\.1" extension=")', lambda m: m.group(1) + tag.encode(),
                       data, count=1)
+    if fmt == "fhir":  # Bundle.identifier: likewise
+        return re.sub(rb'("identifier"\s*:\s*\{[^{}]*?"value"\s*:\s*")', lambda m: m.group(1) + tag.encode(), data,
+                      count=1)
     return data
 
 

@@ -22,6 +22,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from flask.blueprints import BlueprintSetupState
 
 from gateway import jsonutil
+from gateway.signing.canonical import parse_json
 from gateway.api.errors import outcome_response
 from gateway.auth import require_role
 from gateway.errors import InputError, InvalidSearch, Issue, NotFound, ParseError, shown
@@ -109,11 +110,12 @@ def _parse_body() -> Any:
     if not body.strip():
         raise InputError("is empty: send the resource to validate, or a Parameters with a resource", "body")
     try:
-        payload = jsonutil.loads(body.decode("utf-8-sig"))
+        # strict, as a submission is read: a key twice (FHIR JSON allows a property once), NaN, a lone surrogate
+        payload = parse_json(body.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ParseError("is not UTF-8 text", "body") from None
-    except ValueError as exc:
-        raise ParseError(f"is not JSON: {exc}", "body") from None
+    except ParseError as exc:
+        raise ParseError(f"is not strict JSON: {exc.message}", "body") from None
     if jsonutil.nesting_depth(payload) > jsonutil.MAX_DEPTH:
         raise ParseError(f"is nested more than {jsonutil.MAX_DEPTH} levels deep", "body")
     return payload
