@@ -275,3 +275,13 @@ def test_validate_the_stored_resource_and_refuse_what_is_not_it(loaded, anon) ->
     posted = {"resourceType": "Observation", "status": "bogus", "code": {"text": "ALT"}}
     observation = loaded.post("/fhir/Observation/x1/$validate", json=posted)
     assert ("error", "Observation.status") in _codes(observation)
+
+
+@pytest.mark.parametrize("prefer, lenient", [
+    ("handling=lenient", True), ('handling="lenient"', True), ("HANDLING=LENIENT", True),
+    ("return=minimal, handling=lenient", True), ("handling=lenientx", False), ("handling=strict", False),
+    ("x-handling=lenient", False)])
+def test_prefer_handling_is_read_as_rfc_7240_says(prefer: str, lenient: bool) -> None:
+    from gateway.api.errors import prefers_lenient
+
+    assert prefers_lenient(prefer) is lenient

@@ -23,7 +23,7 @@ from flask.blueprints import BlueprintSetupState
 
 from gateway import jsonutil
 from gateway.signing.canonical import parse_json
-from gateway.api.errors import outcome_response
+from gateway.api.errors import outcome_response, prefers_lenient
 from gateway.auth import require_role
 from gateway.errors import InputError, InvalidSearch, Issue, NotFound, ParseError, shown
 from gateway.fhir.profiles import CONFORMANCE_TYPES, Guide, load_guide
@@ -68,7 +68,7 @@ _MAX_VALUE = 256  # characters of one search value (a canonical URL, a name); no
 
 
 def _search(rtype: str) -> Response:
-    lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    lenient = prefers_lenient(request.headers.get("Prefer", ""))
     unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k not in ("_format", "_pretty"))
     if unknown and not lenient:
         raise InvalidSearch(f"is not a supported search parameter (supported: {', '.join(_SEARCH_PARAMS)})",

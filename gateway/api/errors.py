@@ -33,6 +33,16 @@ _HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
                406: "not-supported", 413: "too-long", 415: "not-supported", 429: "throttled"}
 
 
+def prefers_lenient(prefer: str) -> bool:
+    """Whether a ``Prefer`` header asks ``handling=lenient`` (RFC 7240: preferences are comma-separated tokens,
+    case-insensitive, a value possibly quoted; ``handling=lenientx`` is not it)."""
+    for preference in prefer.split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "lenient":
+            return True
+    return False
+
+
 def register_error_handlers(app: Flask) -> None:
     """Make every error of ``app`` an OperationOutcome."""
 

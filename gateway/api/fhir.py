@@ -35,7 +35,7 @@ from werkzeug.exceptions import NotAcceptable
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.auth import current_principal, principal_party, require_role
-from gateway.api.errors import FHIR_JSON
+from gateway.api.errors import FHIR_JSON, prefers_lenient
 from gateway.errors import InvalidSearch, NotFound, shown
 from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS
 from gateway.scopes import covers, parse_scopes
@@ -297,7 +297,7 @@ def task_search() -> Response:
 
     known = ("status", "focus", "_count")
     unknown = [k for k in request.args if k not in known]
-    if unknown and "handling=lenient" not in request.headers.get("Prefer", ""):
+    if unknown and not prefers_lenient(request.headers.get("Prefer", "")):
         raise InvalidSearch(f"search parameter {shown(unknown[0])} is not supported for Task (supported: status, "
                             "focus)", unknown[0][:_MAX_NAME], code="not-supported")
     rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
@@ -468,7 +468,7 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
         count = 0
     offset = _int_param("_offset", 0, 0, 10_000_000, args)
     params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
-    lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    lenient = prefers_lenient(request.headers.get("Prefer", ""))
     if len(params) > _MAX_PARAMS:
         raise InvalidSearch(f"the search has {len(params)} parameters, at most {_MAX_PARAMS} are taken (values of "
                             "one parameter separated by commas match any of them)", params[_MAX_PARAMS][0][:_MAX_NAME])
