@@ -113,3 +113,16 @@ def test_a_transaction_entry_asking_what_is_not_done_is_refused_not_ignored(clie
     fine = as_transaction(GOLDEN)
     fine["entry"][1]["request"]["url"] = "http://localhost/fhir/" + fine["entry"][1]["request"]["url"]
     assert client.post("/fhir", data=json.dumps(fine), content_type="application/fhir+json").status_code == 201
+
+
+@pytest.mark.parametrize("content_type", ["application/fhir+xml", "application/xml", "text/plain",
+                                          "application/x-www-form-urlencoded"])
+def test_a_submission_in_another_media_type_is_refused_as_such(client, content_type: str) -> None:
+    """415 naming the type (FHIR JSON sent as XML was stored; XML was 'not strict JSON'; a form 'empty')."""
+    answer = client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)), content_type=content_type)
+    assert answer.status_code == 415
+    assert f"Content-Type {content_type} is not taken here" in answer.get_json()["issue"][0]["diagnostics"]
+    assert client.get("/fhir/Observation").get_json()["total"] == 0
+    for fine in ("application/json", "application/fhir+json; charset=utf-8", "application/json+fhir"):
+        assert client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)),
+                           content_type=fine).status_code in (200, 201)

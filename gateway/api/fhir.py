@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import UnsupportedMediaType
 from flask.blueprints import BlueprintSetupState
 
 from werkzeug.datastructures import MultiDict
@@ -132,6 +133,10 @@ def _cors(state: BlueprintSetupState) -> None:
                             "If-Modified-Since"])
 
 
+#: Request types a submission is read as: FHIR JSON, and what clients send for it.
+_JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
+
+
 @bp.post("")
 @bp.post("/")
 @bp.post("/Bundle")
@@ -143,6 +148,10 @@ def submit() -> Response:
     """
     from gateway.errors import InputError
 
+    sent = (request.mimetype or "").lower()
+    if sent and sent not in _JSON_TYPES:  # (FHIR XML, a form, text): said, not read as JSON or as an empty body
+        raise UnsupportedMediaType(f"Content-Type {sent} is not taken here: send the Bundle as FHIR JSON "
+                                   "(application/fhir+json)")
     body = request.get_data(cache=False)
     if not body.strip():
         raise InputError("request body is empty: send a Bundle", "Bundle")
