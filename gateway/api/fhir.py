@@ -309,12 +309,17 @@ def task_search() -> Response:
     if unknown and not prefers_lenient(request.headers.get("Prefer", "")):
         raise InvalidSearch(f"search parameter {shown(unknown[0])} is not supported for Task (supported: status, "
                             "focus)", unknown[0][:_MAX_NAME], code="not-supported")
+    count = _int_param("_count", 100, 0, 1000)
     rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
-                                          limit=_int_param("_count", 100, 0, 1000))
+                                          limit=count + 1)
     base = current_app.extensions["gateway.settings"].base_url
-    return fhir_response({"resourceType": "Bundle", "type": "searchset", "total": len(rows),
-                          "entry": [{"fullUrl": f"{base}/fhir/Task/{r.id}", "resource": r.task,
-                                     "search": {"mode": "match"}} for r in rows]})
+    found: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if len(rows) <= count:  # every match is on the page: its total is known (more: not counted, and not guessed)
+        found["total"] = len(rows)
+    if rows[:count]:  # (FHIR JSON has no empty arrays)
+        found["entry"] = [{"fullUrl": f"{base}/fhir/Task/{r.id}", "resource": r.task, "search": {"mode": "match"}}
+                          for r in rows[:count]]
+    return fhir_response(found)
 
 
 @bp.get("/Task/<rid>")
