@@ -285,3 +285,22 @@ def test_prefer_handling_is_read_as_rfc_7240_says(prefer: str, lenient: bool) ->
     from gateway.api.errors import prefers_lenient
 
     assert prefers_lenient(prefer) is lenient
+
+
+@pytest.mark.parametrize("query", [
+    "/fhir/DiagnosticReport?_include=DiagnosticReport:result&_include=DiagnosticReport:subject",
+    "/fhir/Patient?_revinclude=Observation:subject"])
+def test_includes_past_the_limit_are_said_in_the_page(loaded, tmp_path, monkeypatch, query: str) -> None:
+    """A page whose includes go past the limit says so in an OperationOutcome entry (search mode outcome): they
+    stopped at the limit without a word."""
+    import gateway.api.fhir as fhir_api
+
+    monkeypatch.setattr(fhir_api, "_MAX_INCLUDED", 3)
+    bundle = loaded.get(query).get_json()
+    assert len(_entries(bundle, "include")) == 3
+    [outcome] = _entries(bundle, "outcome")
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "warning"
+    assert "would add more than 3 resources to this page" in outcome["issue"][0]["diagnostics"]
+    assert_valid_r4(bundle, tmp_path)
+    monkeypatch.setattr(fhir_api, "_MAX_INCLUDED", 1000)
+    assert not _entries(loaded.get(query).get_json(), "outcome")

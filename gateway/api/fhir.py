@@ -37,7 +37,8 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON, prefers_lenient
-from gateway.errors import InvalidSearch, NotFound, shown
+from gateway.errors import InvalidSearch, Issue, NotFound, shown
+from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS
 from gateway.scopes import covers, parse_scopes
 
@@ -506,7 +507,7 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     up_to = (_int_param("_page_until", 0, 0, 2 ** 62, args) if args.get("_page_until") is not None
              else store.last_row())
     result = store.search(rtype, params, count=count, offset=offset, strict=not lenient, sort=sort, up_to=up_to)
-    included = _included(rtype, args, result.resources)
+    included, cut = _included(rtype, args, result.resources)
     elements = _elements_of(rtype, args)
     if result.resources:
         _audit_reads(result.resources + included, request.query_string.decode("utf-8", "replace")
@@ -534,6 +535,11 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                             "search": {"mode": "match"}} for r in result.resources]
         bundle["entry"] += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
                              "search": {"mode": "include"}} for r in included]
+    if cut:  # said in the page itself (R4: an OperationOutcome entry of search mode "outcome"), never silently
+        bundle.setdefault("entry", []).append({"resource": operation_outcome([Issue(
+            "warning", "too-costly", "_include", f"_include and _revinclude would add more than {_MAX_INCLUDED} "
+            f"resources to this page: the first {_MAX_INCLUDED} are included; ask for fewer matches per page "
+            "(_count) to have all of them")]), "search": {"mode": "outcome"}})
     return fhir_response(bundle)
 
 
@@ -618,9 +624,11 @@ def _include_spec(param: str, value: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], target
 
 
-def _included(rtype: str, args: MultiDict[str, str], matches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _included(rtype: str, args: MultiDict[str, str],
+              matches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
     """The resources ``_include`` and ``_revinclude`` add to a page of matches, each once, matches left out; for a
-    SMART access token, only those of the types its scopes let it read (``system/{type}.r``).
+    SMART access token, only those of the types its scopes let it read (``system/{type}.r``). And whether some were
+    left out, past :data:`_MAX_INCLUDED`.
 
     :raises InvalidSearch: an ``_include`` of another type's reference, or a reference the gateway does not follow.
     """
@@ -629,13 +637,19 @@ def _included(rtype: str, args: MultiDict[str, str], matches: list[dict[str, Any
     found: list[dict[str, Any]] = []
     scopes = current_principal().scopes
     granted = parse_scopes(scopes) if scopes is not None else None
+    cut = False
 
-    def add(resources: list[dict[str, Any]]) -> None:
+    def add(resources: list[dict[str, Any]], maybe_more: bool = False) -> None:
+        nonlocal cut
+        cut = cut or maybe_more
         for res in resources:
             key = (res["resourceType"], res["id"])
             if granted is not None and not covers(granted, key[0], "r"):
                 continue  # a SMART access token sees only the types it may read, included or not
-            if key not in seen and len(found) < _MAX_INCLUDED:
+            if key not in seen:
+                if len(found) >= _MAX_INCLUDED:
+                    cut = True
+                    return
                 seen.add(key)
                 found.append(res)
 
@@ -655,8 +669,9 @@ def _included(rtype: str, args: MultiDict[str, str], matches: list[dict[str, Any
         source, element, _ = _include_spec("_revinclude", value)
         if INCLUDES[source][element] != rtype or not matches:
             continue  # it names no resource of this type: nothing to add
-        add(store.referencing(source, element, [f"{rtype}/{r['id']}" for r in matches], _MAX_INCLUDED))
-    return found
+        referring = store.referencing(source, element, [f"{rtype}/{r['id']}" for r in matches], _MAX_INCLUDED + 1)
+        add(referring[:_MAX_INCLUDED], maybe_more=len(referring) > _MAX_INCLUDED)
+    return found, cut
 
 
 __all__ = ["bp", "fhir_response", "FHIR_JSON"]
