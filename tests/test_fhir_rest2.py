@@ -304,3 +304,22 @@ def test_includes_past_the_limit_are_said_in_the_page(loaded, tmp_path, monkeypa
     assert_valid_r4(bundle, tmp_path)
     monkeypatch.setattr(fhir_api, "_MAX_INCLUDED", 1000)
     assert not _entries(loaded.get(query).get_json(), "outcome")
+
+
+def test_links_name_the_configured_public_url_not_the_clients_host_header(loaded) -> None:
+    """With public_url configured, full URLs and links name it: a client's Host header (anyone sets it) wrote
+    them, the CapabilityStatement's implementation URL and the audit log's server address included."""
+    app = loaded.application
+    settings = app.extensions["gateway.settings"]
+    before = settings.public_url
+    object.__setattr__(settings, "public_url", "https://gw.tongjiang.example/fhir")
+    try:
+        page = loaded.get("/fhir/Patient?_count=1", headers={"Host": "evil.example"}).get_json()
+        urls = [link["url"] for link in page["link"]] + [e["fullUrl"] for e in page.get("entry", [])]
+        assert urls and all(u.startswith("https://gw.tongjiang.example/fhir/") for u in urls), urls
+        meta = loaded.get("/fhir/metadata", headers={"Host": "evil.example"}).get_json()
+        assert meta["implementation"]["url"] == "https://gw.tongjiang.example/fhir"
+    finally:
+        object.__setattr__(settings, "public_url", before)
+    plain = loaded.get("/fhir/Patient?_count=1").get_json()  # not configured: the URL the request reached
+    assert plain["link"][0]["url"].startswith("http://localhost/fhir/Patient?")

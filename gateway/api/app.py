@@ -110,6 +110,18 @@ def borrow_database(app: Any) -> AbstractContextManager[Database]:
     return borrowed(app.extensions["gateway.settings"].database_locator)
 
 
+def public_root() -> str:
+    """This gateway's base URL for the links and full URLs of the current request's answer: ``public_url`` when it
+    is configured (a client's ``Host`` header, which anyone sets, never names the server in them), else the URL the
+    request reached."""
+    from flask import current_app, request
+
+    settings: Settings | None = current_app.extensions.get("gateway.settings")
+    if settings is not None and settings.public_url:
+        return settings.base_url
+    return str(request.url_root).rstrip("/")
+
+
 def pipeline_of(app: Any) -> Pipeline:
     """The pipeline an app was created with."""
     return app.extensions["gateway.pipeline"]  # type: ignore[no-any-return]

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
-from gateway.api.app import borrow_database
+from gateway.api.app import borrow_database, public_root
 from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
@@ -98,7 +98,7 @@ def _record_read(
     record = records.audit_query(
         at=_clock()(),
         gateway=gateway,
-        server_address=request.url_root.rstrip("/"),
+        server_address=public_root(),
         client=records.Party.member(principal.member) if principal.member else records.Party("", display=agent),
         client_address=request.remote_addr or "unknown",
         user=principal_party(principal, gateway.value),
@@ -126,7 +126,7 @@ def search_events() -> Response:
         if len(value) > _MAX_VALUE:  # the self link repeats every value: never an unbounded one
             raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken", name)
     search = query.parse_search(params, tz=tz)
-    base = request.url_root.rstrip("/") + "/fhir"
+    base = public_root() + "/fhir"
     with _db() as db:
         page = query.run(db, search)
         if page.total is None:  # every searchset says how many match, not only _count=0

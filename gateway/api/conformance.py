@@ -83,7 +83,9 @@ def _search(rtype: str) -> Response:
     if "name" in args:
         # FHIR string search: case-insensitive, matches the start of the name
         found = [r for r in found if str(r.get("name", "")).lower().startswith(args["name"].lower())]
-    base = request.url_root.rstrip("/") + "/fhir"
+    from gateway.api.app import public_root
+
+    base = public_root() + "/fhir"
     bundle = {
         "resourceType": "Bundle",
         "type": "searchset",

@@ -34,7 +34,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import NotAcceptable
 
 from gateway import __version__, jsonutil
-from gateway.api.app import pipeline_of
+from gateway.api.app import pipeline_of, public_root
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON, prefers_lenient
 from gateway.errors import InvalidSearch, Issue, NotFound, shown
@@ -220,7 +220,7 @@ def metadata() -> Response:
         "kind": "instance",
         "software": {"name": "cyhr-gateway", "version": __version__},
         "implementation": {"description": f"川渝 result-recognition gateway of {settings.issuer_name}",
-                           "url": request.url_root.rstrip("/") + "/fhir"},
+                           "url": public_root() + "/fhir"},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "rest": [{"mode": "server", "security": smart_security(settings), "resource": resources,
@@ -371,7 +371,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
                                 name[:_MAX_NAME], code="not-supported")
     result = pipeline_of(current_app).store.history(rtype, rid, count=count, offset=offset)
     _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
-    base = request.url_root.rstrip("/") + "/fhir"
+    base = public_root() + "/fhir"
     path = f"{base}/{rtype}" + (f"/{rid}" if rid is not None else "") + "/_history"
 
     def link(off: int) -> str:
@@ -496,10 +496,11 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                                 name[:_MAX_NAME])
     params = [(k, v) for k, v in params if len(k) <= _MAX_NAME]  # (lenient: a name no parameter has is ignored)
     # a reference written as this server's absolute URL is the resource here (Patient/123)
-    here = request.url_root.rstrip("/") + "/fhir/"
+    heres = {public_root() + "/fhir/", request.url_root.rstrip("/") + "/fhir/"}
     kinds = SEARCH_PARAMS.get(rtype, {})
-    params = [(k, ",".join(part.removeprefix(here) for part in v.split(","))
-               if kinds.get(PARAM_ALIASES.get(k, k)) == "reference" and here in v else v) for k, v in params]
+    for here in heres:
+        params = [(k, ",".join(part.removeprefix(here) for part in v.split(","))
+                   if kinds.get(PARAM_ALIASES.get(k, k)) == "reference" and here in v else v) for k, v in params]
     sort = _sort_of(args)
     store = pipeline_of(current_app).store
     # the pages after the first read the resources stored when the first was made: results stored meanwhile do
@@ -512,7 +513,7 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     if result.resources:
         _audit_reads(result.resources + included, request.query_string.decode("utf-8", "replace")
                      if request.method == "GET" else urlencode(list(args.items(multi=True))))
-    base = request.url_root.rstrip("/") + "/fhir"
+    base = public_root() + "/fhir"
     known = SEARCH_PARAMS[rtype]
     kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known
             or known.get(k.partition(":")[0]) == "string"]  # (with a modifier: :exact, :contains)

@@ -140,7 +140,9 @@ def search(rtype: str) -> Response:
         if name not in _SEARCH[rtype]:
             raise InputError(f"search parameter {name!r} is not supported on {rtype}", name, code="not-supported")
         resources = [r for r in resources if _matches(rtype, r, name, value)]
-    base = request.url_root.rstrip("/") + "/registry/fhir"
+    from gateway.api.app import public_root
+
+    base = public_root() + "/registry/fhir"
     return _fhir(
         {
             "resourceType": "Bundle",
