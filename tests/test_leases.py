@@ -272,8 +272,9 @@ def test_a_message_that_kills_its_worker_every_time_is_set_aside_as_failed(pipel
 
 
 def test_two_readers_of_one_queue_never_claim_the_same_message(pipeline: Pipeline) -> None:
-    for n in range(6):
-        hold(pipeline, copy_of(f"Q{n:03}"), status="queued")
+    for n in range(6):  # four messages of one LIS, then two of another
+        message = copy_of(f"Q{n:03}")
+        hold(pipeline, message if n < 4 else message.replace(b"|LIS|", b"|LIS2|", 1), status="queued")
     other = Store.open(pipeline.settings.database_locator, pipeline.store.clock)  # another connection, as a node
     try:
         first = pipeline.store.claim_queued(4, 300.0)
@@ -284,6 +285,22 @@ def test_two_readers_of_one_queue_never_claim_the_same_message(pipeline: Pipelin
         assert other.claim_queued(4, 300.0) == [], "held by a live process: nothing left to take"
     finally:
         other.close()
+
+
+def test_a_later_message_of_a_sender_waits_while_another_reader_works_an_earlier_one(pipeline: Pipeline) -> None:
+    """Another node's reader took a LIS's first messages: this node's reader leaves that LIS's later ones alone
+    until they are done (their order is the LIS's), and takes another LIS's."""
+    for n in range(4):
+        message = copy_of(f"W{n:03}")
+        hold(pipeline, message if n < 3 else message.replace(b"|LIS|", b"|LIS2|", 1), status="queued")
+    other = Store.open(pipeline.settings.database_locator, pipeline.store.clock)
+    try:
+        first = other.claim_queued(1, 300.0)  # the other node: the LIS's first message
+        mine = pipeline.store.claim_queued(4, 300.0)
+        assert [r[0] for r in mine] == [4], "only the other LIS's: the first LIS's next ones wait"
+    finally:
+        other.close()
+    assert len(first) == 1
 
 
 # -- an older database ----------------------------------------------------------------------
@@ -386,3 +403,13 @@ def _ack(sock: socket.socket) -> bytes:
         assert chunk, "closed before the ACK"
         data += chunk
     return data.strip(b"\x0b\x1c\r")
+
+
+def test_a_busy_senders_burst_never_hides_another_senders_message(pipeline: Pipeline, clock: Any) -> None:
+    """Ten messages of a LIS whose first another machine works, then one of another LIS: a reader asking for two
+    takes the other LIS's (the burst waits; it filled the page the reader looked at, which came back empty)."""
+    ids = [hold(pipeline, copy_of(f"B{n:03}"), status="queued") for n in range(10)]
+    other = hold(pipeline, copy_of("T001").replace(b"|LIS|", b"|LIS2|", 1), status="queued")
+    pipeline.store.db.execute("UPDATE messages SET status = 'received', lease_owner = 'elsewhere:1', lease_until = ?"
+                              " WHERE id = ?", [clock().timestamp() + 60, ids[0]])
+    assert [r[0] for r in pipeline.store.claim_queued(2, 300.0)] == [other]

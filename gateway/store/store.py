@@ -389,20 +389,29 @@ class Store:
                 self.db.conn.create_function("gateway_share", 2, sender_share, deterministic=True)
 
         def free() -> list[Any]:
+            # A sender's message waits while a live process (another node's reader, a listener) holds an earlier one
+            # of that sender: its messages are worked in the order they came, whichever node took them in. Holders
+            # on other machines are live while their lease runs (left out in SQL, so a busy sender never fills the
+            # page); those on this machine while their process is (an earlier message whose holder died here is
+            # itself taken first).
             rows = self.db.execute(
                 "SELECT id, format, channel, origin, lease_owner, lease_until, sender FROM messages"
                 f" WHERE status IN ('queued', 'received') AND format IN ({marks}){mine}"
-                " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?) ORDER BY id LIMIT ?",
-                [*formats, *([n, k] if n > 1 else []), now, f"{_HOST}:%", limit * 4]).fetchall()
+                " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?)"
+                " AND NOT EXISTS (SELECT 1 FROM messages w WHERE w.status = 'received' AND w.sender ="
+                " messages.sender AND w.id < messages.id AND w.lease_until > ? AND w.lease_owner NOT LIKE ?)"
+                " ORDER BY id LIMIT ?",
+                [*formats, *([n, k] if n > 1 else []), now, f"{_HOST}:%", now, f"{_HOST}:%", limit * 4]).fetchall()
             if not rows:
                 return []
-            # A sender one of whose messages a live process works now (another node's reader, a listener) waits
-            # until it is done: its messages are worked in the order they came, whichever node took them in.
-            busy = {r[0] for r in self.db.execute(
-                "SELECT sender, lease_owner, lease_until FROM messages WHERE status = 'received'"
-                f" AND format IN ({marks}) AND (lease_until > ? OR lease_owner LIKE ?)",
-                [*formats, now, f"{_HOST}:%"]).fetchall() if holder_alive(r[1], r[2], now)}
-            return [r for r in rows if r[6] not in busy and not holder_alive(r[4], r[5], now)][:limit]
+            held_here: dict[Any, int] = {}  # sender -> its earliest message a live process of this machine holds
+            for sender, rid, owner, until in self.db.execute(
+                    "SELECT sender, id, lease_owner, lease_until FROM messages WHERE status = 'received'"
+                    f" AND format IN ({marks}) AND lease_owner LIKE ?", [*formats, f"{_HOST}:%"]).fetchall():
+                if holder_alive(owner, until, now):
+                    held_here[sender] = min(int(rid), held_here.get(sender, int(rid)))
+            return [r for r in rows if not holder_alive(r[4], r[5], now)
+                    and int(r[0]) < held_here.get(r[6], int(r[0]) + 1)][:limit]
 
         if not free():  # looked at without the write lock: an idle reader never holds up the writers
             return []
