@@ -708,10 +708,14 @@ def change_password(
             lock = at + _dt.timedelta(minutes=LOCKOUT_MINUTES) if failures >= LOCKOUT_FAILURES else None
             if row is not None and not (locked is not None and locked > at):
                 accounts.record_login_failures(name, 0 if lock else failures, instant(lock) if lock else None)
+            already = locked is not None and locked > at
             _login_record(db, at=at, gateway=gateway, name=name, address=address or "unknown", action="login",
-                          reason="locked out" if lock else "current password", ok=False, roles=roles)
+                          reason="locked" if already else "locked out" if lock else "current password", ok=False,
+                          roles=roles)
             if lock is not None or (locked is not None and locked > at):
-                accounts.end_sessions_of(name, instant(at))
+                for _ in range(accounts.end_sessions_of(name, instant(at))):  # each log-out audited, as ever
+                    _login_record(db, at=at, gateway=gateway, name=name, address=address or "unknown",
+                                  action="logout", reason="locked out", roles=roles)
                 refused = LoginRefused(f"密码错误次数过多，账户已锁定 {LOCKOUT_MINUTES} 分钟 (account locked for "
                                        f"{LOCKOUT_MINUTES} minutes; log in again after)", "locked", lock or locked)
             else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 
 import pytest
@@ -126,3 +127,26 @@ def test_a_submission_in_another_media_type_is_refused_as_such(client, content_t
     for fine in ("application/json", "application/fhir+json; charset=utf-8", "application/json+fhir"):
         assert client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)),
                            content_type=fine).status_code in (200, 201)
+
+
+def test_an_identifier_holding_a_hash_is_its_own_and_a_resend_being_worked_is_answered_503(client, app) -> None:
+    """A '#' in Bundle.identifier no longer reads as the n-th request of another identifier (resends are kept as
+    key, key#2 ...); a resend while the first copy is being worked is a passing state: 503 with Retry-After."""
+    from gateway.store import store as store_module
+
+    base = "urn:uuid:0d7c8b22-8a1e-4d7e-9a55-1c8f0d1f2e3a"
+    first = as_transaction(GOLDEN)
+    first["identifier"] = {"system": "urn:ietf:rfc:3986", "value": base + "#2"}
+    assert client.post("/fhir", data=json.dumps(first), content_type="application/fhir+json").status_code == 201
+    second = copy.deepcopy(first)
+    second["identifier"]["value"] = base
+    next(e["resource"] for e in second["entry"] if e["resource"]["resourceType"] == "Observation")["status"] = \
+        "corrected"
+    assert client.post("/fhir", data=json.dumps(second), content_type="application/fhir+json").status_code == 201
+    pipe = app.extensions["gateway.pipeline"]
+    record = pipe.store.list_messages(None, 1)[0].id
+    pipe.store.db.execute("UPDATE messages SET status = 'received', ack = NULL, lease_owner = ?, lease_until = ?"
+                          " WHERE id = ?", [f"{store_module._HOST}:{os.getpid()}:1", pipe.store._epoch() + 300,
+                                            record])
+    busy = client.post("/fhir", data=json.dumps(second, indent=1), content_type="application/fhir+json")
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "5", busy.get_data(as_text=True)

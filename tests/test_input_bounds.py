@@ -197,3 +197,7 @@ def test_what_is_not_scientific_notation_or_is_too_large(text: str, problem: str
 def test_a_long_exponent_is_no_number_at_once() -> None:
     assert quickly(parse_number, "1" + "e" * 5000) is None
     assert quickly(parse_number, "1e" + "9" * 5000) is None
+
+
+def test_a_number_a_double_holds_as_zero_is_not_taken() -> None:
+    assert parse_number("1E-400") is None and parse_number("0E-400") is not None

@@ -152,3 +152,9 @@ def test_the_receivers_reason_for_a_refusal_is_kept_by_the_sender() -> None:
     assert quoted.error == "HTTP 422: 身份证号 … check digit"
     assert classify(503, b"<html>busy</html>").error == "HTTP 503" and classify(502, b"").error == "HTTP 502"
     assert len(classify(403, json.dumps({"issue": [{"diagnostics": "x" * 1000}]}).encode()).error) < 320
+
+
+def test_an_answer_nested_too_deep_is_no_reason_and_no_exception() -> None:
+    from gateway.exchange.transports import classify
+
+    assert classify(400, b'{"issue":' + b"[" * 60000).error == "HTTP 400"

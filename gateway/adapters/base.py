@@ -53,9 +53,9 @@ def parse_number(text: str) -> "Quantity | None":
     """A decimal with its precision and optional comparator (``<0.5``, ``≥ 10``, ``5.60``); None if not a number.
 
     Scientific notation, as analysers write large counts (HBV-DNA ``1.23E+05``) and HL7 v3 REAL allows, is taken
-    and written out in full (``123000``, ``8.2E-1`` as ``0.82``): a report carries plain decimals.
-    A number beyond the range of an IEEE 754 double is not taken either: a signed
-    Bundle carries its numbers as doubles (RFC 8785), so it could not be signed.
+    as the decimal it names (``123000``, ``8.2E-1`` as ``0.82``; the trailing zeros of a large one then read as
+    significant). A number beyond the range of an IEEE 754 double, or so small that a double holds it as 0, is not
+    taken either: a signed Bundle carries its numbers as doubles (RFC 8785), so it could not be signed as sent.
     """
     m = _NUMBER.match(text)
     if not m:
@@ -64,7 +64,8 @@ def parse_number(text: str) -> "Quantity | None":
         value = Decimal(m.group(2).lstrip("+") + (m.group(3) or ""))
     except InvalidOperation:
         return None
-    if not math.isfinite(float(value)):
+    as_double = float(value)
+    if not math.isfinite(as_double) or (as_double == 0 and value != 0):  # (1E-400 would be signed as 0)
         return None
     if m.group(3):
         value = Decimal(format(value, "f"))

@@ -88,8 +88,9 @@ def safe_parser() -> etree.XMLParser:
 
 #: Encodings a document may declare when its bytes are ASCII-compatible: every byte of markup (``<!DOCTYPE``) is
 #: then the ASCII byte itself, so :func:`declares_dtd` sees it (what Chinese HIS/LIS write: UTF-8 and the GB family).
-_ASCII_COMPATIBLE = frozenset({"utf-8", "utf8", "gbk", "gb2312", "gb18030", "cp936", "euc-cn", "x-gbk", "windows-936",
-                               "us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1", "iso8859-1"})
+_ASCII_COMPATIBLE = frozenset({"utf-8", "utf8", "gbk", "gb2312", "gb-2312-80", "gb2312-80", "gb18030", "cp936",
+                               "euc-cn", "x-gbk", "windows-936", "big5", "us-ascii", "ascii", "iso-8859-1", "latin1",
+                               "latin-1", "iso8859-1", "iso-8859-15", "windows-1252", "cp1252"})
 _DECLARED = re.compile(rb"""^<\?xml\s[^>]*?\bencoding\s*=\s*["']([^"']{0,40})["']""")
 _UTF16_STARTS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, b"<\x00?\x00", b"\x00<\x00?")
 _UTF32_STARTS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, b"<\x00\x00\x00", b"\x00\x00\x00<", b"\x00\x00<\x00",

@@ -81,7 +81,9 @@ class FHIRSubmissionAdapter:
             digest = hashlib.sha256(document_bytes(doc)).hexdigest()
         except GatewayError:  # a number I-JSON cannot carry: read will refuse it; the bytes tell it apart meanwhile
             digest = "sha256:" + hashlib.sha256(unit.data).hexdigest()
-        return DocumentKey("fhir", f"{ident.get('system', '')}|{value}", digest, "Bundle.identifier")
+        # ('#' is written %23: the requests carrying one Bundle are stored as key, key#2, key#3 ...)
+        key = f"{ident.get('system', '')}|{value}".replace("%", "%25").replace("#", "%23")
+        return DocumentKey("fhir", key, digest, "Bundle.identifier")
 
     def read(self, unit: RawUnit) -> SourceMessage:
         """Parse and check the Bundle's outline; problems become issues located by FHIRPath."""

@@ -158,11 +158,14 @@ def submit() -> Response:
         raise InputError("request body is empty: send a Bundle", "Bundle")
     outcome = pipeline_of(current_app).ingest(body, "fhir", channel="http", origin=request.remote_addr or "")[0]
     status = {"AA": 201, "AE": 422, "AR": 400}.get(outcome.ack_code, 422)
+    headers: dict[str, str] = {}
     if outcome.status.value == "duplicate":
         status = 200 if outcome.ack_code == "AA" else status
+        if outcome.ack_code != "AA" and any("is being processed now" in i.message for i in outcome.issues):
+            status, headers = 503, {"Retry-After": "5"}  # its first copy is being worked: a passing state
     elif any(i.code == "conflict" for i in outcome.issues):  # other content under an identifier already stored
         status = 409
-    return Response(outcome.answer, status=status, mimetype="application/fhir+json")
+    return Response(outcome.answer, status=status, mimetype="application/fhir+json", headers=headers)
 
 
 @bp.get("/metadata")
@@ -312,10 +315,10 @@ def task_search() -> Response:
                             "focus)", unknown[0][:_MAX_NAME], code="not-supported")
     count = _int_param("_count", 100, 0, 1000)
     rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
-                                          limit=count + 1)
-    base = current_app.extensions["gateway.settings"].base_url
+                                          limit=count + 1 if count else 1_000_000)  # (_count=0: the total only)
+    base = public_root()
     found: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-    if len(rows) <= count:  # every match is on the page: its total is known (more: not counted, and not guessed)
+    if len(rows) <= count or not count:  # every match counted: its total is known (more: not counted, not guessed)
         found["total"] = len(rows)
     if rows[:count]:  # (FHIR JSON has no empty arrays)
         found["entry"] = [{"fullUrl": f"{base}/fhir/Task/{r.id}", "resource": r.task, "search": {"mode": "match"}}

@@ -43,7 +43,7 @@ def receiver_reason(body: bytes) -> str:
     masked (it is kept in the outbox and logged); "" when the answer is not one."""
     try:
         outcome = json.loads(body[:65536].decode("utf-8")) if body.lstrip()[:1] == b"{" else None
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # (a hostile answer nested too deep)
         return ""
     issues = outcome.get("issue") if isinstance(outcome, dict) else None
     first = issues[0] if isinstance(issues, list) and issues and isinstance(issues[0], dict) else {}
