@@ -152,17 +152,21 @@ def _registry(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     snapshot = holder.current
     if snapshot is None:
         return {"registry": _check(False, "no registry snapshot is loaded")}
-    now = pipeline.clock()
-    left = (snapshot.valid_until - now).total_seconds()
-    until = snapshot.valid_until.isoformat()
+    return _validity("registry", f"registry snapshot {snapshot.version}", snapshot.valid_until, pipeline.clock(),
+                     snapshot.valid_until.isoformat(), settings.snapshot_warn_days, "snapshot_warn_days",
+                     "install a newer one")
+
+
+def _validity(check: str, what: str, end: _dt.datetime, now: _dt.datetime, until: str, warn_days: int,
+              setting: str, remedy: str) -> dict[str, dict[str, Any]]:
+    """Check ``check`` of something valid until ``end`` (written ``until``): failing once it has ended, or within
+    ``warn_days`` days (the setting named) of its end, saying the ``remedy``."""
+    left = (end - now).total_seconds()
     if left <= 0:
-        return {"registry": _check(False, f"registry snapshot {snapshot.version} expired at {until}; "
-                                          "install a newer one")}
-    if left <= settings.snapshot_warn_days * 86400:
-        return {"registry": _check(False, f"registry snapshot {snapshot.version} expires at {until}, within "
-                                          f"{settings.snapshot_warn_days} day(s) (snapshot_warn_days); "
-                                          "install a newer one")}
-    return {"registry": _check(True, f"registry snapshot {snapshot.version} valid until {until}")}
+        return {check: _check(False, f"{what} expired at {until}; {remedy}")}
+    if left <= warn_days * 86400:
+        return {check: _check(False, f"{what} expires at {until}, within {warn_days} day(s) ({setting}); {remedy}")}
+    return {check: _check(True, f"{what} valid until {until}")}
 
 
 def _signing(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
@@ -173,20 +177,14 @@ def _signing(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
         return {}
     cert = signer.identity.chain[0]
     now = pipeline.clock()
-    until = cert.not_valid_after_utc.astimezone(now.tzinfo).isoformat()
     if now < cert.not_valid_before_utc:
         return {"signing": _check(False, f"the signing certificate is valid only from "
                                          f"{cert.not_valid_before_utc.astimezone(now.tzinfo).isoformat()}: reports "
                                          "cannot be signed (check this machine's clock)")}
-    left = (cert.not_valid_after_utc - now).total_seconds()
-    if left <= 0:
-        return {"signing": _check(False, f"the signing certificate expired at {until}: reports cannot be signed; "
-                                         "ask the registry authority for a new one (gateway keys)")}
-    if left <= settings.certificate_warn_days * 86400:
-        return {"signing": _check(False, f"the signing certificate expires at {until}, within "
-                                         f"{settings.certificate_warn_days} day(s) (certificate_warn_days); ask the "
-                                         "registry authority for a new one")}
-    return {"signing": _check(True, f"signing certificate valid until {until}")}
+    return _validity("signing", "the signing certificate", cert.not_valid_after_utc, now,
+                     cert.not_valid_after_utc.astimezone(now.tzinfo).isoformat(), settings.certificate_warn_days,
+                     "certificate_warn_days", "reports cannot be signed after it: ask the registry authority for a "
+                     "new one")
 
 
 @bp.get("/health")
