@@ -97,9 +97,11 @@ def world(chromium: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[W
         said = _cli(fl, "users", "add", name, "--role", role, "--password-file", str(secret))
         assert "console password set" in said
     _cli(tj, "users", "add", "it", "--role", "admin", "--password-file", str(secret))
-    found = re.search(r"cyhr_\S+", _cli(fl, "users", "add", "lis", "--role", "submitter"))
-    assert found
-    lis_token = found.group(0)
+    # the token is the line the command prints it on (the captured output may hold other lines: log lines of the
+    # test process's other threads land there too while the command runs)
+    said = _cli(fl, "users", "add", "lis", "--role", "submitter").splitlines()
+    lis_token = said[said.index(next(line for line in said if line.startswith("API token (shown only now"))) + 1]
+    assert re.fullmatch(r"cyhr_[A-Za-z0-9_-]+", lis_token), said
     _with_password(fl, "lis-old", "submitter")
 
     # A dead delivery at 通江: a report signed now, sent to 涪陵 while 涪陵 is down, its last attempt failed.
