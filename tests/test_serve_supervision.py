@@ -326,7 +326,13 @@ def test_a_part_that_cannot_open_its_database_stops_with_one_line(
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc":
                                                     "12511921MB0001003C",
                                                     "database": str(tmp_path / "blocker" / "gw.db")})
-    assert serve.run_part(settings, "background", None) == 1
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:  # (a part sends its log lines to this process's stderr, here the capture: put back as it was after)
+        assert serve.run_part(settings, "background", None) == 1
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("gateway: background stopped: the database or its folder cannot be used right now (")
