@@ -52,11 +52,11 @@ class Settings:
     mllp_workers: int = _opt(1, "MLLP listener processes sharing the port, each working its own connections' "
                              "messages (up to the number of cores).")
     queue_readers: int = _opt(1, "With mllp_ack = 'received': queue reader processes working the queue together. "
-                              "Each takes the messages of its own share of the senders (MSH-3 and MSH-4, by a "
-                              "hash), so every sender's messages are still worked in arrival order; more than one "
-                              "helps on a machine with cores to spare and several busy senders (one sender's "
-                              "messages are always one reader's). A reader whose senders have nothing waiting looks "
-                              "every second.")
+                              "Several take the next messages of any sender, two at a time, and work them side "
+                              "by side; each message is recorded once every earlier message of its sender has "
+                              "its outcome, so a sender's messages are recorded in arrival order all the same. "
+                              "More than one helps a machine with a core to spare; the ACKs on receipt then wait "
+                              "a little longer for the database (see the README's performance section).")
     queue_record_group: int = _opt(1, "With mllp_ack = 'received': messages a queue reader records per "
                                    "transaction, each in a savepoint of its own. More makes the reader faster "
                                    "(4: some 15% on a 2-core machine) and the receipts slower, since the "

@@ -369,16 +369,26 @@ class QueueReader:
 
     ``gateway serve`` runs each in a process of its own, so that its work
     never holds up a listener's ACK: ``queue_readers`` of them, reader k of n
-    (``share``) taking the messages of its own share of the senders, so that a
-    sender's messages are worked one after the other, in arrival order.
+    (``reader``, (k - 1, n)). One reader works the messages one after the
+    other, in arrival order. Several take the next messages of any sender, a
+    few at a time (:data:`IN_TURN_BATCH`), and work them side by side; each
+    message is recorded in its turn, once every earlier message of its sender
+    has its outcome, so a sender's messages are recorded in arrival order all
+    the same (``Pipeline.process_queued``, ``in_turn``).
     :meth:`run` returns after :meth:`stop`, once the message being worked is
     recorded; a message it had not finished stays queued and is worked when a
     reader runs again.
     """
 
-    def __init__(self, pipeline: Pipeline, *, idle: float = 0.05, batch: int = 32,
-                 share: tuple[int, int] = (0, 1)) -> None:
-        self.pipeline, self.idle, self.batch, self.share = pipeline, idle, batch, share
+    #: Messages one of several readers takes at a time: few, so that the next ones are the other readers' to work
+    #: meanwhile (each reader records its own after the earlier ones of their senders).
+    IN_TURN_BATCH = 2
+
+    def __init__(self, pipeline: Pipeline, *, idle: float = 0.05, batch: int | None = None,
+                 reader: tuple[int, int] = (0, 1)) -> None:
+        self.pipeline, self.idle, self.reader = pipeline, idle, reader
+        self.in_turn = reader[1] > 1
+        self.batch = batch if batch is not None else (self.IN_TURN_BATCH if self.in_turn else 32)
         self._stop = threading.Event()
         self.processed = 0
 
@@ -386,14 +396,11 @@ class QueueReader:
         waiting = self.pipeline.store.queue_length()
         if waiting:
             log.info("processing queue: %d message(s) waiting%s", waiting,
-                     f" (this reader takes share {self.share[0] + 1} of {self.share[1]} of the senders)"
-                     if self.share[1] > 1 else "")
-        # one of several readers looks less often while its senders have nothing waiting (up to once a second):
-        # finding that out reads the whole queue, which the other readers are working
-        wait, longest = self.idle, (self.idle if self.share[1] == 1 else max(self.idle, 1.0))
+                     f" (reader {self.reader[0] + 1} of {self.reader[1]})" if self.in_turn else "")
         while not self._stop.is_set():
             try:
-                done = self.pipeline.process_queued(self.batch, self.share)
+                done = (self.pipeline.process_queued(self.batch, in_turn=True, stop=self._stop) if self.in_turn
+                        else self.pipeline.process_queued(self.batch))
             except _db.OperationalError as exc:  # the database is restarting or gone: the messages stay queued
                 log.warning("processing queue: the database cannot be reached (%s); retrying in 1 s",
                             (str(exc).strip().splitlines() or [type(exc).__name__])[0])
@@ -404,11 +411,8 @@ class QueueReader:
                 self._stop.wait(1.0)
                 continue
             self.processed += len(done)
-            if done:
-                wait = self.idle
-            else:
-                self._stop.wait(wait)
-                wait = min(wait * 2, longest)
+            if not done:
+                self._stop.wait(self.idle)
 
     def stop(self) -> None:
         self._stop.set()

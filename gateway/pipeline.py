@@ -36,6 +36,7 @@ import datetime as _dt
 import enum
 import hashlib
 import logging
+import threading
 import time
 import traceback
 import uuid
@@ -127,6 +128,7 @@ class Outcome:
     signed_bundle: dict[str, Any] | None = None  # received: the Bundle as signed (``bundle`` is without signature)
     decided: Any = None  # received: the recognition decisions, ready to record (gateway.recognition.record.Decided)
     prepared: Any = None  # ``bundle``'s rows as Store.prepare made them before the write lock was taken, or None
+    packed: bytes | None = None  # ``signed`` deflated as it is kept (gateway.store.exchange.packed), made beforehand
 
     @property
     def errors(self) -> list[Issue]:
@@ -212,6 +214,9 @@ SIGNED_FORMAT = "fhir-signed"
 #: How a refusal of a received Bundle is audited, by its HTTP status.
 _REFUSALS = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "invalid"}
 Checker = Callable[[dict[str, Any]], list[Issue]]
+#: Seconds at most a queue reader waits for the outcome of an earlier message of the same sender before it puts the
+#: later one back in the queue (and at most half the processing lease): a reader never looks hung to ``/health``.
+TURN_WAIT = 30.0
 _BATCH = 32  # units stored and processed per pair of commits when a body or file holds many
 #: Statuses of an earlier copy of a document whose outcome answers a resend of the same content.
 _ANSWERED = ("stored", "filtered", "failed")
@@ -578,10 +583,12 @@ class Pipeline:
         """Record worked units (channel, unit, outcome, channel name) in one transaction, each in a savepoint of
         its own (:meth:`_record_safely`): (the outcome recorded, whether anything was) for each.
 
-        The rows of the stored outcomes' Bundles (:meth:`Store.prepare`) are made before the transaction begins:
-        other writers (the listeners' receipts, other nodes) then wait only for the writing. One that cannot be
-        made is left to :meth:`_commit`, whose failure is that outcome's own."""
+        The rows of the stored outcomes' Bundles (:meth:`Store.prepare`) and their signed copies as kept
+        (deflated) are made before the transaction begins: other writers (the listeners' receipts, other nodes)
+        then wait only for the writing. One that cannot be made is left to :meth:`_commit`, whose failure is that
+        outcome's own."""
         from gateway.store.db import transaction
+        from gateway.store.exchange import packed
 
         for _, _, outcome, _ in worked:
             if outcome.status is Status.STORED and outcome.bundle is not None and outcome.prepared is None:
@@ -589,6 +596,8 @@ class Pipeline:
                     outcome.prepared = self.store.prepare(outcome.bundle)
                 except Exception:  # noqa: BLE001 - made again inside, where its failure is recorded as the unit's
                     outcome.prepared = None
+            if outcome.status is Status.STORED and outcome.signed is not None and outcome.packed is None:
+                outcome.packed = packed(outcome.signed)
         with transaction(self.store.db):
             return [self._record_safely(ch, unit, outcome, channel) for ch, unit, outcome, channel in worked]
 
@@ -775,8 +784,8 @@ class Pipeline:
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def process_queued(self, limit: int = _BATCH, share: tuple[int, int] = (0, 1), *,
-                       group: int | None = None) -> list[Outcome]:
+    def process_queued(self, limit: int = _BATCH, *, group: int | None = None, in_turn: bool = False,
+                       stop: threading.Event | None = None) -> list[Outcome]:
         """Work up to ``limit`` held units, oldest first, recorded ``group`` at a time, each group in one transaction.
 
         Processing is what :meth:`ingest_unit` does after storing the raw input:
@@ -785,19 +794,25 @@ class Pipeline:
         process's lease, so two readers never work the same one. Besides the
         queue, a message whose worker died before finishing it is taken too; one
         taken on more than :data:`MAX_ATTEMPTS` times without finishing is set
-        aside as failed (``gateway messages retry`` works it again). ``share``: (k, n), only the messages of
-        the senders in share k of n (the queue reader k of n, ``queue_readers``).
+        aside as failed (``gateway messages retry`` works it again).
 
         ``group`` (default: the ``queue_record_group`` setting): how many worked units are recorded together, in one
         transaction, each in a savepoint of its own (one that cannot be recorded is recorded as failed, and the
         others are recorded all the same, as :meth:`ingest_batch` records). Reading, mapping, checking and
         signing hold no lock; a group holds the write lock while its units are written, so it stays small: the
         listeners' receipts wait for that lock.
+
+        ``in_turn``: several readers work the queue together (``queue_readers``), each taking the next messages
+        of any sender; each unit is recorded in its turn, once every earlier message of its sender has its outcome
+        (:meth:`_process_in_turn`), so one sender's messages are worked side by side and still recorded in the
+        order they came. Without it, a sender's message is not taken while a live process holds an earlier one.
+        ``stop``: once set, a unit waiting for its turn goes back to the queue at once (the reader is stopping).
         """
+        if in_turn:
+            return self._process_in_turn(limit, group, stop)
         size = max(1, int(self.settings.queue_record_group) if group is None else group)
         outcomes: list[Outcome] = []
-        claimed = self.store.claim_queued(limit, float(self.settings.processing_lease), tuple(self.channels),
-                                          share)
+        claimed = self.store.claim_queued(limit, float(self.settings.processing_lease), tuple(self.channels))
         worked: list[tuple[Channel, RawUnit, Outcome, str]] = []
         recorded_up_to = 0  # claimed[:recorded_up_to] are recorded (or given up)
         try:
@@ -816,6 +831,68 @@ class Pipeline:
                 self._release(left[0])
             raise
         return outcomes
+
+    def _process_in_turn(self, limit: int, group: int | None, stop: threading.Event | None) -> list[Outcome]:
+        """:meth:`process_queued` with ``in_turn``: take up to ``limit`` units, work them all (no lock held),
+        then record them oldest first, each once its turn has come, up to ``group`` in one transaction. A unit
+        whose turn does not come (the earlier message is left to nobody, or still worked after
+        :data:`TURN_WAIT`) goes back to the queue with those after it."""
+        size = max(1, int(self.settings.queue_record_group) if group is None else group)
+        lease = float(self.settings.processing_lease)
+        formats = tuple(self.channels)
+        claimed = self.store.claim_queued(limit, lease, formats, in_turn=True)
+        outcomes: list[Outcome] = []
+        worked: list[tuple[Channel, RawUnit, Outcome, str]] = []
+        pending: list[tuple[Channel, RawUnit, Outcome, str]] = []  # worked, whose turn has come, not recorded yet
+        left = 0  # claimed[:left] are recorded (or given up)
+        deadline = time.monotonic() + min(lease / 2, TURN_WAIT)  # (from the lease's start)
+        try:
+            for record_id, fmt, channel, origin, raw, attempts in claimed:
+                ch = self.channel(fmt)
+                unit = RawUnit(raw, 1, origin)
+                worked.append((ch, unit, self._set_aside(ch, unit, record_id, attempts) if attempts > MAX_ATTEMPTS
+                               else self._work(ch, unit, record_id), channel))
+            for n, item in enumerate(worked):
+                record_id = claimed[n][0]
+                mine = frozenset(c[0] for c in claimed[n - len(pending):n])
+                came = self._turn_came(record_id, formats, mine, None)
+                if not came and pending:
+                    outcomes += self._record_group(pending)  # what may be recorded now, before waiting
+                    pending, left = [], n
+                if not came and not self._turn_came(record_id, formats, frozenset(), deadline, stop):
+                    self.store.give_back([c[0] for c in claimed[n:]])
+                    return outcomes
+                pending.append(item)
+                if len(pending) >= size or n == len(worked) - 1:
+                    outcomes += self._record_group(pending)
+                    pending, left = [], n + 1
+        except BaseException:  # the database failed: what this call took and did not record is free again at once
+            for unfinished in claimed[left:]:
+                self._release(unfinished[0])
+            raise
+        return outcomes
+
+    def _turn_came(self, record_id: int, formats: tuple[str, ...], mine: frozenset[int],
+                   deadline: float | None, stop: threading.Event | None = None) -> bool:
+        """Whether message ``record_id`` may be recorded now: no earlier message of its sender is without an
+        outcome, those in ``mine`` (recorded before it, in the same transaction) aside. With a ``deadline``, wait
+        while a live process works the earlier one (until then, or ``stop``); without, answer at once. False when
+        the earlier one is left to nobody (waiting in the queue, or its holder died): it is to be taken first."""
+        pause = 0.0005
+        while True:
+            earlier = self.store.earlier_unfinished(record_id, formats, mine)
+            if earlier is None:
+                return True
+            if deadline is None or not holder_alive(earlier[1], earlier[2], self.store.epoch()):
+                return False
+            if stop is not None and stop.is_set():
+                return False
+            if time.monotonic() > deadline:
+                log.warning("message record=%s waited too long for the outcome of record=%s, from the same sender "
+                            "(worked by %s); it goes back to the queue", record_id, earlier[0], earlier[1])
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
 
     def _record_group(self, worked: list[tuple[Channel, RawUnit, Outcome, str]]) -> list[Outcome]:
         """Record worked queued units in one transaction (see :meth:`process_queued`); a unit that could not be
@@ -1276,7 +1353,7 @@ class Pipeline:
         :raises _AlreadyReceived: (received) the same signed document was stored by another request first.
         """
         from gateway.audit.log import append_prepared
-        from gateway.store.exchange import SignedBundles
+        from gateway.store.exchange import SignedBundles, packed
 
         assert outcome.record_id is not None
         store = self.store
@@ -1285,6 +1362,8 @@ class Pipeline:
         prepared = None
         if stored is not None:
             prepared = outcome.prepared if outcome.prepared is not None else store.prepare(stored)
+        if outcome.signed is not None and stored is not None and outcome.packed is None:
+            outcome.packed = packed(outcome.signed)  # (as the signed copy is kept)
         at = self.clock()
         with store.unit_of_work() as db:
             if outcome.direction == "received" and stored is not None:
@@ -1300,7 +1379,8 @@ class Pipeline:
             if outcome.signed is not None and stored is not None:
                 SignedBundles(db).keep_bundle(outcome.signed_bundle or stored, outcome.signed_digest,
                                               outcome.direction, outcome.signed,
-                                              at.isoformat(timespec="milliseconds"), outcome.record_id)
+                                              at.isoformat(timespec="milliseconds"), outcome.record_id,
+                                              packed_text=outcome.packed)
             append_prepared(db, audit)
             if outcome.decided is not None:
                 outcome.decided.record(db, at)

@@ -14,7 +14,8 @@ processes, each handed the listening socket it serves:
   keep their order);
 - ``queue`` (``queue-1``... with ``queue_readers`` above 1): with
   ``mllp_ack = received``, the queue readers that work what the listeners
-  answered on receipt, each its own share of the senders;
+  answered on receipt (several work the queue side by side, each message
+  recorded after the earlier ones of its sender);
 - ``background``: working again messages left unfinished by a part that
   died (a killed MLLP listener or HTTP worker), a bounded number each pass;
   delivering the outbox to other members, signed audit checkpoints, and
@@ -298,28 +299,28 @@ def queue_parts(settings: Settings) -> list[str]:
     return [f"queue-{k}" for k in range(1, settings.queue_readers + 1)]
 
 
-def _share(settings: Settings, part: str) -> tuple[int, int]:
-    """(k, n): the share of the senders queue reader ``part`` (one of :func:`queue_parts`) works: ``queue`` all
-    of them, ``queue-2`` of 3 share (1, 3)."""
+def _reader(settings: Settings, part: str) -> tuple[int, int]:
+    """(k, n): queue reader ``part`` (one of :func:`queue_parts`) is reader k + 1 of n: ``queue`` (0, 1),
+    ``queue-2`` of 3 (1, 3)."""
     return (0, 1) if part == "queue" else (int(part.rpartition("-")[2]) - 1, settings.queue_readers)
 
 
-def run_queue(settings: Settings, part: str | None = None, share: tuple[int, int] | None = None) -> None:
+def run_queue(settings: Settings, part: str | None = None, reader: tuple[int, int] | None = None) -> None:
     """A queue reader process (``mllp_ack = received``): work held messages until stopped.
 
     On SIGTERM it finishes the message it is working and stops; it stops with
     the process that started it. Under ``gateway serve`` (``part``) it writes a
-    heartbeat while its work keeps moving. ``part`` ``queue-k`` (or ``share``
-    (k - 1, n)): reader k of ``queue_readers``, working its share of the senders.
+    heartbeat while its work keeps moving. ``part`` ``queue-k`` (or ``reader``
+    (k - 1, n)): reader k of ``queue_readers``, working the queue beside the others.
     """
     from gateway.mllp import QueueReader
     from gateway.pipeline import Pipeline
 
     _logging(settings, part or "queue")
     pipeline = Pipeline(settings)
-    reader = QueueReader(pipeline, share=share or _share(settings, part or "queue"))
-    signal.signal(signal.SIGTERM, lambda *_: reader.stop())
-    signal.signal(signal.SIGINT, lambda *_: reader.stop())
+    queue = QueueReader(pipeline, reader=reader or _reader(settings, part or "queue"))
+    signal.signal(signal.SIGTERM, lambda *_: queue.stop())
+    signal.signal(signal.SIGINT, lambda *_: queue.stop())
     _watch_parent()
     if part is not None:
         from gateway.heartbeat import Beat, run_dir
@@ -337,8 +338,8 @@ def run_queue(settings: Settings, part: str | None = None, share: tuple[int, int
         pipeline.process_queued = timed  # type: ignore[method-assign]
         Beat(run_dir(settings), part, working=passes.working).start()
     settle_collector(part or "queue")
-    reader.run()
-    log.info("processing queue stopped after %d message(s)", reader.processed)
+    queue.run()
+    log.info("processing queue stopped after %d message(s)", queue.processed)
 
 
 def run_background_part(settings: Settings, part: str) -> None:
@@ -569,7 +570,7 @@ def _main(argv: list[str]) -> int:
                 print(f"gateway: --queue takes the reader's number, 1 to {settings.queue_readers} (queue_readers)",
                       file=sys.stderr)
                 return 2
-            run_queue(settings, share=(max(k, 1) - 1, settings.queue_readers))
+            run_queue(settings, reader=(max(k, 1) - 1, settings.queue_readers))
         else:
             run_background(settings)
     except KeyboardInterrupt:  # stopped while it started (an interrupt from the process that started it, a

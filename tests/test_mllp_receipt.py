@@ -252,7 +252,7 @@ def test_listener_answers_on_receipt_and_the_reader_works_every_message(pipeline
 def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_message(tmp_path: Path,
                                                                                     database: str) -> None:
     """``gateway serve`` with ``mllp_ack = received``: receipts from the listener, the work by its queue reader
-    processes (``queue_readers`` 2, each its share of the senders)."""
+    processes (``queue_readers`` 2, working the queue side by side)."""
     from gateway.store.store import Store
 
     port = free_port()
@@ -287,20 +287,17 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
                    for pid in helpers), "the queue reader stopped with the gateway"
 
 
-def test_two_queue_readers_share_the_senders_and_keep_each_senders_order(pipeline, settings, clock) -> None:
-    """``queue_readers`` 2: each reader takes only its share of the senders, so every message is worked once and
-    a sender's messages one after the other, in arrival order, while the two readers work at the same time."""
-    import threading
-
-    from gateway.store.store import sender_share
+def test_two_queue_readers_work_several_senders_and_record_each_senders_messages_in_order(
+        pipeline, settings, clock) -> None:
+    """``queue_readers`` 2: the readers take the next messages of any sender, so every message is worked once,
+    both readers work, and each sender's messages are recorded in arrival order (the audit log's order)."""
+    from gateway.audit.log import entries
 
     senders = ["LIS-A", "LIS-B", "LIS-C", "LIS-D", "LIS-E", "LIS-F"]
     sent = [msh_field(GOOD.replace(b"TJ2406100001", f"SR{n:03d}".encode()), 3, senders[n % len(senders)])
             for n in range(36)]
     receipts = pipeline.receive_batch(hl7(pipeline), units(*sent), channel="mllp")
     assert {o.status for o in receipts} == {Status.QUEUED}
-    sender_of = {o.record_id: pipeline.store.get_message(o.record_id).sender for o in receipts}
-    assert {sender_share(s, 2) for s in sender_of.values()} == {0, 1}, "both readers have senders to work"
 
     worked: dict[int, list[int]] = {0: [], 1: []}
     errors: list[BaseException] = []
@@ -308,11 +305,11 @@ def test_two_queue_readers_share_the_senders_and_keep_each_senders_order(pipelin
     def reader(k: int) -> None:
         mine = Pipeline(settings, clock=clock)
         try:
-            while True:
-                done = mine.process_queued(4, (k, 2))  # small batches: the two readers take turns at the lock
-                if not done:
-                    break
-                worked[k] += [o.record_id for o in done]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                worked[k] += [o.record_id for o in mine.process_queued(2, in_turn=True)]
+                if not {"queued", "received"} & set(mine.store.counts()):
+                    return
         except BaseException as exc:  # noqa: BLE001 - reported by the test below
             errors.append(exc)
         finally:
@@ -322,27 +319,28 @@ def test_two_queue_readers_share_the_senders_and_keep_each_senders_order(pipelin
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(150)
     assert not errors, errors
-    assert sorted(worked[0] + worked[1]) == sorted(sender_of), "every message worked once"
-    for k in (0, 1):
-        assert worked[k] and {sender_share(sender_of[r], 2) for r in worked[k]} == {k}
-        for sender in set(sender_of.values()):
-            theirs = [r for r in worked[k] if sender_of[r] == sender]
-            assert theirs == sorted(theirs), f"{sender}'s messages in arrival order"
+    assert sorted(worked[0] + worked[1]) == sorted(o.record_id for o in receipts), "every message worked once"
+    assert worked[0] and worked[1], "both readers worked"
     assert pipeline.store.counts() == {"stored": 36}
+    recorded = [n for e in entries(pipeline.store.db) for n in range(36) if f"SR{n:03d}" in str(e.content)]
+    assert sorted(recorded) == list(range(36))
+    for k in range(len(senders)):
+        theirs = [n for n in recorded if n % len(senders) == k]
+        assert theirs == sorted(theirs), f"{senders[k]}'s messages recorded in arrival order"
 
 
 def test_queue_readers_is_a_positive_number_and_serve_runs_that_many_readers(tmp_path) -> None:
-    from gateway.serve import _share, queue_parts
+    from gateway.serve import _reader, queue_parts
 
     with pytest.raises(ConfigError, match="queue_readers must be positive"):
         load_settings(environ={}, overrides={"data_dir": str(tmp_path), "queue_readers": 0})
     three = load_settings(environ={"GATEWAY_QUEUE_READERS": "3"}, overrides={"data_dir": str(tmp_path)})
     assert queue_parts(three) == ["queue-1", "queue-2", "queue-3"]
-    assert [_share(three, part) for part in queue_parts(three)] == [(0, 3), (1, 3), (2, 3)]
+    assert [_reader(three, part) for part in queue_parts(three)] == [(0, 3), (1, 3), (2, 3)]
     one = load_settings(environ={}, overrides={"data_dir": str(tmp_path)})
-    assert queue_parts(one) == ["queue"] and _share(one, "queue") == (0, 1)
+    assert queue_parts(one) == ["queue"] and _reader(one, "queue") == (0, 1)
 
 
 @pytest.mark.parametrize("args", [["--queue", "4"], ["--queue", "0"], ["--queue"], ["--queue", "x"]])
@@ -429,10 +427,11 @@ def test_a_senders_message_another_node_works_holds_back_its_later_ones(pipeline
     with transaction(db):  # node B (another machine) holds LIS-A's first message, working it now
         db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ? WHERE id = ?",
                    ["node-b.example:4242:1", pipeline.store._epoch() + 300, first])
-    done = pipeline.process_queued(10, (0, 1))
-    assert [o.record_id for o in done] == [other]  # LIS-A's second waits for its first
-    assert pipeline.store.get_message(second).status == "queued"
+    for in_turn in (False, True):  # one reader on node A, or several working in turn
+        done = pipeline.process_queued(10, in_turn=in_turn)
+        assert [o.record_id for o in done] == ([other] if not in_turn else [])  # LIS-A's second waits for its first
+        assert pipeline.store.get_message(second).status == "queued"
     with transaction(db):  # node B is done with it
         db.execute("UPDATE messages SET status = 'stored', lease_owner = NULL, lease_until = NULL WHERE id = ?",
                    [first])
-    assert [o.record_id for o in pipeline.process_queued(10, (0, 1))] == [second]
+    assert [o.record_id for o in pipeline.process_queued(10, in_turn=True)] == [second]

@@ -100,11 +100,14 @@ class SignedBundles:
         self.db = db
 
     def keep(self, bundle_id: str, digest: str, issuer: str, patient_keys: str, direction: str, text: bytes,
-             signed_at: str, message_ref: int | None, *, keys_list: list[str] | None = None) -> bool:
+             signed_at: str, message_ref: int | None, *, keys_list: list[str] | None = None,
+             packed_text: bytes | None = None) -> bool:
+        """Keep a signed text (``packed_text``: :func:`packed` of it, when made already, before the write lock)."""
         kept = bool(self.db.execute(
             "INSERT INTO signed_bundles (bundle_id, doc_sha256, issuer_uscc, patient_keys, direction, text,"
             " signed_at, message_ref) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            [bundle_id, digest, issuer, patient_keys, direction, packed(text), signed_at, message_ref]).rowcount)
+            [bundle_id, digest, issuer, patient_keys, direction, packed(text) if packed_text is None else packed_text,
+             signed_at, message_ref]).rowcount)
         if kept and direction == "issued" and self._patient_table():
             listed = jsonutil.loads(patient_keys) if keys_list is None else keys_list
             keys = {tuple(reversed(key.split("|", 1))) for key in listed if "|" in key}
@@ -115,11 +118,11 @@ class SignedBundles:
         return kept
 
     def keep_bundle(self, bundle: dict[str, Any], digest: str, direction: str, text: bytes, signed_at: str,
-                    message_ref: int | None) -> bool:
+                    message_ref: int | None, *, packed_text: bytes | None = None) -> bool:
         """:meth:`keep` a signed Bundle, its issuer and patient keys read from ``bundle`` (the document signed)."""
         keys = patient_keys(bundle)
         return self.keep(str(bundle.get("id") or ""), digest, issuer_of(bundle), jsonutil.dumps(keys), direction, text,
-                         signed_at, message_ref, keys_list=keys)
+                         signed_at, message_ref, keys_list=keys, packed_text=packed_text)
 
     def latest_issued(self, bundle_id: str) -> bytes | None:
         row = self.db.execute("SELECT text FROM signed_bundles WHERE bundle_id = ? AND direction = 'issued'"

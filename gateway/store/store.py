@@ -96,22 +96,6 @@ def lease_owner() -> str:
     return f"{_HOST}:{os.getpid()}"
 
 
-def sender_share(sender: str | None, n: int) -> int:
-    """Which of ``n`` shares a sender's messages belong to: a number from 0 to n - 1, the same for every message of
-    the sender, on either engine (the first 32 bits of the MD5 of the sender's UTF-8 text, modulo n; SQLite calls
-    this function as ``gateway_share``, PostgreSQL computes it in SQL)."""
-    if n <= 1:
-        return 0
-    return int(hashlib.md5((sender or "").encode("utf-8"), usedforsecurity=False).hexdigest()[:8], 16) % n
-
-
-#: The share of a message's sender in SQL (``n`` bound), as :func:`sender_share` computes it.
-_SHARE_SQL = {
-    "sqlite": "gateway_share(sender, ?)",
-    "postgresql": "mod(CAST(CAST(('x' || substr(md5(sender), 1, 8)) AS bit(32)) AS bigint), ?)",
-}
-
-
 def holder_alive(owner: str | None, until: float | None, now: float) -> bool:
     """Whether a lease still keeps others off a message: unexpired, and its holder not known to be dead.
 
@@ -213,8 +197,13 @@ class StorePort(Protocol):
 
     def messages_keyed(self, fmt: str, sender: str, key: str) -> list[MessageRecord]: ...
 
-    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ...,
-                     share: tuple[int, int] = ...) -> list[tuple[int, str, str, str, bytes, int]]: ...
+    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ..., *,
+                     in_turn: bool = ...) -> list[tuple[int, str, str, str, bytes, int]]: ...
+
+    def earlier_unfinished(self, record_id: int, formats: tuple[str, ...],
+                           mine: frozenset[int] = ...) -> tuple[int, str | None, float | None] | None: ...
+
+    def give_back(self, record_ids: list[int]) -> None: ...
 
     def take(self, record_id: int, lease: float, *, retry: bool = ...) -> MessageRecord | None: ...
 
@@ -367,43 +356,39 @@ class Store:
             "SELECT id, format, channel, origin, raw FROM messages WHERE status = 'queued' ORDER BY id LIMIT ?",
             [limit])]
 
-    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ("hl7v2",),
-                     share: tuple[int, int] = (0, 1)) -> list[tuple[int, str, str, str, bytes, int]]:
+    def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ("hl7v2",), *,
+                     in_turn: bool = False) -> list[tuple[int, str, str, str, bytes, int]]:
         """Take up to ``limit`` messages to work, oldest first: (id, format, channel, origin, raw, attempts).
 
         Those waiting in the queue, and those whose worker died before it
         finished (``received`` with a dead holder or an expired lease); each is
         held by this process for ``lease`` seconds and counted as an attempt.
-        ``share``: (k, n) takes only the messages of the senders in share k of n (:func:`sender_share`), so that
-        n readers never work two messages of one sender at once.
+
+        A sender's message is not taken while a live process holds an earlier one of that sender. With
+        ``in_turn``, while a live process of another machine does: the caller records each message it takes only
+        once every earlier message of its sender has its outcome (:meth:`earlier_unfinished`), so that the readers
+        of one machine may work one sender's messages at once and still record them in the order they came.
         """
         now = self._epoch()
         marks = ",".join("?" * len(formats))
-        k, n = share
-        if not 0 <= k < n:
-            raise ValueError(f"share {k} of {n}")
-        mine = ""
-        if n > 1:
-            mine = f" AND {_SHARE_SQL[dialect(self.db)]} = ?"
-            if dialect(self.db) == "sqlite":
-                self.db.conn.create_function("gateway_share", 2, sender_share, deterministic=True)
 
         def free() -> list[Any]:
             # A sender's message waits while a live process (another node's reader, a listener) holds an earlier one
             # of that sender: its messages are worked in the order they came, whichever node took them in. Holders
             # on other machines are live while their lease runs (left out in SQL, so a busy sender never fills the
             # page); those on this machine while their process is (an earlier message whose holder died here is
-            # itself taken first).
+            # itself taken first). In turn, only other machines' holders hold back a sender's later messages: this
+            # machine's readers work them side by side, each recording its own after the earlier ones.
             rows = self.db.execute(
                 "SELECT id, format, channel, origin, lease_owner, lease_until, sender FROM messages"
-                f" WHERE status IN ('queued', 'received') AND format IN ({marks}){mine}"
+                f" WHERE status IN ('queued', 'received') AND format IN ({marks})"
                 " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?)"
                 " AND NOT EXISTS (SELECT 1 FROM messages w WHERE w.status = 'received' AND w.sender ="
                 " messages.sender AND w.id < messages.id AND w.lease_until > ? AND w.lease_owner NOT LIKE ?)"
                 " ORDER BY id LIMIT ?",
-                [*formats, *([n, k] if n > 1 else []), now, f"{_HOST}:%", now, f"{_HOST}:%", limit * 4]).fetchall()
-            if not rows:
-                return []
+                [*formats, now, f"{_HOST}:%", now, f"{_HOST}:%", limit * 4]).fetchall()
+            if in_turn or not rows:
+                return [r for r in rows if not holder_alive(r[4], r[5], now)][:limit]
             held_here: dict[Any, int] = {}  # sender -> its earliest message a live process of this machine holds
             for sender, rid, owner, until in self.db.execute(
                     "SELECT sender, id, lease_owner, lease_until FROM messages WHERE status = 'received'"
@@ -431,6 +416,32 @@ class Store:
             found = self.db.execute(f"SELECT id, raw, attempts FROM messages WHERE id IN ({marks})",
                                     list(taken)).fetchall()
         return sorted((i, taken[i][1], taken[i][2], taken[i][3], bytes(raw), n) for i, raw, n in found)
+
+    def earlier_unfinished(self, record_id: int, formats: tuple[str, ...],
+                           mine: frozenset[int] = frozenset()) -> tuple[int, str | None, float | None] | None:
+        """The earliest message of ``formats`` from the sender of message ``record_id`` that came before it and
+        has no outcome yet (waiting in the queue, or being worked), those in ``mine`` left out: (id, lease
+        owner, lease until), or None when the message's turn to be recorded has come. Read without the write
+        lock."""
+        marks = ",".join("?" * len(formats))
+        for found, owner, until in self.db.execute(
+                "SELECT w.id, w.lease_owner, w.lease_until FROM messages m JOIN messages w ON w.sender = m.sender"
+                f" AND w.id < m.id WHERE m.id = ? AND w.status IN ('queued', 'received') AND w.format IN ({marks})"
+                " ORDER BY w.id", [record_id, *formats]).fetchall():
+            if int(found) not in mine:
+                return int(found), owner, until
+        return None
+
+    def give_back(self, record_ids: list[int]) -> None:
+        """Put messages this process took from the queue and did not record back in it, uncounted (their attempts
+        as before they were taken): an earlier message of their sender is to be worked first."""
+        if not record_ids:
+            return
+        with transaction(self.db, poll=True):
+            self.db.conn.executemany(
+                "UPDATE messages SET status = 'queued', lease_owner = NULL, lease_until = NULL,"
+                " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
+                " WHERE id = ? AND status = 'received' AND lease_owner = ?", [(i, lease_owner()) for i in record_ids])
 
     def take(self, record_id: int, lease: float, *, retry: bool = False) -> MessageRecord | None:
         """Take one message over to work it again; None when a live process holds it.

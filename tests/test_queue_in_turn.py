@@ -1,0 +1,198 @@
+"""Several queue readers on one sender's messages (``queue_readers`` above 1, ``mllp_ack = received``).
+
+Readers take the next messages of any sender, a few at a time, and work them side by side; each message is
+recorded in its turn, once every earlier message of its sender has its outcome. What must hold: every message is
+recorded once, a sender's messages are recorded in the order they came (a correction never lands before the
+report it corrects), a message whose earlier one is left to nobody goes back to the queue without being counted as
+an attempt, and a reader never waits for a turn longer than half the processing lease (nor 30 s), nor once it
+is stopping.
+
+Input: the first message of the MLLP sample (``tests/data/hl7v2/mllp-framed.hl7``, see tests/data/README.md), its
+control id (MSH-10) and report number (OBR-3) made distinct per message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+import threading
+import time
+
+from gateway.audit.log import entries
+from gateway.pipeline import Pipeline, Status
+from gateway.store.store import lease_owner
+from test_mllp_receipt import GOOD, hl7, units
+
+#: The control id and report number the sample carries.
+CONTROL_ID, REPORT = b"TJ2406100001", b"R2406100001"
+
+
+def numbered(n: int, report: int | None = None, *, corrected: bool = False) -> bytes:
+    """The sample as message ``n`` of its sender, about report ``report`` (``n`` when not given); ``corrected``:
+    a correction of that report (OBR-25 ``C``, its WBC 7.1 instead of 6.3)."""
+    assert GOOD.count(CONTROL_ID) == 1 and REPORT in GOOD
+    message = GOOD.replace(CONTROL_ID, f"IT{n:010d}".encode()).replace(REPORT, f"R{report or n:010d}".encode())
+    if corrected:
+        assert message.count(b"|||F\r") >= 1 and message.count(b"||6.3|10*9/L|") == 1
+        obr_end = message.index(b"\r", message.index(b"\rOBR|") + 1)
+        message = message[:obr_end - 1] + b"C" + message[obr_end:]
+        message = message.replace(b"||6.3|10*9/L|", b"||7.1|10*9/L|")
+    return message
+
+
+def wbc_now(pipeline: Pipeline, report: int) -> float:
+    """The WBC value report ``report`` holds now (its current DiagnosticReport's result)."""
+    found = pipeline.store.search("DiagnosticReport", [("identifier", f"R{report:010d}")]).resources
+    assert len(found) == 1
+    for ref in found[0]["result"]:
+        observation = pipeline.store.read(*ref["reference"].split("/"))
+        if observation["code"]["coding"][0]["code"] == "WBC":
+            return float(observation["valueQuantity"]["value"])
+    raise AssertionError("no WBC result")
+
+
+def recorded_order(pipeline: Pipeline) -> list[str]:
+    """The control ids of the messages recorded, in the order their outcomes were recorded (the audit log's)."""
+    found = []
+    for entry in entries(pipeline.store.db):
+        text = str(entry.content)
+        if "IT0" in text:
+            found.append(text[text.index("IT0"):text.index("IT0") + 12])
+    return found
+
+
+def queue(pipeline: Pipeline, messages: list[bytes]) -> list[int]:
+    receipts = pipeline.receive_batch(hl7(pipeline), units(*messages), channel="mllp")
+    assert {o.status for o in receipts} == {Status.QUEUED}
+    return [int(o.record_id) for o in receipts if o.record_id is not None]
+
+
+def test_two_readers_work_one_senders_messages_side_by_side_and_record_them_in_arrival_order(
+        pipeline, settings, clock) -> None:
+    """One busy sender, two readers: both work its messages, and the outcomes are recorded in arrival order —
+    also where a message corrects the report of the one before it."""
+    sent = [numbered(n, report=(n + 1) // 2, corrected=n % 2 == 0) for n in range(1, 25)]  # a report, its correction
+    ids = queue(pipeline, sent)
+    worked: dict[int, list[int]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def reader(k: int) -> None:
+        mine = Pipeline(settings, clock=clock)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                done = mine.process_queued(2, in_turn=True)
+                worked[k] += [int(o.record_id) for o in done if o.record_id is not None]
+                counts = mine.store.counts()
+                if not counts.get("queued") and not counts.get("received"):
+                    return
+                if not done:
+                    time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+        finally:
+            mine.close()
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert not errors, errors
+    assert sorted(worked[0] + worked[1]) == ids, "every message recorded once"
+    assert worked[0] and worked[1], "both readers worked the sender's messages"
+    assert pipeline.store.counts() == {"stored": 24}
+    assert recorded_order(pipeline) == [f"IT{n:010d}" for n in range(1, 25)], "recorded in arrival order"
+    assert [wbc_now(pipeline, report) for report in range(1, 13)] == [7.1] * 12, "every correction holds"
+
+
+def held_by(pipeline: Pipeline, record_id: int, seconds: float) -> subprocess.Popen[bytes]:
+    """Message ``record_id`` taken by another process of this machine that lives ``seconds`` (and works nothing)."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    owner = lease_owner().rpartition(":")[0] + f":{holder.pid}"
+    pipeline.store.db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
+                              " attempts = 1 WHERE id = ?", [owner, pipeline.store.epoch() + 60, record_id])
+    return holder
+
+
+def test_a_message_whose_earlier_one_is_left_to_nobody_goes_back_uncounted(pipeline, settings, clock) -> None:
+    """The process working the earlier message of the same sender dies while a reader waits with the later one:
+    the reader gives the later one back as it was (its attempt not counted), and the next pass takes the earlier
+    one first and records both, in order."""
+    first, second = queue(pipeline, [numbered(1), numbered(2)])
+    holder = held_by(pipeline, first, 1.0)
+    try:
+        assert pipeline.process_queued(2, in_turn=True) == [], "the later one waited, then went back"
+    finally:
+        holder.wait(30)
+    later = pipeline.store.get_message(second)
+    assert (later.status, later.lease_owner, later.attempts) == ("queued", None, 0)
+    done = pipeline.process_queued(2, in_turn=True)
+    assert [(o.record_id, o.status) for o in done] == [(first, Status.STORED), (second, Status.STORED)]
+    assert pipeline.store.get_message(first).attempts == 2 and pipeline.store.get_message(second).attempts == 1
+    assert recorded_order(pipeline) == ["IT0000000001", "IT0000000002"]
+
+
+def test_a_reader_waits_for_a_live_process_at_most_half_the_processing_lease(settings, clock, caplog) -> None:
+    """While a live process works the earlier message, the later one waits for its turn; past half the
+    processing lease it goes back to the queue, said in the log, and is recorded once the earlier one is."""
+    reader = Pipeline(dataclasses.replace(settings, processing_lease=0.6), clock=clock)
+    try:
+        first, second = queue(reader, [numbered(1), numbered(2)])
+        holder = held_by(reader, first, 30.0)
+        try:
+            began = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+                assert reader.process_queued(2, in_turn=True) == []
+            waited = time.monotonic() - began
+            assert 0.3 <= waited < 5, waited
+            assert (f"message record={second} waited too long for the outcome of record={first}, from the same "
+                    f"sender (worked by {lease_owner().rpartition(':')[0]}:{holder.pid}); it goes back to the queue"
+                    ) in caplog.text
+            assert reader.store.get_message(second).lease_owner is None
+            assert reader.store.get_message(second).attempts == 0
+        finally:
+            holder.kill()
+            holder.wait(30)
+        done = reader.process_queued(2, in_turn=True)
+        assert [o.record_id for o in done] == [first, second]
+        assert recorded_order(reader) == ["IT0000000001", "IT0000000002"]
+    finally:
+        reader.close()
+
+
+def test_recorded_in_groups_each_group_stops_before_a_message_whose_turn_has_not_come(pipeline) -> None:
+    """``queue_record_group`` 2 with readers in turn: the first message is recorded before the reader waits for the
+    earlier message of the third (another process's); once that is done, the next pass records the rest in order."""
+    first, second, third = queue(pipeline, [numbered(1), numbered(2), numbered(3)])
+    holder = held_by(pipeline, second, 1.0)
+    try:
+        done = pipeline.process_queued(3, group=2, in_turn=True)
+    finally:
+        holder.wait(30)
+    assert [o.record_id for o in done] == [first], "recorded before the wait; the third went back"
+    assert pipeline.store.get_message(third).status == "queued"
+    done = pipeline.process_queued(3, group=2, in_turn=True)
+    assert [o.record_id for o in done] == [second, third]
+    assert recorded_order(pipeline) == ["IT0000000001", "IT0000000002", "IT0000000003"]
+
+
+def test_a_reader_that_is_stopping_gives_its_waiting_messages_back_at_once(pipeline) -> None:
+    """``gateway serve`` stopping (SIGTERM sets the reader's stop event) while a message waits for its turn: the
+    message goes back to the queue at once, not after the wait's limit."""
+    first, second = queue(pipeline, [numbered(1), numbered(2)])
+    holder = held_by(pipeline, first, 60.0)
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    try:
+        timer.start()
+        began = time.monotonic()
+        assert pipeline.process_queued(2, in_turn=True, stop=stop) == []
+        assert time.monotonic() - began < 5
+    finally:
+        timer.cancel()
+        holder.kill()
+        holder.wait(30)
+    later = pipeline.store.get_message(second)
+    assert (later.status, later.lease_owner, later.attempts) == ("queued", None, 0)
