@@ -170,7 +170,9 @@ def test_instance_and_type_history_bundles(loaded, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("accept", [None, "*/*", "application/fhir+json", "application/json",
-                                    "application/fhir+json; fhirVersion=4.0", "text/html,application/*;q=0.8"])
+                                    "application/fhir+json; fhirVersion=4.0", "text/html,application/*;q=0.8",
+                                    "application/fhir+json; fhirVersion=3.0, application/fhir+json; fhirVersion=4.0",
+                                    'application/fhir+json; fhirVersion="4.0.1"'])
 def test_json_is_served_for_json_and_anything(loaded, accept) -> None:
     headers = {"Accept": accept} if accept else {}
     resp = loaded.get("/fhir/Patient", headers=headers)
@@ -187,6 +189,17 @@ def test_format_json_is_served(loaded, fmt) -> None:
 def test_xml_and_html_are_not_acceptable(loaded, path, accept) -> None:
     body = assert_outcome(loaded.get(path, headers={"Accept": accept}), 406)
     assert "application/fhir+json" in body["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient", "/fhir/metadata"])
+@pytest.mark.parametrize("accept", ["application/fhir+json; fhirVersion=3.0", "application/json;fhirVersion=1.0",
+                                    "application/fhir+json; fhirVersion=5.0, application/json; fhirVersion=3.0"])
+def test_another_fhir_version_is_not_acceptable(loaded, path, accept) -> None:
+    """FHIR R4 §3.1.0.6 (the version parameter): a client asking for STU3 or R5 content is told it is not served
+    (406), not sent R4 it would misread."""
+    body = assert_outcome(loaded.get(path, headers={"Accept": accept}), 406)
+    assert "FHIR R4" in body["issue"][0]["diagnostics"]
+    assert_outcome(loaded.get(path, query_string={"_format": "application/fhir+json;fhirVersion=3.0"}), 406)
 
 
 @pytest.mark.parametrize("fmt", ["xml", "application/fhir+xml", "html", "text/html", "turtle"])
@@ -208,6 +221,11 @@ def test_large_answers_are_gzipped_for_clients_that_accept_it(loaded) -> None:
     assert json.loads(gzip.decompress(zipped.data)) == plain.get_json()
     small = loaded.get("/fhir/Observation?_count=0", headers={"Accept-Encoding": "gzip"})
     assert "Content-Encoding" not in small.headers  # under 1 KB: sent as it is
+    for refused in ("gzip;q=0", "gzip; q=0.0, deflate", "identity, gzip;q=0, *;q=1"):  # RFC 9110 §12.5.3
+        assert "Content-Encoding" not in loaded.get("/fhir/Observation", headers={"Accept-Encoding": refused}).headers
+    for anything in ("*", "GZIP;q=0.5", "deflate;q=1, gzip;q=0.1"):
+        assert loaded.get("/fhir/Observation", headers={"Accept-Encoding": anything}).headers["Content-Encoding"] \
+            == "gzip"
 
 
 def test_cors_is_off_by_default(loaded) -> None:

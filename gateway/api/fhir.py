@@ -64,6 +64,8 @@ _ELEMENT = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
 #: What ``_format`` and ``Accept`` may name for the JSON this server speaks (parameters such as
 #: ``fhirVersion=4.0`` aside).
 _JSON_FORMATS = ("json", "application/json", "application/fhir+json", "application/json+fhir")
+#: The ``fhirVersion`` a media type may name for what this server speaks (FHIR R4): another version is not served.
+_FHIR_VERSIONS = ("4.0", "4.0.1")
 _GZIP_MIN = 1024  # bytes: smaller answers are sent as they are
 
 
@@ -78,15 +80,26 @@ def _check_format() -> None:
     """
     fmt = request.args.get("_format") or (request.form.get("_format") if _form_posted() else None)
     if fmt:
-        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
+        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS or not _our_version(fmt):
             raise NotAcceptable(f"_format {shown(fmt)} is not supported; this server speaks application/fhir+json "
-                                "(_format=json)")
+                                "(_format=json), FHIR R4")
         return
     accept = request.headers.get("Accept", "").strip()
     served = {"application/fhir+json", "application/json", "application/json+fhir", "application/*", "*/*", "*"}
-    if accept and not any(value.split(";")[0].strip().lower() in served and quality > 0
+    if accept and not any(value.split(";")[0].strip().lower() in served and quality > 0 and _our_version(value)
                           for value, quality in request.accept_mimetypes):
-        raise NotAcceptable(f"Accept {shown(accept[:80])} is not served; this server speaks application/fhir+json")
+        raise NotAcceptable(f"Accept {shown(accept[:80])} is not served; this server speaks application/fhir+json, "
+                            "FHIR R4 (fhirVersion=4.0)")
+
+
+def _our_version(media_type: str) -> bool:
+    """False when ``media_type`` names a ``fhirVersion`` other than R4's (``application/fhir+json;
+    fhirVersion=3.0``): a client asking for another FHIR version is not served R4 content it would misread."""
+    for parameter in media_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "fhirversion" and value.strip().strip('"') not in _FHIR_VERSIONS:
+            return False
+    return True
 
 
 def _form_posted() -> bool:
@@ -109,7 +122,7 @@ def _compress(response: Response) -> Response:
     """gzip a FHIR answer over 1 KB for a client that accepts it."""
     if (not _fhir_path() or response.status_code != 200 or response.direct_passthrough or response.is_streamed
             or "Content-Encoding" in response.headers
-            or "gzip" not in request.headers.get("Accept-Encoding", "").lower()):
+            or request.accept_encodings.quality("gzip") <= 0):  # (``gzip;q=0``: anything but gzip)
         return response
     data = response.get_data()
     if len(data) < _GZIP_MIN:
