@@ -129,6 +129,17 @@ def test_a_submission_in_another_media_type_is_refused_as_such(client, content_t
                            content_type=fine).status_code in (200, 201)
 
 
+def test_a_submission_of_another_fhir_version_is_refused_as_such(client) -> None:
+    """A Bundle sent as ``application/fhir+json; fhirVersion=3.0`` (STU3) is not read as R4: 415 saying so."""
+    answer = client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)),
+                         content_type="application/fhir+json; fhirVersion=3.0")
+    assert answer.status_code == 415
+    assert "names another FHIR version" in answer.get_json()["issue"][0]["diagnostics"]
+    assert client.get("/fhir/Observation").get_json()["total"] == 0
+    assert client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)),
+                       content_type="application/fhir+json; fhirVersion=4.0").status_code == 201
+
+
 def test_an_identifier_holding_a_hash_is_its_own_and_a_resend_being_worked_is_answered_503(client, app) -> None:
     """A '#' in Bundle.identifier no longer reads as the n-th request of another identifier (resends are kept as
     key, key#2 ...); a resend while the first copy is being worked is a passing state: 503 with Retry-After."""

@@ -166,6 +166,9 @@ def submit() -> Response:
     if sent and sent not in _JSON_TYPES:  # (FHIR XML, a form, text): said, not read as JSON or as an empty body
         raise UnsupportedMediaType(f"Content-Type {sent} is not taken here: send the Bundle as FHIR JSON "
                                    "(application/fhir+json)")
+    if not _our_version(request.headers.get("Content-Type", "")):  # (an STU3 Bundle read as R4 is misread)
+        raise UnsupportedMediaType(f"Content-Type {shown(request.headers.get('Content-Type', '')[:80])} names another "
+                                   "FHIR version: this server takes FHIR R4 (fhirVersion=4.0)")
     body = request.get_data(cache=False)
     if not body.strip():
         raise InputError("request body is empty: send a Bundle", "Bundle")
