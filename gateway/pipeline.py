@@ -216,7 +216,7 @@ _REFUSALS = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "
 Checker = Callable[[dict[str, Any]], list[Issue]]
 #: Seconds at most a queue reader waits for the outcome of an earlier message of the same sender before it puts the
 #: later one back in the queue (and at most half the processing lease): a reader never looks hung to ``/health``.
-TURN_WAIT = 30.0
+TURN_WAIT = 10.0
 _BATCH = 32  # units stored and processed per pair of commits when a body or file holds many
 #: Statuses of an earlier copy of a document whose outcome answers a resend of the same content.
 _ANSWERED = ("stored", "filtered", "failed")

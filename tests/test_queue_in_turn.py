@@ -4,8 +4,8 @@ Readers take the next messages of any sender, a few at a time, and work them sid
 recorded in its turn, once every earlier message of its sender has its outcome. What must hold: every message is
 recorded once, a sender's messages are recorded in the order they came (a correction never lands before the
 report it corrects), a message whose earlier one is left to nobody goes back to the queue without being counted as
-an attempt, and a reader never waits for a turn longer than half the processing lease (nor 30 s), nor once it
-is stopping.
+an attempt, a reader never waits for a turn longer than half the processing lease (nor 10 s), nor once it is
+stopping, and a sender whose message a stuck process holds never keeps the other senders waiting.
 
 Input: the first message of the MLLP sample (``tests/data/hl7v2/mllp-framed.hl7``, see tests/data/README.md), its
 control id (MSH-10) and report number (OBR-3) made distinct per message.
@@ -196,3 +196,23 @@ def test_a_reader_that_is_stopping_gives_its_waiting_messages_back_at_once(pipel
         holder.wait(30)
     later = pipeline.store.get_message(second)
     assert (later.status, later.lease_owner, later.attempts) == ("queued", None, 0)
+
+
+def test_a_sender_whose_message_a_stuck_process_holds_never_keeps_the_other_senders_waiting(pipeline) -> None:
+    """One sender's first message is held by a live process that makes no progress (stopped, hung) and its later
+    messages fill the queue's head; another sender's message comes after them all: the reader takes and records
+    the other sender's message, without waiting for the held sender's turn."""
+    from test_mllp_receipt import msh_field
+
+    held_sender = queue(pipeline, [numbered(n) for n in range(1, 14)])
+    other = queue(pipeline, [msh_field(numbered(99), 3, "LIS-B")])
+    holder = held_by(pipeline, held_sender[0], 60.0)
+    try:
+        began = time.monotonic()
+        done = pipeline.process_queued(2, in_turn=True)
+        assert time.monotonic() - began < 5, "no wait for the held sender's turn"
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert [o.record_id for o in done] == other
+    assert {pipeline.store.get_message(i).status for i in held_sender[1:]} == {"queued"}

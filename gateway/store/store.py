@@ -372,39 +372,73 @@ class Store:
         now = self._epoch()
         marks = ",".join("?" * len(formats))
 
-        def free() -> list[Any]:
-            # A sender's message waits while a live process (another node's reader, a listener) holds an earlier one
-            # of that sender: its messages are worked in the order they came, whichever node took them in. Holders
-            # on other machines are live while their lease runs (left out in SQL, so a busy sender never fills the
-            # page); those on this machine while their process is (an earlier message whose holder died here is
-            # itself taken first). In turn, only other machines' holders hold back a sender's later messages: this
-            # machine's readers work them side by side, each recording its own after the earlier ones.
-            rows = self.db.execute(
-                "SELECT id, format, channel, origin, lease_owner, lease_until, sender FROM messages"
-                f" WHERE status IN ('queued', 'received') AND format IN ({marks})"
+        # A sender's message waits while a live process (another node's reader, a listener) holds an earlier one
+        # of that sender: its messages are worked in the order they came, whichever node took them in. Holders
+        # on other machines are live while their lease runs (left out in SQL, so a busy sender never fills the
+        # page); those on this machine while their process is (an earlier message whose holder died here is
+        # itself taken first).
+        page = ("SELECT id, format, channel, origin, lease_owner, lease_until, sender FROM messages"
+                f" WHERE status IN ('queued', 'received') AND format IN ({marks}){{but}}"
                 " AND (lease_until IS NULL OR lease_until <= ? OR lease_owner LIKE ?)"
                 " AND NOT EXISTS (SELECT 1 FROM messages w WHERE w.status = 'received' AND w.sender ="
                 " messages.sender AND w.id < messages.id AND w.lease_until > ? AND w.lease_owner NOT LIKE ?)"
-                " ORDER BY id LIMIT ?",
-                [*formats, now, f"{_HOST}:%", now, f"{_HOST}:%", limit * 4]).fetchall()
-            if in_turn or not rows:
-                return [r for r in rows if not holder_alive(r[4], r[5], now)][:limit]
-            held_here: dict[Any, int] = {}  # sender -> its earliest message a live process of this machine holds
+                " ORDER BY id LIMIT ?")
+
+        def held_here() -> dict[Any, int]:
+            """Sender -> its earliest message a live process of this machine holds."""
+            held: dict[Any, int] = {}
             for sender, rid, owner, until in self.db.execute(
                     "SELECT sender, id, lease_owner, lease_until FROM messages WHERE status = 'received'"
                     f" AND format IN ({marks}) AND lease_owner LIKE ?", [*formats, f"{_HOST}:%"]).fetchall():
                 if holder_alive(owner, until, now):
-                    held_here[sender] = min(int(rid), held_here.get(sender, int(rid)))
-            return [r for r in rows if not holder_alive(r[4], r[5], now)
-                    and int(r[0]) < held_here.get(r[6], int(r[0]) + 1)][:limit]
+                    held[sender] = min(int(rid), held.get(sender, int(rid)))
+            return held
 
-        if not free():  # looked at without the write lock: an idle reader never holds up the writers
+        def free() -> list[Any]:
+            rows = self.db.execute(page.format(but=""), [*formats, now, f"{_HOST}:%", now, f"{_HOST}:%",
+                                                         limit * 4]).fetchall()
+            if not rows:
+                return []
+            held = held_here()
+            return [r for r in rows if not holder_alive(r[4], r[5], now)
+                    and int(r[0]) < held.get(r[6], int(r[0]) + 1)][:limit]
+
+        def in_turn_free() -> list[Any]:
+            # Readers working in turn take the messages of senders this machine's processes hold nothing earlier
+            # of, further down the queue if need be (a sender whose message a stuck process holds never keeps the
+            # others waiting); only when there are none, the next messages of the senders they hold (worked side
+            # by side, each recorded after the earlier ones).
+            rows = self.db.execute(page.format(but=""), [*formats, now, f"{_HOST}:%", now, f"{_HOST}:%",
+                                                         limit * 4]).fetchall()
+            claimable = [r for r in rows if not holder_alive(r[4], r[5], now)]
+            held = held_here()
+            first = [r for r in claimable if int(r[0]) < held.get(r[6], int(r[0]) + 1)]
+            if len(first) < limit and held and len(rows) == limit * 4:
+                senders = list(held)
+                but = f" AND sender NOT IN ({','.join('?' * len(senders))})"
+                further = self.db.execute(page.format(but=but), [*formats, *senders, now, f"{_HOST}:%", now,
+                                                                 f"{_HOST}:%", limit * 4]).fetchall()
+                seen = {r[0] for r in first}
+                first += [r for r in further if r[0] not in seen and not holder_alive(r[4], r[5], now)]
+                first.sort(key=lambda r: int(r[0]))
+            return first[:limit] if first else claimable[:limit]
+
+        found = in_turn_free() if in_turn else free()
+        if not found:  # looked at without the write lock: an idle reader never holds up the writers
             return []
         # Selected, then updated, under the write lock (SQLite's BEGIN IMMEDIATE; on PostgreSQL the advisory
         # lock transaction() takes): no other writer — another process, another gateway node on the same
-        # PostgreSQL — runs between the two, so two readers never take the same message.
+        # PostgreSQL — runs between the two, so two readers never take the same message. In turn, those chosen
+        # are looked at again, by their ids alone.
         with transaction(self.db, poll=True):
-            found = free()
+            if in_turn:
+                ids = [r[0] for r in found]
+                still = {int(i): (owner, until) for i, status, owner, until in self.db.execute(
+                    "SELECT id, status, lease_owner, lease_until FROM messages WHERE id IN"
+                    f" ({','.join('?' * len(ids))})", ids).fetchall() if status in ("queued", "received")}
+                found = [r for r in found if int(r[0]) in still and not holder_alive(*still[int(r[0])], now)]
+            else:
+                found = free()
             if not found:
                 return []
             owner, until = lease_owner(), now + lease
