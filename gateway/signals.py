@@ -37,5 +37,12 @@ def ignore_later_signals(*signums: int) -> None:
 
 def _ignore_at_exit() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) is _nothing:
-            signal.signal(signum, signal.SIG_IGN)
+        for _ in range(3):
+            try:
+                if signal.getsignal(signum) is _nothing:
+                    signal.signal(signum, signal.SIG_IGN)
+                break
+            except OSError:
+                # "Signal 15 ignored due to race condition": a signal that came while the one before was set to
+                # SIG_IGN, found pending with SIG_IGN in place when the next is set. Ignoring it is what was meant.
+                continue
