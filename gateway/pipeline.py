@@ -840,18 +840,20 @@ class Pipeline:
         size = max(1, int(self.settings.queue_record_group) if group is None else group)
         lease = float(self.settings.processing_lease)
         formats = tuple(self.channels)
-        claimed = self.store.claim_queued(limit, lease, formats, in_turn=True)
+        began = time.monotonic()
+        claimed = self.store.claim_queued(limit, lease, formats, in_turn=True, patience=TURN_WAIT)
         outcomes: list[Outcome] = []
         worked: list[tuple[Channel, RawUnit, Outcome, str]] = []
         pending: list[tuple[Channel, RawUnit, Outcome, str]] = []  # worked, whose turn has come, not recorded yet
         left = 0  # claimed[:left] are recorded (or given up)
-        deadline = time.monotonic() + min(lease / 2, TURN_WAIT)  # (from the lease's start)
         try:
             for record_id, fmt, channel, origin, raw, attempts in claimed:
                 ch = self.channel(fmt)
                 unit = RawUnit(raw, 1, origin)
                 worked.append((ch, unit, self._set_aside(ch, unit, record_id, attempts) if attempts > MAX_ATTEMPTS
                                else self._work(ch, unit, record_id), channel))
+            # a turn is awaited TURN_WAIT from now, and never past half the lease the units are held under
+            deadline = min(time.monotonic() + TURN_WAIT, began + lease / 2)
             for n, item in enumerate(worked):
                 record_id = claimed[n][0]
                 mine = frozenset(c[0] for c in claimed[n - len(pending):n])
@@ -866,9 +868,12 @@ class Pipeline:
                 if len(pending) >= size or n == len(worked) - 1:
                     outcomes += self._record_group(pending)
                     pending, left = [], n + 1
-        except BaseException:  # the database failed: what this call took and did not record is free again at once
-            for unfinished in claimed[left:]:
-                self._release(unfinished[0])
+        except BaseException:  # the database failed: what this call took and did not record goes back to the queue
+            try:  # (queued, not left "received" for the background's rework, which would record it out of turn)
+                self.store.give_back([c[0] for c in claimed[left:]])
+            except Exception:  # noqa: BLE001 - the database is gone: the leases are given up, or expire
+                for unfinished in claimed[left:]:
+                    self._release(unfinished[0])
             raise
         return outcomes
 
@@ -892,7 +897,7 @@ class Pipeline:
                             "(worked by %s); it goes back to the queue", record_id, earlier[0], earlier[1])
                 return False
             time.sleep(pause)
-            pause = min(pause * 2, 0.001)
+            pause = min(pause * 2, 0.005)
 
     def _record_group(self, worked: list[tuple[Channel, RawUnit, Outcome, str]]) -> list[Outcome]:
         """Record worked queued units in one transaction (see :meth:`process_queued`); a unit that could not be
@@ -920,6 +925,8 @@ class Pipeline:
         self.store.fail_in_flight(keep=formats)  # what only other parts work (received exchange Bundles)
         done = 0
         for record_id in self.store.abandoned(formats, limit=100_000):
+            if self.store.earlier_unfinished(record_id, formats) is not None:
+                continue  # its turn comes after an earlier message of its sender (the queue's, or still worked)
             outcome = self._rework(record_id)
             if outcome is not None:
                 done += 1
@@ -935,9 +942,12 @@ class Pipeline:
         """
         done = 0
         deadline = time.monotonic() + seconds
-        for record_id in self.store.abandoned(tuple(self.channels), limit=limit):
+        formats = tuple(self.channels)
+        for record_id in self.store.abandoned(formats, limit=limit):
             if time.monotonic() > deadline:
                 break
+            if self.store.earlier_unfinished(record_id, formats) is not None:
+                continue  # recorded in its turn: after the earlier messages of its sender (a reader's, the queue's)
             outcome = self._rework(record_id)
             if outcome is not None:
                 done += 1

@@ -172,7 +172,8 @@ def test_instance_and_type_history_bundles(loaded, tmp_path) -> None:
 @pytest.mark.parametrize("accept", [None, "*/*", "application/fhir+json", "application/json",
                                     "application/fhir+json; fhirVersion=4.0", "text/html,application/*;q=0.8",
                                     "application/fhir+json; fhirVersion=3.0, application/fhir+json; fhirVersion=4.0",
-                                    'application/fhir+json; fhirVersion="4.0.1"'])
+                                    'application/fhir+json; fhirVersion="4.0.1"',
+                                    "application/json; fhirVersion=4.0.0"])
 def test_json_is_served_for_json_and_anything(loaded, accept) -> None:
     headers = {"Accept": accept} if accept else {}
     resp = loaded.get("/fhir/Patient", headers=headers)
@@ -193,6 +194,7 @@ def test_xml_and_html_are_not_acceptable(loaded, path, accept) -> None:
 
 @pytest.mark.parametrize("path", ["/fhir/Patient", "/fhir/metadata"])
 @pytest.mark.parametrize("accept", ["application/fhir+json; fhirVersion=3.0", "application/json;fhirVersion=1.0",
+                                    "application/fhir+json; fhirVersion=4.3",
                                     "application/fhir+json; fhirVersion=5.0, application/json; fhirVersion=3.0"])
 def test_another_fhir_version_is_not_acceptable(loaded, path, accept) -> None:
     """FHIR R4 §3.1.0.6 (the version parameter): a client asking for STU3 or R5 content is told it is not served

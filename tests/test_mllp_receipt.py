@@ -302,9 +302,12 @@ def test_two_queue_readers_work_several_senders_and_record_each_senders_messages
     worked: dict[int, list[int]] = {0: [], 1: []}
     errors: list[BaseException] = []
 
+    start = threading.Barrier(2, timeout=60)  # both readers ready before either works: each takes its part
+
     def reader(k: int) -> None:
         mine = Pipeline(settings, clock=clock)
         try:
+            start.wait()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 worked[k] += [o.record_id for o in mine.process_queued(2, in_turn=True)]

@@ -77,9 +77,12 @@ def test_two_readers_work_one_senders_messages_side_by_side_and_record_them_in_a
     worked: dict[int, list[int]] = {0: [], 1: []}
     errors: list[BaseException] = []
 
+    start = threading.Barrier(2, timeout=60)  # both readers ready before either works: each takes its part
+
     def reader(k: int) -> None:
         mine = Pipeline(settings, clock=clock)
         try:
+            start.wait()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 done = mine.process_queued(2, in_turn=True)
@@ -107,13 +110,41 @@ def test_two_readers_work_one_senders_messages_side_by_side_and_record_them_in_a
     assert [wbc_now(pipeline, report) for report in range(1, 13)] == [7.1] * 12, "every correction holds"
 
 
-def held_by(pipeline: Pipeline, record_id: int, seconds: float) -> subprocess.Popen[bytes]:
-    """Message ``record_id`` taken by another process of this machine that lives ``seconds`` (and works nothing)."""
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+def held_by(pipeline: Pipeline, record_id: int, *, since: float = 0.0) -> subprocess.Popen[bytes]:
+    """Message ``record_id`` taken ``since`` seconds ago by another process of this machine, alive (and working
+    nothing) until the test kills it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     owner = lease_owner().rpartition(":")[0] + f":{holder.pid}"
+    until = pipeline.store.epoch() - since + float(pipeline.settings.processing_lease)
     pipeline.store.db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
-                              " attempts = 1 WHERE id = ?", [owner, pipeline.store.epoch() + 60, record_id])
+                              " attempts = 1 WHERE id = ?", [owner, until, record_id])
     return holder
+
+
+def dies_when(pipeline: Pipeline, holder: subprocess.Popen[bytes], record_id: int,
+              status: str | None = None) -> threading.Thread:
+    """A thread that kills ``holder`` once this process holds message ``record_id`` (a reader waits with it), or,
+    with ``status``, once that message has it."""
+    def watch() -> None:
+        from gateway.store.store import Store
+
+        looking = Store.open(pipeline.settings.database_locator)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                found = looking.get_message(record_id)
+                if (found.status == status) if status else (found.lease_owner == lease_owner()):
+                    break
+                time.sleep(0.01)
+            time.sleep(0.05)
+        finally:
+            looking.close()
+            holder.kill()
+            holder.wait(30)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
 
 
 def test_a_message_whose_earlier_one_is_left_to_nobody_goes_back_uncounted(pipeline, settings, clock) -> None:
@@ -121,16 +152,38 @@ def test_a_message_whose_earlier_one_is_left_to_nobody_goes_back_uncounted(pipel
     the reader gives the later one back as it was (its attempt not counted), and the next pass takes the earlier
     one first and records both, in order."""
     first, second = queue(pipeline, [numbered(1), numbered(2)])
-    holder = held_by(pipeline, first, 1.0)
+    holder = held_by(pipeline, first)
+    watcher = dies_when(pipeline, holder, second)
     try:
         assert pipeline.process_queued(2, in_turn=True) == [], "the later one waited, then went back"
     finally:
-        holder.wait(30)
+        watcher.join(90)
     later = pipeline.store.get_message(second)
     assert (later.status, later.lease_owner, later.attempts) == ("queued", None, 0)
     done = pipeline.process_queued(2, in_turn=True)
     assert [(o.record_id, o.status) for o in done] == [(first, Status.STORED), (second, Status.STORED)]
     assert pipeline.store.get_message(first).attempts == 2 and pipeline.store.get_message(second).attempts == 1
+    assert recorded_order(pipeline) == ["IT0000000001", "IT0000000002"]
+
+
+def test_the_background_rework_of_abandoned_messages_keeps_each_senders_turn(pipeline) -> None:
+    """A reader died holding a later message while an earlier one of its sender is still worked (or waits in the
+    queue): the background pass that works abandoned messages again leaves the later one for its turn; once the
+    earlier one has its outcome, the later one is worked again and recorded after it."""
+    first, second = queue(pipeline, [numbered(1), numbered(2)])
+    holder = held_by(pipeline, first)
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait(30)
+        pipeline.store.db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?"
+                                  " WHERE id = ?", [lease_owner().rpartition(":")[0] + f":{dead.pid}",
+                                                    pipeline.store.epoch() + 60, second])
+        assert pipeline.rework_abandoned() == 0, "the later one waits for the earlier one, still being worked"
+        assert pipeline.store.get_message(second).status == "received"
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert pipeline.rework_abandoned() == 2
     assert recorded_order(pipeline) == ["IT0000000001", "IT0000000002"]
 
 
@@ -140,7 +193,7 @@ def test_a_reader_waits_for_a_live_process_at_most_half_the_processing_lease(set
     reader = Pipeline(dataclasses.replace(settings, processing_lease=0.6), clock=clock)
     try:
         first, second = queue(reader, [numbered(1), numbered(2)])
-        holder = held_by(reader, first, 30.0)
+        holder = held_by(reader, first)
         try:
             began = time.monotonic()
             with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
@@ -162,17 +215,24 @@ def test_a_reader_waits_for_a_live_process_at_most_half_the_processing_lease(set
         reader.close()
 
 
-def test_recorded_in_groups_each_group_stops_before_a_message_whose_turn_has_not_come(pipeline) -> None:
-    """``queue_record_group`` 2 with readers in turn: the first message is recorded before the reader waits for the
-    earlier message of the third (another process's); once that is done, the next pass records the rest in order."""
+def test_recorded_in_groups_each_group_stops_before_a_message_whose_turn_has_not_come(pipeline, monkeypatch) -> None:
+    """``queue_record_group`` 2 with readers in turn, a reader holding messages 1 and 3 while another process works
+    2: message 1 is recorded before the reader waits for 3's turn; once 2's process is gone, 3 goes back to the
+    queue, and the next pass records 2 and 3, in order."""
     first, second, third = queue(pipeline, [numbered(1), numbered(2), numbered(3)])
-    holder = held_by(pipeline, second, 1.0)
+    holder = held_by(pipeline, second)
+    store = pipeline.store
+    taken = [store.take(first, 60.0), store.take(third, 60.0)]  # as a claim by this reader would hold them
+    claim = [(r.id, r.format, r.channel, r.origin, store.raw_of(r.id), r.attempts) for r in taken if r is not None]
+    monkeypatch.setattr(store, "claim_queued", lambda *args, **kwargs: claim)
+    watcher = dies_when(pipeline, holder, first, status="stored")
     try:
         done = pipeline.process_queued(3, group=2, in_turn=True)
     finally:
-        holder.wait(30)
+        watcher.join(90)
     assert [o.record_id for o in done] == [first], "recorded before the wait; the third went back"
-    assert pipeline.store.get_message(third).status == "queued"
+    assert store.get_message(third).status == "queued"
+    monkeypatch.undo()
     done = pipeline.process_queued(3, group=2, in_turn=True)
     assert [o.record_id for o in done] == [second, third]
     assert recorded_order(pipeline) == ["IT0000000001", "IT0000000002", "IT0000000003"]
@@ -182,7 +242,7 @@ def test_a_reader_that_is_stopping_gives_its_waiting_messages_back_at_once(pipel
     """``gateway serve`` stopping (SIGTERM sets the reader's stop event) while a message waits for its turn: the
     message goes back to the queue at once, not after the wait's limit."""
     first, second = queue(pipeline, [numbered(1), numbered(2)])
-    holder = held_by(pipeline, first, 60.0)
+    holder = held_by(pipeline, first)
     stop = threading.Event()
     timer = threading.Timer(0.3, stop.set)
     try:
@@ -199,20 +259,24 @@ def test_a_reader_that_is_stopping_gives_its_waiting_messages_back_at_once(pipel
 
 
 def test_a_sender_whose_message_a_stuck_process_holds_never_keeps_the_other_senders_waiting(pipeline) -> None:
-    """One sender's first message is held by a live process that makes no progress (stopped, hung) and its later
-    messages fill the queue's head; another sender's message comes after them all: the reader takes and records
-    the other sender's message, without waiting for the held sender's turn."""
+    """One sender's first message has been held for 30 s by a live process that makes no progress (stopped,
+    hung) and its later messages fill the queue's head; another sender's message comes after them all: the reader
+    takes and records the other sender's message, and leaves the held sender's ones waiting; once no other sender
+    has any, still not the held sender's (its holder is stuck: each would wait its 10 s for nothing)."""
     from test_mllp_receipt import msh_field
 
-    held_sender = queue(pipeline, [numbered(n) for n in range(1, 14)])
+    held_sender = queue(pipeline, [numbered(n) for n in range(1, 81)])  # more than a reader's first look
     other = queue(pipeline, [msh_field(numbered(99), 3, "LIS-B")])
-    holder = held_by(pipeline, held_sender[0], 60.0)
+    holder = held_by(pipeline, held_sender[0], since=30.0)
     try:
         began = time.monotonic()
         done = pipeline.process_queued(2, in_turn=True)
         assert time.monotonic() - began < 5, "no wait for the held sender's turn"
+        assert [o.record_id for o in done] == other
+        began = time.monotonic()
+        assert pipeline.process_queued(2, in_turn=True) == []
+        assert time.monotonic() - began < 5, "the stuck holder's sender is left alone, not waited for"
     finally:
         holder.kill()
         holder.wait(30)
-    assert [o.record_id for o in done] == other
     assert {pipeline.store.get_message(i).status for i in held_sender[1:]} == {"queued"}

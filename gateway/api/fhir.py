@@ -64,8 +64,9 @@ _ELEMENT = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
 #: What ``_format`` and ``Accept`` may name for the JSON this server speaks (parameters such as
 #: ``fhirVersion=4.0`` aside).
 _JSON_FORMATS = ("json", "application/json", "application/fhir+json", "application/json+fhir")
-#: The ``fhirVersion`` a media type may name for what this server speaks (FHIR R4): another version is not served.
-_FHIR_VERSIONS = ("4.0", "4.0.1")
+#: The ``fhirVersion`` a media type may name for what this server speaks, FHIR R4 (4.0, or a patch of it such as
+#: 4.0.1): another version is not served.
+_FHIR_VERSION = ("4", "0")
 _GZIP_MIN = 1024  # bytes: smaller answers are sent as they are
 
 
@@ -97,7 +98,7 @@ def _our_version(media_type: str) -> bool:
     fhirVersion=3.0``): a client asking for another FHIR version is not served R4 content it would misread."""
     for parameter in media_type.split(";")[1:]:
         name, _, value = parameter.partition("=")
-        if name.strip().lower() == "fhirversion" and value.strip().strip('"') not in _FHIR_VERSIONS:
+        if name.strip().lower() == "fhirversion" and tuple(value.strip().strip('"').split(".")[:2]) != _FHIR_VERSION:
             return False
     return True
 

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import sqlite3
+import time
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -198,7 +199,7 @@ class StorePort(Protocol):
     def messages_keyed(self, fmt: str, sender: str, key: str) -> list[MessageRecord]: ...
 
     def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ..., *,
-                     in_turn: bool = ...) -> list[tuple[int, str, str, str, bytes, int]]: ...
+                     in_turn: bool = ..., patience: float = ...) -> list[tuple[int, str, str, str, bytes, int]]: ...
 
     def earlier_unfinished(self, record_id: int, formats: tuple[str, ...],
                            mine: frozenset[int] = ...) -> tuple[int, str | None, float | None] | None: ...
@@ -257,6 +258,10 @@ class StorePort(Protocol):
 class Store:
     """A member gateway's database (SQLite or PostgreSQL): the one implementation of :class:`StorePort`.
     One instance per thread."""
+
+    #: (monotonic) Until when a queue reader working in turn does not look past a held sender's messages again
+    #: (:meth:`claim_queued`): the last look found nothing.
+    _none_further_until = 0.0
 
     def __init__(self, db: Database, clock: Callable[[], _dt.datetime] | None = None) -> None:
         self.db = db
@@ -357,7 +362,7 @@ class Store:
             [limit])]
 
     def claim_queued(self, limit: int, lease: float, formats: tuple[str, ...] = ("hl7v2",), *,
-                     in_turn: bool = False) -> list[tuple[int, str, str, str, bytes, int]]:
+                     in_turn: bool = False, patience: float = 10.0) -> list[tuple[int, str, str, str, bytes, int]]:
         """Take up to ``limit`` messages to work, oldest first: (id, format, channel, origin, raw, attempts).
 
         Those waiting in the queue, and those whose worker died before it
@@ -367,7 +372,11 @@ class Store:
         A sender's message is not taken while a live process holds an earlier one of that sender. With
         ``in_turn``, while a live process of another machine does: the caller records each message it takes only
         once every earlier message of its sender has its outcome (:meth:`earlier_unfinished`), so that the readers
-        of one machine may work one sender's messages at once and still record them in the order they came.
+        of one machine may work one sender's messages at once and still record them in the order they came. The
+        messages of senders this machine's processes hold nothing earlier of come first (further down the queue
+        if need be); a sender whose earlier message has been held longer than ``patience`` seconds (its lease
+        ``lease`` long) is left waiting. Another machine's hold is looked at before the write lock only: a
+        message taken meanwhile waits for its turn.
         """
         now = self._epoch()
         marks = ",".join("?" * len(formats))
@@ -384,14 +393,14 @@ class Store:
                 " messages.sender AND w.id < messages.id AND w.lease_until > ? AND w.lease_owner NOT LIKE ?)"
                 " ORDER BY id LIMIT ?")
 
-        def held_here() -> dict[Any, int]:
-            """Sender -> its earliest message a live process of this machine holds."""
-            held: dict[Any, int] = {}
+        def held_here() -> dict[Any, tuple[int, float]]:
+            """Sender -> (its earliest message a live process of this machine holds, that lease's end)."""
+            held: dict[Any, tuple[int, float]] = {}
             for sender, rid, owner, until in self.db.execute(
                     "SELECT sender, id, lease_owner, lease_until FROM messages WHERE status = 'received'"
                     f" AND format IN ({marks}) AND lease_owner LIKE ?", [*formats, f"{_HOST}:%"]).fetchall():
-                if holder_alive(owner, until, now):
-                    held[sender] = min(int(rid), held.get(sender, int(rid)))
+                if holder_alive(owner, until, now) and int(rid) < held.get(sender, (int(rid) + 1, 0.0))[0]:
+                    held[sender] = (int(rid), float(until))
             return held
 
         def free() -> list[Any]:
@@ -401,27 +410,32 @@ class Store:
                 return []
             held = held_here()
             return [r for r in rows if not holder_alive(r[4], r[5], now)
-                    and int(r[0]) < held.get(r[6], int(r[0]) + 1)][:limit]
+                    and int(r[0]) < held.get(r[6], (int(r[0]) + 1, 0.0))[0]][:limit]
 
         def in_turn_free() -> list[Any]:
             # Readers working in turn take the messages of senders this machine's processes hold nothing earlier
             # of, further down the queue if need be (a sender whose message a stuck process holds never keeps the
             # others waiting); only when there are none, the next messages of the senders they hold (worked side
-            # by side, each recorded after the earlier ones).
+            # by side, each recorded after the earlier ones), unless that hold has lasted past ``patience``.
+            size = max(limit * 4, 64)  # (past the messages the other readers of this machine hold)
             rows = self.db.execute(page.format(but=""), [*formats, now, f"{_HOST}:%", now, f"{_HOST}:%",
-                                                         limit * 4]).fetchall()
+                                                         size]).fetchall()
             claimable = [r for r in rows if not holder_alive(r[4], r[5], now)]
             held = held_here()
-            first = [r for r in claimable if int(r[0]) < held.get(r[6], int(r[0]) + 1)]
-            if len(first) < limit and held and len(rows) == limit * 4:
+            first = [r for r in claimable if int(r[0]) < held.get(r[6], (int(r[0]) + 1, 0.0))[0]]
+            if len(first) < limit and held and len(rows) == size and time.monotonic() >= self._none_further_until:
                 senders = list(held)
                 but = f" AND sender NOT IN ({','.join('?' * len(senders))})"
                 further = self.db.execute(page.format(but=but), [*formats, *senders, now, f"{_HOST}:%", now,
                                                                  f"{_HOST}:%", limit * 4]).fetchall()
                 seen = {r[0] for r in first}
-                first += [r for r in further if r[0] not in seen and not holder_alive(r[4], r[5], now)]
-                first.sort(key=lambda r: int(r[0]))
-            return first[:limit] if first else claimable[:limit]
+                more = [r for r in further if r[0] not in seen and not holder_alive(r[4], r[5], now)]
+                if not more:  # (a search of the queue past one busy sender's messages: not again for a second)
+                    self._none_further_until = time.monotonic() + 1.0
+                first = sorted(first + more, key=lambda r: int(r[0]))
+            if first:
+                return first[:limit]
+            return [r for r in claimable if r[6] not in held or now - (held[r[6]][1] - lease) <= patience][:limit]
 
         found = in_turn_free() if in_turn else free()
         if not found:  # looked at without the write lock: an idle reader never holds up the writers
@@ -437,6 +451,8 @@ class Store:
                     "SELECT id, status, lease_owner, lease_until FROM messages WHERE id IN"
                     f" ({','.join('?' * len(ids))})", ids).fetchall() if status in ("queued", "received")}
                 found = [r for r in found if int(r[0]) in still and not holder_alive(*still[int(r[0])], now)]
+                if not found:  # another reader took them first: the next ones
+                    found = in_turn_free()
             else:
                 found = free()
             if not found:
