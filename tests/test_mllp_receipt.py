@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hl7.client import MLLPClient
@@ -287,6 +288,39 @@ def test_gateway_serve_answers_on_receipt_and_its_queue_reader_stores_every_mess
                    for pid in helpers), "the queue reader stopped with the gateway"
 
 
+def readers_in_turn(settings: Any, clock: Any, readers: int = 2) -> dict[int, list[int]]:
+    """``readers`` queue readers working in turn, each a thread with its own pipeline (started together, so that each
+    takes its part), until nothing is queued or being worked: the record ids each recorded."""
+    worked: dict[int, list[int]] = {k: [] for k in range(readers)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(readers, timeout=60)
+
+    def reader(k: int) -> None:
+        mine = Pipeline(settings, clock=clock)
+        try:
+            start.wait()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                done = mine.process_queued(2, in_turn=True)
+                worked[k] += [int(o.record_id) for o in done if o.record_id is not None]
+                if not {"queued", "received"} & set(mine.store.counts()):
+                    return
+                if not done:
+                    time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            mine.close()
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert not errors, errors
+    return worked
+
+
 def test_two_queue_readers_work_several_senders_and_record_each_senders_messages_in_order(
         pipeline, settings, clock) -> None:
     """``queue_readers`` 2: the readers take the next messages of any sender, so every message is worked once,
@@ -299,31 +333,7 @@ def test_two_queue_readers_work_several_senders_and_record_each_senders_messages
     receipts = pipeline.receive_batch(hl7(pipeline), units(*sent), channel="mllp")
     assert {o.status for o in receipts} == {Status.QUEUED}
 
-    worked: dict[int, list[int]] = {0: [], 1: []}
-    errors: list[BaseException] = []
-
-    start = threading.Barrier(2, timeout=60)  # both readers ready before either works: each takes its part
-
-    def reader(k: int) -> None:
-        mine = Pipeline(settings, clock=clock)
-        try:
-            start.wait()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                worked[k] += [o.record_id for o in mine.process_queued(2, in_turn=True)]
-                if not {"queued", "received"} & set(mine.store.counts()):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
-            errors.append(exc)
-        finally:
-            mine.close()
-
-    threads = [threading.Thread(target=reader, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
-    assert not errors, errors
+    worked = readers_in_turn(settings, clock)
     assert sorted(worked[0] + worked[1]) == sorted(o.record_id for o in receipts), "every message worked once"
     assert worked[0] and worked[1], "both readers worked"
     assert pipeline.store.counts() == {"stored": 36}

@@ -22,7 +22,7 @@ import time
 from gateway.audit.log import entries
 from gateway.pipeline import Pipeline, Status
 from gateway.store.store import lease_owner
-from test_mllp_receipt import GOOD, hl7, units
+from test_mllp_receipt import GOOD, hl7, readers_in_turn, units
 
 #: The control id and report number the sample carries.
 CONTROL_ID, REPORT = b"TJ2406100001", b"R2406100001"
@@ -74,35 +74,7 @@ def test_two_readers_work_one_senders_messages_side_by_side_and_record_them_in_a
     also where a message corrects the report of the one before it."""
     sent = [numbered(n, report=(n + 1) // 2, corrected=n % 2 == 0) for n in range(1, 25)]  # a report, its correction
     ids = queue(pipeline, sent)
-    worked: dict[int, list[int]] = {0: [], 1: []}
-    errors: list[BaseException] = []
-
-    start = threading.Barrier(2, timeout=60)  # both readers ready before either works: each takes its part
-
-    def reader(k: int) -> None:
-        mine = Pipeline(settings, clock=clock)
-        try:
-            start.wait()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                done = mine.process_queued(2, in_turn=True)
-                worked[k] += [int(o.record_id) for o in done if o.record_id is not None]
-                counts = mine.store.counts()
-                if not counts.get("queued") and not counts.get("received"):
-                    return
-                if not done:
-                    time.sleep(0.01)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
-            errors.append(exc)
-        finally:
-            mine.close()
-
-    threads = [threading.Thread(target=reader, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
-    assert not errors, errors
+    worked = readers_in_turn(settings, clock)
     assert sorted(worked[0] + worked[1]) == ids, "every message recorded once"
     assert worked[0] and worked[1], "both readers worked the sender's messages"
     assert pipeline.store.counts() == {"stored": 24}
