@@ -55,8 +55,8 @@ class Settings:
                               "Several take the next messages of any sender, two at a time, and work them side "
                               "by side; each message is recorded once every earlier message of its sender has "
                               "its outcome, so a sender's messages are recorded in arrival order all the same. "
-                              "More than one helps a machine with cores to spare; the ACKs on receipt wait longer "
-                              "for the database (on 2 cores, two readers stored some 15% more and about doubled "
+                              "More than one is for a machine with cores to spare; the ACKs on receipt wait longer "
+                              "for the database (on 2 cores a second reader did not reliably store more and raised "
                               "the ACK p99: the README's performance section).")
     queue_record_group: int = _opt(1, "With mllp_ack = 'received': messages a queue reader records per "
                                    "transaction, each in a savepoint of its own. More makes the reader faster "
