@@ -357,9 +357,9 @@ def test_queue_readers_is_a_positive_number_and_serve_runs_that_many_readers(tmp
 
 
 @pytest.mark.parametrize("args", [["--queue", "4"], ["--queue", "0"], ["--queue"], ["--queue", "x"]])
-def test_a_queue_reader_started_by_hand_must_name_its_share(tmp_path, capsys, args) -> None:
-    """``python -m gateway.serve SETTINGS --queue K`` with ``queue_readers`` 3: a missing or wrong K would work
-    every sender's messages beside the other readers; it is refused with one line instead."""
+def test_a_queue_reader_started_by_hand_must_name_its_number(tmp_path, capsys, args) -> None:
+    """``python -m gateway.serve SETTINGS --queue K`` with ``queue_readers`` 3: a missing or wrong K names no reader
+    of the three (each works in turn beside the others); it is refused with one line instead."""
     from gateway.serve import _main
 
     three = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "queue_readers": 3})
