@@ -61,9 +61,12 @@ _MANDATORY = {"DiagnosticReport": ("status", "code"), "Observation": ("status", 
 _SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
               "display": "subsetted"}
 _ELEMENT = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
-#: What ``_format`` and ``Accept`` may name for the JSON this server speaks (parameters such as
-#: ``fhirVersion=4.0`` aside).
-_JSON_FORMATS = ("json", "application/json", "application/fhir+json", "application/json+fhir")
+#: Media types a FHIR JSON body is sent and asked for as: FHIR JSON, and what clients write for it.
+_JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
+#: What ``_format`` may name for the JSON this server speaks (parameters such as ``fhirVersion=4.0`` aside).
+_JSON_FORMATS = _JSON_TYPES | {"json"}
+#: What an ``Accept`` may name to be answered FHIR JSON.
+_SERVED = _JSON_TYPES | {"application/*", "*/*", "*"}
 #: The ``fhirVersion`` a media type may name for what this server speaks, FHIR R4 (4.0, or a patch of it such as
 #: 4.0.1): another version is not served.
 _FHIR_VERSION = ("4", "0")
@@ -86,8 +89,7 @@ def _check_format() -> None:
                                 "(_format=json), FHIR R4")
         return
     accept = request.headers.get("Accept", "").strip()
-    served = {"application/fhir+json", "application/json", "application/json+fhir", "application/*", "*/*", "*"}
-    if accept and not any(value.split(";")[0].strip().lower() in served and quality > 0 and _our_version(value)
+    if accept and not any(value.split(";")[0].strip().lower() in _SERVED and quality > 0 and _our_version(value)
                           for value, quality in request.accept_mimetypes):
         raise NotAcceptable(f"Accept {shown(accept[:80])} is not served; this server speaks application/fhir+json, "
                             "FHIR R4 (fhirVersion=4.0)")
@@ -146,10 +148,6 @@ def _cors(state: BlueprintSetupState) -> None:
              expose_headers=["ETag", "Last-Modified", "Location", "Content-Location"],
              allow_headers=["Authorization", "Content-Type", "Accept", "Prefer", "If-None-Match",
                             "If-Modified-Since"])
-
-
-#: Request types a submission is read as: FHIR JSON, and what clients send for it.
-_JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 
 
 @bp.post("")

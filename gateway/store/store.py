@@ -393,6 +393,10 @@ class Store:
                 " messages.sender AND w.id < messages.id AND w.lease_until > ? AND w.lease_owner NOT LIKE ?)"
                 " ORDER BY id LIMIT ?")
 
+        def before_held(row: Any, held: dict[Any, tuple[int, float]]) -> bool:
+            """Whether ``row`` came before anything a live process of this machine holds of its sender."""
+            return int(row[0]) < held.get(row[6], (int(row[0]) + 1, 0.0))[0]
+
         def held_here() -> dict[Any, tuple[int, float]]:
             """Sender -> (its earliest message a live process of this machine holds, that lease's end)."""
             held: dict[Any, tuple[int, float]] = {}
@@ -409,8 +413,7 @@ class Store:
             if not rows:
                 return []
             held = held_here()
-            return [r for r in rows if not holder_alive(r[4], r[5], now)
-                    and int(r[0]) < held.get(r[6], (int(r[0]) + 1, 0.0))[0]][:limit]
+            return [r for r in rows if not holder_alive(r[4], r[5], now) and before_held(r, held)][:limit]
 
         def in_turn_free() -> list[Any]:
             # Readers working in turn take the messages of senders this machine's processes hold nothing earlier
@@ -422,7 +425,7 @@ class Store:
                                                          size]).fetchall()
             claimable = [r for r in rows if not holder_alive(r[4], r[5], now)]
             held = held_here()
-            first = [r for r in claimable if int(r[0]) < held.get(r[6], (int(r[0]) + 1, 0.0))[0]]
+            first = [r for r in claimable if before_held(r, held)]
             if len(first) < limit and held and len(rows) == size and time.monotonic() >= self._none_further_until:
                 senders = list(held)
                 but = f" AND sender NOT IN ({','.join('?' * len(senders))})"
