@@ -114,6 +114,10 @@ class Settings:
     restart_limit: int = _opt(5, "`gateway serve` restarts a dead process of its own (HTTP worker, MLLP listener, "
                               "queue reader, background loop); more restarts than this within 10 minutes and the "
                               "whole gateway stops with a non-zero exit instead of running half.")
+    hung_restart_after: int = _opt(120, "`gateway serve` kills and starts again a process of its own that has not "
+                                   "reported alive for this many seconds (an MLLP listener, queue reader or "
+                                   "background loop that hangs: a blocked event loop, a stopped process, a pass "
+                                   "that never ends); the restart counts toward restart_limit. 0: never.")
     metrics_token_file: str = _opt(
         "", "File holding the bearer token that GET /metrics requires (outside the repository; mode 0600). Empty: "
         "/metrics is open to whoever reaches the HTTP port, so serve it on an internal interface only.")
@@ -180,7 +184,7 @@ class Settings:
                 raise ConfigError(f"{name} must be positive", name)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format {self.log_format!r} must be 'text' or 'json'", "log_format")
-        for name in ("snapshot_warn_days", "certificate_warn_days"):
+        for name in ("snapshot_warn_days", "certificate_warn_days", "hung_restart_after"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative", name)
         if self.database.startswith(("postgresql://", "postgres://")):

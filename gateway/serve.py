@@ -525,7 +525,8 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
 
     metrics = prepare_dir(folder / "metrics")
     env = {**settings_env, MULTIPROC_ENV: str(metrics)}
-    supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder, env=env, metrics_dir=metrics)
+    supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder, env=env, metrics_dir=metrics,
+                            hung_after=float(settings.hung_restart_after))
     try:
         return supervisor.run()
     finally:

@@ -5,7 +5,10 @@ the background loop) is a child process. A child that dies is started again
 after a short pause that grows when the same part keeps dying, and the restart
 is logged at WARNING with what died and how. More than ``restart_limit``
 restarts within :data:`WINDOW_SECONDS` and the supervisor stops every child
-and exits non-zero: a gateway runs whole or not at all, never half. SIGTERM or
+and exits non-zero: a gateway runs whole or not at all, never half. A part that
+writes a heartbeat and has not beaten for ``hung_after`` seconds (a blocked
+event loop, a stopped process, a pass that never ends) is hung: it is killed and
+started again like a part that died. SIGTERM or
 SIGINT stops every child (gracefully, then by force after ``grace`` seconds)
 and exits 0. A child that exits with status 2 has refused its configuration
 (it says why on stderr): restarting it cannot help, so the gateway stops with
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.heartbeat import write_manifest
+from gateway.heartbeat import beat_age, write_manifest
 
 __all__ = ["Part", "Supervisor", "WINDOW_SECONDS", "describe_exit"]
 
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Restarts are counted over this many seconds (10 minutes).
 WINDOW_SECONDS = 600.0
+#: A part that has not beaten yet is starting for at least this long (loading its tables, opening the database).
+STARTING_SECONDS = 60.0
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Part:
     last_exit: int | None = None
     due: float = 0.0  # when a restart is due
     deaths: collections.deque[float] = field(default_factory=collections.deque)
+    hung: float | None = None  # seconds it had not beaten for when it was killed as hung
 
 
 def describe_exit(code: int) -> str:
@@ -75,8 +81,11 @@ class Supervisor:
 
     def __init__(self, parts: list[Part], *, restart_limit: int, run_dir: Path | None = None,
                  env: dict[str, str] | None = None, grace: float = 20.0, backoff: float = 0.5,
-                 backoff_cap: float = 10.0, window: float = WINDOW_SECONDS, metrics_dir: Path | None = None) -> None:
+                 backoff_cap: float = 10.0, window: float = WINDOW_SECONDS, metrics_dir: Path | None = None,
+                 hung_after: float = 0.0) -> None:
         self.parts = parts
+        self.hung_after = hung_after  # seconds without a heartbeat that make a part hung (0: never)
+        self.looked = 0.0  # when the heartbeats were last looked at
         self.metrics_dir = metrics_dir  # the parts' multiprocess metrics (gateway.metrics), when they count there
         self.restart_limit = restart_limit
         self.run_dir = run_dir
@@ -121,6 +130,9 @@ class Supervisor:
         """Reap dead children and start the ones due; False when the restart limit is passed."""
         now = time.monotonic()
         changed = False
+        if self.hung_after > 0 and self.run_dir is not None and now - self.looked >= 1.0 and not self.stopping:
+            self.looked = now
+            self._kill_hung()
         for part in self.parts:
             if part.state == "running" and part.proc is not None:
                 code = part.proc.poll()
@@ -130,6 +142,9 @@ class Supervisor:
                     return True
                 changed = True
                 part.last_exit, part.state = code, "restarting"
+                how = describe_exit(code) + (f", killed as hung ({part.hung:.0f} s without a heartbeat)"
+                                             if part.hung is not None else "")
+                part.hung = None
                 self._forget_beat(part)
                 self._forget_metrics(part.proc.pid)
                 while self.restart_times and self.restart_times[0] < now - self.window:
@@ -143,7 +158,7 @@ class Supervisor:
                     return False
                 if len(self.restart_times) >= self.restart_limit:
                     log.error("%s (pid %d) died with %s; %d restarts within %d minutes already (restart_limit "
-                              "%d): stopping the whole gateway", part.title, part.proc.pid, describe_exit(code),
+                              "%d): stopping the whole gateway", part.title, part.proc.pid, how,
                               len(self.restart_times), self.window // 60, self.restart_limit)
                     self.exit_code = 1
                     return False
@@ -152,7 +167,7 @@ class Supervisor:
                 self.restart_times.append(now)
                 part.due = now + pause
                 log.warning("%s (pid %d) died with %s; restarting it in %.1f s (restart %d of at most %d within "
-                            "%d minutes)", part.title, part.proc.pid, describe_exit(code), pause,
+                            "%d minutes)", part.title, part.proc.pid, how, pause,
                             len(self.restart_times), self.restart_limit, self.window // 60)
             elif part.state == "restarting" and now >= part.due and not self.stopping:
                 part.restarts += 1
@@ -161,6 +176,32 @@ class Supervisor:
         if changed or (self.unsaved is not None and now - self.unsaved >= _RESAVE_SECONDS):
             self._save()
         return True
+
+    def _kill_hung(self) -> None:
+        """Kill every running part that writes a heartbeat and has not beaten for ``hung_after`` seconds (or has
+        not beaten at all that long, and :data:`STARTING_SECONDS`, after it started); :meth:`_check` then starts
+        it again as a part that died. SIGKILL: a hung process may not answer SIGTERM (a stopped one cannot)."""
+        assert self.run_dir is not None
+        wall = time.time()
+        for part in self.parts:
+            if not part.beats or part.state != "running" or part.proc is None or part.hung is not None:
+                continue
+            age = beat_age(self.run_dir, part.name, part.proc.pid)
+            if age is None:  # not beaten yet: starting, unless that has taken too long
+                age = wall - part.started
+                if age < max(self.hung_after, STARTING_SECONDS):
+                    continue
+            elif age < self.hung_after:
+                continue
+            if part.proc.poll() is not None:
+                continue  # died meanwhile: reaped as such
+            log.error("%s (pid %d) has not reported alive for %.0f s (hung_restart_after %g s): killing it to start "
+                      "it again", part.title, part.proc.pid, age, self.hung_after)
+            part.hung = age
+            try:
+                part.proc.kill()
+            except ProcessLookupError:
+                pass
 
     def _stop_all(self) -> None:
         """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL the ones still running."""

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,102 @@ def test_a_part_that_refuses_its_configuration_stops_the_gateway_with_2(tmp_path
              Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
     assert Supervisor(parts, restart_limit=5, backoff=0.05, grace=5).run() == 2
     assert parts[0].restarts == 0 and parts[1].proc is not None and parts[1].proc.poll() is not None
+
+
+def test_a_part_that_stops_beating_is_killed_and_started_again_as_hung(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # beats once (its pid in its beat file, as gateway.heartbeat.Beat writes it), then hangs: stopped by a signal,
+    # which SIGTERM cannot end; the second time over the restart limit stops the gateway
+    hangs = stand_in(f"import os, signal; open({str(tmp_path / 'queue.beat')!r}, 'w').write(str(os.getpid())); "
+                     "os.kill(os.getpid(), signal.SIGSTOP)")
+    parts = [Part("queue", "queue reader", hangs, beats=True),
+             Part("mllp-1", "MLLP listener 1", stand_in("import time; time.sleep(60)"), beats=True)]
+    (tmp_path / "mllp-1.beat").write_text("0")  # another process's beat: never this listener's, which is starting
+    supervisor = Supervisor(parts, restart_limit=1, run_dir=tmp_path, backoff=0.05, grace=5, hung_after=1.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="gateway.supervise"):
+        code = supervisor.run()
+    assert code == 1 and time.monotonic() - started < 30
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    hung = [e for e in errors if "has not reported alive for" in e]
+    assert len(hung) == 2 and all(e.startswith("queue reader (pid ") and "(hung_restart_after 1.5 s)" in e
+                                  for e in hung), errors
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "died with exit code -9 (killed by SIGKILL), killed as hung (" in warnings[0]
+    assert "stopping the whole gateway" in errors[-1] and "killed as hung" in errors[-1]
+    assert parts[0].restarts == 1 and parts[1].restarts == 0, "a part starting, not beaten yet, is not hung"
+    assert all(p.proc is not None and p.proc.poll() is not None for p in parts)
+
+
+def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path) -> None:
+    beat = tmp_path / "queue.beat"
+    parts = [Part("queue", "queue reader", stand_in(f"import os, time; open({str(beat)!r}, 'w').write(str("
+                                                    "os.getpid())); time.sleep(60)"), beats=True)]
+    supervisor = Supervisor(parts, restart_limit=1, run_dir=tmp_path, backoff=0.05, grace=5, hung_after=0)
+    supervisor._start(parts[0])
+    try:
+        wait_until(lambda: beat.exists() and beat.read_text(), 20, "the stand-in's beat")
+        os.utime(beat, (time.time() - 3600, time.time() - 3600))  # an hour without a beat
+        for _ in range(15):
+            assert supervisor._check()
+            time.sleep(0.1)
+        assert parts[0].proc is not None and parts[0].proc.poll() is None and parts[0].restarts == 0
+    finally:
+        supervisor._stop_all()
+
+
+@pytest.mark.slow
+def test_serve_starts_a_stopped_queue_reader_again(tmp_path: Path) -> None:
+    """A queue reader stopped by a signal (SIGSTOP) would hold the queue forever: serve kills it and starts
+    another, which works what came meanwhile; /health says the restart."""
+    http, mllp = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
+    s = world.gateways["tongjiang"].settings
+    env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
+           "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
+           "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
+           "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
+           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
+           "GATEWAY_HUNG_RESTART_AFTER": "4", "GATEWAY_LOG_LEVEL": "WARNING"}
+    folder = run_dir(s.replace(http_port=http))
+    sample = Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
+    first, _, second = [m.lstrip(b"\x0b\r\n") for m in sample.read_bytes().split(b"\x1c")[:3]]
+    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+    def queue() -> dict[str, Any]:
+        return json.loads((folder / "serve.json").read_text())["parts"]["queue"]
+
+    def worked() -> int:
+        with sqlite3.connect(f"file:{s.database_file}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM messages WHERE status NOT IN ('queued', 'received')").fetchone()[0]
+
+    try:
+        wait_until(lambda: _health(url)[0] == 200, 120, "a healthy gateway")
+        assert b"MSA|" in _mllp(mllp, first)
+        wait_until(lambda: worked() == 1, 60, "the first message worked")
+        old = queue()["pid"]
+        os.kill(old, signal.SIGSTOP)
+        assert b"MSA|" in _mllp(mllp, second), "the listener keeps taking messages meanwhile"
+        time.sleep(1)
+        assert worked() == 1, "the stopped reader works nothing"
+        wait_until(lambda: queue()["restarts"] == 1 and queue()["pid"] != old, 60, "the reader started again")
+        wait_until(lambda: worked() == 2, 60, "the message that came meanwhile worked by the new reader")
+        status, body = wait_until(lambda: (h := _health(url))[0] == 200 and h, 60, "health after the restart")
+        assert body["checks"]["queue"]["detail"].endswith("restarted 1 time(s)"), body["checks"]["queue"]
+        assert not Path(f"/proc/{old}").exists() or "zombie" in Path(f"/proc/{old}/status").read_text()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    text = err.decode("utf-8", "replace")
+    assert "Traceback" not in text, text[-3000:]
+    assert "queue reader (pid " in text and "has not reported alive for" in text, text[-3000:]
+    assert "killed as hung" in text, text[-3000:]
 
 
 @pytest.mark.parametrize("which", ["HTTP", "MLLP"])

@@ -35,13 +35,12 @@ from gateway.config import Settings
 from gateway.datetimes import seconds_since
 from gateway.store.db import LOW_DISK_BYTES, disk_free, unwritable
 from gateway.store.views import ReadModels
+from gateway.supervise import STARTING_SECONDS  # a part that has not beaten yet is starting for this long
 
 bp = Blueprint("health", __name__)
 
 #: A part whose heartbeat is older than this is taken for hung (it beats every two seconds).
 STALE_SECONDS = 15.0
-#: A part that has not beaten yet is starting, for this long after it was started.
-STARTING_SECONDS = 60.0
 
 
 def _check(ok: bool, detail: str) -> dict[str, Any]:
