@@ -181,6 +181,32 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
                 passes.began = None
 
 
+def work_left_queued(pipeline: Any, progress_every: float = 5.0) -> int:
+    """Work the messages an earlier run queued (``mllp_ack = received``) when this one runs no queue reader
+    (``mllp_ack = processed``): the senders had their receipt, so none may be left waiting. Called before any
+    listener starts, so that a sender's queued messages are recorded before the new ones it sends. Works those
+    waiting when it starts (another node's listeners may queue more meanwhile: its readers work them), saying how
+    far it is every ``progress_every`` seconds. Returns how many were worked."""
+    from gateway.store.views import ReadModels
+
+    left = ReadModels(pipeline.store.db).queued_up_to(10_000_000)
+    if not left:
+        return 0
+    log.warning("%d message(s) wait in the processing queue, queued while mllp_ack was 'received'; with mllp_ack "
+                "'processed' no queue reader runs: working them now, before the listeners start", left)
+    done, said = 0, time.monotonic()
+    while done < left:
+        worked = pipeline.process_queued(min(32, left - done))
+        if not worked:
+            break  # what is left is held by a live process of another node, whose reader works it
+        done += len(worked)
+        if time.monotonic() - said >= progress_every:
+            log.warning("worked %d of the %d queued message(s)", done, left)
+            said = time.monotonic()
+    log.warning("worked the %d queued message(s); starting the listeners", done)
+    return done
+
+
 def run_background(settings: Settings) -> None:
     """One process with the MLLP listener (unless off) and the background loop (benchmark and tests).
 
@@ -494,6 +520,8 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         recovered = pipeline.recover()
         if recovered:
             log.warning("%d message(s) left unfinished by the last stop were worked again", recovered)
+        if settings.mllp_ack != "received":
+            work_left_queued(pipeline)
         pipeline.close()
     except BaseException:
         for sock in sockets:

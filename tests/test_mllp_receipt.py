@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +30,8 @@ from gateway.demo import free_port
 from gateway.errors import ConfigError, UnsupportedFormat
 from gateway.mllp import MLLPServer, QueueReader
 from gateway.pipeline import Pipeline, Status
+
+GATEWAY = shutil.which("gateway") or str(Path(sys.executable).with_name("gateway"))
 
 FRAMED = DATA / "hl7v2" / "mllp-framed.hl7"
 GOOD, BAD_VALUE = split_messages(FRAMED.read_bytes())[:2]
@@ -448,3 +453,64 @@ def test_a_senders_message_another_node_works_holds_back_its_later_ones(pipeline
         db.execute("UPDATE messages SET status = 'stored', lease_owner = NULL, lease_until = NULL WHERE id = ?",
                    [first])
     assert [o.record_id for o in pipeline.process_queued(10, in_turn=True)] == [second]
+
+
+def test_messages_queued_before_a_switch_to_processed_are_worked_by_the_start(pipeline, caplog) -> None:
+    """A gateway switched from ``mllp_ack = received`` to ``processed`` runs no queue reader: what was queued (and
+    answered) before is worked as it starts, in the order it came, saying so."""
+    import logging
+
+    from gateway.serve import work_left_queued
+
+    ids = _queued(pipeline, 5)
+    with caplog.at_level(logging.WARNING, logger="gateway.serve"):
+        assert work_left_queued(pipeline, progress_every=0) == 5
+    assert pipeline.store.counts() == {"stored": 5}
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.serve"]
+    assert said[0].startswith("5 message(s) wait in the processing queue, queued while mllp_ack was 'received'")
+    assert any(line.startswith("worked ") and " of the 5 queued message(s)" in line for line in said), said
+    assert said[-1] == "worked the 5 queued message(s); starting the listeners"
+    assert [pipeline.store.get_message(i).attempts for i in ids] == [1] * 5, "each worked once"
+    caplog.clear()
+    assert work_left_queued(pipeline) == 0 and not caplog.records, "nothing queued: nothing said"
+
+
+@pytest.mark.slow
+def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(tmp_path: Path) -> None:
+    from gateway.store.store import Store
+
+    http, port = free_port(), free_port()
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
+    queued = Pipeline(settings)
+    try:
+        _queued(queued, 3)
+    finally:
+        queued.close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+           "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": TONGJIANG, "GATEWAY_HTTP_PORT": str(http),
+           "GATEWAY_MLLP_PORT": str(port), "GATEWAY_MLLP_ACK": "processed", "GATEWAY_WORKERS": "1",
+           "GATEWAY_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        import requests
+
+        from conftest import wait_until
+
+        # both ports are bound before the queued messages are worked (a sender connecting meanwhile waits for its
+        # answer): the HTTP API answers once every part runs
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{http}/health", timeout=5).status_code in (200, 503), 120,
+                   "the gateway's parts running")
+        store = Store.open(settings.database_locator)
+        try:
+            assert store.counts() == {"stored": 3}, "worked before the listener answered anything"
+        finally:
+            store.close()
+        codes = mllp_codes(port, GOOD, clients=1, each=1, tag="P")
+        assert codes == {0: ["AA"]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    text = err.decode("utf-8", "replace")
+    assert "Traceback" not in text, text[-3000:]
+    assert "3 message(s) wait in the processing queue" in text and "worked the 3 queued message(s)" in text, text
