@@ -252,3 +252,60 @@ def test_a_sender_whose_message_a_stuck_process_holds_never_keeps_the_other_send
         holder.kill()
         holder.wait(30)
     assert {pipeline.store.get_message(i).status for i in held_sender[1:]} == {"queued"}
+
+
+def test_whose_turn_it_is_is_answered_as_a_reading_of_the_whole_queue_answers_it(pipeline) -> None:
+    """:meth:`Store.earlier_unfinished` reads the messages being worked and the first few a sender has waiting (its
+    own index of the queue), not every unfinished message before the one asked about: on random queues of several
+    senders and formats, with random messages held by this process, it answers what the reading of the whole queue
+    it replaced answers (that statement is the reference, here)."""
+    import random
+
+    store = pipeline.store
+    reference = ("SELECT w.id, w.lease_owner, w.lease_until FROM messages m JOIN messages w ON w.sender = m.sender"
+                 " AND w.id < m.id WHERE m.id = ? AND w.status IN ('queued', 'received') AND w.format IN ({})"
+                 " ORDER BY w.id")
+    rng = random.Random(20261206)
+    received = pipeline.receive_batch(hl7(pipeline), units(*[numbered(n) for n in range(1, 61)]), channel="mllp")
+    ids = [o.record_id for o in received]
+    checked = 0
+    for _ in range(40):
+        with store.unit_of_work():  # a random state of the queue: who sent each message, what became of it
+            store.db.conn.executemany(
+                "UPDATE messages SET sender = ?, format = ?, status = ?, lease_owner = ?, lease_until = ? WHERE id = ?",
+                [(rng.choice("ABC"), rng.choice(("hl7v2", "hl7v2", "cda")),
+                  status := rng.choice(("queued", "queued", "received", "stored", "refused")),
+                  f"host:{rng.randint(1, 3)}" if status == "received" else None,
+                  1e12 if status == "received" else None, i) for i in ids])
+        held = [i for i in ids if rng.random() < 0.2]
+        for record_id in rng.sample(ids, 15):
+            for formats in (("hl7v2",), ("hl7v2", "cda")):
+                mine = frozenset(rng.sample(held, min(len(held), rng.randint(0, 4))))
+                rows = store.db.execute(reference.format(",".join("?" * len(formats))),
+                                        [record_id, *formats]).fetchall()
+                wanted = next(((int(i), o, u) for i, o, u in rows if int(i) not in mine), None)
+                assert store.earlier_unfinished(record_id, formats, mine) == wanted, (record_id, formats, mine)
+                checked += wanted is not None
+    assert checked > 100, "most questions found an earlier message"
+
+
+def test_whose_turn_it_is_is_found_without_reading_the_queue(pipeline) -> None:
+    """However long the queue, the question reads the few messages being worked and one a sender has waiting: each
+    statement it runs is planned on an index, the waiting ones on the queued messages' index of their senders."""
+    if not str(pipeline.settings.database_locator).endswith(".db"):
+        return  # SQLite's planner (PostgreSQL's sees the index in test_query_plans' generic plans)
+    from test_query_plans import _plan_problems
+
+    received = pipeline.receive_batch(hl7(pipeline), units(*[numbered(n) for n in range(1, 21)]), channel="mllp")
+    ids = [o.record_id for o in received]
+    seen: list[str] = []
+    conn = pipeline.store.db.conn
+    conn.set_trace_callback(seen.append)
+    try:
+        assert pipeline.store.earlier_unfinished(ids[-1], ("hl7v2",), frozenset(ids[:2]))[0] == ids[2]
+    finally:
+        conn.set_trace_callback(None)
+    statements = [s for s in seen if "FROM messages m JOIN messages w" in s]
+    assert len(statements) == 2 and not _plan_problems(conn, statements)
+    plans = [" ".join(str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + s)) for s in statements]
+    assert any("USING INDEX messages_queued_sender (sender=? AND id<?)" in p for p in plans), plans

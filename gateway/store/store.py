@@ -477,13 +477,20 @@ class Store:
         owner, lease until), or None when the message's turn to be recorded has come. Read without the write
         lock."""
         marks = ",".join("?" * len(formats))
-        for found, owner, until in self.db.execute(
-                "SELECT w.id, w.lease_owner, w.lease_until FROM messages m JOIN messages w ON w.sender = m.sender"
-                f" AND w.id < m.id WHERE m.id = ? AND w.status IN ('queued', 'received') AND w.format IN ({marks})"
-                " ORDER BY w.id", [record_id, *formats]).fetchall():
-            if int(found) not in mine:
-                return int(found), owner, until
-        return None
+        first: tuple[int, str | None, float | None] | None = None
+        # those being worked (few: what the readers hold) through the status index; those waiting through the
+        # queued messages' own index of senders, the first few only (however long the queue): ``mine`` are never
+        # more than the rows to skip
+        for status, limit in (("received", ""), ("queued", f" LIMIT {len(mine) + 1}")):
+            for found, owner, until in self.db.execute(
+                    "SELECT w.id, w.lease_owner, w.lease_until FROM messages m JOIN messages w ON w.sender = m.sender"
+                    f" AND w.id < m.id WHERE m.id = ? AND w.status = '{status}' AND w.format IN ({marks})"
+                    f" ORDER BY w.id{limit}", [record_id, *formats]).fetchall():
+                if int(found) not in mine:
+                    if first is None or int(found) < first[0]:
+                        first = int(found), owner, until
+                    break
+        return first
 
     def give_back(self, record_ids: list[int]) -> None:
         """Put messages this process took from the queue and did not record back in it, uncounted (their attempts
@@ -1307,7 +1314,7 @@ SCHEMA_VERSION = 4
 #: Indexes of ``core.sql`` added after its layout 3 was first released. On SQLite every opening runs the whole
 #: file, which makes them; on PostgreSQL, whose openings only read, :func:`gateway.store.schema.build_indexes`
 #: does (``gateway db upgrade``, ``gateway serve``'s start).
-ADDED_CORE_INDEXES = ("messages_received", "outbox_payload", "signed_bundles_received")
+ADDED_CORE_INDEXES = ("messages_received", "outbox_payload", "signed_bundles_received", "messages_queued_sender")
 
 
 def ensure_core_schema(db: Database) -> None:

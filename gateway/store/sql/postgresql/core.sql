@@ -30,6 +30,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages(format, sender, mes
 CREATE INDEX IF NOT EXISTS messages_status ON messages(status, id);
 -- the messages of a recent window (the console's overview), without reading every message ever received
 CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
+-- a sender's messages waiting in the queue, in the order they came: whether one came before a message a queue
+-- reader works (its turn to be recorded), without reading the whole queue however long it is; only queued rows
+CREATE INDEX IF NOT EXISTS messages_queued_sender ON messages(sender, id) WHERE status = 'queued';
 
 -- What happened to each message, stage by stage (``seq``: the order they were written in).
 CREATE TABLE IF NOT EXISTS message_stages (
