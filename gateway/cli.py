@@ -176,7 +176,7 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     a non-zero exit. A port in use is one line on stderr and exit 2. SIGTERM
     or Ctrl-C stops everything.
     """
-    from gateway.serve import PortInUse
+    from gateway.serve import LeftOver, PortInUse
     from gateway.serve import serve as run
     from gateway.store.db import describe
 
@@ -191,6 +191,9 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     except PortInUse as exc:
         click.echo(f"gateway: {exc}", err=True)
         ctx.exit(2)
+    except LeftOver as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        ctx.exit(1)
     if code:
         ctx.exit(code)
 

@@ -26,6 +26,10 @@ __all__ = ["Settings", "load_settings", "REPO_ROOT", "PATH_SETTINGS", "settings_
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The shortest ``hung_restart_after`` (but 0): five heartbeats (gateway.heartbeat.BEAT_SECONDS).
+HUNG_RESTART_MINIMUM = 10
+
+
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -114,10 +118,11 @@ class Settings:
     restart_limit: int = _opt(5, "`gateway serve` restarts a dead process of its own (HTTP worker, MLLP listener, "
                               "queue reader, background loop); more restarts than this within 10 minutes and the "
                               "whole gateway stops with a non-zero exit instead of running half.")
-    hung_restart_after: int = _opt(120, "`gateway serve` kills and starts again a process of its own that has not "
-                                   "reported alive for this many seconds (an MLLP listener, queue reader or "
-                                   "background loop that hangs: a blocked event loop, a stopped process, a pass "
-                                   "that never ends); the restart counts toward restart_limit. 0: never.")
+    hung_restart_after: int = _opt(30, "`gateway serve` kills and starts again a process of its own that has not "
+                                   "reported alive for this many seconds, at least 10 (they report every 2 s): an "
+                                   "MLLP listener, queue reader or background loop that hangs (a blocked event loop, "
+                                   "a stopped process, a pass that never ends), which may hold the database's write "
+                                   "lock meanwhile. The restart counts toward restart_limit. 0: never.")
     metrics_token_file: str = _opt(
         "", "File holding the bearer token that GET /metrics requires (outside the repository; mode 0600). Empty: "
         "/metrics is open to whoever reaches the HTTP port, so serve it on an internal interface only.")
@@ -184,9 +189,13 @@ class Settings:
                 raise ConfigError(f"{name} must be positive", name)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format {self.log_format!r} must be 'text' or 'json'", "log_format")
-        for name in ("snapshot_warn_days", "certificate_warn_days", "hung_restart_after"):
+        for name in ("snapshot_warn_days", "certificate_warn_days"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative", name)
+        if self.hung_restart_after != 0 and self.hung_restart_after < HUNG_RESTART_MINIMUM:
+            raise ConfigError(f"hung_restart_after {self.hung_restart_after} must be 0 (never) or at least "
+                              f"{HUNG_RESTART_MINIMUM} seconds: the processes report alive every 2 s, and a "
+                              "shorter wait kills healthy ones", "hung_restart_after")
         if self.database.startswith(("postgresql://", "postgres://")):
             check_database_url(self.database)
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from gateway.config import Settings
 
-__all__ = ["BEAT_SECONDS", "Beat", "run_dir", "read_manifest", "write_manifest", "beat_age", "pid_alive"]
+__all__ = ["BEAT_SECONDS", "Beat", "run_dir", "read_manifest", "write_manifest", "beat_age", "pid_alive",
+           "leftover_parts"]
 
 #: How often a part touches its heartbeat file.
 BEAT_SECONDS = 2.0
@@ -65,6 +66,37 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not pid_alive(int(data.get("pid", 0))):
         return None  # left behind by a gateway that is gone
     return data
+
+
+def leftover_parts(folder: Path) -> list[tuple[str, int, str]]:
+    """The parts of an earlier ``gateway serve`` on this database whose supervisor is gone but which still run:
+    (title, process id, state: ``stopped`` or ``running``). A part stops by itself within a second of its
+    supervisor's death, unless it is stopped (SIGSTOP) or hung — and then may hold the database's write lock. A
+    process id is taken for the part's only while its command line is a part's of ``gateway serve``."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or pid_alive(int(data.get("pid", 0))):
+            return []  # none left, or its supervisor runs
+        parts = data.get("parts") or {}
+    except (OSError, ValueError, TypeError):
+        return []
+    found = []
+    for name, part in sorted(parts.items()) if isinstance(parts, dict) else []:
+        try:
+            pid = int(part.get("pid") or 0)
+            if pid <= 0 or pid == os.getpid():
+                continue
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if b"--part" not in command or not any(b"gateway" in arg for arg in command):
+            continue
+        state = stat.rpartition(")")[2].split()[:1]
+        if state == ["Z"]:
+            continue  # ended, not yet reaped
+        found.append((str(part.get("title") or name), pid, "stopped" if state in (["T"], ["t"]) else "running"))
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -276,6 +276,11 @@ class MLLPServer:
             log.warning("mllp connection %s does not read its ACKs: closed", peer)
         except Exception:  # the message could not be stored: no ACK, the sender resends (its raw copy may be kept)
             log.warning("mllp connection %s closed: a message could not be stored, no ACK sent", peer)
+        except asyncio.CancelledError:  # the listener stops while a message waits for its answer (the database
+            # busy): no ACK, the sender resends. Ended here, not cancelled: Python 3.11's stream protocol would
+            # log the cancellation as an error, with a traceback, when it asks this task how it ended
+            log.info("mllp connection %s closed as the listener stops: a message was still being answered, no ACK "
+                     "sent", peer)
         finally:
             self._writers.discard(writer)
             writer.close()

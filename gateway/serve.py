@@ -54,7 +54,7 @@ from gateway.config import Settings
 from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
-__all__ = ["serve", "PortInUse", "run_background", "run_listener", "run_queue", "run_http", "run_part",
+__all__ = ["serve", "PortInUse", "LeftOver", "run_background", "run_listener", "run_queue", "run_http", "run_part",
            "background_pass", "settle_collector"]
 
 log = logging.getLogger("gateway.serve")  # (also when run as python -m gateway.serve: not "__main__")
@@ -87,6 +87,33 @@ def settle_collector(process: str) -> int:
 
 class PortInUse(Exception):
     """A port the gateway must listen on cannot be bound (in use, or not allowed)."""
+
+
+class LeftOver(Exception):
+    """A process of the last run of this gateway still runs (stopped or hung) and may hold its database."""
+
+
+#: Seconds a start waits for the processes of a run whose supervisor died to stop by themselves.
+LEFTOVER_WAIT = 5.0
+
+
+def _no_leftover_parts(settings: Settings) -> None:
+    """Wait a moment for the parts of an earlier run whose supervisor died to stop; :class:`LeftOver` naming those
+    that do not (a stopped or hung process holding the database's write lock had the start wait 30 s for the lock
+    and fail with 'database is locked', naming nothing)."""
+    from gateway.heartbeat import leftover_parts, run_dir
+
+    folder = run_dir(settings)
+    deadline = time.monotonic() + LEFTOVER_WAIT
+    left = leftover_parts(folder)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = leftover_parts(folder)
+    if left:
+        named = ", ".join(f"{title} (pid {pid}, {state})" for title, pid, state in left)
+        pids = " ".join(str(pid) for _, pid, _ in left)
+        raise LeftOver(f"a process of the last run of this gateway is still there and may hold its database: "
+                       f"{named}; stop it (kill -CONT {pids}; kill {pids}) and start again")
 
 
 #: Messages left unfinished by a dead process that one background pass works again (and seconds it spends on
@@ -181,12 +208,13 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
                 passes.began = None
 
 
-def work_left_queued(pipeline: Any, progress_every: float = 5.0) -> int:
+def work_left_queued(pipeline: Any, progress_every: float = 5.0, stop: threading.Event | None = None) -> int:
     """Work the messages an earlier run queued (``mllp_ack = received``) when this one runs no queue reader
     (``mllp_ack = processed``): the senders had their receipt, so none may be left waiting. Called before any
     listener starts, so that a sender's queued messages are recorded before the new ones it sends. Works those
     waiting when it starts (another node's listeners may queue more meanwhile: its readers work them), saying how
-    far it is every ``progress_every`` seconds. Returns how many were worked."""
+    far it is every ``progress_every`` seconds; once ``stop`` is set (SIGTERM), stops after the messages in hand,
+    leaving the others for the next start. Returns how many were worked."""
     from gateway.store.views import ReadModels
 
     left = ReadModels(pipeline.store.db).queued_up_to(10_000_000)
@@ -196,6 +224,10 @@ def work_left_queued(pipeline: Any, progress_every: float = 5.0) -> int:
                 "'processed' no queue reader runs: working them now, before the listeners start", left)
     done, said = 0, time.monotonic()
     while done < left:
+        if stop is not None and stop.is_set():
+            log.warning("stopped before the listeners started: worked %d of the %d queued message(s); the others "
+                        "are worked at the next start", done, left)
+            return done
         worked = pipeline.process_queued(min(32, left - done))
         if not worked:
             break  # what is left is held by a live process of another node, whose reader works it
@@ -501,6 +533,7 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         raise ConfigError(f"this user cannot write {', '.join(blocked)} where the database "
                           f"{describe(settings.database_locator)} lives (permissions or a read-only file system)",
                           "data_dir")
+    _no_leftover_parts(settings)
     sockets = [_bind("HTTP", settings.http_host, settings.http_port, "--http-port / http_port")]
     try:
         if settings.mllp_port:
@@ -520,13 +553,25 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         recovered = pipeline.recover()
         if recovered:
             log.warning("%d message(s) left unfinished by the last stop were worked again", recovered)
+        stopped = False
         if settings.mllp_ack != "received":
-            work_left_queued(pipeline)
+            stop = threading.Event()  # SIGTERM and Ctrl-C stop the start cleanly, once the messages in hand are done
+            previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                work_left_queued(pipeline, stop=stop)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            stopped = stop.is_set()
         pipeline.close()
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
+    if stopped:
+        for sock in sockets:
+            sock.close()
+        return 0
     if announce is not None:
         announce()
     http_fd = sockets[0].fileno()

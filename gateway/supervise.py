@@ -191,12 +191,15 @@ class Supervisor:
                 age = wall - part.started
                 if age < max(self.hung_after, STARTING_SECONDS):
                     continue
+                how = f"has not reported alive in the {age:.0f} s since it started"
             elif age < self.hung_after:
                 continue
+            else:
+                how = f"has not reported alive for {age:.0f} s"
             if part.proc.poll() is not None:
                 continue  # died meanwhile: reaped as such
-            log.error("%s (pid %d) has not reported alive for %.0f s (hung_restart_after %g s): killing it to start "
-                      "it again", part.title, part.proc.pid, age, self.hung_after)
+            log.error("%s (pid %d) %s (hung_restart_after %g s): killing it to start it again", part.title,
+                      part.proc.pid, how, self.hung_after)
             part.hung = age
             try:
                 part.proc.kill()

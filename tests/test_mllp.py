@@ -242,3 +242,41 @@ def test_a_listener_signalled_again_and_again_while_it_stops_stops_cleanly(tmp_p
         out, err = proc.communicate(timeout=30)
         assert (proc.returncode, out.split()) == (0, [b"stopped"]), err.decode("utf-8", "replace")[-2000:]
         assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode("utf-8", "replace")[-2000:]
+
+
+def test_a_listener_stopping_while_a_message_waits_for_the_database_logs_no_traceback(
+        settings, clock, caplog: pytest.LogCaptureFixture) -> None:
+    """The database busy (another writer holds its lock) as the listener stops: the connection waiting for its
+    answer is closed without an ACK and said in a line, not an asyncio error with a traceback."""
+    import logging
+    import sqlite3
+    import time
+
+    from gateway.pipeline import Pipeline
+
+    if settings.database_file is None:
+        return  # the lock held by hand is SQLite's
+    listener = Pipeline(settings, clock=clock)
+    listener.store.counts()  # the database made
+    srv = MLLPServer(listener, "127.0.0.1", 0)
+    thread = srv.start_in_thread()
+    holder = sqlite3.connect(str(settings.database_file), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, busy
+    try:
+        with caplog.at_level(logging.INFO), socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(frame(split_messages(FRAMED.read_bytes())[0]))
+            time.sleep(0.5)  # the message waits for the lock
+            srv.stop()
+            time.sleep(1.5)  # the listener has let its connections go
+            holder.execute("ROLLBACK")
+            thread.join(40)
+            assert not thread.is_alive()
+            assert sock.recv(65536) == b"", "no ACK: the message was not answered"
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+        listener.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert any("closed as the listener stops: a message was still being answered, no ACK sent" in r.getMessage()
+               for r in caplog.records)

@@ -514,3 +514,42 @@ def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(
     text = err.decode("utf-8", "replace")
     assert "Traceback" not in text, text[-3000:]
     assert "3 message(s) wait in the processing queue" in text and "worked the 3 queued message(s)" in text, text
+
+
+@pytest.mark.slow
+def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp_path: Path) -> None:
+    """SIGTERM while ``gateway serve`` works what was queued before it starts its parts: it stops after the messages
+    in hand with exit 0, saying how far it got; the others are worked at the next start."""
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
+    queued = Pipeline(settings)
+    try:
+        _queued(queued, 400)
+    finally:
+        queued.close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+           "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": TONGJIANG,
+           "GATEWAY_HTTP_PORT": str(free_port()), "GATEWAY_MLLP_PORT": str(free_port()), "GATEWAY_WORKERS": "1",
+           "GATEWAY_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    said = b""
+    while b"wait in the processing queue" not in said:
+        line = proc.stderr.readline()
+        assert line, said.decode()
+        said += line
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 0, (said + rest).decode()
+    text = (said + rest).decode()
+    assert "Traceback" not in text and "started (pid" not in text, text
+    from gateway.store.store import Store
+
+    store = Store.open(settings.database_locator)
+    try:
+        counts = store.counts()
+    finally:
+        store.close()
+    assert counts.get("stored", 0) + counts.get("queued", 0) == 400 and 0 < counts.get("queued", 0) < 400, counts
+    assert (f"stopped before the listeners started: worked {counts['stored']} of the 400 queued message(s); the "
+            "others are worked at the next start") in text, text

@@ -106,6 +106,52 @@ def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path
         supervisor._stop_all()
 
 
+@pytest.mark.parametrize("value, refused", [
+    ("0", False), ("10", False), ("30", False), ("1", True), ("9", True), ("-1", True), ("2.5", True)])
+def test_hung_restart_after_is_0_or_at_least_ten_seconds(value: str, refused: bool) -> None:
+    from gateway.config import load_settings
+    from gateway.errors import ConfigError
+
+    if not refused:
+        assert load_settings(environ={"GATEWAY_HUNG_RESTART_AFTER": value}).hung_restart_after == int(value)
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"GATEWAY_HUNG_RESTART_AFTER": value})
+    assert "hung_restart_after" in str(caught.value)
+
+
+def test_a_start_names_a_process_of_the_last_run_still_there_instead_of_waiting_for_the_database(
+        tmp_path: Path) -> None:
+    """The supervisor of the last run was killed, and one of its parts is stopped (SIGSTOP) — it may hold the
+    database's write lock, which had the next start wait for it and fail naming nothing: the start says which."""
+    data = tmp_path / "gw"
+    data.mkdir()
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "gateway.serve",
+                                 "--part", "queue"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # the dead supervisor's process id
+    try:
+        os.kill(leftover.pid, signal.SIGSTOP)
+        folder = data / "gateway.db.run"
+        folder.mkdir()
+        (folder / "serve.json").write_text(json.dumps({"pid": gone.pid, "parts": {
+            "queue": {"title": "queue reader", "pid": leftover.pid, "state": "running", "beats": True},
+            "http-1": {"title": "HTTP worker 1", "pid": gone.pid, "state": "running"}}}))
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+               "GATEWAY_DATA_DIR": str(data), "GATEWAY_ISSUER_USCC": "12511921MB0001003C",
+               "GATEWAY_HTTP_PORT": str(free_port()), "GATEWAY_MLLP_PORT": str(free_port())}
+        started = time.monotonic()
+        done = subprocess.run([GATEWAY, "serve"], env=env, capture_output=True, timeout=120)
+        assert done.returncode == 1 and time.monotonic() - started < 30, done.stderr[-2000:]
+        lines = done.stderr.decode().strip().splitlines()
+        assert lines == [f"gateway: a process of the last run of this gateway is still there and may hold its "
+                         f"database: queue reader (pid {leftover.pid}, stopped); stop it (kill -CONT {leftover.pid}; "
+                         f"kill {leftover.pid}) and start again"], lines
+    finally:
+        leftover.kill()
+        leftover.wait()
+
+
 @pytest.mark.slow
 def test_serve_starts_a_stopped_queue_reader_again(tmp_path: Path) -> None:
     """A queue reader stopped by a signal (SIGSTOP) would hold the queue forever: serve kills it and starts
@@ -119,7 +165,7 @@ def test_serve_starts_a_stopped_queue_reader_again(tmp_path: Path) -> None:
            "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
            "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
            "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
-           "GATEWAY_HUNG_RESTART_AFTER": "4", "GATEWAY_LOG_LEVEL": "WARNING"}
+           "GATEWAY_HUNG_RESTART_AFTER": "10", "GATEWAY_LOG_LEVEL": "WARNING"}
     folder = run_dir(s.replace(http_port=http))
     sample = Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
     first, _, second = [m.lstrip(b"\x0b\r\n") for m in sample.read_bytes().split(b"\x1c")[:3]]
