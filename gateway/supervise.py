@@ -213,6 +213,7 @@ class Supervisor:
         for part in alive:
             try:
                 part.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                part.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]  # a stopped one acts on it
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + self.grace

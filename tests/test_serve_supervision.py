@@ -106,6 +106,21 @@ def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path
         supervisor._stop_all()
 
 
+def test_a_stopped_part_stops_at_once_with_the_others(tmp_path: Path) -> None:
+    """SIGTERM to the gateway: a part stopped by a signal is continued, so it acts on its SIGTERM at once instead
+    of being killed after the grace period."""
+    parts = [Part("queue", "queue reader", stand_in("import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"))]
+    supervisor = Supervisor(parts, restart_limit=1, run_dir=tmp_path, backoff=0.05, grace=15)
+    supervisor._start(parts[0])
+    proc = parts[0].proc
+    assert proc is not None
+    wait_until(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] == "T", 20,
+               "the part stopped")
+    started = time.monotonic()
+    supervisor._stop_all()
+    assert time.monotonic() - started < 5 and proc.returncode == -signal.SIGTERM
+
+
 @pytest.mark.parametrize("value, refused", [
     ("0", False), ("10", False), ("30", False), ("1", True), ("9", True), ("-1", True), ("2.5", True)])
 def test_hung_restart_after_is_0_or_at_least_ten_seconds(value: str, refused: bool) -> None:
