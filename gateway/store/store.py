@@ -477,20 +477,19 @@ class Store:
         owner, lease until), or None when the message's turn to be recorded has come. Read without the write
         lock."""
         marks = ",".join("?" * len(formats))
-        first: tuple[int, str | None, float | None] | None = None
         # those being worked (few: what the readers hold) through the status index; those waiting through the
-        # queued messages' own index of senders, the first few only (however long the queue): ``mine`` are never
-        # more than the rows to skip
-        for status, limit in (("received", ""), ("queued", f" LIMIT {len(mine) + 1}")):
-            for found, owner, until in self.db.execute(
-                    "SELECT w.id, w.lease_owner, w.lease_until FROM messages m JOIN messages w ON w.sender = m.sender"
-                    f" AND w.id < m.id WHERE m.id = ? AND w.status = '{status}' AND w.format IN ({marks})"
-                    f" ORDER BY w.id{limit}", [record_id, *formats]).fetchall():
-                if int(found) not in mine:
-                    if first is None or int(found) < first[0]:
-                        first = int(found), owner, until
-                    break
-        return first
+        # queued messages' own index of senders, the first few only however long the queue (``mine`` are never
+        # more than the rows to skip). One statement: read at one moment, so a message that moves from the queue
+        # to a reader meanwhile is seen in one place or the other (two reads could miss it in both).
+        of = ("SELECT w.id, w.lease_owner, w.lease_until FROM messages m JOIN messages w ON w.sender = m.sender"
+              f" AND w.id < m.id WHERE m.id = ? AND w.status = '{{status}}' AND w.format IN ({marks})")
+        for found, owner, until in self.db.execute(
+                f"SELECT id, lease_owner, lease_until FROM ({of.format(status='received')} UNION ALL SELECT id,"
+                f" lease_owner, lease_until FROM ({of.format(status='queued')} ORDER BY w.id LIMIT {len(mine) + 1})"
+                " AS waiting) AS unfinished ORDER BY id", [record_id, *formats, record_id, *formats]).fetchall():
+            if int(found) not in mine:
+                return int(found), owner, until
+        return None
 
     def give_back(self, record_ids: list[int]) -> None:
         """Put messages this process took from the queue and did not record back in it, uncounted (their attempts
