@@ -18,7 +18,6 @@ a reason an operator can act on; they never concern the cryptography itself
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import hashlib
 import logging
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from gateway.errors import InputError, TrustError, UnknownIssuer
 from gateway.identifiers import check_uscc
@@ -241,20 +240,31 @@ def find_issuer(cert: x509.Certificate, authorities: Iterable[x509.Certificate])
     return None
 
 
-@functools.lru_cache(maxsize=1024)
+#: Whether an authority issued a certificate, by the two certificates' SHA-256 fingerprints (:func:`_issued_by`).
+_ISSUED: dict[tuple[bytes, bytes], bool] = {}
+_ISSUED_SIZE = 1024
+
+
 def _issued_by(cert: x509.Certificate, authority: x509.Certificate) -> bool:
     """Whether ``authority`` is an authority certificate whose key signed ``cert``. A function of the two
-    certificates' bytes alone (certificates compare and hash by them), so it is worked out once per pair: every
-    received Bundle and checkpoint of a peer names the same few certificates, and checking the authority's
-    signature on one took an eighth of verifying a Bundle. When each is valid, and whether it is listed, is checked
-    by the caller every time."""
-    if authority.subject != cert.issuer or not is_authority(authority):
-        return False
-    try:
-        cert.verify_directly_issued_by(authority)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    certificates' bytes alone, so it is worked out once per pair, kept by their fingerprints (never the
+    certificates: one a client sends may be large): every received Bundle and checkpoint of a peer names the same
+    few certificates, and checking the authority's signature on one took an eighth of verifying a Bundle. When
+    each is valid, and whether it is listed, is checked by the caller every time."""
+    key = (cert.fingerprint(hashes.SHA256()), authority.fingerprint(hashes.SHA256()))
+    known = _ISSUED.get(key)
+    if known is not None:
+        return known
+    issued = authority.subject == cert.issuer and is_authority(authority)
+    if issued:
+        try:
+            cert.verify_directly_issued_by(authority)
+        except (ValueError, TypeError, InvalidSignature):
+            issued = False
+    if len(_ISSUED) >= _ISSUED_SIZE:
+        _ISSUED.clear()
+    _ISSUED[key] = issued
+    return issued
 
 
 def _valid_at(cert: x509.Certificate, at: _dt.datetime) -> bool:
