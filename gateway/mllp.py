@@ -239,6 +239,7 @@ class MLLPServer:
         peer = f"{peer_info[0]}:{peer_info[1]}" if isinstance(peer_info, tuple) else str(peer_info)
         loop = asyncio.get_running_loop()
         self._writers.add(writer)
+        answering = False  # a message of this connection waits for its answer
         try:
             while True:
                 try:
@@ -266,8 +267,10 @@ class MLLPServer:
                     await asyncio.wait_for(writer.drain(), self.read_timeout)
                     continue
                 future: asyncio.Future[bytes] = loop.create_future()
+                answering = True
                 await self.queue.put((block, peer, future))
                 answer = await future
+                answering = False
                 writer.write(frame(answer))
                 await asyncio.wait_for(writer.drain(), self.read_timeout)  # a sender that reads no ACK is let go
         except (ConnectionResetError, BrokenPipeError):
@@ -276,11 +279,11 @@ class MLLPServer:
             log.warning("mllp connection %s does not read its ACKs: closed", peer)
         except Exception:  # the message could not be stored: no ACK, the sender resends (its raw copy may be kept)
             log.warning("mllp connection %s closed: a message could not be stored, no ACK sent", peer)
-        except asyncio.CancelledError:  # the listener stops while a message waits for its answer (the database
-            # busy): no ACK, the sender resends. Ended here, not cancelled: Python 3.11's stream protocol would
-            # log the cancellation as an error, with a traceback, when it asks this task how it ended
-            log.info("mllp connection %s closed as the listener stops: a message was still being answered, no ACK "
-                     "sent", peer)
+        except asyncio.CancelledError:  # the listener stops (a message may wait for its answer: the database
+            # busy; no ACK then, the sender resends). Ended here, not cancelled: Python 3.11's stream protocol
+            # would log the cancellation as an error, with a traceback, when it asks this task how it ended
+            log.info("mllp connection %s closed as the listener stops%s", peer,
+                     ": a message was still being answered, no ACK sent" if answering else "")
         finally:
             self._writers.discard(writer)
             writer.close()
