@@ -27,8 +27,8 @@ from typing import Any
 
 from gateway.config import Settings
 
-__all__ = ["BEAT_SECONDS", "Beat", "run_dir", "read_manifest", "write_manifest", "beat_age", "pid_alive",
-           "leftover_parts"]
+__all__ = ["BEAT_SECONDS", "Beat", "run_dir", "read_manifest", "write_manifest", "beat_age", "beat_stamp",
+           "pid_alive", "leftover_parts", "boot_id", "process_start"]
 
 #: How often a part touches its heartbeat file.
 BEAT_SECONDS = 2.0
@@ -68,15 +68,36 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return data
 
 
+def boot_id() -> str:
+    """This machine's boot id ('' when it cannot be read): process ids of another boot name other processes."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc), or None when there is none: with the boot id, it
+    tells the process that had this id from another that has it now."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def leftover_parts(folder: Path) -> list[tuple[str, int, str]]:
     """The parts of an earlier ``gateway serve`` on this database whose supervisor is gone but which still run:
     (title, process id, state: ``stopped`` or ``running``). A part stops by itself within a second of its
     supervisor's death, unless it is stopped (SIGSTOP) or hung — and then may hold the database's write lock. A
-    process id is taken for the part's only while its command line is a part's of ``gateway serve``."""
+    process is taken for the part only when it is the very process ``serve.json`` names (this boot, the same start
+    time), never another that has its id now."""
     try:
         data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if not isinstance(data, dict) or pid_alive(int(data.get("pid", 0))):
             return []  # none left, or its supervisor runs
+        if not data.get("boot") or data.get("boot") != boot_id():
+            return []  # written before this boot (or by a release that kept no boot id)
         parts = data.get("parts") or {}
     except (OSError, ValueError, TypeError):
         return []
@@ -84,18 +105,15 @@ def leftover_parts(folder: Path) -> list[tuple[str, int, str]]:
     for name, part in sorted(parts.items()) if isinstance(parts, dict) else []:
         try:
             pid = int(part.get("pid") or 0)
-            if pid <= 0 or pid == os.getpid():
+            if pid <= 0 or pid == os.getpid() or part.get("since") is None:
                 continue
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
         except (OSError, ValueError, AttributeError):
             continue
-        if b"--part" not in command or not any(b"gateway" in arg for arg in command):
-            continue
-        state = stat.rpartition(")")[2].split()[:1]
-        if state == ["Z"]:
-            continue  # ended, not yet reaped
-        found.append((str(part.get("title") or name), pid, "stopped" if state in (["T"], ["t"]) else "running"))
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) < 20 or fields[0] == "Z" or fields[19] != str(part.get("since")):
+            continue  # ended (not yet reaped), or another process has this id now
+        found.append((str(part.get("title") or name), pid, "stopped" if fields[0] in ("T", "t") else "running"))
     return found
 
 
@@ -114,14 +132,21 @@ def pid_alive(pid: int) -> bool:
 
 def beat_age(folder: Path, part: str, pid: int | None = None) -> float | None:
     """Seconds since ``part`` last beat, or None when it has not beaten (or the beat is another process's)."""
+    stamp = beat_stamp(folder, part, pid)
+    return None if stamp is None else max(0.0, time.time() - stamp)
+
+
+def beat_stamp(folder: Path, part: str, pid: int | None = None) -> float | None:
+    """When ``part`` last beat (its file's modification time), or None when it has not beaten (or the beat is
+    another process's)."""
     path = folder / f"{part}.beat"
     try:
-        age = time.time() - path.stat().st_mtime
+        stamp = path.stat().st_mtime
         if pid is not None and int(path.read_text(encoding="ascii") or 0) != pid:
             return None
     except (OSError, ValueError):
         return None
-    return max(0.0, age)
+    return stamp
 
 
 class Beat:

@@ -274,6 +274,8 @@ class PartFacts:
                                   "that it works (listeners, queue reader, background loop; stale means hung).",
                                   labels=["part"])
         for name, part in sorted(manifest.get("parts", {}).items()):
+            if part.get("state") == "done":
+                continue  # a job that ended (the catch-up of queued messages): not a part that is down
             pid = int(part.get("pid") or 0)
             running = part.get("state") == "running" and pid_alive(pid)
             up.add_metric([name], 1 if running else 0)

@@ -85,6 +85,10 @@ def settle_collector(process: str) -> int:
     return frozen
 
 
+#: The part of ``gateway serve`` that works, before the MLLP listeners start, what an earlier run queued.
+CATCHUP = "catchup"
+
+
 class PortInUse(Exception):
     """A port the gateway must listen on cannot be bound (in use, or not allowed)."""
 
@@ -208,35 +212,70 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
                 passes.began = None
 
 
-def work_left_queued(pipeline: Any, progress_every: float = 5.0, stop: threading.Event | None = None) -> int:
+def work_left_queued(pipeline: Any, progress_every: float = 5.0, stop: threading.Event | None = None,
+                     on_batch: Callable[[], None] | None = None) -> int:
     """Work the messages an earlier run queued (``mllp_ack = received``) when this one runs no queue reader
-    (``mllp_ack = processed``): the senders had their receipt, so none may be left waiting. Called before any
-    listener starts, so that a sender's queued messages are recorded before the new ones it sends. Works those
-    waiting when it starts (another node's listeners may queue more meanwhile: its readers work them), saying how
-    far it is every ``progress_every`` seconds; once ``stop`` is set (SIGTERM), stops after the messages in hand,
-    leaving the others for the next start. Returns how many were worked."""
+    (``mllp_ack = processed``): the senders had their receipt, so none may be left waiting. ``gateway serve`` runs
+    it in a part of its own (``catchup``) before any MLLP listener starts, so that a sender's queued messages are
+    recorded before the new ones it sends. Works the queue, and the messages a process that is gone left
+    unfinished, until none that came before it started is left (another node's listeners may queue more
+    meanwhile: its readers work them, and what a live process of another node holds is left to it), saying how far
+    it is every ``progress_every`` seconds; once ``stop`` is set (SIGTERM), stops after the messages in hand,
+    leaving the others for the next start. ``on_batch``: called after each batch (the part's heartbeat). Returns
+    how many were worked."""
     from gateway.store.views import ReadModels
 
-    left = ReadModels(pipeline.store.db).queued_up_to(10_000_000)
-    if not left:
+    views = ReadModels(pipeline.store.db)
+    waiting, last = views.queued_up_to(10_000_000), views.newest_queued_id()
+    if last is None:
         return 0
     log.warning("%d message(s) wait in the processing queue, queued while mllp_ack was 'received'; with mllp_ack "
-                "'processed' no queue reader runs: working them now, before the listeners start", left)
+                "'processed' no queue reader runs: working them now, before the MLLP listeners start", waiting)
     done, said = 0, time.monotonic()
-    while done < left:
+    while True:
         if stop is not None and stop.is_set():
-            log.warning("stopped before the listeners started: worked %d of the %d queued message(s); the others "
-                        "are worked at the next start", done, left)
+            log.warning("stopped before the MLLP listeners started: worked %d of the %d queued message(s); the "
+                        "others are worked at the next start", done, waiting)
             return done
-        worked = pipeline.process_queued(min(32, left - done))
-        if not worked:
-            break  # what is left is held by a live process of another node, whose reader works it
+        worked = pipeline.process_queued(32)
+        if on_batch is not None:
+            on_batch()
         done += len(worked)
+        if not worked or all(o.record_id is not None and o.record_id > last for o in worked):
+            break  # none left (but what another node's live process holds), or only what came after the start
         if time.monotonic() - said >= progress_every:
-            log.warning("worked %d of the %d queued message(s)", done, left)
+            log.warning("worked %d of the %d queued message(s)", done, waiting)
             said = time.monotonic()
-    log.warning("worked the %d queued message(s); starting the listeners", done)
+    log.warning("worked %d message(s) of the queue (%d were waiting); the MLLP listeners start now", done, waiting)
     return done
+
+
+def run_catchup(settings: Settings, part: str = CATCHUP) -> None:
+    """The ``catchup`` part of ``gateway serve`` (``mllp_ack = processed`` with messages an earlier run queued): work
+    them (:func:`work_left_queued`) and end; the supervisor starts the MLLP listeners once it has. SIGTERM stops it
+    after the messages in hand. Its heartbeat goes on while batches keep coming."""
+    from gateway.heartbeat import Beat, run_dir
+    from gateway.pipeline import Pipeline
+
+    _logging(settings, part)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _watch_parent()
+    moved = [time.monotonic()]
+
+    def batch_done() -> None:
+        moved[0] = time.monotonic()
+
+    beat = Beat(run_dir(settings), part, working=lambda: time.monotonic() - moved[0] < 45.0).start()
+    try:
+        pipeline = Pipeline(settings)
+        try:
+            work_left_queued(pipeline, stop=stop, on_batch=batch_done)
+        finally:
+            pipeline.close()
+    finally:
+        beat.stop()
 
 
 def run_background(settings: Settings) -> None:
@@ -456,6 +495,8 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
             run_queue(settings, part)
         elif part == "background":
             run_background_part(settings, part)
+        elif part == CATCHUP:
+            run_catchup(settings, part)
         else:
             print(f"gateway: unknown part {part!r}", file=sys.stderr)
             return 2
@@ -553,25 +594,16 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
         recovered = pipeline.recover()
         if recovered:
             log.warning("%d message(s) left unfinished by the last stop were worked again", recovered)
-        stopped = False
-        if settings.mllp_ack != "received":
-            stop = threading.Event()  # SIGTERM and Ctrl-C stop the start cleanly, once the messages in hand are done
-            previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                work_left_queued(pipeline, stop=stop)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-            stopped = stop.is_set()
+        left = 0
+        if settings.mllp_ack != "received":  # no queue reader runs: what an earlier run queued is worked first
+            from gateway.store.views import ReadModels
+
+            left = ReadModels(pipeline.store.db).queued_up_to(10_000_000)
         pipeline.close()
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    if stopped:
-        for sock in sockets:
-            sock.close()
-        return 0
     if announce is not None:
         announce()
     http_fd = sockets[0].fileno()
@@ -579,10 +611,14 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     me = command + ["--part"]
     parts = [Part(f"http-{i}", f"HTTP worker {i}", me + [f"http-{i}", "--fd", str(http_fd)], (http_fd,))
              for i in range(1, settings.workers + 1)]
+    if left:
+        log.warning("%d message(s) queued while mllp_ack was 'received' wait in the processing queue: the MLLP "
+                    "listeners start once they are worked (the part '%s')", left, CATCHUP)
+        parts.append(Part(CATCHUP, "catch-up of queued messages", me + [CATCHUP], beats=True, once=True))
     if settings.mllp_port:
         mllp_fd = sockets[1].fileno()
         parts += [Part(f"mllp-{i}", f"MLLP listener {i}", me + [f"mllp-{i}", "--fd", str(mllp_fd)], (mllp_fd,),
-                       beats=True) for i in range(1, settings.mllp_workers + 1)]
+                       beats=True, after=CATCHUP if left else "") for i in range(1, settings.mllp_workers + 1)]
     if settings.mllp_ack == "received":
         readers = queue_parts(settings)
         parts += [Part(name, "queue reader" + (f" {name[6:]} of {len(readers)}" if len(readers) > 1 else ""),

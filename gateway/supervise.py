@@ -8,7 +8,8 @@ restarts within :data:`WINDOW_SECONDS` and the supervisor stops every child
 and exits non-zero: a gateway runs whole or not at all, never half. A part that
 writes a heartbeat and has not beaten for ``hung_after`` seconds (a blocked
 event loop, a stopped process, a pass that never ends) is hung: it is killed and
-started again like a part that died. SIGTERM or
+started again like a part that died. A part may be a job that ends (``once``), others
+waiting for it to be done (``after``) before they start. SIGTERM or
 SIGINT stops every child (gracefully, then by force after ``grace`` seconds)
 and exits 0. A child that exits with status 2 has refused its configuration
 (it says why on stderr): restarting it cannot help, so the gateway stops with
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.heartbeat import beat_age, write_manifest
+from gateway.heartbeat import beat_stamp, boot_id, process_start, write_manifest
 
 __all__ = ["Part", "Supervisor", "WINDOW_SECONDS", "describe_exit"]
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 600.0
 #: A part that has not beaten yet is starting for at least this long (loading its tables, opening the database).
 STARTING_SECONDS = 60.0
+#: A supervisor that has not looked at the heartbeats for this long was itself paused (the whole process group
+#: stopped, a suspended machine): every part is given its full time again rather than taken for hung.
+PAUSED_SECONDS = 5.0
 
 
 @dataclass
@@ -52,14 +56,19 @@ class Part:
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
     beats: bool = False  # writes a heartbeat that /health checks
+    once: bool = False  # a job that ends: exit status 0 is done (not restarted), another a death
+    after: str = ""  # the name of a job (``once``) that must be done before this part starts
     proc: subprocess.Popen[bytes] | None = None
-    state: str = "new"  # running | restarting | stopped
+    state: str = "new"  # running | restarting | stopped | waiting (for ``after``) | done (a job)
     started: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
     due: float = 0.0  # when a restart is due
     deaths: collections.deque[float] = field(default_factory=collections.deque)
     hung: float | None = None  # seconds it had not beaten for when it was killed as hung
+    beat: float | None = None  # its heartbeat's last time stamp the supervisor saw (None: not beaten yet)
+    beat_seen: float = 0.0  # when (monotonic, the supervisor's clock) that stamp was first seen, or it started
+    since: int | None = None  # when its process started (clock ticks since boot): who has its process id
 
 
 def describe_exit(code: int) -> str:
@@ -97,6 +106,7 @@ class Supervisor:
         self.started = time.time()
         self.exit_code = 0
         self.unsaved: float | None = None  # when serve.json last failed to be written (retried until it is)
+        self.boot = boot_id()  # (serve.json: a later start tells this run's processes from others by it)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -108,7 +118,10 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             for part in self.parts:
-                self._start(part)
+                if part.after:
+                    part.state = "waiting"
+                else:
+                    self._start(part)
             self._save()
             while not self.stopping and self._check():
                 time.sleep(0.1)
@@ -124,6 +137,8 @@ class Supervisor:
     def _start(self, part: Part) -> None:
         part.proc = subprocess.Popen(part.argv, pass_fds=part.pass_fds, env=self.env)
         part.state, part.started = "running", time.time()
+        part.beat, part.beat_seen = None, time.monotonic()
+        part.since = process_start(part.proc.pid)
         log.info("%s started (pid %d)", part.title, part.proc.pid)
 
     def _check(self) -> bool:
@@ -131,8 +146,9 @@ class Supervisor:
         now = time.monotonic()
         changed = False
         if self.hung_after > 0 and self.run_dir is not None and now - self.looked >= 1.0 and not self.stopping:
+            paused = self.looked > 0 and now - self.looked > PAUSED_SECONDS
             self.looked = now
-            self._kill_hung()
+            self._kill_hung(paused)
         for part in self.parts:
             if part.state == "running" and part.proc is not None:
                 code = part.proc.poll()
@@ -141,6 +157,14 @@ class Supervisor:
                 if self.stopping:
                     return True
                 changed = True
+                if part.once and code == 0 and part.hung is None:
+                    part.last_exit, part.state = code, "done"
+                    self._forget_beat(part)
+                    log.info("%s (pid %d) done", part.title, part.proc.pid)
+                    for waiting in self.parts:
+                        if waiting.state == "waiting" and waiting.after == part.name:
+                            self._start(waiting)
+                    continue
                 part.last_exit, part.state = code, "restarting"
                 how = describe_exit(code) + (f", killed as hung ({part.hung:.0f} s without a heartbeat)"
                                              if part.hung is not None else "")
@@ -177,18 +201,26 @@ class Supervisor:
             self._save()
         return True
 
-    def _kill_hung(self) -> None:
+    def _kill_hung(self, paused: bool = False) -> None:
         """Kill every running part that writes a heartbeat and has not beaten for ``hung_after`` seconds (or has
         not beaten at all that long, and :data:`STARTING_SECONDS`, after it started); :meth:`_check` then starts
-        it again as a part that died. SIGKILL: a hung process may not answer SIGTERM (a stopped one cannot)."""
+        it again as a part that died. SIGKILL: a hung process may not answer SIGTERM (a stopped one cannot).
+
+        How long a part has not beaten is counted on this supervisor's own clock, from when it saw the heartbeat
+        change: a step of the wall clock changes nothing, and after ``paused`` (this supervisor did not run for a
+        while: the whole gateway was stopped, the machine suspended) every part is given its full time again."""
         assert self.run_dir is not None
-        wall = time.time()
+        now = time.monotonic()
         for part in self.parts:
             if not part.beats or part.state != "running" or part.proc is None or part.hung is not None:
                 continue
-            age = beat_age(self.run_dir, part.name, part.proc.pid)
-            if age is None:  # not beaten yet: starting, unless that has taken too long
-                age = wall - part.started
+            stamp = beat_stamp(self.run_dir, part.name, part.proc.pid)
+            if stamp is not None and stamp != part.beat:
+                part.beat, part.beat_seen = stamp, now
+            if paused:
+                part.beat_seen = now
+            age = now - part.beat_seen
+            if part.beat is None:  # not beaten yet: starting, unless that has taken too long
                 if age < max(self.hung_after, STARTING_SECONDS):
                     continue
                 how = f"has not reported alive in the {age:.0f} s since it started"
@@ -257,11 +289,12 @@ class Supervisor:
             return
         try:
             write_manifest(self.run_dir, {
-                "pid": os.getpid(), "started": self.started, "restarts": len(self.restart_times),
+                "pid": os.getpid(), "started": self.started, "restarts": len(self.restart_times), "boot": self.boot,
                 "restart_limit": self.restart_limit,
                 "parts": {p.name: {"title": p.title, "pid": p.proc.pid if p.proc else 0, "state": p.state,
                                    "started": p.started, "restarts": p.restarts, "last_exit": p.last_exit,
-                                   "beats": p.beats} for p in self.parts},
+                                   "beats": p.beats, "since": p.since, **({"after": p.after} if p.after else {})}
+                          for p in self.parts},
             })
         except OSError as exc:  # a full disk, a folder gone: the parts go on; /health reads the last manifest
             if self.unsaved is None:

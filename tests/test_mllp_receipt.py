@@ -30,6 +30,7 @@ from gateway.demo import free_port
 from gateway.errors import ConfigError, UnsupportedFormat
 from gateway.mllp import MLLPServer, QueueReader
 from gateway.pipeline import Pipeline, Status
+from gateway.store.store import lease_owner
 
 GATEWAY = shutil.which("gateway") or str(Path(sys.executable).with_name("gateway"))
 
@@ -469,57 +470,91 @@ def test_messages_queued_before_a_switch_to_processed_are_worked_by_the_start(pi
     said = [r.getMessage() for r in caplog.records if r.name == "gateway.serve"]
     assert said[0].startswith("5 message(s) wait in the processing queue, queued while mllp_ack was 'received'")
     assert any(line.startswith("worked ") and " of the 5 queued message(s)" in line for line in said), said
-    assert said[-1] == "worked the 5 queued message(s); starting the listeners"
+    assert said[-1] == "worked 5 message(s) of the queue (5 were waiting); the MLLP listeners start now"
     assert [pipeline.store.get_message(i).attempts for i in ids] == [1] * 5, "each worked once"
     caplog.clear()
     assert work_left_queued(pipeline) == 0 and not caplog.records, "nothing queued: nothing said"
 
 
+def test_the_catch_up_also_works_what_a_process_that_is_gone_left_behind_queued_messages(pipeline) -> None:
+    """Message 3 of a sender was being worked by a reader that was killed, 1, 2, 4 and 5 wait in the queue: the
+    start's recovery leaves 3 for its turn (after 1 and 2), so the catch-up works it too, and 4 and 5 after it,
+    leaving nothing for the sender's new messages to overtake."""
+    from gateway.serve import work_left_queued
+    from test_queue_in_turn import numbered
+
+    received = pipeline.receive_batch(hl7(pipeline), units(*[numbered(n) for n in range(1, 6)]), channel="mllp")
+    ids = [o.record_id for o in received]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pipeline.store.unit_of_work():
+        pipeline.store.db.conn.execute(
+            "UPDATE messages SET status = 'received', lease_owner = ?, lease_until = 1e12 WHERE id = ?",
+            [lease_owner().rpartition(":")[0] + f":{gone.pid}", ids[2]])
+    assert pipeline.recover() == 0, "its turn comes after 1 and 2"
+    assert work_left_queued(pipeline) == 5
+    assert pipeline.store.counts() == {"stored": 5}
+
+
 @pytest.mark.slow
 def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(tmp_path: Path) -> None:
+    """A part of its own (``catchup``) works what an earlier run queued while the HTTP API answers (``/health``
+    saying the listener waits for it); the MLLP listener starts once it is done, so a message sent meanwhile is
+    answered then and recorded after every queued one of its sender."""
+    import requests
+
+    from conftest import wait_until
+    from gateway.audit.log import entries
     from gateway.store.store import Store
 
     http, port = free_port(), free_port()
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
     queued = Pipeline(settings)
     try:
-        _queued(queued, 3)
+        _queued(queued, 800)
     finally:
         queued.close()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
            "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": TONGJIANG, "GATEWAY_HTTP_PORT": str(http),
            "GATEWAY_MLLP_PORT": str(port), "GATEWAY_MLLP_ACK": "processed", "GATEWAY_WORKERS": "1",
            "GATEWAY_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    log_file = tmp_path / "serve.log"  # (a pipe nobody reads while it runs would fill and stop the gateway)
+    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log_file.open("wb"),
                             start_new_session=True)
     try:
-        import requests
-
-        from conftest import wait_until
-
-        # both ports are bound before the queued messages are worked (a sender connecting meanwhile waits for its
-        # answer): the HTTP API answers once every part runs
-        wait_until(lambda: requests.get(f"http://127.0.0.1:{http}/health", timeout=5).status_code in (200, 503), 120,
-                   "the gateway's parts running")
+        status, body = wait_until(lambda: (r := requests.get(f"http://127.0.0.1:{http}/health", timeout=5))
+                                  .status_code == 503 and "mllp-1" in r.json()["checks"] and (r.status_code, r.json()),
+                                  120, "the HTTP API answering while the queued messages are worked")
+        assert body["checks"]["mllp-1"] == {
+            "ok": False, "detail": "MLLP listener 1 waits for the catch-up of queued messages to end before it starts"}
+        codes = mllp_codes(port, GOOD, clients=1, each=1, tag="P")  # answered once the listener runs
+        assert codes == {0: ["AA"]}
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{http}/health", timeout=5).status_code == 200, 60,
+                   "healthy once the catch-up ended")
+        body = requests.get(f"http://127.0.0.1:{http}/health", timeout=5).json()
+        assert "catchup" not in body["checks"] and body["checks"]["mllp-1"]["ok"], body
         store = Store.open(settings.database_locator)
         try:
-            assert store.counts() == {"stored": 3}, "worked before the listener answered anything"
+            assert store.counts() == {"stored": 801}
+            order = [str(e.content) for e in entries(store.db) if e.content.get("kind") == "ingest"]
         finally:
             store.close()
-        codes = mllp_codes(port, GOOD, clients=1, each=1, tag="P")
-        assert codes == {0: ["AA"]}
+        assert len(order) == 801 and "P0M000" in order[-1] and not any("P0M000" in text for text in order[:-1])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    text = err.decode("utf-8", "replace")
+        proc.wait(60)
+    text = log_file.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in text, text[-3000:]
-    assert "3 message(s) wait in the processing queue" in text and "worked the 3 queued message(s)" in text, text
+    assert "800 message(s) queued while mllp_ack was 'received' wait in the processing queue" in text, text[-3000:]
+    assert "worked 800 message(s) of the queue (800 were waiting); the MLLP listeners start now" in text, text[-3000:]
+    assert "catch-up of queued messages (pid " in text and ") done" in text, text[-3000:]
 
 
 @pytest.mark.slow
 def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp_path: Path) -> None:
-    """SIGTERM while ``gateway serve`` works what was queued before it starts its parts: it stops after the messages
-    in hand with exit 0, saying how far it got; the others are worked at the next start."""
+    """SIGTERM while ``gateway serve`` works what an earlier run queued (its MLLP listener not started yet): the
+    catch-up stops after the messages in hand, the gateway with exit 0, saying how far it got; the others are worked
+    at the next start."""
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
     queued = Pipeline(settings)
     try:
@@ -533,7 +568,7 @@ def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp
     proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     said = b""
-    while b"wait in the processing queue" not in said:
+    while b"working them now, before the MLLP listeners start" not in said:  # the catch-up's own line
         line = proc.stderr.readline()
         assert line, said.decode()
         said += line
@@ -542,7 +577,7 @@ def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp
     rest = proc.stderr.read()
     assert proc.wait(60) == 0, (said + rest).decode()
     text = (said + rest).decode()
-    assert "Traceback" not in text and "started (pid" not in text, text
+    assert "Traceback" not in text and "MLLP listener 1 started" not in text, text
     from gateway.store.store import Store
 
     store = Store.open(settings.database_locator)
@@ -551,5 +586,5 @@ def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp
     finally:
         store.close()
     assert counts.get("stored", 0) + counts.get("queued", 0) == 400 and 0 < counts.get("queued", 0) < 400, counts
-    assert (f"stopped before the listeners started: worked {counts['stored']} of the 400 queued message(s); the "
-            "others are worked at the next start") in text, text
+    assert (f"stopped before the MLLP listeners started: worked {counts['stored']} of the 400 queued message(s); "
+            "the others are worked at the next start") in text, text

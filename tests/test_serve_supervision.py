@@ -89,6 +89,35 @@ def test_a_part_that_stops_beating_is_killed_and_started_again_as_hung(
     assert all(p.proc is not None and p.proc.poll() is not None for p in parts)
 
 
+def test_how_long_a_part_has_not_beaten_is_counted_on_the_supervisors_own_clock(tmp_path: Path) -> None:
+    """A wall clock stepped forward (a heartbeat's time stamp an hour old) kills nothing, nor a pause of the whole
+    gateway (the supervisor not running either: every part is given its full time again); a part the supervisor
+    saw not beat for longer than hung_restart_after is killed."""
+    beat = tmp_path / "queue.beat"
+    parts = [Part("queue", "queue reader", stand_in(f"import os, time; open({str(beat)!r}, 'w').write(str("
+                                                    "os.getpid())); time.sleep(60)"), beats=True)]
+    supervisor = Supervisor(parts, restart_limit=1, run_dir=tmp_path, backoff=0.05, grace=5, hung_after=10)
+    supervisor._start(parts[0])
+    part, proc = parts[0], parts[0].proc
+    assert proc is not None
+    try:
+        wait_until(lambda: beat.exists() and beat.read_text(), 20, "the stand-in's beat")
+        supervisor.looked = time.monotonic() - 1.5
+        assert supervisor._check() and part.beat is not None
+        os.utime(beat, (time.time() - 3600, time.time() - 3600))  # the wall clock stepped an hour forward
+        supervisor.looked = time.monotonic() - 1.5
+        assert supervisor._check() and proc.poll() is None and part.hung is None
+        part.beat_seen = time.monotonic() - 20  # not seen to beat for 20 s, but the supervisor did not look either
+        supervisor.looked = time.monotonic() - 20
+        assert supervisor._check() and proc.poll() is None and part.hung is None
+        part.beat_seen = time.monotonic() - 20  # not seen to beat for 20 s while the supervisor looked
+        supervisor.looked = time.monotonic() - 1.5
+        assert supervisor._check() and part.hung is not None and part.hung >= 20
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        supervisor._stop_all()
+
+
 def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path) -> None:
     beat = tmp_path / "queue.beat"
     parts = [Part("queue", "queue reader", stand_in(f"import os, time; open({str(beat)!r}, 'w').write(str("
@@ -104,6 +133,39 @@ def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path
         assert parts[0].proc is not None and parts[0].proc.poll() is None and parts[0].restarts == 0
     finally:
         supervisor._stop_all()
+
+
+def test_parts_after_a_job_start_once_it_is_done_and_a_failed_job_runs_again(tmp_path: Path) -> None:
+    """A job (``once``: the catch-up of queued messages) that fails is started again like any part; once it ends
+    with 0 it is done, not restarted, and the parts waiting for it (``after``: the MLLP listeners) start."""
+    marker = tmp_path / "tried"
+    job = stand_in(f"import pathlib, sys, time; p = pathlib.Path({str(marker)!r}); first = not p.exists(); "
+                   "p.touch(); time.sleep(0.5); sys.exit(3 if first else 0)")
+    parts = [Part("catchup", "catch-up of queued messages", job, once=True),
+             Part("mllp-1", "MLLP listener 1", stand_in("import time; time.sleep(60)"), after="catchup"),
+             Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
+    supervisor = Supervisor(parts, restart_limit=3, run_dir=tmp_path, backoff=0.05, grace=5)
+    states: list[tuple[str, str, str]] = []
+    for part in parts:
+        if part.after:
+            part.state = "waiting"
+        else:
+            supervisor._start(part)
+    try:
+        deadline = time.monotonic() + 30
+        while parts[1].state != "running" and time.monotonic() < deadline:
+            assert supervisor._check()
+            now = tuple(p.state for p in parts)
+            if not states or states[-1] != now:
+                states.append(now)  # type: ignore[arg-type]
+            time.sleep(0.05)
+        manifest = json.loads((tmp_path / "serve.json").read_text())["parts"]
+    finally:
+        supervisor._stop_all()
+    assert states[0] == ("running", "waiting", "running")
+    assert ("restarting", "waiting", "running") in states, "the job that failed is started again"
+    assert states[-1] == ("done", "running", "running") and parts[0].restarts == 1 and parts[0].last_exit == 0
+    assert manifest["catchup"]["state"] == "done" and manifest["mllp-1"]["after"] == "catchup"
 
 
 def test_a_stopped_part_stops_at_once_with_the_others(tmp_path: Path) -> None:
@@ -149,9 +211,15 @@ def test_a_start_names_a_process_of_the_last_run_still_there_instead_of_waiting_
         os.kill(leftover.pid, signal.SIGSTOP)
         folder = data / "gateway.db.run"
         folder.mkdir()
-        (folder / "serve.json").write_text(json.dumps({"pid": gone.pid, "parts": {
-            "queue": {"title": "queue reader", "pid": leftover.pid, "state": "running", "beats": True},
-            "http-1": {"title": "HTTP worker 1", "pid": gone.pid, "state": "running"}}}))
+        from gateway.heartbeat import boot_id, process_start
+
+        reused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--part", "gateway"])
+        (folder / "serve.json").write_text(json.dumps({"pid": gone.pid, "boot": boot_id(), "parts": {
+            "queue": {"title": "queue reader", "pid": leftover.pid, "state": "running", "beats": True,
+                      "since": process_start(leftover.pid)},
+            "mllp-1": {"title": "MLLP listener 1", "pid": reused.pid, "state": "running",  # its id taken since
+                       "since": (process_start(reused.pid) or 0) - 1},
+            "http-1": {"title": "HTTP worker 1", "pid": gone.pid, "state": "running", "since": 1}}}))
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
                "GATEWAY_DATA_DIR": str(data), "GATEWAY_ISSUER_USCC": "12511921MB0001003C",
                "GATEWAY_HTTP_PORT": str(free_port()), "GATEWAY_MLLP_PORT": str(free_port())}
@@ -163,8 +231,10 @@ def test_a_start_names_a_process_of_the_last_run_still_there_instead_of_waiting_
                          f"database: queue reader (pid {leftover.pid}, stopped); stop it (kill -CONT {leftover.pid}; "
                          f"kill {leftover.pid}) and start again"], lines
     finally:
-        leftover.kill()
-        leftover.wait()
+        for process in (leftover, locals().get("reused")):
+            if process is not None:
+                process.kill()
+                process.wait()
 
 
 @pytest.mark.slow

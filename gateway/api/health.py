@@ -65,8 +65,15 @@ def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
     checks: dict[str, dict[str, Any]] = {}
     http_total = http_up = 0
     now = time.time()
-    for name, part in sorted(manifest.get("parts", {}).items()):
+    parts = manifest.get("parts", {})
+    for name, part in sorted(parts.items()):
         title = part.get("title", name)
+        if part.get("state") == "done":
+            continue  # a job that ended (the catch-up of queued messages)
+        if part.get("state") == "waiting":
+            first = parts.get(part.get("after"), {}).get("title", part.get("after"))
+            checks[name] = _check(False, f"{title} waits for the {first} to end before it starts")
+            continue
         running = part.get("state") == "running" and pid_alive(int(part.get("pid") or 0))
         restarts = int(part.get("restarts") or 0)
         again = f"; restarted {restarts} time(s)" if restarts else ""
