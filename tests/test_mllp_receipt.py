@@ -496,6 +496,23 @@ def test_the_catch_up_also_works_what_a_process_that_is_gone_left_behind_queued_
     assert pipeline.store.counts() == {"stored": 5}
 
 
+def _queued_by_an_earlier_run(tmp_path: Path, count: int, *, http: int, mllp: int,
+                              log_level: str) -> tuple[Any, dict[str, str]]:
+    """A gateway's settings with ``count`` messages queued (answered on receipt, not worked), and the environment
+    that runs it as ``gateway serve`` with ``mllp_ack = processed`` on ``http`` and ``mllp``."""
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
+    queued = Pipeline(settings)
+    try:
+        _queued(queued, count)
+    finally:
+        queued.close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+           "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": TONGJIANG, "GATEWAY_HTTP_PORT": str(http),
+           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "processed", "GATEWAY_WORKERS": "1",
+           "GATEWAY_LOG_LEVEL": log_level}
+    return settings, env
+
+
 @pytest.mark.slow
 def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(tmp_path: Path) -> None:
     """A part of its own (``catchup``) works what an earlier run queued while the HTTP API answers (``/health``
@@ -508,16 +525,7 @@ def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(
     from gateway.store.store import Store
 
     http, port = free_port(), free_port()
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
-    queued = Pipeline(settings)
-    try:
-        _queued(queued, 800)
-    finally:
-        queued.close()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-           "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": TONGJIANG, "GATEWAY_HTTP_PORT": str(http),
-           "GATEWAY_MLLP_PORT": str(port), "GATEWAY_MLLP_ACK": "processed", "GATEWAY_WORKERS": "1",
-           "GATEWAY_LOG_LEVEL": "INFO"}
+    settings, env = _queued_by_an_earlier_run(tmp_path, 800, http=http, mllp=port, log_level="INFO")
     log_file = tmp_path / "serve.log"  # (a pipe nobody reads while it runs would fill and stop the gateway)
     proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log_file.open("wb"),
                             start_new_session=True)
@@ -555,16 +563,7 @@ def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp
     """SIGTERM while ``gateway serve`` works what an earlier run queued (its MLLP listener not started yet): the
     catch-up stops after the messages in hand, the gateway with exit 0, saying how far it got; the others are worked
     at the next start."""
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": TONGJIANG})
-    queued = Pipeline(settings)
-    try:
-        _queued(queued, 400)
-    finally:
-        queued.close()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-           "GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_ISSUER_USCC": TONGJIANG,
-           "GATEWAY_HTTP_PORT": str(free_port()), "GATEWAY_MLLP_PORT": str(free_port()), "GATEWAY_WORKERS": "1",
-           "GATEWAY_LOG_LEVEL": "WARNING"}
+    settings, env = _queued_by_an_earlier_run(tmp_path, 400, http=free_port(), mllp=free_port(), log_level="WARNING")
     proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     said = b""
