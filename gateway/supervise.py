@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 600.0
 #: A part that has not beaten yet is starting for at least this long (loading its tables, opening the database).
 STARTING_SECONDS = 60.0
+#: A part silent for this long is said to be hung (``/health`` and, when hung parts are not restarted, a log line).
+SILENT_SECONDS = 15.0
 #: A supervisor that has not looked at the heartbeats for this long was itself paused (the whole process group
 #: stopped, a suspended machine): every part is given its full time again rather than taken for hung.
 PAUSED_SECONDS = 5.0
@@ -69,6 +71,7 @@ class Part:
     beat: float | None = None  # its heartbeat's last time stamp the supervisor saw (None: not beaten yet)
     beat_seen: float = 0.0  # when (monotonic, the supervisor's clock) that stamp was first seen, or it started
     since: int | None = None  # when its process started (clock ticks since boot): who has its process id
+    warned: bool = False  # said to be hung (hung parts left running) since its last heartbeat
 
 
 def describe_exit(code: int) -> str:
@@ -145,7 +148,7 @@ class Supervisor:
         """Reap dead children and start the ones due; False when the restart limit is passed."""
         now = time.monotonic()
         changed = False
-        if self.hung_after > 0 and self.run_dir is not None and now - self.looked >= 1.0 and not self.stopping:
+        if self.run_dir is not None and now - self.looked >= 1.0 and not self.stopping:
             paused = self.looked > 0 and now - self.looked > PAUSED_SECONDS
             self.looked = now
             self._kill_hung(paused)
@@ -216,10 +219,16 @@ class Supervisor:
                 continue
             stamp = beat_stamp(self.run_dir, part.name, part.proc.pid)
             if stamp is not None and stamp != part.beat:
-                part.beat, part.beat_seen = stamp, now
+                part.beat, part.beat_seen, part.warned = stamp, now, False
             if paused:
                 part.beat_seen = now
             age = now - part.beat_seen
+            if self.hung_after <= 0:  # hung parts are left running: said once, while /health says it too
+                if part.beat is not None and age >= SILENT_SECONDS and not part.warned:
+                    part.warned = True
+                    log.warning("%s (pid %d) has not reported alive for %.0f s (hung?); hung_restart_after is 0: "
+                                "left running", part.title, part.proc.pid, age)
+                continue
             if part.beat is None:  # not beaten yet: starting, unless that has taken too long
                 if age < max(self.hung_after, STARTING_SECONDS):
                     continue

@@ -232,6 +232,20 @@ def test_a_hung_part_and_a_vanished_one_fail_health(gw: Any, child: Any) -> None
     assert "queue" not in health(gw)[1]["failing"]
 
 
+def test_a_part_restarted_sooner_than_15_s_when_hung_is_said_hung_as_soon(gw: Any, child: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """hung_restart_after 10: a part silent for 12 s is about to be killed as hung, and /health says so (it said
+    'alive' until the kill: its threshold was 15 s whatever the setting)."""
+    folder = _manifest(gw, {"queue": _part("queue reader", child.pid)})
+    beat = folder / "queue.beat"
+    beat.write_text(str(child.pid))
+    os.utime(beat, (time.time() - 12, time.time() - 12))
+    assert "queue" not in health(gw)[1]["failing"], "silent 12 s: alive, with hung parts restarted after 30 s"
+    monkeypatch.setitem(gw.app.extensions, "gateway.settings", gw.settings.replace(hung_restart_after=10))
+    status, body = health(gw)
+    assert status == 503 and "last reported alive 12 s ago (hung?)" in body["checks"]["queue"]["detail"]
+
+
 def test_a_part_that_never_beats_fails_once_past_its_start(gw: Any, child: Any) -> None:
     _manifest(gw, {"mllp-1": _part("MLLP listener 1", child.pid)})
     status, body = health(gw)

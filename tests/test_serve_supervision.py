@@ -118,7 +118,8 @@ def test_how_long_a_part_has_not_beaten_is_counted_on_the_supervisors_own_clock(
         supervisor._stop_all()
 
 
-def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path) -> None:
+def test_hung_parts_are_left_running_and_said_once_when_hung_restart_after_is_0(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     beat = tmp_path / "queue.beat"
     parts = [Part("queue", "queue reader", stand_in(f"import os, time; open({str(beat)!r}, 'w').write(str("
                                                     "os.getpid())); time.sleep(60)"), beats=True)]
@@ -126,11 +127,15 @@ def test_hung_parts_are_left_running_when_hung_restart_after_is_0(tmp_path: Path
     supervisor._start(parts[0])
     try:
         wait_until(lambda: beat.exists() and beat.read_text(), 20, "the stand-in's beat")
-        os.utime(beat, (time.time() - 3600, time.time() - 3600))  # an hour without a beat
-        for _ in range(15):
-            assert supervisor._check()
-            time.sleep(0.1)
+        with caplog.at_level(logging.WARNING, logger="gateway.supervise"):
+            for _ in range(3):
+                supervisor.looked = time.monotonic() - 1.5
+                assert supervisor._check()
+                parts[0].beat_seen = time.monotonic() - 3600  # an hour without a beat
         assert parts[0].proc is not None and parts[0].proc.poll() is None and parts[0].restarts == 0
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith("queue reader (pid ") and said[0].endswith(
+            "has not reported alive for 3600 s (hung?); hung_restart_after is 0: left running"), said
     finally:
         supervisor._stop_all()
 

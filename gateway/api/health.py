@@ -35,12 +35,11 @@ from gateway.config import Settings
 from gateway.datetimes import seconds_since
 from gateway.store.db import LOW_DISK_BYTES, disk_free, unwritable
 from gateway.store.views import ReadModels
-from gateway.supervise import STARTING_SECONDS  # a part that has not beaten yet is starting for this long
+# a part silent this long is taken for hung (it beats every two seconds; sooner when it is restarted sooner); one
+# that has not beaten yet is starting for STARTING_SECONDS
+from gateway.supervise import SILENT_SECONDS, STARTING_SECONDS
 
 bp = Blueprint("health", __name__)
-
-#: A part whose heartbeat is older than this is taken for hung (it beats every two seconds).
-STALE_SECONDS = 15.0
 
 
 def _check(ok: bool, detail: str) -> dict[str, Any]:
@@ -94,7 +93,8 @@ def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
             else:
                 checks[name] = _check(False, f"{title} has not reported alive in the {since:.0f} s since it "
                                              f"started (hung?){again}")
-        elif age > STALE_SECONDS:
+        elif age > (min(SILENT_SECONDS, settings.hung_restart_after) if settings.hung_restart_after
+                    else SILENT_SECONDS):
             checks[name] = _check(False, f"{title} last reported alive {age:.0f} s ago (hung?){again}")
         else:
             checks[name] = _check(True, f"{title} alive{again}")
