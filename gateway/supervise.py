@@ -151,7 +151,7 @@ class Supervisor:
         if self.run_dir is not None and now - self.looked >= 1.0 and not self.stopping:
             paused = self.looked > 0 and now - self.looked > PAUSED_SECONDS
             self.looked = now
-            self._kill_hung(paused)
+            self._watch_heartbeats(paused)
         for part in self.parts:
             if part.state == "running" and part.proc is not None:
                 code = part.proc.poll()
@@ -163,6 +163,7 @@ class Supervisor:
                 if part.once and code == 0 and part.hung is None:
                     part.last_exit, part.state = code, "done"
                     self._forget_beat(part)
+                    self._forget_metrics(part.proc.pid)
                     log.info("%s (pid %d) done", part.title, part.proc.pid)
                     for waiting in self.parts:
                         if waiting.state == "waiting" and waiting.after == part.name:
@@ -204,10 +205,11 @@ class Supervisor:
             self._save()
         return True
 
-    def _kill_hung(self, paused: bool = False) -> None:
+    def _watch_heartbeats(self, paused: bool = False) -> None:
         """Kill every running part that writes a heartbeat and has not beaten for ``hung_after`` seconds (or has
         not beaten at all that long, and :data:`STARTING_SECONDS`, after it started); :meth:`_check` then starts
-        it again as a part that died. SIGKILL: a hung process may not answer SIGTERM (a stopped one cannot).
+        it again as a part that died. SIGKILL: a hung process may not answer SIGTERM (a stopped one cannot). With
+        ``hung_after`` 0 a part silent for :data:`SILENT_SECONDS` is said once in the log, and left running.
 
         How long a part has not beaten is counted on this supervisor's own clock, from when it saw the heartbeat
         change: a step of the wall clock changes nothing, and after ``paused`` (this supervisor did not run for a
