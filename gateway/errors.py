@@ -52,6 +52,7 @@ __all__ = [
     "PeerUnavailable",
     "PeerRejected",
     "NotFound",
+    "WaitingBehind",
     "ConfigError",
     "Issue",
     "shown",
@@ -257,6 +258,14 @@ class NotFound(GatewayError):
 
 class DatabaseUnavailable(GatewayError):
     """The database cannot be reached or refused the connection (a PostgreSQL server down, a wrong password)."""
+
+    code = "transient"
+    http_status = 503
+
+
+class WaitingBehind(GatewayError):
+    """A message that cannot be worked now: earlier messages of its sender wait in the processing queue, and a
+    sender's messages are recorded in the order they came. A passing state: the sender sends it again."""
 
     code = "transient"
     http_status = 503

@@ -274,12 +274,12 @@ class PartFacts:
                                   "that it works (listeners, queue reader, background loop; stale means hung).",
                                   labels=["part"])
         for name, part in sorted(manifest.get("parts", {}).items()):
+            restarts.add_metric([name], int(part.get("restarts") or 0))
             if part.get("state") == "done":
                 continue  # a job that ended (the catch-up of queued messages): not a part that is down
             pid = int(part.get("pid") or 0)
             running = part.get("state") == "running" and pid_alive(pid)
             up.add_metric([name], 1 if running else 0)
-            restarts.add_metric([name], int(part.get("restarts") or 0))
             if part.get("beats") and running:
                 age = beat_age(folder, name, pid)
                 if age is not None:

@@ -246,7 +246,9 @@ def work_left_queued(pipeline: Any, progress_every: float = 5.0, stop: threading
         if time.monotonic() - said >= progress_every:
             log.warning("worked %d of the %d queued message(s)", done, waiting)
             said = time.monotonic()
-    log.warning("worked %d message(s) of the queue (%d were waiting); the MLLP listeners start now", done, waiting)
+    log.warning("worked %d message(s): %d waited in the queue%s%s", done, waiting,
+                ", the others were left unfinished by a process that is gone" if done > waiting else "",
+                "; the MLLP listeners start now" if getattr(pipeline.settings, "mllp_port", 0) else "")
     return done
 
 
@@ -612,8 +614,9 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
     parts = [Part(f"http-{i}", f"HTTP worker {i}", me + [f"http-{i}", "--fd", str(http_fd)], (http_fd,))
              for i in range(1, settings.workers + 1)]
     if left:
-        log.warning("%d message(s) queued while mllp_ack was 'received' wait in the processing queue: the MLLP "
-                    "listeners start once they are worked (the part '%s')", left, CATCHUP)
+        log.warning("%d message(s) queued while mllp_ack was 'received' wait in the processing queue: the part "
+                    "'%s' works them%s", left, CATCHUP,
+                    ", and the MLLP listeners start once it has" if settings.mllp_port else "")
         parts.append(Part(CATCHUP, "catch-up of queued messages", me + [CATCHUP], beats=True, once=True))
     if settings.mllp_port:
         mllp_fd = sockets[1].fileno()

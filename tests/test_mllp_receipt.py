@@ -470,7 +470,7 @@ def test_messages_queued_before_a_switch_to_processed_are_worked_by_the_start(pi
     said = [r.getMessage() for r in caplog.records if r.name == "gateway.serve"]
     assert said[0].startswith("5 message(s) wait in the processing queue, queued while mllp_ack was 'received'")
     assert any(line.startswith("worked ") and " of the 5 queued message(s)" in line for line in said), said
-    assert said[-1] == "worked 5 message(s) of the queue (5 were waiting); the MLLP listeners start now"
+    assert said[-1] == "worked 5 message(s): 5 waited in the queue; the MLLP listeners start now"
     assert [pipeline.store.get_message(i).attempts for i in ids] == [1] * 5, "each worked once"
     caplog.clear()
     assert work_left_queued(pipeline) == 0 and not caplog.records, "nothing queued: nothing said"
@@ -553,8 +553,9 @@ def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(
         proc.wait(60)
     text = log_file.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in text, text[-3000:]
-    assert "800 message(s) queued while mllp_ack was 'received' wait in the processing queue" in text, text[-3000:]
-    assert "worked 800 message(s) of the queue (800 were waiting); the MLLP listeners start now" in text, text[-3000:]
+    assert ("800 message(s) queued while mllp_ack was 'received' wait in the processing queue: the part 'catchup' "
+            "works them, and the MLLP listeners start once it has") in text, text[-3000:]
+    assert "worked 800 message(s): 800 waited in the queue; the MLLP listeners start now" in text, text[-3000:]
     assert "catch-up of queued messages (pid " in text and ") done" in text, text[-3000:]
 
 
@@ -587,3 +588,31 @@ def test_a_start_working_what_an_earlier_run_queued_stops_cleanly_at_sigterm(tmp
     assert counts.get("stored", 0) + counts.get("queued", 0) == 400 and 0 < counts.get("queued", 0) < 400, counts
     assert (f"stopped before the MLLP listeners started: worked {counts['stored']} of the 400 queued message(s); "
             "the others are worked at the next start") in text, text
+
+
+def test_a_message_over_http_waits_behind_its_senders_queued_messages(pipeline, client) -> None:
+    """A sender whose earlier messages wait in the processing queue (answered on receipt over MLLP, or queued by an
+    earlier run and being worked by the catch-up) and who sends over HTTP meanwhile is answered 503 with
+    Retry-After: worked at once, its message would be recorded before them (a correction before the report it
+    corrects). Nothing of it is kept; another sender's message goes through; once the queue is worked it does too."""
+    _queued(pipeline, 2)
+    later = msh_field(GOOD, 10, "TJH000000001")
+    answer = client.post("/ingest/hl7v2", data=later)
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.get_data(as_text=True)
+    issue = answer.get_json()["issue"][0]
+    assert issue["code"] == "transient" and issue["expression"] == ["MSH-3"]
+    assert "wait in the processing queue" in issue["diagnostics"], issue
+    assert pipeline.store.counts() == {"queued": 2}, "nothing of it kept"
+    other = msh_field(msh_field(GOOD, 3, "OTHERLIS"), 10, "TJH000000002")
+    assert client.post("/ingest/hl7v2", data=other).status_code == 200, "another sender is not held up"
+    reader = QueueReader(pipeline, idle=0.01)
+    thread = reader.start_in_thread()
+    try:
+        deadline = time.monotonic() + 30
+        while pipeline.store.queue_length() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        reader.stop()
+        thread.join(10)
+    assert client.post("/ingest/hl7v2", data=later).status_code == 200
+    assert pipeline.store.counts() == {"stored": 4}

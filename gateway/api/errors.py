@@ -53,8 +53,9 @@ def register_error_handlers(app: Flask) -> None:
             text = ("the database cannot be reached right now; send the request again later (what was already "
                     "stored is recognised as a resend)")
             return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
-        # RFC 6750: a 401 says how to authenticate
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        # RFC 6750: a 401 says how to authenticate; a passing state (503) when to try again
+        headers = ({"WWW-Authenticate": "Bearer"} if exc.http_status == 401
+                   else {"Retry-After": "5"} if exc.http_status == 503 else None)
         return outcome_response(exc.issues(), exc.http_status, headers)
 
     @app.errorhandler(HTTPException)

@@ -33,11 +33,12 @@ from typing import IO, Any
 
 from flask import Blueprint, Response, current_app, request
 
+from gateway.adapters.base import RawUnit
 from gateway.adapters.hl7v3 import answer_media_type
 from gateway.api.app import pipeline_of
 from gateway.api.errors import outcome_response
 from gateway.auth import require_role
-from gateway.errors import InputError, Issue
+from gateway.errors import InputError, Issue, WaitingBehind, shown
 
 bp = Blueprint("ingest", __name__)
 
@@ -144,6 +145,23 @@ def _summary(o: Any) -> list[Issue]:
     return issues
 
 
+def _not_before_the_queue(pipeline: Any, channel: Any, batch: list[RawUnit]) -> None:
+    """:class:`WaitingBehind` when a message's sender has earlier messages waiting in the processing queue (queued
+    by the MLLP listeners with ``mllp_ack = received``, or by an earlier run and being worked by the catch-up as a
+    gateway starts): worked now, it would be recorded before them — a correction before the report it corrects."""
+    senders = []
+    for unit in batch:
+        try:
+            senders.append(channel.adapter.identify(unit)[0])
+        except Exception:  # noqa: BLE001 - unreadable: its reading says what is wrong with it
+            continue
+    waiting = pipeline.store.queued_from(channel.format, senders)
+    if waiting:
+        raise WaitingBehind(f"earlier messages of the sender {shown(waiting[0])} wait in the processing queue, and "
+                            "a sender's messages are recorded in the order they came: send this again in a few "
+                            "seconds (what this request already had answered is recognised as a resend)", "MSH-3")
+
+
 @bp.post("/ingest/<fmt>")
 @require_role("submitter", "admin")
 def ingest(fmt: str) -> Response:
@@ -162,6 +180,8 @@ def ingest(fmt: str) -> Response:
     answers: list[bytes] = []
     v3_answers: list[tuple[bytes, str]] = []  # HL7 v3 acknowledgements (CDA channel) and their media types
     while batch := list(itertools.islice(units, _BATCH)):
+        if channel.receipt is not None:  # a format the MLLP listeners may queue: a sender's messages in their order
+            _not_before_the_queue(pipeline, channel, batch)
         for o in pipeline.ingest_batch(channel, batch, channel="http"):  # outcomes are dropped batch by batch
             count += 1
             code = o.ack_code or "AA"

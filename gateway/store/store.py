@@ -204,6 +204,8 @@ class StorePort(Protocol):
     def earlier_unfinished(self, record_id: int, formats: tuple[str, ...],
                            mine: frozenset[int] = ...) -> tuple[int, str | None, float | None] | None: ...
 
+    def queued_from(self, fmt: str, senders: list[str]) -> list[str]: ...
+
     def give_back(self, record_ids: list[int]) -> None: ...
 
     def take(self, record_id: int, lease: float, *, retry: bool = ...) -> MessageRecord | None: ...
@@ -490,6 +492,17 @@ class Store:
             if int(found) not in mine:
                 return int(found), owner, until
         return None
+
+    def queued_from(self, fmt: str, senders: list[str]) -> list[str]:
+        """Those of ``senders`` that have messages of format ``fmt`` waiting in the processing queue (through the
+        queued messages' index of senders: as cheap however long the queue)."""
+        wanted = sorted({s for s in senders if s})
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        return sorted(str(r[0]) for r in self.db.execute(
+            f"SELECT DISTINCT sender FROM messages WHERE status = 'queued' AND sender IN ({marks}) AND format = ?",
+            [*wanted, fmt]).fetchall())
 
     def give_back(self, record_ids: list[int]) -> None:
         """Put messages this process took from the queue and did not record back in it, uncounted (their attempts
