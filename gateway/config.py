@@ -120,9 +120,10 @@ class Settings:
                               "whole gateway stops with a non-zero exit instead of running half.")
     hung_restart_after: int = _opt(30, "`gateway serve` kills and starts again a process of its own that has not "
                                    "reported alive for this many seconds, at least 10 (they report every 2 s): an "
-                                   "MLLP listener, queue reader or background loop that hangs (a blocked event loop, "
-                                   "a stopped process, a pass that never ends), which may hold the database's write "
-                                   "lock meanwhile. The restart counts toward restart_limit. 0: never.")
+                                   "MLLP listener, queue reader, background loop or catch-up that hangs (a blocked "
+                                   "event loop, a stopped process, a pass that never ends), which may hold the "
+                                   "database's write lock meanwhile. The restart counts toward restart_limit. 0: never "
+                                   "(a WARNING line says it once).")
     metrics_token_file: str = _opt(
         "", "File holding the bearer token that GET /metrics requires (outside the repository; mode 0600). Empty: "
         "/metrics is open to whoever reaches the HTTP port, so serve it on an internal interface only.")

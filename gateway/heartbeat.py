@@ -76,14 +76,21 @@ def boot_id() -> str:
         return ""
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of process ``pid`` from /proc, or None when there is
+    none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace").rpartition(")")[2].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def process_start(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot, /proc), or None when there is none: with the boot id, it
     tells the process that had this id from another that has it now."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-        return int(stat.rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def leftover_parts(folder: Path) -> list[tuple[str, int, str]]:
@@ -105,15 +112,12 @@ def leftover_parts(folder: Path) -> list[tuple[str, int, str]]:
     for name, part in sorted(parts.items()) if isinstance(parts, dict) else []:
         try:
             pid = int(part.get("pid") or 0)
-            if pid <= 0 or pid == os.getpid() or part.get("since") is None:
-                continue
-            stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-        except (OSError, ValueError, AttributeError):
+        except (ValueError, TypeError, AttributeError):
             continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) < 20 or fields[0] == "Z" or fields[19] != str(part.get("since")):
-            continue  # ended (not yet reaped), or another process has this id now
-        found.append((str(part.get("title") or name), pid, "stopped" if fields[0] in ("T", "t") else "running"))
+        stat = _stat(pid) if pid > 0 and pid != os.getpid() else None
+        if stat is None or stat[0] == "Z" or str(stat[1]) != str(part.get("since")):
+            continue  # gone, ended (not yet reaped), or another process has this id now
+        found.append((str(part.get("title") or name), pid, "stopped" if stat[0] in ("T", "t") else "running"))
     return found
 
 

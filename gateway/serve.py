@@ -174,6 +174,11 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     return done
 
 
+#: Seconds one batch of queued messages may take before the process working it (a queue reader, the catch-up) is
+#: taken for hung: a batch takes seconds.
+QUEUE_BATCH_HUNG = 45.0
+
+
 class _Passes:
     """When the background pass in progress began (None between passes): a pass that runs too long is hung."""
 
@@ -264,12 +269,13 @@ def run_catchup(settings: Settings, part: str = CATCHUP) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     _watch_parent()
-    moved = [time.monotonic()]
+    batch = _Passes(QUEUE_BATCH_HUNG)  # each batch as one pass of a queue reader: one that never ends is hung
+    batch.began = time.monotonic()
 
     def batch_done() -> None:
-        moved[0] = time.monotonic()
+        batch.began = time.monotonic()
 
-    beat = Beat(run_dir(settings), part, working=lambda: time.monotonic() - moved[0] < 45.0).start()
+    beat = Beat(run_dir(settings), part, working=batch.working).start()
     try:
         pipeline = Pipeline(settings)
         try:
@@ -424,7 +430,7 @@ def run_queue(settings: Settings, part: str | None = None, reader: tuple[int, in
     if part is not None:
         from gateway.heartbeat import Beat, run_dir
 
-        passes = _Passes(45.0)  # one batch of queued messages takes seconds; a minute is a hung reader
+        passes = _Passes(QUEUE_BATCH_HUNG)
         work = pipeline.process_queued
 
         def timed(*args: Any, **kwargs: Any) -> Any:
