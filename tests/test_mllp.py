@@ -250,6 +250,7 @@ def test_a_listener_stopping_while_a_message_waits_for_the_database_logs_no_trac
     answer is closed without an ACK and said in a line, not an asyncio error with a traceback."""
     import logging
     import sqlite3
+    import threading
     import time
 
     from gateway.pipeline import Pipeline
@@ -259,15 +260,30 @@ def test_a_listener_stopping_while_a_message_waits_for_the_database_logs_no_trac
     listener = Pipeline(settings, clock=clock)
     listener.store.counts()  # the database made
     srv = MLLPServer(listener, "127.0.0.1", 0)
+    taken = threading.Event()  # the batch is being worked: its message waits for the lock
+    work = srv._process_batch
+
+    def process_batch(items: list[tuple[bytes, str]]) -> list[bytes]:
+        taken.set()
+        return work(items)
+
+    srv._process_batch = process_batch  # type: ignore[method-assign]
+    said = "closed as the listener stops: a message was still being answered, no ACK sent"
+
+    def closed() -> bool:
+        return any(said in r.getMessage() for r in caplog.records)
+
     thread = srv.start_in_thread()
     holder = sqlite3.connect(str(settings.database_file), isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer, busy
     try:
         with caplog.at_level(logging.INFO), socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(frame(split_messages(FRAMED.read_bytes())[0]))
-            time.sleep(0.5)  # the message waits for the lock
+            assert taken.wait(20), "the message never reached the pipeline"
             srv.stop()
-            time.sleep(1.5)  # the listener has let its connections go
+            deadline = time.monotonic() + 20  # the listener lets its connections go (after 1 s) on a busy machine
+            while not closed() and time.monotonic() < deadline:
+                time.sleep(0.05)
             holder.execute("ROLLBACK")
             thread.join(40)
             assert not thread.is_alive()
@@ -278,5 +294,4 @@ def test_a_listener_stopping_while_a_message_waits_for_the_database_logs_no_trac
         holder.close()
         listener.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
-    assert any("closed as the listener stops: a message was still being answered, no ACK sent" in r.getMessage()
-               for r in caplog.records)
+    assert closed()
