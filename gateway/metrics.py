@@ -267,7 +267,11 @@ class PartFacts:
         if manifest is None:
             return
         up = GaugeMetricFamily("gateway_part_up", "1 when the part of `gateway serve` (http-1, mllp-1, queue, "
-                               "background...) runs, else 0 (dead or being restarted).", labels=["part"])
+                               "background...) runs, else 0 (dead or being restarted); a part waiting for another "
+                               "to end first has none (see gateway_part_waiting).", labels=["part"])
+        waiting = GaugeMetricFamily("gateway_part_waiting", "1 while the part of `gateway serve` waits, by design, "
+                                    "for another to end before it starts (an MLLP listener for the catch-up of "
+                                    "messages queued by an earlier run).", labels=["part"])
         restarts = CounterMetricFamily("gateway_part_restarts", "Times `gateway serve` restarted the part since "
                                        "it started.", labels=["part"])
         beats = GaugeMetricFamily("gateway_part_heartbeat_age_seconds", "Seconds since the part last reported "
@@ -277,6 +281,9 @@ class PartFacts:
             restarts.add_metric([name], int(part.get("restarts") or 0))
             if part.get("state") == "done":
                 continue  # a job that ended (the catch-up of queued messages): not a part that is down
+            if part.get("state") == "waiting":
+                waiting.add_metric([name], 1)  # not down: an alert on gateway_part_up == 0 stays quiet meanwhile
+                continue
             pid = int(part.get("pid") or 0)
             running = part.get("state") == "running" and pid_alive(pid)
             up.add_metric([name], 1 if running else 0)
@@ -285,6 +292,7 @@ class PartFacts:
                 if age is not None:
                     beats.add_metric([name], age)
         yield up
+        yield waiting
         yield restarts
         yield beats
 

@@ -535,6 +535,11 @@ def test_gateway_serve_with_mllp_ack_processed_works_what_an_earlier_run_queued(
                                   120, "the HTTP API answering while the queued messages are worked")
         assert body["checks"]["mllp-1"] == {
             "ok": False, "detail": "MLLP listener 1 waits for the catch-up of queued messages to end before it starts"}
+        scraped = requests.get(f"http://127.0.0.1:{http}/metrics", timeout=10).text.splitlines()
+        assert 'gateway_part_waiting{part="mllp-1"} 1.0' in scraped, [s for s in scraped if "gateway_part" in s]
+        assert not [line for line in scraped if line.startswith('gateway_part_up{part="mllp-1"}')], \
+            "a listener waiting for the catch-up is not down: an alert on gateway_part_up == 0 stays quiet"
+        assert 'gateway_part_up{part="catchup"} 1.0' in scraped
         codes = mllp_codes(port, GOOD, clients=1, each=1, tag="P")  # answered once the listener runs
         assert codes == {0: ["AA"]}
         wait_until(lambda: requests.get(f"http://127.0.0.1:{http}/health", timeout=5).status_code == 200, 60,
