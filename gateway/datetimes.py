@@ -12,8 +12,8 @@ import re
 
 from gateway.errors import shown
 
-__all__ = ["to_fhir_datetime", "to_fhir_date", "to_fhir_instant", "parse_fhir_datetime", "DateTimeError",
-           "seconds_since"]
+__all__ = ["to_fhir_datetime", "convert_datetime", "to_fhir_date", "to_fhir_instant", "parse_fhir_datetime",
+           "DateTimeError", "seconds_since"]
 
 _HL7_TS = re.compile(
     r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
@@ -54,11 +54,40 @@ def _parts(text: str) -> dict[str, str | None]:
     raise DateTimeError(f"{shown(text)} is not a date/time (expected YYYYMMDDHHMMSS or YYYY-MM-DD HH:MM:SS)")
 
 
+# What to_fhir_datetime answered for the timestamps seen last: a message's results, an export's exams, mostly
+# share a handful of them. A value, or a 1-tuple holding the error's text; short texts only; emptied when full.
+_SEEN: dict[tuple[str, str], str | tuple[str]] = {}
+_SEEN_MAX = 512  # (a batch of 32 messages has some 150 distinct ones; 512 hold about 100 KiB)
+_SEEN_LONGEST = 40  # (the longest timestamp any source writes is 35 characters)
+
+
 def to_fhir_datetime(text: str, default_offset: str = "+08:00") -> str:
     """A FHIR ``dateTime`` from a source timestamp, keeping its precision.
 
     Date-only values stay dates (``2024-03-05``); a value with a time gets
-    seconds and an offset (``2024-03-05T08:30:00+08:00``).
+    seconds and an offset (``2024-03-05T08:30:00+08:00``). What it answers is
+    :func:`convert_datetime`'s, remembered for the timestamps seen last.
+
+    :raises DateTimeError: not a timestamp, or not a real calendar date/time.
+    """
+    key = (text, default_offset)
+    found = _SEEN.get(key)
+    if found is None:
+        try:
+            found = convert_datetime(text, default_offset)
+        except DateTimeError as exc:
+            found = (str(exc),)
+        if len(text) <= _SEEN_LONGEST:
+            if len(_SEEN) >= _SEEN_MAX:
+                _SEEN.clear()
+            _SEEN[key] = found
+    if type(found) is str:
+        return found
+    raise DateTimeError(found[0])
+
+
+def convert_datetime(text: str, default_offset: str = "+08:00") -> str:
+    """:func:`to_fhir_datetime` worked out every time (the reference its remembered answers are held to).
 
     :raises DateTimeError: not a timestamp, or not a real calendar date/time.
     """

@@ -118,3 +118,52 @@ def test_instant_needs_a_time_and_date_drops_it() -> None:
         to_fhir_instant("20240315")
     assert to_fhir_date("20240315083012") == "2024-03-15"
     assert to_fhir_datetime("20240315083012", "+09:00").endswith("+09:00")
+
+
+def test_remembered_timestamps_answer_as_the_converter_does_on_fuzzed_ones() -> None:
+    """``to_fhir_datetime`` remembers what it answered for the timestamps seen last; each answer, and each
+    error's text, is the one :func:`convert_datetime` (the reference, worked out every time) gives, asked twice
+    (the second from memory), with both offsets, over the memory's limit (emptied and filled again)."""
+    import random
+
+    from gateway import datetimes
+    from gateway.datetimes import convert_datetime
+
+    rng = random.Random(19)
+    pieces = ["2024", "1999", "1700", "0315", "1301", "0230", "0229", "1231", "08", "24", "60", "59", "00", "30",
+              ".5", ".1234", "+0800", "-0530", "+1500", "Z", "-", "/", " ", "T", ":", "a", "", "12", "3", "年"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(10_000)]
+    for _ in range(20_000):  # timestamps as sources write them, some fields out of range, cut at any place
+        y, mo, d, h, mi, sec = (rng.randint(1790, 2100), rng.randint(0, 13), rng.randint(0, 32), rng.randint(0, 25),
+                                rng.randint(0, 61), rng.randint(0, 61))
+        tz = rng.choice(["", "", "+0800", "-0500", "+1430", "Z", "+08:00", "-1200"])
+        frac = rng.choice(["", "", ".5", ".123", ".12345"])
+        form = rng.randrange(3)
+        if form == 0:
+            text = f"{y:04d}{mo:02d}{d:02d}{h:02d}{mi:02d}{sec:02d}"[:rng.choice([4, 6, 8, 10, 12, 14, 14])] + frac + tz
+        elif form == 1:
+            text = f"{y}-{mo}-{d:02d}" + rng.choice(["", f" {h}:{mi:02d}", f"T{h:02d}:{mi:02d}:{sec:02d}{frac}{tz}"])
+        else:
+            text = f"{y}/{mo}/{d}" + rng.choice(["", f" {h}:{mi:02d}", f"  {h}:{mi:02d}:{sec:02d}"])
+        texts.append(rng.choice(["", " "]) + text + rng.choice(["", "", " "]))
+    texts += ["2024-03-05 08:30:00", "2024/3/5 8:30", "20240305083000.12+0800", "2024-03-05T08:30:00Z",
+              "x" * 100, "2024" + " " * 60]
+
+    def answer(convert: object, text: str, offset: str) -> tuple[str, str]:
+        try:
+            return "value", convert(text, offset)  # type: ignore[operator]
+        except DateTimeError as exc:
+            return "error", str(exc)
+
+    datetimes._SEEN.clear()
+    kinds = set()
+    for text in texts:
+        for offset in ("+08:00", "+00:00"):
+            expected = answer(convert_datetime, text, offset)
+            kinds.add(expected[0])
+            assert answer(to_fhir_datetime, text, offset) == expected, (text, offset)
+            assert answer(to_fhir_datetime, text, offset) == expected, (text, offset)  # remembered
+    assert kinds == {"value", "error"}
+    assert sum(1 for text in texts if answer(convert_datetime, text, "+08:00")[0] == "value") > 10_000
+    assert 0 < len(datetimes._SEEN) <= datetimes._SEEN_MAX
+    assert not any(len(text) > datetimes._SEEN_LONGEST for text, _ in datetimes._SEEN), "long texts not kept"
