@@ -50,6 +50,26 @@ def test_an_answer_lists_a_bounded_number_of_issues_then_counts(client: Any, mon
     assert last_id - first_id == 9 and "`gateway messages list`" in last
 
 
+def test_a_refused_exam_after_many_stored_ones_is_listed_first_and_the_account_is_an_error(
+        client: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    """Thousands of exams stored fill an answer's room before the one refused near the end: listed first all the
+    same, so a LIS reading the answer's errors finds the exam to correct, and the account of the rest says
+    something was refused."""
+    monkeypatch.setattr(ingest, "ISSUES_IN_ANSWER", 5)
+    data = _export(tmp_path / "late.csv", 80)  # 10 exams, each stored
+    rows = data.split(b"\n")
+    rows[-2] = re.sub(rb"^(ZY\d+,[^,]*,)\d{17}[\dX]", rb"\g<1>123", rows[-2])  # the last exam's last row
+    answer = client.post("/ingest/cdc-csv", data=b"\n".join(rows), content_type="text/csv")
+    assert answer.status_code == 422
+    issues = answer.get_json()["issue"]
+    assert len(issues) == 6
+    assert issues[0]["severity"] == "error" and "身份证号" in issues[0]["diagnostics"], issues[0]
+    listed = [i["severity"] for i in issues[:5]]
+    assert "information" in listed and listed == sorted(listed, key=lambda v: v != "error"), listed  # then stored ones
+    assert issues[-1]["severity"] == "error"
+    assert issues[-1]["diagnostics"].startswith("10 unit(s) in all (refused 1, stored 9); ")
+
+
 def test_a_short_answer_is_listed_whole(client: Any, tmp_path: Path) -> None:
     data = _export(tmp_path / "bad.csv", 24, bad_ids=True)
     issues = client.post("/ingest/cdc-csv", data=data, content_type="text/csv").get_json()["issue"]

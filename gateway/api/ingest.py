@@ -95,10 +95,15 @@ def _label(text: str) -> str:
 
 class _Tally:
     """What an answer says of a request's units: their first issues, up to :data:`ISSUES_IN_ANSWER`; then only
-    counts by status and the range of message records (constant memory, however many units there are)."""
+    counts by status and the range of message records (constant memory, however many units there are).
+
+    The units refused or failed come first, whatever their place in the request: a LIS reading an answer's
+    errors finds the exam to correct even when thousands of units stored with warnings came before it; and
+    when some were not listed, the account says so as an error."""
 
     def __init__(self) -> None:
-        self.issues: list[Issue] = []
+        self.failing: list[Issue] = []  # of units refused or failed
+        self.issues: list[Issue] = []  # of the others
         self.statuses: dict[str, int] = {}
         self.unlisted = 0
         self.first: int | None = None
@@ -109,24 +114,34 @@ class _Tally:
         if o.record_id is not None:
             self.first = o.record_id if self.first is None else min(self.first, o.record_id)
             self.last = o.record_id if self.last is None else max(self.last, o.record_id)
-        if len(self.issues) >= ISSUES_IN_ANSWER:
+        kept = self.failing if o.status.value in _NOT_TAKEN else self.issues
+        if len(kept) >= ISSUES_IN_ANSWER:
             self.unlisted += len(o.issues) + (o.bundle is not None or o.status.value in ("filtered", "duplicate"))
             return
         summary = _summary(o)
-        room = ISSUES_IN_ANSWER - len(self.issues)
-        self.issues += summary[:room]
+        room = ISSUES_IN_ANSWER - len(kept)
+        kept += summary[:room]
         self.unlisted += max(0, len(summary) - room)
 
     def answer(self, count: int) -> list[Issue]:
-        """The issues of the answer: those listed, then — when some were not — the whole request's account."""
-        if not self.unlisted:
-            return self.issues
+        """The issues of the answer: those listed (the refused and failed units' first), then — when some were
+        not — the whole request's account."""
+        listed = self.failing + self.issues
+        unlisted = self.unlisted + max(0, len(listed) - ISSUES_IN_ANSWER)
+        listed = listed[:ISSUES_IN_ANSWER]
+        if not unlisted:
+            return listed
         statuses = ", ".join(f"{status} {n}" for status, n in sorted(self.statuses.items()))
         records = (f"; they are messages {self.first} to {self.last}: see `gateway messages list` and "
                    "`gateway messages show ID`" if self.first is not None else "")
-        return [*self.issues, Issue("information", "informational", "",
-                                    f"{count} unit(s) in all ({statuses}); {self.unlisted} more issue(s) not "
-                                    f"listed here (an answer lists {ISSUES_IN_ANSWER} at most){records}")]
+        not_taken = sum(n for status, n in self.statuses.items() if status in _NOT_TAKEN)
+        return [*listed, Issue("error" if not_taken else "information", "processing" if not_taken else "informational",
+                               "", f"{count} unit(s) in all ({statuses}); {unlisted} more issue(s) not "
+                                   f"listed here (an answer lists {ISSUES_IN_ANSWER} at most){records}")]
+
+
+#: What became of a unit that was not taken: its issues come first in an answer.
+_NOT_TAKEN = frozenset({"refused", "failed"})
 
 
 def _summary(o: Any) -> list[Issue]:
