@@ -589,3 +589,39 @@ def test_a_hazard_factor_code_and_a_name_naming_another_factor_are_said(cdc: Pip
          "it, '噪声', is '噪声': the code is taken; check which one is meant")]
     [same] = outcomes(cdc, csv_bytes(row()))  # 1001 with 矽尘: nothing to say
     assert not [i for i in same.issues if "hazard factor code" in i.message]
+
+
+def _exams(p: Pipeline, data: bytes) -> list[tuple[str, list, list]]:
+    """(status, the Patient's identifiers, the results' codes and values) of each exam of an export."""
+    found = []
+    for o in outcomes(p, data):
+        if o.bundle is None:
+            found.append((o.status.value, [i.line() for i in o.errors], []))
+            continue
+        patient = entries_of(o.bundle, "Patient")[0]
+        results = [(r["code"]["coding"][0]["code"], r.get("valueQuantity", {}).get("value", r.get("valueString")))
+                   for r in entries_of(o.bundle, "Observation")]
+        found.append((o.status.value, patient["identifier"], results))
+    return found
+
+
+def test_ids_kept_as_text_the_spreadsheet_way_and_trailing_empty_cells_read_as_the_plain_export(
+        cdc: Pipeline) -> None:
+    """Staff keep an 18-digit 身份证号 and an exam number as text in Excel by writing ="..." or a leading
+    apostrophe, and a sheet saved with formatted empty columns ends every data row (not the header) in ",,,":
+    read as the plain export, exam for exam (the real-shaped export of tests/data/csv)."""
+    import re
+
+    plain = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+    expected = _exams(cdc, plain)
+    assert [s for s, _, _ in expected].count("converted") >= 3  # (and the export's refused exams, refused alike)
+    head, _, body = plain.partition(b"\n")
+    formula = re.sub(rb"^(TJ\d+),([^,]*),(\d{17}[\dX])", rb'="\1",\2,="\3"', body, flags=re.M)
+    apostrophe = re.sub(rb"^(TJ\d+),([^,]*),(\d{17}[\dX])", rb"\1,\2,'\3", body, flags=re.M)
+    trailing = re.sub(rb"\r?\n", b",,,\n", body)
+    assert formula != body and apostrophe != body and trailing.count(b",,,\n") == body.count(b"\n")
+    for variant in (formula, apostrophe, trailing):
+        assert _exams(cdc, head + b"\n" + variant) == expected, variant[:200]
+    # a row longer than the header by a value is refused as before, naming it
+    refused = _exams(cdc, head + b"\n" + re.sub(rb"\r?\n", b",,x\n", body, count=1))
+    assert refused[0][0] == "refused" and "row 2 row has 24 columns, the header has 22" in refused[0][1][0]

@@ -390,10 +390,11 @@ class LabCSVAdapter:
         for row_no, raw, fields, problem in rows:
             if problem:
                 issues.append(Issue("error", "structure", f"row {row_no}", problem, "102"))
-            elif len(fields) != len(meta["headers"]):
+            elif len(fields) != len(meta["headers"]) and not _trailing_empty(fields, len(meta["headers"])):
                 issues.append(Issue("error", "structure", f"row {row_no}",
                                     f"row has {len(fields)} columns, the header has {len(meta['headers'])}", "100"))
             else:
+                del fields[len(meta["headers"]):]  # (empty cells past the header's last column: read as absent)
                 _cell_issues(row_no, raw, fields, meta["headers"], issues)
         if msg.errors:
             return msg
@@ -925,8 +926,31 @@ def _row(text: str) -> tuple[list[str], str]:
 def _fields(text: str) -> list[str]:
     line = text.rstrip("\r\n")
     if '"' not in line:
-        return line.split(",")  # the common case, much faster than the csv module
-    return next(csv.reader(io.StringIO(line, newline="")), [])
+        fields = line.split(",")  # the common case, much faster than the csv module
+    else:
+        fields = next(csv.reader(io.StringIO(line, newline="")), [])
+    if "=" in line or "'" in line:
+        fields = [_as_text(f) for f in fields]
+    return fields
+
+
+# A cell kept as text the ways spreadsheet users do, so that Excel shows an 18-digit 身份证号 or an exam number
+# with leading zeros as written (not as 5.11322E+17): a formula ="..." or a leading apostrophe before digits.
+_FORMULA_TEXT = re.compile(r'^\s*="([^"]*)"\s*$')
+_APOSTROPHE_DIGITS = re.compile(r"^\s*'([0-9][0-9Xx]*)\s*$")
+
+
+def _as_text(cell: str) -> str:
+    """The text a cell holds: ``="511..."`` and ``'511...`` are ``511...``; any other cell as it is."""
+    if cell[:1] not in ("=", "'", " ", "\t"):
+        return cell
+    m = _FORMULA_TEXT.match(cell) or _APOSTROPHE_DIGITS.match(cell)
+    return m.group(1) if m else cell
+
+
+def _trailing_empty(fields: list[str], columns: int) -> bool:
+    """Whether a row is longer than the header by empty cells only (a spreadsheet saved with trailing commas)."""
+    return len(fields) > columns and not any(f.strip() for f in fields[columns:])
 
 
 def _rows(meta: dict[str, Any]) -> str:
