@@ -66,7 +66,7 @@ class _ErrorTask(ErrorTask):  # type: ignore[misc]
         error = self.request.error
         body = _outcome(error.code, f"{error.reason}: {error.body}")
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/fhir+json"))
+        self.response_headers.append(("Content-Type", "application/fhir+json; charset=utf-8"))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

@@ -156,7 +156,19 @@ def test_instance_and_type_history_bundles(loaded, tmp_path) -> None:
     assert whole["type"] == "history" and whole["total"] == current + 1
     paged = loaded.get("/fhir/Observation/_history?_count=2").get_json()
     assert len(paged["entry"]) == 2 and any(link["relation"] == "next" for link in paged["link"])
-    assert_outcome(loaded.get("/fhir/Observation/_history?_since=2024"), 400)
+    # _since (R4 http.html#history): the versions made at or after an instant; a malformed one is refused by name
+    assert loaded.get("/fhir/Observation/_history?_since=2024").get_json()["total"] == whole["total"]
+    second = inst["entry"][0]["resource"]["meta"]["lastUpdated"]
+    since = loaded.get("/fhir/Observation/_history", query_string={"_since": second}).get_json()
+    assert 1 <= since["total"] <= whole["total"]  # (the fixture stores every version at one instant)
+    assert all(e["resource"]["meta"]["lastUpdated"] >= second for e in since["entry"])
+    assert obs["id"] in {e["resource"]["id"] for e in since["entry"]}
+    assert "_since=" in since["link"][0]["url"]
+    assert loaded.get("/fhir/Observation/_history?_since=2999-01-01T00:00:00Z").get_json()["total"] == 0
+    for bad in ("tomorrow", "2024-05-20T10:00:00", "2024-13-01"):
+        outcome = assert_outcome(loaded.get("/fhir/Observation/_history", query_string={"_since": bad}), 400)
+        assert "_since" in json.dumps(outcome, ensure_ascii=False), outcome
+    assert_outcome(loaded.get("/fhir/Observation/_history?_at=2024"), 400)
     assert_outcome(loaded.get("/fhir/Observation/nope/_history"), 404)
     paths = []
     for name, bundle in (("instance", inst), ("type", whole)):
@@ -286,3 +298,31 @@ def test_audit_event_summary_count_gives_the_total_only(app, loaded, anon) -> No
     assert not [link for link in body.get("link", []) if link["relation"] == "next"]
     refused = anon.get("/fhir/AuditEvent?_summary=data", headers=auth)
     assert refused.status_code == 400 and "_summary" in refused.get_data(as_text=True)
+
+
+def test_every_fhir_answer_says_it_is_utf_8(loaded, anon) -> None:
+    """FHIR R4 http.html#mime-type: requests and responses SHALL set the character encoding to UTF-8 with the
+    charset parameter (HTTP's default is ISO-8859-1: a client left to guess mangles 王 and 白细胞)."""
+    answers = {
+        "metadata": anon.get("/fhir/metadata"),
+        "search": loaded.get("/fhir/Patient?_count=5"),
+        "read": loaded.get(f"/fhir/Observation/{_alt(loaded)['id']}"),
+        "history": loaded.get("/fhir/Observation/_history?_count=2"),
+        "not found": loaded.get("/fhir/Observation/not-there"),
+        "bad search": loaded.get("/fhir/Observation?date=tomorrow"),
+        "no token": anon.get("/fhir/Observation"),
+        "ingest outcome": loaded.post("/fhir", data=b"{}", content_type="application/fhir+json"),
+    }
+    for what, answer in answers.items():
+        assert answer.headers["Content-Type"] == "application/fhir+json; charset=utf-8", (what, answer.headers)
+        assert answer.mimetype == "application/fhir+json"
+
+
+def test_total_is_taken_as_the_hint_r4_makes_it(loaded) -> None:
+    """R4 search.html#total: ``_total`` is a hint a server may ignore; this one counts every searchset exactly."""
+    exact = loaded.get("/fhir/Observation?_count=1").get_json()["total"]
+    for wanted in ("accurate", "estimate", "none"):
+        page = loaded.get(f"/fhir/Observation?_count=1&_total={wanted}")
+        assert page.status_code == 200 and page.get_json()["total"] == exact
+    outcome = assert_outcome(loaded.get("/fhir/Observation?_total=always"), 400)
+    assert outcome["issue"][0]["expression"] == ["_total"]

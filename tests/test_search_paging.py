@@ -252,3 +252,91 @@ def test_results_stored_while_a_client_pages_do_not_shift_its_pages(client: Any,
     assert totals == {60} and len(seen) == len(set(seen)) == 60 and set(seen) == set(first)
     fresh = client.get("/fhir/Observation?subject=Patient/paging-patient&_summary=count").get_json()
     assert fresh["total"] == 60 + (n - 1000)
+
+
+@pytest.mark.parametrize("order", ["", "&_sort=_lastUpdated", "&_sort=date", "&_sort=-date"])
+def test_a_result_superseded_while_a_client_pages_makes_no_other_skipped(
+        client: Any, pipeline: Any, clock: Clock, order: str) -> None:
+    """A correction arriving while a hospital system pages through results supersedes a result it has read (the
+    report's results leave the search): counted by position, every page after it started a place further on, and
+    a result nobody touched was never delivered. Each page starts after the last resource of the one before."""
+    from gateway.store.reports import SUPERSEDED_TAG
+
+    first = _fill(pipeline, clock, 60, 10)
+
+    def supersede(obs_id: str) -> None:
+        clock.advance(minutes=1)
+        obs = dict(first[obs_id], meta={"tag": [dict(SUPERSEDED_TAG)]})
+        _store(pipeline, clock, [obs], f"superseded-{obs_id}")
+
+    url = f"/fhir/Observation?subject=Patient/paging-patient&_count=7{order}"
+    seen: list[str] = []
+    gone: set[str] = set()
+    pages = 0
+    while url:
+        page = client.get(url).get_json()
+        pages += 1
+        ids = [e["resource"]["id"] for e in page.get("entry", [])]
+        seen += ids
+        if ids:
+            supersede(ids[0])  # read already: it leaves the search
+            gone.add(ids[0])
+        if pages == 2:
+            later = next(i for i in sorted(first) if i not in seen)
+            supersede(later)  # not read yet: it is not delivered, and no other is kept from the client
+            gone.add(later)
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        url = ""
+        if nxt:
+            parts = urlsplit(nxt[0])
+            url = f"{parts.path}?{parts.query}"
+        assert pages < 100
+    assert len(seen) == len(set(seen)), "a result delivered twice"
+    never = set(first) - set(seen) - gone
+    assert not never, f"results nobody touched were never delivered: {sorted(never)}"
+    assert len(seen) == 60 - 1
+
+
+def test_a_next_link_cut_or_changed_is_refused_naming_page_after(client: Any, pipeline: Any, clock: Clock) -> None:
+    _fill(pipeline, clock, 12, 10)
+    page = client.get("/fhir/Observation?subject=Patient/paging-patient&_count=5").get_json()
+    nxt = urlsplit(next(link["url"] for link in page["link"] if link["relation"] == "next"))
+    assert "_page_after=" in nxt.query
+    assert client.get(f"{nxt.path}?{nxt.query}").status_code == 200
+    for bad in ("x", "e30", "WzFd", "W3RydWUsImEiXQ", "%00", "A" * 2000):  # not ours, {}, [1] (one key), [true,"a"]
+        query = "&".join(p for p in nxt.query.split("&") if not p.startswith("_page_after=")) + f"&_page_after={bad}"
+        answer = client.get(f"{nxt.path}?{query}")
+        assert answer.status_code == 400, (bad, answer.get_data(as_text=True))
+        outcome = answer.get_json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert "_page_after" in str(outcome), outcome
+
+
+def test_versions_made_while_a_client_pages_a_history_neither_repeat_nor_shift_it(
+        client: Any, pipeline: Any, clock: Clock) -> None:
+    """A system polling a type's history (newest first) while results keep arriving: each new version would push
+    the ones not read yet a place further and some came twice. The pages after the first hold the versions there
+    were when it was made, each starting after the last one of the page before; a new history shows the rest."""
+    first = _fill(pipeline, clock, 60, 10)
+    url = "/fhir/Observation/_history?_count=7"
+    seen: list[tuple[str, str]] = []
+    totals: set[int] = set()
+    n = 1000
+    while url:
+        page = client.get(url).get_json()
+        totals.add(page["total"])
+        seen += [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in page.get("entry", [])]
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        url = ""
+        if nxt:
+            parts = urlsplit(nxt[0])
+            url = f"{parts.path}?{parts.query}"
+        clock.advance(minutes=1)
+        changed = sorted(first)[len(seen) % 60]
+        _store(pipeline, clock, [_observation(n, "arrived meanwhile", n),
+                                 _observation(int(changed[4:]), "changed meanwhile", n)], f"new-{n}")
+        n += 1
+    assert totals == {60 + 12}, totals  # 60 first versions and 12 second ones (_fill changes every fifth)
+    assert len(seen) == len(set(seen)) == 72, "a version delivered twice or missed"
+    again = client.get("/fhir/Observation/_history?_count=0").get_json()
+    assert again["total"] == 72 + 2 * (n - 1000)

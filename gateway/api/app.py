@@ -37,6 +37,14 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.extensions["gateway.clock"] = pipe.clock
     register_error_handlers(app)
 
+    @app.after_request
+    def _utf8(response: Any) -> Any:
+        # FHIR R4 (http.html#mime-type): a FHIR answer SHALL say its character encoding, UTF-8; HTTP's own default
+        # is ISO-8859-1, and a client left to guess mangles the Chinese in it
+        if response.mimetype == "application/fhir+json" and "charset" not in response.headers.get("Content-Type", ""):
+            response.headers["Content-Type"] = "application/fhir+json; charset=utf-8"
+        return response
+
     from gateway import auth
     from gateway.api import audit as audit_api
     from gateway.api import conformance, exchange, fhir, health, ingest

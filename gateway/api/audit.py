@@ -30,6 +30,7 @@ from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
 from gateway.api.app import borrow_database, public_root
+from gateway.api.errors import prefers_lenient
 from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
@@ -119,6 +120,8 @@ def search_events() -> Response:
     """Search the audit log (FHIR search on AuditEvent); 400 names an unknown or malformed parameter."""
     tz = query.parse_offset(_settings().timezone)
     params = list(request.args.items(multi=True))
+    if prefers_lenient(request.headers.get("Prefer", "")):  # (R4 search.html#errors: the client's choice)
+        params = [(name, value) for name, value in params if name in query.PARAMETERS]
     for name, value in params:
         if len(name) > _MAX_NAME:
             raise InvalidSearch(f"unknown search parameter {shown(name)} for AuditEvent", name[:_MAX_NAME],

@@ -19,9 +19,12 @@ for the origins of the ``cors_origins`` setting (none by default).
 """
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import email.utils
 import gzip
+import json
+import math
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -54,7 +57,9 @@ _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference
 #: Interactions every result type answers (CapabilityStatement ``rest.resource.interaction``).
 _INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
 _CONTROL = {"_count", "_offset", "_format", "_summary", "_include", "_revinclude", "_sort", "_elements", "_pretty",
-            "_page_until"}
+            "_page_until", "_page_after", "_total"}
+_HISTORY_UNTIL = re.compile(r"[0-9T:.+\-Z]*")  # a version's last_updated, as a history's next link carries it
+_MAX_PAGE_AFTER = 1024  # characters of a next link's _page_after (the sort keys of a page's last resource)
 _MAX_INCLUDED = 1000  # resources one searchset page adds by _include and _revinclude
 #: Elements a resource keeps whatever ``_elements`` asks: its identity and the elements R4 requires of it.
 _MANDATORY = {"DiagnosticReport": ("status", "code"), "Observation": ("status", "code")}
@@ -380,24 +385,54 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
 
 
 def _history_bundle(rtype: str, rid: str | None) -> Response:
-    """A history Bundle, newest version first, each entry with the request that made it and its response."""
-    count = _int_param("_count", 20, 1, _MAX_COUNT)
+    """A history Bundle, newest version first, each entry with the request that made it and its response.
+
+    ``_since`` (R4 http.html#history): the versions made at or after that instant. The pages after the first
+    hold the versions there were when the first was made, each page starting after the last version of the one
+    before (``_page_until``, ``_page_after`` in the ``next`` link): versions made meanwhile neither repeat nor
+    shift them.
+    """
+    count = _int_param("_count", 20, 0, _MAX_COUNT)
     offset = _int_param("_offset", 0, 0, 10_000_000)
+    lenient = prefers_lenient(request.headers.get("Prefer", ""))
+    taken = ("_count", "_offset", "_format", "_pretty", "_since", "_page_until", "_page_after")
     for name in request.args:
-        if name not in ("_count", "_offset", "_format", "_pretty"):
-            raise InvalidSearch(f"parameter {shown(name)} is not supported for _history (supported: _count)",
-                                name[:_MAX_NAME], code="not-supported")
-    result = pipeline_of(current_app).store.history(rtype, rid, count=count, offset=offset)
-    _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
+        if name not in taken and not lenient:
+            raise InvalidSearch(f"parameter {shown(name)} is not supported for _history (supported: _count, "
+                                "_since)", name[:_MAX_NAME], code="not-supported")
+    since_text = request.args.get("_since")
+    since = None
+    if since_text is not None:
+        since = _instant_param("_since", since_text)
+    until = request.args.get("_page_until")
+    if until is not None and (len(until) > 40 or not _HISTORY_UNTIL.fullmatch(until)):
+        raise InvalidSearch("_page_until is not one this server's next links carry: follow the link as given, or "
+                            "start again", "_page_until")
+    after_text = request.args.get("_page_after")
+    after = _page_after(after_text) if after_text is not None else None
+    store = pipeline_of(current_app).store
+    if until is None:  # the first page: the history as it is now
+        newest = store.history(rtype, rid, count=1, since=since)
+        until = newest.keys[0][0] if newest.keys else ""
+    result = store.history(rtype, rid, count=count + 1 if count else 0, offset=0 if after is not None else offset,
+                           since=since, up_to=until, after=after)
+    more = len(result.resources) > count
+    del result.resources[count:]
+    last_keys = result.keys[count - 1] if count and len(result.keys) >= count else None
+    if result.resources:
+        _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
     base = public_root() + "/fhir"
     path = f"{base}/{rtype}" + (f"/{rid}" if rid is not None else "") + "/_history"
 
-    def link(off: int) -> str:
-        return f"{path}?" + urlencode([("_count", str(count)), ("_offset", str(off))])
+    def link(off: int, page_after: str | None = None) -> str:
+        paging = [("_count", str(count)), ("_offset", str(off)), ("_page_until", until or "")]
+        if page_after is not None:
+            paging.append(("_page_after", page_after))
+        return f"{path}?" + urlencode(([("_since", since_text)] if since_text is not None else []) + paging)
 
-    links = [{"relation": "self", "url": link(offset)}]
-    if offset + count < result.total:
-        links.append({"relation": "next", "url": link(offset + count)})
+    links = [{"relation": "self", "url": link(offset, after_text)}]
+    if count and more and last_keys is not None:
+        links.append({"relation": "next", "url": link(offset + count, _keys_text(last_keys))})
     if offset > 0:
         links.append({"relation": "previous", "url": link(max(0, offset - count))})
     entries = []
@@ -500,6 +535,9 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                                 "_summary=false)", "_summary", code="not-supported")
         count = 0
     offset = _int_param("_offset", 0, 0, 10_000_000, args)
+    for total_wanted in args.getlist("_total"):  # (R4 search.html#total: a hint; every searchset counts exactly)
+        if total_wanted not in ("none", "estimate", "accurate"):
+            raise InvalidSearch(f"_total must be none, estimate or accurate, not {shown(total_wanted[:40])}", "_total")
     params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
     lenient = prefers_lenient(request.headers.get("Prefer", ""))
     if len(params) > _MAX_PARAMS:
@@ -525,7 +563,16 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     # not shift them (each resource once, page after page); a new search sees them
     up_to = (_int_param("_page_until", 0, 0, 2 ** 62, args) if args.get("_page_until") is not None
              else store.last_row())
-    result = store.search(rtype, params, count=count, offset=offset, strict=not lenient, sort=sort, up_to=up_to)
+    # and each starts after the last resource of the one before (its sort keys, in the next link), not at a count
+    # of resources: a resource before it that left the search meanwhile (a report superseded by a correction)
+    # or moved (updated) makes none skipped. One resource more is read to know whether a page follows.
+    after_text = args.get("_page_after")
+    after = _page_after(after_text) if after_text is not None else None
+    result = store.search(rtype, params, count=count + 1 if count else 0, offset=0 if after is not None else offset,
+                          strict=not lenient, sort=sort, up_to=up_to, after=after)
+    more = len(result.resources) > count
+    del result.resources[count:]
+    last_keys = result.keys[count - 1] if count and len(result.keys) >= count else None
     included, cut = _included(rtype, args, result.resources)
     elements = _elements_of(rtype, args)
     if result.resources:
@@ -537,14 +584,16 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
             or known.get(k.partition(":")[0]) == "string"]  # (with a modifier: :exact, :contains)
     kept += [(k, v) for k in ("_include", "_revinclude", "_sort", "_elements") for v in args.getlist(k)]
 
-    def link(off: int) -> str:
+    def link(off: int, page_after: str | None = None) -> str:
         paging = ([("_summary", "count")] if summary else
                   [("_count", str(count)), ("_offset", str(off)), ("_page_until", str(up_to))])
+        if page_after is not None:
+            paging.append(("_page_after", page_after))
         return f"{base}/{rtype}?" + urlencode(kept + paging)
 
-    links = [{"relation": "self", "url": link(offset)}]
-    if count and offset + count < result.total:
-        links.append({"relation": "next", "url": link(offset + count)})
+    links = [{"relation": "self", "url": link(offset, after_text)}]
+    if count and more and last_keys is not None:
+        links.append({"relation": "next", "url": link(offset + count, _keys_text(last_keys))})
     if count and offset > 0:
         links.append({"relation": "previous", "url": link(max(0, offset - count))})
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": result.total, "link": links}
@@ -560,6 +609,51 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
             f"resources to this page: the first {_MAX_INCLUDED} are included; ask for fewer matches per page "
             "(_count) to have all of them")]), "search": {"mode": "outcome"}})
     return fhir_response(bundle)
+
+
+def _instant_param(name: str, text: str) -> float:
+    """Seconds since 1970 (UTC) of an instant a client sends (``_since``): a FHIR instant, a dateTime with a time
+    zone, or a date (its first moment, China time).
+
+    :raises InvalidSearch: not such a time.
+    """
+    from gateway.datetimes import DateTimeError, parse_fhir_datetime
+
+    problem = InvalidSearch(f"{name} must be an instant such as 2026-12-01T08:00:00+08:00 or a date such as "
+                            f"2026-12-01, not {shown(text[:64])}", name)
+    if len(text) > 40 or not _HISTORY_UNTIL.fullmatch(text) or not text[:4].isdigit():
+        raise problem
+    try:
+        when = parse_fhir_datetime(text)
+    except DateTimeError:
+        raise problem from None
+    if when.tzinfo is None:
+        raise InvalidSearch(f"{name} {shown(text)} has a time without a time zone: add one (+08:00, Z)", name)
+    return when.timestamp()
+
+
+def _keys_text(keys: list[Any]) -> str:
+    """A page's last sort keys as its next link carries them (``_page_after``): JSON, base64url without padding."""
+    return base64.urlsafe_b64encode(jsonutil.dumps(keys).encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def _page_after(text: str) -> list[Any]:
+    """The sort keys a next link carries (:func:`_keys_text`).
+
+    :raises InvalidSearch: not such keys (a link edited or cut).
+    """
+    problem = InvalidSearch("_page_after is not one this server's next links carry (cut or changed?): follow the "
+                            "link as given, or start the search again", "_page_after")
+    if len(text) > _MAX_PAGE_AFTER:
+        raise problem
+    try:
+        keys = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))  # (numbers as floats, as sent)
+    except Exception:  # noqa: BLE001 - whatever the text is, it is not ours
+        raise problem from None
+    if not isinstance(keys, list) or not keys or not all(
+            k is None or isinstance(k, str) or (type(k) in (int, float) and math.isfinite(k)) for k in keys):
+        raise problem
+    return keys
 
 
 def _elements_of(rtype: str, args: MultiDict[str, str]) -> set[str] | None:

@@ -29,9 +29,9 @@ import socket
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -169,6 +169,9 @@ class SearchResult:
 
     total: int
     resources: list[dict[str, Any]]
+    #: where each resource of the page stands in the search's order: its sort keys (``search(after=...)`` with
+    #: those of a page's last resource gives the page after it)
+    keys: list[list[Any]] = field(default_factory=list)
 
 
 #: A new message; nothing when its key is stored already (a resend).
@@ -244,13 +247,15 @@ class StorePort(Protocol):
 
     def version(self, rtype: str, rid: str, version: str) -> dict[str, Any]: ...
 
-    def history(self, rtype: str, rid: str | None = ..., *, count: int = ..., offset: int = ...) -> SearchResult: ...
+    def history(self, rtype: str, rid: str | None = ..., *, count: int = ..., offset: int = ...,
+                since: float | None = ..., up_to: str | None = ...,
+                after: Sequence[Any] | None = ...) -> SearchResult: ...
 
     def last_row(self) -> int: ...
 
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = ..., offset: int = ...,
                strict: bool = ..., sort: list[tuple[str, bool]] | None = ...,
-               up_to: int | None = ...) -> SearchResult: ...
+               up_to: int | None = ..., after: Sequence[Any] | None = ...) -> SearchResult: ...
 
     def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]: ...
 
@@ -970,33 +975,62 @@ class Store:
             raise NotFound(f"{rtype}/{rid} has no version {version}", f"{rtype}/{rid}")
         return dict(jsonutil.loads(rows[0]["json"]))
 
-    def history(self, rtype: str, rid: str | None = None, *, count: int = 20, offset: int = 0) -> SearchResult:
+    def history(self, rtype: str, rid: str | None = None, *, count: int = 20, offset: int = 0,
+                since: float | None = None, up_to: str | None = None,
+                after: Sequence[Any] | None = None) -> SearchResult:
         """Every version of one resource (``rid``), or of every resource of a type, newest first.
 
+        ``since``: only versions made at or after that time (seconds since 1970, UTC). ``up_to``: only versions
+        made up to the ``last_updated`` of the newest one when a history's first page was made (what
+        :attr:`SearchResult.keys` begin with): versions made meanwhile do not shift the pages after it.
+        ``after``: the page that follows the version whose :attr:`SearchResult.keys` these are (``offset`` then
+        counts from there).
+
         :raises NotFound: ``rid`` is given and no such resource is stored.
+        :raises InvalidSearch: ``after`` is not a version's keys.
         """
-        where, args = ("type = ? AND id = ?", [rtype, rid]) if rid is not None else ("type = ?", [rtype])
+        where = "type = ? AND id = ?" if rid is not None else "type = ?"
+        args: list[Any] = [rtype, rid] if rid is not None else [rtype]
+        if rid is not None and not self.db.execute(
+                "SELECT 1 FROM resources WHERE type = ? AND id = ?", [rtype, rid]).fetchone():
+            raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
+        if since is not None:
+            where += f" AND {_UPDATED_EPOCH[dialect(self.db)]} >= ?"
+            args = [*args, since]
+        if up_to is not None:
+            where += " AND last_updated <= ?"
+            args = [*args, up_to]
         union = (f"SELECT id, version, last_updated FROM resources WHERE {where}"
                  f" UNION ALL SELECT id, version, last_updated FROM resource_history WHERE {where}")
         total = int(self.db.execute(f"SELECT count(*) FROM ({union}) AS v", args * 2).fetchone()[0])
-        if rid is not None and total == 0:
-            raise NotFound(f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
+        page, page_args = "", []
+        if after is not None:
+            if (len(after) != 3 or not isinstance(after[0], str) or not isinstance(after[1], str)
+                    or type(after[2]) is not int):
+                raise InvalidSearch("_page_after does not belong to this history: start it again", "_page_after")
+            page = (" WHERE last_updated < ? OR (last_updated = ? AND id > ?)"
+                    " OR (last_updated = ? AND id = ? AND version < ?)")
+            page_args = [after[0], after[0], after[1], after[0], after[1], after[2]]
+            offset = max(0, offset)
         # the page's keys are sorted, not the versions' JSON (a large _offset sorts that many keys only); the
         # JSON of the page's versions is read after
-        keys = [(r[0], int(r[1])) for r in self.db.execute(
-            f"SELECT id, version FROM ({union}) AS v ORDER BY last_updated DESC, id, version DESC LIMIT ? OFFSET ?",
-            [*args, *args, count, offset]).fetchall()]
+        keys = [(r[0], int(r[1]), str(r[2])) for r in self.db.execute(
+            f"SELECT id, version, last_updated FROM ({union}) AS v{page}"
+            " ORDER BY last_updated DESC, id, version DESC LIMIT ? OFFSET ?",
+            [*args, *args, *page_args, count, offset]).fetchall()]
         found: dict[tuple[str, int], str] = {}
         for start in range(0, len(keys), _PAGE_READ):
             chunk = keys[start:start + _PAGE_READ]
             pairs = " OR ".join(["(id = ? AND version = ?)"] * len(chunk))
-            flat = [v for key in chunk for v in key]
+            flat = [v for key in chunk for v in key[:2]]
             for r in self.db.execute(f"SELECT id, version, json FROM resources WHERE type = ? AND ({pairs})"
                                      f" UNION ALL SELECT id, version, json FROM resource_history"
                                      f" WHERE type = ? AND ({pairs})", [rtype, *flat, rtype, *flat]).fetchall():
                 found[(r[0], int(r[1]))] = r[2]
         # (a version gone between the two reads is left out of the page)
-        return SearchResult(total, [dict(jsonutil.loads(found[k])) for k in keys if k in found])
+        kept = [k for k in keys if k[:2] in found]
+        return SearchResult(total, [dict(jsonutil.loads(found[k[:2]])) for k in kept],
+                            [[updated, i, version] for i, version, updated in kept])
 
     def last_row(self) -> int:
         """The row number of the resource stored last (0: none): a search's paging bound (``search(up_to=...)``)."""
@@ -1004,11 +1038,15 @@ class Store:
 
     def search(self, rtype: str, params: list[tuple[str, str]], *, count: int = 20, offset: int = 0,
                strict: bool = True, sort: list[tuple[str, bool]] | None = None,
-               up_to: int | None = None) -> SearchResult:
+               up_to: int | None = None, after: Sequence[Any] | None = None) -> SearchResult:
         """Resources of ``rtype`` matching every parameter (values within one parameter are ORed).
 
         ``up_to``: only resources first stored up to that row number (:meth:`last_row` when a search's first page
         was made): the pages after it are not shifted by results stored meanwhile.
+
+        ``after``: the page that follows the resource whose :attr:`SearchResult.keys` these are (``offset`` then
+        counts from there): a resource before it that changed meanwhile — a report superseded by a correction
+        leaves the search, an updated one moves — neither shifts the pages after it nor makes one skipped.
 
         ``sort`` orders them by date parameters, each ``(name, descending)``, the first one first
         (resources without the date last); without it the latest updated come first.
@@ -1120,11 +1158,17 @@ class Store:
         order_args = [a for _, kargs, _, nullable in keys for a in (kargs * 2 if nullable else kargs)]
         outer_order = ", ".join((f"p.k{i} IS NULL, " if nullable else "") + f"p.k{i} {direction}"
                                 for i, (_, _, direction, nullable) in enumerate(keys))
+        page_where, page_args = where, list(args)
+        if after is not None:
+            cond, cargs = _after_keys(keys, after)
+            page_where, page_args = f"{where} AND {cond}", [*args, *cargs]
+        outer_columns = "".join(f", p.k{i}" for i in range(len(keys)))
         rows = self.db.execute(
-            f"SELECT r.json FROM (SELECT rid{columns} FROM resources WHERE {where} ORDER BY {inner_order}"
-            f" LIMIT ? OFFSET ?) AS p JOIN resources r ON r.rid = p.rid ORDER BY {outer_order}",
-            [*column_args, rtype, *args, *order_args, count, offset]).fetchall()
-        return SearchResult(int(total), [dict(jsonutil.loads(r[0])) for r in rows])
+            f"SELECT r.json{outer_columns} FROM (SELECT rid{columns} FROM resources WHERE {page_where}"
+            f" ORDER BY {inner_order} LIMIT ? OFFSET ?) AS p JOIN resources r ON r.rid = p.rid ORDER BY {outer_order}",
+            [*column_args, rtype, *page_args, *order_args, count, offset]).fetchall()
+        return SearchResult(int(total), [dict(jsonutil.loads(r[0])) for r in rows],
+                            [[_plain_key(v) for v in r[1:]] for r in rows])
 
     def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]:
         """Resources of ``rtype`` whose reference element ``path`` (one or a list) names any of ``references``.
@@ -1266,6 +1310,47 @@ def _token_value(alias: str, rtype: str, param: str, code: str | None, system: s
 _CHAINED = frozenset({"patient.identifier"})
 #: Rows of a search or history page read by one statement, once the page's keys are sorted.
 _PAGE_READ = 200
+
+
+def _after_keys(keys: list[tuple[str, list[Any], str, bool]], after: Sequence[Any]) -> tuple[str, list[Any]]:
+    """SQL condition (and its arguments): a resource comes after ``after`` (the sort keys of a page's last one) in
+    the order ``keys`` gives — each ``(expression, its arguments, ASC or DESC, may be NULL)``, NULLs last, the
+    last key unique. Lexicographic: equal on the keys before one, after on that one.
+
+    :raises InvalidSearch: ``after`` does not fit the keys (a link of another search).
+    """
+    if len(after) != len(keys):
+        raise InvalidSearch("_page_after does not belong to this search (its sort changed): start it again",
+                            "_page_after")
+    parts: list[tuple[str, list[Any], Any, str]] = []  # (expression, its arguments, value, direction)
+    for (expr, kargs, direction, nullable), value in zip(keys, after):
+        if value is not None and not isinstance(value, (int, float, str)) or isinstance(value, bool):
+            raise InvalidSearch("_page_after does not belong to this search: start it again", "_page_after")
+        if nullable:
+            parts.append((f"(CASE WHEN {expr} IS NULL THEN 1 ELSE 0 END)", kargs, 1 if value is None else 0, "ASC"))
+            if value is None:
+                continue  # every NULL is equal here: the keys after it decide
+        elif value is None:
+            raise InvalidSearch("_page_after does not belong to this search: start it again", "_page_after")
+        parts.append((expr, kargs, value, direction))
+    ors: list[str] = []
+    args: list[Any] = []
+    for i, (expr, kargs, value, direction) in enumerate(parts):
+        equal = [f"{e} = ?" for e, _, _, _ in parts[:i]]
+        ors.append("(" + " AND ".join([*equal, f"{expr} {'<' if direction == 'DESC' else '>'} ?"]) + ")")
+        for e_args, e_value in ((a, v) for _, a, v, _ in parts[:i]):
+            args += [*e_args, e_value]
+        args += [*kargs, value]
+    return "(" + " OR ".join(ors) + ")", args
+
+
+def _plain_key(value: Any) -> Any:
+    """A sort key as a page's link carries it (JSON): a number, a text or None."""
+    if value is None or isinstance(value, (int, str)):
+        return value
+    return float(value)
+
+
 #: SQL condition: the resource carries no ``meta.tag`` of the system given (``?``) with code ``superseded``.
 _NOT_SUPERSEDED = {
     "sqlite": ("(json_extract(resources.json, '$.meta.tag') IS NULL OR NOT EXISTS (SELECT 1 FROM"
