@@ -564,3 +564,32 @@ def test_a_real_written_as_element_text_is_read_and_warned_of(pipeline: Pipeline
     assert [o["valueQuantity"]["value"] for o in resources(out.bundle, "Observation")
             if o.get("valueQuantity", {}).get("value") == Decimal("4.12")] == [Decimal("4.12")]
     assert any("written as the element's text" in i.message for i in out.issues)
+
+
+@pytest.mark.parametrize("declared", ["GB2312", "gb2312", "GBK", "CP936", "EUC-CN"])
+def test_a_document_labelled_gb2312_whose_text_is_gbk_is_read(pipeline: Pipeline, declared: str) -> None:
+    """HIS systems write encoding="GB2312" over GBK text (browsers read that label so): a name with a character
+    GB 2312 lacks (喆, 堃, 珺, 镕: common in names) refused the whole document as not well-formed, at line 1.
+    The GB family is read as GB 18030, which encodes each of their characters with the same bytes."""
+    text = FULL.decode("utf-8").replace('encoding="UTF-8"', f'encoding="{declared}"').replace("李演示", "李喆堃")
+    data = text.encode("gbk")
+    with pytest.raises(UnicodeEncodeError):
+        "喆".encode("gb2312")  # (the bytes are GBK's, not GB 2312's)
+    out = convert_one(pipeline, data)
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    assert resources(out.bundle, "Patient")[0]["name"] == [{"text": "李喆堃"}]
+
+
+@pytest.mark.parametrize("declared", ["ISO-8859-1", "windows-1252", "latin1"])
+def test_a_document_labelled_latin_whose_text_is_utf8_is_refused_naming_the_label(
+        pipeline: Pipeline, declared: str) -> None:
+    """Read as declared, 李演示 became Latin letters and C1 control characters, stored and signed as the patient's
+    name; refused instead, saying what to declare."""
+    data = FULL.decode("utf-8").replace('encoding="UTF-8"', f'encoding="{declared}"').encode("utf-8")
+    out = convert_one(pipeline, data)
+    assert out.bundle is None and out.ack_code == "AR"
+    assert [i.code for i in out.errors] == ["structure"]
+    assert declared.lower() in out.errors[0].message and 'encoding="UTF-8"' in out.errors[0].message
+    ascii_only = FULL.decode("utf-8").replace('encoding="UTF-8"', f'encoding="{declared}"')
+    ascii_only = "".join(c if ord(c) < 128 else "x" for c in ascii_only).encode("ascii")
+    assert not any("declares the encoding" in i.message for i in convert_one(pipeline, ascii_only).issues)

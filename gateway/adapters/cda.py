@@ -117,6 +117,39 @@ def encoding_refusal(data: bytes) -> str:
     return ""
 
 
+#: The GB family's names: GB 18030 encodes every GB 2312 and GBK character with the same bytes.
+_GB_NAMES = frozenset({"gb2312", "gb-2312-80", "gb2312-80", "gbk", "cp936", "euc-cn", "x-gbk", "windows-936"})
+_LATIN_NAMES = frozenset({"iso-8859-1", "latin1", "latin-1", "iso8859-1", "iso-8859-15", "windows-1252", "cp1252"})
+_DECLARATION = re.compile(rb"""^((?:\xef\xbb\xbf)?[ \t\r\n]*<\?xml\s[^>]*?\bencoding\s*=\s*["'])([^"']{0,40})(["'])""")
+
+
+def _declared(data: bytes) -> str:
+    m = _DECLARATION.match(data)
+    return m.group(2).decode("ascii", "replace").strip().lower().replace("_", "-") if m else ""
+
+
+def _gb_as_gb18030(data: bytes) -> bytes:
+    """A document declared GB2312 or GBK read as GB 18030, their superset: HIS systems label GBK text "GB2312"
+    (as browsers read that label), and a name such as 李喆 (喆 is GBK's, not GB 2312's) then refused the
+    whole document as not well-formed."""
+    if _declared(data) not in _GB_NAMES:
+        return data
+    return _DECLARATION.sub(rb"\1GB18030\3", data, count=1)
+
+
+def _utf8_declared_latin(data: bytes) -> str:
+    """Why a document declared ISO-8859-1 or windows-1252 whose bytes are UTF-8 text is refused ("" when it is not
+    such): read as declared, 李 would be stored as three Latin letters and control characters, and signed."""
+    if _declared(data) not in _LATIN_NAMES or data.isascii():
+        return ""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    return (f"document declares the encoding {shown(_declared(data))} but its text is UTF-8: read as declared its "
+            "Chinese would be garbled; declare encoding=\"UTF-8\" (or send it in the encoding it declares)")
+
+
 def declares_dtd(data: bytes) -> bool:
     """Whether raw bytes contain a DTD or entity declaration (in ASCII-compatible or UTF-16 encodings)."""
     if any(marker in data for marker in _DTD_MARKERS):
@@ -455,8 +488,11 @@ class CDAAdapter:
                                 "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
                                 "CDA documents never need them and they are the vehicle of XXE and "
                                 "entity-expansion attacks", "100")]
+        mislabelled = _utf8_declared_latin(data)
+        if mislabelled:
+            return None, [Issue("error", "structure", where, mislabelled, "100")]
         try:
-            tree = etree.fromstring(data, safe_parser()).getroottree()
+            tree = etree.fromstring(_gb_as_gb18030(data), safe_parser()).getroottree()
         except etree.XMLSyntaxError as exc:
             line = f"line {exc.lineno}" if exc.lineno else "unknown line"
             reason = " ".join(str(exc.msg).split())[:120]  # (lxml's text may hold line breaks: one line)
