@@ -47,6 +47,23 @@ def test_a_number_beyond_double_range_is_said_to_be_one() -> None:
     assert parse_number(" ≥ 10 ") is not None and parse_number("12.") is not None
 
 
+@pytest.mark.parametrize("text, number, comparator", [
+    ("６．８", "6.8", ""), ("６.８", "6.8", ""), ("＜０．５", "0.5", "<"), ("－３", "-3", ""), ("\u3000６．８\u3000", "6.8", ""),
+    ("１．２３Ｅ＋０５", "123000", ""), ("6.8", "6.8", "")])
+def test_full_width_numbers_as_an_input_method_types_them_are_numbers(text: str, number: str,
+                                                                      comparator: str) -> None:
+    """A Chinese input method types ６．８ (full-width digits and point): the number 6.8, as ６.８ already was."""
+    from decimal import Decimal
+
+    found = parse_number(text)
+    assert found is not None and (found.value, found.comparator) == (Decimal(number), comparator)
+
+
+@pytest.mark.parametrize("text", ["10²", "1,230", "６,８", "1_000", "NaN", "0x1A", "三"])
+def test_what_only_looks_like_a_number_is_none(text: str) -> None:
+    assert parse_number(text) is None and number_problem(text) == "is not a number"  # (10² is not 102)
+
+
 @pytest.mark.parametrize("text", ["9" * 5000 + "x", "9 " * 2500 + "x", "9" * 30 + "年" + "9" * 30 + "x"])
 def test_exposure_years_of_a_long_value_are_refused_at_once(text: str) -> None:
     with pytest.raises(ValueError, match=r"is not a number of years") as caught:

@@ -625,3 +625,18 @@ def test_ids_kept_as_text_the_spreadsheet_way_and_trailing_empty_cells_read_as_t
     # a row longer than the header by a value is refused as before, naming it
     refused = _exams(cdc, head + b"\n" + re.sub(rb"\r?\n", b",,x\n", body, count=1))
     assert refused[0][0] == "refused" and "row 2 row has 24 columns, the header has 22" in refused[0][1][0]
+
+
+def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc: Pipeline) -> None:
+    """1,230 or 6,8 with a unit was kept as text and the unit dropped without a word; ６．８ is the number 6.8."""
+    data = csv_bytes(row(item="XCG-WBC,白细胞计数,６．８,10^9/L,3.5-9.5,"),
+                     row(item="XCG-RBC,红细胞计数,\"4,52\",10^12/L,4.3-5.8,"))
+    (out,) = outcomes(cdc, data)
+    assert out.bundle is not None, [i.line() for i in out.issues]
+    values = {o["code"]["coding"][0]["code"]: o.get("valueQuantity", o.get("valueString"))
+              for o in entries_of(out.bundle, "Observation")}
+    assert values["XCG-WBC"]["value"] == Decimal("6.8") or values["XCG-WBC"]["value"] == 6.8
+    assert values["XCG-RBC"] == "4,52"
+    warned = [i for i in out.issues if "is not a number" in i.message]
+    assert [(i.severity, i.location) for i in warned] == [("warning", "row 3 column 结果")]
+    assert "10^12/L" in warned[0].message

@@ -47,6 +47,9 @@ MAX_TEXT_BYTES = 65_536
 _LABEL_CHARS = 80  # how much of a unit's id its label (in answers and error lines) shows
 _NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d{1,4})?\s*$")
 # (one way to match: linear)
+#: Full-width forms of ASCII (U+FF01 to U+FF5E) and the ideographic space, as their ASCII characters: only those
+#: (NFKC would also make 10² the number 102).
+_FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
 
 
 def parse_number(text: str) -> "Quantity | None":
@@ -57,6 +60,8 @@ def parse_number(text: str) -> "Quantity | None":
     significant). A number beyond the range of an IEEE 754 double, or so small that a double holds it as 0, is not
     taken either: a signed Bundle carries its numbers as doubles (RFC 8785), so it could not be signed as sent.
     """
+    if not text.isascii():  # full-width digits, point and signs as a Chinese input method types them: ６．８, ＜０．５
+        text = text.translate(_FULL_WIDTH)
     m = _NUMBER.match(text)
     if not m:
         return None
@@ -132,6 +137,8 @@ def text_too_long(text: str) -> bool:
 
 def number_problem(text: str) -> str:
     """Why :func:`parse_number` did not take ``text``: not a number at all, or one too large to carry."""
+    if not text.isascii():
+        text = text.translate(_FULL_WIDTH)
     return "is beyond the range of a number (±1.7e308)" if _NUMBER.match(text) else "is not a number"
 
 

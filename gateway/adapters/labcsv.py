@@ -777,6 +777,10 @@ class _ItemColumns:
                 return None
             else:
                 res.value_kind, res.value = "string", value
+                if res.unit and any(c.isdigit() for c in value):  # (1,230 or 6,8: meant as a number, not read as one)
+                    issues.append(Issue("warning", "value", res.where["value"],
+                                        f"result {shown(value)} is not a number: kept as text, without its unit "
+                                        f"{shown(res.unit)} (write a number as 6.8 or 1230)", "102"))
         return res
 
 
