@@ -24,8 +24,12 @@ _ISO_LIKE = re.compile(
     r"(?:[ T](?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?)?"
     r"(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
 )
-_SLASHED = re.compile(
-    r"^(?P<y>\d{4})/(?P<mo>\d{1,2})/(?P<d>\d{1,2})(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$"
+_SLASHED = re.compile(  # 2024/3/15 8:30, and 2024.03.15 as spreadsheets in China also write it
+    r"^(?P<y>\d{4})(?P<sep>[/.])(?P<mo>\d{1,2})(?P=sep)(?P<d>\d{1,2})"
+    r"(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$"
+)
+_CHINESE = re.compile(  # 2024年3月15日, 2024年3月15日 8:30
+    r"^(?P<y>\d{4})年(?P<mo>\d{1,2})月(?P<d>\d{1,2})日(?:\s*(?P<h>\d{1,2})[:：](?P<mi>\d{2})(?:[:：](?P<s>\d{2}))?)?$"
 )
 
 
@@ -47,11 +51,12 @@ def _offset(tz: str | None, default: str) -> str:
 
 def _parts(text: str) -> dict[str, str | None]:
     value = text.strip()
-    for pattern in (_HL7_TS, _ISO_LIKE, _SLASHED):
+    for pattern in (_HL7_TS, _ISO_LIKE, _SLASHED, _CHINESE):
         m = pattern.match(value)
         if m:
             return m.groupdict()
-    raise DateTimeError(f"{shown(text)} is not a date/time (expected YYYYMMDDHHMMSS or YYYY-MM-DD HH:MM:SS)")
+    raise DateTimeError(f"{shown(text)} is not a date/time (expected e.g. 2024-03-15 08:30:00, 20240315083000, "
+                        "2024/3/15 8:30, 2024.03.15 or 2024年3月15日)")
 
 
 # What to_fhir_datetime answered for the timestamps seen last: a message's results, an export's exams, mostly

@@ -100,16 +100,21 @@ def test_province_of_division() -> None:
     ("2024-03-15 08:30", "2024-03-15T08:30:00+08:00"),
     ("2024-3-5", "2024-03-05"),
     ("2024/03/15 08:30:12", "2024-03-15T08:30:12+08:00"),
+    ("2024.03.15", "2024-03-15"), ("2024.3.5 8:30", "2024-03-05T08:30:00+08:00"),  # as spreadsheets in China write
+    ("2024年3月15日", "2024-03-15"), ("2024年03月15日 08:30", "2024-03-15T08:30:00+08:00"),
+    ("2024年3月15日8：30：05", "2024-03-15T08:30:05+08:00"),
 ])
 def test_source_times_get_an_offset(source: str, fhir: str) -> None:
     assert to_fhir_datetime(source) == fhir
 
 
 @pytest.mark.parametrize("source", ["20241301", "20240230", "2024031525", "20240315086000", "abc", "17001231",
-                                    "20240315083012+1500"])
+                                    "20240315083012+1500", "2024/3.15", "03/15/2024", "45366", "2024年2月30日"])
 def test_impossible_times_are_errors(source: str) -> None:
-    with pytest.raises(DateTimeError):
+    with pytest.raises(DateTimeError) as caught:
         to_fhir_datetime(source)
+    if "not a date/time" in str(caught.value):  # the forms that are taken, named
+        assert "2024/3/15 8:30, 2024.03.15 or 2024年3月15日" in str(caught.value)
 
 
 def test_instant_needs_a_time_and_date_drops_it() -> None:
