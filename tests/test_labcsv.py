@@ -640,3 +640,42 @@ def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc
     warned = [i for i in out.issues if "is not a number" in i.message]
     assert [(i.severity, i.location) for i in warned] == [("warning", "row 3 column 结果")]
     assert "10^12/L" in warned[0].message
+
+
+def _variants() -> dict[str, bytes]:
+    import gzip
+    import zipfile
+    from io import BytesIO
+
+    plain = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+    text = plain.decode("utf-8-sig")
+    sheet = BytesIO()
+    with zipfile.ZipFile(sheet, "w") as z:  # what an .xlsx is
+        z.writestr("[Content_Types].xml", "<Types/>" * 50)
+        z.writestr("xl/worksheets/sheet1.xml", text)
+    return {
+        "UTF-16": text.encode("utf-16"),
+        "tabs": text.replace(",", "\t").encode("utf-8"),
+        "semicolons": text.replace(",", ";").encode("utf-8"),
+        "a single cell": ("职业健康检查结果导出（2024年3月）\n" + text).encode("utf-8"),
+        "gzip": gzip.compress(plain),
+        "not text": sheet.getvalue(),
+    }
+
+
+@pytest.mark.parametrize("what", ["UTF-16", "tabs", "semicolons", "a single cell", "gzip", "not text"])
+def test_a_first_row_that_is_not_a_header_says_what_it_is(cdc: Pipeline, what: str) -> None:
+    """A UTF-16 file, a tab- or semicolon-separated one, a title row above the header, a gzip body, a spreadsheet
+    saved as .xlsx: each was 'the header matches no CSV layout … needs the columns 体检编号, …' (columns a user can
+    see are there); each is said for what it is, in one line naming row 1."""
+    (out,) = outcomes(cdc, _variants()[what])
+    assert out.bundle is None and len(out.errors) == 1
+    error = out.errors[0]
+    assert error.location == "row 1" and what in error.message and "matches no CSV layout" not in error.message
+
+
+def test_invisible_characters_in_the_header_are_left_out(cdc: Pipeline) -> None:
+    plain = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+    expected = _exams(cdc, plain)
+    hidden = plain.replace("体检编号".encode(), "\u200b体检编号".encode(), 1).replace("姓名".encode(), "姓\u200d名".encode(), 1)
+    assert hidden != plain and _exams(cdc, hidden) == expected

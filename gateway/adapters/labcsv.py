@@ -262,8 +262,10 @@ class LabCSVAdapter:
             yield RawUnit(whole if whole is not None else header_raw[:256], 1, origin,
                           meta={"label": "header", "error": refusal})
             return
-        headers = [h.strip() for h in header_fields]
+        headers = [h.translate(_INVISIBLE).strip() for h in header_fields]
         layout, problem = self._layout(headers)
+        if layout is None and problem is not None and problem.code == "not-supported":
+            problem = _header_trouble(header_raw, headers) or problem
         if layout is None:
             yield RawUnit(whole if whole is not None else header_raw, 1, origin,
                           meta={"error": problem, "label": "header"})
@@ -950,6 +952,36 @@ def _as_text(cell: str) -> str:
         return cell
     m = _FORMULA_TEXT.match(cell) or _APOSTROPHE_DIGITS.match(cell)
     return m.group(1) if m else cell
+
+
+#: Characters no one sees in a header cell (zero-width spaces and joiners, a BOM inside the row): left out.
+_INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
+_GZIP = b"\x1f\x8b"
+
+
+def _header_trouble(raw: bytes, headers: list[str]) -> Issue | None:
+    """What is wrong with a first row that matches no layout when it is not the columns (None: the columns)."""
+    def refused(text: str) -> Issue:
+        return Issue("error", "structure", "row 1", text, "100")
+
+    if raw.startswith(_GZIP):
+        return refused("the file is gzip-compressed: send it uncompressed (a .csv, not a .gz)")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\x00") > len(raw) // 4:
+        return refused("the file is UTF-16 (or another encoding with two or more bytes per character): save it as "
+                       "CSV in UTF-8 or GBK")
+    if sum(1 for b in raw[:512] if b < 0x09 or 0x0E <= b < 0x20) > 4:
+        return refused("the file is not text (CSV): a spreadsheet (.xlsx, .xls) or another binary file? save it as "
+                       "CSV in UTF-8 or GBK")
+    if len(headers) == 1:
+        for separator, name in (("\t", "tabs"), (";", "semicolons"), ("|", "vertical bars")):
+            if headers[0].count(separator) >= 3:
+                return refused(f"row 1 separates its columns with {name}, not commas: save the file as CSV "
+                               "(comma-separated)")
+    filled = [h for h in headers if h]
+    if len(filled) == 1:
+        return refused(f"row 1 holds a single cell ({shown(filled[0][:40])}): a title above the header? the header "
+                       "of the columns must be row 1")
+    return None
 
 
 def _trailing_empty(fields: list[str], columns: int) -> bool:
