@@ -228,6 +228,8 @@ class _Progress(io.RawIOBase):
 #: Input formats of ``convert`` (one channel each in gateway.pipeline); an unknown one is refused by the pipeline
 #: with the list it supports, as one error line.
 FORMATS = ("hl7v2", "cda", "cdc-csv", "service-report")
+#: How many times ``convert`` prints a warning said the same way before it only counts it.
+WARNINGS_SHOWN = 3
 
 
 @cli.command()
@@ -236,9 +238,12 @@ FORMATS = ("hl7v2", "cda", "cdc-csv", "service-report")
                    "service-report (职业卫生/放射卫生 technical-service report: a JSON metadata file whose pdf_file "
                    "names the PDF beside it).")
 @click.option("--pretty", is_flag=True, help="Indent the JSON (one Bundle then spans several lines).")
+@click.option("--every-warning", is_flag=True,
+              help=f"Print every warning; by default a warning said the same way (an unmapped local code on every "
+                   f"row) is printed {WARNINGS_SHOWN} times, then counted in one line at the end.")
 @click.argument("files", nargs=-1, required=True)
 @click.pass_context
-def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) -> None:
+def convert(ctx: click.Context, fmt: str, pretty: bool, every_warning: bool, files: tuple[str, ...]) -> None:
     """Convert FILES (or - for stdin) to FHIR R4 Bundles, one JSON line each. Stores nothing.
 
     Problems go to stderr, one line each, naming the message, document or
@@ -246,6 +251,8 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
     refused. Good units of the same file are still converted. QC/calibration
     messages are reported as filtered. Files are read as streams (a large
     CSV export converts in constant memory); on a terminal, progress is shown.
+    Every error is printed; a warning said the same way many times is printed
+    a few times, then counted (--every-warning prints them all).
     """
     from gateway.pipeline import Pipeline, Status
 
@@ -256,6 +263,7 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
     tty = sys.stderr.isatty()
     # HL7 v2 locations read "OBX[3]-5 msg"; XPaths and CSV columns read better with a colon before the message.
     sep = " " if fmt == "hl7v2" else ": "
+    repeated = _RepeatedWarnings(None if every_warning else WARNINGS_SHOWN)
     for path in files:
         raw, origin, size = _open_input(path)
         if fmt == "service-report" and path != "-":  # the metadata file names its PDF beside it
@@ -276,7 +284,8 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
                 for issue in outcome.issues:
                     level = "" if issue.severity == "error" else f"{issue.severity}: "
                     where = f"{issue.location}{sep}" if issue.location else ""
-                    lines.append(f"{level}{prefix}: {where}{issue.message}")
+                    if issue.severity == "error" or repeated.shown(issue.severity, issue.message):
+                        lines.append(f"{level}{prefix}: {where}{issue.message}")
                 if outcome.status is Status.FILTERED:
                     lines.append(f"filtered: {prefix}: {outcome.filtered_reason}")
                 if tty and lines:
@@ -304,10 +313,37 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, files: tuple[str, ...]) 
         if not units:  # an empty file, blank lines, a byte order mark or a header alone: nothing was converted
             click.echo(f"{origin}: no {fmt} message or exam in it (empty, or a header alone)", err=True)
             failed += 1
+    for line in repeated.summary():
+        click.echo(line, err=True)
     if tty:
         click.echo(f"{converted} converted, {failed} refused, {filtered} filtered", err=True)
     if failed:
         ctx.exit(1)
+
+
+class _RepeatedWarnings:
+    """Counts the warnings said the same way (severity and text, wherever they were): the first ``limit`` are
+    printed, the others counted and summed up at the end. Bounded: past 10,000 different texts every warning is
+    printed (nothing is lost, only not summed)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def shown(self, severity: str, message: str) -> bool:
+        if self.limit is None:
+            return True
+        key = (severity, message)
+        seen = self.counts.get(key, 0) + 1
+        if seen == 1 and len(self.counts) >= 10_000:
+            return True
+        self.counts[key] = seen
+        return seen <= self.limit
+
+    def summary(self) -> list[str]:
+        limit = self.limit or 0
+        return [f"{severity}: {n - limit} more of: {message}" for (severity, message), n in self.counts.items()
+                if n > limit]
 
 
 @cli.command()

@@ -679,3 +679,27 @@ def test_invisible_characters_in_the_header_are_left_out(cdc: Pipeline) -> None:
     expected = _exams(cdc, plain)
     hidden = plain.replace("体检编号".encode(), "\u200b体检编号".encode(), 1).replace("姓名".encode(), "姓\u200d名".encode(), 1)
     assert hidden != plain and _exams(cdc, hidden) == expected
+
+
+def test_convert_prints_a_warning_said_the_same_way_a_few_times_then_counts_it(tmp_path: Path) -> None:
+    """A 50,000-row export whose every exam has the same unmapped local codes wrote 60,000 warning lines, the
+    errors lost among them: a warning said the same way is printed three times, then counted once at the end;
+    errors are always printed; --every-warning prints each."""
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    exams = [row(exam=EXAM.replace("TJ9", f"TJ9{n}"), item="ZZ-LOCAL,本院项目,6.8,10^9/L,3.5-9.5,")
+             for n in range(7)]
+    bad = row(exam=EXAM.replace("TJ9", "TJ99").replace("51132219800707331X", "51132219800707331Y"))
+    path = tmp_path / "export.csv"
+    path.write_bytes(csv_bytes(*exams, bad))
+    base = ["--issuer-uscc", CDC, "--data-dir", str(tmp_path / "gw"), "convert", "--format", "cdc-csv"]
+    result = CliRunner().invoke(cli, [*base, str(path)])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    unmapped = [line for line in lines if "'ZZ-LOCAL'" in line]
+    assert len(unmapped) == 4 and unmapped[-1].startswith("warning: 4 more of: local item code 'ZZ-LOCAL'")
+    assert any("TJ99" in line and "身份证号" in line and not line.startswith("warning") for line in lines)
+    every = CliRunner().invoke(cli, [*base, "--every-warning", str(path)])
+    assert len([line for line in every.stderr.splitlines() if "'ZZ-LOCAL'" in line]) == 7
