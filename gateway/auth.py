@@ -378,6 +378,9 @@ def bearer_token(req: Any, db: Database) -> Principal | None:
     if scheme.lower() != "bearer":
         return None
     value = value.strip()
+    if not value or any(c.isspace() for c in value):  # (RFC 6750 2.1: one token after the scheme, nothing else)
+        raise NotAuthenticated("the Authorization header must be 'Bearer <token>': one token, nothing after it",
+                               "Authorization")
     from gateway import clients  # SMART access tokens; clients builds on this module
 
     if value.startswith(clients.ACCESS_TOKEN_PREFIX):

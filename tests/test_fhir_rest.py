@@ -326,3 +326,27 @@ def test_total_is_taken_as_the_hint_r4_makes_it(loaded) -> None:
         assert page.status_code == 200 and page.get_json()["total"] == exact
     outcome = assert_outcome(loaded.get("/fhir/Observation?_total=always"), 400)
     assert outcome["issue"][0]["expression"] == ["_total"]
+
+
+def test_a_method_a_resource_does_not_take_is_named_with_what_it_takes(loaded) -> None:
+    """405 said 'The method is not allowed for the requested URL.' whatever was asked: now which method, on what,
+    and the methods the resource takes (with Allow, RFC 9110)."""
+    obs = _alt(loaded)
+    for method in ("delete", "put", "patch"):
+        answer = getattr(loaded, method)(f"/fhir/Observation/{obs['id']}")
+        outcome = assert_outcome(answer, 405)
+        text = outcome["issue"][0]["diagnostics"]
+        assert text.startswith(f"{method.upper()} is not supported on /fhir/Observation/{obs['id']}; it takes GET")
+        assert "GET" in answer.headers["Allow"]
+
+
+def test_a_bearer_header_with_more_than_one_token_is_refused(app, anon) -> None:
+    """RFC 6750 2.1: 'Bearer' and one token; a valid token followed by other text was taken."""
+    from conftest import make_token
+
+    token = make_token(app, "lis2", ["submitter"])
+    assert anon.get("/fhir/Patient", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    for header in (f"Bearer {token} extra", f"Bearer {token}\textra", "Bearer ", "Bearer"):
+        answer = anon.get("/fhir/Patient", headers={"Authorization": header})
+        assert answer.status_code == 401, header
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")

@@ -9,7 +9,7 @@ with a generic text; the stack trace goes to the server log, never to the client
 from __future__ import annotations
 
 import logging
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import jsonutil
@@ -62,6 +62,12 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         text = exc.description or exc.name
+        if code == 405:  # said for this request: which method, and what the resource takes
+            allowed = ", ".join(sorted(m for m in getattr(exc, "valid_methods", None) or () if m != "OPTIONS"))
+            text = (f"{request.method} is not supported on {request.path[:200]}"
+                    + (f"; it takes {allowed}" if allowed else "")
+                    + (" (results change only by the messages and corrections their senders send)"
+                       if request.path.startswith("/fhir") and request.method in ("PUT", "PATCH", "DELETE") else ""))
         # the exception's own headers, Allow on a 405 first (RFC 9110: a 405 says which methods the resource takes)
         kept = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after", "www-authenticate")}
         return outcome_response([Issue("error", _HTTP_CODES.get(code, "exception"), "", text)], code, kept or None)
