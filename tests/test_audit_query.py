@@ -324,3 +324,8 @@ def test_http_read(audit_client) -> None:
     assert (event["resourceType"], event["id"], event["type"]["code"]) == ("AuditEvent", entry.id, "lab-recognition")
     missing = client.get("/fhir/AuditEvent/999", headers=auth)
     assert missing.status_code == 404 and missing.get_json()["resourceType"] == "OperationOutcome"
+    # vread: an entry's one version (an auditor was refused with 403 naming the submitter's role, a submitter 404)
+    auditor = {"Authorization": f"Bearer {tokens['auditor']}"}
+    same = client.get(f"/fhir/AuditEvent/{entry.seq}/_history/1", headers=auditor)
+    assert same.status_code == 200 and same.get_json()["id"] == event["id"]
+    assert client.get(f"/fhir/AuditEvent/{entry.seq}/_history/2", headers=auditor).status_code == 404

@@ -35,7 +35,7 @@ from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.config import Settings
-from gateway.errors import ConfigError, InputError, InvalidSearch, shown
+from gateway.errors import ConfigError, InputError, InvalidSearch, NotFound, shown
 from gateway.store.db import Database, transaction
 
 __all__ = ["bp"]
@@ -152,6 +152,16 @@ def read_event(event_id: str) -> Response:
         event = get(db, event_id).event()
         _record_read(db, interaction="read", resource=f"AuditEvent/{event['id']}")
     return _json(event)
+
+
+@bp.get("/fhir/AuditEvent/<event_id>/_history/<vid>")
+@require_role("auditor", "admin")
+def vread_event(event_id: str, vid: str) -> Response:
+    """An AuditEvent's one version (an entry of the log is never changed: version 1); 404 for any other."""
+    if vid != "1":
+        raise NotFound(f"AuditEvent/{event_id[:40]} has no version {vid[:20]!r}: an audit entry is never changed, "
+                       "its one version is 1", f"AuditEvent/{event_id[:40]}")
+    return read_event(event_id)
 
 
 @bp.get("/audit/stats")
