@@ -16,8 +16,8 @@ __all__ = ["to_fhir_datetime", "convert_datetime", "to_fhir_date", "to_fhir_inst
            "DateTimeError", "seconds_since"]
 
 _HL7_TS = re.compile(
-    r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
-    r"(?:\.(?P<f>\d{1,4}))?(?P<tz>[+-]\d{4})?$"
+    r"^(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})"
+    r"(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?(?P<tz>[+-]\d{4})?$"  # (each part after the one before it)
 )
 _ISO_LIKE = re.compile(
     r"^(?P<y>\d{4})-(?P<mo>\d{1,2})-(?P<d>\d{1,2})"

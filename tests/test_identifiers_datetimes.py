@@ -109,7 +109,8 @@ def test_source_times_get_an_offset(source: str, fhir: str) -> None:
 
 
 @pytest.mark.parametrize("source", ["20241301", "20240230", "2024031525", "20240315086000", "abc", "17001231",
-                                    "20240315083012+1500", "2024/3.15", "03/15/2024", "45366", "2024年2月30日"])
+                                    "20240315083012+1500", "2024/3.15", "03/15/2024", "45366", "2024年2月30日",
+                                    "2024.03", "2024.5", "202403150830.5"])  # (a fraction only after seconds)
 def test_impossible_times_are_errors(source: str) -> None:
     with pytest.raises(DateTimeError) as caught:
         to_fhir_datetime(source)

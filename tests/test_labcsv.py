@@ -630,7 +630,9 @@ def test_ids_kept_as_text_the_spreadsheet_way_and_trailing_empty_cells_read_as_t
 def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc: Pipeline) -> None:
     """1,230 or 6,8 with a unit was kept as text and the unit dropped without a word; ６．８ is the number 6.8."""
     data = csv_bytes(row(item="XCG-WBC,白细胞计数,６．８,10^9/L,3.5-9.5,"),
-                     row(item="XCG-RBC,红细胞计数,\"4,52\",10^12/L,4.3-5.8,"))
+                     row(item="XCG-RBC,红细胞计数,\"4,52\",10^12/L,4.3-5.8,"),
+                     row(item="NJ-RBC,尿沉渣红细胞,0-3,/HP,0-3,"),  # semi-quantitative: text, as meant
+                     row(item="MY-ANA,抗核抗体滴度,1:320,titre,,"))
     (out,) = outcomes(cdc, data)
     assert out.bundle is not None, [i.line() for i in out.issues]
     values = {o["code"]["coding"][0]["code"]: o.get("valueQuantity", o.get("valueString"))

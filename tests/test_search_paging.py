@@ -297,19 +297,64 @@ def test_a_result_superseded_while_a_client_pages_makes_no_other_skipped(
     assert len(seen) == 60 - 1
 
 
-def test_a_next_link_cut_or_changed_is_refused_naming_page_after(client: Any, pipeline: Any, clock: Clock) -> None:
+def _keys(value: Any) -> str:
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("path", ["/fhir/Observation?subject=Patient/paging-patient&_count=5",
+                                  "/fhir/Observation?subject=Patient/paging-patient&_count=5&_sort=date",
+                                  "/fhir/Observation?subject=Patient/paging-patient&_count=5&_sort=-_lastUpdated",
+                                  "/fhir/Observation/_history?_count=5"])
+def test_a_next_link_cut_or_changed_is_refused_naming_page_after(client: Any, pipeline: Any, clock: Clock,
+                                                                 path: str) -> None:
+    """Whatever a client puts in _page_after — another order's keys, a number where a text goes and the other way
+    round, numbers beyond any column, NaN, NUL — is a 400 naming it, on either engine (never a database error)."""
     _fill(pipeline, clock, 12, 10)
-    page = client.get("/fhir/Observation?subject=Patient/paging-patient&_count=5").get_json()
+    page = client.get(path).get_json()
     nxt = urlsplit(next(link["url"] for link in page["link"] if link["relation"] == "next"))
     assert "_page_after=" in nxt.query
     assert client.get(f"{nxt.path}?{nxt.query}").status_code == 200
-    for bad in ("x", "e30", "WzFd", "W3RydWUsImEiXQ", "%00", "A" * 2000):  # not ours, {}, [1] (one key), [true,"a"]
+    other = urlsplit(next(link["url"] for link in client.get(
+        "/fhir/Observation?subject=Patient/paging-patient&_count=5&_sort=_lastUpdated").get_json()["link"]
+        if link["relation"] == "next"))
+    foreign = next(p for p in other.query.split("&") if p.startswith("_page_after="))[len("_page_after="):]
+    for bad in ("x", "e30", "WzFd", "W3RydWUsImEiXQ", "%00", "A" * 2000, foreign,  # not ours, {}, [1], [true,"a"]
+                _keys(["-_lastUpdated,_id", 1, 1]), _keys(["-_lastUpdated,_id", 1.5e308, "a"]),
+                _keys(["date", "a", "a"]), _keys(["date", 10 ** 400, "a"]), _keys(["date", 2e300, "a"]),
+                _keys(["-_lastUpdated", "\u0000", "\u0000"]), _keys(["_history", 1, 1, 1]),
+                _keys(["_history", "2026", "a", 10 ** 30]), _keys(["_history", "\u0000", "a", 1]),
+                _keys(["-_lastUpdated,_id", "2026", "a\u0000"])) + ("WyJkYXRlIiwgTmFOLCAiYSJd",):  # ["date", NaN, "a"]
         query = "&".join(p for p in nxt.query.split("&") if not p.startswith("_page_after=")) + f"&_page_after={bad}"
         answer = client.get(f"{nxt.path}?{query}")
         assert answer.status_code == 400, (bad, answer.get_data(as_text=True))
         outcome = answer.get_json()
         assert outcome["resourceType"] == "OperationOutcome"
         assert "_page_after" in str(outcome), outcome
+
+
+@pytest.mark.parametrize("order", ["date", "-date"])
+def test_results_of_a_period_open_at_its_start_page_in_their_place(client: Any, pipeline: Any, clock: Clock,
+                                                                  order: str) -> None:
+    """A result whose effective Period has no start sorts first by date (its start is open: before every date): its
+    sort key is not a number JSON has, and a next link carried it as null — the next page jumped to the results
+    without a date, and those between were never delivered."""
+    observations = []
+    for n in range(20):
+        obs = _observation(n, f"{n:04d}", n)
+        obs.pop("effectiveDateTime", None)
+        if n < 6:
+            obs["effectivePeriod"] = {"end": f"2026-06-{10 + n:02d}T08:00:00+08:00"}
+        elif n < 16:
+            obs["effectiveDateTime"] = f"2026-07-{n:02d}T08:00:00+08:00"
+        observations.append(obs)
+    _store(pipeline, clock, observations, "periods")
+    found, total, pages = _walk(client, f"/fhir/Observation?subject=Patient/paging-patient&_count=4&_sort={order}")
+    ids = [o["id"] for o in found]
+    assert total == 20 and len(ids) == len(set(ids)) == 20, ids
+    assert ids[-4:] == [f"obs-{n:04d}" for n in range(16, 20)]  # no date: last, whichever direction
 
 
 def test_versions_made_while_a_client_pages_a_history_neither_repeat_nor_shift_it(

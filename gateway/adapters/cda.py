@@ -140,8 +140,8 @@ def _gb_as_gb18030(data: bytes) -> bytes:
 def _utf8_declared_latin(data: bytes) -> str:
     """Why a document declared ISO-8859-1 or windows-1252 whose bytes are UTF-8 text is refused ("" when it is not
     such): read as declared, 李 would be stored as three Latin letters and control characters, and signed."""
-    if _declared(data) not in _LATIN_NAMES or data.isascii():
-        return ""
+    if _declared(data) not in _LATIN_NAMES or data.isascii() or data.startswith(codecs.BOM_UTF8):
+        return ""  # (with a byte order mark, libxml2 reads UTF-8 whatever the declaration says)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:

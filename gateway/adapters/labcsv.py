@@ -779,7 +779,7 @@ class _ItemColumns:
                 return None
             else:
                 res.value_kind, res.value = "string", value
-                if res.unit and any(c.isdigit() for c in value):  # (1,230 or 6,8: meant as a number, not read as one)
+                if res.unit and _COMMA_NUMBER.match(value):  # (1,230 or 6,8: meant as a number, not read as one)
                     issues.append(Issue("warning", "value", res.where["value"],
                                         f"result {shown(value)} is not a number: kept as text, without its unit "
                                         f"{shown(res.unit)} (write a number as 6.8 or 1230)", "102"))
@@ -954,6 +954,9 @@ def _as_text(cell: str) -> str:
     return m.group(1) if m else cell
 
 
+# A number written with a thousands separator or a decimal comma (1,230; 6,8): not read as one, and said so. (Not
+# 0-3 or 1:320 with a unit: semi-quantitative results are text.)
+_COMMA_NUMBER = re.compile(r"^\s*[<>≤≥]?\s*[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+,\d+)\s*$")
 #: Characters no one sees in a header cell (zero-width spaces and joiners, a BOM inside the row): left out.
 _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
 _GZIP = b"\x1f\x8b"

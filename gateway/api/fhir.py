@@ -24,7 +24,6 @@ import datetime as _dt
 import email.utils
 import gzip
 import json
-import math
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -413,7 +412,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     store = pipeline_of(current_app).store
     if until is None:  # the first page: the history as it is now
         newest = store.history(rtype, rid, count=1, since=since)
-        until = newest.keys[0][0] if newest.keys else ""
+        until = newest.keys[0][1] if newest.keys else ""  # (its last_updated: keys begin with their order's name)
     result = store.history(rtype, rid, count=count + 1 if count else 0, offset=0 if after is not None else offset,
                            since=since, up_to=until, after=after)
     more = len(result.resources) > count
@@ -433,7 +432,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     links = [{"relation": "self", "url": link(offset, after_text)}]
     if count and more and last_keys is not None:
         links.append({"relation": "next", "url": link(offset + count, _keys_text(last_keys))})
-    if offset > 0:
+    if count and offset > 0:
         links.append({"relation": "previous", "url": link(max(0, offset - count))})
     entries = []
     for res in result.resources:
@@ -650,10 +649,9 @@ def _page_after(text: str) -> list[Any]:
         keys = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))  # (numbers as floats, as sent)
     except Exception:  # noqa: BLE001 - whatever the text is, it is not ours
         raise problem from None
-    if not isinstance(keys, list) or not keys or not all(
-            k is None or isinstance(k, str) or (type(k) in (int, float) and math.isfinite(k)) for k in keys):
+    if not isinstance(keys, list) or not keys or not all(k is None or type(k) in (str, int, float) for k in keys):
         raise problem
-    return keys
+    return keys  # (each key's type and range are checked against the search's order by the store)
 
 
 def _elements_of(rtype: str, args: MultiDict[str, str]) -> set[str] | None:

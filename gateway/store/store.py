@@ -24,6 +24,7 @@ import datetime as _dt
 import functools
 import hashlib
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -1005,9 +1006,12 @@ class Store:
         total = int(self.db.execute(f"SELECT count(*) FROM ({union}) AS v", args * 2).fetchone()[0])
         page, page_args = "", []
         if after is not None:
-            if (len(after) != 3 or not isinstance(after[0], str) or not isinstance(after[1], str)
-                    or type(after[2]) is not int):
-                raise InvalidSearch("_page_after does not belong to this history: start it again", "_page_after")
+            if (len(after) != 4 or after[0] != "_history" or not all(
+                    type(v) is str and len(v) <= 200 and "\x00" not in v for v in after[1:3])
+                    or type(after[3]) is not int or not 0 <= after[3] < 2 ** 31):
+                raise InvalidSearch("_page_after does not belong to this history (the link was edited): start it "
+                                    "again", "_page_after")
+            after = after[1:]
             page = (" WHERE last_updated < ? OR (last_updated = ? AND id > ?)"
                     " OR (last_updated = ? AND id = ? AND version < ?)")
             page_args = [after[0], after[0], after[1], after[0], after[1], after[2]]
@@ -1030,7 +1034,7 @@ class Store:
         # (a version gone between the two reads is left out of the page)
         kept = [k for k in keys if k[:2] in found]
         return SearchResult(total, [dict(jsonutil.loads(found[k[:2]])) for k in kept],
-                            [[updated, i, version] for i, version, updated in kept])
+                            [["_history", updated, i, version] for i, version, updated in kept])
 
     def last_row(self) -> int:
         """The row number of the resource stored last (0: none): a search's paging bound (``search(up_to=...)``)."""
@@ -1045,8 +1049,10 @@ class Store:
         was made): the pages after it are not shifted by results stored meanwhile.
 
         ``after``: the page that follows the resource whose :attr:`SearchResult.keys` these are (``offset`` then
-        counts from there): a resource before it that changed meanwhile — a report superseded by a correction
-        leaves the search, an updated one moves — neither shifts the pages after it nor makes one skipped.
+        counts from there): a resource before it that left the search meanwhile (a report superseded by a
+        correction) shifts none of the pages after it. One updated meanwhile moves to where its new
+        ``_lastUpdated`` sorts it: read again later in an ascending order of it, or not at all in the default
+        (newest first) if it had not been read yet — the next search has it.
 
         ``sort`` orders them by date parameters, each ``(name, descending)``, the first one first
         (resources without the date last); without it the latest updated come first.
@@ -1160,7 +1166,7 @@ class Store:
                                 for i, (_, _, direction, nullable) in enumerate(keys))
         page_where, page_args = where, list(args)
         if after is not None:
-            cond, cargs = _after_keys(keys, after)
+            cond, cargs = _after_keys(keys, after, _sort_signature(sort))
             page_where, page_args = f"{where} AND {cond}", [*args, *cargs]
         outer_columns = "".join(f", p.k{i}" for i in range(len(keys)))
         rows = self.db.execute(
@@ -1168,7 +1174,7 @@ class Store:
             f" ORDER BY {inner_order} LIMIT ? OFFSET ?) AS p JOIN resources r ON r.rid = p.rid ORDER BY {outer_order}",
             [*column_args, rtype, *page_args, *order_args, count, offset]).fetchall()
         return SearchResult(int(total), [dict(jsonutil.loads(r[0])) for r in rows],
-                            [[_plain_key(v) for v in r[1:]] for r in rows])
+                            [[_sort_signature(sort), *(_plain_key(v) for v in r[1:])] for r in rows])
 
     def referencing(self, rtype: str, path: str, references: list[str], limit: int) -> list[dict[str, Any]]:
         """Resources of ``rtype`` whose reference element ``path`` (one or a list) names any of ``references``.
@@ -1312,26 +1318,44 @@ _CHAINED = frozenset({"patient.identifier"})
 _PAGE_READ = 200
 
 
-def _after_keys(keys: list[tuple[str, list[Any], str, bool]], after: Sequence[Any]) -> tuple[str, list[Any]]:
-    """SQL condition (and its arguments): a resource comes after ``after`` (the sort keys of a page's last one) in
-    the order ``keys`` gives — each ``(expression, its arguments, ASC or DESC, may be NULL)``, NULLs last, the
-    last key unique. Lexicographic: equal on the keys before one, after on that one.
+def _sort_signature(sort: list[tuple[str, bool]] | None) -> str:
+    """A search's order as a page's sort keys name it (a next link of one order is not taken by another)."""
+    return ",".join(f"{'-' if descending else ''}{name}" for name, descending in sort or []) or "-_lastUpdated,_id"
 
-    :raises InvalidSearch: ``after`` does not fit the keys (a link of another search).
+
+#: The sort keys that are texts (the others are numbers: seconds since 1970).
+_TEXT_KEYS = frozenset({"last_updated", "id"})
+_MAX_KEY_NUMBER = 1e300  # (an epoch, or an open end of a Period: infinite)
+
+
+def _after_keys(keys: list[tuple[str, list[Any], str, bool]], after: Sequence[Any],
+                signature: str) -> tuple[str, list[Any]]:
+    """SQL condition (and its arguments): a resource comes after ``after`` — the order's signature, then the sort
+    keys of a page's last resource — in the order ``keys`` gives: each ``(expression, its arguments, ASC or DESC,
+    may be NULL)``, NULLs last, the last key unique. Lexicographic: equal on the keys before one, after on that one.
+
+    :raises InvalidSearch: ``after`` is not such keys of this order (a link of another search, edited or cut).
     """
-    if len(after) != len(keys):
-        raise InvalidSearch("_page_after does not belong to this search (its sort changed): start it again",
-                            "_page_after")
+    problem = InvalidSearch("_page_after does not belong to this search (its order changed, or the link was "
+                            "edited): start the search again", "_page_after")
+    if len(after) != len(keys) + 1 or after[0] != signature:
+        raise problem
     parts: list[tuple[str, list[Any], Any, str]] = []  # (expression, its arguments, value, direction)
-    for (expr, kargs, direction, nullable), value in zip(keys, after):
-        if value is not None and not isinstance(value, (int, float, str)) or isinstance(value, bool):
-            raise InvalidSearch("_page_after does not belong to this search: start it again", "_page_after")
+    for (expr, kargs, direction, nullable), value in zip(keys, after[1:]):
+        if value is None:
+            if not nullable:
+                raise problem
+        elif expr in _TEXT_KEYS:
+            if type(value) is not str or len(value) > 200 or "\x00" in value:
+                raise problem
+        else:
+            value = _key_number(value)
+            if value is None:
+                raise problem
         if nullable:
             parts.append((f"(CASE WHEN {expr} IS NULL THEN 1 ELSE 0 END)", kargs, 1 if value is None else 0, "ASC"))
             if value is None:
                 continue  # every NULL is equal here: the keys after it decide
-        elif value is None:
-            raise InvalidSearch("_page_after does not belong to this search: start it again", "_page_after")
         parts.append((expr, kargs, value, direction))
     ors: list[str] = []
     args: list[Any] = []
@@ -1344,11 +1368,29 @@ def _after_keys(keys: list[tuple[str, list[Any], str, bool]], after: Sequence[An
     return "(" + " OR ".join(ors) + ")", args
 
 
+def _key_number(value: Any) -> float | None:
+    """A numeric sort key as a link carries it (a number; ``"inf"``, ``"-inf"`` for an open end), as a float; None:
+    not one."""
+    if value in ("inf", "-inf"):
+        return float(value)
+    if type(value) not in (int, float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= _MAX_KEY_NUMBER else None
+
+
 def _plain_key(value: Any) -> Any:
-    """A sort key as a page's link carries it (JSON): a number, a text or None."""
-    if value is None or isinstance(value, (int, str)):
+    """A sort key as a page's link carries it (JSON): a text, a number, ``"inf"``/``"-inf"`` (the open end of a
+    Period, which JSON has no number for), or None."""
+    if value is None or isinstance(value, str):
         return value
-    return float(value)
+    number = float(value)
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    return value if isinstance(value, int) else number
 
 
 #: SQL condition: the resource carries no ``meta.tag`` of the system given (``?``) with code ``superseded``.
