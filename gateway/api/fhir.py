@@ -564,7 +564,8 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
              else store.last_row())
     # and each starts after the last resource of the one before (its sort keys, in the next link), not at a count
     # of resources: a resource before it that left the search meanwhile (a report superseded by a correction)
-    # or moved (updated) makes none skipped. One resource more is read to know whether a page follows.
+    # makes none skipped (one updated meanwhile moves with its _lastUpdated: see Store.search). One resource more
+    # is read to know whether a page follows.
     after_text = args.get("_page_after")
     after = _page_after(after_text) if after_text is not None else None
     result = store.search(rtype, params, count=count + 1 if count else 0, offset=0 if after is not None else offset,
