@@ -88,6 +88,15 @@ def _walk(client: Any, url: str) -> tuple[list[dict[str, Any]], int, int]:
     return found, total, pages
 
 
+def _next_of(page: dict[str, Any]) -> str:
+    """The path and query of a page's next link ("" on the last page)."""
+    nxt = [link["url"] for link in page.get("link", []) if link["relation"] == "next"]
+    if not nxt:
+        return ""
+    parts = urlsplit(nxt[0])
+    return f"{parts.path}?{parts.query}"
+
+
 def _date_key(obs: dict[str, Any]) -> tuple[bool, str]:
     return ("effectiveDateTime" not in obs, obs.get("effectiveDateTime", ""))
 
@@ -241,11 +250,7 @@ def test_results_stored_while_a_client_pages_do_not_shift_its_pages(client: Any,
         page = client.get(url).get_json()
         totals.add(page["total"])
         seen += [e["resource"]["id"] for e in page.get("entry", [])]
-        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
-        url = ""
-        if nxt:
-            parts = urlsplit(nxt[0])
-            url = f"{parts.path}?{parts.query}"
+        url = _next_of(page)
         clock.advance(minutes=1)
         _store(pipeline, clock, [_observation(n, "arrived meanwhile", n), _observation(n + 1, "too", n)], f"new-{n}")
         n += 2
@@ -285,11 +290,7 @@ def test_a_result_superseded_while_a_client_pages_makes_no_other_skipped(
             later = next(i for i in sorted(first) if i not in seen)
             supersede(later)  # not read yet: it is not delivered, and no other is kept from the client
             gone.add(later)
-        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
-        url = ""
-        if nxt:
-            parts = urlsplit(nxt[0])
-            url = f"{parts.path}?{parts.query}"
+        url = _next_of(page)
         assert pages < 100
     assert len(seen) == len(set(seen)), "a result delivered twice"
     never = set(first) - set(seen) - gone
@@ -336,8 +337,8 @@ def test_a_next_link_cut_or_changed_is_refused_naming_page_after(client: Any, pi
 
 
 @pytest.mark.parametrize("order", ["date", "-date"])
-def test_results_of_a_period_open_at_its_start_page_in_their_place(client: Any, pipeline: Any, clock: Clock,
-                                                                  order: str) -> None:
+def test_results_of_a_period_open_at_its_start_page_in_their_place(
+        client: Any, pipeline: Any, clock: Clock, order: str) -> None:
     """A result whose effective Period has no start sorts first by date (its start is open: before every date): its
     sort key is not a number JSON has, and a next link carried it as null — the next page jumped to the results
     without a date, and those between were never delivered."""
@@ -371,11 +372,7 @@ def test_versions_made_while_a_client_pages_a_history_neither_repeat_nor_shift_i
         page = client.get(url).get_json()
         totals.add(page["total"])
         seen += [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in page.get("entry", [])]
-        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
-        url = ""
-        if nxt:
-            parts = urlsplit(nxt[0])
-            url = f"{parts.path}?{parts.query}"
+        url = _next_of(page)
         clock.advance(minutes=1)
         changed = sorted(first)[len(seen) % 60]
         _store(pipeline, clock, [_observation(n, "arrived meanwhile", n),
