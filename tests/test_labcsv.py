@@ -617,7 +617,7 @@ def test_ids_kept_as_text_the_spreadsheet_way_and_trailing_empty_cells_read_as_t
     assert [s for s, _, _ in expected].count("converted") >= 3  # (and the export's refused exams, refused alike)
     head, _, body = plain.partition(b"\n")
     formula = re.sub(rb"^(TJ\d+),([^,]*),(\d{17}[\dX])", rb'="\1",\2,="\3"', body, flags=re.M)
-    apostrophe = re.sub(rb"^(TJ\d+),([^,]*),(\d{17}[\dX])", rb"\1,\2,'\3", body, flags=re.M)
+    apostrophe = re.sub(rb"^(TJ\d+),([^,]*),(\d{17}[\dX])", rb"'\1,\2,'\3", body, flags=re.M)  # (the exam number too)
     trailing = re.sub(rb"\r?\n", b",,,\n", body)
     assert formula != body and apostrophe != body and trailing.count(b",,,\n") == body.count(b"\n")
     for variant in (formula, apostrophe, trailing):
@@ -632,7 +632,8 @@ def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc
     data = csv_bytes(row(item="XCG-WBC,白细胞计数,６．８,10^9/L,3.5-9.5,"),
                      row(item="XCG-RBC,红细胞计数,\"4,52\",10^12/L,4.3-5.8,"),
                      row(item="NJ-RBC,尿沉渣红细胞,0-3,/HP,0-3,"),  # semi-quantitative: text, as meant
-                     row(item="MY-ANA,抗核抗体滴度,1:320,titre,,"))
+                     row(item="MY-ANA,抗核抗体滴度,1:320,titre,,"),
+                     row(item="XCG-PLT,血小板计数,１，２３０,10^9/L,125-350,"))  # (full-width: as typed)
     (out,) = outcomes(cdc, data)
     assert out.bundle is not None, [i.line() for i in out.issues]
     values = {o["code"]["coding"][0]["code"]: o.get("valueQuantity", o.get("valueString"))
@@ -640,7 +641,8 @@ def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc
     assert values["XCG-WBC"]["value"] == Decimal("6.8") or values["XCG-WBC"]["value"] == 6.8
     assert values["XCG-RBC"] == "4,52"
     warned = [i for i in out.issues if "is not a number" in i.message]
-    assert [(i.severity, i.location) for i in warned] == [("warning", "row 3 column 结果")]
+    assert [(i.severity, i.location) for i in warned] == [("warning", "row 3 column 结果"),
+                                                          ("warning", "row 6 column 结果")]
     assert "10^12/L" in warned[0].message
 
 
@@ -659,13 +661,18 @@ def _variants() -> dict[str, bytes]:
         "UTF-16": text.encode("utf-16"),
         "tabs": text.replace(",", "\t").encode("utf-8"),
         "semicolons": text.replace(",", ";").encode("utf-8"),
+        "UTF-16 ": text.encode("utf-16-le"),  # (without a byte order mark: Chinese text has no NUL byte)
         "a single cell": ("职业健康检查结果导出（2024年3月）\n" + text).encode("utf-8"),
+        "two cells": ("职业健康检查结果,导出时间:2026-11-20\n" + text).encode("gbk"),
         "gzip": gzip.compress(plain),
-        "not text": sheet.getvalue(),
+        "spreadsheet": sheet.getvalue(),
+        "spreadsheet ": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)) * 4,  # an .xls (OLE) file
+        "not text": b"\x00\x01\x02\x03\x04\x05\x06\x07" * 64,
     }
 
 
-@pytest.mark.parametrize("what", ["UTF-16", "tabs", "semicolons", "a single cell", "gzip", "not text"])
+@pytest.mark.parametrize("what", ["UTF-16", "UTF-16 ", "tabs", "semicolons", "a single cell", "two cells", "gzip",
+                                  "spreadsheet", "spreadsheet ", "not text"])
 def test_a_first_row_that_is_not_a_header_says_what_it_is(cdc: Pipeline, what: str) -> None:
     """A UTF-16 file, a tab- or semicolon-separated one, a title row above the header, a gzip body, a spreadsheet
     saved as .xlsx: each was 'the header matches no CSV layout … needs the columns 体检编号, …' (columns a user can
@@ -673,7 +680,8 @@ def test_a_first_row_that_is_not_a_header_says_what_it_is(cdc: Pipeline, what: s
     (out,) = outcomes(cdc, _variants()[what])
     assert out.bundle is None and len(out.errors) == 1
     error = out.errors[0]
-    assert error.location == "row 1" and what in error.message and "matches no CSV layout" not in error.message
+    said = what.strip()
+    assert error.location == "row 1" and said in error.message and "matches no CSV layout" not in error.message
 
 
 def test_invisible_characters_in_the_header_are_left_out(cdc: Pipeline) -> None:

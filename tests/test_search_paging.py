@@ -327,7 +327,8 @@ def test_a_next_link_cut_or_changed_is_refused_naming_page_after(client: Any, pi
                 _keys(["date", "a", "a"]), _keys(["date", 10 ** 400, "a"]), _keys(["date", 2e300, "a"]),
                 _keys(["-_lastUpdated", "\u0000", "\u0000"]), _keys(["_history", 1, 1, 1]),
                 _keys(["_history", "2026", "a", 10 ** 30]), _keys(["_history", "\u0000", "a", 1]),
-                _keys(["-_lastUpdated,_id", "2026", "a\u0000"])) + ("WyJkYXRlIiwgTmFOLCAiYSJd",):  # ["date", NaN, "a"]
+                _keys(["-_lastUpdated,_id", "2026", "a\u0000"]), _keys(["-_lastUpdated,_id", "2026", "\ud800"]),
+                _keys(["_history", "2026", "\udfff", 1])) + ("WyJkYXRlIiwgTmFOLCAiYSJd",):  # ["date", NaN, "a"]
         query = "&".join(p for p in nxt.query.split("&") if not p.startswith("_page_after=")) + f"&_page_after={bad}"
         answer = client.get(f"{nxt.path}?{query}")
         assert answer.status_code == 400, (bad, answer.get_data(as_text=True))

@@ -779,7 +779,7 @@ class _ItemColumns:
                 return None
             else:
                 res.value_kind, res.value = "string", value
-                if res.unit and _COMMA_NUMBER.match(value):  # (1,230 or 6,8: meant as a number, not read as one)
+                if res.unit and _COMMA_NUMBER.match(value.translate(_FULL_WIDTH_NUMBER)):  # (1,230; 6,8; 1 230)
                     issues.append(Issue("warning", "value", res.where["value"],
                                         f"result {shown(value)} is not a number: kept as text, without its unit "
                                         f"{shown(res.unit)} (write a number as 6.8 or 1230)", "102"))
@@ -935,7 +935,7 @@ def _fields(text: str) -> list[str]:
         fields = line.split(",")  # the common case, much faster than the csv module
     else:
         fields = next(csv.reader(io.StringIO(line, newline="")), [])
-    if "=" in line or "'" in line:
+    if "=" in line or "'" in line:  # (cheap: most rows have neither)
         fields = [_as_text(f) for f in fields]
     return fields
 
@@ -943,7 +943,7 @@ def _fields(text: str) -> list[str]:
 # A cell kept as text the ways spreadsheet users do, so that Excel shows an 18-digit 身份证号 or an exam number
 # with leading zeros as written (not as 5.11322E+17): a formula ="..." or a leading apostrophe before digits.
 _FORMULA_TEXT = re.compile(r'^\s*="([^"]*)"\s*$')
-_APOSTROPHE_DIGITS = re.compile(r"^\s*'([0-9][0-9Xx]*)\s*$")
+_APOSTROPHE_DIGITS = re.compile(r"^\s*'\s*([0-9A-Za-z][0-9A-Za-z._-]*)\s*$")  # (an ID, a code: no other text)
 
 
 def _as_text(cell: str) -> str:
@@ -956,10 +956,13 @@ def _as_text(cell: str) -> str:
 
 # A number written with a thousands separator or a decimal comma (1,230; 6,8): not read as one, and said so. (Not
 # 0-3 or 1:320 with a unit: semi-quantitative results are text.)
-_COMMA_NUMBER = re.compile(r"^\s*[<>≤≥]?\s*[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+,\d+)\s*$")
+_COMMA_NUMBER = re.compile(r"^\s*[<>≤≥]?\s*[+-]?(?:\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?|\d+,\d+)\s*$")
+#: Full-width digits, comma and point (１，２３０) as ASCII, for telling a number written with a comma.
+_FULL_WIDTH_NUMBER = str.maketrans("０１２３４５６７８９，．＋－", "0123456789,.+-")
 #: Characters no one sees in a header cell (zero-width spaces and joiners, a BOM inside the row): left out.
 _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
 _GZIP = b"\x1f\x8b"
+_SPREADSHEETS = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")  # .xlsx (a ZIP), .xls (an OLE file)
 
 
 def _header_trouble(raw: bytes, headers: list[str]) -> Issue | None:
@@ -969,7 +972,10 @@ def _header_trouble(raw: bytes, headers: list[str]) -> Issue | None:
 
     if raw.startswith(_GZIP):
         return refused("the file is gzip-compressed: send it uncompressed (a .csv, not a .gz)")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\x00") > len(raw) // 4:
+    if raw.startswith(_SPREADSHEETS):
+        return refused("the file is a spreadsheet (.xlsx or .xls), not CSV: save it as CSV in UTF-8 or GBK")
+    # UTF-16: a byte order mark, or the commas between its columns written as two bytes (Chinese text has no NUL)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b",\x00") + raw.count(b"\x00,") >= 3:
         return refused("the file is UTF-16 (or another encoding with two or more bytes per character): save it as "
                        "CSV in UTF-8 or GBK")
     if sum(1 for b in raw[:512] if b < 0x09 or 0x0E <= b < 0x20) > 4:
@@ -981,9 +987,10 @@ def _header_trouble(raw: bytes, headers: list[str]) -> Issue | None:
                 return refused(f"row 1 separates its columns with {name}, not commas: save the file as CSV "
                                "(comma-separated)")
     filled = [h for h in headers if h]
-    if len(filled) == 1:
-        return refused(f"row 1 holds a single cell ({shown(filled[0][:40])}): a title above the header? the header "
-                       "of the columns must be row 1")
+    if 1 <= len(filled) <= 2:
+        return refused(f"row 1 holds {'a single cell' if len(filled) == 1 else 'two cells'} "
+                       f"({', '.join(shown(h[:40]) for h in filled)}): a title above the header? the header of the "
+                       "columns must be row 1")
     return None
 
 

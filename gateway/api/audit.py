@@ -122,6 +122,10 @@ def search_events() -> Response:
     params = list(request.args.items(multi=True))
     if prefers_lenient(request.headers.get("Prefer", "")):  # (R4 search.html#errors: the client's choice)
         params = [(name, value) for name, value in params if name in query.PARAMETERS]
+    for name, value in params:  # _total: a hint (R4 search.html#total); every searchset here counts exactly
+        if name == "_total" and value not in ("none", "estimate", "accurate"):
+            raise InvalidSearch(f"_total must be none, estimate or accurate, not {shown(value[:40])}", "_total")
+    params = [(name, value) for name, value in params if name != "_total"]
     for name, value in params:
         if len(name) > _MAX_NAME:
             raise InvalidSearch(f"unknown search parameter {shown(name)} for AuditEvent", name[:_MAX_NAME],

@@ -394,7 +394,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     count = _int_param("_count", 20, 0, _MAX_COUNT)
     offset = _int_param("_offset", 0, 0, 10_000_000)
     lenient = prefers_lenient(request.headers.get("Prefer", ""))
-    taken = ("_count", "_offset", "_format", "_pretty", "_since", "_page_until", "_page_after")
+    taken = ("_count", "_offset", "_format", "_pretty", "_since", "_page_until", "_page_after", "_total")
     for name in request.args:
         if name not in taken and not lenient:
             raise InvalidSearch(f"parameter {shown(name)} is not supported for _history (supported: _count, "
@@ -403,7 +403,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     since = None
     if since_text is not None:
         since = _instant_param("_since", since_text)
-    until = request.args.get("_page_until")
+    until = request.args.get("_page_until") or None  # (empty: a history that was empty at its first page)
     if until is not None and (len(until) > 40 or not _HISTORY_UNTIL.fullmatch(until)):
         raise InvalidSearch("_page_until is not one this server's next links carry: follow the link as given, or "
                             "start again", "_page_until")
@@ -652,6 +652,12 @@ def _page_after(text: str) -> list[Any]:
         raise problem from None
     if not isinstance(keys, list) or not keys or not all(k is None or type(k) in (str, int, float) for k in keys):
         raise problem
+    try:  # (a lone surrogate, \ud800, is no text a database holds)
+        for key in keys:
+            if type(key) is str:
+                key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise problem from None
     return keys  # (each key's type and range are checked against the search's order by the store)
 
 
