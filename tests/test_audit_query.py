@@ -314,6 +314,9 @@ def test_http_unknown_parameter_is_a_400_outcome(audit_client) -> None:
     assert lenient.status_code == 200, lenient.get_data(as_text=True)
     assert lenient.get_json()["type"] == "searchset"
     assert not any("colour" in link["url"] for link in lenient.get_json()["link"])
+    strict = {"Authorization": f"Bearer {tokens['auditor']}"}
+    assert client.get("/fhir/AuditEvent?_total=accurate&_count=1", headers=strict).status_code == 200  # a hint
+    assert client.get("/fhir/AuditEvent?_total=always", headers=strict).status_code == 400
 
 
 def test_http_read(audit_client) -> None:

@@ -169,6 +169,9 @@ def test_instance_and_type_history_bundles(loaded, tmp_path) -> None:
         outcome = assert_outcome(loaded.get("/fhir/Observation/_history", query_string={"_since": bad}), 400)
         assert "_since" in json.dumps(outcome, ensure_ascii=False), outcome
     assert_outcome(loaded.get("/fhir/Observation/_history?_at=2024"), 400)
+    for bad in ("<script>", "2026" * 20):  # a history link's cut-off edited: named, not run
+        outcome = assert_outcome(loaded.get("/fhir/Observation/_history", query_string={"_page_until": bad}), 400)
+        assert outcome["issue"][0]["expression"] == ["_page_until"]
     assert_outcome(loaded.get("/fhir/Observation/nope/_history"), 404)
     paths = []
     for name, bundle in (("instance", inst), ("type", whole)):
@@ -326,6 +329,10 @@ def test_total_is_taken_as_the_hint_r4_makes_it(loaded) -> None:
         assert page.status_code == 200 and page.get_json()["total"] == exact
     outcome = assert_outcome(loaded.get("/fhir/Observation?_total=always"), 400)
     assert outcome["issue"][0]["expression"] == ["_total"]
+    history = loaded.get("/fhir/Observation/_history?_count=1&_total=accurate")  # (histories take it alike)
+    assert history.status_code == 200 and history.get_json()["type"] == "history"
+    assert assert_outcome(loaded.get("/fhir/Observation/_history?_total=always"), 400)["issue"][0]["expression"] == [
+        "_total"]
 
 
 def test_a_method_a_resource_does_not_take_is_named_with_what_it_takes(loaded) -> None:

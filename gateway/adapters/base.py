@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from gateway.errors import Issue, shown
 
 __all__ = [
+    "FULL_WIDTH",
     "Coded",
     "Quantity",
     "PatientFacts",
@@ -48,8 +49,8 @@ _LABEL_CHARS = 80  # how much of a unit's id its label (in answers and error lin
 _NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d{1,4})?\s*$")
 # (one way to match: linear)
 #: Full-width forms of ASCII (U+FF01 to U+FF5E) and the ideographic space, as their ASCII characters: only those
-#: (NFKC would also make 10² the number 102).
-_FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
+#: (NFKC would also make 10² the number 102). ``text.translate(FULL_WIDTH)``.
+FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
 
 
 def parse_number(text: str) -> "Quantity | None":
@@ -61,7 +62,7 @@ def parse_number(text: str) -> "Quantity | None":
     taken either: a signed Bundle carries its numbers as doubles (RFC 8785), so it could not be signed as sent.
     """
     if not text.isascii():  # full-width digits, point and signs as a Chinese input method types them: ６．８, ＜０．５
-        text = text.translate(_FULL_WIDTH)
+        text = text.translate(FULL_WIDTH)
     m = _NUMBER.match(text)
     if not m:
         return None
@@ -138,7 +139,7 @@ def text_too_long(text: str) -> bool:
 def number_problem(text: str) -> str:
     """Why :func:`parse_number` did not take ``text``: not a number at all, or one too large to carry."""
     if not text.isascii():
-        text = text.translate(_FULL_WIDTH)
+        text = text.translate(FULL_WIDTH)
     return "is beyond the range of a number (±1.7e308)" if _NUMBER.match(text) else "is not a number"
 
 

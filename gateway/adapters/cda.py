@@ -91,7 +91,6 @@ def safe_parser() -> etree.XMLParser:
 _ASCII_COMPATIBLE = frozenset({"utf-8", "utf8", "gbk", "gb2312", "gb-2312-80", "gb2312-80", "gb18030", "cp936",
                                "euc-cn", "x-gbk", "windows-936", "big5", "us-ascii", "ascii", "iso-8859-1", "latin1",
                                "latin-1", "iso8859-1", "iso-8859-15", "windows-1252", "cp1252"})
-_DECLARED = re.compile(rb"""^<\?xml\s[^>]*?\bencoding\s*=\s*["']([^"']{0,40})["']""")
 _UTF16_STARTS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, b"<\x00?\x00", b"\x00<\x00?")
 _UTF32_STARTS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, b"<\x00\x00\x00", b"\x00\x00\x00<", b"\x00\x00<\x00",
                  b"\x00<\x00\x00")
@@ -106,11 +105,10 @@ def encoding_refusal(data: bytes) -> str:
     if data.startswith(_UTF16_STARTS):
         return ""
     text = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
-    text = text.lstrip(b" \t\r\n")
-    if not text.startswith(b"<"):
+    if not text.lstrip(b" \t\r\n").startswith(b"<"):
         return "document does not begin with '<' in UTF-8, UTF-16 or GB18030: refused unread"
-    declared = _DECLARED.match(text)
-    name = declared.group(1).decode("ascii", "replace").strip().lower().replace("_", "-") if declared else "utf-8"
+    declared = _declared(data)
+    name = "utf-8" if declared is None else declared
     if name not in _ASCII_COMPATIBLE:
         return (f"document declares the encoding {shown(name)}: refused unread (send UTF-8, UTF-16 or "
                 "GB18030/GBK/GB2312)")
@@ -123,9 +121,10 @@ _LATIN_NAMES = frozenset({"iso-8859-1", "latin1", "latin-1", "iso8859-1", "iso-8
 _DECLARATION = re.compile(rb"""^((?:\xef\xbb\xbf)?[ \t\r\n]*<\?xml\s[^>]*?\bencoding\s*=\s*["'])([^"']{0,40})(["'])""")
 
 
-def _declared(data: bytes) -> str:
+def _declared(data: bytes) -> str | None:
+    """The encoding a document's XML declaration names, lower case (None: no declaration names one)."""
     m = _DECLARATION.match(data)
-    return m.group(2).decode("ascii", "replace").strip().lower().replace("_", "-") if m else ""
+    return m.group(2).decode("ascii", "replace").strip().lower().replace("_", "-") if m else None
 
 
 def _gb_as_gb18030(data: bytes) -> bytes:
@@ -146,8 +145,8 @@ def _utf8_declared_latin(data: bytes) -> str:
         data.decode("utf-8")
     except UnicodeDecodeError:
         return ""
-    return (f"document declares the encoding {shown(_declared(data))} but its text is UTF-8: read as declared its "
-            "Chinese would be garbled; declare encoding=\"UTF-8\" (or send it in the encoding it declares)")
+    return (f"document declares the encoding {shown(_declared(data) or '')} but its text is UTF-8: read as declared "
+            "its Chinese would be garbled; declare encoding=\"UTF-8\" (or send it in the encoding it declares)")
 
 
 def declares_dtd(data: bytes) -> bool:

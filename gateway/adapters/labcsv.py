@@ -50,6 +50,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import IO, Any
 
 from gateway.adapters.base import (
+    FULL_WIDTH,
     Coded,
     PatientFacts,
     RawUnit,
@@ -779,7 +780,7 @@ class _ItemColumns:
                 return None
             else:
                 res.value_kind, res.value = "string", value
-                if res.unit and _COMMA_NUMBER.match(value.translate(_FULL_WIDTH_NUMBER)):  # (1,230; 6,8; 1 230)
+                if res.unit and _COMMA_NUMBER.match(value.translate(FULL_WIDTH)):  # (1,230; 6,8; 1 230; １，２３０)
                     issues.append(Issue("warning", "value", res.where["value"],
                                         f"result {shown(value)} is not a number: kept as text, without its unit "
                                         f"{shown(res.unit)} (write a number as 6.8 or 1230)", "102"))
@@ -957,8 +958,6 @@ def _as_text(cell: str) -> str:
 # A number written with a thousands separator or a decimal comma (1,230; 6,8): not read as one, and said so. (Not
 # 0-3 or 1:320 with a unit: semi-quantitative results are text.)
 _COMMA_NUMBER = re.compile(r"^\s*[<>≤≥]?\s*[+-]?(?:\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?|\d+,\d+)\s*$")
-#: Full-width digits, comma and point (１，２３０) as ASCII, for telling a number written with a comma.
-_FULL_WIDTH_NUMBER = str.maketrans("０１２３４５６７８９，．＋－", "0123456789,.+-")
 #: Characters no one sees in a header cell (zero-width spaces and joiners, a BOM inside the row): left out.
 _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
 _GZIP = b"\x1f\x8b"

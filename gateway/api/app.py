@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from gateway.api.errors import register_error_handlers
+from gateway.api.errors import FHIR_JSON, register_error_handlers
 from gateway.config import Settings, load_settings
 from gateway.member import Member
 from gateway.pipeline import Pipeline
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         # FHIR R4 (http.html#mime-type): a FHIR answer SHALL say its character encoding, UTF-8; HTTP's own default
         # is ISO-8859-1, and a client left to guess mangles the Chinese in it
         if response.mimetype == "application/fhir+json" and "charset" not in response.headers.get("Content-Type", ""):
-            response.headers["Content-Type"] = "application/fhir+json; charset=utf-8"
+            response.headers["Content-Type"] = FHIR_JSON
         return response
 
     from gateway import auth

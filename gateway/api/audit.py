@@ -30,7 +30,7 @@ from flask import Blueprint, Response, current_app, request
 
 from gateway import jsonutil
 from gateway.api.app import borrow_database, public_root
-from gateway.api.errors import prefers_lenient
+from gateway.api.errors import check_total_hint, prefers_lenient
 from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
@@ -122,9 +122,7 @@ def search_events() -> Response:
     params = list(request.args.items(multi=True))
     if prefers_lenient(request.headers.get("Prefer", "")):  # (R4 search.html#errors: the client's choice)
         params = [(name, value) for name, value in params if name in query.PARAMETERS]
-    for name, value in params:  # _total: a hint (R4 search.html#total); every searchset here counts exactly
-        if name == "_total" and value not in ("none", "estimate", "accurate"):
-            raise InvalidSearch(f"_total must be none, estimate or accurate, not {shown(value[:40])}", "_total")
+    check_total_hint([value for name, value in params if name == "_total"])
     params = [(name, value) for name, value in params if name != "_total"]
     for name, value in params:
         if len(name) > _MAX_NAME:

@@ -17,7 +17,8 @@ from gateway.errors import DatabaseUnavailable, GatewayError, Issue
 from gateway.store import db as _db
 from gateway.fhir.outcome import operation_outcome
 
-__all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON"]
+__all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON", "check_total_hint",
+           "prefers_lenient"]
 
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -31,6 +32,19 @@ def outcome_response(issues: list[Issue], status: int, headers: dict[str, str] |
 
 _HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
                406: "not-supported", 413: "too-long", 415: "not-supported", 429: "throttled"}
+
+
+def check_total_hint(values: list[str]) -> None:
+    """``_total`` (R4 search.html#total) is a hint a server may ignore; every searchset here counts exactly, so
+    only its value is checked.
+
+    :raises InvalidSearch: a value R4 does not name.
+    """
+    from gateway.errors import InvalidSearch, shown
+
+    for value in values:
+        if value not in ("none", "estimate", "accurate"):
+            raise InvalidSearch(f"_total must be none, estimate or accurate, not {shown(value[:40])}", "_total")
 
 
 def prefers_lenient(prefer: str) -> bool:

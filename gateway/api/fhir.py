@@ -38,7 +38,7 @@ from werkzeug.exceptions import NotAcceptable
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of, public_root
 from gateway.auth import current_principal, principal_party, require_role
-from gateway.api.errors import FHIR_JSON, prefers_lenient
+from gateway.api.errors import FHIR_JSON, check_total_hint, prefers_lenient
 from gateway.errors import InvalidSearch, Issue, NotFound, shown
 from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS
@@ -399,6 +399,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
         if name not in taken and not lenient:
             raise InvalidSearch(f"parameter {shown(name)} is not supported for _history (supported: _count, "
                                 "_since)", name[:_MAX_NAME], code="not-supported")
+    check_total_hint(request.args.getlist("_total"))
     since_text = request.args.get("_since")
     since = None
     if since_text is not None:
@@ -410,11 +411,9 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     after_text = request.args.get("_page_after")
     after = _page_after(after_text) if after_text is not None else None
     store = pipeline_of(current_app).store
-    if until is None:  # the first page: the history as it is now
-        newest = store.history(rtype, rid, count=1, since=since)
-        until = newest.keys[0][1] if newest.keys else ""  # (its last_updated: keys begin with their order's name)
     result = store.history(rtype, rid, count=count + 1 if count else 0, offset=0 if after is not None else offset,
                            since=since, up_to=until, after=after)
+    until = result.until  # (the first page's: the newest version now)
     more = len(result.resources) > count
     del result.resources[count:]
     last_keys = result.keys[count - 1] if count and len(result.keys) >= count else None
@@ -534,9 +533,7 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                                 "_summary=false)", "_summary", code="not-supported")
         count = 0
     offset = _int_param("_offset", 0, 0, 10_000_000, args)
-    for total_wanted in args.getlist("_total"):  # (R4 search.html#total: a hint; every searchset counts exactly)
-        if total_wanted not in ("none", "estimate", "accurate"):
-            raise InvalidSearch(f"_total must be none, estimate or accurate, not {shown(total_wanted[:40])}", "_total")
+    check_total_hint(args.getlist("_total"))
     params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
     lenient = prefers_lenient(request.headers.get("Prefer", ""))
     if len(params) > _MAX_PARAMS:

@@ -173,6 +173,8 @@ class SearchResult:
     #: where each resource of the page stands in the search's order: its sort keys (``search(after=...)`` with
     #: those of a page's last resource gives the page after it)
     keys: list[list[Any]] = field(default_factory=list)
+    #: (a history) the ``last_updated`` its pages are held to: ``up_to`` as asked, or the newest when not asked
+    until: str | None = None
 
 
 #: A new message; nothing when its key is stored already (a resend).
@@ -982,8 +984,9 @@ class Store:
         """Every version of one resource (``rid``), or of every resource of a type, newest first.
 
         ``since``: only versions made at or after that time (seconds since 1970, UTC). ``up_to``: only versions
-        made up to the ``last_updated`` of the newest one when a history's first page was made (what
-        :attr:`SearchResult.keys` begin with): versions made meanwhile do not shift the pages after it.
+        made up to the ``last_updated`` of the newest one when a history's first page was made (its
+        :attr:`SearchResult.until`; without it, the newest now): versions made meanwhile do not shift the pages
+        after it.
         ``after``: the page that follows the version whose :attr:`SearchResult.keys` these are (``offset`` then
         counts from there).
 
@@ -998,9 +1001,13 @@ class Store:
         if since is not None:
             where += f" AND {_UPDATED_EPOCH[dialect(self.db)]} >= ?"
             args = [*args, since]
-        if up_to is not None:
-            where += " AND last_updated <= ?"
-            args = [*args, up_to]
+        if up_to is None:  # the first page: the history as it is now
+            union = (f"SELECT last_updated FROM resources WHERE {where}"
+                     f" UNION ALL SELECT last_updated FROM resource_history WHERE {where}")
+            up_to = str(self.db.execute(f"SELECT coalesce(max(last_updated), '') FROM ({union}) AS v",
+                                        args * 2).fetchone()[0])
+        where += " AND last_updated <= ?"
+        args = [*args, up_to]
         union = (f"SELECT id, version, last_updated FROM resources WHERE {where}"
                  f" UNION ALL SELECT id, version, last_updated FROM resource_history WHERE {where}")
         total = int(self.db.execute(f"SELECT count(*) FROM ({union}) AS v", args * 2).fetchone()[0])
@@ -1034,7 +1041,7 @@ class Store:
         # (a version gone between the two reads is left out of the page)
         kept = [k for k in keys if k[:2] in found]
         return SearchResult(total, [dict(jsonutil.loads(found[k[:2]])) for k in kept],
-                            [["_history", updated, i, version] for i, version, updated in kept])
+                            [["_history", updated, i, version] for i, version, updated in kept], up_to)
 
     def last_row(self) -> int:
         """The row number of the resource stored last (0: none): a search's paging bound (``search(up_to=...)``)."""
