@@ -1188,6 +1188,8 @@ class Pipeline:
                     if not msg.errors:
                         outcome.bundle = bundle
                         outcome.status = Status.STORED if record_id is not None else Status.CONVERTED
+                        if record_id is not None:
+                            msg.issues.extend(self._results_left_out(bundle))
                         if record_id is not None and self.member.signer is not None:
                             # sign stage: what this member issues leaves it signed, with its marks
                             stage = Stage.SIGN
@@ -1215,6 +1217,47 @@ class Pipeline:
         outcome.record_id = record_id
         outcome.answer = self._answer(ch, outcome)
         return outcome
+
+    def _results_left_out(self, bundle: dict[str, Any]) -> list[Issue]:
+        """A warning for each report of ``bundle`` stored before (the same report, so the same id) whose stored
+        version lists results this copy does not: the report is stored again with this copy's results alone, and
+        the others stay stored as they were, listed by no current report — an export re-sent with fewer rows, a
+        message with fewer OBX. Nothing is changed; the sender is told which results are no longer in the report.
+        Read without the write lock (a warning: another copy recorded meanwhile may make it out of date); a
+        database that cannot be read for it leaves it out."""
+        entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+        reports = [e["resource"] for e in entries if e["resource"].get("resourceType") == "DiagnosticReport"
+                   and isinstance(e["resource"].get("id"), str)]
+        if not reports:
+            return []
+        local = {e.get("fullUrl"): f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in entries}
+        try:
+            stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r['id']}" for r in reports])}
+            issues: list[Issue] = []
+            for report in reports:
+                before = stored.get(report["id"])
+                if before is None:
+                    continue
+                now = {local.get(ref, ref) for ref in _result_refs(report)}
+                gone = [ref for ref in _result_refs(before) if ref not in now]
+                if not gone:
+                    continue
+                named = {f"Observation/{o.get('id')}": _result_name(o) for o in self.store.read_many(gone)}
+                names = [named.get(ref) or ref for ref in gone]
+                shown = "; ".join(names[:_NAMES_SHOWN]) + (f"; and {len(names) - _NAMES_SHOWN} more"
+                                                           if len(names) > _NAMES_SHOWN else "")
+                number = _report_number(report)
+                issues.append(Issue(
+                    "warning", "business-rule", f"report {number}" if number else "DiagnosticReport",
+                    f"was stored before with {len(_result_refs(before))} results; this copy leaves out {len(gone)} "
+                    f"of them: {shown}. They stay stored as they were, but no current report lists them (the "
+                    f"earlier version: DiagnosticReport/{report['id']}/_history/"
+                    f"{(before.get('meta') or {}).get('versionId', '')}); send them again with the others if they "
+                    "still hold", "205"))
+            return issues
+        except Exception as exc:  # noqa: BLE001 - only a warning: the unit is worked and stored without it
+            log.warning("results left out of a report stored before could not be looked for: %s", type(exc).__name__)
+            return []
 
     def _failed(self, ch: Channel, msg: SourceMessage | None, stage: Stage, why: str = "") -> Outcome:
         """The outcome of a unit the gateway failed on: its raw input is kept and it can be worked again. ``why``:
@@ -1630,6 +1673,35 @@ _VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"
 #: Header fields an ACK echoes.
 _ACK_HEADER = ("sending_application", "sending_facility", "processing_id", "trigger", "accept_ack_type")
 _HL7_SEPARATORS = "|^~\\&"
+
+
+#: Results named in the warning of :meth:`Pipeline._results_left_out`; the others are counted.
+_NAMES_SHOWN = 10
+
+
+def _result_refs(report: dict[str, Any]) -> list[str]:
+    """The references of a report's ``result`` (as written: ``urn:uuid:`` in a Bundle, ``Observation/id`` stored)."""
+    results = report.get("result")
+    return [r["reference"] for r in results if isinstance(r, dict) and isinstance(r.get("reference"), str)] \
+        if isinstance(results, list) else []
+
+
+def _result_name(observation: dict[str, Any]) -> str:
+    """What names a stored result for a person: its code's text or first display, with the sender's code."""
+    code: dict[str, Any] = observation["code"] if isinstance(observation.get("code"), dict) else {}
+    codings = [c for c in code.get("coding") or [] if isinstance(c, dict)]
+    text = code.get("text") or next((c.get("display") for c in codings if c.get("display")), "")
+    local = next((c.get("code") for c in codings if c.get("code")), "")
+    name = f"{text} ({local})" if text and local and local not in text else str(text or local)
+    return _plain(name, 80) or f"Observation/{observation.get('id')}"
+
+
+def _report_number(report: dict[str, Any]) -> str:
+    """The first identifier value of a report (its 报告单号 or exam number), for a message."""
+    for ident in report.get("identifier") or []:
+        if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+            return _plain(ident["value"], 64)
+    return ""
 
 
 def _plain(text: str | None, limit: int, drop: str = "") -> str:

@@ -72,6 +72,8 @@ def test_capability_statement_declares_security_and_only_what_answers(loaded, an
     # declared nothing the server does not answer: no XML format, no system-level history
     assert cap["format"] == ["application/fhir+json", "json"]
     assert {i["code"] for i in rest["interaction"]} == {"transaction"}
+    # and says what its transaction takes: a report Bundle, not any batch of operations
+    assert "GET, DELETE, PATCH and conditional entries are refused" in rest["interaction"][0]["documentation"]
 
 
 # ------------------------------------------------------------------ _count=0, _summary=count, total

@@ -332,6 +332,22 @@ def test_ingest_is_idempotent_and_a_changed_export_is_a_new_version(cdc: Pipelin
     assert str(sbp["valueQuantity"]["value"]) == "126" and sbp["meta"]["versionId"] == "2"
 
 
+def test_an_exam_sent_again_with_fewer_rows_names_the_items_left_out(cdc: Pipeline) -> None:
+    """An export re-sent with fewer rows of an exam stored before: the exam is stored with this copy's rows, and the
+    answer names the items the copy leaves out, which stay stored as they were (listed by no current report)."""
+    rows = [row(), row(item="XY-SBP,收缩压,128,mmHg,90-139,"), row(item="XP,胸部X射线摄片,未见异常,,,")]
+    assert cdc.ingest(csv_bytes(*rows), "cdc-csv", channel="file")[0].status is Status.STORED
+    out = cdc.ingest(csv_bytes(rows[0]), "cdc-csv", channel="file")[0]
+    assert out.status is Status.STORED
+    [warning] = [i for i in out.issues if "leaves out" in i.message]
+    assert warning.severity == "warning" and warning.location == "report TJ9"
+    assert "was stored before with 3 results; this copy leaves out 2 of them: " in warning.message
+    assert "收缩压" in warning.message and "胸部X射线摄片 (XP)" in warning.message and "白细胞" not in warning.message
+    report = cdc.store.search("DiagnosticReport", [("identifier", "urn:oid:2.16.156.10011.1.33|TJ9")]).resources[0]
+    assert len(report["result"]) == 1
+    assert cdc.store.search("Observation", [("code", "http://loinc.org|8480-6")]).total == 1  # kept as it was
+
+
 def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_path: Path, clock, database: str) -> None:
     from gateway.api.app import create_app
 

@@ -111,6 +111,57 @@ def test_resent_correction_keeps_the_earlier_version(pipeline: Pipeline) -> None
     assert [t["code"] for t in earlier[0]["meta"].get("tag", [])] == ["superseded"]
 
 
+def _left_out(outcome) -> list[str]:
+    return [i.line() for i in outcome.issues if "leaves out" in i.message]
+
+
+def test_a_report_sent_again_with_fewer_results_names_the_ones_left_out(pipeline: Pipeline) -> None:
+    """The same report (OBR-3) sent again, not as a correction, without two of its results: stored with the results
+    of this copy, and the sender is told which results it left out (they stay stored, listed by no report)."""
+    first = pipeline.ingest(UTF8, "hl7v2", channel="http")[0]
+    assert first.status is Status.STORED and not _left_out(first)
+    again = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200098|")
+    lines = again.split(b"\r")
+    again = b"\r".join(line for line in lines if not line.startswith((b"OBX|3|SN|HBSAG", b"OBX|4|CWE|HBEAG")))
+    out = pipeline.ingest(again, "hl7v2", channel="http")[0]
+    assert out.status is Status.STORED and out.ack_code == "AA"
+    [warning] = _left_out(out)
+    assert warning.startswith("report R2405200099 was stored before with 5 results; this copy leaves out 2 of them: ")
+    assert "乙肝表面抗原定量 (HBSAG)" in warning and "乙肝e抗原 (HBEAG)" in warning
+    assert "丙氨酸" not in warning and "R2405200100" not in warning  # the other report of the message lost nothing
+    assert "/_history/1)" in warning
+    ack = out.answer.decode("utf-8")
+    assert "|W||||report R2405200099 was stored before with 5 results" in ack and "MSA|AA|TJ2405200098" in ack
+    # what the warning says: stored again with three results, the two others kept as they were
+    report = [r for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources]
+    assert len(report) == 1 and len(report[0]["result"]) == 3 and report[0]["meta"]["versionId"] == "2"
+    kept = pipeline.store.search("Observation", [("code", "HBSAG")]).resources
+    assert len(kept) == 1 and kept[0]["meta"]["versionId"] == "1"
+    # the same three results once more: nothing more is left out; the whole report again: nothing either
+    assert not _left_out(pipeline.ingest(again.replace(b"|TJ2405200098|", b"|TJ2405200097|"), "hl7v2",
+                                         channel="http")[0])
+    assert not _left_out(pipeline.ingest(UTF8.replace(b"|TJ2405200099|", b"|TJ2405200096|"), "hl7v2",
+                                         channel="http")[0])
+
+
+def test_a_correction_with_fewer_results_is_not_told_it_left_any_out(pipeline: Pipeline) -> None:
+    """A correction (OBR-25 C) supersedes the earlier version, its results included: nothing is left listed by no
+    report, so no such warning."""
+    pipeline.ingest(UTF8, "hl7v2", channel="http")
+    corrected = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200199|")
+    corrected = corrected.replace(b"||36|U/L|9-50|N|||F|", b"||38|U/L|9-50|N|||C|")
+    lines = corrected.split(b"\r")
+    corrected = b"\r".join(line for line in lines if not line.startswith(b"OBX|3|SN|HBSAG"))
+    out = pipeline.ingest(corrected, "hl7v2", channel="http")[0]
+    assert out.status is Status.STORED and not _left_out(out)
+
+
+def test_convert_does_not_look_for_results_left_out(pipeline: Pipeline) -> None:
+    pipeline.ingest(UTF8, "hl7v2", channel="http")
+    fewer = b"\r".join(line for line in UTF8.split(b"\r") if not line.startswith(b"OBX|3|SN|HBSAG"))
+    assert not _left_out(list(pipeline.convert(fewer, "hl7v2"))[0])
+
+
 # -- search -----------------------------------------------------------------------------
 
 

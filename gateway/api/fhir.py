@@ -246,9 +246,15 @@ def metadata() -> Response:
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "rest": [{"mode": "server", "security": smart_security(settings), "resource": resources,
-                  "interaction": [{"code": "transaction"}]}],
+                  "interaction": [{"code": "transaction", "documentation": _TRANSACTION_TAKEN}]}],
     }
     return fhir_response(cap)
+
+
+#: What the system-level transaction takes (the CapabilityStatement's documentation of it).
+_TRANSACTION_TAKEN = ("A report Bundle (transaction or collection): a report with its results and the resources they "
+                      "name, every entry POST or PUT, checked against this gateway's profiles and stored as a whole. "
+                      "GET, DELETE, PATCH and conditional entries are refused, each named in the OperationOutcome.")
 
 
 def _known_type(rtype: str) -> None:
