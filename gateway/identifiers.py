@@ -48,6 +48,8 @@ _USCC_RE = re.compile(r"^[0-9A-HJ-NPQRTUWXY]{2}[0-9]{6}[0-9A-Z]{9}[0-9A-HJ-NPQRT
 _ORG_WEIGHTS = [3, 7, 9, 10, 5, 8, 4, 2]
 _ID_WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 _ID_RE = re.compile(r"^[0-9]{17}[0-9X]$")
+#: Full-width digits and letter X (as a Chinese input method types them) to their ASCII forms.
+_FULL_WIDTH_ID = str.maketrans("０１２３４５６７８９Ｘｘ", "0123456789XX")
 
 
 def uscc_check_char(code17: str) -> str:
@@ -148,7 +150,7 @@ def birth_date_problem(fhir_date: str, on: _dt.date | None) -> str | None:
 
 
 def check_id_card(value: str, *, on: _dt.date | None = None) -> str:
-    """Validate a 18-digit 公民身份号码 and return it normalised (``x`` -> ``X``).
+    """Validate a 18-digit 公民身份号码 and return it normalised (``x`` -> ``X``, full-width digits and Ｘ to ASCII).
 
     A legacy 15-digit number is widened to 18 digits (``19`` inserted after the
     region code, check digit computed). The address code is the code of first
@@ -169,6 +171,8 @@ def check_id_card(value: str, *, on: _dt.date | None = None) -> str:
 
 def _check_id_card(value: str, on: _dt.date | None) -> str:
     number = (value or "").strip().upper()
+    if not number.isascii():  # typed with a Chinese input method: full-width digits and Ｘ are the same number
+        number = number.translate(_FULL_WIDTH_ID)
     if len(number) == 15 and number.isascii() and number.isdigit():
         body = number[:6] + "19" + number[6:]
         number = body + id_card_check_char(body)

@@ -50,6 +50,18 @@ def test_id_card_standard_example() -> None:
     assert id_card_birth_date("11010519491231002X") == "1949-12-31"
 
 
+def test_id_card_typed_full_width_is_the_same_number() -> None:
+    """Typed with a Chinese input method (full-width digits, Ｘ or ｘ, an ideographic space around it): the same
+    number, checked and given back in ASCII; a full-width letter other than X is refused as before."""
+    assert check_id_card("１１０１０５１９４９１２３１００２Ｘ") == "11010519491231002X"
+    assert check_id_card("\u3000１１０１０５１９４９１２３１００２ｘ") == "11010519491231002X"
+    assert check_id_card("１１０１０５４９１２３１００２") == "11010519491231002X"  # 15 digits, widened
+    with pytest.raises(IdentifierError, match="check digit"):
+        check_id_card("１１０１０５１９４９１２３１００２１")
+    with pytest.raises(IdentifierError, match="17 digits followed by a digit or X"):
+        check_id_card("１１０１０５１９４９１２３１００２Ｙ")
+
+
 def test_id_card_legacy_15_digits_is_widened() -> None:
     assert check_id_card("110105491231002") == "11010519491231002X"
 

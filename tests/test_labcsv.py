@@ -332,6 +332,15 @@ def test_ingest_is_idempotent_and_a_changed_export_is_a_new_version(cdc: Pipelin
     assert str(sbp["valueQuantity"]["value"]) == "126" and sbp["meta"]["versionId"] == "2"
 
 
+def test_an_id_card_number_in_full_width_digits_is_read_as_the_number(cdc: Pipeline) -> None:
+    full_width = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+    exam = EXAM.replace("51132219800707331X", "51132219800707331X".translate(full_width))
+    [out] = outcomes(cdc, csv_bytes(row(exam)))
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    [patient] = entries_of(out.bundle, "Patient")
+    assert patient["identifier"][0]["value"] == "51132219800707331X"
+
+
 def test_an_exam_sent_again_with_fewer_rows_names_the_items_left_out(cdc: Pipeline) -> None:
     """An export re-sent with fewer rows of an exam stored before: the exam is stored with this copy's rows, and the
     answer names the items the copy leaves out, which stay stored as they were (listed by no current report)."""
