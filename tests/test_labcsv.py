@@ -658,7 +658,9 @@ def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc
                      row(item="XCG-RBC,红细胞计数,\"4,52\",10^12/L,4.3-5.8,"),
                      row(item="NJ-RBC,尿沉渣红细胞,0-3,/HP,0-3,"),  # semi-quantitative: text, as meant
                      row(item="MY-ANA,抗核抗体滴度,1:320,titre,,"),
-                     row(item="XCG-PLT,血小板计数,１，２３０,10^9/L,125-350,"))  # (full-width: as typed)
+                     row(item="XCG-PLT,血小板计数,１，２３０,10^9/L,125-350,"),  # (full-width: as typed)
+                     row(item="XCG-HGB,血红蛋白,１３８．５．１,g/L,130-175,"),  # a point too many
+                     row(item="XCG-MCV,平均红细胞体积,88..2,fL,82-100,"))
     (out,) = outcomes(cdc, data)
     assert out.bundle is not None, [i.line() for i in out.issues]
     values = {o["code"]["coding"][0]["code"]: o.get("valueQuantity", o.get("valueString"))
@@ -667,7 +669,10 @@ def test_a_result_with_a_unit_that_is_not_a_number_says_its_unit_is_left_out(cdc
     assert values["XCG-RBC"] == "4,52"
     warned = [i for i in out.issues if "is not a number" in i.message]
     assert [(i.severity, i.location) for i in warned] == [("warning", "row 3 column 结果"),
-                                                          ("warning", "row 6 column 结果")]
+                                                          ("warning", "row 6 column 结果"),
+                                                          ("warning", "row 7 column 结果"),
+                                                          ("warning", "row 8 column 结果")]
+    assert values["XCG-HGB"] == "１３８．５．１" and "without its unit 'g/L'" in warned[2].message
     assert "10^12/L" in warned[0].message
 
 

@@ -780,7 +780,7 @@ class _ItemColumns:
                 return None
             else:
                 res.value_kind, res.value = "string", value
-                if res.unit and _COMMA_NUMBER.match(value.translate(FULL_WIDTH)):  # (1,230; 6,8; 1 230; １，２３０)
+                if res.unit and _NUMBER_LIKE.match(value.translate(FULL_WIDTH)):  # (1,230; 6,8; 6.8.1; １，２３０)
                     issues.append(Issue("warning", "value", res.where["value"],
                                         f"result {shown(value)} is not a number: kept as text, without its unit "
                                         f"{shown(res.unit)} (write a number as 6.8 or 1230)", "102"))
@@ -955,9 +955,9 @@ def _as_text(cell: str) -> str:
     return m.group(1) if m else cell
 
 
-# A number written with a thousands separator or a decimal comma (1,230; 6,8): not read as one, and said so. (Not
-# 0-3 or 1:320 with a unit: semi-quantitative results are text.)
-_COMMA_NUMBER = re.compile(r"^\s*[<>≤≥]?\s*[+-]?(?:\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?|\d+,\d+)\s*$")
+# What is meant as a number but is not one — a thousands separator or a decimal comma (1,230; 6,8; 1 230), a point too
+# many (6.8.1, 6..8): not read as one, and said so. (Not 0-3 or 1:320 with a unit: semi-quantitative results are text.)
+_NUMBER_LIKE = re.compile(r"^\s*[<>≤≥]?\s*[+-]?[\d.,\s]*\d[\d.,\s]*$")
 #: Characters no one sees in a header cell (zero-width spaces and joiners, a BOM inside the row): left out.
 _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
 _GZIP = b"\x1f\x8b"
