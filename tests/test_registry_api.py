@@ -131,6 +131,26 @@ def test_recognize_returns_parameters_and_stores(app: Flask, tmp_path: Path) -> 
     assert len(list_decisions(db)) == 5
 
 
+def test_a_decision_as_of_another_time_is_audited_when_it_is_made(app: Flask, clock: Clock) -> None:
+    """``at`` earlier than now: the audit entries are dated when they are written (a search by date finds them
+    among the entries of today) and say the time they decided for."""
+    from gateway.audit.log import entries
+    from gateway.audit.render import render
+
+    response = authed(app).post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json"),
+                                                                        at="2026-11-20T09:00:00+08:00"))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    db = connect(app.extensions["gateway.settings"].database_locator, readonly=True)
+    decided = [e for e in entries(db) if e.content["kind"] == "decision"]
+    assert len(decided) == 5
+    written = clock().isoformat(timespec="milliseconds")
+    assert {e.content["recorded"] for e in decided} == {written}
+    assert {e.content["facts"]["as_of"] for e in decided} == {"2026-11-20T09:00:00.000+08:00"}
+    event = render("decision", decided[0].recorded, decided[0].facts)
+    details = {d["type"]: d["valueString"] for ent in event["entity"] for d in ent.get("detail", [])}
+    assert details["as-of"] == "2026-11-20T09:00:00.000+08:00" and event["recorded"] == written
+
+
 def test_recognize_uses_the_clock_without_at(app: Flask, clock: Clock) -> None:
     response = authed(app).post(
         "/fhir/$recognize",

@@ -311,13 +311,15 @@ def decision(
     purpose: str = "TREAT",
     request_id: str | None = None,
     marks: Sequence[str] = (),
+    as_of: _dt.datetime | None = None,
 ) -> Record:
     """A recognition (互认) decision for one item of one received report (ANCHORS §2.5).
 
     ``report`` is the issuer's 检验报告单号 (``report_system``); ``item`` is the
     catalogue item as ``(system, code[, display])``; ``catalogue`` the catalogue
     id/version the item belongs to; ``rules`` every rule checked, so an auditor
-    can replay the decision against registry snapshot ``snapshot_version``.
+    can replay the decision against registry snapshot ``snapshot_version``; ``as_of``: the time it decided for,
+    when not ``at`` (when the entry was written).
 
     :raises InputError: unknown outcome, no rules, a failed rule on a recognised
         decision, empty report or snapshot version, naive time.
@@ -357,6 +359,7 @@ def decision(
             "purpose": purpose,
             "request_id": request_id,
             "marks": list(marks) or None,  # the recognition marks (川渝HR…) the issuer printed on the result
+            "as_of": _aware(as_of).isoformat(timespec="milliseconds") if as_of is not None else None,
         },
     )
 
@@ -776,7 +779,9 @@ def from_decision(
 ) -> Record:
     """The audit record of a :class:`gateway.recognition.engine.Decision`.
 
-    ``recorded`` defaults to the decision time; the rule set is the gateway
+    ``recorded`` (when the entry is written) defaults to the decision time; a decision made as of another time
+    (``$recognize`` or ``gateway recognize`` with ``at``) is dated when it is written and keeps the time it decided
+    for as ``as_of``, so that a search by date finds every entry written in a period. The rule set is the gateway
     version that decided (replay with the same code). The report is named by the
     issuer's report id; the item by the catalogue item decided against (or the
     result's first coding when no catalogue has it).
@@ -796,8 +801,10 @@ def from_decision(
     patient = PatientRef(facts.patient[1], facts.patient[0]) if facts.patient else None
     report_system, report = split_report_key(facts.report_id) if facts.report_id else (
         SYSTEM_LAB_REPORT_NO, facts.bundle_id)
+    as_of = decided.decided_at if recorded is not None and recorded != decided.decided_at else None
     return decision(
         at=recorded or decided.decided_at,
+        as_of=as_of,
         gateway=gateway,
         receiver=Party.member(decided.receiver),
         issuer=Party.member(_required(facts.issuer_uscc, "issuer")),

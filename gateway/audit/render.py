@@ -311,6 +311,7 @@ def _decision(facts: Mapping[str, Any]) -> dict[str, Any]:
         + _detail("snapshot-version", facts["snapshot"])
         + _detail("snapshot-digest", facts.get("snapshot_digest"))
         + _detail("ruleset-version", facts.get("ruleset"))
+        + _detail("as-of", facts.get("as_of"))
         + [
             {
                 "type": f"rule:{r['id']}",

@@ -49,13 +49,16 @@ class Decided:
 
 def decide(facts: Sequence[ResultFacts], bundle: Mapping[str, Any], snapshot: Snapshot, receiver: str,
            at: _dt.datetime, *, db: Database | None = None, bundle_hash: str | None = None,
-           kid: str | None = None) -> Decided:
+           kid: str | None = None, recorded: _dt.datetime | None = None) -> Decided:
     """Decide every result for ``receiver`` at ``at``; with ``db``, a report a stored correction supersedes is
-    decided as superseded. Needs no lock: reads only."""
+    decided as superseded. ``recorded``: when the audit entries are written, when it is not ``at`` (a decision as of
+    another time: the entries are dated when they are written, and say what time they decided for). Needs no lock:
+    reads only."""
     if db is not None:
         facts = with_superseded(list(facts), superseded_in(db, bundle))
     decisions = decide_all(list(facts), snapshot, receiver, at)
-    records = audit_events.decision_records(decisions, member=receiver, bundle_hash=bundle_hash, kid=kid)
+    records = audit_events.decision_records(decisions, member=receiver, bundle_hash=bundle_hash, kid=kid,
+                                            recorded=recorded)
     entries = audit_log.prepare(records)
     return Decided(decisions, entries)
 
@@ -63,5 +66,5 @@ def decide(facts: Sequence[ResultFacts], bundle: Mapping[str, Any], snapshot: Sn
 def decide_and_record(db: Database, facts: Sequence[ResultFacts], bundle: Mapping[str, Any], snapshot: Snapshot,
                       receiver: str, at: _dt.datetime, *, recorded_at: _dt.datetime) -> tuple[list[Decision], int]:
     """:func:`decide`, then :meth:`Decided.record` in a transaction of its own: (decisions, how many were new)."""
-    made = decide(facts, bundle, snapshot, receiver, at, db=db)
+    made = decide(facts, bundle, snapshot, receiver, at, db=db, recorded=recorded_at)
     return made.decisions, made.record(db, recorded_at)
