@@ -343,13 +343,30 @@ def run_background(settings: Settings) -> None:
         checkpointer.stop()
 
 
+#: The process that started this part, as :data:`PARENT_ENV` named it (taken out of the environment by
+#: :func:`_main`, so that no process this part starts reads it as its own starter); None: not named.
+_starter: int | None = None
+
+
+def _parent() -> int:
+    """The process that started this part: named by it in :data:`PARENT_ENV` (:func:`part_command`), else this
+    process's parent now. A part started by a process that died while the part was still starting (importing, say)
+    has another parent by the time it looks (init, or a subreaper): only the pid its starter wrote tells so."""
+    if _starter is not None:
+        return _starter
+    named = os.environ.get(PARENT_ENV, "")
+    return int(named) if named.isdigit() else os.getppid()
+
+
 def _watch_parent() -> None:
-    """SIGTERM this process when the process that started it is gone (even killed)."""
-    parent = os.getppid()
+    """SIGTERM this process when the process that started it is gone (even killed), also when that happened before
+    this part got here."""
+    parent = _parent()
 
     def orphaned() -> None:
         while os.getppid() == parent:
             time.sleep(1)
+        log.warning("the process that started this part (pid %d) is gone: stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
@@ -654,6 +671,8 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
 
 #: The environment variable a part of ``gateway serve`` reads its settings from (:func:`part_command`).
 SETTINGS_ENV = "GATEWAY_PART_SETTINGS"
+#: The environment variable naming the process that starts a part (:func:`_watch_parent`).
+PARENT_ENV = "GATEWAY_PART_PARENT"
 
 
 def part_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
@@ -664,13 +683,19 @@ def part_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
     ``postgresql://user:password@...``); its environment only by the same user.
     """
     return ([sys.executable, "-m", "gateway.serve", "-"],
-            {**os.environ, SETTINGS_ENV: json.dumps(dataclasses.asdict(settings))})
+            {**os.environ, SETTINGS_ENV: json.dumps(dataclasses.asdict(settings)), PARENT_ENV: str(os.getpid())})
 
 
 def _main(argv: list[str]) -> int:
     if not argv:
         print("gateway.serve runs a part of `gateway serve`: run `gateway serve` instead", file=sys.stderr)
         return 2
+    global _starter
+    _starter = _parent()
+    os.environ.pop(PARENT_ENV, None)
+    if os.getppid() != _starter:  # the process that started it died while it started: nothing to be a part of
+        print("gateway: the process that started this part is gone: not starting", file=sys.stderr)
+        return 0
     text = os.environ.pop(SETTINGS_ENV, "") if argv[0] == "-" else argv[0]  # (JSON on the command line: tests)
     if not text:
         print(f"gateway.serve: no settings ({SETTINGS_ENV} is not set): run `gateway serve` instead", file=sys.stderr)

@@ -448,6 +448,45 @@ def test_a_helper_process_stopped_while_it_starts_stops_without_a_traceback(
     assert code == 0
 
 
+@pytest.mark.parametrize("wait", [0.0, 1.5])
+def test_a_part_whose_starter_dies_while_it_starts_stops_by_itself(tmp_path: Path, wait: float) -> None:
+    """A supervisor killed while its parts were still starting (importing, loading their pipeline) left them
+    running on their own: they took the process that adopted them for their starter, a listener went on answering
+    and storing, unsupervised. A part knows its starter by the pid the starter wrote, and stops: at once when the
+    starter is gone before it looks, within its watch's second when later (``wait``: the starter dies after that)."""
+    script = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        from gateway import serve
+        from gateway.config import load_settings
+        settings = load_settings(environ={{}}, overrides={{"data_dir": {str(tmp_path)!r}, "mllp_ack": "received"}})
+        command, env = serve.part_command(settings)
+        part = subprocess.Popen(command + ["--part", "queue"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open({str(tmp_path / "part.log")!r}, "wb"))
+        print(part.pid, flush=True)
+        time.sleep({wait})
+        os._exit(0)  # as a kill -9 would: nothing stops the part
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pid = int(done.stdout.split()[0])
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (ended, not yet reaped by init) is gone too
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+
+    try:
+        wait_until(gone, 60, "the part to stop without its starter")
+    finally:
+        if not gone():
+            os.kill(pid, signal.SIGKILL)
+    said = (tmp_path / "part.log").read_text()
+    assert "Traceback" not in said
+    assert "the process that started this part is gone" in said or "is gone: stopping" in said
+
+
 def test_a_part_stopping_at_a_signal_imports_nothing_in_its_handler() -> None:
     """The handler runs wherever the part stands, an import of its own included: importing from there once met a
     half-made module (an HTTP worker stopped while it imported printed an ImportError's traceback)."""
