@@ -628,14 +628,42 @@ class Pipeline:
         joined = db.conn.in_transaction
         try:
             with savepoint(db, "raw"):
-                return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
-                                             origin=unit.origin, raw=unit.data, status=status, lease=lease)
+                stored = self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender, message_id=message_id,
+                                               origin=unit.origin, raw=unit.data, status=status, lease=lease)
+                if stored[1] is not None and message_id and ch.format == "hl7v2":
+                    stored = self._other_content(ch, unit, channel, status, lease, sender, message_id, stored)
+                return stored
         except UNSTORABLE as exc:
             if (joined and not db.conn.in_transaction) or not (sender or message_id):
                 raise
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
         return self.store.insert_raw(channel=channel, fmt=ch.format, sender="", message_id="", origin=unit.origin,
                                      raw=unit.data, status=status, lease=lease)
+
+    def _other_content(self, ch: Channel, unit: RawUnit, channel: str, status: str, lease: float | None,
+                       sender: str, message_id: str, stored: tuple[int, Any]) -> tuple[int, Any]:
+        """An HL7 v2 message whose sender and control id (MSH-10) were stored before: the same message resent
+        (the earlier record, answered with its answer), or other content under the same id — a message fixed
+        after it was refused and sent again under its control id, or a sender whose counter started again —
+        which is a message of its own: stored under ``id#2`` (``#3``, …) and worked, never answered with what
+        became of another message. The same content: the same segments, whatever the line ends, and whatever
+        the time of sending (MSH-7), which a sender may write afresh when it resends."""
+        record_id, existing = stored
+        digest, mine = hashlib.sha256(unit.data).hexdigest(), _content_of(unit.data)
+        n = 1
+        while True:
+            if existing.sha256 == digest or _content_of(self.store.raw_of(existing.id)) == mine:
+                return record_id, existing
+            n += 1
+            if n > _MAX_COPIES + 1:
+                return stored  # (so many other contents under one id: answered as the first)
+            record_id, existing = self.store.insert_raw(
+                channel=channel, fmt=ch.format, sender=sender, message_id=f"{message_id}#{n}", origin=unit.origin,
+                raw=unit.data, status=status, lease=lease)
+            if existing is None:
+                log.info("message format=%s record=%s: other content under an id stored before (copy %d)",
+                         ch.format, record_id, n)
+                return record_id, None
 
     def _document_key(self, ch: Channel, unit: RawUnit) -> _Keyed | None:
         """What tells a unit carrying a document apart (None: its format carries none), read without the
@@ -772,6 +800,12 @@ class Pipeline:
                 code, answer = self._receipt(ch, msg, "received and stored; it is processed next, in order of arrival")
                 log.info("message format=%s record=%s status=queued", ch.format, record_id)
                 status = Status.QUEUED
+            elif existing.ack is not None and existing.ack_code in ("AE", "AR") and \
+                    not msg.header.get("accept_ack_type"):
+                # worked already and not taken: its application ACK says so (a receipt's AA would say "accepted" of
+                # a message that was refused); in enhanced mode the sender asked for a commit ACK, and has it
+                record_id, code, answer = existing.id, existing.ack_code, existing.ack
+                status = Status.DUPLICATE
             else:
                 record_id = existing.id
                 code, answer = self._receipt(ch, msg, f"already received (record {existing.id}, {existing.status})")
@@ -1673,6 +1707,23 @@ _VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"
 #: Header fields an ACK echoes.
 _ACK_HEADER = ("sending_application", "sending_facility", "processing_id", "trigger", "accept_ack_type")
 _HL7_SEPARATORS = "|^~\\&"
+
+
+#: Copies of other content under one sender's message id stored apart (``id#2`` ...); past them, a resend is
+#: answered as the first copy was.
+_MAX_COPIES = 50
+
+
+def _content_of(raw: bytes) -> Any:
+    """What tells two HL7 v2 messages with the same id apart: their segments, without the time of sending (MSH-7)
+    and whatever separates them (CR, LF, CRLF, a trailing one)."""
+    if not raw.startswith(b"MSH") or len(raw) < 9:
+        return raw
+    segments = [s.rstrip() for s in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r") if s.strip()]
+    fields = segments[0].split(raw[3:4])
+    if len(fields) > 6:
+        fields[6] = b""
+    return [raw[3:4].join(fields), *segments[1:]]
 
 
 #: Results named in the warning of :meth:`Pipeline._results_left_out`; the others are counted.

@@ -125,6 +125,30 @@ def test_a_resent_message_gets_a_receipt_again_and_is_held_once(pipeline) -> Non
     assert pipeline.store.counts() == {"stored": 1}
 
 
+def test_a_refused_message_fixed_and_sent_again_under_its_control_id_is_taken(pipeline) -> None:
+    """The LIS fixes a message the queue reader refused and sends it again with the same MSH-10: it got AA "already
+    received (refused)" and its fixed content was never stored. The same content again is answered with the stored
+    application ACK (AE, not a receipt saying it was taken); other content is a message of its own, held and worked."""
+    [first] = pipeline.receive_batch(hl7(pipeline), units(BAD_VALUE), channel="mllp")
+    assert first.status is Status.QUEUED
+    [worked] = pipeline.process_queued()
+    assert worked.ack_code == "AE"
+    control_id = segments(BAD_VALUE, "MSH")[0][9]
+    [same] = pipeline.receive_batch(hl7(pipeline), units(BAD_VALUE.replace(b"\r", b"\r\n")), channel="mllp")
+    assert same.status is Status.DUPLICATE and same.record_id == first.record_id
+    assert segments(same.answer, "MSA")[0][1:3] == ["AE", control_id]
+    assert "'abc' is not a number" in same.answer.decode()
+    fixed = BAD_VALUE.replace(b"||abc|", b"||139|")
+    assert fixed != BAD_VALUE
+    [taken] = pipeline.receive_batch(hl7(pipeline), units(fixed), channel="mllp")
+    assert taken.status is Status.QUEUED and taken.record_id != first.record_id
+    assert segments(taken.answer, "MSA")[0][1:3] == ["AA", control_id]
+    [stored] = pipeline.process_queued()
+    assert stored.status is Status.STORED and stored.ack_code == "AA"
+    assert pipeline.store.counts() == {"refused": 1, "stored": 1}
+    assert pipeline.store.get_message(taken.record_id).message_id == f"{control_id}#2"
+
+
 def test_held_messages_survive_a_restart_and_are_worked_then(pipeline, settings, clock) -> None:
     pipeline.receive_batch(hl7(pipeline), units(GOOD, BAD_VALUE), channel="mllp")
     pipeline.close()

@@ -46,6 +46,31 @@ def test_duplicate_is_answered_again_and_never_stored_twice(pipeline: Pipeline) 
     assert pipeline.store.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
 
 
+def test_other_content_under_a_control_id_stored_before_is_a_message_of_its_own(pipeline: Pipeline) -> None:
+    """Same sender and MSH-10, other content: a refused message fixed and sent again, or a LIS whose counter started
+    again after a restart. It was answered with the first message's answer (a stale AE naming a value no longer
+    there, or an AA for a message never stored). Now it is stored under ``MSH-10#2`` and worked. The same content
+    sent again — with a new time of sending (MSH-7), other line ends — is still the duplicate it is."""
+    bad = UTF8.replace(b"||36|U/L|9-50|N|||F|", "||三十六|U/L|9-50|N|||F|".encode())
+    refused = pipeline.ingest(bad, "hl7v2", channel="http")[0]
+    assert refused.status is Status.REFUSED and refused.ack_code == "AE"
+    resent = bad.replace(b"\r", b"\r\n").replace(b"|20240520161245+0800|", b"|20240521090000+0800|")
+    assert resent != bad and b"|20240521090000+0800|" in resent
+    again = pipeline.ingest(resent, "hl7v2", channel="http")[0]
+    assert again.status is Status.DUPLICATE and again.answer == refused.answer
+    fixed = pipeline.ingest(UTF8, "hl7v2", channel="http")[0]
+    assert fixed.status is Status.STORED and fixed.ack_code == "AA" and fixed.record_id != refused.record_id
+    assert pipeline.store.get_message(fixed.record_id).message_id == "TJ2405200099#2"
+    assert b"MSA|AA|TJ2405200099" in fixed.answer
+    # a third content under the same id (a counter that started again): #3; each copy resent is its duplicate
+    other = UTF8.replace(b"R2405200099", b"R2405200777").replace(b"R2405200100", b"R2405200778")
+    third = pipeline.ingest(other, "hl7v2", channel="http")[0]
+    assert third.status is Status.STORED and pipeline.store.get_message(third.record_id).message_id == \
+        "TJ2405200099#3"
+    assert [o.status for o in pipeline.ingest(UTF8 + other, "hl7v2", channel="http")] == [Status.DUPLICATE] * 2
+    assert pipeline.store.counts() == {"refused": 1, "stored": 2}
+
+
 def test_duplicate_key_is_enforced_by_the_database(pipeline: Pipeline) -> None:
     pipeline.ingest(UTF8, "hl7v2", channel="mllp")
     with pytest.raises(store_db.IntegrityError):
