@@ -76,6 +76,9 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
 
     #: Seconds a 0x1C may wait for its 0x0D before the frame is taken as ended.
     end_pause = 1.0
+    #: Bytes before the start of the last frame read that were no frame (see :meth:`readframe`); the caller
+    #: says so and sets it back to 0.
+    dropped = 0
 
     async def wait_message(self) -> None:
         """Return once a byte of the next message (or the end of the stream) has arrived.
@@ -151,6 +154,14 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
         self._maybe_resume_transport()
         if len(block) > limit + 1:  # the end came in the same read as the bytes past the limit
             raise _Oversized(block[:_HEAD_BYTES])
+        # A 0x0B cannot be a byte of a message (HL7 forbids it): one past the start begins a frame afresh. What
+        # came before it is no message — a frame its sender left unfinished and started over, or bytes that are
+        # not MLLP (an HTTP request, a port scan) — and is dropped, nothing of it stored, as a frame never
+        # finished is; the frame that follows is read and answered as it would be alone.
+        restart = block.rfind(START_BLOCK, 1)
+        if restart > 0:
+            self.dropped += restart
+            block = block[restart:]
         if block[:1] != START_BLOCK:
             raise InvalidBlockError("Block does not begin with Start Block character <VT>")
         return block[1:]
@@ -266,6 +277,12 @@ class MLLPServer:
                     writer.write(frame(self._reject("MLLP block does not start with 0x0B")))
                     await asyncio.wait_for(writer.drain(), self.read_timeout)
                     continue
+                finally:
+                    if reader.dropped:
+                        log.warning("mllp connection %s: %d byte(s) before the start of a message dropped (a "
+                                    "message left unfinished and started over, or what is not MLLP)", peer,
+                                    reader.dropped)
+                        reader.dropped = 0
                 future: asyncio.Future[bytes] = loop.create_future()
                 answering = True
                 await self.queue.put((block, peer, future))

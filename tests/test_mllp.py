@@ -71,6 +71,44 @@ def test_oversized_message_is_refused_and_the_connection_closed(pipeline) -> Non
         srv.stop()
 
 
+def _acks(sock: socket.socket, count: int) -> list[bytes]:
+    data = b""
+    while data.count(b"\x1c\x0d") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return [a.strip(b"\x0b") for a in data.split(b"\x1c\x0d") if a.strip()]
+
+
+def test_a_frame_started_over_or_after_what_is_not_mllp_is_read_from_its_start(server, pipeline, caplog) -> None:
+    """A sender that leaves a frame unfinished and starts a new one (0x0B) on the same connection: the new one was
+    read as the rest of the first — refused for its 0x0B, stored with the other message's data, and the first
+    message, sent again whole, was then answered with that stale refusal. Bytes that are not MLLP before a frame (an
+    HTTP request) took the frame with them (AR, an empty MSA-2). Both are dropped now, nothing of them stored, and
+    the frame after them is answered as it would be alone."""
+    import logging
+    import time
+
+    good, bad = split_messages(FRAMED.read_bytes())[:2]
+    with caplog.at_level(logging.WARNING, logger="gateway"), \
+            socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"\x0b" + good[:150])
+        time.sleep(0.3)
+        sock.sendall(frame(bad))
+        [ack] = _acks(sock, 1)
+        assert msa(ack)[1:3] == ["AE", "TJ2406100002"] and b"0x0B" not in ack  # its own error: OBX-5, not 0x0B
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n" + frame(good))
+        [ack] = _acks(sock, 1)
+        assert msa(ack)[1:3] == ["AA", "TJ2406100001"]
+    assert pipeline.store.counts() == {"stored": 1, "refused": 1}
+    rows = pipeline.store.db.execute("SELECT message_id, raw FROM messages ORDER BY id").fetchall()
+    assert [(r[0], bytes(r[1])) for r in rows] == [("TJ2406100002", bad), ("TJ2406100001", good)]
+    said = [r.getMessage() for r in caplog.records if "before the start of a message dropped" in r.getMessage()]
+    assert len(said) == 2 and ": 151 byte(s) before" in said[0] and ": 33 byte(s) before" in said[1]
+    assert "王" not in " ".join(said)
+
+
 def test_many_messages_in_a_row(server, pipeline) -> None:
     base = split_messages(FRAMED.read_bytes())[0]
     with MLLPClient("127.0.0.1", server.port) as client:
