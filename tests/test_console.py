@@ -238,7 +238,8 @@ def test_recognition_figures_equal_the_cli(fuling, query: str, argv: list[str]) 
     link = re.search(r'href="(/console/recognition/decisions\?[^"]*rule=eqa-pass[^"]*)"', html)
     assert link
     listed = c.get(link.group(1).replace("&amp;", "&")).get_data(as_text=True)
-    assert _figures(listed, "decisions-listed")[0]["value"] == str(cli_figures["refusals"]["results"])
+    eqa = next(r["count"] for r in cli_figures["refusals"]["by_rule"] if r["rule"] == "eqa-pass")
+    assert _figures(listed, "decisions-listed")[0]["value"] == str(eqa)
     decision = re.search(r'href="(/console/decisions/[^"]+)"', listed).group(1)
     detail = c.get(decision).get_data(as_text=True)
     assert 'data-rule="eqa-pass"' in detail and "未通过" in detail
@@ -446,6 +447,63 @@ def test_answer_sent_in_gb18030_reads_as_chinese(fuling) -> None:
 
 
 LIS_SAMPLE = Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
+
+
+def test_a_list_asked_for_a_page_past_its_end_shows_its_last_page(app: Any, pipeline: Any) -> None:
+    """A page number past the end showed an empty table ("第 99/3 页"); one too large for the database was an internal
+    error (500). Either is the last page now; a page that is not a number is the first."""
+    pipeline.ingest(LIS_SAMPLE.read_bytes(), "hl7v2", channel="mllp")
+    me, setup = records.Party.member(TONGJIANG_USCC), records.Party("test-setup")
+    auth.add_user(pipeline.store.db, "adm", ["admin"], at=pipeline.clock(), gateway=me, by=setup)
+    auth.set_password(pipeline.store.db, "adm", PASSWORD, at=pipeline.clock(), gateway=me, by=setup)
+    c, _ = login(app, "adm")
+    first = c.get("/console/messages").get_data(as_text=True)
+    rows = re.findall(r'href="/console/messages/(\d+)"', first)
+    assert rows
+    for page in ("99", "999999999999999999999999", "-3", "x"):
+        answer = c.get(f"/console/messages?page={page}")
+        assert answer.status_code == 200, page
+        html = answer.get_data(as_text=True)
+        assert re.findall(r'href="/console/messages/(\d+)"', html) == rows and "第 1/1 页" in html, page
+
+
+def test_the_decisions_behind_a_figure_are_listed_a_page_at_a_time(fuling, monkeypatch) -> None:
+    from gateway.console import views as console_views
+
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    everything = c.get("/console/recognition/decisions?outcome=eligible").get_data(as_text=True)
+    ids = re.findall(r'data-decision="([^"]+)"', everything)
+    assert len(ids) >= 3
+    monkeypatch.setattr(console_views, "_DECISIONS_PAGE", 2)
+    pages = -(-len(ids) // 2)
+    seen: list[str] = []
+    for n in range(1, pages + 1):
+        html = c.get(f"/console/recognition/decisions?outcome=eligible&page={n}").get_data(as_text=True)
+        assert f"第 {n}/{pages} 页" in html
+        assert _figures(html, "decisions-listed")[0]["value"] == str(len(ids))  # every one behind the figure
+        seen += re.findall(r'data-decision="([^"]+)"', html)
+        assert ("下一页" in html) == (n < pages) and ("上一页" in html) == (n > 1)
+    assert seen == ids
+    last = c.get("/console/recognition/decisions?outcome=eligible&page=999999999999999999").get_data(as_text=True)
+    assert re.findall(r'data-decision="([^"]+)"', last) == ids[-(len(ids) - 2 * (pages - 1)):]
+
+
+def test_the_registry_page_shows_each_members_grade_and_what_has_expired(fuling) -> None:
+    """The 等级 column read an undated field the snapshot no longer fills (levels are dated hospital-grade
+    qualifications): it was empty for every member; a qualification past its end showed "active"."""
+    from gateway.demo import MEMBERS
+
+    app, clock, _ = fuling
+    c, _ = login(app, "aud")
+    html = c.get("/console/registry").get_data(as_text=True)
+    levels = dict(re.findall(r'<td data-level="([^"]+)">([^<]*)</td>', html))
+    assert levels[MEMBERS["fuling"].uscc] == "三级甲等"
+    statuses = re.findall(r'<td data-status="[^"]+">([^<]*)</td>', html)
+    assert "expired" in statuses and "active" in statuses
+    expired_rows = [row for row in html.split("<tr") if "已过期 expired" in row]
+    assert expired_rows and all('">expired</td>' in row or "suspended" in row or "revoked" in row
+                                for row in expired_rows)
 
 
 def test_pages_read_their_figures_from_the_database_on_each_backend(app: Any, pipeline: Any, backend: str) -> None:

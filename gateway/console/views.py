@@ -49,6 +49,15 @@ _OPEN = ("console.login", "console.static")
 _OUTCOMES = ("stored", "filtered", "refused", "failed")
 _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _PAGE = 50
+#: Decisions a page of the decisions behind a figure lists.
+_DECISIONS_PAGE = 100
+#: The highest page number a list takes (a larger one is its last page): beyond what any database offsets.
+_MAX_PAGE = 10_000_000
+
+
+def _page_asked() -> int:
+    """The ``page`` a list was asked for: 1 when absent or not a number, at most :data:`_MAX_PAGE`."""
+    return min(max(request.args.get("page", 1, type=int) or 1, 1), _MAX_PAGE)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -356,7 +365,7 @@ def overview() -> Response:
 @bp.get("/messages")
 def messages() -> Response:
     """Search received messages by status, channel, sender, date range and control id."""
-    page = max(request.args.get("page", 1, type=int) or 1, 1)
+    page = _page_asked()
     chosen = MessageFilter.of(request.args)
     statuses = ("queued", "received", "duplicate", *_OUTCOMES)
     if chosen.status and chosen.status not in statuses:  # a search that could never find anything: said
@@ -367,9 +376,14 @@ def messages() -> Response:
     with _db() as db:
         views = ReadModels(db)
         total, rows = views.search_messages(chosen, _PAGE, (page - 1) * _PAGE)
+        pages = max((total + _PAGE - 1) // _PAGE, 1)
+        if page > pages:  # past the end (a link kept from a longer list): its last page
+            page = pages
+            total, rows = views.search_messages(chosen, _PAGE, (page - 1) * _PAGE)
+            pages = max((total + _PAGE - 1) // _PAGE, 1)
         channels = views.message_channels(also=request.args.get("channel", ""))
     args = {k: v for k, v in request.args.items() if k != "page" and v}
-    return _page("messages.html", rows=rows, total=total, page=page, pages=max((total + _PAGE - 1) // _PAGE, 1),
+    return _page("messages.html", rows=rows, total=total, page=page, pages=pages,
                  args=args, query=urlencode(args), channels=channels,
                  statuses=("queued", "received", *_OUTCOMES))
 
@@ -587,8 +601,13 @@ def decisions_page() -> Response:
         found = stats.decisions(db, dates, selection=chosen, outcome=request.args.get("outcome") or None,
                                 overridden=overridden, month=request.args.get("month") or None,
                                 rule=request.args.get("rule") or None, alliances=registry_scopes(_settings()))
-        _record_read(db, interaction="search-type", results=len(found))
-    return _page("decisions.html", rows=found, names=_member_names(), args=dict(request.args.items()))
+        pages = max((len(found) + _DECISIONS_PAGE - 1) // _DECISIONS_PAGE, 1)
+        page = min(_page_asked(), pages)
+        shown = found[(page - 1) * _DECISIONS_PAGE:page * _DECISIONS_PAGE]
+        _record_read(db, interaction="search-type", results=len(shown))
+    args = {k: v for k, v in request.args.items() if k != "page" and v}
+    return _page("decisions.html", rows=shown, total=len(found), page=page, pages=pages, names=_member_names(),
+                 args=args, query=urlencode(args))
 
 
 @bp.get("/decisions/<decision_id>")
