@@ -96,6 +96,9 @@ class _Group(click.Group):
                 raise _internal(ctx, exc) from None
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise click.ClickException(f"the database cannot be used: {reason}") from None
+        except BrokenPipeError:  # the reader went away (`gateway messages list | head`): what it read is all it
+            # wanted; click stops quietly (its own handling of EPIPE: exit 1, nothing more written)
+            raise
         except UnicodeDecodeError as exc:  # a file given that is not text in the encoding it must be in
             if _debug():
                 raise

@@ -200,6 +200,9 @@ def test_removed_entry(original: Path | str, pki: Pki, tmp_path: Path) -> None:
     code, out, report = run_verify(copy, pki, tmp_path)
     assert code == 1 and report["first_bad"] == 6
     assert "entry 6 is missing (removed)" in out
+    # the count is of the entries there are (it said 12 of 11, the last one's number)
+    assert out.splitlines()[0] == "FAILED: first bad entry: 6 (11 entries present, the last numbered 12)"
+    assert (report["entries"], report["present"]) == (12, 11)
 
 
 def test_removed_entry_and_renumbered(original: Path | str, pki: Pki, tmp_path: Path) -> None:

@@ -321,3 +321,11 @@ def test_convert_a_cda_error_that_lxml_words_on_two_lines_is_one_line(runner, tm
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "does not begin with '<'" in lines[0], result.output  # (refused before lxml reads it)
+
+
+def test_output_read_by_a_pipe_that_closes_early_is_no_error() -> None:
+    """``gateway settings | head -1``: the reader has what it wanted; "Error: Broken pipe" was printed."""
+    gateway = shutil.which("gateway") or str(Path(sys.executable).with_name("gateway"))
+    done = subprocess.run(f"'{gateway}' settings | head -c 20; '{gateway}' settings --help | head -c 1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("data_dir") and done.stderr == ""

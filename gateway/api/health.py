@@ -159,8 +159,8 @@ def _registry(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     if snapshot is None:
         return {"registry": _check(False, "no registry snapshot is loaded")}
     return _validity("registry", f"registry snapshot {snapshot.version}", snapshot.valid_until, pipeline.clock(),
-                     snapshot.valid_until.isoformat(), settings.snapshot_warn_days, "snapshot_warn_days",
-                     "install a newer one")
+                     snapshot.valid_until.isoformat(timespec="seconds"), settings.snapshot_warn_days,
+                     "snapshot_warn_days", "install a newer one")
 
 
 def _validity(check: str, what: str, end: _dt.datetime, now: _dt.datetime, until: str, warn_days: int,
@@ -184,11 +184,12 @@ def _signing(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     cert = signer.identity.chain[0]
     now = pipeline.clock()
     if now < cert.not_valid_before_utc:
-        return {"signing": _check(False, f"the signing certificate is valid only from "
-                                         f"{cert.not_valid_before_utc.astimezone(now.tzinfo).isoformat()}: reports "
+        starts = cert.not_valid_before_utc.astimezone(now.tzinfo).isoformat(timespec="seconds")
+        return {"signing": _check(False, f"the signing certificate is valid only from {starts}: reports "
                                          "cannot be signed (check this machine's clock)")}
     return _validity("signing", "the signing certificate", cert.not_valid_after_utc, now,
-                     cert.not_valid_after_utc.astimezone(now.tzinfo).isoformat(), settings.certificate_warn_days,
+                     cert.not_valid_after_utc.astimezone(now.tzinfo).isoformat(timespec="seconds"),
+                     settings.certificate_warn_days,
                      "certificate_warn_days", "reports cannot be signed after it: ask the registry authority for a "
                      "new one")
 

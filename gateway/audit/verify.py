@@ -75,7 +75,8 @@ class Finding:
 class Report:
     """The outcome of a verification."""
 
-    entries: int = 0
+    entries: int = 0  # the number of the last entry
+    present: int | None = None  # entries the log holds (None: not counted)
     head: bytes = GENESIS
     checkpoints: int = 0  # checkpoints whose head the log still has (and whose signature verified, when checked)
     findings: list[Finding] = field(default_factory=list)
@@ -107,6 +108,7 @@ class Report:
             "ok": self.ok,
             "verdict": self.verdict,
             "entries": self.entries,
+            "present": self.entries if self.present is None else self.present,
             "head": self.head.hex(),
             "checkpoints": self.checkpoints,
             "first_bad": self.first_bad,
@@ -118,7 +120,8 @@ class Report:
     def lines(self) -> list[str]:
         """The report as lines for a terminal: the verdict first."""
         if self.ok:
-            out = [f"OK: {self.entries} entries, head {self.head.hex()}, {self.checkpoints} checkpoints match"]
+            out = [f"OK: {self.entries} entries, head {self.head.hex()}, {_count(self.checkpoints, 'checkpoint')} "
+                   f"match{'es' if self.checkpoints == 1 else ''}"]
         elif not self.findings:
             out = [
                 f"NOT VERIFIED: the chain of {self.entries} entries is intact (head {self.head.hex()}), but "
@@ -129,10 +132,17 @@ class Report:
         else:
             first = self.first_bad
             where = f"first bad entry: {first}" if first is not None else "the log's protection is damaged"
-            out = [f"FAILED: {where} ({self.entries} entries present)"]
+            present = self.entries if self.present is None else self.present
+            last = "" if present == self.entries else f", the last numbered {self.entries}"
+            out = [f"FAILED: {where} ({_count(present, 'entry', 'entries')} present{last})"]
             out += [f"  - {f.message}" for f in self.findings]
         out += [f"  note: {n}" for n in self.notes]
         return out
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``1 checkpoint``, ``2 checkpoints``."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 class _Walk:
@@ -142,6 +152,7 @@ class _Walk:
         self.findings: list[Finding] = []
         self.limit = limit
         self.truncated = False
+        self.rows = 0  # entries the log holds (fewer than the last one's number when some were removed)
 
     def add(self, finding: Finding) -> None:
         if len(self.findings) < self.limit:
@@ -176,6 +187,7 @@ def _walk_chain(
     groups = _key_groups(store) if check_index else None
     kseq, ktext = next(groups) if groups else (_END, b"")
     for seq, content, prev_hash, digest in store.chain():
+        walk.rows += 1
         follows = prev_hash == prev
         intact = sha256(prev_hash + b"%d\n" % seq + content).digest() == digest
         if seq != expected:
@@ -304,7 +316,7 @@ def verify(
     walk = _Walk(max_findings)
     with store.snapshot():  # one state of the log, its text as the stored bytes
         last, head, hashes = _walk_chain(store, {c.count for c in claims}, walk, check_index)
-    report = Report(entries=last, head=head)
+    report = Report(entries=last, present=walk.rows, head=head)
     report.checkpoints = _check_claims(claims, last, hashes, walk, report.unvouched)
     _check_guards(store, walk)
     report.findings = sorted(walk.findings, key=lambda f: (f.seq is None, f.seq or 0))
