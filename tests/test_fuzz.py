@@ -202,8 +202,11 @@ def member(tmp_path):
 
 
 def _verdict(outcome: Any) -> tuple[str, list[tuple[str, str, str, str]]]:
+    """Status and issues, but for what only a stored report can tell: the results a copy leaves out of a report
+    stored before (a dry run stores nothing to compare with)."""
     status = {Status.CONVERTED: "accepted", Status.STORED: "accepted"}.get(outcome.status, outcome.status.value)
-    return status, [(i.severity, i.code, i.location, i.message) for i in outcome.issues]
+    return status, [(i.severity, i.code, i.location, i.message) for i in outcome.issues
+                    if not (i.code == "business-rule" and i.message.startswith("was stored before with "))]
 
 
 def _unique(fmt: str, data: bytes, tag: str) -> bytes:
