@@ -640,12 +640,18 @@ def test_the_audit_page_says_how_many_match_and_pages_to_the_rest(fuling) -> Non
     seen: list[int] = []
     url = "/console/audit?_count=7"
     totals = set()
+    firsts = set()
     while url:
         page = c.get(url).get_data(as_text=True)
         totals.add(int(re.search(r'data-figure="audit-total" data-value="(\d+)"', page).group(1)))
         seen += [int(n) for n in re.findall(r'href="/console/audit/(\d+)"', page)]
+        back = re.search(r'<a rel="first" href="([^"]+)"', page)  # every later page links to the first
+        assert (back is None) == (url == "/console/audit?_count=7")
+        if back:
+            firsts.add(back.group(1).replace("&amp;", "&"))
         following = re.search(r'<a rel="next" href="([^"]+)"', page)
         url = following.group(1).replace("&amp;", "&") if following else ""
+    assert firsts == {"/console/audit?_count=7"}
     assert len(totals) == 1 and len(seen) == len(set(seen)) == totals.pop() > 7  # (each page's reads are audited)
     assert everything <= set(seen)
     wrong = c.get("/console/audit?foo=1")

@@ -103,6 +103,12 @@ def test_a_batch_file_is_read_as_its_messages(pipeline: Any) -> None:
 def test_a_batch_in_one_mllp_block_is_refused_with_its_reason(server: Any) -> None:
     acks = _acks(server.port, (HL7 / "batch-fhs-bhs.mllp").read_bytes(), 1)
     assert acks[0][1] == "AR"
+    # and the reason says what to do instead
+    block = (HL7 / "batch-fhs-bhs.mllp").read_bytes().strip().strip(b"\x0b").split(b"\x1c")[0]
+    msg = server.pipeline.channel("hl7v2").adapter.read(RawUnit(block, 1, "mllp:test"))
+    assert [i.message for i in msg.issues] == [
+        "message does not start with an MSH segment (FHS: a batch is not taken as one message; send its messages one "
+        "to an MLLP block, or the batch as a file: POST /ingest/hl7v2)"]
 
 
 def test_a_byte_order_mark_before_msh_is_not_part_of_the_message(pipeline: Any) -> None:

@@ -713,7 +713,10 @@ class HL7v2Adapter:
         # behind one is still a second MSH)
         text = text.replace("\r\n", "\r").replace("\n", "\r").replace("\r\ufeff", "\r").strip("\r")
         if not text.startswith("MSH") or len(text) < 8:
-            msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment", "100"))
+            batch = text.startswith(("FHS", "BHS"))  # a batch file's header, sent as one block
+            msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment" + (
+                f" ({text[:3]}: a batch is not taken as one message; send its messages one to an MLLP block, or "
+                "the batch as a file: POST /ingest/hl7v2)" if batch else ""), "100"))
             return msg, None
         try:
             m = None if self.reference_parser else _fast_msg(text)

@@ -706,8 +706,11 @@ def audit_search() -> Response:
         _record_read(db, interaction="search-type", results=len(events))
         held = {"own": checkpoints.checkpoints(db, own=True)[-5:], "peers": checkpoints.checkpoints(db, own=False)}
     more = search.query_string(cursor=page.next) if page.next is not None else None
+    # a later page (a cursor) links back to the first page of the same search; the browser's back goes one page
+    first = urlencode([(k, v) for k, v in request.args.items(multi=True) if v and k != "_cursor"]) \
+        if request.args.get("_cursor") else None
     return _page("audit.html", events=events, args=dict(request.args.items()), params=_AUDIT_PARAMS, held=held,
-                 total=total, more=more)
+                 total=total, more=more, first=first)
 
 
 @bp.get("/audit/<int:event_id>")
