@@ -340,3 +340,55 @@ def test_verify_speed_is_linear_and_small(tmp_path: Path, database: str) -> None
     assert report.ok and report.entries == 300
     assert time.perf_counter() - started < 1.0
     db.conn.close()
+
+
+def test_the_background_walks_the_log_and_health_and_figures_say_when_it_was_changed(
+        app: Any, pipeline: Any, settings: Any) -> None:
+    """An entry edited in the database (guards dropped and put back) changed the published 互认率 and /health
+    stayed ok: only `gateway audit verify`, when someone ran it, said so. The background part of `gateway serve`
+    walks the log (at start, then every hour): /health fails naming the first bad entry, /audit/stats and the
+    console's recognition page say the figures come from a log that does not verify."""
+    import re
+
+    from conftest import make_token
+    from gateway.audit import watch
+    from gateway.heartbeat import run_dir
+    from gateway.serve import background_pass
+
+    pipeline.ingest((Path(__file__).parent / "data" / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2",
+                    channel="http")
+    assert background_pass(pipeline).get("audit-check") == 1  # the first pass walks it
+    assert background_pass(pipeline).get("audit-check") is None  # and not again before the hour is over
+    client = app.test_client()
+    health = client.get("/health").get_json()
+    assert health["checks"]["audit"]["ok"] and "verified at" in health["checks"]["audit"]["detail"]
+    auditor = {"Authorization": f"Bearer {make_token(app, 'qc', ['auditor'])}"}
+    assert client.get("/audit/stats", headers=auditor).get_json()["log_check"]["ok"] is True
+
+    db = connect(settings.database_locator)
+    _guards_off(db)
+    db.execute("UPDATE audit_log SET content = replace(content, 'stored', 'refused') WHERE seq = 1")
+    _guards_on(db)
+    db.conn.close()
+    assert background_pass(pipeline).get("audit-check") is None  # (not due yet: the hour)
+    assert watch.maybe_check(pipeline.store.db, run_dir(settings), settings.issuer_uscc, pipeline.clock,
+                             every=0.0) is not None
+    answer = client.get("/health")
+    assert answer.status_code == 503 and answer.get_json()["failing"] == ["audit"]
+    assert "the audit log does not verify (first bad entry 1" in answer.get_json()["checks"]["audit"]["detail"]
+    figures = client.get("/audit/stats", headers=auditor).get_json()
+    assert figures["log_check"]["ok"] is False and figures["log_check"]["first_bad"] == 1
+    from gateway import auth
+    from gateway.audit.records import Party
+
+    auth.add_user(pipeline.store.db, "qc2", ["auditor"], at=pipeline.clock(),
+                  gateway=Party.member(settings.issuer_uscc), by=Party("test-setup"))
+    auth.set_password(pipeline.store.db, "qc2", "correct horse battery", at=pipeline.clock(),
+                      gateway=Party.member(settings.issuer_uscc), by=Party("test-setup"))
+    console = app.test_client()
+    form = console.get("/console/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    console.post("/console/login", data={"username": "qc2", "password": "correct horse battery",
+                                         "csrf_token": token})
+    page = console.get("/console/recognition").get_data(as_text=True)
+    assert 'data-figure="log-check" data-value="failed"' in page and "第 1 条起" in page

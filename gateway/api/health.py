@@ -194,6 +194,22 @@ def _signing(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
                      "new one")
 
 
+def _audit_log(settings: Settings) -> dict[str, dict[str, Any]]:
+    """What the background's last walk of the audit log found (:mod:`gateway.audit.watch`); none before one."""
+    from gateway.audit.watch import last
+    from gateway.heartbeat import run_dir
+
+    found = last(run_dir(settings))
+    if found is None:
+        return {}
+    if found["ok"]:
+        return {"audit": _check(True, f"the log's {found.get('entries')} entries verified at {found.get('checked')}")}
+    first = found.get("first_bad")
+    where = f"first bad entry {first}" if first is not None else "its protection is damaged"
+    return {"audit": _check(False, f"the audit log does not verify ({where}, checked at {found.get('checked')}): "
+                                   "its figures cannot be trusted; run `gateway audit verify`")}
+
+
 @bp.get("/health")
 def health() -> Response:
     """200 when every check passes, 503 naming the failing ones."""
@@ -228,6 +244,10 @@ def health() -> Response:
         checks.update(_signing(pipeline, settings))
     except Exception as exc:
         checks["signing"] = _check(False, f"could not be checked ({type(exc).__name__})")
+    try:
+        checks.update(_audit_log(settings))
+    except Exception as exc:
+        checks["audit"] = _check(False, f"could not be checked ({type(exc).__name__})")
     failing = sorted(name for name, c in checks.items() if not c["ok"])
     body = {"status": "failing" if failing else "ok", "version": __version__, "failing": failing,
             "checks": checks, "messages": counts}

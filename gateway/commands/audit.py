@@ -429,10 +429,14 @@ def stats_cmd(
             args = [*(f"--date={d}" for d in dates), *(f"--by={b}" for b in by),
                     *(f"--{k}={v}" for k, v in sorted(chosen.items()))]
             _record_read(db, settings, _command_line(ctx, *args), interaction="operation")
+    from gateway.audit.watch import summary, warning  # the background's last walk of the log
+    from gateway.heartbeat import run_dir
+
+    figures["log_check"] = summary(run_dir(settings)) if db_path is None else None
     if as_json:
         click.echo(json.dumps(figures, ensure_ascii=False, indent=2))
     else:
-        click.echo(stats.format_tables(figures), nl=False)
+        click.echo(warning(figures["log_check"]) + stats.format_tables(figures), nl=False)
 
 
 @audit.command("checkpoint")

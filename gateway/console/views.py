@@ -557,9 +557,12 @@ def recognition() -> Response:
         draw = charts.line if kind == "line" else charts.bars
         return draw(points, label, links=links, notes=notes)
 
+    from gateway.audit.watch import last
+    from gateway.heartbeat import run_dir
+
     return _page(
         "recognition.html", f=figures, base=base, argv=" ".join(["gateway audit stats", *argv]), tables=_TABLES,
-        names=_member_names(),
+        names=_member_names(), log_check=last(run_dir(_settings())),
         line_chart=chart("line", figures["by_month"], "month", "互认率按月 (rate by month)"),
         issuer_chart=chart("bars", figures["by_issuer"], "issuer", "互认率按发证机构 (rate by issuer)"),
         item_chart=chart("bars", figures["by_item"], "item", "互认率按项目 (rate by item)"),

@@ -1,0 +1,103 @@
+"""The audit log checked in the background.
+
+``gateway audit verify`` finds a changed, removed or reordered entry — when someone runs it. Meanwhile the
+figures built from the log (互认率 in ``/audit/stats`` and the console) would quietly count an edited entry. So
+``gateway serve``'s background part walks the whole chain the same way, against this gateway's own checkpoints,
+every :data:`EVERY` seconds (and once soon after it starts), and keeps what it found beside the database
+(:data:`FILE` in the run folder). While the last walk found the log changed, ``/health`` fails with an ``audit``
+check naming the first bad entry, and the figures say they come from a log that does not verify.
+
+Signatures of the checkpoints are not checked here (that needs the trusted certificates ``gateway audit verify``
+is given): only what the log itself holds — hashes, links, index rows, guards, checkpoint heads.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.store.db import Database
+
+__all__ = ["EVERY", "FILE", "check", "last", "maybe_check", "summary", "warning"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two walks of the whole log (a million entries take some seconds).
+EVERY = 3600.0
+#: What the last walk found, in the run folder.
+FILE = "audit-check.json"
+
+
+def last(folder: Path) -> dict[str, Any] | None:
+    """What the last walk found (``checked``: when, ``ok``, ``entries``, ``first_bad``, ``problems``), or None when
+    none was kept (no ``gateway serve`` ran here yet, or the file is unreadable)."""
+    try:
+        found = json.loads((folder / FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or not isinstance(found.get("ok"), bool) or \
+            not isinstance(found.get("at"), (int, float)):
+        return None
+    return found
+
+
+def check(db: Database, folder: Path, member: str | None, clock: Callable[[], _dt.datetime]) -> dict[str, Any]:
+    """Walk the whole log now, keep what was found in ``folder`` and return it."""
+    from gateway.audit.checkpoint import claims
+    from gateway.audit.log import has_log
+    from gateway.audit.verify import verify
+
+    began = time.monotonic()
+    claimed = claims(db, None, member=member)[0] if has_log(db) else []
+    report = verify(db, claimed, max_findings=5)
+    found: dict[str, Any] = {
+        "checked": clock().isoformat(timespec="seconds"), "at": time.time(), "ok": not report.findings,
+        "entries": report.entries, "first_bad": report.first_bad,
+        "problems": [f.message for f in report.findings[:3]],
+        "seconds": round(time.monotonic() - began, 3),
+    }
+    if report.findings:
+        where = f"first bad entry {report.first_bad}" if report.first_bad is not None else "its protection damaged"
+        log.error("the audit log does not verify (%s; %d problem(s)): its figures cannot be trusted; run `gateway "
+                  "audit verify` for the whole report", where, len(report.findings))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        part = folder / (FILE + ".new")
+        part.write_text(json.dumps(found, ensure_ascii=False), encoding="utf-8")
+        os.replace(part, folder / FILE)
+    except OSError as exc:  # a full disk, a folder gone: said; the next pass tries again
+        log.warning("what the audit log check found cannot be kept in %s: %s", folder,
+                    exc.strerror or type(exc).__name__)
+    return found
+
+
+def maybe_check(db: Database, folder: Path, member: str | None, clock: Callable[[], _dt.datetime],
+                every: float = EVERY) -> dict[str, Any] | None:
+    """:func:`check` when the last walk kept in ``folder`` is older than ``every`` seconds (or there is none);
+    None when it is not due."""
+    before = last(folder)
+    if before is not None and 0 <= time.time() - float(before["at"]) < every:
+        return None
+    return check(db, folder, member, clock)
+
+
+def summary(folder: Path) -> dict[str, Any] | None:
+    """What the figures carry of the last walk (``log_check`` of ``/audit/stats`` and ``gateway audit stats``):
+    when, whether the log verified, how many entries, the first bad one; None before any walk."""
+    found = last(folder)
+    return None if found is None else {k: found.get(k) for k in ("checked", "ok", "entries", "first_bad")}
+
+
+def warning(found: dict[str, Any] | None) -> str:
+    """A line to print above the figures when the last walk found the log changed ("" otherwise)."""
+    if found is None or found.get("ok"):
+        return ""
+    first = found.get("first_bad")
+    where = f" from entry {first}" if first is not None else ""
+    return (f"WARNING: the audit log does not verify{where} (checked at {found.get('checked')}): these figures come "
+            "from a changed log and cannot be trusted; run `gateway audit verify`\n")
