@@ -32,6 +32,7 @@ import asyncio
 import codecs
 import concurrent.futures
 import logging
+import re
 import signal
 import socket
 import threading
@@ -57,6 +58,14 @@ def frame(data: bytes) -> bytes:
     return bytes(START_BLOCK + data + END_BLOCK + CARRIAGE_RETURN)
 
 
+class _NoStart(InvalidBlockError):  # type: ignore[misc]  # python-hl7 has no type information
+    """A message framed without its 0x0B; ``head`` is its start (to read MSH-10 from for the answer)."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__("Block does not begin with Start Block character <VT>")
+        self.head = head
+
+
 class _Oversized(Exception):
     """A frame larger than the limit; ``head`` is its start (to read MSH-10 from for the answer)."""
 
@@ -69,6 +78,9 @@ _HEAD_BYTES = 4096  # what is kept of an oversized frame to answer it (its MSH s
 _BETWEEN_FRAMES = b"\r\n \t"  # bytes dropped between frames (see wait_message)
 _MAX_BETWEEN_FRAMES = 4096  # ... at most so many between two frames
 _BOM = codecs.BOM_UTF8
+#: How a message begins; a 0x0B before one of them inside a frame starts the frame afresh (see readframe).
+_MESSAGE_STARTS = (b"MSH", b"FHS", b"BHS")
+_RESTART = re.compile(rb"\x0b(?=MSH|FHS|BHS)")
 
 
 class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type information
@@ -107,7 +119,7 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
             self._maybe_resume_transport()
             await self._wait_for_data("wait_message")  # what StreamReader's own reads wait with
 
-    async def readframe(self, limit: int) -> bytes:
+    async def readframe(self, limit: int) -> bytes | None:
         """The next frame without its framing bytes.
 
         A frame ends at ``0x1C 0x0D``, at ``0x1C`` followed by the next frame's
@@ -154,16 +166,24 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
         self._maybe_resume_transport()
         if len(block) > limit + 1:  # the end came in the same read as the bytes past the limit
             raise _Oversized(block[:_HEAD_BYTES])
-        # A 0x0B cannot be a byte of a message (HL7 forbids it): one past the start begins a frame afresh. What
-        # came before it is no message — a frame its sender left unfinished and started over, or bytes that are
-        # not MLLP (an HTTP request, a port scan) — and is dropped, nothing of it stored, as a frame never
-        # finished is; the frame that follows is read and answered as it would be alone.
-        restart = block.rfind(START_BLOCK, 1)
+        # A 0x0B followed by the start of a message (MSH, or a batch's FHS/BHS) past the frame's first byte begins
+        # a frame afresh. What came before it is no message — a frame its sender left unfinished and started over,
+        # or bytes that are not MLLP (an HTTP request, a port scan) — and is dropped, nothing of it stored, as a
+        # frame never finished is; the frame that follows is read and answered as it would be alone. (A 0x0B
+        # followed by anything else is a byte of the message: refused with the field that holds it named.)
+        restart = -1
+        for found in _RESTART.finditer(block, 1):
+            restart = found.start()
         if restart > 0:
             self.dropped += restart
             block = block[restart:]
+        elif block[:1] != START_BLOCK and not block.lstrip().startswith(_MESSAGE_STARTS):
+            # no message at all, only what is not MLLP up to a 0x1C: dropped too, and not answered (an answer
+            # with no MSH-10 to echo would be taken by the sender for its next message's)
+            self.dropped += len(block) + 1
+            return None
         if block[:1] != START_BLOCK:
-            raise InvalidBlockError("Block does not begin with Start Block character <VT>")
+            raise _NoStart(block.lstrip()[:_HEAD_BYTES])
         return block[1:]
 
 
@@ -273,8 +293,9 @@ class MLLPServer:
                     writer.write(frame(self._reject(f"message larger than {self.max_bytes} bytes refused", exc.head)))
                     await asyncio.wait_for(writer.drain(), self.read_timeout)
                     break
-                except InvalidBlockError:
-                    writer.write(frame(self._reject("MLLP block does not start with 0x0B")))
+                except InvalidBlockError as exc:  # a message whose sender left out the 0x0B: AR, MSA-2 its MSH-10
+                    head = START_BLOCK + exc.head if isinstance(exc, _NoStart) else b""
+                    writer.write(frame(self._reject("MLLP block does not start with 0x0B", head)))
                     await asyncio.wait_for(writer.drain(), self.read_timeout)
                     continue
                 finally:
@@ -283,6 +304,8 @@ class MLLPServer:
                                     "message left unfinished and started over, or what is not MLLP)", peer,
                                     reader.dropped)
                         reader.dropped = 0
+                if block is None:  # only what is not MLLP: dropped (said above), nothing to answer
+                    continue
                 future: asyncio.Future[bytes] = loop.create_future()
                 answering = True
                 await self.queue.put((block, peer, future))

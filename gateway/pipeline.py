@@ -643,27 +643,37 @@ class Pipeline:
     def _other_content(self, ch: Channel, unit: RawUnit, channel: str, status: str, lease: float | None,
                        sender: str, message_id: str, stored: tuple[int, Any]) -> tuple[int, Any]:
         """An HL7 v2 message whose sender and control id (MSH-10) were stored before: the same message resent
-        (the earlier record, answered with its answer), or other content under the same id — a message fixed
-        after it was refused and sent again under its control id, or a sender whose counter started again —
-        which is a message of its own: stored under ``id#2`` (``#3``, …) and worked, never answered with what
-        became of another message. The same content: the same segments, whatever the line ends, and whatever
-        the time of sending (MSH-7), which a sender may write afresh when it resends."""
-        record_id, existing = stored
+        (the copy stored with that content, answered with its answer), or other content under the same id — a
+        message fixed after it was refused and sent again under its control id, or a sender whose counter started
+        again — which is a message of its own: stored under ``id#2``, ``#3``, … (as many as there are) and
+        worked, never answered with what became of another message. The same content: the same segments,
+        whatever the line ends, and whatever the time of sending (MSH-7), which a sender may write afresh when it
+        resends. Each copy stored apart keeps the digest of that content; the first, stored before its id was
+        seen twice, is read again to compare."""
         digest, mine = hashlib.sha256(unit.data).hexdigest(), _content_of(unit.data)
-        n = 1
-        while True:
-            if existing.sha256 == digest or _content_of(self.store.raw_of(existing.id)) == mine:
-                return record_id, existing
-            n += 1
-            if n > _MAX_COPIES + 1:
-                return stored  # (so many other contents under one id: answered as the first)
+        content = hashlib.sha256(b"\r".join(mine)).hexdigest()
+        for _ in range(_COPY_ATTEMPTS):
+            copies = self.store.messages_keyed(ch.format, sender, message_id)
+            for rec in copies:
+                if rec.sha256 == digest or rec.content_digest == content or (
+                        rec.content_digest is None and _content_of(self.store.raw_of(rec.id)) == mine):
+                    return rec.id, rec
+            taken = {rec.message_id for rec in copies}
+            n = len(copies) + 1
+            while f"{message_id}#{n}" in taken:
+                n += 1
             record_id, existing = self.store.insert_raw(
                 channel=channel, fmt=ch.format, sender=sender, message_id=f"{message_id}#{n}", origin=unit.origin,
-                raw=unit.data, status=status, lease=lease)
+                raw=unit.data, status=status, lease=lease, content_digest=content)
             if existing is None:
                 log.info("message format=%s record=%s: other content under an id stored before (copy %d)",
                          ch.format, record_id, n)
                 return record_id, None
+            # another process stored copy n meanwhile: looked at again
+        # (still racing after so many tries: stored under a key no other copy can take, never dropped)
+        return self.store.insert_raw(channel=channel, fmt=ch.format, sender=sender,
+                                     message_id=f"{message_id}#{uuid.uuid4().hex[:12]}", origin=unit.origin,
+                                     raw=unit.data, status=status, lease=lease, content_digest=content)
 
     def _document_key(self, ch: Channel, unit: RawUnit) -> _Keyed | None:
         """What tells a unit carrying a document apart (None: its format carries none), read without the
@@ -1286,8 +1296,10 @@ class Pipeline:
                     f"was stored before with {len(_result_refs(before))} results; this copy leaves out {len(gone)} "
                     f"of them: {shown}. They stay stored as they were, but no current report lists them (the "
                     f"earlier version: DiagnosticReport/{report['id']}/_history/"
-                    f"{(before.get('meta') or {}).get('versionId', '')}); send them again with the others if they "
-                    "still hold", "205"))
+                    f"{(before.get('meta') or {}).get('versionId', '')}). If they still hold, send the report again "
+                    "with them in a new message (HL7 v2: a new MSH-10); a copy identical to one stored before (the "
+                    "same message, the same CSV exam) is answered as that copy's duplicate and changes nothing",
+                    "205"))
             return issues
         except Exception as exc:  # noqa: BLE001 - only a warning: the unit is worked and stored without it
             log.warning("results left out of a report stored before could not be looked for: %s", type(exc).__name__)
@@ -1709,16 +1721,15 @@ _ACK_HEADER = ("sending_application", "sending_facility", "processing_id", "trig
 _HL7_SEPARATORS = "|^~\\&"
 
 
-#: Copies of other content under one sender's message id stored apart (``id#2`` ...); past them, a resend is
-#: answered as the first copy was.
-_MAX_COPIES = 50
+#: Tries to store other content under a control id as its next copy while other processes store copies too.
+_COPY_ATTEMPTS = 5
 
 
-def _content_of(raw: bytes) -> Any:
+def _content_of(raw: bytes) -> list[bytes]:
     """What tells two HL7 v2 messages with the same id apart: their segments, without the time of sending (MSH-7)
     and whatever separates them (CR, LF, CRLF, a trailing one)."""
     if not raw.startswith(b"MSH") or len(raw) < 9:
-        return raw
+        return [raw]
     segments = [s.rstrip() for s in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r") if s.strip()]
     fields = segments[0].split(raw[3:4])
     if len(fields) > 6:

@@ -109,6 +109,27 @@ def test_a_frame_started_over_or_after_what_is_not_mllp_is_read_from_its_start(s
     assert "王" not in " ".join(said)
 
 
+def test_what_is_not_mllp_up_to_a_0x1c_gets_no_answer_of_its_own(server, pipeline) -> None:
+    """Bytes that are not MLLP ending in a 0x1C (junk, an HTTP request, a bare 0x1C) were answered AR with an empty
+    MSA-2: a sender took that answer for its next message's and every later ACK came one message late. They are
+    dropped unanswered; a message framed without its 0x0B is still answered AR, with its own MSH-10; a 0x0B inside
+    a message (not before an MSH) is a byte of it: refused naming the field, as before."""
+    good, bad = split_messages(FRAMED.read_bytes())[:2]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        for junk in (b"junk data\x1c\r", b"\x1c\r", b"POST / HTTP/1.1\r\n\r\n\x1c\r"):
+            sock.sendall(junk + frame(good))
+            [ack] = _acks(sock, 1)
+            assert msa(ack)[1:3] == ["AA", "TJ2406100001"], junk
+        sock.sendall(bad + b"\x1c\r")  # no 0x0B: answered, and the answer names the message
+        [ack] = _acks(sock, 1)
+        assert msa(ack)[1:3] == ["AR", "TJ2406100002"] and b"does not start with 0x0B" in ack
+        inside = bad.replace(b"|abc|", b"|1\x0b2|").replace(b"TJ2406100002", b"TJ2406100003")
+        sock.sendall(frame(inside))
+        [ack] = _acks(sock, 1)
+        assert msa(ack)[1:3] == ["AE", "TJ2406100003"] and b"0x0B" in ack
+    assert pipeline.store.counts() == {"stored": 1, "refused": 1}
+
+
 def test_many_messages_in_a_row(server, pipeline) -> None:
     base = split_messages(FRAMED.read_bytes())[0]
     with MLLPClient("127.0.0.1", server.port) as client:

@@ -71,6 +71,19 @@ def test_other_content_under_a_control_id_stored_before_is_a_message_of_its_own(
     assert pipeline.store.counts() == {"refused": 1, "stored": 2}
 
 
+def test_any_number_of_messages_under_one_control_id_are_all_stored(pipeline: Pipeline) -> None:
+    """A LIS whose counter wraps often: past 51 messages under one MSH-10 the next ones were answered AA as the
+    first and never stored. Every one is stored now, and each one resent is the duplicate of its own copy."""
+    reports = [UTF8.replace(b"R2405200099", f"R24052{n:05d}".encode()) for n in range(60)]
+    outcomes = [pipeline.ingest(r, "hl7v2", channel="http")[0] for r in reports]
+    assert [o.status for o in outcomes] == [Status.STORED] * 60
+    ids = [pipeline.store.get_message(o.record_id).message_id for o in outcomes]
+    assert ids == ["TJ2405200099"] + [f"TJ2405200099#{n}" for n in range(2, 61)]
+    again = pipeline.ingest(reports[57].replace(b"\r", b"\n"), "hl7v2", channel="http")[0]
+    assert again.status is Status.DUPLICATE and again.record_id == outcomes[57].record_id
+    assert pipeline.store.counts() == {"stored": 60}
+
+
 def test_duplicate_key_is_enforced_by_the_database(pipeline: Pipeline) -> None:
     pipeline.ingest(UTF8, "hl7v2", channel="mllp")
     with pytest.raises(store_db.IntegrityError):
