@@ -13,6 +13,7 @@ import requests
 from hl7.client import MLLPClient
 
 from conftest import DATA, TONGJIANG, children_of, mllp_codes, wait_port
+from test_input_holes import read_acks
 from gateway.adapters.hl7v2 import split_messages
 from gateway.demo import free_port
 from gateway.mllp import MLLPServer, frame
@@ -71,16 +72,6 @@ def test_oversized_message_is_refused_and_the_connection_closed(pipeline) -> Non
         srv.stop()
 
 
-def _acks(sock: socket.socket, count: int) -> list[bytes]:
-    data = b""
-    while data.count(b"\x1c\x0d") < count:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return [a.strip(b"\x0b") for a in data.split(b"\x1c\x0d") if a.strip()]
-
-
 def test_a_frame_started_over_or_after_what_is_not_mllp_is_read_from_its_start(server, pipeline, caplog) -> None:
     """A sender that leaves a frame unfinished and starts a new one (0x0B) on the same connection: the new one was
     read as the rest of the first — refused for its 0x0B, stored with the other message's data, and the first
@@ -96,10 +87,10 @@ def test_a_frame_started_over_or_after_what_is_not_mllp_is_read_from_its_start(s
         sock.sendall(b"\x0b" + good[:150])
         time.sleep(0.3)
         sock.sendall(frame(bad))
-        [ack] = _acks(sock, 1)
+        [ack] = read_acks(sock, 1)
         assert msa(ack)[1:3] == ["AE", "TJ2406100002"] and b"0x0B" not in ack  # its own error: OBX-5, not 0x0B
         sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n" + frame(good))
-        [ack] = _acks(sock, 1)
+        [ack] = read_acks(sock, 1)
         assert msa(ack)[1:3] == ["AA", "TJ2406100001"]
     assert pipeline.store.counts() == {"stored": 1, "refused": 1}
     rows = pipeline.store.db.execute("SELECT message_id, raw FROM messages ORDER BY id").fetchall()
@@ -118,14 +109,14 @@ def test_what_is_not_mllp_up_to_a_0x1c_gets_no_answer_of_its_own(server, pipelin
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         for junk in (b"junk data\x1c\r", b"\x1c\r", b"POST / HTTP/1.1\r\n\r\n\x1c\r"):
             sock.sendall(junk + frame(good))
-            [ack] = _acks(sock, 1)
+            [ack] = read_acks(sock, 1)
             assert msa(ack)[1:3] == ["AA", "TJ2406100001"], junk
         sock.sendall(bad + b"\x1c\r")  # no 0x0B: answered, and the answer names the message
-        [ack] = _acks(sock, 1)
+        [ack] = read_acks(sock, 1)
         assert msa(ack)[1:3] == ["AR", "TJ2406100002"] and b"does not start with 0x0B" in ack
         inside = bad.replace(b"|abc|", b"|1\x0b2|").replace(b"TJ2406100002", b"TJ2406100003")
         sock.sendall(frame(inside))
-        [ack] = _acks(sock, 1)
+        [ack] = read_acks(sock, 1)
         assert msa(ack)[1:3] == ["AE", "TJ2406100003"] and b"0x0B" in ack
     assert pipeline.store.counts() == {"stored": 1, "refused": 1}
 
