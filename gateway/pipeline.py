@@ -1274,9 +1274,12 @@ class Pipeline:
                    and isinstance(e["resource"].get("id"), str)]
         if not reports:
             return []
-        local = {e.get("fullUrl"): f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in entries}
         try:
             stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r['id']}" for r in reports])}
+            if not stored:  # (a report not stored before: the common case, one indexed lookup)
+                return []
+            local = {e.get("fullUrl"): f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}"
+                     for e in entries}
             issues: list[Issue] = []
             for report in reports:
                 before = stored.get(report["id"])
