@@ -151,6 +151,25 @@ def test_a_decision_as_of_another_time_is_audited_when_it_is_made(app: Flask, cl
     assert details["as-of"] == "2026-11-20T09:00:00.000+08:00" and event["recorded"] == written
 
 
+def test_a_decision_made_now_has_no_as_of_even_on_a_ticking_clock(app: Flask, clock: Clock,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``at`` the decision is made as of the moment it is recorded: read from the clock once (read twice, a
+    clock that moves made every such entry carry an as-of microseconds off its own time)."""
+    from gateway.audit.log import entries
+
+    def ticking(self: Clock) -> dt.datetime:
+        self.now += dt.timedelta(milliseconds=1)
+        return self.now
+
+    monkeypatch.setattr(Clock, "__call__", ticking)
+    response = authed(app).post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json"),
+                                                                        at=None))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    db = connect(app.extensions["gateway.settings"].database_locator, readonly=True)
+    decided = [e for e in entries(db) if e.content["kind"] == "decision"]
+    assert len(decided) == 5 and not any("as_of" in e.content["facts"] for e in decided)
+
+
 def test_recognize_uses_the_clock_without_at(app: Flask, clock: Clock) -> None:
     response = authed(app).post(
         "/fhir/$recognize",

@@ -180,8 +180,9 @@ def snapshot_document() -> Response:
 def recognize() -> Response:
     """Decide recognition for every result of a Bundle: Parameters in, Parameters out."""
     state = _refreshed()  # decided by the registry in force, never by one a newer snapshot replaced
-    bundle, receiver, at = parse_recognize_parameters(parse_json(request.get_data()))
-    at = at or state.clock()
+    bundle, receiver, asked = parse_recognize_parameters(parse_json(request.get_data()))
+    now = state.clock()
+    at = asked or now  # (without `at` the decision is made as of the moment it is recorded: no as-of of its own)
     snapshot = state.holder.snapshot_at(at)
     # the Bundle is a part of Parameters: its signature is checked over its own canonical text
     facts = facts_to_decide(jsonutil.dumps(bundle).encode("utf-8"), bundle, snapshot, at)
@@ -189,7 +190,7 @@ def recognize() -> Response:
         decisions = decide(facts, bundle, snapshot, receiver, at).decisions
     else:
         with borrowed(state.database) as db:  # decisions and their audit entries commit together
-            decisions, _ = decide_and_record(db, facts, bundle, snapshot, receiver, at, recorded_at=state.clock())
+            decisions, _ = decide_and_record(db, facts, bundle, snapshot, receiver, at, recorded_at=now)
     log.info(
         "recognize: snapshot=%s results=%d recognized=%d",
         snapshot.version,

@@ -122,7 +122,8 @@ def recognize(
 ) -> None:
     """Decide, for every result in BUNDLE (a report Bundle file, or - for stdin), whether the receiver may
     recognise it: recognized, not-recognized or needs-review, with every rule checked."""
-    moment = at or now_cst()
+    now = now_cst()
+    moment = at or now  # (without --at the decision is made as of the moment it is recorded: no as-of of its own)
     data = _read(bundle)
     with one_line_errors():
         snapshot = verify_snapshot(_read(registry_path), authority_certificates(authority), moment)
@@ -135,7 +136,7 @@ def recognize(
             db = connect(db_path)
             try:  # the decisions and their audit entries commit together: `gateway audit stats` counts them
                 decisions, stored = decide_and_record(db, facts, document, snapshot, receiver, moment,
-                                                      recorded_at=now_cst())
+                                                      recorded_at=now)
             finally:
                 db.conn.close()
     if as_json:
