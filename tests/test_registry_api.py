@@ -151,8 +151,8 @@ def test_a_decision_as_of_another_time_is_audited_when_it_is_made(app: Flask, cl
     assert details["as-of"] == "2026-11-20T09:00:00.000+08:00" and event["recorded"] == written
 
 
-def test_a_decision_made_now_has_no_as_of_even_on_a_ticking_clock(app: Flask, clock: Clock,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_decision_made_now_has_no_as_of_even_on_a_ticking_clock(
+        app: Flask, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``at`` the decision is made as of the moment it is recorded: read from the clock once (read twice, a
     clock that moves made every such entry carry an as-of microseconds off its own time)."""
     from gateway.audit.log import entries
