@@ -158,17 +158,17 @@ def background_pass(pipeline: Any) -> dict[str, int]:
         reworked = 0
     if reworked:
         done["reworked"] = reworked
-    try:  # the whole audit log walked now and then: /health and the figures say when it was changed
-        from gateway.audit.watch import maybe_check
+    try:  # the whole audit log walked now and then, beside the passes: /health and the figures say when it changed
+        from gateway.audit.watch import maybe_check_beside
         from gateway.heartbeat import run_dir
 
-        if maybe_check(pipeline.store.db, run_dir(pipeline.settings), pipeline.settings.issuer_uscc,
-                       pipeline.clock) is not None:
+        settings = pipeline.settings
+        if maybe_check_beside(settings.database_locator, run_dir(settings), settings.issuer_uscc,
+                              pipeline.clock) is not None:
             done["audit-check"] = 1
-    except _db.OperationalError as exc:  # busy or gone: the next pass tries again
-        log.warning("the audit log could not be checked in this pass: %s", _first_line(exc))
-    except Exception as exc:
-        log.error("the audit log could not be checked in this pass: %s", _type_and_place(exc), exc_info=_debug())
+    except Exception as exc:  # the next pass tries again
+        log.error("the audit log check could not be started in this pass: %s", _type_and_place(exc),
+                  exc_info=_debug())
     ex = pipeline.exchange
     if ex is None:
         return done

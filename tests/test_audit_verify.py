@@ -357,7 +357,10 @@ def test_the_background_walks_the_log_and_health_and_figures_say_when_it_was_cha
 
     pipeline.ingest((Path(__file__).parent / "data" / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2",
                     channel="http")
-    assert background_pass(pipeline).get("audit-check") == 1  # the first pass walks it
+    from conftest import wait_until
+
+    assert background_pass(pipeline).get("audit-check") == 1  # the first pass has it walked (beside the passes)
+    wait_until(lambda: watch.last(run_dir(settings)) is not None, 60, "the walk of the log")
     assert background_pass(pipeline).get("audit-check") is None  # and not again before the hour is over
     client = app.test_client()
     health = client.get("/health").get_json()
@@ -392,3 +395,15 @@ def test_the_background_walks_the_log_and_health_and_figures_say_when_it_was_cha
                                          "csrf_token": token})
     page = console.get("/console/recognition").get_data(as_text=True)
     assert 'data-figure="log-check" data-value="failed"' in page and "第 1 条起" in page
+
+
+def test_a_log_not_written_yet_is_no_finding_of_the_background_walk(tmp_path: Path) -> None:
+    """A gateway that has audited nothing yet has no log to have been changed: the walk says so, /health passes."""
+    import datetime as dt
+
+    from gateway.audit import watch
+
+    found = watch.check(connect(tmp_path / "new.db"), tmp_path / "run", None,
+                        lambda: dt.datetime(2026, 12, 1, tzinfo=dt.timezone(dt.timedelta(hours=8))))
+    assert (found["ok"], found["entries"], found["first_bad"]) == (True, 0, None)
+    assert watch.last(tmp_path / "run")["ok"] is True and watch.warning(watch.summary(tmp_path / "run")) == ""

@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from gateway.store.db import Database
 
-__all__ = ["EVERY", "FILE", "check", "last", "maybe_check", "summary", "warning"]
+__all__ = ["EVERY", "FILE", "check", "last", "maybe_check", "maybe_check_beside", "summary", "warning"]
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +54,20 @@ def check(db: Database, folder: Path, member: str | None, clock: Callable[[], _d
     from gateway.audit.verify import verify
 
     began = time.monotonic()
-    claimed = claims(db, None, member=member)[0] if has_log(db) else []
-    report = verify(db, claimed, max_findings=5)
+    if has_log(db):
+        report = verify(db, claims(db, None, member=member)[0], max_findings=5)
+        ok, entries, first_bad, problems = (not report.findings, report.entries, report.first_bad,
+                                            [f.message for f in report.findings[:3]])
+    else:  # nothing audited yet (a gateway that has not received anything): nothing that can have been changed
+        ok, entries, first_bad, problems = True, 0, None, []
     found: dict[str, Any] = {
-        "checked": clock().isoformat(timespec="seconds"), "at": time.time(), "ok": not report.findings,
-        "entries": report.entries, "first_bad": report.first_bad,
-        "problems": [f.message for f in report.findings[:3]],
-        "seconds": round(time.monotonic() - began, 3),
+        "checked": clock().isoformat(timespec="seconds"), "at": time.time(), "ok": ok, "entries": entries,
+        "first_bad": first_bad, "problems": problems, "seconds": round(time.monotonic() - began, 3),
     }
-    if report.findings:
-        where = f"first bad entry {report.first_bad}" if report.first_bad is not None else "its protection damaged"
-        log.error("the audit log does not verify (%s; %d problem(s)): its figures cannot be trusted; run `gateway "
-                  "audit verify` for the whole report", where, len(report.findings))
+    if not ok:
+        where = f"first bad entry {first_bad}" if first_bad is not None else "its protection damaged"
+        log.error("the audit log does not verify (%s; %d problem(s) listed): its figures cannot be trusted; run "
+                  "`gateway audit verify` for the whole report", where, len(problems))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         part = folder / (FILE + ".new")
@@ -101,3 +104,45 @@ def warning(found: dict[str, Any] | None) -> str:
     where = f" from entry {first}" if first is not None else ""
     return (f"WARNING: the audit log does not verify{where} (checked at {found.get('checked')}): these figures come "
             "from a changed log and cannot be trusted; run `gateway audit verify`\n")
+
+
+_walking: threading.Thread | None = None  # the walk under way beside the background passes, if any
+_walking_lock = threading.Lock()
+
+
+def maybe_check_beside(locator: Path | str, folder: Path, member: str | None, clock: Callable[[], _dt.datetime],
+                       every: float = EVERY) -> threading.Thread | None:
+    """:func:`maybe_check` in a thread of its own, with a connection of its own to the database at ``locator``,
+    when due and no walk of this process is under way: the thread, or None. A walk of a large log takes as long
+    as it takes without holding up the pass that asked for it (deliveries, messages to work again), nor making
+    that pass look hung."""
+    global _walking
+    before = last(folder)
+    if before is not None and 0 <= time.time() - float(before["at"]) < every:
+        return None
+    with _walking_lock:
+        if _walking is not None and _walking.is_alive():
+            return None
+
+        def walk() -> None:
+            from gateway.store.db import connect
+
+            try:
+                db = connect(locator)
+            except Exception as exc:  # noqa: BLE001 - the next pass asks again
+                log.warning("the audit log could not be checked: its database cannot be opened (%s)",
+                            type(exc).__name__)
+                return
+            try:
+                check(db, folder, member, clock)
+            except Exception as exc:  # noqa: BLE001 - said; the next pass asks again
+                log.warning("the audit log could not be checked: %s", type(exc).__name__)
+            finally:
+                try:
+                    db.conn.close()
+                except Exception:  # noqa: BLE001 - gone already
+                    pass
+
+        _walking = threading.Thread(target=walk, name="audit-log-check", daemon=True)
+        _walking.start()
+        return _walking
