@@ -253,6 +253,9 @@ class Pipeline:
         self.after_store: list[AfterStore] = []
         self.channels: dict[str, Channel] = {}
         self.busy_wait = 20.0  # seconds a received Bundle waits for another request working the same document
+        # leases this process could not give up (the database went away meanwhile): given up as soon as it answers
+        # again, so that a resend is worked at once rather than answered "being processed" until they expire
+        self._unreleased: set[int] = set()
         self.exchange = self._exchange()
         self.add_channel(self._hl7v2_channel())
         self.add_channel(self._cda_channel())
@@ -509,6 +512,8 @@ class Pipeline:
         """
         from gateway.store.db import transaction
 
+        if self._unreleased:
+            self._release_pending()
         keys = [self._document_key(ch, unit) for unit in units]  # parsed before the write lock is taken
         with transaction(self.store.db):
             stored = [(unit, *self._insert_raw(ch, unit, channel, keyed=keyed)) for unit, keyed in zip(units, keys)]
@@ -795,6 +800,8 @@ class Pipeline:
         """
         if ch.receipt is None:
             raise UnsupportedFormat(f"format {ch.format!r} cannot be answered on receipt", "format")
+        if self._unreleased:
+            self._release_pending()
         headers = [self._header(ch, unit) for unit in units]
         held = [i for i, msg in enumerate(headers) if not msg.errors]
         at_once = [i for i, msg in enumerate(headers) if msg.errors]
@@ -1409,12 +1416,26 @@ class Pipeline:
         return unrecorded, False
 
     def _release(self, record_id: int) -> None:
-        """Give up this process's lease on a message it did not finish (best effort: it expires anyway)."""
+        """Give up this process's lease on a message it did not finish; when the database cannot be written now, as
+        soon as it can (:meth:`_release_pending`; the lease expires by itself all the same)."""
         try:
             self.store.release(record_id)
         except Exception as exc:
-            log.warning("lease of message record=%s not given up (%s); it expires by itself", record_id,
-                        type(exc).__name__)
+            if len(self._unreleased) < _UNRELEASED_MAX:
+                self._unreleased.add(record_id)
+            log.warning("lease of message record=%s not given up (%s): given up once the database answers again",
+                        record_id, type(exc).__name__)
+
+    def _release_pending(self) -> None:
+        """Give up the leases :meth:`_release` could not (before this process takes new work): a resend of such a
+        message, to this node or another, is then worked at once. Stops at the first that still fails."""
+        for record_id in sorted(self._unreleased):
+            try:
+                self.store.release(record_id)
+            except Exception:  # noqa: BLE001 - the database is still away: the next batch tries again
+                return
+            self._unreleased.discard(record_id)
+            log.info("lease of message record=%s given up now that the database answers again", record_id)
 
     def _record(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str,
                 retried: tuple[str, str] | None = None) -> None:
@@ -1724,6 +1745,8 @@ _ACK_HEADER = ("sending_application", "sending_facility", "processing_id", "trig
 _HL7_SEPARATORS = "|^~\\&"
 
 
+#: Leases a process remembers to give up once its database answers again (beyond, they expire by themselves).
+_UNRELEASED_MAX = 10_000
 #: Tries to store other content under a control id as its next copy while other processes store copies too.
 _COPY_ATTEMPTS = 5
 

@@ -84,6 +84,28 @@ def test_any_number_of_messages_under_one_control_id_are_all_stored(pipeline: Pi
     assert pipeline.store.counts() == {"stored": 60}
 
 
+def test_a_lease_the_database_would_not_let_go_is_given_up_once_it_answers(pipeline: Pipeline, monkeypatch) -> None:
+    """The database went away while a message was recorded (a PostgreSQL crash): its lease could not be given up,
+    and every resend, to any node, was answered AE "already being processed; retry" until the lease expired
+    (processing_lease, 5 minutes). The lease is given up as soon as the database answers again: the resend is
+    worked and stored."""
+    from gateway.errors import DatabaseUnavailable
+
+    def away(*_: object, **__: object) -> None:
+        raise DatabaseUnavailable("the database cannot be reached right now")
+
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "_commit", away)
+        m.setattr(type(pipeline.store), "release", away)
+        first = pipeline.ingest(UTF8, "hl7v2", channel="mllp")[0]
+    assert first.status is Status.FAILED and first.ack_code == "AE"
+    held = pipeline.store.get_message(first.record_id)
+    assert held.status == "received" and held.lease_owner  # still held by this (live) process
+    again = pipeline.ingest(UTF8, "hl7v2", channel="mllp")[0]
+    assert again.status is Status.STORED and again.ack_code == "AA" and again.record_id == first.record_id
+    assert pipeline.store.counts() == {"stored": 1}
+
+
 def test_duplicate_key_is_enforced_by_the_database(pipeline: Pipeline) -> None:
     pipeline.ingest(UTF8, "hl7v2", channel="mllp")
     with pytest.raises(store_db.IntegrityError):
