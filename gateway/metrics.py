@@ -180,10 +180,23 @@ class DatabaseFacts:
         self.pipeline = pipeline
 
     def collect(self) -> Iterator[Metric]:
-        """The families, read now; a part that cannot be read is left out (and logged), never a failed scrape."""
+        """The families, read now; a part that cannot be read is left out (and logged), never a failed scrape.
+        ``gateway_database_up`` says whether the database answered (0: every figure read from it is left out, and
+        what the processes counted is still there)."""
         now = self.pipeline.clock()
-        views = ReadModels(self.pipeline.store.db)
-        for part in (self._queue, self._outbox, self._recognition, self._checkpoint, self._registry):
+        try:
+            views = ReadModels(self.pipeline.store.db)
+            parts = [self._queue(views, now)]  # (the first query: whether the database answers at all)
+            first = list(parts[0])
+        except Exception as exc:  # the database is away (a restart, a failover): said by the gauge, not a 503
+            log.warning("metrics: the database cannot be read (%s)", type(exc).__name__)
+            yield GaugeMetricFamily("gateway_database_up", "Whether the database answered this scrape (1) or not "
+                                    "(0: the figures read from it are left out).", value=0)
+            return
+        yield GaugeMetricFamily("gateway_database_up", "Whether the database answered this scrape (1) or not "
+                                "(0: the figures read from it are left out).", value=1)
+        yield from first
+        for part in (self._outbox, self._recognition, self._checkpoint, self._registry):
             try:
                 yield from part(views, now)
             except Exception as exc:  # a figure missing beats a scrape failing: monitoring alerts on absence

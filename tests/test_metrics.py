@@ -375,3 +375,25 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
     assert {e["request_id"] for e in ingests} <= {e.get("request_id") for e in lines if e["logger"] != "gateway.access"}
     for needle in patient:
         assert needle not in text, f"patient data in the log: {needle}"
+
+
+def test_a_scrape_while_the_database_is_away_still_answers_what_the_processes_counted(
+        app: Any, anon: Any, pipeline: Pipeline, monkeypatch: Any) -> None:
+    """PostgreSQL stopped: every scrape but the first was a 503 OperationOutcome, so Prometheus saw the whole
+    gateway down (part_up, restarts, message counters lost). Now a 200 in the text format, with the figures read
+    from the database left out and gateway_database_up 0."""
+    from gateway.errors import DatabaseUnavailable
+    from gateway.member import Member
+
+    pipeline.ingest(MALFORMED, "hl7v2", channel="file")
+    up = scrape(anon)
+    assert value(up, "gateway_database_up") == 1 and ("gateway_queue_depth", ()) in up
+
+    def away(self: Any) -> Any:
+        raise DatabaseUnavailable("the database cannot be reached right now")
+
+    monkeypatch.setattr(Member, "store", property(away))
+    down = scrape(anon)
+    assert value(down, "gateway_database_up") == 0 and ("gateway_queue_depth", ()) not in down
+    counted = {k: v for k, v in down.items() if k[0] == "gateway_messages_total"}
+    assert counted and counted == {k: v for k, v in up.items() if k[0] == "gateway_messages_total"}
