@@ -75,6 +75,7 @@ from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
 from gateway.naming import SYSTEM_INSTITUTION
 from gateway.store.db import Database
+from gateway.store.reports import versions_in
 from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
 
 __all__ = ["Stage", "Status", "Outcome", "Channel", "Pipeline", "ReceiveResult", "ReceiveLater", "SIGNED_FORMAT"]
@@ -859,6 +860,8 @@ class Pipeline:
         order they came. Without it, a sender's message is not taken while a live process holds an earlier one.
         ``stop``: once set, a unit waiting for its turn goes back to the queue at once (the reader is stopping).
         """
+        if self._unreleased:
+            self._release_pending()
         if in_turn:
             return self._process_in_turn(limit, group, stop)
         size = max(1, int(self.settings.queue_record_group) if group is None else group)
@@ -1287,6 +1290,7 @@ class Pipeline:
                 return []
             local = {e.get("fullUrl"): f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}"
                      for e in entries}
+            numbers = {v["report_ref"]: v["report_number"] for v in versions_in(bundle)}
             issues: list[Issue] = []
             for report in reports:
                 before = stored.get(report["id"])
@@ -1300,7 +1304,7 @@ class Pipeline:
                 names = [named.get(ref) or ref for ref in gone]
                 shown = "; ".join(names[:_NAMES_SHOWN]) + (f"; and {len(names) - _NAMES_SHOWN} more"
                                                            if len(names) > _NAMES_SHOWN else "")
-                number = _report_number(report)
+                number = numbers.get(f"DiagnosticReport/{report['id']}", "")
                 issues.append(Issue(
                     "warning", "business-rule", f"report {number}" if number else "DiagnosticReport",
                     f"was stored before with {len(_result_refs(before))} results; this copy leaves out {len(gone)} "
@@ -1782,14 +1786,6 @@ def _result_name(observation: dict[str, Any]) -> str:
     local = next((c.get("code") for c in codings if c.get("code")), "")
     name = f"{text} ({local})" if text and local and local not in text else str(text or local)
     return _plain(name, 80) or f"Observation/{observation.get('id')}"
-
-
-def _report_number(report: dict[str, Any]) -> str:
-    """The first identifier value of a report (its 报告单号 or exam number), for a message."""
-    for ident in report.get("identifier") or []:
-        if isinstance(ident, dict) and isinstance(ident.get("value"), str):
-            return _plain(ident["value"], 64)
-    return ""
 
 
 def _plain(text: str | None, limit: int, drop: str = "") -> str:

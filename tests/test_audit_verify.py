@@ -407,3 +407,20 @@ def test_a_log_not_written_yet_is_no_finding_of_the_background_walk(tmp_path: Pa
                         lambda: dt.datetime(2026, 12, 1, tzinfo=dt.timezone(dt.timedelta(hours=8))))
     assert (found["ok"], found["entries"], found["first_bad"]) == (True, 0, None)
     assert watch.last(tmp_path / "run")["ok"] is True and watch.warning(watch.summary(tmp_path / "run")) == ""
+
+
+def test_a_kept_walk_that_cannot_be_read_is_walked_again(tmp_path: Path) -> None:
+    """What the last walk found, unreadable (cut short by a full disk, edited by hand): no answer from it — /health
+    names no audit check from it — and the next pass walks the log again."""
+    import datetime as dt
+
+    from gateway.audit import watch
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for text in ('{"ok": tr', '[]', '{"ok": "yes", "at": 1}', '{"ok": true}', "\xff"):
+        (folder / watch.FILE).write_text(text, encoding="utf-8")
+        assert watch.last(folder) is None and watch.summary(folder) is None and watch.warning(None) == ""
+        found = watch.maybe_check(connect(tmp_path / "new.db"), folder, None,
+                                  lambda: dt.datetime(2026, 12, 1, tzinfo=dt.timezone(dt.timedelta(hours=8))))
+        assert found is not None and watch.last(folder)["ok"] is True

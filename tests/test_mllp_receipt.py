@@ -149,6 +149,27 @@ def test_a_refused_message_fixed_and_sent_again_under_its_control_id_is_taken(pi
     assert pipeline.store.get_message(taken.record_id).message_id == f"{control_id}#2"
 
 
+def test_a_queue_reader_gives_up_a_lease_the_database_would_not_let_go_once_it_answers(
+        pipeline, monkeypatch) -> None:
+    """The database went away while the queue reader recorded a message: its lease could not be given up either.
+    The reader gives it up before its next batch, once the database answers, and works the message then (it
+    waited for the lease to expire)."""
+    from gateway.errors import DatabaseUnavailable
+
+    def away(*_: object, **__: object) -> None:
+        raise DatabaseUnavailable("the database cannot be reached right now")
+
+    [queued] = pipeline.receive_batch(hl7(pipeline), units(GOOD), channel="mllp")
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "_commit", away)
+        m.setattr(type(pipeline.store), "release", away)
+        [failed] = pipeline.process_queued()
+    assert failed.status is Status.FAILED and pipeline.store.get_message(queued.record_id).lease_owner
+    [stored] = pipeline.process_queued()
+    assert stored.status is Status.STORED and stored.record_id == queued.record_id
+    assert pipeline.store.counts() == {"stored": 1}
+
+
 def test_held_messages_survive_a_restart_and_are_worked_then(pipeline, settings, clock) -> None:
     pipeline.receive_batch(hl7(pipeline), units(GOOD, BAD_VALUE), channel="mllp")
     pipeline.close()

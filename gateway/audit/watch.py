@@ -83,10 +83,14 @@ def maybe_check(db: Database, folder: Path, member: str | None, clock: Callable[
                 every: float = EVERY) -> dict[str, Any] | None:
     """:func:`check` when the last walk kept in ``folder`` is older than ``every`` seconds (or there is none);
     None when it is not due."""
+    return check(db, folder, member, clock) if _due(folder, every) else None
+
+
+def _due(folder: Path, every: float) -> bool:
+    """Whether the last walk kept in ``folder`` is older than ``every`` seconds (or there is none, or it cannot be
+    read: walked again)."""
     before = last(folder)
-    if before is not None and 0 <= time.time() - float(before["at"]) < every:
-        return None
-    return check(db, folder, member, clock)
+    return before is None or not 0 <= time.time() - float(before["at"]) < every
 
 
 def summary(folder: Path) -> dict[str, Any] | None:
@@ -117,8 +121,7 @@ def maybe_check_beside(locator: Path | str, folder: Path, member: str | None, cl
     as it takes without holding up the pass that asked for it (deliveries, messages to work again), nor making
     that pass look hung."""
     global _walking
-    before = last(folder)
-    if before is not None and 0 <= time.time() - float(before["at"]) < every:
+    if not _due(folder, every):
         return None
     with _walking_lock:
         if _walking is not None and _walking.is_alive():
