@@ -125,10 +125,6 @@ def _no_leftover_parts(settings: Settings) -> None:
 ABANDONED_PER_PASS, ABANDONED_SECONDS = 50, 5.0
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _type_and_place(exc: BaseException) -> str:
     """An exception as the log tells it: its type and where in the code, never its text (it may quote patient data);
     with ``GATEWAY_DEBUG=1`` the whole traceback goes to the log as well."""
@@ -149,12 +145,12 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     done: dict[str, int] = {}
     try:
         reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
-    except _db.OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
-        log.warning("messages left unfinished could not be worked again in this pass: %s", _first_line(exc))
-        reworked = 0
     except Exception as exc:  # deliveries still get their turn; the next pass retries
-        log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
-                  exc_info=_debug())
+        if _db.fault_reason(exc) is not None:  # the database is busy, restarting or gone
+            log.warning("messages left unfinished could not be worked again in this pass: %s", _db.fault_reason(exc))
+        else:
+            log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
+                      exc_info=_debug())
         reworked = 0
     if reworked:
         done["reworked"] = reworked
@@ -219,10 +215,11 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
             passes.began = time.monotonic()
         try:
             background_pass(pipeline)
-        except _db.OperationalError as exc:  # the database is busy, restarting or gone: the next pass retries
-            log.warning("background pass failed: %s", _first_line(exc))
         except Exception as exc:  # keep delivering; the next pass retries
-            log.error("background pass failed: %s", _type_and_place(exc), exc_info=_debug())
+            if _db.fault_reason(exc) is not None:  # the database is busy, restarting or gone
+                log.warning("background pass failed: %s", _db.fault_reason(exc))
+            else:
+                log.error("background pass failed: %s", _type_and_place(exc), exc_info=_debug())
         finally:
             if passes is not None:
                 passes.began = None

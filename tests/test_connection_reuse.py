@@ -227,6 +227,30 @@ def test_a_connection_the_server_ended_is_replaced_without_an_error(backend, ser
     assert closed(old)
 
 
+def test_a_kept_store_connection_the_server_ended_is_replaced_before_its_next_use(
+        backend, stored_pipeline, settings) -> None:
+    """A member's store (the pipeline's, /health's, the exchange's) keeps its thread's connection across requests:
+    after a server restart every one of them is gone, and none may fail a request to say so."""
+    postgresql_only(backend)
+    member = stored_pipeline.member
+    store = member.store
+    before = store.counts()
+    old_pid = backend_pid(store.db)
+    terminate(settings.database_locator, old_pid)
+    again = member.store
+    assert again is not store and again.counts() == before  # no error for the first use after
+    assert backend_pid(again.db) != old_pid
+    assert member.store is again  # a live connection is kept
+    # one the server ended without a word reaching this side yet (a firewall's silent drop) is asked once idle
+    kept_pid = backend_pid(again.db)
+    terminate(settings.database_locator, kept_pid)
+    again.db.looked_at -= dbmodule.IDLE_CHECK_SECONDS + 1
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(dbmodule, "_readable", lambda fd: False)  # the socket says nothing
+        third = member.store
+    assert third is not again and backend_pid(third.db) != kept_pid and third.counts() == before
+
+
 def test_an_idle_connection_is_asked_before_it_is_lent_again(backend, settings, opened, monkeypatch) -> None:
     """A connection whose end has not reached this side yet (a firewall's silent drop) answers ``SELECT 1`` first."""
     postgresql_only(backend)
@@ -244,6 +268,8 @@ def test_an_idle_connection_is_asked_before_it_is_lent_again(backend, settings, 
 def test_a_connection_ended_during_a_request_fails_that_request_only(backend, settings, opened) -> None:
     postgresql_only(backend)
     locator = settings.database_locator
+    with borrowed(locator):  # (PostgreSQL's error classes join store_db.OperationalError with a first connection)
+        pass
     with pytest.raises(store_db.OperationalError):
         with borrowed(locator) as db:
             old = db

@@ -211,6 +211,29 @@ def test_identifier_modifier_on_references(loaded) -> None:
     assert reports["total"] == 2
 
 
+def test_an_id_card_number_typed_full_width_or_in_its_old_form_finds_the_patient(loaded) -> None:
+    """A 身份证号 is stored in one form (ASCII, upper-case X, 18 digits); a search typed with a Chinese input
+    method's full-width digits, or in the old 15-digit form, is the same number."""
+    from gateway.naming import SYSTEM_ID_CARD
+
+    patient = loaded.get("/fhir/Patient").get_json()["entry"][0]["resource"]
+    number = next(i["value"] for i in patient["identifier"] if i["system"] == SYSTEM_ID_CARD)
+    assert number[6:8] == "19"  # born in the 1900s: it has an old 15-digit form
+    full_width = number.translate(str.maketrans("0123456789X", "０１２３４５６７８９Ｘ"))
+    old_form = number[:6] + number[8:17]
+    for typed in (number, full_width, f"{SYSTEM_ID_CARD}|{full_width}", f"{SYSTEM_ID_CARD}|{old_form}"):
+        found = loaded.get("/fhir/Patient", query_string={"identifier": typed}).get_json()
+        assert [e["resource"]["id"] for e in found["entry"]] == [patient["id"]], typed
+        reports = loaded.get("/fhir/DiagnosticReport", query_string={"patient.identifier": typed,
+                                                                       "_summary": "count"}).get_json()
+        assert reports["total"] == 2, typed
+    # an ASCII value with no system may be another identifier's: searched as typed
+    assert loaded.get("/fhir/Patient", query_string={"identifier": old_form}).get_json()["total"] == 0
+    wrong = "１" if number[-1] != "1" else "２"
+    other = loaded.get("/fhir/Patient", query_string={"identifier": f"{SYSTEM_ID_CARD}|{full_width[:-1]}{wrong}"})
+    assert other.status_code == 200 and other.get_json()["total"] == 0  # a wrong check digit is no one's number
+
+
 # ------------------------------------------------------------------ _elements
 
 

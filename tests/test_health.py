@@ -385,3 +385,38 @@ def test_a_full_disk_fails_the_database_check(gw: Any, monkeypatch: pytest.Monke
     assert status == 503 and "database" in body["failing"]
     assert body["checks"]["database"]["detail"] == ("answers, but its disk is full: 3072 KiB free where it lives "
                                                     "(writes fail below 8 MiB)")
+
+
+def test_a_database_that_went_away_is_said_in_words_not_a_class_name(tmp_path: Path, clock: Any, backend: str) -> None:
+    """/health's database check says why (the driver's or server's words), never a bare exception class: here a
+    PostgreSQL server stopped under a running node, then started again (the next /health answers ok)."""
+    from conftest import TONGJIANG
+    from gateway.api.app import create_app
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+    from gateway.store.pgcluster import Cluster
+
+    if backend != "postgresql":
+        pytest.skip("a PostgreSQL server stopped under a node (run with --backend postgresql)")
+    with Cluster() as own:
+        settings = load_settings(environ={}, overrides={
+            "data_dir": str(tmp_path / "gw"), "database": own.url("postgres"), "issuer_uscc": TONGJIANG,
+            "issuer_name": "通江县人民医院（演示）"})
+        pipeline = Pipeline(settings, clock=clock)
+        client = create_app(settings, pipeline).test_client()
+        assert client.get("/health").get_json()["checks"]["database"] == {"ok": True, "detail": "answers"}
+        assert own.dir is not None
+        data = str(own.dir / "data")
+        own._run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        response = client.get("/health")
+        assert response.status_code == 503
+        check = response.get_json()["checks"]["database"]
+        assert not check["ok"]
+        assert check["detail"].startswith("cannot be read: cannot connect to the PostgreSQL database "
+                                          f"postgresql://postgres@127.0.0.1:{own.port}/postgres"), check
+        assert "refused" in check["detail"].lower(), check
+        own._run("pg_ctl", "-D", data, "-l", str(own.dir / "server.log"), "-o",
+                 f"-c listen_addresses=127.0.0.1 -c port={own.port} -c unix_socket_directories={own.dir}",
+                 "-w", "start")
+        assert client.get("/health").get_json()["checks"]["database"] == {"ok": True, "detail": "answers"}
+        pipeline.close()

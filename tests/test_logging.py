@@ -142,3 +142,50 @@ def test_an_unknown_log_format_stops_the_start_with_one_line(tmp_path: Path) -> 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["Error: configuration: log_format: log_format 'xml' must be 'text' "
                                                 "or 'json'"]
+
+
+def test_database_faults_are_one_warning_in_the_database_s_words_not_an_error_per_message(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the database is away every message fails the same way: one WARNING in the database's own words per
+    window (with how many failed since), not an 'internal error' with a code place for each; the gateway's own
+    failures are still ERRORs naming where in the code."""
+    import sqlite3
+    import types
+
+    from gateway import pipeline as pipeline_module
+    from gateway.errors import DatabaseUnavailable
+    from gateway.pipeline import Stage
+
+    held = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    held.execute("CREATE TABLE t (x)")
+    held.execute("BEGIN IMMEDIATE")
+    other = sqlite3.connect(tmp_path / "locked.db", timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError) as locked:  # a real fault: another writer holds the file
+        other.execute("BEGIN IMMEDIATE")
+    held.close()
+    other.close()
+    ch = types.SimpleNamespace(format="hl7v2")
+    monkeypatch.setitem(pipeline_module._database_faults, "logged", -1e18)
+    monkeypatch.setitem(pipeline_module._database_faults, "since", 0)
+    caplog.set_level(logging.WARNING, logger="gateway.pipeline")
+    for index in range(1, 6):
+        pipeline_module._log_internal(Stage.STORE, ch, index, 100 + index, locked.value)
+    lines = [r for r in caplog.records if r.name == "gateway.pipeline"]
+    assert [(r.levelname, r.getMessage()) for r in lines] == [
+        ("WARNING", "database unavailable in stage store of hl7v2 unit 1 (record 101): database is locked")]
+    caplog.clear()
+    monkeypatch.setattr(pipeline_module, "DATABASE_FAULT_LOG_EVERY", 0.0)  # the window has passed
+    gone = DatabaseUnavailable("cannot connect to the PostgreSQL database postgresql://gw:***@db/gw: "
+                               "Connection refused", "database")
+    pipeline_module._log_internal(Stage.RECEIVE, ch, 6, None, gone)
+    assert [r.getMessage() for r in caplog.records] == [
+        "database unavailable in stage receive of hl7v2 unit 6 (record None): cannot connect to the PostgreSQL "
+        "database postgresql://gw:***@db/gw: Connection refused (4 more units failed so since the last such line)"]
+    caplog.clear()
+    try:
+        raise KeyError("王建国")
+    except KeyError as bug:
+        pipeline_module._log_internal(Stage.MAP, ch, 7, 107, bug)
+    (record,) = caplog.records
+    assert record.levelname == "ERROR" and "internal error in stage map" in record.getMessage()
+    assert "KeyError at test_logging.py:" in record.getMessage() and "王建国" not in record.getMessage()

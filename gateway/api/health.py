@@ -33,7 +33,7 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.config import Settings
 from gateway.datetimes import seconds_since
-from gateway.store.db import LOW_DISK_BYTES, disk_free, unwritable
+from gateway.store.db import LOW_DISK_BYTES, disk_free, fault_reason, unwritable
 from gateway.store.views import ReadModels
 # a part silent this long is taken for hung (it beats every two seconds; sooner when it is restarted sooner); one
 # that has not beaten yet is starting for STARTING_SECONDS
@@ -231,7 +231,7 @@ def health() -> Response:
             checks["database"] = _check(True, "answers")
         checks.update(_work(pipeline, settings))
     except Exception as exc:  # a broken database is what this check is for
-        checks["database"] = _check(False, f"cannot be read ({type(exc).__name__})")
+        checks["database"] = _check(False, f"cannot be read: {fault_reason(exc) or type(exc).__name__}")
     try:
         checks.update(_parts(settings))
     except Exception as exc:

@@ -63,7 +63,8 @@ from gateway.store import postgresql as _pg
 __all__ = ["connect", "spilling", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES",
            "checkpoints_held",
            "empty_wal", "wal_page_owners", "Database",
-           "dialect", "is_postgresql", "IntegrityError", "OperationalError", "describe", "connection_lost", "borrowed",
+           "dialect", "is_postgresql", "fault_reason", "IntegrityError", "OperationalError", "describe",
+           "connection_lost", "borrowed",
            "unwritable",
            "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
 
@@ -102,6 +103,20 @@ if "psycopg" in sys.modules:  # loaded already (by the caller): its errors count
     _know_postgresql_errors()
 
 
+def fault_reason(exc: BaseException) -> str | None:
+    """A database fault in its own words (the server gone or restarting, the file locked or out of space): the
+    first line of the driver's or server's message, for /health and log lines; None when ``exc`` is not one (a bug
+    is logged as the gateway's own error). Only the first line, and only of these classes: never a query's values."""
+    if isinstance(exc, DatabaseUnavailable):
+        text = exc.message
+    elif isinstance(exc, OperationalError):
+        text = str(exc)
+    else:
+        return None
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return (line if len(line) <= 300 else line[:297] + "...") or type(exc).__name__
+
+
 def is_postgresql(locator: object) -> bool:
     """True when ``locator`` (the ``database`` setting) names a PostgreSQL database rather than a file."""
     return _pg.is_url(locator)
@@ -125,7 +140,18 @@ def connection_lost(db: Database) -> bool:
         return (bool(getattr(db, "opened_read_only", False)) and not db.conn.in_transaction
                 and not unwritable(getattr(db, "sqlite_path", ":memory:")))
     raw = db.conn.raw
-    return bool(raw.closed or raw.broken)
+    if raw.closed or raw.broken:
+        return True
+    # A connection kept by a thread (a member's store) is looked at as a borrowed one is before it is lent again:
+    # after a server restart every such connection is gone, and each would otherwise fail one request to say so.
+    now = time.monotonic()
+    idle_for = now - getattr(db, "looked_at", now)
+    setattr(db, "looked_at", now)
+    import psycopg
+
+    if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False  # in the middle of the caller's work: that work says what became of it
+    return not _usable(db, idle_for)
 
 
 _SQLITE_READONLY = 8  # SQLITE_READONLY: the primary code of every "attempt to write a readonly database"

@@ -1122,6 +1122,8 @@ class Store:
                         t_system, t_code = tq.system, tq.code
                         if t_system and t_system == IMPLICIT_SYSTEMS.get((rtype, name)):
                             t_system = ""  # a code element's values are indexed without the system they imply
+                        if t_code and (name in _CHAINED or (rtype == "Patient" and name == "identifier")):
+                            t_code = _searched_id_card(t_system, t_code)
                     if name in _CHAINED:
                         # the identifiers the subject Patient has now (not those it had when each resource was
                         # stored: a Patient's later version may add, drop or correct one)
@@ -1321,6 +1323,23 @@ def _token_value(alias: str, rtype: str, param: str, code: str | None, system: s
 #: Chained parameters answered from the subject Patient as it is now (its identifier index), not from the values
 #: copied into each resource's index when it was stored.
 _CHAINED = frozenset({"patient.identifier"})
+
+
+def _searched_id_card(system: str | None, code: str) -> str:
+    """A 身份证号 searched for as it is stored: typed in full-width digits, with a lower-case x, or in the old
+    15-digit form, it is the same number (what an ID card number is stored as: gateway.identifiers.check_id_card).
+    With the 身份证 system named, any such form; with no system, only one that is not plain ASCII (an ASCII value
+    may be another identifier's: a 15-digit record number stays as it is); anything else unchanged."""
+    from gateway.identifiers import check_id_card
+    from gateway.errors import IdentifierError
+    from gateway.naming import SYSTEM_ID_CARD
+
+    if system == SYSTEM_ID_CARD or (system is None and not code.isascii()):
+        try:
+            return check_id_card(code)
+        except IdentifierError:  # not an ID card number: searched as typed (and not found)
+            return code
+    return code
 #: Rows of a search or history page read by one statement, once the page's keys are sorted.
 _PAGE_READ = 200
 
