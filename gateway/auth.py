@@ -116,8 +116,13 @@ IDLE_MINUTES = 30
 #: Shortest password accepted.
 MIN_PASSWORD = 10
 _hasher = PasswordHasher()
-#: Checked when the user is unknown, so a wrong name takes as long as a wrong password.
-_DUMMY_HASH = _hasher.hash("not a password of anyone")
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    """Checked when the user is unknown, so a wrong name takes as long as a wrong password (made on first use: a
+    hash costs a tenth of a second on purpose, which every command would otherwise pay at start)."""
+    return str(_hasher.hash("not a password of anyone"))
 
 
 class NotAuthenticated(TrustError):
@@ -587,7 +592,7 @@ def console_login(
     with transaction(db):
         row = accounts.login_state(name)
         if row is None or row.hash is None:
-            _verify(_DUMMY_HASH, password)
+            _verify(_dummy_hash(), password)
             _login_record(db, at=at, gateway=gateway, name=name, address=address, action="login",
                           reason="unknown user" if row is None else "no password", ok=False)
             refused = LoginRefused(wrong, "password")

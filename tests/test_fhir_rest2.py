@@ -224,8 +224,8 @@ def test_an_id_card_number_typed_full_width_or_in_its_old_form_finds_the_patient
     for typed in (number, full_width, f"{SYSTEM_ID_CARD}|{full_width}", f"{SYSTEM_ID_CARD}|{old_form}"):
         found = loaded.get("/fhir/Patient", query_string={"identifier": typed}).get_json()
         assert [e["resource"]["id"] for e in found["entry"]] == [patient["id"]], typed
-        reports = loaded.get("/fhir/DiagnosticReport", query_string={"patient.identifier": typed,
-                                                                       "_summary": "count"}).get_json()
+        reports = loaded.get("/fhir/DiagnosticReport",
+                             query_string={"patient.identifier": typed, "_summary": "count"}).get_json()
         assert reports["total"] == 2, typed
     # an ASCII value with no system may be another identifier's: searched as typed
     assert loaded.get("/fhir/Patient", query_string={"identifier": old_form}).get_json()["total"] == 0

@@ -327,3 +327,42 @@ def test_absent_gender_does_not_trip_the_id_card_gender_warning(guide: Guide) ->
     patient = example("Patient-example.json")
     patient.pop("gender", None)
     assert guide.evaluate_invariant("cyhr-pat-4", patient, native=False)
+
+
+def test_every_twin_stands_for_the_shipped_expression_and_every_expression_parses(guide: Guide) -> None:
+    """The shipped guide's twinned invariants are decided by their twins (their FHIRPath is not parsed when the
+    guide loads: the twins above are held to it); every expression of the guide parses strictly all the same."""
+    from gateway.fhir.profiles import NATIVE_EXPRESSIONS, _check_fhirpath_syntax
+
+    assert set(NATIVE_EXPRESSIONS) == set(NATIVE_CHECKS)
+    for key in NATIVE_CHECKS:
+        assert guide._constraints[key].native is NATIVE_CHECKS[key], f"{key}: the guide's expression changed"
+    for key in guide.invariant_keys():
+        _check_fhirpath_syntax(guide._constraints[key].expression)
+
+
+def _guide_with(tmp_path, expression: str) -> Guide:
+    import shutil
+
+    copy_dir = tmp_path / "profiles"
+    shutil.copytree(ROOT / "profiles", copy_dir, ignore=shutil.ignore_patterns("examples"))
+    path = copy_dir / "StructureDefinition-exposure-years.json"
+    text = path.read_text(encoding="utf-8")
+    assert text.count('"value.ofType(decimal).all($this >= 0)"') == 1
+    path.write_text(text.replace('"value.ofType(decimal).all($this >= 0)"', json.dumps(expression)), encoding="utf-8")
+    return load_guide(copy_dir)
+
+
+def test_an_invariant_whose_words_changed_is_decided_by_them_not_by_the_twin_of_the_old_ones(tmp_path) -> None:
+    """A guide (a deployment's own profiles/) saying something else under a twinned key: its FHIRPath decides."""
+    from gateway.errors import ConfigError
+
+    stricter = _guide_with(tmp_path / "a", "value.ofType(decimal).all($this >= 1)")
+    assert stricter._constraints["cyhr-expo-1"].native is None
+    half = {"resourceType": "Patient", "extension": [{"url": ext_url("exposure-years"),
+                                                      "valueDecimal": Decimal("0.5")}]}
+    failed = [i for i in stricter.validate(half) if i.extra.get("rule") == "cyhr-expo-1"]
+    assert len(failed) == 1  # the twin (>= 0) would have passed it
+    assert not [i for i in load_guide(ROOT / "profiles").validate(half) if i.extra.get("rule") == "cyhr-expo-1"]
+    with pytest.raises(ConfigError, match="cyhr-expo-1 does not compile"):
+        _guide_with(tmp_path / "b", "value.ofType(decimal).all($this >= ")

@@ -53,12 +53,31 @@ from collections.abc import Iterator
 import contextlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import DatabaseUnavailable
 from gateway.store import postgresql as _pg
+
+
+def _sqlite_utils() -> Any:
+    """sqlite-utils, imported without the pandas and numpy it loads when they are installed (only to convert their
+    values, which the gateway never hands it): a fifth of a second at every command's and every process's start."""
+    hidden = [name for name in ("numpy", "pandas") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # an import of it fails (ImportError) meanwhile
+    try:
+        import sqlite_utils
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]  # importable again, for whoever wants it
+    return sqlite_utils
+
+
+if TYPE_CHECKING:
+    import sqlite_utils
+else:
+    sqlite_utils = _sqlite_utils()
 
 __all__ = ["connect", "spilling", "transaction", "savepoint", "WalCheckpointer", "WAL_AUTOCHECKPOINT_PAGES",
            "checkpoints_held",

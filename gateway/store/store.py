@@ -1340,6 +1340,8 @@ def _searched_id_card(system: str | None, code: str) -> str:
         except IdentifierError:  # not an ID card number: searched as typed (and not found)
             return code
     return code
+
+
 #: Rows of a search or history page read by one statement, once the page's keys are sorted.
 _PAGE_READ = 200
 
