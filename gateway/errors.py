@@ -261,6 +261,8 @@ class DatabaseUnavailable(GatewayError):
 
     code = "transient"
     http_status = 503
+    #: Why, in the server's or driver's words, without which database it is (for what anyone may read).
+    reason = ""
 
 
 class WaitingBehind(GatewayError):

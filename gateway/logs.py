@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 import uuid
 from types import TracebackType
@@ -35,7 +36,7 @@ from typing import Any
 from gateway.errors import ConfigError
 
 __all__ = ["FORMATS", "TEXT_FORMAT", "JsonFormatter", "configure", "check_format", "request_context",
-           "current_request", "request_id"]
+           "current_request", "request_id", "database_fault", "DATABASE_FAULT_LOG_EVERY"]
 
 FORMATS = ("text", "json")
 #: The text format of every process (``gateway.supervise`` tests and operators' tools read it).
@@ -128,3 +129,29 @@ def configure(level: str, log_format: str, process: str) -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+#: While the database is away, each kind of line about it is written at most once per this many seconds, with how
+#: many were left out since: a sender retrying its messages, a dashboard polling, every request would each write one,
+#: and an operator's alert on the log would fire for a routine database restart.
+DATABASE_FAULT_LOG_EVERY = 10.0
+_faults: dict[str, tuple[float, int]] = {}  # kind -> (when last written, how many left out since)
+_faults_lock = threading.Lock()
+
+
+def database_fault(logger: logging.Logger, kind: str, text: str, *args: Any) -> None:
+    """Log a WARNING about the database being away (``text % args``), at most once per
+    :data:`DATABASE_FAULT_LOG_EVERY` seconds for each ``kind``; the next line written says how many were left out.
+    ``args`` must carry no patient data (the database's own words, counts, stages, peers' addresses)."""
+    import time
+
+    now = time.monotonic()
+    with _faults_lock:
+        last, left_out = _faults.get(kind, (-1e18, 0))
+        if now - last < DATABASE_FAULT_LOG_EVERY:
+            _faults[kind] = (last, left_out + 1)
+            return
+        _faults[kind] = (now, 0)
+    if left_out:
+        text += f" ({left_out} more such since the last such line)"
+    logger.warning(text, *args)

@@ -88,9 +88,8 @@ class Member:
                 # connection that opened it so is open
                 log.warning("database %s can be written again; reopening this connection, which was read-only",
                             describe(self.settings.database_locator))
-            else:
-                log.warning("database connection lost (%s); opening a new one",
-                            describe(self.settings.database_locator))
+            else:  # (found before use, or after the request it failed has said so: nothing fails for it now)
+                log.info("database connection lost (%s); opening a new one", describe(self.settings.database_locator))
             with contextlib.suppress(Exception):
                 store.close()
             store = self._local.store = None

@@ -189,7 +189,11 @@ class DatabaseFacts:
             parts = [self._queue(views, now)]  # (the first query: whether the database answers at all)
             first = list(parts[0])
         except Exception as exc:  # the database is away (a restart, a failover): said by the gauge, not a 503
-            log.warning("metrics: the database cannot be read (%s)", type(exc).__name__)
+            from gateway.logs import database_fault
+            from gateway.store.db import fault_reason
+
+            database_fault(log, "metrics", "metrics: the database cannot be read (%s)",
+                           fault_reason(exc) or type(exc).__name__)
             yield GaugeMetricFamily("gateway_database_up", "Whether the database answered this scrape (1) or not "
                                     "(0: the figures read from it are left out).", value=0)
             return

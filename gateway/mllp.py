@@ -44,6 +44,7 @@ from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, MLLPStream
 
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.errors import Issue
+from gateway.logs import database_fault
 from gateway.pipeline import Pipeline
 from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
@@ -238,15 +239,21 @@ class MLLPServer:
             try:
                 answers = list(await loop.run_in_executor(self.executor, self._process_batch, items))
             except Exception as exc:  # one at a time, so that only a message that cannot be stored goes unanswered
-                log.error("mllp batch of %d messages failed (%s); each is worked alone", len(batch),
-                          type(exc).__name__)
+                if _db.fault_reason(exc) is None:  # (the database away: said once per message kind below)
+                    log.error("mllp batch of %d messages failed (%s); each is worked alone", len(batch),
+                              type(exc).__name__)
                 answers = []
                 for item in items:
                     try:
                         answers += await loop.run_in_executor(self.executor, self._process_batch, [item])
                     except Exception as alone:  # the database failed: no ACK, the sender resends
-                        log.error("mllp message from %s could not be stored (%s); no ACK sent", item[1],
-                                  type(alone).__name__)
+                        reason = _db.fault_reason(alone)
+                        if reason is not None:
+                            database_fault(log, "mllp", "mllp messages cannot be stored while the database is away "
+                                           "(%s): no ACK sent, their senders send them again", reason)
+                        else:
+                            log.error("mllp message from %s could not be stored (%s); no ACK sent", item[1],
+                                      type(alone).__name__)
                         answers.append(alone)
             for (_, _, fut), answer in zip(batch, answers):
                 if fut.done():
@@ -317,8 +324,10 @@ class MLLPServer:
             log.info("mllp connection %s reset", peer)
         except asyncio.TimeoutError:
             log.warning("mllp connection %s does not read its ACKs: closed", peer)
-        except Exception:  # the message could not be stored: no ACK, the sender resends (its raw copy may be kept)
-            log.warning("mllp connection %s closed: a message could not be stored, no ACK sent", peer)
+        except Exception as exc:  # the message could not be stored: no ACK, the sender resends (its raw copy may be
+            # kept); while the database is away that is said once per ten seconds above, not once per connection
+            log.log(logging.INFO if _db.fault_reason(exc) is not None else logging.WARNING,
+                    "mllp connection %s closed: a message could not be stored, no ACK sent", peer)
         except asyncio.CancelledError:  # the listener stops (a message may wait for its answer: the database
             # busy; no ACK then, the sender resends). Ended here, not cancelled: Python 3.11's stream protocol
             # would log the cancellation as an error, with a traceback, when it asks this task how it ended

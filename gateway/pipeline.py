@@ -69,7 +69,7 @@ from gateway.errors import (
 from gateway.fhir.bundle import build_bundle, entries_of
 from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.parties import Issuer
-from gateway.logs import code_place
+from gateway.logs import code_place, database_fault
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
@@ -1819,28 +1819,15 @@ def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseExce
 _STAGE_VERBS = {Stage.SIGN: "sign reports", Stage.CHECK: "check reports", Stage.MAP: "map codes"}
 
 
-#: While the database is away, one log line per this many seconds says so (with how many units it failed since),
-#: not one ERROR per message: a sender retrying 100 messages a second would bury everything else.
-DATABASE_FAULT_LOG_EVERY = 10.0
-_database_faults: dict[str, float] = {"logged": -1e18, "since": 0}
-_database_faults_lock = threading.Lock()
-
-
 def _log_internal(stage: Stage, ch: Channel, index: int | None, record_id: int | None, exc: BaseException) -> None:
     """Log a failure of the gateway itself: where in the code, never the exception's text (it may quote
     patient data). A database fault (the server gone, the file locked or full) is not the gateway's: it is logged
-    in the database's own words, as a WARNING, at most once per :data:`DATABASE_FAULT_LOG_EVERY` seconds."""
+    in the database's own words, as a WARNING, at most once per :data:`gateway.logs.DATABASE_FAULT_LOG_EVERY`
+    seconds."""
     reason = fault_reason(exc)
     if reason is not None:
-        now = time.monotonic()
-        with _database_faults_lock:
-            if now - _database_faults["logged"] < DATABASE_FAULT_LOG_EVERY:
-                _database_faults["since"] += 1
-                return
-            others, _database_faults["since"], _database_faults["logged"] = _database_faults["since"], 0, now
-        log.warning("database unavailable in stage %s of %s unit %s (record %s): %s%s", stage.value, ch.format,
-                    index if index is not None else "-", record_id, reason,
-                    f" ({int(others)} more units failed so since the last such line)" if others else "")
+        database_fault(log, "pipeline", "database unavailable in stage %s of %s unit %s (record %s): %s",
+                       stage.value, ch.format, index if index is not None else "-", record_id, reason)
         return
     log.error("internal error in stage %s of %s unit %s (record %s): %s at %s", stage.value, ch.format,
               index if index is not None else "-", record_id, type(exc).__name__, code_place(exc.__traceback__))

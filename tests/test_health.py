@@ -387,10 +387,15 @@ def test_a_full_disk_fails_the_database_check(gw: Any, monkeypatch: pytest.Monke
                                                     "(writes fail below 8 MiB)")
 
 
-def test_a_database_that_went_away_is_said_in_words_not_a_class_name(tmp_path: Path, clock: Any, backend: str) -> None:
+def test_a_database_that_went_away_is_said_in_words_not_a_class_name(tmp_path: Path, clock: Any, backend: str,
+                                                                     caplog: pytest.LogCaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """/health's database check says why (the driver's or server's words), never a bare exception class: here a
     PostgreSQL server stopped under a running node, then started again (the next /health answers ok)."""
-    from conftest import TONGJIANG
+    import logging
+
+    from conftest import TONGJIANG, make_token
+    from gateway import logs
     from gateway.api.app import create_app
     from gateway.config import load_settings
     from gateway.pipeline import Pipeline
@@ -403,18 +408,32 @@ def test_a_database_that_went_away_is_said_in_words_not_a_class_name(tmp_path: P
             "data_dir": str(tmp_path / "gw"), "database": own.url("postgres"), "issuer_uscc": TONGJIANG,
             "issuer_name": "通江县人民医院（演示）"})
         pipeline = Pipeline(settings, clock=clock)
-        client = create_app(settings, pipeline).test_client()
+        app = create_app(settings, pipeline)
+        client = app.test_client()
+        auth = {"Authorization": f"Bearer {make_token(app, 'reader', ['submitter'])}"}
         assert client.get("/health").get_json()["checks"]["database"] == {"ok": True, "detail": "answers"}
+        assert client.get("/fhir/Patient", headers=auth).status_code == 200
         assert own.dir is not None
         data = str(own.dir / "data")
         own._run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        # requests meanwhile: 503 (Retry-After), and one WARNING for them all in the window, not one each
+        monkeypatch.setattr(logs, "_faults", {})
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            for _ in range(3):
+                away = client.get("/fhir/Patient", headers=auth)
+                assert away.status_code == 503 and away.headers["Retry-After"] == "5"
+                text = away.get_json()["issue"][0]["diagnostics"]
+                assert text == "the database cannot be reached right now; send the request again later"
+        said = [r.getMessage() for r in caplog.records if r.name.startswith("gateway")]
+        assert len([m for m in said if m.startswith("database unavailable for requests: ")]) == 1, said
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         response = client.get("/health")
         assert response.status_code == 503
         check = response.get_json()["checks"]["database"]
         assert not check["ok"]
-        assert check["detail"].startswith("cannot be read: cannot connect to the PostgreSQL database "
-                                          f"postgresql://postgres@127.0.0.1:{own.port}/postgres"), check
-        assert "refused" in check["detail"].lower(), check
+        # (/health is open: which database, its host, port and user, is the log's, not anyone's)
+        assert check["detail"].startswith("cannot be read: cannot connect to the database: "), check
+        assert "refused" in check["detail"].lower() and str(own.port) not in check["detail"], check
         own._run("pg_ctl", "-D", data, "-l", str(own.dir / "server.log"), "-o",
                  f"-c listen_addresses=127.0.0.1 -c port={own.port} -c unix_socket_directories={own.dir}",
                  "-w", "start")

@@ -165,8 +165,9 @@ def test_database_faults_are_one_warning_in_the_database_s_words_not_an_error_pe
     held.close()
     other.close()
     ch = types.SimpleNamespace(format="hl7v2")
-    monkeypatch.setitem(pipeline_module._database_faults, "logged", -1e18)
-    monkeypatch.setitem(pipeline_module._database_faults, "since", 0)
+    from gateway import logs
+
+    monkeypatch.setattr(logs, "_faults", {})
     caplog.set_level(logging.WARNING, logger="gateway.pipeline")
     for index in range(1, 6):
         pipeline_module._log_internal(Stage.STORE, ch, index, 100 + index, locked.value)
@@ -174,13 +175,13 @@ def test_database_faults_are_one_warning_in_the_database_s_words_not_an_error_pe
     assert [(r.levelname, r.getMessage()) for r in lines] == [
         ("WARNING", "database unavailable in stage store of hl7v2 unit 1 (record 101): database is locked")]
     caplog.clear()
-    monkeypatch.setattr(pipeline_module, "DATABASE_FAULT_LOG_EVERY", 0.0)  # the window has passed
+    monkeypatch.setattr(logs, "DATABASE_FAULT_LOG_EVERY", 0.0)  # the window has passed
     gone = DatabaseUnavailable("cannot connect to the PostgreSQL database postgresql://gw:***@db/gw: "
                                "Connection refused", "database")
     pipeline_module._log_internal(Stage.RECEIVE, ch, 6, None, gone)
     assert [r.getMessage() for r in caplog.records] == [
         "database unavailable in stage receive of hl7v2 unit 6 (record None): cannot connect to the PostgreSQL "
-        "database postgresql://gw:***@db/gw: Connection refused (4 more units failed so since the last such line)"]
+        "database postgresql://gw:***@db/gw: Connection refused (4 more such since the last such line)"]
     caplog.clear()
     try:
         raise KeyError("王建国")

@@ -347,3 +347,55 @@ def test_a_listener_stopping_while_a_message_waits_for_the_database_logs_no_trac
         listener.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     assert closed()
+
+
+def test_messages_sent_while_the_database_is_away_get_no_ack_and_one_warning(
+        tmp_path: Path, clock, backend: str, caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    """PostgreSQL stopped under a running listener: each message sent meanwhile is answered by no ACK (its
+    connection closed: the sender sends it again), and the log says so in one WARNING in the database's words
+    for the whole outage window, not an ERROR per message; once the server is back, the resends are stored."""
+    import logging
+
+    from gateway import logs
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+    from gateway.store.pgcluster import Cluster
+
+    if backend != "postgresql":
+        pytest.skip("a PostgreSQL server stopped under a listener (run with --backend postgresql)")
+    monkeypatch.setattr(logs, "_faults", {})
+    template = split_messages(FRAMED.read_bytes())[0]
+    assert template.count(b"TJ2406100001") == 1
+    first, *others = [template.replace(b"TJ2406100001", f"TJ24061000{n:02d}".encode()) for n in range(10, 15)]
+    with Cluster() as own:
+        settings = load_settings(environ={}, overrides={
+            "data_dir": str(tmp_path / "gw"), "database": own.url("postgres"), "issuer_uscc": TONGJIANG,
+            "issuer_name": "通江县人民医院（演示）"})
+        pipeline = Pipeline(settings, clock=clock)
+        srv = MLLPServer(pipeline, "127.0.0.1", 0)
+        srv.start_in_thread()
+        try:
+            with MLLPClient("127.0.0.1", srv.port) as client:
+                assert msa(client.send_message(first))[1] == "AA"
+            assert own.dir is not None
+            data = str(own.dir / "data")
+            own._run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+            with caplog.at_level(logging.INFO, logger="gateway"):
+                for message in others:
+                    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+                        sock.sendall(frame(message))
+                        assert sock.recv(4096) == b""  # closed, no ACK
+            lines = [r for r in caplog.records if r.name.startswith("gateway") and r.levelno >= logging.WARNING]
+            assert not [r for r in lines if r.levelno >= logging.ERROR], [r.getMessage() for r in lines]
+            said = [r.getMessage() for r in lines if "cannot be stored while the database is away" in r.getMessage()]
+            assert len(said) == 1 and "no ACK sent" in said[0], [r.getMessage() for r in lines]
+            assert "Connection refused" in said[0] or "connect" in said[0], said
+            own._run("pg_ctl", "-D", data, "-l", str(own.dir / "server.log"), "-o",
+                     f"-c listen_addresses=127.0.0.1 -c port={own.port} -c unix_socket_directories={own.dir}",
+                     "-w", "start")
+            with MLLPClient("127.0.0.1", srv.port) as client:
+                assert [msa(client.send_message(m))[1] for m in others] == ["AA"] * len(others)
+            assert pipeline.store.counts().get("stored") == 1 + len(others)
+        finally:
+            srv.stop()
+            pipeline.close()

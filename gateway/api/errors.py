@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import jsonutil
 from gateway.errors import DatabaseUnavailable, GatewayError, Issue
+from gateway.logs import database_fault
 from gateway.store import db as _db
 from gateway.fhir.outcome import operation_outcome
 
@@ -57,16 +58,23 @@ def prefers_lenient(prefer: str) -> bool:
     return False
 
 
+def _database_away(reason: str) -> Response:
+    """503 (Retry-After 5) for a request the database could not serve now; the log says so once per ten seconds
+    (:func:`gateway.logs.database_fault`), not once per request."""
+    database_fault(log, "request", "database unavailable for requests: %s", reason)
+    text = "the database cannot be reached right now; send the request again later"
+    if request.method not in ("GET", "HEAD"):
+        text += " (what was already stored is recognised as a resend)"
+    return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
+
+
 def register_error_handlers(app: Flask) -> None:
     """Make every error of ``app`` an OperationOutcome."""
 
     @app.errorhandler(GatewayError)
     def _gateway_error(exc: GatewayError) -> Response:
         if isinstance(exc, DatabaseUnavailable):  # its text names the database's role, host and port: the log's
-            log.warning("database unavailable for a request: %s", exc.message)
-            text = ("the database cannot be reached right now; send the request again later (what was already "
-                    "stored is recognised as a resend)")
-            return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
+            return _database_away(exc.message)
         # RFC 6750: a 401 says how to authenticate; a passing state (503) when to try again
         headers = ({"WWW-Authenticate": "Bearer"} if exc.http_status == 401
                    else {"Retry-After": "5"} if exc.http_status == 503 else None)
@@ -89,11 +97,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         if isinstance(exc, _db.OperationalError):  # the database is gone, restarting or locked: a passing state
-            log.warning("database unavailable for a request: %s", (str(exc).strip().splitlines() or [""])[0]
-                        or type(exc).__name__)
-            text = ("the database cannot be reached right now; send the request again later (what was already "
-                    "stored is recognised as a resend)")
-            return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
+            return _database_away(_db.fault_reason(exc) or type(exc).__name__)
         log.exception("unexpected error handling a request")
         text = "internal error; the administrator can find details in the gateway log"
         return outcome_response([Issue("fatal", "exception", "", text)], 500)

@@ -231,7 +231,7 @@ def health() -> Response:
             checks["database"] = _check(True, "answers")
         checks.update(_work(pipeline, settings))
     except Exception as exc:  # a broken database is what this check is for
-        checks["database"] = _check(False, f"cannot be read: {fault_reason(exc) or type(exc).__name__}")
+        checks["database"] = _check(False, f"cannot be read: {fault_reason(exc, named=False) or type(exc).__name__}")
     try:
         checks.update(_parts(settings))
     except Exception as exc:

@@ -122,12 +122,15 @@ if "psycopg" in sys.modules:  # loaded already (by the caller): its errors count
     _know_postgresql_errors()
 
 
-def fault_reason(exc: BaseException) -> str | None:
+def fault_reason(exc: BaseException, *, named: bool = True) -> str | None:
     """A database fault in its own words (the server gone or restarting, the file locked or out of space): the
     first line of the driver's or server's message, for /health and log lines; None when ``exc`` is not one (a bug
-    is logged as the gateway's own error). Only the first line, and only of these classes: never a query's values."""
+    is logged as the gateway's own error). Only the first line, and only of these classes: never a query's values.
+    ``named`` False leaves out which database could not be reached (its host, port, user and name), for what
+    anyone may read."""
     if isinstance(exc, DatabaseUnavailable):
-        text = exc.message
+        reason = getattr(exc, "reason", None)
+        text = exc.message if named or not reason else f"cannot connect to the database: {reason}"
     elif isinstance(exc, OperationalError):
         text = str(exc)
     else:
@@ -741,7 +744,9 @@ def _open(locator: str) -> Database:
     try:
         return connect(locator)
     except DatabaseUnavailable as exc:
-        log.warning("%s; trying once more", exc)
+        from gateway.logs import database_fault
+
+        database_fault(log, "connect", "%s; trying once more", exc)
         time.sleep(_RETRY_PAUSE)
         return connect(locator)
 

@@ -64,6 +64,9 @@ def redact(url: str) -> str:
 
 #: libpq parameters that carry a secret: never shown.
 _SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile"})
+#: Where libpq names the server it could not reach ("connection to server at "10.0.0.5", port 5432 failed: ").
+_SERVER_NAMED = re.compile(r'(?:connection failed: )?connection to server (?:at "[^"]*"(?:, port \d+)?|on socket '
+                           r'"[^"]*") failed: ')
 #: PostgreSQL cannot hold U+0000 in text; it is stored as U+FFFD (the raw input, kept as bytes, keeps it).
 _NUL, _NUL_STAND_IN = "\x00", "\ufffd"
 
@@ -254,8 +257,11 @@ def connect(url: str, *, readonly: bool = False, application: str = "cyhr-gatewa
     except psycopg.OperationalError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         reason = "; ".join(lines[-2:]) if lines else "no reason given"
-        raise DatabaseUnavailable(f"cannot connect to the PostgreSQL database {redact(url)}: {reason}",
-                                  "database") from None
+        unavailable = DatabaseUnavailable(f"cannot connect to the PostgreSQL database {redact(url)}: {reason}",
+                                          "database")
+        # the server's words alone, for what anyone may read (/health): not which host, port or socket it is
+        unavailable.reason = _SERVER_NAMED.sub("", reason)
+        raise unavailable from None
     except psycopg.ProgrammingError as exc:  # a parameter libpq does not know or cannot read
         raise ConfigError(f"the database URL {redact(url)} is not a valid PostgreSQL address: {exc}",
                           "database") from None
