@@ -64,7 +64,8 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 MESSAGES = Counter(
     "gateway_messages", "Messages (units of input) by the channel they came in on (mllp, http, file...), their "
     "format and how they ended: stored, filtered, refused, failed, duplicate; queued when answered on receipt "
-    "(counted again with their outcome once the queue reader has worked them).",
+    "(counted again with their outcome once the queue reader has worked them); unstored when the database could "
+    "not take them (no answer: the sender sends them again).",
     ["channel", "format", "outcome"])
 STAGE_SECONDS = Histogram(
     "gateway_stage_seconds", "Time one message spends in each pipeline stage (parse, map, build, check, sign, "
@@ -102,6 +103,15 @@ def count_outcomes(channel: str, fmt: str, outcomes: Iterable[Any]) -> None:
         if child is None:
             child = _message_children[key] = MESSAGES.labels(*key)
         child.inc()
+
+
+def count_unstored(channel: str, fmt: str) -> None:
+    """Count a message the database could not take (it was away): no answer went back; its sender sends it again."""
+    key = (channel, fmt, "unstored")
+    child = _message_children.get(key)
+    if child is None:
+        child = _message_children[key] = MESSAGES.labels(*key)
+    child.inc()
 
 
 def _stage(name: str) -> Any:

@@ -42,6 +42,7 @@ from typing import Any, cast
 from hl7.mllp.exceptions import InvalidBlockError
 from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, MLLPStreamReader
 
+from gateway import metrics
 from gateway.adapters.base import RawUnit, SourceMessage
 from gateway.errors import Issue
 from gateway.logs import database_fault
@@ -248,6 +249,7 @@ class MLLPServer:
                         answers += await loop.run_in_executor(self.executor, self._process_batch, [item])
                     except Exception as alone:  # the database failed: no ACK, the sender resends
                         reason = _db.fault_reason(alone)
+                        metrics.count_unstored("mllp", "hl7v2")
                         if reason is not None:
                             database_fault(log, "mllp", "mllp messages cannot be stored while the database is away "
                                            "(%s): no ACK sent, their senders send them again", reason)

@@ -356,7 +356,7 @@ def test_messages_sent_while_the_database_is_away_get_no_ack_and_one_warning(
     for the whole outage window, not an ERROR per message; once the server is back, the resends are stored."""
     import logging
 
-    from gateway import logs
+    from gateway import logs, metrics
     from gateway.config import load_settings
     from gateway.pipeline import Pipeline
     from gateway.store.pgcluster import Cluster
@@ -380,6 +380,8 @@ def test_messages_sent_while_the_database_is_away_get_no_ack_and_one_warning(
             assert own.dir is not None
             data = str(own.dir / "data")
             own._run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+            unstored = metrics.MESSAGES.labels("mllp", "hl7v2", "unstored")
+            before = unstored._value.get()
             with caplog.at_level(logging.INFO, logger="gateway"):
                 for message in others:
                     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
@@ -390,6 +392,7 @@ def test_messages_sent_while_the_database_is_away_get_no_ack_and_one_warning(
             said = [r.getMessage() for r in lines if "cannot be stored while the database is away" in r.getMessage()]
             assert len(said) == 1 and "no ACK sent" in said[0], [r.getMessage() for r in lines]
             assert "Connection refused" in said[0] or "connect" in said[0], said
+            assert unstored._value.get() == before + len(others)  # counted, each with its own outcome
             own._run("pg_ctl", "-D", data, "-l", str(own.dir / "server.log"), "-o",
                      f"-c listen_addresses=127.0.0.1 -c port={own.port} -c unix_socket_directories={own.dir}",
                      "-w", "start")
