@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 import uuid
 from types import TracebackType
@@ -143,8 +144,6 @@ def database_fault(logger: logging.Logger, kind: str, text: str, *args: Any) -> 
     """Log a WARNING about the database being away (``text % args``), at most once per
     :data:`DATABASE_FAULT_LOG_EVERY` seconds for each ``kind``; the next line written says how many were left out.
     ``args`` must carry no patient data (the database's own words, counts, stages, peers' addresses)."""
-    import time
-
     now = time.monotonic()
     with _faults_lock:
         last, left_out = _faults.get(kind, (-1e18, 0))
@@ -153,5 +152,5 @@ def database_fault(logger: logging.Logger, kind: str, text: str, *args: Any) -> 
             return
         _faults[kind] = (now, 0)
     if left_out:
-        text += f" ({left_out} more such since the last such line)"
+        text += f" (and {left_out} more since the last such line)"
     logger.warning(text, *args)

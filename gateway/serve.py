@@ -146,8 +146,9 @@ def background_pass(pipeline: Any) -> dict[str, int]:
     try:
         reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
     except Exception as exc:  # deliveries still get their turn; the next pass retries
-        if _db.fault_reason(exc) is not None:  # the database is busy, restarting or gone
-            log.warning("messages left unfinished could not be worked again in this pass: %s", _db.fault_reason(exc))
+        reason = _db.fault_reason(exc)
+        if reason is not None:  # the database is busy, restarting or gone
+            log.warning("messages left unfinished could not be worked again in this pass: %s", reason)
         else:
             log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
                       exc_info=_debug())
@@ -216,8 +217,9 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
         try:
             background_pass(pipeline)
         except Exception as exc:  # keep delivering; the next pass retries
-            if _db.fault_reason(exc) is not None:  # the database is busy, restarting or gone
-                log.warning("background pass failed: %s", _db.fault_reason(exc))
+            reason = _db.fault_reason(exc)
+            if reason is not None:  # the database is busy, restarting or gone
+                log.warning("background pass failed: %s", reason)
             else:
                 log.error("background pass failed: %s", _type_and_place(exc), exc_info=_debug())
         finally:

@@ -181,7 +181,7 @@ def test_database_faults_are_one_warning_in_the_database_s_words_not_an_error_pe
     pipeline_module._log_internal(Stage.RECEIVE, ch, 6, None, gone)
     assert [r.getMessage() for r in caplog.records] == [
         "database unavailable in stage receive of hl7v2 unit 6 (record None): cannot connect to the PostgreSQL "
-        "database postgresql://gw:***@db/gw: Connection refused (4 more such since the last such line)"]
+        "database postgresql://gw:***@db/gw: Connection refused (and 4 more since the last such line)"]
     caplog.clear()
     try:
         raise KeyError("王建国")
