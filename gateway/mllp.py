@@ -452,7 +452,12 @@ class QueueReader:
         self.processed = 0
 
     def run(self) -> None:
-        waiting = self.pipeline.store.queue_length()
+        try:
+            waiting = self.pipeline.store.queue_length()
+        except Exception as exc:  # the database away as the reader starts: the loop below waits for it
+            if _db.fault_reason(exc) is None:
+                raise
+            waiting = 0
         if waiting:
             log.info("processing queue: %d message(s) waiting%s", waiting,
                      f" (reader {self.reader[0] + 1} of {self.reader[1]})" if self.in_turn else "")
@@ -460,13 +465,13 @@ class QueueReader:
             try:
                 done = (self.pipeline.process_queued(self.batch, in_turn=True, stop=self._stop) if self.in_turn
                         else self.pipeline.process_queued(self.batch))
-            except _db.OperationalError as exc:  # the database is restarting or gone: the messages stay queued
-                log.warning("processing queue: the database cannot be reached (%s); retrying in 1 s",
-                            (str(exc).strip().splitlines() or [type(exc).__name__])[0])
-                self._stop.wait(1.0)
-                continue
-            except Exception:  # the database failed: the messages stay queued; try again shortly
-                log.exception("processing queue: a message could not be recorded; retrying in 1 s")
+            except Exception as exc:  # the messages stay queued; try again shortly
+                reason = _db.fault_reason(exc)
+                if reason is not None:  # the database is restarting or gone: said once per ten seconds
+                    database_fault(log, "queue", "processing queue: the database cannot be reached (%s); retrying "
+                                   "every second", reason)
+                else:
+                    log.exception("processing queue: a message could not be recorded; retrying in 1 s")
                 self._stop.wait(1.0)
                 continue
             self.processed += len(done)

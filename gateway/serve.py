@@ -542,12 +542,12 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
         pass
     except Exception as exc:  # (a disk that fills while the part starts): one line, and the supervisor restarts it
         from gateway.logs import debug_wanted
-        from gateway.store.db import OperationalError
+        from gateway.store.db import fault_reason
 
         if debug_wanted():
             raise
-        if isinstance(exc, (OperationalError, OSError)):
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if fault_reason(exc) is not None or isinstance(exc, OSError):
+            reason = (fault_reason(exc) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
             print(f"gateway: {part} stopped: the database or its folder cannot be used right now ({reason})",
                   file=sys.stderr)
         else:

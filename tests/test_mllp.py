@@ -355,6 +355,7 @@ def test_messages_sent_while_the_database_is_away_get_no_ack_and_one_warning(
     connection closed: the sender sends it again), and the log says so in one WARNING in the database's words
     for the whole outage window, not an ERROR per message; once the server is back, the resends are stored."""
     import logging
+    import time
 
     from gateway import logs, metrics
     from gateway.config import load_settings
@@ -399,6 +400,21 @@ def test_messages_sent_while_the_database_is_away_get_no_ack_and_one_warning(
             with MLLPClient("127.0.0.1", srv.port) as client:
                 assert [msa(client.send_message(m))[1] for m in others] == ["AA"] * len(others)
             assert pipeline.store.counts().get("stored") == 1 + len(others)
+            # a queue reader (mllp_ack = received) while the database is away: one line, no traceback each second
+            from gateway.mllp import QueueReader
+
+            reader = QueueReader(Pipeline(settings, clock=clock), idle=0.01)
+            caplog.clear()
+            own._run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+            with caplog.at_level(logging.INFO, logger="gateway"):
+                thread = reader.start_in_thread()
+                time.sleep(3.5)  # three tries or more
+                reader.stop()
+                thread.join(30)
+            lines = [r for r in caplog.records if r.name.startswith("gateway") and r.levelno >= logging.WARNING]
+            assert [r.getMessage()[:60] for r in lines] == [
+                "processing queue: the database cannot be reached (cannot con"], [r.getMessage() for r in lines]
+            assert not any(r.exc_info for r in caplog.records)
         finally:
             srv.stop()
             pipeline.close()
