@@ -424,8 +424,14 @@ def test_a_database_that_went_away_is_said_in_words_not_a_class_name(tmp_path: P
                 assert away.status_code == 503 and away.headers["Retry-After"] == "5"
                 text = away.get_json()["issue"][0]["diagnostics"]
                 assert text == "the database cannot be reached right now; send the request again later"
+            for _ in range(2):  # the console too: a page saying so (503), not an internal error with a traceback
+                page = client.get("/console/")
+                assert page.status_code == 503 and page.headers["Retry-After"] == "5"
+                assert "数据库暂时无法访问" in page.get_data(as_text=True)
+                assert str(own.port) not in page.get_data(as_text=True)
         said = [r.getMessage() for r in caplog.records if r.name.startswith("gateway")]
         assert len([m for m in said if m.startswith("database unavailable for requests: ")]) == 1, said
+        assert len([m for m in said if m.startswith("database unavailable for console pages: ")]) == 1, said
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         response = client.get("/health")
         assert response.status_code == 503

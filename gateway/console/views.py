@@ -32,8 +32,9 @@ from gateway.audit import query, records, stats
 from gateway.audit.log import append, get
 from gateway.audit.verify import verify as verify_log
 from gateway.console import charts
-from gateway.errors import GatewayError, InputError, NotFound
-from gateway.store.db import Database, transaction
+from gateway.errors import DatabaseUnavailable, GatewayError, InputError, NotFound
+from gateway.logs import database_fault
+from gateway.store.db import Database, fault_reason, transaction
 from gateway.store.store import Store
 from gateway.store.views import MessageFilter, ReadModels
 
@@ -138,8 +139,20 @@ def _headers(response: Response) -> Response:
     return response
 
 
+def _database_away(reason: str) -> Response:
+    """503 for a page the database could not serve now: said once per ten seconds in the log, never with the
+    database's address on the page."""
+    database_fault(log, "console", "database unavailable for console pages: %s", reason)
+    response = _problem(503, "数据库暂时无法访问 (database unavailable)", "网关的数据库暂时无法访问，请稍后再试。"
+                        "(The gateway's database cannot be reached right now; try again in a moment.)")
+    response.headers["Retry-After"] = "5"
+    return response
+
+
 @bp.errorhandler(GatewayError)
 def _gateway_error(exc: GatewayError) -> Response:
+    if isinstance(exc, DatabaseUnavailable):
+        return _database_away(fault_reason(exc) or exc.message)
     status = int(getattr(exc, "http_status", 400) or 400)
     return _problem(status, "无法完成 (could not be done)", exc.message)
 
@@ -152,6 +165,9 @@ def _http_error(exc: HTTPException) -> Response:
 
 @bp.errorhandler(Exception)
 def _unexpected(exc: Exception) -> Response:
+    reason = fault_reason(exc)
+    if reason is not None:  # the database is away, restarting or locked: a passing state, not the gateway's fault
+        return _database_away(reason)
     log.exception("unexpected error on a console page (%s)", type(exc).__name__)
     return _problem(500, "内部错误 (internal error)", "网关处理此页面时出错，已记入日志，请联系信息科。"
                     "(The gateway failed on this page; the error was logged.)")
