@@ -117,7 +117,8 @@ class Settings:
                                          "longer than this, in seconds.")
     restart_limit: int = _opt(5, "`gateway serve` restarts a dead process of its own (HTTP worker, MLLP listener, "
                               "queue reader, background loop); more restarts than this within 10 minutes and the "
-                              "whole gateway stops with a non-zero exit instead of running half.")
+                              "whole gateway stops with a non-zero exit instead of running half. A process that cannot "
+                              "reach the database as it starts is started again until it answers, not counted.")
     hung_restart_after: int = _opt(30, "`gateway serve` kills and starts again a process of its own that has not "
                                    "reported alive for this many seconds, at least 10 (they report every 2 s): an "
                                    "MLLP listener, queue reader, background loop or catch-up that hangs (a blocked "

@@ -130,6 +130,16 @@ def configure(level: str, log_format: str, process: str) -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    psycopg_log = logging.getLogger("psycopg")
+    if _pipeline_end_on_a_lost_connection not in psycopg_log.filters:
+        psycopg_log.addFilter(_pipeline_end_on_a_lost_connection)
+
+
+def _pipeline_end_on_a_lost_connection(record: logging.LogRecord) -> bool:
+    """Leave out psycopg's own WARNING when a pipeline ends on a connection the server ended ("error ignored
+    terminating <psycopg.Pipeline [BAD] at 0x…>: the connection is lost"): the work it was part of has failed and
+    said so in the gateway's words already."""
+    return not (record.levelno == logging.WARNING and record.getMessage().startswith("error ignored terminating"))
 
 
 #: While the database is away, each kind of line about it is written at most once per this many seconds, with how

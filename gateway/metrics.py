@@ -65,7 +65,7 @@ MESSAGES = Counter(
     "gateway_messages", "Messages (units of input) by the channel they came in on (mllp, http, file...), their "
     "format and how they ended: stored, filtered, refused, failed, duplicate; queued when answered on receipt "
     "(counted again with their outcome once the queue reader has worked them); unstored when the database could "
-    "not take them (no answer: the sender sends them again).",
+    "not take them (no answer: the sender sends them again, and each attempt counts).",
     ["channel", "format", "outcome"])
 STAGE_SECONDS = Histogram(
     "gateway_stage_seconds", "Time one message spends in each pipeline stage (parse, map, build, check, sign, "

@@ -328,7 +328,7 @@ class MLLPServer:
             log.warning("mllp connection %s does not read its ACKs: closed", peer)
         except Exception as exc:  # the message could not be stored: no ACK, the sender resends (its raw copy may be
             # kept); while the database is away that is said once per ten seconds above, not once per connection
-            log.log(logging.INFO if _db.fault_reason(exc) is not None else logging.WARNING,
+            log.log(logging.DEBUG if _db.fault_reason(exc) is not None else logging.WARNING,
                     "mllp connection %s closed: a message could not be stored, no ACK sent", peer)
         except asyncio.CancelledError:  # the listener stops (a message may wait for its answer: the database
             # busy; no ACK then, the sender resends). Ended here, not cancelled: Python 3.11's stream protocol

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
+from gateway.logs import database_fault
 from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
@@ -147,8 +148,9 @@ def background_pass(pipeline: Any) -> dict[str, int]:
         reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
     except Exception as exc:  # deliveries still get their turn; the next pass retries
         reason = _db.fault_reason(exc)
-        if reason is not None:  # the database is busy, restarting or gone
-            log.warning("messages left unfinished could not be worked again in this pass: %s", reason)
+        if reason is not None:  # the database is busy, restarting or gone: said once per ten seconds
+            database_fault(log, "rework", "messages left unfinished could not be worked again in this pass: %s",
+                           reason)
         else:
             log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
                       exc_info=_debug())
@@ -218,8 +220,8 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
             background_pass(pipeline)
         except Exception as exc:  # keep delivering; the next pass retries
             reason = _db.fault_reason(exc)
-            if reason is not None:  # the database is busy, restarting or gone
-                log.warning("background pass failed: %s", reason)
+            if reason is not None:  # the database is busy, restarting or gone: said once per ten seconds
+                database_fault(log, "background", "background pass failed: %s", reason)
             else:
                 log.error("background pass failed: %s", _type_and_place(exc), exc_info=_debug())
         finally:
@@ -517,7 +519,9 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
     """Run one part of ``gateway serve`` in this process; the exit status tells the supervisor how it ended.
 
     A configuration error is one line on stderr and exit 2: the supervisor then
-    stops the gateway instead of restarting a part that cannot work.
+    stops the gateway instead of restarting a part that cannot work. A database that cannot be reached (a restart,
+    a failover) is one line and exit :data:`gateway.supervise.DATABASE_AWAY`: the supervisor starts the part again
+    until it answers, without counting those restarts against ``restart_limit``.
     """
     from gateway.errors import ConfigError
 
@@ -546,6 +550,12 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
 
         if debug_wanted():
             raise
+        from gateway.supervise import DATABASE_AWAY
+
+        if fault_reason(exc) is not None:  # the supervisor starts it again, not counting it against restart_limit
+            print(f"gateway: {part} could not reach the database ({fault_reason(exc)}); `gateway serve` starts it "
+                  "again every few seconds until it answers", file=sys.stderr)
+            return DATABASE_AWAY
         if fault_reason(exc) is not None or isinstance(exc, OSError):
             reason = (fault_reason(exc) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
             print(f"gateway: {part} stopped: the database or its folder cannot be used right now ({reason})",

@@ -13,7 +13,10 @@ waiting for it to be done (``after``) before they start. SIGTERM or
 SIGINT stops every child (gracefully, then by force after ``grace`` seconds)
 and exits 0. A child that exits with status 2 has refused its configuration
 (it says why on stderr): restarting it cannot help, so the gateway stops with
-exit status 2.
+exit status 2. A child that exits with :data:`DATABASE_AWAY` could not reach the database as it started (a
+restart, a failover): it is started again every few seconds until the database answers, and those restarts do not
+count against ``restart_limit`` — an outage of the database never stops the gateway (the parts that run answer
+503 or no ACK meanwhile, and the log says so).
 
 What runs, what died and how often is kept in the run folder's ``serve.json``
 (:mod:`gateway.heartbeat`), where ``/health`` reads it. When the parts count
@@ -34,7 +37,10 @@ from typing import Any
 
 from gateway.heartbeat import beat_stamp, boot_id, process_start, write_manifest
 
-__all__ = ["Part", "Supervisor", "WINDOW_SECONDS", "describe_exit"]
+__all__ = ["Part", "Supervisor", "WINDOW_SECONDS", "describe_exit", "DATABASE_AWAY"]
+
+#: Exit status of a part that could not reach the database as it started (EX_TEMPFAIL, sysexits.h).
+DATABASE_AWAY = 75
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +190,11 @@ class Supervisor:
                               part.proc.pid, describe_exit(code))
                     self.exit_code = 2
                     return False
+                if code == DATABASE_AWAY:  # (the part said why): tried again until the database answers, not counted
+                    part.due = now + self.backoff_cap
+                    log.info("%s (pid %d) could not reach the database; starting it again in %.1f s", part.title,
+                             part.proc.pid, self.backoff_cap)
+                    continue
                 if len(self.restart_times) >= self.restart_limit:
                     log.error("%s (pid %d) died with %s; %d restarts within %d minutes already (restart_limit "
                               "%d): stopping the whole gateway", part.title, part.proc.pid, how,

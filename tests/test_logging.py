@@ -190,3 +190,23 @@ def test_database_faults_are_one_warning_in_the_database_s_words_not_an_error_pe
     (record,) = caplog.records
     assert record.levelname == "ERROR" and "internal error in stage map" in record.getMessage()
     assert "KeyError at test_logging.py:" in record.getMessage() and "王建国" not in record.getMessage()
+
+
+def test_psycopg_s_own_line_about_a_pipeline_on_a_lost_connection_is_left_out(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """psycopg warns, naming a Python object, when a pipeline ends on a connection the server ended; the work it
+    was part of has failed and said so in the gateway's words. Its other warnings still reach the log."""
+    from gateway.logs import configure
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        configure("INFO", "text", "test")
+        psycopg_log = logging.getLogger("psycopg")
+        psycopg_log.warning("error ignored terminating %r: the connection is lost", "<psycopg.Pipeline [BAD] at 0x1>")
+        psycopg_log.warning("some other thing psycopg has to say")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "Pipeline [BAD]" not in err and "some other thing psycopg has to say" in err

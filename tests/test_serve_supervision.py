@@ -57,6 +57,38 @@ def test_a_part_that_keeps_dying_stops_every_part(tmp_path: Path, caplog: pytest
     assert not (tmp_path / "serve.json").exists(), "nothing is left to say a gateway runs"
 
 
+def test_a_part_that_cannot_reach_the_database_is_started_again_without_counting_against_the_limit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A part restarted while the database is away (a restart, a failover) exits DATABASE_AWAY at once, again and
+    again: it is started again until the database answers, and an outage never stops the whole gateway."""
+    import threading
+
+    from gateway.supervise import DATABASE_AWAY
+
+    tries = tmp_path / "tries"
+    code = ("import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) if p.exists() else 0;"
+            f" p.write_text(str(n + 1)); sys.exit({DATABASE_AWAY}) if n < 4 else time.sleep(60)")
+    parts = [Part("queue", "queue reader", stand_in(code) + [str(tries)]),
+             Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
+    supervisor = Supervisor(parts, restart_limit=1, run_dir=tmp_path, backoff=0.05, backoff_cap=0.2, grace=5)
+
+    def stop_once_it_runs() -> None:
+        deadline = time.monotonic() + 30
+        while not (tries.exists() and tries.read_text() == "5") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # running, not exited again
+        supervisor.stopping = True
+
+    threading.Thread(target=stop_once_it_runs, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="gateway.supervise"):
+        assert supervisor.run() == 0  # stopped as asked, not over restart_limit 1
+    assert tries.read_text() == "5" and parts[0].restarts == 4
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not said, said
+    waits = [r.getMessage() for r in caplog.records if "could not reach the database" in r.getMessage()]
+    assert len(waits) == 4 and all("starting it again in 0.2 s" in w for w in waits), waits
+
+
 def test_a_part_that_refuses_its_configuration_stops_the_gateway_with_2(tmp_path: Path) -> None:
     parts = [Part("queue", "queue reader", stand_in("import sys; sys.exit(2)")),
              Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
@@ -608,6 +640,31 @@ def test_a_part_that_cannot_open_its_database_stops_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("gateway: background stopped: the database or its folder cannot be used right now (")
+
+
+def test_a_part_that_cannot_reach_its_postgresql_says_so_and_asks_to_be_started_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A part started while PostgreSQL is away: one line in the database's words, and DATABASE_AWAY (the supervisor
+    starts it again until the database answers, not counting it against restart_limit), for each kind of part."""
+    from gateway import serve
+    from gateway.supervise import DATABASE_AWAY
+
+    world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": "http://127.0.0.1:9"},
+                        members=("tongjiang",))  # a member with its keys and registry: its pipeline opens the database
+    settings = world.gateways["tongjiang"].settings.replace(mllp_ack="received",
+                                                            database="postgresql://gw@127.0.0.1:1/gw")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        for part in ("queue",):
+            assert serve.run_part(settings, part, None) == DATABASE_AWAY, part
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("gateway: ")]
+    assert len(err) == 1 and not any("Traceback" in line for line in err), err
+    assert all(" could not reach the database (cannot connect to the PostgreSQL database" in line
+               and "starts it again every few seconds until it answers" in line for line in err), err
 
 
 def test_a_data_directory_that_cannot_be_written_stops_the_start_naming_it(
