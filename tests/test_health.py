@@ -214,6 +214,11 @@ def test_a_dead_listener_fails_health_by_name(gw: Any, child: Any) -> None:
                                                   "it is being restarted; restarted 2 time(s)")
     assert body["checks"]["background"] == {"ok": True, "detail": "background loop alive"}
     assert body["checks"]["http"] == {"ok": True, "detail": "1 of 1 HTTP worker(s) running"}
+    _manifest(gw, {"queue": _part("queue reader", child.pid, state="restarting", last_exit=75, restarts=3)})
+    status, body = health(gw)  # restarted while the database was away: said as such, not as a death
+    assert status == 503 and body["checks"]["queue"]["detail"] == (
+        "queue reader could not reach the database as it started; it is started again until the database "
+        "answers; restarted 3 time(s)")
 
 
 def test_a_hung_part_and_a_vanished_one_fail_health(gw: Any, child: Any) -> None:

@@ -55,7 +55,7 @@ def _age(stamp: str | None, now: _dt.datetime) -> float | None:
 def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
     """Checks of the processes of ``gateway serve`` (none when the API runs on its own)."""
     from gateway.heartbeat import beat_age, pid_alive, read_manifest, run_dir
-    from gateway.supervise import describe_exit
+    from gateway.supervise import DATABASE_AWAY, describe_exit
 
     folder = run_dir(settings)
     manifest = read_manifest(folder)
@@ -82,6 +82,10 @@ def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
             continue
         if not running:
             last = part.get("last_exit")
+            if last is not None and int(last) == DATABASE_AWAY:
+                checks[name] = _check(False, f"{title} could not reach the database as it started; it is started "
+                                             f"again until the database answers{again}")
+                continue
             how = f"died with {describe_exit(int(last))}" if last is not None else "is not running"
             checks[name] = _check(False, f"{title} {how}; it is being restarted{again}")
             continue
