@@ -547,17 +547,17 @@ def run_part(settings: Settings, part: str, fd: int | None) -> int:
     except Exception as exc:  # (a disk that fills while the part starts): one line, and the supervisor restarts it
         from gateway.logs import debug_wanted
         from gateway.store.db import fault_reason
+        from gateway.supervise import DATABASE_AWAY
 
         if debug_wanted():
             raise
-        from gateway.supervise import DATABASE_AWAY
-
-        if fault_reason(exc) is not None:  # the supervisor starts it again, not counting it against restart_limit
-            print(f"gateway: {part} could not reach the database ({fault_reason(exc)}); `gateway serve` starts it "
-                  "again every few seconds until it answers", file=sys.stderr)
+        reason = fault_reason(exc)
+        if reason is not None:  # the supervisor starts it again, not counting it against restart_limit
+            print(f"gateway: {part} could not reach the database ({reason}); `gateway serve` starts it again every "
+                  "few seconds until it answers", file=sys.stderr)
             return DATABASE_AWAY
-        if fault_reason(exc) is not None or isinstance(exc, OSError):
-            reason = (fault_reason(exc) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+        if isinstance(exc, OSError):
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             print(f"gateway: {part} stopped: the database or its folder cannot be used right now ({reason})",
                   file=sys.stderr)
         else:
