@@ -142,18 +142,15 @@ def _debug() -> bool:
 
 def background_pass(pipeline: Any) -> dict[str, int]:
     """One round of background work: work again what a dead process left unfinished, deliver what is due, make
-    an audit checkpoint when one is due."""
+    an audit checkpoint when one is due. The database away ends the round (raised: the loop says so)."""
     done: dict[str, int] = {}
     try:
         reworked = pipeline.rework_abandoned(ABANDONED_PER_PASS, ABANDONED_SECONDS)
     except Exception as exc:  # deliveries still get their turn; the next pass retries
-        reason = _db.fault_reason(exc)
-        if reason is not None:  # the database is busy, restarting or gone: said once per ten seconds
-            database_fault(log, "rework", "messages left unfinished could not be worked again in this pass: %s",
-                           reason)
-        else:
-            log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
-                      exc_info=_debug())
+        if _db.fault_reason(exc) is not None:  # the database is busy, restarting or gone: nothing else of the pass
+            raise  # can be done either; the loop says so (once per ten seconds)
+        log.error("messages left unfinished could not be worked again in this pass: %s", _type_and_place(exc),
+                  exc_info=_debug())
         reworked = 0
     if reworked:
         done["reworked"] = reworked
