@@ -178,6 +178,10 @@ def http_request(method: str, route: str, status: int, seconds: float) -> None:
 # -- facts of the database ------------------------------------------------------------------
 
 
+#: Help of ``gateway_database_up``.
+_DATABASE_UP = "Whether the database answered this scrape (1) or not (0: the figures read from it are left out)."
+
+
 class DatabaseFacts:
     """A ``prometheus_client`` collector of what the database says now (read-only queries of
     :class:`gateway.store.views.ReadModels`, each indexed).
@@ -204,11 +208,9 @@ class DatabaseFacts:
 
             database_fault(log, "metrics", "metrics: the database cannot be read (%s)",
                            fault_reason(exc) or type(exc).__name__)
-            yield GaugeMetricFamily("gateway_database_up", "Whether the database answered this scrape (1) or not "
-                                    "(0: the figures read from it are left out).", value=0)
+            yield GaugeMetricFamily("gateway_database_up", _DATABASE_UP, value=0)
             return
-        yield GaugeMetricFamily("gateway_database_up", "Whether the database answered this scrape (1) or not "
-                                "(0: the figures read from it are left out).", value=1)
+        yield GaugeMetricFamily("gateway_database_up", _DATABASE_UP, value=1)
         yield from first
         for part in (self._outbox, self._recognition, self._checkpoint, self._registry):
             try:

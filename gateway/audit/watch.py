@@ -128,18 +128,18 @@ def maybe_check_beside(locator: Path | str, folder: Path, member: str | None, cl
             return None
 
         def walk() -> None:
-            from gateway.store.db import connect
+            from gateway.store.db import connect, fault_reason
 
             try:
                 db = connect(locator)
             except Exception as exc:  # noqa: BLE001 - the next pass asks again
                 log.warning("the audit log could not be checked: its database cannot be opened (%s)",
-                            type(exc).__name__)
+                            fault_reason(exc) or type(exc).__name__)
                 return
             try:
                 check(db, folder, member, clock)
             except Exception as exc:  # noqa: BLE001 - said; the next pass asks again
-                log.warning("the audit log could not be checked: %s", type(exc).__name__)
+                log.warning("the audit log could not be checked: %s", fault_reason(exc) or type(exc).__name__)
             finally:
                 try:
                     db.conn.close()
