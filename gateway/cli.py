@@ -131,7 +131,11 @@ def get_settings(ctx: click.Context, *, service: bool = False, **flags: Any) -> 
     overrides.update({k: v for k, v in flags.items() if v is not None})
     settings = load_settings(root.obj.get("config"), overrides)
     level = settings.log_level if service or "log_level" in overrides else "WARNING"
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gateway.logs import TextFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TextFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
     return settings
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from gateway.errors import ConfigError
 
-__all__ = ["FORMATS", "TEXT_FORMAT", "JsonFormatter", "configure", "check_format", "request_context",
+__all__ = ["FORMATS", "TEXT_FORMAT", "TextFormatter", "JsonFormatter", "configure", "check_format", "request_context",
            "current_request", "request_id", "database_fault", "DATABASE_FAULT_LOG_EVERY"]
 
 FORMATS = ("text", "json")
@@ -75,6 +75,21 @@ def check_format(value: str) -> str:
     return value
 
 
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, stamped as the JSON lines, ACKs and ``gateway messages list`` are: local time with its
+    UTC offset, to the millisecond (``2026-12-07T08:32:04.642+08:00``), so that a line can be set beside them."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's
+        return _stamp(record)
+
+
+def _stamp(record: logging.LogRecord) -> str:
+    return _dt.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: timestamp, level, process, logger, message and the request's fields."""
 
@@ -83,9 +98,8 @@ class JsonFormatter(logging.Formatter):
         self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = _dt.datetime.fromtimestamp(record.created).astimezone()
         line: dict[str, Any] = {
-            "timestamp": stamp.isoformat(timespec="milliseconds"),
+            "timestamp": _stamp(record),
             "level": record.levelname,
             "process": self.process,
             "pid": record.process,
@@ -128,7 +142,7 @@ def configure(level: str, log_format: str, process: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     psycopg_log = logging.getLogger("psycopg")
     if _pipeline_end_on_a_lost_connection not in psycopg_log.filters:

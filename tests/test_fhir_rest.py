@@ -92,6 +92,47 @@ def test_count_only_searchset_has_total_and_no_next_link(loaded, query, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_count_above_the_page_size_gives_full_pages_said_in_the_page(loaded, monkeypatch, tmp_path) -> None:
+    """R4 search: a server returns no more than _count, and may return fewer; a client asking for large pages gets
+    this server's page size, the next link carrying on, instead of a 400."""
+    import gateway.api.fhir as fhir_api
+
+    everything = {e["resource"]["id"] for e in loaded.get("/fhir/Observation?_count=200").get_json()["entry"]}
+    assert len(everything) > 3
+    monkeypatch.setattr(fhir_api, "_MAX_COUNT", 3)
+    resp = loaded.get("/fhir/Observation?_count=500")
+    body = resp.get_json()
+    assert resp.status_code == 200 and body["total"] == len(everything)
+    matches = [e for e in body["entry"] if e["search"]["mode"] == "match"]
+    said = [e for e in body["entry"] if e["search"]["mode"] == "outcome"]
+    assert len(matches) == 3 and len(said) == 1
+    issue = said[0]["resource"]["issue"][0]
+    assert issue["severity"] == "information" and issue["expression"] == ["_count"]
+    assert "500" in issue["diagnostics"] and "3 per page" in issue["diagnostics"]
+    links = {link["relation"]: link["url"] for link in body["link"]}
+    assert "_count=3" in links["self"] and "_count=3" in links["next"]
+    path = tmp_path / "page.json"
+    path.write_text(json.dumps(body), encoding="utf-8")
+    result = validate_fhir([path])
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = {e["resource"]["id"] for e in matches}
+    url = links["next"]
+    while url:  # the next links hold the rest, each match once; asked as the server wrote them, nothing more is said
+        page = loaded.get(url.replace("http://localhost", "")).get_json()
+        assert all(e["search"]["mode"] == "match" for e in page.get("entry", []))
+        ids = {e["resource"]["id"] for e in page.get("entry", [])}
+        assert ids.isdisjoint(seen)
+        seen |= ids
+        url = next((link["url"] for link in page["link"] if link["relation"] == "next"), "")
+    assert seen == everything
+    history = loaded.get("/fhir/Observation/_history?_count=500").get_json()
+    following = next(link["url"] for link in history["link"] if link["relation"] == "next")
+    assert len(history["entry"]) == 3 and "_count=3" in following
+    for wrong in ("-1", "x", "１２"):
+        assert_outcome(loaded.get(f"/fhir/Observation?_count={wrong}"), 400)
+        assert_outcome(loaded.get(f"/fhir/Observation/_history?_count={wrong}"), 400)
+
+
 def test_summary_other_than_count_is_refused_naming_it(loaded) -> None:
     body = assert_outcome(loaded.get("/fhir/Observation?_summary=text"), 400)
     assert body["issue"][0]["expression"] == ["_summary"]

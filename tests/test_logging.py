@@ -116,13 +116,15 @@ Client(access_log(Response("ok"))).get("/registry/snapshot?q=511921196612120011"
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_a_process_writes_its_lines_in_the_configured_format(fmt: str) -> None:
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, fmt], capture_output=True, text=True, timeout=60)
+    # stamped in local time with its offset, as the JSON lines, ACKs and `gateway messages list` are
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, fmt], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TZ": "Asia/Shanghai"})
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 2, lines
     assert "511921196612120011" not in done.stderr
     if fmt == "text":
-        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+08:00"
         assert re.fullmatch(rf"{stamp} INFO gateway\.test: started", lines[0]), lines[0]
         assert re.fullmatch(rf'{stamp} INFO gateway\.access: - "GET /registry/snapshot" 200 \d+\.\d{{3}}s '
                             r'user=- id=[0-9a-f]{32}', lines[1]), lines[1]
@@ -131,6 +133,7 @@ def test_a_process_writes_its_lines_in_the_configured_format(fmt: str) -> None:
         assert first["process"] == access["process"] == "http-3" and first["message"] == "started"
         assert access["route"] == "/registry/snapshot" and access["status"] == 200
         assert re.fullmatch(r"[0-9a-f]{32}", access["request_id"]) and access["pid"] > 0
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+08:00", first["timestamp"])
 
 
 def test_an_unknown_log_format_stops_the_start_with_one_line(tmp_path: Path) -> None:

@@ -338,7 +338,7 @@ def task_search() -> Response:
     if unknown and not prefers_lenient(request.headers.get("Prefer", "")):
         raise InvalidSearch(f"search parameter {shown(unknown[0])} is not supported for Task (supported: status, "
                             "focus)", unknown[0][:_MAX_NAME], code="not-supported")
-    count = _int_param("_count", 100, 0, 1000)
+    count = _int_param("_count", 100, 0, 1000)  # (no next link here: a larger page is refused, not cut short)
     rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
                                           limit=count + 1 if count else 1_000_000)  # (_count=0: the total only)
     base = public_root()
@@ -397,7 +397,7 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     before (``_page_until``, ``_page_after`` in the ``next`` link): versions made meanwhile neither repeat nor
     shift them.
     """
-    count = _int_param("_count", 20, 0, _MAX_COUNT)
+    count, _ = _page_size(20, _MAX_COUNT)  # (a history Bundle has no outcome entry: its links say the page size)
     offset = _int_param("_offset", 0, 0, 10_000_000)
     lenient = prefers_lenient(request.headers.get("Prefer", ""))
     taken = ("_count", "_offset", "_format", "_pretty", "_since", "_page_until", "_page_after", "_total")
@@ -496,6 +496,26 @@ def _int_param(name: str, default: int, low: int, high: int, args: MultiDict[str
     return value
 
 
+def _page_size(default: int, most: int, args: MultiDict[str, str] | None = None) -> tuple[int, Issue | None]:
+    """``_count``: how many matches a page holds (``default`` without it), and what the page says when it was asked
+    for more than ``most``: then it holds ``most`` (R4 search: a server returns no more than asked, and may return
+    fewer; the ``next`` link carries on from there), rather than refusing a client that asks for large pages.
+
+    :raises InvalidSearch: not a whole number, or a negative one.
+    """
+    raw = (request.args if args is None else args).get("_count")
+    if raw is None:
+        return default, None
+    value = int(raw) if _WHOLE.fullmatch(raw.strip()) else None
+    if value is None or value < 0:
+        raise InvalidSearch(f"_count must be a whole number, 0 or more, not {shown(raw)}", "_count")
+    if value <= most:
+        return value, None
+    return most, Issue("information", "informational", "_count",
+                       f"_count {shown(raw.strip()[:20])} is more than this server puts in one page: {most} per page, "
+                       "the next link gives the rest")
+
+
 @bp.get("/<rtype>")
 @require_role("submitter", "admin")
 def search(rtype: str) -> Response:
@@ -529,7 +549,7 @@ def search_posted(rtype: str) -> Response:
 
 def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     _known_type(rtype)
-    count = _int_param("_count", 20, 0, _MAX_COUNT, args)
+    count, fewer = _page_size(20, _MAX_COUNT, args)
     summary = args.get("_summary")
     if summary == "false":  # (R4: the whole resources, as without it)
         summary = None
@@ -606,11 +626,14 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                             "search": {"mode": "match"}} for r in result.resources]
         bundle["entry"] += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
                              "search": {"mode": "include"}} for r in included]
-    if cut:  # said in the page itself (R4: an OperationOutcome entry of search mode "outcome"), never silently
-        bundle.setdefault("entry", []).append({"resource": operation_outcome([Issue(
+    said = [fewer] if fewer is not None and not summary else []
+    if cut:
+        said.append(Issue(
             "warning", "too-costly", "_include", f"_include and _revinclude would add more than {_MAX_INCLUDED} "
             f"resources to this page: the first {_MAX_INCLUDED} are included; ask for fewer matches per page "
-            "(_count) to have all of them")]), "search": {"mode": "outcome"}})
+            "(_count) to have all of them"))
+    if said:  # said in the page itself (R4: an OperationOutcome entry of search mode "outcome"), never silently
+        bundle.setdefault("entry", []).append({"resource": operation_outcome(said), "search": {"mode": "outcome"}})
     return fhir_response(bundle)
 
 
