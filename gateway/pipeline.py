@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import enum
+import functools
 import hashlib
 import logging
 import threading
@@ -130,6 +131,8 @@ class Outcome:
     decided: Any = None  # received: the recognition decisions, ready to record (gateway.recognition.record.Decided)
     prepared: Any = None  # ``bundle``'s rows as Store.prepare made them before the write lock was taken, or None
     packed: bytes | None = None  # ``signed`` deflated as it is kept (gateway.store.exchange.packed), made beforehand
+    #: the answer made again from what storing made of each resource (Channel.answer_stored), replacing ``answer``
+    answer_after: Callable[[list[Any]], bytes] | None = None
 
     @property
     def errors(self) -> list[Issue]:
@@ -160,6 +163,10 @@ class Channel:
     #: first by Pipeline._work; a unit they fail on is worked again by this channel's own. (Code that replaces
     #: this channel's adapter, map or build replaces them here too, or sets this to None.)
     fast: Channel | None = None
+    #: (message, what storing made of each resource: gateway.store.store.Written) -> the answer of a stored unit,
+    #: made as its outcome is recorded (a FHIR transaction-response saying which resources were created and which
+    #: are new versions); ``answer`` gives it until then and whenever storing fails
+    answer_stored: Callable[[SourceMessage, list[Any]], bytes] | None = None
 
 
 @dataclass
@@ -441,8 +448,26 @@ class Pipeline:
             return jsonutil.dumps({"resourceType": "Bundle", "type": "transaction-response",
                                    "entry": entries}).encode("utf-8")
 
+        def answer_stored(msg: SourceMessage, written: list[Any]) -> bytes:
+            """Each entry as R4 says a transaction-response gives it: ``201 Created`` for a resource stored for the
+            first time, ``200 OK`` for a new version of one stored before or for the same content again (its
+            version stays current), with the version's location, ETag and time."""
+            became = {(w.type, w.id): w for w in written}
+            entries = []
+            for e in msg.extra["bundle"].get("entry", []):
+                rtype, rid = e["resource"]["resourceType"], e["resource"]["id"]
+                w = became.get((rtype, rid))
+                if w is None:  # (every resource of a stored Bundle is written: said as the answer made before)
+                    entries.append({"response": {"status": "201 Created", "location": f"{rtype}/{rid}"}})
+                    continue
+                entries.append({"response": {"status": "201 Created" if w.change == "created" else "200 OK",
+                                             "location": f"{rtype}/{rid}/_history/{w.version}",
+                                             "etag": f'W/"{w.version}"', "lastModified": w.last_updated}})
+            return jsonutil.dumps({"resourceType": "Bundle", "type": "transaction-response",
+                                   "entry": entries}).encode("utf-8")
+
         return Channel(format="fhir", adapter=adapter, map=lambda msg: None, build=build, answer=answer,
-                       code_for=ack_code_for, answer_type="application/fhir+json")
+                       code_for=ack_code_for, answer_type="application/fhir+json", answer_stored=answer_stored)
 
     def add_channel(self, channel: Channel) -> None:
         """Take another input format (CDA, CDC CSV, ...)."""
@@ -1159,6 +1184,8 @@ class Pipeline:
         outcome = Outcome(status, msg.label(), ack_code=code, issues=list(msg.issues), record_id=repeat.id,
                           message=msg, filtered_reason=first.status if repeat.kind == "duplicate" else "")
         outcome.answer = self._answer(ch, outcome)
+        if repeat.kind == "duplicate" and ch.answer_stored is not None and first.status == "stored" and first.ack:
+            outcome.answer = first.ack  # what storing it made of each resource, as the first copy was answered
         return outcome
 
     def _busy(self, ch: Channel, unit: RawUnit, existing: Any) -> Outcome:
@@ -1270,6 +1297,8 @@ class Pipeline:
         watch.record()
         outcome.record_id = record_id
         outcome.answer = self._answer(ch, outcome)
+        if ch.answer_stored is not None and outcome.status is Status.STORED and outcome.message is not None:
+            outcome.answer_after = functools.partial(ch.answer_stored, outcome.message)
         return outcome
 
     def _results_left_out(self, bundle: dict[str, Any]) -> list[Issue]:
@@ -1501,7 +1530,8 @@ class Pipeline:
             if not store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                                 ack=outcome.answer if outcome.answer or outcome.direction == "issued" else None,
                                 issues=outcome.issues, bundle=stored, prepared=prepared,
-                                owner=lease_owner() if held else None):
+                                owner=lease_owner() if held else None,
+                                ack_for=self._answer_stored(outcome) if stored is not None else None):
                 return False
             if outcome.signed is not None and stored is not None:
                 SignedBundles(db).keep_bundle(outcome.signed_bundle or stored, outcome.signed_digest,
@@ -1516,6 +1546,25 @@ class Pipeline:
             for hook in self.after_store:
                 hook(db, outcome)
         return True
+
+    @staticmethod
+    def _answer_stored(outcome: Outcome) -> Callable[[list[Any]], bytes] | None:
+        """What :meth:`Store.finish` makes the kept answer with (``ack_for``), when the outcome's channel makes its
+        answer from what storing did (:attr:`Channel.answer_stored`): it becomes the outcome's answer too. The answer
+        made before stays the outcome's when this one cannot be made (logged)."""
+        after = outcome.answer_after
+        if after is None:
+            return None
+
+        def answer(written: list[Any]) -> bytes:
+            try:
+                outcome.answer = after(written)
+            except Exception as exc:  # noqa: BLE001 - the answer made before says the same, less precisely
+                log.error("the answer of message record=%s could not be made from what was stored (%s at %s); "
+                          "the one made before it is kept", outcome.record_id, type(exc).__name__,
+                          code_place(exc.__traceback__))
+            return outcome.answer
+        return answer
 
     def _supersede(self, outcome: Outcome) -> None:
         """A stored report that corrects one stored before (or that a stored correction supersedes): the

@@ -97,6 +97,65 @@ def test_a_bundle_resent_under_its_identifier_is_told_apart_by_its_content(clien
     assert fixed.status_code == 201, fixed.get_data(as_text=True)
 
 
+def test_the_transaction_response_says_what_each_entry_became(client, tmp_path) -> None:
+    """R4 transaction-response: each entry's status (201 Created for a resource new here, 200 OK for a new version
+    or for the same content again), the version's location, ETag and time; as the server then serves them."""
+    from conftest import validate_fhir
+
+    first = as_transaction(GOLDEN)
+    resp = client.post("/fhir", data=json.dumps(first), content_type="application/fhir+json")
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    answered = resp.get_json()["entry"]
+    assert [e["response"]["status"] for e in answered] == ["201 Created"] * len(first["entry"])
+    for sent, got in zip(first["entry"], answered):
+        rtype, rid = sent["resource"]["resourceType"], sent["resource"]["id"]
+        assert got["response"]["location"] == f"{rtype}/{rid}/_history/1" and got["response"]["etag"] == 'W/"1"'
+        served = client.get(f"/fhir/{rtype}/{rid}")
+        assert served.headers["ETag"] == 'W/"1"'
+        assert served.get_json()["meta"]["lastUpdated"] == got["response"]["lastModified"]
+    path = tmp_path / "response.json"
+    path.write_text(resp.get_data(as_text=True), encoding="utf-8")
+    result = validate_fhir([path])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # the same report corrected, in a new Bundle: the changed result is a new version, the rest stay as they were
+    changed = copy.deepcopy(first)
+    changed["identifier"] = {"system": "urn:ietf:rfc:3986", "value": "urn:uuid:3f1c6a52-2b1e-4f0e-8a77-5c2d9e4b7a10"}
+    n, obs = next((n, e["resource"]) for n, e in enumerate(changed["entry"])
+                  if e["resource"]["resourceType"] == "Observation")
+    obs["status"], obs["valueQuantity"]["value"] = "corrected", 9.9
+    again = client.post("/fhir", data=json.dumps(changed), content_type="application/fhir+json")
+    assert again.status_code == 201, again.get_data(as_text=True)
+    entries = again.get_json()["entry"]
+    assert entries[n]["response"]["status"] == "200 OK"
+    assert entries[n]["response"]["location"] == f"Observation/{obs['id']}/_history/2"
+    assert client.get(f"/fhir/Observation/{obs['id']}").headers["ETag"] == 'W/"2"'
+    unchanged = [e["response"] for m, e in enumerate(entries) if m != n]
+    assert {(r["status"], r["etag"]) for r in unchanged} == {("200 OK", 'W/"1"')}
+    assert [r["lastModified"] for r in unchanged] == [e["response"]["lastModified"]
+                                                      for m, e in enumerate(answered) if m != n]
+    # a resend of that Bundle is answered with the answer kept
+    resent = client.post("/fhir", data=json.dumps(changed), content_type="application/fhir+json")
+    assert resent.status_code == 200 and resent.get_json() == again.get_json()
+
+
+def test_a_transaction_response_that_cannot_be_made_leaves_the_plain_one(client, app, monkeypatch, caplog) -> None:
+    """Storing does not hang on the answer: when the answer cannot be made from what was stored, the one made before
+    (every entry 201 Created at its resource) is given and kept, and the log says so without patient data."""
+    pipe = app.extensions["gateway.pipeline"]
+
+    def broken(msg, written):
+        raise KeyError("500102197506152342")
+
+    monkeypatch.setattr(pipe.channel("fhir"), "answer_stored", broken)
+    resp = client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)), content_type="application/fhir+json")
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    assert {e["response"]["status"] for e in resp.get_json()["entry"]} == {"201 Created"}
+    assert client.get("/fhir/DiagnosticReport?patient.identifier=500102197506152342").get_json()["total"] == 1
+    said = [r for r in caplog.records if "could not be made from what was stored" in r.getMessage()]
+    assert len(said) == 1 and "500102197506152342" not in said[0].getMessage()
+
+
 @pytest.mark.parametrize("change, where, text", [
     (lambda r: r.update(url="Patient/someone-else"), "request.url", "names another resource than the entry's"),
     (lambda r: r.update(ifMatch='W/"99"'), "request.ifMatch", "conditional ifMatch is not evaluated"),

@@ -55,7 +55,7 @@ from gateway.store.db import Database, connect, dialect, spilling, transaction
 __all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
            "ensure_patient_keys",
            "lease_owner", "holder_alive", "holder_state", "UNSTORABLE", "fold_string",
-           "Prepared"]
+           "Prepared", "Written"]
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,8 @@ class StorePort(Protocol):
 
     def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
                issues: list[Issue], bundle: dict[str, Any] | None = ...,
-               prepared: Prepared | None = ..., owner: str | None = ...) -> bool: ...
+               prepared: Prepared | None = ..., owner: str | None = ...,
+               ack_for: Callable[[list[Written]], bytes] | None = ...) -> bool: ...
 
     def fail_in_flight(self, keep: tuple[str, ...] = ...) -> int: ...
 
@@ -660,14 +661,16 @@ class Store:
 
     def finish(self, record_id: int, *, status: str, ack_code: str | None, ack: bytes | None,
                issues: list[Issue], bundle: dict[str, Any] | None = None, prepared: Prepared | None = None,
-               owner: str | None = None) -> bool:
+               owner: str | None = None, ack_for: Callable[[list[Written]], bytes] | None = None) -> bool:
         """Record the outcome of a message, and its resources, in one transaction; its lease ends.
 
         Inside a caller's :meth:`unit_of_work` it joins it, and the caller's records commit with it.
         ``prepared``: ``bundle`` as :meth:`prepare` made it before the unit of work began (made here otherwise).
         ``owner``: the lease this outcome was worked under; when another process
         has taken the message over since (this one's lease ran out), nothing is
-        written and False is returned.
+        written and False is returned. ``ack_for``: the answer kept with the message made from what became of each
+        of ``bundle``'s resources (:class:`Written`, in the Bundle's order) instead of ``ack``: an answer that says
+        which resources were created and which are new versions (a FHIR transaction-response).
         """
         now = _now(self.clock)
         if prepared is None and bundle is not None:
@@ -689,8 +692,9 @@ class Store:
                         log.warning("message %s was taken over by another process; this outcome is not recorded",
                                     record_id)
                         return False
-                if prepared is not None:
-                    self._save_prepared(prepared, record_id, now, looked)
+                written = self._save_prepared(prepared, record_id, now, looked) if prepared is not None else []
+                if ack_for is not None:
+                    ack = ack_for(written)
                 self.db.execute(
                     "UPDATE messages SET status = ?, ack_code = ?, ack = ?, issues = ?, bundle_id = ?,"
                     " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
@@ -765,12 +769,10 @@ class Store:
         return Prepared(stored, by_ref.get, first)
 
     def _save_prepared(self, prepared: Prepared, record_id: int, now: str,
-                       looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> None:
+                       looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> list[Written]:
         if prepared.first is None:
-            for res in prepared.resources:
-                self._put_all([res], record_id, now, prepared.resolve)
-            return
-        self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first, looked=looked)
+            return [w for res in prepared.resources for w in self._put_all([res], record_id, now, prepared.resolve)]
+        return self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first, looked=looked)
 
     # On PostgreSQL the rows of a Bundle are written with one statement per table (arrays of column values,
     # ``unnest``), sent together in pipeline mode; SQLite, in-process, runs its statements row by row. ``batched``
@@ -820,8 +822,9 @@ class Store:
 
     def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
                  first: list[_Rows] | None = None, *,
-                 looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> None:
-        """Store distinct resources as new versions, with one statement of each kind; inside a transaction.
+                 looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> list[Written]:
+        """Store distinct resources as new versions, with one statement of each kind; inside a transaction. Returns
+        what became of each, in order (:class:`Written`).
 
         An identical resend is not a new version; a changed resource keeps its
         ``rid``, its previous version goes to ``resource_history`` and its index
@@ -840,13 +843,16 @@ class Store:
         tokens: list[tuple[str, str, str, str, int]] = []
         dates: list[tuple[str, str, float, float, int]] = []
         strings: list[tuple[str, str, str, str, int]] = []
+        written: list[Written] = []
         for n, res in enumerate(resources):
             rtype, rid = res["resourceType"], res["id"]
             old = current.get((rtype, rid))
             if old is not None:
                 row_number, old_version, old_updated, old_ref, old_json = old
                 if _same_content(old_json, res):
-                    continue  # a resent or re-converted identical resource is not a new version
+                    # a resent or re-converted identical resource is not a new version
+                    written.append(Written(rtype, rid, old_version, old_updated, "unchanged"))
+                    continue
                 history.append((rtype, rid, old_version, old_updated, old_ref, old_json))
                 replaced.append(row_number)
                 text, found_tokens, found_dates = _rows_of(_versioned(res, old_version + 1, now), resolve)
@@ -856,6 +862,7 @@ class Store:
                 made = first[n] if first is not None else _first_version(res, now, resolve)
                 text, found_tokens, found_dates = made
                 version = 1
+            written.append(Written(rtype, rid, version, now, "created" if version == 1 else "updated"))
             rows.append((row_number, rtype, rid, version, now, record_id, text))
             tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
             dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
@@ -863,7 +870,7 @@ class Store:
         if self._batched():
             with self._pipelined():
                 _write_columns(conn, history, replaced, rows, tokens, dates, strings)
-            return
+            return written
         if history:
             conn.executemany("INSERT INTO resource_history (type, id, version, last_updated, message_ref, json)"
                              " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", history)
@@ -873,6 +880,7 @@ class Store:
         if rows:
             conn.executemany(_UPSERT_RESOURCE + " VALUES (?,?,?,?,?,?,?)" + _UPSERT_RESOURCE_SET, rows)
         _insert_index(conn, tokens, dates, strings)
+        return written
 
     def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Stored]:
         """(rid, version, last_updated, message_ref, json) of the stored resources among ``keys``; a query per type."""
@@ -1437,6 +1445,19 @@ _Stored = tuple[int, int, str, Any, str]
 
 #: A stored resource's JSON text and its search index rows: (text, [(param, system, code)], [(param, lo, hi)]).
 _Rows = tuple[str, list[tuple[str, str, str]], list[tuple[str, float, float]]]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What storing made of one resource: its type, id, the version it now has and when that version was stored,
+    and whether it was ``created`` (version 1), ``updated`` (a new version) or left ``unchanged`` (the same content
+    as the version stored, which stays current)."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: str
+    change: str
 
 
 @dataclass
