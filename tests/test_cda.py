@@ -49,6 +49,35 @@ def resources(bundle: dict, rtype: str) -> list[dict]:
     return entries_of(bundle, rtype)
 
 
+def _record_target() -> bytes:
+    text = FULL.decode("utf-8")
+    return text[text.index("<recordTarget"):text.index("</recordTarget>") + len("</recordTarget>")].encode("utf-8")
+
+
+def test_a_document_naming_two_patients_is_refused_naming_the_second(pipeline: Pipeline) -> None:
+    """Results given to the first of two patients may be the other's: refused, naming where the second is (a
+    document with two recordTargets was stored under the first, without a word)."""
+    other = _record_target().replace(ID_CARD.encode(), b"11010519491231002X")
+    two = FULL.replace(_record_target(), _record_target() + other, 1)
+    out = convert_one(pipeline, two)
+    assert out.status is Status.REFUSED
+    [issue] = [i for i in out.issues if i.severity == "error"]
+    assert issue.location == "/ClinicalDocument/recordTarget[2]/patientRole/patient"
+    assert "one patient" in issue.message and "11010519491231002X" not in issue.message
+
+
+def test_a_patient_with_two_different_id_card_numbers_is_refused(pipeline: Pipeline) -> None:
+    card = f'<id root="2.16.156.10011.1.3" extension="{ID_CARD}"/>'.encode()
+    again = FULL.replace(card, card + card.replace(ID_CARD.encode(), ID_CARD.encode().lower()), 1)
+    assert convert_one(pipeline, again).status is Status.CONVERTED  # the same number twice: one patient
+    two = FULL.replace(card, card + card.replace(ID_CARD.encode(), b"11010519491231002X"), 1)
+    out = convert_one(pipeline, two)
+    assert out.status is Status.REFUSED
+    [issue] = [i for i in out.issues if i.severity == "error"]
+    assert issue.location == "/ClinicalDocument/recordTarget/patientRole/patient/id[2]/@extension"
+    assert "2 different 身份证号" in issue.message and ID_CARD not in issue.message
+
+
 # -- a complete report --------------------------------------------------------------------
 
 

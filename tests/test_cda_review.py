@@ -277,6 +277,36 @@ def test_a_unit_in_an_organizer_contradicting_the_pq_unit_is_refused(pipeline: P
     assert "/organizer/component[2]/observation/value/@unit" in error.message
 
 
+@pytest.mark.parametrize("value", [b'<value xsi:type="ST">5.40</value>', b"<value>5.40</value>"])
+def test_a_number_written_as_text_beside_its_unit_is_read_as_a_quantity_and_said(
+        pipeline: Pipeline, value: bytes) -> None:
+    """8.20 typed ST (or untyped) with a 计量单位: a quantity in that unit, with a warning; it was a string and its
+    unit went without a word, while its reference range kept the unit."""
+    out = convert_one(pipeline, SIBLING.replace(UREA_VALUE, value, 1))
+    assert out.status is Status.CONVERTED, out.issues
+    [urea] = [o for o in entries_of(out.bundle, "Observation") if o["code"]["coding"][0]["code"] == "UREA"]
+    assert urea["valueQuantity"]["unit"] == "mmol/L" and str(urea["valueQuantity"]["value"]) == "5.40"
+    [said] = [i for i in out.issues if "read as a quantity" in i.message]
+    assert said.severity == "warning" and said.location == f"{LAB}{UREA_ENTRY}/value"
+
+
+def test_a_text_result_beside_a_unit_says_the_unit_is_left_out(pipeline: Pipeline) -> None:
+    out = convert_one(pipeline, SIBLING.replace(UREA_VALUE, '<value xsi:type="ST">见附页</value>'.encode(), 1))
+    assert out.status is Status.CONVERTED, out.issues
+    [urea] = [o for o in entries_of(out.bundle, "Observation") if o["code"]["coding"][0]["code"] == "UREA"]
+    assert urea["valueString"] == "见附页"
+    [said] = [i for i in out.issues if "is left out" in i.message]
+    assert said.severity == "warning" and "'mmol/L'" in said.message
+
+
+def test_two_values_of_one_result_are_refused_naming_both(pipeline: Pipeline) -> None:
+    """The first of two values was taken and the second dropped without a word."""
+    out = convert_one(pipeline, SIBLING.replace(UREA_VALUE, UREA_VALUE + UREA_VALUE.replace(b"5.4", b"6.1"), 1))
+    assert out.status is Status.REFUSED
+    [error] = out.errors
+    assert error.location == f"{LAB}{UREA_ENTRY}/value[2]" and "nothing tells which is the result" in error.message
+
+
 def test_a_unit_entry_before_the_first_item_belongs_to_no_item(pipeline: Pipeline) -> None:
     # a one-item section whose 计量单位 entry comes before the 检验项目代码
     start = SIBLING.index(b"<entry>", SIBLING.index(b'code="30954-2"'))

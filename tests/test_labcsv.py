@@ -1,6 +1,7 @@
 """CDC CSV channel: occupational-health exam exports to exam Bundles; layouts as tables; errors per exam and column."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from decimal import Decimal
@@ -195,6 +196,52 @@ def test_quoted_fields_with_commas_and_line_breaks(cdc: Pipeline) -> None:
     obs = entries_of(out.bundle, "Observation")
     assert obs[0]["valueString"] == "双肺纹理清晰,\n心影不大"
     assert out.issues == []
+
+
+def test_a_quote_inside_a_cell_not_quoted_is_a_character_and_every_exam_keeps_its_rows(cdc: Pipeline) -> None:
+    """``纯音听阈测试(4"耳机)``: a quote that does not open its cell is a character (as the csv module and
+    spreadsheets read it); it held the rows after it as one quoted field, so that an exam lost rows and the exams
+    after it vanished without a word."""
+    other, third = EXAM.replace("TJ9,", "TJ10,", 1), EXAM.replace("TJ9,", "TJ11,", 1)
+    data = csv_bytes(row(item='TL,纯音听阈测试(4"耳机),22,dB HL,≤25,'), row(item="XCG-HGB,血红蛋白,140,g/L,130-175,"),
+                     row(other, item='XY-SBP,收缩压(袖带12"),128,mmHg,90-139,'),
+                     row(other, item="XCG-WBC,白细胞计数,6.8,10^9/L,3.5-9.5,"),
+                     row(third, item='XP,胸部X射线摄片,"双肺纹理清晰,""未见""异常\n心影不大",,,'),
+                     row(third, item="XCG-HGB,血红蛋白,150,g/L,130-175,"))
+    found = outcomes(cdc, data)
+    assert [o.status for o in found] == [Status.CONVERTED] * 3, [i.line() for o in found for i in o.issues]
+    values = [[o.get("valueString") or str(o["valueQuantity"]["value"]) for o in entries_of(out.bundle, "Observation")]
+              for out in found]
+    assert values == [["22", "140"], ["128", "6.8"], ['双肺纹理清晰,"未见"异常\n心影不大', "150"]]
+    names = [obs["code"]["coding"][-1].get("display") for obs in entries_of(found[0].bundle, "Observation")]
+    assert '纯音听阈测试(4"耳机)' in names
+
+
+def test_records_are_cut_where_the_csv_module_cuts_them() -> None:
+    """The records the adapter cuts, before it decodes them, are the csv module's, for quotes anywhere: at a cell's
+    start, inside it, doubled, closing before other characters, over line ends; in bytes of GBK and UTF-8. (Every
+    line starts with a letter, so that no record is a blank row, which the adapter skips.)"""
+    import csv
+    import random
+
+    from gateway.adapters.labcsv import _records
+
+    pieces = ["a", "测试", '"', '""', ",", "\nk", "\r\nk", " ", 'x"y', '"q,r"', '"多\nk行"', '4"耳机', '",']
+    rng = random.Random(20261207)
+    for case in range(4000):
+        text = "k" + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) + "\n"
+        expected = list(csv.reader(io.StringIO(text, newline="")))
+        for codec in ("utf-8", "gbk"):
+            found = list(_records(io.BytesIO(text.encode(codec)), codec))
+            assert len(found) == len(expected), (case, codec, text)
+            # a quoted field the file leaves open is its last record's problem (its fields are not taken), and only its
+            problems = [problem for _, _, _, problem in found]
+            assert all(not p for p in problems[:-1]), (case, text)
+            whole = expected
+            if problems[-1]:
+                assert "not closed" in problems[-1], (case, text)
+                found, whole = found[:-1], expected[:-1]
+            assert [fields for _, _, fields, _ in found] == whole, (case, codec, text)
 
 
 # -- encodings ----------------------------------------------------------------------------

@@ -131,6 +131,23 @@ def test_unknown_unit_and_flag_are_kept_as_text_with_warnings(pipeline) -> None:
     assert all(i.severity == "warning" for i in out.issues)
 
 
+@pytest.mark.parametrize("flags, said", [
+    (b"N~H", "'N' and 'H'"), (b"H~L", "'H' and 'L'"), (b"H~HH", None), (b"N", None)])
+def test_flags_contradicting_each_other_are_kept_and_said(pipeline, flags: bytes, said: str | None) -> None:
+    """正常 beside H (an HL7 v2 OBX-8 that repeats, a CDA 检验结果代码 beside its interpretationCode): both are kept as
+    sent, and the sender is told which two disagree."""
+    msg = (DATA / "hl7v2" / "mllp-framed.hl7").read_bytes().split(b"\x1c")[0].strip(b"\x0b")
+    out = list(pipeline.convert(msg.replace(b"|3.5-9.5|N|", b"|3.5-9.5|" + flags + b"|"), "hl7v2"))[0]
+    obs = next(e["resource"] for e in out.bundle["entry"] if e["resource"]["resourceType"] == "Observation")
+    assert [i["text"] for i in obs["interpretation"]] == flags.decode().split("~")
+    found = [i for i in out.issues if "contradict" in i.message]
+    if said is None:
+        assert not found
+    else:
+        [issue] = found
+        assert issue.severity == "warning" and issue.location == "OBX[1]-8" and said in issue.message
+
+
 def test_unknown_result_status_refuses_and_empty_one_follows_the_report(pipeline) -> None:
     base = (DATA / "hl7v2" / "mllp-framed.hl7").read_bytes().split(b"\x1c")[0].strip(b"\x0b")
     bad = list(pipeline.convert(base.replace(b"|3.5-9.5|N|||F", b"|3.5-9.5|N|||Z"), "hl7v2"))[0]

@@ -687,6 +687,19 @@ class CDAAdapter:
         node = r.element(root, h["patient"])
         p = PatientFacts(location=_path(node) if node is not None else f"{_path(root)}/recordTarget")
         msg.patient = p
+        others = [n for n in r.nodes(root, h["patient"]) if isinstance(n, etree._Element)][1:]
+        if others:  # (results given to the first patient would be another's)
+            msg.issues.append(Issue("error", "structure", _path(others[0]),
+                                    f"a document reports on one patient, and this one names {len(others) + 1} "
+                                    f"({p.location}, {', '.join(_path(n) for n in others)}): its results cannot be "
+                                    "given to either; send one document per patient", "100"))
+        cards = [f for f in (r._found(n) for n in r.nodes(root, h["id_card"])) if f.value]
+        differing = [f for f in cards[1:] if f.value.strip().upper() != cards[0].value.strip().upper()]
+        if differing and not others:
+            msg.issues.append(Issue("error", "value", differing[0].where,
+                                    f"the patient has {len(differing) + 1} different 身份证号 (here and at "
+                                    f"{cards[0].where}): which is theirs cannot be told; send the document with one",
+                                    "102"))
         card = r.value(root, h["id_card"])
         if card:
             try:
@@ -862,7 +875,13 @@ class CDAAdapter:
         """The 检验定量结果 ``obs``; ``own_unit``: a 计量单位 the item sent as a part of its own."""
         r = self.reader
         spec = self.table.get("item", {})
-        value = r.element(obs, "hl7:value")
+        values = [n for n in r.nodes(obs, "hl7:value") if isinstance(n, etree._Element)]
+        if len(values) > 1:  # (the first was taken, the others dropped without a word)
+            msg.issues.append(Issue("error", "structure", _path(values[1]),
+                                    f"检验定量结果 has {len(values)} values ({', '.join(_path(v) for v in values)}) "
+                                    "and nothing tells which is the result: send one", "100"))
+            return
+        value = values[0] if values else None
         unit = self._unit(obs, value, msg, own_unit)
         if value is not None:
             xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
@@ -894,8 +913,20 @@ class CDAAdapter:
                     res.value_kind, res.value = "coded", coded
             else:
                 text = _text(value)
-                if text:
+                q = parse_number(text) if text and unit and xsi in ("ST", "") else None
+                if q is not None:  # 8.20 typed ST beside a 计量单位: a quantity, whose unit a string cannot carry
+                    res.value_kind, res.value = "quantity", q
+                    msg.issues.append(Issue("warning", "value", res.where["value"],
+                                            f"检验定量结果 {shown(text)} is written as {'an ST' if xsi else 'untyped'} "
+                                            f"text with the unit {shown(unit.value)}: read as a quantity in that unit "
+                                            "(HL7 v3 writes it as a PQ)", "102"))
+                elif text:
                     res.value_kind, res.value = "string", text
+                    if unit:
+                        msg.issues.append(Issue("warning", "value", unit.where,
+                                                f"unit {shown(unit.value)} is left out: the 检验定量结果 {shown(text)} "
+                                                "is text, which carries no unit", "102"))
+                        unit = _Found("", "")
         if unit:
             res.unit, res.where["unit"] = unit.value, unit.where
         if "reference_range" in spec:

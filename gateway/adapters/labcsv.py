@@ -878,21 +878,23 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
     """
     row_no = 1
     pending = b""
+    state = _FIELD_START
     while True:
         line = stream.readline(limit + 1 - len(pending)) if limit else stream.readline()
         if not line:
             break
         pending += line
+        state = _quotes_after(line, state)
         if limit and len(pending) > limit:
-            _skip_record(stream, pending.count(b'"') % 2 == 1, pending.endswith(b"\n"))
+            _skip_record(stream, state, pending.endswith(b"\n"))
             row_no += 1
             fields, problem = _row(pending.decode(codec, errors="replace"))
             yield row_no, pending, fields, problem
-            pending = b""
+            pending, state = b"", _FIELD_START
             continue
-        if pending.count(b'"') % 2:
+        if state == _QUOTED:
             continue  # inside a quoted field: the record goes on
-        raw, pending = pending, b""
+        raw, pending, state = pending, b"", _FIELD_START
         row_no += 1  # a spreadsheet's row number: blank rows count too
         if _BLANK_ROW.match(raw):
             continue  # blank, or only separators (a formatted row Excel saves as ",,,,"): no record
@@ -911,14 +913,46 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
 _BLANK_ROW = re.compile(rb'^(?:[ \t\r\n,]|"")*$')
 
 
-def _skip_record(stream: IO[bytes], quoted: bool, ended: bool) -> None:
-    """Read past the rest of a record, a chunk at a time: to the line end outside a quoted field."""
-    while not ended or quoted:
+def _skip_record(stream: IO[bytes], state: int, ended: bool) -> None:
+    """Read past the rest of a record, a chunk at a time: to the line end outside a quoted field (``state``: where
+    the record's quotes stand so far, :func:`_quotes_after`)."""
+    while not ended or state == _QUOTED:
         chunk = stream.readline(_SKIP_CHUNK)
         if not chunk:
             return
-        quoted ^= chunk.count(b'"') % 2 == 1
+        state = _quotes_after(chunk, state)
         ended = chunk.endswith(b"\n")
+
+
+#: Where a record's quotes stand (:func:`_quotes_after`): at a field's start, in a field not quoted, in a quoted field,
+#: just after a quote inside a quoted field (it closes the field, or is the first of a doubled quote).
+_FIELD_START, _UNQUOTED, _QUOTED, _QUOTE_IN_QUOTED = 0, 1, 2, 3
+_QUOTE, _COMMA = 34, 44
+
+
+def _quotes_after(data: bytes, state: int) -> int:
+    """Where a record's quotes stand after ``data`` (bytes of it, read on from ``state``), as Python's csv module reads
+    them, so that records are cut where it would cut them: a quote opens a quoted field only at a field's start; in a
+    quoted field a doubled quote is a quote and a single one closes it; anywhere else a quote is a character like any
+    other (``纯音听阈(4"耳机)``), which must not hold the records after it as one quoted field. Byte by byte is safe:
+    no byte of a multi-byte GBK, GB18030 or UTF-8 character is a quote or a comma."""
+    if _QUOTE not in data:  # the common case: where a field ends is all that can change
+        if state == _QUOTED or not data:
+            return state
+        return _FIELD_START if data[-1] == _COMMA else _UNQUOTED
+    for c in data:
+        if state == _QUOTED:
+            if c == _QUOTE:
+                state = _QUOTE_IN_QUOTED
+        elif state == _QUOTE_IN_QUOTED:
+            state = _QUOTED if c == _QUOTE else _FIELD_START if c == _COMMA else _UNQUOTED
+        elif c == _COMMA:
+            state = _FIELD_START
+        elif state == _FIELD_START and c == _QUOTE:
+            state = _QUOTED
+        else:
+            state = _UNQUOTED
+    return state
 
 
 def _row(text: str) -> tuple[list[str], str]:

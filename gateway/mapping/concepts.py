@@ -144,6 +144,8 @@ def _map_result(msg: SourceMessage, res: ResultFacts, terms: Terminology, issuer
                                     "103"))
         else:
             interpretations.append({"coding": [target.coding()], "text": flag})
+    if len(interpretations) > 1:
+        _contradicting_flags(msg, res, interpretations)
     std["interpretation"] = interpretations
     if res.status:
         target = terms.result_status.first("*", res.status)
@@ -289,3 +291,23 @@ def _map_report(msg: SourceMessage, report: ReportFacts, terms: Terminology, iss
 
 def _obs_status_from_report(status: str) -> str:
     return {"partial": "preliminary", "registered": "registered", "cancelled": "cancelled"}.get(status, status)
+
+
+#: Interpretation codes of which a result cannot have two (the flags as sent are kept, and the sender told).
+_ABNORMAL = frozenset({"H", "L", "A", "HH", "LL", "AA", "HU", "LU"})
+_OPPOSED = ((frozenset({"N"}), _ABNORMAL), (frozenset({"H", "HH", "HU"}), frozenset({"L", "LL", "LU"})),
+            (frozenset({"POS"}), frozenset({"NEG"})))
+
+
+def _contradicting_flags(msg: SourceMessage, res: ResultFacts, interpretations: list[dict[str, Any]]) -> None:
+    """A warning when a result's flags say opposite things (正常 and H, H and L, 阳性 and 阴性): both are kept as sent,
+    and the reader of the result is left to decide, so the sender is told."""
+    codes = [(str(i["coding"][0].get("code", "")), str(i.get("text", ""))) for i in interpretations if i.get("coding")]
+    for one, other in _OPPOSED:
+        first = next((text for code, text in codes if code in one), None)
+        second = next((text for code, text in codes if code in other), None)
+        if first is not None and second is not None:
+            msg.issues.append(Issue("warning", "value", f"{res.location}-8",
+                                    f"abnormal flags {shown(first)} and {shown(second)} contradict each other: both "
+                                    "are kept as sent; check which one holds", "102"))
+            return
