@@ -145,6 +145,13 @@ class InputError(GatewayError):
     hl7_error = "102"
 
 
+class Conflict(InputError):
+    """What was sent contradicts what is held here under the same name (a Bundle's id naming another report)."""
+
+    code = "conflict"
+    http_status = 409
+
+
 class UnsupportedFormat(InputError):
     """Message type, version or document type the gateway does not take."""
 

@@ -58,6 +58,7 @@ from gateway.adapters.hl7v2 import ack_code_for, build_ack, explain_issues
 from gateway.config import Settings
 from gateway.errors import (
     ConfigError,
+    Conflict,
     GatewayError,
     InputError,
     Issue,
@@ -1510,6 +1511,7 @@ class Pipeline:
         """
         from gateway.audit.log import append_prepared
         from gateway.store.exchange import SignedBundles, packed
+        from gateway.store.reports import held_for_other_reports
 
         assert outcome.record_id is not None
         store = self.store
@@ -1527,6 +1529,12 @@ class Pipeline:
                 first = SignedBundles(db).received_message(outcome.signed_digest)
                 if first is not None:
                     raise _AlreadyReceived(first)
+                other = held_for_other_reports(db, outcome.signed_bundle or stored)
+                if other is not None:
+                    raise Conflict(f"Bundle id {shown(str(stored.get('id'))[:80])} names a Bundle received here "
+                                   f"before about another report ({other.report_ref}, stored {other.recorded_at}); "
+                                   "the id is not covered by the signature, and one id names one Bundle: send the "
+                                   "Bundle under its own id", "Bundle.id")
             if not store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                                 ack=outcome.answer if outcome.answer or outcome.direction == "issued" else None,
                                 issues=outcome.issues, bundle=stored, prepared=prepared,

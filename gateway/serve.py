@@ -224,6 +224,13 @@ def _background_loop(settings: Settings, stop: threading.Event, passes: _Passes 
         finally:
             if passes is not None:
                 passes.began = None
+    exchange = getattr(pipeline, "exchange", None)
+    if exchange is not None:
+        try:  # (a clean stop: a delivery on its way is tried again by the next start at once, not after its lease)
+            exchange.give_back_in_flight()
+        except Exception as exc:  # noqa: BLE001 - the leases end by themselves all the same
+            log.warning("deliveries on their way could not be given back as the gateway stops (%s): they are tried "
+                        "again once their leases end", _db.fault_reason(exc) or type(exc).__name__)
 
 
 def work_left_queued(pipeline: Any, progress_every: float = 5.0, stop: threading.Event | None = None,
@@ -595,6 +602,17 @@ def _warn_of_the_signing_certificate(pipeline: Any) -> None:
                   cert.not_valid_after_utc.isoformat(), now.isoformat())
 
 
+def _warn_of_the_address(pipeline: Any) -> None:
+    """Say at the start when the registry lists this member at another address than its ``public_url``: other
+    members address it (their assertions' audience) by the registry's."""
+    exchange = pipeline.exchange
+    if exchange is None or getattr(exchange, "holder", None) is None or exchange.holder.current is None:
+        return
+    said = exchange.address_mismatch()
+    if said:
+        log.warning("%s", said)
+
+
 def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int:
     """Run the whole gateway until SIGTERM or SIGINT (exit status 0), or until it cannot run whole (non-zero).
 
@@ -630,6 +648,7 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
             _logging(settings, "serve")
         pipeline = Pipeline(settings)  # fails fast on bad mapping tables, keys or snapshot, before any child starts
         _warn_of_the_signing_certificate(pipeline)
+        _warn_of_the_address(pipeline)
         from gateway.store import layout
 
         layout.upgrade(pipeline.store.db)  # every part's tables, before any process uses them (once per start)

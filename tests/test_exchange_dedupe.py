@@ -156,6 +156,66 @@ def test_a_refused_copy_is_kept_apart_when_the_genuine_bundle_is_accepted_after_
     assert push(world, signed).data == first.data
 
 
+def test_a_bundle_sent_under_the_id_of_another_report_bundle_is_refused(world) -> None:
+    """Bundle.id is outside the signature: a member's signed Bundle sent with the id of another Bundle received here
+    (about another report) verifies, and was stored beside it under that id, so that the id named two documents (the
+    receipt, a referral's evidence, the report's versions named the wrong one). It is refused as a conflict, kept
+    apart and audited; the Bundle under its own id is taken as usual."""
+    r1 = signed_report(world)
+    framed = first_message("20261120081500").replace(b"R2611200001", b"R2611200002")  # another report
+    [r2] = [o.signed for o in world.gateways["tongjiang"].pipeline.ingest(framed, "hl7v2", channel="mllp")]
+    first = push(world, r1)
+    assert first.status_code == 200
+    once = counts(world)
+    doc = json.loads(r2)
+    own_id, doc["id"] = doc["id"], json.loads(r1)["id"]
+    swapped = push(world, json.dumps(doc, ensure_ascii=False).encode())
+    assert swapped.status_code == 409, body_of(swapped)
+    [issue] = json.loads(body_of(swapped))["issue"]
+    assert issue["code"] == "conflict" and issue["expression"] == ["Bundle.id"]
+    after = counts(world)
+    assert after["exchange_audit"] == once["exchange_audit"] + 1 and after["messages"] == once["messages"] + 1
+    assert {k: after[k] for k in ("received", "reports", "decisions")} == \
+        {k: once[k] for k in ("received", "reports", "decisions")}
+    genuine = push(world, r2)
+    assert genuine.status_code == 200, body_of(genuine)
+    assert json.loads(body_of(genuine))["receipt"]["bundle"] == own_id
+    db = world.gateways["fuling"].pipeline.store.db
+    assert db.execute("SELECT count(*) FROM signed_bundles WHERE bundle_id = ?", [doc["id"]]).fetchone()[0] == 1
+    assert push(world, r1).data == first.data
+
+
+def test_a_receiver_whose_public_url_is_not_its_registry_address_takes_calls_at_both(world, caplog) -> None:
+    """Other members address a gateway as the registry lists it; one whose public_url says another address (a proxy
+    in front of it, a name written otherwise) refused every delivery as being for another audience, and said only
+    that. It takes calls at either address, says the difference when it starts, and a call for a third address is
+    refused naming what it takes."""
+    import dataclasses
+    import logging
+
+    from gateway.exchange.peer_auth import make_assertion
+    from gateway.serve import _warn_of_the_address
+
+    receiver = world.gateways["fuling"].pipeline
+    ex = receiver.exchange
+    ex.settings = dataclasses.replace(ex.settings, public_url="http://fuling-proxy.test:8443")
+    signed = signed_report(world)
+    assert push(world, signed).status_code == 200  # addressed as the registry lists it
+    with caplog.at_level(logging.WARNING):
+        _warn_of_the_address(receiver)
+    [said] = [r.getMessage() for r in caplog.records if "registry lists this member" in r.getMessage()]
+    assert "http://fuling.test" in said and "http://fuling-proxy.test:8443" in said
+    ident = world.gateways["tongjiang"].pipeline.member.require_signer().identity
+    token = make_assertion(ident.key, list(ident.chain), issuer_uscc=ident.uscc, audience="http://elsewhere/exchange",
+                           now=receiver.clock())
+    refused = world.gateways["fuling"].app.test_client().post(
+        "/exchange/bundles", data=signed, headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 401
+    text = json.loads(refused.data)["issue"][0]["diagnostics"]
+    assert "http://elsewhere/exchange" in text and "http://fuling.test/exchange" in text
+    assert "http://fuling-proxy.test:8443/exchange" in text
+
+
 def test_unreadable_push_is_refused_with_a_field_and_kept(world) -> None:
     for text in (b"[" * 100_000, b'{"resourceType": "Bundle", "n": 1' + b"0" * 5000 + b"}", b"\xff\xfe"):
         resp = push(world, text)
@@ -258,3 +318,39 @@ def test_result_day_reads_dates_as_the_rules_do() -> None:
         assert day is None and "not precise to the day" in str(why)
     for bad in ("2024-06-05T10:00:00", "9999-12-31T23:00:00-05:00", "2024-13-01", None):
         assert result_day(bad)[0] is None and result_day(bad)[1]
+
+
+def test_outbox_retry_puts_back_several_deliveries_or_every_dead_one(tmp_path) -> None:
+    """An operator with several dead deliveries (a receiver refused them all while misconfigured) puts them back
+    at once: by their ids, or every dead one (to one member); one line each, exit 1 if any could not be."""
+    import sqlite3
+    from contextlib import closing
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+    from gateway.demo.world import leave_configs
+
+    now = _dt.datetime.now(CST)
+    world = build_world(tmp_path, Clock(now), URLS, members=("tongjiang", "fuling"))
+    configs = leave_configs(world, now)
+    ex = world.gateways["tongjiang"].pipeline.exchange
+    rows = [ex.outbox.enqueue(FL, "http://127.0.0.1:1/exchange/bundles", f"payload {n}".encode()) for n in range(3)]
+    world.gateways["tongjiang"].pipeline.close()
+    with closing(sqlite3.connect(tmp_path / "tongjiang" / "gateway.db")) as conn, conn:
+        conn.executemany("UPDATE outbox SET status = 'dead' WHERE id = ?", [(r,) for r in rows])
+
+    def run(*args: str):
+        return CliRunner().invoke(cli, ["--config", str(configs["tongjiang"]), "outbox", "retry", *args])
+
+    both = run(str(rows[0]), str(rows[1]))
+    assert both.exit_code == 0, both.output
+    assert [line.split(" is pending again")[0] for line in both.output.splitlines()] == \
+        [f"outbox #{rows[0]}", f"outbox #{rows[1]}"]
+    rest = run("--dead", "--to", FL)
+    assert rest.exit_code == 0 and rest.output.startswith(f"outbox #{rows[2]} is pending again"), rest.output
+    assert run("--dead").output.strip() == "no dead deliveries"
+    unknown = run(str(rows[0]), "999")
+    assert unknown.exit_code == 1 and f"outbox #{rows[0]} is pending again" in unknown.output
+    assert "outbox #999" in unknown.output
+    assert run().exit_code == 2 and run("--to", FL).exit_code == 2

@@ -169,3 +169,43 @@ def test_nodes_sharing_one_database_never_take_the_same_delivery(outbox, locator
         assert outbox._claim(50) == []
     finally:
         other.db.conn.close()
+
+
+def test_a_sender_stopping_gives_back_the_deliveries_on_their_way(outbox, clock) -> None:
+    """A clean stop while a receiver has not answered: the delivery is due again at once for the next start, rather
+    than held as 'delivering' until its lease ends (some 95 s by default), which no operator command could change."""
+    from gateway.exchange.outbox import Lanes
+
+    outbox.enqueue("D", URL, b"payload")
+    release = threading.Event()
+
+    def hung(url, payload, headers):
+        release.wait(10)
+        return SendResult(True, status=200, body=b"{}")
+
+    lanes = Lanes(2)
+    try:
+        assert outbox.deliver_due(MockTransport(hung), lanes=lanes, wait=0.2) == {"delivered": 0, "retry": 0, "dead": 0}
+        [row] = outbox.list()
+        assert row.status == "delivering" and row.lease_until == clock().timestamp() + 60
+        assert lanes.in_flight_ids() == [row.id]
+        assert outbox.give_back(lanes.in_flight_ids()) == 1
+        [back] = outbox.list()
+        assert back.status == "pending" and back.next_attempt_at == clock().timestamp() and back.attempts == 0
+        assert outbox.give_back([back.id]) == 0  # (only a delivery still leased)
+    finally:
+        release.set()
+        lanes.close()
+
+
+def test_the_background_loop_gives_back_its_deliveries_as_it_stops() -> None:
+    from types import SimpleNamespace
+
+    from gateway.serve import _background_loop
+
+    calls: list[int] = []
+    stop = threading.Event()
+    stop.set()
+    pipeline = SimpleNamespace(exchange=SimpleNamespace(give_back_in_flight=lambda: calls.append(1) or 1))
+    _background_loop(SimpleNamespace(delivery_interval=0.01), stop, pipeline=pipeline)
+    assert calls == [1]

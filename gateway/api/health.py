@@ -136,7 +136,7 @@ def _work(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
         dead = views.deliveries_in("dead")
         checks["dead_letters"] = _check(
             not dead, f"{dead} delivery(ies) to other members given up: see `gateway outbox list --status dead`, "
-                      "then `gateway outbox retry ID`" if dead else "no delivery given up")
+                      "then `gateway outbox retry ID...` (or --dead for every one)" if dead else "no delivery given up")
         wait = _age(views.oldest_waiting_delivery_at(), now)
         if wait is not None and wait > settings.health_max_delivery_wait:
             checks["deliveries"] = _check(False, f"the oldest delivery to another member has waited {wait:.0f} s "

@@ -88,6 +88,9 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
     click.echo(f"#{row.id} {row.status} to {row.destination} at {row.url}")
     click.echo(f"payload sha256 {row.payload_sha256}, attempts {row.attempts}, created {row.created_at}, "
                f"updated {row.updated_at}")
+    if row.status == "delivering" and row.lease_until:
+        click.echo(f"on its way: the sender holds it until {_when(row.lease_until)}, then it is tried again "
+                   "(a gateway that stops cleanly gives it back at once)")
     if row.last_error:
         click.echo(f"last error: {row.last_error}")
     if row.receipt:
@@ -95,13 +98,41 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
 
 
 @outbox.command("retry")
-@click.argument("row_id", type=int)
+@click.argument("row_ids", type=int, nargs=-1)
+@click.option("--dead", "all_dead", is_flag=True, help="Every dead delivery (oldest first).")
+@click.option("--to", "destination", metavar="USCC", help="With --dead: only those to this member.")
 @click.pass_context
-def outbox_retry(ctx: click.Context, row_id: int) -> None:
-    """Put a dead delivery back, with a fresh attempt budget (sent to the endpoint the registry names now)."""
+def outbox_retry(ctx: click.Context, row_ids: tuple[int, ...], all_dead: bool, destination: str | None) -> None:
+    """Put dead (or waiting) deliveries back to be tried now, each with a fresh attempt budget (sent to the endpoint
+    the registry names now).
+
+    One line per delivery. Exit status 1 if any could not be put back (an unknown id, one delivered or being
+    delivered now).
+    """
+    from gateway.errors import GatewayError
+
+    if not row_ids and not all_dead:
+        raise click.UsageError("name the deliveries to try again (IDs), or give --dead")
+    if destination is not None and not all_dead:
+        raise click.UsageError("--to chooses among the dead deliveries: give it with --dead")
     ex = _exchange(ctx)
-    ex.outbox.retry(row_id)
-    click.echo(f"outbox #{row_id} is pending again{_current_endpoint(ex, row_id)}")
+    ids = list(row_ids)
+    if all_dead:
+        ids += sorted(row.id for row in ex.outbox.list("dead", 1_000_000)
+                      if row.id not in ids and destination in (None, row.destination))
+        if not ids:
+            click.echo("no dead deliveries" + (f" to {destination}" if destination else ""))
+    problems = 0
+    for row_id in ids:
+        try:
+            ex.outbox.retry(row_id)
+        except GatewayError as exc:
+            click.echo(f"outbox #{row_id}: {exc.message}", err=True)
+            problems += 1
+            continue
+        click.echo(f"outbox #{row_id} is pending again{_current_endpoint(ex, row_id)}")
+    if problems:
+        ctx.exit(1)
 
 
 @outbox.command("replay")

@@ -33,7 +33,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +84,7 @@ class OutboxRow:
     receipt: dict[str, Any] | None
     created_at: str
     updated_at: str
+    lease_until: float | None = None  # (delivering) when the sender's hold on it ends, epoch seconds
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Lanes:
         self._busy: dict[str, int] = {}
         self._threads: dict[str, int] = {}
         self._work: dict[str, queue.SimpleQueue[Any]] = {}
+        self._flying: set[int] = set()
 
     def free(self, destination: str) -> int:
         """How many more deliveries to ``destination`` may start now."""
@@ -125,12 +127,18 @@ class Lanes:
         with self._lock:
             return sum(self._busy.values())
 
+    def in_flight_ids(self) -> list[int]:
+        """The outbox rows of the deliveries started and not yet finished."""
+        with self._lock:
+            return sorted(self._flying)
+
     def submit(self, delivery: Delivery,
                job: Callable[[Delivery], tuple[SendResult, dict[str, Any] | None]]) -> None:
         """Run ``job(delivery)`` in the destination's lane; its outcome goes to :attr:`finished`."""
         dest = delivery.destination
         with self._lock:
             self._busy[dest] = self._busy.get(dest, 0) + 1
+            self._flying.add(delivery.id)
             work = self._work.setdefault(dest, queue.SimpleQueue())
             if self._threads.get(dest, 0) < min(self.concurrency, self._busy[dest]):
                 self._threads[dest] = self._threads.get(dest, 0) + 1
@@ -153,6 +161,7 @@ class Lanes:
             self.finished.put((delivery, result, receipt))
             with self._lock:
                 self._busy[destination] -= 1
+                self._flying.discard(delivery.id)
 
     def close(self) -> None:
         """Stop the lanes' threads once their current deliveries are done."""
@@ -388,6 +397,13 @@ class Outbox:
         ts, iso = self._now()
         self.store.reset(row_id, ts, iso)
 
+    def give_back(self, row_ids: Sequence[int]) -> int:
+        """Deliveries this sender started and stops without an answer for (it is stopping), due again now rather
+        than when their leases end: the next sender tries them at once (a receiver that took one answers the next
+        attempt with its first receipt). How many were given back."""
+        ts, iso = self._now()
+        return self.store.give_back(row_ids, ts, iso)
+
     def counts(self) -> dict[str, int]:
         return self.store.counts()
 
@@ -397,4 +413,4 @@ class Outbox:
                          payload_sha256=r["payload_sha256"], status=r["status"], attempts=r["attempts"],
                          next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
                          receipt=jsonutil.loads(r["receipt"]) if r["receipt"] else None,
-                         created_at=r["created_at"], updated_at=r["updated_at"])
+                         created_at=r["created_at"], updated_at=r["updated_at"], lease_until=r.get("lease_until"))

@@ -27,7 +27,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.errors import BadSignature, TrustError, UnknownIssuer
+from gateway.errors import BadSignature, TrustError, UnknownIssuer, shown
 from gateway.signing.canonical import canonicalize
 from gateway.signing.jws import sign_detached, unverified_header, verify_detached, x5c_leaf
 from gateway.signing.trust import TrustSource, check_certificate
@@ -134,7 +134,9 @@ def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str]
         raise PeerAuthError("assertion must carry iss = sub and a jti")
     audience_ok = aud in set(audiences) if isinstance(aud, str) else False
     if not audience_ok:
-        raise PeerAuthError("assertion is for another audience")
+        raise PeerAuthError(f"assertion is for another audience ({shown(str(aud)[:200])}; this gateway takes "
+                            f"{' or '.join(audiences)}): the sender addresses it otherwise than the registry lists it, "
+                            "or the registry lists another address than this gateway's public_url")
     if not isinstance(exp, (int, float)) or isinstance(exp, bool):
         raise PeerAuthError("assertion must carry exp")
     if exp <= ts - _SKEW:

@@ -243,6 +243,16 @@ class Exchange:
                                        on_delivered=delivered, url_for=url_for, lanes=self.lanes,
                                        wait=wait)
 
+    def give_back_in_flight(self) -> int:
+        """As this sender stops: the deliveries its lanes started and have no answer for are due again now (their
+        leases would hold them until they end). How many."""
+        lanes = self._lanes
+        ids = lanes.in_flight_ids() if lanes is not None else []
+        given = self.outbox.give_back(ids) if ids else 0
+        if given:
+            log.info("%d delivery(ies) on their way as this sender stops are due again now", given)
+        return given
+
     # -- receipts ------------------------------------------------------------------------
 
     def check_receipt(self, text: bytes, expected_signer: str, *, sent_sha256: str | None) -> dict[str, Any]:
@@ -270,11 +280,33 @@ class Exchange:
         try:
             if scheme.lower() != "bearer" or not token:
                 raise PeerAuthError("a signed client assertion is required (Authorization: Bearer ...)")
-            return verify_assertion(token.strip(), self._snapshot(), audiences=[self.settings.base_url + "/exchange"],
+            return verify_assertion(token.strip(), self._snapshot(), audiences=self.audiences(),
                                     now=self.clock(), replay=self.replay)
         except TrustError as exc:  # the operators of both members need the reason: the sender sees it in its outbox
             log.warning("exchange caller refused: %s", exc.message)
             raise
+
+    def audiences(self) -> list[str]:
+        """What a peer's assertion may name as its audience: this gateway's exchange at its ``public_url``, and at
+        the address the registry lists for it (the one other members address it by), when the two differ (a proxy
+        in front of it, a name the registry authority wrote otherwise): either is this member, and no other."""
+        own = self.settings.base_url.rstrip("/") + "/exchange"
+        try:
+            listed = self.endpoint_of(self.settings.issuer_uscc).split("/exchange/")[0] + "/exchange"
+        except TrustError:  # not listed (yet): its own address only
+            return [own]
+        return [own] if listed == own else [own, listed]
+
+    def address_mismatch(self) -> str | None:
+        """When the registry lists this member at another address than its ``public_url``: a sentence saying both
+        (other members reach it by the registry's, and it takes their calls at either), else None."""
+        found = self.audiences()
+        if len(found) < 2:
+            return None
+        return (f"the registry lists this member at {found[1].removesuffix('/exchange')}, while its public_url is "
+                f"{found[0].removesuffix('/exchange')}: other members reach it at the registry's address and their "
+                "calls are taken at either; if the registry's address is not this gateway, ask the registry authority "
+                "to correct it")
 
     # -- pull (调阅) ----------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ class OutboxPort(Protocol):
     def reset(self, row_id: int, ts: float, iso: str) -> None:
         """Due again now, with a fresh attempt budget."""
 
+    def give_back(self, row_ids: Sequence[int], ts: float, iso: str) -> int:
+        """Deliveries still leased (``delivering``) due again now, their leases ended; how many."""
+
     def counts(self) -> dict[str, int]:
         """How many rows in each status."""
 
@@ -147,6 +150,14 @@ class OutboxStore:
         with transaction(self.db):
             self.db.execute("UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
                             " last_error = '', updated_at = ? WHERE id = ?", [ts, iso, row_id])
+
+    def give_back(self, row_ids: Sequence[int], ts: float, iso: str) -> int:
+        if not row_ids:
+            return 0
+        with transaction(self.db):
+            return sum(self.db.execute("UPDATE outbox SET status = 'pending', lease_until = NULL, next_attempt_at = ?,"
+                                       " updated_at = ? WHERE id = ? AND status = 'delivering'",
+                                       [ts, iso, row_id]).rowcount for row_id in row_ids)
 
     def counts(self) -> dict[str, int]:
         return tallies.figures(self.db, "deliveries")

@@ -38,7 +38,8 @@ from gateway.store.db import Database, dialect, spilling, transaction
 
 __all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", "Change", "ensure_schema",
            "ReportVersionsPort", "ReportVersions",
-           "versions_in", "register", "supersede", "superseded_in", "version_of", "versions_of"]
+           "versions_in", "register", "supersede", "superseded_in", "version_of", "versions_of",
+           "held_for_other_reports"]
 
 #: 检验报告单号 (WS 364 / 卫生信息数据元): the identifier a report is known by across its versions.
 SYSTEM_REPORT_NUMBER = "urn:oid:2.16.156.10011.1.33"
@@ -327,6 +328,26 @@ def versions_of(db: Database, issuer_uscc: str, report_number: str,
     if report_code is not None:
         sql, args = sql + " AND report_code = ?", [*args, report_code]
     return [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE {sql} ORDER BY seq", args)]
+
+
+def held_for_other_reports(db: Database, bundle: Mapping[str, Any], direction: str = "received"
+                           ) -> ReportVersion | None:
+    """A report stored here under ``bundle``'s ``id`` (``direction``) that ``bundle`` does not hold, or None.
+
+    A Bundle's ``id`` is not covered by its signature: a copy of one signed Bundle sent with the ``id`` of another
+    verifies all the same. Stored under that ``id`` beside the other, it would make one ``id`` name documents about
+    different reports (a receipt, a referral's evidence, the versions of a report would name the wrong one). The same
+    report's Bundle worked again by its issuer (a mapping table changed, other recognition marks) holds the same
+    reports under the same ``id``, and is no such case.
+    """
+    bundle_id = str(bundle.get("id") or "")
+    if not bundle_id or not _exists(db):
+        return None
+    ensure_schema(db)
+    held = [_row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM report_versions WHERE bundle_id = ? AND direction = ?"
+                                        " ORDER BY seq", [bundle_id, direction])]
+    here = {(v["issuer_uscc"], v["report_number"], v["report_code"]) for v in versions_in(bundle)}
+    return next((v for v in held if (v.issuer_uscc, v.report_number, v.report_code) not in here), None)
 
 
 #: The versions next to a report number (issuer, code, number): those under the number, and the corrections that
