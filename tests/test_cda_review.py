@@ -307,6 +307,53 @@ def test_two_values_of_one_result_are_refused_naming_both(pipeline: Pipeline) ->
     assert error.location == f"{LAB}{UREA_ENTRY}/value[2]" and "nothing tells which is the result" in error.message
 
 
+def test_times_in_an_impossible_order_are_said_where_they_are(pipeline: Pipeline) -> None:
+    """A specimen collected after the report was issued, or a report issued in 2099: kept as sent, said with the
+    XPath of the time (they were accepted without a word)."""
+    text = SIBLING.decode("utf-8")
+    issued = re.search(r'<author[^>]*>\s*<time value="(\d+)"', text)
+    assert issued
+    later = issued.group(0).replace(issued.group(1), "20991105160000")
+    future = convert_one(pipeline, text.replace(issued.group(0), later).encode())
+    [said] = [i for i in future.issues if "in the future" in i.message]
+    assert said.severity == "warning" and said.location == "/ClinicalDocument/author/time/@value"
+    low = re.search(r'<low value="(\d+)"', text)
+    assert low
+    late = convert_one(pipeline, text.replace(low.group(0), '<low value="20991231080000"', 1).encode())
+    [said] = [i for i in late.issues if "after the report was issued" in i.message]
+    assert said.severity == "warning" and said.location.endswith("/effectiveTime/low/@value")
+    assert late.status is Status.CONVERTED
+
+
+def test_a_report_time_without_a_time_of_day_is_the_days_first_moment(pipeline: Pipeline) -> None:
+    """A date-only 检验报告日期 is read as the day's first moment and said (as a CSV export's date-only 报告日期 is);
+    it was left out, and the report then refused as having no issue time, the time called empty."""
+    text = SIBLING.decode("utf-8")
+    issued = re.search(r'(<author[^>]*>\s*<time value=")(\d{8})\d+"', text)
+    assert issued
+    head, body = text.split("<component>", 1)  # the header's times (author, legalAuthenticator, the document's)
+    head = re.sub(r'(<(?:time|effectiveTime) value="\d{8})\d+"', r'\1"', head)
+    out = convert_one(pipeline, (head + "<component>" + body).encode())
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    day = f"{issued.group(2)[:4]}-{issued.group(2)[4:6]}-{issued.group(2)[6:]}"
+    assert entries_of(out.bundle, "DiagnosticReport")[0]["issued"] == f"{day}T00:00:00+08:00"
+    [said] = [i for i in out.issues if "no time of day" in i.message]
+    assert said.severity == "warning" and said.location == "/ClinicalDocument/author/time/@value"
+    assert not [i for i in out.issues if "after the report was issued" in i.message]  # (compared by the day)
+
+
+@pytest.mark.parametrize("body, code, words", [
+    (b"just some text", "structure", "does not begin with '<'"),
+    (b'{"resourceType": "Bundle"}', "structure", "does not begin with '<'"),
+    ('<?xml version="1.0" encoding="UTF-16"?><ClinicalDocument xmlns="urn:hl7-org:v3"/>'.encode(), "security",
+     "its bytes are not UTF-16"),
+])
+def test_a_body_that_is_not_cda_is_refused_saying_what_it_is(
+        pipeline: Pipeline, body: bytes, code: str, words: str) -> None:
+    out = convert_one(pipeline, body)
+    assert out.ack_code == "AR" and [i.code for i in out.issues] == [code] and words in out.issues[0].message
+
+
 def test_a_unit_entry_before_the_first_item_belongs_to_no_item(pipeline: Pipeline) -> None:
     # a one-item section whose 计量单位 entry comes before the 检验项目代码
     start = SIBLING.index(b"<entry>", SIBLING.index(b'code="30954-2"'))

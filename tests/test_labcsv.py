@@ -244,6 +244,16 @@ def test_records_are_cut_where_the_csv_module_cuts_them() -> None:
             assert [fields for _, _, fields, _ in found] == whole, (case, codec, text)
 
 
+def test_a_report_dated_before_its_exam_or_in_the_future_is_said_at_its_cell(cdc: Pipeline) -> None:
+    early = outcomes(cdc, csv_bytes(row(tail=TAIL.replace("2024-03-22 16:30:00", "2024-03-01 10:00:00"))))[0]
+    [said] = [i for i in early.issues if "after the report was issued" in i.message]
+    assert said.severity == "warning" and said.location == "row 2 column 体检日期"
+    late = outcomes(cdc, csv_bytes(row(tail=TAIL.replace("2024-03-22", "2099-03-22"))))[0]
+    [said] = [i for i in late.issues if "in the future" in i.message]
+    assert said.severity == "warning" and said.location == "row 2 column 报告日期"
+    assert early.status is late.status is Status.CONVERTED
+
+
 # -- encodings ----------------------------------------------------------------------------
 
 

@@ -237,6 +237,10 @@ class ReportFacts:
     conclusion_codes: list[Coded] = field(default_factory=list)  # e.g. ICD-10 diagnoses of a CDA 诊断记录 section
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific facts (exam type, hazard factors, ...)
     std: dict[str, Any] = field(default_factory=dict)  # filled by the mapping stage
+    # where the report's times were read, as the sender's format names places ("issued", "collected", "received");
+    # the HL7 v2 fields of ``location`` (OBR-22, -7, -14) where a time is not named
+    where: dict[str, str] = field(default_factory=dict)
+    issued_day_only: bool = False  # ``issued_at`` is the first moment of a day sent without a time of day
 
 
 @dataclass

@@ -109,10 +109,28 @@ def encoding_refusal(data: bytes) -> str:
         return "document does not begin with '<' in UTF-8, UTF-16 or GB18030: refused unread"
     declared = _declared(data)
     name = "utf-8" if declared is None else declared
+    if name.replace("-", "") in ("utf16", "utf16le", "utf16be", "ucs2", "unicode"):
+        # (what .NET's StringWriter writes: the declaration of its own strings, over bytes saved as UTF-8)
+        return (f"document declares the encoding {shown(name)}, but its bytes are not UTF-16 (no byte order mark, "
+                "and '<' is one byte): refused unread; declare the encoding its bytes are in (encoding=\"UTF-8\" for "
+                "UTF-8), or send it as UTF-16")
     if name not in _ASCII_COMPATIBLE:
         return (f"document declares the encoding {shown(name)}: refused unread (send UTF-8, UTF-16 or "
                 "GB18030/GBK/GB2312)")
     return ""
+
+
+def _not_xml(data: bytes) -> bool:
+    """Whether a refused body is not markup at all (plain text, JSON): said as the wrong kind of document, not as a
+    hostile one."""
+    text = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    if data.startswith(_UTF16_STARTS + _UTF32_STARTS) or text.lstrip(b" \t\r\n").startswith(b"<"):
+        return False
+    try:  # (UTF-8 text: a plain text or JSON body; other bytes, such as EBCDIC's, may still hide markup)
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 #: The GB family's names: GB 18030 encodes every GB 2312 and GBK character with the same bytes.
@@ -481,7 +499,7 @@ class CDAAdapter:
                                 "bytes", "207")]
         refusal = encoding_refusal(data)
         if refusal:
-            return None, [Issue("error", "security", where, refusal, "100")]
+            return None, [Issue("error", "structure" if _not_xml(data) else "security", where, refusal, "100")]
         if declares_dtd(data):
             return None, [Issue("error", "security", where,
                                 "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
@@ -600,7 +618,7 @@ class CDAAdapter:
 
         self._custodian(root, msg)
         self._patient(root, msg)
-        report.issued_at = self._issued(root, msg)
+        report.issued_at = self._issued(root, msg, report)
         if msg.sent_at and "T" not in msg.sent_at:
             msg.sent_at = report.issued_at  # the Bundle's time needs a time of day
 
@@ -731,7 +749,7 @@ class CDAAdapter:
             p.birth_date = ""
             msg.issues.append(Issue("error", "value", birth.where, future, "102"))
 
-    def _issued(self, root: Any, msg: SourceMessage) -> str:
+    def _issued(self, root: Any, msg: SourceMessage, report: ReportFacts) -> str:
         candidates = self.header.get("issued_at", [])
         first_date_only: _Found | None = None
         for xpath in candidates if isinstance(candidates, list) else [candidates]:
@@ -739,15 +757,27 @@ class CDAAdapter:
             if not found:
                 continue
             try:
-                return to_fhir_instant(found.value, self.offset)
+                issued = to_fhir_instant(found.value, self.offset)
+                report.where["issued"] = found.where
+                return issued
             except DateTimeError as exc:
                 if "no time of day" not in str(exc):
                     msg.issues.append(Issue("error", "value", found.where, str(exc), "102"))
                     return ""
                 first_date_only = first_date_only or found
         if first_date_only is not None:
+            # FHIR's instant needs a time of day, and the day is what is known: its first moment, said (as a CSV
+            # export's date-only 报告日期 is read); it was left out, and the report then refused as having none
+            try:
+                day = f"{to_fhir_date(first_date_only.value)}T00:00:00{self.offset}"
+            except DateTimeError as exc:
+                msg.issues.append(Issue("error", "value", first_date_only.where, str(exc), "102"))
+                return ""
             msg.issues.append(Issue("warning", "value", first_date_only.where,
-                                    "report time has no time of day; report issue time left out", "102"))
+                                    f"report time {shown(first_date_only.value)} has no time of day: read as the day's "
+                                    f"first moment ({day})", "102"))
+            report.where["issued"], report.issued_day_only = first_date_only.where, True
+            return day
         return ""
 
     # -- body ----------------------------------------------------------------------------
@@ -789,6 +819,7 @@ class CDAAdapter:
             if item_specimen is not None:
                 if specimen is None:
                     specimen = item_specimen
+                    report.where.update({k: res.where[k] for k in ("collected", "received") if k in res.where})
                 elif item_specimen.type.display and item_specimen.type.display != specimen.type.display:
                     msg.issues.append(Issue("warning", "value", res.where.get("specimen", res.location),
                                             f"item specimen {shown(item_specimen.type.display)} differs from the "
@@ -856,8 +887,10 @@ class CDAAdapter:
         coded = self._coded(value)
         s.type = Coded(coded.code if coded.display else "", coded.display or coded.code)
         res.where["specimen"] = _path(node)
-        s.collected_at = self._time(r.value(node, "hl7:effectiveTime/hl7:low/@value"), msg)
-        s.received_at = self._time(r.value(node, "hl7:effectiveTime/hl7:high/@value"), msg)
+        low = r.value(node, "hl7:effectiveTime/hl7:low/@value")
+        high = r.value(node, "hl7:effectiveTime/hl7:high/@value")
+        s.collected_at, s.received_at = self._time(low, msg), self._time(high, msg)
+        res.where["collected"], res.where["received"] = low.where, high.where
         return s if (s.type or s.collected_at or s.received_at) else None
 
     @staticmethod

@@ -436,6 +436,7 @@ class LabCSVAdapter:
         report = ReportFacts(location=f"row {first_no}", number=number, kind="occupational-health",
                              status="original", code=layout.report_code)
         exam_date, where = fact_of("exam_date")
+        report.where["collected"] = where
         if not exam_date:
             issues.append(Issue("error", "required", where, "exam date is empty", "101"))
         else:
@@ -443,7 +444,10 @@ class LabCSVAdapter:
                 report.collected_at = to_fhir_date(exam_date)
             except DateTimeError as exc:
                 issues.append(Issue("error", "value", where, str(exc), "102"))
-        report.issued_at = self._report_time(fact_of("report_date"), issues)
+        report_date = fact_of("report_date")
+        report.issued_at = self._report_time(report_date, issues)
+        report.where["issued"] = report_date[1]
+        report.issued_day_only = report.issued_at.endswith("T00:00:00" + self.offset) and ":" not in report_date[0]
         msg.sent_at = report.issued_at
         report.interpreter_name = fact_of("chief_physician")[0]
         report.interpreter_id = fact_of("chief_physician_id")[0]

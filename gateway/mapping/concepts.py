@@ -9,11 +9,13 @@ with no mapping is kept as sent and reported as a warning.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.adapters.base import Coded, ReportFacts, ResultFacts, SourceMessage, reversed_range
+from gateway.datetimes import DateTimeError, parse_fhir_datetime
 from gateway.errors import Issue, UnmappedCode, shown
 from gateway.mapping.tables import ConceptTable, MappingSet, loinc_check_digit
 from gateway.naming import SYSTEM_LOINC, SYSTEM_UCUM, local_item_system
@@ -282,6 +284,7 @@ def _map_report(msg: SourceMessage, report: ReportFacts, terms: Terminology, iss
             std["status"] = "preliminary"
         else:
             std["status"] = "unknown"
+    _times_in_order(msg, report)
     if report.specimen is not None and report.specimen.type:
         t = report.specimen.type
         target = terms.specimen_types.first("*", t.code) or terms.specimen_types.first("*", t.display)
@@ -311,3 +314,55 @@ def _contradicting_flags(msg: SourceMessage, res: ResultFacts, interpretations: 
                                     f"abnormal flags {shown(first)} and {shown(second)} contradict each other: both "
                                     "are kept as sent; check which one holds", "102"))
             return
+
+
+#: How far after this gateway's clock a report's issue time may lie before it is said to be in the future (clocks of
+#: senders and of this machine differ by minutes, not days).
+_FUTURE_SLACK = _dt.timedelta(days=1)
+
+
+def _moment(value: str) -> tuple[_dt.datetime, bool] | None:
+    """(the time, whether it is a date only) of a FHIR date or dateTime; None when it cannot be read."""
+    try:
+        return parse_fhir_datetime(value), "T" not in value
+    except DateTimeError:
+        return None
+
+
+def _before(one: tuple[_dt.datetime, bool], other: tuple[_dt.datetime, bool]) -> bool:
+    """Whether ``one`` is surely before ``other``: by the day when either is a date only (in China time)."""
+    if one[1] or other[1]:
+        cst = _dt.timezone(_dt.timedelta(hours=8))
+        return one[0].astimezone(cst).date() < other[0].astimezone(cst).date()
+    return one[0] < other[0]
+
+
+def _times_in_order(msg: SourceMessage, report: ReportFacts) -> None:
+    """Warnings for a report's times in an impossible order (both kept as sent: which is wrong cannot be told): a
+    specimen collected (an exam held) after the report was issued, received before it was collected (CDA, CSV: the
+    HL7 v2 adapter says these itself), a report issued in the future by this gateway's clock (a sender's clock, or a
+    typing error: 2099)."""
+    specimen = report.specimen
+    ordered = msg.format != "hl7v2"  # (the HL7 v2 adapter weighs its times against MSH-7 itself, field by field)
+    collected_at = report.collected_at or (specimen.collected_at if specimen is not None else "")
+    collected = _moment(collected_at) if collected_at else None
+    issued = _moment(report.issued_at) if report.issued_at else None
+    if issued is not None and report.issued_day_only:
+        issued = (issued[0], True)  # (a day sent without a time, read as its first moment: compared by the day)
+    received = _moment(specimen.received_at) if specimen is not None and specimen.received_at else None
+    if ordered and collected is not None and issued is not None and _before(issued, collected):
+        what = "the exam was held" if report.kind == "occupational-health" else "the specimen was collected"
+        msg.issues.append(Issue("warning", "value", report.where.get("collected", f"{report.location}-7"),
+                                f"{what} ({collected_at}) after the report was issued ({report.issued_at}): one of "
+                                "the two times is wrong; both are kept as sent", "102"))
+    if ordered and received is not None and collected is not None and specimen is not None and \
+            _before(received, collected):
+        msg.issues.append(Issue("warning", "value", report.where.get("received", f"{report.location}-14"),
+                                f"the specimen was received ({specimen.received_at}) before it was collected "
+                                f"({collected_at}): one of the two times is wrong; both are kept as sent", "102"))
+    if issued is not None:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        if issued[0] > now + _FUTURE_SLACK:
+            msg.issues.append(Issue("warning", "value", report.where.get("issued", f"{report.location}-22"),
+                                    f"the report was issued {report.issued_at}, in the future by this gateway's "
+                                    "clock: the sender's clock or the time is wrong; kept as sent", "102"))
