@@ -78,6 +78,16 @@ def test_a_patient_with_two_different_id_card_numbers_is_refused(pipeline: Pipel
     assert "2 different 身份证号" in issue.message and ID_CARD not in issue.message
 
 
+def test_gbk_text_that_declares_no_encoding_is_refused_with_a_hint(pipeline: Pipeline) -> None:
+    """Without a declaration XML is UTF-8: GBK bytes are then libxml2's "Invalid bytes in character encoding" alone."""
+    text = re.sub(r"^<\?xml[^>]*\?>\s*", "", FULL.decode("utf-8"))
+    out = convert_one(pipeline, text.encode("gbk"))
+    assert out.status is Status.REFUSED
+    assert "declare the encoding" in out.issues[0].message and "GB18030" in out.issues[0].message
+    assert convert_one(pipeline, ('<?xml version="1.0" encoding="GBK"?>' + text).encode("gbk")).status \
+        is Status.CONVERTED
+
+
 # -- a complete report --------------------------------------------------------------------
 
 

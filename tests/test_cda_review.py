@@ -354,6 +354,16 @@ def test_a_body_that_is_not_cda_is_refused_saying_what_it_is(
     assert out.ack_code == "AR" and [i.code for i in out.issues] == [code] and words in out.issues[0].message
 
 
+@pytest.mark.parametrize("value, kind", [(b'<value xsi:type="BL" value="true"/>', "BL"),
+                                         (b'<value xsi:type="ED" mediaType="image/png">iVBORw0KGgo=</value>', "ED")])
+def test_a_result_of_a_type_no_lab_value_has_is_refused_naming_it(pipeline: Pipeline, value: bytes, kind: str) -> None:
+    """An ED's base64 was stored as the result's text, a BL's value left out as "no value"."""
+    out = convert_one(pipeline, SIBLING.replace(UREA_VALUE, value, 1))
+    assert out.status is Status.REFUSED
+    [error] = out.errors
+    assert error.location == f"{LAB}{UREA_ENTRY}/value" and f"of type {kind}" in error.message
+
+
 def test_a_unit_entry_before_the_first_item_belongs_to_no_item(pipeline: Pipeline) -> None:
     # a one-item section whose 计量单位 entry comes before the 检验项目代码
     start = SIBLING.index(b"<entry>", SIBLING.index(b'code="30954-2"'))

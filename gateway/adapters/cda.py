@@ -65,6 +65,8 @@ _ABSENT = {"NI": "unknown", "UNK": "unknown", "OTH": "unknown", "NP": "unknown",
            "NAV": "temp-unknown", "NASK": "not-asked", "MSK": "masked", "NA": "not-applicable",
            "NINF": "negative-infinity", "PINF": "positive-infinity"}
 _NUMERIC_TYPES = {"REAL", "INT", "PQ", "MO"}
+#: Types of a 检验定量结果 that are not a lab result's value as this gateway carries it.
+_UNTAKEN_TYPES = {"BL": "a true or false", "ED": "encapsulated data, such as an image", "BIN": "binary data"}
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 # The institution of the 审核医师 when another member read the exam (基层检查、上级诊断); absent or the custodian
 # itself otherwise. A layout may name another path as header key ``interpreter_org``.
@@ -118,6 +120,26 @@ def encoding_refusal(data: bytes) -> str:
         return (f"document declares the encoding {shown(name)}: refused unread (send UTF-8, UTF-16 or "
                 "GB18030/GBK/GB2312)")
     return ""
+
+
+def _undeclared_gb(data: bytes, reason: str) -> str:
+    """A hint for a document whose bytes are not UTF-8 and that declares no other encoding (so it is read as UTF-8),
+    when they read as GB 18030 (GBK, GB2312): what HIS systems write without saying so."""
+    if "encoding" not in reason.lower() and "utf-8" not in reason.lower():
+        return ""
+    if _declared(data) not in (None, "utf-8", "utf8"):
+        return ""
+    try:
+        data.decode("utf-8")
+        return ""
+    except UnicodeDecodeError:
+        pass
+    try:
+        data.decode("gb18030")
+    except UnicodeDecodeError:
+        return ""
+    return ("; its bytes are not UTF-8 but read as GB 18030 (GBK, GB2312): declare the encoding, "
+            "<?xml version=\"1.0\" encoding=\"GB18030\"?>, or send it as UTF-8")
 
 
 def _not_xml(data: bytes) -> bool:
@@ -513,7 +535,8 @@ class CDAAdapter:
         except etree.XMLSyntaxError as exc:
             line = f"line {exc.lineno}" if exc.lineno else "unknown line"
             reason = " ".join(str(exc.msg).split())[:120]  # (lxml's text may hold line breaks: one line)
-            return None, [Issue("error", "structure", where, f"not well-formed XML ({line}): {reason}", "100")]
+            return None, [Issue("error", "structure", where, f"not well-formed XML ({line}): {reason}"
+                                + _undeclared_gb(data, reason), "100")]
         except ValueError as exc:  # e.g. an encoding lxml does not know
             return None, [Issue("error", "structure", where,
                                 f"document cannot be read as XML: {' '.join(str(exc).split())[:200]}", "100")]
@@ -944,6 +967,10 @@ class CDAAdapter:
                 coded = self._coded(value)
                 if coded:
                     res.value_kind, res.value = "coded", coded
+            elif xsi in _UNTAKEN_TYPES:  # (an ED's base64 was stored as text, a BL's value left out)
+                msg.issues.append(Issue("error", "not-supported", res.where["value"],
+                                        f"a 检验定量结果 of type {xsi} ({_UNTAKEN_TYPES[xsi]}) is not taken: send the "
+                                        "result as a number (PQ, REAL), a code (CD) or text (ST)", "102"))
             else:
                 text = _text(value)
                 q = parse_number(text) if text and unit and xsi in ("ST", "") else None
