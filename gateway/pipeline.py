@@ -35,6 +35,7 @@ import dataclasses
 import datetime as _dt
 import enum
 import functools
+import re
 import hashlib
 import logging
 import threading
@@ -1531,10 +1532,10 @@ class Pipeline:
                     raise _AlreadyReceived(first)
                 other = held_for_other_reports(db, outcome.signed_bundle or stored)
                 if other is not None:
-                    raise Conflict(f"Bundle id {shown(str(stored.get('id'))[:80])} names a Bundle received here "
-                                   f"before about another report ({other.report_ref}, stored {other.recorded_at}); "
-                                   "the id is not covered by the signature, and one id names one Bundle: send the "
-                                   "Bundle under its own id", "Bundle.id")
+                    raise Conflict("Bundle.identifier names a Bundle received here before about another report "
+                                   f"({other.report_ref}, stored {other.recorded_at}): one identifier names one "
+                                   "Bundle; its issuer gives a new Bundle an identifier of its own",
+                                   "Bundle.identifier")
             if not store.finish(outcome.record_id, status=outcome.status.value, ack_code=outcome.ack_code,
                                 ack=outcome.answer if outcome.answer or outcome.direction == "issued" else None,
                                 issues=outcome.issues, bundle=stored, prepared=prepared,
@@ -1760,6 +1761,7 @@ class Pipeline:
         snapshot = self.member.snapshot()
         now = self.clock()
         bundle = verified.bundle
+        bundle["id"] = received_name(bundle)  # (the id the sender wrote is outside the signature)
         if self.checker is not None:
             problems = [i for i in self.checker(bundle) if i.severity == "error"]
             if problems:
@@ -1810,6 +1812,24 @@ _HL7_SEPARATORS = "|^~\\&"
 _UNRELEASED_MAX = 10_000
 #: Tries to store other content under a control id as its next copy while other processes store copies too.
 _COPY_ATTEMPTS = 5
+
+
+_URN_UUID = re.compile(r"urn:uuid:([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
+
+
+def received_name(bundle: dict[str, Any]) -> str:
+    """What a received Bundle is known by here: its signed ``identifier``, not its ``id``, which the signature does
+    not cover (a copy of one member's signed Bundle sent under another Bundle's id verifies all the same, and was
+    stored under it, so that the genuine Bundle could then be refused or its receipt name the wrong one). The
+    uuid of an ``urn:uuid:`` identifier (every report Bundle this product issues: the same as its id), else a name
+    made from the identifier (a uuid5 of ``system|value``); the id as sent when it has none."""
+    ident = bundle.get("identifier")
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]:
+        found = _URN_UUID.fullmatch(ident["value"].strip())
+        if found:
+            return found.group(1).lower()
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ident.get('system') or ''}|{ident['value']}"))
+    return str(bundle.get("id") or "")
 
 
 def _content_of(raw: bytes) -> list[bytes]:

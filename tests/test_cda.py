@@ -70,6 +70,8 @@ def test_a_patient_with_two_different_id_card_numbers_is_refused(pipeline: Pipel
     card = f'<id root="2.16.156.10011.1.3" extension="{ID_CARD}"/>'.encode()
     again = FULL.replace(card, card + card.replace(ID_CARD.encode(), ID_CARD.encode().lower()), 1)
     assert convert_one(pipeline, again).status is Status.CONVERTED  # the same number twice: one patient
+    wide = card.replace(ID_CARD.encode(), ID_CARD.translate(str.maketrans("0123456789", "０１２３４５６７８９")).encode())
+    assert convert_one(pipeline, FULL.replace(card, card + wide, 1)).status is Status.CONVERTED  # (in full width)
     two = FULL.replace(card, card + card.replace(ID_CARD.encode(), b"11010519491231002X"), 1)
     out = convert_one(pipeline, two)
     assert out.status is Status.REFUSED

@@ -340,12 +340,17 @@ def test_a_report_time_without_a_time_of_day_is_the_days_first_moment(pipeline: 
     [said] = [i for i in out.issues if "no time of day" in i.message]
     assert said.severity == "warning" and said.location == "/ClinicalDocument/author/time/@value"
     assert not [i for i in out.issues if "after the report was issued" in i.message]  # (compared by the day)
+    # the author's time a date only, the legal authenticator's with a time: that one is taken, and it is said
+    author_only = re.sub(r'(<author[^>]*>\s*<time value="\d{8})\d+"', r'\1"', text, count=1)
+    taken = convert_one(pipeline, author_only.encode())
+    [said] = [i for i in taken.issues if "no time of day" in i.message]
+    assert said.location == "/ClinicalDocument/author/time/@value" and "legalAuthenticator" in said.message
 
 
 @pytest.mark.parametrize("body, code, words", [
     (b"just some text", "structure", "does not begin with '<'"),
     (b'{"resourceType": "Bundle"}', "structure", "does not begin with '<'"),
-    ('<?xml version="1.0" encoding="UTF-16"?><ClinicalDocument xmlns="urn:hl7-org:v3"/>'.encode(), "security",
+    ('<?xml version="1.0" encoding="UTF-16"?><ClinicalDocument xmlns="urn:hl7-org:v3"/>'.encode(), "structure",
      "its bytes are not UTF-16"),
 ])
 def test_a_body_that_is_not_cda_is_refused_saying_what_it_is(

@@ -156,33 +156,34 @@ def test_a_refused_copy_is_kept_apart_when_the_genuine_bundle_is_accepted_after_
     assert push(world, signed).data == first.data
 
 
-def test_a_bundle_sent_under_the_id_of_another_report_bundle_is_refused(world) -> None:
-    """Bundle.id is outside the signature: a member's signed Bundle sent with the id of another Bundle received here
-    (about another report) verifies, and was stored beside it under that id, so that the id named two documents (the
-    receipt, a referral's evidence, the report's versions named the wrong one). It is refused as a conflict, kept
-    apart and audited; the Bundle under its own id is taken as usual."""
+def test_a_received_bundle_is_known_by_its_signed_identifier_not_its_id(world) -> None:
+    """Bundle.id is outside the signature: a member's signed Bundle sent with the id of another Bundle verifies all
+    the same. Stored under that id, one id named two documents about different reports (the receipt, a referral's
+    evidence, the report's versions named the wrong one); refusing such a copy let one sent first under a Bundle's
+    id not received yet block the genuine Bundle for good. A received Bundle is known by its signed identifier."""
     r1 = signed_report(world)
     framed = first_message("20261120081500").replace(b"R2611200001", b"R2611200002")  # another report
     [r2] = [o.signed for o in world.gateways["tongjiang"].pipeline.ingest(framed, "hl7v2", channel="mllp")]
-    first = push(world, r1)
-    assert first.status_code == 200
-    once = counts(world)
-    doc = json.loads(r2)
-    own_id, doc["id"] = doc["id"], json.loads(r1)["id"]
-    swapped = push(world, json.dumps(doc, ensure_ascii=False).encode())
-    assert swapped.status_code == 409, body_of(swapped)
-    [issue] = json.loads(body_of(swapped))["issue"]
-    assert issue["code"] == "conflict" and issue["expression"] == ["Bundle.id"]
-    after = counts(world)
-    assert after["exchange_audit"] == once["exchange_audit"] + 1 and after["messages"] == once["messages"] + 1
-    assert {k: after[k] for k in ("received", "reports", "decisions")} == \
-        {k: once[k] for k in ("received", "reports", "decisions")}
-    genuine = push(world, r2)
-    assert genuine.status_code == 200, body_of(genuine)
-    assert json.loads(body_of(genuine))["receipt"]["bundle"] == own_id
+    one, two = json.loads(r1), json.loads(r2)
     db = world.gateways["fuling"].pipeline.store.db
-    assert db.execute("SELECT count(*) FROM signed_bundles WHERE bundle_id = ?", [doc["id"]]).fetchone()[0] == 1
-    assert push(world, r1).data == first.data
+
+    def held(bundle_id: str) -> int:
+        return db.execute("SELECT count(*) FROM signed_bundles WHERE bundle_id = ?", [bundle_id]).fetchone()[0]
+
+    # report 2 sent first under report 1's id (not received yet): known by its own identifier
+    early = push(world, json.dumps({**two, "id": one["id"]}, ensure_ascii=False).encode())
+    assert early.status_code == 200, body_of(early)
+    assert json.loads(body_of(early))["receipt"]["bundle"] == two["id"]
+    genuine = push(world, r1)  # the genuine report 1, under its own id: taken as usual
+    assert genuine.status_code == 200 and genuine.headers["X-Duplicate"] == "false", body_of(genuine)
+    assert json.loads(body_of(genuine))["receipt"]["bundle"] == one["id"]
+    again = push(world, r2)  # report 2 under its own id: the same document, answered as before
+    assert again.status_code == 200 and again.headers["X-Duplicate"] == "true" and again.data == early.data
+    later = push(world, json.dumps({**one, "id": two["id"]}, ensure_ascii=False).encode())  # report 1 under 2's id
+    assert later.status_code == 200 and later.data == genuine.data
+    assert held(one["id"]) == held(two["id"]) == 1
+    assert {r[0] for r in db.execute("SELECT bundle_id FROM report_versions WHERE direction = 'received'")} == \
+        {one["id"], two["id"]}
 
 
 def test_a_receiver_whose_public_url_is_not_its_registry_address_takes_calls_at_both(world, caplog) -> None:
@@ -354,3 +355,4 @@ def test_outbox_retry_puts_back_several_deliveries_or_every_dead_one(tmp_path) -
     assert unknown.exit_code == 1 and f"outbox #{rows[0]} is pending again" in unknown.output
     assert "outbox #999" in unknown.output
     assert run().exit_code == 2 and run("--to", FL).exit_code == 2
+    assert run("--dead", "--to", "NOTAUSCC").exit_code == 2

@@ -39,9 +39,11 @@ class SequentialStore(Store):
     """The reference: every resource saved on its own, in Bundle order."""
 
     def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
-                 first: Any = None, *, looked: Any = None) -> None:
+                 first: Any = None, *, looked: Any = None, first_at: str = "") -> list[Any]:
+        written = []
         for res in resources:  # rows made here, inside the transaction, not the ones prepared before it
-            super()._put_all([res], record_id, now, resolve)
+            written += super()._put_all([res], record_id, now, resolve)
+        return written
 
 
 def deep_rewrite(obj: Any, local: dict[str, str]) -> Any:
@@ -271,3 +273,25 @@ def test_signed_texts_are_kept_deflated_and_read_back_byte_for_byte(tmp_path, da
         b' {"resourceType": "Bundle", "id": "b-0"}', signed]
     assert dict(ReadModels(store.db).issued_bundles())["b-1"] == signed
     store.close()
+
+
+def test_a_stored_version_has_one_time_in_its_json_its_row_and_what_storing_says(bundles, pair) -> None:
+    """The rows of a first version are made before the write lock (Store.prepare), the outcome written after: with a
+    clock that moves between the two, the resource's meta.lastUpdated, its row's last_updated (what _lastUpdated
+    searches and _history read) and the time a transaction-response gives are one and the same."""
+    import itertools
+
+    store, _ = pair
+    ticks = itertools.count()
+    store.clock = lambda: _dt.datetime(2026, 5, 21, 9, 0, 0, tzinfo=CST) + _dt.timedelta(milliseconds=next(ticks))
+    record_id, _ = store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id="clock", origin="", raw=b"x")
+    prepared = store.prepare(bundles[0])
+    said: list[Any] = []
+    store.finish(record_id, status="stored", ack_code="AA", ack=b"", issues=[], bundle=bundles[0], prepared=prepared,
+                 ack_for=lambda written: said.extend(written) or b"")
+    assert said and {w.change for w in said} == {"created"}
+    for w in said:
+        assert store.read(w.type, w.id)["meta"]["lastUpdated"] == w.last_updated
+        [(column,)] = store.db.conn.execute("SELECT last_updated FROM resources WHERE type = ? AND id = ?",
+                                            [w.type, w.id]).fetchall()
+        assert column == w.last_updated

@@ -128,6 +128,8 @@ def test_a_count_above_the_page_size_gives_full_pages_said_in_the_page(loaded, m
     history = loaded.get("/fhir/Observation/_history?_count=500").get_json()
     following = next(link["url"] for link in history["link"] if link["relation"] == "next")
     assert len(history["entry"]) == 3 and "_count=3" in following
+    huge = loaded.get("/fhir/Observation?_count=99999999999999999999").get_json()
+    assert len([e for e in huge["entry"] if e["search"]["mode"] == "match"]) == 3
     for wrong in ("-1", "x", "１２"):
         assert_outcome(loaded.get(f"/fhir/Observation?_count={wrong}"), 400)
         assert_outcome(loaded.get(f"/fhir/Observation/_history?_count={wrong}"), 400)

@@ -217,6 +217,24 @@ def test_a_quote_inside_a_cell_not_quoted_is_a_character_and_every_exam_keeps_it
     assert '纯音听阈测试(4"耳机)' in names
 
 
+def test_rows_a_quote_left_open_takes_in_are_named_and_their_exam_refused_not_stored_incomplete(
+        cdc: Pipeline) -> None:
+    """A quote opening a cell and not closed on its line takes the lines after it into that cell, as every CSV
+    reader reads it: the exams those lines belong to were stored without them, or vanished without a word."""
+    other = EXAM.replace("TJ9,", "TJ10,", 1)
+    data = csv_bytes(row(item='XP,"胸部X射线摄片,双肺纹理清晰,,,'),
+                     row(other, item='TL,纯音听阈测试(4"耳机),22,dB HL,≤25,'),
+                     row(other, item="XCG-HGB,血红蛋白,140,g/L,130-175,"))
+    first, second = outcomes(cdc, data)
+    assert first.status is second.status is Status.REFUSED
+    [joined] = first.errors
+    assert "runs over 2 lines" in joined.message and "'TJ10'" in joined.message
+    [incomplete] = second.errors
+    assert incomplete.location == "row 3" and "inside a quoted cell of row 2" in incomplete.message
+    never = outcomes(cdc, csv_bytes(row(item='XP,"胸部X射线摄片,双肺纹理清晰,,,'), row(other), row(other)))
+    assert len(never) == 1 and "are rows of 'TJ10'" in never[0].errors[0].message
+
+
 def test_records_are_cut_where_the_csv_module_cuts_them() -> None:
     """The records the adapter cuts, before it decodes them, are the csv module's, for quotes anywhere: at a cell's
     start, inside it, doubled, closing before other characters, over line ends; in bytes of GBK and UTF-8. (Every

@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -521,7 +522,9 @@ class CDAAdapter:
                                 "bytes", "207")]
         refusal = encoding_refusal(data)
         if refusal:
-            return None, [Issue("error", "structure" if _not_xml(data) else "security", where, refusal, "100")]
+            # (a wrong label, not a hostile document: unless it declares a DTD as well)
+            mislabel = _not_xml(data) or ("its bytes are not UTF-16" in refusal and not declares_dtd(data))
+            return None, [Issue("error", "structure" if mislabel else "security", where, refusal, "100")]
         if declares_dtd(data):
             return None, [Issue("error", "security", where,
                                 "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
@@ -735,7 +738,8 @@ class CDAAdapter:
                                     f"({p.location}, {', '.join(_path(n) for n in others)}): its results cannot be "
                                     "given to either; send one document per patient", "100"))
         cards = [f for f in (r._found(n) for n in r.nodes(root, h["id_card"])) if f.value]
-        differing = [f for f in cards[1:] if f.value.strip().upper() != cards[0].value.strip().upper()]
+        first_card = unicodedata.normalize("NFKC", cards[0].value).strip().upper() if cards else ""
+        differing = [f for f in cards[1:] if unicodedata.normalize("NFKC", f.value).strip().upper() != first_card]
         if differing and not others:
             msg.issues.append(Issue("error", "value", differing[0].where,
                                     f"the patient has {len(differing) + 1} different 身份证号 (here and at "
@@ -782,6 +786,10 @@ class CDAAdapter:
             try:
                 issued = to_fhir_instant(found.value, self.offset)
                 report.where["issued"] = found.where
+                if first_date_only is not None:  # (said: the report's own date gives way to another time)
+                    msg.issues.append(Issue("warning", "value", first_date_only.where,
+                                            f"report time {shown(first_date_only.value)} has no time of day: the "
+                                            f"time at {found.where} ({issued}) is the report's issue time", "102"))
                 return issued
             except DateTimeError as exc:
                 if "no time of day" not in str(exc):

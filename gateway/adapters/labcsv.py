@@ -289,12 +289,17 @@ class LabCSVAdapter:
             units += 1
             meta = dict(base, exam=key or "", first_row=first_row, last_row=last_row, rows=list(group),
                         dropped=extra_rows, over_row=over_row, max_bytes=self.max_exam_bytes,
-                        reappears=bool(key) and _digest(key or "") in seen)
+                        reappears=bool(key) and _digest(key or "") in seen,
+                        swallowed_by=swallowed.get(key or "", 0) if first_row > swallowed.get(key or "", 0) else 0)
             data = header_raw + b"".join(raw for _, raw, _, _ in group)
             return RawUnit(data, units, origin, meta=meta)
 
+        swallowed: dict[str, int] = {}  # exam number -> the row whose quoted cell swallowed rows of it
         for row_no, raw, fields, bad in _records(stream, codec, self.max_exam_bytes):
             number = fields[number_col].strip() if number_col < len(fields) else ""
+            if b"\n" in raw.rstrip(b"\r\n"):
+                for other in _swallowed(raw, number_col, codec, len(headers)):
+                    swallowed.setdefault(other, row_no)
             if last_row and number != key:
                 out = unit()
                 if key:
@@ -390,12 +395,25 @@ class LabCSVAdapter:
             issues.append(Issue("error", "too-long", _rows(meta),
                                 f"the exam has more than {self.max_exam_rows} rows: refused", "207"))
             return msg
+        if meta.get("swallowed_by"):  # refused, not stored without the rows the quote took
+            issues.append(Issue("error", "structure", _rows(meta),
+                                f"rows of this exam are inside a quoted cell of row {meta['swallowed_by']}, whose "
+                                "quote is not closed before its line ends: the exam is incomplete here and is refused; "
+                                "close or remove that quote and send the file again", "100"))
+            return msg
         for row_no, raw, fields, problem in rows:
             if problem:
-                issues.append(Issue("error", "structure", f"row {row_no}", problem, "102"))
+                named = [n for n in _swallowed(raw, int(cols["exam_number"]), str(meta["codec"]), len(meta["headers"]))
+                         if n != number] if "not closed" in problem else []
+                also = f"; the lines after it, read as part of that field, are rows of {_exams(named)}"
+                issues.append(Issue("error", "structure", f"row {row_no}", problem + (also if named else ""), "102"))
+            elif _joined_lines(raw, meta, rows_only=True):  # (as many cells as a row all the same: by chance)
+                issues.append(Issue("error", "structure", f"row {row_no}",
+                                    "the row holds whole rows in one of its cells" + _joined_lines(raw, meta), "100"))
             elif len(fields) != len(meta["headers"]) and not _trailing_empty(fields, len(meta["headers"])):
                 issues.append(Issue("error", "structure", f"row {row_no}",
-                                    f"row has {len(fields)} columns, the header has {len(meta['headers'])}", "100"))
+                                    f"row has {len(fields)} columns, the header has {len(meta['headers'])}"
+                                    + _joined_lines(raw, meta), "100"))
             else:
                 del fields[len(meta["headers"]):]  # (empty cells past the header's last column: read as absent)
                 _cell_issues(row_no, raw, fields, meta["headers"], issues)
@@ -915,6 +933,43 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
 
 
 _BLANK_ROW = re.compile(rb'^(?:[ \t\r\n,]|"")*$')
+
+
+def _swallowed(raw: bytes, column: int, codec: str, width: int) -> list[str]:
+    """The exam numbers (column ``column``) of the lines after a record's first that are whole rows (as many cells
+    as the header's ``width``, or more): rows a quote left open took into one of the record's cells. (A cell that
+    truly spans lines, free text with a line break, leaves fewer cells on its last line than a row has.)"""
+    named: list[str] = []
+    for line in raw.rstrip(b"\r\n").split(b"\n")[1:]:
+        cells = line.decode(codec, errors="replace").split(",")
+        if len(cells) < width:
+            continue
+        number = cells[column].strip().strip('"')
+        if number and number not in named and len(number) <= 40:
+            named.append(number)
+    return named
+
+
+def _exams(numbers: list[str]) -> str:
+    return ", ".join(shown(n) for n in numbers[:5]) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+
+
+def _joined_lines(raw: bytes, meta: dict[str, Any], rows_only: bool = False) -> str:
+    """For a record that runs over several lines of the file: how (a quote opening a cell, not closed before its line
+    ends, joins the lines after it to that cell, as every CSV reader reads it) and the exams whose rows those lines
+    are, which are then read nowhere else ("" for a record on one line; with ``rows_only``, "" unless some of those
+    lines are whole rows)."""
+    lines = raw.rstrip(b"\r\n").split(b"\n")
+    if len(lines) < 2:
+        return ""
+    named = _swallowed(raw, int(meta["cols"]["exam_number"]), str(meta["codec"]), len(meta["headers"]))
+    if rows_only and not named:
+        return ""
+    others = [n for n in named if n != meta["exam"]]
+    exams = f"; they are rows of {_exams(others)}" if others else "; they are rows" if named else ""
+    return (f"; it runs over {len(lines)} lines of the file: a quote opening one of its cells is not closed before "
+            f"the line ends, so the lines after it are read as part of that cell, not as rows{exams}: close or "
+            "remove the quote and send the file again")
 
 
 def _skip_record(stream: IO[bytes], state: int, ended: bool) -> None:

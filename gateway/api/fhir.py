@@ -52,6 +52,7 @@ _MAX_PARAMS = 50  # search parameters of one search (each is a condition all mat
 _MAX_NAME = 60  # characters of a search parameter's name (with its modifier and chain); no parameter has more
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _WHOLE = re.compile(r"[+-]?[0-9]{1,12}")  # a whole number as a search parameter takes it
+_WHOLE_ANY = re.compile(r"[+-]?[0-9]{1,40}")  # _count: any page size a client asks for (it is cut to a page's)
 _AUDIT_PARAM_TYPES = {"date": "date", "agent": "reference", "entity": "reference", "patient": "reference"}
 #: Interactions every result type answers (CapabilityStatement ``rest.resource.interaction``).
 _INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
@@ -506,7 +507,7 @@ def _page_size(default: int, most: int, args: MultiDict[str, str] | None = None)
     raw = (request.args if args is None else args).get("_count")
     if raw is None:
         return default, None
-    value = int(raw) if _WHOLE.fullmatch(raw.strip()) else None
+    value = int(raw) if _WHOLE_ANY.fullmatch(raw.strip()) else None  # (a large one is as many as a page holds)
     if value is None or value < 0:
         raise InvalidSearch(f"_count must be a whole number, 0 or more, not {shown(raw)}", "_count")
     if value <= most:

@@ -115,6 +115,14 @@ def outbox_retry(ctx: click.Context, row_ids: tuple[int, ...], all_dead: bool, d
         raise click.UsageError("name the deliveries to try again (IDs), or give --dead")
     if destination is not None and not all_dead:
         raise click.UsageError("--to chooses among the dead deliveries: give it with --dead")
+    if destination is not None:
+        from gateway.errors import IdentifierError
+        from gateway.identifiers import check_uscc
+
+        try:
+            destination = check_uscc(destination.strip().upper())
+        except IdentifierError as exc:
+            raise click.BadParameter(exc.message, param_hint="--to") from None
     ex = _exchange(ctx)
     ids = list(row_ids)
     if all_dead:

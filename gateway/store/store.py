@@ -766,13 +766,14 @@ class Store:
             # The same resource twice in one Bundle: each copy may version the one before; keep that order.
             return Prepared(stored, by_ref.get, None)
         first = [_first_version(res, now, by_ref.get) for res in stored]
-        return Prepared(stored, by_ref.get, first)
+        return Prepared(stored, by_ref.get, first, now)
 
     def _save_prepared(self, prepared: Prepared, record_id: int, now: str,
                        looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> list[Written]:
         if prepared.first is None:
             return [w for res in prepared.resources for w in self._put_all([res], record_id, now, prepared.resolve)]
-        return self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first, looked=looked)
+        return self._put_all(prepared.resources, record_id, now, prepared.resolve, prepared.first, looked=looked,
+                             first_at=prepared.at)
 
     # On PostgreSQL the rows of a Bundle are written with one statement per table (arrays of column values,
     # ``unnest``), sent together in pipeline mode; SQLite, in-process, runs its statements row by row. ``batched``
@@ -822,7 +823,7 @@ class Store:
 
     def _put_all(self, resources: list[dict[str, Any]], record_id: int | None, now: str, resolve: Any,
                  first: list[_Rows] | None = None, *,
-                 looked: tuple[dict[tuple[str, str], _Stored], int] | None = None) -> list[Written]:
+                 looked: tuple[dict[tuple[str, str], _Stored], int] | None = None, first_at: str = "") -> list[Written]:
         """Store distinct resources as new versions, with one statement of each kind; inside a transaction. Returns
         what became of each, in order (:class:`Written`).
 
@@ -831,7 +832,8 @@ class Store:
         rows are replaced. ``resolve(reference)`` finds the resources chained
         search parameters need (the subject Patient, the performer). ``first``:
         each resource's rows as a first version (:func:`_first_version`), made
-        beforehand; used for the resources not stored yet. ``looked``: what
+        beforehand (``first_at``: the lastUpdated their JSON carries, which their
+        rows carry too); used for the resources not stored yet. ``looked``: what
         :meth:`_look_up` answered for these resources, when asked already.
         """
         conn = self.db.conn
@@ -857,13 +859,15 @@ class Store:
                 replaced.append(row_number)
                 text, found_tokens, found_dates = _rows_of(_versioned(res, old_version + 1, now), resolve)
                 version = old_version + 1
+                stamp = now
             else:
                 row_number, next_rid = next_rid, next_rid + 1
                 made = first[n] if first is not None else _first_version(res, now, resolve)
+                stamp = first_at if first is not None and first_at else now
                 text, found_tokens, found_dates = made
                 version = 1
-            written.append(Written(rtype, rid, version, now, "created" if version == 1 else "updated"))
-            rows.append((row_number, rtype, rid, version, now, record_id, text))
+            written.append(Written(rtype, rid, version, stamp, "created" if version == 1 else "updated"))
+            rows.append((row_number, rtype, rid, version, stamp, record_id, text))
             tokens += [(rtype, p, code, system, row_number) for p, system, code in found_tokens]
             dates += [(rtype, p, lo, hi, row_number) for p, lo, hi in found_dates]
             strings += _name_strings(res, row_number)
@@ -1467,6 +1471,7 @@ class Prepared:
     resources: list[dict[str, Any]]
     resolve: Callable[[str], dict[str, Any] | None]
     first: list[_Rows] | None  # None: the Bundle holds a resource twice and is stored one resource at a time
+    at: str = ""  # the lastUpdated the rows of ``first`` carry in their JSON (when they were made)
 
 
 def _rows_of(body: dict[str, Any], resolve: Any) -> _Rows:
