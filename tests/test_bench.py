@@ -160,6 +160,20 @@ def test_pages_a_message_writes_are_counted_by_table(path: str, capsys) -> None:
     assert main(["pages", path, "0"]) == 2 and "at least 1" in capsys.readouterr().err
 
 
+def test_pages_a_batch_writes_are_counted_per_message(capsys) -> None:
+    """A batch of 32 messages (one Pipeline.ingest: two commits) writes its pages once for all of them: fewer a
+    message than one message per call, whose pages the next message writes again."""
+    from gateway.bench.profile import BATCH, main, wal_pages
+
+    frames, counted = wal_pages("e2e-batch", 40)
+    single, _ = wal_pages("e2e", 40)
+    names = dict(counted)
+    assert frames == sum(names.values()) and {"search_token", "resources", "messages", "audit_log"} <= set(names)
+    assert single < frames < single * BATCH  # (the batch's 32 messages share the index pages they touch)
+    assert main(["pages", "e2e-batch", "40"]) == 0
+    assert "a message" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("path", ["e2e", "inbound"])
 def test_statements_and_parts_are_timed_per_message(path: str, capsys) -> None:
     """The figures behind the README's "Where the time goes": each statement's time (commits included) and each

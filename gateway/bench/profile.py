@@ -14,11 +14,13 @@ sees no function inside compiled code, so these profiles read, map and build wit
 the plain modules, not their compiled twins (:mod:`gateway.native`); ``phases``
 times the twins when they are built.
 
-``python -m gateway.bench.profile pages [e2e|inbound] [N]`` counts instead the
-database pages one more message (or received Bundle) writes to SQLite's log
-after N (default 300) stored before it, by the table or index each page belongs
-to: what a commit costs is the pages it writes, and which indexes they belong to
-says why (read from the log's frames and SQLite's ``dbstat``).
+``python -m gateway.bench.profile pages [e2e|inbound|e2e-batch] [N]`` counts instead
+the database pages one more message (or received Bundle; ``e2e-batch``: one more
+batch of 32 messages, one ``Pipeline.ingest``, and the pages per message) writes
+to SQLite's log after N (default 300) stored before it, by the table or index
+each page belongs to: what a commit costs is the pages it writes, and which
+indexes they belong to says why (read from the log's frames and SQLite's
+``dbstat``).
 
 ``python -m gateway.bench.profile sql [e2e|inbound] [N]`` times instead, without a
 profiler, each SQL statement the path runs on SQLite, per message (or received
@@ -184,10 +186,15 @@ def profile_csv(rows: int = 8000) -> list[tuple[str, float]]:
     return _shares(profiler, _CSV_PARTS, ("gateway/pipeline.py", "convert"), _REST["csv"])
 
 
+#: Messages per call of the ``e2e-batch`` path (as ``gateway bench``'s stage of that name).
+BATCH = 32
+
+
 def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str, int]]]:
     """(frames one more message of ``path`` writes to the WAL, [(table or index, frames), ...] most first), after
-    ``before`` stored first. Checkpoints beside the writer are held off meanwhile, so that the log holds exactly
-    that message's frames (its two commits).
+    ``before`` stored first (``e2e-batch``: one more batch of :data:`BATCH` messages, after the whole batches of
+    ``before``). Checkpoints beside the writer are held off meanwhile, so that the log holds exactly that message's
+    (or batch's) frames (its two commits).
 
     :raises KeyError: an unknown path; :raises RuntimeError: this SQLite has no ``dbstat``.
     """
@@ -196,14 +203,18 @@ def wal_pages(path: str = "e2e", before: int = 300) -> tuple[int, list[tuple[str
     from gateway.pipeline import Pipeline
     from gateway.store.db import checkpoints_held, empty_wal, wal_page_owners
 
-    if path not in ("e2e", "inbound"):
+    if path not in ("e2e", "inbound", "e2e-batch"):
         raise KeyError(path)
     ctx = BenchContext.create(BenchOptions(quick=True, count=before))
     try:
         with checkpoints_held():
-            if path == "e2e":
+            if path in ("e2e", "e2e-batch"):
                 member = Pipeline(ctx.member_settings("pages", BENCH_ISSUER_USCC, BENCH_ISSUER_NAME), clock=ctx.clock)
                 units: list[Any] = ctx.fresh_messages(before + 1)
+                if path == "e2e-batch":  # (stored 32 per call, as the last: one call's two commits)
+                    messages = ctx.fresh_messages(before + BATCH)
+                    units = [b"\r\n".join(messages[n:n + BATCH]) for n in range(0, before, BATCH)]
+                    units.append(b"\r\n".join(messages[before:]))
 
                 def store(unit: Any) -> None:
                     member.ingest(unit, "hl7v2", channel="bench")
@@ -480,13 +491,17 @@ def main(argv: list[str]) -> int:
         try:
             frames, counted = wal_pages(which, before)
         except KeyError:
-            print(f"unknown path {which!r} (known: e2e, inbound)", file=sys.stderr)
+            print(f"unknown path {which!r} (known: e2e, inbound, e2e-batch)", file=sys.stderr)
             return 2
         except RuntimeError as exc:
             print(str(exc), file=sys.stderr)
             return 1
-        print(f"pages one more {'message' if which == 'e2e' else 'received Bundle'} writes to the WAL after "
-              f"{before} stored: {frames}")
+        if which == "e2e-batch":
+            print(f"pages one more batch of {BATCH} messages writes to the WAL after {before // BATCH * BATCH} stored: "
+                  f"{frames}, {frames / BATCH:.1f} a message")
+        else:
+            print(f"pages one more {'message' if which == 'e2e' else 'received Bundle'} writes to the WAL after "
+                  f"{before} stored: {frames}")
         for name, count in counted:
             print(f"  {count:5d}  {name}")
         return 0
