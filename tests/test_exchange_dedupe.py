@@ -186,14 +186,15 @@ def test_a_received_bundle_is_known_by_its_signed_identifier_not_its_id(world) -
         {one["id"], two["id"]}
 
 
-def test_a_receiver_whose_public_url_is_not_its_registry_address_takes_calls_at_both(world, caplog) -> None:
+def test_a_receiver_whose_public_url_is_not_its_registry_address_takes_calls_at_both(world, monkeypatch) -> None:
     """Other members address a gateway as the registry lists it; one whose public_url says another address (a proxy
     in front of it, a name written otherwise) refused every delivery as being for another audience, and said only
     that. It takes calls at either address, says the difference when it starts, and a call for a third address is
     refused naming what it takes."""
     import dataclasses
-    import logging
+    from types import SimpleNamespace
 
+    import gateway.serve as serve_module
     from gateway.exchange.peer_auth import make_assertion
     from gateway.serve import _warn_of_the_address
 
@@ -202,10 +203,11 @@ def test_a_receiver_whose_public_url_is_not_its_registry_address_takes_calls_at_
     ex.settings = dataclasses.replace(ex.settings, public_url="http://fuling-proxy.test:8443")
     signed = signed_report(world)
     assert push(world, signed).status_code == 200  # addressed as the registry lists it
-    with caplog.at_level(logging.WARNING):
-        _warn_of_the_address(receiver)
-    [said] = [r.getMessage() for r in caplog.records if "registry lists this member" in r.getMessage()]
-    assert "http://fuling.test" in said and "http://fuling-proxy.test:8443" in said
+    warned: list[str] = []
+    monkeypatch.setattr(serve_module, "log", SimpleNamespace(warning=lambda fmt, *args: warned.append(fmt % args)))
+    _warn_of_the_address(receiver)  # (said at the start of gateway serve)
+    [said] = warned
+    assert "registry lists this member at http://fuling.test" in said and "http://fuling-proxy.test:8443" in said
     ident = world.gateways["tongjiang"].pipeline.member.require_signer().identity
     token = make_assertion(ident.key, list(ident.chain), issuer_uscc=ident.uscc, audience="http://elsewhere/exchange",
                            now=receiver.clock())
