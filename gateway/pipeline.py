@@ -35,9 +35,9 @@ import dataclasses
 import datetime as _dt
 import enum
 import functools
-import re
 import hashlib
 import logging
+import re
 import threading
 import time
 import traceback

@@ -334,11 +334,11 @@ def held_for_other_reports(db: Database, bundle: Mapping[str, Any], direction: s
                            ) -> ReportVersion | None:
     """A report stored here under ``bundle``'s ``id`` (``direction``) that ``bundle`` does not hold, or None.
 
-    A Bundle's ``id`` is not covered by its signature: a copy of one signed Bundle sent with the ``id`` of another
-    verifies all the same. Stored under that ``id`` beside the other, it would make one ``id`` name documents about
-    different reports (a receipt, a referral's evidence, the versions of a report would name the wrong one). The same
-    report's Bundle worked again by its issuer (a mapping table changed, other recognition marks) holds the same
-    reports under the same ``id``, and is no such case.
+    A received Bundle's ``id`` is the name its signed identifier gives it (:func:`gateway.pipeline.received_name`):
+    one held already for a document about another report means its issuer gave two Bundles one identifier, and one
+    name would stand for both (a receipt, a referral's evidence, the versions of a report would name the wrong one).
+    The same report's Bundle worked again by its issuer (a mapping table changed, other recognition marks) holds the
+    same reports under the same name, and is no such case.
     """
     bundle_id = str(bundle.get("id") or "")
     if not bundle_id or not _exists(db):
