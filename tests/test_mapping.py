@@ -163,3 +163,12 @@ def test_every_datetime_with_a_time_carries_an_offset() -> None:
     for path in sorted((DATA / "expected").glob("*.json")):
         for value in stamp.findall(path.read_text(encoding="utf-8")):
             assert re.search(r"(Z|[+-]\d{2}:\d{2})$", value), f"{path.name}: {value}"
+
+
+def test_a_time_without_an_offset_is_weighed_as_china_time() -> None:
+    """(A naive time beside an aware one cannot be compared: the unit would fail as an internal error.)"""
+    from gateway.mapping.concepts import _before, _moment
+
+    naive, aware = _moment("2024-11-05T08:30:00"), _moment("2024-11-05T09:30:00+08:00")
+    assert naive is not None and aware is not None
+    assert _before(naive, aware) and not _before(aware, naive)

@@ -324,9 +324,12 @@ _FUTURE_SLACK = _dt.timedelta(days=1)
 def _moment(value: str) -> tuple[_dt.datetime, bool] | None:
     """(the time, whether it is a date only) of a FHIR date or dateTime; None when it cannot be read."""
     try:
-        return parse_fhir_datetime(value), "T" not in value
+        moment = parse_fhir_datetime(value)
     except DateTimeError:
         return None
+    if moment.tzinfo is None:  # (a time without an offset is China time, as the adapters read one)
+        moment = moment.replace(tzinfo=_dt.timezone(_dt.timedelta(hours=8)))
+    return moment, "T" not in value
 
 
 def _before(one: tuple[_dt.datetime, bool], other: tuple[_dt.datetime, bool]) -> bool:
