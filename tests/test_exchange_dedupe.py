@@ -186,6 +186,27 @@ def test_a_received_bundle_is_known_by_its_signed_identifier_not_its_id(world) -
         {one["id"], two["id"]}
 
 
+def test_a_bundle_whose_identifier_names_another_report_received_before_is_refused(world) -> None:
+    """An issuer that signs another report's Bundle under an identifier it gave a Bundle before: one name would stand
+    for two reports here, so the second is refused (409, naming Bundle.identifier), kept apart and audited."""
+    r1 = signed_report(world)
+    framed = first_message("20261120081500").replace(b"R2611200001", b"R2611200002")  # another report
+    tj = world.gateways["tongjiang"].pipeline
+    [outcome] = tj.ingest(framed, "hl7v2", channel="mllp")
+    reused = {k: v for k, v in json.loads(outcome.signed).items() if k != "signature"}
+    reused["identifier"] = json.loads(r1)["identifier"]
+    assert push(world, r1).status_code == 200
+    once = counts(world)
+    refused = push(world, tj.member.require_signer().sign(reused))
+    assert refused.status_code == 409, body_of(refused)
+    [issue] = json.loads(body_of(refused))["issue"]
+    assert issue["code"] == "conflict" and issue["expression"] == ["Bundle.identifier"]
+    after = counts(world)
+    assert after["exchange_audit"] == once["exchange_audit"] + 1 and after["messages"] == once["messages"] + 1
+    assert {k: after[k] for k in ("received", "reports", "decisions")} == \
+        {k: once[k] for k in ("received", "reports", "decisions")}
+
+
 def test_a_receiver_whose_public_url_is_not_its_registry_address_takes_calls_at_both(world, monkeypatch) -> None:
     """Other members address a gateway as the registry lists it; one whose public_url says another address (a proxy
     in front of it, a name written otherwise) refused every delivery as being for another audience, and said only

@@ -407,7 +407,8 @@ class LabCSVAdapter:
                          if n != number] if "not closed" in problem else []
                 also = f"; the lines after it, read as part of that field, are rows of {_exams(named)}"
                 issues.append(Issue("error", "structure", f"row {row_no}", problem + (also if named else ""), "102"))
-            elif _joined_lines(raw, meta, rows_only=True):  # (as many cells as a row all the same: by chance)
+            elif b"\n" in raw.rstrip(b"\r\n") and _joined_lines(raw, meta, rows_only=True):
+                # (as many cells as a row all the same, by chance: a row of one line is never such)
                 issues.append(Issue("error", "structure", f"row {row_no}",
                                     "the row holds whole rows in one of its cells" + _joined_lines(raw, meta), "100"))
             elif len(fields) != len(meta["headers"]) and not _trailing_empty(fields, len(meta["headers"])):
