@@ -135,6 +135,8 @@ class Outcome:
     packed: bytes | None = None  # ``signed`` deflated as it is kept (gateway.store.exchange.packed), made beforehand
     #: the answer made again from what storing made of each resource (Channel.answer_stored), replacing ``answer``
     answer_after: Callable[[list[Any]], bytes] | None = None
+    #: received: when it was received and decided here (its receipt's ``received``, its audit entries' time)
+    received_at: _dt.datetime | None = None
 
     @property
     def errors(self) -> list[Issue]:
@@ -1718,7 +1720,8 @@ class Pipeline:
         doc_sha = verified.document_sha256
         try:
             outcome = self._decide_received(verified, issuer, peer, record_id, watch)
-            audit = prepare([exchange_record("received", at=self.clock(), member=self.settings.issuer_uscc,
+            audit = prepare([exchange_record("received", at=outcome.received_at or self.clock(),
+                                             member=self.settings.issuer_uscc,
                                              peer=peer, bundle_hash=doc_sha, bundle_id=verified.bundle.get("id"),
                                              kid=verified.kid)])
             outcome.signed = text
@@ -1798,7 +1801,7 @@ class Pipeline:
         unsigned = {k: v for k, v in bundle.items() if k != "signature"}
         return Outcome(Status.STORED, str(counts), ack_code="200", bundle=unsigned, record_id=record_id,
                        answer=receipt, signed_digest=doc_sha, direction="received", decided=made,
-                       signed_bundle=bundle)
+                       signed_bundle=bundle, received_at=now)
 
 
 #: HL7 v2 versions an answer may echo (anything else is answered as 2.5.1).

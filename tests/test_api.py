@@ -58,7 +58,9 @@ def test_ingest_gbk_answers_in_gbk(client) -> None:
 
 
 def test_ingest_errors_are_operation_outcomes(client) -> None:
-    assert_outcome(client.post("/ingest/hl7v2", data=b"   "), 422)
+    empty = assert_outcome(client.post("/ingest/hl7v2", data=b"   "), 400)  # nothing to read: not a 422
+    assert empty["issue"][0]["code"] == "required" and empty["issue"][0]["expression"] == ["body"]
+    assert empty["issue"][0]["diagnostics"].startswith("body is empty: send the message")
     body = assert_outcome(client.post("/ingest/nonsense", data=b"x"), 415)
     assert "format 'nonsense' is not supported" in body["issue"][0]["diagnostics"]
     assert_outcome(client.get("/ingest/hl7v2"), 405)

@@ -379,3 +379,83 @@ def test_outbox_retry_puts_back_several_deliveries_or_every_dead_one(tmp_path) -
     assert "outbox #999" in unknown.output
     assert run().exit_code == 2 and run("--to", FL).exit_code == 2
     assert run("--dead", "--to", "NOTAUSCC").exit_code == 2
+
+
+def test_a_received_bundles_audit_entries_carry_the_time_it_was_received(world) -> None:
+    """The receipt's time, the ``received`` entry's and its decisions' are one: an auditor reading the log in order
+    never meets a decision dated before the Bundle it decided was received, however long the work took."""
+    signed = signed_report(world)
+    fuling = world.gateways["fuling"].pipeline
+    start = fuling.clock()
+    ticks = iter(range(1, 10_000))
+    fuling.clock = lambda: start + _dt.timedelta(milliseconds=next(ticks))  # each reading a millisecond later
+    resp = push(world, signed)
+    assert resp.status_code == 200, resp.data
+    receipt = parse_json(body_of(resp))["receipt"]
+    got = [(e.kind, e.content["recorded"]) for e in entries(fuling.store.db) if e.kind in ("exchange", "decision")]
+    assert [k for k, _ in got] == ["exchange"] + ["decision"] * (len(got) - 1) and len(got) > 1, got
+    times = {t for _, t in got}
+    assert len(times) == 1, got
+    assert _dt.datetime.fromisoformat(times.pop()) == _dt.datetime.fromisoformat(receipt["received"])
+
+
+def test_the_access_log_names_the_member_that_called(world, caplog) -> None:
+    """A push, a referral and a 调阅 are logged with the calling member (``user=member:USCC``), as a user's request
+    is with the account's name; a caller refused is logged without one."""
+    from werkzeug.test import Client
+
+    from gateway.httpserver import access_log
+
+    signed = signed_report(world)
+    ex = world.gateways["tongjiang"].pipeline.exchange
+    client = Client(access_log(world.gateways["fuling"].app))
+    caplog.set_level("INFO", logger="gateway.access")
+    url = world.gateways["fuling"].url + "/exchange"
+    assert client.post("/exchange/bundles", data=signed,
+                       headers=ex.assertion_for(url + "/bundles")).status_code == 200
+    assert client.get("/exchange/DiagnosticReport", query_string={"patient.identifier": "x|1"},
+                      headers=ex.assertion_for(url + "/DiagnosticReport")).status_code == 200
+    assert client.post("/exchange/bundles", data=signed, headers={"Authorization": "Bearer nonsense"}
+                       ).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 3, lines
+    assert f"user=member:{TJ} " in lines[0] and f"user=member:{TJ} " in lines[1], lines
+    assert "user=- " in lines[2], lines
+    assert [getattr(r, "user", None) for r in caplog.records if r.name == "gateway.access"] == [
+        f"member:{TJ}", f"member:{TJ}", None]
+
+
+@pytest.mark.parametrize("path", ["/exchange/bundles", "/exchange/tasks"])
+def test_an_empty_push_or_one_sent_as_another_media_type_is_refused_as_such(world, path: str) -> None:
+    """An empty body is a 400 (nothing to read, code ``required``); a body sent as text, a form (what ``curl -d``
+    sends unless told) or FHIR XML is a 415 naming the type to send; FHIR JSON under any of its names, or no
+    Content-Type at all, is read. Nothing refused this way is kept: there was nothing, or nothing readable as sent."""
+    signed = signed_report(world)
+    ex = world.gateways["tongjiang"].pipeline.exchange
+    client = world.gateways["fuling"].app.test_client()
+    url = world.gateways["fuling"].url + path
+
+    def post(data: bytes, content_type: str | None):
+        headers = ex.assertion_for(url)
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return client.post(path, data=data, headers=headers)
+
+    db = world.gateways["fuling"].pipeline.store.db
+    before = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    empty = post(b"  \r\n", "application/fhir+json")
+    assert empty.status_code == 400, empty.data
+    issue = empty.get_json()["issue"][0]
+    assert issue["code"] == "required" and issue["expression"] == ["body"]
+    assert issue["diagnostics"].startswith("body is empty: send the signed "), issue
+    for sent in ("text/plain", "application/x-www-form-urlencoded", "application/fhir+xml",
+                 "application/fhir+json; fhirVersion=3.0"):
+        resp = post(signed, sent)
+        assert resp.status_code == 415, (sent, resp.data)
+        assert resp.get_json()["issue"][0]["code"] == "not-supported"
+        assert "application/fhir+json" in resp.get_json()["issue"][0]["diagnostics"] or "R4" in resp.get_json()[
+            "issue"][0]["diagnostics"]
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == before
+    if path == "/exchange/bundles":
+        for sent in (None, "application/json", "application/fhir+json; charset=utf-8; fhirVersion=4.0"):
+            assert post(signed, sent).status_code == 200, sent

@@ -188,6 +188,14 @@ def test_a_submission_in_another_media_type_is_refused_as_such(client, content_t
                            content_type=fine).status_code in (200, 201)
 
 
+def test_an_empty_submission_is_a_bad_request_naming_the_body(client) -> None:
+    answer = client.post("/fhir", data=b" \n", content_type="application/fhir+json")
+    assert answer.status_code == 400
+    issue = answer.get_json()["issue"][0]
+    assert issue["code"] == "required" and issue["expression"] == ["body"]
+    assert issue["diagnostics"] == "body is empty: send the Bundle as the body"
+
+
 def test_a_submission_of_another_fhir_version_is_refused_as_such(client) -> None:
     """A Bundle sent as ``application/fhir+json; fhirVersion=3.0`` (STU3) is not read as R4: 415 saying so."""
     answer = client.post("/fhir", data=json.dumps(as_transaction(GOLDEN)),

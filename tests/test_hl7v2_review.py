@@ -278,3 +278,34 @@ def test_an_issue_time_before_the_collection_is_a_warning(pipeline: Pipeline) ->
     assert warnings(outcome) == ["OBR[1]-22 report issue time 2026-12-03T08:25:00+08:00 is before the collection "
                                  "time 2026-12-04T07:30:00+08:00 (OBR[1]-7); kept as sent"]
     assert any(s.startswith("ERR||OBR^1^22|102^") and s.split("|")[4] == "W" for s in segments(outcome, "ERR"))
+
+
+def spm(collected: str, received: str) -> str:
+    return f"SPM|1|S17-01||SER^血清^HL70487|||||||P^Patient^HL70369||||||{collected}|{received}"
+
+
+@pytest.mark.parametrize("collected, received, where, said", [
+    # SPM-18 before SPM-17, to the minute
+    ("20261204073000+0800", "20261204072000+0800", "SPM[1]-17",
+     "at 2026-12-04T07:20:00+08:00, before it was collected at 2026-12-04T07:30:00+08:00 (SPM[1]-17):"),
+    # a received day before the collected day, one of them without a time
+    ("20261204073000+0800", "20261203", "SPM[1]-17", "at 2026-12-03, before it was collected at 2026-12-04T07:30"),
+    # the same instant in another offset is not before
+    ("20261204073000+0800", "20261203233500+0000", "", ""),
+    # a received date without a time on the collected day is not before
+    ("20261204073000+0800", "20261204", "", ""),
+    # a month only may be any day of it
+    ("20261204073000+0800", "202611", "", ""),
+])
+def test_a_specimen_received_before_it_was_collected_is_a_warning(pipeline: Pipeline, collected: str, received: str,
+                                                                  where: str, said: str) -> None:
+    """SPM-18 before SPM-17: kept as sent (which is wrong cannot be told), the sender told at SPM-18."""
+    outcome = convert(pipeline, er7(obr(1), obx(), spm(collected, received)))
+    assert outcome.ack_code == "AA", outcome.issues
+    if not said:
+        assert not [w for w in warnings(outcome) if "received in the laboratory" in w], warnings(outcome)
+        return
+    [warning] = [w for w in warnings(outcome) if "received in the laboratory" in w]
+    assert warning.startswith("SPM[1]-18 the specimen was received in the laboratory at ") and said in warning, warning
+    assert warning.endswith(f"({where}): one of the two times is wrong; both are kept as sent")
+    assert any(s.startswith("ERR||SPM^1^18|102^") and s.split("|")[4] == "W" for s in segments(outcome, "ERR"))

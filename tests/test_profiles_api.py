@@ -120,7 +120,7 @@ def test_validate_takes_parameters_with_a_profile(http) -> None:
 
 
 @pytest.mark.parametrize("path, data, status, text", [
-    ("/fhir/Observation/$validate", b"", 422, "is empty"),
+    ("/fhir/Observation/$validate", b"", 400, "body is empty"),
     ("/fhir/Observation/$validate", b"{\"resourceType\": ", 400, "is not strict JSON: not valid JSON"),
     ("/fhir/Observation/$validate", b'{"resourceType": "Observation", "status": "final", "status": "x"}', 400,
      "duplicate key 'status'"),  # FHIR JSON has each property once: read as a submission is

@@ -1176,6 +1176,38 @@ class HL7v2Adapter:
                 msg.issues.append(Issue("warning", "value", m.where(i_row, i_fld),
                                         f"report issue time {r.issued_at} is before the collection time "
                                         f"{r.collected_at} ({collected_where}); kept as sent", "102"))
+            if r.specimen is not None and r.specimen.received_at:
+                self._received_before_collected(m, msg, rows, r, r.specimen, tz)
+
+    def _received_before_collected(self, m: _Msg, msg: SourceMessage, rows: dict[str, int | None],
+                                   r: ReportFacts, s: SpecimenFacts, tz: _dt.tzinfo) -> None:
+        """A warning for a specimen received in the laboratory (SPM-18, OBR-14) before it was collected (SPM-17,
+        OBR-7): both are kept as sent, which of the two is wrong cannot be told. Times are compared as instants,
+        a date without a time by its day."""
+        spec = self.table.get("report", {})
+        collected_text = s.collected_at or r.collected_at
+        if not collected_text:
+            return
+        if "T" in s.received_at and "T" in collected_text:
+            received, collected = _instant(s.received_at, tz), _instant(collected_text, tz)
+            early = received is not None and collected is not None and received < collected
+        else:
+            full = len(s.received_at) >= 10 and len(collected_text) >= 10  # (2026-11 is a whole month)
+            day, first = _first_day(s.received_at), _first_day(collected_text)
+            early = full and day is not None and first is not None and day < first
+        if not early:
+            return
+        _, rc_row, rc_fld = self._first(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]))
+        locators = spec.get("specimen_collected_at", ["SPM-17", "OBR-7"]) if s.collected_at else \
+            spec.get("collected_at", "OBR-7")
+        _, c_row, c_fld = self._first(m, rows, locators)
+        if rc_row < 0:
+            return
+        where = f" ({m.where(c_row, c_fld)})" if c_row >= 0 else ""
+        msg.issues.append(Issue("warning", "value", m.where(rc_row, rc_fld),
+                                f"the specimen was received in the laboratory at {s.received_at}, before it was "
+                                f"collected at {collected_text}{where}: one of the two times is wrong; both are kept "
+                                "as sent", "102"))
 
     @staticmethod
     def _row(m: _Msg, r: ReportFacts | ResultFacts) -> int:

@@ -232,7 +232,7 @@ class LabCSVAdapter:
         self.max_exam_rows = max_exam_rows
         self.max_exam_bytes = max_exam_bytes
         names = list(dict.fromkeys(factor_names))
-        self._whole_names = {lay.id: _NameGuard(names, _separators(lay)) for lay in self.layouts}
+        self._whole_names = {lay.id: _name_guard(names, _separators(lay)) for lay in self.layouts}
 
     # -- cutting -------------------------------------------------------------------------
 
@@ -870,6 +870,21 @@ class _NameGuard:
             out.append(name)
             i += taken
         return [n.strip() for n in out if n.strip()]
+
+
+#: Guards made before, by the names and the separators (each adapter of a process with one mapping shares them: a
+#: guard is not changed once made).
+_GUARDS: dict[tuple[tuple[str, ...], str | None], _NameGuard] = {}
+
+
+def _name_guard(names: list[str], split: re.Pattern[str] | None) -> _NameGuard:
+    key = (tuple(names), split.pattern if split is not None else None)
+    guard = _GUARDS.get(key)
+    if guard is None:
+        if len(_GUARDS) >= 16:
+            _GUARDS.clear()
+        guard = _GUARDS[key] = _NameGuard(names, split)
+    return guard
 
 
 def _cell_issues(row_no: int, raw: bytes, fields: list[str], headers: list[str], issues: list[Issue]) -> None:

@@ -110,7 +110,8 @@ for _type in CONFORMANCE_TYPES:
 def _parse_body() -> Any:
     body = request.get_data(cache=False)
     if not body.strip():
-        raise InputError("is empty: send the resource to validate, or a Parameters with a resource", "body")
+        raise ParseError("is empty: send the resource to validate, or a Parameters with a resource", "body",
+                         code="required")
     try:
         # strict, as a submission is read: a key twice (FHIR JSON allows a property once), NaN, a lone surrogate
         payload = parse_json(body.decode("utf-8-sig"))

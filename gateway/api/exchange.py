@@ -17,11 +17,12 @@ no longer lists (revoked) is kept as refused, with an ``exchange`` audit entry
 """
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
 from gateway import jsonutil
 from gateway.api.app import pipeline_of
-from gateway.errors import ConfigError, InputError, UnknownIssuer
+from gateway.api.fhir import require_fhir_json
+from gateway.errors import ConfigError, InputError, ParseError, UnknownIssuer
 from gateway.exchange.service import Exchange
 
 bp = Blueprint("exchange", __name__, url_prefix="/exchange")
@@ -50,9 +51,11 @@ def receive() -> Response:
             if text.strip():
                 pipeline_of(current_app).refuse_unlisted(text, exc.member, exc)
         raise
+    g.peer = peer  # (the access log names the calling member)
+    require_fhir_json("the signed Bundle")
     text = request.get_data(cache=False)
     if not text.strip():
-        raise InputError("request body is empty: send the signed Bundle as the body", "body")
+        raise ParseError("is empty: send the signed Bundle as the body", "body", code="required")
     result = pipeline_of(current_app).receive_signed(text, peer)  # the exchange's channel of the pipeline
     return Response(result.receipt, status=result.status, mimetype="application/json",
                     headers={"X-Duplicate": "true" if result.duplicate else "false"})
@@ -65,10 +68,12 @@ def receive_task() -> Response:
     from gateway.referrals import Referrals
 
     referrals = Referrals(exchange_of(current_app))
-    peer = referrals.authenticate(request.headers.get("Authorization", ""))
+    peer = g.peer = referrals.authenticate(request.headers.get("Authorization", ""))
+    require_fhir_json("the signed referral Bundle")
     text = request.get_data(cache=False)
     if not text.strip():
-        raise InputError("request body is empty: send the signed referral Bundle as the body", "body")
+        raise ParseError("is empty: send the signed referral Bundle as the body", "body",
+                         code="required")
     return Response(referrals.receive(text, peer), status=200, mimetype="application/json")
 
 
@@ -76,7 +81,7 @@ def receive_task() -> Response:
 def pull() -> Response:
     """调阅: this member's signed report Bundles for one patient."""
     ex = exchange_of(current_app)
-    peer = ex.authenticate(request.headers.get("Authorization", ""))
+    peer = g.peer = ex.authenticate(request.headers.get("Authorization", ""))
     identifier = request.args.get("patient.identifier") or request.args.get("subject:Patient.identifier")
     if not identifier:
         raise InputError("patient.identifier is required for 调阅", "patient.identifier")

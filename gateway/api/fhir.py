@@ -110,6 +110,21 @@ def _our_version(media_type: str) -> bool:
     return True
 
 
+def require_fhir_json(what: str) -> None:
+    """Refuse a body sent as something else than FHIR JSON of R4 (a request without a Content-Type is read as it).
+
+    :raises UnsupportedMediaType: (415) FHIR XML, a form, text, or another FHIR version: said, not read as JSON or
+        as an empty body (``curl -d`` sends a form unless told otherwise).
+    """
+    sent = (request.mimetype or "").lower()
+    if sent and sent not in _JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {sent[:80]} is not taken here: send {what} as FHIR JSON "
+                                   "(Content-Type: application/fhir+json)")
+    if not _our_version(request.headers.get("Content-Type", "")):  # (an STU3 Bundle read as R4 is misread)
+        raise UnsupportedMediaType(f"Content-Type {shown(request.headers.get('Content-Type', '')[:80])} names another "
+                                   "FHIR version: this server takes FHIR R4 (fhirVersion=4.0)")
+
+
 def _form_posted() -> bool:
     return request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded"
 
@@ -164,18 +179,12 @@ def submit() -> Response:
 
     Answers a transaction-response Bundle (201), or an OperationOutcome naming every problem (422/400).
     """
-    from gateway.errors import InputError
+    from gateway.errors import ParseError
 
-    sent = (request.mimetype or "").lower()
-    if sent and sent not in _JSON_TYPES:  # (FHIR XML, a form, text): said, not read as JSON or as an empty body
-        raise UnsupportedMediaType(f"Content-Type {sent} is not taken here: send the Bundle as FHIR JSON "
-                                   "(application/fhir+json)")
-    if not _our_version(request.headers.get("Content-Type", "")):  # (an STU3 Bundle read as R4 is misread)
-        raise UnsupportedMediaType(f"Content-Type {shown(request.headers.get('Content-Type', '')[:80])} names another "
-                                   "FHIR version: this server takes FHIR R4 (fhirVersion=4.0)")
+    require_fhir_json("the Bundle")
     body = request.get_data(cache=False)
     if not body.strip():
-        raise InputError("request body is empty: send a Bundle", "Bundle")
+        raise ParseError("is empty: send the Bundle as the body", "body", code="required")
     outcome = pipeline_of(current_app).ingest(body, "fhir", channel="http", origin=request.remote_addr or "")[0]
     status = {"AA": 201, "AE": 422, "AR": 400}.get(outcome.ack_code, 422)
     headers: dict[str, str] = {}

@@ -38,7 +38,7 @@ from gateway.adapters.hl7v3 import answer_media_type
 from gateway.api.app import pipeline_of
 from gateway.api.errors import outcome_response
 from gateway.auth import require_role
-from gateway.errors import InputError, Issue, WaitingBehind, shown
+from gateway.errors import InputError, Issue, ParseError, WaitingBehind, shown
 
 bp = Blueprint("ingest", __name__)
 
@@ -80,7 +80,7 @@ def _units(adapter: Any, stream: IO[bytes], origin: str) -> Iterator[Any]:
     """
     head = stream.read(_PEEK)
     if len(head) < _PEEK and not head.strip():
-        raise InputError("request body is empty: send the message(s) as the body", "body")
+        raise ParseError("is empty: send the message(s) as the body", "body", code="required")
     if len(head) < _PEEK:
         return iter(adapter.split(head, origin))
     split_stream = getattr(adapter, "split_stream", None)

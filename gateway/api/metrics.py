@@ -94,12 +94,16 @@ def _request_id() -> str:
 
 
 def _user() -> str | None:
-    """The account name of whoever the request authenticated as (API token or console session), if any."""
+    """Whoever the request authenticated as, if anyone: an account's name (API token or console session), or
+    ``member:USCC`` for another member's gateway calling the exchange with its signed client assertion."""
     principal = g.get("principal")
     if principal is None:
         principal = getattr(g.get("console"), "principal", None)
     name = getattr(principal, "name", None)
-    return str(name) if name else None
+    if name:
+        return str(name)
+    peer = g.get("peer")
+    return f"member:{peer}" if peer else None
 
 
 @bp.before_app_request

@@ -28,16 +28,29 @@ __all__ = ["DemoGateway", "DemoWorld", "build_world", "add_authority", "add_memb
 SERVE_PORTS = {"tongjiang": (8081, 2575), "fuling": (8082, 2576), "sccdc": (8083, 2577)}
 
 
-@dataclass
 class DemoGateway:
-    """One member's gateway in the demo."""
+    """One member's gateway in the demo: its settings, pipeline and WSGI app (made when first asked for: most uses
+    of a demo world drive pipelines only, and an app's routes take a tenth of a second to compile)."""
 
-    member: DemoMember
-    settings: Settings
-    pipeline: Any
-    app: Any
-    url: str
-    token: str = ""  # an admin API token of this gateway (for the demo's own queries)
+    def __init__(self, member: DemoMember, settings: Settings, pipeline: Any, app: Any, url: str,
+                 token: str = "") -> None:
+        self.member = member
+        self.settings = settings
+        self.pipeline = pipeline
+        self._app = app  # the app, or None until it is first asked for
+        self.url = url
+        self.token = token  # an admin API token of this gateway (for the demo's own queries)
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            from gateway.api.app import create_app
+
+            self._app = create_app(self.settings, self.pipeline)
+        return self._app
+
+    def __repr__(self) -> str:
+        return f"DemoGateway({self.member.key!r}, {self.url!r})"
 
 
 @dataclass
@@ -76,7 +89,7 @@ def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[s
     gateway has its SQLite file in its own folder.
     """
     from gateway import auth
-    from gateway.api.app import create_app
+    from gateway.audit.log import ensure_schema as ensure_audit_schema
     from gateway.audit.records import Party
     from gateway.pipeline import Pipeline
 
@@ -105,10 +118,10 @@ def build_world(base: Path, clock: Callable[[], _dt.datetime], endpoints: dict[s
             overrides["database"] = database(key)
         settings = load_settings(environ={}, overrides=overrides)
         pipeline = Pipeline(settings, clock=clock)
-        app = create_app(settings, pipeline)
+        ensure_audit_schema(pipeline.store.db)  # (as the app makes them: before anything is written)
         _, token = auth.add_user(pipeline.store.db, "demo-admin", ["admin"], at=clock(),
                                  gateway=Party.member(member.uscc), by=Party.user(member.uscc, "demo"))
-        world.gateways[key] = DemoGateway(member, settings, pipeline, app, endpoints[key], token)
+        world.gateways[key] = DemoGateway(member, settings, pipeline, None, endpoints[key], token)
     return world
 
 
@@ -192,7 +205,7 @@ def _add_gateway(world: DemoWorld, clock: Callable[[], _dt.datetime], member: De
                  log_level: str) -> DemoGateway:
     """A gateway for ``member`` in its own folder, signing with the key the world's registry holds for it."""
     from gateway import auth
-    from gateway.api.app import create_app
+    from gateway.audit.log import ensure_schema as ensure_audit_schema
     from gateway.audit.records import Party
     from gateway.pipeline import Pipeline
 
@@ -207,10 +220,10 @@ def _add_gateway(world: DemoWorld, clock: Callable[[], _dt.datetime], member: De
         "signing_key": str(home / "keys" / "DEMO-signing.key.pem"),
         "signing_cert": str(home / "keys" / "DEMO-signing.cert.pem"), "public_url": url, "log_level": log_level})
     pipeline = Pipeline(settings, clock=clock)
-    app = create_app(settings, pipeline)
+    ensure_audit_schema(pipeline.store.db)
     _, token = auth.add_user(pipeline.store.db, "demo-admin", ["admin"], at=clock(),
                              gateway=Party.member(member.uscc), by=Party.user(member.uscc, "demo"))
-    gateway = DemoGateway(member, settings, pipeline, app, url, token)
+    gateway = DemoGateway(member, settings, pipeline, None, url, token)
     world.gateways[member.key] = gateway
     return gateway
 

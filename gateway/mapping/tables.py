@@ -27,7 +27,9 @@ any problem raises :class:`~gateway.errors.ConfigError` listing every bad line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,8 +432,25 @@ def _load_structure(path: Path, problems: list[str]) -> dict[str, Any] | None:
     return data
 
 
+#: Tables read and checked before, by directory and content (a process that makes several pipelines of one
+#: directory — the demo's members, tests — reads and checks them once); each caller gets a copy of its own.
+_LOADED: dict[tuple[str, str], bytes] = {}
+_LOADED_MAX = 8
+
+
+def _fingerprint(base: Path) -> tuple[str, str]:
+    """``base`` and a digest of the name and bytes of every file :func:`load_mappings` reads there."""
+    digest = hashlib.sha256()
+    for path in sorted([*base.rglob("*.yaml"), *base.rglob("*.csv")]):
+        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return str(base.resolve()), digest.hexdigest()
+
+
 def load_mappings(root: str | Path) -> MappingSet:
-    """Load and check every table under ``root``.
+    """Load and check every table under ``root``. Tables read before with the same content are not read and
+    checked again: the caller gets a fresh copy of them.
 
     :raises ConfigError: the directory is missing, or any table has problems
         (all problems are listed, one per line).
@@ -439,6 +458,22 @@ def load_mappings(root: str | Path) -> MappingSet:
     base = Path(root)
     if not base.is_dir():
         raise ConfigError(f"mappings directory {base} does not exist", "mappings_dir")
+    try:
+        key: tuple[str, str] | None = _fingerprint(base)
+    except OSError:  # (a file that cannot be read is said by the reading below)
+        key = None
+    kept = _LOADED.get(key) if key is not None else None
+    if kept is not None:
+        return pickle.loads(kept)  # type: ignore[no-any-return]  # (bytes this process pickled itself)
+    loaded = _load_mappings(base)
+    if key is not None:
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
+    return loaded
+
+
+def _load_mappings(base: Path) -> MappingSet:
     problems: list[str] = []
     structures: dict[str, dict[str, Any]] = {}
     concepts: dict[str, ConceptTable] = {}
