@@ -67,12 +67,23 @@ def pytest_configure(config: pytest.Config) -> None:
     import gateway
 
     compileall.compile_dir(str(Path(gateway.__file__).parent), quiet=2)
+    # pytest-xdist 3.7 and later hand out the files with the most tests first unless told not to, which leaves the
+    # long files of few tests (three nodes, the exchange between processes) for the end: one worker then runs them
+    # alone while the other waits. The order of pytest_collection_modifyitems is kept instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
-#: The test files that take longest, longest first (``--durations=30`` shows them).
-SLOW_FIRST = ("test_cluster_nodes.py", "test_exchange_processes.py", "test_readme_deploy.py", "test_fuzz.py",
-              "test_readme_postgresql.py", "test_metrics.py", "test_serve_supervision.py", "test_bench_servers.py",
-              "test_console_browser.py", "test_bench.py", "test_mllp.py", "test_deploy_units.py")
+#: The test files that take longest, longest first (``--durations=0``, added up by file, shows them).
+SLOW_FIRST = ("test_cluster_nodes.py", "test_serve_supervision.py", "test_exchange_processes.py",
+              "test_fhir_rest.py", "test_fuzz.py", "test_fhir_rest2.py", "test_console.py", "test_mllp.py",
+              "test_console_browser.py", "test_outbox_lanes.py", "test_mllp_receipt.py", "test_exchange.py",
+              "test_readme_deploy.py", "test_exchange_dedupe.py", "test_metrics.py", "test_bench.py",
+              "test_referrals.py", "test_slow_clients.py", "test_leases.py", "test_abandoned.py",
+              "test_query_plans.py", "test_fhir_submission.py", "test_pipeline_store.py", "test_service_reports.py",
+              "test_profiles_r4.py", "test_input_holes.py", "test_wal_checkpoints.py", "test_ingest_bounds.py",
+              "test_corrections.py", "test_audit_query.py", "test_readme_postgresql.py", "test_bench_servers.py",
+              "test_deploy_units.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

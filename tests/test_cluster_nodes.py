@@ -62,9 +62,15 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.spawn()
+        self.ready()
+
+    def spawn(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([GATEWAY, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+
+    def ready(self) -> None:
         wait_port(self.http, timeout=60)
         wait_port(self.mllp, timeout=60)
 
@@ -172,9 +178,10 @@ def test_three_nodes_one_database_one_killed(tmp_path: Path, pg_cluster: Any) ->
     lock = threading.Lock()
     killed = threading.Event()
     try:
-        for node in nodes:
-            node.start()
-        receiver.start()
+        for node in [*nodes, receiver]:  # (started side by side, as a platform's hosts start)
+            node.spawn()
+        for node in [*nodes, receiver]:
+            node.ready()
 
         def lis(number: int, batch: list[bytes]) -> None:
             """One LIS: its messages in order, over one connection; a broken connection goes to the next node."""
