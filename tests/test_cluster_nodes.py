@@ -12,7 +12,7 @@ started, as a power cut of that host would — and started again. Then:
   (at-least-once on the wire, answered from 涪陵's first receipt), and only those may be.
 - ``gateway audit verify`` accepts the one audit chain all three nodes appended to.
 
-``GATEWAY_CLUSTER_MESSAGES`` sets how many messages are sent (1,200 by default, which keeps the suite short; the
+``GATEWAY_CLUSTER_MESSAGES`` sets how many messages are sent (600 by default, which keeps the suite short; the
 kill comes after a third of them are acknowledged, mid-stream either way).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from gateway.demo.world import build_world
 GATEWAY = shutil.which("gateway") or str(Path(sys.executable).parent / "gateway")
 CST = _dt.timezone(_dt.timedelta(hours=8))
 TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
-MESSAGES = int(os.environ.get("GATEWAY_CLUSTER_MESSAGES", "1200"))
+MESSAGES = int(os.environ.get("GATEWAY_CLUSTER_MESSAGES", "600"))
 DELIVERIES = 60
 
 

@@ -294,8 +294,13 @@ def spm(collected: str, received: str) -> str:
     ("20261204073000+0800", "20261203233500+0000", "", ""),
     # a received date without a time on the collected day is not before
     ("20261204073000+0800", "20261204", "", ""),
-    # a month only may be any day of it
-    ("20261204073000+0800", "202611", "", ""),
+    # a month only may be any day of it: all of November is before; December may not be
+    ("20261204073000+0800", "202611", "SPM[1]-17", "at 2026-11, before it was collected at 2026-12-04T07:30"),
+    ("20261204073000+0800", "202612", "", ""),
+    # a time in another offset against a day: 23:35 UTC on the 3rd is 07:35 on the 4th in Beijing time
+    ("20261204", "20261203233500+0000", "", ""),
+    ("20261204", "20261203153000+0000", "SPM[1]-17", "at 2026-12-03T15:30:00+00:00, before it was collected at "
+                                                     "2026-12-04 (SPM[1]-17)"),
 ])
 def test_a_specimen_received_before_it_was_collected_is_a_warning(pipeline: Pipeline, collected: str, received: str,
                                                                   where: str, said: str) -> None:

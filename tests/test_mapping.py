@@ -172,3 +172,31 @@ def test_a_time_without_an_offset_is_weighed_as_china_time() -> None:
     naive, aware = _moment("2024-11-05T08:30:00"), _moment("2024-11-05T09:30:00+08:00")
     assert naive is not None and aware is not None
     assert _before(naive, aware) and not _before(aware, naive)
+
+
+def test_tables_read_again_are_copies_and_a_changed_table_is_read_anew(tmp_path: Path) -> None:
+    """Tables read before with the same content come from this process's copy (not read and checked again), each
+    caller with its own; a table whose bytes changed is read again, even when its size and time did not."""
+    import os
+    import shutil
+
+    root = tmp_path / "mappings"
+    shutil.copytree(REPO_ROOT / "mappings", root)
+    first, second = load_mappings(root), load_mappings(root)
+    assert first == second and first is not second
+    some = next(iter(first.concepts))
+    assert first.concepts[some] is not second.concepts[some]
+    first.structures.clear()  # (what one caller does to its copy, no other sees)
+    assert load_mappings(root).structures == second.structures != {}
+
+    path = root / "concepts" / "administrative-gender.csv"
+    text = path.read_text(encoding="utf-8")
+    stat = path.stat()
+    # the version for another of the same size, the file's times put back: only its bytes tell
+    changed = text.replace("# version: 1.0.0", "# version: 1.0.9", 1)
+    assert len(changed.encode()) == len(text.encode()) and changed != text
+    path.write_text(changed, encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert load_mappings(root).concept("administrative-gender").version == "1.0.9"
+    assert second.concept("administrative-gender").version == "1.0.0"

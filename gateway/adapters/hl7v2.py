@@ -543,6 +543,21 @@ def _instant(text: str, tz: _dt.tzinfo) -> _dt.datetime | None:
         return None
 
 
+def _span(text: str, tz: _dt.tzinfo) -> tuple[_dt.datetime, _dt.datetime] | None:
+    """The first and the last instant a FHIR date or dateTime can mean: a time is one instant; a day, a month or a
+    year without a time is all of it, in ``tz``. None when it is empty or cannot be read."""
+    first = _instant(text, tz)
+    if first is None or "T" in text:
+        return None if first is None else (first, first)
+    if len(text) >= 10:
+        after = first + _dt.timedelta(days=1)
+    elif len(text) >= 7:
+        after = (first.replace(day=28) + _dt.timedelta(days=4)).replace(day=1)
+    else:
+        after = first.replace(year=first.year + 1)
+    return first, after - _dt.timedelta(microseconds=1)
+
+
 def _first_day(text: str) -> _dt.date | None:
     """The first day a FHIR date or dateTime can mean, as the sender wrote it (its own date, not UTC's)."""
     parts = (text or "")[:10].split("-")
@@ -1182,20 +1197,13 @@ class HL7v2Adapter:
     def _received_before_collected(self, m: _Msg, msg: SourceMessage, rows: dict[str, int | None],
                                    r: ReportFacts, s: SpecimenFacts, tz: _dt.tzinfo) -> None:
         """A warning for a specimen received in the laboratory (SPM-18, OBR-14) before it was collected (SPM-17,
-        OBR-7): both are kept as sent, which of the two is wrong cannot be told. Times are compared as instants,
-        a date without a time by its day."""
+        OBR-7): both are kept as sent, which of the two is wrong cannot be told. Said only when every instant the
+        received time can mean (a time is one; a day, a month or a year without one is all of it, in the sender's
+        zone) lies before every instant the collection time can mean."""
         spec = self.table.get("report", {})
         collected_text = s.collected_at or r.collected_at
-        if not collected_text:
-            return
-        if "T" in s.received_at and "T" in collected_text:
-            received, collected = _instant(s.received_at, tz), _instant(collected_text, tz)
-            early = received is not None and collected is not None and received < collected
-        else:
-            full = len(s.received_at) >= 10 and len(collected_text) >= 10  # (2026-11 is a whole month)
-            day, first = _first_day(s.received_at), _first_day(collected_text)
-            early = full and day is not None and first is not None and day < first
-        if not early:
+        received, collected = _span(s.received_at, tz), _span(collected_text, tz)
+        if received is None or collected is None or not received[1] < collected[0]:
             return
         _, rc_row, rc_fld = self._first(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]))
         locators = spec.get("specimen_collected_at", ["SPM-17", "OBR-7"]) if s.collected_at else \

@@ -13,7 +13,10 @@ Callers authenticate with a signed client assertion (``gateway.exchange.peer_aut
 unknown or revoked members get 403, anything else wrong 401, always as an
 OperationOutcome. A Bundle pushed by a member the registry authority certified but
 no longer lists (revoked) is kept as refused, with an ``exchange`` audit entry
-(``refused``, ``unknown-issuer``) naming that member, as every refused push is.
+(``refused``, ``unknown-issuer``) naming that member, as every refused Bundle is. A
+push with nothing to read (an empty body: 400) or sent as something else than FHIR
+JSON (text, a form, XML: 415) holds no Bundle: it is answered, logged with the
+calling member, and not kept.
 """
 from __future__ import annotations
 

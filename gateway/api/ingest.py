@@ -76,7 +76,7 @@ class _Rejoined(io.RawIOBase):
 def _units(adapter: Any, stream: IO[bytes], origin: str) -> Iterator[Any]:
     """The units of the request body, read lazily where the format allows it.
 
-    :raises InputError: the body is empty.
+    :raises ParseError: the body is empty (400).
     """
     head = stream.read(_PEEK)
     if len(head) < _PEEK and not head.strip():
@@ -182,7 +182,7 @@ def _not_before_the_queue(pipeline: Any, channel: Any, batch: list[RawUnit]) -> 
 def ingest(fmt: str) -> Response:
     """Store and process the submitted messages; answer each.
 
-    :raises InputError: empty body.
+    :raises ParseError: empty body (400).
     :raises UnsupportedFormat: no such input format.
     """
     pipeline = pipeline_of(current_app)

@@ -31,6 +31,7 @@ import hashlib
 import io
 import pickle
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,12 +437,13 @@ def _load_structure(path: Path, problems: list[str]) -> dict[str, Any] | None:
 #: directory — the demo's members, tests — reads and checks them once); each caller gets a copy of its own.
 _LOADED: dict[tuple[str, str], bytes] = {}
 _LOADED_MAX = 8
+_LOADED_LOCK = threading.Lock()
 
 
 def _fingerprint(base: Path) -> tuple[str, str]:
     """``base`` and a digest of the name and bytes of every file :func:`load_mappings` reads there."""
     digest = hashlib.sha256()
-    for path in sorted([*base.rglob("*.yaml"), *base.rglob("*.csv")]):
+    for path in sorted([*base.rglob("*.yaml"), *base.rglob("concepts/*.csv")]):
         digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
         digest.update(path.read_bytes())
         digest.update(b"\0")
@@ -462,14 +464,22 @@ def load_mappings(root: str | Path) -> MappingSet:
         key: tuple[str, str] | None = _fingerprint(base)
     except OSError:  # (a file that cannot be read is said by the reading below)
         key = None
-    kept = _LOADED.get(key) if key is not None else None
+    with _LOADED_LOCK:
+        kept = _LOADED.get(key) if key is not None else None
     if kept is not None:
         return pickle.loads(kept)  # type: ignore[no-any-return]  # (bytes this process pickled itself)
     loaded = _load_mappings(base)
-    if key is not None:
-        if len(_LOADED) >= _LOADED_MAX:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        unchanged = key is not None and _fingerprint(base) == key  # (not a file changed while it was read)
+    except OSError:
+        unchanged = False
+    if unchanged:
+        assert key is not None
+        kept = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
+        with _LOADED_LOCK:
+            while len(_LOADED) >= _LOADED_MAX:
+                _LOADED.pop(next(iter(_LOADED)))
+            _LOADED[key] = kept
     return loaded
 
 

@@ -152,19 +152,10 @@ def load_source(path: str | Path) -> RegistrySource:
     return parse_source(text, origin=str(p), base_dir=p.parent, is_json=p.suffix.lower() == ".json")
 
 
-#: Digests of sources this process found to conform to the schema (a source checked again, as the demo and tests
-#: build one registry after another, is not walked by the schema again; the checks after the schema's always run).
+#: Digests of source texts this process found to conform to the schema (a source checked again, as the demo and
+#: tests build one registry after another, is not walked by the schema again; the checks after the schema's always
+#: run).
 _CONFORMING: set[str] = set()
-
-
-def _plain_digest(data: Any) -> str | None:
-    """A digest of ``data`` written as JSON with sorted keys, or None when it holds what JSON does not (a YAML
-    date, bytes): only plain JSON is remembered, whose text names its types."""
-    try:
-        text = json.dumps(data, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        return None
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def parse_source(
@@ -183,8 +174,9 @@ def parse_source(
     if not isinstance(data, dict):
         raise RegistrySourceError(origin, [Issue("error", "structure", "", "the top level must be a mapping of keys")])
 
-    digest = _plain_digest(data)
-    if digest is None or digest not in _CONFORMING:
+    digest = hashlib.sha256(("json:" if is_json else "yaml:").encode() + text.encode("utf-8", "surrogatepass")
+                            ).hexdigest()
+    if digest not in _CONFORMING:
         validator = jsonschema.Draft202012Validator(source_schema())
         problems: list[Issue] = []
         for error in sorted(validator.iter_errors(data), key=lambda e: [str(x) for x in e.absolute_path]):
@@ -193,10 +185,9 @@ def parse_source(
             problems.append(Issue("error", "invalid", location, _schema_message(best)))
         if problems:
             raise RegistrySourceError(origin, problems)
-        if digest is not None:
-            if len(_CONFORMING) >= 64:
-                _CONFORMING.clear()
-            _CONFORMING.add(digest)
+        if len(_CONFORMING) >= 64:
+            _CONFORMING.clear()
+        _CONFORMING.add(digest)
 
     checker = _Checker(Path(base_dir))
     body = checker.normalise(data)
