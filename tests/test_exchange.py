@@ -279,6 +279,30 @@ def test_receiver_down_for_an_hour_loses_nothing(world, clock) -> None:
     assert world.gateways["fuling"].pipeline.store.search("DiagnosticReport", []).total == 1
 
 
+def test_a_receiver_whose_clock_is_off_is_tried_again_until_it_is_set_right(world, clock) -> None:
+    """A 401 for the call's own assertion (the receiver's clock 20 minutes behind the sender's) is not the
+    Bundle's fault and can be set right by an operator: retried with the back-off, naming why, not dead-lettered;
+    delivered once the clock is right. A Bundle whose own signature the receiver refuses stays dead at once."""
+    bundle = ingest_lis(world)[0].bundle
+    tj = world.gateways["tongjiang"].pipeline.exchange
+    fl = world.gateways["fuling"].pipeline.exchange
+    fl.clock = lambda: clock() - _dt.timedelta(minutes=20)
+    row = tj.push(bundle["id"], FL)
+    assert tj.deliver() == {"delivered": 0, "retry": 1, "dead": 0}
+    got = tj.outbox.get(row)
+    assert got.status == "pending" and "HTTP 401" in got.last_error and "clock may be ahead" in got.last_error, got
+    fl.clock = clock
+    clock.advance(minutes=10)
+    assert tj.deliver()["delivered"] == 1
+    assert world.gateways["fuling"].pipeline.store.search("DiagnosticReport", []).total == 1
+    from gateway import jsonutil
+
+    bad = classify(401, jsonutil.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "security", "diagnostics": "signature does not verify",
+         "expression": ["Bundle.signature"]}]}).encode())
+    assert not bad.retryable and bad.error == "HTTP 401: signature does not verify"
+
+
 def test_lookup_returns_verified_signed_reports(world) -> None:
     ingest_lis(world)
     fl = world.gateways["fuling"].pipeline.exchange

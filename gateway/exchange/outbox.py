@@ -10,7 +10,8 @@ What operators of Mirth and OpenHIM complain about, designed out:
 - retries back off exponentially **with jitter** up to ``max_attempts``, then the
   row goes to **dead** (the dead-letter state) instead of retrying forever or
   blocking the rows behind it;
-- **retryable** failures (timeouts, connection errors, 5xx, 429) are told apart
+- **retryable** failures (timeouts, connection errors, 5xx, 429, a 401 for the
+  call's assertion: a clock difference an operator sets right) are told apart
   from **permanent** ones (other 4xx: a bad signature will not get better);
 - a row being delivered is **leased**; a sender killed mid-delivery leaves a
   lease that expires, and the row is delivered again after restart — the

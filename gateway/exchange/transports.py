@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+from typing import Any
 from collections.abc import Callable
 
 import requests
@@ -25,12 +26,18 @@ _RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
 
 
 def classify(status: int, body: bytes = b"") -> SendResult:
-    """2xx delivered; 408/425/429/5xx retryable; any other 4xx permanent. The error names the receiver's reason
-    when it answered an OperationOutcome (a revoked certificate and a clock difference read alike otherwise)."""
+    """2xx delivered; 408/425/429/5xx retryable; any other 4xx permanent, but a 401 whose OperationOutcome names
+    ``Authorization``: the receiver did not take this call's signed assertion (a clock difference, an address it
+    does not answer to, a certificate its registry snapshot does not list yet), which its operators or ours can
+    set right, so it is tried again with the back-off until then (a Bundle's own bad signature stays permanent).
+    The error names the receiver's reason when it answered an OperationOutcome (a revoked certificate and a clock
+    difference read alike otherwise)."""
     if 200 <= status < 300:
         return SendResult(True, status=status, body=body)
-    retryable = status in _RETRYABLE or status >= 500
-    reason = receiver_reason(body)
+    first = _first_issue(body)
+    retryable = (status in _RETRYABLE or status >= 500
+                 or (status == 401 and first.get("expression") == ["Authorization"]))
+    reason = receiver_reason(body, first)
     return SendResult(False, retryable=retryable, status=status, body=body,
                       error=f"HTTP {status}: {reason}" if reason else f"HTTP {status}")
 
@@ -38,15 +45,22 @@ def classify(status: int, body: bytes = b"") -> SendResult:
 _LONG_NUMBER = re.compile(r"[0-9]{6,}[0-9Xx]*")  # (an identity card number, a record number: not kept)
 
 
-def receiver_reason(body: bytes) -> str:
-    """The first diagnostics of an OperationOutcome answer, on one line, at most 300 characters, long digit runs
-    masked (it is kept in the outbox and logged); "" when the answer is not one."""
+def _first_issue(body: bytes) -> dict[str, Any]:
+    """The first issue of an OperationOutcome answer; {} when the answer is not one."""
     try:
         outcome = json.loads(body[:65536].decode("utf-8")) if body.lstrip()[:1] == b"{" else None
     except (UnicodeDecodeError, ValueError, RecursionError):  # (a hostile answer nested too deep)
-        return ""
+        return {}
     issues = outcome.get("issue") if isinstance(outcome, dict) else None
-    first = issues[0] if isinstance(issues, list) and issues and isinstance(issues[0], dict) else {}
+    return issues[0] if isinstance(issues, list) and issues and isinstance(issues[0], dict) else {}
+
+
+def receiver_reason(body: bytes, first: dict[str, Any] | None = None) -> str:
+    """The first diagnostics of an OperationOutcome answer, on one line, at most 300 characters, long digit runs
+    masked (it is kept in the outbox and logged); "" when the answer is not one. ``first``: its first issue, when
+    the caller read it already."""
+    if first is None:
+        first = _first_issue(body)
     text = first.get("diagnostics")
     if not isinstance(text, str):
         return ""
