@@ -701,3 +701,25 @@ def test_guessing_the_current_password_from_an_open_session_locks_the_account(fu
     failed = [e for e in _log(folder, "login") if e.get("action") == "login"][-auth.LOCKOUT_FAILURES - 1:]
     assert [e["reason"] for e in failed] == ["current password"] * (auth.LOCKOUT_FAILURES - 1) + [
         "locked out", "locked"]
+
+
+def test_the_patient_box_of_the_audit_page_takes_the_id_card(fuling) -> None:
+    """An auditor types the 身份证号 (what they have) into the patient box: the entries about that patient are found
+    as ``patient:identifier`` finds them (an id alone was read as a Patient/<id> no one knows: 共 0 条)."""
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+
+    def total(url: str) -> int:
+        page = c.get(url).get_data(as_text=True)
+        return int(re.search(r'data-figure="audit-total" data-value="(\d+)"', page).group(1))
+
+    about = {e["seq"] for e in _log(folder, "decision")}
+    assert about, "the demo decided results of 王建国 at 涪陵"
+    by_box = total("/console/audit?patient=511921196612120011&type=&_count=7")
+    assert by_box >= len(about)
+    assert by_box == total("/console/audit?patient:identifier=511921196612120011&_count=7")
+    assert total("/console/audit?patient=urn:oid:2.16.156.10011.1.3|511921196612120011") == by_box
+    assert total("/console/audit?patient=110105194912310021") == 0
+    assert total("/console/audit?patient=Patient/nobody-here") == 0
+    page = c.get("/console/audit").get_data(as_text=True)
+    assert 'placeholder="身份证号 / Patient/id"' in page

@@ -23,11 +23,13 @@ from gateway.demo.registry import build_demo_registry
 from gateway.demo.world import build_world
 from gateway.exchange.outbox import SendResult
 from gateway.exchange.transports import classify
+from gateway.naming import SYSTEM_ID_CARD
 from gateway.pipeline import SIGNED_FORMAT
 from gateway.signing.canonical import parse_json
 
 CST = _dt.timezone(_dt.timedelta(hours=8))
 TJ, FL = MEMBERS["tongjiang"].uscc, MEMBERS["fuling"].uscc
+ID_CARD = "511921196612120011"  # the demo LIS's patient
 URLS = {"tongjiang": "http://tongjiang.test", "fuling": "http://fuling.test", "sccdc": "http://sccdc.test"}
 LIS = (Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7")
 
@@ -340,3 +342,41 @@ def test_a_report_is_not_queued_for_the_member_that_issued_it(world) -> None:
         tj.exchange.push(outcome.bundle["id"], TJ)
     assert caught.value.location == "--to" and "this member itself" in caught.value.message
     assert tj.exchange.outbox.list(None, 10) == []
+
+
+def test_an_auditor_finds_by_the_id_card_who_read_a_patients_results_and_who_overrode_a_decision(world) -> None:
+    """Reads (a FHIR search of the patient's results, another member's 调阅) and a physician's override name the
+    patient by the 身份证号 as well as by reference: ``AuditEvent?patient:identifier=<身份证号>`` finds them, with
+    or without the system (they were found only by the ``Patient/<id>`` no auditor knows)."""
+    from gateway.recognition.overrides import make_override
+    from gateway.recognition.store import add_override, list_decisions
+
+    stored = ingest_lis(world)
+    tj, fl = world.gateways["tongjiang"], world.gateways["fuling"]
+    tj_http, fl_http = tj.app.test_client(), fl.app.test_client()
+    as_tj, as_fl = {"Authorization": f"Bearer {tj.token}"}, {"Authorization": f"Bearer {fl.token}"}
+    code = observations(stored[0].bundle)[0]["code"]["coding"][0]
+    got = tj_http.get("/fhir/Observation", query_string={"code": f"{code['system']}|{code['code']}"}, headers=as_tj)
+    assert got.status_code == 200 and got.get_json()["total"] >= 1  # results of the patient, found by their code
+    assert len(fl.pipeline.exchange.pull(TJ, f"{SYSTEM_ID_CARD}|{ID_CARD}")) == 2  # 调阅 by 涪陵
+    tj.pipeline.exchange.push(stored[0].bundle["id"], FL)
+    assert tj.pipeline.exchange.deliver()["delivered"] == 1
+    decision = list_decisions(fl.pipeline.store.db)[0]
+    ordered = make_override(decision.decision["decision_id"], "critical-item", "FL-DR-0231", fl.pipeline.clock(),
+                            "术前复查")
+    add_override(fl.pipeline.store.db, ordered)
+
+    def kinds(http, headers, value: str) -> list[str]:
+        found = http.get("/fhir/AuditEvent", query_string={"patient:identifier": value, "_count": "200"},
+                         headers=headers).get_json()
+        assert found.get("resourceType") == "Bundle", found
+        return [e["resource"]["type"]["code"] + "/" + e["resource"].get("subtype", [{}])[0].get("code", "")
+                for e in found.get("entry", []) if e.get("search", {}).get("mode") == "match"]
+
+    for value in (ID_CARD, f"{SYSTEM_ID_CARD}|{ID_CARD}"):
+        at_tj = kinds(tj_http, as_tj, value)
+        assert sum(k.startswith("rest/") for k in at_tj) >= 2, at_tj  # the search here, 涪陵's 调阅
+        at_fl = kinds(fl_http, as_fl, value)
+        assert any("override" in k for k in at_fl), at_fl
+    other = kinds(tj_http, as_tj, "110105194912310021")
+    assert not [k for k in other if k.startswith("rest/")], other

@@ -275,17 +275,26 @@ def _known_type(rtype: str) -> None:
 
 def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
     """Every read of patient results is itself recorded (who, which patient, what, from where)."""
-    from gateway.audit.events import patient_reads
+    from gateway.audit.events import patient_identifier, patient_reads
+    from gateway.errors import GatewayError
     from gateway.store.db import transaction
 
     settings = current_app.extensions["gateway.settings"]
     pipe = pipeline_of(current_app)
     db = pipe.store.db
+
+    def identified(reference: str) -> tuple[str, str] | None:
+        """The identifier of a patient the returned results are about (its 身份证号), for the entry."""
+        try:
+            return patient_identifier(pipe.store.read("Patient", reference.split("/", 1)[1]))
+        except GatewayError:  # (not stored here: the entry names the reference alone)
+            return None
+
     with transaction(db):
         patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
                       client=principal_party(current_principal(), settings.issuer_uscc),
                       client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
-                      resources=resources, query=query)
+                      resources=resources, query=query, identified=identified)
 
 
 def _http_date(instant: str) -> str:

@@ -8,16 +8,17 @@ never go to application logs; the entries carry what FHIR AuditEvents require.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gateway.audit import records
 from gateway.audit.log import append, append_many
 from gateway.audit.records import Outcome, Party, PatientRef
+from gateway.naming import SYSTEM_ID_CARD
 from gateway.store.db import Database
 
-__all__ = ["ingested", "ingest_record", "retried_record", "patient_reads", "exchanged", "decided", "decision_records",
-           "snapshot_applied"]
+__all__ = ["ingested", "ingest_record", "retried_record", "patient_identifier", "patient_reads", "exchanged", "decided",
+           "decision_records", "snapshot_applied"]
 
 
 def _me(uscc: str, name: str | None = None) -> Party:
@@ -66,14 +67,35 @@ def _patients(resources: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
+def patient_identifier(patient: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(system, value) a Patient resource is known by across members: its 身份证号 when it has one, else its first
+    identifier with a system and a value; None when it has none."""
+    if not patient:
+        return None
+    found = [(str(i.get("system") or ""), str(i.get("value") or "")) for i in patient.get("identifier") or []
+             if isinstance(i, Mapping)]
+    found = [(system, value) for system, value in found if system and value]
+    return next((i for i in found if i[0] == SYSTEM_ID_CARD), found[0] if found else None)
+
+
 def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address: str,
                   client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
-                  query: str | None) -> int:
-    """One BALP read/query entry per patient whose results were returned; returns how many."""
-    made = [records.patient_read(
-        at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
-        client_address=client_address or "unknown", member=_me(on_behalf_of), patient=PatientRef(
-            reference=patient), resources=refs, query=query) for patient, refs in _patients(resources).items()]
+                  query: str | None, identified: Callable[[str], tuple[str, str] | None] | None = None) -> int:
+    """One BALP read/query entry per patient whose results were returned; returns how many.
+
+    Each entry names the patient by reference and by the identifier it is known by (:func:`patient_identifier`:
+    a Patient among ``resources`` gives its own, ``identified`` the one of a patient reference), so that an
+    auditor asking who read a patient's results finds the reads by the 身份证号 (``patient:identifier``).
+    """
+    own = {f"Patient/{r.get('id')}": patient_identifier(r) for r in resources if r.get("resourceType") == "Patient"}
+    made = []
+    for patient, refs in _patients(resources).items():
+        ident = own.get(patient) or (identified(patient) if identified is not None else None)
+        made.append(records.patient_read(
+            at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
+            client_address=client_address or "unknown", member=_me(on_behalf_of),
+            patient=PatientRef(ident[1], ident[0], patient) if ident else PatientRef(reference=patient),
+            resources=refs, query=query))
     return len(append_many(db, made))
 
 

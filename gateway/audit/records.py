@@ -829,16 +829,25 @@ def from_decision(
     )
 
 
-def from_override(ordered: Any, *, gateway: Party) -> Record:
-    """The audit record of a :class:`gateway.recognition.overrides.Override`.
+def from_override(ordered: Any, *, gateway: Party, about: Sequence[str | None] | None = None) -> Record:
+    """The audit record of a :class:`gateway.recognition.overrides.Override`; ``about``: what the decision was
+    about, as stored beside it (receiver, issuer, report id, patient system, patient value).
 
     :raises InputError: unknown reason, naive time.
     """
+    receiver, issuer, report_id, patient_system, patient_value = (list(about) if about else []) + [None] * (
+        5 - len(about or ()))
+    report_system, report = split_report_key(report_id) if report_id else (SYSTEM_LAB_REPORT_NO, None)
     return override(
         at=ordered.recorded_at,
         gateway=gateway,
         physician=Party(ordered.physician, ordered.physician_system),
         reason=ordered.reason,
         decision_id=ordered.decision_id,
+        receiver=Party.member(receiver) if receiver else None,
+        issuer=Party.member(issuer) if issuer else None,
+        report=report,
+        report_system=report_system,
+        patient=PatientRef(patient_value, patient_system) if patient_value else None,
         note=ordered.note,
     )

@@ -714,7 +714,10 @@ def audit_search() -> Response:
     if unknown:  # as the API: a parameter that would be ignored is said, not dropped
         raise InputError(f"unknown search parameter {unknown[0]!r} (the API's: {', '.join(_AUDIT_PARAMS)})",
                          unknown[0][:60])
-    params = [(k, v) for k, v in request.args.items(multi=True) if v]
+    # the patient box takes what an auditor has: a 身份证号 (or system|value) is searched as the patient's identifier;
+    # only Patient/<id> is a reference (an id alone, as the API reads it, is one no auditor knows)
+    params = [("patient:identifier", v.strip()) if k == "patient" and "/" not in v else (k, v)
+              for k, v in request.args.items(multi=True) if v]
     if not any(k == "_count" for k, _ in params):
         params.append(("_count", "50"))
     search = query.parse_search(params, tz=query.parse_offset(_settings().timezone))

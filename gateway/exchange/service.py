@@ -315,10 +315,15 @@ class Exchange:
         """Record that ``peer`` looked up (调阅) a patient's results here: one audit entry per patient."""
         from gateway.audit.records import Party
 
+        from gateway.audit.events import patient_identifier
+
         resources = []
+        known: dict[str, tuple[str, str] | None] = {}  # patient reference -> the identifier its Bundle gives
         for text in texts:
             for entry in parse_json(text).get("entry", []):
                 res = entry.get("resource", {})
+                if res.get("resourceType") == "Patient":
+                    known[f"Patient/{str(entry.get('fullUrl', '')).rsplit(':', 1)[-1]}"] = patient_identifier(res)
                 if res.get("resourceType") == "DiagnosticReport":
                     # stored references are Type/id; the signed copy references urn:uuid
                     subject = res.get("subject", {}).get("reference", "")
@@ -330,7 +335,7 @@ class Exchange:
                 audit_events.patient_reads(self.db, at=self.clock(), member=self.settings.issuer_uscc,
                                            server_address=server, client=Party.member(peer),
                                            client_address=client_address, on_behalf_of=peer,
-                                           resources=resources, query=query)
+                                           resources=resources, query=query, identified=known.get)
         log.info("exchange lookup by peer=%s found=%d", peer, len(texts))
 
     def pull(self, destination: str, identifier: str, transport: Any = None) -> list[Any]:

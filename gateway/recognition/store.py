@@ -139,14 +139,16 @@ def add_override(db: Database, override: Override) -> int:
     ensure_schema(db)
     store = DecisionStore(db)
     with transaction(db):
-        receiver = store.receiver_of(override.decision_id)
-        if receiver is None:
+        about = store.about(override.decision_id)
+        if about is None:
             raise NotFound(f"no recognition decision {override.decision_id}", "decision_id")
-        # The override and its audit entry commit together; the decision itself is never changed.
+        receiver = str(about[0])
+        # The override and its audit entry commit together; the decision itself is never changed. The entry names
+        # what the decision was about (the patient, the report and its issuer), so that an auditor finds it by them.
         from gateway.audit.log import append
         from gateway.audit.records import Party, from_override
 
-        append(db, from_override(override, gateway=Party.member(receiver)))
+        append(db, from_override(override, gateway=Party.member(receiver), about=about))
         return store.add_override(override.decision_id, override.reason, override.physician_system,
                                   override.physician, override.note, _aware(override.recorded_at, "recorded_at"))
 

@@ -60,6 +60,10 @@ class DecisionsPort(Protocol):
     def receiver_of(self, decision_id: str) -> str | None:
         """The receiver a decision was made for, or None when there is no such decision."""
 
+    def about(self, decision_id: str) -> tuple[str | None, ...] | None:
+        """What a decision was about: (receiver, issuer, report id, patient system, patient value), or None when
+        there is no such decision."""
+
     def add_override(self, decision_id: str, reason: str, physician_system: str, physician: str,
                      note: str | None, recorded_at: str) -> int:
         """Record an override beside its decision; returns its id."""
@@ -120,6 +124,11 @@ class DecisionStore:
         row = self.db.execute("SELECT receiver_uscc FROM recognition_decisions WHERE decision_id = ?",
                               [decision_id]).fetchone()
         return None if row is None else str(row[0])
+
+    def about(self, decision_id: str) -> tuple[str | None, ...] | None:
+        row = self.db.execute("SELECT receiver_uscc, issuer_uscc, report_id, patient_system, patient_value"
+                              " FROM recognition_decisions WHERE decision_id = ?", [decision_id]).fetchone()
+        return None if row is None else tuple(None if v is None else str(v) for v in row)
 
     def add_override(self, decision_id: str, reason: str, physician_system: str, physician: str,
                      note: str | None, recorded_at: str) -> int:
