@@ -283,18 +283,18 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
     pipe = pipeline_of(current_app)
     db = pipe.store.db
 
-    def identified(reference: str) -> tuple[str, str] | None:
-        """The identifier of a patient the returned results are about (its 身份证号), for the entry."""
-        try:
-            return patient_identifier(pipe.store.read("Patient", reference.split("/", 1)[1]))
-        except GatewayError:  # (not stored here: the entry names the reference alone)
-            return None
-
+    # the identifiers of the patients the returned results are about (their 身份证号), read before the write lock
+    about = sorted({str((r.get("subject") or {}).get("reference", "")) for r in resources} - {""})
+    try:
+        known = {f"Patient/{p.get('id')}": patient_identifier(p)
+                 for p in pipe.store.read_many([ref for ref in about if ref.startswith("Patient/")])}
+    except GatewayError:  # (the entries name the references alone)
+        known = {}
     with transaction(db):
         patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
                       client=principal_party(current_principal(), settings.issuer_uscc),
                       client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
-                      resources=resources, query=query, identified=identified)
+                      resources=resources, query=query, identified=known.get)
 
 
 def _http_date(instant: str) -> str:
