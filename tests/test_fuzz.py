@@ -11,8 +11,8 @@ odd query strings). For every input: nothing raises, no message ends ``failed``
 about, no answer quotes a long value back whole, the dry run and real ingest
 give the same verdict and issues, and HTTP never answers 500.
 
-The seed is fixed (``GATEWAY_FUZZ_SEED`` changes it): 35,600 inputs in all.
-``GATEWAY_FUZZ_SCALE=20`` runs twenty times as many (about 700,000, in about 15
+The seed is fixed (``GATEWAY_FUZZ_SEED`` changes it): 51,600 inputs in all.
+``GATEWAY_FUZZ_SCALE=20`` runs twenty times as many (about 1 M, in about 20
 minutes); a failure prints each kind of problem with its first input and traceback.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ SEED = int(os.environ.get("GATEWAY_FUZZ_SEED", "20261122"))
 SCALE = float(os.environ.get("GATEWAY_FUZZ_SCALE", "1"))
 CST = _dt.timezone(_dt.timedelta(hours=8))
 #: Inputs per format read, mapped and answered by each channel; through the whole dry run (build and profile
-#: check too); through real ingest; and over HTTP. At scale 1: over 35,000 in all, in well under a minute.
-READ = {"hl7v2": 16_000, "cdc-csv": 4_500, "cda": 1_500, "fhir": 2_000}
+#: check too); through real ingest; and over HTTP. At scale 1: over 50,000 in all, in well under a minute.
+READ = {"hl7v2": 32_000, "cdc-csv": 4_500, "cda": 1_500, "fhir": 2_000}
 CONVERT = {"hl7v2": 6_500, "cdc-csv": 1_200, "cda": 400, "fhir": 900}
 INGEST = {"hl7v2": 600, "cdc-csv": 160, "cda": 100, "fhir": 140}
 HTTP = {"hl7v2": 300, "cdc-csv": 150, "cda": 100, "fhir": 200, "validate": 200, "search": 650}

@@ -297,6 +297,8 @@ def spm(collected: str, received: str) -> str:
     # a month only may be any day of it: all of November is before; December may not be
     ("20261204073000+0800", "202611", "SPM[1]-17", "at 2026-11, before it was collected at 2026-12-04T07:30"),
     ("20261204073000+0800", "202612", "", ""),
+    # the last year a date holds (its end cannot be counted past): after, and read without a fault
+    ("20261204073000+0800", "9999", "", ""),
     # a time in another offset against a day: 23:35 UTC on the 3rd is 07:35 on the 4th in Beijing time
     ("20261204", "20261203233500+0000", "", ""),
     ("20261204", "20261203153000+0000", "SPM[1]-17", "at 2026-12-03T15:30:00+00:00, before it was collected at "

@@ -549,12 +549,15 @@ def _span(text: str, tz: _dt.tzinfo) -> tuple[_dt.datetime, _dt.datetime] | None
     first = _instant(text, tz)
     if first is None or "T" in text:
         return None if first is None else (first, first)
-    if len(text) >= 10:
-        after = first + _dt.timedelta(days=1)
-    elif len(text) >= 7:
-        after = (first.replace(day=28) + _dt.timedelta(days=4)).replace(day=1)
-    else:
-        after = first.replace(year=first.year + 1)
+    try:
+        if len(text) >= 10:
+            after = first + _dt.timedelta(days=1)
+        elif len(text) >= 7:
+            after = (first.replace(day=28) + _dt.timedelta(days=4)).replace(day=1)
+        else:
+            after = first.replace(year=first.year + 1)
+    except (OverflowError, ValueError):  # (the last day a datetime holds: 9999-12-31)
+        return first, _dt.datetime.max.replace(tzinfo=tz)
     return first, after - _dt.timedelta(microseconds=1)
 
 
