@@ -1723,7 +1723,7 @@ class Pipeline:
             audit = prepare([exchange_record("received", at=outcome.received_at or self.clock(),
                                              member=self.settings.issuer_uscc,
                                              peer=peer, bundle_hash=doc_sha, bundle_id=verified.bundle.get("id"),
-                                             kid=verified.kid)])
+                                             kid=verified.kid, bundle=verified.bundle)])
             outcome.signed = text
             if not self._commit(outcome, audit):
                 raise ReceiveLater("was taken over by another process: send it again later", "Bundle")

@@ -345,9 +345,10 @@ def test_a_report_is_not_queued_for_the_member_that_issued_it(world) -> None:
 
 
 def test_an_auditor_finds_by_the_id_card_who_read_a_patients_results_and_who_overrode_a_decision(world) -> None:
-    """Reads (a FHIR search of the patient's results, another member's 调阅) and a physician's override name the
-    patient by the 身份证号 as well as by reference: ``AuditEvent?patient:identifier=<身份证号>`` finds them, with
-    or without the system (they were found only by the ``Patient/<id>`` no auditor knows)."""
+    """Reads (a FHIR search of the patient's results, another member's 调阅), a physician's override and the Bundle
+    sent and received name the patient by the 身份证号 as well: ``AuditEvent?patient:identifier=<身份证号>`` finds
+    them, with or without the system (reads were found only by the ``Patient/<id>`` no auditor knows, the others
+    not at all)."""
     from gateway.recognition.overrides import make_override
     from gateway.recognition.store import add_override, list_decisions
 
@@ -376,7 +377,9 @@ def test_an_auditor_finds_by_the_id_card_who_read_a_patients_results_and_who_ove
     for value in (ID_CARD, f"{SYSTEM_ID_CARD}|{ID_CARD}"):
         at_tj = kinds(tj_http, as_tj, value)
         assert sum(k.startswith("rest/") for k in at_tj) >= 2, at_tj  # the search here, 涪陵's 调阅
+        assert "110106/bundle-sent" in at_tj, at_tj  # 通江 sent this patient's Bundle to 涪陵
         at_fl = kinds(fl_http, as_fl, value)
         assert any("override" in k for k in at_fl), at_fl
+        assert "110107/bundle-received" in at_fl, at_fl
     other = kinds(tj_http, as_tj, "110105194912310021")
     assert not [k for k in other if k.startswith("rest/")], other

@@ -101,19 +101,34 @@ def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address
 
 def exchanged(db: Database, direction: str, *, at: _dt.datetime, member: str, peer: str | None,
               bundle_hash: str, bundle_id: str | None = None, reason: str | None = None,
-              detail: str | None = None, kid: str | None = None) -> None:
+              detail: str | None = None, kid: str | None = None, bundle: Mapping[str, Any] | None = None) -> None:
     """A signed Bundle sent, received or refused."""
     append(db, exchange_record(direction, at=at, member=member, peer=peer, bundle_hash=bundle_hash,
-                               bundle_id=bundle_id, reason=reason, detail=detail, kid=kid))
+                               bundle_id=bundle_id, reason=reason, detail=detail, kid=kid, bundle=bundle))
+
+
+def bundle_patient(bundle: Mapping[str, Any] | None) -> PatientRef | None:
+    """The patient a report Bundle is about, by the identifier its Patient has (:func:`patient_identifier`), when it
+    holds exactly one Patient with one."""
+    found = {patient_identifier(e.get("resource")) for e in (bundle or {}).get("entry") or []
+             if isinstance(e, Mapping) and isinstance(e.get("resource"), Mapping)
+             and e["resource"].get("resourceType") == "Patient"}
+    found.discard(None)
+    if len(found) != 1:
+        return None
+    system, value = found.pop()  # type: ignore[misc]
+    return PatientRef(value, system)
 
 
 def exchange_record(direction: str, *, at: _dt.datetime, member: str, peer: str | None, bundle_hash: str,
                     bundle_id: str | None = None, reason: str | None = None, detail: str | None = None,
-                    kid: str | None = None) -> records.Record:
-    """The record :func:`exchanged` appends (to prepare it before the write lock)."""
+                    kid: str | None = None, bundle: Mapping[str, Any] | None = None) -> records.Record:
+    """The record :func:`exchanged` appends (to prepare it before the write lock); ``bundle``: the report Bundle
+    sent or received, whose patient the entry names (an auditor finds it by the 身份证号)."""
     return records.exchange(
         direction, at=at, gateway=_me(member), peer=_me(peer) if peer else None,  # type: ignore[arg-type]
-        bundle_hash=f"sha256:{bundle_hash}", bundle_id=bundle_id, reason=reason, detail=detail, kid=kid)
+        bundle_hash=f"sha256:{bundle_hash}", bundle_id=bundle_id, reason=reason, detail=detail, kid=kid,
+        patient=bundle_patient(bundle))
 
 
 def decided(db: Database, decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,

@@ -237,7 +237,8 @@ class Exchange:
             bundle = parse_json(delivery.payload)
             doc_sha = hashlib.sha256(document_bytes(bundle)).hexdigest()
             audit_events.exchanged(db, "sent", at=self.clock(), member=self.settings.issuer_uscc,
-                                   peer=delivery.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"))
+                                   peer=delivery.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"),
+                                   bundle=bundle)
 
         return self.outbox.deliver_due(used, limit=limit, headers=self.assertion_for, on_receipt=check,
                                        on_delivered=delivered, url_for=url_for, lanes=self.lanes,
