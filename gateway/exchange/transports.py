@@ -11,8 +11,8 @@ import logging
 import re
 import threading
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import requests
 

@@ -447,7 +447,7 @@ def _fingerprint(base: Path) -> tuple[str, str]:
         digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
         digest.update(path.read_bytes())
         digest.update(b"\0")
-    return str(base.resolve()), digest.hexdigest()
+    return str(base), digest.hexdigest()  # (as it was named: the tables' paths are named from it)
 
 
 def load_mappings(root: str | Path) -> MappingSet:
