@@ -723,3 +723,8 @@ def test_the_patient_box_of_the_audit_page_takes_the_id_card(fuling) -> None:
     assert total("/console/audit?patient=Patient/nobody-here") == 0
     page = c.get("/console/audit").get_data(as_text=True)
     assert 'placeholder="身份证号 / Patient/id"' in page
+    # the next page keeps the 身份证号 in the box, so a search from it keeps the patient
+    first = c.get("/console/audit?patient=511921196612120011&_count=3").get_data(as_text=True)
+    following = re.search(r'<a rel="next" href="([^"]+)"', first).group(1).replace("&amp;", "&")
+    later = c.get(following).get_data(as_text=True)
+    assert 'name="patient" value="511921196612120011"' in later

@@ -383,3 +383,10 @@ def test_an_auditor_finds_by_the_id_card_who_read_a_patients_results_and_who_ove
         assert "110107/bundle-received" in at_fl, at_fl
     other = kinds(tj_http, as_tj, "110105194912310021")
     assert not [k for k in other if k.startswith("rest/")], other
+    # a 调阅 that finds nothing is a trail too (a member probing which patients are held here)
+    assert fl.pipeline.exchange.pull(TJ, f"{SYSTEM_ID_CARD}|110105194912310021") == []
+    probed = [e.content["facts"] for e in entries(tj.pipeline.store.db) if e.kind == "read"
+              and (e.content["facts"].get("patient") or {}).get("value") == "110105194912310021"
+              and e.content["facts"].get("client", {}).get("value") == FL]
+    assert len(probed) == 1 and not probed[0].get("resources"), probed
+    assert "110105194912310021" in str(probed[0].get("query")), probed

@@ -299,6 +299,11 @@ def spm(collected: str, received: str) -> str:
     ("20261204073000+0800", "202612", "", ""),
     # the last year a date holds (its end cannot be counted past): after, and read without a fault
     ("20261204073000+0800", "9999", "", ""),
+    # a time sent to the minute or the hour is all of it: 08:00 may be 08:00:45
+    ("20261204080030+0800", "202612040800+0800", "", ""),
+    ("20261204083000+0800", "2026120408+0800", "", ""),
+    ("20261204080030+0800", "202612040759+0800", "SPM[1]-17", "at 2026-12-04T07:59:00+08:00, before it was "
+                                                              "collected at 2026-12-04T08:00:30+08:00"),
     # a time in another offset against a day: 23:35 UTC on the 3rd is 07:35 on the 4th in Beijing time
     ("20261204", "20261203233500+0000", "", ""),
     ("20261204", "20261203153000+0000", "SPM[1]-17", "at 2026-12-03T15:30:00+00:00, before it was collected at "

@@ -543,12 +543,31 @@ def _instant(text: str, tz: _dt.tzinfo) -> _dt.datetime | None:
         return None
 
 
-def _span(text: str, tz: _dt.tzinfo) -> tuple[_dt.datetime, _dt.datetime] | None:
-    """The first and the last instant a FHIR date or dateTime can mean: a time is one instant; a day, a month or a
-    year without a time is all of it, in ``tz``. None when it is empty or cannot be read."""
+#: How long an HL7 v2 time sent with so many digits (before its offset) lasts: to the hour, the minute, the second.
+_SENT_PRECISION = {10: _dt.timedelta(hours=1), 12: _dt.timedelta(minutes=1), 14: _dt.timedelta(seconds=1)}
+
+
+def _sent_digits(raw: str) -> int:
+    """How many digits an HL7 v2 time was sent with before its fraction or offset (``202612060800+0800``: 12)."""
+    digits = 0
+    for ch in raw.strip():
+        if not ch.isdigit():
+            break
+        digits += 1
+    return digits
+
+
+def _span(text: str, tz: _dt.tzinfo, digits: int = 0) -> tuple[_dt.datetime, _dt.datetime] | None:
+    """The first and the last instant a FHIR date or dateTime can mean: a time is all of the hour, minute or second
+    it was sent to (``digits``: :func:`_sent_digits` of the HL7 v2 value; a fraction of a second counts as the
+    second); a day, a month or a year without a time is all of it, in ``tz``. None when it is empty or cannot be
+    read."""
     first = _instant(text, tz)
-    if first is None or "T" in text:
-        return None if first is None else (first, first)
+    if first is None:
+        return None
+    if "T" in text:
+        lasts = _SENT_PRECISION.get(min(digits, 14)) if digits >= 10 else None
+        return first, (first + lasts - _dt.timedelta(microseconds=1) if lasts is not None else first)
     try:
         if len(text) >= 10:
             after = first + _dt.timedelta(days=1)
@@ -1205,14 +1224,15 @@ class HL7v2Adapter:
         zone) lies before every instant the collection time can mean."""
         spec = self.table.get("report", {})
         collected_text = s.collected_at or r.collected_at
-        received, collected = _span(s.received_at, tz), _span(collected_text, tz)
-        if received is None or collected is None or not received[1] < collected[0]:
-            return
-        _, rc_row, rc_fld = self._first(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]))
+        rc_raw, rc_row, rc_fld = self._first(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]))
         locators = spec.get("specimen_collected_at", ["SPM-17", "OBR-7"]) if s.collected_at else \
             spec.get("collected_at", "OBR-7")
-        _, c_row, c_fld = self._first(m, rows, locators)
+        c_raw, c_row, c_fld = self._first(m, rows, locators)
         if rc_row < 0:
+            return
+        received = _span(s.received_at, tz, _sent_digits(rc_raw))
+        collected = _span(collected_text, tz, _sent_digits(c_raw) if c_row >= 0 else 14)
+        if received is None or collected is None or not received[1] < collected[0]:
             return
         where = f" ({m.where(c_row, c_fld)})" if c_row >= 0 else ""
         msg.issues.append(Issue("warning", "value", m.where(rc_row, rc_fld),

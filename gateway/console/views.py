@@ -731,7 +731,10 @@ def audit_search() -> Response:
     # a later page (a cursor) links back to the first page of the same search; the browser's back goes one page
     first = urlencode([(k, v) for k, v in request.args.items(multi=True) if v and k != "_cursor"]) \
         if request.args.get("_cursor") else None
-    return _page("audit.html", events=events, args=dict(request.args.items()), params=_AUDIT_PARAMS, held=held,
+    args = dict(request.args.items())
+    if not args.get("patient") and args.get("patient:identifier"):  # (a later page: the box keeps what was typed)
+        args["patient"] = args["patient:identifier"]
+    return _page("audit.html", events=events, args=args, params=_AUDIT_PARAMS, held=held,
                  total=total, more=more, first=first)
 
 

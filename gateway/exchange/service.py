@@ -313,10 +313,12 @@ class Exchange:
 
     def record_lookup(self, peer: str, identifier: str, texts: list[bytes], *, server: str, client_address: str,
                       query: str) -> None:
-        """Record that ``peer`` looked up (调阅) a patient's results here: one audit entry per patient."""
-        from gateway.audit.records import Party
-
+        """Record that ``peer`` looked up (调阅) a patient's results here: one audit entry per patient found, or one
+        naming the identifier asked for when nothing was (a member probing which patients are held here leaves a
+        trail too)."""
         from gateway.audit.events import patient_identifier
+        from gateway.audit.log import append
+        from gateway.audit.records import Party, PatientRef, patient_read
 
         resources = []
         known: dict[str, tuple[str, str] | None] = {}  # patient reference -> the identifier its Bundle gives
@@ -337,6 +339,14 @@ class Exchange:
                                            server_address=server, client=Party.member(peer),
                                            client_address=client_address, on_behalf_of=peer,
                                            resources=resources, query=query, identified=known.get)
+            else:
+                system, sep, value = identifier.partition("|")
+                asked = PatientRef(value, system or None) if sep else PatientRef(identifier)
+                append(self.db, patient_read(
+                    at=self.clock(), gateway=Party.member(self.settings.issuer_uscc),
+                    server_address=server or "unknown", client=Party.member(peer),
+                    client_address=client_address or "unknown", member=Party.member(peer), patient=asked,
+                    resources=[], query=query or f"patient.identifier={identifier}"))
         log.info("exchange lookup by peer=%s found=%d", peer, len(texts))
 
     def pull(self, destination: str, identifier: str, transport: Any = None) -> list[Any]:
