@@ -390,3 +390,4 @@ def test_an_auditor_finds_by_the_id_card_who_read_a_patients_results_and_who_ove
               and e.content["facts"].get("client", {}).get("value") == FL]
     assert len(probed) == 1 and not probed[0].get("resources"), probed
     assert "110105194912310021" in str(probed[0].get("query")), probed
+    assert fl.pipeline.exchange.pull(TJ, f"{SYSTEM_ID_CARD}|") == []  # (nothing after the system: named as asked)

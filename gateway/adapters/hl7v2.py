@@ -1220,8 +1220,8 @@ class HL7v2Adapter:
                                    r: ReportFacts, s: SpecimenFacts, tz: _dt.tzinfo) -> None:
         """A warning for a specimen received in the laboratory (SPM-18, OBR-14) before it was collected (SPM-17,
         OBR-7): both are kept as sent, which of the two is wrong cannot be told. Said only when every instant the
-        received time can mean (a time is one; a day, a month or a year without one is all of it, in the sender's
-        zone) lies before every instant the collection time can mean."""
+        received time can mean (a time is all of the hour, minute or second it was sent to; a day, a month or a year
+        without one is all of it, in the sender's zone) lies before every instant the collection time can mean."""
         spec = self.table.get("report", {})
         collected_text = s.collected_at or r.collected_at
         rc_raw, rc_row, rc_fld = self._first(m, rows, spec.get("specimen_received_at", ["SPM-18", "OBR-14"]))

@@ -341,7 +341,7 @@ class Exchange:
                                            resources=resources, query=query, identified=known.get)
             else:
                 system, sep, value = identifier.partition("|")
-                asked = PatientRef(value, system or None) if sep else PatientRef(identifier)
+                asked = PatientRef(value, system or None) if sep and value else PatientRef(identifier)
                 append(self.db, patient_read(
                     at=self.clock(), gateway=Party.member(self.settings.issuer_uscc),
                     server_address=server or "unknown", client=Party.member(peer),
