@@ -68,34 +68,52 @@ def _patients(resources: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def patient_identifier(patient: Mapping[str, Any] | None) -> tuple[str, str] | None:
-    """(system, value) a Patient resource is known by across members: its 身份证号 when it has one, else its first
-    identifier with a system and a value; None when it has none."""
-    if not patient:
+    """(system, value) a Patient resource is known by across members, as its recognition decisions name it
+    (:func:`gateway.recognition.facts.known_identifier`; a 身份证号 normalised as they hold it, or as stored when
+    it does not pass its check); None when it has none."""
+    from gateway.errors import IdentifierError
+    from gateway.identifiers import check_id_card
+    from gateway.recognition.facts import known_identifier
+
+    try:
+        known = known_identifier(patient) if patient else None
+    except TypeError:  # (a value that is not text: no identifier to name it by)
         return None
-    found = [(str(i.get("system") or ""), str(i.get("value") or "")) for i in patient.get("identifier") or []
-             if isinstance(i, Mapping)]
-    found = [(system, value) for system, value in found if system and value]
-    return next((i for i in found if i[0] == SYSTEM_ID_CARD), found[0] if found else None)
+    if known is None:
+        return None
+    _, system, value = known
+    if system == SYSTEM_ID_CARD:
+        try:
+            value = check_id_card(value)
+        except IdentifierError:
+            pass
+    return system, value
 
 
 def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address: str,
                   client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
-                  query: str | None, identified: Callable[[str], tuple[str, str] | None] | None = None) -> int:
+                  query: str | None, identified: Callable[[str], tuple[str, str] | None] | None = None,
+                  asked: PatientRef | None = None) -> int:
     """One BALP read/query entry per patient whose results were returned; returns how many.
 
     Each entry names the patient by reference and by the identifier it is known by (:func:`patient_identifier`:
     a Patient among ``resources`` gives its own, ``identified`` the one of a patient reference), so that an
-    auditor asking who read a patient's results finds the reads by the 身份证号 (``patient:identifier``).
+    auditor asking who read a patient's results finds the reads by the 身份证号 (``patient:identifier``). A query
+    that returned nothing about the patient it ``asked`` for is one entry naming that patient, without resources
+    (a member probing which patients are held here leaves a trail).
     """
     own = {f"Patient/{r.get('id')}": patient_identifier(r) for r in resources if r.get("resourceType") == "Patient"}
-    made = []
+    found: list[tuple[PatientRef, list[str]]] = []
     for patient, refs in _patients(resources).items():
         ident = own.get(patient) or (identified(patient) if identified is not None else None)
-        made.append(records.patient_read(
-            at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
-            client_address=client_address or "unknown", member=_me(on_behalf_of),
-            patient=PatientRef(ident[1], ident[0], patient) if ident else PatientRef(reference=patient),
-            resources=refs, query=query))
+        found.append((PatientRef(ident[1], ident[0] or None, patient) if ident else PatientRef(reference=patient),
+                      refs))
+    if not found and asked is not None:
+        found.append((asked, []))
+    made = [records.patient_read(
+        at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
+        client_address=client_address or "unknown", member=_me(on_behalf_of), patient=patient, resources=refs,
+        query=query) for patient, refs in found]
     return len(append_many(db, made))
 
 
@@ -117,7 +135,7 @@ def bundle_patient(bundle: Mapping[str, Any] | None) -> PatientRef | None:
     if len(found) != 1:
         return None
     system, value = found.pop()  # type: ignore[misc]
-    return PatientRef(value, system)
+    return PatientRef(value, system or None)
 
 
 def exchange_record(direction: str, *, at: _dt.datetime, member: str, peer: str | None, bundle_hash: str,

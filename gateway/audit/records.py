@@ -835,8 +835,7 @@ def from_override(ordered: Any, *, gateway: Party, about: Sequence[str | None] |
 
     :raises InputError: unknown reason, naive time.
     """
-    receiver, issuer, report_id, patient_system, patient_value = (list(about) if about else []) + [None] * (
-        5 - len(about or ()))
+    receiver, issuer, report_id, patient_system, patient_value = about or (None,) * 5
     report_system, report = split_report_key(report_id) if report_id else (SYSTEM_LAB_REPORT_NO, None)
     return override(
         at=ordered.recorded_at,

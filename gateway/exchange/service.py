@@ -317,8 +317,7 @@ class Exchange:
         naming the identifier asked for when nothing was (a member probing which patients are held here leaves a
         trail too)."""
         from gateway.audit.events import patient_identifier
-        from gateway.audit.log import append
-        from gateway.audit.records import Party, PatientRef, patient_read
+        from gateway.audit.records import Party, PatientRef
 
         resources = []
         known: dict[str, tuple[str, str] | None] = {}  # patient reference -> the identifier its Bundle gives
@@ -333,20 +332,14 @@ class Exchange:
                     pid = subject.rsplit(":", 1)[-1]
                     resources.append({"resourceType": "DiagnosticReport", "id": res.get("id"),
                                       "subject": {"reference": f"Patient/{pid}"}})
+        system, sep, value = identifier.partition("|")
+        asked = PatientRef(value, system or None) if sep and value else PatientRef(identifier)
         with transaction(self.db):
-            if resources:
-                audit_events.patient_reads(self.db, at=self.clock(), member=self.settings.issuer_uscc,
-                                           server_address=server, client=Party.member(peer),
-                                           client_address=client_address, on_behalf_of=peer,
-                                           resources=resources, query=query, identified=known.get)
-            else:
-                system, sep, value = identifier.partition("|")
-                asked = PatientRef(value, system or None) if sep and value else PatientRef(identifier)
-                append(self.db, patient_read(
-                    at=self.clock(), gateway=Party.member(self.settings.issuer_uscc),
-                    server_address=server or "unknown", client=Party.member(peer),
-                    client_address=client_address or "unknown", member=Party.member(peer), patient=asked,
-                    resources=[], query=query or f"patient.identifier={identifier}"))
+            audit_events.patient_reads(self.db, at=self.clock(), member=self.settings.issuer_uscc,
+                                       server_address=server, client=Party.member(peer),
+                                       client_address=client_address, on_behalf_of=peer, resources=resources,
+                                       query=query or f"patient.identifier={identifier}", identified=known.get,
+                                       asked=asked)
         log.info("exchange lookup by peer=%s found=%d", peer, len(texts))
 
     def pull(self, destination: str, identifier: str, transport: Any = None) -> list[Any]:

@@ -248,8 +248,25 @@ def _signer(bundle: Mapping[str, Any], index: _Index) -> str | None:
     return _org_uscc(index, signature.get("who"), "Bundle.signature.who")
 
 
+def known_identifier(patient: Mapping[str, Any]) -> tuple[int, str, str] | None:
+    """(position, system, value) of the identifier a Patient is known by across members: its 身份证号 as sent (the
+    caller checks it), else its first identifier with a value; None when it has none.
+
+    :raises TypeError: a system or value that is not text.
+    """
+    first: tuple[int, str, str] | None = None
+    for k, ident in enumerate(patient.get("identifier") or []):
+        if not isinstance(ident, Mapping) or not ident.get("value"):
+            continue
+        if ident.get("system") == SYSTEM_ID_CARD:
+            return k, SYSTEM_ID_CARD, _text(ident["value"])
+        if first is None:
+            first = (k, _text(ident.get("system", "")), _text(ident["value"]))
+    return first
+
+
 def _patient(index: _Index, resource: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The patient's 身份证号 (checked), else the first identifier with a value.
+    """The patient's 身份证号 (checked), else the first identifier with a value (:func:`known_identifier`).
 
     :raises IdentifierError: a 身份证号 fails its check.
     """
@@ -257,18 +274,16 @@ def _patient(index: _Index, resource: Mapping[str, Any]) -> tuple[str, str] | No
     if found is None:
         return None
     i, patient = found
-    first: tuple[str, str] | None = None
-    for k, ident in enumerate(patient.get("identifier") or []):
-        if not isinstance(ident, Mapping) or not ident.get("value"):
-            continue
-        if ident.get("system") == SYSTEM_ID_CARD:
-            try:
-                return SYSTEM_ID_CARD, check_id_card(_text(ident["value"]))
-            except IdentifierError as exc:
-                raise IdentifierError(exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value") from None
-        if first is None:
-            first = (_text(ident.get("system", "")), _text(ident["value"]))
-    return first
+    known = known_identifier(patient)
+    if known is None:
+        return None
+    k, system, value = known
+    if system == SYSTEM_ID_CARD:
+        try:
+            return SYSTEM_ID_CARD, check_id_card(value)
+        except IdentifierError as exc:
+            raise IdentifierError(exc.message, f"Bundle.entry[{i}].resource.identifier[{k}].value") from None
+    return system, value
 
 
 def _report_class(report: Mapping[str, Any]) -> str | None:
