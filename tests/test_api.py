@@ -174,6 +174,50 @@ def test_every_read_of_patient_results_is_audited(client, app) -> None:
     assert patient_key("511921196612120011") in json.dumps(index)
 
 
+def test_a_search_that_finds_nothing_leaves_a_trail_naming_the_patient_asked_for(client, app) -> None:
+    """Someone probing whether a patient's results are held here (a search by 身份证号, by Patient reference, or of
+    Patient by identifier) is recorded even when nothing is found: one read entry per patient asked about, without
+    resources, found by ``patient:identifier``; a search that names no patient, or names one only to exclude it,
+    leaves none."""
+    from gateway.audit.log import entries
+
+    client.post("/ingest/hl7v2", data=UTF8)
+    pipe = app.extensions["gateway.pipeline"]
+    before = len(list(entries(pipe.store.db)))
+
+    def new_reads() -> list[dict]:
+        nonlocal before
+        made = list(entries(pipe.store.db))[before:]
+        before += len(made)
+        return [e.content["facts"] for e in made if e.kind == "read"]
+
+    absent = "110105194912310021"
+    for path, query in (("Observation", {"patient.identifier": f"urn:oid:2.16.156.10011.1.3|{absent}"}),
+                        ("DiagnosticReport", {"subject:identifier": absent}),
+                        ("Patient", {"identifier": f"urn:oid:2.16.156.10011.1.3|{absent.lower()}"})):
+        got = client.get(f"/fhir/{path}", query_string=query)
+        assert got.status_code == 200 and got.get_json()["total"] == 0
+        reads = new_reads()
+        assert len(reads) == 1 and not reads[0].get("resources"), reads
+        assert reads[0]["patient"]["value"] == absent, reads
+        assert absent in reads[0]["query"]
+    got = client.get("/fhir/Observation", query_string={"subject": "Patient/no-such-patient,Patient/nor-this"})
+    assert got.get_json()["total"] == 0
+    assert sorted(r["patient"]["reference"] for r in new_reads()) == ["Patient/no-such-patient",
+                                                                      "Patient/nor-this"]
+    from conftest import make_token
+
+    auditor = {"Authorization": f"Bearer {make_token(app, 'inspector', ['auditor'])}"}
+    found = client.get("/fhir/AuditEvent", query_string={"patient:identifier": absent}, headers=auditor).get_json()
+    assert found.get("total") == 3, found  # the auditor's question, answered
+    before = len(list(entries(pipe.store.db)))  # (the auditor's search is audited in turn)
+    for query in ({"code": "http://loinc.org|no-such-code"}, {"patient.identifier": "urn:x-no-such-system|"},
+                  {"patient.identifier": f"urn:oid:2.16.156.10011.1.3|{absent}", "_summary": "count"}):
+        assert client.get("/fhir/Observation", query_string=query).get_json()["total"] == 0
+        reads = new_reads()
+        assert len(reads) == ("_summary" in query), (query, reads)  # a count by patient says whether it is held
+
+
 def test_capability_statement_passes_outside_validators(client, tmp_path) -> None:
     import subprocess
 

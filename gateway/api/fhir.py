@@ -273,8 +273,50 @@ def _known_type(rtype: str) -> None:
                        rtype[:60])
 
 
-def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
-    """Every read of patient results is itself recorded (who, which patient, what, from where)."""
+#: Most patients one search that found nothing is recorded as asking for (values of one parameter OR'd by commas).
+_ASKED_MAX = 20
+
+
+def _patients_asked(rtype: str, params: list[tuple[str, str]]) -> list[Any]:
+    """The patients a search names, by reference or by identifier (``PatientRef``s, at most :data:`_ASKED_MAX`):
+    whom a search that found nothing asked about. ``Patient``: ``_id`` and ``identifier``; the others: ``patient``
+    and ``patient.identifier`` (under any of their spellings). A modifier that is not a spelling of these (``:not``,
+    ``:missing``) names nobody, nor does an identifier without a value (``system|``: every patient of a system)."""
+    from gateway.audit.records import PatientRef
+    from gateway.errors import IdentifierError
+    from gateway.identifiers import check_id_card
+    from gateway.naming import SYSTEM_ID_CARD
+
+    asked: list[Any] = []
+    for name, value in params:
+        param = PARAM_ALIASES.get(name, name)
+        if rtype == "Patient" and param == "_id" or rtype != "Patient" and param == "patient":
+            refs = [PatientRef(reference=v if v.startswith("Patient/") else f"Patient/{v}")
+                    for v in value.split(",") if v and "/" not in v.removeprefix("Patient/")]
+        elif rtype == "Patient" and param == "identifier" or rtype != "Patient" and param == "patient.identifier":
+            refs = []
+            for v in value.split(","):
+                system, sep, number = v.partition("|")
+                if not sep:
+                    system, number = "", v
+                if not number:
+                    continue
+                if system == SYSTEM_ID_CARD:
+                    try:
+                        number = check_id_card(number)  # (named as the entries of its results name it)
+                    except IdentifierError:
+                        pass
+                refs.append(PatientRef(number, system or None))
+        else:
+            continue
+        asked += [ref for ref in refs if ref not in asked]
+    return asked[:_ASKED_MAX]
+
+
+def _audit_reads(resources: list[dict[str, Any]], query: str | None, asked: list[Any] | None = None) -> None:
+    """Every read of patient results is itself recorded (who, which patient, what, from where); a search that
+    found nothing, once for each patient it ``asked`` about (someone probing which patients are held here leaves a
+    trail)."""
     from gateway.audit.events import patient_identifier, patient_reads
     from gateway.errors import GatewayError
     from gateway.store.db import transaction
@@ -291,10 +333,11 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None) -> None:
     except GatewayError:  # (the entries name the references alone)
         known = {}
     with transaction(db):
-        patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
-                      client=principal_party(current_principal(), settings.issuer_uscc),
-                      client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
-                      resources=resources, query=query, identified=known.get)
+        for patient in asked if asked and not resources else [None]:
+            patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
+                          client=principal_party(current_principal(), settings.issuer_uscc),
+                          client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
+                          resources=resources, query=query, identified=known.get, asked=patient)
 
 
 def _http_date(instant: str) -> str:
@@ -617,9 +660,10 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     last_keys = result.keys[count - 1] if count and len(result.keys) >= count else None
     included, cut = _included(rtype, args, result.resources)
     elements = _elements_of(rtype, args)
-    if result.resources:
+    asked = [] if result.resources else _patients_asked(rtype, params)
+    if result.resources or asked:
         _audit_reads(result.resources + included, request.query_string.decode("utf-8", "replace")
-                     if request.method == "GET" else urlencode(list(args.items(multi=True))))
+                     if request.method == "GET" else urlencode(list(args.items(multi=True))), asked)
     base = public_root() + "/fhir"
     known = SEARCH_PARAMS[rtype]
     kept = [(k, v) for k, v in params if PARAM_ALIASES.get(k, k) in known
