@@ -181,3 +181,34 @@ def test_a_pipeline_opens_a_new_connection_after_the_server_ended_its_own(
     assert admin.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
     pipeline.close()
     admin.close()
+
+
+def test_the_tables_and_columns_a_schema_holds_are_read_from_the_catalog_as_information_schema_has_them(
+        pg_url: str) -> None:
+    """``schema.columns`` and the read models' ``tables`` answer what ``information_schema`` answers (a view, a
+    column dropped, a name in another case, an index, no such table), from the catalog itself: information_schema
+    reads every schema's relations, and slows with every member schema a regional database holds (a start-up asks
+    several times)."""
+    from gateway.store import schema
+    from gateway.store.store import Store
+    from gateway.store.views import ReadModels
+
+    store = Store.open(pg_url)
+    db = store.db
+    db.execute('CREATE TABLE "Mixed" ("Col" integer, other text)')
+    db.execute("CREATE VIEW counted AS SELECT 1 AS one, 'x' AS two")
+    db.execute("ALTER TABLE messages DROP COLUMN attempts")
+    other = connect(pg_url.replace("schema=", "schema=x"))  # (another schema: never answered for this one)
+    other.execute("CREATE TABLE messages (elsewhere integer)")
+    other.close()
+    tables = {str(r[0]) for r in db.execute("SELECT table_name FROM information_schema.tables"
+                                            " WHERE table_schema = current_schema()").fetchall()}
+    assert {"messages", "Mixed", "counted"} <= tables
+    assert ReadModels(db).tables() == tables
+    for name in sorted(tables) + ["mixed", "MESSAGES", "messages_status", "no_such_table"]:
+        expected = {str(r[0]) for r in db.execute("SELECT column_name FROM information_schema.columns WHERE"
+                                                  " table_schema = current_schema() AND table_name = ?",
+                                                  [name]).fetchall()}
+        assert schema.columns(db, name) == expected, name
+    assert "attempts" not in schema.columns(db, "messages") and "elsewhere" not in schema.columns(db, "messages")
+    store.close()

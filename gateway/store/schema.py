@@ -47,8 +47,13 @@ def apply(db: Database, part: str) -> None:
 def columns(db: Database, table: str) -> set[str]:
     """The names of ``table``'s columns (empty when the table does not exist)."""
     if dialect(db) == "postgresql":
-        rows = db.execute("SELECT column_name FROM information_schema.columns"
-                          " WHERE table_schema = current_schema() AND table_name = ?", [table]).fetchall()
+        # (the catalog itself: information_schema.columns answers the same, in milliseconds instead of a tenth of one;
+        # every start-up asks this of several tables)
+        rows = db.execute("SELECT a.attname FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c"
+                          " ON c.oid = a.attrelid WHERE c.relname = ? AND c.relnamespace = ("
+                          "SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = current_schema())"
+                          " AND c.relkind IN ('r', 'v', 'f', 'p') AND a.attnum > 0 AND NOT a.attisdropped",
+                          [table]).fetchall()
         return {str(r[0]) for r in rows}
     return {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
 

@@ -138,7 +138,9 @@ class ReadModels:
         if self._tables is not None:
             return self._tables
         if self.dialect == "postgresql":
-            sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            # (the catalog itself: information_schema.tables slows with every schema the database holds)
+            sql = ("SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relnamespace = (SELECT oid FROM"
+                   " pg_catalog.pg_namespace WHERE nspname = current_schema()) AND c.relkind IN ('r', 'v', 'f', 'p')")
         else:
             sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
         self._tables = {str(r[0]) for r in self.db.execute(sql).fetchall()}
