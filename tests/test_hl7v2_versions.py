@@ -218,6 +218,29 @@ def test_without_any_collection_time_the_ack_names_obr_7_and_obx_14(pipeline: Pi
 # -- interpreter and corrections ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("version", ["2.3", "2.3.1", "2.4", "2.5.1"])
+def test_an_accepted_message_with_warnings_says_so_in_every_version(pipeline: Pipeline, version: str) -> None:
+    """Warnings (an item code the tables do not map) reach a v2.5+ sender as ERR segments of severity W; v2.3/2.4 have
+    no ERR severity (an ERR reads as an error there), so an older sender's AA says in MSA-3 how many there were and
+    the first of them: a laboratory on v2.4 learns of them too, from its interface engine's log."""
+    one = convert(pipeline, message(version, obx3="ZZZ^未知项目^L"))
+    two = convert(pipeline, message(version, control="M0002", obx3="ZZZ^未知项目^L",
+                                    extra=("OBX|1|NM|YYY^另一未知项目^L||5|U/L|||||F",)))
+    for outcome, count in ((one, "1 warning"), (two, "2 warnings")):
+        assert outcome.ack_code == "AA"
+        segments = outcome.answer.decode("utf-8").split("\r")
+        errs = [s for s in segments if s.startswith("ERR")]
+        text = msa(outcome.answer)[3]
+        if version.startswith(("2.3", "2.4")):
+            assert errs == [] and text.startswith(f"accepted, {count}: OBX[") and "no mapping" in text, text
+            assert len(text) <= 80
+        else:
+            assert text == "accepted" and len(errs) == len(outcome.issues) and all(e.split("|")[4] == "W"
+                                                                                   for e in errs), errs
+    clean = convert(pipeline, message(version, control="M0003"))
+    assert clean.issues == [] and msa(clean.answer)[3] == "accepted"
+
+
 def test_v2_7_prt_names_the_principal_result_interpreter(pipeline: Pipeline) -> None:
     prt = "PRT||AD||PI^Primary Interpreter^HL70912|2033^陈^明"
     outcome = convert(pipeline, message("2.7", extra=(prt,)))

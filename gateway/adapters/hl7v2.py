@@ -230,7 +230,9 @@ def build_ack(
 
     ERR segments name each issue's segment, sequence and field in the form the
     message's own version expects: ERR-1 (ELD) for v2.3.1/2.4, ERR-2/3/4/8 for
-    v2.5 and later. Warnings are sent as ERR segments with severity W in 2.5+.
+    v2.5 and later. Warnings are sent as ERR segments with severity W in 2.5+;
+    earlier versions have no severity, so an AA's MSA-3 says how many warnings
+    there were and the first of them.
     """
     h = msg.header
     seps = _DEFAULT_SEPS
@@ -248,11 +250,18 @@ def build_ack(
     if h.get("charset_field") and len(h["charset_field"]) <= 60 and h["charset_field"].isprintable():
         msh += ["", "", "", "", "", h["charset_field"]]
     errors = [i for i in msg.issues if i.severity == "error"]
-    warnings = [i for i in msg.issues if i.severity == "warning"] if not old else []
+    warned = [i for i in msg.issues if i.severity == "warning"]
+    warnings = warned if not old else []
     if note is not None:
         text = note
+    elif code == "AA" and msg.filtered:
+        text = f"filtered: {msg.filtered}"
+    elif code == "AA" and old and warned:
+        # v2.3.1/2.4 have no ERR severity (an ERR there reads as an error): the text says there were warnings,
+        # and the first of them, as far as MSA-3's 80 characters go
+        text = f"accepted, {len(warned)} warning{'s' if len(warned) > 1 else ''}: {warned[0].line()}"
     elif code == "AA":
-        text = f"filtered: {msg.filtered}" if msg.filtered else "accepted"
+        text = "accepted"
     else:
         text = errors[0].line() if errors else "rejected"
     msa = ["MSA", code, _escape(msg.message_id[:_MAX_CONTROL_ID], seps), _escape(text[:80], seps)]
