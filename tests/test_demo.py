@@ -149,3 +149,48 @@ def test_demo_command_cleans_up_its_temporary_directory(runner) -> None:
     assert "summary: 4 stored, 3 refused with reasons, 1 filtered (QC)" in result.stdout
     workdir = next(line for line in result.stdout.splitlines() if line.startswith("working directory: "))
     assert not Path(workdir.split(": ", 1)[1].split()[0]).exists()
+
+
+def test_a_demo_members_server_holds_its_port_from_the_start_and_while_it_is_down() -> None:
+    """The demo's member servers hold their ports from the moment the registry names them: a port picked, let go
+    and bound later was once taken meanwhile by another program, and the demo ended with "Address already in use".
+    While a member is down (the outage the demo plays) its port refuses connections and stays its own."""
+    import errno
+    import socket
+
+    import requests
+
+    from gateway.demo import _held_port, _Server
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"up"]
+
+    def taken(port: int, *, reuse: bool = True) -> bool:
+        """Whether another program binding ``port`` (and listening, with ``reuse``) is told it is in use."""
+        with socket.socket() as other:
+            if reuse:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                other.bind(("127.0.0.1", port))
+                other.listen(1)
+            except OSError as exc:
+                assert exc.errno == errno.EADDRINUSE
+                return True
+            return False
+
+    server = _Server(app, _held_port())
+    port = server.port
+    assert taken(port)  # before it serves
+    server.start()
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "up"
+    server.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+    # while it is down: refused and still its own (a program binding the port is told it is in use; one asking the
+    # system for a free port is never given it)
+    assert taken(port, reuse=False)
+    server.start()
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "up"
+    server.close()
+    assert not taken(port)

@@ -95,24 +95,58 @@ def _data(name: str) -> bytes:
     return resources.files("gateway.demo").joinpath("data", name).read_bytes()
 
 
-class _Server:
-    """A member gateway's HTTP server on loopback that can be stopped and started again on its port."""
+def _held_port(port: int = 0, *, listening: bool = True) -> socket.socket:
+    """A socket bound on loopback to ``port`` (0: one the system picks), the port this process's: listening (no
+    other socket can take it then, whatever its options; connections wait for the server), or only bound (a
+    connection is refused, as by a gateway that is down; the system gives the port to nobody asking for a free one,
+    and a program binding it by number is told it is in use unless it shares ports on purpose, SO_REUSEADDR)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (its last connections may still be closing)
+    sock.bind(("127.0.0.1", port))
+    if listening:
+        sock.listen(128)
+    return sock
 
-    def __init__(self, app: Any, port: int) -> None:
-        self.app, self.port = app, port
+
+class _Server:
+    """A member gateway's HTTP server on loopback that can be stopped and started again on its port.
+
+    It holds its port from the moment it is made, also while stopped (a connection is then refused, as by a gateway
+    that is down): a port picked, let go and bound again later could be taken meanwhile by another program, which
+    ended the demo with "Address already in use"."""
+
+    def __init__(self, app: Any, held: socket.socket) -> None:
+        self.app = app
+        self.held: socket.socket | None = held
+        self.port = int(held.getsockname()[1])
         self.server: Any = None
 
     def start(self) -> None:
         from werkzeug.serving import make_server
 
-        self.server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        if self.held is None:
+            self.held = _held_port(self.port)
+        self.held.listen(128)  # (again, for a port held while stopped)
+        self.server = make_server("127.0.0.1", self.port, self.app, threaded=True, fd=self.held.fileno())
+        self.held.close()  # (the server serves a copy of it)
+        self.held = None
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self, *, hold: bool = True) -> None:
+        """Stopped; its port ``hold``: kept, refusing connections, until it starts again."""
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+            if hold:
+                self.held = _held_port(self.port, listening=False)
+
+    def close(self) -> None:
+        """Stopped, and the port given up."""
+        self.stop(hold=False)
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
 
 def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
@@ -142,8 +176,8 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     (base / _MARKER).write_text("a folder of `gateway demo --dir`; running the demo again replaces it\n",
                                 encoding="utf-8")
     clock = DemoClock()
-    ports = {key: free_port() for key in (*MEMBERS, "schealth", "yuan")}
-    urls = {key: f"http://127.0.0.1:{port}" for key, port in ports.items()}
+    held = {key: _held_port() for key in (*MEMBERS, "schealth", "yuan")}  # (each member's URL is in the registry)
+    urls = {key: f"http://127.0.0.1:{sock.getsockname()[1]}" for key, sock in held.items()}
     figures: dict[str, Any] = {"acks": {}, "stored": 0, "refused": 0, "filtered": 0}
     servers: dict[str, _Server] = {}
     mllp: MLLPServer | None = None
@@ -160,7 +194,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
              f"{len(snap.members)} members, {len(snap.catalogues)} catalogues, "
              f"{len(snap.supervising_authorities())} supervising authorities, signed")
         for key, gw in world.gateways.items():
-            servers[key] = _Server(gw.app, ports[key])
+            servers[key] = _Server(gw.app, held.pop(key))
             servers[key].start()
         tj, fl = world.gateways["tongjiang"], world.gateways["fuling"]
 
@@ -329,7 +363,9 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         if mllp is not None:
             mllp.stop()
         for server in servers.values():
-            server.stop()
+            server.close()
+        for sock in held.values():  # (ports of servers never made)
+            sock.close()
         if not workdir:
             shutil.rmtree(base, ignore_errors=True)
 
