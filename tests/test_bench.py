@@ -233,3 +233,27 @@ def test_a_stage_drops_each_result_once_timed_unless_it_keeps_them() -> None:
     outputs = time_items(kept, work, [1, 2], lambda item, out: 20)
     assert [type(o) for o in outputs] == [Made, Made] and kept.observations == 40
     assert all(ref() is not None for ref in alive[3:])
+
+
+def test_instructions_are_counted_by_library_from_callgrinds_listing(capsys, monkeypatch) -> None:
+    """``instructions``: a function's own instructions added up by the library it is in, read from what
+    ``callgrind_annotate`` prints (a real listing: its total line and the header are not libraries); without valgrind,
+    one line saying what to install."""
+    import shutil
+
+    from conftest import DATA
+
+    from gateway.bench import profile
+    from gateway.bench.profile import by_library, main
+
+    listing = (DATA / "bench" / "callgrind-annotate-e2e.txt").read_text(encoding="utf-8")
+    found = by_library(listing)
+    assert found["libpython3.11.so.1.0"] == sum((550_911_963, 218_110_576, 212_355_084, 200_189_916, 200_124_768,
+                                                 131_031_358, 98_277_778, 98_035_590))
+    assert found["_rust.abi3.so"] == 123_864_537 and found["libcrypto.so.3"] == 117_557_916
+    assert {"libsqlite3.so.0.8.6", "libz.so.1.2.13"} <= set(found) and "PROGRAM TOTALS" not in str(found)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["instructions", "e2e", "5"]) == 1
+    assert "apt-get install valgrind" in capsys.readouterr().err
+    assert main(["instructions", "nowhere"]) == 2 and "e2e or inbound" in capsys.readouterr().err
+    profile._work_units("inbound", 2)  # (what a counted process runs)

@@ -28,6 +28,17 @@ Bundle), a commit included: how much of the path is the database's, and which
 statements. ``python -m gateway.bench.profile phases [e2e|inbound] [N]`` times the
 path's parts the same way (each part's function wrapped with a clock).
 
+``python -m gateway.bench.profile instructions [e2e|inbound] [N]`` counts instead the
+machine instructions one more message (or received Bundle) takes, by the library
+that ran them (the Python interpreter, SQLite, the C library, OpenSSL, zlib, msgspec,
+the compiled twins...), with valgrind's callgrind: the path run twice in processes
+of their own, with 30 units and with 30 + N (default 50), and the difference divided
+by N. Unlike a clock, the count barely moves with what else the machine does (its
+spread between runs is a few percent: the checkpoint thread's share and the
+collector's moments vary), so it tells a small change from the noise; what it does
+not count is the kernel's time (writing pages) and waiting. Needs ``valgrind``
+(Debian's ``valgrind`` package); a few minutes.
+
 ``python -m gateway.bench.profile decide [N ...]`` times deciding one received
 report Bundle of 20 results (the engine's rules, nothing stored) against the
 bench's registry grown by N further members (default 0, 100 and 500), each
@@ -37,7 +48,9 @@ size costs a decision.
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -47,7 +60,8 @@ from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.inputs import BENCH_ISSUER_NAME, BENCH_ISSUER_USCC
 from gateway.store.timing import TimedConnection
 
-__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "phases", "decide_time", "PARTS", "PATHS"]
+__all__ = ["profile_e2e", "profile_path", "wal_pages", "sql_time", "phases", "decide_time", "instructions",
+           "by_library", "PARTS", "PATHS"]
 
 Part = tuple[str, str, str]  # label, file suffix, function name (its outermost cumulative time is the part's)
 
@@ -400,6 +414,77 @@ def phases(path: str = "e2e", size: int = 300) -> tuple[float, list[tuple[str, f
     return wall * 1000 / size, parts
 
 
+#: Units every process of :func:`instructions` works before the ones it counts (its start-up is the same in both).
+_BASE_UNITS = 30
+
+
+def _work_units(path: str, size: int) -> None:
+    """Work ``size`` units of ``path`` (e2e or inbound) after one that creates the schema: a process that
+    :func:`instructions` counts the instructions of."""
+    ctx = BenchContext.create(BenchOptions(quick=True, count=size))
+    try:
+        member, units, work = _path_member(ctx, path, "instructions", size)
+        for unit in units:
+            work(unit)
+        member.close()
+    finally:
+        ctx.close()
+
+
+def _instructions_by_library(path: str, size: int, out: str) -> dict[str, int]:
+    """{library: instructions} of a process working ``size`` units of ``path`` under callgrind (its output in
+    ``out``)."""
+    import shutil
+    import subprocess
+
+    valgrind, annotate = shutil.which("valgrind"), shutil.which("callgrind_annotate")
+    if valgrind is None or annotate is None:
+        raise RuntimeError("instructions: valgrind and callgrind_annotate are not on PATH (Debian: apt-get install "
+                           "valgrind)")
+    python = os.path.realpath(sys.executable)  # (valgrind follows no launcher script)
+    subprocess.run([valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", python, "-m",
+                    "gateway.bench.profile", "_work", path, str(size)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONHASHSEED": "0"})
+    listing = subprocess.run([annotate, "--inclusive=no", "--threshold=100", out], check=True, capture_output=True,
+                             text=True).stdout
+    return by_library(listing)
+
+
+#: A function's line of ``callgrind_annotate --inclusive=no``: ``1,234 ( 0.5%)  file:function [library path]``.
+_ANNOTATED = re.compile(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S+:.*\s\[(.*)\]\s*$")
+
+
+def by_library(listing: str) -> dict[str, int]:
+    """{library file name: instructions} of a ``callgrind_annotate --inclusive=no`` listing (each function's own
+    instructions, added up by the library it is in)."""
+    found: dict[str, int] = {}
+    for line in listing.splitlines():
+        m = _ANNOTATED.match(line)
+        if m:
+            library = os.path.basename(m.group(2))
+            found[library] = found.get(library, 0) + int(m.group(1).replace(",", ""))
+    return found
+
+
+def instructions(path: str = "e2e", size: int = 50) -> tuple[float, list[tuple[str, float]]]:
+    """(instructions per unit, [(library, instructions per unit), ...] most first) of ``path`` (e2e or inbound):
+    callgrind's count of a process working :data:`_BASE_UNITS` + ``size`` units less one working
+    :data:`_BASE_UNITS`, divided by ``size``.
+
+    :raises KeyError: an unknown path. :raises RuntimeError: no valgrind here.
+    """
+    import tempfile
+
+    if path not in ("e2e", "inbound"):
+        raise KeyError(path)
+    with tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp:
+        first = _instructions_by_library(path, _BASE_UNITS, os.path.join(tmp, "first.out"))
+        more = _instructions_by_library(path, _BASE_UNITS + size, os.path.join(tmp, "more.out"))
+    per = {lib: (more.get(lib, 0) - first.get(lib, 0)) / size for lib in set(first) | set(more)}
+    ranked = sorted(((lib, n) for lib, n in per.items() if abs(n) >= 1000), key=lambda item: -item[1])
+    return sum(per.values()), ranked
+
+
 #: path -> (function, default size, what a unit is)
 PATHS: dict[str, tuple[Callable[[int], list[tuple[str, float]]], int, str]] = {
     "e2e": (profile_e2e, 300, "Pipeline.ingest calls (one HL7 v2 message each; checks, marks and signing on)"),
@@ -504,6 +589,30 @@ def main(argv: list[str]) -> int:
                   f"{before} stored: {frames}")
         for name, count in counted:
             print(f"  {count:5d}  {name}")
+        return 0
+    if args[:1] == ["_work"] and len(args) == 3:  # (a process instructions counts)
+        _work_units(args[1], int(args[2]))
+        return 0
+    if args[:1] == ["instructions"]:
+        which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
+        size = int(args[-1]) if len(args) > 1 and args[-1].isdigit() else 50
+        if which not in ("e2e", "inbound") or size < 1:
+            print("instructions: a path (e2e or inbound) and N, the units counted (at least 1)", file=sys.stderr)
+            return 2
+        unit = "message" if which == "e2e" else "received Bundle"
+        print(f"counting the instructions of {_BASE_UNITS} and {_BASE_UNITS + size} units of {which} under "
+              "callgrind (a few minutes)...", file=sys.stderr)
+        try:
+            total, by_library = instructions(which, size)
+        except (RuntimeError, OSError) as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        except Exception as exc:  # noqa: BLE001 - a run under valgrind that failed: say which, in one line
+            print(f"instructions: a counted run failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 1
+        print(f"{total / 1e6:.2f} million instructions per {unit} ({which}), by library:")
+        for library, spent in by_library:
+            print(f"  {spent / 1e6:7.2f} M  {spent / total * 100:5.1f}%  {library}")
         return 0
     if args[:1] in (["phases"], ["sql"]):
         which = args[1] if len(args) > 1 and not args[1].isdigit() else "e2e"
