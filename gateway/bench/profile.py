@@ -37,7 +37,8 @@ by N. Unlike a clock, the count barely moves with what else the machine does (it
 spread between runs is a few percent: the checkpoint thread's share and the
 collector's moments vary), so it tells a small change from the noise; what it does
 not count is the kernel's time (writing pages) and waiting. Needs ``valgrind``
-(Debian's ``valgrind`` package); a few minutes.
+(Debian's ``valgrind`` package); a few minutes. The count is read from callgrind's own
+output file (:func:`by_library`).
 
 ``python -m gateway.bench.profile decide [N ...]`` times deciding one received
 report Bundle of 20 results (the engine's rules, nothing stored) against the
@@ -50,10 +51,9 @@ from __future__ import annotations
 import cProfile
 import os
 import pstats
-import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.bench.context import BenchContext, BenchOptions
@@ -437,33 +437,54 @@ def _instructions_by_library(path: str, size: int, out: str) -> dict[str, int]:
     import shutil
     import subprocess
 
-    valgrind, annotate = shutil.which("valgrind"), shutil.which("callgrind_annotate")
-    if valgrind is None or annotate is None:
-        raise RuntimeError("instructions: valgrind and callgrind_annotate are not on PATH (Debian: apt-get install "
-                           "valgrind)")
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("instructions: valgrind is not on PATH (Debian: apt-get install valgrind)")
     python = os.path.realpath(sys.executable)  # (valgrind follows no launcher script)
     subprocess.run([valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", python, "-m",
                     "gateway.bench.profile", "_work", path, str(size)], check=True, capture_output=True,
                    env={**os.environ, "PYTHONHASHSEED": "0"})
-    listing = subprocess.run([annotate, "--inclusive=no", "--threshold=100", out], check=True, capture_output=True,
-                             text=True).stdout
-    return by_library(listing)
+    with open(out, encoding="utf-8", errors="replace") as counted:
+        return by_library(counted)[0]
 
 
-#: A function's line of ``callgrind_annotate --inclusive=no``: ``1,234 ( 0.5%)  file:function [library path]``.
-_ANNOTATED = re.compile(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S+:.*\s\[(.*)\]\s*$")
+def by_library(lines: Iterable[str]) -> tuple[dict[str, int], int | None]:
+    """({library file name: instructions}, the run's total as callgrind states it) from the lines of a callgrind
+    output file (format version 1, the one event Ir): each cost line's count goes to the object (``ob=``) its
+    function is in; the line after a ``calls=`` line is the inclusive cost of that call, counted where the callee
+    is, not here. Names may be given once and then by number (``ob=(6) /path``, later ``ob=(6)``; a ``cob=`` names
+    too)."""
+    names: dict[str, str] = {}
 
+    def named(spec: str) -> str:
+        spec = spec.strip()
+        if not spec.startswith("("):
+            return spec
+        key, _, name = spec.partition(")")
+        if name.strip():
+            names[key] = name.strip()
+        return names.get(key, "???")
 
-def by_library(listing: str) -> dict[str, int]:
-    """{library file name: instructions} of a ``callgrind_annotate --inclusive=no`` listing (each function's own
-    instructions, added up by the library it is in)."""
     found: dict[str, int] = {}
-    for line in listing.splitlines():
-        m = _ANNOTATED.match(line)
-        if m:
-            library = os.path.basename(m.group(2))
-            found[library] = found.get(library, 0) + int(m.group(1).replace(",", ""))
-    return found
+    current, after_call, total = "???", False, None
+    for line in lines:
+        first = line[:1]
+        if first.isdigit() or first in ("+", "-", "*"):
+            if after_call:
+                after_call = False
+                continue
+            fields = line.split()
+            if len(fields) >= 2:
+                found[current] = found.get(current, 0) + int(fields[1])
+        elif line.startswith("ob="):
+            current = os.path.basename(named(line[3:]))
+        elif line.startswith("cob="):
+            named(line[4:])
+        elif line.startswith("calls="):
+            after_call = True
+        elif line.startswith(("totals:", "summary:")):
+            total = int(line.split()[1])
+    return found, total
 
 
 def instructions(path: str = "e2e", size: int = 50) -> tuple[float, list[tuple[str, float]]]:
