@@ -205,12 +205,34 @@ def test_a_search_that_finds_nothing_leaves_a_trail_naming_the_patient_asked_for
     assert got.get_json()["total"] == 0
     assert sorted(r["patient"]["reference"] for r in new_reads()) == ["Patient/no-such-patient",
                                                                       "Patient/nor-this"]
+    # a 身份证号 asked without its system, with a lowercase x, twice in one search: one entry, named as the
+    # entries of its results would name it (found by the auditor with or without the system, x or X)
+    lower = "51010419900202106x"
+    got = client.get("/fhir/Observation", query_string={"patient.identifier": f"{lower},{lower.upper()}"})
+    assert got.get_json()["total"] == 0
+    reads = new_reads()
+    assert [(r["patient"]["system"], r["patient"]["value"]) for r in reads] == [
+        ("urn:oid:2.16.156.10011.1.3", lower.upper())], reads
+    # a patient held here, named by reference in a search that finds nothing, is named by the 身份证号 too
+    patient_id = client.get("/fhir/Patient").get_json()["entry"][0]["resource"]["id"]
+    new_reads()  # (that search's own entry)
+    got = client.get("/fhir/Observation", query_string={"patient": f"Patient/{patient_id}",
+                                                        "code": "http://loinc.org|0000-0"})
+    assert got.get_json()["total"] == 0
+    reads = new_reads()
+    assert len(reads) == 1 and reads[0]["patient"] == {"reference": f"Patient/{patient_id}",
+                                                       "system": "urn:oid:2.16.156.10011.1.3",
+                                                       "value": "511921196612120011"}, reads
     from conftest import make_token
 
     auditor = {"Authorization": f"Bearer {make_token(app, 'inspector', ['auditor'])}"}
     found = client.get("/fhir/AuditEvent", query_string={"patient:identifier": absent}, headers=auditor).get_json()
     assert found.get("total") == 3, found  # the auditor's question, answered
-    before = len(list(entries(pipe.store.db)))  # (the auditor's search is audited in turn)
+    for value in (lower, f"urn:oid:2.16.156.10011.1.3|{lower.upper()}"):
+        found = client.get("/fhir/AuditEvent", query_string={"patient:identifier": value},
+                           headers=auditor).get_json()
+        assert found.get("total") == 1, (value, found)
+    before = len(list(entries(pipe.store.db)))  # (the auditor's searches are audited in turn)
     for query in ({"code": "http://loinc.org|no-such-code"}, {"patient.identifier": "urn:x-no-such-system|"},
                   {"patient.identifier": f"urn:oid:2.16.156.10011.1.3|{absent}", "_summary": "count"}):
         assert client.get("/fhir/Observation", query_string=query).get_json()["total"] == 0

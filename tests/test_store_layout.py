@@ -402,3 +402,38 @@ def test_a_period_or_an_instant_is_searched_as_date_and_indexed_when_a_layout_3_
     assert _rows(upgraded)["search_date"] == rows
     assert answers(upgraded) == expected
     upgraded.close()
+
+
+def test_a_database_a_later_release_upgraded_or_another_programs_table_is_refused_in_one_line(
+        tmp_path: Path, backend: str, database: str) -> None:
+    """`gateway db upgrade` (and so `gateway serve`'s start) refuses, before writing anything, a database whose
+    layout a later release brought further than this one writes (it said "up to date" and went on), and a schema
+    whose ``schema_versions`` table is another program's (it stopped on "internal error")."""
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+    from gateway.store.db import connect, transaction
+
+    locator = database or str(tmp_path / "gateway.db")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["db", "upgrade", "--db", locator]).exit_code == 0
+    db = connect(locator)
+
+    def run(*statements: tuple[str, list[Any]]) -> None:
+        with transaction(db):
+            for sql, params in statements:
+                db.execute(sql, params)
+
+    run(("UPDATE schema_versions SET version = ? WHERE part = 'core'", [SCHEMA_VERSION + 1]))
+    result = runner.invoke(cli, ["db", "upgrade", "--db", locator])
+    assert result.exit_code == 2, result.output
+    assert (f"core at layout {SCHEMA_VERSION + 1} (this release writes {SCHEMA_VERSION})" in result.output
+            and "later release" in result.output and "Traceback" not in result.output), result.output
+    run(("UPDATE schema_versions SET version = ? WHERE part = 'core'", [SCHEMA_VERSION]))
+    assert runner.invoke(cli, ["db", "upgrade", "--db", locator]).exit_code == 0  # (that release's own again)
+    run(("DROP TABLE schema_versions", []),
+        ("CREATE TABLE schema_versions (component TEXT, installed_on TEXT)", []))  # another program's
+    db.close()
+    result = runner.invoke(cli, ["db", "upgrade", "--db", locator])
+    assert result.exit_code == 2 and "schema_versions that is not the gateway's" in result.output, result.output
+    assert "component, installed_on" in result.output and "internal error" not in result.output

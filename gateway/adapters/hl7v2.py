@@ -260,6 +260,8 @@ def build_ack(
         # v2.3.1/2.4 have no ERR severity (an ERR there reads as an error): the text says there were warnings,
         # and the first of them, as far as MSA-3's 80 characters go
         text = f"accepted, {len(warned)} warning{'s' if len(warned) > 1 else ''}: {warned[0].line()}"
+        if len(text) > 80:
+            text = text[:77].rstrip() + "..."  # (said to go on)
     elif code == "AA":
         text = "accepted"
     else:

@@ -282,10 +282,8 @@ def _patients_asked(rtype: str, params: list[tuple[str, str]]) -> list[Any]:
     whom a search that found nothing asked about. ``Patient``: ``_id`` and ``identifier``; the others: ``patient``
     and ``patient.identifier`` (under any of their spellings). A modifier that is not a spelling of these (``:not``,
     ``:missing``) names nobody, nor does an identifier without a value (``system|``: every patient of a system)."""
+    from gateway.audit.events import asked_patient
     from gateway.audit.records import PatientRef
-    from gateway.errors import IdentifierError
-    from gateway.identifiers import check_id_card
-    from gateway.naming import SYSTEM_ID_CARD
 
     asked: list[Any] = []
     for name, value in params:
@@ -294,22 +292,12 @@ def _patients_asked(rtype: str, params: list[tuple[str, str]]) -> list[Any]:
             refs = [PatientRef(reference=v if v.startswith("Patient/") else f"Patient/{v}")
                     for v in value.split(",") if v and "/" not in v.removeprefix("Patient/")]
         elif rtype == "Patient" and param == "identifier" or rtype != "Patient" and param == "patient.identifier":
-            refs = []
-            for v in value.split(","):
-                system, sep, number = v.partition("|")
-                if not sep:
-                    system, number = "", v
-                if not number:
-                    continue
-                if system == SYSTEM_ID_CARD:
-                    try:
-                        number = check_id_card(number)  # (named as the entries of its results name it)
-                    except IdentifierError:
-                        pass
-                refs.append(PatientRef(number, system or None))
+            refs = [ref for ref in map(asked_patient, value.split(",")) if ref is not None]
         else:
             continue
-        asked += [ref for ref in refs if ref not in asked]
+        for ref in refs:
+            if ref not in asked:
+                asked.append(ref)
     return asked[:_ASKED_MAX]
 
 
@@ -318,6 +306,7 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None, asked: list
     found nothing, once for each patient it ``asked`` about (someone probing which patients are held here leaves a
     trail)."""
     from gateway.audit.events import patient_identifier, patient_reads
+    from gateway.audit.records import PatientRef
     from gateway.errors import GatewayError
     from gateway.store.db import transaction
 
@@ -325,15 +314,22 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None, asked: list
     pipe = pipeline_of(current_app)
     db = pipe.store.db
 
-    # the identifiers of the patients the returned results are about (their 身份证号), read before the write lock
-    about = sorted({str((r.get("subject") or {}).get("reference", "")) for r in resources} - {""})
+    # the identifiers of the patients the returned results are about (their 身份证号), and of those a search that
+    # found nothing named by reference, read before the write lock
+    asked = asked if asked and not resources else []
+    about = sorted(({str((r.get("subject") or {}).get("reference", "")) for r in resources}
+                    | {str(a.reference) for a in asked if a.reference}) - {""})
     try:
         known = {f"Patient/{p.get('id')}": patient_identifier(p)
                  for p in pipe.store.read_many([ref for ref in about if ref.startswith("Patient/")])}
     except GatewayError:  # (the entries name the references alone)
         known = {}
+    asked = [PatientRef(ident[1], ident[0] or None, a.reference) if a.reference and (ident := known.get(a.reference))
+             else a for a in asked]
+    by_reference = {(a.value, a.system) for a in asked if a.reference and a.value}
+    asked = [a for a in asked if a.reference or (a.value, a.system) not in by_reference]  # (one patient named twice)
     with transaction(db):
-        for patient in asked if asked and not resources else [None]:
+        for patient in asked or [None]:
             patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
                           client=principal_party(current_principal(), settings.issuer_uscc),
                           client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,

@@ -17,8 +17,8 @@ from gateway.audit.records import Outcome, Party, PatientRef
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.store.db import Database
 
-__all__ = ["ingested", "ingest_record", "retried_record", "patient_identifier", "patient_reads", "exchanged", "decided",
-           "decision_records", "snapshot_applied"]
+__all__ = ["ingested", "ingest_record", "retried_record", "patient_identifier", "asked_patient", "patient_reads",
+           "exchanged", "decided", "decision_records", "snapshot_applied"]
 
 
 def _me(uscc: str, name: str | None = None) -> Party:
@@ -88,6 +88,26 @@ def patient_identifier(patient: Mapping[str, Any] | None) -> tuple[str, str] | N
         except IdentifierError:
             pass
     return system, value
+
+
+def asked_patient(identifier: str) -> PatientRef | None:
+    """The patient a search or a 调阅 asks for by ``system|value`` or ``value``, named as the entries of that
+    patient's results name it: a 身份证号, with its system or without one, normalised (``x`` as ``X``) and with its
+    system; another identifier as asked. None for a system without a value (every patient of that system)."""
+    from gateway.errors import IdentifierError
+    from gateway.identifiers import check_id_card
+
+    system, sep, value = identifier.partition("|")
+    if not sep:
+        system, value = "", identifier
+    if not value:
+        return None
+    if system in ("", SYSTEM_ID_CARD):
+        try:
+            return PatientRef(check_id_card(value), SYSTEM_ID_CARD)
+        except IdentifierError:
+            pass
+    return PatientRef(value, system or None)
 
 
 def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address: str,

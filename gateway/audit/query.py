@@ -41,8 +41,10 @@ from urllib.parse import urlencode
 from gateway.audit.log import Entry, epoch_ms
 from gateway.audit.records import PatientRef
 from gateway.audit.render import patient_key
-from gateway.errors import InputError, InvalidSearch
+from gateway.errors import IdentifierError, InputError, InvalidSearch
 from gateway.fhir.search import date_bounds
+from gateway.identifiers import check_id_card
+from gateway.naming import SYSTEM_ID_CARD
 from gateway.store.audit import audit_store, date_condition
 from gateway.store.db import Database
 
@@ -235,6 +237,18 @@ def _ceil_ms(at: _dt.datetime) -> int:
     return floor + (1 if at.microsecond % 1000 else 0)
 
 
+def _id_card_forms(token: Token) -> list[str | None]:
+    """The values a patient identifier is searched by: as typed, and for a 身份证号 (asked with its system or without
+    one) also as entries name it, normalised (``x`` as ``X``)."""
+    if not token.code or token.system not in (None, "", SYSTEM_ID_CARD):
+        return [token.code]
+    try:
+        normal = check_id_card(token.code)
+    except IdentifierError:
+        return [token.code]
+    return [token.code] if normal == token.code else [token.code, normal]
+
+
 def _token(value: str, name: str) -> Token:
     parts = _split(value, "|")
     if len(parts) == 1:
@@ -314,7 +328,8 @@ def parse_search(
             else:
                 tokens = tuple(_token(v, name) for v in _ors(value, name))
                 if param == "patient:identifier":
-                    tokens = tuple(Token(t.system, patient_key(t.code) if t.code else None) for t in tokens)
+                    tokens = tuple(Token(t.system, patient_key(code) if code else None)
+                                   for t in tokens for code in _id_card_forms(t))
             keys.append((param, tokens))
         elif name == "_id":
             try:

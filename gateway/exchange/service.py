@@ -332,8 +332,7 @@ class Exchange:
                     pid = subject.rsplit(":", 1)[-1]
                     resources.append({"resourceType": "DiagnosticReport", "id": res.get("id"),
                                       "subject": {"reference": f"Patient/{pid}"}})
-        system, sep, value = identifier.partition("|")
-        asked = PatientRef(value, system or None) if sep and value else PatientRef(identifier)
+        asked = audit_events.asked_patient(identifier) or PatientRef(identifier)  # (a system alone: as asked)
         with transaction(self.db):
             audit_events.patient_reads(self.db, at=self.clock(), member=self.settings.issuer_uscc,
                                        server_address=server, client=Party.member(peer),

@@ -11,10 +11,11 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from gateway.errors import ConfigError
 from gateway.store import schema, tallies
 from gateway.store.db import Database, dialect, spilling, transaction
 
-__all__ = ["PARTS", "upgrade", "status"]
+__all__ = ["PARTS", "upgrade", "status", "check_layouts", "written_layouts"]
 
 #: (part, "module:function") — the function creates the part's tables when missing and upgrades older layouts.
 PARTS: tuple[tuple[str, str], ...] = (
@@ -44,10 +45,43 @@ def added_indexes() -> dict[str, tuple[str, ...]]:
     return {"core": core, "decisions": decisions, "accounts": accounts}
 
 
+def written_layouts() -> dict[str, int]:
+    """The layout version of each part this release writes."""
+    from gateway.store.accounts import LAYOUT as ACCOUNTS_LAYOUT
+    from gateway.store.accounts import PART as ACCOUNTS
+    from gateway.store.store import SCHEMA_VERSION
+
+    return {**{part: 1 for part, _ in PARTS}, "core": SCHEMA_VERSION, ACCOUNTS: ACCOUNTS_LAYOUT}
+
+
+def check_layouts(db: Database) -> None:
+    """Refuse a database this release cannot work on: one whose layout record is another program's table, or one
+    a later release brought to a layout this one does not know (it would write rows that layout does not expect).
+
+    :raises ConfigError: naming what was found and what to do.
+    """
+    present = schema.columns(db, "schema_versions")
+    if present and not {"part", "version"} <= present:
+        raise ConfigError("this database (or schema) holds a table schema_versions that is not the gateway's (its "
+                          f"columns: {', '.join(sorted(present))}): point the database setting at the gateway's own "
+                          "schema or an empty one", "database")
+    written = written_layouts()
+    newer = [(part, number) for part, number in status(db) if number > written.get(part, number)]
+    if newer:
+        found = ", ".join(f"{part} at layout {number} (this release writes {written[part]})" for part, number in newer)
+        raise ConfigError(f"this database was brought up to date by a later release of the gateway: {found}; run "
+                          "that release, or a database restored from before it", "database")
+
+
 def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[tuple[str, int]]:
     """Create or upgrade every part (idempotent); returns each part's recorded layout version after it. On
     PostgreSQL the indexes added to existing tables are then built beside the running work
-    (:func:`gateway.store.schema.build_indexes`)."""
+    (:func:`gateway.store.schema.build_indexes`).
+
+    :raises ConfigError: a database this release cannot work on (:func:`check_layouts`), before anything is
+        written.
+    """
+    check_layouts(db)
     with spilling(db):  # bulk work: SQLite's temporary storage on disk, not in memory
         for part, target in PARTS:
             if progress is not None:
