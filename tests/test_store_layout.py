@@ -412,6 +412,7 @@ def test_a_database_a_later_release_upgraded_or_another_programs_table_is_refuse
     from click.testing import CliRunner
 
     from gateway.cli import cli
+    from gateway.errors import ConfigError
     from gateway.store.db import connect, transaction
 
     locator = database or str(tmp_path / "gateway.db")
@@ -429,11 +430,22 @@ def test_a_database_a_later_release_upgraded_or_another_programs_table_is_refuse
     assert result.exit_code == 2, result.output
     assert (f"core at layout {SCHEMA_VERSION + 1} (this release writes {SCHEMA_VERSION})" in result.output
             and "later release" in result.output and "Traceback" not in result.output), result.output
+    with pytest.raises(ConfigError, match="later release"):  # (every start: the store refuses it, writing nothing)
+        Store.open(locator)
     run(("UPDATE schema_versions SET version = ? WHERE part = 'core'", [SCHEMA_VERSION]))
     assert runner.invoke(cli, ["db", "upgrade", "--db", locator]).exit_code == 0  # (that release's own again)
+    if backend == "sqlite":  # (SQLite keeps text in an INTEGER column; PostgreSQL refuses it)
+        run(("UPDATE schema_versions SET version = 'four' WHERE part = 'accounts'", []))
+        for command in ("upgrade", "status"):
+            result = runner.invoke(cli, ["db", command, "--db", locator])
+            assert result.exit_code == 2 and "not a number" in result.output, result.output
+        run(("UPDATE schema_versions SET version = 2 WHERE part = 'accounts'", []))
     run(("DROP TABLE schema_versions", []),
         ("CREATE TABLE schema_versions (component TEXT, installed_on TEXT)", []))  # another program's
     db.close()
-    result = runner.invoke(cli, ["db", "upgrade", "--db", locator])
-    assert result.exit_code == 2 and "schema_versions that is not the gateway's" in result.output, result.output
-    assert "component, installed_on" in result.output and "internal error" not in result.output
+    for command in ("upgrade", "status"):
+        result = runner.invoke(cli, ["db", command, "--db", locator])
+        assert result.exit_code == 2 and "schema_versions that is not the gateway's" in result.output, result.output
+        assert "component, installed_on" in result.output and "internal error" not in result.output
+    with pytest.raises(ConfigError, match="not the gateway's"):
+        Store.open(locator)

@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 
 def _opened(database: Path | str) -> RegistryStore:
+    from gateway.store.layout import check_layouts
+
     store = RegistryStore(connect(database))
     try:
+        check_layouts(store.db)  # (a database this release cannot work on: refused before a snapshot is recorded)
         store.ensure_schema()
     except BaseException:
         store.db.conn.close()

@@ -60,11 +60,6 @@ def check_layouts(db: Database) -> None:
 
     :raises ConfigError: naming what was found and what to do.
     """
-    present = schema.columns(db, "schema_versions")
-    if present and not {"part", "version"} <= present:
-        raise ConfigError("this database (or schema) holds a table schema_versions that is not the gateway's (its "
-                          f"columns: {', '.join(sorted(present))}): point the database setting at the gateway's own "
-                          "schema or an empty one", "database")
     written = written_layouts()
     newer = [(part, number) for part, number in status(db) if number > written.get(part, number)]
     if newer:
@@ -102,11 +97,23 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
 
 
 def status(db: Database) -> list[tuple[str, int]]:
-    """(part, layout version) for every part recorded in ``schema_versions``, in name order."""
-    if not schema.columns(db, "schema_versions"):  # nothing recorded yet (and nothing written by asking)
+    """(part, layout version) for every part recorded in ``schema_versions``, in name order.
+
+    :raises ConfigError: the table is not the gateway's (another program's, or versions that are not numbers).
+    """
+    present = schema.columns(db, "schema_versions")
+    if not present:  # nothing recorded yet (and nothing written by asking)
         return []
+    if not {"part", "version"} <= present:
+        raise ConfigError("this database (or schema) holds a table schema_versions that is not the gateway's (its "
+                          f"columns: {', '.join(sorted(present))}): point the database setting at the gateway's own "
+                          "schema or an empty one", "database")
     rows = db.execute("SELECT part, version FROM schema_versions ORDER BY part").fetchall()
-    return [(str(r[0]), int(r[1])) for r in rows]
+    try:
+        return [(str(r[0]), int(r[1])) for r in rows]
+    except (TypeError, ValueError):
+        raise ConfigError("this database's schema_versions holds a layout version that is not a number: it is not "
+                          "the gateway's record, or it was changed by hand", "database") from None
 
 
 def engine(db: Database) -> str:

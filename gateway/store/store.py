@@ -1513,6 +1513,7 @@ ADDED_CORE_INDEXES = ("messages_received", "outbox_payload", "signed_bundles_rec
 def ensure_core_schema(db: Database) -> None:
     """Create the tables of ``core.sql`` that are missing, and bring an older layout up to date.
 
+    Refuses a database this release cannot work on (:func:`gateway.store.layout.check_layouts`), before writing.
     Idempotent, and done once per connection (later calls return at once). On
     SQLite it commits, so not inside a transaction; a database written by an
     earlier release keeps every resource and version: its resources move to
@@ -1523,6 +1524,9 @@ def ensure_core_schema(db: Database) -> None:
     """
     if not schema.once(db, "core"):
         return
+    from gateway.store.layout import check_layouts
+
+    check_layouts(db)  # (a later release's database, another program's record: refused before anything is written)
     if dialect(db) == "postgresql":
         if schema.recorded_version(db, "core") >= SCHEMA_VERSION:
             return  # the layout is there: asked by reading, so a start never waits for another node's writes
