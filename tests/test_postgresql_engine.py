@@ -3,6 +3,7 @@ that goes away. Each against the throwaway cluster of the suite (a real PostgreS
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import threading
 import time
 from typing import Any
@@ -212,3 +213,32 @@ def test_the_tables_and_columns_a_schema_holds_are_read_from_the_catalog_as_info
         assert schema.columns(db, name) == expected, name
     assert "attempts" not in schema.columns(db, "messages") and "elsewhere" not in schema.columns(db, "messages")
     store.close()
+
+
+def test_the_throwaway_cluster_tries_another_port_when_its_own_is_taken_before_postgresql_binds_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' PostgreSQL picks a free port and PostgreSQL binds it later: a port another program took meanwhile
+    is one more try on another port, not a failed run."""
+    import socket
+
+    from gateway.store import pgcluster
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        picks = iter([busy, pgcluster._free_port()])
+        monkeypatch.setattr(pgcluster, "_free_port", lambda: next(picks))
+        try:
+            cluster = pgcluster.Cluster().start()
+        except pgcluster.ClusterError as exc:
+            if "not installed" in str(exc) and not os.environ.get("CI"):
+                pytest.skip(f"PostgreSQL: {exc}")
+            raise
+        try:
+            assert cluster.port != busy
+            db = connect(cluster.url("postgres"))
+            assert db.execute("SELECT 1").fetchone()[0] == 1
+            db.close()
+        finally:
+            cluster.stop()

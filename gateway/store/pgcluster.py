@@ -40,6 +40,10 @@ def find_bindir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+#: Ports tried when the one picked is taken before PostgreSQL binds it.
+_PORT_ATTEMPTS = 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,15 +80,26 @@ class Cluster:
         data = self.dir / "data"
         self._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale",
                   "--no-sync")
-        self.port = _free_port()
-        options = {"listen_addresses": "127.0.0.1", "port": str(self.port), "unix_socket_directories": str(self.dir),
-                   "max_connections": "200", "shared_buffers": "128MB"}
-        if self.fast:  # a throwaway cluster: an OS crash may lose it; a killed client never does
-            options.update({"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"})
-        options.update(self.settings)
-        opts = " ".join(f"-c {k}={v}" for k, v in options.items())
-        self._run("pg_ctl", "-D", str(data), "-l", str(self.dir / "server.log"), "-o", opts, "-w", "-t", "60",
-                  "start")
+        for attempt in range(_PORT_ATTEMPTS):
+            # PostgreSQL binds the port itself, after it is picked here: another program may take it meanwhile
+            self.port = _free_port()
+            options = {"listen_addresses": "127.0.0.1", "port": str(self.port),
+                       "unix_socket_directories": str(self.dir), "max_connections": "200", "shared_buffers": "128MB"}
+            if self.fast:  # a throwaway cluster: an OS crash may lose it; a killed client never does
+                options.update({"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"})
+            options.update(self.settings)
+            opts = " ".join(f"-c {k}={v}" for k, v in options.items())
+            try:
+                self._run("pg_ctl", "-D", str(data), "-l", str(self.dir / "server.log"), "-o", opts, "-w", "-t",
+                          "60", "start")
+                return self
+            except ClusterError:
+                server_log = self.dir / "server.log"
+                taken = server_log.exists() and "Address already in use" in server_log.read_text(
+                    encoding="utf-8", errors="replace")
+                if not taken or attempt == _PORT_ATTEMPTS - 1:
+                    raise
+                server_log.unlink()  # (the next attempt's log is its own)
         return self
 
     def stop(self) -> None:
