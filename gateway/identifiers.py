@@ -21,6 +21,7 @@ from gateway.errors import IdentifierError, shown
 from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION, SYSTEM_USCC
 
 __all__ = [
+    "id_card_or_none",
     "OID_ID_CARD",
     "OID_INSTITUTION",
     "USCC_SYSTEM",
@@ -167,6 +168,15 @@ def check_id_card(value: str, *, on: _dt.date | None = None) -> str:
     if type(value) is str and (on is None or type(on) is _dt.date):
         return _checked_id_card(value, on)
     return _check_id_card(value, on)
+
+
+def id_card_or_none(value: str) -> str | None:
+    """``value`` as :func:`check_id_card` normalises it, or None when it is not a 身份证号: the form in which the
+    gateway names a patient (decisions, audit entries, searches of them) whatever way the number was typed."""
+    try:
+        return check_id_card(value)
+    except IdentifierError:
+        return None
 
 
 def _check_id_card(value: str, on: _dt.date | None) -> str:

@@ -306,7 +306,6 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None, asked: list
     found nothing, once for each patient it ``asked`` about (someone probing which patients are held here leaves a
     trail)."""
     from gateway.audit.events import patient_identifier, patient_reads
-    from gateway.audit.records import PatientRef
     from gateway.errors import GatewayError
     from gateway.store.db import transaction
 
@@ -324,16 +323,11 @@ def _audit_reads(resources: list[dict[str, Any]], query: str | None, asked: list
                  for p in pipe.store.read_many([ref for ref in about if ref.startswith("Patient/")])}
     except GatewayError:  # (the entries name the references alone)
         known = {}
-    asked = [PatientRef(ident[1], ident[0] or None, a.reference) if a.reference and (ident := known.get(a.reference))
-             else a for a in asked]
-    by_reference = {(a.value, a.system) for a in asked if a.reference and a.value}
-    asked = [a for a in asked if a.reference or (a.value, a.system) not in by_reference]  # (one patient named twice)
     with transaction(db):
-        for patient in asked or [None]:
-            patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
-                          client=principal_party(current_principal(), settings.issuer_uscc),
-                          client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
-                          resources=resources, query=query, identified=known.get, asked=patient)
+        patient_reads(db, at=pipe.clock(), member=settings.issuer_uscc, server_address=request.host,
+                      client=principal_party(current_principal(), settings.issuer_uscc),
+                      client_address=request.remote_addr or "", on_behalf_of=settings.issuer_uscc,
+                      resources=resources, query=query, identified=known.get, asked=asked)
 
 
 def _http_date(instant: str) -> str:

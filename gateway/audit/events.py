@@ -8,7 +8,7 @@ never go to application logs; the entries carry what FHIR AuditEvents require.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from gateway.audit import records
@@ -71,8 +71,7 @@ def patient_identifier(patient: Mapping[str, Any] | None) -> tuple[str, str] | N
     """(system, value) a Patient resource is known by across members, as its recognition decisions name it
     (:func:`gateway.recognition.facts.known_identifier`; a 身份证号 normalised as they hold it, or as stored when
     it does not pass its check); None when it has none."""
-    from gateway.errors import IdentifierError
-    from gateway.identifiers import check_id_card
+    from gateway.identifiers import id_card_or_none
     from gateway.recognition.facts import known_identifier
 
     try:
@@ -83,10 +82,7 @@ def patient_identifier(patient: Mapping[str, Any] | None) -> tuple[str, str] | N
         return None
     _, system, value = known
     if system == SYSTEM_ID_CARD:
-        try:
-            value = check_id_card(value)
-        except IdentifierError:
-            pass
+        value = id_card_or_none(value) or value
     return system, value
 
 
@@ -94,42 +90,45 @@ def asked_patient(identifier: str) -> PatientRef | None:
     """The patient a search or a 调阅 asks for by ``system|value`` or ``value``, named as the entries of that
     patient's results name it: a 身份证号, with its system or without one, normalised (``x`` as ``X``) and with its
     system; another identifier as asked. None for a system without a value (every patient of that system)."""
-    from gateway.errors import IdentifierError
-    from gateway.identifiers import check_id_card
+    from gateway.identifiers import id_card_or_none
 
     system, sep, value = identifier.partition("|")
     if not sep:
         system, value = "", identifier
     if not value:
         return None
-    if system in ("", SYSTEM_ID_CARD):
-        try:
-            return PatientRef(check_id_card(value), SYSTEM_ID_CARD)
-        except IdentifierError:
-            pass
-    return PatientRef(value, system or None)
+    number = id_card_or_none(value) if system in ("", SYSTEM_ID_CARD) else None
+    return PatientRef(number, SYSTEM_ID_CARD) if number else PatientRef(value, system or None)
 
 
 def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address: str,
                   client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
                   query: str | None, identified: Callable[[str], tuple[str, str] | None] | None = None,
-                  asked: PatientRef | None = None) -> int:
+                  asked: Sequence[PatientRef] = ()) -> int:
     """One BALP read/query entry per patient whose results were returned; returns how many.
 
     Each entry names the patient by reference and by the identifier it is known by (:func:`patient_identifier`:
     a Patient among ``resources`` gives its own, ``identified`` the one of a patient reference), so that an
     auditor asking who read a patient's results finds the reads by the 身份证号 (``patient:identifier``). A query
-    that returned nothing about the patient it ``asked`` for is one entry naming that patient, without resources
-    (a member probing which patients are held here leaves a trail).
+    that returned nothing names each patient it ``asked`` for in an entry of its own, without resources (someone
+    probing which patients are held here leaves a trail): one asked by reference by the identifier ``identified``
+    gives it too, and one patient asked twice (by reference and by that identifier) once.
     """
+    def named(reference: str, ident: tuple[str, str] | None) -> PatientRef:
+        return PatientRef(ident[1], ident[0] or None, reference) if ident else PatientRef(reference=reference)
+
     own = {f"Patient/{r.get('id')}": patient_identifier(r) for r in resources if r.get("resourceType") == "Patient"}
     found: list[tuple[PatientRef, list[str]]] = []
     for patient, refs in _patients(resources).items():
-        ident = own.get(patient) or (identified(patient) if identified is not None else None)
-        found.append((PatientRef(ident[1], ident[0] or None, patient) if ident else PatientRef(reference=patient),
+        found.append((named(patient, own.get(patient) or (identified(patient) if identified is not None else None)),
                       refs))
-    if not found and asked is not None:
-        found.append((asked, []))
+    if not found and asked:
+        resolved = [named(a.reference, identified(a.reference)) if a.reference and not a.value and identified
+                    is not None else a for a in asked]
+        by_reference = {(a.value, a.system) for a in resolved if a.reference and a.value}
+        for a in resolved:
+            if (a.reference or (a.value, a.system) not in by_reference) and all(a != b for b, _ in found):
+                found.append((a, []))
     made = [records.patient_read(
         at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
         client_address=client_address or "unknown", member=_me(on_behalf_of), patient=patient, resources=refs,

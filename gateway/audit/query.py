@@ -41,9 +41,9 @@ from urllib.parse import urlencode
 from gateway.audit.log import Entry, epoch_ms
 from gateway.audit.records import PatientRef
 from gateway.audit.render import patient_key
-from gateway.errors import IdentifierError, InputError, InvalidSearch
+from gateway.errors import InputError, InvalidSearch
 from gateway.fhir.search import date_bounds
-from gateway.identifiers import check_id_card
+from gateway.identifiers import id_card_or_none
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.store.audit import audit_store, date_condition
 from gateway.store.db import Database
@@ -242,11 +242,8 @@ def _id_card_forms(token: Token) -> list[str | None]:
     one) also as entries name it, normalised (``x`` as ``X``)."""
     if not token.code or token.system not in (None, "", SYSTEM_ID_CARD):
         return [token.code]
-    try:
-        normal = check_id_card(token.code)
-    except IdentifierError:
-        return [token.code]
-    return [token.code] if normal == token.code else [token.code, normal]
+    normal = id_card_or_none(token.code)
+    return [token.code] if normal in (None, token.code) else [token.code, normal]
 
 
 def _token(value: str, name: str) -> Token:

@@ -338,7 +338,7 @@ class Exchange:
                                        server_address=server, client=Party.member(peer),
                                        client_address=client_address, on_behalf_of=peer, resources=resources,
                                        query=query or f"patient.identifier={identifier}", identified=known.get,
-                                       asked=asked)
+                                       asked=[asked])
         log.info("exchange lookup by peer=%s found=%d", peer, len(texts))
 
     def pull(self, destination: str, identifier: str, transport: Any = None) -> list[Any]:

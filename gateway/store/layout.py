@@ -73,10 +73,9 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
     PostgreSQL the indexes added to existing tables are then built beside the running work
     (:func:`gateway.store.schema.build_indexes`).
 
-    :raises ConfigError: a database this release cannot work on (:func:`check_layouts`), before anything is
-        written.
+    :raises ConfigError: a database this release cannot work on (:func:`check_layouts`, run by the core part's
+        first open on a connection, the first step here), before anything is written.
     """
-    check_layouts(db)
     with spilling(db):  # bulk work: SQLite's temporary storage on disk, not in memory
         for part, target in PARTS:
             if progress is not None:
