@@ -1512,7 +1512,7 @@ class Pipeline:
 
         :raises _AlreadyReceived: (received) the same signed document was stored by another request first.
         """
-        from gateway.audit.log import append_prepared
+        from gateway.audit.log import chain
         from gateway.store.exchange import SignedBundles, packed
         from gateway.store.reports import held_for_other_reports
 
@@ -1549,7 +1549,7 @@ class Pipeline:
                                               outcome.direction, outcome.signed,
                                               at.isoformat(timespec="milliseconds"), outcome.record_id,
                                               packed_text=outcome.packed)
-            append_prepared(db, audit)
+            chain(db, audit)
             if outcome.decided is not None:
                 outcome.decided.record(db, at)
             if stored is not None:
@@ -1699,7 +1699,7 @@ class Pipeline:
 
     def _refuse_unverified(self, text: bytes, peer: str, exc: GatewayError) -> None:
         """Keep a push that did not verify, under the hash of its bytes, as refused, with its audit entry."""
-        from gateway.audit.log import append_prepared
+        from gateway.audit.log import chain
 
         digest_raw = hashlib.sha256(text).hexdigest()
         record_id, existing = self.store.insert_raw(channel="exchange", fmt=SIGNED_FORMAT, sender=peer,
@@ -1707,7 +1707,7 @@ class Pipeline:
         refused, audit = self._refused(digest_raw, peer, record_id, exc)
         if existing is not None and existing.ack is not None:  # accepted once (before a revocation): keep that
             with self.store.unit_of_work() as db:
-                append_prepared(db, audit)
+                chain(db, audit)
             return
         self._commit(refused, audit, held=False)
 

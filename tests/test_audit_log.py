@@ -555,3 +555,45 @@ def test_nodes_appending_together_write_one_chain(db, tmp_path: Path, database: 
     report = verify(db)
     assert report.ok and report.entries == 1 + 4 * 15
     assert [e.seq for e in entries(db)] == list(range(1, 62))
+
+
+def test_decision_index_equals_the_rendered_events() -> None:
+    """A decision's entry is indexed without rendering its AuditEvent (gateway.audit.render.decision_index): the
+    same index as rendering gives, for every combination of the parties and entities a decision may name."""
+    import itertools
+    import random
+
+    from gateway.audit.log import prepare
+    from gateway.audit.render import decision_index
+
+    rng = random.Random(19)
+    parties = [ME, PEER, r.Party("", reference="Organization/o1"), r.Party("x\u0001y", "urn:s"),
+               r.Party("", display="只有名字"), r.Party("D9", None, "某医生", "Practitioner/p9"),
+               r.Party("Patient-like", None, None, "Patient/p1")]
+    patients = [None, PATIENT, r.PatientRef(reference="Patient/p2"), r.PatientRef("MRN-7", "urn:mrn", "Patient/p3"),
+                r.PatientRef("V\u0002", None)]
+    ids = [None, DECISION_ID, "decision-not-a-uuid", DECISION_ID.upper()]
+    rules = [r.RuleResult("member-active", True, "ok"), r.RuleResult("eqa-pass", False, "no EQA"),
+             r.RuleResult("validity-window", None)]
+    made = 0
+    for outcome, patient, decision_id, physician, client in itertools.product(
+            ("recognized", "not-recognized", "needs-review"), patients, ids, (None, *parties[3:]),
+            (None, *parties[:3])):
+        record = r.decision(
+            at=AT, gateway=rng.choice(parties), receiver=rng.choice(parties), issuer=rng.choice(parties),
+            report=rng.choice(["R-1", "报告\u00030001"]), report_reference=rng.choice([None, "DiagnosticReport/d1"]),
+            item=("http://loinc.org", "2345-7", "Glucose"), catalogue="cat-2026",
+            outcome=outcome, rules=rules[:1] if outcome == "recognized" else rules, snapshot_version=3,
+            decision_id=decision_id, patient=patient, physician=physician, client=client,
+            client_address=rng.choice([None, "10.0.0.9"]), bundle_hash=rng.choice([None, "sha256:" + "ab" * 32]),
+            verification_results=rng.choice([(), ("Provenance/v1", "")]), request_id=rng.choice([None, "req-1"]),
+            as_of=rng.choice([None, AT]))
+        assert record.well_formed
+        rendered = index_values(render("decision", AT.isoformat(timespec="milliseconds"), record.facts))
+        assert decision_index(record.facts) == rendered
+        made += 1
+    assert made == 3 * 5 * 4 * 5 * 4
+    # and the entry made for the log holds that index (an entry another builder made is rendered to be indexed)
+    content = json.loads(prepare([record])[0])
+    assert {k: content[k] for k in ("type", "subtype", "outcome", "k")} == rendered
+    assert not every_kind()[0].well_formed

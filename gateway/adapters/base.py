@@ -53,6 +53,16 @@ _NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\
 FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
 
 
+#: What :func:`parse_number`, :func:`parse_reference_range` and :func:`reversed_range` found for a text of up to
+#: _READ_LONGEST characters, by text (a lab sends the same values and ranges again and again: each is read once);
+#: emptied when it holds _READ_MAX.
+_READ_MAX = 4096
+_READ_LONGEST = 40
+_numbers_read: dict[str, tuple[Decimal, str] | None] = {}
+_ranges_read: dict[str, tuple[Decimal | None, Decimal | None]] = {}
+_reversed_read: dict[str, bool] = {}
+
+
 def parse_number(text: str) -> "Quantity | None":
     """A decimal with its precision and optional comparator (``<0.5``, ``≥ 10``, ``5.60``); None if not a number.
 
@@ -60,7 +70,24 @@ def parse_number(text: str) -> "Quantity | None":
     as the decimal it names (``123000``, ``8.2E-1`` as ``0.82``; the trailing zeros of a large one then read as
     significant). A number beyond the range of an IEEE 754 double, or so small that a double holds it as 0, is not
     taken either: a signed Bundle carries its numbers as doubles (RFC 8785), so it could not be signed as sent.
+
+    Each call gives a :class:`Quantity` of its own (what was read is remembered, the object is not).
     """
+    found = _numbers_read.get(text, _UNREAD)
+    if found is _UNREAD:
+        found = _read_number(text)
+        if len(text) <= _READ_LONGEST:
+            if len(_numbers_read) >= _READ_MAX:
+                _numbers_read.clear()
+            _numbers_read[text] = found
+    return None if found is None else Quantity(found[0], found[1])
+
+
+_UNREAD: Any = object()
+
+
+def _read_number(text: str) -> tuple[Decimal, str] | None:
+    """(value, FHIR comparator) of :func:`parse_number`, read from the text."""
     if not text.isascii():  # full-width digits, point and signs as a Chinese input method types them: ６．８, ＜０．５
         text = text.translate(FULL_WIDTH)
     m = _NUMBER.match(text)
@@ -75,7 +102,7 @@ def parse_number(text: str) -> "Quantity | None":
         return None
     if m.group(3):
         value = Decimal(format(value, "f"))
-    return Quantity(value, COMPARATORS.get(m.group(1) or "", ""))
+    return value, COMPARATORS.get(m.group(1) or "", "")
 
 
 _RANGE_NUMBER = r"([+-]?\d+(?:\.\d+)?)"
@@ -87,6 +114,17 @@ _LOWER = re.compile(rf"^\s*(?:>=?|≥|＞)\s*{_RANGE_NUMBER}\s*$")
 def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
     """(low, high) from a range as labs write it: ``3.5-5.5``, ``3.5~5.5``, ``3.9－6.1``, ``<5``, ``>10``. A range
     whose low lies above its high (``6.1-3.9``) gives neither: it is kept as text (FHIR's rng-2)."""
+    found = _ranges_read.get(text)
+    if found is None:
+        found = _read_range(text)
+        if len(text) <= _READ_LONGEST:
+            if len(_ranges_read) >= _READ_MAX:
+                _ranges_read.clear()
+            _ranges_read[text] = found
+    return found
+
+
+def _read_range(text: str) -> tuple[Decimal | None, Decimal | None]:
     m = _RANGE.match(text)
     if m:
         low, high = Decimal(m.group(1)), Decimal(m.group(2))
@@ -102,8 +140,15 @@ def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
 
 def reversed_range(text: str) -> bool:
     """Whether a reference range names its low above its high (``6.1-3.9``)."""
-    m = _RANGE.match(text)
-    return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
+    found = _reversed_read.get(text)
+    if found is None:
+        m = _RANGE.match(text)
+        found = m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
+        if len(text) <= _READ_LONGEST:
+            if len(_reversed_read) >= _READ_MAX:
+                _reversed_read.clear()
+            _reversed_read[text] = found
+    return found
 
 
 def _said(res: "ResultFacts") -> str:

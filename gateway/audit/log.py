@@ -40,7 +40,7 @@ import msgspec
 import rfc8785
 
 from gateway.audit.records import KINDS, Record
-from gateway.audit.render import index_values, render
+from gateway.audit.render import decision_index, index_values, render
 from gateway.errors import InputError, NotFound
 from gateway.signing.canonical import canonicalize_plain
 from gateway.store.audit import audit_store, statements
@@ -54,6 +54,7 @@ __all__ = [
     "append",
     "append_many",
     "append_prepared",
+    "chain",
     "prepare",
     "entry_hash",
     "head",
@@ -179,13 +180,16 @@ def _content(record: Record) -> bytes:
         raise InputError(f"audit record kind {record.kind!r} is not one of {', '.join(KINDS)}", "kind")
     recorded = instant(record.recorded)
     facts = dict(record.facts)
-    try:
-        event = render(record.kind, recorded, facts)
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"audit facts of a {record.kind} record are incomplete ({exc})", "facts") from None
     content: dict[str, Any] = {"facts": facts, "kind": record.kind, "recorded": recorded}
     content["t"] = epoch_ms(record.recorded)
-    content.update(index_values(event))
+    if record.well_formed and record.kind == "decision":
+        content.update(decision_index(facts))  # (what rendering would index: a builder's facts always render)
+    else:
+        try:
+            event = render(record.kind, recorded, facts)
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"audit facts of a {record.kind} record are incomplete ({exc})", "facts") from None
+        content.update(index_values(event))
     try:
         data = canonicalize_plain(content)
         if b"\\u0000" in data:  # U+0000 in a fact: recorded as U+FFFD, on every engine (PostgreSQL cannot hold it)
@@ -229,10 +233,22 @@ def prepare(records: Sequence[Record]) -> list[bytes]:
 
 def append_prepared(db: Database, contents: Sequence[bytes]) -> list[Entry]:
     """Append contents made by :func:`prepare`, in order, chained; inside the caller's transaction (or a new one)."""
-    entries: list[Entry] = []
+    chained = _chain(db, contents)
+    return [Entry(seq, _decode(data), digest, prev) for data, (seq, digest, prev) in zip(contents, chained)]
+
+
+def chain(db: Database, contents: Sequence[bytes]) -> int:
+    """:func:`append_prepared` for a caller that does not read the entries back (a message's outcome, a received
+    Bundle's decisions): none of them is decoded again. Returns how many were appended."""
+    return len(_chain(db, contents))
+
+
+def _chain(db: Database, contents: Sequence[bytes]) -> list[tuple[int, bytes, bytes]]:
+    """(seq, hash, previous hash) of each of ``contents`` once appended."""
     if not contents:
-        return entries
+        return []
     store = audit_store(db)
+    chained: list[tuple[int, bytes, bytes]] = []
     with transaction(db):
         store.ensure_schema()
         seq, prev = store.last() or (0, GENESIS)
@@ -241,11 +257,11 @@ def append_prepared(db: Database, contents: Sequence[bytes]) -> list[Entry]:
             seq += 1
             digest = entry_hash(seq, prev, data)
             rows.append((seq, data.decode("utf-8"), prev, digest))
-            entries.append(Entry(seq, _decode(data), digest, prev))
+            chained.append((seq, digest, prev))
             prev = digest
         store.insert(rows)
-    log.debug("audit entries %d to %d appended", entries[0].seq, entries[-1].seq)
-    return entries
+    log.debug("audit entries %d to %d appended", chained[0][0], chained[-1][0])
+    return chained
 
 
 def head(db: Database) -> tuple[int, bytes]:

@@ -168,6 +168,9 @@ class Record:
     kind: str
     recorded: _dt.datetime
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # made by a builder here whose facts always render (:func:`decision`): the log indexes them without rendering
+    # (gateway.audit.render.decision_index)
+    well_formed: bool = field(default=False, compare=False, repr=False)
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -180,8 +183,8 @@ def _aware(at: _dt.datetime) -> _dt.datetime:
     return at
 
 
-def _record(kind: str, at: _dt.datetime, facts: dict[str, Any]) -> Record:
-    return Record(kind, _aware(at), {"v": FACTS_VERSION, **_drop_none(facts)})
+def _record(kind: str, at: _dt.datetime, facts: dict[str, Any], *, well_formed: bool = False) -> Record:
+    return Record(kind, _aware(at), {"v": FACTS_VERSION, **_drop_none(facts)}, well_formed)
 
 
 def _required(value: str | None, location: str) -> str:
@@ -361,6 +364,7 @@ def decision(
             "marks": list(marks) or None,  # the recognition marks (川渝HR…) the issuer printed on the result
             "as_of": _aware(as_of).isoformat(timespec="milliseconds") if as_of is not None else None,
         },
+        well_formed=True,
     )
 
 

@@ -259,6 +259,12 @@ class _Moment:
     day: _dt.date
 
 
+#: What :func:`_moment` read from a text (a _Moment is immutable; a reason is a string), by text: the results of
+#: one report share their times, and a report's times come again in the next one. Emptied when it holds this many.
+_MOMENTS_MAX = 4096
+_moments: dict[str, _Moment | str] = {}
+
+
 def _moment(value: str | None) -> _Moment | None | str:
     """The parsed value; None when absent; a reason string when unusable.
 
@@ -266,7 +272,19 @@ def _moment(value: str | None) -> _Moment | None | str:
     """
     if not value:
         return None
-    text = str(value)
+    if type(value) is str and len(value) <= 40:
+        found = _moments.get(value)
+        if found is None:
+            found = _read_moment(value)
+            if len(_moments) >= _MOMENTS_MAX:
+                _moments.clear()
+            _moments[value] = found
+        return found
+    return _read_moment(str(value))
+
+
+def _read_moment(text: str) -> _Moment | str:
+    """:func:`_moment` of a text, read."""
     if "T" not in text:
         if len(text) != 10:
             return f"{text[:40]!r} is not precise to the day"

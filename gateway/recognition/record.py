@@ -43,7 +43,7 @@ class Decided:
         returns how many decisions were new."""
         with transaction(db):
             added = save_decisions(db, self.decisions, recorded_at)
-            audit_log.append_prepared(db, self.entries)
+            audit_log.chain(db, self.entries)
         return added
 
 

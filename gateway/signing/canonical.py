@@ -97,13 +97,33 @@ def _jcs_number(value: Any) -> int | float:
     exponent, NaN, a mapping that is not a dict, an unknown type) goes the slower way.
     """
     if isinstance(value, Decimal) and value.is_finite():
-        number = float(value)
-        if number.is_integer():
-            if abs(number) <= _SAFE_INTEGER:
-                return int(number)
-        elif math.isfinite(number) and "e" not in repr(number):
-            return number
+        found = _JCS_NUMBERS.get(value)  # (equal decimals denote one double: 5.6 and 5.60 are written alike)
+        if found is None:
+            found = _jcs_double(value)
+            if len(_JCS_NUMBERS) >= _JCS_NUMBERS_MAX:
+                _JCS_NUMBERS.clear()
+            _JCS_NUMBERS[value] = found
+        if found is not _SLOW:
+            return found  # type: ignore[return-value]
     raise _Slow
+
+
+def _jcs_double(value: Decimal) -> int | float | object:
+    """:func:`_jcs_number` of a finite Decimal, worked out: the int or float, or :data:`_SLOW`."""
+    number = float(value)
+    if number.is_integer():
+        if abs(number) <= _SAFE_INTEGER:
+            return int(number)
+    elif math.isfinite(number) and "e" not in repr(number):
+        return number
+    return _SLOW
+
+
+#: What :func:`_jcs_number` gave for a decimal (a report's values and ranges come again and again), by value;
+#: emptied when it holds _JCS_NUMBERS_MAX.
+_JCS_NUMBERS: dict[Decimal, Any] = {}
+_JCS_NUMBERS_MAX = 4096
+_SLOW = object()
 
 
 # Sorted keys, no whitespace, raw UTF-8, and the escapes JCS uses: ``\b \t \n \f \r``,

@@ -1486,9 +1486,12 @@ def _first_version(res: dict[str, Any], now: str, resolve: Any) -> _Rows:
 def _versioned(res: dict[str, Any], version: int, now: str) -> dict[str, Any]:
     """The resource as stored: ``meta`` after ``resourceType`` and ``id``, with ``versionId`` and ``lastUpdated``."""
     meta = dict(res.get("meta", {}))
-    meta.update({"versionId": str(version), "lastUpdated": now})
-    return {"resourceType": res["resourceType"], "id": res["id"], "meta": meta,
-            **{k: v for k, v in res.items() if k not in ("resourceType", "id", "meta")}}
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = now
+    stored = {"resourceType": res["resourceType"], "id": res["id"], "meta": meta}
+    stored.update(res)  # (a key already there keeps its place: the rest follow in the resource's order)
+    stored["meta"] = meta
+    return stored
 
 
 #: Columns of ``messages`` added after the first release (added to an older SQLite database when it is opened).
