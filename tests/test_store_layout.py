@@ -449,3 +449,70 @@ def test_a_database_a_later_release_upgraded_or_another_programs_table_is_refuse
         assert "component, installed_on" in result.output and "internal error" not in result.output
     with pytest.raises(ConfigError, match="not the gateway's"):
         Store.open(locator)
+
+
+@pytest.mark.parametrize("kind", ["another program's tables", "a look-alike messages table"])
+def test_another_programs_database_is_refused_before_anything_is_written(
+        tmp_path: Path, backend: str, database: str, kind: str) -> None:
+    """The database setting pointed at another program's database — a HIS's SQLite file, a PostgreSQL schema holding
+    its tables — or at one whose ``messages`` table is not the gateway's: ``gateway db upgrade``, ``db status``,
+    ``serve``'s start and the store's first open refuse it in one line naming what they found, and write nothing
+    into it (no table of the gateway's; on SQLite the file keeps its bytes and its journal mode: switching it to WAL
+    would change it for its own program)."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+    from gateway.errors import ConfigError
+    from gateway.store.db import connect, transaction
+
+    if kind == "another program's tables":
+        statements = ["CREATE TABLE his_patient (patient_no TEXT PRIMARY KEY, name TEXT)",
+                      "CREATE TABLE his_order (order_no TEXT PRIMARY KEY, patient_no TEXT, item TEXT)",
+                      "INSERT INTO his_patient VALUES ('P001', '张三')",
+                      "INSERT INTO his_order VALUES ('O001', 'P001', 'GLU')"]
+        said = ["another program's tables", "his_order, his_patient"]
+    else:
+        statements = ["CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT, sent_at TEXT)",
+                      "INSERT INTO messages (id, body, sent_at) VALUES (1, 'hello', '2026-12-01')"]
+        said = ["messages", "not the gateway's", "body, id, sent_at"]
+    if backend == "sqlite":
+        path = tmp_path / "his.db"
+        raw = sqlite3.connect(path)
+        for sql in statements:
+            raw.execute(sql)
+        raw.commit()
+        raw.close()
+        locator = str(path)
+        before = path.read_bytes()
+    else:
+        locator = database
+        db = connect(locator)
+        with transaction(db):
+            for sql in statements:
+                db.execute(sql)
+        db.close()
+    runner = CliRunner()
+    for command in (["db", "upgrade", "--db", locator], ["db", "status", "--db", locator]):
+        result = runner.invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        assert all(s in result.output for s in said), result.output
+        assert "Traceback" not in result.output and "internal error" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    with pytest.raises(ConfigError, match="not the gateway's|another program's"):
+        Store.open(locator)
+    if backend == "sqlite":
+        assert path.read_bytes() == before  # not a byte changed
+        assert not Path(f"{path}-wal").exists()
+        raw = sqlite3.connect(path)
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        raw.close()
+    else:
+        db = connect(locator)
+        tables = {r[0] for r in db.execute(
+            "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relkind = 'r' AND c.relnamespace ="
+            " (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = current_schema())").fetchall()}
+        db.close()
+    assert tables == ({"his_patient", "his_order"} if kind == "another program's tables" else {"messages"})

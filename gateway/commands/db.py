@@ -37,6 +37,7 @@ def upgrade(ctx: click.Context, locator: str | None) -> None:
     with one_line_errors():
         database = _open(ctx, locator)
         with closing(database.conn):  # type: ignore[attr-defined]
+            layout.check_layouts(database)  # (a database this release cannot work on: said before anything else)
             where = describe(locator or get_settings(ctx).database_locator)
             click.echo(f"database: {where} ({layout.engine(database)})")
             versions = layout.upgrade(database, progress=lambda part: click.echo(f"  {part} ...", err=True))
@@ -62,6 +63,7 @@ def status(ctx: click.Context, locator: str | None) -> None:
             raise click.ClickException(f"{target}: no such database (gateway db upgrade creates it)")
         database = _open(ctx, locator, readonly=True)  # asking changes nothing
         with closing(database.conn):  # type: ignore[attr-defined]
+            layout.check_own(database)  # (another program's database: said, not shown as one without a layout)
             click.echo(f"database: {describe(target)} ({layout.engine(database)})")
             versions = layout.status(database)
         if not versions:

@@ -49,13 +49,15 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 import contextlib
+import functools
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import ConfigError, DatabaseUnavailable
 from gateway.store import postgresql as _pg
 
 
@@ -85,7 +87,7 @@ __all__ = ["connect", "spilling", "transaction", "savepoint", "WalCheckpointer",
            "dialect", "is_postgresql", "fault_reason", "IntegrityError", "OperationalError", "describe",
            "connection_lost", "borrowed",
            "unwritable",
-           "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD"]
+           "close_borrowed", "IDLE_CHECK_SECONDS", "KEPT_PER_THREAD", "gateway_tables", "not_the_gateways"]
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +254,18 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly and not new and str(path) != ":memory:":
+        # another program's file is refused before anything changes it (switching it to WAL would, for its program)
+        try:
+            refused = not_the_gateways(
+                [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")],
+                lambda table: {str(r[1]) for r in conn.execute(f'PRAGMA table_info("{table}")')})
+        except BaseException:
+            conn.close()
+            raise
+        if refused is not None:
+            conn.close()
+            raise refused
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
         db.sqlite_path = str(path)  # type: ignore[attr-defined]
@@ -265,6 +279,50 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         # (see transaction: its commits are checkpointed beside it)
         db.checkpoint_path = str(Path(path).absolute())  # type: ignore[attr-defined]
     return db
+
+
+@functools.cache
+def gateway_tables() -> frozenset[str]:
+    """The names of the tables the gateway's layout holds, on either engine (read from its SQL files, with the few
+    made in code and those of earlier layouts)."""
+    from importlib.resources import files
+
+    names = {"schema_versions", "tallies", "bundles", "search_token_layout2"}
+    for engine in ("sqlite", "postgresql"):
+        for item in files("gateway.store").joinpath("sql", engine).iterdir():
+            if item.name.endswith(".sql"):
+                names.update(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", item.read_text(encoding="utf-8")))
+    return frozenset(names)
+
+
+#: Columns every layout of these tables has had: a table of that name without them is another program's.
+SIGNATURE_COLUMNS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("messages", frozenset({"channel", "format", "raw", "sha256", "status"})),
+    ("resources", frozenset({"type", "id", "json"})),
+    ("audit_log", frozenset({"seq", "content", "prev_hash", "hash"})),
+)
+
+
+def not_the_gateways(tables: Iterable[str], columns: Callable[[str], set[str]]) -> ConfigError | None:
+    """The error that refuses a database that is not the gateway's, or None: one holding ``tables`` (and views),
+    none of them the gateway's (SQLite's own ``sqlite_`` tables left out), is another program's; so is one whose
+    ``messages``, ``resources`` or ``audit_log`` (``columns(table)``: its columns) lacks the columns every layout of
+    that table has had. A database holding nothing is the gateway's to make."""
+    found = sorted({t for t in tables if not t.startswith("sqlite_")})
+    if not found:
+        return None
+    if not any(t in gateway_tables() for t in found):
+        named = ", ".join(found[:6]) + (f"... ({len(found)} in all)" if len(found) > 6 else "")
+        return ConfigError(f"this database holds another program's tables ({named}) and none of the gateway's: "
+                           "point the database setting at the gateway's own database, or at a new one; nothing was "
+                           "written to this one", "database")
+    for table, needed in SIGNATURE_COLUMNS:
+        present = columns(table) if table in found else set()
+        if present and not needed <= present:
+            return ConfigError(f"this database (or schema) holds a table {table} that is not the gateway's (its "
+                               f"columns: {', '.join(sorted(present))}): point the database setting at the "
+                               "gateway's own database, or at a new one; nothing was written to this one", "database")
+    return None
 
 
 @contextmanager
