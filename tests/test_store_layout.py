@@ -516,3 +516,30 @@ def test_another_programs_database_is_refused_before_anything_is_written(
             " (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = current_schema())").fetchall()}
         db.close()
     assert tables == ({"his_patient", "his_order"} if kind == "another program's tables" else {"messages"})
+
+
+def test_another_programs_wal_database_is_refused_and_keeps_its_tables(tmp_path: Path) -> None:
+    """Another program's SQLite file in WAL mode already (nothing to switch): the store's first open and `gateway db
+    upgrade` refuse it all the same, before writing a table of the gateway's into it."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+    from gateway.errors import ConfigError
+
+    path = tmp_path / "lis.db"
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA journal_mode = WAL")
+    raw.execute("CREATE TABLE lis_result (sample_no TEXT, item TEXT, value TEXT)")
+    raw.execute("INSERT INTO lis_result VALUES ('S1', 'GLU', '5.6')")
+    raw.commit()
+    raw.close()
+    with pytest.raises(ConfigError, match=r"another program's tables \(lis_result\)"):
+        Store.open(str(path))
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--db", str(path)])
+    assert result.exit_code == 2 and "another program's tables (lis_result)" in result.output, result.output
+    raw = sqlite3.connect(path)
+    assert {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"lis_result"}
+    assert raw.execute("SELECT * FROM lis_result").fetchall() == [("S1", "GLU", "5.6")]
+    raw.close()

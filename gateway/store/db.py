@@ -254,12 +254,15 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
-    if not readonly and not new and str(path) != ":memory:":
-        # another program's file is refused before anything changes it (switching it to WAL would, for its program)
+    if str(path) != ":memory:" and not readonly and not new:
+        # another program's file is refused before anything changes it: switching it to WAL would, for its program
+        # (the gateway's own file is in WAL already: the layout check, on first use, asks the rest)
         try:
-            refused = not_the_gateways(
-                [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")],
-                lambda table: {str(r[1]) for r in conn.execute(f'PRAGMA table_info("{table}")')})
+            refused = None
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                refused = not_the_gateways(
+                    [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")],
+                    lambda table: {str(r[1]) for r in conn.execute(f'PRAGMA table_info("{table}")')})
         except BaseException:
             conn.close()
             raise
