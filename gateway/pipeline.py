@@ -1776,7 +1776,8 @@ class Pipeline:
         if claimed and claimed != {verified.signer_uscc}:
             raise TrustError(f"Bundle.signature.who names {', '.join(sorted(claimed))} but the signature is "
                              f"{verified.signer_uscc}'s", "Bundle.signature.who")
-        read = [dataclasses.replace(f, signer_uscc=verified.signer_uscc) for f in read]
+        read = [f if f.signer_uscc == verified.signer_uscc else dataclasses.replace(f, signer_uscc=verified.signer_uscc)
+                for f in read]  # (Bundle.signature.who names the signer already, most often)
         doc_sha = verified.document_sha256
         # decided, and the decisions' audit entries made, before the write lock is taken; only their storing
         # and chaining are inside (a report a stored correction supersedes is decided as superseded)

@@ -26,6 +26,7 @@ from conftest import TONGJIANG, wait_port
 
 from gateway.config import load_settings
 from gateway.demo import free_port
+from gateway.store import layout
 from gateway.store.db import transaction
 
 
@@ -130,6 +131,7 @@ def test_threads_taking_turns_at_the_write_lock_never_let_a_collection_in(tmp_pa
             db.conn.close()
 
     setup = connect(tmp_path / "turns.db")
+    layout.upgrade(setup)  # (the gateway's database, with a table of the test's beside its own)
     setup.execute("CREATE TABLE t (n INTEGER)")
     setup.conn.close()
     gc.callbacks.append(watch)

@@ -16,7 +16,7 @@ from test_audit_support import serving
 
 from gateway.errors import DatabaseUnavailable
 from gateway.store import db as dbmodule
-from gateway.store import schema
+from gateway.store import layout, schema
 from gateway.store import db as store_db
 from gateway.store.db import borrowed, close_borrowed, connect, dialect, transaction
 
@@ -155,6 +155,7 @@ def test_threads_get_connections_of_their_own(served, settings, opened: Opened) 
 def test_a_transaction_left_open_is_rolled_back_when_given_back(settings, opened: Opened, caplog) -> None:
     locator = settings.database_locator
     with borrowed(locator) as db:
+        layout.upgrade(db)  # (the gateway's database, with a table of the test's beside its own)
         db.execute("CREATE TABLE IF NOT EXISTS left_open (x INTEGER)")
     caplog.set_level(logging.WARNING, logger="gateway.store.db")
     with borrowed(locator) as db:

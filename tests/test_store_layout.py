@@ -510,7 +510,9 @@ def test_another_programs_database_is_refused_before_anything_is_written(
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         raw.close()
     else:
-        db = connect(locator)
+        from gateway.store import postgresql
+
+        db = postgresql.connect(locator)  # (the engine's own connection: the gateway's refuses this schema)
         tables = {r[0] for r in db.execute(
             "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relkind = 'r' AND c.relnamespace ="
             " (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = current_schema())").fetchall()}
@@ -543,3 +545,75 @@ def test_another_programs_wal_database_is_refused_and_keeps_its_tables(tmp_path:
     assert {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"lis_result"}
     assert raw.execute("SELECT * FROM lis_result").fetchall() == [("S1", "GLU", "5.6")]
     raw.close()
+
+
+@pytest.mark.parametrize("tables, said", [
+    (["CREATE TABLE his_patient (patient_no TEXT)"], "another program's tables (his_patient)"),
+    (["CREATE TABLE his_patient (patient_no TEXT)", "CREATE TABLE referrals (ref_id TEXT, pid TEXT, to_hosp TEXT)"],
+     "a table referrals that is not the gateway's (its columns: pid, ref_id, to_hosp)"),
+    (["CREATE TABLE outbox (id INTEGER PRIMARY KEY, payload BLOB)"], "a table outbox that is not the gateway's"),
+    (["CREATE TABLE Messages (id INTEGER PRIMARY KEY, body TEXT)"], "a table Messages that is not the gateway's"),
+    (["CREATE VIEW messages AS SELECT 1 AS one"], "a table messages that is not the gateway's"),
+])
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_every_command_refuses_another_programs_file_before_making_its_tables(
+        tmp_path: Path, tables: list[str], said: str, journal: str) -> None:
+    """Whichever command opens the database first — one that makes its own part's tables (users, API clients, the
+    audit log) as much as `gateway db upgrade` — another program's SQLite file is refused in one line, in either
+    journal mode, before any table of the gateway's is made in it; a table named as one of the gateway's (in any
+    case) that lacks its columns is no disguise. A file that is not a database, or a directory, is said to be so."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    path = tmp_path / "his.db"
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA journal_mode = {journal}")
+    for sql in tables:
+        raw.execute(sql)
+    raw.commit()
+    before = {r[0] for r in raw.execute("SELECT name FROM sqlite_master")}
+    raw.close()
+    env = {"GATEWAY_DATABASE": str(path), "GATEWAY_DATA_DIR": str(tmp_path / "gw")}
+    for command in (["users", "list"], ["clients", "list"], ["audit", "tail"], ["messages", "list"],
+                    ["decisions", "list"], ["db", "status"]):
+        result = CliRunner().invoke(cli, command, env=env)
+        assert result.exit_code == 2, (command, result.output)
+        assert said in result.output and str(path) in result.output, (command, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+    raw = sqlite3.connect(path)
+    assert {r[0] for r in raw.execute("SELECT name FROM sqlite_master")} == before
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == journal
+    raw.close()
+
+
+def test_a_file_that_is_no_database_or_a_directory_is_said_to_be_so_and_an_added_table_is_welcome(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    text = tmp_path / "notes.db"
+    text.write_text("not a database, a note\n", encoding="utf-8")
+    for target, said in ((text, "is not a SQLite database"), (tmp_path, "is a directory")):
+        for command in ("status", "upgrade"):
+            result = CliRunner().invoke(cli, ["db", command, "--db", str(target)])
+            assert result.exit_code == 2 and said in result.output and str(target) in result.output, result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+    assert text.read_text(encoding="utf-8") == "not a database, a note\n"
+    own = tmp_path / "gateway.db"
+    assert CliRunner().invoke(cli, ["db", "upgrade", "--db", str(own)]).exit_code == 0
+    raw = sqlite3.connect(own)
+    raw.execute("CREATE TABLE notes (n TEXT)")  # the hospital's own table beside the gateway's
+    raw.execute("INSERT INTO notes VALUES ('kept')")
+    raw.commit()
+    raw.close()
+    for command in ("status", "upgrade"):
+        assert CliRunner().invoke(cli, ["db", command, "--db", str(own)]).exit_code == 0
+    store = Store.open(str(own))
+    assert store.db.execute("SELECT n FROM notes").fetchall() == [("kept",)]
+    store.close()

@@ -63,7 +63,6 @@ def status(ctx: click.Context, locator: str | None) -> None:
             raise click.ClickException(f"{target}: no such database (gateway db upgrade creates it)")
         database = _open(ctx, locator, readonly=True)  # asking changes nothing
         with closing(database.conn):  # type: ignore[attr-defined]
-            layout.check_own(database)  # (another program's database: said, not shown as one without a layout)
             click.echo(f"database: {describe(target)} ({layout.engine(database)})")
             versions = layout.status(database)
         if not versions:

@@ -232,12 +232,21 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     """
     if is_postgresql(path):
         _know_postgresql_errors()
-        return _pg.connect(str(path), readonly=readonly)
+        pg = _pg.connect(str(path), readonly=readonly)
+        try:
+            _check_own_schema(pg, str(path))
+        except BaseException:
+            pg.close()
+            raise
+        return pg
     if str(path) == ":memory:":
         conn = sqlite3.connect(":memory:", isolation_level=None)
     else:
         p = Path(path)
         new = False
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory: the database setting names the gateway's database file (a new "
+                              "one is made where none is)", "database")
         if not readonly:
             p.parent.mkdir(parents=True, exist_ok=True)
             if not p.exists():
@@ -254,21 +263,14 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
     # the store) so that an audit entry and the action it records commit together.
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
-    if str(path) != ":memory:" and not readonly and not new:
-        # another program's file is refused before anything changes it: switching it to WAL would, for its program
-        # (the gateway's own file is in WAL already: the layout check, on first use, asks the rest)
+    if str(path) != ":memory:" and not new:
+        # another program's file is refused before anything reads or changes it (switching it to WAL would, for its
+        # program; a command that makes its own tables would make them in it), once per file per process
         try:
-            refused = None
-            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                refused = not_the_gateways(
-                    [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")],
-                    lambda table: {str(r[1]) for r in conn.execute(f'PRAGMA table_info("{table}")')})
+            _check_own_file(conn, Path(path))
         except BaseException:
             conn.close()
             raise
-        if refused is not None:
-            conn.close()
-            raise refused
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
         db.sqlite_path = str(path)  # type: ignore[attr-defined]
@@ -282,6 +284,65 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         # (see transaction: its commits are checkpointed beside it)
         db.checkpoint_path = str(Path(path).absolute())  # type: ignore[attr-defined]
     return db
+
+
+#: (device, inode) of the SQLite files this process found to be the gateway's (a file replaced, as by a restore,
+#: is a new inode: asked again)
+_OWN_FILES: set[tuple[int, int]] = set()
+
+
+def _check_own_file(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse the SQLite file ``path`` (just opened as ``conn``) when it is not the gateway's: another program's
+    database (:func:`not_the_gateways`), or not a database at all.
+
+    :raises ConfigError: naming the file and what was found.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # (gone meanwhile: SQLite says so at the first statement)
+    key = (st.st_dev, st.st_ino)
+    if key in _OWN_FILES:
+        return
+    try:
+        tables = [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+        refused = not_the_gateways(tables, lambda table: {
+            str(r[1]) for r in conn.execute(f"PRAGMA table_info(\"{table.replace(chr(34), chr(34) * 2)}\")")})
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise ConfigError(f"{path} is not a SQLite database ({exc}): point the database setting at the gateway's "
+                              "own database, or at a new one", "database") from None
+        raise
+    if refused is not None:
+        raise ConfigError(f"{path}: {refused.message}", refused.location)
+    if len(_OWN_FILES) < 256 and any(t.lower() in gateway_tables() for t in tables):  # (an empty one: asked again)
+        _OWN_FILES.add(key)
+
+
+#: The PostgreSQL locators (URL and schema) this process found to be the gateway's.
+_OWN_SCHEMAS: set[str] = set()
+
+
+def _check_own_schema(db: Database, locator: str) -> None:
+    """:func:`_check_own_file` for the schema a PostgreSQL connection works in: its tables and their columns read
+    from the catalog in one question, once per locator per process.
+
+    :raises ConfigError: another program's schema (:func:`not_the_gateways`).
+    """
+    if locator in _OWN_SCHEMAS:
+        return
+    rows = db.execute("SELECT c.relname, a.attname FROM pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_attribute a"
+                      " ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+                      " WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relnamespace = ("
+                      "SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = current_schema())").fetchall()
+    columns: dict[str, set[str]] = {}
+    for table, column in rows:
+        columns.setdefault(str(table), set()).update([str(column)] if column is not None else [])
+    refused = not_the_gateways(list(columns), lambda table: columns.get(table, set()))
+    if refused is not None:
+        raise refused
+    if len(_OWN_SCHEMAS) < 256 and any(t.lower() in gateway_tables() for t in columns):  # (an empty one: asked again)
+        _OWN_SCHEMAS.add(locator)
 
 
 @functools.cache
@@ -298,33 +359,65 @@ def gateway_tables() -> frozenset[str]:
     return frozenset(names)
 
 
-#: Columns every layout of these tables has had: a table of that name without them is another program's.
-SIGNATURE_COLUMNS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("messages", frozenset({"channel", "format", "raw", "sha256", "status"})),
-    ("resources", frozenset({"type", "id", "json"})),
-    ("audit_log", frozenset({"seq", "content", "prev_hash", "hash"})),
-)
+#: Columns a later layout added to a table (by ALTER TABLE when an older database is opened): not asked of it.
+_ADDED_LATER = {
+    "messages": {"lease_owner", "lease_until", "attempts", "content_digest"},
+    "gateway_token": {"expires"},
+    "registry_applied": {"snapshot"},
+    "report_versions": {"report_code", "replaces"},
+}
+#: Tables an upgrade rebuilds or whose layout changed shape: only these columns, which every layout had, are asked.
+_KEPT_THROUGH_LAYOUTS = {
+    "resources": {"type", "id", "json"},  # (layout 1 had no rid)
+    "search_token": set(), "search_date": set(), "search_string": set(), "search_token_layout2": set(),
+    "bundles": set(), "tallies": set(), "schema_versions": set(),  # (schema_versions: gateway.store.layout.status)
+}
+
+
+@functools.cache
+def _signatures() -> dict[str, frozenset[str]]:
+    """{table: the columns the gateway's table of that name has had in every layout}: the columns the SQLite files
+    declare (read back from a database made of them in memory), less those later layouts added."""
+    from importlib.resources import files
+
+    made = sqlite3.connect(":memory:")
+    try:
+        for item in sorted(files("gateway.store").joinpath("sql", "sqlite").iterdir(), key=lambda i: i.name):
+            if item.name.endswith(".sql"):
+                made.executescript(item.read_text(encoding="utf-8"))
+        tables = [str(r[0]) for r in made.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        declared = {t: {str(r[1]) for r in made.execute(f'PRAGMA table_info("{t}")')} for t in tables}
+    finally:
+        made.close()
+    signatures = {t: frozenset(columns - _ADDED_LATER.get(t, set())) for t, columns in declared.items()}
+    signatures.update({t: frozenset(columns) for t, columns in _KEPT_THROUGH_LAYOUTS.items()})
+    return signatures
 
 
 def not_the_gateways(tables: Iterable[str], columns: Callable[[str], set[str]]) -> ConfigError | None:
-    """The error that refuses a database that is not the gateway's, or None: one holding ``tables`` (and views),
-    none of them the gateway's (SQLite's own ``sqlite_`` tables left out), is another program's; so is one whose
-    ``messages``, ``resources`` or ``audit_log`` (``columns(table)``: its columns) lacks the columns every layout of
-    that table has had. A database holding nothing is the gateway's to make."""
-    found = sorted({t for t in tables if not t.startswith("sqlite_")})
+    """The error that refuses a database that is not the gateway's, or None. One holding ``tables`` (and views),
+    none of them named as one of the gateway's (as the engine compares names: without regard to case; SQLite's own
+    ``sqlite_`` tables left out), is another program's; so is one holding a table named as one of the gateway's that
+    lacks the columns the gateway's has had in every layout (``columns(table)``: the columns it has). A database
+    holding nothing is the gateway's to make."""
+    found = sorted({t for t in tables if not t.lower().startswith("sqlite_")})
     if not found:
         return None
-    if not any(t in gateway_tables() for t in found):
+    ours = [t for t in found if t.lower() in gateway_tables()]
+    if not ours:
         named = ", ".join(found[:6]) + (f"... ({len(found)} in all)" if len(found) > 6 else "")
         return ConfigError(f"this database holds another program's tables ({named}) and none of the gateway's: "
                            "point the database setting at the gateway's own database, or at a new one; nothing was "
                            "written to this one", "database")
-    for table, needed in SIGNATURE_COLUMNS:
-        present = columns(table) if table in found else set()
-        if present and not needed <= present:
+    signatures = _signatures()
+    for table in ours:
+        needed = signatures.get(table.lower(), frozenset())
+        present = {c.lower() for c in columns(table)} if needed else set()
+        if needed and not needed <= present:
             return ConfigError(f"this database (or schema) holds a table {table} that is not the gateway's (its "
-                               f"columns: {', '.join(sorted(present))}): point the database setting at the "
-                               "gateway's own database, or at a new one; nothing was written to this one", "database")
+                               f"columns: {', '.join(sorted(present)) or 'none: a view'}): point the database "
+                               "setting at the gateway's own database, or at a new one; nothing was written to this "
+                               "one", "database")
     return None
 
 

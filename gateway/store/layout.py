@@ -13,9 +13,9 @@ from typing import Any
 
 from gateway.errors import ConfigError
 from gateway.store import schema, tallies
-from gateway.store.db import Database, dialect, not_the_gateways, spilling, transaction
+from gateway.store.db import Database, dialect, spilling, transaction
 
-__all__ = ["PARTS", "upgrade", "status", "check_layouts", "check_own", "written_layouts"]
+__all__ = ["PARTS", "upgrade", "status", "check_layouts", "written_layouts"]
 
 #: (part, "module:function") — the function creates the part's tables when missing and upgrades older layouts.
 PARTS: tuple[tuple[str, str], ...] = (
@@ -58,41 +58,16 @@ def check_layouts(db: Database) -> None:
     """Refuse a database this release cannot work on: one whose layout record is another program's table, or one
     a later release brought to a layout this one does not know (it would write rows that layout does not expect).
 
-    Also refused, first: what :func:`check_own` refuses.
+    (Another program's database is refused as it is opened: :func:`gateway.store.db.connect`.)
 
     :raises ConfigError: naming what was found and what to do.
     """
-    check_own(db)
     written = written_layouts()
     newer = [(part, number) for part, number in status(db) if number > written.get(part, number)]
     if newer:
         found = ", ".join(f"{part} at layout {number} (this release writes {written[part]})" for part, number in newer)
         raise ConfigError(f"this database was brought up to date by a later release of the gateway: {found}; run "
                           "that release, or a database restored from before it", "database")
-
-
-def check_own(db: Database) -> None:
-    """Refuse a database that is not the gateway's (:func:`gateway.store.db.not_the_gateways`): one holding another
-    program's tables and none of the gateway's, or one whose ``messages``, ``resources`` or ``audit_log`` table is
-    another program's (it lacks the columns every layout of that table has had). ``gateway db status`` asks this
-    (not whether a later release upgraded it: it shows that); :func:`check_layouts` asks it first.
-
-    :raises ConfigError: naming what was found and what to do.
-    """
-    refused = not_the_gateways(_tables(db), lambda table: schema.columns(db, table))
-    if refused is not None:
-        raise refused
-
-
-def _tables(db: Database) -> list[str]:
-    """The names of the tables and views of the database (PostgreSQL: of the schema the connection works in)."""
-    if dialect(db) == "postgresql":
-        rows = db.execute("SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')"
-                          " AND c.relnamespace = (SELECT oid FROM pg_catalog.pg_namespace"
-                          " WHERE nspname = current_schema())").fetchall()
-    else:
-        rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()
-    return [str(r[0]) for r in rows]
 
 
 def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[tuple[str, int]]:
