@@ -13,6 +13,7 @@ from gateway.audit import checkpoint as cp
 from gateway.audit import records as r
 from gateway.audit.log import append
 from gateway.demo.registry import build_demo_registry
+from gateway.store import layout
 from gateway.store.db import connect, transaction
 
 CST = _dt.timezone(_dt.timedelta(hours=8))
@@ -60,6 +61,7 @@ def test_a_due_checkpoint_is_made_by_one_node(pg_url: str) -> None:
 def test_writers_on_several_connections_take_turns(pg_url: str) -> None:
     """The write lock: a read-then-write inside ``transaction()`` is never interleaved with another's."""
     db = connect(pg_url)
+    layout.upgrade(db)  # (the gateway's database, with a table of the test's beside its own)
     db.execute("CREATE TABLE counter (n INTEGER NOT NULL)")
     db.execute("INSERT INTO counter VALUES (0)")
     nodes = [connect(pg_url) for _ in range(4)]

