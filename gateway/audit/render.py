@@ -876,7 +876,7 @@ def decision_index(facts: Mapping[str, Any]) -> dict[str, Any]:
     """``index_values(render("decision", recorded, facts))`` without the rest of the AuditEvent: the parties
     :func:`_decision` names as agents and the entities' ``what``, as it names them. For facts made by
     :func:`gateway.audit.records.decision`, which always render (a received Bundle's 20 results are 20
-    decisions: their entries are made without rendering 20 AuditEvents); ``tests/test_audit.py`` holds the
+    decisions: their entries are made without rendering 20 AuditEvents); ``tests/test_audit_log.py`` holds the
     two equal."""
     keys: set[tuple[str, str, str]] = set()
     parties = [facts["gateway"], facts["receiver"], facts["issuer"]]

@@ -229,6 +229,9 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
 
     ``path`` may be ``":memory:"`` for tests. The connection may be used from
     the thread that opened it only; open one per thread or request.
+
+    :raises ConfigError: the database is another program's (:func:`not_the_gateways`), asked before anything reads
+        or changes it, once per file (or PostgreSQL locator) per process; ``path`` is a directory.
     """
     if is_postgresql(path):
         _know_postgresql_errors()
@@ -410,7 +413,7 @@ def not_the_gateways(tables: Iterable[str], columns: Callable[[str], set[str]]) 
         present = {c.lower() for c in columns(table)} if needed else set()
         if needed and not needed <= present:
             return ConfigError(f"this database (or schema) holds a table {table} that is not the gateway's (its "
-                               f"columns: {', '.join(sorted(present)) or 'none: a view'}): point the database "
+                               f"columns: {', '.join(sorted(present))}): point the database "
                                "setting at the gateway's own database, or at a new one; nothing was written to this "
                                "one", "database")
     return None
