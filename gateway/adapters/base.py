@@ -76,14 +76,19 @@ def parse_number(text: str) -> "Quantity | None":
     found = _numbers_read.get(text, _UNREAD)
     if found is _UNREAD:
         found = _read_number(text)
-        if len(text) <= _READ_LONGEST:
-            if len(_numbers_read) >= _READ_MAX:
-                _numbers_read.clear()
-            _numbers_read[text] = found
+        _remember(_numbers_read, text, found)
     return None if found is None else Quantity(found[0], found[1])
 
 
 _UNREAD: Any = object()
+
+
+def _remember(memo: dict[str, Any], text: str, found: Any) -> None:
+    """Keep what ``text`` was read as, when it is short enough; ``memo`` is emptied once it holds _READ_MAX."""
+    if len(text) <= _READ_LONGEST:
+        if len(memo) >= _READ_MAX:
+            memo.clear()
+        memo[text] = found
 
 
 def _read_number(text: str) -> tuple[Decimal, str] | None:
@@ -117,10 +122,7 @@ def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
     found = _ranges_read.get(text)
     if found is None:
         found = _read_range(text)
-        if len(text) <= _READ_LONGEST:
-            if len(_ranges_read) >= _READ_MAX:
-                _ranges_read.clear()
-            _ranges_read[text] = found
+        _remember(_ranges_read, text, found)
     return found
 
 
@@ -144,10 +146,7 @@ def reversed_range(text: str) -> bool:
     if found is None:
         m = _RANGE.match(text)
         found = m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
-        if len(text) <= _READ_LONGEST:
-            if len(_reversed_read) >= _READ_MAX:
-                _reversed_read.clear()
-            _reversed_read[text] = found
+        _remember(_reversed_read, text, found)
     return found
 
 
