@@ -252,3 +252,42 @@ def test_capability_statement_passes_outside_validators(client, tmp_path) -> Non
     result = subprocess.run([str(validator_path()), "--quiet", "--engine", "medplum,fhirjs", str(path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_read_of_a_patient_not_held_here_leaves_a_trail(client, app) -> None:
+    """GET of a Patient this gateway does not hold (404, and its vread) is recorded as an empty search by ``_id``
+    is: a read entry naming the patient asked about, without resources, that the auditor finds by that patient; a
+    404 of a result names no patient and leaves none; a held Patient's read names it as before."""
+    from conftest import make_token
+
+    from gateway.audit.log import entries
+
+    client.post("/ingest/hl7v2", data=UTF8)
+    pipe = app.extensions["gateway.pipeline"]
+    before = len(list(entries(pipe.store.db)))
+
+    def new_reads() -> list[dict]:
+        nonlocal before
+        made = list(entries(pipe.store.db))[before:]
+        before += len(made)
+        return [e.content["facts"] for e in made if e.kind == "read"]
+
+    assert client.get("/fhir/Patient/no-such-patient").status_code == 404
+    reads = new_reads()
+    assert len(reads) == 1 and reads[0]["patient"] == {"reference": "Patient/no-such-patient"}, reads
+    assert not reads[0].get("resources"), reads
+    assert client.get("/fhir/Patient/nor-this/_history/1").status_code == 404
+    assert [r["patient"] for r in new_reads()] == [{"reference": "Patient/nor-this"}]
+    assert client.get("/fhir/Observation/no-such-result").status_code == 404
+    assert new_reads() == []
+    assert client.get("/fhir/Patient/bad$id").status_code == 404  # (not a FHIR id: names nobody)
+    assert new_reads() == []
+    patient_id = client.get("/fhir/Patient").get_json()["entry"][0]["resource"]["id"]
+    new_reads()
+    assert client.get(f"/fhir/Patient/{patient_id}").status_code == 200
+    reads = new_reads()
+    assert len(reads) == 1 and reads[0]["patient"]["value"] == "511921196612120011", reads
+    auditor = {"Authorization": f"Bearer {make_token(app, 'inspector', ['auditor'])}"}
+    found = client.get("/fhir/AuditEvent", query_string={"patient": "Patient/no-such-patient"},
+                       headers=auditor).get_json()
+    assert found.get("total") == 1, found

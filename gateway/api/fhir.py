@@ -20,11 +20,13 @@ for the origins of the ``cors_origins`` setting (none by default).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import email.utils
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -423,7 +425,8 @@ def read(rtype: str, rid: str) -> Response:
     :raises NotFound: unknown type or id.
     """
     _check_id(rtype, rid)
-    res = pipeline_of(current_app).store.read(rtype, rid)
+    with _asked_of_a_patient(rtype, rid):
+        res = pipeline_of(current_app).store.read(rtype, rid)
     _audit_reads([res], None)
     return _versioned_response(res)
 
@@ -436,9 +439,26 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
     :raises NotFound: unknown type, id or version.
     """
     _check_id(rtype, rid)
-    res = pipeline_of(current_app).store.version(rtype, rid, vid)
+    with _asked_of_a_patient(rtype, rid):
+        res = pipeline_of(current_app).store.version(rtype, rid, vid)
     _audit_reads([res], None)
     return _versioned_response(res)
+
+
+@contextlib.contextmanager
+def _asked_of_a_patient(rtype: str, rid: str) -> Iterator[None]:
+    """A read of a Patient not held here (404) leaves the trail an empty search by ``_id`` leaves (and is recorded
+    as that search, ``_id=<id>``): an entry naming the patient asked about, without resources (someone probing
+    which patients are held here is recorded); then the 404 goes on. A read of another type names no patient (its
+    subject is unknown)."""
+    from gateway.audit.records import PatientRef
+
+    try:
+        yield
+    except NotFound:
+        if rtype == "Patient":
+            _audit_reads([], urlencode({"_id": rid}), asked=[PatientRef(reference=f"Patient/{rid}")])
+        raise
 
 
 def _history_bundle(rtype: str, rid: str | None) -> Response:
