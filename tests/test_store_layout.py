@@ -554,6 +554,9 @@ def test_another_programs_wal_database_is_refused_and_keeps_its_tables(tmp_path:
     (["CREATE TABLE outbox (id INTEGER PRIMARY KEY, payload BLOB)"], "a table outbox that is not the gateway's"),
     (["CREATE TABLE Messages (id INTEGER PRIMARY KEY, body TEXT)"], "a table Messages that is not the gateway's"),
     (["CREATE VIEW messages AS SELECT 1 AS one"], "a table messages that is not the gateway's"),
+    (["CREATE TABLE search_token (tok TEXT, n INTEGER)"], "a table search_token that is not the gateway's"),
+    (["CREATE TABLE Tallies (k TEXT, v INTEGER)"], "a table Tallies that is not the gateway's"),
+    (["CREATE TABLE schema_versions (app TEXT, v TEXT)"], "a table schema_versions that is not the gateway's"),
 ])
 @pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_every_command_refuses_another_programs_file_before_making_its_tables(
@@ -617,3 +620,10 @@ def test_a_file_that_is_no_database_or_a_directory_is_said_to_be_so_and_an_added
     store = Store.open(str(own))
     assert store.db.execute("SELECT n FROM notes").fetchall() == [("kept",)]
     store.close()
+    swapped = tmp_path / "swapped.db"  # the gateway's database, one of whose tables another program replaced
+    assert CliRunner().invoke(cli, ["db", "upgrade", "--db", str(swapped)]).exit_code == 0
+    raw = sqlite3.connect(swapped)
+    raw.executescript("DROP TABLE tallies; CREATE TABLE tallies (k TEXT, v INTEGER);")
+    raw.close()
+    result = CliRunner().invoke(cli, ["db", "status", "--db", str(swapped)])
+    assert result.exit_code == 2 and "a table tallies that is not the gateway's (its columns: k, v)" in result.output

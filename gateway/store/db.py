@@ -349,7 +349,7 @@ def gateway_tables() -> frozenset[str]:
     made in code and those of earlier layouts)."""
     from importlib.resources import files
 
-    names = {"schema_versions", "tallies", "bundles", "search_token_layout2"}
+    names = {"schema_versions", "tallies", "search_token_layout2"}
     for engine in ("sqlite", "postgresql"):
         for item in files("gateway.store").joinpath("sql", engine).iterdir():
             if item.name.endswith(".sql"):
@@ -364,18 +364,24 @@ _ADDED_LATER = {
     "registry_applied": {"snapshot"},
     "report_versions": {"report_code", "replaces"},
 }
-#: Tables an upgrade rebuilds or whose layout changed shape: only these columns, which every layout had, are asked.
-_KEPT_THROUGH_LAYOUTS = {
-    "resources": {"type", "id", "json"},  # (layout 1 had no rid)
-    "search_token": set(), "search_date": set(), "search_string": set(), "search_token_layout2": set(),
-    "bundles": set(), "tallies": set(), "schema_versions": set(),  # (schema_versions: gateway.store.layout.status)
+#: Tables made in code, and tables whose shape changed from one layout to the next: the columns of each shape
+#: (a table of that name is the gateway's when it has all the columns of one of them).
+_SHAPES: dict[str, tuple[frozenset[str], ...]] = {
+    "resources": (frozenset({"type", "id", "json"}),),  # (layout 1 had no rid)
+    "search_token": (frozenset({"type", "param", "code"}),  # layouts 1 (with id) and 2 (with res)
+                     frozenset({"key", "res"})),  # layout 3 on
+    "search_token_layout2": (frozenset({"type", "param", "code", "res"}),),  # (layout 2's, while it is converted)
+    "search_date": (frozenset({"type", "param", "lo", "hi"}),),  # (layout 1 with id, then with res)
+    "tallies": (frozenset({"what", "key", "n"}),),
+    "schema_versions": (frozenset({"part", "version"}),),
 }
 
 
 @functools.cache
-def _signatures() -> dict[str, frozenset[str]]:
-    """{table: the columns the gateway's table of that name has had in every layout}: the columns the SQLite files
-    declare (read back from a database made of them in memory), less those later layouts added."""
+def _signatures() -> dict[str, tuple[frozenset[str], ...]]:
+    """{table: the shapes (sets of columns) the gateway's table of that name has had}: for a table the SQLite files
+    declare, the columns they declare (read back from a database made of them in memory), less those later layouts
+    added; for the others, :data:`_SHAPES`."""
     from importlib.resources import files
 
     made = sqlite3.connect(":memory:")
@@ -387,8 +393,9 @@ def _signatures() -> dict[str, frozenset[str]]:
         declared = {t: {str(r[1]) for r in made.execute(f'PRAGMA table_info("{t}")')} for t in tables}
     finally:
         made.close()
-    signatures = {t: frozenset(columns - _ADDED_LATER.get(t, set())) for t, columns in declared.items()}
-    signatures.update({t: frozenset(columns) for t, columns in _KEPT_THROUGH_LAYOUTS.items()})
+    signatures: dict[str, tuple[frozenset[str], ...]] = {
+        t: (frozenset(columns - _ADDED_LATER.get(t, set())),) for t, columns in declared.items()}
+    signatures.update(_SHAPES)
     return signatures
 
 
@@ -409,9 +416,9 @@ def not_the_gateways(tables: Iterable[str], columns: Callable[[str], set[str]]) 
                            "written to this one", "database")
     signatures = _signatures()
     for table in ours:
-        needed = signatures.get(table.lower(), frozenset())
-        present = {c.lower() for c in columns(table)} if needed else set()
-        if needed and not needed <= present:
+        shapes = signatures.get(table.lower(), ())
+        present = {c.lower() for c in columns(table)} if shapes else set()
+        if shapes and not any(shape <= present for shape in shapes):
             return ConfigError(f"this database (or schema) holds a table {table} that is not the gateway's (its "
                                f"columns: {', '.join(sorted(present))}): point the database "
                                "setting at the gateway's own database, or at a new one; nothing was written to this "
