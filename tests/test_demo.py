@@ -6,6 +6,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -193,4 +194,11 @@ def test_a_demo_members_server_holds_its_port_from_the_start_and_while_it_is_dow
     server.start()
     assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "up"
     server.close()
-    assert not taken(port)
+    assert server.held is None and server.server is None
+    # given up: another program may bind it (asked a few times: on a busy machine the kernel may take a moment)
+    for _ in range(10):
+        if not taken(port):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"port {port} is still held after close")
