@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -174,11 +175,9 @@ def test_every_read_of_patient_results_is_audited(client, app) -> None:
     assert patient_key("511921196612120011") in json.dumps(index)
 
 
-def test_a_search_that_finds_nothing_leaves_a_trail_naming_the_patient_asked_for(client, app) -> None:
-    """Someone probing whether a patient's results are held here (a search by 身份证号, by Patient reference, or of
-    Patient by identifier) is recorded even when nothing is found: one read entry per patient asked about, without
-    resources, found by ``patient:identifier``; a search that names no patient, or names one only to exclude it,
-    leaves none."""
+def _reads_after_a_message(client, app) -> Callable[[], list[dict]]:
+    """A message stored, then a function giving the facts of the read entries the audit log gained since its last
+    call."""
     from gateway.audit.log import entries
 
     client.post("/ingest/hl7v2", data=UTF8)
@@ -190,6 +189,15 @@ def test_a_search_that_finds_nothing_leaves_a_trail_naming_the_patient_asked_for
         made = list(entries(pipe.store.db))[before:]
         before += len(made)
         return [e.content["facts"] for e in made if e.kind == "read"]
+    return new_reads
+
+
+def test_a_search_that_finds_nothing_leaves_a_trail_naming_the_patient_asked_for(client, app) -> None:
+    """Someone probing whether a patient's results are held here (a search by 身份证号, by Patient reference, or of
+    Patient by identifier) is recorded even when nothing is found: one read entry per patient asked about, without
+    resources, found by ``patient:identifier``; a search that names no patient, or names one only to exclude it,
+    leaves none."""
+    new_reads = _reads_after_a_message(client, app)
 
     absent = "110105194912310021"
     for path, query in (("Observation", {"patient.identifier": f"urn:oid:2.16.156.10011.1.3|{absent}"}),
@@ -232,7 +240,7 @@ def test_a_search_that_finds_nothing_leaves_a_trail_naming_the_patient_asked_for
         found = client.get("/fhir/AuditEvent", query_string={"patient:identifier": value},
                            headers=auditor).get_json()
         assert found.get("total") == 1, (value, found)
-    before = len(list(entries(pipe.store.db)))  # (the auditor's searches are audited in turn)
+    new_reads()  # (the auditor's searches are audited in turn: set aside)
     for query in ({"code": "http://loinc.org|no-such-code"}, {"patient.identifier": "urn:x-no-such-system|"},
                   {"patient.identifier": f"urn:oid:2.16.156.10011.1.3|{absent}", "_summary": "count"}):
         assert client.get("/fhir/Observation", query_string=query).get_json()["total"] == 0
@@ -260,17 +268,7 @@ def test_a_read_of_a_patient_not_held_here_leaves_a_trail(client, app) -> None:
     404 of a result names no patient and leaves none; a held Patient's read names it as before."""
     from conftest import make_token
 
-    from gateway.audit.log import entries
-
-    client.post("/ingest/hl7v2", data=UTF8)
-    pipe = app.extensions["gateway.pipeline"]
-    before = len(list(entries(pipe.store.db)))
-
-    def new_reads() -> list[dict]:
-        nonlocal before
-        made = list(entries(pipe.store.db))[before:]
-        before += len(made)
-        return [e.content["facts"] for e in made if e.kind == "read"]
+    new_reads = _reads_after_a_message(client, app)
 
     assert client.get("/fhir/Patient/no-such-patient").status_code == 404
     reads = new_reads()
