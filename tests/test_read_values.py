@@ -1,10 +1,10 @@
 """Numbers and reference ranges are read once per text: what is remembered equals what reading finds.
 
 :func:`gateway.adapters.base.parse_number`, :func:`parse_reference_range` and :func:`reversed_range` remember
-what they found for each short text (a lab sends the same values and ranges again and again). The readers they
-remember (``_read_number``, ``_read_range`` and the range pattern) stay the reference: on every OBX-5 and OBX-7
-of the test messages and on thousands of generated texts, the first call and every later one answer as the
-reference does, and each call gives a Quantity of its own.
+(``functools.lru_cache``) what they found for each short text (a lab sends the same values and ranges again and
+again). The readers they remember (``_read_number``, ``_read_range``, and the range pattern) stay the reference:
+on every OBX-5 and OBX-7 of the test messages and on thousands of generated texts, the first call and every later
+one answer as the reference does, and each call gives a Quantity of its own.
 """
 from __future__ import annotations
 
@@ -44,10 +44,18 @@ def _reference_reversed(text: str) -> bool:
     return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
 
 
+_MEMORIES = (base._remembered_number, base._remembered_range, base._remembered_reversed)
+
+
+def _kept(memory: object) -> int:
+    """How many texts a reader remembers now."""
+    return int(memory.cache_info().currsize)  # type: ignore[attr-defined]
+
+
 @pytest.fixture(autouse=True)
 def _forgotten() -> None:
-    for memo in (base._numbers_read, base._ranges_read, base._reversed_read):
-        memo.clear()
+    for memory in _MEMORIES:
+        memory.cache_clear()
 
 
 def test_remembered_readings_equal_the_reference() -> None:
@@ -65,7 +73,7 @@ def test_remembered_readings_equal_the_reference() -> None:
                 assert str(q.value) == str(expected[0]), text  # the same precision (5.60 stays 5.60)
             assert base.parse_reference_range(text) == base._read_range(text), text
             assert base.reversed_range(text) is _reference_reversed(text), text
-    assert len(base._numbers_read) <= base._READ_MAX
+    assert _kept(base._remembered_number) <= base._READ_MAX
 
 
 def test_each_call_gives_its_own_quantity() -> None:
@@ -81,10 +89,10 @@ def test_long_texts_are_not_remembered_and_the_memory_is_bounded() -> None:
     narrative = "见附件报告" * 2000
     assert base.parse_number(narrative) is None
     assert base.parse_reference_range(narrative) == (None, None)
-    assert narrative not in base._numbers_read and narrative not in base._ranges_read
+    assert _kept(base._remembered_number) == 0 and _kept(base._remembered_range) == 0  # (not remembered)
     for i in range(base._READ_MAX + 10):
         base.parse_number(str(i))
-    assert len(base._numbers_read) <= base._READ_MAX
+    assert _kept(base._remembered_number) <= base._READ_MAX
     assert base.parse_number("4105") is not None and str(base.parse_number("4105").value) == "4105"
 
 
@@ -93,7 +101,7 @@ def test_remembered_moments_equal_the_reference() -> None:
     later reading answers as reading it again does — days, instants, and the reasons a text has no day."""
     from gateway.recognition import engine
 
-    engine._moments.clear()
+    engine._remembered_moment.cache_clear()
     rng = random.Random(11)
     texts = ["2026-05-20", "2026-05-20T08:00:00+08:00", "2026-05-20T23:30:00-05:00", "2026-05", "2026",
              "2026-02-30", "2026-05-20T08:00:00", "2026-05-20T08:00:00Z", "9999-12-31T23:00:00-05:00", "x"]
@@ -106,7 +114,8 @@ def test_remembered_moments_equal_the_reference() -> None:
             assert engine._moment(text) == engine._read_moment(text), text
             assert engine.result_day(text) == (lambda m: (m.day, None) if isinstance(m, engine._Moment) else (
                 None, m))(engine._read_moment(text))
-    assert len(engine._moments) <= engine._MOMENTS_MAX
+    assert 0 < _kept(engine._remembered_moment) <= 4096
     assert engine._moment(None) is None and engine._moment("") is None
     long_text = "2026-05-20T08:00:00.123456789012345678901234567890+08:00"
-    assert engine._moment(long_text) == engine._read_moment(long_text) and long_text not in engine._moments
+    kept = _kept(engine._remembered_moment)
+    assert engine._moment(long_text) == engine._read_moment(long_text) and _kept(engine._remembered_moment) == kept

@@ -11,6 +11,7 @@ standard ones; the FHIR builders (``gateway.fhir``) turn the result into a Bundl
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -53,14 +54,11 @@ _NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\
 FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
 
 
-#: What :func:`parse_number`, :func:`parse_reference_range` and :func:`reversed_range` found for a text of up to
-#: _READ_LONGEST characters, by text (a lab sends the same values and ranges again and again: each is read once);
-#: emptied when it holds _READ_MAX.
+#: :func:`parse_number`, :func:`parse_reference_range` and :func:`reversed_range` remember what a text of up to
+#: _READ_LONGEST characters read as (a lab sends the same values and ranges again and again: each is read once), the
+#: _READ_MAX latest of each (``functools.lru_cache``, as ``gateway.fhir.search.date_range``).
 _READ_MAX = 4096
 _READ_LONGEST = 40
-_numbers_read: dict[str, tuple[Decimal, str] | None] = {}
-_ranges_read: dict[str, tuple[Decimal | None, Decimal | None]] = {}
-_reversed_read: dict[str, bool] = {}
 
 
 def parse_number(text: str) -> "Quantity | None":
@@ -73,22 +71,8 @@ def parse_number(text: str) -> "Quantity | None":
 
     Each call gives a :class:`Quantity` of its own (what was read is remembered, the object is not).
     """
-    found = _numbers_read.get(text, _UNREAD)
-    if found is _UNREAD:
-        found = _read_number(text)
-        _remember(_numbers_read, text, found)
+    found = _remembered_number(text) if len(text) <= _READ_LONGEST else _read_number(text)
     return None if found is None else Quantity(found[0], found[1])
-
-
-_UNREAD: Any = object()
-
-
-def _remember(memo: dict[str, Any], text: str, found: Any) -> None:
-    """Keep what ``text`` was read as, when it is short enough; ``memo`` is emptied once it holds _READ_MAX."""
-    if len(text) <= _READ_LONGEST:
-        if len(memo) >= _READ_MAX:
-            memo.clear()
-        memo[text] = found
 
 
 def _read_number(text: str) -> tuple[Decimal, str] | None:
@@ -110,6 +94,9 @@ def _read_number(text: str) -> tuple[Decimal, str] | None:
     return value, COMPARATORS.get(m.group(1) or "", "")
 
 
+_remembered_number = functools.lru_cache(maxsize=_READ_MAX)(_read_number)
+
+
 _RANGE_NUMBER = r"([+-]?\d+(?:\.\d+)?)"
 _RANGE = re.compile(rf"^\s*{_RANGE_NUMBER}\s*(?:-{{1,2}}|~|～|—|–|－)\s*{_RANGE_NUMBER}\s*$")
 _UPPER = re.compile(rf"^\s*(?:<=?|≤|＜)\s*{_RANGE_NUMBER}\s*$")
@@ -119,11 +106,7 @@ _LOWER = re.compile(rf"^\s*(?:>=?|≥|＞)\s*{_RANGE_NUMBER}\s*$")
 def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
     """(low, high) from a range as labs write it: ``3.5-5.5``, ``3.5~5.5``, ``3.9－6.1``, ``<5``, ``>10``. A range
     whose low lies above its high (``6.1-3.9``) gives neither: it is kept as text (FHIR's rng-2)."""
-    found = _ranges_read.get(text)
-    if found is None:
-        found = _read_range(text)
-        _remember(_ranges_read, text, found)
-    return found
+    return _remembered_range(text) if len(text) <= _READ_LONGEST else _read_range(text)
 
 
 def _read_range(text: str) -> tuple[Decimal | None, Decimal | None]:
@@ -142,12 +125,16 @@ def _read_range(text: str) -> tuple[Decimal | None, Decimal | None]:
 
 def reversed_range(text: str) -> bool:
     """Whether a reference range names its low above its high (``6.1-3.9``)."""
-    found = _reversed_read.get(text)
-    if found is None:
-        m = _RANGE.match(text)
-        found = m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
-        _remember(_reversed_read, text, found)
-    return found
+    return _remembered_reversed(text) if len(text) <= _READ_LONGEST else _read_reversed(text)
+
+
+def _read_reversed(text: str) -> bool:
+    m = _RANGE.match(text)
+    return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
+
+
+_remembered_range = functools.lru_cache(maxsize=_READ_MAX)(_read_range)
+_remembered_reversed = functools.lru_cache(maxsize=_READ_MAX)(_read_reversed)
 
 
 def _said(res: "ResultFacts") -> str:

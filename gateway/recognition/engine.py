@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -259,12 +260,6 @@ class _Moment:
     day: _dt.date
 
 
-#: What :func:`_moment` read from a text (a _Moment is immutable; a reason is a string), by text: the results of
-#: one report share their times, and a report's times come again in the next one. Emptied when it holds this many.
-_MOMENTS_MAX = 4096
-_moments: dict[str, _Moment | str] = {}
-
-
 def _moment(value: str | None) -> _Moment | None | str:
     """The parsed value; None when absent; a reason string when unusable.
 
@@ -273,13 +268,7 @@ def _moment(value: str | None) -> _Moment | None | str:
     if not value:
         return None
     if type(value) is str and len(value) <= 40:
-        found = _moments.get(value)
-        if found is None:
-            found = _read_moment(value)
-            if len(_moments) >= _MOMENTS_MAX:
-                _moments.clear()
-            _moments[value] = found
-        return found
+        return _remembered_moment(value)
     return _read_moment(str(value))
 
 
@@ -302,6 +291,11 @@ def _read_moment(text: str) -> _Moment | str:
         return _Moment(text, moment, china_date(moment))
     except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is past the last representable day in China
         return f"{text[:40]!r} is out of range"
+
+
+#: What :func:`_moment` read from a text (a _Moment is immutable; a reason is a string), the 4,096 latest: the
+#: results of one report share their times, and a report's times come again in the next one.
+_remembered_moment = functools.lru_cache(maxsize=4096)(_read_moment)
 
 
 def result_day(value: str | None) -> tuple[_dt.date | None, str | None]:

@@ -97,12 +97,7 @@ def _jcs_number(value: Any) -> int | float:
     exponent, NaN, a mapping that is not a dict, an unknown type) goes the slower way.
     """
     if isinstance(value, Decimal) and value.is_finite():
-        found = _JCS_NUMBERS.get(value)  # (equal decimals denote one double: 5.6 and 5.60 are written alike)
-        if found is None:
-            found = _jcs_double(value)
-            if len(_JCS_NUMBERS) >= _JCS_NUMBERS_MAX:
-                _JCS_NUMBERS.clear()
-            _JCS_NUMBERS[value] = found
+        found = _remembered_double(value)  # (equal decimals denote one double: 5.6 and 5.60 are written alike)
         if found is not _SLOW:
             return found  # type: ignore[return-value]
     raise _Slow
@@ -119,11 +114,9 @@ def _jcs_double(value: Decimal) -> int | float | object:
     return _SLOW
 
 
-#: What :func:`_jcs_number` gave for a decimal (a report's values and ranges come again and again), by value;
-#: emptied when it holds _JCS_NUMBERS_MAX.
-_JCS_NUMBERS: dict[Decimal, Any] = {}
-_JCS_NUMBERS_MAX = 4096
 _SLOW = object()
+#: What :func:`_jcs_number` gave for a decimal, the 4,096 latest (a report's values and ranges come again and again).
+_remembered_double = functools.lru_cache(maxsize=4096)(_jcs_double)
 
 
 # Sorted keys, no whitespace, raw UTF-8, and the escapes JCS uses: ``\b \t \n \f \r``,
