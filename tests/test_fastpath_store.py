@@ -11,6 +11,7 @@ is compared with a plain deep rewrite and must leave its input untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -22,7 +23,7 @@ from conftest import CST
 from gateway import jsonutil
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.stages import _bundles
-from gateway.store.db import dialect
+from gateway.store.db import dialect, transaction
 from gateway.store.store import Store, _rewrite_refs
 
 TABLES = {
@@ -295,3 +296,71 @@ def test_a_stored_version_has_one_time_in_its_json_its_row_and_what_storing_says
         [(column,)] = store.db.conn.execute("SELECT last_updated FROM resources WHERE type = ? AND id = ?",
                                             [w.type, w.id]).fetchall()
         assert column == w.last_updated
+
+
+def _with_report_identifier(bundle: dict[str, Any], value: str) -> dict[str, Any]:
+    """``bundle`` with ``value`` the identifier of each of its reports."""
+    out = copy.deepcopy(bundle)
+    for entry in out["entry"]:
+        if entry["resource"]["resourceType"] == "DiagnosticReport":
+            entry["resource"]["identifier"] = [{"system": "urn:oid:2.16.156.10011.1.99", "value": value}]
+    return out
+
+
+def _index_rebuilt(path: str) -> list[tuple[Any, ...]]:
+    """The token rows of the database at ``path``, as values, once its whole index is rebuilt from its resources."""
+    import sqlite3
+
+    from gateway.store.db import connect
+    from gateway.store.store import _reindex
+
+    with contextlib.closing(sqlite3.connect(path)) as source, contextlib.closing(
+            sqlite3.connect(path + ".rebuilt")) as copy_:
+        source.backup(copy_)
+    db = connect(path + ".rebuilt")
+    try:
+        with transaction(db):
+            _reindex(db)
+        return [tuple(r) for r in db.execute(TABLES["search_token"]).fetchall()]
+    finally:
+        db.conn.close()
+
+
+def test_token_numbers_a_connection_remembers_are_those_committed(bundles, tmp_path) -> None:
+    """SQLite: a value's number in ``search_key`` is remembered by the storing connection only once found committed.
+    A transaction that added a value and used it twice (two reports) rolls back; the number it had taken is given to
+    another value after; the first value, stored again, gets a number of its own, and every token row names the
+    values its resource holds (as a whole index rebuilt from the resources says)."""
+    from gateway.store.store import _KnownKeys
+
+    path = str(tmp_path / "gateway.db")
+    store = Store.open(path)
+    try:
+        save_all(store, bundles[:3], 0)  # the values every report shares are met, and remembered
+        assert len(store.db.known_keys.known) > 10
+
+        ids = [store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id=f"r-{n}", origin="", raw=b"x")[0]
+               for n in range(4)]
+        with pytest.raises(RuntimeError), transaction(store.db):
+            for n in (0, 1):  # the second report finds the value the first one added, in the same transaction
+                store.finish(ids[n], status="stored", ack_code="AA", ack=b"", issues=[],
+                             bundle=_with_report_identifier(bundles[n], "ROLLED-BACK"))
+            raise RuntimeError("the outcome could not be recorded")
+        assert not any(key[2] == "ROLLED-BACK" for key in store.db.known_keys.known)
+        store.finish(ids[2], status="stored", ack_code="AA", ack=b"", issues=[],
+                     bundle=_with_report_identifier(bundles[2], "TAKES-ITS-NUMBER"))
+        store.finish(ids[3], status="stored", ack_code="AA", ack=b"", issues=[],
+                     bundle=_with_report_identifier(bundles[3], "ROLLED-BACK"))
+        for value, bundle in (("ROLLED-BACK", bundles[3]), ("TAKES-ITS-NUMBER", bundles[2])):
+            found = store.search("DiagnosticReport", [("identifier", value)])
+            reports = sorted(e["resource"]["id"] for e in bundle["entry"]
+                             if e["resource"]["resourceType"] == "DiagnosticReport")
+            assert sorted(r["id"] for r in found.resources) == reports, value
+        assert [tuple(r) for r in store.db.execute(TABLES["search_token"]).fetchall()] == _index_rebuilt(path)
+    finally:
+        store.close()
+    known = _KnownKeys()
+    known.limit = 10
+    known.remember({("t", "p", str(n), ""): n for n in range(8)})
+    known.remember({("t", "p", str(n), ""): n for n in range(8, 12)})  # full: the oldest half is forgotten
+    assert sorted(known.known.values()) == [4, 5, 6, 7, 8, 9, 10, 11]

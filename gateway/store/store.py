@@ -883,7 +883,7 @@ class Store:
             conn.executemany("DELETE FROM search_string WHERE res = ?", [(r,) for r in replaced])
         if rows:
             conn.executemany(_UPSERT_RESOURCE + " VALUES (?,?,?,?,?,?,?)" + _UPSERT_RESOURCE_SET, rows)
-        _insert_index(conn, tokens, dates, strings)
+        _insert_index(conn, tokens, dates, strings, _known_keys(self.db))
         return written
 
     def _current(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Stored]:
@@ -1794,18 +1794,83 @@ def _effective_dates(db: Database) -> int:
 _VALUES4 = "(?,?,?,?),"
 
 
-def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]]) -> dict[tuple[str, str, str, str], int]:
+class _KnownKeys:
+    """The numbers of token values one SQLite connection has found in ``search_key`` committed, so that storing a
+    report asks the database only for values it has not met yet (a laboratory's codes, its patients, ``final``).
+
+    A value's number never changes once committed: ``search_key`` rows are never updated or removed (a rebuilt
+    index keeps them). A number is remembered only when found by a transaction that did not add it itself (those it
+    added are in :attr:`made` until the transaction ends: its rollback would free the number for another value).
+    Kept on the connection's :class:`Database` (``known_keys``): a connection replaced starts with none.
+    """
+
+    #: values remembered at most; the oldest half is forgotten when full (a laboratory's values come back often)
+    limit = 20_000
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, str, str, str], int] = {}
+        self.transaction: int | None = None  # (Database.sqlite_begun of the transaction :attr:`made` belongs to)
+        self.made: set[tuple[str, str, str, str]] = set()
+
+    def remember(self, numbers: dict[tuple[str, str, str, str], int]) -> None:
+        if len(self.known) + len(numbers) > self.limit:
+            for key in list(self.known)[:len(self.known) // 2]:
+                del self.known[key]
+        self.known.update(numbers)
+
+
+def _known_keys(db: Database) -> _KnownKeys | None:
+    """The :class:`_KnownKeys` of ``db``'s connection for its transaction under way; None outside a transaction
+    begun by :func:`gateway.store.db.transaction` (numbered on the connection), and on PostgreSQL (whose rows are
+    numbered by the server in the statement that adds them)."""
+    begun = getattr(db, "sqlite_begun", None)
+    if begun is None or not db.conn.in_transaction:
+        return None
+    known: _KnownKeys | None = getattr(db, "known_keys", None)
+    if known is None:
+        known = _KnownKeys()
+        db.known_keys = known
+    if known.transaction != begun:
+        known.transaction = begun
+        known.made.clear()
+    return known
+
+
+def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]],
+                 known: _KnownKeys | None = None) -> dict[tuple[str, str, str, str], int]:
     """The numbers of token values (type, param, code, system) in ``search_key``; those not there yet are added.
 
-    Asked inside the caller's transaction, every time (one statement per 200 values, and two more for values
-    not seen before): a number kept from an earlier transaction could name a value its rollback removed.
+    Asked inside the caller's transaction (one statement per 200 values, and two more for values not seen before),
+    but for the values ``known`` holds: a number kept from an earlier transaction could name a value its rollback
+    removed, so only those found committed are kept (:class:`_KnownKeys`).
     """
-    numbers = _numbered(conn, keys)
+    if known is None:
+        numbers = _numbered(conn, keys)
+    else:
+        numbers = {}
+        asked = []
+        for key in keys:
+            number = known.known.get(key)
+            if number is None:
+                asked.append(key)
+            else:
+                numbers[key] = number
+        if not asked:
+            return numbers
+        found = _numbered(conn, asked)
+        numbers.update(found)
+        committed = {key: number for key, number in found.items() if key not in known.made}
+        if committed:
+            known.remember(committed)
+        keys = asked
     missing = [key for key in keys if key not in numbers]
     if missing:
         conn.executemany("INSERT INTO search_key (type, param, code, system) VALUES (?,?,?,?)"
                          " ON CONFLICT DO NOTHING", missing)
-        numbers.update(_numbered(conn, missing))
+        added = _numbered(conn, missing)
+        if known is not None:
+            known.made.update(added)
+        numbers.update(added)
     return numbers
 
 
@@ -1879,11 +1944,12 @@ def _write_columns(conn: Any, history: list[tuple[Any, ...]], replaced: list[int
 
 def _insert_index(conn: Any, tokens: list[tuple[str, str, str, str, int]],
                   dates: list[tuple[str, str, float, float, int]],
-                  strings: list[tuple[str, str, str, str, int]] | None = None) -> None:
+                  strings: list[tuple[str, str, str, str, int]] | None = None,
+                  known: _KnownKeys | None = None) -> None:
     """Add search index rows; a value a resource holds twice is indexed once. ``strings``: ``search_string``
-    rows."""
+    rows; ``known``: the token values' numbers found committed before (:func:`_known_keys`)."""
     if tokens:
-        numbers = _key_numbers(conn, list(dict.fromkeys(t[:4] for t in tokens)))
+        numbers = _key_numbers(conn, list(dict.fromkeys(t[:4] for t in tokens)), known)
         conn.executemany("INSERT INTO search_token (key, res) VALUES (?,?) ON CONFLICT DO NOTHING",
                          [(numbers[t[:4]], t[4]) for t in tokens])
     if dates:
