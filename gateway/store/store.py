@@ -1840,7 +1840,7 @@ def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]],
                  known: _KnownKeys | None = None) -> dict[tuple[str, str, str, str], int]:
     """The numbers of token values (type, param, code, system) in ``search_key``; those not there yet are added.
 
-    Asked inside the caller's transaction (one statement per 200 values, and two more for values not seen before),
+    Asked inside the caller's transaction (one statement per 200 values, and one more adding those not there),
     but for the values ``known`` holds: a number kept from an earlier transaction could name a value its rollback
     removed, so only those found committed are kept (:class:`_KnownKeys`).
     """
@@ -1865,9 +1865,16 @@ def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]],
         keys = asked
     missing = [key for key in keys if key not in numbers]
     if missing:
-        conn.executemany("INSERT INTO search_key (type, param, code, system) VALUES (?,?,?,?)"
-                         " ON CONFLICT DO NOTHING", missing)
-        added = _numbered(conn, missing)
+        added: dict[tuple[str, str, str, str], int] = {}
+        for start in range(0, len(missing), 200):
+            chunk = missing[start:start + 200]
+            rows = conn.execute("INSERT INTO search_key (type, param, code, system) VALUES "
+                                + ",".join(("(?,?,?,?)",) * len(chunk))
+                                + " ON CONFLICT DO NOTHING RETURNING key, type, param, code, system",
+                                [v for key in chunk for v in key]).fetchall()
+            added.update({(t, p, c, s): int(k) for k, t, p, c, s in rows})
+        if len(added) < len(missing):  # (a value given twice is added once, and given back once)
+            added.update(_numbered(conn, [key for key in missing if key not in added]))
         if known is not None:
             known.made.update(added)
         numbers.update(added)
