@@ -153,15 +153,23 @@ def test_threads_taking_turns_at_the_write_lock_never_let_a_collection_in(tmp_pa
 
 
 def test_settling_freezes_what_exists_and_later_objects_are_collected_as_before() -> None:
-    from gateway.serve import settle_collector
+    from gateway.serve import COLLECTOR_THRESHOLDS, settle_collector
 
     before = gc.get_freeze_count()
+    thresholds = gc.get_threshold()
     node = _Node()
     node.me = node  # a cycle still in use when the part settles: part of its start-up
     kept = weakref.ref(node)
     try:
         frozen = settle_collector("test")
         assert frozen > before  # (a frozen object may still go when nothing refers to it any more)
+        assert gc.get_threshold() == COLLECTOR_THRESHOLDS  # the collector runs less often
+        young = COLLECTOR_THRESHOLDS[0]
+        assert young > thresholds[0]
+        counted = gc.get_count()[0]
+        made = [[] for _ in range(young // 2)]  # (made and kept: no young collection before the threshold)
+        assert gc.get_count()[0] >= counted + young // 2, "a young collection ran before the threshold"
+        del made
         del node
         gc.collect()
         assert kept() is not None, "a frozen object is left alone by collections"
@@ -170,8 +178,22 @@ def test_settling_freezes_what_exists_and_later_objects_are_collected_as_before(
         assert later() is None, "an object made after settling is collected as before"
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
     gc.collect()
     assert kept() is None
+
+
+def test_the_bench_settles_the_collector_as_serve_does_and_puts_it_back() -> None:
+    from gateway.bench.measure import settled
+    from gateway.serve import COLLECTOR_THRESHOLDS
+
+    thresholds = gc.get_threshold()
+    assert thresholds != COLLECTOR_THRESHOLDS
+    with settled():
+        assert gc.get_threshold() == COLLECTOR_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == thresholds
+    assert gc.get_freeze_count() == 0
 
 
 def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
