@@ -23,7 +23,7 @@ from conftest import CST
 from gateway import jsonutil
 from gateway.bench.context import BenchContext, BenchOptions
 from gateway.bench.stages import _bundles
-from gateway.store.db import dialect, transaction
+from gateway.store.db import dialect, savepoint, transaction
 from gateway.store.store import Store, _rewrite_refs
 
 TABLES = {
@@ -364,3 +364,34 @@ def test_token_numbers_a_connection_remembers_are_those_committed(bundles, tmp_p
     known.remember({("t", "p", str(n), ""): n for n in range(8)})
     known.remember({("t", "p", str(n), ""): n for n in range(8, 12)})  # full: the oldest half is forgotten
     assert sorted(known.known.values()) == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_a_value_added_in_a_part_of_a_batch_rolled_back_gets_a_number_of_its_own(bundles, tmp_path) -> None:
+    """SQLite: a batch records each message in a savepoint. One message adds a value and fails alone (its savepoint
+    rolled back), the next takes the number it had, the value comes again later in the same transaction and after
+    it: each value keeps the number it was stored with."""
+    path = str(tmp_path / "gateway.db")
+    store = Store.open(path)
+    try:
+        save_all(store, bundles[:1], 0)
+        ids = [store.insert_raw(channel="t", fmt="hl7v2", sender="S", message_id=f"s-{n}", origin="", raw=b"x")[0]
+               for n in range(4)]
+        with transaction(store.db):
+            with pytest.raises(RuntimeError), savepoint(store.db, "outcome"):
+                store.finish(ids[0], status="stored", ack_code="AA", ack=b"", issues=[],
+                             bundle=_with_report_identifier(bundles[1], "FAILED-ALONE"))
+                raise RuntimeError("this message could not be recorded")
+            for n, value in ((1, "TAKES-ITS-NUMBER"), (2, "FAILED-ALONE")):
+                with savepoint(store.db, "outcome"):
+                    store.finish(ids[n], status="stored", ack_code="AA", ack=b"", issues=[],
+                                 bundle=_with_report_identifier(bundles[n + 1], value))
+        store.finish(ids[3], status="stored", ack_code="AA", ack=b"", issues=[],
+                     bundle=_with_report_identifier(bundles[4], "FAILED-ALONE"))
+        for value, held in (("FAILED-ALONE", bundles[3:5]), ("TAKES-ITS-NUMBER", bundles[2:3])):
+            reports = sorted(e["resource"]["id"] for b in held for e in b["entry"]
+                             if e["resource"]["resourceType"] == "DiagnosticReport")
+            found = store.search("DiagnosticReport", [("identifier", value)], count=100)
+            assert sorted(r["id"] for r in found.resources) == reports, value
+        assert [tuple(r) for r in store.db.execute(TABLES["search_token"]).fetchall()] == _index_rebuilt(path)
+    finally:
+        store.close()

@@ -1762,7 +1762,7 @@ def _reindex(db: Database) -> None:
         strings += _name_strings(body, row_number)
         done += 1
         if len(tokens) > 50_000 or done == total:
-            _insert_index(conn, tokens, dates, strings)
+            _insert_index(conn, tokens, dates, strings, _known_keys(db))
             tokens, dates, strings = [], [], []
             log.info("search index rebuilt for %d of %d resources", done, total)
 
@@ -1801,7 +1801,11 @@ class _KnownKeys:
     A value's number never changes once committed: ``search_key`` rows are never updated or removed (a rebuilt
     index keeps them). A number is remembered only when found by a transaction that did not add it itself (those it
     added are in :attr:`made` until the transaction ends: its rollback would free the number for another value).
-    Kept on the connection's :class:`Database` (``known_keys``): a connection replaced starts with none.
+    Kept on the connection's :class:`Database` (``known_keys``): a connection replaced starts with none. Only
+    :func:`_key_numbers` adds values while it is in use (the layout steps of :func:`_narrow_tokens` add theirs by
+    themselves, in a transaction of their own before anything is stored). A value met once (a patient's identifier,
+    a report's number) is added and never remembered unless a later report has it again; at the bound, some 5 MB of
+    values, the half remembered first is forgotten and asked again when met.
     """
 
     #: values remembered at most; the oldest half is forgotten when full (a laboratory's values come back often)
@@ -1840,7 +1844,7 @@ def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]],
                  known: _KnownKeys | None = None) -> dict[tuple[str, str, str, str], int]:
     """The numbers of token values (type, param, code, system) in ``search_key``; those not there yet are added.
 
-    Asked inside the caller's transaction (one statement per 200 values, and one more adding those not there),
+    Asked inside the caller's transaction (one statement per 200 values, and one INSERT per 200 values not there),
     but for the values ``known`` holds: a number kept from an earlier transaction could name a value its rollback
     removed, so only those found committed are kept (:class:`_KnownKeys`).
     """
