@@ -169,7 +169,8 @@ def test_settling_freezes_what_exists_and_later_objects_are_collected_as_before(
         assert young > 700
         counted = gc.get_count()[0]
         made = [[] for _ in range(young // 2)]  # (made and kept: no young collection before the threshold)
-        assert gc.get_count()[0] >= counted + young // 2, "a young collection ran before the threshold"
+        # (a few of the objects counted before are freed meanwhile; a young collection would have emptied the count)
+        assert gc.get_count()[0] >= counted + young // 2 - 50, "a young collection ran before the threshold"
         del made
         del node
         gc.collect()

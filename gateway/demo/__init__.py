@@ -26,6 +26,7 @@ loopback:
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import shutil
@@ -108,6 +109,20 @@ def _held_port(port: int = 0, *, listening: bool = True) -> socket.socket:
     return sock
 
 
+def _held_again(port: int, tries: int = 40) -> socket.socket:
+    """:func:`_held_port` (only bound) of a port a server of this process has just closed: on a busy machine the
+    system may still count the closed server's socket for a moment, and says the port is in use; asked again every
+    50 ms, up to ``tries`` times, before that is the answer."""
+    for _ in range(tries - 1):
+        try:
+            return _held_port(port, listening=False)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(0.05)
+    return _held_port(port, listening=False)
+
+
 class _Server:
     """A member gateway's HTTP server on loopback that can be stopped and started again on its port.
 
@@ -139,7 +154,7 @@ class _Server:
             self.server.server_close()
             self.server = None
             if hold:
-                self.held = _held_port(self.port, listening=False)
+                self.held = _held_again(self.port)
 
     def close(self) -> None:
         """Stopped, and the port given up."""
