@@ -34,7 +34,8 @@ that ran them (the Python interpreter, SQLite, the C library, OpenSSL, zlib, msg
 the compiled twins...), with valgrind's callgrind: the path run twice in processes
 of their own, with 30 units and with 30 + N (default 50), and the difference divided
 by N. Unlike a clock, the count barely moves with what else the machine does, so it
-tells a small change from the noise: the checkpoint thread is held in those processes
+tells a small change from the noise: the collector is settled as in ``gateway serve``'s parts, and the
+checkpoint thread is held in those processes
 (the WAL is copied back by the writer's safety net and at the close, at moments the
 pages written decide: left to the thread, SQLite's share moved by a fifth between two
 runs of the same code); what it does not count is the kernel's time (writing pages)
@@ -424,15 +425,18 @@ def _work_units(path: str, size: int) -> None:
     """Work ``size`` units of ``path`` (e2e or inbound) after one that creates the schema: a process that
     :func:`instructions` counts the instructions of. The checkpoint thread is held meanwhile: the WAL is copied back
     by the writer's own safety net and at the close, at moments the pages written decide, so that SQLite's count
-    does not move with when a thread ran."""
+    does not move with when a thread ran. The units are worked with the collector settled as ``gateway serve``'s
+    parts settle it (:func:`gateway.bench.measure.settled`)."""
+    from gateway.bench.measure import settled
     from gateway.store.db import checkpoints_held
 
     ctx = BenchContext.create(BenchOptions(quick=True, count=size))
     try:
         with checkpoints_held():
             member, units, work = _path_member(ctx, path, "instructions", size)
-            for unit in units:
-                work(unit)
+            with settled():  # (the collector as a part of gateway serve has it once started)
+                for unit in units:
+                    work(unit)
             member.close()
     finally:
         ctx.close()
