@@ -56,7 +56,7 @@ from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
 __all__ = ["serve", "PortInUse", "LeftOver", "run_background", "run_listener", "run_queue", "run_http", "run_part",
-           "background_pass", "settle_collector", "COLLECTOR_THRESHOLDS"]
+           "background_pass", "settle_collector"]
 
 log = logging.getLogger("gateway.serve")  # (also when run as python -m gateway.serve: not "__main__")
 
@@ -77,25 +77,13 @@ def settle_collector(process: str) -> int:
     delayed the ACKs waiting behind it. Frozen (:func:`gc.freeze`), they are left alone; what the part makes
     afterwards is collected as before (and never inside a write transaction: :func:`gateway.store.db.transaction`).
     The price: a frozen object that later becomes garbage caught in a reference cycle stays in memory (a registry
-    snapshot replaced by a newer one, say): a bounded amount, once per such event. The collector then runs less
-    often (:data:`COLLECTOR_THRESHOLDS`).
+    snapshot replaced by a newer one, say): a bounded amount, once per such event.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*COLLECTOR_THRESHOLDS)
     frozen = gc.get_freeze_count()
     log.debug("%s: %d objects made at start left out of garbage collection", process, frozen)
     return frozen
-
-
-#: The collector's thresholds once a part has started (:func:`settle_collector`): the youngest objects are looked
-#: at after 5,000 allocations more than releases, not Python's 700. Working one HL7 v2 message makes and drops
-#: some thousands of objects, almost none of them in a reference cycle, so Python's default went through a
-#: message's live objects several times while working it: a batch of 32 messages (``e2e-batch``) saw 1,900 young
-#: and 16 full collections, and 435 and 3 with these; up to 5,000 young objects caught in a cycle wait the longer
-#: to be freed. Measured: 2.2% fewer instructions per stored message (``e2e``, counted without the objects made at
-#: start frozen), the same as with 20,000, which left a CSV conversion's memory 2 to 3 MB higher.
-COLLECTOR_THRESHOLDS = (5_000, 10, 10)
 
 
 #: The part of ``gateway serve`` that works, before the MLLP listeners start, what an earlier run queued.

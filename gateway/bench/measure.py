@@ -124,20 +124,14 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
 
 @contextmanager
 def settled() -> Iterator[None]:
-    """Inside: what this process holds now is left out of garbage collection (collected, then frozen), and the
-    collector runs at ``gateway serve``'s thresholds; after, it is collected again as before (unfrozen, Python's
-    thresholds back). ``gateway serve``'s parts do the same once they have started
+    """Inside: what this process holds now is left out of garbage collection (collected, then frozen); after,
+    it is collected again as before (unfrozen). ``gateway serve``'s parts do the same once they have started
     (:func:`gateway.serve.settle_collector`); a timed loop inside measures the work as they run it."""
-    from gateway.serve import COLLECTOR_THRESHOLDS
-
     gc.collect()
     gc.freeze()
-    before = gc.get_threshold()
-    gc.set_threshold(*COLLECTOR_THRESHOLDS)
     try:
         yield
     finally:
-        gc.set_threshold(*before)
         gc.unfreeze()
 
 
