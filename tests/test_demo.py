@@ -1,6 +1,7 @@
 """gateway demo: the embedded story runs end to end over loopback MLLP/HTTP and says what happened."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import shutil
@@ -202,3 +203,29 @@ def test_a_demo_members_server_holds_its_port_from_the_start_and_while_it_is_dow
         time.sleep(0.1)
     else:
         raise AssertionError(f"port {port} is still held after close")
+
+
+def test_a_stopped_members_port_still_counted_in_use_for_a_moment_is_held_once_free() -> None:
+    """A member stopped holds its port again: while the system still counts another socket on it (the closed
+    server's, on a busy machine), it asks again until the port is free; a port taken for good is said to be in use."""
+    import socket
+    import threading
+
+    from gateway.demo import _held_again
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    threading.Timer(0.3, blocker.close).start()
+    held = _held_again(port)
+    try:
+        assert held.getsockname()[1] == port
+    finally:
+        held.close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError) as refused:
+            _held_again(taken.getsockname()[1], tries=3)
+        assert refused.value.errno == errno.EADDRINUSE
