@@ -391,3 +391,26 @@ def test_an_auditor_finds_by_the_id_card_who_read_a_patients_results_and_who_ove
     assert len(probed) == 1 and not probed[0].get("resources"), probed
     assert "110105194912310021" in str(probed[0].get("query")), probed
     assert fl.pipeline.exchange.pull(TJ, f"{SYSTEM_ID_CARD}|") == []  # (nothing after the system: named as asked)
+
+
+def test_a_lookup_may_list_several_patients_each_audited_alone(world) -> None:
+    """调阅 by ``patient.identifier=a,b`` finds the Bundles of either patient, as a FHIR search does (it was taken as
+    one identifier with a comma in it, found nothing, and a member that had the results repeated the exam); each
+    patient asked is audited as a lookup of its own; an empty item or more than 20 patients is refused, naming the
+    parameter."""
+    from gateway.errors import PeerRejected
+
+    ingest_lis(world)
+    fl = world.gateways["fuling"].pipeline.exchange
+    tj_db = world.gateways["tongjiang"].pipeline.store.db
+    held, other = "urn:oid:2.16.156.10011.1.3|511921196612120011", "urn:oid:2.16.156.10011.1.3|110105194912310021"
+    got = fl.pull(TJ, f"{other},{held}")
+    assert len(got) == 2 and {v.signer_uscc for v in got} == {TJ}
+    reads = [e for e in entries(tj_db) if e.kind == "read"]
+    assert len(reads) == 2  # one per patient asked: the one held, and the one probed for
+    assert len(fl.pull(TJ, f"{held},511921196612120011")) == 2  # the same patient twice: each Bundle once
+    too_many = ",".join(f"5119211966121200{n:02d}" for n in range(21))
+    for asked, said in ((f"{held},", "empty identifier"), (too_many, "21 patients")):
+        with pytest.raises(PeerRejected) as refused:
+            fl.pull(TJ, asked)
+        assert said in str(refused.value) and "patient.identifier" in str(refused.value), refused.value

@@ -6,8 +6,8 @@
 ``POST /exchange/tasks``
     a referral (移送, a signed Task) for this gateway's authority, or an authority's answer to one made here.
 ``GET /exchange/DiagnosticReport?patient.identifier=...``
-    调阅: this member's own signed report Bundles for a patient, as a searchset
-    whose entries are the signed Bundles.
+    调阅: this member's own signed report Bundles for a patient (or several, separated by commas: at most
+    20), as a searchset whose entries are the signed Bundles.
 
 Callers authenticate with a signed client assertion (``gateway.exchange.peer_auth``);
 unknown or revoked members get 403, anything else wrong 401, always as an
@@ -80,17 +80,32 @@ def receive_task() -> Response:
     return Response(referrals.receive(text, peer), status=200, mimetype="application/json")
 
 
+#: Patients one 调阅 may list (``patient.identifier=a,b``), as many as a FHIR search names in its audit entries.
+_MOST_PATIENTS = 20
+
+
 @bp.get("/DiagnosticReport")
 def pull() -> Response:
-    """调阅: this member's signed report Bundles for one patient."""
+    """调阅: this member's signed report Bundles for one patient, or for each of several (``a,b``)."""
     ex = exchange_of(current_app)
     peer = g.peer = ex.authenticate(request.headers.get("Authorization", ""))
     identifier = request.args.get("patient.identifier") or request.args.get("subject:Patient.identifier")
     if not identifier:
         raise InputError("patient.identifier is required for 调阅", "patient.identifier")
-    texts = ex.signed_reports_for(identifier)
-    ex.record_lookup(peer, identifier, texts, server=request.host, client_address=request.remote_addr or "",
-                     query=request.query_string.decode("utf-8", "replace"))
+    # a comma lists several patients (either of them, as in a FHIR search): each is looked up, and audited, alone
+    asked = list(dict.fromkeys(part.strip() for part in identifier.split(",")))
+    if not all(asked):
+        raise InputError("patient.identifier has an empty identifier in its list: give system|value or value, "
+                         "several separated by commas", "patient.identifier")
+    if len(asked) > _MOST_PATIENTS:
+        raise InputError(f"patient.identifier lists {len(asked)} patients: at most {_MOST_PATIENTS} in one 调阅",
+                         "patient.identifier")
+    texts: list[bytes] = []
+    for one in asked:
+        found = ex.signed_reports_for(one)
+        ex.record_lookup(peer, one, found, server=request.host, client_address=request.remote_addr or "",
+                         query=request.query_string.decode("utf-8", "replace"))
+        texts += [text for text in found if text not in texts]  # (a Bundle found by two of them is given once)
     body = {"resourceType": "Bundle", "type": "searchset", "total": len(texts),
             "entry": [{"resource": jsonutil.loads(t), "search": {"mode": "match"}} for t in texts]}
     return Response(jsonutil.dumps(body), mimetype="application/fhir+json")
