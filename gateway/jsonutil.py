@@ -16,17 +16,22 @@ UTF-8 cannot hold) is written by simplejson as before.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 import simplejson
 
-__all__ = ["dumps", "dumps_bytes", "encode", "loads", "dumps_pretty", "parse_int", "nesting_depth", "MAX_DEPTH"]
+__all__ = ["dumps", "dumps_bytes", "encode", "loads", "dumps_pretty", "parse_int", "nesting_depth", "MAX_DEPTH",
+           "OBJECT"]
 
 #: How deep JSON received from outside may nest: FHIR resources need a few dozen levels at most, and deeper
 #: documents would exhaust the stack of whatever walks them.
 MAX_DEPTH = 100
+#: ``isinstance(x, OBJECT)``: whether ``x`` is a JSON object as read (a dict, answered at once) or any other Mapping
+#: (as ``isinstance(x, Mapping)`` answers it, through the ABC's slower check).
+OBJECT = (dict, Mapping)
 #: Integers with more digits than this are read as Decimal: Python refuses to convert longer digit strings to int.
 _INT_DIGITS = 4000
 

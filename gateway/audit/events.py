@@ -14,11 +14,10 @@ from typing import Any
 from gateway.audit import records
 from gateway.audit.log import append, append_many
 from gateway.audit.records import Outcome, Party, PatientRef
+from gateway.jsonutil import OBJECT
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.store.db import Database
 
-#: isinstance(x, _MAPPING): a dict is answered at once, any other Mapping as isinstance(x, Mapping) answers it
-_MAPPING = (dict, Mapping)
 
 __all__ = ["ingested", "ingest_record", "retried_record", "patient_identifier", "asked_patient", "patient_reads",
            "exchanged", "decided", "decision_records", "snapshot_applied"]
@@ -151,7 +150,7 @@ def bundle_patient(bundle: Mapping[str, Any] | None) -> PatientRef | None:
     """The patient a report Bundle is about, by the identifier its Patient has (:func:`patient_identifier`), when it
     holds exactly one Patient with one."""
     found = {patient_identifier(e.get("resource")) for e in (bundle or {}).get("entry") or []
-             if isinstance(e, _MAPPING) and isinstance(e.get("resource"), _MAPPING)
+             if isinstance(e, OBJECT) and isinstance(e.get("resource"), OBJECT)
              and e["resource"].get("resourceType") == "Patient"}
     found.discard(None)
     if len(found) != 1:

@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.errors import IdentifierError, InputError, ParseError
 from gateway.identifiers import check_id_card, check_uscc
+from gateway.jsonutil import OBJECT
 from gateway.naming import (
     SYSTEM_ID_CARD,
     SYSTEM_STAFF,
@@ -29,8 +30,6 @@ from gateway.naming import (
 )
 from gateway.registry.models import Coding
 
-#: isinstance(x, _MAPPING): a dict is answered at once, any other Mapping as isinstance(x, Mapping) answers it
-_MAPPING = (dict, Mapping)
 
 __all__ = [
     "ResultFacts",
@@ -126,21 +125,21 @@ def _text(value: Any) -> str:
 
 
 def _codings(concept: Any) -> tuple[Coding, ...]:
-    if not isinstance(concept, _MAPPING):
+    if not isinstance(concept, OBJECT):
         return ()
     out = []
     for c in concept.get("coding") or []:
-        if isinstance(c, _MAPPING) and c.get("system") and c.get("code"):
+        if isinstance(c, OBJECT) and c.get("system") and c.get("code"):
             out.append(Coding(_text(c["system"]), _text(c["code"]), c.get("display")))
     return tuple(out)
 
 
 def _ext(resource: Mapping[str, Any], url: str) -> list[Mapping[str, Any]]:
-    return [e for e in resource.get("extension") or [] if isinstance(e, _MAPPING) and e.get("url") == url]
+    return [e for e in resource.get("extension") or [] if isinstance(e, OBJECT) and e.get("url") == url]
 
 
 def _ident_key(identifier: Any) -> str | None:
-    if not isinstance(identifier, _MAPPING) or not identifier.get("value"):
+    if not isinstance(identifier, OBJECT) or not identifier.get("value"):
         return None
     return f"{_text(identifier.get('system', ''))}|{_text(identifier['value'])}"
 
@@ -152,7 +151,7 @@ class _Index:
         self.by_ref: dict[str, tuple[int, Mapping[str, Any]]] = {}
         self.entries: list[tuple[int, str, Mapping[str, Any]]] = []
         for i, entry in enumerate(bundle.get("entry") or []):
-            if not isinstance(entry, _MAPPING) or not isinstance(entry.get("resource"), _MAPPING):
+            if not isinstance(entry, OBJECT) or not isinstance(entry.get("resource"), OBJECT):
                 raise ParseError("every Bundle entry needs a resource", f"Bundle.entry[{i}]")
             resource = entry["resource"]
             full_url = _text(entry.get("fullUrl") or f"{resource.get('resourceType')}/{resource.get('id')}")
@@ -162,7 +161,7 @@ class _Index:
                 self.by_ref[f"{resource.get('resourceType')}/{resource['id']}"] = (i, resource)
 
     def resolve(self, reference: Any) -> tuple[int, Mapping[str, Any]] | None:
-        if isinstance(reference, _MAPPING):
+        if isinstance(reference, OBJECT):
             reference = reference.get("reference")
         if not isinstance(reference, str):
             return None
@@ -184,7 +183,7 @@ def _issuer(index: _Index, *holders: Mapping[str, Any]) -> str | None:
                 continue
             i, org = found
             for k, ident in enumerate(org.get("identifier") or []):
-                if isinstance(ident, _MAPPING) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
+                if isinstance(ident, OBJECT) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
                     try:
                         return check_uscc(_text(ident["value"]))
                     except IdentifierError as exc:
@@ -205,13 +204,13 @@ def _org_uscc(index: _Index, reference: Any, location: str) -> str | None:
             return None
         idents = found[1].get("identifier") or []
         location = f"Bundle.entry[{found[0]}].resource.identifier"
-    elif isinstance(reference, _MAPPING) and reference.get("type", "Organization") == "Organization":
+    elif isinstance(reference, OBJECT) and reference.get("type", "Organization") == "Organization":
         idents = [reference.get("identifier")]
         location = f"{location}.identifier"
     else:
         return None
     for k, ident in enumerate(idents if isinstance(idents, list) else []):
-        if isinstance(ident, _MAPPING) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
+        if isinstance(ident, OBJECT) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
             try:
                 return check_uscc(_text(ident["value"]))
             except IdentifierError as exc:
@@ -231,7 +230,7 @@ def _reader(index: _Index, report: Mapping[str, Any], location: str) -> str | No
         found = index.resolve(ref)
         if found is not None and found[1].get("resourceType") == "PractitionerRole":
             uscc = _org_uscc(index, found[1].get("organization"), f"Bundle.entry[{found[0]}].resource.organization")
-        elif found is not None or (isinstance(ref, _MAPPING) and ref.get("type") == "Organization"):
+        elif found is not None or (isinstance(ref, OBJECT) and ref.get("type") == "Organization"):
             uscc = _org_uscc(index, ref, where)
         else:
             uscc = None
@@ -246,7 +245,7 @@ def _signer(bundle: Mapping[str, Any], index: _Index) -> str | None:
     :raises IdentifierError: the USCC fails its check.
     """
     signature = bundle.get("signature")
-    if not isinstance(signature, _MAPPING):
+    if not isinstance(signature, OBJECT):
         return None
     return _org_uscc(index, signature.get("who"), "Bundle.signature.who")
 
@@ -259,7 +258,7 @@ def known_identifier(patient: Mapping[str, Any]) -> tuple[int, str, str] | None:
     """
     first: tuple[int, str, str] | None = None
     for k, ident in enumerate(patient.get("identifier") or []):
-        if not isinstance(ident, _MAPPING) or not ident.get("value"):
+        if not isinstance(ident, OBJECT) or not ident.get("value"):
             continue
         if ident.get("system") == SYSTEM_ID_CARD:
             return k, SYSTEM_ID_CARD, _text(ident["value"])
@@ -309,9 +308,9 @@ def _hazard_factors(report: Mapping[str, Any]) -> tuple[HazardFactor, ...]:
         factor: Mapping[str, Any] = {}
         category: Mapping[str, Any] = {}
         for part in ext.get("extension") or []:
-            if isinstance(part, _MAPPING) and part.get("url") == "factor":
+            if isinstance(part, OBJECT) and part.get("url") == "factor":
                 factor = part.get("valueCoding") or {}
-            elif isinstance(part, _MAPPING) and part.get("url") == "category":
+            elif isinstance(part, OBJECT) and part.get("url") == "category":
                 category = part.get("valueCoding") or {}
         factors.append(
             HazardFactor(
@@ -325,16 +324,16 @@ def _hazard_factors(report: Mapping[str, Any]) -> tuple[HazardFactor, ...]:
 
 def _interpreter(report: Mapping[str, Any]) -> str | None:
     for ref in report.get("resultsInterpreter") or []:
-        ident = ref.get("identifier") if isinstance(ref, _MAPPING) else None
-        if isinstance(ident, _MAPPING) and ident.get("value") and ident.get("system", SYSTEM_STAFF) == SYSTEM_STAFF:
+        ident = ref.get("identifier") if isinstance(ref, OBJECT) else None
+        if isinstance(ident, OBJECT) and ident.get("value") and ident.get("system", SYSTEM_STAFF) == SYSTEM_STAFF:
             return _text(ident["value"])
     return None
 
 
 def _interpreter_id_card(report: Mapping[str, Any]) -> str | None:
     for ref in report.get("resultsInterpreter") or []:
-        ident = ref.get("identifier") if isinstance(ref, _MAPPING) else None
-        if isinstance(ident, _MAPPING) and ident.get("value") and ident.get("system") == SYSTEM_ID_CARD:
+        ident = ref.get("identifier") if isinstance(ref, OBJECT) else None
+        if isinstance(ident, OBJECT) and ident.get("value") and ident.get("system") == SYSTEM_ID_CARD:
             return _text(ident["value"]).strip().upper()
     return None
 
@@ -350,7 +349,7 @@ def facts_from_bundle(bundle: Mapping[str, Any]) -> list[ResultFacts]:
     :raises IdentifierError: an issuer USCC or a patient 身份证号 fails its check.
     :raises InputError: an element of the wrong kind.
     """
-    if not isinstance(bundle, _MAPPING) or bundle.get("resourceType") != "Bundle":
+    if not isinstance(bundle, OBJECT) or bundle.get("resourceType") != "Bundle":
         raise ParseError("expected a FHIR Bundle", "Bundle")
     reading = ["Bundle"]  # the entry being read, for the error
     try:
@@ -366,7 +365,7 @@ def _facts(bundle: Mapping[str, Any], reading: list[str]) -> list[ResultFacts]:
     bundle_id = bundle.get("id")
     signer = _signer(bundle, index)
     ident = bundle.get("identifier")
-    if isinstance(ident, _MAPPING) and ident.get("value"):
+    if isinstance(ident, OBJECT) and ident.get("value"):
         bundle_id = ident["value"]
 
     reports = index.of_type("DiagnosticReport")
@@ -493,7 +492,7 @@ def _text_where_text_belongs(facts: ResultFacts) -> None:
                   ("the hazard-factor extension's category.code, of its DiagnosticReport", factor.category)]
     for where, value in found:
         if value is not None and not isinstance(value, str):
-            kind = ("an object" if isinstance(value, _MAPPING) else "a list" if isinstance(value, list)
+            kind = ("an object" if isinstance(value, OBJECT) else "a list" if isinstance(value, list)
                     else "true or false" if isinstance(value, bool) else "a number")
             raise InputError(f"{where} must be text, not {kind}", facts.location)
 
@@ -522,12 +521,12 @@ def _service_report_facts(
                 report_id=_ident_key((report.get("identifier") or [None])[0]),
                 report_status=report.get("status"),
                 report_class="technical-service",
-                report_effective=period.get("start") if isinstance(period, _MAPPING) else None,
+                report_effective=period.get("start") if isinstance(period, OBJECT) else None,
                 report_date=next((_text(e["valueDate"]) for e in _ext(report, EXT_REPORT_DATE) if e.get("valueDate")),
                                  None),
                 qualification_number=(
                     _text(qualification["value"])
-                    if isinstance(qualification, _MAPPING) and qualification.get("value")
+                    if isinstance(qualification, OBJECT) and qualification.get("value")
                     else None
                 ),
             )

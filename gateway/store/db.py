@@ -313,8 +313,7 @@ def _check_own_file(conn: sqlite3.Connection, path: Path) -> None:
         str(r[1]) for r in conn.execute(f"PRAGMA table_info(\"{table.replace(chr(34), chr(34) * 2)}\")")})
     if refused is not None:
         raise ConfigError(f"{path}: {refused.message}", refused.location)
-    if len(_OWN_FILES) < 256 and any(t.lower() in gateway_tables() for t in tables):  # (an empty one: asked again)
-        _OWN_FILES.add(key)
+    _remember_own(_OWN_FILES, key, tables)
 
 
 #: The PostgreSQL locators (URL and schema) this process found to be the gateway's.
@@ -339,8 +338,14 @@ def _check_own_schema(db: Database, locator: str) -> None:
     refused = not_the_gateways(list(columns), lambda table: columns.get(table, set()))
     if refused is not None:
         raise refused
-    if len(_OWN_SCHEMAS) < 256 and any(t.lower() in gateway_tables() for t in columns):  # (an empty one: asked again)
-        _OWN_SCHEMAS.add(locator)
+    _remember_own(_OWN_SCHEMAS, locator, columns)
+
+
+def _remember_own(own: set[Any], key: Any, tables: Iterable[str]) -> None:
+    """Add ``key`` to ``own`` (:data:`_OWN_FILES`, :data:`_OWN_SCHEMAS`: not asked again), at most 256 of them, when
+    its database, found not another program's, holds a table of the gateway's (an empty one is asked again)."""
+    if len(own) < 256 and any(t.lower() in gateway_tables() for t in tables):
+        own.add(key)
 
 
 @functools.cache

@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.fhir.servicereport import service_report_system
+from gateway.jsonutil import OBJECT
 from gateway.naming import SYSTEM_USCC, cs_url, ext_url
 from gateway.store import schema
 from gateway.store.db import Database, dialect, spilling, transaction
 
-#: isinstance(x, _MAPPING): a dict is answered at once, any other Mapping as isinstance(x, Mapping) answers it
-_MAPPING = (dict, Mapping)
 
 __all__ = ["SCHEMA", "SYSTEM_REPORT_NUMBER", "SUPERSEDED_TAG", "ReportVersion", "Change", "ensure_schema",
            "ReportVersionsPort", "ReportVersions",
@@ -163,16 +162,16 @@ def _exists(db: Database) -> bool:
 
 def _issuer(report: Mapping[str, Any], by_ref: Mapping[str, Mapping[str, Any]]) -> str:
     for performer in report.get("performer") or []:
-        ref = performer.get("reference") if isinstance(performer, _MAPPING) else None
+        ref = performer.get("reference") if isinstance(performer, OBJECT) else None
         org = by_ref.get(ref) if isinstance(ref, str) else None
         if org is None or org.get("resourceType") != "Organization":
             continue
         for ident in org.get("identifier") or []:
-            if isinstance(ident, _MAPPING) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
+            if isinstance(ident, OBJECT) and ident.get("system") == SYSTEM_USCC and ident.get("value"):
                 return str(ident["value"])
     for ident in report.get("identifier") or []:  # the report number's assigner names the issuer too
-        assigner = ident.get("assigner", {}).get("identifier", {}) if isinstance(ident, _MAPPING) else {}
-        if isinstance(assigner, _MAPPING) and assigner.get("system") == SYSTEM_USCC and assigner.get("value"):
+        assigner = ident.get("assigner", {}).get("identifier", {}) if isinstance(ident, OBJECT) else {}
+        if isinstance(assigner, OBJECT) and assigner.get("system") == SYSTEM_USCC and assigner.get("value"):
             return str(assigner["value"])
     return ""
 
@@ -193,16 +192,16 @@ def _replaced(report: Mapping[str, Any], issuer: str, number: str) -> str:
     if report.get("status") not in _CORRECTIONS:
         return ""
     for ext in report.get("extension") or []:
-        if not isinstance(ext, _MAPPING) or ext.get("url") != _REPLACES:
+        if not isinstance(ext, OBJECT) or ext.get("url") != _REPLACES:
             continue
         ident = ext.get("valueIdentifier")
-        if not isinstance(ident, _MAPPING) or not ident.get("value"):
+        if not isinstance(ident, OBJECT) or not ident.get("value"):
             continue
         if ident.get("system") not in (SYSTEM_REPORT_NUMBER, service_report_system(issuer)):
             continue  # a number of another kind: not one this table knows reports by
         assigner = ident.get("assigner")
-        who = assigner.get("identifier") if isinstance(assigner, _MAPPING) else None
-        if isinstance(who, _MAPPING) and who.get("value") and (who.get("system"), who.get("value")) != (
+        who = assigner.get("identifier") if isinstance(assigner, OBJECT) else None
+        if isinstance(who, OBJECT) and who.get("value") and (who.get("system"), who.get("value")) != (
                 SYSTEM_USCC, issuer):
             continue  # another issuer's number: never a version of this issuer's report
         value = str(ident["value"])
@@ -216,8 +215,8 @@ def versions_in(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
     by_ref: dict[str, Mapping[str, Any]] = {}
     reports: list[Mapping[str, Any]] = []
     for entry in bundle.get("entry") or []:
-        res = entry.get("resource") if isinstance(entry, _MAPPING) else None
-        if not isinstance(res, _MAPPING):
+        res = entry.get("resource") if isinstance(entry, OBJECT) else None
+        if not isinstance(res, OBJECT):
             continue
         if entry.get("fullUrl"):
             by_ref[str(entry["fullUrl"])] = res
@@ -225,10 +224,10 @@ def versions_in(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
         if res.get("resourceType") == "DiagnosticReport":
             reports.append(res)
     ident = bundle.get("identifier")
-    bundle_key = str(ident["value"]) if isinstance(ident, _MAPPING) and ident.get("value") else str(bundle.get("id"))
+    bundle_key = str(ident["value"]) if isinstance(ident, OBJECT) and ident.get("value") else str(bundle.get("id"))
     out = []
     for report in reports:
-        idents = [i for i in report.get("identifier") or [] if isinstance(i, _MAPPING)]
+        idents = [i for i in report.get("identifier") or [] if isinstance(i, OBJECT)]
         issuer = _issuer(report, by_ref)
         number = _number(idents, issuer) if issuer else ""
         if not number or not idents or not idents[0].get("value"):
@@ -245,8 +244,8 @@ def _code_of(report: Mapping[str, Any]) -> str:
     """``system|code`` of the report's first coding: two reports of one 检验报告单号 and issuer are versions of
     each other only when they report the same thing (a LIS may number every panel of one specimen alike)."""
     code = report.get("code")
-    codings = code.get("coding") if isinstance(code, _MAPPING) else None
-    first = codings[0] if isinstance(codings, list) and codings and isinstance(codings[0], _MAPPING) else {}
+    codings = code.get("coding") if isinstance(code, OBJECT) else None
+    first = codings[0] if isinstance(codings, list) and codings and isinstance(codings[0], OBJECT) else {}
     return f"{first.get('system') or ''}|{first.get('code') or ''}" if first else ""
 
 

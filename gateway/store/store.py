@@ -1872,9 +1872,9 @@ def _key_numbers(conn: Any, keys: list[tuple[str, str, str, str]],
         added: dict[tuple[str, str, str, str], int] = {}
         for start in range(0, len(missing), 200):
             chunk = missing[start:start + 200]
-            rows = conn.execute("INSERT INTO search_key (type, param, code, system) VALUES "
-                                + ",".join(("(?,?,?,?)",) * len(chunk))
-                                + " ON CONFLICT DO NOTHING RETURNING key, type, param, code, system",
+            values = (_VALUES4 * len(chunk))[:-1]  # (without the last comma)
+            rows = conn.execute(f"INSERT INTO search_key (type, param, code, system) VALUES {values}"
+                                " ON CONFLICT DO NOTHING RETURNING key, type, param, code, system",
                                 [v for key in chunk for v in key]).fetchall()
             added.update({(t, p, c, s): int(k) for k, t, p, c, s in rows})
         if len(added) < len(missing):  # (a value given twice is added once, and given back once)
