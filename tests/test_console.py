@@ -202,8 +202,26 @@ def test_change_password(fuling) -> None:
     assert bad.status_code == 400
     ok = c.post("/console/account", data={"current_password": PASSWORD, "new_password": "a new password 1",
                                           "new_password2": "a new password 1", "csrf_token": token})
-    assert ok.status_code == 200 and "密码已修改" in ok.get_data(as_text=True)
+    assert ok.status_code == 303 and ok.headers["Location"] == "/console/account?changed=1"
+    shown = c.get(ok.headers["Location"])  # what a reload of the page after the change asks again: nothing
+    assert shown.status_code == 200 and "密码已修改" in shown.get_data(as_text=True)
     assert login(app, "aud", "a new password 1")[1].status_code == 303
+
+
+def test_pages_the_console_does_not_have_are_console_pages(fuling) -> None:
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    for path, method, status in (("/console/nope", "GET", 404), ("/console/audit/-1", "GET", 404),
+                                 ("/console/logout", "GET", 405)):
+        answer = c.open(path, method=method)
+        text = answer.get_data(as_text=True)
+        assert answer.status_code == status and answer.mimetype == "text/html", (path, answer.mimetype)
+        assert "<title>" in text and "OperationOutcome" not in text and "返回控制台" in text
+        assert answer.headers["X-Frame-Options"] == "DENY" and "default-src 'self'" in \
+            answer.headers["Content-Security-Policy"]
+    assert "POST" in c.get("/console/logout").headers["Allow"]
+    assert app.test_client().get("/console/nope").mimetype == "text/html"  # without a session too
+    assert app.test_client().get("/fhir/nope").mimetype == "application/fhir+json"  # the API's stay FHIR
 
 
 def _stats_json(folder: Path, *args: str) -> dict[str, Any]:
@@ -671,7 +689,8 @@ def test_a_password_reset_ends_the_sessions_opened_with_the_old_one(fuling) -> N
     changed = first.post("/console/account", data={
         "current_password": PASSWORD, "new_password": "a new password 1", "new_password2": "a new password 1",
         "csrf_token": _csrf(page)})
-    assert changed.status_code == 200 and "密码已修改" in changed.get_data(as_text=True)
+    assert changed.status_code == 303
+    assert "密码已修改" in first.get(changed.headers["Location"]).get_data(as_text=True)
     assert first.get("/console/audit").status_code == 200  # the session it was changed from
     assert second.get("/console/audit", follow_redirects=False).status_code in (302, 303)  # logged out
     db = connect(folder / "gateway.db")
@@ -728,3 +747,18 @@ def test_the_patient_box_of_the_audit_page_takes_the_id_card(fuling) -> None:
     following = re.search(r'<a rel="next" href="([^"]+)"', first).group(1).replace("&amp;", "&")
     later = c.get(following).get_data(as_text=True)
     assert 'name="patient" value="511921196612120011"' in later
+
+
+def test_a_withdrawn_decision_says_so_first(fuling) -> None:
+    app, _, folder = fuling
+    withdrawn = {e["decision_id"]: e["seq"] for e in _log(folder, "withdrawal")}
+    standing = [e["decision_id"] for e in _log(folder, "decision") if e["decision_id"] not in withdrawn]
+    assert withdrawn and standing  # the demo's correction withdrew a decision of 涪陵's
+    c, _ = login(app, "aud")
+    for decision_id, seq in withdrawn.items():
+        page = c.get(f"/console/decisions/{decision_id}").get_data(as_text=True)
+        assert _figures(page, "decision-withdrawn") == [{"value": str(seq)}]
+        assert "已撤销 Withdrawn" in page and f"AuditEvent/{seq}" in page
+    page = c.get(f"/console/decisions/{standing[0]}").get_data(as_text=True)
+    assert 'data-figure="decision-outcome"' in page
+    assert not _figures(page, "decision-withdrawn") and "已撤销" not in page

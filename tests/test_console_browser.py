@@ -511,6 +511,54 @@ def test_every_page_works_offline(world: World, open_page: Opener, shots: Path) 
     assert recorder.errors == [], recorder.errors
 
 
+def test_every_page_fits_a_phone_and_a_long_value_wraps(world: World, chromium: Any, shots: Path) -> None:
+    """At 390 px (a phone) no page is wider than the screen (a wide table scrolls inside its own box), and at
+    1366 px a message whose sender and control id are 180 characters without a space does not widen the page."""
+    base = world.fuling.url
+    from gateway.adapters.hl7v2 import split_messages
+
+    long_sender, long_id = "L" * 180, "C" * 180
+    sample = resources.files("gateway.demo").joinpath("data", "hl7v2", "fuling-central-lis.hl7").read_bytes()
+    segments = split_messages(sample)[0].split(b"\r")
+    fields = segments[0].split(b"|")
+    fields[2], fields[9] = long_sender.encode(), long_id.encode()
+    message = b"\r".join([b"|".join(fields), *segments[1:]])
+    said = _cli(world.fuling_dir, "users", "add", "lis-long", "--role", "submitter").splitlines()
+    token = said[said.index(next(line for line in said if line.startswith("API token (shown only now"))) + 1]
+    context = chromium.new_context(viewport={"width": 390, "height": 844}, locale="zh-CN", is_mobile=True)
+    try:
+        page = context.new_page()
+        _log_in(page, base, "qc")
+        paths = {"overview": "/console/", "messages": "/console/messages", "exchange": "/console/exchange",
+                 "recognition": "/console/recognition", "audit": "/console/audit", "registry": "/console/registry",
+                 "account": "/console/account"}
+        decision = page.goto(base + "/console/recognition") and page.locator("a[href*='/console/decisions/']")
+        if decision.count():
+            paths["decisions"] = decision.first.get_attribute("href")
+        for name, path in paths.items():
+            assert page.goto(base + path).status == 200, path
+            wide = page.evaluate("document.documentElement.scrollWidth")
+            page.screenshot(path=shots / f"phone-{name}.png", full_page=True)
+            assert wide <= 390, (path, wide)
+    finally:
+        context.close()
+    sent = requests.post(base + "/ingest/hl7v2", data=message, timeout=30, headers={"Authorization": f"Bearer {token}"})
+    assert sent.status_code < 500, sent.text
+    context = chromium.new_context(viewport=browser.VIEWPORT, locale="zh-CN")
+    try:
+        page = context.new_page()
+        _log_in(page, base, "qc")
+        page.goto(base + "/console/messages")
+        assert long_id in page.content()
+        assert page.evaluate("document.documentElement.scrollWidth") <= browser.VIEWPORT["width"]
+        _follow(page.locator("main table tr td a").first)
+        page.screenshot(path=shots / "console-message-long-values.png")
+        assert long_id in page.content()
+        assert page.evaluate("document.documentElement.scrollWidth") <= browser.VIEWPORT["width"]
+    finally:
+        context.close()
+
+
 def test_gateways_logged_no_stack_trace(world: World) -> None:
     """Whatever the browser did, the gateways wrote no stack trace (and are still running)."""
     for gw in (world.fuling, world.tongjiang):

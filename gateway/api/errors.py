@@ -68,6 +68,27 @@ def _database_away(reason: str) -> Response:
     return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
 
 
+def _bearer_challenge(exc: GatewayError) -> str:
+    """The ``WWW-Authenticate`` of a refusal (RFC 6750 3.1): plain ``Bearer`` when the request sent no credentials,
+    ``error="invalid_request"`` for an Authorization header that is not one bearer token, ``error="invalid_token"``
+    for a token unknown, revoked or expired, ``error="insufficient_scope"`` (403) with the scope the request needs.
+    Empty for a 403 that is not about a token's scope (a role, a signature: nothing to say in the header)."""
+    from gateway.auth import Forbidden, NotAuthenticated
+
+    def quoted(text: str) -> str:  # a quoted-string holds no quote or backslash; kept to printable ASCII
+        return "".join(c for c in text if " " <= c <= "~" and c not in '"\\')[:200]
+
+    if isinstance(exc, Forbidden):
+        return f'Bearer error="insufficient_scope", scope="{quoted(exc.scope)}"' if exc.scope else ""
+    if exc.http_status != 401:
+        return ""
+    sent = request.headers.get("Authorization", "")
+    if not isinstance(exc, NotAuthenticated) or not sent.lower().startswith("bearer"):
+        return "Bearer"
+    error = "invalid_request" if exc.location == "Authorization" and "one token" in exc.message else "invalid_token"
+    return f'Bearer error="{error}", error_description="{quoted(exc.message)}"'
+
+
 def register_error_handlers(app: Flask) -> None:
     """Make every error of ``app`` an OperationOutcome."""
 
@@ -76,12 +97,16 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, DatabaseUnavailable):  # its text names the database's role, host and port: the log's
             return _database_away(exc.message)
         # RFC 6750: a 401 says how to authenticate; a passing state (503) when to try again
-        headers = ({"WWW-Authenticate": "Bearer"} if exc.http_status == 401
+        challenge = _bearer_challenge(exc) if exc.http_status in (401, 403) else ""
+        headers = ({"WWW-Authenticate": challenge} if challenge
                    else {"Retry-After": "5"} if exc.http_status == 503 else None)
         return outcome_response(exc.issues(), exc.http_status, headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
+        if request.path == "/console" or request.path.startswith("/console/"):  # a page a person opened
+            from gateway.console.views import error_page
+            return error_page(exc)
         code = exc.code or 500
         text = exc.description or exc.name
         if code == 405:  # said for this request: which method, and what the resource takes

@@ -159,8 +159,26 @@ def _gateway_error(exc: GatewayError) -> Response:
 
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
-    titles = {403: "没有权限 (forbidden)", 404: "未找到 (not found)", 400: "请求有误 (bad request)"}
-    return _problem(exc.code or 500, titles.get(exc.code or 500, "出错了 (error)"), exc.description or "")
+    titles = {403: "没有权限 (forbidden)", 404: "未找到 (not found)", 400: "请求有误 (bad request)",
+              405: "不支持此操作 (method not allowed)"}
+    detail = exc.description or ""
+    if exc.code == 404:
+        detail = "控制台没有这个页面，请从菜单进入。(The console has no such page; use the menu.)"
+    elif exc.code == 405:
+        detail = (f"此页面不接受 {request.method} 请求，请从页面上的链接或按钮进入。"
+                  f"(This page does not take {request.method}; use the links and buttons on the pages.)")
+    response = _problem(exc.code or 500, titles.get(exc.code or 500, "出错了 (error)"), detail)
+    allow = exc.get_headers()
+    for name, value in allow:
+        if name.lower() == "allow":  # RFC 9110: a 405 says which methods the page takes
+            response.headers["Allow"] = value
+    return response
+
+
+def error_page(exc: HTTPException) -> Response:
+    """The page of an error under ``/console/`` that no console view saw (no such page, a method no page takes):
+    the console's own error page with its headers, not the API's OperationOutcome."""
+    return _headers(_http_error(exc))
 
 
 @bp.errorhandler(Exception)
@@ -278,9 +296,12 @@ def logout() -> BaseResponse:
 
 
 @bp.route("/account", methods=["GET", "POST"])
-def account() -> Response:
-    """Change one's own password."""
+def account() -> BaseResponse:
+    """Change one's own password. A change made is answered with a redirect to the page saying so, so that
+    reloading it asks nothing again (the old password sent again would count as a failed log-in)."""
     message, ok, status = "", False, 200
+    if request.method == "GET" and request.args.get("changed") == "1":
+        message, ok = "密码已修改 (password changed)", True
     if request.method == "POST":
         new = request.form.get("new_password", "")
         if new != request.form.get("new_password2", ""):
@@ -292,7 +313,7 @@ def account() -> Response:
                                          new, at=_now(), gateway=_gateway(),
                                          session=auth.token_hash(request.cookies.get(COOKIE, "")),
                                          address=_address())
-                    message, ok = "密码已修改 (password changed)", True
+                    return redirect(url_for("console.account", changed=1), 303)
                 except GatewayError as exc:
                     message, status = exc.message, 400
     return _page("account.html", status, message=message, ok=ok, minimum=auth.MIN_PASSWORD)
@@ -631,15 +652,18 @@ def decisions_page() -> Response:
 
 @bp.get("/decisions/<decision_id>")
 def decision(decision_id: str) -> Response:
-    """One decision: its rules and reasons, the snapshot version, and its AuditEvent."""
+    """One decision: its rules and reasons, the snapshot version, and its AuditEvent; withdrawn (its report
+    superseded by a correction), it says so first: from then on it reads as not recognised."""
     with _db() as db:
         views = ReadModels(db)
         entries = views.decision_entries("decision", decision_id)
         if not entries:
             abort(404, f"没有此判定 (no decision {decision_id})")
         overrides = views.decision_entries("override", decision_id)
+        withdrawals = views.decision_entries("withdrawal", decision_id)
         _record_read(db, interaction="read", resource=f"AuditEvent/{entries[-1][0]}")
-    return _page("decision.html", decision_id=decision_id, entries=entries, names=_names(), overrides=overrides)
+    return _page("decision.html", decision_id=decision_id, entries=entries, names=_names(), overrides=overrides,
+                 withdrawals=withdrawals)
 
 
 def _table_rows(figures: dict[str, Any]) -> list[list[Any]]:
