@@ -154,10 +154,15 @@ class ConsoleSession:
 
 
 class Forbidden(TrustError):
-    """Authenticated, but the caller's roles do not allow this (HTTP 403)."""
+    """Authenticated, but the caller's roles do not allow this (HTTP 403). ``scope``: the SMART scope the request
+    needs, when an access token lacks it (said in ``WWW-Authenticate``, RFC 6750 3.1 ``insufficient_scope``)."""
 
     code = "forbidden"
     http_status = 403
+
+    def __init__(self, message: str, location: str = "", *, scope: str | None = None) -> None:
+        super().__init__(message, location)
+        self.scope = scope
 
 
 @dataclass(frozen=True)
@@ -458,7 +463,7 @@ def _check_scope(principal: Principal) -> None:
         raise Forbidden(
             f"the access token of {principal.name} lacks the scope this needs: {need}; granted: "
             f"{' '.join(sorted(principal.scopes or ())) or 'none'}",
-            request.path,
+            request.path, scope=f"system/{need.type}.{need.letter}",
         )
 
 

@@ -35,23 +35,29 @@ def test_no_token_is_401_with_a_challenge(audit_client) -> None:
     before = head(db)[0]
     res = client.get("/fhir/AuditEvent")
     assert res.status_code == 401
-    assert res.headers["WWW-Authenticate"].startswith("Bearer")
+    assert res.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750 3.1: no credentials, no error code
     body = res.get_json()
     assert body["resourceType"] == "OperationOutcome"
     assert body["issue"][0]["code"] == "login"
     assert head(db)[0] == before  # nothing was read, nothing is logged as read
 
 
-@pytest.mark.parametrize("header", ["Bearer cyhr_not-a-real-token", "Bearer something-else", "Bearer "])
-def test_unknown_token_is_401(audit_client, header: str) -> None:
+@pytest.mark.parametrize("header, error", [("Bearer cyhr_not-a-real-token", "invalid_token"),
+                                           ("Bearer something-else", "invalid_token"),
+                                           ("Bearer ", "invalid_request"), ("Bearer two tokens", "invalid_request")])
+def test_unknown_token_is_401(audit_client, header: str, error: str) -> None:
     client, _, _ = audit_client
     res = client.get("/audit/stats", headers={"Authorization": header})
     assert res.status_code == 401 and res.get_json()["issue"][0]["code"] == "login"
+    # RFC 6750 3.1: a token sent and refused is said to be so (a client library then gets a new one)
+    challenge = res.headers["WWW-Authenticate"]
+    assert challenge.startswith(f'Bearer error="{error}", error_description="') and challenge.endswith('"')
 
 
 def test_other_schemes_are_not_credentials(audit_client) -> None:
     client, _, _ = audit_client
-    assert client.get("/audit/stats", headers={"Authorization": "Basic dXNlcjpwYXNz"}).status_code == 401
+    res = client.get("/audit/stats", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert res.status_code == 401 and res.headers["WWW-Authenticate"] == "Bearer"  # (no bearer token was sent)
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,8 @@ def test_scopes_are_enforced_per_route_beside_roles(world: Any) -> None:
     assert res.status_code == 403
     issue = res.get_json()["issue"][0]
     assert issue["code"] == "forbidden" and "system/DiagnosticReport.s" in issue["diagnostics"]
+    # RFC 6750 3.1: the refusal says so to the client's library too, with the scope it needs
+    assert res.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope", scope="system/DiagnosticReport.s"'
     refused = world.http.post("/ingest/hl7v2", data=UTF8, headers=headers)
     assert refused.status_code == 403 and "system/Bundle.c" in refused.get_json()["issue"][0]["diagnostics"]
     # The role still applies: a submitter client may not read the audit log whatever its scopes.

@@ -26,7 +26,8 @@ from gateway import metrics
 from gateway.api.app import pipeline_of
 from gateway.api.errors import outcome_response
 from gateway.config import Settings
-from gateway.errors import ConfigError, Issue, TrustError
+from gateway.auth import NotAuthenticated
+from gateway.errors import ConfigError, Issue
 from gateway.logs import request_context, request_id
 
 __all__ = ["bp", "REQUEST_ID_HEADER", "ENVIRON_ID", "ENVIRON_USER"]
@@ -42,7 +43,7 @@ ENVIRON_USER = "gateway.user"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-class _NoToken(TrustError):
+class _NoToken(NotAuthenticated):
     """A scrape of /metrics without the configured token (HTTP 401)."""
 
     code = "login"
