@@ -76,7 +76,7 @@ from gateway.logs import code_place, database_fault
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
-from gateway.naming import SYSTEM_INSTITUTION
+from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION
 from gateway.store.db import Database, fault_reason
 from gateway.store.reports import versions_in
 from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
@@ -201,6 +201,15 @@ class ReceiveLater(GatewayError):
 
     code = "transient"
     http_status = 503
+
+
+class _Clash(Exception):
+    """Internal: a submitted Bundle names by id a stored resource that is another patient's, person or test; its
+    ``issues`` say which (the Bundle is refused, nothing of it stored)."""
+
+    def __init__(self, issues: list[Issue]) -> None:
+        super().__init__(issues)
+        self.issues = issues
 
 
 class _AlreadyReceived(Exception):
@@ -1352,6 +1361,71 @@ class Pipeline:
             log.warning("results left out of a report stored before could not be looked for: %s", type(exc).__name__)
             return []
 
+    def _same_identities(self, bundle: dict[str, Any]) -> None:
+        """Refuse a submitted Bundle whose entries name by id a stored resource that is someone else's: a new
+        version keeps the patient of what it replaces (``subject``), a Patient its 身份证号, an Observation or
+        DiagnosticReport its test (``code``). A member system choosing ids (R4 lets a client put any id in a POST
+        entry, ``obs-1`` in every Bundle) would otherwise write over another patient's results, silently.
+
+        :raises _Clash: naming each such entry (``Bundle.entry[n].resource.id``), as a conflict (HTTP 409).
+        """
+        entries = [(n, e) for n, e in enumerate(bundle.get("entry") or [])
+                   if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+        refs = {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}": n for n, e in entries}
+        stored = {f"{r.get('resourceType')}/{r.get('id')}": r for r in self.store.read_many(list(refs))}
+        if not stored:  # (new resources: the common case, one indexed lookup)
+            return
+        local = {e.get("fullUrl"): f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}"
+                 for _, e in entries if isinstance(e.get("fullUrl"), str)}
+
+        def subject(res: dict[str, Any], within: dict[Any, str]) -> str | None:
+            about = res.get("subject")
+            ref = about.get("reference") if isinstance(about, dict) else None
+            return within.get(ref, ref) if isinstance(ref, str) else None
+
+        def codes(res: dict[str, Any]) -> set[tuple[Any, Any]]:
+            code = res.get("code")
+            coding = code.get("coding") if isinstance(code, dict) else None
+            return {(c.get("system"), c.get("code")) for c in coding or [] if isinstance(c, dict)}
+
+        def id_cards(res: dict[str, Any]) -> set[str]:
+            return {str(i.get("value")).upper() for i in res.get("identifier") or []
+                    if isinstance(i, dict) and i.get("system") == SYSTEM_ID_CARD and i.get("value")}
+
+        issues: list[Issue] = []
+        for n, entry in entries:
+            new = entry["resource"]
+            ref = f"{new.get('resourceType')}/{new.get('id')}"
+            old = stored.get(ref)
+            if old is None:
+                continue
+            was, now = subject(old, {}), subject(new, local)
+            if was != now and (was or now):
+                why = f"is stored for another patient ({was or 'none'}; this entry's: {now or 'none'})"
+            elif new.get("resourceType") == "Patient" and id_cards(old) and id_cards(new) \
+                    and not id_cards(old) & id_cards(new):
+                why = "is stored as another person (another 身份证号)"
+            elif new.get("resourceType") in ("Observation", "DiagnosticReport") and codes(old) and codes(new) \
+                    and not codes(old) & codes(new):
+                why = "is stored as another test (another code)"
+            else:
+                continue
+            issues.append(Issue("error", "conflict", f"Bundle.entry[{n}].resource.id",
+                                f"{ref} {why}: an id names one resource for good (a correction keeps its patient "
+                                "and test); give this resource an id of its own"))
+        if issues:
+            raise _Clash(issues)
+
+    def _refused_for(self, ch: Channel, outcome: Outcome, issues: list[Issue]) -> Outcome:
+        """``outcome`` refused for ``issues`` found as it was to be recorded: nothing of its Bundle is stored."""
+        msg = copy.copy(outcome.message) if outcome.message is not None else SourceMessage(format=ch.format)
+        msg.issues, msg.filtered = list(issues), ""
+        refused = Outcome(Status.REFUSED, msg.label(), issues=list(issues), message=msg,
+                          record_id=outcome.record_id)
+        refused.ack_code = ch.code_for(msg)
+        refused.answer = self._answer(ch, refused)
+        return refused
+
     def _failed(self, ch: Channel, msg: SourceMessage | None, stage: Stage, why: str = "") -> Outcome:
         """The outcome of a unit the gateway failed on: its raw input is kept and it can be worked again. ``why``:
         what in the gateway's own setup stopped it (a bug otherwise, which the answer does not describe)."""
@@ -1426,8 +1500,20 @@ class Pipeline:
         joined = db.conn.in_transaction
         try:
             with savepoint(db, "outcome"):
+                if ch.format == "fhir" and outcome.status is Status.STORED and outcome.bundle is not None:
+                    self._same_identities(outcome.bundle)  # (read inside the write lock: no other Bundle between)
                 self._record(ch, unit, outcome, channel, retried)
             return outcome, True
+        except _Clash as clash:
+            outcome = self._refused_for(ch, outcome, clash.issues)
+            try:
+                with savepoint(db, "outcome"):
+                    self._record(ch, unit, outcome, channel, retried)
+                return outcome, True
+            except Exception as exc:
+                if joined and not db.conn.in_transaction:
+                    raise
+                _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
         except Exception as exc:
             if joined and not db.conn.in_transaction:
                 raise

@@ -228,3 +228,122 @@ def test_an_identifier_holding_a_hash_is_its_own_and_a_resend_being_worked_is_an
                                             record])
     busy = client.post("/fhir", data=json.dumps(second, indent=1), content_type="application/fhir+json")
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "5", busy.get_data(as_text=True)
+
+
+def _another_patients(bundle: dict, value: str = "urn:uuid:8e0b7d4c-1f7a-4c55-9d3e-2b6f0a9c1e77") -> dict:
+    """``bundle`` as another patient's report Bundle: new Bundle identifier, a Patient of its own (id and 身份证号)
+    and its entries' own ids, as a member system makes the next report."""
+    import uuid
+
+    from gateway.identifiers import id_card_check_char
+
+    other = copy.deepcopy(bundle)
+    other["identifier"] = {"system": "urn:ietf:rfc:3986", "value": value}
+    renamed = {e["resource"]["id"]: str(uuid.uuid4()) for e in other["entry"]}
+    text = json.dumps(other)
+    for old, new in renamed.items():
+        text = text.replace(old, new)
+    other = json.loads(text)
+    patient = next(e["resource"] for e in other["entry"] if e["resource"]["resourceType"] == "Patient")
+    body = "51010719900101019"
+    patient["identifier"][0]["value"] = body + id_card_check_char(body)
+    return other
+
+
+def _entry(bundle: dict, rtype: str, nth: int = 0) -> tuple[int, dict]:
+    return [(n, e) for n, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] == rtype][nth]
+
+
+@pytest.mark.parametrize("rtype", ["Observation", "Patient", "DiagnosticReport"])
+def test_a_bundle_naming_another_patients_stored_resource_by_its_id_is_refused(client, rtype) -> None:
+    """A member system that reuses an id (R4 lets a client put any id in a POST entry: ``obs-1`` in every Bundle)
+    must not write over another patient's result, Patient or report: 409 naming the entry, nothing stored."""
+    first = as_transaction(GOLDEN)
+    assert client.post("/fhir", data=json.dumps(first), content_type="application/fhir+json").status_code == 201
+    n, taken = _entry(first, rtype)
+    other = _another_patients(first)
+    m, mine = _entry(other, rtype)
+    old_id = mine["resource"]["id"]
+    text = json.dumps(other).replace(old_id, taken["resource"]["id"])  # the entry and every reference to it
+    answer = client.post("/fhir", data=text, content_type="application/fhir+json")
+    assert answer.status_code == 409, answer.get_data(as_text=True)
+    issues = [i for i in answer.get_json()["issue"] if i["severity"] == "error"]
+    assert issues and all(i["code"] == "conflict" for i in issues)
+    assert f"Bundle.entry[{m}].resource.id" in {e for i in issues for e in i["expression"]}
+    kept = client.get(f"/fhir/{rtype}/{taken['resource']['id']}")
+    assert kept.headers["ETag"] == 'W/"1"' and kept.get_json()["id"] == taken["resource"]["id"]
+    assert client.get("/fhir/Patient").get_json()["total"] == 1  # nothing of the refused Bundle stored
+    # the same Bundle with ids of its own is stored
+    fine = client.post("/fhir", content_type="application/fhir+json",
+                       data=json.dumps(_another_patients(first, "urn:uuid:5a8d1e2f-3b4c-4d5e-8f60-718293a4b5c6")))
+    assert fine.status_code == 201 and client.get("/fhir/Patient").get_json()["total"] == 2
+
+
+def test_an_observation_id_reused_for_another_test_of_the_same_patient_is_refused(client) -> None:
+    first = as_transaction(GOLDEN)
+    assert client.post("/fhir", data=json.dumps(first), content_type="application/fhir+json").status_code == 201
+    again = copy.deepcopy(first)
+    again["identifier"] = {"system": "urn:ietf:rfc:3986", "value": "urn:uuid:c0a8e3b2-9d4f-4e1a-8b7c-6d5e4f3a2b1c"}
+    (_, a), (_, b) = _entry(again, "Observation", 0), _entry(again, "Observation", 1)
+    a["resource"]["code"] = copy.deepcopy(b["resource"]["code"])
+    answer = client.post("/fhir", data=json.dumps(again), content_type="application/fhir+json")
+    assert answer.status_code == 409, answer.get_data(as_text=True)
+    assert "another test" in answer.get_data(as_text=True)
+
+
+def test_two_entries_with_one_id_are_refused(client) -> None:
+    """R4 transaction: entries whose resources overlap fail the Bundle (the second was stored over the first)."""
+    bundle = as_transaction(GOLDEN)
+    (n, a), (m, b) = _entry(bundle, "Observation", 0), _entry(bundle, "Observation", 1)
+    b["resource"]["id"] = a["resource"]["id"]
+    b["request"]["url"] = a["request"]["url"]
+    answer = client.post("/fhir", data=json.dumps(bundle), content_type="application/fhir+json")
+    assert answer.status_code in (400, 422), answer.get_data(as_text=True)
+    [issue] = [i for i in answer.get_json()["issue"] if i["severity"] == "error"]
+    assert issue["expression"] == [f"Bundle.entry[{m}].resource.id"]
+    assert f"entry[{n}]" in issue["diagnostics"]
+    assert client.get("/fhir/Observation").get_json()["total"] == 0
+
+
+def _without_request(bundle: dict) -> dict:
+    del bundle["entry"][1]["request"]
+    return bundle
+
+
+def _as_collection_with_request(bundle: dict) -> dict:
+    bundle["type"] = "collection"
+    for e in bundle["entry"][:1] + bundle["entry"][2:]:
+        del e["request"]
+    return bundle
+
+
+def _with_response(bundle: dict) -> dict:
+    bundle["entry"][1]["response"] = {"status": "201 Created"}
+    return bundle
+
+
+def _post_to_another_type(bundle: dict) -> dict:
+    bundle["entry"][1]["request"] = {"method": "POST", "url": "Observation"}  # (entry 1 is the Patient)
+    return bundle
+
+
+def _get_entry(bundle: dict) -> dict:
+    bundle["entry"][1] = {"request": {"method": "GET", "url": "Patient?identifier=x|1"}}
+    return bundle
+
+
+@pytest.mark.parametrize("change, where, text", [
+    (_without_request, "request", "carries its request (R4 bdl-3)"),
+    (_as_collection_with_request, "request", "the entries of a collection carry no request"),
+    (_with_response, "response", "carries no response (R4 bdl-4"),
+    (_post_to_another_type, "request.url", "names another type than the entry's"),
+    (_get_entry, "request.method", "request method 'GET' is not taken"),
+])
+def test_an_entry_whose_request_or_response_r4_forbids_is_refused_naming_it(client, change, where, text) -> None:
+    """R4 bdl-3 and bdl-4, and a POST naming another type: these were stored as if the entry were right."""
+    bundle = change(as_transaction(GOLDEN))
+    answer = client.post("/fhir", data=json.dumps(bundle), content_type="application/fhir+json")
+    assert answer.status_code in (400, 422), answer.get_data(as_text=True)
+    [issue] = [i for i in answer.get_json()["issue"] if i["severity"] == "error"]
+    assert issue["expression"] == [f"Bundle.entry[1].{where}"] and text in issue["diagnostics"], issue
+    assert client.get("/fhir/Observation").get_json()["total"] == 0

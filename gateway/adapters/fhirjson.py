@@ -122,9 +122,26 @@ class FHIRSubmissionAdapter:
         if not isinstance(entries, list) or not entries:
             msg.issues.append(Issue("error", "required", "Bundle.entry", "the Bundle has no entries"))
         else:
+            seen: dict[tuple[str, str], int] = {}  # (type, id) -> the entry that has it first
             for n, entry in enumerate(entries):
                 res = entry.get("resource") if isinstance(entry, dict) else None
-                if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str) \
+                request = entry.get("request") if isinstance(entry, dict) else None
+                if isinstance(request, dict) and request.get("method") not in _STORING:  # (a GET has no resource)
+                    msg.issues.extend(_request_issues(request, res if isinstance(res, dict) else {}, n))
+                elif isinstance(entry, dict) and entry.get("response") is not None:  # R4 bdl-4
+                    msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].response",
+                                            "an entry of a submitted Bundle carries no response (R4 bdl-4: only "
+                                            "the entries of a batch- or transaction-response do)"))
+                elif doc.get("type") == "transaction" and not isinstance(request, dict):  # R4 bdl-3
+                    msg.issues.append(Issue("error", "required", f"Bundle.entry[{n}].request",
+                                            "every entry of a transaction carries its request (R4 bdl-3): "
+                                            "{\"method\": \"POST\", \"url\": \"<its resource type>\"}, or a PUT "
+                                            "to <type>/<id>; or send the Bundle as a collection"))
+                elif doc.get("type") == "collection" and request is not None:  # R4 bdl-3
+                    msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].request",
+                                            "the entries of a collection carry no request (R4 bdl-3); send the "
+                                            "Bundle as a transaction to give each entry its request"))
+                elif not isinstance(res, dict) or not isinstance(res.get("resourceType"), str) \
                         or not res["resourceType"]:
                     msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].resource",
                                             "every entry carries a resource"))
@@ -138,8 +155,15 @@ class FHIRSubmissionAdapter:
                 elif not isinstance(entry.get("fullUrl", ""), str):
                     msg.issues.append(Issue("error", "structure", f"Bundle.entry[{n}].fullUrl",
                                             "fullUrl must be a string (a URI)"))
+                elif (res["resourceType"], res["id"]) in seen:  # R4: a transaction whose entries overlap fails
+                    msg.issues.append(Issue("error", "invalid", f"Bundle.entry[{n}].resource.id",
+                                            f"{res['resourceType']}/{res['id']} is also entry["
+                                            f"{seen[(res['resourceType'], res['id'])]}]'s: each entry is a resource "
+                                            "of its own, with an id of its own"))
                 elif isinstance(entry.get("request"), dict):
                     msg.issues.extend(_request_issues(entry["request"], res, n))
+                if isinstance(res, dict) and isinstance(res.get("id"), str):
+                    seen.setdefault((str(res.get("resourceType")), res["id"]), n)
         msg.extra["bundle"] = doc
         return msg
 
@@ -151,8 +175,9 @@ _CONDITIONS = ("ifNoneMatch", "ifModifiedSince", "ifMatch", "ifNoneExist")
 
 def _request_issues(request: dict[str, Any], resource: dict[str, Any], n: int) -> list[Issue]:
     """What a transaction entry's ``request`` asks that the gateway does not do, rather than ignore: another method
-    than storing (a delete, read or patch would be stored as a create), a condition, or a PUT whose URL names
-    another resource than the entry's (R4: the id in the URL is the resource's)."""
+    than storing (a delete, read or patch would be stored as a create), a condition, no URL, a PUT whose URL names
+    another resource than the entry's (R4: the id in the URL is the resource's), or a POST whose URL names another
+    type than the entry's resource."""
     at = f"Bundle.entry[{n}].request"
     method = request.get("method")
     if method not in _STORING:
@@ -162,11 +187,17 @@ def _request_issues(request: dict[str, Any], resource: dict[str, Any], n: int) -
     if asked:
         return [Issue("error", "not-supported", f"{at}.{asked[0]}", f"conditional {', '.join(asked)} is not "
                       "evaluated by this gateway: send the entry without it")]
-    url, own = request.get("url"), f"{resource.get('resourceType')}/{resource.get('id')}"
-    path = url.split("?", 1)[0].rstrip("/") if isinstance(url, str) else own
+    url, rtype = request.get("url"), str(resource.get("resourceType"))
+    own = f"{rtype}/{resource.get('id')}"
+    if not isinstance(url, str) or not url.strip():
+        return [Issue("error", "required", f"{at}.url", f"the request names its URL: {rtype} (POST) or {own} (PUT)")]
+    path = url.split("?", 1)[0].rstrip("/")
     if method == "PUT" and path != own and not path.endswith("/" + own):  # (this server's absolute URL too)
         return [Issue("error", "invalid", f"{at}.url", f"PUT {shown(url)} names another resource than the entry's "
                       f"{own}")]
+    if method == "POST" and path != rtype and not path.endswith("/" + rtype):
+        return [Issue("error", "invalid", f"{at}.url", f"POST {shown(url)} names another type than the entry's "
+                      f"{rtype}")]
     return []
 
 
