@@ -55,7 +55,7 @@ from gateway.logs import database_fault
 from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
-__all__ = ["serve", "PortInUse", "LeftOver", "run_background", "run_listener", "run_queue", "run_http", "run_part",
+__all__ = ["serve", "PortInUse", "LeftOver", "AlreadyServing", "run_background", "run_listener", "run_queue", "run_http", "run_part",
            "background_pass", "settle_collector"]
 
 log = logging.getLogger("gateway.serve")  # (also when run as python -m gateway.serve: not "__main__")
@@ -100,6 +100,41 @@ class LeftOver(Exception):
 
 #: Seconds a start waits for the processes of a run whose supervisor died to stop by themselves.
 LEFTOVER_WAIT = 5.0
+
+
+class AlreadyServing(Exception):
+    """Another ``gateway serve`` runs on this database (a SQLite file; on PostgreSQL, this node's run folder)."""
+
+
+def _one_serve(settings: Settings) -> int:
+    """Hold this gateway's run folder for as long as this ``gateway serve`` runs (an exclusive ``flock`` on
+    ``serve.lock`` in it, which the system lets go of when the process ends, however it ends); returns the
+    descriptor to close at the end.
+
+    :raises AlreadyServing: another ``gateway serve`` holds it. Two supervisors on one run folder each took the
+        other's parts for hung and killed them, until both stopped for too many restarts.
+    """
+    import fcntl
+
+    from gateway.heartbeat import run_dir
+    from gateway.store.db import describe
+
+    folder = run_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise AlreadyServing(
+            f"another gateway serve{f' (pid {holder})' if holder.isdigit() else ''} runs on the database "
+            f"{describe(settings.database_locator)}: one gateway serve per database"
+            + (" file" if settings.database_file is not None else f" node (run folder {folder})")
+            + "; stop it first, or give this one its own database") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    return fd
 
 
 def _no_leftover_parts(settings: Settings) -> None:
@@ -621,19 +656,30 @@ def serve(settings: Settings, announce: Callable[[], None] | None = None) -> int
 
     :raises ConfigError: invalid settings, mapping tables, profiles, keys or registry snapshot.
     :raises PortInUse: the HTTP or MLLP port cannot be bound.
+    :raises AlreadyServing: another ``gateway serve`` runs on this database.
     """
-    from gateway.heartbeat import run_dir
-    from gateway.logs import check_format
     from gateway.errors import ConfigError
-    from gateway.pipeline import Pipeline
     from gateway.store.db import describe, unwritable
-    from gateway.supervise import Part, Supervisor
 
     blocked = unwritable(settings.database_locator)
     if blocked:  # (a read-only data directory: said as such, not as the first file some part fails to write)
         raise ConfigError(f"this user cannot write {', '.join(blocked)} where the database "
                           f"{describe(settings.database_locator)} lives (permissions or a read-only file system)",
                           "data_dir")
+    held = _one_serve(settings)
+    try:
+        return _serve(settings, announce)
+    finally:
+        os.close(held)
+
+
+def _serve(settings: Settings, announce: Callable[[], None] | None) -> int:
+    """:func:`serve`, with the run folder held."""
+    from gateway.heartbeat import run_dir
+    from gateway.logs import check_format
+    from gateway.pipeline import Pipeline
+    from gateway.supervise import Part, Supervisor
+
     _no_leftover_parts(settings)
     sockets = [_bind("HTTP", settings.http_host, settings.http_port, "--http-port / http_port")]
     try:

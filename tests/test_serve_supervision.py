@@ -342,6 +342,46 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> Non
         f"there); stop the other program or choose another port (--{which.lower()}-port / {which.lower()}_port)"]
 
 
+@pytest.mark.slow
+def test_a_second_serve_on_one_database_is_refused_and_the_first_runs_on(tmp_path: Path) -> None:
+    """Started again on the same SQLite file with other ports (a second terminal, a second unit), `gateway serve`
+    says the database is served already, in one line, exit 2. It started, and the two supervisors took each other's
+    parts for hung and killed them until the first stopped for too many restarts."""
+    http, mllp = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
+    s = world.gateways["tongjiang"].settings
+    env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
+           "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
+           "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
+           "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
+           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: _health(url)[0] == 200, 120, "a healthy gateway")
+        other = {**env, "GATEWAY_HTTP_PORT": str(free_port()), "GATEWAY_MLLP_PORT": str(free_port())}
+        done = subprocess.run([GATEWAY, "serve"], env=other, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"gateway: another gateway serve (pid {proc.pid}) runs on the database "), line
+        assert "one gateway serve per database file" in line
+        assert proc.poll() is None and _health(url)[0] == 200
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0
+    # once it stopped, the database is free to serve again (the lock went with the process)
+    from gateway.serve import _one_serve
+
+    os.close(_one_serve(s))
+
+
 def _health(url: str) -> tuple[int, dict[str, Any]]:
     response = requests.get(f"{url}/health", timeout=10)
     return response.status_code, response.json()
