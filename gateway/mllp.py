@@ -186,6 +186,8 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
             return None
         if block[:1] != START_BLOCK:
             raise _NoStart(block.lstrip()[:_HEAD_BYTES])
+        if not block[1:].strip(b"\r\n\t "):  # an empty frame (some senders keep a connection alive so): no
+            return None  # message, so no answer either (one with no MSH-10 would be taken for the next message's)
         return block[1:]
 
 

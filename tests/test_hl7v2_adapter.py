@@ -88,6 +88,65 @@ def test_declared_ascii_with_chinese_text_is_read_with_a_warning(adapter) -> Non
     assert any(i.severity == "warning" and i.location == "MSH-18" for i in msg.issues)
 
 
+@pytest.mark.parametrize("cs", ["", "ASCII"])
+@pytest.mark.parametrize("name", ["郑^伟", "谢^平", "欧阳^娜娜", "王^建国"])
+def test_gbk_bytes_that_are_also_utf8_are_read_as_the_chinese_they_are(adapter, cs: str, name: str) -> None:
+    """An analyser sends GBK without saying so: 郑伟 in GBK (D6 A3 CE B0) is valid UTF-8 too, and was stored as
+    the Armenian and Greek ``֣ ΰ`` with an AA. Of the readings, the one that looks like a laboratory's text."""
+    pid = PID.replace("张^三", name)
+    data = message(pid, OBR.replace("血常规", "CBC"), OBX.replace("白细胞", "WBC"), cs=cs).encode("gbk")
+    assert data.decode("utf-8") if name in ("郑^伟", "谢^平") else True  # (the case: both readings are possible)
+    msg = read(adapter, data)
+    assert msg.errors == [] and msg.charset == "gb18030"
+    assert msg.patient.name == name.replace("^", "")
+
+
+@pytest.mark.parametrize("name", ["郑^伟", "谢^平", "张^三", "鑫^淼"])
+def test_utf8_chinese_without_msh18_stays_utf8(adapter, name: str) -> None:
+    msg = read(adapter, message(PID.replace("张^三", name), OBR, OBX, cs="").encode("utf-8"))
+    assert msg.errors == [] and msg.charset == "utf-8" and msg.patient.name == name.replace("^", "")
+
+
+@pytest.mark.parametrize("cs, encoding, escaped", [
+    ("UNICODE UTF-8", "utf-8", "\\XE5BBBAE59BBD\\"), ("GB 18030-2000", "gb18030", "\\XBDA8B9FA\\"),
+    ("", "gbk", "\\XBDA8B9FA\\")])
+def test_hexadecimal_escapes_are_bytes_of_the_messages_character_set(adapter, cs, encoding, escaped) -> None:
+    """``\\Xhh..\\`` (HL7 v2 2.7: bytes in hexadecimal) read in the message's character set: 建国, not the
+    Latin-1 letters of each byte (王å»ºå\\x9b½)."""
+    pid = PID.replace("张^三", "王^" + escaped)
+    msg = read(adapter, message(pid, OBR, OBX, cs=cs).encode(encoding))
+    assert msg.errors == [] and msg.patient.name == "王建国", (msg.patient.name, lines(msg))
+
+
+def test_a_hexadecimal_escape_not_of_the_character_set_is_read_as_before(adapter) -> None:
+    msg = read(adapter, message(PID.replace("张^三", "M\\XFC\\ller^Jos\\XE9\\"), OBR, OBX, cs="UNICODE UTF-8"))
+    assert msg.errors == [] and msg.patient.name == "Müller José"
+
+
+def test_indented_segments_are_read(adapter) -> None:
+    """A file wrapped for reading (``\\r PID``): the segment is the PID, not an unknown one (the message was
+    filtered as a QC message for want of a PID, and the patient's results dropped with an AA)."""
+    for indent in (" ", "\t", "  \t"):
+        text = message(PID, OBR, OBX).replace("\r", "\r" + indent).rstrip()
+        msg = read(adapter, text)
+        assert msg.errors == [] and not msg.filtered, lines(msg)
+        assert msg.patient.name == "张三" and len(msg.reports[0].results) == 1
+
+
+@pytest.mark.parametrize("bad", ["obx", "OB", "O X", "0BX"])
+def test_a_segment_whose_name_is_no_segment_name_refuses_the_message(adapter, bad: str) -> None:
+    """``obx|2|...`` was passed over as an unknown segment: its result vanished and the message was answered AA."""
+    second = "OBX|2|NM|HGB^血红蛋白^L||135|g/L|130-175|N|||F".replace("OBX", bad, 1)
+    msg = read(adapter, message(PID, OBR, OBX, second))
+    assert ack_code_for(msg) in ("AE", "AR")
+    assert msg.errors[0].location.startswith(bad) and "is not a segment name" in msg.errors[0].message
+
+
+def test_a_zsegment_and_blank_lines_are_still_read(adapter) -> None:
+    msg = read(adapter, message(PID, "ZPI|1|x", OBR, OBX).replace("\r" + "OBR", "\r\r" + "OBR"))
+    assert msg.errors == [], lines(msg)
+
+
 def test_unknown_charset_is_unsupported(adapter) -> None:
     msg = read(adapter, message(PID, OBR, cs="EBCDIC"))
     assert ack_code_for(msg) == "AR" and "EBCDIC" in msg.errors[0].message

@@ -107,7 +107,8 @@ def test_what_is_not_mllp_up_to_a_0x1c_gets_no_answer_of_its_own(server, pipelin
     a message (not before an MSH) is a byte of it: refused naming the field, as before."""
     good, bad = split_messages(FRAMED.read_bytes())[:2]
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
-        for junk in (b"junk data\x1c\r", b"\x1c\r", b"POST / HTTP/1.1\r\n\r\n\x1c\r"):
+        for junk in (b"junk data\x1c\r", b"\x1c\r", b"POST / HTTP/1.1\r\n\r\n\x1c\r", b"\x0b\x1c\r",
+                     b"\x0b\r\r\x1c\r"):  # (the last two: empty frames, a keep-alive: no message, no answer)
             sock.sendall(junk + frame(good))
             [ack] = read_acks(sock, 1)
             assert msa(ack)[1:3] == ["AA", "TJ2406100001"], junk

@@ -57,6 +57,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MSG_START = re.compile(rb"(?:^|\r)(?:\xef\xbb\xbf)?(?=MSH[^\r]{4})")  # (a byte order mark before it is dropped)
 _UNIT_ENDS = frozenset({"MSH", "FHS", "BHS", "BTS", "FTS"})  # segments no single message holds
+_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}\Z")
+_INDENTED = re.compile(r"\r[ \t]+")
 _ID_LIKE = re.compile(r"^(\d{17}[\dXx]|\d{15})$")
 _CJK = re.compile(r"[\u3400-\u9fff]")
 #: Whether this is the compiled twin of this module (gateway.native): it lets a TypeError through where this module
@@ -156,14 +158,49 @@ def _check_single_byte(data: bytes, text: str, codec: str) -> None:
         except UnicodeDecodeError:
             continue
         found = _CJK_RUN.search(chinese)
-        if found:
+        if found:  # (the text itself is not quoted: it is a patient's name as often as not)
             raise UnicodeDecodeError(codec, data, run.start(), run.end(),
-                                     f"the message holds bytes {run.start()} to {run.end() - 1} that read as the "
-                                     f"Chinese {found.group()[:8]!r} in GBK: declare the character set the LIS sends")
+                                     f"the message holds bytes {run.start()} to {run.end() - 1} that read as "
+                                     "Chinese text in GBK: declare the character set the LIS sends")
 
 
 _HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
 _CJK_RUN = re.compile(r"[\u3400-\u9fff]{2,}")
+
+
+def _common_hanzi() -> frozenset[str]:
+    """The 3,755 characters of GB 2312 level 1 (the commonest in Chinese text: names, items, units)."""
+    found = set()
+    for lead in range(0xB0, 0xD8):
+        for trail in range(0xA1, 0xFF):
+            try:
+                found.add(bytes((lead, trail)).decode("gb2312"))
+            except UnicodeDecodeError:
+                continue
+    return frozenset(found)
+
+
+_COMMON_HANZI = _common_hanzi()
+#: Characters past ASCII a laboratory's message holds in practice: Chinese, its punctuation and full-width forms,
+#: the signs of units and flags (° ± ² ³ µ × ℃ ↑ ↓ Ⅰ ①), a few Greek letters (γ-GT, β2-MG).
+_PLAUSIBLE = re.compile("[\u00b0-\u00b7\u00d7\u00f7\u03b1-\u03c9\u2010-\u206f\u2100-\u21ff\u2460-\u24ff"
+                        "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]")
+
+
+def _strangeness(text: str) -> tuple[int, int]:
+    """How unlike a Chinese laboratory's message ``text`` reads: (characters past ASCII no such message holds,
+    Chinese characters outside the commonest 3,755). GBK bytes read as UTF-8 give Armenian, Greek or Cyrillic
+    letters (郑伟 reads ``֣ ΰ``) or rare characters; UTF-8 bytes read as GBK give rare characters."""
+    odd = rare = 0
+    for ch in text:
+        if ch < "\x80":
+            continue
+        if not _PLAUSIBLE.match(ch):
+            odd += 1
+        elif "\u3400" <= ch and ch not in _COMMON_HANZI and ("\u3400" <= ch <= "\u9fff" or ch >= "\uf900") \
+                and not "\uff00" <= ch <= "\uffef":
+            rare += 1
+    return odd, rare
 
 
 def ack_code_for(msg: SourceMessage) -> str:
@@ -383,6 +420,7 @@ class _Msg:
         self._esc = esc
         self._rep, self._comp, self._sub = separators[2], separators[3], separators[4]
         self._escaping = _Escaping(esc, separators)
+        self.codec = "utf-8"  # the message's character set (\X escapes are bytes in it): set by the reader
         self.segments = segments
         self.names: list[str] = [seg[0] for seg in segments]
         self.counts: dict[int, int] = {}
@@ -426,7 +464,26 @@ class _Msg:
             return text
         # python-hl7 drops formatting escapes; \.br\ is a line break in FT and TX values.
         text = text.replace(f"{esc}.br{esc}", "\n")
+        if f"{esc}X" in text:  # bytes given in hexadecimal: characters of the message's character set
+            return self._unescape_hex(text)
         return str(_hl7_unescape(self._escaping, text))
+
+    def _unescape_hex(self, text: str) -> str:
+        """:meth:`unescape` of a text holding ``\\Xhh...\\``: those bytes read in the message's character set
+        (``\\XE5BBBAE59BBD\\`` is 建国 in UTF-8, ``\\XBDA8B9FA\\`` in GBK), where python-hl7 makes each byte the
+        character of that number; bytes that do not read in it are left to python-hl7."""
+        esc = self._esc
+        pattern = re.compile(re.escape(esc) + "X((?:[0-9A-Fa-f]{2})+)" + re.escape(esc))
+        out: list[str] = []
+        for k, part in enumerate(pattern.split(text)):
+            if k % 2:
+                try:
+                    out.append(bytes.fromhex(part).decode(self.codec or "utf-8"))
+                    continue
+                except (UnicodeDecodeError, LookupError):
+                    part = f"{esc}X{part}{esc}"
+            out.append(str(_hl7_unescape(self._escaping, part)) if esc in part else part)
+        return "".join(out)
 
     def reps(self, i: int, fld: int) -> list[list[str]]:
         """Repetitions of a field, each as its (still escaped) components."""
@@ -702,11 +759,19 @@ class HL7v2Adapter:
                 issues.append(Issue("warning", "value", "MSH-18",
                                     f"MSH-18 declares {shown(declared)} but the message is not {codec}; "
                                     "decoded by fallback", "102"))
+        read: list[tuple[str, str]] = []
         for codec in self.fallbacks:
             try:
-                return data.decode(codec), codec, issues
+                read.append((data.decode(codec), codec))
             except UnicodeDecodeError:
                 continue
+            if data.isascii():
+                break
+        if read:
+            # bytes that read in two of them (GBK bytes are often UTF-8 too): the reading that looks like a
+            # laboratory's Chinese text, the first of them when both do
+            text, codec = min(read, key=lambda pair: _strangeness(pair[0])) if len(read) > 1 else read[0]
+            return text, codec, issues
         return None, "", [Issue("error", "structure", "MSH-18",
                                 "message is neither UTF-8 nor GB18030/GBK and MSH-18 names no character set",
                                 "102")]
@@ -760,6 +825,8 @@ class HL7v2Adapter:
         # (a byte order mark at a segment's start, as files joined with cat leave, is no part of it: a second MSH
         # behind one is still a second MSH)
         text = text.replace("\r\n", "\r").replace("\n", "\r").replace("\r\ufeff", "\r").strip("\r")
+        if "\r " in text or "\r\t" in text:  # a segment indented (a file wrapped for reading): its name is after
+            text = _INDENTED.sub("\r", text)
         if not text.startswith("MSH") or len(text) < 8:
             batch = text.startswith(("FHS", "BHS"))  # a batch file's header, sent as one block
             msg.issues.append(Issue("error", "structure", "MSH", "message does not start with an MSH segment" + (
@@ -775,11 +842,19 @@ class HL7v2Adapter:
                 raise  # a compiled twin's type check, maybe: the plain module reads this message (gateway.native)
             msg.issues.append(Issue("error", "structure", "MSH", f"message cannot be parsed: {exc}", "100"))
             return msg, None
+        m.codec = codec or "utf-8"
         self._header(m, msg)
         bad = _control_issue(text, m.seps["field"], m.seps["escape"])
         if bad is not None:
             msg.issues.append(bad)
         for i in range(1, len(m.segments)):
+            if m.name(i) and not _SEGMENT_ID.match(m.name(i)):
+                # a segment the reader cannot name (obx for OBX) would be passed over as unknown, and its result
+                # or patient lost with an AA
+                msg.issues.append(Issue("error", "structure", m.where(i),
+                                        f"{shown(m.name(i)[:20])} is not a segment name (three capital letters "
+                                        "or digits, such as OBX): the segment cannot be read", "100"))
+                break
             if m.name(i) in _UNIT_ENDS:
                 # one unit (an MLLP block) holds one message: the segments after a second MSH are another
                 # message's, never this patient's
