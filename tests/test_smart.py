@@ -188,6 +188,13 @@ def test_malformed_requests_get_oauth_errors(world: Any) -> None:
     assert _refused(post("/auth/token", data={**form, "client_assertion_type": "x"}, content_type=FORM),
                     "invalid_request", 400)
     _refused(post("/auth/token", data={**form, "client_assertion": "not.a.jwt"}, content_type=FORM))
+    # RFC 6749 3.2: a parameter sent twice is refused, whichever of its values would have been taken
+    from urllib.parse import urlencode
+
+    twice = urlencode([*form.items(), ("grant_type", "client_credentials")])
+    answer = post("/auth/token", data=twice, content_type=FORM)
+    assert _refused(answer, "invalid_request", 400) and "grant_type" in answer.get_json()["error_description"]
+    assert post("/auth/token", data=urlencode(list(form.items())), content_type=FORM).status_code == 200
 
 
 def test_a_disabled_client_gets_no_token_and_its_tokens_stop(world: Any) -> None:

@@ -58,8 +58,12 @@ def token() -> Response:
     if request.mimetype != "application/x-www-form-urlencoded":
         return _oauth_error("invalid_request", "send the request form-encoded "
                             "(Content-Type: application/x-www-form-urlencoded)", 400)
-    form: dict[str, Any] = {k: request.form.get(k, "") for k in
-                            ("grant_type", "client_assertion_type", "client_assertion", "scope", "client_id")}
+    names = ("grant_type", "client_assertion_type", "client_assertion", "scope", "client_id")
+    twice = [k for k in names if len(request.form.getlist(k)) > 1]
+    if twice:  # RFC 6749 3.2: request parameters MUST NOT be included more than once
+        return _oauth_error("invalid_request", f"{twice[0]} is sent more than once (RFC 6749 3.2: each parameter "
+                            "at most once)", 400)
+    form: dict[str, Any] = {k: request.form.get(k, "") for k in names}
     settings = current_app.extensions["gateway.settings"]
     clock = current_app.extensions["gateway.clock"]
     gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
