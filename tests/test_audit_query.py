@@ -204,6 +204,9 @@ def test_paging_follows_next_until_done_and_ignores_later_entries(db) -> None:
     assert search.count == 2
     last = q.searchset(page, search, base_url="https://gw/fhir", path="https://gw/fhir/AuditEvent")
     assert [link["relation"] for link in last["link"]] == ["self"]
+    # R4: self is the link that gave this page: followed, it gives the same entries (it gave the first page's)
+    again = q.parse_search(parse_qsl(urlsplit(last["link"][0]["url"]).query), tz=CST)
+    assert [e.seq for e in q.run(db, again).entries] == [e.seq for e in page.entries] == [5, 6]
 
 
 def test_count_zero_gives_the_total_only(db) -> None:

@@ -451,7 +451,7 @@ def searchset(
     rendered entries when the caller rendered them already.
     """
     rendered = list(events) if events is not None else [e.event() for e in page.entries]
-    query = search.query_string()
+    query = search.query_string(cursor=search.cursor)  # (a later page's self is that page: its cursor with it)
     links = [{"relation": "self", "url": f"{path}?{query}" if query else path}]
     if page.next is not None:
         links.append({"relation": "next", "url": f"{path}?{search.query_string(cursor=page.next)}"})
