@@ -762,3 +762,33 @@ def test_a_withdrawn_decision_says_so_first(fuling) -> None:
     page = c.get(f"/console/decisions/{standing[0]}").get_data(as_text=True)
     assert 'data-figure="decision-outcome"' in page
     assert not _figures(page, "decision-withdrawn") and "已撤销" not in page
+
+
+def test_the_audit_page_finds_a_user_by_name_and_says_who_did_what(fuling) -> None:
+    """The agent box takes a user name (agent=qc-li was refused: "not a reference (Type/id)"), as the patient box
+    takes a 身份证号; the list says who asked for each entry."""
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    login(app, "adm")
+    logins = [e["seq"] for e in _log(folder, "login") if e["user"]["value"] == "adm"]
+    page = c.get("/console/audit?agent=adm&type=110114")
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200, text[:500]
+    assert int(re.search(r'data-figure="audit-total" data-value="(\d+)"', text).group(1)) == len(logins) > 0
+    assert {int(n) for n in re.findall(r'href="/console/audit/(\d+)"', text)} == set(logins)
+    assert '<td class="wrap">adm</td>' in text and 'value="adm"' in text  # who; the box keeps what was typed
+    assert c.get("/console/audit?agent=Device/nobody").status_code == 200  # a reference is still one
+
+
+@pytest.mark.parametrize("path", ["/console/messages?from=2026-13-45",
+                                  "/console/messages?from=2026-12-08&to=2026-12-01",
+                                  "/console/recognition?from=2026-12&to=2026-01",
+                                  "/console/recognition?from=2026-02-30", "/console/recognition?to=12/2026"])
+def test_a_date_that_is_none_or_a_period_that_ends_before_it_begins_is_said(fuling, path: str) -> None:
+    """They were taken and found nothing, silently (the date box even showed empty): an auditor read "no messages"."""
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    answer = c.get(path)
+    assert answer.status_code in (400, 422), answer.status_code
+    text = answer.get_data(as_text=True)
+    assert ("不是" in text or "晚于" in text) and "<title>" in text

@@ -49,6 +49,16 @@ LOGIN_COOKIE = "gateway_console_login"
 _OPEN = ("console.login", "console.static")
 _OUTCOMES = ("stored", "filtered", "refused", "failed")
 _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def _is_day(text: str) -> bool:
+    """``text`` is a calendar day written YYYY-MM-DD (2026-13-45 has the shape, and found nothing, silently)."""
+    try:
+        return bool(_DAY.match(text)) and _dt.date.fromisoformat(text) is not None
+    except ValueError:
+        return False
+
+
 _PAGE = 50
 #: Decisions a page of the decisions behind a figure lists.
 _DECISIONS_PAGE = 100
@@ -408,8 +418,11 @@ def messages() -> Response:
     if chosen.status and chosen.status not in statuses:  # a search that could never find anything: said
         raise InputError(f"status {chosen.status!r} is not one of {', '.join(statuses)}", "status")
     for day in (chosen.received_from, chosen.received_to):
-        if day and not _DAY.match(day):
-            raise InputError(f"{day!r} is not a date (YYYY-MM-DD)", "from/to")
+        if day and not _is_day(day):
+            raise InputError(f"{day!r} is not a date (YYYY-MM-DD) · 不是日期", "from/to")
+    if chosen.received_from and chosen.received_to and chosen.received_from > chosen.received_to:
+        raise InputError(f"from {chosen.received_from} is after to {chosen.received_to}: nothing could match · "
+                         "起始日期晚于截止日期", "from/to")
     with _db() as db:
         views = ReadModels(db)
         total, rows = views.search_messages(chosen, _PAGE, (page - 1) * _PAGE)
@@ -538,8 +551,15 @@ def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str
     for name, prefix in (("from", "ge"), ("to", "le")):
         value = (args.get(name) or "").strip()
         if value:
+            if not re.fullmatch(r"[0-9]{4}-[0-9]{2}(-[0-9]{2})?", value) or not _is_day(
+                    value if len(value) == 10 else value + "-01"):
+                raise InputError(f"{name} {value!r} is not a month (YYYY-MM) or a day (YYYY-MM-DD) · 不是月份或日期",
+                                 name)
             dates.append((query.parse_date(prefix + value, tz, name=name),))
             argv.append(f"--date {prefix}{value}")
+    given = [(args.get(n) or "").strip() for n in ("from", "to")]
+    if all(given) and given[0][:len(given[1])] > given[1]:  # (2026-12 to 2026-01: nothing could match)
+        raise InputError(f"from {given[0]} is after to {given[1]}: nothing could match · 起始晚于截止", "from")
     chosen: dict[str, str] = {k: args[k].strip() for k in stats.SELECTABLE if (args.get(k) or "").strip()}
     argv += [f"--{k} {v}" for k, v in sorted(chosen.items())]
     return dates, chosen, argv
@@ -740,7 +760,8 @@ def audit_search() -> Response:
                          unknown[0][:60])
     # the patient box takes what an auditor has: a 身份证号 (or system|value) is searched as the patient's identifier;
     # only Patient/<id> is a reference (an id alone, as the API reads it, is one no auditor knows)
-    params = [("patient:identifier", v.strip()) if k == "patient" and "/" not in v else (k, v)
+    # and the agent box a user name or 统一社会信用代码 (who.identifier), as the list shows them; Type/id is a reference
+    params = [(f"{k}:identifier", v.strip()) if k in ("patient", "agent") and "/" not in v else (k, v)
               for k, v in request.args.items(multi=True) if v]
     if not any(k == "_count" for k, _ in params):
         params.append(("_count", "50"))
@@ -756,8 +777,9 @@ def audit_search() -> Response:
     first = urlencode([(k, v) for k, v in request.args.items(multi=True) if v and k != "_cursor"]) \
         if request.args.get("_cursor") else None
     args = dict(request.args.items())
-    if not args.get("patient") and args.get("patient:identifier"):  # (a later page: the box keeps what was typed)
-        args["patient"] = args["patient:identifier"]
+    for box in ("patient", "agent"):  # (a later page: the box keeps what was typed)
+        if not args.get(box) and args.get(f"{box}:identifier"):
+            args[box] = args[f"{box}:identifier"]
     return _page("audit.html", events=events, args=args, params=_AUDIT_PARAMS, held=held,
                  total=total, more=more, first=first)
 
