@@ -19,6 +19,7 @@ from typing import IO, Any
 import click
 
 from gateway import __version__, jsonutil
+from gateway.commands.common import EnvOption, database_in_use, note_database, printable
 from gateway.config import Settings, load_settings, settings_help
 from gateway.errors import ConfigError, GatewayError
 from gateway.store import db as _db
@@ -46,6 +47,66 @@ def _a_fault(exc: BaseException) -> bool:
     import sqlite3
 
     return isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError))
+
+
+#: SQLite's primary result codes (``sqlite_errorcode & 0xFF``) that :func:`database_error` words: a passing state
+#: (another process holds the database), and what stays until someone acts (permissions, a read-only file or mount,
+#: a full disk, a file it cannot open, a damaged file, another program's file).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = (
+    3, 8, 10, 11, 13, 14, 26)
+
+
+def database_error(exc: BaseException, locator: str | Path | None, *,
+                   exit_code: int | None = None) -> click.ClickException:
+    """A database that cannot be used, as one line naming it and the real cause: "try again" only for what passes
+    by itself (a SQLite file locked by another writer, a PostgreSQL server away); permissions, a read-only file or
+    file system, a full disk, a damaged file or another program's are said as such.
+
+    ``locator`` is the database the command opened (None: not known; the line says "the database"). Exit status 2
+    when the database is where this user cannot open or write it (configuration, as `gateway serve` says it), else
+    1; ``exit_code`` says otherwise.
+    """
+    import sqlite3
+
+    from gateway.store.db import describe, unwritable
+
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    named = f"the database {describe(locator)}" if locator is not None else "the database"
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        text = f"{named} is in use by another process ({reason}); try again"
+    elif primary in (_SQLITE_READONLY, _SQLITE_PERM):
+        blocked = unwritable(locator) if locator is not None else []
+        which = f": this user cannot write {', '.join(blocked)}" if blocked else ""
+        text = (f"{named} cannot be written ({reason}){which}; give this user write permission on the file and its "
+                "folder, or mount its file system read-write")
+    elif primary == _SQLITE_FULL:
+        text = f"{named} cannot be written ({reason}): free space on the disk where it lives"
+    elif primary == _SQLITE_CANTOPEN:
+        text = (f"{named} cannot be opened ({reason}): check that the file and its folder exist and that this user "
+                "may read and write them")
+    elif primary == _SQLITE_IOERR:
+        text = f"{named} cannot be read or written ({reason}): the disk or file system it lives on failed"
+    elif primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        text = f"{named} cannot be used: {reason}"
+    elif isinstance(exc, sqlite3.Error):  # another program's tables, a missing table: not something that passes
+        text = f"{named} cannot be used ({reason})"
+    elif isinstance(exc, _db.OperationalError):  # a PostgreSQL server gone, restarting or refusing connections
+        text = f"{named} cannot be used right now ({reason}); try again"
+    else:  # a PostgreSQL role without rights, a schema or database that does not exist
+        text = f"{named} cannot be used: {reason}"
+    err = click.ClickException(text)
+    err.exit_code = exit_code if exit_code is not None else (
+        2 if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN) else 1)
+    return err
+
+
+def unusable_database(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a database cannot be used (:func:`database_error` words it), not a fault of the
+    gateway."""
+    return isinstance(exc, _db.OperationalError + _database_refusals()) and not _a_fault(exc)
 
 
 def _internal(ctx: click.Context, exc: BaseException) -> click.ClickException:
@@ -86,24 +147,27 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except _db.OperationalError as exc:  # the database is locked by another writer for too long, or went away
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise click.ClickException(f"the database cannot be used right now ({reason}); try again") from None
+        except _db.OperationalError as exc:  # locked by another writer for too long, read-only, full, gone
+            if _debug():
+                raise
+            raise database_error(exc, database_in_use(ctx)) from None
         except _database_refusals() as exc:  # a file that is not a database; a role without rights on the tables
             if _debug():
                 raise
             if _a_fault(exc):
                 raise _internal(ctx, exc) from None
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise click.ClickException(f"the database cannot be used: {reason}") from None
+            raise database_error(exc, database_in_use(ctx)) from None
         except BrokenPipeError:  # the reader went away (`gateway messages list | head`): what it read is all it
             # wanted; click stops quietly (its own handling of EPIPE: exit 1, nothing more written)
             raise
-        except UnicodeDecodeError as exc:  # a file given that is not text in the encoding it must be in
+        except UnicodeDecodeError as exc:  # a file given that is not text in the encoding it must be in (the files
+            # the gateway reads name themselves when they are not: this is the last resort)
             if _debug():
                 raise
-            raise click.ClickException(f"a file given is not {exc.encoding.upper()} text ({exc.reason} at byte "
-                                       f"{exc.start})") from None
+            err = click.ClickException(f"a file given is not {exc.encoding.upper()} text ({exc.reason} at byte "
+                                       f"{exc.start}): save it as {exc.encoding.upper()}")
+            err.exit_code = 2
+            raise err from None
         except OSError as exc:
             if _debug():
                 raise
@@ -130,6 +194,7 @@ def get_settings(ctx: click.Context, *, service: bool = False, **flags: Any) -> 
     overrides = dict(root.obj.get("overrides", {}))
     overrides.update({k: v for k, v in flags.items() if v is not None})
     settings = load_settings(root.obj.get("config"), overrides)
+    note_database(ctx, settings.database_locator, chosen=False)  # (a command's --db, noted by it, wins)
     level = settings.log_level if service or "log_level" in overrides else "WARNING"
     from gateway.logs import TextFormatter
 
@@ -141,7 +206,7 @@ def get_settings(ctx: click.Context, *, service: bool = False, **flags: Any) -> 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="gateway")
-@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="GATEWAY_CONFIG",
+@click.option("--config", "config", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_CONFIG",
               help="TOML settings file (also GATEWAY_CONFIG).")
 @click.option("--data-dir", help="Directory of the gateway's files and its SQLite database (GATEWAY_DATA_DIR).")
 @click.option("--database", help="SQLite database file or postgresql:// URL (GATEWAY_DATABASE).")
@@ -183,7 +248,7 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     a non-zero exit. A port in use is one line on stderr and exit 2. SIGTERM
     or Ctrl-C stops everything.
     """
-    from gateway.serve import LeftOver, PortInUse
+    from gateway.serve import AlreadyServing, LeftOver, PortInUse
     from gateway.serve import serve as run
     from gateway.store.db import describe
 
@@ -194,8 +259,8 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
                  if settings.mllp_port else "MLLP off")
               + f", database {describe(settings.database_locator)}")
     try:
-        code = run(settings, announce=lambda: click.echo(banner, err=True))
-    except PortInUse as exc:
+        code = run(settings, announce=lambda: _announce(settings, banner))
+    except (PortInUse, AlreadyServing) as exc:
         click.echo(f"gateway: {exc}", err=True)
         ctx.exit(2)
     except LeftOver as exc:
@@ -203,6 +268,18 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
         ctx.exit(1)
     if code:
         ctx.exit(code)
+
+
+def _announce(settings: Settings, banner: str) -> None:
+    """Say that the gateway is up: the banner as a line of the log's own format (with ``log_format = "json"`` every
+    line on stderr is a JSON object a log collector can read), whatever ``log_level``."""
+    if settings.log_format == "json":
+        from gateway.logs import JsonFormatter
+
+        record = logging.LogRecord("gateway.serve", logging.INFO, __file__, 0, banner, None, None)
+        click.echo(JsonFormatter("serve").format(record), err=True)
+    else:
+        click.echo(banner, err=True)
 
 
 def _open_input(path: str) -> tuple[IO[bytes], str, int]:
@@ -265,7 +342,10 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, every_warning: bool, fil
 
     settings = get_settings(ctx)
     pipeline = Pipeline(settings)
-    pipeline.channel(fmt)  # an unknown format is an error before any file is read
+    try:
+        pipeline.channel(fmt)  # an unknown format is an error before any file is read
+    except GatewayError as exc:  # (bad input: exit 2, as click says any other bad option)
+        raise click.BadParameter(exc.message, ctx, param_hint="'--format'") from None
     failed = converted = filtered = 0
     tty = sys.stderr.isatty()
     # HL7 v2 locations read "OBX[3]-5 msg"; XPaths and CSV columns read better with a colon before the message.
@@ -399,17 +479,27 @@ def messages() -> None:
 @messages.command("list")
 @click.option("--status", type=click.Choice(["received", "queued", "stored", "filtered", "refused", "failed"]),
               help="Only messages with this status (queued: answered on receipt, waiting to be worked).")
-@click.option("--limit", type=int, default=50, show_default=True, help="How many, newest first.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="How many, newest first.")
 @click.pass_context
 def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
-    """List received messages, newest first."""
-    from gateway.store.store import Store
-
-    store = Store.open(get_settings(ctx).database_locator)
+    """List received messages, newest first. What senders wrote (control ids, reasons quoting their values) is
+    shown with control characters escaped (\\x1b), never sent to the terminal as they are."""
+    store = _existing_store(ctx)
     for rec in store.list_messages(status, limit):
         reason = rec.issues[0]["message"] if rec.issues and rec.status != "stored" else ""
-        click.echo(f"{rec.id:6} {rec.received_at[:19]} {rec.channel:5} {rec.format:7} {rec.message_id:20} "
-                   f"{rec.status:9} {rec.ack_code or '':3} {reason}")
+        click.echo(printable(f"{rec.id:6} {rec.received_at[:19]} {rec.channel:5} {rec.format:7} "
+                             f"{rec.message_id:20} {rec.status:9} {rec.ack_code or '':3} {reason}"))
+
+
+def _existing_store(ctx: click.Context) -> Any:
+    """The configured database's store, refused when it is not there (a mistyped --data-dir is said, not answered
+    from a new empty database), as every reading command refuses it."""
+    from gateway.commands.audit import require_existing
+    from gateway.store.store import Store
+
+    locator = get_settings(ctx).database_locator
+    require_existing(locator)
+    return Store.open(locator)
 
 
 @messages.command("show")
@@ -417,23 +507,23 @@ def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
 @click.option("--raw", is_flag=True, help="Print the message exactly as received (may contain patient data).")
 @click.pass_context
 def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
-    """Show one message: stages, issues and answer."""
-    from gateway.store.store import Store
-
-    store = Store.open(get_settings(ctx).database_locator)
+    """Show one message: stages, issues and answer. What the sender wrote is shown with control characters
+    escaped (\\x1b); --raw prints the bytes exactly as received."""
+    store = _existing_store(ctx)
     if raw:
         sys.stdout.buffer.write(store.raw_of(record_id))
         return
     rec = store.get_message(record_id)
-    click.echo(f"message {rec.id}: {rec.format} {rec.message_id} from {rec.sender} via {rec.channel} "
-               f"({rec.size} bytes, sha256 {rec.sha256[:16]}...)")
-    click.echo(f"status {rec.status}, answer {rec.ack_code}, bundle {rec.bundle_id or '-'}")
+    lines = [f"message {rec.id}: {rec.format} {rec.message_id} from {rec.sender} via {rec.channel} "
+             f"({rec.size} bytes, sha256 {rec.sha256[:16]}...)",
+             f"status {rec.status}, answer {rec.ack_code}, bundle {rec.bundle_id or '-'}"]
     if rec.lease_owner or rec.status == "received":
-        click.echo(_holder_line(rec, store.epoch()))
-    for stage in store.stages_of(record_id):
-        click.echo(f"  {stage['at'][:23]} {stage['stage']:8} {stage['status']} {stage['detail']}")
-    for issue in rec.issues:
-        click.echo(f"  {issue['severity']}: {issue['location']} {issue['message']}")
+        lines.append(_holder_line(rec, store.epoch()))
+    lines += [f"  {stage['at'][:23]} {stage['stage']:8} {stage['status']} {stage['detail']}"
+              for stage in store.stages_of(record_id)]
+    lines += [f"  {issue['severity']}: {issue['location']} {issue['message']}" for issue in rec.issues]
+    for line in lines:
+        click.echo(printable(line))
 
 
 def _left_by(rec: Any, now: float) -> str:
@@ -474,9 +564,13 @@ def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: 
 
     from gateway.pipeline import Pipeline
 
+    from gateway.commands.audit import require_existing
+
     if not record_ids and not all_failed:
         raise click.UsageError("name the messages to work again (IDs), or give --failed")
-    pipeline = Pipeline(get_settings(ctx))
+    settings = get_settings(ctx)
+    require_existing(settings.database_locator)  # (no new empty database for a mistyped --data-dir)
+    pipeline = Pipeline(settings)
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this OS user (a container's bare uid)
@@ -495,7 +589,7 @@ def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: 
                 left = _left_by(before, pipeline.store.epoch()) if before.status == "received" else ""
                 outcome = pipeline.retry(record_id, user)
             except GatewayError as exc:
-                click.echo(f"message {record_id}: {exc.message}", err=True)
+                click.echo(printable(f"message {record_id}: {exc.message}"), err=True)
                 problems += 1
                 continue
             left = f" ({left})" if left else ""
@@ -508,8 +602,10 @@ def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: 
 
 
 @cli.command("settings")
-def settings_cmd() -> None:
+@click.pass_context
+def settings_cmd(ctx: click.Context) -> None:
     """List every setting with its default and meaning."""
+    get_settings(ctx)  # a configuration given (--config, GATEWAY_*) that cannot be used is refused, as elsewhere
     for name, default, text in settings_help():
         click.echo(f"{name:20} GATEWAY_{name.upper():22} default {default}\n{'':20} {text}")
 

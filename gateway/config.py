@@ -10,7 +10,9 @@ member's folder (config, keys, snapshot, data) can be moved or run from anywhere
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -20,7 +22,7 @@ from typing import Any
 from gateway.errors import ConfigError, IdentifierError
 from gateway.identifiers import check_uscc
 
-__all__ = ["Settings", "load_settings", "REPO_ROOT", "PATH_SETTINGS", "settings_help"]
+__all__ = ["Settings", "load_settings", "REPO_ROOT", "PATH_SETTINGS", "settings_help", "LOG_LEVELS"]
 
 #: The checkout this package runs from; mappings/ and profiles/ live here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: The shortest ``hung_restart_after`` (but 0): five heartbeats (gateway.heartbeat.BEAT_SECONDS).
 HUNG_RESTART_MINIMUM = 10
+
+#: The levels ``log_level`` takes, in any case (kept upper-case: ``debug`` is ``DEBUG``).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: A locator with a scheme (``mysql://``, ``sqlite:///``): a database URL, never a SQLite file's name.
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -139,6 +147,10 @@ class Settings:
                              "the FHIR API (CORS); empty: none (the default).")
     log_level: str = _opt("INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.log_level, str):  # (``debug`` in a config file or GATEWAY_LOG_LEVEL means DEBUG)
+            object.__setattr__(self, "log_level", self.log_level.strip().upper())
+
     @property
     def base_url(self) -> str:
         """Where other members reach this gateway."""
@@ -191,6 +203,9 @@ class Settings:
                 raise ConfigError(f"{name} must be positive", name)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format {self.log_format!r} must be 'text' or 'json'", "log_format")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level {self.log_level!r} is not a logging level: write one of "
+                              f"{', '.join(LOG_LEVELS)} (in any case)", "log_level")
         for name in ("snapshot_warn_days", "certificate_warn_days"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative", name)
@@ -200,6 +215,9 @@ class Settings:
                               "shorter wait kills healthy ones", "hung_restart_after")
         if self.database.startswith(("postgresql://", "postgres://")):
             check_database_url(self.database)
+        elif _URL_SCHEME.match(self.database):
+            raise ConfigError(f"database {self.database!r} is neither a SQLite file nor a PostgreSQL URL: write the "
+                              "path of the SQLite file, or postgresql://user@host:port/dbname", "database")
 
 
 def check_database_url(url: str) -> None:
@@ -237,11 +255,48 @@ def _valid_offset(text: str) -> bool:
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     if kind in (int, "int"):
+        if isinstance(value, bool):  # (a flag is no number: True is not 1)
+            raise ConfigError(f"{name} must be a whole number, not {value!r}", name)
         try:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a whole number, not {value!r}", name) from None
     return str(value)
+
+
+def _toml_kind(value: Any) -> str:
+    """What a TOML value is, in words, for a message saying it is the wrong kind."""
+    if isinstance(value, bool):
+        return f"true/false ({str(value).lower()})"
+    if isinstance(value, float):
+        return f"a decimal number ({value!r})"
+    if isinstance(value, int):
+        return f"a number ({value})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (_dt.date, _dt.time)):
+        return f"a date or time ({value.isoformat()})"
+    return type(value).__name__
+
+
+def _from_toml(path: str | os.PathLike[str], name: str, kind: Any, value: Any) -> Any:
+    """A value of a config file, which must be of its setting's kind: a whole number (or a quoted one, as the
+    environment gives it) for a number, text in quotes for the others. Nothing else is converted: ``mllp_port =
+    true`` is not port 1, ``http_port = 27310.5`` not 27310, a list not the text ``"['...']"``.
+
+    :raises ConfigError: the value is of another kind, naming the setting and the kind it must be.
+    """
+    if kind in (int, "int"):
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return _coerce(name, kind, value)
+        expected = "a whole number"
+    elif isinstance(value, str):
+        return value
+    else:
+        expected = "text in quotes"
+    raise ConfigError(f"config file {path}: {name} must be {expected}, not {_toml_kind(value)}", name)
 
 
 def load_settings(
@@ -262,7 +317,9 @@ def load_settings(
         named = "--config" if config_file and str(config_file) != env.get("GATEWAY_CONFIG") else "GATEWAY_CONFIG"
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                raw = fh.read()
+            # a byte order mark (Windows Notepad saves one) is no part of the TOML
+            data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist", named) from None
         except UnicodeDecodeError:
@@ -271,14 +328,19 @@ def load_settings(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}", named) from None
         except IsADirectoryError:
             raise ConfigError(f"config file {path} is a directory", named) from None
+        except OSError as exc:  # (permissions: the service's user may not read it)
+            raise ConfigError(f"config file {path} cannot be read ({exc.strerror or type(exc).__name__})",
+                              named) from None
         section = data.get("gateway", data)
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {path}: [gateway] must be a table of settings", named)
         base = Path(path).resolve().parent
         for key, value in section.items():
             if key not in known:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}", key)
-            values[key] = _coerce(key, known[key], value)
+            values[key] = _from_toml(path, key, known[key], value)
             if (key in PATH_SETTINGS and values[key] and not Path(values[key]).expanduser().is_absolute()
-                    and not str(values[key]).startswith(("postgresql://", "postgres://"))):
+                    and not _URL_SCHEME.match(str(values[key]))):
                 # a relative path in a config file means beside that file, wherever the command runs from
                 values[key] = str(base / Path(values[key]).expanduser())
 

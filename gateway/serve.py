@@ -55,8 +55,8 @@ from gateway.logs import database_fault
 from gateway.signals import ignore_later_signals
 from gateway.store import db as _db
 
-__all__ = ["serve", "PortInUse", "LeftOver", "AlreadyServing", "run_background", "run_listener", "run_queue", "run_http", "run_part",
-           "background_pass", "settle_collector"]
+__all__ = ["serve", "PortInUse", "LeftOver", "AlreadyServing", "run_background", "run_listener", "run_queue",
+           "run_http", "run_part", "background_pass", "settle_collector"]
 
 log = logging.getLogger("gateway.serve")  # (also when run as python -m gateway.serve: not "__main__")
 

@@ -316,7 +316,7 @@ def test_without_certificates_checkpoints_cannot_be_vouched_for(original: Path |
 
 def test_missing_database_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(audit, ["verify", "--db", str(tmp_path / "none.db")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # (a file that cannot be read: 2; 1 is a log found wrong)
     assert "no such database" in result.output
 
 

@@ -74,7 +74,7 @@ def test_convert_errors_are_one_line(runner, tmp_path: Path) -> None:
     missing = runner.invoke(cli, ["convert", str(tmp_path / "nope.hl7")])
     assert missing.exit_code == 1 and missing.stderr.strip().startswith("Error:") and "nope.hl7" in missing.stderr
     fmt = runner.invoke(cli, ["convert", "--format", "pdf", str(tmp_path / "x")])
-    assert fmt.exit_code == 1 and "format 'pdf' is not supported" in fmt.stderr
+    assert fmt.exit_code == 2 and "format 'pdf' is not supported" in fmt.stderr  # (bad input, as a usage error)
     bad_uscc = runner.invoke(cli, ["--issuer-uscc", "12511921MB0001003X", "convert", "-"], input=b"")
     assert bad_uscc.exit_code == 2
     assert bad_uscc.stderr.strip().splitlines() == [

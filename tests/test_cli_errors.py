@@ -272,9 +272,10 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
     notdb = tmp_path / "gateway.db"
     notdb.write_text("exported by mistake\n" * 200)
-    for args in (["users", "list"], ["audit", "verify"]):
+    for args, status in ((["users", "list"], 1), (["audit", "verify"], 2)):  # (verify: exit 1 says the log is wrong)
         code, err = _gateway("--database", str(notdb), *args)
-        assert (code, err.strip()) == (1, "Error: the database cannot be used: file is not a database"), (args, err)
+        assert (code, err.strip()) == (status, f"Error: the database {notdb} cannot be used: file is not a database"), \
+            (args, err)
 
 
 @pytest.mark.parametrize("url", ["postgresql://cyhr gateway@[bad/x", "postgresql://gw@[::1/gw"])
@@ -299,8 +300,8 @@ def test_a_registry_source_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     source = tmp_path / "registry.yaml"
     source.write_bytes("members: []\n# 通江\n".encode("gbk"))
     code, err = _gateway("registry", "check", str(source))
-    assert code == 1 and "internal error" not in err and err.count("\n") == 1, err
-    assert "not" in err and "UTF-8" in err, err
+    assert code == 2 and "internal error" not in err and err.count("\n") == 1, err
+    assert f"{source}: line 2: not UTF-8 text" in err and "save the file as UTF-8" in err, err
 
 
 @pytest.mark.parametrize("fmt, data", [("hl7v2", b""), ("hl7v2", b"\r\n\r\n"), ("cda", b"   \n"),
@@ -329,3 +330,253 @@ def test_output_read_by_a_pipe_that_closes_early_is_no_error() -> None:
     done = subprocess.run(f"'{gateway}' settings | head -c 20; '{gateway}' settings --help | head -c 1",
                           shell=True, capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("data_dir") and done.stderr == ""
+
+
+# -- databases: the real cause named, "try again" only for what passes by itself -------------------------------------
+
+
+def _sqlite_error(kind: str, tmp_path: Path) -> Exception:
+    """A real error of SQLite's own, made the way it comes about (run as root, permissions cannot be taken away)."""
+    import sqlite3
+
+    if kind == "readonly":
+        path = tmp_path / "ro.db"
+        sqlite3.connect(path).close()
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        statement = "CREATE TABLE t (a)"
+    elif kind == "full":
+        conn = sqlite3.connect(":memory:")
+        conn.execute("PRAGMA max_page_count = 2")
+        conn.execute("CREATE TABLE t (a)")
+        statement = "INSERT INTO t VALUES (zeroblob(100000))"
+    elif kind == "cantopen":
+        try:
+            sqlite3.connect(tmp_path / "no" / "such" / "folder.db")
+        except sqlite3.Error as exc:
+            return exc
+        raise AssertionError("no error for cantopen")
+    else:
+        path = tmp_path / "busy.db"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        conn = sqlite3.connect(path, timeout=0)
+        statement = "SELECT * FROM sqlite_master"
+    try:
+        conn.execute(statement)
+    except sqlite3.Error as exc:
+        return exc
+    raise AssertionError(f"no error for {kind}")
+
+
+@pytest.mark.parametrize("kind, said, code", [
+    ("readonly", "cannot be written (attempt to write a readonly database)", 2),
+    ("full", "cannot be written (database or disk is full): free space on the disk where it lives", 1),
+    ("cantopen", "cannot be opened (unable to open database file)", 2),
+])
+def test_a_database_that_cannot_be_used_names_the_file_and_the_cause(runner, tmp_path: Path, monkeypatch,
+                                                                     kind: str, said: str, code: int) -> None:
+    """Permissions, a read-only file or mount and a full disk do not pass by themselves: not "try again"."""
+    from gateway.store.store import Store
+
+    error = _sqlite_error(kind, tmp_path)
+    database = tmp_path / "gw" / "gateway.db"
+    Store.open(database).close()
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Store, "list_messages", fails)
+    result = gateway(runner, tmp_path, "messages", "list")
+    no_traceback(result)
+    assert result.exit_code == code, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: the database {database} {said}"), line
+    assert "try again" not in line and "right now" not in line
+
+
+def test_a_database_locked_by_another_writer_is_worth_trying_again(runner, tmp_path: Path, monkeypatch) -> None:
+    from gateway.store.store import Store
+
+    error = _sqlite_error("busy", tmp_path)
+    database = tmp_path / "gw" / "gateway.db"
+    Store.open(database).close()
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Store, "list_messages", fails)
+    result = gateway(runner, tmp_path, "messages", "list")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (f"Error: the database {database} is in use by another process (database is "
+                                     "locked); try again")
+
+
+def test_a_database_error_names_the_database_given_with_db(runner, tmp_path: Path, monkeypatch) -> None:
+    import gateway.auth as auth
+
+    error = _sqlite_error("full", tmp_path)
+    copy = tmp_path / "copy.db"
+    gateway(runner, tmp_path, "users", "add", "li.admin", "--role", "admin", "--db", str(copy))
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(auth, "list_users", fails)
+    result = runner.invoke(cli, ["--data-dir", str(tmp_path / "gw"), "users", "list", "--db", str(copy)])
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: the database {copy} cannot be written"), \
+        result.output
+
+
+# -- gateway audit verify: exit 1 says the log is wrong; what cannot be read is exit 2 --------------------------------
+
+
+def _audited_database(tmp_path: Path) -> Path:
+    database = tmp_path / "gw" / "gateway.db"
+    for name in ("li.admin", "wang.auditor", "zhao.auditor"):
+        code, err = _gateway("--data-dir", str(tmp_path / "gw"), "users", "add", name, "--role", "admin")
+        assert code == 0, err
+    return database
+
+
+def test_audit_verify_exits_2_when_what_it_is_given_cannot_be_read(tmp_path: Path) -> None:
+    database = _audited_database(tmp_path)
+    notdb = tmp_path / "exported.db"
+    notdb.write_text("exported by mistake\n" * 200)
+    held = tmp_path / "held.json"
+    held.write_text("{ not json", encoding="utf-8")
+    for args, said in ((["--db", str(tmp_path / "none.db")], "no such database"),
+                       (["--db", str(notdb)], "file is not a database"),
+                       (["--db", str(database), "--checkpoint", str(held)], "not a readable JSON file")):
+        code, err = _gateway("audit", "verify", *args)
+        assert code == 2 and said in err and err.count("\n") == 1, (args, err)
+    code, err = _gateway("audit", "verify", "--db", str(database))
+    assert code == 0, err
+
+
+def test_audit_verify_of_a_damaged_database_is_one_line(tmp_path: Path) -> None:
+    """A page of the log written over: one line, not a traceback of a generator closed after its connection."""
+    import sqlite3
+
+    database = _audited_database(tmp_path)
+    damaged = tmp_path / "damaged.db"
+    conn = sqlite3.connect(database)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode = DELETE")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = [row[0] for row in conn.execute("SELECT pageno FROM dbstat WHERE name = 'audit_log' AND pagetype = 'leaf'")]
+    conn.close()
+    data = bytearray(database.read_bytes())
+    page = pages[-1]
+    data[(page - 1) * page_size:page * page_size] = bytes(page_size)
+    damaged.write_bytes(bytes(data))
+    code, err = _gateway("audit", "verify", "--db", str(damaged))
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert code == 2 and err == f"Error: the database {damaged} cannot be used: database disk image is malformed\n"
+
+
+# -- files that are not UTF-8: the file and its line named, exit 2 ------------------------------------------------
+
+
+def test_a_mapping_table_saved_as_gbk_is_named_with_its_line(runner, tmp_path: Path) -> None:
+    from gateway.config import REPO_ROOT
+
+    tables = tmp_path / "mappings"
+    shutil.copytree(REPO_ROOT / "mappings", tables)
+    table = tables / "concepts" / "lab-items.csv"
+    text = table.read_text(encoding="utf-8")
+    table.write_bytes(text.encode("gbk"))
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if not row.isascii())
+    hl7 = DATA / "hl7v2" / "lis-v251-utf8.hl7"
+    for command in (["mappings", "check"], ["convert", str(hl7)]):
+        result = gateway(runner, tmp_path, "--mappings-dir", str(tables), *command)
+        no_traceback(result)
+        assert result.exit_code == 2, (command, result.output)
+        assert f"{table}: line {line}: not UTF-8 text" in result.stderr and "save the file as UTF-8" in result.stderr
+    code, err = _gateway("--data-dir", str(tmp_path / "gw"), "--mappings-dir", str(tables), "serve", "--http-port", "0",
+                         "--mllp-port", "0")
+    assert code == 2 and f"{table}: line {line}: not UTF-8 text" in err and "Traceback" not in err, err
+
+
+# -- messages: a database that is not there; what senders wrote, escaped --------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["messages", "list"], ["messages", "show", "1"], ["messages", "retry", "1"]])
+def test_messages_refuse_a_data_dir_that_is_not_there(runner, tmp_path: Path, command: list[str]) -> None:
+    typo = tmp_path / "gatway-data"
+    result = runner.invoke(cli, ["--data-dir", str(typo), *command])
+    assert result.exit_code == 1 and result.stderr.strip() == f"Error: {typo / 'gateway.db'}: no such database"
+    assert not typo.exists()
+
+
+def test_messages_show_what_senders_wrote_with_control_characters_escaped(runner, tmp_path: Path) -> None:
+    from gateway.store.store import Store
+
+    store = Store.open(tmp_path / "gw" / "gateway.db")
+    record, _ = store.insert_raw(channel="mllp", fmt="hl7v2", sender="LIS\x1b]0;pwned\x07", origin="test",
+                                 message_id="ORU\x1b[2J\x1b[31mX\rY\u202e", raw=b"MSH|^~\\&|")
+    store.close()
+    listed = gateway(runner, tmp_path, "messages", "list")
+    shown = gateway(runner, tmp_path, "messages", "show", str(record))
+    for result in (listed, shown):
+        assert result.exit_code == 0, result.output
+        assert not any(c in result.stdout for c in "\x1b\x07\r\u202e"), repr(result.stdout)
+        assert "ORU\\x1b[2J\\x1b[31mX\\x0dY\\u202e" in result.stdout
+    assert "from LIS\\x1b]0;pwned\\x07 via mllp" in shown.stdout
+    raw = gateway(runner, tmp_path, "messages", "show", str(record), "--raw")
+    assert raw.stdout_bytes == b"MSH|^~\\&|"  # (--raw: the bytes as received)
+
+
+# -- the start banner with JSON logs --------------------------------------------------------------------------------
+
+
+def test_with_json_logs_the_start_banner_is_a_json_line(runner, tmp_path: Path, monkeypatch) -> None:
+    import gateway.serve
+
+    def started(settings, announce=None):
+        announce()
+        return 0
+
+    monkeypatch.setattr(gateway.serve, "serve", started)
+    result = runner.invoke(cli, ["--data-dir", str(tmp_path / "gw"), "serve", "--mllp-port", "0"],
+                           env={"GATEWAY_LOG_FORMAT": "json"})
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # (every one a JSON object)
+    [banner] = [line for line in lines if line["message"].startswith("gateway ")]
+    assert banner["level"] == "INFO" and banner["logger"] == "gateway.serve" and "MLLP off" in banner["message"]
+    text = runner.invoke(cli, ["--data-dir", str(tmp_path / "gw"), "serve", "--mllp-port", "0"])
+    assert text.stderr.startswith("gateway ")  # (text logs: the banner as it was)
+
+
+# -- smaller ones ---------------------------------------------------------------------------------------------------
+
+
+def test_settings_refuses_a_config_file_that_is_not_there(runner, tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["--config", str(tmp_path / "nonexistent.toml"), "settings"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"Error: configuration: --config: config file {tmp_path / 'nonexistent.toml'} "
+                                     "does not exist")
+
+
+def test_messages_list_refuses_a_limit_below_one(runner, tmp_path: Path) -> None:
+    for limit in ("-1", "0"):
+        result = gateway(runner, tmp_path, "messages", "list", "--limit", limit)
+        assert result.exit_code == 2 and "Invalid value for '--limit'" in result.stderr
+
+
+def test_users_passwd_names_a_password_file_it_cannot_read(runner, tmp_path: Path) -> None:
+    result = gateway(runner, tmp_path, "users", "passwd", "li.auditor", "--password-file", str(tmp_path / "missing"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"Error: --password-file {tmp_path / 'missing'}: cannot read the password (No "
+                                     "such file or directory)")
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(runner, tmp_path: Path) -> None:
+    config = runner.invoke(cli, ["settings"], env={"GATEWAY_CONFIG": str(tmp_path)})
+    assert config.exit_code == 2
+    assert "Invalid value for 'GATEWAY_CONFIG' (environment variable)" in config.stderr
+    assert "--config" not in config.stderr.splitlines()[-1]
+    database = runner.invoke(cli, ["users", "list"], env={"GATEWAY_DATABASE": str(tmp_path)})
+    assert database.exit_code == 2
+    assert "Invalid value for 'GATEWAY_DATABASE' (environment variable)" in database.stderr
+    flag = runner.invoke(cli, ["users", "list", "--db", str(tmp_path)])
+    assert flag.exit_code == 2 and "Invalid value for '--db'" in flag.stderr

@@ -181,12 +181,33 @@ def _walk_chain(
     store: AuditPort, wanted: set[int], walk: _Walk, check_index: bool
 ) -> tuple[int, bytes, dict[int, bytes]]:
     """Hash every entry in order (and compare its index rows); return (last seq, its hash, hashes of ``wanted``)."""
+    rows = store.chain()
+    groups = _key_groups(store) if check_index else None
+    try:
+        return _walk_rows(store, rows, wanted, walk, groups)
+    finally:
+        # closed here, while the connection is open: a walk stopped by an error (a damaged page) would otherwise
+        # leave its generators to the garbage collector, which closes them once the connection is gone ("Exception
+        # ignored in: <generator object _key_groups>" and a traceback after the one-line error)
+        for stream in (groups, rows):
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+
+def _walk_rows(
+    store: AuditPort,
+    rows: Iterator[tuple[int, bytes, bytes, bytes]],
+    wanted: set[int],
+    walk: _Walk,
+    groups: Iterator[tuple[int, bytes]] | None,
+) -> tuple[int, bytes, dict[int, bytes]]:
+    """:func:`_walk_chain` over the log's ``rows`` and its index rows ``groups`` (None: the index is not compared)."""
     expected, prev, last = 1, GENESIS, 0
     seen: dict[int, bytes] = {}
     sha256 = hashlib.sha256
-    groups = _key_groups(store) if check_index else None
     kseq, ktext = next(groups) if groups else (_END, b"")
-    for seq, content, prev_hash, digest in store.chain():
+    for seq, content, prev_hash, digest in rows:
         walk.rows += 1
         follows = prev_hash == prev
         intact = sha256(prev_hash + b"%d\n" % seq + content).digest() == digest

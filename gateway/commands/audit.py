@@ -41,7 +41,8 @@ from gateway.audit import export as exporting
 from gateway.audit import query, records, stats
 from gateway.audit.log import append, entries, has_log, head
 from gateway.audit.verify import verify as verify_log
-from gateway.commands.common import USCC, AwareDateTime, one_line_errors
+from gateway.commands.common import (USCC, AwareDateTime, EnvOption, database_in_use, note_database, one_line_errors,
+                                     printable)
 from gateway.config import Settings, check_database_url, load_settings
 from gateway.errors import GatewayError, InputError
 from gateway.signing.keys import load_certificates, load_signing_identity, signing_identity
@@ -99,6 +100,7 @@ def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True)
         else settings_for(ctx).database_locator
     if isinstance(path, str) and is_postgresql(path):
         check_database_url(path)
+    note_database(ctx, path)  # (a database error names it)
     if must_exist:
         require_existing(path)
     db = connect(path)
@@ -172,7 +174,8 @@ def _line(event: dict[str, Any]) -> str:
     subtype = event.get("subtype", [{}])[0].get("code", "")
     desc = event.get("outcomeDesc", "")
     kind = event["type"]["code"]
-    return f"{event['id']:>8}  {event['recorded']}  {kind:<22} {subtype:<26} {event['outcome']:>2}  {desc}"
+    # (the description may quote what a sender sent: its control characters are shown escaped, never obeyed)
+    return printable(f"{event['id']:>8}  {event['recorded']}  {kind:<22} {subtype:<26} {event['outcome']:>2}  {desc}")
 
 
 @click.group()
@@ -181,7 +184,8 @@ def audit() -> None:
 
 
 @audit.command("verify", short_help="Check the hash chain and checkpoints; name the first bad entry.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.option(
     "--trust",
     "trust_files",
@@ -212,17 +216,29 @@ def verify_cmd(
     a tail cut off after a checkpoint, and a checkpoint that is forged. Checkpoint signatures are checked
     with the gateway's configured trust (registry authority, registry snapshot, this member's certificate)
     plus --trust. Exit 1 if anything is wrong; exit 3 if nothing was found wrong but checkpoints could not
-    be vouched for (no trusted certificates). Reads only."""
-    with one_line_errors():
-        settings = settings_for(ctx)
-        trust, trust_notes = checkpoints.configured_trust(settings, trust_files)
-        extra = [checkpoints.Checkpoint.from_json(_read_json(path)) for path in checkpoint_files]
-        # The configured database is this member's log: its checkpoints must be about this member.
-        member = None if db_path else settings.issuer_uscc
-        with open_db(ctx, db_path) as db:
-            claims, notes = checkpoints.claims(db, trust, extra=extra, member=member) if has_log(db) else ([], [])
-            report = verify_log(db, claims)
-        report.notes[:0] = (trust_notes if claims else []) + notes
+    be vouched for (no trusted certificates); exit 2 if a file cannot be read (no such database, a file that is
+    not one or is damaged, a checkpoint file that is not JSON): then nothing was found wrong with the log, it could
+    not be looked at. Reads only."""
+    from gateway.cli import database_error, unusable_database
+
+    try:
+        with one_line_errors():
+            settings = settings_for(ctx)
+            trust, trust_notes = checkpoints.configured_trust(settings, trust_files)
+            extra = [checkpoints.Checkpoint.from_json(_read_json(path)) for path in checkpoint_files]
+            # The configured database is this member's log: its checkpoints must be about this member.
+            member = None if db_path else settings.issuer_uscc
+            with open_db(ctx, db_path) as db:
+                claims, notes = checkpoints.claims(db, trust, extra=extra, member=member) if has_log(db) else ([], [])
+                report = verify_log(db, claims)
+            report.notes[:0] = (trust_notes if claims else []) + notes
+    except click.ClickException as exc:  # exit 1 says the log is wrong: what could not be read is 2
+        exc.exit_code = 2
+        raise
+    except Exception as exc:
+        if not unusable_database(exc):
+            raise  # (a fault of the gateway: said as one, by the gateway command)
+        raise database_error(exc, database_in_use(ctx), exit_code=2) from None
     if as_json:
         click.echo(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
     else:
@@ -243,7 +259,8 @@ def _read_json(path: str) -> Any:
 
 @audit.command("query", epilog=_PARAMS_HELP)
 @click.argument("params", nargs=-1)
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the searchset Bundle (FHIR JSON) instead of one line per event."
 )
@@ -280,7 +297,8 @@ def query_cmd(ctx: click.Context, params: tuple[str, ...], db_path: str | None, 
     help="ndjson: one FHIR AuditEvent per line; csv: one row per event with the hash chain columns.",
 )
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Write here instead of standard output.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def export_cmd(ctx: click.Context, params: tuple[str, ...], fmt: str, out: str | None, db_path: str | None) -> None:
     """Export every entry matching PARAMS (all when none), oldest first, streamed page by page."""
@@ -388,7 +406,8 @@ def fee_table(settings: Settings, path: str | None) -> dict[tuple[str, str], sta
 @click.option("--fees", "fees_path", type=click.Path(exists=True),
               help="Fee table (CSV, or a folder of them) for 节约费用; default <mappings_dir>/fees.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def stats_cmd(
     ctx: click.Context,
@@ -487,7 +506,8 @@ def stats_cmd(
     type=click.Path(exists=True, dir_okay=False),
     help="PEM file of more trusted certificates to verify an imported checkpoint with. Repeatable.",
 )
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def checkpoint_cmd(
     ctx: click.Context,
@@ -596,7 +616,8 @@ def _signer(
 @click.option(
     "--polls", type=click.IntRange(0), default=0, help="With --follow: stop after this many looks (0: never)."
 )
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def tail_cmd(ctx: click.Context, count: int, follow: bool, interval: float, polls: int, db_path: str | None) -> None:
     """Show the newest entries, one line each (entry, time, type, subtype, outcome, description)."""

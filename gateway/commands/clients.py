@@ -15,7 +15,7 @@ import click
 
 from gateway import clients as smart
 from gateway.commands.audit import database_named, open_db, settings_for, who_acts
-from gateway.commands.common import one_line_errors
+from gateway.commands.common import EnvOption, one_line_errors
 
 __all__ = ["clients"]
 
@@ -49,7 +49,8 @@ def clients() -> None:
               help="PEM file with the client's public key.")
 @click.option("--kid", help="With --public-key: the kid the client puts in its JWT header (default: the key's "
               "RFC 7638 thumbprint, printed).")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def add(ctx: click.Context, name: str, role: str, scopes: str, jwks_file: str | None, jwks_url: str | None,
         public_key: str | None, kid: str | None, db_path: str | None) -> None:
@@ -75,7 +76,8 @@ def add(ctx: click.Context, name: str, role: str, scopes: str, jwks_file: str | 
 
 @clients.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
     """List the backend clients: role, scopes, keys, when added, whether disabled."""
@@ -93,7 +95,8 @@ def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
 
 @clients.command("disable")
 @click.argument("name")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
     """Disable the backend client NAME: it gets no more tokens and its live ones stop working."""

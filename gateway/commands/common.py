@@ -1,16 +1,21 @@
-"""Command helpers shared by every product area: time options and one-line errors."""
+"""Command helpers shared by every product area: time options, one-line errors, options read from the environment,
+and text from senders made safe for a terminal."""
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from gateway.errors import ConfigError, GatewayError
 
-__all__ = ["CST", "AwareDateTime", "AWARE", "Uscc", "USCC", "one_line_errors", "now_cst"]
+__all__ = ["CST", "AwareDateTime", "AWARE", "Uscc", "USCC", "one_line_errors", "now_cst", "EnvOption", "printable",
+           "note_database", "database_in_use"]
 
 #: China Standard Time, given to "now" when a command is not told a time.
 CST = _dt.timezone(_dt.timedelta(hours=8), "CST")
@@ -72,3 +77,56 @@ def one_line_errors() -> Iterator[None]:
 def now_cst() -> _dt.datetime:
     """The current time in China Standard Time, to the second."""
     return _dt.datetime.now(CST).replace(microsecond=0)
+
+
+class EnvOption(click.Option):
+    """An option that may come from an environment variable (``envvar``): a bad value is said to be the variable's
+    (``Invalid value for 'GATEWAY_DATABASE' (environment variable)``) when the variable gave it, not the flag's, which
+    the user never typed."""
+
+    def consume_value(self, ctx: click.Context, opts: Any) -> Any:
+        value, source = super().consume_value(ctx, opts)
+        ctx.meta[f"gateway.source.{self.name}"] = source  # (kept for this invocation only)
+        return value, source
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        if (ctx is not None and isinstance(self.envvar, str)
+                and ctx.meta.get(f"gateway.source.{self.name}") is ParameterSource.ENVIRONMENT):
+            return f"'{self.envvar}' (environment variable)"
+        return super().get_error_hint(ctx)
+
+
+#: Characters a terminal acts on rather than shows: C0 and C1 controls and DEL (ESC [ ... m colours, ESC ] 0;...
+#: BEL retitles the window, a carriage return overwrites the line), and the bidirectional overrides that show
+#: text in another order than it is.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print on an operator's terminal: what a sender put in a field (a control id, a sender name, a
+    reason quoting its values) is shown, never obeyed; each control character is written escaped (``\\x1b``)."""
+    return _UNPRINTABLE.sub(_escaped, str(text))
+
+
+#: Where a command notes the database it opens (``ctx.meta``, shared by every context of one invocation), so that a
+#: database error names that file.
+_DATABASE_KEY = "gateway.database"
+
+
+def note_database(ctx: click.Context, locator: str | Path, *, chosen: bool = True) -> None:
+    """Note the database this command uses: ``chosen`` (its ``--db``) wins over the configured one."""
+    if chosen:
+        ctx.meta[_DATABASE_KEY] = locator
+    else:
+        ctx.meta.setdefault(_DATABASE_KEY, locator)
+
+
+def database_in_use(ctx: click.Context) -> str | Path | None:
+    """The database this command used (:func:`note_database`), if it said."""
+    found: str | Path | None = ctx.meta.get(_DATABASE_KEY)
+    return found

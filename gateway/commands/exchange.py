@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from gateway import jsonutil
+from gateway.commands.common import printable
 
 __all__ = ["send", "outbox"]
 
@@ -52,7 +53,7 @@ def send(ctx: click.Context, bundle_id: str, destination: str, deliver_now: bool
     if deliver_now:
         ex.deliver(wait=None)
         entry = ex.outbox.get(row)
-        click.echo(f"outbox #{row}: {entry.status}" + (f" ({entry.last_error})" if entry.last_error else ""))
+        click.echo(printable(f"outbox #{row}: {entry.status}" + (f" ({entry.last_error})" if entry.last_error else "")))
         if entry.status == "dead":
             ctx.exit(1)
 
@@ -75,8 +76,8 @@ def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
     ex = _exchange(ctx)
     for row in ex.outbox.list(status, limit):
         nxt = f" next {_when(row.next_attempt_at)}" if row.status == "pending" else ""
-        click.echo(f"#{row.id:<5} {row.status:10} to {row.destination} attempts {row.attempts}{nxt} "
-                   f"{row.last_error}")
+        click.echo(printable(f"#{row.id:<5} {row.status:10} to {row.destination} attempts {row.attempts}{nxt} "
+                             f"{row.last_error}"))  # (the error quotes what the other member answered)
 
 
 @outbox.command("show")
@@ -92,7 +93,7 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
         click.echo(f"on its way: the sender holds it until {_when(row.lease_until)}, then it is tried again "
                    "(a gateway that stops cleanly gives it back at once)")
     if row.last_error:
-        click.echo(f"last error: {row.last_error}")
+        click.echo(printable(f"last error: {row.last_error}"))
     if row.receipt:
         click.echo("receipt: " + jsonutil.dumps(row.receipt))
 

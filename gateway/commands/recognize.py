@@ -18,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from gateway.commands.common import USCC, AwareDateTime, now_cst, one_line_errors
+from gateway.commands.common import (USCC, AwareDateTime, EnvOption, note_database, now_cst, one_line_errors,
+                                     printable)
 from gateway.commands.registry import authority_certificates
 from gateway.naming import SYSTEM_ID_CARD
 from gateway.recognition.engine import (
@@ -106,6 +107,7 @@ def format_decisions(decisions: list[Decision], snapshot: Snapshot) -> str:
 @click.option(
     "--db",
     "db_path",
+    cls=EnvOption,
     type=click.Path(dir_okay=False),
     envvar="GATEWAY_DATABASE",
     help="Store the decisions in this SQLite database (GATEWAY_DATABASE); not stored if absent.",
@@ -133,6 +135,7 @@ def recognize(
         if not db_path:
             decisions = decide(facts, document, snapshot, receiver, moment).decisions
         else:
+            note_database(click.get_current_context(), db_path)
             db = connect(db_path)
             try:  # the decisions and their audit entries commit together: `gateway audit stats` counts them
                 decisions, stored = decide_and_record(db, facts, document, snapshot, receiver, moment,
@@ -142,7 +145,7 @@ def recognize(
     if as_json:
         click.echo(dumps({"decisions": [d.to_dict() for d in decisions]}, indent=2))
     else:
-        click.echo(format_decisions(decisions, snapshot))
+        click.echo("\n".join(printable(line) for line in format_decisions(decisions, snapshot).split("\n")))
     if stored is not None:
         click.echo(f"{stored} new decision(s) stored in {describe(db_path or '')}", err=True)
 
@@ -164,6 +167,7 @@ def _configured(db_path: str | None) -> str:
 def _existing(db_path: str | None) -> str:
     """The database named (see :func:`_configured`), which must exist already (a file) or be a server's URL."""
     db_path = _configured(db_path)
+    note_database(click.get_current_context(), db_path)  # (a database error names it)
     if not is_postgresql(db_path) and not Path(db_path).exists():
         raise click.ClickException(f"{db_path}: no such database")
     return db_path
@@ -175,7 +179,8 @@ def _open(db_path: str | None) -> Database:
 
 
 @decisions.command("list")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.option("--patient", help="Patient identifier value (a 身份证号 unless --patient-system says otherwise).")
 @click.option("--patient-system", default=SYSTEM_ID_CARD, show_default=True, help="Identifier system of --patient.")
 @click.option("--issuer", type=USCC, help="Issuing member's 统一社会信用代码.")
@@ -206,16 +211,17 @@ def list_cmd(
         d = r.decision
         item_ref = d["catalogue_item"]["code"] if d.get("catalogue_item") else "-"
         flag = f"  overridden ({', '.join(o['reason'] for o in r.overrides)})" if r.overrides else ""
-        click.echo(
+        click.echo(printable(  # (the item and issuer as the Bundle's sender wrote them)
             f"{d['decided_at']}  {d['outcome']:<15}{item_ref:<10}{d['result']['issuer'] or '-':<20}"
             f"{d['result']['item']}  {d['decision_id']}{flag}"
-        )
+        ))
     click.echo(f"{len(rows)} decision(s)", err=True)
 
 
 @decisions.command("show")
 @click.argument("decision_id")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 def show_cmd(decision_id: str, db_path: str | None) -> None:
     """Print one stored decision with its rules and overrides (JSON)."""
     with one_line_errors():
@@ -225,7 +231,8 @@ def show_cmd(decision_id: str, db_path: str | None) -> None:
 
 @decisions.command("override")
 @click.argument("decision_id")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.option(
     "--reason",
     required=True,

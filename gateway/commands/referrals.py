@@ -14,7 +14,7 @@ from __future__ import annotations
 import click
 
 from gateway import jsonutil
-from gateway.commands.common import one_line_errors
+from gateway.commands.common import one_line_errors, printable
 from gateway.referrals import REASONS, STATUSES, Referral, Referrals
 
 __all__ = ["referrals"]
@@ -109,7 +109,7 @@ def show(ctx: click.Context, referral_id: str, as_json: bool) -> None:
             ((item.get("valueReference") or {}).get("identifier") or {}).get("value", "")
         click.echo(f"  {code}: {value}")
     if r.task.get("statusReason"):
-        click.echo(f"  answer: {r.task['statusReason'].get('text', '')}")
+        click.echo(printable(f"  answer: {r.task['statusReason'].get('text', '')}"))  # (the authority's words)
 
 
 @referrals.command("update")

@@ -18,7 +18,7 @@ import click
 
 from gateway import auth
 from gateway.commands.audit import database_named, open_db, settings_for, who_acts
-from gateway.commands.common import one_line_errors
+from gateway.commands.common import EnvOption, one_line_errors
 
 __all__ = ["users"]
 
@@ -36,7 +36,11 @@ def read_password(password_file: str | None, *, prompt: bool) -> str | None:
             with open(password_file, encoding="utf-8") as fh:
                 return fh.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
-            raise click.ClickException(f"{password_file}: cannot read the password ({exc.__class__.__name__})")
+            why = ("not UTF-8 text: save it as UTF-8" if isinstance(exc, UnicodeDecodeError)
+                   else exc.strerror or type(exc).__name__)
+            err = click.ClickException(f"--password-file {password_file}: cannot read the password ({why})")
+            err.exit_code = 2
+            raise err from None
     if prompt and sys.stdin.isatty():
         return str(click.prompt("Console password", hide_input=True, confirmation_prompt=True))
     return None
@@ -89,7 +93,8 @@ def users() -> None:
     "auditor or admin is asked for one at a terminal.",
 )
 @_EXPIRES
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def add(
     ctx: click.Context,
@@ -135,7 +140,8 @@ def add(
 @users.command("token")
 @click.argument("name")
 @_EXPIRES
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None) -> None:
     """Issue another API token for the active account NAME (the older ones keep working until they expire)."""
@@ -149,7 +155,8 @@ def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None)
 
 @users.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
     """List the accounts: roles, member, when added, whether disabled, how many live tokens and when each
@@ -172,7 +179,8 @@ def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
 
 @users.command("disable")
 @click.argument("name")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
     """Disable the account NAME and revoke its tokens (it stays listed: the audit log names it)."""
@@ -188,7 +196,8 @@ def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
 @click.argument("name")
 @click.option("--password-file", help="File whose first line is the new password; - reads stdin. Without it the "
               "password is asked for twice at a terminal.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE", help=_DB_HELP)
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
 @click.pass_context
 def passwd(ctx: click.Context, name: str, password_file: str | None, db_path: str | None) -> None:
     """Set the console password of the auditor or admin account NAME (and lift a lock-out)."""

@@ -42,7 +42,8 @@ from gateway.errors import ConfigError, UnmappedCode
 from gateway.naming import SYSTEM_LOINC, SYSTEM_UCUM, local_item_system
 
 __all__ = ["Target", "ConceptTable", "MappingSet", "HazardEntry", "HazardCatalogue", "load_mappings",
-           "loinc_check_digit", "fold_brackets", "factor_key", "short_names", "CATEGORY_SYSTEM", "CATEGORY_DISPLAY"]
+           "loinc_check_digit", "fold_brackets", "factor_key", "short_names", "CATEGORY_SYSTEM", "CATEGORY_DISPLAY",
+           "not_utf8"]
 
 _COLUMNS = ["source_system", "source_code", "target_system", "target_code", "display"]
 _UCUM_OK = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces: UCUM case-sensitive codes
@@ -256,8 +257,31 @@ def _check_target(system: str, code: str, where: str, problems: list[str]) -> No
         problems.append(f"{where}: target_system {system!r} is not an absolute URI")
 
 
+def not_utf8(path: str | Path, exc: UnicodeDecodeError, data: bytes | None = None) -> str:
+    """Why the file ``path`` (its bytes ``data``, when known) cannot be read as UTF-8, naming the line: a table or
+    source saved in another encoding (GBK, by a Chinese Windows editor or ``iconv -t gbk``)."""
+    decoded = bytes(exc.object)  # (what was decoded: after a byte order mark taken off)
+    line = decoded.count(b"\n", 0, exc.start) + 1
+    at = exc.start + (len(data) - len(decoded) if data is not None else 0)
+    return (f"{path}: line {line}: not UTF-8 text (byte {at}: {exc.reason}); save the file as UTF-8 "
+            "(from GBK: iconv -f gbk -t utf-8)")
+
+
+def _read_text(path: Path, problems: list[str]) -> str | None:
+    """The text of ``path``; None (with the problem noted) when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(not_utf8(path, exc, data))
+        return None
+
+
 def _read_table(path: Path) -> tuple[dict[str, str], list[str]]:
-    """The ``# key: value`` lines and the CSV lines of a table file."""
+    """The ``# key: value`` lines and the CSV lines of a table file.
+
+    :raises UnicodeDecodeError: it is not UTF-8 text (:func:`not_utf8` says so).
+    """
     text = path.read_text(encoding="utf-8-sig")
     meta: dict[str, str] = {}
     body: list[str] = []
@@ -418,8 +442,11 @@ _SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _load_structure(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    text = _read_text(path, problems)
+    if text is None:
+        return None
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
+        data = yaml.load(text, Loader=_SAFE_LOADER)
     except yaml.YAMLError as exc:
         problems.append(f"{path}: not valid YAML: {exc}")
         return None
@@ -497,7 +524,11 @@ def _load_mappings(base: Path) -> MappingSet:
     for path in sorted(base.rglob("*.csv")):
         if path.parent.name != "concepts":
             continue  # layouts and samples may live elsewhere
-        meta, body = _read_table(path)
+        try:
+            meta, body = _read_table(path)
+        except UnicodeDecodeError as exc:
+            problems.append(not_utf8(path, exc))
+            continue
         if meta.get("kind") == "hazard-catalogue":
             cat = _load_catalogue(path, problems, meta, body)
             if cat is not None:

@@ -33,7 +33,7 @@ from cryptography import x509
 from gateway.errors import ConfigError, IdentifierError, Issue
 from gateway.divisions import division_problem
 from gateway.identifiers import check_id_card, check_uscc
-from gateway.mapping.tables import loinc_check_digit
+from gateway.mapping.tables import loinc_check_digit, not_utf8
 from gateway.registry.models import (
     DEFAULT_RESPONSIBLE,
     QUALIFICATION_TYPES,
@@ -122,6 +122,19 @@ def _path(parts: Any) -> str:
     return out
 
 
+def _read_source(p: Path) -> str:
+    """The text of a source file (a byte order mark left out).
+
+    :raises ConfigError: it is not UTF-8 text (saved as GBK), naming the file and the line.
+    :raises OSError: it cannot be read.
+    """
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"registry source {not_utf8(p, exc, data)}", str(p)) from None
+
+
 def read_source_data(path: str | Path) -> dict[str, Any]:
     """The raw mapping of a source file (YAML dates kept as text), before any check: for tools that
     add to a source programmatically and then pass it to :func:`parse_source`.
@@ -130,7 +143,7 @@ def read_source_data(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
+        data = yaml.load(_read_source(p), Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read registry source {p}: {exc}", str(p)) from None
     if not isinstance(data, dict):
@@ -146,7 +159,7 @@ def load_source(path: str | Path) -> RegistrySource:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = _read_source(p)
     except OSError as exc:
         raise ConfigError(f"cannot read registry source {p}: {exc.strerror or exc}", str(p)) from None
     return parse_source(text, origin=str(p), base_dir=p.parent, is_json=p.suffix.lower() == ".json")
