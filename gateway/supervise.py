@@ -9,11 +9,12 @@ and exits non-zero: a gateway runs whole or not at all, never half. A part that
 writes a heartbeat and has not beaten for ``hung_after`` seconds (a blocked
 event loop, a stopped process, a pass that never ends) is hung: it is killed and
 started again like a part that died. A part may be a job that ends (``once``), others
-waiting for it to be done (``after``) before they start. SIGTERM or
-SIGINT stops every child (gracefully, then by force after ``grace`` seconds)
-and exits 0. A child that exits with status 2 has refused its configuration
-(it says why on stderr): restarting it cannot help, so the gateway stops with
-exit status 2. A child that exits with :data:`DATABASE_AWAY` could not reach the database as it started (a
+waiting for it to be done (``after``) before they start. SIGTERM,
+SIGINT or SIGHUP (the terminal closed: said in the log) stops every child
+(gracefully, then by force after ``grace`` seconds) and exits 0. A child that
+exits with status 2 has refused its configuration (it says why on stderr):
+restarting it cannot help, so the gateway stops with exit status 2. A child that
+exits with :data:`DATABASE_AWAY` could not reach the database as it started (a
 restart, a failover): it is started again every few seconds until the database answers, and those restarts do not
 count against ``restart_limit`` — an outage of the database never stops the gateway (the parts that run answer
 503 or no ACK meanwhile, and the log says so).
@@ -124,7 +125,7 @@ class Supervisor:
 
         Every child is stopped on return.
         """
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             for part in self.parts:
                 if part.after:
@@ -141,6 +142,10 @@ class Supervisor:
         return self.exit_code
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP and not self.stopping:  # the terminal or SSH session that started it closed: it
+            # stops as on SIGTERM, every part cleanly, and says why (it ended at once, and only its parts said so)
+            log.warning("SIGHUP (the terminal that started this gateway closed): stopping every process; run it "
+                        "under systemd or another service manager to keep it running")
         self.stopping = True
 
     def _start(self, part: Part) -> None:

@@ -57,6 +57,37 @@ def test_a_part_that_keeps_dying_stops_every_part(tmp_path: Path, caplog: pytest
     assert not (tmp_path / "serve.json").exists(), "nothing is left to say a gateway runs"
 
 
+def test_a_hangup_stops_every_part_cleanly_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`gateway serve &` in an SSH session that drops gets SIGHUP: it ended at once, its parts saying only that it
+    was gone. It stops as on SIGTERM, exit 0, and the log says why."""
+    import threading
+
+    parts = [Part("http-1", "HTTP worker 1", stand_in("import time; time.sleep(60)"))]
+    supervisor = Supervisor(parts, restart_limit=2, run_dir=tmp_path, backoff=0.05, grace=5)
+
+    def hang_up() -> None:
+        wait_until(lambda: parts[0].proc is not None and parts[0].state == "running", 20, "the part running")
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(10)
+        supervisor.stopping = True  # (a supervisor that let the hangup by is stopped all the same, and fails below)
+
+    def ours(signum: int, frame: Any) -> None:  # (this test process must not end by it if the supervisor lets it by)
+        pass
+
+    before = signal.signal(signal.SIGHUP, ours)
+    try:
+        threading.Thread(target=hang_up, daemon=True).start()
+        with caplog.at_level(logging.INFO, logger="gateway.supervise"):
+            started = time.monotonic()
+            code = supervisor.run()
+        assert code == 0 and time.monotonic() - started < 9
+        assert parts[0].proc is not None and parts[0].proc.poll() is not None
+        assert any("SIGHUP" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+        assert signal.getsignal(signal.SIGHUP) is ours  # (as it was before the run)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_part_that_cannot_reach_the_database_is_started_again_without_counting_against_the_limit(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A part restarted while the database is away (a restart, a failover) exits DATABASE_AWAY at once, again and
