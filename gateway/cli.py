@@ -625,6 +625,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "users": ("gateway.commands.users", "users"),
     "clients": ("gateway.commands.clients", "clients"),  # SMART backend clients
     "send": ("gateway.commands.exchange", "send"),
+    "lookup": ("gateway.commands.exchange", "lookup"),  # 调阅 at another member
     "outbox": ("gateway.commands.exchange", "outbox"),
     "referrals": ("gateway.commands.referrals", "referrals"),  # 移送 of violations to authorities
     "bench": ("gateway.commands.bench", "bench"),

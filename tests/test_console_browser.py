@@ -559,6 +559,31 @@ def test_every_page_fits_a_phone_and_a_long_value_wraps(world: World, chromium: 
         context.close()
 
 
+def test_a_lookup_from_the_command_line_is_verified_and_listed_as_made(
+        world: World, open_page: Opener, tmp_path: Path) -> None:
+    """`gateway lookup` at 涪陵 asks the running 通江 for the demo patient's reports over HTTP: each verified, written
+    out, and the lookup shown on 涪陵's exchange page under the lookups made (it was always empty: nobody recorded a
+    调阅 on the asking side)."""
+    # (the demo's own Bundles were signed with the story's keys, which the snapshot in force no longer lists: each is
+    # refused and not used, exit 1 — as a report would be whose signing certificate the authority withdrew)
+    result = CliRunner().invoke(cli, ["--config", str(world.fuling_dir / "gateway.toml"), "lookup",
+                                      "511921196612120011", "--at", TONGJIANG, "--user", "qc",
+                                      "--out", str(tmp_path / "got")], catch_exceptions=False)
+    said = result.output
+    found = re.search(r"(\d+) signed report Bundle\(s\), each verified; (\d+) refused", said)
+    assert result.exit_code == 1 and found and int(found.group(2)) >= 1, said
+    assert said.count("refused, not to be used: ") == int(found.group(2))
+    assert said.count("not issued by a trusted registry authority") == int(found.group(2))
+    assert said.count(f"signed by {TONGJIANG}") == int(found.group(1))
+    written = sorted((tmp_path / "got").glob("*.json"))  # only what verified is written out
+    assert len(written) == int(found.group(1)) and all(json.loads(p.read_bytes())["signature"] for p in written)
+    page, _ = open_page()
+    _log_in(page, world.fuling.url, "qc")
+    page.goto(world.fuling.url + "/console/exchange")
+    made = page.locator("main h2:has-text('Lookups made') + table tr").all_inner_texts()
+    assert any(TONGJIANG in row or "通江" in row for row in made[1:]), made
+
+
 def test_gateways_logged_no_stack_trace(world: World) -> None:
     """Whatever the browser did, the gateways wrote no stack trace (and are still running)."""
     for gw in (world.fuling, world.tongjiang):

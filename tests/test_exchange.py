@@ -57,6 +57,8 @@ class Routed:
 
     def get(self, url, headers) -> SendResult:
         key, client = self._client(url)
+        if key in self.down:
+            return SendResult(False, retryable=True, error="cannot reach the receiver: ConnectionError")
         parts = urlsplit(url)
         resp = client.get(f"{parts.path}?{parts.query}", headers=headers)
         return classify(resp.status_code, resp.data)
@@ -414,3 +416,66 @@ def test_a_lookup_may_list_several_patients_each_audited_alone(world) -> None:
         with pytest.raises(PeerRejected) as refused:
             fl.pull(TJ, asked)
         assert said in str(refused.value) and "patient.identifier" in str(refused.value), refused.value
+
+
+def test_a_lookup_is_audited_at_the_member_that_asks_as_well(world) -> None:
+    """调阅 was audited only where it was answered: the asking member's log (and its console's "lookups made") held
+    nothing of who there read another member's results of a patient. Now both sides record it: here who asked, which
+    member was asked, the patient and the reports that came back; a lookup that failed, with why."""
+    from gateway.errors import PeerUnavailable
+
+    ingest_lis(world)
+    fl = world.gateways["fuling"].pipeline
+    got = fl.exchange.pull(TJ, f"{SYSTEM_ID_CARD}|{ID_CARD}", by="dr-wang")
+    assert len(got) == 2
+    made = [e.content["facts"] for e in entries(fl.store.db) if e.kind == "read"]
+    assert len(made) == 1, made
+    facts = made[0]
+    assert facts["gateway"]["value"] == TJ and facts["member"]["value"] == FL  # read at 通江, for 涪陵
+    assert facts["client"]["value"] == "dr-wang" and facts["patient"]["value"] == ID_CARD
+    assert sorted(r.split("/")[0] for r in facts["resources"]) == ["DiagnosticReport"] * 2
+    # what `gateway lookup --receive` does with each: taken as a pushed report, decided for 涪陵
+    from gateway import jsonutil
+
+    taken = fl.receive_signed(jsonutil.dumps(got[0].bundle).encode("utf-8"), TJ)
+    assert taken.status == 200 and taken.decisions, taken
+    # the same entry found by the auditor's usual search at 涪陵
+    http = world.gateways["fuling"].app.test_client()
+    found = http.get("/fhir/AuditEvent", query_string={"patient:identifier": ID_CARD},
+                     headers={"Authorization": f"Bearer {world.gateways['fuling'].token}"}).get_json()
+    assert any(e["resource"]["type"]["code"] == "rest" for e in found.get("entry", [])), found
+    world.transport.down.add("tongjiang")
+    with pytest.raises(PeerUnavailable):
+        fl.exchange.pull(TJ, ID_CARD)
+    failed = [e.content["facts"] for e in entries(fl.store.db) if e.kind == "read"][-1]
+    assert "failed: PeerUnavailable" in failed["query"] and not failed.get("resources")
+    assert failed["patient"]["value"] == ID_CARD and failed["client"]["value"] == FL  # (no user: the gateway)
+
+
+def test_a_lookup_uses_the_reports_that_verify_and_names_the_ones_that_do_not(world, monkeypatch) -> None:
+    """One report whose signature does not verify (changed on the way, or signed with a certificate the authority
+    withdrew) made the whole 调阅 fail and the asking physician got nothing: asked for them, the others are given
+    and it is named apart, never used; without asking, it still raises."""
+    from gateway.errors import BadSignature
+
+    ingest_lis(world)
+    fl = world.gateways["fuling"].pipeline
+    real = world.transport.get
+
+    def changed_on_the_way(url, headers) -> SendResult:
+        answer = real(url, headers)
+        body = json.loads(answer.body)
+        first = body["entry"][0]["resource"]
+        obs = next(e["resource"] for e in first["entry"] if e["resource"]["resourceType"] == "Observation")
+        obs["valueQuantity"]["value"] += 1
+        return SendResult(True, status=answer.status, body=json.dumps(body).encode())
+
+    monkeypatch.setattr(world.transport, "get", changed_on_the_way)
+    refused: list[tuple[str, str]] = []
+    got = fl.exchange.pull(TJ, ID_CARD, refused=refused)
+    assert len(got) == 1 and len(refused) == 1
+    assert refused[0][0] != got[0].bundle["id"] and "signature" in refused[0][1]
+    made = [e.content["facts"] for e in entries(fl.store.db) if e.kind == "read"][-1]
+    assert "1 report(s) refused" in made["query"] and len(made["resources"]) == 1
+    with pytest.raises(BadSignature):
+        fl.exchange.pull(TJ, ID_CARD)

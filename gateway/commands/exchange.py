@@ -19,10 +19,10 @@ import click
 from gateway import jsonutil
 from gateway.commands.common import printable
 
-__all__ = ["send", "outbox"]
+__all__ = ["send", "outbox", "lookup"]
 
 
-def _exchange(ctx: click.Context) -> Any:
+def _pipeline(ctx: click.Context) -> Any:
     from gateway.cli import get_settings
     from gateway.errors import ConfigError
     from gateway.pipeline import Pipeline
@@ -31,7 +31,73 @@ def _exchange(ctx: click.Context) -> Any:
     if pipeline.exchange is None:
         raise ConfigError("this gateway has no signing key and registry snapshot configured "
                           "(signing_key, signing_cert, registry_snapshot)", "signing_key")
-    return pipeline.exchange
+    return pipeline
+
+
+def _exchange(ctx: click.Context) -> Any:
+    return _pipeline(ctx).exchange
+
+
+@click.command()
+@click.argument("patient")
+@click.option("--at", "destination", required=True,
+              help="统一社会信用代码 of the member to ask (from the registry snapshot).")
+@click.option("--user", "by", default="", help="Who asks (a user of this gateway), named in the audit entry.")
+@click.option("--receive", is_flag=True,
+              help="Also take each report as if the member had pushed it: stored, checked against our profiles, "
+                   "decided for this member (互认), audited.")
+@click.option("--out", type=click.Path(file_okay=False, writable=True),
+              help="Write each signed Bundle that verified to this folder, as <Bundle id>.json.")
+@click.pass_context
+def lookup(ctx: click.Context, patient: str, destination: str, by: str, receive: bool, out: str | None) -> None:
+    """调阅: ask another member for its signed reports of PATIENT (身份证号, or system|value; several separated by
+    commas), verify each against the registry snapshot, and list them. Audited here (who asked, which member,
+    which patient, what came back) and at the member asked. A report whose signature does not verify is listed as
+    refused and not used (the others are); exit 1 then, and when the member cannot be reached or refuses."""
+    from pathlib import Path
+
+    from gateway.errors import GatewayError
+
+    pipeline = _pipeline(ctx)
+    refused: list[tuple[str, str]] = []
+    try:
+        found = pipeline.exchange.pull(destination, patient, by=by, refused=refused)
+    except GatewayError as exc:
+        raise click.ClickException(f"调阅 at {destination}: {exc.message}") from None
+    click.echo(f"{destination}: {len(found)} signed report Bundle(s), each verified"
+               + (f"; {len(refused)} refused, not to be used" if refused else ""))
+    folder = Path(out) if out else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    for one in found:
+        reports = [e["resource"] for e in one.bundle.get("entry", [])
+                   if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+                   and e["resource"].get("resourceType") == "DiagnosticReport"]
+        named = ", ".join(f"{(r.get('code') or {}).get('text') or _first_code(r)} issued {r.get('issued', '?')}"
+                          for r in reports)
+        line = (f"  Bundle {one.bundle.get('id')}: signed by {one.signer_uscc} (kid {one.kid}) "
+                f"{one.signed_at.isoformat(timespec='seconds')}, sha256 {one.document_sha256[:16]}…; {named}")
+        text = jsonutil.dumps(one.bundle).encode("utf-8")
+        if folder is not None:
+            (folder / f"{one.bundle.get('id') or one.document_sha256}.json").write_bytes(text)
+        if receive:
+            answer = pipeline.receive_signed(text, destination)
+            tally: dict[str, int] = {}
+            for decision in answer.decisions or []:
+                tally[str(decision.get("outcome"))] = tally.get(str(decision.get("outcome")), 0) + 1
+            line += (f"; received: HTTP {answer.status}" + (" (had it already)" if answer.duplicate else "")
+                     + (", decided " + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) if tally else ""))
+        click.echo(printable(line))
+    for bundle_id, why in refused:
+        click.echo(printable(f"  Bundle {bundle_id}: refused, not to be used: {why}"))
+    if refused:
+        ctx.exit(1)
+
+
+def _first_code(report: dict[str, Any]) -> str:
+    codings = (report.get("code") or {}).get("coding") or [{}]
+    first = codings[0] if isinstance(codings[0], dict) else {}
+    return str(first.get("display") or first.get("code") or "report")
 
 
 @click.command()

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from gateway import jsonutil, metrics
 from gateway.audit import events as audit_events
@@ -341,13 +341,40 @@ class Exchange:
                                        asked=[asked])
         log.info("exchange lookup by peer=%s found=%d", peer, len(texts))
 
-    def pull(self, destination: str, identifier: str, transport: Any = None) -> list[Any]:
+    def pull(self, destination: str, identifier: str, transport: Any = None, *, by: str = "",
+             refused: list[tuple[str, str]] | None = None) -> list[Any]:
         """调阅: ask ``destination`` for its signed reports of a patient and verify every one.
+
+        ``refused``: where the reports that do not verify go, as (Bundle id, why), the others being returned;
+        without it, one that does not verify raises and none is returned.
+
+        The lookup is audited here too, as the member that asked (BALP: the querying side records the query as
+        the side that answers does): who asked (``by``, a user; else this gateway), which member, which patient,
+        and the reports that came back verified — or that none did, and why (the other member away or refusing,
+        a report that does not verify).
 
         :raises PeerUnavailable: the peer cannot be reached (retry later).
         :raises PeerRejected: the peer refused the request.
         :raises BadSignature / TrustError: a returned Bundle does not verify (nothing is returned then).
         """
+        verified: list[Any] = []
+        failure: Exception | None = None
+        try:
+            verified = self._pull(destination, identifier, transport, refused)
+            return verified
+        except Exception as exc:
+            failure = exc
+            raise
+        finally:
+            try:
+                self._record_pull(destination, identifier, verified, failure, by, refused or [])
+            except Exception as exc:  # noqa: BLE001 - the answer stands; the log says the entry is missing
+                log.error("exchange lookup at %s not audited here: %s", destination, type(exc).__name__)
+                if failure is None:
+                    raise
+
+    def _pull(self, destination: str, identifier: str, transport: Any = None,
+              refused: list[tuple[str, str]] | None = None) -> list[Any]:
         from gateway.errors import PeerRejected, PeerUnavailable
 
         used = transport or self.transport
@@ -364,13 +391,51 @@ class Exchange:
         for entry in parse_json(result.body).get("entry", []):
             try:
                 one = verify_bundle(jsonutil.dumps(entry["resource"]), snapshot, at=self.clock())
+                if check_signer_is_issuer(one) != destination:
+                    raise TrustError(f"{destination} returned a report issued by another member", "exchange")
             except TrustError as exc:
                 metrics.signature_failed("pull", exc)
-                raise
-            if check_signer_is_issuer(one) != destination:
-                raise TrustError(f"{destination} returned a report issued by another member", "exchange")
+                if refused is None:
+                    raise
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                refused.append((str(resource.get("id") if isinstance(resource, dict) else "?"), exc.message))
+                continue
             verified.append(one)
         return verified
+
+    def _record_pull(self, destination: str, identifier: str, verified: list[Any], failure: Exception | None,
+                     by: str, refused: list[tuple[str, str]]) -> None:
+        """The audit entry of a 调阅 this member made: read at ``destination`` (its gateway), on this member's
+        behalf, by ``by`` (or this gateway); one per patient whose reports came back, else one naming each patient
+        asked (with the reason it failed, when it did)."""
+        from gateway.audit.events import patient_identifier
+        from gateway.audit.records import Party, PatientRef
+
+        resources, known = [], {}
+        for one in verified:
+            for entry in one.bundle.get("entry", []):
+                res = entry.get("resource", {})
+                if res.get("resourceType") == "Patient":
+                    known[f"Patient/{str(entry.get('fullUrl', '')).rsplit(':', 1)[-1]}"] = patient_identifier(res)
+                if res.get("resourceType") == "DiagnosticReport":
+                    pid = str(res.get("subject", {}).get("reference", "")).rsplit(":", 1)[-1]
+                    resources.append({"resourceType": "DiagnosticReport", "id": res.get("id"),
+                                      "subject": {"reference": f"Patient/{pid}"}})
+        asked = [audit_events.asked_patient(one) or PatientRef(one) for one in identifier.split(",") if one]
+        me = self.settings.issuer_uscc
+        client = Party.user(me, by) if by else Party.member(me, self.settings.issuer_name)
+        query = (f"patient.identifier={identifier}" + (f" (failed: {type(failure).__name__})" if failure else "")
+                 + (f" ({len(refused)} report(s) refused: their signature does not verify)" if refused else ""))
+        try:
+            server = urlsplit(self.endpoint_of(destination)).netloc or destination
+        except Exception:  # noqa: BLE001 - a member the snapshot does not list: named by its code
+            server = destination
+        with transaction(self.db):
+            audit_events.patient_reads(self.db, at=self.clock(), member=destination, server_address=server,
+                                       client=client, client_address="", on_behalf_of=me, resources=resources,
+                                       query=query, identified=known.get, asked=asked)
+        log.info("exchange lookup at peer=%s found=%d%s", destination, len(verified),
+                 f" failed ({type(failure).__name__})" if failure else "")
 
     def signed_reports_for(self, identifier: str) -> list[bytes]:
         """This member's own signed Bundles for a patient identifier (``system|value`` or ``value``)."""
