@@ -227,9 +227,12 @@ def test_whole_story_on_files(runner: CliRunner, tmp_path: Path) -> None:
     assert CHONGQING in one_line(shown.output)
     signed = tmp_path / "signed.json"
     member_key = str(member_dir / f"{CHONGQING}.key.pem")
-    assert runner.invoke(cli, ["sign", str(DATA / "report-bundle.json"), "--key", member_key,
-                               "--cert", str(cert), "--chain", str(authority_dir / "authority.cert.pem"),
-                               "--at", "2025-06-01T10:30:00+08:00", "--out", str(signed)]).exit_code == 0
+    args = ["sign", str(DATA / "report-bundle.json"), "--key", member_key, "--cert", str(cert), "--chain",
+            str(authority_dir / "authority.cert.pem"), "--at", "2025-06-01T10:30:00+08:00", "--out", str(signed)]
+    # the report is the Sichuan hospital's: Chongqing's key signs it, saying that no receiver will take it
+    made = runner.invoke(cli, args)
+    assert made.exit_code == 0 and signed.exists()
+    assert "warning: Bundle.entry[" in made.stderr and f"the report was issued by {SICHUAN}" in made.stderr
     trust = ["--trust", str(authority_dir / "authority.cert.pem"), "--trust", str(cert)]
     # The Bundle's report was issued by the Sichuan hospital, so Chongqing's signature is refused ...
     refused = runner.invoke(cli, ["verify", str(signed), *trust, "--at", AT])

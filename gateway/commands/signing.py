@@ -16,7 +16,7 @@ import datetime as _dt
 import logging
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import click
 from cryptography import x509
@@ -181,7 +181,8 @@ def sign(
     at: _dt.datetime | None,
     key_password_file: str | None,
 ) -> None:
-    """Sign the report Bundle in file BUNDLE ('-' for standard input) and print the signed Bundle."""
+    """Sign the report Bundle in file BUNDLE ('-' for standard input) and print the signed Bundle. A Bundle whose
+    reports another member issued is signed with a warning on stderr: `verify` and a receiving gateway refuse it."""
     with _one_line_errors():
         key = load_private_key(key_path, _read_password(key_password_file))
         cert = load_certificate(cert_path)
@@ -190,6 +191,7 @@ def sign(
         if not isinstance(document, dict):
             raise click.ClickException("BUNDLE does not hold a JSON object")
         when = at or _now()
+        _warn_unless_issuer(document, uscc_of(cert))
         signed = sign_bundle(document, key, chain, who=signer_reference(cert), when=when)
         text = dumps(signed, indent=2) + "\n"
     if out:
@@ -197,6 +199,22 @@ def sign(
         click.echo(f"signed by {uscc_of(cert)} kid {kid_of(cert)} at {format_instant(when)}: wrote {out}")
     else:
         click.echo(text, nl=False)
+
+
+def _warn_unless_issuer(document: dict[str, Any], signer: str | None) -> None:
+    """Say before signing when the signer is not the issuer of every report (``verify`` and every receiver require
+    it; a remote reading's township may still sign it for the engine's reading-signature rule to judge). It was
+    signed without a word, and refused only where it was sent."""
+    from types import SimpleNamespace
+
+    from gateway.errors import TrustError
+    from gateway.signing.jws import check_signer_is_issuer
+
+    try:
+        check_signer_is_issuer(SimpleNamespace(bundle=document, signer_uscc=signer))  # type: ignore[arg-type]
+    except TrustError as exc:
+        click.echo(f"warning: {exc.location} {exc.message}: `gateway verify` and receiving gateways refuse a report "
+                   "not signed by its issuer", err=True)
 
 
 @click.command()
