@@ -105,6 +105,26 @@ def test_search_paging_with_next_links(client) -> None:
     assert not any(link["relation"] == "next" for link in second["link"])
 
 
+@pytest.mark.parametrize("query, location", [
+    ("Patient?name:missing=true", "name:missing"), ("Observation?_summary=true", "_summary"),
+    ("Observation?_summary=data", "_summary"), ("Observation?_sort=code", "_sort"),
+    ("DiagnosticReport?_include=Patient:foo", "_include"), ("Observation?colour=red", "colour"),
+    ("Observation?code:text=x", "code:text")])
+def test_lenient_handling_ignores_what_is_not_supported_and_says_so(client, query: str, location: str) -> None:
+    """R4 search.html: with Prefer: handling=lenient what the server does not support is ignored. Some of it was
+    still refused (400) and the rest ignored silently: now each is ignored, and named in an OperationOutcome entry
+    of the page; without lenient handling each is refused naming it."""
+    refused = client.get(f"/fhir/{query}")
+    assert refused.status_code == 400 and refused.get_json()["issue"][0]["expression"] == [location]
+    page = client.get(f"/fhir/{query}", headers={"Prefer": "handling=lenient"})
+    assert page.status_code == 200, page.get_data(as_text=True)
+    body = page.get_json()
+    assert body["type"] == "searchset"
+    [said] = [e["resource"] for e in body.get("entry", []) if e.get("search", {}).get("mode") == "outcome"]
+    assert [(i["severity"], i["expression"]) for i in said["issue"]] == [("warning", [location])]
+    assert "ignored (Prefer: handling=lenient)" in said["issue"][0]["diagnostics"]
+
+
 def test_search_and_read_errors_are_operation_outcomes(client) -> None:
     body = assert_outcome(client.get("/fhir/Observation?colour=red"), 400)
     assert body["issue"][0]["expression"] == ["colour"]

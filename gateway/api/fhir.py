@@ -622,18 +622,29 @@ def search_posted(rtype: str) -> Response:
 def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     _known_type(rtype)
     count, fewer = _page_size(20, _MAX_COUNT, args)
+    lenient = prefers_lenient(request.headers.get("Prefer", ""))
+    # R4 (search.html, handling=lenient): what is not supported is ignored rather than refused — and said in the
+    # page (an OperationOutcome entry), never silently
+    ignored: list[Issue] = []
+
+    def ignore_if_lenient(exc: InvalidSearch) -> None:
+        if not lenient:
+            raise exc
+        ignored.append(Issue("warning", "not-supported", exc.location,
+                             f"ignored (Prefer: handling=lenient): {exc.message}"))
+
     summary = args.get("_summary")
     if summary == "false":  # (R4: the whole resources, as without it)
         summary = None
+    if summary is not None and summary != "count":
+        ignore_if_lenient(InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=count, "
+                                        "_summary=false)", "_summary", code="not-supported"))
+        summary = None
     if summary is not None:
-        if summary != "count":
-            raise InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=count, "
-                                "_summary=false)", "_summary", code="not-supported")
         count = 0
     offset = _int_param("_offset", 0, 0, 10_000_000, args)
     check_total_hint(args.getlist("_total"))
     params = [(k, v) for k, vs in args.lists() for v in vs if k not in _CONTROL]
-    lenient = prefers_lenient(request.headers.get("Prefer", ""))
     if len(params) > _MAX_PARAMS:
         raise InvalidSearch(f"the search has {len(params)} parameters, at most {_MAX_PARAMS} are taken (values of "
                             "one parameter separated by commas match any of them)", params[_MAX_PARAMS][0][:_MAX_NAME])
@@ -645,13 +656,39 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
             raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken",
                                 name[:_MAX_NAME])
     params = [(k, v) for k, v in params if len(k) <= _MAX_NAME]  # (lenient: a name no parameter has is ignored)
+    if lenient:  # the parameters this search does not take, and modifiers it does not know: ignored, and said
+        known_here = SEARCH_PARAMS.get(rtype, {})
+        kept_params = []
+        for name, value in params:
+            base, _, modifier = name.partition(":")
+            if known_here.get(PARAM_ALIASES.get(name, name)) is not None:  # a name, or a spelling of one
+                supported = True
+            else:  # a modifier: :exact and :contains of a string parameter (as Store.search reads them)
+                supported = bool(modifier) and known_here.get(PARAM_ALIASES.get(base, base)) == "string" \
+                    and modifier in ("exact", "contains")
+            if supported:
+                kept_params.append((name, value))
+            else:
+                ignored.append(Issue("warning", "not-supported", name[:_MAX_NAME],
+                                     f"ignored (Prefer: handling=lenient): search parameter {shown(name)} is not "
+                                     f"supported for {rtype}"))
+        params = kept_params
     # a reference written as this server's absolute URL is the resource here (Patient/123)
     heres = {public_root() + "/fhir/", request.url_root.rstrip("/") + "/fhir/"}
     kinds = SEARCH_PARAMS.get(rtype, {})
     for here in heres:
         params = [(k, ",".join(part.removeprefix(here) for part in v.split(","))
                    if kinds.get(PARAM_ALIASES.get(k, k)) == "reference" and here in v else v) for k, v in params]
-    sort = _sort_of(args)
+    try:
+        sort = _sort_of(args)
+        dates = {n for n, k in SEARCH_PARAMS.get(rtype, {}).items() if k == "date"}
+        for name, _ in sort:
+            if name not in dates:
+                raise InvalidSearch(f"_sort by {name!r} is not supported for {rtype} (supported: "
+                                    f"{', '.join(sorted(dates))})", "_sort", code="not-supported")
+    except InvalidSearch as exc:
+        ignore_if_lenient(exc)
+        sort = []
     store = pipeline_of(current_app).store
     # the pages after the first read the resources stored when the first was made: results stored meanwhile do
     # not shift them (each resource once, page after page); a new search sees them
@@ -668,7 +705,11 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     more = len(result.resources) > count
     del result.resources[count:]
     last_keys = result.keys[count - 1] if count and len(result.keys) >= count else None
-    included, cut = _included(rtype, args, result.resources)
+    try:
+        included, cut = _included(rtype, args, result.resources)
+    except InvalidSearch as exc:
+        ignore_if_lenient(exc)
+        included, cut = [], False
     elements = _elements_of(rtype, args)
     asked = [] if result.resources else _patients_asked(rtype, params)
     if result.resources or asked:
@@ -699,7 +740,7 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                             "search": {"mode": "match"}} for r in result.resources]
         bundle["entry"] += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
                              "search": {"mode": "include"}} for r in included]
-    said = [fewer] if fewer is not None and not summary else []
+    said = ([fewer] if fewer is not None and not summary else []) + ignored
     if cut:
         said.append(Issue(
             "warning", "too-costly", "_include", f"_include and _revinclude would add more than {_MAX_INCLUDED} "
