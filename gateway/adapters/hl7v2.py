@@ -851,9 +851,11 @@ class HL7v2Adapter:
             if m.name(i) and not _SEGMENT_ID.match(m.name(i)):
                 # a segment the reader cannot name (obx for OBX) would be passed over as unknown, and its result
                 # or patient lost with an AA
-                msg.issues.append(Issue("error", "structure", m.where(i),
-                                        f"{shown(m.name(i)[:20])} is not a segment name (three capital letters "
-                                        "or digits, such as OBX): the segment cannot be read", "100"))
+                before = m.where(max(j for j in range(i) if m.name(j)))  # (MSH, at least)
+                msg.issues.append(Issue("error", "structure", before,
+                                        f"the segment after {before} is named {shown(m.name(i)[:6])}, "
+                                        "which is no segment name (three capital letters or digits, such as OBX): "
+                                        "it cannot be read", "100"))
                 break
             if m.name(i) in _UNIT_ENDS:
                 # one unit (an MLLP block) holds one message: the segments after a second MSH are another
