@@ -161,3 +161,24 @@ def test_a_broken_guide_stops_the_app_at_registration(settings, tmp_path) -> Non
     other = Flask("other")
     other.register_blueprint(conformance.bp, profiles_dir=str(ROOT / "profiles"))
     assert conformance.guide_of(other).version == IG_VERSION
+
+
+def test_the_guides_searches_take_the_paging_every_search_takes(http) -> None:
+    """``StructureDefinition?_count=1`` (and ``_summary=count``) was refused as an unknown parameter, though the
+    CapabilityStatement offers search-type: a FHIR client pages every search the same way."""
+    everything = http.get("/fhir/StructureDefinition").get_json()
+    total = everything["total"]
+    assert total > 2 and len(everything["entry"]) == total
+    seen: list[str] = []
+    url = "/fhir/StructureDefinition?_count=2"
+    while url:
+        page = http.get(url.replace("http://localhost", ""))
+        assert page.status_code == 200, page.get_data(as_text=True)
+        body = page.get_json()
+        assert body["total"] == total and len(body.get("entry", [])) <= 2
+        seen += [e["resource"]["id"] for e in body.get("entry", [])]
+        url = next((link["url"] for link in body["link"] if link["relation"] == "next"), "")
+    assert seen == [e["resource"]["id"] for e in everything["entry"]]
+    counted = http.get("/fhir/CodeSystem?_summary=count").get_json()
+    assert "entry" not in counted and counted["total"] == http.get("/fhir/CodeSystem").get_json()["total"]
+    assert http.get("/fhir/ValueSet?_count=x").status_code == 400

@@ -69,7 +69,8 @@ _MAX_VALUE = 256  # characters of one search value (a canonical URL, a name); no
 
 def _search(rtype: str) -> Response:
     lenient = prefers_lenient(request.headers.get("Prefer", ""))
-    unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k not in ("_format", "_pretty"))
+    unknown = sorted(k for k in request.args if k not in _SEARCH_PARAMS and k not in _PAGING
+                     and k not in ("_format", "_pretty"))
     if unknown and not lenient:
         raise InvalidSearch(f"is not a supported search parameter (supported: {', '.join(_SEARCH_PARAMS)})",
                             unknown[0][:60])
@@ -86,15 +87,45 @@ def _search(rtype: str) -> Response:
     from gateway.api.app import public_root
 
     base = public_root() + "/fhir"
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(found),
-        "link": [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{urlencode(args)}" if args else "")}],
-        "entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                  for r in found],
-    }
+    # the paging every search of this server takes: _count (with next links), _offset, _summary=count
+    summary = request.args.get("_summary")
+    if summary not in (None, "count", "false"):
+        raise InvalidSearch(f"_summary={summary[:60]!r} is not supported (supported: _summary=count, "
+                            "_summary=false)", "_summary", code="not-supported")
+    count = 0 if summary == "count" else _whole("_count", len(found) or 1)
+    offset = _whole("_offset", 0)
+    page = found[offset:offset + count]
+
+    def link(start: int) -> str:
+        query = [*args.items(), *([("_summary", "count")] if summary == "count" else
+                                  [("_count", str(count)), ("_offset", str(start))]
+                                  if "_count" in request.args or start else [])]
+        return f"{base}/{rtype}" + (f"?{urlencode(query)}" if query else "")
+
+    links = [{"relation": "self", "url": link(offset)}]
+    if count and offset + count < len(found):
+        links.append({"relation": "next", "url": link(offset + count)})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": len(found), "link": links}
+    if page:
+        bundle["entry"] = [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                           for r in page]
     return _fhir(bundle)
+
+
+_PAGING = ("_count", "_offset", "_summary")
+
+
+def _whole(name: str, default: int) -> int:
+    """A paging parameter: a whole number, 0 or more (``default`` when absent).
+
+    :raises InvalidSearch: anything else.
+    """
+    text = request.args.get(name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise InvalidSearch(f"{name} must be a whole number, 0 or more", name)
+    return int(text)
 
 
 # One static rule per type: more specific than the results API's /fhir/<type>/<id>, so these win.
