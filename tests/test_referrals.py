@@ -147,6 +147,7 @@ def test_fhir_task_search(world) -> None:
     client = gw.app.test_client()
     headers = {"Authorization": f"Bearer {gw.token}"}
     found = client.get("/fhir/Task?status=requested", headers=headers).get_json()
+    assert found["link"] == [{"relation": "self", "url": f"{gw.url}/fhir/Task?status=requested"}]  # (R4)
     assert found["resourceType"] == "Bundle" and [e["resource"]["id"] for e in found["entry"]] == [made.id]
     none = client.get("/fhir/Task?status=completed", headers=headers).get_json()
     assert none["total"] == 0 and "entry" not in none  # (FHIR JSON has no empty arrays)

@@ -396,7 +396,9 @@ def task_search() -> Response:
     rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
                                           limit=count + 1 if count else 1_000_000)  # (_count=0: the total only)
     base = public_root()
-    found: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    asked = [(k, v) for k in known for v in request.args.getlist(k)]
+    found: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": [
+        {"relation": "self", "url": f"{base}/fhir/Task" + (f"?{urlencode(asked)}" if asked else "")}]}
     if len(rows) <= count or not count:  # every match counted: its total is known (more: not counted, not guessed)
         found["total"] = len(rows)
     if rows[:count]:  # (FHIR JSON has no empty arrays)
