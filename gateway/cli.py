@@ -521,7 +521,9 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
         lines.append(_holder_line(rec, store.epoch()))
     lines += [f"  {stage['at'][:23]} {stage['stage']:8} {stage['status']} {stage['detail']}"
               for stage in store.stages_of(record_id)]
-    lines += [f"  {issue['severity']}: {issue['location']} {issue['message']}" for issue in rec.issues]
+    for issue in rec.issues:  # (a message that names its place itself says it once)
+        place, said = str(issue["location"] or ""), str(issue["message"])
+        lines.append(f"  {issue['severity']}: {said if not place or said.startswith(place) else place + ' ' + said}")
     for line in lines:
         click.echo(printable(line))
 

@@ -526,6 +526,27 @@ def test_messages_show_what_senders_wrote_with_control_characters_escaped(runner
     assert raw.stdout_bytes == b"MSH|^~\\&|"  # (--raw: the bytes as received)
 
 
+def test_a_message_in_another_character_set_than_it_declares_is_recorded_under_its_name(runner, tmp_path) -> None:
+    """GBK bytes under a UTF-8 MSH-18 are refused naming MSH-18, as before; the record had no sender or control id
+    (its answer named them) and `messages show` said "MSH-18 MSH-18 declares…"."""
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+
+    text = ("MSH|^~\\&|LIS|TJXRMYY|||20240601090000||ORU^R01|DECX|P|2.5.1||||||UNICODE UTF-8\r"
+            "PID|1||511921198001011237^^^^NNCHN||王^建国||19800101|M\r")
+    pipeline = Pipeline(load_settings(overrides={"data_dir": str(tmp_path / "gw")}))
+    try:
+        [outcome] = pipeline.ingest(text.encode("gbk"), "hl7v2", channel="mllp")
+    finally:
+        pipeline.close()
+    assert outcome.status.value == "refused" and outcome.errors[0].location == "MSH-18"
+    listed = gateway(runner, tmp_path, "messages", "list")
+    assert "DECX" in listed.stdout, listed.stdout
+    shown = gateway(runner, tmp_path, "messages", "show", str(outcome.record_id))
+    assert "DECX from LIS|TJXRMYY via mllp" in shown.stdout, shown.stdout
+    assert "error: MSH-18 declares 'UNICODE UTF-8'" in shown.stdout and "MSH-18 MSH-18" not in shown.stdout
+
+
 # -- the start banner with JSON logs --------------------------------------------------------------------------------
 
 

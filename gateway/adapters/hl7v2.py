@@ -707,10 +707,18 @@ class HL7v2Adapter:
             yield RawUnit(chunk, n, origin)
 
     def identify(self, unit: RawUnit) -> tuple[str, str]:
-        """(sender, MSH-10) read cheaply for duplicate detection; ``("", "")`` if unreadable."""
+        """(sender, MSH-10) read cheaply for duplicate detection; ``("", "")`` if unreadable. A message whose
+        character set cannot be read (GBK under a UTF-8 MSH-18) is still named by its MSH fields that are plain
+        ASCII, as its answer names it (its record had no sender or control id, and each resend made another)."""
         text, _, _ = self._decode(unit.data)
-        first = (text or "").split("\r", 1)[0]
-        if text is None or not first.startswith("MSH") or len(first) < 4:
+        if text is None:
+            head = SourceMessage(format=self.format)
+            self.read_first_segment(unit.data, head)
+            h = head.header
+            sender = f"{h.get('sending_application', '')}|{h.get('sending_facility', '')}"
+            return (sender if sender != "|" else ""), head.message_id
+        first = text.split("\r", 1)[0]
+        if not first.startswith("MSH") or len(first) < 4:
             return "", ""
         sep = first[3:4]
         fields = ["MSH", sep] + first[4:].split(sep)
