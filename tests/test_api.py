@@ -309,3 +309,12 @@ def test_a_read_of_a_patient_not_held_here_leaves_a_trail(client, app) -> None:
     found = client.get("/fhir/AuditEvent", query_string={"patient": "Patient/no-such-patient"},
                        headers=auditor).get_json()
     assert found.get("total") == 1, found
+
+
+def test_tasks_of_a_gateway_that_takes_no_exchange_are_none_not_an_error(client) -> None:
+    """A gateway without a registry snapshot has made and received no referral: GET /fhir/Task answered 500 ("this
+    gateway takes no exchange"); it finds none, and a Task read is not found."""
+    assert client.application.extensions.get("gateway.exchange") is None
+    found = client.get("/fhir/Task?status=requested")
+    assert found.status_code == 200 and found.get_json()["total"] == 0 and "entry" not in found.get_json()
+    assert_outcome(client.get("/fhir/Task/some-referral"), 404)

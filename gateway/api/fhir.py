@@ -241,6 +241,11 @@ def metadata() -> Response:
             entry.setdefault("operation", []).extend(extra.get("operation", []))
         else:
             resources.append(extra)
+    for entry in resources:  # referrals (移送), served as Tasks: what GET /fhir/Task and /fhir/Task/{id} take
+        if entry["type"] == "Task":
+            entry["interaction"] = [{"code": "read"}, {"code": "search-type"}]
+            entry["searchParam"] = [{"name": "focus", "type": "reference", "documentation": "the report's 检验报告单号,"
+                                     " or DiagnosticReport/{id}"}, {"name": "status", "type": "token"}]
     from gateway.api.conformance import _VALIDATE_OPERATION
 
     for entry in resources:  # $validate, type and instance level, for every type stored here
@@ -393,8 +398,11 @@ def task_search() -> Response:
         raise InvalidSearch(f"search parameter {shown(unknown[0])} is not supported for Task (supported: status, "
                             "focus)", unknown[0][:_MAX_NAME], code="not-supported")
     count = _int_param("_count", 100, 0, 1000)  # (no next link here: a larger page is refused, not cut short)
-    rows = referrals_of(current_app).list(status=request.args.get("status"), focus=request.args.get("focus"),
-                                          limit=count + 1 if count else 1_000_000)  # (_count=0: the total only)
+    # a gateway that takes no exchange (no registry snapshot) has made and received no referral: none found (it
+    # answered 500, "this gateway takes no exchange")
+    rows = [] if current_app.extensions.get("gateway.exchange") is None else referrals_of(current_app).list(
+        status=request.args.get("status"), focus=request.args.get("focus"),
+        limit=count + 1 if count else 1_000_000)  # (_count=0: the total only)
     base = public_root()
     asked = [(k, v) for k in known for v in request.args.getlist(k)]
     found: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": [
@@ -416,6 +424,8 @@ def task_read(rid: str) -> Response:
     """
     from gateway.referrals import referrals_of
 
+    if current_app.extensions.get("gateway.exchange") is None:  # no exchange, no referral (not a 500)
+        raise NotFound("no such referral here (this gateway takes no exchange)", f"Task/{rid[:64]}")
     return fhir_response(referrals_of(current_app).get(rid).task)
 
 
