@@ -17,19 +17,21 @@ __all__ = ["to_fhir_datetime", "convert_datetime", "to_fhir_date", "to_fhir_inst
 
 _HL7_TS = re.compile(
     r"^(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})"
-    r"(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?(?P<tz>[+-]\d{4})?$"  # (each part after the one before it)
+    r"(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?(?P<tz>[+-]\d{4})?$",  # (each part after the one before it)
+    re.ASCII,  # (digits are 0-9: Python's \d and int() take ٢٠٢٤ for 2024 as well)
 )
 _ISO_LIKE = re.compile(
     r"^(?P<y>\d{4})-(?P<mo>\d{1,2})-(?P<d>\d{1,2})"
     r"(?:[ T](?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?)?"
-    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
+    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?$", re.ASCII
 )
 _SLASHED = re.compile(  # 2024/3/15 8:30, and 2024.03.15 as spreadsheets in China also write it
     r"^(?P<y>\d{4})(?P<sep>[/.])(?P<mo>\d{1,2})(?P=sep)(?P<d>\d{1,2})"
-    r"(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$"
+    r"(?:\s+(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?)?$", re.ASCII
 )
 _CHINESE = re.compile(  # 2024年3月15日, 2024年3月15日 8:30
-    r"^(?P<y>\d{4})年(?P<mo>\d{1,2})月(?P<d>\d{1,2})日(?:\s*(?P<h>\d{1,2})[:：](?P<mi>\d{2})(?:[:：](?P<s>\d{2}))?)?$"
+    r"^(?P<y>\d{4})年(?P<mo>\d{1,2})月(?P<d>\d{1,2})日(?:\s*(?P<h>\d{1,2})[:：](?P<mi>\d{2})(?:[:：](?P<s>\d{2}))?)?$",
+    re.ASCII,
 )
 
 
@@ -49,8 +51,15 @@ def _offset(tz: str | None, default: str) -> str:
     return f"{tz[0]}{tz[1:3]}:{tz[3:5]}"
 
 
+#: Full-width forms of ASCII and the ideographic space, as their ASCII characters (２０２４年３月１５日 typed with a
+#: Chinese input method is the date it shows); as ``gateway.adapters.base.FULL_WIDTH``.
+_FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
+
+
 def _parts(text: str) -> dict[str, str | None]:
     value = text.strip()
+    if not value.isascii():
+        value = value.translate(_FULL_WIDTH)
     for pattern in (_HL7_TS, _ISO_LIKE, _SLASHED, _CHINESE):
         m = pattern.match(value)
         if m:

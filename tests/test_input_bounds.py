@@ -59,8 +59,10 @@ def test_full_width_numbers_as_an_input_method_types_them_are_numbers(text: str,
     assert found is not None and (found.value, found.comparator) == (Decimal(number), comparator)
 
 
-@pytest.mark.parametrize("text", ["10²", "1,230", "６,８", "1_000", "NaN", "0x1A", "三"])
+@pytest.mark.parametrize("text", ["10²", "1,230", "６,８", "1_000", "NaN", "0x1A", "三", "٣", "١٢.٥", "১২", "๓"])
 def test_what_only_looks_like_a_number_is_none(text: str) -> None:
+    """(Digits of other scripts — Arabic-Indic ٣, Bengali ১২ — were read as 3 and 12: Python's \\d and Decimal
+    take them. A result value is 0-9, or their full-width forms.)"""
     assert parse_number(text) is None and number_problem(text) == "is not a number"  # (10² is not 102)
 
 
@@ -218,3 +220,22 @@ def test_a_long_exponent_is_no_number_at_once() -> None:
 
 def test_a_number_a_double_holds_as_zero_is_not_taken() -> None:
     assert parse_number("1E-400") is None and parse_number("0E-400") is not None
+
+
+@pytest.mark.parametrize("text", ["٢٠٢٤٠٦٠١", "٢٠٢٤-٠٦-٠١", "২০২৪০৬০১"])
+def test_a_timestamp_in_digits_of_another_script_is_no_timestamp(text: str) -> None:
+    """٢٠٢٤٠٦٠١ was read as 2024-06-01; full-width digits, as a Chinese input method types them, still are."""
+    from gateway.datetimes import DateTimeError, to_fhir_datetime
+
+    with pytest.raises(DateTimeError):
+        to_fhir_datetime(text)
+    assert to_fhir_datetime("２０２４０６０１") == "2024-06-01"
+    assert to_fhir_datetime("２０２４年３月１５日 ８：３０") == "2024-03-15T08:30:00+08:00"
+
+
+def test_exposure_years_are_digits_0_to_9_or_full_width() -> None:
+    from decimal import Decimal
+
+    assert parse_exposure_years("６年") == Decimal("6") and parse_exposure_years("3年6个月") == Decimal("3.50")
+    with pytest.raises(ValueError):
+        parse_exposure_years("٣")

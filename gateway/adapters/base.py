@@ -47,7 +47,8 @@ COMPARATORS = {"≤": "<=", "≥": ">=", "<": "<", ">": ">", "<=": "<=", ">=": "
 #: The most one free-text field (a comment, a text result, a CSV cell) may hold, in bytes of UTF-8.
 MAX_TEXT_BYTES = 65_536
 _LABEL_CHARS = 80  # how much of a unit's id its label (in answers and error lines) shows
-_NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d{1,4})?\s*$")
+_NUMBER = re.compile(r"^\s*(?:(<=|>=|<|>|≤|≥)\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d{1,4})?\s*$",
+                     re.ASCII)  # (digits are 0-9: \d would take ٣ or ১২ for a number; full-width ones are made ASCII)
 # (one way to match: linear)
 #: Full-width forms of ASCII (U+FF01 to U+FF5E) and the ideographic space, as their ASCII characters: only those
 #: (NFKC would also make 10² the number 102). ``text.translate(FULL_WIDTH)``.

@@ -619,7 +619,7 @@ def _sent_digits(raw: str) -> int:
     """How many digits an HL7 v2 time was sent with before its fraction or offset (``202612060800+0800``: 12)."""
     digits = 0
     for ch in raw.strip():
-        if not ch.isdigit():
+        if not "0" <= ch <= "9":
             break
         digits += 1
     return digits

@@ -78,7 +78,8 @@ _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _SKIP_CHUNK = 65_536  # how much of an over-long row is read at a time to skip it
 # years (6.5, 6年), years and months (3年6个月: the 年 is needed then) or months (8个月); each number read one way
-_YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:(?:年|岁)\s*(?:(\d+)\s*(?:个月|月))?)?|(\d+)\s*(?:个月|月))\s*$")
+_YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:(?:年|岁)\s*(?:(\d+)\s*(?:个月|月))?)?|(\d+)\s*(?:个月|月))\s*$",
+                    re.ASCII)  # (digits 0-9; full-width ones are made ASCII first, others are no digits here)
 _YEARS_CHARS = 32  # no number of years and months is longer
 _REQUIRED_FACTS = ("exam_number", "name", "id_card", "exam_type", "exam_date", "item_code", "value", "conclusion",
                    "report_date")
@@ -170,6 +171,8 @@ def parse_exposure_years(text: str) -> Decimal:
 
     :raises ValueError: not a number of years and months, or months of 12 or more.
     """
+    if not text.isascii():
+        text = text.translate(FULL_WIDTH)
     m = _YEARS.match(text) if len(text) <= _YEARS_CHARS else None
     if not m:
         raise ValueError(f"{shown(text)} is not a number of years (e.g. 6.5, 6年, 3年6个月)")
