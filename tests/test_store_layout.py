@@ -627,3 +627,87 @@ def test_a_file_that_is_no_database_or_a_directory_is_said_to_be_so_and_an_added
     raw.close()
     result = CliRunner().invoke(cli, ["db", "status", "--db", str(swapped)])
     assert result.exit_code == 2 and "a table tallies that is not the gateway's (its columns: k, v)" in result.output
+
+
+def test_db_check_says_a_sound_file_is_ok_and_names_the_damage_of_one_that_is_not(tmp_path: Path) -> None:
+    """`gateway db check`: after a restore done wrong (a backup copied over a file whose old -wal stayed beside it)
+    or a disk error, serve started and /health said 200 on a damaged file; nothing said so before a query failed."""
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+    from gateway.pipeline import Pipeline
+    from gateway.config import load_settings
+
+    data = tmp_path / "gw"
+    pipeline = Pipeline(load_settings(overrides={"data_dir": str(data)}))
+    try:
+        pipeline.ingest((DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2", channel="file")
+    finally:
+        pipeline.close()
+    path = data / "gateway.db"
+    runner = CliRunner()
+    for extra in ([], ["--full"]):
+        sound = runner.invoke(cli, ["db", "check", "--db", str(path), *extra])
+        ended = "ok (" + ("integrity" if extra else "quick") + "_check)"
+        assert sound.exit_code == 0 and sound.output.rstrip().endswith(ended), sound.output
+    with sqlite3.connect(path) as conn:  # an index's leaf page written over, as a disk error leaves it
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = conn.execute("SELECT pageno FROM dbstat WHERE name = 'search_token_owner' AND pagetype = 'leaf'"
+                            " ORDER BY pageno LIMIT 1").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(b"\xff" * size)
+    damaged = runner.invoke(cli, ["db", "check", "--db", str(path)])
+    assert damaged.exit_code == 1 and "damaged" in damaged.output and "restore it from a backup" in damaged.output
+    assert "Traceback" not in damaged.output
+    missing = runner.invoke(cli, ["db", "check", "--db", str(tmp_path / "none.db")])
+    assert missing.exit_code == 1 and "no such database" in missing.output
+
+
+def test_the_documented_sqlite_backup_and_restore_work_as_written(tmp_path: Path) -> None:
+    """docs/operations.md § 6: its lines, run as written (its folders made ours, systemctl left out): the backup taken
+    while a writer holds the file, the damaged file and its -wal moved aside, the copy put back, db check and audit
+    verify saying ok — and the report stored before the backup is there."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from gateway.config import load_settings
+    from gateway.pipeline import Pipeline
+
+    if shutil.which("sqlite3") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's sqlite3 shell is missing (.ci/run installs it)")
+        pytest.skip("no sqlite3 shell here (apt-get install sqlite3)")
+    text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = text[text.index("### Backing up and restoring a SQLite member"):]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    data, backup, etc = tmp_path / "lib", tmp_path / "backup", tmp_path / "etc"
+    for folder in (data, backup, etc):
+        folder.mkdir()
+    (etc / "node1.toml").write_text(f'data_dir = "{data}"\nissuer_uscc = "12511921MB0001003C"\n', encoding="utf-8")
+    settings = load_settings(environ={"GATEWAY_CONFIG": str(etc / "node1.toml")}, overrides={})
+    pipeline = Pipeline(settings)  # a writer holding the database (its WAL not checkpointed) as the backup is taken
+    stored = pipeline.ingest((DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2", channel="file")
+    script = (block.replace("/var/lib/cyhr-gateway", str(data)).replace("/backup", str(backup))
+              .replace("/etc/cyhr-gateway", str(etc)))
+    lines = script.splitlines()
+    first, rest = lines[0], [line for line in lines[1:] if not line.startswith("systemctl")]
+    env = {**os.environ, "GATEWAY_CONFIG": ""}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", first], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    pipeline.close()  # (the gateway stopped: `systemctl stop`)
+    (data / "gateway.db").write_bytes(b"\0" * 4096)  # what is restored over: damaged
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(rest)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ": ok (quick_check)" in done.stdout and "Traceback" not in done.stderr
+    assert (data / "replaced" / "gateway.db").read_bytes() == b"\0" * 4096  # kept aside, not lost
+    back = Pipeline(settings)
+    try:
+        assert back.store.get_message(stored[0].record_id).status == stored[0].status.value
+    finally:
+        back.close()

@@ -117,6 +117,21 @@ def status(db: Database) -> list[tuple[str, int]]:
                           "the gateway's record, or it was changed by hand", "database") from None
 
 
+def damage(db: Database, *, full: bool = False) -> list[str]:
+    """What SQLite finds wrong with the database's pages and indexes (``PRAGMA quick_check``, or with ``full``
+    ``integrity_check``, which also compares every index with its table): an empty list when nothing. On
+    PostgreSQL, which checks its pages as it reads them (and ``amcheck`` for more), nothing is looked at here: None
+    of its problems shows as a list of lines.
+
+    :raises sqlite3.DatabaseError: the file is not a database at all (what the caller words).
+    """
+    if dialect(db) == "postgresql":
+        return []
+    rows = db.execute(f"PRAGMA {'integrity_check' if full else 'quick_check'}(100)").fetchall()
+    said = [str(r[0]) for r in rows]
+    return [] if said == ["ok"] else said
+
+
 def engine(db: Database) -> str:
     """The engine and its version, for people (``SQLite 3.40.1``, ``PostgreSQL 15.18``)."""
     if dialect(db) == "postgresql":
