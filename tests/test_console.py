@@ -792,3 +792,8 @@ def test_a_date_that_is_none_or_a_period_that_ends_before_it_begins_is_said(fuli
     assert answer.status_code in (400, 422), answer.status_code
     text = answer.get_data(as_text=True)
     assert ("不是" in text or "晚于" in text) and "<title>" in text
+    # the page leads back to the same search without the date that was wrong (the rest of it kept)
+    again = re.search(r'<a href="([^"]+)" data-again>', text)
+    assert again and again.group(1).startswith(path.split("?")[0]), text[-800:]
+    assert "from=" not in again.group(1) or "to=" not in again.group(1)
+    assert c.get(again.group(1).replace("&amp;", "&")).status_code == 200

@@ -164,7 +164,14 @@ def _gateway_error(exc: GatewayError) -> Response:
     if isinstance(exc, DatabaseUnavailable):
         return _database_away(fault_reason(exc) or exc.message)
     status = int(getattr(exc, "http_status", 400) or 400)
-    return _problem(status, "无法完成 (could not be done)", exc.message)
+    response = _problem(status, "无法完成 (could not be done)", exc.message)
+    named = [n for n in str(exc.location or "").split("/") if n in request.args]
+    if request.method == "GET" and status < 500 and named:  # the same search without what was wrong: fix it there
+        kept = [(k, v) for k, v in request.args.items(multi=True) if k not in named and k != "page"]
+        again = request.path + ("?" + urlencode(kept) if kept else "")
+        response = _page("error.html", status, title="无法完成 (could not be done)", detail=exc.message,
+                         again=again, dropped=", ".join(named))
+    return response
 
 
 @bp.errorhandler(HTTPException)
@@ -416,7 +423,7 @@ def messages() -> Response:
     chosen = MessageFilter.of(request.args)
     statuses = ("queued", "received", "duplicate", *_OUTCOMES)
     if chosen.status and chosen.status not in statuses:  # a search that could never find anything: said
-        raise InputError(f"status {chosen.status!r} is not one of {', '.join(statuses)}", "status")
+        raise InputError(f"status {chosen.status!r} is not one of {', '.join(statuses)} · 没有这个状态", "status")
     for day in (chosen.received_from, chosen.received_to):
         if day and not _is_day(day):
             raise InputError(f"{day!r} is not a date (YYYY-MM-DD) · 不是日期", "from/to")
