@@ -636,3 +636,40 @@ def test_a_document_labelled_latin_whose_text_is_utf8_is_refused_naming_the_labe
     ascii_only = FULL.decode("utf-8").replace('encoding="UTF-8"', f'encoding="{declared}"')
     ascii_only = "".join(c if ord(c) < 128 else "x" for c in ascii_only).encode("ascii")
     assert not any("declares the encoding" in i.message for i in convert_one(pipeline, ascii_only).issues)
+
+
+def _observation_values(pipeline: Pipeline, data: bytes) -> list[tuple[object, ...]]:
+    outcome = convert_one(pipeline, data)
+    assert outcome.bundle is not None, outcome.issues
+    return [(r.get("code", {}).get("text"), r.get("valueQuantity"), r.get("valueCodeableConcept"),
+             r.get("valueString"), r.get("dataAbsentReason")) for r in
+            (e["resource"] for e in outcome.bundle["entry"]) if r["resourceType"] == "Observation"]
+
+
+@pytest.mark.parametrize("how", ["types left out", "xsi bound to another namespace"])
+def test_a_value_whose_type_is_not_found_keeps_its_unit(pipeline: Pipeline, how: str) -> None:
+    """<value value="4.12" unit="mmol/L"/> with no xsi:type (or the xsi prefix bound to the XML Schema namespace, so
+    that no type is found) was stored as 4.12 with no unit, and accepted without a word: read as its type would
+    have said."""
+    original = FULL
+    changed = (re.sub(rb' xsi:type="[^"]*"', b"", original) if how == "types left out" else
+               original.replace(b'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"',
+                                b'xmlns:xsi="http://www.w3.org/2001/XMLSchema"'))
+    assert changed != original
+    before = _observation_values(pipeline, original)
+    assert any(q and q.get("unit") == "mmol/L" for _, q, *_ in before)
+    assert _observation_values(pipeline, changed) == before
+
+
+def test_a_coded_value_whose_type_is_not_found_is_read_as_the_code_with_a_warning(pipeline: Pipeline) -> None:
+    """<value code="NEG" displayName="阴性" .../> with no xsi:type: a negative result was stored as "unknown"."""
+    pq = b'<value xsi:type="PQ" value="4.12" unit="mmol/L"/>'
+    cd = '<value xsi:type="CD" code="NEG" displayName="阴性" codeSystem="2.16.156.10011.2.3.2.38"/>'.encode()
+    typed, untyped = FULL.replace(pq, cd), FULL.replace(pq, cd.replace(b' xsi:type="CD"', b""))
+    assert typed != FULL
+    assert _observation_values(pipeline, untyped) == _observation_values(pipeline, typed)
+    assert any(v[2] == {"coding": [{"code": "NEG", "display": "阴性"}], "text": "阴性"}
+               for v in _observation_values(pipeline, untyped))
+    warned = [i for i in convert_one(pipeline, untyped).issues
+              if i.severity == "warning" and "no xsi:type" in i.message]
+    assert len(warned) == 1 and warned[0].location.endswith("/observation/value")

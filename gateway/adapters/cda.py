@@ -971,7 +971,12 @@ class CDAAdapter:
                         res.value_kind, res.value = "quantity", q
             elif xsi == "IVL_PQ":
                 self._interval(value, msg, res)
-            elif xsi in _CODED_TYPES:
+            elif xsi in _CODED_TYPES or (not xsi and value.get("code") is not None):
+                if not xsi:  # a code with no type said (a negative HBsAg was stored as "unknown")
+                    msg.issues.append(Issue("warning", "value", res.where["value"],
+                                            "检验定量结果 has a code but no xsi:type (or its xsi prefix is not "
+                                            "http://www.w3.org/2001/XMLSchema-instance): read as the coded value "
+                                            "(CD) its attributes say", "102"))
                 coded = self._coded(value)
                 if coded:
                     res.value_kind, res.value = "coded", coded
@@ -1061,7 +1066,9 @@ class CDAAdapter:
         spec = self.table.get("item", {})
         places: list[tuple[_Found, str]] = []
         xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper() if value is not None else ""
-        if value is not None and xsi in ("PQ", "IVL_PQ"):
+        # a PQ's unit; and the unit of a value whose type was left out (or its xsi prefix bound to another namespace,
+        # so that no type is found): its number was read, and its unit dropped without a word
+        if value is not None and xsi in ("PQ", "IVL_PQ", ""):
             for el in [value, *value]:  # a PQ, or the bounds of an IVL_PQ
                 if isinstance(el.tag, str) and (el.get("unit") or "").strip():
                     places.append((_Found(el.get("unit").strip(), f"{_path(el)}/@unit"), "of the 检验定量结果 value"))
