@@ -486,7 +486,9 @@ def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
     shown with control characters escaped (\\x1b), never sent to the terminal as they are."""
     store = _existing_store(ctx)
     for rec in store.list_messages(status, limit):
-        reason = rec.issues[0]["message"] if rec.issues and rec.status != "stored" else ""
+        # the reason a message was not stored: its first error (a warning listed before it is not why)
+        errors = [i for i in rec.issues if i.get("severity") in ("error", "fatal")] or rec.issues
+        reason = errors[0]["message"] if errors and rec.status != "stored" else ""
         click.echo(printable(f"{rec.id:6} {rec.received_at[:19]} {rec.channel:5} {rec.format:7} "
                              f"{rec.message_id:20} {rec.status:9} {rec.ack_code or '':3} {reason}"))
 

@@ -127,6 +127,24 @@ def test_messages_list_and_show(runner, settings, database: str) -> None:
     assert missing.exit_code == 1 and "no message with id 99" in missing.stderr
 
 
+def test_messages_list_gives_the_error_a_message_was_refused_for(runner, settings, database: str) -> None:
+    """An exam refused for its conclusion (复查: not final) after a warning (a local item code with no mapping) was
+    listed with the warning as its reason."""
+    from gateway.pipeline import Pipeline
+
+    pipe = Pipeline(settings)
+    outcomes = pipe.ingest((DATA / "csv" / "cdc-exams-utf8-bom.csv").read_bytes(), "cdc-csv", channel="file")
+    pipe.close()
+    refused = [o for o in outcomes if o.status.value == "refused"
+               and o.issues and o.issues[0].severity == "warning" and o.errors]
+    assert refused, [(o.status, o.issues[:2]) for o in outcomes]
+    where = ["--data-dir", settings.data_dir, *(["--database", database] if database else [])]
+    listed = runner.invoke(cli, [*where, "messages", "list", "--status", "refused"]).stdout
+    for outcome in refused:
+        [line] = [row for row in listed.splitlines() if row.split()[0] == str(outcome.record_id)]
+        assert outcome.errors[0].message[:40] in line and outcome.issues[0].message[:40] not in line, line
+
+
 def test_settings_layers_defaults_toml_env_flags(tmp_path: Path) -> None:
     toml = tmp_path / "gw.toml"
     toml.write_text('[gateway]\nhttp_port = 9001\nmllp_port = 9002\nissuer_name = "来自文件"\n', encoding="utf-8")
