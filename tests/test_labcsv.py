@@ -478,6 +478,16 @@ def test_bundles_are_json_round_trippable(cdc: Pipeline) -> None:
     assert model.id == out.bundle["id"]
 
 
+@pytest.mark.parametrize("word, gender", [("男性", "male"), ("女性", "female"), ("未知", "unknown"),
+                                          ("未说明的性别", "unknown"), ("男", "male"), ("2", "female")])
+def test_the_standards_own_words_for_sex_are_a_gender(cdc: Pipeline, word: str, gender: str) -> None:
+    """GB/T 2261.1 names the sexes 男性, 女性, 未知的性别, 未说明的性别: 男性 was "not a known code; gender left out"."""
+    [out] = outcomes(cdc, csv_bytes(row(EXAM.replace(",男,", f",{word},"))))
+    assert out.bundle is not None, out.issues
+    assert entries_of(out.bundle, "Patient")[0].get("gender") == gender
+    assert not [i for i in out.issues if "not a known code" in i.message]  # (女性 disagrees with the 身份证号: said)
+
+
 def test_mapping_warnings_name_row_and_column(cdc: Pipeline) -> None:
     data = csv_bytes(row(EXAM.replace(",男,", ",未知性别,"), item="XCG-WBC,白细胞计数,6.8,10^9/L,3.5-9.5,?"))
     [out] = outcomes(cdc, data)
