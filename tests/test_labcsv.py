@@ -478,6 +478,25 @@ def test_bundles_are_json_round_trippable(cdc: Pipeline) -> None:
     assert model.id == out.bundle["id"]
 
 
+def test_a_column_named_with_a_note_in_brackets_is_the_layouts_column(cdc: Pipeline) -> None:
+    """接害工龄（年）, 单位（计量）, 参考范围(正常值): the columns were left unread without a word (the results stored
+    without units, ranges or years, over a copy that had them); each is the layout's column, and said to be."""
+    noted = (HEADER.replace("接害工龄", "接害工龄（年）").replace(",单位,", ",单位（计量）,")
+             .replace("参考范围", "参考范围(正常值)"))
+    [plain] = outcomes(cdc, csv_bytes(row()))
+    [out] = outcomes(cdc, csv_bytes(row().replace("TJ9,", "TJ8,"), header=noted))
+    assert out.bundle is not None, out.issues
+
+    def facts(bundle: dict) -> tuple:
+        obs = entries_of(bundle, "Observation")[0]
+        return obs["valueQuantity"], obs["referenceRange"], ext(report_of(bundle), "exposure-years")
+
+    assert facts(out.bundle) == facts(plain.bundle)
+    said = sorted(i.message for i in out.issues if i.location == "row 1")
+    assert said == [f"column '{h}' read as '{h.split('（')[0].split('(')[0]}' of layout csv-cdc-occupational-exam"
+                    for h in sorted(["接害工龄（年）", "单位（计量）", "参考范围(正常值)"])]
+
+
 @pytest.mark.parametrize("word, gender", [("男性", "male"), ("女性", "female"), ("未知", "unknown"),
                                           ("未说明的性别", "unknown"), ("男", "male"), ("2", "female")])
 def test_the_standards_own_words_for_sex_are_a_gender(cdc: Pipeline, word: str, gender: str) -> None:

@@ -78,6 +78,7 @@ _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _SKIP_CHUNK = 65_536  # how much of an over-long row is read at a time to skip it
 # years (6.5, 6年), years and months (3年6个月: the 年 is needed then) or months (8个月); each number read one way
+_NOTE = re.compile(r"\s*[(（][^()（）]*[)）]\s*$")  # a note in brackets after a column's name
 _YEARS = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(?:(?:年|岁)\s*(?:(\d+)\s*(?:个月|月))?)?|(\d+)\s*(?:个月|月))\s*$",
                     re.ASCII)  # (digits 0-9; full-width ones are made ASCII first, others are no digits here)
 _YEARS_CHARS = 32  # no number of years and months is longer
@@ -267,17 +268,19 @@ class LabCSVAdapter:
                           meta={"label": "header", "error": refusal})
             return
         headers = [h.translate(_INVISIBLE).strip() for h in header_fields]
-        layout, problem = self._layout(headers)
+        named = self._names(headers)  # (接害工龄（年） is the layout's 接害工龄)
+        layout, problem = self._layout(named)
         if layout is None and problem is not None and problem.code == "not-supported":
             problem = _header_trouble(header_raw, headers) or problem
         if layout is None:
             yield RawUnit(whole if whole is not None else header_raw, 1, origin,
                           meta={"error": problem, "label": "header"})
             return
-        index = {h: i for i, h in enumerate(headers)}
+        index = {h: i for i, h in enumerate(named)}
         cols = {fact: index[h] for fact, h in layout.columns.items() if h in index}
         number_col = cols["exam_number"]
-        base = {"layout": layout.id, "codec": codec, "headers": headers, "cols": cols}
+        base = {"layout": layout.id, "codec": codec, "headers": headers, "cols": cols,
+                "renamed": [(headers[i], named[i]) for i in sorted(cols.values()) if headers[i] != named[i]]}
         seen: set[int] = set()
         group: list[tuple[int, bytes, list[str], str]] = []
         key: str | None = None
@@ -322,6 +325,17 @@ class LabCSVAdapter:
                 extra_rows += 1  # counted, not held: one runaway exam cannot exhaust memory
         if last_row:
             yield unit()
+
+    def _names(self, headers: list[str]) -> list[str]:
+        """Each header as the layouts name it: itself, or, when no layout has it and none has it already, the name
+        before a note in brackets it carries (``接害工龄（年）``, ``参考范围(正常值)``): such a column was left unread,
+        and a file sent again so dropped the units and ranges of results stored before."""
+        known = {h for lay in self.layouts for h in lay.columns.values()}
+        named = []
+        for h in headers:
+            bare = _NOTE.sub("", h).strip() if h not in known else h
+            named.append(bare if bare in known and bare not in headers else h)
+        return named if len(set(named)) == len(named) else headers  # (two notes of one name: neither is taken)
 
     def _layout(self, headers: list[str]) -> tuple[Layout | None, Issue | None]:
         present = set(headers)
@@ -378,6 +392,9 @@ class LabCSVAdapter:
             i = cols.get(fact)
             return fields[i].strip() if i is not None and i < len(fields) else ""
 
+        for header, name in meta.get("renamed", ()):  # (said: a column read under another name than it has)
+            issues.append(Issue("information", "informational", "row 1",
+                                f"column {shown(header)} read as {shown(name)} of layout {layout.id}", ""))
         if meta.get("over_row"):
             issues.append(Issue("error", "too-long", f"row {meta['over_row']}",
                                 f"the exam's rows exceed {meta['max_bytes']} bytes from this row on: refused "
