@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -847,3 +848,32 @@ def test_convert_prints_a_warning_said_the_same_way_a_few_times_then_counts_it(t
     assert any("TJ99" in line and "身份证号" in line and not line.startswith("warning") for line in lines)
     every = CliRunner().invoke(cli, [*base, "--every-warning", str(path)])
     assert len([line for line in every.stderr.splitlines() if "'ZZ-LOCAL'" in line]) == 7
+
+
+PINYIN = {"体检编号": "TJBH", "姓名": "XM", "身份证号": "SFZH", "性别": "XB", "出生日期": "CSRQ", "用人单位名称": "DWMC",
+          "用人单位统一社会信用代码": "DWXYDM", "工种": "GZ", "接害因素代码": "JHYSDM", "接害因素名称": "JHYSMC",
+          "接害工龄": "JHGL", "体检类型": "TJLX", "体检日期": "TJRQ", "项目代码": "XMDM", "项目名称": "XMMC", "结果": "JG",
+          "单位": "DW", "参考范围": "CKFW", "异常标志": "YCBZ", "主检结论": "ZJJL", "主检医师": "ZJYS", "报告日期": "BGRQ"}
+
+
+def test_a_gbk_export_whose_header_is_plain_ascii_is_read_by_its_rows(tmp_path: Path, clock) -> None:
+    """A layout with pinyin headers (TJBH, XM, SFZH: as "How to add a CSV layout" invites) and a GBK export: the
+    header said nothing of the character set, UTF-8 was taken, and every row was refused as "not valid utf-8"."""
+    from gateway.config import REPO_ROOT
+
+    mappings = tmp_path / "mappings"
+    shutil.copytree(REPO_ROOT / "mappings", mappings)
+    layout = (mappings / "csv" / "cdc-occupational-exam.yaml").read_text(encoding="utf-8")
+    layout = layout.replace("id: csv-cdc-occupational-exam", "id: csv-pinyin-exam")
+    for chinese, pinyin in PINYIN.items():
+        layout = re.sub(rf"^(  \w+): {chinese}$", rf"\1: {pinyin}", layout, flags=re.M)
+    (mappings / "csv" / "pinyin.yaml").write_text(layout, encoding="utf-8")
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "mappings_dir": str(mappings)})
+    header = ",".join(PINYIN[h] for h in HEADER.split(","))
+    ascii_first = row().replace("TJ9,王演示", "TJ7,Wang Yanshi")  # (an exam of plain ASCII rows first)
+    data = ("\n".join([header, *[ascii_first.replace(",目前未见异常,吴主检", ",目前未见异常,Wu")]]) + "\n").encode("gbk")
+    data += (row() + "\n").encode("gbk")
+    outs = list(Pipeline(settings, clock=clock).convert(data, "cdc-csv"))
+    assert [o.status is Status.CONVERTED for o in outs] == [True, True], [o.issues[:2] for o in outs]
+    assert entries_of(outs[1].bundle, "Patient")[0]["name"][0]["text"] == "王演示"

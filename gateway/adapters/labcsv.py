@@ -251,6 +251,7 @@ class LabCSVAdapter:
             yield RawUnit(header_raw[:256], 1, origin, meta={"label": "header", "error": Issue(
                 "error", "too-long", "row 1", f"the header row is longer than {_SKIP_CHUNK} bytes", "207")})
             return
+        settled: list[str] | None = None  # (the header is plain ASCII: the first row past it says, _records)
         if header_raw.startswith(_BOM):
             header_raw, codec = header_raw[len(_BOM):], "utf-8"
         else:
@@ -259,6 +260,8 @@ class LabCSVAdapter:
                 header_raw.decode("utf-8")
             except UnicodeDecodeError:
                 codec = "gb18030"
+            if header_raw.isascii():
+                settled = [codec]
         if not header_raw.strip():
             return
         header_fields, unreadable = _row(header_raw.decode(codec, errors="replace"))
@@ -301,7 +304,9 @@ class LabCSVAdapter:
             return RawUnit(data, units, origin, meta=meta)
 
         swallowed: dict[str, int] = {}  # exam number -> the row whose quoted cell swallowed rows of it
-        for row_no, raw, fields, bad in _records(stream, codec, self.max_exam_bytes):
+        for row_no, raw, fields, bad in _records(stream, codec, self.max_exam_bytes, settled):
+            if settled is not None and settled[0] != codec:  # (the rows said GB18030: this exam on is read so)
+                codec = base["codec"] = settled[0]
             number = fields[number_col].strip() if number_col < len(fields) else ""
             if b"\n" in raw.rstrip(b"\r\n"):
                 for other in _swallowed(raw, number_col, codec, len(headers)):
@@ -925,8 +930,13 @@ def _cell_issues(row_no: int, raw: bytes, fields: list[str], headers: list[str],
                                     f"{bad.start() + 1}, which no report may carry", "102"))
 
 
-def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[int, bytes, list[str], str]]:
+def _records(stream: IO[bytes], codec: str, limit: int = 0,
+             settled: list[str] | None = None) -> Iterator[tuple[int, bytes, list[str], str]]:
     """(row number, raw bytes, fields, problem or "") per CSV record after the header (row 2 on).
+
+    ``settled``: the header told nothing (plain ASCII, no byte order mark): the first row past ASCII settles the
+    file's character set — UTF-8 when it is, else GB18030 — and ``settled[0]`` says which from then on (a GBK
+    export of a layout with pinyin headers, TJBH and XM, was refused row by row as "not valid utf-8").
 
     A quoted field may span lines; multi-byte GBK and UTF-8 characters never
     contain the bytes of ``"``, CR or LF, so records are cut safely before decoding.
@@ -957,6 +967,12 @@ def _records(stream: IO[bytes], codec: str, limit: int = 0) -> Iterator[tuple[in
         if _BLANK_ROW.match(raw):
             continue  # blank, or only separators (a formatted row Excel saves as ",,,,"): no record
         problem = ""
+        if settled is not None and not settled[1:] and not raw.isascii():
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                codec = "gb18030"
+            settled[:] = [codec, "settled"]
         try:
             text = raw.decode(codec)
         except UnicodeDecodeError:
