@@ -127,7 +127,9 @@ def load_division_table(path: Path = TABLE_PATH) -> DivisionTable:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read the division table {path}: {exc.strerror or exc}", str(path)) from None
+        hint = ("; the gateway runs from its checkout, which holds mappings/ and profiles/: install it there with "
+                "pip install -e <checkout>" if path == TABLE_PATH and not path.parent.parent.exists() else "")
+        raise ConfigError(f"cannot read the division table {path}: {exc.strerror or exc}{hint}", str(path)) from None
     version = ""
     lines = []
     for line in text.splitlines():

@@ -486,7 +486,11 @@ def load_mappings(root: str | Path) -> MappingSet:
     """
     base = Path(root)
     if not base.is_dir():
-        raise ConfigError(f"mappings directory {base} does not exist", "mappings_dir")
+        from gateway.config import REPO_ROOT
+
+        hint = ("; the gateway runs from its checkout, which holds mappings/ and profiles/: install it there with "
+                "pip install -e <checkout>, or set mappings_dir" if base == REPO_ROOT / "mappings" else "")
+        raise ConfigError(f"mappings directory {base} does not exist{hint}", "mappings_dir")
     try:
         key: tuple[str, str] | None = _fingerprint(base)
     except OSError:  # (a file that cannot be read is said by the reading below)
