@@ -142,6 +142,8 @@ class Supervisor:
         return self.exit_code
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum != signal.SIGHUP and not self.stopping:  # (said once: a second Ctrl-C is the same stop)
+            log.info("%s: stopping every process", signal.Signals(signum).name)
         if signum == signal.SIGHUP and not self.stopping:  # the terminal or SSH session that started it closed: it
             # stops as on SIGTERM, every part cleanly, and says why (it ended at once, and only its parts said so)
             log.warning("SIGHUP (the terminal that started this gateway closed): stopping every process; run it "
