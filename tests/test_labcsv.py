@@ -455,6 +455,30 @@ def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_pat
     pipeline.close()
 
 
+def test_a_browsers_form_upload_of_an_export_is_the_file_it_carries(tmp_path: Path, clock) -> None:
+    """curl -F file=@exams.csv (a form upload, as a browser sends a file): the form's bytes were read as the CSV, its
+    boundary line taken for "a title above the header"; the file it carries is read, as if posted alone."""
+    from gateway.api.app import create_app
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+    pipeline = Pipeline(settings, clock=clock)
+    try:
+        client = create_app(settings, pipeline).test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(client.application, 'cdc', ['submitter'])}"
+        data = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+        uploaded = client.post("/ingest/cdc-csv", data={"file": (io.BytesIO(data), "exams.csv")},
+                               content_type="multipart/form-data")
+        texts = [i["diagnostics"] for i in uploaded.get_json()["issue"]]
+        assert any(t.startswith("体检编号 TJ2024001: stored (Bundle/") for t in texts), texts[:3]
+        assert not any("title above the header" in t for t in texts)
+        two = client.post("/ingest/cdc-csv", content_type="multipart/form-data",
+                          data={"a": (io.BytesIO(data), "a.csv"), "b": (io.BytesIO(data), "b.csv")})
+        assert two.status_code == 422 and "carries one file, this one carries 2" in two.get_data(as_text=True)
+    finally:
+        pipeline.close()
+
+
 def test_cli_convert_names_exam_row_and_column(runner) -> None:
     from gateway.cli import cli
 

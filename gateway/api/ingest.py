@@ -43,6 +43,8 @@ from gateway.errors import InputError, Issue, ParseError, WaitingBehind, shown
 bp = Blueprint("ingest", __name__)
 
 _HTTP_FOR_ACK = {"AA": 200, "AE": 422, "AR": 400}
+#: Formats whose file may come as a browser's form upload (multipart/form-data) as well as the body itself.
+_UPLOADED = ("cdc-csv", "cda", "hl7v2")
 _RANK = {"AA": 0, "AE": 1, "AR": 2}
 _BATCH = 32  # units stored and worked together (two commits per batch)
 _PEEK = 65536
@@ -189,7 +191,16 @@ def ingest(fmt: str) -> Response:
     channel = pipeline.channel(fmt)
     wants_outcome = "application/fhir+json" in request.headers.get("Accept", "")
     as_outcome = channel.answer_type == "application/fhir+json" or wants_outcome
-    units = _units(channel.adapter, request.stream, request.remote_addr or "")
+    stream: IO[bytes] = request.stream
+    if request.mimetype == "multipart/form-data" and fmt in _UPLOADED:
+        # a browser's form upload (curl -F file=@exams.csv): the file it carries, not the form's own bytes (whose
+        # boundary line was read as a title above the CSV header)
+        files = [f for f in request.files.values() if f.filename]
+        if len(files) != 1:
+            raise InputError(f"a form upload here carries one file, this one carries {len(files)}: send each file "
+                             "on its own (or the file itself as the body)", "body")
+        stream = files[0].stream
+    units = _units(channel.adapter, stream, request.remote_addr or "")
     worst, count = "AA", 0
     tally = _Tally()
     answers: list[bytes] = []
