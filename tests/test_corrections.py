@@ -178,6 +178,14 @@ def test_withdrawal_is_found_by_audit_query(world, tmp_path) -> None:
     stats = json.loads(runner.invoke(audit, ["stats", "--db", db, "--json"]).output)
     assert stats["total"]["recognized"] == 4
     assert len(list_decisions(fl.store.db, outcome="not-recognized")) == 4  # the withdrawn ones, as they read now
+    # and as `decisions list` shows them to a physician (it printed them as recognized, with no word of it)
+    from gateway.commands.recognize import decisions as decisions_cli
+
+    listed = runner.invoke(decisions_cli, ["list", "--db", db, "--outcome", "not-recognized"])
+    assert listed.exit_code == 0, listed.output
+    lines = [line for line in listed.stdout.splitlines() if "withdrawn" in line]
+    assert len(lines) == 4 and all(line.split()[1] == "not-recognized" for line in lines), listed.stdout
+    assert all("decided recognized" in line and "superseded by DiagnosticReport/" in line for line in lines)
 
 
 def test_correction_first_then_the_late_original_is_stored_superseded(world) -> None:

@@ -211,8 +211,11 @@ def list_cmd(
         d = r.decision
         item_ref = d["catalogue_item"]["code"] if d.get("catalogue_item") else "-"
         flag = f"  overridden ({', '.join(o['reason'] for o in r.overrides)})" if r.overrides else ""
+        if r.withdrawal:  # the outcome in force: a superseded report's decision reads not-recognized (it showed the
+            # outcome once decided, recognized, and a physician took a superseded result for one to use)
+            flag += f"  withdrawn ({r.withdrawal.get('reason', 'superseded')}; decided {d['outcome']})"
         click.echo(printable(  # (the item and issuer as the Bundle's sender wrote them)
-            f"{d['decided_at']}  {d['outcome']:<15}{item_ref:<10}{d['result']['issuer'] or '-':<20}"
+            f"{d['decided_at']}  {r.outcome:<15}{item_ref:<10}{d['result']['issuer'] or '-':<20}"
             f"{d['result']['item']}  {d['decision_id']}{flag}"
         ))
     click.echo(f"{len(rows)} decision(s)", err=True)
