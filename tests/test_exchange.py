@@ -450,6 +450,13 @@ def test_a_lookup_is_audited_at_the_member_that_asks_as_well(world) -> None:
     failed = [e.content["facts"] for e in entries(fl.store.db) if e.kind == "read"][-1]
     assert "failed: PeerUnavailable" in failed["query"] and not failed.get("resources")
     assert failed["patient"]["value"] == ID_CARD and failed["client"]["value"] == FL  # (no user: the gateway)
+    assert failed["outcome"] == "8" and facts["outcome"] == "0"  # BALP: the other member away, a serious failure
+    assert failed["asked_elsewhere"] is True and facts["asked_elsewhere"] is True
+    # the lookup figures count the lookups served, here none: the ones made here are counted where they were served
+    from gateway.audit import stats
+
+    assert stats.compute(fl.store.db)["lookups"]["total"] == 0
+    assert stats.compute(world.gateways["tongjiang"].pipeline.store.db)["lookups"]["by_member"][0]["key"] == FL
 
 
 def test_a_lookup_uses_the_reports_that_verify_and_names_the_ones_that_do_not(world, monkeypatch) -> None:
@@ -477,5 +484,6 @@ def test_a_lookup_uses_the_reports_that_verify_and_names_the_ones_that_do_not(wo
     assert refused[0][0] != got[0].bundle["id"] and "signature" in refused[0][1]
     made = [e.content["facts"] for e in entries(fl.store.db) if e.kind == "read"][-1]
     assert "1 report(s) refused" in made["query"] and len(made["resources"]) == 1
+    assert made["outcome"] == "4"  # (a report given was not usable: a minor failure)
     with pytest.raises(BadSignature):
         fl.exchange.pull(TJ, ID_CARD)

@@ -106,7 +106,8 @@ def asked_patient(identifier: str) -> PatientRef | None:
 def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address: str,
                   client: Party, client_address: str, on_behalf_of: str, resources: list[dict[str, Any]],
                   query: str | None, identified: Callable[[str], tuple[str, str] | None] | None = None,
-                  asked: Sequence[PatientRef] = ()) -> int:
+                  asked: Sequence[PatientRef] = (), outcome: records.Outcome = records.Outcome.SUCCESS,
+                  asked_elsewhere: bool = False) -> int:
     """One BALP read/query entry per patient whose results were returned; returns how many.
 
     Each entry names the patient by reference and by the identifier it is known by (:func:`patient_identifier`:
@@ -134,7 +135,7 @@ def patient_reads(db: Database, *, at: _dt.datetime, member: str, server_address
     made = [records.patient_read(
         at=at, gateway=_me(member), server_address=server_address or "unknown", client=client,
         client_address=client_address or "unknown", member=_me(on_behalf_of), patient=patient, resources=refs,
-        query=query) for patient, refs in found]
+        query=query, outcome=outcome, asked_elsewhere=asked_elsewhere) for patient, refs in found]
     return len(append_many(db, made))
 
 

@@ -434,8 +434,12 @@ def patient_read(
     outcome: Outcome = Outcome.SUCCESS,
     purpose: str | None = "TREAT",
     request_id: str | None = None,
+    asked_elsewhere: bool = False,
 ) -> Record:
     """A read (调阅) of one patient's results by a peer gateway or a user (IHE BALP PatientRead/PatientQuery).
+
+    ``asked_elsewhere``: the entry of the member that asked another (``gateway``) for them (a 调阅 made here, not
+    served here: the lookup figures count the ones served).
 
     ``client`` is the calling system and ``client_address`` its network address;
     ``member`` the institution on whose behalf it read (counted in the lookup
@@ -463,6 +467,7 @@ def patient_read(
             "outcome": Outcome(outcome).value,
             "purpose": purpose,
             "request_id": request_id,
+            "asked_elsewhere": True if asked_elsewhere else None,
         },
     )
 

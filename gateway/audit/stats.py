@@ -269,6 +269,7 @@ _FIELDS = {
         "$.facts.patient.system",
         "$.facts.patient.value",
         "$.facts.patient.reference",
+        "$.facts.asked_elsewhere",
     ),
     "exchange": ("$.facts.direction", "$.facts.reason"),
 }
@@ -462,7 +463,9 @@ def compute(
                 t.refusals[rule] += 1
 
     patients: dict[str, set[str]] = {}
-    for _, (member, member_name, p_system, p_value, p_reference) in _rows(db, "read", dates):
+    for _, (member, member_name, p_system, p_value, p_reference, elsewhere) in _rows(db, "read", dates):
+        if elsewhere:  # (a 调阅 this member made at another: counted where it was served)
+            continue
         row = t.lookups.setdefault(member, {"key": member, "name": member_name or "", "lookups": 0, "patients": 0})
         row["lookups"] += 1
         patients.setdefault(member, set()).add(f"{p_system}|{p_value or p_reference}")

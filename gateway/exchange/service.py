@@ -430,10 +430,18 @@ class Exchange:
             server = urlsplit(self.endpoint_of(destination)).netloc or destination
         except Exception:  # noqa: BLE001 - a member the snapshot does not list: named by its code
             server = destination
+        # BALP outcome: the other member away, a serious failure (8); a refusal or a report that does not verify,
+        # a minor one (4): an auditor's outcome= search and the figures see a lookup that gave nothing usable
+        from gateway.audit.records import Outcome
+        from gateway.errors import PeerUnavailable
+
+        outcome = (Outcome.SERIOUS_FAILURE if isinstance(failure, PeerUnavailable) else
+                   Outcome.MINOR_FAILURE if failure is not None or refused else Outcome.SUCCESS)
         with transaction(self.db):
             audit_events.patient_reads(self.db, at=self.clock(), member=destination, server_address=server,
                                        client=client, client_address="", on_behalf_of=me, resources=resources,
-                                       query=query, identified=known.get, asked=asked)
+                                       query=query, identified=known.get, asked=asked, outcome=outcome,
+                                       asked_elsewhere=True)
         log.info("exchange lookup at peer=%s found=%d%s", destination, len(verified),
                  f" failed ({type(failure).__name__})" if failure else "")
 
