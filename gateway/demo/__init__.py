@@ -584,5 +584,5 @@ def _correction_step(echo: Callable[[str], Any], clock: DemoClock, port: int, tj
     plt = next(d for d in current if d["result"]["item"].startswith("血小板"))
     add_override(fl.pipeline.store.db, make_override(plt["decision_id"], "critical-item", "FL-DR-0231", clock(),
                                                      "术前复查血小板 (re-test before surgery)"))
-    echo("  FL-DR-0231's re-test order of 血小板计数 stays beside the withdrawn decision and is recorded again on "
-         "the corrected one")
+    echo("  FL-DR-0231's re-test order of 血小板计数 stays beside the withdrawn decision; FL-DR-0231 orders it "
+         "again on the corrected one")
