@@ -233,7 +233,8 @@ class ReceiveResult:
 #: The format of signed Bundles received from other members (the exchange's channel).
 SIGNED_FORMAT = "fhir-signed"
 #: How a refusal of a received Bundle is audited, by its HTTP status.
-_REFUSALS = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "invalid"}
+_REFUSALS = {401: "bad-signature", 403: "unknown-issuer", 400: "invalid", 422: "invalid",
+             425: "signed-later"}  # (425: the signer's clock ahead: not an unknown issuer)
 Checker = Callable[[dict[str, Any]], list[Issue]]
 #: Seconds at most a queue reader waits for the outcome of an earlier message of the same sender before it puts the
 #: later one back in the queue (and at most half the processing lease): a reader never looks hung to ``/health``.

@@ -487,3 +487,41 @@ def test_a_lookup_uses_the_reports_that_verify_and_names_the_ones_that_do_not(wo
     assert made["outcome"] == "4"  # (a report given was not usable: a minor failure)
     with pytest.raises(BadSignature):
         fl.exchange.pull(TJ, ID_CARD)
+
+
+def test_a_bundle_signed_by_a_clock_ahead_is_tried_again_until_it_verifies(world, clock) -> None:
+    """通江's clock 10 minutes ahead as it signed: 涪陵 refused the Bundle for good (403), audited the refusal as an
+    unknown issuer, and the delivery went dead at its first attempt, staying refused once the clocks agreed. Now: 425
+    (Too Early) with when to try again, audited as signed-later, and delivered once 涪陵's clock reaches it."""
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    clock.advance(minutes=10)
+    stored = ingest_lis(world)  # signed at 通江's time, 10 minutes ahead
+    clock.advance(minutes=-10)
+    tj.exchange.push(stored[0].bundle["id"], FL)
+    tj.exchange.deliver()
+    [row] = tj.exchange.outbox.list(None, 10)
+    assert row.status == "pending" and "HTTP 425" in row.last_error and row.attempts == 1, row
+    refused = [e.content["facts"] for e in entries(fl.store.db) if e.kind == "exchange"
+               and e.content["facts"].get("direction") == "refused"]
+    assert [f["reason"] for f in refused] == ["signed-later"]
+    clock.advance(minutes=6)  # 涪陵's clock within its allowance of the signature time: the next attempt verifies
+    tj.exchange.deliver(wait=None)
+    assert [r.status for r in tj.exchange.outbox.list(None, 10)] == ["delivered"]
+
+
+def test_a_signature_made_later_than_now_is_answered_425_with_when_to_try_again() -> None:
+    from flask import Flask
+
+    from gateway.api.errors import register_error_handlers
+    from gateway.signing.jws import SignedLater
+
+    app = Flask("t")
+    register_error_handlers(app)
+
+    @app.post("/x")
+    def x() -> None:
+        raise SignedLater("signed at …, later than the verification time …", "Bundle.signature", retry_after=299.2)
+
+    answer = app.test_client().post("/x")
+    assert answer.status_code == 425 and answer.headers["Retry-After"] == "300"
+    assert answer.get_json()["issue"][0]["expression"] == ["Bundle.signature"]

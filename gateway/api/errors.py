@@ -99,7 +99,8 @@ def register_error_handlers(app: Flask) -> None:
         # RFC 6750: a 401 says how to authenticate; a passing state (503) when to try again
         challenge = _bearer_challenge(exc) if exc.http_status in (401, 403) else ""
         headers = ({"WWW-Authenticate": challenge} if challenge
-                   else {"Retry-After": "5"} if exc.http_status == 503 else None)
+                   else {"Retry-After": "5"} if exc.http_status == 503
+                   else {"Retry-After": str(getattr(exc, "retry_after", 60))} if exc.http_status == 425 else None)
         return outcome_response(exc.issues(), exc.http_status, headers)
 
     @app.errorhandler(HTTPException)

@@ -85,6 +85,18 @@ _B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _P256_ORDER_BYTES = 32
 
 
+class SignedLater(TrustError):
+    """A signature made later than the verification time allows (the signer's clock ahead of the verifier's): a
+    passing state, not a bad signature. HTTP 425 (Too Early), with when to try again: a sender tries again (it was
+    refused for good, 403, and its report never delivered, even once the clocks agreed)."""
+
+    http_status = 425
+
+    def __init__(self, message: str, location: str = "", *, retry_after: float = 60.0) -> None:
+        super().__init__(message, location)
+        self.retry_after = max(1, int(retry_after) + 1)
+
+
 class _Invalid(Exception):
     """Internal: any reason a JWS is refused; becomes a reason-less BadSignature."""
 
@@ -466,10 +478,10 @@ def verify_bundle(text: bytes | str, trust: TrustSource, *, at: _dt.datetime | N
         if at.tzinfo is None or at.utcoffset() is None:
             raise InputError("the verification time must carry a UTC offset", "at")
         if signed_at > at + CLOCK_SKEW:
-            raise TrustError(
-                f"signed at {format_instant(signed_at)}, later than the verification time {format_instant(at)}",
-                "Bundle.signature",
-            )
+            raise SignedLater(
+                f"signed at {format_instant(signed_at)}, later than the verification time {format_instant(at)}: "
+                "the signer's clock is ahead of this one; it verifies once this clock reaches that time",
+                "Bundle.signature", retry_after=(signed_at - at - CLOCK_SKEW).total_seconds())
     signer_uscc = check_certificate(cert, trust, signed_at)
     log.info("Bundle signature verified: kid %s, signer %s", kid, signer_uscc)
     return VerifiedBundle(bundle, header, cert, kid, signer_uscc, signed_at, hashlib.sha256(payload).hexdigest())
