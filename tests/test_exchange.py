@@ -111,6 +111,14 @@ def test_push_across_the_border_is_verified_recognised_and_receipted(world) -> N
     assert receipt["receiver"] == FL and receipt["issuer"] == TJ and receipt["outcome"] == "accepted"
     # the blood count: WBC/RBC/HGB within 7 days, PLT has a 3-day window (collected 2026-11-20 07:30)
     assert receipt["decisions"] == {"recognized": 4}
+    # kept with the receiver's signature, so 通江 can show later that 涪陵 took it (only the body was kept): the
+    # receipt as 涪陵 signed it verifies against the registry snapshot
+    from gateway.exchange.service import read_receipt
+
+    kept = {k: v for k, v in receipt.items() if k != "signature"}
+    body, signer = read_receipt(json.dumps({"receipt": kept, "signature": receipt["signature"]}).encode(),
+                                tj._snapshot(), tj.clock())
+    assert signer == FL and body == kept
     found = fl.store.search("DiagnosticReport", [("patient.identifier", "511921196612120011")])
     assert found.total == 1
     kinds = [e.kind for e in entries(fl.store.db)]

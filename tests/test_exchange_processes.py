@@ -110,7 +110,7 @@ def test_exchange_between_serve_processes(tmp_path: Path, member_database) -> No
         fl.start()
         wait_for(lambda: row(1).status == "delivered", timeout=60, what="delivery")
         assert "#1     delivered" in tj.cli("outbox", "list").stdout
-        receipt = json.loads(tj.outbox(1).split("receipt: ", 1)[1])
+        receipt = json.loads(tj.outbox(1).split("receipt, signed by the receiver: ", 1)[1])
         assert receipt["receiver"] == FL and receipt["issuer"] == TJ and sum(receipt["decisions"].values()) == 4
         assert fl.get("/fhir/DiagnosticReport", **{"patient.identifier": "511921196612120011"})["total"] == 1
 
@@ -118,7 +118,7 @@ def test_exchange_between_serve_processes(tmp_path: Path, member_database) -> No
         assert tj.cli("outbox", "replay", "1").returncode == 0
         wait_for(lambda: row(1).status == "delivered", timeout=30, what="replay")
         assert "#1     delivered" in tj.cli("outbox", "list").stdout
-        assert json.loads(tj.outbox(1).split("receipt: ", 1)[1]) == receipt
+        assert json.loads(tj.outbox(1).split("receipt, signed by the receiver: ", 1)[1]) == receipt
         assert fl.get("/fhir/DiagnosticReport", **{"patient.identifier": "511921196612120011"})["total"] == 1
 
         # 3. failure modes over real HTTP

@@ -160,8 +160,8 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
                    "(a gateway that stops cleanly gives it back at once)")
     if row.last_error:
         click.echo(printable(f"last error: {row.last_error}"))
-    if row.receipt:
-        click.echo("receipt: " + jsonutil.dumps(row.receipt))
+    if row.receipt:  # (its signature: the receiver's detached JWS over the rest, canonical JSON)
+        click.echo("receipt, signed by the receiver: " + jsonutil.dumps(row.receipt))
 
 
 @outbox.command("retry")

@@ -257,7 +257,9 @@ class Exchange:
     # -- receipts ------------------------------------------------------------------------
 
     def check_receipt(self, text: bytes, expected_signer: str, *, sent_sha256: str | None) -> dict[str, Any]:
-        """Verify a receipt from ``expected_signer``; returns its body.
+        """Verify a receipt from ``expected_signer``; returns its body with the receiver's ``signature`` (the
+        detached JWS over the body's canonical form, without that key): what the outbox keeps, so that this member
+        can show an auditor, later, that the receiver took the Bundle (the body alone proved nothing).
 
         :raises TrustError: not signed by the expected member, or not a receipt.
         """
@@ -266,7 +268,7 @@ class Exchange:
             raise TrustError(f"receipt signed by {signer}, expected {expected_signer}", "receipt")
         if sent_sha256 is not None and body.get("sha256") != sent_sha256:
             raise TrustError("receipt is for another Bundle", "receipt")
-        return dict(body)
+        return {**body, "signature": parse_json(text)["signature"]}
 
     # -- receive -------------------------------------------------------------------------
 
