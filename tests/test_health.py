@@ -368,6 +368,28 @@ def test_a_signing_certificate_that_expires_or_has_expired_fails_health_and_is_s
     assert b"cannot sign reports" in out.answer
 
 
+def test_a_signing_certificate_the_registry_no_longer_lists_fails_health(gw: Any, monkeypatch) -> None:
+    """The registry authority revoked this member's certificate (or its listing ended): every member refuses what
+    it signs while its LIS still gets AA; /health said "signing: ok" until someone read the dead deliveries."""
+    member = gw.pipeline.member
+    real = member.snapshot()
+
+    class Delisted:  # the snapshot in force, as one that no longer lists this member's certificate
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def is_listed(self, cert: Any, at: Any) -> bool:
+            return False
+
+    status, body = health(gw)
+    assert body["checks"]["signing"]["ok"], body["checks"]["signing"]
+    monkeypatch.setattr(member, "snapshot", lambda: Delisted())
+    status, body = health(gw)
+    assert status == 503 and "signing" in body["failing"]
+    detail = body["checks"]["signing"]["detail"]
+    assert f"registry snapshot in force (version {real.version}) does not vouch" in detail and "refuse" in detail
+
+
 def test_a_full_disk_fails_the_database_check(gw: Any, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """The database answers reads on a full disk while every write is refused ('database or disk is full'): the
     check says so (it said "answers" while ingest and pushes got 503). The file system is asked as it is; the

@@ -191,11 +191,36 @@ def _signing(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
         starts = cert.not_valid_before_utc.astimezone(now.tzinfo).isoformat(timespec="seconds")
         return {"signing": _check(False, f"the signing certificate is valid only from {starts}: reports "
                                          "cannot be signed (check this machine's clock)")}
+    listed = _listed(pipeline.member, cert, now)
+    if listed is not None:
+        return {"signing": listed}
     return _validity("signing", "the signing certificate", cert.not_valid_after_utc, now,
                      cert.not_valid_after_utc.astimezone(now.tzinfo).isoformat(timespec="seconds"),
                      settings.certificate_warn_days,
                      "certificate_warn_days", "reports cannot be signed after it: ask the registry authority for a "
                      "new one")
+
+
+def _listed(member: Any, cert: Any, now: Any) -> dict[str, Any] | None:
+    """A failing check when the registry snapshot in force does not vouch for this gateway's own signing
+    certificate (revoked, the member's listing ended): every member refuses what it signs, while its LIS still gets
+    AA and its deliveries go dead. None when it does, or when there is no snapshot to ask (said by its own check)."""
+    from gateway.errors import GatewayError, TrustError
+    from gateway.signing.trust import check_certificate
+
+    if getattr(member, "holder", None) is None:
+        return None
+    try:
+        snapshot = member.snapshot()
+    except GatewayError:  # (an expired snapshot: the registry check says so)
+        return None
+    try:
+        check_certificate(cert, snapshot, now, location="signing_cert")
+    except TrustError as exc:
+        return _check(False, f"the registry snapshot in force (version {snapshot.version}) does not vouch for this "
+                             f"gateway's signing certificate ({exc.message}): other members refuse every report it "
+                             "signs; ask the registry authority")
+    return None
 
 
 def _audit_log(settings: Settings) -> dict[str, dict[str, Any]]:
