@@ -36,7 +36,7 @@ def _who(ctx: click.Context) -> object:
 def _line(r: Referral) -> str:
     side = "to" if r.side == "requester" else "from"
     other = r.owner if r.side == "requester" else r.requester
-    return f"{r.id}  {r.status:10} {r.reason:13} {side} {other}  {r.report}  {r.updated_at}"
+    return f"{r.id}  {r.status:10} {r.reason:13} {side} {other}  {_report(r.report)}  {r.updated_at}"
 
 
 def _deliver(ctx: click.Context, refs: Referrals) -> None:
@@ -65,7 +65,7 @@ def create(ctx: click.Context, decision_id: str, reason: str, note: str | None, 
     with one_line_errors():
         refs = _referrals(ctx)
         made = refs.create(decision_id, reason, note=note, by=_who(ctx), authority=authority)  # type: ignore[arg-type]
-        click.echo(f"referral {made.id} {made.status} for {made.owner} (report {made.report})")
+        click.echo(f"referral {made.id} {made.status} for {made.owner} ({_report(made.report)})")
         if deliver_now:
             _deliver(ctx, refs)
             click.echo(f"referral {made.id}: {refs.get(made.id).status}")
@@ -127,3 +127,9 @@ def update(ctx: click.Context, referral_id: str, status: str, note: str | None, 
         click.echo(f"referral {r.id} {r.status}; answer queued for {r.requester}")
         if deliver_now:
             _deliver(ctx, refs)
+
+
+def _report(value: str) -> str:
+    """The report a referral is about, as people name it: its 检验报告单号 (kept as ``DiagnosticReport/<number>``,
+    which read like a resource's id that GET /fhir/DiagnosticReport/... does not find)."""
+    return f"检验报告单号 {value.removeprefix('DiagnosticReport/')}"
