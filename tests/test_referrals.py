@@ -199,6 +199,8 @@ def test_cli_create_list_show_update(tmp_path) -> None:
     assert f"referral {referral_id} requested for {AUTHORITY_USCC}" in made.output
     listed = run(cli, ["--config", fl_cfg, "referrals", "list", "--status", "requested"])
     assert listed.exit_code == 0 and referral_id in listed.output and "unqualified" in listed.output
+    assert "检验报告单号 " in made.output and "检验报告单号 " in listed.output  # (as people name it)
+    assert "DiagnosticReport/" not in made.output + listed.output
     shown = run(cli, ["--config", fl_cfg, "referrals", "show", referral_id])
     assert "note: 未见资质" in shown.output and "signed-bundle-hash: " in shown.output
     as_json = json.loads(run(cli, ["--config", fl_cfg, "referrals", "show", referral_id, "--json"]).output)
