@@ -1103,15 +1103,29 @@ class Pipeline:
         message."""
         if isinstance(existing, _Repeat):
             return unit, self._repeat(ch, unit, existing)
-        label = f"{existing.message_id}" if existing.message_id else f"unit {unit.index}"
         if existing.ack is not None:
             log.info("duplicate format=%s record=%s status=%s", ch.format, existing.id, existing.status)
-            return Outcome(Status.DUPLICATE, label, ack_code=existing.ack_code or "", record_id=existing.id,
-                           answer=existing.ack, filtered_reason=existing.status)
+            return self._sent_before(ch, unit, existing)
         rec = self.store.take(existing.id, float(self.settings.processing_lease))
         if rec is None:
             return None
         return self._taken_over(ch, unit, rec)
+
+    def _sent_before(self, ch: Channel, unit: RawUnit, first: Any) -> Outcome:
+        """The answer to a unit whose identical copy was answered before: that first answer (``first.ack``), and for
+        the answers that list units (CSV exams, HTTP outcomes) the unit named as its answer names it, a note that
+        it was sent before and the first copy's issues. (A resent CSV file whose exam was refused answered 422 with
+        "B2#d577a75ebe033b12: duplicate" and nothing of why.)"""
+        header = self._header(ch, unit)
+        label = header.label() if header.extra.get("label") or header.message_id else (
+            first.message_id.partition("#")[0] or f"unit {unit.index}")
+        when = str(first.received_at)[:19].replace("T", " ")
+        note = Issue("information", "duplicate", "", f"sent before: received on {when} (message {first.id}) and "
+                     f"{first.status}; not processed again, its outcome follows", "0")
+        earlier = [Issue(str(i.get("severity", "error")), str(i.get("code", "")), str(i.get("location", "")),
+                         str(i.get("message", ""))) for i in first.issues or []]
+        return Outcome(Status.DUPLICATE, label, ack_code=first.ack_code or "", record_id=first.id,
+                       answer=first.ack, filtered_reason=first.status, issues=[note, *earlier])
 
     def _taken_over(self, ch: Channel, unit: RawUnit, rec: Any) -> tuple[RawUnit, Outcome]:
         """A message left unfinished, now held by this process: (its stored unit, its outcome)."""
@@ -1137,9 +1151,7 @@ class Pipeline:
             if now.ack is not None:
                 log.info("duplicate format=%s record=%s status=%s (its holder finished it)", now.format, now.id,
                          now.status)
-                label = f"{now.message_id}" if now.message_id else f"unit {unit.index}"
-                return Outcome(Status.DUPLICATE, label, ack_code=now.ack_code or "", record_id=now.id,
-                               answer=now.ack, filtered_reason=now.status)
+                return self._sent_before(ch, unit, now)
             epoch = self.store.epoch()
             if not holder_alive(now.lease_owner, now.lease_until, epoch):
                 rec = self.store.take(existing.id, lease)

@@ -479,6 +479,31 @@ def test_a_browsers_form_upload_of_an_export_is_the_file_it_carries(tmp_path: Pa
         pipeline.close()
 
 
+def test_a_file_sent_again_is_answered_with_each_exams_first_outcome_and_why(tmp_path: Path, clock) -> None:
+    """The same export posted twice: every exam a duplicate, answered 422 (one was refused) with lines like
+    "B2#d577a75ebe033b12: duplicate (duplicate)" — an internal key, and nothing of why B2 was refused. Each exam is
+    named as the first answer named it, said to be sent before, with its first outcome's issues."""
+    from gateway.api.app import create_app
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
+                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
+    pipeline = Pipeline(settings, clock=clock)
+    try:
+        client = create_app(settings, pipeline).test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(client.application, 'cdc', ['submitter'])}"
+        data = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+        first = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
+        again = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
+        assert first.status_code == again.status_code == 422
+        said = [i["diagnostics"] for i in again.get_json()["issue"]]
+        assert not any("#" in line.split(":")[0] for line in said), said[:4]
+        refused = [line for line in said if line.startswith("体检编号 TJ2024003:")]
+        assert any("sent before" in line for line in refused), refused
+        assert any("check digit is '5', expected '4'" in line for line in refused), refused
+    finally:
+        pipeline.close()
+
+
 def test_cli_convert_names_exam_row_and_column(runner) -> None:
     from gateway.cli import cli
 
