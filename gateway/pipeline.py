@@ -1501,47 +1501,24 @@ class Pipeline:
                        retried: tuple[str, str] | None = None) -> tuple[Outcome, bool]:
         """Record one outcome so that its failure is its own: (the outcome recorded, whether anything was).
 
-        Inside a caller's transaction the unit is recorded in a savepoint; when
-        that fails, the unit is recorded as failed instead; when even that
-        fails, nothing is written for it and its answer asks the sender to send
-        it again (its raw input is kept, and its lease is given up by the caller).
+        Inside a caller's transaction the unit is recorded in a savepoint; a submitted Bundle naming another
+        patient's stored resources is recorded as refused instead (:meth:`_same_identities`); when recording
+        fails, the unit is recorded as failed instead; when even that fails, nothing is written for it and its
+        answer asks the sender to send it again (its raw input is kept, and its lease is given up by the caller).
         A failure of the whole transaction (the database itself) is raised.
         """
-        from gateway.store.db import savepoint
-
-        db = self.store.db
-        joined = db.conn.in_transaction
         try:
-            with savepoint(db, "outcome"):
-                if ch.format == "fhir" and outcome.status is Status.STORED and outcome.bundle is not None:
-                    self._same_identities(outcome.bundle)  # (read inside the write lock: no other Bundle between)
-                self._record(ch, unit, outcome, channel, retried)
-            return outcome, True
+            if self._recorded(ch, unit, outcome, channel, retried, check=True):
+                return outcome, True
         except _Clash as clash:
             outcome = self._refused_for(ch, outcome, clash.issues)
-            try:
-                with savepoint(db, "outcome"):
-                    self._record(ch, unit, outcome, channel, retried)
+            if self._recorded(ch, unit, outcome, channel, retried):
                 return outcome, True
-            except Exception as exc:
-                if joined and not db.conn.in_transaction:
-                    raise
-                _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
-        except Exception as exc:
-            if joined and not db.conn.in_transaction:
-                raise
-            _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
         failed = self._failed(ch, outcome.message, Stage.STORE)
         failed.record_id = outcome.record_id
         failed.answer = self._answer(ch, failed)
-        try:
-            with savepoint(db, "outcome"):
-                self._record(ch, unit, failed, channel, retried)
+        if self._recorded(ch, unit, failed, channel, retried):
             return failed, True
-        except Exception as exc:
-            if joined and not db.conn.in_transaction:
-                raise
-            _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
         issue = Issue("error", "exception", "", "the gateway could not record this message; its raw input is kept: "
                       "send it again", "207")
         msg = copy.copy(outcome.message) if outcome.message is not None else SourceMessage(format=ch.format)
@@ -1550,6 +1527,32 @@ class Pipeline:
                              record_id=outcome.record_id)
         unrecorded.answer = self._answer(ch, unrecorded)
         return unrecorded, False
+
+    def _recorded(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str,
+                  retried: tuple[str, str] | None, *, check: bool = False) -> bool:
+        """:meth:`_record` in a savepoint of its own: whether it was recorded (a failure of its own is logged and
+        rolled back). ``check``: a submitted FHIR Bundle's ids are compared with what they name stored first.
+
+        :raises _Clash: (``check``) the Bundle names another patient's, person's or test's stored resource.
+        :raises Exception: the caller's transaction itself failed (the database).
+        """
+        from gateway.store.db import savepoint
+
+        db = self.store.db
+        joined = db.conn.in_transaction
+        try:
+            with savepoint(db, "outcome"):
+                if check and ch.format == "fhir" and outcome.status is Status.STORED and outcome.bundle is not None:
+                    self._same_identities(outcome.bundle)  # (read inside the write lock: no other Bundle between)
+                self._record(ch, unit, outcome, channel, retried)
+            return True
+        except _Clash:
+            raise
+        except Exception as exc:
+            if joined and not db.conn.in_transaction:
+                raise
+            _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
+            return False
 
     def _release(self, record_id: int) -> None:
         """Give up this process's lease on a message it did not finish; when the database cannot be written now, as
