@@ -5,8 +5,10 @@ import io
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -455,9 +457,9 @@ def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_pat
     pipeline.close()
 
 
-def test_a_browsers_form_upload_of_an_export_is_the_file_it_carries(tmp_path: Path, clock) -> None:
-    """curl -F file=@exams.csv (a form upload, as a browser sends a file): the form's bytes were read as the CSV, its
-    boundary line taken for "a title above the header"; the file it carries is read, as if posted alone."""
+@pytest.fixture
+def cdc_http(tmp_path: Path, clock) -> Iterator[Any]:
+    """The CDC's gateway over HTTP, its CSV system's token set (SQLite: these answer per exam, whatever stores)."""
     from gateway.api.app import create_app
 
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
@@ -466,42 +468,40 @@ def test_a_browsers_form_upload_of_an_export_is_the_file_it_carries(tmp_path: Pa
     try:
         client = create_app(settings, pipeline).test_client()
         client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(client.application, 'cdc', ['submitter'])}"
-        data = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
-        uploaded = client.post("/ingest/cdc-csv", data={"file": (io.BytesIO(data), "exams.csv")},
-                               content_type="multipart/form-data")
-        texts = [i["diagnostics"] for i in uploaded.get_json()["issue"]]
-        assert any(t.startswith("体检编号 TJ2024001: stored (Bundle/") for t in texts), texts[:3]
-        assert not any("title above the header" in t for t in texts)
-        two = client.post("/ingest/cdc-csv", content_type="multipart/form-data",
-                          data={"a": (io.BytesIO(data), "a.csv"), "b": (io.BytesIO(data), "b.csv")})
-        assert two.status_code == 422 and "carries one file, this one carries 2" in two.get_data(as_text=True)
+        yield client
     finally:
         pipeline.close()
 
 
-def test_a_file_sent_again_is_answered_with_each_exams_first_outcome_and_why(tmp_path: Path, clock) -> None:
+def test_a_browsers_form_upload_of_an_export_is_the_file_it_carries(cdc_http: Any) -> None:
+    """curl -F file=@exams.csv (a form upload, as a browser sends a file): the form's bytes were read as the CSV, its
+    boundary line taken for "a title above the header"; the file it carries is read, as if posted alone."""
+    client = cdc_http
+    data = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+    uploaded = client.post("/ingest/cdc-csv", data={"file": (io.BytesIO(data), "exams.csv")},
+                           content_type="multipart/form-data")
+    texts = [i["diagnostics"] for i in uploaded.get_json()["issue"]]
+    assert any(t.startswith("体检编号 TJ2024001: stored (Bundle/") for t in texts), texts[:3]
+    assert not any("title above the header" in t for t in texts)
+    two = client.post("/ingest/cdc-csv", content_type="multipart/form-data",
+                      data={"a": (io.BytesIO(data), "a.csv"), "b": (io.BytesIO(data), "b.csv")})
+    assert two.status_code == 422 and "carries one file, this one carries 2" in two.get_data(as_text=True)
+
+
+def test_a_file_sent_again_is_answered_with_each_exams_first_outcome_and_why(cdc_http: Any) -> None:
     """The same export posted twice: every exam a duplicate, answered 422 (one was refused) with lines like
     "B2#d577a75ebe033b12: duplicate (duplicate)" — an internal key, and nothing of why B2 was refused. Each exam is
     named as the first answer named it, said to be sent before, with its first outcome's issues."""
-    from gateway.api.app import create_app
-
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "gw"), "issuer_uscc": CDC,
-                                                    "issuer_name": "四川省疾病预防控制中心（演示）"})
-    pipeline = Pipeline(settings, clock=clock)
-    try:
-        client = create_app(settings, pipeline).test_client()
-        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(client.application, 'cdc', ['submitter'])}"
-        data = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
-        first = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
-        again = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
-        assert first.status_code == again.status_code == 422
-        said = [i["diagnostics"] for i in again.get_json()["issue"]]
-        assert not any("#" in line.split(":")[0] for line in said), said[:4]
-        refused = [line for line in said if line.startswith("体检编号 TJ2024003:")]
-        assert any("sent before" in line for line in refused), refused
-        assert any("check digit is '5', expected '4'" in line for line in refused), refused
-    finally:
-        pipeline.close()
+    client = cdc_http
+    data = (CSV / "cdc-exams-utf8-bom.csv").read_bytes()
+    first = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
+    again = client.post("/ingest/cdc-csv", data=data, content_type="text/csv")
+    assert first.status_code == again.status_code == 422
+    said = [i["diagnostics"] for i in again.get_json()["issue"]]
+    assert not any("#" in line.split(":")[0] for line in said), said[:4]
+    refused = [line for line in said if line.startswith("体检编号 TJ2024003:")]
+    assert any("sent before" in line for line in refused), refused
+    assert any("check digit is '5', expected '4'" in line for line in refused), refused
 
 
 def test_cli_convert_names_exam_row_and_column(runner) -> None:

@@ -305,6 +305,16 @@ def test_a_start_names_a_process_of_the_last_run_still_there_instead_of_waiting_
                 process.wait()
 
 
+def _serve_env(s: Any, url: str, http: int, mllp: int, **more: str) -> dict[str, str]:
+    """The environment of a `gateway serve` of the member whose settings are ``s`` on these ports (its settings as
+    GATEWAY_* variables: one HTTP worker, WARNING logs), with ``more``."""
+    return {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
+            "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
+            "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
+            "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
+            "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING", **more}
+
+
 @pytest.mark.slow
 def test_serve_starts_a_stopped_queue_reader_again(tmp_path: Path) -> None:
     """A queue reader stopped by a signal (SIGSTOP) would hold the queue forever: serve kills it and starts
@@ -313,12 +323,7 @@ def test_serve_starts_a_stopped_queue_reader_again(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{http}"
     world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
     s = world.gateways["tongjiang"].settings
-    env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
-           "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
-           "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
-           "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
-           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
-           "GATEWAY_HUNG_RESTART_AFTER": "10", "GATEWAY_LOG_LEVEL": "WARNING"}
+    env = _serve_env(s, url, http, mllp, GATEWAY_MLLP_ACK="received", GATEWAY_HUNG_RESTART_AFTER="10")
     folder = run_dir(s.replace(http_port=http))
     sample = Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2" / "tongjiang-county-lis.hl7"
     first, _, second = [m.lstrip(b"\x0b\r\n") for m in sample.read_bytes().split(b"\x1c")[:3]]
@@ -382,11 +387,7 @@ def test_a_second_serve_on_one_database_is_refused_and_the_first_runs_on(tmp_pat
     url = f"http://127.0.0.1:{http}"
     world = build_world(tmp_path, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
     s = world.gateways["tongjiang"].settings
-    env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
-           "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
-           "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
-           "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
-           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+    env = _serve_env(s, url, http, mllp)
     proc = subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
@@ -438,13 +439,8 @@ def test_serve_restarts_killed_parts_and_stops_whole_when_they_keep_dying(tmp_pa
                         database=(lambda key: database) if database else None)
     gw = world.gateways["tongjiang"]
     s = gw.settings
-    env = {**os.environ, "GATEWAY_DATA_DIR": s.data_dir, "GATEWAY_ISSUER_USCC": s.issuer_uscc,
-           "GATEWAY_ISSUER_NAME": s.issuer_name, "GATEWAY_REGISTRY_SNAPSHOT": s.registry_snapshot,
-           "GATEWAY_REGISTRY_AUTHORITY": s.registry_authority, "GATEWAY_SIGNING_KEY": s.signing_key,
-           "GATEWAY_SIGNING_CERT": s.signing_cert, "GATEWAY_PUBLIC_URL": url, "GATEWAY_HTTP_PORT": str(http),
-           "GATEWAY_MLLP_PORT": str(mllp), "GATEWAY_MLLP_ACK": "received", "GATEWAY_WORKERS": "1",
-           "GATEWAY_RESTART_LIMIT": "2", "GATEWAY_DELIVERY_INTERVAL": "1", "GATEWAY_LOG_LEVEL": "WARNING",
-           **({"GATEWAY_DATABASE": s.database} if s.database else {})}
+    env = _serve_env(s, url, http, mllp, GATEWAY_MLLP_ACK="received", GATEWAY_RESTART_LIMIT="2",
+                     GATEWAY_DELIVERY_INTERVAL="1", **({"GATEWAY_DATABASE": s.database} if s.database else {}))
     folder = run_dir(s.replace(http_port=http))  # the run folder of the node serve starts (its HTTP port)
     message = (Path(__file__).parent.parent / "gateway" / "demo" / "data" / "hl7v2"
                / "tongjiang-county-lis.hl7").read_bytes().split(b"\x1c")[0].lstrip(b"\x0b")
