@@ -376,6 +376,16 @@ def _sqlite_error(kind: str, tmp_path: Path) -> Exception:
 def test_a_database_that_cannot_be_used_names_the_file_and_the_cause(runner, tmp_path: Path, monkeypatch,
                                                                      kind: str, said: str, code: int) -> None:
     """Permissions, a read-only file or mount and a full disk do not pass by themselves: not "try again"."""
+    database, result = _listed_on_failing_database(runner, tmp_path, monkeypatch, kind)
+    no_traceback(result)
+    assert result.exit_code == code, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: the database {database} {said}"), line
+    assert "try again" not in line and "right now" not in line
+
+
+def _listed_on_failing_database(runner, tmp_path: Path, monkeypatch, kind: str):
+    """(the database, what `messages list` said) when reading it raises the real SQLite error ``kind``."""
     from gateway.store.store import Store
 
     error = _sqlite_error(kind, tmp_path)
@@ -386,26 +396,11 @@ def test_a_database_that_cannot_be_used_names_the_file_and_the_cause(runner, tmp
         raise error
 
     monkeypatch.setattr(Store, "list_messages", fails)
-    result = gateway(runner, tmp_path, "messages", "list")
-    no_traceback(result)
-    assert result.exit_code == code, result.output
-    [line] = result.stderr.splitlines()
-    assert line.startswith(f"Error: the database {database} {said}"), line
-    assert "try again" not in line and "right now" not in line
+    return database, gateway(runner, tmp_path, "messages", "list")
 
 
 def test_a_database_locked_by_another_writer_is_worth_trying_again(runner, tmp_path: Path, monkeypatch) -> None:
-    from gateway.store.store import Store
-
-    error = _sqlite_error("busy", tmp_path)
-    database = tmp_path / "gw" / "gateway.db"
-    Store.open(database).close()
-
-    def fails(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(Store, "list_messages", fails)
-    result = gateway(runner, tmp_path, "messages", "list")
+    database, result = _listed_on_failing_database(runner, tmp_path, monkeypatch, "busy")
     assert result.exit_code == 1
     assert result.stderr.strip() == (f"Error: the database {database} is in use by another process (database is "
                                      "locked); try again")
