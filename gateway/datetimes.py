@@ -60,6 +60,8 @@ def _parts(text: str) -> dict[str, str | None]:
     value = text.strip()
     if not value.isascii():
         value = value.translate(_FULL_WIDTH)
+        if "日" in value and "时" in value:  # 2024年03月05日 08时30分(15秒): the hour and minute as words
+            value = value.replace("时", ":").replace("分", ":").replace("秒", "").rstrip(":")
     for pattern in (_HL7_TS, _ISO_LIKE, _SLASHED, _CHINESE):
         m = pattern.match(value)
         if m:

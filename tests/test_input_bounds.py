@@ -233,6 +233,16 @@ def test_a_timestamp_in_digits_of_another_script_is_no_timestamp(text: str) -> N
     assert to_fhir_datetime("２０２４年３月１５日 ８：３０") == "2024-03-15T08:30:00+08:00"
 
 
+@pytest.mark.parametrize("text, fhir", [("2024年03月05日 08时30分", "2024-03-05T08:30:00+08:00"),
+                                        ("2024年3月5日 8时30分15秒", "2024-03-05T08:30:15+08:00"),
+                                        ("2024年3月5日8时05分", "2024-03-05T08:05:00+08:00")])
+def test_a_time_written_in_words_is_a_time(text: str, fhir: str) -> None:
+    """时 and 分, as Chinese systems write the time of a date written 年月日 (it was "not a date/time")."""
+    from gateway.datetimes import to_fhir_datetime
+
+    assert to_fhir_datetime(text) == fhir
+
+
 def test_exposure_years_are_digits_0_to_9_or_full_width() -> None:
     from decimal import Decimal
 

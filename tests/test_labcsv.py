@@ -528,6 +528,13 @@ def test_bundles_are_json_round_trippable(cdc: Pipeline) -> None:
     assert model.id == out.bundle["id"]
 
 
+def test_a_conclusion_ended_as_a_sentence_is_the_conclusion(cdc: Pipeline) -> None:
+    """主检结论 目前未见异常。 (a full stop, as a sentence ends): it was an unknown conclusion, the exam refused."""
+    [out] = outcomes(cdc, csv_bytes(row(tail=TAIL.replace("目前未见异常,", "目前未见异常。,"))))
+    assert out.bundle is not None, out.issues
+    assert report_of(out.bundle)["conclusion"] == "目前未见异常。"
+
+
 def test_a_column_named_with_a_note_in_brackets_is_the_layouts_column(cdc: Pipeline) -> None:
     """接害工龄（年）, 单位（计量）, 参考范围(正常值): the columns were left unread without a word (the results stored
     without units, ranges or years, over a copy that had them); each is the layout's column, and said to be."""

@@ -40,7 +40,7 @@ _CS_EXAM_TYPE = cs_url("exam-type")
 _CS_CONCLUSION = cs_url("exam-conclusion")
 _CS_HAZARD = cs_url("hazard-factor")
 _CS_CATEGORY = cs_url("exposure-category")
-_CONCLUSION_HEAD = re.compile(r"[：:（(，,；;]")
+_CONCLUSION_HEAD = re.compile(r"[：:（(，,；;。]")  # (目前未见异常。 ends a sentence: the conclusion is before it)
 # GBZ 188: 复查 asks for a recheck; it is not a conclusion of the exam. (GBZ 98's 暂时脱离放射工作 is final.)
 _NOT_FINAL = {"recheck"}
 
