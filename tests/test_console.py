@@ -797,3 +797,16 @@ def test_a_date_that_is_none_or_a_period_that_ends_before_it_begins_is_said(fuli
     assert again and again.group(1).startswith(path.split("?")[0]), text[-800:]
     assert "from=" not in again.group(1) or "to=" not in again.group(1)
     assert c.get(again.group(1).replace("&amp;", "&")).status_code == 200
+
+
+def test_a_lookup_at_a_member_the_registry_does_not_list_is_one_line(fuling) -> None:
+    """`gateway lookup` asked of a code no member has (a typo): one line naming it, exit 1, no traceback; the
+    attempt is audited at the member that asked, as failed."""
+    _, _, folder = fuling
+    result = CliRunner().invoke(cli, ["--config", str(folder / "gateway.toml"), "lookup", "511921196612120011",
+                                      "--at", "12345678901234567X"])
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: 调阅 at 12345678901234567X: ") and "Traceback" not in result.output
+    made = [e for e in _log(folder, "read") if e.get("asked_elsewhere")]
+    assert made and made[-1]["outcome"] != "0" and "failed" in made[-1]["query"]

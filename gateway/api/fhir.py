@@ -43,7 +43,7 @@ from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON, check_total_hint, prefers_lenient
 from gateway.errors import InvalidSearch, Issue, NotFound, shown
 from gateway.fhir.outcome import operation_outcome
-from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS
+from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS, check_sort
 from gateway.scopes import covers, parse_scopes
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -693,11 +693,7 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
                    if kinds.get(PARAM_ALIASES.get(k, k)) == "reference" and here in v else v) for k, v in params]
     try:
         sort = _sort_of(args)
-        dates = {n for n, k in SEARCH_PARAMS.get(rtype, {}).items() if k == "date"}
-        for name, _ in sort:
-            if name not in dates:
-                raise InvalidSearch(f"_sort by {name!r} is not supported for {rtype} (supported: "
-                                    f"{', '.join(sorted(dates))})", "_sort", code="not-supported")
+        check_sort(rtype, sort)  # (here, before the search: lenient handling searches without it)
     except InvalidSearch as exc:
         ignore_if_lenient(exc)
         sort = []

@@ -164,14 +164,13 @@ def _gateway_error(exc: GatewayError) -> Response:
     if isinstance(exc, DatabaseUnavailable):
         return _database_away(fault_reason(exc) or exc.message)
     status = int(getattr(exc, "http_status", 400) or 400)
-    response = _problem(status, "无法完成 (could not be done)", exc.message)
     named = [n for n in str(exc.location or "").split("/") if n in request.args]
+    again = ""
     if request.method == "GET" and status < 500 and named:  # the same search without what was wrong: fix it there
         kept = [(k, v) for k, v in request.args.items(multi=True) if k not in named and k != "page"]
         again = request.path + ("?" + urlencode(kept) if kept else "")
-        response = _page("error.html", status, title="无法完成 (could not be done)", detail=exc.message,
-                         again=again, dropped=", ".join(named))
-    return response
+    return _page("error.html", status, title="无法完成 (could not be done)", detail=exc.message, again=again,
+                 dropped=", ".join(named))
 
 
 @bp.errorhandler(HTTPException)

@@ -21,6 +21,7 @@ from typing import Any
 from gateway.errors import InputError, InvalidSearch, shown
 
 __all__ = [
+    "check_sort",
     "IMPLICIT_SYSTEMS",
     "DateQuery",
     "TokenQuery",
@@ -291,3 +292,16 @@ def index_resource(res: dict[str, Any], resolve: Any = None) -> tuple[list[tuple
                 if ident.get("value"):
                     tokens.append(("performer.identifier", ident.get("system", ""), ident["value"]))
     return tokens, dates
+
+
+def check_sort(rtype: str, sort: Iterable[tuple[str, bool]]) -> None:
+    """Each ``_sort`` key of a search of ``rtype`` is one of its date parameters (the ones results are sorted by).
+
+    :raises InvalidSearch: another key, naming ``_sort`` and the keys taken.
+    """
+    known = SEARCH_PARAMS.get(rtype, {})
+    for name, _ in sort:
+        if known.get(name) != "date":
+            raise InvalidSearch(f"_sort by {name!r} is not supported for {rtype} (supported: "
+                                f"{', '.join(sorted(n for n, k in known.items() if k == 'date'))})", "_sort",
+                                code="not-supported")

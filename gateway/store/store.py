@@ -42,6 +42,7 @@ from gateway.fhir.search import (
     IMPLICIT_SYSTEMS,
     PARAM_ALIASES,
     SEARCH_PARAMS,
+    check_sort,
     date_matches_sql,
     index_resource,
     parse_date_query,
@@ -1165,11 +1166,8 @@ class Store:
         # large _offset sorts that many keys; the page's JSON is joined to them after, in the same statement (so
         # what it returns is what matched), in the same order
         keys: list[tuple[str, list[Any], str, bool]] = []  # (SQL expression, its arguments, direction, may be NULL)
+        check_sort(rtype, sort or [])
         for name, descending in sort or []:
-            if known.get(name) != "date":
-                raise InvalidSearch(f"_sort by {name!r} is not supported for {rtype} (supported: "
-                                    f"{', '.join(sorted(n for n, k in known.items() if k == 'date'))})", "_sort",
-                                    code="not-supported")
             direction = "DESC" if descending else "ASC"
             if name == "_lastUpdated":
                 keys.append((updated_epoch, [], direction, True))
