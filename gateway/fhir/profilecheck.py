@@ -82,12 +82,13 @@ class _Shape:
     """The elements an object may have at one element path (``Observation.code``) of one type."""
 
     __slots__ = ("type_key", "ctx_path", "entries", "strings", "texts", "numbers", "children", "objects", "lists",
-                 "element_type", "resource_level", "allowed")
+                 "element_type", "resource_level", "allowed", "required")
 
     def __init__(self, type_key: str, ctx_path: str, entries: dict[str, _Entry],
                  strings: dict[str, AbstractSet[str]], texts: dict[str, AbstractSet[str]],
-                 numbers: frozenset[str]) -> None:
+                 numbers: frozenset[str], required: tuple[tuple[str, ...], ...]) -> None:
         self.type_key = type_key
+        self.required = required  # the elements R4 requires here, each as the keys any one of which is it
         self.ctx_path = ctx_path
         self.entries = entries
         self.resource_level = ctx_path == type_key and "." not in type_key  # (not a backbone element: see Guide)
@@ -287,8 +288,9 @@ class CleanCheck:
             if len(self._shapes) >= _MAX_SHAPES:
                 raise OverflowError("too many element shapes")  # (caught by clean: the full validation runs)
             entries, strings, texts, numbers = self._entries.get(type_key) or self._type_entries(type_key)
+            required = tuple(keys for _, keys in self._model.required(type_key))
             shape = self._shapes.setdefault((type_key, ctx_path),
-                                            _Shape(type_key, ctx_path, entries, strings, texts, numbers))
+                                            _Shape(type_key, ctx_path, entries, strings, texts, numbers, required))
         return shape
 
     def _type_entries(self, type_key: str) -> _TypeEntries:
@@ -331,7 +333,7 @@ class CleanCheck:
         An object whose values are all strings already found good for their elements is decided in place,
         without a call of its own (the codings, quantities and references most objects are).
         """
-        if depth > _MAX_DEPTH or not obj:
+        if depth > _MAX_DEPTH or not obj or (shape.required and not _has_required(obj, shape.required)):
             return False
         strings = shape.strings
         inline = depth < _MAX_DEPTH  # (an object below is at depth + 1: still allowed)
@@ -348,7 +350,7 @@ class CleanCheck:
                 if child is None and skip and key == "resource" and shape.ctx_path == "Bundle.entry":
                     continue  # each entry is checked as a resource of its own
                 if child is not None:
-                    if val and inline:
+                    if val and inline and not child.required:
                         known = child.strings
                         for k, v in val.items():
                             if type(v) is str:
@@ -379,7 +381,7 @@ class CleanCheck:
                     for item in val:
                         if type(item) is not dict:
                             return False
-                        if item and inline:
+                        if item and inline and not child.required:
                             for k, v in item.items():
                                 if type(v) is str:
                                     seen = known.get(k)
@@ -758,6 +760,17 @@ class CleanCheck:
         if native is not None:
             return lambda item, ctx, type_code: bool(native(item))
         return lambda item, ctx, type_code: _evaluate_fhirpath(constraint, item, ctx.root)
+
+
+def _has_required(obj: dict[str, Any], required: tuple[tuple[str, ...], ...]) -> bool:
+    """Whether ``obj`` holds every element R4 requires of it (each: any one of its keys)."""
+    for keys in required:
+        for key in keys:
+            if key in obj:
+                break
+        else:
+            return False
+    return True
 
 
 class _BundleFacts:

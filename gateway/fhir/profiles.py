@@ -252,6 +252,7 @@ class _Model:
         self._own = own
         self._children: dict[str, dict[str, tuple[str, str]]] = {}
         self._slots: dict[str, dict[str, _Slot]] = {}
+        self._required: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
         self.resource_types = frozenset(
             t for t in self._parent if self._is_a(t, "Resource") and t not in ("Resource", "DomainResource")
         )
@@ -311,6 +312,33 @@ class _Model:
             self._slots[owner] = table
         return table
 
+    def required(self, owner: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The elements R4 requires of an element keyed ``owner`` (its own and those of the types it derives from):
+        ``((name, JSON keys any one of which is it), ...)``; a primitive is there with its ``_name`` object alone,
+        a choice element with any of its types (``value[x]``: ``valueQuantity``, ``valueString``...)."""
+        found = self._required.get(owner)
+        if found is None:
+            table = _r4_required_elements()
+            names: list[str] = []
+            current: str | None = owner if "." not in owner else "BackboneElement"
+            chain = [owner] if "." in owner else []
+            while current:
+                chain.append(current)
+                current = self._parent.get(current)
+            for link in chain:
+                names += [n for n in table.get(link, ()) if n not in names and (link, n) not in _REQUIRED_SAID_ELSEWHERE]
+            children = self.children_of(owner)
+            result: list[tuple[str, tuple[str, ...]]] = []
+            for name in names:
+                if name.endswith("[x]"):
+                    base = name[:-3]
+                    keys = [k for k in children if k.startswith(base) and k[len(base):len(base) + 1].isupper()]
+                else:
+                    keys = [name]
+                result.append((name, tuple(keys) + tuple("_" + k for k in keys)))
+            found = self._required[owner] = tuple(result)
+        return found
+
     def child(self, owner: str, name: str) -> tuple[str, str] | None:
         """``(type code, owner of its children)`` of element ``name`` under ``owner``, or None if R4 has none."""
         return self.children_of(owner).get(name)
@@ -342,6 +370,19 @@ def _r4_required_codes() -> dict[str, tuple[str, frozenset[str]]]:
     the HL7 definitions by ``tests/tools/r4codes/generate.py``; the test suite holds the two equal)."""
     data = json.loads((Path(__file__).with_name("r4-required-codes.json")).read_text(encoding="utf-8"))
     return {path: (bound["valueSet"], frozenset(bound["codes"])) for path, bound in data["elements"].items()}
+
+
+#: Required elements the walk reports in its own words (an extension's url: ``_check_extensions``).
+_REQUIRED_SAID_ELSEWHERE = frozenset({("Extension", "url")})
+
+
+@functools.lru_cache(maxsize=1)
+def _r4_required_elements() -> dict[str, list[str]]:
+    """R4's required elements (``min`` 1 or more): ``{owner: [element, ...]}``, from ``r4-required-elements.json``
+    beside this module (made from the HL7 definitions by ``tests/tools/r4codes/elements.py``; the test suite holds
+    the two equal)."""
+    data = json.loads((Path(__file__).with_name("r4-required-elements.json")).read_text(encoding="utf-8"))
+    return {owner: list(names) for owner, names in data["required"].items()}
 
 
 class _Slot(NamedTuple):
@@ -465,6 +506,14 @@ def _count_issue(run: _Run, node: _Node, count: int, where: str) -> None:
     else:
         _issue(run, "error", "structure", where, f"allows at most {node.max} ({node.label}), found {count}",
                "cardinality")
+
+
+def _said_once(out: list[Issue], start: int) -> None:
+    """An element R4 requires that a profile requires too is reported once, by the profile (which names it)."""
+    by_profile = {i.location for i in out[start:] if i.code == "required" and "profile" in i.extra}
+    if by_profile:
+        out[start:] = [i for i in out[start:]
+                       if not (i.extra.get("rule") == "base-cardinality" and i.location in by_profile)]
 
 
 def _duplicate_full_urls(bundle: dict[str, Any], run: _Run) -> None:
@@ -1124,6 +1173,7 @@ class Guide:
                            depth: int) -> None:
         rtype: str = res["resourceType"]
         run = _Run(out, res)
+        start = len(out)
         try:
             self._walk(res, rtype, rtype, loc, run, depth, rtype == "Bundle")
         except RecursionError:
@@ -1159,6 +1209,7 @@ class Guide:
                 continue
             prun = _Run(out, res, url)
             self._check_value(profile.root, res, loc, prun)
+        _said_once(out, start)
         entries = res.get("entry") if rtype == "Bundle" else None
         if isinstance(entries, (list, dict)):
             # an entry object where an array belongs is reported by the walk; its resource is still checked
@@ -1251,6 +1302,10 @@ class Guide:
                 self._walk_value(slot, key, item, f"{loc}.{key}[{i}]", ctx_path, run, depth, skip_entry_resources)
             if extensions:
                 self._check_extensions(val, type_key, ctx_path, f"{loc}.{key}", run)
+        for name, keys in self._model.required(type_key):
+            if not any(k in obj for k in keys):
+                _issue(run, "error", "required", f"{loc}.{name}", f"is missing: FHIR R4 requires {ctx_path}.{name}",
+                       "base-cardinality")
 
     def _walk_value(self, slot: _Slot, key: str, item: Any, iloc: str, ctx_path: str, run: _Run, depth: int,
                     skip_entry_resources: bool) -> None:
