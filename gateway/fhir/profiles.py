@@ -326,7 +326,8 @@ class _Model:
                 chain.append(current)
                 current = self._parent.get(current)
             for link in chain:
-                names += [n for n in table.get(link, ()) if n not in names and (link, n) not in _REQUIRED_SAID_ELSEWHERE]
+                names += [n for n in table.get(link, ())
+                          if n not in names and (link, n) not in _REQUIRED_SAID_ELSEWHERE]
             children = self.children_of(owner)
             result: list[tuple[str, tuple[str, ...]]] = []
             for name in names:
