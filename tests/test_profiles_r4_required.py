@@ -1,7 +1,8 @@
-"""R4's required elements (``min`` 1 or more) are checked by the gateway's validator, for every resource type and
-datatype, profiled or not: an Observation without ``status`` is not "all OK".
+"""R4's required elements (``min`` 1 or more) and array shapes are checked by the gateway's validator, for every
+resource type and datatype, profiled or not: an Observation without ``status`` is not "all OK", nor an Encounter
+whose ``participant`` is an object.
 
-The table (``gateway/fhir/r4-required-elements.json``) is made from HL7's definitions by
+The table (``gateway/fhir/r4-elements.json``) is made from HL7's definitions by
 ``tests/tools/r4codes/elements.py``; these tests hold it equal to what the generator makes, and hold the validator's
 verdicts equal to the outside validators' (tests/tools/validate-fhir) on resources of our guide's examples with one
 required element taken out at a time, and on the outside validators' own sample.
@@ -45,7 +46,7 @@ def test_the_table_is_what_its_generator_makes_from_the_hl7_definitions(tmp_path
     modules = validator_path().parent / "node_modules"
     made = generator.generate(modules / "@medplum" / "definitions" / "dist" / "fhir" / "r4",
                               modules / "@asymmetrik" / "fhir-json-schema-validator" / "fhir.schema.json")
-    shipped = json.loads((ROOT / "gateway" / "fhir" / "r4-required-elements.json").read_text(encoding="utf-8"))
+    shipped = json.loads((ROOT / "gateway" / "fhir" / "r4-elements.json").read_text(encoding="utf-8"))
     assert made == shipped
     table = shipped["required"]
     assert table["Observation"] == ["code", "status"]
@@ -54,6 +55,37 @@ def test_the_table_is_what_its_generator_makes_from_the_hl7_definitions(tmp_path
     assert table["UsageContext"] == ["code", "value[x]"]
     assert table["MeasureReport"] == ["measure", "period", "status", "type"]  # (the package's slip, mended)
     assert sum(len(v) for v in table.values()) > 700
+    repeating = shipped["repeating"]
+    assert repeating["Encounter.participant"] == ["extension", "modifierExtension", "type"]
+    assert repeating["Narrative"] == ["extension"] and "ResearchStudy" not in repeating
+
+
+def test_the_repeating_table_agrees_with_the_official_r4_json_schema() -> None:
+    """A second source: HL7's R4 JSON schema spells every repeating element as an array. Every element of every
+    owner both know has the same shape."""
+    generator = _generator()
+    schema = json.loads(generator.SCHEMA.read_text(encoding="utf-8"))["definitions"]
+    from gateway.fhir.profiles import _ALWAYS_REPEATING, _Model
+
+    model = _Model()
+    shipped = json.loads((ROOT / "gateway" / "fhir" / "r4-elements.json").read_text(encoding="utf-8"))["repeating"]
+    compared = 0
+    for owner, names in shipped.items():
+        first, *steps = owner.split(".")
+        definition = schema.get(first)
+        for step in steps:
+            prop = (definition or {}).get("properties", {}).get(step) or {}
+            ref = prop.get("$ref") or prop.get("items", {}).get("$ref")
+            definition = schema.get(ref.rsplit("/", 1)[-1]) if ref else None
+        if definition is None:
+            continue
+        for name in model.children_of(owner):
+            prop = definition.get("properties", {}).get(name)
+            if prop is None:
+                continue
+            compared += 1
+            assert (prop.get("type") == "array") == (name in names or name in _ALWAYS_REPEATING), f"{owner}.{name}"
+    assert compared > 5000
 
 
 def _cuts(guide: Any, resource: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -217,6 +249,40 @@ CASES = [
     ({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
       "extension": [{"valueString": "no url"}]}, "Observation.extension[0].url"),  # said once, as before
 ]
+
+SHAPES = [
+    # (resource, where an array is where one value belongs, or the reverse): types outside our guide's Bundles
+    ({"resourceType": "Encounter", "status": "finished",
+      "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+      "participant": {"individual": {"display": "陈明"}}}, "Encounter.participant"),
+    ({"resourceType": "ServiceRequest", "status": "active", "intent": "order", "subject": {"display": "王建国"},
+      "code": [{"text": "血常规"}]}, "ServiceRequest.code"),
+    ({"resourceType": "Task", "status": "requested", "intent": "order",
+      "input": [{"type": {"text": "a"}, "valueString": "b"}], "note": {"text": "c"}}, "Task.note"),
+]
+
+
+def test_array_shapes_of_every_type_as_the_outside_validators_see_them(guide: Any, tmp_path: Path) -> None:
+    files = []
+    for n, (resource, where) in enumerate(SHAPES):
+        issues = guide.validate(copy.deepcopy(resource))
+        assert issues == guide.validate_reference(copy.deepcopy(resource))
+        assert [(i.location, i.extra["rule"]) for i in issues] == [(where, "array")], issues
+        path = tmp_path / f"shape-{n}.json"
+        path.write_text(json.dumps(resource, ensure_ascii=False), encoding="utf-8")
+        files.append(path)
+        name = where.split(".")[-1]
+        fixed = copy.deepcopy(resource)
+        fixed[name] = [fixed[name]] if not isinstance(fixed[name], list) else fixed[name][0]
+        assert guide.validate(fixed) == [] and guide.is_clean(fixed), where
+        path = tmp_path / f"fixed-{n}.json"
+        path.write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+        files.append(path)
+    result = validate_fhir(files)
+    errors = [line for line in result.stdout.splitlines() if "] error:" in line]
+    for n in range(len(SHAPES)):
+        assert [line for line in errors if line.startswith(f"{files[2 * n]}: [")], SHAPES[n][1]
+        assert not [line for line in errors if line.startswith(f"{files[2 * n + 1]}: [")], SHAPES[n][1]
 
 
 @pytest.mark.parametrize("resource,where", CASES, ids=[str(w) for _, w in CASES])

@@ -13,8 +13,8 @@ location (``Observation.code.coding[0].system``) and a severity:
 - base shape, for every element: unknown elements, an object where a primitive
   belongs (or the reverse), empty strings/arrays/objects, ``null``, primitive
   formats (``dateTime`` without an offset, bad ``instant``, ``code`` with
-  spaces, ...), extension ``url`` present and ``ext-1``; for the resources
-  and datatypes our Bundles are made of, an array where one value belongs or the reverse;
+  spaces, ...), extension ``url`` present and ``ext-1``; an array where one value
+  belongs or the reverse; an element R4 requires that is missing;
   and R4's own required bindings on codes whose value sets can be listed
   (``Observation.status``, ``Patient.gender``, ``Identifier.use``, ``Bundle.type``...: 337
   elements, ``r4-required-codes.json``, made from HL7's definitions);
@@ -26,11 +26,16 @@ location (``Observation.code.coding[0].system``) and a severity:
 - a Bundle: itself, then each ``entry.resource`` against the profiles *it*
   declares, located as ``Bundle.entry[3].resource...``.
 
-Cardinality the base specification sets and the profile does not restate, base
-invariants, terminology outside our own ValueSets and R4's listable required
-bindings (MIME types, currencies; the extensible and preferred ones), and the array shape of other
-resource types are left to a full R4 validator (the tests run three on the
-guide and on the golden files). A few invariants also have a Python twin
+R4's own cardinalities are checked for every resource type and datatype: an element
+it requires (``Observation.status``, ``Patient.link.other``; a primitive may be there
+with its ``_status`` extensions alone) and the array shape of every element
+(``r4-elements.json``, made from HL7's definitions; an element a profile requires too
+is reported once, by the profile). Base invariants (``obs-6``, ``dom-3``...),
+terminology outside our own ValueSets and R4's listable required bindings (MIME
+types, currencies; the extensible and preferred ones), and the few resource types whose
+published definitions are of a later FHIR version (``ResearchStudy``...: their
+array shapes) are left to a full R4 validator (the tests run three on the guide and
+on the golden files). A few invariants also have a Python twin
 (:data:`NATIVE_CHECKS`) used instead of fhirpathpy on the hot path; a test keeps
 each twin equal to its published FHIRPath.
 
@@ -121,8 +126,9 @@ PRIMITIVES = _STRING_TYPES | {"boolean", "decimal"} | set(_INTEGER_TYPES)
 _PLAIN_STRINGS = frozenset({"string", "markdown", "xhtml"})
 
 # Which elements are JSON arrays (R4 max > 1), for the types this guide's resources are made of.
-# fhirpathpy's model has no cardinality, so this is spelled out; for any other owner the array
-# shape is left to a full R4 validator. extension, modifierExtension and contained repeat everywhere.
+# fhirpathpy's model has no cardinality, so this is spelled out (a test holds it equal to R4's definitions); for
+# any other owner, R4's own table (r4-elements.json, made from them) says. extension, modifierExtension and
+# contained repeat everywhere.
 _ALWAYS_REPEATING = frozenset({"extension", "modifierExtension", "contained"})
 _REPEATING: dict[str, frozenset[str]] = {
     owner: frozenset(names.split())
@@ -288,6 +294,8 @@ class _Model:
         table = self._slots.get(owner)
         if table is None:
             repeating = _REPEATING.get(owner)
+            if repeating is None:
+                repeating = _r4_elements()[1].get(owner)
             table = {}
             for name, (type_code, child_key) in self.children_of(owner).items():
                 array: bool | None = None  # None: the array shape is left to a full R4 validator
@@ -318,7 +326,7 @@ class _Model:
         a choice element with any of its types (``value[x]``: ``valueQuantity``, ``valueString``...)."""
         found = self._required.get(owner)
         if found is None:
-            table = _r4_required_elements()
+            table = _r4_elements()[0]
             names: list[str] = []
             current: str | None = owner if "." not in owner else "BackboneElement"
             chain = [owner] if "." in owner else []
@@ -378,12 +386,13 @@ _REQUIRED_SAID_ELSEWHERE = frozenset({("Extension", "url")})
 
 
 @functools.lru_cache(maxsize=1)
-def _r4_required_elements() -> dict[str, list[str]]:
-    """R4's required elements (``min`` 1 or more): ``{owner: [element, ...]}``, from ``r4-required-elements.json``
-    beside this module (made from the HL7 definitions by ``tests/tools/r4codes/elements.py``; the test suite holds
-    the two equal)."""
-    data = json.loads((Path(__file__).with_name("r4-required-elements.json")).read_text(encoding="utf-8"))
-    return {owner: list(names) for owner, names in data["required"].items()}
+def _r4_elements() -> tuple[dict[str, list[str]], dict[str, frozenset[str]]]:
+    """R4's required elements (``min`` 1 or more) and repeating ones (``max`` above 1), each as ``{owner:
+    elements}``, from ``r4-elements.json`` beside this module (made from the HL7 definitions by
+    ``tests/tools/r4codes/elements.py``; the test suite holds the two equal)."""
+    data = json.loads((Path(__file__).with_name("r4-elements.json")).read_text(encoding="utf-8"))
+    return ({owner: list(names) for owner, names in data["required"].items()},
+            {owner: frozenset(names) for owner, names in data["repeating"].items()})
 
 
 class _Slot(NamedTuple):

