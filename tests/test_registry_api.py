@@ -191,7 +191,7 @@ def test_recognize_uses_the_clock_without_at(app: Flask, clock: Clock) -> None:
         (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-11-22T10:00:00"), 422, "UTC offset"),
         (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-11-22"), 422, "time of day"),
         (recognize_body({"resourceType": "Patient"}), 422, "Bundle"),
-        (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-12-22T10:00:00+08:00"), 403, "expired"),
+        (recognize_body(bundle("bundle-lab-tongjiang.json"), at="2026-12-22T10:00:00+08:00"), 422, "later than now"),
         (
             {
                 "resourceType": "Parameters",
@@ -377,3 +377,37 @@ def test_without_a_registry_the_endpoints_say_so() -> None:
     response = application.test_client().get("/registry/fhir/Organization")
     assert response.status_code == 500
     assert "no registry snapshot configured" in response.get_json()["issue"][0]["diagnostics"]
+
+
+def test_a_decision_as_of_a_moment_to_come_is_refused_and_nothing_is_stored(app: Flask, clock: Clock) -> None:
+    """``at`` later than the gateway's clock (more than a few minutes: a caller's clock running ahead) would be
+    stored, audited and counted in the published figures as if made: a what-if. Refused, naming the parameter."""
+    from gateway.audit.log import entries
+
+    ahead = (clock() + dt.timedelta(days=4)).astimezone(dt.timezone(dt.timedelta(hours=8))).isoformat()
+    response = authed(app).post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json"),
+                                                                        at=ahead))
+    assert response.status_code == 422, response.get_data(as_text=True)
+    issue = response.get_json()["issue"][0]
+    assert issue["expression"] == ["Parameters.parameter:at"] and "later than now" in issue["diagnostics"]
+    db = connect(app.extensions["gateway.settings"].database_locator, readonly=True)
+    assert list_decisions(db) == [] and not [e for e in entries(db) if e.content["kind"] == "decision"]
+    soon = (clock() + dt.timedelta(minutes=2)).isoformat()  # a clock a little ahead: decided
+    response = authed(app).post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json"),
+                                                                        at=soon))
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_the_account_that_asked_is_named_in_the_decision_entries(app: Flask) -> None:
+    from gateway.audit.log import entries
+    from gateway.audit.render import render
+
+    response = authed(app).post("/fhir/$recognize", json=recognize_body(bundle("bundle-lab-tongjiang.json")))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    db = connect(app.extensions["gateway.settings"].database_locator, readonly=True)
+    decided = [e for e in entries(db) if e.content["kind"] == "decision"]
+    assert len(decided) == 5
+    event = render("decision", decided[0].recorded, decided[0].facts)
+    names = [a.get("who", {}).get("display", "") + " " + json.dumps(a.get("who", {}), ensure_ascii=False)
+             for a in event["agent"]]
+    assert any("his" in n for n in names), event["agent"]

@@ -29,7 +29,7 @@ from gateway.errors import ConfigError, InputError, NotFound
 from gateway.recognition.record import decide, decide_and_record
 from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.fhir import decision_parameters, parse_recognize_parameters
-from gateway.auth import require_role
+from gateway.auth import current_principal, principal_party, require_role
 from gateway.registry.fhir import registry_resources
 from gateway.registry.models import Snapshot, china_date
 from gateway.registry.snapshot import RegistryHolder
@@ -52,6 +52,10 @@ _SEARCH = {
     "Practitioner": {"identifier", "_id"},
     "PractitionerRole": {"practitioner", "organization", "_id"},
 }
+
+
+#: How far ahead of this gateway's clock a ``$recognize`` ``at`` may be (the caller's clock running ahead).
+_AT_AHEAD = _dt.timedelta(minutes=5)
 
 
 def _utcnow() -> _dt.datetime:
@@ -182,6 +186,12 @@ def recognize() -> Response:
     state = _refreshed()  # decided by the registry in force, never by one a newer snapshot replaced
     bundle, receiver, asked = parse_recognize_parameters(parse_json(request.get_data()))
     now = state.clock()
+    if asked is not None and asked > now + _AT_AHEAD:
+        # a decision as of a moment to come would be stored, audited and counted in the figures as if it had been
+        # made: a what-if, not a decision
+        raise InputError(f"({asked.isoformat()}) is later than now "
+                         f"({now.astimezone(asked.tzinfo).isoformat(timespec='seconds')}): a decision is made as of "
+                         "now or an earlier moment", "Parameters.parameter:at")
     at = asked or now  # (without `at` the decision is made as of the moment it is recorded: no as-of of its own)
     snapshot = state.holder.snapshot_at(at)
     # the Bundle is a part of Parameters: its signature is checked over its own canonical text
@@ -189,8 +199,11 @@ def recognize() -> Response:
     if state.database is None:
         decisions = decide(facts, bundle, snapshot, receiver, at).decisions
     else:
+        settings = current_app.extensions.get("gateway.settings")
+        client = principal_party(current_principal(), settings.issuer_uscc if settings is not None else receiver)
         with borrowed(state.database) as db:  # decisions and their audit entries commit together
-            decisions, _ = decide_and_record(db, facts, bundle, snapshot, receiver, at, recorded_at=now)
+            decisions, _ = decide_and_record(db, facts, bundle, snapshot, receiver, at, recorded_at=now,
+                                             client=client, client_address=request.remote_addr or "")
     log.info(
         "recognize: snapshot=%s results=%d recognized=%d",
         snapshot.version,

@@ -178,11 +178,13 @@ def decided(db: Database, decisions: Iterable[Any], *, member: str, bundle_hash:
 
 
 def decision_records(decisions: Iterable[Any], *, member: str, bundle_hash: str | None = None,
-                     kid: str | None = None, recorded: _dt.datetime | None = None) -> list[records.Record]:
-    """The records :func:`decided` appends (to prepare them before the write lock); ``recorded``: see
-    :func:`gateway.audit.records.from_decision`."""
+                     kid: str | None = None, recorded: _dt.datetime | None = None,
+                     client: records.Party | None = None, client_address: str | None = None) -> list[records.Record]:
+    """The records :func:`decided` appends (to prepare them before the write lock); ``recorded``, ``client`` (who
+    asked for the decisions): see :func:`gateway.audit.records.from_decision`."""
     return [records.from_decision(d, gateway=_me(member), bundle_hash=f"sha256:{bundle_hash}" if bundle_hash else None,
-                                  kid=kid, recorded=recorded) for d in decisions]
+                                  kid=kid, recorded=recorded, client=client, client_address=client_address)
+            for d in decisions]
 
 
 def snapshot_applied(db: Database, *, at: _dt.datetime, member: str, version: int, digest: str,

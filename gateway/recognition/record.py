@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from gateway.audit import events as audit_events
 from gateway.audit import log as audit_log
+from gateway.audit.records import Party
 from gateway.recognition.engine import Decision, decide_all
 from gateway.recognition.facts import ResultFacts, with_superseded
 from gateway.recognition.store import save_decisions
@@ -49,22 +50,26 @@ class Decided:
 
 def decide(facts: Sequence[ResultFacts], bundle: Mapping[str, Any], snapshot: Snapshot, receiver: str,
            at: _dt.datetime, *, db: Database | None = None, bundle_hash: str | None = None,
-           kid: str | None = None, recorded: _dt.datetime | None = None) -> Decided:
+           kid: str | None = None, recorded: _dt.datetime | None = None, client: Party | None = None,
+           client_address: str | None = None) -> Decided:
     """Decide every result for ``receiver`` at ``at``; with ``db``, a report a stored correction supersedes is
     decided as superseded. ``recorded``: when the audit entries are written, when it is not ``at`` (a decision as of
-    another time: the entries are dated when they are written, and say what time they decided for). Needs no lock:
-    reads only."""
+    another time: the entries are dated when they are written, and say what time they decided for). ``client``:
+    who asked for the decisions (an account of this gateway, from ``client_address``), named in their entries.
+    Needs no lock: reads only."""
     if db is not None:
         facts = with_superseded(list(facts), superseded_in(db, bundle))
     decisions = decide_all(list(facts), snapshot, receiver, at)
     records = audit_events.decision_records(decisions, member=receiver, bundle_hash=bundle_hash, kid=kid,
-                                            recorded=recorded)
+                                            recorded=recorded, client=client, client_address=client_address)
     entries = audit_log.prepare(records)
     return Decided(decisions, entries)
 
 
 def decide_and_record(db: Database, facts: Sequence[ResultFacts], bundle: Mapping[str, Any], snapshot: Snapshot,
-                      receiver: str, at: _dt.datetime, *, recorded_at: _dt.datetime) -> tuple[list[Decision], int]:
+                      receiver: str, at: _dt.datetime, *, recorded_at: _dt.datetime, client: Party | None = None,
+                      client_address: str | None = None) -> tuple[list[Decision], int]:
     """:func:`decide`, then :meth:`Decided.record` in a transaction of its own: (decisions, how many were new)."""
-    made = decide(facts, bundle, snapshot, receiver, at, db=db, recorded=recorded_at)
+    made = decide(facts, bundle, snapshot, receiver, at, db=db, recorded=recorded_at, client=client,
+                  client_address=client_address)
     return made.decisions, made.record(db, recorded_at)
