@@ -77,7 +77,7 @@ from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
 from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION
-from gateway.store.db import Database, fault_reason
+from gateway.store.db import Database, dialect, fault_reason
 from gateway.store.reports import versions_in
 from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
 
@@ -555,8 +555,14 @@ class Pipeline:
         if self._unreleased:
             self._release_pending()
         keys = [self._document_key(ch, unit) for unit in units]  # parsed before the write lock is taken
-        with transaction(self.store.db):
-            stored = [(unit, *self._insert_raw(ch, unit, channel, keyed=keyed)) for unit, keyed in zip(units, keys)]
+        try:
+            with transaction(self.store.db):
+                stored = [(unit, *self._insert_raw(ch, unit, channel, keyed=keyed))
+                          for unit, keyed in zip(units, keys)]
+        except Exception as exc:
+            if fault_reason(exc) is not None:
+                _doubt(units)
+            raise
         held = {record_id for _, record_id, existing in stored if existing is None}  # leases this call holds
         outcomes: list[Outcome] = []
         worked: list[tuple[RawUnit, int]] = []  # (unit, its place in outcomes): recorded here
@@ -1106,9 +1112,14 @@ class Pipeline:
         if existing.ack is not None:
             log.info("duplicate format=%s record=%s status=%s", ch.format, existing.id, existing.status)
             return self._sent_before(ch, unit, existing)
-        rec = self.store.take(existing.id, float(self.settings.processing_lease))
+        mine = _doubted(existing)
+        rec = self.store.take(existing.id, float(self.settings.processing_lease), mine=mine)
         if rec is None:
             return None
+        if mine:
+            log.info("message format=%s record=%s: stored by this process although the database's answer was lost "
+                     "(its connection ended); its resend takes it on", ch.format, existing.id)
+            _DOUBTFUL.pop(existing.sha256, None)
         return self._taken_over(ch, unit, rec)
 
     def _sent_before(self, ch: Channel, unit: RawUnit, first: Any) -> Outcome:
@@ -1551,6 +1562,12 @@ class Pipeline:
         except Exception as exc:
             if joined and not db.conn.in_transaction:
                 raise
+            if dialect(db) == "postgresql" and fault_reason(exc) is not None:
+                # the server went away (a failover, a restart, the session ended): not the message's own failure,
+                # and no other statement of this transaction can be written (recorded as failed on the next
+                # connection, every resend of it was answered AE): the whole transaction fails, the sender is
+                # answered as while the database is away, and its resend is worked
+                raise
             _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
             return False
 
@@ -1987,6 +2004,30 @@ def _twin_channel(fmt: str, make: Callable[[], Channel]) -> Channel | None:
         log.warning("the compiled twins of the %s channel could not be set up (%s); the plain modules work its "
                     "units (gateway.native)", fmt, type(exc).__name__)
         return None
+
+
+#: Raw inputs (SHA-256 -> when) whose storing transaction failed in this process with a database fault: when a
+#: commit's answer was lost (the connection ended as it committed), the unit is stored all the same, held by this
+#: process's lease though nothing here works it. A resend of it takes it on at once rather than being told, until
+#: the lease runs out, that it is being processed.
+_DOUBTFUL: dict[str, float] = {}
+_DOUBTFUL_MAX = 1024
+
+
+def _doubt(units: Iterable[RawUnit]) -> None:
+    if len(_DOUBTFUL) >= _DOUBTFUL_MAX:
+        _DOUBTFUL.clear()
+    now = time.monotonic()
+    for unit in units:
+        _DOUBTFUL[hashlib.sha256(unit.data).hexdigest()] = now
+
+
+def _doubted(existing: Any) -> bool:
+    """Whether a stored message is one this process stored without learning so (see :data:`_DOUBTFUL`)."""
+    from gateway.store.store import lease_owner
+
+    return bool(_DOUBTFUL) and getattr(existing, "sha256", None) in _DOUBTFUL and \
+        getattr(existing, "lease_owner", None) == lease_owner()
 
 
 def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseException) -> None:

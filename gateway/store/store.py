@@ -215,7 +215,7 @@ class StorePort(Protocol):
 
     def give_back(self, record_ids: list[int]) -> None: ...
 
-    def take(self, record_id: int, lease: float, *, retry: bool = ...) -> MessageRecord | None: ...
+    def take(self, record_id: int, lease: float, *, retry: bool = ..., mine: bool = ...) -> MessageRecord | None: ...
 
     def replace_raw(self, record_id: int, raw: bytes, *, origin: str) -> None: ...
 
@@ -525,12 +525,13 @@ class Store:
                 " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
                 " WHERE id = ? AND status = 'received' AND lease_owner = ?", [(i, lease_owner()) for i in record_ids])
 
-    def take(self, record_id: int, lease: float, *, retry: bool = False) -> MessageRecord | None:
+    def take(self, record_id: int, lease: float, *, retry: bool = False, mine: bool = False) -> MessageRecord | None:
         """Take one message over to work it again; None when a live process holds it.
 
         Without ``retry``: a message that has no answer yet (interrupted, or
         waiting in the queue). With ``retry``: a ``failed`` one (an operator's
-        retry); its stored answer stays until the new outcome replaces it.
+        retry); its stored answer stays until the new outcome replaces it. ``mine``: a lease of this process is no
+        hold either (it stored the message without learning so: the database's answer was lost).
 
         :raises NotFound: no such message. :raises InputError: with ``retry``, the message is neither failed
             nor left unfinished (``received``).
@@ -544,7 +545,7 @@ class Store:
                                  "messages.status")
             if not retry and (rec.ack is not None or rec.status not in ("received", "queued", "failed")):
                 return None
-            if holder_alive(rec.lease_owner, rec.lease_until, now):
+            if holder_alive(rec.lease_owner, rec.lease_until, now) and not (mine and rec.lease_owner == lease_owner()):
                 return None
             self.db.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ?,"
                             " attempts = attempts + 1, updated_at = ? WHERE id = ?",
