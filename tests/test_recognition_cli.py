@@ -235,3 +235,47 @@ def test_authority_defaults_to_certs(demo_dir: Path, tmp_path: Path, monkeypatch
     (tmp_path / "registry-authority.pem").write_bytes((demo_dir / "DEMO-authority.pem").read_bytes())
     result = CliRunner().invoke(recognize, args)
     assert result.exit_code == 0, result.output
+
+
+def test_a_snapshot_the_databases_gateway_would_refuse_is_refused(demo_dir: Path, tmp_path: Path,
+                                                                  database: str) -> None:
+    """Decisions stored with --db count in the figures the gateway publishes: they are made only by a snapshot
+    that gateway would take (no older version than one it applied, no other snapshot under an applied version),
+    and the snapshot they cite is kept with them (as the gateway keeps the snapshots it applies)."""
+    from gateway.registry.holder import highest_version, known_version, remember_version
+    from gateway.registry.snapshot import verify_snapshot
+    from gateway.commands.registry import authority_certificates
+
+    db = database or str(tmp_path / "gw.db")
+    runner = CliRunner()
+    bundle = str(DATA / "bundle-lab-tongjiang.json")
+    at = ["--receiver", FULING, "--at", "2026-11-22T10:00:00+08:00", "--db", db]
+    first = runner.invoke(recognize, [bundle, *_args(demo_dir, *at)])
+    assert first.exit_code == 0, first.output
+    text = (demo_dir / "DEMO-snapshot.json").read_bytes()
+    snapshot = verify_snapshot(text, authority_certificates((str(demo_dir / "DEMO-authority.pem"),)),
+                               dt.datetime(2026, 11, 22, 10, tzinfo=dt.timezone(dt.timedelta(hours=8))))
+    assert highest_version(db) == 1 and known_version(db, 1, snapshot.digest())
+
+    # another snapshot under version 1 (another authority's demo, content of its own)
+    other = tmp_path / "other"
+    made = runner.invoke(registry, ["demo", "--out", str(other), "--at", "2026-11-22T09:00:00+08:00"])
+    assert made.exit_code == 0, made.output
+    refused = runner.invoke(recognize, [bundle, "--registry", str(other / "DEMO-snapshot.json"), "--authority",
+                                        str(other / "DEMO-authority.pem"), *at])
+    assert refused.exit_code == 1, refused.output
+    assert "version 1 differs from the one this database's gateway applied" in refused.output
+    assert "Traceback" not in refused.output
+
+    # a database whose gateway applied version 2 already: version 1 is older
+    remember_version(db, 2, "0" * 64, dt.datetime(2026, 11, 22, 9, 30, tzinfo=dt.timezone.utc), member=FULING)
+    older = runner.invoke(recognize, [bundle, *_args(demo_dir, *at)])
+    assert older.exit_code == 1 and "is older than version 2" in older.output, older.output
+    from gateway.recognition.store import list_decisions
+    from gateway.store.db import connect
+
+    stored = connect(db, readonly=True)
+    try:
+        assert len(list_decisions(stored)) == 5  # the first run's only
+    finally:
+        stored.conn.close()

@@ -35,6 +35,8 @@ from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.overrides import RETEST_REASONS, RETIRED_RETEST_REASONS, make_override
 from gateway.recognition.record import decide, decide_and_record
 from gateway.recognition.store import add_override, get_decision, list_decisions
+from gateway.errors import TrustError
+from gateway.registry.holder import highest_version, known_version, remember_version
 from gateway.registry.models import Snapshot
 from gateway.registry.snapshot import verify_snapshot
 from gateway.signing.canonical import dumps, parse_json
@@ -128,7 +130,8 @@ def recognize(
     moment = at or now  # (without --at the decision is made as of the moment it is recorded: no as-of of its own)
     data = _read(bundle)
     with one_line_errors():
-        snapshot = verify_snapshot(_read(registry_path), authority_certificates(authority), moment)
+        registry_text = _read(registry_path)
+        snapshot = verify_snapshot(registry_text, authority_certificates(authority), moment)
         document = parse_json(data)
         facts = facts_to_decide(data, document, snapshot, moment)
         stored = None
@@ -136,18 +139,38 @@ def recognize(
             decisions = decide(facts, document, snapshot, receiver, moment).decisions
         else:
             note_database(click.get_current_context(), db_path)
+            _accepted_by(db_path, snapshot)
             db = connect(db_path)
             try:  # the decisions and their audit entries commit together: `gateway audit stats` counts them
                 decisions, stored = decide_and_record(db, facts, document, snapshot, receiver, moment,
                                                       recorded_at=now)
             finally:
                 db.conn.close()
+            # the snapshot the stored decisions cite is kept with them, as a gateway keeps the snapshots it applies
+            remember_version(db_path, snapshot.version, snapshot.digest(), now, member=receiver, text=registry_text)
     if as_json:
         click.echo(dumps({"decisions": [d.to_dict() for d in decisions]}, indent=2))
     else:
         click.echo("\n".join(printable(line) for line in format_decisions(decisions, snapshot).split("\n")))
     if stored is not None:
         click.echo(f"{stored} new decision(s) stored in {describe(db_path or '')}", err=True)
+
+
+def _accepted_by(db_path: str, snapshot: Snapshot) -> None:
+    """Refuse, as the gateway of that database would, a snapshot older than one it applied, or another snapshot
+    under the version of one it applied (decisions stored by it would change the figures with facts the gateway
+    refused).
+
+    :raises TrustError: older, or the same version with other content.
+    """
+    highest = highest_version(db_path)
+    if snapshot.version < highest:
+        raise TrustError(f"registry snapshot version {snapshot.version} is older than version {highest}, which this "
+                         "database's gateway applied: decisions are made by that one or a newer one",
+                         "--registry")
+    if snapshot.version == highest and highest and not known_version(db_path, snapshot.version, snapshot.digest()):
+        raise TrustError(f"registry snapshot version {snapshot.version} differs from the one this database's "
+                         "gateway applied under that version", "--registry")
 
 
 @click.group("decisions")

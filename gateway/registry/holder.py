@@ -59,6 +59,15 @@ def highest_version(database: Path | str) -> int:
         store.db.conn.close()
 
 
+def known_version(database: Path | str, version: int, digest: str) -> bool:
+    """Whether this gateway applied snapshot ``version`` with that ``digest``."""
+    store = _opened(database)
+    try:
+        return store.known(version, digest, with_text=False)
+    finally:
+        store.db.conn.close()
+
+
 def stored_snapshot(database: Path | str | Database, newer_than: int = 0) -> tuple[int, bytes] | None:
     """(version, signed text) of the newest snapshot kept in the database, when newer than ``newer_than``.
 
