@@ -350,3 +350,15 @@ def test_a_decision_of_an_earlier_release_and_a_later_one_on_the_same_report_cou
     figures = stats.compute(db)
     assert (figures["total"]["decisions"], figures["total"]["recognized"], figures["total"]["eligible"]) == (1, 1, 1)
     db.conn.close()
+
+
+def test_a_members_own_staff_reading_its_results_is_no_lookup(db) -> None:
+    """调阅 is another member reading this member's results: the gateway's own users' reads (a physician of the
+    hospital searching its own reports) are audited, and not counted among the lookups by member."""
+    before = stats.compute(db)["lookups"]
+    append(db, r.patient_read(at=_dt.datetime(2026, 2, 3, 9, 0, tzinfo=CST), gateway=ME,
+                              server_address="https://tj.example/fhir", client=r.Party.user(ME.value, "his"),
+                              client_address="127.0.0.1", member=ME,
+                              patient=r.PatientRef.id_card(SAMPLE["patients"]["P1"]), resources=["DiagnosticReport/1"]))
+    after = stats.compute(db)["lookups"]
+    assert after == before

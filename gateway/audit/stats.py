@@ -25,7 +25,8 @@ decision, in the offset it was recorded with), with its parts (recognized,
 not recognized, needs review, overridden), so the headline figure can always
 be recomputed by hand. Also reported: refusals by failing rule id (each rule a
 not-recognized result failed counts once), overrides by re-test reason, lookups
-(调阅) by reading member, and exchanges (sent, received, refused by reason).
+(调阅) by reading member (another member's: a member's own staff reading its own
+results are not counted), and exchanges (sent, received, refused by reason).
 
 A decision withdrawn because its report was superseded by a correction
 (a ``withdrawal`` entry), and a decision that found its report superseded
@@ -270,6 +271,7 @@ _FIELDS = {
         "$.facts.patient.value",
         "$.facts.patient.reference",
         "$.facts.asked_elsewhere",
+        "$.facts.gateway.value",
     ),
     "exchange": ("$.facts.direction", "$.facts.reason"),
 }
@@ -463,8 +465,10 @@ def compute(
                 t.refusals[rule] += 1
 
     patients: dict[str, set[str]] = {}
-    for _, (member, member_name, p_system, p_value, p_reference, elsewhere) in _rows(db, "read", dates):
+    for _, (member, member_name, p_system, p_value, p_reference, elsewhere, server) in _rows(db, "read", dates):
         if elsewhere:  # (a 调阅 this member made at another: counted where it was served)
+            continue
+        if member and member == server:  # this member's own staff reading its own results: not a 调阅
             continue
         row = t.lookups.setdefault(member, {"key": member, "name": member_name or "", "lookups": 0, "patients": 0})
         row["lookups"] += 1
