@@ -61,6 +61,18 @@ def test_a_snapshot_file_that_does_not_verify_leaves_the_one_in_force(tmp_path, 
     ex.snapshot_file._checked = 0.0
     assert background_pass(pipeline).get("registry") is None
     assert ex.holder.current.version == 1
+    # /health says so (it said ok while the refusal was a log line, and the next start refuses the file)
+    client = world.gateways["tongjiang"].app.test_client()
+    answer = client.get("/health")
+    check = answer.get_json()["checks"]["registry"]
+    assert answer.status_code == 503 and not check["ok"], check
+    assert "was refused" in check["detail"] and "version 1 stays in force" in check["detail"], check
+    with open(ex.settings.registry_snapshot, "w", encoding="utf-8") as fh:
+        fh.write(text)  # the authority's own file: applied, and the check is back
+    ex.snapshot_file._checked = 0.0
+    assert background_pass(pipeline).get("registry") == 1
+    check = client.get("/health").get_json()["checks"]["registry"]
+    assert check["ok"] and check["detail"].startswith("registry snapshot 2 valid until"), check
 
 
 def test_a_snapshot_one_node_applies_is_applied_by_every_node_sharing_the_database(tmp_path, member_database) -> None:

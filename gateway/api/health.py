@@ -17,7 +17,9 @@ failing checks, and each check with ``ok`` and a ``detail`` for people:
   so one that stays is a loop that does not keep up or does not run;
 - ``dead_letters``: no delivery to another member has been given up;
 - ``deliveries``: no delivery has waited longer than ``health_max_delivery_wait``;
-- ``registry``: the registry snapshot does not expire within ``snapshot_warn_days``.
+- ``registry``: the registry snapshot does not expire within ``snapshot_warn_days``, and the snapshot file
+  installed is the one in force (one refused — another key's, older, other content under a version applied — fails
+  the check).
 
 Nothing here names a patient or a message: only counts, ages and states.
 """
@@ -162,6 +164,11 @@ def _registry(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     snapshot = holder.current
     if snapshot is None:
         return {"registry": _check(False, "no registry snapshot is loaded")}
+    refused = getattr(getattr(ex, "snapshot_file", None), "refused", None)
+    if refused:
+        return {"registry": _check(False, f"the registry snapshot file {settings.registry_snapshot} was refused "
+                                          f"({refused}); version {snapshot.version} stays in force: install a "
+                                          "snapshot the registry authority signed, newer than the one in force")}
     return _validity("registry", f"registry snapshot {snapshot.version}", snapshot.valid_until, pipeline.clock(),
                      snapshot.valid_until.isoformat(timespec="seconds"), settings.snapshot_warn_days,
                      "snapshot_warn_days", "install a newer one")

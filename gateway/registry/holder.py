@@ -120,6 +120,9 @@ class SnapshotFile:
         self._checked = time.monotonic()
         self._db_checked = 0.0
         self._lock = threading.Lock()
+        #: why the file as it is now was refused (the one in force stays), None when it is the one in force or
+        #: was applied: /health says so, as the gateway would not start with it
+        self.refused: str | None = None
 
     def _stamp(self) -> tuple[float, int]:
         try:
@@ -154,7 +157,9 @@ class SnapshotFile:
                 snapshot = self.holder.apply(self.path.read_bytes())
             except (OSError, GatewayError) as exc:
                 log.warning("registry snapshot %s refused, keeping the one in force: %s", self.path, exc)
+                self.refused = str(getattr(exc, "message", None) or getattr(exc, "strerror", None) or exc)
                 return False
+            self.refused = None
             if before is not None and snapshot is before:
                 return False
             remember_version(self.settings.database_locator, snapshot.version, snapshot.digest(), self.clock(),
