@@ -130,6 +130,16 @@ def test_a_suspended_grade_ends_the_level_on_its_status_date() -> None:
     assert snap.level_on(LINSHUI, dt.date(2026, 3, 1)) is None
 
 
+def test_a_grade_revoked_without_a_date_was_never_held() -> None:
+    """A revoked (or suspended) grade whose status_date is not given is taken as revoked from the start, as a
+    member or certificate suspended without a date is: it gave the member its level on every day."""
+    snap = snapshot(lambda d: qual(d, "ls-grade-3").update(status="revoked"))
+    assert [f.source for f in snap.levels_of(LINSHUI)] == ["ls-grade-2"]
+    assert snap.level_on(LINSHUI, dt.date(2026, 2, 28)) is None
+    held = snap.level_on(LINSHUI, dt.date(2025, 6, 30))
+    assert held is not None and held.level == "二级甲等"
+
+
 def test_min_issuer_level_reads_the_level_on_the_result_date() -> None:
     # An item that needs a 三级 issuer: 邻水's result qualifies only once it is 三级.
     def needs_三级(d: dict[str, Any]) -> None:

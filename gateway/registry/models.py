@@ -794,13 +794,16 @@ class Snapshot:
 
     def levels_of(self, uscc: str) -> tuple[LevelFact, ...]:
         """A member's dated hospital levels: its hospital-grade qualifications (the one source when it has
-        any; a suspended or revoked grade ends on its status date), else the undated ``level`` of an older
+        any; a suspended or revoked grade ends on its status date, and one without a date was never held), else the
+        undated ``level`` of an older
         source, taken as held over the member's whole listing."""
         grades = [q for q in self.qualifications_held(uscc) if q.type == "hospital-grade" and q.grade]
         if grades:
             out = []
             for q in sorted(grades, key=lambda g: (g.period.start or _dt.date.min, g.id)):
                 end = q.period.end
+                if q.status != "active" and q.status_date is None:
+                    continue  # suspended or revoked with no date: from the start, as every other check takes it
                 if q.status != "active" and q.status_date is not None:
                     last = q.status_date - _dt.timedelta(days=1)
                     end = last if end is None or last < end else end

@@ -416,6 +416,8 @@ class _Checker:
                 continue
             end = _parse_date(q.get("valid_to"))
             status_date = _parse_date(q.get("status_date"))
+            if q.get("status", "active") != "active" and status_date is None:
+                continue  # suspended or revoked with no date: held on no day
             if q.get("status", "active") != "active" and status_date is not None:
                 last = status_date - _dt.timedelta(days=1)
                 end = last if end is None or last < end else end
