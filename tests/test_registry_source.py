@@ -274,3 +274,31 @@ def test_schema_documents_every_section() -> None:
     assert set(schema["required"]) == {"format", "version", "authority", "members", "catalogues"}
     assert {"member", "certificate", "qualification", "eqa", "catalogue", "item", "scope"} <= set(schema["$defs"])
     assert all("description" in schema["properties"][k] for k in ("version", "authority", "diagnosis_categories"))
+
+
+def test_an_eqa_window_far_from_its_year_is_refused() -> None:
+    """A result of 2020 valid in 2026 (a year typed wrong, or a window copied from another row) is refused; one
+    used the year after its own is taken."""
+    def far(d: dict[str, Any]) -> None:
+        d["eqa"][0] = dict(d["eqa"][0], year=2020, valid_from="2026-01-01", valid_to="2026-12-05")
+
+    problems = _problems(far)
+    assert "an EQA result of 2020 valid from 2026-01-01" in problems["eqa[0].valid_from"], problems
+
+    def next_year(d: dict[str, Any]) -> None:
+        d["eqa"][0] = dict(d["eqa"][0], year=2025, valid_from="2026-01-01", valid_to="2026-12-31")
+
+    _parse(next_year)
+
+
+@pytest.mark.parametrize("grade,taken", [("三级特等", True), ("二级甲等", True), ("二级特等", False),
+                                         ("一级特等", False), ("未定级", True)])
+def test_only_a_三级_hospital_has_a_特等_grade(grade: str, taken: bool) -> None:
+    def graded(d: dict[str, Any]) -> None:
+        q = next(q for q in d["qualifications"] if q["type"] == "hospital-grade")
+        q["grade"] = grade
+
+    if taken:
+        _parse(graded)
+    else:
+        assert any(grade in why or "does not match" in why for why in _problems(graded).values())

@@ -654,6 +654,10 @@ class _Checker:
                 )
             if "loinc" in item:
                 self.loinc(item["loinc"], f"{loc}.item.loinc")
+            start = _parse_date(e.get("valid_from"))
+            if start is not None and not e["year"] <= start.year <= e["year"] + 1:
+                self.problem(f"{loc}.valid_from", f"an EQA result of {e['year']} valid from {start}: a result is "
+                             f"used in its own year or the next (is year or valid_from wrong?)", "business-rule")
             out = dict(e)
             out["member"] = member_ref(e["member"], f"{loc}.member")
             # The EQA cycle is the calendar year unless the record says otherwise.
