@@ -189,6 +189,26 @@ def test_snapshot_is_the_trust_source_for_member_signatures(demo: DemoRegistry) 
     assert verified.signer_uscc == TONGJIANG
 
 
+def test_build_refuses_a_member_certificate_another_authority_issued(demo: DemoRegistry) -> None:
+    """Listed, it would be refused by every gateway once the member signs with it ("not issued by a trusted
+    registry authority", found only by the member's /health): the build names it instead."""
+    from gateway.signing.keys import issue_certificate
+
+    stranger_key = generate_private_key()
+    stranger = make_authority(stranger_key, "11500000MB00050043", "川渝卫生健康联合办公室（演示）",
+                              NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=30))
+    evil = issue_certificate(generate_private_key().public_key(), TONGJIANG, "通江县人民医院（演示）", stranger_key,
+                             stranger, NOW, NOW + dt.timedelta(days=10))
+    body = _source_of(demo).body
+    body["members"][0]["certificates"].append({"pem": cert_pem(evil).decode()})
+    with pytest.raises(ConfigError) as refused:
+        build_snapshot(RegistrySource(body, "test"), key=demo.authority_key, cert=demo.authority_cert, issued=NOW)
+    assert "members[0].certificates[1]" in refused.value.message and TONGJIANG in refused.value.message
+    assert "was not issued by the registry authority certificate" in refused.value.message
+    body["members"][0]["certificates"].pop()
+    build_snapshot(RegistrySource(body, "test"), key=demo.authority_key, cert=demo.authority_cert, issued=NOW)
+
+
 def test_removal_from_the_snapshot_is_revocation(demo: DemoRegistry) -> None:
     body = _source_of(demo).body
     body["members"][0]["certificates"] = []  # the authority drops 通江's certificate

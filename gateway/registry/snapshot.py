@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.errors import BadSignature, ConfigError, GatewayError, InputError, TrustError
@@ -110,10 +111,32 @@ def build_snapshot(
             f"{issued.isoformat()} to {valid_until.isoformat()}",
             "cert",
         )
+    _issued_by(source, cert)
     body = _dated_body(source, issued, valid_until)
     jws = sign_detached(canonicalize(body), key, [cert], sig_time=issued)
     log.info("registry snapshot built: version=%s kid=%s", body["version"], kid_of(cert))
     return {**body, "signature": {"jws": jws}}
+
+
+def _issued_by(source: RegistrySource, authority: x509.Certificate) -> None:
+    """Every member's (and supervising authority's) certificate the source lists was issued by the authority that
+    signs the snapshot: one another authority issued would be listed and refused by every gateway (as "not issued
+    by a trusted registry authority") once it signs with it.
+
+    :raises ConfigError: naming the first such certificate.
+    """
+    listed = [(f"members[{i}]", m) for i, m in enumerate(source.body.get("members", []))]
+    listed += [(f"authorities[{i}]", a) for i, a in enumerate(source.body.get("authorities", []))]
+    for where, holder in listed:
+        for j, entry in enumerate(holder.get("certificates", [])):
+            cert = x509.load_pem_x509_certificate(str(entry["pem"]).encode("ascii"))
+            try:
+                cert.verify_directly_issued_by(authority)
+            except (ValueError, TypeError, InvalidSignature):
+                raise ConfigError(f"{where}.certificates[{j}] ({holder.get('uscc', '')}) was not issued by the "
+                                  f"registry authority certificate {kid_of(authority)} that signs this snapshot "
+                                  f"(its issuer: {cert.issuer.rfc4514_string()}); issue it again with "
+                                  "`gateway registry issue-cert`", f"{where}.certificates[{j}]") from None
 
 
 def read_snapshot_unverified(text: str | bytes) -> Snapshot:
