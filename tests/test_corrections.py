@@ -400,3 +400,37 @@ def test_a_reports_versions_are_read_through_indexes_not_a_scan_of_its_issuers_r
         assert "report_versions_report" in plan and "report_versions_replaces" in plan, plan
     assert "SCAN" not in plan.upper().replace("INDEX SCAN", "").replace("BITMAP HEAP SCAN", ""), plan
     db.conn.close()
+
+
+def test_a_report_taken_back_reaches_the_receiver_and_withdraws_its_decisions(world) -> None:
+    """The LIS takes a final report back (OBR-25 ``X``: cancelled): like a correction, it supersedes the original at
+    the issuer, follows it to the member it was pushed to, and there withdraws the decisions on it; its own results
+    are decided not recognised (the report is cancelled) and counted nowhere: the 互认率 has no result of it left.
+    (The receiver kept the original recognised, counted in its figures.)"""
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original = ingest(tj, ORIGINAL)[0].bundle
+    tj.exchange.push(original["id"], FL)
+    assert tj.exchange.deliver()["delivered"] == 1
+    first = decisions_for_patient(fl)
+    assert [d["outcome"] for d in first] == ["recognized"] * 4
+
+    cancelled_message = ORIGINAL.replace(b"|TJ2611200001|", b"|TJ2611200201|").replace(
+        b"|20261120082500|||F|", b"|20261120112500|||X|").replace(b"|N|||F", b"|N|||X")
+    cancelled = ingest(tj, cancelled_message)[0].bundle
+    assert report_of(cancelled)["status"] == "cancelled"
+    versions = versions_of(tj.store.db, TJ, NUMBER)
+    assert [(v.bundle_id, v.superseded_by is not None) for v in versions] == [
+        (original["id"], True), (cancelled["id"], False)]
+    assert tj.exchange.pushed_to(cancelled["id"]) == [FL]
+    assert tj.exchange.deliver()["delivered"] == 1
+
+    after = decisions_for_patient(fl)
+    withdrawn = [d for d in after if d.get("withdrawn")]
+    assert {d["decision_id"] for d in withdrawn} == {d["decision_id"] for d in first}
+    assert all("cancelled" in d["withdrawn"]["reason"] for d in withdrawn)
+    on_cancelled = [d for d in after if d["result"]["bundle"].endswith(cancelled["id"])]
+    assert on_cancelled and all(d["outcome"] == "not-recognized" for d in on_cancelled)
+    assert all("the report is cancelled" in report_status_rule(d)["message"] for d in on_cancelled)
+    figures = compute(fl.store.db)["total"]
+    assert (figures["decisions"], figures["eligible"]) == (0, 0), figures
+    assert verify(fl.store.db).ok

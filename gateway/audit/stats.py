@@ -29,8 +29,9 @@ not-recognized result failed counts once), overrides by re-test reason, lookups
 results are not counted), and exchanges (sent, received, refused by reason).
 
 A decision withdrawn because its report was superseded by a correction
-(a ``withdrawal`` entry), and a decision that found its report superseded
-already, are not counted at all: the result is counted once, by the decision
+(a ``withdrawal`` entry), a decision that found its report superseded
+already, and a decision on a report its issuer took back (cancelled, entered
+in error) are not counted at all: the result is counted once, by the decision
 on the correction, whichever order the versions arrived in.
 
 A date filter selects entries by the time they were recorded; an override
@@ -402,12 +403,18 @@ def _latest(
 
 
 def _on_superseded(rules: Any) -> bool:
-    """Whether a decision failed rule ``report-status`` because its report was superseded."""
+    """Whether a decision failed rule ``report-status`` because its report was superseded, or was taken back by
+    its issuer (cancelled, entered in error: there is no result to recognise)."""
     return any(
-        r.get("id") == "report-status" and r.get("passed") is False and "superseded" in str(r.get("detail", ""))
+        r.get("id") == "report-status" and r.get("passed") is False and any(
+            why in str(r.get("detail", "")) for why in _NOT_A_RESULT)
         for r in rules or []
         if isinstance(r, Mapping)
     )
+
+
+#: What rule ``report-status`` says of a decision that is not counted (gateway.recognition.engine).
+_NOT_A_RESULT = ("superseded", "the report is cancelled", "the report is entered-in-error")
 
 
 def _named(dim: str, key: str, found: str, names: Mapping[str, str]) -> str:

@@ -8,7 +8,8 @@ received from another member — adds one row per such report to
 ``report_versions``. A correction issued under a number of its own names the
 number it corrects (extension ``replaces``): the versions under both numbers
 are then versions of one report, whichever arrived first. Among the versions of one report the **current** one is
-the newest correction: a ``corrected`` or ``amended`` report over any other,
+the newest correction: a ``corrected`` or ``amended`` report (or one taken back: ``cancelled``,
+``entered-in-error``) over any other,
 then the later ``issued`` time, then the one stored later. When at least one
 correction is on record, every other version is *superseded* by the current
 one, whichever order they arrived in: a correction arriving after the original
@@ -50,6 +51,9 @@ SUPERSEDED_TAG = {"system": cs_url("report-version-status"), "code": "superseded
                   "display": "已被更正报告取代"}
 
 _CORRECTIONS = ("corrected", "amended")
+#: A report taken back (OBR-25 ``X``; FHIR ``cancelled``, ``entered-in-error``) supersedes its earlier versions as a
+#: correction does: the decisions on them are withdrawn, and it follows them to the members they were pushed to.
+_TAKEN_BACK = ("cancelled", "entered-in-error")
 #: Rows of one INSERT, and numbers looked up by one query (under SQLite's 500 SELECTs of a compound statement).
 _CHUNK = 200
 _REPLACES = ext_url("replaces")
@@ -90,7 +94,8 @@ class ReportVersion:
 
     @property
     def is_correction(self) -> bool:
-        return (self.status or "") in _CORRECTIONS
+        """A correction, or a report taken back: a version that supersedes the others of its report."""
+        return (self.status or "") in _CORRECTIONS or (self.status or "") in _TAKEN_BACK
 
     def describe(self) -> str:
         """How a reason names this version: ``DiagnosticReport/<id> (corrected, issued <time>)``."""
