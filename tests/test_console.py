@@ -810,3 +810,17 @@ def test_a_lookup_at_a_member_the_registry_does_not_list_is_one_line(fuling) -> 
     assert line.startswith("Error: 调阅 at 12345678901234567X: ") and "Traceback" not in result.output
     made = [e for e in _log(folder, "read") if e.get("asked_elsewhere")]
     assert made and made[-1]["outcome"] != "0" and "failed" in made[-1]["query"]
+
+
+def test_a_decisions_outcome_reads_as_recognition_not_as_a_failure(fuling) -> None:
+    """A decision's outcome code 8 is "not recognised" (README, the auditor's workflow), not BALP's "serious
+    failure"; other entries keep BALP's words."""
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    page = c.get("/console/audit?type=lab-recognition&_count=200").get_data(as_text=True)
+    rows = page.count("lab-recognition</span>")
+    assert rows > 0, page[:2000]
+    assert "严重失败" not in page and "轻微失败" not in page
+    assert "予以互认 recognized" in page or "不予互认 not recognized" in page
+    other = c.get("/console/audit?_count=200").get_data(as_text=True)
+    assert "成功 success" in other
