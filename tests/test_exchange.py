@@ -533,3 +533,19 @@ def test_a_signature_made_later_than_now_is_answered_425_with_when_to_try_again(
     answer = app.test_client().post("/x")
     assert answer.status_code == 425 and answer.headers["Retry-After"] == "300"
     assert answer.get_json()["issue"][0]["expression"] == ["Bundle.signature"]
+
+
+def test_a_receivers_reason_keeps_member_codes_and_masks_patient_numbers() -> None:
+    """The reason a receiver gives is kept in the outbox and logged: identity card and record numbers are masked,
+    a member's 统一社会信用代码 is not (it read "…MB…C")."""
+    from gateway.exchange.transports import receiver_reason
+
+    def said(text: str) -> str:
+        return receiver_reason(json.dumps({"resourceType": "OperationOutcome",
+                                           "issue": [{"severity": "error", "diagnostics": text}]}).encode())
+
+    assert said("signing certificate of 12511921MB0001003C was not listed") == \
+        "signing certificate of 12511921MB0001003C was not listed"
+    assert said("patient 51010419900101123X, 510104199001011232 and record 12345678 at 91500105MA5U0A1B2R") == \
+        "patient …, … and record … at 91500105MA5U0A1B2R"
+    assert said("not a member: 12511921MB0001003D") == "not a member: …MB…D"  # (a wrong check character)

@@ -16,7 +16,9 @@ from typing import Any
 
 import requests
 
+from gateway.errors import GatewayError
 from gateway.exchange.outbox import SendResult
+from gateway.identifiers import check_uscc
 
 __all__ = ["HTTPTransport", "MockTransport", "classify"]
 
@@ -43,6 +45,7 @@ def classify(status: int, body: bytes = b"") -> SendResult:
 
 
 _LONG_NUMBER = re.compile(r"[0-9]{6,}[0-9Xx]*")  # (an identity card number, a record number: not kept)
+_USCC_LIKE = re.compile(r"[0-9A-HJ-NP-RT-UW-Y]{18}")
 
 
 def _first_issue(body: bytes) -> dict[str, Any]:
@@ -64,8 +67,24 @@ def receiver_reason(body: bytes, first: dict[str, Any] | None = None) -> str:
     text = first.get("diagnostics")
     if not isinstance(text, str):
         return ""
-    text = _LONG_NUMBER.sub("…", " ".join("".join(c if c.isprintable() else " " for c in text).split()))
+    text = _LONG_NUMBER.sub(_masked, " ".join("".join(c if c.isprintable() else " " for c in text).split()))
     return text if len(text) <= 300 else text[:299] + "…"
+
+
+def _masked(found: re.Match[str]) -> str:
+    """A long digit run masked, unless it is part of a member's 统一社会信用代码 (a letter among its first 17
+    characters, its check character right: no identity card number is such), which names no patient."""
+    text, start, end = found.string, found.start(), found.end()
+    for at in range(max(0, start - 17), min(start, len(text) - 17) + 1):
+        token = text[at:at + 18]
+        if at + 18 >= end and _USCC_LIKE.fullmatch(token) and any(c.isalpha() for c in token[:17]) and \
+                (at == 0 or not text[at - 1].isalnum()) and (at + 18 == len(text) or not text[at + 18].isalnum()):
+            try:
+                check_uscc(token)
+            except GatewayError:
+                continue
+            return found.group(0)
+    return "…"
 
 
 class _Unanswered(Exception):
