@@ -824,3 +824,31 @@ def test_a_decisions_outcome_reads_as_recognition_not_as_a_failure(fuling) -> No
     assert "予以互认 recognized" in page or "不予互认 not recognized" in page
     other = c.get("/console/audit?_count=200").get_data(as_text=True)
     assert "成功 success" in other
+
+
+def test_a_decision_made_as_of_an_earlier_moment_says_so_and_who_asked(fuling) -> None:
+    """``$recognize`` with ``at``: the decision page shows the moment it was decided for beside the time it was
+    recorded (a window "valid until" earlier than the recorded time read as a contradiction), and the account that
+    asked."""
+    from gateway.store.db import connect
+
+    app, clock, folder = fuling
+    db = connect(folder / "gateway.db")
+    try:
+        _, token = auth.add_user(db, "his2", ["submitter"], at=clock(),
+                                 gateway=records.Party.member("12500102MB0002006J"), by=records.Party("test-setup"))
+    finally:
+        db.conn.close()
+    bundle = json.loads((Path(__file__).parent / "data" / "registry" / "bundle-lab-tongjiang.json").read_text(
+        encoding="utf-8"))
+    asked = (clock() - dt.timedelta(hours=2)).isoformat()
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "bundle", "resource": bundle}, {"name": "receiver", "valueString": "12500102MB0002006J"},
+        {"name": "at", "valueDateTime": asked}]}
+    answer = app.test_client().post("/fhir/$recognize", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    decision_id = next(p for p in answer.get_json()["parameter"] if p["name"] == "decision")["part"][0]["valueId"]
+    c, _ = login(app, "aud")
+    page = c.get(f"/console/decisions/{decision_id}").get_data(as_text=True)
+    assert 'data-figure="decision-as-of"' in page and "判定时点 decided as of" in page, page[:3000]
+    assert "请求者 asked by" in page and "his2" in page
