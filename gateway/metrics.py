@@ -7,7 +7,8 @@ Two kinds of figures, kept apart on purpose:
   failures — counted by the process that did it, through ``prometheus_client``.
   Under ``gateway serve`` every part (HTTP workers, MLLP listeners, the queue
   reader, the background loop) is a process of its own; the supervisor gives
-  them one multiprocess folder (``<database>.run/metrics/``, emptied at start,
+  them one multiprocess folder (in memory, ``/dev/shm/cyhr-gateway-…/metrics``, else
+  ``<database>.run/metrics/``: :func:`metrics_folder`; emptied at start,
   named by ``PROMETHEUS_MULTIPROC_DIR`` before any of them imports
   ``prometheus_client``), and ``/metrics`` adds up every process's files, the
   dead ones' included, so a counter never goes back when a part is restarted.
@@ -28,8 +29,10 @@ stage (:func:`count_outcomes`, :class:`Stopwatch`).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -379,9 +382,27 @@ def render(*collectors: Any) -> bytes:
     return generate_latest(registry)
 
 
+def metrics_folder(run: Path) -> Path:
+    """Where ``gateway serve``'s parts count: in memory (``/dev/shm``, a folder named after ``run``) when the machine
+    has it, else ``run/metrics``. Each process counts in files of its own that it maps into memory; one made on a
+    full disk kills its process (SIGBUS) at its first count: an HTTP worker started while the data disk was full
+    died at its first request, and its restarts stopped the whole gateway."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        key = hashlib.sha256(str(run.absolute()).encode("utf-8")).hexdigest()[:16]
+        return shm / f"cyhr-gateway-{os.getuid()}-{key}" / "metrics"
+    return run / "metrics"
+
+
+def remove_dir(folder: Path) -> None:
+    """The multiprocess folder removed once ``gateway serve`` has stopped (in memory, it would stay till reboot)."""
+    if folder.parent.name.startswith("cyhr-gateway-"):
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
 def prepare_dir(folder: Path) -> Path:
     """An empty multiprocess folder (what an earlier run counted is gone: counters start again at 0)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     for old in folder.glob("*.db"):
         old.unlink(missing_ok=True)
     return folder

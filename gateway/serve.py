@@ -738,9 +738,9 @@ def _serve(settings: Settings, announce: Callable[[], None] | None) -> int:
     for old in folder.glob("*.beat"):  # left by an earlier run: never taken for a live part
         old.unlink(missing_ok=True)
     # one multiprocess metrics folder for every part, named before any of them imports prometheus_client
-    from gateway.metrics import MULTIPROC_ENV, prepare_dir
+    from gateway.metrics import MULTIPROC_ENV, metrics_folder, prepare_dir, remove_dir
 
-    metrics = prepare_dir(folder / "metrics")
+    metrics = prepare_dir(metrics_folder(folder))
     env = {**settings_env, MULTIPROC_ENV: str(metrics)}
     supervisor = Supervisor(parts, restart_limit=settings.restart_limit, run_dir=folder, env=env, metrics_dir=metrics,
                             hung_after=float(settings.hung_restart_after))
@@ -749,6 +749,7 @@ def _serve(settings: Settings, announce: Callable[[], None] | None) -> int:
     finally:
         for sock in sockets:
             sock.close()
+        remove_dir(metrics)
 
 
 #: The environment variable a part of ``gateway serve`` reads its settings from (:func:`part_command`).

@@ -5,6 +5,7 @@ The supervisor itself is tested with stand-in children (fast); then real `gatewa
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -750,3 +751,64 @@ def test_a_data_directory_that_cannot_be_written_stops_the_start_naming_it(
     with pytest.raises(ConfigError, match=r"this user cannot write .*/gw/ where the database .* lives \(permissions "
                                           r"or a read-only file system\)"):
         serve.serve(settings)
+
+
+def _part_pid(supervisor: int, part: str) -> int | None:
+    """The process id of ``gateway serve``'s part ``part`` (a child of ``supervisor``), from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == supervisor and part.encode() in cmdline and b"--part" in cmdline:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_full_data_disk_stops_no_part(tmp_path: Path) -> None:
+    """The data disk fills up (a real filesystem of 24 MB, filled): an HTTP worker started meanwhile answers
+    /health with 503 naming the disk (each process counts its metrics in a file mapped into memory; one made on
+    the full disk killed its worker with SIGBUS at the first request, and the restarts stopped the whole gateway).
+    Needs a tmpfs mount (root with CAP_SYS_ADMIN); skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    proc = None
+    try:
+        http, mllp = free_port(), free_port()
+        url = f"http://127.0.0.1:{http}"
+        world = build_world(disk, lambda: _dt.datetime.now(CST), {"tongjiang": url}, members=("tongjiang",))
+        s = world.gateways["tongjiang"].settings
+        folder = run_dir(s.replace(http_port=http))
+        proc = subprocess.Popen([GATEWAY, "serve"], env=_serve_env(s, url, http, mllp), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        wait_until(lambda: _health(url)[0] == 200, 120, "a healthy gateway")
+        with open(disk / "filler", "wb") as filler:  # the disk filled by something else on the machine
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.write(b"\0" * (1 << 20))
+                    filler.flush()
+        old = _part_pid(proc.pid, "http-1")
+        assert old == json.loads((folder / "serve.json").read_text())["parts"]["http-1"]["pid"]
+        os.kill(old, signal.SIGKILL)  # an HTTP worker started while the disk is full (its manifest cannot be written)
+        new = wait_until(lambda: (pid := _part_pid(proc.pid, "http-1")) not in (None, old) and pid, 60,
+                         "the HTTP worker started again")
+        for _ in range(8):
+            status, body = wait_until(lambda: _health(url), 60, "an answer")
+            assert status == 503 and "disk is full" in body["checks"]["database"]["detail"], body
+        assert proc.poll() is None and _part_pid(proc.pid, "http-1") == new  # answered, and never died again
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
