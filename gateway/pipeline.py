@@ -60,6 +60,7 @@ from gateway.config import Settings
 from gateway.errors import (
     ConfigError,
     Conflict,
+    DatabaseUnavailable,
     GatewayError,
     InputError,
     Issue,
@@ -1562,7 +1563,8 @@ class Pipeline:
         except Exception as exc:
             if joined and not db.conn.in_transaction:
                 raise
-            if dialect(db) == "postgresql" and fault_reason(exc) is not None:
+            if isinstance(exc, DatabaseUnavailable) or (
+                    dialect(db) == "postgresql" and fault_reason(exc) is not None):
                 # the server went away (a failover, a restart, the session ended): not the message's own failure,
                 # and no other statement of this transaction can be written (recorded as failed on the next
                 # connection, every resend of it was answered AE): the whole transaction fails, the sender is
