@@ -279,6 +279,7 @@ class Pipeline:
         # leases this process could not give up (the database went away meanwhile): given up as soon as it answers
         # again, so that a resend is worked at once rather than answered "being processed" until they expire
         self._unreleased: set[int] = set()
+        self._uncounted: set[int] = set()  # of those, the ones a database fault left (their attempt uncounted)
         self.exchange = self._exchange()
         self.add_channel(self._hl7v2_channel())
         self.add_channel(self._cda_channel())
@@ -570,6 +571,7 @@ class Pipeline:
         copies: list[tuple[int, int]] = []  # (place of a repeat within the batch, place of its first copy)
         first_of: dict[int, int] = {}  # record id -> place of the outcome worked in this batch
         waiting: list[tuple[int, RawUnit, Any]] = []  # (place, unit, first copy) of resends another process works
+        fault = False
         try:
             for unit, record_id, existing in stored:
                 if existing is not None and existing.id in first_of:  # the same message twice in one batch
@@ -609,9 +611,12 @@ class Pipeline:
                     unit, outcomes[place] = taken
                     worked.append((unit, place))
                 self._record_worked(ch, channel, worked, outcomes, held)
+        except Exception as exc:
+            fault = fault_reason(exc) is not None  # the database could not take it: the attempt does not count
+            raise
         finally:
             for record_id in held:  # not recorded: free at once for a resend or the next start
-                self._release(record_id)
+                self._release(record_id, uncounted=fault)
         for place, first_place in copies:
             first = outcomes[first_place]
             outcomes[place] = Outcome(Status.DUPLICATE, first.label, ack_code=first.ack_code,
@@ -1573,14 +1578,17 @@ class Pipeline:
             _log_internal(Stage.STORE, ch, unit.index, outcome.record_id, exc)
             return False
 
-    def _release(self, record_id: int) -> None:
+    def _release(self, record_id: int, *, uncounted: bool = False) -> None:
         """Give up this process's lease on a message it did not finish; when the database cannot be written now, as
-        soon as it can (:meth:`_release_pending`; the lease expires by itself all the same)."""
+        soon as it can (:meth:`_release_pending`; the lease expires by itself all the same). ``uncounted``: see
+        :meth:`Store.release` (a database fault, not a process that died)."""
         try:
-            self.store.release(record_id)
+            self.store.release(record_id, uncounted=uncounted)
         except Exception as exc:
             if len(self._unreleased) < _UNRELEASED_MAX:
                 self._unreleased.add(record_id)
+                if uncounted:
+                    self._uncounted.add(record_id)
             log.warning("lease of message record=%s not given up (%s): given up once the database answers again",
                         record_id, type(exc).__name__)
 
@@ -1589,10 +1597,11 @@ class Pipeline:
         message, to this node or another, is then worked at once. Stops at the first that still fails."""
         for record_id in sorted(self._unreleased):
             try:
-                self.store.release(record_id)
+                self.store.release(record_id, uncounted=record_id in self._uncounted)
             except Exception:  # noqa: BLE001 - the database is still away: the next batch tries again
                 return
             self._unreleased.discard(record_id)
+            self._uncounted.discard(record_id)
             log.info("lease of message record=%s given up now that the database answers again", record_id)
 
     def _record(self, ch: Channel, unit: RawUnit, outcome: Outcome, channel: str,

@@ -328,3 +328,24 @@ def test_messages_are_worked_without_holding_the_database_write_lock(pipeline: P
     assert [o.status for o in outcomes] == [Status.STORED, Status.STORED, Status.FILTERED]
     assert seen == [False, False]
     assert pipeline.store.db.execute("SELECT count(*) FROM messages WHERE status = 'received'").fetchone()[0] == 0
+
+
+def test_attempts_the_database_could_not_record_do_not_count(pipeline: Pipeline, monkeypatch) -> None:
+    """A message whose recording the database refused again and again (a full disk, the server away), resent by
+    its LIS each time no ACK came: once the database takes writes again it is stored (after three resends it was set
+    aside as failed, "taken on 3 times without finishing (the gateway stopped each time)", and answered AE)."""
+    from gateway.errors import DatabaseUnavailable
+
+    def full(*_: object, **__: object) -> None:
+        raise DatabaseUnavailable("database or disk is full")
+
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "_commit", full)
+        for _ in range(5):
+            with pytest.raises(DatabaseUnavailable):
+                pipeline.ingest(UTF8, "hl7v2", channel="mllp")
+    [held] = pipeline.store.list_messages()
+    assert held.status == "received" and held.attempts <= 1 and not held.lease_owner
+    again = pipeline.ingest(UTF8, "hl7v2", channel="mllp")[0]
+    assert again.status is Status.STORED and again.ack_code == "AA", again.issues
+    assert pipeline.store.counts() == {"stored": 1}

@@ -219,7 +219,7 @@ class StorePort(Protocol):
 
     def replace_raw(self, record_id: int, raw: bytes, *, origin: str) -> None: ...
 
-    def release(self, record_id: int) -> None: ...
+    def release(self, record_id: int, *, uncounted: bool = ...) -> None: ...
 
     def abandoned(self, formats: tuple[str, ...], limit: int = ..., *, idle: float = ...) -> list[int]: ...
 
@@ -564,10 +564,13 @@ class Store:
                             " WHERE id = ?",
                             [raw, hashlib.sha256(raw).hexdigest(), len(raw), origin, _now(self.clock), record_id])
 
-    def release(self, record_id: int) -> None:
-        """Give up this process's lease on a message it could not finish (another process may take it)."""
+    def release(self, record_id: int, *, uncounted: bool = False) -> None:
+        """Give up this process's lease on a message it could not finish (another process may take it).
+        ``uncounted``: the attempt does not count towards the ones a message is set aside after (the database
+        could not take what it made: a full disk, the server away; not a process that died on it)."""
+        refund = ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END" if uncounted else ""
         with transaction(self.db):
-            self.db.execute("UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE id = ?"
+            self.db.execute(f"UPDATE messages SET lease_owner = NULL, lease_until = NULL{refund} WHERE id = ?"
                             " AND lease_owner = ?", [record_id, lease_owner()])
 
     def abandoned(self, formats: tuple[str, ...], limit: int = 1000, *, idle: float = 0.0) -> list[int]:
