@@ -321,3 +321,17 @@ def test_a_specimen_received_before_it_was_collected_is_a_warning(pipeline: Pipe
     assert warning.startswith("SPM[1]-18 the specimen was received in the laboratory at ") and said in warning, warning
     assert warning.endswith(f"({where}): one of the two times is wrong; both are kept as sent")
     assert any(s.startswith("ERR||SPM^1^18|102^") and s.split("|")[4] == "W" for s in segments(outcome, "ERR"))
+
+
+def test_a_specimen_collected_in_the_future_is_said(pipeline: Pipeline) -> None:
+    """OBR-7 months ahead of this gateway's clock (the LIS clock, or a typing error): said, as a report issued in
+    the future is (the whole message dated ahead, so the times are in order among themselves); no member
+    recognises it before that time (rule validity-window)."""
+    ahead = er7(obr(collected="20990601073000+0800", issued="20990601083000+0800"), obx(),
+                msh7="20990601090000+0800", control="FUTURE-01")
+    outcome = convert(pipeline, ahead)
+    said = {i.location: i.message for i in outcome.issues if i.severity == "warning"}
+    assert "in the future by this gateway's clock" in said.get("OBR[1]-7", ""), said
+    assert "in the future by this gateway's clock" in said.get("OBR[1]-22", ""), said
+    now = convert(pipeline, er7(obr(), obx(), control="FUTURE-02"))
+    assert not [i for i in now.issues if "in the future" in i.message]

@@ -343,8 +343,8 @@ def _before(one: tuple[_dt.datetime, bool], other: tuple[_dt.datetime, bool]) ->
 def _times_in_order(msg: SourceMessage, report: ReportFacts) -> None:
     """Warnings for a report's times in an impossible order (both kept as sent: which is wrong cannot be told): a
     specimen collected (an exam held) after the report was issued, received before it was collected (CDA, CSV: the
-    HL7 v2 adapter says these itself), a report issued in the future by this gateway's clock (a sender's clock, or a
-    typing error: 2099)."""
+    HL7 v2 adapter says these itself), a report issued or a specimen collected in the future by this gateway's clock
+    (a sender's clock, or a typing error: 2099)."""
     specimen = report.specimen
     ordered = msg.format != "hl7v2"  # (the HL7 v2 adapter weighs its times against MSH-7 itself, field by field)
     collected_at = report.collected_at or (specimen.collected_at if specimen is not None else "")
@@ -363,9 +363,14 @@ def _times_in_order(msg: SourceMessage, report: ReportFacts) -> None:
         msg.issues.append(Issue("warning", "value", report.where.get("received", f"{report.location}-14"),
                                 f"the specimen was received ({specimen.received_at}) before it was collected "
                                 f"({collected_at}): one of the two times is wrong; both are kept as sent", "102"))
-    if issued is not None:
-        now = _dt.datetime.now(_dt.timezone.utc)
-        if issued[0] > now + _FUTURE_SLACK:
-            msg.issues.append(Issue("warning", "value", report.where.get("issued", f"{report.location}-22"),
-                                    f"the report was issued {report.issued_at}, in the future by this gateway's "
-                                    "clock: the sender's clock or the time is wrong; kept as sent", "102"))
+    now = _dt.datetime.now(_dt.timezone.utc)
+    if issued is not None and issued[0] > now + _FUTURE_SLACK:
+        msg.issues.append(Issue("warning", "value", report.where.get("issued", f"{report.location}-22"),
+                                f"the report was issued {report.issued_at}, in the future by this gateway's "
+                                "clock: the sender's clock or the time is wrong; kept as sent", "102"))
+    if collected is not None and collected[0] > now + _FUTURE_SLACK:
+        # (no member recognises it before that time: rule validity-window fails a time after the decision's)
+        what = "the exam was held" if report.kind == "occupational-health" else "the specimen was collected"
+        msg.issues.append(Issue("warning", "value", report.where.get("collected", f"{report.location}-7"),
+                                f"{what} {collected_at}, in the future by this gateway's clock: the sender's clock "
+                                "or the time is wrong; kept as sent", "102"))
