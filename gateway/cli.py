@@ -488,7 +488,8 @@ def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
     for rec in store.list_messages(status, limit):
         # the reason a message was not stored: its first error (a warning listed before it is not why)
         errors = [i for i in rec.issues if i.get("severity") in ("error", "fatal")] or rec.issues
-        reason = errors[0]["message"] if errors and rec.status != "stored" else ""
+        first = errors[0] if errors and rec.status != "stored" else {}
+        reason = " ".join(p for p in (str(first.get("location") or ""), str(first.get("message") or "")) if p)
         click.echo(printable(f"{rec.id:6} {rec.received_at[:19]} {rec.channel:5} {rec.format:7} "
                              f"{rec.message_id:20} {rec.status:9} {rec.ack_code or '':3} {reason}"))
 

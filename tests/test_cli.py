@@ -119,6 +119,7 @@ def test_messages_list_and_show(runner, settings, database: str) -> None:
     listed = runner.invoke(cli, [*where, "messages", "list", "--status", "refused"])
     assert listed.exit_code == 0 and len(listed.stdout.splitlines()) == 5
     assert "'abc' is not a number" in listed.stdout
+    assert "OBX[3]-5 'abc' is not a number" in listed.stdout  # where, as the ACK and `messages show` say it
     shown = runner.invoke(cli, [*where, "messages", "show", "1"])
     assert "status refused, answer AE" in shown.stdout and "OBX[3]-5" in shown.stdout
     raw = runner.invoke(cli, [*where, "messages", "show", "1", "--raw"])
