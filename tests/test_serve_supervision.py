@@ -753,6 +753,28 @@ def test_a_data_directory_that_cannot_be_written_stops_the_start_naming_it(
         serve.serve(settings)
 
 
+def test_a_data_directory_to_be_made_where_none_can_be_is_said_as_such(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory that is not there yet, under a folder this user cannot write (or a read-only mount): one
+    configuration line and exit status 2 naming the folder (it was "Error: …/data: Permission denied", exit 1)."""
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+    from gateway.store import db
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    real = os.access
+    monkeypatch.setattr(db.os, "access", lambda p, mode: False if Path(p) == parent else real(p, mode))
+    assert db.unwritable(parent / "data" / "gateway.db") == [f"{parent}/ (to make {parent / 'data'} in)"]
+    result = CliRunner().invoke(cli, ["serve"], env={"GATEWAY_DATA_DIR": str(parent / "data"),
+                                                     "GATEWAY_HTTP_PORT": str(free_port()),
+                                                     "GATEWAY_MLLP_PORT": str(free_port())})
+    assert result.exit_code == 2, result.output
+    assert f"this user cannot write {parent}/ (to make {parent / 'data'} in)" in result.output
+    assert not (parent / "data").exists()
+
+
 def _part_pid(supervisor: int, part: str) -> int | None:
     """The process id of ``gateway serve``'s part ``part`` (a child of ``supervisor``), from /proc."""
     for entry in Path("/proc").iterdir():

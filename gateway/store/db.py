@@ -200,6 +200,10 @@ def unwritable(locator: str | Path) -> list[str]:
     for item in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
         if item.exists() and not os.access(item, os.W_OK):
             found.append(item.name if item != path.parent else f"{item}/")
+    if not path.parent.exists():  # a folder to be made: the nearest one there is must take it
+        made_in = next((p for p in path.parent.parents if p.exists()), None)
+        if made_in is not None and not os.access(made_in, os.W_OK | os.X_OK):
+            found.append(f"{made_in}/ (to make {path.parent} in)")
     return found
 
 
