@@ -106,8 +106,8 @@ def test_search_paging_with_next_links(client) -> None:
 
 
 @pytest.mark.parametrize("query, location", [
-    ("Patient?name:missing=true", "name:missing"), ("Observation?_summary=true", "_summary"),
-    ("Observation?_summary=data", "_summary"), ("Observation?_sort=code", "_sort"),
+    ("Patient?name:missing=true", "name:missing"), ("Observation?_summary=brief", "_summary"),
+    ("Observation?_summary=true&_elements=code", "_elements"), ("Observation?_sort=code", "_sort"),
     ("DiagnosticReport?_include=Patient:foo", "_include"), ("Observation?colour=red", "colour"),
     ("Observation?code:text=x", "code:text")])
 def test_lenient_handling_ignores_what_is_not_supported_and_says_so(client, query: str, location: str) -> None:

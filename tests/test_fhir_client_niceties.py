@@ -31,7 +31,7 @@ def test_pretty_and_summary_false_are_taken(stored: Any, app: Any) -> None:
     assert stored.get("/fhir/StructureDefinition?_pretty=false").status_code == 200
     auditor = {"Authorization": f"Bearer {make_token(app, 'auditor', ['auditor'])}"}
     assert app.test_client().get("/fhir/AuditEvent?_pretty=true", headers=auditor).status_code == 200
-    assert stored.get("/fhir/Observation?_summary=text").status_code == 400
+    assert stored.get("/fhir/Observation?_summary=brief").status_code == 400
 
 
 def test_elements_by_a_choice_elements_name(stored: Any) -> None:

@@ -135,9 +135,34 @@ def test_a_count_above_the_page_size_gives_full_pages_said_in_the_page(loaded, m
         assert_outcome(loaded.get(f"/fhir/Observation/_history?_count={wrong}"), 400)
 
 
-def test_summary_other_than_count_is_refused_naming_it(loaded) -> None:
-    body = assert_outcome(loaded.get("/fhir/Observation?_summary=text"), 400)
+def test_summary_other_than_r4s_values_is_refused_naming_it(loaded) -> None:
+    body = assert_outcome(loaded.get("/fhir/Observation?_summary=brief"), 400)
     assert body["issue"][0]["expression"] == ["_summary"]
+    both = assert_outcome(loaded.get("/fhir/Observation?_summary=true&_elements=code"), 400)
+    assert both["issue"][0]["expression"] == ["_elements"]
+
+
+def test_summary_true_text_and_data_cut_the_resources_as_r4_says(loaded) -> None:
+    """R4 search.html: _summary=true keeps the elements the base definition marks as summary, text the narrative,
+    identity and required elements, data all but the narrative; each resource so cut is tagged SUBSETTED, and the
+    page's links keep asking for it."""
+    whole = {e["resource"]["id"]: e["resource"] for e in loaded.get("/fhir/Observation?_count=50").get_json()["entry"]}
+    for shape in ("true", "text", "data"):
+        page = loaded.get(f"/fhir/Observation?_count=50&_summary={shape}").get_json()
+        assert page["total"] == len(whole) and all(f"_summary={shape}" in link["url"] for link in page["link"])
+        for entry in page["entry"]:
+            cut, full = entry["resource"], whole[entry["resource"]["id"]]
+            assert "SUBSETTED" in [t["code"] for t in cut["meta"]["tag"]]
+            assert cut["status"] == full["status"] and cut["code"] == full["code"]
+            if shape == "true":
+                assert "valueQuantity" in cut or "valueQuantity" not in full  # value[x] is a summary element
+                assert "referenceRange" not in cut and "interpretation" not in cut and "category" not in cut
+                assert cut["subject"] == full["subject"] and cut.get("issued") == full.get("issued")
+            elif shape == "text":
+                assert set(cut) <= {"resourceType", "id", "meta", "implicitRules", "text", "status", "code"}
+            else:
+                assert "text" not in cut and set(full) - set(cut) <= {"text"}
+                assert cut.get("referenceRange") == full.get("referenceRange")
 
 
 def test_audit_event_searchset_has_total(app, loaded, anon) -> None:

@@ -43,6 +43,7 @@ from gateway.auth import current_principal, principal_party, require_role
 from gateway.api.errors import FHIR_JSON, check_total_hint, prefers_lenient
 from gateway.errors import InvalidSearch, Issue, NotFound, shown
 from gateway.fhir.outcome import operation_outcome
+from gateway.fhir.profiles import r4_required_of, r4_summary_elements
 from gateway.fhir.search import INCLUDES, PARAM_ALIASES, SEARCH_PARAMS, check_sort
 from gateway.scopes import covers, parse_scopes
 
@@ -648,9 +649,16 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     summary = args.get("_summary")
     if summary == "false":  # (R4: the whole resources, as without it)
         summary = None
+    shape: str | None = None  # _summary=true, text or data: the resources cut down (SUBSETTED)
+    if summary in _SUMMARY_SHAPES:
+        shape, summary = summary, None
+        if args.getlist("_elements"):
+            ignore_if_lenient(InvalidSearch(f"_summary={shape} and _elements ask for two different cuts of the "
+                                            "resources: give one of them", "_elements"))
+            args = MultiDict([(k, v) for k, v in args.items(multi=True) if k != "_elements"])
     if summary is not None and summary != "count":
-        ignore_if_lenient(InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=count, "
-                                        "_summary=false)", "_summary", code="not-supported"))
+        ignore_if_lenient(InvalidSearch(f"_summary={shown(summary)} is not supported (supported: _summary=true, "
+                                        "text, data, count, false)", "_summary", code="not-supported"))
         summary = None
     if summary is not None:
         count = 0
@@ -729,6 +737,9 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
             or known.get(k.partition(":")[0]) == "string"]  # (with a modifier: :exact, :contains)
     kept += [(k, v) for k in ("_include", "_revinclude", "_sort", "_elements") for v in args.getlist(k)]
 
+    if shape is not None:
+        kept.append(("_summary", shape))
+
     def link(off: int, page_after: str | None = None) -> str:
         paging = ([("_summary", "count")] if summary else
                   [("_count", str(count)), ("_offset", str(off)), ("_page_until", str(up_to))])
@@ -744,9 +755,11 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": result.total, "link": links}
     if result.resources:
         bundle["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}",
-                            "resource": r if elements is None else _subset(r, elements),
+                            "resource": _summarised(r, shape) if shape is not None else
+                            r if elements is None else _subset(r, elements),
                             "search": {"mode": "match"}} for r in result.resources]
-        bundle["entry"] += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+        bundle["entry"] += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}",
+                             "resource": _summarised(r, shape) if shape is not None else r,
                              "search": {"mode": "include"}} for r in included]
     said = ([fewer] if fewer is not None and not summary else []) + ignored
     if cut:
@@ -859,6 +872,33 @@ def _subset(res: dict[str, Any], elements: set[str]) -> dict[str, Any]:
     meta["tag"] = [*meta.get("tag", []), _SUBSETTED]
     subset["meta"] = meta
     return subset
+
+
+#: The ``_summary`` values that cut the resources down (``count`` gives the total alone, ``false`` them whole).
+_SUMMARY_SHAPES = ("true", "text", "data")
+
+
+def _summarised(res: dict[str, Any], shape: str) -> dict[str, Any]:
+    """A resource as ``_summary=true`` (the elements R4 marks as summary), ``text`` (its narrative, identity and
+    the elements R4 requires) or ``data`` (all but the narrative) has it, marked SUBSETTED."""
+    rtype = res["resourceType"]
+    if shape == "data":
+        kept = {k: v for k, v in res.items() if k != "text"}
+    else:
+        chosen = r4_summary_elements().get(rtype, frozenset()) if shape == "true" else \
+            {"id", "meta", "implicitRules", "text"} | r4_required_of(rtype)
+        names = {n.removesuffix("[x]") for n in chosen}
+        roots = {n for n in names if n not in res}  # (choice elements: value for valueQuantity)
+
+        def wanted(key: str) -> bool:
+            bare = key[1:] if key.startswith("_") else key  # (a primitive's extensions go with it)
+            return bare in names or any(bare.startswith(r) and bare[len(r):len(r) + 1].isupper() for r in roots)
+
+        kept = {k: v for k, v in res.items() if k == "resourceType" or wanted(k)}
+    meta = dict(kept.get("meta", {}))
+    meta["tag"] = [*meta.get("tag", []), _SUBSETTED]
+    kept["meta"] = meta
+    return kept
 
 
 def _sort_of(args: MultiDict[str, str]) -> list[tuple[str, bool]]:

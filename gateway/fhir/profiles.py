@@ -395,6 +395,20 @@ def _r4_elements() -> tuple[dict[str, list[str]], dict[str, frozenset[str]]]:
             {owner: frozenset(names) for owner, names in data["repeating"].items()})
 
 
+@functools.lru_cache(maxsize=1)
+def r4_summary_elements() -> dict[str, frozenset[str]]:
+    """Each resource type's own elements R4 marks ``isSummary`` (what ``_summary=true`` keeps; a choice element
+    as ``value[x]``), from ``r4-elements.json``."""
+    data = json.loads((Path(__file__).with_name("r4-elements.json")).read_text(encoding="utf-8"))
+    return {owner: frozenset(names) for owner, names in data["summary"].items()}
+
+
+@functools.lru_cache(maxsize=1)
+def r4_required_of(rtype: str) -> frozenset[str]:
+    """A resource type's own elements R4 requires (a choice element as ``value[x]``)."""
+    return frozenset(_r4_elements()[0].get(rtype, ()))
+
+
 class _Slot(NamedTuple):
     """One element as the base walk sees it (see :meth:`_Model.slots`)."""
 

@@ -8,7 +8,8 @@ The source is the FHIR 4.0.1 StructureDefinitions as published by HL7, here as p
 Required elements: only each definition's own are listed (``Observation.component.code`` under
 ``Observation.component``); what a type inherits is listed under the type it comes from. A choice element is listed
 as ``value[x]``: any one of its types will do. Repeating elements: every element of each type and backbone element
-(its snapshot, inherited ones included); an owner listed with none repeats nothing.
+(its snapshot, inherited ones included); an owner listed with none repeats nothing. Summary elements: each
+resource type's own elements marked ``isSummary`` (what ``_summary=true`` keeps).
 
 The package carries a few definitions of later FHIR versions under 4.0.1's number (``DeviceDefinition``,
 ``EvidenceVariable``, ``ResearchStudy`` hold elements R4 does not have; ``MeasureReport.measure`` is optional
@@ -70,6 +71,7 @@ def schema_required(schema: dict[str, Any], owner: str) -> list[str] | None:
 def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
     required: dict[str, list[str]] = {}
     repeating: dict[str, list[str]] = {}
+    summary: dict[str, list[str]] = {}  # resource type -> its own elements marked isSummary (for _summary=true)
     left_out: list[str] = []
     known = _known()
     for name in ("profiles-types.json", "profiles-resources.json"):
@@ -86,6 +88,8 @@ def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
                     names = repeating.setdefault(owner, [])
                     if el.get("max", "1") not in ("0", "1"):
                         names.append(element)
+                if sd["kind"] == "resource" and owner == sd["type"] and el.get("isSummary") and known(owner, element):
+                    summary.setdefault(owner, []).append(element)
                 if not path.startswith(sd["type"] + ".") or int(el.get("min", 0)) < 1:
                     continue  # the type itself, or inherited from a base type (listed under that type)
                 owner, _, element = path.rpartition(".")
@@ -95,7 +99,7 @@ def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
                     left_out.append(path)
     slipped = {path.split(".")[0] for path in left_out}
     owners = set(required) | {p.rsplit(".", 1)[0] for p in left_out}
-    for table in (required, repeating):
+    for table in (required, repeating, summary):
         for owner in list(table):
             if owner.split(".")[0] in slipped:
                 del table[owner]
@@ -107,11 +111,13 @@ def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
     return {
         "about": "FHIR R4 (4.0.1) elements by owner (a type, or the path of a backbone element): required, those "
                  "with a minimum cardinality of 1 or more (a choice element as name[x]); repeating, those with a "
-                 "maximum above 1 (a JSON array), every element of the owner not listed being single. Made by "
+                 "maximum above 1 (a JSON array), every element of the owner not listed being single; summary, "
+                 "a resource type's own elements marked isSummary (_summary=true). Made by "
                  "tests/tools/r4codes/elements.py from the HL7 definitions and the R4 JSON schema; do not edit by "
                  "hand.",
         "required": {owner: sorted(names) for owner, names in sorted(required.items())},
         "repeating": {owner: sorted(names) for owner, names in sorted(repeating.items())},
+        "summary": {owner: sorted(names) for owner, names in sorted(summary.items())},
         "left out (not an element of R4)": sorted(left_out),
     }
 
