@@ -852,3 +852,21 @@ def test_a_decision_made_as_of_an_earlier_moment_says_so_and_who_asked(fuling) -
     page = c.get(f"/console/decisions/{decision_id}").get_data(as_text=True)
     assert 'data-figure="decision-as-of"' in page and "判定时点 decided as of" in page, page[:3000]
     assert "请求者 asked by" in page and "his2" in page
+
+
+@pytest.mark.parametrize("where", ["/console/%0d%0aX-Injected:1", "/console/\r\nX-Injected: 1", "/console/\\evil",
+                                   "//evil.example/console/"])
+def test_a_log_in_going_on_to_a_next_with_control_characters_goes_to_the_overview(fuling, where: str) -> None:
+    """A crafted link (?next= with a CR/LF) made a real log-in fail with a 500 after the password was taken, and
+    the log hold a traceback: the log-in goes on to the overview instead."""
+    from urllib.parse import quote, unquote
+
+    app, _, _ = fuling
+    c = app.test_client()
+    page = c.get("/console/login")
+    form = {"username": "aud", "password": PASSWORD, "csrf_token": _csrf(page.get_data(as_text=True)),
+            "next": unquote(where)}
+    answer = c.post(f"/console/login?next={quote(unquote(where))}", data=form)
+    assert answer.status_code in (302, 303), answer.status_code
+    assert answer.headers["Location"].endswith("/console/") or answer.headers["Location"].endswith("/console")
+    assert "X-Injected" not in answer.headers

@@ -139,7 +139,27 @@ def test_a_backend_client_gets_a_token_and_reads_reports(world: Any) -> None:
 
 
 def test_the_request_url_form_of_the_endpoint_is_an_audience_too(world: Any) -> None:
+    """Without a public_url the gateway does not know which name it is reached by: the request's form is taken."""
+    assert not world.app.extensions["gateway.settings"].public_url
     assert _token(world, aud="http://localhost/auth/token").status_code == 200
+
+
+def test_with_a_public_url_an_assertion_for_another_server_is_refused_whatever_the_host_header(world: Any) -> None:
+    """An assertion made for another member's gateway (or any server), posted here with a Host header naming that
+    server, got a token: ``aud`` is checked against the public_url only once there is one."""
+    settings = world.app.extensions["gateway.settings"]
+    world.app.extensions["gateway.settings"] = settings.replace(public_url="https://tj.example.cn")
+    try:
+        other = "http://fl.example.cn/auth/token"
+        assertion = world.backend.assertion(other, world.clock().timestamp())
+        refused = world.http.post("/auth/token", data=world.backend.form(assertion, SCOPES), content_type=FORM,
+                                  headers={"Host": "fl.example.cn"})
+        assert refused.status_code == 401 and "aud" in refused.get_json()["error_description"], refused.get_json()
+        ours = world.backend.assertion("https://tj.example.cn/auth/token", world.clock().timestamp())
+        assert world.http.post("/auth/token", data=world.backend.form(ours, SCOPES), content_type=FORM,
+                               headers={"Host": "fl.example.cn"}).status_code == 200
+    finally:
+        world.app.extensions["gateway.settings"] = settings
 
 
 def test_only_registered_scopes_are_granted(world: Any) -> None:

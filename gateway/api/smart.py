@@ -67,7 +67,9 @@ def token() -> Response:
     settings = current_app.extensions["gateway.settings"]
     clock = current_app.extensions["gateway.clock"]
     gateway = records.Party.member(settings.issuer_uscc, settings.issuer_name)
-    audiences = {clients.token_endpoint(settings), _endpoint_here()}
+    # the URL this gateway is known by; as the request reached it only where no public_url says which (the Host
+    # header is the caller's to write: with it, an assertion made for another member's gateway was taken here)
+    audiences = {clients.token_endpoint(settings)} | (set() if settings.public_url else {_endpoint_here()})
     try:
         with borrow_database(current_app) as db:
             issued = clients.request_token(db, form, audiences=audiences, at=clock(), gateway=gateway,
