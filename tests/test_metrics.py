@@ -279,7 +279,10 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
         outbox_db.execute("UPDATE outbox SET next_attempt_at = 4102444800")  # not due while the test runs
     outbox_db.conn.close()
     folder = run_dir(Settings(data_dir=str(data_dir), database=database, http_port=http))
-    old_file = folder / "metrics" / "counter_99999999.db"
+    from gateway.metrics import metrics_folder
+
+    counted_in = metrics_folder(folder)  # (in memory, /dev/shm, where the machine has it: a full disk stops no part)
+    old_file = counted_in / "counter_99999999.db"
     old_file.parent.mkdir(parents=True, exist_ok=True)
     old_file.write_bytes(b"left by an earlier run")  # emptied at start: an earlier run's counts never show
 
@@ -361,6 +364,7 @@ def test_serve_adds_up_every_process_and_logs_json_without_patient_data(tmp_path
             _, err = proc.communicate()
     text = err.decode("utf-8", "replace")
     assert "Traceback" not in text, text[-3000:]
+    assert not counted_in.exists() or counted_in.parent == folder  # (in memory: removed at the stop)
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     others = [line for line in text.splitlines() if not line.startswith("{")]
     assert len(others) <= 1 and all(line.startswith("gateway ") for line in others), others  # the banner only
