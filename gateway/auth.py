@@ -434,6 +434,7 @@ def require_role(*roles: str) -> Callable[[F], F]:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             principal = _authenticate()
+            g.principal = principal  # (the access log names who was refused too)
             if not principal.roles & allowed:
                 raise Forbidden(
                     f"{principal.name} ({', '.join(sorted(principal.roles))}) may not do this; "
@@ -442,7 +443,6 @@ def require_role(*roles: str) -> Callable[[F], F]:
                 )
             if principal.scopes is not None:
                 _check_scope(principal)
-            g.principal = principal
             return view(*args, **kwargs)
 
         return cast(F, wrapper)

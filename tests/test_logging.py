@@ -80,6 +80,16 @@ def test_an_access_line_names_request_user_route_status_and_latency_never_the_qu
         assert needle not in text, f"patient data in the log: {needle}"
 
 
+def test_a_refused_request_names_the_account_that_was_refused(app: Any, json_lines: Lines) -> None:
+    """An auditor's token on patient data (403): the access line names who tried (it said user=-)."""
+    token = make_token(app, "aud1", ["auditor"])
+    client = Client(access_log(app.wsgi_app))
+    response = client.get("/fhir/Patient?identifier=511921196612120011", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 403
+    line = json.loads(next(x for x in json_lines.lines if '"gateway.access"' in x))
+    assert line["user"] == "aud1" and line["status"] == 403 and line["route"] == "/fhir/Patient", line
+
+
 def test_a_caller_request_id_is_kept_and_an_anonymous_request_names_no_user(app: Any, json_lines: Lines) -> None:
     client = Client(access_log(app.wsgi_app))
     response = client.get("/health", headers={"X-Request-Id": "edge-4f2a91c3"})
