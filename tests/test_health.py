@@ -91,6 +91,8 @@ def health(gateway: Any) -> tuple[int, dict[str, Any]]:
 def test_registry_routes_answer_on_a_gateway_with_a_registry(gw: Any) -> None:
     snap = get(gw, "/registry/snapshot")
     assert snap.status_code == 200, snap.get_data(as_text=True)
+    # it carries the physicians' 身份证号: for this gateway's accounts only
+    assert gw.app.test_client().get("/registry/snapshot").status_code == 401
     assert json.loads(snap.get_data())["format"].startswith("cyhr-registry-snapshot")
     orgs = get(gw, "/registry/fhir/Organization")
     assert orgs.status_code == 200 and orgs.get_json()["total"] >= 2

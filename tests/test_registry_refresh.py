@@ -43,7 +43,8 @@ def test_an_idle_gateway_applies_a_new_snapshot_file_within_a_pass(tmp_path, mem
     assert ex.holder.current.version == 2
 
     app = world.gateways["tongjiang"].app
-    body = app.test_client().get("/registry/snapshot").get_json()
+    body = app.test_client().get("/registry/snapshot", headers={
+        "Authorization": f"Bearer {world.gateways['tongjiang'].token}"}).get_json()
     assert body["version"] == 2, body
 
 
