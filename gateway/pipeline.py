@@ -204,6 +204,11 @@ class ReceiveLater(GatewayError):
     http_status = 503
 
 
+#: Channels whose senders name their resources by id (FHIR) or by a number the ids derive from (a CDC export's
+#: 体检编号): a Bundle naming another patient's stored resource is refused (Pipeline._same_identities).
+_OWN_IDS = ("fhir", "cdc-csv")
+
+
 class _Clash(Exception):
     """Internal: a submitted Bundle names by id a stored resource that is another patient's, person or test; its
     ``issues`` say which (the Bundle is refused, nothing of it stored)."""
@@ -1391,11 +1396,15 @@ class Pipeline:
             log.warning("results left out of a report stored before could not be looked for: %s", type(exc).__name__)
             return []
 
-    def _same_identities(self, bundle: dict[str, Any]) -> None:
+    def _same_identities(self, bundle: dict[str, Any], exam: SourceMessage | None = None) -> None:
         """Refuse a submitted Bundle whose entries name by id a stored resource that is someone else's: a new
         version keeps the patient of what it replaces (``subject``), a Patient its 身份证号, an Observation or
         DiagnosticReport its test (``code``). A member system choosing ids (R4 lets a client put any id in a POST
         entry, ``obs-1`` in every Bundle) would otherwise write over another patient's results, silently.
+
+        ``exam``: a CDC export's exam, whose resource ids derive from its 体检编号: one reused for another person (exam
+        numbers restarted, another branch's) moved the stored exam, results and all, to that person. Refused once,
+        naming the number.
 
         :raises _Clash: naming each such entry (``Bundle.entry[n].resource.id``), as a conflict (HTTP 409).
         """
@@ -1443,6 +1452,12 @@ class Pipeline:
             issues.append(Issue("error", "conflict", f"Bundle.entry[{n}].resource.id",
                                 f"{ref} {why}: an id names one resource for good (a correction keeps its patient "
                                 "and test); give this resource an id of its own"))
+        if issues and exam is not None:
+            label = str(exam.extra.get("label") or "the exam number")
+            where = exam.reports[0].location if exam.reports else "row 2"
+            issues = [Issue("error", "conflict", where, f"{label} was stored for another person (another 身份证号, "
+                            "or another test under it): an exam number names one exam of one person for good; give "
+                            "this exam a number of its own (numbers restarted, or another branch's?)", "205")]
         if issues:
             raise _Clash(issues)
 
@@ -1559,8 +1574,9 @@ class Pipeline:
         joined = db.conn.in_transaction
         try:
             with savepoint(db, "outcome"):
-                if check and ch.format == "fhir" and outcome.status is Status.STORED and outcome.bundle is not None:
-                    self._same_identities(outcome.bundle)  # (read inside the write lock: no other Bundle between)
+                if check and ch.format in _OWN_IDS and outcome.status is Status.STORED and outcome.bundle is not None:
+                    # (read inside the write lock: no other Bundle between)
+                    self._same_identities(outcome.bundle, outcome.message if ch.format == "cdc-csv" else None)
                 self._record(ch, unit, outcome, channel, retried)
             return True
         except _Clash:

@@ -933,3 +933,28 @@ def test_a_gbk_export_whose_header_is_plain_ascii_is_read_by_its_rows(tmp_path: 
     outs = list(Pipeline(settings, clock=clock).convert(data, "cdc-csv"))
     assert [o.status is Status.CONVERTED for o in outs] == [True, True], [o.issues[:2] for o in outs]
     assert entries_of(outs[1].bundle, "Patient")[0]["name"][0]["text"] == "王演示"
+
+
+def test_an_exam_number_reused_for_another_person_is_refused_and_the_first_exam_kept(stored_pipeline) -> None:
+    """体检编号 restarted (a new year, another branch) and reused for another worker: the exam's resource ids derive
+    from the number, so the second export moved the stored exam, results and all, to the other person (both
+    answered stored). It is refused naming the number; the first person's exam stays theirs."""
+    from gateway.pipeline import Status
+
+    header = ("体检编号,姓名,身份证号,性别,出生日期,用人单位名称,用人单位统一社会信用代码,工种,接害因素代码,接害因素名称,"
+              "接害工龄,体检类型,体检日期,项目代码,项目名称,结果,单位,参考范围,异常标志,主检结论,主检医师,报告日期")
+    row = ("TJ2025-0001,{name},{card},男,1985-06-12,通江演示建材有限公司,91511921MA62Q0A1XC,破碎工,3001,噪声,6.5,在岗期间,"
+           "2025-03-15,TL,纯音听阈测试,{value},dB HL,≤25,,目前未见异常,吴主检,2025-03-22 16:30:00")
+    first = f"{header}\n{row.format(name='张甲', card='51040219850612001X', value='22')}\n".encode("utf-8")
+    second = f"{header}\n{row.format(name='李乙', card='510402198506120036', value='24')}\n".encode("utf-8")
+    [stored] = stored_pipeline.ingest(first, "cdc-csv", channel="test")
+    assert stored.status is Status.STORED, stored.issues
+    [refused] = stored_pipeline.ingest(second, "cdc-csv", channel="test")
+    assert refused.status is Status.REFUSED, refused.issues
+    assert refused.issues[0].location == "row 2" and refused.issues[0].code == "conflict"
+    assert "体检编号 TJ2025-0001 was stored for another person" in refused.issues[0].message
+    store = stored_pipeline.store
+    assert store.search("DiagnosticReport", [("patient.identifier", "51040219850612001X")]).total == 1
+    assert store.search("DiagnosticReport", [("patient.identifier", "510402198506120036")]).total == 0
+    again = stored_pipeline.ingest(first.replace(b",22,", b",23,"), "cdc-csv", channel="test")[0]
+    assert again.status is Status.STORED, again.issues  # the same person's exam sent again, changed: taken
