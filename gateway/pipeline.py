@@ -1303,6 +1303,8 @@ class Pipeline:
                 outcome.status, outcome.filtered_reason = Status.FILTERED, msg.filtered
             elif not msg.errors:
                 stage = Stage.MAP
+                if record_id is not None and ch.format == "cdc-csv":
+                    self._exam_sent_again(msg)
                 parts.map(msg)
                 watch.lap(Stage.MAP)
                 if not msg.errors:
@@ -1318,7 +1320,7 @@ class Pipeline:
                         outcome.bundle = bundle
                         outcome.status = Status.STORED if record_id is not None else Status.CONVERTED
                         if record_id is not None:
-                            msg.issues.extend(self._results_left_out(bundle))
+                            msg.issues.extend(self._results_left_out(bundle, msg.extra.get("corrects")))
                         if record_id is not None and self.member.signer is not None:
                             # sign stage: what this member issues leaves it signed, with its marks
                             stage = Stage.SIGN
@@ -1349,7 +1351,7 @@ class Pipeline:
             outcome.answer_after = functools.partial(ch.answer_stored, outcome.message)
         return outcome
 
-    def _results_left_out(self, bundle: dict[str, Any]) -> list[Issue]:
+    def _results_left_out(self, bundle: dict[str, Any], corrects: str | None = None) -> list[Issue]:
         """A warning for each report of ``bundle`` stored before (the same report, so the same id) whose stored
         version lists results this copy does not: the report is stored again with this copy's results alone, and
         the others stay stored as they were, listed by no current report — an export re-sent with fewer rows, a
@@ -1362,6 +1364,8 @@ class Pipeline:
         if not reports:
             return []
         try:
+            if corrects is not None and len(reports) == 1:  # a CDC exam correcting the version stored before
+                return self._items_left_out(bundle, reports[0], corrects)
             stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r['id']}" for r in reports])}
             if not stored:  # (a report not stored before: the common case, one indexed lookup)
                 return []
@@ -1395,6 +1399,64 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - only a warning: the unit is worked and stored without it
             log.warning("results left out of a report stored before could not be looked for: %s", type(exc).__name__)
             return []
+
+    def _items_left_out(self, bundle: dict[str, Any], report: dict[str, Any], corrects: str) -> list[Issue]:
+        """A warning naming the items of the version a CDC exam corrects that the correction lists no more (an
+        export of the changed rows alone would leave the exam's other items out of the current report)."""
+        def codes(observation: dict[str, Any]) -> str:
+            code = observation.get("code")
+            codings = code.get("coding") if isinstance(code, dict) else None
+            first = next((c for c in codings or [] if isinstance(c, dict)), {})
+            return f"{first.get('system', '')}|{first.get('code', '')}"
+
+        found = self.store.read_many([corrects])
+        if not found:
+            return []
+        before = found[0]
+        local = {e.get("fullUrl"): e["resource"] for e in bundle.get("entry") or [] if isinstance(e, dict)}
+        now = {codes(o) for o in (local.get(ref) for ref in _result_refs(report)) if isinstance(o, dict)}
+        earlier = self.store.read_many(_result_refs(before))
+        gone = [_result_name(o) for o in earlier if codes(o) not in now]
+        if not gone:
+            return []
+        shown = "; ".join(gone[:_NAMES_SHOWN]) + (f"; and {len(gone) - _NAMES_SHOWN} more"
+                                                  if len(gone) > _NAMES_SHOWN else "")
+        number = next((v["report_number"] for v in versions_in(bundle)), "")
+        return [Issue("warning", "business-rule", f"report {number}" if number else "DiagnosticReport",
+                      f"corrects a version with {len(earlier)} results and leaves out {len(gone)} of them: {shown}. "
+                      f"The corrected version lists only this export's (the earlier one stays readable: {corrects}); "
+                      "if they still hold, export the exam again with all its rows", "205")]
+
+    def _exam_sent_again(self, msg: SourceMessage) -> None:
+        """A CDC exam whose 体检编号 this member stored before with other content, for the same person (an export
+        made again after results or the conclusion were changed): a correction of it, as an HL7 v2 report with
+        OBR-25 C is. Its resources are a new version (their own ids), the stored one is superseded, and it
+        follows the earlier one to every member that was sent it (stored over it as one more final report, the
+        exam stayed as first sent at those members, decided on the old conclusion). Another person's exam under
+        the number is left to :meth:`_same_identities`, which refuses it."""
+        from gateway.store.reports import versions_of
+
+        report = msg.reports[0] if len(msg.reports) == 1 else None
+        if report is None or not report.number or report.status not in ("", "original"):
+            return
+        earlier = [v for v in versions_of(self.store.db, self.issuer.uscc, report.number) if v.direction == "issued"]
+        if not earlier:
+            return
+        current = self.store.read_many([earlier[-1].report_ref])
+        subject = current[0].get("subject", {}).get("reference") if current else None
+        patients = self.store.read_many([subject]) if isinstance(subject, str) else []
+        cards = {str(i.get("value")).upper() for p in patients for i in p.get("identifier") or []
+                 if isinstance(i, dict) and i.get("system") == SYSTEM_ID_CARD}
+        if cards and msg.patient is not None and msg.patient.id_card and msg.patient.id_card.upper() not in cards:
+            return  # another person's: refused when recorded
+        report.status = "RPLC"  # (mappings/concepts/source-report-status.csv: a correction, as a CDA's RPLC is)
+        msg.extra["corrects"] = earlier[-1].report_ref
+        report.replaces, report.replaces_system = report.number, ""
+        report.key = f"{report.number}|corrected|{msg.message_id}"
+        label = str(msg.extra.get("label") or report.number)
+        msg.issues.append(Issue("information", "informational", report.location,
+                                f"{label} was stored before with other content: this exam corrects it (the members "
+                                "it was sent to are sent this one)", "0"))
 
     def _same_identities(self, bundle: dict[str, Any], exam: SourceMessage | None = None) -> None:
         """Refuse a submitted Bundle whose entries name by id a stored resource that is someone else's: a new

@@ -434,3 +434,39 @@ def test_a_report_taken_back_reaches_the_receiver_and_withdraws_its_decisions(wo
     figures = compute(fl.store.db)["total"]
     assert (figures["decisions"], figures["eligible"]) == (0, 0), figures
     assert verify(fl.store.db).ok
+
+
+def test_a_cdc_exam_exported_again_with_changes_corrects_the_one_sent(tmp_path, clock, member_database) -> None:
+    """A CDC exports an exam again after changing a result (the same 体检编号, the same worker): it corrects the
+    exam stored before, and follows it to the member that was sent it, where the decisions on the first export
+    are withdrawn. (It was stored over the first as one more final report, and the member kept the old one.)"""
+    w = build_world(tmp_path, clock, URLS, members=("sccdc", "fuling"), database=member_database)
+    transport = Routed(w)
+    for gw in w.gateways.values():
+        gw.pipeline.exchange.transport = transport
+    cdc, fl = w.gateways["sccdc"].pipeline, w.gateways["fuling"].pipeline
+    export = (Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "csv"
+              / "sccdc-occupational-exams.csv").read_bytes()
+    [first] = ingest(cdc, export, "cdc-csv")
+    cdc.exchange.push(first.bundle["id"], FL)
+    assert cdc.exchange.deliver()["delivered"] == 1
+    before = decisions_for_patient(fl)
+    assert before and not any(d.get("withdrawn") for d in before)
+
+    changed = export.replace(b",XCG-WBC,\xe7\x99\xbd\xe7\xbb\x86\xe8\x83\x9e\xe8\xae\xa1\xe6\x95\xb0,6.6,",
+                             b",XCG-WBC,\xe7\x99\xbd\xe7\xbb\x86\xe8\x83\x9e\xe8\xae\xa1\xe6\x95\xb0,7.2,")
+    assert changed != export
+    [again] = ingest(cdc, changed, "cdc-csv")
+    report = report_of(again.bundle)
+    assert report["status"] == "corrected" and report["id"] != report_of(first.bundle)["id"]
+    assert any("was stored before with other content: this exam corrects it" in i.message for i in again.issues)
+    versions = versions_of(cdc.store.db, MEMBERS["sccdc"].uscc, "ZJ2611001")
+    assert [(v.bundle_id, v.superseded_by is not None) for v in versions] == [
+        (first.bundle["id"], True), (again.bundle["id"], False)]
+    assert cdc.exchange.pushed_to(again.bundle["id"]) == [FL]
+    assert cdc.exchange.deliver()["delivered"] == 1
+    after = decisions_for_patient(fl)
+    withdrawn = {d["decision_id"] for d in after if d.get("withdrawn")}
+    assert withdrawn == {d["decision_id"] for d in before}
+    current = [d for d in after if d["result"]["bundle"].endswith(again.bundle["id"])]
+    assert current and not any(d.get("withdrawn") for d in current)

@@ -404,10 +404,13 @@ def test_ingest_is_idempotent_and_a_changed_export_is_a_new_version(cdc: Pipelin
     assert first.status is Status.STORED and again.status is Status.DUPLICATE
     changed = cdc.ingest(data.replace(b",128,", b",126,"), "cdc-csv", channel="file")[0]
     assert changed.status is Status.STORED
+    # the exam exported again with a changed result corrects the one stored: a new version of its own, the earlier
+    # one superseded (still readable), searches answer the correction
     found = cdc.store.search("DiagnosticReport", [("identifier", "urn:oid:2.16.156.10011.1.33|TJ9")])
-    assert found.total == 1 and found.resources[0]["meta"]["versionId"] == "1"  # report itself unchanged
-    sbp = cdc.store.search("Observation", [("code", "http://loinc.org|8480-6")]).resources[0]
-    assert str(sbp["valueQuantity"]["value"]) == "126" and sbp["meta"]["versionId"] == "2"
+    assert found.total == 1 and found.resources[0]["status"] == "corrected"
+    assert found.resources[0]["id"] != entries_of(first.bundle, "DiagnosticReport")[0]["id"]
+    [sbp] = cdc.store.search("Observation", [("code", "http://loinc.org|8480-6")]).resources
+    assert str(sbp["valueQuantity"]["value"]) == "126"
 
 
 def test_an_id_card_number_in_full_width_digits_is_read_as_the_number(cdc: Pipeline) -> None:
@@ -428,11 +431,10 @@ def test_an_exam_sent_again_with_fewer_rows_names_the_items_left_out(cdc: Pipeli
     assert out.status is Status.STORED
     [warning] = [i for i in out.issues if "leaves out" in i.message]
     assert warning.severity == "warning" and warning.location == "report TJ9"
-    assert "was stored before with 3 results; this copy leaves out 2 of them: " in warning.message
+    assert "corrects a version with 3 results and leaves out 2 of them: " in warning.message
     assert "收缩压" in warning.message and "胸部X射线摄片 (XP)" in warning.message and "白细胞" not in warning.message
     report = cdc.store.search("DiagnosticReport", [("identifier", "urn:oid:2.16.156.10011.1.33|TJ9")]).resources[0]
-    assert len(report["result"]) == 1
-    assert cdc.store.search("Observation", [("code", "http://loinc.org|8480-6")]).total == 1  # kept as it was
+    assert len(report["result"]) == 1 and report["status"] == "corrected"
 
 
 def test_post_ingest_cdc_csv_answers_per_exam_and_reports_are_searchable(tmp_path: Path, clock, database: str) -> None:

@@ -268,9 +268,10 @@ def _record_read(db: Database, *, interaction: Literal["search-type", "read", "o
 def _safe_next(value: str | None) -> str:
     """Where a log-in goes on: a console page, never another site, nor a value with characters a header cannot
     carry (a CR/LF in ``next`` failed the log-in with a 500 after the password was taken)."""
-    ok = bool(value) and value.startswith("/console/") and not value.startswith("//") and value.isprintable() \
-        and "\\" not in value
-    return value if ok and value is not None else url_for("console.overview")
+    if value and value.startswith("/console/") and not value.startswith("//") and value.isprintable() \
+            and "\\" not in value:
+        return value
+    return url_for("console.overview")
 
 
 @bp.route("/login", methods=["GET", "POST"])
