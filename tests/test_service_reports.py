@@ -533,3 +533,21 @@ def test_a_correction_keeping_the_number_is_taken_at_intake_and_supersedes(yuan:
     assert [v.superseded_by is not None for v in versions] == [True, False]
     [again] = yuan.ingest(body, "service-report", channel="http")
     assert again.status is not Status.STORED and again.record_id == correction.record_id
+
+
+def test_a_correction_with_the_same_pdf_and_no_replaces_is_a_version_of_its_own(yuan: Pipeline) -> None:
+    """A correction sent with the PDF of the report it corrects (its metadata fixed) and no ``replaces``: it was
+    stored over the original as the same Bundle, no version of its own, so nothing superseded and nothing sent on
+    to the members the original went to (and warned cyhr-dr-2). It names its own number as the report it replaces
+    and is a version of its own, superseding the original."""
+    from gateway.store.reports import versions_of
+
+    stem = "yuan-personal-dose-monitoring"
+    [original] = yuan.ingest(json_body(stem), "service-report", channel="http")
+    assert original.status is Status.STORED
+    [correction] = yuan.ingest(json_body(stem, status="corrected"), "service-report", channel="http")
+    assert correction.status is Status.STORED, correction.issues
+    assert correction.bundle["id"] != original.bundle["id"]
+    assert not [i for i in correction.issues if "cyhr-dr-2" in i.message], correction.issues
+    versions = versions_of(yuan.store.db, YUAN, meta(stem)["report_number"])
+    assert [v.superseded_by is not None for v in versions] == [True, False]

@@ -167,6 +167,8 @@ class ServiceReportAdapter:
         if msg.errors:
             return msg
         assert employer is not None and issuer is not None and pdf_facts is not None
+        if status != "final" and not replaces:
+            replaces = number  # a correction under the report's own number replaces the version stored before it
         msg.reports.append(ReportFacts(
             location="metadata", number=number, status=status, kind="technical-service", replaces=replaces,
             code=_coded(service), issued_at="", extra={

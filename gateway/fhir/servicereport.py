@@ -45,7 +45,9 @@ def build_service_report_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str,
     org = organization(issuer)
     employer = organization(Issuer(x["employer_uscc"], x["employer_name"]))
     system = service_report_system(issuer.uscc)
-    report_id = stable_id("DiagnosticReport", system, rep.number, x["pdf_sha256"])
+    # a correction sent with the PDF of the version it corrects (its metadata fixed) is a version of its own too
+    version = (rep.status,) if rep.status in ("corrected", "amended") else ()
+    report_id = stable_id("DiagnosticReport", system, rep.number, x["pdf_sha256"], *version)
     extensions: list[dict[str, Any]] = []
     if rep.replaces:
         extensions.append({"url": ext_url("replaces"), "valueIdentifier": {"system": system, "value": rep.replaces}})
@@ -88,7 +90,7 @@ def build_service_report_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str,
             "creation": x["report_date"],
         }],
     }
-    bundle_id = stable_id("Bundle", issuer.uscc, msg.format, system, rep.number, x["pdf_sha256"])
+    bundle_id = stable_id("Bundle", issuer.uscc, msg.format, system, rep.number, x["pdf_sha256"], *version)
     resources = [org, employer, report]
     return {
         "resourceType": "Bundle",
