@@ -960,3 +960,29 @@ def test_an_exam_number_reused_for_another_person_is_refused_and_the_first_exam_
     assert store.search("DiagnosticReport", [("patient.identifier", "510402198506120036")]).total == 0
     again = stored_pipeline.ingest(first.replace(b",22,", b",23,"), "cdc-csv", channel="test")[0]
     assert again.status is Status.STORED, again.issues  # the same person's exam sent again, changed: taken
+
+
+def test_a_flag_typed_after_the_number_is_its_flag_and_text_with_a_unit_is_said(cdc: Pipeline) -> None:
+    """5.1↑ (the flag typed into the result cell, as result tables print it) is the number 5.1 flagged H; abc with a
+    unit is kept as text with a warning that its unit is left out (it was left out without a word)."""
+    [out] = outcomes(cdc, csv_bytes(row(item="XCG-WBC,白细胞计数,10.1↑,10^9/L,3.5-9.5,"),
+                                    row(item="XCG-PLT,血小板计数,abc,10^9/L,125-350,")))
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    wbc, plt = entries_of(out.bundle, "Observation")
+    assert str(wbc["valueQuantity"]["value"]) == "10.1" and wbc["valueQuantity"]["unit"] == "10^9/L"
+    assert wbc["interpretation"][0]["coding"][0]["code"] == "H"
+    assert plt["valueString"] == "abc"
+    said = [i for i in out.issues if i.severity == "warning" and "abc" in i.message]
+    assert said and "without its unit '10^9/L'" in said[0].message and said[0].location == "row 3 column 结果"
+
+
+def test_factors_separated_by_a_full_width_comma_are_two(cdc: Pipeline) -> None:
+    """1001，3001 / 矽尘，噪声 (the most common Chinese list separator): two factors, each with its class (it was one
+    unknown factor, and the exam needed review)."""
+    exam = EXAM.replace(",1001,矽尘,", ",1001，3001,矽尘，噪声,")
+    [out] = outcomes(cdc, csv_bytes(row(exam)))
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    factors = [e for e in report_of(out.bundle)["extension"] if e["url"].endswith("/hazard-factor")]
+    names = [p["valueCoding"]["display"] for f in factors for p in f["extension"] if p["url"] == "factor"]
+    assert len(names) == 2 and names[0].startswith("矽尘") and names[1] == "噪声", names
+    assert not [i for i in out.issues if "not in" in i.message and "目录" in i.message]

@@ -819,6 +819,12 @@ class _ItemColumns:
         if flag:
             res.flags.append(flag)
         value = get("value")
+        arrow = _ARROWS.get(value[-1:]) if len(value) > 1 else None
+        if arrow is not None and parse_number(value[:-1].rstrip()) is not None:
+            # (5.1↑: the flag typed into the result cell, as result tables print it) the number, and its flag
+            value = value[:-1].rstrip()
+            if not res.flags:
+                res.flags.append(arrow)
         if value:
             q = parse_number(value)
             if q is not None:
@@ -832,6 +838,12 @@ class _ItemColumns:
                     issues.append(Issue("warning", "value", res.where["value"],
                                         f"result {shown(value)} is not a number: kept as text, without its unit "
                                         f"{shown(res.unit)} (write a number as 6.8 or 1230)", "102"))
+                elif res.unit and not any(c.isdigit() for c in value):
+                    # (text with no figure where a unit says a number was meant: abc with 10^9/L; a semi-quantitative
+                    # 0-3 /HP or 1:320 titre is text as meant)
+                    issues.append(Issue("warning", "value", res.where["value"],
+                                        f"result {shown(value)} is not a number: kept as text, without its unit "
+                                        f"{shown(res.unit)}", "102"))
         return res
 
 
@@ -1102,6 +1114,8 @@ def _as_text(cell: str) -> str:
 
 # What is meant as a number but is not one — a thousands separator or a decimal comma (1,230; 6,8; 1 230), a point too
 # many (6.8.1, 6..8): not read as one, and said so. (Not 0-3 or 1:320 with a unit: semi-quantitative results are text.)
+#: A flag typed after a number in the result cell (5.1↑), as a result table prints it: the flag it is.
+_ARROWS = {"↑": "H", "↓": "L"}
 _NUMBER_LIKE = re.compile(r"^\s*[<>≤≥]?\s*[+-]?[\d.,\s]*\d[\d.,\s]*$")
 #: Characters no one sees in a header cell (zero-width spaces and joiners, a BOM inside the row): left out.
 _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF])
