@@ -132,6 +132,12 @@ class _WithAuthorities:
         return body is not None and any(mc.fingerprint == fingerprint and mc.valid_at(at) for mc in body.certificates)
 
 
+def trust_with_authorities(snapshot: Any) -> Any:
+    """The snapshot as a trust source that lists the supervising authorities' gateway certificates too (what a
+    referral's answer is verified against; an authority's own /health asks it of its signing certificate)."""
+    return _WithAuthorities(snapshot)
+
+
 def _org(uscc: str, name: str | None) -> dict[str, Any]:
     ref: dict[str, Any] = {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": uscc}}
     if name:

@@ -370,3 +370,11 @@ def test_two_answers_at_once_one_is_kept_the_other_is_a_conflict(world, monkeypa
     assert auth_refs.get(made.id).status == kept[0]
     assert kinds(auth_refs.db) == [("received", "received"), ("updated", kept[0])]
     assert [r.destination for r in authority.exchange.outbox.list()] == [LANE + FL]  # one answer goes back
+
+
+def test_the_authoritys_gateway_is_healthy_with_its_certificate_listed_under_authorities(world) -> None:
+    """The supervising authority's gateway signs referral answers with a certificate the registry lists under
+    ``authorities`` (members verify the answers by it): its /health said "signing: not listed in the trust list",
+    503, while it worked."""
+    body = world.gateways["schealth"].app.test_client().get("/health").get_json()
+    assert body["checks"]["signing"]["ok"], body["checks"]["signing"]

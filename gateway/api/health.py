@@ -221,8 +221,10 @@ def _listed(member: Any, cert: Any, now: Any) -> dict[str, Any] | None:
         snapshot = member.snapshot()
     except GatewayError:  # (an expired snapshot: the registry check says so)
         return None
-    try:
-        check_certificate(cert, snapshot, now, location="signing_cert")
+    from gateway.referrals import trust_with_authorities
+
+    try:  # (a supervising authority's gateway is listed under authorities, not members)
+        check_certificate(cert, trust_with_authorities(snapshot), now, location="signing_cert")
     except TrustError as exc:
         return _check(False, f"the registry snapshot in force (version {snapshot.version}) does not vouch for this "
                              f"gateway's signing certificate ({exc.message}): other members refuse every report it "
