@@ -986,3 +986,13 @@ def test_factors_separated_by_a_full_width_comma_are_two(cdc: Pipeline) -> None:
     names = [p["valueCoding"]["display"] for f in factors for p in f["extension"] if p["url"] == "factor"]
     assert len(names) == 2 and names[0].startswith("矽尘") and names[1] == "噪声", names
     assert not [i for i in out.issues if "not in" in i.message and "目录" in i.message]
+
+
+@pytest.mark.parametrize("written,code", [("目前未见明显异常", "no-abnormality"), ("其它疾病或异常", "other-abnormality"),
+                                          ("其它疾病或异常：高血压", "other-abnormality")])
+def test_conclusions_as_clerks_write_them(cdc: Pipeline, written: str, code: str) -> None:
+    """目前未见明显异常 and 其它 (它) were refused as unknown conclusions."""
+    [out] = outcomes(cdc, csv_bytes(row(tail=TAIL.replace("目前未见异常", written))))
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    assert report_of(out.bundle)["conclusionCode"][0]["coding"][0]["code"] == code
+    assert report_of(out.bundle)["conclusion"] == written
