@@ -996,3 +996,14 @@ def test_conclusions_as_clerks_write_them(cdc: Pipeline, written: str, code: str
     assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
     assert report_of(out.bundle)["conclusionCode"][0]["coding"][0]["code"] == code
     assert report_of(out.bundle)["conclusion"] == written
+
+
+def test_an_id_card_number_typed_in_groups_is_the_number_and_excels_float_is_said(cdc: Pipeline) -> None:
+    """5113 2219 8007 0733 1X (as a card prints it) is the number (it was refused, "has 22 characters"); 5.11322E+17
+    (Excel's float of an 18-digit number: its last digits lost) says so (it said "has 11 characters")."""
+    [grouped] = outcomes(cdc, csv_bytes(row(EXAM.replace("51132219800707331X", "5113 2219 8007 0733 1X"))))
+    assert grouped.status is Status.CONVERTED, [i.line() for i in grouped.issues]
+    [excel] = outcomes(cdc, csv_bytes(row(EXAM.replace("51132219800707331X", "5.11322E+17"))))
+    assert excel.status is Status.REFUSED
+    assert any("a number the spreadsheet shortened" in i.message and i.location == "row 2 column 身份证号"
+               for i in excel.issues), [i.line() for i in excel.issues]

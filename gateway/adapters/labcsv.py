@@ -522,11 +522,18 @@ class LabCSVAdapter:
         card, card_at = fact_of("id_card")
         on = message_date(self._written(fact_of("report_date")[0]))  # the report date is the file's time
         if card:
+            spaced = "".join(card.split())
+            if spaced != card and len(spaced) in (15, 18) and spaced[:-1].isdigit():
+                card = spaced  # (typed in groups, 5104 0219 8506 1200 1X, as a card prints it)
             try:
                 p.id_card = check_id_card(card, on=on)
                 issues.extend(Issue("warning", "value", card_at, w, "102") for w in id_card_warnings(p.id_card))
             except IdentifierError as exc:
-                issues.append(Issue("error", "value", card_at, exc.message, "102"))
+                why = exc.message
+                if _EXCEL_NUMBER.match(card):  # 5.10402E+17: the spreadsheet turned the number into a float
+                    why = ("身份证号 is a number the spreadsheet shortened (written as 5.1E+17: its last digits are "
+                           "lost): format the column as text and export the file again")
+                issues.append(Issue("error", "value", card_at, why, "102"))
         else:
             issues.append(Issue("warning", "required", card_at,
                                 "no 身份证号: the worker cannot be matched across institutions", "101"))
@@ -1114,6 +1121,8 @@ def _as_text(cell: str) -> str:
 
 # What is meant as a number but is not one — a thousands separator or a decimal comma (1,230; 6,8; 1 230), a point too
 # many (6.8.1, 6..8): not read as one, and said so. (Not 0-3 or 1:320 with a unit: semi-quantitative results are text.)
+#: A number a spreadsheet wrote in scientific notation (an 18-digit 身份证号 as 5.10402E+17).
+_EXCEL_NUMBER = re.compile(r"^\d(\.\d+)?[Ee]\+\d{1,2}$")
 #: A flag typed after a number in the result cell (5.1↑), as a result table prints it: the flag it is.
 _ARROWS = {"↑": "H", "↓": "L"}
 _NUMBER_LIKE = re.compile(r"^\s*[<>≤≥]?\s*[+-]?[\d.,\s]*\d[\d.,\s]*$")
