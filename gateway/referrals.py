@@ -55,7 +55,8 @@ REASONS = {
 #: Task statuses a referral goes through.
 STATUSES = ("requested", "received", "accepted", "rejected", "completed", "cancelled")
 #: What the authority may answer, from each status.
-ANSWERS = {"received": ("accepted", "rejected", "completed"), "accepted": ("rejected", "completed")}
+ANSWERS = {"received": ("accepted", "rejected", "completed"), "accepted": ("completed",)}  # (FHIR Task: rejected
+#: is an answer before the work begins, never after accepted)
 #: Outbox destinations of referrals: ``referral:<USCC>``, a lane apart from report Bundles.
 LANE = "referral:"
 TASK_PATH = "/exchange/tasks"
@@ -107,6 +108,10 @@ def _row(values: Any) -> Referral:
     data = dict(zip(_COLUMNS, values))
     data["task"] = jsonutil.loads(data["task"])
     return Referral(**data)
+
+
+#: Rules a decision fails with no one at fault: a diagnostic conclusion is never recognised (by design).
+_NOT_A_VIOLATION = frozenset({"diagnostic-conclusion"})
 
 
 class _WithAuthorities:
@@ -304,6 +309,14 @@ class Referrals:
         now = self.clock()
         referral_id = str(uuid.uuid4())
         failing = [r for r in decision.get("rules", []) if r.get("status") == "failed" or r.get("passed") is False]
+        if not [r for r in failing if (r.get("rule") or r.get("id")) not in _NOT_A_VIOLATION]:
+            raise InputError(f"decision {decision_id} failed no rule a referral could name ("
+                             f"{decision.get('outcome')}): a referral carries the rules a result failed", "decision")
+        earlier = [r for r in self.list(focus=f"DiagnosticReport/{report}", limit=1000)
+                   if r.decision_id == decision_id and r.status not in ("rejected", "cancelled")]
+        if earlier:
+            raise InputError(f"decision {decision_id} was referred already (referral {earlier[0].id}, "
+                             f"{earlier[0].status})", "decision")
         inputs = [
             _evidence("signed-bundle-hash", "签名报告包摘要",
                       valueIdentifier={"system": SYSTEM_BUNDLE_SHA256, "value": bundle_hash}),

@@ -378,3 +378,27 @@ def test_the_authoritys_gateway_is_healthy_with_its_certificate_listed_under_aut
     503, while it worked."""
     body = world.gateways["schealth"].app.test_client().get("/health").get_json()
     assert body["checks"]["signing"]["ok"], body["checks"]["signing"]
+
+
+def test_a_decision_is_referred_once_a_recognised_one_never_and_accepted_is_not_taken_back(world) -> None:
+    """A second referral of one decision while the first stands (three cases reached the authority for one
+    report), a decision that failed no rule (sent with no evidence), and accepted → rejected (FHIR Task: rejected
+    comes before the work) were all taken."""
+    from gateway.errors import InputError
+    from gateway.recognition.store import list_decisions
+
+    fl_refs, auth_refs, decision_id = referred(world)
+    clerk = Party.user(FL, "qc-officer")
+    made = fl_refs.create(decision_id, "unqualified", by=clerk)
+    with pytest.raises(InputError, match=rf"was referred already \(referral {made.id}, requested\)"):
+        fl_refs.create(decision_id, "forged", by=clerk)
+    fl = world.gateways["fuling"].pipeline.exchange
+    recognised = next(d.decision for d in list_decisions(fl.db) if d.decision["outcome"] == "recognized")
+    with pytest.raises(InputError, match="failed no rule a referral could name"):
+        fl_refs.create(recognised["decision_id"], "unqualified", by=clerk)
+    assert fl.deliver() == {"delivered": 1, "retry": 0, "dead": 0}
+    officer = Party.user(AUTHORITY_USCC, "inspector")
+    auth_refs.update(made.id, "accepted", by=officer)
+    with pytest.raises(InputError):
+        auth_refs.update(made.id, "rejected", note="改判", by=officer)
+    auth_refs.update(made.id, "completed", by=officer)
