@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import DATA, validate_fhir
+from conftest import DATA, make_token, validate_fhir
 from test_api import assert_outcome
 
 UTF8 = (DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes()
@@ -335,6 +335,18 @@ def test_cors_answers_the_configured_origins(settings, pipeline) -> None:
     assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
     assert client.get("/health", headers={"Origin": "https://app.example.org"}).headers.get(
         "Access-Control-Allow-Origin") is None  # the FHIR API only
+    # the answer differs by Origin: a cache on the way must tell them apart (one origin configured: no Vary was sent)
+    token = make_token(app, "web", ["submitter"])
+    search = client.get("/fhir/Observation", headers={"Origin": "https://app.example.org",
+                                                      "Authorization": f"Bearer {token}"})
+    assert "Origin" in search.headers.get("Vary", ""), search.headers
+    assert "PUT" not in pre.headers.get("Access-Control-Allow-Methods", "")  # (PUT, PATCH, DELETE answer 405)
+
+
+def test_answers_about_patients_are_kept_by_no_cache(loaded) -> None:
+    """Results, searches and histories carry patient data: no cache on the way nor the client keeps them."""
+    for path in ("/fhir/Observation", "/fhir/DiagnosticReport?_count=1", "/fhir/Observation/_history"):
+        assert loaded.get(path).headers.get("Cache-Control") == "no-store", path
 
 
 # ------------------------------------------------------------------ POST _search

@@ -143,6 +143,18 @@ def _negotiate() -> None:
         _check_format()
 
 
+@bp.after_request
+def _not_kept(response: Response) -> Response:
+    """Answers about patients are kept by no cache on the way or on the client (``no-store``; a client revalidates
+    what it holds with If-None-Match all the same), and, where browsers of other origins are let in, a cache tells
+    them apart by their Origin."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    settings = current_app.extensions.get("gateway.settings")
+    if getattr(settings, "cors_origins", ""):
+        response.vary.add("Origin")
+    return response
+
+
 @bp.after_app_request
 def _compress(response: Response) -> Response:
     """gzip a FHIR answer over 1 KB for a client that accepts it."""
@@ -168,6 +180,7 @@ def _cors(state: BlueprintSetupState) -> None:
         from flask_cors import CORS
 
         CORS(state.app, resources={r"/fhir/*": {"origins": origins}, r"/fhir": {"origins": origins}},
+             methods=["GET", "HEAD", "POST", "OPTIONS"],  # (what the API answers: PUT, PATCH, DELETE are 405)
              expose_headers=["ETag", "Last-Modified", "Location", "Content-Location"],
              allow_headers=["Authorization", "Content-Type", "Accept", "Prefer", "If-None-Match",
                             "If-Modified-Since"])
