@@ -551,3 +551,10 @@ def test_a_correction_with_the_same_pdf_and_no_replaces_is_a_version_of_its_own(
     assert not [i for i in correction.issues if "cyhr-dr-2" in i.message], correction.issues
     versions = versions_of(yuan.store.db, YUAN, meta(stem)["report_number"])
     assert [v.superseded_by is not None for v in versions] == [True, False]
+
+
+def test_a_report_dated_in_the_future_is_said(yuan: Pipeline) -> None:
+    """A report date months ahead was taken without a word (a CDC export's is warned about)."""
+    ahead = converted(yuan, json_body("yuan-personal-dose-monitoring", report_date="2099-03-01"))
+    said = [i for i in ahead.issues if i.location == "metadata.report_date"]
+    assert said and said[0].severity == "warning" and "in the future by this gateway's clock" in said[0].message

@@ -152,6 +152,11 @@ class ServiceReportAdapter:
         if start and report_date and report_date < start:
             msg.issues.append(Issue("error", "value", "metadata.report_date",
                                     f"the report date ({report_date}) is before the service started ({start})"))
+        today = _dt.datetime.now(_dt.timezone(_dt.timedelta(hours=8))).date().isoformat()
+        if report_date and report_date > today:  # (no member recognises it before then: rule validity-window)
+            msg.issues.append(Issue("warning", "value", "metadata.report_date",
+                                    f"the report date ({report_date}) is in the future by this gateway's clock "
+                                    f"(today {today}): the date or the sending system's clock is wrong; kept as sent"))
         if end and report_date and report_date < end:
             msg.issues.append(Issue("error", "value", "metadata.report_date",
                                     f"the report date ({report_date}) is before the service ended ({end})"))
