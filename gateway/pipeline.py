@@ -1320,7 +1320,14 @@ class Pipeline:
                         outcome.bundle = bundle
                         outcome.status = Status.STORED if record_id is not None else Status.CONVERTED
                         if record_id is not None:
-                            msg.issues.extend(self._results_left_out(bundle, msg.extra.get("corrects")))
+                            corrects = msg.extra.get("corrects")
+                            if corrects is not None:  # (said once it is stored: a CDC exam sent again, changed)
+                                label = str(msg.extra.get("label") or "the exam")
+                                msg.issues.append(Issue(
+                                    "information", "informational", msg.reports[0].location if msg.reports else "",
+                                    f"{label} was stored before with other content: this exam corrects it (the "
+                                    "members it was sent to are sent this one)", "0"))
+                            msg.issues.extend(self._results_left_out(bundle, corrects))
                         if record_id is not None and self.member.signer is not None:
                             # sign stage: what this member issues leaves it signed, with its marks
                             stage = Stage.SIGN
@@ -1453,10 +1460,6 @@ class Pipeline:
         msg.extra["corrects"] = earlier[-1].report_ref
         report.replaces, report.replaces_system = report.number, ""
         report.key = f"{report.number}|corrected|{msg.message_id}"
-        label = str(msg.extra.get("label") or report.number)
-        msg.issues.append(Issue("information", "informational", report.location,
-                                f"{label} was stored before with other content: this exam corrects it (the members "
-                                "it was sent to are sent this one)", "0"))
 
     def _same_identities(self, bundle: dict[str, Any], exam: SourceMessage | None = None) -> None:
         """Refuse a submitted Bundle whose entries name by id a stored resource that is someone else's: a new

@@ -1007,3 +1007,20 @@ def test_an_id_card_number_typed_in_groups_is_the_number_and_excels_float_is_sai
     assert excel.status is Status.REFUSED
     assert any("a number the spreadsheet shortened" in i.message and i.location == "row 2 column 身份证号"
                for i in excel.issues), [i.line() for i in excel.issues]
+
+
+def test_rows_under_merged_cells_are_the_exams_own(cdc: Pipeline) -> None:
+    """A spreadsheet with the exam's columns merged: its rows after the first carry no 体检编号, name or 身份证号.
+    They are the exam's, and said so (the first row was stored as the whole exam, the others refused as an exam
+    with no number). A row with no number but a name of its own is still refused as before."""
+    blank_exam = ",".join([""] * 3 + EXAM.split(",")[3:])
+    data = csv_bytes(row(), row(blank_exam, item="XY-SBP,收缩压,128,mmHg,90-139,"),
+                     row(blank_exam, item="XP,胸部X射线摄片,未见异常,,,"))
+    [out] = outcomes(cdc, data)
+    assert out.status is Status.CONVERTED, [i.line() for i in out.issues]
+    assert len(entries_of(out.bundle, "Observation")) == 3
+    said = [i for i in out.issues if "merged" in i.message]
+    assert said and said[0].location == "row 3" and "rows 3, 4 carry no 体检编号" in said[0].message
+    stranger = ",".join(["", "李乙", "510402198506120036"] + EXAM.split(",")[3:])
+    first, second = outcomes(cdc, csv_bytes(row(), row(stranger, item="XY-SBP,收缩压,128,mmHg,90-139,")))
+    assert first.status is Status.CONVERTED and second.status is Status.REFUSED

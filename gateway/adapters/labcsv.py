@@ -297,6 +297,7 @@ class LabCSVAdapter:
             nonlocal units
             units += 1
             meta = dict(base, exam=key or "", first_row=first_row, last_row=last_row, rows=list(group),
+                        continued=list(continued),
                         dropped=extra_rows, over_row=over_row, max_bytes=self.max_exam_bytes,
                         reappears=bool(key) and _digest(key or "") in seen,
                         swallowed_by=swallowed.get(key or "", 0) if first_row > swallowed.get(key or "", 0) else 0)
@@ -304,10 +305,14 @@ class LabCSVAdapter:
             return RawUnit(data, units, origin, meta=meta)
 
         swallowed: dict[str, int] = {}  # exam number -> the row whose quoted cell swallowed rows of it
+        continued: list[int] = []  # rows of the exam read as its own though they carry no 体检编号 (merged cells)
         for row_no, raw, fields, bad in _records(stream, codec, self.max_exam_bytes, settled):
             if settled is not None and settled[0] != codec:  # (the rows said GB18030: this exam on is read so)
                 codec = base["codec"] = settled[0]
             number = fields[number_col].strip() if number_col < len(fields) else ""
+            if not number and key and _continues(fields, cols):
+                number = key  # (a merged cell: the exam's rows after its first carry no 体检编号, name or 身份证号)
+                continued.append(row_no)
             if b"\n" in raw.rstrip(b"\r\n"):
                 for other in _swallowed(raw, number_col, codec, len(headers)):
                     swallowed.setdefault(other, row_no)
@@ -317,6 +322,7 @@ class LabCSVAdapter:
                     seen.add(_digest(key))
                 yield out
                 group, extra_rows, over_row, last_row = [], 0, 0, 0
+                continued = []
             if not last_row:
                 first_row, size = row_no, len(header_raw)
             key, last_row = number, row_no
@@ -397,6 +403,11 @@ class LabCSVAdapter:
             i = cols.get(fact)
             return fields[i].strip() if i is not None and i < len(fields) else ""
 
+        if meta.get("continued"):  # (said: rows taken as this exam's though they carry no 体检编号)
+            rows_said = ", ".join(str(n) for n in meta["continued"][:10]) + ("…" if len(meta["continued"]) > 10 else "")
+            issues.append(Issue("information", "informational", f"row {meta['continued'][0]}",
+                                f"rows {rows_said} carry no {number_header}, name or 身份证号 (cells merged in the "
+                                f"spreadsheet): read as rows of {number_header} {_short(number)}", ""))
         for header, name in meta.get("renamed", ()):  # (said: a column read under another name than it has)
             issues.append(Issue("information", "informational", "row 1",
                                 f"column {shown(header)} read as {shown(name)} of layout {layout.id}", ""))
@@ -852,6 +863,16 @@ class _ItemColumns:
                                         f"result {shown(value)} is not a number: kept as text, without its unit "
                                         f"{shown(res.unit)}", "102"))
         return res
+
+
+def _continues(fields: list[str], cols: dict[str, int]) -> bool:
+    """Whether a row with no 体检编号 is the next row of the exam before it, written under merged cells: no name and
+    no 身份证号 either (another worker's row is not), and an item of its own (a blank row is not)."""
+    def cell(fact: str) -> str:
+        i = cols.get(fact)
+        return fields[i].strip() if i is not None and i < len(fields) else ""
+
+    return not cell("name") and not cell("id_card") and bool(cell("item_code"))
 
 
 def _separators(layout: Layout) -> re.Pattern[str] | None:
