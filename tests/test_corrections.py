@@ -64,13 +64,18 @@ def clock() -> Clock:
     return Clock(_dt.datetime(2026, 11, 22, 10, 0, tzinfo=CST))
 
 
-@pytest.fixture
-def world(tmp_path, clock, member_database):
-    w = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"), database=member_database)
+def routed_world(tmp_path, clock, member_database, members=("tongjiang", "fuling")):
+    """Member gateways of the demo world whose requests to each other go through their real Flask apps."""
+    w = build_world(tmp_path, clock, URLS, members=members, database=member_database)
     transport = Routed(w)
     for gw in w.gateways.values():
         gw.pipeline.exchange.transport = transport
     return w
+
+
+@pytest.fixture
+def world(tmp_path, clock, member_database):
+    return routed_world(tmp_path, clock, member_database)
 
 
 def ingest(pipeline, data: bytes, fmt: str = "hl7v2"):
@@ -440,10 +445,7 @@ def test_a_cdc_exam_exported_again_with_changes_corrects_the_one_sent(tmp_path, 
     """A CDC exports an exam again after changing a result (the same 体检编号, the same worker): it corrects the
     exam stored before, and follows it to the member that was sent it, where the decisions on the first export
     are withdrawn. (It was stored over the first as one more final report, and the member kept the old one.)"""
-    w = build_world(tmp_path, clock, URLS, members=("sccdc", "fuling"), database=member_database)
-    transport = Routed(w)
-    for gw in w.gateways.values():
-        gw.pipeline.exchange.transport = transport
+    w = routed_world(tmp_path, clock, member_database, members=("sccdc", "fuling"))
     cdc, fl = w.gateways["sccdc"].pipeline, w.gateways["fuling"].pipeline
     export = (Path(__file__).resolve().parent.parent / "gateway" / "demo" / "data" / "csv"
               / "sccdc-occupational-exams.csv").read_bytes()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import DATA
+from test_connection_reuse import backend_pid, terminate
 from gateway.adapters.base import RawUnit
 from gateway.adapters.hl7v2 import split_messages
 from gateway.pipeline import Pipeline
@@ -30,16 +31,7 @@ def msa(ack: bytes) -> list[str]:
 
 def end_connection(locator: str, db: Any) -> None:
     """End ``db``'s server process from another connection and wait until it is gone."""
-    pid = int(db.conn.raw.info.backend_pid)
-    other = connect(locator)
-    try:
-        assert other.execute("SELECT pg_terminate_backend(?)", [pid]).fetchone()[0] is True
-        deadline = time.monotonic() + 10
-        while other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ?", [pid]).fetchone() is not None:
-            assert time.monotonic() < deadline, "the server process did not end"
-            time.sleep(0.02)
-    finally:
-        other.close()
+    terminate(locator, backend_pid(db))
 
 
 @pytest.fixture
