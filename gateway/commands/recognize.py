@@ -238,7 +238,7 @@ def list_cmd(
             # outcome once decided, recognized, and a physician took a superseded result for one to use)
             flag += f"  withdrawn ({r.withdrawal.get('reason', 'superseded')}; decided {d['outcome']})"
         click.echo(printable(  # (the item and issuer as the Bundle's sender wrote them)
-            f"{d['decided_at']}  {r.outcome:<15}{item_ref:<10}{d['result']['issuer'] or '-':<20}"
+            f"{d['decided_at']}  {r.outcome:<15}{item_ref:<10} {d['result']['issuer'] or '-':<20}"
             f"{d['result']['item']}  {d['decision_id']}{flag}"
         ))
     click.echo(f"{len(rows)} decision(s)", err=True)
