@@ -283,3 +283,14 @@ def test_fhir_practitioner_and_roles() -> None:
     # A physician's qualification is not the institution's: no Organization lists it.
     for org in resources["Organization"]:
         assert "DEMO-ZYBZD-2020-0031" not in json.dumps(org, ensure_ascii=False)
+
+
+def test_a_physician_named_by_name_alone_is_said_so() -> None:
+    """A CDC export's 主检医师 column gives a name, no number: the rule said "the report names no 主检医师"."""
+    bundle = exam(SILICA)
+    report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    report["resultsInterpreter"] = [{"display": "吴主检"}]
+    found = rule(bundle, snapshot(), "occupational-physician")
+    assert found.status == "not-evaluable" and "by name alone (吴主检)" in found.message, found.message
+    del report["resultsInterpreter"]
+    assert rule(bundle, snapshot(), "occupational-physician").message == "the report names no 主检医师"

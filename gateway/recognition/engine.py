@@ -728,6 +728,10 @@ def _rule_physician(ctx: _Context) -> RuleResult:
     factors = ctx.facts.hazard_factors
     info: dict[str, Any] = {"physician": physician, "exam_date": day.isoformat() if day else None}
     if physician is None and id_card is None:
+        by_name = ctx.facts.chief_physician_name
+        if by_name:  # (a CDC export's 主检医师 column: a name, no number)
+            return _r(rid, NOT_EVALUABLE, f"the report names the 主检医师 by name alone ({by_name}), with no staff "
+                      "number or 身份证号: whose qualification it is cannot be checked", **info)
         return _r(rid, NOT_EVALUABLE, "the report names no 主检医师", **info)
     if not factors:
         return _r(rid, NOT_EVALUABLE, "the exam report names no hazard factor", **info)

@@ -98,6 +98,8 @@ class ResultFacts:
     chief_physician: str | None = None
     #: The 主检医师's 身份证号 when resultsInterpreter names them by it (a physician listed in the registry).
     chief_physician_id_card: str | None = None
+    #: The 主检医师 as the report names them when by name alone (no staff number, no 身份证号: not matchable).
+    chief_physician_name: str | None = None
     report_date: str | None = None  # a technical-service report's 报告日期 (extension report-date)
     qualification_number: str | None = None  # the technical-service qualification the report names
     interpreter_uscc: str | None = None  # the reading institution (resultsInterpreter), 基层检查、上级诊断
@@ -330,6 +332,13 @@ def _interpreter(report: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _interpreter_name(report: Mapping[str, Any]) -> str | None:
+    for ref in report.get("resultsInterpreter") or []:
+        if isinstance(ref, OBJECT) and isinstance(ref.get("display"), str) and ref["display"].strip():
+            return _text(ref["display"]).strip()
+    return None
+
+
 def _interpreter_id_card(report: Mapping[str, Any]) -> str | None:
     for ref in report.get("resultsInterpreter") or []:
         ident = ref.get("identifier") if isinstance(ref, OBJECT) else None
@@ -426,6 +435,7 @@ def _facts(bundle: Mapping[str, Any], reading: list[str]) -> list[ResultFacts]:
                 hazard_factors=_hazard_factors(report) if report else (),
                 chief_physician=_interpreter(report) if report else None,
                 chief_physician_id_card=_interpreter_id_card(report) if report else None,
+                chief_physician_name=_interpreter_name(report) if report else None,
                 interpreter_uscc=_reader(index, report, f"Bundle.entry[{rep[0]}].resource") if rep else None,
                 signer_uscc=signer,
             )
