@@ -1390,8 +1390,7 @@ class Pipeline:
                     continue
                 named = {f"Observation/{o.get('id')}": _result_name(o) for o in self.store.read_many(gone)}
                 names = [named.get(ref) or ref for ref in gone]
-                shown = "; ".join(names[:_NAMES_SHOWN]) + (f"; and {len(names) - _NAMES_SHOWN} more"
-                                                           if len(names) > _NAMES_SHOWN else "")
+                shown = _names_shown(names)
                 number = numbers.get(f"DiagnosticReport/{report['id']}", "")
                 issues.append(Issue(
                     "warning", "business-rule", f"report {number}" if number else "DiagnosticReport",
@@ -1426,8 +1425,7 @@ class Pipeline:
         gone = [_result_name(o) for o in earlier if codes(o) not in now]
         if not gone:
             return []
-        shown = "; ".join(gone[:_NAMES_SHOWN]) + (f"; and {len(gone) - _NAMES_SHOWN} more"
-                                                  if len(gone) > _NAMES_SHOWN else "")
+        shown = _names_shown(gone)
         number = next((v["report_number"] for v in versions_in(bundle)), "")
         return [Issue("warning", "business-rule", f"report {number}" if number else "DiagnosticReport",
                       f"corrects a version with {len(earlier)} results and leaves out {len(gone)} of them: {shown}. "
@@ -2061,6 +2059,12 @@ def _content_of(raw: bytes) -> list[bytes]:
 
 #: Results named in the warning of :meth:`Pipeline._results_left_out`; the others are counted.
 _NAMES_SHOWN = 10
+
+
+def _names_shown(names: list[str]) -> str:
+    """Names of results for an answer: the first :data:`_NAMES_SHOWN`, and how many more."""
+    return "; ".join(names[:_NAMES_SHOWN]) + (f"; and {len(names) - _NAMES_SHOWN} more"
+                                              if len(names) > _NAMES_SHOWN else "")
 
 
 def _result_refs(report: dict[str, Any]) -> list[str]:

@@ -549,3 +549,26 @@ def test_a_receivers_reason_keeps_member_codes_and_masks_patient_numbers() -> No
     assert said("patient 51010419900101123X, 510104199001011232 and record 12345678 at 91500105MA5U0A1B2R") == \
         "patient …, … and record … at 91500105MA5U0A1B2R"
     assert said("not a member: 12511921MB0001003D") == "not a member: …MB…D"  # (a wrong check character)
+
+
+def test_a_demo_gateway_makes_one_app_when_two_lanes_ask_at_once(tmp_path, clock) -> None:
+    """Two deliveries to one member in two lanes ask for its app at once: one app is made over its pipeline (each
+    thread made its own, setting the pipeline's app state up again: the likely cause of a delivery of the referral
+    tests answered for retry now and then under a loaded suite)."""
+    import threading
+
+    w = build_world(tmp_path, clock, URLS, members=("tongjiang", "fuling"))
+    gw = w.gateways["fuling"]
+    got: list[object] = []
+    start = threading.Barrier(4)
+
+    def ask() -> None:
+        start.wait()
+        got.append(gw.app)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 4 and len({id(a) for a in got}) == 1

@@ -51,7 +51,8 @@ def referred(world) -> tuple[Referrals, Referrals, str]:
     tj = world.gateways["tongjiang"].pipeline.exchange
     for stored in ingest_lis(world):  # the blood count and the liver panel
         tj.push(stored.bundle["id"], FL)
-    assert tj.deliver() == {"delivered": 2, "retry": 0, "dead": 0}
+    got = tj.deliver()
+    assert got == {"delivered": 2, "retry": 0, "dead": 0}, [(r.status, r.last_error) for r in tj.outbox.list()]
     fl = world.gateways["fuling"].pipeline.exchange
     # ALT: 通江 failed EQA for it in 2026 (DEMO registry), so 涪陵 did not recognise it
     alt = next(d.decision for d in list_decisions(fl.db) if d.decision["result"]["item"] == "丙氨酸氨基转移酶")

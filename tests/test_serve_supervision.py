@@ -401,18 +401,23 @@ def test_a_second_serve_on_one_database_is_refused_and_the_first_runs_on(tmp_pat
         assert "one gateway serve per database file" in line
         assert proc.poll() is None and _health(url)[0] == 200
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
     assert proc.returncode == 0
     # once it stopped, the database is free to serve again (the lock went with the process)
     from gateway.serve import _one_serve
 
     os.close(_one_serve(s))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a `gateway serve` this test started (SIGTERM to its process group; SIGKILL after a minute)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _health(url: str) -> tuple[int, dict[str, Any]]:
@@ -826,11 +831,6 @@ def test_a_full_data_disk_stops_no_part(tmp_path: Path) -> None:
             assert status == 503 and "disk is full" in body["checks"]["database"]["detail"], body
         assert proc.poll() is None and _part_pid(proc.pid, "http-1") == new  # answered, and never died again
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if proc is not None:
+            _stop(proc)
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,17 @@ class DemoGateway:
         self.settings = settings
         self.pipeline = pipeline
         self._app = app  # the app, or None until it is first asked for
+        self._making = threading.Lock()  # (two delivery lanes asking at once made two apps over one pipeline)
         self.url = url
         self.token = token  # an admin API token of this gateway (for the demo's own queries)
 
     @property
     def app(self) -> Any:
-        if self._app is None:
-            from gateway.api.app import create_app
+        with self._making:
+            if self._app is None:
+                from gateway.api.app import create_app
 
-            self._app = create_app(self.settings, self.pipeline)
+                self._app = create_app(self.settings, self.pipeline)
         return self._app
 
     def __repr__(self) -> str:

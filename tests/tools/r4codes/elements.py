@@ -36,6 +36,17 @@ DEFAULT = MODULES / "@medplum" / "definitions" / "dist" / "fhir" / "r4"
 SCHEMA = MODULES / "@asymmetrik" / "fhir-json-schema-validator" / "fhir.schema.json"
 
 
+def _codes_generator() -> Any:
+    """generate.py beside this file (its reading of the package: :func:`r4_definitions`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("r4codes_generate", HERE / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _known() -> Any:
     """Whether fhirpathpy's R4 model knows the element ``owner.name`` (a choice element as ``name[x]``)."""
     from fhirpathpy.models import models
@@ -74,29 +85,22 @@ def generate(definitions: Path, schema_file: Path = SCHEMA) -> dict[str, Any]:
     summary: dict[str, list[str]] = {}  # resource type -> its own elements marked isSummary (for _summary=true)
     left_out: list[str] = []
     known = _known()
-    for name in ("profiles-types.json", "profiles-resources.json"):
-        for entry in json.loads((definitions / name).read_text(encoding="utf-8"))["entry"]:
-            sd = entry["resource"]
-            if sd.get("resourceType") != "StructureDefinition" or sd.get("derivation") != "specialization":
-                continue
-            if sd.get("kind") not in ("resource", "complex-type") or sd.get("fhirVersion", "4.0.1") != "4.0.1":
-                continue  # (the package also holds a few definitions of later FHIR versions)
-            for el in sd["snapshot"]["element"]:
-                path = el["path"]
-                owner, _, element = path.rpartition(".")
-                if owner and not element.endswith("[x]") and known(owner, element):
-                    names = repeating.setdefault(owner, [])
-                    if el.get("max", "1") not in ("0", "1"):
-                        names.append(element)
-                if sd["kind"] == "resource" and owner == sd["type"] and el.get("isSummary") and known(owner, element):
-                    summary.setdefault(owner, []).append(element)
-                if not path.startswith(sd["type"] + ".") or int(el.get("min", 0)) < 1:
-                    continue  # the type itself, or inherited from a base type (listed under that type)
-                owner, _, element = path.rpartition(".")
-                if known(owner, element):
-                    required.setdefault(owner, []).append(element)
-                else:
-                    left_out.append(path)
+    for sd in _codes_generator().r4_definitions(definitions):
+        for el in sd["snapshot"]["element"]:
+            path = el["path"]
+            owner, _, element = path.rpartition(".")
+            if owner and not element.endswith("[x]") and known(owner, element):
+                names = repeating.setdefault(owner, [])
+                if el.get("max", "1") not in ("0", "1"):
+                    names.append(element)
+            if sd["kind"] == "resource" and owner == sd["type"] and el.get("isSummary") and known(owner, element):
+                summary.setdefault(owner, []).append(element)
+            if not path.startswith(sd["type"] + ".") or int(el.get("min", 0)) < 1:
+                continue  # the type itself, or inherited from a base type (listed under that type)
+            if known(owner, element):
+                required.setdefault(owner, []).append(element)
+            else:
+                left_out.append(path)
     slipped = {path.split(".")[0] for path in left_out}
     owners = set(required) | {p.rsplit(".", 1)[0] for p in left_out}
     for table in (required, repeating, summary):

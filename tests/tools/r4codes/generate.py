@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +43,19 @@ def _of_r4(url: str, version: str | None) -> bool:
     """Whether a value set or code system of the FHIR specification is R4's: its version, when it has one, is
     4.0.1 (those of HL7's terminology, ``terminology.hl7.org``, have versions of their own)."""
     return not url.startswith("http://hl7.org/fhir/") or version in (None, "4.0.1")
+
+
+def r4_definitions(definitions: Path) -> Iterator[dict[str, Any]]:
+    """The StructureDefinitions of FHIR 4.0.1's own resources and complex datatypes in the package (the package
+    also holds a few definitions of later FHIR versions, and constraints such as SimpleQuantity: left out)."""
+    for name in ("profiles-types.json", "profiles-resources.json"):
+        for entry in json.loads((definitions / name).read_text(encoding="utf-8"))["entry"]:
+            sd = entry["resource"]
+            if sd.get("resourceType") != "StructureDefinition" or sd.get("derivation") != "specialization":
+                continue
+            if sd.get("kind") not in ("resource", "complex-type") or sd.get("fhirVersion", "4.0.1") != "4.0.1":
+                continue
+            yield sd
 
 
 def generate(definitions: Path) -> dict[str, Any]:
@@ -85,27 +99,21 @@ def generate(definitions: Path) -> dict[str, Any]:
 
     elements: dict[str, dict[str, Any]] = {}
     left_out: dict[str, str] = {}
-    for name in ("profiles-types.json", "profiles-resources.json"):
-        for entry in json.loads((definitions / name).read_text(encoding="utf-8"))["entry"]:
-            sd = entry["resource"]
-            if sd.get("resourceType") != "StructureDefinition" or sd.get("derivation") != "specialization":
+    for sd in r4_definitions(definitions):
+        for el in sd["snapshot"]["element"]:
+            binding = el.get("binding") or {}
+            types = [t.get("code") for t in el.get("type") or []]
+            path = el["path"]
+            if binding.get("strength") != "required" or types != ["code"] or path.endswith("[x]"):
                 continue
-            if sd.get("kind") not in ("resource", "complex-type") or sd.get("fhirVersion", "4.0.1") != "4.0.1":
-                continue  # (the package also holds a few definitions of later FHIR versions)
-            for el in sd["snapshot"]["element"]:
-                binding = el.get("binding") or {}
-                types = [t.get("code") for t in el.get("type") or []]
-                path = el["path"]
-                if binding.get("strength") != "required" or types != ["code"] or path.endswith("[x]"):
-                    continue
-                if not path.startswith(sd["type"] + "."):
-                    continue  # inherited from a base type: listed under that type
-                vs, _, version = binding["valueSet"].partition("|")
-                codes = expand(vs) if _of_r4(vs, version or None) else None
-                if codes is None:
-                    left_out[path] = binding["valueSet"]
-                    continue
-                elements[path] = {"valueSet": vs, "codes": codes}
+            if not path.startswith(sd["type"] + "."):
+                continue  # inherited from a base type: listed under that type
+            vs, _, version = binding["valueSet"].partition("|")
+            codes = expand(vs) if _of_r4(vs, version or None) else None
+            if codes is None:
+                left_out[path] = binding["valueSet"]
+                continue
+            elements[path] = {"valueSet": vs, "codes": codes}
     return {
         "about": "FHIR R4 (4.0.1) code elements with a required binding to a value set whose codes can be listed: "
                  "element path -> value set and its codes. Made by tests/tools/r4codes/generate.py from the HL7 "
