@@ -77,7 +77,7 @@ from gateway.logs import code_place, database_fault
 from gateway.mapping.concepts import Terminology, map_message
 from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
-from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION
+from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION, SYSTEM_LOINC
 from gateway.store.db import Database, dialect, fault_reason
 from gateway.store.reports import versions_in
 from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
@@ -1306,6 +1306,8 @@ class Pipeline:
                 if record_id is not None and ch.format == "cdc-csv":
                     self._exam_sent_again(msg)
                 parts.map(msg)
+                if record_id is not None and ch.format == "hl7v2" and not msg.errors:
+                    self._panel_keys(msg)
                 watch.lap(Stage.MAP)
                 if not msg.errors:
                     stage = Stage.BUILD
@@ -1458,6 +1460,81 @@ class Pipeline:
         msg.extra["corrects"] = earlier[-1].report_ref
         report.replaces, report.replaces_system = report.number, ""
         report.key = f"{report.number}|corrected|{msg.message_id}"
+
+    def _panel_keys(self, msg: SourceMessage) -> None:
+        """HL7 v2: a report whose 检验报告单号 (OBR-3) this member stored before for another test, in a message of its
+        own — a LIS that uses the specimen barcode as filler number and sends each panel of one specimen apart.
+        Its resources are keyed on the number and OBR-4, as two such panels of one message are
+        (``HL7v2Adapter._distinct_reports``); keyed on the number alone, its DiagnosticReport was the
+        earlier panel's, and stored over it (that panel's report was no longer current, its results listed by
+        none). A panel stored before keeps the key it was stored under, so a copy sent again is the same report.
+        Read without the write lock, as :meth:`_results_left_out` is."""
+        from gateway.fhir.parties import stable_id
+        from gateway.store.reports import versions_of
+
+        for report in msg.reports:
+            if not report.number or report.replaces:  # (a correction's resources have ids of their own)
+                continue
+            codings = report.std.get("codings") or [{"system": SYSTEM_LOINC, "code": "11502-2"}]  # (as built)
+            code = f"{codings[0].get('system') or ''}|{codings[0].get('code') or ''}"
+            held: dict[str, set[str]] = {}  # report_ref -> the tests stored under it
+            for v in versions_of(self.store.db, self.issuer.uscc, report.number):
+                if v.direction == "issued":
+                    held.setdefault(v.report_ref, set()).add(v.report_code)
+            if not held:
+                continue
+            msg.extra["number_stored"] = True  # (its patient is compared with the stored one's: _same_patient)
+            if report.key:  # (told apart from another panel of the message already)
+                continue
+            by_number = f"DiagnosticReport/{stable_id('DiagnosticReport', self.issuer.uscc, report.number)}"
+            apart = f"{report.number}|{report.code.code}"
+            if code in held.get(f"DiagnosticReport/{stable_id('DiagnosticReport', self.issuer.uscc, apart)}", ()):
+                report.key = apart  # this panel, stored before beside another of its number
+            elif held.get(by_number) and code not in held[by_number]:
+                report.key = apart  # another panel holds the number alone
+
+    def _same_patient(self, bundle: dict[str, Any], msg: SourceMessage) -> None:
+        """HL7 v2: refuse a report whose 检验报告单号 (OBR-3) names a stored report of another patient (numbers
+        restarted, another branch's LIS): its resources' ids derive from the number, and it was stored over the
+        other patient's report, results and all. The same person is the same Patient, or one sharing an
+        identifier with it (a 身份证号 sent the second time only). A correction (OBR-25 C) has ids of its own and
+        is not refused: it is how a report sent for the wrong patient is put right.
+
+        :raises _Clash: naming OBR-3 of each such report.
+        """
+        entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+        by_url = {e.get("fullUrl"): e["resource"] for e in entries}
+        reports = [e["resource"] for e in entries if e["resource"].get("resourceType") == "DiagnosticReport"]
+        stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r.get('id')}" for r in reports])}
+        if not stored:
+            return
+
+        def names(patient: dict[str, Any]) -> set[tuple[str, str]]:
+            return {(str(i.get("system")), str(i.get("value")).upper()) for i in patient.get("identifier") or []
+                    if isinstance(i, dict) and i.get("value")}
+
+        issues: list[Issue] = []
+        for report in reports:
+            before = stored.get(report.get("id"))
+            if before is None:
+                continue
+            was = (before.get("subject") or {}).get("reference")
+            now = by_url.get((report.get("subject") or {}).get("reference"))
+            if not isinstance(was, str) or not isinstance(now, dict) or was == f"Patient/{now.get('id')}":
+                continue
+            earlier = self.store.read_many([was])
+            if earlier and names(earlier[0]) & names(now):
+                continue
+            number = next((str(i.get("value")) for i in report.get("identifier") or [] if isinstance(i, dict)), "")
+            facts = next((r for r in msg.reports if r.number == number), None)
+            issues.append(Issue(
+                "error", "conflict", f"{facts.location}-3" if facts is not None else "OBR-3",
+                f"检验报告单号 {number} was stored for another patient: a report number names one report of one "
+                "patient for good, and this report is not stored over it. Give it a number of its own (numbers "
+                "restarted, or another branch's?); if the stored report named the wrong patient, send this one as "
+                "its correction (OBR-25 C)", "205"))
+        if issues:
+            raise _Clash(issues)
 
     def _same_identities(self, bundle: dict[str, Any], exam: SourceMessage | None = None) -> None:
         """Refuse a submitted Bundle whose entries name by id a stored resource that is someone else's: a new
@@ -1640,6 +1717,9 @@ class Pipeline:
                 if check and ch.format in _OWN_IDS and outcome.status is Status.STORED and outcome.bundle is not None:
                     # (read inside the write lock: no other Bundle between)
                     self._same_identities(outcome.bundle, outcome.message if ch.format == "cdc-csv" else None)
+                elif check and ch.format == "hl7v2" and outcome.status is Status.STORED and outcome.bundle is not None \
+                        and outcome.message is not None and outcome.message.extra.get("number_stored"):
+                    self._same_patient(outcome.bundle, outcome.message)
                 self._record(ch, unit, outcome, channel, retried)
             return True
         except _Clash:

@@ -204,6 +204,104 @@ def test_a_report_sent_again_with_fewer_results_names_the_ones_left_out(pipeline
                                          channel="http")[0])
 
 
+def _panel(group: int, control_id: bytes) -> bytes:
+    """OBR group ``group`` (1: 肝功能 LIVER, 2: 血脂 LIPID) of ``UTF8`` alone in a message, numbered R2405200099 as
+    the first is (a LIS using the specimen barcode as OBR-3 and sending each panel of it in a message of its own)."""
+    lines = UTF8.split(b"\r")
+    starts = [n for n, line in enumerate(lines) if line.startswith(b"OBR|")]
+    group_lines = lines[starts[0]:starts[1]] if group == 1 else [
+        line.replace(b"|R2405200100|", b"|R2405200099|").replace(b"OBR|2|", b"OBR|1|")
+        for line in lines[starts[1]:] if line]
+    head = [line.replace(b"|TJ2405200099|", b"|" + control_id + b"|") for line in lines[:starts[0]]]
+    return b"\r".join(head + group_lines) + b"\r"
+
+
+def test_panels_of_one_number_sent_in_messages_of_their_own_are_reports_of_their_own(pipeline: Pipeline) -> None:
+    """Two panels under one OBR-3, each in a message of its own: two reports, both current with their own results.
+    Keyed on the number alone, the second's DiagnosticReport was the first's, stored over it (the 肝功能 report
+    was no longer current, its five results listed by no report, and the sender told it 'left them out')."""
+    liver, lipid = _panel(1, b"TJ1"), _panel(2, b"TJ2")
+    assert liver.count(b"OBR|") == lipid.count(b"OBR|") == 1 and b"R2405200100" not in lipid
+    first = pipeline.ingest(liver, "hl7v2", channel="http")[0]
+    second = pipeline.ingest(lipid, "hl7v2", channel="http")[0]
+    assert first.status is second.status is Status.STORED and second.ack_code == "AA"
+    assert not _left_out(second)
+
+    def current() -> dict[str, tuple[str, int]]:
+        found = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+        return {r["code"]["coding"][0]["code"]: (r["meta"]["versionId"], len(r["result"])) for r in found}
+
+    assert current() == {"LIVER": ("1", 5), "LIPID": ("1", 2)}
+    # each panel sent again (a new MSH-10) is the same report again (the same content: no new version), not a
+    # third report
+    for again in (_panel(2, b"TJ3"), _panel(1, b"TJ4")):
+        out = pipeline.ingest(again, "hl7v2", channel="http")[0]
+        assert out.status is Status.STORED and not _left_out(out)
+    assert current() == {"LIVER": ("1", 5), "LIPID": ("1", 2)}
+    # a changed value in a panel sent again: a new version of that result, listed by its panel's report
+    changed = _panel(2, b"TJ6").replace(b"||5.62|mmol/L|", b"||5.71|mmol/L|")
+    assert pipeline.ingest(changed, "hl7v2", channel="http")[0].status is Status.STORED
+    assert current() == {"LIVER": ("1", 5), "LIPID": ("1", 2)}
+    [cholesterol] = pipeline.store.search("Observation", [("code", "TC")]).resources
+    assert str(cholesterol["valueQuantity"]["value"]) == "5.71" and cholesterol["meta"]["versionId"] == "2"
+    [lipid] = [r for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+               if r["code"]["coding"][0]["code"] == "LIPID"]
+    assert f"Observation/{cholesterol['id']}" in {ref["reference"] for ref in lipid["result"]}
+    # the results of both are each listed by their report
+    reports = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+    listed = {ref["reference"] for r in reports for ref in r["result"]}
+    assert len(listed) == 7
+
+
+def test_panels_stored_together_then_sent_apart_keep_their_reports(pipeline: Pipeline) -> None:
+    """Two panels under one OBR-3 in one message (each keyed on the number and OBR-4), then one of them alone in
+    a message of its own: the same report as before, not a third one."""
+    both = UTF8.replace(b"|R2405200100|", b"|R2405200099|")
+    assert pipeline.ingest(both, "hl7v2", channel="http")[0].status is Status.STORED
+    changed = _panel(2, b"TJ5").replace(b"||5.62|mmol/L|", b"||5.71|mmol/L|")
+    out = pipeline.ingest(changed, "hl7v2", channel="http")[0]
+    assert out.status is Status.STORED and not _left_out(out)
+    found = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+    assert sorted((r["code"]["coding"][0]["code"], len(r["result"])) for r in found) == [("LIPID", 2), ("LIVER", 5)]
+    [cholesterol] = pipeline.store.search("Observation", [("code", "TC")]).resources
+    assert str(cholesterol["valueQuantity"]["value"]) == "5.71" and cholesterol["meta"]["versionId"] == "2"
+
+
+#: the PID of another patient (李秀英) of the same hospital
+OTHER_PID = "PID|1||Z0100456^^^TJXRMYY^MR||李^秀英||19700301|F|||四川省巴中市通江县诺江镇||||||||511921197003010022".encode()
+
+
+def test_a_report_number_reused_for_another_patient_is_refused_naming_obr3(pipeline: Pipeline) -> None:
+    """The LIS's numbers restarted: a report of another patient under a 检验报告单号 stored before, for the same
+    test. Its ids derive from the number: it was stored over the first patient's report, results and all (both
+    answered AA). Now refused with AE naming OBR-3, the first patient's report untouched; the same patient sent
+    again with a 身份证号 added is the same person; a correction (OBR-25 C) for another patient is taken."""
+    first = pipeline.ingest(UTF8, "hl7v2", channel="http")[0]
+    assert first.status is Status.STORED
+    lines = UTF8.split(b"\r")
+    other = b"\r".join(OTHER_PID if line.startswith(b"PID|") else line for line in lines)
+    other = other.replace(b"|TJ2405200099|", b"|TJ2405209999|").replace(b"||36|U/L|", b"||71|U/L|")
+    out = pipeline.ingest(other, "hl7v2", channel="http")[0]
+    assert out.status is Status.REFUSED and out.ack_code == "AE"
+    errors = [i for i in out.issues if i.severity == "error"]
+    assert [i.location for i in errors] == ["OBR[1]-3", "OBR[2]-3"]  # (both numbers of the message were stored)
+    assert "检验报告单号 R2405200099 was stored for another patient" in errors[0].message
+    assert b"ERR||OBR^1^3|205" in out.answer and b"ERR||OBR^2^3|205" in out.answer
+    found = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+    assert [r["meta"]["versionId"] for r in found] == ["1"]
+    [alt] = pipeline.store.search("Observation", [("code", "ALT")]).resources
+    assert str(alt["valueQuantity"]["value"]) == "36" and alt["meta"]["versionId"] == "1"
+    assert not pipeline.store.search("Patient", [("identifier", "511921197003010022")]).resources
+    # the first patient's report sent again, its 身份证号 left out (the MRN alone): the same person
+    no_card = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200098|").replace(b"||||||||511921196612120011", b"")
+    assert b"511921196612120011" not in no_card
+    assert pipeline.ingest(no_card, "hl7v2", channel="http")[0].status is Status.STORED
+    # the other patient's report as a correction of the first (it named the wrong patient): taken
+    corrected = other.replace(b"|TJ2405209999|", b"|TJ2405209998|").replace(b"|||F|||||||2033", b"|||C|||||||2033")
+    assert corrected.count(b"|||C|||||||2033") == 2
+    assert pipeline.ingest(corrected, "hl7v2", channel="http")[0].status is Status.STORED
+
+
 def test_a_correction_with_fewer_results_is_not_told_it_left_any_out(pipeline: Pipeline) -> None:
     """A correction (OBR-25 C) supersedes the earlier version, its results included: nothing is left listed by no
     report, so no such warning."""
