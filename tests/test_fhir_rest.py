@@ -165,6 +165,36 @@ def test_summary_true_text_and_data_cut_the_resources_as_r4_says(loaded) -> None
                 assert cut.get("referenceRange") == full.get("referenceRange")
 
 
+def test_summary_and_elements_cut_a_read_and_a_vread_too(loaded) -> None:
+    """R4: _summary and _elements apply to read. They were ignored there: a client asking for less of a patient's
+    data got the whole resource. Cut as a search cuts it, tagged SUBSETTED; what a read cannot be asked is 400."""
+    obs = _alt(loaded)
+    base = f"/fhir/Observation/{obs['id']}"
+    for path in (base, f"{base}/_history/{obs['meta']['versionId']}"):
+        whole = loaded.get(path).get_json()
+        assert "SUBSETTED" not in [t["code"] for t in whole["meta"].get("tag", [])]
+        cut = loaded.get(f"{path}?_elements=code").get_json()
+        assert set(cut) == {"resourceType", "id", "meta", "code", "status"}  # (status: R4 requires it)
+        assert "SUBSETTED" in [t["code"] for t in cut["meta"]["tag"]] and cut["code"] == whole["code"]
+        summary = loaded.get(f"{path}?_summary=true").get_json()
+        assert "referenceRange" not in summary and summary["valueQuantity"] == whole["valueQuantity"]
+        assert "SUBSETTED" in [t["code"] for t in summary["meta"]["tag"]]
+        assert loaded.get(f"{path}?_summary=false").get_json() == whole
+        for bad, where in (("_summary=count", "_summary"), ("_summary=brief", "_summary"),
+                           ("_summary=true&_elements=code", "_elements"), ("_elements=co-de", "_elements")):
+            body = assert_outcome(loaded.get(f"{path}?{bad}"), 400)
+            assert body["issue"][0]["expression"] == [where], bad
+
+
+def test_a_doubled_slash_is_no_redirect_to_the_host_the_request_named(loaded) -> None:
+    """``/fhir//Patient`` was answered 308 with an HTML body, redirected to the request's Host header
+    (``evil.example``). Now a FHIR 404, and no Location."""
+    answer = loaded.get("/fhir//Patient?name=x", headers={"Host": "evil.example"})
+    body = assert_outcome(answer, 404)
+    assert "Location" not in answer.headers and body["resourceType"] == "OperationOutcome"
+    assert loaded.get("/fhir/Patient?name=x").status_code == 200
+
+
 def test_audit_event_searchset_has_total(app, loaded, anon) -> None:
     from conftest import make_token
 
@@ -367,6 +397,30 @@ def test_post_search_gives_the_same_results_as_get(loaded) -> None:
     assert body["issue"][0]["expression"] == ["Content-Type"]
     assert_outcome(loaded.post("/fhir/Medication/_search", data={"code": "x"}), 404)
     assert_outcome(loaded.post("/fhir/Observation/_search", data={"_format": "xml"}), 406)
+
+
+def test_post_search_body_not_in_utf8_is_refused_not_read_as_no_criteria(loaded) -> None:
+    """A GBK client's form body (a raw byte or a percent-encoded one that is not UTF-8): its parameters were dropped
+    and the search answered every patient's reports. Now refused naming the body; a charset other than UTF-8
+    declared is 415. A UTF-8 body with Chinese in it, raw or percent-encoded, is the same search as the URL's."""
+    form = "application/x-www-form-urlencoded"
+    everyone = loaded.get("/fhir/DiagnosticReport?_summary=count").get_json()["total"]
+    assert everyone >= 2
+    for body in ("patient.identifier=511921196612120011&code=血常规&_count=1".encode("gbk"), b"identifier=%CD%F5",
+                 b"identifier=\xff"):
+        answer = assert_outcome(loaded.post("/fhir/DiagnosticReport/_search", data=body, content_type=form), 400)
+        assert answer["issue"][0]["expression"] == ["body"] and "UTF-8" in answer["issue"][0]["diagnostics"]
+    answer = assert_outcome(loaded.post("/fhir/DiagnosticReport/_search", data=b"identifier=x",
+                                        content_type=f"{form}; charset=gbk"), 415)
+    assert answer["issue"][0]["expression"] == ["Content-Type"]
+    query = "identifier=R2405200099&_count=1"
+    got = loaded.get(f"/fhir/DiagnosticReport?{query}").get_json()
+    for body in (query.encode(), f"{query}&".encode()):
+        posted = loaded.post("/fhir/DiagnosticReport/_search", data=body, content_type=f"{form}; charset=UTF-8")
+        assert posted.status_code == 200 and posted.get_json()["total"] == got["total"] < everyone
+    named = loaded.get("/fhir/Patient", query_string={"name": "王建国"}).get_json()["total"]
+    for body in ("name=王建国".encode(), b"name=%E7%8E%8B%E5%BB%BA%E5%9B%BD"):
+        assert loaded.post("/fhir/Patient/_search", data=body, content_type=form).get_json()["total"] == named >= 1
 
 
 def test_audit_event_summary_count_gives_the_total_only(app, loaded, anon) -> None:

@@ -198,6 +198,24 @@ def test_patient_name_search_is_a_fhir_string_search(loaded, client) -> None:
     assert "name" in bad.get_data(as_text=True)
 
 
+def test_an_escaped_comma_is_part_of_the_value_not_a_second_one(loaded, client) -> None:
+    """R4 search.html, "Escaping search parameters": ``\\,`` is a comma inside a value. It was split there and the
+    halves ORed: ``name=王\\,李`` found every 王 and every 李, ``identifier=<one>\\,<other>`` the other person."""
+    other = (UTF8.replace(b"TJ2405200099", b"TJ2405200556").replace(b"Z0099812", b"Z0099998")
+             .replace("王^建国".encode(), "Smith,Jr^John".encode()).replace(b"O240520", b"O240598")
+             .replace(b"R240520", b"R240598").replace(b"S240520", b"S240598")
+             .replace(b"511921196612120011", b"511921196612120054"))
+    assert client.post("/ingest/hl7v2", data=other).status_code == 200
+    assert sorted(_patients(loaded, "family=王,smith")) == ["Smith,Jr", "王"]
+    assert _patients(loaded, "family=smith%5C,jr") == ["Smith,Jr"]
+    assert _patients(loaded, "family:exact=Smith%5C,Jr") == ["Smith,Jr"]
+    assert _patients(loaded, "family:exact=Smith,Jr") == []  # (two values: "Smith" and "Jr", neither exact)
+    assert _patients(loaded, "name=王%5C,smith") == []
+    assert _patients(loaded, "identifier=511921196612120011%5C,511921196612120054") == []
+    assert _patients(loaded, "identifier=511921196612120011,511921196612120054") != []
+    assert _patients(loaded, "identifier=urn:oid:2.16.156.10011.1.3|511921196612120054") == ["Smith,Jr"]
+
+
 def test_identifier_modifier_on_references(loaded) -> None:
     patient = loaded.get("/fhir/Patient").get_json()["entry"][0]["resource"]
     ident = next(i for i in patient["identifier"] if i["value"] == "Z0099812")

@@ -28,6 +28,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     """
     settings = settings or load_settings()
     app = Flask("gateway")
+    # a path with a doubled slash is not this server's (404, in the answer's own form): merged, it was redirected
+    # (308, an HTML body) to a URL made from the request's Host header, not from public_url
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["JSON_AS_ASCII"] = False
     pipe = pipeline or Pipeline(settings)

@@ -23,6 +23,7 @@ import base64
 import contextlib
 import datetime as _dt
 import email.utils
+import functools
 import gzip
 import json
 import re
@@ -90,7 +91,12 @@ def _check_format() -> None:
 
     ``_format`` wins over ``Accept``; no ``Accept``, ``*/*`` and ``application/*`` take JSON.
     """
-    fmt = request.args.get("_format") or (request.form.get("_format") if _form_posted() else None)
+    fmt = request.args.get("_format")
+    if not fmt and _form_posted():
+        try:
+            fmt = next((v for k, v in _posted_form() if k == "_format"), None)
+        except InvalidSearch:  # (said by the search itself: the body is not UTF-8 form data)
+            fmt = None
     if fmt:
         if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS or not _our_version(fmt):
             raise NotAcceptable(f"_format {shown(fmt)} is not supported; this server speaks application/fhir+json "
@@ -229,10 +235,7 @@ def metadata() -> Response:
             "versioning": "versioned",
             "readHistory": True,
             "conditionalRead": "full-support",
-            "searchParam": [
-                {"name": name, "type": kind if kind != "reference" else "reference"}
-                for name, kind in sorted(params.items()) if name != "_id"
-            ],
+            "searchParam": _search_params_said(params),
         }
         if INCLUDES.get(rtype):
             entry["searchInclude"] = [f"{rtype}:{name}" for name in INCLUDES[rtype]]
@@ -280,6 +283,30 @@ def metadata() -> Response:
                   "interaction": [{"code": "transaction", "documentation": _TRANSACTION_TAKEN}]}],
     }
     return fhir_response(cap)
+
+
+def _search_params_said(params: dict[str, str]) -> list[dict[str, str]]:
+    """A type's search parameters as its CapabilityStatement entry lists them: each name a client may send, with
+    the other spellings the server takes (``subject`` for ``patient``; a chain's ``subject:Patient.identifier``)
+    said in its documentation. ``_id`` is listed too (it was taken and not said)."""
+    spellings: dict[str, list[str]] = {}
+    for alias, name in PARAM_ALIASES.items():
+        spellings.setdefault(name, []).append(alias)
+    said: list[dict[str, str]] = []
+    for name, kind in sorted(params.items()):
+        entry = {"name": name, "type": kind}
+        others = sorted(spellings.get(name, []))
+        if "." in name:
+            entry["documentation"] = (f"a chained search: {name.partition('.')[0]}'s {name.partition('.')[2]} (a "
+                                      "token)" + (f"; also sent as {', '.join(others)}" if others else ""))
+            entry["type"] = "token"
+        elif others:
+            entry["documentation"] = f"also sent as {', '.join(others)}"
+        said.append(entry)
+        if name == "patient" and "subject" in spellings.get(name, []):
+            said.append({"name": "subject", "type": "reference", "documentation": "the same as patient (every "
+                         "subject stored here is a Patient)"})
+    return said
 
 
 #: What the system-level transaction takes (the CapabilityStatement's documentation of it).
@@ -379,7 +406,9 @@ def _not_modified(version: str, instant: str) -> bool:
 
 
 def _versioned_response(res: dict[str, Any]) -> Response:
-    """One resource with its ETag and Last-Modified; 304 without a body when the client's copy is current."""
+    """One resource with its ETag and Last-Modified; 304 without a body when the client's copy is current. Cut
+    down as ``_summary`` or ``_elements`` asks (:func:`_read_shape`)."""
+    shape = _read_shape(res["resourceType"])
     meta = res.get("meta", {})
     version, instant = str(meta.get("versionId", "1")), str(meta.get("lastUpdated", ""))
     headers = {"ETag": f'W/"{version}"'}
@@ -387,7 +416,29 @@ def _versioned_response(res: dict[str, Any]) -> Response:
         headers["Last-Modified"] = _http_date(instant)
     if _not_modified(version, instant):
         return Response(status=304, headers=headers)
-    return fhir_response(res, headers=headers)
+    return fhir_response(shape(res) if shape is not None else res, headers=headers)
+
+
+def _read_shape(rtype: str) -> Any:
+    """What a read or vread's ``_summary`` (true, text, data; false: whole) or ``_elements`` asks of the resource
+    (R4 search.html: they apply to read too): a function cutting it down, marked SUBSETTED; None for all of it.
+    They were ignored: a client asking for less of a patient's data got all of it.
+
+    :raises InvalidSearch: another ``_summary`` (``count`` is a search's), both asked, or not an element name.
+    """
+    summary = request.args.get("_summary")
+    elements = _elements_of(rtype, request.args)
+    if summary is not None and summary not in (*_SUMMARY_SHAPES, "false"):
+        raise InvalidSearch(f"_summary={shown(summary)} is not supported on a read (supported: _summary=true, text, "
+                            "data, false)", "_summary", code="not-supported")
+    if summary in _SUMMARY_SHAPES:
+        if elements is not None:
+            raise InvalidSearch(f"_summary={summary} and _elements ask for two different cuts of the resource: give "
+                                "one of them", "_elements")
+        return functools.partial(_summarised, shape=summary)
+    if elements is not None:
+        return functools.partial(_subset, elements=elements)
+    return None
 
 
 def _check_id(rtype: str, rid: str) -> None:
@@ -640,9 +691,35 @@ def search_posted(rtype: str) -> Response:
                                 f"not {shown(request.mimetype or 'no content type')}", "Content-Type")
     args: MultiDict[str, str] = MultiDict(request.args)
     if _form_posted():
-        for name, values in request.form.lists():
-            args.setlist(name, args.getlist(name) + values)
+        for name, value in _posted_form():
+            args.setlist(name, [*args.getlist(name), value])
     return _search(rtype, args)
+
+
+def _posted_form() -> list[tuple[str, str]]:
+    """The parameters of a form-encoded POST _search body, read as UTF-8 (R4: the same meaning as in the URL).
+
+    A body in another character set, or with bytes that are not UTF-8 (raw or percent-encoded: a GBK client's
+    ``王``), is refused: read leniently, its parameters were dropped, and the search answered every patient's
+    reports.
+
+    :raises UnsupportedFormat: a ``charset`` other than UTF-8 declared (415).
+    :raises InvalidSearch: the body is not UTF-8 form data (400).
+    """
+    from urllib.parse import parse_qsl
+
+    from gateway.errors import UnsupportedFormat
+
+    charset = (request.mimetype_params.get("charset") or "utf-8").strip().lower()
+    if charset not in ("utf-8", "utf8"):
+        raise UnsupportedFormat(f"the parameters of POST _search are read as UTF-8, not {shown(charset)}: send them "
+                                "in UTF-8 (percent-encoded)", "Content-Type")
+    body = request.get_data(cache=True)
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidSearch("the body of POST _search is not UTF-8 form data (a value in another character set, "
+                            "such as GBK?): send the parameters in UTF-8, percent-encoded", "body") from None
 
 
 def _search(rtype: str, args: MultiDict[str, str]) -> Response:

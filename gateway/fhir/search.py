@@ -165,11 +165,46 @@ def date_matches_sql(q: DateQuery, lo_col: str = "lo", hi_col: str = "hi") -> tu
 
 
 def parse_token_query(value: str) -> TokenQuery:
-    """``system|code``, ``code``, ``|code`` or ``system|``."""
+    """``system|code``, ``code``, ``|code`` or ``system|`` (one of :func:`split_or`'s values: ``\\|`` is a bar
+    inside the system or the code, not the one between them)."""
+    if "\\" in value:
+        bar = re.search(r"(?<!\\)(?:\\\\)*\|", value)
+        if bar is None:
+            return TokenQuery(None, unescape(value))
+        system, code = value[:bar.end() - 1], value[bar.end():]
+        return TokenQuery(unescape(system), unescape(code) or None)
     if "|" not in value:
         return TokenQuery(None, value)
     system, _, code = value.partition("|")
     return TokenQuery(system, code or None)
+
+
+_ESCAPED = re.compile(r"\\([,$|\\])")
+
+
+def split_or(value: str) -> list[str]:
+    """The values of one search parameter, separated by commas (any of them matches). R4 search.html, "Escaping
+    search parameters": ``\\,`` is a comma inside a value (a name, an identifier with a comma in it), and ``\\$``,
+    ``\\|`` and ``\\\\`` a dollar, a bar and a backslash; the values keep their escapes (:func:`unescape`)."""
+    if "\\" not in value:
+        return value.split(",")
+    parts: list[str] = []
+    start = n = 0
+    while n < len(value):
+        if value[n] == "\\" and n + 1 < len(value):
+            n += 2
+            continue
+        if value[n] == ",":
+            parts.append(value[start:n])
+            start = n + 1
+        n += 1
+    parts.append(value[start:])
+    return parts
+
+
+def unescape(value: str) -> str:
+    """One of :func:`split_or`'s values as the text it searches for."""
+    return _ESCAPED.sub(r"\1", value) if "\\" in value else value
 
 
 #: Search parameters per resource type: name -> (kind, what it indexes).

@@ -47,6 +47,8 @@ from gateway.fhir.search import (
     index_resource,
     parse_date_query,
     parse_token_query,
+    split_or,
+    unescape,
 )
 from gateway.naming import cs_url
 from gateway.store import schema, tallies
@@ -1107,11 +1109,13 @@ class Store:
                 continue
             ors: list[str] = []
             if name == "_id":  # the resource's own key
-                ids = value.split(",")
+                ids = [unescape(v) for v in split_or(value)]
                 clauses.append(f"id IN ({','.join('?' * len(ids))})")
                 args += ids
                 continue
-            for part in value.split(","):
+            for part in split_or(value):
+                if kind != "token":  # (a token's bar is told apart from an escaped one: parse_token_query)
+                    part = unescape(part)
                 if name == "_lastUpdated":  # the resources table's own column, an instant to the millisecond
                     q = parse_date_query(part, raw_name)
                     cond, cargs = date_matches_sql(q, updated_epoch, f"({updated_epoch} + 0.0005)")
