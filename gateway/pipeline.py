@@ -1312,9 +1312,6 @@ class Pipeline:
                 if not msg.errors:
                     stage = Stage.BUILD
                     bundle = parts.build(msg)
-                    if record_id is not None and ch.format == "hl7v2" and msg.extra.get("number_stored") \
-                            and self._final_changed(msg, bundle):
-                        bundle = parts.build(msg)  # (as the correction it is: resources of its own)
                     watch.lap(Stage.BUILD)
                     stage = Stage.CHECK
                     if self.checker is not None:
@@ -1496,65 +1493,6 @@ class Pipeline:
             elif held.get(by_number) and code not in held[by_number]:
                 report.key = apart  # another panel holds the number alone
 
-    def _final_changed(self, msg: SourceMessage, bundle: dict[str, Any]) -> bool:
-        """HL7 v2: a final report stored before, sent again as final with other values (a result re-tested and the
-        report sent again without OBR-25 C): a correction of it, as a CDC exam exported again with changes is.
-        Its resources are a new version (their own ids), the stored one is superseded, and it follows the earlier
-        one to every member that was sent it (stored over it as one more final report, the members kept the old
-        values and their decisions on them). A preliminary report made final is not a correction; another
-        patient's report under the number is left to :meth:`_same_patient`, which refuses it. Whether one was
-        made a correction (the Bundle is to be built again)."""
-        from gateway.fhir.parties import stable_id
-        from gateway.fhir.report import report_key
-
-        entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
-        by_url = {e.get("fullUrl"): e["resource"] for e in entries}
-        reports = [e["resource"] for e in entries if e["resource"].get("resourceType") == "DiagnosticReport"]
-        stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r.get('id')}" for r in reports])}
-        changed = False
-        for report in reports:
-            before = stored.get(report.get("id"))
-            if before is None or report.get("status") != "final" \
-                    or before.get("status") not in ("final", "corrected", "amended"):
-                continue
-            subject = by_url.get((report.get("subject") or {}).get("reference"))
-            if not self._same_person((before.get("subject") or {}).get("reference"), subject):
-                continue
-            listed = [by_url.get(r.get("reference")) for r in report.get("result") or [] if isinstance(r, dict)]
-            results: list[dict[str, Any]] = [o for o in listed if isinstance(o, dict)]
-            earlier = {o.get("id"): o for o in self.store.read_many([f"Observation/{o.get('id')}" for o in results])}
-            other = [o for o in results if o.get("id") in earlier and _values(o) != _values(earlier[o["id"]])]
-            facts = next((r for r in msg.reports
-                          if stable_id("DiagnosticReport", self.issuer.uscc, report_key(r)) == report.get("id")), None)
-            if not other or facts is None:
-                continue
-            facts.status, facts.std["status"] = "C", "corrected"
-            facts.replaces, facts.replaces_system = facts.number, ""
-            facts.key = f"{facts.key or facts.number}|corrected|{msg.message_id}"
-            names = _names_shown([_result_name(o) for o in other])
-            msg.issues.append(Issue(
-                "information", "informational", facts.location,
-                f"report {facts.number} was stored before as final with other values ({names}): this report "
-                "corrects it (status corrected; the members the earlier version was sent to are sent this one). "
-                "A LIS changing a final report sends it with OBR-25 C", "0"))
-            changed = True
-        return changed
-
-    def _same_person(self, stored_ref: Any, patient: Any) -> bool:
-        """Whether the stored Patient ``stored_ref`` and the Bundle's ``patient`` are one person: the same Patient,
-        or one sharing an identifier with it (a 身份证号 sent the second time only, the same MRN)."""
-        if not isinstance(stored_ref, str) or not isinstance(patient, dict):
-            return True  # (nothing to tell them apart by)
-        if stored_ref == f"Patient/{patient.get('id')}":
-            return True
-
-        def names(res: dict[str, Any]) -> set[tuple[str, str]]:
-            return {(str(i.get("system")), str(i.get("value")).upper()) for i in res.get("identifier") or []
-                    if isinstance(i, dict) and i.get("value")}
-
-        earlier = self.store.read_many([stored_ref])
-        return bool(earlier and names(earlier[0]) & names(patient))
-
     def _same_patient(self, bundle: dict[str, Any], msg: SourceMessage) -> None:
         """HL7 v2: refuse a report whose 检验报告单号 (OBR-3) names a stored report of another patient (numbers
         restarted, another branch's LIS): its resources' ids derive from the number, and it was stored over the
@@ -1570,11 +1508,22 @@ class Pipeline:
         stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r.get('id')}" for r in reports])}
         if not stored:
             return
+
+        def names(patient: dict[str, Any]) -> set[tuple[str, str]]:
+            return {(str(i.get("system")), str(i.get("value")).upper()) for i in patient.get("identifier") or []
+                    if isinstance(i, dict) and i.get("value")}
+
         issues: list[Issue] = []
         for report in reports:
             before = stored.get(report.get("id"))
-            if before is None or self._same_person((before.get("subject") or {}).get("reference"),
-                                                   by_url.get((report.get("subject") or {}).get("reference"))):
+            if before is None:
+                continue
+            was = (before.get("subject") or {}).get("reference")
+            now = by_url.get((report.get("subject") or {}).get("reference"))
+            if not isinstance(was, str) or not isinstance(now, dict) or was == f"Patient/{now.get('id')}":
+                continue
+            earlier = self.store.read_many([was])
+            if earlier and names(earlier[0]) & names(now):
                 continue
             number = next((str(i.get("value")) for i in report.get("identifier") or [] if isinstance(i, dict)), "")
             facts = next((r for r in msg.reports if r.number == number), None)
@@ -2196,17 +2145,6 @@ def _names_shown(names: list[str]) -> str:
     """Names of results for an answer: the first :data:`_NAMES_SHOWN`, and how many more."""
     return "; ".join(names[:_NAMES_SHOWN]) + (f"; and {len(names) - _NAMES_SHOWN} more"
                                               if len(names) > _NAMES_SHOWN else "")
-
-
-#: What an Observation's result is, told apart from how it is described (a mapping table's display, meta): a
-#: final report sent again with other such values is a correction (Pipeline._final_changed).
-_VALUE_KEYS = ("valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger", "valueRange",
-               "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod", "dataAbsentReason",
-               "interpretation", "referenceRange")
-
-
-def _values(observation: dict[str, Any]) -> dict[str, Any]:
-    return {k: observation[k] for k in _VALUE_KEYS if k in observation}
 
 
 def _result_refs(report: dict[str, Any]) -> list[str]:

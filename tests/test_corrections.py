@@ -441,54 +441,6 @@ def test_a_report_taken_back_reaches_the_receiver_and_withdraws_its_decisions(wo
     assert verify(fl.store.db).ok
 
 
-def test_a_final_report_sent_again_with_other_values_is_a_correction_that_reaches_the_receiver(world) -> None:
-    """The LIS re-tests a result and sends the report again as final (OBR-25 F, a new MSH-10, the new value), not as
-    a correction: taken as one, it supersedes the original at the issuer, follows it to the member it was pushed
-    to, and there the decisions on the old value are withdrawn. (It was stored over the original as one more final
-    version and sent nowhere: the receiver kept deciding on the old value.) The same report sent again unchanged,
-    and a preliminary report made final with other values, are no corrections."""
-    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
-    original = ingest(tj, ORIGINAL)[0].bundle
-    tj.exchange.push(original["id"], FL)
-    assert tj.exchange.deliver()["delivered"] == 1
-    first = decisions_for_patient(fl)
-    assert [d["outcome"] for d in first] == ["recognized"] * 4
-
-    same = ingest(tj, blood_count("TJ2611200301", corrected=False, issued="20261120082500", wbc="6.8"))[0]
-    assert report_of(same.bundle)["id"] == report_of(original)["id"]
-    assert report_of(same.bundle)["status"] == "final" and not tj.exchange.pushed_to(same.bundle["id"])
-
-    retested = ingest(tj, blood_count("TJ2611200302", corrected=False, issued="20261120112500", wbc="7.4"))[0]
-    report = report_of(retested.bundle)
-    assert report["status"] == "corrected" and report["id"] != report_of(original)["id"]
-    [said] = [i for i in retested.issues if "was stored before as final with other values" in i.message]
-    assert said.location == "OBR[1]" and "白细胞计数 (WBC)" in said.message and "红细胞" not in said.message
-    versions = versions_of(tj.store.db, TJ, NUMBER)
-    assert [(v.bundle_id, v.superseded_by is not None) for v in versions] == [
-        (original["id"], True), (same.bundle["id"], True), (retested.bundle["id"], False)]
-    assert tj.exchange.pushed_to(retested.bundle["id"]) == [FL]
-    assert tj.exchange.deliver()["delivered"] == 1
-
-    after = decisions_for_patient(fl)
-    withdrawn = [d for d in after if d.get("withdrawn")]
-    assert {d["decision_id"] for d in withdrawn} == {d["decision_id"] for d in first}
-    current = [d for d in after if d["result"]["bundle"].endswith(retested.bundle["id"])]
-    assert [d["outcome"] for d in current] == ["recognized"] * 4
-    assert_superseded_readable(fl.store, report_of(original)["id"], report["id"])
-    assert verify(fl.store.db).ok
-
-
-def test_a_preliminary_report_made_final_with_other_values_is_no_correction(world) -> None:
-    tj = world.gateways["tongjiang"].pipeline
-    preliminary = blood_count("TJ2611200401", corrected=False, issued="20261120082500", wbc="6.8").replace(
-        b"|||F|", b"|||P|").replace(b"|N|||F", b"|N|||P")
-    first = ingest(tj, preliminary)[0].bundle
-    assert report_of(first)["status"] == "preliminary"
-    final = ingest(tj, blood_count("TJ2611200402", corrected=False, issued="20261120112500", wbc="7.4"))[0]
-    assert report_of(final.bundle)["status"] == "final" and report_of(final.bundle)["id"] == report_of(first)["id"]
-    assert not [i for i in final.issues if "other values" in i.message]
-
-
 def test_a_cdc_exam_exported_again_with_changes_corrects_the_one_sent(tmp_path, clock, member_database) -> None:
     """A CDC exports an exam again after changing a result (the same 体检编号, the same worker): it corrects the
     exam stored before, and follows it to the member that was sent it, where the decisions on the first export

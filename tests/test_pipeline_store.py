@@ -238,18 +238,19 @@ def test_panels_of_one_number_sent_in_messages_of_their_own_are_reports_of_their
         out = pipeline.ingest(again, "hl7v2", channel="http")[0]
         assert out.status is Status.STORED and not _left_out(out)
     assert current() == {"LIVER": ("1", 5), "LIPID": ("1", 2)}
-    # a changed value in a panel sent again as final: a correction of that panel's report alone
-    ids = {r["code"]["coding"][0]["code"]: r["id"]
-           for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources}
+    # a changed value in a panel sent again: a new version of that result, listed by its panel's report
     changed = _panel(2, b"TJ6").replace(b"||5.62|mmol/L|", b"||5.71|mmol/L|")
-    out = pipeline.ingest(changed, "hl7v2", channel="http")[0]
-    assert out.status is Status.STORED
-    found = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
-    assert sorted((r["code"]["coding"][0]["code"], r["status"]) for r in found) == [
-        ("LIPID", "corrected"), ("LIVER", "final")]
-    assert ids["LIVER"] in {r["id"] for r in found}
-    earlier = pipeline.store.read("DiagnosticReport", ids["LIPID"])
-    assert [t["code"] for t in earlier["meta"].get("tag", [])] == ["superseded"]
+    assert pipeline.ingest(changed, "hl7v2", channel="http")[0].status is Status.STORED
+    assert current() == {"LIVER": ("1", 5), "LIPID": ("1", 2)}
+    [cholesterol] = pipeline.store.search("Observation", [("code", "TC")]).resources
+    assert str(cholesterol["valueQuantity"]["value"]) == "5.71" and cholesterol["meta"]["versionId"] == "2"
+    [lipid] = [r for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+               if r["code"]["coding"][0]["code"] == "LIPID"]
+    assert f"Observation/{cholesterol['id']}" in {ref["reference"] for ref in lipid["result"]}
+    # the results of both are each listed by their report
+    reports = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
+    listed = {ref["reference"] for r in reports for ref in r["result"]}
+    assert len(listed) == 7
 
 
 def test_panels_stored_together_then_sent_apart_keep_their_reports(pipeline: Pipeline) -> None:
@@ -257,10 +258,13 @@ def test_panels_stored_together_then_sent_apart_keep_their_reports(pipeline: Pip
     a message of its own: the same report as before, not a third one."""
     both = UTF8.replace(b"|R2405200100|", b"|R2405200099|")
     assert pipeline.ingest(both, "hl7v2", channel="http")[0].status is Status.STORED
-    out = pipeline.ingest(_panel(2, b"TJ5"), "hl7v2", channel="http")[0]
+    changed = _panel(2, b"TJ5").replace(b"||5.62|mmol/L|", b"||5.71|mmol/L|")
+    out = pipeline.ingest(changed, "hl7v2", channel="http")[0]
     assert out.status is Status.STORED and not _left_out(out)
     found = pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources
     assert sorted((r["code"]["coding"][0]["code"], len(r["result"])) for r in found) == [("LIPID", 2), ("LIVER", 5)]
+    [cholesterol] = pipeline.store.search("Observation", [("code", "TC")]).resources
+    assert str(cholesterol["valueQuantity"]["value"]) == "5.71" and cholesterol["meta"]["versionId"] == "2"
 
 
 #: the PID of another patient (李秀英) of the same hospital
