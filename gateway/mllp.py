@@ -186,8 +186,10 @@ class _Reader(MLLPStreamReader):  # type: ignore[misc]  # python-hl7 has no type
             return None
         if block[:1] != START_BLOCK:
             raise _NoStart(block.lstrip()[:_HEAD_BYTES])
-        if not block[1:].strip(b"\r\n\t "):  # an empty frame (some senders keep a connection alive so): no
-            return None  # message, so no answer either (one with no MSH-10 would be taken for the next message's)
+        if not block[1:].replace(_BOM, b"").strip(b"\r\n\t "):  # an empty frame (some senders keep a connection
+            # alive so; a byte-order mark alone is nothing more): no message, so no answer either (one with no
+            # MSH-10 would be taken for the next message's)
+            return None
         return block[1:]
 
 
@@ -274,7 +276,8 @@ class MLLPServer:
         msg.issues.append(Issue("error", "too-long", "MSH", text, "207"))
         if head.startswith(START_BLOCK):
             channel.adapter.read_first_segment(head[1:], msg)
-        return channel.answer(msg, "AR")
+        # answered on receipt in enhanced mode (MSH-15 set): the commit level's reject, as its other messages get CA
+        return channel.answer(msg, "CR" if self.on_receipt and msg.header.get("accept_ack_type") else "AR")
 
     async def _client(self, reader: _Reader, writer: asyncio.StreamWriter) -> None:
         peer_info: Any = writer.get_extra_info("peername")
@@ -305,6 +308,9 @@ class MLLPServer:
                     await asyncio.wait_for(writer.drain(), self.read_timeout)
                     break
                 except InvalidBlockError as exc:  # a message whose sender left out the 0x0B: AR, MSA-2 its MSH-10
+                    # (said in the log too: nothing of it is stored, and the AR tells the sender not to send it again)
+                    log.warning("mllp connection %s: a message without the 0x0B that starts an MLLP frame refused "
+                                "(AR), nothing of it stored: the sender's MLLP framing is to be fixed", peer)
                     head = START_BLOCK + exc.head if isinstance(exc, _NoStart) else b""
                     writer.write(frame(self._reject("MLLP block does not start with 0x0B", head)))
                     await asyncio.wait_for(writer.drain(), self.read_timeout)

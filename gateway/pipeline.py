@@ -322,6 +322,11 @@ class Pipeline:
                              facility=self.settings.issuer_uscc, now=self.clock(), note=note)
             try:
                 return text.encode(msg.charset or "utf-8")
+            except UnicodeEncodeError:
+                # what the sender's character set cannot write (the Chinese of a reason, to an analyser declaring
+                # ASCII or a Latin-1 LIS) is '?' in it: the answer stays in the character set its MSH-18 names (it
+                # was sent in UTF-8 under that name)
+                return text.encode(msg.charset or "utf-8", errors="replace")
             except (ValueError, LookupError):  # an unknown or malformed character set name: UTF-8
                 return text.encode("utf-8")
 
@@ -889,8 +894,24 @@ class Pipeline:
         metrics.count_outcomes(channel, ch.format, [o for o in outcomes if o is not None])  # at_once: counted below
         if at_once:
             for i, outcome in zip(at_once, self.ingest_batch(ch, [units[i] for i in at_once], channel=channel)):
-                outcomes[i] = outcome
+                outcomes[i] = self._as_commit_answer(ch, outcome) if headers[i].header.get("accept_ack_type") \
+                    else outcome
         return [o for o in outcomes if o is not None]
+
+    def _as_commit_answer(self, ch: Channel, outcome: Outcome) -> Outcome:
+        """In enhanced acknowledgment mode (MSH-15 set) a sender answered on receipt is answered at the commit
+        level (HL7 v2 2.9.3): a message refused as it arrived — its version, type or character set not taken —
+        gets CR (CE for another fault), as the messages it sends before and after get CA; the application ACK
+        (AR, AE) is kept with the message (``gateway messages show``). It was answered AR on that connection."""
+        code = {"AR": "CR", "AE": "CE", "AA": "CA"}.get(outcome.ack_code or "")
+        if code is None or outcome.message is None:
+            return outcome
+        try:
+            answer = ch.answer(outcome.message, code)
+        except Exception as exc:  # noqa: BLE001 - the application ACK stands then
+            _log_internal(Stage.ANSWER, ch, None, outcome.record_id, exc)
+            return outcome
+        return dataclasses.replace(outcome, ack_code=code, answer=answer)
 
     def process_queued(self, limit: int = _BATCH, *, group: int | None = None, in_turn: bool = False,
                        stop: threading.Event | None = None) -> list[Outcome]:
@@ -1329,7 +1350,8 @@ class Pipeline:
                                     "information", "informational", msg.reports[0].location if msg.reports else "",
                                     f"{label} was stored before with other content: this exam corrects it (the "
                                     "members it was sent to are sent this one)", "0"))
-                            msg.issues.extend(self._results_left_out(bundle, corrects))
+                            msg.issues.extend(self._results_left_out(bundle, corrects, msg if ch.format == "hl7v2"
+                                                                     else None))
                         if record_id is not None and self.member.signer is not None:
                             # sign stage: what this member issues leaves it signed, with its marks
                             stage = Stage.SIGN
@@ -1360,7 +1382,8 @@ class Pipeline:
             outcome.answer_after = functools.partial(ch.answer_stored, outcome.message)
         return outcome
 
-    def _results_left_out(self, bundle: dict[str, Any], corrects: str | None = None) -> list[Issue]:
+    def _results_left_out(self, bundle: dict[str, Any], corrects: str | None = None,
+                          message: SourceMessage | None = None) -> list[Issue]:
         """A warning for each report of ``bundle`` stored before (the same report, so the same id) whose stored
         version lists results this copy does not: the report is stored again with this copy's results alone, and
         the others stay stored as they were, listed by no current report — an export re-sent with fewer rows, a
@@ -1394,9 +1417,13 @@ class Pipeline:
                 names = [named.get(ref) or ref for ref in gone]
                 shown = _names_shown(names)
                 number = numbers.get(f"DiagnosticReport/{report['id']}", "")
+                # an HL7 v2 report's warning names its OBR-3 (ERR-2): the field the number was read from
+                facts = next((r for r in message.reports if r.number == number), None) if message else None
                 issues.append(Issue(
-                    "warning", "business-rule", f"report {number}" if number else "DiagnosticReport",
-                    f"was stored before with {len(_result_refs(before))} results; this copy leaves out {len(gone)} "
+                    "warning", "business-rule", f"{facts.location}-3" if facts is not None
+                    else f"report {number}" if number else "DiagnosticReport",
+                    f"{f'(report {number}) ' if facts is not None else ''}was stored before with "
+                    f"{len(_result_refs(before))} results; this copy leaves out {len(gone)} "
                     f"of them: {shown}. They stay stored as they were, but no current report lists them (the "
                     f"earlier version: DiagnosticReport/{report['id']}/_history/"
                     f"{(before.get('meta') or {}).get('versionId', '')}). If they still hold, send the report again "

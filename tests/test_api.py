@@ -58,6 +58,25 @@ def test_ingest_gbk_answers_in_gbk(client) -> None:
     assert b"MSA|AA|LIS20240402000731" in resp.data
 
 
+def test_an_ack_to_a_sender_declaring_ascii_or_latin1_is_written_in_that_character_set(client) -> None:
+    """An analyser declaring ASCII (or 8859/1) whose message draws a reason in Chinese (no 身份证号): the ACK said
+    ASCII in MSH-18 and carried UTF-8 bytes (a strict parser refuses it; a Latin-1 LIS shows nonsense). Now every
+    byte is one of the named set; what it cannot write is '?'."""
+    for charset, codec in (("ASCII", "ascii"), ("8859/1", "latin-1")):
+        message = ("MSH|^~\\&|ANALYSER|TJXRMYY|GATEWAY|CYHR|20240520161245+0800||ORU^R01^ORU_R01|ASC" + codec[:3]
+                   + f"|P|2.5.1||||||{charset}\r"
+                   "PID|1||Z0099812^^^TJXRMYY^MR||WANG^JIANGUO||19661212|M\r"
+                   "OBR|1|O1|RASC1|BLRT^BLOOD^L|||20240520073000+0800|||||||||||||||20240520161000+0800|||F\r"
+                   "OBX|1|NM|WBC^WBC^L||6.8|10*9/L|3.5-9.5|N|||F\r").encode(codec)
+        resp = client.post("/ingest/hl7v2", data=message)
+        assert resp.status_code == 200, resp.data
+        ack = resp.data
+        ack.decode(codec)  # (every byte of the set it names)
+        assert f"||||||{charset}\r".encode() in ack and b"MSA|AA|ASC" in ack
+        assert any(b >= 0x80 for b in "身份证号".encode("utf-8")) and "身份证号".encode("utf-8") not in ack
+        assert b"ERR|" in ack and b"?" in ack  # (the reason naming the missing 身份证号, its Chinese as '?')
+
+
 def test_ingest_errors_are_operation_outcomes(client) -> None:
     empty = assert_outcome(client.post("/ingest/hl7v2", data=b"   "), 400)  # nothing to read: not a 422
     assert empty["issue"][0]["code"] == "required" and empty["issue"][0]["expression"] == ["body"]

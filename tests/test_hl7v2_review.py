@@ -170,6 +170,41 @@ def test_the_second_obr_group_without_obx_is_the_one_named(pipeline: Pipeline) -
     assert [i.line() for i in outcome.errors] == ["OBR[2] has no OBX: at least one result is required"]
 
 
+def test_a_comment_on_the_report_before_its_results_is_a_note_of_each_result(pipeline: Pipeline) -> None:
+    """NTE after the OBR, before any OBX: a comment on the whole report (specimen haemolysed). It was left out
+    without a word; now each result of the group carries it, before its own comments. A comment after one OBX
+    stays that result's; NTE-3 repetitions are lines of one comment, not text with a '~' in it."""
+    outcome = convert(pipeline, er7(obr(1, "R17-01"), "NTE|1|L|标本溶血，\\.br\\结果仅供参考",
+                                    obx(1), obx(2, "AST^天门冬氨酸氨基转移酶^L", "28"), "NTE|1|L|复查~已核对",
+                                    obr(2, "R17-02", "LIPID^血脂^L"), obx(1, "TC^总胆固醇^L", "5.1", unit="mmol/L")))
+    assert outcome.ack_code == "AA", outcome.issues
+    notes = {o["code"]["coding"][0]["code"]: [n["text"] for n in o.get("note", [])] for o in observations(outcome)}
+    assert notes == {"ALT": ["标本溶血，\n结果仅供参考"], "AST": ["标本溶血，\n结果仅供参考", "复查\n已核对"], "TC": []}
+
+
+def test_an_escape_of_bytes_that_are_no_text_in_the_message_charset_is_said(pipeline) -> None:
+    """``\\XD6D0\\`` (中 in GBK) in a message declared UTF-8: read byte by byte it was stored as ``ÖÐ`` with an AA
+    and no word. It is read so still (``\\XFC\\`` is how some senders write ü), with a warning naming the field
+    and what it was read as; an escape of UTF-8 text reads as that text, without one."""
+    outcome = convert(pipeline, er7(obr(1, "R17-01"), obx(1), obx(2, "NOTE^备注^L", "结果\\XD6D0\\文本", "ST", ""),
+                                    obx(3, "NOTE2^备注二^L", "\\XE5BBBAE59BBD\\", "ST", "")))
+    assert outcome.ack_code == "AA", outcome.issues
+    values = {o["code"]["coding"][0]["code"]: o.get("valueString") for o in observations(outcome)}
+    assert values["NOTE"] == "结果ÖÐ文本" and values["NOTE2"] == "建国"
+    [said] = [i for i in outcome.issues if "XD6D0" in i.message]
+    assert said.severity == "warning" and said.location == "OBX[2]-5" and "UTF-8" in said.message
+    assert "'ÖÐ'" in said.message
+    assert not [i for i in outcome.issues if "XE5BBBA" in i.message]
+
+
+def test_a_value_that_is_no_structured_numeric_is_quoted_as_sent(pipeline: Pipeline) -> None:
+    """OBX-2 SN with OBX-5 'abc': the error quoted '' (the empty second component), not what was sent."""
+    outcome = convert(pipeline, er7(obr(1, "R17-01"), obx(1, value="abc", vtype="SN")))
+    assert outcome.ack_code == "AE"
+    assert [i.line() for i in outcome.errors] == [
+        "OBX[1]-5 'abc' is not a value of type SN (written comparator^number, e.g. <^0.05 or ^6.8)"]
+
+
 # -- LOINC and SNOMED CT as senders write them ---------------------------------------------------
 
 

@@ -100,7 +100,7 @@ def test_a_frame_started_over_or_after_what_is_not_mllp_is_read_from_its_start(s
     assert "王" not in " ".join(said)
 
 
-def test_what_is_not_mllp_up_to_a_0x1c_gets_no_answer_of_its_own(server, pipeline) -> None:
+def test_what_is_not_mllp_up_to_a_0x1c_gets_no_answer_of_its_own(server, pipeline, caplog) -> None:
     """Bytes that are not MLLP ending in a 0x1C (junk, an HTTP request, a bare 0x1C) were answered AR with an empty
     MSA-2: a sender took that answer for its next message's and every later ACK came one message late. They are
     dropped unanswered; a message framed without its 0x0B is still answered AR, with its own MSH-10; a 0x0B inside
@@ -108,13 +108,17 @@ def test_what_is_not_mllp_up_to_a_0x1c_gets_no_answer_of_its_own(server, pipelin
     good, bad = split_messages(FRAMED.read_bytes())[:2]
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         for junk in (b"junk data\x1c\r", b"\x1c\r", b"POST / HTTP/1.1\r\n\r\n\x1c\r", b"\x0b\x1c\r",
-                     b"\x0b\r\r\x1c\r"):  # (the last two: empty frames, a keep-alive: no message, no answer)
+                     b"\x0b\r\r\x1c\r", b"\x0b\xef\xbb\xbf\x1c\r", b"\x0b\xef\xbb\xbf\r\n\x1c\r"):
+            # (the last four: empty frames, a keep-alive, a byte-order mark alone: no message, no answer; the BOM's
+            # was answered AR with an empty MSA-2 and recorded as a refused message)
             sock.sendall(junk + frame(good))
             [ack] = read_acks(sock, 1)
             assert msa(ack)[1:3] == ["AA", "TJ2406100001"], junk
         sock.sendall(bad + b"\x1c\r")  # no 0x0B: answered, and the answer names the message
         [ack] = read_acks(sock, 1)
         assert msa(ack)[1:3] == ["AR", "TJ2406100002"] and b"does not start with 0x0B" in ack
+        # nothing of it is stored: the log says so (it said nothing)
+        assert any("without the 0x0B" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
         inside = bad.replace(b"|abc|", b"|1\x0b2|").replace(b"TJ2406100002", b"TJ2406100003")
         sock.sendall(frame(inside))
         [ack] = read_acks(sock, 1)

@@ -112,6 +112,28 @@ def test_a_message_whose_header_is_wrong_is_answered_with_its_error_at_once(pipe
     assert pipeline.store.counts() == {"queued": 1, "refused": 2}
 
 
+def test_in_enhanced_mode_a_message_refused_as_it_arrives_gets_a_commit_reject(pipeline) -> None:
+    """MSH-15 set: the sender asked for commit ACKs on this connection, and gets CA for what is held. A message whose
+    version is not taken got AR there (an application code among commit codes): CR now (CE for a field in error),
+    its ERR segments the same; the application ACK kept with it is still the AR it is."""
+    enhanced = [msh_field(m, 15, "AL") for m in (GOOD, msh_field(GOOD, 10, ""), msh_field(BAD_VALUE, 12, "2.1"))]
+    outcomes = pipeline.receive_batch(hl7(pipeline), units(*enhanced), channel="mllp")
+    assert [segments(o.answer, "MSA")[0][1] for o in outcomes] == ["CA", "CE", "CR"]
+    assert [o.ack_code for o in outcomes] == ["CA", "CE", "CR"]
+    assert segments(outcomes[2].answer, "ERR")[0][2] == "MSH^1^12"
+    kept = pipeline.store.get_message(outcomes[2].record_id)
+    assert kept.ack_code == "AR" and segments(kept.ack or b"", "MSA")[0][1] == "AR"
+
+
+def test_in_enhanced_mode_a_frame_refused_before_it_is_read_gets_a_commit_reject(pipeline) -> None:
+    server = MLLPServer(pipeline, "127.0.0.1", 0, ack="received")
+    enhanced = msh_field(GOOD, 15, "AL")
+    answer = server._reject("MLLP block does not start with 0x0B", b"\x0b" + enhanced[:200])
+    assert segments(answer, "MSA")[0][1:3] == ["CR", "TJ2406100001"]
+    plain = MLLPServer(pipeline, "127.0.0.1", 0, ack="processed")
+    assert segments(plain._reject("too long", b"\x0b" + enhanced[:200]), "MSA")[0][1] == "AR"
+
+
 def test_a_resent_message_gets_a_receipt_again_and_is_held_once(pipeline) -> None:
     [first] = pipeline.receive_batch(hl7(pipeline), units(GOOD), channel="mllp")
     again = pipeline.receive_batch(hl7(pipeline), units(GOOD, GOOD), channel="mllp")

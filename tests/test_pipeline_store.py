@@ -186,12 +186,15 @@ def test_a_report_sent_again_with_fewer_results_names_the_ones_left_out(pipeline
     out = pipeline.ingest(again, "hl7v2", channel="http")[0]
     assert out.status is Status.STORED and out.ack_code == "AA"
     [warning] = _left_out(out)
-    assert warning.startswith("report R2405200099 was stored before with 5 results; this copy leaves out 2 of them: ")
+    # (its place is the report's OBR-3, ERR-2 of the ACK: it named no field)
+    assert warning.startswith("OBR[1]-3 (report R2405200099) was stored before with 5 results; this copy leaves out 2 "
+                              "of them: ")
     assert "乙肝表面抗原定量 (HBSAG)" in warning and "乙肝e抗原 (HBEAG)" in warning
     assert "丙氨酸" not in warning and "R2405200100" not in warning  # the other report of the message lost nothing
     assert "/_history/1)" in warning
     ack = out.answer.decode("utf-8")
-    assert "|W||||report R2405200099 was stored before with 5 results" in ack and "MSA|AA|TJ2405200098" in ack
+    assert "ERR||OBR^1^3|205^Duplicate key identifier^HL70357|W||||OBR[1]-3 (report R2405200099) was stored before " \
+        "with 5 results" in ack and "MSA|AA|TJ2405200098" in ack
     # what the warning says: stored again with three results, the two others kept as they were
     report = [r for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]).resources]
     assert len(report) == 1 and len(report[0]["result"]) == 3 and report[0]["meta"]["versionId"] == "2"

@@ -40,8 +40,7 @@ def _generated(count: int) -> list[str]:
 
 
 def _reference_reversed(text: str) -> bool:
-    m = base._RANGE.match(text)
-    return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
+    return base._read_reversed(text)
 
 
 _MEMORIES = (base._remembered_number, base._remembered_range, base._remembered_reversed)
@@ -119,3 +118,19 @@ def test_remembered_moments_equal_the_reference() -> None:
     long_text = "2026-05-20T08:00:00.123456789012345678901234567890+08:00"
     kept = _kept(engine._remembered_moment)
     assert engine._moment(long_text) == engine._read_moment(long_text) and _kept(engine._remembered_moment) == kept
+
+
+@pytest.mark.parametrize("text, low, high, backwards", [
+    ("-3--1", "-3", "-1", False),  # a base excess: it was read -3 to 1 (the second bound's sign taken as a hyphen)
+    ("-3 - -1", "-3", "-1", False),
+    ("-3~-1", "-3", "-1", False),
+    ("-3-3", "-3", "3", False),
+    ("3.5--5.5", "3.5", "5.5", False),  # two hyphens between the bounds, as some LIS write them
+    ("3.5-5.5", "3.5", "5.5", False),
+    ("6.1-3.9", None, None, True),
+    ("6.1--3.9", None, None, True),
+])
+def test_a_hyphen_before_the_second_bound_is_its_sign_when_that_makes_a_range(text, low, high, backwards) -> None:
+    found = base.parse_reference_range(text)
+    assert found == (Decimal(low) if low else None, Decimal(high) if high else None)
+    assert base.reversed_range(text) is backwards

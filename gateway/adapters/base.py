@@ -99,7 +99,9 @@ _remembered_number = functools.lru_cache(maxsize=_READ_MAX)(_read_number)
 
 
 _RANGE_NUMBER = r"([+-]?\d+(?:\.\d+)?)"
-_RANGE = re.compile(rf"^\s*{_RANGE_NUMBER}\s*(?:-{{1,2}}|~|～|—|–|－)\s*{_RANGE_NUMBER}\s*$")
+_RANGE = re.compile(rf"^\s*{_RANGE_NUMBER}\s*(?:-|~|～|—|–|－)\s*{_RANGE_NUMBER}\s*$")
+#: ``3.5--5.5``: two hyphens between the bounds, read so only when one (the second bound negative) gives no range
+_RANGE_TWO_HYPHENS = re.compile(rf"^\s*{_RANGE_NUMBER}\s*--\s*(\d+(?:\.\d+)?)\s*$")
 _UPPER = re.compile(rf"^\s*(?:<=?|≤|＜)\s*{_RANGE_NUMBER}\s*$")
 _LOWER = re.compile(rf"^\s*(?:>=?|≥|＞)\s*{_RANGE_NUMBER}\s*$")
 
@@ -110,10 +112,25 @@ def parse_reference_range(text: str) -> tuple[Decimal | None, Decimal | None]:
     return _remembered_range(text) if len(text) <= _READ_LONGEST else _read_range(text)
 
 
-def _read_range(text: str) -> tuple[Decimal | None, Decimal | None]:
+def _bounds(text: str) -> tuple[Decimal, Decimal] | None:
+    """The two bounds of ``low-high`` as written: a hyphen before the second bound is its sign when the first
+    is not above it (``-3--1`` is -3 to -1, a base excess; it was read -3 to 1), else the two hyphens part them
+    (``3.5--5.5``)."""
     m = _RANGE.match(text)
     if m:
         low, high = Decimal(m.group(1)), Decimal(m.group(2))
+        if low <= high:
+            return low, high
+    m2 = _RANGE_TWO_HYPHENS.match(text)
+    if m2:
+        return Decimal(m2.group(1)), Decimal(m2.group(2))
+    return (Decimal(m.group(1)), Decimal(m.group(2))) if m else None
+
+
+def _read_range(text: str) -> tuple[Decimal | None, Decimal | None]:
+    bounds = _bounds(text)
+    if bounds is not None:
+        low, high = bounds
         return (low, high) if low <= high else (None, None)
     m = _UPPER.match(text)
     if m:
@@ -130,8 +147,8 @@ def reversed_range(text: str) -> bool:
 
 
 def _read_reversed(text: str) -> bool:
-    m = _RANGE.match(text)
-    return m is not None and Decimal(m.group(1)) > Decimal(m.group(2))
+    bounds = _bounds(text)
+    return bounds is not None and bounds[0] > bounds[1]
 
 
 _remembered_range = functools.lru_cache(maxsize=_READ_MAX)(_read_range)

@@ -421,6 +421,7 @@ class _Msg:
         self._rep, self._comp, self._sub = separators[2], separators[3], separators[4]
         self._escaping = _Escaping(esc, separators)
         self.codec = "utf-8"  # the message's character set (\X escapes are bytes in it): set by the reader
+        self.undecoded: list[str] = []  # \X escapes whose bytes are no text in it (kept as written)
         self.segments = segments
         self.names: list[str] = [seg[0] for seg in segments]
         self.counts: dict[int, int] = {}
@@ -481,6 +482,10 @@ class _Msg:
                     out.append(bytes.fromhex(part).decode(self.codec or "utf-8"))
                     continue
                 except (UnicodeDecodeError, LookupError):
+                    # not text in the message's character set: read byte by byte (ISO 8859-1, as senders writing
+                    # \XFC\ for ü mean), and said: GBK bytes in a UTF-8 message (中 as ÖÐ) went by without a word
+                    if part not in self.undecoded:
+                        self.undecoded.append(part)
                     part = f"{esc}X{part}{esc}"
             out.append(str(_hl7_unescape(self._escaping, part)) if esc in part else part)
         return "".join(out)
@@ -804,6 +809,16 @@ class HL7v2Adapter:
                                         "message date/time has no time of day (or is empty) and no report has an "
                                         "issue time (OBR-22): the report cannot be timed", "101"))
         self._impossible_times(m, msg)
+        for hexes in m.undecoded:
+            written = f"{m.seps['escape']}X{hexes}{m.seps['escape']}"
+            where = next((m.where(i, f) for i, seg in enumerate(m.segments) for f, value in enumerate(seg)
+                          if f and written in value), m.where(0, 18))
+            charset = (msg.charset or "utf-8").upper()
+            latin = bytes.fromhex(hexes).decode("latin-1")
+            msg.issues.append(Issue("warning", "value", where,
+                                    f"escape {written} holds bytes that are not {charset} text (the message's "
+                                    f"character set, MSH-18): read one character per byte (ISO 8859-1), as "
+                                    f"{shown(latin)}; is the text right?", "102"))
         # A field read for two facts (OBR-7: report and specimen time) reports its problem once.
         msg.issues = list(dict.fromkeys(msg.issues))
         return msg
@@ -975,13 +990,14 @@ class HL7v2Adapter:
         spm_row: int | None = None
         last_result: ResultFacts | None = None
         code_seen: dict[tuple[str, str], int] = {}
+        group_notes: list[str] = []  # NTE after an OBR, before its first OBX: about every result of the group
         for i in range(len(m.segments)):
             name = m.name(i)
             if name == "OBR":
                 if report is not None:
                     self._finish_report(m, report, spm_row, msg.issues)
                 report = self._report(m, i, msg)
-                spm_row, last_result = None, None
+                spm_row, last_result, group_notes = None, None, []
                 msg.reports.append(report)
             elif name == "OBX":
                 if report is None:
@@ -998,19 +1014,26 @@ class HL7v2Adapter:
                     key = (str(len(msg.reports)), last_result.code.code)
                     code_seen[key] = code_seen.get(key, 0) + 1
                     last_result.occurrence = code_seen[key]
+                    if group_notes:
+                        last_result.notes[:0] = group_notes
                     report.results.append(last_result)
             elif name == "SPM" and report is not None:
                 spm_row = i
             elif name == "PRT" and report is not None and last_result is None:
                 self._participation(m, i, report, msg.issues)
             elif name == "NTE":
-                note = m.unescape(m.raw(i, 3)).strip()
+                # NTE-3 repeats (FT): each repetition a line of the comment
+                note = "\n".join(m.unescape(part) for part in m.raw(i, 3).split(m.seps["repetition"])).strip()
                 if text_too_long(note):
                     msg.issues.append(Issue("error", "value", m.where(i, 3),
                                             f"comment of {len(note.encode('utf-8'))} bytes (UTF-8): at most "
                                             f"{MAX_TEXT_BYTES} are taken in one field", "102"))
                 elif note and last_result is not None:
                     last_result.notes.append(note)
+                elif note and report is not None:
+                    # a comment on the report (标本溶血，结果仅供参考): a note of each of its results, which it is
+                    # about; it was left out without a word
+                    group_notes.append(note)
         if report is not None:
             self._finish_report(m, report, spm_row, msg.issues)
         if not msg.reports:
@@ -1535,6 +1558,11 @@ class HL7v2Adapter:
         c = [m.unescape(x).strip() for x in comps] + ["", "", "", ""]
         comparator, num1, sep, num2 = c[0], c[1], c[2], c[3]
         first = parse_number(num1)
+        if first is None and not num1 and comparator and comparator not in COMPARATORS and comparator != "=":
+            # (a value written as NM's under SN, 'abc' or '6.8': its first component is the comparator's place)
+            issues.append(Issue("error", "value", where, f"{shown(comparator)} is not a value of type SN (written "
+                                "comparator^number, e.g. <^0.05 or ^6.8)", "102"))
+            return
         if first is None or first.comparator:
             issues.append(Issue("error", "value", where, f"{shown(num1)} {number_problem(num1)} for value type SN",
                                 "102"))
