@@ -1500,10 +1500,8 @@ class Pipeline:
         from gateway.store.reports import versions_of
 
         for report in msg.reports:
-            if not report.number or report.replaces:  # (a correction's resources have ids of their own)
+            if not report.number:
                 continue
-            codings = report.std.get("codings") or [{"system": SYSTEM_LOINC, "code": "11502-2"}]  # (as built)
-            code = f"{codings[0].get('system') or ''}|{codings[0].get('code') or ''}"
             held: dict[str, set[str]] = {}  # report_ref -> the tests stored under it
             for v in versions_of(self.store.db, self.issuer.uscc, report.number):
                 if v.direction == "issued":
@@ -1511,8 +1509,10 @@ class Pipeline:
             if not held:
                 continue
             msg.extra["number_stored"] = True  # (its patient is compared with the stored one's: _same_patient)
-            if report.key:  # (told apart from another panel of the message already)
+            if report.key or report.replaces:  # (told apart already; a correction's resources have ids of their own)
                 continue
+            codings = report.std.get("codings") or [{"system": SYSTEM_LOINC, "code": "11502-2"}]  # (as built)
+            code = f"{codings[0].get('system') or ''}|{codings[0].get('code') or ''}"
             by_number = f"DiagnosticReport/{stable_id('DiagnosticReport', self.issuer.uscc, report.number)}"
             apart = f"{report.number}|{report.code.code}"
             if code in held.get(f"DiagnosticReport/{stable_id('DiagnosticReport', self.issuer.uscc, apart)}", ()):
@@ -1521,47 +1521,83 @@ class Pipeline:
                 report.key = apart  # another panel holds the number alone
 
     def _same_patient(self, bundle: dict[str, Any], msg: SourceMessage) -> None:
-        """HL7 v2: refuse a report whose 检验报告单号 (OBR-3) names a stored report of another patient (numbers
-        restarted, another branch's LIS): its resources' ids derive from the number, and it was stored over the
-        other patient's report, results and all. The same person is the same Patient, or one sharing an
-        identifier with it (a 身份证号 sent the second time only). A correction (OBR-25 C) has ids of its own and
-        is not refused: it is how a report sent for the wrong patient is put right.
+        """HL7 v2 and CDA: refuse a report whose 检验报告单号 names a stored report of another patient (numbers
+        restarted, another branch's LIS), or that replaces one (a correction naming another patient's number). An
+        HL7 v2 report's resource ids derive from the number: it was stored over the other patient's report, results
+        and all; a CDA document's are its own, and its correction — or the other patient's — superseded both,
+        taking a report of someone else out of every search, 调阅 and decision. A number whose report was taken
+        back (cancelled, entered in error) is free again. The same person is the same Patient, or one sharing an
+        identifier with it (a 身份证号 sent the second time only, the same MRN). Read inside the write lock.
 
-        :raises _Clash: naming OBR-3 of each such report.
+        :raises _Clash: naming where each such number was read (OBR-3; the CDA element).
         """
+        from gateway.store.reports import versions_in, versions_of
+
         entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
         by_url = {e.get("fullUrl"): e["resource"] for e in entries}
-        reports = [e["resource"] for e in entries if e["resource"].get("resourceType") == "DiagnosticReport"]
-        stored = {r.get("id"): r for r in self.store.read_many([f"DiagnosticReport/{r.get('id')}" for r in reports])}
-        if not stored:
-            return
+        by_ref = {f"DiagnosticReport/{e['resource'].get('id')}": e["resource"] for e in entries
+                  if e["resource"].get("resourceType") == "DiagnosticReport"}
+        issues: list[Issue] = []
+        for version in versions_in(bundle):
+            if version["issuer_uscc"] != self.issuer.uscc:
+                continue
+            report = by_ref.get(version["report_ref"], {})
+            patient = by_url.get((report.get("subject") or {}).get("reference"))
+            for number, replaced in ((version["report_number"], False), (version["replaces"], True)):
+                if not number or (replaced and number == version["report_number"]):
+                    continue
+                current = [v for v in versions_of(self.store.db, self.issuer.uscc, number)
+                           if v.direction == "issued" and v.superseded_by is None
+                           and (v.status or "") not in ("cancelled", "entered-in-error")
+                           and v.report_ref != version["report_ref"]]
+                stored = {f"DiagnosticReport/{r.get('id')}": r
+                          for r in self.store.read_many(sorted({v.report_ref for v in current}))}
+                others = [r for r in stored.values()
+                          if not self._same_person((r.get("subject") or {}).get("reference"), patient)]
+                same_id = self.store.read_many([version["report_ref"]]) if not replaced else []
+                others += [r for r in same_id if r.get("status") not in ("cancelled", "entered-in-error")
+                           and not self._same_person((r.get("subject") or {}).get("reference"), patient)]
+                if not others:
+                    continue
+                facts = next((r for r in msg.reports if r.number == version["report_number"]), None)
+                if msg.format == "cda":
+                    where = (f"{facts.location if facts else '/ClinicalDocument'}/"
+                             + ("relatedDocument/parentDocument/id/@extension" if replaced
+                                else "recordTarget/patientRole/id[@root='2.16.156.10011.1.33']/@extension"))
+                else:
+                    where = f"{facts.location}-3" if facts is not None else "OBR-3"
+                said = (f"replaces 检验报告单号 {number}, a report stored for another patient" if replaced
+                        else f"检验报告单号 {number} was stored for another patient")
+                issues.append(Issue(
+                    "error", "conflict", where,
+                    f"{said}: a report number names one report of one patient for good, and this report is not "
+                    "stored over it nor supersedes it. Give it a number of its own (numbers restarted, or another "
+                    "branch's?); a report stored for the wrong patient is taken back (HL7 v2: OBR-25 X; a cancelled "
+                    "report), and the right one sent under a number of its own", "205"))
+        if issues:
+            raise _Clash(list(dict.fromkeys(issues)))
 
-        def names(patient: dict[str, Any]) -> set[tuple[str, str]]:
-            return {(str(i.get("system")), str(i.get("value")).upper()) for i in patient.get("identifier") or []
+    def _same_person(self, stored_ref: Any, patient: Any) -> bool:
+        """Whether the stored Patient ``stored_ref`` and the Bundle's ``patient`` are one person: the same Patient,
+        or one sharing an identifier with it (a 身份证号 sent the second time only, the same MRN) — but never two
+        with different 身份证号."""
+        if not isinstance(stored_ref, str) or not isinstance(patient, dict):
+            return True  # (nothing to tell them apart by)
+        if stored_ref == f"Patient/{patient.get('id')}":
+            return True
+
+        def names(res: dict[str, Any]) -> set[tuple[str, str]]:
+            return {(str(i.get("system")), str(i.get("value")).upper()) for i in res.get("identifier") or []
                     if isinstance(i, dict) and i.get("value")}
 
-        issues: list[Issue] = []
-        for report in reports:
-            before = stored.get(report.get("id"))
-            if before is None:
-                continue
-            was = (before.get("subject") or {}).get("reference")
-            now = by_url.get((report.get("subject") or {}).get("reference"))
-            if not isinstance(was, str) or not isinstance(now, dict) or was == f"Patient/{now.get('id')}":
-                continue
-            earlier = self.store.read_many([was])
-            if earlier and names(earlier[0]) & names(now):
-                continue
-            number = next((str(i.get("value")) for i in report.get("identifier") or [] if isinstance(i, dict)), "")
-            facts = next((r for r in msg.reports if r.number == number), None)
-            issues.append(Issue(
-                "error", "conflict", f"{facts.location}-3" if facts is not None else "OBR-3",
-                f"检验报告单号 {number} was stored for another patient: a report number names one report of one "
-                "patient for good, and this report is not stored over it. Give it a number of its own (numbers "
-                "restarted, or another branch's?); if the stored report named the wrong patient, send this one as "
-                "its correction (OBR-25 C)", "205"))
-        if issues:
-            raise _Clash(issues)
+        earlier = self.store.read_many([stored_ref])
+        if not earlier:
+            return False
+        was, now = names(earlier[0]), names(patient)
+        cards = ({v for s, v in was if s == SYSTEM_ID_CARD}, {v for s, v in now if s == SYSTEM_ID_CARD})
+        if all(cards) and not cards[0] & cards[1]:
+            return False  # two 身份证号: two people, whatever else they share (a visit number reused)
+        return bool(was & now)
 
     def _same_identities(self, bundle: dict[str, Any], exam: SourceMessage | None = None) -> None:
         """Refuse a submitted Bundle whose entries name by id a stored resource that is someone else's: a new
@@ -1744,8 +1780,9 @@ class Pipeline:
                 if check and ch.format in _OWN_IDS and outcome.status is Status.STORED and outcome.bundle is not None:
                     # (read inside the write lock: no other Bundle between)
                     self._same_identities(outcome.bundle, outcome.message if ch.format == "cdc-csv" else None)
-                elif check and ch.format == "hl7v2" and outcome.status is Status.STORED and outcome.bundle is not None \
-                        and outcome.message is not None and outcome.message.extra.get("number_stored"):
+                elif check and outcome.status is Status.STORED and outcome.bundle is not None \
+                        and outcome.message is not None and (ch.format == "cda" or (
+                            ch.format == "hl7v2" and outcome.message.extra.get("number_stored"))):
                     self._same_patient(outcome.bundle, outcome.message)
                 self._record(ch, unit, outcome, channel, retried)
             return True

@@ -28,6 +28,7 @@ from gateway.recognition.facts import facts_from_bundle
 from gateway.recognition.store import list_decisions, save_decisions
 from gateway.store.reports import versions_of
 from gateway.demo.world import build_world
+from gateway.pipeline import Status
 from test_exchange import URLS, Routed
 
 CST = _dt.timezone(_dt.timedelta(hours=8))
@@ -439,6 +440,47 @@ def test_a_report_taken_back_reaches_the_receiver_and_withdraws_its_decisions(wo
     figures = compute(fl.store.db)["total"]
     assert (figures["decisions"], figures["eligible"]) == (0, 0), figures
     assert verify(fl.store.db).ok
+
+
+def _other_patient(document: bytes, doc_id: str) -> bytes:
+    """``document`` for 王建国 instead of 李演示 (the same 检验报告单号), under the 文档流水号 ``doc_id``."""
+    return (document.replace(b"511921197506080022", PATIENT.encode()).replace("李演示".encode(), "王建国".encode())
+            .replace(b'code="2" codeSystem="2.16.156.10011.2.3.3.4"', b'code="1" codeSystem="2.16.156.10011.2.3.3.4"')
+            .replace(b"19750608", b"19661212").replace(b"TJRMYY-JY-20241105-000123", doc_id.encode()))
+
+
+def test_a_cda_report_number_of_another_patient_is_refused_and_supersedes_nothing(world) -> None:
+    """A 检验报告单号 reused for another patient (numbers restarted): the second document was stored, and the first
+    patient's correction then superseded the other patient's report too (out of searches, 调阅 and decisions).
+    Now the reused number is refused naming its element, and so is a correction naming another patient's number;
+    the first patient's own correction supersedes their own report alone."""
+    tj = world.gateways["tongjiang"].pipeline
+    full = (CDA / "lab-report-full.xml").read_bytes()
+    original = ingest(tj, full, "cda")[0].bundle
+    reused = tj.ingest(_other_patient(full, "TJRMYY-JY-20241105-000999"), "cda", channel="test")[0]
+    assert reused.status is Status.REFUSED
+    [issue] = reused.errors
+    assert issue.location.endswith("recordTarget/patientRole/id[@root='2.16.156.10011.1.33']/@extension")
+    assert f"检验报告单号 {CDA_NUMBER} was stored for another patient" in issue.message
+    assert not tj.store.search("Patient", [("identifier", PATIENT)]).resources
+    # a correction (RPLC) of 李演示's report, for 王建国 under a number of his own: refused naming what it replaces
+    corrected = (CDA / "lab-report-corrected.xml").read_bytes()
+    theirs = (corrected.replace(b"511921197506080022", PATIENT.encode()).replace("李演示".encode(), "王建国".encode())
+              .replace(f'<id root="2.16.156.10011.1.33" extension="{CDA_NUMBER}"/>'.encode(),
+                       b'<id root="2.16.156.10011.1.33" extension="JY202411059999"/>')
+              .replace(b"<parentDocument>", f'<parentDocument>\n      <id root="2.16.156.10011.1.33" '
+                       f'extension="{CDA_NUMBER}"/>'.encode()))
+    assert theirs.count(b"JY202411059999") == 1 and theirs.count(CDA_NUMBER.encode()) == 2 and b"RPLC" in theirs
+    out = tj.ingest(theirs, "cda", channel="test")[0]
+    assert out.status is Status.REFUSED, out.issues
+    assert [i.location.rsplit("/", 3)[-3:] for i in out.errors] == [["parentDocument", "id", "@extension"]]
+    assert f"replaces 检验报告单号 {CDA_NUMBER}, a report stored for another patient" in out.errors[0].message
+    # 李演示's own correction: taken, superseding her report
+    mine = ingest(tj, corrected, "cda")[0].bundle
+    assert report_of(mine)["status"] == "corrected"
+    versions = versions_of(tj.store.db, TJ, CDA_NUMBER)
+    assert [(v.bundle_id, v.superseded_by is not None) for v in versions] == [
+        (original["id"], True), (mine["id"], False)]
 
 
 def test_a_cdc_exam_exported_again_with_changes_corrects_the_one_sent(tmp_path, clock, member_database) -> None:

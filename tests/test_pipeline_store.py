@@ -299,10 +299,18 @@ def test_a_report_number_reused_for_another_patient_is_refused_naming_obr3(pipel
     no_card = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200098|").replace(b"||||||||511921196612120011", b"")
     assert b"511921196612120011" not in no_card
     assert pipeline.ingest(no_card, "hl7v2", channel="http")[0].status is Status.STORED
-    # the other patient's report as a correction of the first (it named the wrong patient): taken
+    # nor as a correction of the first: it would supersede the first patient's report
     corrected = other.replace(b"|TJ2405209999|", b"|TJ2405209998|").replace(b"|||F|||||||2033", b"|||C|||||||2033")
     assert corrected.count(b"|||C|||||||2033") == 2
-    assert pipeline.ingest(corrected, "hl7v2", channel="http")[0].status is Status.STORED
+    out = pipeline.ingest(corrected, "hl7v2", channel="http")[0]
+    assert out.status is Status.REFUSED and [i.location for i in out.errors] == ["OBR[1]-3", "OBR[2]-3"]
+    assert [r["status"] for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]
+                                                       ).resources] == ["final"]
+    # the first patient's reports taken back (sent for the wrong patient): the numbers are free for the other's
+    taken_back = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200097|").replace(b"|||F|||||||2033", b"|||X|||||||2033")
+    assert pipeline.ingest(taken_back, "hl7v2", channel="http")[0].status is Status.STORED
+    right = other.replace(b"|TJ2405209999|", b"|TJ2405209997|")
+    assert pipeline.ingest(right, "hl7v2", channel="http")[0].status is Status.STORED
 
 
 def test_a_correction_with_fewer_results_is_not_told_it_left_any_out(pipeline: Pipeline) -> None:
