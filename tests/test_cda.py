@@ -413,10 +413,16 @@ def test_unknown_or_bad_custodians_are_refused(pipeline: Pipeline) -> None:
         assert out.errors[0].location.startswith("/ClinicalDocument/custodian/")
 
 
-def test_another_members_document_is_issued_by_that_member(pipeline: Pipeline) -> None:
+def test_another_members_document_is_issued_by_that_member(tmp_path: Path, clock) -> None:
+    """At that member's own gateway (another member's gateway refuses it: it would sign it as its own)."""
     fuling = "12500102MB0002006J"
     doc = FULL.replace(TONGJIANG.encode(), fuling.encode())
-    bundle = convert_one(pipeline, doc).bundle
+    at_fuling = Pipeline(load_settings(environ={}, overrides={"data_dir": str(tmp_path), "issuer_uscc": fuling,
+                                                              "issuer_name": "x"}), clock=clock)
+    try:
+        bundle = convert_one(at_fuling, doc).bundle
+    finally:
+        at_fuling.close()
     assert resources(bundle, "Organization")[0]["identifier"][0]["value"] == fuling
     codes = [o["code"]["coding"][0]["system"] for o in resources(bundle, "Observation")]
     assert set(codes) == {f"https://fhir.cyhr.org.cn/sid/local-item/{fuling}"}
@@ -668,7 +674,8 @@ def test_a_coded_value_whose_type_is_not_found_is_read_as_the_code_with_a_warnin
     typed, untyped = FULL.replace(pq, cd), FULL.replace(pq, cd.replace(b' xsi:type="CD"', b""))
     assert typed != FULL
     assert _observation_values(pipeline, untyped) == _observation_values(pipeline, typed)
-    assert any(v[2] == {"coding": [{"code": "NEG", "display": "阴性"}], "text": "阴性"}
+    assert any(v[2] == {"coding": [{"system": "urn:oid:2.16.156.10011.2.3.2.38", "code": "NEG", "display": "阴性"}],
+                        "text": "阴性"}
                for v in _observation_values(pipeline, untyped))
     warned = [i for i in convert_one(pipeline, untyped).issues
               if i.severity == "warning" and "no xsi:type" in i.message]

@@ -36,6 +36,17 @@ def pipeline(convert_pipeline):
     return convert_pipeline
 
 
+@pytest.fixture
+def at_fuling(tmp_path: Path, clock):
+    """The gateway of 涪陵中心医院, the custodian of the mixed-layout sample (another member's gateway refuses it)."""
+    from gateway.config import load_settings
+
+    p = Pipeline(load_settings(environ={}, overrides={"data_dir": str(tmp_path / "fuling"), "issuer_uscc": FULING,
+                                                      "issuer_name": "重庆市涪陵中心医院（演示）"}), clock=clock)
+    yield p
+    p.close()
+
+
 def convert_one(pipeline: Pipeline, data: bytes):
     outcomes = list(pipeline.convert(data, "cda", "test.xml"))
     assert len(outcomes) == 1
@@ -92,8 +103,8 @@ def test_the_standards_sibling_entries_are_read_item_by_item(pipeline: Pipeline)
     assert found["NA"] == {"value": "139", "unit": "mmol/L", "text": "钠", "flags": ["N"], "range": "137-147"}
 
 
-def test_one_document_may_mix_layouts_item_by_item(pipeline: Pipeline) -> None:
-    out = convert_one(pipeline, MIXED)
+def test_one_document_may_mix_layouts_item_by_item(at_fuling: Pipeline) -> None:
+    out = convert_one(at_fuling, MIXED)
     assert out.status is Status.CONVERTED, out.issues
     assert profiles.validate(out.bundle) == []
     found = results(out.bundle)
@@ -112,10 +123,10 @@ def test_the_organizer_per_item_layout_is_unchanged(pipeline: Pipeline) -> None:
     assert list(results(out.bundle)) == ["ALT", "AST", "GLU", "CREA", "K", "HBSAG"]
 
 
-def test_new_samples_pass_the_outside_validators(pipeline: Pipeline, tmp_path: Path) -> None:
+def test_new_samples_pass_the_outside_validators(pipeline: Pipeline, at_fuling: Pipeline, tmp_path: Path) -> None:
     files = []
     for n, data in enumerate((NESTED, SIBLING, MIXED, V3_BARE, V3_SOAP12, V3_SOAP11)):
-        out = convert_one(pipeline, data)
+        out = convert_one(at_fuling if data in (MIXED, V3_SOAP11) else pipeline, data)
         assert out.bundle is not None, out.issues
         path = tmp_path / f"b{n}.json"
         path.write_text(jsonutil.dumps(out.bundle), encoding="utf-8")
@@ -251,8 +262,8 @@ def test_a_parent_document_naming_its_report_number_is_followed(pipeline: Pipeli
     (V3_SOAP12, ["GLU"]),
     (V3_SOAP11, ["1001", "1005"]),
 ])
-def test_v3_messages_are_unwrapped(pipeline: Pipeline, data: bytes, codes: list[str]) -> None:
-    out = convert_one(pipeline, data)
+def test_v3_messages_are_unwrapped(pipeline: Pipeline, at_fuling: Pipeline, data: bytes, codes: list[str]) -> None:
+    out = convert_one(at_fuling if data is V3_SOAP11 else pipeline, data)  # (涪陵's message at 涪陵's gateway)
     assert out.status is Status.CONVERTED, out.issues
     assert list(results(out.bundle)) == codes
     assert profiles.validate(out.bundle) == []
@@ -283,7 +294,8 @@ def test_post_v3_message_is_acknowledged_with_mcci(client) -> None:
 
 @pytest.mark.parametrize("data, media_type, soap", [
     (V3_SOAP12, "application/soap+xml", "http://www.w3.org/2003/05/soap-envelope"),
-    (V3_SOAP11, "text/xml", "http://schemas.xmlsoap.org/soap/envelope/"),
+    # (the 涪陵 sample kept by this gateway's member: another member's document is refused here)
+    (V3_SOAP11.replace(FULING.encode(), TONGJIANG.encode()), "text/xml", "http://schemas.xmlsoap.org/soap/envelope/"),
 ])
 def test_soap_messages_are_acknowledged_in_their_envelope(client, data: bytes, media_type: str, soap: str) -> None:
     resp = client.post("/ingest/cda", data=data, content_type=media_type)
@@ -484,10 +496,11 @@ def test_a_payload_over_the_size_limit_is_refused(tmp_path: Path, clock, databas
 def test_cli_convert_unwraps_v3_messages(runner) -> None:
     from gateway.cli import cli
 
-    files = [str(CDA / "v3-polb-soap-base64.xml"), str(CDA / "v3-hip-soap11-cdata.xml")]
-    result = runner.invoke(cli, ["--issuer-uscc", TONGJIANG, "convert", "--format", "cda", *files])
-    assert result.exit_code == 0, result.stderr
-    bundles = [json.loads(line) for line in result.stdout.splitlines()]
+    bundles = []
+    for member, name in ((TONGJIANG, "v3-polb-soap-base64.xml"), (FULING, "v3-hip-soap11-cdata.xml")):
+        result = runner.invoke(cli, ["--issuer-uscc", member, "convert", "--format", "cda", str(CDA / name)])
+        assert result.exit_code == 0, result.stderr
+        bundles += [json.loads(line) for line in result.stdout.splitlines()]
     assert [report_of(b)["identifier"][0]["value"] for b in bundles] == ["JY202611210093", "L2026112101377"]
     bad = V3_BARE.replace(b'extension="511921200109050422"', b'extension="511921200109050423"')
     result = runner.invoke(cli, ["--issuer-uscc", TONGJIANG, "convert", "--format", "cda", "-"], input=bad)

@@ -26,16 +26,18 @@ SAMPLES = sorted([*(DATA / "hl7v2").glob("*.hl7"), *(DATA / "cda").glob("*.xml")
 EXPECTED = DATA / "expected"
 REGEN = os.environ.get("GATEWAY_REGEN_GOLDEN") == "1"
 #: The member whose gateway converts each CSV export (the issuer of its Bundles); CDA documents name their
-#: issuer (the custodian), converted at 通江县人民医院's gateway.
+#: issuer (the custodian) and are converted at that member's gateway (another member's document is refused):
+#: 通江县人民医院's, but for the two 涪陵 keeps.
 CSV_MEMBERS = {"cdc": ("12510000MB00030095", "四川省疾病预防控制中心（演示）"),
                "hospital": ("12500102MB0002006J", "重庆市涪陵中心医院（演示）")}
+_FULING_CDA = {"lab-report-mixed", "v3-hip-soap11-cdata"}
 
 
 def member_for(path: Path) -> tuple[str, str]:
     if path.parent.name == "csv":
         return CSV_MEMBERS[path.stem.split("-")[0]]
     if path.parent.name == "cda":
-        return "12511921MB0001003C", "通江县人民医院（演示）"
+        return CSV_MEMBERS["hospital"] if path.stem in _FULING_CDA else ("12511921MB0001003C", "通江县人民医院（演示）")
     return issuer_for(path.stem), "demo issuer"
 
 

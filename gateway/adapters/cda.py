@@ -43,6 +43,7 @@ from gateway.adapters import hl7v3
 from gateway.adapters.base import (
     Coded,
     PatientFacts,
+    Quantity,
     RawUnit,
     ReportFacts,
     ResultFacts,
@@ -50,6 +51,7 @@ from gateway.adapters.base import (
     SpecimenFacts,
     number_problem,
     parse_number,
+    parse_reference_range,
     warn_of_repeated_items,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
@@ -66,6 +68,11 @@ _ABSENT = {"NI": "unknown", "UNK": "unknown", "OTH": "unknown", "NP": "unknown",
            "NAV": "temp-unknown", "NASK": "not-asked", "MSK": "masked", "NA": "not-applicable",
            "NINF": "negative-infinity", "PINF": "positive-infinity"}
 _NUMERIC_TYPES = {"REAL", "INT", "PQ", "MO"}
+#: Intervals taken as a 检验定量结果 (a bound is a quantity with a comparator, both bounds a range): IVL_PQ, and the
+#: same without a unit.
+_INTERVAL_TYPES = {"IVL_PQ", "IVL_INT", "IVL_REAL"}
+#: Types of a 检验定量结果 read as text ("": no type said, nor a value or code attribute).
+_TEXT_TYPES = {"ST", "SC", ""}
 #: Types of a 检验定量结果 that are not a lab result's value as this gateway carries it.
 _UNTAKEN_TYPES = {"BL": "a true or false", "ED": "encapsulated data, such as an image", "BIN": "binary data"}
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
@@ -188,6 +195,33 @@ def _utf8_declared_latin(data: bytes) -> str:
         return ""
     return (f"document declares the encoding {shown(_declared(data) or '')} but its text is UTF-8: read as declared "
             "its Chinese would be garbled; declare encoding=\"UTF-8\" (or send it in the encoding it declares)")
+
+
+#: A run of bytes past ASCII, and Chinese characters in a row: GBK text in a document declared ISO 8859-1 is such runs
+#: (a name, an item); Latin-1 text has its accented letters alone or in pairs between ASCII ones (as HL7 v2 tells).
+_HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
+_CJK_RUN = re.compile(r"[\u3400-\u9fff]{2,}")
+
+
+def _gb_declared_latin(data: bytes) -> str:
+    """Why a document declared ISO-8859-1 or windows-1252 whose text is GBK (GB 18030) is refused ("" when it is not
+    such): ISO 8859-1 decodes any byte, so 李演示 would be stored as ÀîÑÝÊ¾ (over the shared Patient) and signed. A
+    run of bytes past ASCII that reads as two Chinese characters or more in a row is GBK; a single one is not told
+    apart."""
+    declared = _declared(data)
+    if declared not in _LATIN_NAMES or data.isascii() or data.startswith(codecs.BOM_UTF8):
+        return ""
+    for run in _HIGH_RUN.finditer(data):
+        try:
+            chinese = run.group().decode("gb18030")
+        except UnicodeDecodeError:
+            continue
+        if _CJK_RUN.search(chinese):  # (the text itself is not quoted: it is a patient's name as often as not)
+            return (f"document declares the encoding {shown(declared or '')} in its XML declaration, but its bytes "
+                    f"{run.start()} to {run.end() - 1} read as Chinese text in GB 18030 (GBK, GB2312): read as "
+                    "declared its Chinese would be garbled; declare the encoding its bytes are in, "
+                    "<?xml version=\"1.0\" encoding=\"GB18030\"?>, or send it as UTF-8")
+    return ""
 
 
 def declares_dtd(data: bytes) -> bool:
@@ -432,6 +466,24 @@ _PART_NAMES = {"name": "检验项目名称", "result_code": "检验结果代码"
                "specimen": "标本类别", "specimen_state": "标本状态"}
 
 
+@dataclass
+class _TranslatedCode(Coded):
+    """A coded value with its CD/CE ``translation``s: the same meaning in other code systems, carried as further
+    codings (a FHIR builder reads ``translations`` where it is there)."""
+
+    translations: list[Coded] = field(default_factory=list)
+
+
+def _code_of(el: Any) -> Coded:
+    """(code, displayName, codeSystem) of a CD/CE element or of one of its translations."""
+    return Coded((el.get("code") or "").strip(), (el.get("displayName") or "").strip(),
+                 (el.get("codeSystem") or "").strip())
+
+
+#: The LOINC OID: a translation of an item code into it is the item's LOINC (as OBX-3's alternate triplet).
+_LOINC_OID = "2.16.840.1.113883.6.1"
+
+
 @dataclass(frozen=True)
 class DocumentKey:
     """A document as duplicate detection sees it: who keeps it, its 文档流水号, the digest of its content and
@@ -446,9 +498,9 @@ class DocumentKey:
 class CDAAdapter:
     """Reads WS/T 500.7 检验报告 documents as the structure table describes them.
 
-    ``member_uscc`` / ``member_miplrn`` are this gateway's own member: a
-    custodian identified by its organisation code or licence number instead
-    of a 统一社会信用代码 is accepted only when it names this member.
+    ``member_uscc`` / ``member_miplrn`` are this gateway's own member: the
+    custodian must be this member (its reports are signed by this gateway), by
+    its 统一社会信用代码, or by its organisation code or licence number.
     """
 
     format = "cda"
@@ -530,7 +582,7 @@ class CDAAdapter:
                                 "document declares a DTD or entities (<!DOCTYPE/<!ENTITY): refused unread; "
                                 "CDA documents never need them and they are the vehicle of XXE and "
                                 "entity-expansion attacks", "100")]
-        mislabelled = _utf8_declared_latin(data)
+        mislabelled = _utf8_declared_latin(data) or _gb_declared_latin(data)
         if mislabelled:
             return None, [Issue("error", "structure", where, mislabelled, "100")]
         try:
@@ -659,6 +711,14 @@ class CDAAdapter:
 
         related = get("related_type")
         report.status = "original"
+        relations = [n for n in r.nodes(root, h.get("related_document", "hl7:relatedDocument"))
+                     if isinstance(n, etree._Element)]
+        if len(relations) > 1:  # (the replaced number was read from one, the 文档流水号 from the other)
+            msg.issues.append(Issue("error", "structure", _path(relations[1]),
+                                    f"the document has {len(relations)} relatedDocuments "
+                                    f"({', '.join(_path(n) for n in relations)}): which report it corrects cannot be "
+                                    "told; a correction replaces one document, send one relatedDocument", "100"))
+            return report
         if related:
             allowed = [str(t) for t in self.table.get("related_types", ["RPLC"])]
             if related.value not in allowed:
@@ -712,6 +772,14 @@ class CDAAdapter:
                 uscc = check_uscc(value)
             except IdentifierError as exc:
                 msg.issues.append(Issue("error", "value", ident.where, f"custodian id: {exc.message}", "102"))
+                return
+            if self.member_uscc and uscc != self.member_uscc:
+                # (this gateway signs what it stores as its member's: another member's report would be signed as
+                # issued by that member, and refused by every verifier)
+                msg.issues.append(Issue("error", "value", ident.where,
+                                        f"custodian id {uscc} is another institution's 统一社会信用代码 than this "
+                                        f"gateway's member, {self.member_uscc}: a report is taken only at its "
+                                        "custodian's own gateway, which signs it; send it there", "102"))
                 return
         elif value == self.member_miplrn or (len(value) >= 9 and value[:9] == self.member_uscc[8:17]):
             uscc = self.member_uscc
@@ -887,6 +955,10 @@ class CDAAdapter:
             code.display = name.value
         res = ResultFacts(location=_path(item.location), code=code)
         res.where["code"] = _path(code_value)
+        translations: list[Coded] = getattr(code, "translations", [])
+        if translations:  # read as HL7 v2 reads OBX-3's alternate triplet: a LOINC one first
+            alternate = next((t for t in translations if t.system == _LOINC_OID), translations[0])
+            msg.extra.setdefault("alternate_codes", {})[res.location] = alternate
         tested = self._time(r.value(code_obs, "hl7:effectiveTime/@value"), msg)
         specimen = self._specimen(item.parts.get("specimen"), msg, res)
         res.observed_at = (specimen.collected_at if specimen is not None else "") or tested
@@ -926,13 +998,19 @@ class CDAAdapter:
 
     @staticmethod
     def _coded(value: Any) -> Coded:
-        """A CD/CE value as (code, displayName, codeSystem); an ST value as its text."""
+        """A CD/CE value as (code, displayName, codeSystem) with its translations (the same meaning in other code
+        systems; the first stands for the code when there is none: ``nullFlavor="OTH"``); an ST value as its
+        text."""
         if value is None:
             return Coded()
         xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
         if xsi in _CODED_TYPES or (value.get("code") is not None and not _text(value)):
-            return Coded((value.get("code") or "").strip(), (value.get("displayName") or "").strip(),
-                         (value.get("codeSystem") or "").strip())
+            translations = [_code_of(t) for t in value if isinstance(t.tag, str) and _localname(t) == "translation"]
+            translations = [t for t in translations if t.code]
+            coded = _code_of(value)
+            if not coded.code and translations:
+                coded = translations.pop(0)
+            return _TranslatedCode(coded.code, coded.display, coded.system, translations) if translations else coded
         return Coded(_text(value))
 
     def _value(self, obs: Any, msg: SourceMessage, res: ResultFacts, own_unit: _Found | None = None) -> None:
@@ -951,7 +1029,10 @@ class CDAAdapter:
             xsi = (value.get(_XSI_TYPE) or "").split(":")[-1].upper()
             res.where["value"] = _path(value)
             res.absent = _ABSENT.get((value.get("nullFlavor") or "").strip().upper(), "")
-            if xsi in _NUMERIC_TYPES or (not xsi and value.get("value") is not None):
+            empty = value.get("value") is None and value.get("code") is None and not len(value) and not _text(value)
+            if res.absent and empty:
+                pass  # a nullFlavor and nothing else, whatever the type: no value, for the reason it says
+            elif xsi in _NUMERIC_TYPES or (not xsi and value.get("value") is not None):
                 raw = (value.get("value") or "").strip()
                 res.where["value"] = f"{_path(value)}/@value"
                 if not raw and value.get("value") is None and _text(value):  # <value xsi:type="REAL">8.20</value>
@@ -969,8 +1050,8 @@ class CDAAdapter:
                                                 f"({xsi or 'REAL'})", "102"))
                     else:
                         res.value_kind, res.value = "quantity", q
-            elif xsi == "IVL_PQ":
-                self._interval(value, msg, res)
+            elif xsi in _INTERVAL_TYPES:
+                self._interval(value, msg, res, xsi)
             elif xsi in _CODED_TYPES or (not xsi and value.get("code") is not None):
                 if not xsi:  # a code with no type said (a negative HBsAg was stored as "unknown")
                     msg.issues.append(Issue("warning", "value", res.where["value"],
@@ -984,6 +1065,21 @@ class CDAAdapter:
                 msg.issues.append(Issue("error", "not-supported", res.where["value"],
                                         f"a 检验定量结果 of type {xsi} ({_UNTAKEN_TYPES[xsi]}) is not taken: send the "
                                         "result as a number (PQ, REAL), a code (CD) or text (ST)", "102"))
+            elif xsi.startswith("RTO"):
+                self._ratio(value, msg, res, xsi)
+            elif xsi == "TS":
+                raw = (value.get("value") or "").strip()
+                if raw:  # (the same checks as the document's other times: 20241305 is no date)
+                    res.where["value"] = f"{_path(value)}/@value"
+                    res.value = self._time(_Found(raw, res.where["value"], value), msg)
+                    res.value_kind = "datetime" if res.value else ""
+            elif xsi not in _TEXT_TYPES:
+                if not res.absent:  # (a type not known, with a nullFlavor: no value, for the reason it says)
+                    msg.issues.append(Issue("error", "not-supported", res.where["value"],
+                                            f"a 检验定量结果 of type {shown(xsi)} is not taken: its value cannot be "
+                                            "carried as sent; send the result as a number (PQ, REAL, INT), an "
+                                            "interval (IVL_PQ, IVL_INT), a ratio (RTO), a time (TS), a code (CD) or "
+                                            "text (ST)", "102"))
             else:
                 text = _text(value)
                 q = parse_number(text) if text and unit and xsi in ("ST", "") else None
@@ -1000,12 +1096,18 @@ class CDAAdapter:
                                                 f"unit {shown(unit.value)} is left out: the 检验定量结果 {shown(text)} "
                                                 "is text, which carries no unit", "102"))
                         unit = _Found("", "")
+            if unit and res.value_kind in ("ratio", "datetime"):
+                msg.issues.append(Issue("warning", "value", unit.where,
+                                        f"unit {shown(unit.value)} is left out: the 检验定量结果 is a "
+                                        f"{'ratio of numbers' if res.value_kind == 'ratio' else 'time'} ({xsi}), "
+                                        "which carries no unit", "102"))
+                unit = _Found("", "")
         if unit:
             res.unit, res.where["unit"] = unit.value, unit.where
         if "reference_range" in spec:
             rng = r.element(obs, spec["reference_range"])
             if rng is not None:
-                res.reference_range = self._range(rng, res.unit)
+                res.reference_range = self._range(rng, res.unit, msg)
                 res.where["reference_range"] = _path(rng)
         if "interpretation" in spec:
             flag = r.value(obs, spec["interpretation"])
@@ -1013,15 +1115,16 @@ class CDAAdapter:
                 res.flags.append(flag.value)
                 res.where.setdefault("flags", flag.where)
 
-    def _interval(self, value: Any, msg: SourceMessage, res: ResultFacts) -> None:
-        """An IVL_PQ 检验定量结果: one bound is a quantity with a comparator (``<high value="0.05"
-        inclusive="false"/>`` is "<0.05", as HL7 v2 SN ``<^0.05``); both bounds are a range."""
+    def _interval(self, value: Any, msg: SourceMessage, res: ResultFacts, xsi: str = "IVL_PQ") -> None:
+        """An IVL_PQ (IVL_INT, IVL_REAL: the same without a unit) 检验定量结果: one bound is a quantity with a
+        comparator (``<high value="0.05" inclusive="false"/>`` is "<0.05", as HL7 v2 SN ``<^0.05``); both bounds are
+        a range."""
         bounds: dict[str, tuple[Any, Any]] = {}
         for el in value:
             name = _localname(el) if isinstance(el.tag, str) else ""
             if name in ("center", "width"):
                 msg.issues.append(Issue("error", "not-supported", _path(el),
-                                        f"an IVL_PQ 检验定量结果 given by its {name} is not taken: send low and/or "
+                                        f"an {xsi} 检验定量结果 given by its {name} is not taken: send low and/or "
                                         "high", "102"))
                 return
             if name not in ("low", "high") or name in bounds or el.get("value") is None:
@@ -1031,24 +1134,24 @@ class CDAAdapter:
             if q is None or q.comparator:
                 problem = "is not a plain number (the bound itself says < or >)" if q else number_problem(raw)
                 msg.issues.append(Issue("error", "value", f"{_path(el)}/@value",
-                                        f"{shown(raw)} {problem} for 检验定量结果 (IVL_PQ {name})", "102"))
+                                        f"{shown(raw)} {problem} for 检验定量结果 ({xsi} {name})", "102"))
                 return
             bounds[name] = (q, el)
         if not bounds:
             msg.issues.append(Issue("error", "value", _path(value),
-                                    "IVL_PQ 检验定量结果 has neither a low nor a high value", "102"))
+                                    f"{xsi} 检验定量结果 has neither a low nor a high value", "102"))
             return
         if len(bounds) == 2:
             (low, low_el), (high, high_el) = bounds["low"], bounds["high"]
             open_ends = [el for el in (low_el, high_el) if (el.get("inclusive") or "").strip() == "false"]
             if open_ends:
                 msg.issues.append(Issue("error", "value", f"{_path(open_ends[0])}/@inclusive",
-                                        "an IVL_PQ 检验定量结果 with both bounds and an excluded one cannot be "
+                                        f"an {xsi} 检验定量结果 with both bounds and an excluded one cannot be "
                                         "carried (a FHIR Range includes its bounds)", "102"))
                 return
             if low.value > high.value:
                 msg.issues.append(Issue("error", "value", _path(value),
-                                        f"IVL_PQ 检验定量结果 low {low.value} is above high {high.value}", "102"))
+                                        f"{xsi} 检验定量结果 low {low.value} is above high {high.value}", "102"))
                 return
             res.value_kind, res.value = "range", (low, high)
             res.where["value"] = _path(value)
@@ -1058,6 +1161,39 @@ class CDAAdapter:
         q.comparator = ("<=" if inclusive else "<") if name == "high" else (">=" if inclusive else ">")
         res.value_kind, res.value = "quantity", q
         res.where["value"] = f"{_path(el)}/@value"
+
+    def _ratio(self, value: Any, msg: SourceMessage, res: ResultFacts, xsi: str) -> None:
+        """An RTO (RTO_INT_INT, RTO_PQ_PQ, ...) 检验定量结果, such as a titre 1:320: a ratio of two numbers, as HL7 v2
+        SN ``^1^:^320``. Its parts are plain numbers: a part with a unit (``<numerator value="1" unit="mg"/>``) is
+        refused naming it, as a FHIR ratio of this gateway carries numbers only (the unit "1" is no unit)."""
+        parts: list[Quantity] = []
+        for name in ("numerator", "denominator"):
+            el = next((c for c in value if isinstance(c.tag, str) and _localname(c) == name), None)
+            if el is None:
+                msg.issues.append(Issue("error", "value", _path(value),
+                                        f"ratio 检验定量结果 ({xsi}) has no {name}: send both parts", "102"))
+                return
+            raw = (el.get("value") or "").strip()
+            q = parse_number(raw) if raw else None
+            if q is None or q.comparator:
+                problem = ("has no value" if not raw else "is not a plain number (it says < or >)" if q else
+                           f"{shown(raw)} {number_problem(raw)}")
+                msg.issues.append(Issue("error", "value", f"{_path(el)}/@value",
+                                        f"the {name} of the ratio 检验定量结果 ({xsi}) {problem}", "102"))
+                return
+            unit = (el.get("unit") or "").strip()
+            if unit not in ("", "1"):
+                msg.issues.append(Issue("error", "not-supported", f"{_path(el)}/@unit",
+                                        f"the {name} of the ratio 检验定量结果 ({xsi}) has the unit {shown(unit)}, "
+                                        "which cannot be carried (a ratio is carried as two numbers): send the "
+                                        "ratio of numbers (RTO_INT_INT), or the result as a PQ in its unit", "102"))
+                return
+            if name == "denominator" and q.value == 0:
+                msg.issues.append(Issue("error", "value", f"{_path(el)}/@value",
+                                        f"the denominator of the ratio 检验定量结果 ({xsi}) is zero", "102"))
+                return
+            parts.append(q)
+        res.value_kind, res.value = "ratio", (parts[0], parts[1])
 
     def _unit(self, obs: Any, value: Any, msg: SourceMessage, own_unit: _Found | None) -> _Found:
         """The unit of the 检验定量结果 ``obs``, wherever the sender put it: the ``unit`` of its PQ value, a
@@ -1091,25 +1227,40 @@ class CDAAdapter:
         # a 计量单位 entry names the unit as the standard has it; the PQ attribute is read when it is all there is
         return next((f for f, w in places if w != "of the 检验定量结果 value"), first)
 
-    def _range(self, rng: Any, unit: str) -> str:
-        """A reference range as text (``3.9-6.1``, ``<5``); bounds in another unit than the result's keep their
-        unit in the text (``70-110 mg/dL``), which is then not read as the result's low and high."""
+    def _range(self, rng: Any, unit: str, msg: SourceMessage) -> str:
+        """A reference range as text (``3.9-6.1``, ``≥3.9``, ``<5``); bounds in another unit than the result's keep
+        their unit in the text (``70-110 mg/dL``), which is then not read as the result's low and high. A ``text``
+        beside IVL_PQ bounds is kept when the two agree; when they do not, the bounds are kept (they are what a
+        machine reads: the low and high of the range) and the sender is told, naming both."""
         text = self.reader.value(rng, "hl7:text")
-        if text:
+        bounds = self._bounds(rng, unit)
+        if not text or not bounds:
+            return text.value or bounds
+        read = parse_reference_range(text.value)
+        if read != (None, None) and read == parse_reference_range(bounds):
             return text.value
-        low = self.reader.value(rng, "hl7:value/hl7:low/@value").value
-        high = self.reader.value(rng, "hl7:value/hl7:high/@value").value
-        units = {u for u in (self.reader.value(rng, f"hl7:value/hl7:{b}/@unit").value for b in ("low", "high")) if u}
+        kept, left = (bounds, text.value) if parse_reference_range(bounds) != (None, None) else (text.value, bounds)
+        msg.issues.append(Issue("warning", "value", _path(rng),
+                                f"reference range {shown(text.value)} (its text) disagrees with its bounds "
+                                f"{shown(bounds)} (its IVL_PQ value): {shown(kept)} is kept, {shown(left)} left out",
+                                "102"))
+        return kept
+
+    def _bounds(self, rng: Any, unit: str) -> str:
+        """The IVL_PQ bounds of a reference range as text: ``3.9-6.1``; one bound says whether it is included
+        (HL7 v3 bounds are, unless ``inclusive="false"``): ``≥3.9``, ``>3.9``, ``≤6.1``, ``<6.1``."""
+        found = {b: self.reader.element(rng, f"hl7:value/hl7:{b}[@value]") for b in ("low", "high")}
+        ends = {b: el for b, el in found.items() if el is not None and (el.get("value") or "").strip()}
+        units = {(el.get("unit") or "").strip() for el in ends.values()} - {""}
         own = next(iter(units)) if len(units) == 1 else ""
         suffix = f" {' '.join(sorted(units))}" if units and (len(units) > 1 or _unit_key(own) != _unit_key(unit)) \
             else ""
-        if low and high:
-            return f"{low}-{high}{suffix}"
-        if high:
-            return f"<{high}{suffix}"
-        if low:
-            return f">{low}{suffix}"
-        return ""
+        signs = {"low": ("≥", ">"), "high": ("≤", "<")}
+        said = {b: (signs[b][(el.get("inclusive") or "").strip() == "false"], el.get("value", "").strip())
+                for b, el in ends.items()}
+        if len(said) == 2 and said["low"][0] == "≥" and said["high"][0] == "≤":
+            return f"{said['low'][1]}-{said['high'][1]}{suffix}"
+        return ", ".join(f"{sign}{value}" for sign, value in said.values()) + (suffix if said else "")
 
     def _sections(self, root: Any, name: str) -> list[Any]:
         """Every section of kind ``name`` (a document may split one kind over several sections)."""

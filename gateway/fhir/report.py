@@ -25,6 +25,11 @@ from gateway.naming import (
 __all__ = ["observation", "specimen", "diagnostic_report", "parse_reference_range", "ref", "report_key"]
 
 _CODED_SYSTEMS = {"LN": SYSTEM_LOINC, "SCT": "http://snomed.info/sct", "UCUM": "http://unitsofmeasure.org"}
+#: Code systems a coded value names by their HL7 OID (a CDA value's codeSystem), as FHIR names them; any other OID
+#: is ``urn:oid:``.
+_OID_SYSTEMS = {"2.16.840.1.113883.6.1": SYSTEM_LOINC, "2.16.840.1.113883.6.96": "http://snomed.info/sct",
+                "2.16.840.1.113883.6.8": "http://unitsofmeasure.org"}
+_OID = re.compile(r"[0-2](\.\d+)+")
 
 
 def ref(resource: dict[str, Any]) -> dict[str, str]:
@@ -67,14 +72,10 @@ def _value(res: ResultFacts) -> dict[str, Any]:
         return {"valueString": value}
     if kind == "coded":
         cc: dict[str, Any] = {}
-        if value.code:
-            coding = {"code": value.code}
-            system = _CODED_SYSTEMS.get(value.system.upper())
-            if system:
-                coding = {"system": system, **coding}
-            if value.display:
-                coding["display"] = value.display
-            cc["coding"] = [coding]
+        # a coded value may carry the same meaning in other code systems (a CDA value's translations): further codings
+        codings = [_value_coding(c) for c in [value, *getattr(value, "translations", ())] if c.code]
+        if codings:
+            cc["coding"] = [c for n, c in enumerate(codings) if c not in codings[:n]]
         if res.std.get("value_codings"):  # the mapping stage's reading: every triplet sent, each in its system
             cc["coding"] = res.std["value_codings"]
         cc["text"] = value.display or value.code
@@ -90,6 +91,17 @@ def _value(res: ResultFacts) -> dict[str, Any]:
         return {"valueDateTime": value}
     reason = res.std.get("absent", "unknown")
     return {"dataAbsentReason": {"coding": [{"system": SYSTEM_DATA_ABSENT, "code": reason}]}}
+
+
+def _value_coding(code: Coded) -> dict[str, str]:
+    """A coding of a coded value: its system a name HL7 v2 uses (LN, SCT, UCUM) or an OID (a known one as its FHIR
+    URI, another as ``urn:oid:``); none when the source named another."""
+    system = _CODED_SYSTEMS.get(code.system.upper()) or _OID_SYSTEMS.get(code.system) or (
+        f"urn:oid:{code.system}" if _OID.fullmatch(code.system) else "")
+    coding = {"system": system, "code": code.code} if system else {"code": code.code}
+    if code.display:
+        coding["display"] = code.display
+    return coding
 
 
 def observation(res: ResultFacts, report: ReportFacts, *, issuer: Issuer, subject: dict[str, Any],
