@@ -357,9 +357,46 @@ def test_audit_verify_and_event_pages(fuling) -> None:
     app, _, _ = fuling
     c, _ = login(app, "aud")
     page = c.get("/console/audit").get_data(as_text=True)
-    answer = c.post("/console/audit/verify", data={"csrf_token": _csrf(page)})
+    answer = c.post("/console/audit/verify", data={"csrf_token": _csrf(page)}, follow_redirects=True)
     assert answer.status_code == 200
     assert 'data-figure="audit-verify" data-value="ok"' in answer.get_data(as_text=True)
+
+
+def _entries_in(folder: Path) -> int:
+    from gateway.store.db import connect
+
+    db = connect(folder / "gateway.db")
+    try:
+        return sum(1 for _ in entries(db))
+    finally:
+        db.conn.close()
+
+
+def test_verifying_the_chain_goes_on_to_its_result_which_a_reload_shows_again_without_verifying(fuling) -> None:
+    """校验哈希链 answered the POST with the result page: Back asked the browser to send the form again, and Reload
+    verified the whole chain again and wrote another audit entry. The verification now goes on (303) to the page of
+    its result; reading that page again verifies nothing and audits nothing, and another session does not see it."""
+    app, _, folder = fuling
+    c, _ = login(app, "aud")
+    page = c.get("/console/audit").get_data(as_text=True)
+    before = _entries_in(folder)
+    answer = c.post("/console/audit/verify", data={"csrf_token": _csrf(page)})
+    assert answer.status_code == 303, answer.status_code
+    assert answer.headers["Location"] == "/console/audit/verify"
+    verified = _entries_in(folder)
+    assert verified == before + 1  # the verification itself is audited, once
+    for _ in range(2):  # the page, and a reload of it
+        shown = c.get(answer.headers["Location"])
+        text = shown.get_data(as_text=True)
+        assert shown.status_code == 200 and 'data-figure="audit-verify" data-value="ok"' in text, text[:800]
+        assert "OK: " in text and "aud" in text
+    assert _entries_in(folder) == verified
+    other, _ = login(app, "aud")
+    elsewhere = other.get("/console/audit/verify").get_data(as_text=True)
+    assert 'data-figure="audit-verify"' not in elsewhere and "尚未校验" in elsewhere
+    other.set_cookie("gateway_console_verify", c.get_cookie("gateway_console_verify", path="/console/audit/verify")
+                     .value, path="/console/audit/verify")  # a result kept by another session is not shown here
+    assert 'data-figure="audit-verify"' not in other.get("/console/audit/verify").get_data(as_text=True)
 
 
 def test_users_add_with_password_file_and_passwd(tmp_path: Path, database: str) -> None:
@@ -870,3 +907,98 @@ def test_a_log_in_going_on_to_a_next_with_control_characters_goes_to_the_overvie
     assert answer.status_code in (302, 303), answer.status_code
     assert answer.headers["Location"].endswith("/console/") or answer.headers["Location"].endswith("/console")
     assert "X-Injected" not in answer.headers
+
+
+def test_a_message_a_process_that_is_gone_left_unfinished_can_be_worked_again_from_its_page(fuling) -> None:
+    """A message a crashed process left unfinished (``received``, its lease expired or its process gone) is taken
+    by the retry, and the overview's health box tells the admin of it; its page offered 重新处理 to failed messages
+    only. It offers it now, but not for a message a live process is working."""
+    from gateway.store.store import lease_owner
+
+    app, clock, folder = fuling
+    now = clock().timestamp()
+    with closing(sqlite3.connect(folder / "gateway.db")) as conn, conn:
+        # message 1: its process (on another machine) let its lease run out; message 2: this live process holds it
+        conn.execute("UPDATE messages SET status = 'received', lease_owner = 'gone-host:4242', lease_until = ?"
+                     " WHERE id = 1", [now - 60])
+        conn.execute("UPDATE messages SET status = 'received', lease_owner = ?, lease_until = ? WHERE id = 2",
+                     [lease_owner(), now + 300])
+    a, _ = login(app, "adm")
+    left = a.get("/console/messages/1").get_data(as_text=True)
+    assert "重新处理" in left and "未处理完" in left
+    working = a.get("/console/messages/2").get_data(as_text=True)
+    assert "重新处理" not in working and "正在处理" in working
+    assert "重新处理" not in login(app, "aud")[0].get("/console/messages/1").get_data(as_text=True)  # admins act
+    answer = a.post("/console/messages/1/retry", data={"csrf_token": _csrf(left)})
+    assert answer.status_code == 303 and answer.headers["Location"] == "/console/messages/1"
+    done = a.get("/console/messages/1").get_data(as_text=True)
+    assert _figures(done, "message-status")[0]["value"] not in ("received", "failed") and "重新处理" not in done
+    assert [(o["action"], o["target"]) for o in _log(folder, "operator")] == [("message-retried", "messages/1")]
+
+
+@pytest.mark.parametrize("number", ["99999999999999999999999", "9223372036854775808"])
+def test_a_record_number_larger_than_any_is_a_missing_record_not_an_internal_error(fuling, caplog, number: str) -> None:
+    """A number too large for the database in a console URL was a 500 (OverflowError: Python int too large to
+    convert to SQLite INTEGER) and an ERROR in the log: it is the 404 of a record that does not exist, on every
+    console page that takes a number."""
+    app, _, _ = fuling
+    a, _ = login(app, "adm")
+    token = _csrf(a.get("/console/").get_data(as_text=True))
+    for method, path in (("GET", f"/console/messages/{number}"), ("GET", f"/console/messages/{number}/raw"),
+                         ("POST", f"/console/messages/{number}/retry"), ("POST", f"/console/outbox/{number}/retry"),
+                         ("POST", f"/console/outbox/{number}/replay"), ("GET", f"/console/audit/{number}")):
+        answer = a.open(path, method=method, data={"csrf_token": token} if method == "POST" else None)
+        text = answer.get_data(as_text=True)
+        assert answer.status_code == 404 and answer.mimetype == "text/html", (path, answer.status_code)
+        assert "返回控制台" in text and "内部错误" not in text, path
+        if "/audit/" not in path:
+            assert f"没有编号为 {number} 的" in text, path
+    assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+
+
+def test_a_record_that_does_not_exist_is_said_by_its_page(fuling) -> None:
+    """A decision or message that does not exist got the 404 of a page the console does not have ("请从菜单进入"):
+    the page says which record is missing, as the view does."""
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    for path, said in (("/console/decisions/xxxx", "没有此判定"), ("/console/messages/999999", "没有编号为 999999 的消息")):
+        answer = c.get(path)
+        text = answer.get_data(as_text=True)
+        assert answer.status_code == 404 and said in text and "请从菜单进入" not in text, path
+    assert "请从菜单进入" in c.get("/console/nope").get_data(as_text=True)  # a page the console has not: said so
+
+
+def test_a_physicians_own_qualification_names_the_physician_on_the_registry_page(fuling) -> None:
+    """A physician's own qualification (``physician: {ref: …}``, no member) showed an empty 机构 column and nothing
+    saying whose it is: the row names the physician and their 资格证书编号."""
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    html = c.get("/console/registry").get_data(as_text=True)
+    row = next(r for r in html.split("<tr") if 'data-status="phy-bing-diagnosis"' in r)
+    holder = re.sub(r"<[^>]+>", "", row.split("</td>")[0])
+    assert "演示诊断医师丙" in holder and "DEMO-ZYBZD-2020-0031" in holder, holder
+    row = next(r for r in html.split("<tr") if 'data-status="cdc-physician-1"' in r)  # a member's physician
+    assert "演示主检医师甲" in row.split("</td>")[0]
+
+
+def test_the_issuer_box_of_the_recognition_page_takes_a_members_name(fuling) -> None:
+    """The tables show issuers by name, yet the 发证机构 box took only the 统一社会信用代码: a name gave all zeros,
+    silently. A name (in full, or a part only one member's name has) selects that member; one that names no member,
+    or several, is said."""
+    app, _, _ = fuling
+    c, _ = login(app, "aud")
+    by_code = c.get(f"/console/recognition?issuer={TONGJIANG_USCC}").get_data(as_text=True)
+    want = [f for f in _figures(by_code, "eligible") if f.get("dimension") == "total"]
+    assert want and want[0]["value"] != "0"
+    for name in ("通江县人民医院（演示）", "通江县人民医院"):
+        html = c.get(f"/console/recognition?issuer={name}").get_data(as_text=True)
+        assert [f for f in _figures(html, "eligible") if f.get("dimension") == "total"] == want, name
+        assert f"gateway audit stats --issuer {TONGJIANG_USCC}" in html and f'value="{name}"' in html
+        listed = c.get(f"/console/recognition/decisions?issuer={name}&outcome=eligible").get_data(as_text=True)
+        assert _figures(listed, "decisions-listed")[0]["value"] == want[0]["value"]
+    for name, said in (("没有这家医院", "nor the name of a member"), ("医院", "names of")):
+        answer = c.get(f"/console/recognition?issuer={name}")
+        assert answer.status_code == 422 and said in answer.get_data(as_text=True), name
+    # a code no decision has (a former member's, a typo): the page says nothing was found, and how to choose
+    nothing = c.get("/console/recognition?issuer=12345678901234567X").get_data(as_text=True)
+    assert "data-none-found" in nothing and "统一社会信用代码" in nothing

@@ -559,6 +559,67 @@ def test_every_page_fits_a_phone_and_a_long_value_wraps(world: World, chromium: 
         context.close()
 
 
+#: How many lines each cell of the rows of a table takes (the distinct tops of the boxes of its text).
+LINES_JS = """rows => rows.map(tr => [...tr.children].map(td => {
+    const range = document.createRange(); range.selectNodeContents(td);
+    return new Set([...range.getClientRects()].map(box => Math.round(box.top))).size; }))"""
+
+
+def test_one_very_long_control_id_leaves_the_other_columns_readable(
+        world: World, open_page: Opener, shots: Path) -> None:
+    """A message whose control id (MSH-10) is 400 characters, listed even when refused, took the width of the
+    Messages list and of the overview's 最新错误 at 1366×768: every row's record number, channel and status wrapped
+    letter by letter. The long id wraps in its own cell; the short cells of every row keep to one line."""
+    base = world.fuling.url
+    from gateway.adapters.hl7v2 import split_messages
+
+    long_id = "LONG" + "9" * 396
+    sample = resources.files("gateway.demo").joinpath("data", "hl7v2", "fuling-central-lis.hl7").read_bytes()
+    segments = split_messages(sample)[0].split(b"\r")
+    fields = segments[0].split(b"|")
+    fields[9] = long_id.encode()
+    said = _cli(world.fuling_dir, "users", "add", "lis-long-id", "--role", "submitter").splitlines()
+    token = said[said.index(next(line for line in said if line.startswith("API token (shown only now"))) + 1]
+    sent = requests.post(base + "/ingest/hl7v2", data=b"\r".join([b"|".join(fields), *segments[1:]]), timeout=30,
+                         headers={"Authorization": f"Bearer {token}"})
+    assert sent.status_code < 500, sent.text
+    page, _ = open_page()
+    _log_in(page, base, "qc")
+    page.goto(base + "/console/messages")
+    assert long_id in page.content()
+    page.screenshot(path=shots / "console-messages-long-id.png")
+    # #, channel, format, status, answer: one line in every row
+    lines = page.locator("main table.wide tr:has(td a)").evaluate_all(LINES_JS)
+    assert len(lines) > 1 and {row[i] for row in lines for i in (0, 2, 3, 6, 7)} == {1}, lines
+    assert page.evaluate("document.documentElement.scrollWidth") <= browser.VIEWPORT["width"]
+    page.goto(base + "/console/")
+    errors = page.locator("main h2:has-text('Latest errors') + table tr:has(td a)")
+    assert any(long_id in row for row in errors.all_inner_texts())  # refused: among the latest errors
+    page.screenshot(path=shots / "console-overview-long-id.png", full_page=True)
+    lines = errors.evaluate_all(LINES_JS)
+    assert len(lines) > 1 and {row[i] for row in lines for i in (0, 2, 5)} == {1}, lines  # #, channel, status
+    assert page.evaluate("document.documentElement.scrollWidth") <= browser.VIEWPORT["width"]
+
+
+def test_the_chain_verification_is_not_sent_again_by_back_or_reload(world: World, open_page: Opener) -> None:
+    """The verification answered the form itself: Back asked to send it again (Confirm Form Resubmission) and
+    Reload verified again. It goes on to its result's page, which Reload shows again without a POST."""
+    page, _ = open_page()
+    _log_in(page, world.fuling.url, "qc")
+    page.goto(world.fuling.url + "/console/audit")
+    with page.expect_navigation():
+        page.click("button:has-text('校验哈希链')")
+    assert page.url == world.fuling.url + "/console/audit/verify"
+    shown = browser.figures(page, "audit-verify")[0]
+    assert shown["value"] == "ok"
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.reload()
+    assert browser.figures(page, "audit-verify")[0] == shown and posts == []
+    page.go_back()
+    assert page.url == world.fuling.url + "/console/audit" and posts == []
+
+
 def test_a_lookup_from_the_command_line_is_verified_and_listed_as_made(
         world: World, open_page: Opener, tmp_path: Path) -> None:
     """`gateway lookup` at 涪陵 asks the running 通江 for the demo patient's reports over HTTP: each verified, written

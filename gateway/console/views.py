@@ -8,6 +8,7 @@ the API, and so is every action an admin takes here.
 """
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as _dt
 import hmac
@@ -16,9 +17,11 @@ import json
 import logging
 import re
 import secrets
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, cast
+from pathlib import Path
+from typing import Any, Literal, NoReturn, cast
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
@@ -35,7 +38,7 @@ from gateway.console import charts
 from gateway.errors import DatabaseUnavailable, GatewayError, InputError, NotFound
 from gateway.logs import database_fault
 from gateway.store.db import Database, fault_reason, transaction
-from gateway.store.store import Store
+from gateway.store.store import Store, holder_state
 from gateway.store.views import MessageFilter, ReadModels
 
 __all__ = ["bp"]
@@ -117,6 +120,26 @@ def _problem(status: int, title: str, detail: str) -> Response:
     return _page("error.html", status, title=title, detail=detail)
 
 
+#: What a number in a console URL numbers, by the name of its part of the URL: (Chinese, English).
+_NUMBERED = {"record_id": ("消息", "message"), "row_id": ("投递", "delivery"), "event_id": ("审计条目", "audit entry")}
+#: The largest record number a database keeps (a signed 64-bit integer, in SQLite and PostgreSQL alike).
+_MAX_NUMBER = 2**63 - 1
+
+
+def _missing(part: str, number: int) -> NoReturn:
+    """The console's 404 for a record that does not exist, in the view's own words: "没有编号为 N 的消息"."""
+    zh, en = _NUMBERED.get(part, ("记录", "record"))
+    abort(404, f"没有编号为 {number} 的{zh} (no {en} {number})")
+
+
+def _numbers_asked() -> None:
+    """A number in a console URL larger than any record number (``/console/messages/99999999999999999999999``) is
+    a record that does not exist: its 404, before the database is asked (which cannot take the number: a 500)."""
+    for part, value in (request.view_args or {}).items():
+        if isinstance(value, int) and not 0 <= value <= _MAX_NUMBER:
+            _missing(part, value)
+
+
 @bp.before_request
 def _session() -> BaseResponse | None:
     """Find the console session; a visitor without one goes to the log-in page (never a raw 401)."""
@@ -134,6 +157,7 @@ def _session() -> BaseResponse | None:
         if not sent or not hmac.compare_digest(sent, g.console.csrf):
             return _problem(400, "请求被拒绝 (CSRF)",
                             "表单缺少有效的 CSRF 令牌，请返回页面刷新后重试。(The form was sent without its CSRF token.)")
+    _numbers_asked()
     return None
 
 
@@ -178,7 +202,7 @@ def _http_error(exc: HTTPException) -> Response:
     titles = {403: "没有权限 (forbidden)", 404: "未找到 (not found)", 400: "请求有误 (bad request)",
               405: "不支持此操作 (method not allowed)"}
     detail = exc.description or ""
-    if exc.code == 404:
+    if exc.code == 404 and detail == type(exc).description:  # no view said what is missing: no such page
         detail = "控制台没有这个页面，请从菜单进入。(The console has no such page; use the menu.)"
     elif exc.code == 405:
         detail = (f"此页面不接受 {request.method} 请求，请从页面上的链接或按钮进入。"
@@ -456,10 +480,15 @@ def message(record_id: int) -> Response:
         try:
             rec = store.get_message(record_id)
         except NotFound:
-            abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
+            _missing("record_id", record_id)
         stages = store.stages_of(record_id)
+        holder = holder_state(rec.lease_owner, rec.lease_until, _pipeline().store.epoch()) \
+            if rec.status == "received" else ""
     ack = _text_of(rec.ack).replace("\r", "\n") if rec.ack else ""
-    return _page("message.html", rec=rec, stages=stages, ack=ack)
+    # what the retry takes (Pipeline.retry): a failed message, or one a process that is gone (or whose lease ran
+    # out) left unfinished; never one a live process works now, nor one of a format this gateway does not work
+    retryable = (rec.status == "failed" or holder in ("gone", "expired")) and rec.format in _pipeline().channels
+    return _page("message.html", rec=rec, stages=stages, ack=ack, holder=holder, retryable=retryable)
 
 
 def _text_of(data: bytes) -> str:
@@ -478,7 +507,7 @@ def message_raw(record_id: int) -> Response:
         try:
             raw = Store(db).raw_of(record_id)
         except NotFound:
-            abort(404, f"没有编号为 {record_id} 的消息 (no message {record_id})")
+            _missing("record_id", record_id)
         _operator(db, "message-raw-viewed", f"messages/{record_id}")
     text = _text_of(raw)
     return _page("raw.html", record_id=record_id, text=text.replace("\r\n", "\n").replace("\r", "\n"), size=len(raw))
@@ -486,7 +515,8 @@ def message_raw(record_id: int) -> Response:
 
 @bp.post("/messages/<int:record_id>/retry")
 def message_retry(record_id: int) -> BaseResponse:
-    """Work a failed message again (admin; audited by the pipeline with the admin's name)."""
+    """Work a failed message, or one a process that is gone left unfinished, again (admin; audited by the pipeline
+    with the admin's name)."""
     principal = _admin()
     outcome = _pipeline().retry(record_id, f"console:{principal.name}")
     with _db() as db:
@@ -571,8 +601,53 @@ def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str
     if all(given) and given[0][:len(given[1])] > given[1]:  # (2026-12 to 2026-01: nothing could match)
         raise InputError(f"from {given[0]} is after to {given[1]}: nothing could match · 起始晚于截止", "from")
     chosen: dict[str, str] = {k: args[k].strip() for k in stats.SELECTABLE if (args.get(k) or "").strip()}
+    for box in ("issuer", "receiver"):  # the tables show names: a name is taken for the code it names
+        if box in chosen:
+            chosen[box] = _member_named(chosen[box], box)
     argv += [f"--{k} {v}" for k, v in sorted(chosen.items())]
     return dates, chosen, argv
+
+
+#: A 统一社会信用代码 as written (its check character is not checked here: a former member's code is one too).
+_USCC = re.compile(r"[0-9A-Z]{18}")
+
+
+def _members() -> dict[str, str]:
+    """Member names by USCC: the configured registry file's and the snapshot in force's (as shown beside codes)."""
+    from gateway.registry.snapshot import read_snapshot_unverified
+
+    members: dict[str, str] = {}
+    try:
+        members.update({uscc: m.name for uscc, m in read_snapshot_unverified(
+            Path(_settings().registry_snapshot).read_bytes()).members.items()})
+    except (OSError, ValueError, TypeError, GatewayError):
+        pass
+    snap = _snapshot()
+    if snap is not None:
+        members.update({uscc: m.name for uscc, m in snap.members.items()})
+    return members
+
+
+def _member_named(value: str, box: str) -> str:
+    """The 统一社会信用代码 an issuer or receiver box names: a code as typed, or the name of one member (in full, as
+    the tables show it, or a part of it only one member's name has, e.g. 通江县人民医院).
+
+    :raises InputError: a name of no member, or of several (a search that would find nothing, silently).
+    """
+    members = _members()
+    if _USCC.fullmatch(value.upper()):
+        return value.upper() if value.upper() in members else value
+    plain = "".join(value.split())
+    found = [u for u, n in members.items() if "".join(n.split()) == plain] or \
+        [u for u, n in members.items() if plain in "".join(n.split())]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        named = "; ".join(f"{members[u]} {u}" for u in sorted(found)[:5])
+        raise InputError(f"{box} {value!r} is part of the names of {len(found)} members ({named}): give the whole name "
+                         "or the 统一社会信用代码 · 名称对应多个成员，请填写全称或统一社会信用代码", box)
+    raise InputError(f"{box} {value!r} is neither a 统一社会信用代码 nor the name of a member: nothing could match · "
+                     "既不是统一社会信用代码，也不是成员名称", box)
 
 
 def _names() -> dict[str, str]:
@@ -803,9 +878,47 @@ def audit_event(event_id: int) -> Response:
     return _page("audit_event.html", event=event, text=json.dumps(event, ensure_ascii=False, indent=2))
 
 
+#: The cookie that keeps the last chain verification of a session, for the page the verification redirects to.
+VERIFY_COOKIE = "gateway_console_verify"
+#: At most this many characters of a kept verification (a browser keeps a cookie of up to 4096 bytes).
+_VERIFY_KEPT = 3600
+
+
+def _seal(result: dict[str, Any]) -> str:
+    """A verification result as a cookie value, signed with the session's secret (its CSRF token, kept in the
+    database): another session's, or one written by hand, is not shown. Lines that do not fit are left off, said."""
+    lines = list(result["lines"])
+    left = 0
+    while True:
+        kept = dict(result, lines=lines + ([f"… 其余 {left} 行未显示，请运行 gateway audit verify "
+                                           f"({left} more lines: run gateway audit verify)"] if left else []))
+        data = base64.urlsafe_b64encode(zlib.compress(json.dumps(kept, ensure_ascii=False).encode())).decode()
+        if len(data) <= _VERIFY_KEPT or len(lines) <= 1:
+            break
+        left += 1
+        lines.pop()
+    mac = hmac.new(g.console.csrf.encode(), data.encode(), "sha256").hexdigest()
+    return f"{data}.{mac}"
+
+
+def _unseal(value: str) -> dict[str, Any] | None:
+    """The verification result a cookie of this session keeps; None when there is none (or it is not this
+    session's)."""
+    data, _, mac = value.rpartition(".")
+    if not data or not hmac.compare_digest(mac, hmac.new(g.console.csrf.encode(), data.encode(), "sha256")
+                                           .hexdigest()):
+        return None
+    try:
+        kept: dict[str, Any] = json.loads(zlib.decompress(base64.urlsafe_b64decode(data.encode())))
+    except (ValueError, zlib.error):
+        return None
+    return kept
+
+
 @bp.post("/audit/verify")
-def audit_verify() -> Response:
-    """Walk the hash chain and the checkpoints with the configured trust; show the first changed entry."""
+def audit_verify() -> BaseResponse:
+    """Walk the hash chain and the checkpoints with the configured trust (audited), then go to the page showing
+    the result (post/redirect/get: Back and Reload do not ask for the verification again, nor audit it again)."""
     settings = _settings()
     trust, trust_notes = checkpoints.configured_trust(settings, ())
     with _db() as db:
@@ -813,7 +926,20 @@ def audit_verify() -> Response:
         report = verify_log(db, claims)
         _record_read(db, interaction="operation")
     report.notes[:0] = (trust_notes if claims else []) + notes
-    return _page("verify.html", report=report, lines=report.lines())
+    result = {"ok": report.ok, "verdict": report.verdict, "first_bad": report.first_bad, "lines": report.lines(),
+              "at": _now().isoformat(), "by": g.console.principal.name}
+    response = redirect(url_for("console.audit_verified"), 303)
+    response.set_cookie(VERIFY_COOKIE, _seal(result), httponly=True, samesite="Strict", secure=_secure(),
+                        path=url_for("console.audit_verified"))
+    return response
+
+
+@bp.get("/audit/verify")
+def audit_verified() -> Response:
+    """The result of the session's last chain verification (shown again as it was: nothing is verified, nor
+    audited, by reading it); without one, the button to run it."""
+    result = _unseal(request.cookies.get(VERIFY_COOKIE, ""))
+    return _page("verify.html", report=result, lines=result["lines"] if result else [])
 
 
 # --------------------------------------------------------------------------- registry
