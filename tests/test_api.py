@@ -77,6 +77,25 @@ def test_an_ack_to_a_sender_declaring_ascii_or_latin1_is_written_in_that_charact
         assert b"ERR|" in ack and b"?" in ack  # (the reason naming the missing 身份证号, its Chinese as '?')
 
 
+def test_a_copy_sent_while_its_first_copy_is_worked_is_asked_to_come_again_not_refused(app, client) -> None:
+    """Two requests with one CDA document at once: the second was answered 422 (AE, 'being processed now; retry
+    later') — a status a client takes as final. Now 503 with Retry-After, as for a pushed Bundle."""
+    from gateway.adapters.base import RawUnit
+    from gateway.store.db import transaction
+
+    document = (DATA / "cda" / "lab-report-full.xml").read_bytes()
+    pipeline = app.extensions["gateway.pipeline"]
+    with transaction(pipeline.store.db):  # a first copy being worked by a live process (this one)
+        pipeline._insert_raw(pipeline.channel("cda"), RawUnit(document, 1, "lis"), "http")
+    resp = client.post("/ingest/cda", data=document, content_type="application/xml")
+    assert resp.status_code == 503 and resp.headers.get("Retry-After") == "5", resp.data
+    assert resp.headers["X-Ack-Code"] == "AE" and "is being processed now" in resp.get_data(as_text=True)
+    # a document refused for good is still a 422
+    bad = client.post("/ingest/cda", data=document.replace(b"<name>", b"<name> </name><x>", 1),
+                      content_type="application/xml")
+    assert bad.status_code in (400, 422) and "Retry-After" not in bad.headers
+
+
 def test_ingest_errors_are_operation_outcomes(client) -> None:
     empty = assert_outcome(client.post("/ingest/hl7v2", data=b"   "), 400)  # nothing to read: not a 422
     assert empty["issue"][0]["code"] == "required" and empty["issue"][0]["expression"] == ["body"]

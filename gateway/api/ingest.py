@@ -202,6 +202,7 @@ def ingest(fmt: str) -> Response:
         stream = files[0].stream
     units = _units(channel.adapter, stream, request.remote_addr or "")
     worst, count = "AA", 0
+    refused_for_good = 0  # answers other than AA that are not "its first copy is being worked now: retry"
     tally = _Tally()
     answers: list[bytes] = []
     v3_answers: list[tuple[bytes, str]] = []  # HL7 v3 acknowledgements (CDA channel) and their media types
@@ -213,6 +214,9 @@ def ingest(fmt: str) -> Response:
             code = o.ack_code or "AA"
             if _RANK.get(code, 1) > _RANK.get(worst, 1):
                 worst = code
+            if code != "AA" and not (o.status.value == "duplicate" and any(
+                    "is being processed now" in i.message for i in o.issues)):
+                refused_for_good += 1
             v3_type = None if wants_outcome or fmt != "cda" else answer_media_type(o.answer)
             if v3_type is not None:
                 v3_answers.append((o.answer, v3_type))
@@ -229,7 +233,11 @@ def ingest(fmt: str) -> Response:
         return Response(body, status=200, content_type=f"{media_type}; charset=utf-8",
                         headers={"X-Ack-Code": worst})
     status = _HTTP_FOR_ACK.get(worst, 422)
+    headers = {"X-Ack-Code": worst}
+    if worst != "AA" and not refused_for_good:
+        # what was not taken is only a copy sent while its first copy is being worked (two requests at once): a
+        # passing state, to be sent again shortly — not a 422, which a client takes as final
+        status, headers["Retry-After"] = 503, "5"
     if as_outcome:
-        return outcome_response(tally.answer(count), status, headers={"X-Ack-Code": worst})
-    return Response(b"".join(answers), status=status, mimetype="x-application/hl7-v2+er7",
-                    headers={"X-Ack-Code": worst})
+        return outcome_response(tally.answer(count), status, headers=headers)
+    return Response(b"".join(answers), status=status, mimetype="x-application/hl7-v2+er7", headers=headers)
