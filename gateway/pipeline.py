@@ -1352,6 +1352,8 @@ class Pipeline:
                                     "members it was sent to are sent this one)", "0"))
                             msg.issues.extend(self._results_left_out(bundle, corrects, msg if ch.format == "hl7v2"
                                                                      else None))
+                            if ch.format == "cda" or msg.extra.get("number_stored"):
+                                msg.issues.extend(self._not_current(bundle, msg))
                         if record_id is not None and self.member.signer is not None:
                             # sign stage: what this member issues leaves it signed, with its marks
                             stage = Stage.SIGN
@@ -1434,6 +1436,31 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - only a warning: the unit is worked and stored without it
             log.warning("results left out of a report stored before could not be looked for: %s", type(exc).__name__)
             return []
+
+    def _not_current(self, bundle: dict[str, Any], msg: SourceMessage) -> list[Issue]:
+        """A warning for each report of ``bundle`` that a stored correction or cancellation of it supersedes (a final
+        report sent again after its correction, or after it was taken back): it is stored as an earlier version,
+        and no search, 调阅 or decision takes it. It was answered with a plain AA, and its sender took it as live.
+        Read without the write lock (a warning); a database that cannot be read for it leaves it out."""
+        from gateway.store.reports import superseded_in
+
+        try:
+            found = superseded_in(self.store.db, bundle)
+        except Exception as exc:  # noqa: BLE001 - only a warning
+            log.warning("whether a stored correction supersedes a report could not be read: %s", type(exc).__name__)
+            return []
+        issues: list[Issue] = []
+        for report_id, current in found.items():
+            number = report_id.rpartition("|")[2]
+            facts = next((r for r in msg.reports if r.number == number), None)
+            where = (f"{facts.location}-3" if msg.format == "hl7v2" else facts.location) if facts is not None \
+                else f"report {number}"
+            issues.append(Issue(
+                "warning", "business-rule", where,
+                f"report {number} is superseded by {current}, stored before: this copy is stored as an earlier "
+                "version, and searches, 调阅 and decisions take the current one. To change the report, send a "
+                "correction of it (HL7 v2: OBR-25 C) after that one", "205"))
+        return issues
 
     def _items_left_out(self, bundle: dict[str, Any], report: dict[str, Any], corrects: str) -> list[Issue]:
         """A warning naming the items of the version a CDC exam corrects that the correction lists no more (an

@@ -442,6 +442,26 @@ def test_a_report_taken_back_reaches_the_receiver_and_withdraws_its_decisions(wo
     assert verify(fl.store.db).ok
 
 
+def test_a_final_report_sent_after_its_correction_or_cancellation_is_told_it_is_not_current(world) -> None:
+    """A final report sent again after the report was corrected (or taken back) is stored as an earlier version,
+    superseded: searches, 调阅 and decisions take the correction. It was answered with a plain AA and no word, and
+    the lab believed its report live. Now a warning names OBR-3 and what supersedes it; the first original was
+    answered without one."""
+    tj = world.gateways["tongjiang"].pipeline
+    first = ingest(tj, ORIGINAL)[0]
+    assert not [i for i in first.issues if "is superseded by" in i.message]
+    ingest(tj, CORRECTION)
+    late = ingest(tj, blood_count("TJ2611200501", corrected=False, issued="20261120082500", wbc="6.9"))[0]
+    [said] = [i for i in late.issues if "is superseded by" in i.message]
+    assert said.severity == "warning" and said.location == "OBR[1]-3" and "corrected" in said.message
+    assert b"ERR||OBR^1^3|205" in late.answer and b"MSA|AA|TJ2611200501" in late.answer
+    cancelled = blood_count("TJ2611200502", corrected=False, issued="20261120122500", wbc="7.1").replace(
+        b"|||F|", b"|||X|").replace(b"|N|||F", b"|N|||X")
+    ingest(tj, cancelled)
+    again = ingest(tj, blood_count("TJ2611200503", corrected=False, issued="20261120082500", wbc="6.9"))[0]
+    assert [i for i in again.issues if "is superseded by" in i.message and "cancelled" in i.message]
+
+
 def _other_patient(document: bytes, doc_id: str) -> bytes:
     """``document`` for 王建国 instead of 李演示 (the same 检验报告单号), under the 文档流水号 ``doc_id``."""
     return (document.replace(b"511921197506080022", PATIENT.encode()).replace("李演示".encode(), "王建国".encode())
