@@ -195,6 +195,23 @@ def test_a_doubled_slash_is_no_redirect_to_the_host_the_request_named(loaded) ->
     assert loaded.get("/fhir/Patient?name=x").status_code == 200
 
 
+def test_lenient_handling_says_what_it_ignored_on_the_guide_and_the_audit_log_too(app, loaded, anon) -> None:
+    """Prefer: handling=lenient on StructureDefinition and AuditEvent ignored an unknown parameter silently (the
+    patient-data searches say it in an OperationOutcome entry, as the README promises of every search)."""
+    from conftest import make_token
+
+    lenient = {"Prefer": "handling=lenient"}
+    auditor = {"Authorization": f"Bearer {make_token(app, 'inspector', ['auditor'])}", **lenient}
+    for client, path, headers in ((loaded, "/fhir/StructureDefinition?bogus=1", lenient),
+                                  (anon, "/fhir/AuditEvent?bogus=1&_count=1", auditor)):
+        body = client.get(path, headers=headers).get_json()
+        assert body["resourceType"] == "Bundle", body
+        [said] = [e["resource"] for e in body.get("entry", []) if e["search"]["mode"] == "outcome"]
+        assert said["issue"][0]["expression"] == ["bogus"] and "ignored" in said["issue"][0]["diagnostics"], path
+        strict = client.get(path, headers={k: v for k, v in headers.items() if k != "Prefer"})
+        assert strict.status_code == 400, path
+
+
 def test_audit_event_searchset_has_total(app, loaded, anon) -> None:
     from conftest import make_token
 

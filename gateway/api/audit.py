@@ -35,7 +35,7 @@ from gateway.audit import checkpoint, query, records, stats
 from gateway.audit.log import append, get
 from gateway.auth import current_principal, principal_party, require_role
 from gateway.config import Settings
-from gateway.errors import ConfigError, InputError, InvalidSearch, NotFound, shown
+from gateway.errors import ConfigError, InputError, InvalidSearch, Issue, NotFound, shown
 from gateway.store.db import Database, transaction
 
 __all__ = ["bp"]
@@ -120,7 +120,10 @@ def search_events() -> Response:
     """Search the audit log (FHIR search on AuditEvent); 400 names an unknown or malformed parameter."""
     tz = query.parse_offset(_settings().timezone)
     params = list(request.args.items(multi=True))
+    ignored: list[str] = []
     if prefers_lenient(request.headers.get("Prefer", "")):  # (R4 search.html#errors: the client's choice)
+        kept = {*query.PARAMETERS, "_format", "_pretty"}
+        ignored = sorted({name for name, _ in params if name not in kept})
         params = [(name, value) for name, value in params if name in query.PARAMETERS]
     check_total_hint([value for name, value in params if name == "_total"])
     params = [(name, value) for name, value in params if name != "_total"]
@@ -143,7 +146,15 @@ def search_events() -> Response:
             results=len(events) if page.total is None else page.total,
             patient=search.patient(),
         )
-    return _json(query.searchset(page, search, base_url=base, path=f"{base}/AuditEvent", events=events))
+    bundle = query.searchset(page, search, base_url=base, path=f"{base}/AuditEvent", events=events)
+    if ignored:  # said in the page, as every search of this server says what it ignored (never silently)
+        from gateway.fhir.outcome import operation_outcome
+
+        bundle.setdefault("entry", []).append({"resource": operation_outcome([
+            Issue("warning", "not-supported", name[:_MAX_NAME], f"ignored (Prefer: handling=lenient): search "
+                  f"parameter {shown(name[:_MAX_NAME])} is not supported for AuditEvent") for name in ignored]),
+            "search": {"mode": "outcome"}})
+    return _json(bundle)
 
 
 @bp.get("/fhir/AuditEvent/<event_id>")

@@ -26,6 +26,7 @@ from gateway.signing.canonical import parse_json
 from gateway.api.errors import outcome_response, prefers_lenient
 from gateway.auth import require_role
 from gateway.errors import InputError, InvalidSearch, Issue, NotFound, ParseError, shown
+from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.profiles import CONFORMANCE_TYPES, Guide, load_guide
 
 __all__ = ["bp", "guide_of", "capability_resources", "supported_profiles"]
@@ -109,6 +110,10 @@ def _search(rtype: str) -> Response:
     if page:
         bundle["entry"] = [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
                            for r in page]
+    if unknown:  # (lenient) what was ignored is said in the page, as every search of this server says it
+        bundle.setdefault("entry", []).append({"resource": operation_outcome([
+            Issue("warning", "not-supported", name[:60], f"ignored (Prefer: handling=lenient): search parameter "
+                  f"{name[:60]!r} is not supported for {rtype}") for name in unknown]), "search": {"mode": "outcome"}})
     return _fhir(bundle)
 
 
