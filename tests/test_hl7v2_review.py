@@ -205,6 +205,18 @@ def test_a_value_that_is_no_structured_numeric_is_quoted_as_sent(pipeline: Pipel
         "OBX[1]-5 'abc' is not a value of type SN (written comparator^number, e.g. <^0.05 or ^6.8)"]
 
 
+def test_a_coded_value_sent_twice_in_the_senders_own_systems_is_one_coding(pipeline: Pipeline) -> None:
+    """OBX-5 ``A^A型^L^A^A^99ABO``: both triplets are the sender's own code A (two local system names): one coding,
+    not the same code twice in one system with two displays. A standard alternate (SNOMED CT) is still kept."""
+    outcome = convert(pipeline, er7(obr(1, "R17-01"), obx(1, "ABO^血型^L", "A^A型^L^A^A^99ABO", "CE", ""),
+                                    obx(2, "RH^Rh血型^L", "POS^阳性^L^10828004^Positive^SCT", "CE", "")))
+    assert outcome.ack_code == "AA", outcome.issues
+    codings = {o["code"]["coding"][0]["code"]: o["valueCodeableConcept"]["coding"] for o in observations(outcome)}
+    assert codings["ABO"] == [{"system": LOCAL, "code": "A", "display": "A型"}]
+    assert codings["RH"] == [{"system": LOCAL, "code": "POS", "display": "阳性"},
+                             {"system": SCT, "code": "10828004", "display": "Positive"}]
+
+
 # -- LOINC and SNOMED CT as senders write them ---------------------------------------------------
 
 

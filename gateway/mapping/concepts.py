@@ -249,7 +249,9 @@ def _value_codings(msg: SourceMessage, res: ResultFacts, terms: Terminology, iss
         coding = {"system": system, "code": c.code} if system else {"code": c.code}
         if c.display:
             coding["display"] = c.display
-        if coding not in out:
+        # one code once per system: an alternate triplet of the sender's own (``A^A型^L^A^A^99ABO``) repeating the
+        # code under another local name is the same coding (it was listed twice, with two displays)
+        if not any(o.get("system") == coding.get("system") and o["code"] == coding["code"] for o in out):
             out.append(coding)
     return out
 
