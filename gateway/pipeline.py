@@ -1354,6 +1354,8 @@ class Pipeline:
                                                                      else None))
                             if ch.format == "cda" or msg.extra.get("number_stored"):
                                 msg.issues.extend(self._not_current(bundle, msg))
+                            if ch.format == "cda":
+                                msg.issues.extend(self._stored_beside(bundle, msg))
                         if record_id is not None and self.member.signer is not None:
                             # sign stage: what this member issues leaves it signed, with its marks
                             stage = Stage.SIGN
@@ -1460,6 +1462,37 @@ class Pipeline:
                 f"report {number} is superseded by {current}, stored before: this copy is stored as an earlier "
                 "version, and searches, 调阅 and decisions take the current one. To change the report, send a "
                 "correction of it (HL7 v2: OBR-25 C) after that one", "205"))
+        return issues
+
+    def _stored_beside(self, bundle: dict[str, Any], msg: SourceMessage) -> list[Issue]:
+        """CDA: a warning for a report whose 检验报告单号 (and test) another document of this member holds current, not
+        replaced by this one (a new 文档流水号 without relatedDocument RPLC: a LIS issuing the report again). Both
+        stay current, two final versions of one report side by side, and both can be recognised; it went by
+        without a word. Read without the write lock (a warning)."""
+        from gateway.store.reports import versions_in, versions_of
+
+        issues: list[Issue] = []
+        try:
+            for version in versions_in(bundle):
+                if version["issuer_uscc"] != self.issuer.uscc or version["replaces"] or version["status"] in (
+                        "corrected", "amended", "cancelled", "entered-in-error"):
+                    continue  # (a correction, or a report taken back, supersedes what it replaces)
+                beside = [v for v in versions_of(self.store.db, self.issuer.uscc, version["report_number"],
+                                                 version["report_code"])
+                          if v.direction == "issued" and v.superseded_by is None and v.bundle_key !=
+                          version["bundle_key"] and (v.status or "") not in ("cancelled", "entered-in-error")]
+                if not beside:
+                    continue
+                facts = next((r for r in msg.reports if r.number == version["report_number"]), None)
+                where = (f"{facts.location if facts else '/ClinicalDocument'}/recordTarget/patientRole/"
+                         "id[@root='2.16.156.10011.1.33']/@extension")
+                issues.append(Issue(
+                    "warning", "business-rule", where,
+                    f"检验报告单号 {version['report_number']} is held current by another document of this member "
+                    f"({beside[-1].describe()}): this one is stored beside it, two final versions of one report. "
+                    "A document that replaces another names it in relatedDocument RPLC", "205"))
+        except Exception as exc:  # noqa: BLE001 - only a warning
+            log.warning("other documents of a report number could not be looked for: %s", type(exc).__name__)
         return issues
 
     def _items_left_out(self, bundle: dict[str, Any], report: dict[str, Any], corrects: str) -> list[Issue]:

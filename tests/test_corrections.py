@@ -462,6 +462,22 @@ def test_a_final_report_sent_after_its_correction_or_cancellation_is_told_it_is_
     assert [i for i in again.issues if "is superseded by" in i.message and "cancelled" in i.message]
 
 
+def test_a_cda_report_issued_again_under_a_new_document_id_without_rplc_is_said(world) -> None:
+    """A LIS issuing a report again under a new 文档流水号 without relatedDocument RPLC: both documents stay current,
+    two final versions of one report side by side. It went by without a word; now a warning names the number's
+    element and the document holding it. The first document, and a proper correction (RPLC), get no such word."""
+    tj = world.gateways["tongjiang"].pipeline
+    full = (CDA / "lab-report-full.xml").read_bytes()
+    first = ingest(tj, full, "cda")[0]
+    assert not [i for i in first.issues if "is held current by another document" in i.message]
+    again = ingest(tj, full.replace(b"TJRMYY-JY-20241105-000123", b"TJRMYY-JY-20241105-000777"), "cda")[0]
+    [said] = [i for i in again.issues if "is held current by another document" in i.message]
+    assert said.location.endswith("recordTarget/patientRole/id[@root='2.16.156.10011.1.33']/@extension")
+    assert f"检验报告单号 {CDA_NUMBER}" in said.message and said.severity == "warning"
+    corrected = ingest(tj, (CDA / "lab-report-corrected.xml").read_bytes(), "cda")[0]
+    assert not [i for i in corrected.issues if "is held current by another document" in i.message]
+
+
 def _other_patient(document: bytes, doc_id: str) -> bytes:
     """``document`` for 王建国 instead of 李演示 (the same 检验报告单号), under the 文档流水号 ``doc_id``."""
     return (document.replace(b"511921197506080022", PATIENT.encode()).replace("李演示".encode(), "王建国".encode())

@@ -203,8 +203,9 @@ def member(tmp_path):
 
 #: What only a stored report can tell (a dry run stores nothing to compare with): the results a copy leaves out of a
 #: report stored before, a CDC exam correcting the one stored before (and what it leaves out of it), a report a
-#: stored correction supersedes.
-_STORED_STATE = ("was stored before with ", "corrects a version with ", "is superseded by ")
+#: stored correction supersedes, a CDA report another document holds current.
+_STORED_STATE = ("was stored before with ", "corrects a version with ", "is superseded by ",
+                 "is held current by another document")
 #: ... and an HL7 v2 report whose number is stored for another patient (a mutated PID under the same OBR-3): refused
 #: when stored, which a dry run cannot tell
 _OTHER_PATIENT = "was stored for another patient: a report number names one report of one patient for good"
