@@ -143,6 +143,10 @@ def test_backup_unit_makes_a_dump_pg_restore_reads(tmp_path: Path, pg_cluster: A
     assert result.returncode == 0, result.stderr
     dumps = list((tmp_path / "backups").glob("backup_source-*.dump"))
     assert len(dumps) == 1
+    assert dumps[0].stat().st_mode & 0o077 == 0  # patient data: the postgres user's alone
+    # the folder is made by root before (the postgres user cannot make it under Debian's /var/backups), its own
+    assert service["UMask"] == "0077"
+    assert service["ExecStartPre"].startswith("+/usr/bin/install -d -o postgres -g postgres -m 0700 ${BACKUP_DIR}")
     listing = subprocess.run([str(pg_cluster.bindir / "pg_restore"), "--list", str(dumps[0])],
                              capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0 and "TABLE public kept" in listing.stdout

@@ -297,6 +297,10 @@ def test_cli_build_verify_show(authority_files: dict[str, Path], tmp_path: Path)
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("OK: registry snapshot version 1") and "[DEMO]" in result.output
+    # the spelling of template, issue-cert and build is taken too (it was "No such option")
+    same = runner.invoke(registry, ["verify", str(out), "--authority-cert", str(authority_files["cert"]), "--at",
+                                    "2026-11-23T09:00:00+08:00"])
+    assert same.exit_code == 0 and same.output == result.output, same.output
 
     result = runner.invoke(
         registry, ["verify", str(out), "--authority", str(authority_files["cert"]), "--at", "2026-12-01T09:00:00+08:00"]

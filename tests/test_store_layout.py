@@ -665,6 +665,30 @@ def test_db_check_says_a_sound_file_is_ok_and_names_the_damage_of_one_that_is_no
     assert missing.exit_code == 1 and "no such database" in missing.output
 
 
+def test_a_database_others_can_read_is_made_private_when_opened(tmp_path: Path, caplog) -> None:
+    """A backup restored with cp (umask 022) left the database, its -wal and -shm readable by every user of the
+    machine, and nothing said so. Opened for writing, they are made 0600, said once in the log."""
+    import logging
+    import stat
+
+    from gateway.store.db import connect
+    from gateway.store.store import Store
+
+    path = tmp_path / "gateway.db"
+    Store.open(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for file in tmp_path.iterdir():
+        file.chmod(0o644)
+    with caplog.at_level(logging.INFO, logger="gateway.store.db"):
+        again = connect(path)
+    try:
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in tmp_path.iterdir()), \
+            {f.name: oct(f.stat().st_mode) for f in tmp_path.iterdir()}
+        assert any("could be read by other users (mode 644): made 0600" in r.getMessage() for r in caplog.records)
+    finally:
+        again.conn.close()
+
+
 def test_the_documented_sqlite_backup_and_restore_work_as_written(tmp_path: Path) -> None:
     """docs/operations.md § 6: its lines, run as written (its folders made ours, systemctl left out): the backup taken
     while a writer holds the file, the damaged file and its -wal moved aside, the copy put back, db check and audit
@@ -684,17 +708,19 @@ def test_the_documented_sqlite_backup_and_restore_work_as_written(tmp_path: Path
     text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
     section = text[text.index("### Backing up and restoring a SQLite member"):]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
-    data, backup, etc = tmp_path / "lib", tmp_path / "backup", tmp_path / "etc"
+    lib, backup, etc = tmp_path / "lib", tmp_path / "backup", tmp_path / "etc"
+    data = lib / "node1"
     for folder in (data, backup, etc):
-        folder.mkdir()
+        folder.mkdir(parents=True)
     (etc / "node1.toml").write_text(f'data_dir = "{data}"\nissuer_uscc = "12511921MB0001003C"\n', encoding="utf-8")
     settings = load_settings(environ={"GATEWAY_CONFIG": str(etc / "node1.toml")}, overrides={})
     pipeline = Pipeline(settings)  # a writer holding the database (its WAL not checkpointed) as the backup is taken
     stored = pipeline.ingest((DATA / "hl7v2" / "lis-v251-utf8.hl7").read_bytes(), "hl7v2", channel="file")
-    script = (block.replace("/var/lib/cyhr-gateway", str(data)).replace("/backup", str(backup))
+    script = (block.replace("/var/lib/cyhr-gateway", str(lib)).replace("/backup", str(backup))
               .replace("/etc/cyhr-gateway", str(etc)))
     lines = script.splitlines()
-    first, rest = lines[0], [line for line in lines[1:] if not line.startswith("systemctl")]
+    stop = next(n for n, line in enumerate(lines) if line.startswith("systemctl stop"))
+    first, rest = "\n".join(lines[:stop]), [line for line in lines[stop:] if not line.startswith("systemctl")]
     env = {**os.environ, "GATEWAY_CONFIG": ""}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", first], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -706,6 +732,14 @@ def test_the_documented_sqlite_backup_and_restore_work_as_written(tmp_path: Path
     assert done.returncode == 0, done.stdout + done.stderr
     assert ": ok (quick_check)" in done.stdout and "Traceback" not in done.stderr
     assert (data / "replaced" / "gateway.db").read_bytes() == b"\0" * 4096  # kept aside, not lost
+    import stat
+
+    for made in (backup / "gateway-2026-12-01.db", data / "gateway.db"):  # patient data: the owner's alone
+        assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
+    # a job written with a wrong path stops at the first line, not with an empty backup
+    wrong = subprocess.run(["bash", "-euo", "pipefail", "-c", first.replace(str(data), str(lib / "node9"))],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode != 0 and not (backup / "x").exists() and not (lib / "node9").exists()
     back = Pipeline(settings)
     try:
         assert back.store.get_message(stored[0].record_id).status == stored[0].status.value

@@ -97,6 +97,7 @@ def format_decisions(decisions: list[Decision], snapshot: Snapshot) -> str:
 )
 @click.option(
     "--authority",
+    "--authority-cert",  # (the spelling of template, issue-cert and registry build)
     "authority",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),

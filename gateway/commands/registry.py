@@ -310,6 +310,7 @@ def build(
 @click.argument("snapshot", type=click.Path(dir_okay=False))
 @click.option(
     "--authority",
+    "--authority-cert",  # (the spelling of template, issue-cert and registry build)
     "authority",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),
@@ -383,6 +384,7 @@ def _summary(snap: Snapshot, verified: str, on: _dt.date) -> list[str]:
 @click.argument("snapshot", type=click.Path(dir_okay=False))
 @click.option(
     "--authority",
+    "--authority-cert",  # (the spelling of template, issue-cert and registry build)
     "authority",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),

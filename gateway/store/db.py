@@ -278,6 +278,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         except BaseException:
             conn.close()
             raise
+        if not readonly:
+            _keep_private(Path(path))  # (the gateway's own database: another program's file is left as it is)
     db = sqlite_utils.Database(conn)
     if not readonly and str(path) != ":memory:":
         db.sqlite_path = str(path)  # type: ignore[attr-defined]
@@ -291,6 +293,28 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         # (see transaction: its commits are checkpointed beside it)
         db.checkpoint_path = str(Path(path).absolute())  # type: ignore[attr-defined]
     return db
+
+
+def _keep_private(path: Path) -> None:
+    """An existing database file (and its -wal and -shm) that other users may read — a backup copied back with
+    ``cp`` under a umask of 022 — is made this user's alone (0600), said in the log (INFO: nothing is left to do): it
+    holds patient data, and a new one is made so. One of another owner is said as a warning (this process cannot
+    change its mode)."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        if not st.st_mode & 0o077:
+            continue
+        mode = oct(st.st_mode & 0o777)[2:]
+        try:
+            os.chmod(file, 0o600)
+            log.info("database file %s could be read by other users (mode %s): made 0600 (patient data; a backup "
+                     "restored with cp keeps the umask's mode)", file, mode)
+        except OSError as exc:
+            log.warning("database file %s can be read by other users (mode %s) and its mode could not be changed "
+                        "(%s): chmod 600 it, as its owner", file, mode, exc.strerror)
 
 
 #: (device, inode) of the SQLite files this process found to be the gateway's (a file replaced, as by a restore,
