@@ -240,7 +240,7 @@ def _audit(
     gateway: records.Party,
     by: records.Party,
     name: str,
-    action: Literal["added", "disabled", "token-issued", "password-set"],
+    action: Literal["added", "disabled", "token-issued", "token-revoked", "password-set"],
     roles: Sequence[str],
 ) -> None:
     user = records.Party.user(gateway.value, name)
@@ -310,6 +310,60 @@ def issue_token(
         token = _new_token(accounts, name, at, expires_days)
         _audit(db, at=at, gateway=gateway, by=by, name=name, action="token-issued", roles=user.roles)
     return token
+
+
+@dataclass(frozen=True)
+class Token:
+    """One API token of an account as listed: the characters it begins with, when issued, expiring, revoked."""
+
+    hint: str
+    created: str
+    expires: str | None
+    revoked: str | None
+
+
+def tokens_of(db: Database, name: str) -> list[Token]:
+    """The account's API tokens, newest first (revoked ones too): what ``gateway users tokens`` lists.
+
+    :raises NotFound: no such user.
+    """
+    get_user(db, name)
+    accounts = Accounts(db)
+    return [Token(r.hint, r.created, r.expires, r.revoked) for r in accounts.tokens_of(name)]
+
+
+def revoke_token(db: Database, name: str, which: str, *, at: _dt.datetime, gateway: records.Party,
+                 by: records.Party) -> Token:
+    """Revoke one API token of the account ``name``, the account and its other tokens untouched (a token that leaked:
+    ``gateway users disable`` stopped them all). ``which`` is the token itself, or the characters it begins with as
+    listed (``gateway users tokens``) when they name one unrevoked token of the account. Audited.
+
+    :raises NotFound: no such user.
+    :raises InputError: no unrevoked token of the account is ``which``, or several begin so.
+    """
+    accounts = Accounts(db)
+    accounts.ensure_schema()
+    with transaction(db):
+        user = get_user(db, name)
+        live = [r for r in accounts.tokens_of(name) if r.revoked is None]
+        chosen = [r for r in live if r.hash == token_hash(which)] or \
+            ([r for r in live if r.hint == which or (len(which) >= len(r.hint) and which.startswith(r.hint))]
+             if not which.startswith(TOKEN_PREFIX) or len(which) < 20 else [])
+        if not chosen:
+            raise InputError(f"user {name!r} has no unrevoked API token {_shown_token(which)} (`gateway users tokens "
+                             f"{name}` lists them)", "token")
+        if len(chosen) > 1:
+            raise InputError(f"{len(chosen)} unrevoked API tokens of user {name!r} begin with {_shown_token(which)}: "
+                             "give the token itself (--token-file)", "token")
+        accounts.revoke_token(chosen[0].hash, name, instant(at))
+        _audit(db, at=at, gateway=gateway, by=by, name=name, action="token-revoked", roles=user.roles)
+    row = chosen[0]
+    return Token(row.hint, row.created, row.expires, instant(at))
+
+
+def _shown_token(which: str) -> str:
+    """A token named in a message by the characters it begins with only (never the whole of it)."""
+    return repr(which[: len(TOKEN_PREFIX) + 4] + ("…" if len(which) > len(TOKEN_PREFIX) + 4 else ""))
 
 
 def disable_user(

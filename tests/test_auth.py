@@ -219,6 +219,45 @@ def test_users_cli(tmp_path: Path, database: str) -> None:
     assert missing.exit_code == 1 and "no user 'nobody'" in missing.output
 
 
+def test_one_leaked_token_is_revoked_and_the_accounts_other_tokens_still_work(tmp_path: Path, database: str) -> None:
+    """A LIS token that leaked could only be stopped with `users disable`: every token of the account, no way back
+    (the LIS moved to a new account name). `users tokens` lists each token by its first characters; `users revoke`
+    stops one, by those characters or by the token itself (--token-file); audited; the others keep working."""
+    runner = CliRunner()
+    db = database or str(tmp_path / "gw.db")
+    first = runner.invoke(users, ["add", "lis", "--role", "submitter", "--db", db]).output.strip().splitlines()[-1]
+    second = runner.invoke(users, ["token", "lis", "--db", db]).output.strip().splitlines()[-1]
+    third = runner.invoke(users, ["token", "lis", "--db", db]).output.strip().splitlines()[-1]
+    listed = runner.invoke(users, ["tokens", "lis", "--db", db])
+    assert listed.exit_code == 0 and listed.output.count(" live") == 3 and first not in listed.output
+    assert f"{first[:9]}…" in listed.output
+    by_start = runner.invoke(users, ["revoke", "lis", first[:9], "--db", db])
+    assert by_start.exit_code == 0 and "revoked" in by_start.output and first not in by_start.output, by_start.output
+    leaked = tmp_path / "leaked.txt"
+    leaked.write_text(second + "\n", encoding="utf-8")
+    by_token = runner.invoke(users, ["revoke", "lis", "--token-file", str(leaked), "--db", db])
+    assert by_token.exit_code == 0, by_token.output
+    database_ = connect(db)
+    try:
+        for gone in (first, second):
+            with pytest.raises(auth.NotAuthenticated):
+                auth.authenticate_token(database_, gone)
+        assert auth.authenticate_token(database_, third).name == "lis"
+        from gateway.audit.log import entries
+
+        revoked = [e for e in entries(database_) if e.kind == "security" and e.facts.get("action") == "token-revoked"]
+        assert len(revoked) == 2
+    finally:
+        database_.conn.close()
+    listed = runner.invoke(users, ["tokens", "lis", "--db", db])
+    assert listed.output.count(" live") == 1 and listed.output.count("revoked") == 2
+    again = runner.invoke(users, ["revoke", "lis", "--token-file", str(leaked), "--db", db])
+    assert again.exit_code == 1 and again.output.startswith("Error: ") and second not in again.output
+    assert len(again.output.strip().splitlines()) == 1
+    neither = runner.invoke(users, ["revoke", "lis", "--db", db])
+    assert neither.exit_code == 2 and "TOKEN_START" in neither.output
+
+
 def test_every_users_command_has_help() -> None:
     runner = CliRunner()
     for name, command in users.commands.items():

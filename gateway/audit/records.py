@@ -548,15 +548,17 @@ def user_admin(
     gateway: Party,
     admin: Party,
     user: Party,
-    action: Literal["added", "disabled", "token-issued", "password-set"],
+    action: Literal["added", "disabled", "token-issued", "token-revoked", "password-set"],
     roles: Sequence[str] = (),
 ) -> Record:
-    """A change to who may use the gateway: a user added or disabled, a token issued, a console password set.
+    """A change to who may use the gateway: a user added or disabled, a token issued or revoked, a console password
+    set.
 
     :raises InputError: unknown action, naive time.
     """
-    if action not in ("added", "disabled", "token-issued", "password-set"):
-        raise InputError(f"user action {action!r} is not added, disabled, token-issued or password-set", "action")
+    if action not in ("added", "disabled", "token-issued", "token-revoked", "password-set"):
+        raise InputError(f"user action {action!r} is not added, disabled, token-issued, token-revoked or "
+                         "password-set", "action")
     return _record(
         "security",
         at,

@@ -623,7 +623,7 @@ def _security(facts: Mapping[str, Any]) -> dict[str, Any]:
     action = facts["action"]
     subtype = (
         _coding(DCM, "110137", "User Security Attributes Changed")
-        if action in ("token-issued", "password-set")
+        if action in ("token-issued", "token-revoked", "password-set")
         else _coding(DCM, "110136", "Security Roles Changed")
     )
     user = {

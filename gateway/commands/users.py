@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -144,7 +145,8 @@ def add(
               help=_DB_HELP)
 @click.pass_context
 def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None) -> None:
-    """Issue another API token for the active account NAME (the older ones keep working until they expire)."""
+    """Issue another API token for the active account NAME (the older ones keep working until they expire, or until
+    `gateway users revoke` revokes one)."""
     with one_line_errors():
         settings = settings_for(ctx)
         with open_db(ctx, db_path) as db:
@@ -175,6 +177,51 @@ def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
             f"{u.name:<24} {','.join(u.roles):<22} {u.member or '-':<18} added {u.created}  {state}  "
             f"tokens {u.tokens}{expiries}"
         )
+
+
+@users.command("tokens")
+@click.argument("name")
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
+@click.pass_context
+def tokens(ctx: click.Context, name: str, db_path: str | None) -> None:
+    """List the API tokens of the account NAME, newest first: the characters each begins with (what `gateway users
+    revoke` takes), when it was issued, when it expires, and whether it is revoked."""
+    with one_line_errors():
+        with open_db(ctx, db_path) as db:
+            found = auth.tokens_of(db, name)
+    if not found:
+        click.echo(f"user {name} has no API token")
+    for t in found:
+        state = f"revoked {t.revoked}" if t.revoked else "live"
+        click.echo(f"{t.hint}…  issued {t.created}  expires {t.expires or 'never'}  {state}")
+
+
+@users.command("revoke")
+@click.argument("name")
+@click.argument("token_start", metavar="TOKEN_START", required=False)
+@click.option("--token-file", type=click.File("r", encoding="utf-8"),
+              help="File whose first line is the token itself (- reads stdin): the one to revoke, whatever its "
+              "first characters share with another's.")
+@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+              help=_DB_HELP)
+@click.pass_context
+def revoke(ctx: click.Context, name: str, token_start: str | None, token_file: Any, db_path: str | None) -> None:
+    """Revoke one API token of the account NAME (one that leaked), its other tokens and the account untouched:
+    TOKEN_START is the characters it begins with as `gateway users tokens NAME` lists them, or give the token
+    itself with --token-file. Audited. `gateway users disable` stops every token of the account."""
+    with one_line_errors():
+        if (token_start is None) == (token_file is None):
+            raise click.UsageError("give the token's first characters (TOKEN_START) or --token-file, one of them")
+        which = token_start if token_start is not None else (token_file.readline().strip())
+        if not which:
+            raise click.UsageError("the token file's first line is empty")
+        settings = settings_for(ctx)
+        with open_db(ctx, db_path) as db:
+            at, gateway, by = who_acts(settings)
+            done = auth.revoke_token(db, name, which, at=at, gateway=gateway, by=by)
+    click.echo(f"API token {done.hint}… of user {name} (issued {done.created}) revoked at {done.revoked}; the "
+               "account's other tokens still work")
 
 
 @users.command("disable")

@@ -60,6 +60,16 @@ class TokenOwner(NamedTuple):
     expires: str | None
 
 
+class TokenRow(NamedTuple):
+    """One API token of a user, as listed: its hash (how it is told), the first characters it began with."""
+
+    hash: str
+    hint: str
+    created: str
+    expires: str | None
+    revoked: str | None
+
+
 class LoginState(NamedTuple):
     """What a console log-in checks: the user's roles and state, and its password row (None: no password)."""
 
@@ -116,6 +126,12 @@ class AccountsPort(Protocol):
 
     def disable_user(self, name: str, when: str) -> None:
         """Mark a user disabled and revoke its unrevoked tokens."""
+
+    def tokens_of(self, name: str) -> list[TokenRow]:
+        """A user's API tokens, newest first, revoked ones too."""
+
+    def revoke_token(self, token_hash: str, name: str, when: str) -> bool:
+        """Revoke one unrevoked token of ``name``; whether there was one."""
 
     def user(self, name: str) -> UserRow | None:
         """One user."""
@@ -271,6 +287,20 @@ class Accounts:
     def disable_user(self, name: str, when: str) -> None:
         self.db.execute("UPDATE gateway_user SET disabled = ? WHERE name = ?", [when, name])
         self.db.execute('UPDATE gateway_token SET revoked = ? WHERE "user" = ? AND revoked IS NULL', [when, name])
+
+    def tokens_of(self, name: str) -> list[TokenRow]:
+        order = "created DESC, seq DESC" if self.postgresql else "created DESC, rowid DESC"
+        return [TokenRow(*r) for r in self._all(
+            f'SELECT hash, hint, created, expires, revoked FROM gateway_token WHERE "user" = ? ORDER BY {order}',
+            [name])]
+
+    def revoke_token(self, token_hash: str, name: str, when: str) -> bool:
+        found = self._one('SELECT hash FROM gateway_token WHERE hash = ? AND "user" = ? AND revoked IS NULL',
+                          [token_hash, name])
+        if found is None:
+            return False
+        self.db.execute('UPDATE gateway_token SET revoked = ? WHERE hash = ?', [when, token_hash])
+        return True
 
     def user(self, name: str) -> UserRow | None:
         row = self._one(f"{_USER_SQL} WHERE u.name = ?", [name])
