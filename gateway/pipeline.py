@@ -1586,7 +1586,9 @@ class Pipeline:
         HL7 v2 report's resource ids derive from the number: it was stored over the other patient's report, results
         and all; a CDA document's are its own, and its correction — or the other patient's — superseded both,
         taking a report of someone else out of every search, 调阅 and decision. A number whose report was taken
-        back (cancelled, entered in error) is free again. The same person is the same Patient, or one sharing an
+        back (cancelled, entered in error) stays that patient's: an HL7 v2 report under it is stored under that
+        report's resource ids, in its history, and superseded by the cancellation. The same person is the same
+        Patient, or one sharing an
         identifier with it (a 身份证号 sent the second time only, the same MRN). Read inside the write lock.
 
         :raises _Clash: naming where each such number was read (OBR-3; the CDA element).
@@ -1608,15 +1610,14 @@ class Pipeline:
                     continue
                 current = [v for v in versions_of(self.store.db, self.issuer.uscc, number)
                            if v.direction == "issued" and v.superseded_by is None
-                           and (v.status or "") not in ("cancelled", "entered-in-error")
                            and v.report_ref != version["report_ref"]]
                 stored = {f"DiagnosticReport/{r.get('id')}": r
                           for r in self.store.read_many(sorted({v.report_ref for v in current}))}
                 others = [r for r in stored.values()
                           if not self._same_person((r.get("subject") or {}).get("reference"), patient)]
                 same_id = self.store.read_many([version["report_ref"]]) if not replaced else []
-                others += [r for r in same_id if r.get("status") not in ("cancelled", "entered-in-error")
-                           and not self._same_person((r.get("subject") or {}).get("reference"), patient)]
+                others += [r for r in same_id
+                           if not self._same_person((r.get("subject") or {}).get("reference"), patient)]
                 if not others:
                     continue
                 facts = next((r for r in msg.reports if r.number == version["report_number"]), None)
@@ -1633,7 +1634,7 @@ class Pipeline:
                     f"{said}: a report number names one report of one patient for good, and this report is not "
                     "stored over it nor supersedes it. Give it a number of its own (numbers restarted, or another "
                     "branch's?); a report stored for the wrong patient is taken back (HL7 v2: OBR-25 X; a cancelled "
-                    "report), and the right one sent under a number of its own", "205"))
+                    "report), and the right patient's sent under a number of its own", "205"))
         if issues:
             raise _Clash(list(dict.fromkeys(issues)))
 

@@ -306,11 +306,18 @@ def test_a_report_number_reused_for_another_patient_is_refused_naming_obr3(pipel
     assert out.status is Status.REFUSED and [i.location for i in out.errors] == ["OBR[1]-3", "OBR[2]-3"]
     assert [r["status"] for r in pipeline.store.search("DiagnosticReport", [("identifier", "R2405200099")]
                                                        ).resources] == ["final"]
-    # the first patient's reports taken back (sent for the wrong patient): the numbers are free for the other's
+    # the first patient's reports taken back (sent for the wrong patient): the numbers stay hers (under them, the
+    # other's report was stored in her report's history, superseded by the cancellation and found by no search);
+    # the right patient's report goes under numbers of its own
     taken_back = UTF8.replace(b"|TJ2405200099|", b"|TJ2405200097|").replace(b"|||F|||||||2033", b"|||X|||||||2033")
     assert pipeline.ingest(taken_back, "hl7v2", channel="http")[0].status is Status.STORED
     right = other.replace(b"|TJ2405209999|", b"|TJ2405209997|")
-    assert pipeline.ingest(right, "hl7v2", channel="http")[0].status is Status.STORED
+    out = pipeline.ingest(right, "hl7v2", channel="http")[0]
+    assert out.status is Status.REFUSED and "taken back" in out.errors[0].message
+    own = right.replace(b"|TJ2405209997|", b"|TJ2405209996|").replace(b"R2405200099", b"R2405300099").replace(
+        b"R2405200100", b"R2405300100")
+    assert pipeline.ingest(own, "hl7v2", channel="http")[0].status is Status.STORED
+    assert pipeline.store.search("Patient", [("identifier", "511921197003010022")]).resources
 
 
 def test_a_correction_with_fewer_results_is_not_told_it_left_any_out(pipeline: Pipeline) -> None:
