@@ -213,7 +213,12 @@ def test_correction_first_then_the_late_original_is_stored_superseded(world) -> 
     # 涪陵 receives them out of order too: the late original is decided as superseded, never recognised
     tj.exchange.push(correction["id"], FL)
     tj.exchange.deliver()
-    tj.exchange.push(original["id"], FL)
+    # (the original queued as it was while in flight: `push` refuses a version a stored correction supersedes)
+    from gateway.store.exchange import SignedBundles
+
+    in_flight = SignedBundles(tj.store.db).latest_issued(original["id"])
+    assert in_flight is not None
+    tj.exchange.outbox.enqueue(FL, tj.exchange.endpoint_of(FL), in_flight)
     tj.exchange.deliver()
     decisions = decisions_for_patient(fl)
     late = [d for d in decisions if d["result"]["bundle"].endswith(original["id"])]
@@ -476,6 +481,25 @@ def test_a_cda_report_issued_again_under_a_new_document_id_without_rplc_is_said(
     assert f"检验报告单号 {CDA_NUMBER}" in said.message and said.severity == "warning"
     corrected = ingest(tj, (CDA / "lab-report-corrected.xml").read_bytes(), "cda")[0]
     assert not [i for i in corrected.issues if "is held current by another document" in i.message]
+
+
+def test_a_version_a_correction_supersedes_is_not_sent_to_a_member_and_the_current_one_is_named(world) -> None:
+    """`gateway send` of the original after its correction sent the original: a member that never had it stored and
+    recognised the value the lab corrected, and nothing followed it there. Refused now, naming the correction's
+    Bundle; the correction itself is sent."""
+    from gateway.errors import InputError
+
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original = ingest(tj, ORIGINAL)[0].bundle
+    correction = ingest(tj, CORRECTION)[0].bundle
+    with pytest.raises(InputError) as refused:
+        tj.exchange.push(original["id"], FL)
+    assert f"superseded by DiagnosticReport/{report_of(correction)['id']}" in refused.value.message
+    assert f"in Bundle {correction['id']}: send that one" in refused.value.message
+    assert not tj.exchange.pushed_to(original["id"])
+    tj.exchange.push(correction["id"], FL)
+    assert tj.exchange.deliver()["delivered"] == 1
+    assert [d["outcome"] for d in decisions_for_patient(fl)] == ["recognized"] * 4
 
 
 def _other_patient(document: bytes, doc_id: str) -> bytes:

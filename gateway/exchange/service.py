@@ -151,7 +151,33 @@ class Exchange:
         text = SignedBundles(self.db).latest_issued(bundle_id)
         if text is None:
             raise InputError(f"no signed Bundle {bundle_id} was issued by this gateway", "bundle")
+        self._not_superseded(bundle_id, text)
         return self.outbox.enqueue(destination, self.endpoint_of(destination), text)
+
+    def _not_superseded(self, bundle_id: str, text: bytes) -> None:
+        """Refuse to send a report version a correction (or the report's taking back) issued here supersedes: a
+        member sent it — one the original never went to — would store and recognise what the lab corrected, and
+        nothing would follow it there. The current version is named, to be sent instead.
+
+        :raises InputError: naming the report and the Bundle of its current version.
+        """
+        from gateway.signing.canonical import parse_json
+        from gateway.store.reports import version_of, versions_in, versions_of
+
+        try:
+            bundle = parse_json(text)
+        except Exception:  # noqa: BLE001 - a text this gateway signed and stored: sent as it is
+            return
+        for v in versions_in(bundle):
+            for stored in versions_of(self.db, v["issuer_uscc"], v["report_number"], v["report_code"]):
+                if stored.bundle_id != v["bundle_id"] or stored.direction != "issued" or stored.superseded_by is None:
+                    continue
+                current = version_of(self.db, stored.superseded_by)
+                if current is None:
+                    continue
+                raise InputError(f"Bundle {bundle_id} holds report {v['report_number']}, superseded by "
+                                 f"{current.describe()} in Bundle {current.bundle_id}: send that one (a member sent "
+                                 "this version would recognise what the lab corrected or took back)", "bundle")
 
     def pushed_to(self, bundle_id: str) -> list[str]:
         """The members this member's signed Bundle ``bundle_id`` was queued for (any outbox state)."""
