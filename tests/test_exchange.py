@@ -217,6 +217,37 @@ def test_revoked_signer_is_refused(world, clock) -> None:
     assert "not listed" in resp.get_json()["issue"][0]["diagnostics"]
 
 
+def test_a_receiver_whose_snapshot_does_not_list_the_senders_certificate_yet_is_tried_again(world, clock) -> None:
+    """The receiver runs an older snapshot than the sender's (a renewed certificate it does not list yet): it refuses
+    with 403 "not listed", and the delivery went dead at its first attempt, though installing the newer snapshot
+    there sets it right (the README lists it among the retryable cases). While the sender's own snapshot lists its
+    certificate, the delivery waits, saying why; once the receiver lists it, it is delivered."""
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    for gw in world.gateways.values():
+        gw.pipeline.exchange.transport = Routed(world)
+    endpoints = {MEMBERS[k].uscc: u for k, u in URLS.items()}
+    behind = build_demo_registry(clock(), version=2, endpoints=endpoints, drop_members=(TJ,), reuse=world.registry)
+    fl.exchange.holder.apply(behind.text())  # (涪陵 alone: 通江's own snapshot still lists it)
+    bundle = ingest_lis(world)[0].bundle
+    row = tj.exchange.push(bundle["id"], FL)
+    tj.exchange.deliver()
+    entry = tj.exchange.outbox.get(row)
+    assert entry.status == "pending", (entry.status, entry.last_error)
+    assert "not listed" in entry.last_error and "the receiver's is older" in entry.last_error
+    caught_up = build_demo_registry(clock(), version=3, endpoints=endpoints, reuse=world.registry)
+    fl.exchange.holder.apply(caught_up.text())
+    tj.exchange.outbox.retry(row)
+    tj.exchange.deliver()
+    assert tj.exchange.outbox.get(row).status == "delivered"
+    # a sender its own snapshot no longer lists (revoked) is refused for good, as before
+    world.publish(build_demo_registry(clock(), version=4, endpoints=endpoints, drop_members=(TJ,),
+                                      reuse=world.registry))
+    row = tj.exchange.push(bundle["id"], MEMBERS["sccdc"].uscc)  # (a member it was not delivered to)
+    tj.exchange.deliver()
+    entry = tj.exchange.outbox.get(row)
+    assert entry.status == "dead" and "not listed" in entry.last_error and "older" not in entry.last_error
+
+
 def test_a_push_from_a_certificate_no_trusted_authority_issued_is_not_kept(world, tmp_path) -> None:
     """A caller whose certificate no registry authority of the snapshot issued cannot be told from anyone: its
     push is refused (403 or 401) and neither kept nor audited, so that no stranger can fill the audit log."""

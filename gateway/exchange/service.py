@@ -30,12 +30,13 @@ import datetime as _dt
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from gateway import jsonutil, metrics
 from gateway.audit import events as audit_events
-from gateway.errors import ConfigError, InputError, ParseError, TrustError, UnknownIssuer
+from gateway.errors import ConfigError, GatewayError, InputError, ParseError, TrustError, UnknownIssuer
 from gateway.exchange.outbox import Delivery, Lanes, Outbox, SendResult, Transport
 from gateway.exchange.peer_auth import ReplayCache, make_assertion, verify_assertion
 from gateway.signing.canonical import canonicalize, document_bytes, parse_json
@@ -266,9 +267,22 @@ class Exchange:
                                    peer=delivery.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"),
                                    bundle=bundle)
 
-        return self.outbox.deliver_due(used, limit=limit, headers=self.assertion_for, on_receipt=check,
-                                       on_delivered=delivered, url_for=url_for, lanes=self.lanes,
-                                       wait=wait)
+        return self.outbox.deliver_due(_Behind(used, self._own_certificate_listed), limit=limit,
+                                       headers=self.assertion_for, on_receipt=check, on_delivered=delivered,
+                                       url_for=url_for, lanes=self.lanes, wait=wait)
+
+    def _own_certificate_listed(self) -> bool:
+        """Whether the registry snapshot in force here vouches for this member's signing certificate now."""
+        from gateway.referrals import trust_with_authorities
+
+        if self.identity is None or self.holder is None:
+            return False
+        try:
+            check_certificate(self.identity.chain[0], trust_with_authorities(self.member.snapshot()), self.clock(),
+                              location="signing_cert")
+        except GatewayError:
+            return False
+        return True
 
     def give_back_in_flight(self) -> int:
         """As this sender stops: the deliveries its lanes started and have no answer for are due again now (their
@@ -483,3 +497,25 @@ class Exchange:
             if identifier in keys_list or any(k.split("|", 1)[1] == identifier for k in keys_list):
                 out.append(text)
         return out
+
+
+class _Behind:
+    """A transport whose refusals of this member's certificate as "not listed" are tried again while this member's
+    own registry snapshot lists it: the receiver's snapshot is older (a renewed certificate, listed in a version it
+    has not installed yet), which installing it sets right — the README's retryable case. The delivery went dead at
+    its first attempt. A certificate this member's snapshot does not list either (revoked) stays refused for good."""
+
+    def __init__(self, transport: Transport, listed_here: Callable[[], bool]) -> None:
+        self.transport, self.listed_here = transport, listed_here
+
+    def send(self, url: str, payload: bytes, headers: dict[str, str]) -> SendResult:
+        result = self.transport.send(url, payload, headers)
+        if not result.ok and not result.retryable and result.status in (401, 403) \
+                and "not listed in the trust list" in result.error and self.listed_here():
+            return SendResult(False, retryable=True, status=result.status, body=result.body,
+                              error=f"{result.error} — this member's own registry snapshot lists its certificate: the "
+                                    "receiver's is older; tried again until it installs the newer one")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
