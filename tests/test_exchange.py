@@ -248,6 +248,30 @@ def test_a_receiver_whose_snapshot_does_not_list_the_senders_certificate_yet_is_
     assert entry.status == "dead" and "not listed" in entry.last_error and "older" not in entry.last_error
 
 
+def test_a_member_with_no_certificate_in_force_is_not_sent_to(world, clock) -> None:
+    """The authority removed the CDC's certificate (revoked) and kept it listed: reports were sent to it again and
+    again (it took them), each delivery failing on its receipt with "signature verification failed". Now nothing is
+    queued for it, and a delivery queued before goes dead, both saying why."""
+    from gateway.errors import UnknownIssuer
+
+    tj = world.gateways["tongjiang"].pipeline
+    for gw in world.gateways.values():
+        gw.pipeline.exchange.transport = Routed(world)
+    cdc = MEMBERS["sccdc"].uscc
+    bundle = ingest_lis(world)[0].bundle
+    queued = tj.exchange.push(bundle["id"], cdc)
+    endpoints = {MEMBERS[k].uscc: u for k, u in URLS.items()}
+    revoked = build_demo_registry(clock(), version=2, endpoints=endpoints, drop_members=(cdc,),
+                                  reuse=world.registry)  # (listed still, its certificates left out)
+    tj.exchange.holder.apply(revoked.text())
+    with pytest.raises(UnknownIssuer) as refused:
+        tj.exchange.push(bundle["id"], MEMBERS["sccdc"].uscc)
+    assert "no certificate in force" in refused.value.message
+    tj.exchange.deliver()
+    entry = tj.exchange.outbox.get(queued)
+    assert entry.status == "dead" and "no certificate in force" in entry.last_error
+
+
 def test_a_push_from_a_certificate_no_trusted_authority_issued_is_not_kept(world, tmp_path) -> None:
     """A caller whose certificate no registry authority of the snapshot issued cannot be told from anyone: its
     push is refused (403 or 401) and neither kept nor audited, so that no stranger can fill the audit log."""

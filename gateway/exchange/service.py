@@ -138,6 +138,12 @@ class Exchange:
         member = self._snapshot().member(uscc)
         if member is None or not member.endpoint:
             raise UnknownIssuer(f"member {uscc} is not in the registry snapshot or has no endpoint", "destination")
+        now = self.clock()
+        if not any(mc.valid_at(now) for mc in member.certificates):
+            # (its receipts could not be verified here: the report would be taken there and the delivery never
+            # counted, tried again and again with a signature error that names no cause)
+            raise UnknownIssuer(f"member {uscc} has no certificate in force in the registry snapshot (all ended or "
+                                "removed): nothing is sent to it until the authority lists one", "destination")
         # The registry lists a gateway's base URL; its FHIR base (…/fhir) names the same gateway.
         return str(member.endpoint).rstrip("/").removesuffix("/fhir") + EXCHANGE_PATH
 
