@@ -26,6 +26,10 @@ from gateway.store import db as _db
 
 __all__ = ["cli", "main"]
 
+#: A record or row number as the database keeps them (a signed 64-bit integer): a larger one names nothing
+#: (it was an "internal error": OverflowError)
+_RECORD_NUMBER = click.IntRange(1, 2**63 - 1)
+
 
 def _database_refusals() -> tuple[type[BaseException], ...]:
     """What a database answers when it cannot be used as configured, not for a fault of the gateway: a SQLite file
@@ -479,7 +483,7 @@ def messages() -> None:
 @messages.command("list")
 @click.option("--status", type=click.Choice(["received", "queued", "stored", "filtered", "refused", "failed"]),
               help="Only messages with this status (queued: answered on receipt, waiting to be worked).")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="How many, newest first.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True, help="How many, newest first.")
 @click.pass_context
 def messages_list(ctx: click.Context, status: str | None, limit: int) -> None:
     """List received messages, newest first. What senders wrote (control ids, reasons quoting their values) is
@@ -506,7 +510,7 @@ def _existing_store(ctx: click.Context) -> Any:
 
 
 @messages.command("show")
-@click.argument("record_id", type=int)
+@click.argument("record_id", type=_RECORD_NUMBER)
 @click.option("--raw", is_flag=True, help="Print the message exactly as received (may contain patient data).")
 @click.pass_context
 def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
@@ -553,7 +557,7 @@ def _holder_line(rec: Any, now: float) -> str:
 
 
 @messages.command("retry")
-@click.argument("record_ids", type=int, nargs=-1)
+@click.argument("record_ids", type=_RECORD_NUMBER, nargs=-1)
 @click.option("--failed", "all_failed", is_flag=True, help="Every failed message (oldest first).")
 @click.pass_context
 def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: bool) -> None:

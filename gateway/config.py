@@ -42,6 +42,10 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: What ``public_url`` may be: an http(s) URL of a host (a port and a path allowed), no query, fragment or spaces.
+_PUBLIC_URL = re.compile(r"https?://[^\s/?#@]+(?:/[^\s?#]*)?", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Settings of one member gateway. Frozen: build a new one with ``replace``."""
@@ -193,6 +197,10 @@ class Settings:
                 raise ConfigError(f"{name} {port} is not a TCP port", name)
         if self.mllp_ack not in ("processed", "received"):
             raise ConfigError(f"mllp_ack {self.mllp_ack!r} must be 'processed' or 'received'", "mllp_ack")
+        if self.public_url and not _PUBLIC_URL.fullmatch(self.public_url):
+            # (every link the gateway answers, and the audience of SMART assertions, are made from it)
+            raise ConfigError(f"public_url {self.public_url[:80]!r} must be an http or https URL, such as "
+                              "https://gw.tongjiang.example (no query or fragment)", "public_url")
         for name in ("max_message_bytes", "max_request_bytes", "workers", "threads", "delivery_interval",
                      "mllp_workers", "queue_readers", "queue_record_group", "mllp_idle_timeout", "mllp_read_timeout",
                      "http_read_timeout", "http_idle_timeout", "http_connection_limit", "processing_lease",
@@ -334,6 +342,19 @@ def load_settings(
         section = data.get("gateway", data)
         if not isinstance(section, dict):
             raise ConfigError(f"config file {path}: [gateway] must be a table of settings", named)
+        # the settings are either the file's own keys or its [gateway] table's, never both, and no other table is
+        # read: keys above a [gateway] table, or a table of another name ([gatway]), were dropped without a word
+        # (the gateway ran on another database, under the built-in identity)
+        if "gateway" in data:
+            others = sorted(k for k in data if k != "gateway")
+            if others:
+                raise ConfigError(f"config file {path}: {', '.join(repr(k) for k in others[:5])} "
+                                  f"{'is' if len(others) == 1 else 'are'} outside its [gateway] table, which holds "
+                                  "the settings: put every setting in that table, or none in a table", others[0])
+        tables = sorted(k for k, v in section.items() if isinstance(v, dict))
+        if tables:
+            raise ConfigError(f"config file {path}: [{tables[0]}] is not a table of settings (the settings are keys "
+                              "of the file itself, or of one [gateway] table)", tables[0])
         base = Path(path).resolve().parent
         for key, value in section.items():
             if key not in known:

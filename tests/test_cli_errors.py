@@ -596,3 +596,22 @@ def test_a_bad_value_from_the_environment_names_the_variable(runner, tmp_path: P
     assert "Invalid value for 'GATEWAY_DATABASE' (environment variable)" in database.stderr
     flag = runner.invoke(cli, ["users", "list", "--db", str(tmp_path)])
     assert flag.exit_code == 2 and "Invalid value for '--db'" in flag.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["messages", "show", "99999999999999999999"], ["messages", "retry", "9223372036854775808"],
+    ["outbox", "show", "99999999999999999999"], ["outbox", "retry", "99999999999999999999"],
+    ["messages", "list", "--limit", "99999999999999999999"], ["outbox", "list", "--limit", "-5"],
+    ["outbox", "list", "--limit", "0"],
+])
+def test_a_number_no_record_can_have_is_a_usage_error_not_an_internal_error(tmp_path, args) -> None:
+    """A record number larger than the database's integers was "internal error (OverflowError) … report it"; an
+    outbox --limit of -5 listed every row. Refused in one line naming the argument (exit 2)."""
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), *args])
+    assert result.exit_code == 2, (args, result.output)
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert "range" in result.output, result.output

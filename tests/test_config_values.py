@@ -109,3 +109,31 @@ def test_a_config_file_with_a_byte_order_mark_is_read(runner, tmp_path: Path) ->
     settings = load_settings(config, environ={})
     assert (settings.issuer_name, settings.http_port) == ("通江县人民医院", 8081)
     assert runner.invoke(cli, ["--config", str(config), "settings"]).exit_code == 0
+
+
+@pytest.mark.parametrize("text, named", [
+    ('data_dir = "/srv/tj"\nhttp_port = 21801\n[gateway]\nissuer_name = "通江县人民医院"\n', "data_dir"),
+    ('[gateway]\nissuer_name = "通江县人民医院"\n[gatway]\nsigning_key = "x"\n', "gatway"),
+    ('issuer_name = "通江县人民医院"\n[mllp]\nport = 2575\n', "mllp"),
+])
+def test_settings_outside_the_table_that_holds_them_are_refused_not_dropped(runner, tmp_path: Path, text: str,
+                                                                            named: str) -> None:
+    """Keys above a [gateway] table were dropped without a word (the gateway then ran on a new database in the
+    working folder, under the built-in identity), and so was a table of another name: refused in one line."""
+    config = _config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={})
+    assert caught.value.location == named
+    result = runner.invoke(cli, ["--config", str(config), "settings"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert named in result.stderr
+
+
+@pytest.mark.parametrize("url", ["not a url", "ftp://x", "http://a b", "https://gw.example/?q=1", "gw.example"])
+def test_a_public_url_that_is_no_http_url_is_refused(url: str) -> None:
+    """Every link the gateway answers is made from public_url: "not a url/fhir/DiagnosticReport/…" was served."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={}, overrides={"public_url": url})
+    assert caught.value.location == "public_url"
+    for fine in ("https://gw.tongjiang.example", "http://127.0.0.1:8081", "https://gw.example/member/"):
+        assert load_settings(environ={}, overrides={"public_url": fine}).public_url == fine

@@ -663,6 +663,12 @@ def test_db_check_says_a_sound_file_is_ok_and_names_the_damage_of_one_that_is_no
     assert "Traceback" not in damaged.output
     missing = runner.invoke(cli, ["db", "check", "--db", str(tmp_path / "none.db")])
     assert missing.exit_code == 1 and "no such database" in missing.output
+    # an empty file (a restore cut short by a full disk) was "ok (quick_check)": SQLite takes it for a new database
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    said = runner.invoke(cli, ["db", "check", "--db", str(empty)])
+    assert said.exit_code == 1 and "empty (0 bytes)" in said.output and "restore it from a backup" in said.output
+    assert empty.stat().st_size == 0  # (read only: nothing made in it)
 
 
 def test_a_database_others_can_read_is_made_private_when_opened(tmp_path: Path, caplog) -> None:

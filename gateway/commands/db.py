@@ -91,6 +91,11 @@ def check(ctx: click.Context, locator: str | None, full: bool) -> None:
         target = locator or get_settings(ctx).database_locator
         if not is_postgresql(target) and not Path(target).exists():
             raise click.ClickException(f"{target}: no such database")
+        if not is_postgresql(target) and Path(target).is_file() and Path(target).stat().st_size == 0:
+            # (what a restore interrupted by a full disk leaves: SQLite takes it for a sound, new database)
+            click.echo(f"database: {describe(target)}: empty (0 bytes), no database in it: restore it from a backup "
+                       "(docs/operations.md, 'Backing up and restoring a SQLite member')")
+            ctx.exit(1)
         database = _open(ctx, locator, readonly=True)
         with closing(database.conn):  # type: ignore[attr-defined]
             if layout.engine(database).startswith("PostgreSQL"):

@@ -21,6 +21,10 @@ from gateway.commands.common import printable
 
 __all__ = ["send", "outbox", "lookup"]
 
+#: A record or row number as the database keeps them (a signed 64-bit integer): a larger one names nothing
+#: (it was an "internal error": OverflowError)
+_RECORD_NUMBER = click.IntRange(1, 2**63 - 1)
+
 
 def _pipeline(ctx: click.Context) -> Any:
     from gateway.cli import get_settings
@@ -135,7 +139,7 @@ def _when(ts: float) -> str:
 
 @outbox.command("list")
 @click.option("--status", type=click.Choice(["pending", "delivering", "delivered", "dead"]), help="Only this status.")
-@click.option("--limit", type=int, default=50, show_default=True, help="How many, newest first.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="How many, newest first.")
 @click.pass_context
 def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
     """List deliveries, newest first."""
@@ -147,7 +151,7 @@ def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
 
 
 @outbox.command("show")
-@click.argument("row_id", type=int)
+@click.argument("row_id", type=_RECORD_NUMBER)
 @click.pass_context
 def outbox_show(ctx: click.Context, row_id: int) -> None:
     """One delivery, with the receiver's signed receipt."""
@@ -165,7 +169,7 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
 
 
 @outbox.command("retry")
-@click.argument("row_ids", type=int, nargs=-1)
+@click.argument("row_ids", type=_RECORD_NUMBER, nargs=-1)
 @click.option("--dead", "all_dead", is_flag=True, help="Every dead delivery (oldest first).")
 @click.option("--to", "destination", metavar="USCC", help="With --dead: only those to this member.")
 @click.pass_context
@@ -211,7 +215,7 @@ def outbox_retry(ctx: click.Context, row_ids: tuple[int, ...], all_dead: bool, d
 
 
 @outbox.command("replay")
-@click.argument("row_id", type=int)
+@click.argument("row_id", type=_RECORD_NUMBER)
 @click.pass_context
 def outbox_replay(ctx: click.Context, row_id: int) -> None:
     """Send a delivered payload again (the receiver answers with its first receipt)."""
