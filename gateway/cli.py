@@ -518,7 +518,9 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
     escaped (\\x1b); --raw prints the bytes exactly as received."""
     store = _existing_store(ctx)
     if raw:
-        sys.stdout.buffer.write(store.raw_of(record_id))
+        data = store.raw_of(record_id)
+        _raw_viewed(ctx, store, record_id)
+        sys.stdout.buffer.write(data)
         return
     rec = store.get_message(record_id)
     lines = [f"message {rec.id}: {rec.format} {rec.message_id} from {rec.sender} via {rec.channel} "
@@ -533,6 +535,20 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
         lines.append(f"  {issue['severity']}: {said if not place or said.startswith(place) else place + ' ' + said}")
     for line in lines:
         click.echo(printable(line))
+
+
+def _raw_viewed(ctx: click.Context, store: Any, record_id: int) -> None:
+    """A message's raw bytes (patient data) read on the command line are written to the audit log, as the
+    console's view of them is: who (the operating-system user on this host), when, which message."""
+    from gateway.audit import records
+    from gateway.audit.log import append
+    from gateway.commands.audit import who_acts
+    from gateway.store.db import transaction
+
+    at, gateway, by = who_acts(get_settings(ctx))
+    with transaction(store.db):
+        append(store.db, records.operator_action(at=at, gateway=gateway, user=by, client_address="command line",
+                                                 action="message-raw-viewed", target=f"messages/{record_id}"))
 
 
 def _left_by(rec: Any, now: float) -> str:

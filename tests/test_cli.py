@@ -124,6 +124,17 @@ def test_messages_list_and_show(runner, settings, database: str) -> None:
     assert "status refused, answer AE" in shown.stdout and "OBX[3]-5" in shown.stdout
     raw = runner.invoke(cli, [*where, "messages", "show", "1", "--raw"])
     assert raw.stdout_bytes.startswith(b"MSH|^~\\&|LIS|TJXRMYY")
+    # the raw bytes (patient data) read on the command line are audited, as the console's view of them is
+    from gateway.audit.log import entries
+    from gateway.store.db import connect
+
+    db = connect(database or str(Path(settings.data_dir) / "gateway.db"))
+    try:
+        viewed = [e.facts for e in entries(db) if e.kind == "operator" and e.facts["action"] == "message-raw-viewed"]
+    finally:
+        db.conn.close()
+    assert len(viewed) == 1 and viewed[0]["target"] == "messages/1"
+    assert viewed[0]["client_address"] == "command line" and "(command line)" in viewed[0]["user"]["display"]
     missing = runner.invoke(cli, [*where, "messages", "show", "99"])
     assert missing.exit_code == 1 and "no message with id 99" in missing.stderr
 
