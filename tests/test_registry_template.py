@@ -115,5 +115,5 @@ def test_a_fhir_base_endpoint_names_the_same_gateway() -> None:
     for listed in ("https://tongjiang.example.cn/fhir", "https://tongjiang.example.cn/fhir/",
                    "https://tongjiang.example.cn", "https://tongjiang.example.cn/"):
         snapshot = build_demo_registry(now, endpoints={TJ: listed}).snapshot(now)
-        exchange = SimpleNamespace(_snapshot=lambda snapshot=snapshot: snapshot)
+        exchange = SimpleNamespace(_snapshot=lambda snapshot=snapshot: snapshot, clock=lambda: now)
         assert Exchange.endpoint_of(exchange, TJ) == "https://tongjiang.example.cn/exchange/bundles"
