@@ -12,6 +12,7 @@ from conftest import DATA, FULING, TONGJIANG
 from gateway.fhir import profiles
 from gateway.fhir.bundle import entries_of
 from gateway.pipeline import Pipeline, Status
+from test_cda import convert_one
 
 CDA = DATA / "cda"
 FULL = (CDA / "lab-report-full.xml").read_bytes()
@@ -28,12 +29,6 @@ K_XPATH = ("/ClinicalDocument/component/structuredBody/component[2]/section/entr
 def pipeline(convert_pipeline):
     """These tests convert only (nothing is stored): they run once, not once per storage engine."""
     return convert_pipeline
-
-
-def convert_one(pipeline: Pipeline, data: bytes):
-    outcomes = list(pipeline.convert(data, "cda", "test.xml"))
-    assert len(outcomes) == 1
-    return outcomes[0]
 
 
 def observation(bundle: dict, code: str) -> dict:

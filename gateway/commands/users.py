@@ -25,6 +25,9 @@ __all__ = ["users"]
 
 _DB_HELP = ("Database of this gateway, a SQLite file or a postgresql:// URL (GATEWAY_DATABASE); "
             "default: the configured one.")
+#: The --db option every users command takes.
+_DB = click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
+                   help=_DB_HELP)
 
 
 def read_password(password_file: str | None, *, prompt: bool) -> str | None:
@@ -94,8 +97,7 @@ def users() -> None:
     "auditor or admin is asked for one at a terminal.",
 )
 @_EXPIRES
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def add(
     ctx: click.Context,
@@ -141,8 +143,7 @@ def add(
 @users.command("token")
 @click.argument("name")
 @_EXPIRES
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None) -> None:
     """Issue another API token for the active account NAME (the older ones keep working until they expire, or until
@@ -157,8 +158,7 @@ def token(ctx: click.Context, name: str, expires_days: int, db_path: str | None)
 
 @users.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
     """List the accounts: roles, member, when added, whether disabled, how many live tokens and when each
@@ -181,8 +181,7 @@ def list_cmd(ctx: click.Context, as_json: bool, db_path: str | None) -> None:
 
 @users.command("tokens")
 @click.argument("name")
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def tokens(ctx: click.Context, name: str, db_path: str | None) -> None:
     """List the API tokens of the account NAME, newest first: the characters each begins with (what `gateway users
@@ -203,8 +202,7 @@ def tokens(ctx: click.Context, name: str, db_path: str | None) -> None:
 @click.option("--token-file", type=click.File("r", encoding="utf-8"),
               help="File whose first line is the token itself (- reads stdin): the one to revoke, whatever its "
               "first characters share with another's.")
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def revoke(ctx: click.Context, name: str, token_start: str | None, token_file: Any, db_path: str | None) -> None:
     """Revoke one API token of the account NAME (one that leaked), its other tokens and the account untouched:
@@ -226,8 +224,7 @@ def revoke(ctx: click.Context, name: str, token_start: str | None, token_file: A
 
 @users.command("disable")
 @click.argument("name")
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
     """Disable the account NAME and revoke its tokens (it stays listed: the audit log names it)."""
@@ -243,8 +240,7 @@ def disable(ctx: click.Context, name: str, db_path: str | None) -> None:
 @click.argument("name")
 @click.option("--password-file", help="File whose first line is the new password; - reads stdin. Without it the "
               "password is asked for twice at a terminal.")
-@click.option("--db", "db_path", cls=EnvOption, type=click.Path(dir_okay=False), envvar="GATEWAY_DATABASE",
-              help=_DB_HELP)
+@_DB
 @click.pass_context
 def passwd(ctx: click.Context, name: str, password_file: str | None, db_path: str | None) -> None:
     """Set the console password of the auditor or admin account NAME (and lift a lock-out)."""
