@@ -19,16 +19,12 @@ from typing import IO, Any
 import click
 
 from gateway import __version__, jsonutil
-from gateway.commands.common import EnvOption, database_in_use, note_database, printable
+from gateway.commands.common import RECORD_NUMBER, EnvOption, database_in_use, note_database, printable
 from gateway.config import Settings, load_settings, settings_help
 from gateway.errors import ConfigError, GatewayError
 from gateway.store import db as _db
 
 __all__ = ["cli", "main"]
-
-#: A record or row number as the database keeps them (a signed 64-bit integer): a larger one names nothing
-#: (it was an "internal error": OverflowError)
-_RECORD_NUMBER = click.IntRange(1, 2**63 - 1)
 
 
 def _database_refusals() -> tuple[type[BaseException], ...]:
@@ -510,7 +506,7 @@ def _existing_store(ctx: click.Context) -> Any:
 
 
 @messages.command("show")
-@click.argument("record_id", type=_RECORD_NUMBER)
+@click.argument("record_id", type=RECORD_NUMBER)
 @click.option("--raw", is_flag=True, help="Print the message exactly as received (may contain patient data).")
 @click.pass_context
 def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
@@ -573,7 +569,7 @@ def _holder_line(rec: Any, now: float) -> str:
 
 
 @messages.command("retry")
-@click.argument("record_ids", type=_RECORD_NUMBER, nargs=-1)
+@click.argument("record_ids", type=RECORD_NUMBER, nargs=-1)
 @click.option("--failed", "all_failed", is_flag=True, help="Every failed message (oldest first).")
 @click.pass_context
 def messages_retry(ctx: click.Context, record_ids: tuple[int, ...], all_failed: bool) -> None:

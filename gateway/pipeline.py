@@ -143,6 +143,14 @@ class Outcome:
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "error"]
 
+    @property
+    def retry_later(self) -> bool:
+        """A copy sent while its first copy is being worked (two requests at once): not taken now, to be sent again
+        shortly (an HTTP 503 with Retry-After, not a refusal). A duplicate of a finished copy says so as
+        information, with that copy's answer."""
+        return self.status is Status.DUPLICATE and any(i.code == "duplicate" and i.severity == "error"
+                                                       for i in self.issues)
+
 
 #: The stages a channel's compiled twins do (gateway.native): a unit they fail in is worked again by the plain
 #: modules; a failure in any later stage (check, sign, answer) is the unit's own, as without the twins.

@@ -97,13 +97,20 @@ def report_status_rule(decision):
     return next(r for r in decision["rules"] if r["rule"] == "report-status")
 
 
-def test_hl7_correction_after_the_original_reaches_the_receiver_and_withdraws_its_decisions(world) -> None:
-    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+def original_recognised_at_fuling(tj, fl) -> tuple[dict, list[dict]]:
+    """通江 stores the original blood count and pushes it to 涪陵, which recognises its four results: (the original
+    Bundle, 涪陵's decisions on it)."""
     original = ingest(tj, ORIGINAL)[0].bundle
     tj.exchange.push(original["id"], FL)
     assert tj.exchange.deliver()["delivered"] == 1
     first = decisions_for_patient(fl)
     assert [d["outcome"] for d in first] == ["recognized"] * 4
+    return original, first
+
+
+def test_hl7_correction_after_the_original_reaches_the_receiver_and_withdraws_its_decisions(world) -> None:
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original, first = original_recognised_at_fuling(tj, fl)
 
     correction = ingest(tj, CORRECTION)[0].bundle
     assert report_of(correction)["status"] == "corrected"
@@ -419,11 +426,7 @@ def test_a_report_taken_back_reaches_the_receiver_and_withdraws_its_decisions(wo
     are decided not recognised (the report is cancelled) and counted nowhere: the 互认率 has no result of it left.
     (The receiver kept the original recognised, counted in its figures.)"""
     tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
-    original = ingest(tj, ORIGINAL)[0].bundle
-    tj.exchange.push(original["id"], FL)
-    assert tj.exchange.deliver()["delivered"] == 1
-    first = decisions_for_patient(fl)
-    assert [d["outcome"] for d in first] == ["recognized"] * 4
+    original, first = original_recognised_at_fuling(tj, fl)
 
     cancelled_message = ORIGINAL.replace(b"|TJ2611200001|", b"|TJ2611200201|").replace(
         b"|20261120082500|||F|", b"|20261120112500|||X|").replace(b"|N|||F", b"|N|||X")

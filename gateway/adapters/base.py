@@ -98,6 +98,26 @@ def _read_number(text: str) -> tuple[Decimal, str] | None:
 _remembered_number = functools.lru_cache(maxsize=_READ_MAX)(_read_number)
 
 
+#: A run of bytes past ASCII, and Chinese characters in a row (:func:`gbk_run`).
+_HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
+_CJK_RUN = re.compile(r"[\u3400-\u9fff]{2,}")
+
+
+def gbk_run(data: bytes) -> tuple[int, int] | None:
+    """(start, end) of the first run of bytes past ASCII that reads in GB 18030 (GBK, GB2312) as two Chinese
+    characters or more in a row; None when none does. What tells GBK text under a single-byte declaration (ISO
+    8859-1 decodes any byte): Latin-1 text has its accented letters alone or in pairs between ASCII ones, a GBK name
+    or item is such a run. A single Chinese character is not told apart."""
+    for run in _HIGH_RUN.finditer(data):
+        try:
+            chinese = run.group().decode("gb18030")
+        except UnicodeDecodeError:
+            continue
+        if _CJK_RUN.search(chinese):
+            return run.start(), run.end()
+    return None
+
+
 _RANGE_NUMBER = r"([+-]?\d+(?:\.\d+)?)"
 _RANGE = re.compile(rf"^\s*{_RANGE_NUMBER}\s*(?:-|~|～|—|–|－)\s*{_RANGE_NUMBER}\s*$")
 #: ``3.5--5.5``: two hyphens between the bounds, read so only when one (the second bound negative) gives no range

@@ -49,6 +49,7 @@ from gateway.adapters.base import (
     ResultFacts,
     SourceMessage,
     SpecimenFacts,
+    gbk_run,
     number_problem,
     parse_number,
     parse_reference_range,
@@ -197,12 +198,6 @@ def _utf8_declared_latin(data: bytes) -> str:
             "its Chinese would be garbled; declare encoding=\"UTF-8\" (or send it in the encoding it declares)")
 
 
-#: A run of bytes past ASCII, and Chinese characters in a row: GBK text in a document declared ISO 8859-1 is such runs
-#: (a name, an item); Latin-1 text has its accented letters alone or in pairs between ASCII ones (as HL7 v2 tells).
-_HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
-_CJK_RUN = re.compile(r"[\u3400-\u9fff]{2,}")
-
-
 def _gb_declared_latin(data: bytes) -> str:
     """Why a document declared ISO-8859-1 or windows-1252 whose text is GBK (GB 18030) is refused ("" when it is not
     such): ISO 8859-1 decodes any byte, so 李演示 would be stored as ÀîÑÝÊ¾ (over the shared Patient) and signed. A
@@ -211,16 +206,12 @@ def _gb_declared_latin(data: bytes) -> str:
     declared = _declared(data)
     if declared not in _LATIN_NAMES or data.isascii() or data.startswith(codecs.BOM_UTF8):
         return ""
-    for run in _HIGH_RUN.finditer(data):
-        try:
-            chinese = run.group().decode("gb18030")
-        except UnicodeDecodeError:
-            continue
-        if _CJK_RUN.search(chinese):  # (the text itself is not quoted: it is a patient's name as often as not)
-            return (f"document declares the encoding {shown(declared or '')} in its XML declaration, but its bytes "
-                    f"{run.start()} to {run.end() - 1} read as Chinese text in GB 18030 (GBK, GB2312): read as "
-                    "declared its Chinese would be garbled; declare the encoding its bytes are in, "
-                    "<?xml version=\"1.0\" encoding=\"GB18030\"?>, or send it as UTF-8")
+    found = gbk_run(data)
+    if found:  # (the text itself is not quoted: it is a patient's name as often as not)
+        return (f"document declares the encoding {shown(declared or '')} in its XML declaration, but its bytes "
+                f"{found[0]} to {found[1] - 1} read as Chinese text in GB 18030 (GBK, GB2312): read as declared its "
+                "Chinese would be garbled; declare the encoding its bytes are in, "
+                "<?xml version=\"1.0\" encoding=\"GB18030\"?>, or send it as UTF-8")
     return ""
 
 

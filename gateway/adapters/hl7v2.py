@@ -36,6 +36,7 @@ from gateway.adapters.base import (
     ResultFacts,
     SourceMessage,
     SpecimenFacts,
+    gbk_run,
     number_problem,
     parse_number,
     text_too_long,
@@ -152,20 +153,11 @@ def _check_single_byte(data: bytes, text: str, codec: str) -> None:
     else:
         raise UnicodeDecodeError(codec, data, 0, 1, "the message is UTF-8 (its bytes past ASCII read as UTF-8 "
                                                     "characters): declare UNICODE UTF-8 in MSH-18")
-    for run in _HIGH_RUN.finditer(data):
-        try:
-            chinese = run.group().decode("gb18030")
-        except UnicodeDecodeError:
-            continue
-        found = _CJK_RUN.search(chinese)
-        if found:  # (the text itself is not quoted: it is a patient's name as often as not)
-            raise UnicodeDecodeError(codec, data, run.start(), run.end(),
-                                     f"the message holds bytes {run.start()} to {run.end() - 1} that read as "
-                                     "Chinese text in GBK: declare the character set the LIS sends")
-
-
-_HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
-_CJK_RUN = re.compile(r"[\u3400-\u9fff]{2,}")
+    found = gbk_run(data)
+    if found:  # (the text itself is not quoted: it is a patient's name as often as not)
+        start, end = found
+        raise UnicodeDecodeError(codec, data, start, end, f"the message holds bytes {start} to {end - 1} that read as "
+                                 "Chinese text in GBK: declare the character set the LIS sends")
 
 
 def _common_hanzi() -> frozenset[str]:

@@ -212,7 +212,7 @@ def submit() -> Response:
     headers: dict[str, str] = {}
     if outcome.status.value == "duplicate":
         status = 200 if outcome.ack_code == "AA" else status
-        if outcome.ack_code != "AA" and any("is being processed now" in i.message for i in outcome.issues):
+        if outcome.ack_code != "AA" and outcome.retry_later:
             status, headers = 503, {"Retry-After": "5"}  # its first copy is being worked: a passing state
     elif any(i.code == "conflict" for i in outcome.issues):  # other content under an identifier already stored
         status = 409

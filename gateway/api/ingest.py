@@ -214,8 +214,7 @@ def ingest(fmt: str) -> Response:
             code = o.ack_code or "AA"
             if _RANK.get(code, 1) > _RANK.get(worst, 1):
                 worst = code
-            if code != "AA" and not (o.status.value == "duplicate" and any(
-                    "is being processed now" in i.message for i in o.issues)):
+            if code != "AA" and not o.retry_later:
                 refused_for_good += 1
             v3_type = None if wants_outcome or fmt != "cda" else answer_media_type(o.answer)
             if v3_type is not None:

@@ -14,11 +14,15 @@ from click.core import ParameterSource
 
 from gateway.errors import ConfigError, GatewayError
 
-__all__ = ["CST", "AwareDateTime", "AWARE", "Uscc", "USCC", "one_line_errors", "now_cst", "EnvOption", "printable",
-           "note_database", "database_in_use"]
+__all__ = ["RECORD_NUMBER", "CST", "AwareDateTime", "AWARE", "Uscc", "USCC", "one_line_errors", "now_cst", "EnvOption",
+           "printable", "note_database", "database_in_use"]
 
 #: China Standard Time, given to "now" when a command is not told a time.
 CST = _dt.timezone(_dt.timedelta(hours=8), "CST")
+
+#: A record or row number as the database keeps them (a signed 64-bit integer): a larger one names nothing (it was an
+#: "internal error": OverflowError), a usage error instead
+RECORD_NUMBER = click.IntRange(1, 2**63 - 1)
 
 
 class AwareDateTime(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs

@@ -17,13 +17,9 @@ from typing import Any
 import click
 
 from gateway import jsonutil
-from gateway.commands.common import printable
+from gateway.commands.common import RECORD_NUMBER, printable
 
 __all__ = ["send", "outbox", "lookup"]
-
-#: A record or row number as the database keeps them (a signed 64-bit integer): a larger one names nothing
-#: (it was an "internal error": OverflowError)
-_RECORD_NUMBER = click.IntRange(1, 2**63 - 1)
 
 
 def _pipeline(ctx: click.Context) -> Any:
@@ -151,7 +147,7 @@ def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
 
 
 @outbox.command("show")
-@click.argument("row_id", type=_RECORD_NUMBER)
+@click.argument("row_id", type=RECORD_NUMBER)
 @click.pass_context
 def outbox_show(ctx: click.Context, row_id: int) -> None:
     """One delivery, with the receiver's signed receipt."""
@@ -169,7 +165,7 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
 
 
 @outbox.command("retry")
-@click.argument("row_ids", type=_RECORD_NUMBER, nargs=-1)
+@click.argument("row_ids", type=RECORD_NUMBER, nargs=-1)
 @click.option("--dead", "all_dead", is_flag=True, help="Every dead delivery (oldest first).")
 @click.option("--to", "destination", metavar="USCC", help="With --dead: only those to this member.")
 @click.pass_context
@@ -215,7 +211,7 @@ def outbox_retry(ctx: click.Context, row_ids: tuple[int, ...], all_dead: bool, d
 
 
 @outbox.command("replay")
-@click.argument("row_id", type=_RECORD_NUMBER)
+@click.argument("row_id", type=RECORD_NUMBER)
 @click.pass_context
 def outbox_replay(ctx: click.Context, row_id: int) -> None:
     """Send a delivered payload again (the receiver answers with its first receipt)."""
