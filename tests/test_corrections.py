@@ -470,6 +470,70 @@ def test_a_final_report_sent_after_its_correction_or_cancellation_is_told_it_is_
     assert [i for i in again.issues if "is superseded by" in i.message and "cancelled" in i.message]
 
 
+def wbc_of(store, bundle) -> float:
+    """The white cell count the current version of ``bundle``'s blood count holds in ``store``."""
+    report = store.read("DiagnosticReport", report_of(bundle)["id"])
+    for ref in report["result"]:
+        obs = store.read(*ref["reference"].split("/"))
+        if any(c["code"] in ("WBC", "6690-2") for c in obs["code"]["coding"]):
+            return float(obs["valueQuantity"]["value"])
+    raise AssertionError("no white cell count")
+
+
+def test_a_final_report_sent_again_with_changed_values_follows_the_first_to_members(world) -> None:
+    """A LIS that sends a final report again with changed values and a later OBR-22, not marked as a correction
+    (OBR-25 F again): the same resources get a new version (their ids, history and ETags as before), and the
+    earlier version is superseded. It was not sent on, and a member that had recognised the first version kept
+    those decisions beside decisions on the new values. Now it follows the first to every member that was sent it,
+    and there the decisions on the earlier values are withdrawn."""
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original, first = original_recognised_at_fuling(tj, fl)
+
+    changed = ingest(tj, blood_count("TJ2611200601", corrected=False, issued="20261120102500", wbc="7.1"))[0]
+    assert changed.ack_code == "AA" and not changed.issues
+    resent = changed.bundle
+    assert report_of(resent)["id"] == report_of(original)["id"] and report_of(resent)["status"] == "final"
+    assert [r["status"] for r in tj.store.history("DiagnosticReport", report_of(resent)["id"]).resources] == [
+        "final", "final"]
+    versions = versions_of(tj.store.db, TJ, NUMBER)
+    assert [(v.bundle_id, v.superseded_by) for v in versions] == [(original["id"], versions[1].seq),
+                                                                  (resent["id"], None)]
+    assert tj.exchange.pushed_to(resent["id"]) == [FL]
+    assert tj.exchange.deliver()["delivered"] == 1
+
+    after = decisions_for_patient(fl)
+    current = [d for d in after if d["result"]["bundle"].endswith(resent["id"])]
+    withdrawn = [d for d in after if d.get("withdrawn")]
+    assert [d["outcome"] for d in current] == ["recognized"] * 4
+    assert {d["decision_id"] for d in withdrawn} == {d["decision_id"] for d in first}
+    for d in withdrawn:
+        assert d["withdrawn"]["reason"] == (f"superseded by DiagnosticReport/{report_of(resent)['id']} (final, issued "
+                                            "2026-11-20T10:25:00+08:00)")
+    assert wbc_of(fl.store, resent) == 7.1
+    assert verify(fl.store.db).ok
+    figures = compute(fl.store.db)["total"]
+    assert (figures["recognized"], figures["eligible"]) == (4, 4)
+
+    # the first version sent again late: told it is not current, the resources keep the later values, not sent on
+    late = ingest(tj, blood_count("TJ2611200602", corrected=False, issued="20261120082500", wbc="6.8"))[0]
+    [said] = [i for i in late.issues if "is superseded by" in i.message]
+    assert said.location == "OBR[1]-3" and "issued 2026-11-20T10:25:00+08:00" in said.message
+    assert wbc_of(tj.store, resent) == 7.1
+    assert not tj.exchange.pushed_to(late.bundle["id"])
+
+
+def test_a_final_report_sent_again_unchanged_supersedes_nothing_and_is_not_sent_on(world) -> None:
+    """The same final report sent again under a new control id (a LIS resending what it sent): nothing is
+    superseded, no decision is withdrawn and nothing is sent to the members again."""
+    tj, fl = world.gateways["tongjiang"].pipeline, world.gateways["fuling"].pipeline
+    original, first = original_recognised_at_fuling(tj, fl)
+    again = ingest(tj, blood_count("TJ2611200701", corrected=False, issued="20261120082500", wbc="6.8"))[0]
+    assert again.ack_code == "AA" and not again.issues
+    assert [v.superseded_by for v in versions_of(tj.store.db, TJ, NUMBER)] == [None, None]
+    assert not tj.exchange.pushed_to(again.bundle["id"])
+    assert decisions_for_patient(fl) == first
+
+
 def test_a_cda_report_issued_again_under_a_new_document_id_without_rplc_is_said(world) -> None:
     """A LIS issuing a report again under a new 文档流水号 without relatedDocument RPLC: both documents stay current,
     two final versions of one report side by side. It went by without a word; now a warning names the number's

@@ -14,7 +14,12 @@ then the later ``issued`` time, then the one stored later. When at least one
 correction is on record, every other version is *superseded* by the current
 one, whichever order they arrived in: a correction arriving after the original
 (the usual case), in the same batch, or before it (the late original is stored
-as superseded at once).
+as superseded at once). Without a correction, versions stored under one
+DiagnosticReport id are versions of that one resource — a LIS that sends a final
+report again with changed values and a later OBR-22, not marked as a correction —
+and the one issued last supersedes those issued before it, in whichever order
+they arrived; copies issued at the same time (a report sent again as it was)
+stay current together.
 
 A superseded version stays stored and readable (its signed copy is never
 changed); its row names the version that superseded it and when. Callers
@@ -275,6 +280,31 @@ def _newest(versions: list[ReportVersion]) -> ReportVersion:
     return max(versions, key=lambda v: (v.is_correction, _moment(v.issued), v.seq))
 
 
+def _succession(versions: list[ReportVersion]) -> list[Change]:
+    """Which of one report's versions supersede which: (superseded version, the version current over it).
+
+    A correction (or a report taken back) on record: every other version is superseded by the newest one
+    (:func:`_newest`). None: among the versions stored under one DiagnosticReport id, those issued before the
+    last issued one are superseded by it (a final report sent again with changed values, as a new version of the
+    same resources); versions of other ids, and copies issued at the same time, are not (a CDA issued again under
+    a new 文档流水号 without RPLC stays beside the first: it is said when stored).
+    """
+    if any(v.is_correction for v in versions):
+        current = _newest(versions)
+        return [Change(v, current) for v in versions if v.seq != current.seq]
+    by_ref: dict[str, list[ReportVersion]] = {}
+    for v in versions:
+        by_ref.setdefault(v.report_ref, []).append(v)
+    out: list[Change] = []
+    for same in by_ref.values():
+        if len(same) < 2:
+            continue
+        current = _newest(same)
+        last = _moment(current.issued)
+        out.extend(Change(v, current) for v in same if _moment(v.issued) < last)
+    return out
+
+
 def register(db: Database, bundle: Mapping[str, Any], *, direction: str, message_ref: int | None,
              recorded_at: str) -> list[Change]:
     """Record the report versions of a stored Bundle and work out again which versions are current.
@@ -307,20 +337,20 @@ def register(db: Database, bundle: Mapping[str, Any], *, direction: str, message
         if tuple(v.seq for v in versions) in done:
             continue  # two reports of this Bundle that are versions of one report (an original and its correction)
         done.add(tuple(v.seq for v in versions))
-        if not any(v.is_correction for v in versions):
-            continue  # no correction on record: nothing supersedes anything
-        current = _newest(versions)
-        for version in versions:
-            if version.seq == current.seq or version.superseded_by == current.seq:
+        succession = _succession(versions)
+        for change in succession:
+            version, current = change.old, change.current
+            if version.superseded_by == current.seq:
                 continue
             db.execute("UPDATE report_versions SET superseded_by = ?, superseded_at = ? WHERE seq = ?",
                        [current.seq, recorded_at, version.seq])
-            changes.append(Change(version, current))
+            changes.append(change)
             wrote = True
-        if current.superseded_by is not None:  # the table never names the current version as superseded
-            db.execute("UPDATE report_versions SET superseded_by = NULL, superseded_at = NULL WHERE seq = ?",
-                       [current.seq])
-            wrote = True
+        for current in {c.current.seq: c.current for c in succession}.values():
+            if current.superseded_by is not None:  # the table never names a current version as superseded
+                db.execute("UPDATE report_versions SET superseded_by = NULL, superseded_at = NULL WHERE seq = ?",
+                           [current.seq])
+                wrote = True
     return changes
 
 
@@ -438,11 +468,12 @@ def version_of(db: Database, seq: int) -> ReportVersion | None:
 
 
 def superseded_in(db: Database, bundle: Mapping[str, Any]) -> dict[str, str]:
-    """For the reports of ``bundle`` that a stored correction supersedes: report id -> the superseding report.
+    """For the reports of ``bundle`` that a stored version supersedes: report id -> the superseding report.
 
     Read before deciding on a Bundle, so that the decision on a superseded version says so
     (rule ``report-status``). A version not stored yet is superseded when a stored correction of the same
-    report is newer than it (the same ordering :func:`register` applies).
+    report is newer than it, or a version of the same DiagnosticReport issued later (the rules :func:`register`
+    applies, :func:`_succession`).
     """
     out: dict[str, str] = {}
     if not _exists(db):
@@ -461,11 +492,9 @@ def superseded_in(db: Database, bundle: Mapping[str, Any]) -> dict[str, str]:
         mine = [s for s in stored if s not in others]
         if mine:
             me = mine[0]
-        if not any(s.is_correction for s in [*others, me]):
-            continue
-        current = _newest([*others, me])
-        if current is not me:
-            out[v["report_id"]] = current.describe()
+        over = next((c.current for c in _succession([*others, me]) if c.old is me), None)
+        if over is not None:
+            out[v["report_id"]] = over.describe()
     return out
 
 
