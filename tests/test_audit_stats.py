@@ -196,8 +196,22 @@ def test_known_figures(db) -> None:
         "received": 2,
         "refused": 2,
         "refused_by_reason": [{"reason": "bad-signature", "count": 1}, {"reason": "unknown-issuer", "count": 1}],
+        "send_failures": 0,
     }
     assert "needs-review, results outside every catalogue and diagnostic conclusions excluded" in s["definition"]
+
+
+def test_a_push_that_failed_is_a_send_failure_not_a_bundle_sent(db) -> None:
+    """The sender audits a push that did not succeed as the Bundle's export with its reason (its first failure
+    and its end): counted apart, never among the Bundles sent."""
+    peer = r.Party.member(*SAMPLE["members"]["F"])
+    at = _dt.datetime(2026, 3, 1, 9, 0, tzinfo=CST)
+    for reason in ("retrying", "gave-up"):
+        append(db, r.exchange("sent", at=at, gateway=ME, peer=peer, bundle_hash=f"sha256:{'ab' * 32}",
+                              outcome=r.Outcome.SERIOUS_FAILURE, reason=reason, detail="outbox #7: HTTP 503"))
+    ex = stats.compute(db)["exchanges"]
+    assert (ex["sent"], ex["send_failures"]) == (1, 2)
+    assert "1 sent, 2 received, 2 refused (2 failures of pushes audited)" in stats.format_tables(stats.compute(db))
 
 
 def test_period_filter(db) -> None:

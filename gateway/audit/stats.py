@@ -26,7 +26,8 @@ not recognized, needs review, overridden), so the headline figure can always
 be recomputed by hand. Also reported: refusals by failing rule id (each rule a
 not-recognized result failed counts once), overrides by re-test reason, lookups
 (调阅) by reading member (another member's: a member's own staff reading its own
-results are not counted), and exchanges (sent, received, refused by reason).
+results are not counted), and exchanges (sent, received, refused by reason; a push that did not succeed is
+audited at the sender with its reason and counted apart, as a send failure, never as sent).
 
 A decision withdrawn because its report was superseded by a correction
 (a ``withdrawal`` entry), a decision that found its report superseded
@@ -484,6 +485,11 @@ def compute(
         t.lookups[member]["patients"] = len(seen)
 
     for _, (direction, reason) in _rows(db, "exchange", dates):
+        if direction == "sent" and reason:
+            # a push that did not succeed (audited at its first failure and at its end, with the reason): no
+            # Bundle was sent
+            t.exchanges["send-failures"] += 1
+            continue
         t.exchanges[direction] += 1
         if direction == "refused":
             t.exchange_refusals[reason or "unspecified"] += 1
@@ -527,6 +533,7 @@ def compute(
             "received": t.exchanges["received"],
             "refused": t.exchanges["refused"],
             "refused_by_reason": _ranked(t.exchange_refusals, "reason"),
+            "send_failures": t.exchanges["send-failures"],
         },
     }
     out["savings"] = _savings(results, overridden, fees or {}, names)
@@ -768,7 +775,8 @@ def format_tables(stats: Mapping[str, Any]) -> str:
     )
     ex = stats["exchanges"]
     out += _table(
-        f"Exchanges: {ex['sent']} sent, {ex['received']} received, {ex['refused']} refused",
+        f"Exchanges: {ex['sent']} sent, {ex['received']} received, {ex['refused']} refused"
+        + (f" ({ex['send_failures']} failures of pushes audited)" if ex.get("send_failures") else ""),
         ("refusal reason", "count"),
         [[r["reason"], r["count"]] for r in ex["refused_by_reason"]],
     )

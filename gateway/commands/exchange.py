@@ -1,7 +1,8 @@
 """Exchange commands: sending signed reports to other members, and the outbox operators watch.
 
 - ``gateway send BUNDLE_ID --to USCC``: queue a report this member issued for a
-  destination member (push on referral); ``--now`` also tries delivery at once;
+  destination member (push on referral); ``--now`` also tries delivery at once
+  (Ctrl-C gives the delivery back: due at once, its attempts unchanged);
 - ``gateway outbox list|show|retry|replay|deliver``: what waits, what was
   delivered (with the receiver's signed receipt), what is dead and why; put a
   dead delivery back, send a delivered one again, run one delivery pass.
@@ -12,7 +13,7 @@ database while it runs (SQLite WAL).
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -117,11 +118,24 @@ def send(ctx: click.Context, bundle_id: str, destination: str, deliver_now: bool
         return
     click.echo(f"queued as outbox #{row} for {destination} ({entry.url})")
     if deliver_now:
-        ex.deliver(wait=None)
+        try:
+            ex.deliver(wait=None)
+        except KeyboardInterrupt:
+            _interrupted(ctx, ex)
         entry = ex.outbox.get(row)
         click.echo(printable(f"outbox #{row}: {entry.status}" + (f" ({entry.last_error})" if entry.last_error else "")))
         if entry.status == "dead":
             ctx.exit(1)
+
+
+def _interrupted(ctx: click.Context, ex: Any) -> NoReturn:
+    """Ctrl-C while delivering: the deliveries this process holds are given back (due now, their attempts
+    unchanged) rather than left leased until their leases end; said in one line; exit 130."""
+    given = ex.give_back_own()
+    said = (f"outbox {', '.join(f'#{i}' for i in given)} given back: pending, due now, attempts unchanged" if given
+            else "nothing was on its way")
+    click.echo(f"interrupted: {said} (`gateway serve` or `gateway outbox deliver` sends what is due)", err=True)
+    ctx.exit(130)
 
 
 @click.group()
@@ -140,10 +154,45 @@ def _when(ts: float) -> str:
 def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
     """List deliveries, newest first."""
     ex = _exchange(ctx)
+    now = ex.clock().timestamp()
     for row in ex.outbox.list(status, limit):
         nxt = f" next {_when(row.next_attempt_at)}" if row.status == "pending" else ""
-        click.echo(printable(f"#{row.id:<5} {row.status:10} to {row.destination} attempts {row.attempts}{nxt} "
-                             f"{row.last_error}"))  # (the error quotes what the other member answered)
+        held = f" {_holder(row, now, short=True)}" if row.status == "delivering" and row.lease_owner else ""
+        click.echo(printable(f"#{row.id:<5} {row.status:10} to {row.destination} attempts {_attempts(row)}{nxt}"
+                             f"{held} {row.last_error}"))  # (the error quotes what the other member answered)
+
+
+def _attempts(row: Any) -> str:
+    """The attempts of a delivery: of its current budget, and in all when an operator put it back before."""
+    if not row.earlier_attempts:
+        return str(row.attempts)
+    return f"{row.attempts} ({row.total_attempts} in all: {row.earlier_attempts} before it was put back)"
+
+
+def _holder(row: Any, now: float, *, short: bool = False) -> str:
+    """Why a delivery on its way waits: the process holding its lease, since when, and whether it is alive."""
+    from gateway.store.store import holder_state
+
+    state = holder_state(row.lease_owner, row.lease_until, now)
+    since = _when_iso(row.leased_since)
+    said = f"leased by process {row.lease_owner} since {since}"
+    if state == "gone":
+        return said + (" (gone: tried again at the next delivery pass)" if short else
+                       ", which is gone (killed or crashed): the next delivery pass tries it again at once")
+    if state == "expired":
+        return said + (" (lease ended: tried again at the next delivery pass)" if short else
+                       ", whose lease has ended: the next delivery pass tries it again")
+    if short:
+        return said
+    return (said + ", waiting for the receiver's answer; should that process die first, it is tried again at once "
+            f"(at the latest when its lease ends, {_when(row.lease_until)})")
+
+
+def _when_iso(stamp: str | None) -> str:
+    try:
+        return _when(_dt.datetime.fromisoformat(stamp or "").timestamp())
+    except ValueError:
+        return str(stamp)
 
 
 @outbox.command("show")
@@ -151,11 +200,14 @@ def outbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
 @click.pass_context
 def outbox_show(ctx: click.Context, row_id: int) -> None:
     """One delivery, with the receiver's signed receipt."""
-    row = _exchange(ctx).outbox.get(row_id)
+    ex = _exchange(ctx)
+    row = ex.outbox.get(row_id)
     click.echo(f"#{row.id} {row.status} to {row.destination} at {row.url}")
-    click.echo(f"payload sha256 {row.payload_sha256}, attempts {row.attempts}, created {row.created_at}, "
+    click.echo(f"payload sha256 {row.payload_sha256}, attempts {_attempts(row)}, created {row.created_at}, "
                f"updated {row.updated_at}")
-    if row.status == "delivering" and row.lease_until:
+    if row.status == "delivering" and row.lease_until and row.lease_owner:
+        click.echo(printable(f"on its way: {_holder(row, ex.clock().timestamp())}"))
+    elif row.status == "delivering" and row.lease_until:
         click.echo(f"on its way: the sender holds it until {_when(row.lease_until)}, then it is tried again "
                    "(a gateway that stops cleanly gives it back at once)")
     if row.last_error:
@@ -171,7 +223,7 @@ def outbox_show(ctx: click.Context, row_id: int) -> None:
 @click.pass_context
 def outbox_retry(ctx: click.Context, row_ids: tuple[int, ...], all_dead: bool, destination: str | None) -> None:
     """Put dead (or waiting) deliveries back to be tried now, each with a fresh attempt budget (sent to the endpoint
-    the registry names now).
+    the registry names now); the attempts made before are kept and shown beside the new ones.
 
     One line per delivery. Exit status 1 if any could not be put back (an unknown id, one delivered or being
     delivered now).
@@ -214,7 +266,8 @@ def outbox_retry(ctx: click.Context, row_ids: tuple[int, ...], all_dead: bool, d
 @click.argument("row_id", type=RECORD_NUMBER)
 @click.pass_context
 def outbox_replay(ctx: click.Context, row_id: int) -> None:
-    """Send a delivered payload again (the receiver answers with its first receipt)."""
+    """Send a delivered payload again (the receiver answers with its first receipt); the attempts made before are
+    kept."""
     ex = _exchange(ctx)
     ex.outbox.replay(row_id)
     click.echo(f"outbox #{row_id} will be sent again{_current_endpoint(ex, row_id)}")
@@ -234,6 +287,11 @@ def _current_endpoint(ex: Any, row_id: int) -> str:
 @outbox.command("deliver")
 @click.pass_context
 def outbox_deliver(ctx: click.Context) -> None:
-    """Try every due delivery once now (waits for each destination's answer or its delivery_timeout)."""
-    counts = _exchange(ctx).deliver(wait=None)
+    """Try every due delivery once now (waits for each destination's answer or its delivery_timeout; Ctrl-C gives
+    back the deliveries on their way: due at once, their attempts unchanged)."""
+    ex = _exchange(ctx)
+    try:
+        counts = ex.deliver(wait=None)
+    except KeyboardInterrupt:
+        _interrupted(ctx, ex)
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))

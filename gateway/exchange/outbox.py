@@ -13,15 +13,22 @@ What operators of Mirth and OpenHIM complain about, designed out:
 - **retryable** failures (timeouts, connection errors, 5xx, 429, a 401 for the
   call's assertion: a clock difference an operator sets right) are told apart
   from **permanent** ones (other 4xx: a bad signature will not get better);
-- a row being delivered is **leased**; a sender killed mid-delivery leaves a
-  lease that expires, and the row is delivered again after restart — the
-  receiver's idempotency makes that safe;
+- a row being delivered is **leased** by its process (``host:pid``); a sender
+  killed mid-delivery leaves a lease that expires, and the row is delivered
+  again after restart — at once when the process is one of this machine's and
+  known gone — the receiver's idempotency makes that safe; a sender that stops
+  (Ctrl-C, a clean stop) gives its deliveries back, due at once;
 - each destination has its own **lane** (:class:`Lanes`): its deliveries run
   in its own threads, a few at a time, so a slow or hung member holds up only
   its own deliveries, never another member's;
 - a delivery goes to the endpoint the registry names **when it is sent** (not
   when it was queued), so a member that moved is reached at its new address;
-- operators list, retry (dead → pending) and replay (delivered → send again).
+- operators list, retry (dead → pending) and replay (delivered → send again);
+  the attempts made before are kept (``earlier_attempts``) beside the fresh
+  budget;
+- the end states that are not a delivery (given up, refused) and the first
+  failure of each budget are handed to ``on_failed`` (the sender's audit entry),
+  not every retry.
 
 Pure of network code: a :class:`Transport` does the sending.
 """
@@ -43,7 +50,7 @@ from gateway.errors import GatewayError, NotFound
 from gateway.store.db import Database, transaction
 from gateway.store.outbox import OutboxPort, OutboxStore
 
-__all__ = ["Outbox", "OutboxRow", "Delivery", "Lanes", "Transport", "SendResult", "backoff_seconds"]
+__all__ = ["Outbox", "OutboxRow", "Delivery", "Failure", "Lanes", "Transport", "SendResult", "backoff_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,31 @@ class OutboxRow:
     created_at: str
     updated_at: str
     lease_until: float | None = None  # (delivering) when the sender's hold on it ends, epoch seconds
+    lease_owner: str | None = None  # (delivering) the process holding it, host:pid
+    earlier_attempts: int = 0  # attempts made before an operator put it back (retry, replay, a send again)
+
+    @property
+    def total_attempts(self) -> int:
+        """Every attempt made, those before an operator put it back included."""
+        return self.attempts + self.earlier_attempts
+
+    @property
+    def leased_since(self) -> str | None:
+        """(delivering) when its holder took it: the row is not written meanwhile."""
+        return self.updated_at if self.status == "delivering" else None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An attempt that did not deliver and is worth an audit entry: the end of a delivery that failed, or the first
+    failure of its attempt budget (the retries between are not)."""
+
+    status: str  # pending (to be tried again) or dead
+    reason: str  # retrying, gave-up, refused-by-receiver, not-sent
+    error: str  # as the outbox keeps it (last_error)
+    attempts: int  # this one included, of the current budget
+    max_attempts: int
+    http_status: int  # 0: no answer (or nothing sent)
 
 
 @dataclass(frozen=True)
@@ -256,7 +288,8 @@ class Outbox:
                     on_delivered: Callable[[Database, Delivery, dict[str, Any] | None], None]
                     | None = None,
                     url_for: Callable[[str], str] | None = None,
-                    lanes: Lanes | None = None, wait: float | None = None) -> dict[str, int]:
+                    lanes: Lanes | None = None, wait: float | None = None,
+                    on_failed: Callable[[Database, Delivery, Failure], None] | None = None) -> dict[str, int]:
         """Try every due delivery once, each destination in its own lane. Returns counts by result.
 
         ``headers(url)`` adds per-request headers (the peer authentication
@@ -266,7 +299,9 @@ class Outbox:
         transaction that records a delivery (e.g. its audit entry);
         ``url_for(destination)`` names the endpoint in force now (default: the
         one stored when the delivery was queued), and a destination it refuses
-        is not sent to.
+        is not sent to. ``on_failed(db, delivery, failure)`` runs inside the
+        transaction that records a delivery's end that is not one (dead) or the
+        first failure of its attempt budget (e.g. their audit entries).
 
         ``lanes``: a long-running sender's lanes, kept between calls; the call
         then returns when its deliveries are done or after ``wait`` seconds,
@@ -299,7 +334,7 @@ class Outbox:
             delivery, result, receipt = item
             started.discard(delivery.id)
             tried.add(delivery.id)
-            counts[self._record(delivery, result, receipt, on_delivered)] += 1
+            counts[self._record(delivery, result, receipt, on_delivered, on_failed)] += 1
 
         try:
             while True:
@@ -316,7 +351,7 @@ class Outbox:
                                                 delivery.payload, delivery.payload_sha256, delivery.attempts)
                         except GatewayError as exc:  # no longer a member with an endpoint, or no registry now
                             refused = SendResult(False, retryable=exc.http_status >= 500, error=exc.message)
-                            counts[self._record(delivery, refused, None, None)] += 1
+                            counts[self._record(delivery, refused, None, None, on_failed)] += 1
                             continue
                     started.add(delivery.id)
                     used.submit(delivery, job)
@@ -335,26 +370,33 @@ class Outbox:
         return counts
 
     def _record(self, delivery: Delivery, result: SendResult, receipt: dict[str, Any] | None,
-                on_delivered: Callable[[Database, Delivery, dict[str, Any] | None], None] | None
-                ) -> str:
+                on_delivered: Callable[[Database, Delivery, dict[str, Any] | None], None] | None,
+                on_failed: Callable[[Database, Delivery, Failure], None] | None = None) -> str:
         attempts = delivery.attempts + 1
         ts, iso = self._now()
+        failure: Failure | None = None
         if result.ok:
             status, error, next_at = "delivered", "", ts
         elif result.retryable and attempts < self.max_attempts:
             status = "pending"
             error = result.error or f"HTTP {result.status}"
             next_at = ts + backoff_seconds(attempts, rand=self.rand)
+            if delivery.attempts == 0:  # the first failure of its budget (queued, retried or replayed): said once
+                failure = Failure(status, "retrying", error, attempts, self.max_attempts, result.status)
         else:
             status, next_at = "dead", ts
-            why = ("gave up after the last attempt" if result.retryable else "refused by the receiver" if result.status
-                   else "not sent: it cannot be")  # (a status 0 failure never reached the receiver)
+            why, reason = (("gave up after the last attempt", "gave-up") if result.retryable
+                           else ("refused by the receiver", "refused-by-receiver") if result.status
+                           else ("not sent: it cannot be", "not-sent"))  # (a status 0 failure never reached it)
             error = f"{result.error or f'HTTP {result.status}'} ({why})"
+            failure = Failure(status, reason, error, attempts, self.max_attempts, result.status)
         with transaction(self.db):
             self.store.record(delivery.id, status, attempts, next_at, delivery.url, error,
                               jsonutil.dumps(receipt) if receipt else None, iso)
             if status == "delivered" and on_delivered is not None:
                 on_delivered(self.db, delivery, receipt)
+            if failure is not None and on_failed is not None:
+                on_failed(self.db, delivery, failure)
         level = logging.INFO if status == "delivered" else logging.WARNING
         log.log(level, "outbox delivery id=%s to=%s attempt=%d status=%s %s", delivery.id, delivery.destination,
                 attempts, status, error if status != "delivered" else "")
@@ -375,14 +417,16 @@ class Outbox:
         return self._row(found)
 
     def retry(self, row_id: int) -> None:
-        """Put a dead (or waiting) delivery back to be tried now, with a fresh attempt budget.
+        """Put a dead (or waiting) delivery back to be tried now, with a fresh attempt budget; the attempts made
+        so far are kept (:attr:`OutboxRow.earlier_attempts`).
 
         :raises NotFound: no such delivery.
         """
         self._reset(row_id, ("dead", "pending"))
 
     def replay(self, row_id: int) -> None:
-        """Send a delivered payload again (the receiver answers with its first receipt).
+        """Send a delivered payload again (the receiver answers with its first receipt); the attempts made so far
+        are kept, as by :meth:`retry`.
 
         :raises NotFound: no such delivery.
         """
@@ -405,6 +449,12 @@ class Outbox:
         ts, iso = self._now()
         return self.store.give_back(row_ids, ts, iso)
 
+    def give_back_own(self) -> Sequence[int]:
+        """Every delivery this process holds (it stops: interrupted), due again now with its attempts unchanged,
+        rather than when its lease ends. The ids given back."""
+        ts, iso = self._now()
+        return self.store.give_back_own(ts, iso)
+
     def counts(self) -> dict[str, int]:
         return self.store.counts()
 
@@ -414,4 +464,5 @@ class Outbox:
                          payload_sha256=r["payload_sha256"], status=r["status"], attempts=r["attempts"],
                          next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
                          receipt=jsonutil.loads(r["receipt"]) if r["receipt"] else None,
-                         created_at=r["created_at"], updated_at=r["updated_at"], lease_until=r.get("lease_until"))
+                         created_at=r["created_at"], updated_at=r["updated_at"], lease_until=r.get("lease_until"),
+                         lease_owner=r.get("lease_owner"), earlier_attempts=int(r.get("earlier_attempts") or 0))

@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit
 from gateway import jsonutil, metrics
 from gateway.audit import events as audit_events
 from gateway.errors import ConfigError, GatewayError, InputError, ParseError, TrustError, UnknownIssuer
-from gateway.exchange.outbox import Delivery, Lanes, Outbox, SendResult, Transport
+from gateway.exchange.outbox import Delivery, Failure, Lanes, Outbox, SendResult, Transport
 from gateway.exchange.peer_auth import ReplayCache, make_assertion, verify_assertion
 from gateway.signing.canonical import canonicalize, document_bytes, parse_json
 from gateway.signing.jws import check_signer_is_issuer, verify_bundle, verify_detached
@@ -273,9 +273,51 @@ class Exchange:
                                    peer=delivery.destination, bundle_hash=doc_sha, bundle_id=bundle.get("id"),
                                    bundle=bundle)
 
+        def failed(db: Database, delivery: Delivery, failure: Failure) -> None:
+            if not delivery.destination.startswith(LANE):  # (a referral's delivery is the referral's own record)
+                self._audit_failure(db, delivery, failure)
+
         return self.outbox.deliver_due(_Behind(used, self._own_certificate_listed), limit=limit,
                                        headers=self.assertion_for, on_receipt=check, on_delivered=delivered,
-                                       url_for=url_for, lanes=self.lanes, wait=wait)
+                                       url_for=url_for, lanes=self.lanes, wait=wait, on_failed=failed)
+
+    def _audit_failure(self, db: Database, delivery: Delivery, failure: Failure) -> None:
+        """The sender's audit entry of a push that did not succeed (inside the transaction that records it): the
+        Bundle's export to ``delivery.destination`` (DCM 110106, subtype ``bundle-sent``, as a delivered one) with
+        its outcome — 4 when the receiver refused it (a 4xx) or it could not be sent, 8 when the receiver could
+        not be reached or failed — the reason (``retrying``: its first failure, to be tried again; ``gave-up``:
+        its attempts used up; ``refused-by-receiver``, ``not-sent``: dead at once) and a sentence naming the
+        outbox record, the attempt and the error, and the patient the Bundle is about."""
+        from gateway.audit import records
+        from gateway.audit.log import append
+
+        bundle: dict[str, Any] | None = None
+        try:
+            bundle = parse_json(delivery.payload)
+            doc_sha = hashlib.sha256(document_bytes(bundle)).hexdigest()
+        except Exception:  # noqa: BLE001 - a payload that does not read still gets its entry, by what was queued
+            bundle, doc_sha = None, delivery.payload_sha256
+        bundle_id = str(bundle.get("id") or "") if isinstance(bundle, dict) else ""
+        refused = failure.reason in ("refused-by-receiver", "not-sent") or 400 <= failure.http_status < 500
+        outcome = records.Outcome.MINOR_FAILURE if refused else records.Outcome.SERIOUS_FAILURE
+        then = ("tried again later" if failure.status == "pending" else
+                "not tried again unless an operator puts it back (gateway outbox retry)")
+        detail = (f"outbox #{delivery.id}, attempt {failure.attempts} of {failure.max_attempts}: {failure.error};"
+                  f" {then}")
+        append(db, records.exchange(
+            "sent", at=self.clock(), gateway=records.Party.member(self.settings.issuer_uscc),
+            peer=records.Party.member(delivery.destination), peer_address=urlsplit(delivery.url).netloc or None,
+            bundle_hash=f"sha256:{doc_sha}", bundle_id=bundle_id or None,
+            outcome=outcome, reason=failure.reason, detail=detail[:1000],
+            patient=audit_events.bundle_patient(bundle)))
+
+    def give_back_own(self) -> list[int]:
+        """As this process stops (interrupted): every delivery it holds is due again now, its attempts unchanged
+        (its lease would hold it until it ends). The ids."""
+        given = list(self.outbox.give_back_own())
+        if given:
+            log.info("%d delivery(ies) on their way as this process stops are due again now", len(given))
+        return given
 
     def _own_certificate_listed(self) -> bool:
         """Whether the registry snapshot in force here vouches for this member's signing certificate now."""
