@@ -2,7 +2,8 @@
 
 ====================================  ===========================  =============================================
 ``GET  /fhir/AuditEvent``             auditor, admin               FHIR search (``gateway.audit.query``), searchset
-``GET  /fhir/AuditEvent/<id>``        auditor, admin               one AuditEvent
+``GET  /fhir/AuditEvent/<id>``        auditor, admin               one AuditEvent (``/_history``: its history,
+                                                                   one version; ``/_history/1``: that version)
 ``GET  /audit/stats``                 auditor, admin               互认率 and other figures as JSON (``date`` filter)
 ``GET  /audit/checkpoints``           auditor, admin, peer         this gateway's signed checkpoints (``?latest=1``;
                                                                    ``?member=USCC``: a peer's we hold)
@@ -25,6 +26,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
 
@@ -175,6 +177,84 @@ def vread_event(event_id: str, vid: str) -> Response:
         raise NotFound(f"AuditEvent/{event_id[:40]} has no version {vid[:20]!r}: an audit entry is never changed, "
                        "its one version is 1", f"AuditEvent/{event_id[:40]}")
     return read_event(event_id)
+
+
+@bp.get("/fhir/AuditEvent/<event_id>/_history")
+@require_role("auditor", "admin")
+def history_event(event_id: str) -> Response:
+    """An AuditEvent's history (R4 history-instance), for whoever may read it (auditors, admins): a history Bundle
+    of its one version.
+
+    An entry of the audit log is never changed (the log is append-only, each entry chained to the one before), so
+    AuditEvents are served as versioned resources whose history is version 1 alone: what ``GET
+    /fhir/AuditEvent/{id}`` and ``/_history/1`` read, created when it was ``recorded``. Rather than answer that the
+    type keeps no history, its history is served consistently with those reads: the same roles, the same 404 for
+    an entry there is none of, and the look written to the log as a read is. (It was answered 403 naming the roles
+    of the results' history, which auditors do not have.) ``_since`` later than the entry leaves it out; ``_count=0``
+    gives the total alone.
+
+    :raises NotFound: no such entry.
+    :raises InvalidSearch: a parameter a history does not take (strict handling), or a malformed one.
+    """
+    lenient = prefers_lenient(request.headers.get("Prefer", ""))
+    for name in request.args:
+        if name not in ("_count", "_since", "_format", "_pretty", "_total") and not lenient:
+            raise InvalidSearch(f"parameter {shown(name[:_MAX_NAME])} is not supported for _history (supported: "
+                                "_count, _since)", name[:_MAX_NAME], code="not-supported")
+    check_total_hint(request.args.getlist("_total"))
+    count = request.args.get("_count", "1").strip()
+    if not count.isascii() or not count.isdigit() or len(count) > 12:
+        raise InvalidSearch(f"_count must be a whole number, 0 or more, not {shown(count[:20])}", "_count")
+    with _db() as db:
+        event = get(db, event_id).event()
+        _record_read(db, interaction="read", resource=f"AuditEvent/{event['id']}")
+    since = request.args.get("_since")
+    listed = since is None or _not_before(str(event.get("recorded", "")), since)
+    base = public_root() + "/fhir"
+    asked = [(k, v) for k, v in request.args.items(multi=True) if k in ("_count", "_since")]
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": 1 if listed else 0, "link": [
+        {"relation": "self", "url": f"{base}/AuditEvent/{event['id']}/_history"
+         + (f"?{urlencode(asked)}" if asked else "")}]}
+    if listed and int(count) > 0:
+        response = {"status": "201 Created", "etag": 'W/"1"'}
+        if event.get("recorded"):
+            response["lastModified"] = event["recorded"]
+        bundle["entry"] = [{"fullUrl": f"{base}/AuditEvent/{event['id']}", "resource": event,
+                            "request": {"method": "POST", "url": "AuditEvent"}, "response": response}]
+    return _json(bundle)
+
+
+def _not_before(recorded: str, since: str) -> bool:
+    """Whether an entry was ``recorded`` at or after the instant ``_since`` names (R4 history ``_since``).
+
+    :raises InvalidSearch: ``_since`` is not an instant with a time zone, or a date.
+    """
+    from gateway.datetimes import DateTimeError, parse_fhir_datetime
+
+    problem = InvalidSearch(f"_since must be an instant such as 2026-12-01T08:00:00+08:00 or a date such as "
+                            f"2026-12-01, not {shown(since[:64])}", "_since")
+    if len(since) > 40 or not since[:4].isdigit():
+        raise problem
+    try:
+        when = parse_fhir_datetime(since)
+        made = parse_fhir_datetime(recorded)
+    except DateTimeError:
+        raise problem from None
+    if when.tzinfo is None:  # (a date is its first moment, China time; an entry is recorded with its offset)
+        raise InvalidSearch(f"_since {shown(since)} has a time without a time zone: add one (+08:00, Z)", "_since")
+    return bool(made >= when)
+
+
+@bp.get("/fhir/AuditEvent/_history")
+@require_role("auditor", "admin")
+def history_events() -> Response:
+    """The history of every AuditEvent (R4 history-type) is not served: each entry's history is its one version
+    (``GET /fhir/AuditEvent/{id}/_history``), and a search of the log by ``date`` lists them all (404, said so;
+    it was read as the entry with the id ``_history``)."""
+    raise NotFound("is not served (the history of every AuditEvent): an audit entry is never changed, so its "
+                   "history is its one version (GET /fhir/AuditEvent/{id}/_history); search the log by date "
+                   "(GET /fhir/AuditEvent?date=ge2026-11-01&_count=50) to list the entries", "AuditEvent/_history",
+                   code="not-supported")
 
 
 @bp.get("/audit/stats")

@@ -4,17 +4,24 @@
   the guide's resources as published in ``profiles/``;
 - ``GET /fhir/StructureDefinition?url=...`` (and CodeSystem, ValueSet): search by
   ``url`` (``url|version`` too), ``version``, ``_id`` or ``name``; a searchset Bundle;
+- ``GET /fhir/OperationDefinition/{id}`` (and its search, as above): the operations this gateway
+  defines (``$recognize``), kept beside the guide in ``profiles/operations/``;
 - ``POST /fhir/{type}/$validate``: the body is the resource, or a ``Parameters``
   with ``resource`` (and optional ``profile``); a ``profile`` query parameter
   works as well. The answer is 200 with an OperationOutcome listing every
-  issue, whether or not the resource is valid (FHIR ``$validate`` semantics).
+  issue, whether or not the resource is valid (FHIR ``$validate`` semantics);
+  a body sent as something else than FHIR JSON (a form, XML) is a 415 naming
+  its Content-Type and what is taken.
 
 The guide is loaded once, when the blueprint is registered (start-up), from
-the settings' ``profiles_dir``; a broken guide stops the app with ConfigError.
-:func:`capability_resources` gives the lead's CapabilityStatement its entries.
+the settings' ``profiles_dir``; a broken guide stops the app with ConfigError,
+and so does a broken OperationDefinition. :func:`capability_resources` gives the
+lead's CapabilityStatement its entries, :func:`capability_operations` its
+system-level operations.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -25,15 +32,21 @@ from gateway import jsonutil
 from gateway.signing.canonical import parse_json
 from gateway.api.errors import outcome_response, prefers_lenient
 from gateway.auth import require_role
-from gateway.errors import InputError, InvalidSearch, Issue, NotFound, ParseError, shown
+from gateway.errors import ConfigError, InputError, InvalidSearch, Issue, NotFound, ParseError, shown
 from gateway.fhir.outcome import operation_outcome
-from gateway.fhir.profiles import CONFORMANCE_TYPES, Guide, load_guide
+from gateway.fhir.profiles import CONFORMANCE_TYPES, Guide, default_profiles_dir, has_errors, load_guide
 
-__all__ = ["bp", "guide_of", "capability_resources", "supported_profiles"]
+__all__ = ["bp", "guide_of", "capability_resources", "capability_operations", "supported_profiles"]
 
 bp = Blueprint("conformance", __name__, url_prefix="/fhir")
 
 _EXTENSION_KEY = "gateway.guide"
+_OPERATIONS_KEY = "gateway.operations"
+#: Where, in the guide's directory, the OperationDefinitions of this gateway's operations are kept (a folder of
+#: their own: the guide's loader takes StructureDefinitions, CodeSystems and ValueSets only).
+OPERATIONS_DIR = "operations"
+#: The conformance resources served here that are not the guide's.
+_OPERATION_TYPE = "OperationDefinition"
 _SEARCH_PARAMS = ("url", "version", "_id", "name")
 _PARAM_TYPES = {"url": "uri", "version": "token", "_id": "token", "name": "string"}
 _VALIDATE_OPERATION = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
@@ -41,12 +54,52 @@ _VALIDATE_OPERATION = "http://hl7.org/fhir/OperationDefinition/Resource-validate
 
 @bp.record_once
 def _load_guide(state: BlueprintSetupState) -> None:
-    """Load (and compile) the guide at registration, so a bad guide fails start-up, not a request."""
+    """Load (and compile) the guide, and the gateway's OperationDefinitions, at registration, so a bad guide fails
+    start-up, not a request."""
     app = state.app
+    settings = app.extensions.get("gateway.settings")
+    directory = state.options.get("profiles_dir") or getattr(settings, "profiles_dir", None)
     if _EXTENSION_KEY not in app.extensions:
-        settings = app.extensions.get("gateway.settings")
-        directory = state.options.get("profiles_dir") or getattr(settings, "profiles_dir", None)
         app.extensions[_EXTENSION_KEY] = load_guide(directory)
+    if _OPERATIONS_KEY not in app.extensions:
+        app.extensions[_OPERATIONS_KEY] = _load_operations(directory, app.extensions[_EXTENSION_KEY])
+
+
+def _load_operations(directory: str | Path | None, guide: Guide) -> dict[str, dict[str, Any]]:
+    """id -> OperationDefinition of the operations this gateway defines, from ``operations/`` in the guide's
+    directory; from the shipped guide's when that directory has none (a hospital's copy of the guide made before
+    there was one: the operations are the gateway's, whichever guide it serves).
+
+    :raises ConfigError: a file that is not an OperationDefinition named ``OperationDefinition-<id>.json`` with the
+        guide's canonical URL and version, or one with an error in R4's terms.
+    """
+    from gateway.naming import IG_BASE, IG_VERSION
+
+    folder = Path(directory or default_profiles_dir()) / OPERATIONS_DIR
+    if not folder.is_dir():
+        folder = default_profiles_dir() / OPERATIONS_DIR
+    held: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            res = parse_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot be read: {exc}", str(path)) from None
+        except ParseError as exc:
+            raise ConfigError(f"is not valid JSON: {exc.message}", str(path)) from None
+        rid = res.get("id") if isinstance(res, dict) else None
+        if not isinstance(res, dict) or res.get("resourceType") != _OPERATION_TYPE or not isinstance(rid, str) \
+                or path.name != f"{_OPERATION_TYPE}-{rid}.json":
+            raise ConfigError(f"must hold one {_OPERATION_TYPE}, the file named {_OPERATION_TYPE}-<id>.json after "
+                              "its id", str(path))
+        if res.get("url") != f"{IG_BASE}/{_OPERATION_TYPE}/{rid}" or res.get("version") != IG_VERSION:
+            raise ConfigError(f"url and version must be {IG_BASE}/{_OPERATION_TYPE}/{rid} and {IG_VERSION}",
+                              str(path))
+        problems = guide.validate(res)
+        if has_errors(problems):
+            first = next(i for i in problems if i.severity in ("error", "fatal"))
+            raise ConfigError(f"is not a valid {_OPERATION_TYPE}: {first.location} {first.message}", str(path))
+        held[rid] = res
+    return held
 
 
 def guide_of(app: Flask) -> Guide:
@@ -54,14 +107,38 @@ def guide_of(app: Flask) -> Guide:
     return app.extensions[_EXTENSION_KEY]  # type: ignore[no-any-return]
 
 
+def _operations(app: Flask) -> dict[str, dict[str, Any]]:
+    """The OperationDefinitions an app serves, by id (loaded when this blueprint was registered)."""
+    return app.extensions.get(_OPERATIONS_KEY) or {}
+
+
+def _held(rtype: str, rid: str) -> dict[str, Any] | None:
+    """One conformance resource served here: the guide's, or an OperationDefinition of this gateway."""
+    if rtype == _OPERATION_TYPE:
+        return _operations(current_app).get(rid)
+    return guide_of(current_app).get(rtype, rid)
+
+
+def _found(rtype: str, url: str | None, version: str | None) -> list[dict[str, Any]]:
+    """The conformance resources of one type served here, optionally those with a canonical ``url`` (``url|version``
+    too) and ``version``."""
+    if rtype != _OPERATION_TYPE:
+        return guide_of(current_app).find(rtype, url, version)
+    if url and "|" in url and version is None:
+        url, version = url.split("|", 1)
+    return [r for r in _operations(current_app).values()
+            if (url is None or r["url"] == url) and (version is None or r.get("version") == version)]
+
+
 def _fhir(body: dict[str, Any], status: int = 200) -> Response:
     return Response(jsonutil.dumps(body), status=status, mimetype="application/fhir+json")
 
 
 def _read(rtype: str, rid: str) -> Response:
-    resource = guide_of(current_app).get(rtype, rid)
+    resource = _held(rtype, rid)
     if resource is None:
-        raise NotFound("is not part of the implementation guide", f"{rtype[:60]}/{rid[:64]}")
+        raise NotFound("is not part of the implementation guide" if rtype != _OPERATION_TYPE else
+                       "is not an operation this gateway defines", f"{rtype[:60]}/{rid[:64]}")
     return _fhir(resource)
 
 
@@ -79,7 +156,7 @@ def _search(rtype: str) -> Response:
     for name, value in args.items():
         if len(value) > _MAX_VALUE:  # the self link repeats every value: never an unbounded one
             raise InvalidSearch(f"value has {len(value)} characters, at most {_MAX_VALUE} are taken", name)
-    found = guide_of(current_app).find(rtype, args.get("url"), args.get("version"))
+    found = _found(rtype, args.get("url"), args.get("version"))
     if "_id" in args:
         found = [r for r in found if r["id"] == args["_id"]]
     if "name" in args:
@@ -139,11 +216,20 @@ def _add_routes(rtype: str) -> None:
     bp.add_url_rule(f"/{rtype}", f"search_{rtype}", lambda: _search(rtype), methods=["GET"])
 
 
-for _type in CONFORMANCE_TYPES:
+for _type in (*CONFORMANCE_TYPES, _OPERATION_TYPE):
     _add_routes(_type)
 
 
 def _parse_body() -> Any:
+    """The posted resource (or Parameters) of ``$validate``, read as FHIR JSON.
+
+    :raises UnsupportedMediaType: (415) sent as a form, XML, text or another FHIR version: said, naming the
+        Content-Type and what is taken, not read as an empty or broken JSON body.
+    :raises ParseError: empty, not UTF-8, not strict JSON, or nested too deep.
+    """
+    from gateway.api.fhir import require_fhir_json
+
+    require_fhir_json("the resource to validate (or a Parameters holding it)")
     body = request.get_data(cache=False)
     if not body.strip():
         raise ParseError("is empty: send the resource to validate, or a Parameters with a resource", "body",
@@ -165,6 +251,7 @@ def validate(rtype: str) -> Response:
     """``$validate``: every issue the posted resource has, as an OperationOutcome (200 even when invalid).
 
     :raises NotFound: ``rtype`` is not an R4 resource type.
+    :raises UnsupportedMediaType: (415) a body sent as a form, XML, text or another FHIR version.
     :raises InputError: no body, not JSON, no resource in the Parameters, or a resource of another type.
     """
     guide = guide_of(current_app)
@@ -179,6 +266,7 @@ def validate_instance(rtype: str, rid: str) -> Response:
     """``$validate`` of one resource: the stored one (``GET``), or the posted one meant to replace it (``POST``).
 
     :raises NotFound: a type the gateway does not store, or (``GET``) no such resource.
+    :raises UnsupportedMediaType: (``POST``) a body sent as a form, XML, text or another FHIR version (415).
     :raises InputError: (``POST``) as for the type level, or a resource with another id.
     """
     from gateway.api.app import pipeline_of
@@ -236,12 +324,12 @@ def supported_profiles(app: Flask) -> dict[str, list[str]]:
 def capability_resources(app: Flask) -> list[dict[str, Any]]:
     """CapabilityStatement ``rest.resource`` entries for what this blueprint serves.
 
-    One entry per conformance resource type (read, search by url/version/_id/name),
+    One entry per conformance resource type (read, search by url/version/_id/name; OperationDefinition too),
     and for every profiled type its ``supportedProfile`` list and the ``$validate``
     operation; merge these into the entries the results API already lists.
     """
     out: list[dict[str, Any]] = []
-    for rtype in CONFORMANCE_TYPES:
+    for rtype in (*CONFORMANCE_TYPES, _OPERATION_TYPE):
         out.append({
             "type": rtype,
             "interaction": [{"code": "read"}, {"code": "search-type"}],
@@ -254,3 +342,10 @@ def capability_resources(app: Flask) -> list[dict[str, Any]]:
             "operation": [{"name": "validate", "definition": _VALIDATE_OPERATION}],
         })
     return out
+
+
+def capability_operations(app: Flask) -> list[dict[str, Any]]:
+    """CapabilityStatement ``rest.operation`` entries: the system-level operations this gateway defines
+    (``$recognize``), each by its code and its OperationDefinition's canonical URL."""
+    return [{"name": res["code"], "definition": res["url"]}
+            for _, res in sorted(_operations(app).items()) if res.get("system") is True]

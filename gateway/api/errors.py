@@ -19,7 +19,7 @@ from gateway.store import db as _db
 from gateway.fhir.outcome import operation_outcome
 
 __all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON", "check_total_hint",
-           "prefers_lenient"]
+           "prefers_lenient", "preferred_return"]
 
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -56,6 +56,23 @@ def prefers_lenient(prefer: str) -> bool:
         if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "lenient":
             return True
     return False
+
+
+#: The ``Prefer: return=`` values R4 names (http.html#ops), lower-cased, as R4 spells them.
+_RETURNS = {"minimal": "minimal", "representation": "representation", "operationoutcome": "OperationOutcome"}
+
+
+def preferred_return(prefer: str) -> str | None:
+    """What a ``Prefer`` header asks a create or a transaction to answer with (R4 http.html#ops): ``minimal``,
+    ``representation`` or ``OperationOutcome``; None when it asks for none of them (RFC 7240: a preference the
+    server does not know is ignored; tokens are case-insensitive, a value possibly quoted)."""
+    for preference in prefer.split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() == "return":
+            chosen = _RETURNS.get(value.strip().strip('"').lower())
+            if chosen is not None:
+                return chosen
+    return None
 
 
 def _database_away(reason: str) -> Response:

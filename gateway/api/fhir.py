@@ -11,8 +11,13 @@ references our Bundles carry, ``_sort`` by date parameters, ``_lastUpdated``,
 ``Patient?name/family/given`` and ``_elements``. Unknown parameters are refused
 with 400 unless the client sends ``Prefer: handling=lenient``.
 
+Report Bundles are submitted as R4 gives it: ``POST /fhir`` is a transaction (200 OK, a transaction-response),
+``POST /fhir/Bundle`` a create (201 Created with ``Location``, ``ETag`` and ``Last-Modified``); both honour
+``Prefer: return=minimal | representation | OperationOutcome``.
+
 Every answer under ``/fhir`` is JSON: ``Accept`` and ``_format`` asking for
-anything else (XML, HTML) get 406. Reads carry ``ETag`` and ``Last-Modified``
+anything else (XML, HTML) get 406; ``OPTIONS`` (not a CORS preflight) gets ``Allow``
+without a body, and the CapabilityStatement on the base. Reads carry ``ETag`` and ``Last-Modified``
 (an HTTP date) and answer 304 to ``If-None-Match`` / ``If-Modified-Since``.
 Answers over 1 KB are gzipped for clients that accept it; CORS is answered
 for the origins of the ``cors_origins`` setting (none by default).
@@ -41,7 +46,7 @@ from werkzeug.exceptions import NotAcceptable
 from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of, public_root
 from gateway.auth import current_principal, principal_party, require_role
-from gateway.api.errors import FHIR_JSON, check_total_hint, prefers_lenient
+from gateway.api.errors import FHIR_JSON, check_total_hint, preferred_return, prefers_lenient
 from gateway.errors import InvalidSearch, Issue, NotFound, shown
 from gateway.fhir.outcome import operation_outcome
 from gateway.fhir.profiles import r4_required_of, r4_summary_elements
@@ -149,6 +154,21 @@ def _negotiate() -> None:
         _check_format()
 
 
+@bp.before_app_request
+def _options() -> Response | None:
+    """``OPTIONS`` on the FHIR API answered as a FHIR server answers it, not with an empty HTML page: on the base
+    (``OPTIONS /fhir``, how DSTU2 clients asked for it) the CapabilityStatement, elsewhere 200 without a body; both
+    with ``Allow`` naming the methods the URL takes. A browser's CORS preflight (``Access-Control-Request-Method``)
+    is left to the CORS answer as before, and a URL no route serves to its 404."""
+    if (request.method != "OPTIONS" or not _fhir_path() or request.url_rule is None
+            or "Access-Control-Request-Method" in request.headers):
+        return None
+    allowed = current_app.make_default_options_response().headers.get("Allow", "")
+    response = metadata() if request.path in ("/fhir", "/fhir/") else _no_body(200, {})
+    response.headers["Allow"] = allowed
+    return response
+
+
 @bp.after_request
 def _not_kept(response: Response) -> Response:
     """Answers about patients are kept by no cache on the way or on the client (``no-store``; a client revalidates
@@ -199,7 +219,13 @@ def _cors(state: BlueprintSetupState) -> None:
 def submit() -> Response:
     """A report Bundle in FHIR (transaction or collection): checked against our profiles, then stored.
 
-    Answers a transaction-response Bundle (201), or an OperationOutcome naming every problem (422/400).
+    ``POST /fhir`` is R4's transaction (http.html#transaction): accepted, it is answered 200 OK with a
+    transaction-response Bundle whose entries say what each resource became (``201 Created``, ``200 OK``, with the
+    version's location, ETag and time). ``POST /fhir/Bundle`` is R4's create of a Bundle: accepted, it is answered
+    201 Created with ``Location`` (``[base]/Bundle/[id]/_history/1``: the Bundle's id, or one made from its
+    identifier when it has none), ``ETag`` and ``Last-Modified``, and the same transaction-response. A Bundle sent
+    again with the same content is answered 200 with its first outcome. ``Prefer: return=`` is honoured
+    (:func:`_accepted`). Refused, it is an OperationOutcome naming every problem (422/400, 409 for a conflict).
     """
     from gateway.errors import ParseError
 
@@ -208,15 +234,131 @@ def submit() -> Response:
     if not body.strip():
         raise ParseError("is empty: send the Bundle as the body", "body", code="required")
     outcome = pipeline_of(current_app).ingest(body, "fhir", channel="http", origin=request.remote_addr or "")[0]
-    status = {"AA": 201, "AE": 422, "AR": 400}.get(outcome.ack_code, 422)
+    status = {"AA": 200, "AE": 422, "AR": 400}.get(outcome.ack_code, 422)
     headers: dict[str, str] = {}
     if outcome.status.value == "duplicate":
-        status = 200 if outcome.ack_code == "AA" else status
         if outcome.ack_code != "AA" and outcome.retry_later:
             status, headers = 503, {"Retry-After": "5"}  # its first copy is being worked: a passing state
     elif any(i.code == "conflict" for i in outcome.issues):  # other content under an identifier already stored
         status = 409
+    if status == 200 and outcome.ack_code == "AA":
+        rule = request.url_rule.rule if request.url_rule is not None else ""
+        return _accepted(outcome, body, create=rule.endswith("/Bundle"))
     return Response(outcome.answer, status=status, mimetype="application/fhir+json", headers=headers)
+
+
+def _accepted(outcome: Any, body: bytes, *, create: bool) -> Response:
+    """The answer to an accepted submission, as the client's ``Prefer: return=`` asks (R4 http.html#ops; said back
+    in ``Preference-Applied``).
+
+    A transaction (``POST /fhir``) is answered with its transaction-response, whose entries carry, for
+    ``return=minimal`` (and without the header), their ``response`` alone; for ``return=representation`` also the
+    resource each became (the version stored) with its ``fullUrl``; for ``return=OperationOutcome`` an
+    OperationOutcome in each ``response.outcome`` saying what became of the entry, with the warnings found in it.
+    A create (``POST /fhir/Bundle``) is answered with no body for ``minimal``, the Bundle as stored (a collection of
+    the versions its entries became) for ``representation``, an OperationOutcome for ``OperationOutcome``, and the
+    transaction-response without the header.
+    """
+    prefer = preferred_return(request.headers.get("Prefer", ""))
+    first = outcome.status.value != "duplicate"
+    status = 201 if create and first else 200
+    headers: dict[str, str] = {}
+    if prefer is not None:
+        headers["Preference-Applied"] = f"return={prefer}"
+    sent = outcome.message.extra.get("bundle") if outcome.message is not None else None
+    if not isinstance(sent, dict):
+        sent = jsonutil.loads(body)
+    now = pipeline_of(current_app).clock()
+    if create:  # R4 create: where the Bundle is now, its version, and when it was stored
+        bundle_id = _submitted_id(sent, body)
+        headers["Location"] = f"{public_root()}/fhir/Bundle/{bundle_id}/_history/1"
+        headers["ETag"] = 'W/"1"'
+        if first:
+            headers["Last-Modified"] = email.utils.format_datetime(now.astimezone(_dt.timezone.utc), usegmt=True)
+    if prefer is None or (prefer == "minimal" and not create):
+        return Response(outcome.answer, status=status, mimetype="application/fhir+json", headers=headers)
+    if prefer == "minimal":
+        return _no_body(status, headers)
+    answer = jsonutil.loads(outcome.answer)
+    entries = [e for e in answer.get("entry", []) if isinstance(e, dict)]
+    warnings = [i for i in outcome.issues if i.severity in ("warning", "information")]
+    if prefer == "OperationOutcome":
+        if create:  # the Bundle, then each entry, as the transaction-response would say it
+            said = [Issue("information", "informational", "Bundle",
+                          f"is {'created' if first else 'the same content as one created before'}: Bundle/{bundle_id}, "
+                          f"its {len(entries)} resources stored")]
+            said += [_entry_said(n, entry.get("response") or {}) for n, entry in enumerate(entries)]
+            return fhir_response(operation_outcome(said + warnings), status, headers)
+        for n, entry in enumerate(entries):
+            entry.setdefault("response", {})["outcome"] = operation_outcome(
+                [_entry_said(n, entry["response"])] + [i for i in warnings
+                                                       if i.location.startswith(f"Bundle.entry[{n}]")])
+        return fhir_response(answer, status, headers)
+    resources = _versions_of(entries)  # return=representation
+    given = [r for r in resources if r is not None]
+    if given:
+        _audit_reads(given, None)  # patient data leaves the gateway: recorded as a read is
+    base = public_root() + "/fhir"
+    if create:
+        meta = {"versionId": "1", **({"lastUpdated": now.isoformat(timespec="milliseconds")} if first else {})}
+        stored = {"resourceType": "Bundle", "id": bundle_id, "meta": meta,
+                  **{k: sent[k] for k in ("identifier", "timestamp") if k in sent}, "type": "collection"}
+        if given:  # (FHIR JSON has no empty arrays)
+            stored["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r} for r in given]
+        return fhir_response(stored, status, headers)
+    answer["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, **entry}
+                       if r is not None else entry for entry, r in zip(entries, resources)]
+    return fhir_response(answer, status, headers)
+
+
+def _submitted_id(sent: dict[str, Any], body: bytes) -> str:
+    """The logical id of a Bundle created by ``POST /fhir/Bundle``: its own ``id``; for a Bundle sent without one,
+    a name-based UUID of its identifier (of its bytes when it has none), so a resend of it is named alike."""
+    import hashlib
+    import uuid
+
+    from gateway.uuids import uuid5
+
+    rid = sent.get("id")
+    if isinstance(rid, str) and _FHIR_ID.match(rid):
+        return rid
+    ident = sent.get("identifier")
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        return uuid5(uuid.NAMESPACE_URL, f"{ident.get('system', '')}|{ident['value']}")
+    return uuid5(uuid.NAMESPACE_URL, "sha256:" + hashlib.sha256(body).hexdigest())
+
+
+def _entry_said(n: int, response: dict[str, Any]) -> Issue:
+    """What became of entry ``n`` of a transaction, from its ``response`` (``return=OperationOutcome``)."""
+    where = str(response.get("location") or "its resource")
+    if str(response.get("status", "")).startswith("201"):
+        text = f"is created: {where}"
+    else:
+        text = f"was stored before: {where} holds its content (a new version, or the same content again)"
+    return Issue("information", "informational", f"Bundle.entry[{n}]", text)
+
+
+def _versions_of(entries: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """The version each transaction-response entry names (``Observation/1/_history/2``), as stored; the current
+    one for a location without a version; None where nothing is stored (yet)."""
+    store = pipeline_of(current_app).store
+    found: list[dict[str, Any] | None] = []
+    for entry in entries:
+        location = str((entry.get("response") or {}).get("location") or "")
+        rtype, _, rest = location.partition("/")
+        rid, _, vid = rest.partition("/_history/")
+        try:
+            found.append(store.version(rtype, rid, vid) if vid else store.read(rtype, rid))
+        except NotFound:
+            found.append(None)
+    return found
+
+
+def _no_body(status: int, headers: dict[str, str]) -> Response:
+    """An answer without a body (``Prefer: return=minimal``, a plain ``OPTIONS``): no Content-Type either."""
+    response = Response(status=status, headers=headers)
+    del response.headers["Content-Type"]
+    return response
 
 
 @bp.get("/metadata")
@@ -248,7 +390,8 @@ def metadata() -> Response:
         resources.append(entry)
     from gateway.audit.query import PARAMETERS as AUDIT_PARAMETERS
 
-    resources.append({"type": "AuditEvent", "interaction": [{"code": "read"}, {"code": "search-type"}],
+    resources.append({"type": "AuditEvent", "interaction": [{"code": c} for c in ("read", "vread", "history-instance",
+                                                                                  "search-type")],
                       "searchParam": [{"name": n, "type": _AUDIT_PARAM_TYPES.get(n, "token")}
                                       for n in sorted(AUDIT_PARAMETERS) if not n.startswith("_") and ":" not in n]})
     served = {r["type"] for r in resources}
@@ -263,12 +406,17 @@ def metadata() -> Response:
             entry["interaction"] = [{"code": "read"}, {"code": "search-type"}]
             entry["searchParam"] = [{"name": "focus", "type": "reference", "documentation": "the report's 检验报告单号,"
                                      " or DiagnosticReport/{id}"}, {"name": "status", "type": "token"}]
-    from gateway.api.conformance import _VALIDATE_OPERATION
+    if not any(r["type"] == "Bundle" for r in resources):
+        resources.append({"type": "Bundle"})
+    for entry in resources:  # POST /fhir/Bundle: R4's create of a Bundle (its resources stored as a transaction's)
+        if entry["type"] == "Bundle":
+            entry["interaction"] = [{"code": "create", "documentation": _BUNDLE_CREATED}]
+    from gateway.api.conformance import _VALIDATE_OPERATION, capability_operations
 
     for entry in resources:  # $validate, type and instance level, for every type stored here
         if entry["type"] in SEARCH_PARAMS and not any(o["name"] == "validate" for o in entry.get("operation", [])):
             entry.setdefault("operation", []).append({"name": "validate", "definition": _VALIDATE_OPERATION})
-    cap = {
+    cap: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-22",
@@ -282,6 +430,9 @@ def metadata() -> Response:
         "rest": [{"mode": "server", "security": smart_security(settings), "resource": resources,
                   "interaction": [{"code": "transaction", "documentation": _TRANSACTION_TAKEN}]}],
     }
+    operations = capability_operations(current_app)  # system level: POST /fhir/$recognize
+    if operations:  # (FHIR JSON has no empty arrays)
+        cap["rest"][0]["operation"] = operations
     return fhir_response(cap)
 
 
@@ -313,6 +464,12 @@ def _search_params_said(params: dict[str, str]) -> list[dict[str, str]]:
 _TRANSACTION_TAKEN = ("A report Bundle (transaction or collection): a report with its results and the resources they "
                       "name, every entry POST or PUT, checked against this gateway's profiles and stored as a whole. "
                       "GET, DELETE, PATCH and conditional entries are refused, each named in the OperationOutcome.")
+
+
+#: What a create of a Bundle does here (the CapabilityStatement's documentation of it).
+_BUNDLE_CREATED = ("A report Bundle, taken as POST /fhir takes it (its resources stored, each a version of its own); "
+                   "answered 201 Created with Location, ETag and Last-Modified, and a transaction-response saying "
+                   "what each entry became.")
 
 
 def _known_type(rtype: str) -> None:
