@@ -597,3 +597,19 @@ def test_decision_index_equals_the_rendered_events() -> None:
     content = json.loads(prepare([record])[0])
     assert {k: content[k] for k in ("type", "subtype", "outcome", "k")} == rendered
     assert not every_kind()[0].well_formed
+
+
+def test_a_refusal_is_audited_without_what_it_quotes_of_the_message(pipeline) -> None:
+    """A refused message's audit entry names the message, the field and the rule, never its payload: a result
+    text quoted in the refusal ('HIV抗体阳性' in a numeric field) or a 身份证号 named in a check-digit error stays
+    in the message's own record (and the sender's answer), not in the audit log every auditor reads."""
+    message = ("MSH|^~\\&|LIS|TJXRMYY|GATEWAY|CYHR|20261120082500||ORU^R01^ORU_R01|AUD0001|P|2.5.1||||||UNICODE UTF-8\r"
+               "PID|1||Z0099812^^^TJXRMYY^MR~511921196612120011^^^^NNCHN||王^建国||19661212|M\r"
+               "OBR|1|O1|R2611209901|BLRT^血常规^L|||20261120073000|||||||||||||||20261120082500|||F\r"
+               "OBX|1|NM|WBC^白细胞计数^L||HIV抗体阳性|10*9/L|3.5-9.5|N|||F\r").encode("utf-8")
+    [refused] = pipeline.ingest(message, "hl7v2", channel="test")
+    assert refused.ack_code == "AE" and any("HIV抗体阳性" in i.message for i in refused.issues)
+    [entry] = [e for e in entries(pipeline.store.db) if e.kind == "ingest"]
+    reason = entry.facts["reason"]
+    assert "OBX[1]-5" in reason and "not a number" in reason
+    assert "HIV抗体阳性" not in str(entry.content) and "HIV抗体阳性" not in reason

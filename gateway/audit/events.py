@@ -8,6 +8,7 @@ never go to application logs; the entries carry what FHIR AuditEvents require.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,14 +35,31 @@ def ingested(db: Database, *, at: _dt.datetime, member: str, member_name: str, s
                              fmt=fmt, status=status, channel=channel, reason=reason))
 
 
+#: What a refusal's words quote of the message ('HIV抗体阳性', "王建国") and runs of digits as long as an identifier's
+#: (a 身份证号 named in a check-digit error): left out of the audit entry, which names a message, never its payload.
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"|“[^”\n]*”|‘[^’\n]*’|「[^」\n]*」")
+_LONG_NUMBER = re.compile(r"(?<![0-9A-Za-z])[0-9]{6,}[0-9Xx]*(?![0-9A-Za-z])")
+
+
+def payload_free(reason: str | None) -> str | None:
+    """A refusal's reason as the audit log keeps it: what it quotes of the message, and numbers as long as an
+    identifier, written ``…`` (the field named, the rule broken kept). The message's own record keeps the words
+    whole, for those who may read the message."""
+    if not reason:
+        return reason
+    return _LONG_NUMBER.sub("…", _QUOTED.sub("'…'", reason))
+
+
 def ingest_record(*, at: _dt.datetime, member: str, member_name: str, sender: str, message_id: str, fmt: str,
                   status: str, channel: str, reason: str | None) -> records.Record:
-    """The record :func:`ingested` appends (to prepare it before the write lock: ``gateway.audit.log.prepare``)."""
+    """The record :func:`ingested` appends (to prepare it before the write lock: ``gateway.audit.log.prepare``).
+    A refusal's reason is kept without what it quotes of the message (:func:`payload_free`)."""
     refused = status in ("refused", "failed")
     return records.ingest(
         at=at, gateway=_me(member, member_name), source=Party.application(member, sender or "unknown"),
         message_id=message_id or "(none)", fmt=fmt, status=status, channel=channel,
-        outcome=Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS, reason=reason if refused else None)
+        outcome=Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS,
+        reason=payload_free(reason) if refused else None)
 
 
 def retried_record(*, at: _dt.datetime, member: str, member_name: str, user: str, record_id: int,
