@@ -699,6 +699,11 @@ class Pipeline:
         except Exception as exc:  # the unit is still stored; its reading will say what is wrong with it
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
             sender, message_id = "", ""
+        former = getattr(ch.adapter, "former_id", None)  # (a CSV exam stored by an earlier release: its bytes' id)
+        if message_id and former is not None and (old_id := former(unit)) and old_id != message_id:
+            old = self.store.find_message(ch.format, sender, old_id)
+            if old is not None and old.sha256 == hashlib.sha256(unit.data).hexdigest():
+                return old.id, old
         db = self.store.db
         joined = db.conn.in_transaction
         try:

@@ -532,7 +532,7 @@ def test_a_correction_keeping_the_number_is_taken_at_intake_and_supersedes(yuan:
     versions = versions_of(yuan.store.db, YUAN, meta(stem)["report_number"])
     assert [v.superseded_by is not None for v in versions] == [True, False]
     [again] = yuan.ingest(body, "service-report", channel="http")
-    assert again.status is not Status.STORED and again.record_id == correction.record_id
+    assert again.status is Status.DUPLICATE
 
 
 def test_a_correction_with_the_same_pdf_and_no_replaces_is_a_version_of_its_own(yuan: Pipeline) -> None:

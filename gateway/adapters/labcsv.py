@@ -42,6 +42,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import operator
 import re
 from collections.abc import Iterable, Iterator
@@ -63,10 +64,18 @@ from gateway.adapters.base import (
     text_too_long,
     warn_of_repeated_items,
 )
-from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_instant
+from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
 from gateway.adapters.tracing import INDEX, INVARIANT
 from gateway.errors import ConfigError, IdentifierError, Issue, shown
-from gateway.identifiers import birth_date_problem, check_id_card, check_uscc, id_card_warnings, message_date
+from gateway.identifiers import (
+    birth_date_problem,
+    check_id_card,
+    check_uscc,
+    id_card_birth_date,
+    id_card_sex,
+    id_card_warnings,
+    message_date,
+)
 from gateway.mapping.tables import factor_key, fold_brackets
 
 __all__ = ["Layout", "LabCSVAdapter", "parse_exposure_years"]
@@ -88,6 +97,7 @@ _REQUIRED_FACTS = ("exam_number", "name", "id_card", "exam_type", "exam_date", "
 _EXAM_FACTS = ("name", "id_card", "sex", "birth_date", "employer_name", "employer_uscc", "occupation",
                "exposure_years", "exam_type", "exam_date", "conclusion", "chief_physician", "chief_physician_id",
                "report_date")
+_DATE_FACTS = ("exam_date", "report_date", "birth_date")  # (read as dates: their spelling is form, not content)
 _PRIVATE = {"name", "id_card", "birth_date"}  # never echoed in error lines
 _ITEM_FACTS = ("item_code", "item_name", "value", "unit", "reference_range", "flag")  # one row's own columns
 
@@ -247,6 +257,13 @@ class LabCSVAdapter:
     def split_stream(self, stream: IO[bytes], origin: str = "", *, whole: bytes | None = None) -> Iterator[RawUnit]:
         """Exams of a binary stream, one unit per run of rows with the same exam number, read lazily."""
         header_raw = stream.readline(_SKIP_CHUNK)
+        if b"\n" not in header_raw and b"\r" in header_raw:
+            # Lines ended by CR alone (Excel's "CSV (Macintosh)"): read as LF, as a CSV reader opened with newline=""
+            # reads them. No byte of a GBK, GB18030 or UTF-8 character is a CR; a CR inside a quoted cell is a line
+            # break either way.
+            stream = io.BufferedReader(_CRasLF(header_raw, stream))
+            whole = whole.replace(b"\r", b"\n") if whole is not None else None
+            header_raw = stream.readline(_SKIP_CHUNK)
         if not header_raw.endswith(b"\n") and len(header_raw) >= _SKIP_CHUNK:
             yield RawUnit(header_raw[:256], 1, origin, meta={"label": "header", "error": Issue(
                 "error", "too-long", "row 1", f"the header row is longer than {_SKIP_CHUNK} bytes", "207")})
@@ -370,10 +387,68 @@ class LabCSVAdapter:
                            f"needs the columns {', '.join(missing)}", "200")
 
     def identify(self, unit: RawUnit) -> tuple[str, str]:
-        """(layout id, exam number + content digest): an identical resend is a duplicate, a changed one is not."""
+        """(layout id, exam number + content digest): the same exam sent again is a duplicate, a changed one is not.
+
+        The digest is of what the exam says (:meth:`content_digest`), not of its bytes: an export made again with
+        only its form changed (line ends, GBK or UTF-8, quotes, a column the layout does not read, rows in another
+        order, a date written 2026/11/16 16:30) is the same exam, not a correction of it."""
         if "error" in unit.meta or not unit.meta.get("exam"):
             return "", ""
-        return str(unit.meta["layout"]), f"{unit.meta['exam']}#{hashlib.sha256(unit.data).hexdigest()[:16]}"
+        return str(unit.meta["layout"]), f"{unit.meta['exam']}#{self.content_digest(unit)[:16]}"
+
+    def former_id(self, unit: RawUnit) -> str:
+        """The id earlier releases gave the unit (exam number + digest of its bytes): a copy stored under it with
+        the same bytes is this unit sent again ("" when the unit has no id)."""
+        if "error" in unit.meta or not unit.meta.get("exam"):
+            return ""
+        return f"{unit.meta['exam']}#{hashlib.sha256(unit.data).hexdigest()[:16]}"
+
+    def content_digest(self, unit: RawUnit) -> str:
+        """SHA-256 of what the exam says: each cell of a column the layout reads, as read (trimmed, a spreadsheet's
+        ``="…"`` as its text, a date or date and time as FHIR writes it, a result as the number it is, years of
+        exposure as years), the exam's own columns once (each value they hold), its rows in a canonical order.
+        Columns the layout does not read, the encoding, quotes and line ends change nothing; any value read does.
+        An exam whose rows cannot all be read is told by its bytes (it is refused anyway)."""
+        meta = unit.meta
+        rows: list[tuple[int, bytes, list[str], str]] = meta.get("rows") or []
+        width = len(meta.get("headers") or ())
+        if (meta.get("over_row") or meta.get("dropped") or meta.get("reappears") or meta.get("swallowed_by")
+                or any(problem or (len(f) != width and not _trailing_empty(f, width)) for _, _, f, problem in rows)):
+            return hashlib.sha256(b"raw\x00" + unit.data).hexdigest()
+        cols: dict[str, int] = meta["cols"]
+        exam_facts = sorted(f for f in _EXAM_FACTS if f in cols)
+        row_facts = sorted(f for f in cols if f not in _EXAM_FACTS and f != "exam_number")
+        exam: dict[str, set[str]] = {f: set() for f in exam_facts}
+        items: list[list[str]] = []
+        for _, _, fields, _ in rows:
+            for fact in exam_facts:
+                value = fields[cols[fact]].strip()
+                if value:
+                    exam[fact].add(self._as_read(fact, value))
+            items.append([self._as_read(f, fields[cols[f]].strip()) for f in row_facts])
+        items.sort()
+        content = [str(meta.get("layout", "")), str(meta.get("exam", "")),
+                   [[f, sorted(exam[f])] for f in exam_facts], row_facts, items]
+        return hashlib.sha256(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass")).hexdigest()
+
+    def _as_read(self, fact: str, value: str) -> str:
+        """A cell's value as the exam reads it, for :meth:`content_digest` (as it is when it does not read)."""
+        if not value:
+            return value
+        try:
+            if fact in _DATE_FACTS:
+                return to_fhir_datetime(value, self.offset)
+            if fact == "value":
+                q = parse_number(value)
+                return value if q is None else f"{q.comparator}{q.value}"
+            if fact == "exposure_years":
+                return str(parse_exposure_years(value))
+            if fact == "id_card":
+                return "".join(value.translate(FULL_WIDTH).split()).upper()
+        except (DateTimeError, ValueError, ArithmeticError):
+            return value
+        return value
 
     # -- reading -------------------------------------------------------------------------
 
@@ -393,7 +468,8 @@ class LabCSVAdapter:
         msg.extra.update(layout=layout.id,
                          label=f"{number_header} {_short(number)}" if number else f"row {meta['first_row']}")
         msg.sender, msg.charset = layout.id, str(meta["codec"])
-        msg.message_id = self.identify(RawUnit(unit.data, unit.index, unit.origin, meta))[1]
+        # (the exam's bytes name its Bundle, as before content digests: a Bundle converted before keeps its id)
+        msg.message_id = self.former_id(RawUnit(unit.data, unit.index, unit.origin, meta))
         issues = msg.issues
 
         def at(row_no: int, fact: str) -> str:
@@ -413,8 +489,10 @@ class LabCSVAdapter:
                                 f"column {shown(header)} read as {shown(name)} of layout {layout.id}", ""))
         if meta.get("over_row"):
             issues.append(Issue("error", "too-long", f"row {meta['over_row']}",
-                                f"the exam's rows exceed {meta['max_bytes']} bytes from this row on: refused "
-                                "(send it as a file of its own, or split its rows)", "207"))
+                                f"the exam's rows exceed {meta['max_bytes']} bytes (the gateway's max_message_bytes, "
+                                "header row included) from this row on: refused. An exam is taken whole: raise "
+                                "max_message_bytes to take one this large (its rows sent in parts would each be "
+                                "taken as a correction of the part before, leaving that part's items out)", "207"))
             return msg
         first_no, _, first, _ = rows[0]
         if not number and not any(problem for _, _, _, problem in rows):  # (an unreadable row says why itself)
@@ -550,7 +628,13 @@ class LabCSVAdapter:
                                 "no 身份证号: the worker cannot be matched across institutions", "101"))
         sex, sex_at = fact_of("sex")
         p.sex, p.where["sex"] = sex, sex_at
+        if not sex and len(p.id_card) == 18:
+            # (GB 11643: digit 17 odd is male) an exam whose 性别 is empty still says the worker's sex, which the
+            # shared Patient would lose otherwise; a 性别 given is kept, and one that contradicts is refused (cyhr-pat-4)
+            p.sex, p.where["sex"] = ("男" if id_card_sex(p.id_card) == "male" else "女"), card_at
         birth, birth_at = fact_of("birth_date")
+        if not birth and len(p.id_card) == 18:
+            p.birth_date, p.where["birth_date"] = id_card_birth_date(p.id_card), card_at  # (digits 7-14)
         if birth:
             try:
                 p.birth_date = to_fhir_date(birth)
@@ -1062,6 +1146,27 @@ def _joined_lines(raw: bytes, meta: dict[str, Any], rows_only: bool = False) -> 
     return (f"; it runs over {len(lines)} lines of the file: a quote opening one of its cells is not closed before "
             f"the line ends, so the lines after it are read as part of that cell, not as rows{exams}: close or "
             "remove the quote and send the file again")
+
+
+class _CRasLF(io.RawIOBase):
+    """The bytes already read from a stream followed by the rest of it, each CR as LF (a file whose lines end
+    with CR alone)."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        super().__init__()
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
+        else:
+            data = self.rest.read(len(buffer))
+        data = data.replace(b"\r", b"\n")
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _skip_record(stream: IO[bytes], state: int, ended: bool) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters.base import Coded, RawUnit, ReportFacts, SourceMessage
+from gateway.adapters.cda import DocumentKey
 from gateway.errors import IdentifierError, InputError, Issue
 from gateway.identifiers import check_uscc
 from gateway.registry.models import TECHNICAL_SERVICE_TYPES
@@ -57,6 +58,8 @@ _TEXT_LIMIT = 500  # characters of one metadata text (a project name is long, no
 _NUMBER_LIMIT = 64
 _META_KEYS = {"report_number", "service_type", "project", "employer", "service_start", "service_end",
               "report_date", "issuer", "qualification_number", "status", "replaces", "title", "pdf", "pdf_file"}
+_BOM = b"\xef\xbb\xbf"
+_B64_SPACE = re.compile(r"[ \t\r\n]+")  # (FHIR base64Binary allows whitespace; `base64` wraps at 76 characters)
 _SIG_DICT = re.compile(rb"/Type\s*/Sig\b|/FT\s*/Sig\b")
 
 
@@ -66,7 +69,7 @@ def pack_metadata_file(path: Path) -> bytes:
     :raises InputError: the metadata is not a JSON object, names no PDF, or the PDF cannot be read.
     """
     try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
+        meta = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path.name}: not a JSON metadata file ({type(exc).__name__})", "metadata") from None
     if not isinstance(meta, dict):
@@ -100,22 +103,48 @@ class ServiceReportAdapter:
         if data.strip():
             yield RawUnit(bytes(data), 1, origin)
 
+    #: How an answer names what tells a resent report apart, and how a changed one is sent instead.
+    document_label = "report_number"
+    correction_hint = ("a changed report is sent as a correction: status corrected (or amended), under its own "
+                       "number or a new one with replaces naming it")
+
     def identify(self, unit: RawUnit) -> tuple[str, str]:
-        """(issuer USCC, report number) when the metadata reads; empty otherwise."""
+        """(issuer USCC, report key) as :meth:`document_key` gives them; empty when the metadata does not read
+        (such a body is stored without a key, and its reading says what is wrong with it)."""
+        key = self.document_key(unit)
+        return (key.sender, key.document_id) if key is not None else ("", "")
+
+    def document_key(self, unit: RawUnit) -> DocumentKey | None:
+        """What tells a resent report apart: issuer, report key and a digest of the report's content (the
+        metadata as read, whatever its wrapper — JSON or multipart, keys in any order, base64 wrapped or not —
+        and the PDF's SHA-256). The report key is the report number; a correction (status corrected or amended)
+        may keep the number, so its key adds its status and its PDF's digest (the key earlier releases gave it:
+        their copies are still found). The pipeline answers the same content as the first copy was answered,
+        refuses other content under a key already stored (a conflict) and works a report refused before, fixed
+        and sent again, as new. None when the metadata does not read or names no issuer and number."""
         try:
             meta, pdf = _parts(unit.data)
-        except (InputError, ValueError, UnicodeDecodeError):
-            return "", ""
+        except (InputError, ValueError, UnicodeDecodeError, RecursionError):
+            return None
         issuer = meta.get("issuer")
         uscc = issuer.get("uscc") if isinstance(issuer, Mapping) else None
         number = meta.get("report_number")
-        key = str(number)[:_NUMBER_LIMIT] if isinstance(number, str) else ""
+        if not isinstance(uscc, str) or not uscc.strip() or not isinstance(number, str) or not number.strip():
+            return None
+        key = number[:_NUMBER_LIMIT]  # (as earlier releases keyed it, unstripped: their copies are still found)
         status = meta.get("status")
-        if key and isinstance(status, str) and status.strip().lower() in ("corrected", "amended") and pdf:
-            # a correction may keep the report's number: its own PDF tells it from the original (and a resend
-            # of the same correction is still a resend)
+        if isinstance(status, str) and status.strip().lower() in ("corrected", "amended") and pdf:
             key = f"{key}|{status.strip().lower()}|{hashlib.sha256(pdf).hexdigest()[:16]}"
-        return (str(uscc)[:40] if isinstance(uscc, str) else "", key)
+        # ('#' is written %23: the requests carrying one report are stored as key, key#2, key#3 ...)
+        key = key.replace("%", "%25").replace("#", "%23") if "#" in key else key
+        content = _trimmed({k: v for k, v in meta.items() if k not in ("pdf", "pdf_file")})
+        try:
+            canonical = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            return None
+        digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass") + b"\x00"
+                                + (hashlib.sha256(pdf).digest() if pdf is not None else b"")).hexdigest()
+        return DocumentKey(uscc[:40], key, digest, "metadata.report_number")
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -126,6 +155,10 @@ class ServiceReportAdapter:
             meta, pdf = _parts(unit.data)
         except InputError as exc:
             msg.issues.append(Issue("error", "structure", exc.location, exc.message))
+            number = exc.meta.get("report_number") if isinstance(exc, _Unreadable) else None
+            if isinstance(number, str) and number.strip() and len(number.strip()) <= _NUMBER_LIMIT:
+                msg.message_id = number.strip()
+                msg.extra["label"] = f"report {msg.message_id}"
             return msg
         unknown = sorted(k for k in meta if k not in _META_KEYS)
         for key in unknown[:5]:
@@ -205,6 +238,17 @@ class ServiceReportAdapter:
                 "pdf_signature_dictionary": signed}
 
 
+def _trimmed(value: Any) -> Any:
+    """A metadata value as it is read: its texts without the spaces around them (which reading strips)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, Mapping):
+        return {str(k): _trimmed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trimmed(v) for v in value]
+    return value
+
+
 def _coded(service: str) -> Coded:
     return Coded(service, SERVICE_TYPES.get(service, ""), "technical-service-type")
 
@@ -240,7 +284,7 @@ class _Fields:
         return value
 
     def date(self, key: str, *, required: bool = True) -> str:
-        value = self.text(key, required=required, limit=10)
+        value = self.text(key, required=required, limit=_NUMBER_LIMIT)  # (a longer text is not a date either)
         if not value:
             return ""
         try:
@@ -293,6 +337,7 @@ def _parts(data: bytes) -> tuple[dict[str, Any], bytes | None]:
 
     :raises InputError: the body is neither, or its metadata is not an object.
     """
+    data = data.removeprefix(_BOM)  # (Windows Notepad saves UTF-8 with a BOM)
     head = data.lstrip()[:2]
     if head.startswith(b"{"):
         return _json_body(data)
@@ -312,9 +357,9 @@ def _json_body(data: bytes) -> tuple[dict[str, Any], bytes | None]:
     if not isinstance(encoded, str):
         raise InputError("pdf must be the PDF as base64 text", "pdf")
     try:
-        return meta, base64.b64decode(encoded, validate=True)
+        return meta, base64.b64decode(_B64_SPACE.sub("", encoded), validate=True)
     except (binascii.Error, ValueError):
-        raise InputError("pdf is not valid base64", "pdf") from None
+        raise _Unreadable("pdf is not valid base64", "pdf", meta) from None
 
 
 _DISPOSITION_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
@@ -394,6 +439,14 @@ def _give(meta: dict[str, Any], given: dict[tuple[str, ...], str], path: tuple[s
         meta.setdefault(path[0], {})[path[1]] = value
 
 
+class _Unreadable(InputError):
+    """A body whose metadata reads but whose PDF does not: the metadata names the report in the answer."""
+
+    def __init__(self, message: str, location: str, meta: Mapping[str, Any]) -> None:
+        super().__init__(message, location)
+        self.meta = meta
+
+
 class _Duplicate(ValueError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -415,7 +468,7 @@ def _load_metadata(data: bytes, what: str) -> Any:
     :raises InputError: not UTF-8, not JSON, nested too deeply, or a key given twice in one object.
     """
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        return json.loads(data.removeprefix(_BOM).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as dup:
         raise InputError(f"{what} gives the key {dup.key[:40]} twice in one object", "metadata") from None
     except (UnicodeDecodeError, ValueError) as exc:

@@ -180,14 +180,19 @@ def sender_hazard_coding(code_system: str, code: str, name: str) -> dict[str, st
 
 
 def employer_organization(employer: dict[str, str]) -> dict[str, Any]:
-    """The employer as an Organization identified by its 统一社会信用代码 (not a member: no member profile)."""
-    return {
+    """The employer as an Organization identified by its 统一社会信用代码 (not a member: no member profile).
+
+    Without a name (an export that left 用人单位名称 empty) it has none: its 统一社会信用代码 is no name, and written as
+    one it renamed the employer every other exam names (R4 org-1 asks for a name or an identifier)."""
+    org: dict[str, Any] = {
         "resourceType": "Organization",
         "id": stable_id("Organization", "employer", employer["uscc"]),
         "identifier": [uscc_identifier(employer["uscc"])],
         "active": True,
-        "name": employer.get("name") or employer["uscc"],
     }
+    if employer.get("name"):
+        org["name"] = employer["name"]
+    return org
 
 
 def occupational_report(report: ReportFacts, *, issuer: Issuer, subject: dict[str, Any], performer: dict[str, Any],

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.adapters.base import SourceMessage
+from gateway.errors import Issue, shown
 from gateway.fhir.parties import Issuer, organization, stable_id
 from gateway.naming import IG_BASE, SYSTEM_USCC, cs_url, ext_url, sd_url
 
@@ -40,8 +41,18 @@ def build_service_report_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str,
     """The Bundle of one read technical-service report (a message without errors)."""
     rep = msg.reports[0]
     x = rep.extra
-    issuer = Issuer(x["issuer_uscc"], x["issuer_name"] or issuer.name,
-                    issuer.miplrn if x["issuer_uscc"] == issuer.uscc else "")
+    sent_name = str(x["issuer_name"] or "")
+    if x["issuer_uscc"] == issuer.uscc and issuer.name:
+        # The issuer is this member (the adapter refuses another): its Organization is named as configured, as the
+        # HL7 v2 and CSV paths name it. A sent name was stored over the member's own Organization, renaming it in
+        # every report it performed.
+        if sent_name and sent_name != issuer.name:
+            msg.issues.append(Issue("warning", "business-rule", "metadata.issuer.name",
+                                    f"issuer.name {shown(sent_name)} is not this member's configured name "
+                                    f"{shown(issuer.name)}: the configured name is used (issuer_name in the "
+                                    "gateway's settings)"))
+    else:
+        issuer = Issuer(x["issuer_uscc"], sent_name or issuer.name, "")
     org = organization(issuer)
     employer = organization(Issuer(x["employer_uscc"], x["employer_name"]))
     system = service_report_system(issuer.uscc)
