@@ -253,6 +253,9 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     from gateway.store.db import describe
 
     settings = get_settings(ctx, service=True, **flags)
+    _check_listen_host(settings.http_host, "http_host")
+    if settings.mllp_port:
+        _check_listen_host(settings.mllp_host, "mllp_host")
     banner = (f"gateway {__version__} for {settings.issuer_name} ({settings.issuer_uscc}): "
               f"HTTP {settings.http_host}:{settings.http_port}, "
               + (f"MLLP {settings.mllp_host}:{settings.mllp_port} (ACK when {settings.mllp_ack})"
@@ -268,6 +271,30 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
         ctx.exit(1)
     if code:
         ctx.exit(code)
+
+
+def _check_listen_host(host: str, setting: str) -> None:
+    """Refuse, as what it is, an address to listen on that is no address of this machine: a name that does not
+    resolve, or an address another machine has (said before the ports are bound, where it read as a port in use).
+
+    :raises ConfigError: so (exit 2).
+    """
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))  # (any free port: only the address is asked about)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{host!r} is not a name this machine can resolve ({exc.strerror}): listen on one of this "
+                          "machine's addresses (127.0.0.1, 0.0.0.0 for all of them) or a name that resolves to one",
+                          setting) from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"{host} is not an address of this machine: listen on one of its own addresses "
+                              "(127.0.0.1, 0.0.0.0 for all of them)", setting) from None
+        # (anything else is said when the port itself is bound, naming the port)
 
 
 def _announce(settings: Settings, banner: str) -> None:
@@ -308,6 +335,16 @@ class _Progress(io.RawIOBase):
         self.done += len(data)
         return len(data)
 
+    def seekable(self) -> bool:  # (a file is looked through once before it is read: HL7 v2's framing)
+        return bool(self.raw.seekable())
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.done = self.raw.seek(offset, whence)
+        return self.done
+
+    def tell(self) -> int:
+        return int(self.raw.tell())
+
 
 #: Input formats of ``convert`` (one channel each in gateway.pipeline); an unknown one is refused by the pipeline
 #: with the list it supports, as one error line.
@@ -333,32 +370,47 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, every_warning: bool, fil
     Problems go to stderr, one line each, naming the message, document or
     exam and the field, XPath or row and column; exit status 1 if any was
     refused. Good units of the same file are still converted. QC/calibration
-    messages are reported as filtered. Files are read as streams (a large
-    CSV export converts in constant memory); on a terminal, progress is shown.
-    Every error is printed; a warning said the same way many times is printed
-    a few times, then counted (--every-warning prints them all).
+    messages are reported as filtered. A file that cannot be read (missing, a
+    folder, no permission, not text) is named on one line and the others are
+    still converted; a last line says how many could not be read (exit 1).
+    Files are read as streams (a large CSV export or HL7 v2 file converts in
+    constant memory; HL7 v2 from a pipe is read whole); on a terminal,
+    progress is shown by the bytes read. Every error is printed; a warning
+    said the same way many times is printed a few times, then counted
+    (--every-warning prints them all).
     """
+    from gateway.commands import hl7stream
     from gateway.pipeline import Pipeline, Status
 
     settings = get_settings(ctx)
     pipeline = Pipeline(settings)
     try:
-        pipeline.channel(fmt)  # an unknown format is an error before any file is read
+        adapter = pipeline.channel(fmt).adapter  # an unknown format is an error before any file is read
     except GatewayError as exc:  # (bad input: exit 2, as click says any other bad option)
         raise click.BadParameter(exc.message, ctx, param_hint="'--format'") from None
+    if fmt == "hl7v2" and getattr(adapter, "split_stream", None) is None:
+        # HL7 v2 cut into messages as the file is read, as the pipeline cuts a CSV export: memory does not grow
+        # with the file, and progress is the bytes read (the messages are those the adapter's split gives)
+        setattr(adapter, "split_stream", hl7stream.units)  # (HL7v2Adapter.split_stream, once it has one)
     failed = converted = filtered = 0
     tty = sys.stderr.isatty()
     # HL7 v2 locations read "OBX[3]-5 msg"; XPaths and CSV columns read better with a colon before the message.
     sep = " " if fmt == "hl7v2" else ": "
     repeated = _RepeatedWarnings(None if every_warning else WARNINGS_SHOWN)
+    unreadable = 0
     for path in files:
-        raw, origin, size = _open_input(path)
-        if fmt == "service-report" and path != "-":  # the metadata file names its PDF beside it
-            raw.close()
-            from gateway.adapters.servicereport import pack_metadata_file
+        try:
+            raw, origin, size = _open_input(path)
+            if fmt == "service-report" and path != "-":  # the metadata file names its PDF beside it
+                raw.close()
+                from gateway.adapters.servicereport import pack_metadata_file
 
-            packed = pack_metadata_file(Path(path))
-            raw, size = io.BytesIO(packed), len(packed)
+                packed = pack_metadata_file(Path(path))
+                raw, size = io.BytesIO(packed), len(packed)
+        except (click.ClickException, OSError, UnicodeDecodeError, GatewayError) as exc:
+            click.echo(f"Error: {_unreadable(path, exc)}", err=True)
+            unreadable += 1
+            continue
         counter = _Progress(raw)
         stream = io.BufferedReader(counter, buffer_size=1 << 16)
         shown = 0.0
@@ -392,6 +444,12 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, every_warning: bool, fil
                     shown = now
                     pct = f"{100 * counter.done // size}% " if size else ""
                     click.echo(f"\r{origin}: {pct}{converted} converted, {failed} refused", nl=False, err=True)
+        except UnicodeDecodeError as exc:  # (a file that is not text: named by the adapters, this is the last resort)
+            if tty:
+                click.echo("\r\x1b[K", nl=False, err=True)
+            click.echo(f"Error: {_unreadable(path, exc)}", err=True)
+            unreadable += 1
+            continue
         finally:
             if raw is not sys.stdin.buffer:
                 raw.close()
@@ -402,10 +460,25 @@ def convert(ctx: click.Context, fmt: str, pretty: bool, every_warning: bool, fil
             failed += 1
     for line in repeated.summary():
         click.echo(line, err=True)
-    if tty:
-        click.echo(f"{converted} converted, {failed} refused, {filtered} filtered", err=True)
-    if failed:
+    counts = f"{converted} converted, {failed} refused, {filtered} filtered"
+    if unreadable and len(files) > 1:  # (one file given: its own line says it)
+        click.echo(f"{unreadable} of {len(files)} files could not be read; {counts}", err=True)
+    elif tty:
+        click.echo(counts, err=True)
+    if failed or unreadable:
         ctx.exit(1)
+
+
+def _unreadable(path: str, exc: BaseException) -> str:
+    """Why a file given to ``convert`` could not be read, as one line naming it."""
+    if isinstance(exc, click.ClickException):
+        return exc.message
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"{path}: not {exc.encoding.upper()} text ({exc.reason} at byte {exc.start}): save it as "
+                f"{exc.encoding.upper()}")
+    if isinstance(exc, OSError):
+        return f"{path}: cannot read: {exc.strerror or type(exc).__name__}"
+    return f"{path}: {exc}"
 
 
 class _RepeatedWarnings:

@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.audit.log import ensure_schema, head, instant
-from gateway.audit.verify import CheckpointClaim
+from gateway.audit.verify import CheckpointClaim, SignerNotTrusted
 from gateway.config import Settings
 from gateway.errors import BadSignature, ConfigError, GatewayError, InputError, TrustError
 from gateway.identifiers import check_uscc
@@ -260,6 +260,7 @@ def check_signature(cp: Checkpoint, trust: TrustSource) -> str:
     try:
         header, cert = verify_detached(cp.jws, cp.payload(), candidates)
     except BadSignature:
+        _unmatched_anchor(cp, trust)
         raise BadSignature(location="checkpoint") from None
     try:
         at = _dt.datetime.fromisoformat(cp.time.replace("Z", "+00:00"))
@@ -271,6 +272,37 @@ def check_signature(cp: Checkpoint, trust: TrustSource) -> str:
     if signer != cp.member:
         raise TrustError(f"checkpoint about {cp.member} was signed by {signer}", "checkpoint")
     return signer
+
+
+def _unmatched_anchor(cp: Checkpoint, trust: TrustSource) -> None:
+    """Say why a checkpoint that did not verify with ``trust`` cannot be vouched for, when ``trust`` does not know its
+    signer at all: no trusted certificate has its kid, and the certificate it carries is sound (its key verifies the
+    signature) but was issued by an authority ``trust`` does not hold, nor in the name of one it holds (that is a
+    look-alike: a forgery). The trust given does not match the signer: that is not proof of forgery.
+
+    :raises SignerNotTrusted: so; returns when the checkpoint is forged as far as ``trust`` can tell.
+    """
+    try:
+        header = unverified_header(cp.jws)
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or trust.certificates_for_kid(kid):
+            return  # (a trusted certificate has its kid: that one did not verify it)
+        leaf = x5c_leaf(header, kid)
+    except (BadSignature, ValueError, TypeError):
+        return
+    if not leaf:
+        raise SignerNotTrusted(f"signed with key {kid}, which no trusted certificate holds (and it carries no "
+                               "certificate of its own)", "checkpoint")
+    try:
+        verify_detached(cp.jws, cp.payload(), lambda _kid: leaf)
+    except BadSignature:
+        return  # (not even the certificate it carries verifies it)
+    issuer = leaf[0].issuer
+    if find_issuer(leaf[0], trust.authorities()) is not None or any(
+            a.subject == issuer for a in trust.authorities()):
+        return  # (in the name of a trusted authority, not by its key: a look-alike)
+    raise SignerNotTrusted(f"signed with certificate {kid} of {uscc_of(leaf[0]) or 'no member'}, issued by "
+                           f"{issuer.rfc4514_string()}, an authority the trust given does not hold", "checkpoint")
 
 
 def import_peer(

@@ -12,8 +12,9 @@ What is checked, in one pass over the log (``gateway audit verify``):
    by peers that are given) must verify, must not count more entries than the
    log has (a truncated tail), and its head hash must be the hash of entry
    ``count`` (otherwise the log up to it was rewritten, hashes and all). A
-   checkpoint whose signature could not be checked (no trusted certificates)
-   is not vouched for: the report says so and is not OK.
+   checkpoint whose signature could not be checked (no trusted certificates, or
+   none that knows its signer: a trust anchor that does not match is no proof of
+   forgery) is not vouched for: the report says so and is not OK.
 3. **Index.** The search index (``audit_key``) holds exactly the keys each
    entry's content lists, so no entry can be hidden from searches.
 4. **Guards.** The triggers that make the log append-only are in place (and,
@@ -37,11 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.log import GENESIS
-from gateway.errors import GatewayError
+from gateway.errors import BadSignature, GatewayError, UnknownIssuer
 from gateway.store.audit import SQLITE_GUARDS, AuditPort, audit_store
 from gateway.store.db import Database
 
-__all__ = ["Finding", "Report", "CheckpointClaim", "verify", "GUARD_TRIGGERS"]
+__all__ = ["Finding", "Report", "CheckpointClaim", "SignerNotTrusted", "verify", "GUARD_TRIGGERS"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ _END = 2**62  # past any entry number
 
 #: The triggers that make the log append-only (SQLite; PostgreSQL has these and one per table refusing TRUNCATE).
 GUARD_TRIGGERS = SQLITE_GUARDS
+
+
+class SignerNotTrusted(UnknownIssuer):
+    """A checkpoint signed by someone the trust given does not know (a certificate from an authority it does not
+    hold): not proof of forgery, the checkpoint cannot be vouched for. It is a forgery when other checkpoints of the
+    same log do verify with that trust (the trust does know this log's signer)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     unvouched: list[str] = field(default_factory=list)  # checkpoints whose signature could not be checked
+    unvouched_why: dict[str, str] = field(default_factory=dict)  # why, when it was not for want of any trust
 
     @property
     def ok(self) -> bool:
@@ -114,6 +122,7 @@ class Report:
             "first_bad": self.first_bad,
             "findings": [{"seq": f.seq, "problem": f.problem, "message": f.message} for f in self.findings],
             "unverified_checkpoints": list(self.unvouched),
+            "unverified_why": dict(self.unvouched_why),
             "notes": list(self.notes),
         }
 
@@ -123,12 +132,14 @@ class Report:
             out = [f"OK: {self.entries} entries, head {self.head.hex()}, {_count(self.checkpoints, 'checkpoint')} "
                    f"match{'es' if self.checkpoints == 1 else ''}"]
         elif not self.findings:
+            why = ("the trusted certificates given do not include their signer's" if self.unvouched_why
+                   else "no trusted certificates to check their signatures with")
             out = [
                 f"NOT VERIFIED: the chain of {self.entries} entries is intact (head {self.head.hex()}), but "
-                f"{len(self.unvouched)} signed checkpoints cannot be vouched for: no trusted certificates to "
-                "check their signatures with"
+                f"{len(self.unvouched)} signed checkpoints cannot be vouched for: {why}"
             ]
-            out += [f"  - {label}: signature not checked" for label in self.unvouched]
+            out += [f"  - {label}: {self.unvouched_why.get(label, 'signature not checked')}"
+                    for label in self.unvouched]
         else:
             first = self.first_bad
             where = f"first bad entry: {first}" if first is not None else "the log's protection is damaged"
@@ -267,27 +278,49 @@ def _check_guards(store: AuditPort, walk: _Walk) -> None:
                          f"the append-only guards were removed, disabled or changed: {', '.join(missing)}"))
 
 
+def _signatures(claims: Sequence[CheckpointClaim]) -> list[tuple[CheckpointClaim, str | None, str | None]]:
+    """Each claim with why it is forged and why it cannot be vouched for (each None when not so). A signer the trust
+    does not know cannot be vouched for, unless another checkpoint of the log verifies with that trust: the trust
+    knows this log's signer, and one it does not know signed in its place."""
+    checked: list[tuple[CheckpointClaim, str | None, str | None]] = []
+    for claim in claims:
+        if claim.check_signature is None:
+            checked.append((claim, None, "signature not checked"))
+            continue
+        try:
+            claim.check_signature()
+        except SignerNotTrusted as exc:
+            checked.append((claim, None, exc.message))
+        except GatewayError as exc:
+            checked.append((claim, exc.message, None))
+        else:
+            checked.append((claim, None, None))
+    if not any(c.check_signature is not None and forged is None and unknown is None for c, forged, unknown in checked):
+        return checked
+    out: list[tuple[CheckpointClaim, str | None, str | None]] = []
+    for c, forged, unknown in checked:
+        if c.check_signature is not None and unknown is not None:
+            forged, unknown = BadSignature().message, None  # (as any forgery: it says nothing of why)
+        out.append((c, forged, unknown))
+    return out
+
+
 def _check_claims(
-    claims: Sequence[CheckpointClaim], last: int, hashes: dict[int, bytes], walk: _Walk, unvouched: list[str]
+    claims: Sequence[CheckpointClaim], last: int, hashes: dict[int, bytes], walk: _Walk, unvouched: list[str],
+    unvouched_why: dict[str, str] | None = None,
 ) -> int:
     """Check each checkpoint against the walked chain; return how many verified."""
     good = 0
     confirmed = 0  # the largest count a verified checkpoint confirmed so far
-    for claim in sorted(claims, key=lambda c: c.count):
-        if claim.check_signature is None:
+    for claim, forged, unknown in _signatures(sorted(claims, key=lambda c: c.count)):
+        if forged is not None:
+            walk.add(Finding(None, "checkpoint", f"{claim.label} (count {claim.count}, made {claim.time}) is forged: "
+                                                 f"{forged}"))
+            continue
+        if unknown is not None:
             unvouched.append(claim.label)
-        else:
-            try:
-                claim.check_signature()
-            except GatewayError as exc:
-                walk.add(
-                    Finding(
-                        None,
-                        "checkpoint",
-                        f"{claim.label} (count {claim.count}, made {claim.time}) is forged: {exc.message}",
-                    )
-                )
-                continue
+            if claim.check_signature is not None and unvouched_why is not None:
+                unvouched_why[claim.label] = unknown
         if claim.count > last:
             walk.add(
                 Finding(
@@ -338,7 +371,7 @@ def verify(
     with store.snapshot():  # one state of the log, its text as the stored bytes
         last, head, hashes = _walk_chain(store, {c.count for c in claims}, walk, check_index)
     report = Report(entries=last, present=walk.rows, head=head)
-    report.checkpoints = _check_claims(claims, last, hashes, walk, report.unvouched)
+    report.checkpoints = _check_claims(claims, last, hashes, walk, report.unvouched, report.unvouched_why)
     _check_guards(store, walk)
     report.findings = sorted(walk.findings, key=lambda f: (f.seq is None, f.seq or 0))
     if walk.truncated:

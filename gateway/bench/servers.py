@@ -95,13 +95,24 @@ def _server(args: list[str], env: dict[str, str], port: int, log_path: Path) -> 
             _wait_for_port(port, proc, 30.0, log_path)
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.terminate()  # gateway serve and the MLLP listener stop gracefully on SIGTERM
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server this run started: SIGTERM (gateway serve and the MLLP listener stop gracefully on it), SIGKILL
+    after 20 s, or at once when a second Ctrl-C or SIGTERM comes while it stops (then said on: the run stops)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait(5)
+        raise
 
 
 @contextmanager

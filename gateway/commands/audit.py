@@ -94,8 +94,10 @@ def require_existing(locator: str | Path) -> None:
 
 
 @contextmanager
-def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True) -> Iterator[Database]:
-    """The database named by ``--db``, else the configured one; closed afterwards."""
+def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True,
+            readonly: bool = False) -> Iterator[Database]:
+    """The database named by ``--db``, else the configured one; closed afterwards. ``readonly``: opened for reading
+    only, so that a database on read-only media (a restored backup on a DVD, a mounted snapshot) can be read."""
     path: Path | str = db_path if db_path and is_postgresql(db_path) else Path(db_path) if db_path \
         else settings_for(ctx).database_locator
     if isinstance(path, str) and is_postgresql(path):
@@ -103,7 +105,7 @@ def open_db(ctx: click.Context, db_path: str | None, *, must_exist: bool = True)
     note_database(ctx, path)  # (a database error names it)
     if must_exist:
         require_existing(path)
-    db = connect(path)
+    db = connect(path, readonly=readonly)
     with closing(db.conn):
         yield db
 
@@ -216,9 +218,11 @@ def verify_cmd(
     a tail cut off after a checkpoint, and a checkpoint that is forged. Checkpoint signatures are checked
     with the gateway's configured trust (registry authority, registry snapshot, this member's certificate)
     plus --trust. Exit 1 if anything is wrong; exit 3 if nothing was found wrong but checkpoints could not
-    be vouched for (no trusted certificates); exit 2 if a file cannot be read (no such database, a file that is
+    be vouched for (no trusted certificates, or none that knows their signer: a trust anchor that does not match
+    is no proof of forgery); exit 2 if a file cannot be read (no such database, a file that is
     not one or is damaged, a checkpoint file that is not JSON): then nothing was found wrong with the log, it could
-    not be looked at. Reads only."""
+    not be looked at. Reads only: a database on read-only media (a mounted snapshot, a backup on a DVD) is read as
+    it is."""
     from gateway.cli import database_error, unusable_database
 
     try:
@@ -228,7 +232,7 @@ def verify_cmd(
             extra = [checkpoints.Checkpoint.from_json(_read_json(path)) for path in checkpoint_files]
             # The configured database is this member's log: its checkpoints must be about this member.
             member = None if db_path else settings.issuer_uscc
-            with open_db(ctx, db_path) as db:
+            with open_db(ctx, db_path, readonly=True) as db:  # (it only reads: read-only media are fine)
                 claims, notes = checkpoints.claims(db, trust, extra=extra, member=member) if has_log(db) else ([], [])
                 report = verify_log(db, claims)
             report.notes[:0] = (trust_notes if claims else []) + notes
@@ -605,7 +609,8 @@ def _signer(
     show_default=True,
     help="How many of the newest entries to show.",
 )
-@click.option("--follow", is_flag=True, help="Keep printing new entries as they are appended (Ctrl-C stops).")
+@click.option("--follow", is_flag=True,
+              help="Keep printing new entries as they are appended (Ctrl-C stops, quietly: exit 0).")
 @click.option(
     "--interval",
     type=click.FloatRange(0.1, 3600),
@@ -631,9 +636,12 @@ def tail_cmd(ctx: click.Context, count: int, follow: bool, interval: float, poll
             _record_read(db, settings, _command_line(ctx, f"-n {count}"), results=last - start + 1 if last else 0)
             shown = last + 1  # our own audit entry is the next one: show it too when following
             looks = 0
-            while follow and (polls == 0 or looks < polls):
-                _sleep(interval)
-                looks += 1
-                for entry in entries(db, shown):
-                    click.echo(_line(entry.event()))
-                    shown = entry.seq + 1
+            try:
+                while follow and (polls == 0 or looks < polls):
+                    _sleep(interval)
+                    looks += 1
+                    for entry in entries(db, shown):
+                        click.echo(_line(entry.event()))
+                        shown = entry.seq + 1
+            except KeyboardInterrupt:  # Ctrl-C is how a follow ends: quietly, exit 0 (as `gateway serve` stops)
+                pass

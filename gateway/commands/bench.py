@@ -9,7 +9,11 @@ and are stopped when it ends.
 from __future__ import annotations
 
 import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,6 +30,36 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
     if unknown:
         raise click.BadParameter(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
     return tuple(names)
+
+
+#: Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process SIGTERM ended).
+TERMINATED = 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: every ``finally`` of the run stops what it started (the servers)."""
+
+
+@contextmanager
+def _sigterm_stops_cleanly() -> Iterator[None]:
+    """SIGTERM (a service manager, ``kill``, a CI job's timeout) stops the run as Ctrl-C does, stopping the servers
+    it started (they run in sessions of their own, which neither signal reaches), instead of ending this process
+    at once and leaving them running. A later SIGTERM while it stops is the same stop."""
+    def stop(signum: int, frame: Any) -> None:
+        from gateway.signals import ignore_later_signals
+
+        ignore_later_signals(signal.SIGTERM)  # (one stop at a time: the servers are being stopped)
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding program): its own handling stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("bench")
@@ -60,7 +94,9 @@ def _stage_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Keep databases, generated files and server logs here (default: a temporary directory, removed).")
 @click.option("--seed", type=int, default=8, show_default=True, help="Seed of the generated inputs.")
-def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: int | None, seconds: float | None,
+@click.pass_context
+def bench(ctx: click.Context, quick: bool, json_path: str | None, stages: tuple[str, ...], count: int | None,
+          seconds: float | None,
           mllp_rate: float, mllp_clients: int, mllp_workers: int, queue_readers: int,
           queue_record_group: int | None, mllp_seconds: float | None,
           http_clients: int, http_requests: int | None, csv_rows: int | None, audit_entries: int | None,
@@ -70,6 +106,8 @@ def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: in
     Prints messages/s and Observations/s per core, median and p99 latency and
     peak memory per stage, the ratio to the baseline, and the issue's targets
     as met or not. Stages whose area is not built yet say so.
+
+    Ctrl-C or SIGTERM stops it, and the servers it started, before the end (SIGTERM: one line, exit 143).
     """
     options = BenchOptions(quick=quick, stages=stages, count=count, seconds=seconds, seed=seed, workdir=workdir,
                            mllp_rate=mllp_rate, mllp_clients=mllp_clients, mllp_workers=mllp_workers,
@@ -78,7 +116,12 @@ def bench(quick: bool, json_path: str | None, stages: tuple[str, ...], count: in
                            http_clients=http_clients, http_requests=http_requests, csv_rows=csv_rows,
                            audit_entries=audit_entries)
     click.echo(f"gateway bench ({'quick' if quick else 'full'}): running...", err=True)
-    report = run_bench(options, echo=lambda line: click.echo(line, err=True))
+    try:
+        with _sigterm_stops_cleanly():
+            report = run_bench(options, echo=lambda line: click.echo(line, err=True))
+    except _Terminated:
+        click.echo("gateway bench: stopped by SIGTERM before the end; the servers it started are stopped", err=True)
+        ctx.exit(TERMINATED)
     for line in report.lines():
         click.echo(line)
     if json_path:

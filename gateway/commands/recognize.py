@@ -34,7 +34,7 @@ from gateway.recognition.engine import (
 from gateway.recognition.signed import facts_to_decide
 from gateway.recognition.overrides import RETEST_REASONS, RETIRED_RETEST_REASONS, make_override
 from gateway.recognition.record import decide, decide_and_record
-from gateway.recognition.store import add_override, get_decision, list_decisions
+from gateway.recognition.store import StoredDecision, add_override, get_decision, list_decisions
 from gateway.errors import TrustError
 from gateway.registry.holder import highest_version, known_version, remember_version
 from gateway.registry.models import Snapshot
@@ -222,12 +222,20 @@ def list_cmd(
     limit: int,
     as_json: bool,
 ) -> None:
-    """List stored decisions, newest first."""
+    """List stored decisions, newest first.
+
+    A search by --patient shows one patient's results: it is written to the audit log (the patient identifier
+    searched, the operating-system user who ran it, "command line") before anything is shown. A database this
+    user cannot write to (read-only file, folder or mount) cannot hold that entry: such a search is refused, one
+    line, exit 2, and nothing is shown (a list without --patient only reads).
+    """
     with one_line_errors():
-        db = _open(db_path)
-        rows = list_decisions(
-            db, patient=patient, patient_system=patient_system, issuer=issuer, item=item, outcome=outcome, limit=limit
-        )
+        if patient is None:
+            db = _open(db_path)
+            rows = list_decisions(db, patient=None, issuer=issuer, item=item, outcome=outcome, limit=limit)
+        else:
+            rows = _patient_decisions(db_path, patient, patient_system, issuer=issuer, item=item,
+                                      outcome=outcome, limit=limit)
     if as_json:
         click.echo(dumps({"decisions": [r.to_dict() for r in rows]}, indent=2))
         return
@@ -243,6 +251,61 @@ def list_cmd(
             f"{d['result']['item']}  {d['decision_id']}{flag}"
         ))
     click.echo(f"{len(rows)} decision(s)", err=True)
+
+
+def _patient_decisions(db_path: str | None, patient: str, patient_system: str, *, issuer: str | None,
+                       item: str | None, outcome: str | None, limit: int) -> list[StoredDecision]:
+    """One patient's stored decisions, the search written to the audit log first (who, when, which patient), as
+    ``messages show --raw`` writes its read: patient data the gateway cannot account for is not shown.
+
+    :raises click.ClickException: (exit 2) the audit entry cannot be written: a read-only database.
+    """
+    from gateway.audit import records
+    from gateway.audit.log import append
+    from gateway.cli import database_error, unusable_database
+    from gateway.commands.audit import settings_for, who_acts
+    from gateway.identifiers import check_id_card
+    from gateway.store.audit import audit_store
+    from gateway.store.db import transaction
+
+    locator = _existing(db_path)
+    value = check_id_card(patient) if patient_system == SYSTEM_ID_CARD else patient  # (as the search reads it)
+    ctx = click.get_current_context()
+    try:
+        db = connect(locator)
+        try:
+            rows = list_decisions(db, patient=value, patient_system=patient_system, issuer=issuer, item=item,
+                                  outcome=outcome, limit=limit)
+            at, gateway, by = who_acts(settings_for(ctx))
+            searched = " ".join(["gateway decisions list", "--patient", value, "--patient-system", patient_system,
+                                 *(["--issuer", issuer] if issuer else []), *(["--item", item] if item else []),
+                                 *(["--outcome", outcome] if outcome else [])])
+            with transaction(db):
+                append(db, records.patient_read(
+                    at=at, gateway=gateway, server_address=audit_store(db).address(),
+                    client=records.Party("gateway-cli", display="gateway command line"),
+                    client_address="command line", member=gateway, patient=records.PatientRef(value, patient_system),
+                    resources=[], query=searched, user=by, purpose=None))
+        finally:
+            db.conn.close()
+    except Exception as exc:
+        if not unusable_database(exc):
+            raise
+        from gateway.store.db import unwritable
+
+        blocked = unwritable(locator)
+        if blocked:  # (read-only media, a restored copy: the most likely reason, said plainly)
+            refused = click.ClickException(
+                f"patient data not shown: its search cannot be written to the audit log of {describe(locator)}, "
+                f"as this user cannot write {', '.join(blocked)}; search by patient on a database this user can "
+                "write (decisions list without --patient only reads)")
+            refused.exit_code = 2
+        else:
+            refused = database_error(exc, locator, exit_code=2)
+            refused.message = f"patient data not shown, as its search cannot be written to the audit log: " \
+                              f"{refused.message}"
+        raise refused from None
+    return rows
 
 
 @decisions.command("show")

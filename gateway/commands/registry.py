@@ -20,6 +20,8 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
+
 import click
 from cryptography import x509
 
@@ -291,6 +293,10 @@ def build(
 
     Gateways refuse a snapshot once it has expired (--valid-days), and a running gateway applies a newer
     version written over its snapshot file by itself: renew by building again with a higher version.
+
+    A snapshot once issued does not change under its version: when --out already holds a snapshot of the same
+    version with other content, nothing is written (exit 2: raise the version); with the same content, nothing
+    changed and nothing is written (exit 0).
     """
     with one_line_errors():
         src = load_source(source)
@@ -302,8 +308,41 @@ def build(
         doc = build_snapshot(
             src, key=key, cert=cert, issued=issued or now_cst(), valid_for=_dt.timedelta(days=valid_days)
         )
+        held = _issued_before(Path(out), doc)
+        if held is not None:
+            click.echo(f"registry snapshot version {doc['version']} in {out} is unchanged: it holds this content "
+                       f"already (issued {held.get('issued')}, valid until {held.get('valid_until')}); nothing "
+                       "written (to renew it, build with a higher --version)")
+            return
         write_atomic(Path(out), dumps(doc, indent=2) + "\n")
     click.echo(f"registry snapshot version {doc['version']} written to {out}, valid until {doc['valid_until']}")
+
+
+#: What a rebuild of the same registry content changes: its dates and its signature.
+_DATED = ("issued", "valid_until", "signature")
+
+
+def _issued_before(out: Path, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The snapshot ``out`` holds when it is of ``doc``'s version with the same content (None: no such snapshot, or
+    one of another version, which ``doc`` may replace).
+
+    :raises click.ClickException: (exit 2) ``out`` holds a snapshot of the same version with other content.
+    """
+    try:
+        held = json.loads(out.read_bytes())
+    except (OSError, ValueError):
+        return None  # (nothing there, or no snapshot: written as before)
+    if not isinstance(held, dict) or held.get("version") != doc["version"] or "signature" not in held:
+        return None
+    same = dumps({k: v for k, v in held.items() if k not in _DATED}) == dumps(
+        {k: v for k, v in doc.items() if k not in _DATED})
+    if same:
+        return held
+    refused = click.ClickException(
+        f"{out} holds registry snapshot version {doc['version']} (issued {held.get('issued')}) with other content: "
+        "a version once issued does not change; build with a higher --version")
+    refused.exit_code = 2
+    raise refused
 
 
 @registry.command("verify")

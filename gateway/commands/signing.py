@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.commands.common import AWARE, now_cst, one_line_errors
 from gateway.config import REPO_ROOT
+from gateway.errors import InputError
 from gateway.identifiers import check_uscc
 from gateway.signing.canonical import dumps, parse_json
 from gateway.signing.jws import check_signer_is_issuer, format_instant, sign_bundle, signer_reference, verify_bundle
@@ -276,15 +277,22 @@ def issue_cert(
         member = uscc or _csr_value(request, "uscc")
         member_name = name or _csr_value(request, "name")
         start = not_before or _now()
-        cert = issue_certificate(
-            request,
-            member,
-            member_name,
-            load_private_key(authority_key, _read_password(authority_key_password_file)),
-            load_certificate(authority_cert),
-            start,
-            start + _dt.timedelta(days=days),
-        )
+        try:
+            cert = issue_certificate(
+                request,
+                member,
+                member_name,
+                load_private_key(authority_key, _read_password(authority_key_password_file)),
+                load_certificate(authority_cert),
+                start,
+                start + _dt.timedelta(days=days),
+            )
+        except InputError as exc:  # the end of the validity that is wrong, named by the option that sets it
+            flag = {"not_before": "--not-before",
+                    "not_after": "--days" if not_before is None else "--not-before and --days"}.get(exc.location)
+            if flag is None:
+                raise
+            raise click.ClickException(f"{flag}: {exc.message}") from None
         _write_new(Path(out), cert_pem(cert), 0o644)
     click.echo(
         f"issued {out} for {uscc_of(cert)} ({name_of(cert)}), kid {kid_of(cert)}, "

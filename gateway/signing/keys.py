@@ -333,13 +333,14 @@ def issue_certificate(
         raise ConfigError("the authority key does not belong to the authority certificate", "authority_key")
     if not is_authority(authority_cert):
         raise ConfigError("the authority certificate is not a CA certificate", "authority_cert")
-    if not_before < authority_cert.not_valid_before_utc or not_after > authority_cert.not_valid_after_utc:
-        # Shell model: a certificate outliving its issuer would stop verifying early.
-        raise InputError(
-            "validity must lie within the authority's "
-            f"({authority_cert.not_valid_before_utc.isoformat()} to {authority_cert.not_valid_after_utc.isoformat()})",
-            "not_after",
-        )
+    first, last = authority_cert.not_valid_before_utc, authority_cert.not_valid_after_utc
+    # Shell model: a certificate outliving its issuer would stop verifying early. The end that lies outside is named.
+    if not_before < first:
+        raise InputError(f"{not_before.isoformat()} is before the authority certificate is valid: validity must lie "
+                         f"within the authority's ({first.isoformat()} to {last.isoformat()})", "not_before")
+    if not_after > last:
+        raise InputError(f"{not_after.isoformat()} is after the authority certificate expires: validity must lie "
+                         f"within the authority's ({first.isoformat()} to {last.isoformat()})", "not_after")
     try:
         authority_ski = authority_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority_ski)
@@ -396,9 +397,12 @@ def check_private_file(path: str | os.PathLike[str], setting: str) -> None:
     """
     name = os.fspath(path)
     try:
-        mode = stat.S_IMODE(os.stat(name).st_mode)
+        st = os.stat(name)
     except OSError as exc:
         raise ConfigError(f"cannot read {name}: {exc.strerror}", setting) from None
+    if stat.S_ISDIR(st.st_mode):  # (its mode is a folder's, not the file's that is meant: no chmod helps)
+        raise ConfigError(f"{name} is a directory: {setting} names a file", setting)
+    mode = stat.S_IMODE(st.st_mode)
     if os.name == "posix" and mode & 0o077:
         raise ConfigError(
             f"{name} is open to group or others (mode {mode:04o}); only the gateway's user may read it: "
@@ -426,6 +430,30 @@ def read_password_file(path: str | os.PathLike[str], setting: str = "signing_key
     return password
 
 
+def _not_a_certificate(key_name: str) -> None:
+    """Refuse a ``signing_key`` that holds a certificate and no private key (the two settings swapped, or the
+    certificate named twice).
+
+    :raises ConfigError: so.
+    """
+    try:
+        with open(key_name, "rb") as fh:
+            data = fh.read(1 << 20)
+    except OSError:
+        return  # (said by the checks after)
+    if _PEM_MARK in data:
+        certificate = b"-----BEGIN CERTIFICATE-----" in data and b"PRIVATE KEY-----" not in data
+    else:
+        try:
+            x509.load_der_x509_certificate(data)
+            certificate = True
+        except ValueError:
+            certificate = False
+    if certificate:
+        raise ConfigError(f"{key_name} is a certificate, not a private key: signing_key names the member's private "
+                          "key file (<USCC>.key.pem), signing_cert its certificate", "signing_key")
+
+
 def load_signing_identity(
     key_path: str | os.PathLike[str],
     cert_path: str | os.PathLike[str],
@@ -445,6 +473,7 @@ def load_signing_identity(
     :raises ConfigError: any of these fails; the message names the setting and the file.
     """
     key_name, cert_name = os.fspath(key_path), os.fspath(cert_path)
+    _not_a_certificate(key_name)  # (said before its mode: a certificate is public, and no chmod makes it a key)
     check_private_file(key_name, "signing_key")
     password = read_password_file(password_file) if password_file else None
     try:

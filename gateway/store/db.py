@@ -262,8 +262,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                     new = True
-        uri = f"file:{p}?mode=ro" if readonly else str(p)
-        conn = sqlite3.connect(uri, uri=readonly, timeout=30.0, isolation_level=None)
+        conn = _open_read_only(p) if readonly else sqlite3.connect(str(p), timeout=30.0, isolation_level=None)
         if new:
             log.debug("database %s created, mode 0600", p)
     # isolation_level=None: we open transactions explicitly (BEGIN IMMEDIATE in
@@ -293,6 +292,39 @@ def connect(path: str | Path, *, readonly: bool = False) -> Database:
         # (see transaction: its commits are checkpointed beside it)
         db.checkpoint_path = str(Path(path).absolute())  # type: ignore[attr-defined]
     return db
+
+
+_SQLITE_CANTOPEN = 14  # SQLITE_CANTOPEN: a file (the database, or its -shm beside it) that cannot be opened
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """``path`` opened read-only (``mode=ro``), or, when it lives where nothing can be written (a read-only mount, a
+    folder without write permission: a restored backup on a DVD, a mounted snapshot) and SQLite cannot make the
+    ``-shm`` file a WAL database is read with, as an unchanging file (``immutable=1``): no other process can change
+    it there. A non-empty ``-wal`` file beside it holds committed changes an unchanging file would not see: refused.
+
+    :raises ConfigError: a ``-wal`` file that cannot be read without writing beside it.
+    """
+    from urllib.parse import quote
+
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # (where a missing -shm is found)
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        code = getattr(exc, "sqlite_errorcode", None)
+        if not (isinstance(code, int) and code & 0xFF in (_SQLITE_CANTOPEN, _SQLITE_READONLY)
+                and unwritable(path)):
+            raise
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise ConfigError(f"{path}: its {wal.name} holds changes that cannot be read where this user may write "
+                          f"nothing (no {path.name}-shm can be made): copy the database with its -wal file to a "
+                          "folder this user can write, and open the copy", "database")
+    log.debug("database %s opened as an unchanging file (immutable): nothing can be written where it is", path)
+    return sqlite3.connect(f"{uri}&immutable=1", uri=True, timeout=30.0, isolation_level=None)
 
 
 def _keep_private(path: Path) -> None:
