@@ -30,6 +30,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -59,6 +60,7 @@ __all__ = [
     "SIGNING_ALGS",
     "Client",
     "TokenRefused",
+    "NOT_AUTHENTICATED",
     "Issued",
     "ensure_schema",
     "client_system",
@@ -107,6 +109,14 @@ class TokenRefused(TrustError):
         self.description = description
         self.reason = reason or description
         self.http_status = status
+
+
+#: What a client that could not be authenticated is told, whichever way it failed: no enabled client with this
+#: id, no registered key with this kid, a signature the key does not verify, a jku not registered, keys that could
+#: not be fetched (the precise reason is in the audit entry and the log only). Different answers told a caller
+#: which client ids exist, and which kids they have.
+NOT_AUTHENTICATED = ("client authentication failed: no enabled client (unknown or disabled) has a registered key "
+                     "with this kid that verifies the client_assertion")
 
 
 def _invalid_client(description: str, reason: str | None = None) -> TokenRefused:
@@ -324,8 +334,7 @@ class _JwksCache:
             return keys
         except (requests.RequestException, JWException, ValueError, TypeError) as exc:
             log.warning("client JWKS could not be fetched or read (%s)", type(exc).__name__)
-            raise _invalid_client("the client's JWKS could not be fetched from its registered URL",
-                                  f"jwks fetch failed ({type(exc).__name__})") from None
+            raise _invalid_client(NOT_AUTHENTICATED, f"jwks fetch failed ({type(exc).__name__})") from None
 
     def clear(self) -> None:
         """Forget every fetched JWKS (tests, key rotation)."""
@@ -343,11 +352,11 @@ def _b64json(part: str) -> Any:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
 
 
-def _verify(assertion: str, row: ClientRow) -> dict[str, Any]:
-    """The verified claims of an assertion signed by one of the client's keys.
+def _header(assertion: str) -> dict[str, Any]:
+    """The header of an assertion, checked for what any client's assertion must have (before the client is looked
+    up: the answer is the same whether the client exists or not).
 
-    :raises TokenRefused: malformed, unsupported algorithm, jku not the registered URL, no key with its
-        kid, or a signature that does not verify.
+    :raises TokenRefused: not a JWT, an unsupported algorithm, no kid, a typ other than JWT.
     """
     parts = assertion.split(".")
     if len(parts) != 3:
@@ -366,16 +375,26 @@ def _verify(assertion: str, row: ClientRow) -> dict[str, Any]:
         raise _invalid_client("client_assertion header needs the kid of the signing key", "no kid")
     if header.get("typ") not in (None, "JWT"):
         raise _invalid_client("client_assertion typ must be JWT", "typ")
+    return header
+
+
+def _verify(assertion: str, header: dict[str, Any], row: ClientRow) -> dict[str, Any]:
+    """The verified claims of an assertion (its :func:`_header`) signed by one of the client's keys.
+
+    :raises TokenRefused: jku not the registered URL, the JWKS not fetched, no key with its kid, or a signature
+        that does not verify: each told as :data:`NOT_AUTHENTICATED` (the reason audited).
+    """
+    alg, kid = header["alg"], header["kid"]
     keyset_json, url = row.jwks, row.jwks_url
     jku = header.get("jku")
     if jku is not None and jku != url:
-        raise _invalid_client("jku is not the client's registered JWKS URL", "jku not registered")
+        raise _invalid_client(NOT_AUTHENTICATED, "jku not registered")
     keyset = JWKS_CACHE.get(url, kid) if url else jwk.JWKSet.from_json(keyset_json)
     kty, crv = _KTY[alg]
     candidates = [k for k in keyset if k.get("kid") == kid and k.get("kty") == kty
                   and (crv is None or k.get("crv") == crv)]
     if not candidates:
-        raise _invalid_client("no registered key of the client has this kid and algorithm", "unknown kid")
+        raise _invalid_client(NOT_AUTHENTICATED, "unknown kid")
     for key in candidates:
         token = jws.JWS()
         try:
@@ -391,26 +410,48 @@ def _verify(assertion: str, row: ClientRow) -> dict[str, Any]:
         if isinstance(claims, dict):
             return claims
         break
-    raise _invalid_client("client_assertion signature does not verify with the client's registered key",
-                          "bad signature")
+    raise _invalid_client(NOT_AUTHENTICATED, "bad signature")
+
+
+def _check_time_claim(claims: dict[str, Any], name: str) -> None:
+    """A time claim (``exp``, ``iat``, ``nbf``), when present, is a finite number of seconds since 1970 (JSON as
+    Python reads it takes ``NaN`` and ``Infinity``: a NaN ``exp`` passed every comparison, and the token request
+    failed with a 500 when the replay cache stored it, unaudited).
+
+    :raises TokenRefused: (invalid_client) a string, a boolean or another JSON value; NaN or an infinity.
+    """
+    if name not in claims:
+        return
+    value = claims[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _invalid_client(f"client_assertion {name} is not a number (seconds since 1970)",
+                              f"{name} not a number")
+    if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) > 2 ** 53:
+        raise _invalid_client(f"client_assertion {name} is not a finite number (seconds since 1970)",
+                              f"{name} not finite")
 
 
 def _check_claims(claims: dict[str, Any], client_id: str, audiences: set[str], now: float) -> None:
-    """:raises TokenRefused: iss/sub, aud, exp, nbf/iat or jti wrong."""
+    """:raises TokenRefused: iss/sub, aud, exp, nbf/iat (not finite numbers, or out of their window) or jti
+        wrong."""
     if claims.get("iss") != client_id or claims.get("sub") != client_id:
         raise _invalid_client("iss and sub must both be the client id", "iss/sub")
     aud = claims.get("aud")
     auds = aud if isinstance(aud, list) else [aud]
     if not any(isinstance(a, str) and a.rstrip("/") in audiences for a in auds):
         raise _invalid_client("aud must be this token endpoint's URL", "wrong aud")
-    exp = claims.get("exp")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp <= now - _SKEW:
+    if claims.get("exp") is None:
+        raise _invalid_client("client_assertion needs an exp", "no exp")
+    for name in ("exp", "iat", "nbf"):
+        _check_time_claim(claims, name)
+    exp = claims["exp"]
+    if exp <= now - _SKEW:
         raise _invalid_client("client_assertion has expired", "expired assertion")
     if exp > now + MAX_ASSERTION_SECONDS + _SKEW:
         raise _invalid_client("client_assertion exp must be at most 5 minutes ahead", "exp too far")
     for name in ("iat", "nbf"):
         value = claims.get(name)
-        if isinstance(value, (int, float)) and value > now + _SKEW:
+        if value is not None and value > now + _SKEW:
             raise _invalid_client(f"client_assertion {name} is in the future", f"{name} in the future")
     jti = claims.get("jti")
     if not isinstance(jti, str) or not jti or len(jti) > 255:
@@ -460,8 +501,11 @@ def request_token(
         if form.get("client_assertion_type") != ASSERTION_TYPE:
             raise TokenRefused("invalid_request", f"client_assertion_type must be {ASSERTION_TYPE}")
         assertion = form.get("client_assertion") or ""
-        if not assertion or len(assertion) > _MAX_ASSERTION:
+        if not assertion:
             raise TokenRefused("invalid_request", "client_assertion (a signed JWT) is required")
+        if len(assertion) > _MAX_ASSERTION:
+            raise TokenRefused("invalid_request", f"client_assertion is too large ({len(assertion)} characters; "
+                               f"at most {_MAX_ASSERTION})", "assertion too large")
         scope_text = form.get("scope") or ""
         if not scope_text.strip():
             raise TokenRefused("invalid_scope", "scope is required, e.g. system/DiagnosticReport.rs")
@@ -474,11 +518,12 @@ def request_token(
         client_id = iss if isinstance(iss, str) else ""
         if form.get("client_id") and form["client_id"] != client_id:
             raise _invalid_client("client_id is not the assertion's iss", "client_id differs from iss")
+        header = _header(assertion)  # (the same answer for any client, known or not)
         row = accounts.client(client_id)
         if row is None or row.disabled is not None:
-            raise _invalid_client("unknown or disabled client", "unknown client" if row is None else "disabled")
+            raise _invalid_client(NOT_AUTHENTICATED, "unknown client" if row is None else "disabled")
         role = row.role
-        claims = _verify(assertion, row)
+        claims = _verify(assertion, header, row)
         now = at.timestamp()
         _check_claims(claims, client_id, {a.rstrip("/") for a in audiences}, now)
         try:
@@ -501,7 +546,7 @@ def request_token(
         with transaction(db):
             _audit(db, at=at, gateway=gateway, client_id=client_id, address=address, ok=False,
                    reason=f"{refused.error}: {refused.reason}"[:300], scopes=requested[:20], role=role)
-        log.info("token request refused (%s)", refused.error)
+        log.info("token request refused (%s: %r)", refused.error, refused.reason[:100])
         raise
     log.info("access token issued, %d scope(s)", len(granted))
     return Issued(token, ACCESS_TOKEN_SECONDS, scope, client_id)

@@ -263,13 +263,14 @@ def validate(rtype: str) -> Response:
 @bp.route("/<rtype>/<rid>/$validate", methods=["GET", "POST"])
 @require_role("submitter", "admin")
 def validate_instance(rtype: str, rid: str) -> Response:
-    """``$validate`` of one resource: the stored one (``GET``), or the posted one meant to replace it (``POST``).
+    """``$validate`` of one resource: the stored one (``GET``, audited as a read of it is), or the posted one meant
+    to replace it (``POST``).
 
     :raises NotFound: a type the gateway does not store, or (``GET``) no such resource.
     :raises UnsupportedMediaType: (``POST``) a body sent as a form, XML, text or another FHIR version (415).
     :raises InputError: (``POST``) as for the type level, or a resource with another id.
     """
-    from gateway.api.app import pipeline_of
+    from gateway.api.fhir import stored_read
     from gateway.fhir.search import SEARCH_PARAMS
 
     if rtype not in SEARCH_PARAMS:
@@ -278,7 +279,9 @@ def validate_instance(rtype: str, rid: str) -> Response:
     guide = guide_of(current_app)
     if request.method == "POST":
         return _validate_posted(guide, rtype, rid)
-    resource = pipeline_of(current_app).store.read(rtype, rid)
+    # the stored resource is read as GET /fhir/{type}/{id} reads it, and audited so: its 200 or 404 answers
+    # whether a patient is held here
+    resource = stored_read(rtype, rid)
     return outcome_response(_issues(guide, resource, request.args.getlist("profile")), 200)
 
 

@@ -7,7 +7,10 @@
     a referral (移送, a signed Task) for this gateway's authority, or an authority's answer to one made here.
 ``GET /exchange/DiagnosticReport?patient.identifier=...``
     调阅: this member's own signed report Bundles for a patient (or several, separated by commas: at most
-    20), as a searchset whose entries are the signed Bundles.
+    20), as a searchset whose entries are the signed Bundles. A bare value is a 身份证号 (the national
+    identifier's system only); ``system|value`` matches that system only, so a hospital's own patient numbers
+    are asked for with their system and cannot be walked through by value
+    (:meth:`~gateway.exchange.service.Exchange.signed_reports_for`).
 
 Callers authenticate with a signed client assertion (``gateway.exchange.peer_auth``);
 unknown or revoked members get 403, anything else wrong 401, always as an

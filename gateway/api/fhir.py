@@ -506,6 +506,13 @@ def _patients_asked(rtype: str, params: list[tuple[str, str]]) -> list[Any]:
     return asked[:_ASKED_MAX]
 
 
+def _criteria_reference(rtype: str, params: list[tuple[str, str]]) -> str:
+    """The patients a search asked about by criteria that name none of them (a name, a birth date, none at all),
+    as a conditional reference: ``Patient?name=李秀英&birthdate=1975-06-15``; what the audit entry of a search that
+    returned no Patient names as its patient, holding no more than the query did."""
+    return f"{rtype}?{urlencode(params)}"
+
+
 def _audit_reads(resources: list[dict[str, Any]], query: str | None, asked: list[Any] | None = None) -> None:
     """Every read of patient results is itself recorded (who, which patient, what, from where); a search that
     found nothing, once for each patient it ``asked`` about (someone probing which patients are held here leaves a
@@ -658,11 +665,21 @@ def read(rtype: str, rid: str) -> Response:
 
     :raises NotFound: unknown type or id.
     """
+    return _versioned_response(stored_read(rtype, rid))
+
+
+def stored_read(rtype: str, rid: str) -> dict[str, Any]:
+    """The current version of one stored resource, its read written to the audit log as ``GET /fhir/{type}/{id}``
+    writes it: what answers whether a resource is held here (a read, ``$validate`` of the stored resource) is
+    audited, a Patient not held here too (:func:`_asked_of_a_patient`), before the 404 goes on.
+
+    :raises NotFound: unknown type or id.
+    """
     _check_id(rtype, rid)
     with _asked_of_a_patient(rtype, rid):
         res = pipeline_of(current_app).store.read(rtype, rid)
     _audit_reads([res], None)
-    return _versioned_response(res)
+    return res
 
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
@@ -723,14 +740,23 @@ def _history_bundle(rtype: str, rid: str | None) -> Response:
     after_text = request.args.get("_page_after")
     after = _page_after(after_text) if after_text is not None else None
     store = pipeline_of(current_app).store
-    result = store.history(rtype, rid, count=count + 1 if count else 0, offset=0 if after is not None else offset,
-                           since=since, up_to=until, after=after)
+    with _asked_of_a_patient(rtype, rid) if rid is not None else contextlib.nullcontext():
+        result = store.history(rtype, rid, count=count + 1 if count else 0,
+                               offset=0 if after is not None else offset, since=since, up_to=until, after=after)
     until = result.until  # (the first page's: the newest version now)
     more = len(result.resources) > count
     del result.resources[count:]
     last_keys = result.keys[count - 1] if count and len(result.keys) >= count else None
+    query = request.query_string.decode("utf-8", "replace")
     if result.resources:
-        _audit_reads(result.resources, request.query_string.decode("utf-8", "replace"))
+        _audit_reads(result.resources, query)
+    elif rtype == "Patient":
+        # a history that returns no version (``_count=0``, a ``_since`` after them) still answers that the patient
+        # is held here, or how many versions of patients there are: recorded, naming the patient asked about
+        from gateway.audit.records import PatientRef
+
+        asked = PatientRef(reference=f"Patient/{rid}" if rid is not None else _criteria_reference(rtype, []))
+        _audit_reads([], query, asked=[asked])
     base = public_root() + "/fhir"
     path = f"{base}/{rtype}" + (f"/{rid}" if rid is not None else "") + "/_history"
 
@@ -975,6 +1001,12 @@ def _search(rtype: str, args: MultiDict[str, str]) -> Response:
         included, cut = [], False
     elements = _elements_of(rtype, args)
     asked = [] if result.resources else _patients_asked(rtype, params)
+    if not result.resources and not asked and rtype == "Patient":
+        # a search of Patient is recorded whatever its criteria (a name and a birth date, a count): one that
+        # returns no Patient (none found, _count=0, _summary=count) names whom it asked about by its criteria
+        from gateway.audit.records import PatientRef
+
+        asked = [PatientRef(reference=_criteria_reference(rtype, params))]
     if result.resources or asked:
         _audit_reads(result.resources + included, request.query_string.decode("utf-8", "replace")
                      if request.method == "GET" else urlencode(list(args.items(multi=True))), asked)
@@ -1227,4 +1259,4 @@ def _included(rtype: str, args: MultiDict[str, str],
     return found, cut
 
 
-__all__ = ["bp", "fhir_response", "FHIR_JSON"]
+__all__ = ["bp", "fhir_response", "FHIR_JSON", "stored_read"]

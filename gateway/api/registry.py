@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, Flask, Response, current_app, request
 
@@ -146,13 +147,16 @@ def search(rtype: str) -> Response:
         resources = [r for r in resources if _matches(rtype, r, name, value)]
     from gateway.api.app import public_root
 
+    # public_url builds every link (without it, the URL the request reached, as the FHIR API does): the Host
+    # header is the caller's to write, and a self link naming its server was the request's own
     base = public_root() + "/registry/fhir"
+    asked = urlencode(list(request.args.items(multi=True)))
     return _fhir(
         {
             "resourceType": "Bundle",
             "type": "searchset",
             "total": len(resources),
-            "link": [{"relation": "self", "url": request.url}],
+            "link": [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{asked}" if asked else "")}],
             "entry": [
                 {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in resources
             ],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
+import math
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = ["make_assertion", "verify_assertion", "ReplayCache", "PeerAuthError",
 #: Longest accepted assertion lifetime (SMART Backend Services: exp at most 5 minutes ahead).
 MAX_LIFETIME = 300
 _SKEW = 60  # seconds of clock difference tolerated between member gateways
+_MOST_SECONDS = 2 ** 53  # a time claim larger than this is no time (and a float would round it)
 
 
 class PeerAuthError(TrustError):
@@ -98,12 +100,31 @@ class ReplayCache:
             raise PeerAuthError("assertion already used (jti replayed)")
 
 
+def _check_time_claim(claims: dict[str, Any], name: str) -> None:
+    """A time claim (``exp``, ``iat``, ``nbf``), when present, is a finite number of seconds since 1970.
+
+    JSON as Python reads it takes ``NaN`` and ``Infinity``: a NaN ``exp`` passed every comparison and failed only
+    when stored in the replay cache (a 500).
+
+    :raises PeerAuthError: a string, a boolean, null or another JSON value; NaN or an infinity (401, naming it).
+    """
+    if name not in claims:
+        return
+    value = claims[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise PeerAuthError(f"assertion {name} is not a number (seconds since 1970)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PeerAuthError(f"assertion {name} is not a finite number (seconds since 1970)")
+    if isinstance(value, int) and abs(value) > _MOST_SECONDS:
+        raise PeerAuthError(f"assertion {name} is not a time (seconds since 1970)")
+
+
 def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str], now: _dt.datetime,
                      replay: ReplayCache) -> str:
     """Authenticate a caller; returns its 统一社会信用代码.
 
-    :raises PeerAuthError: malformed, bad signature, wrong audience, outside its
-        time window, or replayed (401).
+    :raises PeerAuthError: malformed, bad signature, wrong audience, an ``exp``, ``iat`` or ``nbf`` that is
+        not a finite number, outside its time window, or replayed (401).
     :raises UnknownIssuer: the signing certificate is not listed for a member now (403).
     """
     parts = token.split(".")
@@ -137,17 +158,23 @@ def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str]
         raise PeerAuthError(f"assertion is for another audience ({shown(str(aud)[:200])}; this gateway takes "
                             f"{' or '.join(audiences)}): the sender addresses it otherwise than the registry lists it, "
                             "or the registry lists another address than this gateway's public_url")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+    if exp is None:
         raise PeerAuthError("assertion must carry exp")
+    for name in ("exp", "iat", "nbf"):
+        _check_time_claim(claims, name)
     if exp <= ts - _SKEW:
         raise PeerAuthError(f"assertion expired {ts - exp:.0f} s before this gateway's clock (compare the two "
                             "members' clocks if the sender made it just now)")
     if exp > ts + MAX_LIFETIME + _SKEW:
         raise PeerAuthError(f"assertion lives longer than 5 minutes by this gateway's clock (ends {exp - ts:.0f} s "
                             "from now: the sender's clock may be ahead)")
-    if isinstance(iat, (int, float)) and iat > ts + _SKEW:
+    if iat is not None and iat > ts + _SKEW:
         raise PeerAuthError(f"assertion issued {iat - ts:.0f} s in the future by this gateway's clock (the sender's "
                             "clock is ahead)")
+    nbf = claims.get("nbf")
+    if nbf is not None and nbf > ts + _SKEW:
+        raise PeerAuthError(f"assertion is not valid before {nbf - ts:.0f} s from now by this gateway's clock (the "
+                            "sender's clock is ahead)")
     try:
         member = check_certificate(cert, trust, now, location="Authorization")
     except UnknownIssuer as exc:

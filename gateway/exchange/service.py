@@ -536,14 +536,36 @@ class Exchange:
                  f" failed ({type(failure).__name__})" if failure else "")
 
     def signed_reports_for(self, identifier: str) -> list[bytes]:
-        """This member's own signed Bundles for a patient identifier (``system|value`` or ``value``)."""
-        # found through the table of issued Bundles' patient identifiers, then checked exactly
-        rows = SignedBundles(self.db).issued_for_identifier(identifier)
-        out = []
-        for text, keys in rows:
-            keys_list = jsonutil.loads(keys)
-            if identifier in keys_list or any(k.split("|", 1)[1] == identifier for k in keys_list):
-                out.append(text)
+        """This member's own signed Bundles for a patient identifier (``system|value`` or ``value``).
+
+        A bare ``value`` is a national identifier, the 身份证号 (system ``urn:oid:2.16.156.10011.1.3``), and
+        matches that system only: never a hospital's own patient numbers (病案号, 门诊号), which a peer could
+        otherwise walk through in sequence (``Z1``, ``Z2`` …) to learn which patients are held here.
+        ``system|value`` matches an identifier of that system only (``|value``: one without a system); a
+        hospital number is asked for with its system. A 身份证号 matches as typed and as the gateway writes it
+        (``x`` as ``X``, full-width digits, a 15-digit number widened). ``system|`` (no value) matches nothing.
+        """
+        from gateway.identifiers import id_card_or_none
+        from gateway.naming import SYSTEM_ID_CARD
+
+        system, sep, value = identifier.partition("|")
+        if not sep:
+            system, value = SYSTEM_ID_CARD, identifier
+        if not value:
+            return []
+        values = [value]
+        if system == SYSTEM_ID_CARD:
+            number = id_card_or_none(value)
+            if number is not None and number != value:
+                values.insert(0, number)
+        out: list[bytes] = []
+        bundles = SignedBundles(self.db)
+        for one in values:
+            key = f"{system}|{one}"
+            # found through the table of issued Bundles' patient identifiers, then checked exactly
+            for text, keys in bundles.issued_for_identifier(key):
+                if key in jsonutil.loads(keys) and text not in out:
+                    out.append(text)
         return out
 
 

@@ -19,6 +19,7 @@ written ``"user"`` here, which SQLite reads the same.
 """
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -200,7 +201,10 @@ class AccountsPort(Protocol):
 
     def remember_assertion(self, iss: str, jti: str, exp: float, forget_before: float) -> bool:
         """Record an assertion's ``jti`` for its issuer; False when it was recorded before (a replay).
-        Entries that expired before ``forget_before`` are forgotten first."""
+        Entries that expired before ``forget_before`` are forgotten first.
+
+        :raises ValueError: ``exp`` is NaN or an infinity (the callers refuse such an assertion first).
+        """
 
 
 _USER_SQL = (
@@ -404,6 +408,8 @@ class Accounts:
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'peer_jti'").fetchone() is not None
 
     def remember_assertion(self, iss: str, jti: str, exp: float, forget_before: float) -> bool:
+        if not math.isfinite(exp):  # (NaN is stored as NULL, which the column refuses: say so before the SQL)
+            raise ValueError("an assertion's exp must be a finite number to be remembered")
         with transaction(self.db):
             self.db.execute("DELETE FROM peer_jti WHERE exp < ?", [forget_before])
             cur = self.db.execute("INSERT INTO peer_jti (iss, jti, exp) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
