@@ -695,6 +695,24 @@ def test_a_database_others_can_read_is_made_private_when_opened(tmp_path: Path, 
         again.conn.close()
 
 
+def test_a_device_or_fifo_named_as_the_database_is_never_made_private(tmp_path: Path) -> None:
+    """Only a file of data is chmodded as a database: a FIFO (or /dev/null, a device every program writes to) named
+    where the database's -wal would be keeps its mode; making it 0600 would take it from every other user."""
+    import os
+    import stat
+
+    from gateway.store.db import _keep_private
+
+    path = tmp_path / "gateway.db"
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    wal = tmp_path / "gateway.db-wal"
+    os.mkfifo(wal, 0o644)
+    wal.chmod(0o644)
+    _keep_private(path)
+    assert stat.S_IMODE(wal.stat().st_mode) == 0o644
+
+
 def test_the_documented_sqlite_backup_and_restore_work_as_written(tmp_path: Path) -> None:
     """docs/operations.md § 6: its lines, run as written (its folders made ours, systemctl left out): the backup taken
     while a writer holds the file, the damaged file and its -wal moved aside, the copy put back, db check and audit

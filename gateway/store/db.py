@@ -44,6 +44,7 @@ import logging
 import os
 import select
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -337,8 +338,8 @@ def _keep_private(path: Path) -> None:
             st = file.stat()
         except OSError:
             continue
-        if not st.st_mode & 0o077:
-            continue
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077:
+            continue  # (a device or FIFO named as the database, /dev/null, is never chmodded: only a file of data)
         mode = oct(st.st_mode & 0o777)[2:]
         try:
             os.chmod(file, 0o600)
