@@ -280,6 +280,19 @@ def test_savings_from_the_fee_table(db) -> None:
     assert unpriced["savings"]["unpriced_by_item"] == [{"item": "GLU|51", "count": 2}]
 
 
+def test_savings_are_priced_in_the_province_the_registry_places_the_receiver(db) -> None:
+    """A USCC's characters 3-4 are the division that registered the institution, not where it is (one registered by
+    a national body reads 10): the receiver's province comes from its registry entry's division when the registry
+    knows it."""
+    fees = stats.load_fees(FEES)
+    members = [uscc for uscc, _ in SAMPLE["members"].values()]
+    elsewhere = stats.compute(db, fees=fees, provinces={uscc: "50" for uscc in members})["savings"]
+    assert (elsewhere["total_yuan"], elsewhere["results"]) == (11.0, 2)  # at 重庆's 5.50, not 四川's 5.00
+    assert elsewhere["by_province"] == [{"province": "50", "results": 2, "yuan": 11.0}]
+    placed = stats.compute(db, fees=fees, provinces={uscc: "51" for uscc in members})["savings"]
+    assert (placed["total_yuan"], placed["results"]) == (10.0, 2)
+
+
 def test_hr_items_per_institution(db) -> None:
     hr = stats.compute(db)["hr_items"]
     assert hr["results"] == 5 and hr["by_mark"] == {"四川HR": 1, "川渝HR": 4, "重庆HR": 1}

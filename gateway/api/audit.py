@@ -268,7 +268,8 @@ def statistics() -> Response:
     comma-separated dimensions) adds cross views; ``issuer``, ``receiver``, ``item``, ``catalogue``, ``alliance``
     narrow the selection, once each.
     """
-    from gateway.commands.audit import fee_table, registry_names, registry_scopes  # what the command uses
+    from gateway.commands.audit import (fee_table, registry_names, registry_provinces,  # what the command uses
+                                        registry_scopes)
 
     settings = _settings()
     tz = query.parse_offset(settings.timezone)
@@ -290,7 +291,8 @@ def statistics() -> Response:
     fees = fee_table(settings, None)
     with _db() as db:
         figures = stats.compute(db, dates, selection={k: v for k, v in chosen.items() if v}, by=views,
-                                names=registry_names(settings), fees=fees, alliances=registry_scopes(settings))
+                                names=registry_names(settings), fees=fees, alliances=registry_scopes(settings),
+                                provinces=registry_provinces(settings))
         _record_read(db, interaction="operation")
     from gateway.audit.watch import summary  # the background's last walk of the log: is it still as written?
     from gateway.heartbeat import run_dir

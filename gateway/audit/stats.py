@@ -168,6 +168,12 @@ def load_fees(path: str | Path) -> dict[tuple[str, str], Fee]:
     return fees
 
 
+def member_provinces(snapshot: Any) -> dict[str, str]:
+    """Member USCC -> the province its registry entry places it in (``"51"`` 四川, ``"50"`` 重庆: its administrative
+    division's first two digits), for pricing the savings at the receiver's fees."""
+    return {uscc: m.province for uscc, m in getattr(snapshot, "members", {}).items() if getattr(m, "division", "")}
+
+
 def catalogue_scopes(snapshot: Any) -> dict[str, str]:
     """Catalogue id -> its scope as shown by alliance: 川渝, 四川省 / 重庆市, or the alliance's name."""
     out: dict[str, str] = {}
@@ -435,6 +441,7 @@ def compute(
     names: Mapping[str, str] | None = None,
     fees: Mapping[tuple[str, str], Fee] | None = None,
     alliances: Mapping[str, str] | None = None,
+    provinces: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Statistics over the entries recorded in the period ``dates`` selects (all when empty).
 
@@ -442,7 +449,9 @@ def compute(
     one issuer, receiver, item (``system|code`` or the code) or catalogue; ``by`` adds cross views (each a
     tuple of dimensions, e.g. ``("month", "issuer")``, given as ``by_month_issuer``); ``names`` (USCC or
     catalogue id -> name) fills names the decisions do not carry; ``fees`` (:func:`load_fees`) prices the
-    savings; ``alliances`` (catalogue id -> scope, :func:`catalogue_scopes`) gives the alliance dimension.
+    savings; ``alliances`` (catalogue id -> scope, :func:`catalogue_scopes`) gives the alliance dimension;
+    ``provinces`` (member USCC -> province, :func:`member_provinces`) the province whose fees price a receiver's
+    savings (a receiver the registry does not place: by its USCC's registering division, characters 3-4).
     Returns JSON-ready data; :func:`format_tables` prints it.
 
     :raises InputError: an unknown dimension, or a cross view of fewer than two.
@@ -536,7 +545,7 @@ def compute(
             "send_failures": t.exchanges["send-failures"],
         },
     }
-    out["savings"] = _savings(results, overridden, fees or {}, names)
+    out["savings"] = _savings(results, overridden, fees or {}, names, provinces or {})
     out["hr_items"] = _hr_items(results, names)
     for dims in crosses:
         out["by_" + "_".join(dims)] = cross(dims)
@@ -548,8 +557,10 @@ def _money(yuan: Decimal) -> float:
 
 
 def _savings(results: Sequence[_Result], overridden: set[str], fees: Mapping[tuple[str, str], Fee],
-             names: Mapping[str, str]) -> dict[str, Any]:
-    """节约费用 of the accepted results, by province and item, with the fees used."""
+             names: Mapping[str, str], provinces: Mapping[str, str]) -> dict[str, Any]:
+    """节约费用 of the accepted results, by province and item, with the fees used: each at the fee of the province the
+    registry places its receiver in (a USCC's characters 3-8 are the division that registered it, not where the
+    hospital is: a hospital registered by a national body reads 10)."""
     by_item: dict[tuple[str, str], dict[str, Any]] = {}
     by_province: dict[str, dict[str, Any]] = {}
     unpriced: Counter[str] = Counter()
@@ -558,7 +569,8 @@ def _savings(results: Sequence[_Result], overridden: set[str], fees: Mapping[tup
     for res in results:
         if res.outcome != "recognized" or res.decision_id in overridden:
             continue
-        code, province = res.dims["item"].rsplit("|", 1)[-1], res.dims["receiver"][2:4]
+        receiver = res.dims["receiver"]
+        code, province = res.dims["item"].rsplit("|", 1)[-1], provinces.get(receiver) or receiver[2:4]
         fee = fees.get((code, province))
         if fee is None:
             unpriced[f"{code}|{province}"] += 1

@@ -376,6 +376,18 @@ def registry_scopes(settings: Settings) -> dict[str, str]:
     return stats.catalogue_scopes(snap)
 
 
+def registry_provinces(settings: Settings) -> dict[str, str]:
+    """Member USCC -> province (``51``, ``50``) from the configured registry snapshot, for pricing the savings at the
+    receiver's province; empty when there is none (read without checking its signature, like the names)."""
+    from gateway.registry.snapshot import read_snapshot_unverified
+
+    try:
+        snap = read_snapshot_unverified(Path(settings.registry_snapshot).read_bytes())
+    except (OSError, ValueError, TypeError, GatewayError):
+        return {}
+    return stats.member_provinces(snap)
+
+
 def fee_table(settings: Settings, path: str | None) -> dict[tuple[str, str], stats.Fee]:
     """The fee table named by ``--fees``, else ``<mappings_dir>/fees`` when there is one.
 
@@ -448,7 +460,8 @@ def stats_cmd(
         chosen = {k: v for k, v in selection.items() if v}
         with open_db(ctx, db_path) as db:
             figures = stats.compute(db, ranges, selection=chosen, by=views, names=registry_names(settings),
-                                    fees=fee_table(settings, fees_path), alliances=registry_scopes(settings))
+                                    fees=fee_table(settings, fees_path), alliances=registry_scopes(settings),
+                                    provinces=registry_provinces(settings))
             args = [*(f"--date={d}" for d in dates), *(f"--by={b}" for b in by),
                     *(f"--{k}={v}" for k, v in sorted(chosen.items()))]
             _record_read(db, settings, _command_line(ctx, *args), interaction="operation")

@@ -667,12 +667,14 @@ def _member_names() -> dict[str, str]:
 
 
 def _figures() -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    from gateway.commands.audit import fee_table, registry_scopes  # the same fees and scopes the command uses
+    from gateway.commands.audit import (fee_table, registry_provinces,  # the fees and scopes the command uses
+                                        registry_scopes)
 
     dates, chosen, argv = selection_of(request.args)
     fees, scopes = fee_table(_settings(), None), registry_scopes(_settings())
     with _db() as db:
-        figures = stats.compute(db, dates, selection=chosen, by=CROSS, names=_names(), fees=fees, alliances=scopes)
+        figures = stats.compute(db, dates, selection=chosen, by=CROSS, names=_names(), fees=fees, alliances=scopes,
+                                provinces=registry_provinces(_settings()))
         _record_read(db, interaction="operation")
     return figures, chosen, argv
 

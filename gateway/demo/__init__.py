@@ -174,7 +174,7 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
     from gateway.audit.stats import compute
     from gateway.audit.verify import verify
     from gateway.audit.records import Party
-    from gateway.audit.stats import catalogue_scopes, load_fees
+    from gateway.audit.stats import catalogue_scopes, load_fees, member_provinces
     from gateway.demo.world import AUTHORITY_KEY, SERVICE_KEY, add_authority, add_member_gateway, build_world
     from gateway.referrals import Referrals
     from gateway.mllp import MLLPServer
@@ -338,13 +338,13 @@ def run_demo(workdir: str | None = None, *, mappings_dir: str | None = None,
         report = verify(fl.pipeline.store.db)
         fees = load_fees(Path(fl.settings.mappings_dir) / "fees")
         stats = compute(fl.pipeline.store.db, fees=fees, alliances=catalogue_scopes(snap),
-                        names={uscc: m.name for uscc, m in snap.members.items()})
+                        names={uscc: m.name for uscc, m in snap.members.items()}, provinces=member_provinces(snap))
         total = stats["total"]
         figures["audit_ok"] = report.ok
         figures["rate"] = total["rate"]
         echo(f"\n[auditor at {fl.member.name}] audit log: {report.entries} entries, chain "
              f"{'verified OK' if report.ok else 'BROKEN'}; 互认率 {total['accepted']}/{total['eligible']} = "
-             f"{total['rate']:.0%} (recognised and not re-tested ÷ eligible; {total['needs_review']} need review); "
+             f"{total['rate']:.1%} (recognised and not re-tested ÷ eligible; {total['needs_review']} need review); "
              f"exchanges received {stats['exchanges']['received']}, refused {stats['exchanges']['refused']}; "
              f"overrides {stats['overrides']['total']}")
         sv, hr = stats["savings"], stats["hr_items"]
