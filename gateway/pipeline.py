@@ -1138,8 +1138,11 @@ class Pipeline:
                 outcome = self._work(ch, unit, record_id)
             retried = (retried_by, rec.status) if retried_by is not None else None
             outcome, recorded = self._record_safely(ch, unit, outcome, rec.channel, retried)
-        except BaseException:
-            self._release(record_id)
+        except BaseException as exc:
+            # a database that could not take the outcome (a full disk, the server away) is no process that died on
+            # the message: the attempt does not count towards setting it aside (it was set aside as "taken on 8
+            # times without finishing" after a disk filled up, and its resends were answered AE)
+            self._release(record_id, uncounted=isinstance(exc, Exception) and fault_reason(exc) is not None)
             raise
         if not recorded:
             self._release(record_id)
@@ -1865,8 +1868,8 @@ class Pipeline:
         except Exception as exc:
             if joined and not db.conn.in_transaction:
                 raise
-            if isinstance(exc, DatabaseUnavailable) or (
-                    dialect(db) == "postgresql" and fault_reason(exc) is not None):
+            if isinstance(exc, DatabaseUnavailable) or (fault_reason(exc) is not None and (
+                    dialect(db) == "postgresql" or _disk_fault(exc))):
                 # the server went away (a failover, a restart, the session ended): not the message's own failure,
                 # and no other statement of this transaction can be written (recorded as failed on the next
                 # connection, every resend of it was answered AE): the whole transaction fails, the sender is
@@ -2342,6 +2345,17 @@ def _doubted(existing: Any) -> bool:
 
     return bool(_DOUBTFUL) and getattr(existing, "sha256", None) in _DOUBTFUL and \
         getattr(existing, "lease_owner", None) == lease_owner()
+
+
+#: SQLite's result codes of a disk that cannot take what is written: SQLITE_IOERR, SQLITE_FULL (primary codes).
+_DISK_FAULTS = (10, 13)
+
+
+def _disk_fault(exc: BaseException) -> bool:
+    """A SQLite error of the disk (full, failing), not of the statement: no other row of the transaction can be
+    written either, so it is the whole transaction's failure, not the message's own."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _DISK_FAULTS
 
 
 def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseException) -> None:

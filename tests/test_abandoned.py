@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import DATA
 from gateway.adapters.base import RawUnit
 from gateway.adapters.hl7v2 import split_messages
@@ -194,3 +195,37 @@ def test_a_running_gateway_works_again_what_a_killed_process_left(tmp_path: Path
             os.killpg(proc.pid, signal.SIGKILL)
             _, err = proc.communicate()
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode("utf-8", "replace")[-2000:]
+
+
+def test_a_database_that_cannot_take_the_outcome_does_not_count_as_an_attempt(settings: Any, monkeypatch: Any) -> None:
+    """A full disk under the background pass: every try to record the message's outcome fails. It was counted as a
+    process that died on the message, and after a few passes the message was set aside as failed ("taken on 8 times
+    without finishing") and its resends answered AE. A database fault is not the message's: its attempts stay as they
+    were, and once the disk takes writes again the message is stored."""
+    import sqlite3
+
+    from gateway.pipeline import MAX_ATTEMPTS
+
+    pipeline = Pipeline(settings)
+    killed_holder(settings, copy_of("F001"))
+    sender = pipeline.store.list_messages()[0].sender
+    before = pipeline.store.find_message("hl7v2", sender, "F001")
+    assert before is not None
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = 13  # type: ignore[attr-defined]  # SQLITE_FULL, as the driver sets it
+        raise exc
+
+    monkeypatch.setattr(pipeline.store, "finish", full)
+    for _ in range(MAX_ATTEMPTS + 2):
+        with pytest.raises(sqlite3.OperationalError):  # (the background loop says so, and tries again later)
+            background_pass(pipeline)
+    rec = pipeline.store.find_message("hl7v2", sender, "F001")
+    assert rec is not None and rec.status == "received" and rec.lease_owner is None
+    assert rec.attempts <= before.attempts + 1, rec.attempts
+    monkeypatch.undo()
+    background_pass(pipeline)
+    rec = pipeline.store.find_message("hl7v2", sender, "F001")
+    assert rec is not None and (rec.status, rec.ack_code) == ("stored", "AA")
+    pipeline.close()
