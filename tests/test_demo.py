@@ -81,8 +81,10 @@ def test_demo_figures(demo_run: tuple[dict[str, Any], list[str], Path]) -> None:
     assert figures["audit_ok"] is True and figures["rate"] == round(5 / 8, 4)
     # savings (DEMO fees, receiver 涪陵 in 50): WBC 3 + RBC 3 + HGB 3 + AST 5 + chest CT 160 元 = 174.00 元;
     # HR items: 通江's 5 marked results of the blood count and liver panel (ALT unmarked) + the CDC's 3 marked items
-    # + 邻水's 2 marked CTs = 10
-    assert figures["savings_yuan"] == 174.0 and figures["hr_items"] == 10
+    # + 邻水's 2 marked CTs = 10, less the CDC's 白细胞计数: its local code XCG-WBC names CY-O007 血常规（职业健康检查）
+    # and its LOINC 6690-2 names CY-L001/SC-L001 白细胞计数; DOMAIN §5.3 gives no precedence, so it gets no mark and
+    # is decided against no item (needs-review, as before) = 9
+    assert figures["savings_yuan"] == 174.0 and figures["hr_items"] == 9
     text = "\n".join(lines)
     assert "status at 重庆市涪陵中心医院（演示） now accepted" in text and "互认率 by alliance: 川渝 5/8" in text
     assert "节约费用 (savings) 174.00 元 for 5 accepted results (DEMO fees, illustrative)" in text

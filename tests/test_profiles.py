@@ -88,7 +88,7 @@ CODES = {
                                "outside-window", "report-not-final", "mark-missing", "direction-rule",
                                "category-not-filed", "diagnosis-qualification-missing",
                                "conclusion-not-recognisable", "not-signed-by-reader",
-                               "service-qualification-missing"},
+                               "service-qualification-missing", "own-result", "no-result-value"},
     "retest-reason": {"condition-changed", "rapid-change", "critical-item", "emergency", "appraisal",
                       "other-necessary"},
     "qualification-type": {"iso15189", "eqa-pass", "cma", "hospital-grade", "practice-licence",

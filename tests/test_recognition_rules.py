@@ -457,8 +457,11 @@ CASES = [
     ),  # 2026-01-01 00:30 in China
     Case("eqa.no-result-date", "tj", "WBC", "eqa-pass", "not-evaluable", change_bundle=NO_LAB_TIME),
     Case("eqa.not-required-for-occupational", "cdc", "ZJ-XP", "eqa-pass", "absent"),
-    # validity-window: from collection (lab), study (imaging) or exam (occupational) to the decision time
+    # validity-window: from the collection (lab), study (imaging) or exam (occupational) day to the decision day,
+    # calendar days in China time whatever the precision (DOMAIN §1.4 compares with the encounter's date)
     Case("window.last-second", "tj", "WBC", "validity-window", "passed", at=t(2026, 11, 27, 8, 30)),
+    Case("window.last-day-after-the-clock-time", "tj", "WBC", "validity-window", "passed",
+         at=t(2026, 11, 27, 23, 59, 59), message="valid through 2026-11-27"),
     Case(
         "window.one-second-late",
         "tj",
@@ -466,7 +469,7 @@ CASES = [
         "validity-window",
         "failed",
         "not-recognized",
-        at=t(2026, 11, 27, 8, 30, 1),
+        at=t(2026, 11, 28, 0, 0, 0),
     ),
     Case(
         "window.other-offset", "tj", "WBC", "validity-window", "passed", at=t(2026, 11, 27, 0, 30, tz=dt.timezone.utc)
@@ -480,14 +483,14 @@ CASES = [
         at=t(2026, 11, 20, 8, 0),
         message="after the decision time",
     ),
-    Case("window.platelets-short", "tj", "PLT", "validity-window", "failed", at=t(2026, 11, 23, 8, 30, 1)),
+    Case("window.platelets-short", "tj", "PLT", "validity-window", "failed", at=t(2026, 11, 24, 0, 0, 1)),
     Case(
         "window.collection-before-effective",
         "tj",
         "WBC",
         "validity-window",
         "failed",
-        at=t(2026, 11, 27, 8, 45),
+        at=t(2026, 11, 28, 8, 45),
         change_bundle=set_obs("WBC", effectiveDateTime="2026-11-21T09:00:00+08:00"),
     ),
     Case(
@@ -526,7 +529,7 @@ CASES = [
         "validity-window",
         "failed",
         receiver=TONGJIANG,
-        at=t(2027, 2, 15, 15, 20, 1),
+        at=t(2027, 2, 16, 0, 0, 1),
     ),
     Case(
         "window.imaging-report-time",
@@ -888,7 +891,9 @@ def test_rule(case: Case) -> None:
 
 #: Rules whose three outcomes are proven in a module of their own, on the reports they are about.
 COVERED_IN = {"reading-signature": "tests/test_remote_reading.py",
-              "technical-service-qualification": "tests/test_service_reports.py"}
+              "technical-service-qualification": "tests/test_service_reports.py",
+              "between-institutions": "tests/test_recognition_domain.py",
+              "result-value": "tests/test_recognition_domain.py"}
 
 
 def test_every_rule_is_covered_every_way() -> None:
@@ -919,7 +924,9 @@ def test_facts_used_are_reported() -> None:
         "window_days": 7,
         "decided_at": "2026-11-22T10:00:00+08:00",
         "anchor": "2026-11-20T08:30:00+08:00",
-        "valid_until": "2026-11-27T08:30:00+08:00",
+        "anchor_day": "2026-11-20",
+        "decision_day": "2026-11-22",
+        "valid_until": "2026-11-27",
     }
     eqa = d.rule("eqa-pass")
     assert eqa is not None and eqa.facts["eqa"][0]["provider"].startswith("四川省临床检验中心")

@@ -124,7 +124,7 @@ def test_recognize_returns_parameters_and_stores(app: Flask, tmp_path: Path) -> 
         )
     }
     facts = json.loads(parts(parts(decisions[0], "rule")[4], "facts")[0]["valueString"])
-    assert facts["valid_until"] == "2026-11-27T08:30:00+08:00"
+    assert facts["valid_until"] == "2026-11-27"  # the last day, China time (calendar days)
     assert parts(decisions[0], "item")[0]["valueCoding"]["code"] == "CY-L001"
     (tmp_path / "recognize-out.json").write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
     db = connect(app.extensions["gateway.settings"].database_locator, readonly=True)

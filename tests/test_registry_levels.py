@@ -63,6 +63,7 @@ def ct(issuer: str, study: str, coding: Coding = CT) -> ResultFacts:
         effective=study,
         collected=study,
         marks=("川渝HR",),
+        reviewer_named=True,  # the report names its 审核医师 (DOMAIN C6)
     )
 
 

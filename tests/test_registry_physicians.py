@@ -92,7 +92,8 @@ def exam(
 def decision(bundle: dict[str, Any], snap: Snapshot, at: dt.datetime = AT) -> Decision:
     facts = facts_from_bundle(bundle)
     first = next(f for f in facts if f.kind == "observation")
-    return decide(first, snap, FULING, at)
+    # a member does not recognise its own results (互认 is between institutions): another member receives
+    return decide(first, snap, CDC if first.issuer_uscc == FULING else FULING, at)
 
 
 def rule(bundle: dict[str, Any], snap: Snapshot, rid: str, at: dt.datetime = AT) -> RuleResult:

@@ -166,4 +166,5 @@ def test_periods_are_inclusive_and_levels_ranked() -> None:
     assert p.covers(D(2026, 1, 1)) and p.covers(D(2026, 12, 31))
     assert not p.covers(D(2025, 12, 31)) and not p.covers(D(2027, 1, 1))
     assert Period().covers(D(1900, 1, 1))
-    assert [level_rank(x) for x in ("三级甲等", "二级乙等", "一级", "未定级", None)] == [3, 2, 1, None, None]
+    # 未定级 is a recorded level below 一级 (DOMAIN §3: the IG's level codes list it, #14), not "no level"
+    assert [level_rank(x) for x in ("三级甲等", "二级乙等", "一级", "未定级", None)] == [3, 2, 1, 0, None]

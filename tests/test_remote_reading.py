@@ -50,6 +50,10 @@ def demo() -> Snapshot:
 
 def sample(signer: str | None = FULING) -> dict[str, Any]:
     bundle: dict[str, Any] = json.loads((DATA / "bundle-remote-reading-qingxi.json").read_text(encoding="utf-8"))
+    # The ECG report names its reading institution only; DOMAIN C6 needs its 审核医师 too: named here by staff id.
+    ecg = resource(bundle, "DiagnosticReport", 1)
+    ecg["resultsInterpreter"] = [*ecg["resultsInterpreter"], {"identifier": {
+        "system": "urn:oid:2.16.156.10011.1.4", "value": "DEMO-500102-E001"}, "display": "演示心电医师"}]
     if signer:
         # Bundle.signature.who as gateway.signing.jws.signer_reference writes it (the signature is checked on receipt)
         bundle["signature"] = {"who": {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": signer}}}
@@ -379,7 +383,8 @@ def test_a_member_cannot_sign_a_report_it_did_not_perform_by_naming_itself_the_r
             r["resource"]["resultsInterpreter"] = [
                 {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": FULING}}]
     bundle["signature"] = {"who": {"type": "Organization", "identifier": {"system": SYSTEM_USCC, "value": FULING}}}
-    found = decide_all(facts_from_bundle(bundle), demo, TONGJIANG, AT)
+    # received by a third member: 通江 does not recognise its own results (互认 is between institutions)
+    found = decide_all(facts_from_bundle(bundle), demo, "12510000MB00030095", AT)  # 四川省疾控中心
     results = [d for d in found if d.facts.kind != "conclusion"]
     assert results and all(d.outcome == "not-recognized" for d in results)
     for d in results:

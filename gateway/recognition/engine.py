@@ -19,6 +19,16 @@ is a fact that fails, not one that is missing.
 When a result matches items of several catalogues (a 川渝 and a provincial
 one, say), each is evaluated and the best outcome is kept, ties going to the
 catalogue listed first in the snapshot; the others are listed as alternatives.
+When its codes name *different* items (the issuer's local code one item, its
+LOINC another), DOMAIN §5.3 gives no precedence between the matches: the
+decision is ``needs-review`` saying the codes disagree and naming the items,
+never the most favourable of them.
+
+Some results are not a recognition at all and are decided by one rule alone:
+a diagnostic conclusion, a result the receiver issued itself (recognition is
+between institutions), and an Observation with no value (dataAbsentReason: an
+empty OBX-5). They are decided against no catalogue item, so they stay out of
+互认率 and savings.
 
 The receiving physician always has the last word (以接诊医师判断为标准): see
 :mod:`gateway.recognition.overrides`.
@@ -77,6 +87,7 @@ __all__ = [
     "MarkGrant",
     "decide",
     "decide_all",
+    "codes_disagree",
     "marks_for",
     "result_day",
 ]
@@ -126,14 +137,15 @@ RULES: dict[str, RuleInfo] = {
         ),
         RuleInfo(
             "validity-window",
-            "自采样（检验）或检查时间起至决定时间仍在有效时限内",
-            "The result is within the item's validity window, counted from collection (lab) "
-            "or study time (imaging) to the decision time",
+            "自采样（检验）或检查日期起至决定日期仍在有效时限内（按北京时间自然日计）",
+            "The result is within the item's validity window, counted in calendar days (China Standard Time) from "
+            "the collection (lab) or study (imaging) date to the decision date",
         ),
         RuleInfo(
             "report-status",
-            "报告为最终或更正状态，未被取代",
-            "The report is final or corrected, not preliminary, not superseded",
+            "报告为最终或更正状态，未被取代；检验、检查报告须有审核医师",
+            "The report is final or corrected, not preliminary, not superseded; a lab or imaging report names its "
+            "审核医师 (reviewing physician)",
         ),
         RuleInfo("mark", "结果带有目录规定的互认标识", "The result carries the catalogue's recognition mark"),
         RuleInfo(
@@ -156,17 +168,28 @@ RULES: dict[str, RuleInfo] = {
         ),
         RuleInfo(
             "technical-service-qualification",
-            "报告日出具机构持有覆盖该服务类型的有效甲/乙级技术服务资质：甲级由国家卫生健康委员会审批（全国有效）"
+            "服务期间（起止日）及报告日出具机构持有覆盖该服务类型的有效甲/乙级技术服务资质：甲级由国家卫生健康委员会审批（全国有效）"
             "或由川渝卫生健康行政部门审批，乙级由川渝卫生健康行政部门审批或备案",
-            "On the report date the issuer holds a valid 甲/乙 technical-service qualification covering the "
-            "service: a 甲级 one approved by the national health commission (valid nationwide) or by a 川渝 "
-            "(Sichuan or Chongqing) health authority, a 乙级 one approved or filed by a 川渝 health authority",
+            "Over the service period (start to end) and on the report date the issuer holds a valid 甲/乙 "
+            "technical-service qualification covering the service: a 甲级 one approved by the national health "
+            "commission (valid nationwide) or by a 川渝 (Sichuan or Chongqing) health authority, a 乙级 one approved "
+            "or filed by a 川渝 health authority",
         ),
         RuleInfo(
             "reading-signature",
             "目录规定以诊断机构为准的项目（基层检查、上级诊断），报告包须由报告所列的诊断机构签名",
             "Where the catalogue makes the reading institution the one that counts (exam at one member, read by "
             "another), the Bundle is signed by the reading institution the report names",
+        ),
+        RuleInfo(
+            "between-institutions",
+            "互认发生在不同机构之间：接收机构不对本机构出具的结果作互认",
+            "Recognition is between institutions: the receiver is not the issuer of the result",
+        ),
+        RuleInfo(
+            "result-value",
+            "结果有数值（无数值、仅有缺失原因的结果无可互认）",
+            "The result has a value (an Observation with only a dataAbsentReason has nothing to recognise)",
         ),
         RuleInfo(
             "diagnostic-conclusion",
@@ -417,11 +440,50 @@ def _rule_member(ctx: _Context, day: _dt.date | None, day_facts: dict[str, Any])
     return _r(rid, FAILED, f"{member.name} is not an active member on {day}", **info)
 
 
+def codes_disagree(
+    snapshot: Snapshot, codings: Iterable[Coding]
+) -> tuple[tuple[Coding, tuple[CatalogueItem, ...]], ...] | None:
+    """The codings that name catalogue items, each with its items, when two of them name different items; None
+    when they agree.
+
+    Two codings agree when they name a common catalogue item or items sharing a LOINC code (the same analyte in
+    a 川渝 and a provincial catalogue). DOMAIN §5.3 gives no precedence between an issuer's local-code map, LOINC
+    and a catalogue code, so a disagreement is for a person to settle.
+    """
+    named = [(c, snapshot.items_for_coding(c)) for c in codings]
+    named = [(c, items) for c, items in named if items]
+    for i, (_, one) in enumerate(named):
+        refs = {(it.catalogue_id, it.code) for it in one}
+        loincs = {code for it in one for code in it.loinc}
+        for _, other in named[i + 1:]:
+            if not (refs & {(it.catalogue_id, it.code) for it in other}
+                    or loincs & {code for it in other for code in it.loinc}):
+                return tuple(named)
+    return None
+
+
+def _disagreement(named: tuple[tuple[Coding, tuple[CatalogueItem, ...]], ...]) -> tuple[str, list[dict[str, Any]]]:
+    """The reason's text and facts for codes naming different catalogue items."""
+    parts, facts = [], []
+    for coding, items in named:
+        listed = ", ".join(f"{it.catalogue_id}:{it.code} {it.display}" for it in items)
+        parts.append(f"{coding.system}|{coding.code} → {listed}")
+        facts.append({"coding": f"{coding.system}|{coding.code}", "items": [it.ref() for it in items]})
+    return "; ".join(parts), facts
+
+
 def _rule_item(
-    ctx: _Context, item: CatalogueItem | None, day: _dt.date | None, day_facts: dict[str, Any]
+    ctx: _Context, item: CatalogueItem | None, day: _dt.date | None, day_facts: dict[str, Any],
+    disagreeing: tuple[tuple[Coding, tuple[CatalogueItem, ...]], ...] | None = None,
 ) -> RuleResult:
     rid = "catalogue-item"
     codes = [f"{c.system}|{c.code}" for c in ctx.facts.codings]
+    if disagreeing:
+        text, matches = _disagreement(disagreeing)
+        return _r(rid, NOT_EVALUABLE, f"the result's codes name different catalogue items ({text}): DOMAIN gives no "
+                  "precedence between an issuer's local code, LOINC and a catalogue code, so which item this is "
+                  "must be settled by a person（结果的编码指向不同的互认项目，需人工确认）", codings=codes,
+                  matches=matches)
     if item is None:
         if not codes:
             return _r(rid, NOT_EVALUABLE, "the result carries no coded item", codings=codes)
@@ -501,6 +563,9 @@ def _window_end(start: _Day, days: int) -> _Day | None:
 
 
 def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
+    """One rule whatever the precision sent: the window counts calendar days in China Standard Time (+08:00), from
+    the anchor's day to the decision's day (DOMAIN §1.4: compared with the receiving encounter's date); its last
+    day is the anchor's day + ``window_days``, valid through its end."""
     rid = "validity-window"
     parsed, path = _anchor(ctx.facts, item.time_anchor)
     info: dict[str, Any] = {
@@ -514,53 +579,39 @@ def _rule_window(ctx: _Context, item: CatalogueItem) -> RuleResult:
     if isinstance(parsed, str):
         return _r(rid, NOT_EVALUABLE, f"the {item.time_anchor} time is unusable: {parsed}", **info)
     info["anchor"] = parsed.text
-    if parsed.moment is not None:
-        if ctx.at < parsed.moment:  # checked first: a date far in the future has no representable window end
-            return _r(rid, FAILED, f"the {item.time_anchor} time is after the decision time", **info)
-        valid_until = _window_end(parsed.moment, item.window_days)
-        if valid_until is None:
-            return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (a window that ends beyond "
-                      "the calendar)", **info)
-        info["valid_until"] = valid_until.isoformat()
-        if ctx.at <= valid_until:
-            return _r(
-                rid,
-                PASSED,
-                f"within {item.window_days} days of {item.time_anchor} (valid until {valid_until.isoformat()})",
-                **info,
-            )
-        return _r(
-            rid,
-            FAILED,
-            f"more than {item.window_days} days since {item.time_anchor} (valid until {valid_until.isoformat()})",
-            **info,
-        )
-    # Day precision only: the window runs to the end of the last day, China Standard Time.
-    today = ctx.at.astimezone(CN_TZ).date()
+    info["anchor_day"] = parsed.day.isoformat()
+    today = china_date(ctx.at)
+    info["decision_day"] = today.isoformat()
+    if parsed.moment is not None and ctx.at < parsed.moment:
+        # checked first: a date far in the future has no representable window end
+        when = parsed.moment.astimezone(CN_TZ).isoformat()
+        return _r(rid, FAILED, f"the {item.time_anchor} time ({when}) is after the decision time "
+                  f"({ctx.at.astimezone(CN_TZ).isoformat()})", **info)
     if today < parsed.day:
-        return _r(rid, FAILED, f"the {item.time_anchor} date is after the decision date", **info)
+        return _r(rid, FAILED, f"the {item.time_anchor} date ({parsed.day}) is after the decision date ({today}, "
+                  "China time)", **info)
     last_day = _window_end(parsed.day, item.window_days)
     if last_day is None:
         return _r(rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (a window that ends beyond the "
                   "calendar)", **info)
     info["valid_until"] = last_day.isoformat()
+    span = f"{item.time_anchor} on {parsed.day}, decided on {today}; valid through {last_day}, China time"
     if today <= last_day:
-        return _r(
-            rid, PASSED, f"within {item.window_days} days of {item.time_anchor} (valid through {last_day})", **info
-        )
-    return _r(
-        rid, FAILED, f"more than {item.window_days} days since {item.time_anchor} (valid through {last_day})", **info
-    )
+        return _r(rid, PASSED, f"within {item.window_days} days of {span}", **info)
+    return _r(rid, FAILED, f"more than {item.window_days} days since {span}", **info)
 
 
 _ACCEPTED = {"final", "corrected"}
+#: Report classes whose signer other rules check: the 主检医师 (occupational-physician), the issuing institution's
+#: qualification (technical-service-qualification).
+_SIGNED_ELSEWHERE = ("occupational", "technical-service")
 _UNDECIDED = {"amended", "appended", "unknown"}  # later changes or unknown state: a person should look
 
 
 def _rule_status(ctx: _Context) -> RuleResult:
     rid = "report-status"
     f = ctx.facts
-    info = {
+    info: dict[str, Any] = {
         "observation_status": f.observation_status,
         "report": f.report_id,
         "report_status": f.report_status,
@@ -585,9 +636,19 @@ def _rule_status(ctx: _Context) -> RuleResult:
         for what, status in (("the result", f.observation_status), ("the report", f.report_status))
         if status not in _ACCEPTED
     ]
+    signed = f.report_class in _SIGNED_ELSEWHERE or f.kind != "observation" or f.reviewer_named
+    if f.report_class not in _SIGNED_ELSEWHERE and f.kind == "observation":
+        info["reviewer_named"] = f.reviewer_named
+    if not signed:
+        # DOMAIN C6: final and signed (审核医师 present; WS/T 500.7 legalAuthenticator, [V]). The report does not
+        # say who reviewed it: a fact missing from the result, so a person looks (as for a missing mark), rather
+        # than a report shown to be unsigned.
+        missing.append("the report names no 审核医师 (resultsInterpreter naming a physician), so it cannot be "
+                       "shown to be signed（报告未注明审核医师，无法确认已审核签发）")
     if missing:
         return _r(rid, NOT_EVALUABLE, "; ".join(missing), **info)
-    return _r(rid, PASSED, f"result {f.observation_status}, report {f.report_status}", **info)
+    who = ", 审核医师 named" if f.kind == "observation" and f.report_class not in _SIGNED_ELSEWHERE else ""
+    return _r(rid, PASSED, f"result {f.observation_status}, report {f.report_status}{who}", **info)
 
 
 def _rule_mark(ctx: _Context, item: CatalogueItem) -> RuleResult:
@@ -833,9 +894,26 @@ def _rule_service_qualification(ctx: _Context) -> RuleResult:
                   f"{TECHNICAL_SERVICE_TYPES[service][0]} needs {QUALIFICATION_TYPES.get(needed, needed)}", **info)
     if q.grade not in ("甲", "乙"):
         return _r(rid, FAILED, f"qualification {q.number} has no 甲/乙 grade on record", **info)
-    if not q.valid_on(day):
-        state = q.status if q.status != "active" else "expired or not yet valid"
-        return _r(rid, FAILED, f"qualification {q.number} ({q.grade}级) is not valid on {day} ({state})", **info)
+    # The work is done under the qualification: it must hold over the service period (start to end) as well as on
+    # the report date. A period is one span and a suspension lasts from its date on, so its ends and the report
+    # date are enough.
+    start, start_problem = result_day(f.report_effective)
+    end, end_problem = result_day(f.service_end) if f.service_end else (start, None)
+    info["service_period"] = {"start": start.isoformat() if start else None, "end": end.isoformat() if end else None}
+    if start is None:
+        return _r(rid, NOT_EVALUABLE, "the service period is unusable (effectivePeriod.start): "
+                  f"{start_problem or 'missing'}", **info)
+    if end is None:
+        return _r(rid, NOT_EVALUABLE, f"the service period's end is unusable (effectivePeriod.end): {end_problem}",
+                  **info)
+    for when, what in ((start, "the service start"), (end, "the service end"), (day, "the report date")):
+        if not q.valid_on(when):
+            state = q.status if q.status != "active" and q.status_date and q.status_date <= when \
+                else "expired or not yet valid"
+            valid = f"{q.period.start or '…'} – {q.period.end or ''}".rstrip()
+            return _r(rid, FAILED, f"qualification {q.number} ({q.grade}级, valid {valid}) is not valid on {when}, "
+                      f"{what} ({state}): it must cover the service period {start} – {end} and the report date "
+                      f"{day}（资质须覆盖服务期间及报告日）", **info)
     if q.scope and not any(w in q.scope for w in service_scope_words(service)):
         return _r(rid, FAILED, f"the 业务范围 of qualification {q.number} ({', '.join(q.scope)}) does not cover "
                   f"{TECHNICAL_SERVICE_TYPES[service][0]}", **info)
@@ -850,7 +928,8 @@ def _rule_service_qualification(ctx: _Context) -> RuleResult:
                   f"{needs}", **info)
     approval = f"{q.authority_name}: national approval, valid nationwide" if national else q.authority_name
     return _r(rid, PASSED, f"{info['issuer_name'] or f.issuer_uscc} answers for this report under {q.grade}级 "
-              f"qualification {q.number} ({approval}), valid on {day}", **info)
+              f"qualification {q.number} ({approval}), valid over the service period {start} – {end} and on the "
+              f"report date {day}", **info)
 
 
 def _rule_signature(ctx: _Context, item: CatalogueItem | None) -> RuleResult | None:
@@ -906,18 +985,28 @@ def _outcome(rules: Iterable[RuleResult]) -> str:
     return RECOGNIZED
 
 
-def _evaluate(performed: _Context, item: CatalogueItem | None) -> list[RuleResult]:
+def _both_members(reader: RuleResult, performer: RuleResult, performer_uscc: str) -> RuleResult:
+    """基层检查、上级诊断: the reading and the performing institution must both be active members on the result date."""
+    statuses = {reader.status, performer.status}
+    status = FAILED if FAILED in statuses else NOT_EVALUABLE if NOT_EVALUABLE in statuses else PASSED
+    return RuleResult(
+        reader.rule,
+        status,
+        f"{reader.message} (the reading institution; the exam was performed by {performer_uscc}: "
+        f"{performer.message})",
+        {**reader.facts, "judged_by": "interpreter", "performer": performer_uscc,
+         "performer_membership": {"status": performer.status, **performer.facts}},
+    )
+
+
+def _evaluate(performed: _Context, item: CatalogueItem | None,
+              disagreeing: tuple[tuple[Coding, tuple[CatalogueItem, ...]], ...] | None = None) -> list[RuleResult]:
     ctx = performed.judged_by(item)
     day, day_facts = _result_day(ctx, item)
     member = _rule_member(ctx, day, day_facts)
     if ctx.performer is not None:
-        member = RuleResult(
-            member.rule,
-            member.status,
-            f"{member.message} (the reading institution; the exam was performed by {ctx.performer})",
-            {**member.facts, "judged_by": "interpreter", "performer": ctx.performer},
-        )
-    rules = [member, _rule_item(ctx, item, day, day_facts)]
+        member = _both_members(member, _rule_member(performed, day, day_facts), ctx.performer)
+    rules = [member, _rule_item(ctx, item, day, day_facts, disagreeing)]
     if item is None:
         why = "no catalogue item to check against"
         rules.append(_r("catalogue-scope", NOT_EVALUABLE, why))
@@ -970,6 +1059,24 @@ def decide(facts: ResultFacts, snapshot: Snapshot, receiver_uscc: str, at: _dt.d
     return _decide(facts, snapshot, check_uscc(receiver_uscc), at, {})
 
 
+def _not_a_recognition(facts: ResultFacts, receiver: str) -> RuleResult | None:
+    """The one rule deciding a result that is no recognition at all, or None.
+
+    A receiver does not recognise what it issued itself (互认 is between institutions); an Observation without a
+    value (dataAbsentReason) holds no result. Decided against no catalogue item: out of 互认率 and savings.
+    """
+    if facts.issuer_uscc is not None and facts.issuer_uscc == receiver:
+        return _r("between-institutions", FAILED, f"the receiver {receiver} issued this result itself: recognition "
+                  "(互认) is between institutions, so there is nothing to recognise（本机构出具的结果不属于互认）",
+                  issuer=facts.issuer_uscc, receiver=receiver)
+    if facts.kind == "observation" and not facts.has_value:
+        why = f" (dataAbsentReason {facts.value_absent_reason})" if facts.value_absent_reason else ""
+        return _r("result-value", FAILED, f"the result has no value{why}: there is no result to recognise"
+                  "（结果无数值，无可互认的结果）", data_absent_reason=facts.value_absent_reason,
+                  codings=[f"{c.system}|{c.code}" for c in facts.codings])
+    return None
+
+
 def _decide(facts: ResultFacts, snapshot: Snapshot, receiver: str, at: _dt.datetime,
             levels: dict[tuple[str | None, _dt.date], LevelFact | None]) -> Decision:
     """:func:`decide` for a checked receiver and time, with the levels already looked up (see :class:`_Context`)."""
@@ -984,7 +1091,22 @@ def _decide(facts: ResultFacts, snapshot: Snapshot, receiver: str, at: _dt.datet
         )
         return Decision(decision_id, NOT_RECOGNIZED, (rule,), facts, receiver, at, snapshot.version, snapshot.digest())
 
+    alone = _not_a_recognition(facts, receiver)
+    if alone is not None:
+        outcome = NOT_RECOGNIZED if alone.status == FAILED else NEEDS_REVIEW
+        return Decision(decision_id, outcome, (alone,), facts, receiver, at, snapshot.version, snapshot.digest())
+
     ctx = _Context(facts, snapshot, receiver, at, levels)
+    disagreeing = codes_disagree(snapshot, facts.codings)
+    if disagreeing:
+        # never the most favourable of the items: decided against none, each listed with what it would give
+        rules = _evaluate(ctx, None, disagreeing)
+        seen: list[CatalogueItem] = []
+        for _, items in disagreeing:
+            seen += [it for it in items if it not in seen]
+        return Decision(decision_id, _outcome(rules), tuple(rules), facts, receiver, at, snapshot.version,
+                        snapshot.digest(), alternatives=tuple(
+                            {**it.ref(), "outcome": _outcome(_evaluate(ctx, it))} for it in seen))
     candidates: list[CatalogueItem | None] = list(catalogue_items_for(snapshot, facts.codings)) or [None]
     evaluated = []
     for position, item in enumerate(candidates):

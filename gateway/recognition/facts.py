@@ -35,6 +35,7 @@ __all__ = [
     "ResultFacts",
     "HazardFactor",
     "facts_from_bundle",
+    "observation_value",
     "with_superseded",
     "EXT_RECOGNITION_MARK",
     "EXT_REPLACES",
@@ -104,6 +105,16 @@ class ResultFacts:
     qualification_number: str | None = None  # the technical-service qualification the report names
     interpreter_uscc: str | None = None  # the reading institution (resultsInterpreter), 基层检查、上级诊断
     signer_uscc: str | None = None  # the member named by Bundle.signature.who
+    #: The Observation carries a result: a value[x], or a component with one. False for an Observation sent with
+    #: dataAbsentReason and no value (an empty HL7 v2 OBX-5): there is nothing to recognise.
+    has_value: bool = True
+    #: Why the value is absent, as sent (dataAbsentReason's code, else its text), when ``has_value`` is False.
+    value_absent_reason: str | None = None
+    #: The report names its 审核医师 (resultsInterpreter: a physician by identifier, name, Practitioner or
+    #: PractitionerRole with a practitioner); False when it names none, or only an institution.
+    reviewer_named: bool = False
+    #: A technical-service report's service period end (effectivePeriod.end), when given.
+    service_end: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def item_label(self) -> str:
@@ -324,6 +335,47 @@ def _hazard_factors(report: Mapping[str, Any]) -> tuple[HazardFactor, ...]:
     return tuple(factors)
 
 
+def observation_value(obs: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """Whether an Observation carries a result (a ``value[x]``, or a component with one), and when it does not,
+    why (its ``dataAbsentReason``'s code, else text, else None)."""
+
+    def valued(resource: Any) -> bool:
+        return isinstance(resource, OBJECT) and any(
+            k.startswith("value") and resource[k] not in (None, "", {}, []) for k in resource)
+
+    components = obs.get("component")
+    if valued(obs) or (isinstance(components, list) and any(valued(c) for c in components)):
+        return True, None
+    absent = obs.get("dataAbsentReason")
+    why = None
+    if isinstance(absent, OBJECT):
+        codes = [c.get("code") for c in absent.get("coding") or [] if isinstance(c, OBJECT) and c.get("code")]
+        why = str(codes[0]) if codes else (str(absent["text"]) if absent.get("text") else None)
+    return False, why
+
+
+def _reviewer_named(index: _Index, report: Mapping[str, Any]) -> bool:
+    """Whether the report names its 审核医师 (C6): a ``resultsInterpreter`` that is a physician (a Practitioner, a
+    PractitionerRole with a practitioner, or a logical reference with an identifier or name that is not an
+    Organization). An interpreter that is an institution only names no physician."""
+    for ref in report.get("resultsInterpreter") or []:
+        if not isinstance(ref, OBJECT):
+            continue
+        found = index.resolve(ref)
+        if found is not None:
+            kind = found[1].get("resourceType")
+            if kind == "Practitioner" or (kind == "PractitionerRole" and found[1].get("practitioner")):
+                return True
+            continue
+        if ref.get("type") == "Organization" or str(ref.get("reference", "")).startswith("Organization/"):
+            continue
+        ident = ref.get("identifier")
+        if (isinstance(ident, OBJECT) and ident.get("value")) or (
+                isinstance(ref.get("display"), str) and ref["display"].strip()):
+            return True
+    return False
+
+
 def _interpreter(report: Mapping[str, Any]) -> str | None:
     for ref in report.get("resultsInterpreter") or []:
         ident = ref.get("identifier") if isinstance(ref, OBJECT) else None
@@ -402,6 +454,7 @@ def _facts(bundle: Mapping[str, Any], reading: list[str]) -> list[ResultFacts]:
         if specimen is None and report.get("specimen"):
             specimen = index.resolve(report["specimen"][0])
         collection = (specimen[1].get("collection") or {}) if specimen else {}
+        has_value, absent = observation_value(obs)
         out.append(
             ResultFacts(
                 kind="observation",
@@ -438,6 +491,9 @@ def _facts(bundle: Mapping[str, Any], reading: list[str]) -> list[ResultFacts]:
                 chief_physician_name=_interpreter_name(report) if report else None,
                 interpreter_uscc=_reader(index, report, f"Bundle.entry[{rep[0]}].resource") if rep else None,
                 signer_uscc=signer,
+                has_value=has_value,
+                value_absent_reason=absent,
+                reviewer_named=_reviewer_named(index, report) if report else False,
             )
         )
 
@@ -482,6 +538,7 @@ _TEXT_FACTS = {
     "collected": "collection.collectedDateTime of its Specimen",
     "effective": "effectiveDateTime",
     "report_effective": "effectiveDateTime of its DiagnosticReport",
+    "service_end": "effectivePeriod.end of its DiagnosticReport",
     "exam_type": "the exam-type extension of its DiagnosticReport",
     "report_date": "the report-date extension of its DiagnosticReport",
     "qualification_number": "the service-qualification extension of its DiagnosticReport",
@@ -532,6 +589,7 @@ def _service_report_facts(
                 report_status=report.get("status"),
                 report_class="technical-service",
                 report_effective=period.get("start") if isinstance(period, OBJECT) else None,
+                service_end=period.get("end") if isinstance(period, OBJECT) else None,
                 report_date=next((_text(e["valueDate"]) for e in _ext(report, EXT_REPORT_DATE) if e.get("valueDate")),
                                  None),
                 qualification_number=(

@@ -46,6 +46,8 @@ NON_RECOGNITION_REASONS: dict[str, str] = {
     "diagnostic-conclusion": "conclusion-not-recognisable",
     "technical-service-qualification": "service-qualification-missing",
     "reading-signature": "not-signed-by-reader",
+    "between-institutions": "own-result",
+    "result-value": "no-result-value",
 }
 
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.naming import ext_url
-from gateway.recognition.engine import marks_for, result_day
+from gateway.recognition.engine import codes_disagree, marks_for, result_day
+from gateway.recognition.facts import observation_value
 from gateway.registry.models import Coding, Snapshot
 
 __all__ = ["EXT_MARK", "MarkStamper"]
@@ -37,7 +38,9 @@ class MarkStamper:
         Results without a mark stay unmarked. The day is read as the recognition
         rules read it: a result whose date is not precise to the day (``2024-06``,
         ``2024``) or has a time without an offset gets no mark, as its recognition
-        would be "not evaluable".
+        would be "not evaluable". A result without a value (dataAbsentReason: there
+        is no result to recognise) and one whose codes name different catalogue
+        items (which item it is must be settled by a person) get none either.
 
         :raises ConfigError: no registry snapshot is configured or in force.
         """
@@ -47,6 +50,9 @@ class MarkStamper:
             obs = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(obs, dict) or obs.get("resourceType") != "Observation":
                 continue
+            if not observation_value(obs)[0]:
+                log.debug("no recognition mark for an Observation without a value")
+                continue
             when = obs.get("effectiveDateTime") or obs.get("issued")
             day, why_not = result_day(when if isinstance(when, str) else None)
             if day is None:
@@ -55,9 +61,11 @@ class MarkStamper:
             marks: list[str] = []
             code = obs.get("code")
             codings = code.get("coding") if isinstance(code, dict) else None
-            for coding in codings if isinstance(codings, list) else []:
-                if not isinstance(coding, dict):
-                    continue
+            codings = [c for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
+            if codes_disagree(snapshot, [Coding(str(c.get("system", "")), str(c.get("code", ""))) for c in codings]):
+                log.debug("no recognition mark for an Observation whose codes name different catalogue items")
+                continue
+            for coding in codings:
                 key = (snapshot.digest(), str(coding.get("system", "")), str(coding.get("code", "")), day)
                 grants = self._grants.get(key)
                 if grants is None:  # the same item on the same day under the same snapshot: same marks

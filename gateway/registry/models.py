@@ -156,7 +156,9 @@ DEFAULT_RESPONSIBLE: dict[str, str] = {
     "technical-service": "performer",
 }
 
-_LEVEL_RANK = {"一级": 1, "二级": 2, "三级": 3}
+#: 未定级 (ungraded) is a recorded level, ranked below 一级 (the Chongqing IG's CNHospitalLevelCS lists it last, #14):
+#: it fails a rule that needs level 一级 or above, it is not "no level on record".
+_LEVEL_RANK = {"未定": 0, "一级": 1, "二级": 2, "三级": 3}
 _DER = Encoding.DER
 
 
@@ -166,7 +168,7 @@ def catalogue_system(catalogue_id: str) -> str:
 
 
 def level_rank(level: str | None) -> int | None:
-    """1, 2 or 3 for a level such as ``三级甲等``; None when unknown or 未定级."""
+    """1, 2 or 3 for a level such as ``三级甲等``; 0 for 未定级 (recorded, below 一级); None when unknown."""
     if not level:
         return None
     return _LEVEL_RANK.get(level[:2])
@@ -356,7 +358,7 @@ class LevelFact:
 
     @property
     def rank(self) -> int | None:
-        """1, 2 or 3; None for 未定级."""
+        """1, 2 or 3; 0 for 未定级 (a recorded level below 一级)."""
         return level_rank(self.level)
 
     def facts(self) -> dict[str, Any]:

@@ -89,6 +89,8 @@ class RegistrySource:
 
     body: dict[str, Any]
     origin: str
+    #: Findings that do not refuse the source but are worth a look (each also logged as a warning).
+    warnings: tuple[Issue, ...] = ()
 
     @property
     def version(self) -> int:
@@ -212,7 +214,9 @@ def parse_source(
         len(body["members"]),
         len(body["catalogues"]),
     )
-    return RegistrySource(body, origin)
+    for issue in checker.warnings:
+        log.warning("%s: %s: %s", origin, issue.location, issue.message)
+    return RegistrySource(body, origin, tuple(checker.warnings))
 
 
 #: What a schema pattern asks for, in words (a pattern problem names this instead of the regular expression).
@@ -257,9 +261,23 @@ class _Checker:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
         self.problems: list[Issue] = []
+        self.warnings: list[Issue] = []
 
     def problem(self, location: str, message: str, code: str = "value") -> None:
         self.problems.append(Issue("error", code, location, message))
+
+    def warning(self, location: str, message: str, code: str = "business-rule") -> None:
+        self.warnings.append(Issue("warning", code, location, message))
+
+    def service_grade(self, q: dict[str, Any], loc: str) -> None:
+        """A 甲级 technical-service qualification is approved by the national health commission (DOMAIN §3, from
+        memory and uncertain, [M?]): one a provincial authority approved is accepted, with a warning to check it."""
+        authority = q.get("authority") or {}
+        if q.get("grade") == "甲" and (authority.get("province") or authority.get("level") == "provincial"):
+            self.warning(f"{loc}.authority", f"qualification {q['id']}: a 甲级 {q['type']} qualification approved by "
+                         f"{authority.get('name')} (province {authority.get('province') or '?'}); 甲级 is normally "
+                         "approved by the national health commission (国家卫生健康委员会) and 乙级 by a province: "
+                         "check the grade and the approving authority against the certificate")
 
     def uscc(self, value: str, location: str) -> str | None:
         try:
@@ -625,6 +643,7 @@ class _Checker:
                 out["factors"] = self.factors(q, loc)
             if q["type"] in ("occupational-health-service", "radiation-health-service"):
                 self.service_scope(q, loc)
+                self.service_grade(q, loc)
             q_authority = q["authority"].get("uscc")
             if q_authority is not None and self.uscc(q_authority, f"{loc}.authority.uscc") is not None \
                     and q_authority not in seen_authorities:
