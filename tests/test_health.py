@@ -123,6 +123,27 @@ def test_health_is_ok_when_everything_is(gw: Any) -> None:
     assert {"database", "backlog", "dead_letters", "deliveries", "registry"} <= set(body["checks"])
 
 
+def test_a_write_refused_for_a_full_disk_fails_the_database_check_until_one_goes_through(gw: Any) -> None:
+    """A SQLite (or PostgreSQL) transaction refused because the disk is full: /health said the database "answers"
+    while every write failed. The database check now fails naming the refusal, until a write goes through."""
+    import sqlite3
+
+    db = gw.pipeline.store.db
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # type: ignore[attr-defined]  # SQLITE_FULL, as the driver sets it
+    with pytest.raises(sqlite3.OperationalError):
+        with transaction(db):
+            db.execute("SELECT 1")
+            raise full
+    status, body = health(gw)
+    assert status == 503 and "database" in body["failing"]
+    assert "refused a write" in body["checks"]["database"]["detail"]
+    assert "database or disk is full" in body["checks"]["database"]["detail"]
+    with transaction(db):
+        db.execute("DELETE FROM outbox WHERE id < 0")
+    assert health(gw)[1]["checks"]["database"] == {"ok": True, "detail": "answers"}
+
+
 def test_dead_letters_fail_health(gw: Any) -> None:
     db = gw.pipeline.store.db
     now = gw.pipeline.clock().isoformat()

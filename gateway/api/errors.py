@@ -16,6 +16,7 @@ from gateway import jsonutil
 from gateway.errors import DatabaseUnavailable, GatewayError, Issue
 from gateway.logs import database_fault
 from gateway.store import db as _db
+from gateway.store.postgresql import disk_full
 from gateway.fhir.outcome import operation_outcome
 
 __all__ = ["operation_outcome", "outcome_response", "register_error_handlers", "FHIR_JSON", "check_total_hint",
@@ -75,11 +76,13 @@ def preferred_return(prefer: str) -> str | None:
     return None
 
 
-def _database_away(reason: str) -> Response:
+def _database_away(reason: str, *, full: bool = False) -> Response:
     """503 (Retry-After 5) for a request the database could not serve now; the log says so once per ten seconds
-    (:func:`gateway.logs.database_fault`), not once per request."""
+    (:func:`gateway.logs.database_fault`), not once per request. ``full``: it answered, and refused a write for want
+    of space."""
     database_fault(log, "request", "database unavailable for requests: %s", reason)
-    text = "the database cannot be reached right now; send the request again later"
+    text = ("the database refused the write: its disk is full (No space left on device); send the request again "
+            "later" if full else "the database cannot be reached right now; send the request again later")
     if request.method not in ("GET", "HEAD"):
         text += " (what was already stored is recognised as a resend)"
     return outcome_response([Issue("error", "transient", "", text)], 503, {"Retry-After": "5"})
@@ -139,8 +142,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        if isinstance(exc, _db.OperationalError):  # the database is gone, restarting or locked: a passing state
-            return _database_away(_db.fault_reason(exc) or type(exc).__name__)
+        if isinstance(exc, _db.OperationalError):  # the database is gone, restarting, locked or full: a passing state
+            return _database_away(_db.fault_reason(exc) or type(exc).__name__, full=disk_full(exc))
         log.exception("unexpected error handling a request")
         text = "internal error; the administrator can find details in the gateway log"
         return outcome_response([Issue("fatal", "exception", "", text)], 500)

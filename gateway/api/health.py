@@ -4,7 +4,10 @@
 when one fails, with ``status`` (``ok`` or ``failing``), the names of the
 failing checks, and each check with ``ok`` and a ``detail`` for people:
 
-- ``database``: it answers (with the message counts beside), and a SQLite database's files can be written;
+- ``database``: it answers (with the message counts beside), a SQLite database's files can be written, no write
+  was refused since the last that went through (a full disk, an I/O error: :func:`gateway.store.postgresql.
+  write_failure`, in this process), and on PostgreSQL no transaction has held the write lock for longer than
+  :data:`WRITE_STALL_SECONDS` (writes on every node wait for it: a node stopped while writing);
 - ``http``, ``mllp-1``..., ``queue``, ``background``: under ``gateway serve``,
   every process runs and the ones that beat (:mod:`gateway.heartbeat`) beat
   recently — a dead, restarting or hung listener, queue reader or background
@@ -35,13 +38,18 @@ from gateway import __version__, jsonutil
 from gateway.api.app import pipeline_of
 from gateway.config import Settings
 from gateway.datetimes import seconds_since
-from gateway.store.db import LOW_DISK_BYTES, disk_free, fault_reason, unwritable
+from gateway.store.db import LOW_DISK_BYTES, dialect, disk_free, fault_reason, unwritable
+from gateway.store.postgresql import IDLE_IN_TRANSACTION_S, write_failure, write_lock_holder
 from gateway.store.views import ReadModels
 # a part silent this long is taken for hung (it beats every two seconds; sooner when it is restarted sooner); one
 # that has not beaten yet is starting for STARTING_SECONDS
 from gateway.supervise import SILENT_SECONDS, STARTING_SECONDS
 
 bp = Blueprint("health", __name__)
+
+#: A transaction holding the database's write lock longer than this (seconds) fails the ``database`` check: writes
+#: of every node wait for it (the gateway's own transactions take milliseconds).
+WRITE_STALL_SECONDS = 10.0
 
 
 def _check(ok: bool, detail: str) -> dict[str, Any]:
@@ -107,6 +115,25 @@ def _parts(settings: Settings) -> dict[str, dict[str, Any]]:
     if http_total:
         checks["http"] = _check(http_up == http_total, f"{http_up} of {http_total} HTTP worker(s) running")
     return checks
+
+
+def _writes(db: Any) -> dict[str, Any]:
+    """The ``database`` check of a database that answers: failing while writes wait for a holder of the write lock
+    (PostgreSQL), or when the last write of this process was refused (a full disk, an I/O error)."""
+    if dialect(db) == "postgresql":
+        holder = write_lock_holder(db)
+        if holder is not None and holder["held"] > WRITE_STALL_SECONDS:
+            how = (f"{holder['state']} for {holder['idle']:.0f} s (ended after {IDLE_IN_TRANSACTION_S} s: a client "
+                   "stopped while writing)" if holder["on_client"] else f"{holder['state'] or 'state unknown'}")
+            return _check(False, f"answers, but writes are stalled: the write lock is held by "
+                                 f"{holder['application'] or '?'} (server pid {holder['pid']}) for "
+                                 f"{holder['held']:.0f} s, {how}; {holder['waiting']} session(s) wait for it")
+    failure = write_failure()
+    if failure is not None:
+        text, when = failure
+        return _check(False, f"answers, but refused a write {max(0.0, time.time() - when):.0f} s ago: {text} "
+                             "(the next write that goes through clears this)")
+    return _check(True, "answers")
 
 
 def _work(pipeline: Any, settings: Settings) -> dict[str, dict[str, Any]]:
@@ -266,7 +293,7 @@ def health() -> Response:
             checks["database"] = _check(False, f"answers, but its disk is full: {free // 1024} KiB free where it "
                                                f"lives (writes fail below {LOW_DISK_BYTES // 1048576} MiB)")
         else:
-            checks["database"] = _check(True, "answers")
+            checks["database"] = _writes(pipeline.store.db)
         checks.update(_work(pipeline, settings))
     except Exception as exc:  # a broken database is what this check is for
         checks["database"] = _check(False, f"cannot be read: {fault_reason(exc, named=False) or type(exc).__name__}")

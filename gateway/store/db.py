@@ -575,13 +575,20 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
             yield db
         except BaseException as failed:
             _note_read_only(db, failed)
+            _pg.note_write_failure(failed)  # (a full disk or an I/O error: /health says so until a write goes through)
             if conn.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
                 try:
                     conn.execute("ROLLBACK")
                 except Exception as exc:  # noqa: BLE001 - the connection is gone: what went wrong first is the news
                     log.warning("rolling back failed too: %s", exc)
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException as failed:
+            _pg.note_write_failure(failed)
+            raise
+        if _pg.write_failure() is not None:
+            _pg.write_succeeded()
     finally:
         _COLLECTOR.leave()
         if in_memory:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -45,9 +46,22 @@ _PORT_ATTEMPTS = 3
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port: one the system picks, or one of ``GATEWAY_PG_PORTS`` (``29000-29999``) when set (a
+    machine shared with other work, where each has its range)."""
+    first, _, last = os.environ.get("GATEWAY_PG_PORTS", "").partition("-")
+    candidates = [0]
+    if first.strip().isdigit():
+        low = int(first)
+        high = int(last) if last.strip().isdigit() else low
+        candidates = random.sample(range(low, high + 1), min(64, high - low + 1))
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise ClusterError(f"no free port in GATEWAY_PG_PORTS {os.environ.get('GATEWAY_PG_PORTS')}")
 
 
 class Cluster:

@@ -17,10 +17,22 @@ transaction-scoped advisory lock (:data:`WRITE_LOCK`) taken at ``BEGIN``: the
 storage code keeps its reasoning ("nobody else writes between my read and my
 write") on both engines, and the audit chain stays one chain however many
 nodes append to it. Readers never wait for it.
+
+A node that stops while it holds the lock (frozen, cut off) has its transaction
+ended by the server after :data:`IDLE_IN_TRANSACTION_S`: the server starts that
+clock only when it says it is ready for the next statement, so a pipeline here
+never ends with a flush request after its last sync (:func:`_end_on_sync`), which
+would leave the session idle in its transaction without the clock. A writer whose
+wait for the lock times out ends a holder that has waited on its client for longer
+than that all the same (:meth:`PgConnection.begin`; no server timeout ends one
+stopped mid-pipeline), and ``/health`` says when writes wait for a holder
+(:func:`write_lock_holder`).
 """
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +40,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 from gateway.errors import ConfigError, DatabaseUnavailable
 
-__all__ = ["PgDatabase", "connect", "is_url", "translate", "WRITE_LOCK", "redact"]
+__all__ = ["PgDatabase", "connect", "is_url", "translate", "WRITE_LOCK", "redact", "write_lock_holder",
+           "note_write_failure", "write_failure", "disk_full"]
+
+log = logging.getLogger(__name__)
 
 #: Key of the advisory lock a writing transaction holds (per database and schema).
 WRITE_LOCK = "hashtextextended('cyhr-gateway-write:' || current_schema(), 0)"
@@ -38,6 +53,19 @@ _SCHEMES = ("postgresql://", "postgres://")
 LOCK_TIMEOUT_S = 30
 #: A transaction whose client sends nothing for this long is ended by the server (and its lock freed).
 IDLE_IN_TRANSACTION_S = 120
+#: The holder of the write lock, and how long it has held it, in the SQL of :func:`write_lock_holder` (an advisory
+#: lock on a bigint key is listed in ``pg_locks`` as its high and low 32 bits, ``objsubid`` 1).
+_HOLDER = (f"WITH k AS (SELECT {WRITE_LOCK} AS key, (SELECT oid FROM pg_database WHERE datname = current_database())"
+           " AS db), lock AS (SELECT l.pid, l.granted FROM k, pg_locks l WHERE l.locktype = 'advisory'"
+           " AND l.objsubid = 1 AND l.database = k.db AND l.classid = ((k.key >> 32) & 4294967295)::oid"
+           " AND l.objid = (k.key & 4294967295)::oid)"
+           " SELECT a.pid, a.application_name, a.state, extract(epoch FROM now() - a.xact_start),"
+           " extract(epoch FROM now() - a.state_change), host(a.client_addr), a.client_port, a.wait_event,"
+           " (SELECT count(*) FROM lock WHERE NOT lock.granted)"
+           " FROM lock JOIN pg_stat_activity a ON a.pid = lock.pid WHERE lock.granted")
+#: The last write the database refused for want of space or an I/O error, in this process: (its first line, when,
+#: as ``time.time()``); None once a later transaction committed. Read by ``/health``.
+_write_failure: tuple[str, float] | None = None
 #: What ``?`` and ``%`` mean nothing inside: quoted strings and names, comments, dollar-quoted bodies.
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*[\s\S]*?\*/|\$(\w*)\$[\s\S]*?\$\1\$|\?|%")
 _translated: dict[str, str] = {}
@@ -152,16 +180,45 @@ class PgConnection:
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> PgCursor:
         cursor = self.raw.cursor()
-        if params is None or (not params and not isinstance(params, dict)):
-            cursor.execute(sql, None)  # no parameters: psycopg sends the text as it is
-        else:
-            cursor.execute(translate(sql), _storable(params))
+        try:
+            if params is None or (not params and not isinstance(params, dict)):
+                cursor.execute(sql, None)  # no parameters: psycopg sends the text as it is
+            else:
+                cursor.execute(translate(sql), _storable(params))
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        if _write_failure is not None and sql == "COMMIT":  # a write went through again
+            write_succeeded()
         return PgCursor(cursor)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> PgCursor:
         cursor = self.raw.cursor()
-        cursor.executemany(translate(sql), [_storable(row) for row in rows])
+        try:
+            cursor.executemany(translate(sql), [_storable(row) for row in rows])
+        except Exception as exc:
+            self._failed(exc)
+            raise
         return PgCursor(cursor)
+
+    def _failed(self, exc: BaseException) -> None:
+        """What a statement's failure tells of the connection: a write refused for want of space is noted for
+        ``/health`` (:func:`note_write_failure`); a prepared statement the server does not know (psycopg's list of
+        them out of step with the server's) is a connection that would fail every statement of that text: it is
+        closed, and an ``OperationalError`` raised instead, answered as while the database is away (503, no ACK)
+        and the connection replaced (:func:`gateway.store.db.connection_lost`)."""
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.InvalidSqlStatementName):
+            log.warning("database connection out of step with the server's prepared statements (%s): closed, "
+                        "another is opened", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            try:
+                self.raw.close()
+            except Exception:  # noqa: BLE001 - closing is all that is left to do
+                pass
+            raise psycopg.OperationalError(f"the database connection was out of step with the server ({exc}); it "
+                                           "was closed") from exc
+        note_write_failure(exc)
 
     def execute_arrays(self, sql: str, params: Sequence[Any]) -> PgCursor:
         """:meth:`execute` with every parameter sent in binary: for arrays of many values (the rows of one
@@ -172,7 +229,11 @@ class PgConnection:
             if len(_binary_translated) < 1_000:
                 _binary_translated[sql] = binary
         cursor = self.raw.cursor()
-        cursor.execute(binary, _storable(params))
+        try:
+            cursor.execute(binary, _storable(params))
+        except Exception as exc:
+            self._failed(exc)
+            raise
         return PgCursor(cursor)
 
     def executescript(self, script: str) -> None:
@@ -180,14 +241,54 @@ class PgConnection:
         self.raw.execute(script.encode("utf-8"))
 
     def begin(self) -> None:
-        """``BEGIN`` and the write lock (see the module's description), sent together (one round trip)."""
+        """``BEGIN`` and the write lock (see the module's description), sent together (one round trip).
+
+        A wait for the lock that times out looks at its holder: one that has waited on its client (idle in its
+        transaction, or in the middle of a pipeline) for longer than :data:`IDLE_IN_TRANSACTION_S` is a client
+        that stopped, and is ended (a WARNING names it) before the lock is asked for once more."""
         self.begun += 1
+        try:
+            self._lock()
+        except Exception as exc:
+            import psycopg
+
+            if not isinstance(exc, psycopg.errors.LockNotAvailable) or not self._end_stopped_holder():
+                raise
+            self._lock()
+
+    def _lock(self) -> None:
         try:
             self.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
         except BaseException:  # the lock not had (lock_timeout, an interrupt): no failed transaction is left open
             if not (self.raw.closed or self.raw.broken) and self.in_transaction:
                 self.raw.execute("ROLLBACK")
             raise
+
+    def _end_stopped_holder(self) -> bool:
+        """End the write lock's holder when it has waited on its client for longer than :data:`IDLE_IN_TRANSACTION_S`
+        (idle in its transaction, or in the middle of a pipeline: ``active`` waiting for the client's next message,
+        which no server timeout ends); True when one was ended (or the lock was let go meanwhile)."""
+        try:
+            holder = self.raw.execute(_HOLDER).fetchone()
+        except Exception as exc:  # noqa: BLE001 - the connection failed too: the timeout is the news
+            log.debug("the write lock's holder could not be looked up: %s", exc)
+            return False
+        if holder is None:
+            return True  # let go meanwhile: worth asking again
+        pid, application, state, held, idle, host, port, event, _ = holder
+        if not _stopped(state, event) or float(idle or 0) <= IDLE_IN_TRANSACTION_S:
+            return False
+        try:
+            ended = bool(self.raw.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone()[0])
+        except Exception as exc:  # noqa: BLE001 - not permitted (another role): the timeout stands
+            log.warning("the database's write lock is held by %s (server pid %s, client %s:%s), waiting on its "
+                        "client (%s) for %.0f s; it could not be ended: %s", application, pid, host, port, state,
+                        float(idle), exc)
+            return False
+        log.warning("the database's write lock was held by %s (server pid %s, client %s:%s), waiting on its client "
+                    "(%s) for %.0f s, held %.0f s: its session was ended so that writes go on (a client stopped while "
+                    "writing)", application, pid, host, port, state, float(idle), float(held or 0))
+        return ended
 
     @contextmanager
     def pipeline(self) -> Iterator[Any]:
@@ -199,11 +300,101 @@ class PgConnection:
         at the next ``sync()`` or when the block ends (the transaction is then
         failed, as it would have been by the statement run alone).
         """
-        with self.raw.pipeline() as pipe:
-            yield pipe
+        try:
+            with self.raw.pipeline() as pipe:
+                _end_on_sync(pipe)
+                yield pipe
+        except Exception as exc:
+            import psycopg
+
+            # A statement prepared in the part of the pipeline the server skipped after an error is listed by
+            # psycopg as prepared all the same (psycopg 3.3): its list is dropped, the server's with it (DEALLOCATE
+            # ALL at the next statement, once the transaction is rolled back), so that no statement is later sent
+            # under a name the server never made.
+            prepared = getattr(self.raw, "_prepared", None)
+            if isinstance(exc, psycopg.Error) and prepared is not None and hasattr(prepared, "clear"):
+                prepared.clear()
+            self._failed(exc)
+            raise
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _stopped(state: str | None, wait_event: str | None) -> bool:
+    """A session waiting on its client inside a transaction: idle in it, or in the middle of a pipeline."""
+    return (state or "").startswith("idle in transaction") or (state == "active" and wait_event == "ClientRead")
+
+
+def _end_on_sync(pipe: Any) -> None:
+    """Make psycopg's pipeline end with its sync and no flush request after it.
+
+    psycopg (3.3) ends a pipeline by sending a sync and then a flush request. The
+    server starts ``idle_in_transaction_session_timeout`` when it answers the sync
+    (ReadyForQuery) and stops it at the next message, the flush, which it does not
+    start again: a client stopped after such a pipeline, inside a transaction,
+    holds the write lock for ever. The sync alone sends everything (libpq flushes
+    it), so the answers are read without the flush request. Left as psycopg has it
+    when its pipeline is not built as this expects."""
+    if not all(hasattr(pipe, name) for name in ("_enqueue_sync", "_communicate_gen", "_fetch_gen", "_exit_gen")):
+        return
+
+    def exit_gen() -> Any:
+        try:
+            pipe._enqueue_sync()
+            yield from pipe._communicate_gen()
+        finally:
+            yield from pipe._fetch_gen(flush=False)
+
+    pipe._exit_gen = exit_gen
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database refusing a write for want of space (PostgreSQL's ``disk_full``, "No space
+    left on device"; SQLite's ``SQLITE_FULL``)."""
+    if getattr(exc, "sqlstate", None) == "53100":
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == 13:  # SQLITE_FULL
+        return True
+    return "No space left on device" in str(exc)
+
+
+def note_write_failure(exc: BaseException) -> None:
+    """Keep ``exc`` as the last write the database refused (for ``/health``) when it is a full disk or an I/O error
+    (PostgreSQL's classes 53 and 58, SQLite's ``SQLITE_FULL`` and ``SQLITE_IOERR``); anything else is not kept."""
+    global _write_failure
+    state = getattr(exc, "sqlstate", None) or ""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not (disk_full(exc) or state.startswith(("53", "58"))
+            or (isinstance(code, int) and code & 0xFF == 10)):  # SQLITE_IOERR
+        return
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+    _write_failure = (line[:297] + "..." if len(line) > 300 else line, time.time())
+
+
+def write_succeeded() -> None:
+    """A transaction committed: the last refused write (:func:`note_write_failure`) is no longer news."""
+    global _write_failure
+    _write_failure = None
+
+
+def write_failure() -> tuple[str, float] | None:
+    """The last write the database refused in this process for want of space or an I/O error, and when (as
+    ``time.time()``); None when none was, or a transaction committed since."""
+    return _write_failure
+
+
+def write_lock_holder(db: Any) -> dict[str, Any] | None:
+    """Who holds the write lock now: ``pid`` (the server's process), ``application`` (its ``application_name``),
+    ``state`` (``active``, ``idle in transaction``...), ``held`` (seconds since its transaction began), ``idle``
+    (seconds in that state), ``waiting`` (how many sessions wait for the lock), ``on_client`` (it waits on its
+    client, not on the server's work); None when nobody holds it."""
+    row = db.conn.raw.execute(_HOLDER).fetchone()
+    if row is None:
+        return None
+    return {"pid": row[0], "application": row[1], "state": row[2], "held": float(row[3] or 0),
+            "idle": float(row[4] or 0), "waiting": int(row[8]), "on_client": _stopped(row[2], row[7])}
 
 
 class PgDatabase:
