@@ -548,8 +548,11 @@ def test_issue_cert_names_the_start_of_validity_when_that_is_wrong(tmp_path: Pat
     made = CliRunner().invoke(cli, ["keys", "init", "--uscc", "12500000MB00000277", "--name", "测试市第一医院", "--out",
                                     str(tmp_path)])
     assert made.exit_code == 0, made.output
+    authority_key = tmp_path / "TEST-authority.key.pem"  # (git checks it out 0644: the authority's key is refused so)
+    authority_key.write_bytes((keys_dir / "TEST-authority.key.pem").read_bytes())
+    authority_key.chmod(0o600)
     args = ["registry", "issue-cert", str(tmp_path / "12500000MB00000277.csr.pem"), "--authority-key",
-            str(keys_dir / "TEST-authority.key.pem"), "--authority-cert", str(DATA / "signing" / "authority.cert.pem"),
+            str(authority_key), "--authority-cert", str(DATA / "signing" / "authority.cert.pem"),
             "--out", str(tmp_path / "member.pem")]
     early = CliRunner().invoke(cli, [*args, "--not-before", "1999-01-01T00:00:00+08:00"])
     assert early.exit_code == 1, early.output

@@ -263,6 +263,8 @@ def authority_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     )
     (d / "TEST-authority.key").write_bytes(private_key_pem(key, b"secret"))
     (d / "password").write_text("secret\n")
+    for private in ("TEST-authority.key", "password"):  # (the authority's key is refused when others may read it)
+        (d / private).chmod(0o600)
     (d / "authority.pem").write_bytes(cert_pem(cert))
     return {"key": d / "TEST-authority.key", "cert": d / "authority.pem", "password": d / "password", "dir": d}
 

@@ -120,7 +120,10 @@ def test_key_directory_rule(tmp_path: Path) -> None:
 def test_issue_cert_from_a_csr(runner: CliRunner, tmp_path: Path) -> None:
     runner.invoke(cli, ["keys", "init", "--uscc", CHONGQING, "--name", "测试市第一医院", "--out", str(tmp_path)])
     out = tmp_path / "member.cert.pem"
-    args = ["registry", "issue-cert", str(tmp_path / f"{CHONGQING}.csr.pem"), "--authority-key", AUTHORITY_KEY,
+    authority_key = tmp_path / "TEST-authority.key.pem"  # (git checks it out 0644: the authority's key is refused so)
+    authority_key.write_bytes(Path(AUTHORITY_KEY).read_bytes())
+    authority_key.chmod(0o600)
+    args = ["registry", "issue-cert", str(tmp_path / f"{CHONGQING}.csr.pem"), "--authority-key", str(authority_key),
             "--authority-cert", AUTHORITY_CERT, "--days", "365", "--not-before", "2025-03-01T00:00:00+08:00"]
     result = runner.invoke(cli, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output

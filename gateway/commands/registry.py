@@ -29,7 +29,14 @@ from gateway.commands.common import AWARE, AwareDateTime, now_cst, one_line_erro
 
 from gateway.config import REPO_ROOT
 from gateway.registry.models import QUALIFICATION_TYPES, Snapshot, china_date
-from gateway.registry.snapshot import RegistryHolder, build_snapshot, read_snapshot_unverified, verify_snapshot
+from gateway.registry.snapshot import (
+    MAX_VERSION,
+    RegistryHolder,
+    build_snapshot,
+    check_no_bom,
+    read_snapshot_unverified,
+    verify_snapshot,
+)
 from gateway.registry.source import RegistrySource, load_source, parse_source, source_schema
 from gateway.signing.canonical import dumps
 from gateway.signing.keys import (
@@ -276,8 +283,9 @@ def _check_endpoint(endpoint: str, where: str) -> str:
 @click.option(
     "--version",
     "version",
-    type=click.IntRange(1),
-    help="Snapshot version instead of the source's own; a renewed snapshot needs a higher one than before.",
+    type=click.IntRange(1, MAX_VERSION),
+    help="Snapshot version instead of the source's own (1 to 2147483647); a renewed snapshot needs a higher one "
+    "than before.",
 )
 def build(
     source: str,
@@ -296,14 +304,18 @@ def build(
 
     A snapshot once issued does not change under its version: when --out already holds a snapshot of the same
     version with other content, nothing is written (exit 2: raise the version); with the same content, nothing
-    changed and nothing is written (exit 0).
+    changed and nothing is written (exit 0). Nor does a version go back: when --out holds a higher version, nothing
+    is written (exit 2; members holding it would refuse the lower one).
     """
     with one_line_errors():
         src = load_source(source)
         if version is not None:
             src = RegistrySource({**src.body, "version": version}, src.origin)
-        password = Path(key_password_file).read_bytes().rstrip(b"\r\n") if key_password_file else None
-        key = load_private_key(key_path, password)
+        from gateway.commands.signing import _read_password, private_file
+
+        # the authority's key (and its password) kept from other users of this host, as a member gateway's is
+        key = load_private_key(private_file(key_path, "--key"),
+                               _read_password(key_password_file, "--key-password-file"))
         cert = load_certificates(cert_path)[0]
         doc = build_snapshot(
             src, key=key, cert=cert, issued=issued or now_cst(), valid_for=_dt.timedelta(days=valid_days)
@@ -326,13 +338,24 @@ def _issued_before(out: Path, doc: dict[str, Any]) -> dict[str, Any] | None:
     """The snapshot ``out`` holds when it is of ``doc``'s version with the same content (None: no such snapshot, or
     one of another version, which ``doc`` may replace).
 
-    :raises click.ClickException: (exit 2) ``out`` holds a snapshot of the same version with other content.
+    :raises click.ClickException: (exit 2) ``out`` holds a snapshot of the same version with other content, or one
+        of a higher version (a version once issued is not followed by a lower one).
     """
     try:
         held = json.loads(out.read_bytes())
     except (OSError, ValueError):
         return None  # (nothing there, or no snapshot: written as before)
-    if not isinstance(held, dict) or held.get("version") != doc["version"] or "signature" not in held:
+    if not isinstance(held, dict) or "signature" not in held:
+        return None
+    version = held.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and doc["version"] < version <= MAX_VERSION:
+        back = click.ClickException(
+            f"{out} holds registry snapshot version {version} (issued {held.get('issued')}), higher than version "
+            f"{doc['version']}: members holding version {version} refuse a lower one; build with --version "
+            f"{version + 1} or higher (or write to another --out)")
+        back.exit_code = 2
+        raise back
+    if version != doc["version"]:
         return None
     same = dumps({k: v for k, v in held.items() if k not in _DATED}) == dumps(
         {k: v for k, v in doc.items() if k not in _DATED})
@@ -437,6 +460,7 @@ def show(snapshot: str, authority: tuple[str, ...], at: _dt.datetime | None, as_
     moment = at or now_cst()
     data = _read(snapshot)
     with one_line_errors():
+        check_no_bom(data, snapshot)
         if authority:
             snap = verify_snapshot(data, authority_certificates(authority), moment)
             verified = "verified"

@@ -32,6 +32,7 @@ from gateway.signing.jws import check_signer_is_issuer, format_instant, sign_bun
 from gateway.signing.keys import (
     cert_pem,
     certificates_in,
+    check_private_file,
     generate_private_key,
     issue_certificate,
     kid_of,
@@ -46,7 +47,7 @@ from gateway.signing.keys import (
 )
 from gateway.signing.trust import StaticTrust
 
-__all__ = ["keys", "sign", "verify", "issue_cert", "init_authority", "key_dir_allowed"]
+__all__ = ["keys", "sign", "verify", "issue_cert", "init_authority", "key_dir_allowed", "private_file"]
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,27 @@ _one_line_errors = one_line_errors
 _now = now_cst
 
 
-def _read_password(path: str | None) -> bytes | None:
+#: Who alone may read the registry authority's key and its password file (as a refusal says it).
+AUTHORITY_READER = "the registry authority's user"
+
+
+def private_file(path: str, option: str) -> str:
+    """``path`` of the registry authority's key (or its password file) when no other user of this host may open it,
+    as a member gateway requires of its own key.
+
+    :raises ConfigError: (exit 2) open to group or others, one line naming the option, the file and ``chmod 600``.
+    """
+    check_private_file(path, option, reader=AUTHORITY_READER)
+    return path
+
+
+def _read_password(path: str | None, option: str = "") -> bytes | None:
+    """The password in file ``path`` (None: none given); ``option``: the registry authority's password file given
+    by that option, which must be private as its key is."""
     if not path:
         return None
+    if option:
+        private_file(path, option)
     data = Path(path).read_bytes().rstrip(b"\r\n")
     if not data:
         raise click.ClickException(f"password file {path} is empty")
@@ -282,7 +301,8 @@ def issue_cert(
                 request,
                 member,
                 member_name,
-                load_private_key(authority_key, _read_password(authority_key_password_file)),
+                load_private_key(private_file(authority_key, "--authority-key"),
+                                 _read_password(authority_key_password_file, "--authority-key-password-file")),
                 load_certificate(authority_cert),
                 start,
                 start + _dt.timedelta(days=days),

@@ -113,8 +113,8 @@ class SnapshotFile:
     """Watches the configured snapshot file and applies a new version when it appears."""
 
     def __init__(self, settings: Settings, holder: RegistryHolder, clock: Callable[[], _dt.datetime],
-                 *, every: float = 2.0) -> None:
-        self.settings, self.holder, self.clock, self.every = settings, holder, clock, every
+                 *, every: float = 2.0, retry: float = 60.0) -> None:
+        self.settings, self.holder, self.clock, self.every, self.retry = settings, holder, clock, every, retry
         self.path = Path(settings.registry_snapshot)
         self._seen = self._stamp()
         self._checked = time.monotonic()
@@ -122,7 +122,11 @@ class SnapshotFile:
         self._lock = threading.Lock()
         #: why the file as it is now was refused (the one in force stays), None when it is the one in force or
         #: was applied: /health says so, as the gateway would not start with it
-        self.refused: str | None = None
+        self.refused: str | None = holder.file_refused
+        #: when the file was last refused (monotonic): a refused file is tried again every ``retry`` seconds
+        #: though it did not change (a snapshot issued ahead of this clock becomes valid as time passes)
+        self._refused_at = time.monotonic()
+        self._refused_stamp = self._seen if self.refused is not None else (-1.0, -1)
 
     def _stamp(self) -> tuple[float, int]:
         try:
@@ -149,15 +153,18 @@ class SnapshotFile:
         with self._lock:
             self._checked = now
             stamp = self._stamp()
-            if stamp == self._seen and not force:
+            again = self.refused is not None and now - self._refused_at >= self.retry
+            if stamp == self._seen and not force and not again:
                 return False
             self._seen = stamp
             try:
                 before = self.holder.current
                 snapshot = self.holder.apply(self.path.read_bytes())
             except (OSError, GatewayError) as exc:
-                log.warning("registry snapshot %s refused, keeping the one in force: %s", self.path, exc)
-                self.refused = str(getattr(exc, "message", None) or getattr(exc, "strerror", None) or exc)
+                reason = str(getattr(exc, "message", None) or getattr(exc, "strerror", None) or exc)
+                if reason != self.refused or stamp != self._refused_stamp:  # (said once, not at every retry)
+                    log.warning("registry snapshot %s refused, keeping the one in force: %s", self.path, exc)
+                self.refused, self._refused_at, self._refused_stamp = reason, now, stamp
                 return False
             self.refused = None
             if before is not None and snapshot is before:
@@ -199,8 +206,12 @@ class SnapshotFile:
 def holder_from_settings(settings: Settings, clock: Callable[[], _dt.datetime]) -> RegistryHolder | None:
     """The registry holder with the configured snapshot applied, or None when none is configured.
 
-    :raises ConfigError: the authority certificate or the snapshot cannot be read or does not
-        verify (signature, expiry, older than one already accepted).
+    A file that cannot be read or does not verify (tampered, cut short, issued in the future, older than one
+    accepted) leaves the newest snapshot kept in the database in force, with a warning, and ``file_refused`` of the
+    holder saying why (``/health`` says so): every process of the gateway starts as the running one goes on.
+
+    :raises ConfigError: the authority certificate cannot be read, or the snapshot file is refused and the
+        database keeps no snapshot that verifies.
     """
     if not settings.registry_snapshot:
         return None
@@ -210,27 +221,38 @@ def holder_from_settings(settings: Settings, clock: Callable[[], _dt.datetime]) 
         raise ConfigError(f"registry authority certificate {settings.registry_authority}: {exc}",
                           "registry_authority") from None
     holder = RegistryHolder(authorities, clock=clock, min_version=highest_version(settings.database_locator))
+    text = b""
+    refused: str | None = None  # why the file was refused (as the refusal to start says it)
+    reason = ""  # (as /health says it)
     try:
         text = Path(settings.registry_snapshot).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"registry snapshot {settings.registry_snapshot}: {exc.strerror}",
-                          "registry_snapshot") from None
-    refused: GatewayError | None = None
-    try:
-        holder.apply(text)
-    except GatewayError as exc:
-        refused = exc
-    # a newer snapshot applied by another node sharing this database is taken up too, whatever the file holds
+        refused = reason = f"cannot read it: {exc.strerror or exc}"
+    else:
+        if not text.strip():
+            refused = reason = "the file is empty"
+        else:
+            try:
+                holder.apply(text)
+            except GatewayError as exc:
+                refused, reason = str(exc), exc.message
+    # a newer snapshot applied by another node sharing this database is taken up too, whatever the file holds; and
+    # the stored snapshot in force stays in force when the file does not verify (tampered, cut short, unreadable,
+    # issued in the future): a restarted process (an MLLP child, `gateway send`) goes on as the running one does
     stored = stored_snapshot(settings.database_locator, holder.current.version if holder.current else 0)
-    if stored is not None and (refused is None or _only_older(text, holder, clock)):
+    if stored is not None:
         try:
             holder.apply(stored[1])
         except GatewayError as exc:
             log.warning("registry snapshot version %s kept in the database refused: %s", stored[0], exc)
         else:
-            if refused is not None:
+            if refused is not None and text.strip() and _only_older(text, holder, clock):
                 log.warning("registry snapshot %s is older than version %s, which another node of this gateway "
                             "applied: version %s is in force", settings.registry_snapshot, stored[0], stored[0])
+            elif refused is not None:
+                log.warning("registry snapshot %s refused (%s); version %s kept in the database stays in force",
+                            settings.registry_snapshot, reason, stored[0])
+                holder.file_refused = reason
     snapshot = holder.current
     if snapshot is None:
         raise ConfigError(f"registry snapshot {settings.registry_snapshot} refused: {refused}",

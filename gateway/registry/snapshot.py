@@ -29,23 +29,43 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.errors import BadSignature, ConfigError, GatewayError, InputError, TrustError
+from gateway.errors import BadSignature, ConfigError, GatewayError, InputError, TrustError, shown
 from gateway.registry.models import SNAPSHOT_FORMAT, Snapshot
-from gateway.registry.source import RegistrySource
+from gateway.registry.source import MAX_VERSION, RegistrySource
 from gateway.signing.canonical import canonicalize, parse_json
 from gateway.signing.jws import CLOCK_SKEW, format_instant, sign_detached, verify_detached
 from gateway.signing.keys import is_authority, kid_of, uscc_of
 
 __all__ = [
     "DEFAULT_VALIDITY",
+    "MAX_VERSION",
+    "check_version",
     "build_snapshot",
     "unsigned_snapshot",
     "verify_snapshot",
     "read_snapshot_unverified",
     "RegistryHolder",
+    "check_no_bom",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def check_version(version: Any, location: str = "version") -> int:
+    """``version`` when it is a snapshot version a gateway can keep: a whole number from 1 to :data:`MAX_VERSION`.
+
+    :raises ConfigError: naming ``location`` and the range.
+    """
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)  # (12.0 in YAML: a whole number, as the schema's integer takes it)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"registry snapshot version {shown(version)} is not a whole number from 1 to {MAX_VERSION}",
+                          location)
+    if not 1 <= version <= MAX_VERSION:
+        raise ConfigError(f"registry snapshot version {shown(version).replace(chr(39), '')} is out of range: a "
+                          f"version is a whole number from 1 to {MAX_VERSION}", location)
+    return version
+
 
 #: How long a snapshot stays valid unless the build says otherwise: long enough to ride out an
 #: outage of the distribution, short enough that a gateway cut off from it stops deciding.
@@ -97,6 +117,7 @@ def build_snapshot(
     _aware(issued, "issued")
     if valid_for <= _dt.timedelta(0):
         raise InputError("a snapshot must be valid for a positive time", "valid_for")
+    check_version(source.body.get("version"))
     authority = source.body["authority"]["uscc"]
     if not is_authority(cert):
         raise ConfigError("the registry snapshot must be signed with the registry authority's CA certificate", "cert")
@@ -180,6 +201,7 @@ def verify_snapshot(text: str | bytes, authorities: Iterable[x509.Certificate], 
     except BadSignature:
         raise BadSignature(location="snapshot.signature") from None
     snapshot = Snapshot.from_document(body)
+    check_version(doc.get("version"), "snapshot.version")  # (signed so, still no version a gateway can keep)
     if uscc_of(cert) != snapshot.authority_uscc:
         raise TrustError(
             f"the snapshot names authority {snapshot.authority_uscc} but was signed by {uscc_of(cert)}",
@@ -229,6 +251,9 @@ class RegistryHolder:
         self._current: Snapshot | None = None
         self._current_text = b""
         self._lock = threading.Lock()
+        #: why the configured snapshot file was refused when the gateway started, when a snapshot kept in its
+        #: database is in force instead (None: the file is the one in force, or no such fallback happened)
+        self.file_refused: str | None = None
 
     @property
     def current(self) -> Snapshot | None:
@@ -299,4 +324,17 @@ class RegistryHolder:
             data = p.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read registry snapshot {p}: {exc.strerror or exc}", str(p)) from None
-        return self.apply(data, at)
+        return self.apply(check_no_bom(data, p), at)
+
+
+def check_no_bom(data: bytes, path: str | Path) -> bytes:
+    """``data`` of snapshot file ``path`` when it does not start with a byte order mark (an editor's, or a copy
+    tool's: the authority writes none; the JSON parser's own message named no file).
+
+    :raises ConfigError: naming the file.
+    """
+    if data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"registry snapshot {path} starts with a byte order mark (BOM), which the registry "
+                          "authority never writes: install the file exactly as `gateway registry build` wrote it "
+                          "(or save it as UTF-8 without BOM)", str(path))
+    return data

@@ -19,6 +19,8 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import re
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -29,8 +31,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from gateway.errors import ConfigError, IdentifierError, Issue
+from gateway.errors import ConfigError, IdentifierError, Issue, shown
 from gateway.divisions import division_problem
 from gateway.identifiers import check_id_card, check_uscc
 from gateway.mapping.tables import loinc_check_digit, not_utf8
@@ -42,10 +45,11 @@ from gateway.registry.models import (
     service_scope_words,
 )
 from gateway.registry.reference import resolve_factor
-from gateway.signing.keys import is_authority, uscc_of
+from gateway.signing.keys import is_authority, kid_of, uscc_of
 
 __all__ = [
     "SOURCE_FORMAT",
+    "MAX_VERSION",
     "RegistrySourceError",
     "RegistrySource",
     "source_schema",
@@ -58,6 +62,11 @@ log = logging.getLogger(__name__)
 
 #: Format marker of a registry source file.
 SOURCE_FORMAT = "cyhr-registry-source/1"
+
+#: The highest snapshot version: what every place that keeps one holds (the database's ``registry_applied.version``
+#: and ``decisions.snapshot_version``: INTEGER in SQLite, BIGINT in PostgreSQL; a FHIR integer, a metric), with room
+#: to spare: a version past it was signed, then broke the running gateway ("OverflowError") and its next start.
+MAX_VERSION = 2**31 - 1
 
 _DEFAULT_ANCHOR = {
     "lab": "collection",
@@ -98,9 +107,105 @@ class RegistrySource:
         return int(self.body["version"])
 
 
+class _DuplicateKey(yaml.YAMLError):  # type: ignore[misc]  # (PyYAML has no type hints)
+    """A mapping of the source gives one key twice (YAML and JSON parsers keep the last and drop the first)."""
+
+
+def _duplicate_key(key: Any, first: tuple[int, int] | None, second: tuple[int, int] | None) -> _DuplicateKey:
+    """The refusal of ``key`` given twice, at (line, column) ``first`` and ``second`` when known."""
+    lines = ""
+    if first and second:
+        lines = (f" on line {first[0]} and line {second[0]}" if first[0] != second[0]
+                 else f" on line {first[0]} (columns {first[1]} and {second[1]})")
+    return _DuplicateKey(f"key {key!r} is given twice in one mapping{lines}: only the second would count, and the "
+                         "first would be dropped without a word; remove one, or merge them")
+
+
 class _NoDatesLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # no type hints
     """YAML without implicit timestamps: dates stay strings, as the schema expects. On libyaml's parser when PyYAML
-    was built with it (six times quicker on a registry source; the same safe constructors and resolvers)."""
+    was built with it (six times quicker on a registry source; the same safe constructors and resolvers).
+
+    A key given twice in one mapping is refused (:class:`_DuplicateKey`): YAML keeps the last one, so a second
+    ``eqa:`` block replaced the first, and a repeated ``certificates: []`` revoked a member's certificates. Keys a
+    merge (``<<: *anchor``) brings in may be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, tuple[int, int]] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                at = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                try:
+                    if key in seen:
+                        raise _duplicate_key(key, seen[key], at)
+                    seen[key] = at
+                except TypeError:
+                    continue  # (an unhashable key: the safe constructor refuses it itself)
+        return super().construct_mapping(node, deep=deep)
+
+
+#: The tokens of JSON text: a string, a punctuation mark, or anything else up to the next one (numbers, literals).
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+')
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members as a dict; a key given twice refused (``json`` keeps the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _duplicate_key(key, None, None)
+        out[key] = value
+    return out
+
+
+def _json_duplicate_lines(text: str) -> tuple[str, tuple[int, int], tuple[int, int]] | None:
+    """(key, first (line, column), second) of the first key given twice in one object of well-formed JSON ``text``."""
+    stack: list[dict[str, tuple[int, int]] | None] = []  # per open object: its keys, where; None for an array
+    line, at, line_start, expect_key = 1, 0, 0, False
+    for match in _JSON_TOKEN.finditer(text):
+        newlines = text.count("\n", at, match.start())
+        if newlines:
+            line += newlines
+            line_start = text.rindex("\n", at, match.start()) + 1
+        at = match.start()
+        token = match.group(0)
+        if token == "{":
+            stack.append({})
+            expect_key = True
+        elif token == "[":
+            stack.append(None)
+        elif token in "}]":
+            stack.pop()
+            expect_key = False
+        elif token == ",":
+            expect_key = bool(stack) and stack[-1] is not None
+        elif token == ":":
+            expect_key = False
+        elif expect_key and token.startswith('"') and stack and stack[-1] is not None:
+            key = json.loads(token)
+            where = (line, at - line_start + 1)
+            if key in stack[-1]:
+                return key, stack[-1][key], where
+            stack[-1][key] = where
+            expect_key = False
+    return None
+
+
+def _load_json(text: str) -> Any:
+    """Strict-enough JSON: a key given twice in one object is refused naming it and both lines.
+
+    :raises ValueError: not JSON.
+    :raises _DuplicateKey: a key given twice.
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_pairs)
+    except _DuplicateKey:
+        found = _json_duplicate_lines(text)
+        if found is None:
+            raise
+        raise _duplicate_key(*found) from None
 
 
 _NoDatesLoader.yaml_implicit_resolvers = {
@@ -131,10 +236,37 @@ def _read_source(p: Path) -> str:
     :raises OSError: it cannot be read.
     """
     data = p.read_bytes()
+    wide = _wide_encoding(data)
+    if wide:  # (said as GBK, with the wrong iconv, by the check below)
+        raise ConfigError(f"registry source {p} is {wide} text, not UTF-8: save it as UTF-8 (iconv -f {wide.lower()} "
+                          f"-t utf-8 {shlex.quote(str(p))})", str(p))
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"registry source {not_utf8(p, exc, data)}", str(p)) from None
+
+
+def _wide_encoding(data: bytes) -> str:
+    """"UTF-16" or "UTF-32" when ``data`` is text in one of them (by its byte order mark, or the NUL bytes every
+    ASCII character of a YAML or JSON source has in them), else ""."""
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = data[:64]
+    if len(head) >= 4 and head.count(0) * 2 >= len(head):
+        return "UTF-32" if head.count(0) * 4 >= len(head) * 3 else "UTF-16"
+    return ""
+
+
+def _named(exc: yaml.YAMLError, origin: str) -> str:
+    """``exc`` in one line, saying the file ``origin`` where PyYAML says ``"<unicode string>"`` (it parsed text,
+    not a file)."""
+    for attr in ("context_mark", "problem_mark"):
+        mark = getattr(exc, attr, None)
+        if mark is not None:  # (libyaml's marks are read-only: replaced, not renamed)
+            setattr(exc, attr, yaml.Mark(origin, mark.index, mark.line, mark.column, None, None))
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def read_source_data(path: str | Path) -> dict[str, Any]:
@@ -146,8 +278,10 @@ def read_source_data(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         data = yaml.load(_read_source(p), Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read registry source {p}: {exc}", str(p)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read registry source {p}: {_named(exc, str(p))}", str(p)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"registry source {p} must be a mapping of keys", str(p))
     return data
@@ -181,10 +315,13 @@ def parse_source(
     :raises RegistrySourceError: the text has problems (all of them, with paths).
     """
     try:
-        data = json.loads(text) if is_json else yaml.load(text, Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
+        data = _load_json(text) if is_json else yaml.load(text, Loader=_NoDatesLoader)  # noqa: S506 (safe loader)
+    except _DuplicateKey as exc:
+        raise RegistrySourceError(origin, [Issue("error", "duplicate", "", str(exc))]) from None
     except (ValueError, yaml.YAMLError) as exc:
+        said = _named(exc, origin) if isinstance(exc, yaml.YAMLError) else str(exc)
         raise RegistrySourceError(
-            origin, [Issue("error", "structure", "", f"not valid {'JSON' if is_json else 'YAML'}: {exc}")]
+            origin, [Issue("error", "structure", "", f"not valid {'JSON' if is_json else 'YAML'}: {said}")]
         ) from None
     if not isinstance(data, dict):
         raise RegistrySourceError(origin, [Issue("error", "structure", "", "the top level must be a mapping of keys")])
@@ -246,6 +383,21 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 _PROVINCES = {"51": "Sichuan (51)", "50": "Chongqing (50)"}
 
 
+def _endpoint_key(url: str) -> str:
+    """The gateway an endpoint names: scheme and host in lower case, the port (the scheme's default when none is
+    written), the path without a trailing slash and without the FHIR base ``/fhir`` (which names the same
+    gateway)."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    host = (parts.hostname or parts.netloc).lower()
+    path = parts.path.rstrip("/").removesuffix("/fhir").rstrip("/")
+    return f"{scheme}://{host}:{port}{path}"
+
+
 def _parse_date(value: Any) -> _dt.date | None:
     if value is None:
         return None
@@ -262,6 +414,10 @@ class _Checker:
         self.base_dir = base_dir
         self.problems: list[Issue] = []
         self.warnings: list[Issue] = []
+        #: the public keys (SHA-256 of the SubjectPublicKeyInfo) certified so far: (holder's USCC, holder, where)
+        self.keys: dict[str, tuple[str, str, str]] = {}
+        #: the endpoints listed so far, normalised (:func:`_endpoint_key`): (holder, where)
+        self.endpoints: dict[str, tuple[str, str]] = {}
 
     def problem(self, location: str, message: str, code: str = "value") -> None:
         self.problems.append(Issue("error", code, location, message))
@@ -303,7 +459,7 @@ class _Checker:
                 location, f"LOINC code {code!r} has a wrong check digit (expected {loinc_check_digit(number)})"
             )
 
-    def certificate(self, cert: dict[str, Any], location: str, member: str) -> dict[str, Any] | None:
+    def certificate(self, cert: dict[str, Any], location: str, member: str, holder: str = "") -> dict[str, Any] | None:
         pem = cert.get("pem")
         if pem is None:
             path = self.base_dir / cert["path"]
@@ -323,6 +479,7 @@ class _Checker:
             self.problem(location, f"the certificate names {named or 'no 统一社会信用代码'}, not the member {member}")
         if is_authority(parsed):
             self.problem(location, "an authority (CA) certificate cannot be a member signing certificate")
+        self.one_key_one_member(parsed, location, member, holder or member)
         self.dates(cert, location)
         out: dict[str, Any] = {"pem": pem.strip() + "\n"}
         for key in ("valid_from", "valid_to"):
@@ -330,7 +487,21 @@ class _Checker:
                 out[key] = cert[key]
         return out
 
-    def endpoint(self, url: str, location: str) -> None:
+    def one_key_one_member(self, cert: x509.Certificate, location: str, member: str, holder: str) -> None:
+        """A public key is certified for one member (or authority) only: the authority issues a certificate for any
+        CSR naming a USCC (it cannot know whose key signed it), so one member's key certified under another's USCC
+        would let that member sign as both."""
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        digest = hashlib.sha256(spki).hexdigest()
+        first = self.keys.setdefault(digest, (member, holder, location))
+        if first[0] != member:
+            self.problem(location, f"this certificate of {holder} ({member}, kid {kid_of(cert)}) certifies the same "
+                         f"public key as {first[2]}, the certificate of {first[1]} ({first[0]}): whoever holds that "
+                         f"key would sign as both; issue {holder}'s certificate again from a CSR made with its own "
+                         "key (`gateway keys init`)", "duplicate")
+
+    def endpoint(self, url: str, location: str, holder: str = "") -> None:
         """A member's endpoint is its gateway's base URL (its ``public_url``) or that gateway's FHIR base ``…/fhir``;
         other members add ``/exchange/bundles`` to it themselves."""
         parts = urlsplit(url)
@@ -338,6 +509,32 @@ class _Checker:
         if not parts.netloc or parts.query or parts.fragment or path.endswith(("/exchange", "/exchange/bundles")):
             self.problem(location, f"{url!r} must be the member gateway's base URL (its public_url), like "
                          "https://gw.example.cn, or its FHIR base https://gw.example.cn/fhir")
+            return
+        key = _endpoint_key(url)
+        first = self.endpoints.setdefault(key, (holder, location))
+        if first[1] != location:
+            self.problem(location, f"{holder}'s endpoint {url!r} is the endpoint of {first[0]} ({first[1]}) too: what "
+                         f"is sent to one would reach the other, which stores and decides it; each gateway has its "
+                         "own endpoint (its public_url)", "duplicate")
+
+    def one_item_per_code(self, catalogue: str, item: dict[str, Any], location: str,
+                          mapped: dict[tuple[str, ...], tuple[dict[str, Any], str]]) -> None:
+        """A LOINC code (or an issuer's local code) names one item of a catalogue: on two, a result so coded would be
+        judged by whichever item a lookup found first (another window, another EQA)."""
+        codes: list[tuple[tuple[str, ...], str, str]] = [
+            (("loinc", code), f"{location}.loinc[{k}]", f"LOINC {code}")
+            for k, code in enumerate(item.get("loinc", []))]
+        codes += [(("local", str(lc["issuer"]), str(lc["code"])), f"{location}.local_codes[{k}]",
+                   f"local code {lc['code']} of {lc['issuer']}") for k, lc in enumerate(item.get("local_codes", []))]
+        for key, where, said in codes:
+            first = mapped.setdefault(key, (item, location))
+            if first[1] == location:
+                continue  # (the same item twice: said as a duplicate code by the schema's uniqueItems, or harmless)
+            other = first[0]
+            self.problem(where, f"{said} names item {item['code']} ({item['display']}, {item['window_days']} days) "
+                         f"and item {other['code']} ({other['display']}, {other['window_days']} days, {first[1]}) of "
+                         f"catalogue {catalogue!r}: a code names one item of a catalogue; map it to one of them",
+                         "duplicate")
 
     def physicians(
         self, entries: list[dict[str, Any]], member_ref: Any
@@ -479,6 +676,9 @@ class _Checker:
             out.pop("level", None)
 
     def normalise(self, data: dict[str, Any]) -> dict[str, Any]:
+        if not 1 <= data["version"] <= MAX_VERSION:  # (the schema says a whole number from 1)
+            self.problem("version", f"{shown(data['version']).replace(chr(39), '')} is past the highest snapshot "
+                         f"version, {MAX_VERSION}: no gateway could keep it")
         authority_uscc = self.uscc(data["authority"]["uscc"], "authority.uscc") or data["authority"]["uscc"]
         authority = {"uscc": authority_uscc, "name": data["authority"]["name"]}
 
@@ -508,10 +708,10 @@ class _Checker:
                 if m.get(key) is not None:
                     out[key] = m[key]
             if m.get("endpoint") is not None:
-                self.endpoint(m["endpoint"], f"{loc}.endpoint")
+                self.endpoint(m["endpoint"], f"{loc}.endpoint", f"member {m['name']} ({uscc})")
             certs = []
             for j, c in enumerate(m.get("certificates", [])):
-                cert = self.certificate(c, f"{loc}.certificates[{j}]", uscc)
+                cert = self.certificate(c, f"{loc}.certificates[{j}]", uscc, f"member {m['name']}")
                 if cert is not None:
                     certs.append(cert)
             out["certificates"] = certs
@@ -541,6 +741,8 @@ class _Checker:
             cat_from, cat_to = _parse_date(c["valid_from"]), _parse_date(c.get("valid_to"))
             items = []
             seen_codes: set[str] = set()
+            #: the LOINC and local codes of the catalogue's items so far: the item each names, and where
+            mapped: dict[tuple[str, ...], tuple[dict[str, Any], str]] = {}
             for j, it in enumerate(c["items"]):
                 iloc = f"{loc}.items[{j}]"
                 if it["code"] in seen_codes:
@@ -552,6 +754,7 @@ class _Checker:
                 self.dates(it, iloc)
                 for k, code in enumerate(it.get("loinc", [])):
                     self.loinc(code, f"{iloc}.loinc[{k}]")
+                self.one_item_per_code(c["id"], it, iloc, mapped)
                 item_from = _parse_date(it.get("valid_from")) or cat_from
                 item_to = _parse_date(it.get("valid_to")) if it.get("valid_to") is not None else cat_to
                 if cat_from and item_from and item_from < cat_from:
@@ -615,12 +818,13 @@ class _Checker:
                 if a.get(key) is not None:
                     out_a[key] = a[key]
             if a.get("endpoint") is not None:
-                self.endpoint(a["endpoint"], f"{loc}.endpoint")
+                self.endpoint(a["endpoint"], f"{loc}.endpoint", f"authority {a['name']} ({a_uscc})")
                 if urlsplit(a["endpoint"]).path.rstrip("/").endswith("/exchange/tasks"):
                     self.problem(f"{loc}.endpoint", f"{a['endpoint']!r} must be the authority gateway's base URL; "
                                  "referrals go to <endpoint>/exchange/tasks")
             out_a["certificates"] = [c for j, cert in enumerate(a.get("certificates", []))
-                                     if (c := self.certificate(cert, f"{loc}.certificates[{j}]", a_uscc)) is not None]
+                                     if (c := self.certificate(cert, f"{loc}.certificates[{j}]", a_uscc,
+                                                               f"authority {a['name']}")) is not None]
             authorities.append(out_a)
 
         physicians, seen_physicians = self.physicians(data.get("physicians", []), member_ref)

@@ -386,12 +386,13 @@ def certificates_in(sources: Iterable[PathOrPem]) -> list[x509.Certificate]:
     return out
 
 
-def check_private_file(path: str | os.PathLike[str], setting: str) -> None:
+def check_private_file(path: str | os.PathLike[str], setting: str, *, reader: str = "the gateway's user") -> None:
     """Refuse a secret file (a private key, a key's password) that other users of this host may open.
 
     The gateway starts only when group and others have no access at all, as ssh
     does with its keys; the error names the file, its mode and the command that
-    fixes it.
+    fixes it. ``reader``: who alone may read it, as the error says it (the
+    registry authority's commands check its key the same way).
 
     :raises ConfigError: the file cannot be examined, or group or others have access to it.
     """
@@ -405,7 +406,7 @@ def check_private_file(path: str | os.PathLike[str], setting: str) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if os.name == "posix" and mode & 0o077:
         raise ConfigError(
-            f"{name} is open to group or others (mode {mode:04o}); only the gateway's user may read it: "
+            f"{name} is open to group or others (mode {mode:04o}); only {reader} may read it: "
             f"chmod 600 {shlex.quote(name)}",
             setting,
         )
