@@ -307,3 +307,38 @@ def test_every_audit_command_has_help() -> None:
             if param.param_type_name == "option":
                 assert getattr(param, "help", None), f"{name} {param.name}"
     assert set(audit.commands) == {"verify", "query", "export", "stats", "checkpoint", "tail"}
+
+
+def test_an_export_cut_short_is_audited_and_its_file_is_private(
+        db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gateway audit export | head` (or Ctrl-C) showed entries — patient data — and wrote no audit entry: the look
+    was recorded only after the whole export. It is recorded however the export ends, with the entries read out so
+    far. An export file was 0644 (every user of the machine could read it): it is this user's alone."""
+    import stat
+
+    from gateway.audit import export as exporting
+
+    real = exporting.lines
+
+    def cut_short(items, fmt):  # type: ignore[no-untyped-def]
+        for n, text in enumerate(real(items, fmt)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield text
+
+    monkeypatch.setattr(exporting, "lines", cut_short)
+    out = tmp_path / "cut.ndjson"
+    res = CliRunner().invoke(audit, ["export", "--db", str(db_path), "--format", "ndjson", "--out", str(out)])
+    assert res.exit_code != 0
+    db = connect(db_path)
+    [looked] = list(entries(db, 6))
+    assert looked.event()["subtype"][0]["code"] == "operation"
+    assert "export" in json.dumps(looked.content, ensure_ascii=False)
+    db.conn.close()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    monkeypatch.undo()
+    old = tmp_path / "old.csv"
+    old.write_text("")
+    old.chmod(0o644)
+    assert CliRunner().invoke(audit, ["export", "--db", str(db_path), "--out", str(old)]).exit_code == 0
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600

@@ -27,6 +27,7 @@ import getpass
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -314,19 +315,49 @@ def export_cmd(ctx: click.Context, params: tuple[str, ...], fmt: str, out: str |
         search = query.parse_search(pairs, tz=query.parse_offset(settings.timezone))
         with open_db(ctx, db_path) as db:
             counter = _Counter(query.iter_matches(db, search))
-            with open(out, "w", encoding="utf-8", newline="") if out else _stdout() as sink:
-                for text in exporting.lines(counter, fmt):
-                    sink.write(text)
-            _record_read(
-                db,
-                settings,
-                _command_line(ctx, f"--format={fmt}", *params),
-                interaction="operation",
-                results=counter.n,
-                patient=search.patient(),
-            )
+            try:
+                with _private_file(out) if out else _stdout() as sink:
+                    for text in exporting.lines(counter, fmt):
+                        sink.write(text)
+            except BrokenPipeError:  # (| head: its reader has what it wanted; what was read out is audited below)
+                _quiet_stdout()
+            finally:
+                # audited however the export ended: entries written to a pipe whose reader closed early, or before a
+                # Ctrl-C, were read out all the same (the log holds patient data)
+                _record_read(
+                    db,
+                    settings,
+                    _command_line(ctx, f"--format={fmt}", *params),
+                    interaction="operation",
+                    results=counter.n,
+                    patient=search.patient(),
+                )
     if out:
         click.echo(f"{counter.n} entries written to {out}", err=True)
+
+
+def _private_file(path: str) -> IO[str]:
+    """``path`` opened for writing, readable by this user alone (0600, an existing file's mode too): an export of the
+    audit log holds patient data."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "w", encoding="utf-8", newline="")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _quiet_stdout() -> None:
+    """Standard output's reader has gone (``| head``): what is left to flush goes nowhere, without a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # (not a real file descriptor: a test's captured output)
+        pass
+    finally:
+        os.close(devnull)
 
 
 class _Counter:
