@@ -36,6 +36,7 @@ import datetime as _dt
 import enum
 import functools
 import hashlib
+import io
 import logging
 import re
 import threading
@@ -64,6 +65,7 @@ from gateway.errors import (
     GatewayError,
     InputError,
     Issue,
+    NotFound,
     ParseError,
     ProfileViolation,
     TrustError,
@@ -704,6 +706,9 @@ class Pipeline:
             old = self.store.find_message(ch.format, sender, old_id)
             if old is not None and old.sha256 == hashlib.sha256(unit.data).hexdigest():
                 return old.id, old
+            old = self._exam_stored_before(ch, unit, message_id)
+            if old is not None:
+                return old.id, old
         db = self.store.db
         joined = db.conn.in_transaction
         try:
@@ -719,6 +724,36 @@ class Pipeline:
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
         return self.store.insert_raw(channel=channel, fmt=ch.format, sender="", message_id="", origin=unit.origin,
                                      raw=unit.data, status=status, lease=lease)
+
+    def _exam_stored_before(self, ch: Channel, unit: RawUnit, message_id: str) -> Any:
+        """A CSV exam an earlier release stored under the digest of its bytes, sent again in another form (other
+        line ends, GBK instead of UTF-8, quotes, row order): the stored copy saying the same (its content digest
+        worked out again from its raw input), or None. Only the versions of its 体检编号 this member issued are read
+        (an indexed lookup, made only for an exam whose id was not found); without this, such a resend was taken
+        as a correction of the exam, sent to the members and their decisions withdrawn."""
+        from gateway.store.reports import versions_of
+
+        exam = str(unit.meta.get("exam") or "")
+        if not exam:
+            return None
+        for version in versions_of(self.store.db, self.issuer.uscc, exam):
+            if version.direction != "issued" or version.message_ref is None:
+                continue
+            try:
+                rec = self.store.get_message(version.message_ref)
+            except NotFound:
+                continue
+            if rec.format != ch.format or rec.message_id == message_id or rec.status not in _ANSWERED:
+                continue
+            try:
+                stored = list(ch.adapter.split_stream(io.BytesIO(self.store.raw_of(rec.id)), rec.origin))
+            except Exception:  # noqa: BLE001 - a stored copy that no longer reads is no copy of this one
+                continue
+            if any(ch.adapter.identify(u)[1] == message_id for u in stored):
+                log.info("message format=%s record=%s: the exam stored by an earlier release, sent again in another "
+                         "form", ch.format, rec.id)
+                return rec
+        return None
 
     def _other_content(self, ch: Channel, unit: RawUnit, channel: str, status: str, lease: float | None,
                        sender: str, message_id: str, stored: tuple[int, Any]) -> tuple[int, Any]:

@@ -125,6 +125,26 @@ def test_an_exam_stored_under_its_bytes_digest_is_still_a_duplicate_when_resent_
     assert again.status is Status.DUPLICATE and again.record_id == stored.record_id
 
 
+@pytest.mark.parametrize("again", ["same_lf_b", "dates"])
+def test_an_exam_an_earlier_release_stored_is_a_duplicate_when_resent_in_another_form(
+        cdc: Pipeline, monkeypatch: pytest.MonkeyPatch, again: str) -> None:
+    """An exam an earlier release stored (keyed on its bytes), exported again with other line ends or dates spelt
+    another way after the upgrade: it was taken as a correction of itself, sent to the members and their decisions
+    withdrawn. The stored copy's content is worked out again from its raw input: the same exam, a duplicate."""
+    adapter = cdc.channel("cdc-csv").adapter
+    data = (EDGES / "same_lf_a.csv").read_bytes()
+    with monkeypatch.context() as m:  # as an earlier release stored it
+        m.setattr(adapter, "identify", lambda unit: (str(unit.meta["layout"]), adapter.former_id(unit)))
+        stored = _one(cdc, data, "cdc-csv")
+    assert stored.status is Status.STORED
+    resent = _dates_rewritten(data) if again == "dates" else (EDGES / f"{again}.csv").read_bytes()
+    outcome = _one(cdc, resent, "cdc-csv")
+    assert outcome.status is Status.DUPLICATE, outcome.issues
+    assert outcome.record_id == stored.record_id
+    changed = _one(cdc, (EDGES / "same_lf_a.csv").read_bytes().replace(b",139,", b",141,"), "cdc-csv")
+    assert changed.status is Status.STORED  # (other content is still a correction, or an exam of its own)
+
+
 # -- 3. shared parties of a CSV exam ----------------------------------------------------------------------------------
 
 
