@@ -769,3 +769,38 @@ def test_the_documented_sqlite_backup_and_restore_work_as_written(tmp_path: Path
         assert back.store.get_message(stored[0].record_id).status == stored[0].status.value
     finally:
         back.close()
+
+
+def test_a_database_of_the_release_before_is_brought_to_reports_layout_2_which_that_release_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This release tells CDC CSV exams apart by what they say and lets a later-issued final supersede the version
+    before it: a node of the release before, on a database this one used, took an exam sent again byte for byte as
+    a correction of itself, and nothing refused it (the layout numbers were the same). `gateway db upgrade` now
+    records the reports part at layout 2, which a release writing layout 1 refuses; it also adds the outbox's newer
+    columns (it said "up to date" while the first start added them)."""
+    from click.testing import CliRunner
+
+    import gateway.store.layout as layout
+    from gateway.cli import cli
+    from gateway.errors import ConfigError
+    from gateway.store.db import connect, transaction
+
+    locator = str(tmp_path / "gateway.db")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["db", "upgrade", "--db", locator]).exit_code == 0
+    db = connect(locator)
+    with transaction(db):  # as the release before left it
+        db.execute("UPDATE schema_versions SET version = 1 WHERE part = 'reports'")
+        db.execute("ALTER TABLE outbox DROP COLUMN lease_owner")
+        db.execute("ALTER TABLE outbox DROP COLUMN earlier_attempts")
+    db.conn.close()
+    done = runner.invoke(cli, ["db", "upgrade", "--db", locator])
+    assert done.exit_code == 0, done.output
+    db = connect(locator)
+    assert ("reports", 2) in layout.status(db)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)").fetchall()}
+    assert {"lease_owner", "earlier_attempts"} <= columns
+    monkeypatch.setattr(layout, "REPORTS_LAYOUT", 1)  # the release before
+    with pytest.raises(ConfigError, match=r"reports at layout 2 \(this release writes 1\)"):
+        layout.check_layouts(db)
+    db.conn.close()

@@ -45,13 +45,21 @@ def added_indexes() -> dict[str, tuple[str, ...]]:
     return {"core": core, "decisions": decisions, "accounts": accounts}
 
 
+#: The layout of the ``reports`` part this release writes. 2: a final report's versions under one DiagnosticReport id
+#: supersede by their issue time, and CDC CSV exams are told apart by what they say (their stored ids differ from
+#: layout 1's); a node of a release writing layout 1 would take such an exam sent again as a correction of itself,
+#: so it refuses a database at layout 2. Its tables are those of layout 1.
+REPORTS_LAYOUT = 2
+
+
 def written_layouts() -> dict[str, int]:
     """The layout version of each part this release writes."""
     from gateway.store.accounts import LAYOUT as ACCOUNTS_LAYOUT
     from gateway.store.accounts import PART as ACCOUNTS
     from gateway.store.store import SCHEMA_VERSION
 
-    return {**{part: 1 for part, _ in PARTS}, "core": SCHEMA_VERSION, ACCOUNTS: ACCOUNTS_LAYOUT}
+    return {**{part: 1 for part, _ in PARTS}, "core": SCHEMA_VERSION, ACCOUNTS: ACCOUNTS_LAYOUT,
+            "reports": REPORTS_LAYOUT}
 
 
 def check_layouts(db: Database) -> None:
@@ -83,12 +91,18 @@ def upgrade(db: Database, progress: Callable[[str], Any] | None = None) -> list[
             if progress is not None:
                 progress(part)
             _function(target)(db)
-            if schema.version(db, part) == 0:  # a part with one layout so far: this release's is its first
+            # a part with one layout so far is at its first; reports at REPORTS_LAYOUT (its tables unchanged); the
+            # core and accounts parts record their own steps
+            wanted = REPORTS_LAYOUT if part == "reports" else 1
+            if schema.version(db, part) < wanted:
                 with transaction(db):
-                    if schema.version(db, part) == 0:
-                        schema.set_version(db, part, 1)
+                    if schema.version(db, part) < wanted:
+                        schema.set_version(db, part, wanted)
         from gateway.store.store import ensure_name_strings, ensure_patient_keys
 
+        from gateway.store.outbox import OutboxStore
+
+        OutboxStore(db).ensure_table()  # (the outbox's columns added since its table was made: lease holder, attempts)
         ensure_patient_keys(db, missing=True)  # (on SQLite made when the core part was opened)
         ensure_name_strings(db, missing=True)  # SQLite: names a process of an earlier release stored without them
         tallies.ensure(db)  # the counts /health and /metrics read, started for the tables that have none
