@@ -6,7 +6,8 @@ looks forged) refers it to the authority that approved or filed the issuer, as t
 referral is a FHIR R4 Task (profile ``cyhr-referral-task``):
 
 - ``code``: the reason (CodeSystem ``referral-reason``: unqualified, out-of-scope, suspended, forged);
-- ``focus``: the report; ``requester``: this member; ``owner``: the authority (both by USCC);
+- ``focus``: the report, by its 检验报告单号 with the issuer (USCC and name) as the number's ``assigner`` (a number
+  is unique per issuer only); ``requester``: this member; ``owner``: the authority (both by USCC);
 - ``input``: the evidence — the kept signed Bundle's hash and id, the decision id, each failing rule, a note.
 
 The Task travels signed, inside a ``collection`` Bundle signed like report Bundles are, through the same
@@ -15,7 +16,12 @@ assertion; the receiver answers with a signed receipt. Its status is tracked on 
 ``requested`` (made here) → ``received`` (the authority's gateway took it) → ``accepted`` / ``rejected`` /
 ``completed`` (the authority answers with a Task update over the same exchange, signed and authenticated as
 the authority, whose gateway certificates the registry lists under ``authorities``). Every step is audited
-(kind ``referral``) on both sides.
+(kind ``referral``) on both sides, and so is a delivery that fails (its first failure and its end). An answer for
+a step the referral has passed already (``accepted`` arriving after ``completed``) is taken and audited as late.
+
+Only a failed rule that is an institution's violation grounds a referral, and only one that fits its reason
+(:data:`GROUNDS`); a withdrawn decision (its report corrected) is not referred; one referral stands per decision,
+and per report across its versions (the issuer's 检验报告单号).
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ from gateway.store.exchange import SignedBundles
 from gateway.store.referrals import COLUMNS as _COLUMNS
 from gateway.store.referrals import ReferralStore
 
-__all__ = ["REASONS", "STATUSES", "ANSWERS", "LANE", "TASK_PATH", "PROFILE", "Referrals", "Referral",
-           "ReferralConflict", "ensure_schema"]
+__all__ = ["REASONS", "STATUSES", "ANSWERS", "GROUNDS", "LANE", "TASK_PATH", "PROFILE", "Referrals", "Referral",
+           "issuer_of", "ReferralConflict", "ensure_schema"]
 
 #: Reasons for a referral (CodeSystem referral-reason): code -> display.
 REASONS = {
@@ -110,8 +116,37 @@ def _row(values: Any) -> Referral:
     return Referral(**data)
 
 
-#: Rules a decision fails with no one at fault: a diagnostic conclusion is never recognised (by design).
-_NOT_A_VIOLATION = frozenset({"diagnostic-conclusion"})
+#: Rules whose failure shows an issuer lacked (or did not hold in the scope needed) a qualification, a filing or a
+#: physician's qualification on the report date: what ``unqualified`` and ``out-of-scope`` rest on.
+_QUALIFICATION_RULES = frozenset({"eqa-pass", "occupational-filing", "occupational-physician",
+                                  "technical-service-qualification"})
+#: For each referral reason, the failed rules that can ground it (CodeSystem referral-reason's definitions):
+#:
+#: - ``unqualified`` / ``out-of-scope``: a qualification rule (EQA for the item, 职业健康检查 filing, the 主检医师's
+#:   qualification, the technical-service qualification);
+#: - ``suspended``: the issuer was no active member on the result date (``member-active``), or a qualification rule
+#:   (a suspended or revoked qualification fails it);
+#: - ``forged``: the Bundle was not signed by the reading institution the report names (``reading-signature``), or
+#:   the report claims what its issuer could not issue (``member-active``, a qualification rule). A signature that
+#:   does not verify never reaches a decision: the Bundle is refused.
+#:
+#: Every other failure is no institution's violation: the catalogue does not list the item or its scope does not
+#: cover the two members (``catalogue-item``, ``catalogue-scope``), the window passed (``validity-window``), the
+#: mark or the level direction does not fit (``mark``, ``direction``: the catalogue's terms, not a qualification),
+#: the result has no value (``result-value``), the receiver issued it (``between-institutions``), the report is
+#: preliminary or superseded (``report-status``), a diagnostic conclusion (never recognised, by design).
+GROUNDS: dict[str, frozenset[str]] = {
+    "unqualified": _QUALIFICATION_RULES,
+    "out-of-scope": _QUALIFICATION_RULES,
+    "suspended": _QUALIFICATION_RULES | {"member-active"},
+    "forged": _QUALIFICATION_RULES | {"member-active", "reading-signature"},
+}
+#: Statuses in which a referral stands (one made again meanwhile is "referred already").
+STANDING = ("requested", "received", "accepted", "completed")
+
+
+def _rule_id(rule: dict[str, Any]) -> str:
+    return str(rule.get("rule") or rule.get("id") or "")
 
 
 class _WithAuthorities:
@@ -188,6 +223,27 @@ def _reason_of(task: dict[str, Any]) -> str:
     if reason is None:
         raise InputError(f"a referral's reason is a code from {CS_REASON}", "Task.code")
     return reason
+
+
+def _evidence_reference(task: dict[str, Any], kind: str) -> str | None:
+    """``valueReference.identifier.value`` of the Task's first input of evidence type ``kind``, if any."""
+    inputs = task.get("input")
+    for item in inputs if isinstance(inputs, list) else []:
+        if isinstance(item, dict) and _code_in(item.get("type"), CS_EVIDENCE) == kind:
+            ident = (item.get("valueReference") or {}).get("identifier")
+            value = ident.get("value") if isinstance(ident, dict) else None
+            return value if isinstance(value, str) else None
+    return None
+
+
+def issuer_of(task: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(USCC, name) of the institution whose report a Task refers: ``focus.identifier.assigner``."""
+    focus = task.get("focus")
+    ident = focus.get("identifier") if isinstance(focus, dict) else None
+    assigner = ident.get("assigner") if isinstance(ident, dict) else None
+    uscc = _uscc_of_ref(assigner) or None
+    name = assigner.get("display") if isinstance(assigner, dict) else None
+    return uscc, name if isinstance(name, str) else None
 
 
 def _evidence_value(task: dict[str, Any], kind: str) -> str | None:
@@ -295,11 +351,26 @@ class Referrals:
         if decision.get("receiver") != self.me:
             raise InputError(f"decision {decision_id} was made for {decision.get('receiver')}, not this member",
                              "decision")
+        withdrawn = decision.get("withdrawn")
+        if isinstance(withdrawn, dict):
+            raise InputError(f"decision {decision_id} was withdrawn ({withdrawn.get('reason') or 'superseded'}): "
+                             "its report was replaced by a correction; refer the corrected report's decision",
+                             "decision")
         issuer, report, bundle_id = result.get("issuer"), str(result.get("report") or ""), result.get("bundle")
         report = report.rsplit("|", 1)[-1]  # system|检验报告单号
         bundle_id = str(bundle_id or "").removeprefix("urn:uuid:")
         if not issuer or not report:
             raise InputError(f"decision {decision_id} names no issuer or report to refer", "decision")
+        failing = [r for r in decision.get("rules", []) if r.get("status") == "failed" or r.get("passed") is False]
+        if not [r for r in failing if _rule_id(r) != "diagnostic-conclusion"]:
+            raise InputError(f"decision {decision_id} failed no rule a referral could name ("
+                             f"{decision.get('outcome')}): a referral carries the rules a result failed", "decision")
+        grounds = [r for r in failing if _rule_id(r) in GROUNDS[reason]]
+        if not grounds:
+            named = ", ".join(sorted({_rule_id(r) for r in failing}))
+            raise InputError(f"decision {decision_id} failed {named}: no institution's violation a referral for "
+                             f"{reason} rests on (it rests on a failure of {', '.join(sorted(GROUNDS[reason]))})",
+                             "decision")
         row = SignedBundles(self.db).latest_received(bundle_id or "")
         if row is None:
             raise InputError(f"no signed Bundle is kept for the report of decision {decision_id}: a referral needs "
@@ -308,28 +379,20 @@ class Referrals:
         owner = self.authority_for(str(issuer), authority)
         now = self.clock()
         referral_id = str(uuid.uuid4())
-        failing = [r for r in decision.get("rules", []) if r.get("status") == "failed" or r.get("passed") is False]
-        if not [r for r in failing if (r.get("rule") or r.get("id")) not in _NOT_A_VIOLATION]:
-            raise InputError(f"decision {decision_id} failed no rule a referral could name ("
-                             f"{decision.get('outcome')}): a referral carries the rules a result failed", "decision")
-        earlier = [r for r in self.list(focus=f"DiagnosticReport/{report}", limit=1000)
-                   if r.decision_id == decision_id and r.status not in ("rejected", "cancelled")]
-        if earlier:
-            raise InputError(f"decision {decision_id} was referred already (referral {earlier[0].id}, "
-                             f"{earlier[0].status})", "decision")
+        signed_bundle = f"urn:uuid:{bundle_id}" if bundle_id else bundle_hash
         inputs = [
             _evidence("signed-bundle-hash", "签名报告包摘要",
                       valueIdentifier={"system": SYSTEM_BUNDLE_SHA256, "value": bundle_hash}),
             _evidence("signed-bundle", "签名报告包", valueReference={"type": "Bundle", "identifier": {
-                "system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}" if bundle_id else bundle_hash}}),
+                "system": "urn:ietf:rfc:3986", "value": signed_bundle}}),
             _evidence("decision", "互认决定", valueIdentifier={"system": SYSTEM_DECISION, "value": decision_id}),
             *(_evidence("failing-rule", "未通过的规则",
-                        valueString=f"{r.get('rule') or r.get('id')}: {r.get('message') or r.get('detail') or ''}"
-                        .rstrip(": "))
+                        valueString=f"{_rule_id(r)}: {r.get('message') or r.get('detail') or ''}".rstrip(": "))
               for r in failing),
         ]
         if note:
             inputs.append(_evidence("note", "说明", valueString=note))
+        issuer_name = self._name_of(str(issuer))
         task: dict[str, Any] = {
             "resourceType": "Task",
             "id": referral_id,
@@ -338,8 +401,12 @@ class Referrals:
             "status": "requested",
             "intent": "proposal",
             "code": {"coding": [{"system": CS_REASON, "code": reason, "display": REASONS[reason]}]},
-            "focus": {"type": "DiagnosticReport", "identifier": {"system": SYSTEM_LAB_REPORT_NO, "value": report},
-                      "display": f"检验报告 {report}" + (f"（{result['item']}）" if result.get("item") else "")},
+            # the report by its number as the issuer assigned it: a 检验报告单号 is unique per issuer only
+            "focus": {"type": "DiagnosticReport",
+                      "identifier": {"system": SYSTEM_LAB_REPORT_NO, "value": report,
+                                     "assigner": _org(str(issuer), issuer_name)},
+                      "display": f"{issuer_name or issuer} 检验报告 {report}"
+                      + (f"（{result['item']}）" if result.get("item") else "")},
             "authoredOn": now.isoformat(),
             "lastModified": now.isoformat(),
             "requester": _org(self.me, self.settings.issuer_name),
@@ -352,11 +419,28 @@ class Referrals:
         text, _ = self._sign(task)
         focus = f"DiagnosticReport/{report}"
         with transaction(self.db):
+            # under the write lock (both engines), so that two referrals made at once are checked one after the other
+            self._not_referred_already(decision_id, str(issuer), focus, signed_bundle)
             self.rows.add([referral_id, "requester", "requested", reason, self.me, owner, issuer, focus,
                            decision_id, bundle_hash, note, jsonutil.dumps(task), now.isoformat(), now.isoformat()])
             self._audit("created", task, by=by, note=note, decision_id=decision_id, bundle_hash=bundle_hash)
             self.exchange.outbox.enqueue(LANE + owner, self.url_for(LANE + owner), text, kind="referral")
         return self.get(referral_id)
+
+    def _not_referred_already(self, decision_id: str, issuer: str, focus: str, signed_bundle: str) -> None:
+        """:raises InputError: a referral made here stands for the same decision, or for another version of the
+        same report (the issuer's same 检验报告单号: a correction's decision while the original's referral stands,
+        or the other way round)."""
+        for values in self.rows.standing(issuer, focus, STANDING):
+            earlier = _row(values)
+            if earlier.decision_id == decision_id:
+                raise InputError(f"decision {decision_id} was referred already (referral {earlier.id}, "
+                                 f"{earlier.status})", "decision")
+            version = _evidence_reference(earlier.task, "signed-bundle")
+            if version and version != signed_bundle:
+                raise InputError(f"report {focus.removeprefix('DiagnosticReport/')} of {issuer} was referred already "
+                                 f"(referral {earlier.id}, {earlier.status}) from another version of it (decision "
+                                 f"{earlier.decision_id}, {version})", "decision")
 
     def _check(self, task: dict[str, Any]) -> None:
         from gateway.fhir.profiles import load_guide
@@ -374,7 +458,8 @@ class Referrals:
 
     def _audit(self, action: str, task: dict[str, Any], *, by: records.Party | None = None, note: str | None = None,
                decision_id: str | None = None, bundle_hash: str | None = None, issuer: str | None = None,
-               db: Database | None = None) -> None:
+               db: Database | None = None, outcome: records.Outcome = records.Outcome.SUCCESS,
+               failure: str | None = None) -> None:
         requester, owner = task["requester"], task["owner"]
         row = ReferralStore(db or self.db).evidence(task["id"])
         report = row[1] if row else f"DiagnosticReport/{_focus_of(task)}"
@@ -386,7 +471,7 @@ class Referrals:
             issuer=records.Party.member(str(row[0] if row and row[0] else issuer)) if (row and row[0]) or issuer
             else None,
             decision_id=decision_id or (row[2] if row else None), bundle_hash=bundle_hash or (row[3] if row else None),
-            by=by, note=note))
+            by=by, note=note, outcome=outcome, failure=failure))
 
     # -- the authority's answer ------------------------------------------------------------
 
@@ -466,6 +551,32 @@ class Referrals:
             rows.set_status(task["id"], "received", jsonutil.dumps(task), self.clock().isoformat())
         self._audit("sent", task, db=db)
 
+    def failed(self, db: Database, delivery: Any, failure: Any) -> None:
+        """Inside the outbox's transaction: a referral (or an answer) did not reach its destination — its first
+        failure (to be tried again) or its end (attempts used up, refused, not sent). Audited as a delivery
+        (``sent``) with outcome 4 (refused by the destination, or not sent) or 8 (unreachable or failing) and the
+        failure's reason (``retrying``, ``gave-up``, ``refused-by-receiver``, ``not-sent``), as a failed Bundle
+        push is; the referral's status is unchanged."""
+        try:
+            task = _task_of(parse_json(delivery.payload))
+            _reason_of(task)
+            _focus_of(task)
+        except Exception:  # noqa: BLE001 - a payload that does not read is the outbox's record alone
+            return
+        if not isinstance(task.get("requester"), dict) or not isinstance(task.get("owner"), dict):
+            return
+        ensure_schema(db)
+        row = ReferralStore(db).side_and_status(task["id"])
+        if row is not None and row[0] == "requester":
+            task = dict(task, status=row[1])  # the referral as it stands here
+        refused = failure.reason in ("refused-by-receiver", "not-sent") or 400 <= failure.http_status < 500
+        then = ("tried again later" if failure.status == "pending" else
+                "not tried again unless an operator puts it back (gateway outbox retry)")
+        detail = (f"not delivered to {delivery.destination.removeprefix(LANE)} ({failure.reason}): outbox "
+                  f"#{delivery.id}, attempt {failure.attempts} of {failure.max_attempts}: {failure.error}; {then}")
+        self._audit("sent", task, db=db, note=detail[:1000], failure=failure.reason,
+                    outcome=records.Outcome.MINOR_FAILURE if refused else records.Outcome.SERIOUS_FAILURE)
+
     # -- receiving (POST /exchange/tasks) --------------------------------------------------
 
     def authenticate(self, authorization: str) -> str:
@@ -523,7 +634,7 @@ class Referrals:
         at = body["received_at"]
         with transaction(self.db):
             kept = self.rows.add_received(
-                [task["id"], "owner", "received", reason, requester, owner, None, focus,
+                [task["id"], "owner", "received", reason, requester, owner, issuer_of(task)[0], focus,
                  _evidence_value(task, "decision"), _evidence_value(task, "signed-bundle-hash"),
                  task.get("description"), jsonutil.dumps(task), at, at], receipt.decode("utf-8"))
             if not kept:  # taken meanwhile by another delivery of it
@@ -547,6 +658,13 @@ class Referrals:
             now_status = str(row[1]) if row else current.status
             if status == now_status:
                 return answer  # the same answer again
+            if now_status in _after(status):
+                # a step this referral has passed already (the authority's answers crossed on the way: completed
+                # delivered before accepted): taken into the history (audited as late), the later status kept
+                late = f"late: {status} arrived after {now_status}, which stands"
+                self._audit("updated", dict(task, status=status), by=records.Party.member(
+                    peer, current.task["owner"].get("display")), note=f"{late}; {note}" if note else late)
+                return answer
             follows = ANSWERS.get(now_status, ()) if now_status != "requested" else ANSWERS["received"]
             if status not in follows:
                 raise InputError(f"referral {task['id']} is {now_status}: {status} does not follow", "Task.status")
@@ -554,6 +672,18 @@ class Referrals:
             self._audit("updated", task, by=records.Party.member(peer, current.task["owner"].get("display")),
                         note=note)
         return answer
+
+
+def _after(status: str) -> set[str]:
+    """Every status a referral may reach from ``status`` by the authority's answers."""
+    found: set[str] = set()
+    todo = list(ANSWERS.get(status, ()))
+    while todo:
+        nxt = todo.pop()
+        if nxt not in found:
+            found.add(nxt)
+            todo += ANSWERS.get(nxt, ())
+    return found
 
 
 def _task_of(bundle: Any) -> dict[str, Any]:

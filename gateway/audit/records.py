@@ -736,6 +736,8 @@ def referral(
     bundle_hash: str | None = None,
     by: Party | None = None,
     note: str | None = None,
+    outcome: Outcome = Outcome.SUCCESS,
+    failure: str | None = None,
 ) -> Record:
     """A referral of a violation (移送, a FHIR Task) made, sent, received or answered.
 
@@ -743,10 +745,19 @@ def referral(
     event; ``reason`` the referral reason code; ``report`` the DiagnosticReport referred; ``by`` the user who did
     it (none when the gateway did, e.g. on delivery).
 
-    :raises InputError: unknown action, missing task id, status, reason or report; naive time.
+    A delivery (action ``sent``) that did not succeed has ``outcome`` 4 (refused by the destination, or not sent)
+    or 8 (the destination could not be reached or failed) and ``failure``, as a failed Bundle push has: ``retrying``
+    (its first failure, to be tried again), ``gave-up`` (its attempts used up), ``refused-by-receiver`` or
+    ``not-sent`` (dead at once); ``note`` then says why (outbox record, attempt, error).
+
+    :raises InputError: unknown action, missing task id, status, reason or report; naive time; a failure without
+        its reason, or on another action than ``sent``.
     """
     if action not in REFERRAL_ACTIONS:
         raise InputError(f"referral action {action!r} is not one of {', '.join(REFERRAL_ACTIONS)}", "action")
+    if (outcome != Outcome.SUCCESS) != bool(failure) or (failure and action != "sent"):
+        raise InputError("a referral's failed delivery is action sent with an outcome other than 0 and its reason",
+                         "failure")
     return _record(
         "referral",
         at,
@@ -764,6 +775,7 @@ def referral(
             "bundle_hash": bundle_hash,
             "by": by.facts() if by else None,
             "note": note,
+            **({"outcome": outcome.value, "failure": failure} if failure else {}),
         },
     )
 

@@ -466,7 +466,7 @@ def _referral(facts: Mapping[str, Any]) -> dict[str, Any]:
         "type": _coding(CS_EVENT_TYPE, "violation-referral", "Referral of a violation (移送)"),
         "subtype": [_coding(CS_EVENT_SUBTYPE, f"referral-{facts['action']}", display)],
         "action": action,
-        "outcome": "0",
+        "outcome": str(facts.get("outcome") or "0"),  # (a delivery that failed: 4 or 8)
         "agent": agents,
         "entity": [task, report],
     }

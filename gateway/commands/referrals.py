@@ -15,7 +15,7 @@ import click
 
 from gateway import jsonutil
 from gateway.commands.common import one_line_errors, printable
-from gateway.referrals import REASONS, STATUSES, Referral, Referrals
+from gateway.referrals import REASONS, STATUSES, Referral, Referrals, issuer_of
 
 __all__ = ["referrals"]
 
@@ -101,7 +101,7 @@ def show(ctx: click.Context, referral_id: str, as_json: bool) -> None:
         click.echo(jsonutil.dumps_pretty(r.to_dict()))
         return
     click.echo(_line(r))
-    click.echo(f"  requester {r.requester}  owner {r.owner}  issuer {r.issuer or '-'}")
+    click.echo(printable(f"  requester {r.requester}  owner {r.owner}  issuer {_issuer(r)}"))
     click.echo(f"  decision {r.decision_id or '-'}  signed Bundle sha256 {r.bundle_hash or '-'}")
     for item in r.task.get("input", []):
         code = item["type"]["coding"][0]["code"]
@@ -127,6 +127,14 @@ def update(ctx: click.Context, referral_id: str, status: str, note: str | None, 
         click.echo(f"referral {r.id} {r.status}; answer queued for {r.requester}")
         if deliver_now:
             _deliver(ctx, refs)
+
+
+def _issuer(r: Referral) -> str:
+    """The institution whose report is referred: USCC and name, as the Task names it (its report's number's
+    assigner), else as kept here."""
+    uscc, name = issuer_of(r.task)
+    uscc = uscc or r.issuer
+    return f"{uscc} {name}" if uscc and name else (uscc or "-")
 
 
 def _report(value: str) -> str:

@@ -274,8 +274,10 @@ class Exchange:
                                    bundle=bundle)
 
         def failed(db: Database, delivery: Delivery, failure: Failure) -> None:
-            if not delivery.destination.startswith(LANE):  # (a referral's delivery is the referral's own record)
-                self._audit_failure(db, delivery, failure)
+            if delivery.destination.startswith(LANE):  # audited in the referral's own terms
+                Referrals(self).failed(db, delivery, failure)
+                return
+            self._audit_failure(db, delivery, failure)
 
         return self.outbox.deliver_due(_Behind(used, self._own_certificate_listed), limit=limit,
                                        headers=self.assertion_for, on_receipt=check, on_delivered=delivered,

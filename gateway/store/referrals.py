@@ -29,6 +29,9 @@ class ReferralsPort(Protocol):
     def rows(self, *, status: str | None, focus: str | None, limit: int) -> list[tuple[Any, ...]]:
         """Referrals, newest first, narrowed to a status and/or a focus (a reference, or the id it ends with)."""
 
+    def standing(self, issuer: str, report: str, statuses: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Referrals made here (:data:`COLUMNS`) of one issuer's report, in one of ``statuses``, oldest first."""
+
     def add(self, values: Sequence[Any]) -> None:
         """A referral made here (:data:`COLUMNS`)."""
 
@@ -78,6 +81,12 @@ class ReferralStore:
         sql = _SELECT + ((" WHERE " + " AND ".join(where)) if where else "")
         return [tuple(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, id LIMIT ?",
                                                   [*args, limit]).fetchall()]
+
+    def standing(self, issuer: str, report: str, statuses: Sequence[str]) -> list[tuple[Any, ...]]:
+        marks = ", ".join("?" * len(statuses))
+        return [tuple(r) for r in self.db.execute(
+            f"{_SELECT} WHERE side = 'requester' AND issuer = ? AND report = ? AND status IN ({marks})"
+            " ORDER BY created_at, id", [issuer, report, *statuses]).fetchall()]
 
     def add(self, values: Sequence[Any]) -> None:
         self.db.execute(f"INSERT INTO referrals ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
