@@ -588,7 +588,7 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
     store = _existing_store(ctx)
     if raw:
         data = store.raw_of(record_id)
-        _raw_viewed(ctx, store, record_id)
+        _raw_viewed(ctx, store, record_id, data)
         sys.stdout.buffer.write(data)
         return
     rec = store.get_message(record_id)
@@ -606,18 +606,22 @@ def messages_show(ctx: click.Context, record_id: int, raw: bool) -> None:
         click.echo(printable(line))
 
 
-def _raw_viewed(ctx: click.Context, store: Any, record_id: int) -> None:
+def _raw_viewed(ctx: click.Context, store: Any, record_id: int, data: bytes) -> None:
     """A message's raw bytes (patient data) read on the command line are written to the audit log, as the
-    console's view of them is: who (the operating-system user on this host), when, which message."""
+    console's view of them is: who (the operating-system user on this host), when, which message, and a read
+    naming each patient of the message (``gateway audit query patient:identifier=…`` lists it)."""
     from gateway.audit import records
-    from gateway.audit.log import append
-    from gateway.commands.audit import who_acts
+    from gateway.audit.log import append_many
+    from gateway.commands.audit import raw_viewed_records, who_acts
+    from gateway.store.audit import audit_store
     from gateway.store.db import transaction
 
     at, gateway, by = who_acts(get_settings(ctx))
     with transaction(store.db):
-        append(store.db, records.operator_action(at=at, gateway=gateway, user=by, client_address="command line",
-                                                 action="message-raw-viewed", target=f"messages/{record_id}"))
+        append_many(store.db, raw_viewed_records(
+            store.db, record_id, data, at=at, gateway=gateway, user=by, client_address="command line",
+            client=records.Party("gateway-cli", display="gateway command line"),
+            server_address=audit_store(store.db).address()))
 
 
 def _left_by(rec: Any, now: float) -> str:

@@ -26,6 +26,7 @@ import datetime as _dt
 import getpass
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -125,6 +126,61 @@ def who_acts(settings: Settings) -> tuple[_dt.datetime, records.Party, records.P
 
 def _gateway(settings: Settings) -> records.Party:
     return records.Party.member(settings.issuer_uscc, settings.issuer_name)
+
+
+#: A 公民身份号码 as a message's bytes may hold it (its check digit is checked before it names anyone).
+_ID_CARD_IN_TEXT = re.compile(rb"(?<![0-9A-Za-z])[0-9]{17}[0-9Xx](?![0-9A-Za-z])")
+
+
+def message_patients(db: Database, record_id: int, raw: bytes | None = None) -> list[records.PatientRef]:
+    """The patients a stored message is about, named as the entries of their results name them (so that
+    ``gateway audit query patient:identifier=<身份证号>`` finds a view of the message's raw bytes): the Patient
+    resources stored from it (any version, by reference and the identifier it is known by); else the patients of
+    the signed Bundle it carried; else (a message refused before it was read) every 身份证号 its bytes hold that
+    passes its check digit."""
+    from gateway import jsonutil
+    from gateway.audit.events import patient_identifier
+    from gateway.identifiers import id_card_or_none
+    from gateway.naming import SYSTEM_ID_CARD
+
+    found: dict[tuple[str | None, str | None], records.PatientRef] = {}
+    rows = db.query("SELECT id, json FROM resources WHERE type = 'Patient' AND message_ref = ?"
+                    " UNION ALL SELECT id, json FROM resource_history WHERE type = 'Patient' AND message_ref = ?",
+                    [record_id, record_id])
+    for row in rows:
+        ident = patient_identifier(dict(jsonutil.loads(row["json"])))
+        ref = records.PatientRef(ident[1], ident[0] or None, f"Patient/{row['id']}") if ident else \
+            records.PatientRef(reference=f"Patient/{row['id']}")
+        found.setdefault((ref.value, ref.system) if ref.value else (ref.reference, None), ref)
+    if not found:
+        for row in db.query("SELECT patient_keys FROM signed_bundles WHERE message_ref = ?", [record_id]):
+            keys = [str(k).split("|", 1) for k in jsonutil.loads(row["patient_keys"] or "[]") if "|" in str(k)]
+            keys.sort(key=lambda k: k[0] != SYSTEM_ID_CARD)  # (by the 身份证号 first, as decisions name them)
+            if keys:
+                system, value = keys[0]
+                found.setdefault((value, system), records.PatientRef(value, system or None))
+    if not found and raw:
+        for match in _ID_CARD_IN_TEXT.finditer(bytes(raw)):
+            number = id_card_or_none(match.group().decode("ascii"))
+            if number:
+                found.setdefault((number, SYSTEM_ID_CARD), records.PatientRef.id_card(number))
+    return list(found.values())
+
+
+def raw_viewed_records(db: Database, record_id: int, raw: bytes, *, at: _dt.datetime, gateway: records.Party,
+                       user: records.Party, client: records.Party, client_address: str, server_address: str,
+                       user_roles: list[str] | None = None) -> list[records.Record]:
+    """What a view of a stored message's raw bytes writes to the audit log (console and command line alike): the
+    operator's ``message-raw-viewed`` entry, and a read of patient data (BALP PatientRead of ``messages/<id>``)
+    naming each patient of the message (:func:`message_patients`), so a per-patient access report lists it."""
+    target = f"messages/{record_id}"
+    made = [records.operator_action(at=at, gateway=gateway, user=user, client_address=client_address,
+                                    action="message-raw-viewed", target=target)]
+    made += [records.patient_read(at=at, gateway=gateway, server_address=server_address or "unknown", client=client,
+                                  client_address=client_address, member=gateway, patient=patient, resources=[target],
+                                  user=user, user_roles=user_roles or [], purpose=None)
+             for patient in message_patients(db, record_id, raw)]
+    return made
 
 
 def _now(settings: Settings) -> _dt.datetime:

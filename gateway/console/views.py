@@ -17,6 +17,8 @@ import json
 import logging
 import re
 import secrets
+import shlex
+import unicodedata
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -508,9 +510,23 @@ def message_raw(record_id: int) -> Response:
             raw = Store(db).raw_of(record_id)
         except NotFound:
             _missing("record_id", record_id)
-        _operator(db, "message-raw-viewed", f"messages/{record_id}")
+        _raw_viewed(db, record_id, raw)
     text = _text_of(raw)
     return _page("raw.html", record_id=record_id, text=text.replace("\r\n", "\n").replace("\r", "\n"), size=len(raw))
+
+
+def _raw_viewed(db: Database, record_id: int, raw: bytes) -> None:
+    """A view of a message's raw bytes, audited as the command line's ``messages show --raw`` is: the operator's
+    entry and a read naming each patient of the message (found by ``patient:identifier``)."""
+    from gateway.audit.log import append_many
+    from gateway.commands.audit import raw_viewed_records
+
+    made = raw_viewed_records(
+        db, record_id, raw, at=_now(), gateway=_gateway(), user=_user_party(), client_address=_address(),
+        client=records.Party("gateway-console", display=(request.user_agent.string[:200] or "browser")),
+        server_address=request.url_root.rstrip("/"), user_roles=sorted(g.console.principal.roles))
+    with transaction(db):
+        append_many(db, made)
 
 
 @bp.post("/messages/<int:record_id>/retry")
@@ -544,11 +560,31 @@ def exchange() -> Response:
         received = views.received_bundles(100)
         exchanges = views.audit_entries("exchange", 100)
         lookups = views.audit_entries("read", 100)
+    now = _now()
+    for row in outbox:  # what `gateway outbox list/show` says of each: next try, holder, attempts in all
+        row["next_try"] = _moment(row["next_attempt_at"], now) if row["status"] == "pending" else ""
+        row["lease_ends"] = _moment(row["lease_until"], now) if row["status"] == "delivering" else ""
+        row["holder"] = holder_state(row["lease_owner"], row["lease_until"], now.timestamp()) \
+            if row["status"] == "delivering" and row["lease_owner"] else ""
     me = _settings().issuer_uscc
     served = [(seq, c) for seq, c in lookups if c.get("facts", {}).get("gateway", {}).get("value") == me]
     return _page("exchange.html", outbox=outbox, received=received, exchanges=exchanges, served=served,
                  made=[(s, c) for s, c in lookups if (s, c) not in served], destination=destination, state=state,
-                 names=_member_names())
+                 names=_member_names(), now=now, exchange_outcomes=EXCHANGE_OUTCOMES)
+
+
+def _moment(stamp: Any, now: _dt.datetime) -> str:
+    """An epoch-seconds time of the outbox as the page shows times (ISO, the gateway's time zone); "" for none."""
+    try:
+        return _dt.datetime.fromtimestamp(float(stamp), now.tzinfo).isoformat(timespec="seconds") \
+            if stamp not in (None, "") else ""
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(stamp)
+
+
+#: What an exchange entry's outcome means (AuditEvent.outcome): a sent Bundle with another outcome is a failure.
+EXCHANGE_OUTCOMES = {"0": "0 成功 success", "4": "4 轻微失败 minor failure", "8": "8 严重失败 serious failure",
+                     "12": "12 重大失败 major failure"}
 
 
 def _outbox_action(row_id: int, action: Literal["outbox-retry", "outbox-replay"]) -> BaseResponse:
@@ -578,8 +614,15 @@ _SELECT = ("from", "to", *stats.SELECTABLE)
 CROSS = (("month", "issuer"), ("month", "item"))
 
 
+def same_command(argv: list[str]) -> str:
+    """``gateway audit stats`` with these arguments as a shell takes them: each quoted where it must be (an item
+    ``system|code``, a name with spaces or brackets), so that the line pasted into bash runs as the page selected."""
+    return " ".join(["gateway", "audit", "stats", *(shlex.quote(a) for a in argv)])
+
+
 def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str, str], list[str]]:
-    """The period and selection of a recognition page, and the same as ``gateway audit stats`` arguments.
+    """The period and selection of a recognition page, and the same as ``gateway audit stats`` arguments (one
+    list item each: :func:`same_command` quotes them).
 
     ``from`` and ``to`` are months (YYYY-MM) or days (YYYY-MM-DD), both included: ``--date geFROM --date leTO``.
 
@@ -596,7 +639,7 @@ def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str
                 raise InputError(f"{name} {value!r} is not a month (YYYY-MM) or a day (YYYY-MM-DD) · 不是月份或日期",
                                  name)
             dates.append((query.parse_date(prefix + value, tz, name=name),))
-            argv.append(f"--date {prefix}{value}")
+            argv += ["--date", f"{prefix}{value}"]
     given = [(args.get(n) or "").strip() for n in ("from", "to")]
     if all(given) and given[0][:len(given[1])] > given[1]:  # (2026-12 to 2026-01: nothing could match)
         raise InputError(f"from {given[0]} is after to {given[1]}: nothing could match · 起始晚于截止", "from")
@@ -604,7 +647,15 @@ def selection_of(args: Any) -> tuple[list[tuple[query.DateRange, ...]], dict[str
     for box in ("issuer", "receiver"):  # the tables show names: a name is taken for the code it names
         if box in chosen:
             chosen[box] = _member_named(chosen[box], box)
-    argv += [f"--{k} {v}" for k, v in sorted(chosen.items())]
+    unknown: dict[str, str] = {}
+    for box in ("item", "catalogue", "alliance"):  # as the registry names them; one it does not: said
+        if box in chosen:
+            chosen[box], said = _registry_value(chosen[box], box)
+            if said:
+                unknown[box] = said
+    g.unknown_filters = unknown
+    for k, v in sorted(chosen.items()):
+        argv += [f"--{k}", v]
     return dates, chosen, argv
 
 
@@ -628,6 +679,91 @@ def _members() -> dict[str, str]:
     return members
 
 
+def _fold(text: str) -> str:
+    """A name as it is compared: ASCII and full-width brackets, letters and digits alike (NFKC), without spaces,
+    case folded: 通江县人民医院(演示) is 通江县人民医院（演示）."""
+    return "".join(unicodedata.normalize("NFKC", text).split()).casefold()
+
+
+def _registries() -> list[Any]:
+    """The registry snapshots names and codes are looked up in: the configured file's and the one in force."""
+    from gateway.registry.snapshot import read_snapshot_unverified
+
+    found: list[Any] = []
+    try:
+        found.append(read_snapshot_unverified(Path(_settings().registry_snapshot).read_bytes()))
+    except (OSError, ValueError, TypeError, GatewayError):
+        pass
+    snap = _snapshot()
+    if snap is not None:
+        found.append(snap)
+    return found
+
+
+def _registry_value(value: str, box: str) -> tuple[str, str]:
+    """The value an item, catalogue or alliance box selects, as the figures key it, and what to say when the
+    registry knows no such thing ("" when it does, or when there is no registry to ask).
+
+    An item is a catalogue's ``system|code`` or a code alone; a catalogue its id or its name; an alliance the
+    scope the tables show (川渝, 四川省, an alliance's name). Names are matched folded (:func:`_fold`); codes as
+    written, one written in other case (or a local code) named in the words said.
+    """
+    from gateway.audit.stats import catalogue_scopes
+
+    snaps = _registries()
+    if not snaps:
+        return value, ""
+    if box == "item":
+        codes: dict[str, str] = {}  # system|code and code -> system|code
+        local: dict[str, set[str]] = {}
+        for snap in snaps:
+            for cat in snap.catalogues:
+                for item in cat.items:
+                    codes[f"{item.system}|{item.code}"] = codes[item.code] = f"{item.system}|{item.code}"
+                    for _, code in item.local_codes:
+                        local.setdefault(code.casefold(), set()).add(item.code)
+        if value in codes:
+            return value, ""
+        near = sorted({c.rsplit("|", 1)[-1] for k, c in codes.items() if k.casefold() == value.casefold()} |
+                      local.get(value.casefold(), set()))
+        return value, (f"item {value!r} is no item of the registry's catalogues"
+                       + (f" (did you mean {' or '.join(near)}?)" if near else "") + " · 登记中没有此项目")
+    if box == "catalogue":
+        names: dict[str, str] = {}
+        for snap in snaps:
+            names.update({c.id: c.name for c in snap.catalogues})
+        if value in names:
+            return value, ""
+        found = sorted({i for i, n in names.items() if _fold(value) in (_fold(i), _fold(n))})
+        if len(found) == 1:
+            return found[0], ""
+        return value, (f"catalogue {value!r} is no catalogue of the registry (its catalogues: "
+                       f"{', '.join(sorted(names))}) · 登记中没有此目录")
+    scopes = {scope for snap in snaps for scope in catalogue_scopes(snap).values()}
+    if value in scopes or value == "unknown":
+        return value, ""
+    found = sorted(a for a in scopes if _fold(a) == _fold(value))
+    if len(found) == 1:
+        return found[0], ""
+    return value, (f"alliance {value!r} is no scope of the registry's catalogues (its scopes: "
+                   f"{', '.join(sorted(scopes))}) · 登记中没有此互认范围")
+
+
+def _unknown_matched(matched: int, *, refused: bool = True) -> list[str]:
+    """What the page says of an item, catalogue or alliance the registry does not know: an error when nothing
+    matched it (a search that found nothing, silently, as an unknown issuer is); a notice when it matched
+    decisions (one a catalogue had when they were recorded), or on a list of decisions (``refused`` False: a
+    figure's drill-down may narrow a selection to none: the list is empty, and says why)."""
+    unknown: dict[str, str] = g.get("unknown_filters") or {}
+    if unknown and not matched and refused:
+        box = sorted(unknown)[0]
+        raise InputError(f"{unknown[box]}: nothing could match · 无匹配", box)
+    if not matched:
+        return [f"{said}: nothing could match · 无匹配" for said in unknown.values()]
+    return [f"{said}; {matched} decision(s) recorded earlier name it · 登记中已无，仅有历史判定" for said in
+            unknown.values()]
+
+
 def _member_named(value: str, box: str) -> str:
     """The 统一社会信用代码 an issuer or receiver box names: a code as typed, or the name of one member (in full, as
     the tables show it, or a part of it only one member's name has, e.g. 通江县人民医院).
@@ -637,9 +773,9 @@ def _member_named(value: str, box: str) -> str:
     members = _members()
     if _USCC.fullmatch(value.upper()):
         return value.upper() if value.upper() in members else value
-    plain = "".join(value.split())
-    found = [u for u, n in members.items() if "".join(n.split()) == plain] or \
-        [u for u, n in members.items() if plain in "".join(n.split())]
+    plain = _fold(value)  # (ASCII brackets or full-width, spaces or none: the same name)
+    found = [u for u, n in members.items() if _fold(n) == plain] or \
+        [u for u, n in members.items() if plain in _fold(n)]
     if len(found) == 1:
         return found[0]
     if found:
@@ -657,9 +793,12 @@ def _names() -> dict[str, str]:
 
 
 def _member_names() -> dict[str, str]:
-    """Member (by USCC) and catalogue names: the snapshot in force, else the configured file's, to show beside
-    the codes."""
+    """Member and authority (by USCC) and catalogue names: the snapshot in force, else the configured file's, to
+    show beside the codes."""
     names = _names()
+    for snap in _registries():  # authorities too: a referral's lane (``referral:<USCC>``) is shown by its name
+        names.setdefault(snap.authority_uscc, snap.authority_name)
+        names.update({uscc: a.name for uscc, a in snap.supervising_authorities().items()})
     snap = _snapshot()
     if snap is not None:
         names.update({uscc: m.name for uscc, m in snap.members.items()})
@@ -676,6 +815,7 @@ def _figures() -> tuple[dict[str, Any], dict[str, str], list[str]]:
         figures = stats.compute(db, dates, selection=chosen, by=CROSS, names=_names(), fees=fees, alliances=scopes,
                                 provinces=registry_provinces(_settings()))
         _record_read(db, interaction="operation")
+    g.filter_notices = _unknown_matched(int(figures["total"]["decisions"]))
     return figures, chosen, argv
 
 
@@ -705,7 +845,7 @@ def recognition() -> Response:
     from gateway.heartbeat import run_dir
 
     return _page(
-        "recognition.html", f=figures, base=base, argv=" ".join(["gateway audit stats", *argv]), tables=_TABLES,
+        "recognition.html", f=figures, base=base, argv=same_command(argv), tables=_TABLES,
         names=_member_names(), log_check=last(run_dir(_settings())),
         line_chart=chart("line", figures["by_month"], "month", "互认率按月 (rate by month)"),
         issuer_chart=chart("bars", figures["by_issuer"], "issuer", "互认率按发证机构 (rate by issuer)"),
@@ -718,7 +858,7 @@ def recognition() -> Response:
         hr_chart=charts.amounts(
             [(r["name"] or r["key"], float(r["results"])) for r in figures["hr_items"]["by_issuer"]],
             "HR 标识结果按机构 (HR items per institution)", unit="项"),
-        provinces=_PROVINCES)
+        provinces=_PROVINCES, notices=g.get("filter_notices") or [])
 
 
 _PROVINCES = {"51": "四川", "50": "重庆"}
@@ -752,9 +892,10 @@ def decisions_page() -> Response:
         page = min(_page_asked(), pages)
         shown = found[(page - 1) * _DECISIONS_PAGE:page * _DECISIONS_PAGE]
         _record_read(db, interaction="search-type", results=len(shown))
+    notices = _unknown_matched(len(found), refused=False)
     args = {k: v for k, v in request.args.items() if k != "page" and v}
     return _page("decisions.html", rows=shown, total=len(found), page=page, pages=pages, names=_member_names(),
-                 args=args, query=urlencode(args))
+                 args=args, query=urlencode(args), notices=notices)
 
 
 @bp.get("/decisions/<decision_id>")
@@ -817,7 +958,7 @@ def recognition_xlsx() -> Response:
     book = Workbook()
     first = book.active
     first.title = "about"
-    first.append(["gateway audit stats " + " ".join(argv)])
+    first.append([same_command(argv)])
     first.append([stats.DEFINITION])
     sheets: dict[str, Any] = {}
     for row in _table_rows(figures):

@@ -38,7 +38,7 @@ WAITING_DELIVERY_STATES = ("pending", "delivering")
 _MESSAGE_COLUMNS = ("id", "received_at", "channel", "format", "sender", "message_id", "status", "ack_code")
 _ERROR_COLUMNS = ("id", "received_at", "channel", "sender", "message_id", "status", "issues")
 _OUTBOX_COLUMNS = ("id", "destination", "url", "status", "attempts", "last_error", "receipt", "created_at",
-                   "updated_at")
+                   "updated_at", "next_attempt_at", "lease_until", "lease_owner", "earlier_attempts")
 _RECEIVED_COLUMNS = ("bundle_id", "doc_sha256", "issuer_uscc", "signed_at")
 
 
@@ -249,6 +249,8 @@ class ReadModels:
             [*params, limit])]
         for row in rows:
             row["receipt"] = json.loads(row["receipt"]) if row["receipt"] else None
+            row["earlier_attempts"] = int(row["earlier_attempts"] or 0)
+            row["total_attempts"] = int(row["attempts"] or 0) + row["earlier_attempts"]  # (as OutboxRow counts them)
         return rows
 
     def received_bundles(self, limit: int) -> list[dict[str, Any]]:
