@@ -56,18 +56,25 @@ def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _stored_decisions(demo: Path, db: Path) -> None:
+    """A database holding decisions, at ``db`` alone (no -wal, no -shm beside it), as a backup copied there is: made
+    by `gateway recognize --db` in a folder of its own, then copied with SQLite's backup (a connection of this
+    process may still hold the made one open, with its -wal and -shm)."""
+    import sqlite3
+
+    made = db.parent.parent / f"{db.parent.name}-made" / db.name
+    made.parent.mkdir(exist_ok=True)
     result = CliRunner().invoke(cli, [
         "recognize", str(DATA / "registry" / "bundle-occupational-cdc.json"), "--registry",
         str(demo / "DEMO-snapshot.json"), "--authority", str(demo / "DEMO-authority.pem"), "--receiver", FULING,
-        "--at", "2026-11-22T10:00:00+08:00", "--db", str(db)])
+        "--at", "2026-11-22T10:00:00+08:00", "--db", str(made)])
     assert result.exit_code == 0, result.output
-    import gc
-    import time
-
-    gc.collect()  # (a connection the command left to the collector: closed, its -wal and -shm gone with it)
-    settled = time.monotonic() + 10  # (as they are once the last connection, a checkpointing thread's, is closed)
-    while any(db.with_name(db.name + end).exists() for end in ("-wal", "-shm")) and time.monotonic() < settled:
-        time.sleep(0.05)
+    source, copy = sqlite3.connect(made), sqlite3.connect(db)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+    db.chmod(0o600)
 
 
 def _reads(db: Path) -> list[dict]:

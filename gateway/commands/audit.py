@@ -143,18 +143,18 @@ def message_patients(db: Database, record_id: int, raw: bytes | None = None) -> 
     from gateway.identifiers import id_card_or_none
     from gateway.naming import SYSTEM_ID_CARD
 
+    from gateway.store.store import message_patients_stored
+
     found: dict[tuple[str | None, str | None], records.PatientRef] = {}
-    rows = db.query("SELECT id, json FROM resources WHERE type = 'Patient' AND message_ref = ?"
-                    " UNION ALL SELECT id, json FROM resource_history WHERE type = 'Patient' AND message_ref = ?",
-                    [record_id, record_id])
-    for row in rows:
-        ident = patient_identifier(dict(jsonutil.loads(row["json"])))
-        ref = records.PatientRef(ident[1], ident[0] or None, f"Patient/{row['id']}") if ident else \
-            records.PatientRef(reference=f"Patient/{row['id']}")
+    patients, bundle_keys = message_patients_stored(db, record_id)
+    for patient_id, text in patients:
+        ident = patient_identifier(dict(jsonutil.loads(text)))
+        ref = records.PatientRef(ident[1], ident[0] or None, f"Patient/{patient_id}") if ident else \
+            records.PatientRef(reference=f"Patient/{patient_id}")
         found.setdefault((ref.value, ref.system) if ref.value else (ref.reference, None), ref)
     if not found:
-        for row in db.query("SELECT patient_keys FROM signed_bundles WHERE message_ref = ?", [record_id]):
-            keys = [str(k).split("|", 1) for k in jsonutil.loads(row["patient_keys"] or "[]") if "|" in str(k)]
+        for listed in bundle_keys:
+            keys = [str(k).split("|", 1) for k in jsonutil.loads(listed) if "|" in str(k)]
             keys.sort(key=lambda k: k[0] != SYSTEM_ID_CARD)  # (by the 身份证号 first, as decisions name them)
             if keys:
                 system, value = keys[0]

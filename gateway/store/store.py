@@ -56,6 +56,7 @@ from gateway.store.parts import statements
 from gateway.store.db import Database, connect, dialect, spilling, transaction
 
 __all__ = ["Store", "StorePort", "MessageRecord", "SearchResult", "IN_FLIGHT", "SCHEMA_VERSION", "ensure_core_schema",
+           "message_patients_stored",
            "ensure_patient_keys",
            "lease_owner", "holder_alive", "holder_state", "UNSTORABLE", "fold_string",
            "Prepared", "Written"]
@@ -1517,6 +1518,19 @@ SCHEMA_VERSION = 4
 #: file, which makes them; on PostgreSQL, whose openings only read, :func:`gateway.store.schema.build_indexes`
 #: does (``gateway db upgrade``, ``gateway serve``'s start).
 ADDED_CORE_INDEXES = ("messages_received", "outbox_payload", "signed_bundles_received", "messages_queued_sender")
+
+
+def message_patients_stored(db: Database, record_id: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """What a stored message says of its patients: (``(id, json)`` of every Patient version stored from it, current
+    or earlier; the ``patient_keys`` JSON lists of the signed Bundles it carried). For naming the patients of a view
+    of its raw bytes in the audit log (:func:`gateway.commands.audit.message_patients`)."""
+    patients = [(str(r["id"]), str(r["json"])) for r in db.query(
+        "SELECT id, json FROM resources WHERE type = 'Patient' AND message_ref = ?"
+        " UNION ALL SELECT id, json FROM resource_history WHERE type = 'Patient' AND message_ref = ?",
+        [record_id, record_id])]
+    keys = [str(r["patient_keys"] or "[]") for r in db.query(
+        "SELECT patient_keys FROM signed_bundles WHERE message_ref = ?", [record_id])]
+    return patients, keys
 
 
 def ensure_core_schema(db: Database) -> None:
