@@ -577,6 +577,12 @@ class Pipeline:
         if self._unreleased:
             self._release_pending()
         keys = [self._document_key(ch, unit) for unit in units]  # parsed before the write lock is taken
+        if getattr(ch.adapter, "former_id", None) is not None:
+            for unit in units:  # (a CSV exam's id is the digest of what it says: worked out before the lock too)
+                try:
+                    ch.adapter.identify(unit)
+                except Exception:  # noqa: BLE001 - said when the unit is stored and read
+                    pass
         try:
             with transaction(self.store.db):
                 stored = [(unit, *self._insert_raw(ch, unit, channel, keyed=keyed))
@@ -702,7 +708,8 @@ class Pipeline:
             _log_internal(Stage.RECEIVE, ch, unit.index, None, exc)
             sender, message_id = "", ""
         former = getattr(ch.adapter, "former_id", None)  # (a CSV exam stored by an earlier release: its bytes' id)
-        if message_id and former is not None and (old_id := former(unit)) and old_id != message_id:
+        if message_id and former is not None and (old_id := former(unit)) and old_id != message_id \
+                and self.store.find_message(ch.format, sender, message_id) is None:
             old = self.store.find_message(ch.format, sender, old_id)
             if old is not None and old.sha256 == hashlib.sha256(unit.data).hexdigest():
                 return old.id, old

@@ -267,6 +267,22 @@ def test_a_trust_anchor_that_does_not_match_the_signer_cannot_vouch_rather_than_
     # the right authority vouches for them
     right = CliRunner().invoke(cli, [*base, "--trust", str(tmp_path / "right.pem")], env=env)
     assert right.exit_code == 0 and "2 checkpoints match" in right.stdout, right.output
+    # a peer posting such a checkpoint is told only that its signature does not verify (which signers this gateway
+    # trusts is for its auditor, not for a caller)
+    from test_audit_support import T0
+
+    from gateway.audit import checkpoint as cp
+    from gateway.errors import BadSignature
+    from gateway.store.db import connect
+
+    db = connect(tmp_path / "gw.db")
+    [first, *_] = cp.checkpoints(db)
+    held = connect(tmp_path / "peer.db")
+    with pytest.raises(BadSignature) as refused:
+        cp.import_peer(held, first.as_json(), other.trust, now=T0, me=FULING)
+    assert type(refused.value) is BadSignature
+    db.conn.close()
+    held.conn.close()
 
 
 # ------------------------------------------------------------------------- 4. a snapshot version issued once

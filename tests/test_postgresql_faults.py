@@ -271,8 +271,11 @@ def test_a_write_refused_for_want_of_space_fails_health_and_is_answered_as_such(
                 db.execute(DISK_FULL)
                 pipe.sync()
         assert postgresql.write_failure() is not None
-        with transaction(db):
+        with transaction(db):  # a transaction that writes nothing proves nothing
             db.execute("SELECT 1")
+        assert health(gw)[0] == 503
+        with transaction(db):
+            db.execute("UPDATE schema_versions SET applied_at = applied_at WHERE part = 'core'")
         assert health(gw)[0] == 200
     finally:
         db.close()

@@ -394,7 +394,12 @@ class LabCSVAdapter:
         order, a date written 2026/11/16 16:30) is the same exam, not a correction of it."""
         if "error" in unit.meta or not unit.meta.get("exam"):
             return "", ""
-        return str(unit.meta["layout"]), f"{unit.meta['exam']}#{self.content_digest(unit)[:16]}"
+        known = unit.meta.get("identity")  # (worked out once: before the write lock, then read under it)
+        if isinstance(known, tuple):
+            return known
+        identity = str(unit.meta["layout"]), f"{unit.meta['exam']}#{self.content_digest(unit)[:16]}"
+        unit.meta["identity"] = identity
+        return identity
 
     def former_id(self, unit: RawUnit) -> str:
         """The id earlier releases gave the unit (exam number + digest of its bytes): a copy stored under it with

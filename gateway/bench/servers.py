@@ -100,7 +100,8 @@ def _server(args: list[str], env: dict[str, str], port: int, log_path: Path) -> 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop a server this run started: SIGTERM (gateway serve and the MLLP listener stop gracefully on it), SIGKILL
-    after 20 s, or at once when a second Ctrl-C or SIGTERM comes while it stops (then said on: the run stops)."""
+    after 20 s, or at once when a second Ctrl-C comes while it stops (then said on: the run stops; a second SIGTERM
+    is the same stop, not a faster one)."""
     if proc.poll() is not None:
         return
     proc.terminate()

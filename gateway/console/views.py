@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from gateway import auth
-from gateway.api.app import borrow_database
+from gateway.api.app import borrow_database, public_root
 from gateway.audit import checkpoint as checkpoints
 from gateway.audit import query, records, stats
 from gateway.audit.log import append, get
@@ -279,7 +279,7 @@ def _record_read(db: Database, *, interaction: Literal["search-type", "read", "o
     """A look into the audit log from the console, written to the log (as the API does)."""
     principal = g.console.principal
     record = records.audit_query(
-        at=_now(), gateway=_gateway(), server_address=request.url_root.rstrip("/"),
+        at=_now(), gateway=_gateway(), server_address=public_root(),
         client=records.Party("", display=(request.user_agent.string[:200] or "browser")),
         client_address=_address(), user=_user_party(), user_roles=sorted(principal.roles),
         query=f"{request.method} {request.full_path.rstrip('?')}", interaction=interaction, results=results,
@@ -524,7 +524,7 @@ def _raw_viewed(db: Database, record_id: int, raw: bytes) -> None:
     made = raw_viewed_records(
         db, record_id, raw, at=_now(), gateway=_gateway(), user=_user_party(), client_address=_address(),
         client=records.Party("gateway-console", display=(request.user_agent.string[:200] or "browser")),
-        server_address=request.url_root.rstrip("/"), user_roles=sorted(g.console.principal.roles))
+        server_address=public_root(), user_roles=sorted(g.console.principal.roles))
     with transaction(db):
         append_many(db, made)
 

@@ -51,8 +51,10 @@ def build_service_report_bundle(msg: SourceMessage, issuer: Issuer) -> dict[str,
                                     f"issuer.name {shown(sent_name)} is not this member's configured name "
                                     f"{shown(issuer.name)}: the configured name is used (issuer_name in the "
                                     "gateway's settings)"))
-    else:
+    elif x["issuer_uscc"] != issuer.uscc:
         issuer = Issuer(x["issuer_uscc"], sent_name or issuer.name, "")
+    else:  # (this member with no configured name: the sent one, the member's licence number kept)
+        issuer = Issuer(issuer.uscc, sent_name, issuer.miplrn)
     org = organization(issuer)
     employer = organization(Issuer(x["employer_uscc"], x["employer_name"]))
     system = service_report_system(issuer.uscc)

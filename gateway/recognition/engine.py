@@ -480,8 +480,8 @@ def _rule_item(
     codes = [f"{c.system}|{c.code}" for c in ctx.facts.codings]
     if disagreeing:
         text, matches = _disagreement(disagreeing)
-        return _r(rid, NOT_EVALUABLE, f"the result's codes name different catalogue items ({text}): DOMAIN gives no "
-                  "precedence between an issuer's local code, LOINC and a catalogue code, so which item this is "
+        return _r(rid, NOT_EVALUABLE, f"the result's codes name different catalogue items ({text}): an issuer's "
+                  "local code, LOINC and a catalogue code are matches of equal standing, so which item this is "
                   "must be settled by a person（结果的编码指向不同的互认项目，需人工确认）", codings=codes,
                   matches=matches)
     if item is None:

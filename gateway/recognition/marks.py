@@ -31,6 +31,9 @@ class MarkStamper:
         self.issuer_uscc = issuer_uscc
         self.snapshot = snapshot
         self._grants: dict[tuple[str, str, str, _dt.date], list[str]] = {}
+        #: (snapshot digest, the result's codings) -> whether they name different catalogue items: asked once per
+        #: code set under a snapshot (a LIS sends the same items over and over)
+        self._disagree: dict[tuple[str, tuple[tuple[str, str], ...]], bool] = {}
 
     def stamp(self, bundle: dict[str, Any]) -> int:
         """Add the marks this member may print on each result of ``bundle``; returns how many.
@@ -62,7 +65,14 @@ class MarkStamper:
             code = obs.get("code")
             codings = code.get("coding") if isinstance(code, dict) else None
             codings = [c for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
-            if codes_disagree(snapshot, [Coding(str(c.get("system", "")), str(c.get("code", ""))) for c in codings]):
+            pairs = tuple((str(c.get("system", "")), str(c.get("code", ""))) for c in codings)
+            disagree = self._disagree.get((snapshot.digest(), pairs)) if len(pairs) > 1 else False
+            if disagree is None:
+                if len(self._disagree) > _CACHE_LIMIT:
+                    self._disagree.clear()
+                disagree = self._disagree[(snapshot.digest(), pairs)] = codes_disagree(
+                    snapshot, [Coding(system, code) for system, code in pairs]) is not None
+            if disagree:
                 log.debug("no recognition mark for an Observation whose codes name different catalogue items")
                 continue
             for coding in codings:

@@ -426,8 +426,9 @@ class _Checker:
         self.warnings.append(Issue("warning", code, location, message))
 
     def service_grade(self, q: dict[str, Any], loc: str) -> None:
-        """A 甲级 technical-service qualification is approved by the national health commission (DOMAIN §3, from
-        memory and uncertain, [M?]): one a provincial authority approved is accepted, with a warning to check it."""
+        """A 甲级 technical-service qualification is normally approved by the national health commission, a 乙级 one by
+        a province; the rule is not settled in the regulations this registry follows, so one a provincial authority
+        approved is accepted, with a warning to check it against the certificate."""
         authority = q.get("authority") or {}
         if q.get("grade") == "甲" and (authority.get("province") or authority.get("level") == "provincial"):
             self.warning(f"{loc}.authority", f"qualification {q['id']}: a 甲级 {q['type']} qualification approved by "

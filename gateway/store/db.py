@@ -429,6 +429,7 @@ _ADDED_LATER = {
     "gateway_token": {"expires"},
     "registry_applied": {"snapshot"},
     "report_versions": {"report_code", "replaces"},
+    "outbox": {"lease_owner", "earlier_attempts"},
 }
 #: Tables made in code, and tables whose shape changed from one layout to the next: the columns of each shape
 #: (a table of that name is the gateway's when it has all the columns of one of them).
@@ -569,6 +570,7 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
         # about the database that one of them made is settled once a later one finds it
         # (:func:`gateway.store.schema.learn`)
         db.sqlite_begun = getattr(db, "sqlite_begun", 0) + 1
+    changes_before = conn.total_changes if dialect(db) == "sqlite" else 0
     _COLLECTOR.enter()
     try:
         try:
@@ -587,8 +589,8 @@ def transaction(db: Database, *, poll: bool = False) -> Iterator[Database]:
         except BaseException as failed:
             _pg.note_write_failure(failed)
             raise
-        if _pg.write_failure() is not None:
-            _pg.write_succeeded()
+        if _pg.write_failure() is not None and dialect(db) == "sqlite" and conn.total_changes > changes_before:
+            _pg.write_succeeded()  # (a write went through: a transaction that wrote nothing proves no disk has room)
     finally:
         _COLLECTOR.leave()
         if in_memory:

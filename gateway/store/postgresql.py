@@ -188,8 +188,13 @@ class PgConnection:
         except Exception as exc:
             self._failed(exc)
             raise
-        if _write_failure is not None and sql == "COMMIT":  # a write went through again
-            write_succeeded()
+        if _write_failure is not None:  # (only while a refused write is on record: nothing to do otherwise)
+            if sql == "COMMIT":
+                if getattr(self, "_wrote", False):  # a write went through again (an empty commit proves nothing)
+                    write_succeeded()
+                self._wrote = False
+            elif (cursor.rowcount or 0) > 0 and not sql.lstrip()[:6].upper().startswith("SELECT"):
+                self._wrote = True
         return PgCursor(cursor)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> PgCursor:

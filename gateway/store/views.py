@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.store import tallies
+from gateway.store import schema, tallies
 from gateway.store.db import Database, dialect
 from gateway.store.exchange import unpacked
 
@@ -244,8 +244,12 @@ class ReadModels:
             clauses.append("status = ?")
             params.append(state)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        present = schema.columns(self.db, "outbox")  # (a database no release of these columns has opened to write:
+        # an earlier release's, read on read-only media, lacks the holder and the attempts before a put-back)
+        chosen = [c if c in present or not present else ("NULL" if c == "lease_owner" else "0") + f" AS {c}"
+                  for c in _OUTBOX_COLUMNS]
         rows = [dict(zip(_OUTBOX_COLUMNS, r)) for r in self.db.execute(
-            f"SELECT {', '.join(_OUTBOX_COLUMNS)} FROM outbox{where} ORDER BY destination, id DESC LIMIT ?",
+            f"SELECT {', '.join(chosen)} FROM outbox{where} ORDER BY destination, id DESC LIMIT ?",
             [*params, limit])]
         for row in rows:
             row["receipt"] = json.loads(row["receipt"]) if row["receipt"] else None

@@ -155,6 +155,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     receipt         TEXT,
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
+    lease_owner     TEXT,
+    earlier_attempts INTEGER NOT NULL DEFAULT 0,
     UNIQUE (destination, payload_sha256)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_at);

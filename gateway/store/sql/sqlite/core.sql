@@ -156,6 +156,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     receipt         TEXT,
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
+    lease_owner     TEXT,                       -- host:pid of the process delivering it
+    earlier_attempts INTEGER NOT NULL DEFAULT 0, -- attempts made before an operator put it back
     UNIQUE (destination, payload_sha256)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_at);
