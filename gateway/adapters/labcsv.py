@@ -65,6 +65,7 @@ from gateway.adapters.base import (
     warn_of_repeated_items,
 )
 from gateway.datetimes import DateTimeError, to_fhir_date, to_fhir_datetime, to_fhir_instant
+from gateway.adapters.streams import Rejoined
 from gateway.adapters.tracing import INDEX, INVARIANT
 from gateway.errors import ConfigError, IdentifierError, Issue, shown
 from gateway.identifiers import (
@@ -261,7 +262,7 @@ class LabCSVAdapter:
             # Lines ended by CR alone (Excel's "CSV (Macintosh)"): read as LF, as a CSV reader opened with newline=""
             # reads them. No byte of a GBK, GB18030 or UTF-8 character is a CR; a CR inside a quoted cell is a line
             # break either way.
-            stream = io.BufferedReader(_CRasLF(header_raw, stream))
+            stream = io.BufferedReader(Rejoined(header_raw, stream, _cr_as_lf))
             whole = whole.replace(b"\r", b"\n") if whole is not None else None
             header_raw = stream.readline(_SKIP_CHUNK)
         if not header_raw.endswith(b"\n") and len(header_raw) >= _SKIP_CHUNK:
@@ -1153,25 +1154,9 @@ def _joined_lines(raw: bytes, meta: dict[str, Any], rows_only: bool = False) -> 
             "remove the quote and send the file again")
 
 
-class _CRasLF(io.RawIOBase):
-    """The bytes already read from a stream followed by the rest of it, each CR as LF (a file whose lines end
-    with CR alone)."""
-
-    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
-        super().__init__()
-        self.head, self.rest = head, rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self.head:
-            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
-        else:
-            data = self.rest.read(len(buffer))
-        data = data.replace(b"\r", b"\n")
-        buffer[:len(data)] = data
-        return len(data)
+def _cr_as_lf(data: bytes) -> bytes:
+    """A piece of a file whose lines end with CR alone, each CR as LF."""
+    return data.replace(b"\r", b"\n")
 
 
 def _skip_record(stream: IO[bytes], state: int, ended: bool) -> None:

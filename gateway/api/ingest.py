@@ -35,6 +35,7 @@ from flask import Blueprint, Response, current_app, request
 
 from gateway.adapters.base import RawUnit
 from gateway.adapters.hl7v3 import answer_media_type
+from gateway.adapters.streams import Rejoined
 from gateway.api.app import pipeline_of
 from gateway.api.errors import outcome_response
 from gateway.auth import require_role
@@ -54,27 +55,6 @@ _LABEL_CHARS = 80
 ISSUES_IN_ANSWER = 200
 
 
-class _Rejoined(io.RawIOBase):
-    """The bytes already read from a stream, followed by the rest of it."""
-
-    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
-        super().__init__()
-        self.head, self.rest = head, rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self.head:
-            n = min(len(buffer), len(self.head))
-            buffer[:n] = self.head[:n]
-            self.head = self.head[n:]
-            return n
-        data = self.rest.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-
 def _units(adapter: Any, stream: IO[bytes], origin: str) -> Iterator[Any]:
     """The units of the request body, read lazily where the format allows it.
 
@@ -87,7 +67,7 @@ def _units(adapter: Any, stream: IO[bytes], origin: str) -> Iterator[Any]:
         return iter(adapter.split(head, origin))
     split_stream = getattr(adapter, "split_stream", None)
     if split_stream is not None:
-        return iter(split_stream(io.BufferedReader(_Rejoined(head, stream), buffer_size=_PEEK), origin))
+        return iter(split_stream(io.BufferedReader(Rejoined(head, stream), buffer_size=_PEEK), origin))
     return iter(adapter.split(head + stream.read(), origin))  # bounded by max_request_bytes
 
 
