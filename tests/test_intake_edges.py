@@ -111,15 +111,23 @@ def test_a_changed_value_is_still_a_correction(cdc: Pipeline) -> None:
     assert any("this exam corrects it" in i.message for i in corrected.issues), corrected.issues
 
 
+def _stored_as_an_earlier_release_stored_it(cdc: Pipeline, data: bytes, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``data``'s exam stored under the id an earlier release gave it (its exam number and the digest of its
+    bytes): the outcome."""
+    adapter = cdc.channel("cdc-csv").adapter
+    with monkeypatch.context() as m:
+        m.setattr(adapter, "identify", lambda unit: (str(unit.meta["layout"]), adapter.former_id(unit)))
+        stored = _one(cdc, data, "cdc-csv")
+    assert stored.status is Status.STORED
+    return stored
+
+
 def test_an_exam_stored_under_its_bytes_digest_is_still_a_duplicate_when_resent_as_it_was(
         cdc: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exams stored before content digests were keyed on their bytes: a byte-identical resend is that copy's."""
     adapter = cdc.channel("cdc-csv").adapter
     data = (EDGES / "same_lf_a.csv").read_bytes()
-    with monkeypatch.context() as m:  # as an earlier release stored it
-        m.setattr(adapter, "identify", lambda unit: (str(unit.meta["layout"]), adapter.former_id(unit)))
-        stored = _one(cdc, data, "cdc-csv")
-    assert stored.status is Status.STORED
+    stored = _stored_as_an_earlier_release_stored_it(cdc, data, monkeypatch)
     assert cdc.store.get_message(stored.record_id).message_id == adapter.former_id(next(adapter.split(data)))
     again = _one(cdc, data, "cdc-csv")
     assert again.status is Status.DUPLICATE and again.record_id == stored.record_id
@@ -131,12 +139,8 @@ def test_an_exam_an_earlier_release_stored_is_a_duplicate_when_resent_in_another
     """An exam an earlier release stored (keyed on its bytes), exported again with other line ends or dates spelt
     another way after the upgrade: it was taken as a correction of itself, sent to the members and their decisions
     withdrawn. The stored copy's content is worked out again from its raw input: the same exam, a duplicate."""
-    adapter = cdc.channel("cdc-csv").adapter
     data = (EDGES / "same_lf_a.csv").read_bytes()
-    with monkeypatch.context() as m:  # as an earlier release stored it
-        m.setattr(adapter, "identify", lambda unit: (str(unit.meta["layout"]), adapter.former_id(unit)))
-        stored = _one(cdc, data, "cdc-csv")
-    assert stored.status is Status.STORED
+    stored = _stored_as_an_earlier_release_stored_it(cdc, data, monkeypatch)
     resent = _dates_rewritten(data) if again == "dates" else (EDGES / f"{again}.csv").read_bytes()
     outcome = _one(cdc, resent, "cdc-csv")
     assert outcome.status is Status.DUPLICATE, outcome.issues

@@ -10,17 +10,16 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway.demo.registry import DEMO_SOURCE
+from test_registry_physicians import snapshot  # (the demo registry, changed as a test needs)
 from gateway.recognition.engine import RULES, Decision, decide, decide_all
 from gateway.recognition.facts import facts_from_bundle
 from gateway.recognition.fhir import NON_RECOGNITION_REASONS, decision_parameters
 from gateway.recognition.marks import EXT_MARK, MarkStamper
 from gateway.registry.models import Snapshot
-from gateway.registry.snapshot import unsigned_snapshot
 from gateway.registry.source import parse_source, read_source_data
 
 DATA = Path(__file__).parent / "data" / "registry"
@@ -33,14 +32,6 @@ SOURCE = read_source_data(DEMO_SOURCE)
 
 def load(name: str) -> dict[str, Any]:
     return json.loads((DATA / name).read_text(encoding="utf-8"))
-
-
-def snapshot(mutate: Callable[[dict[str, Any]], None] | None = None) -> Snapshot:
-    data = copy.deepcopy(SOURCE)
-    if mutate:
-        mutate(data)
-    source = parse_source(json.dumps(data, ensure_ascii=False), is_json=True)
-    return unsigned_snapshot(source, dt.datetime(2025, 1, 1, tzinfo=CST), dt.timedelta(days=1000))
 
 
 BASE = snapshot()
