@@ -30,7 +30,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import math
 import re
 import secrets
 import threading
@@ -414,21 +413,16 @@ def _verify(assertion: str, header: dict[str, Any], row: ClientRow) -> dict[str,
 
 
 def _check_time_claim(claims: dict[str, Any], name: str) -> None:
-    """A time claim (``exp``, ``iat``, ``nbf``), when present, is a finite number of seconds since 1970 (JSON as
-    Python reads it takes ``NaN`` and ``Infinity``: a NaN ``exp`` passed every comparison, and the token request
-    failed with a 500 when the replay cache stored it, unaudited).
+    """A time claim (``exp``, ``iat``, ``nbf``), when present, is a finite number of seconds since 1970
+    (:func:`gateway.signing.jws.time_claim_problem`: a NaN ``exp`` failed the token request with a 500).
 
-    :raises TokenRefused: (invalid_client) a string, a boolean or another JSON value; NaN or an infinity.
+    :raises TokenRefused: (invalid_client) naming the claim.
     """
-    if name not in claims:
-        return
-    value = claims[name]
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise _invalid_client(f"client_assertion {name} is not a number (seconds since 1970)",
-                              f"{name} not a number")
-    if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) > 2 ** 53:
-        raise _invalid_client(f"client_assertion {name} is not a finite number (seconds since 1970)",
-                              f"{name} not finite")
+    from gateway.signing.jws import time_claim_problem
+
+    problem = time_claim_problem(claims, name)
+    if problem is not None:
+        raise _invalid_client(f"client_assertion {name} {problem[0]}", problem[1])
 
 
 def _check_claims(claims: dict[str, Any], client_id: str, audiences: set[str], now: float) -> None:

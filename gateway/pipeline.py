@@ -81,6 +81,7 @@ from gateway.mapping.tables import MappingSet
 from gateway.member import Member, build_member
 from gateway.naming import SYSTEM_ID_CARD, SYSTEM_INSTITUTION, SYSTEM_LOINC
 from gateway.store.db import Database, dialect, fault_reason
+from gateway.store.postgresql import storage_fault
 from gateway.store.reports import versions_in
 from gateway.store.store import UNSTORABLE, Store, holder_alive, lease_owner
 
@@ -1911,7 +1912,7 @@ class Pipeline:
             if joined and not db.conn.in_transaction:
                 raise
             if isinstance(exc, DatabaseUnavailable) or (fault_reason(exc) is not None and (
-                    dialect(db) == "postgresql" or _disk_fault(exc))):
+                    dialect(db) == "postgresql" or storage_fault(exc))):
                 # the server went away (a failover, a restart, the session ended): not the message's own failure,
                 # and no other statement of this transaction can be written (recorded as failed on the next
                 # connection, every resend of it was answered AE): the whole transaction fails, the sender is
@@ -2387,17 +2388,6 @@ def _doubted(existing: Any) -> bool:
 
     return bool(_DOUBTFUL) and getattr(existing, "sha256", None) in _DOUBTFUL and \
         getattr(existing, "lease_owner", None) == lease_owner()
-
-
-#: SQLite's result codes of a disk that cannot take what is written: SQLITE_IOERR, SQLITE_FULL (primary codes).
-_DISK_FAULTS = (10, 13)
-
-
-def _disk_fault(exc: BaseException) -> bool:
-    """A SQLite error of the disk (full, failing), not of the statement: no other row of the transaction can be
-    written either, so it is the whole transaction's failure, not the message's own."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF in _DISK_FAULTS
 
 
 def _twins_stepped_aside(ch: Channel, stage: Stage, unit: RawUnit, exc: BaseException) -> None:

@@ -569,13 +569,11 @@ class Referrals:
         row = ReferralStore(db).side_and_status(task["id"])
         if row is not None and row[0] == "requester":
             task = dict(task, status=row[1])  # the referral as it stands here
-        refused = failure.reason in ("refused-by-receiver", "not-sent") or 400 <= failure.http_status < 500
-        then = ("tried again later" if failure.status == "pending" else
-                "not tried again unless an operator puts it back (gateway outbox retry)")
         detail = (f"not delivered to {delivery.destination.removeprefix(LANE)} ({failure.reason}): outbox "
-                  f"#{delivery.id}, attempt {failure.attempts} of {failure.max_attempts}: {failure.error}; {then}")
+                  f"#{delivery.id}, attempt {failure.attempts} of {failure.max_attempts}: {failure.error}; "
+                  f"{failure.then}")
         self._audit("sent", task, db=db, note=detail[:1000], failure=failure.reason,
-                    outcome=records.Outcome.MINOR_FAILURE if refused else records.Outcome.SERIOUS_FAILURE)
+                    outcome=records.Outcome.MINOR_FAILURE if failure.refused else records.Outcome.SERIOUS_FAILURE)
 
     # -- receiving (POST /exchange/tasks) --------------------------------------------------
 

@@ -119,6 +119,18 @@ class Failure:
     max_attempts: int
     http_status: int  # 0: no answer (or nothing sent)
 
+    @property
+    def refused(self) -> bool:
+        """Refused by the destination (a 4xx, or for good) or not sendable, rather than a destination that could not
+        be reached or failed: an audit outcome of 4, not 8."""
+        return self.reason in ("refused-by-receiver", "not-sent") or 400 <= self.http_status < 500
+
+    @property
+    def then(self) -> str:
+        """What becomes of the delivery, in the words of its audit entry."""
+        return ("tried again later" if self.status == "pending" else
+                "not tried again unless an operator puts it back (gateway outbox retry)")
+
 
 @dataclass(frozen=True)
 class Delivery:

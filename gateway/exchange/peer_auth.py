@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
-import math
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -40,7 +39,6 @@ __all__ = ["make_assertion", "verify_assertion", "ReplayCache", "PeerAuthError",
 #: Longest accepted assertion lifetime (SMART Backend Services: exp at most 5 minutes ahead).
 MAX_LIFETIME = 300
 _SKEW = 60  # seconds of clock difference tolerated between member gateways
-_MOST_SECONDS = 2 ** 53  # a time claim larger than this is no time (and a float would round it)
 
 
 class PeerAuthError(TrustError):
@@ -101,22 +99,16 @@ class ReplayCache:
 
 
 def _check_time_claim(claims: dict[str, Any], name: str) -> None:
-    """A time claim (``exp``, ``iat``, ``nbf``), when present, is a finite number of seconds since 1970.
+    """A time claim (``exp``, ``iat``, ``nbf``), when present, is a finite number of seconds since 1970
+    (:func:`gateway.signing.jws.time_claim_problem`).
 
-    JSON as Python reads it takes ``NaN`` and ``Infinity``: a NaN ``exp`` passed every comparison and failed only
-    when stored in the replay cache (a 500).
-
-    :raises PeerAuthError: a string, a boolean, null or another JSON value; NaN or an infinity (401, naming it).
+    :raises PeerAuthError: naming the claim (401).
     """
-    if name not in claims:
-        return
-    value = claims[name]
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise PeerAuthError(f"assertion {name} is not a number (seconds since 1970)")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PeerAuthError(f"assertion {name} is not a finite number (seconds since 1970)")
-    if isinstance(value, int) and abs(value) > _MOST_SECONDS:
-        raise PeerAuthError(f"assertion {name} is not a time (seconds since 1970)")
+    from gateway.signing.jws import time_claim_problem
+
+    problem = time_claim_problem(claims, name)
+    if problem is not None:
+        raise PeerAuthError(f"assertion {name} {problem[0]}")
 
 
 def verify_assertion(token: str, trust: TrustSource, *, audiences: Iterable[str], now: _dt.datetime,

@@ -300,12 +300,9 @@ class Exchange:
         except Exception:  # noqa: BLE001 - a payload that does not read still gets its entry, by what was queued
             bundle, doc_sha = None, delivery.payload_sha256
         bundle_id = str(bundle.get("id") or "") if isinstance(bundle, dict) else ""
-        refused = failure.reason in ("refused-by-receiver", "not-sent") or 400 <= failure.http_status < 500
-        outcome = records.Outcome.MINOR_FAILURE if refused else records.Outcome.SERIOUS_FAILURE
-        then = ("tried again later" if failure.status == "pending" else
-                "not tried again unless an operator puts it back (gateway outbox retry)")
+        outcome = records.Outcome.MINOR_FAILURE if failure.refused else records.Outcome.SERIOUS_FAILURE
         detail = (f"outbox #{delivery.id}, attempt {failure.attempts} of {failure.max_attempts}: {failure.error};"
-                  f" {then}")
+                  f" {failure.then}")
         append(db, records.exchange(
             "sent", at=self.clock(), gateway=records.Party.member(self.settings.issuer_uscc),
             peer=records.Party.member(delivery.destination), peer_address=urlsplit(delivery.url).netloc or None,

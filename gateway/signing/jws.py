@@ -29,6 +29,7 @@ import copy
 import datetime as _dt
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from gateway.signing.trust import TrustSource, check_certificate
 
 __all__ = [
     "ALG",
+    "time_claim_problem",
     "SIGNATURE_TYPE_SYSTEM",
     "VERIFICATION_SIGNATURE",
     "TARGET_FORMAT",
@@ -565,3 +567,24 @@ def check_signer_is_issuer(verified: VerifiedBundle) -> str:
     if not reports:
         raise TrustError("the Bundle holds no DiagnosticReport to compare the signer with", "Bundle.entry")
     return verified.signer_uscc
+
+
+#: A time claim larger than this (seconds since 1970) is no time, and a float would round it.
+_MOST_SECONDS = 2 ** 53
+
+
+def time_claim_problem(claims: Mapping[str, Any], name: str) -> tuple[str, str] | None:
+    """What is wrong with a JWT's time claim (``exp``, ``iat``, ``nbf``) when present: (the words, after the claim's
+    name; a short reason for the log) — not a number (a string, a boolean, null...), not finite (NaN, an infinity:
+    JSON as Python reads it takes them, and a NaN ``exp`` passed every comparison), or too large to be a time —
+    else None. Client assertions and peer assertions are held to it alike."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "is not a number (seconds since 1970)", f"{name} not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number (seconds since 1970)", f"{name} not finite"
+    if abs(value) > _MOST_SECONDS:
+        return "is not a time (seconds since 1970)", f"{name} not a time"
+    return None

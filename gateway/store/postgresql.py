@@ -41,7 +41,7 @@ from urllib.parse import parse_qsl, urlsplit
 from gateway.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["PgDatabase", "connect", "is_url", "translate", "WRITE_LOCK", "redact", "write_lock_holder",
-           "note_write_failure", "write_failure", "disk_full"]
+           "note_write_failure", "write_failure", "disk_full", "storage_fault"]
 
 log = logging.getLogger(__name__)
 
@@ -365,14 +365,21 @@ def disk_full(exc: BaseException) -> bool:
     return "No space left on device" in str(exc)
 
 
-def note_write_failure(exc: BaseException) -> None:
-    """Keep ``exc`` as the last write the database refused (for ``/health``) when it is a full disk or an I/O error
-    (PostgreSQL's classes 53 and 58, SQLite's ``SQLITE_FULL`` and ``SQLITE_IOERR``); anything else is not kept."""
-    global _write_failure
+def storage_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database's storage refusing a write — a full disk or an I/O error (PostgreSQL's
+    classes 53 and 58, SQLite's ``SQLITE_FULL`` and ``SQLITE_IOERR``), on either engine — rather than a fault of
+    the statement: no other row of the transaction can be written either."""
     state = getattr(exc, "sqlstate", None) or ""
     code = getattr(exc, "sqlite_errorcode", None)
-    if not (disk_full(exc) or state.startswith(("53", "58"))
-            or (isinstance(code, int) and code & 0xFF == 10)):  # SQLITE_IOERR
+    return disk_full(exc) or state.startswith(("53", "58")) or (
+        isinstance(code, int) and code & 0xFF == 10)  # SQLITE_IOERR
+
+
+def note_write_failure(exc: BaseException) -> None:
+    """Keep ``exc`` as the last write the database refused (for ``/health``) when it is a storage fault
+    (:func:`storage_fault`); anything else is not kept."""
+    global _write_failure
+    if not storage_fault(exc):
         return
     line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
     _write_failure = (line[:297] + "..." if len(line) > 300 else line, time.time())
