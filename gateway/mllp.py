@@ -449,7 +449,7 @@ class QueueReader:
 
     #: Messages one of several readers takes at a time: few, so that the next ones are the other readers' to work
     #: meanwhile (each reader records its own after the earlier ones of their senders).
-    IN_TURN_BATCH = 2
+    IN_TURN_BATCH = 4
 
     def __init__(self, pipeline: Pipeline, *, idle: float = 0.05, batch: int | None = None,
                  reader: tuple[int, int] = (0, 1)) -> None:

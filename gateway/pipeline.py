@@ -672,18 +672,26 @@ class Pipeline:
         then wait only for the writing. One that cannot be made is left to :meth:`_commit`, whose failure is that
         outcome's own."""
         from gateway.store.db import transaction
-        from gateway.store.exchange import packed
 
         for _, _, outcome, _ in worked:
-            if outcome.status is Status.STORED and outcome.bundle is not None and outcome.prepared is None:
-                try:
-                    outcome.prepared = self.store.prepare(outcome.bundle)
-                except Exception:  # noqa: BLE001 - made again inside, where its failure is recorded as the unit's
-                    outcome.prepared = None
-            if outcome.status is Status.STORED and outcome.signed is not None and outcome.packed is None:
-                outcome.packed = packed(outcome.signed)
+            self._made_ready(outcome)
         with transaction(self.store.db):
             return [self._record_safely(ch, unit, outcome, channel) for ch, unit, outcome, channel in worked]
+
+    def _made_ready(self, outcome: Outcome) -> Outcome:
+        """``outcome`` with what its recording writes made beforehand: the rows of a stored Bundle
+        (:meth:`Store.prepare`) and its signed copy as kept (deflated). Made once; what cannot be made is left to
+        :meth:`_commit`, whose failure is then that outcome's own."""
+        from gateway.store.exchange import packed
+
+        if outcome.status is Status.STORED and outcome.bundle is not None and outcome.prepared is None:
+            try:
+                outcome.prepared = self.store.prepare(outcome.bundle)
+            except Exception:  # noqa: BLE001 - made again inside, where its failure is recorded as the unit's
+                outcome.prepared = None
+        if outcome.status is Status.STORED and outcome.signed is not None and outcome.packed is None:
+            outcome.packed = packed(outcome.signed)
+        return outcome
 
     def _insert_raw(self, ch: Channel, unit: RawUnit, channel: str, status: str = "received", *,
                     keyed: _Keyed | None = None) -> tuple[int, Any]:
@@ -1037,8 +1045,10 @@ class Pipeline:
             for record_id, fmt, channel, origin, raw, attempts in claimed:
                 ch = self.channel(fmt)
                 unit = RawUnit(raw, 1, origin)
+                # what its recording writes is made here too, beside the other readers: only the writing waits
+                # for the unit's turn
                 worked.append((ch, unit, self._set_aside(ch, unit, record_id, attempts) if attempts > MAX_ATTEMPTS
-                               else self._work(ch, unit, record_id), channel))
+                               else self._made_ready(self._work(ch, unit, record_id)), channel))
             # a turn is awaited TURN_WAIT from now, and never past half the lease the units are held under
             deadline = min(time.monotonic() + TURN_WAIT, began + lease / 2)
             for n, item in enumerate(worked):
@@ -1084,7 +1094,7 @@ class Pipeline:
                             "(worked by %s); it goes back to the queue", record_id, earlier[0], earlier[1])
                 return False
             time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            pause = min(pause * 2, 0.001)  # (the earlier one's recording takes a few ms: a longer nap is lost time)
 
     def _record_group(self, worked: list[tuple[Channel, RawUnit, Outcome, str]]) -> list[Outcome]:
         """Record worked queued units in one transaction (see :meth:`process_queued`); a unit that could not be

@@ -490,6 +490,7 @@ def run_queue(settings: Settings, part: str | None = None, reader: tuple[int, in
     from gateway.pipeline import Pipeline
 
     _logging(settings, part or "queue")
+    _lower_priority(settings.queue_reader_nice, part or "queue")
     pipeline = Pipeline(settings)
     queue = QueueReader(pipeline, reader=reader or _reader(settings, part or "queue"))
     signal.signal(signal.SIGTERM, lambda *_: queue.stop())
@@ -513,6 +514,18 @@ def run_queue(settings: Settings, part: str | None = None, reader: tuple[int, in
     settle_collector(part or "queue")
     queue.run()
     log.info("processing queue stopped after %d message(s)", queue.processed)
+
+
+def _lower_priority(step: int, process: str) -> None:
+    """This process's CPU priority ``step`` below what it was (``os.nice``; 0: unchanged): a queue reader's work
+    gives way to the listeners' receipts when they want a core at once, and has every core nothing else wants.
+    A system that refuses it leaves the priority as it was (said once)."""
+    if step <= 0:
+        return
+    try:
+        os.nice(step)
+    except OSError as exc:
+        log.warning("%s: its CPU priority could not be lowered (queue_reader_nice %d): %s", process, step, exc)
 
 
 def run_background_part(settings: Settings, part: str) -> None:
