@@ -121,3 +121,96 @@ def test_readers_in_turn_make_what_they_write_before_waiting_for_the_turn(pipeli
     assert len(done) == 4 and pipeline.store.counts() == {"stored": 4}
     assert events.count("rows made") == 4
     assert events.index("turn asked") > max(i for i, e in enumerate(events) if e == "rows made"), events
+
+
+# -- short write transactions go first (``transaction(poll=True)``: a receipt, a claim) ------------------------------
+
+def _announcer(path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process saying a short transaction of ``path`` waits, for ``seconds`` (as an MLLP listener's receipt
+    does: a shared lock on ``<database>-receipts``); it prints "held" once it holds it."""
+    code = ("import fcntl, os, sys, time\n"
+            f"fd = os.open({str(path) + '-receipts'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+            "print('held', flush=True)\n"
+            f"time.sleep({seconds})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
+
+
+def _began_after(db, *, poll: bool = False) -> float:
+    """Seconds a write transaction on ``db`` took to begin (and then commit an empty write)."""
+    from gateway.store.db import transaction
+
+    began = time.monotonic()
+    with transaction(db, poll=poll):
+        waited = time.monotonic() - began
+        db.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    return waited
+
+
+def test_a_long_write_waits_while_another_process_says_a_short_one_waits(tmp_path, monkeypatch) -> None:
+    """A recording (a long write) begins once the receipt another process said is done — not before, and never
+    later than the patience allows."""
+    from gateway.store import db as dbmod
+
+    db = dbmod.connect(tmp_path / "gw.db")
+    try:
+        monkeypatch.setattr(dbmod._SHORT_FIRST, "patience", 5.0)
+        with _announcer(tmp_path / "gw.db", 0.4) as other:
+            assert _began_after(db) >= 0.3, "began while a receipt was said"
+            other.wait(10)
+        assert _began_after(db) < 0.2, "nothing said: at once"
+        monkeypatch.setattr(dbmod._SHORT_FIRST, "patience", 0.1)
+        with _announcer(tmp_path / "gw.db", 3.0) as other:
+            waited = _began_after(db)
+            other.kill()
+        assert 0.09 <= waited < 1.5, "a receipt said for long holds a recording back for the patience at most"
+    finally:
+        db.conn.close()
+
+
+def test_short_writes_never_wait_for_each_other_and_threads_of_one_process_are_told_apart(tmp_path, monkeypatch):
+    """Receipts (short writes) do not give way to each other; a long write of one thread gives way to a short one
+    of another thread of the same process."""
+    import threading
+
+    from gateway.store import db as dbmod
+
+    path = tmp_path / "gw.db"
+    first, second = dbmod.connect(path), dbmod.connect(path)
+    try:
+        monkeypatch.setattr(dbmod._SHORT_FIRST, "patience", 5.0)
+        with _announcer(path, 0.5) as other:
+            assert _began_after(first, poll=True) < 0.3, "a short write does not wait for a short one said"
+            other.kill()
+        said, release = threading.Event(), threading.Event()
+
+        def short() -> None:
+            assert dbmod._SHORT_FIRST.announce(str(path))
+            said.set()
+            release.wait(10)
+            dbmod._SHORT_FIRST.done(str(path))
+
+        thread = threading.Thread(target=short)
+        thread.start()
+        said.wait(10)
+        threading.Timer(0.3, release.set).start()
+        waited = _began_after(second)
+        thread.join(10)
+        assert 0.25 <= waited < 3.0
+    finally:
+        first.conn.close()
+        second.conn.close()
+
+
+def test_where_the_file_beside_the_database_cannot_be_made_writes_go_on_as_before(tmp_path) -> None:
+    from gateway.store import db as dbmod
+
+    (tmp_path / "gw.db-receipts").mkdir()  # (something else in its place)
+    db = dbmod.connect(tmp_path / "gw.db")
+    try:
+        assert _began_after(db, poll=True) < 1.0 and _began_after(db) < 1.0
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 't'").fetchone()[0] == 1
+    finally:
+        db.conn.close()
