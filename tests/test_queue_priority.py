@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def test_a_priority_the_system_refuses_is_said_and_the_reader_goes_on(monkeypatc
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "nice", refused)
-    serve._lower_priority(10, "queue-1")
+    with caplog.at_level(logging.WARNING, logger="gateway.serve"):
+        serve._lower_priority(10, "queue-1")
     assert "queue-1: its CPU priority could not be lowered (queue_reader_nice 10)" in caplog.text
 
 
@@ -214,3 +216,48 @@ def test_where_the_file_beside_the_database_cannot_be_made_writes_go_on_as_befor
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 't'").fetchone()[0] == 1
     finally:
         db.conn.close()
+
+
+def test_a_process_keeps_the_files_of_a_few_databases_open_only(tmp_path) -> None:
+    """A process that writes to many databases one after the other (a tool, a test run) keeps the descriptors of
+    the last few only."""
+    from gateway.store import db as dbmod
+
+    def receipts_open() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}").endswith("-receipts")
+                   and str(tmp_path) in os.path.realpath(f"/proc/self/fd/{fd}"))
+
+    for n in range(3 * dbmod._SHORT_FIRST.kept):
+        db = dbmod.connect(tmp_path / f"gw{n}.db")
+        try:
+            _began_after(db, poll=n % 2 == 0)
+        finally:
+            db.conn.close()
+    assert 0 < receipts_open() <= 2 * dbmod._SHORT_FIRST.kept
+
+
+def test_a_forked_child_leaves_its_parents_short_transaction_said(tmp_path) -> None:
+    """A process forked while a short transaction of its parent is said (a part started by ``gateway serve``) makes
+    its own descriptors, and its end takes nothing from the parent: the receipt stays said."""
+    from gateway.store import db as dbmod
+
+    path = str(tmp_path / "gw.db")
+    dbmod.connect(path).conn.close()
+    assert dbmod._SHORT_FIRST.announce(path)
+    try:
+        child = os.fork()
+        if child == 0:  # (the child: a long write of its own gives way to its parent's receipt, then it ends)
+            began = time.monotonic()
+            dbmod._SHORT_FIRST.give_way(path)
+            os._exit(0 if time.monotonic() - began >= dbmod._SHORT_FIRST.patience * 0.9 else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child gave way to its parent's receipt"
+        probe = subprocess.run([sys.executable, "-c", (
+            "import fcntl, os\n"
+            f"fd = os.open({path + '-receipts'!r}, os.O_RDWR)\n"
+            "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    print('said')\n")],
+            capture_output=True, text=True, timeout=30)
+        assert probe.stdout.strip() == "said", "the receipt is still said after the child's end"
+    finally:
+        dbmod._SHORT_FIRST.done(path)

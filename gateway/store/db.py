@@ -330,11 +330,11 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
 
 
 def _keep_private(path: Path) -> None:
-    """An existing database file (and its -wal and -shm) that other users may read — a backup copied back with
-    ``cp`` under a umask of 022 — is made this user's alone (0600), said in the log (INFO: nothing is left to do): it
-    holds patient data, and a new one is made so. One of another owner is said as a warning (this process cannot
-    change its mode)."""
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+    """An existing database file (and its -wal, -shm and -receipts) that other users may read — a backup copied back
+    with ``cp`` under a umask of 022 — is made this user's alone (0600), said in the log (INFO: nothing is left to
+    do): it holds patient data, and a new one is made so. One of another owner is said as a warning (this process
+    cannot change its mode)."""
+    for file in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-receipts"))):
         try:
             st = file.stat()
         except OSError:
@@ -838,7 +838,8 @@ class _ShortFirst:
     beside the database), and a long one, before it asks for the write lock, waits while any is said (trying an
     exclusive lock every 0.2 ms), for at most :attr:`patience`, so that a stream of receipts never holds the
     recordings back for long. Only an order: SQLite's own lock still keeps writers apart, and where the file cannot
-    be made (a folder this user cannot write, a database in memory, PostgreSQL) nothing waits for anything.
+    be made (a folder this user cannot write: tried again a minute later; a database in memory; PostgreSQL) nothing
+    waits for anything. The file holds no data (its mode is the database's, 0600: :func:`_keep_private`).
 
     One pair of descriptors per database file and process (opened again in a forked child): ``said`` holds the
     shared lock while any thread of the process has a short transaction under way (counted), ``probe`` tries the
@@ -846,35 +847,74 @@ class _ShortFirst:
     """
 
     patience = 0.02  # seconds a long transaction gives way at most
+    kept = 8  # database files whose descriptors a process keeps (the least lately used one unused is closed)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._files: dict[str, tuple[int, int, int] | None] = {}  # path -> (pid, said, probe); None: cannot be made
-        self._counts: dict[str, int] = {}
+        self._forked()
 
-    def _fds(self, path: str | None) -> tuple[int, int] | None:
-        if path is None:
-            return None
+    def _forked(self) -> None:
+        """A fresh start (also in a forked child: a lock another thread held is not copied half-taken, and the
+        descriptors inherited, which share the parent's locks, are closed without touching those)."""
+        for entry in getattr(self, "_files", {}).values():
+            for fd in entry[1:] if entry is not None else ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock = threading.Lock()
+        # path -> (pid, said, probe), None where the file cannot be made; most lately used last
+        self._files: OrderedDict[str, tuple[int, int, int] | None] = OrderedDict()
+        self._counts: dict[str, int] = {}  # path -> short transactions of this process under way (said)
+        self._using: dict[str, int] = {}  # path -> long transactions of this process giving way (probing)
+        self._retry: dict[str, float] = {}  # path -> when a file that could not be used is tried again (monotonic)
+
+    def _fds(self, path: str) -> tuple[int, int] | None:
+        """(said, probe) of ``path`` in this process, opened on first use; None: the file cannot be used. Under
+        :attr:`_lock`."""
         entry = self._files.get(path, ())
         if entry is None:
-            return None
+            if time.monotonic() < self._retry.get(path, 0.0):
+                self._files.move_to_end(path)
+                return None
+            entry = ()  # (tried again a minute later: the folder may be writable again)
         if not entry or entry[0] != os.getpid():  # (a forked child shares its parent's descriptions: its own)
+            said = probe = -1
             try:
                 said = os.open(f"{path}-receipts", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 probe = os.open(f"{path}-receipts", os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
+                if said >= 0:
+                    os.close(said)
                 log.debug("short transactions first: %s-receipts cannot be used (%s)", path, exc)
                 self._files[path] = None
+                self._retry[path] = time.monotonic() + 60.0
+                self._forget()
                 return None
             self._files[path] = entry = (os.getpid(), said, probe)
-            self._counts[path] = 0
+            self._counts[path] = self._using[path] = 0
+            self._forget()
+        self._files.move_to_end(path)
         return entry[1], entry[2]
+
+    def _forget(self) -> None:
+        """Close the descriptors of the least lately used files past :attr:`kept` that nothing uses now."""
+        for path in list(self._files)[:-self.kept]:
+            if self._counts.get(path, 0) or self._using.get(path, 0):
+                continue
+            entry = self._files.pop(path)
+            self._counts.pop(path, None)
+            self._using.pop(path, None)
+            self._retry.pop(path, None)
+            if entry is not None and entry[0] == os.getpid():
+                for fd in entry[1:]:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def announce(self, path: str | None) -> bool:
         """A short transaction on ``path`` begins to wait for the write lock; True: :meth:`done` must follow."""
+        if path is None:
+            return False
         with self._lock:
             fds = self._fds(path)
-            if fds is None or path is None:
+            if fds is None:
                 return False
             if self._counts[path] == 0:
                 try:
@@ -898,27 +938,35 @@ class _ShortFirst:
     def give_way(self, path: str | None) -> None:
         """Before a long transaction on ``path`` asks for the write lock: wait while a short one is said, for at
         most :attr:`patience`."""
+        if path is None:
+            return
         with self._lock:
             fds = self._fds(path)
-        if fds is None:
-            return
-        deadline = time.monotonic() + self.patience
-        while True:
-            try:
-                fcntl.flock(fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return
-                time.sleep(0.0002)
-                continue
-            except OSError:
+            if fds is None:
                 return
-            with contextlib.suppress(OSError):
-                fcntl.flock(fds[1], fcntl.LOCK_UN)
-            return
+            self._using[path] += 1
+        try:
+            deadline = time.monotonic() + self.patience
+            while True:
+                try:
+                    fcntl.flock(fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        return
+                    time.sleep(0.0002)
+                    continue
+                except OSError:
+                    return
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fds[1], fcntl.LOCK_UN)
+                return
+        finally:
+            with self._lock:
+                self._using[path] -= 1
 
 
 _SHORT_FIRST = _ShortFirst()
+os.register_at_fork(after_in_child=_SHORT_FIRST._forked)
 
 
 def _begin_polling(conn: sqlite3.Connection) -> None:
