@@ -261,3 +261,57 @@ def test_a_forked_child_leaves_its_parents_short_transaction_said(tmp_path) -> N
         assert probe.stdout.strip() == "said", "the receipt is still said after the child's end"
     finally:
         dbmod._SHORT_FIRST.done(path)
+
+
+def test_a_short_write_never_waits_for_a_process_stopped_holding_the_file(tmp_path) -> None:
+    """A process stopped at the instant its long write tried the file (holding it exclusively) never holds up a
+    receipt: the receipt goes on without saying itself, only not first."""
+    import threading
+
+    from gateway.store import db as dbmod
+
+    path = tmp_path / "gw.db"
+    dbmod.connect(path).conn.close()
+    code = ("import fcntl, os, time\n"
+            f"fd = os.open({str(path) + '-receipts'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        took: list[float] = []
+
+        def receipt() -> None:  # (in a thread: a receipt that hung would not hang the test run)
+            db = dbmod.connect(path)
+            try:
+                took.append(_began_after(db, poll=True))
+            finally:
+                db.conn.close()
+
+        thread = threading.Thread(target=receipt, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert took and took[0] < 1.0, "the receipt waited for a process stopped holding the file"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_after_giving_way_for_all_its_patience_a_long_write_gives_way_a_quarter_as_long(tmp_path, monkeypatch):
+    """Receipts one after the other (said all the time) would hold every recording back for the whole patience:
+    the one after a wait that ran out waits a quarter of it, and one that found the file free waits in full again."""
+    from gateway.store import db as dbmod
+
+    path = tmp_path / "gw.db"
+    db = dbmod.connect(path)
+    try:
+        monkeypatch.setattr(dbmod._SHORT_FIRST, "patience", 0.8)
+        with _announcer(path, 30.0) as other:
+            first, second = _began_after(db), _began_after(db)
+            other.kill()
+        assert 0.75 <= first < 2.0 and 0.15 <= second < 0.6, (first, second)
+        assert _began_after(db) < 0.15, "free: at once"
+        with _announcer(path, 1.0) as other:
+            assert _began_after(db) >= 0.75, "after one that found the file free, the whole patience again"
+            other.kill()
+    finally:
+        db.conn.close()

@@ -836,10 +836,11 @@ class _ShortFirst:
     2-core machine), and the ACK p99 of ``mllp_ack = received`` rose from some 16 to some 24 ms. Now a short
     transaction says so while it waits and until it commits (a shared ``flock`` on ``<database>-receipts``, a file
     beside the database), and a long one, before it asks for the write lock, waits while any is said (trying an
-    exclusive lock every 0.2 ms), for at most :attr:`patience`, so that a stream of receipts never holds the
-    recordings back for long. Only an order: SQLite's own lock still keeps writers apart, and where the file cannot
-    be made (a folder this user cannot write: tried again a minute later; a database in memory; PostgreSQL) nothing
-    waits for anything. The file holds no data (its mode is the database's, 0600: :func:`_keep_private`).
+    exclusive lock every 0.2 ms), for at most :attr:`patience` (a quarter of it after a wait that ran out), so that
+    a stream of receipts never holds the recordings back for long. Only an order: SQLite's own lock still keeps
+    writers apart, and where the file cannot be made (a folder this user cannot write: tried again a minute later;
+    a database in memory; PostgreSQL) nothing waits for anything. The file holds no data (its mode is the
+    database's, 0600: :func:`_keep_private`).
 
     One pair of descriptors per database file and process (opened again in a forked child): ``said`` holds the
     shared lock while any thread of the process has a short transaction under way (counted), ``probe`` tries the
@@ -865,6 +866,7 @@ class _ShortFirst:
         self._counts: dict[str, int] = {}  # path -> short transactions of this process under way (said)
         self._using: dict[str, int] = {}  # path -> long transactions of this process giving way (probing)
         self._retry: dict[str, float] = {}  # path -> when a file that could not be used is tried again (monotonic)
+        self._outwaited: dict[str, bool] = {}  # path -> the last long transaction gave way for all its patience
 
     def _fds(self, path: str) -> tuple[int, int] | None:
         """(said, probe) of ``path`` in this process, opened on first use; None: the file cannot be used. Under
@@ -903,6 +905,7 @@ class _ShortFirst:
             self._counts.pop(path, None)
             self._using.pop(path, None)
             self._retry.pop(path, None)
+            self._outwaited.pop(path, None)
             if entry is not None and entry[0] == os.getpid():
                 for fd in entry[1:]:
                     with contextlib.suppress(OSError):
@@ -916,11 +919,8 @@ class _ShortFirst:
             fds = self._fds(path)
             if fds is None:
                 return False
-            if self._counts[path] == 0:
-                try:
-                    fcntl.flock(fds[0], fcntl.LOCK_SH)
-                except OSError:
-                    return False
+            if self._counts[path] == 0 and not _flock_soon(fds[0], fcntl.LOCK_SH):
+                return False  # (a long one holds the file this instant, stopped there: not said, only not first)
             self._counts[path] += 1
             return True
 
@@ -945,13 +945,18 @@ class _ShortFirst:
             if fds is None:
                 return
             self._using[path] += 1
+        # after a wait that ran out of patience (receipts one after the other), a quarter of it: the recordings
+        # still go on at a pace, and the receipts keep most of their start
+        patience = self.patience / 4 if self._outwaited.get(path) else self.patience
+        outwaited = False
         try:
-            deadline = time.monotonic() + self.patience
+            deadline = time.monotonic() + patience
             while True:
                 try:
                     fcntl.flock(fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
+                        outwaited = True
                         return
                     time.sleep(0.0002)
                     continue
@@ -963,6 +968,21 @@ class _ShortFirst:
         finally:
             with self._lock:
                 self._using[path] -= 1
+                self._outwaited[path] = outwaited
+
+
+def _flock_soon(fd: int, kind: int) -> bool:
+    """``flock(fd, kind)`` if it can be had within a few milliseconds (another process holding the file this instant
+    may be stopped there: never waited for longer)."""
+    for _ in range(20):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.0001)
+        except OSError:
+            return False
+    return False
 
 
 _SHORT_FIRST = _ShortFirst()
