@@ -71,9 +71,10 @@ class Settings:
                               "Several take the next messages of any sender, four at a time, and work them side "
                               "by side; each message is recorded once every earlier message of its sender has "
                               "its outcome, so a sender's messages are recorded in arrival order all the same. "
-                              "On 2 cores or more, 2 keep up with a busier LIS: in the README's performance "
-                              "section two readers stored 188 to 197 messages/s at 200 offered, one 157, with the "
-                              "receipts' ACK p99 under 20 ms either way; on one core keep 1.")
+                              "On 2 cores or more set 2: on this project's 2-core machine two stored some 20% "
+                              "more than one (188 to 197 messages/s at 200 offered on a quick hour, 163 to 180 on "
+                              "a slow one), the receipts' ACK p99 a few ms higher (the README's performance "
+                              "section). On one core keep 1.")
     queue_reader_nice: int = _opt(10, "With mllp_ack = 'received': how much less CPU priority the queue readers "
                                   "take than the listeners (Unix nice, 0 to 19; 0: the same), so that a receipt "
                                   "is not kept waiting for a core the readers' work holds. The readers still have "

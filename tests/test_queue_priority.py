@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TONGJIANG, children_of, mllp_codes, wait_port
+from conftest import TONGJIANG, children_of, mllp_codes, wait_port, wait_until
 from gateway.config import load_settings
 from gateway.demo import free_port
 from gateway.errors import ConfigError
@@ -67,18 +67,13 @@ def test_gateway_serve_runs_its_queue_readers_below_the_listeners_priority(tmp_p
         codes = mllp_codes(port, GOOD, clients=2, each=3, tag="N")
         store = Store.open(settings.database_locator)
         try:
-            deadline = time.monotonic() + 60
-            while store.counts().get("stored", 0) < 6 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: store.counts().get("stored", 0) >= 6, 60, "the readers storing the six messages")
             counts = store.counts()
         finally:
             store.close()
         # (lowered as a reader starts, before it opens the database: a reader that has not started yet is waited for)
         expected = [min(19, listener + step)] * 2
-        deadline = time.monotonic() + 30
-        while [nice_of(pid) for pid in readers] != expected and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [nice_of(pid) for pid in readers] == expected
+        wait_until(lambda: [nice_of(pid) for pid in readers] == expected, 30, f"both readers at nice {expected[0]}")
         assert nice_of(proc.pid) == listener, "the listener's own priority is left as it was"
     finally:
         proc.terminate()
@@ -315,3 +310,23 @@ def test_after_giving_way_for_all_its_patience_a_long_write_gives_way_a_quarter_
             other.kill()
     finally:
         db.conn.close()
+
+
+def test_a_database_named_through_a_link_is_ordered_with_the_file_itself(tmp_path, monkeypatch) -> None:
+    """Parts that name the database through a symbolic link and parts that name the file itself lock the same
+    -receipts (beside the file), so their writes are ordered together."""
+    from gateway.store import db as dbmod
+
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "gw.db"
+    dbmod.connect(real).conn.close()
+    (tmp_path / "gw.db").symlink_to(real)
+    linked = dbmod.connect(tmp_path / "gw.db")
+    try:
+        monkeypatch.setattr(dbmod._SHORT_FIRST, "patience", 5.0)
+        with _announcer(real, 0.4) as other:
+            assert _began_after(linked) >= 0.3, "the link's writes gave way to the file's receipt"
+            other.wait(10)
+        assert not (tmp_path / "gw.db-receipts").exists()
+    finally:
+        linked.conn.close()

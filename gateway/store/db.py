@@ -879,9 +879,10 @@ class _ShortFirst:
             entry = ()  # (tried again a minute later: the folder may be writable again)
         if not entry or entry[0] != os.getpid():  # (a forked child shares its parent's descriptions: its own)
             said = probe = -1
+            name = f"{os.path.realpath(path)}-receipts"  # (beside the file itself, however it is named: one order)
             try:
-                said = os.open(f"{path}-receipts", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                probe = os.open(f"{path}-receipts", os.O_RDWR | os.O_CLOEXEC)
+                said = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                probe = os.open(name, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 if said >= 0:
                     os.close(said)
