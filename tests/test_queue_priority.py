@@ -330,3 +330,65 @@ def test_a_database_named_through_a_link_is_ordered_with_the_file_itself(tmp_pat
         assert not (tmp_path / "gw.db-receipts").exists()
     finally:
         linked.conn.close()
+
+
+def test_a_lock_file_deleted_while_the_gateway_runs_is_made_again_and_locked_by_all(tmp_path, monkeypatch) -> None:
+    """A clean-up of the folder deletes ``-receipts`` while the processes hold it open: within a second each makes
+    and locks the new one, so a part started since (which makes a new file) and the others still order together."""
+    from gateway.store import db as dbmod
+
+    path = tmp_path / "gw.db"
+    db = dbmod.connect(path)
+    try:
+        _began_after(db, poll=True)
+        receipts = tmp_path / "gw.db-receipts"
+        assert receipts.exists()
+        receipts.unlink()
+        time.sleep(1.1)
+        _began_after(db, poll=True)
+        assert receipts.exists(), "made again"
+        monkeypatch.setattr(dbmod._SHORT_FIRST, "patience", 5.0)
+        with _announcer(path, 0.4) as other:  # (a process started since: it locks the new file)
+            assert _began_after(db) >= 0.3, "this process's long write gives way to it: the same file"
+            other.wait(10)
+    finally:
+        db.conn.close()
+
+
+def test_a_lock_file_another_process_holds_is_said_once_and_costs_receipts_nothing_meanwhile(tmp_path, caplog):
+    from gateway.store import db as dbmod
+
+    path = tmp_path / "gw.db"
+    dbmod.connect(path).conn.close()
+    code = ("import fcntl, os, time\n"
+            f"fd = os.open({str(path) + '-receipts'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    db = dbmod.connect(path)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with caplog.at_level(logging.WARNING, logger="gateway.store.db"):
+            took = [_began_after(db, poll=True) for _ in range(30)]
+        said = [r.getMessage() for r in caplog.records if "-receipts is held by another process" in r.getMessage()]
+        assert len(said) == 1, said
+        assert sum(took) < 1.0, took
+    finally:
+        holder.kill()
+        holder.wait()
+        db.conn.close()
+
+
+def test_a_lock_file_that_cannot_be_made_is_said_once(tmp_path, caplog) -> None:
+    from gateway.store import db as dbmod
+
+    (tmp_path / "gw.db-receipts").mkdir()
+    db = dbmod.connect(tmp_path / "gw.db")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="gateway.store.db"):
+            _began_after(db, poll=True)
+            _began_after(db)
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING and "-receipts cannot be used" in
+                  r.getMessage()]
+        assert len(warned) == 1 and "not put before the queue readers' recordings" in warned[0].getMessage()
+    finally:
+        db.conn.close()

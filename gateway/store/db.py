@@ -856,7 +856,7 @@ class _ShortFirst:
     def _forked(self) -> None:
         """A fresh start (also in a forked child: a lock another thread held is not copied half-taken, and the
         descriptors inherited, which share the parent's locks, are closed without touching those)."""
-        for entry in getattr(self, "_files", {}).values():
+        for entry in getattr(self, "_files", {}).values():  # (inherited: this process's pid is not theirs)
             for fd in entry[1:] if entry is not None else ():
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -867,35 +867,59 @@ class _ShortFirst:
         self._using: dict[str, int] = {}  # path -> long transactions of this process giving way (probing)
         self._retry: dict[str, float] = {}  # path -> when a file that could not be used is tried again (monotonic)
         self._outwaited: dict[str, bool] = {}  # path -> the last long transaction gave way for all its patience
+        self._checked: dict[str, float] = {}  # path -> when the file is next looked at again (monotonic)
+        self._stuck_until: dict[str, float] = {}  # path -> no short transaction is said before then (see announce)
+        self._warned: set[str] = set()  # paths whose trouble was said as a warning once
+        self._stuck_said: dict[str, float] = {}  # path -> when its file held by another process was last said
 
     def _fds(self, path: str) -> tuple[int, int] | None:
         """(said, probe) of ``path`` in this process, opened on first use; None: the file cannot be used. Under
-        :attr:`_lock`."""
+        :attr:`_lock`. Once a second, while nothing of this process holds it, the file is looked at again: one
+        deleted or replaced meanwhile (a clean-up of the folder) is made and opened again, so that every process,
+        a part restarted since included, keeps locking the same file."""
         entry = self._files.get(path, ())
+        now = time.monotonic()
         if entry is None:
-            if time.monotonic() < self._retry.get(path, 0.0):
+            if now < self._retry.get(path, 0.0):
                 self._files.move_to_end(path)
                 return None
             entry = ()  # (tried again a minute later: the folder may be writable again)
+        name = f"{os.path.realpath(path)}-receipts"  # (beside the file itself, however it is named: one order)
+        if entry and entry[0] == os.getpid() and now >= self._checked.get(path, 0.0) \
+                and not self._counts.get(path) and not self._using.get(path):
+            self._checked[path] = now + 1.0
+            if not _same_file(entry[1], name):
+                self._close(entry)
+                entry = ()
         if not entry or entry[0] != os.getpid():  # (a forked child shares its parent's descriptions: its own)
             said = probe = -1
-            name = f"{os.path.realpath(path)}-receipts"  # (beside the file itself, however it is named: one order)
             try:
                 said = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 probe = os.open(name, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 if said >= 0:
                     os.close(said)
-                log.debug("short transactions first: %s-receipts cannot be used (%s)", path, exc)
+                (log.debug if path in self._warned else log.warning)(
+                    "%s cannot be used (%s): MLLP receipts are not put before the queue readers' recordings "
+                    "(tried again each minute)", name, exc.strerror or exc)
+                self._warned.add(path)
                 self._files[path] = None
-                self._retry[path] = time.monotonic() + 60.0
+                self._retry[path] = now + 60.0
                 self._forget()
                 return None
             self._files[path] = entry = (os.getpid(), said, probe)
             self._counts[path] = self._using[path] = 0
+            self._checked[path] = now + 1.0
             self._forget()
         self._files.move_to_end(path)
         return entry[1], entry[2]
+
+    @staticmethod
+    def _close(entry: tuple[int, int, int]) -> None:
+        if entry[0] == os.getpid():
+            for fd in entry[1:]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _forget(self) -> None:
         """Close the descriptors of the least lately used files past :attr:`kept` that nothing uses now."""
@@ -905,23 +929,32 @@ class _ShortFirst:
             entry = self._files.pop(path)
             self._counts.pop(path, None)
             self._using.pop(path, None)
-            self._retry.pop(path, None)
-            self._outwaited.pop(path, None)
-            if entry is not None and entry[0] == os.getpid():
-                for fd in entry[1:]:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            for kept in (self._retry, self._outwaited, self._checked, self._stuck_until, self._stuck_said):
+                kept.pop(path, None)
+            self._warned.discard(path)
+            if entry is not None:
+                self._close(entry)
 
     def announce(self, path: str | None) -> bool:
         """A short transaction on ``path`` begins to wait for the write lock; True: :meth:`done` must follow."""
         if path is None:
             return False
         with self._lock:
+            now = time.monotonic()
+            if now < self._stuck_until.get(path, 0.0):
+                return False
             fds = self._fds(path)
             if fds is None:
                 return False
             if self._counts[path] == 0 and not _flock_soon(fds[0], fcntl.LOCK_SH):
-                return False  # (a long one holds the file this instant, stopped there: not said, only not first)
+                # a process holds the file exclusively for longer than a long transaction's try takes (stopped
+                # there, or another program): for a second no short one is said, only not first
+                self._stuck_until[path] = now + 1.0
+                if now - self._stuck_said.get(path, -60.0) >= 60.0:
+                    self._stuck_said[path] = now
+                    log.warning("%s-receipts is held by another process (stopped, or not the gateway's): MLLP "
+                                "receipts are not put before the queue readers' recordings meanwhile", path)
+                return False
             self._counts[path] += 1
             return True
 
@@ -970,6 +1003,15 @@ class _ShortFirst:
             with self._lock:
                 self._using[path] -= 1
                 self._outwaited[path] = outwaited
+
+
+def _same_file(fd: int, name: str) -> bool:
+    """Whether the open file ``fd`` is still the one named ``name``."""
+    try:
+        held, there = os.fstat(fd), os.stat(name)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _flock_soon(fd: int, kind: int) -> bool:
