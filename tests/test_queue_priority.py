@@ -122,12 +122,13 @@ def test_readers_in_turn_make_what_they_write_before_waiting_for_the_turn(pipeli
 
 # -- short write transactions go first (``transaction(poll=True)``: a receipt, a claim) ------------------------------
 
-def _announcer(path: Path, seconds: float) -> subprocess.Popen[bytes]:
+def _announcer(path: Path, seconds: float, *, exclusive: bool = False) -> subprocess.Popen[bytes]:
     """Another process saying a short transaction of ``path`` waits, for ``seconds`` (as an MLLP listener's receipt
-    does: a shared lock on ``<database>-receipts``); it prints "held" once it holds it."""
+    does: a shared lock on ``<database>-receipts``); ``exclusive``: one holding the file as a long write tries it,
+    stopped there. It returns once the other process holds the lock."""
     code = ("import fcntl, os, sys, time\n"
             f"fd = os.open({str(path) + '-receipts'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
-            "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+            f"fcntl.flock(fd, fcntl.{'LOCK_EX' if exclusive else 'LOCK_SH'})\n"
             "print('held', flush=True)\n"
             f"time.sleep({seconds})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
@@ -267,12 +268,8 @@ def test_a_short_write_never_waits_for_a_process_stopped_holding_the_file(tmp_pa
 
     path = tmp_path / "gw.db"
     dbmod.connect(path).conn.close()
-    code = ("import fcntl, os, time\n"
-            f"fd = os.open({str(path) + '-receipts'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    holder = _announcer(path, 60.0, exclusive=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
         took: list[float] = []
 
         def receipt() -> None:  # (in a thread: a receipt that hung would not hang the test run)
@@ -360,13 +357,9 @@ def test_a_lock_file_another_process_holds_is_said_once_and_costs_receipts_nothi
 
     path = tmp_path / "gw.db"
     dbmod.connect(path).conn.close()
-    code = ("import fcntl, os, time\n"
-            f"fd = os.open({str(path) + '-receipts'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    holder = _announcer(path, 60.0, exclusive=True)
     db = dbmod.connect(path)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
         with caplog.at_level(logging.WARNING, logger="gateway.store.db"):
             took = [_began_after(db, poll=True) for _ in range(30)]
         said = [r.getMessage() for r in caplog.records if "-receipts is held by another process" in r.getMessage()]
