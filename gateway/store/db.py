@@ -884,15 +884,15 @@ class _ShortFirst:
                 self._files.move_to_end(path)
                 return None
             entry = ()  # (tried again a minute later: the folder may be writable again)
-        name = f"{os.path.realpath(path)}-receipts"  # (beside the file itself, however it is named: one order)
         if entry and entry[0] == os.getpid() and now >= self._checked.get(path, 0.0) \
                 and not self._counts.get(path) and not self._using.get(path):
             self._checked[path] = now + 1.0
-            if not _same_file(entry[1], name):
+            if not _same_file(entry[1], _receipts_name(path)):
                 self._close(entry)
                 entry = ()
         if not entry or entry[0] != os.getpid():  # (a forked child shares its parent's descriptions: its own)
             said = probe = -1
+            name = _receipts_name(path)
             try:
                 said = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 probe = os.open(name, os.O_RDWR | os.O_CLOEXEC)
@@ -1003,6 +1003,13 @@ class _ShortFirst:
             with self._lock:
                 self._using[path] -= 1
                 self._outwaited[path] = outwaited
+
+
+def _receipts_name(path: str) -> str:
+    """The lock file of the database at ``path``: beside the file itself, however it is named (a link), so that
+    every process orders its writes on one file. Worked out only when the file is opened or looked at again (a
+    path's every component is looked up: not on each transaction)."""
+    return f"{os.path.realpath(path)}-receipts"
 
 
 def _same_file(fd: int, name: str) -> bool:
